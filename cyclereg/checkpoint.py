@@ -1,0 +1,92 @@
+"""Checkpoints: ``{"config": dict, "state_dict": ..., "version": str, "kind": str, "extra": dict}``.
+
+Written atomically (temporary file + ``os.replace``); modules are never pickled and
+loading uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cyclereg import __version__
+from cyclereg.errors import InputError, require_file
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses / tuples / paths -> plain JSON-compatible Python objects."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def atomic_write_bytes(path: str | Path, writer) -> None:
+    """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` (dataclasses allowed) as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def save_checkpoint(path: str | Path, *, kind: str, config: Any, state_dict: dict, extra: dict | None = None) -> None:
+    """Save a model checkpoint atomically.
+
+    Args:
+        kind: model family, e.g. ``"cloud"`` or ``"dense"``; checked on load.
+        config: the (dataclass) configuration needed to rebuild the model.
+        state_dict: tensors only.
+    """
+    payload = {
+        "kind": kind,
+        "config": to_jsonable(config),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "version": __version__,
+        "extra": to_jsonable(extra or {}),
+    }
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors to CPU)."""
+    p = require_file(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
+        raise InputError(f"not a readable cyclereg checkpoint ({type(exc).__name__})", p) from None
+    if not isinstance(payload, dict) or not {"config", "state_dict", "version"} <= set(payload):
+        raise InputError("not a cyclereg checkpoint (needs config, state_dict, version)", p)
+    if kind is not None and payload.get("kind") != kind:
+        raise InputError(f"checkpoint is for a '{payload.get('kind')}' model, expected '{kind}'", p)
+    return payload

@@ -1,0 +1,109 @@
+"""Dataset JSON files: the keypoint layout of ``copd-keypoints/dataset.json`` and the
+Learn2Reg layout (``*_dataset.json`` with ``training`` / ``registration_val``).
+
+Only :func:`dataset_kind` and the keypoint loader live here; the volume loader is in
+:mod:`cyclereg.dense.data`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cyclereg.errors import InputError, require_file
+
+
+def read_json(path: str | Path) -> dict:
+    p = require_file(path)
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not valid JSON ({type(exc).__name__}: {str(exc).splitlines()[0]})", p) from None
+    if not isinstance(obj, dict):
+        raise InputError("expected a JSON object at top level", p)
+    return obj
+
+
+def dataset_kind(path: str | Path) -> str:
+    """``"keypoints"`` for a keypoint-cloud dataset, ``"volumes"`` for a Learn2Reg dataset."""
+    obj = read_json(path)
+    pairs = obj.get("pairs")
+    if isinstance(pairs, list) and pairs and isinstance(pairs[0], dict) and "fixed_keypoints" in pairs[0]:
+        return "keypoints"
+    if "training" in obj or "registration_val" in obj:
+        return "volumes"
+    raise InputError("unknown dataset layout: expected 'pairs' with keypoints, or Learn2Reg 'training'/'registration_val'", path)
+
+
+@dataclass(frozen=True)
+class KeypointPair:
+    """One keypoint-cloud pair. Landmark paths are for evaluation only."""
+
+    id: str
+    fixed_keypoints: Path
+    moving_keypoints: Path
+    fixed_landmarks: Path | None
+    moving_landmarks: Path | None
+
+
+@dataclass(frozen=True)
+class KeypointDataset:
+    """A keypoint dataset: pairs, optional folds (lists of held-out pair ids), unit box."""
+
+    path: Path
+    name: str
+    pairs: tuple[KeypointPair, ...]
+    folds: tuple[tuple[str, ...], ...]
+    volume_shape_zyx: tuple[int, int, int] | None
+    spacing_zyx_mm: tuple[float, float, float] | None
+
+    def pair(self, pair_id: str) -> KeypointPair:
+        for p in self.pairs:
+            if p.id == pair_id:
+                return p
+        raise KeyError(pair_id)
+
+    def fold_of(self, pair_id: str) -> int | None:
+        """1-based index of the fold that holds ``pair_id`` out, or None."""
+        for k, test in enumerate(self.folds, start=1):
+            if pair_id in test:
+                return k
+        return None
+
+    def training_ids(self, fold: int | None) -> list[str]:
+        """Pair ids used for training in ``fold`` (1-based; None = all pairs)."""
+        held = set(self.folds[fold - 1]) if fold else set()
+        return [p.id for p in self.pairs if p.id not in held]
+
+
+def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
+    """Parse a keypoint dataset JSON; paths are resolved relative to the JSON file."""
+    p = Path(path)
+    obj = read_json(p)
+    root = p.parent
+    pairs = []
+    for n, entry in enumerate(obj.get("pairs", [])):
+        try:
+            pairs.append(KeypointPair(
+                id=str(entry["id"]),
+                fixed_keypoints=root / entry["fixed_keypoints"],
+                moving_keypoints=root / entry["moving_keypoints"],
+                fixed_landmarks=root / entry["fixed_landmarks"] if entry.get("fixed_landmarks") else None,
+                moving_landmarks=root / entry["moving_landmarks"] if entry.get("moving_landmarks") else None,
+            ))
+        except (KeyError, TypeError):
+            raise InputError(f"pair {n} needs id, fixed_keypoints and moving_keypoints", p) from None
+    if not pairs:
+        raise InputError("no pairs in dataset", p)
+    folds = []
+    for f in obj.get("folds", []) or []:
+        ids = f.get("test") if isinstance(f, dict) else f
+        folds.append(tuple(str(i) for i in ids))
+    shape = obj.get("volume_shape_zyx")
+    spacing = obj.get("spacing_zyx_mm")
+    return KeypointDataset(
+        path=p, name=str(obj.get("name", p.stem)), pairs=tuple(pairs), folds=tuple(folds),
+        volume_shape_zyx=tuple(int(v) for v in shape) if shape else None,
+        spacing_zyx_mm=tuple(float(v) for v in spacing) if spacing else None,
+    )

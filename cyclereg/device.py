@@ -1,0 +1,21 @@
+"""Device selection: ``auto`` picks CUDA when available, else CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from cyclereg.errors import InputError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Map ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a device) to a :class:`torch.device`."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InputError(f"--device {device}: expected auto, cpu or cuda")
+    return torch.device(name)

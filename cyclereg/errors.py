@@ -1,0 +1,28 @@
+"""Error types. :class:`InputError` is what bad user input raises; the CLI turns it into
+one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad user input (missing/unreadable file, wrong shape, NaN, empty cloud, ...).
+
+    ``str(err)`` is a single line that names the offending file when there is one.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = None if path is None else Path(path)
+        text = message if path is None else f"{path}: {message}"
+        super().__init__(" ".join(text.split()))
+
+
+def require_file(path: str | Path) -> Path:
+    """Return ``path`` as a :class:`Path`, raising :class:`InputError` if it is not a file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file does not exist", p)
+    if not p.is_file():
+        raise InputError("is not a regular file", p)
+    return p

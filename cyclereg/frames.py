@@ -1,0 +1,153 @@
+"""Coordinate frames and the only place where they are converted.
+
+Frames (see the package docstring):
+
+``world``  millimetres, ``(..., 3)`` columns x, y, z.
+``voxel``  float array indices ``(..., 3)`` ordered like the tensor axes (i, j, k) = (D, H, W).
+``grid``   ``[-1, 1]`` coordinates of :func:`torch.nn.functional.grid_sample` with
+           ``align_corners=True``; last dim ordered (W, H, D) = (k, j, i) as torch expects.
+``unit``   point-cloud frame: per-axis affine map of a millimetre box ``[lo, lo + extent]``
+           onto ``[-1, 1]^3`` (x, y, z). The cloud optimiser's costs live here.
+
+Dense displacement fields are ``(B, 3, D, H, W)`` in voxels (channel c along axis c);
+:func:`voxel_disp_to_grid_disp` is the single function that reorders axes for torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALIGN_CORNERS = True
+"""Every ``grid_sample``/``interpolate``/``affine_grid`` call in the package uses this."""
+
+
+# ----------------------------------------------------------------------------- voxel <-> grid
+def _sizes(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    if len(shape) != 3:
+        raise ValueError(f"shape: expected 3 spatial sizes (D, H, W), got {tuple(shape)}")
+    return torch.tensor([max(s - 1, 1) for s in shape], dtype=like.dtype, device=like.device)
+
+
+def voxel_to_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Voxel indices ``(..., 3)`` in (i, j, k) order -> grid coordinates ``(..., 3)`` in (k, j, i) order."""
+    g = 2.0 * points_vox / _sizes(shape, points_vox) - 1.0
+    return g.flip(-1)
+
+
+def grid_to_voxel(points_grid: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`voxel_to_grid`."""
+    return (points_grid.flip(-1) + 1.0) * 0.5 * _sizes(shape, points_grid)
+
+
+def voxel_disp_to_grid_disp(disp_vox: torch.Tensor) -> torch.Tensor:
+    """Dense displacement ``(B, 3, D, H, W)`` in voxels -> ``(B, D, H, W, 3)`` in grid units, (k, j, i) order.
+
+    The one function that reorders displacement components for ``grid_sample``.
+    """
+    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
+        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    scale = 2.0 / _sizes(tuple(disp_vox.shape[2:]), disp_vox)
+    return (disp_vox.permute(0, 2, 3, 4, 1) * scale).flip(-1)
+
+
+def grid_disp_to_voxel_disp(disp_grid: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`voxel_disp_to_grid_disp`: ``(B, D, H, W, 3)`` grid -> ``(B, 3, D, H, W)`` voxels."""
+    if disp_grid.ndim != 5 or disp_grid.shape[-1] != 3:
+        raise ValueError(f"disp_grid: expected (B, D, H, W, 3), got {tuple(disp_grid.shape)}")
+    scale = _sizes(tuple(disp_grid.shape[1:4]), disp_grid) / 2.0
+    return (disp_grid.flip(-1) * scale).permute(0, 4, 1, 2, 3)
+
+
+def identity_grid(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Grid coordinates of every voxel centre, ``(1, D, H, W, 3)`` in (k, j, i) order."""
+    axes = [torch.linspace(-1.0, 1.0, s, device=device, dtype=dtype) if s > 1 else torch.zeros(1, device=device, dtype=dtype) for s in shape]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack((xx, yy, zz), dim=-1).unsqueeze(0)
+
+
+def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel indices of every voxel, ``(D, H, W, 3)`` in (i, j, k) order."""
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+# ----------------------------------------------------------------------------- voxel <-> world
+def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Voxel indices ``(..., 3)`` -> world mm ``(..., 3)`` with a 4x4 NIfTI ``affine``."""
+    A = torch.as_tensor(affine, dtype=points_vox.dtype, device=points_vox.device)
+    return points_vox @ A[:3, :3].T + A[:3, 3]
+
+
+def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """World mm ``(..., 3)`` -> voxel indices ``(..., 3)`` (inverse of :func:`voxel_to_world`)."""
+    A = torch.as_tensor(affine, dtype=torch.float64, device=points_mm.device)
+    Ainv = torch.linalg.inv(A).to(points_mm.dtype)
+    return points_mm @ Ainv[:3, :3].T + Ainv[:3, 3]
+
+
+def voxel_disp_to_mm(disp_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Dense voxel displacement ``(B, 3, D, H, W)`` -> world-mm displacement ``(B, 3, D, H, W)`` (x, y, z)."""
+    A = torch.as_tensor(affine, dtype=disp_vox.dtype, device=disp_vox.device)[:3, :3]
+    return torch.einsum("rc,bcdhw->brdhw", A, disp_vox)
+
+
+def mm_disp_to_voxel(disp_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`voxel_disp_to_mm`."""
+    A = torch.as_tensor(affine, dtype=torch.float64, device=disp_mm.device)[:3, :3]
+    Ainv = torch.linalg.inv(A).to(disp_mm.dtype)
+    return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm)
+
+
+# ----------------------------------------------------------------------------- mm <-> unit (clouds)
+@dataclass(frozen=True)
+class UnitBox:
+    """Axis-aligned millimetre box mapped onto ``[-1, 1]^3``.
+
+    Attributes:
+        lo_mm: lower corner (x, y, z) in mm.
+        extent_mm: side lengths (x, y, z) in mm, all > 0.
+    """
+
+    lo_mm: tuple[float, float, float]
+    extent_mm: tuple[float, float, float]
+
+    @staticmethod
+    def from_volume(shape_zyx, spacing_zyx_mm) -> "UnitBox":
+        """The box of a volume of ``shape_zyx`` voxels at ``spacing_zyx_mm`` starting at the origin."""
+        ext = tuple(float(n) * float(s) for n, s in zip(shape_zyx, spacing_zyx_mm))[::-1]
+        return UnitBox((0.0, 0.0, 0.0), ext)  # type: ignore[arg-type]
+
+    @staticmethod
+    def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
+        """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side."""
+        pts = torch.cat([c.reshape(-1, 3) for c in clouds_mm]).double()
+        lo, hi = pts.min(0).values, pts.max(0).values
+        size = (hi - lo).clamp_min(1.0)
+        lo = lo - margin * size
+        size = size * (1 + 2 * margin)
+        return UnitBox(tuple(lo.tolist()), tuple(size.tolist()))  # type: ignore[arg-type]
+
+    def _t(self, like: torch.Tensor):
+        lo = torch.tensor(self.lo_mm, dtype=like.dtype, device=like.device)
+        half = torch.tensor(self.extent_mm, dtype=like.dtype, device=like.device) / 2
+        return lo, half
+
+    def mm_to_unit(self, points_mm: torch.Tensor) -> torch.Tensor:
+        """Points ``(..., 3)`` in mm -> unit frame."""
+        lo, half = self._t(points_mm)
+        return (points_mm - lo) / half - 1.0
+
+    def unit_to_mm(self, points_unit: torch.Tensor) -> torch.Tensor:
+        """Points ``(..., 3)`` in the unit frame -> mm."""
+        lo, half = self._t(points_unit)
+        return (points_unit + 1.0) * half + lo
+
+    def disp_mm_to_unit(self, disp_mm: torch.Tensor) -> torch.Tensor:
+        """Displacements ``(..., 3)`` in mm -> unit frame (scale only)."""
+        return disp_mm / self._t(disp_mm)[1]
+
+    def disp_unit_to_mm(self, disp_unit: torch.Tensor) -> torch.Tensor:
+        """Displacements ``(..., 3)`` in the unit frame -> mm (scale only)."""
+        return disp_unit * self._t(disp_unit)[1]

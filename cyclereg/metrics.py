@@ -1,0 +1,69 @@
+"""Evaluation metrics: TRE statistics, Jacobian-based smoothness (SDlogJ), folding.
+
+Dense fields follow the package convention: ``(B, 3, D, H, W)`` voxel displacements,
+fixed -> moving.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
+    """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm."""
+    e = errors_mm.double().flatten()
+    q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype))
+    return {"mean": e.mean().item(), "std": e.std(unbiased=True).item() if e.numel() > 1 else 0.0,
+            "p25": q[0].item(), "p50": q[1].item(), "p75": q[2].item()}
+
+
+def jacobian_determinant(disp_vox: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Determinant of the Jacobian of ``x -> x + u(x)``, central differences.
+
+    Args:
+        disp_vox: ``(B, 3, D, H, W)`` displacement in voxels (channel c along axis c).
+        spacing: voxel size along (i, j, k); the determinant is invariant to it when the
+            displacement is in voxels, kept for API symmetry with mm fields.
+    Returns:
+        ``(B, D-2, H-2, W-2)`` determinants (the one-voxel border is dropped).
+    """
+    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
+        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    u = disp_vox.double()
+    # d u_c / d x_a for a in (i, j, k), central differences on the interior
+    grads = []
+    for a in range(3):
+        sl_p = [slice(1, -1)] * 3
+        sl_m = [slice(1, -1)] * 3
+        sl_p[a] = slice(2, None)
+        sl_m[a] = slice(None, -2)
+        grads.append((u[(slice(None), slice(None), *sl_p)] - u[(slice(None), slice(None), *sl_m)]) / 2.0)
+    J = torch.stack(grads, dim=2)  # (B, 3 [c], 3 [a], d, h, w)
+    J = J + torch.eye(3, dtype=J.dtype, device=J.device).view(1, 3, 3, 1, 1, 1)
+    J = J.permute(0, 3, 4, 5, 1, 2)
+    return torch.linalg.det(J).to(disp_vox.dtype)
+
+
+L2R_JACOBIAN_OFFSET = 3.0
+"""Learn2Reg's evaluation adds 3 to the Jacobian determinant before the log (kept as is)."""
+
+
+def sdlogj(disp_vox: torch.Tensor) -> dict[str, float]:
+    """Smoothness of a dense field ``(1, 3, D, H, W)`` (voxels).
+
+    Returns:
+        ``sdlogj``: the Learn2Reg evaluation formula,
+        ``std(log(clip(J + 3, 1e-9, 1e9)))`` over voxels at least 2 from the border;
+        ``std_logj``: plain ``std(log J)`` over interior voxels with ``J > 0``;
+        ``folding_fraction``: fraction of interior voxels with ``J <= 0``.
+    """
+    J = jacobian_determinant(disp_vox).double()
+    inner = J[:, 1:-1, 1:-1, 1:-1]
+    l2r = torch.log((inner + L2R_JACOBIAN_OFFSET).clamp(1e-9, 1e9))
+    pos = J[J > 0]
+    return {
+        "sdlogj": l2r.std().item(),
+        "std_logj": torch.log(pos).std().item() if pos.numel() > 1 else float("nan"),
+        "folding_fraction": (J <= 0).double().mean().item(),
+    }

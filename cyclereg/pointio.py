@@ -1,0 +1,160 @@
+"""Point-set I/O.
+
+Formats (chosen by suffix, or explicitly):
+
+* ``.csv`` with header ``x_mm,y_mm,z_mm`` (the shared COPD data): world mm.
+* ``.csv`` without header (Learn2Reg keypoint files): voxel indices ``(i, j, k)``; needs
+  ``spacing_mm`` (per array axis) and converts with ``mm = index * spacing`` unless an
+  affine is given.
+* ``.npy``: float array ``(N, 3)`` in mm.
+* ``.ply`` / ``.pcd``: through open3d, in mm.
+
+Every reader returns a ``float32`` tensor ``(N, 3)`` in mm (x, y, z) and raises
+:class:`~cyclereg.errors.InputError` naming the file for empty clouds, NaN/inf, wrong
+column counts and unreadable files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text
+from cyclereg.errors import InputError, require_file
+
+HEADER = ("x_mm", "y_mm", "z_mm")
+
+
+def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3) -> torch.Tensor:
+    if arr.ndim == 1 and arr.size == columns:
+        arr = arr.reshape(1, columns)
+    if arr.ndim != 2 or arr.shape[1] != columns:
+        raise InputError(f"expected {columns} columns per point, got array of shape {arr.shape}", path)
+    if arr.shape[0] == 0:
+        raise InputError("point cloud is empty", path)
+    if not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
+        raise InputError(f"non-finite coordinate (NaN or inf) in point {bad}", path)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read text ({type(exc).__name__})", path) from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise InputError("point cloud is empty", path)
+    header = None
+    first = [c.strip() for c in lines[0].split(",")]
+    try:
+        [float(c) for c in first]
+    except ValueError:
+        header = first
+        lines = lines[1:]
+    if not lines:
+        raise InputError("point cloud is empty", path)
+    rows = []
+    for n, ln in enumerate(lines, start=2 if header else 1):
+        cells = [c.strip() for c in ln.split(",")]
+        try:
+            rows.append([float(c) for c in cells])
+        except ValueError:
+            raise InputError(f"line {n}: not a number in {ln[:60]!r}", path) from None
+        if len(rows[-1]) != len(rows[0]):
+            raise InputError(f"line {n}: {len(rows[-1])} columns, expected {len(rows[0])}", path)
+    return np.asarray(rows, dtype=np.float64), header
+
+
+def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | None = None,
+                affine: np.ndarray | None = None) -> torch.Tensor:
+    """Read a point cloud as ``(N, 3)`` float32 mm (x, y, z). See the module doc for formats."""
+    p = require_file(path)
+    suffix = p.suffix.lower()
+    if suffix == ".csv" or suffix == ".txt":
+        arr, header = _read_csv(p)
+        if header is not None:
+            if len(header) != 3:
+                raise InputError(f"expected 3 columns ({','.join(HEADER)}), header has {len(header)}", p)
+            return _check_points(arr, p)
+        # headerless: Learn2Reg voxel indices
+        if arr.shape[1] != 3:
+            raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
+        if spacing_mm is None and affine is None:
+            raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) to convert to mm", p)
+        if affine is not None:
+            A = np.asarray(affine, dtype=np.float64)
+            arr = arr @ A[:3, :3].T + A[:3, 3]
+        else:
+            arr = arr * np.asarray(spacing_mm, dtype=np.float64)
+        return _check_points(arr, p)
+    if suffix == ".npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"not a readable .npy array ({type(exc).__name__})", p) from None
+        return _check_points(np.asarray(arr, dtype=np.float64), p)
+    if suffix in (".ply", ".pcd"):
+        o3d = require_open3d()
+        try:
+            pcd = o3d.io.read_point_cloud(str(p))
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"open3d cannot read it ({type(exc).__name__})", p) from None
+        return _check_points(np.asarray(pcd.points, dtype=np.float64), p)
+    raise InputError(f"unknown point-cloud format '{suffix}' (use .csv, .npy, .ply or .pcd)", p)
+
+
+def format_csv(columns: dict[str, torch.Tensor | np.ndarray], *, precision: int = 4) -> str:
+    """Render equally long 1-D columns as a CSV text with a header row."""
+    names = list(columns)
+    data = np.stack([np.asarray(torch.as_tensor(columns[n]).detach().cpu(), dtype=np.float64) for n in names], axis=1)
+    buf = io.StringIO()
+    buf.write(",".join(names) + "\n")
+    np.savetxt(buf, data, delimiter=",", fmt=f"%.{precision}f")
+    return buf.getvalue()
+
+
+def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None = None,
+                 spacing_mm: tuple[float, float, float] | None = None) -> None:
+    """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm), ``l2r``
+    (headerless voxel indices, needs ``spacing_mm``), ``npy``, ``ply`` or ``pcd``."""
+    p = Path(path)
+    pts = torch.as_tensor(points_mm).detach().cpu().double().numpy()
+    fmt = (fmt or p.suffix.lstrip(".") or "csv").lower()
+    if fmt == "csv":
+        atomic_write_text(p, format_csv({h: pts[:, i] for i, h in enumerate(HEADER)}))
+    elif fmt == "l2r":
+        if spacing_mm is None:
+            raise InputError("l2r output needs the voxel spacing", p)
+        vox = pts / np.asarray(spacing_mm)
+        buf = io.StringIO()
+        np.savetxt(buf, vox, delimiter=",", fmt="%.4f")
+        atomic_write_text(p, buf.getvalue())
+    elif fmt == "npy":
+        atomic_write_bytes(p, lambda fh: np.save(fh, pts.astype(np.float32)))
+    elif fmt in ("ply", "pcd"):
+        o3d = require_open3d()
+        pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.stem}.tmp.{fmt}")
+        if not o3d.io.write_point_cloud(str(tmp), pcd):
+            raise InputError("open3d failed to write", p)
+        tmp.replace(p)
+    else:
+        raise InputError(f"unknown output format '{fmt}' (csv, l2r, npy, ply, pcd)", p)
+
+
+def require_open3d():
+    """Import open3d or raise a one-line :class:`InputError` explaining how to fix it."""
+    try:
+        import open3d as o3d  # noqa: PLC0415
+    except ImportError as exc:
+        msg = str(exc)
+        hint = (" (the system library libusb-1.0 is missing: apt-get install -y libusb-1.0-0)"
+                if "libusb" in msg else " (pip install open3d)")
+        raise InputError(f"open3d is needed for PLY/PCD files but cannot be imported: {msg.splitlines()[0]}{hint}") from None
+    return o3d

@@ -1,0 +1,51 @@
+"""Warping with dense displacement fields (voxel units, fixed grid, fixed -> moving)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cyclereg.frames import ALIGN_CORNERS, identity_grid, voxel_disp_to_grid_disp
+
+
+def _check(name: str, t: torch.Tensor, ndim: int) -> None:
+    if t.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear",
+         padding_mode: str = "border") -> torch.Tensor:
+    """Sample ``moving`` ``(B, C, D', H', W')`` at ``x + disp(x)`` for every fixed voxel ``x``.
+
+    Args:
+        moving: moving image; its grid must equal the fixed grid (same shape).
+        disp_vox: ``(B, 3, D, H, W)`` displacement in voxels (channel c along axis c).
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (labels).
+    Returns:
+        ``(B, C, D, H, W)`` warped moving image.
+    """
+    _check("moving", moving, 5)
+    _check("disp_vox", disp_vox, 5)
+    if moving.shape[2:] != disp_vox.shape[2:]:
+        raise ValueError(f"moving {tuple(moving.shape[2:])} and disp_vox {tuple(disp_vox.shape[2:])} grids differ")
+    grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
+    grid = grid + voxel_disp_to_grid_disp(disp_vox)
+    src = moving if moving.dtype.is_floating_point else moving.to(disp_vox.dtype)
+    if src.shape[0] != grid.shape[0]:
+        src = src.expand(grid.shape[0], *src.shape[1:])
+    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)
+
+
+def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> x + a(x) + b(x + a(x))`` (apply ``a`` first, then ``b``), voxels."""
+    return disp_a + warp(disp_b, disp_a, mode="bilinear", padding_mode="border")
+
+
+def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``field`` ``(1, C, D, H, W)`` at voxel points ``(N, 3)`` -> ``(N, C)``."""
+    from cyclereg.frames import voxel_to_grid
+
+    g = voxel_to_grid(points_vox.to(field.dtype), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
+    out = F.grid_sample(field, g, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
+    return out.view(field.shape[1], -1).T

@@ -1,0 +1,1 @@
+"""Thin Typer command-line interface over :mod:`cyclereg` (one library call per command)."""

@@ -1,0 +1,192 @@
+"""``cyclereg`` command line. Each command parses options and makes one library call.
+
+Errors from bad input (:class:`cyclereg.errors.InputError`) are printed as one line on
+stderr and exit with code 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cyclereg.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Unsupervised 3D registration by optimisation-guided cyclical self-training.",
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"cyclereg: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def cli_errors(fn):
+    """Turn :class:`InputError` (and a missing optional module) into a one-line error, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("cyclereg: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+DEVICE_HELP = "auto | cpu | cuda"
+MODEL_HELP = "checkpoint file, or 'random' for an untrained (randomly initialised) network"
+
+
+def _is_volume(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+@app.command()
+@cli_errors
+def keypoints(
+    ct: Path = typer.Argument(..., help="CT volume (NIfTI)"),
+    output: Path = typer.Option(..., "-o", "--output", help="output point file"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="restrict keypoints to this mask (NIfTI)"),
+    lung_mask: bool = typer.Option(False, "--lung-mask", help="compute an automatic lung mask and restrict keypoints to it"),
+    save_mask: Optional[Path] = typer.Option(None, "--save-mask", help="write the automatic lung mask here (NIfTI)"),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian scale of the structure tensor [mm]"),
+    nms_radius: Optional[float] = typer.Option(None, "--nms-radius", help="non-maximum suppression radius [mm]"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="distinctiveness threshold (relative, see docs)"),
+    max_points: Optional[int] = typer.Option(None, "--max-points", help="keep at most this many strongest points"),
+    fmt: str = typer.Option("csv", "--format", help="csv (mm) | l2r (headerless voxel CSV) | ply"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Foerstner keypoints (with non-maximum suppression) from a CT volume."""
+    try:
+        from cyclereg.keypoints.api import detect_keypoints_file
+    except ImportError:
+        _fail("'keypoints' is not built yet (issue 4)")
+    detect_keypoints_file(
+        ct, output, mask=mask, lung_mask=lung_mask, save_mask=save_mask, sigma_mm=sigma,
+        nms_radius_mm=nms_radius, threshold=threshold, max_points=max_points, fmt=fmt, device=device,
+    )
+
+
+@app.command("pretrain-random")
+@cli_errors
+def pretrain_random(
+    dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
+    run: Path = typer.Option(..., "-o", "--output", "--run", help="run directory to create"),
+    seed: int = typer.Option(0, "--seed", help="random seed of the stage-0 network"),
+    fold: Optional[str] = typer.Option(None, "--fold", help="'all' or a fold number (keypoint datasets)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Stage-0 pseudo labels from a randomly initialised feature network."""
+    try:
+        from cyclereg.training.api import pretrain_random as run_pretrain
+    except ImportError:
+        _fail("'pretrain-random' is not built yet (issue 5)")
+    run_pretrain(dataset, run, seed=seed, fold=fold, device=device)
+
+
+@app.command()
+@cli_errors
+def cycle(
+    dataset: Path = typer.Argument(..., help="dataset JSON"),
+    run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
+    stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T"),
+    folds: str = typer.Option("all", "--folds", help="'all' or a fold number (keypoint datasets)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
+    try:
+        from cyclereg.training.api import run_cycle
+    except ImportError:
+        _fail("'cycle' is not built yet (issue 5)")
+    run_cycle(dataset, run, stages=stages, folds=folds, device=device)
+
+
+@app.command()
+@cli_errors
+def register(
+    fixed: Path = typer.Argument(..., help="fixed point cloud (csv/npy/ply/pcd) or volume (NIfTI)"),
+    moving: Path = typer.Argument(..., help="moving point cloud or volume"),
+    out_dir: Path = typer.Option(..., "-o", "--output", help="output directory"),
+    model: str = typer.Option("random", "--model", help=MODEL_HELP),
+    seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
+    query: Optional[Path] = typer.Option(None, "--query", help="clouds: also write displacements at these points (mm)"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' [mm] for headerless Learn2Reg CSVs"),
+    moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes: label map to warp (nearest neighbour)"),
+    warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
+    adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
+    ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
+    disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes: write the displacement in world mm instead of voxels"),
+    l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Register one fixed/moving pair with a trained (or random) model."""
+    if _is_volume(fixed) or _is_volume(moving):
+        try:
+            from cyclereg.dense.api import register_volume_files
+        except ImportError:
+            _fail("volume registration is not built yet (issue 3)")
+        register_volume_files(
+            fixed, moving, out_dir, model=model, seed=seed, moving_labels=moving_labels, warps=warps,
+            adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device,
+        )
+        return
+    from cyclereg.clouds.api import register_cloud_files
+
+    summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
+                                   spacing=spacing, device=device)
+    typer.echo(summary)
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
+    report: Path = typer.Option(..., "--json", help="write the report here"),
+    identity: bool = typer.Option(False, "--identity", help="evaluate the identity (no registration)"),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory: each case with the checkpoint of the fold that held it out"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
+    warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
+    adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
+    ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """TRE (keypoint datasets) or Dice/HD95 (labelled volume datasets), with SDlogJ and run time."""
+    if sum([identity, model is not None, run is not None]) != 1:
+        _fail("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
+    from cyclereg.datasets import dataset_kind
+
+    kind = dataset_kind(dataset)
+    if kind == "keypoints":
+        from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+        evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, seed=seed,
+                                  max_pairs=max_pairs, device=device)
+        return
+    try:
+        from cyclereg.dense.api import evaluate_volume_dataset
+    except ImportError:
+        _fail("volume evaluation is not built yet (issue 3)")
+    evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, seed=seed,
+                            max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="cyclereg")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
