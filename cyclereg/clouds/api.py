@@ -1,0 +1,186 @@
+"""File-level entry points of the keypoint-cloud path (one call per CLI command)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from cyclereg.checkpoint import load_checkpoint, write_json
+from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
+from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, field_smoothness, register_clouds
+from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
+from cyclereg.device import resolve_device
+from cyclereg.errors import InputError
+from cyclereg.frames import UnitBox
+from cyclereg.metrics import tre_stats
+from cyclereg.pointio import format_csv, read_points
+from cyclereg.checkpoint import atomic_write_text
+
+CHECKPOINT_KIND = "cloud"
+
+
+def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu",
+                     config: CloudRegConfig | None = None) -> tuple[GraphFeatureNet, CloudRegConfig]:
+    """``model="random"``: a randomly initialised network (``seed``); otherwise a checkpoint path."""
+    if str(model) == "random":
+        config = config or CloudRegConfig()
+        net = build_graph_net(config.net, seed=seed)
+    else:
+        ckpt = load_checkpoint(model, kind=CHECKPOINT_KIND)
+        try:
+            config = CloudRegConfig.from_dict(ckpt["config"])
+            net = GraphFeatureNet(config.net)
+            net.load_state_dict(ckpt["state_dict"])
+        except (TypeError, RuntimeError, KeyError) as exc:
+            raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__})", model) from None
+    return net.to(resolve_device(device)).eval(), config
+
+
+def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:
+    if spacing is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in spacing.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) <= 0:
+        raise InputError(f"--spacing {spacing!r}: expected three positive numbers 'sx,sy,sz'", path)
+    return vals  # type: ignore[return-value]
+
+
+def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
+                         query: Path | None = None, spacing: str | None = None, device: str = "auto") -> str:
+    """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
+    ``config.json``) into ``out_dir``. Everything is read and validated before anything is written."""
+    sp = _parse_spacing(spacing, Path(fixed))
+    fixed_mm = read_points(fixed, spacing_mm=sp)
+    moving_mm = read_points(moving, spacing_mm=sp)
+    query_mm = read_points(query, spacing_mm=sp) if query is not None else None
+    dev = resolve_device(device)
+    net, config = load_cloud_model(model, seed=seed, device=dev)
+    t0 = time.perf_counter()
+    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config)
+    seconds = time.perf_counter() - t0
+    disp = reg.displacements_mm.cpu()
+    cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
+            "dx_mm": disp[:, 0], "dy_mm": disp[:, 1], "dz_mm": disp[:, 2]}
+    outputs = {"displacements.csv": format_csv(cols)}
+    if query_mm is not None:
+        q = reg.at(query_mm.to(dev)).cpu()
+        outputs["query_displacements.csv"] = format_csv(
+            {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
+             "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]})
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("output path exists and is not a directory", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in outputs.items():
+        atomic_write_text(out_dir / name, text)
+    write_json(out_dir / "config.json", {"command": "register", "fixed": str(fixed), "moving": str(moving),
+                                         "model": str(model), "seed": seed, "device": str(dev),
+                                         "unit_box": reg.box, "config": config, "seconds": seconds})
+    mean = disp.norm(dim=1).mean().item()
+    return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s; "
+            f"mean |u| {mean:.2f} mm; wrote {', '.join(sorted(outputs))} to {out_dir}")
+
+
+def fold_checkpoint(run_dir: Path, fold: int) -> Path:
+    """Final checkpoint of ``fold`` in a run directory (``foldK/final.pt`` or ``foldK.pt``)."""
+    for cand in (Path(run_dir) / f"fold{fold}" / "final.pt", Path(run_dir) / f"fold{fold}.pt"):
+        if cand.is_file():
+            return cand
+    raise InputError(f"no final checkpoint for fold {fold} (expected fold{fold}/final.pt or fold{fold}.pt)", run_dir)
+
+
+def dataset_box(ds: KeypointDataset) -> UnitBox | None:
+    if ds.volume_shape_zyx and ds.spacing_zyx_mm:
+        return UnitBox.from_volume(ds.volume_shape_zyx, ds.spacing_zyx_mm)
+    return None
+
+
+def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
+                              run: Path | None = None, seed: int = 0, max_pairs: int | None = None,
+                              device: str = "auto", smoothness: bool = True, quiet: bool = False) -> dict:
+    """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
+
+    Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    ds = load_keypoint_dataset(dataset)
+    pairs = list(ds.pairs)[: max_pairs or None]
+    for p in pairs:
+        if p.fixed_landmarks is None or p.moving_landmarks is None:
+            raise InputError(f"pair {p.id} has no landmarks to evaluate", dataset)
+    dev = resolve_device(device)
+    box = dataset_box(ds)
+    models: dict[int | None, tuple] = {}
+    if run is not None:
+        if not ds.folds:
+            raise InputError("--run needs a dataset with folds", dataset)
+        for p in pairs:
+            k = ds.fold_of(p.id)
+            if k is None:
+                raise InputError(f"pair {p.id} is in no fold", dataset)
+            if k not in models:
+                models[k] = load_cloud_model(fold_checkpoint(run, k), device=dev)
+    elif model is not None:
+        models[None] = load_cloud_model(model, seed=seed, device=dev)
+    default_config = CloudRegConfig()
+    console = Console(stderr=True, quiet=quiet)
+    cases = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("registering pairs", total=len(pairs))
+        for p in pairs:
+            fixed = read_points(p.fixed_keypoints).to(dev)
+            moving = read_points(p.moving_keypoints).to(dev)
+            lm_f = read_points(p.fixed_landmarks).to(dev)
+            lm_m = read_points(p.moving_landmarks).to(dev)
+            if lm_f.shape != lm_m.shape:
+                raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
+            key = ds.fold_of(p.id) if run is not None else None
+            net, config = models.get(key, (None, default_config))
+            t0 = time.perf_counter()
+            reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box)
+            spline = reg.spline()
+            u_lm = reg.at(lm_f, spline)
+            seconds = time.perf_counter() - t0
+            before = (lm_f - lm_m).norm(dim=1).cpu()
+            after = (lm_f + u_lm - lm_m).norm(dim=1).cpu()
+            case = {"id": p.id, "fold": ds.fold_of(p.id), "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
+                    "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
+                    "seconds": seconds}
+            if smoothness and net is None:
+                # zero field: J = 1 everywhere, so every spread is exactly 0
+                case.update({"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0})
+            elif smoothness and ds.volume_shape_zyx and ds.spacing_zyx_mm:
+                case.update(field_smoothness(reg, ds.volume_shape_zyx, ds.spacing_zyx_mm))
+            cases.append(case)
+            progress.advance(task)
+    mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
+    method = "identity" if identity else (f"run:{run}" if run is not None else f"model:{model}")
+    result = {
+        "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
+        "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
+        "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,
+        "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
+        "cases": cases,
+    }
+    table = Table(title=f"{ds.name} — {method}")
+    for col in ("case", "TRE before [mm]", "TRE after [mm]", "p25/p50/p75 after", "SDlogJ", "time [s]"):
+        table.add_column(col, justify="right")
+    for c in cases:
+        a = c["tre_after_mm"]
+        table.add_row(c["id"], f"{c['tre_before_mm']['mean']:.2f}", f"{a['mean']:.2f} ± {a['std']:.2f}",
+                      f"{a['p25']:.2f}/{a['p50']:.2f}/{a['p75']:.2f}",
+                      f"{c['sdlogj']:.3f}" if "sdlogj" in c else "-", f"{c['seconds']:.1f}")
+    table.add_row("mean", f"{result['initial_tre_mm']:.2f}", f"{result['mean_tre_mm']:.2f}", "",
+                  f"{result['mean_sdlogj']:.3f}" if result["mean_sdlogj"] is not None else "-",
+                  f"{result['mean_seconds']:.1f}")
+    Console(quiet=quiet).print(table)
+    write_json(report, result)
+    return result

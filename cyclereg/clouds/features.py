@@ -1,0 +1,96 @@
+"""Graph CNN feature extractor on point coordinates (EdgeConv layers, PyG with explicit
+``edge_index``), after Hansen & Heinrich (IPMI 2021) as used in the paper (Sec. 2.3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch_geometric.nn import EdgeConv
+
+from cyclereg.clouds.knn import knn_edge_index
+
+
+@dataclass(frozen=True)
+class GraphNetConfig:
+    """Graph CNN settings.
+
+    Attributes:
+        channels: output channels of the EdgeConv layers.
+        out_channels: feature dimension after the point-wise head.
+        k_fixed: neighbours (incl. the point itself) of the fixed cloud's kNN graph.
+        k_moving: neighbours of the moving cloud's graph (denser cloud: 4x, as the authors).
+        negative_slope: LeakyReLU slope.
+    """
+
+    channels: tuple[int, ...] = (32, 32, 64)
+    out_channels: int = 64
+    k_fixed: int = 10
+    k_moving: int = 40
+    negative_slope: float = 0.01
+
+
+class CloudNorm(nn.Module):
+    """Instance normalisation of ``(M, C)`` rows of one cloud: each channel to zero mean, unit variance."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(0, keepdim=True)
+        var = x.var(0, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
+def _edge_mlp(cin: int, cout: int, slope: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in (2 * cin, cout, cout):
+        layers += [nn.Linear(c, cout, bias=False), CloudNorm(), nn.LeakyReLU(slope)]
+    return nn.Sequential(*layers)
+
+
+class GraphFeatureNet(nn.Module):
+    """Point features from coordinates: three EdgeConv blocks and a point-wise head.
+
+    ``forward(points)`` takes one cloud ``(N, 3)`` (unit frame) and returns ``(N, out_channels)``.
+    """
+
+    def __init__(self, config: GraphNetConfig = GraphNetConfig()):
+        super().__init__()
+        self.config = config
+        convs = []
+        cin = 3
+        for c in config.channels:
+            convs.append(EdgeConv(_edge_mlp(cin, c, config.negative_slope), aggr="max"))
+            cin = c
+        self.convs = nn.ModuleList(convs)
+        self.head = nn.Sequential(nn.Linear(cin, config.out_channels, bias=False), CloudNorm(),
+                                  nn.Linear(config.out_channels, config.out_channels))
+
+    def forward(self, points: torch.Tensor, k: int, edge_index: torch.Tensor | None = None) -> torch.Tensor:
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"points: expected (N, 3), got {tuple(points.shape)}")
+        if edge_index is None:
+            edge_index = knn_edge_index(points, k, include_self=True)
+        x = points
+        for conv in self.convs:
+            x = conv(x, edge_index)
+        return self.head(x)
+
+    def pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a fixed ``(N, 3)`` and a moving ``(M, 3)`` cloud (shared weights)."""
+        return self(fixed, self.config.k_fixed), self(moving, self.config.k_moving)
+
+
+def build_graph_net(config: GraphNetConfig = GraphNetConfig(), *, seed: int | None = None) -> GraphFeatureNet:
+    """A freshly (randomly) initialised network; ``seed`` makes the initialisation reproducible."""
+    if seed is None:
+        return GraphFeatureNet(config)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return GraphFeatureNet(config)
+    finally:
+        torch.random.set_rng_state(state)

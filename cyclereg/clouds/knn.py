@@ -1,0 +1,64 @@
+"""k-nearest-neighbour graphs in plain torch (no torch-cluster needed).
+
+Graphs are PyG ``edge_index`` tensors ``(2, E)``: row 0 the neighbour (source ``j``),
+row 1 the centre (target ``i``), so messages flow ``j -> i``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KNN_CHUNK = 4096
+"""Rows of the distance matrix computed at once (bounds memory to chunk x M floats)."""
+
+
+def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude_self: bool = False) -> torch.Tensor:
+    """Indices ``(N, k)`` of the ``k`` nearest ``reference`` points ``(M, 3)`` of each ``query`` point ``(N, 3)``.
+
+    Sorted by increasing distance. With ``exclude_self`` (query is reference), the point
+    itself is skipped. Ties are broken by index order of :func:`torch.topk`.
+    """
+    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
+        raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
+    kk = k + int(exclude_self)
+    if kk > reference.shape[0]:
+        raise ValueError(f"k={k}: reference has only {reference.shape[0]} points")
+    out = []
+    for start in range(0, query.shape[0], KNN_CHUNK):
+        q = query[start:start + KNN_CHUNK]
+        d = torch.cdist(q, reference)
+        if exclude_self:
+            rows = torch.arange(q.shape[0], device=q.device)
+            d[rows, rows + start] = float("inf")
+        out.append(d.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def knn_edge_index(points: torch.Tensor, k: int, *, include_self: bool = True) -> torch.Tensor:
+    """Directed kNN graph ``(2, N*k)`` of a cloud ``(N, 3)``: edges ``j -> i`` for the k nearest ``j`` of ``i``."""
+    idx = knn_indices(points, points, k - int(include_self), exclude_self=True) if include_self else \
+        knn_indices(points, points, k, exclude_self=True)
+    n = points.shape[0]
+    centres = torch.arange(n, device=points.device)
+    if include_self:
+        idx = torch.cat([centres[:, None], idx], dim=1)
+    kk = idx.shape[1]
+    return torch.stack([idx.reshape(-1), centres.repeat_interleave(kk)])
+
+
+def symmetric_edge_index(points: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undirected kNN graph (union of both directions, no self loops) for message passing.
+
+    Returns:
+        edge_index: ``(2, E)`` with every undirected edge present in both directions.
+        reverse: ``(E,)`` index of the opposite edge of each edge.
+    """
+    n = points.shape[0]
+    idx = knn_indices(points, points, k, exclude_self=True)
+    src = idx.reshape(-1)
+    dst = torch.arange(n, device=points.device).repeat_interleave(k)
+    key = torch.cat([src * n + dst, dst * n + src]).unique()
+    src, dst = key // n, key % n
+    # key is sorted, so the reverse edge (dst, src) can be found by binary search
+    reverse = torch.searchsorted(key, dst * n + src)
+    return torch.stack([src, dst]), reverse

@@ -1,0 +1,76 @@
+"""Thin-plate-spline densification of sparse displacements.
+
+``u(x) = A [1, x] + sum_i w_i phi(|x - c_i|)`` fitted to displacements at control points
+``c_i`` with smoothing ``lambda`` (``(Phi + lambda I) w + P a = u``, ``P^T w = 0``).
+With ``lambda = 0`` the spline interpolates exactly, and any affine field is reproduced
+exactly (its affine part lies in the null space of the bending energy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EVAL_CHUNK = 8192
+"""Query points evaluated at once (memory: chunk x N floats)."""
+
+
+@dataclass(frozen=True)
+class TPSConfig:
+    """TPS settings.
+
+    Attributes:
+        regularisation: lambda, added to the kernel diagonal (unit-frame coordinates).
+        kernel: ``"r2logr"`` (``r^2 log r``, as the authors) or ``"r"`` (the 3-D biharmonic kernel).
+        grid_step: dense fields are evaluated every ``grid_step`` voxels and upsampled trilinearly.
+    """
+
+    regularisation: float = 0.1
+    kernel: str = "r2logr"
+    grid_step: int = 4
+
+
+def _phi(r: torch.Tensor, kernel: str) -> torch.Tensor:
+    if kernel == "r2logr":
+        return r.pow(2) * torch.log(r + 1e-6)
+    if kernel == "r":
+        return r
+    raise ValueError(f"kernel: expected 'r2logr' or 'r', got {kernel!r}")
+
+
+@dataclass(frozen=True)
+class ThinPlateSpline:
+    """A fitted spline: control points ``(N, 3)``, weights ``(N, C)``, affine ``(4, C)``."""
+
+    centres: torch.Tensor
+    weights: torch.Tensor
+    affine: torch.Tensor
+    kernel: str
+
+    @staticmethod
+    def fit(centres: torch.Tensor, values: torch.Tensor, *, regularisation: float = 0.0,
+            kernel: str = "r2logr") -> "ThinPlateSpline":
+        """Fit to ``values (N, C)`` at ``centres (N, 3)``. Solved in float64."""
+        if centres.ndim != 2 or centres.shape[1] != 3:
+            raise ValueError(f"centres: expected (N, 3), got {tuple(centres.shape)}")
+        if values.ndim != 2 or values.shape[0] != centres.shape[0]:
+            raise ValueError(f"values: expected ({centres.shape[0]}, C), got {tuple(values.shape)}")
+        c = centres.double()
+        n = c.shape[0]
+        K = _phi(torch.cdist(c, c), kernel) + regularisation * torch.eye(n, dtype=c.dtype, device=c.device)
+        P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
+        A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
+        A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
+        rhs = torch.cat([values.double(), values.new_zeros(4, values.shape[1]).double()])
+        sol = torch.linalg.solve(A, rhs)
+        return ThinPlateSpline(centres=c, weights=sol[:n], affine=sol[n:], kernel=kernel)
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        """Evaluate at ``points (M, 3)`` -> ``(M, C)`` in the input's dtype."""
+        out = []
+        for s in range(0, points.shape[0], EVAL_CHUNK):
+            x = points[s:s + EVAL_CHUNK].double()
+            U = _phi(torch.cdist(x, self.centres), self.kernel)
+            out.append(U @ self.weights + self.affine[0] + x @ self.affine[1:])
+        return torch.cat(out).to(points.dtype)
