@@ -61,14 +61,17 @@ def keypoints(
     mask: Optional[Path] = typer.Option(None, "--mask", help="restrict keypoints to this mask (NIfTI)"),
     lung_mask: bool = typer.Option(False, "--lung-mask", help="compute an automatic lung mask and restrict keypoints to it"),
     save_mask: Optional[Path] = typer.Option(None, "--save-mask", help="write the automatic lung mask here (NIfTI)"),
-    sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian scale of the structure tensor [mm]"),
-    nms_radius: Optional[float] = typer.Option(None, "--nms-radius", help="non-maximum suppression radius [mm]"),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="distinctiveness threshold (relative, see docs)"),
-    max_points: Optional[int] = typer.Option(None, "--max-points", help="keep at most this many strongest points"),
-    fmt: str = typer.Option("csv", "--format", help="csv (mm) | l2r (headerless voxel CSV) | ply"),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian scale of the structure tensor, mm (default 1.5)"),
+    nms_radius: Optional[float] = typer.Option(None, "--nms-radius", help="non-maximum suppression half-width, mm (default 4)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="keep maxima with distinctiveness >= T x its 99.9th percentile in the mask (default 0.01)"),
+    max_points: Optional[int] = typer.Option(None, "--max-points", help="keep at most this many strongest points (default 3000; 0: no limit)"),
+    fmt: str = typer.Option("csv", "--format", help="csv (world mm) | l2r (headerless voxel-index CSV) | ply | pcd | npy"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    """Foerstner keypoints (with non-maximum suppression) from a CT volume."""
+    """Foerstner keypoints (with non-maximum suppression) from a CT volume.
+
+    Writes OUTPUT and the resolved configuration OUTPUT.config.json.
+    """
     try:
         from cyclereg.keypoints.api import detect_keypoints_file
     except ImportError:
@@ -137,10 +140,11 @@ def register(
             from cyclereg.dense.api import register_volume_files
         except ImportError:
             _fail("volume registration is not built yet (issue 3)")
-        register_volume_files(
+        summary = register_volume_files(
             fixed, moving, out_dir, model=model, seed=seed, moving_labels=moving_labels, warps=warps,
             adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device,
         )
+        typer.echo(summary)
         return
     from cyclereg.clouds.api import register_cloud_files
 
@@ -162,6 +166,7 @@ def evaluate(
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
+    both_directions: bool = typer.Option(False, "--both-directions", help="volumes: also evaluate every registration_val pair in the reverse direction (pairs listed both ways are not duplicated)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """TRE (keypoint datasets) or Dice/HD95 (labelled volume datasets), with SDlogJ and run time."""
@@ -181,7 +186,21 @@ def evaluate(
     except ImportError:
         _fail("volume evaluation is not built yet (issue 3)")
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, seed=seed,
-                            max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device)
+                            max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,
+                            both_directions=both_directions)
+
+
+@app.command()
+@cli_errors
+def demo(
+    out_dir: Optional[Path] = typer.Option(None, "-o", "--output", help="also write clouds, displacements and report here"),
+    seed: int = typer.Option(0, "--seed", help="seed of the synthetic pair and of the random network"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Embedded default job: register synthetic lung keypoint clouds with known motion."""
+    from cyclereg.clouds.api import run_demo
+
+    run_demo(out_dir, seed=seed, device=device)
 
 
 def main() -> None:  # pragma: no cover - console entry point

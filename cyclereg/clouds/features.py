@@ -20,14 +20,17 @@ class GraphNetConfig:
         channels: output channels of the EdgeConv layers.
         out_channels: feature dimension after the point-wise head.
         k_fixed: neighbours (incl. the point itself) of the fixed cloud's kNN graph.
-        k_moving: neighbours of the moving cloud's graph (denser cloud: 4x, as the authors).
+        k_moving: neighbours of the moving cloud's graph; 0 scales ``k_fixed`` by the
+            ratio of point counts (clamped to ``[k_fixed, 4 k_fixed]``) so that both graphs
+            cover about the same spatial neighbourhood (the authors use 4x for clouds of
+            2048 and 8192 points). Identical clouds then get identical features.
         negative_slope: LeakyReLU slope.
     """
 
     channels: tuple[int, ...] = (32, 32, 64)
     out_channels: int = 64
     k_fixed: int = 10
-    k_moving: int = 40
+    k_moving: int = 0
     negative_slope: float = 0.01
 
 
@@ -81,7 +84,14 @@ class GraphFeatureNet(nn.Module):
 
     def pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a fixed ``(N, 3)`` and a moving ``(M, 3)`` cloud (shared weights)."""
-        return self(fixed, self.config.k_fixed), self(moving, self.config.k_moving)
+        return self(fixed, self.config.k_fixed), self(moving, self.moving_k(fixed.shape[0], moving.shape[0]))
+
+    def moving_k(self, n_fixed: int, n_moving: int) -> int:
+        """Neighbourhood size of the moving graph (see :class:`GraphNetConfig`)."""
+        if self.config.k_moving > 0:
+            return self.config.k_moving
+        k = self.config.k_fixed
+        return int(min(max(round(k * n_moving / max(n_fixed, 1)), k), 4 * k))
 
 
 def build_graph_net(config: GraphNetConfig = GraphNetConfig(), *, seed: int | None = None) -> GraphFeatureNet:

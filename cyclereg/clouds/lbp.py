@@ -126,16 +126,28 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
     return unary + incoming
 
 
+def lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: torch.Tensor, feat_moving: torch.Tensor,
+                config: LBPConfig = LBPConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ``(N, K, 3)`` and their min-sum beliefs ``(N, K)`` (unit frame)."""
+    cand, idx = candidates(fixed, moving, config.num_candidates)
+    unary = config.data_weight * feature_cost(feat_fixed, feat_moving, idx)
+    edge_index, reverse = symmetric_edge_index(fixed, config.graph_k)
+    belief = min_sum(unary, cand, edge_index, reverse, config.pairwise_weight, config.iterations,
+                     source_labels=config.source_labels)
+    return cand, belief
+
+
+def soft_argmin(cand: torch.Tensor, belief: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sum_l softmax(-beta * belief)_l cand_l`` -> ``(N, 3)``."""
+    weights = torch.softmax(-beta * belief, dim=1)
+    return (weights[:, :, None] * cand).sum(1)
+
+
 def lbp_displacements(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: torch.Tensor,
                       feat_moving: torch.Tensor, config: LBPConfig = LBPConfig()) -> torch.Tensor:
     """Displacements ``(N, 3)`` (unit frame) of the fixed points by sparse LBP + soft-argmin.
 
     Differentiable with respect to the features.
     """
-    cand, idx = candidates(fixed, moving, config.num_candidates)
-    unary = config.data_weight * feature_cost(feat_fixed, feat_moving, idx)
-    edge_index, reverse = symmetric_edge_index(fixed, config.graph_k)
-    belief = min_sum(unary, cand, edge_index, reverse, config.pairwise_weight, config.iterations,
-                     source_labels=config.source_labels)
-    weights = torch.softmax(-config.softmax_beta * belief, dim=1)
-    return (weights[:, :, None] * cand).sum(1)
+    cand, belief = lbp_beliefs(fixed, moving, feat_fixed, feat_moving, config)
+    return soft_argmin(cand, belief, config.softmax_beta)

@@ -1,0 +1,117 @@
+"""Every subcommand through Typer's CliRunner (keypoint-cloud side)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+from cyclereg.pointio import read_points, write_points
+from cyclereg_cli.main import app
+
+from conftest import shared_path
+
+runner = CliRunner()
+SMALL = BreathingConfig(n_fixed=300, n_moving=600, branches=20)
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    pair = make_breathing_pair(0, SMALL)
+    write_points(tmp_path / "f.csv", pair.fixed_mm)
+    write_points(tmp_path / "m.csv", pair.moving_mm)
+    write_points(tmp_path / "q.csv", pair.fixed_mm[:7])
+    return tmp_path, pair
+
+
+def test_help_lists_all_commands():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("keypoints", "pretrain-random", "cycle", "register", "evaluate", "demo"):
+        assert cmd in res.output
+
+
+def test_register_clouds(pair_files):
+    d, pair = pair_files
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out"),
+                              "--model", "random", "--seed", "0", "--query", str(d / "q.csv"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    lines = (d / "out" / "displacements.csv").read_text().splitlines()
+    assert lines[0] == "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm" and len(lines) == 301
+    q = (d / "out" / "query_displacements.csv").read_text().splitlines()
+    assert len(q) == 8
+    cfg = json.loads((d / "out" / "config.json").read_text())
+    assert cfg["model"] == "random" and cfg["config"]["lbp"]["num_candidates"] > 0
+
+
+@pytest.mark.parametrize("content", ["x_mm,y_mm,z_mm\n", "x_mm,y_mm,z_mm\n1,2,nan\n", "a,b\n1,2\n"])
+def test_register_bad_input_writes_nothing(tmp_path, content):
+    write_points(tmp_path / "m.csv", make_breathing_pair(0, SMALL).moving_mm)
+    (tmp_path / "f.csv").write_text(content)
+    res = runner.invoke(app, ["register", str(tmp_path / "f.csv"), str(tmp_path / "m.csv"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "f.csv" in res.output and res.output.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_register_missing_file(tmp_path):
+    res = runner.invoke(app, ["register", str(tmp_path / "nope.csv"), str(tmp_path / "nope2.csv"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nope.csv" in res.output and not (tmp_path / "o").exists()
+
+
+def test_register_bad_model(pair_files):
+    d, _ = pair_files
+    (d / "bad.pt").write_bytes(b"xx")
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "o2"), "--model", str(d / "bad.pt")])
+    assert res.exit_code == 2 and "bad.pt" in res.output and not (d / "o2").exists()
+
+
+def _mini_dataset(tmp_path, n=2):
+    pairs = []
+    for i in range(n):
+        pair = make_breathing_pair(i, SMALL)
+        case = tmp_path / f"c{i}"
+        write_points(case / "fk.csv", pair.fixed_mm)
+        write_points(case / "mk.csv", pair.moving_mm)
+        write_points(case / "fl.csv", pair.fixed_mm[:20])
+        write_points(case / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
+        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv",
+                      "fixed_landmarks": f"c{i}/fl.csv", "moving_landmarks": f"c{i}/ml.csv"})
+    ds = tmp_path / "dataset.json"
+    ds.write_text(json.dumps({"name": "mini", "pairs": pairs, "folds": [[p["id"]] for p in pairs]}))
+    return ds
+
+
+def test_evaluate_identity_and_random(tmp_path):
+    ds = _mini_dataset(tmp_path)
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "id.json")])
+    assert res.exit_code == 0, res.output
+    rid = json.loads((tmp_path / "id.json").read_text())
+    assert len(rid["cases"]) == 2 and rid["mean_tre_mm"] == pytest.approx(rid["initial_tre_mm"])
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--seed", "0", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["mean_tre_mm"] < r["initial_tre_mm"]
+    assert {"mean", "std", "p25", "p50", "p75"} <= set(r["cases"][0]["tre_after_mm"])
+
+
+def test_evaluate_needs_exactly_one_method(tmp_path):
+    ds = _mini_dataset(tmp_path, 1)
+    res = runner.invoke(app, ["evaluate", str(ds), "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and not (tmp_path / "x.json").exists()
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--model", "random", "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2
+
+
+def test_demo(tmp_path):
+    res = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert rep["error_after_mm"]["mean"] < 0.5 * rep["error_before_mm"]["mean"]
+
+
+def test_evaluate_copd_identity(tmp_path):
+    ds = shared_path("copd-keypoints", "dataset.json")
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["mean_tre_mm"] == pytest.approx(11.99, abs=0.01)

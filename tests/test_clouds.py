@@ -1,0 +1,153 @@
+"""Keypoint-cloud path against analytic answers and brute force."""
+
+import itertools
+
+import pytest
+import torch
+
+from cyclereg.clouds.features import GraphNetConfig, build_graph_net
+from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
+from cyclereg.clouds.lbp import LBPConfig, lbp_beliefs, lbp_displacements, min_sum
+from cyclereg.clouds.pipeline import CloudRegConfig, register_clouds
+from cyclereg.clouds.synthetic import make_breathing_pair
+from cyclereg.clouds.tps import ThinPlateSpline
+from cyclereg.frames import UnitBox
+
+
+def test_knn_matches_brute_force(device):
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(70, 3, generator=g).to(device)
+    r = torch.rand(90, 3, generator=g).to(device)
+    idx = knn_indices(q, r, 5)
+    d = ((q[:, None] - r[None]) ** 2).sum(-1)
+    ref = d.argsort(dim=1)[:, :5]
+    assert torch.equal(idx, ref)
+    # self-exclusion
+    idx_self = knn_indices(q, q, 4, exclude_self=True)
+    dq = ((q[:, None] - q[None]) ** 2).sum(-1) + torch.eye(70, device=device) * 1e9
+    assert torch.equal(idx_self, dq.argsort(dim=1)[:, :4])
+
+
+def test_edge_index_layout():
+    p = torch.rand(30, 3, generator=torch.Generator().manual_seed(1))
+    ei = knn_edge_index(p, 4, include_self=True)
+    assert ei.shape == (2, 120)
+    # every centre has itself and its 3 nearest neighbours as sources
+    for i in range(30):
+        src = set(ei[0, ei[1] == i].tolist())
+        d = (p - p[i]).norm(dim=1)
+        assert src == set(d.argsort()[:4].tolist())
+    sym, rev = symmetric_edge_index(p, 4)
+    assert torch.equal(sym[:, rev], sym.flip(0))
+    assert (sym[0] != sym[1]).all()
+
+
+def _tree_energy_min_marginals(unary, cand, edges, alpha):
+    """Brute-force min-marginals of sum unary + alpha * sum ||c_i - c_j||^2 over all labelings."""
+    n, k = unary.shape
+    best = torch.full((n, k), float("inf"), dtype=torch.float64)
+    for labels in itertools.product(range(k), repeat=n):
+        e = sum(unary[i, l].item() for i, l in enumerate(labels))
+        for i, j in edges:
+            e += alpha * (cand[i, labels[i]] - cand[j, labels[j]]).pow(2).sum().item()
+        for i, l in enumerate(labels):
+            best[i, l] = min(best[i, l].item(), e)
+    return best
+
+
+def test_lbp_hard_min_equals_brute_force_on_tree():
+    g = torch.Generator().manual_seed(3)
+    n, k = 5, 3
+    tree = [(0, 1), (1, 2), (1, 3), (3, 4)]
+    unary = torch.rand(n, k, generator=g, dtype=torch.float64)
+    cand = torch.randn(n, k, 3, generator=g, dtype=torch.float64)
+    src = [a for a, b in tree] + [b for a, b in tree]
+    dst = [b for a, b in tree] + [a for a, b in tree]
+    edge_index = torch.tensor([src, dst])
+    m = len(tree)
+    reverse = torch.tensor(list(range(m, 2 * m)) + list(range(m)))
+    alpha = 0.7
+    belief = min_sum(unary, cand, edge_index, reverse, alpha, iterations=4)  # diameter of the tree is 3
+    ref = _tree_energy_min_marginals(unary, cand, tree, alpha)
+    # beliefs equal min-marginals up to one constant per node (messages are normalised)
+    diff = belief - ref
+    torch.testing.assert_close(diff - diff[:, :1], torch.zeros_like(diff), atol=1e-9, rtol=0)
+    assert torch.equal(belief.argmin(1), ref.argmin(1))
+
+
+def test_lbp_gradients_reach_features():
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(40, 3, generator=g)
+    m = torch.rand(60, 3, generator=g)
+    ff = torch.randn(40, 8, generator=g, requires_grad=True)
+    fm = torch.randn(60, 8, generator=g, requires_grad=True)
+    u = lbp_displacements(f, m, ff, fm, LBPConfig(num_candidates=16, graph_k=4))
+    u.sum().backward()
+    assert ff.grad.abs().sum() > 0 and fm.grad.abs().sum() > 0
+
+
+def test_tps_reproduces_affine_field_exactly(dtype):
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(60, 3, generator=g, dtype=dtype) * 2 - 1
+    A = torch.tensor([[1.1, 0.2, -0.1], [0.05, 0.9, 0.3], [-0.2, 0.1, 1.2]], dtype=dtype)
+    t = torch.tensor([0.3, -0.2, 0.1], dtype=dtype)
+    u = c @ A.T + t - c
+    spline = ThinPlateSpline.fit(c, u, regularisation=0.0)
+    q = torch.rand(200, 3, generator=g, dtype=dtype) * 2 - 1
+    torch.testing.assert_close(spline(q), q @ A.T + t - q, atol=1e-8 if dtype == torch.float64 else 1e-5, rtol=0)
+    # and interpolates arbitrary values at the control points
+    v = torch.randn(60, 3, generator=g, dtype=dtype)
+    torch.testing.assert_close(ThinPlateSpline.fit(c, v)(c), v, atol=1e-6 if dtype == torch.float64 else 1e-3, rtol=0)
+
+
+def test_zero_motion_gives_zero_displacement():
+    p = make_breathing_pair(0).fixed_mm[:800]
+    cfg = CloudRegConfig()
+    net = build_graph_net(seed=0)
+    box = UnitBox.around(p)
+    pu = box.mm_to_unit(p)
+    with torch.no_grad():
+        ff, fm = net.pair(pu, pu.clone())
+        assert torch.equal(ff, fm)  # identical clouds get identical features
+        cand, belief = lbp_beliefs(pu, pu.clone(), ff, fm, cfg.lbp)
+    hard = cand.gather(1, belief.argmin(1)[:, None, None].expand(-1, 1, 3))[:, 0]
+    assert hard.abs().max() == 0  # the MAP label of every point is exactly zero motion
+    reg = register_clouds(p, p.clone(), net, cfg, box=box)
+    d = reg.displacements_mm.norm(dim=1)
+    assert d.mean() < 0.05 and d.max() < 0.5  # soft-argmin read-out: only sub-voxel blending
+
+
+def test_translation_is_recovered():
+    p = torch.rand(500, 3, generator=torch.Generator().manual_seed(4)) * 100
+    shift = torch.tensor([3.0, -2.0, 4.0])
+    reg = register_clouds(p, p + shift, build_graph_net(seed=0), CloudRegConfig())
+    err = (reg.displacements_mm - shift).norm(dim=1)
+    assert err.median() < 0.5
+
+
+def test_random_features_register_synthetic_breathing_pair():
+    pair = make_breathing_pair(0)
+    reg = register_clouds(pair.fixed_mm, pair.moving_mm, build_graph_net(seed=0), CloudRegConfig())
+    before = pair.displacement_mm.norm(dim=1).mean()
+    after = (reg.displacements_mm - pair.displacement_mm).norm(dim=1).mean()
+    assert before > 8.0
+    assert after < 0.5 * before
+
+
+def test_network_shapes_and_bad_input():
+    net = build_graph_net(GraphNetConfig(out_channels=16), seed=0)
+    f, m = net.pair(torch.rand(50, 3), torch.rand(120, 3))
+    assert f.shape == (50, 16) and m.shape == (120, 16)
+    with pytest.raises(ValueError, match="points"):
+        net(torch.rand(10, 2), 4)
+
+
+def test_unit_box_hyperparameters_are_scale_free():
+    """Registering a cloud and its copy scaled by 2 (in mm) gives displacements scaled by 2."""
+    pair = make_breathing_pair(1)
+    net = build_graph_net(seed=0)
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
+    box2 = UnitBox(tuple(2 * v for v in box.lo_mm), tuple(2 * v for v in box.extent_mm))
+    a = register_clouds(pair.fixed_mm, pair.moving_mm, net, CloudRegConfig(), box=box)
+    b = register_clouds(2 * pair.fixed_mm, 2 * pair.moving_mm, net, CloudRegConfig(), box=box2)
+    torch.testing.assert_close(b.displacements_mm, 2 * a.displacements_mm, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from cyclereg.checkpoint import load_checkpoint, save_checkpoint
+from cyclereg.errors import InputError
+from cyclereg.pointio import read_points, write_points
+
+
+@pytest.fixture
+def pts():
+    return torch.tensor([[1.5, 2.25, 3.0], [10.0, -4.5, 7.125], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "npy", "ply", "pcd"])
+def test_round_trip(tmp_path, pts, fmt):
+    p = tmp_path / f"cloud.{fmt}"
+    write_points(p, pts)
+    torch.testing.assert_close(read_points(p), pts, atol=1e-4, rtol=0)
+
+
+def test_csv_header(tmp_path, pts):
+    p = tmp_path / "c.csv"
+    write_points(p, pts)
+    assert p.read_text().splitlines()[0] == "x_mm,y_mm,z_mm"
+
+
+def test_learn2reg_voxel_csv(tmp_path, pts):
+    p = tmp_path / "kp.csv"
+    spacing = (1.75, 1.0, 1.25)
+    write_points(p, pts, fmt="l2r", spacing_mm=spacing)
+    assert "x_mm" not in p.read_text()
+    vox = np.loadtxt(p, delimiter=",")
+    np.testing.assert_allclose(vox, pts.numpy() / np.array(spacing), atol=1e-4)
+    torch.testing.assert_close(read_points(p, spacing_mm=spacing), pts, atol=1e-3, rtol=0)
+    with pytest.raises(InputError, match="spacing"):
+        read_points(p)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("x_mm,y_mm,z_mm\n", "empty"),
+    ("", "empty"),
+    ("x_mm,y_mm,z_mm\n1,2,nan\n", "NaN"),
+    ("x_mm,y_mm\n1,2\n", "3 columns"),
+    ("x_mm,y_mm,z_mm\n1,2,3\n1,2\n", "columns"),
+    ("x_mm,y_mm,z_mm\n1,abc,3\n", "not a number"),
+])
+def test_bad_csv(tmp_path, content, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(InputError, match=match) as err:
+        read_points(p)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_and_unreadable(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_points(tmp_path / "nope.csv")
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(InputError, match="npy"):
+        read_points(bad)
+    with pytest.raises(InputError, match="format"):
+        (tmp_path / "x.xyz").write_text("1 2 3")
+        read_points(tmp_path / "x.xyz")
+
+
+def test_checkpoint_round_trip_and_kind(tmp_path):
+    sd = {"w": torch.randn(3, 4)}
+    save_checkpoint(tmp_path / "m.pt", kind="cloud", config={"a": (1, 2)}, state_dict=sd)
+    ck = load_checkpoint(tmp_path / "m.pt", kind="cloud")
+    assert ck["config"] == {"a": [1, 2]} and "version" in ck
+    torch.testing.assert_close(ck["state_dict"]["w"], sd["w"])
+    with pytest.raises(InputError, match="expected 'dense'"):
+        load_checkpoint(tmp_path / "m.pt", kind="dense")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporaries
