@@ -1,0 +1,224 @@
+"""Keypoint detection entry points: in-memory (:func:`detect_keypoints`) and file to file
+(:func:`detect_keypoints_file`, behind ``cyclereg keypoints``).
+
+Output files
+------------
+``OUTPUT``
+    ``csv``: header ``x_mm,y_mm,z_mm``, world millimetres from the NIfTI affine (default);
+    ``l2r``: headerless Learn2Reg CSV of voxel indices ``(i, j, k)``;
+    ``ply`` / ``pcd``: open3d point cloud in world mm; ``npy``: ``(N, 3)`` float32 mm.
+    Rows are sorted by decreasing distinctiveness.
+``OUTPUT.config.json``
+    The resolved configuration (detector and lung-mask parameters, inputs, device), the
+    volume geometry, the number of keypoints and the timings.
+``--save-mask PATH``
+    The automatic lung mask (uint8 NIfTI with the CT's affine).
+
+Nothing is written when the input is bad (missing file, not 3-D, empty mask, no keypoint):
+an :class:`~cyclereg.errors.InputError` is raised first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cyclereg import __version__
+from cyclereg.checkpoint import write_json
+from cyclereg.device import resolve_device
+from cyclereg.errors import InputError
+from cyclereg.frames import voxel_to_world
+from cyclereg.keypoints.foerstner import FoerstnerConfig, foerstner_keypoints
+from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
+from cyclereg.pointio import require_open3d, write_points
+from cyclereg.volumeio import Volume, read_nifti, write_nifti
+
+FORMATS = ("csv", "l2r", "ply", "pcd", "npy")
+CONFIG_SUFFIX = ".config.json"
+"""The resolved configuration is written to ``str(output) + CONFIG_SUFFIX``."""
+
+
+def config_path_for(output: str | Path) -> Path:
+    """Where :func:`detect_keypoints_file` writes the resolved configuration of ``output``."""
+    return Path(str(output) + CONFIG_SUFFIX)
+
+
+@dataclass(frozen=True)
+class KeypointResult:
+    """Keypoints of one volume.
+
+    Attributes:
+        points_mm: ``(N, 3)`` float64 world mm (x, y, z), strongest first.
+        voxels: ``(N, 3)`` int64 voxel indices (i, j, k).
+        scores: ``(N,)`` float32 Foerstner distinctiveness.
+        mask: ``(D, H, W)`` bool numpy mask the keypoints were restricted to (None: none).
+        candidates: local maxima above the threshold before ``max_points``.
+        timings_s: seconds per step.
+    """
+
+    points_mm: torch.Tensor
+    voxels: torch.Tensor
+    scores: torch.Tensor
+    mask: np.ndarray | None
+    candidates: int
+    timings_s: dict
+
+
+class _Steps:
+    """Runs named steps with a rich spinner and prints the time of each (to stdout)."""
+
+    def __init__(self, verbose: bool):
+        self.timings: dict[str, float] = {}
+        self.console = None
+        if verbose:
+            from rich.console import Console  # noqa: PLC0415
+
+            self.console = Console()  # stdout: stderr carries only the one-line errors
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        if self.console is None:
+            yield
+        else:
+            with self.console.status(f"{name} ..."):
+                yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.console is not None:
+            self.console.print(f"[green]done[/green] {name} [dim]{self.timings[name]:.2f} s[/dim]")
+
+
+def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None = None, lung_mask: bool = False,
+                     config: FoerstnerConfig = FoerstnerConfig(), lung_config: LungMaskConfig = LungMaskConfig(),
+                     device: str | torch.device = "auto", verbose: bool = False,
+                     mask_source: str | Path | None = None) -> KeypointResult:
+    """Foerstner keypoints of a volume, restricted to ``mask`` or to an automatic lung mask.
+
+    Args:
+        volume: the CT (HU when ``lung_mask``); spacing and affine are taken from it.
+        mask: ``(D, H, W)`` bool/0-1 mask, or None.
+        lung_mask: compute the mask with :func:`cyclereg.keypoints.lungmask.lung_mask`
+            (exclusive with ``mask``).
+        config, lung_config: detector and lung-mask parameters.
+        device: where the detector runs (``auto``/``cpu``/``cuda``); the lung mask is
+            computed on the CPU (scipy).
+        mask_source: file the mask came from, named in errors about the mask.
+    Raises:
+        InputError: empty mask, mask of another shape, or no keypoint found.
+    """
+    if mask is not None and lung_mask:
+        raise InputError("give either a mask or lung_mask, not both")
+    dev = resolve_device(device)
+    steps = _Steps(verbose)
+    where = volume.path
+    mask_where = mask_source if mask_source is not None else where
+    if lung_mask:
+        with steps("lung mask"):
+            mask = compute_lung_mask(volume.data.numpy(), volume.affine, lung_config)
+        if not mask.any():
+            raise InputError("the automatic lung mask is empty (is this a chest CT in HU?)", where)
+    elif mask is not None:
+        mask = torch.as_tensor(mask).cpu().numpy().astype(bool)
+        if mask.shape != volume.shape:
+            raise InputError(f"mask shape {mask.shape} differs from the volume shape {volume.shape}", mask_where)
+        if not mask.any():
+            raise InputError("the mask is empty", mask_where)
+    with steps(f"Foerstner keypoints ({dev.type})"):
+        try:
+            kp = foerstner_keypoints(volume.data.to(dev), volume.spacing,
+                                     None if mask is None else torch.from_numpy(mask).to(dev), config)
+        except ValueError as exc:
+            raise InputError(str(exc), mask_where if "mask" in str(exc) else where) from None
+    if kp.voxels.shape[0] == 0:
+        raise InputError("no keypoint found (lower --threshold or check the mask)", where)
+    points_mm = voxel_to_world(kp.voxels.double(), torch.from_numpy(volume.affine))
+    return KeypointResult(points_mm=points_mm, voxels=kp.voxels, scores=kp.scores, mask=mask,
+                          candidates=kp.candidates, timings_s=steps.timings)
+
+
+def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Path | None = None,
+                          lung_mask: bool = False, save_mask: str | Path | None = None,
+                          sigma_mm: float | None = None, nms_radius_mm: float | None = None,
+                          threshold: float | None = None, max_points: int | None = None,
+                          fmt: str = "csv", device: str = "auto", verbose: bool = True) -> KeypointResult:
+    """Read ``ct``, detect keypoints and write them to ``output`` (see the module doc).
+
+    ``None`` options take the defaults of :class:`FoerstnerConfig`; ``max_points=0`` keeps
+    every keypoint. Raises :class:`InputError` (nothing written) for bad input.
+    """
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if mask is not None and lung_mask:
+        raise InputError("give either --mask or --lung-mask, not both")
+    if save_mask is not None and not lung_mask:
+        raise InputError("--save-mask needs --lung-mask")
+    overrides = {k: v for k, v in dict(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold).items()
+                 if v is not None}
+    if max_points is not None:
+        overrides["max_points"] = None if max_points == 0 else max_points
+    try:
+        config = FoerstnerConfig(**overrides)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    lung_config = LungMaskConfig()
+    if fmt in ("ply", "pcd"):
+        require_open3d()
+    dev = resolve_device(device)
+
+    steps = _Steps(verbose)
+    t0 = time.perf_counter()
+    with steps("read CT"):
+        volume = read_nifti(ct)
+    mask_array = None
+    if mask is not None:
+        with steps("read mask"):
+            mvol = read_nifti(mask, labels=True)
+        if mvol.shape != volume.shape:
+            raise InputError(f"mask shape {mvol.shape} differs from the CT shape {volume.shape}", mask)
+        mask_array = mvol.data.numpy() > 0
+        if not mask_array.any():
+            raise InputError("the mask is empty", mask)
+    result = detect_keypoints(volume, mask=mask_array, lung_mask=lung_mask, config=config,
+                              lung_config=lung_config, device=dev, verbose=verbose, mask_source=mask)
+    timings = {**steps.timings, **result.timings_s}
+
+    with steps("write"):
+        if save_mask is not None:
+            write_nifti(save_mask, result.mask.astype(np.uint8), volume.affine)
+        if fmt == "l2r":  # write_points divides by the spacing: hand it index * spacing
+            spacing = tuple(volume.spacing)
+            write_points(output, result.voxels.double() * torch.tensor(spacing, dtype=torch.float64),
+                         fmt="l2r", spacing_mm=spacing)
+        else:
+            write_points(output, result.points_mm, fmt=fmt)
+        timings["total"] = round(time.perf_counter() - t0, 3)
+        write_json(config_path_for(output), {
+            "cyclereg_version": __version__,
+            "command": "keypoints",
+            "ct": str(ct),
+            "output": str(output),
+            "format": fmt,
+            "units": "voxel indices (i, j, k)" if fmt == "l2r" else "world mm (x, y, z) from the NIfTI affine",
+            "mask": None if mask is None else str(mask),
+            "lung_mask": lung_mask,
+            "save_mask": None if save_mask is None else str(save_mask),
+            "device": str(dev),
+            "foerstner": dataclasses.asdict(config),
+            "lung_mask_config": dataclasses.asdict(lung_config) if lung_mask else None,
+            "volume": {"shape": list(volume.shape), "spacing_mm": list(volume.spacing)},
+            "mask_voxels": None if result.mask is None else int(result.mask.sum()),
+            "num_keypoints": int(result.voxels.shape[0]),
+            "num_candidates": result.candidates,
+            "timings_s": timings,
+        })
+    if steps.console is not None:
+        steps.console.print(f"{result.voxels.shape[0]} keypoints -> {output} "
+                            f"[dim](total {timings['total']:.2f} s)[/dim]")
+    return result
