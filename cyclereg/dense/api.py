@@ -1,0 +1,405 @@
+"""File-level entry points of the dense path, called by the ``cyclereg`` CLI.
+
+Outputs of :func:`register_volume_files` (in ``out_dir``):
+
+``displacement.nii.gz``
+    ``(D, H, W, 3)`` float32 with the fixed image's affine; fixed -> moving: the fixed
+    voxel ``x`` corresponds to the moving voxel ``x + u(x)``. By default the 3 components
+    are **voxels of the fixed grid along the array axes (i, j, k)** (the package
+    convention, also Learn2Reg's); with ``disp_mm=True`` they are **world millimetres
+    (x, y, z) of the NIfTI affine** (``u_mm = A[:3, :3] @ u_vox``).
+``warped.nii.gz``
+    the moving image (original intensities) resampled into the fixed grid (trilinear).
+``warped_labels.nii.gz``
+    with ``moving_labels``: the label map warped with nearest-neighbour sampling.
+``disp_FFFF_MMMM.nii.gz``
+    with ``l2r_name=True``: the same field in voxels under the Learn2Reg file name.
+``config.json``
+    the resolved pipeline configuration, model, inputs and output conventions.
+"""
+
+from __future__ import annotations
+
+import json
+
+import datetime as _dt
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cyclereg import __version__
+from cyclereg.checkpoint import to_jsonable, load_checkpoint, save_checkpoint, write_json
+from cyclereg.dense.config import DensePipelineConfig, config_from_dict
+from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, resolve_mode)
+from cyclereg.dense.network import FeatureNet, random_feature_net
+from cyclereg.dense.pipeline import register
+from cyclereg.device import resolve_device
+from cyclereg.errors import InputError
+from cyclereg.frames import voxel_disp_to_mm
+from cyclereg.metrics import dice, hd95, sdlogj
+from cyclereg.volumeio import Volume, read_nifti, write_nifti
+from cyclereg.warp import warp
+
+CHECKPOINT_KIND = "dense"
+
+
+# ----------------------------------------------------------------------------- models
+def load_model(model: str | Path, seed: int = 0, device: str | torch.device = "cpu"
+               ) -> tuple[FeatureNet, DensePipelineConfig, dict]:
+    """``"random"`` -> a seeded random network with the default config; otherwise a
+    checkpoint written by :func:`save_model`. Returns ``(net in eval mode, config, info)``."""
+    dev = resolve_device(device)
+    if str(model) == "random":
+        cfg = DensePipelineConfig().validate()
+        net = random_feature_net(cfg.net, seed)
+        info = {"model": "random", "seed": int(seed)}
+    else:
+        payload = load_checkpoint(model, kind=CHECKPOINT_KIND)
+        try:
+            cfg = config_from_dict(payload["config"])
+            net = FeatureNet(cfg.net)
+            net.load_state_dict(payload["state_dict"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise InputError(f"checkpoint does not match the dense model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]})", model) from None
+        net.eval()
+        info = {"model": str(model), "version": payload.get("version"), "extra": payload.get("extra", {})}
+    return net.to(dev), cfg, info
+
+
+def save_model(path: str | Path, net: FeatureNet, cfg: DensePipelineConfig, extra: dict | None = None) -> None:
+    """Checkpoint ``{config, state_dict, version, kind="dense"}`` (atomic)."""
+    save_checkpoint(path, kind=CHECKPOINT_KIND, config=cfg, state_dict=net.state_dict(), extra=extra)
+
+
+def _pipeline_config(cfg: DensePipelineConfig, warps, adam, ic) -> DensePipelineConfig:
+    if warps is not None and warps not in (1, 2):
+        raise InputError(f"--warps must be 1 or 2, got {warps}")
+    return cfg.replace(warps=warps, use_adam=adam, use_ic=ic).validate()
+
+
+def _check_spacing(cfg: DensePipelineConfig, vol: Volume) -> None:
+    if cfg.spacing_mm is None:
+        return
+    exp = np.asarray(cfg.spacing_mm, dtype=float)
+    got = np.asarray(vol.spacing, dtype=float)
+    if np.any(np.abs(got - exp) > cfg.spacing_tolerance * exp):
+        raise InputError(f"voxel spacing {tuple(np.round(got, 3))} mm differs from the model's "
+                         f"{tuple(exp)} mm; resample the volume to the model's spacing first", vol.path)
+
+
+def _prepare(vol: Volume, cfg: DensePipelineConfig, mode: str, dev) -> torch.Tensor:
+    return preprocess(vol.data, cfg.preprocess, mode).to(dev)[None, None]
+
+
+def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipelineConfig,
+                  *, modality: str | None = None) -> torch.Tensor:
+    """Register two volumes on one grid; returns ``(1, 3, D, H, W)`` voxels, fixed -> moving."""
+    check_same_grid(fixed, moving)
+    _check_spacing(cfg, fixed)
+    dev = next(net.parameters()).device
+    mode = resolve_mode(fixed.data, cfg.preprocess, modality)
+    return register(_prepare(fixed, cfg, mode, dev), _prepare(moving, cfg, mode, dev), net, cfg)
+
+
+# ----------------------------------------------------------------------------- register
+def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
+                          moving_labels: Path | None = None, warps: int | None = None,
+                          adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False,
+                          l2r_name: bool = False, device: str = "auto") -> str:
+    """Register ``moving`` to ``fixed`` (NIfTI files) and write the outputs listed in the
+    module docstring. All inputs are validated before ``out_dir`` is created."""
+    dev = resolve_device(device)
+    fv = read_nifti(fixed)
+    mv = read_nifti(moving)
+    check_same_grid(fv, mv)
+    lv = None
+    if moving_labels is not None:
+        lv = read_nifti(moving_labels, labels=True)
+        check_same_grid(mv, lv, what="label map", ref="moving image")
+    net, cfg, info = load_model(model, seed, dev)
+    cfg = _pipeline_config(cfg, warps, adam, ic)
+    _check_spacing(cfg, fv)
+
+    t0 = time.perf_counter()
+    disp = register_pair(fv, mv, net, cfg)
+    seconds = time.perf_counter() - t0
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    disp_cpu = disp.detach().cpu().float()
+    field = voxel_disp_to_mm(disp_cpu, torch.from_numpy(fv.affine).float()) if disp_mm else disp_cpu
+    write_nifti(out_dir / "displacement.nii.gz", field[0].permute(1, 2, 3, 0), fv.affine)
+    warped = warp(mv.data[None, None].float(), disp_cpu)[0, 0]
+    write_nifti(out_dir / "warped.nii.gz", warped, fv.affine)
+    written = ["displacement.nii.gz", "warped.nii.gz"]
+    if lv is not None:
+        wl = warp(lv.data[None, None], disp_cpu, mode="nearest")[0, 0]
+        write_nifti(out_dir / "warped_labels.nii.gz", wl, fv.affine)
+        written.append("warped_labels.nii.gz")
+    if l2r_name:
+        name = f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"
+        write_nifti(out_dir / name, disp_cpu[0].permute(1, 2, 3, 0), fv.affine)
+        written.append(name)
+    stats = sdlogj(disp_cpu)
+    write_json(out_dir / "config.json", {
+        "cyclereg_version": __version__,
+        "config": cfg,
+        "model": info,
+        "device": str(dev),
+        "inputs": {"fixed": str(fixed), "moving": str(moving),
+                   "moving_labels": str(moving_labels) if moving_labels else None},
+        "outputs": {
+            "files": written,
+            "displacement": {
+                "direction": "fixed -> moving: fixed voxel x maps to moving position x + u(x)",
+                "units": "mm" if disp_mm else "voxel",
+                "components": ("world x, y, z (NIfTI affine)" if disp_mm
+                               else "fixed-grid array axes i, j, k (nibabel order)"),
+                "layout": "(D, H, W, 3), affine of the fixed image",
+            },
+        },
+        "seconds": seconds,
+        "sdlogj": stats["sdlogj"],
+        "folding_fraction": stats["folding_fraction"],
+    })
+    return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
+            f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
+                            run: Path | None = None, seed: int = 0, max_pairs: int | None = None,
+                            warps: int | None = None, adam: bool | None = None, ic: bool | None = None,
+                            device: str = "auto", both_directions: bool = False, figures: bool = True,
+                            console=None, resume: bool = False) -> dict:
+    """Evaluate the ``registration_val`` pairs of a labelled Learn2Reg dataset.
+
+    Writes ``report`` (JSON: ``mean_dice``, ``initial_dice``, ``mean_hd95_mm``,
+    ``mean_sdlogj``, ... and a ``pairs`` list) and, with ``figures``, ``<report>_dice_cdf.png``
+    (cumulative distribution of per-label Dice, as the paper's Fig. 2) and
+    ``<report>_overlay.png`` (first pair: fixed, warped moving, label contours).
+    With ``resume``, the pairs of an unfinished report of the same dataset and method at
+    ``report`` are kept and only the remaining pairs are registered.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    if run is not None:
+        raise InputError("--run is not supported for volume datasets yet; pass --model CKPT", run)
+    if identity == (model is not None):
+        raise InputError("give exactly one of identity or model")
+    dev = resolve_device(device)
+    ds = load_volume_dataset(dataset, both_directions=both_directions)
+    pairs = list(ds.pairs)
+    if max_pairs is not None:
+        if max_pairs < 1:
+            raise InputError(f"--max-pairs must be at least 1, got {max_pairs}")
+        pairs = pairs[:max_pairs]
+    for p in pairs:
+        for lab, img in ((p.fixed_labels, p.fixed), (p.moving_labels, p.moving)):
+            if lab is None:
+                raise InputError("no label map found for this image (needs a 'training' entry with 'label')", img)
+            if not lab.exists():
+                raise InputError("label map does not exist", lab)
+    if identity:
+        net, cfg, info = None, None, {"model": "identity"}
+    else:
+        net, cfg, info = load_model(model, seed, dev)
+        cfg = _pipeline_config(cfg, warps, adam, ic)
+
+    records = []
+    overlay = None
+    report = Path(report)
+    if resume and report.is_file():
+        try:
+            old = json.loads(report.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise InputError("cannot resume: the existing report is unreadable", report) from None
+        same = (old.get("dataset") == str(dataset) and old.get("method") == to_jsonable(info)
+                and old.get("both_directions") == both_directions
+                and old.get("config") == to_jsonable(cfg if cfg is not None else None))
+        if not same:
+            raise InputError("cannot resume: the existing report is for another dataset, model or configuration", report)
+        wanted = {p.id for p in pairs}
+        records = [r for r in old.get("pairs", []) if r["id"] in wanted]
+        done = {r["id"] for r in records}
+        pairs = [p for p in pairs if p.id not in done]
+
+    def build_result(complete: bool) -> dict:
+        return {
+            "dataset": str(dataset), "name": ds.name, "method": info, "device": str(dev),
+            "config": cfg if cfg is not None else None, "both_directions": both_directions,
+            "num_pairs": len(records),
+            "mean_dice": _mean(r["dice"] for r in records),
+            "initial_dice": _mean(r["initial_dice"] for r in records),
+            "mean_hd95_mm": _mean(r["hd95_mm"] for r in records),
+            "initial_hd95_mm": _mean(r["initial_hd95_mm"] for r in records),
+            "mean_sdlogj": _mean(r["sdlogj"] for r in records),
+            "mean_std_logj": _mean(r["std_logj"] for r in records),
+            "mean_folding_fraction": _mean(r["folding_fraction"] for r in records),
+            "mean_seconds": _mean(r["seconds"] for r in records),
+            "label_names": {str(k): v for k, v in ds.label_names.items()},
+            "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "torch": torch.__version__},
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cyclereg_version": __version__,
+            "complete": complete,
+            "pairs": records,
+        }
+
+    cache: dict[Path, Volume] = {}
+
+    def get(path: Path, labels: bool) -> Volume:
+        if path not in cache:
+            if len(cache) > 8:
+                cache.pop(next(iter(cache)))
+            cache[path] = read_nifti(path, labels=labels)
+        return cache[path]
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("evaluating pairs", total=len(pairs) + len(records), completed=len(records))
+        for p in pairs:
+            fv, mv = get(p.fixed, False), get(p.moving, False)
+            fl, ml = get(p.fixed_labels, True), get(p.moving_labels, True)
+            check_same_grid(fv, mv)
+            check_same_grid(fv, fl, what="fixed label map")
+            check_same_grid(mv, ml, what="moving label map", ref="moving image")
+            t0 = time.perf_counter()
+            if identity:
+                disp = torch.zeros(1, 3, *fv.shape)
+            else:
+                disp = register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float()
+            seconds = time.perf_counter() - t0
+            warped_l = warp(ml.data[None, None], disp, mode="nearest")[0, 0]
+            d0 = dice(fl.data, ml.data)
+            d1 = dice(fl.data, warped_l)
+            h = hd95(fl.data, warped_l, spacing=fv.spacing)
+            h0 = hd95(fl.data, ml.data, spacing=fv.spacing)
+            s = sdlogj(disp)
+            rec = {
+                "id": p.id, "fixed": str(p.fixed), "moving": str(p.moving),
+                "initial_dice": _mean(d0.values()), "dice": _mean(d1.values()),
+                "hd95_mm": _mean(h.values()), "initial_hd95_mm": _mean(h0.values()), "sdlogj": s["sdlogj"], "std_logj": s["std_logj"],
+                "folding_fraction": s["folding_fraction"], "seconds": seconds,
+                "dice_per_label": {str(k): v for k, v in d1.items()},
+                "initial_dice_per_label": {str(k): v for k, v in d0.items()},
+                "hd95_per_label_mm": {str(k): v for k, v in h.items()},
+            }
+            records.append(rec)
+            if overlay is None and figures:
+                overlay = (p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(),
+                           warped_l.clone())
+            write_json(report, build_result(False))  # partial report: long runs can be inspected/stopped
+            progress.update(task, advance=1, description=f"{p.id}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
+
+    result = build_result(True)
+    write_json(report, result)
+    if figures and records:
+        _plot_dice_cdf(report.with_name(report.stem + "_dice_cdf.png"), records, info)
+        if overlay is not None:
+            _plot_overlay(report.with_name(report.stem + "_overlay.png"), *overlay)
+
+    table = Table(title=f"{ds.name}: {len(records)} pairs ({info.get('model')})")
+    for col in ("pair", "Dice init", "Dice", "HD95 mm", "SDlogJ", "std logJ", "J<=0 %", "s"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r["id"], f"{r['initial_dice']:.3f}", f"{r['dice']:.3f}", f"{r['hd95_mm']:.2f}",
+                      f"{r['sdlogj']:.3f}", f"{r['std_logj']:.3f}", f"{100 * r['folding_fraction']:.3f}",
+                      f"{r['seconds']:.1f}")
+    table.add_row("[bold]mean", f"{result['initial_dice']:.3f}", f"[bold]{result['mean_dice']:.3f}",
+                  f"{result['mean_hd95_mm']:.2f}", f"{result['mean_sdlogj']:.3f}", f"{result['mean_std_logj']:.3f}",
+                  f"{100 * result['mean_folding_fraction']:.3f}", f"{result['mean_seconds']:.1f}")
+    console.print(table)
+    return result
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _plot_dice_cdf(path: Path, records: list[dict], info: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for key, label in (("initial_dice_per_label", "initial"), ("dice_per_label", str(info.get("model")))):
+        vals = np.sort([v for r in records for v in r[key].values()])
+        if vals.size:
+            ax.plot(vals, np.arange(1, vals.size + 1) / vals.size, label=label)
+    ax.set_xlabel("Dice (per label and pair)")
+    ax.set_ylabel("cumulative fraction")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _plot_overlay(path: Path, pair_id: str, fixed: torch.Tensor, warped: torch.Tensor, fixed_l: torch.Tensor,
+                  warped_l: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    for ax_idx in range(3):
+        mid = fixed.shape[ax_idx] // 2
+        sl = [slice(None)] * 3
+        sl[ax_idx] = mid
+        f = fixed[tuple(sl)].numpy().T
+        w = warped[tuple(sl)].numpy().T
+        fl_ = fixed_l[tuple(sl)].numpy().T
+        wl = warped_l[tuple(sl)].numpy().T
+        lo, hi = np.percentile(f, [1, 99])
+        for row, (img, title) in enumerate(((f, "fixed + fixed labels (solid)"),
+                                             (w, "warped moving + warped labels (solid), fixed (dashed)"))):
+            ax = axes[row, ax_idx]
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+            labs = [l for l in np.unique(np.concatenate([fl_.ravel(), wl.ravel()])) if l != 0]
+            cmap = plt.get_cmap("tab20")
+            for n, lab in enumerate(labs):
+                col = cmap(n % 20)
+                src = fl_ if row == 0 else wl
+                if (src == lab).any():
+                    ax.contour(src == lab, levels=[0.5], colors=[col], linewidths=0.8)
+                if row == 1 and (fl_ == lab).any():
+                    ax.contour(fl_ == lab, levels=[0.5], colors=[col], linewidths=0.6, linestyles="dashed")
+            ax.set_title(f"{title}\naxis {ax_idx} slice {mid}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(pair_id)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from cyclereg.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))

@@ -1,0 +1,255 @@
+"""Frozen configuration of the dense (image volume) registration path.
+
+Every magic number of the pipeline lives here, with its unit and its origin:
+
+* "paper" = Bigalke et al., MICCAI 2023, Sec. 2.3.1 / 3.1;
+* "reference" = behaviour of the authors' public code (multimodallearning/
+  reg-cyclical-self-train: ``coupled_convex.py``, ``adam_instance_opt.py``,
+  ``registration_pipeline.py``, ``data_utils.py``), re-implemented here, not copied;
+* "chosen here" = a value this package had to pick, with the reason.
+
+Units: displacements are in voxels of the grid they live on (the feature grid for the
+convex optimiser, the Adam grid for instance optimisation, the image grid otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FeatureNetConfig:
+    """The feature network ``g`` (paper Sec. 2.3.1).
+
+    Attributes:
+        in_channels: image channels (1 for CT / T1 MRI).
+        channels: output channels of the six 3x3x3 convolutions (paper: "32, 64, or 128").
+            The exact sequence follows the reference network (32, 64, then 128s), with a
+            64-channel third convolution added so that there are six as the paper states.
+        strides: stride of each convolution. "Every second convolution contains a stride
+            of 2, yielding a downsampling factor of 8" (paper); the reference strides the
+            first of each pair, which puts the second convolution (the Adam features) at
+            half resolution with 64 channels exactly as in the reference.
+        kernel_size: spatial kernel of the six convolutions, voxels.
+        out_channels: channels of the final 1x1x1 convolution (paper: 16).
+        adam_layer: the instance-optimisation features are taken after this many
+            conv+BN+ReLU blocks (paper: "after the second convolution block").
+        adam_channels: the 1x1x1 projection of those features (paper: 16; reference: 32).
+        random_init: initialisation of a fresh ("random") network. ``"kaiming"``: He-normal
+            weights (fan-in, ReLU gain) and zero biases, chosen here because it keeps the
+            activation scale constant through the depth so random features do not fade
+            into the biases; ``"torch"``: PyTorch's default initialisation (the reference).
+    """
+
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 64, 128, 128, 128)
+    strides: tuple[int, ...] = (2, 1, 2, 1, 2, 1)
+    kernel_size: int = 3
+    out_channels: int = 16
+    adam_layer: int = 2
+    adam_channels: int = 16
+    random_init: str = "kaiming"
+
+    @property
+    def downsampling(self) -> int:
+        """Total stride (8 with the defaults)."""
+        f = 1
+        for s in self.strides:
+            f *= s
+        return f
+
+    @property
+    def adam_downsampling(self) -> int:
+        """Stride of the instance-optimisation features (2 with the defaults)."""
+        f = 1
+        for s in self.strides[: self.adam_layer]:
+            f *= s
+        return f
+
+
+@dataclass(frozen=True)
+class ConvexConfig:
+    """Optimiser ``h``: correlation layer + coupled convex optimisation (+ inverse consistency).
+
+    Attributes:
+        radius: half-width of the displacement search window in feature voxels; 2 gives
+            the 5x5x5 = 125 discrete displacements of the paper (reference ``disp_hw=2``).
+            With the 8x downsampling one feature voxel is 8 image voxels.
+        normalize_features: standardise every feature channel of each volume to zero mean
+            and unit standard deviation before the correlation (chosen here): the cost
+            then has a fixed dynamic range whatever the scale of the network's features,
+            which is what makes random (stage-0) features usable.
+        feature_scale: features are multiplied by this before the correlation
+            (reference: 5; here 1 because the features are standardised instead).
+        patch_size: the per-displacement cost is averaged over this cubic patch, voxels of
+            the feature grid (reference: 3).
+        cost_reduction: ``"mean"`` over channels of ``|f - m|`` (chosen here, so the
+            cost is in units of one channel's standard deviation, ~1.13 for unrelated
+            unit features) or ``"sum"`` (reference).
+        softmax_temperature: ``delta`` of ``softmax(-delta * cost)`` in the soft argmin
+            (reference: 20), dimensionless (the cost is dimensionless).
+        coupling: coefficients of the squared distance (feature voxels^2) between each
+            candidate displacement and the smoothed field, one coupled iteration each
+            (reference: 0.003, 0.03, 0.3).
+        smooth_kernel: box filter applied to the field after every coupled iteration,
+            feature voxels (reference: 3).
+        ic_iterations: fixed-point iterations of forward/backward inverse consistency
+            (reference: 15 in the optimiser ``h``).
+        upsample_smooth_passes: box-filter passes (3x3x3) after each 2x upsampling step
+            of the field (reference: 2).
+    """
+
+    radius: int = 2
+    normalize_features: bool = True
+    feature_scale: float = 1.0
+    patch_size: int = 3
+    cost_reduction: str = "mean"
+    softmax_temperature: float = 20.0
+    coupling: tuple[float, ...] = (0.003, 0.03, 0.3)
+    smooth_kernel: int = 3
+    ic_iterations: int = 15
+    upsample_smooth_passes: int = 2
+
+    @property
+    def num_displacements(self) -> int:
+        return (2 * self.radius + 1) ** 3
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Instance optimisation of the final field with Adam (paper Sec. 2.3.1, reference
+    ``adam_instance_opt.py``).
+
+    The field is optimised on the grid of the ``adam_layer`` features (half resolution
+    with the defaults; reference ``grid_sp=2``), in voxels of that grid.
+
+    Attributes:
+        iterations: Adam steps (reference: 50).
+        lr: Adam learning rate, voxels of the Adam grid per step (reference: 1).
+        smooth_passes: 3x3x3 box-filter passes applied to the parameters in every step
+            (a cheap B-spline-like parametrisation; reference: 3).
+        reg_weight: weight of the diffusion regulariser, the mean squared forward
+            difference of the smoothed field per axis (reference ``lambda_weight``: 0.65).
+        reg_factor: extra multiplier of the regulariser (reference ``reg_fac``, default 1).
+        data_weight: weight of the mean squared difference of the (standardised) projected
+            features. Reference: 12 on features scaled by 5, i.e. 300 on raw features
+            whose scale depends on the network. Chosen here for standardised features:
+            1.0, i.e. the data term of a totally unrelated pair (~2) against the
+            regulariser; a principled, untuned order of magnitude.
+        normalize_features: standardise the projected features per channel (as the convex
+            optimiser does).
+        final_smooth_passes: box-filter passes on the full-resolution result
+            (reference: 3).
+    """
+
+    iterations: int = 50
+    lr: float = 1.0
+    smooth_passes: int = 3
+    reg_weight: float = 0.65
+    reg_factor: float = 1.0
+    data_weight: float = 1.0
+    normalize_features: bool = True
+    final_smooth_passes: int = 3
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Intensity preprocessing.
+
+    Attributes:
+        mode: ``"auto"`` (CT when the volume's minimum is below ``auto_ct_below_hu``,
+            otherwise MRI), ``"ct"``, ``"mri"`` or ``"none"``.
+        ct_scale_hu: CT intensities are divided by this (reference: 500 HU).
+        ct_clip: the scaled CT is clipped to this range (reference: -0.4, 0.6, i.e. a
+            window of -200 to 300 HU).
+        mri_percentiles: MRI intensities are mapped linearly so that these percentiles
+            (of the whole volume) become 0 and 1, then clipped to [0, 1] (chosen here:
+            1 and 99, robust to a few bright voxels).
+        auto_ct_below_hu: threshold of the ``auto`` mode: CT volumes contain air at about
+            -1000 HU, MRI volumes are non-negative.
+    """
+
+    mode: str = "auto"
+    ct_scale_hu: float = 500.0
+    ct_clip: tuple[float, float] = (-0.4, 0.6)
+    mri_percentiles: tuple[float, float] = (1.0, 99.0)
+    auto_ct_below_hu: float = -200.0
+
+
+@dataclass(frozen=True)
+class DensePipelineConfig:
+    """Everything that defines a dense registration.
+
+    Attributes:
+        net: feature network.
+        convex: correlation + coupled convex optimiser.
+        adam: instance optimisation.
+        preprocess: intensity preprocessing.
+        warps: 1 or 2 passes of the network+optimiser (paper's final setting: 2).
+        use_ic: forward-backward inverse consistency (reference test setting: on).
+        use_adam: Adam instance optimisation (paper's final setting: on).
+        pad_multiple: volumes are padded (replicate, at the far end of every axis) to a
+            multiple of this many voxels internally; must be a multiple of the network's
+            downsampling.
+        spacing_mm: voxel size (i, j, k) the model was trained for, or None to accept any
+            spacing (a random network). Inputs whose spacing differs by more than
+            ``spacing_tolerance`` (relative) are rejected.
+        spacing_tolerance: relative tolerance of the spacing check.
+    """
+
+    net: FeatureNetConfig = field(default_factory=FeatureNetConfig)
+    convex: ConvexConfig = field(default_factory=ConvexConfig)
+    adam: AdamConfig = field(default_factory=AdamConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    warps: int = 2
+    use_ic: bool = True
+    use_adam: bool = True
+    pad_multiple: int = 8
+    spacing_mm: tuple[float, float, float] | None = None
+    spacing_tolerance: float = 0.01
+
+    def replace(self, **changes: Any) -> "DensePipelineConfig":
+        """A copy with the given top-level fields changed (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def validate(self) -> "DensePipelineConfig":
+        if self.warps not in (1, 2):
+            raise ValueError(f"warps must be 1 or 2, got {self.warps}")
+        if len(self.net.channels) != len(self.net.strides):
+            raise ValueError("net.channels and net.strides must have the same length")
+        if self.pad_multiple % self.net.downsampling:
+            raise ValueError("pad_multiple must be a multiple of the network's downsampling")
+        if not 1 <= self.net.adam_layer <= len(self.net.channels):
+            raise ValueError("net.adam_layer out of range")
+        if self.preprocess.mode not in ("auto", "ct", "mri", "none"):
+            raise ValueError(f"preprocess.mode: expected auto|ct|mri|none, got {self.preprocess.mode}")
+        return self
+
+
+def _build(cls, obj):
+    if obj is None:
+        return cls()
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in obj:
+            continue
+        v = obj[f.name]
+        if isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def config_from_dict(obj: dict | None) -> DensePipelineConfig:
+    """Rebuild a :class:`DensePipelineConfig` from its JSON form (missing keys -> defaults)."""
+    obj = dict(obj or {})
+    sub = {
+        "net": _build(FeatureNetConfig, obj.pop("net", None)),
+        "convex": _build(ConvexConfig, obj.pop("convex", None)),
+        "adam": _build(AdamConfig, obj.pop("adam", None)),
+        "preprocess": _build(PreprocessConfig, obj.pop("preprocess", None)),
+    }
+    top = _build(DensePipelineConfig, obj)
+    return dataclasses.replace(top, **sub).validate()

@@ -1,0 +1,140 @@
+"""Optimiser ``h``: correlation layer, coupled convex optimisation, inverse consistency,
+and the field resampling helpers shared by the dense path.
+
+All fields are ``(B, 3, d, h, w)`` displacements in voxels of their own grid, fixed ->
+moving, channel c along array axis c (package convention). Everything here is
+differentiable (except where stated) and follows the device/dtype of its inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cyclereg.dense.config import ConvexConfig
+from cyclereg.frames import ALIGN_CORNERS, voxel_coordinates, voxel_to_grid
+from cyclereg.warp import warp
+
+
+# ----------------------------------------------------------------------------- small helpers
+def box_smooth(x: torch.Tensor, kernel: int = 3, passes: int = 1) -> torch.Tensor:
+    """``passes`` cubic box filters of width ``kernel`` with replicate padding (no shrinking
+    towards zero at the border, unlike zero-padded average pooling)."""
+    if kernel <= 1:
+        return x
+    p = kernel // 2
+    for _ in range(passes):
+        x = F.avg_pool3d(F.pad(x, (p,) * 6, mode="replicate"), kernel, stride=1)
+    return x
+
+
+def standardize(feat: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit standard deviation per channel and volume over the spatial axes."""
+    mean = feat.mean(dim=(2, 3, 4), keepdim=True)
+    std = feat.std(dim=(2, 3, 4), keepdim=True)
+    return (feat - mean) / (std + eps)
+
+
+def displacement_set(radius: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The ``(2r+1)^3`` candidate displacements ``(K, 3)`` in (i, j, k) order, i slowest."""
+    r = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------- correlation
+def correlate(feat_fix: torch.Tensor, feat_mov: torch.Tensor, cfg: ConvexConfig) -> torch.Tensor:
+    """Dissimilarity cost of every candidate displacement.
+
+    Returns ``(B, K, d, h, w)`` with ``K = (2r+1)^3`` ordered like :func:`displacement_set`:
+    ``cost[:, n, x] = patch-mean over x' of reduce_c |f(x') - m(x' + o_n)|``. The moving
+    features are extended by replication outside the volume.
+    """
+    if feat_fix.shape != feat_mov.shape:
+        raise ValueError(f"feature shapes differ: {tuple(feat_fix.shape)} vs {tuple(feat_mov.shape)}")
+    r = cfg.radius
+    f = feat_fix * cfg.feature_scale
+    m = F.pad(feat_mov * cfg.feature_scale, (r,) * 6, mode="replicate")
+    D, H, W = f.shape[2:]
+    costs = []
+    for o in displacement_set(r).long().tolist():
+        shifted = m[:, :, r + o[0]: r + o[0] + D, r + o[1]: r + o[1] + H, r + o[2]: r + o[2] + W]
+        diff = (f - shifted).abs()
+        costs.append(diff.mean(1) if cfg.cost_reduction == "mean" else diff.sum(1))
+    cost = torch.stack(costs, dim=1)
+    return box_smooth(cost, cfg.patch_size)
+
+
+# ----------------------------------------------------------------------------- coupled convex
+def _soft_argmin(cost: torch.Tensor, disps: torch.Tensor, delta: float) -> torch.Tensor:
+    """Expected displacement under ``softmax(-delta * cost)`` -> ``(B, 3, d, h, w)``."""
+    prob = torch.softmax(-delta * cost, dim=1)
+    return torch.einsum("bkdhw,kc->bcdhw", prob, disps)
+
+
+def coupled_convex(cost: torch.Tensor, cfg: ConvexConfig) -> torch.Tensor:
+    """Coupled convex optimisation on a cost volume ``(B, K, d, h, w)``.
+
+    Alternates a point-wise soft argmin of ``cost + alpha_j * |o - v(x)|^2`` (data term
+    coupled to the current smooth field ``v``) with box smoothing of the result, for the
+    increasing coupling schedule ``cfg.coupling``. Returns ``(B, 3, d, h, w)`` in voxels of
+    the cost volume's grid.
+    """
+    disps = displacement_set(cfg.radius, device=cost.device, dtype=cost.dtype)
+    v = _soft_argmin(cost, disps, cfg.softmax_temperature)
+    for alpha in cfg.coupling:
+        # |o - v|^2 for every candidate o: (B, K, d, h, w)
+        dist = (disps.view(1, -1, 3, 1, 1, 1) - v.unsqueeze(1)).pow(2).sum(2)
+        v = _soft_argmin(cost + alpha * dist, disps, cfg.softmax_temperature)
+        v = box_smooth(v, cfg.smooth_kernel)
+    return v
+
+
+def inverse_consistency(forward: torch.Tensor, backward: torch.Tensor, iterations: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make forward (fixed->moving) and backward (moving->fixed) fields mutually inverse.
+
+    Fixed-point iteration ``a <- (a - b o (id + a)) / 2``, ``b <- (b - a o (id + b)) / 2``
+    (both updates from the previous iterate), which drives ``a + b(x + a(x))`` to zero.
+    Both fields are in voxels of the same grid.
+    """
+    a, b = forward, backward
+    for _ in range(iterations):
+        a_new = 0.5 * (a - warp(b, a))
+        b_new = 0.5 * (b - warp(a, b))
+        a, b = a_new, b_new
+    return a, b
+
+
+def composition_error(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+    """Mean norm of ``a(x) + b(x + a(x))`` (zero for exact inverses), voxels."""
+    return (forward + warp(backward, forward)).norm(dim=1).mean()
+
+
+# ----------------------------------------------------------------------------- resampling
+def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: float) -> torch.Tensor:
+    """Resample a field between grids related by a stride.
+
+    Output voxel ``x`` lies at source voxel ``x * ratio`` (``ratio`` = output voxel size /
+    source voxel size: 2 for 2x downsampling, 0.5 for 2x upsampling), which is the exact
+    centre relation of stride-2, kernel-3, padding-1 convolutions. Displacements are
+    rescaled by ``1 / ratio``; positions outside the source are clamped (border).
+    """
+    src_shape = tuple(disp.shape[2:])
+    pts = voxel_coordinates(tuple(out_shape), device=disp.device, dtype=disp.dtype) * ratio
+    grid = voxel_to_grid(pts, src_shape).unsqueeze(0).expand(disp.shape[0], -1, -1, -1, -1)
+    out = F.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
+    return out / ratio
+
+
+def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, int], cfg: ConvexConfig) -> torch.Tensor:
+    """Upsample a coarse field by ``factor`` (a power of 2) in 2x steps, smoothing after
+    each intermediate step (``cfg.upsample_smooth_passes`` box filters), to ``out_shape``."""
+    cur = disp
+    f = 1
+    while f < factor:
+        f *= 2
+        shape = tuple(max(1, -(-s * f // factor)) for s in out_shape) if f < factor else tuple(out_shape)
+        cur = resample_disp(cur, shape, 0.5)
+        if f < factor:
+            cur = box_smooth(cur, 3, cfg.upsample_smooth_passes)
+    return cur

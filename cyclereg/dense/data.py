@@ -1,0 +1,168 @@
+"""Learn2Reg volume datasets and intensity preprocessing.
+
+A Learn2Reg ``*_dataset.json`` lists ``training`` entries (``image``, ``label``) and
+``registration_val`` pairs (``fixed``, ``moving`` image paths); paths are relative to the
+JSON file. Label maps of a pair are found through the ``training`` (or ``test``) entries
+of the same image, else by replacing ``imagesTr`` with ``labelsTr`` in the path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cyclereg.datasets import read_json
+from cyclereg.dense.config import PreprocessConfig
+from cyclereg.errors import InputError
+from cyclereg.volumeio import Volume
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def resolve_mode(image: torch.Tensor, cfg: PreprocessConfig, hint: str | None = None) -> str:
+    """The preprocessing mode for ``image``: ``cfg.mode`` unless ``auto``; then the
+    dataset's modality ``hint`` ("CT", "MRI", ...) if given, else the intensity range."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    if hint:
+        h = hint.lower()
+        if "ct" in h.split() or h.startswith("ct"):
+            return "ct"
+        if "mr" in h or "t1" in h or "t2" in h:
+            return "mri"
+    return "ct" if float(image.min()) < cfg.auto_ct_below_hu else "mri"
+
+
+def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = None) -> torch.Tensor:
+    """Intensity preprocessing of a ``(D, H, W)`` (or any-shape) float image.
+
+    ``ct``: ``clip(x / ct_scale_hu, *ct_clip)``; ``mri``: percentile normalisation to
+    [0, 1]; ``none``: unchanged. ``mode`` defaults to :func:`resolve_mode`.
+    """
+    mode = mode or resolve_mode(image, cfg)
+    x = image.float()
+    if mode == "ct":
+        return (x / cfg.ct_scale_hu).clamp(*cfg.ct_clip)
+    if mode == "mri":
+        flat = x.flatten()
+        if flat.numel() > 2_000_000:  # quantile on a strided subsample (exact enough, fast)
+            flat = flat[:: flat.numel() // 2_000_000 + 1]
+        lo, hi = torch.quantile(flat, torch.tensor([cfg.mri_percentiles[0] / 100, cfg.mri_percentiles[1] / 100],
+                                                   dtype=flat.dtype))
+        scale = (hi - lo).clamp_min(1e-6)
+        return ((x - lo) / scale).clamp(0.0, 1.0)
+    if mode == "none":
+        return x
+    raise ValueError(f"unknown preprocessing mode {mode!r}")
+
+
+# ----------------------------------------------------------------------------- grids
+def same_grid(a: Volume, b: Volume, *, atol_mm: float = 1e-3) -> bool:
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
+
+
+def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image") -> None:
+    """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
+    (different shape, or an affine differing by more than 1e-3 mm)."""
+    if fixed.shape != moving.shape:
+        raise InputError(f"{what} has shape {moving.shape} but the {ref} {fixed.path} has {fixed.shape};"
+                         f" resample both onto one grid first", moving.path)
+    if not np.allclose(fixed.affine, moving.affine, atol=1e-3):
+        raise InputError(f"{what} has a different affine (voxel-to-world) than the {ref} {fixed.path};"
+                         f" resample both onto one grid first", moving.path)
+
+
+# ----------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class VolumePair:
+    """One registration pair: image paths and (optional) label paths."""
+
+    fixed: Path
+    moving: Path
+    fixed_labels: Path | None
+    moving_labels: Path | None
+
+    @property
+    def id(self) -> str:
+        return f"{case_id(self.fixed)}_{case_id(self.moving)}"
+
+
+@dataclass(frozen=True)
+class VolumeDataset:
+    path: Path
+    name: str
+    modality: str | None
+    label_names: dict[int, str]
+    pairs: tuple[VolumePair, ...]
+
+
+def case_id(path: Path) -> str:
+    """Learn2Reg case number of a file name (``AbdomenCTCT_0007_0000.nii.gz`` -> ``0007``),
+    or the file stem when there is none."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    parts = name.split("_")
+    digits = [p for p in parts if p.isdigit()]
+    if len(parts) >= 3 and parts[-2].isdigit():
+        return parts[-2]
+    return digits[0] if digits else name
+
+
+def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> VolumeDataset:
+    """Parse a Learn2Reg dataset JSON.
+
+    Args:
+        both_directions: also evaluate every listed pair in the reverse direction (pairs
+            already listed both ways are not duplicated).
+    """
+    p = Path(path)
+    obj = read_json(p)
+    root = p.parent
+
+    def res(rel) -> Path:
+        return (root / str(rel)).resolve()
+
+    label_of: dict[Path, Path] = {}
+    for key in ("training", "test"):
+        for entry in obj.get(key, []) or []:
+            if isinstance(entry, dict) and entry.get("image") and entry.get("label"):
+                label_of[res(entry["image"])] = res(entry["label"])
+
+    def labels_for(img: Path) -> Path | None:
+        if img in label_of:
+            return label_of[img]
+        guess = Path(str(img).replace("imagesTr", "labelsTr").replace("imagesTs", "labelsTs"))
+        return guess if guess != img and guess.exists() else None
+
+    raw = obj.get("registration_val")
+    if not isinstance(raw, list) or not raw:
+        raise InputError("no 'registration_val' pairs in the dataset", p)
+    pairs: list[VolumePair] = []
+    seen: set[tuple[Path, Path]] = set()
+    for n, entry in enumerate(raw):
+        try:
+            f, m = res(entry["fixed"]), res(entry["moving"])
+        except (KeyError, TypeError):
+            raise InputError(f"registration_val entry {n} needs 'fixed' and 'moving'", p) from None
+        for a, b in ((f, m), (m, f)) if both_directions else ((f, m),):
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            pairs.append(VolumePair(a, b, labels_for(a), labels_for(b)))
+    modality = obj.get("modality")
+    if isinstance(modality, dict):
+        modality = next(iter(modality.values()), None)
+    label_names: dict[int, str] = {}
+    labels = obj.get("labels")
+    if isinstance(labels, dict):
+        inner = labels.get("0", labels)
+        if isinstance(inner, dict):
+            for k, v in inner.items():
+                if str(k).isdigit():
+                    label_names[int(k)] = str(v)
+    return VolumeDataset(path=p, name=str(obj.get("name", p.stem)), modality=modality,
+                         label_names=label_names, pairs=tuple(pairs))

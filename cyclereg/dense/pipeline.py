@@ -1,0 +1,121 @@
+"""Dense registration pipeline: network ``g`` + optimiser ``h`` (+ refinement).
+
+Two entry points, matching the two streams of cyclical self-training:
+
+* :func:`predict_displacement` - differentiable network + coupled convex optimiser
+  (the training stream calls it with gradients);
+* :func:`register` - the full pseudo-label / test-time pipeline without gradients:
+  inverse consistency, optional second warp and Adam instance optimisation.
+
+Inputs are preprocessed images ``(B, 1, D, H, W)`` on one grid (see
+:mod:`cyclereg.dense.data` for preprocessing); outputs are fields ``(B, 3, D, H, W)`` in
+voxels of that grid, fixed -> moving.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cyclereg.dense.config import DensePipelineConfig
+from cyclereg.dense.convex import (coupled_convex, correlate, inverse_consistency, standardize,
+                                   upsample_field)
+from cyclereg.dense.instance import adam_refine
+from cyclereg.dense.network import FeatureNet
+from cyclereg.warp import compose, warp
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad ``(B, C, D, H, W)`` at the far end of each axis to multiples of ``multiple``
+    (voxel indices of the original voxels are unchanged)."""
+    pads = []
+    for s in reversed(x.shape[2:]):
+        pads += [0, (-s) % multiple]
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode="replicate")
+
+
+def _crop(x: torch.Tensor, shape) -> torch.Tensor:
+    return x[:, :, : shape[0], : shape[1], : shape[2]]
+
+
+def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
+    if fixed.ndim != 5 or moving.ndim != 5:
+        raise ValueError(f"expected (B, C, D, H, W) images, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share one grid")
+
+
+def coarse_field(feat_fix: torch.Tensor, feat_mov: torch.Tensor, cfg: DensePipelineConfig,
+                 ic: bool = False) -> torch.Tensor:
+    """Optimiser ``h`` on the feature grid: correlation + coupled convex (+ inverse
+    consistency). Returns ``(B, 3, d, h, w)`` in feature voxels."""
+    cc = cfg.convex
+    if cc.normalize_features:
+        feat_fix, feat_mov = standardize(feat_fix), standardize(feat_mov)
+    field = coupled_convex(correlate(feat_fix, feat_mov, cc), cc)
+    if ic:
+        back = coupled_convex(correlate(feat_mov, feat_fix, cc), cc)
+        field, _ = inverse_consistency(field, back, cc.ic_iterations)
+    return field
+
+
+def predict_displacement(net: FeatureNet, fixed: torch.Tensor, moving: torch.Tensor,
+                         cfg: DensePipelineConfig, *, ic: bool = False,
+                         feat_fix: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable ``h(g(F), g(M))`` upsampled to the image grid.
+
+    Args:
+        net: feature network (its train/eval mode is left as the caller set it).
+        fixed, moving: ``(B, 1, D, H, W)`` preprocessed images on one grid (any size;
+            padded internally to ``cfg.pad_multiple``).
+        ic: apply inverse consistency (not used in training by the reference).
+        feat_fix: precomputed ``net`` features of the padded fixed image (optional).
+    Returns:
+        ``(B, 3, D, H, W)`` displacement in image voxels.
+    """
+    _check_pair(fixed, moving)
+    shape = tuple(fixed.shape[2:])
+    f = pad_to_multiple(fixed, cfg.pad_multiple)
+    m = pad_to_multiple(moving, cfg.pad_multiple)
+    if feat_fix is None:
+        feat_fix = net(f)
+    feat_mov = net(m)
+    field = coarse_field(feat_fix, feat_mov, cfg, ic=ic)
+    full = upsample_field(field, cfg.net.downsampling, tuple(f.shape[2:]), cfg.convex)
+    return _crop(full, shape)
+
+
+@torch.no_grad()
+def register(fixed: torch.Tensor, moving: torch.Tensor, net: FeatureNet, cfg: DensePipelineConfig) -> torch.Tensor:
+    """Full pipeline (pseudo labels / test time), no gradients.
+
+    ``cfg.warps`` passes of :func:`predict_displacement` (the second on the moving image
+    warped by the first, fields composed), inverse consistency if ``cfg.use_ic``, then
+    Adam instance optimisation on the projected early features of the fixed and the
+    original moving image if ``cfg.use_adam``.
+
+    Args:
+        fixed, moving: ``(1, 1, D, H, W)`` preprocessed images on one grid.
+    Returns:
+        ``(1, 3, D, H, W)`` displacement, image voxels, fixed -> moving.
+    """
+    cfg.validate()
+    _check_pair(fixed, moving)
+    if fixed.shape[0] != 1:
+        return torch.cat([register(fixed[b:b + 1], moving[b:b + 1], net, cfg) for b in range(fixed.shape[0])])
+    shape = tuple(fixed.shape[2:])
+    f = pad_to_multiple(fixed, cfg.pad_multiple)
+    m = pad_to_multiple(moving, cfg.pad_multiple)
+    feat_fix, adam_fix = net.forward_with_adam_features(f)
+    disp = predict_displacement(net, f, m, cfg, ic=cfg.use_ic, feat_fix=feat_fix)
+    if cfg.warps == 2:
+        warped = warp(m, disp)
+        second = predict_displacement(net, f, warped, cfg, ic=cfg.use_ic, feat_fix=feat_fix)
+        # warped(x) = m(x + disp(x)); sampling it at x + second(x) -> apply second, then disp
+        disp = compose(second, disp)
+    if cfg.use_adam:
+        adam_mov = net.adam_features(m)
+        disp = adam_refine(adam_fix, adam_mov, disp, cfg.net.adam_downsampling, cfg.adam)
+    return _crop(disp, shape)

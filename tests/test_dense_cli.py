@@ -1,0 +1,276 @@
+"""Dense path through files and the CLI: NIfTI round trips, register/evaluate with
+typer's CliRunner on tiny synthetic volumes, and bad-input handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cyclereg.dense.api import load_model, register_volume_files, save_model
+from cyclereg.dense.config import DensePipelineConfig
+from cyclereg.dense.network import random_feature_net
+from cyclereg.errors import InputError
+from cyclereg.frames import mm_disp_to_voxel
+from cyclereg.volumeio import read_nifti
+from cyclereg.warp import warp
+from cyclereg_cli.main import app
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny volumes: one intra-op thread is faster (and fair to parallel test runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+runner = CliRunner()
+
+SHAPE = (24, 28, 32)
+AFFINE = np.array([[0.0, -1.5, 0.0, 10.0],  # a permuted, flipped, anisotropic affine
+                   [2.0, 0.0, 0.0, -20.0],
+                   [0.0, 0.0, 1.0, 5.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+
+
+def _blob_image(shift=(0, 0, 0), seed=0):
+    rng = np.random.default_rng(seed)
+    big = rng.standard_normal((40, 44, 48)).astype(np.float32)
+    from scipy import ndimage
+
+    big = ndimage.gaussian_filter(big, 2.0)
+    o = np.array([8, 8, 8]) - np.array(shift)
+    img = big[o[0]:o[0] + SHAPE[0], o[1]:o[1] + SHAPE[1], o[2]:o[2] + SHAPE[2]]
+    img = (img - img.min()) / (img.max() - img.min()) * 1000.0
+    x = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1).astype(float)
+    c = np.array(SHAPE) / 2 - np.array(shift)
+    lab = (np.linalg.norm(x - c, axis=-1) <= 6).astype(np.int16)
+    lab[(np.linalg.norm(x - c - np.array([0, 0, 7]), axis=-1) <= 3)] = 2
+    img = img + 400.0 * (lab > 0)
+    return img, lab
+
+
+def _save(path: Path, arr, affine=AFFINE):
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "imagesTr").mkdir()
+    (d / "labelsTr").mkdir()
+    names = []
+    for n, shift in enumerate([(0, 0, 0), (0, 2, 1)], start=1):
+        img, lab = _blob_image(shift, seed=0)
+        name = f"Tiny_{n:04d}_0000.nii.gz"
+        _save(d / "imagesTr" / name, img)
+        _save(d / "labelsTr" / name, lab)
+        names.append(name)
+    ds = {
+        "name": "tiny", "modality": {"0": "MRI"},
+        "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
+        "registration_val": [{"fixed": f"./imagesTr/{names[0]}", "moving": f"./imagesTr/{names[1]}"}],
+    }
+    (d / "Tiny_dataset.json").write_text(json.dumps(ds))
+    return d
+
+
+FAST = ["--warps", "1", "--no-adam"]
+
+
+def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tmp_path):
+    out = tmp_path / "out"
+    fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
+    moving = tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"
+    res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(out), "--model", "random",
+                              "--seed", "0", "--moving-labels", str(tiny / "labelsTr" / "Tiny_0002_0000.nii.gz"),
+                              "--l2r-name", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for name in ("displacement.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "config.json",
+                 "disp_0001_0002.nii.gz"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["outputs"]["displacement"]["units"] == "voxel"
+    assert cfg["config"]["warps"] == 2 and cfg["config"]["use_adam"] is True
+
+    dimg = nib.load(str(out / "displacement.nii.gz"))
+    assert np.allclose(dimg.affine, AFFINE)
+    disp = torch.from_numpy(np.asarray(dimg.dataobj)).permute(3, 0, 1, 2)[None].float()
+    assert disp.shape == (1, 3, *SHAPE)
+    mv = read_nifti(moving)
+    again = warp(mv.data[None, None], disp)[0, 0]
+    saved = torch.from_numpy(np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)).float()
+    assert torch.allclose(again, saved, atol=1e-3)
+    # the registration moved the labels onto the fixed ones (direction is fixed -> moving)
+    fl = read_nifti(tiny / "labelsTr" / "Tiny_0001_0000.nii.gz", labels=True).data
+    ml = read_nifti(tiny / "labelsTr" / "Tiny_0002_0000.nii.gz", labels=True).data
+    wl = read_nifti(out / "warped_labels.nii.gz", labels=True).data
+    from cyclereg.metrics import dice
+
+    assert np.mean(list(dice(fl, wl).values())) > np.mean(list(dice(fl, ml).values()))
+
+    # the same registration written in mm converts back to the voxel field
+    out_mm = tmp_path / "out_mm"
+    res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(out_mm), "--disp-mm",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    dmm = torch.from_numpy(np.asarray(nib.load(str(out_mm / "displacement.nii.gz")).dataobj)).permute(3, 0, 1, 2)[None]
+    back = mm_disp_to_voxel(dmm.double(), torch.from_numpy(AFFINE)).float()
+    assert torch.allclose(back, disp, atol=1e-3)
+    assert json.loads((out_mm / "config.json").read_text())["outputs"]["displacement"]["units"] == "mm"
+
+
+def test_cli_evaluate_identity_and_random(tiny, tmp_path):
+    ds = tiny / "Tiny_dataset.json"
+    rep0 = tmp_path / "id.json"
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(rep0)])
+    assert res.exit_code == 0, res.output
+    r0 = json.loads(rep0.read_text())
+    assert r0["mean_dice"] == pytest.approx(r0["initial_dice"])
+    assert r0["mean_sdlogj"] == 0.0 and len(r0["pairs"]) == 1
+
+    rep = tmp_path / "rnd.json"
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--seed", "0", "--both-directions",
+                              "--json", str(rep), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    for key in ("mean_dice", "initial_dice", "mean_hd95_mm", "mean_sdlogj", "pairs"):
+        assert key in r
+    assert len(r["pairs"]) == 2  # both directions
+    assert r["mean_dice"] > r["initial_dice"]
+    assert r["mean_folding_fraction"] < 0.01
+    p = r["pairs"][0]
+    for key in ("dice_per_label", "hd95_mm", "sdlogj", "std_logj", "folding_fraction", "seconds"):
+        assert key in p
+    assert (tmp_path / "rnd_dice_cdf.png").stat().st_size > 0
+    assert (tmp_path / "rnd_overlay.png").stat().st_size > 0
+
+
+def test_missing_or_bad_nifti_exits_2_without_output(tiny, tmp_path):
+    out = tmp_path / "never"
+    fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
+    res = runner.invoke(app, ["register", str(fixed), str(tmp_path / "missing.nii.gz"), "-o", str(out)])
+    assert res.exit_code == 2
+    assert "missing.nii.gz" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"this is not a nifti file")
+    res = runner.invoke(app, ["register", str(fixed), str(bad), "-o", str(out)])
+    assert res.exit_code == 2
+    assert "bad.nii.gz" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_grid_mismatch_is_rejected(tiny, tmp_path):
+    out = tmp_path / "never"
+    fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
+    img, _ = _blob_image()
+    other_shape = _save(tmp_path / "small.nii.gz", img[:20])
+    res = runner.invoke(app, ["register", str(fixed), str(other_shape), "-o", str(out)])
+    assert res.exit_code == 2 and "small.nii.gz" in res.output and "shape" in res.output
+    other_affine = _save(tmp_path / "shifted.nii.gz", img, AFFINE + np.array([[0, 0, 0, 3.0]] * 3 + [[0, 0, 0, 0]]))
+    res = runner.invoke(app, ["register", str(fixed), str(other_affine), "-o", str(out)])
+    assert res.exit_code == 2 and "shifted.nii.gz" in res.output and "affine" in res.output
+    assert not out.exists()
+
+
+def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):
+    cfg = DensePipelineConfig(spacing_mm=(2.0, 1.5, 1.0))
+    net = random_feature_net(cfg.net, seed=5)
+    ck = tmp_path / "model.pt"
+    save_model(ck, net, cfg, extra={"stage": 0})
+    net2, cfg2, info = load_model(ck)
+    assert cfg2 == cfg and info["extra"] == {"stage": 0}
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert torch.allclose(net(x), net2(x))
+    fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
+    moving = tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"
+    # matching spacing (2, 1.5, 1) passes; a model for 1 mm rejects the volume with a clear message
+    register_volume_files(fixed, moving, tmp_path / "ok", model=str(ck), warps=1, adam=False, device="cpu")
+    cfg3 = DensePipelineConfig(spacing_mm=(1.0, 1.0, 1.0))
+    save_model(tmp_path / "iso.pt", net, cfg3)
+    with pytest.raises(InputError, match="spacing"):
+        register_volume_files(fixed, moving, tmp_path / "no", model=str(tmp_path / "iso.pt"), device="cpu")
+    assert not (tmp_path / "no").exists()
+    # a checkpoint of another kind is refused
+    from cyclereg.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "cloud.pt", kind="cloud", config={}, state_dict={})
+    res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(tmp_path / "x"), "--model",
+                              str(tmp_path / "cloud.pt")])
+    assert res.exit_code == 2 and "cloud.pt" in res.output
+
+
+def test_invalid_warps_rejected(tiny, tmp_path):
+    fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
+    res = runner.invoke(app, ["register", str(fixed), str(fixed), "-o", str(tmp_path / "o"), "--warps", "3"])
+    assert res.exit_code == 2 and "--warps" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_learn2reg_loader_labels_and_directions(tiny):
+    from cyclereg.dense.data import case_id, load_volume_dataset
+
+    ds = load_volume_dataset(tiny / "Tiny_dataset.json")
+    assert len(ds.pairs) == 1 and ds.modality == "MRI"
+    p = ds.pairs[0]
+    assert p.fixed_labels.name == p.fixed.name and p.fixed_labels.parent.name == "labelsTr"
+    assert p.id == "0001_0002" and case_id(Path("AbdomenCTCT_0007_0000.nii.gz")) == "0007"
+    both = load_volume_dataset(tiny / "Tiny_dataset.json", both_directions=True)
+    assert [q.id for q in both.pairs] == ["0001_0002", "0002_0001"]
+    brain = Path(__file__).resolve().parents[1] / "../shared/data/brain-mri/BrainMRI_dataset.json"
+    if brain.exists():  # lists both directions already: no duplicates
+        assert len(load_volume_dataset(brain, both_directions=True).pairs) == 2
+
+
+def test_evaluate_without_labels_is_an_input_error(tiny, tmp_path):
+    obj = json.loads((tiny / "Tiny_dataset.json").read_text())
+    obj["training"] = [{"image": t["image"]} for t in obj["training"]]
+    import shutil
+
+    d = tmp_path / "nolab"
+    shutil.copytree(tiny / "imagesTr", d / "imagesTr")
+    (d / "ds.json").write_text(json.dumps(obj))
+    res = runner.invoke(app, ["evaluate", str(d / "ds.json"), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "label" in res.output
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_brain_pair_random_features_acceptance(tmp_path):
+    """Issue-3 acceptance on the real brain pair (about 4 min on 2 CPU cores): run with -m slow."""
+    from tests.conftest import shared_path
+
+    ds = shared_path("brain-mri", "BrainMRI_dataset.json")
+    rep = tmp_path / "brain.json"
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--seed", "0", "--both-directions",
+                              "--json", str(rep)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    assert len(r["pairs"]) == 2
+    assert r["mean_dice"] >= 0.50 and r["initial_dice"] == pytest.approx(0.423, abs=0.001)
+    assert r["mean_folding_fraction"] < 0.01 and np.isfinite(r["mean_sdlogj"])
+
+
+def test_evaluate_resume_keeps_finished_pairs(tiny, tmp_path):
+    ds = tiny / "Tiny_dataset.json"
+    rep = tmp_path / "part.json"
+    args = ["evaluate", str(ds), "--model", "random", "--both-directions", *FAST, "--json", str(rep), "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--max-pairs", "1"]).exit_code == 0
+    first = json.loads(rep.read_text())["pairs"][0]
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    assert len(r["pairs"]) == 2 and r["pairs"][0] == first and r["complete"]
+    # a report of another method is not silently merged
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(rep), "--resume"])
+    assert res.exit_code == 2 and "another" in res.output

@@ -1,0 +1,222 @@
+"""Dense path: analytic tests of warping, the convex optimiser, inverse consistency,
+Jacobians, Dice/HD95 and the network/pipeline plumbing (small volumes, CPU, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cyclereg.dense.config import ConvexConfig, DensePipelineConfig, FeatureNetConfig, config_from_dict
+from cyclereg.dense.convex import (composition_error, correlate, coupled_convex, displacement_set,
+                                   inverse_consistency, resample_disp, upsample_field)
+from cyclereg.dense.data import preprocess
+from cyclereg.dense.config import PreprocessConfig
+from cyclereg.dense.network import FeatureNet, random_feature_net
+from cyclereg.dense.pipeline import pad_to_multiple, predict_displacement, register
+from cyclereg.frames import voxel_coordinates
+from cyclereg.metrics import dice, hd95, jacobian_determinant, sdlogj
+from cyclereg.warp import warp
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny volumes: one intra-op thread is faster (and fair to parallel test runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def smooth_noise(shape, channels=1, seed=0, passes=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, channels, *shape, generator=g)
+    for _ in range(passes):
+        x = F.avg_pool3d(F.pad(x, (1,) * 6, mode="replicate"), 3, stride=1)
+    return x
+
+
+def smooth_field(shape, amplitude, seed=0):
+    x = smooth_noise(shape, 3, seed, passes=4)
+    return amplitude * x / x.abs().max()
+
+
+# ----------------------------------------------------------------------------- warping
+def test_identity_field_leaves_image_unchanged():
+    img = torch.rand(1, 2, 9, 10, 11)
+    out = warp(img, torch.zeros(1, 3, 9, 10, 11))
+    assert torch.allclose(out, img, atol=1e-5)
+    lab = torch.randint(0, 5, (1, 1, 9, 10, 11))
+    assert torch.equal(warp(lab, torch.zeros(1, 3, 9, 10, 11), mode="nearest"), lab)
+
+
+def test_resample_disp_constant_field_scales_with_stride():
+    low = torch.ones(1, 3, 4, 5, 6) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1, 1)
+    high = resample_disp(low, (8, 10, 12), 0.5)
+    assert torch.allclose(high, 2 * low[:, :, :1, :1, :1].expand_as(high), atol=1e-5)
+    back = resample_disp(high, (4, 5, 6), 2.0)
+    assert torch.allclose(back, low, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- convex optimiser
+@pytest.mark.parametrize("shift", [(1, -2, 1), (-1, 0, 2)])
+def test_convex_optimiser_recovers_integer_shift(shift):
+    big = smooth_noise((28, 28, 28), channels=16, seed=1, passes=1)
+    s = torch.tensor(shift)
+    lo = 6
+    sl = lambda o: big[:, :, lo + o[0]: lo + o[0] + 16, lo + o[1]: lo + o[1] + 16, lo + o[2]: lo + o[2] + 16]  # noqa: E731
+    fixed = sl([0, 0, 0])
+    # moving(y) = G(y - s)  =>  fixed(x) = G(x) = moving(x + s): displacement s everywhere
+    moving = sl((-s).tolist())
+    cfg = ConvexConfig()
+    from cyclereg.dense.convex import standardize
+    field = coupled_convex(correlate(standardize(fixed), standardize(moving), cfg), cfg)
+    inner = field[0, :, 3:-3, 3:-3, 3:-3].reshape(3, -1)
+    err = (inner - s.view(3, 1).float()).abs()
+    assert err.max() < 0.5, f"max error {err.max():.3f}"
+
+
+def test_correlation_cost_is_zero_at_true_shift():
+    f = torch.randn(1, 4, 8, 8, 8)
+    cost = correlate(f, f, ConvexConfig(patch_size=1))
+    zero = (displacement_set(2) == 0).all(1).nonzero().item()
+    assert torch.allclose(cost[:, zero], torch.zeros(1, 8, 8, 8))
+    assert cost.shape == (1, 125, 8, 8, 8)
+
+
+def test_inverse_consistency_reduces_composition_error():
+    shape = (12, 12, 12)
+    a = smooth_field(shape, 1.5, seed=2)
+    b = -a + smooth_field(shape, 0.8, seed=3)  # a deliberately inconsistent backward field
+    before = composition_error(a, b)
+    a2, b2 = inverse_consistency(a, b, 15)
+    after = composition_error(a2, b2)
+    assert after < 0.5 * before
+    assert composition_error(b2, a2) < 0.5 * composition_error(b, a)
+
+
+def test_upsample_field_is_exact_for_translations():
+    low = torch.zeros(1, 3, 3, 4, 5)
+    low[:, 0] = 1.0
+    cfg = ConvexConfig()
+    up = upsample_field(low, 8, (24, 32, 40), cfg)
+    assert up.shape == (1, 3, 24, 32, 40)
+    assert torch.allclose(up[:, 0], torch.full((1, 24, 32, 40), 8.0), atol=1e-4)
+    assert up[:, 1:].abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- Jacobian, Dice, HD95
+def test_jacobian_of_affine_field_equals_det():
+    A = torch.tensor([[1.1, 0.2, 0.0], [-0.1, 0.9, 0.15], [0.05, 0.0, 1.2]], dtype=torch.float64)
+    x = voxel_coordinates((8, 9, 10), dtype=torch.float64)  # (D, H, W, 3)
+    u = (x @ (A - torch.eye(3, dtype=torch.float64)).T).permute(3, 0, 1, 2).unsqueeze(0)
+    J = jacobian_determinant(u)
+    assert torch.allclose(J, torch.full_like(J, torch.linalg.det(A).item()), atol=1e-9)
+    s = sdlogj(u)
+    assert s["folding_fraction"] == 0.0 and s["sdlogj"] < 1e-9
+
+
+def sphere(shape, centre, radius, spacing=(1.0, 1.0, 1.0)):
+    x = voxel_coordinates(shape, dtype=torch.float64) * torch.tensor(spacing, dtype=torch.float64)
+    c = torch.tensor(centre, dtype=torch.float64) * torch.tensor(spacing, dtype=torch.float64)
+    return ((x - c).norm(dim=-1) <= radius).long()
+
+
+def test_dice_on_spheres():
+    shape = (48, 48, 48)
+    a = sphere(shape, (24, 24, 24), 10.0)
+    b = sphere(shape, (24, 24, 24), 12.0)
+    d = dice(a, b)
+    expected = 2 * 10 ** 3 / (10 ** 3 + 12 ** 3)
+    assert set(d) == {1}
+    assert abs(d[1] - expected) < 0.02
+    assert dice(a, a)[1] == 1.0
+    # labels absent from either map are excluded, not scored as 0
+    b2 = b.clone()
+    b2[0, 0, 0] = 7
+    assert set(dice(a, b2)) == {1}
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.5, 1.0)])
+def test_hd95_on_spheres_in_mm(spacing):
+    shape = (40, 48, 56)
+    centre = (20, 24, 28)
+    a = sphere(shape, centre, 12.0, spacing)
+    b = sphere(shape, centre, 16.0, spacing)
+    h = hd95(a, b, spacing=spacing)[1]
+    assert abs(h - 4.0) <= max(spacing) * 0.75, h  # concentric: every surface distance is 4 mm
+    assert hd95(a, a, spacing=spacing)[1] == 0.0
+
+
+# ----------------------------------------------------------------------------- network & pipeline
+def test_feature_net_shapes_and_seed():
+    cfg = FeatureNetConfig()
+    assert cfg.downsampling == 8 and cfg.adam_downsampling == 2
+    net = random_feature_net(cfg, seed=3)
+    x = torch.rand(1, 1, 16, 24, 32)
+    f, a = net.forward_with_adam_features(x)
+    assert f.shape == (1, 16, 2, 3, 4)
+    assert a.shape == (1, 16, 8, 12, 16)
+    assert torch.allclose(net(x), random_feature_net(cfg, seed=3)(x))
+    assert not torch.allclose(net(x), random_feature_net(cfg, seed=4)(x))
+
+
+def test_pipeline_handles_sizes_not_divisible_by_8():
+    img = smooth_noise((19, 22, 25), seed=4)
+    mov = smooth_noise((19, 22, 25), seed=5)
+    net = random_feature_net(FeatureNetConfig(), 0)
+    disp = register(img, mov, net, DensePipelineConfig(warps=2, use_adam=True))
+    assert disp.shape == (1, 3, 19, 22, 25)
+    assert torch.isfinite(disp).all()
+    assert pad_to_multiple(img, 8).shape[2:] == (24, 24, 32)
+
+
+def test_predict_displacement_is_differentiable():
+    net = random_feature_net(FeatureNetConfig(), 0).train()
+    f = smooth_noise((16, 16, 16), seed=6)
+    m = smooth_noise((16, 16, 16), seed=7)
+    disp = predict_displacement(net, f, m, DensePipelineConfig())
+    disp.pow(2).mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_register_recovers_global_translation():
+    # a smooth volume shifted by 6 image voxels along axis 1 (< the 16-voxel search range)
+    big = smooth_noise((40, 56, 40), seed=8, passes=3)
+    fixed = big[:, :, 4:36, 12:44, 4:36]
+    moving = big[:, :, 4:36, 6:38, 4:36]  # moving(y) = fixed(y - 6 e_j) -> u = +6 e_j
+    net = random_feature_net(FeatureNetConfig(), 0)
+    disp = register(fixed, moving, net, DensePipelineConfig(warps=2, use_adam=True, use_ic=True))
+    inner = disp[0, :, 8:-8, 8:-8, 8:-8].reshape(3, -1).mean(1)
+    assert torch.allclose(inner, torch.tensor([0.0, 6.0, 0.0]), atol=1.0), inner
+
+
+def test_preprocessing_modes():
+    ct = torch.tensor([-1000.0, -200.0, 0.0, 300.0, 2000.0])
+    assert torch.allclose(preprocess(ct, PreprocessConfig()), torch.tensor([-0.4, -0.4, 0.0, 0.6, 0.6]))
+    mr = torch.linspace(0, 100, 1001)
+    out = preprocess(mr, PreprocessConfig(mode="mri"))
+    assert out.min() == 0.0 and out.max() == 1.0 and abs(out[500].item() - 0.5) < 1e-3
+
+
+def test_config_roundtrip_through_json():
+    from cyclereg.checkpoint import to_jsonable
+    import json
+
+    cfg = DensePipelineConfig(warps=1, spacing_mm=(2.0, 2.0, 2.0))
+    back = config_from_dict(json.loads(json.dumps(to_jsonable(cfg))))
+    assert back == cfg
+    with pytest.raises(ValueError):
+        DensePipelineConfig(warps=3).validate()
+
+
+def test_softmax_temperature_documented_scale():
+    # unrelated standardised channels differ by E|a - b| = 2/sqrt(pi) per channel
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 16, 20, 20, 20, generator=g), torch.randn(1, 16, 20, 20, 20, generator=g)
+    cost = correlate(a, b, ConvexConfig(patch_size=1))
+    assert abs(cost.mean().item() - 2 / math.sqrt(math.pi)) < 0.02
