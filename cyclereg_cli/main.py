@@ -85,18 +85,26 @@ def keypoints(
 @app.command("pretrain-random")
 @cli_errors
 def pretrain_random(
-    dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
+    dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json)"),
     run: Path = typer.Option(..., "-o", "--output", "--run", help="run directory to create"),
-    seed: int = typer.Option(0, "--seed", help="random seed of the stage-0 network"),
-    fold: Optional[str] = typer.Option(None, "--fold", help="'all' or a fold number (keypoint datasets)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the networks, sampling and augmentation"),
+    fold: Optional[str] = typer.Option(None, "--fold", help="'all' (default) or one fold number"),
+    stages: Optional[int] = typer.Option(None, "--stages", help="default number of stages T for 'cycle' (paper: 5)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs per stage (paper: 60; milestones scale along)"),
+    train_points: Optional[str] = typer.Option(None, "--train-points", help="'F,M': random fixed/moving subsets per training sample"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="input augmentation of the learning stream"),
+    refine: bool = typer.Option(True, "--refine/--no-refine", help="pseudo-label refinement"),
+    weighted: bool = typer.Option(True, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    """Stage-0 pseudo labels from a randomly initialised feature network."""
-    try:
-        from cyclereg.training.api import pretrain_random as run_pretrain
-    except ImportError:
-        _fail("'pretrain-random' is not built yet (issue 5)")
-    run_pretrain(dataset, run, seed=seed, fold=fold, device=device)
+    """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
+    from cyclereg.training.api import pretrain_random as run_pretrain
+    from cyclereg.training.clouds import cycle_config
+
+    config = cycle_config(stages=stages, epochs=epochs, train_points=train_points, augment=augment,
+                          refine=refine, weighted_sampling=weighted)
+    out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, config=config)
+    typer.echo(f"stage-0 pseudo labels written to {out}")
 
 
 @app.command()
@@ -109,11 +117,10 @@ def cycle(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
-    try:
-        from cyclereg.training.api import run_cycle
-    except ImportError:
-        _fail("'cycle' is not built yet (issue 5)")
-    run_cycle(dataset, run, stages=stages, folds=folds, device=device)
+    from cyclereg.training.api import run_cycle
+
+    done = run_cycle(dataset, run, stages=stages, folds=folds, device=device)
+    typer.echo("finished stages: " + ", ".join(f"fold {k}: {t}" for k, t in done.items()))
 
 
 @app.command()
@@ -161,12 +168,14 @@ def evaluate(
     identity: bool = typer.Option(False, "--identity", help="evaluate the identity (no registration)"),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     run: Optional[Path] = typer.Option(None, "--run", help="run directory: each case with the checkpoint of the fold that held it out"),
+    stage: Optional[int] = typer.Option(None, "--stage", help="with --run: use this stage's checkpoints instead of the final ones"),
     seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
     both_directions: bool = typer.Option(False, "--both-directions", help="volumes: also evaluate every registration_val pair in the reverse direction (pairs listed both ways are not duplicated)"),
+    resume: bool = typer.Option(False, "--resume", help="volumes: keep the pairs of an unfinished report at --json and register only the rest"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """TRE (keypoint datasets) or Dice/HD95 (labelled volume datasets), with SDlogJ and run time."""
@@ -178,7 +187,7 @@ def evaluate(
     if kind == "keypoints":
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
-        evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, seed=seed,
+        evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                                   max_pairs=max_pairs, device=device)
         return
     try:
@@ -187,7 +196,7 @@ def evaluate(
         _fail("volume evaluation is not built yet (issue 3)")
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,
-                            both_directions=both_directions)
+                            both_directions=both_directions, resume=resume)
 
 
 @app.command()

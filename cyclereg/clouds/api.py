@@ -86,12 +86,14 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
             f"mean |u| {mean:.2f} mm; wrote {', '.join(sorted(outputs))} to {out_dir}")
 
 
-def fold_checkpoint(run_dir: Path, fold: int) -> Path:
-    """Final checkpoint of ``fold`` in a run directory (``foldK/final.pt`` or ``foldK.pt``)."""
-    for cand in (Path(run_dir) / f"fold{fold}" / "final.pt", Path(run_dir) / f"fold{fold}.pt"):
-        if cand.is_file():
-            return cand
-    raise InputError(f"no final checkpoint for fold {fold} (expected fold{fold}/final.pt or fold{fold}.pt)", run_dir)
+def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
+    """Checkpoint of ``fold`` in a run directory: ``foldK/final.pt`` (or a committed
+    ``foldK.pt``), or ``foldK/stage{stage}.pt`` for one stage."""
+    names = [f"fold{fold}/stage{stage}.pt"] if stage is not None else [f"fold{fold}/final.pt", f"fold{fold}.pt"]
+    for name in names:
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    raise InputError(f"no checkpoint for fold {fold} (expected {' or '.join(names)})", run_dir)
 
 
 def dataset_box(ds: KeypointDataset) -> UnitBox | None:
@@ -101,7 +103,8 @@ def dataset_box(ds: KeypointDataset) -> UnitBox | None:
 
 
 def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
-                              run: Path | None = None, seed: int = 0, max_pairs: int | None = None,
+                              run: Path | None = None, stage: int | None = None, seed: int = 0,
+                              max_pairs: int | None = None,
                               device: str = "auto", smoothness: bool = True, quiet: bool = False) -> dict:
     """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
 
@@ -127,7 +130,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             if k is None:
                 raise InputError(f"pair {p.id} is in no fold", dataset)
             if k not in models:
-                models[k] = load_cloud_model(fold_checkpoint(run, k), device=dev)
+                models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=dev)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=dev)
     default_config = CloudRegConfig()
@@ -162,7 +165,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             cases.append(case)
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
-    method = "identity" if identity else (f"run:{run}" if run is not None else f"model:{model}")
+    method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
+                                          if run is not None else f"model:{model}")
     result = {
         "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),

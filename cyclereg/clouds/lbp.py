@@ -19,7 +19,7 @@ import torch
 
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 
-EDGE_CHUNK = 64
+EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution (memory: chunk x K x K floats)."""
 
 

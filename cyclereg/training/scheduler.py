@@ -1,0 +1,117 @@
+"""The stage scheduler of cyclical self-training, independent of the data modality.
+
+Stage 0 makes pseudo labels with a randomly initialised network. Stage ``t >= 1`` trains
+the network on the pseudo labels of stage ``t - 1`` (stage 1 from a fresh random
+initialisation, later stages from the previous weights, each with a warm restart of the
+learning rate) and then refreshes the pseudo labels with the trained network.
+
+Everything a stage produces is written atomically into one directory per training run
+(``stage{t}.pt`` checkpoint, ``pseudo{t}.pt`` labels, one JSON line in ``log.jsonl``), so
+a killed run resumes after its last finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
+from cyclereg.errors import InputError
+
+
+class StageTask(Protocol):
+    """What a modality provides to the scheduler."""
+
+    checkpoint_kind: str
+
+    def new_model(self, stage: int) -> nn.Module:
+        """A freshly initialised feature network (seeded from the run seed and ``stage``)."""
+
+    def model_config(self) -> Any:
+        """Configuration stored in every checkpoint (enough to rebuild the model)."""
+
+    def make_pseudo_labels(self, model: nn.Module, stage: int, progress) -> tuple[dict, dict]:
+        """Refined pseudo labels ``{pair_id: tensor}`` and per-pair sampling weights + stats."""
+
+    def train_stage(self, model: nn.Module, labels: dict, weights: dict, stage: int, progress) -> dict:
+        """Train ``model`` in place on ``labels``; returns statistics (e.g. final loss)."""
+
+
+class StageScheduler:
+    """Runs stages ``0..stages`` of a :class:`StageTask` in ``run_dir`` (resumable)."""
+
+    def __init__(self, task: StageTask, run_dir: str | Path):
+        self.task = task
+        self.dir = Path(run_dir)
+
+    # ------------------------------------------------------------------ files
+    def checkpoint_path(self, stage: int) -> Path:
+        return self.dir / f"stage{stage}.pt"
+
+    def labels_path(self, stage: int) -> Path:
+        return self.dir / f"pseudo{stage}.pt"
+
+    def last_finished_stage(self) -> int:
+        """Highest ``t`` whose pseudo labels exist (-1 when not even stage 0 ran)."""
+        t = -1
+        while self.labels_path(t + 1).is_file():
+            t += 1
+        return t
+
+    def _save_labels(self, stage: int, labels: dict, weights: dict) -> None:
+        payload = {"stage": stage, "labels": {k: v.detach().cpu() for k, v in labels.items()}, "weights": weights}
+        atomic_write_bytes(self.labels_path(stage), lambda fh: torch.save(payload, fh))
+
+    def load_labels(self, stage: int) -> tuple[dict, dict]:
+        path = self.labels_path(stage)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", path) from None
+        return payload["labels"], payload["weights"]
+
+    def _log(self, record: dict) -> None:
+        path = self.dir / "log.jsonl"
+        old = path.read_text() if path.exists() else ""
+        atomic_write_text(path, old + json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ stages
+    def run_stage0(self, progress=None) -> None:
+        """Pseudo labels from a randomly initialised network (skipped if already present)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.labels_path(0).is_file():
+            return
+        t0 = time.perf_counter()
+        model = self.task.new_model(0)
+        labels, info = self.task.make_pseudo_labels(model, 0, progress)
+        self._save_labels(0, labels, info["weights"])
+        self._log({"stage": 0, "seconds": time.perf_counter() - t0, **info["stats"]})
+
+    def run(self, stages: int, progress=None) -> int:
+        """Run (or resume) up to ``stages``; returns the last finished stage."""
+        if not self.labels_path(0).is_file():
+            raise InputError("no stage-0 pseudo labels here: run 'cyclereg pretrain-random' first", self.dir)
+        done = self.last_finished_stage()
+        for stage in range(done + 1, stages + 1):
+            t0 = time.perf_counter()
+            labels, weights = self.load_labels(stage - 1)
+            model = self.task.new_model(stage)
+            if stage > 1:
+                ckpt = load_checkpoint(self.checkpoint_path(stage - 1), kind=self.task.checkpoint_kind)
+                model.load_state_dict(ckpt["state_dict"])
+            train_stats = self.task.train_stage(model, labels, weights, stage, progress)
+            save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
+                            config=self.task.model_config(), state_dict=model.state_dict(), extra={"stage": stage})
+            new_labels, info = self.task.make_pseudo_labels(model, stage, progress)
+            self._save_labels(stage, new_labels, info["weights"])
+            self._log({"stage": stage, "seconds": time.perf_counter() - t0, **train_stats, **info["stats"]})
+        final = self.last_finished_stage()
+        if final >= 1:
+            src = self.checkpoint_path(final)
+            atomic_write_bytes(self.dir / "final.pt", lambda fh: fh.write(src.read_bytes()))
+        return final

@@ -1,0 +1,145 @@
+"""Cyclical self-training of the keypoint-cloud path: CPU smoke test, resume, no landmarks."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cyclereg.training.scheduler as scheduler_mod
+from cyclereg.checkpoint import load_checkpoint
+from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+from cyclereg.pointio import write_points
+from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, random_affine
+from cyclereg.frames import UnitBox
+from cyclereg_cli.main import app
+
+runner = CliRunner()
+TINY = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
+FAST = ["--stages", "2", "--epochs", "2", "--train-points", "100,200", "--device", "cpu"]
+
+
+def _dataset(tmp_path, n=3, landmarks=True):
+    pairs = []
+    for i in range(n):
+        pair = make_breathing_pair(i, TINY)
+        write_points(tmp_path / f"c{i}" / "fk.csv", pair.fixed_mm)
+        write_points(tmp_path / f"c{i}" / "mk.csv", pair.moving_mm)
+        if landmarks:
+            write_points(tmp_path / f"c{i}" / "fl.csv", pair.fixed_mm[:10])
+            write_points(tmp_path / f"c{i}" / "ml.csv", pair.fixed_mm[:10] + pair.displacement_mm[:10])
+        # landmark entries are always listed; without landmarks the files simply do not exist
+        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv",
+                      "fixed_landmarks": f"c{i}/fl.csv", "moving_landmarks": f"c{i}/ml.csv"})
+    ds = tmp_path / "dataset.json"
+    ds.write_text(json.dumps({"name": "tiny", "pairs": pairs, "folds": [["c0"], ["c1"], ["c2"]][:n]}))
+    return ds
+
+
+def test_full_cycle_smoke_and_evaluate(tmp_path):
+    ds = _dataset(tmp_path)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST])
+    assert res.exit_code == 0, res.output
+    assert (run / "fold1" / "pseudo0.pt").is_file() and (run / "run.json").is_file()
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(l) for l in (run / "fold1" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1, 2]
+    assert all(math.isfinite(r["train_loss_mm"]) for r in log[1:])
+    ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
+    assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--max-pairs", "1", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["fold"] == 1
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
+    ds = _dataset(tmp_path)
+    for name in ("a", "b"):
+        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "2", *FAST]).exit_code == 0
+    # a: uninterrupted
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "2"]).exit_code == 0
+    # b: killed during stage 2's training, then the same command again
+    real = CloudCycleTask.train_stage
+
+    def dies_in_stage2(self, model, labels, weights, stage, progress=None):
+        if stage == 2:
+            raise KeyboardInterrupt
+        return real(self, model, labels, weights, stage, progress)
+
+    monkeypatch.setattr(CloudCycleTask, "train_stage", dies_in_stage2)
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "2"])
+    assert res.exit_code == 130
+    assert (tmp_path / "b" / "fold2" / "stage1.pt").is_file() and not (tmp_path / "b" / "fold2" / "stage2.pt").exists()
+    stage1 = (tmp_path / "b" / "fold2" / "stage1.pt").read_bytes()
+    monkeypatch.setattr(CloudCycleTask, "train_stage", real)
+    loaded = []
+    real_load = scheduler_mod.load_checkpoint
+    monkeypatch.setattr(scheduler_mod, "load_checkpoint", lambda p, **kw: loaded.append(p.name) or real_load(p, **kw))
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "2"]).exit_code == 0
+    assert loaded == ["stage1.pt"]  # stage 2 continued from the saved stage-1 weights
+    assert (tmp_path / "b" / "fold2" / "stage1.pt").read_bytes() == stage1  # stage 1 was not redone
+    a = load_checkpoint(tmp_path / "a" / "fold2" / "final.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "fold2" / "final.pt")["state_dict"]
+    a1 = load_checkpoint(tmp_path / "a" / "fold2" / "stage1.pt")["state_dict"]
+    flat = lambda sd: torch.cat([v.flatten().double() for v in sd.values()])  # noqa: E731
+    # the resumed stage 2 equals the uninterrupted one up to float summation order:
+    # far closer than the distance stage 2 travelled from stage 1
+    assert (flat(a) - flat(b)).norm() < 0.02 * (flat(a) - flat(a1)).norm()
+
+
+def test_training_never_reads_landmarks(tmp_path, monkeypatch):
+    ds = _dataset(tmp_path, landmarks=False)  # landmark files listed in the JSON but absent
+    import cyclereg.pointio as pio
+
+    real = pio.read_points
+
+    def guarded(path, **kw):
+        assert "fl.csv" not in str(path) and "ml.csv" not in str(path), "training read a landmark file"
+        return real(path, **kw)
+
+    monkeypatch.setattr("cyclereg.training.api.read_points", guarded)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "3", *FAST]).exit_code == 0
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "3", "--stages", "1"])
+    assert res.exit_code == 0, res.output
+    assert (run / "fold3" / "final.pt").is_file()
+
+
+def test_run_directory_of_another_dataset_or_config_is_refused(tmp_path):
+    ds = _dataset(tmp_path)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST]).exit_code == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    ds2 = _dataset(other, n=2)
+    res = runner.invoke(app, ["cycle", str(ds2), "--run", str(run)])
+    assert res.exit_code == 2 and "another dataset" in res.output
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--no-augment", *FAST])
+    assert res.exit_code == 2 and "another configuration" in res.output
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "2"])
+    assert res.exit_code == 2 and "pretrain-random" in res.output
+
+
+def test_sampling_weights_rank_sigmoid():
+    pair = CloudPairData("a", torch.rand(10, 3), torch.rand(10, 3))
+    task = CloudCycleTask([pair], UnitBox((0, 0, 0), (1, 1, 1)), CloudCycleConfig(), torch.device("cpu"))
+    w = task.sampling_weights({"easy": 0.1, "mid": 1.0, "hard": 5.0})
+    assert w["easy"] == pytest.approx(1 / (1 + math.exp(-5)))
+    assert w["mid"] == pytest.approx(0.5)
+    assert w["hard"] == pytest.approx(1 / (1 + math.exp(5)))
+
+
+def test_random_affine_is_scaled_rotation():
+    g = torch.Generator().manual_seed(0)
+    cfg = CloudCycleConfig()
+    for _ in range(5):
+        A, t = random_affine(g, cfg, torch.float64)
+        s = torch.linalg.det(A) ** (1 / 3)
+        assert 1 - cfg.aug_scale - 1e-9 <= s <= 1 + cfg.aug_scale + 1e-9
+        torch.testing.assert_close(A @ A.T / s**2, torch.eye(3, dtype=torch.float64))
+        assert t.abs().max() <= cfg.aug_translation
