@@ -29,3 +29,12 @@ def device(request) -> torch.device:
 @pytest.fixture(params=[torch.float32, torch.float64])
 def dtype(request) -> torch.dtype:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_intraop_thread():
+    """Tiny volumes: one intra-op thread is faster (and fair to parallel test runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

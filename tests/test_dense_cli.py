@@ -19,17 +19,12 @@ from cyclereg.errors import InputError
 from cyclereg.frames import mm_disp_to_voxel
 from cyclereg.volumeio import read_nifti
 from cyclereg.warp import warp
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 from cyclereg_cli.main import app
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny volumes: one intra-op thread is faster (and fair to parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 runner = CliRunner()
 
 SHAPE = (24, 28, 32)

@@ -20,15 +20,10 @@ from cyclereg.frames import voxel_coordinates
 from cyclereg.metrics import dice, hd95, jacobian_determinant, sdlogj
 from cyclereg.warp import warp
 
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny volumes: one intra-op thread is faster (and fair to parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def smooth_noise(shape, channels=1, seed=0, passes=2):
