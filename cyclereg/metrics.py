@@ -7,7 +7,6 @@ fixed -> moving.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:

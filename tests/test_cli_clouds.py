@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-from cyclereg.pointio import read_points, write_points
+from cyclereg.pointio import write_points
 from cyclereg_cli.main import app
 
 from conftest import shared_path

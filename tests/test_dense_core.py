@@ -14,7 +14,7 @@ from cyclereg.dense.convex import (composition_error, correlate, coupled_convex,
                                    inverse_consistency, resample_disp, upsample_field)
 from cyclereg.dense.data import preprocess
 from cyclereg.dense.config import PreprocessConfig
-from cyclereg.dense.network import FeatureNet, random_feature_net
+from cyclereg.dense.network import random_feature_net
 from cyclereg.dense.pipeline import pad_to_multiple, predict_displacement, register
 from cyclereg.frames import voxel_coordinates
 from cyclereg.metrics import dice, hd95, jacobian_determinant, sdlogj

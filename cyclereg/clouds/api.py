@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
 from cyclereg.checkpoint import load_checkpoint, write_json
 from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
