@@ -16,6 +16,8 @@ from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
 
 runner = CliRunner()
+# tiny clouds: one intra-op thread is faster, and makes CPU training bitwise reproducible
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 TINY = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
 FAST = ["--stages", "2", "--epochs", "2", "--train-points", "100,200", "--device", "cpu"]
 
@@ -55,7 +57,6 @@ def test_full_cycle_smoke_and_evaluate(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["fold"] == 1
 
 
-@pytest.mark.usefixtures("one_intraop_thread")  # one thread: CPU training is bitwise reproducible
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     ds = _dataset(tmp_path)
     for name in ("a", "b"):
