@@ -85,25 +85,32 @@ def keypoints(
 @app.command("pretrain-random")
 @cli_errors
 def pretrain_random(
-    dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json)"),
+    dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
     run: Path = typer.Option(..., "-o", "--output", "--run", help="run directory to create"),
     seed: int = typer.Option(0, "--seed", help="seed of the networks, sampling and augmentation"),
-    fold: Optional[str] = typer.Option(None, "--fold", help="'all' (default) or one fold number"),
-    stages: Optional[int] = typer.Option(None, "--stages", help="default number of stages T for 'cycle' (paper: 5)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs per stage (paper: 60; milestones scale along)"),
-    train_points: Optional[str] = typer.Option(None, "--train-points", help="'F,M': random fixed/moving subsets per training sample"),
+    fold: Optional[str] = typer.Option(None, "--fold", help="keypoints: 'all' (default) or one fold number"),
+    stages: Optional[int] = typer.Option(None, "--stages", help="default number of stages T for 'cycle' (paper: 5 lung, 8 abdomen)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="keypoints: epochs per stage (paper: 60; milestones scale along)"),
+    train_points: Optional[str] = typer.Option(None, "--train-points", help="keypoints: 'F,M' random fixed/moving subsets per training sample"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="volumes: optimiser steps per stage (paper: 1000)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="volumes: pairs per step (paper: 2)"),
+    supervision: Optional[str] = typer.Option(None, "--supervision", help="volumes: pseudo (self-training, default) | mind | ncc (metric-supervised baselines)"),
+    train_images: Optional[str] = typer.Option(None, "--train-images", help="volumes: held-out (default: images in no registration_val pair) | all"),
+    directions: Optional[str] = typer.Option(None, "--directions", help="volumes: one (pairs i<j, default) | both"),
+    max_train_pairs: Optional[int] = typer.Option(None, "--max-train-pairs", help="volumes: use only the first N training pairs"),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="input augmentation of the learning stream"),
     refine: bool = typer.Option(True, "--refine/--no-refine", help="pseudo-label refinement"),
     weighted: bool = typer.Option(True, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling"),
+    val_pairs: int = typer.Option(0, "--val-pairs", help="volumes, reporting only: log the Dice of the first N labelled registration_val pairs"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
     from cyclereg.training.api import pretrain_random as run_pretrain
-    from cyclereg.training.clouds import cycle_config
 
-    config = cycle_config(stages=stages, epochs=epochs, train_points=train_points, augment=augment,
-                          refine=refine, weighted_sampling=weighted)
-    out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, config=config)
+    out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, stages=stages,
+                       epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
+                       supervision=supervision, train_images=train_images, directions=directions,
+                       max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted)
     typer.echo(f"stage-0 pseudo labels written to {out}")
 
 
@@ -114,13 +121,14 @@ def cycle(
     run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
     stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T"),
     folds: str = typer.Option("all", "--folds", help="'all' or a fold number (keypoint datasets)"),
+    val_pairs: int = typer.Option(0, "--val-pairs", help="volumes, reporting only: log the Dice of the first N labelled registration_val pairs per stage"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
     from cyclereg.training.api import run_cycle
 
-    done = run_cycle(dataset, run, stages=stages, folds=folds, device=device)
-    typer.echo("finished stages: " + ", ".join(f"fold {k}: {t}" for k, t in done.items()))
+    done = run_cycle(dataset, run, stages=stages, folds=folds, device=device, val_pairs=val_pairs)
+    typer.echo("finished stages: " + ", ".join(("all" if k is None else f"fold {k}") + f": {t}" for k, t in done.items()))
 
 
 @app.command()
@@ -194,7 +202,7 @@ def evaluate(
         from cyclereg.dense.api import evaluate_volume_dataset
     except ImportError:
         _fail("volume evaluation is not built yet (issue 3)")
-    evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, seed=seed,
+    evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,
                             both_directions=both_directions, resume=resume)
 

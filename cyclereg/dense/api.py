@@ -171,13 +171,26 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
 
 
 # ----------------------------------------------------------------------------- evaluate
+def run_checkpoint(run: Path, stage: int | None = None) -> Path:
+    """The checkpoint of a volume self-training run: ``RUN/all/final.pt`` or ``stage{t}.pt``."""
+    run = Path(run)
+    if not (run / "run.json").is_file():
+        raise InputError("not a cyclereg run directory (run.json missing)", run)
+    path = run / "all" / ("final.pt" if stage is None else f"stage{stage}.pt")
+    if not path.is_file():
+        what = "no finished stage yet (run 'cyclereg cycle')" if stage is None else f"no checkpoint of stage {stage}"
+        raise InputError(what, run)
+    return path
+
+
 def _mean(values) -> float:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
 def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
-                            run: Path | None = None, seed: int = 0, max_pairs: int | None = None,
+                            run: Path | None = None, stage: int | None = None, seed: int = 0,
+                            max_pairs: int | None = None,
                             warps: int | None = None, adam: bool | None = None, ic: bool | None = None,
                             device: str = "auto", both_directions: bool = False, figures: bool = True,
                             console=None, resume: bool = False) -> dict:
@@ -196,7 +209,11 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
 
     console = console or Console(stderr=True)
     if run is not None:
-        raise InputError("--run is not supported for volume datasets yet; pass --model CKPT", run)
+        if model is not None or identity:
+            raise InputError("give exactly one of identity, model or run")
+        model = str(run_checkpoint(run, stage))
+    elif stage is not None:
+        raise InputError("--stage needs --run")
     if identity == (model is not None):
         raise InputError("give exactly one of identity or model")
     dev = resolve_device(device)

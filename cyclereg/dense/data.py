@@ -166,3 +166,31 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
                     label_names[int(k)] = str(v)
     return VolumeDataset(path=p, name=str(obj.get("name", p.stem)), modality=modality,
                          label_names=label_names, pairs=tuple(pairs))
+
+
+def training_images(path: str | Path, *, held_out: bool = True) -> list[Path]:
+    """Image paths of a Learn2Reg dataset's ``training`` entries (label paths are not read).
+
+    Args:
+        held_out: leave out every image that occurs in a ``registration_val`` pair (the
+            Learn2Reg protocol: train on the other scans, evaluate on those pairs).
+    """
+    p = Path(path)
+    obj = read_json(p)
+    root = p.parent
+    entries = obj.get("training")
+    if not isinstance(entries, list) or not entries:
+        raise InputError("no 'training' images in the dataset", p)
+    images = []
+    for n, e in enumerate(entries):
+        img = e.get("image") if isinstance(e, dict) else e
+        if not isinstance(img, str):
+            raise InputError(f"training entry {n} has no 'image'", p)
+        images.append((root / img).resolve())
+    if held_out:
+        val = set()
+        for e in obj.get("registration_val", []) or []:
+            if isinstance(e, dict):
+                val.update((root / str(e.get(k, ""))).resolve() for k in ("fixed", "moving"))
+        images = [im for im in images if im not in val]
+    return images

@@ -63,8 +63,8 @@ def coarse_field(feat_fix: torch.Tensor, feat_mov: torch.Tensor, cfg: DensePipel
 
 def predict_displacement(net: FeatureNet, fixed: torch.Tensor, moving: torch.Tensor,
                          cfg: DensePipelineConfig, *, ic: bool = False,
-                         feat_fix: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable ``h(g(F), g(M))`` upsampled to the image grid.
+                         feat_fix: torch.Tensor | None = None, stride: int = 1) -> torch.Tensor:
+    """Differentiable ``h(g(F), g(M))`` upsampled to the image grid (or a strided grid).
 
     Args:
         net: feature network (its train/eval mode is left as the caller set it).
@@ -72,19 +72,26 @@ def predict_displacement(net: FeatureNet, fixed: torch.Tensor, moving: torch.Ten
             padded internally to ``cfg.pad_multiple``).
         ic: apply inverse consistency (not used in training by the reference).
         feat_fix: precomputed ``net`` features of the padded fixed image (optional).
+        stride: output grid stride (1: the image grid; 2: every second image voxel, output
+            voxel ``n`` at image voxel ``stride * n``, as the training loss uses). Must divide
+            the network's downsampling.
     Returns:
-        ``(B, 3, D, H, W)`` displacement in image voxels.
+        ``(B, 3, ceil(D/stride), ceil(H/stride), ceil(W/stride))`` displacement in voxels of
+        the output grid.
     """
     _check_pair(fixed, moving)
-    shape = tuple(fixed.shape[2:])
+    ds = cfg.net.downsampling
+    if stride < 1 or ds % stride:
+        raise ValueError(f"stride: must divide the network's downsampling {ds}, got {stride}")
+    shape = tuple(-(-s // stride) for s in fixed.shape[2:])
     f = pad_to_multiple(fixed, cfg.pad_multiple)
     m = pad_to_multiple(moving, cfg.pad_multiple)
     if feat_fix is None:
         feat_fix = net(f)
     feat_mov = net(m)
     field = coarse_field(feat_fix, feat_mov, cfg, ic=ic)
-    full = upsample_field(field, cfg.net.downsampling, tuple(f.shape[2:]), cfg.convex)
-    return _crop(full, shape)
+    out = upsample_field(field, ds // stride, tuple(s // stride for s in f.shape[2:]), cfg.convex)
+    return _crop(out, shape)
 
 
 @torch.no_grad()

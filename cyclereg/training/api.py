@@ -8,9 +8,12 @@ Run directory layout::
         stage{t}.pt             checkpoint {config, state_dict, version} after stage t
         final.pt                the last finished stage's checkpoint (what evaluation uses)
         log.jsonl               one JSON line per stage
-    RUN_DIR/all/                the same when the dataset has no folds
+    RUN_DIR/all/                the same when the dataset has no folds (volume datasets)
 
-Landmarks are never read: only the keypoint files of the training pairs are loaded.
+Keypoint datasets: landmarks are never read, only the keypoint files of the training pairs.
+Volume datasets (Learn2Reg JSON): only the training images are read; label maps are
+touched only by the optional reporting hook (``val_pairs``), after a stage has finished,
+and never influence training.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from cyclereg.device import resolve_device
 from cyclereg.errors import InputError
 from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_points
-from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData
+from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
+from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import StageScheduler
 
 
@@ -54,13 +58,43 @@ def _identity(ds) -> dict:
             "folds": [list(f) for f in ds.folds]}
 
 
+CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling")
+DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
+                 "directions", "max_train_pairs", "batch_size")
+_DEFAULTS = {"augment": True, "refine": True, "weighted_sampling": True}
+
+
+def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
+    """Drop unset options; an option set for the wrong kind of dataset is an error."""
+    given = {k: v for k, v in options.items() if v is not None and not (k in _DEFAULTS and v == _DEFAULTS[k])}
+    wrong = sorted(k for k in given if k not in allowed)
+    if wrong:
+        names = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise InputError(f"{names}: not an option for {kind} datasets")
+    return {k: v for k, v in options.items() if v is not None and k in allowed}
+
+
+def dense_cycle_config(base: DenseCycleConfig | None = None, **options) -> DenseCycleConfig:
+    """Apply command-line overrides to the dense self-training configuration."""
+    cfg = base or DenseCycleConfig()
+    for key in ("stages", "iterations", "batch_size"):
+        if key in options and options[key] < 1:
+            raise InputError(f"--{key.replace('_', '-')} {options[key]}: need at least 1")
+    if "max_train_pairs" in options and options["max_train_pairs"] < 1:
+        raise InputError(f"--max-train-pairs {options['max_train_pairs']}: need at least 1")
+    try:
+        return replace(cfg, **options).validate()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _box(ds, pairs) -> UnitBox:
     if ds.volume_shape_zyx and ds.spacing_zyx_mm:
         return UnitBox.from_volume(ds.volume_shape_zyx, ds.spacing_zyx_mm)
     return UnitBox.around(*[p.fixed for p in pairs], *[p.moving for p in pairs])
 
 
-def _task(ds, fold, config, device) -> CloudCycleTask:
+def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     ids = ds.training_ids(fold)
     raw = []
     for pid in ids:
@@ -78,26 +112,81 @@ def _progress():
                     TimeRemainingColumn())
 
 
-def _require_keypoints(dataset: Path) -> None:
-    if dataset_kind(dataset) != "keypoints":
-        raise InputError("self-training on volume datasets is not built yet (issue 6)", dataset)
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn())
+
+
+def _prepare_run(run: Path, meta: dict, check) -> None:
+    if (run / "run.json").exists():
+        check()
+    elif run.exists() and any(run.iterdir()):
+        raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
+
+
+def _read_meta(run: Path) -> dict:
+    try:
+        return json.loads((run / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise InputError("not a cyclereg run directory (run.json missing or unreadable)", run) from None
+
+
+def _check_identity(run: Path, meta: dict, ident: dict) -> None:
+    for key in ("kind", "dataset", "pairs", "folds"):
+        if meta.get(key) != ident[key]:
+            raise InputError(f"run directory belongs to another dataset ({key} differs)", run)
 
 
 def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None = None, device: str = "auto",
-                    config: CloudCycleConfig | None = None) -> Path:
-    """Create ``run`` and write stage-0 pseudo labels (random network + LBP + refinement) per fold."""
-    _require_keypoints(dataset)
+                    config: CloudCycleConfig | DenseCycleConfig | None = None, val_pairs: int = 0,
+                    **options) -> Path:
+    """Create ``run`` and write stage-0 pseudo labels (random network + optimiser + refinement).
+
+    Keypoint datasets get one run per cross-validation fold; volume datasets one run on
+    their training pairs. ``options`` are the command-line overrides (``stages``,
+    ``epochs``, ``iterations``, ``augment``, ...); ``config`` replaces the defaults.
+    ``val_pairs`` (volume datasets, reporting only): Dice of the first N labelled
+    ``registration_val`` pairs after the stage, logged, never used for training.
+    """
+    kind = dataset_kind(dataset)
+    if kind == "keypoints":
+        if val_pairs:
+            raise InputError("--val-pairs: not an option for keypoint datasets (evaluate --run reports TRE)")
+        return _cloud_pretrain(dataset, Path(run), seed=seed, fold=fold, device=device, config=config,
+                               options=_only(kind, CLOUD_OPTIONS, options))
+    if fold not in (None, "all"):
+        raise InputError("--fold: volume datasets have no folds", dataset)
+    return _dense_pretrain(dataset, Path(run), seed=seed, device=device, config=config, val_pairs=val_pairs,
+                           options=_only(kind, DENSE_OPTIONS, options))
+
+
+def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
+              device: str = "auto", val_pairs: int = 0) -> dict:
+    """Run or resume cyclical self-training; returns ``{fold: last stage}`` (fold ``None``
+    for volume datasets)."""
+    if stages is not None and stages < 1:
+        raise InputError(f"--stages {stages}: need at least 1")
+    if dataset_kind(dataset) == "keypoints":
+        if val_pairs:
+            raise InputError("--val-pairs: not an option for keypoint datasets (evaluate --run reports TRE)")
+        return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device)
+    if folds not in (None, "all"):
+        raise InputError("--folds: volume datasets have no folds", dataset)
+    return _dense_cycle(dataset, Path(run), stages=stages, device=device, val_pairs=val_pairs)
+
+
+# ----------------------------------------------------------------------------- keypoint clouds
+def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options) -> Path:
     ds = load_keypoint_dataset(dataset)
     folds = _folds(ds, fold)
-    config = replace(config or CloudCycleConfig(), seed=seed)
+    config = cycle_config(base=config, **options)
+    config = replace(config, seed=seed)
     dev = resolve_device(device)
-    run = Path(run)
     meta = {**_identity(ds), "config": to_jsonable(config)}
-    if (run / "run.json").exists():
-        _check_run(run, ds, config)
-    elif run.exists() and any(run.iterdir()):
-        raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
-    tasks = {k: _task(ds, k, config, dev) for k in folds}  # reads and validates all inputs first
+    _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config))
+    tasks = {k: _cloud_task(ds, k, config, dev) for k in folds}  # reads and validates all inputs first
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)
     with _progress() as progress:
@@ -106,30 +195,19 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
     return run
 
 
-def _check_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCycleConfig:
-    try:
-        meta = json.loads((run / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise InputError("not a cyclereg run directory (run.json missing or unreadable)", run) from None
-    ident = _identity(ds)
-    for key in ("dataset", "pairs", "folds"):
-        if meta.get(key) != ident[key]:
-            raise InputError(f"run directory belongs to another dataset ({key} differs)", run)
+def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCycleConfig:
+    meta = _read_meta(run)
+    _check_identity(run, meta, _identity(ds))
     stored = CloudCycleConfig.from_dict(meta["config"])
     if config is not None and to_jsonable(replace(config, stages=stored.stages)) != to_jsonable(stored):
         raise InputError("run directory was made with another configuration", run)
     return stored
 
 
-def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
-              device: str = "auto") -> dict:
-    """Run or resume cyclical self-training for the selected folds; returns ``{fold: last stage}``."""
-    _require_keypoints(dataset)
+def _cloud_cycle(dataset, run, *, stages, folds, device) -> dict:
     ds = load_keypoint_dataset(dataset)
-    config = _check_run(Path(run), ds, None)
+    config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
-    if stages < 1:
-        raise InputError(f"--stages {stages}: need at least 1")
     dev = resolve_device(device)
     selected = _folds(ds, folds)
     for k in selected:
@@ -139,7 +217,151 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
     with _progress() as progress:
         outer = progress.add_task("folds", total=len(selected))
         for k in selected:
-            task = _task(ds, k, config, dev)
+            task = _cloud_task(ds, k, config, dev)
             result[k] = StageScheduler(task, fold_dir(run, k)).run(stages, progress)
             progress.advance(outer)
     return result
+
+
+# ----------------------------------------------------------------------------- volumes
+DENSE_KEEP_LABELS = 2
+"""Dense pseudo labels are large (190 pairs x 3 x 96 x 80 x 128 float16 ~ 1.1 GB per
+stage): only the newest two label files are kept (resuming needs only the newest)."""
+
+
+def _dense_training_set(dataset: Path, config: DenseCycleConfig):
+    """Training image paths and ``(i, j)`` index pairs (no labels are read)."""
+    from cyclereg.dense.data import training_images
+
+    images = training_images(dataset, held_out=config.train_images == "held-out")
+    if len(images) < 2:
+        hint = " (all of them are in registration_val pairs; use --train-images all)" if config.train_images == "held-out" else ""
+        raise InputError(f"need at least 2 training images, found {len(images)}{hint}", dataset)
+    pairs = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]
+    if config.directions == "both":
+        pairs = [q for i, j in pairs for q in ((i, j), (j, i))]
+    if config.max_train_pairs is not None:
+        pairs = pairs[: config.max_train_pairs]
+    used = sorted({i for pair in pairs for i in pair})
+    remap = {old: new for new, old in enumerate(used)}
+    return [images[i] for i in used], [(remap[i], remap[j]) for i, j in pairs]
+
+
+def _dense_identity(dataset: Path, images, pairs) -> dict:
+    from cyclereg.dense.data import case_id
+    from cyclereg.datasets import read_json
+
+    name = str(read_json(dataset).get("name", Path(dataset).stem))
+    return {"dataset": name, "kind": "volumes",
+            "pairs": [f"{case_id(images[i])}_{case_id(images[j])}" for i, j in pairs], "folds": []}
+
+
+def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
+    import numpy as np
+
+    from cyclereg.datasets import read_json
+    from cyclereg.dense.data import case_id, preprocess, resolve_mode
+    from cyclereg.training.dense import DenseCycleTask, VolumeImage
+    from cyclereg.volumeio import read_nifti
+
+    modality = read_json(dataset).get("modality")
+    if isinstance(modality, dict):
+        modality = next(iter(modality.values()), None)
+    loaded, first = [], None
+    for path in images:
+        vol = read_nifti(path)
+        if first is None:
+            first = vol
+        elif vol.shape != first.shape or not np.allclose(vol.spacing, first.spacing, rtol=1e-3):
+            raise InputError(f"training images need one shape and spacing: {vol.shape} / {tuple(vol.spacing)} mm "
+                             f"here, {first.shape} / {tuple(first.spacing)} mm in {first.path}; resample first", path)
+        mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)
+        loaded.append(VolumeImage(case_id(path), preprocess(vol.data, config.pipeline.preprocess, mode)[None, None]))
+    return DenseCycleTask(loaded, pairs, first.spacing, config, device)
+
+
+def _dense_val_hook(dataset: Path, n: int, console=None):
+    """Reporting hook: mean Dice of the first ``n`` labelled registration_val pairs."""
+    if n <= 0:
+        return None
+    from cyclereg.dense.api import register_pair
+    from cyclereg.dense.data import load_volume_dataset
+    from cyclereg.metrics import dice
+    from cyclereg.volumeio import read_nifti
+    from cyclereg.warp import warp
+
+    ds = load_volume_dataset(dataset)
+    pairs = list(ds.pairs)[:n]
+    for p in pairs:
+        if p.fixed_labels is None or p.moving_labels is None:
+            raise InputError("--val-pairs needs label maps for the registration_val pairs", p.fixed)
+    cache = {}
+
+    def vol(path, labels=False):
+        if path not in cache:
+            cache[path] = read_nifti(path, labels=labels)
+        return cache[path]
+
+    def hook(stage, model, task):
+        import numpy as np
+
+        before, after = [], []
+        for p in pairs:
+            fl, ml = vol(p.fixed_labels, True), vol(p.moving_labels, True)
+            disp = register_pair(vol(p.fixed), vol(p.moving), model.eval(), task.pipeline, modality=ds.modality)
+            warped = warp(ml.data[None, None].to(disp.device), disp, mode="nearest")[0, 0].cpu()
+            before.append(np.mean(list(dice(fl.data, ml.data).values())))
+            after.append(np.mean(list(dice(fl.data, warped).values())))
+        return {"val_pairs": len(pairs), "val_initial_dice": float(np.mean(before)), "val_dice": float(np.mean(after))}
+
+    return hook
+
+
+def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -> Path:
+    config = dense_cycle_config(base=config if isinstance(config, DenseCycleConfig) else None, **options)
+    config = replace(config, seed=seed)
+    dev = resolve_device(device)
+    images, pairs = _dense_training_set(dataset, config)
+    ident = _dense_identity(dataset, images, pairs)
+    meta = {**ident, "config": to_jsonable(config)}
+    _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config))
+    task = _dense_task(dataset, config, dev, images, pairs)  # reads and validates all inputs first
+    hook = _dense_val_hook(dataset, val_pairs)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "run.json", meta)
+    with _progress() as progress:
+        StageScheduler(task, fold_dir(run, None), keep_labels=DENSE_KEEP_LABELS,
+                       hook=(lambda t, m: hook(t, m, task)) if hook else None).run_stage0(progress)
+    return run
+
+
+def _check_dense_run(run: Path, ident: dict | None, config: DenseCycleConfig | None) -> DenseCycleConfig:
+    meta = _read_meta(run)
+    if meta.get("kind") != "volumes":
+        raise InputError("run directory belongs to another dataset (kind differs)", run)
+    stored = DenseCycleConfig.from_dict(meta["config"])
+    if ident is not None:
+        _check_identity(run, meta, ident)
+    if config is not None and to_jsonable(replace(config, stages=stored.stages)) != to_jsonable(stored):
+        raise InputError("run directory was made with another configuration", run)
+    return stored
+
+
+def _dense_cycle(dataset, run, *, stages, device, val_pairs) -> dict:
+    meta = _read_meta(run)
+    if meta.get("kind") != "volumes":
+        raise InputError("run directory belongs to another dataset (kind differs)", run)
+    config = DenseCycleConfig.from_dict(meta["config"])
+    images, pairs = _dense_training_set(dataset, config)
+    ident = _dense_identity(dataset, images, pairs)
+    _check_dense_run(run, ident, None)
+    stages = config.stages if stages is None else stages
+    dev = resolve_device(device)
+    task = _dense_task(dataset, config, dev, images, pairs)
+    hook = _dense_val_hook(dataset, val_pairs)
+    sched = StageScheduler(task, fold_dir(run, None), keep_labels=DENSE_KEEP_LABELS,
+                           hook=(lambda t, m: hook(t, m, task)) if hook else None)
+    if sched.last_finished_stage() < 0:
+        raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
+    with _progress() as progress:
+        return {None: sched.run(stages, progress)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -42,12 +42,30 @@ class StageTask(Protocol):
         """Train ``model`` in place on ``labels``; returns statistics (e.g. final loss)."""
 
 
+StageHook = Callable[[int, nn.Module], dict]
+"""``hook(stage, model) -> dict`` called after each finished stage; its result joins the log
+line (used for reporting-only validation scores; it must not influence training)."""
+
+
 class StageScheduler:
     """Runs stages ``0..stages`` of a :class:`StageTask` in ``run_dir`` (resumable)."""
 
-    def __init__(self, task: StageTask, run_dir: str | Path):
+    def __init__(self, task: StageTask, run_dir: str | Path, *, keep_labels: int | None = None,
+                 hook: StageHook | None = None):
+        """
+        Args:
+            task: the modality.
+            run_dir: directory of this training run (one fold).
+            keep_labels: keep only the newest this many ``pseudo{t}.pt`` files (dense pseudo
+                labels are large; resuming needs only the newest). ``None`` keeps all.
+            hook: optional reporting hook, see :data:`StageHook`.
+        """
+        if keep_labels is not None and keep_labels < 1:
+            raise ValueError(f"keep_labels: need at least 1, got {keep_labels}")
         self.task = task
         self.dir = Path(run_dir)
+        self.keep_labels = keep_labels
+        self.hook = hook
 
     # ------------------------------------------------------------------ files
     def checkpoint_path(self, stage: int) -> Path:
@@ -57,11 +75,19 @@ class StageScheduler:
         return self.dir / f"pseudo{stage}.pt"
 
     def last_finished_stage(self) -> int:
-        """Highest ``t`` whose pseudo labels exist (-1 when not even stage 0 ran)."""
-        t = -1
-        while self.labels_path(t + 1).is_file():
-            t += 1
-        return t
+        """Highest ``t`` whose pseudo labels exist (and, for ``t >= 1``, its checkpoint);
+        -1 when not even stage 0 ran."""
+        found = [int(p.stem[len("pseudo"):]) for p in self.dir.glob("pseudo*.pt") if p.stem[len("pseudo"):].isdigit()]
+        for t in sorted(found, reverse=True):
+            if t == 0 or self.checkpoint_path(t).is_file():
+                return t
+        return -1
+
+    def _prune_labels(self, newest: int) -> None:
+        if self.keep_labels is None:
+            return
+        for t in range(0, newest - self.keep_labels + 1):
+            self.labels_path(t).unlink(missing_ok=True)
 
     def _save_labels(self, stage: int, labels: dict, weights: dict) -> None:
         payload = {"stage": stage, "labels": {k: v.detach().cpu() for k, v in labels.items()}, "weights": weights}
@@ -84,17 +110,19 @@ class StageScheduler:
     def run_stage0(self, progress=None) -> None:
         """Pseudo labels from a randomly initialised network (skipped if already present)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.labels_path(0).is_file():
+        if self.last_finished_stage() >= 0:
             return
         t0 = time.perf_counter()
         model = self.task.new_model(0)
         labels, info = self.task.make_pseudo_labels(model, 0, progress)
+        seconds = time.perf_counter() - t0
+        report = self.hook(0, model) if self.hook is not None else {}
         self._save_labels(0, labels, info["weights"])
-        self._log({"stage": 0, "seconds": time.perf_counter() - t0, **info["stats"]})
+        self._log({"stage": 0, "seconds": seconds, **info["stats"], **report})
 
     def run(self, stages: int, progress=None) -> int:
         """Run (or resume) up to ``stages``; returns the last finished stage."""
-        if not self.labels_path(0).is_file():
+        if self.last_finished_stage() < 0:
             raise InputError("no stage-0 pseudo labels here: run 'cyclereg pretrain-random' first", self.dir)
         done = self.last_finished_stage()
         for stage in range(done + 1, stages + 1):
@@ -108,8 +136,11 @@ class StageScheduler:
             save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
                             config=self.task.model_config(), state_dict=model.state_dict(), extra={"stage": stage})
             new_labels, info = self.task.make_pseudo_labels(model, stage, progress)
+            seconds = time.perf_counter() - t0
+            report = self.hook(stage, model) if self.hook is not None else {}
             self._save_labels(stage, new_labels, info["weights"])
-            self._log({"stage": stage, "seconds": time.perf_counter() - t0, **train_stats, **info["stats"]})
+            self._log({"stage": stage, "seconds": seconds, **train_stats, **info["stats"], **report})
+            self._prune_labels(stage)
         final = self.last_finished_stage()
         if final >= 1:
             src = self.checkpoint_path(final)

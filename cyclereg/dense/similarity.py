@@ -1,0 +1,99 @@
+"""Image similarity terms for the metric-supervised baselines ("MIND sup.", "NCC sup.").
+
+Both work on preprocessed images ``(B, 1, D, H, W)`` on one grid and return a scalar
+*loss* (lower = more similar), differentiable with respect to both images.
+
+* :func:`mind_ssc` - MIND self-similarity context descriptors (Heinrich et al., MICCAI
+  2013): 12 channels, one per pair of six-neighbourhood offsets at distance
+  ``sqrt(2) * dilation`` from each other; :func:`mind_loss` is the mean squared
+  difference of the descriptors.
+* :func:`ncc_loss` - one minus the local normalised cross-correlation in cubic windows
+  (as VoxelMorph's NCC loss, written here independently).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(name: str, x: torch.Tensor) -> None:
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise ValueError(f"{name}: expected (B, 1, D, H, W), got {tuple(x.shape)}")
+
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over the ``(2r+1)^3`` cube around every voxel (replicate padding)."""
+    if radius <= 0:
+        return x
+    k = 2 * radius + 1
+    return F.avg_pool3d(F.pad(x, [radius] * 6, mode="replicate"), k, stride=1)
+
+
+def _shift(x: torch.Tensor, offset: tuple[int, int, int]) -> torch.Tensor:
+    """``y[..., p] = x[..., p + offset]`` with replicate padding."""
+    r = max(abs(o) for o in offset)
+    if r == 0:
+        return x
+    pad = F.pad(x, [r] * 6, mode="replicate")
+    D, H, W = x.shape[2:]
+    a, b, c = (r + o for o in offset)
+    return pad[:, :, a:a + D, b:b + H, c:c + W]
+
+
+def _ssc_pairs(dilation: int) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    six = []
+    for axis in range(3):
+        for sign in (-1, 1):
+            o = [0, 0, 0]
+            o[axis] = sign * dilation
+            six.append(tuple(o))
+    pairs = []
+    for p, q in itertools.combinations(six, 2):
+        d2 = sum((a - b) ** 2 for a, b in zip(p, q))
+        if d2 == 2 * dilation ** 2:  # neighbours on different axes: 12 pairs
+            pairs.append((p, q))
+    return pairs
+
+
+def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
+    """MIND-SSC descriptors ``(B, 12, D, H, W)`` of ``image`` ``(B, 1, D, H, W)``.
+
+    Args:
+        radius: half-width of the patch over which squared differences are averaged, voxels.
+        dilation: distance of the six-neighbourhood offsets from the centre, voxels.
+    """
+    _check("image", image)
+    dist = torch.cat([box_mean((_shift(image, p) - _shift(image, q)).pow(2), radius)
+                      for p, q in _ssc_pairs(dilation)], dim=1)
+    var = dist.mean(dim=1, keepdim=True)
+    mean_var = var.mean(dim=(2, 3, 4), keepdim=True).clamp_min(eps)
+    var = var.clamp(mean_var * 1e-3, mean_var * 1e3)
+    desc = torch.exp(-dist / var)
+    return desc / desc.amax(dim=1, keepdim=True).clamp_min(eps)
+
+
+def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """Mean squared difference of MIND-SSC descriptors (0 for identical images)."""
+    _check("fixed", fixed)
+    _check("warped", warped)
+    return (mind_ssc(fixed, radius=radius, dilation=dilation)
+            - mind_ssc(warped, radius=radius, dilation=dilation)).pow(2).mean()
+
+
+def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean(local NCC)`` over ``(2r+1)^3`` windows.
+
+    Returns 0 for images that are locally affine functions of each other with positive
+    slope, up to 2 for a negated image.
+    """
+    _check("fixed", fixed)
+    _check("warped", warped)
+    mf, mw = box_mean(fixed, radius), box_mean(warped, radius)
+    cov = box_mean(fixed * warped, radius) - mf * mw
+    vf = (box_mean(fixed * fixed, radius) - mf * mf).clamp_min(0)
+    vw = (box_mean(warped * warped, radius) - mw * mw).clamp_min(0)
+    ncc = cov / torch.sqrt(vf * vw + eps)
+    return 1.0 - ncc.mean()

@@ -1,0 +1,244 @@
+"""Dense cyclical self-training: augmentation geometry (analytic), similarity terms
+(invariances), the scheduler's label pruning, and a CPU smoke test of pretrain-random +
+cycle + evaluate --run on tiny volumes, including resume and the metric baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from cyclereg.dense.similarity import mind_loss, mind_ssc, ncc_loss
+from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair_affines, strided,
+                                     transform_target)
+from cyclereg.warp import warp
+from cyclereg_cli.main import app
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+runner = CliRunner()
+
+
+def _rot(deg: float) -> torch.Tensor:
+    a = math.radians(deg)
+    return torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]], dtype=torch.float64)
+
+
+def _smooth(shape, seed=0, sigma=3.0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return torch.from_numpy((x - x.mean()) / x.std()).float()[None, None]
+
+
+# ----------------------------------------------------------------------------- geometry
+def test_affine_field_matches_definition_on_strided_grid():
+    A = _rot(10) * 1.05
+    b = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    d = affine_field(A, b, (5, 6, 7), stride=2, dtype=torch.float64)
+    y = torch.tensor([3.0, 1.0, 4.0], dtype=torch.float64)
+    expected = (A @ (2 * y) + b) / 2 - y
+    assert torch.allclose(d[0, :, 3, 1, 4], expected, atol=1e-12)
+
+
+def test_transform_target_zero_and_constant_fields():
+    A = _rot(12)
+    c = torch.tensor([10.0, 12.0, 14.0], dtype=torch.float64)
+    b = c - A @ c + torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+    maps = (A, b)
+    zero = torch.zeros(1, 3, 8, 9, 10)
+    assert transform_target(zero, maps, maps, stride=2).abs().max() < 1e-5
+    u = torch.tensor([1.5, -0.5, 2.0]).view(1, 3, 1, 1, 1).expand(1, 3, 8, 9, 10).contiguous()
+    out = transform_target(u, maps, maps, stride=2)
+    expected = (torch.linalg.inv(A) @ u[0, :, 0, 0, 0].double()).float()
+    assert torch.allclose(out[0, :, 4, 4, 5], expected, atol=1e-4)
+
+
+def test_augmented_target_aligns_augmented_images():
+    """M(y) = F(y - c): after augmenting both images, the transformed target still maps
+    every interior fixed voxel onto the matching moving intensity."""
+    shape = (32, 32, 32)
+    big = _smooth(shape, seed=1, sigma=3.0)
+    c = torch.tensor([2.0, -1.5, 1.0])
+    F_img = big
+    M_img = warp(F_img, -c.view(1, 3, 1, 1, 1).expand(1, 3, *shape))  # M(y) = F(y - c)
+    u = c.view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()  # F(x) ~ M(x + c)
+    cfg = DenseCycleConfig()
+    g = torch.Generator().manual_seed(3)
+    fix_map, mov_map = random_pair_affines(g, cfg, shape, (1.0, 1.5, 2.0))
+    Fa = warp(F_img, affine_field(*fix_map, shape))
+    Ma = warp(M_img, affine_field(*mov_map, shape))
+    ua = transform_target(u, fix_map, mov_map, stride=1)
+    aligned = warp(Ma, ua)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
+    before = (Ma - Fa)[inner].pow(2).mean()
+    after = (aligned - Fa)[inner].pow(2).mean()
+    assert after < 0.05 * before
+    assert after < 0.02  # unit-variance image: only interpolation error remains
+
+
+def test_random_pair_affines_are_seeded_and_near_identity():
+    cfg = DenseCycleConfig()
+    a = random_pair_affines(torch.Generator().manual_seed(0), cfg, (20, 20, 20), (1, 1, 1))
+    b = random_pair_affines(torch.Generator().manual_seed(0), cfg, (20, 20, 20), (1, 1, 1))
+    assert all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+    A, _ = a[0]
+    assert (A - torch.eye(3, dtype=A.dtype)).abs().max() < 0.5
+
+
+def test_strided_grid_centres():
+    x = torch.arange(9.0).view(1, 1, 9, 1, 1).expand(1, 1, 9, 3, 3).contiguous()
+    s = strided(x, 2)
+    assert s.shape[2] == 5
+    assert torch.allclose(s[0, 0, 1:4, 1, 1], torch.tensor([2.0, 4.0, 6.0]))  # centred on voxel 2n
+
+
+# ----------------------------------------------------------------------------- similarity
+def test_similarity_invariances():
+    x = _smooth((20, 20, 20), seed=2, sigma=2.0)
+    y = _smooth((20, 20, 20), seed=5, sigma=2.0)
+    assert ncc_loss(x, 2.0 * x + 1.0) < 1e-3
+    assert abs(ncc_loss(x, -x).item() - 2.0) < 1e-3
+    assert ncc_loss(x, y) > 0.5
+    assert mind_ssc(x).shape == (1, 12, 20, 20, 20)
+    assert mind_loss(x, x) == 0
+    assert mind_loss(x, 3.0 * x + 2.0) < 1e-6  # MIND ignores affine intensity changes
+    assert mind_loss(x, y) > 10 * mind_loss(x, 3.0 * x + 2.0)
+
+
+# ----------------------------------------------------------------------------- scheduler
+class _ToyTask:
+    checkpoint_kind = "toy"
+
+    def new_model(self, stage):
+        torch.manual_seed(stage)
+        return torch.nn.Linear(1, 1)
+
+    def model_config(self):
+        return {"toy": 1}
+
+    def make_pseudo_labels(self, model, stage, progress=None):
+        return {"p": torch.full((2,), float(stage))}, {"weights": {"p": 1.0}, "stats": {}}
+
+    def train_stage(self, model, labels, weights, stage, progress=None):
+        return {"seen": float(labels["p"][0])}
+
+
+def test_scheduler_prunes_old_labels_and_resumes(tmp_path):
+    from cyclereg.training.scheduler import StageScheduler
+
+    calls = []
+    s = StageScheduler(_ToyTask(), tmp_path, keep_labels=2, hook=lambda t, m: calls.append(t) or {"hooked": t})
+    s.run_stage0()
+    assert s.run(3) == 3
+    assert sorted(p.name for p in tmp_path.glob("pseudo*.pt")) == ["pseudo2.pt", "pseudo3.pt"]
+    assert calls == [0, 1, 2, 3]
+    assert StageScheduler(_ToyTask(), tmp_path).run(5) == 5
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1, 2, 3, 4, 5]
+    assert [r.get("seen") for r in log[1:]] == [0.0, 1.0, 2.0, 3.0, 4.0]  # each stage trains on t-1
+    assert log[1]["hooked"] == 1
+
+
+# ----------------------------------------------------------------------------- end to end
+SHAPE = (24, 24, 32)
+
+
+def _dataset(root: Path, with_labels: bool = True) -> Path:
+    """Four smooth CT-like volumes; images 1-2 form the labelled validation pair, 3-4 train."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    base = ndimage.gaussian_filter(rng.standard_normal((40, 40, 48)), 2.5)
+    base = (base - base.mean()) / base.std()
+    training = []
+    for k, shift in enumerate([(0, 0, 0), (2, -1, 1), (-1, 2, 0), (1, 1, -2)], start=1):
+        o = np.array([8, 8, 8]) + np.array(shift)
+        img = base[o[0]:o[0] + SHAPE[0], o[1]:o[1] + SHAPE[1], o[2]:o[2] + SHAPE[2]] * 300.0 - 500.0
+        lab = (img > -400).astype(np.int16) + (img > -200)
+        aff = np.diag([1.5, 1.5, 2.0, 1.0])
+        name = f"Case_{k:04d}_0000.nii.gz"
+        nib.save(nib.Nifti1Image(img.astype(np.float32), aff), str(root / "imagesTr" / name))
+        entry = {"image": f"./imagesTr/{name}"}
+        if with_labels:
+            nib.save(nib.Nifti1Image(lab, aff), str(root / "labelsTr" / name))
+            entry["label"] = f"./labelsTr/{name}"
+        training.append(entry)
+    ds = {"name": "tiny", "modality": {"0": "CT"}, "training": training,
+          "registration_val": [{"fixed": "./imagesTr/Case_0001_0000.nii.gz", "moving": "./imagesTr/Case_0002_0000.nii.gz"}]}
+    path = root / "Tiny_dataset.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+FAST = ["--stages", "2", "--iterations", "2", "--directions", "both", "--device", "cpu"]
+
+
+def test_dense_cycle_smoke_resume_and_evaluate(tmp_path):
+    ds = _dataset(tmp_path / "data", with_labels=False)  # training never needs labels
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *FAST])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kind"] == "volumes" and meta["pairs"] == ["0003_0004", "0004_0003"]
+    assert (run / "all" / "pseudo0.pt").is_file()
+    # interrupt after stage 1 (as a killed run would leave it), then resume to stage 2
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    stage1 = (run / "all" / "stage1.pt").read_bytes()
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (run / "all" / "stage1.pt").read_bytes() == stage1  # not retrained
+    log = [json.loads(line) for line in (run / "all" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1, 2]
+    assert all(math.isfinite(r["train_loss_mm"]) for r in log[1:])
+    assert sorted(p.name for p in (run / "all").glob("pseudo*.pt")) == ["pseudo1.pt", "pseudo2.pt"]
+    ckpt = torch.load(run / "all" / "final.pt", weights_only=True)
+    assert ckpt["kind"] == "dense" and ckpt["config"]["spacing_mm"] == [1.5, 1.5, 2.0]
+
+    # evaluation with labels (another copy of the data that has them)
+    ds_lab = _dataset(tmp_path / "data_lab", with_labels=True)
+    report = tmp_path / "r.json"
+    res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), "--device", "cpu", "--json", str(report)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    assert rep["num_pairs"] == 1 and 0.0 <= rep["mean_dice"] <= 1.0
+    assert rep["method"]["model"].endswith("final.pt")
+
+
+@pytest.mark.parametrize("metric", ["mind", "ncc"])
+def test_metric_supervised_baselines_train(tmp_path, metric):
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    run = tmp_path / "run"
+    args = ["pretrain-random", str(ds), "-o", str(run), "--supervision", metric, "--stages", "1",
+            "--iterations", "2", "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (run / "all" / "log.jsonl").read_text().splitlines()]
+    assert math.isfinite(log[1][f"train_loss_{metric}"])
+
+
+def test_dense_cycle_errors(tmp_path):
+    ds = _dataset(tmp_path / "data", with_labels=True)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--epochs", "3"])
+    assert res.exit_code == 2 and "--epochs" in res.output and not run.exists()
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--supervision", "ssd"])
+    assert res.exit_code == 2 and "supervision" in res.output and not run.exists()
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2
+    # validation scores are for reporting only and need labelled pairs
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--stages", "1", "--iterations", "1",
+                               "--val-pairs", "1", "--device", "cpu"]).exit_code == 0
+    log = json.loads((run / "all" / "log.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= log["val_dice"] <= 1.0 and log["val_pairs"] == 1
+    # a run directory of another configuration is refused
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--no-augment", "--stages", "1",
+                              "--iterations", "1", "--device", "cpu"])
+    assert res.exit_code == 2 and "configuration" in res.output
