@@ -142,3 +142,13 @@ def test_random_affine_is_scaled_rotation():
         assert 1 - cfg.aug_scale - 1e-9 <= s <= 1 + cfg.aug_scale + 1e-9
         torch.testing.assert_close(A @ A.T / s**2, torch.eye(3, dtype=torch.float64))
         assert t.abs().max() <= cfg.aug_translation
+
+
+def test_trained_models_register_with_the_pseudo_label_refinement():
+    from cyclereg.training.clouds import CloudCycleConfig, test_time_config
+
+    cfg = CloudCycleConfig(refine_lbp_iterations=7, refine_tps_regularisation=0.25)
+    reg = test_time_config(cfg)
+    assert reg.lbp.iterations == 7 and reg.tps.regularisation == 0.25
+    assert reg.net == cfg.reg.net and reg.lbp.num_candidates == cfg.reg.lbp.num_candidates
+    assert test_time_config(CloudCycleConfig(refine=False)) == CloudCycleConfig().reg

@@ -171,6 +171,33 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
 
 
 # ----------------------------------------------------------------------------- evaluate
+def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_labels: torch.Tensor,
+                disp: torch.Tensor, spacing) -> dict:
+    """Scores of one registered pair (shared by ``evaluate`` and the peer benchmarks).
+
+    Args:
+        fixed_labels, moving_labels, warped_labels: integer maps ``(D, H, W)`` on the fixed grid.
+        disp: ``(1, 3, D, H, W)`` field in fixed-grid voxels, fixed -> moving.
+        spacing: voxel size (i, j, k) in mm, for HD95.
+    Returns:
+        mean and per-label Dice (before/after), HD95 [mm], Learn2Reg SDlogJ, std(log J)
+        and the folding fraction (J <= 0).
+    """
+    d0 = dice(fixed_labels, moving_labels)
+    d1 = dice(fixed_labels, warped_labels)
+    h = hd95(fixed_labels, warped_labels, spacing=spacing)
+    h0 = hd95(fixed_labels, moving_labels, spacing=spacing)
+    s = sdlogj(disp)
+    return {
+        "initial_dice": _mean(d0.values()), "dice": _mean(d1.values()),
+        "hd95_mm": _mean(h.values()), "initial_hd95_mm": _mean(h0.values()),
+        "sdlogj": s["sdlogj"], "std_logj": s["std_logj"], "folding_fraction": s["folding_fraction"],
+        "dice_per_label": {str(k): v for k, v in d1.items()},
+        "initial_dice_per_label": {str(k): v for k, v in d0.items()},
+        "hd95_per_label_mm": {str(k): v for k, v in h.items()},
+    }
+
+
 def run_checkpoint(run: Path, stage: int | None = None) -> Path:
     """The checkpoint of a volume self-training run: ``RUN/all/final.pt`` or ``stage{t}.pt``."""
     run = Path(run)
@@ -299,20 +326,8 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                 disp = register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float()
             seconds = time.perf_counter() - t0
             warped_l = warp(ml.data[None, None], disp, mode="nearest")[0, 0]
-            d0 = dice(fl.data, ml.data)
-            d1 = dice(fl.data, warped_l)
-            h = hd95(fl.data, warped_l, spacing=fv.spacing)
-            h0 = hd95(fl.data, ml.data, spacing=fv.spacing)
-            s = sdlogj(disp)
-            rec = {
-                "id": p.id, "fixed": str(p.fixed), "moving": str(p.moving),
-                "initial_dice": _mean(d0.values()), "dice": _mean(d1.values()),
-                "hd95_mm": _mean(h.values()), "initial_hd95_mm": _mean(h0.values()), "sdlogj": s["sdlogj"], "std_logj": s["std_logj"],
-                "folding_fraction": s["folding_fraction"], "seconds": seconds,
-                "dice_per_label": {str(k): v for k, v in d1.items()},
-                "initial_dice_per_label": {str(k): v for k, v in d0.items()},
-                "hd95_per_label_mm": {str(k): v for k, v in h.items()},
-            }
+            rec = {"id": p.id, "fixed": str(p.fixed), "moving": str(p.moving),
+                   **pair_scores(fl.data, ml.data, warped_l, disp, fv.spacing), "seconds": seconds}
             records.append(rec)
             if overlay is None and figures:
                 overlay = (p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(),
