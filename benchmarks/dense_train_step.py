@@ -1,0 +1,48 @@
+"""Time dense self-training iterations (network + convex optimiser + loss + backward) on
+random volumes of a given shape: ``python benchmarks/dense_train_step.py 160 192 224
+--iterations 2 --threads 1 [--device cuda]``. Prints seconds per iteration (and peak
+GPU memory on CUDA)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cyclereg.device import resolve_device
+from cyclereg.training.dense import DenseCycleConfig, DenseCycleTask, VolumeImage
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("shape", type=int, nargs=3)
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    images = [VolumeImage(str(k), torch.rand(1, 1, *args.shape, generator=g)) for k in range(2)]
+    cfg = DenseCycleConfig(iterations=args.iterations, batch_size=args.batch_size)
+    task = DenseCycleTask(images, [(0, 1), (1, 0)], (1.0, 1.0, 1.0), cfg, dev)
+    net = task.new_model(1)
+    labels = {task.pair_id(k): torch.zeros(1, 3, *task.label_shape, dtype=torch.float16) for k in range(2)}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    task.train_stage(net, labels, {}, 1)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / args.iterations
+    extra = f", peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if dev.type == "cuda" else ""
+    print(f"{tuple(args.shape)} batch {args.batch_size} on {dev} ({torch.get_num_threads()} threads): "
+          f"{sec:.2f} s per iteration{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
