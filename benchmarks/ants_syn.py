@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     ants = _ants()
 
-    from cyclereg.dense.api import _cpu_model, _mean, pair_scores
+    from cyclereg.dense.api import _cpu_model, _mean, pair_scores, summarize_pairs
     from cyclereg.dense.data import load_volume_dataset
 
     ds = load_volume_dataset(args.dataset)
@@ -88,15 +88,7 @@ def main(argv=None) -> int:
             "dataset": str(args.dataset), "name": ds.name,
             "method": {"model": "ANTs", "transform": args.transform, "antspyx": getattr(ants, "__version__", "?"),
                        "threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "all")},
-            "num_pairs": len(records),
-            "mean_dice": _mean(r["dice"] for r in records),
-            "initial_dice": _mean(r["initial_dice"] for r in records),
-            "mean_hd95_mm": _mean(r["hd95_mm"] for r in records),
-            "initial_hd95_mm": _mean(r["initial_hd95_mm"] for r in records),
-            "mean_sdlogj": _mean(r["sdlogj"] for r in records),
-            "mean_std_logj": _mean(r["std_logj"] for r in records),
-            "mean_folding_fraction": _mean(r["folding_fraction"] for r in records),
-            "mean_seconds": _mean(r["seconds"] for r in records),
+            **summarize_pairs(records),
             "machine": {"platform": platform.platform(), "cpu": _cpu_model()},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "complete": complete, "pairs": records,

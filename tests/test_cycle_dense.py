@@ -242,3 +242,12 @@ def test_dense_cycle_errors(tmp_path):
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--no-augment", "--stages", "1",
                               "--iterations", "1", "--device", "cpu"])
     assert res.exit_code == 2 and "configuration" in res.output
+
+
+def test_difficulty_weights_rank_pairs():
+    from cyclereg.training.scheduler import difficulty_weights
+
+    w = difficulty_weights({"hard": 9.0, "easy": 1.0, "mid": 4.0}, logit_range=5.0)
+    assert w["easy"] == pytest.approx(1 / (1 + math.exp(-5))) and w["hard"] == pytest.approx(1 / (1 + math.exp(5)))
+    assert w["mid"] == pytest.approx(0.5)
+    assert difficulty_weights({"a": 1.0, "b": 2.0}, enabled=False) == {"a": 1.0, "b": 1.0}

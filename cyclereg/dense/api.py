@@ -198,6 +198,21 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
     }
 
 
+def summarize_pairs(records: list[dict]) -> dict:
+    """Top-level report figures: means over the pair records of :func:`pair_scores`."""
+    return {
+        "num_pairs": len(records),
+        "mean_dice": _mean(r["dice"] for r in records),
+        "initial_dice": _mean(r["initial_dice"] for r in records),
+        "mean_hd95_mm": _mean(r["hd95_mm"] for r in records),
+        "initial_hd95_mm": _mean(r["initial_hd95_mm"] for r in records),
+        "mean_sdlogj": _mean(r["sdlogj"] for r in records),
+        "mean_std_logj": _mean(r["std_logj"] for r in records),
+        "mean_folding_fraction": _mean(r["folding_fraction"] for r in records),
+        "mean_seconds": _mean(r["seconds"] for r in records),
+    }
+
+
 def run_checkpoint(run: Path, stage: int | None = None) -> Path:
     """The checkpoint of a volume self-training run: ``RUN/all/final.pt`` or ``stage{t}.pt``."""
     run = Path(run)
@@ -284,15 +299,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         return {
             "dataset": str(dataset), "name": ds.name, "method": info, "device": str(dev),
             "config": cfg if cfg is not None else None, "both_directions": both_directions,
-            "num_pairs": len(records),
-            "mean_dice": _mean(r["dice"] for r in records),
-            "initial_dice": _mean(r["initial_dice"] for r in records),
-            "mean_hd95_mm": _mean(r["hd95_mm"] for r in records),
-            "initial_hd95_mm": _mean(r["initial_hd95_mm"] for r in records),
-            "mean_sdlogj": _mean(r["sdlogj"] for r in records),
-            "mean_std_logj": _mean(r["std_logj"] for r in records),
-            "mean_folding_fraction": _mean(r["folding_fraction"] for r in records),
-            "mean_seconds": _mean(r["seconds"] for r in records),
+            **summarize_pairs(records),
             "label_names": {str(k): v for k, v in ds.label_names.items()},
             "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "torch": torch.__version__},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -15,6 +15,7 @@ from cyclereg.clouds.lbp import lbp_displacements
 from cyclereg.clouds.pipeline import CloudRegConfig, predict_unit
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
+from cyclereg.training.scheduler import difficulty_weights
 
 
 @dataclass(frozen=True)
@@ -187,12 +188,8 @@ class CloudCycleTask:
 
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:
         """Rank pairs by disagreement; sigmoid of arguments from +r (lowest) to -r (highest)."""
-        ids = sorted(disagreement, key=lambda k: disagreement[k])
-        if not self.config.weighted_sampling or len(ids) == 1:
-            return {k: 1.0 for k in ids}
-        r = self.config.sampling_logit_range
-        args = torch.linspace(r, -r, len(ids), dtype=torch.float64)
-        return {k: torch.sigmoid(a).item() for k, a in zip(ids, args)}
+        return difficulty_weights(disagreement, enabled=self.config.weighted_sampling,
+                                  logit_range=self.config.sampling_logit_range)
 
     # ------------------------------------------------------------------ training
     def _subset(self, pts: torch.Tensor, n: int | None, g: torch.Generator) -> torch.Tensor:

@@ -27,6 +27,7 @@ from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import voxel_coordinates
 from cyclereg.warp import warp
+from cyclereg.training.scheduler import difficulty_weights
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
 
@@ -298,12 +299,8 @@ class DenseCycleTask:
 
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:
         """Rank pairs by disagreement; sigmoid of arguments from +r (lowest) to -r (highest)."""
-        ids = sorted(disagreement, key=lambda key: disagreement[key])
-        if not self.config.weighted_sampling or len(ids) == 1:
-            return {key: 1.0 for key in ids}
-        r = self.config.sampling_logit_range
-        args = torch.linspace(r, -r, len(ids), dtype=torch.float64)
-        return {key: torch.sigmoid(a).item() for key, a in zip(ids, args)}
+        return difficulty_weights(disagreement, enabled=self.config.weighted_sampling,
+                                  logit_range=self.config.sampling_logit_range)
 
     # ------------------------------------------------------------------ training
     def _batch(self, idx: list[int], labels: dict, g: torch.Generator):

@@ -47,6 +47,21 @@ StageHook = Callable[[int, nn.Module], dict]
 line (used for reporting-only validation scores; it must not influence training)."""
 
 
+def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True, logit_range: float = 5.0
+                       ) -> dict[str, float]:
+    """Sampling weights of training pairs from their difficulty (paper Sec. 2.3.1).
+
+    Pairs are ranked by ``disagreement`` (network output vs refined pseudo label); the
+    easiest gets ``sigmoid(+logit_range)``, the hardest ``sigmoid(-logit_range)``, linearly
+    in between. ``enabled=False`` (or a single pair) gives uniform weights.
+    """
+    ids = sorted(disagreement, key=lambda key: disagreement[key])
+    if not enabled or len(ids) == 1:
+        return {key: 1.0 for key in ids}
+    args = torch.linspace(logit_range, -logit_range, len(ids), dtype=torch.float64)
+    return {key: torch.sigmoid(a).item() for key, a in zip(ids, args)}
+
+
 class StageScheduler:
     """Runs stages ``0..stages`` of a :class:`StageTask` in ``run_dir`` (resumable)."""
 
