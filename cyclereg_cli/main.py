@@ -140,7 +140,7 @@ def register(
     model: str = typer.Option("random", "--model", help=MODEL_HELP),
     seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
     query: Optional[Path] = typer.Option(None, "--query", help="clouds: also write displacements at these points (mm)"),
-    spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' [mm] for headerless Learn2Reg CSVs"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs"),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes: label map to warp (nearest neighbour)"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
