@@ -101,7 +101,7 @@ def pretrain_random(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="input augmentation of the learning stream"),
     refine: bool = typer.Option(True, "--refine/--no-refine", help="pseudo-label refinement"),
     weighted: bool = typer.Option(True, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling"),
-    val_pairs: int = typer.Option(0, "--val-pairs", help="volumes, reporting only: log the Dice of the first N labelled registration_val pairs"),
+    val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
@@ -121,7 +121,7 @@ def cycle(
     run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
     stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T"),
     folds: str = typer.Option("all", "--folds", help="'all' or a fold number (keypoint datasets)"),
-    val_pairs: int = typer.Option(0, "--val-pairs", help="volumes, reporting only: log the Dice of the first N labelled registration_val pairs per stage"),
+    val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""

@@ -152,3 +152,15 @@ def test_trained_models_register_with_the_pseudo_label_refinement():
     assert reg.lbp.iterations == 7 and reg.tps.regularisation == 0.25
     assert reg.net == cfg.reg.net and reg.lbp.num_candidates == cfg.reg.lbp.num_candidates
     assert test_time_config(CloudCycleConfig(refine=False)) == CloudCycleConfig().reg
+
+
+def test_validation_tre_is_logged_for_reporting(tmp_path):
+    ds = _dataset(tmp_path)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", "--val-pairs", "1", *FAST])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "2", "--stages", "1", "--val-pairs", "1"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (run / "fold2" / "log.jsonl").read_text().splitlines()]
+    assert [r["val_pairs"] for r in log] == [1, 1]
+    assert all(0.0 <= r["val_tre_mm"] < 50.0 for r in log)

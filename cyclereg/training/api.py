@@ -147,15 +147,16 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
     Keypoint datasets get one run per cross-validation fold; volume datasets one run on
     their training pairs. ``options`` are the command-line overrides (``stages``,
     ``epochs``, ``iterations``, ``augment``, ...); ``config`` replaces the defaults.
-    ``val_pairs`` (volume datasets, reporting only): Dice of the first N labelled
-    ``registration_val`` pairs after the stage, logged, never used for training.
+    ``val_pairs`` (reporting only, never used for training): after every stage, log the
+    landmark TRE of the first N held-out pairs of the fold (keypoint datasets) or the Dice
+    of the first N labelled ``registration_val`` pairs (volume datasets).
     """
     kind = dataset_kind(dataset)
+    if val_pairs < 0:
+        raise InputError(f"--val-pairs {val_pairs}: need 0 or more")
     if kind == "keypoints":
-        if val_pairs:
-            raise InputError("--val-pairs: not an option for keypoint datasets (evaluate --run reports TRE)")
         return _cloud_pretrain(dataset, Path(run), seed=seed, fold=fold, device=device, config=config,
-                               options=_only(kind, CLOUD_OPTIONS, options))
+                               options=_only(kind, CLOUD_OPTIONS, options), val_pairs=val_pairs)
     if fold not in (None, "all"):
         raise InputError("--fold: volume datasets have no folds", dataset)
     return _dense_pretrain(dataset, Path(run), seed=seed, device=device, config=config, val_pairs=val_pairs,
@@ -168,17 +169,48 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
     for volume datasets)."""
     if stages is not None and stages < 1:
         raise InputError(f"--stages {stages}: need at least 1")
+    if val_pairs < 0:
+        raise InputError(f"--val-pairs {val_pairs}: need 0 or more")
     if dataset_kind(dataset) == "keypoints":
-        if val_pairs:
-            raise InputError("--val-pairs: not an option for keypoint datasets (evaluate --run reports TRE)")
-        return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device)
+        return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs)
     if folds not in (None, "all"):
         raise InputError("--folds: volume datasets have no folds", dataset)
     return _dense_cycle(dataset, Path(run), stages=stages, device=device, val_pairs=val_pairs)
 
 
 # ----------------------------------------------------------------------------- keypoint clouds
-def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options) -> Path:
+def _cloud_val_hook(ds, fold: int | None, n: int):
+    """Reporting hook: mean landmark TRE of the first ``n`` held-out pairs of ``fold``."""
+    if n <= 0:
+        return None
+    from cyclereg.clouds.pipeline import register_clouds
+
+    held = [ds.pair(pid) for pid in (ds.folds[fold - 1] if fold is not None else [])][:n]
+    if not held:
+        raise InputError("--val-pairs needs a fold with held-out pairs", ds.path)
+    for p in held:
+        if p.fixed_landmarks is None or p.moving_landmarks is None:
+            raise InputError(f"--val-pairs: held-out pair {p.id} has no landmarks", ds.path)
+
+    def hook(stage, model, task):
+        errors = []
+        model.eval()
+        for p in held:
+            dev = task.device
+            f, m = read_points(p.fixed_keypoints).to(dev), read_points(p.moving_keypoints).to(dev)
+            lf, lm = read_points(p.fixed_landmarks).to(dev), read_points(p.moving_landmarks).to(dev)
+            reg = register_clouds(f, m, model, task.model_config(), box=task.box)
+            errors.append((lf + reg.at(lf) - lm).norm(dim=1).mean().item())
+        return {"val_pairs": len(held), "val_tre_mm": sum(errors) / len(errors)}
+
+    return hook
+
+
+def _scheduler(task, directory, hook, **kw) -> StageScheduler:
+    return StageScheduler(task, directory, hook=(lambda t, m: hook(t, m, task)) if hook else None, **kw)
+
+
+def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pairs=0) -> Path:
     ds = load_keypoint_dataset(dataset)
     folds = _folds(ds, fold)
     config = cycle_config(base=config, **options)
@@ -187,11 +219,12 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options) -> Pat
     meta = {**_identity(ds), "config": to_jsonable(config)}
     _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config))
     tasks = {k: _cloud_task(ds, k, config, dev) for k in folds}  # reads and validates all inputs first
+    hooks = {k: _cloud_val_hook(ds, k, val_pairs) for k in folds}
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)
     with _progress() as progress:
         for k, task in tasks.items():
-            StageScheduler(task, fold_dir(run, k)).run_stage0(progress)
+            _scheduler(task, fold_dir(run, k), hooks[k]).run_stage0(progress)
     return run
 
 
@@ -204,7 +237,7 @@ def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCyc
     return stored
 
 
-def _cloud_cycle(dataset, run, *, stages, folds, device) -> dict:
+def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0) -> dict:
     ds = load_keypoint_dataset(dataset)
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
@@ -218,7 +251,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device) -> dict:
         outer = progress.add_task("folds", total=len(selected))
         for k in selected:
             task = _cloud_task(ds, k, config, dev)
-            result[k] = StageScheduler(task, fold_dir(run, k)).run(stages, progress)
+            result[k] = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs)).run(stages, progress)
             progress.advance(outer)
     return result
 
@@ -330,8 +363,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)
     with _progress() as progress:
-        StageScheduler(task, fold_dir(run, None), keep_labels=DENSE_KEEP_LABELS,
-                       hook=(lambda t, m: hook(t, m, task)) if hook else None).run_stage0(progress)
+        _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS).run_stage0(progress)
     return run
 
 
@@ -359,8 +391,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs) -> dict:
     dev = resolve_device(device)
     task = _dense_task(dataset, config, dev, images, pairs)
     hook = _dense_val_hook(dataset, val_pairs)
-    sched = StageScheduler(task, fold_dir(run, None), keep_labels=DENSE_KEEP_LABELS,
-                           hook=(lambda t, m: hook(t, m, task)) if hook else None)
+    sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS)
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     with _progress() as progress:
