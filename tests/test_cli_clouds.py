@@ -44,6 +44,18 @@ def test_register_clouds(pair_files):
     assert cfg["model"] == "random" and cfg["config"]["lbp"]["num_candidates"] > 0
 
 
+def test_register_recentre_override(pair_files):
+    """``--recentre-passes`` reaches the written config; a negative count is refused before writing."""
+    d, _ = pair_files
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "rc"),
+                              "--recentre-passes", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((d / "rc" / "config.json").read_text())["config"]["recentre_passes"] == 2
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "bad"),
+                              "--recentre-passes", "-1"])
+    assert res.exit_code == 2 and "--recentre-passes" in res.output and not (d / "bad").exists()
+
+
 @pytest.mark.parametrize("content", ["x_mm,y_mm,z_mm\n", "x_mm,y_mm,z_mm\n1,2,nan\n", "a,b\n1,2\n"])
 def test_register_bad_input_writes_nothing(tmp_path, content):
     write_points(tmp_path / "m.csv", make_breathing_pair(0, SMALL).moving_mm)

@@ -1,14 +1,15 @@
 """Keypoint-cloud path against analytic answers and brute force."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from cyclereg.clouds.features import GraphNetConfig, build_graph_net
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
-from cyclereg.clouds.lbp import LBPConfig, lbp_beliefs, lbp_displacements, min_sum
-from cyclereg.clouds.pipeline import CloudRegConfig, register_clouds
+from cyclereg.clouds.lbp import LBPConfig, candidates, lbp_beliefs, lbp_displacements, min_sum
+from cyclereg.clouds.pipeline import CloudRegConfig, predict_unit, register_clouds
 from cyclereg.clouds.synthetic import make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
@@ -151,3 +152,45 @@ def test_unit_box_hyperparameters_are_scale_free():
     a = register_clouds(pair.fixed_mm, pair.moving_mm, net, CloudRegConfig(), box=box)
     b = register_clouds(2 * pair.fixed_mm, 2 * pair.moving_mm, net, CloudRegConfig(), box=box2)
     torch.testing.assert_close(b.displacements_mm, 2 * a.displacements_mm, atol=1e-3, rtol=1e-3)
+
+
+def test_recentred_candidates_are_measured_from_the_fixed_point():
+    """Searching around ``f + s`` for a cloud shifted by ``s`` finds the exact shift first."""
+    p = torch.rand(300, 3, generator=torch.Generator().manual_seed(5))
+    shift = torch.tensor([0.7, -0.5, 0.4])  # far beyond the 8 nearest moving points of any f
+    m = p + shift
+    cand0, _ = candidates(p, m, 8)
+    assert (cand0 - shift).norm(dim=-1).min(dim=1).values.median() > 0.1  # truncated: mostly out of range
+    cand, idx = candidates(p, m, 8, centres=p + shift)
+    torch.testing.assert_close(cand[:, 0], shift.expand(300, 3), atol=1e-6, rtol=0)
+    assert torch.equal(idx[:, 0], torch.arange(300))
+    with pytest.raises(ValueError, match="centres"):
+        candidates(p, m, 8, centres=p[:10])
+
+
+def test_recentring_follows_motion_beyond_the_candidate_range():
+    """A translation larger than the single-pass search range is recovered by re-centred passes;
+    zero passes is exactly the single-pass prediction."""
+    p = torch.rand(500, 3, generator=torch.Generator().manual_seed(4)) * 100
+    shift = torch.tensor([30.0, -20.0, 20.0])  # 41 mm; 16 candidates reach about 20 mm
+    net = build_graph_net(seed=0)
+    box = UnitBox.around(p, p + shift)
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16))
+    single = register_clouds(p, p + shift, net, cfg, box=box)
+    with torch.no_grad():
+        ref = predict_unit(net, box.mm_to_unit(p), box.mm_to_unit(p + shift), cfg.lbp)
+    torch.testing.assert_close(single.displacements_mm, box.disp_unit_to_mm(ref))
+    err0 = (single.displacements_mm - shift).norm(dim=1).median()
+    multi = register_clouds(p, p + shift, net, replace(cfg, recentre_passes=2), box=box)
+    err2 = (multi.displacements_mm - shift).norm(dim=1).median()
+    assert err0 > 15.0 and err2 < 0.01
+
+
+def test_configs_written_before_recentring_load_as_single_pass():
+    assert CloudRegConfig.from_dict({}).recentre_passes == 0
+    from cyclereg.training.clouds import CloudCycleConfig, test_time_config
+    old = CloudCycleConfig.from_dict({"stages": 2})
+    assert old.refine_recentre_passes == 0 and test_time_config(old).recentre_passes == 0
+    assert test_time_config(CloudCycleConfig()).recentre_passes == CloudCycleConfig().refine_recentre_passes
+    with pytest.raises(ValueError, match="recentre_passes"):
+        CloudRegConfig(recentre_passes=-1)

@@ -51,11 +51,19 @@ class LBPConfig:
     source_labels: int | None = None
 
 
-def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate displacements ``(N, K, 3)`` from each fixed point to its ``K`` nearest moving points,
-    and the moving indices ``(N, K)``."""
+def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int,
+               centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate displacements ``(N, K, 3)`` from each fixed point to ``K`` moving points, and
+    the moving indices ``(N, K)``.
+
+    The ``K`` moving points are the nearest ones to ``centres`` ``(N, 3)`` (same frame as the
+    clouds; default: the fixed points themselves). Displacements are always measured from the
+    fixed point, so a search re-centred at ``fixed + u0`` still yields total displacements.
+    """
     k = min(k, moving.shape[0])
-    idx = knn_indices(fixed, moving, k)
+    if centres is not None and centres.shape != fixed.shape:
+        raise ValueError(f"centres {tuple(centres.shape)}: expected {tuple(fixed.shape)} like fixed")
+    idx = knn_indices(fixed if centres is None else centres, moving, k)
     return moving[idx] - fixed[:, None, :], idx
 
 
@@ -127,9 +135,11 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
 
 
 def lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: torch.Tensor, feat_moving: torch.Tensor,
-                config: LBPConfig = LBPConfig()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates ``(N, K, 3)`` and their min-sum beliefs ``(N, K)`` (unit frame)."""
-    cand, idx = candidates(fixed, moving, config.num_candidates)
+                config: LBPConfig = LBPConfig(), *, centres: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ``(N, K, 3)`` and their min-sum beliefs ``(N, K)`` (unit frame); ``centres``
+    as in :func:`candidates`."""
+    cand, idx = candidates(fixed, moving, config.num_candidates, centres)
     unary = config.data_weight * feature_cost(feat_fixed, feat_moving, idx)
     edge_index, reverse = symmetric_edge_index(fixed, config.graph_k)
     belief = min_sum(unary, cand, edge_index, reverse, config.pairwise_weight, config.iterations,
@@ -144,10 +154,12 @@ def soft_argmin(cand: torch.Tensor, belief: torch.Tensor, beta: float) -> torch.
 
 
 def lbp_displacements(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: torch.Tensor,
-                      feat_moving: torch.Tensor, config: LBPConfig = LBPConfig()) -> torch.Tensor:
+                      feat_moving: torch.Tensor, config: LBPConfig = LBPConfig(), *,
+                      centres: torch.Tensor | None = None) -> torch.Tensor:
     """Displacements ``(N, 3)`` (unit frame) of the fixed points by sparse LBP + soft-argmin.
 
-    Differentiable with respect to the features.
+    Differentiable with respect to the features. ``centres``: where to search for candidates
+    (see :func:`candidates`).
     """
-    cand, belief = lbp_beliefs(fixed, moving, feat_fixed, feat_moving, config)
+    cand, belief = lbp_beliefs(fixed, moving, feat_fixed, feat_moving, config, centres=centres)
     return soft_argmin(cand, belief, config.softmax_beta)

@@ -27,12 +27,22 @@ class CloudRegConfig:
         tps: thin-plate-spline densification.
         box_margin: when no volume box is known, the unit frame is the clouds' bounding
             box enlarged by this fraction per side.
+        recentre_passes: extra LBP passes after the first whose candidates are the
+            ``lbp.num_candidates`` moving points nearest to ``f + u`` (``u``: the previous
+            pass smoothed by the TPS of ``tps``) instead of nearest to ``f``, so the search
+            range follows large motion at the cost of one more LBP each. 0 = the paper's
+            single pass. Not used in the differentiable training stream.
     """
 
     net: GraphNetConfig = field(default_factory=GraphNetConfig)
     lbp: LBPConfig = field(default_factory=LBPConfig)
     tps: TPSConfig = field(default_factory=TPSConfig)
     box_margin: float = 0.05
+    recentre_passes: int = 0
+
+    def __post_init__(self):
+        if self.recentre_passes < 0:
+            raise ValueError(f"recentre_passes={self.recentre_passes}: need 0 or more")
 
     @staticmethod
     def from_dict(d: dict) -> "CloudRegConfig":
@@ -40,7 +50,8 @@ class CloudRegConfig:
         if "channels" in net:
             net["channels"] = tuple(net["channels"])
         return CloudRegConfig(net=GraphNetConfig(**net), lbp=LBPConfig(**d.get("lbp", {})),
-                              tps=TPSConfig(**d.get("tps", {})), box_margin=d.get("box_margin", 0.05))
+                              tps=TPSConfig(**d.get("tps", {})), box_margin=d.get("box_margin", 0.05),
+                              recentre_passes=int(d.get("recentre_passes", 0)))
 
 
 def predict_unit(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
@@ -48,6 +59,19 @@ def predict_unit(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Te
     """Differentiable displacements ``(N, 3)`` of the fixed points, all in the unit frame."""
     feat_f, feat_m = net.pair(fixed_u, moving_u)
     return lbp_displacements(fixed_u, moving_u, feat_f, feat_m, lbp)
+
+
+def predict_recentred(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                      config: CloudRegConfig) -> torch.Tensor:
+    """Displacements ``(N, 3)`` (unit frame) with ``config.recentre_passes`` re-centred LBP passes
+    after the first (see :class:`CloudRegConfig`); equals :func:`predict_unit` for 0 passes."""
+    feat_f, feat_m = net.pair(fixed_u, moving_u)
+    disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp)
+    for _ in range(config.recentre_passes):
+        smooth = ThinPlateSpline.fit(fixed_u, disp, regularisation=config.tps.regularisation,
+                                     kernel=config.tps.kernel)(fixed_u)
+        disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp, centres=fixed_u + smooth)
+    return disp
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,7 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
         disp = torch.zeros_like(fixed_mm)
     else:
         with torch.no_grad():
-            disp_u = predict_unit(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config.lbp)
+            disp_u = predict_recentred(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config)
         disp = box.disp_unit_to_mm(disp_u)
     return CloudRegistration(fixed_mm=fixed_mm, displacements_mm=disp, box=box, tps=config.tps)
 

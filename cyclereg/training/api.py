@@ -58,7 +58,7 @@ def _identity(ds) -> dict:
             "folds": [list(f) for f in ds.folds]}
 
 
-CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling")
+CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
                  "directions", "max_train_pairs", "batch_size")
 _DEFAULTS = {"augment": True, "refine": True, "weighted_sampling": True}
@@ -103,13 +103,6 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw])
     pairs = [CloudPairData(i, box.mm_to_unit(f), box.mm_to_unit(m)) for i, f, m in raw]
     return CloudCycleTask(pairs, box, config, device)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn())
 
 
 def _progress():
