@@ -102,6 +102,7 @@ def pretrain_random(
     refine: bool = typer.Option(True, "--refine/--no-refine", help="pseudo-label refinement"),
     weighted: bool = typer.Option(True, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoints: re-centred LBP passes of the pseudo-label stream and of the trained model at test time (default 1; 0 = single pass)"),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -112,7 +113,7 @@ def pretrain_random(
                        epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
                        supervision=supervision, train_images=train_images, directions=directions,
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
-                       recentre_passes=recentre_passes)
+                       recentre_passes=recentre_passes, candidates=candidates)
     typer.echo(f"stage-0 pseudo labels written to {out}")
 
 

@@ -58,12 +58,16 @@ def test_full_cycle_smoke_and_evaluate(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["fold"] == 1
 
 
-def test_recentre_passes_option_reaches_the_run_config(tmp_path):
+def test_search_options_reach_the_run_config(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
-    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--recentre-passes", "0", *FAST])
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--recentre-passes", "0",
+                              "--candidates", "24", *FAST])
     assert res.exit_code == 0, res.output
-    assert json.loads((run / "run.json").read_text())["config"]["refine_recentre_passes"] == 0
+    cfg = json.loads((run / "run.json").read_text())["config"]
+    assert cfg["refine_recentre_passes"] == 0 and cfg["reg"]["lbp"]["num_candidates"] == 24
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad0"), "--candidates", "0", *FAST])
+    assert res.exit_code == 2 and "--candidates" in res.output and not (tmp_path / "bad0").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad"), "--recentre-passes", "-1", *FAST])
     assert res.exit_code == 2 and "--recentre-passes" in res.output and not (tmp_path / "bad").exists()
 

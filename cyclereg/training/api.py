@@ -58,7 +58,8 @@ def _identity(ds) -> dict:
             "folds": [list(f) for f in ds.folds]}
 
 
-CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes")
+CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes",
+                 "candidates")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
                  "directions", "max_train_pairs", "batch_size")
 _DEFAULTS = {"augment": True, "refine": True, "weighted_sampling": True}

@@ -260,7 +260,8 @@ class CloudCycleTask:
 
 def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_points: str | None = None,
                  augment: bool = True, refine: bool = True, weighted_sampling: bool = True,
-                 recentre_passes: int | None = None, base: CloudCycleConfig | None = None) -> CloudCycleConfig:
+                 recentre_passes: int | None = None, candidates: int | None = None,
+                 base: CloudCycleConfig | None = None) -> CloudCycleConfig:
     """Apply command-line overrides; changing ``epochs`` scales the LR milestones proportionally."""
     from cyclereg.errors import InputError
 
@@ -275,6 +276,10 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
             raise InputError(f"--epochs {epochs}: need at least 1")
         changes["epochs"] = epochs
         changes["lr_milestones"] = tuple(max(1, round(m * epochs / cfg.epochs)) for m in cfg.lr_milestones)
+    if candidates is not None:
+        if candidates < 1:
+            raise InputError(f"--candidates {candidates}: need at least 1")
+        changes["reg"] = replace(cfg.reg, lbp=replace(cfg.reg.lbp, num_candidates=candidates))
     if recentre_passes is not None:
         if recentre_passes < 0:
             raise InputError(f"--recentre-passes {recentre_passes}: need 0 or more")
