@@ -65,7 +65,12 @@ def predict_recentred(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: tor
                       config: CloudRegConfig) -> torch.Tensor:
     """Displacements ``(N, 3)`` (unit frame) with ``config.recentre_passes`` re-centred LBP passes
     after the first (see :class:`CloudRegConfig`); equals :func:`predict_unit` for 0 passes."""
-    feat_f, feat_m = net.pair(fixed_u, moving_u)
+    return recentred_displacements(fixed_u, moving_u, *net.pair(fixed_u, moving_u), config)
+
+
+def recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor, feat_f: torch.Tensor,
+                            feat_m: torch.Tensor, config: CloudRegConfig) -> torch.Tensor:
+    """:func:`predict_recentred` from features already computed (``(N, C)``, ``(M, C)``)."""
     disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp)
     for _ in range(config.recentre_passes):
         smooth = ThinPlateSpline.fit(fixed_u, disp, regularisation=config.tps.regularisation,

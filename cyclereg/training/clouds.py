@@ -12,7 +12,7 @@ import torch
 
 from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
 from cyclereg.clouds.lbp import lbp_displacements
-from cyclereg.clouds.pipeline import CloudRegConfig, predict_recentred, predict_unit
+from cyclereg.clouds.pipeline import CloudRegConfig, predict_recentred, predict_unit, recentred_displacements
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import difficulty_weights
@@ -165,20 +165,18 @@ class CloudCycleTask:
         return test_time_config(self.config)
 
     # ------------------------------------------------------------------ pseudo labels
-    def _predict(self, model, fixed, moving, lbp):
-        return lbp_displacements(fixed, moving, *model.pair(fixed, moving), lbp)
-
     @torch.no_grad()
     def refine(self, model: GraphFeatureNet, pair: CloudPairData) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output and refined pseudo label ``(N, 3)`` (unit frame) of one pair."""
         cfg = self.config
         model.eval()
         f, m = pair.fixed.to(self.device), pair.moving.to(self.device)
-        raw = self._predict(model, f, m, cfg.reg.lbp)
+        feat_f, feat_m = model.pair(f, m)  # shared by the raw output and the refined label
+        raw = lbp_displacements(f, m, feat_f, feat_m, cfg.reg.lbp)
         if not cfg.refine:
             return raw, raw
         stream = test_time_config(cfg)
-        fwd = predict_recentred(model, f, m, stream)
+        fwd = recentred_displacements(f, m, feat_f, feat_m, stream)
         if cfg.refine_consistency:
             bwd = predict_recentred(model, m, f, stream)  # moving -> fixed displacements at moving points
             spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation)
