@@ -127,3 +127,25 @@ def test_evaluate_copd_identity(tmp_path):
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["mean_tre_mm"] == pytest.approx(11.99, abs=0.01)
+
+
+@pytest.mark.slow
+def test_shipped_copd_models_regression(tmp_path):
+    """Issue-5 check of the committed `models/copd` (about 75 s on 2 idle CPU cores): run with -m slow.
+
+    Guards the shipped models against silent regressions of the cloud path: every case must be
+    registered by its own fold's model and the mean TRE must stay at the measured 2.32 mm
+    (docs/benchmarks.md) within 0.05 mm. The paper's 1.93 mm is not reached (issue 5 open).
+    """
+    from pathlib import Path
+
+    ds = shared_path("copd-keypoints", "dataset.json")
+    models = Path(__file__).resolve().parents[1] / "models" / "copd"
+    rep = tmp_path / "r.json"
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(models), "--device", "cpu", "--json", str(rep)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    assert len(r["cases"]) == 10
+    assert sorted({c["fold"] for c in r["cases"]}) == [1, 2, 3, 4, 5]
+    assert r["mean_tre_mm"] == pytest.approx(2.32, abs=0.05)
+    assert r["mean_sdlogj"] < 0.06
