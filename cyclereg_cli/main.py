@@ -102,6 +102,7 @@ def pretrain_random(
     refine: bool = typer.Option(True, "--refine/--no-refine", help="pseudo-label refinement"),
     weighted: bool = typer.Option(True, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoints: re-centred LBP passes of the pseudo-label stream and of the trained model at test time (default 1; 0 = single pass)"),
+    tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoints: extra registrations of randomly rotated/scaled/shifted copies, averaged, in the pseudo-label stream and at test time (default 4; 0 = off)"),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -113,7 +114,7 @@ def pretrain_random(
                        epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
                        supervision=supervision, train_images=train_images, directions=directions,
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
-                       recentre_passes=recentre_passes, candidates=candidates)
+                       recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes)
     typer.echo(f"stage-0 pseudo labels written to {out}")
 
 
@@ -145,6 +146,7 @@ def register(
     query: Optional[Path] = typer.Option(None, "--query", help="clouds: also write displacements at these points (mm)"),
     spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="clouds: override the model's re-centred LBP passes (0 = single pass)"),
+    tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes: label map to warp (nearest neighbour)"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
@@ -155,8 +157,8 @@ def register(
 ) -> None:
     """Register one fixed/moving pair with a trained (or random) model."""
     if _is_volume(fixed) or _is_volume(moving):
-        if recentre_passes is not None:
-            _fail("--recentre-passes is an option for point clouds, not volumes")
+        if recentre_passes is not None or tta_passes is not None:
+            _fail("--recentre-passes and --tta-passes are options for point clouds, not volumes")
         try:
             from cyclereg.dense.api import register_volume_files
         except ImportError:
@@ -170,7 +172,8 @@ def register(
     from cyclereg.clouds.api import register_cloud_files
 
     summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
-                                   spacing=spacing, device=device, recentre_passes=recentre_passes)
+                                   spacing=spacing, device=device, recentre_passes=recentre_passes,
+                                   tta_passes=tta_passes)
     typer.echo(summary)
 
 
@@ -186,6 +189,7 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoint datasets: override the model's re-centred LBP passes (0 = single pass)"),
+    tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoint datasets: override the model's test-time augmentation passes (0 = off)"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
@@ -203,10 +207,11 @@ def evaluate(
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
         evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
-                                  max_pairs=max_pairs, recentre_passes=recentre_passes, device=device)
+                                  max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
+                                  device=device)
         return
-    if recentre_passes is not None:
-        _fail("--recentre-passes is an option for keypoint datasets, not volume datasets")
+    if recentre_passes is not None or tta_passes is not None:
+        _fail("--recentre-passes and --tta-passes are options for keypoint datasets, not volume datasets")
     try:
         from cyclereg.dense.api import evaluate_volume_dataset
     except ImportError:

@@ -56,6 +56,18 @@ def test_register_recentre_override(pair_files):
     assert res.exit_code == 2 and "--recentre-passes" in res.output and not (d / "bad").exists()
 
 
+def test_register_tta_override(pair_files):
+    """``--tta-passes`` reaches the written config; a negative count is refused before writing."""
+    d, _ = pair_files
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "tta"),
+                              "--tta-passes", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((d / "tta" / "config.json").read_text())["config"]["tta_passes"] == 2
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "bad"),
+                              "--tta-passes", "-1"])
+    assert res.exit_code == 2 and "--tta-passes" in res.output and not (d / "bad").exists()
+
+
 @pytest.mark.parametrize("content", ["x_mm,y_mm,z_mm\n", "x_mm,y_mm,z_mm\n1,2,nan\n", "a,b\n1,2\n"])
 def test_register_bad_input_writes_nothing(tmp_path, content):
     write_points(tmp_path / "m.csv", make_breathing_pair(0, SMALL).moving_mm)

@@ -194,3 +194,46 @@ def test_configs_written_before_recentring_load_as_single_pass():
     assert test_time_config(CloudCycleConfig()).recentre_passes == CloudCycleConfig().refine_recentre_passes
     with pytest.raises(ValueError, match="recentre_passes"):
         CloudRegConfig(recentre_passes=-1)
+
+
+def test_displacements_map_back_through_the_inverse_linear_part(device):
+    """For exact correspondences ``m = f + u``, the transformed pair has ``u' = A u``; mapping
+    back recovers ``u`` whatever the translation."""
+    from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
+
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(50, 3, generator=g, dtype=torch.float64).to(device)
+    u = torch.randn(50, 3, generator=g, dtype=torch.float64).to(device) * 0.1
+    A, t = random_affine(g, 30.0, 0.2, 0.5, torch.float64)
+    u_t = apply_affine(f + u, A, t) - apply_affine(f, A, t)
+    torch.testing.assert_close(u_t, u @ A.T.to(device))
+    torch.testing.assert_close(displacements_back(u_t, A), u)
+    s = torch.linalg.det(A) ** (1 / 3)
+    assert 0.8 - 1e-9 <= s <= 1.2 + 1e-9 and t.abs().max() <= 0.5
+    torch.testing.assert_close(A @ A.T / s**2, torch.eye(3, dtype=torch.float64))
+
+
+def test_test_time_augmentation_keeps_a_translation_and_is_deterministic():
+    """Every transformed copy of a translated cloud is again a translation, mapped back to the
+    same shift; zero passes is exactly the re-centred prediction; repeated calls agree."""
+    from cyclereg.clouds.pipeline import averaged_displacements, predict_recentred
+
+    p = torch.rand(400, 3, generator=torch.Generator().manual_seed(4)) * 100
+    shift = torch.tensor([6.0, -4.0, 3.0])
+    net = build_graph_net(seed=0)
+    box = UnitBox.around(p, p + shift)
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16), recentre_passes=1)
+    fu, mu = box.mm_to_unit(p), box.mm_to_unit(p + shift)
+    with torch.no_grad():
+        torch.testing.assert_close(averaged_displacements(net, fu, mu, cfg), predict_recentred(net, fu, mu, cfg))
+    tta = replace(cfg, tta_passes=3)
+    a = register_clouds(p, p + shift, net, tta, box=box).displacements_mm
+    b = register_clouds(p, p + shift, net, tta, box=box).displacements_mm
+    assert torch.equal(a, b)
+    assert (a - shift).norm(dim=1).median() < 0.01
+    with pytest.raises(ValueError, match="tta_passes"):
+        CloudRegConfig(tta_passes=-1)
+    assert CloudRegConfig.from_dict({}).tta_passes == 0
+    from cyclereg.training.clouds import CloudCycleConfig, test_time_config
+    assert CloudCycleConfig.from_dict({"stages": 2}).refine_tta_passes == 0  # runs written before TTA
+    assert test_time_config(CloudCycleConfig()).tta_passes == CloudCycleConfig().refine_tta_passes == 4

@@ -52,7 +52,8 @@ def test_full_cycle_smoke_and_evaluate(tmp_path):
     assert all(math.isfinite(r["train_loss_mm"]) for r in log[1:])
     ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
-    assert ck["config"]["recentre_passes"] == 1  # trained models register like the pseudo-label stream
+    # trained models register like the pseudo-label stream
+    assert ck["config"]["recentre_passes"] == 1 and ck["config"]["tta_passes"] == 4
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--max-pairs", "1", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["fold"] == 1
@@ -62,10 +63,13 @@ def test_search_options_reach_the_run_config(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--recentre-passes", "0",
-                              "--candidates", "24", *FAST])
+                              "--candidates", "24", "--tta-passes", "1", *FAST])
     assert res.exit_code == 0, res.output
     cfg = json.loads((run / "run.json").read_text())["config"]
     assert cfg["refine_recentre_passes"] == 0 and cfg["reg"]["lbp"]["num_candidates"] == 24
+    assert cfg["refine_tta_passes"] == 1
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad1"), "--tta-passes", "-2", *FAST])
+    assert res.exit_code == 2 and "--tta-passes" in res.output and not (tmp_path / "bad1").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad0"), "--candidates", "0", *FAST])
     assert res.exit_code == 2 and "--candidates" in res.output and not (tmp_path / "bad0").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad"), "--recentre-passes", "-1", *FAST])

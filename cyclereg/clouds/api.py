@@ -22,11 +22,14 @@ CHECKPOINT_KIND = "cloud"
 
 
 def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: CloudRegConfig | None = None,
-                     recentre_passes: int | None = None) -> tuple[GraphFeatureNet, CloudRegConfig]:
+                     recentre_passes: int | None = None,
+                     tta_passes: int | None = None) -> tuple[GraphFeatureNet, CloudRegConfig]:
     """``model="random"``: a randomly initialised network (``seed``); otherwise a checkpoint path.
-    ``recentre_passes`` (if given) overrides the stored :attr:`CloudRegConfig.recentre_passes`."""
-    if recentre_passes is not None and recentre_passes < 0:
-        raise InputError(f"--recentre-passes {recentre_passes}: need 0 or more")
+    ``recentre_passes`` / ``tta_passes`` (if given) override the stored
+    :attr:`CloudRegConfig.recentre_passes` / :attr:`CloudRegConfig.tta_passes`."""
+    for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
+        if value is not None and value < 0:
+            raise InputError(f"{flag} {value}: need 0 or more")
     if str(model) == "random":
         config = config or CloudRegConfig()
         net = build_graph_net(config.net, seed=seed)
@@ -40,6 +43,8 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
             raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__})", model) from None
     if recentre_passes is not None:
         config = replace(config, recentre_passes=recentre_passes)
+    if tta_passes is not None:
+        config = replace(config, tta_passes=tta_passes)
     return net.to(resolve_device(device)).eval(), config
 
 
@@ -57,7 +62,7 @@ def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float
 
 def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
-                         recentre_passes: int | None = None) -> str:
+                         recentre_passes: int | None = None, tta_passes: int | None = None) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``. Everything is read and validated before anything is written."""
     sp = _parse_spacing(spacing, Path(fixed))
@@ -65,7 +70,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     moving_mm = read_points(moving, spacing_mm=sp)
     query_mm = read_points(query, spacing_mm=sp) if query is not None else None
     dev = resolve_device(device)
-    net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes)
+    net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
     t0 = time.perf_counter()
     reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config)
     seconds = time.perf_counter() - t0
@@ -111,10 +116,11 @@ def dataset_box(ds: KeypointDataset) -> UnitBox | None:
 def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
                               run: Path | None = None, stage: int | None = None, seed: int = 0,
                               max_pairs: int | None = None, recentre_passes: int | None = None,
-                              device: str = "auto", smoothness: bool = True, quiet: bool = False) -> dict:
+                              tta_passes: int | None = None, device: str = "auto", smoothness: bool = True, quiet: bool = False) -> dict:
     """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
 
-    ``recentre_passes`` overrides the models' stored value (see :class:`CloudRegConfig`).
+    ``recentre_passes`` and ``tta_passes`` override the models' stored values (see
+    :class:`CloudRegConfig`).
 
     Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table.
     """
@@ -138,9 +144,11 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             if k is None:
                 raise InputError(f"pair {p.id} is in no fold", dataset)
             if k not in models:
-                models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=dev, recentre_passes=recentre_passes)
+                models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=dev, recentre_passes=recentre_passes,
+                                                 tta_passes=tta_passes)
     elif model is not None:
-        models[None] = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes)
+        models[None] = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes,
+                                        tta_passes=tta_passes)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
@@ -175,8 +183,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
                                           if run is not None else f"model:{model}")
-    if recentre_passes is not None and not identity:
-        method += f" (recentre_passes={recentre_passes})"
+    if not identity:
+        for name, value in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)):
+            if value is not None:
+                method += f" ({name}={value})"
     result = {
         "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),

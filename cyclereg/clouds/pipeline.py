@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
 from cyclereg.clouds.features import GraphFeatureNet, GraphNetConfig
 from cyclereg.clouds.lbp import LBPConfig, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
@@ -32,6 +33,15 @@ class CloudRegConfig:
             pass smoothed by the TPS of ``tps``) instead of nearest to ``f``, so the search
             range follows large motion at the cost of one more LBP each. 0 = the paper's
             single pass. Not used in the differentiable training stream.
+        tta_passes: test-time augmentation: extra registrations of randomly affinely
+            transformed copies of both clouds (unit frame), each mapped back and averaged
+            with the plain pass (``P + 1`` passes, ``P + 1`` times the cost). 0 = off (the
+            paper's single pass). Not used in the differentiable training stream.
+        tta_rotation_deg: maximum rotation about each axis of a test-time copy [degrees].
+        tta_scale: maximum relative isotropic scaling of a test-time copy.
+        tta_translation: maximum translation per axis of a test-time copy [unit frame].
+        tta_seed: seeds the test-time transforms (the same copies for every pair, so a
+            registration is deterministic).
     """
 
     net: GraphNetConfig = field(default_factory=GraphNetConfig)
@@ -39,19 +49,28 @@ class CloudRegConfig:
     tps: TPSConfig = field(default_factory=TPSConfig)
     box_margin: float = 0.05
     recentre_passes: int = 0
+    tta_passes: int = 0
+    tta_rotation_deg: float = 10.0
+    tta_scale: float = 0.1
+    tta_translation: float = 0.1
+    tta_seed: int = 0
 
     def __post_init__(self):
         if self.recentre_passes < 0:
             raise ValueError(f"recentre_passes={self.recentre_passes}: need 0 or more")
+        if self.tta_passes < 0:
+            raise ValueError(f"tta_passes={self.tta_passes}: need 0 or more")
+        if not (0 <= self.tta_scale < 1):
+            raise ValueError(f"tta_scale={self.tta_scale}: need 0 <= scale < 1")
 
     @staticmethod
     def from_dict(d: dict) -> "CloudRegConfig":
         net = dict(d.get("net", {}))
         if "channels" in net:
             net["channels"] = tuple(net["channels"])
+        rest = {k: v for k, v in d.items() if k not in ("net", "lbp", "tps")}
         return CloudRegConfig(net=GraphNetConfig(**net), lbp=LBPConfig(**d.get("lbp", {})),
-                              tps=TPSConfig(**d.get("tps", {})), box_margin=d.get("box_margin", 0.05),
-                              recentre_passes=int(d.get("recentre_passes", 0)))
+                              tps=TPSConfig(**d.get("tps", {})), **rest)
 
 
 def predict_unit(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
@@ -77,6 +96,26 @@ def recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor, feat_
                                      kernel=config.tps.kernel)(fixed_u)
         disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp, centres=fixed_u + smooth)
     return disp
+
+
+def averaged_displacements(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                           config: CloudRegConfig, *,
+                           features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Test-time displacements ``(N, 3)`` (unit frame): the re-centred prediction of
+    :func:`predict_recentred` on the plain clouds, averaged with the same prediction on
+    ``config.tta_passes`` randomly affinely transformed copies of both clouds, each mapped
+    back (``u = A^{-1} u'``). ``features``: the plain pass's ``(feat_f, feat_m)`` if already
+    computed. Equals :func:`predict_recentred` for ``tta_passes = 0``."""
+    feat_f, feat_m = features if features is not None else net.pair(fixed_u, moving_u)
+    total = recentred_displacements(fixed_u, moving_u, feat_f, feat_m, config)
+    if config.tta_passes == 0:
+        return total
+    g = torch.Generator().manual_seed(config.tta_seed)
+    for _ in range(config.tta_passes):
+        A, t = random_affine(g, config.tta_rotation_deg, config.tta_scale, config.tta_translation, fixed_u.dtype)
+        fa, ma = apply_affine(fixed_u, A, t), apply_affine(moving_u, A, t)
+        total = total + displacements_back(recentred_displacements(fa, ma, *net.pair(fa, ma), config), A)
+    return total / (config.tta_passes + 1)
 
 
 @dataclass(frozen=True)
@@ -138,7 +177,7 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
         disp = torch.zeros_like(fixed_mm)
     else:
         with torch.no_grad():
-            disp_u = predict_recentred(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config)
+            disp_u = averaged_displacements(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config)
         disp = box.disp_unit_to_mm(disp_u)
     return CloudRegistration(fixed_mm=fixed_mm, displacements_mm=disp, box=box, tps=config.tps)
 
