@@ -231,8 +231,9 @@ def test_test_time_augmentation_keeps_a_translation_and_is_deterministic():
     b = register_clouds(p, p + shift, net, tta, box=box).displacements_mm
     assert torch.equal(a, b)
     assert (a - shift).norm(dim=1).median() < 0.01
-    with pytest.raises(ValueError, match="tta_passes"):
-        CloudRegConfig(tta_passes=-1)
+    for bad in ({"tta_passes": -1}, {"tta_scale": 1.0}, {"tta_rotation_deg": -5.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CloudRegConfig(**bad)
     assert CloudRegConfig.from_dict({}).tta_passes == 0
     from cyclereg.training.clouds import CloudCycleConfig, test_time_config
     assert CloudCycleConfig.from_dict({"stages": 2}).refine_tta_passes == 0  # runs written before TTA

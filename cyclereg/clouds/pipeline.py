@@ -62,6 +62,9 @@ class CloudRegConfig:
             raise ValueError(f"tta_passes={self.tta_passes}: need 0 or more")
         if not (0 <= self.tta_scale < 1):
             raise ValueError(f"tta_scale={self.tta_scale}: need 0 <= scale < 1")
+        if self.tta_rotation_deg < 0 or self.tta_translation < 0:
+            raise ValueError(f"tta_rotation_deg={self.tta_rotation_deg}, tta_translation={self.tta_translation}: "
+                             "need ranges >= 0")
 
     @staticmethod
     def from_dict(d: dict) -> "CloudRegConfig":
