@@ -55,7 +55,9 @@ class CloudCycleConfig:
             of randomly affinely transformed copies, averaged. Default 4, chosen without
             landmarks: on the synthetic breathing pairs (seeds 0-4, random features, 10 sweeps,
             TPS 0.3, one re-centred pass) the keypoint error was 2.22 / 2.08 / 2.08 / 2.03 mm
-            for 0 / 2 / 4 / 8 extra passes; 8 would cost 9x the registration time
+            for 0 / 2 / 4 / 8 extra passes (2.22 / 2.08 / 2.09 / 2.01 with the library's
+            copies, ``benchmarks/tta_synthetic.py``); 8 would cost 9x the registration time.
+            On the trained COPD models it changed the mean TRE by -0.01 mm only
             (docs/benchmarks.md).
         refine_tps_regularisation: TPS smoothing of the refined labels (unit frame; 0 = off).
             Refinement defaults were chosen on synthetic breathing pairs with known motion
