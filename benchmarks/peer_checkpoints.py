@@ -1,0 +1,79 @@
+"""Convert the per-fold graph-CNN weights released with registration-da-mean-teacher (Bigalke et
+al., MICCAI 2022; the architecture of Hansen & Heinrich, IPMI 2021) into cyclereg cloud
+checkpoints, so that ``cyclereg evaluate --run OUT`` scores them as a peer.
+
+``python benchmarks/peer_checkpoints.py PATTERN OUT [--candidates K] [--iterations N] [--tps L]
+[--recentre-passes P] [--moving-k K]``
+
+``PATTERN`` names the five fold files with ``{}`` for the fold number, e.g.
+``MIRROR/models/4dct-to-copd_target-only_fold{}.pth`` (``MIRROR``: a checkout of
+multimodallearning/registration-da-mean-teacher). Only tensors are read (``weights_only``).
+The defaults reproduce the released test settings: K = 256 candidates, 5 LBP sweeps, TPS
+smoothing 0.1, a moving-cloud graph of 40 neighbours, a single pass.
+
+Layer mapping (same layer sizes, 1x1 convolutions = linear layers, instance norm over all
+edges = :class:`cyclereg.clouds.features.CloudNorm`): ``convN.conv.{0,3,6}`` ->
+``convs.{N-1}.nn.{0,3,6}``, ``conv4.{0,2}`` -> ``head.{0,2}``. Their edge input is
+``[x_j - x_i, x_i]``, PyG's EdgeConv feeds ``[x_i, x_j - x_i]``: the first layer's two column
+blocks are swapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from cyclereg.checkpoint import save_checkpoint
+from cyclereg.clouds.features import GraphFeatureNet, GraphNetConfig
+from cyclereg.clouds.lbp import LBPConfig
+from cyclereg.clouds.pipeline import CloudRegConfig
+from cyclereg.clouds.tps import TPSConfig
+
+FOLDS = range(1, 6)
+
+
+def convert_state_dict(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Their ``FeatNet`` state dict -> :class:`GraphFeatureNet` state dict."""
+    ours = {}
+    for i in range(3):
+        for j in (0, 3, 6):
+            w = theirs[f"conv{i + 1}.conv.{j}.weight"][:, :, 0, 0]
+            if j == 0:
+                half = w.shape[1] // 2
+                w = torch.cat([w[:, half:], w[:, :half]], dim=1)
+            ours[f"convs.{i}.nn.{j}.weight"] = w.clone()
+    ours["head.0.weight"] = theirs["conv4.0.weight"][:, :, 0].clone()
+    ours["head.2.weight"] = theirs["conv4.2.weight"][:, :, 0].clone()
+    ours["head.2.bias"] = theirs["conv4.2.bias"].clone()
+    return ours
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pattern")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--candidates", type=int, default=256)
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--tps", type=float, default=0.1)
+    ap.add_argument("--recentre-passes", type=int, default=0)
+    ap.add_argument("--moving-k", type=int, default=40)
+    args = ap.parse_args()
+    config = CloudRegConfig(net=GraphNetConfig(k_moving=args.moving_k),
+                            lbp=LBPConfig(num_candidates=args.candidates, iterations=args.iterations),
+                            tps=TPSConfig(regularisation=args.tps), recentre_passes=args.recentre_passes)
+    converted = {}
+    for k in FOLDS:  # everything converted and checked before anything is written
+        state = convert_state_dict(torch.load(args.pattern.format(k), map_location="cpu", weights_only=True))
+        GraphFeatureNet(config.net).load_state_dict(state)
+        converted[k] = state
+    args.out.mkdir(parents=True, exist_ok=True)
+    for k, state in converted.items():
+        save_checkpoint(args.out / f"fold{k}.pt", kind="cloud", config=config, state_dict=state,
+                        extra={"source": args.pattern.format(k)})
+    print(f"wrote {len(converted)} checkpoints to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
