@@ -34,12 +34,22 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, writer) -> None:
-    """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place."""
+    """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the
+    umask), not the private ``0o600`` of the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()

@@ -77,3 +77,21 @@ def test_checkpoint_round_trip_and_kind(tmp_path):
     with pytest.raises(InputError, match="junk.pt"):
         load_checkpoint(tmp_path / "junk.pt")
     assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporaries
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    """Outputs are written through a private temporary file but end up 0o666 less the umask."""
+    import os
+
+    from cyclereg.checkpoint import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
