@@ -223,6 +223,20 @@ def evaluate(
 
 @app.command()
 @cli_errors
+def ensemble(
+    sources: list[Path] = typer.Argument(..., help="run directories with the same folds (foldK.pt or foldK/final.pt), or cloud checkpoint files"),
+    output: Path = typer.Option(..., "-o", "--output", help="output run directory (for run directories) or checkpoint file"),
+    recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="re-centred LBP passes of every member (needed when the members differ)"),
+    tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="test-time augmentation passes of every member (needed when the members differ)"),
+) -> None:
+    """Combine independently trained keypoint-cloud models: their displacements are averaged."""
+    from cyclereg.clouds.api import combine_cloud_models
+
+    typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes))
+
+
+@app.command()
+@cli_errors
 def demo(
     out_dir: Optional[Path] = typer.Option(None, "-o", "--output", help="also write clouds, displacements and report here"),
     seed: int = typer.Option(0, "--seed", help="seed of the synthetic pair and of the random network"),

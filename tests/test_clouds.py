@@ -10,7 +10,7 @@ from cyclereg.clouds.features import GraphNetConfig, build_graph_net
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
 from cyclereg.clouds.lbp import LBPConfig, candidates, lbp_beliefs, lbp_displacements, min_sum
 from cyclereg.clouds.pipeline import CloudRegConfig, predict_unit, register_clouds
-from cyclereg.clouds.synthetic import make_breathing_pair
+from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 
@@ -238,3 +238,32 @@ def test_test_time_augmentation_keeps_a_translation_and_is_deterministic():
     from cyclereg.training.clouds import CloudCycleConfig, test_time_config
     assert CloudCycleConfig.from_dict({"stages": 2}).refine_tta_passes == 0  # runs written before TTA
     assert test_time_config(CloudCycleConfig()).tta_passes == CloudCycleConfig().refine_tta_passes == 4
+
+
+def test_ensemble_averages_its_members_and_one_member_is_the_network():
+    """An ensemble's displacements are the mean of its members' (each with the full test-time
+    pipeline); an ensemble of copies of one network equals that network; a bad size is refused."""
+    from cyclereg.clouds.features import FeatureEnsemble
+    from cyclereg.clouds.pipeline import averaged_displacements
+
+    pair = make_breathing_pair(1, BreathingConfig(n_fixed=200, n_moving=400, branches=10))
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
+    fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16), recentre_passes=1, tta_passes=1)
+    a, b = build_graph_net(seed=1), build_graph_net(seed=2)
+    ens = FeatureEnsemble(a.config, 2)
+    ens.members[0].load_state_dict(a.state_dict())
+    ens.members[1].load_state_dict(b.state_dict())
+    with torch.no_grad():
+        ua, ub = averaged_displacements(a, fu, mu, cfg), averaged_displacements(b, fu, mu, cfg)
+        torch.testing.assert_close(averaged_displacements(ens, fu, mu, cfg), (ua + ub) / 2)
+        assert (ua - ub).abs().max() > 1e-3  # the members really differ
+        twins = FeatureEnsemble(a.config, 3)
+        for m in twins.members:
+            m.load_state_dict(a.state_dict())
+        torch.testing.assert_close(averaged_displacements(twins, fu, mu, cfg), ua)
+    with pytest.raises(ValueError, match="features"):
+        averaged_displacements(ens, fu, mu, cfg, features=a.pair(fu, mu))
+    with pytest.raises(ValueError, match="ensemble_size"):
+        CloudRegConfig(ensemble_size=0)
+    assert CloudRegConfig.from_dict({}).ensemble_size == 1  # checkpoints written before ensembles

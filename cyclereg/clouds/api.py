@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 
-from cyclereg.checkpoint import load_checkpoint, write_json
-from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
+from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
+from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, field_smoothness, register_clouds
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
@@ -23,8 +24,9 @@ CHECKPOINT_KIND = "cloud"
 
 def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: CloudRegConfig | None = None,
                      recentre_passes: int | None = None,
-                     tta_passes: int | None = None) -> tuple[GraphFeatureNet, CloudRegConfig]:
-    """``model="random"``: a randomly initialised network (``seed``); otherwise a checkpoint path.
+                     tta_passes: int | None = None) -> tuple[GraphFeatureNet | FeatureEnsemble, CloudRegConfig]:
+    """``model="random"``: a randomly initialised network (``seed``); otherwise a checkpoint path
+    (one network, or a :class:`FeatureEnsemble` when its config has ``ensemble_size > 1``).
     ``recentre_passes`` / ``tta_passes`` (if given) override the stored
     :attr:`CloudRegConfig.recentre_passes` / :attr:`CloudRegConfig.tta_passes`."""
     for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
@@ -37,15 +39,108 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
         ckpt = load_checkpoint(model, kind=CHECKPOINT_KIND)
         try:
             config = CloudRegConfig.from_dict(ckpt["config"])
-            net = GraphFeatureNet(config.net)
+            net = GraphFeatureNet(config.net) if config.ensemble_size == 1 else \
+                FeatureEnsemble(config.net, config.ensemble_size)
             net.load_state_dict(ckpt["state_dict"])
-        except (TypeError, RuntimeError, KeyError) as exc:
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__})", model) from None
     if recentre_passes is not None:
         config = replace(config, recentre_passes=recentre_passes)
     if tta_passes is not None:
         config = replace(config, tta_passes=tta_passes)
     return net.to(resolve_device(device)).eval(), config
+
+
+def _fold_files(run_dir: Path) -> dict[int, Path]:
+    """Final checkpoint per fold of a run directory (``foldK/final.pt`` or ``foldK.pt``)."""
+    found: dict[int, Path] = {}
+    for p in sorted(run_dir.glob("fold*.pt")) + sorted(run_dir.glob("fold*/final.pt")):
+        name = p.stem if p.name != "final.pt" else p.parent.name
+        if name[4:].isdigit():
+            found.setdefault(int(name[4:]), p)
+    return found
+
+
+def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: int | None = None,
+                         tta_passes: int | None = None) -> str:
+    """Average independently trained cloud models: write one ensemble checkpoint per fold.
+
+    ``sources``: either run directories (each with the same folds, ``foldK/final.pt`` or
+    ``foldK.pt``; ``output`` becomes a directory of ``foldK.pt`` plus ``ensemble.json``) or
+    checkpoint files (``output`` is one checkpoint). Members that are ensembles contribute
+    all their networks. The members must share the network architecture and, after the
+    ``recentre_passes`` / ``tta_passes`` overrides, every registration setting; the
+    ensemble registers with those settings and averages the members' displacements
+    (:attr:`CloudRegConfig.ensemble_size`). Everything is read and checked before anything
+    is written, so a source may be overwritten in place.
+    """
+    sources = [Path(s) for s in sources]
+    if len(sources) < 2:
+        raise InputError("an ensemble needs at least two sources")
+    for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
+        if value is not None and value < 0:
+            raise InputError(f"{flag} {value}: need 0 or more")
+    dirs = [s.is_dir() for s in sources]
+    if any(dirs) and not all(dirs):
+        raise InputError("give either run directories or checkpoint files, not both")
+    if all(dirs):
+        per_source = [_fold_files(s) for s in sources]
+        folds = sorted(set().union(*per_source))
+        if not folds:
+            raise InputError("no per-fold checkpoints (foldK.pt or foldK/final.pt)", sources[0])
+        for s, found in zip(sources, per_source):
+            missing = [k for k in folds if k not in found]
+            if missing:
+                raise InputError(f"no checkpoint for fold(s) {', '.join(map(str, missing))}", s)
+        groups = {k: [found[k] for found in per_source] for k in folds}
+    else:
+        groups = {None: sources}
+    changes = {k: v for k, v in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)) if v is not None}
+    written: dict[int | None, tuple[CloudRegConfig, dict, list]] = {}
+    for fold, files in groups.items():
+        states, members, common = [], [], None
+        for f in files:
+            net, config = load_cloud_model(f)
+            config = replace(config, ensemble_size=1, **changes)
+            if common is None:
+                common = config
+            elif config != common:
+                differ = [k for k in vars(common) if getattr(common, k) != getattr(config, k)]
+                raise InputError(f"registration settings differ from {files[0]} in: {', '.join(differ)} "
+                                 "(--recentre-passes / --tta-passes set those two for all members)", f)
+            extra = load_checkpoint(f, kind=CHECKPOINT_KIND).get("extra", {})
+            for m in ensemble_members(net):
+                states.append(m.state_dict())
+                members.append({"source": str(f), **({"stage": extra["stage"]} if "stage" in extra else {})})
+        ensemble = FeatureEnsemble(common.net, len(states))
+        for m, sd in zip(ensemble.members, states):
+            m.load_state_dict(sd)
+        config = replace(common, ensemble_size=len(states))
+        written[fold] = (config, ensemble.state_dict(), members)
+    if all(dirs):
+        training = {}  # the members' training configurations, where their run directories have one
+        for src in sources:
+            try:
+                training[str(src)] = json.loads((src / "run.json").read_text())
+            except (OSError, ValueError):
+                pass
+        output = Path(output)
+        if output.exists() and not output.is_dir():
+            raise InputError("output path exists and is not a directory", output)
+        output.mkdir(parents=True, exist_ok=True)
+        for fold, (config, state, members) in written.items():
+            save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
+                            extra={"members": members})
+        write_json(output / "ensemble.json", {"command": "ensemble", "sources": [str(s) for s in sources],
+                                              "overrides": changes, "config": written[folds[0]][0],
+                                              "members": {f"fold{k}": v[2] for k, v in written.items()},
+                                              "training": training})
+        config = written[folds[0]][0]
+        return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
+                f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}")
+    config, state, members = written[None]
+    save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state, extra={"members": members})
+    return f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output}"
 
 
 def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:

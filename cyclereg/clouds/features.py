@@ -94,6 +94,27 @@ class GraphFeatureNet(nn.Module):
         return int(min(max(round(k * n_moving / max(n_fixed, 1)), k), 4 * k))
 
 
+class FeatureEnsemble(nn.Module):
+    """Independently trained feature networks of one architecture (``members``).
+
+    Registration runs once per member and averages the displacements
+    (:func:`cyclereg.clouds.pipeline.averaged_displacements`); the state dict is the members'
+    under ``members.<i>.``.
+    """
+
+    def __init__(self, config: GraphNetConfig = GraphNetConfig(), size: int = 2):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size={size}: need at least one member")
+        self.config = config
+        self.members = nn.ModuleList(GraphFeatureNet(config) for _ in range(size))
+
+
+def ensemble_members(net: GraphFeatureNet | FeatureEnsemble) -> list[GraphFeatureNet]:
+    """The feature networks of ``net``: its members for an ensemble, else ``[net]``."""
+    return list(net.members) if isinstance(net, FeatureEnsemble) else [net]
+
+
 def build_graph_net(config: GraphNetConfig = GraphNetConfig(), *, seed: int | None = None) -> GraphFeatureNet:
     """A freshly (randomly) initialised network; ``seed`` makes the initialisation reproducible."""
     if seed is None:

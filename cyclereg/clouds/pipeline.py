@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
-from cyclereg.clouds.features import GraphFeatureNet, GraphNetConfig
+from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetConfig, ensemble_members
 from cyclereg.clouds.lbp import LBPConfig, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
 from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world
@@ -42,6 +42,10 @@ class CloudRegConfig:
         tta_translation: maximum translation per axis of a test-time copy [unit frame].
         tta_seed: seeds the test-time transforms (the same copies for every pair, so a
             registration is deterministic).
+        ensemble_size: number of independently trained feature networks stored together
+            (:class:`cyclereg.clouds.features.FeatureEnsemble`); each registers the pair with
+            the settings above and their displacements are averaged (``ensemble_size`` times
+            the cost). 1 = a single network, as trained.
     """
 
     net: GraphNetConfig = field(default_factory=GraphNetConfig)
@@ -54,8 +58,11 @@ class CloudRegConfig:
     tta_scale: float = 0.1
     tta_translation: float = 0.1
     tta_seed: int = 0
+    ensemble_size: int = 1
 
     def __post_init__(self):
+        if self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size={self.ensemble_size}: need 1 or more")
         if self.recentre_passes < 0:
             raise ValueError(f"recentre_passes={self.recentre_passes}: need 0 or more")
         if self.tta_passes < 0:
@@ -101,14 +108,25 @@ def recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor, feat_
     return disp
 
 
-def averaged_displacements(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+def averaged_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
                            config: CloudRegConfig, *,
                            features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Test-time displacements ``(N, 3)`` (unit frame): the re-centred prediction of
     :func:`predict_recentred` on the plain clouds, averaged with the same prediction on
     ``config.tta_passes`` randomly affinely transformed copies of both clouds, each mapped
-    back (``u = A^{-1} u'``). ``features``: the plain pass's ``(feat_f, feat_m)`` if already
-    computed. Equals :func:`predict_recentred` for ``tta_passes = 0``."""
+    back (``u = A^{-1} u'``), and, for a :class:`FeatureEnsemble`, averaged over its members.
+    ``features``: the plain pass's ``(feat_f, feat_m)`` of a single network if already
+    computed. Equals :func:`predict_recentred` for one network and ``tta_passes = 0``."""
+    members = ensemble_members(net)
+    if features is not None and len(members) > 1:
+        raise ValueError("features: only for a single network, not an ensemble")
+    total = sum(_tta_displacements(m, fixed_u, moving_u, config, features) for m in members)
+    return total / len(members)
+
+
+def _tta_displacements(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                       config: CloudRegConfig, features: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """:func:`averaged_displacements` of one network."""
     feat_f, feat_m = features if features is not None else net.pair(fixed_u, moving_u)
     total = recentred_displacements(fixed_u, moving_u, feat_f, feat_m, config)
     if config.tta_passes == 0:
@@ -172,9 +190,10 @@ def grid_affine(shape_zyx, spacing_zyx_mm) -> np.ndarray:
     return np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 
-def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphFeatureNet | None,
+def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphFeatureNet | FeatureEnsemble | None,
                     config: CloudRegConfig, *, box: UnitBox | None = None) -> CloudRegistration:
-    """Register two clouds (mm). ``net=None`` gives the identity (zero displacements)."""
+    """Register two clouds (mm). ``net=None`` gives the identity (zero displacements); an
+    ensemble averages its members' displacements."""
     box = box or UnitBox.around(fixed_mm, moving_mm, margin=config.box_margin)
     if net is None:
         disp = torch.zeros_like(fixed_mm)
