@@ -1,0 +1,97 @@
+"""One more self-training stage for every member of a cloud ensemble, on the ensemble's pseudo labels.
+
+``python scripts/ensemble_stage.py ENSEMBLE_DIR OUT_DIR [--dataset D] [--jobs N] [--folds 1,2]``
+
+``ENSEMBLE_DIR`` is a per-fold ensemble made by ``cyclereg ensemble`` (``foldK.pt`` plus
+``ensemble.json``, whose ``training`` entry holds every member run's ``run.json``). For each
+fold and member: the pseudo labels of the fold's training pairs are the ensemble's registration
+(its stored settings), smoothed by the TPS of the member's pseudo-label stream; the sampling
+weights come from the disagreement between the member's own single-pass output and those
+labels; the member then trains one stage of its own configuration from its current weights
+(warm restart). Landmarks are never read. Writes ``OUT_DIR/<member run name>/foldK.pt``
+(stage ``last + 1``) and ``OUT_DIR/<member run name>/log.jsonl``; finished (fold, member)
+jobs are skipped when the command is run again, so it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
+
+
+def run_job(args: tuple) -> str:
+    ensemble_dir, out_dir, dataset, fold, member_index = args
+    torch.set_num_threads(1)
+    from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+    from cyclereg.clouds.api import load_cloud_model
+    from cyclereg.clouds.lbp import lbp_displacements
+    from cyclereg.clouds.pipeline import averaged_displacements
+    from cyclereg.clouds.tps import ThinPlateSpline
+    from cyclereg.datasets import load_keypoint_dataset
+    from cyclereg.training.api import _cloud_task
+    from cyclereg.training.clouds import CloudCycleConfig
+
+    info = json.loads((ensemble_dir / "ensemble.json").read_text())
+    source = info["members"][f"fold{fold}"][member_index]
+    run_name = Path(source["source"]).parent.name
+    target = out_dir / run_name / f"fold{fold}.pt"
+    if target.is_file():
+        return f"fold {fold} {run_name}: done before"
+    training = info["training"][str(Path(source["source"]).parent)]
+    config = CloudCycleConfig.from_dict(training["config"])
+    ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
+    member = ensemble.members[member_index]
+    ds = load_keypoint_dataset(dataset)
+    task = _cloud_task(ds, fold, config, torch.device("cpu"))
+    t0 = time.perf_counter()
+    labels, disagreement = {}, {}
+    ensemble.eval()
+    with torch.no_grad():
+        for pair in task.pairs:
+            ref = averaged_displacements(ensemble, pair.fixed, pair.moving, ens_cfg)
+            if config.refine_tps_regularisation > 0:
+                ref = ThinPlateSpline.fit(pair.fixed, ref, regularisation=config.refine_tps_regularisation)(pair.fixed)
+            raw = lbp_displacements(pair.fixed, pair.moving, *member.pair(pair.fixed, pair.moving), config.reg.lbp)
+            labels[pair.id] = ref
+            disagreement[pair.id] = task.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item()
+    weights = task.sampling_weights(disagreement)
+    t1 = time.perf_counter()
+    stage = int(source.get("stage", 0)) + 1
+    stats = task.train_stage(member, labels, weights, stage)
+    t2 = time.perf_counter()
+    original = load_checkpoint(source["source"], kind="cloud")
+    save_checkpoint(target, kind="cloud", config=original["config"], state_dict=member.state_dict(),
+                    extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt"})
+    line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
+            "pseudo_label_disagreement_mm": sum(disagreement.values()) / len(disagreement), **stats}
+    atomic_write_text(out_dir / run_name / f"fold{fold}.log.json", json.dumps(line) + "\n")
+    return json.dumps(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ensemble", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--folds", default=None)
+    args = ap.parse_args()
+    info = json.loads((args.ensemble / "ensemble.json").read_text())
+    folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
+        [int(v) for v in args.folds.split(",")]
+    jobs = [(args.ensemble, args.out, args.dataset, k, i)
+            for k in folds for i in range(len(info["members"][f"fold{k}"]))]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for line in pool.imap_unordered(run_job, jobs):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
