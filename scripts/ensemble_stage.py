@@ -9,7 +9,7 @@ fold and member: the pseudo labels of the fold's training pairs are the ensemble
 weights come from the disagreement between the member's own single-pass output and those
 labels; the member then trains one stage of its own configuration from its current weights
 (warm restart). Landmarks are never read. Writes ``OUT_DIR/<member run name>/foldK.pt``
-(stage ``last + 1``) and ``OUT_DIR/<member run name>/log.jsonl``; finished (fold, member)
+(stage ``last + 1``), ``foldK.log.json`` and the member's ``run.json``; finished (fold, member)
 jobs are skipped when the command is run again, so it resumes.
 """
 
@@ -40,11 +40,12 @@ def run_job(args: tuple) -> str:
 
     info = json.loads((ensemble_dir / "ensemble.json").read_text())
     source = info["members"][f"fold{fold}"][member_index]
-    run_name = Path(source["source"]).parent.name
+    run = source.get("run", str(Path(source["source"]).parent))  # member run directory
+    run_name = Path(run).name
     target = out_dir / run_name / f"fold{fold}.pt"
     if target.is_file():
         return f"fold {fold} {run_name}: done before"
-    training = info["training"][str(Path(source["source"]).parent)]
+    training = info["training"][run]
     config = CloudCycleConfig.from_dict(training["config"])
     ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
     member = ensemble.members[member_index]
@@ -72,6 +73,8 @@ def run_job(args: tuple) -> str:
     line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
             "pseudo_label_disagreement_mm": sum(disagreement.values()) / len(disagreement), **stats}
     atomic_write_text(out_dir / run_name / f"fold{fold}.log.json", json.dumps(line) + "\n")
+    # the member's training configuration, so that the new checkpoints ensemble (and train) again
+    atomic_write_text(out_dir / run_name / "run.json", json.dumps(training, indent=2) + "\n")
     return json.dumps(line)
 
 

@@ -184,3 +184,38 @@ def test_validation_tre_is_logged_for_reporting(tmp_path):
     log = [json.loads(line) for line in (run / "fold2" / "log.jsonl").read_text().splitlines()]
     assert [r["val_pairs"] for r in log] == [1, 1]
     assert all(0.0 <= r["val_tre_mm"] < 50.0 for r in log)
+
+
+def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
+    """`scripts/ensemble_stage.py`: two tiny runs -> `cyclereg ensemble` -> one more stage per member
+    on the ensemble's pseudo labels, without landmark files; a second call resumes (skips)."""
+    import importlib.util
+    from pathlib import Path
+
+    ds = _dataset(tmp_path, n=2, landmarks=False)
+    for seed in ("0", "1"):
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / f"r{seed}"), "--fold", "1",
+                                  "--seed", seed, "--stages", "1", "--epochs", "1", "--tta-passes", "0",
+                                  "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / f"r{seed}"), "--folds", "1", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "r0"), str(tmp_path / "r1"), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    spec = importlib.util.spec_from_file_location(
+        "ensemble_stage", Path(__file__).resolve().parents[1] / "scripts" / "ensemble_stage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for member in (0, 1):
+        line = json.loads(mod.run_job((tmp_path / "e", tmp_path / "s", ds, 1, member)))
+        assert line["stage"] == 2 and math.isfinite(line["train_loss_mm"])
+    assert "done before" in mod.run_job((tmp_path / "e", tmp_path / "s", ds, 1, 0))
+    before = load_checkpoint(tmp_path / "r0" / "fold1" / "final.pt")["state_dict"]
+    after = load_checkpoint(tmp_path / "s" / "r0" / "fold1.pt")
+    assert after["extra"]["stage"] == 2 and (tmp_path / "s" / "r0" / "run.json").is_file()
+    assert any(not torch.equal(before[k], after["state_dict"][k]) for k in before)
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "s" / "r0"), str(tmp_path / "s" / "r1"),
+                              "-o", str(tmp_path / "e2")])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((tmp_path / "e2" / "ensemble.json").read_text())["training"]) == {
+        str(tmp_path / "s" / "r0"), str(tmp_path / "s" / "r1")}

@@ -99,7 +99,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     written: dict[int | None, tuple[CloudRegConfig, dict, list]] = {}
     for fold, files in groups.items():
         states, members, common = [], [], None
-        for f in files:
+        for src, f in zip(sources, files):
             net, config = load_cloud_model(f)
             config = replace(config, ensemble_size=1, **changes)
             if common is None:
@@ -111,7 +111,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             extra = load_checkpoint(f, kind=CHECKPOINT_KIND).get("extra", {})
             for m in ensemble_members(net):
                 states.append(m.state_dict())
-                members.append({"source": str(f), **({"stage": extra["stage"]} if "stage" in extra else {})})
+                members.append({"source": str(f), **({"run": str(src)} if src != f else {}),
+                                **({"stage": extra["stage"]} if "stage" in extra else {})})
         ensemble = FeatureEnsemble(common.net, len(states))
         for m, sd in zip(ensemble.members, states):
             m.load_state_dict(sd)
