@@ -29,21 +29,12 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
     (one network, or a :class:`FeatureEnsemble` when its config has ``ensemble_size > 1``).
     ``recentre_passes`` / ``tta_passes`` (if given) override the stored
     :attr:`CloudRegConfig.recentre_passes` / :attr:`CloudRegConfig.tta_passes`."""
-    for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
-        if value is not None and value < 0:
-            raise InputError(f"{flag} {value}: need 0 or more")
+    _check_overrides(recentre_passes, tta_passes)
     if str(model) == "random":
         config = config or CloudRegConfig()
         net = build_graph_net(config.net, seed=seed)
     else:
-        ckpt = load_checkpoint(model, kind=CHECKPOINT_KIND)
-        try:
-            config = CloudRegConfig.from_dict(ckpt["config"])
-            net = GraphFeatureNet(config.net) if config.ensemble_size == 1 else \
-                FeatureEnsemble(config.net, config.ensemble_size)
-            net.load_state_dict(ckpt["state_dict"])
-        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-            raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__})", model) from None
+        net, config = _model_from_checkpoint(load_checkpoint(model, kind=CHECKPOINT_KIND), model)
     if recentre_passes is not None:
         config = replace(config, recentre_passes=recentre_passes)
     if tta_passes is not None:
@@ -51,14 +42,28 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
     return net.to(resolve_device(device)).eval(), config
 
 
+def _check_overrides(recentre_passes: int | None, tta_passes: int | None) -> None:
+    for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
+        if value is not None and value < 0:
+            raise InputError(f"{flag} {value}: need 0 or more")
+
+
+def _model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[GraphFeatureNet | FeatureEnsemble, CloudRegConfig]:
+    """Network (or ensemble) and registration settings of a loaded cloud checkpoint."""
+    try:
+        config = CloudRegConfig.from_dict(ckpt["config"])
+        net = GraphFeatureNet(config.net) if config.ensemble_size == 1 else \
+            FeatureEnsemble(config.net, config.ensemble_size)
+        net.load_state_dict(ckpt["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__})", path) from None
+    return net, config
+
+
 def _fold_files(run_dir: Path) -> dict[int, Path]:
-    """Final checkpoint per fold of a run directory (``foldK/final.pt`` or ``foldK.pt``)."""
-    found: dict[int, Path] = {}
-    for p in sorted(run_dir.glob("fold*.pt")) + sorted(run_dir.glob("fold*/final.pt")):
-        name = p.stem if p.name != "final.pt" else p.parent.name
-        if name[4:].isdigit():
-            found.setdefault(int(name[4:]), p)
-    return found
+    """Final checkpoint per fold of a run directory, as :func:`fold_checkpoint` picks it."""
+    names = [p.stem for p in run_dir.glob("fold*.pt")] + [p.parent.name for p in run_dir.glob("fold*/final.pt")]
+    return {k: fold_checkpoint(run_dir, k) for k in sorted({int(n[4:]) for n in names if n[4:].isdigit()})}
 
 
 def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: int | None = None,
@@ -77,9 +82,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     sources = [Path(s) for s in sources]
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
-    for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
-        if value is not None and value < 0:
-            raise InputError(f"{flag} {value}: need 0 or more")
+    _check_overrides(recentre_passes, tta_passes)
     dirs = [s.is_dir() for s in sources]
     if any(dirs) and not all(dirs):
         raise InputError("give either run directories or checkpoint files, not both")
@@ -100,7 +103,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     for fold, files in groups.items():
         states, members, common = [], [], None
         for src, f in zip(sources, files):
-            net, config = load_cloud_model(f)
+            ckpt = load_checkpoint(f, kind=CHECKPOINT_KIND)
+            net, config = _model_from_checkpoint(ckpt, f)
             config = replace(config, ensemble_size=1, **changes)
             if common is None:
                 common = config
@@ -108,7 +112,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 differ = [k for k in vars(common) if getattr(common, k) != getattr(config, k)]
                 raise InputError(f"registration settings differ from {files[0]} in: {', '.join(differ)} "
                                  "(--recentre-passes / --tta-passes set those two for all members)", f)
-            extra = load_checkpoint(f, kind=CHECKPOINT_KIND).get("extra", {})
+            extra = ckpt.get("extra", {})
             for m in ensemble_members(net):
                 states.append(m.state_dict())
                 members.append({"source": str(f), **({"run": str(src)} if src != f else {}),
