@@ -31,9 +31,6 @@ def run_job(args: tuple) -> str:
     torch.set_num_threads(1)
     from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
     from cyclereg.clouds.api import load_cloud_model
-    from cyclereg.clouds.lbp import lbp_displacements
-    from cyclereg.clouds.pipeline import averaged_displacements
-    from cyclereg.clouds.tps import ThinPlateSpline
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
     from cyclereg.training.clouds import CloudCycleConfig
@@ -51,27 +48,17 @@ def run_job(args: tuple) -> str:
     member = ensemble.members[member_index]
     ds = load_keypoint_dataset(dataset)
     task = _cloud_task(ds, fold, config, torch.device("cpu"))
-    t0 = time.perf_counter()
-    labels, disagreement = {}, {}
-    ensemble.eval()
-    with torch.no_grad():
-        for pair in task.pairs:
-            ref = averaged_displacements(ensemble, pair.fixed, pair.moving, ens_cfg)
-            if config.refine_tps_regularisation > 0:
-                ref = ThinPlateSpline.fit(pair.fixed, ref, regularisation=config.refine_tps_regularisation)(pair.fixed)
-            raw = lbp_displacements(pair.fixed, pair.moving, *member.pair(pair.fixed, pair.moving), config.reg.lbp)
-            labels[pair.id] = ref
-            disagreement[pair.id] = task.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item()
-    weights = task.sampling_weights(disagreement)
-    t1 = time.perf_counter()
     stage = int(source.get("stage", 0)) + 1
-    stats = task.train_stage(member, labels, weights, stage)
+    t0 = time.perf_counter()
+    labels, info_labels = task.make_pseudo_labels(member, stage, labeller=(ensemble, ens_cfg))
+    t1 = time.perf_counter()
+    stats = task.train_stage(member, labels, info_labels["weights"], stage)
     t2 = time.perf_counter()
     original = load_checkpoint(source["source"], kind="cloud")
     save_checkpoint(target, kind="cloud", config=original["config"], state_dict=member.state_dict(),
                     extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt"})
     line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
-            "pseudo_label_disagreement_mm": sum(disagreement.values()) / len(disagreement), **stats}
+            "pseudo_label_disagreement_mm": info_labels["stats"]["pseudo_label_disagreement_mm"], **stats}
     atomic_write_text(out_dir / run_name / f"fold{fold}.log.json", json.dumps(line) + "\n")
     # the member's training configuration, so that the new checkpoints ensemble (and train) again
     atomic_write_text(out_dir / run_name / "run.json", json.dumps(training, indent=2) + "\n")

@@ -136,6 +136,11 @@ def test_time_config(cfg: CloudCycleConfig) -> CloudRegConfig:
 
 
 # ----------------------------------------------------------------------------- task
+Labeller = tuple[torch.nn.Module, CloudRegConfig]
+"""A model (network or :class:`~cyclereg.clouds.features.FeatureEnsemble`) and the registration
+settings with which it makes refined pseudo labels in place of the learning network."""
+
+
 @dataclass
 class CloudPairData:
     """Keypoints of one training pair in the unit frame (no landmarks)."""
@@ -167,8 +172,14 @@ class CloudCycleTask:
 
     # ------------------------------------------------------------------ pseudo labels
     @torch.no_grad()
-    def refine(self, model: GraphFeatureNet, pair: CloudPairData) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network output and refined pseudo label ``(N, 3)`` (unit frame) of one pair."""
+    def refine(self, model: GraphFeatureNet, pair: CloudPairData, labeller: Labeller | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network output and refined pseudo label ``(N, 3)`` (unit frame) of one pair.
+
+        ``labeller``: ``(network or ensemble, registration settings)`` that registers the pair
+        for the refined label instead of ``model`` with the pseudo-label stream's settings
+        (e.g. an ensemble of independently trained models); the TPS smoothing and the
+        consistency step stay the stream's."""
         cfg = self.config
         model.eval()
         f, m = pair.fixed.to(self.device), pair.moving.to(self.device)
@@ -176,21 +187,28 @@ class CloudCycleTask:
         raw = lbp_displacements(f, m, feat_f, feat_m, cfg.reg.lbp)
         if not cfg.refine:
             return raw, raw
-        stream = test_time_config(cfg)
-        fwd = averaged_displacements(model, f, m, stream, features=(feat_f, feat_m))
+        if labeller is None:
+            label_net, stream = model, test_time_config(cfg)
+            fwd = averaged_displacements(model, f, m, stream, features=(feat_f, feat_m))
+        else:
+            label_net, stream = labeller
+            label_net.eval()
+            fwd = averaged_displacements(label_net, f, m, stream)
         if cfg.refine_consistency:
-            bwd = averaged_displacements(model, m, f, stream)  # moving -> fixed displacements at moving points
+            bwd = averaged_displacements(label_net, m, f, stream)  # moving -> fixed displacements at moving points
             spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation)
             fwd = 0.5 * (fwd - spline(f + fwd))
         if cfg.refine_tps_regularisation > 0:
             fwd = ThinPlateSpline.fit(f, fwd, regularisation=cfg.refine_tps_regularisation)(f)
         return raw, fwd
 
-    def make_pseudo_labels(self, model, stage: int, progress=None) -> tuple[dict, dict]:
+    def make_pseudo_labels(self, model, stage: int, progress=None, labeller: Labeller | None = None
+                           ) -> tuple[dict, dict]:
+        """Refined labels of every training pair and sampling weights; ``labeller`` as in :meth:`refine`."""
         labels, disagreement = {}, {}
         task = progress.add_task(f"stage {stage}: pseudo labels", total=len(self.pairs)) if progress else None
         for pair in self.pairs:
-            raw, ref = self.refine(model, pair)
+            raw, ref = self.refine(model, pair, labeller)
             labels[pair.id] = ref.cpu()
             disagreement[pair.id] = self.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item()
             if progress:
