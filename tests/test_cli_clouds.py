@@ -44,28 +44,16 @@ def test_register_clouds(pair_files):
     assert cfg["model"] == "random" and cfg["config"]["lbp"]["num_candidates"] > 0
 
 
-def test_register_recentre_override(pair_files):
-    """``--recentre-passes`` reaches the written config; a negative count is refused before writing."""
+@pytest.mark.parametrize("flag,key", [("--recentre-passes", "recentre_passes"), ("--tta-passes", "tta_passes")])
+def test_register_pass_count_override(pair_files, flag, key):
+    """A pass-count flag reaches the written config; a negative count is refused before writing."""
     d, _ = pair_files
-    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "rc"),
-                              "--recentre-passes", "2", "--device", "cpu"])
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "ok"),
+                              flag, "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert json.loads((d / "rc" / "config.json").read_text())["config"]["recentre_passes"] == 2
-    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "bad"),
-                              "--recentre-passes", "-1"])
-    assert res.exit_code == 2 and "--recentre-passes" in res.output and not (d / "bad").exists()
-
-
-def test_register_tta_override(pair_files):
-    """``--tta-passes`` reaches the written config; a negative count is refused before writing."""
-    d, _ = pair_files
-    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "tta"),
-                              "--tta-passes", "2", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    assert json.loads((d / "tta" / "config.json").read_text())["config"]["tta_passes"] == 2
-    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "bad"),
-                              "--tta-passes", "-1"])
-    assert res.exit_code == 2 and "--tta-passes" in res.output and not (d / "bad").exists()
+    assert json.loads((d / "ok" / "config.json").read_text())["config"][key] == 2
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "bad"), flag, "-1"])
+    assert res.exit_code == 2 and flag in res.output and not (d / "bad").exists()
 
 
 @pytest.mark.parametrize("content", ["x_mm,y_mm,z_mm\n", "x_mm,y_mm,z_mm\n1,2,nan\n", "a,b\n1,2\n"])

@@ -283,28 +283,23 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
     """Apply command-line overrides; changing ``epochs`` scales the LR milestones proportionally."""
     from cyclereg.errors import InputError
 
+    def count(flag: str, value: int | None, minimum: int) -> int | None:
+        if value is not None and value < minimum:
+            raise InputError(f"{flag} {value}: need {minimum} or more")
+        return value
+
     cfg = base or CloudCycleConfig()
     changes: dict = {"augment": augment, "refine": refine, "weighted_sampling": weighted_sampling}
-    if stages is not None:
-        if stages < 1:
-            raise InputError(f"--stages {stages}: need at least 1")
+    if count("--stages", stages, 1) is not None:
         changes["stages"] = stages
-    if epochs is not None:
-        if epochs < 1:
-            raise InputError(f"--epochs {epochs}: need at least 1")
+    if count("--epochs", epochs, 1) is not None:
         changes["epochs"] = epochs
         changes["lr_milestones"] = tuple(max(1, round(m * epochs / cfg.epochs)) for m in cfg.lr_milestones)
-    if candidates is not None:
-        if candidates < 1:
-            raise InputError(f"--candidates {candidates}: need at least 1")
+    if count("--candidates", candidates, 1) is not None:
         changes["reg"] = replace(cfg.reg, lbp=replace(cfg.reg.lbp, num_candidates=candidates))
-    if recentre_passes is not None:
-        if recentre_passes < 0:
-            raise InputError(f"--recentre-passes {recentre_passes}: need 0 or more")
+    if count("--recentre-passes", recentre_passes, 0) is not None:
         changes["refine_recentre_passes"] = recentre_passes
-    if tta_passes is not None:
-        if tta_passes < 0:
-            raise InputError(f"--tta-passes {tta_passes}: need 0 or more")
+    if count("--tta-passes", tta_passes, 0) is not None:
         changes["refine_tta_passes"] = tta_passes
     if train_points is not None:
         try:
