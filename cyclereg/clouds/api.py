@@ -7,8 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-
-from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
+from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, field_smoothness, register_clouds
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
@@ -17,7 +16,6 @@ from cyclereg.errors import InputError
 from cyclereg.frames import UnitBox
 from cyclereg.metrics import tre_stats
 from cyclereg.pointio import format_csv, read_points
-from cyclereg.checkpoint import atomic_write_text
 
 CHECKPOINT_KIND = "cloud"
 
