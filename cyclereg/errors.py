@@ -26,3 +26,11 @@ def require_file(path: str | Path) -> Path:
     if not p.is_file():
         raise InputError("is not a regular file", p)
     return p
+
+
+def require_count(flag: str, value: int | None, minimum: int) -> int | None:
+    """Return ``value`` (``None`` = not given), raising :class:`InputError` naming ``flag``
+    if it is below ``minimum``."""
+    if value is not None and value < minimum:
+        raise InputError(f"{flag} {value}: need {minimum} or more")
+    return value

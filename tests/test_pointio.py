@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, require_count
 from cyclereg.pointio import read_points, write_points
 
 
@@ -95,3 +95,13 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_require_count_names_flag_and_bound():
+    """``None`` and values at or above the minimum pass through; below it the error names flag, value and bound."""
+    assert require_count("--stages", None, 1) is None
+    assert require_count("--stages", 1, 1) == 1 and require_count("--tta-passes", 0, 0) == 0
+    with pytest.raises(InputError, match=r"^--tta-passes -1: need 0 or more$"):
+        require_count("--tta-passes", -1, 0)
+    with pytest.raises(InputError, match=r"^--stages 0: need 1 or more$"):
+        require_count("--stages", 0, 1)

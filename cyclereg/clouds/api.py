@@ -12,7 +12,7 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_gra
 from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, field_smoothness, register_clouds
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, require_count
 from cyclereg.frames import UnitBox
 from cyclereg.metrics import tre_stats
 from cyclereg.pointio import format_csv, read_points
@@ -41,9 +41,8 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
 
 
 def _check_overrides(recentre_passes: int | None, tta_passes: int | None) -> None:
-    for flag, value in (("--recentre-passes", recentre_passes), ("--tta-passes", tta_passes)):
-        if value is not None and value < 0:
-            raise InputError(f"{flag} {value}: need 0 or more")
+    require_count("--recentre-passes", recentre_passes, 0)
+    require_count("--tta-passes", tta_passes, 0)
 
 
 def _model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[GraphFeatureNet | FeatureEnsemble, CloudRegConfig]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from cyclereg.checkpoint import to_jsonable, write_json
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, require_count
 from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
@@ -78,11 +78,8 @@ def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
 def dense_cycle_config(base: DenseCycleConfig | None = None, **options) -> DenseCycleConfig:
     """Apply command-line overrides to the dense self-training configuration."""
     cfg = base or DenseCycleConfig()
-    for key in ("stages", "iterations", "batch_size"):
-        if key in options and options[key] < 1:
-            raise InputError(f"--{key.replace('_', '-')} {options[key]}: need at least 1")
-    if "max_train_pairs" in options and options["max_train_pairs"] < 1:
-        raise InputError(f"--max-train-pairs {options['max_train_pairs']}: need at least 1")
+    for key in ("stages", "iterations", "batch_size", "max_train_pairs"):
+        require_count(f"--{key.replace('_', '-')}", options.get(key), 1)
     try:
         return replace(cfg, **options).validate()
     except ValueError as exc:
@@ -146,8 +143,7 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
     of the first N labelled ``registration_val`` pairs (volume datasets).
     """
     kind = dataset_kind(dataset)
-    if val_pairs < 0:
-        raise InputError(f"--val-pairs {val_pairs}: need 0 or more")
+    require_count("--val-pairs", val_pairs, 0)
     if kind == "keypoints":
         return _cloud_pretrain(dataset, Path(run), seed=seed, fold=fold, device=device, config=config,
                                options=_only(kind, CLOUD_OPTIONS, options), val_pairs=val_pairs)
@@ -161,10 +157,8 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
               device: str = "auto", val_pairs: int = 0) -> dict:
     """Run or resume cyclical self-training; returns ``{fold: last stage}`` (fold ``None``
     for volume datasets)."""
-    if stages is not None and stages < 1:
-        raise InputError(f"--stages {stages}: need at least 1")
-    if val_pairs < 0:
-        raise InputError(f"--val-pairs {val_pairs}: need 0 or more")
+    require_count("--stages", stages, 1)
+    require_count("--val-pairs", val_pairs, 0)
     if dataset_kind(dataset) == "keypoints":
         return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs)
     if folds not in (None, "all"):

@@ -281,25 +281,20 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
                  tta_passes: int | None = None,
                  base: CloudCycleConfig | None = None) -> CloudCycleConfig:
     """Apply command-line overrides; changing ``epochs`` scales the LR milestones proportionally."""
-    from cyclereg.errors import InputError
-
-    def count(flag: str, value: int | None, minimum: int) -> int | None:
-        if value is not None and value < minimum:
-            raise InputError(f"{flag} {value}: need {minimum} or more")
-        return value
+    from cyclereg.errors import InputError, require_count
 
     cfg = base or CloudCycleConfig()
     changes: dict = {"augment": augment, "refine": refine, "weighted_sampling": weighted_sampling}
-    if count("--stages", stages, 1) is not None:
+    if require_count("--stages", stages, 1) is not None:
         changes["stages"] = stages
-    if count("--epochs", epochs, 1) is not None:
+    if require_count("--epochs", epochs, 1) is not None:
         changes["epochs"] = epochs
         changes["lr_milestones"] = tuple(max(1, round(m * epochs / cfg.epochs)) for m in cfg.lr_milestones)
-    if count("--candidates", candidates, 1) is not None:
+    if require_count("--candidates", candidates, 1) is not None:
         changes["reg"] = replace(cfg.reg, lbp=replace(cfg.reg.lbp, num_candidates=candidates))
-    if count("--recentre-passes", recentre_passes, 0) is not None:
+    if require_count("--recentre-passes", recentre_passes, 0) is not None:
         changes["refine_recentre_passes"] = recentre_passes
-    if count("--tta-passes", tta_passes, 0) is not None:
+    if require_count("--tta-passes", tta_passes, 0) is not None:
         changes["refine_tta_passes"] = tta_passes
     if train_points is not None:
         try:
