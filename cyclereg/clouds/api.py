@@ -133,11 +133,11 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         for fold, (config, state, members) in written.items():
             save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
                             extra={"members": members})
+        config = written[folds[0]][0]
         write_json(output / "ensemble.json", {"command": "ensemble", "sources": [str(s) for s in sources],
-                                              "overrides": changes, "config": written[folds[0]][0],
+                                              "overrides": changes, "config": config,
                                               "members": {f"fold{k}": v[2] for k, v in written.items()},
                                               "training": training})
-        config = written[folds[0]][0]
         return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
                 f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}")
     config, state, members = written[None]
