@@ -1,6 +1,7 @@
 """Keypoint-cloud path against analytic answers and brute force."""
 
 import itertools
+import math
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,7 @@ from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_inde
 from cyclereg.clouds.lbp import LBPConfig, candidates, lbp_beliefs, lbp_displacements, min_sum
 from cyclereg.clouds.pipeline import CloudRegConfig, predict_unit, register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-from cyclereg.clouds.tps import ThinPlateSpline
+from cyclereg.clouds.tps import ThinPlateSpline, _phi
 from cyclereg.frames import UnitBox
 
 
@@ -99,6 +100,20 @@ def test_tps_reproduces_affine_field_exactly(dtype):
     # and interpolates arbitrary values at the control points
     v = torch.randn(60, 3, generator=g, dtype=dtype)
     torch.testing.assert_close(ThinPlateSpline.fit(c, v)(c), v, atol=1e-6 if dtype == torch.float64 else 1e-3, rtol=0)
+
+
+def test_tps_kernel_value_and_gradient_to_control_values():
+    # r^2 log r at r = 2 between two control points; the spline stays differentiable in
+    # its values (the in-place kernel path is only taken without autograd)
+    c = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]],
+                     dtype=torch.float64)
+    torch.testing.assert_close(_phi(torch.tensor([2.0], dtype=torch.float64), "r2logr"),
+                               torch.tensor([4.0 * math.log(2.0 + 1e-6)], dtype=torch.float64))
+    v = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    c_req = c.clone().requires_grad_(True)
+    out = ThinPlateSpline.fit(c_req, v, regularisation=0.1)(torch.rand(7, 3, dtype=torch.float64))
+    out.sum().backward()
+    assert v.grad.abs().sum() > 0 and torch.isfinite(c_req.grad).all()
 
 
 def test_zero_motion_gives_zero_displacement():

@@ -114,6 +114,21 @@ def test_jacobian_of_affine_field_equals_det():
     assert s["folding_fraction"] == 0.0 and s["sdlogj"] < 1e-9
 
 
+def test_jacobian_of_quadratic_field_matches_analytic_det_per_voxel():
+    # central differences are exact for quadratics, so every interior voxel's determinant is
+    # that of the analytic Jacobian I + du/dx at the voxel
+    x = voxel_coordinates((7, 8, 9), dtype=torch.float64)  # (D, H, W, 3)
+    i, j, k = x.unbind(-1)
+    a = 0.01
+    u = torch.stack([a * j * k, a * i * i - 0.02 * k, 0.03 * i * j + a * k * k]).unsqueeze(0)
+    Ja = torch.zeros(*i.shape, 3, 3, dtype=torch.float64)
+    Ja[..., 0, 1], Ja[..., 0, 2] = a * k, a * j
+    Ja[..., 1, 0], Ja[..., 1, 2] = 2 * a * i, -0.02
+    Ja[..., 2, 0], Ja[..., 2, 1], Ja[..., 2, 2] = 0.03 * j, 0.03 * i, 2 * a * k
+    expected = torch.linalg.det(Ja + torch.eye(3, dtype=torch.float64))[1:-1, 1:-1, 1:-1]
+    torch.testing.assert_close(jacobian_determinant(u)[0], expected, atol=1e-12, rtol=0)
+
+
 def sphere(shape, centre, radius, spacing=(1.0, 1.0, 1.0)):
     x = voxel_coordinates(shape, dtype=torch.float64) * torch.tensor(spacing, dtype=torch.float64)
     c = torch.tensor(centre, dtype=torch.float64) * torch.tensor(spacing, dtype=torch.float64)

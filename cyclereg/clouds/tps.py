@@ -32,8 +32,11 @@ class TPSConfig:
 
 
 def _phi(r: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Kernel of the distances ``r``; ``r2logr`` overwrites ``r`` (no extra full-size copy)
+    unless autograd needs it."""
     if kernel == "r2logr":
-        return r.pow(2) * torch.log(r + 1e-6)
+        log_r = torch.log(r + 1e-6)
+        return r.pow(2) * log_r if r.requires_grad else r.pow_(2).mul_(log_r)
     if kernel == "r":
         return r
     raise ValueError(f"kernel: expected 'r2logr' or 'r', got {kernel!r}")
