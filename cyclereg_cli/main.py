@@ -72,10 +72,7 @@ def keypoints(
 
     Writes OUTPUT and the resolved configuration OUTPUT.config.json.
     """
-    try:
-        from cyclereg.keypoints.api import detect_keypoints_file
-    except ImportError:
-        _fail("'keypoints' is not built yet (issue 4)")
+    from cyclereg.keypoints.api import detect_keypoints_file
     detect_keypoints_file(
         ct, output, mask=mask, lung_mask=lung_mask, save_mask=save_mask, sigma_mm=sigma,
         nms_radius_mm=nms_radius, threshold=threshold, max_points=max_points, fmt=fmt, device=device,
@@ -156,13 +153,14 @@ def register(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Register one fixed/moving pair with a trained (or random) model."""
-    if _is_volume(fixed) or _is_volume(moving):
+    if _is_volume(fixed) != _is_volume(moving):
+        volume, cloud = (fixed, moving) if _is_volume(fixed) else (moving, fixed)
+        _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
+    if _is_volume(fixed):
         if recentre_passes is not None or tta_passes is not None:
             _fail("--recentre-passes and --tta-passes are options for point clouds, not volumes")
-        try:
-            from cyclereg.dense.api import register_volume_files
-        except ImportError:
-            _fail("volume registration is not built yet (issue 3)")
+        from cyclereg.dense.api import register_volume_files
+
         summary = register_volume_files(
             fixed, moving, out_dir, model=model, seed=seed, moving_labels=moving_labels, warps=warps,
             adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device,
@@ -212,10 +210,7 @@ def evaluate(
         return
     if recentre_passes is not None or tta_passes is not None:
         _fail("--recentre-passes and --tta-passes are options for keypoint datasets, not volume datasets")
-    try:
-        from cyclereg.dense.api import evaluate_volume_dataset
-    except ImportError:
-        _fail("volume evaluation is not built yet (issue 3)")
+    from cyclereg.dense.api import evaluate_volume_dataset
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,
                             both_directions=both_directions, resume=resume)

@@ -71,6 +71,19 @@ def test_register_missing_file(tmp_path):
     assert res.exit_code == 2 and "nope.csv" in res.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("volume_first", [True, False])
+def test_register_cloud_with_volume_is_refused(pair_files, volume_first):
+    """A cloud and a volume cannot be registered: one line naming both files, nothing written
+    (the volume is not even read, so a stand-in file is enough)."""
+    d, _ = pair_files
+    (d / "v.nii.gz").write_bytes(b"not read")
+    files = [str(d / "v.nii.gz"), str(d / "f.csv")]
+    res = runner.invoke(app, ["register", *(files if volume_first else files[::-1]), "-o", str(d / "mix")])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+    assert "f.csv: a point cloud" in res.output and "v.nii.gz is a volume" in res.output
+    assert not (d / "mix").exists()
+
+
 def test_register_bad_model(pair_files):
     d, _ = pair_files
     (d / "bad.pt").write_bytes(b"xx")
