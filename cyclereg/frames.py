@@ -100,6 +100,22 @@ def mm_disp_to_voxel(disp_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tenso
     return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm)
 
 
+def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) -> torch.Tensor:
+    """Where each fixed voxel lands in the *moving* grid: the voxel indices ``(B, D, H, W, 3)``
+    (i, j, k of the moving array) of ``x + u(x)`` for every fixed voxel ``x``, through world mm.
+
+    Args:
+        disp_vox: ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid.
+        fixed_affine, moving_affine: 4x4 NIfTI affines of the two grids (they may differ in
+            shape, spacing, origin and orientation).
+    """
+    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
+        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
+    target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
+    return world_to_voxel(voxel_to_world(target, fixed_affine), moving_affine)
+
+
 # ----------------------------------------------------------------------------- mm <-> unit (clouds)
 @dataclass(frozen=True)
 class UnitBox:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cyclereg.frames import ALIGN_CORNERS, identity_grid, voxel_disp_to_grid_disp
+from cyclereg.frames import ALIGN_CORNERS, fixed_to_moving_voxels, identity_grid, voxel_disp_to_grid_disp, voxel_to_grid
 
 
 def _check(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -37,6 +37,26 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
     return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)
 
 
+def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tensor, fixed_affine, *,
+                       mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """:func:`warp` for a moving image on a grid of its own: sample ``moving`` ``(B, C, D', H', W')``
+    (grid ``moving_affine``) at the world point of ``x + disp(x)`` for every voxel ``x`` of the
+    fixed grid (``disp_vox`` ``(B, 3, D, H, W)`` in its voxels, ``fixed_affine``).
+
+    Returns ``(B, C, D, H, W)`` on the fixed grid. Equals :func:`warp` when the affines and
+    shapes agree.
+    """
+    _check("moving", moving, 5)
+    _check("disp_vox", disp_vox, 5)
+    points = fixed_to_moving_voxels(disp_vox, fixed_affine, moving_affine)
+    grid = voxel_to_grid(points, tuple(moving.shape[2:]))
+    src = moving if moving.dtype.is_floating_point else moving.to(disp_vox.dtype)
+    if src.shape[0] != grid.shape[0]:
+        src = src.expand(grid.shape[0], *src.shape[1:])
+    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)
+
+
 def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
     """Displacement of ``x -> x + a(x) + b(x + a(x))`` (apply ``a`` first, then ``b``), voxels."""
     return disp_a + warp(disp_b, disp_a, mode="bilinear", padding_mode="border")
@@ -44,8 +64,6 @@ def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
 
 def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of ``field`` ``(1, C, D, H, W)`` at voxel points ``(N, 3)`` -> ``(N, C)``."""
-    from cyclereg.frames import voxel_to_grid
-
     g = voxel_to_grid(points_vox.to(field.dtype), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
     out = F.grid_sample(field, g, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
     return out.view(field.shape[1], -1).T

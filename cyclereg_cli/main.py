@@ -144,11 +144,13 @@ def register(
     spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="clouds: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="clouds: fixed scan (NIfTI, same world frame as the points); also write displacement.nii.gz on its grid"),
+    moving_image: Optional[Path] = typer.Option(None, "--moving-image", help="clouds: moving scan (NIfTI, any grid); also write warped.nii.gz on the --reference grid"),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes: label map to warp (nearest neighbour)"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
-    disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes: write the displacement in world mm instead of voxels"),
+    disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
     l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -157,8 +159,8 @@ def register(
         volume, cloud = (fixed, moving) if _is_volume(fixed) else (moving, fixed)
         _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
     if _is_volume(fixed):
-        if recentre_passes is not None or tta_passes is not None:
-            _fail("--recentre-passes and --tta-passes are options for point clouds, not volumes")
+        if recentre_passes is not None or tta_passes is not None or reference is not None or moving_image is not None:
+            _fail("--recentre-passes, --tta-passes, --reference and --moving-image are options for point clouds, not volumes")
         from cyclereg.dense.api import register_volume_files
 
         summary = register_volume_files(
@@ -167,11 +169,15 @@ def register(
         )
         typer.echo(summary)
         return
+    if moving_labels is not None or warps is not None or adam is not None or ic is not None or l2r_name:
+        _fail("--moving-labels, --warps, --adam/--no-adam, --ic/--no-ic and --l2r-name are options for volumes, "
+              "not point clouds")
     from cyclereg.clouds.api import register_cloud_files
 
     summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
                                    spacing=spacing, device=device, recentre_passes=recentre_passes,
-                                   tta_passes=tta_passes)
+                                   tta_passes=tta_passes, reference=reference, moving_image=moving_image,
+                                   disp_mm=disp_mm)
     typer.echo(summary)
 
 

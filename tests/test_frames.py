@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from cyclereg.frames import (UnitBox, grid_disp_to_voxel_disp, grid_to_voxel, mm_disp_to_voxel, voxel_disp_to_grid_disp,
+from cyclereg.frames import (UnitBox, fixed_to_moving_voxels, grid_disp_to_voxel_disp, grid_to_voxel, mm_disp_to_voxel, voxel_disp_to_grid_disp,
                              voxel_disp_to_mm, voxel_to_grid, voxel_to_world, world_to_voxel)
-from cyclereg.warp import warp
+from cyclereg.warp import warp, warp_between_grids
 
 
 def test_voxel_grid_round_trip(device, dtype):
@@ -48,3 +48,47 @@ def test_warp_identity_and_known_shift(device):
     d[:, 2] = 1.0
     out = warp(img, d)
     torch.testing.assert_close(out[..., :-1], img[..., 1:])
+
+
+# a fixed grid (2 mm, axis-aligned) and a moving grid of its own: axes permuted and flipped,
+# anisotropic spacing, another origin, covering the fixed grid's world extent with margin
+FIXED_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+MOVING_AFFINE = np.array([[0.0, 0.0, 1.0, -4.0],
+                          [0.0, 0.75, 0.0, -4.0],
+                          [-1.5, 0.0, 0.0, 20.0],
+                          [0.0, 0.0, 0.0, 1.0]])
+MOVING_SHAPE = (18, 32, 24)
+
+
+def test_fixed_to_moving_voxels_through_world(dtype):
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(1, 3, 6, 7, 8, generator=g, dtype=dtype) * 2 - 1
+    pts = fixed_to_moving_voxels(d, FIXED_AFFINE, MOVING_AFFINE)
+    assert pts.shape == (1, 6, 7, 8, 3)
+    # the moving voxel maps back to the world point of x + d(x) in the fixed grid
+    x = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=dtype) for s in (6, 7, 8)), indexing="ij"), -1)
+    expected = 2.0 * (x + d[0].permute(1, 2, 3, 0))
+    torch.testing.assert_close(voxel_to_world(pts[0], MOVING_AFFINE), expected)
+
+
+def test_warp_between_grids_samples_a_world_ramp_exactly():
+    """A moving image that is linear in world mm is warped exactly (trilinear interpolation is
+    exact for linear functions): warped(x) = ramp(world(x + u(x)))."""
+    a, b = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64), 1.0
+    vox = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=torch.float64) for s in MOVING_SHAPE), indexing="ij"), -1)
+    moving = (voxel_to_world(vox, MOVING_AFFINE) @ a + b)[None, None]
+    g = torch.Generator().manual_seed(1)
+    d = (torch.rand(1, 3, 6, 7, 8, generator=g, dtype=torch.float64) * 2 - 1)
+    out = warp_between_grids(moving, MOVING_AFFINE, d, FIXED_AFFINE)
+    x = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=torch.float64) for s in (6, 7, 8)), indexing="ij"), -1)
+    expected = (2.0 * (x + d[0].permute(1, 2, 3, 0))) @ a + b
+    assert out.shape == (1, 1, 6, 7, 8)
+    torch.testing.assert_close(out[0, 0], expected, atol=1e-9, rtol=0)
+
+
+def test_warp_between_grids_equals_warp_on_one_grid(device):
+    g = torch.Generator().manual_seed(2)
+    img = torch.rand(1, 1, 6, 7, 8, generator=g).to(device)
+    d = (torch.rand(1, 3, 6, 7, 8, generator=g) * 3 - 1.5).to(device)
+    affine = np.array([[0.0, 1.2, 0.0, 5.0], [0.9, 0.0, 0.0, -3.0], [0.0, 0.0, 2.5, 1.0], [0, 0, 0, 1.0]])
+    torch.testing.assert_close(warp_between_grids(img, affine, d, affine), warp(img, d), atol=1e-5, rtol=0)

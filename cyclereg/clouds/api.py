@@ -7,15 +7,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, field_smoothness, register_clouds
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
-from cyclereg.frames import UnitBox
+from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.metrics import tre_stats
 from cyclereg.pointio import format_csv, read_points
+from cyclereg.volumeio import Volume, read_nifti, write_nifti
+from cyclereg.warp import warp_between_grids
 
 CHECKPOINT_KIND = "cloud"
 
@@ -159,13 +163,31 @@ def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float
 
 def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
-                         recentre_passes: int | None = None, tta_passes: int | None = None) -> str:
+                         recentre_passes: int | None = None, tta_passes: int | None = None,
+                         reference: Path | None = None, moving_image: Path | None = None,
+                         disp_mm: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
-    ``config.json``) into ``out_dir``. Everything is read and validated before anything is written."""
+    ``config.json``) into ``out_dir``.
+
+    With ``reference`` (a NIfTI of the fixed scan, whose world frame the points share) also
+    ``displacement.nii.gz``: the TPS field on that grid, ``(D, H, W, 3)`` in its voxels (channel c
+    along array axis c, fixed -> moving; world mm in x, y, z with ``disp_mm``), the dense path's
+    convention. With ``moving_image`` (needs ``reference``; any grid of its own) also
+    ``warped.nii.gz``: that image resampled onto the reference grid through the field.
+    Everything is read and validated before anything is written.
+    """
+    if moving_image is not None and reference is None:
+        raise InputError("--moving-image needs --reference (the grid to warp it onto)", moving_image)
     sp = _parse_spacing(spacing, Path(fixed))
     fixed_mm = read_points(fixed, spacing_mm=sp)
     moving_mm = read_points(moving, spacing_mm=sp)
     query_mm = read_points(query, spacing_mm=sp) if query is not None else None
+    ref = read_nifti(reference) if reference is not None else None
+    mov_img = read_nifti(moving_image) if moving_image is not None else None
+    if ref is not None:
+        _require_points_inside(fixed_mm, ref, fixed)
+    if mov_img is not None:
+        _require_points_inside(moving_mm, mov_img, moving)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
     t0 = time.perf_counter()
@@ -175,23 +197,49 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
             "dx_mm": disp[:, 0], "dy_mm": disp[:, 1], "dz_mm": disp[:, 2]}
     outputs = {"displacements.csv": format_csv(cols)}
+    spline = reg.spline()
     if query_mm is not None:
-        q = reg.at(query_mm.to(dev)).cpu()
+        q = reg.at(query_mm.to(dev), spline).cpu()
         outputs["query_displacements.csv"] = format_csv(
             {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
              "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]})
+    volumes = {}
+    if ref is not None:
+        field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
+        field = voxel_disp_to_mm(field_vox, torch.from_numpy(ref.affine).float()) if disp_mm else field_vox
+        volumes["displacement.nii.gz"] = field[0].permute(1, 2, 3, 0)
+        if mov_img is not None:
+            volumes["warped.nii.gz"] = warp_between_grids(mov_img.data[None, None], mov_img.affine,
+                                                          field_vox, ref.affine)[0, 0]
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a directory", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():
         atomic_write_text(out_dir / name, text)
+    for name, data in volumes.items():
+        write_nifti(out_dir / name, data, ref.affine)
     write_json(out_dir / "config.json", {"command": "register", "fixed": str(fixed), "moving": str(moving),
                                          "model": str(model), "seed": seed, "device": str(dev),
+                                         "reference": str(reference) if reference else None,
+                                         "moving_image": str(moving_image) if moving_image else None,
+                                         "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "config": config, "seconds": seconds})
     mean = disp.norm(dim=1).mean().item()
+    written = sorted(outputs) + sorted(volumes)
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s; "
-            f"mean |u| {mean:.2f} mm; wrote {', '.join(sorted(outputs))} to {out_dir}")
+            f"mean |u| {mean:.2f} mm; wrote {', '.join(written)} to {out_dir}")
+
+
+def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:
+    """Refuse a volume whose world extent holds none of the points: the two are not in one frame
+    (e.g. voxel-index CSVs read without ``--spacing``, or the wrong scan)."""
+    vox = world_to_voxel(points_mm.double(), torch.from_numpy(volume.affine))
+    size = torch.tensor(volume.shape, dtype=vox.dtype)
+    inside = ((vox >= -0.5) & (vox <= size - 0.5)).all(dim=1)
+    if not bool(inside.any()):
+        raise InputError(f"none of the {points_mm.shape[0]} points of {points_path} lies inside this volume "
+                         f"(shape {tuple(volume.shape)}): are both in the same world frame (mm)?", volume.path)
 
 
 def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
