@@ -1,6 +1,10 @@
 """Change the stored test-time registration settings of cloud checkpoints (state dicts unchanged).
 
-``python scripts/set_cloud_test_time.py CKPT_OR_DIR ... [--tta-passes N] [--recentre-passes N]``
+``python scripts/set_cloud_test_time.py CKPT_OR_DIR ... [--tta-passes N] [--recentre-passes N]
+[--training-box-of DATASET_JSON]``
+
+``--training-box-of`` stores the volume box of a keypoint dataset as the frame the networks were
+trained in (:attr:`CloudRegConfig.training_box`), for checkpoints written before it was stored.
 
 A directory stands for its ``fold*.pt`` files. Each checkpoint is rewritten atomically with the
 same ``state_dict`` and ``extra`` and its ``config`` (a :class:`CloudRegConfig`) updated; this is how
@@ -14,7 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint
+from cyclereg.clouds.api import dataset_box
 from cyclereg.clouds.pipeline import CloudRegConfig
+from cyclereg.datasets import load_keypoint_dataset
 
 
 def main() -> None:
@@ -22,9 +28,15 @@ def main() -> None:
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--tta-passes", type=int)
     ap.add_argument("--recentre-passes", type=int)
+    ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON")
     args = ap.parse_args()
     changes = {k: v for k, v in (("tta_passes", args.tta_passes), ("recentre_passes", args.recentre_passes))
                if v is not None}
+    if args.training_box_of is not None:
+        box = dataset_box(load_keypoint_dataset(args.training_box_of))
+        if box is None:
+            ap.error(f"{args.training_box_of}: the dataset has no volume_shape_zyx / spacing_zyx_mm box")
+        changes["training_box"] = box
     files = [f for p in args.paths for f in (sorted(p.glob("fold*.pt")) if p.is_dir() else [p])]
     if not files:
         ap.error("no checkpoints found")
@@ -32,7 +44,8 @@ def main() -> None:
     for f, ck in loaded:
         config = replace(CloudRegConfig.from_dict(ck["config"]), **changes)
         save_checkpoint(f, kind="cloud", config=config, state_dict=ck["state_dict"], extra=ck.get("extra"))
-        print(f"{f}: tta_passes={config.tta_passes} recentre_passes={config.recentre_passes}")
+        print(f"{f}: tta_passes={config.tta_passes} recentre_passes={config.recentre_passes} "
+              f"training_box={config.training_box}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every subcommand through Typer's CliRunner (keypoint-cloud side)."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,8 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cyclereg.clouds.api import dataset_box, load_cloud_model
+from cyclereg.clouds.pipeline import register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-from cyclereg.pointio import write_points
+from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.pointio import read_points, write_points
 from cyclereg.volumeio import write_nifti
 from cyclereg.warp import sample_at_points
 from cyclereg_cli.main import app
@@ -289,3 +293,20 @@ def test_shipped_copd_models_regression(tmp_path):
     assert r["config"]["ensemble_size"] == 3
     assert all(c["fold"] == (int(c["id"][-2:]) + 1) // 2 for c in r["cases"])  # the paper's folds
     assert r["mean_sdlogj"] < 0.06
+
+
+def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
+    """`register` of a COPD pair with a committed model gives the displacements `evaluate` gets
+    (both in the frame the model was trained in), here read out at the fixed keypoints."""
+    ds = shared_path("copd-keypoints", "dataset.json")
+    root = ds.parent / "copd01"
+    model = str(Path(__file__).resolve().parents[1] / "models" / "copd" / "fold1.pt")
+    res = runner.invoke(app, ["register", str(root / "fixed_keypoints.csv"), str(root / "moving_keypoints.csv"),
+                              "-o", str(tmp_path / "o"), "--model", model, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "unit frame: training box" in res.output.replace("\n", " ")
+    written = np.loadtxt(tmp_path / "o" / "displacements.csv", delimiter=",", skiprows=1)[:, 3:]
+    net, cfg = load_cloud_model(model)
+    f, m = read_points(root / "fixed_keypoints.csv"), read_points(root / "moving_keypoints.csv")
+    reg = register_clouds(f, m, net, cfg, box=dataset_box(load_keypoint_dataset(ds)))  # what evaluate does
+    np.testing.assert_allclose(written, reg.displacements_mm.numpy(), atol=1e-3)

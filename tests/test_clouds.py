@@ -11,7 +11,9 @@ import torch
 from cyclereg.clouds.features import GraphNetConfig, build_graph_net
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
 from cyclereg.clouds.lbp import LBPConfig, candidates, lbp_beliefs, lbp_displacements, min_sum
-from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, predict_unit, register_clouds
+from cyclereg.checkpoint import to_jsonable
+from cyclereg.clouds.pipeline import (CloudRegConfig, CloudRegistration, predict_unit, register_clouds,
+                                      registration_box)
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig, _phi
 from cyclereg.frames import UnitBox, mm_disp_to_voxel, voxel_to_world
@@ -136,6 +138,26 @@ def test_dense_field_of_affine_motion_is_exact_on_any_grid():
     expected_mm = (world @ M.T + t).permute(3, 0, 1, 2)[None]
     expected = mm_disp_to_voxel(expected_mm, affine)
     torch.testing.assert_close(field.double(), expected, atol=1e-4, rtol=0)
+
+
+def test_registration_box_follows_the_training_frame():
+    g = torch.Generator().manual_seed(4)
+    f = torch.rand(50, 3, generator=g, dtype=torch.float64) * 40 + torch.tensor([100.0, 80.0, 60.0])
+    m = f + 2.0
+    untrained = CloudRegConfig()
+    box, how = registration_box(f, m, untrained)
+    assert box == UnitBox.around(f, m, margin=untrained.box_margin) and how == "clouds' bounding box"
+    trained_box = UnitBox((0.0, 0.0, 0.0), (260.0, 192.0, 336.0))
+    trained = replace(untrained, training_box=trained_box)
+    assert registration_box(f, m, trained) == (trained_box, "training box")
+    # the same clouds 1 m away: same scale, box centred on them
+    box, how = registration_box(f + 1000.0, m + 1000.0, trained)
+    assert how == "training box, moved to the clouds" and box.extent_mm == trained_box.extent_mm
+    own = UnitBox.around(f + 1000.0, m + 1000.0, margin=untrained.box_margin)
+    for lo, e, olo, oe in zip(box.lo_mm, box.extent_mm, own.lo_mm, own.extent_mm):
+        assert abs((lo + e / 2) - (olo + oe / 2)) < 1e-9
+    # a stored box survives the checkpoint round trip through JSON
+    assert CloudRegConfig.from_dict(to_jsonable(trained)) == trained
 
 
 def test_zero_motion_gives_zero_displacement():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import cyclereg.training.scheduler as scheduler_mod
 from cyclereg.checkpoint import load_checkpoint
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-from cyclereg.pointio import write_points
+from cyclereg.pointio import read_points, write_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, random_affine
 from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
@@ -54,6 +54,11 @@ def test_full_cycle_smoke_and_evaluate(tmp_path):
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
     # trained models register like the pseudo-label stream
     assert ck["config"]["recentre_passes"] == 1 and ck["config"]["tta_passes"] == 4
+    # and store the frame they were trained in: no volume box here, so the bounding box of the
+    # fold's training clouds (c1, c2; c0 is held out)
+    clouds = [read_points(tmp_path / f"c{i}" / name) for i in (1, 2) for name in ("fk.csv", "mk.csv")]
+    expected = UnitBox.around(*clouds)
+    assert ck["config"]["training_box"] == {"lo_mm": list(expected.lo_mm), "extent_mm": list(expected.extent_mm)}
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--max-pairs", "1", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["fold"] == 1

@@ -11,7 +11,8 @@ import torch
 
 from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
-from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration, field_smoothness, register_clouds
+from cyclereg.clouds.pipeline import (CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
+                                      registration_box)
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
@@ -190,8 +191,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         _require_points_inside(moving_mm, mov_img, moving)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
+    box, frame = registration_box(fixed_mm, moving_mm, config)
     t0 = time.perf_counter()
-    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config)
+    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box)
     seconds = time.perf_counter() - t0
     disp = reg.displacements_mm.cpu()
     cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
@@ -224,11 +226,12 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                          "reference": str(reference) if reference else None,
                                          "moving_image": str(moving_image) if moving_image else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
-                                         "unit_box": reg.box, "config": config, "seconds": seconds})
+                                         "unit_box": reg.box, "unit_frame": frame, "config": config,
+                                         "seconds": seconds})
     mean = disp.norm(dim=1).mean().item()
     written = sorted(outputs) + sorted(volumes)
-    return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s; "
-            f"mean |u| {mean:.2f} mm; wrote {', '.join(written)} to {out_dir}")
+    return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
+            f"(unit frame: {frame}); mean |u| {mean:.2f} mm; wrote {', '.join(written)} to {out_dir}")
 
 
 def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:

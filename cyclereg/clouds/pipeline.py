@@ -46,6 +46,10 @@ class CloudRegConfig:
             (:class:`cyclereg.clouds.features.FeatureEnsemble`); each registers the pair with
             the settings above and their displacements are averaged (``ensemble_size`` times
             the cost). 1 = a single network, as trained.
+        training_box: the unit frame (mm box) the network was trained in, stored with trained
+            models so that a pair registered on its own is mapped into the same frame as in
+            training (see :func:`registration_box`). None: untrained network, or a checkpoint
+            from before it was stored (the clouds' own bounding box is used).
     """
 
     net: GraphNetConfig = field(default_factory=GraphNetConfig)
@@ -59,6 +63,7 @@ class CloudRegConfig:
     tta_translation: float = 0.1
     tta_seed: int = 0
     ensemble_size: int = 1
+    training_box: UnitBox | None = None
 
     def __post_init__(self):
         if self.ensemble_size < 1:
@@ -78,9 +83,12 @@ class CloudRegConfig:
         net = dict(d.get("net", {}))
         if "channels" in net:
             net["channels"] = tuple(net["channels"])
-        rest = {k: v for k, v in d.items() if k not in ("net", "lbp", "tps")}
+        rest = {k: v for k, v in d.items() if k not in ("net", "lbp", "tps", "training_box")}
+        box = d.get("training_box")
         return CloudRegConfig(net=GraphNetConfig(**net), lbp=LBPConfig(**d.get("lbp", {})),
-                              tps=TPSConfig(**d.get("tps", {})), **rest)
+                              tps=TPSConfig(**d.get("tps", {})),
+                              training_box=UnitBox(tuple(box["lo_mm"]), tuple(box["extent_mm"])) if box else None,
+                              **rest)
 
 
 def predict_unit(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
@@ -190,11 +198,33 @@ def grid_affine(shape_zyx, spacing_zyx_mm) -> np.ndarray:
     return np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 
+def registration_box(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: CloudRegConfig) -> tuple[UnitBox, str]:
+    """The unit frame for one pair registered on its own (no dataset box), and how it was chosen.
+
+    * the network's ``config.training_box``, when the centre of the pair's bounding box lies in it
+      (the pair is in the training data's frame): ``"training box"``;
+    * a box of the training box's extent centred on the pair (same scale, another origin):
+      ``"training box, moved to the clouds"``;
+    * without a training box (untrained network, older checkpoint): the clouds' bounding box
+      enlarged by ``config.box_margin``: ``"clouds' bounding box"``.
+    """
+    own = UnitBox.around(fixed_mm, moving_mm, margin=config.box_margin)
+    trained = config.training_box
+    if trained is None:
+        return own, "clouds' bounding box"
+    centre = [lo + e / 2 for lo, e in zip(own.lo_mm, own.extent_mm)]
+    if all(lo <= c <= lo + e for c, lo, e in zip(centre, trained.lo_mm, trained.extent_mm)):
+        return trained, "training box"
+    lo = tuple(c - e / 2 for c, e in zip(centre, trained.extent_mm))
+    return UnitBox(lo, trained.extent_mm), "training box, moved to the clouds"  # type: ignore[arg-type]
+
+
 def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphFeatureNet | FeatureEnsemble | None,
                     config: CloudRegConfig, *, box: UnitBox | None = None) -> CloudRegistration:
     """Register two clouds (mm). ``net=None`` gives the identity (zero displacements); an
-    ensemble averages its members' displacements."""
-    box = box or UnitBox.around(fixed_mm, moving_mm, margin=config.box_margin)
+    ensemble averages its members' displacements. ``box``: the unit frame (a dataset's volume
+    box); default :func:`registration_box`."""
+    box = box or registration_box(fixed_mm, moving_mm, config)[0]
     if net is None:
         disp = torch.zeros_like(fixed_mm)
     else:

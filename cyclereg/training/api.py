@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cyclereg.checkpoint import to_jsonable, write_json
+from cyclereg.clouds.api import dataset_box
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
@@ -87,9 +88,9 @@ def dense_cycle_config(base: DenseCycleConfig | None = None, **options) -> Dense
 
 
 def _box(ds, pairs) -> UnitBox:
-    if ds.volume_shape_zyx and ds.spacing_zyx_mm:
-        return UnitBox.from_volume(ds.volume_shape_zyx, ds.spacing_zyx_mm)
-    return UnitBox.around(*[p.fixed for p in pairs], *[p.moving for p in pairs])
+    """The unit frame of a fold's training: the dataset's volume box, else the bounding box of all
+    its training clouds (stored with the checkpoints as ``CloudRegConfig.training_box``)."""
+    return dataset_box(ds) or UnitBox.around(*[p.fixed for p in pairs], *[p.moving for p in pairs])
 
 
 def _cloud_task(ds, fold, config, device) -> CloudCycleTask:

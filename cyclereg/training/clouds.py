@@ -168,7 +168,8 @@ class CloudCycleTask:
         return build_graph_net(self.config.reg.net, seed=self.config.seed * 1000 + min(stage, 1)).to(self.device)
 
     def model_config(self) -> CloudRegConfig:
-        return test_time_config(self.config)
+        """What a checkpoint stores: the test-time settings and the unit frame trained in."""
+        return replace(test_time_config(self.config), training_box=self.box)
 
     # ------------------------------------------------------------------ pseudo labels
     @torch.no_grad()
