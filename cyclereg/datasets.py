@@ -96,14 +96,40 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
             raise InputError(f"pair {n} needs id, fixed_keypoints and moving_keypoints", p) from None
     if not pairs:
         raise InputError("no pairs in dataset", p)
-    folds = []
-    for f in obj.get("folds", []) or []:
-        ids = f.get("test") if isinstance(f, dict) else f
-        folds.append(tuple(str(i) for i in ids))
-    shape = obj.get("volume_shape_zyx")
-    spacing = obj.get("spacing_zyx_mm")
+    ids = [q.id for q in pairs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"pair id {dup[0]!r} is listed more than once", p)
+    folds: list[tuple[str, ...]] = []
+    held: dict[str, int] = {}
+    for k, f in enumerate(obj.get("folds", []) or [], start=1):
+        test = f.get("test") if isinstance(f, dict) else f
+        if not isinstance(test, list) or not test:
+            raise InputError(f"fold {k}: expected a non-empty list of held-out pair ids (or {{\"test\": [...]}})", p)
+        for i in (str(v) for v in test):
+            if i not in ids:
+                raise InputError(f"fold {k} holds out {i!r}, which is not a pair id", p)
+            if i in held:
+                raise InputError(f"pair {i!r} is held out by folds {held[i]} and {k}", p)
+            held[i] = k
+        folds.append(tuple(str(v) for v in test))
+    shape = _positive_triple(obj.get("volume_shape_zyx"), "volume_shape_zyx", p)
+    spacing = _positive_triple(obj.get("spacing_zyx_mm"), "spacing_zyx_mm", p)
+    if (shape is None) != (spacing is None):
+        raise InputError("volume_shape_zyx and spacing_zyx_mm go together (the volume box): give both or neither", p)
     return KeypointDataset(
         path=p, name=str(obj.get("name", p.stem)), pairs=tuple(pairs), folds=tuple(folds),
         volume_shape_zyx=tuple(int(v) for v in shape) if shape else None,
         spacing_zyx_mm=tuple(float(v) for v in spacing) if spacing else None,
     )
+
+
+def _positive_triple(value, key: str, path: Path) -> list[float] | None:
+    """``None`` for an absent key, else three positive numbers (or a one-line error naming the key)."""
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok:
+        raise InputError(f"{key}: expected three positive numbers (z, y, x), got {value!r}", path)
+    return value

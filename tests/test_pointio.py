@@ -1,8 +1,12 @@
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint
+from cyclereg.datasets import load_keypoint_dataset
 from cyclereg.errors import InputError, require_count
 from cyclereg.pointio import read_points, write_points
 
@@ -105,3 +109,29 @@ def test_require_count_names_flag_and_bound():
         require_count("--tta-passes", -1, 0)
     with pytest.raises(InputError, match=r"^--stages 0: need 1 or more$"):
         require_count("--stages", 0, 1)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"pairs": "dup"}, "'a' is listed more than once"),
+    ({"folds": [["a"], ["zz"]]}, "fold 2 holds out 'zz', which is not a pair id"),
+    ({"folds": [["a"], ["a", "b"]]}, "pair 'a' is held out by folds 1 and 2"),
+    ({"folds": [[]]}, "fold 1: expected a non-empty list"),
+    ({"volume_shape_zyx": [192, 192], "spacing_zyx_mm": [1, 1, 1]}, "volume_shape_zyx: expected three positive numbers"),
+    ({"volume_shape_zyx": [192, 192, 208], "spacing_zyx_mm": [1, 0, 1]}, "spacing_zyx_mm: expected three positive numbers"),
+    ({"volume_shape_zyx": [192, 192, 208]}, "go together"),
+])
+def test_keypoint_dataset_json_is_validated(tmp_path, change, message):
+    pairs = [{"id": i, "fixed_keypoints": f"{i}f.csv", "moving_keypoints": f"{i}m.csv"} for i in ("a", "b")]
+    obj = {"pairs": pairs, "folds": [["a"], ["b"]]}
+    if change.pop("pairs", None) == "dup":
+        obj["pairs"] = pairs + [pairs[0]]
+    obj.update(change)
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(InputError, match=re.escape(message)) as info:
+        load_keypoint_dataset(path)
+    assert str(info.value).startswith(str(path))
+    obj.update({"folds": [["a"], ["b"]], "pairs": pairs})
+    obj.pop("volume_shape_zyx", None), obj.pop("spacing_zyx_mm", None)
+    path.write_text(json.dumps(obj))
+    assert load_keypoint_dataset(path).folds == (("a",), ("b",))
