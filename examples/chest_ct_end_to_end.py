@@ -6,16 +6,20 @@
    by sampling the fixed image at ``q + v(q)`` with ``v`` the inverse displacement
    (``v(q) = -u(q + v(q))``, fixed-point iteration); a tiny self-check verifies the sign.
 2. Foerstner keypoints with automatic lung masks in both scans (``cyclereg keypoints``).
-3. Keypoint-cloud registration with random features
-   (``cyclereg register FIXED.csv MOVING.csv -o OUT --model random``).
-4. Mean error at the fixed keypoints: before ``|u|`` and after ``|u_pred - u|`` (mm).
+3. Keypoint-cloud registration with random features, densified on the fixed CT's grid and
+   the moving CT warped onto it (``cyclereg register FIXED.csv MOVING.csv -o OUT --model random
+   --reference FIXED.nii.gz --moving-image MOVING.nii.gz``).
+4. Mean error at the fixed keypoints: before ``|u|`` and after ``|u_pred - u|`` (mm); the same
+   for the dense field over every voxel of the fixed lung mask; and the mean absolute intensity
+   difference (HU) inside that mask between the fixed CT and the moving CT, before and after warping.
 
 Run from the repository root::
 
     python examples/chest_ct_end_to_end.py --out runs/chest_e2e
 
 Writes ``OUT/moving.nii.gz``, ``OUT/{fixed,moving}_keypoints.csv`` (+ ``.config.json``),
-``OUT/registration/`` and ``OUT/e2e_result.json``.
+``OUT/fixed_lung_mask.nii.gz``, ``OUT/registration/`` (with ``displacement.nii.gz`` and
+``warped.nii.gz``) and ``OUT/e2e_result.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -148,7 +153,8 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     t = time.perf_counter()
     fixed_kp = out / "fixed_keypoints.csv"
     moving_kp = out / "moving_keypoints.csv"
-    kf = detect_keypoints_file(ct, fixed_kp, lung_mask=True, device=device)
+    mask_path = out / "fixed_lung_mask.nii.gz"
+    kf = detect_keypoints_file(ct, fixed_kp, lung_mask=True, save_mask=mask_path, device=device)
     km = detect_keypoints_file(moving_path, moving_kp, lung_mask=True, nms_radius_mm=moving_nms_radius_mm,
                                device=device)
     timings["keypoints_s"] = time.perf_counter() - t
@@ -156,7 +162,8 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     t = time.perf_counter()
     reg_dir = out / "registration"
     cmd = [sys.executable, "-m", "cyclereg_cli.main", "register", str(fixed_kp), str(moving_kp),
-           "-o", str(reg_dir), "--model", "random", "--device", device]
+           "-o", str(reg_dir), "--model", "random", "--device", device,
+           "--reference", str(ct), "--moving-image", str(moving_path)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     timings["register_s"] = time.perf_counter() - t
@@ -171,6 +178,18 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     u_mm = voxel_disp_to_mm(u_vox.T.reshape(1, 3, -1, 1, 1), affine).reshape(3, -1).T.numpy()
     err_before = np.linalg.norm(u_mm, axis=1)
     err_after = np.linalg.norm(pred_mm - u_mm, axis=1)
+
+    # the dense field and the warped scan over the fixed lung mask
+    lung = read_nifti(mask_path, labels=True).data > 0
+    lung_vox = torch.nonzero(lung).double()
+    field = torch.from_numpy(np.asarray(nib.load(str(reg_dir / "displacement.nii.gz")).dataobj))  # (D, H, W, 3) voxels
+    pred_dense = field[lung].double() @ affine[:3, :3].T
+    true_dense = u_at(u_c.double(), factor, lung_vox) @ affine[:3, :3].T
+    dense_before = true_dense.norm(dim=1).numpy()
+    dense_after = (pred_dense - true_dense).norm(dim=1).numpy()
+    warped = read_nifti(reg_dir / "warped.nii.gz").data
+    hu_before = float((fixed.data - moving).abs()[lung].mean())
+    hu_after = float((fixed.data - warped).abs()[lung].mean())
     result = {
         "ct": str(ct),
         "field": asdict(cfg),
@@ -182,6 +201,10 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
                             "p90": float(np.percentile(err_before, 90))},
         "error_after_mm": {"mean": float(err_after.mean()), "median": float(np.median(err_after)),
                            "p90": float(np.percentile(err_after, 90))},
+        "lung_voxels": int(lung.sum()),
+        "dense_error_before_mm": {"mean": float(dense_before.mean()), "p90": float(np.percentile(dense_before, 90))},
+        "dense_error_after_mm": {"mean": float(dense_after.mean()), "p90": float(np.percentile(dense_after, 90))},
+        "lung_mean_abs_hu_difference": {"before": hu_before, "after": hu_after},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
@@ -207,6 +230,9 @@ def main(argv=None) -> None:
     print(f"fixed {res['fixed_keypoints']} / moving {res['moving_keypoints']} keypoints; "
           f"mean error before {b['mean']:.2f} mm (median {b['median']:.2f}), "
           f"after {e['mean']:.2f} mm (median {e['median']:.2f})")
+    db, da, hu = res["dense_error_before_mm"], res["dense_error_after_mm"], res["lung_mean_abs_hu_difference"]
+    print(f"dense field over {res['lung_voxels']} lung voxels: mean error before {db['mean']:.2f} mm, after "
+          f"{da['mean']:.2f} mm; mean |fixed - moving| in the lungs {hu['before']:.1f} HU -> {hu['after']:.1f} HU warped")
 
 
 if __name__ == "__main__":
