@@ -29,8 +29,13 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
     if moving.shape[2:] != disp_vox.shape[2:]:
         raise ValueError(f"moving {tuple(moving.shape[2:])} and disp_vox {tuple(disp_vox.shape[2:])} grids differ")
     grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
-    grid = grid + voxel_disp_to_grid_disp(disp_vox)
-    src = moving if moving.dtype.is_floating_point else moving.to(disp_vox.dtype)
+    return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox), mode, padding_mode)
+
+
+def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` of ``moving`` ``(B or 1, C, ...)`` at ``grid`` ``(B, D, H, W, 3)``; integer
+    images (labels) are sampled as floats and rounded back."""
+    src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)
     if src.shape[0] != grid.shape[0]:
         src = src.expand(grid.shape[0], *src.shape[1:])
     out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
@@ -49,12 +54,7 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     _check("moving", moving, 5)
     _check("disp_vox", disp_vox, 5)
     points = fixed_to_moving_voxels(disp_vox, fixed_affine, moving_affine)
-    grid = voxel_to_grid(points, tuple(moving.shape[2:]))
-    src = moving if moving.dtype.is_floating_point else moving.to(disp_vox.dtype)
-    if src.shape[0] != grid.shape[0]:
-        src = src.expand(grid.shape[0], *src.shape[1:])
-    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
-    return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)
+    return _sample(moving, voxel_to_grid(points, tuple(moving.shape[2:])), mode, padding_mode)
 
 
 def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
