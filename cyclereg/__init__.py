@@ -28,7 +28,9 @@ Coordinate frames (see :mod:`cyclereg.frames`)
     i.e. ``(x, y, z)`` of torch, always ``align_corners=True``: -1 and +1 are the centres
     of the first and last voxel), and ``unit`` for point clouds (mm shifted and scaled
     per axis so that the registration domain spans ``[-1, 1]``; the optimiser's
-    hyper-parameters are stated in this frame, as in the authors' code).
+    hyper-parameters are stated in this frame, as in the authors' code). A trained cloud
+    model stores the box it was trained in (``CloudRegConfig.training_box``) and registers
+    new pairs in it (:func:`cyclereg.clouds.pipeline.registration_box`).
 Devices and dtypes
     Follow the inputs. Nothing is moved to CUDA implicitly; user entry points take
     ``device="auto"|"cpu"|"cuda"`` (:func:`cyclereg.device.resolve_device`).
