@@ -146,7 +146,7 @@ def register(
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="clouds: fixed scan (NIfTI, same world frame as the points); also write displacement.nii.gz on its grid"),
     moving_image: Optional[Path] = typer.Option(None, "--moving-image", help="clouds: moving scan (NIfTI, any grid); also write warped.nii.gz on the --reference grid"),
-    moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes: label map to warp (nearest neighbour)"),
+    moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes, clouds with --reference: label map of the moving scan to warp (nearest neighbour)"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
@@ -169,15 +169,14 @@ def register(
         )
         typer.echo(summary)
         return
-    if moving_labels is not None or warps is not None or adam is not None or ic is not None or l2r_name:
-        _fail("--moving-labels, --warps, --adam/--no-adam, --ic/--no-ic and --l2r-name are options for volumes, "
-              "not point clouds")
+    if warps is not None or adam is not None or ic is not None or l2r_name:
+        _fail("--warps, --adam/--no-adam, --ic/--no-ic and --l2r-name are options for volumes, not point clouds")
     from cyclereg.clouds.api import register_cloud_files
 
     summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
                                    spacing=spacing, device=device, recentre_passes=recentre_passes,
                                    tta_passes=tta_passes, reference=reference, moving_image=moving_image,
-                                   disp_mm=disp_mm)
+                                   moving_labels=moving_labels, disp_mm=disp_mm)
     typer.echo(summary)
 
 

@@ -118,8 +118,10 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     mov_data, mov_affine = _box_volume(pair.moving_mm, spacing=3.0)
     write_nifti(d / "mov.nii.gz", mov_data, mov_affine)
     base = ["register", str(d / "f.csv"), str(d / "m.csv"), "--reference", str(d / "ref.nii.gz"), "--device", "cpu"]
+    labels = (torch.from_numpy(np.asarray(mov_data)) // 10).long()  # stripes of the world coordinates
+    write_nifti(d / "lab.nii.gz", labels, mov_affine)
     res = runner.invoke(app, [*base, "-o", str(d / "vox"), "--moving-image", str(d / "mov.nii.gz"),
-                              "--query", str(d / "f.csv")])
+                              "--moving-labels", str(d / "lab.nii.gz"), "--query", str(d / "f.csv")])
     assert res.exit_code == 0, res.output
     field = read_nifti_array(d / "vox" / "displacement.nii.gz")
     assert field.shape == (*ref_data.shape, 3)
@@ -136,6 +138,9 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     centre = tuple(s // 2 for s in ref_data.shape)
     p = ref_affine[:3, :3] @ np.array(centre) + ref_affine[:3, 3] + field[centre] * 2.0
     assert abs(warped[centre] - (p[0] + 2 * p[1])) < 1e-2
+    # labels: nearest moving voxel of the same point
+    q = np.rint(np.linalg.solve(mov_affine, np.append(p, 1.0))[:3]).astype(int)
+    assert read_nifti_array(d / "vox" / "warped_labels.nii.gz")[centre] == labels[tuple(q)].item()
     cfg = json.loads((d / "vox" / "config.json").read_text())
     assert cfg["displacement_unit"] == "voxel" and cfg["reference"].endswith("ref.nii.gz")
     res = runner.invoke(app, [*base, "-o", str(d / "mm"), "--disp-mm"])
@@ -150,6 +155,7 @@ def test_register_reference_errors_write_nothing(pair_files):
     write_nifti(d / "far.nii.gz", far_data, far_affine)
     f, m = str(d / "f.csv"), str(d / "m.csv")
     cases = [(["--moving-image", str(d / "far.nii.gz")], "needs --reference"),
+             (["--moving-labels", str(d / "far.nii.gz")], "--moving-labels needs --reference"),
              (["--reference", str(d / "far.nii.gz")], "lies inside this volume"),
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
              (["--warps", "2"], "options for volumes")]

@@ -166,7 +166,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
                          recentre_passes: int | None = None, tta_passes: int | None = None,
                          reference: Path | None = None, moving_image: Path | None = None,
-                         disp_mm: bool = False) -> str:
+                         moving_labels: Path | None = None, disp_mm: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``.
 
@@ -174,21 +174,25 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     ``displacement.nii.gz``: the TPS field on that grid, ``(D, H, W, 3)`` in its voxels (channel c
     along array axis c, fixed -> moving; world mm in x, y, z with ``disp_mm``), the dense path's
     convention. With ``moving_image`` (needs ``reference``; any grid of its own) also
-    ``warped.nii.gz``: that image resampled onto the reference grid through the field.
+    ``warped.nii.gz``: that image resampled onto the reference grid through the field; with
+    ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour).
     Everything is read and validated before anything is written.
     """
-    if moving_image is not None and reference is None:
-        raise InputError("--moving-image needs --reference (the grid to warp it onto)", moving_image)
+    for flag, path in (("--moving-image", moving_image), ("--moving-labels", moving_labels)):
+        if path is not None and reference is None:
+            raise InputError(f"{flag} needs --reference (the grid to warp it onto)", path)
     sp = _parse_spacing(spacing, Path(fixed))
     fixed_mm = read_points(fixed, spacing_mm=sp)
     moving_mm = read_points(moving, spacing_mm=sp)
     query_mm = read_points(query, spacing_mm=sp) if query is not None else None
     ref = read_nifti(reference) if reference is not None else None
     mov_img = read_nifti(moving_image) if moving_image is not None else None
+    mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
     if ref is not None:
         _require_points_inside(fixed_mm, ref, fixed)
-    if mov_img is not None:
-        _require_points_inside(moving_mm, mov_img, moving)
+    for vol in (mov_img, mov_lab):
+        if vol is not None:
+            _require_points_inside(moving_mm, vol, moving)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
     box, frame = registration_box(fixed_mm, moving_mm, config)
@@ -213,6 +217,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         if mov_img is not None:
             volumes["warped.nii.gz"] = warp_between_grids(mov_img.data[None, None], mov_img.affine,
                                                           field_vox, ref.affine)[0, 0]
+        if mov_lab is not None:
+            volumes["warped_labels.nii.gz"] = warp_between_grids(mov_lab.data[None, None], mov_lab.affine,
+                                                                 field_vox, ref.affine, mode="nearest")[0, 0]
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a directory", out_dir)
@@ -225,6 +232,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                          "model": str(model), "seed": seed, "device": str(dev),
                                          "reference": str(reference) if reference else None,
                                          "moving_image": str(moving_image) if moving_image else None,
+                                         "moving_labels": str(moving_labels) if moving_labels else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
                                          "seconds": seconds})
