@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cyclereg.frames import ALIGN_CORNERS, fixed_to_moving_voxels, identity_grid, voxel_disp_to_grid_disp, voxel_to_grid
+
+
+SLAB_VOXELS = 1 << 23
+"""Fixed-grid voxels per slab in :func:`warp_between_grids` (memory: ~100 bytes each)."""
 
 
 def _check(name: str, t: torch.Tensor, ndim: int) -> None:
@@ -49,12 +54,21 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     fixed grid (``disp_vox`` ``(B, 3, D, H, W)`` in its voxels, ``fixed_affine``).
 
     Returns ``(B, C, D, H, W)`` on the fixed grid. Equals :func:`warp` when the affines and
-    shapes agree.
+    shapes agree. Works in slabs along the first axis of at most :data:`SLAB_VOXELS` voxels, so
+    the sampling coordinates of a large CT never exist all at once.
     """
     _check("moving", moving, 5)
     _check("disp_vox", disp_vox, 5)
-    points = fixed_to_moving_voxels(disp_vox, fixed_affine, moving_affine)
-    return _sample(moving, voxel_to_grid(points, tuple(moving.shape[2:])), mode, padding_mode)
+    fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
+    depth, plane = disp_vox.shape[2], disp_vox.shape[3] * disp_vox.shape[4]
+    step = max(1, SLAB_VOXELS // max(plane, 1))
+    slabs = []
+    for start in range(0, depth, step):
+        shift = np.eye(4)
+        shift[0, 3] = start  # the slab's voxel 0 is the fixed grid's voxel `start` along axis 0
+        points = fixed_to_moving_voxels(disp_vox[:, :, start:start + step], fixed_affine @ shift, moving_affine)
+        slabs.append(_sample(moving, voxel_to_grid(points, tuple(moving.shape[2:])), mode, padding_mode))
+    return torch.cat(slabs, dim=2)
 
 
 def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:

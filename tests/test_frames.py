@@ -92,3 +92,14 @@ def test_warp_between_grids_equals_warp_on_one_grid(device):
     d = (torch.rand(1, 3, 6, 7, 8, generator=g) * 3 - 1.5).to(device)
     affine = np.array([[0.0, 1.2, 0.0, 5.0], [0.9, 0.0, 0.0, -3.0], [0.0, 0.0, 2.5, 1.0], [0, 0, 0, 1.0]])
     torch.testing.assert_close(warp_between_grids(img, affine, d, affine), warp(img, d), atol=1e-5, rtol=0)
+
+
+def test_warp_between_grids_in_slabs_equals_one_piece(monkeypatch):
+    import cyclereg.warp as warp_mod
+
+    g = torch.Generator().manual_seed(5)
+    moving = torch.rand(1, 1, *MOVING_SHAPE, generator=g)
+    d = torch.rand(1, 3, 6, 7, 8, generator=g) * 4 - 2
+    whole = warp_between_grids(moving, MOVING_AFFINE, d, FIXED_AFFINE)
+    monkeypatch.setattr(warp_mod, "SLAB_VOXELS", 7 * 8 * 4 + 1)  # two slabs along axis 0: 4 + 2 planes
+    torch.testing.assert_close(warp_between_grids(moving, MOVING_AFFINE, d, FIXED_AFFINE), whole, atol=1e-6, rtol=0)
