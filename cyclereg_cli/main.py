@@ -193,6 +193,7 @@ def evaluate(
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoint datasets: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoint datasets: override the model's test-time augmentation passes (0 = off)"),
+    errors_csv: Optional[Path] = typer.Option(None, "--errors-csv", help="keypoint datasets: also write every landmark's error before/after (mm) to this CSV"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
@@ -207,14 +208,17 @@ def evaluate(
 
     kind = dataset_kind(dataset)
     if kind == "keypoints":
+        if warps is not None or adam is not None or ic is not None or both_directions or resume:
+            _fail("--warps, --adam/--no-adam, --ic/--no-ic, --both-directions and --resume are options for volume "
+                  "datasets, not keypoint datasets")
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
         evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                                   max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
-                                  device=device)
+                                  device=device, errors_csv=errors_csv)
         return
-    if recentre_passes is not None or tta_passes is not None:
-        _fail("--recentre-passes and --tta-passes are options for keypoint datasets, not volume datasets")
+    if recentre_passes is not None or tta_passes is not None or errors_csv is not None:
+        _fail("--recentre-passes, --tta-passes and --errors-csv are options for keypoint datasets, not volume datasets")
     from cyclereg.dense.api import evaluate_volume_dataset
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,

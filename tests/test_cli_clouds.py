@@ -201,6 +201,28 @@ def test_evaluate_identity_and_random(tmp_path):
     assert {"mean", "std", "p25", "p50", "p75"} <= set(r["cases"][0]["tre_after_mm"])
 
 
+def test_evaluate_writes_every_landmark_error(tmp_path):
+    """--errors-csv: one row per landmark whose means are the report's per-case TREs; the
+    identity's error is the landmark distance, known analytically from the mini dataset."""
+    ds = _mini_dataset(tmp_path)
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "id.json"),
+                              "--errors-csv", str(tmp_path / "e.csv")])
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "e.csv").read_text().splitlines()
+    assert lines[0] == "pair,fold,landmark,before_mm,after_mm" and len(lines) == 1 + 2 * 20
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows[:2]] == ["c0", "c0"] and [int(r[2]) for r in rows[:20]] == list(range(20))
+    truth = make_breathing_pair(1, SMALL).displacement_mm[:20].norm(dim=1)
+    np.testing.assert_allclose([float(r[3]) for r in rows[20:]], truth.numpy(), atol=1e-3)
+    report = json.loads((tmp_path / "id.json").read_text())
+    for k, case in enumerate(report["cases"]):
+        after = np.array([float(r[4]) for r in rows[20 * k:20 * (k + 1)]])
+        assert after.mean() == pytest.approx(case["tre_after_mm"]["mean"], abs=1e-3)
+        assert all(int(r[1]) == k + 1 for r in rows[20 * k:20 * (k + 1)])
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "x.json"), "--warps", "2"])
+    assert res.exit_code == 2 and "options for volume datasets" in res.output and not (tmp_path / "x.json").exists()
+
+
 def test_evaluate_needs_exactly_one_method(tmp_path):
     ds = _mini_dataset(tmp_path, 1)
     res = runner.invoke(app, ["evaluate", str(ds), "--json", str(tmp_path / "x.json")])

@@ -272,13 +272,16 @@ def dataset_box(ds: KeypointDataset) -> UnitBox | None:
 def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
                               run: Path | None = None, stage: int | None = None, seed: int = 0,
                               max_pairs: int | None = None, recentre_passes: int | None = None,
-                              tta_passes: int | None = None, device: str = "auto", smoothness: bool = True, quiet: bool = False) -> dict:
+                              tta_passes: int | None = None, device: str = "auto", smoothness: bool = True,
+                              quiet: bool = False, errors_csv: Path | None = None) -> dict:
     """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
 
     ``recentre_passes`` and ``tta_passes`` override the models' stored values (see
     :class:`CloudRegConfig`).
 
-    Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table.
+    Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
+    with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
+    ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -308,6 +311,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
+    rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": []}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("registering pairs", total=len(pairs))
         for p in pairs:
@@ -326,6 +330,12 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             seconds = time.perf_counter() - t0
             before = (lm_f - lm_m).norm(dim=1).cpu()
             after = (lm_f + u_lm - lm_m).norm(dim=1).cpu()
+            n_lm = before.shape[0]
+            rows["pair"] += [p.id] * n_lm
+            rows["fold"] += [ds.fold_of(p.id) or 0] * n_lm
+            rows["landmark"] += list(range(n_lm))
+            rows["before_mm"] += before.tolist()
+            rows["after_mm"] += after.tolist()
             case = {"id": p.id, "fold": ds.fold_of(p.id), "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
                     "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
                     "seconds": seconds}
@@ -363,6 +373,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                   f"{result['mean_seconds']:.1f}")
     Console(quiet=quiet).print(table)
     write_json(report, result)
+    if errors_csv is not None:
+        lines = [",".join(rows)] + [f"{pid},{fold},{i},{b:.4f},{a:.4f}" for pid, fold, i, b, a in zip(*rows.values())]
+        atomic_write_text(errors_csv, "\n".join(lines) + "\n")
     return result
 
 
