@@ -28,6 +28,19 @@ def require_file(path: str | Path) -> Path:
     return p
 
 
+def require_output_file(path: str | Path) -> Path:
+    """Check before any work that ``path`` can be written as a file: not a folder, and its
+    parent folder exists or can be made (made here); :class:`InputError` naming it otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError("is a folder; an output file is needed here", p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot make its folder ({exc.strerror or exc})", p) from None
+    return p
+
+
 def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     """Return ``value`` (``None`` = not given), raising :class:`InputError` naming ``flag``
     if it is below ``minimum``."""

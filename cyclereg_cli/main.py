@@ -29,7 +29,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def cli_errors(fn):
-    """Turn :class:`InputError` (and a missing optional module) into a one-line error, exit 2."""
+    """Turn :class:`InputError` and operating-system errors (unwritable outputs) into a one-line
+    error, exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,6 +38,9 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except InputError as exc:
             _fail(str(exc))
+        except OSError as exc:  # an output that cannot be written (a file where a folder must go, disk full, ...)
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}")
         except KeyboardInterrupt:
             typer.echo("cyclereg: interrupted", err=True)
             raise typer.Exit(130) from None

@@ -223,6 +223,18 @@ def test_evaluate_writes_every_landmark_error(tmp_path):
     assert res.exit_code == 2 and "options for volume datasets" in res.output and not (tmp_path / "x.json").exists()
 
 
+def test_evaluate_outputs_that_cannot_be_written_are_refused_first(tmp_path):
+    ds = _mini_dataset(tmp_path, 1)
+    (tmp_path / "afile").write_text("x")
+    for args, message in ((["--json", str(tmp_path)], "is a folder"),
+                          (["--json", str(tmp_path / "r.json"), "--errors-csv", str(tmp_path / "afile" / "e.csv")],
+                           "cannot make its folder"),
+                          (["--json", str(tmp_path / "r.json"), "--max-pairs", "0"], "--max-pairs 0: need 1 or more")):
+        res = runner.invoke(app, ["evaluate", str(ds), "--identity", *args])
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "r.json").exists()
+
+
 def test_evaluate_needs_exactly_one_method(tmp_path):
     ds = _mini_dataset(tmp_path, 1)
     res = runner.invoke(app, ["evaluate", str(ds), "--json", str(tmp_path / "x.json")])

@@ -15,7 +15,7 @@ from cyclereg.clouds.pipeline import (CloudRegConfig, CloudRegistration, field_s
                                       registration_box)
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError, require_count
+from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.metrics import tre_stats
 from cyclereg.pointio import format_csv, read_points
@@ -288,7 +288,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     from rich.table import Table
 
     ds = load_keypoint_dataset(dataset)
-    pairs = list(ds.pairs)[: max_pairs or None]
+    for out in (report, errors_csv):
+        if out is not None:
+            require_output_file(out)
+    pairs = list(ds.pairs)[: require_count("--max-pairs", max_pairs, 1)]
     for p in pairs:
         if p.fixed_landmarks is None or p.moving_landmarks is None:
             raise InputError(f"pair {p.id} has no landmarks to evaluate", dataset)

@@ -37,7 +37,7 @@ from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, 
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
 from cyclereg.metrics import dice, hd95, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
@@ -260,10 +260,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         raise InputError("give exactly one of identity or model")
     dev = resolve_device(device)
     ds = load_volume_dataset(dataset, both_directions=both_directions)
+    require_output_file(report)
     pairs = list(ds.pairs)
-    if max_pairs is not None:
-        if max_pairs < 1:
-            raise InputError(f"--max-pairs must be at least 1, got {max_pairs}")
+    if require_count("--max-pairs", max_pairs, 1) is not None:
         pairs = pairs[:max_pairs]
     for p in pairs:
         for lab, img in ((p.fixed_labels, p.fixed), (p.moving_labels, p.moving)):
