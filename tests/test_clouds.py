@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cyclereg.clouds.features import GraphNetConfig, build_graph_net
+from cyclereg.clouds.features import CloudNorm, GraphNetConfig, build_graph_net
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
 from cyclereg.clouds.lbp import LBPConfig, candidates, lbp_beliefs, lbp_displacements, min_sum
 from cyclereg.checkpoint import to_jsonable
@@ -158,6 +158,20 @@ def test_registration_box_follows_the_training_frame():
         assert abs((lo + e / 2) - (olo + oe / 2)) < 1e-9
     # a stored box survives the checkpoint round trip through JSON
     assert CloudRegConfig.from_dict(to_jsonable(trained)) == trained
+
+
+def test_cloud_norm_standardises_each_channel_over_the_rows(dtype):
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(500, 7, generator=g, dtype=dtype) * torch.arange(1, 8, dtype=dtype) + 3).requires_grad_(True)
+    y = CloudNorm()(x)
+    expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(y, expected, atol=tol, rtol=0)
+    w = torch.randn(500, 7, generator=g, dtype=dtype)
+    (gy,) = torch.autograd.grad((y * w).sum(), x)
+    (ge,) = torch.autograd.grad((expected * w).sum(), x)
+    torch.testing.assert_close(gy, ge, atol=tol * 10, rtol=0)
+    assert CloudNorm()(torch.ones(1, 7, dtype=dtype)).abs().max() == 0  # one row: no spread
 
 
 def test_zero_motion_gives_zero_displacement():
