@@ -312,7 +312,7 @@ def test_evaluate_copd_identity(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_copd_models_regression(tmp_path):
-    """Issue-5 check of the committed `models/copd` (about 2 min on 2 idle CPU cores): run with -m slow.
+    """Issue-5 check of the committed `models/copd` (about 1 min on 2 idle CPU cores): run with -m slow.
 
     Guards the shipped models against silent regressions of the cloud path: every case must be
     registered by its own fold's model (an ensemble of 3 networks, stored settings: one
