@@ -6,7 +6,7 @@
    by sampling the fixed image at ``q + v(q)`` with ``v`` the inverse displacement
    (``v(q) = -u(q + v(q))``, fixed-point iteration); a tiny self-check verifies the sign.
 2. Foerstner keypoints with automatic lung masks in both scans (``cyclereg keypoints``).
-3. Keypoint-cloud registration with random features, densified on the fixed CT's grid and
+3. Keypoint-cloud registration (random features, or ``--model CKPT``), densified on the fixed CT's grid and
    the moving CT warped onto it (``cyclereg register FIXED.csv MOVING.csv -o OUT --model random
    --reference FIXED.nii.gz --moving-image MOVING.nii.gz``).
 4. Mean error at the fixed keypoints: before ``|u|`` and after ``|u_pred - u|`` (mm); the same
@@ -138,7 +138,8 @@ def sign_self_check() -> None:
 
 
 # ----------------------------------------------------------------------------- pipeline
-def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, device: str) -> dict:
+def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, device: str,
+        model: str = "random") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sign_self_check()
     timings = {}
@@ -162,7 +163,7 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     t = time.perf_counter()
     reg_dir = out / "registration"
     cmd = [sys.executable, "-m", "cyclereg_cli.main", "register", str(fixed_kp), str(moving_kp),
-           "-o", str(reg_dir), "--model", "random", "--device", device,
+           "-o", str(reg_dir), "--model", model, "--device", device,
            "--reference", str(ct), "--moving-image", str(moving_path)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -192,6 +193,7 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     hu_after = float((fixed.data - warped).abs()[lung].mean())
     result = {
         "ct": str(ct),
+        "model": model,
         "field": asdict(cfg),
         "inverse_residual_max_voxels": residual_vox,
         "fixed_keypoints": int(kf.voxels.shape[0]),
@@ -223,9 +225,10 @@ def main(argv=None) -> None:
     ap.add_argument("--moving-nms-radius", type=float, default=3.0,
                     help="NMS radius [mm] in the moving scan (denser moving cloud, as in the paper)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="random", help="checkpoint for `cyclereg register`, or 'random'")
     a = ap.parse_args(argv)
     cfg = FieldConfig(rms_mm=a.rms_mm, smoothness_mm=a.smoothness_mm, seed=a.seed)
-    res = run(a.ct, a.out, cfg, moving_nms_radius_mm=a.moving_nms_radius, device=a.device)
+    res = run(a.ct, a.out, cfg, moving_nms_radius_mm=a.moving_nms_radius, device=a.device, model=a.model)
     b, e = res["error_before_mm"], res["error_after_mm"]
     print(f"fixed {res['fixed_keypoints']} / moving {res['moving_keypoints']} keypoints; "
           f"mean error before {b['mean']:.2f} mm (median {b['median']:.2f}), "
