@@ -270,6 +270,11 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     _random_run(tmp_path / "b", {1: 3, 2: 4}, recentre_passes=1)
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and "recentre_passes" in res.output and not (tmp_path / "e").exists()
+    assert "--recentre-passes / --tta-passes set those two" in res.output
+    from cyclereg.frames import UnitBox
+    _random_run(tmp_path / "boxed", {1: 3, 2: 4}, training_box=UnitBox((0.0, 0.0, 0.0), (100.0, 100.0, 100.0)))
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "boxed"), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "different unit frames" in res.output and "set those two" not in res.output
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e"),
                               "--recentre-passes", "1"])
     assert res.exit_code == 0, res.output

@@ -112,8 +112,14 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 common = config
             elif config != common:
                 differ = [k for k in vars(common) if getattr(common, k) != getattr(config, k)]
-                raise InputError(f"registration settings differ from {files[0]} in: {', '.join(differ)} "
-                                 "(--recentre-passes / --tta-passes set those two for all members)", f)
+                hints = []
+                if {"recentre_passes", "tta_passes"} & set(differ):
+                    hints.append("--recentre-passes / --tta-passes set those two for all members")
+                if "training_box" in differ:
+                    hints.append("the members were trained in different unit frames: other datasets, "
+                                 "or a checkpoint from before the frame was stored")
+                hint = f" ({'; '.join(hints)})" if hints else ""
+                raise InputError(f"registration settings differ from {files[0]} in: {', '.join(differ)}{hint}", f)
             extra = ckpt.get("extra", {})
             for m in ensemble_members(net):
                 states.append(m.state_dict())
