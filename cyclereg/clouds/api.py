@@ -199,6 +199,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     for vol in (mov_img, mov_lab):
         if vol is not None:
             _require_points_inside(moving_mm, vol, moving)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("output path exists and is not a directory", out_dir)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
     box, frame = registration_box(fixed_mm, moving_mm, config)
@@ -226,9 +229,6 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         if mov_lab is not None:
             volumes["warped_labels.nii.gz"] = warp_between_grids(mov_lab.data[None, None], mov_lab.affine,
                                                                  field_vox, ref.affine, mode="nearest")[0, 0]
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("output path exists and is not a directory", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():
         atomic_write_text(out_dir / name, text)
@@ -330,8 +330,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             lm_m = read_points(p.moving_landmarks).to(dev)
             if lm_f.shape != lm_m.shape:
                 raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
-            key = ds.fold_of(p.id) if run is not None else None
-            net, config = models.get(key, (None, default_config))
+            fold = ds.fold_of(p.id)
+            net, config = models.get(fold if run is not None else None, (None, default_config))
             t0 = time.perf_counter()
             reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box)
             spline = reg.spline()
@@ -341,11 +341,11 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             after = (lm_f + u_lm - lm_m).norm(dim=1).cpu()
             n_lm = before.shape[0]
             rows["pair"] += [p.id] * n_lm
-            rows["fold"] += [ds.fold_of(p.id) or 0] * n_lm
+            rows["fold"] += [fold or 0] * n_lm
             rows["landmark"] += list(range(n_lm))
             rows["before_mm"] += before.tolist()
             rows["after_mm"] += after.tolist()
-            case = {"id": p.id, "fold": ds.fold_of(p.id), "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
+            case = {"id": p.id, "fold": fold, "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
                     "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
                     "seconds": seconds}
             if smoothness and net is None:
