@@ -52,6 +52,15 @@ DEVICE_HELP = "auto | cpu | cuda"
 MODEL_HELP = "checkpoint file, or 'random' for an untrained (randomly initialised) network"
 
 
+def _refuse_options(options: dict[str, object], scope: str) -> None:
+    """Fail if any of ``options`` (flag text -> value; None = not given, so a plain on/off flag
+    passes ``flag or None``) was given: "A, B and C are options for {scope}"."""
+    if any(v is not None for v in options.values()):
+        names = list(options)
+        listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+        _fail(f"{listed} are options for {scope}")
+
+
 def _is_volume(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
@@ -163,8 +172,8 @@ def register(
         volume, cloud = (fixed, moving) if _is_volume(fixed) else (moving, fixed)
         _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
     if _is_volume(fixed):
-        if recentre_passes is not None or tta_passes is not None or reference is not None or moving_image is not None:
-            _fail("--recentre-passes, --tta-passes, --reference and --moving-image are options for point clouds, not volumes")
+        _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--reference": reference,
+                         "--moving-image": moving_image}, "point clouds, not volumes")
         from cyclereg.dense.api import register_volume_files
 
         summary = register_volume_files(
@@ -173,8 +182,8 @@ def register(
         )
         typer.echo(summary)
         return
-    if warps is not None or adam is not None or ic is not None or l2r_name:
-        _fail("--warps, --adam/--no-adam, --ic/--no-ic and --l2r-name are options for volumes, not point clouds")
+    _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None},
+                    "volumes, not point clouds")
     from cyclereg.clouds.api import register_cloud_files
 
     summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
@@ -212,17 +221,17 @@ def evaluate(
 
     kind = dataset_kind(dataset)
     if kind == "keypoints":
-        if warps is not None or adam is not None or ic is not None or both_directions or resume:
-            _fail("--warps, --adam/--no-adam, --ic/--no-ic, --both-directions and --resume are options for volume "
-                  "datasets, not keypoint datasets")
+        _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
+                         "--both-directions": both_directions or None, "--resume": resume or None},
+                        "volume datasets, not keypoint datasets")
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
         evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                                   max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
                                   device=device, errors_csv=errors_csv)
         return
-    if recentre_passes is not None or tta_passes is not None or errors_csv is not None:
-        _fail("--recentre-passes, --tta-passes and --errors-csv are options for keypoint datasets, not volume datasets")
+    _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv},
+                    "keypoint datasets, not volume datasets")
     from cyclereg.dense.api import evaluate_volume_dataset
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,

@@ -158,7 +158,8 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--moving-labels", str(d / "far.nii.gz")], "--moving-labels needs --reference"),
              (["--reference", str(d / "far.nii.gz")], "lies inside this volume"),
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
-             (["--warps", "2"], "options for volumes")]
+             (["--warps", "2"], "options for volumes"),
+             (["--no-adam"], "options for volumes")]  # an off switch is given too
     for i, (extra, message) in enumerate(cases):
         res = runner.invoke(app, ["register", f, m, "-o", str(d / f"o{i}"), *extra])
         assert res.exit_code == 2 and message in res.output, res.output
