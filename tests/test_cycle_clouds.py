@@ -20,6 +20,7 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 TINY = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
 FAST = ["--stages", "2", "--epochs", "2", "--train-points", "100,200", "--device", "cpu"]
+CHEAP_LABELS = ["--tta-passes", "0", "--recentre-passes", "0"]  # for tests of the scheduler, not the refinement
 
 
 def _dataset(tmp_path, n=3, landmarks=True):
@@ -84,16 +85,17 @@ def test_search_options_reach_the_run_config(tmp_path):
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     ds = _dataset(tmp_path)
     for name in ("a", "b"):
-        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "2", *FAST]).exit_code == 0
+        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "2", *FAST,
+                                   *CHEAP_LABELS]).exit_code == 0
     # a: uninterrupted
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "2"]).exit_code == 0
     # b: killed during stage 2's training, then the same command again
     real = CloudCycleTask.train_stage
 
-    def dies_in_stage2(self, model, labels, weights, stage, progress=None):
+    def dies_in_stage2(self, model, labels, weights, stage, progress=None, snapshot=None):
         if stage == 2:
             raise KeyboardInterrupt
-        return real(self, model, labels, weights, stage, progress)
+        return real(self, model, labels, weights, stage, progress, snapshot)
 
     monkeypatch.setattr(CloudCycleTask, "train_stage", dies_in_stage2)
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "2"])
@@ -182,7 +184,8 @@ def test_trained_models_register_with_the_pseudo_label_refinement():
 def test_validation_tre_is_logged_for_reporting(tmp_path):
     ds = _dataset(tmp_path)
     run = tmp_path / "run"
-    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", "--val-pairs", "1", *FAST])
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", "--val-pairs", "1", *FAST,
+                              *CHEAP_LABELS])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "2", "--stages", "1", "--val-pairs", "1"])
     assert res.exit_code == 0, res.output
@@ -224,3 +227,116 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "e2" / "ensemble.json").read_text())["training"]) == {
         str(tmp_path / "s" / "r0"), str(tmp_path / "s" / "r1")}
+
+
+def _kill_at_snapshot(monkeypatch, stage: int, step: int):
+    """Make the training loop die (like Ctrl-C) right after writing the snapshot of ``step``
+    finished steps of ``stage``."""
+    real = scheduler_mod.StageSnapshot.offer
+
+    def offer(self, s, **kw):
+        wrote = real(self, s, **kw)
+        if self.stage == stage and s == step:
+            assert wrote and self.path.is_file()
+            raise KeyboardInterrupt
+        return wrote
+
+    monkeypatch.setattr(scheduler_mod.StageSnapshot, "offer", offer)
+    return real
+
+
+def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
+    ds = _dataset(tmp_path)
+    fast = [*FAST[:2], "--epochs", "3", *FAST[4:], *CHEAP_LABELS]
+    for name in ("a", "b"):
+        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "1", *fast]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "1"]).exit_code == 0
+    fold = tmp_path / "b" / "fold1"
+    real = _kill_at_snapshot(monkeypatch, stage=2, step=2)
+    cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "1", "--snapshot-every", "1e-9"]
+    assert runner.invoke(app, cmd).exit_code == 130
+    assert (fold / "stage2.partial.pt").is_file() and not (fold / "stage2.pt").exists()
+    assert not (fold / "stage1.partial.pt").exists()  # removed once stage 1's checkpoint was written
+    epochs_run = []  # (stage, finished epochs) at each epoch's end
+    monkeypatch.setattr(scheduler_mod.StageSnapshot, "offer",
+                        lambda self, s, **kw: epochs_run.append((self.stage, s)) or real(self, s, **kw))
+    res = runner.invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    assert "resumes after epoch 2/3" in res.output
+    assert epochs_run == [(2, 3)]  # only the third epoch of stage 2 was trained again
+    assert not list(fold.glob("*.partial.pt"))
+    a = load_checkpoint(tmp_path / "a" / "fold1" / "final.pt")
+    b = load_checkpoint(fold / "final.pt")
+    for k in a["state_dict"]:  # bitwise the uninterrupted run's result
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    log_a = (tmp_path / "a" / "fold1" / "log.jsonl").read_text().splitlines()
+    log_b = fold.joinpath("log.jsonl").read_text().splitlines()
+    for la, lb in zip(log_a, log_b):
+        la, lb = json.loads(la), json.loads(lb)
+        assert la.get("train_loss_mm") == lb.get("train_loss_mm") and la["stage"] == lb["stage"]
+
+
+def test_stage_killed_while_refreshing_labels_is_not_trained_again(tmp_path, monkeypatch):
+    ds = _dataset(tmp_path)
+    for name in ("a", "b"):
+        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "3", *FAST,
+                                   *CHEAP_LABELS]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "3"]).exit_code == 0
+    real = CloudCycleTask.make_pseudo_labels
+
+    def dies_refreshing_stage2(self, model, stage, progress=None):
+        if stage == 2:
+            raise KeyboardInterrupt
+        return real(self, model, stage, progress)
+
+    monkeypatch.setattr(CloudCycleTask, "make_pseudo_labels", dies_refreshing_stage2)
+    cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "3"]
+    assert runner.invoke(app, cmd).exit_code == 130
+    fold = tmp_path / "b" / "fold3"
+    assert (fold / "stage2.pt").is_file() and not (fold / "pseudo2.pt").exists()
+    monkeypatch.setattr(CloudCycleTask, "make_pseudo_labels", real)
+    trained = []
+    real_train = CloudCycleTask.train_stage
+    monkeypatch.setattr(CloudCycleTask, "train_stage", lambda self, *a, **kw: trained.append(a[3]) or real_train(self, *a, **kw))
+    assert runner.invoke(app, cmd).exit_code == 0
+    assert trained == []  # stage 2's training had finished; only its labels were made again
+    log_a = [json.loads(l) for l in (tmp_path / "a" / "fold3" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (fold / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log_b] == [0, 1, 2]
+    assert log_b[2]["train_loss_mm"] == log_a[2]["train_loss_mm"]
+    assert torch.equal(torch.load(fold / "pseudo2.pt", weights_only=True)["labels"]["c0"],
+                       torch.load(tmp_path / "a" / "fold3" / "pseudo2.pt", weights_only=True)["labels"]["c0"])
+
+
+def test_training_snapshot_checks(tmp_path):
+    snap_path = tmp_path / "stage2.partial.pt"
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)
+    g = torch.Generator().manual_seed(0)
+    objs = dict(model=net, optimizer=opt, lr_schedule=sched, generator=g)
+    off = scheduler_mod.StageSnapshot(snap_path, stage=2, every_s=0)
+    assert off.restore(5, **objs) == (0, [])
+    assert not off.offer(1, losses=[1.0], **objs) and not snap_path.exists()  # every_s = 0: none written
+    snap = scheduler_mod.StageSnapshot(snap_path, stage=2, every_s=1e-9)
+    snap.restore(5, **objs)
+    assert not snap.offer(5, losses=[1.0] * 5, **objs)  # the stage is over: its checkpoint follows
+    assert snap.offer(3, losses=[1.0, 2.0, 3.0], **objs)
+    assert scheduler_mod.StageSnapshot(snap_path, stage=2, every_s=60).restore(5, **objs) == (3, [1.0, 2.0, 3.0])
+    with pytest.raises(scheduler_mod.InputError, match="stage 2 with 5 steps, expected stage 3 with 5"):
+        scheduler_mod.StageSnapshot(snap_path, stage=3, every_s=60).restore(5, **objs)
+    with pytest.raises(scheduler_mod.InputError, match="expected stage 2 with 7"):
+        scheduler_mod.StageSnapshot(snap_path, stage=2, every_s=60).restore(7, **objs)
+    snap_path.write_bytes(b"not a snapshot")
+    with pytest.raises(scheduler_mod.InputError, match="unreadable training snapshot") as err:
+        scheduler_mod.StageSnapshot(snap_path, stage=2, every_s=60).restore(5, **objs)
+    assert str(snap_path) in str(err.value)
+
+
+def test_snapshot_interval_is_checked(tmp_path):
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST]).exit_code == 0
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--snapshot-every", "-1"])
+    assert res.exit_code == 2 and "--snapshot-every" in res.output
+    assert not (run / "fold1" / "stage1.pt").exists()

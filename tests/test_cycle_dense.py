@@ -125,7 +125,7 @@ class _ToyTask:
     def make_pseudo_labels(self, model, stage, progress=None):
         return {"p": torch.full((2,), float(stage))}, {"weights": {"p": 1.0}, "stats": {}}
 
-    def train_stage(self, model, labels, weights, stage, progress=None):
+    def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
         return {"seen": float(labels["p"][0])}
 
 
@@ -251,3 +251,37 @@ def test_difficulty_weights_rank_pairs():
     assert w["easy"] == pytest.approx(1 / (1 + math.exp(-5))) and w["hard"] == pytest.approx(1 / (1 + math.exp(5)))
     assert w["mid"] == pytest.approx(0.5)
     assert difficulty_weights({"a": 1.0, "b": 2.0}, enabled=False) == {"a": 1.0, "b": 1.0}
+
+
+def test_dense_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch, one_intraop_thread):
+    """A killed dense stage resumes after its last snapshot (iteration 2 of 3) and ends bitwise
+    where the uninterrupted stage ends (one thread: bitwise-reproducible CPU training)."""
+    import cyclereg.training.scheduler as scheduler_mod
+
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    args = ["--stages", "1", "--iterations", "3", "--directions", "both", "--device", "cpu"]
+    for name in ("a", "b"):
+        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), *args]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--device", "cpu"]).exit_code == 0
+    real = scheduler_mod.StageSnapshot.offer
+
+    def dies_after_iteration_2(self, step, **kw):
+        wrote = real(self, step, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+        return wrote
+
+    monkeypatch.setattr(scheduler_mod.StageSnapshot, "offer", dies_after_iteration_2)
+    cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--device", "cpu", "--snapshot-every", "1e-9"]
+    assert runner.invoke(app, cmd).exit_code == 130
+    assert (tmp_path / "b" / "all" / "stage1.partial.pt").is_file()
+    steps = []
+    monkeypatch.setattr(scheduler_mod.StageSnapshot, "offer", lambda self, s, **kw: steps.append(s) or real(self, s, **kw))
+    res = runner.invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    assert "resumes after iteration 2/3" in res.output and steps == [3]
+    assert not (tmp_path / "b" / "all" / "stage1.partial.pt").exists()
+    a = torch.load(tmp_path / "a" / "all" / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "all" / "final.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

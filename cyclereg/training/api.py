@@ -6,6 +6,7 @@ Run directory layout::
     RUN_DIR/fold{K}/            one scheduler directory per cross-validation fold
         pseudo{t}.pt            pseudo labels after stage t (0 = random network)
         stage{t}.pt             checkpoint {config, state_dict, version} after stage t
+        stage{t}.partial.pt     mid-stage training snapshot while stage t trains (then deleted)
         final.pt                the last finished stage's checkpoint (what evaluation uses)
         log.jsonl               one JSON line per stage
     RUN_DIR/all/                the same when the dataset has no folds (volume datasets)
@@ -19,6 +20,7 @@ and never influence training.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
-from cyclereg.training.scheduler import StageScheduler
+from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler
 
 
 def _folds(ds, fold: str | int | None) -> list[int | None]:
@@ -155,16 +157,26 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
 
 
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
-              device: str = "auto", val_pairs: int = 0) -> dict:
+              device: str = "auto", val_pairs: int = 0, snapshot_every_s: float | None = None) -> dict:
     """Run or resume cyclical self-training; returns ``{fold: last stage}`` (fold ``None``
-    for volume datasets)."""
+    for volume datasets).
+
+    ``snapshot_every_s``: minimum time between mid-stage training snapshots [s] (``None``:
+    :data:`~cyclereg.training.scheduler.DEFAULT_SNAPSHOT_EVERY_S`; ``0``: none). A stage killed
+    halfway resumes at its last snapshot, with the same result as an uninterrupted stage."""
     require_count("--stages", stages, 1)
     require_count("--val-pairs", val_pairs, 0)
+    if snapshot_every_s is None:
+        snapshot_every_s = DEFAULT_SNAPSHOT_EVERY_S
+    elif not math.isfinite(snapshot_every_s) or snapshot_every_s < 0:
+        raise InputError(f"--snapshot-every {snapshot_every_s}: expected a number of seconds >= 0")
     if dataset_kind(dataset) == "keypoints":
-        return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs)
+        return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs,
+                            snapshot_every_s=snapshot_every_s)
     if folds not in (None, "all"):
         raise InputError("--folds: volume datasets have no folds", dataset)
-    return _dense_cycle(dataset, Path(run), stages=stages, device=device, val_pairs=val_pairs)
+    return _dense_cycle(dataset, Path(run), stages=stages, device=device, val_pairs=val_pairs,
+                        snapshot_every_s=snapshot_every_s)
 
 
 # ----------------------------------------------------------------------------- keypoint clouds
@@ -226,7 +238,8 @@ def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCyc
     return stored
 
 
-def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0) -> dict:
+def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
+                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
     ds = load_keypoint_dataset(dataset)
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
@@ -240,7 +253,8 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0) -> dict:
         outer = progress.add_task("folds", total=len(selected))
         for k in selected:
             task = _cloud_task(ds, k, config, dev)
-            result[k] = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs)).run(stages, progress)
+            result[k] = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs),
+                                   snapshot_every_s=snapshot_every_s).run(stages, progress)
             progress.advance(outer)
     return result
 
@@ -368,7 +382,8 @@ def _check_dense_run(run: Path, ident: dict | None, config: DenseCycleConfig | N
     return stored
 
 
-def _dense_cycle(dataset, run, *, stages, device, val_pairs) -> dict:
+def _dense_cycle(dataset, run, *, stages, device, val_pairs,
+                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
     meta = _read_meta(run)
     if meta.get("kind") != "volumes":
         raise InputError("run directory belongs to another dataset (kind differs)", run)
@@ -380,7 +395,8 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs) -> dict:
     dev = resolve_device(device)
     task = _dense_task(dataset, config, dev, images, pairs)
     hook = _dense_val_hook(dataset, val_pairs)
-    sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS)
+    sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
+                       snapshot_every_s=snapshot_every_s)
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     with _progress() as progress:

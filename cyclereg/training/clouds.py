@@ -16,7 +16,7 @@ from cyclereg.clouds.lbp import lbp_displacements
 from cyclereg.clouds.pipeline import CloudRegConfig, averaged_displacements, predict_unit
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
-from cyclereg.training.scheduler import difficulty_weights
+from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
 
 
 @dataclass(frozen=True)
@@ -233,17 +233,25 @@ class CloudCycleTask:
             return torch.arange(pts.shape[0])
         return torch.randperm(pts.shape[0], generator=g)[:n]
 
-    def train_stage(self, model, labels: dict, weights: dict, stage: int, progress=None) -> dict:
+    def train_stage(self, model, labels: dict, weights: dict, stage: int, progress=None,
+                    snapshot: StageSnapshot | None = None) -> dict:
+        """One stage of training (``epochs`` epochs; a step of a ``snapshot`` is an epoch)."""
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed * 7919 + stage)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
         w = torch.tensor([weights.get(p.id, 1.0) for p in self.pairs], dtype=torch.float64)
         steps_per_epoch = max(1, len(self.pairs) // cfg.batch_size)
-        task = progress.add_task(f"stage {stage}: training", total=cfg.epochs) if progress else None
-        losses = []
+        start, losses = 0, []
+        if snapshot is not None:
+            start, losses = snapshot.restore(cfg.epochs, model=model, optimizer=opt, lr_schedule=sched, generator=g)
+            if start and progress:
+                progress.console.print(f"stage {stage}: training resumes after epoch {start}/{cfg.epochs} "
+                                       f"({snapshot.path})")
+        task = (progress.add_task(f"stage {stage}: training", total=cfg.epochs, completed=start)
+                if progress else None)
         model.train()
-        for _epoch in range(cfg.epochs):
+        for epoch in range(start, cfg.epochs):
             for _step in range(steps_per_epoch):
                 opt.zero_grad()
                 batch = torch.multinomial(w, cfg.batch_size, replacement=True, generator=g)
@@ -268,6 +276,8 @@ class CloudCycleTask:
                 opt.step()
                 losses.append(total)
             sched.step()
+            if snapshot is not None:
+                snapshot.offer(epoch + 1, model=model, optimizer=opt, lr_schedule=sched, generator=g, losses=losses)
             if progress:
                 progress.update(task, advance=1, description=f"stage {stage}: training (loss {losses[-1]:.2f} mm)")
         if progress:

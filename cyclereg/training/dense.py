@@ -27,7 +27,7 @@ from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import voxel_coordinates
 from cyclereg.warp import warp
-from cyclereg.training.scheduler import difficulty_weights
+from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
 
@@ -336,7 +336,9 @@ class DenseCycleTask:
             sim = ncc_loss(f_s, warped, radius=cfg.ncc_radius)
         return sim + cfg.metric_reg_weight * diffusion_regularizer(pred)
 
-    def train_stage(self, model, labels: dict, weights: dict, stage: int, progress=None) -> dict:
+    def train_stage(self, model, labels: dict, weights: dict, stage: int, progress=None,
+                    snapshot: StageSnapshot | None = None) -> dict:
+        """One stage of training (``iterations`` steps; a step of a ``snapshot`` is an iteration)."""
         cfg = self.config
         if cfg.supervision == "pseudo" and not labels:
             raise ValueError("no pseudo labels to train on")
@@ -346,10 +348,17 @@ class DenseCycleTask:
         use_amp = cfg.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         w = torch.tensor([weights.get(self.pair_id(k), 1.0) for k in range(len(self.pairs))], dtype=torch.float64)
-        task = progress.add_task(f"stage {stage}: training", total=cfg.iterations) if progress else None
-        losses = []
+        start, losses = 0, []
+        if snapshot is not None:
+            start, losses = snapshot.restore(cfg.iterations, model=model, optimizer=opt, lr_schedule=sched,
+                                             generator=g, scaler=scaler)
+            if start and progress:
+                progress.console.print(f"stage {stage}: training resumes after iteration {start}/{cfg.iterations} "
+                                       f"({snapshot.path})")
+        task = (progress.add_task(f"stage {stage}: training", total=cfg.iterations, completed=start)
+                if progress else None)
         model.train()
-        for _it in range(cfg.iterations):
+        for it in range(start, cfg.iterations):
             idx = torch.multinomial(w, cfg.batch_size, replacement=True, generator=g).tolist()
             with torch.no_grad():
                 fixed, moving, target = self._batch(idx, labels, g)
@@ -363,6 +372,9 @@ class DenseCycleTask:
             scaler.update()
             sched.step()
             losses.append(loss.item())
+            if snapshot is not None:
+                snapshot.offer(it + 1, model=model, optimizer=opt, lr_schedule=sched, generator=g, losses=losses,
+                               scaler=scaler)
             if progress:
                 tail = losses[-20:]
                 progress.update(task, advance=1,

@@ -7,7 +7,10 @@ learning rate) and then refreshes the pseudo labels with the trained network.
 
 Everything a stage produces is written atomically into one directory per training run
 (``stage{t}.pt`` checkpoint, ``pseudo{t}.pt`` labels, one JSON line in ``log.jsonl``), so
-a killed run resumes after its last finished stage.
+a killed run resumes after its last finished stage. Inside a stage, the training loop leaves a
+:class:`StageSnapshot` (``stage{t}.partial.pt``) every ``snapshot_every_s`` seconds, so a
+stage killed halfway resumes at its last snapshot, and a stage whose training finished but
+whose pseudo-label refresh was killed is not trained again.
 """
 
 from __future__ import annotations
@@ -38,8 +41,98 @@ class StageTask(Protocol):
     def make_pseudo_labels(self, model: nn.Module, stage: int, progress) -> tuple[dict, dict]:
         """Refined pseudo labels ``{pair_id: tensor}`` and per-pair sampling weights + stats."""
 
-    def train_stage(self, model: nn.Module, labels: dict, weights: dict, stage: int, progress) -> dict:
-        """Train ``model`` in place on ``labels``; returns statistics (e.g. final loss)."""
+    def train_stage(self, model: nn.Module, labels: dict, weights: dict, stage: int, progress,
+                    snapshot: "StageSnapshot | None" = None) -> dict:
+        """Train ``model`` in place on ``labels``; returns statistics (e.g. final loss).
+
+        With a ``snapshot``, the loop first restores it (:meth:`StageSnapshot.restore`) and
+        offers one at every step boundary (:meth:`StageSnapshot.offer`)."""
+
+
+class StageSnapshot:
+    """Mid-stage training state of one stage, so that a killed stage resumes where it stopped.
+
+    The file (``stage{t}.partial.pt`` in the run directory) holds the network weights, the
+    optimiser, learning-rate schedule and AMP-scaler states, the state of the sampling
+    generator and of torch's global CPU generator, the number of finished steps (epochs for
+    clouds, iterations for volumes) and the loss history. It is written atomically at a step
+    boundary when ``every_s`` seconds have passed since the last one, and deleted once the
+    stage's checkpoint exists. A stage resumed from it ends bitwise where an uninterrupted one
+    ends (same device and thread settings).
+    """
+
+    FORMAT = 1
+
+    def __init__(self, path: str | Path, *, stage: int, every_s: float):
+        """
+        Args:
+            path: the snapshot file.
+            stage: the stage being trained (checked on restore).
+            every_s: minimum wall-clock time between two snapshots [s]; ``<= 0`` writes none
+                (an existing one is still restored).
+        """
+        self.path = Path(path)
+        self.stage = stage
+        self.total_steps: int | None = None
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def restore(self, total_steps: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
+                scaler=None) -> tuple[int, list[float]]:
+        """Start of the training loop: ``total_steps`` is the length of the stage; loads the
+        snapshot (if any) into the given objects and returns ``(finished_steps, losses)``,
+        ``(0, [])`` when there is none."""
+        self.total_steps = total_steps
+        self._last = time.monotonic()
+        if not self.path.is_file():
+            return 0, []
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - atomic writes make this a foreign or damaged file
+            raise InputError(f"unreadable training snapshot ({type(exc).__name__}); delete it to redo the stage",
+                             self.path) from None
+        if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+            raise InputError("not a cyclereg training snapshot; delete it to redo the stage", self.path)
+        if state["stage"] != self.stage or state["total_steps"] != self.total_steps:
+            raise InputError(f"training snapshot of stage {state['stage']} with {state['total_steps']} steps, "
+                             f"expected stage {self.stage} with {self.total_steps}; delete it to redo the stage",
+                             self.path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        generator.set_state(state["generator"])
+        torch.random.set_rng_state(state["global_rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self._last = time.monotonic()
+        return int(state["step"]), [float(v) for v in state["losses"]]
+
+    def offer(self, step: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
+              losses: list[float], scaler=None) -> bool:
+        """Write a snapshot after ``step`` finished steps if ``every_s`` has passed; returns
+        whether one was written. Call at step boundaries only."""
+        if self.total_steps is None:
+            raise RuntimeError("StageSnapshot.offer before restore")
+        if self.every_s <= 0 or step >= self.total_steps or time.monotonic() - self._last < self.every_s:
+            return False
+        state = {
+            "format": self.FORMAT, "stage": self.stage, "total_steps": self.total_steps, "step": step,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+            "generator": generator.get_state(), "global_rng": torch.random.get_rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+            "losses": list(losses),
+        }
+        atomic_write_bytes(self.path, lambda fh: torch.save(state, fh))
+        self._last = time.monotonic()
+        return True
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+DEFAULT_SNAPSHOT_EVERY_S = 60.0
+"""Default minimum time between two mid-stage training snapshots [s]."""
 
 
 StageHook = Callable[[int, nn.Module], dict]
@@ -66,7 +159,7 @@ class StageScheduler:
     """Runs stages ``0..stages`` of a :class:`StageTask` in ``run_dir`` (resumable)."""
 
     def __init__(self, task: StageTask, run_dir: str | Path, *, keep_labels: int | None = None,
-                 hook: StageHook | None = None):
+                 hook: StageHook | None = None, snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S):
         """
         Args:
             task: the modality.
@@ -74,6 +167,8 @@ class StageScheduler:
             keep_labels: keep only the newest this many ``pseudo{t}.pt`` files (dense pseudo
                 labels are large; resuming needs only the newest). ``None`` keeps all.
             hook: optional reporting hook, see :data:`StageHook`.
+            snapshot_every_s: minimum time between mid-stage training snapshots [s]
+                (:class:`StageSnapshot`); ``<= 0`` writes none.
         """
         if keep_labels is not None and keep_labels < 1:
             raise ValueError(f"keep_labels: need at least 1, got {keep_labels}")
@@ -81,6 +176,7 @@ class StageScheduler:
         self.dir = Path(run_dir)
         self.keep_labels = keep_labels
         self.hook = hook
+        self.snapshot_every_s = snapshot_every_s
 
     # ------------------------------------------------------------------ files
     def checkpoint_path(self, stage: int) -> Path:
@@ -88,6 +184,9 @@ class StageScheduler:
 
     def labels_path(self, stage: int) -> Path:
         return self.dir / f"pseudo{stage}.pt"
+
+    def snapshot_path(self, stage: int) -> Path:
+        return self.dir / f"stage{stage}.partial.pt"
 
     def last_finished_stage(self) -> int:
         """Highest ``t`` whose pseudo labels exist (and, for ``t >= 1``, its checkpoint);
@@ -97,6 +196,18 @@ class StageScheduler:
             if t == 0 or self.checkpoint_path(t).is_file():
                 return t
         return -1
+
+    def _trained_checkpoint(self, stage: int) -> dict | None:
+        """The checkpoint of ``stage`` if its training finished (its pseudo labels need not
+        exist); ``None`` otherwise, or when it predates the stored training statistics."""
+        path = self.checkpoint_path(stage)
+        if not path.is_file():
+            return None
+        ckpt = load_checkpoint(path, kind=self.task.checkpoint_kind)
+        extra = ckpt.get("extra") or {}
+        if extra.get("stage") != stage or not isinstance(extra.get("train"), dict):
+            return None
+        return ckpt
 
     def _prune_labels(self, newest: int) -> None:
         if self.keep_labels is None:
@@ -142,14 +253,22 @@ class StageScheduler:
         done = self.last_finished_stage()
         for stage in range(done + 1, stages + 1):
             t0 = time.perf_counter()
-            labels, weights = self.load_labels(stage - 1)
             model = self.task.new_model(stage)
-            if stage > 1:
-                ckpt = load_checkpoint(self.checkpoint_path(stage - 1), kind=self.task.checkpoint_kind)
-                model.load_state_dict(ckpt["state_dict"])
-            train_stats = self.task.train_stage(model, labels, weights, stage, progress)
-            save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
-                            config=self.task.model_config(), state_dict=model.state_dict(), extra={"stage": stage})
+            trained = self._trained_checkpoint(stage)
+            if trained is not None:  # killed while refreshing the labels: training is done
+                model.load_state_dict(trained["state_dict"])
+                train_stats = trained["extra"]["train"]
+            else:
+                labels, weights = self.load_labels(stage - 1)
+                if stage > 1:
+                    ckpt = load_checkpoint(self.checkpoint_path(stage - 1), kind=self.task.checkpoint_kind)
+                    model.load_state_dict(ckpt["state_dict"])
+                snapshot = StageSnapshot(self.snapshot_path(stage), stage=stage, every_s=self.snapshot_every_s)
+                train_stats = self.task.train_stage(model, labels, weights, stage, progress, snapshot=snapshot)
+                save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
+                                config=self.task.model_config(), state_dict=model.state_dict(),
+                                extra={"stage": stage, "train": train_stats})
+                snapshot.clear()
             new_labels, info = self.task.make_pseudo_labels(model, stage, progress)
             seconds = time.perf_counter() - t0
             report = self.hook(stage, model) if self.hook is not None else {}
