@@ -57,8 +57,9 @@ class StageSnapshot:
     generator and of torch's global CPU generator, the number of finished steps (epochs for
     clouds, iterations for volumes) and the loss history. It is written atomically at a step
     boundary when ``every_s`` seconds have passed since the last one, and deleted once the
-    stage's checkpoint exists. A stage resumed from it ends bitwise where an uninterrupted one
-    ends (same device and thread settings).
+    stage's checkpoint exists. A stage resumed from it ends where an uninterrupted one ends:
+    bitwise on CPU with the same number of threads (CUDA's atomic adds are not bitwise
+    reproducible even without an interruption).
     """
 
     FORMAT = 1
