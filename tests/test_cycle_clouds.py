@@ -340,3 +340,34 @@ def test_snapshot_interval_is_checked(tmp_path):
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--snapshot-every", "-1"])
     assert res.exit_code == 2 and "--snapshot-every" in res.output
     assert not (run / "fold1" / "stage1.pt").exists()
+
+
+def test_parallel_folds_give_the_sequential_result(tmp_path):
+    """`cycle --jobs 2` trains two folds in worker processes, with the sequential run's result."""
+    ds = _dataset(tmp_path, n=2)
+    args = ["--stages", "1", "--epochs", "2", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    for name in ("seq", "par"):
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), *args])
+        assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "seq")]).exit_code == 0
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "fold 1: 1, fold 2: 1" in res.output
+    for k in (1, 2):
+        a = load_checkpoint(tmp_path / "seq" / f"fold{k}" / "final.pt")["state_dict"]
+        b = load_checkpoint(tmp_path / "par" / f"fold{k}" / "final.pt")["state_dict"]
+        for name in a:
+            assert torch.equal(a[name], b[name]), (k, name)
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "0"])
+    assert res.exit_code == 2 and "--jobs" in res.output
+
+
+def test_parallel_folds_report_a_failing_fold(tmp_path):
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args]).exit_code == 0
+    (run / "fold2" / "stage1.partial.pt").write_bytes(b"damaged")
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--jobs", "2"])
+    assert res.exit_code == 2
+    assert "stage1.partial.pt" in res.output and "unreadable training snapshot" in res.output

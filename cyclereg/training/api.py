@@ -24,6 +24,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from cyclereg.checkpoint import to_jsonable, write_json
 from cyclereg.clouds.api import dataset_box
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset
@@ -157,24 +159,32 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
 
 
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
-              device: str = "auto", val_pairs: int = 0, snapshot_every_s: float | None = None) -> dict:
+              device: str = "auto", val_pairs: int = 0, snapshot_every_s: float | None = None,
+              jobs: int = 1) -> dict:
     """Run or resume cyclical self-training; returns ``{fold: last stage}`` (fold ``None``
     for volume datasets).
+
+    ``jobs``: keypoint datasets train up to this many folds at once in worker processes
+    (:mod:`cyclereg.training.parallel`), sharing the intra-op threads between them; results
+    are those of the sequential run.
 
     ``snapshot_every_s``: minimum time between mid-stage training snapshots [s] (``None``:
     :data:`~cyclereg.training.scheduler.DEFAULT_SNAPSHOT_EVERY_S`; ``0``: none). A stage killed
     halfway resumes at its last snapshot, with the same result as an uninterrupted stage."""
     require_count("--stages", stages, 1)
     require_count("--val-pairs", val_pairs, 0)
+    require_count("--jobs", jobs, 1)
     if snapshot_every_s is None:
         snapshot_every_s = DEFAULT_SNAPSHOT_EVERY_S
     elif not math.isfinite(snapshot_every_s) or snapshot_every_s < 0:
         raise InputError(f"--snapshot-every {snapshot_every_s}: expected a number of seconds >= 0")
     if dataset_kind(dataset) == "keypoints":
         return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs,
-                            snapshot_every_s=snapshot_every_s)
+                            snapshot_every_s=snapshot_every_s, jobs=jobs)
     if folds not in (None, "all"):
         raise InputError("--folds: volume datasets have no folds", dataset)
+    if jobs != 1:
+        raise InputError("--jobs: volume datasets train one model (no folds to share out)", dataset)
     return _dense_cycle(dataset, Path(run), stages=stages, device=device, val_pairs=val_pairs,
                         snapshot_every_s=snapshot_every_s)
 
@@ -239,7 +249,7 @@ def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCyc
 
 
 def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
-                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
+                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, jobs: int = 1) -> dict:
     ds = load_keypoint_dataset(dataset)
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
@@ -248,15 +258,31 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random --fold {k}' first", run)
+    args = {k: (dataset, run, k, stages, device, val_pairs, snapshot_every_s) for k in selected}
     result = {}
     with _progress() as progress:
         outer = progress.add_task("folds", total=len(selected))
+        if jobs > 1 and len(selected) > 1:
+            from cyclereg.training.parallel import run_parallel
+
+            threads = max(1, torch.get_num_threads() // min(jobs, len(selected)))
+            run_parallel(((_cloud_fold_job, args[k], f"fold {k}") for k in selected), jobs, progress, threads,
+                         on_result=lambda r: (result.__setitem__(*r), progress.advance(outer)))
+            return {k: result[k] for k in selected}
         for k in selected:
-            task = _cloud_task(ds, k, config, dev)
-            result[k] = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs),
-                                   snapshot_every_s=snapshot_every_s).run(stages, progress)
+            result[k] = _cloud_fold_job(*args[k], progress=progress)[1]
             progress.advance(outer)
     return result
+
+
+def _cloud_fold_job(dataset, run, k, stages, device, val_pairs, snapshot_every_s, *, progress) -> tuple[int, int]:
+    """Train (or resume) one fold; module-level so that worker processes can run it."""
+    ds = load_keypoint_dataset(dataset)
+    config = _check_cloud_run(run, ds, None)
+    task = _cloud_task(ds, k, config, resolve_device(device))
+    final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs),
+                       snapshot_every_s=snapshot_every_s).run(stages, progress)
+    return k, final
 
 
 # ----------------------------------------------------------------------------- volumes
