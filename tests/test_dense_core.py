@@ -230,3 +230,20 @@ def test_softmax_temperature_documented_scale():
     a, b = torch.randn(1, 16, 20, 20, 20, generator=g), torch.randn(1, 16, 20, 20, 20, generator=g)
     cost = correlate(a, b, ConvexConfig(patch_size=1))
     assert abs(cost.mean().item() - 2 / math.sqrt(math.pi)) < 0.02
+
+
+@pytest.mark.parametrize("depth", [9, 16])  # with and without padding of the last slab
+def test_slab_warp_equals_warp_with_several_threads(depth):
+    """`warp_features` cuts the grid into one slab per CPU thread; the result must be `warp`'s."""
+    from cyclereg.dense.instance import warp_features
+
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(1, 4, depth, 7, 6, generator=g)
+    disp = 2.0 * torch.randn(1, 3, depth, 7, 6, generator=g)
+    n = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = warp_features(feat, disp)
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(out, warp(feat, disp), rtol=1e-6, atol=1e-6)
