@@ -356,3 +356,23 @@ def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
     f, m = read_points(root / "fixed_keypoints.csv"), read_points(root / "moving_keypoints.csv")
     reg = register_clouds(f, m, net, cfg, box=dataset_box(load_keypoint_dataset(ds)))  # what evaluate does
     np.testing.assert_allclose(written, reg.displacements_mm.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"name": "x", "items": []}', "unknown dataset layout"),
+    ('{"pairs": [{"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}', "pair 0 needs id"),
+])
+@pytest.mark.parametrize("command", ["evaluate", "pretrain-random"])
+def test_malformed_dataset_json_is_one_line_error(tmp_path, text, problem, command):
+    ds = tmp_path / "dataset.json"
+    ds.write_text(text)
+    out = tmp_path / "out"
+    args = [command, str(ds), "--identity", "--json", str(out / "r.json")] if command == "evaluate" else \
+        [command, str(ds), "-o", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and str(ds) in line and problem in line
+    assert not out.exists()
