@@ -34,6 +34,7 @@ def run_job(args: tuple) -> str:
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
     from cyclereg.training.clouds import CloudCycleConfig
+    from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageSnapshot
 
     info = json.loads((ensemble_dir / "ensemble.json").read_text())
     source = info["members"][f"fold{fold}"][member_index]
@@ -52,11 +53,15 @@ def run_job(args: tuple) -> str:
     t0 = time.perf_counter()
     labels, info_labels = task.make_pseudo_labels(member, stage, labeller=(ensemble, ens_cfg))
     t1 = time.perf_counter()
-    stats = task.train_stage(member, labels, info_labels["weights"], stage)
+    # a killed job resumes its training at the last snapshot (the labels are made again: deterministic)
+    snapshot = StageSnapshot(out_dir / run_name / f"fold{fold}.partial.pt", stage=stage,
+                             every_s=DEFAULT_SNAPSHOT_EVERY_S)
+    stats = task.train_stage(member, labels, info_labels["weights"], stage, snapshot=snapshot)
     t2 = time.perf_counter()
     original = load_checkpoint(source["source"], kind="cloud")
     save_checkpoint(target, kind="cloud", config=original["config"], state_dict=member.state_dict(),
                     extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt"})
+    snapshot.clear()
     line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
             "pseudo_label_disagreement_mm": info_labels["stats"]["pseudo_label_disagreement_mm"], **stats}
     atomic_write_text(out_dir / run_name / f"fold{fold}.log.json", json.dumps(line) + "\n")
