@@ -253,7 +253,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     ds = load_keypoint_dataset(dataset)
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
-    dev = resolve_device(device)
+    resolve_device(device)  # a bad --device fails here, before any worker starts
     selected = _folds(ds, folds)
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
