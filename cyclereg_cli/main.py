@@ -136,7 +136,7 @@ def cycle(
     stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T"),
     folds: str = typer.Option("all", "--folds", help="'all' or a fold number (keypoint datasets)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
-    snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none) [default: 60]"),
+    snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; same results)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
