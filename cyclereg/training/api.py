@@ -253,33 +253,36 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     ds = load_keypoint_dataset(dataset)
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
-    resolve_device(device)  # a bad --device fails here, before any worker starts
+    dev = resolve_device(device)
     selected = _folds(ds, folds)
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random --fold {k}' first", run)
-    args = {k: (dataset, run, k, stages, device, val_pairs, snapshot_every_s) for k in selected}
+    args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
     result = {}
     with _progress() as progress:
         outer = progress.add_task("folds", total=len(selected))
+
+        def finished(k: int, final: int) -> None:
+            result[k] = final
+            progress.advance(outer)
+
         if jobs > 1 and len(selected) > 1:
             from cyclereg.training.parallel import run_parallel
 
             threads = max(1, torch.get_num_threads() // min(jobs, len(selected)))
             run_parallel(((_cloud_fold_job, args[k], f"fold {k}") for k in selected), jobs, progress, threads,
-                         on_result=lambda r: (result.__setitem__(*r), progress.advance(outer)))
-            return {k: result[k] for k in selected}
-        for k in selected:
-            result[k] = _cloud_fold_job(*args[k], progress=progress)[1]
-            progress.advance(outer)
-    return result
+                         on_result=lambda r: finished(*r))
+        else:
+            for k in selected:
+                finished(*_cloud_fold_job(*args[k], progress=progress))
+    return {k: result[k] for k in selected}
 
 
-def _cloud_fold_job(dataset, run, k, stages, device, val_pairs, snapshot_every_s, *, progress) -> tuple[int, int]:
-    """Train (or resume) one fold; module-level so that worker processes can run it."""
-    ds = load_keypoint_dataset(dataset)
-    config = _check_cloud_run(run, ds, None)
-    task = _cloud_task(ds, k, config, resolve_device(device))
+def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_every_s, *, progress) -> tuple[int, int]:
+    """Train (or resume) fold ``k``; returns ``(k, last finished stage)``. Module-level, with
+    picklable arguments, so that worker processes can run it."""
+    task = _cloud_task(ds, k, config, device)
     final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs),
                        snapshot_every_s=snapshot_every_s).run(stages, progress)
     return k, final

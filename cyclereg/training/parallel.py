@@ -102,13 +102,13 @@ def _call(job: tuple[Callable, tuple, str]):
 
 
 def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, progress, threads: int,
-                 on_result: Callable[[Any], None] | None = None) -> list:
+                 on_result: Callable[[Any], None]) -> None:
     """Run ``fn(*args, progress=...)`` for every ``(fn, args, label)`` in ``workers`` spawned
-    processes with ``threads`` intra-op threads each; returns the results in completion order
-    (``on_result`` is called with each as it arrives).
+    processes with ``threads`` intra-op threads each; ``on_result`` gets each job's result as
+    it arrives (in completion order).
 
-    ``fn`` must be a module-level function (it is pickled). The first exception raised by a job
-    (or Ctrl-C) terminates all workers and is re-raised here."""
+    ``fn`` and ``args`` are pickled (``fn`` must be module-level). The first exception raised by
+    a job (or Ctrl-C) terminates all workers and is re-raised here."""
     jobs = list(jobs)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -117,11 +117,8 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     drainer.start()
     pool = ctx.Pool(processes=min(workers, len(jobs)), initializer=_init_worker, initargs=(q, threads))
     try:
-        results = []
         for result in pool.imap_unordered(_call, jobs):
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+            on_result(result)
         pool.close()
         pool.join()
     except BaseException:
@@ -131,4 +128,3 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     finally:
         stop.set()
         drainer.join(timeout=5)
-    return results
