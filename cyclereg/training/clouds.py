@@ -244,10 +244,8 @@ class CloudCycleTask:
         steps_per_epoch = max(1, len(self.pairs) // cfg.batch_size)
         start, losses = 0, []
         if snapshot is not None:
-            start, losses = snapshot.restore(cfg.epochs, model=model, optimizer=opt, lr_schedule=sched, generator=g)
-            if start and progress:
-                progress.console.print(f"stage {stage}: training resumes after epoch {start}/{cfg.epochs} "
-                                       f"({snapshot.path})")
+            start, losses = snapshot.restore(cfg.epochs, model=model, optimizer=opt, lr_schedule=sched, generator=g,
+                                             progress=progress, unit="epoch")
         task = (progress.add_task(f"stage {stage}: training", total=cfg.epochs, completed=start)
                 if progress else None)
         model.train()

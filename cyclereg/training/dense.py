@@ -351,10 +351,7 @@ class DenseCycleTask:
         start, losses = 0, []
         if snapshot is not None:
             start, losses = snapshot.restore(cfg.iterations, model=model, optimizer=opt, lr_schedule=sched,
-                                             generator=g, scaler=scaler)
-            if start and progress:
-                progress.console.print(f"stage {stage}: training resumes after iteration {start}/{cfg.iterations} "
-                                       f"({snapshot.path})")
+                                             generator=g, scaler=scaler, progress=progress, unit="iteration")
         task = (progress.add_task(f"stage {stage}: training", total=cfg.iterations, completed=start)
                 if progress else None)
         model.train()

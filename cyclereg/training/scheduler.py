@@ -76,13 +76,13 @@ class StageSnapshot:
         self.stage = stage
         self.total_steps: int | None = None
         self.every_s = every_s
-        self._last = time.monotonic()
 
     def restore(self, total_steps: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
-                scaler=None) -> tuple[int, list[float]]:
+                scaler=None, progress=None, unit: str = "step") -> tuple[int, list[float]]:
         """Start of the training loop: ``total_steps`` is the length of the stage; loads the
         snapshot (if any) into the given objects and returns ``(finished_steps, losses)``,
-        ``(0, [])`` when there is none."""
+        ``(0, [])`` when there is none. A resumed stage is announced on ``progress``'s console,
+        counting in ``unit`` (e.g. ``"epoch"``)."""
         self.total_steps = total_steps
         self._last = time.monotonic()
         if not self.path.is_file():
@@ -105,8 +105,11 @@ class StageSnapshot:
         torch.random.set_rng_state(state["global_rng"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        self._last = time.monotonic()
-        return int(state["step"]), [float(v) for v in state["losses"]]
+        step = int(state["step"])
+        if progress is not None:
+            progress.console.print(f"stage {self.stage}: training resumes after {unit} {step}/{total_steps} "
+                                   f"({self.path})")
+        return step, [float(v) for v in state["losses"]]
 
     def offer(self, step: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
               losses: list[float], scaler=None) -> bool:
