@@ -38,3 +38,12 @@ def one_intraop_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def assert_same_weights(path_a: str | Path, path_b: str | Path) -> None:
+    """The checkpoints at ``path_a`` and ``path_b`` hold bitwise equal state dicts."""
+    a = torch.load(path_a, map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(path_b, map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

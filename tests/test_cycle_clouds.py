@@ -15,6 +15,8 @@ from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPair
 from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
 
+from conftest import assert_same_weights
+
 runner = CliRunner()
 # tiny clouds: one intra-op thread is faster, and makes CPU training bitwise reproducible
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -82,13 +84,20 @@ def test_search_options_reach_the_run_config(tmp_path):
     assert res.exit_code == 2 and "--recentre-passes" in res.output and not (tmp_path / "bad").exists()
 
 
+def _reference_and_twin(tmp_path, ds, fold: int, options: list[str]):
+    """Two runs ``a`` and ``b`` made by the same ``pretrain-random`` of ``fold``; ``a`` then
+    trains uninterrupted (the reference), ``b`` is left for the test to interrupt."""
+    for name in ("a", "b"):
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", str(fold), *options])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", str(fold)])
+    assert res.exit_code == 0, res.output
+    return tmp_path / "a", tmp_path / "b"
+
+
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     ds = _dataset(tmp_path)
-    for name in ("a", "b"):
-        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "2", *FAST,
-                                   *CHEAP_LABELS]).exit_code == 0
-    # a: uninterrupted
-    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "2"]).exit_code == 0
+    _reference_and_twin(tmp_path, ds, 2, [*FAST, *CHEAP_LABELS])
     # b: killed during stage 2's training, then the same command again
     real = CloudCycleTask.train_stage
 
@@ -109,10 +118,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "2"]).exit_code == 0
     assert loaded == ["stage1.pt"]  # stage 2 continued from the saved stage-1 weights
     assert (tmp_path / "b" / "fold2" / "stage1.pt").read_bytes() == stage1  # stage 1 was not redone
-    a = load_checkpoint(tmp_path / "a" / "fold2" / "final.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "b" / "fold2" / "final.pt")["state_dict"]
-    for k in a:  # the resumed run ends exactly where the uninterrupted one does
-        assert torch.equal(a[k], b[k]), k
+    # the resumed run ends exactly where the uninterrupted one does
+    assert_same_weights(tmp_path / "a" / "fold2" / "final.pt", tmp_path / "b" / "fold2" / "final.pt")
 
 
 def test_training_never_reads_landmarks(tmp_path, monkeypatch):
@@ -247,10 +254,7 @@ def _kill_at_snapshot(monkeypatch, stage: int, step: int):
 
 def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
     ds = _dataset(tmp_path)
-    fast = [*FAST[:2], "--epochs", "3", *FAST[4:], *CHEAP_LABELS]
-    for name in ("a", "b"):
-        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "1", *fast]).exit_code == 0
-    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "1"]).exit_code == 0
+    _reference_and_twin(tmp_path, ds, 1, [*FAST[:2], "--epochs", "3", *FAST[4:], *CHEAP_LABELS])
     fold = tmp_path / "b" / "fold1"
     real = _kill_at_snapshot(monkeypatch, stage=2, step=2)
     cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "1", "--snapshot-every", "1e-9"]
@@ -265,10 +269,7 @@ def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
     assert "resumes after epoch 2/3" in res.output
     assert epochs_run == [(2, 3)]  # only the third epoch of stage 2 was trained again
     assert not list(fold.glob("*.partial.pt"))
-    a = load_checkpoint(tmp_path / "a" / "fold1" / "final.pt")
-    b = load_checkpoint(fold / "final.pt")
-    for k in a["state_dict"]:  # bitwise the uninterrupted run's result
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert_same_weights(tmp_path / "a" / "fold1" / "final.pt", fold / "final.pt")  # bitwise the reference
     log_a = (tmp_path / "a" / "fold1" / "log.jsonl").read_text().splitlines()
     log_b = fold.joinpath("log.jsonl").read_text().splitlines()
     for la, lb in zip(log_a, log_b):
@@ -278,10 +279,7 @@ def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
 
 def test_stage_killed_while_refreshing_labels_is_not_trained_again(tmp_path, monkeypatch):
     ds = _dataset(tmp_path)
-    for name in ("a", "b"):
-        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--fold", "3", *FAST,
-                                   *CHEAP_LABELS]).exit_code == 0
-    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--folds", "3"]).exit_code == 0
+    _reference_and_twin(tmp_path, ds, 3, [*FAST, *CHEAP_LABELS])
     real = CloudCycleTask.make_pseudo_labels
 
     def dies_refreshing_stage2(self, model, stage, progress=None):
@@ -354,10 +352,7 @@ def test_parallel_folds_give_the_sequential_result(tmp_path):
     assert res.exit_code == 0, res.output
     assert "fold 1: 1, fold 2: 1" in res.output
     for k in (1, 2):
-        a = load_checkpoint(tmp_path / "seq" / f"fold{k}" / "final.pt")["state_dict"]
-        b = load_checkpoint(tmp_path / "par" / f"fold{k}" / "final.pt")["state_dict"]
-        for name in a:
-            assert torch.equal(a[name], b[name]), (k, name)
+        assert_same_weights(tmp_path / "seq" / f"fold{k}" / "final.pt", tmp_path / "par" / f"fold{k}" / "final.pt")
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "0"])
     assert res.exit_code == 2 and "--jobs" in res.output
 

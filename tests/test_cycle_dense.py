@@ -21,6 +21,8 @@ from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair
 from cyclereg.warp import warp
 from cyclereg_cli.main import app
 
+from conftest import assert_same_weights
+
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 runner = CliRunner()
 
@@ -281,7 +283,4 @@ def test_dense_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatc
     assert res.exit_code == 0, res.output
     assert "resumes after iteration 2/3" in res.output and steps == [3]
     assert not (tmp_path / "b" / "all" / "stage1.partial.pt").exists()
-    a = torch.load(tmp_path / "a" / "all" / "final.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b" / "all" / "final.pt", weights_only=True)["state_dict"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(tmp_path / "a" / "all" / "final.pt", tmp_path / "b" / "all" / "final.pt")
