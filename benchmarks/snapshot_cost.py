@@ -2,8 +2,12 @@
 
     python benchmarks/snapshot_cost.py
 """
-import time, tempfile, torch
+import tempfile
+import time
 from pathlib import Path
+
+import torch
+
 from cyclereg.training.scheduler import StageSnapshot
 from cyclereg.clouds.features import build_graph_net
 from cyclereg.dense.network import FeatureNet
@@ -20,7 +24,9 @@ for name, net in [("graph CNN (clouds)", build_graph_net(seed=0)), ("3D CNN (vol
         s.restore(1000, model=net, optimizer=opt, lr_schedule=sched, generator=g)
         t = []
         for i in range(5):
-            t0 = time.perf_counter(); s.offer(i + 1, model=net, optimizer=opt, lr_schedule=sched, generator=g, losses=[1.0] * 1000); t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            s.offer(i + 1, model=net, optimizer=opt, lr_schedule=sched, generator=g, losses=[1.0] * 1000)
+            t.append(time.perf_counter() - t0)
         size = s.path.stat().st_size
     n = sum(p.numel() for p in net.parameters())
     print(f"{name}: {n} parameters, snapshot {size/1e6:.2f} MB, write {min(t)*1e3:.1f}-{max(t)*1e3:.1f} ms")
