@@ -18,6 +18,11 @@ class InputError(ValueError):
         super().__init__(" ".join(text.split()))
 
 
+class WorkerError(RuntimeError):
+    """A worker process ended without a result (killed by the OS, a crash in native code).
+    ``str(err)`` is a single line naming the job; the CLI exits with code 1."""
+
+
 def require_file(path: str | Path) -> Path:
     """Return ``path`` as a :class:`Path`, raising :class:`InputError` if it is not a file."""
     p = Path(path)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, WorkerError
 
 app = typer.Typer(
     add_completion=False,
@@ -30,7 +30,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def cli_errors(fn):
     """Turn :class:`InputError` and operating-system errors (unwritable outputs) into a one-line
-    error, exit 2."""
+    error, exit 2; a worker process that died (:class:`WorkerError`) into one line, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,6 +41,8 @@ def cli_errors(fn):
         except OSError as exc:  # an output that cannot be written (a file where a folder must go, disk full, ...)
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")
+        except WorkerError as exc:
+            _fail(str(exc), code=1)
         except KeyboardInterrupt:
             typer.echo("cyclereg: interrupted", err=True)
             raise typer.Exit(130) from None

@@ -3,22 +3,23 @@
 Each worker trains whole folds with the ordinary :class:`~cyclereg.training.scheduler.StageScheduler`;
 its progress-bar calls travel through a queue to the parent, which shows them on its own rich
 display (prefixed with the fold), so a parallel run looks like a sequential one. Workers are
-spawned (not forked) and each gets ``threads`` intra-op threads. Ctrl-C or an error in one fold
-stops all workers; their mid-stage snapshots make the same command resume every fold.
+spawned (not forked), one per fold, and each gets ``threads`` intra-op threads. Ctrl-C, an error in
+one fold, or a worker that dies (e.g. killed by the OS for memory) stops all workers; their
+mid-stage snapshots make the same command resume every fold.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import sys
 import threading
 from typing import Any, Callable, Iterable
 
-_QUEUE = None  # the worker's end of the progress queue (set by _init_worker)
-
+from cyclereg.errors import WorkerError
 
 class QueueProgress:
     """Stand-in for :class:`rich.progress.Progress` inside a worker: forwards the calls the
@@ -85,46 +86,94 @@ def _drain(q, progress, stop: threading.Event) -> None:
             progress.console.print(rest[0])
 
 
-def _init_worker(q, threads: int) -> None:
-    global _QUEUE
+def _init_worker(threads: int) -> None:
     import torch
 
-    _QUEUE = q
     torch.set_num_threads(threads)
     # terminate() sends SIGTERM: leave through Python so that atomic writes remove their temp files
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent, which terminates us
 
 
-def _call(job: tuple[Callable, tuple, str]):
-    fn, args, label = job
-    return fn(*args, progress=QueueProgress(_QUEUE, label))
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (to be re-raised as itself in the parent), else a
+    :class:`RuntimeError` carrying its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _worker(q, results, threads: int, index: int, fn: Callable, args: tuple, label: str) -> None:
+    """Body of one worker process: run one job and put ``(index, ok, result or exception)``."""
+    _init_worker(threads)
+    try:
+        out = fn(*args, progress=QueueProgress(q, label))
+    except Exception as exc:  # SystemExit (SIGTERM from the parent) is not a result
+        results.put((index, False, _portable(exc)))
+    else:
+        results.put((index, True, out))
+
+
+def _death(label: str, exitcode: int | None) -> WorkerError:
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+        if -exitcode == signal.SIGKILL:
+            how += ", perhaps out of memory"
+    else:
+        how = f"exit code {exitcode}"
+    return WorkerError(f"{label}: the worker process died ({how}) without a result; "
+                       "run the same command again to resume from its last snapshot")
 
 
 def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, progress, threads: int,
-                 on_result: Callable[[Any], None]) -> None:
-    """Run ``fn(*args, progress=...)`` for every ``(fn, args, label)`` in ``workers`` spawned
-    processes with ``threads`` intra-op threads each; ``on_result`` gets each job's result as
-    it arrives (in completion order).
+                 on_result: Callable[[Any], None], *, poll_s: float = 0.2) -> None:
+    """Run ``fn(*args, progress=...)`` for every ``(fn, args, label)``, at most ``workers`` at
+    once, each in its own spawned process with ``threads`` intra-op threads; ``on_result`` gets
+    each job's result as it arrives (in completion order).
 
     ``fn`` and ``args`` are pickled (``fn`` must be module-level). The first exception raised by
-    a job (or Ctrl-C) terminates all workers and is re-raised here."""
-    jobs = list(jobs)
+    a job is re-raised here; a worker that dies without a result (killed by the OS, a crash in
+    native code) raises :class:`~cyclereg.errors.WorkerError` naming its label. Either, or
+    Ctrl-C, first terminates all other workers."""
+    pending = list(enumerate(jobs))
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    q, results = ctx.Queue(), ctx.Queue()
     stop = threading.Event()
     drainer = threading.Thread(target=_drain, args=(q, progress, stop), daemon=True)
     drainer.start()
-    pool = ctx.Pool(processes=min(workers, len(jobs)), initializer=_init_worker, initargs=(q, threads))
+    running: dict[int, tuple[Any, str]] = {}
     try:
-        for result in pool.imap_unordered(_call, jobs):
-            on_result(result)
-        pool.close()
-        pool.join()
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
+        while pending or running:
+            while pending and len(running) < workers:
+                index, (fn, args, label) = pending.pop(0)
+                proc = ctx.Process(target=_worker, args=(q, results, threads, index, fn, args, label),
+                                   name=f"cyclereg {label}", daemon=True)
+                proc.start()
+                running[index] = (proc, label)
+            try:
+                index, ok, payload = results.get(timeout=poll_s)
+            except queue.Empty:
+                for proc, label in running.values():
+                    # a worker that returned normally has put its result first; one that ended
+                    # otherwise never will
+                    if proc.exitcode is not None and proc.exitcode != 0:
+                        raise _death(label, proc.exitcode) from None
+                continue
+            proc, _ = running.pop(index)
+            proc.join()
+            if not ok:
+                raise payload
+            on_result(payload)
     finally:
+        for proc, _ in running.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc, _ in running.values():
+            proc.join()
         stop.set()
         drainer.join(timeout=5)

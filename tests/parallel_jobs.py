@@ -1,0 +1,35 @@
+"""Module-level jobs for tests/test_parallel.py (spawned workers import them by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def square(x: int, *, progress) -> int:
+    task = progress.add_task("square", total=1)
+    progress.advance(task)
+    progress.console.print(f"squared {x}")
+    return x * x
+
+
+def killed(wait_for: str, *, progress) -> None:
+    """Once ``wait_for`` exists, dies the way the OS kills a process that ran out of memory."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(wait_for) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fails(*, progress) -> None:
+    raise KeyError("no such fold")
+
+
+def sleeps(path: str, *, progress) -> None:
+    """Marks that it started, then outlives any test unless terminated."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+    time.sleep(60)

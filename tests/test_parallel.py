@@ -1,0 +1,75 @@
+"""run_parallel (``cycle --jobs N``): results, errors and dead workers, in real spawned processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import parallel_jobs as jobs
+import pytest
+import typer
+
+from cyclereg.errors import WorkerError
+from cyclereg.training.parallel import run_parallel
+from cyclereg_cli.main import cli_errors
+
+
+class Recorder:
+    """Stands in for rich's Progress in the parent: records what the workers sent."""
+
+    def __init__(self):
+        self.tasks, self.printed = {}, []
+        self.console = self
+
+    def add_task(self, description, total=None, completed=0):
+        self.tasks[len(self.tasks)] = [description, completed]
+        return len(self.tasks) - 1
+
+    def update(self, task, advance=None, description=None, completed=None):
+        self.tasks[task][1] += advance or 0
+
+    def remove_task(self, task):
+        del self.tasks[task]
+
+    def print(self, text):
+        self.printed.append(text)
+
+
+def test_every_result_arrives_with_more_jobs_than_workers():
+    got, progress = [], Recorder()
+    run_parallel(((jobs.square, (x,), f"job {x}") for x in range(3)), 2, progress, 1, got.append)
+    assert sorted(got) == [0, 1, 4]
+    assert sorted(progress.printed) == [f"job {x}: squared {x}" for x in range(3)]
+    assert sorted(d for d, _ in progress.tasks.values()) == [f"job {x}: square" for x in range(3)]
+    assert all(done == 1 for _, done in progress.tasks.values())
+
+
+def test_a_job_error_is_re_raised_as_itself():
+    with pytest.raises(KeyError, match="no such fold"):
+        run_parallel([(jobs.fails, (), "fold 1")], 1, Recorder(), 1, lambda r: None)
+
+
+def test_a_killed_worker_is_reported_and_stops_the_others(tmp_path):
+    """A worker killed by the OS (no result ever comes) must not leave the parent waiting, and
+    the other workers are terminated."""
+    marker = tmp_path / "pid"
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"fold 2: the worker process died \(killed by SIGKILL"):
+        run_parallel([(jobs.sleeps, (str(marker),), "fold 1"), (jobs.killed, (str(marker),), "fold 2")], 2,
+                     Recorder(), 1, lambda r: None)
+    assert time.monotonic() - t0 < 50
+    pid = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_the_cli_turns_a_dead_worker_into_one_line_and_exit_1(capsys):
+    @cli_errors
+    def command():
+        raise WorkerError("fold 2: the worker process died (killed by SIGKILL, perhaps out of memory) without a result")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        command()
+    assert exit_info.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fold 2: the worker process died" in err
