@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 
 import torch
+from rich.progress import Progress, TimeElapsedColumn
+
+from cyclereg.training.parallel import run_parallel
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
 
 
-def run_job(args: tuple) -> str:
-    ensemble_dir, out_dir, dataset, fold, member_index = args
-    torch.set_num_threads(1)
+def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_index: int, *, progress) -> str:
+    """One (fold, member) job in a worker process (one intra-op thread); returns its log line."""
     from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
     from cyclereg.clouds.api import load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
@@ -81,11 +82,17 @@ def main() -> None:
     info = json.loads((args.ensemble / "ensemble.json").read_text())
     folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
         [int(v) for v in args.folds.split(",")]
-    jobs = [(args.ensemble, args.out, args.dataset, k, i)
+    jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i), f"fold {k} member {i}")
             for k in folds for i in range(len(info["members"][f"fold{k}"]))]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for line in pool.imap_unordered(run_job, jobs):
-            print(line, flush=True)
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as progress:
+        overall = progress.add_task("(fold, member) jobs", total=len(jobs))
+
+        def finished(line: str) -> None:
+            progress.console.print(line)
+            progress.advance(overall)
+
+        # a worker killed by the OS ends the run with an error naming its job (WorkerError)
+        run_parallel(jobs, args.jobs, progress, threads=1, on_result=finished)
 
 
 if __name__ == "__main__":

@@ -222,9 +222,9 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for member in (0, 1):
-        line = json.loads(mod.run_job((tmp_path / "e", tmp_path / "s", ds, 1, member)))
+        line = json.loads(mod.run_job(tmp_path / "e", tmp_path / "s", ds, 1, member, progress=None))
         assert line["stage"] == 2 and math.isfinite(line["train_loss_mm"])
-    assert "done before" in mod.run_job((tmp_path / "e", tmp_path / "s", ds, 1, 0))
+    assert "done before" in mod.run_job(tmp_path / "e", tmp_path / "s", ds, 1, 0, progress=None)
     before = load_checkpoint(tmp_path / "r0" / "fold1" / "final.pt")["state_dict"]
     after = load_checkpoint(tmp_path / "s" / "r0" / "fold1.pt")
     assert after["extra"]["stage"] == 2 and (tmp_path / "s" / "r0" / "run.json").is_file()
