@@ -10,6 +10,7 @@ import pytest
 import typer
 
 from cyclereg.errors import WorkerError
+from cyclereg.training import parallel
 from cyclereg.training.parallel import run_parallel
 from cyclereg_cli.main import cli_errors
 
@@ -54,7 +55,7 @@ def test_a_killed_worker_is_reported_and_stops_the_others(tmp_path):
     the other workers are terminated."""
     marker = tmp_path / "pid"
     t0 = time.monotonic()
-    with pytest.raises(WorkerError, match=r"fold 2: the worker process died \(killed by SIGKILL"):
+    with pytest.raises(WorkerError, match=r"fold 2: the worker process ended \(killed by SIGKILL"):
         run_parallel([(jobs.sleeps, (str(marker),), "fold 1"), (jobs.killed, (str(marker),), "fold 2")], 2,
                      Recorder(), 1, lambda r: None)
     assert time.monotonic() - t0 < 50
@@ -66,10 +67,16 @@ def test_a_killed_worker_is_reported_and_stops_the_others(tmp_path):
 def test_the_cli_turns_a_dead_worker_into_one_line_and_exit_1(capsys):
     @cli_errors
     def command():
-        raise WorkerError("fold 2: the worker process died (killed by SIGKILL, perhaps out of memory) without a result")
+        raise WorkerError("fold 2: the worker process ended (killed by SIGKILL, perhaps out of memory) without a result")
 
     with pytest.raises(typer.Exit) as exit_info:
         command()
     assert exit_info.value.exit_code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "fold 2: the worker process died" in err
+    assert err.count("\n") == 1 and "fold 2: the worker process ended" in err
+
+
+def test_a_worker_that_exits_without_a_result_is_reported(monkeypatch):
+    monkeypatch.setattr(parallel, "RESULT_GRACE_S", 0.5)
+    with pytest.raises(WorkerError, match=r"fold 3: the worker process ended \(it exited normally\) without a result"):
+        run_parallel([(jobs.exits, (), "fold 3")], 1, Recorder(), 1, lambda r: None)

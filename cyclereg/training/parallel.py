@@ -17,9 +17,15 @@ import queue
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 from cyclereg.errors import WorkerError
+
+RESULT_GRACE_S = 10.0
+"""How long a worker that exited normally may take to deliver its result through the queue
+before it counts as having died without one (e.g. an unpicklable result)."""
+
 
 class QueueProgress:
     """Stand-in for :class:`rich.progress.Progress` inside a worker: forwards the calls the
@@ -124,9 +130,11 @@ def _death(label: str, exitcode: int | None) -> WorkerError:
             how = f"killed by signal {-exitcode}"
         if -exitcode == signal.SIGKILL:
             how += ", perhaps out of memory"
+    elif exitcode == 0:
+        how = "it exited normally"
     else:
         how = f"exit code {exitcode}"
-    return WorkerError(f"{label}: the worker process died ({how}) without a result; "
+    return WorkerError(f"{label}: the worker process ended ({how}) without a result; "
                        "run the same command again to resume from its last snapshot")
 
 
@@ -147,6 +155,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     drainer = threading.Thread(target=_drain, args=(q, progress, stop), daemon=True)
     drainer.start()
     running: dict[int, tuple[Any, str]] = {}
+    exited: dict[int, float] = {}  # job -> when its worker was first seen gone (exit code 0)
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -158,10 +167,13 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
             try:
                 index, ok, payload = results.get(timeout=poll_s)
             except queue.Empty:
-                for proc, label in running.values():
-                    # a worker that returned normally has put its result first; one that ended
-                    # otherwise never will
-                    if proc.exitcode is not None and proc.exitcode != 0:
+                now = time.monotonic()
+                for i, (proc, label) in running.items():
+                    # a worker that returned normally has put its result before exiting (it may
+                    # still be in the pipe); one that ended otherwise never will
+                    if proc.exitcode is None:
+                        continue
+                    if proc.exitcode != 0 or now - exited.setdefault(i, now) > RESULT_GRACE_S:
                         raise _death(label, proc.exitcode) from None
                 continue
             proc, _ = running.pop(index)
