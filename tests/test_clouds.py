@@ -340,3 +340,22 @@ def test_ensemble_averages_its_members_and_one_member_is_the_network():
     with pytest.raises(ValueError, match="ensemble_size"):
         CloudRegConfig(ensemble_size=0)
     assert CloudRegConfig.from_dict({}).ensemble_size == 1  # checkpoints written before ensembles
+
+
+def test_pyg_template_files_are_removed_at_exit(tmp_path):
+    """PyG renders EdgeConv's propagate code into a temporary file it never deletes; a process
+    that built the graph CNN leaves nothing behind in its temporary folder."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from cyclereg.clouds.features import GraphFeatureNet, pyg_template_files; "
+            "GraphFeatureNet()(torch.rand(50, 3), 5); print('\\n'.join(pyg_template_files()))")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp_path)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    written = run.stdout.split()
+    if not written:
+        pytest.skip("this PyG version writes no template files")
+    assert all(os.path.dirname(p) == os.path.realpath(tmp_path) for p in written)
+    assert sorted(tmp_path.iterdir()) == []

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +15,33 @@ from torch import nn
 from torch_geometric.nn import EdgeConv
 
 from cyclereg.clouds.knn import knn_edge_index
+
+
+def pyg_template_files() -> list[str]:
+    """Files that PyG (2.5+) rendered for its message-passing layers in this process.
+
+    PyG writes each layer class's generated ``propagate`` code to a temporary ``.py`` file,
+    imports it and never deletes it, so every process that builds an ``EdgeConv`` would leave
+    ~9 KB in the temporary folder. Only files in that folder named after their module count."""
+    tmp = os.path.realpath(tempfile.gettempdir())
+    found = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (name.startswith("torch_geometric.") and path
+                and os.path.dirname(os.path.realpath(path)) == tmp
+                and os.path.basename(path).startswith(name + "_")):
+            found.append(path)
+    return found
+
+
+@atexit.register
+def _remove_pyg_template_files() -> None:
+    """At exit (not earlier: tracebacks read their source), delete :func:`pyg_template_files`."""
+    for path in pyg_template_files():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
