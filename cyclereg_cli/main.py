@@ -19,8 +19,39 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Unsupervised 3D registration by optimisation-guided cyclical self-training.",
 )
+
+
+def _versions() -> str:
+    """``cyclereg X (torch Y, torch-geometric Z, Python W)``, read from package metadata so that
+    ``--version`` does not import torch."""
+    import platform
+    from importlib import metadata
+
+    from cyclereg import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"cyclereg {__version__} (torch {installed('torch')}, torch-geometric {installed('torch-geometric')}, "
+            f"Python {platform.python_version()})")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the versions of cyclereg, torch, torch-geometric and Python, and exit."),
+) -> None:
+    """Unsupervised 3D registration by optimisation-guided cyclical self-training."""
 
 
 def _fail(message: str, code: int = 2) -> None:

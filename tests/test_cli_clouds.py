@@ -40,6 +40,18 @@ def test_help_lists_all_commands():
         assert cmd in res.output
 
 
+def test_version_names_the_installed_versions():
+    from importlib import metadata
+
+    import cyclereg
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.startswith(f"cyclereg {cyclereg.__version__} (torch {metadata.version('torch')}, ")
+    # the installed distribution's version is the package's one (pyproject reads it from there)
+    assert metadata.version("cyclereg") == cyclereg.__version__
+
+
 def test_register_clouds(pair_files):
     d, pair = pair_files
     res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out"),
