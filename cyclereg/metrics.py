@@ -17,6 +17,21 @@ def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
             "p25": q[0].item(), "p50": q[1].item(), "p75": q[2].item()}
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two ``(N,)`` samples (Pearson correlation of their ranks;
+    ties get distinct ranks in order of appearance, which is immaterial for continuous values).
+    NaN when either sample is constant or ``N < 2``."""
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a {tuple(a.shape)}, b {tuple(b.shape)}: expected two (N,) tensors")
+    if a.numel() < 2 or a.unique().numel() < 2 or b.unique().numel() < 2:
+        return float("nan")
+    ranks = [torch.empty(x.numel(), dtype=torch.float64).index_put_((torch.argsort(x.double(), stable=True),),
+                                                                    torch.arange(x.numel(), dtype=torch.float64))
+             for x in (a, b)]
+    ra, rb = (r - r.mean() for r in ranks)
+    return float((ra * rb).sum() / (ra.pow(2).sum() * rb.pow(2).sum()).sqrt())
+
+
 def jacobian_determinant(disp_vox: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> torch.Tensor:
     """Determinant of the Jacobian of ``x -> x + u(x)``, central differences.
 

@@ -300,9 +300,29 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     members = [load_cloud_model(tmp_path / r / "fold1.pt", recentre_passes=1) for r in ("a", "b")]
     want = sum(register_clouds(pair.fixed_mm, pair.moving_mm, n, c).displacements_mm for n, c in members) / 2
     torch.testing.assert_close(got, want)
-    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "r.json")])
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "r.json"),
+                              "--errors-csv", str(tmp_path / "err.csv")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "r.json").read_text())["config"]["ensemble_size"] == 2
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["ensemble_size"] == 2
+    # the members' disagreement is reported next to the errors (landmark-free, never used)
+    assert set(report["member_spread"]) == {"mean_at_landmarks_mm", "spearman_landmarks", "spearman_cases"}
+    assert all(c["member_spread_mm"]["landmarks"]["mean"] > 0 for c in report["cases"])
+    lines = (tmp_path / "err.csv").read_text().splitlines()
+    assert lines[0] == "pair,fold,landmark,before_mm,after_mm,spread_mm"
+    spread = [float(line.split(",")[-1]) for line in lines[1:]]
+    assert sum(spread) / len(spread) == pytest.approx(report["member_spread"]["mean_at_landmarks_mm"], abs=1e-3)
+    # register writes it per point; a single network has no such column
+    write_points(tmp_path / "f.csv", pair.fixed_mm)
+    write_points(tmp_path / "m.csv", pair.moving_mm)
+    for model, header in ((tmp_path / "e" / "fold1.pt", "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm,spread_mm"),
+                          (tmp_path / "a" / "fold1.pt", "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm")):
+        res = runner.invoke(app, ["register", str(tmp_path / "f.csv"), str(tmp_path / "m.csv"), "-o",
+                                  str(tmp_path / "reg"), "--model", str(model), "--query", str(tmp_path / "f.csv")])
+        assert res.exit_code == 0, res.output
+        assert ("members disagree" in res.output) == header.endswith("spread_mm")
+        for name in ("displacements.csv", "query_displacements.csv"):
+            assert (tmp_path / "reg" / name).read_text().splitlines()[0] == header
     _random_run(tmp_path / "c", {1: 5})  # fold 2 missing
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "c"), "-o", str(tmp_path / "e2")])
     assert res.exit_code == 2 and "fold(s) 2" in res.output and not (tmp_path / "e2").exists()

@@ -359,3 +359,48 @@ def test_pyg_template_files_are_removed_at_exit(tmp_path):
         pytest.skip("this PyG version writes no template files")
     assert all(os.path.dirname(p) == os.path.realpath(tmp_path) for p in written)
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_member_spread_is_the_rms_distance_from_the_average():
+    from cyclereg.clouds.pipeline import member_spread
+
+    d = torch.randn(7, 3)
+    a = torch.tensor([[3.0, 4.0, 0.0]]).expand(7, 3)
+    torch.testing.assert_close(member_spread([d, d, d]), torch.zeros(7))
+    torch.testing.assert_close(member_spread([d + a, d - a]), torch.full((7,), 5.0))  # each 5 mm from the mean
+    # three members at 0, 0 and 3 along x: mean 1, squared distances 1, 1, 4 -> sqrt(2)
+    x = torch.tensor([[1.0, 0.0, 0.0]])
+    torch.testing.assert_close(member_spread([0 * x, 0 * x, 3 * x]), torch.tensor([2.0]).sqrt())
+
+
+def test_registration_spread_at_queries_for_affine_member_fields():
+    """Members whose displacements are affine fields: each TPS reproduces its field exactly, so
+    the spread at any query is the analytic spread of the fields there; the average is the
+    registered displacement; a single network has no spread."""
+    from cyclereg.clouds.pipeline import CloudRegistration, member_spread
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(60, 3, generator=g, dtype=torch.float64) * 100
+    query = torch.rand(25, 3, generator=g, dtype=torch.float64) * 100
+    fields = [(torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.05,
+               torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
+    at = lambda p, A, t: p @ A.T + t  # noqa: E731
+    members = tuple(at(fixed, A, t) for A, t in fields)
+    box = UnitBox.around(fixed, fixed)
+    reg = CloudRegistration(fixed, sum(members) / 3, box, TPSConfig(regularisation=0.3), members)
+    torch.testing.assert_close(reg.spread_mm, member_spread(list(members)))
+    torch.testing.assert_close(reg.spread_at(query), member_spread([at(query, A, t) for A, t in fields]))
+    single = CloudRegistration(fixed, members[0], box, TPSConfig())
+    assert single.spread_mm is None and single.spread_at(query) is None
+
+
+def test_spearman_against_hand_computed_values():
+    from cyclereg.metrics import spearman
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(a, torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0])) == pytest.approx(0.8)  # 1 - 6*4/(5*24)
+    assert spearman(a, a.exp()) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert math.isnan(spearman(a, torch.ones(5))) and math.isnan(spearman(a[:1], a[:1]))
+    with pytest.raises(ValueError, match="a \\(5,\\), b \\(4,\\)"):
+        spearman(a, a[:4])

@@ -17,7 +17,7 @@ from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
-from cyclereg.metrics import tre_stats
+from cyclereg.metrics import spearman, tre_stats
 from cyclereg.pointio import format_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp_between_grids
@@ -174,7 +174,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          reference: Path | None = None, moving_image: Path | None = None,
                          moving_labels: Path | None = None, disp_mm: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
-    ``config.json``) into ``out_dir``.
+    ``config.json``) into ``out_dir``. For an ensemble model both CSV files get a ``spread_mm``
+    column: how far (root mean square, mm) the members' displacements lie from their average.
 
     With ``reference`` (a NIfTI of the fixed scan, whose world frame the points share) also
     ``displacement.nii.gz``: the TPS field on that grid, ``(D, H, W, 3)`` in its voxels (channel c
@@ -211,13 +212,18 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     disp = reg.displacements_mm.cpu()
     cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
             "dx_mm": disp[:, 0], "dy_mm": disp[:, 1], "dz_mm": disp[:, 2]}
+    spread = reg.spread_mm
+    if spread is not None:  # an ensemble: how much its members disagree at each point
+        cols["spread_mm"] = spread.cpu()
     outputs = {"displacements.csv": format_csv(cols)}
     spline = reg.spline()
     if query_mm is not None:
         q = reg.at(query_mm.to(dev), spline).cpu()
-        outputs["query_displacements.csv"] = format_csv(
-            {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
-             "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]})
+        qcols = {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
+                 "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]}
+        if spread is not None:
+            qcols["spread_mm"] = reg.spread_at(query_mm.to(dev)).cpu()
+        outputs["query_displacements.csv"] = format_csv(qcols)
     volumes = {}
     if ref is not None:
         field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
@@ -244,8 +250,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                          "seconds": seconds})
     mean = disp.norm(dim=1).mean().item()
     written = sorted(outputs) + sorted(volumes)
+    disagreement = "" if spread is None else f", members disagree by {spread.mean().item():.2f} mm on average"
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
-            f"(unit frame: {frame}); mean |u| {mean:.2f} mm; wrote {', '.join(written)} to {out_dir}")
+            f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}")
 
 
 def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:
@@ -288,6 +295,12 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests.
+
+    For ensembles (every case), also the members' disagreement (:func:`member_spread` of their
+    TPS fields) at the keypoints and landmarks of each case, its Spearman correlation with the
+    landmark errors (per case, pooled, and across case means: does the landmark-free spread flag
+    the large errors?) and a ``spread_mm`` column in ``errors_csv``. Reported, never used to
+    choose anything.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -320,7 +333,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
-    rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": []}
+    rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
+    spreads: list[torch.Tensor] = []  # per case: the ensemble members' disagreement at its landmarks
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("registering pairs", total=len(pairs))
         for p in pairs:
@@ -348,6 +362,14 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             case = {"id": p.id, "fold": fold, "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
                     "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
                     "seconds": seconds}
+            spread_lm = reg.spread_at(lm_f)  # ensembles only; not part of the registration time
+            if spread_lm is not None:
+                spread_lm = spread_lm.cpu()
+                spreads.append(spread_lm)
+                rows["spread_mm"] += spread_lm.tolist()
+                case["member_spread_mm"] = {"keypoints": tre_stats(reg.spread_mm.cpu()),
+                                            "landmarks": tre_stats(spread_lm)}
+                case["spread_tre_spearman"] = spearman(spread_lm, after)
             if smoothness and net is None:
                 # zero field: J = 1 everywhere, so every spread is exactly 0
                 case.update({"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0})
@@ -369,21 +391,36 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
         "cases": cases,
     }
+    if spreads and len(spreads) == len(cases):
+        # how well the members' landmark-free disagreement ranks the errors (reporting only)
+        result["member_spread"] = {
+            "mean_at_landmarks_mm": float(torch.cat(spreads).mean()),
+            "spearman_landmarks": spearman(torch.cat(spreads), torch.tensor(rows["after_mm"])),
+            "spearman_cases": spearman(torch.tensor([float(s.mean()) for s in spreads]),
+                                       torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
+        }
+    with_spread = "member_spread" in result
     table = Table(title=f"{ds.name} — {method}")
-    for col in ("case", "TRE before [mm]", "TRE after [mm]", "p25/p50/p75 after", "SDlogJ", "time [s]"):
+    for col in ("case", "TRE before [mm]", "TRE after [mm]", "p25/p50/p75 after", "SDlogJ", "time [s]") + \
+            (("spread [mm]",) if with_spread else ()):
         table.add_column(col, justify="right")
     for c in cases:
         a = c["tre_after_mm"]
         table.add_row(c["id"], f"{c['tre_before_mm']['mean']:.2f}", f"{a['mean']:.2f} ± {a['std']:.2f}",
                       f"{a['p25']:.2f}/{a['p50']:.2f}/{a['p75']:.2f}",
-                      f"{c['sdlogj']:.3f}" if "sdlogj" in c else "-", f"{c['seconds']:.1f}")
+                      f"{c['sdlogj']:.3f}" if "sdlogj" in c else "-", f"{c['seconds']:.1f}",
+                      *((f"{c['member_spread_mm']['landmarks']['mean']:.2f}",) if with_spread else ()))
     table.add_row("mean", f"{result['initial_tre_mm']:.2f}", f"{result['mean_tre_mm']:.2f}", "",
                   f"{result['mean_sdlogj']:.3f}" if result["mean_sdlogj"] is not None else "-",
-                  f"{result['mean_seconds']:.1f}")
+                  f"{result['mean_seconds']:.1f}",
+                  *((f"{result['member_spread']['mean_at_landmarks_mm']:.2f}",) if with_spread else ()))
     Console(quiet=quiet).print(table)
     write_json(report, result)
     if errors_csv is not None:
-        lines = [",".join(rows)] + [f"{pid},{fold},{i},{b:.4f},{a:.4f}" for pid, fold, i, b, a in zip(*rows.values())]
+        if not with_spread:
+            del rows["spread_mm"]
+        lines = [",".join(rows)] + [",".join([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)])
+                                    for pid, fold, i, *values in zip(*rows.values())]
         atomic_write_text(errors_csv, "\n".join(lines) + "\n")
     return result
 

@@ -4,7 +4,7 @@ sparse LBP ``h``, densified by a thin-plate spline."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -125,11 +125,27 @@ def averaged_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torc
     back (``u = A^{-1} u'``), and, for a :class:`FeatureEnsemble`, averaged over its members.
     ``features``: the plain pass's ``(feat_f, feat_m)`` of a single network if already
     computed. Equals :func:`predict_recentred` for one network and ``tta_passes = 0``."""
+    each = member_displacements(net, fixed_u, moving_u, config, features=features)
+    return sum(each) / len(each)
+
+
+def member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                         config: CloudRegConfig, *,
+                         features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Each member's test-time displacements ``(N, 3)`` (unit frame), as
+    :func:`averaged_displacements` averages them (one entry for a single network)."""
     members = ensemble_members(net)
     if features is not None and len(members) > 1:
         raise ValueError("features: only for a single network, not an ensemble")
-    total = sum(_tta_displacements(m, fixed_u, moving_u, config, features) for m in members)
-    return total / len(members)
+    return [_tta_displacements(m, fixed_u, moving_u, config, features) for m in members]
+
+
+def member_spread(displacements: list[torch.Tensor]) -> torch.Tensor:
+    """Per point, the root-mean-square distance of the members' displacements ``E x (N, 3)`` from
+    their average -> ``(N,)`` (units of the input). Zero for a single member. A landmark-free
+    measure of how much independently trained networks disagree at each point."""
+    stacked = torch.stack(displacements)
+    return (stacked - stacked.mean(0)).pow(2).sum(-1).mean(0).sqrt()
 
 
 def _tta_displacements(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
@@ -156,12 +172,30 @@ class CloudRegistration:
         displacements_mm: ``(N, 3)`` displacements at the fixed points (mm, fixed -> moving).
         box: the unit frame used.
         tps: TPS settings for :meth:`at` and :meth:`dense`.
+        member_displacements_mm: for an ensemble, each member's ``(N, 3)`` displacements (mm)
+            whose average is ``displacements_mm``; None for a single network or the identity.
     """
 
     fixed_mm: torch.Tensor
     displacements_mm: torch.Tensor
     box: UnitBox
     tps: TPSConfig
+    member_displacements_mm: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def spread_mm(self) -> torch.Tensor | None:
+        """``(N,)``: the members' disagreement at the fixed points (:func:`member_spread`, mm);
+        None without members."""
+        members = self.member_displacements_mm
+        return None if members is None else member_spread(list(members))
+
+    def spread_at(self, query_mm: torch.Tensor) -> torch.Tensor | None:
+        """``(M,)``: the members' disagreement (mm) at query points ``(M, 3)`` mm, each member's
+        displacements densified by its own TPS (the settings of :meth:`spline`); None without members."""
+        if self.member_displacements_mm is None:
+            return None
+        return member_spread([replace(self, displacements_mm=d, member_displacements_mm=None).at(query_mm)
+                              for d in self.member_displacements_mm])
 
     def spline(self) -> ThinPlateSpline:
         return ThinPlateSpline.fit(self.box.mm_to_unit(self.fixed_mm), self.box.disp_mm_to_unit(self.displacements_mm),
@@ -225,13 +259,17 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     ensemble averages its members' displacements. ``box``: the unit frame (a dataset's volume
     box); default :func:`registration_box`."""
     box = box or registration_box(fixed_mm, moving_mm, config)[0]
+    members = None
     if net is None:
         disp = torch.zeros_like(fixed_mm)
     else:
         with torch.no_grad():
-            disp_u = averaged_displacements(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config)
-        disp = box.disp_unit_to_mm(disp_u)
-    return CloudRegistration(fixed_mm=fixed_mm, displacements_mm=disp, box=box, tps=config.tps)
+            each = member_displacements(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config)
+        disp = box.disp_unit_to_mm(sum(each) / len(each))
+        if len(each) > 1:
+            members = tuple(box.disp_unit_to_mm(d) for d in each)
+    return CloudRegistration(fixed_mm=fixed_mm, displacements_mm=disp, box=box, tps=config.tps,
+                             member_displacements_mm=members)
 
 
 def field_smoothness(reg: CloudRegistration, shape_zyx, spacing_zyx_mm) -> dict[str, float]:
