@@ -383,11 +383,12 @@ def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
                               "-o", str(tmp_path / "o"), "--model", model, "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "unit frame: training box" in res.output.replace("\n", " ")
-    written = np.loadtxt(tmp_path / "o" / "displacements.csv", delimiter=",", skiprows=1)[:, 3:]
+    written = np.loadtxt(tmp_path / "o" / "displacements.csv", delimiter=",", skiprows=1)
     net, cfg = load_cloud_model(model)
     f, m = read_points(root / "fixed_keypoints.csv"), read_points(root / "moving_keypoints.csv")
     reg = register_clouds(f, m, net, cfg, box=dataset_box(load_keypoint_dataset(ds)))  # what evaluate does
-    np.testing.assert_allclose(written, reg.displacements_mm.numpy(), atol=1e-3)
+    np.testing.assert_allclose(written[:, 3:6], reg.displacements_mm.numpy(), atol=1e-3)
+    np.testing.assert_allclose(written[:, 6], reg.spread_mm.numpy(), atol=1e-3)  # an ensemble of 3
 
 
 @pytest.mark.parametrize("text, problem", [
