@@ -1,6 +1,6 @@
 """One more self-training stage for every member of a cloud ensemble, on the ensemble's pseudo labels.
 
-``python scripts/ensemble_stage.py ENSEMBLE_DIR OUT_DIR [--dataset D] [--jobs N] [--folds 1,2]``
+``python scripts/ensemble_stage.py ENSEMBLE_DIR OUT_DIR [--dataset D] [--jobs N] [--folds 1,2] [--learner RUN_DIR]``
 
 ``ENSEMBLE_DIR`` is a per-fold ensemble made by ``cyclereg ensemble`` (``foldK.pt`` plus
 ``ensemble.json``, whose ``training`` entry holds every member run's ``run.json``). For each
@@ -11,6 +11,10 @@ labels; the member then trains one stage of its own configuration from its curre
 (warm restart). Landmarks are never read. Writes ``OUT_DIR/<member run name>/foldK.pt``
 (stage ``last + 1``), ``foldK.log.json`` and the member's ``run.json``; finished (fold, member)
 jobs are skipped when the command is run again, so it resumes.
+
+``--learner RUN_DIR`` trains that run's per-fold checkpoints instead (a network that is not a
+member, e.g. an independently trained run to be added to the ensemble), with the same labels
+and its own training configuration (``RUN_DIR/run.json``).
 """
 
 from __future__ import annotations
@@ -28,26 +32,34 @@ from cyclereg.training.parallel import run_parallel
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
 
 
-def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_index: int, *, progress) -> str:
-    """One (fold, member) job in a worker process (one intra-op thread); returns its log line."""
+def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_index: int | None,
+            learner: Path | None = None, *, progress) -> str:
+    """One (fold, member) job in a worker process (one intra-op thread); returns its log line.
+    With ``learner`` (a run directory), that run's fold checkpoint trains instead of a member."""
     from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-    from cyclereg.clouds.api import load_cloud_model
+    from cyclereg.clouds.api import fold_checkpoint, load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
     from cyclereg.training.clouds import CloudCycleConfig
     from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageSnapshot
 
-    info = json.loads((ensemble_dir / "ensemble.json").read_text())
-    source = info["members"][f"fold{fold}"][member_index]
-    run = source.get("run", str(Path(source["source"]).parent))  # member run directory
+    if learner is None:
+        info = json.loads((ensemble_dir / "ensemble.json").read_text())
+        source = info["members"][f"fold{fold}"][member_index]
+        run = source.get("run", str(Path(source["source"]).parent))  # member run directory
+        training = info["training"][run]
+    else:
+        ckpt = fold_checkpoint(learner, fold)
+        source = {"source": str(ckpt), "stage": load_checkpoint(ckpt, kind="cloud")["extra"]["stage"]}
+        run = str(learner)
+        training = json.loads((learner / "run.json").read_text())
     run_name = Path(run).name
     target = out_dir / run_name / f"fold{fold}.pt"
     if target.is_file():
         return f"fold {fold} {run_name}: done before"
-    training = info["training"][run]
     config = CloudCycleConfig.from_dict(training["config"])
     ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
-    member = ensemble.members[member_index]
+    member = ensemble.members[member_index] if learner is None else load_cloud_model(source["source"])[0]
     ds = load_keypoint_dataset(dataset)
     task = _cloud_task(ds, fold, config, torch.device("cpu"))
     stage = int(source.get("stage", 0)) + 1
@@ -78,12 +90,18 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--folds", default=None)
+    ap.add_argument("--learner", type=Path, default=None, metavar="RUN_DIR",
+                    help="train this run's fold checkpoints (not members of the ensemble) on the ensemble's labels")
     args = ap.parse_args()
     info = json.loads((args.ensemble / "ensemble.json").read_text())
     folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
         [int(v) for v in args.folds.split(",")]
-    jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i), f"fold {k} member {i}")
-            for k in folds for i in range(len(info["members"][f"fold{k}"]))]
+    if args.learner is not None:
+        jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, None, args.learner), f"fold {k} {args.learner.name}")
+                for k in folds]
+    else:
+        jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i), f"fold {k} member {i}")
+                for k in folds for i in range(len(info["members"][f"fold{k}"]))]
     with Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as progress:
         overall = progress.add_task("(fold, member) jobs", total=len(jobs))
 

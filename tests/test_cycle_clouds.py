@@ -225,6 +225,12 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
         line = json.loads(mod.run_job(tmp_path / "e", tmp_path / "s", ds, 1, member, progress=None))
         assert line["stage"] == 2 and math.isfinite(line["train_loss_mm"])
     assert "done before" in mod.run_job(tmp_path / "e", tmp_path / "s", ds, 1, 0, progress=None)
+    # --learner: a run outside the ensemble trains one stage on the same labels
+    line = json.loads(mod.run_job(tmp_path / "e", tmp_path / "L", ds, 1, None, tmp_path / "r1", progress=None))
+    assert line["member"] == "r1" and line["stage"] == 2
+    learned = load_checkpoint(tmp_path / "L" / "r1" / "fold1.pt")
+    assert learned["extra"] == {"stage": 2, "pseudo_labels": f"ensemble {tmp_path / 'e'}/fold1.pt"}
+    assert (tmp_path / "L" / "r1" / "run.json").read_text() == (tmp_path / "r1" / "run.json").read_text()
     before = load_checkpoint(tmp_path / "r0" / "fold1" / "final.pt")["state_dict"]
     after = load_checkpoint(tmp_path / "s" / "r0" / "fold1.pt")
     assert after["extra"]["stage"] == 2 and (tmp_path / "s" / "r0" / "run.json").is_file()
