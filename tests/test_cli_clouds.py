@@ -281,6 +281,8 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     ds = _mini_dataset(tmp_path)
     _random_run(tmp_path / "a", {1: 1, 2: 2})
     _random_run(tmp_path / "b", {1: 3, 2: 4}, recentre_passes=1)
+    for r in ("a", "b"):  # stand-ins for the training configurations of real runs
+        (tmp_path / r / "run.json").write_text(json.dumps({"config": {"seed": r}}))
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and "recentre_passes" in res.output and not (tmp_path / "e").exists()
     assert "--recentre-passes / --tta-passes set those two" in res.output
@@ -332,6 +334,13 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
                               "-o", str(tmp_path / "one.pt"), "--recentre-passes", "1"])
     assert res.exit_code == 0, res.output  # a member that is an ensemble contributes all its networks
     assert load_cloud_model(tmp_path / "one.pt")[1].ensemble_size == 3
+    # ... and its networks keep their provenance, in the checkpoint and in ensemble.json
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "e"), str(tmp_path / "a"), "-o", str(tmp_path / "e4"),
+                              "--recentre-passes", "1"])
+    assert res.exit_code == 0, res.output
+    info4 = json.loads((tmp_path / "e4" / "ensemble.json").read_text())
+    assert info4["members"]["fold1"] == info["members"]["fold1"] + [info["members"]["fold1"][0]]
+    assert set(info["training"]) == {str(tmp_path / "a"), str(tmp_path / "b")} == set(info4["training"])
 
 
 def test_demo(tmp_path):

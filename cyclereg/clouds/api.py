@@ -121,10 +121,14 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 hint = f" ({'; '.join(hints)})" if hints else ""
                 raise InputError(f"registration settings differ from {files[0]} in: {', '.join(differ)}{hint}", f)
             extra = ckpt.get("extra", {})
-            for m in ensemble_members(net):
-                states.append(m.state_dict())
-                members.append({"source": str(f), **({"run": str(src)} if src != f else {}),
-                                **({"stage": extra["stage"]} if "stage" in extra else {})})
+            nets = ensemble_members(net)
+            states += [m.state_dict() for m in nets]
+            inner = extra.get("members")
+            if isinstance(inner, list) and len(inner) == len(nets):
+                members += inner  # an ensemble source: each network keeps its own provenance
+            else:
+                members += [{"source": str(f), **({"run": str(src)} if src != f else {}),
+                             **({"stage": extra["stage"]} if "stage" in extra else {})}] * len(nets)
         ensemble = FeatureEnsemble(common.net, len(states))
         for m, sd in zip(ensemble.members, states):
             m.load_state_dict(sd)
@@ -136,6 +140,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             try:
                 training[str(src)] = json.loads((src / "run.json").read_text())
             except (OSError, ValueError):
+                pass
+            try:  # an ensemble source: its members' configurations
+                training.update(json.loads((src / "ensemble.json").read_text()).get("training", {}))
+            except (OSError, ValueError, AttributeError):
                 pass
         output = Path(output)
         if output.exists() and not output.is_dir():
