@@ -200,6 +200,7 @@ def register(
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
     disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
+    spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, how far the members' displacements lie apart (mm)"),
     l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -209,7 +210,7 @@ def register(
         _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
     if _is_volume(fixed):
         _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--reference": reference,
-                         "--moving-image": moving_image}, "point clouds, not volumes")
+                         "--moving-image": moving_image, "--spread-map": spread_map or None}, "point clouds, not volumes")
         from cyclereg.dense.api import register_volume_files
 
         summary = register_volume_files(
@@ -225,7 +226,7 @@ def register(
     summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
                                    spacing=spacing, device=device, recentre_passes=recentre_passes,
                                    tta_passes=tta_passes, reference=reference, moving_image=moving_image,
-                                   moving_labels=moving_labels, disp_mm=disp_mm)
+                                   moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map)
     typer.echo(summary)
 
 

@@ -171,7 +171,10 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--reference", str(d / "far.nii.gz")], "lies inside this volume"),
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
              (["--warps", "2"], "options for volumes"),
-             (["--no-adam"], "options for volumes")]  # an off switch is given too
+             (["--no-adam"], "options for volumes"),  # an off switch is given too
+             (["--spread-map"], "--spread-map needs --reference"),
+             (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model")]
+    write_nifti(d / "near.nii.gz", *_box_volume(pair.fixed_mm))
     for i, (extra, message) in enumerate(cases):
         res = runner.invoke(app, ["register", f, m, "-o", str(d / f"o{i}"), *extra])
         assert res.exit_code == 2 and message in res.output, res.output
@@ -325,6 +328,22 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
         assert ("members disagree" in res.output) == header.endswith("spread_mm")
         for name in ("displacements.csv", "query_displacements.csv"):
             assert (tmp_path / "reg" / name).read_text().splitlines()[0] == header
+    # --spread-map: the spread on the reference grid agrees with the spread written at the points
+    ref_data, ref_affine = _box_volume(pair.fixed_mm, spacing=2.0)
+    write_nifti(tmp_path / "ref.nii.gz", ref_data, ref_affine)
+    res = runner.invoke(app, ["register", str(tmp_path / "f.csv"), str(tmp_path / "m.csv"), "-o",
+                              str(tmp_path / "regmap"), "--model", str(tmp_path / "e" / "fold1.pt"),
+                              "--query", str(tmp_path / "f.csv"), "--reference", str(tmp_path / "ref.nii.gz"),
+                              "--spread-map"])
+    assert res.exit_code == 0, res.output
+    spread_map = read_nifti_array(tmp_path / "regmap" / "spread.nii.gz")
+    assert spread_map.shape == ref_data.shape and spread_map.min() >= 0
+    pts = np.loadtxt(tmp_path / "regmap" / "query_displacements.csv", delimiter=",", skiprows=1)
+    vox = torch.from_numpy((pts[:, :3] - ref_affine[:3, 3]) / 2.0)
+    at_pts = sample_at_points(torch.from_numpy(spread_map)[None, None].double(), vox)[:, 0].numpy()
+    # the map is evaluated every 4th voxel and upsampled, so it follows the pointwise spread only
+    # approximately (exactness at the evaluated voxels: test_dense_spread_at_grid_nodes)
+    assert pts[:, 6].mean() > 0.05 and np.corrcoef(at_pts, pts[:, 6])[0, 1] > 0.9
     _random_run(tmp_path / "c", {1: 5})  # fold 2 missing
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "c"), "-o", str(tmp_path / "e2")])
     assert res.exit_code == 2 and "fold(s) 2" in res.output and not (tmp_path / "e2").exists()

@@ -404,3 +404,31 @@ def test_spearman_against_hand_computed_values():
     assert math.isnan(spearman(a, torch.ones(5))) and math.isnan(spearman(a[:1], a[:1]))
     with pytest.raises(ValueError, match="a \\(5,\\), b \\(4,\\)"):
         spearman(a, a[:4])
+
+
+def test_dense_spread_at_grid_nodes():
+    """dense_spread evaluates the members' spread every tps.grid_step voxels and upsamples: at
+    those voxels it equals the analytic spread of affine member fields (reproduced exactly by
+    each member's TPS); a single network has none."""
+    from cyclereg.clouds.pipeline import CloudRegistration, member_spread
+    from cyclereg.frames import voxel_to_world
+
+    g = torch.Generator().manual_seed(1)
+    fixed = torch.rand(80, 3, generator=g, dtype=torch.float64) * torch.tensor([16.0, 24.0, 32.0])
+    fields = [(torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.05,
+               torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
+    at = lambda p, A, t: p @ A.T + t  # noqa: E731
+    box = UnitBox.around(fixed, fixed)
+    members = tuple(at(fixed, A, t) for A, t in fields)
+    reg = CloudRegistration(fixed, sum(members) / 3, box, TPSConfig(regularisation=0.3, grid_step=4), members)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    shape = (9, 13, 17)  # (s - 1) divisible by 4: the evaluated voxels are exactly every 4th
+    spread = reg.dense_spread(affine, shape)
+    assert spread.shape == (1, 1, *shape)
+    nodes = torch.stack(torch.meshgrid(*(torch.arange(0, s, 4, dtype=torch.float64) for s in shape),
+                                       indexing="ij"), -1).reshape(-1, 3)
+    world = voxel_to_world(nodes, torch.from_numpy(affine))
+    want = member_spread([at(world, A, t) for A, t in fields])
+    got = spread[0, 0, ::4, ::4, ::4].reshape(-1).double()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert CloudRegistration(fixed, members[0], box, TPSConfig()).dense_spread(affine, shape) is None

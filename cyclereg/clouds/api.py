@@ -180,7 +180,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
                          recentre_passes: int | None = None, tta_passes: int | None = None,
                          reference: Path | None = None, moving_image: Path | None = None,
-                         moving_labels: Path | None = None, disp_mm: bool = False) -> str:
+                         moving_labels: Path | None = None, disp_mm: bool = False, spread_map: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``. For an ensemble model both CSV files get a ``spread_mm``
     column: how far (root mean square, mm) the members' displacements lie from their average.
@@ -190,12 +190,16 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     along array axis c, fixed -> moving; world mm in x, y, z with ``disp_mm``), the dense path's
     convention. With ``moving_image`` (needs ``reference``; any grid of its own) also
     ``warped.nii.gz``: that image resampled onto the reference grid through the field; with
-    ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour).
+    ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour). With ``spread_map``
+    (needs ``reference`` and an ensemble model) also ``spread.nii.gz``: the members' disagreement
+    (mm) on that grid.
     Everything is read and validated before anything is written.
     """
     for flag, path in (("--moving-image", moving_image), ("--moving-labels", moving_labels)):
         if path is not None and reference is None:
             raise InputError(f"{flag} needs --reference (the grid to warp it onto)", path)
+    if spread_map and reference is None:
+        raise InputError("--spread-map needs --reference (the grid to write it on)")
     sp = _parse_spacing(spacing, Path(fixed))
     fixed_mm = read_points(fixed, spacing_mm=sp)
     moving_mm = read_points(moving, spacing_mm=sp)
@@ -213,6 +217,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         raise InputError("output path exists and is not a directory", out_dir)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
+    if spread_map and config.ensemble_size < 2:
+        raise InputError("--spread-map needs an ensemble model (cyclereg ensemble); this is one network", model)
     box, frame = registration_box(fixed_mm, moving_mm, config)
     t0 = time.perf_counter()
     reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box)
@@ -243,6 +249,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         if mov_lab is not None:
             volumes["warped_labels.nii.gz"] = warp_between_grids(mov_lab.data[None, None], mov_lab.affine,
                                                                  field_vox, ref.affine, mode="nearest")[0, 0]
+        if spread_map:
+            volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():
         atomic_write_text(out_dir / name, text)

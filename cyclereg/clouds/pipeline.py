@@ -213,17 +213,37 @@ class CloudRegistration:
         The spline is evaluated every ``tps.grid_step`` voxels and upsampled trilinearly.
         """
         spline = spline or self.spline()
+        coarse, pts_mm = self._coarse_grid(affine, shape)
+        disp_mm = self.at(pts_mm, spline).double()
+        disp_mm = disp_mm.reshape(1, *coarse, 3).permute(0, 4, 1, 2, 3)
+        disp_vox = mm_disp_to_voxel(disp_mm, torch.as_tensor(affine)).float()
+        return self._upsample(disp_vox, shape)
+
+    def dense_spread(self, affine: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """The members' disagreement (:meth:`spread_at`, mm) on the grid ``(shape, affine)``,
+        ``(1, 1, D, H, W)``, evaluated like :meth:`dense`; None without members."""
+        if self.member_displacements_mm is None:
+            return None
+        coarse, pts_mm = self._coarse_grid(affine, shape)
+        spread = self.spread_at(pts_mm).float().reshape(1, 1, *coarse)
+        return self._upsample(spread, shape)
+
+    def _coarse_grid(self, affine: np.ndarray, shape) -> tuple[tuple[int, ...], torch.Tensor]:
+        """Every ``tps.grid_step``-th voxel of the grid (first and last included): its shape and
+        its world points ``(P, 3)`` mm."""
         step = max(1, int(self.tps.grid_step))
         coarse = tuple(int(math.ceil((s - 1) / step)) + 1 for s in shape)
         idx = voxel_coordinates(coarse, dtype=torch.float64)
         idx = idx * torch.tensor([(s - 1) / max(c - 1, 1) for s, c in zip(shape, coarse)], dtype=torch.float64)
         pts_mm = voxel_to_world(idx.reshape(-1, 3), torch.as_tensor(affine))
-        disp_mm = self.at(pts_mm.to(self.fixed_mm.dtype), spline).double()
-        disp_mm = disp_mm.reshape(1, *coarse, 3).permute(0, 4, 1, 2, 3)
-        disp_vox = mm_disp_to_voxel(disp_mm, torch.as_tensor(affine)).float()
-        if coarse != tuple(shape):
-            disp_vox = F.interpolate(disp_vox, size=tuple(shape), mode="trilinear", align_corners=ALIGN_CORNERS)
-        return disp_vox
+        return coarse, pts_mm.to(self.fixed_mm.dtype)
+
+    @staticmethod
+    def _upsample(coarse_field: torch.Tensor, shape) -> torch.Tensor:
+        """``(1, C, d, h, w)`` -> ``(1, C, *shape)``, trilinear (unchanged when already that size)."""
+        if tuple(coarse_field.shape[2:]) == tuple(shape):
+            return coarse_field
+        return F.interpolate(coarse_field, size=tuple(shape), mode="trilinear", align_corners=ALIGN_CORNERS)
 
 
 def grid_affine(shape_zyx, spacing_zyx_mm) -> np.ndarray:
