@@ -4,7 +4,7 @@ sparse LBP ``h``, densified by a thin-plate spline."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -194,8 +194,12 @@ class CloudRegistration:
         displacements densified by its own TPS (the settings of :meth:`spline`); None without members."""
         if self.member_displacements_mm is None:
             return None
-        return member_spread([replace(self, displacements_mm=d, member_displacements_mm=None).at(query_mm)
-                              for d in self.member_displacements_mm])
+        # one spline with the members' fields as columns: one solve and one kernel evaluation for all
+        columns = torch.cat([self.box.disp_mm_to_unit(d) for d in self.member_displacements_mm], dim=1)
+        spline = ThinPlateSpline.fit(self.box.mm_to_unit(self.fixed_mm), columns,
+                                     regularisation=self.tps.regularisation, kernel=self.tps.kernel)
+        fields = spline(self.box.mm_to_unit(query_mm.to(self.fixed_mm))).split(3, dim=1)
+        return member_spread([self.box.disp_unit_to_mm(u) for u in fields])
 
     def spline(self) -> ThinPlateSpline:
         return ThinPlateSpline.fit(self.box.mm_to_unit(self.fixed_mm), self.box.disp_mm_to_unit(self.displacements_mm),
