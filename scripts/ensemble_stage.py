@@ -37,7 +37,7 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     """One (fold, member) job in a worker process (one intra-op thread); returns its log line.
     With ``learner`` (a run directory), that run's fold checkpoint trains instead of a member."""
     from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-    from cyclereg.clouds.api import fold_checkpoint, load_cloud_model
+    from cyclereg.clouds.api import _model_from_checkpoint, fold_checkpoint, load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
     from cyclereg.training.clouds import CloudCycleConfig
@@ -49,17 +49,21 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
         run = source.get("run", str(Path(source["source"]).parent))  # member run directory
         training = info["training"][run]
     else:
-        ckpt = fold_checkpoint(learner, fold)
-        source = {"source": str(ckpt), "stage": load_checkpoint(ckpt, kind="cloud")["extra"]["stage"]}
+        source = {"source": str(fold_checkpoint(learner, fold))}
         run = str(learner)
         training = json.loads((learner / "run.json").read_text())
     run_name = Path(run).name
     target = out_dir / run_name / f"fold{fold}.pt"
     if target.is_file():
         return f"fold {fold} {run_name}: done before"
+    original = load_checkpoint(source["source"], kind="cloud")  # its config goes into the new checkpoint
     config = CloudCycleConfig.from_dict(training["config"])
     ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
-    member = ensemble.members[member_index] if learner is None else load_cloud_model(source["source"])[0]
+    if learner is None:
+        member = ensemble.members[member_index]
+    else:
+        member = _model_from_checkpoint(original, source["source"])[0].eval()
+        source["stage"] = original["extra"]["stage"]
     ds = load_keypoint_dataset(dataset)
     task = _cloud_task(ds, fold, config, torch.device("cpu"))
     stage = int(source.get("stage", 0)) + 1
@@ -71,7 +75,6 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
                              every_s=DEFAULT_SNAPSHOT_EVERY_S)
     stats = task.train_stage(member, labels, info_labels["weights"], stage, snapshot=snapshot)
     t2 = time.perf_counter()
-    original = load_checkpoint(source["source"], kind="cloud")
     save_checkpoint(target, kind="cloud", config=original["config"], state_dict=member.state_dict(),
                     extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt"})
     snapshot.clear()
