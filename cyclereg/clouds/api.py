@@ -350,7 +350,6 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     console = Console(stderr=True, quiet=quiet)
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
-    spreads: list[torch.Tensor] = []  # per case: the ensemble members' disagreement at its landmarks
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("registering pairs", total=len(pairs))
         for p in pairs:
@@ -381,7 +380,6 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             spread_lm = reg.spread_at(lm_f)  # ensembles only; not part of the registration time
             if spread_lm is not None:
                 spread_lm = spread_lm.cpu()
-                spreads.append(spread_lm)
                 rows["spread_mm"] += spread_lm.tolist()
                 case["member_spread_mm"] = {"keypoints": tre_stats(reg.spread_mm.cpu()),
                                             "landmarks": tre_stats(spread_lm)}
@@ -407,12 +405,13 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
         "cases": cases,
     }
-    if spreads and len(spreads) == len(cases):
+    if cases and all("member_spread_mm" in c for c in cases):
         # how well the members' landmark-free disagreement ranks the errors (reporting only)
+        spread = torch.tensor(rows["spread_mm"])
         result["member_spread"] = {
-            "mean_at_landmarks_mm": float(torch.cat(spreads).mean()),
-            "spearman_landmarks": spearman(torch.cat(spreads), torch.tensor(rows["after_mm"])),
-            "spearman_cases": spearman(torch.tensor([float(s.mean()) for s in spreads]),
+            "mean_at_landmarks_mm": float(spread.mean()),
+            "spearman_landmarks": spearman(spread, torch.tensor(rows["after_mm"])),
+            "spearman_cases": spearman(torch.tensor([c["member_spread_mm"]["landmarks"]["mean"] for c in cases]),
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
     with_spread = "member_spread" in result
