@@ -373,6 +373,22 @@ def test_member_spread_is_the_rms_distance_from_the_average():
     torch.testing.assert_close(member_spread([0 * x, 0 * x, 3 * x]), torch.tensor([2.0]).sqrt())
 
 
+def _affine_members(g: torch.Generator, fixed: torch.Tensor, tps: TPSConfig):
+    """A registration of ``fixed`` whose three members' displacements are random affine fields
+    (which each member's TPS reproduces exactly), and ``fields(points)``: those fields' values
+    at other points."""
+    from cyclereg.clouds.pipeline import CloudRegistration
+
+    affine = [(torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.05,
+               torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
+
+    def fields(points: torch.Tensor) -> list[torch.Tensor]:
+        return [points @ A.T + t for A, t in affine]
+
+    members = tuple(fields(fixed))
+    return CloudRegistration(fixed, sum(members) / 3, UnitBox.around(fixed, fixed), tps, members), fields
+
+
 def test_registration_spread_at_queries_for_affine_member_fields():
     """Members whose displacements are affine fields: each TPS reproduces its field exactly, so
     the spread at any query is the analytic spread of the fields there; the average is the
@@ -382,15 +398,10 @@ def test_registration_spread_at_queries_for_affine_member_fields():
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(60, 3, generator=g, dtype=torch.float64) * 100
     query = torch.rand(25, 3, generator=g, dtype=torch.float64) * 100
-    fields = [(torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.05,
-               torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
-    at = lambda p, A, t: p @ A.T + t  # noqa: E731
-    members = tuple(at(fixed, A, t) for A, t in fields)
-    box = UnitBox.around(fixed, fixed)
-    reg = CloudRegistration(fixed, sum(members) / 3, box, TPSConfig(regularisation=0.3), members)
-    torch.testing.assert_close(reg.spread_mm, member_spread(list(members)))
-    torch.testing.assert_close(reg.spread_at(query), member_spread([at(query, A, t) for A, t in fields]))
-    single = CloudRegistration(fixed, members[0], box, TPSConfig())
+    reg, fields = _affine_members(g, fixed, TPSConfig(regularisation=0.3))
+    torch.testing.assert_close(reg.spread_mm, member_spread(fields(fixed)))
+    torch.testing.assert_close(reg.spread_at(query), member_spread(fields(query)))
+    single = CloudRegistration(fixed, fields(fixed)[0], reg.box, TPSConfig())
     assert single.spread_mm is None and single.spread_at(query) is None
 
 
@@ -415,12 +426,7 @@ def test_dense_spread_at_grid_nodes():
 
     g = torch.Generator().manual_seed(1)
     fixed = torch.rand(80, 3, generator=g, dtype=torch.float64) * torch.tensor([16.0, 24.0, 32.0])
-    fields = [(torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.05,
-               torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(3)]
-    at = lambda p, A, t: p @ A.T + t  # noqa: E731
-    box = UnitBox.around(fixed, fixed)
-    members = tuple(at(fixed, A, t) for A, t in fields)
-    reg = CloudRegistration(fixed, sum(members) / 3, box, TPSConfig(regularisation=0.3, grid_step=4), members)
+    reg, fields = _affine_members(g, fixed, TPSConfig(regularisation=0.3, grid_step=4))
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     shape = (9, 13, 17)  # (s - 1) divisible by 4: the evaluated voxels are exactly every 4th
     spread = reg.dense_spread(affine, shape)
@@ -428,7 +434,7 @@ def test_dense_spread_at_grid_nodes():
     nodes = torch.stack(torch.meshgrid(*(torch.arange(0, s, 4, dtype=torch.float64) for s in shape),
                                        indexing="ij"), -1).reshape(-1, 3)
     world = voxel_to_world(nodes, torch.from_numpy(affine))
-    want = member_spread([at(world, A, t) for A, t in fields])
+    want = member_spread(fields(world))
     got = spread[0, 0, ::4, ::4, ::4].reshape(-1).double()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert CloudRegistration(fixed, members[0], box, TPSConfig()).dense_spread(affine, shape) is None
+    assert CloudRegistration(fixed, fields(fixed)[0], reg.box, TPSConfig()).dense_spread(affine, shape) is None
