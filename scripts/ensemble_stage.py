@@ -33,9 +33,11 @@ DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_index: int | None,
-            learner: Path | None = None, *, progress) -> str:
+            learner: Path | None = None, learn_recentre_passes: int | None = None, *, progress) -> str:
     """One (fold, member) job in a worker process (one intra-op thread); returns its log line.
-    With ``learner`` (a run directory), that run's fold checkpoint trains instead of a member."""
+    With ``learner`` (a run directory), that run's fold checkpoint trains instead of a member.
+    ``learn_recentre_passes`` (if given) overrides the member's
+    :attr:`~cyclereg.training.clouds.CloudCycleConfig.learn_recentre_passes`."""
     from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
     from cyclereg.clouds.api import _model_from_checkpoint, fold_checkpoint, load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
@@ -56,12 +58,19 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     target = out_dir / run_name / f"fold{fold}.pt"
     if target.is_file():
         return f"fold {fold} {run_name}: done before"
-    original = load_checkpoint(source["source"], kind="cloud")  # its config goes into the new checkpoint
     config = CloudCycleConfig.from_dict(training["config"])
+    if learn_recentre_passes is not None:
+        from dataclasses import replace
+
+        from cyclereg.checkpoint import to_jsonable
+
+        config = replace(config, learn_recentre_passes=learn_recentre_passes)
+        training = {**training, "config": to_jsonable(config)}
     ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
     if learner is None:
         member = ensemble.members[member_index]
     else:
+        original = load_checkpoint(source["source"], kind="cloud")
         member = _model_from_checkpoint(original, source["source"])[0].eval()
         source["stage"] = original["extra"]["stage"]
     ds = load_keypoint_dataset(dataset)
@@ -75,7 +84,9 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
                              every_s=DEFAULT_SNAPSHOT_EVERY_S)
     stats = task.train_stage(member, labels, info_labels["weights"], stage, snapshot=snapshot)
     t2 = time.perf_counter()
-    save_checkpoint(target, kind="cloud", config=original["config"], state_dict=member.state_dict(),
+    # the registration settings its training configuration stores (as `cycle` writes them): the
+    # member's own checkpoint is not needed, only the ensemble (which holds its weights)
+    save_checkpoint(target, kind="cloud", config=task.model_config(), state_dict=member.state_dict(),
                     extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt"})
     snapshot.clear()
     line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
@@ -95,16 +106,25 @@ def main() -> None:
     ap.add_argument("--folds", default=None)
     ap.add_argument("--learner", type=Path, default=None, metavar="RUN_DIR",
                     help="train this run's fold checkpoints (not members of the ensemble) on the ensemble's labels")
+    ap.add_argument("--members", default=None, metavar="I,J",
+                    help="train only these members (0-based indices in the ensemble; default all)")
+    ap.add_argument("--learn-recentre-passes", type=int, default=None, metavar="N",
+                    help="re-centred LBP passes in the learning stream (overrides the members' own setting)")
     args = ap.parse_args()
+    if args.learn_recentre_passes is not None and args.learn_recentre_passes < 0:
+        ap.error(f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
     info = json.loads((args.ensemble / "ensemble.json").read_text())
     folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
         [int(v) for v in args.folds.split(",")]
     if args.learner is not None:
-        jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, None, args.learner), f"fold {k} {args.learner.name}")
-                for k in folds]
+        jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, None, args.learner, args.learn_recentre_passes),
+                 f"fold {k} {args.learner.name}") for k in folds]
     else:
-        jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i), f"fold {k} member {i}")
-                for k in folds for i in range(len(info["members"][f"fold{k}"]))]
+        members = None if args.members is None else [int(v) for v in args.members.split(",")]
+        jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i, None, args.learn_recentre_passes),
+                 f"fold {k} member {i}")
+                for i in range(len(info["members"]["fold" + str(folds[0])])) if members is None or i in members
+                for k in folds]
     with Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as progress:
         overall = progress.add_task("(fold, member) jobs", total=len(jobs))
 
