@@ -147,6 +147,7 @@ def pretrain_random(
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoints: re-centred LBP passes of the pseudo-label stream and of the trained model at test time (default 1; 0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoints: extra registrations of randomly rotated/scaled/shifted copies, averaged, in the pseudo-label stream and at test time (default 4; 0 = off)"),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
+    learn_recentre_passes: Optional[int] = typer.Option(None, "--learn-recentre-passes", help="keypoints: gradient-free LBP passes that re-centre the learning stream's candidate search, as at test time (default 0 = the paper's single pass; 1 costs ~1.6x per training sample)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -157,7 +158,8 @@ def pretrain_random(
                        epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
                        supervision=supervision, train_images=train_images, directions=directions,
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
-                       recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes)
+                       recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
+                       learn_recentre_passes=learn_recentre_passes)
     typer.echo(f"stage-0 pseudo labels written to {out}")
 
 

@@ -71,11 +71,13 @@ def test_search_options_reach_the_run_config(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--recentre-passes", "0",
-                              "--candidates", "24", "--tta-passes", "1", *FAST])
+                              "--candidates", "24", "--tta-passes", "1", "--learn-recentre-passes", "2", *FAST])
     assert res.exit_code == 0, res.output
     cfg = json.loads((run / "run.json").read_text())["config"]
     assert cfg["refine_recentre_passes"] == 0 and cfg["reg"]["lbp"]["num_candidates"] == 24
-    assert cfg["refine_tta_passes"] == 1
+    assert cfg["refine_tta_passes"] == 1 and cfg["learn_recentre_passes"] == 2
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad2"), "--learn-recentre-passes", "-1", *FAST])
+    assert res.exit_code == 2 and "--learn-recentre-passes" in res.output and not (tmp_path / "bad2").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad1"), "--tta-passes", "-2", *FAST])
     assert res.exit_code == 2 and "--tta-passes" in res.output and not (tmp_path / "bad1").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad0"), "--candidates", "0", *FAST])
@@ -235,6 +237,12 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     after = load_checkpoint(tmp_path / "s" / "r0" / "fold1.pt")
     assert after["extra"]["stage"] == 2 and (tmp_path / "s" / "r0" / "run.json").is_file()
     assert any(not torch.equal(before[k], after["state_dict"][k]) for k in before)
+    # the new checkpoint stores the registration settings `cycle` stores for that run
+    assert after["config"] == load_checkpoint(tmp_path / "r0" / "fold1" / "final.pt")["config"]
+    # --learn-recentre-passes: the member trains with it, and its written run.json says so
+    line = json.loads(mod.run_job(tmp_path / "e", tmp_path / "R", ds, 1, 1, None, 1, progress=None))
+    assert line["stage"] == 2 and math.isfinite(line["train_loss_mm"])
+    assert json.loads((tmp_path / "R" / "r1" / "run.json").read_text())["config"]["learn_recentre_passes"] == 1
     res = runner.invoke(app, ["ensemble", str(tmp_path / "s" / "r0"), str(tmp_path / "s" / "r1"),
                               "-o", str(tmp_path / "e2")])
     assert res.exit_code == 0, res.output
@@ -372,3 +380,55 @@ def test_parallel_folds_report_a_failing_fold(tmp_path):
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--jobs", "2"])
     assert res.exit_code == 2
     assert "stage1.partial.pt" in res.output and "unreadable training snapshot" in res.output
+
+
+def _learning_inputs(seed=0):
+    """A tiny breathing pair in the unit frame and a random network."""
+    from cyclereg.clouds.features import build_graph_net
+
+    pair = make_breathing_pair(seed, TINY)
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm, margin=0.05)
+    net = build_graph_net(CloudCycleConfig().reg.net, seed=seed)
+    return net, box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
+
+
+def _small_search(**changes) -> CloudCycleConfig:
+    from dataclasses import replace
+
+    base = CloudCycleConfig()
+    return replace(base, reg=replace(base.reg, lbp=replace(base.reg.lbp, num_candidates=16)), **changes)
+
+
+def test_learning_stream_without_recentring_is_the_single_lbp_pass():
+    from cyclereg.clouds.lbp import lbp_displacements
+    from cyclereg.training.clouds import learning_prediction
+
+    net, f, m = _learning_inputs()
+    cfg = _small_search()
+    expected = lbp_displacements(f, m, *net.pair(f, m), cfg.reg.lbp)
+    assert torch.equal(learning_prediction(net, f, m, cfg), expected)
+
+
+def test_learning_stream_recentring_searches_around_the_smoothed_first_pass_and_keeps_gradients():
+    from cyclereg.clouds.lbp import lbp_displacements
+    from cyclereg.clouds.tps import ThinPlateSpline
+    from cyclereg.training.clouds import learning_prediction, test_time_config
+
+    net, f, m = _learning_inputs(1)
+    cfg = _small_search(learn_recentre_passes=1)
+    feats = net.pair(f, m)
+    with torch.no_grad():  # by hand: first pass, the test-time TPS, then the pass re-centred there
+        first = lbp_displacements(f, m, *feats, cfg.reg.lbp)
+        tps = test_time_config(cfg).tps
+        centres = f + ThinPlateSpline.fit(f, first, regularisation=tps.regularisation, kernel=tps.kernel)(f)
+        expected = lbp_displacements(f, m, *feats, cfg.reg.lbp, centres=centres)
+    pred = learning_prediction(net, f, m, cfg)
+    torch.testing.assert_close(pred, expected)
+    assert not torch.allclose(pred, first)  # the search really moved
+    pred.norm(dim=1).mean().backward()  # the re-centred pass is differentiable in the network's weights
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="learn_recentre_passes"):
+        CloudCycleConfig(learn_recentre_passes=-1)
+    # runs written before the setting existed keep the single pass
+    assert CloudCycleConfig.from_dict({}).learn_recentre_passes == 0

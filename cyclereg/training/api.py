@@ -64,7 +64,7 @@ def _identity(ds) -> dict:
 
 
 CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes",
-                 "candidates", "tta_passes")
+                 "candidates", "tta_passes", "learn_recentre_passes")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
                  "directions", "max_train_pairs", "batch_size")
 _DEFAULTS = {"augment": True, "refine": True, "weighted_sampling": True}

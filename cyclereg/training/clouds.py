@@ -106,6 +106,10 @@ class CloudCycleConfig:
     train_moving_points: int | None = None
     reg: CloudRegConfig = field(default_factory=CloudRegConfig)
 
+    def __post_init__(self):
+        if self.learn_recentre_passes < 0:
+            raise ValueError(f"learn_recentre_passes={self.learn_recentre_passes}: need 0 or more")
+
     @staticmethod
     def from_dict(d: dict) -> "CloudCycleConfig":
         d = dict(d)
@@ -321,7 +325,7 @@ class CloudCycleTask:
 def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_points: str | None = None,
                  augment: bool = True, refine: bool = True, weighted_sampling: bool = True,
                  recentre_passes: int | None = None, candidates: int | None = None,
-                 tta_passes: int | None = None,
+                 tta_passes: int | None = None, learn_recentre_passes: int | None = None,
                  base: CloudCycleConfig | None = None) -> CloudCycleConfig:
     """Apply command-line overrides; changing ``epochs`` scales the LR milestones proportionally."""
     from cyclereg.errors import InputError, require_count
@@ -339,6 +343,8 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
         changes["refine_recentre_passes"] = recentre_passes
     if require_count("--tta-passes", tta_passes, 0) is not None:
         changes["refine_tta_passes"] = tta_passes
+    if require_count("--learn-recentre-passes", learn_recentre_passes, 0) is not None:
+        changes["learn_recentre_passes"] = learn_recentre_passes
     if train_points is not None:
         try:
             nf, nm = (int(v) for v in train_points.split(","))
