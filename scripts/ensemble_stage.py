@@ -1,12 +1,13 @@
 """One more self-training stage for every member of a cloud ensemble, on the ensemble's pseudo labels.
 
-``python scripts/ensemble_stage.py ENSEMBLE_DIR OUT_DIR [--dataset D] [--jobs N] [--folds 1,2] [--learner RUN_DIR]``
+``python scripts/ensemble_stage.py ENSEMBLE_DIR OUT_DIR [--dataset D] [--jobs N] [--folds 1,2] [--learner RUN_DIR]
+[--members 0,2] [--learn-recentre-passes N]``
 
 ``ENSEMBLE_DIR`` is a per-fold ensemble made by ``cyclereg ensemble`` (``foldK.pt`` plus
 ``ensemble.json``, whose ``training`` entry holds every member run's ``run.json``). For each
 fold and member: the pseudo labels of the fold's training pairs are the ensemble's registration
 (its stored settings), smoothed by the TPS of the member's pseudo-label stream; the sampling
-weights come from the disagreement between the member's own single-pass output and those
+weights come from the disagreement between the member's own learning-stream output and those
 labels; the member then trains one stage of its own configuration from its current weights
 (warm restart). Landmarks are never read. Writes ``OUT_DIR/<member run name>/foldK.pt``
 (stage ``last + 1``), ``foldK.log.json`` and the member's ``run.json``; finished (fold, member)
@@ -14,7 +15,9 @@ jobs are skipped when the command is run again, so it resumes.
 
 ``--learner RUN_DIR`` trains that run's per-fold checkpoints instead (a network that is not a
 member, e.g. an independently trained run to be added to the ensemble), with the same labels
-and its own training configuration (``RUN_DIR/run.json``).
+and its own training configuration (``RUN_DIR/run.json``). ``--members`` trains only the members
+with those 0-based indices; ``--learn-recentre-passes N`` sets
+``CloudCycleConfig.learn_recentre_passes`` for the trained networks (and their written ``run.json``).
 """
 
 from __future__ import annotations
@@ -120,10 +123,13 @@ def main() -> None:
         jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, None, args.learner, args.learn_recentre_passes),
                  f"fold {k} {args.learner.name}") for k in folds]
     else:
+        count = len(info["members"]["fold" + str(folds[0])])
         members = None if args.members is None else [int(v) for v in args.members.split(",")]
+        if members is not None and not all(0 <= i < count for i in members):
+            ap.error(f"--members {args.members}: the ensemble has members 0..{count - 1}")
         jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i, None, args.learn_recentre_passes),
                  f"fold {k} member {i}")
-                for i in range(len(info["members"]["fold" + str(folds[0])])) if members is None or i in members
+                for i in range(count) if members is None or i in members
                 for k in folds]
     with Progress(*Progress.get_default_columns(), TimeElapsedColumn()) as progress:
         overall = progress.add_task("(fold, member) jobs", total=len(jobs))
