@@ -110,10 +110,15 @@ def recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor, feat_
     """:func:`predict_recentred` from features already computed (``(N, C)``, ``(M, C)``)."""
     disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp)
     for _ in range(config.recentre_passes):
-        smooth = ThinPlateSpline.fit(fixed_u, disp, regularisation=config.tps.regularisation,
-                                     kernel=config.tps.kernel)(fixed_u)
-        disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp, centres=fixed_u + smooth)
+        disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp,
+                                 centres=search_centres(fixed_u, disp, config.tps))
     return disp
+
+
+def search_centres(fixed_u: torch.Tensor, disp: torch.Tensor, tps: TPSConfig) -> torch.Tensor:
+    """Where a re-centred LBP pass searches: ``f + u`` with ``u`` the displacements ``disp``
+    ``(N, 3)`` of the fixed points ``fixed_u`` ``(N, 3)`` smoothed by the TPS ``tps`` (unit frame)."""
+    return fixed_u + ThinPlateSpline.fit(fixed_u, disp, regularisation=tps.regularisation, kernel=tps.kernel)(fixed_u)
 
 
 def averaged_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,

@@ -13,7 +13,7 @@ from cyclereg.clouds import augment
 from cyclereg.clouds.augment import apply_affine, displacements_back
 from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
 from cyclereg.clouds.lbp import lbp_displacements
-from cyclereg.clouds.pipeline import CloudRegConfig, averaged_displacements
+from cyclereg.clouds.pipeline import CloudRegConfig, averaged_displacements, recentred_displacements, search_centres
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
@@ -161,15 +161,11 @@ def learning_prediction(model: GraphFeatureNet, fixed_u: torch.Tensor, moving_u:
     feat_f, feat_m = features if features is not None else model.pair(fixed_u, moving_u)
     centres = None
     if cfg.learn_recentre_passes > 0:
-        tps = test_time_config(cfg).tps
+        # the test-time search with one re-centred pass fewer, then its centres for the last pass
+        search = replace(cfg.reg, tps=test_time_config(cfg).tps, recentre_passes=cfg.learn_recentre_passes - 1)
         with torch.no_grad():
-            ff, fm = feat_f.detach(), feat_m.detach()
-            disp = lbp_displacements(fixed_u, moving_u, ff, fm, cfg.reg.lbp)
-            for k in range(cfg.learn_recentre_passes):
-                smooth = ThinPlateSpline.fit(fixed_u, disp, regularisation=tps.regularisation, kernel=tps.kernel)(fixed_u)
-                centres = fixed_u + smooth
-                if k + 1 < cfg.learn_recentre_passes:
-                    disp = lbp_displacements(fixed_u, moving_u, ff, fm, cfg.reg.lbp, centres=centres)
+            disp = recentred_displacements(fixed_u, moving_u, feat_f.detach(), feat_m.detach(), search)
+            centres = search_centres(fixed_u, disp, search.tps)
     return lbp_displacements(fixed_u, moving_u, feat_f, feat_m, cfg.reg.lbp, centres=centres)
 
 
