@@ -83,6 +83,8 @@ def cli_errors(fn):
 
 DEVICE_HELP = "auto | cpu | cuda"
 MODEL_HELP = "checkpoint file, or 'random' for an untrained (randomly initialised) network"
+FUSION_HELP = ("clouds, ensemble models: override how the members are combined: joint (one LBP per pass over their "
+               "mean feature cost) or average (mean of their own displacements)")
 
 
 def _refuse_options(options: dict[str, object], scope: str) -> None:
@@ -195,6 +197,7 @@ def register(
     spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="clouds: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),
+    ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help=FUSION_HELP),
     reference: Optional[Path] = typer.Option(None, "--reference", help="clouds: fixed scan (NIfTI, same world frame as the points); also write displacement.nii.gz on its grid"),
     moving_image: Optional[Path] = typer.Option(None, "--moving-image", help="clouds: moving scan (NIfTI, any grid); also write warped.nii.gz on the --reference grid"),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes, clouds with --reference: label map of the moving scan to warp (nearest neighbour)"),
@@ -212,7 +215,7 @@ def register(
         _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
     if _is_volume(fixed):
         _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--reference": reference,
-                         "--moving-image": moving_image, "--spread-map": spread_map or None}, "point clouds, not volumes")
+                         "--ensemble-fusion": ensemble_fusion, "--moving-image": moving_image, "--spread-map": spread_map or None}, "point clouds, not volumes")
         from cyclereg.dense.api import register_volume_files
 
         summary = register_volume_files(
@@ -227,7 +230,8 @@ def register(
 
     summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
                                    spacing=spacing, device=device, recentre_passes=recentre_passes,
-                                   tta_passes=tta_passes, reference=reference, moving_image=moving_image,
+                                   tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, reference=reference,
+                                   moving_image=moving_image,
                                    moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map)
     typer.echo(summary)
 
@@ -245,6 +249,7 @@ def evaluate(
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoint datasets: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoint datasets: override the model's test-time augmentation passes (0 = off)"),
+    ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help="keypoint datasets: " + FUSION_HELP),
     errors_csv: Optional[Path] = typer.Option(None, "--errors-csv", help="keypoint datasets: also write every landmark's error before/after (mm) to this CSV"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
@@ -267,10 +272,10 @@ def evaluate(
 
         evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                                   max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
-                                  device=device, errors_csv=errors_csv)
+                                  ensemble_fusion=ensemble_fusion, device=device, errors_csv=errors_csv)
         return
-    _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv},
-                    "keypoint datasets, not volume datasets")
+    _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
+                     "--ensemble-fusion": ensemble_fusion}, "keypoint datasets, not volume datasets")
     from cyclereg.dense.api import evaluate_volume_dataset
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,
@@ -284,11 +289,13 @@ def ensemble(
     output: Path = typer.Option(..., "-o", "--output", help="output run directory (for run directories) or checkpoint file"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="re-centred LBP passes of every member (needed when the members differ)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="test-time augmentation passes of every member (needed when the members differ)"),
+    fusion: str = typer.Option("joint", "--fusion", help="how the members are combined: joint = one LBP per pass over their mean feature cost (they vote per candidate); average = each registers on its own, displacements averaged"),
 ) -> None:
-    """Combine independently trained keypoint-cloud models: their displacements are averaged."""
+    """Combine independently trained keypoint-cloud models into one ensemble per fold."""
     from cyclereg.clouds.api import combine_cloud_models
 
-    typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes))
+    typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes,
+                                    fusion=fusion))
 
 
 @app.command()

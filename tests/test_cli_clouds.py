@@ -294,10 +294,11 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "boxed"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and "different unit frames" in res.output and "set those two" not in res.output
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e"),
-                              "--recentre-passes", "1"])
+                              "--recentre-passes", "1", "--fusion", "average"])
     assert res.exit_code == 0, res.output
     info = json.loads((tmp_path / "e" / "ensemble.json").read_text())
     assert info["config"]["ensemble_size"] == 2 and info["config"]["recentre_passes"] == 1
+    assert info["config"]["ensemble_fusion"] == "average"
     assert [m["stage"] for m in info["members"]["fold1"]] == [5, 5]
     pair = make_breathing_pair(0, SMALL)
     net, cfg = load_cloud_model(tmp_path / "e" / "fold1.pt")
@@ -315,6 +316,19 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     assert all(c["member_spread_mm"]["landmarks"]["mean"] > 0 for c in report["cases"])
     lines = (tmp_path / "err.csv").read_text().splitlines()
     assert lines[0] == "pair,fold,landmark,before_mm,after_mm,spread_mm"
+    # the default fusion is joint; --ensemble-fusion average on it gives the averaged ensemble's report
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "j"),
+                              "--recentre-passes", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "j" / "ensemble.json").read_text())["config"]["ensemble_fusion"] == "joint"
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "j"), "--json", str(tmp_path / "rj.json"),
+                              "--ensemble-fusion", "average"])
+    assert res.exit_code == 0, res.output
+    rj = json.loads((tmp_path / "rj.json").read_text())
+    assert rj["mean_tre_mm"] == pytest.approx(report["mean_tre_mm"], abs=1e-6) and "ensemble_fusion=average" in rj["method"]
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "j"), "--json", str(tmp_path / "rx.json"),
+                              "--ensemble-fusion", "vote"])
+    assert res.exit_code == 2 and "--ensemble-fusion" in res.output and not (tmp_path / "rx.json").exists()
     spread = [float(line.split(",")[-1]) for line in lines[1:]]
     assert sum(spread) / len(spread) == pytest.approx(report["member_spread"]["mean_at_landmarks_mm"], abs=1e-3)
     # register writes it per point; a single network has no such column

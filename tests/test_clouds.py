@@ -289,7 +289,7 @@ def test_displacements_map_back_through_the_inverse_linear_part(device):
 def test_test_time_augmentation_keeps_a_translation_and_is_deterministic():
     """Every transformed copy of a translated cloud is again a translation, mapped back to the
     same shift; zero passes is exactly the re-centred prediction; repeated calls agree."""
-    from cyclereg.clouds.pipeline import averaged_displacements, predict_recentred
+    from cyclereg.clouds.pipeline import test_time_displacements, predict_recentred
 
     p = torch.rand(400, 3, generator=torch.Generator().manual_seed(4)) * 100
     shift = torch.tensor([6.0, -4.0, 3.0])
@@ -298,7 +298,7 @@ def test_test_time_augmentation_keeps_a_translation_and_is_deterministic():
     cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16), recentre_passes=1)
     fu, mu = box.mm_to_unit(p), box.mm_to_unit(p + shift)
     with torch.no_grad():
-        torch.testing.assert_close(averaged_displacements(net, fu, mu, cfg), predict_recentred(net, fu, mu, cfg))
+        torch.testing.assert_close(test_time_displacements(net, fu, mu, cfg), predict_recentred(net, fu, mu, cfg))
     tta = replace(cfg, tta_passes=3)
     a = register_clouds(p, p + shift, net, tta, box=box).displacements_mm
     b = register_clouds(p, p + shift, net, tta, box=box).displacements_mm
@@ -317,7 +317,7 @@ def test_ensemble_averages_its_members_and_one_member_is_the_network():
     """An ensemble's displacements are the mean of its members' (each with the full test-time
     pipeline); an ensemble of copies of one network equals that network; a bad size is refused."""
     from cyclereg.clouds.features import FeatureEnsemble
-    from cyclereg.clouds.pipeline import averaged_displacements
+    from cyclereg.clouds.pipeline import test_time_displacements
 
     pair = make_breathing_pair(1, BreathingConfig(n_fixed=200, n_moving=400, branches=10))
     box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
@@ -328,18 +328,78 @@ def test_ensemble_averages_its_members_and_one_member_is_the_network():
     ens.members[0].load_state_dict(a.state_dict())
     ens.members[1].load_state_dict(b.state_dict())
     with torch.no_grad():
-        ua, ub = averaged_displacements(a, fu, mu, cfg), averaged_displacements(b, fu, mu, cfg)
-        torch.testing.assert_close(averaged_displacements(ens, fu, mu, cfg), (ua + ub) / 2)
+        ua, ub = test_time_displacements(a, fu, mu, cfg), test_time_displacements(b, fu, mu, cfg)
+        torch.testing.assert_close(test_time_displacements(ens, fu, mu, cfg), (ua + ub) / 2)
         assert (ua - ub).abs().max() > 1e-3  # the members really differ
         twins = FeatureEnsemble(a.config, 3)
         for m in twins.members:
             m.load_state_dict(a.state_dict())
-        torch.testing.assert_close(averaged_displacements(twins, fu, mu, cfg), ua)
+        torch.testing.assert_close(test_time_displacements(twins, fu, mu, cfg), ua)
     with pytest.raises(ValueError, match="features"):
-        averaged_displacements(ens, fu, mu, cfg, features=a.pair(fu, mu))
+        test_time_displacements(ens, fu, mu, cfg, features=a.pair(fu, mu))
     with pytest.raises(ValueError, match="ensemble_size"):
         CloudRegConfig(ensemble_size=0)
     assert CloudRegConfig.from_dict({}).ensemble_size == 1  # checkpoints written before ensembles
+
+
+def test_joint_lbp_cost_is_the_members_mean_feature_cost():
+    """Joint LBP over two networks' features equals LBP over their concatenated features (the mean
+    of two per-network mean squared differences is the mean over all channels), and a single
+    (feat_fixed, feat_moving) pair is exactly the one-network LBP."""
+    from cyclereg.clouds.lbp import joint_lbp_beliefs, joint_lbp_displacements
+
+    g = torch.Generator().manual_seed(7)
+    f, m = torch.rand(60, 3, generator=g), torch.rand(90, 3, generator=g)
+    fa, ma, fb, mb = (torch.randn(n, 8, generator=g) for n in (60, 90, 60, 90))
+    cfg = LBPConfig(num_candidates=12, iterations=3)
+    cand, joint = joint_lbp_beliefs(f, m, [(fa, ma), (fb, mb)], cfg)
+    cand2, cat = lbp_beliefs(f, m, torch.cat([fa, fb], 1), torch.cat([ma, mb], 1), cfg)
+    assert torch.equal(cand, cand2)
+    torch.testing.assert_close(joint, cat)
+    assert torch.equal(joint_lbp_displacements(f, m, [(fa, ma)], cfg), lbp_displacements(f, m, fa, ma, cfg))
+    with pytest.raises(ValueError, match="features"):
+        joint_lbp_beliefs(f, m, [], cfg)
+
+
+def test_joint_ensemble_fusion_votes_per_candidate():
+    """With ``ensemble_fusion = "joint"`` an ensemble runs one LBP per pass over its members' mean
+    cost (re-centred and augmented passes included): equal to the hand-built joint prediction, equal
+    to the network for identical members, different from the averaged answers for different
+    members; a translated cloud is recovered; unknown values are refused; old configs average."""
+    from cyclereg.clouds.features import FeatureEnsemble
+    from cyclereg.clouds.pipeline import joint_recentred_displacements, test_time_displacements
+
+    pair = make_breathing_pair(1, BreathingConfig(n_fixed=200, n_moving=400, branches=10))
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
+    fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16), recentre_passes=1, ensemble_fusion="joint")
+    a, b = build_graph_net(seed=1), build_graph_net(seed=2)
+    ens = FeatureEnsemble(a.config, 2)
+    ens.members[0].load_state_dict(a.state_dict())
+    ens.members[1].load_state_dict(b.state_dict())
+    twins = FeatureEnsemble(a.config, 2)
+    for m in twins.members:
+        m.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        joint = test_time_displacements(ens, fu, mu, cfg)
+        torch.testing.assert_close(joint, joint_recentred_displacements(fu, mu, [a.pair(fu, mu), b.pair(fu, mu)], cfg))
+        averaged = test_time_displacements(ens, fu, mu, replace(cfg, ensemble_fusion="average"))
+        assert (joint - averaged).abs().max() > 1e-4
+        torch.testing.assert_close(test_time_displacements(twins, fu, mu, cfg), test_time_displacements(a, fu, mu, cfg))
+        tta = replace(cfg, tta_passes=1)
+        torch.testing.assert_close(test_time_displacements(twins, fu, mu, tta), test_time_displacements(a, fu, mu, tta))
+        # register_clouds: the joint answer, plus each member's own for the spread
+        reg = register_clouds(pair.fixed_mm, pair.moving_mm, ens, cfg, box=box)
+        torch.testing.assert_close(box.disp_mm_to_unit(reg.displacements_mm), joint)
+        own = test_time_displacements(a, fu, mu, cfg)
+        torch.testing.assert_close(box.disp_mm_to_unit(reg.member_displacements_mm[0]), own)
+    p = torch.rand(400, 3, generator=torch.Generator().manual_seed(4)) * 100
+    shift = torch.tensor([6.0, -4.0, 3.0])
+    moved = register_clouds(p, p + shift, ens, cfg, box=UnitBox.around(p, p + shift)).displacements_mm
+    assert (moved - shift).norm(dim=1).median() < 0.01
+    with pytest.raises(ValueError, match="ensemble_fusion"):
+        CloudRegConfig(ensemble_fusion="vote")
+    assert CloudRegConfig.from_dict({}).ensemble_fusion == "average"  # checkpoints written before joint fusion
 
 
 def test_pyg_template_files_are_removed_at_exit(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
-from cyclereg.clouds.pipeline import (CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
+from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
                                       registration_box)
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
@@ -26,13 +26,14 @@ CHECKPOINT_KIND = "cloud"
 
 
 def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: CloudRegConfig | None = None,
-                     recentre_passes: int | None = None,
-                     tta_passes: int | None = None) -> tuple[GraphFeatureNet | FeatureEnsemble, CloudRegConfig]:
+                     recentre_passes: int | None = None, tta_passes: int | None = None,
+                     ensemble_fusion: str | None = None) -> tuple[GraphFeatureNet | FeatureEnsemble, CloudRegConfig]:
     """``model="random"``: a randomly initialised network (``seed``); otherwise a checkpoint path
     (one network, or a :class:`FeatureEnsemble` when its config has ``ensemble_size > 1``).
-    ``recentre_passes`` / ``tta_passes`` (if given) override the stored
-    :attr:`CloudRegConfig.recentre_passes` / :attr:`CloudRegConfig.tta_passes`."""
-    _check_overrides(recentre_passes, tta_passes)
+    ``recentre_passes`` / ``tta_passes`` / ``ensemble_fusion`` (if given) override the stored
+    :attr:`CloudRegConfig.recentre_passes` / :attr:`CloudRegConfig.tta_passes` /
+    :attr:`CloudRegConfig.ensemble_fusion`."""
+    _check_overrides(recentre_passes, tta_passes, ensemble_fusion)
     if str(model) == "random":
         config = config or CloudRegConfig()
         net = build_graph_net(config.net, seed=seed)
@@ -42,10 +43,14 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
         config = replace(config, recentre_passes=recentre_passes)
     if tta_passes is not None:
         config = replace(config, tta_passes=tta_passes)
+    if ensemble_fusion is not None:
+        config = replace(config, ensemble_fusion=ensemble_fusion)
     return net.to(resolve_device(device)).eval(), config
 
 
-def _check_overrides(recentre_passes: int | None, tta_passes: int | None) -> None:
+def _check_overrides(recentre_passes: int | None, tta_passes: int | None, ensemble_fusion: str | None = None) -> None:
+    if ensemble_fusion is not None and ensemble_fusion not in ENSEMBLE_FUSIONS:
+        raise InputError(f"--ensemble-fusion {ensemble_fusion!r}: expected one of {', '.join(ENSEMBLE_FUSIONS)}")
     require_count("--recentre-passes", recentre_passes, 0)
     require_count("--tta-passes", tta_passes, 0)
 
@@ -69,7 +74,7 @@ def _fold_files(run_dir: Path) -> dict[int, Path]:
 
 
 def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: int | None = None,
-                         tta_passes: int | None = None) -> str:
+                         tta_passes: int | None = None, fusion: str = "joint") -> str:
     """Average independently trained cloud models: write one ensemble checkpoint per fold.
 
     ``sources``: either run directories (each with the same folds, ``foldK/final.pt`` or
@@ -77,14 +82,15 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     checkpoint files (``output`` is one checkpoint). Members that are ensembles contribute
     all their networks. The members must share the network architecture and, after the
     ``recentre_passes`` / ``tta_passes`` overrides, every registration setting; the
-    ensemble registers with those settings and averages the members' displacements
-    (:attr:`CloudRegConfig.ensemble_size`). Everything is read and checked before anything
-    is written, so a source may be overwritten in place.
+    ensemble registers with those settings and combines its members as ``fusion`` says
+    (:attr:`CloudRegConfig.ensemble_fusion`: ``"joint"`` one LBP per pass over the members'
+    mean data cost, ``"average"`` the mean of their displacements). Everything is read and
+    checked before anything is written, so a source may be overwritten in place.
     """
     sources = [Path(s) for s in sources]
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
-    _check_overrides(recentre_passes, tta_passes)
+    _check_overrides(recentre_passes, tta_passes, fusion)
     dirs = [s.is_dir() for s in sources]
     if any(dirs) and not all(dirs):
         raise InputError("give either run directories or checkpoint files, not both")
@@ -107,7 +113,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         for src, f in zip(sources, files):
             ckpt = load_checkpoint(f, kind=CHECKPOINT_KIND)
             net, config = _model_from_checkpoint(ckpt, f)
-            config = replace(config, ensemble_size=1, **changes)
+            config = replace(config, ensemble_size=1, ensemble_fusion=fusion, **changes)
             if common is None:
                 common = config
             elif config != common:
@@ -179,7 +185,7 @@ def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float
 def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
                          recentre_passes: int | None = None, tta_passes: int | None = None,
-                         reference: Path | None = None, moving_image: Path | None = None,
+                         ensemble_fusion: str | None = None, reference: Path | None = None, moving_image: Path | None = None,
                          moving_labels: Path | None = None, disp_mm: bool = False, spread_map: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``. For an ensemble model both CSV files get a ``spread_mm``
@@ -216,7 +222,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a directory", out_dir)
     dev = resolve_device(device)
-    net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes)
+    net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes,
+                                   ensemble_fusion=ensemble_fusion)
     if spread_map and config.ensemble_size < 2:
         raise InputError("--spread-map needs an ensemble model (cyclereg ensemble); this is one network", model)
     box, frame = registration_box(fixed_mm, moving_mm, config)
@@ -301,12 +308,13 @@ def dataset_box(ds: KeypointDataset) -> UnitBox | None:
 def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = False, model: str | None = None,
                               run: Path | None = None, stage: int | None = None, seed: int = 0,
                               max_pairs: int | None = None, recentre_passes: int | None = None,
-                              tta_passes: int | None = None, device: str = "auto", smoothness: bool = True,
+                              tta_passes: int | None = None, ensemble_fusion: str | None = None,
+                              device: str = "auto", smoothness: bool = True,
                               quiet: bool = False, errors_csv: Path | None = None) -> dict:
     """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
 
-    ``recentre_passes`` and ``tta_passes`` override the models' stored values (see
-    :class:`CloudRegConfig`).
+    ``recentre_passes``, ``tta_passes`` and ``ensemble_fusion`` override the models' stored
+    values (see :class:`CloudRegConfig`).
 
     Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
@@ -342,10 +350,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                 raise InputError(f"pair {p.id} is in no fold", dataset)
             if k not in models:
                 models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=dev, recentre_passes=recentre_passes,
-                                                 tta_passes=tta_passes)
+                                             tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes,
-                                        tta_passes=tta_passes)
+                                        tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
@@ -395,7 +403,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
                                           if run is not None else f"model:{model}")
     if not identity:
-        for name, value in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)):
+        for name, value in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes),
+                            ("ensemble_fusion", ensemble_fusion)):
             if value is not None:
                 method += f" ({name}={value})"
     result = {

@@ -133,7 +133,7 @@ class FeatureEnsemble(nn.Module):
     """Independently trained feature networks of one architecture (``members``).
 
     Registration runs once per member and averages the displacements
-    (:func:`cyclereg.clouds.pipeline.averaged_displacements`); the state dict is the members'
+    (:func:`cyclereg.clouds.pipeline.test_time_displacements`); the state dict is the members'
     under ``members.<i>.``.
     """
 

@@ -13,6 +13,7 @@ The read-out is ``u_i = sum_l softmax(-beta * b_i)_l c_i(l)`` with beliefs ``b_i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,8 +142,20 @@ def lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: torch.Ten
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates ``(N, K, 3)`` and their min-sum beliefs ``(N, K)`` (unit frame); ``centres``
     as in :func:`candidates`."""
+    return joint_lbp_beliefs(fixed, moving, [(feat_fixed, feat_moving)], config, centres=centres)
+
+
+def joint_lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor,
+                      features: Sequence[tuple[torch.Tensor, torch.Tensor]], config: LBPConfig = LBPConfig(), *,
+                      centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lbp_beliefs` with the data cost of several feature extractors: ``features`` holds
+    one ``(feat_fixed (N, C), feat_moving (M, C))`` pair per extractor and the data cost of a
+    candidate is the mean of their :func:`feature_cost` (one LBP over shared candidates; for a
+    single pair exactly :func:`lbp_beliefs`)."""
+    if not features:
+        raise ValueError("features: need at least one (feat_fixed, feat_moving) pair")
     cand, idx = candidates(fixed, moving, config.num_candidates, centres)
-    unary = config.data_weight * feature_cost(feat_fixed, feat_moving, idx)
+    unary = config.data_weight * (sum(feature_cost(ff, fm, idx) for ff, fm in features) / len(features))
     edge_index, reverse = symmetric_edge_index(fixed, config.graph_k)
     belief = min_sum(unary, cand, edge_index, reverse, config.pairwise_weight, config.iterations,
                      source_labels=config.source_labels)
@@ -163,5 +176,13 @@ def lbp_displacements(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: tor
     Differentiable with respect to the features. ``centres``: where to search for candidates
     (see :func:`candidates`).
     """
-    cand, belief = lbp_beliefs(fixed, moving, feat_fixed, feat_moving, config, centres=centres)
+    return joint_lbp_displacements(fixed, moving, [(feat_fixed, feat_moving)], config, centres=centres)
+
+
+def joint_lbp_displacements(fixed: torch.Tensor, moving: torch.Tensor,
+                            features: Sequence[tuple[torch.Tensor, torch.Tensor]], config: LBPConfig = LBPConfig(),
+                            *, centres: torch.Tensor | None = None) -> torch.Tensor:
+    """Displacements ``(N, 3)`` (unit frame) by one LBP over the mean data cost of several feature
+    extractors (:func:`joint_lbp_beliefs`) + soft-argmin."""
+    cand, belief = joint_lbp_beliefs(fixed, moving, features, config, centres=centres)
     return soft_argmin(cand, belief, config.softmax_beta)

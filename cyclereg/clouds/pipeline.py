@@ -4,6 +4,7 @@ sparse LBP ``h``, densified by a thin-plate spline."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,10 +13,14 @@ import torch.nn.functional as F
 
 from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetConfig, ensemble_members
-from cyclereg.clouds.lbp import LBPConfig, lbp_displacements
+from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
 from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world
 from cyclereg.metrics import sdlogj
+
+
+ENSEMBLE_FUSIONS = ("average", "joint")
+"""Values of :attr:`CloudRegConfig.ensemble_fusion`."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,16 @@ class CloudRegConfig:
         tta_seed: seeds the test-time transforms (the same copies for every pair, so a
             registration is deterministic).
         ensemble_size: number of independently trained feature networks stored together
-            (:class:`cyclereg.clouds.features.FeatureEnsemble`); each registers the pair with
-            the settings above and their displacements are averaged (``ensemble_size`` times
-            the cost). 1 = a single network, as trained.
+            (:class:`cyclereg.clouds.features.FeatureEnsemble`), combined as
+            ``ensemble_fusion`` says. 1 = a single network, as trained.
+        ensemble_fusion: how an ensemble combines its members (no effect on one network).
+            ``"average"``: each member registers the pair on its own with the settings above
+            and their displacements are averaged (``ensemble_size`` LBPs per pass).
+            ``"joint"``: every LBP pass (the first, the re-centred ones, those of augmented
+            copies) is one LBP over shared candidates whose data cost is the mean of the
+            members' feature costs, a product of experts: the members vote per candidate
+            instead of averaging their answers, which may lie in different modes (one LBP per
+            pass). Checkpoints written before this field load as ``"average"``.
         training_box: the unit frame (mm box) the network was trained in, stored with trained
             models so that a pair registered on its own is mapped into the same frame as in
             training (see :func:`registration_box`). None: untrained network, or a checkpoint
@@ -63,11 +75,14 @@ class CloudRegConfig:
     tta_translation: float = 0.1
     tta_seed: int = 0
     ensemble_size: int = 1
+    ensemble_fusion: str = "average"
     training_box: UnitBox | None = None
 
     def __post_init__(self):
         if self.ensemble_size < 1:
             raise ValueError(f"ensemble_size={self.ensemble_size}: need 1 or more")
+        if self.ensemble_fusion not in ENSEMBLE_FUSIONS:
+            raise ValueError(f"ensemble_fusion={self.ensemble_fusion!r}: expected one of {', '.join(ENSEMBLE_FUSIONS)}")
         if self.recentre_passes < 0:
             raise ValueError(f"recentre_passes={self.recentre_passes}: need 0 or more")
         if self.tta_passes < 0:
@@ -108,10 +123,19 @@ def predict_recentred(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: tor
 def recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor, feat_f: torch.Tensor,
                             feat_m: torch.Tensor, config: CloudRegConfig) -> torch.Tensor:
     """:func:`predict_recentred` from features already computed (``(N, C)``, ``(M, C)``)."""
-    disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp)
+    return joint_recentred_displacements(fixed_u, moving_u, [(feat_f, feat_m)], config)
+
+
+def joint_recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                                  features: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                                  config: CloudRegConfig) -> torch.Tensor:
+    """:func:`recentred_displacements` with every pass one LBP over the mean data cost of
+    several networks' features (``features``: one ``(feat_f, feat_m)`` per network; see
+    :func:`cyclereg.clouds.lbp.joint_lbp_beliefs`). Displacements ``(N, 3)``, unit frame."""
+    disp = joint_lbp_displacements(fixed_u, moving_u, features, config.lbp)
     for _ in range(config.recentre_passes):
-        disp = lbp_displacements(fixed_u, moving_u, feat_f, feat_m, config.lbp,
-                                 centres=search_centres(fixed_u, disp, config.tps))
+        disp = joint_lbp_displacements(fixed_u, moving_u, features, config.lbp,
+                                       centres=search_centres(fixed_u, disp, config.tps))
     return disp
 
 
@@ -121,24 +145,44 @@ def search_centres(fixed_u: torch.Tensor, disp: torch.Tensor, tps: TPSConfig) ->
     return fixed_u + ThinPlateSpline.fit(fixed_u, disp, regularisation=tps.regularisation, kernel=tps.kernel)(fixed_u)
 
 
-def averaged_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
-                           config: CloudRegConfig, *,
-                           features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def test_time_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                            config: CloudRegConfig, *,
+                            features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Test-time displacements ``(N, 3)`` (unit frame): the re-centred prediction of
     :func:`predict_recentred` on the plain clouds, averaged with the same prediction on
     ``config.tta_passes`` randomly affinely transformed copies of both clouds, each mapped
-    back (``u = A^{-1} u'``), and, for a :class:`FeatureEnsemble`, averaged over its members.
+    back (``u = A^{-1} u'``); a :class:`FeatureEnsemble` combines its members as
+    ``config.ensemble_fusion`` says (averaged answers, or one joint LBP per pass).
     ``features``: the plain pass's ``(feat_f, feat_m)`` of a single network if already
     computed. Equals :func:`predict_recentred` for one network and ``tta_passes = 0``."""
+    members = ensemble_members(net)
+    if len(members) > 1 and config.ensemble_fusion == "joint":
+        if features is not None:
+            raise ValueError("features: only for a single network, not an ensemble")
+        return _joint_tta_displacements(members, fixed_u, moving_u, config, [m.pair(fixed_u, moving_u) for m in members])
     each = member_displacements(net, fixed_u, moving_u, config, features=features)
     return sum(each) / len(each)
+
+
+def fused_and_member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor,
+                                   moving_u: torch.Tensor, config: CloudRegConfig
+                                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`test_time_displacements` and each member's own (:func:`member_displacements`),
+    computing every member's features of the plain clouds once for both (unit frame)."""
+    members = ensemble_members(net)
+    plain = [m.pair(fixed_u, moving_u) for m in members]
+    each = [_tta_displacements(m, fixed_u, moving_u, config, f) for m, f in zip(members, plain)]
+    if len(members) > 1 and config.ensemble_fusion == "joint":
+        return _joint_tta_displacements(members, fixed_u, moving_u, config, plain), each
+    return sum(each) / len(each), each
 
 
 def member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
                          config: CloudRegConfig, *,
                          features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Each member's test-time displacements ``(N, 3)`` (unit frame), as
-    :func:`averaged_displacements` averages them (one entry for a single network)."""
+    """Each member's own test-time displacements ``(N, 3)`` (unit frame): what
+    :func:`test_time_displacements` averages with ``ensemble_fusion = "average"`` (one entry
+    for a single network)."""
     members = ensemble_members(net)
     if features is not None and len(members) > 1:
         raise ValueError("features: only for a single network, not an ensemble")
@@ -155,16 +199,32 @@ def member_spread(displacements: list[torch.Tensor]) -> torch.Tensor:
 
 def _tta_displacements(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
                        config: CloudRegConfig, features: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """:func:`averaged_displacements` of one network."""
+    """:func:`test_time_displacements` of one network."""
     feat_f, feat_m = features if features is not None else net.pair(fixed_u, moving_u)
-    total = recentred_displacements(fixed_u, moving_u, feat_f, feat_m, config)
+    return _with_tta(lambda f, m: recentred_displacements(f, m, *net.pair(f, m), config),
+                     recentred_displacements(fixed_u, moving_u, feat_f, feat_m, config), fixed_u, moving_u, config)
+
+
+def _joint_tta_displacements(members: list[GraphFeatureNet], fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                             config: CloudRegConfig, plain: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """:func:`test_time_displacements` of an ensemble with ``ensemble_fusion = "joint"``;
+    ``plain``: every member's features of the plain clouds."""
+    return _with_tta(lambda f, m: joint_recentred_displacements(f, m, [n.pair(f, m) for n in members], config),
+                     joint_recentred_displacements(fixed_u, moving_u, plain, config), fixed_u, moving_u, config)
+
+
+def _with_tta(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], plain: torch.Tensor,
+              fixed_u: torch.Tensor, moving_u: torch.Tensor, config: CloudRegConfig) -> torch.Tensor:
+    """``plain`` (the prediction on the clouds themselves) averaged with ``predict`` on
+    ``config.tta_passes`` randomly affinely transformed copies, each mapped back."""
     if config.tta_passes == 0:
-        return total
+        return plain
+    total = plain
     g = torch.Generator().manual_seed(config.tta_seed)
     for _ in range(config.tta_passes):
         A, t = random_affine(g, config.tta_rotation_deg, config.tta_scale, config.tta_translation, fixed_u.dtype)
         fa, ma = apply_affine(fixed_u, A, t), apply_affine(moving_u, A, t)
-        total = total + displacements_back(recentred_displacements(fa, ma, *net.pair(fa, ma), config), A)
+        total = total + displacements_back(predict(fa, ma), A)
     return total / (config.tta_passes + 1)
 
 
@@ -177,8 +237,9 @@ class CloudRegistration:
         displacements_mm: ``(N, 3)`` displacements at the fixed points (mm, fixed -> moving).
         box: the unit frame used.
         tps: TPS settings for :meth:`at` and :meth:`dense`.
-        member_displacements_mm: for an ensemble, each member's ``(N, 3)`` displacements (mm)
-            whose average is ``displacements_mm``; None for a single network or the identity.
+        member_displacements_mm: for an ensemble, each member's own ``(N, 3)`` displacements
+            (mm; their average is ``displacements_mm`` with ``ensemble_fusion = "average"``);
+            None for a single network or the identity.
     """
 
     fixed_mm: torch.Tensor
@@ -285,16 +346,18 @@ def registration_box(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: Cl
 def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphFeatureNet | FeatureEnsemble | None,
                     config: CloudRegConfig, *, box: UnitBox | None = None) -> CloudRegistration:
     """Register two clouds (mm). ``net=None`` gives the identity (zero displacements); an
-    ensemble averages its members' displacements. ``box``: the unit frame (a dataset's volume
-    box); default :func:`registration_box`."""
+    ensemble combines its members as ``config.ensemble_fusion`` says and also returns each
+    member's own displacements (for :attr:`CloudRegistration.spread_mm`). ``box``: the unit
+    frame (a dataset's volume box); default :func:`registration_box`."""
     box = box or registration_box(fixed_mm, moving_mm, config)[0]
     members = None
     if net is None:
         disp = torch.zeros_like(fixed_mm)
     else:
         with torch.no_grad():
-            each = member_displacements(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm), config)
-        disp = box.disp_unit_to_mm(sum(each) / len(each))
+            fused, each = fused_and_member_displacements(net, box.mm_to_unit(fixed_mm), box.mm_to_unit(moving_mm),
+                                                         config)
+        disp = box.disp_unit_to_mm(fused)
         if len(each) > 1:
             members = tuple(box.disp_unit_to_mm(d) for d in each)
     return CloudRegistration(fixed_mm=fixed_mm, displacements_mm=disp, box=box, tps=config.tps,

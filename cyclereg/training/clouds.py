@@ -13,7 +13,7 @@ from cyclereg.clouds import augment
 from cyclereg.clouds.augment import apply_affine, displacements_back
 from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
 from cyclereg.clouds.lbp import lbp_displacements
-from cyclereg.clouds.pipeline import CloudRegConfig, averaged_displacements, recentred_displacements, search_centres
+from cyclereg.clouds.pipeline import CloudRegConfig, test_time_displacements, recentred_displacements, search_centres
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
@@ -224,13 +224,13 @@ class CloudCycleTask:
             return raw, raw
         if labeller is None:
             label_net, stream = model, test_time_config(cfg)
-            fwd = averaged_displacements(model, f, m, stream, features=(feat_f, feat_m))
+            fwd = test_time_displacements(model, f, m, stream, features=(feat_f, feat_m))
         else:
             label_net, stream = labeller
             label_net.eval()
-            fwd = averaged_displacements(label_net, f, m, stream)
+            fwd = test_time_displacements(label_net, f, m, stream)
         if cfg.refine_consistency:
-            bwd = averaged_displacements(label_net, m, f, stream)  # moving -> fixed displacements at moving points
+            bwd = test_time_displacements(label_net, m, f, stream)  # moving -> fixed displacements at moving points
             spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation)
             fwd = 0.5 * (fwd - spline(f + fwd))
         if cfg.refine_tps_regularisation > 0:
