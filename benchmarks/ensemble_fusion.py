@@ -1,6 +1,7 @@
 """Ensemble fusion on synthetic pairs with known motion: averaged answers vs joint evidence.
 
-``python benchmarks/ensemble_fusion.py [RUN_DIR] [--seeds 0 1 2 3 4] [--scales 1 2] [--threads 2]``
+``python benchmarks/ensemble_fusion.py [RUN_DIR] [--seeds 0 1 2 3 4] [--scales 1 2] [--threads 2]
+[--recentre-candidates K ...]``
 
 Every fold's ensemble checkpoint of ``RUN_DIR`` (default ``models/copd``) registers the synthetic
 breathing pairs of :mod:`cyclereg.clouds.synthetic` (each seed, with the motion scaled by each
@@ -9,7 +10,12 @@ breathing pairs of :mod:`cyclereg.clouds.synthetic` (each seed, with the motion 
 * ``average``: each member registers on its own, displacements averaged
   (``ensemble_fusion = "average"``);
 * ``joint``: one LBP per pass over the members' mean feature cost (``ensemble_fusion = "joint"``);
-* each member alone.
+* each member alone;
+* for each ``--recentre-candidates K``: joint, with K candidates in the re-centred passes
+  (:attr:`cyclereg.clouds.pipeline.CloudRegConfig.recentre_candidates`).
+
+"joint" and "average" use the re-centred passes' K of ``lbp.num_candidates`` whatever the
+checkpoint stores.
 
 Prints the mean error (mm) of the TPS field at the fixed keypoints against the known motion per
 case and per scale, and the seconds of the two fusions. No landmark is read.
@@ -36,6 +42,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recentre-candidates", type=int, nargs="*", default=[])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folds = sorted(Path(args.run).glob("fold*.pt"))
@@ -53,13 +60,22 @@ def main() -> None:
                 fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
                 with torch.no_grad():
                     t0 = time.perf_counter()
-                    averaged, each = fused_and_member_displacements(net, fu, mu, replace(cfg, ensemble_fusion="average"))
+                    averaged, each = fused_and_member_displacements(
+                        net, fu, mu, replace(cfg, ensemble_fusion="average", recentre_candidates=None))
                     t1 = time.perf_counter()
-                    joint = test_time_displacements(net, fu, mu, replace(cfg, ensemble_fusion="joint"))
+                    joint = test_time_displacements(net, fu, mu, replace(cfg, ensemble_fusion="joint",
+                                                                         recentre_candidates=None))
                     t2 = time.perf_counter()
+                    wider = {}
+                    for k in args.recentre_candidates:
+                        t3 = time.perf_counter()
+                        wider[f"joint K'={k}"] = test_time_displacements(
+                            net, fu, mu, replace(cfg, ensemble_fusion="joint", recentre_candidates=k))
+                        secs.setdefault(f"joint K'={k}", []).append(time.perf_counter() - t3)
                 secs["average"].append(t1 - t0)
                 secs["joint"].append(t2 - t1)
-                fields = {"average": averaged, "joint": joint, **{f"member{i + 1}": d for i, d in enumerate(each)}}
+                fields = {"average": averaged, "joint": joint, **wider,
+                          **{f"member{i + 1}": d for i, d in enumerate(each)}}
                 errors = {}
                 for name, d in fields.items():
                     reg = CloudRegistration(fixed_mm=pair.fixed_mm, displacements_mm=box.disp_unit_to_mm(d), box=box,
@@ -71,8 +87,9 @@ def main() -> None:
         better = sum(j < a for j, a in zip(rows["joint"], rows["average"]))
         print(f"motion x{scale:g}, {len(rows['joint'])} cases: " + ", ".join(
             f"{k} {sum(v) / len(v):.3f} mm" for k, v in rows.items())
-            + f"; joint better in {better}; seconds average {sum(secs['average']) / len(secs['average']):.1f}"
-            f" (members' own passes included), joint {sum(secs['joint']) / len(secs['joint']):.1f}", flush=True)
+            + f"; joint better than average in {better}; seconds: "
+            + ", ".join(f"{k} {sum(v) / len(v):.1f}" for k, v in secs.items())
+            + " (average includes the members' own passes)", flush=True)
 
 
 if __name__ == "__main__":

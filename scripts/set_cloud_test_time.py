@@ -1,12 +1,13 @@
 """Change the stored test-time registration settings of cloud checkpoints (state dicts unchanged).
 
 ``python scripts/set_cloud_test_time.py CKPT_OR_DIR ... [--tta-passes N] [--recentre-passes N]
-[--training-box-of DATASET_JSON]``
+[--recentre-candidates K] [--training-box-of DATASET_JSON]``
 
 ``--training-box-of`` stores the volume box of a keypoint dataset as the frame the networks were
 trained in (:attr:`CloudRegConfig.training_box`), for checkpoints written before it was stored.
 
-A directory stands for its ``fold*.pt`` files. Each checkpoint is rewritten atomically with the
+A directory stands for its ``fold*.pt`` files (and the ``config`` of its ``ensemble.json``, if
+it has one, is updated the same way). Each checkpoint is rewritten atomically with the
 same ``state_dict`` and ``extra`` and its ``config`` (a :class:`CloudRegConfig`) updated; this is how
 a pre-registered test-time change reaches a committed model set such as ``models/copd``.
 """
@@ -14,10 +15,11 @@ a pre-registered test-time change reaches a committed model set such as ``models
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
-from cyclereg.checkpoint import load_checkpoint, save_checkpoint
+from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import dataset_box
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.datasets import load_keypoint_dataset
@@ -28,10 +30,13 @@ def main() -> None:
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--tta-passes", type=int)
     ap.add_argument("--recentre-passes", type=int)
+    ap.add_argument("--recentre-candidates", type=int, help="candidates of each re-centred pass (0 = as the first pass)")
     ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON")
     args = ap.parse_args()
     changes = {k: v for k, v in (("tta_passes", args.tta_passes), ("recentre_passes", args.recentre_passes))
                if v is not None}
+    if args.recentre_candidates is not None:
+        changes["recentre_candidates"] = args.recentre_candidates or None
     if args.training_box_of is not None:
         box = dataset_box(load_keypoint_dataset(args.training_box_of))
         if box is None:
@@ -41,11 +46,17 @@ def main() -> None:
     if not files:
         ap.error("no checkpoints found")
     loaded = [(f, load_checkpoint(f, kind="cloud")) for f in files]  # all readable before any is written
-    for f, ck in loaded:
-        config = replace(CloudRegConfig.from_dict(ck["config"]), **changes)
+    configs = [replace(CloudRegConfig.from_dict(ck["config"]), **changes) for _, ck in loaded]  # all valid first
+    summaries = [p / "ensemble.json" for p in args.paths if p.is_dir() and (p / "ensemble.json").is_file()]
+    for (f, ck), config in zip(loaded, configs):
         save_checkpoint(f, kind="cloud", config=config, state_dict=ck["state_dict"], extra=ck.get("extra"))
         print(f"{f}: tta_passes={config.tta_passes} recentre_passes={config.recentre_passes} "
-              f"training_box={config.training_box}")
+              f"recentre_candidates={config.recentre_candidates} training_box={config.training_box}")
+    for path in summaries:
+        info = json.loads(path.read_text())
+        info["config"] = replace(CloudRegConfig.from_dict(info["config"]), **changes)
+        write_json(path, info)
+        print(f"{path}: config updated")
 
 
 if __name__ == "__main__":

@@ -452,3 +452,44 @@ def test_malformed_dataset_json_is_one_line_error(tmp_path, text, problem, comma
     line = res.output.strip()
     assert "\n" not in line and str(ds) in line and problem in line
     assert not out.exists()
+
+
+def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
+    """`scripts/set_cloud_test_time.py` on an ensemble directory: every fold checkpoint and the
+    directory's ensemble.json get the new settings; state dicts stay bitwise equal; a bad value
+    writes nothing."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from cyclereg.checkpoint import load_checkpoint
+
+    _random_run(tmp_path / "a", {1: 1, 2: 2})
+    _random_run(tmp_path / "b", {1: 3, 2: 4})
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    before = load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")
+    spec = importlib.util.spec_from_file_location(
+        "set_cloud_test_time", Path(__file__).resolve().parents[1] / "scripts" / "set_cloud_test_time.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = sys.argv
+    try:
+        sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "-3"]
+        with pytest.raises(ValueError, match="recentre_candidates"):
+            mod.main()
+        assert load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")["config"] == before["config"]
+        sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "32", "--recentre-passes", "1"]
+        mod.main()
+    finally:
+        sys.argv = argv
+    for k in (1, 2):
+        ck = load_checkpoint(tmp_path / "e" / f"fold{k}.pt", kind="cloud")
+        assert ck["config"]["recentre_candidates"] == 32 and ck["config"]["recentre_passes"] == 1
+        assert ck["config"]["ensemble_fusion"] == "joint"
+    after = load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")
+    assert all(torch.equal(before["state_dict"][n], after["state_dict"][n]) for n in before["state_dict"])
+    info = json.loads((tmp_path / "e" / "ensemble.json").read_text())
+    assert info["config"]["recentre_candidates"] == 32 and info["config"]["ensemble_size"] == 2

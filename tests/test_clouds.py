@@ -402,6 +402,34 @@ def test_joint_ensemble_fusion_votes_per_candidate():
     assert CloudRegConfig.from_dict({}).ensemble_fusion == "average"  # checkpoints written before joint fusion
 
 
+def test_recentred_pass_can_search_more_candidates():
+    """``recentre_candidates`` sets K of the re-centred passes only: the result equals a first pass
+    with ``lbp.num_candidates`` followed by a pass with the larger K around its smoothed estimate;
+    None keeps every pass at ``lbp.num_candidates``; non-positive values are refused."""
+    from cyclereg.clouds.pipeline import recentred_displacements, search_centres
+
+    pair = make_breathing_pair(2, BreathingConfig(n_fixed=200, n_moving=400, branches=10))
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
+    fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
+    net = build_graph_net(seed=3)
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=8), recentre_passes=1)
+    with torch.no_grad():
+        ff, fm = net.pair(fu, mu)
+        first = lbp_displacements(fu, mu, ff, fm, cfg.lbp)
+        wide = lbp_displacements(fu, mu, ff, fm, replace(cfg.lbp, num_candidates=24),
+                                 centres=search_centres(fu, first, cfg.tps))
+        narrow = lbp_displacements(fu, mu, ff, fm, cfg.lbp, centres=search_centres(fu, first, cfg.tps))
+        assert torch.equal(recentred_displacements(fu, mu, ff, fm, replace(cfg, recentre_candidates=24)), wide)
+        assert torch.equal(recentred_displacements(fu, mu, ff, fm, cfg), narrow)
+        assert (wide - narrow).abs().max() > 1e-5
+        # no re-centred pass: the setting is unused
+        assert torch.equal(recentred_displacements(fu, mu, ff, fm, replace(cfg, recentre_passes=0, recentre_candidates=24)),
+                           first)
+    with pytest.raises(ValueError, match="recentre_candidates"):
+        CloudRegConfig(recentre_candidates=0)
+    assert CloudRegConfig.from_dict({}).recentre_candidates is None
+
+
 def test_pyg_template_files_are_removed_at_exit(tmp_path):
     """PyG renders EdgeConv's propagate code into a temporary file it never deletes; a process
     that built the graph CNN leaves nothing behind in its temporary folder."""

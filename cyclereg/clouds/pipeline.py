@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ class CloudRegConfig:
             pass smoothed by the TPS of ``tps``) instead of nearest to ``f``, so the search
             range follows large motion at the cost of one more LBP each. 0 = the paper's
             single pass. Not used in the differentiable training stream.
+        recentre_candidates: candidates of each re-centred pass (the moving points nearest to
+            ``f + u``); None = ``lbp.num_candidates``. More widen the search around the first
+            estimate at O(K^2) message cost per pass.
         tta_passes: test-time augmentation: extra registrations of randomly affinely
             transformed copies of both clouds (unit frame), each mapped back and averaged
             with the plain pass (``P + 1`` passes, ``P + 1`` times the cost). 0 = off (the
@@ -69,6 +72,7 @@ class CloudRegConfig:
     tps: TPSConfig = field(default_factory=TPSConfig)
     box_margin: float = 0.05
     recentre_passes: int = 0
+    recentre_candidates: int | None = None
     tta_passes: int = 0
     tta_rotation_deg: float = 10.0
     tta_scale: float = 0.1
@@ -85,6 +89,8 @@ class CloudRegConfig:
             raise ValueError(f"ensemble_fusion={self.ensemble_fusion!r}: expected one of {', '.join(ENSEMBLE_FUSIONS)}")
         if self.recentre_passes < 0:
             raise ValueError(f"recentre_passes={self.recentre_passes}: need 0 or more")
+        if self.recentre_candidates is not None and self.recentre_candidates < 1:
+            raise ValueError(f"recentre_candidates={self.recentre_candidates}: need 1 or more (or None)")
         if self.tta_passes < 0:
             raise ValueError(f"tta_passes={self.tta_passes}: need 0 or more")
         if not (0 <= self.tta_scale < 1):
@@ -133,8 +139,10 @@ def joint_recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor,
     several networks' features (``features``: one ``(feat_f, feat_m)`` per network; see
     :func:`cyclereg.clouds.lbp.joint_lbp_beliefs`). Displacements ``(N, 3)``, unit frame."""
     disp = joint_lbp_displacements(fixed_u, moving_u, features, config.lbp)
+    recentred = config.lbp if config.recentre_candidates is None else \
+        replace(config.lbp, num_candidates=config.recentre_candidates)
     for _ in range(config.recentre_passes):
-        disp = joint_lbp_displacements(fixed_u, moving_u, features, config.lbp,
+        disp = joint_lbp_displacements(fixed_u, moving_u, features, recentred,
                                        centres=search_centres(fixed_u, disp, config.tps))
     return disp
 
