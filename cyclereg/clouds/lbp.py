@@ -23,6 +23,9 @@ from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution (memory: chunk x K x K floats)."""
 
+PRUNE_REDO_CHUNK = 4096
+"""(edge, destination label) entries searched again at once by the pruned search (memory: chunk x K x 4)."""
+
 
 @dataclass(frozen=True)
 class LBPConfig:
@@ -41,6 +44,12 @@ class LBPConfig:
         softmax_beta: inverse temperature of the soft-argmin read-out.
         source_labels: if set, each message only searches this many lowest-belief source
             labels (faster, approximate); None searches all K (exact min-sum).
+        prune_from: on CPU, messages with at least this many source labels search exactly
+            but in two steps (:func:`min_convolution`): first the ``prune_fraction`` lowest-belief
+            source labels, then all K only for the destination labels whose minimum that cannot
+            certify. Same messages, fewer products where beliefs are peaked; below ~128 labels
+            the single full search is faster on CPU (docs/benchmarks.md). None: never.
+        prune_fraction: share of the source labels searched first when pruning.
     """
 
     num_candidates: int = 64
@@ -50,6 +59,12 @@ class LBPConfig:
     data_weight: float = 1.0
     softmax_beta: float = 50.0
     source_labels: int | None = None
+    prune_from: int | None = 128
+    prune_fraction: float = 0.25
+
+    def __post_init__(self):
+        if not (0 < self.prune_fraction < 1):
+            raise ValueError(f"prune_fraction={self.prune_fraction}: need 0 < fraction < 1")
 
 
 def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int,
@@ -86,15 +101,44 @@ def _argmin_chunk(belief_src, cand_src, cand_dst, alpha):
     return torch.bmm(lhs, rhs.transpose(1, 2)).min(dim=1).indices
 
 
+def _argmin_pruned_chunk(belief_src, cand_src, cand_dst, alpha, first):
+    """:func:`_argmin_chunk` (the same indices, up to exact ties) in two steps: the ``first``
+    lowest-belief source labels, then all of them only where needed.
+
+    Every other source label ``l`` costs at least ``b(l) >= b_(first+1)`` (the pairwise term is
+    non-negative), so a destination label whose best value among the first ones is below
+    ``b_(first+1)`` has its exact minimum; the others are searched again over all labels.
+    """
+    vals, order = belief_src.topk(first + 1, dim=1, largest=False)  # ascending
+    keep, bound = order[:, :first], vals[:, first]
+    ck = cand_src.gather(1, keep[..., None].expand(-1, -1, 3))
+    rhs = torch.cat([-2.0 * alpha * cand_dst, torch.ones_like(cand_dst[..., :1])], dim=-1)
+    lhs = torch.cat([ck, (vals[:, :first] + alpha * ck.pow(2).sum(-1))[..., None]], dim=-1)
+    best, at = torch.bmm(lhs, rhs.transpose(1, 2)).min(dim=1)
+    arg = keep.gather(1, at)
+    best = best + alpha * cand_dst.pow(2).sum(-1)
+    # rounding margin: a near-tie with the bound is searched again rather than trusted
+    redo_e, redo_l = (best >= bound[:, None] - 1e-6 * (1 + bound.abs()[:, None])).nonzero(as_tuple=True)
+    if redo_e.numel():
+        full = torch.cat([cand_src, (belief_src + alpha * cand_src.pow(2).sum(-1))[..., None]], dim=-1)
+        for s in range(0, redo_e.numel(), PRUNE_REDO_CHUNK):
+            e, l = redo_e[s:s + PRUNE_REDO_CHUNK], redo_l[s:s + PRUNE_REDO_CHUNK]
+            arg[e, l] = torch.bmm(full[e], rhs[e, l][..., None]).squeeze(-1).min(dim=1).indices
+    return arg
+
+
 def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: torch.Tensor,
-                    alpha: float, *, source_labels: int | None = None) -> torch.Tensor:
+                    alpha: float, *, source_labels: int | None = None, prune_from: int | None = None,
+                    prune_fraction: float = 0.25) -> torch.Tensor:
     """``m(l') = min_l [ belief_src(l) + alpha * ||cand_src(l) - cand_dst(l')||^2 ]`` per edge.
 
     Shapes: ``belief_src (E, K)``, ``cand_src (E, K, 3)``, ``cand_dst (E, K', 3)`` -> ``(E, K')``.
     The arg-min search runs without autograd; the value is recomputed at the arg-min so
     gradients flow exactly as through a hard ``min`` while memory stays ``O(E K)``.
     ``source_labels`` (optional) restricts the search to the L lowest-belief source labels
-    per edge (an approximation that trades exactness for speed).
+    per edge (an approximation that trades exactness for speed). ``prune_from`` (optional, CPU
+    only): with at least that many source labels, search exactly in two steps
+    (:func:`_argmin_pruned_chunk`, the first ``prune_fraction`` of the labels first).
     """
     with torch.no_grad():
         b, cs = belief_src.detach(), cand_src.detach()
@@ -103,7 +147,12 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
             keep = b.topk(source_labels, dim=1, largest=False).indices
             b = b.gather(1, keep)
             cs = cs.gather(1, keep[..., None].expand(-1, -1, 3))
-        arg = torch.cat([_argmin_chunk(b[s:s + EDGE_CHUNK], cs[s:s + EDGE_CHUNK], cand_dst[s:s + EDGE_CHUNK].detach(), alpha)
+        first = int(b.shape[1] * prune_fraction)
+        if prune_from is not None and b.shape[1] >= prune_from and b.device.type == "cpu" and 0 < first < b.shape[1]:
+            search = lambda b_, c_, d_: _argmin_pruned_chunk(b_, c_, d_, alpha, first)  # noqa: E731
+        else:
+            search = lambda b_, c_, d_: _argmin_chunk(b_, c_, d_, alpha)  # noqa: E731
+        arg = torch.cat([search(b[s:s + EDGE_CHUNK], cs[s:s + EDGE_CHUNK], cand_dst[s:s + EDGE_CHUNK].detach())
                          for s in range(0, b.shape[0], EDGE_CHUNK)])
         if keep is not None:
             arg = keep.gather(1, arg)
@@ -113,7 +162,8 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
 
 
 def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, reverse: torch.Tensor,
-            alpha: float, iterations: int, *, source_labels: int | None = None) -> torch.Tensor:
+            alpha: float, iterations: int, *, source_labels: int | None = None, prune_from: int | None = None,
+            prune_fraction: float = 0.25) -> torch.Tensor:
     """Loopy min-sum message passing; returns beliefs ``(N, K)`` (min-marginals on a tree).
 
     Args:
@@ -130,7 +180,8 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
         incoming = unary.new_zeros(n, k).index_add(0, dst, messages)
         # belief at the source without what the destination sent to it
         b_src = (unary + incoming)[src] - messages[reverse]
-        messages = min_convolution(b_src, cand_src, cand_dst, alpha, source_labels=source_labels)
+        messages = min_convolution(b_src, cand_src, cand_dst, alpha, source_labels=source_labels,
+                                   prune_from=prune_from, prune_fraction=prune_fraction)
         # normalise for numerical range (min-sum is invariant to per-message constants)
         messages = messages - messages.amin(dim=1, keepdim=True)
     incoming = unary.new_zeros(n, k).index_add(0, dst, messages)
@@ -158,7 +209,8 @@ def joint_lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor,
     unary = config.data_weight * (sum(feature_cost(ff, fm, idx) for ff, fm in features) / len(features))
     edge_index, reverse = symmetric_edge_index(fixed, config.graph_k)
     belief = min_sum(unary, cand, edge_index, reverse, config.pairwise_weight, config.iterations,
-                     source_labels=config.source_labels)
+                     source_labels=config.source_labels, prune_from=config.prune_from,
+                     prune_fraction=config.prune_fraction)
     return cand, belief
 
 
