@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetConfig, ensemble_members
-from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements
+from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
 from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world
 from cyclereg.metrics import sdlogj
