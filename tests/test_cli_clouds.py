@@ -329,6 +329,9 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "j"), "--json", str(tmp_path / "rx.json"),
                               "--ensemble-fusion", "vote"])
     assert res.exit_code == 2 and "--ensemble-fusion" in res.output and not (tmp_path / "rx.json").exists()
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "x"),
+                              "--recentre-passes", "1", "--fusion", "vote"])
+    assert res.exit_code == 2 and "--fusion 'vote'" in res.output and not (tmp_path / "x").exists()
     spread = [float(line.split(",")[-1]) for line in lines[1:]]
     assert sum(spread) / len(spread) == pytest.approx(report["member_spread"]["mean_at_landmarks_mm"], abs=1e-3)
     # register writes it per point; a single network has no such column

@@ -48,9 +48,10 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
     return net.to(resolve_device(device)).eval(), config
 
 
-def _check_overrides(recentre_passes: int | None, tta_passes: int | None, ensemble_fusion: str | None = None) -> None:
+def _check_overrides(recentre_passes: int | None, tta_passes: int | None, ensemble_fusion: str | None = None,
+                     fusion_flag: str = "--ensemble-fusion") -> None:
     if ensemble_fusion is not None and ensemble_fusion not in ENSEMBLE_FUSIONS:
-        raise InputError(f"--ensemble-fusion {ensemble_fusion!r}: expected one of {', '.join(ENSEMBLE_FUSIONS)}")
+        raise InputError(f"{fusion_flag} {ensemble_fusion!r}: expected one of {', '.join(ENSEMBLE_FUSIONS)}")
     require_count("--recentre-passes", recentre_passes, 0)
     require_count("--tta-passes", tta_passes, 0)
 
@@ -90,7 +91,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     sources = [Path(s) for s in sources]
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
-    _check_overrides(recentre_passes, tta_passes, fusion)
+    _check_overrides(recentre_passes, tta_passes, fusion, fusion_flag="--fusion")
     dirs = [s.is_dir() for s in sources]
     if any(dirs) and not all(dirs):
         raise InputError("give either run directories or checkpoint files, not both")
