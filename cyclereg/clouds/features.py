@@ -132,9 +132,9 @@ class GraphFeatureNet(nn.Module):
 class FeatureEnsemble(nn.Module):
     """Independently trained feature networks of one architecture (``members``).
 
-    Registration runs once per member and averages the displacements
-    (:func:`cyclereg.clouds.pipeline.test_time_displacements`); the state dict is the members'
-    under ``members.<i>.``.
+    Registration combines the members as :attr:`cyclereg.clouds.pipeline.CloudRegConfig.ensemble_fusion`
+    says (:func:`cyclereg.clouds.pipeline.test_time_displacements`: averaged answers, or one joint
+    LBP per pass); the state dict is the members' under ``members.<i>.``.
     """
 
     def __init__(self, config: GraphNetConfig = GraphNetConfig(), size: int = 2):
