@@ -1,7 +1,7 @@
 """One more self-training stage for every member of a cloud ensemble, on the ensemble's pseudo labels.
 
 ``python scripts/ensemble_stage.py ENSEMBLE_DIR OUT_DIR [--dataset D] [--jobs N] [--folds 1,2] [--learner RUN_DIR]
-[--members 0,2] [--learn-recentre-passes N]``
+[--members 0,2] [--learn-recentre-passes N] [--joint I]``
 
 ``ENSEMBLE_DIR`` is a per-fold ensemble made by ``cyclereg ensemble`` (``foldK.pt`` plus
 ``ensemble.json``, whose ``training`` entry holds every member run's ``run.json``). For each
@@ -18,6 +18,13 @@ member, e.g. an independently trained run to be added to the ensemble), with the
 and its own training configuration (``RUN_DIR/run.json``). ``--members`` trains only the members
 with those 0-based indices; ``--learn-recentre-passes N`` sets
 ``CloudCycleConfig.learn_recentre_passes`` for the trained networks (and their written ``run.json``).
+
+``--joint I`` trains all members of a fold together, as one job: the learning stream registers
+every sample the way the ensemble registers with ``ensemble_fusion = "joint"`` (one LBP per pass
+over the members' mean feature cost) and the loss reaches every member through it. The training
+configuration (augmentation, training subsets, schedule, seed) is member ``I``'s; each member is
+written to ``OUT_DIR/<member run name>/foldK.pt`` as in the default mode, so ``cyclereg ensemble``
+assembles the result the same way.
 """
 
 from __future__ import annotations
@@ -100,6 +107,59 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     return json.dumps(line)
 
 
+def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, config_member: int,
+                  learn_recentre_passes: int | None = None, *, progress) -> str:
+    """All members of fold ``fold`` trained together through the joint learning stream (one
+    worker process, one intra-op thread) with member ``config_member``'s training configuration;
+    returns the job's log line. See the module docstring (``--joint``)."""
+    from dataclasses import replace
+
+    from cyclereg.checkpoint import atomic_write_text, save_checkpoint, to_jsonable
+    from cyclereg.clouds.api import load_cloud_model
+    from cyclereg.datasets import load_keypoint_dataset
+    from cyclereg.training.api import _cloud_task
+    from cyclereg.training.clouds import CloudCycleConfig
+    from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageSnapshot
+
+    info = json.loads((ensemble_dir / "ensemble.json").read_text())
+    sources = info["members"][f"fold{fold}"]
+    runs = [source.get("run", str(Path(source["source"]).parent)) for source in sources]
+    names = [Path(run).name for run in runs]
+    targets = [out_dir / name / f"fold{fold}.pt" for name in names]
+    if all(t.is_file() for t in targets):
+        return f"fold {fold} joint: done before"
+    trainings = [info["training"][run] for run in runs]
+    if learn_recentre_passes is not None:
+        trainings = [{**t, "config": to_jsonable(replace(CloudCycleConfig.from_dict(t["config"]),
+                                                         learn_recentre_passes=learn_recentre_passes))}
+                     for t in trainings]
+    configs = [CloudCycleConfig.from_dict(t["config"]) for t in trainings]
+    ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
+    ds = load_keypoint_dataset(dataset)
+    task = _cloud_task(ds, fold, configs[config_member], torch.device("cpu"))
+    stage = max(int(source.get("stage", 0)) for source in sources) + 1
+    t0 = time.perf_counter()
+    labels, info_labels = task.make_pseudo_labels(ensemble, stage, labeller=(ensemble, ens_cfg))
+    t1 = time.perf_counter()
+    snapshot = StageSnapshot(out_dir / f"joint_fold{fold}.partial.pt", stage=stage, every_s=DEFAULT_SNAPSHOT_EVERY_S)
+    stats = task.train_stage(ensemble, labels, info_labels["weights"], stage, snapshot=snapshot)
+    t2 = time.perf_counter()
+    provenance = f"ensemble {ensemble_dir}/fold{fold}.pt, trained jointly (configuration of {names[config_member]})"
+    for member, config, target in zip(ensemble.members, configs, targets):
+        # each member with the registration settings its own training configuration stores
+        member_task = _cloud_task(ds, fold, config, torch.device("cpu"))
+        save_checkpoint(target, kind="cloud", config=member_task.model_config(), state_dict=member.state_dict(),
+                        extra={"stage": stage, "pseudo_labels": provenance})
+    snapshot.clear()
+    line = {"fold": fold, "members": names, "joint_configuration": names[config_member], "stage": stage,
+            "label_seconds": t1 - t0, "train_seconds": t2 - t1,
+            "pseudo_label_disagreement_mm": info_labels["stats"]["pseudo_label_disagreement_mm"], **stats}
+    for name, training in zip(names, trainings):
+        atomic_write_text(out_dir / name / f"fold{fold}.log.json", json.dumps(line) + "\n")
+        atomic_write_text(out_dir / name / "run.json", json.dumps(training, indent=2) + "\n")
+    return json.dumps(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ensemble", type=Path)
@@ -113,13 +173,24 @@ def main() -> None:
                     help="train only these members (0-based indices in the ensemble; default all)")
     ap.add_argument("--learn-recentre-passes", type=int, default=None, metavar="N",
                     help="re-centred LBP passes in the learning stream (overrides the members' own setting)")
+    ap.add_argument("--joint", type=int, default=None, metavar="I",
+                    help="train each fold's members together through the joint learning stream, with member I's "
+                         "training configuration (0-based)")
     args = ap.parse_args()
     if args.learn_recentre_passes is not None and args.learn_recentre_passes < 0:
         ap.error(f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
     info = json.loads((args.ensemble / "ensemble.json").read_text())
     folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
         [int(v) for v in args.folds.split(",")]
-    if args.learner is not None:
+    if args.joint is not None:
+        count = len(info["members"]["fold" + str(folds[0])])
+        if args.learner is not None or args.members is not None:
+            ap.error("--joint trains all members of the ensemble: not with --learner or --members")
+        if not 0 <= args.joint < count:
+            ap.error(f"--joint {args.joint}: the ensemble has members 0..{count - 1}")
+        jobs = [(run_joint_job, (args.ensemble, args.out, args.dataset, k, args.joint, args.learn_recentre_passes),
+                 f"fold {k} joint") for k in folds]
+    elif args.learner is not None:
         jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, None, args.learner, args.learn_recentre_passes),
                  f"fold {k} {args.learner.name}") for k in folds]
     else:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -248,6 +249,19 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "e2" / "ensemble.json").read_text())["training"]) == {
         str(tmp_path / "s" / "r0"), str(tmp_path / "s" / "r1")}
+    # --joint: both members train together as one job, each written where `cyclereg ensemble` finds it
+    line = json.loads(mod.run_joint_job(tmp_path / "e", tmp_path / "J", ds, 1, 1, 1, progress=None))
+    assert line["stage"] == 2 and line["members"] == ["r0", "r1"] and line["joint_configuration"] == "r1"
+    assert math.isfinite(line["train_loss_mm"])
+    for name in ("r0", "r1"):
+        joint = load_checkpoint(tmp_path / "J" / name / "fold1.pt")
+        original = load_checkpoint(tmp_path / name / "fold1" / "final.pt")
+        assert joint["extra"]["stage"] == 2 and "trained jointly" in joint["extra"]["pseudo_labels"]
+        assert joint["config"] == original["config"]
+        assert any(not torch.equal(original["state_dict"][k], joint["state_dict"][k]) for k in original["state_dict"])
+        assert json.loads((tmp_path / "J" / name / "run.json").read_text())["config"]["learn_recentre_passes"] == 1
+    assert not list((tmp_path / "J").glob("*.partial.pt"))
+    assert "done before" in mod.run_joint_job(tmp_path / "e", tmp_path / "J", ds, 1, 1, progress=None)
 
 
 def _kill_at_snapshot(monkeypatch, stage: int, step: int):
@@ -407,6 +421,32 @@ def test_learning_stream_without_recentring_is_the_single_lbp_pass():
     cfg = _small_search()
     expected = lbp_displacements(f, m, *net.pair(f, m), cfg.reg.lbp)
     assert torch.equal(learning_prediction(net, f, m, cfg), expected)
+
+
+def test_joint_learning_stream_is_one_lbp_over_the_members_mean_cost_and_trains_every_member():
+    from cyclereg.clouds.features import FeatureEnsemble, build_graph_net
+    from cyclereg.clouds.lbp import joint_lbp_displacements
+    from cyclereg.clouds.pipeline import joint_recentred_displacements, search_centres
+    from cyclereg.training.clouds import learning_prediction, test_time_config
+
+    _, f, m = _learning_inputs(2)
+    cfg = _small_search(learn_recentre_passes=1)
+    ensemble = FeatureEnsemble(cfg.reg.net, 2)
+    for i, member in enumerate(ensemble.members):
+        member.load_state_dict(build_graph_net(cfg.reg.net, seed=10 + i).state_dict())
+    feats = [n.pair(f, m) for n in ensemble.members]
+    with torch.no_grad():  # by hand: the joint first pass, smoothed, re-centres the joint pass
+        search = test_time_config(cfg)
+        first = joint_recentred_displacements(f, m, feats, replace(cfg.reg, tps=search.tps, recentre_passes=0))
+        expected = joint_lbp_displacements(f, m, feats, cfg.reg.lbp, centres=search_centres(f, first, search.tps))
+    pred = learning_prediction(ensemble, f, m, cfg)
+    torch.testing.assert_close(pred, expected)
+    # differs from either member alone, and the loss reaches both members
+    for member in ensemble.members:
+        assert not torch.allclose(pred, learning_prediction(member, f, m, cfg).detach())
+    pred.norm(dim=1).mean().backward()
+    for member in ensemble.members:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in member.parameters())
 
 
 def test_learning_stream_recentring_searches_around_the_smoothed_first_pass_and_keeps_gradients():

@@ -6,14 +6,16 @@ Only keypoint clouds are read here: landmarks are evaluation data and never touc
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 
 from cyclereg.clouds import augment
 from cyclereg.clouds.augment import apply_affine, displacements_back
-from cyclereg.clouds.features import GraphFeatureNet, build_graph_net
-from cyclereg.clouds.lbp import lbp_displacements
-from cyclereg.clouds.pipeline import CloudRegConfig, test_time_displacements, recentred_displacements, search_centres
+from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
+from cyclereg.clouds.lbp import joint_lbp_displacements
+from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displacements, search_centres,
+                                      test_time_displacements)
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
@@ -151,22 +153,29 @@ def test_time_config(cfg: CloudCycleConfig) -> CloudRegConfig:
                    tta_passes=cfg.refine_tta_passes)
 
 
-def learning_prediction(model: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
-                        cfg: CloudCycleConfig, features: tuple[torch.Tensor, torch.Tensor] | None = None
+def learning_prediction(model: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
+                        cfg: CloudCycleConfig, features: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
                         ) -> torch.Tensor:
     """The learning stream's differentiable displacements ``(N, 3)`` (unit frame) of the fixed
     points: one LBP pass with ``cfg.reg.lbp``, preceded by ``cfg.learn_recentre_passes``
     gradient-free passes that re-centre its candidate search (see :class:`CloudCycleConfig`).
-    ``features``: ``(feat_f, feat_m)`` if already computed."""
-    feat_f, feat_m = features if features is not None else model.pair(fixed_u, moving_u)
+
+    ``model``: one network, or a :class:`~cyclereg.clouds.features.FeatureEnsemble` trained
+    jointly: then every pass is one LBP over the mean feature cost of its members (joint fusion,
+    as :func:`cyclereg.clouds.pipeline.test_time_displacements` registers with
+    ``ensemble_fusion = "joint"``) and the loss reaches every member through it.
+    ``features``: one ``(feat_f, feat_m)`` per network of ``model`` if already computed."""
+    if features is None:
+        features = [net.pair(fixed_u, moving_u) for net in ensemble_members(model)]
     centres = None
     if cfg.learn_recentre_passes > 0:
         # the test-time search with one re-centred pass fewer, then its centres for the last pass
         search = replace(cfg.reg, tps=test_time_config(cfg).tps, recentre_passes=cfg.learn_recentre_passes - 1)
         with torch.no_grad():
-            disp = recentred_displacements(fixed_u, moving_u, feat_f.detach(), feat_m.detach(), search)
+            detached = [(ff.detach(), fm.detach()) for ff, fm in features]
+            disp = joint_recentred_displacements(fixed_u, moving_u, detached, search)
             centres = search_centres(fixed_u, disp, search.tps)
-    return lbp_displacements(fixed_u, moving_u, feat_f, feat_m, cfg.reg.lbp, centres=centres)
+    return joint_lbp_displacements(fixed_u, moving_u, features, cfg.reg.lbp, centres=centres)
 
 
 # ----------------------------------------------------------------------------- task
@@ -218,13 +227,13 @@ class CloudCycleTask:
         cfg = self.config
         model.eval()
         f, m = pair.fixed.to(self.device), pair.moving.to(self.device)
-        feat_f, feat_m = model.pair(f, m)  # shared by the raw output and the refined label
-        raw = learning_prediction(model, f, m, cfg, features=(feat_f, feat_m))
+        features = [net.pair(f, m) for net in ensemble_members(model)]  # shared by raw output and label
+        raw = learning_prediction(model, f, m, cfg, features=features)
         if not cfg.refine:
             return raw, raw
         if labeller is None:
             label_net, stream = model, test_time_config(cfg)
-            fwd = test_time_displacements(model, f, m, stream, features=(feat_f, feat_m))
+            fwd = test_time_displacements(model, f, m, stream, features=features[0] if len(features) == 1 else None)
         else:
             label_net, stream = labeller
             label_net.eval()
