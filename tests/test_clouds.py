@@ -421,6 +421,16 @@ def test_joint_ensemble_fusion_votes_per_candidate():
         torch.testing.assert_close(box.disp_mm_to_unit(reg.displacements_mm), joint)
         own = test_time_displacements(a, fu, mu, cfg)
         torch.testing.assert_close(box.disp_mm_to_unit(reg.member_displacements_mm[0]), own)
+        # a wider re-centred search is the joint registration's; the members' own (spread only) keep K
+        wide = replace(cfg, recentre_candidates=24)
+        reg = register_clouds(pair.fixed_mm, pair.moving_mm, ens, wide, box=box)
+        torch.testing.assert_close(box.disp_mm_to_unit(reg.displacements_mm), test_time_displacements(ens, fu, mu, wide))
+        assert (box.disp_mm_to_unit(reg.displacements_mm) - joint).abs().max() > 1e-5
+        torch.testing.assert_close(box.disp_mm_to_unit(reg.member_displacements_mm[0]), own)
+        averaged_wide = register_clouds(pair.fixed_mm, pair.moving_mm, ens, replace(wide, ensemble_fusion="average"),
+                                        box=box)  # averaged: the members' passes are the result, so K' applies
+        torch.testing.assert_close(box.disp_mm_to_unit(averaged_wide.member_displacements_mm[0]),
+                                   test_time_displacements(a, fu, mu, wide))
     p = torch.rand(400, 3, generator=torch.Generator().manual_seed(4)) * 100
     shift = torch.tensor([6.0, -4.0, 3.0])
     moved = register_clouds(p, p + shift, ens, cfg, box=UnitBox.around(p, p + shift)).displacements_mm

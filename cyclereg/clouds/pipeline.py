@@ -40,7 +40,9 @@ class CloudRegConfig:
             single pass. Not used in the differentiable training stream.
         recentre_candidates: candidates of each re-centred pass (the moving points nearest to
             ``f + u``); None = ``lbp.num_candidates``. More widen the search around the first
-            estimate at O(K^2) message cost per pass.
+            estimate at O(K^2) message cost per pass. With ``ensemble_fusion = "joint"`` it
+            applies to the joint registration only: the members' own registrations, which give
+            only the spread (:func:`fused_and_member_displacements`), search ``lbp.num_candidates``.
         tta_passes: test-time augmentation: extra registrations of randomly affinely
             transformed copies of both clouds (unit frame), each mapped back and averaged
             with the plain pass (``P + 1`` passes, ``P + 1`` times the cost). 0 = off (the
@@ -176,12 +178,19 @@ def fused_and_member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed
                                    moving_u: torch.Tensor, config: CloudRegConfig
                                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`test_time_displacements` and each member's own (:func:`member_displacements`),
-    computing every member's features of the plain clouds once for both (unit frame)."""
+    computing every member's features of the plain clouds once for both (unit frame).
+
+    With ``ensemble_fusion = "joint"`` the members' own registrations are not part of the result,
+    only of the spread it reports (:func:`member_spread`), so their re-centred passes search
+    ``lbp.num_candidates`` moving points, not ``recentre_candidates``: a diagnostic should not
+    cost several times the registration."""
     members = ensemble_members(net)
     plain = [m.pair(fixed_u, moving_u) for m in members]
-    each = [_tta_displacements(m, fixed_u, moving_u, config, f) for m, f in zip(members, plain)]
     if len(members) > 1 and config.ensemble_fusion == "joint":
+        own = replace(config, recentre_candidates=None)
+        each = [_tta_displacements(m, fixed_u, moving_u, own, f) for m, f in zip(members, plain)]
         return _joint_tta_displacements(members, fixed_u, moving_u, config, plain), each
+    each = [_tta_displacements(m, fixed_u, moving_u, config, f) for m, f in zip(members, plain)]
     return sum(each) / len(each), each
 
 
