@@ -447,6 +447,14 @@ def test_joint_learning_stream_is_one_lbp_over_the_members_mean_cost_and_trains_
     pred.norm(dim=1).mean().backward()
     for member in ensemble.members:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in member.parameters())
+    # without a labeller the ensemble's own pseudo labels are joint as well
+    task = CloudCycleTask([CloudPairData("p", f, m)], UnitBox((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), cfg,
+                          torch.device("cpu"))
+    joint_stream = replace(test_time_config(cfg), ensemble_size=2, ensemble_fusion="joint")
+    own = task.refine(ensemble, task.pairs[0])[1]
+    torch.testing.assert_close(own, task.refine(ensemble, task.pairs[0], labeller=(ensemble, joint_stream))[1])
+    averaged = task.refine(ensemble, task.pairs[0], labeller=(ensemble, replace(joint_stream, ensemble_fusion="average")))
+    assert (own - averaged[1]).abs().max() > 1e-6
 
 
 def test_learning_stream_recentring_searches_around_the_smoothed_first_pass_and_keeps_gradients():

@@ -223,7 +223,9 @@ class CloudCycleTask:
         ``labeller``: ``(network or ensemble, registration settings)`` that registers the pair
         for the refined label instead of ``model`` with the pseudo-label stream's settings
         (e.g. an ensemble of independently trained models); the TPS smoothing and the
-        consistency step stay the stream's."""
+        consistency step stay the stream's. Without one, a
+        :class:`~cyclereg.clouds.features.FeatureEnsemble` ``model`` labels by joint fusion, as
+        it learns (:func:`learning_prediction`)."""
         cfg = self.config
         model.eval()
         f, m = pair.fixed.to(self.device), pair.moving.to(self.device)
@@ -233,6 +235,8 @@ class CloudCycleTask:
             return raw, raw
         if labeller is None:
             label_net, stream = model, test_time_config(cfg)
+            if len(features) > 1:  # an ensemble learns through the joint stream, so it labels jointly too
+                stream = replace(stream, ensemble_size=len(features), ensemble_fusion="joint")
             fwd = test_time_displacements(model, f, m, stream, features=features[0] if len(features) == 1 else None)
         else:
             label_net, stream = labeller
