@@ -5,7 +5,7 @@
 
 Every fold's ensemble checkpoint of ``RUN_DIR`` (default ``models/copd``) registers the synthetic
 breathing pairs of :mod:`cyclereg.clouds.synthetic` (each seed, with the motion scaled by each
-``--scales`` factor) with its stored settings, combined three ways:
+``--scales`` factor) with its stored settings, in these ways:
 
 * ``average``: each member registers on its own, displacements averaged
   (``ensemble_fusion = "average"``);

@@ -42,6 +42,26 @@ from cyclereg.training.parallel import run_parallel
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
 
 
+def _member_run(source: dict) -> str:
+    """The run directory of one member entry of ``ensemble.json``."""
+    return source.get("run", str(Path(source["source"]).parent))
+
+
+def _training(training: dict, learn_recentre_passes: int | None):
+    """A run's ``run.json`` content and its :class:`~cyclereg.training.clouds.CloudCycleConfig`,
+    both with ``learn_recentre_passes`` set if it is given."""
+    from dataclasses import replace
+
+    from cyclereg.checkpoint import to_jsonable
+    from cyclereg.training.clouds import CloudCycleConfig
+
+    config = CloudCycleConfig.from_dict(training["config"])
+    if learn_recentre_passes is None:
+        return training, config
+    config = replace(config, learn_recentre_passes=learn_recentre_passes)
+    return {**training, "config": to_jsonable(config)}, config
+
+
 def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_index: int | None,
             learner: Path | None = None, learn_recentre_passes: int | None = None, *, progress) -> str:
     """One (fold, member) job in a worker process (one intra-op thread); returns its log line.
@@ -52,13 +72,12 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     from cyclereg.clouds.api import _model_from_checkpoint, fold_checkpoint, load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
-    from cyclereg.training.clouds import CloudCycleConfig
     from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageSnapshot
 
     if learner is None:
         info = json.loads((ensemble_dir / "ensemble.json").read_text())
         source = info["members"][f"fold{fold}"][member_index]
-        run = source.get("run", str(Path(source["source"]).parent))  # member run directory
+        run = _member_run(source)
         training = info["training"][run]
     else:
         source = {"source": str(fold_checkpoint(learner, fold))}
@@ -68,14 +87,7 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     target = out_dir / run_name / f"fold{fold}.pt"
     if target.is_file():
         return f"fold {fold} {run_name}: done before"
-    config = CloudCycleConfig.from_dict(training["config"])
-    if learn_recentre_passes is not None:
-        from dataclasses import replace
-
-        from cyclereg.checkpoint import to_jsonable
-
-        config = replace(config, learn_recentre_passes=learn_recentre_passes)
-        training = {**training, "config": to_jsonable(config)}
+    training, config = _training(training, learn_recentre_passes)
     ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
     if learner is None:
         member = ensemble.members[member_index]
@@ -112,28 +124,20 @@ def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, c
     """All members of fold ``fold`` trained together through the joint learning stream (one
     worker process, one intra-op thread) with member ``config_member``'s training configuration;
     returns the job's log line. See the module docstring (``--joint``)."""
-    from dataclasses import replace
-
-    from cyclereg.checkpoint import atomic_write_text, save_checkpoint, to_jsonable
+    from cyclereg.checkpoint import atomic_write_text, save_checkpoint
     from cyclereg.clouds.api import load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
-    from cyclereg.training.clouds import CloudCycleConfig
     from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageSnapshot
 
     info = json.loads((ensemble_dir / "ensemble.json").read_text())
     sources = info["members"][f"fold{fold}"]
-    runs = [source.get("run", str(Path(source["source"]).parent)) for source in sources]
+    runs = [_member_run(source) for source in sources]
     names = [Path(run).name for run in runs]
     targets = [out_dir / name / f"fold{fold}.pt" for name in names]
     if all(t.is_file() for t in targets):
         return f"fold {fold} joint: done before"
-    trainings = [info["training"][run] for run in runs]
-    if learn_recentre_passes is not None:
-        trainings = [{**t, "config": to_jsonable(replace(CloudCycleConfig.from_dict(t["config"]),
-                                                         learn_recentre_passes=learn_recentre_passes))}
-                     for t in trainings]
-    configs = [CloudCycleConfig.from_dict(t["config"]) for t in trainings]
+    trainings, configs = zip(*(_training(info["training"][run], learn_recentre_passes) for run in runs))
     ensemble, ens_cfg = load_cloud_model(ensemble_dir / f"fold{fold}.pt")
     ds = load_keypoint_dataset(dataset)
     task = _cloud_task(ds, fold, configs[config_member], torch.device("cpu"))

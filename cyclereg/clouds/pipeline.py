@@ -186,11 +186,11 @@ def fused_and_member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed
     cost several times the registration."""
     members = ensemble_members(net)
     plain = [m.pair(fixed_u, moving_u) for m in members]
-    if len(members) > 1 and config.ensemble_fusion == "joint":
-        own = replace(config, recentre_candidates=None)
-        each = [_tta_displacements(m, fixed_u, moving_u, own, f) for m, f in zip(members, plain)]
+    joint = len(members) > 1 and config.ensemble_fusion == "joint"
+    own = replace(config, recentre_candidates=None) if joint else config
+    each = [_tta_displacements(m, fixed_u, moving_u, own, f) for m, f in zip(members, plain)]
+    if joint:
         return _joint_tta_displacements(members, fixed_u, moving_u, config, plain), each
-    each = [_tta_displacements(m, fixed_u, moving_u, config, f) for m, f in zip(members, plain)]
     return sum(each) / len(each), each
 
 
