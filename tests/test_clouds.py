@@ -88,7 +88,7 @@ def test_pruned_min_convolution_is_exact(peaked):
         LBPConfig(prune_fraction=1.0)
 
 
-def test_lbp_hard_min_equals_brute_force_on_tree():
+def test_lbp_hard_min_equals_brute_force_on_tree(device):
     g = torch.Generator().manual_seed(3)
     n, k = 5, 3
     tree = [(0, 1), (1, 2), (1, 3), (3, 4)]
@@ -100,7 +100,8 @@ def test_lbp_hard_min_equals_brute_force_on_tree():
     m = len(tree)
     reverse = torch.tensor(list(range(m, 2 * m)) + list(range(m)))
     alpha = 0.7
-    belief = min_sum(unary, cand, edge_index, reverse, alpha, iterations=4)  # diameter of the tree is 3
+    belief = min_sum(unary.to(device), cand.to(device), edge_index.to(device), reverse.to(device), alpha,
+                     iterations=4).cpu()  # diameter of the tree is 3
     ref = _tree_energy_min_marginals(unary, cand, tree, alpha)
     # beliefs equal min-marginals up to one constant per node (messages are normalised)
     diff = belief - ref
@@ -119,17 +120,18 @@ def test_lbp_gradients_reach_features():
     assert ff.grad.abs().sum() > 0 and fm.grad.abs().sum() > 0
 
 
-def test_tps_reproduces_affine_field_exactly(dtype):
+def test_tps_reproduces_affine_field_exactly(dtype, device):
     g = torch.Generator().manual_seed(0)
-    c = torch.rand(60, 3, generator=g, dtype=dtype) * 2 - 1
-    A = torch.tensor([[1.1, 0.2, -0.1], [0.05, 0.9, 0.3], [-0.2, 0.1, 1.2]], dtype=dtype)
-    t = torch.tensor([0.3, -0.2, 0.1], dtype=dtype)
+    c = (torch.rand(60, 3, generator=g, dtype=dtype) * 2 - 1).to(device)
+    A = torch.tensor([[1.1, 0.2, -0.1], [0.05, 0.9, 0.3], [-0.2, 0.1, 1.2]], dtype=dtype, device=device)
+    t = torch.tensor([0.3, -0.2, 0.1], dtype=dtype, device=device)
     u = c @ A.T + t - c
     spline = ThinPlateSpline.fit(c, u, regularisation=0.0)
-    q = torch.rand(200, 3, generator=g, dtype=dtype) * 2 - 1
+    q = (torch.rand(200, 3, generator=g, dtype=dtype) * 2 - 1).to(device)
+    assert spline(q).device == q.device and spline(q).dtype == dtype
     torch.testing.assert_close(spline(q), q @ A.T + t - q, atol=1e-8 if dtype == torch.float64 else 1e-5, rtol=0)
     # and interpolates arbitrary values at the control points
-    v = torch.randn(60, 3, generator=g, dtype=dtype)
+    v = torch.randn(60, 3, generator=g, dtype=dtype).to(device)
     torch.testing.assert_close(ThinPlateSpline.fit(c, v)(c), v, atol=1e-6 if dtype == torch.float64 else 1e-3, rtol=0)
 
 
@@ -219,10 +221,11 @@ def test_zero_motion_gives_zero_displacement():
     assert d.mean() < 0.05 and d.max() < 0.5  # soft-argmin read-out: only sub-voxel blending
 
 
-def test_translation_is_recovered():
-    p = torch.rand(500, 3, generator=torch.Generator().manual_seed(4)) * 100
-    shift = torch.tensor([3.0, -2.0, 4.0])
-    reg = register_clouds(p, p + shift, build_graph_net(seed=0), CloudRegConfig())
+def test_translation_is_recovered(device):
+    p = (torch.rand(500, 3, generator=torch.Generator().manual_seed(4)) * 100).to(device)
+    shift = torch.tensor([3.0, -2.0, 4.0], device=device)
+    reg = register_clouds(p, p + shift, build_graph_net(seed=0).to(device), CloudRegConfig())
+    assert reg.displacements_mm.device == p.device
     err = (reg.displacements_mm - shift).norm(dim=1)
     assert err.median() < 0.5
 

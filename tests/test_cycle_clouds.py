@@ -43,13 +43,14 @@ def _dataset(tmp_path, n=3, landmarks=True):
     return ds
 
 
-def test_full_cycle_smoke_and_evaluate(tmp_path):
+def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     ds = _dataset(tmp_path)
     run = tmp_path / "run"
-    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST])
+    on = ["--device", device.type]
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST[:-2], *on])
     assert res.exit_code == 0, res.output
     assert (run / "fold1" / "pseudo0.pt").is_file() and (run / "run.json").is_file()
-    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu"])
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", *on])
     assert res.exit_code == 0, res.output
     log = [json.loads(l) for l in (run / "fold1" / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [0, 1, 2]
@@ -63,7 +64,8 @@ def test_full_cycle_smoke_and_evaluate(tmp_path):
     clouds = [read_points(tmp_path / f"c{i}" / name) for i in (1, 2) for name in ("fk.csv", "mk.csv")]
     expected = UnitBox.around(*clouds)
     assert ck["config"]["training_box"] == {"lo_mm": list(expected.lo_mm), "extent_mm": list(expected.extent_mm)}
-    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--max-pairs", "1", "--json", str(tmp_path / "r.json")])
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--max-pairs", "1", *on,
+                              "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["fold"] == 1
 

@@ -181,19 +181,21 @@ def _dataset(root: Path, with_labels: bool = True) -> Path:
 FAST = ["--stages", "2", "--iterations", "2", "--directions", "both", "--device", "cpu"]
 
 
-def test_dense_cycle_smoke_resume_and_evaluate(tmp_path):
+def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
+    """On CUDA this is also the test of mixed-precision training (``amp``, CUDA only)."""
     ds = _dataset(tmp_path / "data", with_labels=False)  # training never needs labels
     run = tmp_path / "run"
-    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *FAST])
+    on = ["--device", device.type]
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *FAST[:-2], *on])
     assert res.exit_code == 0, res.output
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "volumes" and meta["pairs"] == ["0003_0004", "0004_0003"]
     assert (run / "all" / "pseudo0.pt").is_file()
     # interrupt after stage 1 (as a killed run would leave it), then resume to stage 2
-    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "1", "--device", "cpu"])
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "1", *on])
     assert res.exit_code == 0, res.output
     stage1 = (run / "all" / "stage1.pt").read_bytes()
-    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--device", "cpu"])
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), *on])
     assert res.exit_code == 0, res.output
     assert (run / "all" / "stage1.pt").read_bytes() == stage1  # not retrained
     log = [json.loads(line) for line in (run / "all" / "log.jsonl").read_text().splitlines()]
@@ -206,7 +208,7 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path):
     # evaluation with labels (another copy of the data that has them)
     ds_lab = _dataset(tmp_path / "data_lab", with_labels=True)
     report = tmp_path / "r.json"
-    res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), "--device", "cpu", "--json", str(report)])
+    res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), *on, "--json", str(report)])
     assert res.exit_code == 0, res.output
     rep = json.loads(report.read_text())
     assert rep["num_pairs"] == 1 and 0.0 <= rep["mean_dice"] <= 1.0

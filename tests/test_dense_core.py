@@ -58,7 +58,7 @@ def test_resample_disp_constant_field_scales_with_stride():
 
 # ----------------------------------------------------------------------------- convex optimiser
 @pytest.mark.parametrize("shift", [(1, -2, 1), (-1, 0, 2)])
-def test_convex_optimiser_recovers_integer_shift(shift):
+def test_convex_optimiser_recovers_integer_shift(shift, device):
     big = smooth_noise((28, 28, 28), channels=16, seed=1, passes=1)
     s = torch.tensor(shift)
     lo = 6
@@ -66,11 +66,12 @@ def test_convex_optimiser_recovers_integer_shift(shift):
     fixed = sl([0, 0, 0])
     # moving(y) = G(y - s)  =>  fixed(x) = G(x) = moving(x + s): displacement s everywhere
     moving = sl((-s).tolist())
+    fixed, moving = fixed.to(device), moving.to(device)
     cfg = ConvexConfig()
     from cyclereg.dense.convex import standardize
     field = coupled_convex(correlate(standardize(fixed), standardize(moving), cfg), cfg)
     inner = field[0, :, 3:-3, 3:-3, 3:-3].reshape(3, -1)
-    err = (inner - s.view(3, 1).float()).abs()
+    err = (inner.cpu() - s.view(3, 1).float()).abs()
     assert err.max() < 0.5, f"max error {err.max():.3f}"
 
 
@@ -82,10 +83,10 @@ def test_correlation_cost_is_zero_at_true_shift():
     assert cost.shape == (1, 125, 8, 8, 8)
 
 
-def test_inverse_consistency_reduces_composition_error():
+def test_inverse_consistency_reduces_composition_error(device):
     shape = (12, 12, 12)
-    a = smooth_field(shape, 1.5, seed=2)
-    b = -a + smooth_field(shape, 0.8, seed=3)  # a deliberately inconsistent backward field
+    a = smooth_field(shape, 1.5, seed=2).to(device)
+    b = -a + smooth_field(shape, 0.8, seed=3).to(device)  # a deliberately inconsistent backward field
     before = composition_error(a, b)
     a2, b2 = inverse_consistency(a, b, 15)
     after = composition_error(a2, b2)
