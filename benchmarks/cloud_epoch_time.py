@@ -1,8 +1,9 @@
-"""Time one training epoch and one pseudo-label refresh of the keypoint-cloud cycle (CPU).
+"""Time one training epoch and one pseudo-label refresh of the keypoint-cloud cycle (CPU or CUDA).
 
-``python benchmarks/cloud_epoch_time.py [DATASET_JSON] [--fold K] [--threads N] [--points F,M ...]``
+``python benchmarks/cloud_epoch_time.py [DATASET_JSON] [--fold K] [--threads N] [--points F,M ...]
+[--candidates K ...] [--device auto|cpu|cuda]``
 
-For each ``--points`` setting (``all`` = every keypoint, or ``F,M`` random subsets per
+For each ``--points`` setting and each ``--candidates`` K of the learning stream (``all`` = every keypoint, or ``F,M`` random subsets per
 training sample) it builds fold ``K``'s training task with the default
 :class:`cyclereg.training.clouds.CloudCycleConfig`, trains a fresh stage-1 network for one
 epoch on zero targets (the cost does not depend on the targets) and refreshes the pseudo
@@ -18,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.device import resolve_device
 from cyclereg.training.api import _cloud_task
 from cyclereg.training.clouds import CloudCycleConfig
 
@@ -28,23 +30,40 @@ def main() -> None:
     ap.add_argument("--fold", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--points", nargs="+", default=["1024,2048", "all"])
+    ap.add_argument("--candidates", type=int, nargs="+", default=[CloudCycleConfig().reg.lbp.num_candidates],
+                    help="LBP candidates K of the learning stream (the pseudo-label stream follows it)")
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     ds = load_keypoint_dataset(args.dataset)
     for spec in args.points:
         nf, nm = (None, None) if spec == "all" else (int(v) for v in spec.split(","))
-        cfg = replace(CloudCycleConfig(), epochs=1, train_fixed_points=nf, train_moving_points=nm)
-        task = _cloud_task(ds, args.fold, cfg, torch.device("cpu"))
-        net = task.new_model(1)
-        labels = {p.id: torch.zeros_like(p.fixed) for p in task.pairs}
-        t0 = time.perf_counter()
-        task.train_stage(net, labels, {}, 1)
-        t1 = time.perf_counter()
-        task.make_pseudo_labels(net, 1)
-        t2 = time.perf_counter()
-        per_stage = (t1 - t0) * CloudCycleConfig().epochs + (t2 - t1)
-        print(f"points {spec}: epoch {t1 - t0:.1f} s, pseudo-label refresh {t2 - t1:.1f} s, "
-              f"one {CloudCycleConfig().epochs}-epoch stage ~{per_stage:.0f} s ({args.threads} thread(s))", flush=True)
+        for k in args.candidates:
+            base = CloudCycleConfig()
+            cfg = replace(base, epochs=1, train_fixed_points=nf, train_moving_points=nm,
+                          reg=replace(base.reg, lbp=replace(base.reg.lbp, num_candidates=k)))
+            task = _cloud_task(ds, args.fold, cfg, device)
+            net = task.new_model(1)
+            labels = {p.id: torch.zeros_like(p.fixed) for p in task.pairs}
+            if device.type == "cuda":  # untimed warm-up: kernel loading, cuBLAS handles, allocator
+                task.train_stage(net, labels, {}, 1)
+            _sync(device)
+            t0 = time.perf_counter()
+            task.train_stage(net, labels, {}, 1)
+            _sync(device)
+            t1 = time.perf_counter()
+            task.make_pseudo_labels(net, 1)
+            _sync(device)
+            t2 = time.perf_counter()
+            per_stage = (t1 - t0) * base.epochs + (t2 - t1)
+            print(f"points {spec}, K {k}, {device}: epoch {t1 - t0:.1f} s, pseudo-label refresh {t2 - t1:.1f} s, "
+                  f"one {base.epochs}-epoch stage ~{per_stage:.0f} s ({args.threads} thread(s))", flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":
