@@ -105,7 +105,7 @@ def steps(copd_run: int | None, device: str = "cuda") -> list[tuple[str, list[st
     out = [("env", "nvidia-smi; " + f"{py} -c \"import sys, torch; print(sys.version); print('torch', torch.__version__, "
             "'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), "
             "torch.cuda.get_device_name() if torch.cuda.is_available() else '')\"", 60),
-           ("cuda-tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cuda", "tests"], 240),
+           ("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests"], 240),
            ("dense-train-step", [py, "benchmarks/dense_train_step.py", "192", "160", "256", "--iterations", "20",
                                  "--device", device], 150),
            ("dense-pair", [py, "benchmarks/dense_pair_time.py", "192", "160", "256", "--repeats", "5",
