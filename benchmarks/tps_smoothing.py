@@ -1,7 +1,8 @@
 """TPS smoothing of the registered displacements: the error against known motion per lambda, and
 the lambda that generalised cross-validation (GCV) would pick from the displacements alone.
 
-``python benchmarks/tps_smoothing.py [RUN_DIR] [--seeds 0 1 2] [--scales 1 2] [--lambdas ...] [--threads 2]``
+``python benchmarks/tps_smoothing.py [RUN_DIR] [--seeds 0 1 2] [--scales 1 2] [--lambdas ...] [--threads 2]
+[--spread-weighted]``
 
 Every fold's model of ``RUN_DIR`` (default ``models/copd``) registers the synthetic breathing
 pairs of :mod:`cyclereg.clouds.synthetic` with its stored test-time settings. The displacements
@@ -10,7 +11,10 @@ the mean error at the keypoints against the known motion (mm) is printed per cas
 lambda of the smallest error and the lambda of the smallest GCV score
 ``N ||(I - A) y||^2 / tr(I - A)^2`` (``A``: the smoother matrix), which needs no ground truth.
 GCV is computed exactly from one eigendecomposition of the kernel matrix projected onto the
-complement of the affine polynomials. No landmark is read.
+complement of the affine polynomials. With ``--spread-weighted`` (ensembles only) it also prints
+the error of a TPS whose smoothing varies per point with the members' disagreement (lambda_i =
+lambda (s_i / mean s)^2 at the stored lambda, i.e. points the members agree on are trusted more)
+and the correlation of that spread with the error per point. No landmark is read.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cyclereg.clouds.api import load_cloud_model
-from cyclereg.clouds.pipeline import registration_box, test_time_displacements
+from cyclereg.clouds.pipeline import fused_and_member_displacements, member_spread, registration_box
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline, _phi
 
@@ -49,6 +53,19 @@ def gcv_scores(centres: torch.Tensor, values: torch.Tensor, lambdas: list[float]
     return out
 
 
+def fit_per_point(centres: torch.Tensor, values: torch.Tensor, lambdas: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The TPS fit at its own control points with smoothing ``lambdas (N,)`` per point
+    (``(Phi + diag(lambdas)) w + P a = y``); returns the fitted values ``(N, C)``."""
+    c = centres.double()
+    n = c.shape[0]
+    phi = _phi(torch.cdist(c, c), kernel)
+    P = torch.cat([torch.ones(n, 1, dtype=c.dtype), c], dim=1)
+    A = torch.zeros(n + 4, n + 4, dtype=c.dtype)
+    A[:n, :n], A[:n, n:], A[n:, :n] = phi + torch.diag(lambdas.double()), P, P.T
+    sol = torch.linalg.solve(A, torch.cat([values.double(), values.new_zeros(4, values.shape[1]).double()]))
+    return (phi @ sol[:n] + sol[n] + c @ sol[n + 1:]).to(values.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", default="models/copd")
@@ -56,10 +73,12 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 4.0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spread-weighted", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lams = args.lambdas
     picks = {"error": [], "gcv": []}
+    weighted: dict[str, list[float]] = {"stored lambda": [], "spread-weighted": [], "correlation": []}
     for path in sorted(Path(args.run).glob("fold*.pt")):
         net, cfg = load_cloud_model(path)
         for scale in args.scales:
@@ -71,7 +90,7 @@ def main() -> None:
                 box = registration_box(pair.fixed_mm, pair.moving_mm, cfg)[0]
                 fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
                 with torch.no_grad():
-                    disp = test_time_displacements(net, fu, mu, cfg)
+                    disp, members = fused_and_member_displacements(net, fu, mu, cfg)
                 errors = []
                 for lam in lams:
                     spline = ThinPlateSpline.fit(fu, disp, regularisation=lam, kernel=cfg.tps.kernel)
@@ -83,10 +102,25 @@ def main() -> None:
                 print(f"{path.stem} motion x{scale:g} seed {seed}: error [mm] at lambda "
                       + " ".join(f"{lam:g}: {err:.3f}" for lam, err in zip(lams, errors))
                       + f" | smallest error at {best:g}, GCV picks {chosen:g}", flush=True)
+                if args.spread_weighted and len(members) > 1:
+                    spread = member_spread(members)
+                    lam = cfg.tps.regularisation
+                    for name, per_point in (("stored lambda", torch.full_like(spread, lam)),
+                                            ("spread-weighted", lam * (spread / spread.mean()) ** 2)):
+                        fitted = fit_per_point(fu, disp, per_point, cfg.tps.kernel)
+                        weighted[name].append((box.disp_unit_to_mm(fitted) - pair.displacement_mm).norm(dim=1).mean().item())
+                    raw = (box.disp_unit_to_mm(disp) - pair.displacement_mm).norm(dim=1)
+                    weighted["correlation"].append(torch.corrcoef(torch.stack([spread, raw]))[0, 1].item())
+                    print(f"  lambda {lam:g}: {weighted['stored lambda'][-1]:.3f} mm, spread-weighted "
+                          f"{weighted['spread-weighted'][-1]:.3f} mm; correlation of spread and error per point "
+                          f"{weighted['correlation'][-1]:.2f}", flush=True)
     n = len(picks["gcv"])
     agree = sum(a == b for a, b in zip(picks["error"], picks["gcv"]))
     print(f"{n} cases: GCV picks the lambda of the smallest error in {agree}; "
           f"GCV picks {sorted(set(picks['gcv']))}, the error is smallest at {sorted(set(picks['error']))}")
+    if weighted["correlation"]:
+        print(", ".join(f"{k}: mean {sum(v) / len(v):.3f}" for k, v in weighted.items())
+              + f" ({len(weighted['correlation'])} cases; errors in mm)")
 
 
 if __name__ == "__main__":
