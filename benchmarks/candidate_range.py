@@ -76,8 +76,7 @@ def synthetic(variants: list[tuple[int, int]]) -> None:
     for scale in (1.0, 2.0):
         res: dict[tuple[int, int], list[tuple[float, float]]] = {}
         for seed in range(5):
-            bc = BreathingConfig()
-            bc = replace(bc, stretch=tuple(s * scale for s in bc.stretch), random_amplitude=bc.random_amplitude * scale)
+            bc = BreathingConfig().scaled_motion(scale)
             pair = make_breathing_pair(seed, bc)
             net, cfg = load_cloud_model("random", seed=seed)
             cfg = replace(cfg, lbp=replace(cfg.lbp, iterations=10), tps=replace(cfg.tps, regularisation=0.3))

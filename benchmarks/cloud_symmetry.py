@@ -34,8 +34,7 @@ MOTION_SCALES = (1.0, 2.0)
 
 def one_pair(seed: int, scale: float) -> tuple[float, float, float, float, float]:
     """Errors (forward, backward, symmetric; mm) and seconds (forward, backward) of one pair."""
-    bc = BreathingConfig()
-    bc = replace(bc, stretch=tuple(s * scale for s in bc.stretch), random_amplitude=bc.random_amplitude * scale)
+    bc = BreathingConfig().scaled_motion(scale)
     pair = make_breathing_pair(seed, bc)
     net, cfg = load_cloud_model("random", seed=seed)
     cfg = replace(cfg, lbp=replace(cfg.lbp, iterations=10), tps=replace(cfg.tps, regularisation=0.3),

@@ -52,9 +52,7 @@ def main() -> None:
         for path in folds:
             net, cfg = load_cloud_model(path)
             for seed in args.seeds:
-                bc = BreathingConfig()
-                bc = replace(bc, stretch=tuple(s * scale for s in bc.stretch),
-                             random_amplitude=bc.random_amplitude * scale)
+                bc = BreathingConfig().scaled_motion(scale)
                 pair = make_breathing_pair(seed, bc)
                 box = registration_box(pair.fixed_mm, pair.moving_mm, cfg)[0]
                 fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)

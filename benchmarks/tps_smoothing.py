@@ -20,7 +20,6 @@ and the correlation of that spread with the error per point. No landmark is read
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,9 +82,7 @@ def main() -> None:
         net, cfg = load_cloud_model(path)
         for scale in args.scales:
             for seed in args.seeds:
-                bc = BreathingConfig()
-                bc = replace(bc, stretch=tuple(s * scale for s in bc.stretch),
-                             random_amplitude=bc.random_amplitude * scale)
+                bc = BreathingConfig().scaled_motion(scale)
                 pair = make_breathing_pair(seed, bc)
                 box = registration_box(pair.fixed_mm, pair.moving_mm, cfg)[0]
                 fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)

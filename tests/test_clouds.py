@@ -230,6 +230,15 @@ def test_translation_is_recovered(device):
     assert err.median() < 0.5
 
 
+def test_scaled_motion_scales_every_displacement_and_keeps_the_clouds():
+    base = BreathingConfig(n_fixed=200, n_moving=400, branches=6, steps=10)
+    one, two = make_breathing_pair(3, base), make_breathing_pair(3, base.scaled_motion(2.0))
+    assert torch.equal(one.fixed_mm, two.fixed_mm)
+    torch.testing.assert_close(two.displacement_mm, 2 * one.displacement_mm, atol=1e-5, rtol=1e-6)
+    still = make_breathing_pair(3, base.scaled_motion(0.0))
+    assert still.displacement_mm.abs().max() == 0
+
+
 def test_random_features_register_synthetic_breathing_pair():
     pair = make_breathing_pair(0)
     reg = register_clouds(pair.fixed_mm, pair.moving_mm, build_graph_net(seed=0), CloudRegConfig())

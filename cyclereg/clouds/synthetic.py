@@ -9,7 +9,7 @@ known deformation. The ground truth is the displacement ``u(p)`` at every fixed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,13 @@ class BreathingConfig:
     random_width: float = 60.0
     random_bases: int = 8
     jitter: float = 0.3
+
+    def scaled_motion(self, factor: float) -> "BreathingConfig":
+        """The same pair with ``factor`` times the motion: the expansion and the random part are
+        both scaled, so every ground-truth displacement is ``factor`` times the original one
+        (same seed, same clouds before the motion)."""
+        return replace(self, stretch=tuple(s * factor for s in self.stretch),
+                       random_amplitude=self.random_amplitude * factor)
 
 
 @dataclass(frozen=True)
