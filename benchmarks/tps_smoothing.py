@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from cyclereg.clouds.api import load_cloud_model
-from cyclereg.clouds.pipeline import fused_and_member_displacements, member_spread, registration_box
+from cyclereg.clouds.pipeline import member_spread, register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline, _phi
 
@@ -52,19 +52,6 @@ def gcv_scores(centres: torch.Tensor, values: torch.Tensor, lambdas: list[float]
     return out
 
 
-def fit_per_point(centres: torch.Tensor, values: torch.Tensor, lambdas: torch.Tensor, kernel: str) -> torch.Tensor:
-    """The TPS fit at its own control points with smoothing ``lambdas (N,)`` per point
-    (``(Phi + diag(lambdas)) w + P a = y``); returns the fitted values ``(N, C)``."""
-    c = centres.double()
-    n = c.shape[0]
-    phi = _phi(torch.cdist(c, c), kernel)
-    P = torch.cat([torch.ones(n, 1, dtype=c.dtype), c], dim=1)
-    A = torch.zeros(n + 4, n + 4, dtype=c.dtype)
-    A[:n, :n], A[:n, n:], A[n:, :n] = phi + torch.diag(lambdas.double()), P, P.T
-    sol = torch.linalg.solve(A, torch.cat([values.double(), values.new_zeros(4, values.shape[1]).double()]))
-    return (phi @ sol[:n] + sol[n] + c @ sol[n + 1:]).to(values.dtype)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", default="models/copd")
@@ -82,12 +69,10 @@ def main() -> None:
         net, cfg = load_cloud_model(path)
         for scale in args.scales:
             for seed in args.seeds:
-                bc = BreathingConfig().scaled_motion(scale)
-                pair = make_breathing_pair(seed, bc)
-                box = registration_box(pair.fixed_mm, pair.moving_mm, cfg)[0]
-                fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
-                with torch.no_grad():
-                    disp, members = fused_and_member_displacements(net, fu, mu, cfg)
+                pair = make_breathing_pair(seed, BreathingConfig().scaled_motion(scale))
+                reg = register_clouds(pair.fixed_mm, pair.moving_mm, net, cfg)
+                box = reg.box
+                fu, disp = box.mm_to_unit(pair.fixed_mm), box.disp_mm_to_unit(reg.displacements_mm)
                 errors = []
                 for lam in lams:
                     spline = ThinPlateSpline.fit(fu, disp, regularisation=lam, kernel=cfg.tps.kernel)
@@ -99,14 +84,14 @@ def main() -> None:
                 print(f"{path.stem} motion x{scale:g} seed {seed}: error [mm] at lambda "
                       + " ".join(f"{lam:g}: {err:.3f}" for lam, err in zip(lams, errors))
                       + f" | smallest error at {best:g}, GCV picks {chosen:g}", flush=True)
-                if args.spread_weighted and len(members) > 1:
-                    spread = member_spread(members)
+                if args.spread_weighted and reg.member_displacements_mm is not None:
+                    spread = member_spread([box.disp_mm_to_unit(d) for d in reg.member_displacements_mm])
                     lam = cfg.tps.regularisation
                     for name, per_point in (("stored lambda", torch.full_like(spread, lam)),
                                             ("spread-weighted", lam * (spread / spread.mean()) ** 2)):
-                        fitted = fit_per_point(fu, disp, per_point, cfg.tps.kernel)
+                        fitted = ThinPlateSpline.fit(fu, disp, regularisation=per_point, kernel=cfg.tps.kernel)(fu)
                         weighted[name].append((box.disp_unit_to_mm(fitted) - pair.displacement_mm).norm(dim=1).mean().item())
-                    raw = (box.disp_unit_to_mm(disp) - pair.displacement_mm).norm(dim=1)
+                    raw = (reg.displacements_mm - pair.displacement_mm).norm(dim=1)
                     weighted["correlation"].append(torch.corrcoef(torch.stack([spread, raw]))[0, 1].item())
                     print(f"  lambda {lam:g}: {weighted['stored lambda'][-1]:.3f} mm, spread-weighted "
                           f"{weighted['spread-weighted'][-1]:.3f} mm; correlation of spread and error per point "

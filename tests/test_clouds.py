@@ -135,6 +135,24 @@ def test_tps_reproduces_affine_field_exactly(dtype, device):
     torch.testing.assert_close(ThinPlateSpline.fit(c, v)(c), v, atol=1e-6 if dtype == torch.float64 else 1e-3, rtol=0)
 
 
+def test_tps_per_point_regularisation():
+    g = torch.Generator().manual_seed(5)
+    c = torch.rand(40, 3, generator=g, dtype=torch.float64) * 2 - 1
+    v = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    q = torch.rand(30, 3, generator=g, dtype=torch.float64) * 2 - 1
+    # the same lambda for every point is the scalar fit
+    torch.testing.assert_close(ThinPlateSpline.fit(c, v, regularisation=torch.full((40,), 0.3, dtype=torch.float64))(q),
+                               ThinPlateSpline.fit(c, v, regularisation=0.3)(q), atol=1e-10, rtol=0)
+    # a point with lambda 0 is interpolated although every other point is smoothed heavily
+    lam = torch.full((40,), 5.0, dtype=torch.float64)
+    lam[7] = 0.0
+    fitted = ThinPlateSpline.fit(c, v, regularisation=lam)(c)
+    torch.testing.assert_close(fitted[7], v[7], atol=1e-9, rtol=0)
+    assert (fitted[:7] - v[:7]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="regularisation"):
+        ThinPlateSpline.fit(c, v, regularisation=torch.zeros(39))
+
+
 def test_tps_kernel_value_and_gradient_to_control_values():
     # r^2 log r at r = 2 between two control points; the spline stays differentiable in
     # its values (the in-place kernel path is only taken without autograd)

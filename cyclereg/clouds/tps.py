@@ -52,16 +52,25 @@ class ThinPlateSpline:
     kernel: str
 
     @staticmethod
-    def fit(centres: torch.Tensor, values: torch.Tensor, *, regularisation: float = 0.0,
+    def fit(centres: torch.Tensor, values: torch.Tensor, *, regularisation: float | torch.Tensor = 0.0,
             kernel: str = "r2logr") -> "ThinPlateSpline":
-        """Fit to ``values (N, C)`` at ``centres (N, 3)``. Solved in float64."""
+        """Fit to ``values (N, C)`` at ``centres (N, 3)``. Solved in float64.
+
+        ``regularisation``: lambda, one for all points, or ``(N,)`` per point (a point with a
+        larger lambda is followed less closely; 0 interpolates it)."""
         if centres.ndim != 2 or centres.shape[1] != 3:
             raise ValueError(f"centres: expected (N, 3), got {tuple(centres.shape)}")
         if values.ndim != 2 or values.shape[0] != centres.shape[0]:
             raise ValueError(f"values: expected ({centres.shape[0]}, C), got {tuple(values.shape)}")
         c = centres.double()
         n = c.shape[0]
-        K = _phi(torch.cdist(c, c), kernel) + regularisation * torch.eye(n, dtype=c.dtype, device=c.device)
+        if isinstance(regularisation, torch.Tensor):
+            if regularisation.shape != (n,):
+                raise ValueError(f"regularisation: expected a number or ({n},), got {tuple(regularisation.shape)}")
+            diagonal = torch.diag(regularisation.to(c))
+        else:
+            diagonal = regularisation * torch.eye(n, dtype=c.dtype, device=c.device)
+        K = _phi(torch.cdist(c, c), kernel) + diagonal
         P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
         A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
         A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
