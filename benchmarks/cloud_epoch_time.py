@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from cyclereg.datasets import load_keypoint_dataset
-from cyclereg.device import resolve_device
+from cyclereg.device import resolve_device, synchronize
 from cyclereg.training.api import _cloud_task
 from cyclereg.training.clouds import CloudCycleConfig
 
@@ -48,22 +48,17 @@ def main() -> None:
             labels = {p.id: torch.zeros_like(p.fixed) for p in task.pairs}
             if device.type == "cuda":  # untimed warm-up: kernel loading, cuBLAS handles, allocator
                 task.train_stage(net, labels, {}, 1)
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             task.train_stage(net, labels, {}, 1)
-            _sync(device)
+            synchronize(device)
             t1 = time.perf_counter()
             task.make_pseudo_labels(net, 1)
-            _sync(device)
+            synchronize(device)
             t2 = time.perf_counter()
             per_stage = (t1 - t0) * base.epochs + (t2 - t1)
             print(f"points {spec}, K {k}, {device}: epoch {t1 - t0:.1f} s, pseudo-label refresh {t2 - t1:.1f} s, "
                   f"one {base.epochs}-epoch stage ~{per_stage:.0f} s ({args.threads} thread(s))", flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from cyclereg.dense.config import DensePipelineConfig
 from cyclereg.dense.network import random_feature_net
 from cyclereg.dense.pipeline import register
-from cyclereg.device import resolve_device
+from cyclereg.device import resolve_device, synchronize
 
 SMOOTHING = 5
 """Box-filter width (voxels) applied twice to the white noise, so the images have structure."""
@@ -37,11 +37,6 @@ def random_volume(shape: tuple[int, int, int], generator: torch.Generator) -> to
     for _ in range(2):
         x = F.avg_pool3d(x, SMOOTHING, stride=1, padding=SMOOTHING // 2, count_include_pad=False)
     return (x - x.min()) / (x.max() - x.min())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:
@@ -68,11 +63,11 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(dev)
         secs = []
         for _ in range(args.repeats):
-            _sync(dev)
+            synchronize(dev)
             t0 = time.perf_counter()
             with torch.no_grad():
                 register(fixed, moving, net, cfg)
-            _sync(dev)
+            synchronize(dev)
             secs.append(time.perf_counter() - t0)
         extra = f", peak {torch.cuda.max_memory_allocated(dev) / 1e9:.2f} GB" if dev.type == "cuda" else ""
         print(f"{tuple(args.shape)} on {dev} ({torch.get_num_threads()} threads), {name}: "

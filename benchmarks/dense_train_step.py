@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from cyclereg.device import resolve_device
+from cyclereg.device import resolve_device, synchronize
 from cyclereg.training.dense import DenseCycleConfig, DenseCycleTask, VolumeImage
 
 
@@ -35,8 +35,7 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     task.train_stage(net, labels, {}, 1)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(dev)
     sec = (time.perf_counter() - t0) / args.iterations
     extra = f", peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if dev.type == "cuda" else ""
     print(f"{tuple(args.shape)} batch {args.batch_size} on {dev} ({torch.get_num_threads()} threads): "

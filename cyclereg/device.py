@@ -19,3 +19,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise InputError(f"--device {device}: expected auto, cpu or cuda")
     return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` has finished (CUDA runs asynchronously), so that
+    a wall-clock reading covers it; nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
