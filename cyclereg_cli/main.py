@@ -207,6 +207,7 @@ def register(
     disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
     spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, how far the members' displacements lie apart (mm)"),
     l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
+    resample_moving: bool = typer.Option(False, "--resample-moving", help="volumes: a moving scan (and --moving-labels) on another grid is first resampled onto the fixed grid through world mm"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Register one fixed/moving pair with a trained (or random) model."""
@@ -220,11 +221,12 @@ def register(
 
         summary = register_volume_files(
             fixed, moving, out_dir, model=model, seed=seed, moving_labels=moving_labels, warps=warps,
-            adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device,
+            adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving,
         )
         typer.echo(summary)
         return
-    _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None},
+    _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
+                     "--resample-moving": resample_moving or None},
                     "volumes, not point clouds")
     from cyclereg.clouds.api import register_cloud_files
 

@@ -33,7 +33,8 @@ import torch
 from cyclereg import __version__
 from cyclereg.checkpoint import to_jsonable, load_checkpoint, save_checkpoint, write_json
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
-from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, resolve_mode)
+from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, resample_onto,
+                                 resolve_mode, same_grid)
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
@@ -109,17 +110,29 @@ def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipe
 def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
                           moving_labels: Path | None = None, warps: int | None = None,
                           adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False,
-                          l2r_name: bool = False, device: str = "auto") -> str:
+                          l2r_name: bool = False, device: str = "auto", resample_moving: bool = False) -> str:
     """Register ``moving`` to ``fixed`` (NIfTI files) and write the outputs listed in the
-    module docstring. All inputs are validated before ``out_dir`` is created."""
+    module docstring. All inputs are validated before ``out_dir`` is created.
+
+    The two scans must share one grid (shape and affine), unless ``resample_moving``: then a
+    moving scan on another grid (shape, spacing, origin or orientation) is first resampled
+    onto the fixed grid through world millimetres (:func:`~cyclereg.dense.data.resample_onto`;
+    its label map likewise, nearest neighbour), and every output lies on the fixed grid as
+    usual: ``x + u(x)`` is then a position in the fixed grid's voxels whose world point
+    (fixed affine) is the corresponding moving point.
+    """
     dev = resolve_device(device)
     fv = read_nifti(fixed)
     mv = read_nifti(moving)
-    check_same_grid(fv, mv)
     lv = None
     if moving_labels is not None:
         lv = read_nifti(moving_labels, labels=True)
         check_same_grid(mv, lv, what="label map", ref="moving image")
+    resampled = resample_moving and not same_grid(fv, mv)
+    if resampled:
+        mv = resample_onto(mv, fv)
+        lv = None if lv is None else resample_onto(lv, fv, labels=True)
+    check_same_grid(fv, mv, hint="resample it onto the fixed grid first (register --resample-moving does so)")
     net, cfg, info = load_model(model, seed, dev)
     cfg = _pipeline_config(cfg, warps, adam, ic)
     _check_spacing(cfg, fv)
@@ -151,7 +164,8 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         "model": info,
         "device": str(dev),
         "inputs": {"fixed": str(fixed), "moving": str(moving),
-                   "moving_labels": str(moving_labels) if moving_labels else None},
+                   "moving_labels": str(moving_labels) if moving_labels else None,
+                   "moving_resampled_onto_fixed_grid": resampled},
         "outputs": {
             "files": written,
             "displacement": {

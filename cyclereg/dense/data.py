@@ -18,6 +18,7 @@ from cyclereg.datasets import read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
 from cyclereg.volumeio import Volume
+from cyclereg.warp import warp_between_grids
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -63,15 +64,33 @@ def same_grid(a: Volume, b: Volume, *, atol_mm: float = 1e-3) -> bool:
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
 
 
-def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image") -> None:
+def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",
+                    hint: str = "resample both onto one grid first") -> None:
     """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
-    (different shape, or an affine differing by more than 1e-3 mm)."""
+    (different shape, or an affine differing by more than 1e-3 mm); ``hint`` ends the message."""
     if fixed.shape != moving.shape:
         raise InputError(f"{what} has shape {moving.shape} but the {ref} {fixed.path} has {fixed.shape};"
-                         f" resample both onto one grid first", moving.path)
+                         f" {hint}", moving.path)
     if not np.allclose(fixed.affine, moving.affine, atol=1e-3):
         raise InputError(f"{what} has a different affine (voxel-to-world) than the {ref} {fixed.path};"
-                         f" resample both onto one grid first", moving.path)
+                         f" {hint}", moving.path)
+
+
+def resample_onto(volume: Volume, reference: Volume, *, labels: bool = False) -> Volume:
+    """``volume`` resampled onto ``reference``'s grid through world millimetres.
+
+    Every voxel ``x`` of the reference grid takes ``volume``'s value at the world point
+    ``A_ref x`` (trilinear for images, nearest neighbour for label maps). Outside
+    ``volume``'s extent an image repeats its edge value and a label map is 0 (background).
+    Returns a :class:`Volume` with ``reference``'s shape and affine and ``volume``'s path
+    (so later messages still name the file that was read).
+    """
+    src = volume.data[None, None]
+    zero = torch.zeros(1, 3, *reference.shape, dtype=torch.float32)
+    out = warp_between_grids(src if labels else src.float(), volume.affine, zero, reference.affine,
+                             mode="nearest" if labels else "bilinear",
+                             padding_mode="zeros" if labels else "border")[0, 0]
+    return Volume(data=out, affine=reference.affine.copy(), path=volume.path)
 
 
 # ----------------------------------------------------------------------------- datasets
