@@ -172,6 +172,7 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
              (["--warps", "2"], "options for volumes"),
              (["--no-adam"], "options for volumes"),  # an off switch is given too
+             (["--resample-moving"], "options for volumes"),
              (["--spread-map"], "--spread-map needs --reference"),
              (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model")]
     write_nifti(d / "near.nii.gz", *_box_volume(pair.fixed_mm))
