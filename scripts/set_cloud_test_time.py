@@ -1,7 +1,10 @@
 """Change the stored test-time registration settings of cloud checkpoints (state dicts unchanged).
 
 ``python scripts/set_cloud_test_time.py CKPT_OR_DIR ... [--tta-passes N] [--recentre-passes N]
-[--recentre-candidates K] [--training-box-of DATASET_JSON]``
+[--candidates K] [--recentre-candidates K] [--training-box-of DATASET_JSON]``
+
+``--candidates`` sets the first pass's search size (``lbp.num_candidates``), e.g. to register
+networks trained at the authors' K = 256 with the CPU's K = 64.
 
 ``--training-box-of`` stores the volume box of a keypoint dataset as the frame the networks were
 trained in (:attr:`CloudRegConfig.training_box`), for checkpoints written before it was stored.
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--tta-passes", type=int)
     ap.add_argument("--recentre-passes", type=int)
+    ap.add_argument("--candidates", type=int, help="candidates of the first LBP pass (lbp.num_candidates)")
     ap.add_argument("--recentre-candidates", type=int, help="candidates of each re-centred pass (0 = as the first pass)")
     ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON")
     args = ap.parse_args()
@@ -45,16 +49,23 @@ def main() -> None:
     files = [f for p in args.paths for f in (sorted(p.glob("fold*.pt")) if p.is_dir() else [p])]
     if not files:
         ap.error("no checkpoints found")
+
+    def updated(config: dict) -> CloudRegConfig:
+        cfg = CloudRegConfig.from_dict(config)
+        if args.candidates is not None:
+            cfg = replace(cfg, lbp=replace(cfg.lbp, num_candidates=args.candidates))
+        return replace(cfg, **changes)
+
     loaded = [(f, load_checkpoint(f, kind="cloud")) for f in files]  # all readable before any is written
-    configs = [replace(CloudRegConfig.from_dict(ck["config"]), **changes) for _, ck in loaded]  # all valid first
+    configs = [updated(ck["config"]) for _, ck in loaded]  # all valid first
     summaries = [p / "ensemble.json" for p in args.paths if p.is_dir() and (p / "ensemble.json").is_file()]
     for (f, ck), config in zip(loaded, configs):
         save_checkpoint(f, kind="cloud", config=config, state_dict=ck["state_dict"], extra=ck.get("extra"))
-        print(f"{f}: tta_passes={config.tta_passes} recentre_passes={config.recentre_passes} "
+        print(f"{f}: candidates={config.lbp.num_candidates} tta_passes={config.tta_passes} recentre_passes={config.recentre_passes} "
               f"recentre_candidates={config.recentre_candidates} training_box={config.training_box}")
     for path in summaries:
         info = json.loads(path.read_text())
-        info["config"] = replace(CloudRegConfig.from_dict(info["config"]), **changes)
+        info["config"] = updated(info["config"])
         write_json(path, info)
         print(f"{path}: config updated")
 

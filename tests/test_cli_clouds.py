@@ -486,15 +486,20 @@ def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
         with pytest.raises(ValueError, match="recentre_candidates"):
             mod.main()
         assert load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")["config"] == before["config"]
-        sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "32", "--recentre-passes", "1"]
+        sys.argv = ["x", str(tmp_path / "e"), "--candidates", "0"]
+        with pytest.raises(ValueError, match="num_candidates"):
+            mod.main()
+        assert load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")["config"] == before["config"]
+        sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "32", "--recentre-passes", "1", "--candidates", "24"]
         mod.main()
     finally:
         sys.argv = argv
     for k in (1, 2):
         ck = load_checkpoint(tmp_path / "e" / f"fold{k}.pt", kind="cloud")
         assert ck["config"]["recentre_candidates"] == 32 and ck["config"]["recentre_passes"] == 1
-        assert ck["config"]["ensemble_fusion"] == "joint"
+        assert ck["config"]["lbp"]["num_candidates"] == 24 and ck["config"]["ensemble_fusion"] == "joint"
     after = load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")
     assert all(torch.equal(before["state_dict"][n], after["state_dict"][n]) for n in before["state_dict"])
     info = json.loads((tmp_path / "e" / "ensemble.json").read_text())
     assert info["config"]["recentre_candidates"] == 32 and info["config"]["ensemble_size"] == 2
+    assert info["config"]["lbp"]["num_candidates"] == 24

@@ -63,6 +63,11 @@ class LBPConfig:
     prune_fraction: float = 0.25
 
     def __post_init__(self):
+        for name in ("num_candidates", "graph_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: need at least 1")
+        if self.source_labels is not None and self.source_labels < 1:
+            raise ValueError(f"source_labels={self.source_labels}: need at least 1 (None = all)")
         if not (0 < self.prune_fraction < 1):
             raise ValueError(f"prune_fraction={self.prune_fraction}: need 0 < fraction < 1")
 
