@@ -310,6 +310,8 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "r.json"),
                               "--errors-csv", str(tmp_path / "err.csv")])
     assert res.exit_code == 0, res.output
+    # the result table (7 columns, wider than the 80 a non-terminal gets) hides no digit or unit
+    assert "…" not in res.output and "spread [mm]" in res.output and "p25/p50/p75 after" in res.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["config"]["ensemble_size"] == 2
     # the members' disagreement is reported next to the errors (landmark-free, never used)
@@ -503,3 +505,23 @@ def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
     info = json.loads((tmp_path / "e" / "ensemble.json").read_text())
     assert info["config"]["recentre_candidates"] == 32 and info["config"]["ensemble_size"] == 2
     assert info["config"]["lbp"]["num_candidates"] == 24
+
+
+def test_print_table_shows_every_digit_where_output_is_not_a_terminal():
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cyclereg.console import print_table
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=40)
+    table = Table(title="t")
+    for name in ("TRE before", "a long column header", "p25/p50/p75"):
+        table.add_column(name)
+    table.add_row("13.05", "123456789.123456789", "9.33/13.10/16.64")
+    print_table(console, table)
+    text = buf.getvalue()
+    assert "…" not in text and "123456789.123456789" in text and "9.33/13.10/16.64" in text
+    assert max(len(line) for line in text.splitlines()) > 40 and console.width == 40

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
+from cyclereg.console import print_table
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
                                       registration_box)
@@ -330,6 +331,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
+    from rich.markup import escape
 
     ds = load_keypoint_dataset(dataset)
     for out in (report, errors_csv):
@@ -428,7 +430,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     table = Table(title=f"{ds.name} — {method}")
     for col in ("case", "TRE before [mm]", "TRE after [mm]", "p25/p50/p75 after", "SDlogJ", "time [s]") + \
             (("spread [mm]",) if with_spread else ()):
-        table.add_column(col, justify="right")
+        table.add_column(escape(col), justify="right")  # "[mm]" is a unit, not rich markup
     for c in cases:
         a = c["tre_after_mm"]
         table.add_row(c["id"], f"{c['tre_before_mm']['mean']:.2f}", f"{a['mean']:.2f} ± {a['std']:.2f}",
@@ -439,7 +441,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                   f"{result['mean_sdlogj']:.3f}" if result["mean_sdlogj"] is not None else "-",
                   f"{result['mean_seconds']:.1f}",
                   *((f"{result['member_spread']['mean_at_landmarks_mm']:.2f}",) if with_spread else ()))
-    Console(quiet=quiet).print(table)
+    print_table(Console(quiet=quiet), table)
     write_json(report, result)
     if errors_csv is not None:
         if not with_spread:

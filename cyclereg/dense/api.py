@@ -32,6 +32,7 @@ import torch
 
 from cyclereg import __version__
 from cyclereg.checkpoint import to_jsonable, load_checkpoint, save_checkpoint, write_json
+from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, resample_onto,
                                  resolve_mode, same_grid)
@@ -372,7 +373,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     table.add_row("[bold]mean", f"{result['initial_dice']:.3f}", f"[bold]{result['mean_dice']:.3f}",
                   f"{result['mean_hd95_mm']:.2f}", f"{result['mean_sdlogj']:.3f}", f"{result['mean_std_logj']:.3f}",
                   f"{100 * result['mean_folding_fraction']:.3f}", f"{result['mean_seconds']:.1f}")
-    console.print(table)
+    print_table(console, table)
     return result
 
 

@@ -1,0 +1,30 @@
+"""Printing result tables with rich without hiding digits."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+#: widest a table is measured at when the output is not a terminal [characters]
+MAX_LOG_WIDTH = 400
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table`` so that no cell ends in an ellipsis.
+
+    Where the output is not a terminal (a log file, a pipe, CI), rich would assume 80 columns;
+    the table is printed at its natural width instead (at most :data:`MAX_LOG_WIDTH`). In a
+    terminal narrower than the table, a cell's text folds onto further lines.
+    """
+    for column in table.columns:
+        column.overflow = "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(MAX_LOG_WIDTH)).maximum
+    width = console.width
+    console.width = max(width, min(natural, MAX_LOG_WIDTH))  # print(width=...) cannot exceed it
+    try:
+        console.print(table)
+    finally:
+        console.width = width
