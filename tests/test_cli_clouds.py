@@ -383,9 +383,11 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
 
 
 def test_demo(tmp_path):
-    res = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"])
+    out = tmp_path / "demo[1]"  # brackets in a path are printed, not taken for rich markup
+    res = runner.invoke(app, ["demo", "-o", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    rep = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert str(out) in res.output.replace("\n", "")
+    rep = json.loads((out / "report.json").read_text())
     assert rep["error_after_mm"]["mean"] < 0.5 * rep["error_before_mm"]["mean"]
 
 

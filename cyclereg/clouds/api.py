@@ -459,6 +459,7 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     writes the clouds, the ground truth, the prediction and ``report.json``.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from cyclereg.clouds.synthetic import make_breathing_pair
     from cyclereg.pointio import write_points
@@ -491,5 +492,5 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
              "dx_mm": d[:, 0], "dy_mm": d[:, 1], "dz_mm": d[:, 2],
              "true_dx_mm": t[:, 0], "true_dy_mm": t[:, 1], "true_dz_mm": t[:, 2]}))
         write_json(out / "report.json", result)
-        console.print(f"wrote fixed.csv, moving.csv, displacements.csv, report.json to {out}")
+        console.print(f"wrote fixed.csv, moving.csv, displacements.csv, report.json to {escape(str(out))}")
     return result

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from cyclereg import __version__
 from cyclereg.checkpoint import write_json
@@ -219,6 +220,6 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
             "timings_s": timings,
         })
     if steps.console is not None:
-        steps.console.print(f"{result.voxels.shape[0]} keypoints -> {output} "
+        steps.console.print(f"{result.voxels.shape[0]} keypoints -> {escape(str(output))} "
                             f"[dim](total {timings['total']:.2f} s)[/dim]")
     return result

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from rich.markup import escape
 from torch import nn
 
 from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
@@ -108,7 +109,7 @@ class StageSnapshot:
         step = int(state["step"])
         if progress is not None:
             progress.console.print(f"stage {self.stage}: training resumes after {unit} {step}/{total_steps} "
-                                   f"({self.path})")
+                                   f"({escape(str(self.path))})")
         return step, [float(v) for v in state["losses"]]
 
     def offer(self, step: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
