@@ -50,6 +50,15 @@ def convert_state_dict(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return ours
 
 
+def peer_config(candidates: int = 256, iterations: int = 5, tps: float = 0.1, recentre_passes: int = 0,
+                moving_k: int = 40) -> CloudRegConfig:
+    """cyclereg's registration settings for their test pipeline (defaults: their released test
+    settings, see the module docstring)."""
+    return CloudRegConfig(net=GraphNetConfig(k_moving=moving_k),
+                          lbp=LBPConfig(num_candidates=candidates, iterations=iterations),
+                          tps=TPSConfig(regularisation=tps), recentre_passes=recentre_passes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pattern")
@@ -60,9 +69,7 @@ def main() -> None:
     ap.add_argument("--recentre-passes", type=int, default=0)
     ap.add_argument("--moving-k", type=int, default=40)
     args = ap.parse_args()
-    config = CloudRegConfig(net=GraphNetConfig(k_moving=args.moving_k),
-                            lbp=LBPConfig(num_candidates=args.candidates, iterations=args.iterations),
-                            tps=TPSConfig(regularisation=args.tps), recentre_passes=args.recentre_passes)
+    config = peer_config(args.candidates, args.iterations, args.tps, args.recentre_passes, args.moving_k)
     converted = {}
     for k in FOLDS:  # everything converted and checked before anything is written
         state = convert_state_dict(torch.load(args.pattern.format(k), map_location="cpu", weights_only=True))

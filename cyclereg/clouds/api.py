@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
-from cyclereg.console import print_table
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
                                       registration_box)
+from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file

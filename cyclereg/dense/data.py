@@ -86,7 +86,7 @@ def resample_onto(volume: Volume, reference: Volume, *, labels: bool = False) ->
     (so later messages still name the file that was read).
     """
     src = volume.data[None, None]
-    zero = torch.zeros(1, 3, *reference.shape, dtype=torch.float32)
+    zero = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, *reference.shape)  # a view: no full-size field in memory
     out = warp_between_grids(src if labels else src.float(), volume.affine, zero, reference.affine,
                              mode="nearest" if labels else "bilinear",
                              padding_mode="zeros" if labels else "border")[0, 0]
