@@ -63,6 +63,31 @@ def jacobian_determinant(disp_vox: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> tor
     return det.to(disp_vox.dtype)
 
 
+JACOBIAN_SLAB = 16
+"""Planes along the first axis per piece of :func:`jacobian_map` (bounds its double-precision temporaries)."""
+
+
+def jacobian_map(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -> torch.Tensor:
+    """Jacobian determinant of ``x -> x + u(x)`` at every voxel of the grid, as a volume.
+
+    Args:
+        disp_vox: ``(1, 3, D, H, W)`` displacement in voxels (fixed -> moving), D, H, W >= 3.
+        slab: planes per piece along the first axis (same result for any value).
+    Returns:
+        ``(D, H, W)`` float32: :func:`jacobian_determinant` in the interior, each border voxel
+        the value of its nearest interior voxel. ``J > 1``: the region around ``x`` corresponds
+        to a larger region of the moving scan (for exhale fixed / inhale moving: local
+        inspiration volume ratio); ``J <= 0``: folding.
+    """
+    if disp_vox.ndim != 5 or disp_vox.shape[:2] != (1, 3) or min(disp_vox.shape[2:]) < 3:
+        raise ValueError(f"disp_vox: expected (1, 3, D, H, W) with D, H, W >= 3, got {tuple(disp_vox.shape)}")
+    depth = disp_vox.shape[2]
+    parts = [jacobian_determinant(disp_vox[:, :, start - 1:min(start + slab, depth - 1) + 1])[0].float()
+             for start in range(1, depth - 1, slab)]
+    inner = torch.cat(parts, dim=0)
+    return torch.nn.functional.pad(inner[None, None], (1, 1, 1, 1, 1, 1), mode="replicate")[0, 0]
+
+
 L2R_JACOBIAN_OFFSET = 3.0
 """Learn2Reg's evaluation adds 3 to the Jacobian determinant before the log (kept as is)."""
 

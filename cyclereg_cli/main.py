@@ -207,6 +207,7 @@ def register(
     disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
     spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, how far the members' displacements lie apart (mm)"),
     l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
+    jacobian: bool = typer.Option(False, "--jacobian", help="volumes, clouds with --reference: also write jacobian.nii.gz, the Jacobian determinant of x -> x + u(x) on the fixed grid (> 1: locally larger in the moving scan; <= 0: folding)"),
     resample_moving: bool = typer.Option(False, "--resample-moving", help="volumes: a moving scan (and --moving-labels) on another grid is first resampled onto the fixed grid through world mm"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -222,6 +223,7 @@ def register(
         summary = register_volume_files(
             fixed, moving, out_dir, model=model, seed=seed, moving_labels=moving_labels, warps=warps,
             adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving,
+            jacobian=jacobian,
         )
         typer.echo(summary)
         return
@@ -234,7 +236,8 @@ def register(
                                    spacing=spacing, device=device, recentre_passes=recentre_passes,
                                    tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, reference=reference,
                                    moving_image=moving_image,
-                                   moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map)
+                                   moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map,
+                                   jacobian=jacobian)
     typer.echo(summary)
 
 

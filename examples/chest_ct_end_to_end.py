@@ -41,6 +41,7 @@ from scipy import ndimage as ndi
 
 from cyclereg.frames import ALIGN_CORNERS, mm_disp_to_voxel, voxel_disp_to_mm
 from cyclereg.keypoints.api import detect_keypoints_file
+from cyclereg.metrics import jacobian_map
 from cyclereg.pointio import read_points
 from cyclereg.volumeio import read_nifti, write_nifti
 from cyclereg.warp import sample_at_points, warp
@@ -164,7 +165,7 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     reg_dir = out / "registration"
     cmd = [sys.executable, "-m", "cyclereg_cli.main", "register", str(fixed_kp), str(moving_kp),
            "-o", str(reg_dir), "--model", model, "--device", device,
-           "--reference", str(ct), "--moving-image", str(moving_path)]
+           "--reference", str(ct), "--moving-image", str(moving_path), "--jacobian"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     timings["register_s"] = time.perf_counter() - t
@@ -188,6 +189,12 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     true_dense = u_at(u_c.double(), factor, lung_vox) @ affine[:3, :3].T
     dense_before = true_dense.norm(dim=1).numpy()
     dense_after = (pred_dense - true_dense).norm(dim=1).numpy()
+    # the Jacobian determinant map (local volume ratio) against that of the known field
+    u_full = F.interpolate(u_c, size=tuple(fixed.shape), mode="trilinear", align_corners=ALIGN_CORNERS)
+    jac_true = jacobian_map(u_full)[lung].double()
+    del u_full
+    jac_pred = read_nifti(reg_dir / "jacobian.nii.gz").data[lung].double()
+    jac_corr = float(torch.corrcoef(torch.stack([jac_pred, jac_true]))[0, 1])
     warped = read_nifti(reg_dir / "warped.nii.gz").data
     hu_before = float((fixed.data - moving).abs()[lung].mean())
     hu_after = float((fixed.data - warped).abs()[lung].mean())
@@ -207,6 +214,9 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
         "dense_error_before_mm": {"mean": float(dense_before.mean()), "p90": float(np.percentile(dense_before, 90))},
         "dense_error_after_mm": {"mean": float(dense_after.mean()), "p90": float(np.percentile(dense_after, 90))},
         "lung_mean_abs_hu_difference": {"before": hu_before, "after": hu_after},
+        "lung_jacobian": {"true_mean": float(jac_true.mean()), "true_std": float(jac_true.std()),
+                          "predicted_mean": float(jac_pred.mean()), "predicted_std": float(jac_pred.std()),
+                          "mean_abs_error": float((jac_pred - jac_true).abs().mean()), "pearson": jac_corr},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
@@ -236,6 +246,10 @@ def main(argv=None) -> None:
     db, da, hu = res["dense_error_before_mm"], res["dense_error_after_mm"], res["lung_mean_abs_hu_difference"]
     print(f"dense field over {res['lung_voxels']} lung voxels: mean error before {db['mean']:.2f} mm, after "
           f"{da['mean']:.2f} mm; mean |fixed - moving| in the lungs {hu['before']:.1f} HU -> {hu['after']:.1f} HU warped")
+    j = res["lung_jacobian"]
+    print(f"Jacobian determinant in the lungs: known field {j['true_mean']:.3f} +- {j['true_std']:.3f}, "
+          f"jacobian.nii.gz {j['predicted_mean']:.3f} +- {j['predicted_std']:.3f}; mean |difference| "
+          f"{j['mean_abs_error']:.3f}, Pearson {j['pearson']:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from cyclereg.clouds.api import dataset_box, load_cloud_model
 from cyclereg.clouds.pipeline import register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.metrics import jacobian_map
 from cyclereg.pointio import read_points, write_points
 from cyclereg.volumeio import write_nifti
 from cyclereg.warp import sample_at_points
@@ -155,10 +156,14 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert read_nifti_array(d / "vox" / "warped_labels.nii.gz")[centre] == labels[tuple(q)].item()
     cfg = json.loads((d / "vox" / "config.json").read_text())
     assert cfg["displacement_unit"] == "voxel" and cfg["reference"].endswith("ref.nii.gz")
-    res = runner.invoke(app, [*base, "-o", str(d / "mm"), "--disp-mm"])
+    res = runner.invoke(app, [*base, "-o", str(d / "mm"), "--disp-mm", "--jacobian"])
     assert res.exit_code == 0, res.output
     np.testing.assert_allclose(read_nifti_array(d / "mm" / "displacement.nii.gz"), field * 2.0, atol=1e-4)
     assert not (d / "mm" / "warped.nii.gz").exists()
+    # --jacobian: the determinant map of the same field (voxels), on the reference grid
+    jac = read_nifti_array(d / "mm" / "jacobian.nii.gz")
+    np.testing.assert_allclose(jac, jacobian_map(torch.from_numpy(field).permute(3, 0, 1, 2)[None]).numpy(), atol=1e-5)
+    assert 0.5 < jac.mean() < 2.0
 
 
 def test_register_reference_errors_write_nothing(pair_files):
@@ -174,6 +179,7 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--no-adam"], "options for volumes"),  # an off switch is given too
              (["--resample-moving"], "options for volumes"),
              (["--spread-map"], "--spread-map needs --reference"),
+             (["--jacobian"], "--jacobian needs --reference"),
              (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model")]
     write_nifti(d / "near.nii.gz", *_box_volume(pair.fixed_mm))
     for i, (extra, message) in enumerate(cases):

@@ -17,6 +17,7 @@ from cyclereg.dense.config import DensePipelineConfig
 from cyclereg.dense.network import random_feature_net
 from cyclereg.errors import InputError
 from cyclereg.frames import mm_disp_to_voxel
+from cyclereg.metrics import jacobian_map
 from cyclereg.volumeio import read_nifti
 from cyclereg.warp import warp
 
@@ -86,10 +87,10 @@ def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tm
     moving = tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"
     res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(out), "--model", "random",
                               "--seed", "0", "--moving-labels", str(tiny / "labelsTr" / "Tiny_0002_0000.nii.gz"),
-                              "--l2r-name", "--device", "cpu"])
+                              "--l2r-name", "--jacobian", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     for name in ("displacement.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "config.json",
-                 "disp_0001_0002.nii.gz"):
+                 "disp_0001_0002.nii.gz", "jacobian.nii.gz"):
         assert (out / name).exists(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["outputs"]["displacement"]["units"] == "voxel"
@@ -99,6 +100,9 @@ def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tm
     assert np.allclose(dimg.affine, AFFINE)
     disp = torch.from_numpy(np.asarray(dimg.dataobj)).permute(3, 0, 1, 2)[None].float()
     assert disp.shape == (1, 3, *SHAPE)
+    jac = torch.from_numpy(np.asarray(nib.load(str(out / "jacobian.nii.gz")).dataobj))
+    assert np.allclose(nib.load(str(out / "jacobian.nii.gz")).affine, AFFINE)
+    torch.testing.assert_close(jac, jacobian_map(disp), atol=1e-5, rtol=0)
     mv = read_nifti(moving)
     again = warp(mv.data[None, None], disp)[0, 0]
     saved = torch.from_numpy(np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)).float()

@@ -17,7 +17,7 @@ from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.network import random_feature_net
 from cyclereg.dense.pipeline import pad_to_multiple, predict_displacement, register
 from cyclereg.frames import voxel_coordinates
-from cyclereg.metrics import dice, hd95, jacobian_determinant, sdlogj
+from cyclereg.metrics import dice, hd95, jacobian_determinant, jacobian_map, sdlogj
 from cyclereg.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -128,6 +128,26 @@ def test_jacobian_of_quadratic_field_matches_analytic_det_per_voxel():
     Ja[..., 2, 0], Ja[..., 2, 1], Ja[..., 2, 2] = 0.03 * j, 0.03 * i, 2 * a * k
     expected = torch.linalg.det(Ja + torch.eye(3, dtype=torch.float64))[1:-1, 1:-1, 1:-1]
     torch.testing.assert_close(jacobian_determinant(u)[0], expected, atol=1e-12, rtol=0)
+
+
+def test_jacobian_map_is_the_determinant_everywhere_in_any_slabs():
+    """An affine field's map is det(A) at every voxel, border included; a smooth random field's
+    map is the same for any slab size and equals the interior determinant; bad shapes are refused."""
+    A = torch.tensor([[1.1, 0.2, 0.0], [-0.1, 0.9, 0.15], [0.05, 0.0, 1.2]], dtype=torch.float64)
+    x = voxel_coordinates((8, 9, 10), dtype=torch.float64)
+    u = (x @ (A - torch.eye(3, dtype=torch.float64)).T).permute(3, 0, 1, 2).unsqueeze(0)
+    J = jacobian_map(u, slab=3)
+    assert J.shape == (8, 9, 10) and J.dtype == torch.float32
+    torch.testing.assert_close(J, torch.full_like(J, torch.linalg.det(A).item()), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.avg_pool3d(torch.randn(1, 3, 11, 7, 9, generator=g), 3, 1, 1)
+    whole = jacobian_map(v, slab=100)
+    for slab in (1, 2, 4):
+        torch.testing.assert_close(jacobian_map(v, slab=slab), whole, atol=0, rtol=0)
+    torch.testing.assert_close(whole[1:-1, 1:-1, 1:-1], jacobian_determinant(v)[0], atol=1e-6, rtol=0)
+    assert torch.equal(whole[0], whole[1]) and torch.equal(whole[:, :, -1], whole[:, :, -2])
+    with pytest.raises(ValueError, match="disp_vox"):
+        jacobian_map(v[:, :, :2])
 
 
 def sphere(shape, centre, radius, spacing=(1.0, 1.0, 1.0)):

@@ -18,7 +18,7 @@ from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
-from cyclereg.metrics import spearman, tre_stats
+from cyclereg.metrics import jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp_between_grids
@@ -188,7 +188,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
                          recentre_passes: int | None = None, tta_passes: int | None = None,
                          ensemble_fusion: str | None = None, reference: Path | None = None, moving_image: Path | None = None,
-                         moving_labels: Path | None = None, disp_mm: bool = False, spread_map: bool = False) -> str:
+                         moving_labels: Path | None = None, disp_mm: bool = False, spread_map: bool = False,
+                         jacobian: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``. For an ensemble model both CSV files get a ``spread_mm``
     column: how far (root mean square, mm) the members' displacements lie from their average.
@@ -200,7 +201,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     ``warped.nii.gz``: that image resampled onto the reference grid through the field; with
     ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour). With ``spread_map``
     (needs ``reference`` and an ensemble model) also ``spread.nii.gz``: the members' disagreement
-    (mm) on that grid.
+    (mm) on that grid. With ``jacobian`` (needs ``reference``) also ``jacobian.nii.gz``: the
+    determinant of the Jacobian of the field on that grid (:func:`cyclereg.metrics.jacobian_map`;
+    exhale fixed / inhale moving: the local volume ratio, a ventilation map).
     Everything is read and validated before anything is written.
     """
     for flag, path in (("--moving-image", moving_image), ("--moving-labels", moving_labels)):
@@ -208,6 +211,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
             raise InputError(f"{flag} needs --reference (the grid to warp it onto)", path)
     if spread_map and reference is None:
         raise InputError("--spread-map needs --reference (the grid to write it on)")
+    if jacobian and reference is None:
+        raise InputError("--jacobian needs --reference (the grid to write it on)")
     sp = _parse_spacing(spacing, Path(fixed))
     fixed_mm = read_points(fixed, spacing_mm=sp)
     moving_mm = read_points(moving, spacing_mm=sp)
@@ -260,6 +265,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                                                  field_vox, ref.affine, mode="nearest")[0, 0]
         if spread_map:
             volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
+        if jacobian:
+            volumes["jacobian.nii.gz"] = jacobian_map(field_vox)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():
         atomic_write_text(out_dir / name, text)

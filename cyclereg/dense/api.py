@@ -12,6 +12,9 @@ Outputs of :func:`register_volume_files` (in ``out_dir``):
     the moving image (original intensities) resampled into the fixed grid (trilinear).
 ``warped_labels.nii.gz``
     with ``moving_labels``: the label map warped with nearest-neighbour sampling.
+``jacobian.nii.gz``
+    with ``jacobian=True``: the determinant of the Jacobian of ``x -> x + u(x)`` per fixed
+    voxel (float32, :func:`cyclereg.metrics.jacobian_map`).
 ``disp_FFFF_MMMM.nii.gz``
     with ``l2r_name=True``: the same field in voxels under the Learn2Reg file name.
 ``config.json``
@@ -41,7 +44,7 @@ from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
-from cyclereg.metrics import dice, hd95, sdlogj
+from cyclereg.metrics import dice, hd95, jacobian_map, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp
 
@@ -111,7 +114,8 @@ def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipe
 def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
                           moving_labels: Path | None = None, warps: int | None = None,
                           adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False,
-                          l2r_name: bool = False, device: str = "auto", resample_moving: bool = False) -> str:
+                          l2r_name: bool = False, device: str = "auto", resample_moving: bool = False,
+                          jacobian: bool = False) -> str:
     """Register ``moving`` to ``fixed`` (NIfTI files) and write the outputs listed in the
     module docstring. All inputs are validated before ``out_dir`` is created.
 
@@ -154,6 +158,9 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         wl = warp(lv.data[None, None], disp_cpu, mode="nearest")[0, 0]
         write_nifti(out_dir / "warped_labels.nii.gz", wl, fv.affine)
         written.append("warped_labels.nii.gz")
+    if jacobian:
+        write_nifti(out_dir / "jacobian.nii.gz", jacobian_map(disp_cpu), fv.affine)
+        written.append("jacobian.nii.gz")
     if l2r_name:
         name = f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"
         write_nifti(out_dir / name, disp_cpu[0].permute(1, 2, 3, 0), fv.affine)
