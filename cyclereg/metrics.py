@@ -101,7 +101,15 @@ def sdlogj(disp_vox: torch.Tensor) -> dict[str, float]:
         ``std_logj``: plain ``std(log J)`` over interior voxels with ``J > 0``;
         ``folding_fraction``: fraction of interior voxels with ``J <= 0``.
     """
-    J = jacobian_determinant(disp_vox).double()
+    return determinant_stats(jacobian_determinant(disp_vox))
+
+
+def determinant_stats(J: torch.Tensor) -> dict[str, float]:
+    """:func:`sdlogj`'s figures from interior determinants ``J`` ``(B, D-2, H-2, W-2)``, as
+    :func:`jacobian_determinant` returns them (or the interior ``[1:-1, 1:-1, 1:-1]`` of a
+    :func:`jacobian_map`, which holds the same values), so a caller that has the map need not
+    compute the determinants again."""
+    J = J.double()
     inner = J[:, 1:-1, 1:-1, 1:-1]
     l2r = torch.log((inner + L2R_JACOBIAN_OFFSET).clamp(1e-9, 1e9))
     pos = J[J > 0]

@@ -17,7 +17,7 @@ from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.network import random_feature_net
 from cyclereg.dense.pipeline import pad_to_multiple, predict_displacement, register
 from cyclereg.frames import voxel_coordinates
-from cyclereg.metrics import dice, hd95, jacobian_determinant, jacobian_map, sdlogj
+from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_determinant, jacobian_map, sdlogj
 from cyclereg.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -146,6 +146,7 @@ def test_jacobian_map_is_the_determinant_everywhere_in_any_slabs():
         torch.testing.assert_close(jacobian_map(v, slab=slab), whole, atol=0, rtol=0)
     torch.testing.assert_close(whole[1:-1, 1:-1, 1:-1], jacobian_determinant(v)[0], atol=1e-6, rtol=0)
     assert torch.equal(whole[0], whole[1]) and torch.equal(whole[:, :, -1], whole[:, :, -2])
+    assert determinant_stats(whole[None, 1:-1, 1:-1, 1:-1]) == sdlogj(v)  # the map's interior serves sdlogj
     with pytest.raises(ValueError, match="disp_vox"):
         jacobian_map(v[:, :, :2])
 

@@ -44,7 +44,7 @@ from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
-from cyclereg.metrics import dice, hd95, jacobian_map, sdlogj
+from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp
 
@@ -158,14 +158,15 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         wl = warp(lv.data[None, None], disp_cpu, mode="nearest")[0, 0]
         write_nifti(out_dir / "warped_labels.nii.gz", wl, fv.affine)
         written.append("warped_labels.nii.gz")
+    jac = jacobian_map(disp_cpu)
     if jacobian:
-        write_nifti(out_dir / "jacobian.nii.gz", jacobian_map(disp_cpu), fv.affine)
+        write_nifti(out_dir / "jacobian.nii.gz", jac, fv.affine)
         written.append("jacobian.nii.gz")
     if l2r_name:
         name = f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"
         write_nifti(out_dir / name, disp_cpu[0].permute(1, 2, 3, 0), fv.affine)
         written.append(name)
-    stats = sdlogj(disp_cpu)
+    stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
     write_json(out_dir / "config.json", {
         "cyclereg_version": __version__,
         "config": cfg,
