@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 #: widest a table is measured at when the output is not a terminal [characters]
@@ -10,14 +11,17 @@ MAX_LOG_WIDTH = 400
 
 
 def print_table(console: Console, table: Table) -> None:
-    """Print ``table`` so that no cell ends in an ellipsis.
+    """Print ``table`` so that no cell ends in an ellipsis and no header loses text.
 
     Where the output is not a terminal (a log file, a pipe, CI), rich would assume 80 columns;
     the table is printed at its natural width instead (at most :data:`MAX_LOG_WIDTH`). In a
-    terminal narrower than the table, a cell's text folds onto further lines.
+    terminal narrower than the table, a cell's text folds onto further lines. Header strings
+    are taken literally (a unit such as "[mm]" is not rich markup).
     """
     for column in table.columns:
         column.overflow = "fold"
+        if isinstance(column.header, str):
+            column.header = escape(column.header)
     if console.is_terminal:
         console.print(table)
         return

@@ -338,7 +338,6 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
-    from rich.markup import escape
 
     ds = load_keypoint_dataset(dataset)
     for out in (report, errors_csv):
@@ -437,7 +436,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     table = Table(title=f"{ds.name} — {method}")
     for col in ("case", "TRE before [mm]", "TRE after [mm]", "p25/p50/p75 after", "SDlogJ", "time [s]") + \
             (("spread [mm]",) if with_spread else ()):
-        table.add_column(escape(col), justify="right")  # "[mm]" is a unit, not rich markup
+        table.add_column(col, justify="right")
     for c in cases:
         a = c["tre_after_mm"]
         table.add_row(c["id"], f"{c['tre_before_mm']['mean']:.2f}", f"{a['mean']:.2f} ± {a['std']:.2f}",
