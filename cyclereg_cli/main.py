@@ -89,11 +89,12 @@ FUSION_HELP = ("clouds, ensemble models: override how the members are combined: 
 
 def _refuse_options(options: dict[str, object], scope: str) -> None:
     """Fail if any of ``options`` (flag text -> value; None = not given, so a plain on/off flag
-    passes ``flag or None``) was given: "A, B and C are options for {scope}"."""
-    if any(v is not None for v in options.values()):
-        names = list(options)
+    passes ``flag or None``) was given, naming the given ones: "A is an option for {scope}",
+    "A and B are options for {scope}"."""
+    names = [flag for flag, value in options.items() if value is not None]
+    if names:
         listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
-        _fail(f"{listed} are options for {scope}")
+        _fail(f"{listed} {'are options' if len(names) > 1 else 'is an option'} for {scope}")
 
 
 def _is_volume(path: Path) -> bool:
@@ -209,15 +210,38 @@ def register(
     l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
     jacobian: bool = typer.Option(False, "--jacobian", help="volumes, clouds with --reference: also write jacobian.nii.gz, the Jacobian determinant of x -> x + u(x) on the fixed grid (> 1: locally larger in the moving scan; <= 0: folding)"),
     resample_moving: bool = typer.Option(False, "--resample-moving", help="volumes: a moving scan (and --moving-labels) on another grid is first resampled onto the fixed grid through world mm"),
+    via_keypoints: bool = typer.Option(False, "--via-keypoints", help="volumes: register through the keypoint-cloud path (Foerstner keypoints of both scans, a cloud model); writes the keypoints, the dense field on the fixed grid and the warped moving scan"),
+    lung_mask: bool = typer.Option(False, "--lung-mask", help="volumes with --via-keypoints: keypoints only inside automatic lung masks (chest CT in HU)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Register one fixed/moving pair with a trained (or random) model."""
     if _is_volume(fixed) != _is_volume(moving):
         volume, cloud = (fixed, moving) if _is_volume(fixed) else (moving, fixed)
         _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
+    if not (via_keypoints and _is_volume(fixed)):
+        _refuse_options({"--lung-mask": lung_mask or None}, "volumes registered --via-keypoints")
+    if via_keypoints:
+        if not _is_volume(fixed):
+            _fail(f"--via-keypoints registers two volumes (NIfTI) through their keypoints; {fixed} and {moving} "
+                  "are point clouds already: leave it out")
+        _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
+                         "--resample-moving": resample_moving or None, "--reference": reference,
+                         "--moving-image": moving_image, "--spacing": spacing},
+                        "the dense path or point-cloud files, not --via-keypoints (there the fixed scan is the "
+                        "reference grid and the moving scan the image to warp)")
+        from cyclereg.clouds.api import register_volumes_via_keypoints
+
+        typer.echo(register_volumes_via_keypoints(
+            fixed, moving, out_dir, model=model, seed=seed, lung_mask=lung_mask, query=query, device=device,
+            recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
+            moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian, verbose=True))
+        return
     if _is_volume(fixed):
-        _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--reference": reference,
-                         "--ensemble-fusion": ensemble_fusion, "--moving-image": moving_image, "--spread-map": spread_map or None}, "point clouds, not volumes")
+        _refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
+                        "point-cloud files, not volumes")
+        _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--query": query,
+                         "--ensemble-fusion": ensemble_fusion, "--spread-map": spread_map or None},
+                        "point clouds (or volumes with --via-keypoints), not the dense path")
         from cyclereg.dense.api import register_volume_files
 
         summary = register_volume_files(

@@ -175,9 +175,9 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--moving-labels", str(d / "far.nii.gz")], "--moving-labels needs --reference"),
              (["--reference", str(d / "far.nii.gz")], "lies inside this volume"),
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
-             (["--warps", "2"], "options for volumes"),
-             (["--no-adam"], "options for volumes"),  # an off switch is given too
-             (["--resample-moving"], "options for volumes"),
+             (["--warps", "2"], "for volumes"),
+             (["--no-adam"], "for volumes"),  # an off switch is given too
+             (["--resample-moving"], "for volumes"),
              (["--spread-map"], "--spread-map needs --reference"),
              (["--jacobian"], "--jacobian needs --reference"),
              (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model")]
@@ -187,6 +187,67 @@ def test_register_reference_errors_write_nothing(pair_files):
         assert res.exit_code == 2 and message in res.output, res.output
         assert res.output.strip().count("\n") == 0 and not (d / f"o{i}").exists()
 
+
+
+def _textured_scans(d: Path, shift_mm=(3.0, -1.5, 4.5)):
+    """A smooth random texture on a 1.5 mm grid as the fixed scan, and the same voxels with the
+    origin moved by ``shift_mm`` as the moving scan: fixed world p lies at p + shift in the
+    moving scan, so the true displacement (fixed -> moving) is ``shift_mm`` everywhere."""
+    from scipy import ndimage as ndi
+
+    data = ndi.gaussian_filter(np.random.default_rng(3).standard_normal((56, 56, 44)), 1.5).astype(np.float32) * 1000
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    write_nifti(d / "f.nii.gz", data, affine)
+    moved = affine.copy()
+    moved[:3, 3] = shift_mm
+    write_nifti(d / "m.nii.gz", data, moved)
+    write_nifti(d / "m_lab.nii.gz", (data > 0).astype(np.int16), moved)
+    return data, np.array(shift_mm)
+
+
+def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path):
+    """--via-keypoints: keypoints of both scans, the cloud registration, the field on the fixed
+    grid and the warped scan in one call. Under a pure shift every fixed keypoint's copy is among
+    the denser moving keypoints, and a random network finds the shift exactly; the warped moving
+    scan and labels then equal the fixed ones."""
+    data, shift = _textured_scans(tmp_path)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out),
+                              "--via-keypoints", "--moving-labels", str(tmp_path / "m_lab.nii.gz"), "--disp-mm",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    fixed_kp = read_points(out / "fixed_keypoints.csv")
+    moving_kp = read_points(out / "moving_keypoints.csv")
+    assert moving_kp.shape[0] > 1.5 * fixed_kp.shape[0] > 150  # the moving cloud is denser (NMS 3 mm vs 4 mm)
+    disp = np.loadtxt(out / "displacements.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(disp[:, :3], fixed_kp.numpy(), atol=1e-3)
+    np.testing.assert_allclose(disp[:, 3:6], np.broadcast_to(shift, disp[:, 3:6].shape), atol=1e-3)
+    field = read_nifti_array(out / "displacement.nii.gz")  # world mm with --disp-mm
+    np.testing.assert_allclose(field, np.broadcast_to(shift, field.shape), atol=1e-3)
+    np.testing.assert_allclose(read_nifti_array(out / "warped.nii.gz")[4:-4, 4:-4, 4:-4], data[4:-4, 4:-4, 4:-4],
+                               atol=1e-2)
+    assert (read_nifti_array(out / "warped_labels.nii.gz") == (data > 0)).mean() > 0.99
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["via_keypoints"]["moving"]["nms_radius_mm"] == 3.0 and cfg["displacement_unit"] == "mm"
+    assert cfg["via_keypoints"]["fixed_points"] == fixed_kp.shape[0]
+
+
+def test_register_via_keypoints_errors_write_nothing(pair_files):
+    d, _ = pair_files
+    _textured_scans(d)
+    f, m = str(d / "f.nii.gz"), str(d / "m.nii.gz")
+    cases = [([f, m, "--via-keypoints", "--lung-mask"], "f.nii.gz: the automatic lung mask is empty"),
+             ([f, m, "--via-keypoints", "--warps", "2"], "--warps is an option for the dense path"),
+             ([f, m, "--via-keypoints", "--reference", f], "--reference is an option for the dense path or point-cloud"),
+             ([f, m, "--lung-mask"], "--lung-mask is an option for volumes registered --via-keypoints"),
+             ([f, m, "--tta-passes", "2"], "--tta-passes is an option for point clouds (or volumes with --via-keypoints)"),
+             ([str(d / "f.csv"), str(d / "m.csv"), "--via-keypoints"], "are point clouds already"),
+             ([f, str(d / "nope.nii.gz"), "--via-keypoints"], "nope.nii.gz"),
+             ([f, m, "--via-keypoints", "--model", str(d / "f.csv")], "f.csv")]
+    for i, (args, message) in enumerate(cases):
+        res = runner.invoke(app, ["register", *args, "-o", str(d / f"o{i}"), "--device", "cpu"])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert not (d / f"o{i}").exists()
 
 def test_register_bad_model(pair_files):
     d, _ = pair_files
@@ -243,7 +304,7 @@ def test_evaluate_writes_every_landmark_error(tmp_path):
         assert after.mean() == pytest.approx(case["tre_after_mm"]["mean"], abs=1e-3)
         assert all(int(r[1]) == k + 1 for r in rows[20 * k:20 * (k + 1)])
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "x.json"), "--warps", "2"])
-    assert res.exit_code == 2 and "options for volume datasets" in res.output and not (tmp_path / "x.json").exists()
+    assert res.exit_code == 2 and "--warps is an option for volume datasets" in res.output and not (tmp_path / "x.json").exists()
 
 
 def test_evaluate_outputs_that_cannot_be_written_are_refused_first(tmp_path):

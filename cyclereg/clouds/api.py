@@ -18,6 +18,7 @@ from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
+from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
@@ -222,9 +223,73 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
     if ref is not None:
         _require_points_inside(fixed_mm, ref, fixed)
+    inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
+              "reference": str(reference) if reference else None,
+              "moving_image": str(moving_image) if moving_image else None}
+    return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=(Path(fixed), Path(moving)), inputs=inputs,
+                                      model=model, seed=seed, query_mm=query_mm, device=device,
+                                      recentre_passes=recentre_passes, tta_passes=tta_passes,
+                                      ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
+                                      disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian)
+
+
+def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
+                                   keypoints: PairKeypointConfig = PairKeypointConfig(), lung_mask: bool = False,
+                                   query: Path | None = None, device: str = "auto",
+                                   recentre_passes: int | None = None, tta_passes: int | None = None,
+                                   ensemble_fusion: str | None = None, moving_labels: Path | None = None,
+                                   disp_mm: bool = False, spread_map: bool = False, jacobian: bool = False,
+                                   verbose: bool = False) -> str:
+    """Register two scans through the keypoint-cloud path in one call: Foerstner keypoints of
+    both (:func:`cyclereg.keypoints.detect_keypoints`, within automatic lung masks with
+    ``lung_mask``; the moving cloud denser, see :class:`PairKeypointConfig`), then
+    :func:`register_cloud_files`'s registration with the fixed scan as the reference grid and
+    the moving scan (any grid of its own, the same world frame) as the image to warp.
+
+    Writes into ``out_dir``: ``fixed_keypoints.csv`` and ``moving_keypoints.csv`` (world mm),
+    ``displacements.csv`` (at the fixed keypoints), ``displacement.nii.gz`` (the TPS field on the
+    fixed grid, voxels; world mm with ``disp_mm``), ``warped.nii.gz`` (the moving scan on the
+    fixed grid), and, as in :func:`register_cloud_files`, ``query_displacements.csv``,
+    ``warped_labels.nii.gz``, ``spread.nii.gz``, ``jacobian.nii.gz`` on request, and
+    ``config.json`` (with both keypoint configurations and counts). Nothing is written when a
+    scan, a mask or the model is bad (:class:`InputError`, naming the file).
+    """
+    from cyclereg.keypoints.api import detect_keypoints  # noqa: PLC0415  (imports the lung-mask code)
+
+    query_mm = read_points(query) if query is not None else None
+    ref = read_nifti(fixed)
+    mov_img = read_nifti(moving)
+    mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
+    kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose)
+    kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose)
+    fixed_mm, moving_mm = kp_fixed.points_mm.float(), kp_moving.points_mm.float()
+    inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
+              "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,
+                                "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0])}}
+    extra = {"fixed_keypoints.csv": _points_csv(fixed_mm), "moving_keypoints.csv": _points_csv(moving_mm)}
+    return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=(Path(fixed), Path(moving)), inputs=inputs,
+                                      model=model, seed=seed, query_mm=query_mm, device=device,
+                                      recentre_passes=recentre_passes, tta_passes=tta_passes,
+                                      ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
+                                      disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian, extra_outputs=extra)
+
+
+def _points_csv(points_mm: torch.Tensor) -> str:
+    return format_csv({"x_mm": points_mm[:, 0], "y_mm": points_mm[:, 1], "z_mm": points_mm[:, 2]})
+
+
+def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, out_dir: Path, *,
+                               sources: tuple[Path, Path], inputs: dict, model: str, seed: int,
+                               query_mm: torch.Tensor | None, device: str, recentre_passes: int | None,
+                               tta_passes: int | None, ensemble_fusion: str | None, ref: Volume | None,
+                               mov_img: Volume | None, mov_lab: Volume | None, disp_mm: bool, spread_map: bool,
+                               jacobian: bool, extra_outputs: dict[str, str] | None = None) -> str:
+    """The part of ``register`` after the inputs are read: validate, register ``(N, 3)`` fixed to
+    ``(M, 3)`` moving points (world mm), and write the outputs (see :func:`register_cloud_files`)
+    plus ``extra_outputs`` (file name -> text), ``config.json`` = ``inputs`` + the resolved run."""
     for vol in (mov_img, mov_lab):
         if vol is not None:
-            _require_points_inside(moving_mm, vol, moving)
+            _require_points_inside(moving_mm, vol, sources[1])
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a directory", out_dir)
@@ -243,7 +308,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     spread = reg.spread_mm
     if spread is not None:  # an ensemble: how much its members disagree at each point
         cols["spread_mm"] = spread.cpu()
-    outputs = {"displacements.csv": format_csv(cols)}
+    outputs = {**(extra_outputs or {}), "displacements.csv": format_csv(cols)}
     spline = reg.spline()
     if query_mm is not None:
         q = reg.at(query_mm.to(dev), spline).cpu()
@@ -272,11 +337,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         atomic_write_text(out_dir / name, text)
     for name, data in volumes.items():
         write_nifti(out_dir / name, data, ref.affine)
-    write_json(out_dir / "config.json", {"command": "register", "fixed": str(fixed), "moving": str(moving),
-                                         "model": str(model), "seed": seed, "device": str(dev),
-                                         "reference": str(reference) if reference else None,
-                                         "moving_image": str(moving_image) if moving_image else None,
-                                         "moving_labels": str(moving_labels) if moving_labels else None,
+    write_json(out_dir / "config.json", {**inputs, "device": str(dev),
+                                         "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
                                          "seconds": seconds})

@@ -115,6 +115,27 @@ class FoerstnerConfig:
                      for s, r in zip(self.sigma_voxels(spacing_mm), self.nms_radius_voxels(spacing_mm)))  # type: ignore[return-value]
 
 
+
+MOVING_NMS_RADIUS_MM = 3.0
+"""NMS half-width for the moving scan when a pair is registered through keypoints. A smaller box
+than :data:`DEFAULT_NMS_RADIUS_MM` gives the moving scan about twice the fixed scan's points, as
+in the paper (about 1k exhale / 2k inhale keypoints), so that a fixed point's candidates
+include points close to its true match (chest CT walk-through, docs/benchmarks.md: 1440 fixed
+points with 4 mm, 1895 moving points with 3 mm)."""
+
+
+@dataclass(frozen=True)
+class PairKeypointConfig:
+    """Detector parameters for the two scans of a pair registered through keypoints.
+
+    Attributes:
+        fixed: parameters for the fixed scan (defaults of :class:`FoerstnerConfig`).
+        moving: parameters for the moving scan (NMS half-width :data:`MOVING_NMS_RADIUS_MM`).
+    """
+
+    fixed: FoerstnerConfig = FoerstnerConfig()
+    moving: FoerstnerConfig = FoerstnerConfig(nms_radius_mm=MOVING_NMS_RADIUS_MM)
+
 # ----------------------------------------------------------------------------- filters
 def _gauss_radius(sigma_vox: float) -> int:
     return max(1, int(math.ceil(GAUSSIAN_TRUNCATE * sigma_vox)))
