@@ -15,7 +15,7 @@ from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.datasets import load_keypoint_dataset
 from cyclereg.metrics import jacobian_map
 from cyclereg.pointio import read_points, write_points
-from cyclereg.volumeio import write_nifti
+from cyclereg.volumeio import read_nifti, write_nifti
 from cyclereg.warp import sample_at_points
 from cyclereg_cli.main import app
 
@@ -243,7 +243,14 @@ def test_register_via_keypoints_errors_write_nothing(pair_files):
              ([f, m, "--tta-passes", "2"], "--tta-passes is an option for point clouds (or volumes with --via-keypoints)"),
              ([str(d / "f.csv"), str(d / "m.csv"), "--via-keypoints"], "are point clouds already"),
              ([f, str(d / "nope.nii.gz"), "--via-keypoints"], "nope.nii.gz"),
-             ([f, m, "--via-keypoints", "--model", str(d / "f.csv")], "f.csv")]
+             ([f, m, "--via-keypoints", "--model", str(d / "f.csv")], "f.csv"),
+             ([f, str(d / "far.nii.gz"), "--via-keypoints"], "far.nii.gz: its points do not overlap those of"),
+             ([str(d / "f.csv"), str(d / "far.csv")], "far.csv: its points do not overlap those of")]
+    far = read_nifti(d / "m.nii.gz")
+    far_affine = far.affine.copy()
+    far_affine[:3, 3] += (0.0, 0.0, 1000.0)  # the same scan in another world frame
+    write_nifti(d / "far.nii.gz", far.data, far_affine)
+    write_points(d / "far.csv", read_points(d / "m.csv") + torch.tensor([500.0, 0.0, 0.0]))
     for i, (args, message) in enumerate(cases):
         res = runner.invoke(app, ["register", *args, "-o", str(d / f"o{i}"), "--device", "cpu"])
         assert res.exit_code == 2 and message in res.output, (args, res.output)

@@ -290,6 +290,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     for vol in (mov_img, mov_lab):
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
+    _require_overlap(fixed_mm, moving_mm, sources)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a directory", out_dir)
@@ -347,6 +348,20 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     disagreement = "" if spread is None else f", members disagree by {spread.mean().item():.2f} mm on average"
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
             f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}")
+
+
+def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: tuple[Path, Path]) -> None:
+    """Refuse two clouds whose bounding boxes are disjoint along some world axis: the pair is not in
+    one world frame (or not pre-aligned), and a candidate search among the nearest moving points
+    cannot find a match for any fixed point."""
+    f_lo, f_hi = fixed_mm.min(0).values, fixed_mm.max(0).values
+    m_lo, m_hi = moving_mm.min(0).values, moving_mm.max(0).values
+    apart = (m_lo > f_hi) | (f_lo > m_hi)
+    if bool(apart.any()):
+        a = int(apart.nonzero()[0])
+        raise InputError(f"its points do not overlap those of {sources[0]} along world {'xyz'[a]} "
+                         f"(fixed {f_lo[a]:.1f}..{f_hi[a]:.1f} mm, moving {m_lo[a]:.1f}..{m_hi[a]:.1f} mm): "
+                         "are both in the same world frame and pre-aligned?", sources[1])
 
 
 def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:

@@ -137,7 +137,7 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
         except ValueError as exc:
             raise InputError(str(exc), mask_where if "mask" in str(exc) else where) from None
     if kp.voxels.shape[0] == 0:
-        raise InputError("no keypoint found (lower --threshold or check the mask)", where)
+        raise InputError("no keypoint found (a flat image? lower the detector threshold or check the mask)", where)
     points_mm = voxel_to_world(kp.voxels.double(), torch.from_numpy(volume.affine))
     return KeypointResult(points_mm=points_mm, voxels=kp.voxels, scores=kp.scores, mask=mask,
                           candidates=kp.candidates, timings_s=steps.timings)
