@@ -260,8 +260,10 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     ref = read_nifti(fixed)
     mov_img = read_nifti(moving)
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
-    kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose)
-    kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose)
+    kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose,
+                                label="fixed scan: ")
+    kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose,
+                                 label="moving scan: ")
     fixed_mm, moving_mm = kp_fixed.points_mm.float(), kp_moving.points_mm.float()
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
               "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,

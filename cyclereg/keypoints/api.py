@@ -98,7 +98,7 @@ class _Steps:
 def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None = None, lung_mask: bool = False,
                      config: FoerstnerConfig = FoerstnerConfig(), lung_config: LungMaskConfig = LungMaskConfig(),
                      device: str | torch.device = "auto", verbose: bool = False,
-                     mask_source: str | Path | None = None) -> KeypointResult:
+                     mask_source: str | Path | None = None, label: str = "") -> KeypointResult:
     """Foerstner keypoints of a volume, restricted to ``mask`` or to an automatic lung mask.
 
     Args:
@@ -110,6 +110,7 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
         device: where the detector runs (``auto``/``cpu``/``cuda``); the lung mask is
             computed on the CPU (scipy).
         mask_source: file the mask came from, named in errors about the mask.
+        label: prefix of the step names shown with ``verbose`` (e.g. ``"fixed scan: "``).
     Raises:
         InputError: empty mask, mask of another shape, or no keypoint found.
     """
@@ -120,7 +121,7 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
     where = volume.path
     mask_where = mask_source if mask_source is not None else where
     if lung_mask:
-        with steps("lung mask"):
+        with steps(f"{label}lung mask"):
             mask = compute_lung_mask(volume.data.numpy(), volume.affine, lung_config)
         if not mask.any():
             raise InputError("the automatic lung mask is empty (is this a chest CT in HU?)", where)
@@ -130,7 +131,7 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
             raise InputError(f"mask shape {mask.shape} differs from the volume shape {volume.shape}", mask_where)
         if not mask.any():
             raise InputError("the mask is empty", mask_where)
-    with steps(f"Foerstner keypoints ({dev.type})"):
+    with steps(f"{label}Foerstner keypoints ({dev.type})"):
         try:
             kp = foerstner_keypoints(volume.data.to(dev), volume.spacing,
                                      None if mask is None else torch.from_numpy(mask).to(dev), config)
