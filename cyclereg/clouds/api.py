@@ -416,7 +416,6 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     """
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     ds = load_keypoint_dataset(dataset)
     for out in (report, errors_csv):
@@ -428,20 +427,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             raise InputError(f"pair {p.id} has no landmarks to evaluate", dataset)
     dev = resolve_device(device)
     box = dataset_box(ds)
-    models: dict[int | None, tuple] = {}
-    if run is not None:
-        if not ds.folds:
-            raise InputError("--run needs a dataset with folds", dataset)
-        for p in pairs:
-            k = ds.fold_of(p.id)
-            if k is None:
-                raise InputError(f"pair {p.id} is in no fold", dataset)
-            if k not in models:
-                models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=dev, recentre_passes=recentre_passes,
-                                             tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
-    elif model is not None:
-        models[None] = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes,
-                                        tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
+    overrides = dict(recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
+    models = _evaluation_models(ds, pairs, dataset, run=run, stage=stage, model=model, seed=seed, device=dev,
+                                overrides=overrides)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
@@ -449,52 +437,16 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("registering pairs", total=len(pairs))
         for p in pairs:
-            fixed = read_points(p.fixed_keypoints).to(dev)
-            moving = read_points(p.moving_keypoints).to(dev)
-            lm_f = read_points(p.fixed_landmarks).to(dev)
-            lm_m = read_points(p.moving_landmarks).to(dev)
-            if lm_f.shape != lm_m.shape:
-                raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
             fold = ds.fold_of(p.id)
             net, config = models.get(fold if run is not None else None, (None, default_config))
-            t0 = time.perf_counter()
-            reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box)
-            spline = reg.spline()
-            u_lm = reg.at(lm_f, spline)
-            seconds = time.perf_counter() - t0
-            before = (lm_f - lm_m).norm(dim=1).cpu()
-            after = (lm_f + u_lm - lm_m).norm(dim=1).cpu()
-            n_lm = before.shape[0]
-            rows["pair"] += [p.id] * n_lm
-            rows["fold"] += [fold or 0] * n_lm
-            rows["landmark"] += list(range(n_lm))
-            rows["before_mm"] += before.tolist()
-            rows["after_mm"] += after.tolist()
-            case = {"id": p.id, "fold": fold, "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
-                    "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
-                    "seconds": seconds}
-            spread_lm = reg.spread_at(lm_f)  # ensembles only; not part of the registration time
-            if spread_lm is not None:
-                spread_lm = spread_lm.cpu()
-                rows["spread_mm"] += spread_lm.tolist()
-                case["member_spread_mm"] = {"keypoints": tre_stats(reg.spread_mm.cpu()),
-                                            "landmarks": tre_stats(spread_lm)}
-                case["spread_tre_spearman"] = spearman(spread_lm, after)
-            if smoothness and net is None:
-                # zero field: J = 1 everywhere, so every spread is exactly 0
-                case.update({"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0})
-            elif smoothness and ds.volume_shape_zyx and ds.spacing_zyx_mm:
-                case.update(field_smoothness(reg, ds.volume_shape_zyx, ds.spacing_zyx_mm))
-            cases.append(case)
+            cases.append(_evaluate_pair(p, fold, net, config, box=box, ds=ds, device=dev, smoothness=smoothness,
+                                        rows=rows))
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
                                           if run is not None else f"model:{model}")
     if not identity:
-        for name, value in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes),
-                            ("ensemble_fusion", ensemble_fusion)):
-            if value is not None:
-                method += f" ({name}={value})"
+        method += "".join(f" ({name}={value})" for name, value in overrides.items() if value is not None)
     result = {
         "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
@@ -511,8 +463,82 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             "spearman_cases": spearman(torch.tensor([c["member_spread_mm"]["landmarks"]["mean"] for c in cases]),
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
-    with_spread = "member_spread" in result
-    table = Table(title=f"{ds.name} — {method}")
+    print_table(Console(quiet=quiet), _tre_table(f"{ds.name} — {method}", result))
+    write_json(report, result)
+    if errors_csv is not None:
+        if "member_spread" not in result:
+            del rows["spread_mm"]
+        lines = [",".join(rows)] + [",".join([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)])
+                                    for pid, fold, i, *values in zip(*rows.values())]
+        atomic_write_text(errors_csv, "\n".join(lines) + "\n")
+    return result
+
+
+def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: Path | None, stage: int | None,
+                       model: str | None, seed: int, device, overrides: dict) -> dict[int | None, tuple]:
+    """The models ``evaluate`` registers with: ``{fold: (net, config)}`` for the folds of ``pairs``
+    with ``run``, ``{None: (net, config)}`` with ``model``, ``{}`` for the identity."""
+    models: dict[int | None, tuple] = {}
+    if run is not None:
+        if not ds.folds:
+            raise InputError("--run needs a dataset with folds", dataset)
+        for p in pairs:
+            k = ds.fold_of(p.id)
+            if k is None:
+                raise InputError(f"pair {p.id} is in no fold", dataset)
+            if k not in models:
+                models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=device, **overrides)
+    elif model is not None:
+        models[None] = load_cloud_model(model, seed=seed, device=device, **overrides)
+    return models
+
+
+def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
+                   device, smoothness: bool, rows: dict[str, list]) -> dict:
+    """Register one pair (``net=None``: the identity) and measure it at its landmarks: the case
+    record of the report; every landmark's errors are appended to ``rows`` (the errors CSV)."""
+    fixed = read_points(p.fixed_keypoints).to(device)
+    moving = read_points(p.moving_keypoints).to(device)
+    lm_f = read_points(p.fixed_landmarks).to(device)
+    lm_m = read_points(p.moving_landmarks).to(device)
+    if lm_f.shape != lm_m.shape:
+        raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
+    t0 = time.perf_counter()
+    reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box)
+    spline = reg.spline()
+    u_lm = reg.at(lm_f, spline)
+    seconds = time.perf_counter() - t0
+    before = (lm_f - lm_m).norm(dim=1).cpu()
+    after = (lm_f + u_lm - lm_m).norm(dim=1).cpu()
+    n_lm = before.shape[0]
+    rows["pair"] += [p.id] * n_lm
+    rows["fold"] += [fold or 0] * n_lm
+    rows["landmark"] += list(range(n_lm))
+    rows["before_mm"] += before.tolist()
+    rows["after_mm"] += after.tolist()
+    case = {"id": p.id, "fold": fold, "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
+            "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
+            "seconds": seconds}
+    spread_lm = reg.spread_at(lm_f)  # ensembles only; not part of the registration time
+    if spread_lm is not None:
+        spread_lm = spread_lm.cpu()
+        rows["spread_mm"] += spread_lm.tolist()
+        case["member_spread_mm"] = {"keypoints": tre_stats(reg.spread_mm.cpu()), "landmarks": tre_stats(spread_lm)}
+        case["spread_tre_spearman"] = spearman(spread_lm, after)
+    if smoothness and net is None:
+        # zero field: J = 1 everywhere, so every spread is exactly 0
+        case.update({"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0})
+    elif smoothness and ds.volume_shape_zyx and ds.spacing_zyx_mm:
+        case.update(field_smoothness(reg, ds.volume_shape_zyx, ds.spacing_zyx_mm))
+    return case
+
+
+def _tre_table(title: str, result: dict):
+    """The per-case rich table of an ``evaluate`` report (with a spread column for ensembles)."""
+    from rich.table import Table
+
+    cases, with_spread = result["cases"], "member_spread" in result
+    table = Table(title=title)
     for col in ("case", "TRE before [mm]", "TRE after [mm]", "p25/p50/p75 after", "SDlogJ", "time [s]") + \
             (("spread [mm]",) if with_spread else ()):
         table.add_column(col, justify="right")
@@ -526,15 +552,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                   f"{result['mean_sdlogj']:.3f}" if result["mean_sdlogj"] is not None else "-",
                   f"{result['mean_seconds']:.1f}",
                   *((f"{result['member_spread']['mean_at_landmarks_mm']:.2f}",) if with_spread else ()))
-    print_table(Console(quiet=quiet), table)
-    write_json(report, result)
-    if errors_csv is not None:
-        if not with_spread:
-            del rows["spread_mm"]
-        lines = [",".join(rows)] + [",".join([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)])
-                                    for pid, fold, i, *values in zip(*rows.values())]
-        atomic_write_text(errors_csv, "\n".join(lines) + "\n")
-    return result
+    return table
 
 
 def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto") -> dict:
