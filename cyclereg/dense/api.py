@@ -270,7 +270,6 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
 
     console = console or Console(stderr=True)
     if run is not None:
@@ -299,21 +298,12 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         net, cfg, info = load_model(model, seed, dev)
         cfg = _pipeline_config(cfg, warps, adam, ic)
 
-    records = []
     overlay = None
     report = Path(report)
+    records = []
     if resume and report.is_file():
-        try:
-            old = json.loads(report.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise InputError("cannot resume: the existing report is unreadable", report) from None
-        same = (old.get("dataset") == str(dataset) and old.get("method") == to_jsonable(info)
-                and old.get("both_directions") == both_directions
-                and old.get("config") == to_jsonable(cfg if cfg is not None else None))
-        if not same:
-            raise InputError("cannot resume: the existing report is for another dataset, model or configuration", report)
-        wanted = {p.id for p in pairs}
-        records = [r for r in old.get("pairs", []) if r["id"] in wanted]
+        records = _resumed_records(report, pairs, {"dataset": str(dataset), "method": info,
+                                                   "both_directions": both_directions, "config": cfg})
         done = {r["id"] for r in records}
         pairs = [p for p in pairs if p.id not in done]
 
@@ -371,18 +361,39 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         if overlay is not None:
             _plot_overlay(report.with_name(report.stem + "_overlay.png"), *overlay)
 
-    table = Table(title=f"{ds.name}: {len(records)} pairs ({info.get('model')})")
+    print_table(console, _dice_table(f"{ds.name}: {len(records)} pairs ({info.get('model')})", result))
+    return result
+
+
+def _resumed_records(report: Path, pairs: list, run: dict) -> list[dict]:
+    """The finished pair records of an unfinished report at ``report``, for the pairs still wanted;
+    :class:`InputError` when it is unreadable or was made by another run (``run``: its dataset,
+    method, both_directions and config, compared in their JSON form)."""
+    try:
+        old = json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise InputError("cannot resume: the existing report is unreadable", report) from None
+    if any(old.get(key) != to_jsonable(value) for key, value in run.items()):
+        raise InputError("cannot resume: the existing report is for another dataset, model or configuration", report)
+    wanted = {p.id for p in pairs}
+    return [r for r in old.get("pairs", []) if r["id"] in wanted]
+
+
+def _dice_table(title: str, result: dict):
+    """The per-pair rich table of a volume ``evaluate`` report, with the means as the last row."""
+    from rich.table import Table
+
+    table = Table(title=title)
     for col in ("pair", "Dice init", "Dice", "HD95 mm", "SDlogJ", "std logJ", "J<=0 %", "s"):
         table.add_column(col, justify="right")
-    for r in records:
+    for r in result["pairs"]:
         table.add_row(r["id"], f"{r['initial_dice']:.3f}", f"{r['dice']:.3f}", f"{r['hd95_mm']:.2f}",
                       f"{r['sdlogj']:.3f}", f"{r['std_logj']:.3f}", f"{100 * r['folding_fraction']:.3f}",
                       f"{r['seconds']:.1f}")
     table.add_row("[bold]mean", f"{result['initial_dice']:.3f}", f"[bold]{result['mean_dice']:.3f}",
                   f"{result['mean_hd95_mm']:.2f}", f"{result['mean_sdlogj']:.3f}", f"{result['mean_std_logj']:.3f}",
                   f"{100 * result['mean_folding_fraction']:.3f}", f"{result['mean_seconds']:.1f}")
-    print_table(console, table)
-    return result
+    return table
 
 
 def _cpu_model() -> str:
