@@ -25,6 +25,16 @@ def read_json(path: str | Path) -> dict:
     return obj
 
 
+def require_pair_ids(ids: list[str], path: Path, what: str) -> None:
+    """:class:`InputError` naming ``path`` when ``ids`` is empty ("no pairs in {what}") or lists an
+    id twice."""
+    if not ids:
+        raise InputError(f"no pairs in {what}", path)
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"pair id {dup[0]!r} is listed more than once", path)
+
+
 def dataset_kind(path: str | Path) -> str:
     """``"keypoints"`` for a keypoint-cloud dataset, ``"volumes"`` for a Learn2Reg dataset."""
     obj = read_json(path)
@@ -94,12 +104,8 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
             ))
         except (KeyError, TypeError):
             raise InputError(f"pair {n} needs id, fixed_keypoints and moving_keypoints", p) from None
-    if not pairs:
-        raise InputError("no pairs in dataset", p)
     ids = [q.id for q in pairs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise InputError(f"pair id {dup[0]!r} is listed more than once", p)
+    require_pair_ids(ids, p, "dataset")
     folds: list[tuple[str, ...]] = []
     held: dict[str, int] = {}
     for k, f in enumerate(obj.get("folds", []) or [], start=1):

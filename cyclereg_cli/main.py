@@ -105,27 +105,46 @@ def _is_volume(path: Path) -> bool:
 @app.command()
 @cli_errors
 def keypoints(
-    ct: Path = typer.Argument(..., help="CT volume (NIfTI)"),
-    output: Path = typer.Option(..., "-o", "--output", help="output point file"),
+    ct: Optional[Path] = typer.Argument(None, help="CT volume (NIfTI); or give --pairs instead"),
+    output: Path = typer.Option(..., "-o", "--output", help="output point file (with --pairs: output directory)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="restrict keypoints to this mask (NIfTI)"),
     lung_mask: bool = typer.Option(False, "--lung-mask", help="compute an automatic lung mask and restrict keypoints to it"),
     save_mask: Optional[Path] = typer.Option(None, "--save-mask", help="write the automatic lung mask here (NIfTI)"),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian scale of the structure tensor, mm (default 1.5)"),
-    nms_radius: Optional[float] = typer.Option(None, "--nms-radius", help="non-maximum suppression half-width, mm (default 4)"),
+    nms_radius: Optional[float] = typer.Option(None, "--nms-radius", help="non-maximum suppression half-width, mm (default 4; with --pairs: of the fixed scans)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="keep maxima with distinctiveness >= T x its 99.9th percentile in the mask (default 0.01)"),
     max_points: Optional[int] = typer.Option(None, "--max-points", help="keep at most this many strongest points (default 3000; 0: no limit)"),
     fmt: str = typer.Option("csv", "--format", help="csv (world mm) | l2r (headerless voxel-index CSV) | ply | pcd | npy"),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV with columns id,fixed,moving[,fixed_landmarks,moving_landmarks] (paths relative to it): keypoints of every scan and a dataset.json in --output, ready for pretrain-random/cycle/evaluate"),
+    moving_nms_radius: Optional[float] = typer.Option(None, "--moving-nms-radius", help="with --pairs: NMS half-width of the moving scans, mm (default 3: about twice the fixed scans' points, as in the paper)"),
+    folds: Optional[int] = typer.Option(None, "--folds", help="with --pairs: split the pairs into this many cross-validation folds (consecutive rows)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Foerstner keypoints (with non-maximum suppression) from a CT volume.
 
-    Writes OUTPUT and the resolved configuration OUTPUT.config.json.
+    Writes OUTPUT and the resolved configuration OUTPUT.config.json. With --pairs: the keypoints of
+    every listed scan pair and a keypoint dataset (OUTPUT/dataset.json) over them.
     """
-    from cyclereg.keypoints.api import detect_keypoints_file
-    detect_keypoints_file(
-        ct, output, mask=mask, lung_mask=lung_mask, save_mask=save_mask, sigma_mm=sigma,
-        nms_radius_mm=nms_radius, threshold=threshold, max_points=max_points, fmt=fmt, device=device,
-    )
+    if pairs is None:
+        if ct is None:
+            _fail("give a CT volume, or --pairs PAIRS.csv")
+        _refuse_options({"--moving-nms-radius": moving_nms_radius, "--folds": folds}, "--pairs")
+        from cyclereg.keypoints.api import detect_keypoints_file
+        detect_keypoints_file(
+            ct, output, mask=mask, lung_mask=lung_mask, save_mask=save_mask, sigma_mm=sigma,
+            nms_radius_mm=nms_radius, threshold=threshold, max_points=max_points, fmt=fmt, device=device,
+        )
+        return
+    if ct is not None:
+        _fail(f"give a CT volume or --pairs, not both ({ct} and {pairs})")
+    _refuse_options({"--mask": mask, "--save-mask": save_mask, "--format": None if fmt == "csv" else fmt},
+                    "one CT volume, not --pairs")
+    from cyclereg.keypoints.api import build_keypoint_dataset, pair_keypoint_config
+
+    config = pair_keypoint_config(sigma_mm=sigma, nms_radius_mm=nms_radius, moving_nms_radius_mm=moving_nms_radius,
+                                  threshold=threshold, max_points=max_points)
+    path = build_keypoint_dataset(pairs, output, lung_mask=lung_mask, keypoints=config, folds=folds, device=device)
+    typer.echo(f"wrote {path} (keypoints in {path.parent / 'keypoints'})")
 
 
 @app.command("pretrain-random")

@@ -204,6 +204,70 @@ def test_cli_errors(tmp_path):
     assert res.exit_code == 2 and set(tmp_path.iterdir()) == before
 
 
+
+def _scan_pairs(tmp_path: Path) -> Path:
+    """Three textured scans, a pairs CSV over them (in a subfolder, so paths are relative to it)
+    and row-aligned landmark files for the first pair."""
+    for i in range(3):
+        save_nifti(tmp_path / f"s{i}.nii.gz", texture((30, 28, 24), seed=10 + i) * 100, spacing=(1.5, 1.5, 2.0))
+    np.savetxt(tmp_path / "lm_f.csv", np.ones((5, 3)), delimiter=",", header="x_mm,y_mm,z_mm", comments="")
+    np.savetxt(tmp_path / "lm_m.csv", np.ones((5, 3)), delimiter=",", header="x_mm,y_mm,z_mm", comments="")
+    (tmp_path / "lists").mkdir()
+    csv = tmp_path / "lists" / "pairs.csv"
+    csv.write_text("id,fixed,moving,fixed_landmarks,moving_landmarks\n"
+                   "a,../s0.nii.gz,../s1.nii.gz,../lm_f.csv,../lm_m.csv\n"
+                   "b,../s1.nii.gz,../s2.nii.gz,,\n"
+                   "c,../s2.nii.gz,../s0.nii.gz,,\n")
+    return csv
+
+
+def test_cli_pairs_builds_a_keypoint_dataset(tmp_path):
+    """--pairs: every scan's keypoints (the moving scans' with the smaller NMS box) and a dataset
+    JSON that the training and evaluation commands read, with folds and the landmark files."""
+    from cyclereg.datasets import load_keypoint_dataset
+    from cyclereg.keypoints.api import detect_keypoints
+    from cyclereg.volumeio import read_nifti
+
+    csv = _scan_pairs(tmp_path)
+    res = _run("--pairs", csv, "-o", tmp_path / "ds", "--folds", "2", "--nms-radius", "3.5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    ds = load_keypoint_dataset(tmp_path / "ds" / "dataset.json")
+    assert [q.id for q in ds.pairs] == ["a", "b", "c"] and ds.folds == (("a", "b"), ("c",))
+    a, b = ds.pair("a"), ds.pair("b")
+    assert a.fixed_landmarks.resolve() == (tmp_path / "lm_f.csv").resolve() and b.fixed_landmarks is None
+    # each file holds exactly what the detector gives for that scan with the documented settings
+    for q, fixed, moving in ((a, "s0", "s1"), (b, "s1", "s2")):
+        for path, scan, radius in ((q.fixed_keypoints, fixed, 3.5), (q.moving_keypoints, moving, 3.0)):
+            want = detect_keypoints(read_nifti(tmp_path / f"{scan}.nii.gz"),
+                                    config=FoerstnerConfig(nms_radius_mm=radius), device="cpu").points_mm
+            np.testing.assert_allclose(read_points(path).numpy(), want.numpy(), atol=1e-3)
+    assert read_points(a.moving_keypoints).shape[0] > read_points(a.fixed_keypoints).shape[0]
+    cfg = json.loads(config_path_for(tmp_path / "ds" / "dataset.json").read_text())
+    assert cfg["foerstner"]["moving"]["nms_radius_mm"] == 3.0 and cfg["foerstner"]["fixed"]["nms_radius_mm"] == 3.5
+    assert cfg["num_keypoints"]["a"]["fixed"] == read_points(a.fixed_keypoints).shape[0]
+    # a second call does not overwrite the dataset
+    res = _run("--pairs", csv, "-o", tmp_path / "ds", "--device", "cpu")
+    assert res.exit_code == 2 and "already there" in res.output
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("id,fixed\na,../s0.nii.gz\n", "missing: moving"),
+    ("id,fixed,moving\na,../s0.nii.gz,../nope.nii.gz\n", "nope.nii.gz: file does not exist"),
+    ("id,fixed,moving\na,../s0.nii.gz,../s1.nii.gz\na,../s1.nii.gz,../s2.nii.gz\n", "'a' is listed more than once"),
+    ("id,fixed,moving,fixed_landmarks,moving_landmarks\na,../s0.nii.gz,../s1.nii.gz,../lm_f.csv,\n", "both fixed_landmarks"),
+    ("id,fixed,moving,fixed_landmarks,moving_landmarks\na,../s0.nii.gz,../s1.nii.gz,../lm_f.csv,../lm_3.csv\n",
+     "5 fixed vs 3 moving landmarks"),
+    ("id,fixed,moving\na,../s0.nii.gz,../lm_f.csv\n", "lm_f.csv"),  # not a NIfTI
+    ("id,fixed,moving\n", "no pairs in the pairs CSV"),
+])
+def test_cli_pairs_errors_write_nothing(tmp_path, rows, message):
+    csv = _scan_pairs(tmp_path)
+    np.savetxt(tmp_path / "lm_3.csv", np.ones((3, 3)), delimiter=",", header="x_mm,y_mm,z_mm", comments="")
+    csv.write_text(rows)
+    res = _run("--pairs", csv, "-o", tmp_path / "ds", "--device", "cpu")
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "ds").exists()
+
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.skipif(not CHEST_CT.exists(), reason="shared chest CT not available")
 def test_chest_ct_defaults(tmp_path):

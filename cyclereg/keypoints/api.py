@@ -1,5 +1,6 @@
-"""Keypoint detection entry points: in-memory (:func:`detect_keypoints`) and file to file
-(:func:`detect_keypoints_file`, behind ``cyclereg keypoints``).
+"""Keypoint detection entry points: in-memory (:func:`detect_keypoints`), file to file
+(:func:`detect_keypoints_file`, behind ``cyclereg keypoints``) and scan pairs to a keypoint
+dataset (:func:`build_keypoint_dataset`, behind ``cyclereg keypoints --pairs``).
 
 Output files
 ------------
@@ -16,6 +17,11 @@ Output files
 
 Nothing is written when the input is bad (missing file, not 3-D, empty mask, no keypoint):
 an :class:`~cyclereg.errors.InputError` is raised first.
+
+``--pairs PAIRS.csv`` (:func:`build_keypoint_dataset`) writes, into the output directory,
+``keypoints/{id}_fixed.csv`` and ``keypoints/{id}_moving.csv`` for every pair of the CSV,
+``dataset.json`` (a keypoint dataset, see :mod:`cyclereg.datasets`) and
+``dataset.json.config.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from cyclereg.checkpoint import write_json
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError
 from cyclereg.frames import voxel_to_world
-from cyclereg.keypoints.foerstner import FoerstnerConfig, foerstner_keypoints
+from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
 from cyclereg.pointio import require_open3d, write_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
@@ -144,6 +150,32 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
                           candidates=kp.candidates, timings_s=steps.timings)
 
 
+def foerstner_config(base: FoerstnerConfig = FoerstnerConfig(), *, sigma_mm: float | None = None,
+                     nms_radius_mm: float | None = None, threshold: float | None = None,
+                     max_points: int | None = None) -> FoerstnerConfig:
+    """``base`` with the given command-line values (``None``: keep; ``max_points=0``: no limit);
+    an invalid value is an :class:`InputError`."""
+    overrides = {k: v for k, v in dict(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold).items()
+                 if v is not None}
+    if max_points is not None:
+        overrides["max_points"] = None if max_points == 0 else max_points
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def pair_keypoint_config(*, sigma_mm: float | None = None, nms_radius_mm: float | None = None,
+                         moving_nms_radius_mm: float | None = None, threshold: float | None = None,
+                         max_points: int | None = None) -> PairKeypointConfig:
+    """:class:`PairKeypointConfig` with the given command-line values: ``nms_radius_mm`` for the
+    fixed scans, ``moving_nms_radius_mm`` for the moving ones, the rest for both."""
+    shared = dict(sigma_mm=sigma_mm, threshold=threshold, max_points=max_points)
+    default = PairKeypointConfig()
+    return PairKeypointConfig(fixed=foerstner_config(default.fixed, nms_radius_mm=nms_radius_mm, **shared),
+                              moving=foerstner_config(default.moving, nms_radius_mm=moving_nms_radius_mm, **shared))
+
+
 def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Path | None = None,
                           lung_mask: bool = False, save_mask: str | Path | None = None,
                           sigma_mm: float | None = None, nms_radius_mm: float | None = None,
@@ -161,14 +193,8 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
         raise InputError("give either --mask or --lung-mask, not both")
     if save_mask is not None and not lung_mask:
         raise InputError("--save-mask needs --lung-mask")
-    overrides = {k: v for k, v in dict(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold).items()
-                 if v is not None}
-    if max_points is not None:
-        overrides["max_points"] = None if max_points == 0 else max_points
-    try:
-        config = FoerstnerConfig(**overrides)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    config = foerstner_config(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold,
+                              max_points=max_points)
     lung_config = LungMaskConfig()
     if fmt in ("ply", "pcd"):
         require_open3d()
@@ -224,3 +250,132 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
         steps.console.print(f"{result.voxels.shape[0]} keypoints -> {escape(str(output))} "
                             f"[dim](total {timings['total']:.2f} s)[/dim]")
     return result
+
+
+PAIRS_COLUMNS = ("id", "fixed", "moving")
+"""Required columns of a pairs CSV (:func:`build_keypoint_dataset`); ``fixed_landmarks`` and
+``moving_landmarks`` may follow (both or neither, per row)."""
+
+
+@dataclass(frozen=True)
+class ScanPair:
+    """One row of a pairs CSV: the two CT files and, optionally, row-aligned landmark files."""
+
+    id: str
+    fixed: Path
+    moving: Path
+    fixed_landmarks: Path | None = None
+    moving_landmarks: Path | None = None
+
+
+def read_pairs_csv(path: str | Path) -> list[ScanPair]:
+    """Parse a pairs CSV: header ``id,fixed,moving[,fixed_landmarks,moving_landmarks]``, one pair
+    per row, paths relative to the CSV file. Every named file must exist; ids must be unique.
+    Raises :class:`InputError` naming the CSV (or the missing file) otherwise."""
+    import csv  # noqa: PLC0415
+
+    from cyclereg.datasets import require_pair_ids  # noqa: PLC0415
+    from cyclereg.errors import require_file  # noqa: PLC0415
+
+    p = require_file(path)
+    try:
+        reader = csv.DictReader(p.read_text().splitlines())
+        header = reader.fieldnames or []
+        rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"unreadable pairs CSV ({exc})", p) from None
+    missing = [c for c in PAIRS_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"pairs CSV needs the columns {', '.join(PAIRS_COLUMNS)} (missing: {', '.join(missing)})", p)
+    pairs: list[ScanPair] = []
+    for n, row in enumerate(rows, start=2):
+        cells = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        if not all(cells.get(c) for c in PAIRS_COLUMNS):
+            raise InputError(f"line {n}: id, fixed and moving must not be empty", p)
+        lm = (cells.get("fixed_landmarks", ""), cells.get("moving_landmarks", ""))
+        if bool(lm[0]) != bool(lm[1]):
+            raise InputError(f"line {n}: give both fixed_landmarks and moving_landmarks or neither", p)
+        files = [require_file(p.parent / cells[c]) for c in ("fixed", "moving")]
+        lms = [require_file(p.parent / f) for f in lm] if lm[0] else [None, None]
+        pairs.append(ScanPair(cells["id"], files[0], files[1], lms[0], lms[1]))
+    require_pair_ids([q.id for q in pairs], p, "the pairs CSV")
+    return pairs
+
+
+def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_mask: bool = False,
+                           keypoints: PairKeypointConfig = PairKeypointConfig(), folds: int | None = None,
+                           device: str = "auto", verbose: bool = True) -> Path:
+    """Keypoints of every scan of a pairs CSV (:func:`read_pairs_csv`) and a keypoint dataset JSON
+    over them, ready for ``pretrain-random``, ``cycle`` and ``evaluate``.
+
+    Writes ``out_dir/keypoints/{id}_fixed.csv`` and ``{id}_moving.csv`` (world mm; the moving scan
+    with ``keypoints.moving``, denser), ``out_dir/dataset.json`` (paths relative to it; landmark
+    files, when the CSV names them, are referenced where they are, never read by training) and
+    ``out_dir/dataset.json.config.json`` (the detector settings, counts and timings). With
+    ``folds``: that many folds of consecutive pairs (sizes differ by at most one), each held out
+    once, for ``cycle --folds all``. Every scan is read and detected before anything is written;
+    an existing ``out_dir/dataset.json`` is not overwritten.
+
+    Returns the path of ``dataset.json``.
+    """
+    import os  # noqa: PLC0415
+
+    from rich.progress import Progress  # noqa: PLC0415
+
+    from cyclereg.checkpoint import atomic_write_text  # noqa: PLC0415
+    from cyclereg.pointio import format_csv, read_points  # noqa: PLC0415
+
+    pairs = read_pairs_csv(pairs_csv)
+    out = Path(out_dir)
+    dataset_json = out / "dataset.json"
+    if out.exists() and not out.is_dir():
+        raise InputError("output path exists and is not a directory", out)
+    if dataset_json.exists():
+        raise InputError("a dataset.json is already there; choose another directory", dataset_json)
+    if folds is not None and not 2 <= folds <= len(pairs):
+        raise InputError(f"--folds {folds}: expected 2 to {len(pairs)} (the number of pairs)", pairs_csv)
+    for q in pairs:
+        if q.fixed_landmarks is not None:
+            n_f, n_m = read_points(q.fixed_landmarks).shape[0], read_points(q.moving_landmarks).shape[0]
+            if n_f != n_m:
+                raise InputError(f"pair {q.id}: {n_f} fixed vs {n_m} moving landmarks (row-aligned files)",
+                                 q.fixed_landmarks)
+    dev = resolve_device(device)
+    texts: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {}
+    t0 = time.perf_counter()
+    with Progress(transient=True, disable=not verbose) as progress:
+        task = progress.add_task("keypoints", total=2 * len(pairs))
+        for q in pairs:
+            for role, ct, config in (("fixed", q.fixed, keypoints.fixed), ("moving", q.moving, keypoints.moving)):
+                progress.update(task, description=f"keypoints: {escape(q.id)} {role}")
+                result = detect_keypoints(read_nifti(ct), lung_mask=lung_mask, config=config, device=dev)
+                pts = result.points_mm
+                texts[f"{q.id}_{role}.csv"] = format_csv({"x_mm": pts[:, 0], "y_mm": pts[:, 1], "z_mm": pts[:, 2]})
+                counts.setdefault(q.id, {})[role] = int(pts.shape[0])
+                progress.advance(task)
+
+    def rel(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+
+    entries = []
+    for q in pairs:
+        entry = {"id": q.id, "fixed_keypoints": f"keypoints/{q.id}_fixed.csv",
+                 "moving_keypoints": f"keypoints/{q.id}_moving.csv"}
+        if q.fixed_landmarks is not None:
+            entry.update(fixed_landmarks=rel(q.fixed_landmarks), moving_landmarks=rel(q.moving_landmarks))
+        entries.append(entry)
+    obj: dict = {"name": Path(pairs_csv).stem, "pairs": entries}
+    if folds is not None:
+        bounds = [round(k * len(pairs) / folds) for k in range(folds + 1)]
+        obj["folds"] = [[q.id for q in pairs[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+    (out / "keypoints").mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        atomic_write_text(out / "keypoints" / name, text)
+    write_json(config_path_for(dataset_json), {
+        "cyclereg_version": __version__, "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
+        "lung_mask": lung_mask, "device": str(dev), "foerstner": keypoints,
+        "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts,
+        "seconds": round(time.perf_counter() - t0, 3)})
+    write_json(dataset_json, obj)
+    return dataset_json
