@@ -88,6 +88,13 @@ def save_checkpoint(path: str | Path, *, kind: str, config: Any, state_dict: dic
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
 
 
+KIND_HINTS = {
+    ("cloud", "dense"): " (a keypoint-cloud model: register two scans with it through --via-keypoints)",
+    ("dense", "cloud"): " (a dense volume model: it registers NIfTI volumes, not point clouds)",
+}
+"""What to say after "checkpoint is for a 'A' model, expected 'B'" for (A, B)."""
+
+
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors to CPU)."""
     p = require_file(path)
@@ -98,5 +105,6 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     if not isinstance(payload, dict) or not {"config", "state_dict", "version"} <= set(payload):
         raise InputError("not a cyclereg checkpoint (needs config, state_dict, version)", p)
     if kind is not None and payload.get("kind") != kind:
-        raise InputError(f"checkpoint is for a '{payload.get('kind')}' model, expected '{kind}'", p)
+        hint = KIND_HINTS.get((payload.get("kind"), kind), "")
+        raise InputError(f"checkpoint is for a '{payload.get('kind')}' model, expected '{kind}'{hint}", p)
     return payload

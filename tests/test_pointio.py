@@ -75,7 +75,7 @@ def test_checkpoint_round_trip_and_kind(tmp_path):
     ck = load_checkpoint(tmp_path / "m.pt", kind="cloud")
     assert ck["config"] == {"a": [1, 2]} and "version" in ck
     torch.testing.assert_close(ck["state_dict"]["w"], sd["w"])
-    with pytest.raises(InputError, match="expected 'dense'"):
+    with pytest.raises(InputError, match="expected 'dense' .a keypoint-cloud model: register two scans with it through --via-keypoints"):
         load_checkpoint(tmp_path / "m.pt", kind="dense")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="junk.pt"):
