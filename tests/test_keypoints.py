@@ -259,6 +259,7 @@ def test_cli_pairs_builds_a_keypoint_dataset(tmp_path):
      "5 fixed vs 3 moving landmarks"),
     ("id,fixed,moving\na,../s0.nii.gz,../lm_f.csv\n", "lm_f.csv"),  # not a NIfTI
     ("id,fixed,moving\n", "no pairs in the pairs CSV"),
+    ("id,fixed,moving\n../x,../s0.nii.gz,../s1.nii.gz\n", "id '../x' may hold only"),
 ])
 def test_cli_pairs_errors_write_nothing(tmp_path, rows, message):
     csv = _scan_pairs(tmp_path)

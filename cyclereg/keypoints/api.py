@@ -27,6 +27,7 @@ an :class:`~cyclereg.errors.InputError` is raised first.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,6 +258,10 @@ PAIRS_COLUMNS = ("id", "fixed", "moving")
 ``moving_landmarks`` may follow (both or neither, per row)."""
 
 
+PAIR_ID = re.compile(r"[A-Za-z0-9._-]+")
+"""What a pair id of a pairs CSV may hold: it becomes part of the keypoint file names."""
+
+
 @dataclass(frozen=True)
 class ScanPair:
     """One row of a pairs CSV: the two CT files and, optionally, row-aligned landmark files."""
@@ -292,6 +297,9 @@ def read_pairs_csv(path: str | Path) -> list[ScanPair]:
         cells = {k: (v or "").strip() for k, v in row.items() if k is not None}
         if not all(cells.get(c) for c in PAIRS_COLUMNS):
             raise InputError(f"line {n}: id, fixed and moving must not be empty", p)
+        if not PAIR_ID.fullmatch(cells["id"]) or cells["id"] in (".", ".."):
+            raise InputError(f"line {n}: id {cells['id']!r} may hold only letters, digits, '.', '_' and '-' "
+                             "(it names the keypoint files)", p)
         lm = (cells.get("fixed_landmarks", ""), cells.get("moving_landmarks", ""))
         if bool(lm[0]) != bool(lm[1]):
             raise InputError(f"line {n}: give both fixed_landmarks and moving_landmarks or neither", p)
