@@ -594,3 +594,34 @@ def test_dense_spread_at_grid_nodes():
     got = spread[0, 0, ::4, ::4, ::4].reshape(-1).double()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert CloudRegistration(fixed, fields(fixed)[0], reg.box, TPSConfig()).dense_spread(affine, shape) is None
+
+
+def _lbp_feature_gradients(n_threads: int) -> list[torch.Tensor]:
+    """Gradients of a loss through the LBP with respect to both clouds' features, computed
+    three times with ``n_threads`` intra-op threads."""
+    g = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(600, 3, generator=g) * 2 - 1, torch.rand(1200, 3, generator=g) * 2 - 1
+    ff, fm = torch.randn(600, 16, generator=g), torch.randn(1200, 16, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        grads = []
+        for _ in range(3):
+            a, b = ff.clone().requires_grad_(), fm.clone().requires_grad_()
+            lbp_displacements(fixed, moving, a, b, LBPConfig(num_candidates=32)).pow(2).sum().backward()
+            grads.append(torch.cat([a.grad.flatten(), b.grad.flatten()]))
+        return grads
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_take_rows_is_indexing_and_lbp_gradients_are_reproducible_with_threads():
+    """take_rows(x, idx) == x[idx]; and the gradients through the LBP (the learning stream) are
+    bitwise the same run to run with two threads (advanced indexing's backward was not, so two
+    runs of the same training drifted apart on a 2-core CPU)."""
+    from cyclereg.clouds.lbp import take_rows
+
+    x, idx = torch.randn(50, 4, 3), torch.randint(0, 50, (7, 5))
+    assert torch.equal(take_rows(x, idx), x[idx])
+    first, *rest = _lbp_feature_gradients(2)
+    assert first.abs().sum() > 0 and all(torch.equal(first, r) for r in rest)

@@ -72,6 +72,15 @@ class LBPConfig:
             raise ValueError(f"prune_fraction={self.prune_fraction}: need 0 < fraction < 1")
 
 
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` for an integer index tensor of any shape: ``(*idx.shape, *x.shape[1:])``.
+
+    Through ``index_select``, whose backward (``index_add``) is deterministic on CPU with several
+    threads; the backward of advanced indexing (``index_put_`` with accumulation) is not, and made
+    two runs of the same training differ in the last bits, then by a few hundredths of a mm."""
+    return x.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *x.shape[1:])
+
+
 def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int,
                centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate displacements ``(N, K, 3)`` from each fixed point to ``K`` moving points, and
@@ -85,12 +94,12 @@ def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int,
     if centres is not None and centres.shape != fixed.shape:
         raise ValueError(f"centres {tuple(centres.shape)}: expected {tuple(fixed.shape)} like fixed")
     idx = knn_indices(fixed if centres is None else centres, moving, k)
-    return moving[idx] - fixed[:, None, :], idx
+    return take_rows(moving, idx) - fixed[:, None, :], idx
 
 
 def feature_cost(feat_fixed: torch.Tensor, feat_moving: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Mean squared feature difference ``(N, K)`` between fixed point ``i`` and moving point ``idx[i, l]``."""
-    return (feat_fixed[:, None, :] - feat_moving[idx]).pow(2).mean(-1)
+    return (feat_fixed[:, None, :] - take_rows(feat_moving, idx)).pow(2).mean(-1)
 
 
 def _argmin_chunk(belief_src, cand_src, cand_dst, alpha):
@@ -188,11 +197,11 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
     src, dst = edge_index
     n, k = unary.shape
     messages = unary.new_zeros(edge_index.shape[1], k)
-    cand_src, cand_dst = cand[src], cand[dst]
+    cand_src, cand_dst = take_rows(cand, src), take_rows(cand, dst)
     for _ in range(iterations):
         incoming = unary.new_zeros(n, k).index_add(0, dst, messages)
         # belief at the source without what the destination sent to it
-        b_src = (unary + incoming)[src] - messages[reverse]
+        b_src = take_rows(unary + incoming, src) - take_rows(messages, reverse)
         messages = min_convolution(b_src, cand_src, cand_dst, alpha, source_labels=source_labels,
                                    prune_from=prune_from, prune_fraction=prune_fraction)
         # normalise for numerical range (min-sum is invariant to per-message constants)
