@@ -118,6 +118,13 @@ def format_csv(columns: dict[str, torch.Tensor | np.ndarray], *, precision: int 
     return buf.getvalue()
 
 
+def points_csv(points_mm: torch.Tensor | np.ndarray) -> str:
+    """``(N, 3)`` mm points as the text of a point CSV (header x_mm,y_mm,z_mm), as
+    :func:`write_points` writes it."""
+    pts = np.asarray(torch.as_tensor(points_mm).detach().cpu(), dtype=np.float64)
+    return format_csv({h: pts[:, i] for i, h in enumerate(HEADER)})
+
+
 def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None = None,
                  spacing_mm: tuple[float, float, float] | None = None) -> None:
     """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm), ``l2r``
@@ -126,7 +133,7 @@ def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None =
     pts = torch.as_tensor(points_mm).detach().cpu().double().numpy()
     fmt = (fmt or p.suffix.lstrip(".") or "csv").lower()
     if fmt == "csv":
-        atomic_write_text(p, format_csv({h: pts[:, i] for i, h in enumerate(HEADER)}))
+        atomic_write_text(p, points_csv(pts))
     elif fmt == "l2r":
         if spacing_mm is None:
             raise InputError("l2r output needs the voxel spacing", p)

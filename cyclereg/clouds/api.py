@@ -20,7 +20,7 @@ from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
-from cyclereg.pointio import format_csv, read_points
+from cyclereg.pointio import format_csv, points_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp_between_grids
 
@@ -268,16 +268,12 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
               "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,
                                 "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0])}}
-    extra = {"fixed_keypoints.csv": _points_csv(fixed_mm), "moving_keypoints.csv": _points_csv(moving_mm)}
+    extra = {"fixed_keypoints.csv": points_csv(fixed_mm), "moving_keypoints.csv": points_csv(moving_mm)}
     return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=(Path(fixed), Path(moving)), inputs=inputs,
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
                                       disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian, extra_outputs=extra)
-
-
-def _points_csv(points_mm: torch.Tensor) -> str:
-    return format_csv({"x_mm": points_mm[:, 0], "y_mm": points_mm[:, 1], "z_mm": points_mm[:, 2]})
 
 
 def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, out_dir: Path, *,

@@ -26,7 +26,9 @@ an :class:`~cyclereg.errors.InputError` is raised first.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -36,15 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.markup import escape
+from rich.progress import Progress
 
 from cyclereg import __version__
-from cyclereg.checkpoint import write_json
+from cyclereg.checkpoint import atomic_write_text, write_json
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError
+from cyclereg.datasets import require_pair_ids
+from cyclereg.errors import InputError, require_file
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
-from cyclereg.pointio import require_open3d, write_points
+from cyclereg.pointio import points_csv, read_points, require_open3d, write_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 
 FORMATS = ("csv", "l2r", "ply", "pcd", "npy")
@@ -277,11 +281,6 @@ def read_pairs_csv(path: str | Path) -> list[ScanPair]:
     """Parse a pairs CSV: header ``id,fixed,moving[,fixed_landmarks,moving_landmarks]``, one pair
     per row, paths relative to the CSV file. Every named file must exist; ids must be unique.
     Raises :class:`InputError` naming the CSV (or the missing file) otherwise."""
-    import csv  # noqa: PLC0415
-
-    from cyclereg.datasets import require_pair_ids  # noqa: PLC0415
-    from cyclereg.errors import require_file  # noqa: PLC0415
-
     p = require_file(path)
     try:
         reader = csv.DictReader(p.read_text().splitlines())
@@ -326,13 +325,6 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
 
     Returns the path of ``dataset.json``.
     """
-    import os  # noqa: PLC0415
-
-    from rich.progress import Progress  # noqa: PLC0415
-
-    from cyclereg.checkpoint import atomic_write_text  # noqa: PLC0415
-    from cyclereg.pointio import format_csv, read_points  # noqa: PLC0415
-
     pairs = read_pairs_csv(pairs_csv)
     out = Path(out_dir)
     dataset_json = out / "dataset.json"
@@ -358,9 +350,8 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
             for role, ct, config in (("fixed", q.fixed, keypoints.fixed), ("moving", q.moving, keypoints.moving)):
                 progress.update(task, description=f"keypoints: {escape(q.id)} {role}")
                 result = detect_keypoints(read_nifti(ct), lung_mask=lung_mask, config=config, device=dev)
-                pts = result.points_mm
-                texts[f"{q.id}_{role}.csv"] = format_csv({"x_mm": pts[:, 0], "y_mm": pts[:, 1], "z_mm": pts[:, 2]})
-                counts.setdefault(q.id, {})[role] = int(pts.shape[0])
+                texts[f"{q.id}_{role}.csv"] = points_csv(result.points_mm)
+                counts.setdefault(q.id, {})[role] = int(result.points_mm.shape[0])
                 progress.advance(task)
 
     def rel(path: Path) -> str:
