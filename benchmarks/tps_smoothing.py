@@ -70,7 +70,7 @@ def main() -> None:
         for scale in args.scales:
             for seed in args.seeds:
                 pair = make_breathing_pair(seed, BreathingConfig().scaled_motion(scale))
-                reg = register_clouds(pair.fixed_mm, pair.moving_mm, net, cfg)
+                reg = register_clouds(pair.fixed_mm, pair.moving_mm, net, cfg, spread=args.spread_weighted)
                 box = reg.box
                 fu, disp = box.mm_to_unit(pair.fixed_mm), box.disp_mm_to_unit(reg.displacements_mm)
                 errors = []

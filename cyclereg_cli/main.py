@@ -225,7 +225,8 @@ def register(
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
     disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
-    spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, how far the members' displacements lie apart (mm)"),
+    spread: bool = typer.Option(False, "--spread", help="clouds, volumes with --via-keypoints, an ensemble model: also register with each member on its own (about 2.5x the time) and write spread_mm, how far the members' displacements lie apart (mm), next to every displacement"),
+    spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, the members' disagreement (mm) on that grid (implies --spread)"),
     l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
     jacobian: bool = typer.Option(False, "--jacobian", help="volumes, clouds with --reference: also write jacobian.nii.gz, the Jacobian determinant of x -> x + u(x) on the fixed grid (> 1: locally larger in the moving scan; <= 0: folding)"),
     resample_moving: bool = typer.Option(False, "--resample-moving", help="volumes: a moving scan (and --moving-labels) on another grid is first resampled onto the fixed grid through world mm"),
@@ -253,13 +254,15 @@ def register(
         typer.echo(register_volumes_via_keypoints(
             fixed, moving, out_dir, model=model, seed=seed, lung_mask=lung_mask, query=query, device=device,
             recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
-            moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian, verbose=True))
+            moving_labels=moving_labels, disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
+            verbose=True))
         return
     if _is_volume(fixed):
         _refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
                         "point-cloud files, not volumes")
         _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--query": query,
-                         "--ensemble-fusion": ensemble_fusion, "--spread-map": spread_map or None},
+                         "--ensemble-fusion": ensemble_fusion, "--spread": spread or None,
+                         "--spread-map": spread_map or None},
                         "point clouds (or volumes with --via-keypoints), not the dense path")
         from cyclereg.dense.api import register_volume_files
 
@@ -279,8 +282,8 @@ def register(
                                    spacing=spacing, device=device, recentre_passes=recentre_passes,
                                    tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, reference=reference,
                                    moving_image=moving_image,
-                                   moving_labels=moving_labels, disp_mm=disp_mm, spread_map=spread_map,
-                                   jacobian=jacobian)
+                                   moving_labels=moving_labels, disp_mm=disp_mm, spread=spread,
+                                   spread_map=spread_map, jacobian=jacobian)
     typer.echo(summary)
 
 
@@ -299,6 +302,7 @@ def evaluate(
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoint datasets: override the model's test-time augmentation passes (0 = off)"),
     ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help="keypoint datasets: " + FUSION_HELP),
     errors_csv: Optional[Path] = typer.Option(None, "--errors-csv", help="keypoint datasets: also write every landmark's error before/after (mm) to this CSV"),
+    spread: bool = typer.Option(False, "--spread", help="keypoint datasets, ensemble models: also register every pair with each member on its own (about 2.5x the time) and report how far the members' displacements lie apart (mm) and how that ranks the errors"),
     warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
     adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
     ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
@@ -320,10 +324,12 @@ def evaluate(
 
         evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                                   max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
-                                  ensemble_fusion=ensemble_fusion, device=device, errors_csv=errors_csv)
+                                  ensemble_fusion=ensemble_fusion, device=device, spread=spread,
+                                  errors_csv=errors_csv)
         return
     _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
-                     "--ensemble-fusion": ensemble_fusion}, "keypoint datasets, not volume datasets")
+                     "--ensemble-fusion": ensemble_fusion, "--spread": spread or None},
+                    "keypoint datasets, not volume datasets")
     from cyclereg.dense.api import evaluate_volume_dataset
     evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                             max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,

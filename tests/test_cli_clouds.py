@@ -180,7 +180,8 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--resample-moving"], "for volumes"),
              (["--spread-map"], "--spread-map needs --reference"),
              (["--jacobian"], "--jacobian needs --reference"),
-             (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model")]
+             (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model"),
+             (["--spread"], "--spread needs an ensemble model")]
     write_nifti(d / "near.nii.gz", *_box_volume(pair.fixed_mm))
     for i, (extra, message) in enumerate(cases):
         res = runner.invoke(app, ["register", f, m, "-o", str(d / f"o{i}"), *extra])
@@ -382,7 +383,7 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     want = sum(register_clouds(pair.fixed_mm, pair.moving_mm, n, c).displacements_mm for n, c in members) / 2
     torch.testing.assert_close(got, want)
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "r.json"),
-                              "--errors-csv", str(tmp_path / "err.csv")])
+                              "--errors-csv", str(tmp_path / "err.csv"), "--spread"])
     assert res.exit_code == 0, res.output
     # the result table (7 columns, wider than the 80 a non-terminal gets) hides no digit or unit
     assert "…" not in res.output and "spread [mm]" in res.output and "p25/p50/p75 after" in res.output
@@ -393,6 +394,18 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     assert all(c["member_spread_mm"]["landmarks"]["mean"] > 0 for c in report["cases"])
     lines = (tmp_path / "err.csv").read_text().splitlines()
     assert lines[0] == "pair,fold,landmark,before_mm,after_mm,spread_mm"
+    # without --spread: the same registration (members not run on their own), no spread anywhere
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "r0.json"),
+                              "--errors-csv", str(tmp_path / "err0.csv")])
+    assert res.exit_code == 0, res.output
+    r0 = json.loads((tmp_path / "r0.json").read_text())
+    assert r0["mean_tre_mm"] == report["mean_tre_mm"] and "member_spread" not in r0 and "spread [mm]" not in res.output
+    assert not any("member_spread_mm" in c for c in r0["cases"])
+    assert (tmp_path / "err0.csv").read_text().splitlines()[0] == "pair,fold,landmark,before_mm,after_mm"
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "a"), "--json", str(tmp_path / "ra.json"),
+                              "--spread"])  # single networks have no members to disagree
+    assert res.exit_code == 2 and "--spread needs ensemble models" in res.output
+    assert not (tmp_path / "ra.json").exists()
     # the default fusion is joint; --ensemble-fusion average on it gives the averaged ensemble's report
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "j"),
                               "--recentre-passes", "1"])
@@ -414,10 +427,12 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     # register writes it per point; a single network has no such column
     write_points(tmp_path / "f.csv", pair.fixed_mm)
     write_points(tmp_path / "m.csv", pair.moving_mm)
-    for model, header in ((tmp_path / "e" / "fold1.pt", "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm,spread_mm"),
-                          (tmp_path / "a" / "fold1.pt", "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm")):
+    for model, extra, header in ((tmp_path / "e" / "fold1.pt", ["--spread"], "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm,spread_mm"),
+                                 (tmp_path / "e" / "fold1.pt", [], "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm"),
+                                 (tmp_path / "a" / "fold1.pt", [], "x_mm,y_mm,z_mm,dx_mm,dy_mm,dz_mm")):
         res = runner.invoke(app, ["register", str(tmp_path / "f.csv"), str(tmp_path / "m.csv"), "-o",
-                                  str(tmp_path / "reg"), "--model", str(model), "--query", str(tmp_path / "f.csv")])
+                                  str(tmp_path / "reg"), "--model", str(model), "--query", str(tmp_path / "f.csv"),
+                                  *extra])
         assert res.exit_code == 0, res.output
         assert ("members disagree" in res.output) == header.endswith("spread_mm")
         for name in ("displacements.csv", "query_displacements.csv"):
@@ -514,7 +529,7 @@ def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
     f, m = read_points(root / "fixed_keypoints.csv"), read_points(root / "moving_keypoints.csv")
     reg = register_clouds(f, m, net, cfg, box=dataset_box(load_keypoint_dataset(ds)))  # what evaluate does
     np.testing.assert_allclose(written[:, 3:6], reg.displacements_mm.numpy(), atol=1e-3)
-    np.testing.assert_allclose(written[:, 6], reg.spread_mm.numpy(), atol=1e-3)  # an ensemble of 4
+    assert written.shape[1] == 6 and reg.spread_mm is None  # an ensemble of 4, but no --spread asked
 
 
 @pytest.mark.parametrize("text, problem", [

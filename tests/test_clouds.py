@@ -446,19 +446,21 @@ def test_joint_ensemble_fusion_votes_per_candidate():
         torch.testing.assert_close(test_time_displacements(twins, fu, mu, cfg), test_time_displacements(a, fu, mu, cfg))
         tta = replace(cfg, tta_passes=1)
         torch.testing.assert_close(test_time_displacements(twins, fu, mu, tta), test_time_displacements(a, fu, mu, tta))
-        # register_clouds: the joint answer, plus each member's own for the spread
-        reg = register_clouds(pair.fixed_mm, pair.moving_mm, ens, cfg, box=box)
+        # register_clouds: the joint answer, with spread also each member's own; the same answer without
+        reg = register_clouds(pair.fixed_mm, pair.moving_mm, ens, cfg, box=box, spread=True)
         torch.testing.assert_close(box.disp_mm_to_unit(reg.displacements_mm), joint)
+        alone = register_clouds(pair.fixed_mm, pair.moving_mm, ens, cfg, box=box)
+        assert torch.equal(alone.displacements_mm, reg.displacements_mm) and alone.member_displacements_mm is None
         own = test_time_displacements(a, fu, mu, cfg)
         torch.testing.assert_close(box.disp_mm_to_unit(reg.member_displacements_mm[0]), own)
         # a wider re-centred search is the joint registration's; the members' own (spread only) keep K
         wide = replace(cfg, recentre_candidates=24)
-        reg = register_clouds(pair.fixed_mm, pair.moving_mm, ens, wide, box=box)
+        reg = register_clouds(pair.fixed_mm, pair.moving_mm, ens, wide, box=box, spread=True)
         torch.testing.assert_close(box.disp_mm_to_unit(reg.displacements_mm), test_time_displacements(ens, fu, mu, wide))
         assert (box.disp_mm_to_unit(reg.displacements_mm) - joint).abs().max() > 1e-5
         torch.testing.assert_close(box.disp_mm_to_unit(reg.member_displacements_mm[0]), own)
         averaged_wide = register_clouds(pair.fixed_mm, pair.moving_mm, ens, replace(wide, ensemble_fusion="average"),
-                                        box=box)  # averaged: the members' passes are the result, so K' applies
+                                        box=box, spread=True)  # averaged: the members' passes are the result, so K' applies
         torch.testing.assert_close(box.disp_mm_to_unit(averaged_wide.member_displacements_mm[0]),
                                    test_time_displacements(a, fu, mu, wide))
     p = torch.rand(400, 3, generator=torch.Generator().manual_seed(4)) * 100

@@ -189,10 +189,11 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          query: Path | None = None, spacing: str | None = None, device: str = "auto",
                          recentre_passes: int | None = None, tta_passes: int | None = None,
                          ensemble_fusion: str | None = None, reference: Path | None = None, moving_image: Path | None = None,
-                         moving_labels: Path | None = None, disp_mm: bool = False, spread_map: bool = False,
-                         jacobian: bool = False) -> str:
+                         moving_labels: Path | None = None, disp_mm: bool = False, spread: bool = False,
+                         spread_map: bool = False, jacobian: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
-    ``config.json``) into ``out_dir``. For an ensemble model both CSV files get a ``spread_mm``
+    ``config.json``) into ``out_dir``. With ``spread`` (needs an ensemble model; each member
+    also registers the pair on its own, about 2.5x the time) both CSV files get a ``spread_mm``
     column: how far (root mean square, mm) the members' displacements lie from their average.
 
     With ``reference`` (a NIfTI of the fixed scan, whose world frame the points share) also
@@ -201,8 +202,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     convention. With ``moving_image`` (needs ``reference``; any grid of its own) also
     ``warped.nii.gz``: that image resampled onto the reference grid through the field; with
     ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour). With ``spread_map``
-    (needs ``reference`` and an ensemble model) also ``spread.nii.gz``: the members' disagreement
-    (mm) on that grid. With ``jacobian`` (needs ``reference``) also ``jacobian.nii.gz``: the
+    (needs ``reference`` and an ensemble model; implies ``spread``) also ``spread.nii.gz``: the
+    members' disagreement (mm) on that grid. With ``jacobian`` (needs ``reference``) also ``jacobian.nii.gz``: the
     determinant of the Jacobian of the field on that grid (:func:`cyclereg.metrics.jacobian_map`;
     exhale fixed / inhale moving: the local volume ratio, a ventilation map).
     Everything is read and validated before anything is written.
@@ -230,7 +231,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
-                                      disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian)
+                                      disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian)
 
 
 def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
@@ -238,8 +239,8 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                    query: Path | None = None, device: str = "auto",
                                    recentre_passes: int | None = None, tta_passes: int | None = None,
                                    ensemble_fusion: str | None = None, moving_labels: Path | None = None,
-                                   disp_mm: bool = False, spread_map: bool = False, jacobian: bool = False,
-                                   verbose: bool = False) -> str:
+                                   disp_mm: bool = False, spread: bool = False, spread_map: bool = False,
+                                   jacobian: bool = False, verbose: bool = False) -> str:
     """Register two scans through the keypoint-cloud path in one call: Foerstner keypoints of
     both (:func:`cyclereg.keypoints.detect_keypoints`, within automatic lung masks with
     ``lung_mask``; the moving cloud denser, see :class:`PairKeypointConfig`), then
@@ -273,15 +274,16 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
-                                      disp_mm=disp_mm, spread_map=spread_map, jacobian=jacobian, extra_outputs=extra)
+                                      disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
+                                      extra_outputs=extra)
 
 
 def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, out_dir: Path, *,
                                sources: tuple[Path, Path], inputs: dict, model: str, seed: int,
                                query_mm: torch.Tensor | None, device: str, recentre_passes: int | None,
                                tta_passes: int | None, ensemble_fusion: str | None, ref: Volume | None,
-                               mov_img: Volume | None, mov_lab: Volume | None, disp_mm: bool, spread_map: bool,
-                               jacobian: bool, extra_outputs: dict[str, str] | None = None) -> str:
+                               mov_img: Volume | None, mov_lab: Volume | None, disp_mm: bool, spread: bool,
+                               spread_map: bool, jacobian: bool, extra_outputs: dict[str, str] | None = None) -> str:
     """The part of ``register`` after the inputs are read: validate, register ``(N, 3)`` fixed to
     ``(M, 3)`` moving points (world mm), and write the outputs (see :func:`register_cloud_files`)
     plus ``extra_outputs`` (file name -> text), ``config.json`` = ``inputs`` + the resolved run."""
@@ -295,11 +297,12 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes,
                                    ensemble_fusion=ensemble_fusion)
-    if spread_map and config.ensemble_size < 2:
-        raise InputError("--spread-map needs an ensemble model (cyclereg ensemble); this is one network", model)
+    for flag, given in (("--spread", spread), ("--spread-map", spread_map)):
+        if given and config.ensemble_size < 2:
+            raise InputError(f"{flag} needs an ensemble model (cyclereg ensemble); this is one network", model)
     box, frame = registration_box(fixed_mm, moving_mm, config)
     t0 = time.perf_counter()
-    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box)
+    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box, spread=spread or spread_map)
     seconds = time.perf_counter() - t0
     disp = reg.displacements_mm.cpu()
     cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
@@ -393,7 +396,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                               run: Path | None = None, stage: int | None = None, seed: int = 0,
                               max_pairs: int | None = None, recentre_passes: int | None = None,
                               tta_passes: int | None = None, ensemble_fusion: str | None = None,
-                              device: str = "auto", smoothness: bool = True,
+                              device: str = "auto", smoothness: bool = True, spread: bool = False,
                               quiet: bool = False, errors_csv: Path | None = None) -> dict:
     """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
 
@@ -404,11 +407,12 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests.
 
-    For ensembles (every case), also the members' disagreement (:func:`member_spread` of their
-    TPS fields) at the keypoints and landmarks of each case, its Spearman correlation with the
-    landmark errors (per case, pooled, and across case means: does the landmark-free spread flag
-    the large errors?) and a ``spread_mm`` column in ``errors_csv``. Reported, never used to
-    choose anything.
+    With ``spread`` (ensemble models only; each member also registers every pair on its own,
+    about 2.5x the time, the fused result unchanged), also the members' disagreement
+    (:func:`member_spread` of their TPS fields) at the keypoints and landmarks of each case, its
+    Spearman correlation with the landmark errors (per case, pooled, and across case means: does
+    the landmark-free spread flag the large errors?) and a ``spread_mm`` column in
+    ``errors_csv``. Reported, never used to choose anything.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -426,6 +430,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     overrides = dict(recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
     models = _evaluation_models(ds, pairs, dataset, run=run, stage=stage, model=model, seed=seed, device=dev,
                                 overrides=overrides)
+    if spread and (not models or any(cfg.ensemble_size < 2 for _, cfg in models.values())):
+        raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members",
+                         run if run is not None else dataset)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
@@ -436,7 +443,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             fold = ds.fold_of(p.id)
             net, config = models.get(fold if run is not None else None, (None, default_config))
             cases.append(_evaluate_pair(p, fold, net, config, box=box, ds=ds, device=dev, smoothness=smoothness,
-                                        rows=rows))
+                                        spread=spread, rows=rows))
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
@@ -490,7 +497,7 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
 
 
 def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
-                   device, smoothness: bool, rows: dict[str, list]) -> dict:
+                   device, smoothness: bool, spread: bool, rows: dict[str, list]) -> dict:
     """Register one pair (``net=None``: the identity) and measure it at its landmarks: the case
     record of the report; every landmark's errors are appended to ``rows`` (the errors CSV)."""
     fixed = read_points(p.fixed_keypoints).to(device)
@@ -500,7 +507,7 @@ def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: Uni
     if lm_f.shape != lm_m.shape:
         raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
     t0 = time.perf_counter()
-    reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box)
+    reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box, spread=spread)
     spline = reg.spline()
     u_lm = reg.at(lm_f, spline)
     seconds = time.perf_counter() - t0
@@ -515,7 +522,7 @@ def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: Uni
     case = {"id": p.id, "fold": fold, "n_fixed": fixed.shape[0], "n_moving": moving.shape[0],
             "n_landmarks": lm_f.shape[0], "tre_before_mm": tre_stats(before), "tre_after_mm": tre_stats(after),
             "seconds": seconds}
-    spread_lm = reg.spread_at(lm_f)  # ensembles only; not part of the registration time
+    spread_lm = reg.spread_at(lm_f)  # with spread only; not part of the registration time
     if spread_lm is not None:
         spread_lm = spread_lm.cpu()
         rows["spread_mm"] += spread_lm.tolist()
