@@ -404,8 +404,10 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     assert (tmp_path / "err0.csv").read_text().splitlines()[0] == "pair,fold,landmark,before_mm,after_mm"
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "a"), "--json", str(tmp_path / "ra.json"),
                               "--spread"])  # single networks have no members to disagree
-    assert res.exit_code == 2 and "--spread needs ensemble models" in res.output
+    assert res.exit_code == 2 and "--spread needs ensemble models" in res.output and str(tmp_path / "a") in res.output
     assert not (tmp_path / "ra.json").exists()
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "ra.json"), "--spread"])
+    assert res.exit_code == 2 and "the identity has none" in res.output and not (tmp_path / "ra.json").exists()
     # the default fusion is joint; --ensemble-fusion average on it gives the averaged ensemble's report
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "j"),
                               "--recentre-passes", "1"])

@@ -431,8 +431,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     models = _evaluation_models(ds, pairs, dataset, run=run, stage=stage, model=model, seed=seed, device=dev,
                                 overrides=overrides)
     if spread and (not models or any(cfg.ensemble_size < 2 for _, cfg in models.values())):
-        raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members",
-                         run if run is not None else dataset)
+        raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members"
+                         + ("" if models else "; the identity has none"), run if run is not None else model)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     cases = []
