@@ -144,6 +144,9 @@ def test_jacobian_map_is_the_determinant_everywhere_in_any_slabs():
     whole = jacobian_map(v, slab=100)
     for slab in (1, 2, 4):
         torch.testing.assert_close(jacobian_map(v, slab=slab), whole, atol=0, rtol=0)
+        assert torch.equal(jacobian_determinant(v, slab=slab), jacobian_determinant(v, slab=100))
+    with pytest.raises(ValueError, match="slab=0"):
+        jacobian_determinant(v, slab=0)
     torch.testing.assert_close(whole[1:-1, 1:-1, 1:-1], jacobian_determinant(v)[0], atol=1e-6, rtol=0)
     assert torch.equal(whole[0], whole[1]) and torch.equal(whole[:, :, -1], whole[:, :, -2])
     assert determinant_stats(whole[None, 1:-1, 1:-1, 1:-1]) == sdlogj(v)  # the map's interior serves sdlogj
