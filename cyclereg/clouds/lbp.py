@@ -23,10 +23,6 @@ from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution (memory: chunk x K x K floats)."""
 
-PRUNE_REDO_CHUNK = 4096
-"""(edge, destination label) entries searched again at once by the pruned search (memory: chunk x K x 4)."""
-
-
 @dataclass(frozen=True)
 class LBPConfig:
     """Sparse LBP settings (unit frame). Defaults follow the authors' COPD code except
@@ -126,11 +122,14 @@ def _destination_rows(cand_dst, alpha):
 
 def _argmin_pruned_chunk(belief_src, cand_src, cand_dst, alpha, first):
     """:func:`_argmin_chunk` (the same indices, up to exact ties) in two steps: the ``first``
-    lowest-belief source labels, then all of them only where needed.
+    lowest-belief source labels, then all of them for the edges that need it.
 
     Every other source label ``l`` costs at least ``b(l) >= b_(first+1)`` (the pairwise term is
     non-negative), so a destination label whose best value among the first ones is below
-    ``b_(first+1)`` has its exact minimum; the others are searched again over all labels.
+    ``b_(first+1)`` has its exact minimum. An edge with any destination label that bound cannot
+    certify is searched again over all labels (one batched product for all such edges): with flat
+    beliefs (the first sweeps) that is nearly every edge, and the search costs one full product
+    plus the quarter; searching only the uncertified labels one by one had cost up to 3x a full one.
     """
     vals, order = belief_src.topk(first + 1, dim=1, largest=False)  # ascending
     keep, bound = order[:, :first], vals[:, first]
@@ -140,12 +139,11 @@ def _argmin_pruned_chunk(belief_src, cand_src, cand_dst, alpha, first):
     arg = keep.gather(1, at)
     best = best + alpha * cand_dst.pow(2).sum(-1)
     # rounding margin: a near-tie with the bound is searched again rather than trusted
-    redo_e, redo_l = (best >= bound[:, None] - 1e-6 * (1 + bound.abs()[:, None])).nonzero(as_tuple=True)
-    if redo_e.numel():
-        full = _source_rows(belief_src, cand_src, alpha)
-        for s in range(0, redo_e.numel(), PRUNE_REDO_CHUNK):
-            e, l = redo_e[s:s + PRUNE_REDO_CHUNK], redo_l[s:s + PRUNE_REDO_CHUNK]
-            arg[e, l] = torch.bmm(full[e], rhs[e, l][..., None]).squeeze(-1).min(dim=1).indices
+    redo = best >= bound[:, None] - 1e-6 * (1 + bound.abs()[:, None])
+    edges = redo.any(dim=1).nonzero().squeeze(1)
+    if edges.numel():
+        full = torch.bmm(_source_rows(belief_src[edges], cand_src[edges], alpha), rhs[edges].transpose(1, 2))
+        arg[edges] = torch.where(redo[edges], full.min(dim=1).indices, arg[edges])
     return arg
 
 
