@@ -532,7 +532,7 @@ def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: Uni
         # zero field: J = 1 everywhere, so every spread is exactly 0
         case.update({"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0})
     elif smoothness and ds.volume_shape_zyx and ds.spacing_zyx_mm:
-        case.update(field_smoothness(reg, ds.volume_shape_zyx, ds.spacing_zyx_mm))
+        case.update(field_smoothness(reg, ds.volume_shape_zyx, ds.spacing_zyx_mm, spline))
     return case
 
 

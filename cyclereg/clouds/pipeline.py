@@ -387,7 +387,9 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
                              member_displacements_mm=members)
 
 
-def field_smoothness(reg: CloudRegistration, shape_zyx, spacing_zyx_mm) -> dict[str, float]:
-    """SDlogJ (Learn2Reg formula), std(log J) and folding fraction of the TPS field on a grid."""
-    disp = reg.dense(grid_affine(shape_zyx, spacing_zyx_mm), tuple(int(s) for s in shape_zyx))
+def field_smoothness(reg: CloudRegistration, shape_zyx, spacing_zyx_mm,
+                     spline: ThinPlateSpline | None = None) -> dict[str, float]:
+    """SDlogJ (Learn2Reg formula), std(log J) and folding fraction of the TPS field on a grid
+    (``spline``: ``reg.spline()`` if already fitted)."""
+    disp = reg.dense(grid_affine(shape_zyx, spacing_zyx_mm), tuple(int(s) for s in shape_zyx), spline)
     return sdlogj(disp)
