@@ -23,6 +23,7 @@ from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution (memory: chunk x K x K floats)."""
 
+
 @dataclass(frozen=True)
 class LBPConfig:
     """Sparse LBP settings (unit frame). Defaults follow the authors' COPD code except
