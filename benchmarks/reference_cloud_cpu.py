@@ -1,6 +1,6 @@
 """The authors' keypoint test pipeline next to cyclereg's, same models, same CPU.
 
-``python benchmarks/reference_cloud_cpu.py CHECKOUT DATASET_JSON [--pattern P] [--threads T] [--json R]``
+``python benchmarks/reference_cloud_cpu.py CHECKOUT DATASET_JSON [--pattern P] [--folds 1 2 ...] [--threads T] [--json R]``
 
 ``CHECKOUT`` holds ``main.py``, ``utils.py``, ``data.pth`` and ``models/`` of
 multimodallearning/registration-da-mean-teacher (imported from there at run time, never copied
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("checkout", type=Path)
     ap.add_argument("dataset", type=Path, help="cyclereg's copd-keypoints/dataset.json (same clouds, mm)")
     ap.add_argument("--pattern", default="models/4dct-to-copd_target-only_fold{}.pth")
+    ap.add_argument("--folds", type=int, nargs="+", default=sorted(FOLD_CASES), choices=sorted(FOLD_CASES),
+                    help="only these folds' two test cases each (default: all five)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -67,7 +69,8 @@ def main() -> None:
     box = UnitBox.from_volume(ds.volume_shape_zyx, ds.spacing_zyx_mm)
     config = peer_config()
     rows = []
-    for fold, cases in FOLD_CASES.items():
+    for fold in args.folds:
+        cases = FOLD_CASES[fold]
         weights = torch.load(args.checkout / args.pattern.format(fold), map_location="cpu", weights_only=True)
         their_net = theirs.FeatNet()
         their_net.load_state_dict(weights)
