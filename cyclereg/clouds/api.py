@@ -307,16 +307,16 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     disp = reg.displacements_mm.cpu()
     cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
             "dx_mm": disp[:, 0], "dy_mm": disp[:, 1], "dz_mm": disp[:, 2]}
-    spread = reg.spread_mm
-    if spread is not None:  # an ensemble: how much its members disagree at each point
-        cols["spread_mm"] = spread.cpu()
+    point_spread = reg.spread_mm  # with --spread: how much the members disagree at each point
+    if point_spread is not None:
+        cols["spread_mm"] = point_spread.cpu()
     outputs = {**(extra_outputs or {}), "displacements.csv": format_csv(cols)}
     spline = reg.spline()
     if query_mm is not None:
         q = reg.at(query_mm.to(dev), spline).cpu()
         qcols = {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
                  "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]}
-        if spread is not None:
+        if point_spread is not None:
             qcols["spread_mm"] = reg.spread_at(query_mm.to(dev)).cpu()
         outputs["query_displacements.csv"] = format_csv(qcols)
     volumes = {}
@@ -346,7 +346,8 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                                          "seconds": seconds})
     mean = disp.norm(dim=1).mean().item()
     written = sorted(outputs) + sorted(volumes)
-    disagreement = "" if spread is None else f", members disagree by {spread.mean().item():.2f} mm on average"
+    disagreement = "" if point_spread is None else \
+        f", members disagree by {point_spread.mean().item():.2f} mm on average"
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
             f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}")
 
@@ -457,12 +458,12 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
         "cases": cases,
     }
-    if cases and all("member_spread_mm" in c for c in cases):
+    if spread and cases:
         # how well the members' landmark-free disagreement ranks the errors (reporting only)
-        spread = torch.tensor(rows["spread_mm"])
+        landmark_spread = torch.tensor(rows["spread_mm"])
         result["member_spread"] = {
-            "mean_at_landmarks_mm": float(spread.mean()),
-            "spearman_landmarks": spearman(spread, torch.tensor(rows["after_mm"])),
+            "mean_at_landmarks_mm": float(landmark_spread.mean()),
+            "spearman_landmarks": spearman(landmark_spread, torch.tensor(rows["after_mm"])),
             "spearman_cases": spearman(torch.tensor([c["member_spread_mm"]["landmarks"]["mean"] for c in cases]),
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
