@@ -124,6 +124,12 @@ def u_at(u_fine_vox_coarse: torch.Tensor, factor, points_vox: torch.Tensor) -> t
     return sample_at_points(u_fine_vox_coarse, points_vox / torch.tensor(factor, dtype=points_vox.dtype))
 
 
+def u_mm_at(u_fine_vox_coarse: torch.Tensor, factor, points_vox: torch.Tensor, affine: torch.Tensor) -> np.ndarray:
+    """The known ``u`` in world mm ``(N, 3)`` at fine voxel points ``(N, 3)`` of the grid ``affine``."""
+    u_vox = u_at(u_fine_vox_coarse.double(), factor, points_vox)
+    return voxel_disp_to_mm(u_vox.T.reshape(1, 3, -1, 1, 1), affine).reshape(3, -1).T.numpy()
+
+
 def sign_self_check() -> None:
     """A bright voxel at ``p`` must land at ``p + u`` in the moving image (constant ``u``)."""
     shape, p, shift = (16, 16, 16), (5, 6, 7), (3.0, 2.0, -2.0)
@@ -176,8 +182,7 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     if pts_mm.shape != fixed_mm.shape or np.abs(pts_mm - fixed_mm).max() > 1e-3:
         raise RuntimeError("displacements.csv rows do not match the fixed keypoints")
     affine = torch.from_numpy(fixed.affine)
-    u_vox = u_at(u_c.double(), factor, kf.voxels.double())
-    u_mm = voxel_disp_to_mm(u_vox.T.reshape(1, 3, -1, 1, 1), affine).reshape(3, -1).T.numpy()
+    u_mm = u_mm_at(u_c, factor, kf.voxels.double(), affine)
     err_before = np.linalg.norm(u_mm, axis=1)
     err_after = np.linalg.norm(pred_mm - u_mm, axis=1)
 

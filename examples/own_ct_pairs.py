@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chest_ct_end_to_end import DEFAULT_CT, FieldConfig, deform, random_field, u_at  # noqa: E402
+from chest_ct_end_to_end import DEFAULT_CT, FieldConfig, deform, random_field, u_mm_at  # noqa: E402
 
 from cyclereg.clouds.api import load_cloud_model  # noqa: E402
-from cyclereg.frames import voxel_disp_to_mm, world_to_voxel  # noqa: E402
+from cyclereg.frames import world_to_voxel  # noqa: E402
 from cyclereg.volumeio import read_nifti, write_nifti  # noqa: E402
 
 
@@ -63,9 +63,7 @@ def error_at_keypoints(reg_dir: Path, fixed, u_c, factor) -> dict:
     table = np.loadtxt(reg_dir / "displacements.csv", delimiter=",", skiprows=1)
     pts_mm = torch.from_numpy(table[:, :3])
     affine = torch.from_numpy(fixed.affine)
-    vox = world_to_voxel(pts_mm, affine)
-    u_vox = u_at(u_c.double(), factor, vox)
-    u_mm = voxel_disp_to_mm(u_vox.T.reshape(1, 3, -1, 1, 1), affine).reshape(3, -1).T.numpy()
+    u_mm = u_mm_at(u_c, factor, world_to_voxel(pts_mm, affine), affine)
     err = np.linalg.norm(table[:, 3:6] - u_mm, axis=1)
     before = np.linalg.norm(u_mm, axis=1)
     return {"points": int(len(err)), "before_mean_mm": float(before.mean()),
