@@ -371,12 +371,21 @@ def test_snapshot_interval_is_checked(tmp_path):
 
 
 def test_parallel_folds_give_the_sequential_result(tmp_path):
-    """`cycle --jobs 2` trains two folds in worker processes, with the sequential run's result."""
+    """`pretrain-random --jobs 2` and `cycle --jobs 2` label and train two folds in worker
+    processes, with the sequential run's labels and weights."""
     ds = _dataset(tmp_path, n=2)
     args = ["--stages", "1", "--epochs", "2", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
-    for name in ("seq", "par"):
-        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), *args])
+    for name, jobs in (("seq", "1"), ("par", "2")):
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), "--jobs", jobs, *args])
         assert res.exit_code == 0, res.output
+    for k in (1, 2):
+        seq, par = (torch.load(tmp_path / name / f"fold{k}" / "pseudo0.pt", weights_only=True)
+                    for name in ("seq", "par"))
+        assert seq["labels"].keys() == par["labels"].keys() and seq["weights"] == par["weights"]
+        for pid in seq["labels"]:
+            assert torch.equal(seq["labels"][pid], par["labels"][pid]), pid
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "none"), "--jobs", "0", *args])
+    assert res.exit_code == 2 and "--jobs" in res.output and not (tmp_path / "none").exists()
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "seq")]).exit_code == 0
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "2"])
     assert res.exit_code == 0, res.output

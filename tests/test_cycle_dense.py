@@ -235,6 +235,8 @@ def test_dense_cycle_errors(tmp_path):
     assert res.exit_code == 2 and "--epochs" in res.output and not run.exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--supervision", "ssd"])
     assert res.exit_code == 2 and "supervision" in res.output and not run.exists()
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--jobs", "2"])
+    assert res.exit_code == 2 and "--jobs" in res.output and not run.exists()
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "nowhere")])
     assert res.exit_code == 2
     # validation scores are for reporting only and need labelled pairs

@@ -137,7 +137,7 @@ def _check_identity(run: Path, meta: dict, ident: dict) -> None:
 
 def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None = None, device: str = "auto",
                     config: CloudCycleConfig | DenseCycleConfig | None = None, val_pairs: int = 0,
-                    **options) -> Path:
+                    jobs: int = 1, **options) -> Path:
     """Create ``run`` and write stage-0 pseudo labels (random network + optimiser + refinement).
 
     Keypoint datasets get one run per cross-validation fold; volume datasets one run on
@@ -146,14 +146,20 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
     ``val_pairs`` (reporting only, never used for training): after every stage, log the
     landmark TRE of the first N held-out pairs of the fold (keypoint datasets) or the Dice
     of the first N labelled ``registration_val`` pairs (volume datasets).
+    ``jobs``: keypoint datasets label up to this many folds at once in worker processes, as
+    :func:`run_cycle` trains them (same labels as one at a time). A fold whose stage-0 labels
+    exist already is skipped, so the same command completes an interrupted run.
     """
     kind = dataset_kind(dataset)
     require_count("--val-pairs", val_pairs, 0)
+    require_count("--jobs", jobs, 1)
     if kind == "keypoints":
         return _cloud_pretrain(dataset, Path(run), seed=seed, fold=fold, device=device, config=config,
-                               options=_only(kind, CLOUD_OPTIONS, options), val_pairs=val_pairs)
+                               options=_only(kind, CLOUD_OPTIONS, options), val_pairs=val_pairs, jobs=jobs)
     if fold not in (None, "all"):
         raise InputError("--fold: volume datasets have no folds", dataset)
+    if jobs != 1:
+        raise InputError("--jobs: volume datasets have one training set (no folds to share out)", dataset)
     return _dense_pretrain(dataset, Path(run), seed=seed, device=device, config=config, val_pairs=val_pairs,
                            options=_only(kind, DENSE_OPTIONS, options))
 
@@ -221,7 +227,7 @@ def _scheduler(task, directory, hook, **kw) -> StageScheduler:
     return StageScheduler(task, directory, hook=(lambda t, m: hook(t, m, task)) if hook else None, **kw)
 
 
-def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pairs=0) -> Path:
+def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pairs=0, jobs: int = 1) -> Path:
     ds = load_keypoint_dataset(dataset)
     folds = _folds(ds, fold)
     config = cycle_config(base=config, **options)
@@ -229,14 +235,35 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     dev = resolve_device(device)
     meta = {**_identity(ds), "config": to_jsonable(config)}
     _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config))
-    tasks = {k: _cloud_task(ds, k, config, dev) for k in folds}  # reads and validates all inputs first
-    hooks = {k: _cloud_val_hook(ds, k, val_pairs) for k in folds}
+    for k in folds:  # reads and validates all inputs before anything is written
+        _cloud_task(ds, k, config, dev)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)
+    args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
     with _progress() as progress:
-        for k, task in tasks.items():
-            _scheduler(task, fold_dir(run, k), hooks[k]).run_stage0(progress)
+        _for_folds(_cloud_stage0_job, args, jobs, progress, on_result=lambda k: None)
     return run
+
+
+def _for_folds(job, args: dict, jobs: int, progress, on_result) -> None:
+    """``on_result(job(*args[k], progress=...))`` for every fold ``k`` of ``args``: in turn, or
+    in up to ``jobs`` worker processes that share the intra-op threads (results in completion order)."""
+    if jobs > 1 and len(args) > 1:
+        from cyclereg.training.parallel import run_parallel
+
+        threads = max(1, torch.get_num_threads() // min(jobs, len(args)))
+        run_parallel(((job, a, f"fold {k}") for k, a in args.items()), jobs, progress, threads, on_result=on_result)
+    else:
+        for a in args.values():
+            on_result(job(*a, progress=progress))
+
+
+def _cloud_stage0_job(ds, config, run, k, device, val_pairs, *, progress) -> int:
+    """Stage-0 pseudo labels of fold ``k`` (skipped if present); returns ``k``. Module-level, with
+    picklable arguments, so that worker processes can run it."""
+    task = _cloud_task(ds, k, config, device)
+    _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs)).run_stage0(progress)
+    return k
 
 
 def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCycleConfig:
@@ -267,15 +294,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
             result[k] = final
             progress.advance(outer)
 
-        if jobs > 1 and len(selected) > 1:
-            from cyclereg.training.parallel import run_parallel
-
-            threads = max(1, torch.get_num_threads() // min(jobs, len(selected)))
-            run_parallel(((_cloud_fold_job, args[k], f"fold {k}") for k in selected), jobs, progress, threads,
-                         on_result=lambda r: finished(*r))
-        else:
-            for k in selected:
-                finished(*_cloud_fold_job(*args[k], progress=progress))
+        _for_folds(_cloud_fold_job, args, jobs, progress, on_result=lambda r: finished(*r))
     return {k: result[k] for k in selected}
 
 
