@@ -396,6 +396,22 @@ def test_parallel_folds_give_the_sequential_result(tmp_path):
     assert res.exit_code == 2 and "--jobs" in res.output
 
 
+def test_pretrain_random_completes_an_interrupted_run(tmp_path):
+    """pretrain-random stopped after fold 1 (here: run for fold 1 alone), then the command for all
+    folds: fold 1's labels are kept as they were, only fold 2 is labelled."""
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "1", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    first = (run / "fold1" / "pseudo0.pt").read_bytes()
+    assert not (run / "fold2").exists()
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args])
+    assert res.exit_code == 0, res.output
+    assert (run / "fold1" / "pseudo0.pt").read_bytes() == first
+    assert len((run / "fold1" / "log.jsonl").read_text().splitlines()) == 1
+    assert (run / "fold2" / "pseudo0.pt").is_file()
+
+
 def test_parallel_folds_report_a_failing_fold(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
