@@ -88,6 +88,28 @@ def test_pruned_min_convolution_is_exact(peaked):
         LBPConfig(prune_fraction=1.0)
 
 
+def test_min_convolution_chunking_changes_nothing(monkeypatch):
+    """The CPU chunk (edges per product) follows K x K' within [1, EDGE_CHUNK], and any chunk
+    size, one edge at a time included, gives bitwise the messages of the default one."""
+    from cyclereg.clouds import lbp
+
+    cpu = torch.device("cpu")
+    assert lbp.edge_chunk(256, 256, cpu) == lbp.CPU_CHUNK_PRODUCTS // 256 ** 2 == 64
+    assert lbp.edge_chunk(64, 64, cpu) == lbp.EDGE_CHUNK  # capped
+    assert lbp.edge_chunk(5000, 5000, cpu) == 1
+    assert lbp.edge_chunk(256, 256, torch.device("meta")) == lbp.EDGE_CHUNK  # off the CPU: as before
+    g = torch.Generator().manual_seed(5)
+    e, k = 300, 128
+    belief = torch.rand(e, k, generator=g)
+    cs, cd = (torch.randn(e, k, 3, generator=g) * 0.1 for _ in range(2))
+    for prune in (None, k):
+        ref = lbp.min_convolution(belief, cs, cd, 10.0, prune_from=prune)
+        for products in (1, 7 * k * k):
+            monkeypatch.setattr(lbp, "CPU_CHUNK_PRODUCTS", products)
+            assert torch.equal(lbp.min_convolution(belief, cs, cd, 10.0, prune_from=prune), ref)
+        monkeypatch.undo()
+
+
 def test_lbp_hard_min_equals_brute_force_on_tree(device):
     g = torch.Generator().manual_seed(3)
     n, k = 5, 3

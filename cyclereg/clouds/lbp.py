@@ -21,7 +21,20 @@ import torch
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 
 EDGE_CHUNK = 512
-"""Edges processed at once in the min-convolution (memory: chunk x K x K floats)."""
+"""Edges processed at once in the min-convolution off the CPU (memory: chunk x K x K floats)."""
+
+CPU_CHUNK_PRODUCTS = 2 ** 22
+"""On CPU, the min-convolution takes as many edges at once as keep its ``edges x K x K'`` product
+near this many floats (16 MB), at most :data:`EDGE_CHUNK`: the product is written and then reduced,
+and a chunk that stays in cache (and is not a fresh 134 MB allocation each time) makes both faster.
+The messages are bitwise the same for any chunk size; timings in docs/benchmarks.md."""
+
+
+def edge_chunk(k_src: int, k_dst: int, device: torch.device) -> int:
+    """Edges per min-convolution chunk for ``k_src`` source and ``k_dst`` destination labels."""
+    if device.type != "cpu":
+        return EDGE_CHUNK
+    return max(1, min(EDGE_CHUNK, CPU_CHUNK_PRODUCTS // max(1, k_src * k_dst)))
 
 
 @dataclass(frozen=True)
@@ -173,8 +186,9 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
             search = lambda b_, c_, d_: _argmin_pruned_chunk(b_, c_, d_, alpha, first)  # noqa: E731
         else:
             search = lambda b_, c_, d_: _argmin_chunk(b_, c_, d_, alpha)  # noqa: E731
-        arg = torch.cat([search(b[s:s + EDGE_CHUNK], cs[s:s + EDGE_CHUNK], cand_dst[s:s + EDGE_CHUNK].detach())
-                         for s in range(0, b.shape[0], EDGE_CHUNK)])
+        step = edge_chunk(b.shape[1], cand_dst.shape[1], b.device)
+        arg = torch.cat([search(b[s:s + step], cs[s:s + step], cand_dst[s:s + step].detach())
+                         for s in range(0, b.shape[0], step)])
         if keep is not None:
             arg = keep.gather(1, arg)
     best_b = belief_src.gather(1, arg)
