@@ -117,11 +117,12 @@ def _argmin_chunk(belief_src, cand_src, cand_dst, alpha):
 
     Uses ``b(l) + a||x_l - y||^2 = [x_l, b(l) + a||x_l||^2] . [-2a y, 1] + a||y||^2``: one
     batched matrix product with inner dimension 4, then a minimum over the source labels. The
-    product is laid out ``(e, K, K')`` and reduced over dim 1 with ``min``: on CPU about 30 %
-    faster than ``argmin`` over the last dim of the transposed layout, same indices.
+    product is laid out ``(e, K', K)`` and reduced over its last dim with ``min``: with cache-sized
+    chunks (:func:`edge_chunk`) 5-15 % faster on CPU than the ``(e, K, K')`` layout reduced over
+    dim 1 (which was the faster one with 512-edge chunks), bitwise the same indices on COPD.
     """
-    return torch.bmm(_source_rows(belief_src, cand_src, alpha),
-                     _destination_rows(cand_dst, alpha).transpose(1, 2)).min(dim=1).indices
+    return torch.bmm(_destination_rows(cand_dst, alpha),
+                     _source_rows(belief_src, cand_src, alpha).transpose(1, 2)).min(dim=2).indices
 
 
 def _source_rows(belief_src, cand_src, alpha):
@@ -149,15 +150,15 @@ def _argmin_pruned_chunk(belief_src, cand_src, cand_dst, alpha, first):
     keep, bound = order[:, :first], vals[:, first]
     rhs = _destination_rows(cand_dst, alpha)
     lhs = _source_rows(vals[:, :first], cand_src.gather(1, keep[..., None].expand(-1, -1, 3)), alpha)
-    best, at = torch.bmm(lhs, rhs.transpose(1, 2)).min(dim=1)
+    best, at = torch.bmm(rhs, lhs.transpose(1, 2)).min(dim=2)
     arg = keep.gather(1, at)
     best = best + alpha * cand_dst.pow(2).sum(-1)
     # rounding margin: a near-tie with the bound is searched again rather than trusted
     redo = best >= bound[:, None] - 1e-6 * (1 + bound.abs()[:, None])
     edges = redo.any(dim=1).nonzero().squeeze(1)
     if edges.numel():
-        full = torch.bmm(_source_rows(belief_src[edges], cand_src[edges], alpha), rhs[edges].transpose(1, 2))
-        arg[edges] = torch.where(redo[edges], full.min(dim=1).indices, arg[edges])
+        full = torch.bmm(rhs[edges], _source_rows(belief_src[edges], cand_src[edges], alpha).transpose(1, 2))
+        arg[edges] = torch.where(redo[edges], full.min(dim=2).indices, arg[edges])
     return arg
 
 
