@@ -1,4 +1,5 @@
-"""Several cross-validation folds at once, in worker processes (``cyclereg cycle --jobs N``, ``pretrain-random --jobs N``).
+"""Several cross-validation folds at once, in worker processes (``cyclereg cycle --jobs N``,
+``cyclereg pretrain-random --jobs N``).
 
 Each worker trains whole folds with the ordinary :class:`~cyclereg.training.scheduler.StageScheduler`;
 its progress-bar calls travel through a queue to the parent, which shows them on its own rich
