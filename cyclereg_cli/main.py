@@ -208,6 +208,41 @@ def cycle(
 
 @app.command()
 @cli_errors
+def status(
+    run: Path = typer.Argument(..., help="run directory made by pretrain-random"),
+    stages: Optional[int] = typer.Option(None, "--stages", help="count progress towards T stages (default: the run's)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the status as JSON here"),
+) -> None:
+    """Progress of a training run (read only; also while cycle runs): stages per fold, what comes next, time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cyclereg.checkpoint import write_json
+    from cyclereg.training.api import run_status
+
+    info = run_status(run, stages=stages)
+    table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages")
+    for column in ("fold", "finished stage", "next", "time so far", "time left (estimate)"):
+        table.add_column(column)
+    for row in info["folds"]:
+        table.add_row("all" if row["fold"] is None else str(row["fold"]),
+                      "-" if row["finished"] < 0 else str(row["finished"]), row["next"],
+                      _hms(sum(row["stage_seconds"].values()) if row["stage_seconds"] else None),
+                      _hms(row["remaining_s"]))
+    Console().print(table)
+    if json_out is not None:
+        write_json(json_out, info)
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
+
+
+@app.command()
+@cli_errors
 def register(
     fixed: Path = typer.Argument(..., help="fixed point cloud (csv/npy/ply/pcd) or volume (NIfTI)"),
     moving: Path = typer.Argument(..., help="moving point cloud or volume"),

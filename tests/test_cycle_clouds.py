@@ -12,6 +12,7 @@ import cyclereg.training.scheduler as scheduler_mod
 from cyclereg.checkpoint import load_checkpoint
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.pointio import read_points, write_points
+from cyclereg.training.api import run_status
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, random_affine
 from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
@@ -410,6 +411,36 @@ def test_pretrain_random_completes_an_interrupted_run(tmp_path):
     assert (run / "fold1" / "pseudo0.pt").read_bytes() == first
     assert len((run / "fold1" / "log.jsonl").read_text().splitlines()) == 1
     assert (run / "fold2" / "pseudo0.pt").is_file()
+
+
+def test_status_reports_progress_without_touching_the_run(tmp_path):
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "2", "--epochs", "2", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "1"]).exit_code == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*"))
+    res = runner.invoke(app, ["status", str(run), "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    info = json.loads((tmp_path / "s.json").read_text())
+    assert info["stages"] == 2 and info["kind"] == "keypoints"
+    f1, f2 = info["folds"]
+    log = [json.loads(line) for line in (run / "fold1" / "log.jsonl").read_text().splitlines()]
+    assert f1["finished"] == 1 and f1["next"] == "stage 2: training from step 0"
+    assert f1["stage_seconds"] == {str(r["stage"]): r["seconds"] for r in log}
+    assert f1["remaining_s"] == pytest.approx(log[1]["seconds"])  # one stage left at stage 1's pace
+    assert f2["finished"] == -1 and f2["remaining_s"] is None and "pretrain-random" in f2["next"]
+    torch.save({"step": 1, "total_steps": 2}, run / "fold1" / "stage2.partial.pt")
+    status = run_status(run)["folds"][0]
+    assert status["next"] == "stage 2: training after step 1/2"
+    (run / "fold1" / "stage2.partial.pt").write_bytes(b"damaged")
+    assert "unreadable training snapshot" in run_status(run)["folds"][0]["next"]
+    (run / "fold1" / "stage2.pt").write_bytes((run / "fold1" / "stage1.pt").read_bytes())
+    assert run_status(run)["folds"][0]["next"] == "stage 2: its pseudo labels (trained)"
+    assert run_status(run, stages=1)["folds"][0]["next"] == "finished"
+    res = runner.invoke(app, ["status", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not a cyclereg run directory" in res.output
 
 
 def test_parallel_folds_report_a_failing_fold(tmp_path):

@@ -195,6 +195,10 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "1", *on])
     assert res.exit_code == 0, res.output
     stage1 = (run / "all" / "stage1.pt").read_bytes()
+    res = runner.invoke(app, ["status", str(run), "--json", str(tmp_path / "status.json")])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "status.json").read_text())["folds"]
+    assert row["fold"] is None and row["finished"] == 1 and row["next"] == "stage 2: training from step 0"
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), *on])
     assert res.exit_code == 0, res.output
     assert (run / "all" / "stage1.pt").read_bytes() == stage1  # not retrained

@@ -164,6 +164,22 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None
                            options=_only(kind, DENSE_OPTIONS, options))
 
 
+def run_status(run: Path, stages: int | None = None) -> dict:
+    """Progress of a run directory, read only: dataset, kind, the number of stages (the run's
+    configuration, or ``stages``) and per fold (``None``: a volume run) the
+    :meth:`~cyclereg.training.scheduler.StageScheduler.status` of its directory."""
+    run = Path(run)
+    meta = _read_meta(run)
+    require_count("--stages", stages, 1)
+    try:
+        total = int(meta["config"]["stages"]) if stages is None else stages
+        folds = list(range(1, len(meta["folds"]) + 1)) if meta["folds"] else [None]
+    except (KeyError, TypeError, ValueError):
+        raise InputError("run.json lacks the configuration or the folds", run / "run.json") from None
+    return {"run": str(run), "dataset": meta.get("dataset"), "kind": meta.get("kind"), "stages": total,
+            "folds": [{"fold": k, **StageScheduler(None, fold_dir(run, k)).status(total)} for k in folds]}
+
+
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
               device: str = "auto", val_pairs: int = 0, snapshot_every_s: float | None = None,
               jobs: int = 1) -> dict:

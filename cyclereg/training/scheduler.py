@@ -167,7 +167,7 @@ class StageScheduler:
                  hook: StageHook | None = None, snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S):
         """
         Args:
-            task: the modality.
+            task: the modality (``None`` for the read-only :meth:`status`).
             run_dir: directory of this training run (one fold).
             keep_labels: keep only the newest this many ``pseudo{t}.pt`` files (dense pseudo
                 labels are large; resuming needs only the newest). ``None`` keeps all.
@@ -236,6 +236,46 @@ class StageScheduler:
         path = self.dir / "log.jsonl"
         old = path.read_text() if path.exists() else ""
         atomic_write_text(path, old + json.dumps(record) + "\n")
+
+    def status(self, stages: int) -> dict:
+        """What this directory holds, read without changing anything (``task`` may be ``None``).
+
+        Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "remaining_s": s}``:
+        the last finished stage (-1: none), where the same ``cycle`` command would go on (a
+        stage whose training is saved and whose labels are not, or a mid-stage snapshot's
+        step), the logged seconds of each finished stage (of its last, possibly resumed, run),
+        and an estimate of the time left at the mean pace of the finished stages >= 1 (``None``
+        before the first one)."""
+        done = self.last_finished_stage() if self.dir.is_dir() else -1
+        seconds = {}
+        log = self.dir / "log.jsonl"
+        if log.is_file():
+            for line in log.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    seconds[int(record["stage"])] = float(record["seconds"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a foreign line does not stop the report
+        nxt = done + 1
+        if done < 0:
+            text = "stage 0 labels (pretrain-random)"
+        elif done >= stages:
+            text = "finished"
+        elif self.checkpoint_path(nxt).is_file():
+            text = f"stage {nxt}: its pseudo labels (trained)"
+        elif self.snapshot_path(nxt).is_file():
+            try:
+                snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
+                text = f"stage {nxt}: training after step {int(snap['step'])}/{int(snap['total_steps'])}"
+            except Exception:  # noqa: BLE001 - reported, not raised: cycle itself names the file
+                text = f"stage {nxt}: unreadable training snapshot {self.snapshot_path(nxt).name}"
+        else:
+            text = f"stage {nxt}: training from step 0"
+        paced = [s for t, s in seconds.items() if 1 <= t <= done]
+        remaining = None
+        if paced:
+            remaining = sum(paced) / len(paced) * max(0, stages - max(done, 0))
+        return {"finished": done, "next": text, "stage_seconds": seconds, "remaining_s": remaining}
 
     # ------------------------------------------------------------------ stages
     def run_stage0(self, progress=None) -> None:
