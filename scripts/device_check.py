@@ -116,7 +116,7 @@ def steps(copd_run: int | None, device: str = "cuda") -> list[tuple[str, list[st
         run = str(COPD_RUN)
         out.append(("copd-k256-run", " && ".join([
             " ".join(cli + ["pretrain-random", copd, "-o", run, "--fold", "all", "--candidates", "256",
-                            "--device", device]) + f" || test -f {run}/run.json",
+                            "--jobs", "5", "--device", device]) + f" || test -f {run}/run.json",
             " ".join(cli + ["cycle", copd, "--run", run, "--folds", "all", "--jobs", "5", "--device", device])]),
             copd_run))
     return out
