@@ -38,3 +38,25 @@ def sleeps(path: str, *, progress) -> None:
 def exits(*, progress) -> None:
     """Leaves the process normally without returning a result."""
     raise SystemExit(0)
+
+
+def threads_now(*, progress) -> int:
+    """Returns at once with the worker's intra-op thread count."""
+    import torch
+
+    progress.add_task("threads", total=1)
+    return torch.get_num_threads()
+
+
+def threads_until(wanted: int, *, progress) -> tuple[int, int]:
+    """Keeps reporting progress until the worker runs ``wanted`` intra-op threads (or 30 s
+    pass); returns the counts at the start and at the end."""
+    import torch
+
+    task = progress.add_task("wait", total=None)
+    first = torch.get_num_threads()
+    deadline = time.monotonic() + 30
+    while torch.get_num_threads() != wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+        progress.advance(task)
+    return first, torch.get_num_threads()

@@ -45,6 +45,22 @@ def test_every_result_arrives_with_more_jobs_than_workers():
     assert all(done == 1 for _, done in progress.tasks.values())
 
 
+def test_the_last_worker_takes_over_the_threads_of_finished_ones():
+    """Two workers share a budget of 4 threads (2 each); when the quick job is done and no job
+    is left to start, the remaining worker moves to all 4 at its next progress call."""
+    got = []
+    run_parallel([(jobs.threads_until, (4,), "fold 1"), (jobs.threads_now, (), "fold 2")], 2, Recorder(), 2,
+                 got.append, total_threads=4)
+    assert 2 in got  # the quick job ran with its share
+    assert (2, 4) in got
+
+
+def test_without_a_budget_every_worker_keeps_its_threads():
+    got = []
+    run_parallel([(jobs.threads_now, (), f"fold {k}") for k in range(3)], 2, Recorder(), 1, got.append)
+    assert got == [1, 1, 1]
+
+
 def test_a_job_error_is_re_raised_as_itself():
     with pytest.raises(KeyError, match="no such fold"):
         run_parallel([(jobs.fails, (), "fold 1")], 1, Recorder(), 1, lambda r: None)

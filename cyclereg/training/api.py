@@ -263,12 +263,15 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
 
 def _for_folds(job, args: dict, jobs: int, progress, on_result) -> None:
     """``on_result(job(*args[k], progress=...))`` for every fold ``k`` of ``args``: in turn, or
-    in up to ``jobs`` worker processes that share the intra-op threads (results in completion order)."""
+    in up to ``jobs`` worker processes that share the intra-op threads (results in completion order;
+    the last folds take over the threads of finished ones)."""
     if jobs > 1 and len(args) > 1:
-        from cyclereg.training.parallel import run_parallel
+        from cyclereg.training.parallel import run_parallel, share_threads
 
-        threads = max(1, torch.get_num_threads() // min(jobs, len(args)))
-        run_parallel(((job, a, f"fold {k}") for k, a in args.items()), jobs, progress, threads, on_result=on_result)
+        total = torch.get_num_threads()
+        threads = share_threads(total, min(jobs, len(args)))
+        run_parallel(((job, a, f"fold {k}") for k, a in args.items()), jobs, progress, threads,
+                     on_result=on_result, total_threads=total)
     else:
         for a in args.values():
             on_result(job(*a, progress=progress))

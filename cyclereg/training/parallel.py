@@ -4,7 +4,10 @@
 Each worker trains whole folds with the ordinary :class:`~cyclereg.training.scheduler.StageScheduler`;
 its progress-bar calls travel through a queue to the parent, which shows them on its own rich
 display (prefixed with the fold), so a parallel run looks like a sequential one. Workers are
-spawned (not forked), one per fold, and each gets ``threads`` intra-op threads. Ctrl-C, an error in
+spawned (not forked), one per fold, and each gets ``threads`` intra-op threads. Given a thread
+budget (``total_threads``), the workers still running take over the threads of those that have
+finished once no job is left to start (the last fold of a 5-fold run on 2 workers trains on both
+cores instead of one); a worker picks up its new count at its next progress call. Ctrl-C, an error in
 one fold, or a worker that dies (e.g. killed by the OS for memory) stops all workers; their
 mid-stage snapshots make the same command resume every fold.
 """
@@ -33,22 +36,36 @@ class QueueProgress:
     training code makes (``add_task``, ``update``, ``advance``, ``remove_task``,
     ``console.print``) to the parent through ``q``; task ids are unique per worker process."""
 
-    def __init__(self, q, label: str):
+    def __init__(self, q, label: str, threads=None):
         self._q = q
         self._label = label
         self._next = 0
+        self._threads = threads  # shared int: this worker's intra-op threads (None: fixed)
         self.console = _QueueConsole(q, label)
+
+    def _follow_threads(self) -> None:
+        """Adopt the thread count the parent last published (between two steps of the job, so
+        no parallel region is running)."""
+        if self._threads is None:
+            return
+        import torch
+
+        wanted = self._threads.value
+        if wanted > 0 and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
 
     def _key(self, task: int) -> tuple[int, int]:
         return (os.getpid(), task)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_kw) -> int:
+        self._follow_threads()
         self._next += 1
         self._q.put(("add", self._key(self._next), f"{self._label}: {description}", total, completed))
         return self._next
 
     def update(self, task: int, *, advance: float | None = None, description: str | None = None,
                completed: float | None = None, **_kw) -> None:
+        self._follow_threads()
         text = None if description is None else f"{self._label}: {description}"
         self._q.put(("update", self._key(task), advance, text, completed))
 
@@ -112,11 +129,12 @@ def _portable(exc: Exception) -> Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _worker(q, results, threads: int, index: int, fn: Callable, args: tuple, label: str) -> None:
+def _worker(q, results, threads: int, index: int, fn: Callable, args: tuple, label: str,
+            shared_threads=None) -> None:
     """Body of one worker process: run one job and put ``(index, ok, result or exception)``."""
     _init_worker(threads)
     try:
-        out = fn(*args, progress=QueueProgress(q, label))
+        out = fn(*args, progress=QueueProgress(q, label, shared_threads))
     except Exception as exc:  # SystemExit (SIGTERM from the parent) is not a result
         results.put((index, False, _portable(exc)))
     else:
@@ -139,11 +157,22 @@ def _death(label: str, exitcode: int | None) -> WorkerError:
                        "run the same command again to resume from its last snapshot")
 
 
+def share_threads(total_threads: int, active: int, floor: int = 1) -> int:
+    """Intra-op threads per worker when ``active`` workers share ``total_threads``: an even
+    split, at least ``floor``."""
+    return max(floor, total_threads // max(1, active))
+
+
 def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, progress, threads: int,
-                 on_result: Callable[[Any], None], *, poll_s: float = 0.2) -> None:
+                 on_result: Callable[[Any], None], *, total_threads: int | None = None,
+                 poll_s: float = 0.2) -> None:
     """Run ``fn(*args, progress=...)`` for every ``(fn, args, label)``, at most ``workers`` at
     once, each in its own spawned process with ``threads`` intra-op threads; ``on_result`` gets
     each job's result as it arrives (in completion order).
+
+    With ``total_threads``, once no job is left to start the remaining workers split that
+    budget among themselves (:func:`share_threads`, never below ``threads``); each applies its
+    new count at its next progress call. Without it every worker keeps ``threads``.
 
     ``fn`` and ``args`` are pickled (``fn`` must be module-level). The first exception raised by
     a job is re-raised here; a worker that dies without a result (killed by the OS, a crash in
@@ -152,6 +181,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     pending = list(enumerate(jobs))
     ctx = mp.get_context("spawn")
     q, results = ctx.Queue(), ctx.Queue()
+    shared = None if total_threads is None else ctx.Value("i", threads, lock=False)
     stop = threading.Event()
     drainer = threading.Thread(target=_drain, args=(q, progress, stop), daemon=True)
     drainer.start()
@@ -161,7 +191,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
         while pending or running:
             while pending and len(running) < workers:
                 index, (fn, args, label) = pending.pop(0)
-                proc = ctx.Process(target=_worker, args=(q, results, threads, index, fn, args, label),
+                proc = ctx.Process(target=_worker, args=(q, results, threads, index, fn, args, label, shared),
                                    name=f"cyclereg {label}", daemon=True)
                 proc.start()
                 running[index] = (proc, label)
@@ -181,6 +211,8 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
             proc.join()
             if not ok:
                 raise payload
+            if shared is not None and not pending and running:
+                shared.value = share_threads(total_threads, len(running), floor=threads)
             on_result(payload)
     finally:
         for proc, _ in running.values():
