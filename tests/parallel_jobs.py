@@ -60,3 +60,40 @@ def threads_until(wanted: int, *, progress) -> tuple[int, int]:
         time.sleep(0.05)
         progress.advance(task)
     return first, torch.get_num_threads()
+
+
+def reports(path: str, *, progress) -> None:
+    """Writes its pid to ``path``, then reports progress every 50 ms for up to 60 s."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+    task = progress.add_task("reports", total=None)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        progress.advance(task)
+
+
+class _Silent:
+    def __init__(self):
+        self.console = self
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+    def remove_task(self, *a, **k):
+        pass
+
+    def print(self, *a, **k):
+        pass
+
+
+def drive(path: str) -> None:
+    """Parent side for a test that kills the parent: one worker running :func:`reports`."""
+    from cyclereg.training.parallel import run_parallel
+
+    run_parallel([(reports, (path,), "fold 1")], 1, _Silent(), 1, lambda r: None)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import parallel_jobs as jobs
 import pytest
@@ -96,3 +100,37 @@ def test_a_worker_that_exits_without_a_result_is_reported(monkeypatch):
     monkeypatch.setattr(parallel, "RESULT_GRACE_S", 0.5)
     with pytest.raises(WorkerError, match=r"fold 3: the worker process ended \(it exited normally\) without a result"):
         run_parallel([(jobs.exits, (), "fold 3")], 1, Recorder(), 1, lambda r: None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_no_worker_outlives_a_killed_parent(tmp_path, sig):
+    """`kill` of `cycle --jobs N` terminates its workers (SIGTERM leaves through the cleanup);
+    after `kill -9` each worker notices at its next progress call that its parent is gone and
+    stops, instead of training on as an orphan that a re-run would race."""
+    marker = tmp_path / "pid"
+    here = Path(__file__).parent
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import sys; sys.path.insert(0, {str(here)!r}); import parallel_jobs; "
+                               f"parallel_jobs.drive({str(marker)!r})"])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = int(marker.read_text())
+        assert _alive(worker)
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker)
+    finally:
+        parent.kill()

@@ -7,9 +7,11 @@ display (prefixed with the fold), so a parallel run looks like a sequential one.
 spawned (not forked), one per fold, and each gets ``threads`` intra-op threads. Given a thread
 budget (``total_threads``), the workers still running take over the threads of those that have
 finished once no job is left to start (the last fold of a 5-fold run on 2 workers trains on both
-cores instead of one); a worker picks up its new count at its next progress call. Ctrl-C, an error in
-one fold, or a worker that dies (e.g. killed by the OS for memory) stops all workers; their
-mid-stage snapshots make the same command resume every fold.
+cores instead of one); a worker picks up its new count at its next progress call. Ctrl-C, SIGTERM
+to the parent, an error in one fold, or a worker that dies (e.g. killed by the OS for memory) stops
+all workers; a worker whose parent is gone (``kill -9`` of the command) stops at its next progress
+call instead of training on as an orphan. Their mid-stage snapshots make the same command resume
+every fold.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from typing import Any, Callable, Iterable
 
 from cyclereg.errors import WorkerError
 
+ORPHAN_EXIT_CODE = 129
+"""Exit status of a worker that noticed its parent had died."""
+
 RESULT_GRACE_S = 10.0
 """How long a worker that exited normally may take to deliver its result through the queue
 before it counts as having died without one (e.g. an unpicklable result)."""
@@ -41,11 +46,15 @@ class QueueProgress:
         self._label = label
         self._next = 0
         self._threads = threads  # shared int: this worker's intra-op threads (None: fixed)
+        self._parent = os.getppid()
         self.console = _QueueConsole(q, label)
 
-    def _follow_threads(self) -> None:
-        """Adopt the thread count the parent last published (between two steps of the job, so
-        no parallel region is running)."""
+    def _follow_parent(self) -> None:
+        """Between two steps of the job: leave if the parent is gone (an orphan would train on,
+        unseen, and race a re-run of the command for the same files), else adopt the thread
+        count the parent last published (no parallel region is running here)."""
+        if os.getppid() != self._parent:
+            sys.exit(ORPHAN_EXIT_CODE)
         if self._threads is None:
             return
         import torch
@@ -58,14 +67,14 @@ class QueueProgress:
         return (os.getpid(), task)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_kw) -> int:
-        self._follow_threads()
+        self._follow_parent()
         self._next += 1
         self._q.put(("add", self._key(self._next), f"{self._label}: {description}", total, completed))
         return self._next
 
     def update(self, task: int, *, advance: float | None = None, description: str | None = None,
                completed: float | None = None, **_kw) -> None:
-        self._follow_threads()
+        self._follow_parent()
         text = None if description is None else f"{self._label}: {description}"
         self._q.put(("update", self._key(task), advance, text, completed))
 
@@ -187,6 +196,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     drainer.start()
     running: dict[int, tuple[Any, str]] = {}
     exited: dict[int, float] = {}  # job -> when its worker was first seen gone (exit code 0)
+    old_term = _exit_on_sigterm()
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -222,3 +232,14 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
             proc.join()
         stop.set()
         drainer.join(timeout=5)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM leave through Python (``SystemExit``), so that :func:`run_parallel`'s cleanup
+    terminates the workers; returns the previous handler (None off the main thread, where
+    signal handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
