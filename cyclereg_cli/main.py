@@ -1,13 +1,17 @@
 """``cyclereg`` command line. Each command parses options and makes one library call.
 
 Errors from bad input (:class:`cyclereg.errors.InputError`) are printed as one line on
-stderr and exit with code 2; nothing is written in that case.
+stderr and exit with code 2; nothing is written in that case. ``kill`` (SIGTERM) stops a command
+like Ctrl-C does (exit 143): no half-written file is left, and training resumes from its last
+snapshot when the same command runs again.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +56,19 @@ def _main_options(
                                  help="Print the versions of cyclereg, torch, torch-geometric and Python, and exit."),
 ) -> None:
     """Unsupervised 3D registration by optimisation-guided cyclical self-training."""
+    _exit_on_sigterm()
+
+
+def _exit_on_sigterm() -> None:
+    """Let ``kill`` (SIGTERM) leave through Python with exit status 143, like Ctrl-C, so that an
+    interrupted atomic write removes its temporary file and parallel folds stop their workers
+    (the default action ends the process on the spot)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_exit)
+
+
+def _sigterm_exit(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -53,6 +53,29 @@ def test_version_names_the_installed_versions():
     assert metadata.version("cyclereg") == cyclereg.__version__
 
 
+def test_sigterm_leaves_no_partial_file(tmp_path):
+    """`kill` of a command in the middle of an atomic write: exit status 143 and neither the
+    temporary file nor the target remain (the default SIGTERM action would leave the temporary)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.pt"
+    script = (
+        "import os, signal, sys, time\n"
+        "from cyclereg_cli.main import _main_options\n"
+        "from cyclereg.checkpoint import atomic_write_bytes\n"
+        "_main_options(version=False)\n"
+        "def writer(fh):\n"
+        "    fh.write(b'partial')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        f"atomic_write_bytes({str(target)!r}, writer)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert done.returncode == 143
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_register_clouds(pair_files):
     d, pair = pair_files
     res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out"),
