@@ -14,6 +14,7 @@ from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.pointio import read_points, write_points
 from cyclereg.training.api import run_status
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, random_affine
+from cyclereg.training.scheduler import LabelParts
 from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
 
@@ -309,32 +310,67 @@ def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
 
 
 def test_stage_killed_while_refreshing_labels_is_not_trained_again(tmp_path, monkeypatch):
+    """Killed while labelling stage 2's second training pair: the same command neither trains
+    stage 2 again nor labels its first pair again, and ends with the uninterrupted run's labels."""
     ds = _dataset(tmp_path)
-    _reference_and_twin(tmp_path, ds, 3, [*FAST, *CHEAP_LABELS])
-    real = CloudCycleTask.make_pseudo_labels
+    _reference_and_twin(tmp_path, ds, 3, [*FAST, *CHEAP_LABELS])  # fold 3 trains on c0, c1
+    real_make, real_refine = CloudCycleTask.make_pseudo_labels, CloudCycleTask.refine
+    refreshing = []
 
-    def dies_refreshing_stage2(self, model, stage, progress=None):
-        if stage == 2:
+    def make(self, model, stage, progress=None, **kw):
+        refreshing.append(stage)
+        return real_make(self, model, stage, progress, **kw)
+
+    def dies_at_c1_of_stage2(self, model, pair, labeller=None):
+        if refreshing[-1] == 2 and pair.id == "c1":
             raise KeyboardInterrupt
-        return real(self, model, stage, progress)
+        return real_refine(self, model, pair, labeller)
 
-    monkeypatch.setattr(CloudCycleTask, "make_pseudo_labels", dies_refreshing_stage2)
+    monkeypatch.setattr(CloudCycleTask, "make_pseudo_labels", make)
+    monkeypatch.setattr(CloudCycleTask, "refine", dies_at_c1_of_stage2)
     cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "3"]
     assert runner.invoke(app, cmd).exit_code == 130
     fold = tmp_path / "b" / "fold3"
     assert (fold / "stage2.pt").is_file() and not (fold / "pseudo2.pt").exists()
-    monkeypatch.setattr(CloudCycleTask, "make_pseudo_labels", real)
-    trained = []
+    assert sorted(p.name for p in (fold / "pseudo2.parts").iterdir()) == ["c0.pt"]
+    assert run_status(tmp_path / "b")["folds"][2]["next"] == "stage 2: its pseudo labels (trained), 1 pair labelled"
+    labelled, trained = [], []
+    monkeypatch.setattr(CloudCycleTask, "refine",
+                        lambda self, model, pair, labeller=None: labelled.append(pair.id) or real_refine(self, model, pair, labeller))
     real_train = CloudCycleTask.train_stage
     monkeypatch.setattr(CloudCycleTask, "train_stage", lambda self, *a, **kw: trained.append(a[3]) or real_train(self, *a, **kw))
     assert runner.invoke(app, cmd).exit_code == 0
     assert trained == []  # stage 2's training had finished; only its labels were made again
+    assert labelled == ["c1"]  # and of those only the pair that had none
+    assert not (fold / "pseudo2.parts").exists()
     log_a = [json.loads(l) for l in (tmp_path / "a" / "fold3" / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(l) for l in (fold / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log_b] == [0, 1, 2]
     assert log_b[2]["train_loss_mm"] == log_a[2]["train_loss_mm"]
-    assert torch.equal(torch.load(fold / "pseudo2.pt", weights_only=True)["labels"]["c0"],
-                       torch.load(tmp_path / "a" / "fold3" / "pseudo2.pt", weights_only=True)["labels"]["c0"])
+    for key in ("pseudo_label_disagreement_mm", "mean_pseudo_displacement_mm"):
+        assert log_b[2][key] == log_a[2][key]
+    a, b = (torch.load(d / "pseudo2.pt", weights_only=True) for d in (tmp_path / "a" / "fold3", fold))
+    assert a["weights"] == b["weights"] and a["labels"].keys() == b["labels"].keys()
+    for pid in a["labels"]:
+        assert torch.equal(a["labels"][pid], b["labels"][pid]), pid
+
+
+def test_label_parts_belong_to_the_network_that_made_them(tmp_path):
+    one, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        other.weight.copy_(one.weight)
+        other.bias.copy_(one.bias)
+        other.bias[0] += 1e-6
+    parts = LabelParts(tmp_path / "pseudo1.parts", one)
+    parts.put("c0", {"label": torch.ones(4, 3), "disagreement": 1.5, "magnitude": 2.0})
+    got = LabelParts(tmp_path / "pseudo1.parts", one).get("c0")
+    assert torch.equal(got["label"], torch.ones(4, 3)) and got["disagreement"] == 1.5
+    assert LabelParts(tmp_path / "pseudo1.parts", other).get("c0") is None  # another network: made again
+    assert parts.get("c1") is None
+    (tmp_path / "pseudo1.parts" / "c1.pt").write_bytes(b"damaged")
+    assert parts.get("c1") is None and LabelParts.count_in(tmp_path / "pseudo1.parts") == 2
+    parts.clear()
+    assert not (tmp_path / "pseudo1.parts").exists()
 
 
 def test_training_snapshot_checks(tmp_path):

@@ -124,7 +124,7 @@ class _ToyTask:
     def model_config(self):
         return {"toy": 1}
 
-    def make_pseudo_labels(self, model, stage, progress=None):
+    def make_pseudo_labels(self, model, stage, progress=None, parts=None):
         return {"p": torch.full((2,), float(stage))}, {"weights": {"p": 1.0}, "stats": {}}
 
     def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
@@ -292,3 +292,36 @@ def test_dense_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatc
     assert "resumes after iteration 2/3" in res.output and steps == [3]
     assert not (tmp_path / "b" / "all" / "stage1.partial.pt").exists()
     assert_same_weights(tmp_path / "a" / "all" / "final.pt", tmp_path / "b" / "all" / "final.pt")
+
+
+def test_dense_stage0_killed_while_labelling_resumes_at_the_next_pair(tmp_path, monkeypatch, one_intraop_thread):
+    """pretrain-random killed while labelling the second training pair: the same command labels
+    only that pair and writes the labels an uninterrupted run writes."""
+    from cyclereg.training.dense import DenseCycleTask
+
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    args = ["--stages", "1", "--iterations", "2", "--directions", "both", "--device", "cpu"]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "a"), *args]).exit_code == 0
+    real = DenseCycleTask.pseudo_label
+    seen = []
+
+    def dies_at_second_pair(self, model, k):
+        seen.append(k)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(self, model, k)
+
+    monkeypatch.setattr(DenseCycleTask, "pseudo_label", dies_at_second_pair)
+    cmd = ["pretrain-random", str(ds), "-o", str(tmp_path / "b"), *args]
+    assert runner.invoke(app, cmd).exit_code == 130
+    fold = tmp_path / "b" / "all"
+    assert not (fold / "pseudo0.pt").exists() and len(list((fold / "pseudo0.parts").glob("*.pt"))) == 1
+    seen.clear()
+    monkeypatch.setattr(DenseCycleTask, "pseudo_label", lambda self, model, k: seen.append(k) or real(self, model, k))
+    res = runner.invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    assert seen == [1] and not (fold / "pseudo0.parts").exists()
+    a, b = (torch.load(d / "all" / "pseudo0.pt", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert a["weights"] == b["weights"]
+    for pid in a["labels"]:
+        assert torch.equal(a["labels"][pid], b["labels"][pid]), pid

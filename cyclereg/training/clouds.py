@@ -18,7 +18,7 @@ from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displaceme
                                       test_time_displacements)
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
-from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
+from cyclereg.training.scheduler import LabelParts, StageSnapshot, difficulty_weights
 
 
 @dataclass(frozen=True)
@@ -250,23 +250,31 @@ class CloudCycleTask:
             fwd = ThinPlateSpline.fit(f, fwd, regularisation=cfg.refine_tps_regularisation)(f)
         return raw, fwd
 
-    def make_pseudo_labels(self, model, stage: int, progress=None, labeller: Labeller | None = None
-                           ) -> tuple[dict, dict]:
-        """Refined labels of every training pair and sampling weights; ``labeller`` as in :meth:`refine`."""
-        labels, disagreement = {}, {}
+    def make_pseudo_labels(self, model, stage: int, progress=None, labeller: Labeller | None = None,
+                           parts: LabelParts | None = None) -> tuple[dict, dict]:
+        """Refined labels of every training pair and sampling weights; ``labeller`` as in
+        :meth:`refine`; ``parts`` as in :meth:`~cyclereg.training.scheduler.StageTask.make_pseudo_labels`."""
+        labels, disagreement, magnitude = {}, {}, []
         task = progress.add_task(f"stage {stage}: pseudo labels", total=len(self.pairs)) if progress else None
         for pair in self.pairs:
-            raw, ref = self.refine(model, pair, labeller)
-            labels[pair.id] = ref.cpu()
-            disagreement[pair.id] = self.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item()
+            part = parts.get(pair.id) if parts is not None else None
+            if part is None:
+                raw, ref = self.refine(model, pair, labeller)
+                part = {"label": ref.cpu(),
+                        "disagreement": self.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item(),
+                        "magnitude": self.box.disp_unit_to_mm(ref.cpu()).norm(dim=1).mean().item()}
+                if parts is not None:
+                    parts.put(pair.id, part)
+            labels[pair.id] = part["label"]
+            disagreement[pair.id] = part["disagreement"]
+            magnitude.append(part["magnitude"])
             if progress:
                 progress.advance(task)
         if progress:
             progress.remove_task(task)
         weights = self.sampling_weights(disagreement)
         stats = {"pseudo_label_disagreement_mm": sum(disagreement.values()) / len(disagreement),
-                 "mean_pseudo_displacement_mm": sum(self.box.disp_unit_to_mm(v).norm(dim=1).mean().item()
-                                                    for v in labels.values()) / len(labels)}
+                 "mean_pseudo_displacement_mm": sum(magnitude) / len(magnitude)}
         return labels, {"weights": weights, "stats": stats}
 
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:

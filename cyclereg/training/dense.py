@@ -27,7 +27,7 @@ from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import voxel_coordinates
 from cyclereg.warp import warp
-from cyclereg.training.scheduler import StageSnapshot, difficulty_weights
+from cyclereg.training.scheduler import LabelParts, StageSnapshot, difficulty_weights
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
 
@@ -278,17 +278,24 @@ class DenseCycleTask:
         full = register(f, m, model, self.pipeline)
         return raw, resample_disp(full, self.label_shape, float(cfg.label_stride))
 
-    def make_pseudo_labels(self, model, stage: int, progress=None) -> tuple[dict, dict]:
+    def make_pseudo_labels(self, model, stage: int, progress=None, parts: LabelParts | None = None
+                           ) -> tuple[dict, dict]:
         if self.config.supervision != "pseudo":
             return {}, {"weights": {self.pair_id(k): 1.0 for k in range(len(self.pairs))}, "stats": {}}
         labels, disagreement, magnitude = {}, {}, []
         task = progress.add_task(f"stage {stage}: pseudo labels", total=len(self.pairs)) if progress else None
         for k in range(len(self.pairs)):
-            raw, ref = self.pseudo_label(model, k)
             pid = self.pair_id(k)
-            labels[pid] = ref.to(torch.float16).cpu()
-            disagreement[pid] = self.label_error_mm(raw, ref).item()
-            magnitude.append(self.label_error_mm(ref, torch.zeros_like(ref)).item())
+            part = parts.get(pid) if parts is not None else None
+            if part is None:
+                raw, ref = self.pseudo_label(model, k)
+                part = {"label": ref.to(torch.float16).cpu(), "disagreement": self.label_error_mm(raw, ref).item(),
+                        "magnitude": self.label_error_mm(ref, torch.zeros_like(ref)).item()}
+                if parts is not None:
+                    parts.put(pid, part)
+            labels[pid] = part["label"]
+            disagreement[pid] = part["disagreement"]
+            magnitude.append(part["magnitude"])
             if progress:
                 progress.advance(task)
         if progress:

@@ -10,12 +10,16 @@ Everything a stage produces is written atomically into one directory per trainin
 a killed run resumes after its last finished stage. Inside a stage, the training loop leaves a
 :class:`StageSnapshot` (``stage{t}.partial.pt``) every ``snapshot_every_s`` seconds, so a
 stage killed halfway resumes at its last snapshot, and a stage whose training finished but
-whose pseudo-label refresh was killed is not trained again.
+whose pseudo-label refresh was killed is not trained again. The refresh itself keeps each pair's
+label as it is made (:class:`LabelParts`, ``pseudo{t}.parts/``), so a killed refresh resumes at the
+first pair without one (at the paper's 256 candidates on a CPU, one pair takes minutes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -39,8 +43,12 @@ class StageTask(Protocol):
     def model_config(self) -> Any:
         """Configuration stored in every checkpoint (enough to rebuild the model)."""
 
-    def make_pseudo_labels(self, model: nn.Module, stage: int, progress) -> tuple[dict, dict]:
-        """Refined pseudo labels ``{pair_id: tensor}`` and per-pair sampling weights + stats."""
+    def make_pseudo_labels(self, model: nn.Module, stage: int, progress, parts: "LabelParts | None" = None
+                           ) -> tuple[dict, dict]:
+        """Refined pseudo labels ``{pair_id: tensor}`` and per-pair sampling weights + stats.
+
+        With ``parts``, a pair found there (:meth:`LabelParts.get`) is taken as it is, and every
+        pair labelled here is put there (:meth:`LabelParts.put`) before the next one starts."""
 
     def train_stage(self, model: nn.Module, labels: dict, weights: dict, stage: int, progress,
                     snapshot: "StageSnapshot | None" = None) -> dict:
@@ -136,6 +144,66 @@ class StageSnapshot:
         self.path.unlink(missing_ok=True)
 
 
+class LabelParts:
+    """The pseudo labels of one stage while they are being made, one file per pair, so that a
+    killed refresh resumes at the first pair without a label.
+
+    ``pseudo{t}.parts/{pair_id}.pt`` holds what the task computed for the pair (its label and
+    per-pair statistics) and a fingerprint of the network that labelled it; a part made by
+    another network (e.g. a stage retrained after its checkpoint was deleted) or unreadable is
+    made again. Labelling is deterministic per pair (no generator runs across pairs), so a
+    resumed refresh gives the labels of an uninterrupted one. The directory goes once the
+    stage's ``pseudo{t}.pt`` is written.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, path: str | Path, model: nn.Module):
+        self.path = Path(path)
+        self.fingerprint = model_fingerprint(model)
+
+    def _file(self, pair_id: str) -> Path:
+        return self.path / f"{pair_id}.pt"
+
+    def get(self, pair_id: str) -> dict | None:
+        """The stored part of ``pair_id`` (a dict of tensors and numbers), or ``None``."""
+        file = self._file(pair_id)
+        if not file.is_file():
+            return None
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - atomic writes make this a foreign or damaged file: redo the pair
+            return None
+        if (not isinstance(state, dict) or state.get("format") != self.FORMAT
+                or state.get("fingerprint") != self.fingerprint):
+            return None
+        return state["part"]
+
+    def put(self, pair_id: str, part: dict) -> None:
+        state = {"format": self.FORMAT, "fingerprint": self.fingerprint, "part": part}
+        atomic_write_bytes(self._file(pair_id), lambda fh: torch.save(state, fh))
+
+    @staticmethod
+    def count_in(path: str | Path) -> int:
+        """Pairs stored so far in the parts directory ``path`` (whatever network made them)."""
+        path = Path(path)
+        return len(list(path.glob("*.pt"))) if path.is_dir() else 0
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a network's state (names, dtypes, shapes and values), to tell its pseudo
+    labels from another network's."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 DEFAULT_SNAPSHOT_EVERY_S = 60.0
 """Default minimum time between two mid-stage training snapshots [s]."""
 
@@ -189,6 +257,9 @@ class StageScheduler:
 
     def labels_path(self, stage: int) -> Path:
         return self.dir / f"pseudo{stage}.pt"
+
+    def parts_path(self, stage: int) -> Path:
+        return self.dir / f"pseudo{stage}.parts"
 
     def snapshot_path(self, stage: int) -> Path:
         return self.dir / f"stage{stage}.partial.pt"
@@ -257,12 +328,16 @@ class StageScheduler:
                 except (ValueError, KeyError, TypeError):
                     continue  # a foreign line does not stop the report
         nxt = done + 1
+        labelled = ""
+        if done < stages:
+            have = LabelParts.count_in(self.parts_path(nxt))
+            labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
         if done < 0:
-            text = "stage 0 labels (pretrain-random)"
+            text = f"stage 0 labels (pretrain-random){labelled}"
         elif done >= stages:
             text = "finished"
         elif self.checkpoint_path(nxt).is_file():
-            text = f"stage {nxt}: its pseudo labels (trained)"
+            text = f"stage {nxt}: its pseudo labels (trained){labelled}"
         elif self.snapshot_path(nxt).is_file():
             try:
                 snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
@@ -285,10 +360,12 @@ class StageScheduler:
             return
         t0 = time.perf_counter()
         model = self.task.new_model(0)
-        labels, info = self.task.make_pseudo_labels(model, 0, progress)
+        parts = LabelParts(self.parts_path(0), model)
+        labels, info = self.task.make_pseudo_labels(model, 0, progress, parts=parts)
         seconds = time.perf_counter() - t0
         report = self.hook(0, model) if self.hook is not None else {}
         self._save_labels(0, labels, info["weights"])
+        parts.clear()
         self._log({"stage": 0, "seconds": seconds, **info["stats"], **report})
 
     def run(self, stages: int, progress=None) -> int:
@@ -314,10 +391,12 @@ class StageScheduler:
                                 config=self.task.model_config(), state_dict=model.state_dict(),
                                 extra={"stage": stage, "train": train_stats})
                 snapshot.clear()
-            new_labels, info = self.task.make_pseudo_labels(model, stage, progress)
+            parts = LabelParts(self.parts_path(stage), model)
+            new_labels, info = self.task.make_pseudo_labels(model, stage, progress, parts=parts)
             seconds = time.perf_counter() - t0
             report = self.hook(stage, model) if self.hook is not None else {}
             self._save_labels(stage, new_labels, info["weights"])
+            parts.clear()
             self._log({"stage": stage, "seconds": seconds, **train_stats, **info["stats"], **report})
             self._prune_labels(stage)
         final = self.last_finished_stage()
