@@ -22,9 +22,12 @@ run as one script there:
     4. ``dense-pair``: seconds per test pair with and without Adam (reference: 0.10 / 0.31 s);
     5. ``cloud-epoch``: COPD epoch and pseudo-label refresh at K = 64 and the authors' 256;
     6. with ``--copd-run S``: ``pretrain-random`` + ``cycle`` of all five COPD folds at K = 256
-       on all keypoints (``--jobs 5``) for at most S seconds, then the run directory (no partial
-       snapshots) packed into ``$OUT/copd_k256_run.tar``. ``cycle`` resumes, so on a machine that
-       is still warm the same call continues it. Evaluate the unpacked run here with
+       on all keypoints (``--jobs 5``) for at most S seconds, then the run directory (with its
+       mid-stage snapshots and partial labels, so that nothing finished is lost) packed into
+       ``$OUT/copd_k256_run.tar``. The run starts from the state committed in
+       ``carried-runs/copd_k256`` (the same run, trained so far on CPUs) when there is one.
+       ``cycle`` resumes, so on a machine that is still warm the same call continues it.
+       Evaluate the unpacked run here with
        ``cyclereg evaluate ../shared/data/copd-keypoints/dataset.json --run RUN``.
 
 Nothing here reads a landmark.
@@ -49,6 +52,8 @@ PREPARED = ROOT / ".device"
 SHARED_COPD = ROOT.parent / "shared" / "data" / "copd-keypoints"
 LANDMARK_KEYS = ("fixed_landmarks", "moving_landmarks")
 COPD_RUN = ROOT / "runs" / "device_copd_k256"
+CARRIED_RUN = ROOT / "carried-runs" / "copd_k256"
+"""The K = 256 run as far as earlier sessions took it (committed, since no machine keeps files)."""
 MIN_STEP_S = 20
 """A step is skipped when less of the ``--budget`` is left."""
 RUN_CALLS = ('run(command="python3 scripts/device_check.py run --budget 300", carry=[".device"], timeout_s=360)',
@@ -122,9 +127,21 @@ def steps(copd_run: int | None, device: str = "cuda") -> list[tuple[str, list[st
     return out
 
 
+def seed_run(carried: Path, run: Path) -> bool:
+    """Copy ``carried`` to ``run`` when ``run`` does not exist yet; returns whether it did."""
+    if run.exists() or not (carried / "run.json").is_file():
+        return False
+    tmp = run.with_name(run.name + ".seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(carried, tmp)
+    os.replace(tmp, run)
+    return True
+
+
 def pack_run(run: Path, tar_path: Path) -> int:
-    """Pack ``run`` (without mid-stage snapshots) into ``tar_path``; returns the files packed."""
-    files = [p for p in sorted(run.rglob("*")) if p.is_file() and not p.name.endswith(".partial.pt")]
+    """Pack ``run`` into ``tar_path`` (everything, mid-stage snapshots and partial labels
+    included: for the graph CNN they are small); returns the files packed."""
+    files = [p for p in sorted(run.rglob("*")) if p.is_file()]
     tmp = tar_path.with_suffix(".tmp")
     with tarfile.open(tmp, "w") as tar:
         for p in files:
@@ -174,6 +191,8 @@ def run(args) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1")
     report = []
+    if args.copd_run and seed_run(CARRIED_RUN, COPD_RUN):
+        print(f"{COPD_RUN} starts from {CARRIED_RUN}", flush=True)
     end = time.monotonic() + args.budget
     with open(out / "device_check.log", "a") as log:
         ensure_nibabel(log)

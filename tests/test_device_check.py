@@ -64,14 +64,28 @@ def test_a_step_past_its_limit_is_killed_with_its_children(dc, tmp_path):
         assert dc.run_step("exit 3", 10, dict(os.environ), log) == 3
 
 
-def test_packed_run_leaves_out_mid_stage_snapshots(dc, tmp_path):
+def test_packed_run_keeps_what_resuming_needs(dc, tmp_path):
     run = tmp_path / "myrun"
-    (run / "fold1").mkdir(parents=True)
-    for name in ("run.json", "fold1/stage1.pt", "fold1/stage2.partial.pt", "fold1/log.jsonl"):
+    (run / "fold1" / "pseudo2.parts").mkdir(parents=True)
+    names = ("run.json", "fold1/stage1.pt", "fold1/stage2.partial.pt", "fold1/log.jsonl", "fold1/pseudo2.parts/c0.pt")
+    for name in names:
         (run / name).write_text(name)
-    assert dc.pack_run(run, tmp_path / "r.tar") == 3
+    assert dc.pack_run(run, tmp_path / "r.tar") == 5
     with tarfile.open(tmp_path / "r.tar") as tar:
-        assert sorted(tar.getnames()) == ["myrun/fold1/log.jsonl", "myrun/fold1/stage1.pt", "myrun/run.json"]
+        assert sorted(tar.getnames()) == sorted(f"myrun/{n}" for n in names)
+
+
+def test_the_device_run_starts_from_the_carried_state(dc, tmp_path):
+    carried, run = tmp_path / "carried", tmp_path / "runs" / "k256"
+    assert not dc.seed_run(carried, run) and not run.exists()  # nothing carried: a fresh run
+    (carried / "fold1").mkdir(parents=True)
+    (carried / "run.json").write_text("{}")
+    (carried / "fold1" / "pseudo0.pt").write_bytes(b"labels")
+    assert dc.seed_run(carried, run)
+    assert (run / "fold1" / "pseudo0.pt").read_bytes() == b"labels"
+    (run / "fold1" / "stage1.pt").write_bytes(b"trained on the device")
+    assert not dc.seed_run(carried, run)  # an existing run (a warm machine) is continued, not replaced
+    assert (run / "fold1" / "stage1.pt").is_file()
 
 
 def test_dry_run_lists_the_steps_and_unknown_steps_are_refused(dc, capsys):
