@@ -244,7 +244,8 @@ def status(
     for row in info["folds"]:
         table.add_row("all" if row["fold"] is None else str(row["fold"]),
                       "-" if row["finished"] < 0 else str(row["finished"]), row["next"],
-                      _hms(sum(row["stage_seconds"].values()) if row["stage_seconds"] else None),
+                      _hms(sum(row["stage_seconds"].values()) + (row["current_stage_s"] or 0.0)
+                           if row["stage_seconds"] or row["current_stage_s"] else None),
                       _hms(row["remaining_s"]))
     Console().print(table)
     if json_out is not None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 from dataclasses import replace
 
 import pytest
@@ -396,6 +397,38 @@ def test_training_snapshot_checks(tmp_path):
     with pytest.raises(scheduler_mod.InputError, match="unreadable training snapshot") as err:
         scheduler_mod.StageSnapshot(snap_path, stage=2, every_s=60).restore(5, **objs)
     assert str(snap_path) in str(err.value)
+
+
+def test_snapshot_counts_training_time_across_resumes_and_status_uses_it(tmp_path, monkeypatch):
+    """Before any stage >= 1 has finished, `status` estimates from the snapshot's training pace:
+    40 s for 4 epochs, killed, 20 s more for 2 epochs after the restart -> 60 s for 6 of 60
+    epochs, 600 s per stage, 3 stages to go minus the 60 s spent: 1740 s."""
+    import types
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler_mod, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                                     perf_counter=time.perf_counter))
+    fold = tmp_path / "fold1"
+    fold.mkdir()
+    torch.save({"stage": 0, "labels": {}, "weights": {}}, fold / "pseudo0.pt")
+    (fold / "log.jsonl").write_text(json.dumps({"stage": 0, "seconds": 100.0}) + "\n")
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    objs = dict(model=net, optimizer=opt, lr_schedule=torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1),
+                generator=torch.Generator().manual_seed(0))
+    snap = scheduler_mod.StageSnapshot(fold / "stage1.partial.pt", stage=1, every_s=1e-9)
+    snap.restore(60, **objs)
+    clock[0] += 40
+    assert snap.offer(4, losses=[1.0] * 4, **objs)
+    clock[0] = 5000.0  # the machine restarts; the clock does not carry over
+    snap = scheduler_mod.StageSnapshot(fold / "stage1.partial.pt", stage=1, every_s=1e-9)
+    assert snap.restore(60, **objs)[0] == 4
+    clock[0] += 20
+    assert snap.offer(6, losses=[1.0] * 6, **objs)
+    status = scheduler_mod.StageScheduler(None, fold).status(3)
+    assert status["next"] == "stage 1: training after step 6/60"
+    assert status["current_stage_s"] == pytest.approx(60.0)
+    assert status["remaining_s"] == pytest.approx(1740.0)
 
 
 def test_snapshot_interval_is_checked(tmp_path):

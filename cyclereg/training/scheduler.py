@@ -64,7 +64,8 @@ class StageSnapshot:
     The file (``stage{t}.partial.pt`` in the run directory) holds the network weights, the
     optimiser, learning-rate schedule and AMP-scaler states, the state of the sampling
     generator and of torch's global CPU generator, the number of finished steps (epochs for
-    clouds, iterations for volumes) and the loss history. It is written atomically at a step
+    clouds, iterations for volumes), the loss history and the training seconds spent on the stage
+    so far (over all its resumed runs; for ``cyclereg status``). It is written atomically at a step
     boundary when ``every_s`` seconds have passed since the last one, and deleted once the
     stage's checkpoint exists. A stage resumed from it ends where an uninterrupted one ends:
     bitwise on CPU with the same number of threads (CUDA's atomic adds are not bitwise
@@ -93,7 +94,8 @@ class StageSnapshot:
         ``(0, [])`` when there is none. A resumed stage is announced on ``progress``'s console,
         counting in ``unit`` (e.g. ``"epoch"``)."""
         self.total_steps = total_steps
-        self._last = time.monotonic()
+        self._last = self._start = time.monotonic()
+        self._elapsed_before = 0.0
         if not self.path.is_file():
             return 0, []
         try:
@@ -115,6 +117,7 @@ class StageSnapshot:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in snapshots before 2026-12-03
         if progress is not None:
             progress.console.print(f"stage {self.stage}: training resumes after {unit} {step}/{total_steps} "
                                    f"({escape(str(self.path))})")
@@ -135,6 +138,7 @@ class StageSnapshot:
             "generator": generator.get_state(), "global_rng": torch.random.get_rng_state(),
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
             "losses": list(losses),
+            "elapsed_s": self._elapsed_before + time.monotonic() - self._start,
         }
         atomic_write_bytes(self.path, lambda fh: torch.save(state, fh))
         self._last = time.monotonic()
@@ -311,12 +315,14 @@ class StageScheduler:
     def status(self, stages: int) -> dict:
         """What this directory holds, read without changing anything (``task`` may be ``None``).
 
-        Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "remaining_s": s}``:
-        the last finished stage (-1: none), where the same ``cycle`` command would go on (a
-        stage whose training is saved and whose labels are not, or a mid-stage snapshot's
-        step), the logged seconds of each finished stage (of its last, possibly resumed, run),
-        and an estimate of the time left at the mean pace of the finished stages >= 1 (``None``
-        before the first one)."""
+        Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "current_stage_s": s,
+        "remaining_s": s}``: the last finished stage (-1: none), where the same ``cycle`` command
+        would go on (a stage whose training is saved and whose labels are not, or a mid-stage
+        snapshot's step), the logged seconds of each finished stage (of its last, possibly
+        resumed, run), the training seconds the stage in progress has had so far (from its
+        snapshot; ``None`` without one), and an estimate of the time left: at the mean pace of
+        the finished stages >= 1, or before the first one, at the snapshot's training pace
+        (training only, the pseudo-label refreshes not counted); ``None`` when neither exists."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
         seconds = {}
         log = self.dir / "log.jsonl"
@@ -328,6 +334,7 @@ class StageScheduler:
                 except (ValueError, KeyError, TypeError):
                     continue  # a foreign line does not stop the report
         nxt = done + 1
+        current = snapshot_pace = None
         labelled = ""
         if done < stages:
             have = LabelParts.count_in(self.parts_path(nxt))
@@ -341,16 +348,23 @@ class StageScheduler:
         elif self.snapshot_path(nxt).is_file():
             try:
                 snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
-                text = f"stage {nxt}: training after step {int(snap['step'])}/{int(snap['total_steps'])}"
+                step, total = int(snap["step"]), int(snap["total_steps"])
+                text = f"stage {nxt}: training after step {step}/{total}"
+                if snap.get("elapsed_s") is not None:
+                    current = float(snap["elapsed_s"])
+                    if step > 0:
+                        snapshot_pace = current / step * total
             except Exception:  # noqa: BLE001 - reported, not raised: cycle itself names the file
                 text = f"stage {nxt}: unreadable training snapshot {self.snapshot_path(nxt).name}"
         else:
             text = f"stage {nxt}: training from step 0"
         paced = [s for t, s in seconds.items() if 1 <= t <= done]
+        per_stage = sum(paced) / len(paced) if paced else snapshot_pace
         remaining = None
-        if paced:
-            remaining = sum(paced) / len(paced) * max(0, stages - max(done, 0))
-        return {"finished": done, "next": text, "stage_seconds": seconds, "remaining_s": remaining}
+        if per_stage is not None:
+            remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
+        return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
+                "remaining_s": remaining}
 
     # ------------------------------------------------------------------ stages
     def run_stage0(self, progress=None) -> None:
