@@ -370,6 +370,11 @@ def test_label_parts_belong_to_the_network_that_made_them(tmp_path):
     assert parts.get("c1") is None
     (tmp_path / "pseudo1.parts" / "c1.pt").write_bytes(b"damaged")
     assert parts.get("c1") is None and LabelParts.count_in(tmp_path / "pseudo1.parts") == 2
+    for odd in ("a/b", "a_b", "../x"):
+        parts.put(odd, {"label": torch.full((1, 3), float(len(odd))), "disagreement": 0.0, "magnitude": 0.0})
+    assert all(p.parent == tmp_path / "pseudo1.parts" for p in (tmp_path / "pseudo1.parts").rglob("*.pt"))
+    assert LabelParts.count_in(tmp_path / "pseudo1.parts") == 5
+    assert parts.get("a/b")["label"][0, 0] == 3.0 and parts.get("../x")["label"][0, 0] == 4.0
     parts.clear()
     assert not (tmp_path / "pseudo1.parts").exists()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -167,7 +168,12 @@ class LabelParts:
         self.fingerprint = model_fingerprint(model)
 
     def _file(self, pair_id: str) -> Path:
-        return self.path / f"{pair_id}.pt"
+        """``{pair_id}.pt``; an id with characters unfit for a file name gets them replaced and a
+        short hash of the id appended (so that ``a/b`` and ``a_b`` stay apart)."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", pair_id)
+        if safe != pair_id or safe.startswith("."):
+            safe = f"{safe}-{hashlib.sha256(pair_id.encode()).hexdigest()[:10]}"
+        return self.path / f"{safe}.pt"
 
     def get(self, pair_id: str) -> dict | None:
         """The stored part of ``pair_id`` (a dict of tensors and numbers), or ``None``."""
