@@ -9,15 +9,14 @@ snapshot when the same command runs again.
 from __future__ import annotations
 
 import functools
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from cyclereg.errors import InputError, WorkerError
+from cyclereg.interrupts import exit_on_sigterm
 
 app = typer.Typer(
     add_completion=False,
@@ -56,19 +55,7 @@ def _main_options(
                                  help="Print the versions of cyclereg, torch, torch-geometric and Python, and exit."),
 ) -> None:
     """Unsupervised 3D registration by optimisation-guided cyclical self-training."""
-    _exit_on_sigterm()
-
-
-def _exit_on_sigterm() -> None:
-    """Let ``kill`` (SIGTERM) leave through Python with exit status 143, like Ctrl-C, so that an
-    interrupted atomic write removes its temporary file and parallel folds stop their workers
-    (the default action ends the process on the spot)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_exit)
-
-
-def _sigterm_exit(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
+    exit_on_sigterm()  # `kill` leaves like Ctrl-C: no half-written file, workers stopped
 
 
 def _fail(message: str, code: int = 2) -> None:

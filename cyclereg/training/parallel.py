@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from cyclereg.errors import WorkerError
+from cyclereg.interrupts import exit_on_sigterm, sigterm_exit
 
 ORPHAN_EXIT_CODE = 129
 """Exit status of a worker that noticed its parent had died."""
@@ -124,7 +125,7 @@ def _init_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     # terminate() sends SIGTERM: leave through Python so that atomic writes remove their temp files
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, sigterm_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent, which terminates us
 
 
@@ -196,7 +197,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     drainer.start()
     running: dict[int, tuple[Any, str]] = {}
     exited: dict[int, float] = {}  # job -> when its worker was first seen gone (exit code 0)
-    old_term = _exit_on_sigterm()
+    old_term = exit_on_sigterm()  # SIGTERM to the parent runs the cleanup below
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -235,11 +236,3 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
-
-def _exit_on_sigterm():
-    """Make SIGTERM leave through Python (``SystemExit``), so that :func:`run_parallel`'s cleanup
-    terminates the workers; returns the previous handler (None off the main thread, where
-    signal handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
