@@ -257,14 +257,7 @@ class CloudCycleTask:
         labels, disagreement, magnitude = {}, {}, []
         task = progress.add_task(f"stage {stage}: pseudo labels", total=len(self.pairs)) if progress else None
         for pair in self.pairs:
-            part = parts.get(pair.id) if parts is not None else None
-            if part is None:
-                raw, ref = self.refine(model, pair, labeller)
-                part = {"label": ref.cpu(),
-                        "disagreement": self.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item(),
-                        "magnitude": self.box.disp_unit_to_mm(ref.cpu()).norm(dim=1).mean().item()}
-                if parts is not None:
-                    parts.put(pair.id, part)
+            part = LabelParts.get_or_make(parts, pair.id, lambda: self._label_part(model, pair, labeller))
             labels[pair.id] = part["label"]
             disagreement[pair.id] = part["disagreement"]
             magnitude.append(part["magnitude"])
@@ -276,6 +269,13 @@ class CloudCycleTask:
         stats = {"pseudo_label_disagreement_mm": sum(disagreement.values()) / len(disagreement),
                  "mean_pseudo_displacement_mm": sum(magnitude) / len(magnitude)}
         return labels, {"weights": weights, "stats": stats}
+
+    def _label_part(self, model, pair: CloudPairData, labeller: Labeller | None) -> dict:
+        """Refined label of one pair (CPU) with its disagreement and mean length [mm]."""
+        raw, ref = self.refine(model, pair, labeller)
+        label = ref.cpu()
+        return {"label": label, "disagreement": self.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item(),
+                "magnitude": self.box.disp_unit_to_mm(label).norm(dim=1).mean().item()}
 
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:
         """Rank pairs by disagreement; sigmoid of arguments from +r (lowest) to -r (highest)."""

@@ -278,6 +278,12 @@ class DenseCycleTask:
         full = register(f, m, model, self.pipeline)
         return raw, resample_disp(full, self.label_shape, float(cfg.label_stride))
 
+    def _label_part(self, model, k: int) -> dict:
+        """Pseudo label of pair ``k`` (float16, CPU) with its disagreement and mean length [mm]."""
+        raw, ref = self.pseudo_label(model, k)
+        return {"label": ref.to(torch.float16).cpu(), "disagreement": self.label_error_mm(raw, ref).item(),
+                "magnitude": self.label_error_mm(ref, torch.zeros_like(ref)).item()}
+
     def make_pseudo_labels(self, model, stage: int, progress=None, parts: LabelParts | None = None
                            ) -> tuple[dict, dict]:
         if self.config.supervision != "pseudo":
@@ -286,13 +292,7 @@ class DenseCycleTask:
         task = progress.add_task(f"stage {stage}: pseudo labels", total=len(self.pairs)) if progress else None
         for k in range(len(self.pairs)):
             pid = self.pair_id(k)
-            part = parts.get(pid) if parts is not None else None
-            if part is None:
-                raw, ref = self.pseudo_label(model, k)
-                part = {"label": ref.to(torch.float16).cpu(), "disagreement": self.label_error_mm(raw, ref).item(),
-                        "magnitude": self.label_error_mm(ref, torch.zeros_like(ref)).item()}
-                if parts is not None:
-                    parts.put(pid, part)
+            part = LabelParts.get_or_make(parts, pid, lambda: self._label_part(model, k))
             labels[pid] = part["label"]
             disagreement[pid] = part["disagreement"]
             magnitude.append(part["magnitude"])

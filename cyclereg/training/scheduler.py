@@ -194,6 +194,17 @@ class LabelParts:
         atomic_write_bytes(self._file(pair_id), lambda fh: torch.save(state, fh))
 
     @staticmethod
+    def get_or_make(parts: "LabelParts | None", pair_id: str, make: Callable[[], dict]) -> dict:
+        """The part of ``pair_id`` stored in ``parts``, else ``make()``, stored there before it is
+        returned (``parts`` may be ``None``: then always ``make()``, nothing stored)."""
+        part = parts.get(pair_id) if parts is not None else None
+        if part is None:
+            part = make()
+            if parts is not None:
+                parts.put(pair_id, part)
+        return part
+
+    @staticmethod
     def count_in(path: str | Path) -> int:
         """Pairs stored so far in the parts directory ``path`` (whatever network made them)."""
         path = Path(path)
