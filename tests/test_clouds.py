@@ -90,8 +90,11 @@ def test_pruned_min_convolution_is_exact(peaked):
 
 def test_min_convolution_chunking_changes_nothing(monkeypatch):
     """The CPU chunk (edges per product) follows K x K' within [1, EDGE_CHUNK], and any chunk
-    size, one edge at a time included, gives bitwise the messages of the default one."""
-    from cyclereg.clouds import lbp
+    size, one edge at a time included, gives bitwise the messages of the default one (torch's
+    search; the C kernel's chunks: tests/test_lbp_native.py)."""
+    from cyclereg.clouds import lbp, native
+
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
 
     cpu = torch.device("cpu")
     assert lbp.edge_chunk(256, 256, cpu) == lbp.CPU_CHUNK_PRODUCTS // 256 ** 2 == 64
@@ -105,9 +108,9 @@ def test_min_convolution_chunking_changes_nothing(monkeypatch):
     for prune in (None, k):
         ref = lbp.min_convolution(belief, cs, cd, 10.0, prune_from=prune)
         for products in (1, 7 * k * k):
-            monkeypatch.setattr(lbp, "CPU_CHUNK_PRODUCTS", products)
-            assert torch.equal(lbp.min_convolution(belief, cs, cd, 10.0, prune_from=prune), ref)
-        monkeypatch.undo()
+            with monkeypatch.context() as m:
+                m.setattr(lbp, "CPU_CHUNK_PRODUCTS", products)
+                assert torch.equal(lbp.min_convolution(belief, cs, cd, 10.0, prune_from=prune), ref)
 
 
 def test_lbp_hard_min_equals_brute_force_on_tree(device):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cyclereg.clouds import native
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 
 EDGE_CHUNK = 512
@@ -28,6 +29,10 @@ CPU_CHUNK_PRODUCTS = 2 ** 22
 near this many floats (16 MB), at most :data:`EDGE_CHUNK`: the product is written and then reduced,
 and a chunk that stays in cache (and is not a fresh 134 MB allocation each time) makes both faster.
 The messages are bitwise the same for any chunk size; timings in docs/benchmarks.md."""
+
+NATIVE_CHUNK_LABELS = 2 ** 18
+"""With the C kernel (:mod:`cyclereg.clouds.native`, CPU), edges per chunk times labels per edge:
+the kernel stores no product, so a chunk only bounds the rows it is handed (4 floats per label)."""
 
 
 def edge_chunk(k_src: int, k_dst: int, device: torch.device) -> int:
@@ -164,7 +169,7 @@ def _argmin_pruned_chunk(belief_src, cand_src, cand_dst, alpha, first):
 
 def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: torch.Tensor,
                     alpha: float, *, source_labels: int | None = None, prune_from: int | None = None,
-                    prune_fraction: float = 0.25) -> torch.Tensor:
+                    prune_fraction: float = 0.25, src_ax2: torch.Tensor | None = None) -> torch.Tensor:
     """``m(l') = min_l [ belief_src(l) + alpha * ||cand_src(l) - cand_dst(l')||^2 ]`` per edge.
 
     Shapes: ``belief_src (E, K)``, ``cand_src (E, K, 3)``, ``cand_dst (E, K', 3)`` -> ``(E, K')``.
@@ -174,25 +179,48 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
     per edge (an approximation that trades exactness for speed). ``prune_from`` (optional, CPU
     only): with at least that many source labels, search exactly in two steps
     (:func:`_argmin_pruned_chunk`, the first ``prune_fraction`` of the labels first).
+    On CPU the search runs in the C kernel of :mod:`cyclereg.clouds.native` when it is available
+    (the same indices, several times faster); ``src_ax2`` is its :func:`native.source_term` of
+    ``cand_src``, if the caller keeps it across sweeps.
     """
     with torch.no_grad():
         b, cs = belief_src.detach(), cand_src.detach()
         keep = None
+        use_native = native.usable(b) and cs.dtype == cand_dst.dtype == torch.float32
+        if use_native and src_ax2 is None:
+            src_ax2 = native.source_term(cs, alpha)
         if source_labels is not None and source_labels < b.shape[1]:
             keep = b.topk(source_labels, dim=1, largest=False).indices
             b = b.gather(1, keep)
             cs = cs.gather(1, keep[..., None].expand(-1, -1, 3))
+            if use_native:
+                src_ax2 = src_ax2.gather(1, keep)
         first = int(b.shape[1] * prune_fraction)
-        if prune_from is not None and b.shape[1] >= prune_from and b.device.type == "cpu" and 0 < first < b.shape[1]:
-            search = lambda b_, c_, d_: _argmin_pruned_chunk(b_, c_, d_, alpha, first)  # noqa: E731
+        prune = (prune_from is not None and b.shape[1] >= prune_from and b.device.type == "cpu"
+                 and 0 < first < b.shape[1])
+        if use_native:
+            # the pairwise term at the arg-min comes with it unless coordinates carry gradients
+            with_pair = not (cand_src.requires_grad or cand_dst.requires_grad)
+            step = max(1, NATIVE_CHUNK_LABELS // max(1, b.shape[1], cand_dst.shape[1]))
+            found = [native.search(b[s:s + step], cs[s:s + step], cand_dst[s:s + step].detach(), alpha,
+                                   first if prune else 0, src_ax2[s:s + step], with_pair)
+                     for s in range(0, b.shape[0], step)]
+            arg = torch.cat([a for a, _ in found])
+            pair = torch.cat([p for _, p in found]) if with_pair else None
         else:
-            search = lambda b_, c_, d_: _argmin_chunk(b_, c_, d_, alpha)  # noqa: E731
-        step = edge_chunk(b.shape[1], cand_dst.shape[1], b.device)
-        arg = torch.cat([search(b[s:s + step], cs[s:s + step], cand_dst[s:s + step].detach())
-                         for s in range(0, b.shape[0], step)])
+            pair = None
+            if prune:
+                search = lambda b_, c_, d_: _argmin_pruned_chunk(b_, c_, d_, alpha, first)  # noqa: E731
+            else:
+                search = lambda b_, c_, d_: _argmin_chunk(b_, c_, d_, alpha)  # noqa: E731
+            step = edge_chunk(b.shape[1], cand_dst.shape[1], b.device)
+            arg = torch.cat([search(b[s:s + step], cs[s:s + step], cand_dst[s:s + step].detach())
+                             for s in range(0, b.shape[0], step)])
         if keep is not None:
             arg = keep.gather(1, arg)
     best_b = belief_src.gather(1, arg)
+    if pair is not None:  # the kernel's pairwise term: the same floats as the line below
+        return best_b + pair
     best_c = cand_src.gather(1, arg[..., None].expand(-1, -1, 3))
     return best_b + alpha * (best_c - cand_dst).pow(2).sum(-1)
 
@@ -212,12 +240,13 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
     n, k = unary.shape
     messages = unary.new_zeros(edge_index.shape[1], k)
     cand_src, cand_dst = take_rows(cand, src), take_rows(cand, dst)
+    src_ax2 = native.source_term(cand_src.detach(), alpha) if native.usable(unary.detach()) else None
     for _ in range(iterations):
         incoming = unary.new_zeros(n, k).index_add(0, dst, messages)
         # belief at the source without what the destination sent to it
         b_src = take_rows(unary + incoming, src) - take_rows(messages, reverse)
         messages = min_convolution(b_src, cand_src, cand_dst, alpha, source_labels=source_labels,
-                                   prune_from=prune_from, prune_fraction=prune_fraction)
+                                   prune_from=prune_from, prune_fraction=prune_fraction, src_ax2=src_ax2)
         # normalise for numerical range (min-sum is invariant to per-message constants)
         messages = messages - messages.amin(dim=1, keepdim=True)
     incoming = unary.new_zeros(n, k).index_add(0, dst, messages)

@@ -1,0 +1,174 @@
+"""The C arg-min kernel of the LBP (cyclereg.clouds.native) against the torch path: the same
+indices, messages, beliefs and gradients bitwise, brute force on small cases, and the fallback
+when no kernel can be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cyclereg.clouds import lbp, native
+
+
+@pytest.fixture
+def kernel():
+    fn = native.kernel()
+    if fn is None:
+        pytest.skip(f"no native kernel here: {native.reason()}")
+    return fn
+
+
+def _problem(e, ks, kd, scale, seed, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    cand_src = torch.randn(e, ks, 3, generator=g) * 0.05
+    cand_dst = torch.randn(e, kd, 3, generator=g) * 0.05
+    belief = torch.rand(e, ks, generator=g) * scale
+    if ties and ks > 2:
+        cand_src[:, 2] = cand_src[:, 0]
+        belief[:, 2] = belief[:, 0]  # labels 0 and 2: equal values for every destination
+        cand_dst[:, 0] = cand_src[:, 0]
+    return belief, cand_src, cand_dst
+
+
+@pytest.mark.parametrize("ks,kd", [(1, 1), (3, 5), (33, 31), (64, 64), (256, 256), (300, 40)])
+@pytest.mark.parametrize("scale", [1e-4, 0.05, 5.0])
+def test_kernel_indices_are_the_torch_searches(kernel, ks, kd, scale):
+    """Full and pruned kernel searches return torch's full-search indices (first index among
+    exact ties) and the pairwise term at them, bitwise; without ties also torch's pruned search's."""
+    belief, cs, cd = _problem(23, ks, kd, scale, seed=ks + kd, ties=True)
+    alpha = 10.3  # not a float32 number: -2 alpha and alpha are rounded as torch rounds them
+    want = lbp._argmin_chunk(belief, cs, cd, alpha)
+    want_pair = alpha * (cs.gather(1, want[..., None].expand(-1, -1, 3)) - cd).pow(2).sum(-1)
+    brute = (belief[:, :, None] + alpha * (cs[:, :, None, :] - cd[:, None, :, :]).pow(2).sum(-1))
+    for first in {0, 1, ks // 4, ks - 1}:
+        arg, pair = native.search(belief, cs, cd, alpha, first, with_pair=True)
+        assert torch.equal(arg, want), first
+        assert torch.equal(pair, want_pair), first
+        # and it is the minimum (up to the rounding of the two ways of writing the cost)
+        torch.testing.assert_close(brute.gather(1, arg[:, None, :])[:, 0], brute.amin(1), rtol=1e-5, atol=1e-6)
+    if ks >= 4:  # torch's pruned search too, where no two labels tie (it breaks ties by belief)
+        belief, cs, cd = _problem(23, ks, kd, scale, seed=ks + kd + 1)
+        assert torch.equal(native.search(belief, cs, cd, alpha, ks // 4)[0],
+                           lbp._argmin_pruned_chunk(belief, cs, cd, alpha, ks // 4))
+
+
+def test_ties_go_to_the_first_label(kernel):
+    """Identical source labels: the lowest index wins, in both passes of the pruned search."""
+    e, k = 4, 16
+    cs = torch.zeros(e, k, 3)
+    cd = torch.randn(e, 5, 3) * 0.1
+    belief = torch.ones(e, k)
+    for first in (0, 4):
+        arg, _ = native.search(belief, cs, cd, 10.0, first)
+        assert torch.equal(arg, torch.zeros(e, 5, dtype=torch.int64))
+    # labels 0..3: the lowest beliefs (the first pass), far away; 4..15 tie in the second pass
+    cs[:, :4] = 1.0
+    belief[:, :4] = 0.0
+    for first in (0, 4):
+        arg, _ = native.search(belief, cs, cd, 10.0, first)
+        assert torch.equal(arg, torch.full((e, 5), 4)), first
+
+
+def _lbp_problem(n=400, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fixed = torch.rand(n, 3, generator=g) * 2 - 1
+    moving = fixed + 0.05 * torch.randn(n, 3, generator=g)
+    feat_f = torch.randn(n, 8, generator=g).requires_grad_()
+    feat_m = torch.randn(n, 8, generator=g).requires_grad_()
+    return fixed, moving, feat_f, feat_m
+
+
+@pytest.mark.parametrize("cfg", [lbp.LBPConfig(num_candidates=64),
+                                 lbp.LBPConfig(num_candidates=160, iterations=3),
+                                 lbp.LBPConfig(num_candidates=64, source_labels=20),
+                                 lbp.LBPConfig(num_candidates=64, prune_from=32)])
+def test_lbp_displacements_and_gradients_bitwise_as_torch_path(kernel, monkeypatch, cfg):
+    """A whole LBP (candidates, sweeps, soft-argmin) and its backward: bitwise the same with the
+    kernel and with the torch search, pruned or not, restricted source labels or not."""
+    fixed, moving, feat_f, feat_m = _lbp_problem()
+    results = []
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setenv(native.DISABLE_ENV, "0")
+        assert native.usable(torch.zeros(1, 1)) is use_kernel
+        feat_f.grad = feat_m.grad = None
+        disp = lbp.lbp_displacements(fixed, moving, feat_f.tanh(), feat_m.tanh(), cfg)
+        disp.pow(2).sum().backward()
+        results.append((disp.detach(), feat_f.grad.clone(), feat_m.grad.clone()))
+    (d1, gf1, gm1), (d2, gf2, gm2) = results
+    assert gf1.abs().sum() > 0
+    assert torch.equal(d1, d2) and torch.equal(gf1, gf2) and torch.equal(gm1, gm2)
+
+
+def test_kernel_min_sum_is_min_marginals_on_a_tree(kernel):
+    """float32 (the kernel's dtype): min-sum beliefs on a tree equal brute-force min-marginals."""
+    from test_clouds import _tree_energy_min_marginals
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 5, 4
+    tree = [(0, 1), (1, 2), (1, 3), (3, 4)]
+    unary = torch.rand(n, k, generator=g)
+    cand = torch.randn(n, k, 3, generator=g)
+    edge_index = torch.tensor([[a for a, b in tree] + [b for a, b in tree], [b for a, b in tree] + [a for a, b in tree]])
+    reverse = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    belief = lbp.min_sum(unary, cand, edge_index, reverse, 0.7, iterations=4)
+    ref = _tree_energy_min_marginals(unary.double(), cand.double(), tree, 0.7)
+    diff = belief.double() - ref
+    torch.testing.assert_close(diff - diff[:, :1], torch.zeros_like(diff), atol=1e-5, rtol=0)
+
+
+def test_chunks_and_threads_change_nothing(kernel, monkeypatch):
+    belief, cs, cd = _problem(300, 96, 96, 0.05, seed=1)
+    ref = lbp.min_convolution(belief, cs, cd, 10.0, prune_from=64)
+    threads = torch.get_num_threads()
+    try:
+        for labels, nthreads in ((96, 1), (7 * 96, 2), (10 ** 6, 3)):
+            monkeypatch.setattr(lbp, "NATIVE_CHUNK_LABELS", labels)
+            torch.set_num_threads(nthreads)
+            assert torch.equal(lbp.min_convolution(belief, cs, cd, 10.0, prune_from=64), ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_non_finite_beliefs_and_float64_take_the_torch_path(kernel):
+    belief, cs, cd = _problem(5, 8, 8, 1.0, seed=2)
+    assert native.usable(belief)
+    belief[0, 0] = float("inf")
+    assert not native.usable(belief)
+    assert not native.usable(torch.zeros(2, 2, dtype=torch.float64))
+    out = lbp.min_convolution(belief, cs, cd, 10.0)  # runs, through torch
+    assert torch.isfinite(out[1:]).all()
+
+
+def test_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
+    """No compiler (or a build error): kernel() is None with a reason, LBP still works."""
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_reason", "not loaded yet")
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.kernel() is None
+    assert "no C compiler" in native.reason()
+    fixed, moving, feat_f, feat_m = _lbp_problem(n=60, k=16)
+    disp = lbp.lbp_displacements(fixed, moving, feat_f, feat_m, lbp.LBPConfig(num_candidates=16))
+    assert disp.shape == (60, 3) and torch.isfinite(disp).all()
+    # a failing compiler: the same, and nothing is left in the cache
+    monkeypatch.setattr(native, "_reason", "not loaded yet")
+    bad = tmp_path / "bad-cc"
+    bad.write_text("#!/bin/sh\necho 'bad-cc: broken' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setattr(native, "_compiler", lambda: str(bad))
+    assert native.kernel() is None
+    assert "could not be built" in native.reason() and "broken" in native.reason()
+    assert not any((tmp_path / "cache").rglob("*.so"))
+
+
+def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    first = native._build()
+    assert first.parent == tmp_path / "native" and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert native._build() == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left
