@@ -53,20 +53,29 @@ def test_kernel_indices_are_the_torch_searches(kernel, ks, kd, scale):
 
 
 def test_ties_go_to_the_first_label(kernel):
-    """Identical source labels: the lowest index wins, in both passes of the pruned search."""
-    e, k = 4, 16
+    """Identical source labels: the lowest index wins, within a pass and across the two passes
+    of the pruned search (whose first pass holds the `first` lowest beliefs)."""
+    e, k = 4, 100
     cs = torch.zeros(e, k, 3)
     cd = torch.randn(e, 5, 3) * 0.1
     belief = torch.ones(e, k)
-    for first in (0, 4):
+    for first in (0, 25):
         arg, _ = native.search(belief, cs, cd, 10.0, first)
         assert torch.equal(arg, torch.zeros(e, 5, dtype=torch.int64))
-    # labels 0..3: the lowest beliefs (the first pass), far away; 4..15 tie in the second pass
-    cs[:, :4] = 1.0
-    belief[:, :4] = 0.0
-    for first in (0, 4):
-        arg, _ = native.search(belief, cs, cd, 10.0, first)
-        assert torch.equal(arg, torch.full((e, 5), 4)), first
+    # destinations at 0 and alpha = 1: a label's value is exactly b + |x|^2. The 25 lowest
+    # beliefs (the first pass) hold one of two labels of value 0.75; the other is in the second
+    cd = torch.zeros(e, 5, 3)
+    cs[:] = 1.0
+    belief[:] = 1.0
+    belief[:, 70:94] = 0.0
+    for early, late in ((20, 60), (60, 20)):
+        b, x = belief.clone(), cs.clone()
+        b[:, early], x[:, early] = 0.5, torch.tensor([0.5, 0.0, 0.0])
+        b[:, late], x[:, late] = 0.75, 0.0
+        for first in (0, 25):
+            arg, _ = native.search(b, x, cd, 1.0, first)
+            assert torch.equal(arg, torch.full((e, 5), 20)), (early, first)
+            assert torch.equal(arg, lbp._argmin_chunk(b, x, cd, 1.0))
 
 
 def _lbp_problem(n=400, k=64, seed=0):
