@@ -30,10 +30,6 @@ near this many floats (16 MB), at most :data:`EDGE_CHUNK`: the product is writte
 and a chunk that stays in cache (and is not a fresh 134 MB allocation each time) makes both faster.
 The messages are bitwise the same for any chunk size; timings in docs/benchmarks.md."""
 
-NATIVE_CHUNK_LABELS = 2 ** 18
-"""With the C kernel (:mod:`cyclereg.clouds.native`, CPU), edges per chunk times labels per edge:
-the kernel stores no product, so a chunk only bounds the rows it is handed (4 floats per label)."""
-
 
 def edge_chunk(k_src: int, k_dst: int, device: torch.device) -> int:
     """Edges per min-convolution chunk for ``k_src`` source and ``k_dst`` destination labels."""
@@ -201,12 +197,7 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
         if use_native:
             # the pairwise term at the arg-min comes with it unless coordinates carry gradients
             with_pair = not (cand_src.requires_grad or cand_dst.requires_grad)
-            step = max(1, NATIVE_CHUNK_LABELS // max(1, b.shape[1], cand_dst.shape[1]))
-            found = [native.search(b[s:s + step], cs[s:s + step], cand_dst[s:s + step].detach(), alpha,
-                                   first if prune else 0, src_ax2[s:s + step], with_pair)
-                     for s in range(0, b.shape[0], step)]
-            arg = torch.cat([a for a, _ in found])
-            pair = torch.cat([p for _, p in found]) if with_pair else None
+            arg, pair = native.search(b, cs, cand_dst.detach(), alpha, first if prune else 0, src_ax2, with_pair)
         else:
             pair = None
             if prune:
