@@ -294,6 +294,7 @@ def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
     assert runner.invoke(app, cmd).exit_code == 130
     assert (fold / "stage2.partial.pt").is_file() and not (fold / "stage2.pt").exists()
     assert not (fold / "stage1.partial.pt").exists()  # removed once stage 1's checkpoint was written
+    before_s = torch.load(fold / "stage2.partial.pt", weights_only=True)["elapsed_s"]
     epochs_run = []  # (stage, finished epochs) at each epoch's end
     monkeypatch.setattr(scheduler_mod.StageSnapshot, "offer",
                         lambda self, s, **kw: epochs_run.append((self.stage, s)) or real(self, s, **kw))
@@ -308,6 +309,10 @@ def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
     for la, lb in zip(log_a, log_b):
         la, lb = json.loads(la), json.loads(lb)
         assert la.get("train_loss_mm") == lb.get("train_loss_mm") and la["stage"] == lb["stage"]
+    # the resumed stage's logged time counts the training before the kill
+    stage2 = json.loads(log_b[2])
+    assert stage2["stage"] == 2 and stage2["train_seconds"] > before_s > 0
+    assert stage2["seconds"] > stage2["train_seconds"] and stage2["seconds_this_run"] < stage2["seconds"]
 
 
 def test_stage_killed_while_refreshing_labels_is_not_trained_again(tmp_path, monkeypatch):

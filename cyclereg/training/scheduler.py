@@ -145,6 +145,11 @@ class StageSnapshot:
         self._last = time.monotonic()
         return True
 
+    @property
+    def resumed_s(self) -> float:
+        """Training seconds the stage had before this run (the restored snapshot's; 0 without one)."""
+        return getattr(self, "_elapsed_before", 0.0)
+
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
@@ -335,8 +340,9 @@ class StageScheduler:
         Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "current_stage_s": s,
         "remaining_s": s}``: the last finished stage (-1: none), where the same ``cycle`` command
         would go on (a stage whose training is saved and whose labels are not, or a mid-stage
-        snapshot's step), the logged seconds of each finished stage (of its last, possibly
-        resumed, run), the training seconds the stage in progress has had so far (from its
+        snapshot's step), the logged seconds of each finished stage (its training over all runs,
+        since 2026-12-03, plus the pseudo-label refresh of its last run; before, only its last
+        run), the training seconds the stage in progress has had so far (from its
         snapshot; ``None`` without one), and an estimate of the time left: at the mean pace of
         the finished stages >= 1, or before the first one, at the snapshot's training pace
         (training only, the pseudo-label refreshes not counted); ``None`` when neither exists."""
@@ -418,17 +424,23 @@ class StageScheduler:
                     model.load_state_dict(ckpt["state_dict"])
                 snapshot = StageSnapshot(self.snapshot_path(stage), stage=stage, every_s=self.snapshot_every_s)
                 train_stats = self.task.train_stage(model, labels, weights, stage, progress, snapshot=snapshot)
+                # over all runs of the stage: a resumed one adds the snapshot's training seconds
+                train_stats = {**train_stats, "train_seconds": snapshot.resumed_s + time.perf_counter() - t0}
                 save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
                                 config=self.task.model_config(), state_dict=model.state_dict(),
                                 extra={"stage": stage, "train": train_stats})
                 snapshot.clear()
             parts = LabelParts(self.parts_path(stage), model)
+            t_labels = time.perf_counter()
             new_labels, info = self.task.make_pseudo_labels(model, stage, progress, parts=parts)
-            seconds = time.perf_counter() - t0
+            now = time.perf_counter()
+            # training (all runs; this run's when older checkpoints lack it) + this run's refresh
+            seconds = train_stats.get("train_seconds", t_labels - t0) + now - t_labels
             report = self.hook(stage, model) if self.hook is not None else {}
             self._save_labels(stage, new_labels, info["weights"])
             parts.clear()
-            self._log({"stage": stage, "seconds": seconds, **train_stats, **info["stats"], **report})
+            self._log({"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
+                       **info["stats"], **report})
             self._prune_labels(stage)
         final = self.last_finished_stage()
         if final >= 1:
