@@ -441,6 +441,23 @@ def test_snapshot_counts_training_time_across_resumes_and_status_uses_it(tmp_pat
     assert status["remaining_s"] == pytest.approx(1740.0)
 
 
+def test_status_estimates_at_the_latest_stage_pace(tmp_path):
+    """Stages 1 and 2 took 1000 s and 300 s (e.g. a faster code since): three stages of 300 s
+    are left, minus the 100 s stage 3 has trained so far."""
+    fold = tmp_path / "fold1"
+    fold.mkdir()
+    for t in range(3):
+        torch.save({"stage": t, "labels": {}, "weights": {}}, fold / f"pseudo{t}.pt")
+        if t:
+            (fold / f"stage{t}.pt").write_bytes(b"checkpoint")
+    (fold / "log.jsonl").write_text("".join(json.dumps({"stage": t, "seconds": s}) + "\n"
+                                            for t, s in ((0, 50.0), (1, 1000.0), (2, 300.0))))
+    torch.save({"step": 10, "total_steps": 60, "elapsed_s": 100.0}, fold / "stage3.partial.pt")
+    status = scheduler_mod.StageScheduler(None, fold).status(5)
+    assert status["finished"] == 2 and status["next"] == "stage 3: training after step 10/60"
+    assert status["remaining_s"] == pytest.approx(3 * 300.0 - 100.0)
+
+
 def test_snapshot_interval_is_checked(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"

@@ -343,8 +343,9 @@ class StageScheduler:
         snapshot's step), the logged seconds of each finished stage (its training over all runs,
         since 2026-12-03, plus the pseudo-label refresh of its last run; before, only its last
         run), the training seconds the stage in progress has had so far (from its
-        snapshot; ``None`` without one), and an estimate of the time left: at the mean pace of
-        the finished stages >= 1, or before the first one, at the snapshot's training pace
+        snapshot; ``None`` without one), and an estimate of the time left: at the pace of the
+        latest finished stage >= 1 (the code and the machine of the stages to come are more like
+        its than the first ones'), or before the first one, at the snapshot's training pace
         (training only, the pseudo-label refreshes not counted); ``None`` when neither exists."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
         seconds = {}
@@ -381,8 +382,8 @@ class StageScheduler:
                 text = f"stage {nxt}: unreadable training snapshot {self.snapshot_path(nxt).name}"
         else:
             text = f"stage {nxt}: training from step 0"
-        paced = [s for t, s in seconds.items() if 1 <= t <= done]
-        per_stage = sum(paced) / len(paced) if paced else snapshot_pace
+        paced = [t for t in seconds if 1 <= t <= done]
+        per_stage = seconds[max(paced)] if paced else snapshot_pace
         remaining = None
         if per_stage is not None:
             remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
