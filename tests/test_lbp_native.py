@@ -173,6 +173,19 @@ def test_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     assert not any((tmp_path / "cache").rglob("*.so"))
 
 
+def test_disabling_is_not_remembered(monkeypatch):
+    """CYCLEREG_NATIVE=0 holds while it is set: set before the first load, then removed, the
+    kernel loads (it had stayed off for the rest of the process)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native, "_reason", "not loaded yet")
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert native.kernel() is None and "disabled" in native.reason()
+    monkeypatch.delenv(native.DISABLE_ENV)
+    assert native.kernel() is not None and native.reason() == "loaded"
+
+
 def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     if native._compiler() is None:
         pytest.skip("no C compiler")

@@ -132,8 +132,7 @@ def _self_check(fn) -> bool:
 def kernel():
     """The loaded kernel, or None (then :func:`reason` says why)."""
     global _kernel, _reason
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        _reason = f"disabled by {DISABLE_ENV}=0"
+    if _disabled():
         return None
     if _kernel is None and _reason == "not loaded yet":
         try:
@@ -147,10 +146,14 @@ def kernel():
     return _kernel
 
 
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") == "0"
+
+
 def reason() -> str:
     """Why :func:`kernel` returns what it does (for diagnostics)."""
     kernel()
-    return _reason
+    return f"disabled by {DISABLE_ENV}=0" if _disabled() else _reason
 
 
 def _call(fn, belief, cand_src, cand_dst, alpha, first, src_ax2=None, with_pair=False):
