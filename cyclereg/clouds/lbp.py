@@ -128,7 +128,7 @@ def _argmin_chunk(belief_src, cand_src, cand_dst, alpha):
 
 def _source_rows(belief_src, cand_src, alpha):
     """``[x_l, b(l) + a||x_l||^2]`` per source label, ``(e, K, 4)`` (see :func:`_argmin_chunk`)."""
-    return torch.cat([cand_src, (belief_src + alpha * cand_src.pow(2).sum(-1))[..., None]], dim=-1)
+    return torch.cat([cand_src, (belief_src + native.source_term(cand_src, alpha))[..., None]], dim=-1)
 
 
 def _destination_rows(cand_dst, alpha):

@@ -176,8 +176,9 @@ def _call(fn, belief, cand_src, cand_dst, alpha, first, src_ax2=None, with_pair=
 
 
 def source_term(cand_src: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha * |x_l|^2`` ``(E, K)``, the belief-independent part of the source rows, computed
-    exactly as :func:`cyclereg.clouds.lbp._source_rows` computes it (once per LBP, not per sweep)."""
+    """``alpha * |x_l|^2`` ``(E, K)``, the belief-independent part of the source rows (used by
+    :func:`cyclereg.clouds.lbp._source_rows` too, so both searches add the same floats; the LBP
+    computes it once, not per sweep)."""
     return alpha * cand_src.pow(2).sum(-1)
 
 

@@ -87,6 +87,7 @@ class StageSnapshot:
         self.stage = stage
         self.total_steps: int | None = None
         self.every_s = every_s
+        self._elapsed_before = 0.0
 
     def restore(self, total_steps: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
                 scaler=None, progress=None, unit: str = "step") -> tuple[int, list[float]]:
@@ -148,7 +149,7 @@ class StageSnapshot:
     @property
     def resumed_s(self) -> float:
         """Training seconds the stage had before this run (the restored snapshot's; 0 without one)."""
-        return getattr(self, "_elapsed_before", 0.0)
+        return self._elapsed_before
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
