@@ -634,3 +634,51 @@ def test_learning_stream_recentring_searches_around_the_smoothed_first_pass_and_
         CloudCycleConfig(learn_recentre_passes=-1)
     # runs written before the setting existed keep the single pass
     assert CloudCycleConfig.from_dict({}).learn_recentre_passes == 0
+
+
+def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):
+    """`scripts/run_model_set.py`: final / stage-T / stage-0 model sets of a run, each fold's
+    file the run's own checkpoint (stage 0: the network the scheduler labels stage 0 with, with
+    the stage-1 settings); a missing stage or an existing output writes nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    from cyclereg.errors import InputError
+
+    ds = _dataset(tmp_path, n=2, landmarks=False)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "all", "--stages", "1",
+                              "--epochs", "1", "--train-points", "100,200", *CHEAP_LABELS, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "all", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    spec = importlib.util.spec_from_file_location(
+        "run_model_set", Path(__file__).resolve().parents[1] / "scripts" / "run_model_set.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    assert mod.main([str(run), "-o", str(tmp_path / "final")]) == 0
+    assert mod.main([str(run), "-o", str(tmp_path / "s1"), "--stage", "1"]) == 0
+    assert mod.main([str(run), "-o", str(tmp_path / "s0"), "--stage", "0"]) == 0
+    cfg = CloudCycleConfig.from_dict(json.loads((run / "run.json").read_text())["config"])
+    stage0 = CloudCycleTask([CloudPairData("x", torch.zeros(1, 3), torch.zeros(1, 3))], UnitBox.around(torch.zeros(1, 3)),
+                            cfg, torch.device("cpu")).new_model(0).state_dict()
+    for k in (1, 2):
+        src = load_checkpoint(run / f"fold{k}" / "final.pt", kind="cloud")
+        for name in ("final", "s1"):
+            got = load_checkpoint(tmp_path / name / f"fold{k}.pt", kind="cloud")
+            assert got["config"] == src["config"] and got["extra"] == src["extra"]
+            assert all(torch.equal(got["state_dict"][n], src["state_dict"][n]) for n in src["state_dict"])
+        got = load_checkpoint(tmp_path / "s0" / f"fold{k}.pt", kind="cloud")
+        assert got["config"] == src["config"] and got["extra"]["stage"] == 0
+        assert got["state_dict"].keys() == stage0.keys()
+        assert all(torch.equal(got["state_dict"][n], stage0[n]) for n in stage0)
+        assert any(not torch.equal(got["state_dict"][n], src["state_dict"][n]) for n in stage0)
+    info = json.loads((tmp_path / "s0" / "model_set.json").read_text())
+    assert info["stage"] == 0 and set(info["folds"]) == {"fold1", "fold2"}
+    with pytest.raises(InputError, match="already exists"):
+        mod.export(run, tmp_path / "final")
+    with pytest.raises(InputError, match="no stage2.pt in 2 of 2 folds"):
+        mod.export(run, tmp_path / "s2", 2)
+    assert not (tmp_path / "s2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

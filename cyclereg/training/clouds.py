@@ -184,6 +184,13 @@ Labeller = tuple[torch.nn.Module, CloudRegConfig]
 settings with which it makes refined pseudo labels in place of the learning network."""
 
 
+def new_model_seed(cfg: CloudCycleConfig, stage: int) -> int:
+    """Seed of the random initialisation a stage starts from when it has no previous weights:
+    stage 0 (the pseudo-label network of ``pretrain-random``) and stage 1, which starts from a
+    different random initialisation than stage 0 (paper Sec. 2.2)."""
+    return cfg.seed * 1000 + min(stage, 1)
+
+
 @dataclass
 class CloudPairData:
     """Keypoints of one training pair in the unit frame (no landmarks)."""
@@ -207,8 +214,7 @@ class CloudCycleTask:
         self.device = device
 
     def new_model(self, stage: int) -> GraphFeatureNet:
-        # stage 1 starts from a different random initialisation than stage 0 (paper Sec. 2.2)
-        return build_graph_net(self.config.reg.net, seed=self.config.seed * 1000 + min(stage, 1)).to(self.device)
+        return build_graph_net(self.config.reg.net, seed=new_model_seed(self.config, stage)).to(self.device)
 
     def model_config(self) -> CloudRegConfig:
         """What a checkpoint stores: the test-time settings and the unit frame trained in."""

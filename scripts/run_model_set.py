@@ -1,0 +1,100 @@
+"""Copy one stage of a keypoint-cloud training run into a model set (a directory of ``foldK.pt``).
+
+``python scripts/run_model_set.py RUN_DIR -o OUT [--stage T]``
+
+Without ``--stage`` every fold's ``final.pt`` (its last finished stage); with ``--stage T >= 1``
+every fold's ``stageT.pt``; with ``--stage 0`` the run's stage-0 network, the random network
+``pretrain-random`` labelled with (seeded from the run's ``run.json``), stored with the
+registration settings of the fold's stage-1 checkpoint, so that every stage of the curve
+registers with the same settings. ``OUT`` gets ``fold{K}.pt`` per fold and ``model_set.json``
+(run, stage, source file and its SHA-256 per fold); it must not exist yet, and nothing is written
+unless every fold has the checkpoint asked for.
+
+A model set is what ``cyclereg evaluate DATASET --run OUT`` and ``--model OUT/foldK.pt`` read, what
+``scripts/set_cloud_test_time.py OUT`` rewrites, and the form of ``models/copd``. The run itself
+is never changed (its checkpoints keep the settings it trained with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
+from cyclereg.clouds.features import build_graph_net
+from cyclereg.errors import InputError
+from cyclereg.training.clouds import CloudCycleConfig, new_model_seed
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _folds(run: Path) -> list[int]:
+    info = run / "run.json"
+    if not info.is_file():
+        raise InputError("not a training run (no run.json)", run)
+    folds = json.loads(info.read_text()).get("folds")
+    if not folds:
+        raise InputError("run.json lists no folds", info)
+    return list(range(1, len(folds) + 1))
+
+
+def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
+    """Write ``out/fold{K}.pt`` for every fold of ``run`` (see the module docstring); returns them."""
+    if out.exists():
+        raise InputError("already exists; choose a new directory", out)
+    if stage is not None and stage < 0:
+        raise ValueError(f"stage: must be >= 0, got {stage}")
+    folds = _folds(run)
+    name = "final.pt" if stage is None else f"stage{max(stage, 1)}.pt"
+    sources = {k: run / f"fold{k}" / name for k in folds}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"no {name} in {len(missing)} of {len(folds)} folds ({', '.join(missing)})", run)
+    cycle_cfg = CloudCycleConfig.from_dict(json.loads((run / "run.json").read_text())["config"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None))
+    try:
+        written, record = [], {}
+        for k, src in sources.items():
+            ck = load_checkpoint(src, kind="cloud")
+            if stage == 0:
+                state = build_graph_net(cycle_cfg.reg.net, seed=new_model_seed(cycle_cfg, 0)).state_dict()
+                extra = {"stage": 0, "seed": new_model_seed(cycle_cfg, 0), "settings_from": str(src)}
+            else:
+                state, extra = ck["state_dict"], ck.get("extra")
+            save_checkpoint(tmp / f"fold{k}.pt", kind="cloud", config=ck["config"], state_dict=state, extra=extra)
+            record[f"fold{k}"] = {"source": str(src), "sha256": _sha256(src)}
+            written.append(out / f"fold{k}.pt")
+        write_json(tmp / "model_set.json", {"command": "run_model_set", "run": str(run),
+                                            "stage": "final" if stage is None else stage, "folds": record})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="training run directory (run.json, fold*/)")
+    ap.add_argument("-o", "--output", type=Path, required=True, help="new model-set directory")
+    ap.add_argument("--stage", type=int, help="stage T (0 = the stage-0 random network; default: final)")
+    args = ap.parse_args(argv)
+    try:
+        files = export(args.run, args.output, args.stage)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(files)} checkpoints and model_set.json to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
