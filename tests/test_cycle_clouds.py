@@ -533,7 +533,11 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     (run / "fold1" / "stage2.partial.pt").write_bytes(b"damaged")
     assert "unreadable training snapshot" in run_status(run)["folds"][0]["next"]
     (run / "fold1" / "stage2.pt").write_bytes((run / "fold1" / "stage1.pt").read_bytes())
-    assert run_status(run)["folds"][0]["next"] == "stage 2: its pseudo labels (trained)"
+    status = run_status(run)["folds"][0]
+    assert status["next"] == "stage 2: its pseudo labels (trained)"
+    # trained, labels not yet refreshed: the stage's training seconds count (those of the copied stage 1)
+    stage1 = load_checkpoint(run / "fold1" / "stage1.pt")["extra"]["train"]["train_seconds"]
+    assert stage1 > 0 and status["current_stage_s"] == pytest.approx(stage1)
     assert run_status(run, stages=1)["folds"][0]["next"] == "finished"
     res = runner.invoke(app, ["status", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "not a cyclereg run directory" in res.output

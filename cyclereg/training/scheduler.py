@@ -344,7 +344,7 @@ class StageScheduler:
         snapshot's step), the logged seconds of each finished stage (its training over all runs,
         since 2026-12-03, plus the pseudo-label refresh of its last run; before, only its last
         run), the training seconds the stage in progress has had so far (from its
-        snapshot; ``None`` without one), and an estimate of the time left: at the pace of the
+        snapshot, or from its checkpoint once trained; ``None`` without either), and an estimate of the time left: at the pace of the
         latest finished stage >= 1 (the code and the machine of the stages to come are more like
         its than the first ones'), or before the first one, at the snapshot's training pace
         (training only, the pseudo-label refreshes not counted); ``None`` when neither exists."""
@@ -370,6 +370,11 @@ class StageScheduler:
             text = "finished"
         elif self.checkpoint_path(nxt).is_file():
             text = f"stage {nxt}: its pseudo labels (trained){labelled}"
+            try:  # the training is done: its seconds are in the stage's checkpoint
+                ck = torch.load(self.checkpoint_path(nxt), map_location="cpu", weights_only=True)
+                current = float(ck["extra"]["train"]["train_seconds"])
+            except Exception:  # noqa: BLE001 - older checkpoints lack it; cycle itself reads the file
+                current = None
         elif self.snapshot_path(nxt).is_file():
             try:
                 snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
