@@ -3,7 +3,7 @@
 ``python benchmarks/ensemble_fusion.py [RUN_DIR] [--seeds 0 1 2 3 4] [--scales 1 2] [--threads 2]
 [--recentre-candidates K ...]``
 
-Every fold's ensemble checkpoint of ``RUN_DIR`` (default ``models/copd``) registers the synthetic
+Every fold's ensemble checkpoint of ``RUN_DIR`` (default ``models/copd_ensemble``) registers the synthetic
 breathing pairs of :mod:`cyclereg.clouds.synthetic` (each seed, with the motion scaled by each
 ``--scales`` factor) with its stored settings, in these ways:
 
@@ -38,7 +38,7 @@ from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", nargs="?", default="models/copd")
+    ap.add_argument("run", nargs="?", default="models/copd_ensemble")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--threads", type=int, default=2)

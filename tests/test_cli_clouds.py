@@ -514,29 +514,51 @@ def test_evaluate_copd_identity(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_copd_models_regression(tmp_path):
-    """Issue-5 check of the committed `models/copd` (about 1 min on 2 idle CPU cores): run with -m slow.
+    """Issue-5 check of the committed `models/copd` (well under a minute on 2 idle CPU cores): run
+    with -m slow.
 
-    Guards the shipped models against silent regressions of the cloud path: every case must be
-    registered by its own fold's model (an ensemble of 4 networks, stored settings: joint fusion,
-    one re-centred pass with 128 candidates, no test-time augmentation) and the mean TRE must stay
-    at the measured 2.21 mm (docs/benchmarks.md, "Joint learning stream") within 0.02 mm. The
-    paper's 1.93 mm is not reached (issue 5 open).
+    `models/copd` is the final stage of one K = 256 run of the paper's configuration (single
+    networks), shipped with the test-time settings its rule fixed before the run (first pass
+    K = 64, one re-centred pass of 128 candidates, no test-time augmentation). Every case must be
+    registered by its own fold's model and the mean TRE must stay at the measured 2.49 mm
+    (docs/benchmarks.md, "Device check") within 0.02 mm. The paper's 1.93 mm is not reached
+    (issue 5 open).
     """
+    r = _evaluate_model_set(tmp_path, "copd")
+    assert r["mean_tre_mm"] == pytest.approx(2.49, abs=0.02)
+    cfg = r["config"]
+    assert cfg["ensemble_size"] == 1 and cfg["lbp"]["num_candidates"] == 64
+    assert cfg["recentre_passes"] == 1 and cfg["recentre_candidates"] == 128 and cfg["tta_passes"] == 0
+
+
+@pytest.mark.slow
+def test_committed_copd_ensemble_regression(tmp_path):
+    """The ensemble shipped as `models/copd` until 2026-12-03, kept as `models/copd_ensemble`
+    (about 1 min on 2 idle CPU cores; -m slow): each case by its own fold's ensemble of 4 networks
+    (joint fusion, one re-centred pass with 128 candidates, no test-time augmentation), mean TRE
+    at the measured 2.21 mm (docs/benchmarks.md, "Joint learning stream") within 0.02 mm."""
+    r = _evaluate_model_set(tmp_path, "copd_ensemble")
+    assert r["mean_tre_mm"] == pytest.approx(2.21, abs=0.02)
+    assert r["config"]["ensemble_size"] == 4 and r["config"]["ensemble_fusion"] == "joint"
+    assert r["config"]["recentre_candidates"] == 128
+
+
+def _evaluate_model_set(tmp_path, name):
+    """`evaluate --run models/NAME` on COPD: the report, checked to use every fold's own model
+    on the paper's folds and to give smooth fields."""
     from pathlib import Path
 
     ds = shared_path("copd-keypoints", "dataset.json")
-    models = Path(__file__).resolve().parents[1] / "models" / "copd"
+    models = Path(__file__).resolve().parents[1] / "models" / name
     rep = tmp_path / "r.json"
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(models), "--device", "cpu", "--json", str(rep)])
     assert res.exit_code == 0, res.output
     r = json.loads(rep.read_text())
     assert len(r["cases"]) == 10
     assert sorted({c["fold"] for c in r["cases"]}) == [1, 2, 3, 4, 5]
-    assert r["mean_tre_mm"] == pytest.approx(2.21, abs=0.02)
-    assert r["config"]["ensemble_size"] == 4 and r["config"]["ensemble_fusion"] == "joint"
-    assert r["config"]["recentre_candidates"] == 128
     assert all(c["fold"] == (int(c["id"][-2:]) + 1) // 2 for c in r["cases"])  # the paper's folds
     assert r["mean_sdlogj"] < 0.06
+    return r
 
 
 def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
@@ -544,7 +566,7 @@ def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
     (both in the frame the model was trained in), here read out at the fixed keypoints."""
     ds = shared_path("copd-keypoints", "dataset.json")
     root = ds.parent / "copd01"
-    model = str(Path(__file__).resolve().parents[1] / "models" / "copd" / "fold1.pt")
+    model = str(Path(__file__).resolve().parents[1] / "models" / "copd_ensemble" / "fold1.pt")
     res = runner.invoke(app, ["register", str(root / "fixed_keypoints.csv"), str(root / "moving_keypoints.csv"),
                               "-o", str(tmp_path / "o"), "--model", model, "--device", "cpu"])
     assert res.exit_code == 0, res.output
