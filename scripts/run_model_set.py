@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
+from cyclereg.clouds.api import fold_checkpoint
 from cyclereg.clouds.features import build_graph_net
 from cyclereg.errors import InputError
 from cyclereg.training.clouds import CloudCycleConfig, new_model_seed
@@ -35,14 +36,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _folds(run: Path) -> list[int]:
+def _run_meta(run: Path) -> dict:
     info = run / "run.json"
     if not info.is_file():
         raise InputError("not a training run (no run.json)", run)
-    folds = json.loads(info.read_text()).get("folds")
-    if not folds:
+    meta = json.loads(info.read_text())
+    if not meta.get("folds"):
         raise InputError("run.json lists no folds", info)
-    return list(range(1, len(folds) + 1))
+    return meta
 
 
 def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
@@ -51,21 +52,30 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
         raise InputError("already exists; choose a new directory", out)
     if stage is not None and stage < 0:
         raise ValueError(f"stage: must be >= 0, got {stage}")
-    folds = _folds(run)
-    name = "final.pt" if stage is None else f"stage{max(stage, 1)}.pt"
-    sources = {k: run / f"fold{k}" / name for k in folds}
-    missing = [str(p) for p in sources.values() if not p.is_file()]
+    meta = _run_meta(run)
+    folds = range(1, len(meta["folds"]) + 1)
+    want = None if stage is None else max(stage, 1)  # stage 0 takes stage 1's settings
+    name = "final.pt" if want is None else f"stage{want}.pt"
+    sources, missing = {}, []
+    for k in folds:  # the run's layout is fold_checkpoint's
+        try:
+            sources[k] = fold_checkpoint(run, k, want)
+        except InputError:
+            missing.append(str(run / f"fold{k}" / name))
     if missing:
         raise InputError(f"no {name} in {len(missing)} of {len(folds)} folds ({', '.join(missing)})", run)
-    cycle_cfg = CloudCycleConfig.from_dict(json.loads((run / "run.json").read_text())["config"])
+    stage0 = None
+    if stage == 0:
+        cycle_cfg = CloudCycleConfig.from_dict(meta["config"])
+        seed = new_model_seed(cycle_cfg, 0)
+        stage0 = build_graph_net(cycle_cfg.reg.net, seed=seed).state_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None))
     try:
         written, record = [], {}
         for k, src in sources.items():
             ck = load_checkpoint(src, kind="cloud")
-            if stage == 0:
-                state = build_graph_net(cycle_cfg.reg.net, seed=new_model_seed(cycle_cfg, 0)).state_dict()
-                extra = {"stage": 0, "seed": new_model_seed(cycle_cfg, 0), "settings_from": str(src)}
+            if stage0 is not None:
+                state, extra = stage0, {"stage": 0, "seed": seed, "settings_from": str(src)}
             else:
                 state, extra = ck["state_dict"], ck.get("extra")
             save_checkpoint(tmp / f"fold{k}.pt", kind="cloud", config=ck["config"], state_dict=state, extra=extra)

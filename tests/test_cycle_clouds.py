@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import cyclereg.training.scheduler as scheduler_mod
-from cyclereg.checkpoint import load_checkpoint
+from cyclereg.checkpoint import load_checkpoint, save_checkpoint
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.pointio import read_points, write_points
 from cyclereg.training.api import run_status
@@ -532,10 +532,12 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     assert status["next"] == "stage 2: training after step 1/2"
     (run / "fold1" / "stage2.partial.pt").write_bytes(b"damaged")
     assert "unreadable training snapshot" in run_status(run)["folds"][0]["next"]
-    (run / "fold1" / "stage2.pt").write_bytes((run / "fold1" / "stage1.pt").read_bytes())
+    trained = load_checkpoint(run / "fold1" / "stage1.pt")  # stage 1's weights, saved as cycle saves a trained stage 2
+    save_checkpoint(run / "fold1" / "stage2.pt", kind=trained["kind"], config=trained["config"],
+                    state_dict=trained["state_dict"], extra={**trained["extra"], "stage": 2})
     status = run_status(run)["folds"][0]
     assert status["next"] == "stage 2: its pseudo labels (trained)"
-    # trained, labels not yet refreshed: the stage's training seconds count (those of the copied stage 1)
+    # trained, labels not yet refreshed: the stage's training seconds count (those of stage 1, saved as stage 2)
     stage1 = load_checkpoint(run / "fold1" / "stage1.pt")["extra"]["train"]["train_seconds"]
     assert stage1 > 0 and status["current_stage_s"] == pytest.approx(stage1)
     assert run_status(run, stages=1)["folds"][0]["next"] == "finished"

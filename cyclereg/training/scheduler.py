@@ -306,7 +306,7 @@ class StageScheduler:
         path = self.checkpoint_path(stage)
         if not path.is_file():
             return None
-        ckpt = load_checkpoint(path, kind=self.task.checkpoint_kind)
+        ckpt = load_checkpoint(path, kind=None if self.task is None else self.task.checkpoint_kind)
         extra = ckpt.get("extra") or {}
         if extra.get("stage") != stage or not isinstance(extra.get("train"), dict):
             return None
@@ -371,10 +371,11 @@ class StageScheduler:
         elif self.checkpoint_path(nxt).is_file():
             text = f"stage {nxt}: its pseudo labels (trained){labelled}"
             try:  # the training is done: its seconds are in the stage's checkpoint
-                ck = torch.load(self.checkpoint_path(nxt), map_location="cpu", weights_only=True)
-                current = float(ck["extra"]["train"]["train_seconds"])
-            except Exception:  # noqa: BLE001 - older checkpoints lack it; cycle itself reads the file
-                current = None
+                trained = self._trained_checkpoint(nxt)
+            except InputError:  # reported, not raised: cycle itself names the file
+                trained = None
+            if trained is not None:  # older checkpoints lack the seconds
+                current = trained["extra"]["train"].get("train_seconds")
         elif self.snapshot_path(nxt).is_file():
             try:
                 snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
