@@ -71,12 +71,12 @@ static void search_edge(const float *b, const float *X, const float *ax2, const 
                         int64_t kd, int64_t first, float alpha, float rscale, int64_t *out, float *pair,
                         float *work)
 {
-    /* work: 10 * ks floats */
+    /* work: 10 * ks floats; `sel` is only needed for tau, so pass B's labels reuse it */
     float *sel = work;
     float *a0 = work + ks, *a1 = a0 + ks, *a2 = a1 + ks, *a3 = a2 + ks;
     int32_t *lab = (int32_t *)(a3 + ks);
     float *b0 = (float *)(lab + ks), *b1 = b0 + ks, *b2 = b1 + ks, *b3 = b2 + ks;
-    int32_t *labB;
+    int32_t *labB = (int32_t *)sel;
     int64_t nA = 0, nB = 0;
     float tau = INFINITY, bound = INFINITY, xmax2 = 0.0f;
 
@@ -93,15 +93,9 @@ static void search_edge(const float *b, const float *X, const float *ax2, const 
         if (b[l] <= tau) {
             a0[nA] = x[0]; a1[nA] = x[1]; a2[nA] = x[2]; a3[nA] = s3; lab[nA] = (int32_t)l; nA++;
         } else {
-            b0[nB] = x[0]; b1[nB] = x[1]; b2[nB] = x[2]; b3[nB] = s3; nB++;
+            b0[nB] = x[0]; b1[nB] = x[1]; b2[nB] = x[2]; b3[nB] = s3; labB[nB] = (int32_t)l; nB++;
             if (b[l] < bound) bound = b[l];
         }
-    }
-    labB = lab + nA;  /* nA + nB == ks */
-    {
-        int64_t m = 0;
-        for (int64_t l = 0; l < ks; l++)
-            if (!(b[l] <= tau)) labB[m++] = (int32_t)l;
     }
     const float ax2max = xmax2;
 
