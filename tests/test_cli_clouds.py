@@ -521,9 +521,9 @@ def test_shipped_copd_models_regression(tmp_path):
     (the K = 256 run after a re-centred stage 6, and the run with the re-centred learning stream
     from stage 1, `carried-runs/copd_lr1`, after a stage 6 on the two runs' ensemble), shipped
     with the test-time settings its rule fixed before it was evaluated (first pass K = 64, one
-    re-centred pass of 128 candidates, no test-time augmentation, joint fusion). Every case must be registered by its own fold's model
-    and the mean TRE must stay at the measured 2.12 mm (docs/benchmarks.md, "Two independent runs
-    together") within 0.02 mm. The paper's 1.93 mm is not reached (issue 5 open).
+    re-centred pass of 128 candidates, no test-time augmentation, joint fusion). Every case must
+    be registered by its own fold's model and the mean TRE must stay at the measured 2.12 mm
+    (docs/benchmarks.md, "Two independent runs together") within 0.02 mm. The paper's 1.93 mm is not reached (issue 5 open).
     """
     r = _evaluate_model_set(tmp_path, "copd")
     assert r["mean_tre_mm"] == pytest.approx(2.12, abs=0.02)
