@@ -178,6 +178,25 @@ def test_tps_per_point_regularisation():
         ThinPlateSpline.fit(c, v, regularisation=torch.zeros(39))
 
 
+def test_tps_evaluation_is_the_same_for_any_chunk_size(monkeypatch):
+    """The evaluation is split into pieces of query points (cache-sized on CPU); the pieces' size
+    changes nothing beyond float64 rounding (the BLAS kernels block differently)."""
+    import cyclereg.clouds.tps as tps_module
+
+    g = torch.Generator().manual_seed(11)
+    c = torch.rand(300, 3, generator=g, dtype=torch.float64)
+    spline = ThinPlateSpline.fit(c, torch.randn(300, 3, generator=g, dtype=torch.float64), regularisation=0.3)
+    q = torch.rand(5000, 3, generator=g, dtype=torch.float64)
+    rows = tps_module.eval_chunk_rows(300, torch.device("cpu"))
+    assert rows == tps_module.EVAL_CHUNK_BYTES_CPU // (8 * 300) and rows < q.shape[0]
+    assert tps_module.eval_chunk_rows(10**9, torch.device("cpu")) == 1
+    pieces = spline(q)
+    monkeypatch.setattr(tps_module, "EVAL_CHUNK_BYTES_CPU", 8 * 300 * q.shape[0])  # one piece
+    torch.testing.assert_close(spline(q), pieces, atol=1e-12, rtol=0)
+    monkeypatch.setattr(tps_module, "EVAL_CHUNK_BYTES_CPU", 8 * 300 * 7)  # 7 rows, a ragged last piece
+    torch.testing.assert_close(spline(q), pieces, atol=1e-12, rtol=0)
+
+
 def test_tps_kernel_value_and_gradient_to_control_values():
     # r^2 log r at r = 2 between two control points; the spline stays differentiable in
     # its values (the in-place kernel path is only taken without autograd)

@@ -12,8 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-EVAL_CHUNK = 8192
-"""Query points evaluated at once (memory: chunk x N floats)."""
+EVAL_CHUNK_BYTES_CPU = 4 * 2**20
+"""On CPU, the bytes of kernel matrix (query points x control points, float64) evaluated at
+once: a piece that stays in the cache. Against 8192 query points at once this made the dense
+COPD field (127k points, 1346-1750 control points) 2.5-2.8x faster on a 2-core EPYC. The chunk
+size changes the result only by float64 rounding (about 1e-14; the BLAS kernels block differently)."""
+
+EVAL_CHUNK_ROWS = 8192
+"""On other devices (GPU), the query points evaluated at once (memory: rows x N float64)."""
+
+
+def eval_chunk_rows(n_centres: int, device: torch.device) -> int:
+    """Query points per piece of :meth:`ThinPlateSpline.__call__` for ``n_centres`` control points."""
+    if device.type == "cpu":
+        return max(1, EVAL_CHUNK_BYTES_CPU // (8 * max(n_centres, 1)))
+    return EVAL_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -81,8 +94,9 @@ class ThinPlateSpline:
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """Evaluate at ``points (M, 3)`` -> ``(M, C)`` in the input's dtype."""
         out = []
-        for s in range(0, points.shape[0], EVAL_CHUNK):
-            x = points[s:s + EVAL_CHUNK].double()
+        rows = eval_chunk_rows(self.centres.shape[0], self.centres.device)
+        for s in range(0, points.shape[0], rows):
+            x = points[s:s + rows].double()
             U = _phi(torch.cdist(x, self.centres), self.kernel)
             out.append(U @ self.weights + self.affine[0] + x @ self.affine[1:])
         return torch.cat(out).to(points.dtype)
