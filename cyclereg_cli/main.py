@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from cyclereg.errors import InputError, WorkerError
+from cyclereg.errors import InputError, WorkerError, require_file
 from cyclereg.interrupts import exit_on_sigterm
 
 app = typer.Typer(
@@ -101,6 +101,18 @@ def _refuse_options(options: dict[str, object], scope: str) -> None:
         _fail(f"{listed} {'are options' if len(names) > 1 else 'is an option'} for {scope}")
 
 
+def _require_inputs(*paths: Path | str | None, folders: bool = False) -> None:
+    """Fail at once on a given input that does not exist (None: not given), before the library and
+    torch are imported (seconds); the library checks again what it reads. ``folders``: an
+    existing folder also passes (run directories)."""
+    for p in paths:
+        if p is None:
+            continue
+        if folders and Path(p).is_dir():
+            continue
+        require_file(p)
+
+
 def _is_volume(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
@@ -129,6 +141,7 @@ def keypoints(
     Writes OUTPUT and the resolved configuration OUTPUT.config.json. With --pairs: the keypoints of
     every listed scan pair and a keypoint dataset (OUTPUT/dataset.json) over them.
     """
+    _require_inputs(ct, mask, pairs)
     if pairs is None:
         if ct is None:
             _fail("give a CT volume, or --pairs PAIRS.csv")
@@ -179,6 +192,7 @@ def pretrain_random(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
+    _require_inputs(dataset)
     from cyclereg.training.api import pretrain_random as run_pretrain
 
     out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
@@ -203,6 +217,7 @@ def cycle(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
+    _require_inputs(dataset)
     from cyclereg.training.api import run_cycle
 
     done = run_cycle(dataset, run, stages=stages, folds=folds, device=device, val_pairs=val_pairs,
@@ -276,6 +291,7 @@ def register(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Register one fixed/moving pair with a trained (or random) model."""
+    _require_inputs(fixed, moving, query, reference, moving_image, moving_labels, None if model == "random" else model)
     if _is_volume(fixed) != _is_volume(moving):
         volume, cloud = (fixed, moving) if _is_volume(fixed) else (moving, fixed)
         _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
@@ -354,6 +370,7 @@ def evaluate(
     """TRE (keypoint datasets) or Dice/HD95 (labelled volume datasets), with SDlogJ and run time."""
     if sum([identity, model is not None, run is not None]) != 1:
         _fail("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
+    _require_inputs(dataset, None if model in (None, "random") else model)
     from cyclereg.datasets import dataset_kind
 
     kind = dataset_kind(dataset)
@@ -387,6 +404,7 @@ def ensemble(
     fusion: str = typer.Option("joint", "--fusion", help="how the members are combined: joint = one LBP per pass over their mean feature cost (they vote per candidate); average = each registers on its own, displacements averaged"),
 ) -> None:
     """Combine independently trained keypoint-cloud models into one ensemble per fold."""
+    _require_inputs(*sources, folders=True)
     from cyclereg.clouds.api import combine_cloud_models
 
     typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes,

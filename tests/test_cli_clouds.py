@@ -116,6 +116,46 @@ def test_register_missing_file(tmp_path):
     assert res.exit_code == 2 and "nope.csv" in res.output and not (tmp_path / "o").exists()
 
 
+def test_missing_inputs_fail_before_torch_is_imported(tmp_path):
+    """A missing input of any command is one line, exit 2, nothing written, at once: checked
+    before the library (and torch, seconds to import) is loaded. Run in a fresh interpreter,
+    where nothing is imported yet."""
+    import subprocess
+    import sys
+
+    script = """
+import json, sys
+from typer.testing import CliRunner
+from cyclereg_cli.main import app
+out = []
+for args in json.loads(sys.argv[1]):
+    res = CliRunner().invoke(app, args)
+    out.append([res.exit_code, res.output])
+print(json.dumps({"results": out, "torch": "torch" in sys.modules}))
+"""
+    real = tmp_path / "f.csv"
+    write_points(real, make_breathing_pair(0, SMALL).fixed_mm)
+    o = str(tmp_path / "o")
+    cases = [
+        (["register", str(tmp_path / "nope.csv"), str(real), "-o", o], "nope.csv"),
+        (["register", str(real), str(real), "--model", str(tmp_path / "nope.pt"), "-o", o], "nope.pt"),
+        (["register", str(real), str(real), "--query", str(tmp_path / "q.csv"), "-o", o], "q.csv"),
+        (["evaluate", str(tmp_path / "nope.json"), "--identity", "--json", str(tmp_path / "r.json")], "nope.json"),
+        (["pretrain-random", str(tmp_path / "nope.json"), "-o", o], "nope.json"),
+        (["cycle", str(tmp_path / "nope.json"), "--run", o], "nope.json"),
+        (["keypoints", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "k.csv")], "ct.nii.gz"),
+        (["ensemble", str(tmp_path), str(tmp_path / "nope_run"), "-o", o], "nope_run"),
+    ]
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([a for a, _ in cases])],
+                          capture_output=True, text=True, check=True)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (args, name), (code, output) in zip(cases, report["results"]):
+        assert code == 2 and "does not exist" in output and name in output, (args, output)
+        assert output.strip().count("\n") == 0
+    assert not report["torch"]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r.json").exists() and not (tmp_path / "k.csv").exists()
+
+
 @pytest.mark.parametrize("volume_first", [True, False])
 def test_register_cloud_with_volume_is_refused(pair_files, volume_first):
     """A cloud and a volume cannot be registered: one line naming both files, nothing written
