@@ -33,6 +33,22 @@ def test_knn_matches_brute_force(device):
     assert torch.equal(idx_self, dq.argsort(dim=1)[:, :4])
 
 
+def test_knn_in_pieces_matches_brute_force(monkeypatch):
+    """The distance matrix is searched in pieces of query rows (cache-sized on CPU): pieces of
+    one row, seven rows (a ragged last piece) and all rows give the brute-force neighbours,
+    self-exclusion included (the excluded diagonal lies at another column in every piece)."""
+    import cyclereg.clouds.knn as knn_module
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.rand(50, 3, generator=g)
+    assert knn_module.knn_chunk_rows(q.shape[0], 4, torch.device("cpu")) == knn_module.KNN_CHUNK_BYTES_CPU // 200
+    dq = ((q[:, None] - q[None]) ** 2).sum(-1) + torch.eye(50) * 1e9
+    for rows in (1, 7, 50):
+        monkeypatch.setattr(knn_module, "KNN_CHUNK_BYTES_CPU", 4 * 50 * rows)
+        assert knn_module.knn_chunk_rows(50, 4, torch.device("cpu")) == rows
+        assert torch.equal(knn_indices(q, q, 6, exclude_self=True), dq.argsort(dim=1)[:, :6])
+
+
 def test_edge_index_layout():
     p = torch.rand(30, 3, generator=torch.Generator().manual_seed(1))
     ei = knn_edge_index(p, 4, include_self=True)

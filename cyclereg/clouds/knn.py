@@ -8,8 +8,20 @@ from __future__ import annotations
 
 import torch
 
-KNN_CHUNK = 4096
-"""Rows of the distance matrix computed at once (bounds memory to chunk x M floats)."""
+KNN_CHUNK_BYTES_CPU = 2**20
+"""On CPU, the bytes of distance matrix computed and searched at once: a piece that stays in
+the cache. Against 4096 rows at once this made the 10-NN graph of a COPD moving cloud (2569-3569
+points) 20-30 % faster on a 2-core EPYC (one thread), the same indices."""
+
+KNN_CHUNK_ROWS = 4096
+"""On other devices (GPU), the query rows computed at once (memory: rows x M distances)."""
+
+
+def knn_chunk_rows(n_reference: int, element_size: int, device: torch.device) -> int:
+    """Query rows per piece of :func:`knn_indices` for ``n_reference`` points of ``element_size`` bytes."""
+    if device.type == "cpu":
+        return max(1, KNN_CHUNK_BYTES_CPU // (element_size * max(n_reference, 1)))
+    return KNN_CHUNK_ROWS
 
 
 def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude_self: bool = False) -> torch.Tensor:
@@ -24,8 +36,9 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
     if kk > reference.shape[0]:
         raise ValueError(f"k={k}: reference has only {reference.shape[0]} points")
     out = []
-    for start in range(0, query.shape[0], KNN_CHUNK):
-        q = query[start:start + KNN_CHUNK]
+    piece = knn_chunk_rows(reference.shape[0], reference.element_size(), reference.device)
+    for start in range(0, query.shape[0], piece):
+        q = query[start:start + piece]
         d = torch.cdist(q, reference)
         if exclude_self:
             rows = torch.arange(q.shape[0], device=q.device)
