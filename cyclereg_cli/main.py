@@ -113,6 +113,13 @@ def _require_inputs(*paths: Path | str | None, folders: bool = False) -> None:
         require_file(p)
 
 
+def _require_run_dir(path: Path | None) -> None:
+    """Fail at once, before the library is imported, on a run directory that does not exist."""
+    if path is not None and not path.is_dir():
+        raise InputError("run directory does not exist" if not path.exists() else "is not a folder (a run directory is)",
+                         path)
+
+
 def _is_volume(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
@@ -218,6 +225,7 @@ def cycle(
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
     _require_inputs(dataset)
+    _require_run_dir(run)
     from cyclereg.training.api import run_cycle
 
     done = run_cycle(dataset, run, stages=stages, folds=folds, device=device, val_pairs=val_pairs,
@@ -233,6 +241,7 @@ def status(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the status as JSON here"),
 ) -> None:
     """Progress of a training run (read only; also while cycle runs): stages per fold, what comes next, time."""
+    _require_run_dir(run)
     from rich.console import Console
     from rich.table import Table
 
@@ -371,6 +380,7 @@ def evaluate(
     if sum([identity, model is not None, run is not None]) != 1:
         _fail("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
     _require_inputs(dataset, None if model in (None, "random") else model)
+    _require_run_dir(run)
     from cyclereg.datasets import dataset_kind
 
     kind = dataset_kind(dataset)

@@ -145,12 +145,17 @@ print(json.dumps({"results": out, "torch": "torch" in sys.modules}))
         (["cycle", str(tmp_path / "nope.json"), "--run", o], "nope.json"),
         (["keypoints", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "k.csv")], "ct.nii.gz"),
         (["ensemble", str(tmp_path), str(tmp_path / "nope_run"), "-o", o], "nope_run"),
+        (["evaluate", str(real), "--run", str(tmp_path / "no_run"), "--json", str(tmp_path / "r.json")], "no_run"),
+        (["cycle", str(real), "--run", str(tmp_path / "no_run")], "no_run"),
+        (["status", str(tmp_path / "no_run")], "no_run"),
+        (["status", str(real)], "f.csv"),
     ]
     proc = subprocess.run([sys.executable, "-c", script, json.dumps([a for a, _ in cases])],
                           capture_output=True, text=True, check=True)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for (args, name), (code, output) in zip(cases, report["results"]):
-        assert code == 2 and "does not exist" in output and name in output, (args, output)
+        assert code == 2 and name in output, (args, output)
+        assert ("is not a folder" if name == "f.csv" else "does not exist") in output, (args, output)
         assert output.strip().count("\n") == 0
     assert not report["torch"]
     assert not (tmp_path / "o").exists() and not (tmp_path / "r.json").exists() and not (tmp_path / "k.csv").exists()

@@ -542,7 +542,10 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     assert stage1 > 0 and status["current_stage_s"] == pytest.approx(stage1)
     assert run_status(run, stages=1)["folds"][0]["next"] == "finished"
     res = runner.invoke(app, ["status", str(tmp_path / "nowhere")])
-    assert res.exit_code == 2 and "not a cyclereg run directory" in res.output
+    assert res.exit_code == 2 and "nowhere: run directory does not exist" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["status", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "empty: not a cyclereg run directory" in res.output
 
 
 def test_parallel_folds_report_a_failing_fold(tmp_path):
