@@ -263,6 +263,23 @@ def test_difficulty_weights_rank_pairs():
     assert difficulty_weights({"a": 1.0, "b": 2.0}, enabled=False) == {"a": 1.0, "b": 1.0}
 
 
+def test_difficulty_weights_do_not_depend_on_the_order_of_tied_pairs():
+    """Equal disagreements share one weight (average ranks): all equal -> uniform (0.5 each; the
+    no-refinement ablation, whose disagreement is 0 by construction, must not weigh pairs by their
+    order in the dataset); a tie inside the ranking takes the mean of its positions' arguments."""
+    from cyclereg.training.scheduler import difficulty_weights
+
+    tied = {f"p{i}": 0.0 for i in range(8)}
+    assert set(difficulty_weights(tied, logit_range=5.0).values()) == {0.5}
+    w = difficulty_weights({"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0}, logit_range=3.0)  # arguments 3, 1, -1, -3
+    assert w["b"] == w["c"] == pytest.approx(0.5)
+    assert w["a"] == pytest.approx(1 / (1 + math.exp(-3))) and w["d"] == pytest.approx(1 / (1 + math.exp(3)))
+    # distinct disagreements: the ranking as before, whatever the listing order
+    forward = difficulty_weights({"x": 0.3, "y": 0.1, "z": 0.2})
+    assert forward == difficulty_weights({"z": 0.2, "y": 0.1, "x": 0.3})
+    assert forward["y"] > forward["z"] > forward["x"]
+
+
 def test_dense_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch, one_intraop_thread):
     """A killed dense stage resumes after its last snapshot (iteration 2 of 3) and ends bitwise
     where the uninterrupted stage ends (one thread: bitwise-reproducible CPU training)."""

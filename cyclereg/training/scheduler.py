@@ -246,13 +246,26 @@ def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True, 
 
     Pairs are ranked by ``disagreement`` (network output vs refined pseudo label); the
     easiest gets ``sigmoid(+logit_range)``, the hardest ``sigmoid(-logit_range)``, linearly
-    in between. ``enabled=False`` (or a single pair) gives uniform weights.
+    in between. Pairs with the same disagreement share one weight, that of the mean of their
+    positions' arguments (average ranks), so the order in which pairs are listed never weighs them:
+    when every disagreement is equal (e.g. 0 without refinement, where the pseudo labels are the
+    network's own output) the weights are uniform. ``enabled=False`` (or a single pair) gives
+    uniform weights.
     """
     ids = sorted(disagreement, key=lambda key: disagreement[key])
     if not enabled or len(ids) == 1:
         return {key: 1.0 for key in ids}
     args = torch.linspace(logit_range, -logit_range, len(ids), dtype=torch.float64)
-    return {key: torch.sigmoid(a).item() for key, a in zip(ids, args)}
+    weights: dict[str, float] = {}
+    start = 0
+    while start < len(ids):  # runs of equal disagreement (ids is sorted by it)
+        stop = start + 1
+        while stop < len(ids) and disagreement[ids[stop]] == disagreement[ids[start]]:
+            stop += 1
+        w = torch.sigmoid(args[start:stop].mean()).item()
+        weights.update({key: w for key in ids[start:stop]})
+        start = stop
+    return weights
 
 
 class StageScheduler:
