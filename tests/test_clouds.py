@@ -687,3 +687,32 @@ def test_take_rows_is_indexing_and_lbp_gradients_are_reproducible_with_threads()
     assert torch.equal(take_rows(x, idx), x[idx])
     first, *rest = _lbp_feature_gradients(2)
     assert first.abs().sum() > 0 and all(torch.equal(first, r) for r in rest)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_test_time_copies_reuse_the_plain_clouds_graphs_with_the_searched_result(members):
+    """The kNN graphs of the plain clouds are reused for every test-time copy (a similarity
+    transform keeps them): the result is the hand-built one that searches each copy afresh."""
+    from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
+    from cyclereg.clouds.features import FeatureEnsemble
+    from cyclereg.clouds.pipeline import joint_recentred_displacements, test_time_displacements
+
+    pair = make_breathing_pair(2, BreathingConfig(n_fixed=200, n_moving=400, branches=10))
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
+    fu, mu = box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16), recentre_passes=1, tta_passes=3,
+                         ensemble_size=members, ensemble_fusion="joint")
+    nets = [build_graph_net(seed=5 + i) for i in range(members)]
+    model = nets[0]
+    if members > 1:
+        model = FeatureEnsemble(nets[0].config, members)
+        for m, n in zip(model.members, nets):
+            m.load_state_dict(n.state_dict())
+    g = torch.Generator().manual_seed(cfg.tta_seed)
+    with torch.no_grad():
+        total = joint_recentred_displacements(fu, mu, [n.pair(fu, mu) for n in nets], cfg)
+        for _ in range(cfg.tta_passes):
+            A, t = random_affine(g, cfg.tta_rotation_deg, cfg.tta_scale, cfg.tta_translation, fu.dtype)
+            fa, ma = apply_affine(fu, A, t), apply_affine(mu, A, t)
+            total = total + displacements_back(joint_recentred_displacements(fa, ma, [n.pair(fa, ma) for n in nets], cfg), A)
+        torch.testing.assert_close(test_time_displacements(model, fu, mu, cfg), total / (cfg.tta_passes + 1))

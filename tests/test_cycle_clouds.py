@@ -691,3 +691,95 @@ def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):
         mod.export(run, tmp_path / "s2", 2)
     assert not (tmp_path / "s2").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_pair_graphs_are_those_of_every_similarity_transformed_copy():
+    from cyclereg.clouds.augment import apply_affine
+    from cyclereg.clouds.graphs import PairGraphs, is_similarity
+
+    f, m = torch.rand(200, 3, dtype=torch.float64), torch.rand(450, 3, dtype=torch.float64)
+    cfg = _small_search()
+    graphs = PairGraphs.build(f, m, cfg.reg.net, cfg.reg.lbp)
+    assert graphs.fixed_edges.shape == (2, 200 * cfg.reg.net.k_fixed)
+    assert graphs.candidates.shape == (200, 16)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        A, t = random_affine(g, replace(cfg, aug_rotation_deg=30.0, aug_scale=0.3), torch.float64)
+        assert is_similarity(A)
+        moved = PairGraphs.build(apply_affine(f, A, t), apply_affine(m, A, t), cfg.reg.net, cfg.reg.lbp)
+        for name in ("fixed_edges", "moving_edges", "lbp_edges", "lbp_reverse", "candidates"):
+            assert torch.equal(getattr(moved, name), getattr(graphs, name)), name
+    # a stretch along one axis changes neighbourhoods, and is_similarity says so
+    stretch = torch.diag(torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64))
+    assert not is_similarity(stretch) and not is_similarity(torch.zeros(3, 3))
+    stretched = PairGraphs.build(f @ stretch, m @ stretch, cfg.reg.net, cfg.reg.lbp)
+    assert not torch.equal(stretched.candidates, graphs.candidates)
+    with pytest.raises(ValueError, match="moving: expected"):
+        PairGraphs.build(f, m[:, :2], cfg.reg.net, cfg.reg.lbp)
+    from cyclereg.clouds.features import build_graph_net
+    with pytest.raises(ValueError, match=r"edge_index \(2, \d+\): expected \(2, E\) over the 200 points"):
+        build_graph_net(cfg.reg.net, seed=0).pair(f.float(), m.float(), (graphs.moving_edges, graphs.fixed_edges))
+
+
+@pytest.mark.parametrize("learn_recentre_passes", [0, 1])
+def test_learning_stream_with_prebuilt_graphs_is_the_searching_one(learn_recentre_passes):
+    from cyclereg.clouds.augment import apply_affine
+    from cyclereg.clouds.graphs import PairGraphs
+    from cyclereg.clouds.lbp import candidates
+    from cyclereg.training.clouds import learning_prediction
+
+    net, f, m = _learning_inputs(4)
+    cfg = _small_search(learn_recentre_passes=learn_recentre_passes)
+    graphs = PairGraphs.build(f, m, cfg.reg.net, cfg.reg.lbp)  # built before the transform
+    A, t = random_affine(torch.Generator().manual_seed(1), cfg)
+    fa, ma = apply_affine(f, A, t), apply_affine(m, A, t)
+    searched = learning_prediction(net, fa, ma, cfg)
+    searched.norm(dim=1).mean().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    reused = learning_prediction(net, fa, ma, cfg, graphs=graphs)
+    reused.norm(dim=1).mean().backward()
+    torch.testing.assert_close(reused, searched)
+    for a, b in zip(grads, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"idx \(150, 8\): expected \(150, 16\)"):
+        candidates(f, m, 16, idx=graphs.candidates[:, :8])
+
+
+def test_training_on_whole_clouds_reuses_their_graphs_with_the_same_result(monkeypatch):
+    import cyclereg.training.clouds as training_clouds
+    from cyclereg.clouds.features import build_graph_net
+
+    pairs = []
+    for i in range(2):
+        pair = make_breathing_pair(i, TINY)
+        box = UnitBox.around(pair.fixed_mm, pair.moving_mm, margin=0.05)
+        pairs.append(CloudPairData(f"p{i}", box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)))
+    cfg = replace(_small_search(learn_recentre_passes=1), epochs=3, batch_size=2)
+    labels = {p.id: 0.01 * torch.ones_like(p.fixed) for p in pairs}
+    builds = []
+    real_build = training_clouds.PairGraphs.build
+    monkeypatch.setattr(training_clouds.PairGraphs, "build",
+                        staticmethod(lambda *a: builds.append(1) or real_build(*a)))
+    results = []
+    for reuse in (True, False):
+        task = CloudCycleTask(pairs, box, cfg, torch.device("cpu"))
+        if not reuse:  # every sample searches its transformed clouds, as before graphs were kept
+            task.pair_graphs = lambda pair: None
+        net = build_graph_net(cfg.reg.net, seed=0)
+        log = task.train_stage(net, labels, {}, 1)
+        results.append((log["train_loss_mm"], net.state_dict()))
+    assert len(builds) <= len(pairs)  # once per pair, not per sample (6 samples here)
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    # the same weights up to rounding: neighbours at near-equal distances (in these clouds e.g.
+    # 0.2335162 and 0.2335165) may come in another order, which changes float sums in the last bits; Adam's
+    # normalised steps enlarge that where a gradient is ~0, up to one step (lr) per parameter
+    start = build_graph_net(cfg.reg.net, seed=0).state_dict()
+    moved = max((v - start[k]).abs().max().item() for k, v in results[0][1].items())
+    differ = max((v - results[1][1][k]).abs().max().item() for k, v in results[0][1].items())
+    assert moved > 2 * cfg.lr and differ < cfg.lr
+    # random subsets build their own graphs: nothing is kept for them
+    task = CloudCycleTask(pairs, box, replace(cfg, epochs=1, train_fixed_points=100, train_moving_points=200),
+                          torch.device("cpu"))
+    task.train_stage(build_graph_net(cfg.reg.net, seed=0), labels, {}, 1)
+    assert task._graphs == {}

@@ -112,21 +112,35 @@ class GraphFeatureNet(nn.Module):
             raise ValueError(f"points: expected (N, 3), got {tuple(points.shape)}")
         if edge_index is None:
             edge_index = knn_edge_index(points, k, include_self=True)
+        elif edge_index.ndim != 2 or edge_index.shape[0] != 2 or int(edge_index.max()) >= points.shape[0]:
+            raise ValueError(f"edge_index {tuple(edge_index.shape)}: expected (2, E) over the {points.shape[0]} points")
         x = points
         for conv in self.convs:
             x = conv(x, edge_index)
         return self.head(x)
 
-    def pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of a fixed ``(N, 3)`` and a moving ``(M, 3)`` cloud (shared weights)."""
-        return self(fixed, self.config.k_fixed), self(moving, self.moving_k(fixed.shape[0], moving.shape[0]))
+    def pair(self, fixed: torch.Tensor, moving: torch.Tensor,
+             edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a fixed ``(N, 3)`` and a moving ``(M, 3)`` cloud (shared weights).
+
+        ``edges``: the two clouds' kNN graphs ``(fixed_edges, moving_edges)`` if already built
+        (:class:`cyclereg.clouds.graphs.PairGraphs`); by default they are built here."""
+        fixed_edges, moving_edges = (None, None) if edges is None else edges
+        return (self(fixed, self.config.k_fixed, fixed_edges),
+                self(moving, self.moving_k(fixed.shape[0], moving.shape[0]), moving_edges))
 
     def moving_k(self, n_fixed: int, n_moving: int) -> int:
         """Neighbourhood size of the moving graph (see :class:`GraphNetConfig`)."""
-        if self.config.k_moving > 0:
-            return self.config.k_moving
-        k = self.config.k_fixed
-        return int(min(max(round(k * n_moving / max(n_fixed, 1)), k), 4 * k))
+        return moving_graph_k(self.config, n_fixed, n_moving)
+
+
+def moving_graph_k(config: GraphNetConfig, n_fixed: int, n_moving: int) -> int:
+    """Neighbourhood size of the moving cloud's graph for clouds of ``n_fixed`` and ``n_moving``
+    points (``config.k_moving``, or the scaled ``k_fixed``; see :class:`GraphNetConfig`)."""
+    if config.k_moving > 0:
+        return config.k_moving
+    k = config.k_fixed
+    return int(min(max(round(k * n_moving / max(n_fixed, 1)), k), 4 * k))
 
 
 class FeatureEnsemble(nn.Module):

@@ -92,19 +92,29 @@ def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *x.shape[1:])
 
 
+def candidate_count(k: int, n_moving: int) -> int:
+    """Candidates per fixed point for ``k`` asked and a moving cloud of ``n_moving`` points."""
+    return min(k, n_moving)
+
+
 def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int,
-               centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               centres: torch.Tensor | None = None, *, idx: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate displacements ``(N, K, 3)`` from each fixed point to ``K`` moving points, and
     the moving indices ``(N, K)``.
 
     The ``K`` moving points are the nearest ones to ``centres`` ``(N, 3)`` (same frame as the
     clouds; default: the fixed points themselves). Displacements are always measured from the
     fixed point, so a search re-centred at ``fixed + u0`` still yields total displacements.
+    ``idx``: those moving indices ``(N, K)`` if already known (the search is then skipped).
     """
-    k = min(k, moving.shape[0])
+    k = candidate_count(k, moving.shape[0])
     if centres is not None and centres.shape != fixed.shape:
         raise ValueError(f"centres {tuple(centres.shape)}: expected {tuple(fixed.shape)} like fixed")
-    idx = knn_indices(fixed if centres is None else centres, moving, k)
+    if idx is None:
+        idx = knn_indices(fixed if centres is None else centres, moving, k)
+    elif idx.shape != (fixed.shape[0], k):
+        raise ValueError(f"idx {tuple(idx.shape)}: expected {(fixed.shape[0], k)} (fixed points x candidates)")
     return take_rows(moving, idx) - fixed[:, None, :], idx
 
 
@@ -254,16 +264,22 @@ def lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: torch.Ten
 
 def joint_lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor,
                       features: Sequence[tuple[torch.Tensor, torch.Tensor]], config: LBPConfig = LBPConfig(), *,
-                      centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      centres: torch.Tensor | None = None, graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      candidate_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lbp_beliefs` with the data cost of several feature extractors: ``features`` holds
     one ``(feat_fixed (N, C), feat_moving (M, C))`` pair per extractor and the data cost of a
     candidate is the mean of their :func:`feature_cost` (one LBP over shared candidates; for a
-    single pair exactly :func:`lbp_beliefs`)."""
+    single pair exactly :func:`lbp_beliefs`).
+
+    Already built graphs (:class:`cyclereg.clouds.graphs.PairGraphs`) skip their kNN searches:
+    ``graph`` the fixed cloud's :func:`symmetric_edge_index` ``(edge_index, reverse)`` for
+    ``config.graph_k``, ``candidate_idx`` the moving indices :func:`candidates` finds around
+    ``centres`` (or around the fixed points)."""
     if not features:
         raise ValueError("features: need at least one (feat_fixed, feat_moving) pair")
-    cand, idx = candidates(fixed, moving, config.num_candidates, centres)
+    cand, idx = candidates(fixed, moving, config.num_candidates, centres, idx=candidate_idx)
     unary = config.data_weight * (sum(feature_cost(ff, fm, idx) for ff, fm in features) / len(features))
-    edge_index, reverse = symmetric_edge_index(fixed, config.graph_k)
+    edge_index, reverse = symmetric_edge_index(fixed, config.graph_k) if graph is None else graph
     belief = min_sum(unary, cand, edge_index, reverse, config.pairwise_weight, config.iterations,
                      source_labels=config.source_labels, prune_from=config.prune_from,
                      prune_fraction=config.prune_fraction)
@@ -289,8 +305,11 @@ def lbp_displacements(fixed: torch.Tensor, moving: torch.Tensor, feat_fixed: tor
 
 def joint_lbp_displacements(fixed: torch.Tensor, moving: torch.Tensor,
                             features: Sequence[tuple[torch.Tensor, torch.Tensor]], config: LBPConfig = LBPConfig(),
-                            *, centres: torch.Tensor | None = None) -> torch.Tensor:
+                            *, centres: torch.Tensor | None = None,
+                            graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            candidate_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Displacements ``(N, 3)`` (unit frame) by one LBP over the mean data cost of several feature
-    extractors (:func:`joint_lbp_beliefs`) + soft-argmin."""
-    cand, belief = joint_lbp_beliefs(fixed, moving, features, config, centres=centres)
+    extractors (:func:`joint_lbp_beliefs`, also for ``graph`` and ``candidate_idx``) + soft-argmin."""
+    cand, belief = joint_lbp_beliefs(fixed, moving, features, config, centres=centres, graph=graph,
+                                     candidate_idx=candidate_idx)
     return soft_argmin(cand, belief, config.softmax_beta)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cyclereg.clouds.augment import apply_affine, displacements_back, random_affine
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetConfig, ensemble_members
+from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
 from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world
@@ -136,16 +137,19 @@ def recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor, feat_
 
 def joint_recentred_displacements(fixed_u: torch.Tensor, moving_u: torch.Tensor,
                                   features: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                                  config: CloudRegConfig) -> torch.Tensor:
+                                  config: CloudRegConfig, *, graphs: PairGraphs | None = None) -> torch.Tensor:
     """:func:`recentred_displacements` with every pass one LBP over the mean data cost of
     several networks' features (``features``: one ``(feat_f, feat_m)`` per network; see
-    :func:`cyclereg.clouds.lbp.joint_lbp_beliefs`). Displacements ``(N, 3)``, unit frame."""
-    disp = joint_lbp_displacements(fixed_u, moving_u, features, config.lbp)
+    :func:`cyclereg.clouds.lbp.joint_lbp_beliefs`). Displacements ``(N, 3)``, unit frame.
+    ``graphs``: the pair's kNN graphs for ``config`` if already built (every pass uses its LBP
+    graph, the first pass its candidates)."""
+    graph, first = (None, None) if graphs is None else (graphs.lbp_graph, graphs.candidates)
+    disp = joint_lbp_displacements(fixed_u, moving_u, features, config.lbp, graph=graph, candidate_idx=first)
     recentred = config.lbp if config.recentre_candidates is None else \
         replace(config.lbp, num_candidates=config.recentre_candidates)
     for _ in range(config.recentre_passes):
         disp = joint_lbp_displacements(fixed_u, moving_u, features, recentred,
-                                       centres=search_centres(fixed_u, disp, config.tps))
+                                       centres=search_centres(fixed_u, disp, config.tps), graph=graph)
     return disp
 
 
@@ -166,11 +170,13 @@ def test_time_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: tor
     ``features``: the plain pass's ``(feat_f, feat_m)`` of a single network if already
     computed. Equals :func:`predict_recentred` for one network and ``tta_passes = 0``."""
     members = ensemble_members(net)
+    graphs = PairGraphs.build(fixed_u, moving_u, config.net, config.lbp)  # shared by members and passes
     if len(members) > 1 and config.ensemble_fusion == "joint":
         if features is not None:
             raise ValueError("features: only for a single network, not an ensemble")
-        return _joint_tta_displacements(members, fixed_u, moving_u, config, [m.pair(fixed_u, moving_u) for m in members])
-    each = member_displacements(net, fixed_u, moving_u, config, features=features)
+        plain = [m.pair(fixed_u, moving_u, graphs.feature_edges) for m in members]
+        return _joint_tta_displacements(members, fixed_u, moving_u, config, plain, graphs)
+    each = member_displacements(net, fixed_u, moving_u, config, features=features, graphs=graphs)
     return sum(each) / len(each)
 
 
@@ -185,25 +191,28 @@ def fused_and_member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed
     ``lbp.num_candidates`` moving points, not ``recentre_candidates``: a diagnostic should not
     cost several times the registration."""
     members = ensemble_members(net)
-    plain = [m.pair(fixed_u, moving_u) for m in members]
+    graphs = PairGraphs.build(fixed_u, moving_u, config.net, config.lbp)
+    plain = [m.pair(fixed_u, moving_u, graphs.feature_edges) for m in members]
     joint = len(members) > 1 and config.ensemble_fusion == "joint"
     own = replace(config, recentre_candidates=None) if joint else config
-    each = [_tta_displacements(m, fixed_u, moving_u, own, f) for m, f in zip(members, plain)]
+    each = [_tta_displacements(m, fixed_u, moving_u, own, f, graphs) for m, f in zip(members, plain)]
     if joint:
-        return _joint_tta_displacements(members, fixed_u, moving_u, config, plain), each
+        return _joint_tta_displacements(members, fixed_u, moving_u, config, plain, graphs), each
     return sum(each) / len(each), each
 
 
 def member_displacements(net: GraphFeatureNet | FeatureEnsemble, fixed_u: torch.Tensor, moving_u: torch.Tensor,
-                         config: CloudRegConfig, *,
-                         features: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+                         config: CloudRegConfig, *, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         graphs: PairGraphs | None = None) -> list[torch.Tensor]:
     """Each member's own test-time displacements ``(N, 3)`` (unit frame): what
     :func:`test_time_displacements` averages with ``ensemble_fusion = "average"`` (one entry
-    for a single network)."""
+    for a single network). ``graphs``: the pair's kNN graphs for ``config``, if already built."""
     members = ensemble_members(net)
     if features is not None and len(members) > 1:
         raise ValueError("features: only for a single network, not an ensemble")
-    return [_tta_displacements(m, fixed_u, moving_u, config, features) for m in members]
+    if graphs is None:
+        graphs = PairGraphs.build(fixed_u, moving_u, config.net, config.lbp)
+    return [_tta_displacements(m, fixed_u, moving_u, config, features, graphs) for m in members]
 
 
 def member_spread(displacements: list[torch.Tensor]) -> torch.Tensor:
@@ -215,31 +224,44 @@ def member_spread(displacements: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _tta_displacements(net: GraphFeatureNet, fixed_u: torch.Tensor, moving_u: torch.Tensor,
-                       config: CloudRegConfig, features: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """:func:`test_time_displacements` of one network."""
-    feat_f, feat_m = features if features is not None else net.pair(fixed_u, moving_u)
-    return _with_tta(lambda f, m: recentred_displacements(f, m, *net.pair(f, m), config),
-                     recentred_displacements(fixed_u, moving_u, feat_f, feat_m, config), fixed_u, moving_u, config)
+                       config: CloudRegConfig, features: tuple[torch.Tensor, torch.Tensor] | None,
+                       graphs: PairGraphs) -> torch.Tensor:
+    """:func:`test_time_displacements` of one network; ``graphs``: the pair's kNN graphs, which
+    hold for the transformed copies as well (:mod:`cyclereg.clouds.graphs`)."""
+    edges = graphs.feature_edges
+    feat_f, feat_m = features if features is not None else net.pair(fixed_u, moving_u, edges)
+
+    def predict(f: torch.Tensor, m: torch.Tensor, feats: tuple[torch.Tensor, torch.Tensor] | None = None):
+        return joint_recentred_displacements(f, m, [feats or net.pair(f, m, edges)], config, graphs=graphs)
+
+    return _with_tta(predict, predict(fixed_u, moving_u, (feat_f, feat_m)), fixed_u, moving_u, config)
 
 
 def _joint_tta_displacements(members: list[GraphFeatureNet], fixed_u: torch.Tensor, moving_u: torch.Tensor,
-                             config: CloudRegConfig, plain: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                             config: CloudRegConfig, plain: list[tuple[torch.Tensor, torch.Tensor]],
+                             graphs: PairGraphs) -> torch.Tensor:
     """:func:`test_time_displacements` of an ensemble with ``ensemble_fusion = "joint"``;
-    ``plain``: every member's features of the plain clouds."""
-    return _with_tta(lambda f, m: joint_recentred_displacements(f, m, [n.pair(f, m) for n in members], config),
-                     joint_recentred_displacements(fixed_u, moving_u, plain, config), fixed_u, moving_u, config)
+    ``plain``: every member's features of the plain clouds; ``graphs`` as in :func:`_tta_displacements`."""
+    edges = graphs.feature_edges
+    return _with_tta(lambda f, m: joint_recentred_displacements(f, m, [n.pair(f, m, edges) for n in members], config,
+                                                                graphs=graphs),
+                     joint_recentred_displacements(fixed_u, moving_u, plain, config, graphs=graphs),
+                     fixed_u, moving_u, config)
 
 
 def _with_tta(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], plain: torch.Tensor,
               fixed_u: torch.Tensor, moving_u: torch.Tensor, config: CloudRegConfig) -> torch.Tensor:
     """``plain`` (the prediction on the clouds themselves) averaged with ``predict`` on
-    ``config.tta_passes`` randomly affinely transformed copies, each mapped back."""
+    ``config.tta_passes`` randomly affinely transformed copies, each mapped back. The copies are
+    similarity transforms, so ``predict`` may reuse the plain clouds' kNN graphs."""
     if config.tta_passes == 0:
         return plain
     total = plain
     g = torch.Generator().manual_seed(config.tta_seed)
     for _ in range(config.tta_passes):
         A, t = random_affine(g, config.tta_rotation_deg, config.tta_scale, config.tta_translation, fixed_u.dtype)
+        if not is_similarity(A):
+            raise RuntimeError("test-time copy is not a similarity transform: the kNN graphs would change")
         fa, ma = apply_affine(fixed_u, A, t), apply_affine(moving_u, A, t)
         total = total + displacements_back(predict(fa, ma), A)
     return total / (config.tta_passes + 1)
