@@ -580,6 +580,31 @@ def test_shipped_copd_models_regression(tmp_path):
     assert cfg["recentre_passes"] == 1 and cfg["recentre_candidates"] == 128 and cfg["tta_passes"] == 0
 
 
+def test_shipped_copd_members_are_the_carried_runs_networks():
+    """`models/copd/ensemble.json` names, for every fold and member, a checkpoint in the repository
+    with its SHA-256 and the training configuration of its run, and the shipped ensemble holds
+    exactly that checkpoint's weights (no shared data needed; a few seconds)."""
+    import hashlib
+
+    from cyclereg.checkpoint import load_checkpoint
+    from cyclereg.training.clouds import CloudCycleConfig
+
+    root = Path(__file__).resolve().parents[1]
+    info = json.loads((root / "models" / "copd" / "ensemble.json").read_text())
+    assert sorted(info["members"]) == [f"fold{k}" for k in range(1, 6)]
+    for fold, members in info["members"].items():
+        shipped = load_checkpoint(root / "models" / "copd" / f"{fold}.pt", kind="cloud")["state_dict"]
+        assert len(members) == 5
+        for i, member in enumerate(members):
+            source = root / member["source"]
+            assert not Path(member["source"]).is_absolute() and source.is_file(), member["source"]
+            assert hashlib.sha256(source.read_bytes()).hexdigest() == member["sha256"]
+            own = load_checkpoint(source, kind="cloud")["state_dict"]
+            for key, value in own.items():
+                assert torch.equal(shipped[f"members.{i}.{key}"], value), (fold, i, key)
+            assert CloudCycleConfig.from_dict(info["training"][member["run"]]["config"]).stages == 5
+
+
 @pytest.mark.slow
 def test_committed_copd_ensemble_regression(tmp_path):
     """The ensemble shipped as `models/copd` until 2026-12-03, kept as `models/copd_ensemble`
