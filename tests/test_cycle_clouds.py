@@ -58,6 +58,11 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     log = [json.loads(l) for l in (run / "fold1" / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [0, 1, 2]
     assert all(math.isfinite(r["train_loss_mm"]) for r in log[1:])
+    # each finished stage is announced with its logged figures (a log file shows no progress bar)
+    said = " ".join(res.output.split())
+    for r in log[1:]:
+        assert (f"stage {r['stage']} finished in " in said and f"train loss {r['train_loss_mm']:.2f} mm" in said
+                and f"label disagreement {r['pseudo_label_disagreement_mm']:.2f} mm" in said), res.output
     ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
     # trained models register like the pseudo-label stream
@@ -163,6 +168,17 @@ def test_run_directory_of_another_dataset_or_config_is_refused(tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "2"])
     assert res.exit_code == 2 and "pretrain-random" in res.output
+
+
+def test_stage_summary_names_the_logged_figures():
+    line = scheduler_mod.stage_summary({"stage": 3, "seconds": 1264.4, "seconds_this_run": 5.0, "epochs": 60,
+                                        "train_loss_mm": 2.0349, "pseudo_label_disagreement_mm": 2.514,
+                                        "mean_pseudo_displacement_mm": 10.1, "val_pairs": 1, "val_tre_mm": 3.456})
+    assert line == ("stage 3 finished in 0:21:04: train loss 2.03 mm, label disagreement 2.51 mm, "
+                    "validation TRE 3.46 mm")
+    assert scheduler_mod.stage_summary({"stage": 0, "seconds": 59.6}) == "stage 0 finished in 0:01:00"
+    assert (scheduler_mod.stage_summary({"stage": 1, "seconds": 3725, "train_loss_ncc": -0.41237})
+            == "stage 1 finished in 1:02:05: train loss (ncc) -0.4124")
 
 
 def test_sampling_weights_rank_sigmoid():

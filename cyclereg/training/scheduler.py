@@ -17,6 +17,7 @@ first pair without one (at the paper's 256 candidates on a CPU, one pair takes m
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
@@ -240,6 +241,28 @@ StageHook = Callable[[int, nn.Module], dict]
 line (used for reporting-only validation scores; it must not influence training)."""
 
 
+def stage_summary(record: dict) -> str:
+    """One line for a finished stage from its ``log.jsonl`` record: the stage, its seconds, and
+    the training loss, pseudo-label disagreement and (reporting-only) validation TRE where the
+    record has them, e.g. ``stage 3 finished in 0:21:04: train loss 2.03 mm, label disagreement
+    2.51 mm``. Printed on the progress console, so that a run whose output goes to a log file
+    (where no progress bar is drawn) still says how far it has come."""
+    parts = []
+    for key, value in record.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key == "train_loss_mm":
+            parts.append(f"train loss {value:.2f} mm")
+        elif key.startswith("train_loss_"):  # a metric-supervised ablation's loss, unitless
+            parts.append(f"train loss ({key[len('train_loss_'):]}) {value:.4g}")
+        elif key == "pseudo_label_disagreement_mm":
+            parts.append(f"label disagreement {value:.2f} mm")
+        elif key == "val_tre_mm":
+            parts.append(f"validation TRE {value:.2f} mm")
+    took = str(datetime.timedelta(seconds=round(float(record.get("seconds", 0.0)))))
+    return f"stage {record['stage']} finished in {took}" + (": " + ", ".join(parts) if parts else "")
+
+
 def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True, logit_range: float = 5.0
                        ) -> dict[str, float]:
     """Sampling weights of training pairs from their difficulty (paper Sec. 2.3.1).
@@ -348,6 +371,12 @@ class StageScheduler:
         old = path.read_text() if path.exists() else ""
         atomic_write_text(path, old + json.dumps(record) + "\n")
 
+    def _finish(self, record: dict, progress) -> None:
+        """Log a finished stage's ``record`` and announce it on ``progress``'s console."""
+        self._log(record)
+        if progress is not None:
+            progress.console.print(escape(stage_summary(record)))
+
     def status(self, stages: int) -> dict:
         """What this directory holds, read without changing anything (``task`` may be ``None``).
 
@@ -424,7 +453,7 @@ class StageScheduler:
         report = self.hook(0, model) if self.hook is not None else {}
         self._save_labels(0, labels, info["weights"])
         parts.clear()
-        self._log({"stage": 0, "seconds": seconds, **info["stats"], **report})
+        self._finish({"stage": 0, "seconds": seconds, **info["stats"], **report}, progress)
 
     def run(self, stages: int, progress=None) -> int:
         """Run (or resume) up to ``stages``; returns the last finished stage."""
@@ -460,8 +489,8 @@ class StageScheduler:
             report = self.hook(stage, model) if self.hook is not None else {}
             self._save_labels(stage, new_labels, info["weights"])
             parts.clear()
-            self._log({"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
-                       **info["stats"], **report})
+            self._finish({"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
+                          **info["stats"], **report}, progress)
             self._prune_labels(stage)
         final = self.last_finished_stage()
         if final >= 1:
