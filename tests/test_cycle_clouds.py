@@ -61,7 +61,7 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     # each finished stage is announced with its logged figures (a log file shows no progress bar)
     said = " ".join(res.output.split())
     for r in log[1:]:
-        assert (f"stage {r['stage']} finished in " in said and f"train loss {r['train_loss_mm']:.2f} mm" in said
+        assert (f"fold 1: stage {r['stage']} finished in " in said and f"train loss {r['train_loss_mm']:.2f} mm" in said
                 and f"label disagreement {r['pseudo_label_disagreement_mm']:.2f} mm" in said), res.output
     ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
@@ -499,10 +499,14 @@ def test_parallel_folds_give_the_sequential_result(tmp_path):
             assert torch.equal(seq["labels"][pid], par["labels"][pid]), pid
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "none"), "--jobs", "0", *args])
     assert res.exit_code == 2 and "--jobs" in res.output and not (tmp_path / "none").exists()
-    assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "seq")]).exit_code == 0
+    seq = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "seq")])
+    assert seq.exit_code == 0, seq.output
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "2"])
     assert res.exit_code == 0, res.output
     assert "fold 1: 1, fold 2: 1" in res.output
+    for out in (seq.output, res.output):  # in turn or in workers, each fold names its finished stage
+        said = " ".join(out.split())
+        assert "fold 1: stage 1 finished in " in said and "fold 2: stage 1 finished in " in said, out
     for k in (1, 2):
         assert_same_weights(tmp_path / "seq" / f"fold{k}" / "final.pt", tmp_path / "par" / f"fold{k}" / "final.pt")
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "0"])

@@ -36,7 +36,7 @@ class Recorder:
     def remove_task(self, task):
         del self.tasks[task]
 
-    def print(self, text):
+    def print(self, text, soft_wrap=False):  # rich's Console.print keyword the workers forward
         self.printed.append(text)
 
 

@@ -91,8 +91,8 @@ class _QueueConsole:
         self._q = q
         self._label = label
 
-    def print(self, *objects: Any, **_kw) -> None:
-        self._q.put(("print", f"{self._label}: " + " ".join(str(o) for o in objects)))
+    def print(self, *objects: Any, soft_wrap: bool = False, **_kw) -> None:
+        self._q.put(("print", f"{self._label}: " + " ".join(str(o) for o in objects), soft_wrap))
 
 
 def _drain(q, progress, stop: threading.Event) -> None:
@@ -117,7 +117,8 @@ def _drain(q, progress, stop: threading.Event) -> None:
         elif kind == "remove" and rest[0] in ids:
             progress.remove_task(ids.pop(rest[0]))
         elif kind == "print":
-            progress.console.print(rest[0])
+            text, soft_wrap = rest
+            progress.console.print(text, soft_wrap=soft_wrap)
 
 
 def _init_worker(threads: int) -> None:

@@ -375,7 +375,7 @@ class StageScheduler:
         """Log a finished stage's ``record`` and announce it on ``progress``'s console."""
         self._log(record)
         if progress is not None:
-            progress.console.print(escape(stage_summary(record)))
+            progress.console.print(escape(stage_summary(record)), soft_wrap=True)  # one line in a log file too
 
     def status(self, stages: int) -> dict:
         """What this directory holds, read without changing anything (``task`` may be ``None``).
