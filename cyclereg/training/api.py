@@ -261,50 +261,20 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     return run
 
 
-class _LabelledProgress:
-    """``progress`` seen through ``label``: task descriptions and console lines get ``"{label}: "``
-    in front, as the workers of :func:`~cyclereg.training.parallel.run_parallel` show theirs, so
-    that folds run in turn are told apart on the display and in a log file alike. Offers the
-    calls the training code makes (``add_task``, ``update``, ``advance``, ``remove_task``,
-    ``console.print``)."""
-
-    def __init__(self, progress, label: str):
-        self._progress = progress
-        self._label = label
-        self.console = self
-
-    def add_task(self, description: str, *args, **kw) -> int:
-        return self._progress.add_task(f"{self._label}: {description}", *args, **kw)
-
-    def update(self, task: int, *, description: str | None = None, **kw) -> None:
-        if description is not None:
-            kw["description"] = f"{self._label}: {description}"
-        self._progress.update(task, **kw)
-
-    def advance(self, task: int, advance: float = 1) -> None:
-        self._progress.advance(task, advance)
-
-    def remove_task(self, task: int) -> None:
-        self._progress.remove_task(task)
-
-    def print(self, *objects, **kw) -> None:
-        self._progress.console.print(f"{self._label}:", *objects, **kw)
-
-
 def _for_folds(job, args: dict, jobs: int, progress, on_result) -> None:
     """``on_result(job(*args[k], progress=...))`` for every fold ``k`` of ``args``: in turn, or
     in up to ``jobs`` worker processes that share the intra-op threads (results in completion order;
     the last folds take over the threads of finished ones)."""
-    if jobs > 1 and len(args) > 1:
-        from cyclereg.training.parallel import run_parallel, share_threads
+    from cyclereg.training.parallel import LabelledProgress, run_parallel, share_threads
 
+    if jobs > 1 and len(args) > 1:
         total = torch.get_num_threads()
         threads = share_threads(total, min(jobs, len(args)))
         run_parallel(((job, a, f"fold {k}") for k, a in args.items()), jobs, progress, threads,
                      on_result=on_result, total_threads=total)
     else:
         for k, a in args.items():
-            on_result(job(*a, progress=_LabelledProgress(progress, f"fold {k}")))
+            on_result(job(*a, progress=LabelledProgress(progress, f"fold {k}")))
 
 
 def _cloud_stage0_job(ds, config, run, k, device, val_pairs, *, progress) -> int:

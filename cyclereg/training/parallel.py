@@ -37,18 +37,48 @@ RESULT_GRACE_S = 10.0
 before it counts as having died without one (e.g. an unpicklable result)."""
 
 
+class LabelledProgress:
+    """``progress`` seen through ``label``: task descriptions and console lines get ``"{label}: "``
+    in front, so that folds are told apart on the display and in a log file alike, whether they
+    run in turn (around the real display) or in workers (around a :class:`QueueProgress`).
+    Offers the calls the training code makes (``add_task``, ``update``, ``advance``,
+    ``remove_task``, ``console.print``)."""
+
+    def __init__(self, progress, label: str):
+        self._progress = progress
+        self._label = label
+        self.console = self
+
+    def add_task(self, description: str, *args, **kw) -> int:
+        return self._progress.add_task(f"{self._label}: {description}", *args, **kw)
+
+    def update(self, task: int, *, description: str | None = None, **kw) -> None:
+        if description is not None:
+            kw["description"] = f"{self._label}: {description}"
+        self._progress.update(task, **kw)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self._progress.advance(task, advance)
+
+    def remove_task(self, task: int) -> None:
+        self._progress.remove_task(task)
+
+    def print(self, *objects, **kw) -> None:
+        self._progress.console.print(f"{self._label}:", *objects, **kw)
+
+
 class QueueProgress:
     """Stand-in for :class:`rich.progress.Progress` inside a worker: forwards the calls the
     training code makes (``add_task``, ``update``, ``advance``, ``remove_task``,
-    ``console.print``) to the parent through ``q``; task ids are unique per worker process."""
+    ``console.print``) to the parent through ``q``; task ids are unique per worker process.
+    The worker's label is put on by a :class:`LabelledProgress` around it."""
 
-    def __init__(self, q, label: str, threads=None):
+    def __init__(self, q, threads=None):
         self._q = q
-        self._label = label
         self._next = 0
         self._threads = threads  # shared int: this worker's intra-op threads (None: fixed)
         self._parent = os.getppid()
-        self.console = _QueueConsole(q, label)
+        self.console = _QueueConsole(q)
 
     def _follow_parent(self) -> None:
         """Between two steps of the job: leave if the parent is gone (an orphan would train on,
@@ -70,14 +100,13 @@ class QueueProgress:
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_kw) -> int:
         self._follow_parent()
         self._next += 1
-        self._q.put(("add", self._key(self._next), f"{self._label}: {description}", total, completed))
+        self._q.put(("add", self._key(self._next), description, total, completed))
         return self._next
 
     def update(self, task: int, *, advance: float | None = None, description: str | None = None,
                completed: float | None = None, **_kw) -> None:
         self._follow_parent()
-        text = None if description is None else f"{self._label}: {description}"
-        self._q.put(("update", self._key(task), advance, text, completed))
+        self._q.put(("update", self._key(task), advance, description, completed))
 
     def advance(self, task: int, advance: float = 1) -> None:
         self.update(task, advance=advance)
@@ -87,12 +116,11 @@ class QueueProgress:
 
 
 class _QueueConsole:
-    def __init__(self, q, label: str):
+    def __init__(self, q):
         self._q = q
-        self._label = label
 
     def print(self, *objects: Any, soft_wrap: bool = False, **_kw) -> None:
-        self._q.put(("print", f"{self._label}: " + " ".join(str(o) for o in objects), soft_wrap))
+        self._q.put(("print", " ".join(str(o) for o in objects), soft_wrap))
 
 
 def _drain(q, progress, stop: threading.Event) -> None:
@@ -145,7 +173,7 @@ def _worker(q, results, threads: int, index: int, fn: Callable, args: tuple, lab
     """Body of one worker process: run one job and put ``(index, ok, result or exception)``."""
     _init_worker(threads)
     try:
-        out = fn(*args, progress=QueueProgress(q, label, shared_threads))
+        out = fn(*args, progress=LabelledProgress(QueueProgress(q, shared_threads), label))
     except Exception as exc:  # SystemExit (SIGTERM from the parent) is not a result
         results.put((index, False, _portable(exc)))
     else:
