@@ -97,3 +97,10 @@ def drive(path: str) -> None:
     from cyclereg.training.parallel import run_parallel
 
     run_parallel([(reports, (path,), "fold 1")], 1, _Silent(), 1, lambda r: None)
+
+
+def chatty(lines: int, *, progress) -> int:
+    """Prints ``lines`` lines at once, then returns."""
+    for i in range(lines):
+        progress.console.print(f"line {i}")
+    return lines

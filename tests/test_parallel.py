@@ -49,6 +49,27 @@ def test_every_result_arrives_with_more_jobs_than_workers():
     assert all(done == 1 for _, done in progress.tasks.values())
 
 
+class SlowRecorder(Recorder):
+    """A display that takes ``delay_s`` per printed line (a loaded machine, a slow terminal)."""
+
+    def __init__(self, delay_s):
+        super().__init__()
+        self.delay_s = delay_s
+
+    def print(self, text, soft_wrap=False):
+        time.sleep(self.delay_s)
+        super().print(text, soft_wrap)
+
+
+def test_a_slow_display_still_shows_every_line_after_a_normal_end(monkeypatch):
+    """The workers are done long before the parent has shown their lines: after a normal end
+    the parent shows all of them, not only what fits into the grace meant for failures."""
+    monkeypatch.setattr(parallel, "DRAIN_GRACE_S", 0.2)
+    progress = SlowRecorder(0.1)
+    run_parallel([(jobs.chatty, (30,), "fold 1")], 1, progress, 1, lambda r: None)
+    assert progress.printed == [f"fold 1: line {i}" for i in range(30)]
+
+
 def test_the_last_worker_takes_over_the_threads_of_finished_ones():
     """Two workers share a budget of 4 threads (2 each); when the quick job is done and no job
     is left to start, the remaining worker moves to all 4 at its next progress call."""

@@ -36,6 +36,11 @@ RESULT_GRACE_S = 10.0
 """How long a worker that exited normally may take to deliver its result through the queue
 before it counts as having died without one (e.g. an unpicklable result)."""
 
+DRAIN_GRACE_S = 5.0
+"""After a failure (a job's error, a dead worker, Ctrl-C), how long the parent goes on showing
+the progress calls still queued (a killed worker may have left half a message). After a normal
+end every queued call is shown, however long the display takes."""
+
 
 class LabelledProgress:
     """``progress`` seen through ``label``: task descriptions and console lines get ``"{label}: "``
@@ -227,6 +232,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     running: dict[int, tuple[Any, str]] = {}
     exited: dict[int, float] = {}  # job -> when its worker was first seen gone (exit code 0)
     old_term = exit_on_sigterm()  # SIGTERM to the parent runs the cleanup below
+    finished = False
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -254,6 +260,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
             if shared is not None and not pending and running:
                 shared.value = share_threads(total_threads, len(running), floor=threads)
             on_result(payload)
+        finished = True  # every worker exited normally: its queued calls are whole messages
     finally:
         for proc, _ in running.values():
             if proc.is_alive():
@@ -261,7 +268,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
         for proc, _ in running.values():
             proc.join()
         stop.set()
-        drainer.join(timeout=5)
+        drainer.join(timeout=None if finished else DRAIN_GRACE_S)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
