@@ -216,7 +216,7 @@ def pretrain_random(
 def cycle(
     dataset: Path = typer.Argument(..., help="dataset JSON"),
     run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
-    stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T"),
+    stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T (default: the run's; more than the run's extends it, and the new T is recorded in run.json)"),
     folds: str = typer.Option("all", "--folds", help="'all' or a fold number (keypoint datasets)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),

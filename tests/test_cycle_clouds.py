@@ -568,6 +568,45 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     assert res.exit_code == 2 and "empty: not a cyclereg run directory" in res.output
 
 
+def test_cycle_with_more_stages_extends_a_finished_run_and_status_follows(tmp_path, monkeypatch):
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
+    assert run_status(run)["folds"][0]["next"] == "finished"
+    meta = json.loads((run / "run.json").read_text())
+    # stopping early (--stages below the record) trains nothing and leaves the record alone
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "1"])
+    assert res.exit_code == 0 and json.loads((run / "run.json").read_text()) == meta
+    # extending: the new target is recorded before training, so status counts towards it
+    real = CloudCycleTask.train_stage
+    seen = []
+
+    def interrupted(self, model, labels, weights, stage, progress=None, snapshot=None):
+        seen.append(run_status(run))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CloudCycleTask, "train_stage", interrupted)
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "3"])
+    monkeypatch.setattr(CloudCycleTask, "train_stage", real)
+    assert res.exit_code == 130
+    assert seen[0]["stages"] == 3 and seen[0]["folds"][0]["finished"] == 1
+    assert seen[0]["folds"][0]["next"] == "stage 2: training from step 0"
+    extended = json.loads((run / "run.json").read_text())
+    assert extended["config"]["stages"] == 3
+    assert {**extended, "config": {**extended["config"], "stages": 1}} == meta  # nothing else changed
+    # a plain re-run (no --stages) now resumes the extension; pretrain-random again does not shorten it
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (run / "fold1" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1, 2, 3]
+    assert load_checkpoint(run / "fold1" / "final.pt")["extra"]["stage"] == 3
+    assert run_status(run)["folds"][0]["next"] == "finished"
+
+
 def test_parallel_folds_report_a_failing_fold(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"

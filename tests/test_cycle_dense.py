@@ -230,6 +230,14 @@ def test_metric_supervised_baselines_train(tmp_path, metric):
     assert res.exit_code == 0, res.output
     log = [json.loads(line) for line in (run / "all" / "log.jsonl").read_text().splitlines()]
     assert math.isfinite(log[1][f"train_loss_{metric}"])
+    if metric == "ncc":  # extending the finished run by a stage records the new target (status follows it)
+        res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "2", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        assert json.loads((run / "run.json").read_text())["config"]["stages"] == 2
+        assert [json.loads(line)["stage"] for line in (run / "all" / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
+        assert runner.invoke(app, ["status", str(run), "--json", str(tmp_path / "s.json")]).exit_code == 0
+        status = json.loads((tmp_path / "s.json").read_text())
+        assert status["stages"] == 2 and status["folds"][0]["next"] == "finished"
 
 
 def test_dense_cycle_errors(tmp_path):

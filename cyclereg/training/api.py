@@ -115,11 +115,30 @@ def _progress():
                     TimeRemainingColumn())
 
 
-def _prepare_run(run: Path, meta: dict, check) -> None:
+def _prepare_run(run: Path, meta: dict, check) -> dict:
+    """Check ``run`` before ``pretrain-random`` writes ``meta`` there; returns the ``meta`` to write.
+
+    ``check()`` validates an existing run (same dataset and configuration) and returns its stored
+    configuration; a larger stored number of stages (a run extended by ``cycle --stages``,
+    :func:`_record_stage_target`) is kept, so running ``pretrain-random`` again never shortens it."""
     if (run / "run.json").exists():
-        check()
+        stored = check()
+        if stored.stages > meta["config"]["stages"]:
+            meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
     elif run.exists() and any(run.iterdir()):
         raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
+    return meta
+
+
+def _record_stage_target(run: Path, stages: int) -> None:
+    """Raise the number of stages recorded in ``run/run.json`` to ``stages`` when a ``cycle
+    --stages`` goes past it (extending a run), so that ``cyclereg status`` counts towards the new
+    target and a plain ``cycle`` re-run resumes it. A smaller ``--stages`` (stopping early) leaves
+    the record alone; nothing else in the file changes."""
+    meta = _read_meta(run)
+    if stages > int(meta["config"]["stages"]):
+        meta["config"]["stages"] = stages
+        write_json(run / "run.json", meta)
 
 
 def _read_meta(run: Path) -> dict:
@@ -250,7 +269,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     config = replace(config, seed=seed)
     dev = resolve_device(device)
     meta = {**_identity(ds), "config": to_jsonable(config)}
-    _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config))
+    meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config))
     for k in folds:  # reads and validates all inputs before anything is written
         _cloud_task(ds, k, config, dev)
     run.mkdir(parents=True, exist_ok=True)
@@ -304,6 +323,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random --fold {k}' first", run)
+    _record_stage_target(run, stages)
     args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
     result = {}
     with _progress() as progress:
@@ -427,7 +447,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     images, pairs = _dense_training_set(dataset, config)
     ident = _dense_identity(dataset, images, pairs)
     meta = {**ident, "config": to_jsonable(config)}
-    _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config))
+    meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config))
     task = _dense_task(dataset, config, dev, images, pairs)  # reads and validates all inputs first
     hook = _dense_val_hook(dataset, val_pairs)
     run.mkdir(parents=True, exist_ok=True)
@@ -466,5 +486,6 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                        snapshot_every_s=snapshot_every_s)
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
+    _record_stage_target(run, stages)
     with _progress() as progress:
         return {None: sched.run(stages, progress)}
