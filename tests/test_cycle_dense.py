@@ -260,6 +260,15 @@ def test_dense_cycle_errors(tmp_path):
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--no-augment", "--stages", "1",
                               "--iterations", "1", "--device", "cpu"])
     assert res.exit_code == 2 and "configuration" in res.output
+    # ... and so is a run of another dataset (name differs) or of a keypoint dataset, before any training
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    meta = json.loads((run / "run.json").read_text())
+    for key, value in (("dataset", "other"), ("kind", "keypoints")):
+        (run / "run.json").write_text(json.dumps({**meta, key: value}))
+        res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--device", "cpu"])
+        assert res.exit_code == 2 and "another dataset" in res.output, res.output
+        assert f"({key} differs)" in res.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_difficulty_weights_rank_pairs():

@@ -471,13 +471,9 @@ def _check_dense_run(run: Path, ident: dict | None, config: DenseCycleConfig | N
 
 def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
-    meta = _read_meta(run)
-    if meta.get("kind") != "volumes":
-        raise InputError("run directory belongs to another dataset (kind differs)", run)
-    config = DenseCycleConfig.from_dict(meta["config"])
+    config = _check_dense_run(run, None, None)  # a volume run: its stored configuration
     images, pairs = _dense_training_set(dataset, config)
-    ident = _dense_identity(dataset, images, pairs)
-    _check_dense_run(run, ident, None)
+    _check_dense_run(run, _dense_identity(dataset, images, pairs), None)  # of this dataset
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
     task = _dense_task(dataset, config, dev, images, pairs)
