@@ -7,6 +7,7 @@ loading uses ``weights_only=True``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -86,6 +87,15 @@ def save_checkpoint(path: str | Path, *, kind: str, config: Any, state_dict: dic
         "extra": to_jsonable(extra or {}),
     }
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes: names a checkpoint exactly wherever it is moved."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 KIND_HINTS = {

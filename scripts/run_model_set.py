@@ -18,22 +18,17 @@ is never changed (its checkpoints keep the settings it trained with).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
+from cyclereg.checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import fold_checkpoint
 from cyclereg.clouds.features import build_graph_net
 from cyclereg.errors import InputError
 from cyclereg.training.clouds import CloudCycleConfig, new_model_seed
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _run_meta(run: Path) -> dict:
@@ -79,7 +74,7 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
             else:
                 state, extra = ck["state_dict"], ck.get("extra")
             save_checkpoint(tmp / f"fold{k}.pt", kind="cloud", config=ck["config"], state_dict=state, extra=extra)
-            record[f"fold{k}"] = {"source": str(src), "sha256": _sha256(src)}
+            record[f"fold{k}"] = {"source": str(src), "sha256": file_sha256(src)}
             written.append(out / f"fold{k}.pt")
         write_json(tmp / "model_set.json", {"command": "run_model_set", "run": str(run),
                                             "stage": "final" if stage is None else stage, "folds": record})

@@ -444,6 +444,15 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     assert info["config"]["ensemble_size"] == 2 and info["config"]["recentre_passes"] == 1
     assert info["config"]["ensemble_fusion"] == "average"
     assert [m["stage"] for m in info["members"]["fold1"]] == [5, 5]
+    # each member names its source checkpoint by path and by content, in ensemble.json and in the checkpoint
+    import hashlib
+
+    from cyclereg.checkpoint import load_checkpoint
+    for fold in (1, 2):
+        want = [hashlib.sha256((tmp_path / r / f"fold{fold}.pt").read_bytes()).hexdigest() for r in ("a", "b")]
+        assert [m["sha256"] for m in info["members"][f"fold{fold}"]] == want
+        extra = load_checkpoint(tmp_path / "e" / f"fold{fold}.pt")["extra"]
+        assert extra["members"] == info["members"][f"fold{fold}"]
     pair = make_breathing_pair(0, SMALL)
     net, cfg = load_cloud_model(tmp_path / "e" / "fold1.pt")
     got = register_clouds(pair.fixed_mm, pair.moving_mm, net, cfg).displacements_mm

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
+from cyclereg.checkpoint import atomic_write_text, file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
                                       registration_box)
@@ -136,7 +136,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             if isinstance(inner, list) and len(inner) == len(nets):
                 members += inner  # an ensemble source: each network keeps its own provenance
             else:
-                members += [{"source": str(f), **({"run": str(src)} if src != f else {}),
+                members += [{"source": str(f), "sha256": file_sha256(f), **({"run": str(src)} if src != f else {}),
                              **({"stage": extra["stage"]} if "stage" in extra else {})}] * len(nets)
         ensemble = FeatureEnsemble(common.net, len(states))
         for m, sd in zip(ensemble.members, states):
