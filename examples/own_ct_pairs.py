@@ -14,7 +14,7 @@ The workflow of README "Your own keypoint dataset" on real anatomy, checked agai
    with the trained model's re-centred / test-time-augmented settings) and by the self-trained
    one; the mean error against the known field at the fixed keypoints is printed for each.
 
-Run from the repository root (about 10 minutes on 2 CPU cores with the defaults)::
+Run from the repository root (about 7 minutes on 2 CPU cores with the defaults, 2026-12-05)::
 
     python examples/own_ct_pairs.py --out runs/own_ct_pairs
 
