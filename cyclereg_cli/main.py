@@ -239,6 +239,8 @@ def status(
     run: Path = typer.Argument(..., help="run directory made by pretrain-random"),
     stages: Optional[int] = typer.Option(None, "--stages", help="count progress towards T stages (default: the run's)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the status as JSON here"),
+    history: bool = typer.Option(False, "--history", help="also list every finished stage: time, training loss, "
+                                 "pseudo-label disagreement (landmark-free) and any validation score the run logged"),
 ) -> None:
     """Progress of a training run (read only; also while cycle runs): stages per fold, what comes next, time."""
     _require_run_dir(run)
@@ -246,6 +248,7 @@ def status(
     from rich.table import Table
 
     from cyclereg.checkpoint import write_json
+    from cyclereg.console import print_table
     from cyclereg.training.api import run_status
 
     info = run_status(run, stages=stages)
@@ -258,9 +261,34 @@ def status(
                       _hms(sum(row["stage_seconds"].values()) + (row["current_stage_s"] or 0.0)
                            if row["stage_seconds"] or row["current_stage_s"] else None),
                       _hms(row["remaining_s"]))
-    Console().print(table)
+    console = Console()
+    print_table(console, table)
+    if history:
+        print_table(console, _history_table(info))
     if json_out is not None:
         write_json(json_out, info)
+
+
+HISTORY_COLUMNS = (("train_loss_mm", "train loss [mm]"), ("pseudo_label_disagreement_mm", "label disagreement [mm]"),
+                   ("val_tre_mm", "val TRE [mm] (reporting)"), ("val_dice", "val Dice (reporting)"))
+"""Log keys ``status --history`` shows (a column only where some stage logged it), with their headers."""
+
+
+def _history_table(info: dict):
+    from rich.table import Table
+
+    rows = [(fold["fold"], t, rec) for fold in info["folds"] for t, rec in sorted(fold["stage_log"].items())]
+    other = sorted({k for *_, r in rows for k in r if k.startswith("train_loss_") and k != "train_loss_mm"})
+    candidates = HISTORY_COLUMNS[:1] + tuple((k, f"train loss ({k[len('train_loss_'):]})") for k in other) \
+        + HISTORY_COLUMNS[1:]  # a metric-supervised baseline logs its loss under its metric's name
+    shown = [(key, head) for key, head in candidates if any(isinstance(r.get(key), (int, float)) for *_, r in rows)]
+    table = Table(title="finished stages (from each fold's log.jsonl)")
+    for column in ("fold", "stage", "time", *(head for _, head in shown)):
+        table.add_column(column)
+    for fold, t, rec in rows:
+        values = [f"{rec[key]:.3f}" if isinstance(rec.get(key), (int, float)) else "-" for key, _ in shown]
+        table.add_row("all" if fold is None else str(fold), str(t), _hms(rec.get("seconds")), *values)
+    return table
 
 
 def _hms(seconds: float | None) -> str:

@@ -223,6 +223,9 @@ def test_validation_tre_is_logged_for_reporting(tmp_path):
     log = [json.loads(line) for line in (run / "fold2" / "log.jsonl").read_text().splitlines()]
     assert [r["val_pairs"] for r in log] == [1, 1]
     assert all(0.0 <= r["val_tre_mm"] < 50.0 for r in log)
+    res = runner.invoke(app, ["status", str(run), "--history"])  # shown where logged, marked as reporting only
+    assert res.exit_code == 0 and "val TRE [mm] (reporting)" in res.output
+    assert all(f"{r['val_tre_mm']:.3f}" in res.output for r in log)
 
 
 def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
@@ -547,6 +550,13 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     assert f1["stage_seconds"] == {str(r["stage"]): r["seconds"] for r in log}
     assert f1["remaining_s"] == pytest.approx(log[1]["seconds"])  # one stage left at stage 1's pace
     assert f2["finished"] == -1 and f2["remaining_s"] is None and "pretrain-random" in f2["next"]
+    assert f1["stage_log"] == {str(r["stage"]): r for r in log} and f2["stage_log"] == {}
+    # --history: each finished stage's logged loss and label disagreement, units in the headers
+    res = runner.invoke(app, ["status", str(run), "--history"])
+    assert res.exit_code == 0, res.output
+    assert "train loss [mm]" in res.output and "label disagreement [mm]" in res.output and "val TRE" not in res.output
+    assert f"{log[1]['train_loss_mm']:.3f}" in res.output
+    assert all(f"{r['pseudo_label_disagreement_mm']:.3f}" in res.output for r in log)
     torch.save({"step": 1, "total_steps": 2}, run / "fold1" / "stage2.partial.pt")
     status = run_status(run)["folds"][0]
     assert status["next"] == "stage 2: training after step 1/2"

@@ -235,9 +235,15 @@ def test_metric_supervised_baselines_train(tmp_path, metric):
         assert res.exit_code == 0, res.output
         assert json.loads((run / "run.json").read_text())["config"]["stages"] == 2
         assert [json.loads(line)["stage"] for line in (run / "all" / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
-        assert runner.invoke(app, ["status", str(run), "--json", str(tmp_path / "s.json")]).exit_code == 0
+        res = runner.invoke(app, ["status", str(run), "--json", str(tmp_path / "s.json"), "--history"])
+        assert res.exit_code == 0, res.output
         status = json.loads((tmp_path / "s.json").read_text())
         assert status["stages"] == 2 and status["folds"][0]["next"] == "finished"
+        # the history names the baseline's loss by its metric, with the logged value of each stage
+        assert "train loss (ncc)" in res.output and "train loss [mm]" not in res.output
+        for record in log + [json.loads((run / "all" / "log.jsonl").read_text().splitlines()[2])]:
+            if "train_loss_ncc" in record:
+                assert f"{record['train_loss_ncc']:.3f}" in res.output
 
 
 def test_dense_cycle_errors(tmp_path):

@@ -381,7 +381,7 @@ class StageScheduler:
         """What this directory holds, read without changing anything (``task`` may be ``None``).
 
         Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "current_stage_s": s,
-        "remaining_s": s}``: the last finished stage (-1: none), where the same ``cycle`` command
+        "remaining_s": s, "stage_log": {t: record}}``: the last finished stage (-1: none), where the same ``cycle`` command
         would go on (a stage whose training is saved and whose labels are not, or a mid-stage
         snapshot's step), the logged seconds of each finished stage (its training over all runs,
         since 2026-12-03, plus the pseudo-label refresh of its last run; before, only its last
@@ -389,15 +389,19 @@ class StageScheduler:
         snapshot, or from its checkpoint once trained; ``None`` without either), and an estimate of the time left: at the pace of the
         latest finished stage >= 1 (the code and the machine of the stages to come are more like
         its than the first ones'), or before the first one, at the snapshot's training pace
-        (training only, the pseudo-label refreshes not counted); ``None`` when neither exists."""
+        (training only, the pseudo-label refreshes not counted); ``None`` when neither exists.
+        ``stage_log``: each finished stage's line of ``log.jsonl`` (training loss, pseudo-label
+        disagreement and, where a run reports them, validation scores; a stage logged twice: its
+        last line)."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
-        seconds = {}
+        seconds, records = {}, {}
         log = self.dir / "log.jsonl"
         if log.is_file():
             for line in log.read_text().splitlines():
                 try:
                     record = json.loads(line)
                     seconds[int(record["stage"])] = float(record["seconds"])
+                    records[int(record["stage"])] = record
                 except (ValueError, KeyError, TypeError):
                     continue  # a foreign line does not stop the report
         nxt = done + 1
@@ -437,7 +441,7 @@ class StageScheduler:
         if per_stage is not None:
             remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
-                "remaining_s": remaining}
+                "remaining_s": remaining, "stage_log": records}
 
     # ------------------------------------------------------------------ stages
     def run_stage0(self, progress=None) -> None:
