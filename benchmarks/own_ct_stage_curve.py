@@ -2,7 +2,7 @@
 landmark-free signals (training loss, pseudo-label disagreement) say so?
 
 ``python benchmarks/own_ct_stage_curve.py --out DIR [--ct CT] [--pairs N] [--held-out H]
-[--stages T] [--epochs E] [--device cpu]``
+[--stages T] [--epochs E] [--seed S] [--device cpu]``
 
 The workflow of ``examples/own_ct_pairs.py`` with more pairs and stages: the chest CT (fixed) and
 copies deformed by the example's smooth random fields (training: seeds 1..N; held out: seeds
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--held-out", type=int, default=4, help="held-out pairs (field seeds 100..)")
     ap.add_argument("--stages", type=int, default=8, help="self-training stages T")
     ap.add_argument("--epochs", type=int, default=60, help="epochs per stage")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the run (pretrain-random --seed)")
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     args = ap.parse_args(argv)
     out = args.out
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     run, dataset = out / "run", out / "train" / "dataset.json"
     t0 = time.perf_counter()
     cyclereg("pretrain-random", dataset, "-o", run, "--stages", args.stages, "--epochs", args.epochs,
-             "--device", args.device)
+             "--seed", args.seed, "--device", args.device)
     cyclereg("cycle", dataset, "--run", run, "--device", args.device)
     t_train = time.perf_counter() - t0
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"label disagreement {round(r['label_disagreement_mm'], 3) if r['label_disagreement_mm'] else None}",
               flush=True)
     result = {"ct": str(args.ct), "training_pairs": args.pairs, "held_out_pairs": args.held_out,
-              "stages": args.stages, "epochs": args.epochs, "rows": rows,
+              "stages": args.stages, "epochs": args.epochs, "seed": args.seed, "rows": rows,
               "timings_s": {"data_s": round(t_data, 1), "training_s": round(t_train, 1)}}
     (out / "stage_curve.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
