@@ -457,23 +457,28 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     return run
 
 
-def _check_dense_run(run: Path, ident: dict | None, config: DenseCycleConfig | None) -> DenseCycleConfig:
-    meta = _read_meta(run)
+def _dense_run_config(run: Path, meta: dict) -> DenseCycleConfig:
+    """The stored configuration of a volume run (``meta``: its run.json); a run of a keypoint dataset is refused."""
     if meta.get("kind") != "volumes":
         raise InputError("run directory belongs to another dataset (kind differs)", run)
-    stored = DenseCycleConfig.from_dict(meta["config"])
-    if ident is not None:
-        _check_identity(run, meta, ident)
-    if config is not None and to_jsonable(replace(config, stages=stored.stages)) != to_jsonable(stored):
+    return DenseCycleConfig.from_dict(meta["config"])
+
+
+def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseCycleConfig:
+    meta = _read_meta(run)
+    stored = _dense_run_config(run, meta)
+    _check_identity(run, meta, ident)
+    if to_jsonable(replace(config, stages=stored.stages)) != to_jsonable(stored):
         raise InputError("run directory was made with another configuration", run)
     return stored
 
 
 def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
-    config = _check_dense_run(run, None, None)  # a volume run: its stored configuration
+    meta = _read_meta(run)
+    config = _dense_run_config(run, meta)
     images, pairs = _dense_training_set(dataset, config)
-    _check_dense_run(run, _dense_identity(dataset, images, pairs), None)  # of this dataset
+    _check_identity(run, meta, _dense_identity(dataset, images, pairs))
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
     task = _dense_task(dataset, config, dev, images, pairs)
