@@ -31,9 +31,8 @@ from own_ct_pairs import cyclereg, error_at_keypoints, make_moving  # noqa: E402
 
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from cyclereg.clouds.api import register_cloud_files  # noqa: E402
-from cyclereg.clouds.features import build_graph_net  # noqa: E402
 from cyclereg.datasets import read_json  # noqa: E402
-from cyclereg.training.clouds import CloudCycleConfig, new_model_seed  # noqa: E402
+from cyclereg.training.clouds import CloudCycleConfig, initial_network  # noqa: E402
 from cyclereg.volumeio import read_nifti  # noqa: E402
 
 HELD_OUT_SEED0 = 100
@@ -49,8 +48,8 @@ def _stage0_checkpoint(run: Path, out: Path) -> Path:
     """The stage-0 network of ``run`` stored with stage 1's registration settings."""
     cfg = CloudCycleConfig.from_dict(json.loads((run / "run.json").read_text())["config"])
     ck = load_checkpoint(run / "all" / "stage1.pt", kind="cloud")
-    net = build_graph_net(cfg.reg.net, seed=new_model_seed(cfg, 0))
-    save_checkpoint(out, kind="cloud", config=ck["config"], state_dict=net.state_dict(), extra={"stage": 0})
+    save_checkpoint(out, kind="cloud", config=ck["config"], state_dict=initial_network(cfg, 0).state_dict(),
+                    extra={"stage": 0})
     return out
 
 

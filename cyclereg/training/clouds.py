@@ -198,6 +198,12 @@ def new_model_seed(cfg: CloudCycleConfig, stage: int) -> int:
     return cfg.seed * 1000 + min(stage, 1)
 
 
+def initial_network(cfg: CloudCycleConfig, stage: int) -> GraphFeatureNet:
+    """The randomly initialised network (CPU) a stage starts from when it has no previous weights
+    (seeded by :func:`new_model_seed`): for stage 0 the network that made the run's stage-0 labels."""
+    return build_graph_net(cfg.reg.net, seed=new_model_seed(cfg, stage))
+
+
 @dataclass
 class CloudPairData:
     """Keypoints of one training pair in the unit frame (no landmarks)."""
@@ -233,7 +239,7 @@ class CloudCycleTask:
         return self._graphs[pair.id]
 
     def new_model(self, stage: int) -> GraphFeatureNet:
-        return build_graph_net(self.config.reg.net, seed=new_model_seed(self.config, stage)).to(self.device)
+        return initial_network(self.config, stage).to(self.device)
 
     def model_config(self) -> CloudRegConfig:
         """What a checkpoint stores: the test-time settings and the unit frame trained in."""
