@@ -132,16 +132,20 @@ def determinant_stats(J: torch.Tensor) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- label overlap (dense path)
-def _present_labels(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, labels=None) -> list[int]:
-    """Foreground labels present in both maps (Learn2Reg excludes labels absent from either)."""
+def scored_labels(fixed_labels: torch.Tensor, moving_labels: torch.Tensor) -> list[int]:
+    """The foreground labels a registration of ``moving`` to ``fixed`` is scored on: those present
+    in both the fixed and the *unwarped* moving map (Learn2Reg). Decide them before warping and pass
+    them to :func:`dice` / :func:`hd95`, so that a structure the registration erases still counts."""
+    a = set(torch.unique(fixed_labels).tolist())
+    b = set(torch.unique(moving_labels).tolist())
+    return sorted(int(l) for l in (a & b) - {0})
+
+
+def _labels_to_score(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels) -> list[int]:
+    """``labels`` (default: the foreground labels present in both maps) less those absent from the fixed map."""
     if labels is None:
-        a = set(torch.unique(fixed_labels).tolist())
-        b = set(torch.unique(moving_labels).tolist())
-        labels = sorted((a & b) - {0})
-    else:
-        labels = [int(l) for l in labels
-                  if bool((fixed_labels == l).any()) and bool((moving_labels == l).any())]
-    return labels
+        return scored_labels(fixed_labels, warped_labels)
+    return [int(l) for l in labels if bool((fixed_labels == l).any())]
 
 
 def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -> dict[int, float]:
@@ -149,15 +153,17 @@ def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -
 
     Args:
         fixed_labels, warped_labels: integer maps of equal shape (0 = background).
-        labels: labels to score; default all foreground labels. Labels absent from
-            either map are excluded (not scored as 0), as in Learn2Reg's evaluation.
+        labels: labels to score, normally :func:`scored_labels` of the fixed and the unwarped
+            moving map; a listed label absent from ``warped_labels`` scores 0 (the registration
+            erased it) and one absent from ``fixed_labels`` is left out, as in Learn2Reg's
+            evaluation. Default: the foreground labels present in both maps.
     Returns:
         ``{label: dice}``.
     """
     if fixed_labels.shape != warped_labels.shape:
         raise ValueError(f"label maps differ in shape: {tuple(fixed_labels.shape)} vs {tuple(warped_labels.shape)}")
     out = {}
-    for lab in _present_labels(fixed_labels, warped_labels, labels):
+    for lab in _labels_to_score(fixed_labels, warped_labels, labels):
         a = fixed_labels == lab
         b = warped_labels == lab
         inter = (a & b).sum().item()
@@ -180,7 +186,8 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     Surfaces are the mask voxels with a 6-neighbour outside the mask; the distance from
     each surface voxel of one map to the other map's surface is measured with a Euclidean
     distance transform at ``spacing`` (mm along i, j, k); the result is the larger of the
-    two directed 95th percentiles. Labels absent from either map are excluded.
+    two directed 95th percentiles. ``labels`` as for :func:`dice`, except that a label absent
+    from ``warped_labels`` has no surface to measure and is left out (Dice scores it 0).
     """
     import numpy as np
     from scipy import ndimage
@@ -190,9 +197,11 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     fa = fixed_labels.cpu().numpy()
     wa = warped_labels.cpu().numpy()
     out = {}
-    for lab in _present_labels(fixed_labels, warped_labels, labels):
+    for lab in _labels_to_score(fixed_labels, warped_labels, labels):
         a = fa == lab
         b = wa == lab
+        if not b.any():
+            continue
         idx = np.argwhere(a | b)
         lo = np.maximum(idx.min(0) - 2, 0)
         hi = idx.max(0) + 3

@@ -17,7 +17,8 @@ from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.network import random_feature_net
 from cyclereg.dense.pipeline import pad_to_multiple, predict_displacement, register
 from cyclereg.frames import voxel_coordinates
-from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_determinant, jacobian_map, sdlogj
+from cyclereg.metrics import (determinant_stats, dice, hd95, jacobian_determinant, jacobian_map, scored_labels,
+                              sdlogj)
 from cyclereg.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -173,6 +174,33 @@ def test_dice_on_spheres():
     b2 = b.clone()
     b2[0, 0, 0] = 7
     assert set(dice(a, b2)) == {1}
+
+
+def test_a_label_the_registration_erases_scores_zero():
+    """Learn2Reg decides the scored labels from the fixed and the *unwarped* moving map: a label
+    present in both that the warp wipes out scores Dice 0 instead of vanishing from the mean."""
+    shape = (32, 32, 32)
+    fixed = sphere(shape, (10, 16, 16), 5.0) + 2 * sphere(shape, (22, 16, 16), 5.0)
+    moving = fixed.clone()
+    warped = sphere(shape, (10, 16, 16), 5.0)  # label 2 erased
+    labels = scored_labels(fixed, moving)
+    assert labels == [1, 2]
+    assert dice(fixed, warped, labels) == {1: 1.0, 2: 0.0}
+    assert dice(fixed, warped) == {1: 1.0}  # two maps alone cannot know label 2 was there before
+    assert hd95(fixed, warped, labels=labels) == {1: 0.0}  # no surface to measure for label 2
+    # a label only the moving map has is not scored, even when listed
+    assert dice(fixed, 3 * sphere(shape, (16, 16, 16), 4.0), [3]) == {}
+
+
+def test_pair_scores_counts_an_erased_label():
+    from cyclereg.dense.api import pair_scores
+
+    shape = (24, 24, 24)
+    fixed = sphere(shape, (8, 12, 12), 4.0) + 2 * sphere(shape, (17, 12, 12), 4.0)
+    warped = sphere(shape, (8, 12, 12), 4.0)
+    r = pair_scores(fixed, fixed.clone(), warped, torch.zeros(1, 3, *shape), (1.0, 1.0, 1.0))
+    assert r["initial_dice"] == 1.0 and r["dice"] == 0.5
+    assert r["dice_per_label"] == {"1": 1.0, "2": 0.0}
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.5, 1.0)])

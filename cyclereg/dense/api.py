@@ -44,7 +44,7 @@ from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
-from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, sdlogj
+from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp
 
@@ -206,10 +206,11 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
         mean and per-label Dice (before/after), HD95 [mm], Learn2Reg SDlogJ, std(log J)
         and the folding fraction (J <= 0).
     """
-    d0 = dice(fixed_labels, moving_labels)
-    d1 = dice(fixed_labels, warped_labels)
-    h = hd95(fixed_labels, warped_labels, spacing=spacing)
-    h0 = hd95(fixed_labels, moving_labels, spacing=spacing)
+    labels = scored_labels(fixed_labels, moving_labels)
+    d0 = dice(fixed_labels, moving_labels, labels)
+    d1 = dice(fixed_labels, warped_labels, labels)
+    h = hd95(fixed_labels, warped_labels, spacing=spacing, labels=labels)
+    h0 = hd95(fixed_labels, moving_labels, spacing=spacing, labels=labels)
     s = sdlogj(disp)
     return {
         "initial_dice": _mean(d0.values()), "dice": _mean(d1.values()),

@@ -409,7 +409,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
         return None
     from cyclereg.dense.api import register_pair
     from cyclereg.dense.data import load_volume_dataset
-    from cyclereg.metrics import dice
+    from cyclereg.metrics import dice, scored_labels
     from cyclereg.volumeio import read_nifti
     from cyclereg.warp import warp
 
@@ -433,8 +433,9 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
             fl, ml = vol(p.fixed_labels, True), vol(p.moving_labels, True)
             disp = register_pair(vol(p.fixed), vol(p.moving), model.eval(), task.pipeline, modality=ds.modality)
             warped = warp(ml.data[None, None].to(disp.device), disp, mode="nearest")[0, 0].cpu()
-            before.append(np.mean(list(dice(fl.data, ml.data).values())))
-            after.append(np.mean(list(dice(fl.data, warped).values())))
+            labels = scored_labels(fl.data, ml.data)
+            before.append(np.mean(list(dice(fl.data, ml.data, labels).values())))
+            after.append(np.mean(list(dice(fl.data, warped, labels).values())))
         return {"val_pairs": len(pairs), "val_initial_dice": float(np.mean(before)), "val_dice": float(np.mean(after))}
 
     return hook
