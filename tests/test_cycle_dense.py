@@ -208,6 +208,8 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     assert sorted(p.name for p in (run / "all").glob("pseudo*.pt")) == ["pseudo1.pt", "pseudo2.pt"]
     ckpt = torch.load(run / "all" / "final.pt", weights_only=True)
     assert ckpt["kind"] == "dense" and ckpt["config"]["spacing_mm"] == [1.5, 1.5, 2.0]
+    # the intensity preprocessing the network was trained with travels with it ("auto" resolved)
+    assert ckpt["config"]["preprocess"]["mode"] == "ct"
 
     # evaluation with labels (another copy of the data that has them)
     ds_lab = _dataset(tmp_path / "data_lab", with_labels=True)
@@ -275,6 +277,22 @@ def test_dense_cycle_errors(tmp_path):
         assert res.exit_code == 2 and "another dataset" in res.output, res.output
         assert f"({key} differs)" in res.output
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_training_images_preprocessed_alike_or_refused(tmp_path):
+    """Without a modality hint each image's preprocessing is guessed from its intensities; a
+    training set that would be preprocessed two ways is refused, naming the image, before any output."""
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    meta = json.loads(ds.read_text())
+    del meta["modality"]
+    ds.write_text(json.dumps(meta))
+    odd = tmp_path / "data" / "imagesTr" / "Case_0004_0000.nii.gz"
+    img = nib.load(str(odd))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1500.0, img.affine), str(odd))  # non-negative: "MRI"
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *FAST])
+    assert res.exit_code == 2 and "Case_0004_0000.nii.gz" in res.output and "'mri'" in res.output, res.output
+    assert "modality" in res.output and not run.exists()
 
 
 def test_difficulty_weights_rank_pairs():

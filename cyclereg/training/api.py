@@ -390,7 +390,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     modality = read_json(dataset).get("modality")
     if isinstance(modality, dict):
         modality = next(iter(modality.values()), None)
-    loaded, first = [], None
+    loaded, first, first_mode = [], None, None
     for path in images:
         vol = read_nifti(path)
         if first is None:
@@ -399,7 +399,16 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
             raise InputError(f"training images need one shape and spacing: {vol.shape} / {tuple(vol.spacing)} mm "
                              f"here, {first.shape} / {tuple(first.spacing)} mm in {first.path}; resample first", path)
         mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)
+        if first_mode is None:
+            first_mode = mode
+        elif mode != first_mode:
+            raise InputError(f"intensity preprocessing '{mode}' here but '{first_mode}' for {first.path}; set the "
+                             "dataset's 'modality' (CT or MRI) so that all training images are treated alike", path)
         loaded.append(VolumeImage(case_id(path), preprocess(vol.data, config.pipeline.preprocess, mode)[None, None]))
+    # the checkpoints record the mode the network was trained with, so that register/evaluate
+    # preprocess as training did whatever their inputs look like
+    pinned = replace(config.pipeline.preprocess, mode=first_mode)
+    config = replace(config, pipeline=replace(config.pipeline, preprocess=pinned))
     return DenseCycleTask(loaded, pairs, first.spacing, config, device)
 
 
