@@ -97,6 +97,27 @@ def test_search_options_reach_the_run_config(tmp_path):
     assert res.exit_code == 2 and "--recentre-passes" in res.output and not (tmp_path / "bad").exists()
 
 
+def test_switches_of_a_given_config_are_kept_unless_overridden(tmp_path):
+    """The library's ``config=`` is the base: its ablation switches survive unless an option
+    names them, and the CLI's flags set them both ways."""
+    from cyclereg.training.api import pretrain_random
+    from cyclereg.training.clouds import cycle_config
+
+    off = CloudCycleConfig(augment=False, refine=False, weighted_sampling=False)
+    assert cycle_config(base=off) == off
+    assert cycle_config(base=off, augment=True).augment and not cycle_config(base=off, augment=True).refine
+    assert cycle_config() == CloudCycleConfig()
+    ds = _dataset(tmp_path, n=2)
+    pretrain_random(ds, tmp_path / "lib", fold="1", device="cpu", config=replace(off, stages=2, epochs=2))
+    cfg = json.loads((tmp_path / "lib" / "run.json").read_text())["config"]
+    assert (cfg["augment"], cfg["refine"], cfg["weighted_sampling"]) == (False, False, False)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "cli"), "--fold", "1", "--no-augment",
+                              "--no-refine", "--uniform-sampling", *FAST])
+    assert res.exit_code == 0, res.output
+    cli = json.loads((tmp_path / "cli" / "run.json").read_text())["config"]
+    assert (cli["augment"], cli["refine"], cli["weighted_sampling"]) == (False, False, False)
+
+
 def _reference_and_twin(tmp_path, ds, fold: int, options: list[str]):
     """Two runs ``a`` and ``b`` made by the same ``pretrain-random`` of ``fold``; ``a`` then
     trains uninterrupted (the reference), ``b`` is left for the test to interrupt."""

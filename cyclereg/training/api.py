@@ -67,12 +67,11 @@ CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weigh
                  "candidates", "tta_passes", "learn_recentre_passes")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
                  "directions", "max_train_pairs", "batch_size")
-_DEFAULTS = {"augment": True, "refine": True, "weighted_sampling": True}
 
 
 def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
-    """Drop unset options; an option set for the wrong kind of dataset is an error."""
-    given = {k: v for k, v in options.items() if v is not None and not (k in _DEFAULTS and v == _DEFAULTS[k])}
+    """Drop unset (``None``) options; an option set for the wrong kind of dataset is an error."""
+    given = {k: v for k, v in options.items() if v is not None}
     wrong = sorted(k for k in given if k not in allowed)
     if wrong:
         names = ", ".join("--" + k.replace("_", "-") for k in wrong)

@@ -377,15 +377,17 @@ class CloudCycleTask:
 
 
 def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_points: str | None = None,
-                 augment: bool = True, refine: bool = True, weighted_sampling: bool = True,
+                 augment: bool | None = None, refine: bool | None = None, weighted_sampling: bool | None = None,
                  recentre_passes: int | None = None, candidates: int | None = None,
                  tta_passes: int | None = None, learn_recentre_passes: int | None = None,
                  base: CloudCycleConfig | None = None) -> CloudCycleConfig:
-    """Apply command-line overrides; changing ``epochs`` scales the LR milestones proportionally."""
+    """Apply command-line overrides (``None``: keep ``base``'s value, by default the paper's); changing
+    ``epochs`` scales the LR milestones proportionally."""
     from cyclereg.errors import InputError, require_count
 
     cfg = base or CloudCycleConfig()
-    changes: dict = {"augment": augment, "refine": refine, "weighted_sampling": weighted_sampling}
+    switches = {"augment": augment, "refine": refine, "weighted_sampling": weighted_sampling}
+    changes: dict = {k: v for k, v in switches.items() if v is not None}
     if require_count("--stages", stages, 1) is not None:
         changes["stages"] = stages
     if require_count("--epochs", epochs, 1) is not None:
