@@ -85,7 +85,7 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
         if arr.shape[1] != 3:
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
         if spacing_mm is None and affine is None:
-            raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) to convert to mm", p)
+            raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan (--reference) to convert to mm", p)
         if affine is not None:
             A = np.asarray(affine, dtype=np.float64)
             arr = arr @ A[:3, :3].T + A[:3, 3]

@@ -234,6 +234,36 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert 0.5 < jac.mean() < 2.0
 
 
+def test_headerless_voxel_csvs_are_read_on_the_reference_grid(pair_files):
+    """Learn2Reg keypoint files hold voxel indices of the scan: with --reference they are placed
+    by its affine (here with a flipped axis and an offset), so they give the registration of the
+    same points in mm, and the field lands where the points are."""
+    d, pair = pair_files
+    fixed, moving = read_points(d / "f.csv").double(), read_points(d / "m.csv").double()
+    both = torch.cat([fixed, moving])
+    hi, lo = both.max(0).values + 8.0, both.min(0).values - 8.0
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [hi[0].item(), lo[1].item(), lo[2].item()]  # i runs from high x to low x
+    shape = tuple(int(v) for v in ((hi - lo) / 2.0).ceil() + 1)
+    write_nifti(d / "ref.nii.gz", torch.zeros(shape), affine)
+    for name, pts in (("f_vox.csv", fixed), ("m_vox.csv", moving)):
+        vox = np.linalg.solve(affine, np.c_[pts.numpy(), np.ones(len(pts))].T).T[:, :3]
+        np.savetxt(d / name, vox, delimiter=",", fmt="%.10f")  # no header: voxel indices
+    common = ["--reference", str(d / "ref.nii.gz"), "--device", "cpu", "--disp-mm"]
+    for out, f, m in (("mm", "f.csv", "m.csv"), ("vox", "f_vox.csv", "m_vox.csv")):
+        res = runner.invoke(app, ["register", str(d / f), str(d / m), "-o", str(d / out), *common])
+        assert res.exit_code == 0, res.output
+    a = np.loadtxt(d / "mm" / "displacements.csv", delimiter=",", skiprows=1)
+    b = np.loadtxt(d / "vox" / "displacements.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(b, a, atol=1e-3)
+    np.testing.assert_allclose(read_nifti_array(d / "vox" / "displacement.nii.gz"),
+                               read_nifti_array(d / "mm" / "displacement.nii.gz"), atol=1e-3)
+    # index * spacing (the frame without a reference) would be another place: refused, not guessed
+    res = runner.invoke(app, ["register", str(d / "f_vox.csv"), str(d / "m_vox.csv"), "-o", str(d / "both"),
+                              "--spacing", "2,2,2", *common])
+    assert res.exit_code == 2 and "--spacing: not used with --reference" in res.output and not (d / "both").exists()
+
+
 def test_register_reference_errors_write_nothing(pair_files):
     d, pair = pair_files
     far_data, far_affine = _box_volume(pair.fixed_mm + 1000.0)

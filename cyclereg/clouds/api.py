@@ -216,11 +216,18 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     if jacobian and reference is None:
         raise InputError("--jacobian needs --reference (the grid to write it on)")
     sp = _parse_spacing(spacing, Path(fixed))
-    fixed_mm = read_points(fixed, spacing_mm=sp)
-    moving_mm = read_points(moving, spacing_mm=sp)
-    query_mm = read_points(query, spacing_mm=sp) if query is not None else None
+    if sp is not None and reference is not None:
+        raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
+                         "reference's grid, the moving one on --moving-image's when given)", fixed)
     ref = read_nifti(reference) if reference is not None else None
     mov_img = read_nifti(moving_image) if moving_image is not None else None
+    # headerless (Learn2Reg voxel-index) CSVs: through the scans' affines into the world frame the
+    # reference's grid lives in; without a reference, index * spacing (both clouds alike)
+    ref_affine = ref.affine if ref is not None else None
+    mov_affine = mov_img.affine if mov_img is not None else ref_affine
+    fixed_mm = read_points(fixed, spacing_mm=sp, affine=ref_affine)
+    moving_mm = read_points(moving, spacing_mm=sp, affine=mov_affine)
+    query_mm = read_points(query, spacing_mm=sp, affine=ref_affine) if query is not None else None
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
     if ref is not None:
         _require_points_inside(fixed_mm, ref, fixed)
