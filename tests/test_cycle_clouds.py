@@ -401,6 +401,40 @@ def test_stage_killed_while_refreshing_labels_is_not_trained_again(tmp_path, mon
         assert torch.equal(a["labels"][pid], b["labels"][pid]), pid
 
 
+def test_stage_killed_between_its_labels_and_its_log_line_is_logged_on_resume(tmp_path, monkeypatch):
+    """The labels make a stage count as finished; a kill before its log line was written used to
+    lose the line (status, --history and the time estimate). The next run writes it, once."""
+    from cyclereg.training.scheduler import StageScheduler
+
+    ds = _dataset(tmp_path)
+    _reference_and_twin(tmp_path, ds, 3, [*FAST, *CHEAP_LABELS])
+    real_finish = StageScheduler._finish
+
+    def dies_before_logging_stage1(self, record, progress):
+        if record["stage"] == 1:
+            raise KeyboardInterrupt
+        return real_finish(self, record, progress)
+
+    monkeypatch.setattr(StageScheduler, "_finish", dies_before_logging_stage1)
+    cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "3"]
+    assert runner.invoke(app, cmd).exit_code == 130
+    fold = tmp_path / "b" / "fold3"
+    assert (fold / "pseudo1.pt").is_file()
+    assert [json.loads(l)["stage"] for l in (fold / "log.jsonl").read_text().splitlines()] == [0]
+    monkeypatch.setattr(StageScheduler, "_finish", real_finish)
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "3", "--stages", "1"])
+    assert res.exit_code == 0, res.output
+    assert "fold 3: stage 1 finished" in " ".join(res.output.split())
+    assert runner.invoke(app, cmd).exit_code == 0
+    log_a = [json.loads(l) for l in (tmp_path / "a" / "fold3" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (fold / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log_b] == [0, 1, 2]
+    for key in ("train_loss_mm", "pseudo_label_disagreement_mm"):
+        assert [r[key] for r in log_b[1:]] == [r[key] for r in log_a[1:]]
+    history = run_status(tmp_path / "b")["folds"][2]["stage_log"]
+    assert history[1]["train_loss_mm"] == log_a[1]["train_loss_mm"]
+
+
 def test_label_parts_belong_to_the_network_that_made_them(tmp_path):
     one, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     with torch.no_grad():

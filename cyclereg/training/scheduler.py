@@ -354,9 +354,27 @@ class StageScheduler:
         for t in range(0, newest - self.keep_labels + 1):
             self.labels_path(t).unlink(missing_ok=True)
 
-    def _save_labels(self, stage: int, labels: dict, weights: dict) -> None:
-        payload = {"stage": stage, "labels": {k: v.detach().cpu() for k, v in labels.items()}, "weights": weights}
+    def _save_labels(self, stage: int, labels: dict, weights: dict, record: dict) -> None:
+        """The labels that finish ``stage``, with the stage's log ``record`` (see :meth:`_complete_log`)."""
+        payload = {"stage": stage, "labels": {k: v.detach().cpu() for k, v in labels.items()}, "weights": weights,
+                   "record": record}
         atomic_write_bytes(self.labels_path(stage), lambda fh: torch.save(payload, fh))
+
+    def _complete_log(self, progress=None) -> None:
+        """Write the log line of the last finished stage if a run was killed after saving the stage's
+        labels and before logging it: the record saved with the labels (labels older than that
+        copy carry none, and their stages were logged before they counted as finished)."""
+        stage = self.last_finished_stage()
+        log = self.dir / "log.jsonl"
+        if stage < 0 or (log.is_file() and any(json.loads(line).get("stage") == stage
+                                               for line in log.read_text().splitlines() if line.strip())):
+            return
+        try:
+            record = torch.load(self.labels_path(stage), map_location="cpu", weights_only=True).get("record")
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", self.labels_path(stage)) from None
+        if record is not None:
+            self._finish(record, progress)
 
     def load_labels(self, stage: int) -> tuple[dict, dict]:
         path = self.labels_path(stage)
@@ -448,6 +466,7 @@ class StageScheduler:
         """Pseudo labels from a randomly initialised network (skipped if already present)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.last_finished_stage() >= 0:
+            self._complete_log(progress)
             return
         t0 = time.perf_counter()
         model = self.task.new_model(0)
@@ -455,14 +474,16 @@ class StageScheduler:
         labels, info = self.task.make_pseudo_labels(model, 0, progress, parts=parts)
         seconds = time.perf_counter() - t0
         report = self.hook(0, model) if self.hook is not None else {}
-        self._save_labels(0, labels, info["weights"])
+        record = {"stage": 0, "seconds": seconds, **info["stats"], **report}
+        self._save_labels(0, labels, info["weights"], record)
         parts.clear()
-        self._finish({"stage": 0, "seconds": seconds, **info["stats"], **report}, progress)
+        self._finish(record, progress)
 
     def run(self, stages: int, progress=None) -> int:
         """Run (or resume) up to ``stages``; returns the last finished stage."""
         if self.last_finished_stage() < 0:
             raise InputError("no stage-0 pseudo labels here: run 'cyclereg pretrain-random' first", self.dir)
+        self._complete_log(progress)
         done = self.last_finished_stage()
         for stage in range(done + 1, stages + 1):
             t0 = time.perf_counter()
@@ -491,10 +512,11 @@ class StageScheduler:
             # training (all runs; this run's when older checkpoints lack it) + this run's refresh
             seconds = train_stats.get("train_seconds", t_labels - t0) + now - t_labels
             report = self.hook(stage, model) if self.hook is not None else {}
-            self._save_labels(stage, new_labels, info["weights"])
+            record = {"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
+                      **info["stats"], **report}
+            self._save_labels(stage, new_labels, info["weights"], record)
             parts.clear()
-            self._finish({"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
-                          **info["stats"], **report}, progress)
+            self._finish(record, progress)
             self._prune_labels(stage)
         final = self.last_finished_stage()
         if final >= 1:
