@@ -325,6 +325,30 @@ def _kill_at_snapshot(monkeypatch, stage: int, step: int):
     return real
 
 
+def test_snapshot_left_by_a_kill_after_the_checkpoint_is_removed(tmp_path, monkeypatch):
+    """Killed after a stage's checkpoint and before its snapshot was cleared: the next run uses the
+    checkpoint (no training) and removes the stale snapshot, which status would otherwise show."""
+    ds = _dataset(tmp_path)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "b"), "--fold", "1", *FAST, *CHEAP_LABELS])
+    assert res.exit_code == 0, res.output
+    fold = tmp_path / "b" / "fold1"
+    real_clear = scheduler_mod.StageSnapshot.clear
+
+    def dies(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scheduler_mod.StageSnapshot, "clear", dies)
+    cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "1", "--snapshot-every", "1e-9"]
+    assert runner.invoke(app, cmd).exit_code == 130
+    assert (fold / "stage1.pt").is_file() and (fold / "stage1.partial.pt").is_file()
+    monkeypatch.setattr(scheduler_mod.StageSnapshot, "clear", real_clear)
+    trained = []
+    real_train = CloudCycleTask.train_stage
+    monkeypatch.setattr(CloudCycleTask, "train_stage", lambda self, *a, **kw: trained.append(a[3]) or real_train(self, *a, **kw))
+    assert runner.invoke(app, cmd).exit_code == 0
+    assert trained == [2] and not list(fold.glob("*.partial.pt"))
+
+
 def test_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatch):
     ds = _dataset(tmp_path)
     _reference_and_twin(tmp_path, ds, 1, [*FAST[:2], "--epochs", "3", *FAST[4:], *CHEAP_LABELS])

@@ -492,6 +492,7 @@ class StageScheduler:
             if trained is not None:  # killed while refreshing the labels: training is done
                 model.load_state_dict(trained["state_dict"])
                 train_stats = trained["extra"]["train"]
+                self.snapshot_path(stage).unlink(missing_ok=True)  # killed before it was cleared
             else:
                 labels, weights = self.load_labels(stage - 1)
                 if stage > 1:
