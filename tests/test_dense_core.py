@@ -275,6 +275,9 @@ def test_config_roundtrip_through_json():
     assert back == cfg
     with pytest.raises(ValueError):
         DensePipelineConfig(warps=3).validate()
+    # fields are upsampled in 2x steps: a stride of 3 would scale them by 4 (refused, not computed)
+    with pytest.raises(ValueError, match="net.strides"):
+        DensePipelineConfig(net=FeatureNetConfig(strides=(3, 1, 1, 1, 1, 1)), pad_multiple=3).validate()
 
 
 def test_softmax_temperature_documented_scale():

@@ -219,6 +219,9 @@ class DensePipelineConfig:
             raise ValueError(f"warps must be 1 or 2, got {self.warps}")
         if len(self.net.channels) != len(self.net.strides):
             raise ValueError("net.channels and net.strides must have the same length")
+        if any(s not in (1, 2) for s in self.net.strides):
+            # the fields are upsampled in steps of 2 (convex.upsample_field, resample_disp)
+            raise ValueError(f"net.strides: each must be 1 or 2, got {tuple(self.net.strides)}")
         if self.pad_multiple % self.net.downsampling:
             raise ValueError("pad_multiple must be a multiple of the network's downsampling")
         if not 1 <= self.net.adam_layer <= len(self.net.channels):
