@@ -37,6 +37,17 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
     return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox), mode, padding_mode)
 
 
+def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=None, fixed_affine=None) -> torch.Tensor:
+    """Warp an integer label map ``(B, C, D', H', W')`` like :func:`warp` (or, given both affines, like
+    :func:`warp_between_grids`): nearest neighbour, and background (0) where ``x + disp(x)`` leaves
+    the label map's grid, as in Learn2Reg's evaluation, so that no edge label is smeared outward."""
+    if (labels_affine is None) != (fixed_affine is None):
+        raise ValueError("warp_labels: give both labels_affine and fixed_affine, or neither")
+    if labels_affine is None:
+        return warp(labels, disp_vox, mode="nearest", padding_mode="zeros")
+    return warp_between_grids(labels, labels_affine, disp_vox, fixed_affine, mode="nearest", padding_mode="zeros")
+
+
 def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """``grid_sample`` of ``moving`` ``(B or 1, C, ...)`` at ``grid`` ``(B, D, H, W, 3)``; integer
     images (labels) are sampled as floats and rounded back."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,24 @@ def test_identity_field_leaves_image_unchanged():
     assert torch.allclose(out, img, atol=1e-5)
     lab = torch.randint(0, 5, (1, 1, 9, 10, 11))
     assert torch.equal(warp(lab, torch.zeros(1, 3, 9, 10, 11), mode="nearest"), lab)
+
+
+def test_label_warp_shifts_exactly_and_is_background_outside():
+    """A whole-voxel shift moves labels exactly; where x + u(x) leaves the map, background (0),
+    not the edge label repeated (the label touches the face it is shifted away from)."""
+    from cyclereg.warp import warp_labels
+
+    lab = torch.zeros(1, 1, 6, 7, 8, dtype=torch.long)
+    lab[..., 3:, 2:5, 1:4] = 4  # touches the far face of axis 0
+    shift = torch.zeros(1, 3, 6, 7, 8)
+    shift[:, 0] = 2.0  # sample two voxels further along axis 0
+    out = warp_labels(lab, shift)
+    assert torch.equal(out[..., :4, :, :], lab[..., 2:, :, :])
+    assert not out[..., 4:, :, :].any()  # beyond the map: background
+    assert warp(lab, shift, mode="nearest")[..., 4:, 2:5, 1:4].eq(4).all()  # border padding would repeat it
+    # the same through the two-grid path, with identical grids
+    aff = np.diag([1.5, 1.0, 2.0, 1.0])
+    assert torch.equal(warp_labels(lab, shift, labels_affine=aff, fixed_affine=aff), out)
 
 
 def test_resample_disp_constant_field_scales_with_stride():

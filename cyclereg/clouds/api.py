@@ -22,7 +22,7 @@ from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, points_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
-from cyclereg.warp import warp_between_grids
+from cyclereg.warp import warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "cloud"
 
@@ -335,8 +335,8 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             volumes["warped.nii.gz"] = warp_between_grids(mov_img.data[None, None], mov_img.affine,
                                                           field_vox, ref.affine)[0, 0]
         if mov_lab is not None:
-            volumes["warped_labels.nii.gz"] = warp_between_grids(mov_lab.data[None, None], mov_lab.affine,
-                                                                 field_vox, ref.affine, mode="nearest")[0, 0]
+            volumes["warped_labels.nii.gz"] = warp_labels(mov_lab.data[None, None], field_vox,
+                                                         labels_affine=mov_lab.affine, fixed_affine=ref.affine)[0, 0]
         if spread_map:
             volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
         if jacobian:

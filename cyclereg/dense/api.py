@@ -46,7 +46,7 @@ from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
-from cyclereg.warp import warp
+from cyclereg.warp import warp, warp_labels
 
 CHECKPOINT_KIND = "dense"
 
@@ -155,7 +155,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     write_nifti(out_dir / "warped.nii.gz", warped, fv.affine)
     written = ["displacement.nii.gz", "warped.nii.gz"]
     if lv is not None:
-        wl = warp(lv.data[None, None], disp_cpu, mode="nearest")[0, 0]
+        wl = warp_labels(lv.data[None, None], disp_cpu)[0, 0]
         write_nifti(out_dir / "warped_labels.nii.gz", wl, fv.affine)
         written.append("warped_labels.nii.gz")
     jac = jacobian_map(disp_cpu)
@@ -345,7 +345,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             else:
                 disp = register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float()
             seconds = time.perf_counter() - t0
-            warped_l = warp(ml.data[None, None], disp, mode="nearest")[0, 0]
+            warped_l = warp_labels(ml.data[None, None], disp)[0, 0]
             rec = {"id": p.id, "fixed": str(p.fixed), "moving": str(p.moving),
                    **pair_scores(fl.data, ml.data, warped_l, disp, fv.spacing), "seconds": seconds}
             records.append(rec)

@@ -18,7 +18,7 @@ from cyclereg.datasets import read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
 from cyclereg.volumeio import Volume
-from cyclereg.warp import warp_between_grids
+from cyclereg.warp import warp_between_grids, warp_labels
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -87,9 +87,10 @@ def resample_onto(volume: Volume, reference: Volume, *, labels: bool = False) ->
     """
     src = volume.data[None, None]
     zero = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, *reference.shape)  # a view: no full-size field in memory
-    out = warp_between_grids(src if labels else src.float(), volume.affine, zero, reference.affine,
-                             mode="nearest" if labels else "bilinear",
-                             padding_mode="zeros" if labels else "border")[0, 0]
+    if labels:
+        out = warp_labels(src, zero, labels_affine=volume.affine, fixed_affine=reference.affine)[0, 0]
+    else:
+        out = warp_between_grids(src.float(), volume.affine, zero, reference.affine)[0, 0]
     return Volume(data=out, affine=reference.affine.copy(), path=volume.path)
 
 

@@ -419,7 +419,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
     from cyclereg.dense.data import load_volume_dataset
     from cyclereg.metrics import dice, scored_labels
     from cyclereg.volumeio import read_nifti
-    from cyclereg.warp import warp
+    from cyclereg.warp import warp_labels
 
     ds = load_volume_dataset(dataset)
     pairs = list(ds.pairs)[:n]
@@ -440,7 +440,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
         for p in pairs:
             fl, ml = vol(p.fixed_labels, True), vol(p.moving_labels, True)
             disp = register_pair(vol(p.fixed), vol(p.moving), model.eval(), task.pipeline, modality=ds.modality)
-            warped = warp(ml.data[None, None].to(disp.device), disp, mode="nearest")[0, 0].cpu()
+            warped = warp_labels(ml.data[None, None].to(disp.device), disp)[0, 0].cpu()
             labels = scored_labels(fl.data, ml.data)
             before.append(np.mean(list(dice(fl.data, ml.data, labels).values())))
             after.append(np.mean(list(dice(fl.data, warped, labels).values())))
