@@ -90,10 +90,11 @@ def dense_cycle_config(base: DenseCycleConfig | None = None, **options) -> Dense
         raise InputError(str(exc)) from None
 
 
-def _box(ds, pairs) -> UnitBox:
+def _box(ds, pairs, margin: float) -> UnitBox:
     """The unit frame of a fold's training: the dataset's volume box, else the bounding box of all
-    its training clouds (stored with the checkpoints as ``CloudRegConfig.training_box``)."""
-    return dataset_box(ds) or UnitBox.around(*[p.fixed for p in pairs], *[p.moving for p in pairs])
+    its training clouds enlarged by ``margin`` (``CloudRegConfig.box_margin``, as for a pair
+    registered on its own); stored with the checkpoints as ``CloudRegConfig.training_box``."""
+    return dataset_box(ds) or UnitBox.around(*[p.fixed for p in pairs], *[p.moving for p in pairs], margin=margin)
 
 
 def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
@@ -102,7 +103,7 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     for pid in ids:
         p = ds.pair(pid)
         raw.append((pid, read_points(p.fixed_keypoints), read_points(p.moving_keypoints)))
-    box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw])
+    box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw], config.reg.box_margin)
     pairs = [CloudPairData(i, box.mm_to_unit(f), box.mm_to_unit(m)) for i, f, m in raw]
     return CloudCycleTask(pairs, box, config, device)
 
