@@ -211,6 +211,30 @@ def test_sampling_weights_rank_sigmoid():
     assert w["hard"] == pytest.approx(1 / (1 + math.exp(5)))
 
 
+@pytest.mark.parametrize("kernel", ["r2logr", "r"])
+def test_label_refinement_smooths_with_the_configured_spline_kernel(kernel, monkeypatch):
+    """The refinement's TPS is the registration's kind of spline (both fits, consistency on)."""
+    from cyclereg.clouds import tps as tps_mod
+    from cyclereg.training import clouds as clouds_mod
+
+    pair = make_breathing_pair(0, TINY)
+    box = UnitBox.around(pair.fixed_mm, pair.moving_mm)
+    data = CloudPairData("p", box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm))
+    base = CloudCycleConfig(refine_consistency=True, refine_tta_passes=0, refine_recentre_passes=0)
+    cfg = replace(base, reg=replace(base.reg, tps=replace(base.reg.tps, kernel=kernel)))
+    task = CloudCycleTask([data], box, cfg, torch.device("cpu"))
+    kernels = []
+    real_fit = tps_mod.ThinPlateSpline.fit
+
+    def fit(*a, **kw):
+        kernels.append(kw.get("kernel", "default"))
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(clouds_mod.ThinPlateSpline, "fit", staticmethod(fit))
+    task.refine(task.new_model(0), data)
+    assert len(kernels) >= 2 and set(kernels) == {kernel}
+
+
 def test_random_affine_is_scaled_rotation():
     g = torch.Generator().manual_seed(0)
     cfg = CloudCycleConfig()

@@ -72,7 +72,8 @@ class CloudCycleConfig:
             the large-motion COPD training pairs have pseudo labels longer than the distance to
             their 64th nearest moving point (unreachable), and 10-17 % longer than 0.8 of it,
             where the soft-argmin is pulled inwards (docs/benchmarks.md).
-        refine_tps_regularisation: TPS smoothing of the refined labels (unit frame; 0 = off).
+        refine_tps_regularisation: TPS smoothing of the refined labels (unit frame; 0 = off; the spline
+            kernel is the registration's, ``reg.tps.kernel``).
             Refinement defaults were chosen on synthetic breathing pairs with known motion
             (:mod:`cyclereg.clouds.synthetic`, no landmarks): TPS smoothing 0.3 cut the
             stage-0 label error from 3.5/4.1 to 2.0/2.2 mm, forward-backward consistency
@@ -276,10 +277,10 @@ class CloudCycleTask:
             fwd = test_time_displacements(label_net, f, m, stream)
         if cfg.refine_consistency:
             bwd = test_time_displacements(label_net, m, f, stream)  # moving -> fixed displacements at moving points
-            spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation)
+            spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation, kernel=cfg.reg.tps.kernel)
             fwd = 0.5 * (fwd - spline(f + fwd))
         if cfg.refine_tps_regularisation > 0:
-            fwd = ThinPlateSpline.fit(f, fwd, regularisation=cfg.refine_tps_regularisation)(f)
+            fwd = ThinPlateSpline.fit(f, fwd, regularisation=cfg.refine_tps_regularisation, kernel=cfg.reg.tps.kernel)(f)
         return raw, fwd
 
     def make_pseudo_labels(self, model, stage: int, progress=None, labeller: Labeller | None = None,
