@@ -3,6 +3,7 @@ one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -34,15 +35,19 @@ def require_file(path: str | Path) -> Path:
 
 
 def require_output_file(path: str | Path) -> Path:
-    """Check before any work that ``path`` can be written as a file: not a folder, and its
-    parent folder exists or can be made (made here); :class:`InputError` naming it otherwise."""
+    """Check before any work that ``path`` can be written as a file: not a folder, and its parent
+    folder exists or can be made; :class:`InputError` naming it otherwise. Nothing is created here
+    (the writers make missing folders), so a later input error leaves no empty folder behind."""
     p = Path(path)
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot make its folder ({exc.strerror or exc})", p) from None
+    existing = p.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot make its folder ({existing} is a file)", p)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write there ({existing}: permission denied)", p)
     return p
 
 

@@ -423,6 +423,12 @@ def test_evaluate_outputs_that_cannot_be_written_are_refused_first(tmp_path):
         res = runner.invoke(app, ["evaluate", str(ds), "--identity", *args])
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "r.json").exists()
+    # a report in folders still to be made: checked, but the folders are made only by the writing
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "new" / "sub" / "r.json"),
+                              "--max-pairs", "0"])
+    assert res.exit_code == 2 and not (tmp_path / "new").exists()
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "new" / "sub" / "r.json")])
+    assert res.exit_code == 0 and (tmp_path / "new" / "sub" / "r.json").is_file()
 
 
 def test_evaluate_needs_exactly_one_method(tmp_path):
