@@ -326,6 +326,18 @@ def test_random_features_register_synthetic_breathing_pair():
     assert after < 0.5 * before
 
 
+def test_seeded_network_is_reproducible_and_leaves_the_global_generator_alone():
+    a, b, c = build_graph_net(seed=3), build_graph_net(seed=3), build_graph_net(seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    build_graph_net(seed=3)
+    assert torch.equal(torch.rand(4), expected)  # the caller's random stream goes on as if untouched
+
+
 def test_network_shapes_and_bad_input():
     net = build_graph_net(GraphNetConfig(out_channels=16), seed=0)
     f, m = net.pair(torch.rand(50, 3), torch.rand(120, 3))

@@ -168,9 +168,8 @@ def build_graph_net(config: GraphNetConfig = GraphNetConfig(), *, seed: int | No
     """A freshly (randomly) initialised network; ``seed`` makes the initialisation reproducible."""
     if seed is None:
         return GraphFeatureNet(config)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    # the layers are initialised on the CPU from its default generator: seed that one alone, and
+    # give it back its state afterwards (torch.manual_seed would also reseed every CUDA generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
         return GraphFeatureNet(config)
-    finally:
-        torch.random.set_rng_state(state)
