@@ -12,7 +12,7 @@ import torch
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
     """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm."""
     e = errors_mm.double().flatten()
-    q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype))
+    q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype, device=e.device))
     return {"mean": e.mean().item(), "std": e.std(unbiased=True).item() if e.numel() > 1 else 0.0,
             "p25": q[0].item(), "p50": q[1].item(), "p75": q[2].item()}
 
@@ -25,8 +25,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
         raise ValueError(f"a {tuple(a.shape)}, b {tuple(b.shape)}: expected two (N,) tensors")
     if a.numel() < 2 or a.unique().numel() < 2 or b.unique().numel() < 2:
         return float("nan")
-    ranks = [torch.empty(x.numel(), dtype=torch.float64).index_put_((torch.argsort(x.double(), stable=True),),
-                                                                    torch.arange(x.numel(), dtype=torch.float64))
+    ranks = [torch.empty(x.numel(), dtype=torch.float64, device=x.device).index_put_(
+                 (torch.argsort(x.double(), stable=True),), torch.arange(x.numel(), dtype=torch.float64, device=x.device))
              for x in (a, b)]
     ra, rb = (r - r.mean() for r in ranks)
     return float((ra * rb).sum() / (ra.pow(2).sum() * rb.pow(2).sum()).sqrt())

@@ -635,9 +635,12 @@ def test_registration_spread_at_queries_for_affine_member_fields():
     assert single.spread_mm is None and single.spread_at(query) is None
 
 
-def test_spearman_against_hand_computed_values():
-    from cyclereg.metrics import spearman
+def test_spearman_against_hand_computed_values(device):
+    from cyclereg.metrics import spearman, tre_stats
 
+    on = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], device=device)  # the inputs' device throughout
+    assert spearman(on, torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0], device=device)) == pytest.approx(0.8)
+    assert tre_stats(on) == pytest.approx({"mean": 3.0, "std": 2.5 ** 0.5, "p25": 2.0, "p50": 3.0, "p75": 4.0})
     a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     assert spearman(a, torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0])) == pytest.approx(0.8)  # 1 - 6*4/(5*24)
     assert spearman(a, a.exp()) == pytest.approx(1.0)

@@ -51,7 +51,7 @@ def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = No
         if flat.numel() > 2_000_000:  # quantile on a strided subsample (exact enough, fast)
             flat = flat[:: flat.numel() // 2_000_000 + 1]
         lo, hi = torch.quantile(flat, torch.tensor([cfg.mri_percentiles[0] / 100, cfg.mri_percentiles[1] / 100],
-                                                   dtype=flat.dtype))
+                                                   dtype=flat.dtype, device=flat.device))
         scale = (hi - lo).clamp_min(1e-6)
         return ((x - lo) / scale).clamp(0.0, 1.0)
     if mode == "none":
