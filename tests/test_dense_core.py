@@ -297,6 +297,8 @@ def test_config_roundtrip_through_json():
     # fields are upsampled in 2x steps: a stride of 3 would scale them by 4 (refused, not computed)
     with pytest.raises(ValueError, match="net.strides"):
         DensePipelineConfig(net=FeatureNetConfig(strides=(3, 1, 1, 1, 1, 1)), pad_multiple=3).validate()
+    with pytest.raises(ValueError, match="cost_reduction"):  # was silently a sum
+        DensePipelineConfig(convex=ConvexConfig(cost_reduction="max")).validate()
 
 
 def test_softmax_temperature_documented_scale():

@@ -51,8 +51,10 @@ class LBPConfig:
         iterations: min-sum message passing sweeps.
         pairwise_weight: alpha, weight of the squared displacement difference
             (unit-frame coordinates, i.e. per half box extent).
-        data_weight: multiplies the feature dissimilarity.
-        softmax_beta: inverse temperature of the soft-argmin read-out.
+        data_weight: multiplies the feature dissimilarity (mean squared difference of the
+            features, dimensionless), so the unary costs are dimensionless like the beliefs.
+        softmax_beta: inverse temperature of the soft-argmin read-out (per unit of belief,
+            dimensionless; larger = closer to the hard minimum).
         source_labels: if set, each message only searches this many lowest-belief source
             labels (faster, approximate); None searches all K (exact min-sum).
         prune_from: on CPU, messages with at least this many source labels search exactly

@@ -89,7 +89,8 @@ class ConvexConfig:
             cost is in units of one channel's standard deviation, ~1.13 for unrelated
             unit features) or ``"sum"`` (reference).
         softmax_temperature: ``delta`` of ``softmax(-delta * cost)`` in the soft argmin
-            (reference: 20), dimensionless (the cost is dimensionless).
+            (reference: 20), dimensionless (the cost is dimensionless). Despite the name (kept
+            for stored configurations) an *inverse* temperature: larger = sharper.
         coupling: coefficients of the squared distance (feature voxels^2) between each
             candidate displacement and the smoothed field, one coupled iteration each
             (reference: 0.003, 0.03, 0.3).
@@ -111,10 +112,6 @@ class ConvexConfig:
     smooth_kernel: int = 3
     ic_iterations: int = 15
     upsample_smooth_passes: int = 2
-
-    @property
-    def num_displacements(self) -> int:
-        return (2 * self.radius + 1) ** 3
 
 
 @dataclass(frozen=True)
@@ -226,6 +223,8 @@ class DensePipelineConfig:
             raise ValueError("pad_multiple must be a multiple of the network's downsampling")
         if not 1 <= self.net.adam_layer <= len(self.net.channels):
             raise ValueError("net.adam_layer out of range")
+        if self.convex.cost_reduction not in ("mean", "sum"):
+            raise ValueError(f"convex.cost_reduction: expected mean|sum, got {self.convex.cost_reduction}")
         if self.preprocess.mode not in ("auto", "ct", "mri", "none"):
             raise ValueError(f"preprocess.mode: expected auto|ct|mri|none, got {self.preprocess.mode}")
         return self
