@@ -19,7 +19,8 @@ from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displaceme
                                       test_time_displacements)
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
-from cyclereg.training.scheduler import LabelParts, StageSnapshot, difficulty_weights
+from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
+                                         training_generator)
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ settings with which it makes refined pseudo labels in place of the learning netw
 def new_model_seed(cfg: CloudCycleConfig, stage: int) -> int:
     """Seed of the random initialisation a stage starts from when it has no previous weights:
     stage 0 (the pseudo-label network of ``pretrain-random``) and stage 1, which starts from a
-    different random initialisation than stage 0 (paper Sec. 2.2)."""
-    return cfg.seed * 1000 + min(stage, 1)
+    different random initialisation than stage 0 (paper Sec. 2.2); :func:`initial_network_seed`."""
+    return initial_network_seed(cfg.seed, stage)
 
 
 def initial_network(cfg: CloudCycleConfig, stage: int) -> GraphFeatureNet:
@@ -325,7 +326,7 @@ class CloudCycleTask:
                     snapshot: StageSnapshot | None = None) -> dict:
         """One stage of training (``epochs`` epochs; a step of a ``snapshot`` is an epoch)."""
         cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + stage)
+        g = training_generator(cfg.seed, stage)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
         w = torch.tensor([weights.get(p.id, 1.0) for p in self.pairs], dtype=torch.float64)

@@ -27,7 +27,8 @@ from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import voxel_coordinates
 from cyclereg.warp import warp
-from cyclereg.training.scheduler import LabelParts, StageSnapshot, difficulty_weights
+from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
+                                         training_generator)
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
 
@@ -239,7 +240,7 @@ class DenseCycleTask:
 
     def new_model(self, stage: int) -> FeatureNet:
         # stage 1 starts from a different random initialisation than stage 0 (paper Sec. 2.2)
-        net = init_random(FeatureNet(self.pipeline.net), self.config.seed * 1000 + min(stage, 1))
+        net = init_random(FeatureNet(self.pipeline.net), initial_network_seed(self.config.seed, stage))
         return net.eval().to(self.device)
 
     def model_config(self) -> DensePipelineConfig:
@@ -349,7 +350,7 @@ class DenseCycleTask:
         cfg = self.config
         if cfg.supervision == "pseudo" and not labels:
             raise ValueError("no pseudo labels to train on")
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + stage)
+        g = training_generator(cfg.seed, stage)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations, eta_min=cfg.lr_min)
         use_amp = cfg.amp and self.device.type == "cuda"

@@ -263,6 +263,19 @@ def stage_summary(record: dict) -> str:
     return f"stage {record['stage']} finished in {took}" + (": " + ", ".join(parts) if parts else "")
 
 
+def initial_network_seed(seed: int, stage: int) -> int:
+    """Seed of the random initialisation a stage starts from when it has no previous weights
+    (both paths): stage 0 (the network of ``pretrain-random``'s labels) and stage 1, which starts
+    from another random initialisation than stage 0 (paper Sec. 2.2). ``seed``: the run's seed."""
+    return seed * 1000 + min(stage, 1)
+
+
+def training_generator(seed: int, stage: int) -> torch.Generator:
+    """The CPU generator of a stage's training draws (pair sampling, augmentation, point subsets),
+    from the run's ``seed``; a resumed stage restores its state from the snapshot."""
+    return torch.Generator().manual_seed(seed * 7919 + stage)
+
+
 def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True, logit_range: float = 5.0
                        ) -> dict[str, float]:
     """Sampling weights of training pairs from their difficulty (paper Sec. 2.3.1).
