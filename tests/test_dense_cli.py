@@ -222,7 +222,7 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
                                 np.ascontiguousarray(np.flip(arr.transpose(2, 0, 1), 0)), AFFINE @ to_m)
     res = runner.invoke(app, ["register", str(fixed), str(reordered["moving"]), "-o", str(tmp_path / "no"), *FAST])
     assert res.exit_code == 2 and "--resample-moving" in res.output and not (tmp_path / "no").exists()
-    fields, warped_labels = [], []
+    fields, warped_labels, warped = [], [], []
     for out, mv, lab, extra in ((tmp_path / "a", moving, labels, []),
                                 (tmp_path / "b", reordered["moving"], reordered["labels"], ["--resample-moving"])):
         res = runner.invoke(app, ["register", str(fixed), str(mv), "-o", str(out), "--moving-labels", str(lab),
@@ -231,9 +231,11 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
         assert json.loads((out / "config.json").read_text())["inputs"]["moving_resampled_onto_fixed_grid"] is bool(extra)
         fields.append(np.asarray(nib.load(str(out / "displacement.nii.gz")).dataobj))
         warped_labels.append(np.asarray(nib.load(str(out / "warped_labels.nii.gz")).dataobj))
+        warped.append(np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj))
     assert fields[1].shape == (*SHAPE, 3)
     np.testing.assert_allclose(fields[1], fields[0], atol=1e-3)
     np.testing.assert_array_equal(warped_labels[1], warped_labels[0])
+    np.testing.assert_allclose(warped[1], warped[0], rtol=1e-5, atol=1e-3)  # sampled from the reordered file itself
 
 
 def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):

@@ -46,7 +46,7 @@ from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
-from cyclereg.warp import warp, warp_labels
+from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
 
@@ -124,7 +124,8 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     onto the fixed grid through world millimetres (:func:`~cyclereg.dense.data.resample_onto`;
     its label map likewise, nearest neighbour), and every output lies on the fixed grid as
     usual: ``x + u(x)`` is then a position in the fixed grid's voxels whose world point
-    (fixed affine) is the corresponding moving point.
+    (fixed affine) is the corresponding moving point. The warped scan and labels are sampled
+    at those world points from the files as given (one interpolation, not two).
     """
     dev = resolve_device(device)
     fv = read_nifti(fixed)
@@ -134,6 +135,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         lv = read_nifti(moving_labels, labels=True)
         check_same_grid(mv, lv, what="label map", ref="moving image")
     resampled = resample_moving and not same_grid(fv, mv)
+    given_mv, given_lv = mv, lv  # as read: the outputs are sampled from these, with one interpolation
     if resampled:
         mv = resample_onto(mv, fv)
         lv = None if lv is None else resample_onto(lv, fv, labels=True)
@@ -151,11 +153,15 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     disp_cpu = disp.detach().cpu().float()
     field = voxel_disp_to_mm(disp_cpu, torch.from_numpy(fv.affine).float()) if disp_mm else disp_cpu
     write_nifti(out_dir / "displacement.nii.gz", field[0].permute(1, 2, 3, 0), fv.affine)
-    warped = warp(mv.data[None, None].float(), disp_cpu)[0, 0]
+    if resampled:  # straight from the scan's own grid, not from its copy on the fixed grid
+        warped = warp_between_grids(given_mv.data[None, None].float(), given_mv.affine, disp_cpu, fv.affine)[0, 0]
+    else:
+        warped = warp(mv.data[None, None].float(), disp_cpu)[0, 0]
     write_nifti(out_dir / "warped.nii.gz", warped, fv.affine)
     written = ["displacement.nii.gz", "warped.nii.gz"]
     if lv is not None:
-        wl = warp_labels(lv.data[None, None], disp_cpu)[0, 0]
+        wl = (warp_labels(given_lv.data[None, None], disp_cpu, labels_affine=given_lv.affine, fixed_affine=fv.affine)
+              if resampled else warp_labels(lv.data[None, None], disp_cpu))[0, 0]
         write_nifti(out_dir / "warped_labels.nii.gz", wl, fv.affine)
         written.append("warped_labels.nii.gz")
     jac = jacobian_map(disp_cpu)
