@@ -24,6 +24,7 @@ import torch
 
 from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text
 from cyclereg.errors import InputError, require_file
+from cyclereg.frames import voxel_to_world, world_to_voxel
 
 HEADER = ("x_mm", "y_mm", "z_mm")
 
@@ -70,6 +71,12 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     return np.asarray(rows, dtype=np.float64), header
 
 
+def spacing_affine(spacing_mm) -> np.ndarray:
+    """The 4x4 affine of headerless Learn2Reg voxel indices without a scan: ``mm = index * spacing``
+    (origin 0, axes along x, y, z)."""
+    return np.diag([*(float(v) for v in spacing_mm), 1.0])
+
+
 def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | None = None,
                 affine: np.ndarray | None = None) -> torch.Tensor:
     """Read a point cloud as ``(N, 3)`` float32 mm (x, y, z). See the module doc for formats."""
@@ -86,12 +93,8 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
         if spacing_mm is None and affine is None:
             raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan (--reference) to convert to mm", p)
-        if affine is not None:
-            A = np.asarray(affine, dtype=np.float64)
-            arr = arr @ A[:3, :3].T + A[:3, 3]
-        else:
-            arr = arr * np.asarray(spacing_mm, dtype=np.float64)
-        return _check_points(arr, p)
+        grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
+        return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p)
     if suffix == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)
@@ -137,7 +140,7 @@ def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None =
     elif fmt == "l2r":
         if spacing_mm is None:
             raise InputError("l2r output needs the voxel spacing", p)
-        vox = pts / np.asarray(spacing_mm)
+        vox = world_to_voxel(torch.from_numpy(pts), torch.from_numpy(spacing_affine(spacing_mm))).numpy()
         buf = io.StringIO()
         np.savetxt(buf, vox, delimiter=",", fmt="%.4f")
         atomic_write_text(p, buf.getvalue())
