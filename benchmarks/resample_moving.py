@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from cyclereg.dense.api import register_volume_files
 from cyclereg.dense.data import resample_onto
-from cyclereg.metrics import dice
+from cyclereg.metrics import dice, scored_labels
 from cyclereg.volumeio import read_nifti
 
 
@@ -55,10 +55,13 @@ def regrid(path: Path, out: Path, new_affine: np.ndarray, new_shape, order: int)
     nib.save(nib.Nifti1Image(vals.reshape(new_shape).astype(arr.dtype), new_affine), str(out))
 
 
-def mean_dice(fixed_labels: Path, labels: Path) -> float:
-    """Mean Dice of a label map (brought onto the fixed grid if it lies on another) against the fixed labels."""
+def mean_dice(fixed_labels: Path, labels: Path, moving_labels: Path) -> float:
+    """Mean Dice of a label map (brought onto the fixed grid if it lies on another) against the fixed
+    labels, over the labels present in the fixed and the unwarped ``moving_labels`` (scored_labels)."""
     fl = read_nifti(fixed_labels, labels=True)
-    return float(np.mean(list(dice(fl.data, resample_onto(read_nifti(labels, labels=True), fl, labels=True).data).values())))
+    scored = scored_labels(fl.data, read_nifti(moving_labels, labels=True).data)
+    warped = resample_onto(read_nifti(labels, labels=True), fl, labels=True).data
+    return float(np.mean(list(dice(fl.data, warped, scored).values())))
 
 
 def main() -> None:
@@ -95,8 +98,8 @@ def main() -> None:
             t0 = time.perf_counter()
             register_volume_files(fixed, mv, tmp / name, moving_labels=ml, device="cpu", resample_moving=True)
             seconds = time.perf_counter() - t0
-            result[name] = {"initial_dice": mean_dice(fixed_labels, ml),
-                            "dice": mean_dice(fixed_labels, tmp / name / "warped_labels.nii.gz"), "seconds": seconds}
+            result[name] = {"initial_dice": mean_dice(fixed_labels, ml, ml),
+                            "dice": mean_dice(fixed_labels, tmp / name / "warped_labels.nii.gz", ml), "seconds": seconds}
             print(f"{name}: moving grid {read_nifti(mv).shape}, mean Dice {result[name]['initial_dice']:.3f} -> "
                   f"{result[name]['dice']:.3f}, {seconds:.0f} s", flush=True)
     if args.json:
