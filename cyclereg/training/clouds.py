@@ -22,6 +22,10 @@ from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
                                          training_generator)
 
+LOGGED_LOSS_EPOCHS = 5
+"""A stage's logged training loss is the mean over its last this many epochs (the loss the stage
+ended with, not its start)."""
+
 
 @dataclass(frozen=True)
 class CloudCycleConfig:
@@ -374,7 +378,7 @@ class CloudCycleTask:
                 progress.update(task, advance=1, description=f"stage {stage}: training (loss {losses[-1]:.2f} mm)")
         if progress:
             progress.remove_task(task)
-        tail = losses[-steps_per_epoch * min(5, cfg.epochs):]
+        tail = losses[-steps_per_epoch * min(LOGGED_LOSS_EPOCHS, cfg.epochs):]
         return {"train_loss_mm": sum(tail) / len(tail), "epochs": cfg.epochs}
 
 

@@ -31,6 +31,12 @@ from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_w
                                          training_generator)
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
+PROGRESS_LOSS_ITERATIONS = 20
+"""The progress bar shows the mean loss of the last this many training iterations."""
+LOGGED_LOSS_FRACTION = 5
+"""A stage's logged training loss is the mean over its last ``1 / LOGGED_LOSS_FRACTION`` of the
+iterations (at most :data:`LOGGED_LOSS_MAX_ITERATIONS`): the loss the stage ended with, not its start."""
+LOGGED_LOSS_MAX_ITERATIONS = 50
 
 
 @dataclass(frozen=True)
@@ -381,12 +387,12 @@ class DenseCycleTask:
                 snapshot.offer(it + 1, model=model, optimizer=opt, lr_schedule=sched, generator=g, losses=losses,
                                scaler=scaler)
             if progress:
-                tail = losses[-20:]
+                tail = losses[-PROGRESS_LOSS_ITERATIONS:]
                 progress.update(task, advance=1,
                                 description=f"stage {stage}: training (loss {sum(tail) / len(tail):.3f})")
         if progress:
             progress.remove_task(task)
         model.eval()
-        tail = losses[-max(1, min(50, cfg.iterations // 5)):]
+        tail = losses[-max(1, min(LOGGED_LOSS_MAX_ITERATIONS, cfg.iterations // LOGGED_LOSS_FRACTION)):]
         key = "train_loss_mm" if cfg.supervision == "pseudo" else f"train_loss_{cfg.supervision}"
         return {key: sum(tail) / len(tail), "iterations": cfg.iterations}
