@@ -452,6 +452,42 @@ def _random_run(path, seeds_by_fold, **config):
                         state_dict=build_graph_net(cfg.net, seed=seed).state_dict(), extra={"stage": 5})
 
 
+def test_evaluate_run_refuses_pairs_its_fold_models_did_not_hold_out(tmp_path):
+    """A run's fold k model is used for the pairs the *dataset* puts in fold k: with other folds it
+    may have trained on them. run.json (or an ensemble's record of its members' runs) says which
+    pairs each fold held out; a mismatch is refused before anything is written."""
+    ds = _mini_dataset(tmp_path, 3)
+    _random_run(tmp_path / "a", {1: 1, 2: 2, 3: 3})
+    _random_run(tmp_path / "b", {1: 4, 2: 5, 3: 6})
+    for r in ("a", "b"):
+        (tmp_path / r / "run.json").write_text(json.dumps({"folds": [["c0"], ["c1"], ["c2"]], "config": {}}))
+    meta = json.loads(ds.read_text())
+    other = tmp_path / "other.json"  # c1 moved into fold 1, whose model trained on it
+    other.write_text(json.dumps({**meta, "folds": [["c0", "c1"], ["c2"]]}))
+    res = runner.invoke(app, ["evaluate", str(other), "--run", str(tmp_path / "a"), "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "pair c1 is in fold 1 of the dataset, but fold 1 of this run held out c0" in res.output
+    assert not (tmp_path / "x.json").exists()
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "a"), "--json", str(tmp_path / "ok.json")])
+    assert res.exit_code == 0, res.output
+    # an ensemble carries its members' folds; members trained with other folds are refused
+    assert runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")]).exit_code == 0
+    res = runner.invoke(app, ["evaluate", str(other), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "fold 1 of this run held out c0" in res.output
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"folds": [["c1"], ["c0"], ["c2"]], "config": {}}))
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "mixed")])
+    assert res.exit_code == 2 and "would have seen some test pairs" in res.output and not (tmp_path / "mixed").exists()
+    # the same checkpoint twice is not an ensemble
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a" / "fold1.pt"), str(tmp_path / "a" / "fold1.pt"),
+                              "-o", str(tmp_path / "dup.pt")])
+    assert res.exit_code == 2 and "independently trained" in res.output and not (tmp_path / "dup.pt").exists()
+    # file mode writes its configuration next to the checkpoint
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a" / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"),
+                              "-o", str(tmp_path / "pair.pt")])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "pair.json").read_text())
+    assert record["config"]["ensemble_size"] == 2 and len(record["members"]) == 2
+
+
 def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     """`ensemble` of two run directories: per-fold checkpoints whose registration is the members'
     average (checked at the registered displacements), usable by `evaluate --run`; members with

@@ -14,7 +14,7 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_gra
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
                                       registration_box)
 from cyclereg.console import print_table
-from cyclereg.datasets import KeypointDataset, load_keypoint_dataset
+from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
@@ -106,12 +106,26 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             missing = [k for k in folds if k not in found]
             if missing:
                 raise InputError(f"no checkpoint for fold(s) {', '.join(map(str, missing))}", s)
+        # a fold's members must all have held out the same pairs, or the ensemble saw its test pairs
+        held = [(s, run_held_out_pairs(s)) for s in sources]
+        known = [(s, h) for s, h in held if h is not None]
+        for s, h in known[1:]:
+            if h != known[0][1]:
+                raise InputError(f"its folds hold out {h}, those of {known[0][0]} {known[0][1]}: an ensemble of "
+                                 "them would have seen some test pairs in training", s)
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
         groups = {None: sources}
     changes = {k: v for k, v in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)) if v is not None}
     written: dict[int | None, tuple[CloudRegConfig, dict, list]] = {}
     for fold, files in groups.items():
+        hashes = {}
+        for f in files:
+            digest = file_sha256(f)
+            if digest in hashes:
+                raise InputError(f"the same checkpoint as {hashes[digest]} (SHA-256 {digest[:12]}...): an "
+                                 "ensemble needs independently trained members", f)
+            hashes[digest] = f
         states, members, common = [], [], None
         for src, f in zip(sources, files):
             ckpt = load_checkpoint(f, kind=CHECKPOINT_KIND)
@@ -169,8 +183,12 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
                 f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}")
     config, state, members = written[None]
+    output = Path(output)
     save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state, extra={"members": members})
-    return f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output}"
+    record = output.with_name(output.stem + ".json")
+    write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
+                        "config": config, "members": members})
+    return f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: {record.name})"
 
 
 def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:
@@ -493,15 +511,43 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
     if run is not None:
         if not ds.folds:
             raise InputError("--run needs a dataset with folds", dataset)
+        held_out = run_held_out_pairs(run)
         for p in pairs:
             k = ds.fold_of(p.id)
             if k is None:
                 raise InputError(f"pair {p.id} is in no fold", dataset)
+            if held_out is not None and (k > len(held_out) or p.id not in held_out[k - 1]):
+                kept = ", ".join(held_out[k - 1]) if k <= len(held_out) else "nothing (the run has fewer folds)"
+                raise InputError(f"pair {p.id} is in fold {k} of the dataset, but fold {k} of this run held out "
+                                 f"{kept}: its model may have trained on {p.id}; evaluate with the folds the run "
+                                 "was trained with", run)
             if k not in models:
                 models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=device, **overrides)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=device, **overrides)
     return models
+
+
+def run_held_out_pairs(run: Path) -> list[list[str]] | None:
+    """The pairs each fold of a run directory held out from training (``[[ids of fold 1], ...]``), from
+    its ``run.json`` or, for a directory made by ``cyclereg ensemble``, from its members' runs
+    recorded in ``ensemble.json`` (which must agree); ``None`` when the directory records neither."""
+    run = Path(run)
+    if (run / "run.json").is_file():
+        sources = {str(run / "run.json"): read_json(run / "run.json")}
+    elif (run / "ensemble.json").is_file():
+        training = read_json(run / "ensemble.json").get("training") or {}
+        sources = {name: meta for name, meta in training.items() if isinstance(meta, dict)}
+    else:
+        return None
+    folds = {name: meta.get("folds") for name, meta in sources.items()}
+    known = [f for f in folds.values() if f]
+    if not known:
+        return None
+    if any(f != known[0] for f in known):
+        raise InputError("the runs of this ensemble's members have different folds: " + "; ".join(
+            f"{name}: {f}" for name, f in folds.items()), run)
+    return [list(f) for f in known[0]]
 
 
 def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
