@@ -234,6 +234,29 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert 0.5 < jac.mean() < 2.0
 
 
+def test_clouds_that_cannot_be_registered_are_refused_by_name(pair_files):
+    """Too few points for the kNN graphs, or a fixed cloud that spans no volume (its spline has no
+    unique affine part): one line naming the file, exit 2, nothing written."""
+    d, pair = pair_files
+    f, m = pair.fixed_mm.double(), pair.moving_mm
+    write_points(d / "ten.csv", f[:10])   # the fixed LBP graph needs 10 neighbours besides the point
+    write_points(d / "eleven.csv", f[:11])
+    write_points(d / "nine.csv", m[:9])   # the moving feature graph counts the point itself: 10
+    write_points(d / "same.csv", f[:1].repeat(50, 1))
+    flat = f.clone()
+    flat[:, 2] = flat[:, 2].mean()
+    write_points(d / "flat.csv", flat)
+    for i, (fixed, moving, message) in enumerate((("ten.csv", "m.csv", "ten.csv: 10 points; registration needs at least 11"),
+                                                  ("f.csv", "nine.csv", "nine.csv: 9 points; registration needs at least 10"),
+                                                  ("same.csv", "m.csv", "same.csv: all points lie on one plane"),
+                                                  ("flat.csv", "m.csv", "flat.csv: all points lie on one plane"))):
+        res = runner.invoke(app, ["register", str(d / fixed), str(d / moving), "-o", str(d / f"o{i}")])
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert res.output.strip().count("\n") == 0 and not (d / f"o{i}").exists()
+    res = runner.invoke(app, ["register", str(d / "eleven.csv"), str(d / "m.csv"), "-o", str(d / "ok")])
+    assert res.exit_code == 0, res.output
+
+
 def test_headerless_voxel_csvs_are_read_on_the_reference_grid(pair_files):
     """Learn2Reg keypoint files hold voxel indices of the scan: with --reference they are placed
     by its affine (here with a flipped axis and an offset), so they give the registration of the

@@ -91,6 +91,9 @@ def test_search_options_reach_the_run_config(tmp_path):
     assert res.exit_code == 2 and "--learn-recentre-passes" in res.output and not (tmp_path / "bad2").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad1"), "--tta-passes", "-2", *FAST])
     assert res.exit_code == 2 and "--tta-passes" in res.output and not (tmp_path / "bad1").exists()
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad3"), "--train-points", "10,200",
+                              *FAST[:4], "--device", "cpu"])
+    assert res.exit_code == 2 and "at least 11 fixed and 10 moving points" in res.output and not (tmp_path / "bad3").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad0"), "--candidates", "0", *FAST])
     assert res.exit_code == 2 and "--candidates" in res.output and not (tmp_path / "bad0").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad"), "--recentre-passes", "-1", *FAST])

@@ -11,8 +11,8 @@ import torch
 
 from cyclereg.checkpoint import atomic_write_text, file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
-from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, field_smoothness, register_clouds,
-                                      registration_box)
+from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
+                                      field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
 from cyclereg.device import resolve_device
@@ -325,6 +325,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     for flag, given in (("--spread", spread), ("--spread-map", spread_map)):
         if given and config.ensemble_size < 2:
             raise InputError(f"{flag} needs an ensemble model (cyclereg ensemble); this is one network", model)
+    require_registrable(fixed_mm, moving_mm, config, sources)
     box, frame = registration_box(fixed_mm, moving_mm, config)
     t0 = time.perf_counter()
     reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box, spread=spread or spread_map)
@@ -389,6 +390,17 @@ def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: t
         raise InputError(f"its points do not overlap those of {sources[0]} along world {'xyz'[a]} "
                          f"(fixed {f_lo[a]:.1f}..{f_hi[a]:.1f} mm, moving {m_lo[a]:.1f}..{m_hi[a]:.1f} mm): "
                          "are both in the same world frame and pre-aligned?", sources[1])
+
+
+def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: CloudRegConfig,
+                        sources: tuple[Path, Path], *, what: str = "") -> None:
+    """:class:`InputError` naming the file of a cloud ``config`` cannot register (too few points; a
+    flat fixed cloud, on which the thin-plate spline is fitted); ``what`` prefixes the message."""
+    need_fixed, need_moving = min_cloud_points(config)
+    for points, need, spline, path in ((fixed_mm, need_fixed, True, sources[0]), (moving_mm, need_moving, False, sources[1])):
+        problem = cloud_problem(points, need, spline=spline)
+        if problem:
+            raise InputError(what + problem, path)
 
 
 def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:
@@ -560,6 +572,7 @@ def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: Uni
     lm_m = read_points(p.moving_landmarks).to(device)
     if lm_f.shape != lm_m.shape:
         raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
+    require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints))
     t0 = time.perf_counter()
     reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box, spread=spread)
     spline = reg.spline()

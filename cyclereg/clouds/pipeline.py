@@ -362,6 +362,32 @@ def grid_affine(shape_zyx, spacing_zyx_mm) -> np.ndarray:
     return np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 
+def min_cloud_points(config: CloudRegConfig) -> tuple[int, int]:
+    """Fewest points a fixed and a moving cloud need for ``config``: every point needs its
+    neighbours in the kNN graphs (the feature graphs count the point itself, ``net.k_fixed`` /
+    ``net.k_moving``; the LBP graph of the fixed cloud does not, ``lbp.graph_k``)."""
+    return max(config.net.k_fixed, config.lbp.graph_k + 1), config.net.k_moving or config.net.k_fixed
+
+
+def cloud_problem(points_mm: torch.Tensor, minimum: int, *, spline: bool) -> str | None:
+    """Why ``points_mm`` ``(N, 3)`` cannot be registered (``None``: it can): fewer than ``minimum``
+    points, or, for the cloud a thin-plate spline is fitted on (``spline``), points that span no
+    volume (all on one plane or line: the spline's affine part has no unique solution)."""
+    n = int(points_mm.shape[0])
+    if n < minimum:
+        return f"{n} point{'s' if n != 1 else ''}; registration needs at least {minimum} (kNN graphs of {minimum - 1} neighbours)"
+    if spline:
+        centred = points_mm.double() - points_mm.double().mean(0)
+        sv = torch.linalg.svdvals(centred)
+        if sv[-1] <= PLANAR_TOLERANCE * max(float(sv[0]), 1e-12):
+            return "all points lie on one plane or line (or coincide): the thin-plate spline needs a cloud that spans a volume"
+    return None
+
+
+PLANAR_TOLERANCE = 1e-6
+"""A cloud counts as flat when its smallest principal extent is below this share of its largest."""
+
+
 def registration_box(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: CloudRegConfig) -> tuple[UnitBox, str]:
     """The unit frame for one pair registered on its own (no dataset box), and how it was chosen.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cyclereg.checkpoint import to_jsonable, write_json
-from cyclereg.clouds.api import dataset_box
+from cyclereg.clouds.api import dataset_box, require_registrable
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
@@ -103,6 +103,8 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     for pid in ids:
         p = ds.pair(pid)
         raw.append((pid, read_points(p.fixed_keypoints), read_points(p.moving_keypoints)))
+        require_registrable(raw[-1][1], raw[-1][2], config.reg, (p.fixed_keypoints, p.moving_keypoints),
+                            what=f"training pair {pid}: ")
     box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw], config.reg.box_margin)
     pairs = [CloudPairData(i, box.mm_to_unit(f), box.mm_to_unit(m)) for i, f, m in raw]
     return CloudCycleTask(pairs, box, config, device)

@@ -15,8 +15,8 @@ from cyclereg.clouds.augment import apply_affine, displacements_back
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import joint_lbp_displacements
-from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displacements, search_centres,
-                                      test_time_displacements)
+from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displacements, min_cloud_points,
+                                      search_centres, test_time_displacements)
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
@@ -412,5 +412,9 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
             nf, nm = (int(v) for v in train_points.split(","))
         except ValueError:
             raise InputError(f"--train-points {train_points!r}: expected 'F,M' (two integers)") from None
+        need_f, need_m = min_cloud_points(changes.get("reg", cfg.reg))
+        if nf < need_f or nm < need_m:
+            raise InputError(f"--train-points {train_points!r}: the kNN graphs need at least {need_f} fixed and "
+                             f"{need_m} moving points")
         changes["train_fixed_points"], changes["train_moving_points"] = nf, nm
     return replace(cfg, **changes)
