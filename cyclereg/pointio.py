@@ -87,7 +87,11 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
         if header is not None:
             if len(header) != 3:
                 raise InputError(f"expected 3 columns ({','.join(HEADER)}), header has {len(header)}", p)
-            return _check_points(arr, p)
+            names = [h.lstrip("\ufeff").strip().lower() for h in header]
+            if sorted(names) != sorted(HEADER):
+                raise InputError(f"header {','.join(header)!r}: expected the columns {','.join(HEADER)} (world mm, "
+                                 "any order); voxel indices go in a file without a header", p)
+            return _check_points(arr[:, [names.index(h) for h in HEADER]], p)
         # headerless: Learn2Reg voxel indices
         if arr.shape[1] != 3:
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)

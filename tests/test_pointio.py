@@ -29,6 +29,19 @@ def test_csv_header(tmp_path, pts):
     assert p.read_text().splitlines()[0] == "x_mm,y_mm,z_mm"
 
 
+def test_csv_columns_are_read_by_their_names(tmp_path, pts):
+    """The header names the axes: any order of x_mm, y_mm, z_mm is read as (x, y, z); other names
+    (voxel indices, unknown units) are refused rather than taken for mm in x, y, z."""
+    p = tmp_path / "zyx.csv"
+    rows = "\n".join(f"{z},{y},{x}" for x, y, z in pts.tolist())
+    p.write_text("\ufeffZ_mm, y_mm ,x_mm\n" + rows + "\n")  # byte-order mark, case and spaces as spreadsheets write
+    torch.testing.assert_close(read_points(p), pts, atol=1e-5, rtol=0)
+    for header in ("i,j,k", "x,y,z", "x_mm,y_mm,x_mm"):
+        p.write_text(header + "\n" + rows + "\n")
+        with pytest.raises(InputError, match="expected the columns x_mm,y_mm,z_mm"):
+            read_points(p)
+
+
 def test_learn2reg_voxel_csv(tmp_path, pts):
     p = tmp_path / "kp.csv"
     spacing = (1.75, 1.0, 1.25)
