@@ -178,6 +178,13 @@ def test_cli_mask_l2r_and_ply(tmp_path):
     res = _run(ct_path, "-o", tmp_path / "kp.ply", "--mask", mask_path, "--format", "ply", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert read_points(tmp_path / "kp.ply").shape == (len(vox), 3)
+    # without --format the suffix says which: a .npy file holds an array that reads back
+    res = _run(ct_path, "-o", tmp_path / "kp.npy", "--mask", mask_path, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    torch.testing.assert_close(read_points(tmp_path / "kp.npy"), read_points(tmp_path / "kp.ply"), atol=1e-3, rtol=0)
+    # a format the suffix contradicts is refused before any work
+    res = _run(ct_path, "-o", tmp_path / "kp2.npy", "--format", "csv", "--device", "cpu")
+    assert res.exit_code == 2 and "'.npy' file" in res.output and not (tmp_path / "kp2.npy").exists()
 
 
 def _assert_one_line_error(res, name: str, tmp_path: Path, before: set):

@@ -52,6 +52,23 @@ from cyclereg.pointio import points_csv, read_points, require_open3d, write_poin
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 
 FORMATS = ("csv", "l2r", "ply", "pcd", "npy")
+SUFFIX_FORMATS = {".csv": ("csv", "l2r"), ".txt": ("csv", "l2r"), ".npy": ("npy",), ".ply": ("ply",), ".pcd": ("pcd",)}
+"""The formats a keypoint file of each suffix can hold (the first: the default for that suffix)."""
+
+
+def output_format(output: str | Path, fmt: str | None) -> str:
+    """The format to write ``output`` in: ``fmt`` (checked against the suffix) or the suffix's."""
+    suffix = Path(output).suffix.lower()
+    allowed = SUFFIX_FORMATS.get(suffix)
+    if fmt is None:
+        return allowed[0] if allowed else "csv"
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if allowed is not None and fmt not in allowed:
+        raise InputError(f"--format {fmt} into a '{suffix}' file: that suffix holds {' or '.join(allowed)}; "
+                         "name the file for its format", output)
+    return fmt
 CONFIG_SUFFIX = ".config.json"
 """The resolved configuration is written to ``str(output) + CONFIG_SUFFIX``."""
 
@@ -185,15 +202,15 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
                           lung_mask: bool = False, save_mask: str | Path | None = None,
                           sigma_mm: float | None = None, nms_radius_mm: float | None = None,
                           threshold: float | None = None, max_points: int | None = None,
-                          fmt: str = "csv", device: str = "auto", verbose: bool = True) -> KeypointResult:
+                          fmt: str | None = None, device: str = "auto", verbose: bool = True) -> KeypointResult:
     """Read ``ct``, detect keypoints and write them to ``output`` (see the module doc).
 
     ``None`` options take the defaults of :class:`FoerstnerConfig`; ``max_points=0`` keeps
-    every keypoint. Raises :class:`InputError` (nothing written) for bad input.
+    every keypoint. ``fmt``: one of :data:`FORMATS`, by default the one ``output``'s suffix names
+    (``csv`` for other suffixes); a format its suffix contradicts (``npy`` into ``k.csv``) is refused.
+    Raises :class:`InputError` (nothing written) for bad input.
     """
-    fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise InputError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    fmt = output_format(output, fmt)
     if mask is not None and lung_mask:
         raise InputError("give either --mask or --lung-mask, not both")
     if save_mask is not None and not lung_mask:
