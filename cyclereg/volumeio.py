@@ -36,6 +36,10 @@ class Volume:
         return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(0)))  # type: ignore[return-value]
 
 
+LABEL_ROUNDING_TOLERANCE = 1e-3
+"""Float label maps are rounded to integers when every value lies this close to one (scaled storage)."""
+
+
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
 
@@ -58,7 +62,12 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():
                 raise InputError("label map holds NaN or inf", p)
-            arr = np.rint(arr)
+            rounded = np.rint(arr)
+            off = np.abs(arr - rounded)
+            if off.max() > LABEL_ROUNDING_TOLERANCE:  # rounding would merge labels: an image, not labels
+                value = arr.flat[int(off.argmax())]
+                raise InputError(f"label map holds non-integer values (e.g. {value:g}): is it an image?", p)
+            arr = rounded
         data = torch.from_numpy(arr.astype(np.int64))
     else:
         arr = arr.astype(np.float32)

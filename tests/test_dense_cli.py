@@ -238,6 +238,20 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
     np.testing.assert_allclose(warped[1], warped[0], rtol=1e-5, atol=1e-3)  # sampled from the reordered file itself
 
 
+def test_label_maps_must_hold_integers(tmp_path):
+    """Float storage of labels is rounded when it is integer up to scaling noise; a map with other
+    values (an image given as labels) would have its labels merged by rounding: refused by name."""
+    lab = np.zeros(SHAPE, dtype=np.float32)
+    lab[2:6, 2:6, 2:6] = 3.0000002
+    ok = _save(tmp_path / "ok.nii.gz", lab, AFFINE)
+    assert torch.equal(read_nifti(ok, labels=True).data.unique(), torch.tensor([0, 3]))
+    lab[1, 1, 1] = 3.5
+    bad = _save(tmp_path / "bad.nii.gz", lab, AFFINE)
+    with pytest.raises(InputError, match="non-integer values \\(e.g. 3.5\\)") as err:
+        read_nifti(bad, labels=True)
+    assert "bad.nii.gz" in str(err.value)
+
+
 def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):
     cfg = DensePipelineConfig(spacing_mm=(2.0, 1.5, 1.0))
     net = random_feature_net(cfg.net, seed=5)
