@@ -51,6 +51,22 @@ def require_output_file(path: str | Path) -> Path:
     return p
 
 
+def require_output_dir(path: str | Path) -> Path:
+    """Check before any work that ``path`` can be an output folder: an existing folder, or one that can
+    be made (not made here); :class:`InputError` naming it otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError("exists and is not a folder; an output folder is needed here", p)
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot make this folder ({existing} is a file)", p)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write there ({existing}: permission denied)", p)
+    return p
+
+
 def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     """Return ``value`` (``None`` = not given), raising :class:`InputError` naming ``flag``
     if it is below ``minimum``."""

@@ -257,6 +257,18 @@ def test_clouds_that_cannot_be_registered_are_refused_by_name(pair_files):
     assert res.exit_code == 0, res.output
 
 
+def test_output_folders_that_cannot_be_made_are_refused_before_the_work(pair_files, tmp_path):
+    d, _ = pair_files
+    (tmp_path / "afile").write_text("x")
+    for args in (["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "afile")],
+                 ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "afile" / "sub")],
+                 ["demo", "-o", str(tmp_path / "afile")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "afile" in res.output, res.output
+        assert "synthetic lung pair" not in res.output  # refused before the demo ran
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_headerless_voxel_csvs_are_read_on_the_reference_grid(pair_files):
     """Learn2Reg keypoint files hold voxel indices of the scan: with --reference they are placed
     by its affine (here with a flipped axis and an offset), so they give the registration of the

@@ -182,6 +182,10 @@ def test_cli_mask_l2r_and_ply(tmp_path):
     res = _run(ct_path, "-o", tmp_path / "kp.npy", "--mask", mask_path, "--device", "cpu")
     assert res.exit_code == 0, res.output
     torch.testing.assert_close(read_points(tmp_path / "kp.npy"), read_points(tmp_path / "kp.ply"), atol=1e-3, rtol=0)
+    # an output that cannot be written is refused before any work
+    (tmp_path / "adir").mkdir()
+    res = _run(ct_path, "-o", tmp_path / "adir", "--device", "cpu")
+    assert res.exit_code == 2 and "is a folder" in res.output and "read CT" not in res.output
     # a format the suffix contradicts is refused before any work
     res = _run(ct_path, "-o", tmp_path / "kp2.npy", "--format", "csv", "--device", "cpu")
     assert res.exit_code == 2 and "'.npy' file" in res.output and not (tmp_path / "kp2.npy").exists()

@@ -16,7 +16,7 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError, require_count, require_output_file
+from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
@@ -168,9 +168,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 training.update(json.loads((src / "ensemble.json").read_text()).get("training", {}))
             except (OSError, ValueError, AttributeError):
                 pass
-        output = Path(output)
-        if output.exists() and not output.is_dir():
-            raise InputError("output path exists and is not a directory", output)
+        output = require_output_dir(output)
         output.mkdir(parents=True, exist_ok=True)
         for fold, (config, state, members) in written.items():
             save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
@@ -283,6 +281,7 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     from cyclereg.keypoints.api import detect_keypoints  # noqa: PLC0415  (imports the lung-mask code)
 
     query_mm = read_points(query) if query is not None else None
+    require_output_dir(out_dir)  # before the minutes of keypoint detection
     ref = read_nifti(fixed)
     mov_img = read_nifti(moving)
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
@@ -316,9 +315,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
     _require_overlap(fixed_mm, moving_mm, sources)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("output path exists and is not a directory", out_dir)
+    out_dir = require_output_dir(out_dir)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes,
                                    ensemble_fusion=ensemble_fusion)
@@ -637,6 +634,8 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     from cyclereg.clouds.synthetic import make_breathing_pair
     from cyclereg.pointio import write_points
 
+    if out_dir is not None:
+        require_output_dir(out_dir)
     console = Console()
     dev = resolve_device(device)
     pair = make_breathing_pair(seed)

@@ -42,7 +42,7 @@ from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, 
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError, require_count, require_output_file
+from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
@@ -140,6 +140,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         mv = resample_onto(mv, fv)
         lv = None if lv is None else resample_onto(lv, fv, labels=True)
     check_same_grid(fv, mv, hint="resample it onto the fixed grid first (register --resample-moving does so)")
+    require_output_dir(out_dir)
     net, cfg, info = load_model(model, seed, dev)
     cfg = _pipeline_config(cfg, warps, adam, ic)
     _check_spacing(cfg, fv)

@@ -44,7 +44,7 @@ from cyclereg import __version__
 from cyclereg.checkpoint import atomic_write_text, write_json
 from cyclereg.device import resolve_device
 from cyclereg.datasets import require_pair_ids
-from cyclereg.errors import InputError, require_file
+from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
@@ -211,6 +211,9 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
     Raises :class:`InputError` (nothing written) for bad input.
     """
     fmt = output_format(output, fmt)
+    require_output_file(output)
+    if save_mask is not None:
+        require_output_file(save_mask)
     if mask is not None and lung_mask:
         raise InputError("give either --mask or --lung-mask, not both")
     if save_mask is not None and not lung_mask:
@@ -343,10 +346,8 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     Returns the path of ``dataset.json``.
     """
     pairs = read_pairs_csv(pairs_csv)
-    out = Path(out_dir)
+    out = require_output_dir(out_dir)
     dataset_json = out / "dataset.json"
-    if out.exists() and not out.is_dir():
-        raise InputError("output path exists and is not a directory", out)
     if dataset_json.exists():
         raise InputError("a dataset.json is already there; choose another directory", dataset_json)
     if folds is not None and not 2 <= folds <= len(pairs):
