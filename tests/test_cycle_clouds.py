@@ -186,12 +186,18 @@ def test_run_directory_of_another_dataset_or_config_is_refused(tmp_path):
     ds2 = _dataset(other, n=2)
     res = runner.invoke(app, ["cycle", str(ds2), "--run", str(run)])
     assert res.exit_code == 2 and "another dataset" in res.output
-    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--no-augment", *FAST])
-    assert res.exit_code == 2 and "another configuration" in res.output
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--no-augment",
+                              "--candidates", "24", *FAST])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "another configuration" in said, res.output
+    assert "augment: True -> False" in said and "reg.lbp.num_candidates: 64 -> 24" in said  # what differs
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "nowhere")])
     assert res.exit_code == 2
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "2"])
-    assert res.exit_code == 2 and "pretrain-random" in res.output
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"pretrain-random {ds} -o {run} --fold 2" in said, res.output
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "9"])
+    assert res.exit_code == 2 and "--folds 9: expected 'all' or 1..3" in res.output
 
 
 def test_stage_summary_names_the_logged_figures():

@@ -38,10 +38,11 @@ from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler
 
 
-def _folds(ds, fold: str | int | None) -> list[int | None]:
+def _folds(ds, fold: str | int | None, flag: str = "--fold") -> list[int | None]:
+    """The folds ``fold`` selects (``flag``: the option that gave it, for messages)."""
     if not ds.folds:
         if fold not in (None, "all"):
-            raise InputError(f"--fold {fold}: the dataset defines no folds", ds.path)
+            raise InputError(f"{flag} {fold}: the dataset defines no folds", ds.path)
         return [None]
     if fold in (None, "all"):
         return list(range(1, len(ds.folds) + 1))
@@ -50,7 +51,7 @@ def _folds(ds, fold: str | int | None) -> list[int | None]:
     except ValueError:
         k = 0
     if not 1 <= k <= len(ds.folds):
-        raise InputError(f"--fold {fold}: expected 'all' or 1..{len(ds.folds)}", ds.path)
+        raise InputError(f"{flag} {fold}: expected 'all' or 1..{len(ds.folds)}", ds.path)
     return [k]
 
 
@@ -310,9 +311,27 @@ def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCyc
     meta = _read_meta(run)
     _check_identity(run, meta, _identity(ds))
     stored = CloudCycleConfig.from_dict(meta["config"])
-    if config is not None and to_jsonable(replace(config, stages=stored.stages)) != to_jsonable(stored):
-        raise InputError("run directory was made with another configuration", run)
+    if config is not None:
+        _require_same_config(run, replace(config, stages=stored.stages), stored)
     return stored
+
+
+def _config_differences(given, stored, prefix: str = "") -> list[str]:
+    """``key: stored -> given`` for every (nested) configuration value that differs."""
+    if isinstance(given, dict) and isinstance(stored, dict):
+        out = []
+        for key in sorted(set(given) | set(stored)):
+            out += _config_differences(given.get(key), stored.get(key), f"{prefix}{key}.")
+        return out
+    return [] if given == stored else [f"{prefix[:-1]}: {stored} -> {given}"]
+
+
+def _require_same_config(run: Path, config, stored) -> None:
+    """:class:`InputError` naming what differs when ``config`` is not the run's stored configuration."""
+    diff = _config_differences(to_jsonable(config), to_jsonable(stored))
+    if diff:
+        raise InputError("run directory was made with another configuration (run's -> given: "
+                         + "; ".join(diff) + ")", run)
 
 
 def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
@@ -321,10 +340,11 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
-    selected = _folds(ds, folds)
+    selected = _folds(ds, folds, "--folds")
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
-            raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random --fold {k}' first", run)
+            raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
+                             f"--fold {k}' (with the options the run was made with) first", run)
     _record_stage_target(run, stages)
     args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
     result = {}
@@ -480,8 +500,7 @@ def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseC
     meta = _read_meta(run)
     stored = _dense_run_config(run, meta)
     _check_identity(run, meta, ident)
-    if to_jsonable(replace(config, stages=stored.stages)) != to_jsonable(stored):
-        raise InputError("run directory was made with another configuration", run)
+    _require_same_config(run, replace(config, stages=stored.stages), stored)
     return stored
 
 
