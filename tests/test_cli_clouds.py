@@ -468,6 +468,8 @@ def test_evaluate_outputs_that_cannot_be_written_are_refused_first(tmp_path):
 
 def test_evaluate_needs_exactly_one_method(tmp_path):
     ds = _mini_dataset(tmp_path, 1)
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--stage", "2", "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "--stage needs --run" in res.output and not (tmp_path / "x.json").exists()
     res = runner.invoke(app, ["evaluate", str(ds), "--json", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and not (tmp_path / "x.json").exists()
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--model", "random", "--json", str(tmp_path / "x.json")])

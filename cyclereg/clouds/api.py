@@ -452,6 +452,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     from rich.console import Console
     from rich.progress import Progress
 
+    if stage is not None and run is None:
+        raise InputError("--stage needs --run (it picks a stage of a run directory's checkpoints)")
     ds = load_keypoint_dataset(dataset)
     for out in (report, errors_csv):
         if out is not None:
