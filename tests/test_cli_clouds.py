@@ -308,6 +308,8 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--moving-labels", str(d / "far.nii.gz")], "--moving-labels needs --reference"),
              (["--reference", str(d / "far.nii.gz")], "lies inside this volume"),
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
+             (["--reference", str(d / "near.nii.gz"), "--moving-image", str(d / "near.nii.gz"),
+               "--moving-labels", str(d / "far_lab.nii.gz")], "label map has a different affine"),
              (["--warps", "2"], "for volumes"),
              (["--no-adam"], "for volumes"),  # an off switch is given too
              (["--resample-moving"], "for volumes"),
@@ -316,6 +318,7 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model"),
              (["--spread"], "--spread needs an ensemble model")]
     write_nifti(d / "near.nii.gz", *_box_volume(pair.fixed_mm))
+    write_nifti(d / "far_lab.nii.gz", torch.ones(far_data.shape, dtype=torch.int32), far_affine)
     for i, (extra, message) in enumerate(cases):
         res = runner.invoke(app, ["register", f, m, "-o", str(d / f"o{i}"), *extra])
         assert res.exit_code == 2 and message in res.output, res.output

@@ -21,6 +21,7 @@ from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, points_csv, read_points
+from cyclereg.dense.data import check_same_grid
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -245,6 +246,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     moving_mm = read_points(moving, spacing_mm=sp, affine=mov_affine)
     query_mm = read_points(query, spacing_mm=sp, affine=ref_affine) if query is not None else None
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
+    if mov_lab is not None and mov_img is not None:  # the labels of that scan: on its grid
+        check_same_grid(mov_img, mov_lab, what="label map", ref="moving image")
     if ref is not None:
         _require_points_inside(fixed_mm, ref, fixed)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
@@ -285,6 +288,8 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     ref = read_nifti(fixed)
     mov_img = read_nifti(moving)
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
+    if mov_lab is not None and mov_img is not None:  # the labels of that scan: on its grid
+        check_same_grid(mov_img, mov_lab, what="label map", ref="moving image")
     kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose,
                                 label="fixed scan: ")
     kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose,
