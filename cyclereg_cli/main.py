@@ -9,6 +9,7 @@ snapshot when the same command runs again.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -79,10 +80,20 @@ def cli_errors(fn):
         except WorkerError as exc:
             _fail(str(exc), code=1)
         except KeyboardInterrupt:
-            typer.echo("cyclereg: interrupted", err=True)
+            typer.echo(f"cyclereg: interrupted{resume}", err=True)
             raise typer.Exit(130) from None
+        except SystemExit as exc:
+            if exc.code == 128 + signal.SIGTERM:  # kill: cyclereg.interrupts.sigterm_exit
+                typer.echo(f"cyclereg: terminated{resume}", err=True)
+            raise
 
+    resume = ("; run the same command again to resume where it stopped"
+              if fn.__name__ in RESUMABLE_COMMANDS else "")
     return wrapper
+
+
+RESUMABLE_COMMANDS = ("pretrain_random", "cycle")
+"""Commands whose interrupted work the same command continues (their interruption message says so)."""
 
 
 DEVICE_HELP = "auto | cpu | cuda"

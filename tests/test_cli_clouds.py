@@ -76,6 +76,30 @@ def test_sigterm_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_interrupted_commands_say_so_and_whether_they_resume(capsys):
+    """Ctrl-C (130) and kill (143) end with one line; the training commands add that the same
+    command resumes."""
+    import signal
+
+    import typer
+
+    from cyclereg_cli.main import cli_errors
+
+    def cycle():
+        raise SystemExit(128 + signal.SIGTERM)  # what cyclereg.interrupts.sigterm_exit raises
+
+    def register():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as killed:
+        cli_errors(cycle)()
+    assert killed.value.code == 143
+    assert capsys.readouterr().err == "cyclereg: terminated; run the same command again to resume where it stopped\n"
+    with pytest.raises(typer.Exit) as stopped:
+        cli_errors(register)()
+    assert stopped.value.exit_code == 130 and capsys.readouterr().err == "cyclereg: interrupted\n"
+
+
 def test_register_clouds(pair_files):
     d, pair = pair_files
     res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out"),
