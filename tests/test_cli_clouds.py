@@ -250,6 +250,11 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert cfg["displacement_unit"] == "voxel" and cfg["reference"].endswith("ref.nii.gz")
     res = runner.invoke(app, [*base, "-o", str(d / "mm"), "--disp-mm", "--jacobian"])
     assert res.exit_code == 0, res.output
+    # a second register into the first one's folder leaves only its own outputs there
+    res = runner.invoke(app, [*base, "-o", str(d / "vox"), "--jacobian"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (d / "vox").iterdir()) == ["config.json", "displacement.nii.gz", "displacements.csv",
+                                                             "jacobian.nii.gz"]
     np.testing.assert_allclose(read_nifti_array(d / "mm" / "displacement.nii.gz"), field * 2.0, atol=1e-4)
     assert not (d / "mm" / "warped.nii.gz").exists()
     # --jacobian: the determinant map of the same field (voxels), on the reference grid

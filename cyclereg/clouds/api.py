@@ -372,12 +372,21 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
                                          "seconds": seconds})
-    mean = disp.norm(dim=1).mean().item()
     written = sorted(outputs) + sorted(volumes)
+    for name in REGISTER_OUTPUTS:  # an earlier register into the same folder: its other files would mislead
+        if name not in written:
+            (out_dir / name).unlink(missing_ok=True)
+    mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
         f", members disagree by {point_spread.mean().item():.2f} mm on average"
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
             f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}")
+
+
+REGISTER_OUTPUTS = ("displacements.csv", "query_displacements.csv", "fixed_keypoints.csv", "moving_keypoints.csv",
+                    "displacement.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "spread.nii.gz", "jacobian.nii.gz")
+"""Every file a cloud ``register`` may write besides ``config.json``; those a run does not write are
+removed from its output folder, so the folder holds one run's outputs."""
 
 
 def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: tuple[Path, Path]) -> None:

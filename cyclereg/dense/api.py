@@ -196,6 +196,9 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         "sdlogj": stats["sdlogj"],
         "folding_fraction": stats["folding_fraction"],
     })
+    for name in ("warped_labels.nii.gz", "jacobian.nii.gz"):  # of an earlier register into this folder
+        if name not in written:
+            (out_dir / name).unlink(missing_ok=True)
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
 
