@@ -572,6 +572,17 @@ def test_snapshot_counts_training_time_across_resumes_and_status_uses_it(tmp_pat
     assert status["remaining_s"] == pytest.approx(1740.0)
 
 
+def test_status_of_a_folder_of_exported_checkpoints_says_so(tmp_path):
+    run = tmp_path / "set"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"dataset": "d", "kind": "keypoints", "pairs": ["a", "b"],
+                                              "folds": [["a"], ["b"]], "config": {"stages": 5}}))
+    (run / "fold1.pt").write_bytes(b"x")
+    folds = run_status(run)["folds"]
+    assert folds[0]["next"] == "no training here: the exported checkpoint fold1.pt"
+    assert folds[1]["next"] == "stage 0 labels (pretrain-random)"  # nothing there at all
+
+
 def test_status_estimates_at_the_latest_stage_pace(tmp_path):
     """Stages 1 and 2 took 1000 s and 300 s (e.g. a faster code since): three stages of 300 s
     are left, minus the 100 s stage 3 has trained so far."""

@@ -198,8 +198,15 @@ def run_status(run: Path, stages: int | None = None) -> dict:
         folds = list(range(1, len(meta["folds"]) + 1)) if meta["folds"] else [None]
     except (KeyError, TypeError, ValueError):
         raise InputError("run.json lacks the configuration or the folds", run / "run.json") from None
-    return {"run": str(run), "dataset": meta.get("dataset"), "kind": meta.get("kind"), "stages": total,
-            "folds": [{"fold": k, **StageScheduler(None, fold_dir(run, k)).status(total)} for k in folds]}
+    rows = []
+    for k in folds:
+        row = {"fold": k, **StageScheduler(None, fold_dir(run, k)).status(total)}
+        exported = run / f"fold{k}.pt"
+        if k is not None and not fold_dir(run, k).is_dir() and exported.is_file():
+            # a folder of exported checkpoints (scripts/run_model_set.py, cyclereg ensemble): no stages here
+            row["next"] = f"no training here: the exported checkpoint {exported.name}"
+        rows.append(row)
+    return {"run": str(run), "dataset": meta.get("dataset"), "kind": meta.get("kind"), "stages": total, "folds": rows}
 
 
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
