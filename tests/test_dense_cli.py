@@ -167,6 +167,11 @@ def test_missing_or_bad_nifti_exits_2_without_output(tiny, tmp_path):
     assert "bad.nii.gz" in res.output and len(res.output.strip().splitlines()) == 1
     assert not out.exists()
 
+    flat = _save(tmp_path / "flat.nii.gz", np.zeros(SHAPE, dtype=np.float32))  # an empty scan: nothing to match
+    res = runner.invoke(app, ["register", str(fixed), str(flat), "-o", str(out), "--device", "cpu"])
+    assert res.exit_code == 2 and "flat.nii.gz: volume is constant (every voxel 0)" in res.output
+    assert not out.exists()
+
 
 def test_grid_mismatch_is_rejected(tiny, tmp_path):
     out = tmp_path / "never"

@@ -37,8 +37,8 @@ from cyclereg import __version__
 from cyclereg.checkpoint import to_jsonable, load_checkpoint, save_checkpoint, write_json
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
-from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, resample_onto,
-                                 resolve_mode, same_grid)
+from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, require_contrast,
+                                 resample_onto, resolve_mode, same_grid)
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import resolve_device
@@ -105,6 +105,8 @@ def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipe
     """Register two volumes on one grid; returns ``(1, 3, D, H, W)`` voxels, fixed -> moving."""
     check_same_grid(fixed, moving)
     _check_spacing(cfg, fixed)
+    require_contrast(fixed)
+    require_contrast(moving)
     dev = next(net.parameters()).device
     mode = resolve_mode(fixed.data, cfg.preprocess, modality)
     return register(_prepare(fixed, cfg, mode, dev), _prepare(moving, cfg, mode, dev), net, cfg)

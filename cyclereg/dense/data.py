@@ -64,6 +64,15 @@ def same_grid(a: Volume, b: Volume, *, atol_mm: float = 1e-3) -> bool:
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
 
 
+def require_contrast(volume: Volume) -> Volume:
+    """:class:`InputError` naming the file of a volume whose voxels all hold one value: its features
+    carry no information, and registering it gives an arbitrary field."""
+    lo, hi = float(volume.data.min()), float(volume.data.max())
+    if lo == hi:
+        raise InputError(f"volume is constant (every voxel {lo:g}): nothing to register", volume.path)
+    return volume
+
+
 def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",
                     hint: str = "resample both onto one grid first") -> None:
     """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
