@@ -111,6 +111,14 @@ def test_register_clouds(pair_files):
     assert len(q) == 8
     cfg = json.loads((d / "out" / "config.json").read_text())
     assert cfg["model"] == "random" and cfg["config"]["lbp"]["num_candidates"] > 0
+    assert cfg["query_points_outside_fixed_extent"] == 0 and "extrapolates" not in res.output
+    # query points far beyond the fixed cloud are registered, and said to be extrapolated
+    far = torch.cat([pair.fixed_mm[:3], pair.fixed_mm.max(0).values + 1000.0 * torch.ones(2, 3)])
+    write_points(d / "far.csv", far)
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "far"),
+                              "--query", str(d / "far.csv"), "--device", "cpu"])
+    assert res.exit_code == 0 and "2 of the 5 query points lie outside" in " ".join(res.output.split()), res.output
+    assert json.loads((d / "far" / "config.json").read_text())["query_points_outside_fixed_extent"] == 2
 
 
 @pytest.mark.parametrize("flag,key", [("--recentre-passes", "recentre_passes"), ("--tta-passes", "tta_passes")])

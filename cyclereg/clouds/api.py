@@ -347,6 +347,9 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         if point_spread is not None:
             qcols["spread_mm"] = reg.spread_at(query_mm.to(dev)).cpu()
         outputs["query_displacements.csv"] = format_csv(qcols)
+        lo, hi = fixed_mm.min(0).values, fixed_mm.max(0).values
+        margin = QUERY_EXTENT_MARGIN * (hi - lo)
+        outside = int(((query_mm < lo - margin) | (query_mm > hi + margin)).any(dim=1).sum())
     volumes = {}
     if ref is not None:
         field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
@@ -371,7 +374,8 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                                          "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
-                                         "seconds": seconds})
+                                         "seconds": seconds,
+                                         "query_points_outside_fixed_extent": outside if query_mm is not None else None})
     written = sorted(outputs) + sorted(volumes)
     for name in REGISTER_OUTPUTS:  # an earlier register into the same folder: its other files would mislead
         if name not in written:
@@ -379,10 +383,16 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
         f", members disagree by {point_spread.mean().item():.2f} mm on average"
+    far = "" if query_mm is None or not outside else (
+        f"; note: {outside} of the {query_mm.shape[0]} query points lie outside the fixed cloud's extent, where the "
+        "spline extrapolates (trust their displacements less)")
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
-            f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}")
+            f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}{far}")
 
 
+QUERY_EXTENT_MARGIN = 0.1
+"""Query points farther than this share of the fixed cloud's extent outside its bounding box (per
+axis) are reported as extrapolated by ``register --query``."""
 REGISTER_OUTPUTS = ("displacements.csv", "query_displacements.csv", "fixed_keypoints.csv", "moving_keypoints.csv",
                     "displacement.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "spread.nii.gz", "jacobian.nii.gz")
 """Every file a cloud ``register`` may write besides ``config.json``; those a run does not write are
