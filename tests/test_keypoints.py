@@ -213,6 +213,10 @@ def test_cli_errors(tmp_path):
                            "nolungs.nii.gz", tmp_path, before)
     res = _run(ct_path, "-o", out, "--sigma", "-1")
     assert res.exit_code == 2 and set(tmp_path.iterdir()) == before
+    assert "--sigma must be a positive number, got -1" in res.output  # the option, not the config field
+    (tmp_path / "p.csv").write_text("id,fixed,moving\n")
+    res = _run("--pairs", tmp_path / "p.csv", "-o", tmp_path / "ds", "--moving-nms-radius", "-2")
+    assert res.exit_code == 2 and "--moving-nms-radius must be >= 0" in res.output and not (tmp_path / "ds").exists()
 
 
 

@@ -172,11 +172,17 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
                           candidates=kp.candidates, timings_s=steps.timings)
 
 
+OPTION_FLAGS = {"sigma_mm": "--sigma", "nms_radius_mm": "--nms-radius", "threshold": "--threshold",
+                "max_points": "--max-points"}
+"""The command-line option of each :class:`FoerstnerConfig` field ``keypoints`` sets (for messages)."""
+
+
 def foerstner_config(base: FoerstnerConfig = FoerstnerConfig(), *, sigma_mm: float | None = None,
                      nms_radius_mm: float | None = None, threshold: float | None = None,
-                     max_points: int | None = None) -> FoerstnerConfig:
+                     max_points: int | None = None, flags: dict[str, str] | None = None) -> FoerstnerConfig:
     """``base`` with the given command-line values (``None``: keep; ``max_points=0``: no limit);
-    an invalid value is an :class:`InputError`."""
+    an invalid value is an :class:`InputError` naming its option (``flags`` overrides
+    :data:`OPTION_FLAGS`)."""
     overrides = {k: v for k, v in dict(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold).items()
                  if v is not None}
     if max_points is not None:
@@ -184,7 +190,11 @@ def foerstner_config(base: FoerstnerConfig = FoerstnerConfig(), *, sigma_mm: flo
     try:
         return dataclasses.replace(base, **overrides)
     except ValueError as exc:
-        raise InputError(str(exc)) from None
+        message = str(exc)
+        for field, flag in {**OPTION_FLAGS, **(flags or {})}.items():
+            if message.startswith(field + " "):
+                message = flag + message[len(field):]
+        raise InputError(message) from None
 
 
 def pair_keypoint_config(*, sigma_mm: float | None = None, nms_radius_mm: float | None = None,
@@ -195,7 +205,8 @@ def pair_keypoint_config(*, sigma_mm: float | None = None, nms_radius_mm: float 
     shared = dict(sigma_mm=sigma_mm, threshold=threshold, max_points=max_points)
     default = PairKeypointConfig()
     return PairKeypointConfig(fixed=foerstner_config(default.fixed, nms_radius_mm=nms_radius_mm, **shared),
-                              moving=foerstner_config(default.moving, nms_radius_mm=moving_nms_radius_mm, **shared))
+                              moving=foerstner_config(default.moving, nms_radius_mm=moving_nms_radius_mm, **shared,
+                                                      flags={"nms_radius_mm": "--moving-nms-radius"}))
 
 
 def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Path | None = None,
