@@ -299,6 +299,11 @@ def test_config_roundtrip_through_json():
         DensePipelineConfig(net=FeatureNetConfig(strides=(3, 1, 1, 1, 1, 1)), pad_multiple=3).validate()
     with pytest.raises(ValueError, match="cost_reduction"):  # was silently a sum
         DensePipelineConfig(convex=ConvexConfig(cost_reduction="max")).validate()
+    # a stored setting this version does not know is refused, not dropped (it would register differently)
+    stored = json.loads(json.dumps(to_jsonable(cfg)))
+    stored["convex"]["new_setting"] = 1
+    with pytest.raises(ValueError, match="unknown ConvexConfig setting\\(s\\) new_setting"):
+        config_from_dict(stored)
 
 
 def test_softmax_temperature_documented_scale():

@@ -233,6 +233,10 @@ class DensePipelineConfig:
 def _build(cls, obj):
     if obj is None:
         return cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - known)
+    if unknown:  # a setting this version does not have: ignoring it would register differently
+        raise ValueError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)} (written by a newer cyclereg?)")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in obj:
