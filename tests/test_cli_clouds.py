@@ -404,6 +404,9 @@ def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["via_keypoints"]["moving"]["nms_radius_mm"] == 3.0 and cfg["displacement_unit"] == "mm"
     assert cfg["via_keypoints"]["fixed_points"] == fixed_kp.shape[0]
+    spacing = nib.load(str(tmp_path / "f.nii.gz")).header.get_zooms()[:3]
+    assert cfg["via_keypoints"]["moving_nms_radius_voxels"] == [round(3.0 / s) for s in spacing]
+    assert cfg["via_keypoints"]["fixed_nms_radius_voxels"] == [round(4.0 / s) for s in spacing]
 
 
 def test_register_via_keypoints_errors_write_nothing(pair_files):

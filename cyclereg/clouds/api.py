@@ -297,7 +297,10 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     fixed_mm, moving_mm = kp_fixed.points_mm.float(), kp_moving.points_mm.float()
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
               "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,
-                                "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0])}}
+                                "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0]),
+                                # the mm radii as the two grids apply them (whole voxels per axis)
+                                "fixed_nms_radius_voxels": list(keypoints.fixed.nms_radius_voxels(ref.spacing)),
+                                "moving_nms_radius_voxels": list(keypoints.moving.nms_radius_voxels(mov_img.spacing))}}
     extra = {"fixed_keypoints.csv": points_csv(fixed_mm), "moving_keypoints.csv": points_csv(moving_mm)}
     return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=(Path(fixed), Path(moving)), inputs=inputs,
                                       model=model, seed=seed, query_mm=query_mm, device=device,

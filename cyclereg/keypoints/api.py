@@ -275,6 +275,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
             "save_mask": None if save_mask is None else str(save_mask),
             "device": str(dev),
             "foerstner": dataclasses.asdict(config),
+            "nms_radius_voxels": list(config.nms_radius_voxels(volume.spacing)),  # the mm radius on this grid
             "lung_mask_config": dataclasses.asdict(lung_config) if lung_mask else None,
             "volume": {"shape": list(volume.shape), "spacing_mm": list(volume.spacing)},
             "mask_voxels": None if result.mask is None else int(result.mask.sum()),
