@@ -29,7 +29,9 @@ from cyclereg.frames import voxel_to_world, world_to_voxel
 HEADER = ("x_mm", "y_mm", "z_mm")
 
 
-def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3) -> torch.Tensor:
+def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, first_line: int | None = None) -> torch.Tensor:
+    """``arr`` as ``(N, columns)`` float32 points, or :class:`InputError` naming ``path``; ``first_line``:
+    the text line of row 0 (CSV files), so a bad value is reported by its line as parse errors are."""
     if arr.ndim == 1 and arr.size == columns:
         arr = arr.reshape(1, columns)
     if arr.ndim != 2 or arr.shape[1] != columns:
@@ -38,7 +40,8 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3) -> torch.Ten
         raise InputError("point cloud is empty", path)
     if not np.isfinite(arr).all():
         bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        raise InputError(f"non-finite coordinate (NaN or inf) in point {bad}", path)
+        where = f"line {bad + first_line}" if first_line is not None else f"point {bad} (0-based)"
+        raise InputError(f"non-finite coordinate (NaN or inf) on {where}", path)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
@@ -91,14 +94,14 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             if sorted(names) != sorted(HEADER):
                 raise InputError(f"header {','.join(header)!r}: expected the columns {','.join(HEADER)} (world mm, "
                                  "any order); voxel indices go in a file without a header", p)
-            return _check_points(arr[:, [names.index(h) for h in HEADER]], p)
+            return _check_points(arr[:, [names.index(h) for h in HEADER]], p, first_line=2)
         # headerless: Learn2Reg voxel indices
         if arr.shape[1] != 3:
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
         if spacing_mm is None and affine is None:
             raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan (--reference) to convert to mm", p)
         grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
-        return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p)
+        return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p, first_line=1)
     if suffix == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)

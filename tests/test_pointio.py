@@ -58,6 +58,7 @@ def test_learn2reg_voxel_csv(tmp_path, pts):
     ("x_mm,y_mm,z_mm\n", "empty"),
     ("", "empty"),
     ("x_mm,y_mm,z_mm\n1,2,nan\n", "NaN"),
+    ("x_mm,y_mm,z_mm\n1,2,3\n4,5,6\n1,inf,3\n", "NaN or inf\\) on line 4"),  # lines counted as parse errors are
     ("x_mm,y_mm\n1,2\n", "3 columns"),
     ("x_mm,y_mm,z_mm\n1,2,3\n1,2\n", "columns"),
     ("x_mm,y_mm,z_mm\n1,abc,3\n", "not a number"),
