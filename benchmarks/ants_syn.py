@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     ants = _ants()
 
-    from cyclereg.dense.api import _cpu_model, _mean, pair_scores, summarize_pairs
+    from cyclereg.dense.api import _mean, pair_scores, summarize_pairs
+    from cyclereg.device import cpu_model
     from cyclereg.dense.data import load_volume_dataset
 
     ds = load_volume_dataset(args.dataset)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             "method": {"model": "ANTs", "transform": args.transform, "antspyx": getattr(ants, "__version__", "?"),
                        "threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "all")},
             **summarize_pairs(records),
-            "machine": {"platform": platform.platform(), "cpu": _cpu_model()},
+            "machine": {"platform": platform.platform(), "cpu": cpu_model()},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "complete": complete, "pairs": records,
         }

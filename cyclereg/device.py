@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from cyclereg.errors import InputError
@@ -26,3 +29,28 @@ def synchronize(device: torch.device) -> None:
     a wall-clock reading covers it; nothing to wait for on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def provenance(device: torch.device | None = None) -> dict:
+    """What a report or configuration record says about where and when it was made: cyclereg's
+    version, the UTC time, and the machine (platform, CPU, torch, and the GPU when ``device`` is one)."""
+    import datetime as _dt
+
+    from cyclereg import __version__
+
+    machine = {"platform": platform.platform(), "cpu": cpu_model(), "torch": torch.__version__}
+    if device is not None and device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return {"cyclereg_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine}

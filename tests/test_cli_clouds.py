@@ -111,6 +111,8 @@ def test_register_clouds(pair_files):
     assert len(q) == 8
     cfg = json.loads((d / "out" / "config.json").read_text())
     assert cfg["model"] == "random" and cfg["config"]["lbp"]["num_candidates"] > 0
+    from cyclereg import __version__
+    assert cfg["cyclereg_version"] == __version__ and cfg["machine"]["torch"] == torch.__version__ and "date" in cfg
     assert cfg["query_points_outside_fixed_extent"] == 0 and "extrapolates" not in res.output
     # query points far beyond the fixed cloud are registered, and said to be extrapolated
     far = torch.cat([pair.fixed_mm[:3], pair.fixed_mm.max(0).values + 1000.0 * torch.ones(2, 3)])
@@ -462,6 +464,7 @@ def test_evaluate_identity_and_random(tmp_path):
     assert res.exit_code == 0, res.output
     rid = json.loads((tmp_path / "id.json").read_text())
     assert len(rid["cases"]) == 2 and rid["mean_tre_mm"] == pytest.approx(rid["initial_tre_mm"])
+    assert {"cyclereg_version", "date", "machine"} <= set(rid)  # where and when, as the volume reports
     res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--seed", "0", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())

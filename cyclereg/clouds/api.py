@@ -15,7 +15,7 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
-from cyclereg.device import resolve_device
+from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
@@ -373,7 +373,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         atomic_write_text(out_dir / name, text)
     for name, data in volumes.items():
         write_nifti(out_dir / name, data, ref.affine)
-    write_json(out_dir / "config.json", {**inputs, "device": str(dev),
+    write_json(out_dir / "config.json", {**provenance(dev), **inputs, "device": str(dev),
                                          "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
@@ -515,6 +515,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     if not identity:
         method += "".join(f" ({name}={value})" for name, value in overrides.items() if value is not None)
     result = {
+        **provenance(dev),
         "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
         "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,

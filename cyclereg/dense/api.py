@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 
-import datetime as _dt
-import platform
 import time
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, 
                                  resample_onto, resolve_mode, same_grid)
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
-from cyclereg.device import resolve_device
+from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import voxel_disp_to_mm
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
@@ -326,9 +324,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             "config": cfg if cfg is not None else None, "both_directions": both_directions,
             **summarize_pairs(records),
             "label_names": {str(k): v for k, v in ds.label_names.items()},
-            "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "torch": torch.__version__},
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "cyclereg_version": __version__,
+            **provenance(dev),
             "complete": complete,
             "pairs": records,
         }
@@ -407,16 +403,6 @@ def _dice_table(title: str, result: dict):
                   f"{result['mean_hd95_mm']:.2f}", f"{result['mean_sdlogj']:.3f}", f"{result['mean_std_logj']:.3f}",
                   f"{100 * result['mean_folding_fraction']:.3f}", f"{result['mean_seconds']:.1f}")
     return table
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _plot_dice_cdf(path: Path, records: list[dict], info: dict) -> None:
