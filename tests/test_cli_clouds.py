@@ -556,6 +556,13 @@ def test_evaluate_run_refuses_pairs_its_fold_models_did_not_hold_out(tmp_path):
     assert runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")]).exit_code == 0
     res = runner.invoke(app, ["evaluate", str(other), "--run", str(tmp_path / "e"), "--json", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and "fold 1 of this run held out c0" in res.output
+    for r in ("a", "b"):  # a fold no source has is named, not skipped
+        (tmp_path / r / "fold3.pt").rename(tmp_path / r / "f3.bak")
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "part")])
+    assert res.exit_code == 2 and "no source has a checkpoint for fold(s) 3 of the 3" in res.output
+    assert not (tmp_path / "part").exists()
+    for r in ("a", "b"):
+        (tmp_path / r / "f3.bak").rename(tmp_path / r / "fold3.pt")
     (tmp_path / "b" / "run.json").write_text(json.dumps({"folds": [["c1"], ["c0"], ["c2"]], "config": {}}))
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "mixed")])
     assert res.exit_code == 2 and "would have seen some test pairs" in res.output and not (tmp_path / "mixed").exists()

@@ -114,6 +114,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             if h != known[0][1]:
                 raise InputError(f"its folds hold out {h}, those of {known[0][0]} {known[0][1]}: an ensemble of "
                                  "them would have seen some test pairs in training", s)
+        absent = sorted(set(range(1, len(known[0][1]) + 1)) - set(folds)) if known else []
+        if absent:
+            raise InputError(f"no source has a checkpoint for fold(s) {', '.join(map(str, absent))} of the "
+                             f"{len(known[0][1])} its run defines", known[0][0])
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
         groups = {None: sources}
