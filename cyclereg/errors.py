@@ -34,6 +34,18 @@ def require_file(path: str | Path) -> Path:
     return p
 
 
+def _require_makeable(folder: Path, output: Path, what: str) -> None:
+    """:class:`InputError` naming ``output`` unless ``folder`` exists or can be made (its nearest
+    existing ancestor is a folder this process may write in); nothing is created."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot make {what} ({existing} is a file)", output)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write there ({existing}: permission denied)", output)
+
+
 def require_output_file(path: str | Path) -> Path:
     """Check before any work that ``path`` can be written as a file: not a folder, and its parent
     folder exists or can be made; :class:`InputError` naming it otherwise. Nothing is created here
@@ -41,13 +53,7 @@ def require_output_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
-    existing = p.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"cannot make its folder ({existing} is a file)", p)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write there ({existing}: permission denied)", p)
+    _require_makeable(p.parent, p, "its folder")
     return p
 
 
@@ -57,13 +63,7 @@ def require_output_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise InputError("exists and is not a folder; an output folder is needed here", p)
-    existing = p
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"cannot make this folder ({existing} is a file)", p)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write there ({existing}: permission denied)", p)
+    _require_makeable(p, p, "this folder")
     return p
 
 
