@@ -99,7 +99,8 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
         if arr.shape[1] != 3:
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
         if spacing_mm is None and affine is None:
-            raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan (--reference) to convert to mm", p)
+            raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan "
+                             "(--reference) to convert to mm", p)
         grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
         return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p, first_line=1)
     if suffix == ".npy":

@@ -15,13 +15,13 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
+from cyclereg.dense.data import check_same_grid
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, points_csv, read_points
-from cyclereg.dense.data import check_same_grid
 from cyclereg.volumeio import Volume, read_nifti, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -382,7 +382,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
                                          "seconds": seconds,
-                                         "query_points_outside_fixed_extent": outside if query_mm is not None else None})
+                                         "query_points_outside_fixed_extent": None if query_mm is None else outside})
     written = sorted(outputs) + sorted(volumes)
     for name in REGISTER_OUTPUTS:  # an earlier register into the same folder: its other files would mislead
         if name not in written:
@@ -394,7 +394,8 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         f"; note: {outside} of the {query_mm.shape[0]} query points lie outside the fixed cloud's extent, where the "
         "spline extrapolates (trust their displacements less)")
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
-            f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} to {out_dir}{far}")
+            f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} "
+            f"to {out_dir}{far}")
 
 
 QUERY_EXTENT_MARGIN = 0.1
@@ -425,7 +426,8 @@ def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config:
     """:class:`InputError` naming the file of a cloud ``config`` cannot register (too few points; a
     flat fixed cloud, on which the thin-plate spline is fitted); ``what`` prefixes the message."""
     need_fixed, need_moving = min_cloud_points(config)
-    for points, need, spline, path in ((fixed_mm, need_fixed, True, sources[0]), (moving_mm, need_moving, False, sources[1])):
+    for points, need, spline, path in ((fixed_mm, need_fixed, True, sources[0]),
+                                       (moving_mm, need_moving, False, sources[1])):
         problem = cloud_problem(points, need, spline=spline)
         if problem:
             raise InputError(what + problem, path)

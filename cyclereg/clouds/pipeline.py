@@ -375,12 +375,14 @@ def cloud_problem(points_mm: torch.Tensor, minimum: int, *, spline: bool) -> str
     volume (all on one plane or line: the spline's affine part has no unique solution)."""
     n = int(points_mm.shape[0])
     if n < minimum:
-        return f"{n} point{'s' if n != 1 else ''}; registration needs at least {minimum} (kNN graphs of {minimum - 1} neighbours)"
+        return (f"{n} point{'s' if n != 1 else ''}; registration needs at least {minimum} "
+                f"(kNN graphs of {minimum - 1} neighbours)")
     if spline:
         centred = points_mm.double() - points_mm.double().mean(0)
         sv = torch.linalg.svdvals(centred)
         if sv[-1] <= PLANAR_TOLERANCE * max(float(sv[0]), 1e-12):
-            return "all points lie on one plane or line (or coincide): the thin-plate spline needs a cloud that spans a volume"
+            return ("all points lie on one plane or line (or coincide): the thin-plate spline needs a cloud "
+                    "that spans a volume")
     return None
 
 

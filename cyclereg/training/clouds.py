@@ -282,10 +282,12 @@ class CloudCycleTask:
             fwd = test_time_displacements(label_net, f, m, stream)
         if cfg.refine_consistency:
             bwd = test_time_displacements(label_net, m, f, stream)  # moving -> fixed displacements at moving points
-            spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation, kernel=cfg.reg.tps.kernel)
+            spline = ThinPlateSpline.fit(m, bwd, regularisation=cfg.refine_tps_regularisation,
+                                         kernel=cfg.reg.tps.kernel)
             fwd = 0.5 * (fwd - spline(f + fwd))
         if cfg.refine_tps_regularisation > 0:
-            fwd = ThinPlateSpline.fit(f, fwd, regularisation=cfg.refine_tps_regularisation, kernel=cfg.reg.tps.kernel)(f)
+            fwd = ThinPlateSpline.fit(f, fwd, regularisation=cfg.refine_tps_regularisation,
+                                      kernel=cfg.reg.tps.kernel)(f)
         return raw, fwd
 
     def make_pseudo_labels(self, model, stage: int, progress=None, labeller: Labeller | None = None,
