@@ -66,6 +66,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def remove_stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()) -> None:
+    """Remove from ``out_dir`` the files an earlier command recorded as its outputs in
+    ``out_dir/config.json`` (``outputs``, a list of names, or ``outputs.files``) that this run did
+    not write (``written``): the folder then holds one run's outputs. Call before writing the new
+    ``config.json``. Files not so recorded, and the paths in ``keep`` (this run's inputs), stay."""
+    try:
+        old = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    outputs = old.get("outputs") if isinstance(old, dict) else None
+    names = outputs.get("files") if isinstance(outputs, dict) else outputs
+    if not isinstance(names, list):
+        return
+    kept = {Path(k).resolve() for k in keep}
+    for name in names:
+        target = Path(out_dir) / str(name)
+        if (isinstance(name, str) and name not in written and Path(name).name == name
+                and target.resolve() not in kept and target.is_file()):
+            target.unlink()
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` (dataclasses allowed) as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")

@@ -260,11 +260,19 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert cfg["displacement_unit"] == "voxel" and cfg["reference"].endswith("ref.nii.gz")
     res = runner.invoke(app, [*base, "-o", str(d / "mm"), "--disp-mm", "--jacobian"])
     assert res.exit_code == 0, res.output
-    # a second register into the first one's folder leaves only its own outputs there
-    res = runner.invoke(app, [*base, "-o", str(d / "vox"), "--jacobian"])
+    # a second register into the first one's folder removes the first one's outputs it does not write
+    # (as its config.json lists them) and nothing else: not other files, not its own inputs there
+    (d / "vox" / "notes.txt").write_text("mine")
+    for name in ("fixed_keypoints.csv", "moving_keypoints.csv"):
+        (d / "vox" / name).write_bytes((d / ("f.csv" if name.startswith("fixed") else "m.csv")).read_bytes())
+    res = runner.invoke(app, ["register", str(d / "vox" / "fixed_keypoints.csv"), str(d / "vox" / "moving_keypoints.csv"),
+                              "--reference", str(d / "ref.nii.gz"), "--device", "cpu", "-o", str(d / "vox"), "--jacobian"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (d / "vox").iterdir()) == ["config.json", "displacement.nii.gz", "displacements.csv",
-                                                             "jacobian.nii.gz"]
+    assert sorted(p.name for p in (d / "vox").iterdir()) == [
+        "config.json", "displacement.nii.gz", "displacements.csv", "fixed_keypoints.csv", "jacobian.nii.gz",
+        "moving_keypoints.csv", "notes.txt"]
+    assert json.loads((d / "vox" / "config.json").read_text())["outputs"] == [
+        "displacements.csv", "displacement.nii.gz", "jacobian.nii.gz"]
     np.testing.assert_allclose(read_nifti_array(d / "mm" / "displacement.nii.gz"), field * 2.0, atol=1e-4)
     assert not (d / "mm" / "warped.nii.gz").exists()
     # --jacobian: the determinant map of the same field (voxels), on the reference grid

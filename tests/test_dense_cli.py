@@ -124,6 +124,11 @@ def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tm
     back = mm_disp_to_voxel(dmm.double(), torch.from_numpy(AFFINE)).float()
     assert torch.allclose(back, disp, atol=1e-3)
     assert json.loads((out_mm / "config.json").read_text())["outputs"]["displacement"]["units"] == "mm"
+    # again into the first folder without labels, --l2r-name, --jacobian: their files go, the rest stays
+    (out / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "displacement.nii.gz", "notes.txt", "warped.nii.gz"]
 
 
 def test_cli_evaluate_identity_and_random(tiny, tmp_path):

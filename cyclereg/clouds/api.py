@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.checkpoint import atomic_write_text, file_sha256, load_checkpoint, save_checkpoint, write_json
+from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, remove_stale_outputs,
+                                 save_checkpoint, write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
@@ -377,16 +378,16 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         atomic_write_text(out_dir / name, text)
     for name, data in volumes.items():
         write_nifti(out_dir / name, data, ref.affine)
-    write_json(out_dir / "config.json", {**provenance(dev), **inputs, "device": str(dev),
+    written = sorted(outputs) + sorted(volumes)
+    # what an earlier register wrote into this folder and this one does not (never the inputs)
+    remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (*sources, *(
+        inputs.get(k) for k in ("reference", "moving_image", "query")), mov_lab.path if mov_lab else None) if v))
+    write_json(out_dir / "config.json", {**provenance(dev), **inputs, "device": str(dev), "outputs": written,
                                          "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
                                          "unit_box": reg.box, "unit_frame": frame, "config": config,
                                          "seconds": seconds,
                                          "query_points_outside_fixed_extent": None if query_mm is None else outside})
-    written = sorted(outputs) + sorted(volumes)
-    for name in REGISTER_OUTPUTS:  # an earlier register into the same folder: its other files would mislead
-        if name not in written:
-            (out_dir / name).unlink(missing_ok=True)
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
         f", members disagree by {point_spread.mean().item():.2f} mm on average"
@@ -401,10 +402,6 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
 QUERY_EXTENT_MARGIN = 0.1
 """Query points farther than this share of the fixed cloud's extent outside its bounding box (per
 axis) are reported as extrapolated by ``register --query``."""
-REGISTER_OUTPUTS = ("displacements.csv", "query_displacements.csv", "fixed_keypoints.csv", "moving_keypoints.csv",
-                    "displacement.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "spread.nii.gz", "jacobian.nii.gz")
-"""Every file a cloud ``register`` may write besides ``config.json``; those a run does not write are
-removed from its output folder, so the folder holds one run's outputs."""
 
 
 def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: tuple[Path, Path]) -> None:

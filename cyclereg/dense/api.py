@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cyclereg import __version__
-from cyclereg.checkpoint import to_jsonable, load_checkpoint, save_checkpoint, write_json
+from cyclereg.checkpoint import load_checkpoint, remove_stale_outputs, save_checkpoint, to_jsonable, write_json
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, require_contrast,
@@ -174,6 +174,8 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         write_nifti(out_dir / name, disp_cpu[0].permute(1, 2, 3, 0), fv.affine)
         written.append(name)
     stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
+    # what an earlier register wrote into this folder and this one does not (never the inputs)
+    remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
     write_json(out_dir / "config.json", {
         "cyclereg_version": __version__,
         "config": cfg,
@@ -196,9 +198,6 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         "sdlogj": stats["sdlogj"],
         "folding_fraction": stats["folding_fraction"],
     })
-    for name in ("warped_labels.nii.gz", "jacobian.nii.gz"):  # of an earlier register into this folder
-        if name not in written:
-            (out_dir / name).unlink(missing_ok=True)
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
 
