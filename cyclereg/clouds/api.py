@@ -100,6 +100,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     if any(dirs) and not all(dirs):
         raise InputError("give either run directories or checkpoint files, not both")
     if all(dirs):
+        require_output_dir(output)
+    else:
+        require_output_file(output)
+    if all(dirs):
         per_source = [_fold_files(s) for s in sources]
         folds = sorted(set().union(*per_source))
         if not folds:
@@ -112,13 +116,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         held = [(s, run_held_out_pairs(s)) for s in sources]
         known = [(s, h) for s, h in held if h is not None]
         for s, h in known[1:]:
-            if h != known[0][1]:
+            if not same_folds(h, known[0][1]):
                 raise InputError(f"its folds hold out {h}, those of {known[0][0]} {known[0][1]}: an ensemble of "
                                  "them would have seen some test pairs in training", s)
         absent = sorted(set(range(1, len(known[0][1]) + 1)) - set(folds)) if known else []
-        if absent:
-            raise InputError(f"no source has a checkpoint for fold(s) {', '.join(map(str, absent))} of the "
-                             f"{len(known[0][1])} its run defines", known[0][0])
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
         groups = {None: sources}
@@ -184,8 +185,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                                               "overrides": changes, "config": config,
                                               "members": {f"fold{k}": v[2] for k, v in written.items()},
                                               "training": training})
+        note = (f"; fold(s) {', '.join(map(str, absent))} of the {len(known[0][1])} its members' runs define: no "
+                "source has a checkpoint, none written") if absent else ""
         return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
-                f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}")
+                f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}{note}")
     config, state, members = written[None]
     output = Path(output)
     save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state, extra={"members": members})
@@ -554,11 +557,12 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
         if not ds.folds:
             raise InputError("--run needs a dataset with folds", dataset)
         held_out = run_held_out_pairs(run)
+        seen = run_pairs(run)  # pairs of the run's dataset: each trained on by every fold not holding it out
         for p in pairs:
             k = ds.fold_of(p.id)
             if k is None:
                 raise InputError(f"pair {p.id} is in no fold", dataset)
-            if held_out is not None and (k > len(held_out) or p.id not in held_out[k - 1]):
+            if held_out is not None and p.id in seen and (k > len(held_out) or p.id not in held_out[k - 1]):
                 kept = ", ".join(held_out[k - 1]) if k <= len(held_out) else "nothing (the run has fewer folds)"
                 raise InputError(f"pair {p.id} is in fold {k} of the dataset, but fold {k} of this run held out "
                                  f"{kept}: its model may have trained on {p.id}; evaluate with the folds the run "
@@ -573,7 +577,8 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
 def run_held_out_pairs(run: Path) -> list[list[str]] | None:
     """The pairs each fold of a run directory held out from training (``[[ids of fold 1], ...]``), from
     its ``run.json`` or, for a directory made by ``cyclereg ensemble``, from its members' runs
-    recorded in ``ensemble.json`` (which must agree); ``None`` when the directory records neither."""
+    recorded in ``ensemble.json`` (which must agree); ``None`` when the directory records neither.
+    Every other pair of the run's dataset (:func:`run_pairs`) was in the fold's training set."""
     run = Path(run)
     if (run / "run.json").is_file():
         sources = {str(run / "run.json"): read_json(run / "run.json")}
@@ -586,10 +591,28 @@ def run_held_out_pairs(run: Path) -> list[list[str]] | None:
     known = [f for f in folds.values() if f]
     if not known:
         return None
-    if any(f != known[0] for f in known):
+    if any(not same_folds(f, known[0]) for f in known):
         raise InputError("the runs of this ensemble's members have different folds: " + "; ".join(
             f"{name}: {f}" for name, f in folds.items()), run)
     return [list(f) for f in known[0]]
+
+
+def same_folds(a: list, b: list) -> bool:
+    """Whether two fold lists hold out the same pairs fold by fold (order within a fold aside)."""
+    return len(a) == len(b) and all(set(x) == set(y) for x, y in zip(a, b))
+
+
+def run_pairs(run: Path) -> set[str]:
+    """The ids of the pairs of the dataset a run directory was trained on (``run.json``, or the members'
+    runs in ``ensemble.json``); empty when it records none."""
+    run = Path(run)
+    if (run / "run.json").is_file():
+        metas = [read_json(run / "run.json")]
+    elif (run / "ensemble.json").is_file():
+        metas = [m for m in (read_json(run / "ensemble.json").get("training") or {}).values() if isinstance(m, dict)]
+    else:
+        return set()
+    return {str(pid) for meta in metas for pid in (meta.get("pairs") or [])}
 
 
 def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
