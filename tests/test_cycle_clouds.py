@@ -479,12 +479,14 @@ def test_stage_killed_between_its_labels_and_its_log_line_is_logged_on_resume(tm
     assert (fold / "pseudo1.pt").is_file()
     assert [json.loads(l)["stage"] for l in (fold / "log.jsonl").read_text().splitlines()] == [0]
     monkeypatch.setattr(StageScheduler, "_finish", real_finish)
+    log = fold / "log.jsonl"
+    log.write_text("a note someone added\n" + log.read_text())  # passed over, as status does
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "3", "--stages", "1"])
     assert res.exit_code == 0, res.output
     assert "fold 3: stage 1 finished" in " ".join(res.output.split())
     assert runner.invoke(app, cmd).exit_code == 0
     log_a = [json.loads(l) for l in (tmp_path / "a" / "fold3" / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(l) for l in (fold / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (fold / "log.jsonl").read_text().splitlines()[1:]]
     assert [r["stage"] for r in log_b] == [0, 1, 2]
     for key in ("train_loss_mm", "pseudo_label_disagreement_mm"):
         assert [r[key] for r in log_b[1:]] == [r[key] for r in log_a[1:]]

@@ -373,14 +373,27 @@ class StageScheduler:
                    "record": record}
         atomic_write_bytes(self.labels_path(stage), lambda fh: torch.save(payload, fh))
 
+    @staticmethod
+    def _logged_stages(log: Path) -> set[int]:
+        """The stages ``log`` has a line for; lines that are not a JSON record with a stage (a note
+        someone added) are passed over, as :meth:`status` does."""
+        stages = set()
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("stage"), int):
+                stages.add(record["stage"])
+        return stages
+
     def _complete_log(self, progress=None) -> None:
         """Write the log line of the last finished stage if a run was killed after saving the stage's
         labels and before logging it: the record saved with the labels (labels older than that
         copy carry none, and their stages were logged before they counted as finished)."""
         stage = self.last_finished_stage()
         log = self.dir / "log.jsonl"
-        if stage < 0 or (log.is_file() and any(json.loads(line).get("stage") == stage
-                                               for line in log.read_text().splitlines() if line.strip())):
+        if stage < 0 or (log.is_file() and stage in self._logged_stages(log)):
             return
         try:
             record = torch.load(self.labels_path(stage), map_location="cpu", weights_only=True).get("record")
