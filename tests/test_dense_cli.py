@@ -354,3 +354,9 @@ def test_evaluate_resume_keeps_finished_pairs(tiny, tmp_path):
     # a report of another method is not silently merged
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(rep), "--resume"])
     assert res.exit_code == 2 and "another" in res.output
+    # nor one scored by the label rule before 2026-12 (no label_scoring entry)
+    old = {k: v for k, v in r.items() if k != "label_scoring"}
+    old["pairs"], old["complete"] = old["pairs"][:1], False
+    rep.write_text(json.dumps(old))
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 2 and "earlier label rule" in " ".join(res.output.split())

@@ -313,7 +313,8 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     records = []
     if resume and report.is_file():
         records = _resumed_records(report, pairs, {"dataset": str(dataset), "method": info,
-                                                   "both_directions": both_directions, "config": cfg})
+                                                   "both_directions": both_directions, "config": cfg,
+                                                   "label_scoring": LABEL_SCORING})
         done = {r["id"] for r in records}
         pairs = [p for p in pairs if p.id not in done]
 
@@ -321,6 +322,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         return {
             "dataset": str(dataset), "name": ds.name, "method": info, "device": str(dev),
             "config": cfg if cfg is not None else None, "both_directions": both_directions,
+            "label_scoring": LABEL_SCORING,
             **summarize_pairs(records),
             "label_names": {str(k): v for k, v in ds.label_names.items()},
             **provenance(dev),
@@ -373,6 +375,12 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     return result
 
 
+LABEL_SCORING = "learn2reg-2026-12"
+"""How a volume report scores labels: those present in the fixed and the unwarped moving map, label
+warps with background outside (:func:`~cyclereg.metrics.scored_labels`, :func:`~cyclereg.warp.warp_labels`).
+Reports without it were scored by an earlier rule; ``--resume`` does not mix the two."""
+
+
 def _resumed_records(report: Path, pairs: list, run: dict) -> list[dict]:
     """The finished pair records of an unfinished report at ``report``, for the pairs still wanted;
     :class:`InputError` when it is unreadable or was made by another run (``run``: its dataset,
@@ -382,7 +390,8 @@ def _resumed_records(report: Path, pairs: list, run: dict) -> list[dict]:
     except (OSError, json.JSONDecodeError):
         raise InputError("cannot resume: the existing report is unreadable", report) from None
     if any(old.get(key) != to_jsonable(value) for key, value in run.items()):
-        raise InputError("cannot resume: the existing report is for another dataset, model or configuration", report)
+        raise InputError("cannot resume: the existing report is for another dataset, model or configuration (or was "
+                         "scored by an earlier label rule)", report)
     wanted = {p.id for p in pairs}
     return [r for r in old.get("pairs", []) if r["id"] in wanted]
 
