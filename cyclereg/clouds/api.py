@@ -16,7 +16,6 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
-from cyclereg.dense.data import check_same_grid
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
@@ -254,8 +253,6 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     moving_mm = read_points(moving, spacing_mm=sp, affine=mov_affine)
     query_mm = read_points(query, spacing_mm=sp, affine=ref_affine) if query is not None else None
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
-    if mov_lab is not None and mov_img is not None:  # the labels of that scan: on its grid
-        check_same_grid(mov_img, mov_lab, what="label map", ref="moving image")
     if ref is not None:
         _require_points_inside(fixed_mm, ref, fixed)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
@@ -296,8 +293,6 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     ref = read_nifti(fixed)
     mov_img = read_nifti(moving)
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
-    if mov_lab is not None and mov_img is not None:  # the labels of that scan: on its grid
-        check_same_grid(mov_img, mov_lab, what="label map", ref="moving image")
     kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose,
                                 label="fixed scan: ")
     kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose,
