@@ -29,9 +29,9 @@ from cyclereg.frames import voxel_to_world, world_to_voxel
 HEADER = ("x_mm", "y_mm", "z_mm")
 
 
-def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, first_line: int | None = None) -> torch.Tensor:
-    """``arr`` as ``(N, columns)`` float32 points, or :class:`InputError` naming ``path``; ``first_line``:
-    the text line of row 0 (CSV files), so a bad value is reported by its line as parse errors are."""
+def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[int] | None = None) -> torch.Tensor:
+    """``arr`` as ``(N, columns)`` float32 points, or :class:`InputError` naming ``path``; ``lines``: the
+    file line of each row (CSV files), so a bad value is reported by its line as parse errors are."""
     if arr.ndim == 1 and arr.size == columns:
         arr = arr.reshape(1, columns)
     if arr.ndim != 2 or arr.shape[1] != columns:
@@ -40,30 +40,32 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, first_line: 
         raise InputError("point cloud is empty", path)
     if not np.isfinite(arr).all():
         bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        where = f"line {bad + first_line}" if first_line is not None else f"point {bad} (0-based)"
+        where = f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
         raise InputError(f"non-finite coordinate (NaN or inf) on {where}", path)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
+    """The numbers of a CSV file, its header (``None`` without one) and the file line of each row."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read text ({type(exc).__name__})", path) from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
+    text = text.lstrip("\ufeff")  # a byte-order mark (spreadsheet exports) is not part of the first cell
+    numbered = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]  # file line numbers
+    if not numbered:
         raise InputError("point cloud is empty", path)
     header = None
-    first = [c.strip() for c in lines[0].split(",")]
+    first = [c.strip() for c in numbered[0][1].split(",")]
     try:
         [float(c) for c in first]
     except ValueError:
         header = first
-        lines = lines[1:]
-    if not lines:
+        numbered = numbered[1:]
+    if not numbered:
         raise InputError("point cloud is empty", path)
     rows = []
-    for n, ln in enumerate(lines, start=2 if header else 1):
+    for n, ln in numbered:
         cells = [c.strip() for c in ln.split(",")]
         try:
             rows.append([float(c) for c in cells])
@@ -71,7 +73,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
             raise InputError(f"line {n}: not a number in {ln[:60]!r}", path) from None
         if len(rows[-1]) != len(rows[0]):
             raise InputError(f"line {n}: {len(rows[-1])} columns, expected {len(rows[0])}", path)
-    return np.asarray(rows, dtype=np.float64), header
+    return np.asarray(rows, dtype=np.float64), header, [n for n, _ in numbered]
 
 
 def spacing_affine(spacing_mm) -> np.ndarray:
@@ -86,7 +88,7 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
     p = require_file(path)
     suffix = p.suffix.lower()
     if suffix == ".csv" or suffix == ".txt":
-        arr, header = _read_csv(p)
+        arr, header, lines = _read_csv(p)
         if header is not None:
             if len(header) != 3:
                 raise InputError(f"expected 3 columns ({','.join(HEADER)}), header has {len(header)}", p)
@@ -94,7 +96,7 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             if sorted(names) != sorted(HEADER):
                 raise InputError(f"header {','.join(header)!r}: expected the columns {','.join(HEADER)} (world mm, "
                                  "any order); voxel indices go in a file without a header", p)
-            return _check_points(arr[:, [names.index(h) for h in HEADER]], p, first_line=2)
+            return _check_points(arr[:, [names.index(h) for h in HEADER]], p, lines=lines)
         # headerless: Learn2Reg voxel indices
         if arr.shape[1] != 3:
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
@@ -102,7 +104,7 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan "
                              "(--reference) to convert to mm", p)
         grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
-        return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p, first_line=1)
+        return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p, lines=lines)
     if suffix == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)

@@ -318,7 +318,7 @@ def register(
     model: str = typer.Option("random", "--model", help=MODEL_HELP),
     seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
     query: Optional[Path] = typer.Option(None, "--query", help="clouds: also write displacements at these points (mm)"),
-    spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs (with --reference their voxels are the reference's instead)"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs (not with --reference: then they are read on the reference's grid)"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="clouds: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),
     ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help=FUSION_HELP),

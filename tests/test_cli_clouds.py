@@ -307,11 +307,13 @@ def test_clouds_that_cannot_be_registered_are_refused_by_name(pair_files):
 def test_output_folders_that_cannot_be_made_are_refused_before_the_work(pair_files, tmp_path):
     d, _ = pair_files
     (tmp_path / "afile").write_text("x")
-    for args in (["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "afile")],
-                 ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "afile" / "sub")],
-                 ["demo", "-o", str(tmp_path / "afile")]):
+    for args, message in ((["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "afile")],
+                           "exists and is not a folder"),
+                          (["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "afile" / "sub")],
+                           "cannot make this folder"),  # was found only when writing, after the registration
+                          (["demo", "-o", str(tmp_path / "afile")], "exists and is not a folder")):
         res = runner.invoke(app, args)
-        assert res.exit_code == 2 and "afile" in res.output, res.output
+        assert res.exit_code == 2 and "afile" in res.output and message in res.output, res.output
         assert "synthetic lung pair" not in res.output  # refused before the demo ran
     assert (tmp_path / "afile").read_text() == "x"
 

@@ -50,6 +50,8 @@ def test_learn2reg_voxel_csv(tmp_path, pts):
     vox = np.loadtxt(p, delimiter=",")
     np.testing.assert_allclose(vox, pts.numpy() / np.array(spacing), atol=1e-4)
     torch.testing.assert_close(read_points(p, spacing_mm=spacing), pts, atol=1e-3, rtol=0)
+    p.write_text("\ufeff" + p.read_text())  # a byte-order mark does not make the first row a header
+    torch.testing.assert_close(read_points(p, spacing_mm=spacing), pts, atol=1e-3, rtol=0)
     with pytest.raises(InputError, match="spacing"):
         read_points(p)
 
@@ -59,6 +61,8 @@ def test_learn2reg_voxel_csv(tmp_path, pts):
     ("", "empty"),
     ("x_mm,y_mm,z_mm\n1,2,nan\n", "NaN"),
     ("x_mm,y_mm,z_mm\n1,2,3\n4,5,6\n1,inf,3\n", "NaN or inf\\) on line 4"),  # lines counted as parse errors are
+    ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,inf,3\n", "NaN or inf\\) on line 5"),  # the file's lines, blank ones too
+    ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,x,3\n", "line 5: not a number"),
     ("x_mm,y_mm\n1,2\n", "3 columns"),
     ("x_mm,y_mm,z_mm\n1,2,3\n1,2\n", "columns"),
     ("x_mm,y_mm,z_mm\n1,abc,3\n", "not a number"),

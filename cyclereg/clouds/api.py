@@ -242,7 +242,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     sp = _parse_spacing(spacing, Path(fixed))
     if sp is not None and reference is not None:
         raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
-                         "reference's grid, the moving one on --moving-image's when given)", fixed)
+                         "reference's grid, the moving one on --moving-image's when given)")
     ref = read_nifti(reference) if reference is not None else None
     mov_img = read_nifti(moving_image) if moving_image is not None else None
     # headerless (Learn2Reg voxel-index) CSVs: through the scans' affines into the world frame the

@@ -5,9 +5,10 @@ dataset (:func:`build_keypoint_dataset`, behind ``cyclereg keypoints --pairs``).
 Output files
 ------------
 ``OUTPUT``
-    ``csv``: header ``x_mm,y_mm,z_mm``, world millimetres from the NIfTI affine (default);
+    ``csv``: header ``x_mm,y_mm,z_mm``, world millimetres from the NIfTI affine;
     ``l2r``: headerless Learn2Reg CSV of voxel indices ``(i, j, k)``;
     ``ply`` / ``pcd``: open3d point cloud in world mm; ``npy``: ``(N, 3)`` float32 mm.
+    By default the format ``OUTPUT``'s suffix names (``csv`` for ``.csv``, ``.txt`` and others).
     Rows are sorted by decreasing distinctiveness.
 ``OUTPUT.config.json``
     The resolved configuration (detector and lung-mask parameters, inputs, device), the
