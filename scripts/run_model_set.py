@@ -76,7 +76,8 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
             record[f"fold{k}"] = {"source": str(src), "sha256": file_sha256(src)}
             written.append(out / f"fold{k}.pt")
         write_json(tmp / "model_set.json", {"command": "run_model_set", "run": str(run),
-                                            "stage": "final" if stage is None else stage, "folds": record})
+                                            "stage": "final" if stage is None else stage, "folds": record,
+                                            "training": {str(run): meta}})  # pairs and folds, for evaluate --run
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
     finally:

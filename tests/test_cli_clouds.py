@@ -479,6 +479,7 @@ def test_evaluate_identity_and_random(tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["mean_tre_mm"] < r["initial_tre_mm"]
+    assert r["mean_std_logj"] is None and r["mean_folding_fraction"] is None  # no volume grid for the field here
     assert {"mean", "std", "p25", "p50", "p75"} <= set(r["cases"][0]["tre_after_mm"])
 
 
@@ -822,6 +823,8 @@ def _evaluate_model_set(tmp_path, name):
     assert sorted({c["fold"] for c in r["cases"]}) == [1, 2, 3, 4, 5]
     assert all(c["fold"] == (int(c["id"][-2:]) + 1) // 2 for c in r["cases"])  # the paper's folds
     assert r["mean_sdlogj"] < 0.06
+    for key, case_key in (("mean_std_logj", "std_logj"), ("mean_folding_fraction", "folding_fraction")):
+        assert r[key] == pytest.approx(sum(c[case_key] for c in r["cases"]) / len(r["cases"]))
     return r
 
 

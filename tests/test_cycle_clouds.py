@@ -655,6 +655,10 @@ def test_pretrain_random_completes_an_interrupted_run(tmp_path):
     assert (run / "fold1" / "pseudo0.pt").read_bytes() == first
     assert len((run / "fold1" / "log.jsonl").read_text().splitlines()) == 1
     assert (run / "fold2" / "pseudo0.pt").is_file()
+    # the same command without --stages keeps the run's number of stages (it was raised to the default)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args[2:]])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "run.json").read_text())["config"]["stages"] == 1
 
 
 def test_status_reports_progress_without_touching_the_run(tmp_path):

@@ -144,6 +144,9 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 hints = []
                 if {"recentre_passes", "tta_passes"} & set(differ):
                     hints.append("--recentre-passes / --tta-passes set those two for all members")
+                if set(differ) - {"recentre_passes", "tta_passes", "training_box"}:
+                    hints.append("scripts/set_cloud_test_time.py writes a copy of a run with other test-time "
+                                 "settings (e.g. --recentre-candidates)")
                 if "training_box" in differ:
                     hints.append("the members were trained in different unit frames: other datasets, "
                                  "or a checkpoint from before the frame was stored")
@@ -194,7 +197,9 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     record = output.with_name(output.stem + ".json")
     write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
                         "config": config, "members": members})
-    return f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: {record.name})"
+    return (f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: "
+            f"{record.name}); checkpoint files record no folds: make sure no member trained on a pair you will "
+            "evaluate the ensemble on")
 
 
 def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:
@@ -500,6 +505,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                          + ("" if models else "; the identity has none"), run if run is not None else model)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
+    if run is not None and run_held_out_pairs(run) is None:
+        console.print(f"note: {run} records no training folds (no run.json, ensemble.json or model_set.json): "
+                      "that each pair's fold model held it out is not checked", soft_wrap=True)
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
     with Progress(console=console, transient=True) as progress:
@@ -520,6 +528,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
         "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,
+        "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
+        "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
         "cases": cases,
     }
@@ -574,14 +584,7 @@ def run_held_out_pairs(run: Path) -> list[list[str]] | None:
     its ``run.json`` or, for a directory made by ``cyclereg ensemble``, from its members' runs
     recorded in ``ensemble.json`` (which must agree); ``None`` when the directory records neither.
     Every other pair of the run's dataset (:func:`run_pairs`) was in the fold's training set."""
-    run = Path(run)
-    if (run / "run.json").is_file():
-        sources = {str(run / "run.json"): read_json(run / "run.json")}
-    elif (run / "ensemble.json").is_file():
-        training = read_json(run / "ensemble.json").get("training") or {}
-        sources = {name: meta for name, meta in training.items() if isinstance(meta, dict)}
-    else:
-        return None
+    sources = _run_records(run)
     folds = {name: meta.get("folds") for name, meta in sources.items()}
     known = [f for f in folds.values() if f]
     if not known:
@@ -598,16 +601,22 @@ def same_folds(a: list, b: list) -> bool:
 
 
 def run_pairs(run: Path) -> set[str]:
-    """The ids of the pairs of the dataset a run directory was trained on (``run.json``, or the members'
-    runs in ``ensemble.json``); empty when it records none."""
+    """The ids of the pairs of the dataset a run directory was trained on; empty when it records none."""
+    return {str(pid) for meta in _run_records(run).values() for pid in (meta.get("pairs") or [])}
+
+
+def _run_records(run: Path) -> dict[str, dict]:
+    """The training records (``run.json`` contents) a folder of per-fold models keeps: its own
+    ``run.json``; the members' runs in ``ensemble.json`` (``cyclereg ensemble``); the source run's in
+    ``model_set.json`` (``scripts/run_model_set.py``); ``{}`` when it keeps none."""
     run = Path(run)
     if (run / "run.json").is_file():
-        metas = [read_json(run / "run.json")]
-    elif (run / "ensemble.json").is_file():
-        metas = [m for m in (read_json(run / "ensemble.json").get("training") or {}).values() if isinstance(m, dict)]
-    else:
-        return set()
-    return {str(pid) for meta in metas for pid in (meta.get("pairs") or [])}
+        return {str(run / "run.json"): read_json(run / "run.json")}
+    for name in ("ensemble.json", "model_set.json"):
+        if (run / name).is_file():
+            training = read_json(run / name).get("training") or {}
+            return {k: meta for k, meta in training.items() if isinstance(meta, dict)}
+    return {}
 
 
 def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,

@@ -118,15 +118,16 @@ def _progress():
                     TimeRemainingColumn())
 
 
-def _prepare_run(run: Path, meta: dict, check) -> dict:
+def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True) -> dict:
     """Check ``run`` before ``pretrain-random`` writes ``meta`` there; returns the ``meta`` to write.
 
     ``check()`` validates an existing run (same dataset and configuration) and returns its stored
     configuration; a larger stored number of stages (a run extended by ``cycle --stages``,
-    :func:`_record_stage_target`) is kept, so running ``pretrain-random`` again never shortens it."""
+    :func:`_record_stage_target`) is kept, so running ``pretrain-random`` again never shortens it,
+    and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is."""
     if (run / "run.json").exists():
         stored = check()
-        if stored.stages > meta["config"]["stages"]:
+        if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
     elif run.exists() and any(run.iterdir()):
         raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
@@ -279,7 +280,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     config = replace(config, seed=seed)
     dev = resolve_device(device)
     meta = {**_identity(ds), "config": to_jsonable(config)}
-    meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config))
+    meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config), stages_given="stages" in options)
     for k in folds:  # reads and validates all inputs before anything is written
         _cloud_task(ds, k, config, dev)
     run.mkdir(parents=True, exist_ok=True)
@@ -299,11 +300,11 @@ def _for_folds(job, args: dict, jobs: int, progress, on_result) -> None:
     if jobs > 1 and len(args) > 1:
         total = torch.get_num_threads()
         threads = share_threads(total, min(jobs, len(args)))
-        run_parallel(((job, a, f"fold {k}") for k, a in args.items()), jobs, progress, threads,
+        run_parallel(((job, a, "all" if k is None else f"fold {k}") for k, a in args.items()), jobs, progress, threads,
                      on_result=on_result, total_threads=total)
     else:
         for k, a in args.items():
-            on_result(job(*a, progress=LabelledProgress(progress, f"fold {k}")))
+            on_result(job(*a, progress=LabelledProgress(progress, "all" if k is None else f"fold {k}")))
 
 
 def _cloud_stage0_job(ds, config, run, k, device, val_pairs, *, progress) -> int:
@@ -486,7 +487,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     images, pairs = _dense_training_set(dataset, config)
     ident = _dense_identity(dataset, images, pairs)
     meta = {**ident, "config": to_jsonable(config)}
-    meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config))
+    meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config), stages_given="stages" in options)
     task = _dense_task(dataset, config, dev, images, pairs)  # reads and validates all inputs first
     hook = _dense_val_hook(dataset, val_pairs)
     run.mkdir(parents=True, exist_ok=True)
