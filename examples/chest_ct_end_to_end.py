@@ -8,18 +8,20 @@
 2. Foerstner keypoints with automatic lung masks in both scans (``cyclereg keypoints``).
 3. Keypoint-cloud registration (random features, or ``--model CKPT``), densified on the fixed CT's grid and
    the moving CT warped onto it (``cyclereg register FIXED.csv MOVING.csv -o OUT --model random
-   --reference FIXED.nii.gz --moving-image MOVING.nii.gz``).
+   --reference FIXED.nii.gz --moving-image MOVING.nii.gz --jacobian``).
 4. Mean error at the fixed keypoints: before ``|u|`` and after ``|u_pred - u|`` (mm); the same
    for the dense field over every voxel of the fixed lung mask; and the mean absolute intensity
-   difference (HU) inside that mask between the fixed CT and the moving CT, before and after warping.
+   difference (HU) inside that mask between the fixed CT and the moving CT, before and after warping;
+   and the Jacobian determinant map of the registered field against that of the known field in the
+   lung mask (mean absolute difference, Pearson correlation).
 
 Run from the repository root::
 
     python examples/chest_ct_end_to_end.py --out runs/chest_e2e
 
 Writes ``OUT/moving.nii.gz``, ``OUT/{fixed,moving}_keypoints.csv`` (+ ``.config.json``),
-``OUT/fixed_lung_mask.nii.gz``, ``OUT/registration/`` (with ``displacement.nii.gz`` and
-``warped.nii.gz``) and ``OUT/e2e_result.json``.
+``OUT/fixed_lung_mask.nii.gz``, ``OUT/registration/`` (with ``displacement.nii.gz``,
+``warped.nii.gz`` and ``jacobian.nii.gz``) and ``OUT/e2e_result.json``.
 """
 
 from __future__ import annotations
