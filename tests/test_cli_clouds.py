@@ -665,6 +665,10 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
                               "--spread"])  # single networks have no members to disagree
     assert res.exit_code == 2 and "--spread needs ensemble models" in res.output and str(tmp_path / "a") in res.output
     assert not (tmp_path / "ra.json").exists()
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "a"), "--json", str(tmp_path / "ra.json"),
+                              "--ensemble-fusion", "average"])  # nothing to fuse: refused, not ignored
+    assert res.exit_code == 2 and "--ensemble-fusion needs an ensemble model" in res.output
+    assert not (tmp_path / "ra.json").exists()
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "ra.json"), "--spread"])
     assert res.exit_code == 2 and "the identity has none" in res.output and not (tmp_path / "ra.json").exists()
     # the default fusion is joint; --ensemble-fusion average on it gives the averaged ensemble's report

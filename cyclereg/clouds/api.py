@@ -47,6 +47,9 @@ def load_cloud_model(model: str | Path, *, seed: int = 0, device="cpu", config: 
     if tta_passes is not None:
         config = replace(config, tta_passes=tta_passes)
     if ensemble_fusion is not None:
+        if config.ensemble_size < 2:
+            raise InputError("--ensemble-fusion needs an ensemble model (cyclereg ensemble); this is one network",
+                             None if str(model) == "random" else model)
         config = replace(config, ensemble_fusion=ensemble_fusion)
     return net.to(resolve_device(device)).eval(), config
 
