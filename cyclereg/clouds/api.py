@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -103,9 +102,6 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         raise InputError("give either run directories or checkpoint files, not both")
     if all(dirs):
         require_output_dir(output)
-    else:
-        require_output_file(output)
-    if all(dirs):
         per_source = [_fold_files(s) for s in sources]
         folds = sorted(set().union(*per_source))
         if not folds:
@@ -115,7 +111,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             if missing:
                 raise InputError(f"no checkpoint for fold(s) {', '.join(map(str, missing))}", s)
         # a fold's members must all have held out the same pairs, or the ensemble saw its test pairs
-        held = [(s, run_held_out_pairs(s)) for s in sources]
+        records = [_run_records(s) for s in sources]
+        held = [(s, _held_out_folds(r, s)) for s, r in zip(sources, records)]
         known = [(s, h) for s, h in held if h is not None]
         for s, h in known[1:]:
             if not same_folds(h, known[0][1]):
@@ -124,6 +121,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         absent = sorted(set(range(1, len(known[0][1]) + 1)) - set(folds)) if known else []
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
+        require_output_file(output)
         groups = {None: sources}
     changes = {k: v for k, v in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)) if v is not None}
     written: dict[int | None, tuple[CloudRegConfig, dict, list]] = {}
@@ -170,17 +168,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         config = replace(common, ensemble_size=len(states))
         written[fold] = (config, ensemble.state_dict(), members)
     if all(dirs):
-        training = {}  # the members' training configurations, where their run directories have one
-        for src in sources:
-            try:
-                training[str(src)] = json.loads((src / "run.json").read_text())
-            except (OSError, ValueError):
-                pass
-            try:  # an ensemble source: its members' configurations
-                training.update(json.loads((src / "ensemble.json").read_text()).get("training", {}))
-            except (OSError, ValueError, AttributeError):
-                pass
-        output = require_output_dir(output)
+        training = {}  # the members' training configurations, where their folders record them
+        for r in records:
+            training.update(r)
+        output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         for fold, (config, state, members) in written.items():
             save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
@@ -501,14 +492,15 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     dev = resolve_device(device)
     box = dataset_box(ds)
     overrides = dict(recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
-    models = _evaluation_models(ds, pairs, dataset, run=run, stage=stage, model=model, seed=seed, device=dev,
-                                overrides=overrides)
+    records = _run_records(run) if run is not None else {}  # what the run records of its training
+    models = _evaluation_models(ds, pairs, dataset, run=run, records=records, stage=stage, model=model, seed=seed,
+                                device=dev, overrides=overrides)
     if spread and (not models or any(cfg.ensemble_size < 2 for _, cfg in models.values())):
         raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members"
                          + ("" if models else "; the identity has none"), run if run is not None else model)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
-    if run is not None and run_held_out_pairs(run) is None:
+    if run is not None and _held_out_folds(records, run) is None:
         console.print(f"note: {run} records no training folds (no run.json, ensemble.json or model_set.json): "
                       "that each pair's fold model held it out is not checked", soft_wrap=True)
     cases = []
@@ -556,16 +548,18 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     return result
 
 
-def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: Path | None, stage: int | None,
-                       model: str | None, seed: int, device, overrides: dict) -> dict[int | None, tuple]:
+def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: Path | None, records: dict,
+                       stage: int | None, model: str | None, seed: int, device,
+                       overrides: dict) -> dict[int | None, tuple]:
     """The models ``evaluate`` registers with: ``{fold: (net, config)}`` for the folds of ``pairs``
-    with ``run``, ``{None: (net, config)}`` with ``model``, ``{}`` for the identity."""
+    with ``run`` (``records``: its :func:`_run_records`), ``{None: (net, config)}`` with ``model``,
+    ``{}`` for the identity."""
     models: dict[int | None, tuple] = {}
     if run is not None:
         if not ds.folds:
             raise InputError("--run needs a dataset with folds", dataset)
-        held_out = run_held_out_pairs(run)
-        seen = run_pairs(run)  # pairs of the run's dataset: each trained on by every fold not holding it out
+        held_out = _held_out_folds(records, run)
+        seen = _record_pairs(records)  # pairs of the run's dataset: each trained on by every fold not holding it out
         for p in pairs:
             k = ds.fold_of(p.id)
             if k is None:
@@ -586,9 +580,13 @@ def run_held_out_pairs(run: Path) -> list[list[str]] | None:
     """The pairs each fold of a run directory held out from training (``[[ids of fold 1], ...]``), from
     its ``run.json`` or, for a directory made by ``cyclereg ensemble``, from its members' runs
     recorded in ``ensemble.json`` (which must agree); ``None`` when the directory records neither.
-    Every other pair of the run's dataset (:func:`run_pairs`) was in the fold's training set."""
-    sources = _run_records(run)
-    folds = {name: meta.get("folds") for name, meta in sources.items()}
+    Every other pair of the run's dataset (:func:`_record_pairs`) was in the fold's training set."""
+    return _held_out_folds(_run_records(run), run)
+
+
+def _held_out_folds(records: dict[str, dict], run: Path) -> list[list[str]] | None:
+    """:func:`run_held_out_pairs` from the folder's :func:`_run_records`."""
+    folds = {name: meta.get("folds") for name, meta in records.items()}
     known = [f for f in folds.values() if f]
     if not known:
         return None
@@ -603,9 +601,9 @@ def same_folds(a: list, b: list) -> bool:
     return len(a) == len(b) and all(set(x) == set(y) for x, y in zip(a, b))
 
 
-def run_pairs(run: Path) -> set[str]:
-    """The ids of the pairs of the dataset a run directory was trained on; empty when it records none."""
-    return {str(pid) for meta in _run_records(run).values() for pid in (meta.get("pairs") or [])}
+def _record_pairs(records: dict[str, dict]) -> set[str]:
+    """The ids of the pairs of the dataset(s) the :func:`_run_records` were trained on; empty when none."""
+    return {str(pid) for meta in records.values() for pid in (meta.get("pairs") or [])}
 
 
 def _run_records(run: Path) -> dict[str, dict]:
@@ -614,7 +612,7 @@ def _run_records(run: Path) -> dict[str, dict]:
     ``model_set.json`` (``scripts/run_model_set.py``); ``{}`` when it keeps none."""
     run = Path(run)
     if (run / "run.json").is_file():
-        return {str(run / "run.json"): read_json(run / "run.json")}
+        return {str(run): read_json(run / "run.json")}
     for name in ("ensemble.json", "model_set.json"):
         if (run / name).is_file():
             training = read_json(run / name).get("training") or {}
