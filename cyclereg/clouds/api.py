@@ -377,8 +377,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         write_nifti(out_dir / name, data, ref.affine)
     written = sorted(outputs) + sorted(volumes)
     # what an earlier register wrote into this folder and this one does not (never the inputs)
-    remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (*sources, *(
-        inputs.get(k) for k in ("reference", "moving_image", "query")), mov_lab.path if mov_lab else None) if v))
+    remove_stale_outputs(out_dir, written, keep=(*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None)))
     write_json(out_dir / "config.json", {**provenance(dev), **inputs, "device": str(dev), "outputs": written,
                                          "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
                                          "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
