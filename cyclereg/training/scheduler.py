@@ -373,27 +373,27 @@ class StageScheduler:
                    "record": record}
         atomic_write_bytes(self.labels_path(stage), lambda fh: torch.save(payload, fh))
 
-    @staticmethod
-    def _logged_stages(log: Path) -> set[int]:
-        """The stages ``log`` has a line for; lines that are not a JSON record with a stage (a note
-        someone added) are passed over, as :meth:`status` does."""
-        stages = set()
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("stage"), int):
-                stages.add(record["stage"])
-        return stages
+    def _stage_log(self) -> dict[int, dict]:
+        """Each finished stage's line of ``log.jsonl`` (a stage logged twice: its last line); lines
+        that are not a stage record with its seconds (a note someone added) are passed over."""
+        records = {}
+        log = self.dir / "log.jsonl"
+        if log.is_file():
+            for line in log.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    float(record["seconds"])
+                    records[int(record["stage"])] = record
+                except (ValueError, KeyError, TypeError):
+                    continue  # a foreign line does not stop the report
+        return records
 
     def _complete_log(self, progress=None) -> None:
         """Write the log line of the last finished stage if a run was killed after saving the stage's
         labels and before logging it: the record saved with the labels (labels older than that
         copy carry none, and their stages were logged before they counted as finished)."""
         stage = self.last_finished_stage()
-        log = self.dir / "log.jsonl"
-        if stage < 0 or (log.is_file() and stage in self._logged_stages(log)):
+        if stage < 0 or stage in self._stage_log():
             return
         try:
             record = torch.load(self.labels_path(stage), map_location="cpu", weights_only=True).get("record")
@@ -438,16 +438,8 @@ class StageScheduler:
         disagreement and, where a run reports them, validation scores; a stage logged twice: its
         last line)."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
-        seconds, records = {}, {}
-        log = self.dir / "log.jsonl"
-        if log.is_file():
-            for line in log.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                    seconds[int(record["stage"])] = float(record["seconds"])
-                    records[int(record["stage"])] = record
-                except (ValueError, KeyError, TypeError):
-                    continue  # a foreign line does not stop the report
+        records = self._stage_log()
+        seconds = {t: float(record["seconds"]) for t, record in records.items()}
         nxt = done + 1
         current = snapshot_pace = None
         labelled = ""
