@@ -27,7 +27,8 @@ from pathlib import Path
 from cyclereg.checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import fold_checkpoint
 from cyclereg.errors import InputError
-from cyclereg.training.clouds import CloudCycleConfig, initial_network, new_model_seed
+from cyclereg.training.clouds import CloudCycleConfig, initial_network
+from cyclereg.training.scheduler import initial_network_seed
 
 
 def _run_meta(run: Path) -> dict:
@@ -61,7 +62,7 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
     stage0 = None
     if stage == 0:
         cycle_cfg = CloudCycleConfig.from_dict(meta["config"])
-        seed = new_model_seed(cycle_cfg, 0)
+        seed = initial_network_seed(cycle_cfg.seed, 0)
         stage0 = initial_network(cycle_cfg, 0).state_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None))
     try:

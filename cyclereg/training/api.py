@@ -297,14 +297,15 @@ def _for_folds(job, args: dict, jobs: int, progress, on_result) -> None:
     the last folds take over the threads of finished ones)."""
     from cyclereg.training.parallel import LabelledProgress, run_parallel, share_threads
 
+    label = {k: "all" if k is None else f"fold {k}" for k in args}
     if jobs > 1 and len(args) > 1:
         total = torch.get_num_threads()
         threads = share_threads(total, min(jobs, len(args)))
-        run_parallel(((job, a, "all" if k is None else f"fold {k}") for k, a in args.items()), jobs, progress, threads,
+        run_parallel(((job, a, label[k]) for k, a in args.items()), jobs, progress, threads,
                      on_result=on_result, total_threads=total)
     else:
         for k, a in args.items():
-            on_result(job(*a, progress=LabelledProgress(progress, "all" if k is None else f"fold {k}")))
+            on_result(job(*a, progress=LabelledProgress(progress, label[k])))
 
 
 def _cloud_stage0_job(ds, config, run, k, device, val_pairs, *, progress) -> int:

@@ -197,17 +197,11 @@ Labeller = tuple[torch.nn.Module, CloudRegConfig]
 settings with which it makes refined pseudo labels in place of the learning network."""
 
 
-def new_model_seed(cfg: CloudCycleConfig, stage: int) -> int:
-    """Seed of the random initialisation a stage starts from when it has no previous weights:
-    stage 0 (the pseudo-label network of ``pretrain-random``) and stage 1, which starts from a
-    different random initialisation than stage 0 (paper Sec. 2.2); :func:`initial_network_seed`."""
-    return initial_network_seed(cfg.seed, stage)
-
-
 def initial_network(cfg: CloudCycleConfig, stage: int) -> GraphFeatureNet:
     """The randomly initialised network (CPU) a stage starts from when it has no previous weights
-    (seeded by :func:`new_model_seed`): for stage 0 the network that made the run's stage-0 labels."""
-    return build_graph_net(cfg.reg.net, seed=new_model_seed(cfg, stage))
+    (seeded by :func:`~cyclereg.training.scheduler.initial_network_seed`): for stage 0 the network that
+    made the run's stage-0 labels."""
+    return build_graph_net(cfg.reg.net, seed=initial_network_seed(cfg.seed, stage))
 
 
 @dataclass
