@@ -70,6 +70,8 @@ def output_format(output: str | Path, fmt: str | None) -> str:
         raise InputError(f"--format {fmt} into a '{suffix}' file: that suffix holds {' or '.join(allowed)}; "
                          "name the file for its format", output)
     return fmt
+
+
 CONFIG_SUFFIX = ".config.json"
 """The resolved configuration is written to ``str(output) + CONFIG_SUFFIX``."""
 
