@@ -16,7 +16,8 @@ from typing import Optional
 
 import typer
 
-from cyclereg.errors import InputError, WorkerError, require_file
+from cyclereg.api import require_inputs, require_run_dir
+from cyclereg.errors import InputError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
 
 app = typer.Typer(
@@ -102,40 +103,6 @@ FUSION_HELP = ("clouds, ensemble models: override how the members are combined: 
                "mean feature cost) or average (mean of their own displacements)")
 
 
-def _refuse_options(options: dict[str, object], scope: str) -> None:
-    """Fail if any of ``options`` (flag text -> value; None = not given, so a plain on/off flag
-    passes ``flag or None``) was given, naming the given ones: "A is an option for {scope}",
-    "A and B are options for {scope}"."""
-    names = [flag for flag, value in options.items() if value is not None]
-    if names:
-        listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
-        _fail(f"{listed} {'are options' if len(names) > 1 else 'is an option'} for {scope}")
-
-
-def _require_inputs(*paths: Path | str | None, folders: bool = False) -> None:
-    """Fail at once on a given input that does not exist (None: not given), before the library and
-    torch are imported (seconds); the library checks again what it reads. ``folders``: an
-    existing folder also passes (run directories)."""
-    for p in paths:
-        if p is None:
-            continue
-        if folders and Path(p).is_dir():
-            continue
-        require_file(p)
-
-
-def _require_run_dir(path: Path | None) -> None:
-    """Fail at once, before the library is imported, on a run directory that does not exist."""
-    if path is not None and not path.is_dir():
-        raise InputError("run directory does not exist" if not path.exists() else "is not a folder (a run directory is)",
-                         path)
-
-
-def _is_volume(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
-
-
 @app.command()
 @cli_errors
 def keypoints(
@@ -159,27 +126,13 @@ def keypoints(
     Writes OUTPUT and the resolved configuration OUTPUT.config.json. With --pairs: the keypoints of
     every listed scan pair and a keypoint dataset (OUTPUT/dataset.json) over them.
     """
-    _require_inputs(ct, mask, pairs)
-    if pairs is None:
-        if ct is None:
-            _fail("give a CT volume, or --pairs PAIRS.csv")
-        _refuse_options({"--moving-nms-radius": moving_nms_radius, "--folds": folds}, "--pairs")
-        from cyclereg.keypoints.api import detect_keypoints_file
-        detect_keypoints_file(
-            ct, output, mask=mask, lung_mask=lung_mask, save_mask=save_mask, sigma_mm=sigma,
-            nms_radius_mm=nms_radius, threshold=threshold, max_points=max_points, fmt=fmt, device=device,
-        )
-        return
-    if ct is not None:
-        _fail(f"give a CT volume or --pairs, not both ({ct} and {pairs})")
-    _refuse_options({"--mask": mask, "--save-mask": save_mask, "--format": fmt},
-                    "one CT volume, not --pairs")
-    from cyclereg.keypoints.api import build_keypoint_dataset, pair_keypoint_config
+    from cyclereg.api import keypoints as run_keypoints
 
-    config = pair_keypoint_config(sigma_mm=sigma, nms_radius_mm=nms_radius, moving_nms_radius_mm=moving_nms_radius,
-                                  threshold=threshold, max_points=max_points)
-    path = build_keypoint_dataset(pairs, output, lung_mask=lung_mask, keypoints=config, folds=folds, device=device)
-    typer.echo(f"wrote {path} (keypoints in {path.parent / 'keypoints'})")
+    summary = run_keypoints(ct, output, pairs=pairs, mask=mask, lung_mask=lung_mask, save_mask=save_mask,
+                            sigma_mm=sigma, nms_radius_mm=nms_radius, moving_nms_radius_mm=moving_nms_radius,
+                            threshold=threshold, max_points=max_points, fmt=fmt, folds=folds, device=device)
+    if summary is not None:
+        typer.echo(summary)
 
 
 @app.command("pretrain-random")
@@ -210,7 +163,7 @@ def pretrain_random(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
-    _require_inputs(dataset)
+    require_inputs(dataset)
     from cyclereg.training.api import pretrain_random as run_pretrain
 
     out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
@@ -235,8 +188,8 @@ def cycle(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
-    _require_inputs(dataset)
-    _require_run_dir(run)
+    require_inputs(dataset)
+    require_run_dir(run)
     from cyclereg.training.api import run_cycle
 
     done = run_cycle(dataset, run, stages=stages, folds=folds, device=device, val_pairs=val_pairs,
@@ -254,7 +207,7 @@ def status(
                                  "pseudo-label disagreement (landmark-free) and any validation score the run logged"),
 ) -> None:
     """Progress of a training run (read only; also while cycle runs): stages per fold, what comes next, time."""
-    _require_run_dir(run)
+    require_run_dir(run)
     from rich.console import Console
     from rich.table import Table
 
@@ -339,57 +292,14 @@ def register(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Register one fixed/moving pair with a trained (or random) model."""
-    _require_inputs(fixed, moving, query, reference, moving_image, moving_labels, None if model == "random" else model)
-    if _is_volume(fixed) != _is_volume(moving):
-        volume, cloud = (fixed, moving) if _is_volume(fixed) else (moving, fixed)
-        _fail(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
-    if not (via_keypoints and _is_volume(fixed)):
-        _refuse_options({"--lung-mask": lung_mask or None}, "volumes registered --via-keypoints")
-    if via_keypoints:
-        if not _is_volume(fixed):
-            _fail(f"--via-keypoints registers two volumes (NIfTI) through their keypoints; {fixed} and {moving} "
-                  "are point clouds already: leave it out")
-        _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
-                         "--resample-moving": resample_moving or None, "--reference": reference,
-                         "--moving-image": moving_image, "--spacing": spacing},
-                        "the dense path or point-cloud files, not --via-keypoints (there the fixed scan is the "
-                        "reference grid and the moving scan the image to warp)")
-        from cyclereg.clouds.api import register_volumes_via_keypoints
+    from cyclereg.api import register as run_register
 
-        typer.echo(register_volumes_via_keypoints(
-            fixed, moving, out_dir, model=model, seed=seed, lung_mask=lung_mask, query=query, device=device,
-            recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
-            moving_labels=moving_labels, disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
-            verbose=True))
-        return
-    if _is_volume(fixed):
-        _refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
-                        "point-cloud files, not volumes")
-        _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--query": query,
-                         "--ensemble-fusion": ensemble_fusion, "--spread": spread or None,
-                         "--spread-map": spread_map or None},
-                        "point clouds (or volumes with --via-keypoints), not the dense path")
-        from cyclereg.dense.api import register_volume_files
-
-        summary = register_volume_files(
-            fixed, moving, out_dir, model=model, seed=seed, moving_labels=moving_labels, warps=warps,
-            adam=adam, ic=ic, disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving,
-            jacobian=jacobian,
-        )
-        typer.echo(summary)
-        return
-    _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
-                     "--resample-moving": resample_moving or None},
-                    "volumes, not point clouds")
-    from cyclereg.clouds.api import register_cloud_files
-
-    summary = register_cloud_files(fixed, moving, out_dir, model=model, seed=seed, query=query,
-                                   spacing=spacing, device=device, recentre_passes=recentre_passes,
-                                   tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, reference=reference,
-                                   moving_image=moving_image,
-                                   moving_labels=moving_labels, disp_mm=disp_mm, spread=spread,
-                                   spread_map=spread_map, jacobian=jacobian)
-    typer.echo(summary)
+    typer.echo(run_register(
+        fixed, moving, out_dir, model=model, seed=seed, device=device, query=query, spacing=spacing,
+        reference=reference, moving_image=moving_image, moving_labels=moving_labels,
+        recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, warps=warps,
+        adam=adam, ic=ic, disp_mm=disp_mm, spread=spread, spread_map=spread_map, l2r_name=l2r_name,
+        jacobian=jacobian, resample_moving=resample_moving, via_keypoints=via_keypoints, lung_mask=lung_mask))
 
 
 @app.command()
@@ -416,31 +326,12 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """TRE (keypoint datasets) or Dice/HD95 (labelled volume datasets), with SDlogJ and run time."""
-    if sum([identity, model is not None, run is not None]) != 1:
-        _fail("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
-    _require_inputs(dataset, None if model in (None, "random") else model)
-    _require_run_dir(run)
-    from cyclereg.datasets import dataset_kind
+    from cyclereg.api import evaluate as run_evaluate
 
-    kind = dataset_kind(dataset)
-    if kind == "keypoints":
-        _refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
-                         "--both-directions": both_directions or None, "--resume": resume or None},
-                        "volume datasets, not keypoint datasets")
-        from cyclereg.clouds.api import evaluate_keypoint_dataset
-
-        evaluate_keypoint_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
-                                  max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
-                                  ensemble_fusion=ensemble_fusion, device=device, spread=spread,
-                                  errors_csv=errors_csv)
-        return
-    _refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
-                     "--ensemble-fusion": ensemble_fusion, "--spread": spread or None},
-                    "keypoint datasets, not volume datasets")
-    from cyclereg.dense.api import evaluate_volume_dataset
-    evaluate_volume_dataset(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
-                            max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device,
-                            both_directions=both_directions, resume=resume)
+    run_evaluate(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
+                 max_pairs=max_pairs, device=device, recentre_passes=recentre_passes, tta_passes=tta_passes,
+                 ensemble_fusion=ensemble_fusion, errors_csv=errors_csv, spread=spread, warps=warps, adam=adam,
+                 ic=ic, both_directions=both_directions, resume=resume)
 
 
 @app.command()
@@ -453,7 +344,7 @@ def ensemble(
     fusion: str = typer.Option("joint", "--fusion", help="how the members are combined: joint = one LBP per pass over their mean feature cost (they vote per candidate); average = each registers on its own, displacements averaged"),
 ) -> None:
     """Combine independently trained keypoint-cloud models into one ensemble per fold."""
-    _require_inputs(*sources, folders=True)
+    require_inputs(*sources, folders=True)
     from cyclereg.clouds.api import combine_cloud_models
 
     typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes,

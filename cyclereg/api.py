@@ -1,0 +1,206 @@
+"""One call per command: the library entry points behind ``cyclereg keypoints``, ``register`` and
+``evaluate``, which pick the path from the inputs and refuse options of the other path.
+
+* :func:`keypoints`: one CT volume -> a point file, or a CSV of scan pairs -> a keypoint dataset.
+* :func:`register`: two point clouds (keypoint path), two volumes (dense path), or two volumes
+  ``via_keypoints`` (Foerstner keypoints, a cloud model, a dense field on the fixed grid).
+* :func:`evaluate`: a keypoint dataset (TRE) or a labelled volume dataset (Dice, HD95).
+
+Each checks its inputs before importing torch (a missing file fails in well under a second) and
+raises :class:`~cyclereg.errors.InputError` for options that do not go together, naming them as
+the command line spells them (the path-specific functions it calls do the same), e.g.
+``"--warps is an option for volumes, not point clouds"``. The path-specific functions
+(:mod:`cyclereg.clouds.api`, :mod:`cyclereg.dense.api`, :mod:`cyclereg.keypoints.api`) remain the
+calls to use when the path is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from cyclereg.errors import InputError, require_file
+
+__all__ = ["keypoints", "register", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
+           "require_run_dir"]
+
+
+def is_volume_file(path: str | Path) -> bool:
+    """Whether ``path`` names a volume (``.nii`` or ``.nii.gz``, any case) rather than a point file."""
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def refuse_options(options: Mapping[str, object], scope: str) -> None:
+    """:class:`InputError` if any of ``options`` (flag text -> value; ``None`` = not given, so an
+    on/off switch passes ``flag or None``) was given, naming the given ones: "A is an option for
+    {scope}", "A and B are options for {scope}"."""
+    names = [flag for flag, value in options.items() if value is not None]
+    if names:
+        listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+        raise InputError(f"{listed} {'are options' if len(names) > 1 else 'is an option'} for {scope}")
+
+
+def require_inputs(*paths: Path | str | None, folders: bool = False) -> None:
+    """:class:`InputError` naming the first given input (``None``: not given) that is not a file;
+    ``folders``: an existing folder also passes (run directories). Cheap: no torch import."""
+    for p in paths:
+        if p is None or (folders and Path(p).is_dir()):
+            continue
+        require_file(p)
+
+
+def require_run_dir(path: Path | str | None) -> None:
+    """:class:`InputError` naming ``path`` (``None``: not given) unless it is an existing folder."""
+    if path is not None and not Path(path).is_dir():
+        raise InputError("run directory does not exist" if not Path(path).exists()
+                         else "is not a folder (a run directory is)", path)
+
+
+def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | None = None,
+              mask: Path | str | None = None, lung_mask: bool = False, save_mask: Path | str | None = None,
+              sigma_mm: float | None = None, nms_radius_mm: float | None = None,
+              moving_nms_radius_mm: float | None = None, threshold: float | None = None,
+              max_points: int | None = None, fmt: str | None = None, folds: int | None = None,
+              device: str = "auto", verbose: bool = True) -> str | None:
+    """Foerstner keypoints of one CT volume ``ct`` into the point file ``output``
+    (:func:`cyclereg.keypoints.api.detect_keypoints_file`; prints its own summary when ``verbose``,
+    returns None), or, with ``pairs`` (a CSV of scan pairs) instead of ``ct``, the keypoints of every
+    listed scan and a keypoint dataset in the folder ``output``
+    (:func:`cyclereg.keypoints.api.build_keypoint_dataset`; returns a one-line summary).
+    ``mask``, ``save_mask`` and ``fmt`` are for one volume; ``moving_nms_radius_mm`` and ``folds``
+    for ``pairs``. Units: mm."""
+    require_inputs(ct, mask, pairs)
+    if pairs is None:
+        if ct is None:
+            raise InputError("give a CT volume, or --pairs PAIRS.csv")
+        refuse_options({"--moving-nms-radius": moving_nms_radius_mm, "--folds": folds}, "--pairs")
+        from cyclereg.keypoints.api import detect_keypoints_file
+
+        detect_keypoints_file(ct, output, mask=mask, lung_mask=lung_mask, save_mask=save_mask, sigma_mm=sigma_mm,
+                              nms_radius_mm=nms_radius_mm, threshold=threshold, max_points=max_points, fmt=fmt,
+                              device=device, verbose=verbose)
+        return None
+    if ct is not None:
+        raise InputError(f"give a CT volume or --pairs, not both ({ct} and {pairs})")
+    refuse_options({"--mask": mask, "--save-mask": save_mask, "--format": fmt}, "one CT volume, not --pairs")
+    from cyclereg.keypoints.api import build_keypoint_dataset, pair_keypoint_config
+
+    config = pair_keypoint_config(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm,
+                                  moving_nms_radius_mm=moving_nms_radius_mm, threshold=threshold,
+                                  max_points=max_points)
+    path = build_keypoint_dataset(pairs, output, lung_mask=lung_mask, keypoints=config, folds=folds, device=device,
+                                  verbose=verbose)
+    return f"wrote {path} (keypoints in {path.parent / 'keypoints'})"
+
+
+def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str = "random", seed: int = 0,
+             device: str = "auto", query: Path | str | None = None, spacing: str | None = None,
+             reference: Path | str | None = None, moving_image: Path | str | None = None,
+             moving_labels: Path | str | None = None, recentre_passes: int | None = None,
+             tta_passes: int | None = None, ensemble_fusion: str | None = None, warps: int | None = None,
+             adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False, spread: bool = False,
+             spread_map: bool = False, l2r_name: bool = False, jacobian: bool = False,
+             resample_moving: bool = False, via_keypoints: bool = False, lung_mask: bool = False) -> str:
+    """Register one fixed/moving pair into ``out_dir``; returns the one-line summary.
+
+    The inputs pick the path: two point files (csv/npy/ply/pcd, mm) ->
+    :func:`cyclereg.clouds.api.register_cloud_files`; two NIfTI volumes -> the dense path
+    (:func:`cyclereg.dense.api.register_volume_files`), or with ``via_keypoints`` the keypoint path
+    (:func:`cyclereg.clouds.api.register_volumes_via_keypoints`). Options of another path are refused
+    by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``.
+    """
+    require_inputs(fixed, moving, query, reference, moving_image, moving_labels,
+                   None if model == "random" else model)
+    if is_volume_file(fixed) != is_volume_file(moving):
+        volume, cloud = (fixed, moving) if is_volume_file(fixed) else (moving, fixed)
+        raise InputError(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
+    volumes = is_volume_file(fixed)
+    if not (via_keypoints and volumes):
+        refuse_options({"--lung-mask": lung_mask or None}, "volumes registered --via-keypoints")
+    if via_keypoints:
+        if not volumes:
+            raise InputError(f"--via-keypoints registers two volumes (NIfTI) through their keypoints; {fixed} and "
+                             f"{moving} are point clouds already: leave it out")
+        refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
+                        "--l2r-name": l2r_name or None, "--resample-moving": resample_moving or None,
+                        "--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
+                       "the dense path or point-cloud files, not --via-keypoints (there the fixed scan is the "
+                       "reference grid and the moving scan the image to warp)")
+        from cyclereg.clouds.api import register_volumes_via_keypoints
+
+        return register_volumes_via_keypoints(
+            Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed, lung_mask=lung_mask,
+            query=None if query is None else Path(query), device=device, recentre_passes=recentre_passes,
+            tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
+            moving_labels=None if moving_labels is None else Path(moving_labels), disp_mm=disp_mm, spread=spread,
+            spread_map=spread_map, jacobian=jacobian, verbose=True)
+    if volumes:
+        refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
+                       "point-cloud files, not volumes")
+        refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--query": query,
+                        "--ensemble-fusion": ensemble_fusion, "--spread": spread or None,
+                        "--spread-map": spread_map or None},
+                       "point clouds (or volumes with --via-keypoints), not the dense path")
+        from cyclereg.dense.api import register_volume_files
+
+        return register_volume_files(
+            Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed,
+            moving_labels=None if moving_labels is None else Path(moving_labels), warps=warps, adam=adam, ic=ic,
+            disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving, jacobian=jacobian)
+    refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
+                    "--resample-moving": resample_moving or None},
+                   "volumes, not point clouds")
+    from cyclereg.clouds.api import register_cloud_files
+
+    def opt(p):
+        return None if p is None else Path(p)
+
+    return register_cloud_files(
+        Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed, query=opt(query), spacing=spacing,
+        device=device, recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
+        reference=opt(reference), moving_image=opt(moving_image), moving_labels=opt(moving_labels), disp_mm=disp_mm,
+        spread=spread, spread_map=spread_map, jacobian=jacobian)
+
+
+def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | None = None,
+             run: Path | str | None = None, stage: int | None = None, seed: int = 0, max_pairs: int | None = None,
+             device: str = "auto", recentre_passes: int | None = None, tta_passes: int | None = None,
+             ensemble_fusion: str | None = None, errors_csv: Path | str | None = None, spread: bool = False,
+             warps: int | None = None, adam: bool | None = None, ic: bool | None = None,
+             both_directions: bool = False, resume: bool = False) -> dict:
+    """Evaluate exactly one of ``identity``, ``model`` (a checkpoint file or ``"random"``) and ``run``
+    (a run directory: each pair with the checkpoint of the fold that held it out) on ``dataset``;
+    writes the JSON ``report`` and returns it.
+
+    A keypoint dataset is scored by TRE (:func:`cyclereg.clouds.api.evaluate_keypoint_dataset`), a
+    labelled volume dataset by Dice and HD95 (:func:`cyclereg.dense.api.evaluate_volume_dataset`),
+    both with SDlogJ and run time. Options of the other kind are refused by name.
+    """
+    if sum([identity, model is not None, run is not None]) != 1:
+        raise InputError("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
+    require_inputs(dataset, None if model in (None, "random") else model)
+    require_run_dir(run)
+    from cyclereg.datasets import dataset_kind
+
+    run = None if run is None else Path(run)
+    if dataset_kind(dataset) == "keypoints":
+        refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
+                        "--both-directions": both_directions or None, "--resume": resume or None},
+                       "volume datasets, not keypoint datasets")
+        from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+        return evaluate_keypoint_dataset(
+            Path(dataset), Path(report), identity=identity, model=model, run=run, stage=stage, seed=seed,
+            max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
+            ensemble_fusion=ensemble_fusion, device=device, spread=spread,
+            errors_csv=None if errors_csv is None else Path(errors_csv))
+    refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
+                    "--ensemble-fusion": ensemble_fusion, "--spread": spread or None},
+                   "keypoint datasets, not volume datasets")
+    from cyclereg.dense.api import evaluate_volume_dataset
+
+    return evaluate_volume_dataset(
+        Path(dataset), Path(report), identity=identity, model=model, run=run, stage=stage, seed=seed,
+        max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device, both_directions=both_directions,
+        resume=resume)

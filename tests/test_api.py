@@ -1,0 +1,99 @@
+"""The command entry points of :mod:`cyclereg.api`: the path follows the inputs, options of the
+other path are refused by name before any work, and the result is the path-specific call's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cyclereg import api
+from cyclereg.clouds.api import register_cloud_files
+from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+from cyclereg.errors import InputError
+from cyclereg.pointio import write_points
+
+SMALL = BreathingConfig(n_fixed=300, n_moving=600, branches=20)
+
+
+@pytest.fixture
+def clouds(tmp_path):
+    pair = make_breathing_pair(0, SMALL)
+    write_points(tmp_path / "f.csv", pair.fixed_mm)
+    write_points(tmp_path / "m.csv", pair.moving_mm)
+    write_points(tmp_path / "l.csv", pair.fixed_mm[:20])
+    write_points(tmp_path / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,volume", [("a.nii", True), ("a.NII.GZ", True), ("dir.nii/a.csv", False),
+                                         ("a.nii.gz.csv", False), ("a.ply", False)])
+def test_is_volume_file(name, volume):
+    assert api.is_volume_file(name) is volume
+
+
+def test_register_clouds_is_the_cloud_path(clouds):
+    """Two point files go to the keypoint path: the same call with the same seed gives the same
+    displacements, byte for byte."""
+    summary = api.register(str(clouds / "f.csv"), str(clouds / "m.csv"), str(clouds / "a"), seed=3, device="cpu")
+    register_cloud_files(clouds / "f.csv", clouds / "m.csv", clouds / "b", seed=3, device="cpu")
+    assert isinstance(summary, str) and str(clouds / "a") in summary
+    assert (clouds / "a" / "displacements.csv").read_bytes() == (clouds / "b" / "displacements.csv").read_bytes()
+
+
+@pytest.mark.parametrize("files,options,message", [
+    (("f.csv", "m.csv"), {"warps": 2}, "--warps is an option for volumes, not point clouds"),
+    (("f.csv", "m.csv"), {"adam": False, "l2r_name": True},
+     "--adam/--no-adam and --l2r-name are options for volumes, not point clouds"),
+    (("f.csv", "m.csv"), {"lung_mask": True}, "--lung-mask is an option for volumes registered --via-keypoints"),
+    (("f.csv", "m.csv"), {"via_keypoints": True}, "--via-keypoints registers two volumes"),
+    (("f.nii.gz", "m.nii.gz"), {"query": "q.csv"},
+     "--query is an option for point clouds (or volumes with --via-keypoints), not the dense path"),
+    (("f.nii.gz", "m.nii.gz"), {"spacing": "1,1,1"}, "--spacing is an option for point-cloud files, not volumes"),
+    (("f.nii.gz", "m.nii.gz"), {"via_keypoints": True, "ic": True}, "--ic/--no-ic is an option for the dense path"),
+    (("f.nii.gz", "m.csv"), {}, "a point cloud, but"),
+])
+def test_register_refuses_options_of_another_path(clouds, files, options, message):
+    """Refused before anything is read or written (the volumes here are not even valid NIfTI)."""
+    for name in files:
+        if not (clouds / name).exists():
+            (clouds / name).write_bytes(b"not read")
+    if "query" in options:
+        options = {**options, "query": clouds / "f.csv"}
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        api.register(clouds / files[0], clouds / files[1], clouds / "out", **options)
+    assert not (clouds / "out").exists()
+
+
+def test_evaluate_follows_the_dataset_kind(clouds):
+    ds = clouds / "dataset.json"
+    ds.write_text(json.dumps({"pairs": [{"id": "c0", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv",
+                                         "fixed_landmarks": "l.csv", "moving_landmarks": "ml.csv"}]}))
+    report = api.evaluate(ds, clouds / "r.json", identity=True)
+    written = json.loads((clouds / "r.json").read_text())
+    assert report["mean_tre_mm"] == written["mean_tre_mm"] and len(written["cases"]) == 1
+    assert report["mean_tre_mm"] == pytest.approx(report["initial_tre_mm"]) and report["initial_tre_mm"] > 0
+    with pytest.raises(InputError, match="--both-directions is an option for volume datasets"):
+        api.evaluate(ds, clouds / "r2.json", identity=True, both_directions=True)
+    volumes = clouds / "l2r.json"
+    volumes.write_text(json.dumps({"registration_val": [], "training": []}))
+    with pytest.raises(InputError, match="--tta-passes and --spread are options for keypoint datasets"):
+        api.evaluate(volumes, clouds / "r2.json", identity=True, tta_passes=2, spread=True)
+    for methods in ({}, {"identity": True, "model": "random"}, {"model": "random", "run": clouds}):
+        with pytest.raises(InputError, match="give exactly one of --identity"):
+            api.evaluate(ds, clouds / "r2.json", **methods)
+    assert not (clouds / "r2.json").exists()
+
+
+def test_keypoints_needs_one_volume_or_pairs(clouds):
+    with pytest.raises(InputError, match="give a CT volume, or --pairs"):
+        api.keypoints(None, clouds / "k.csv")
+    (clouds / "pairs.csv").write_text("id,fixed,moving\n")
+    (clouds / "ct.nii.gz").write_bytes(b"not read")
+    with pytest.raises(InputError, match="not both"):
+        api.keypoints(clouds / "ct.nii.gz", clouds / "k", pairs=clouds / "pairs.csv")
+    with pytest.raises(InputError, match="--folds is an option for --pairs"):
+        api.keypoints(clouds / "ct.nii.gz", clouds / "k.csv", folds=2)
+    with pytest.raises(InputError, match="--format is an option for one CT volume, not --pairs"):
+        api.keypoints(None, clouds / "k", pairs=clouds / "pairs.csv", fmt="csv")
+    assert not (clouds / "k.csv").exists() and not (clouds / "k").exists()
