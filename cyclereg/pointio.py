@@ -139,18 +139,21 @@ def points_csv(points_mm: torch.Tensor | np.ndarray) -> str:
 
 
 def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None = None,
-                 spacing_mm: tuple[float, float, float] | None = None) -> None:
+                 spacing_mm: tuple[float, float, float] | None = None, affine: np.ndarray | None = None) -> None:
     """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm), ``l2r``
-    (headerless voxel indices, needs ``spacing_mm``), ``npy``, ``ply`` or ``pcd``."""
+    (headerless voxel indices on the grid of the scan's ``affine``, or without a scan of
+    ``mm = index * spacing_mm``: what :func:`read_points` reads back with the same argument),
+    ``npy``, ``ply`` or ``pcd``."""
     p = Path(path)
     pts = torch.as_tensor(points_mm).detach().cpu().double().numpy()
     fmt = (fmt or p.suffix.lstrip(".") or "csv").lower()
     if fmt == "csv":
         atomic_write_text(p, points_csv(pts))
     elif fmt == "l2r":
-        if spacing_mm is None:
-            raise InputError("l2r output needs the voxel spacing", p)
-        vox = world_to_voxel(torch.from_numpy(pts), torch.from_numpy(spacing_affine(spacing_mm))).numpy()
+        if spacing_mm is None and affine is None:
+            raise InputError("l2r output needs the scan's affine or the voxel spacing", p)
+        grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
+        vox = world_to_voxel(torch.from_numpy(pts), torch.from_numpy(grid)).numpy()
         buf = io.StringIO()
         np.savetxt(buf, vox, delimiter=",", fmt="%.4f")
         atomic_write_text(p, buf.getvalue())

@@ -56,6 +56,21 @@ def test_learn2reg_voxel_csv(tmp_path, pts):
         read_points(p)
 
 
+def test_learn2reg_voxel_csv_on_a_scan_grid(tmp_path):
+    """With a scan's affine (flipped axis, permuted axes, offset origin), l2r files hold that scan's
+    voxel indices, and reading with the same affine gives the points back."""
+    affine = np.array([[0.0, 0.0, -1.5, 40.0], [2.0, 0.0, 0.0, -12.5], [0.0, 0.8, 0.0, 7.0], [0, 0, 0, 1]])
+    vox = np.array([[0.0, 0.0, 0.0], [3.0, 5.0, 7.0], [10.0, 1.0, 2.0]])
+    pts = torch.from_numpy(vox @ affine[:3, :3].T + affine[:3, 3])
+    p = tmp_path / "kp.csv"
+    write_points(p, pts, fmt="l2r", affine=affine)
+    np.testing.assert_allclose(np.loadtxt(p, delimiter=","), vox, atol=1e-4)
+    torch.testing.assert_close(read_points(p, affine=affine), pts.float(), atol=1e-3, rtol=0)
+    with pytest.raises(InputError, match="affine or the voxel spacing"):
+        write_points(tmp_path / "x.csv", pts, fmt="l2r")
+    assert not (tmp_path / "x.csv").exists()
+
+
 @pytest.mark.parametrize("content,match", [
     ("x_mm,y_mm,z_mm\n", "empty"),
     ("", "empty"),

@@ -259,12 +259,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
     with steps("write"):
         if save_mask is not None:
             write_nifti(save_mask, result.mask.astype(np.uint8), volume.affine)
-        if fmt == "l2r":  # write_points divides by the spacing: hand it index * spacing
-            spacing = tuple(volume.spacing)
-            write_points(output, result.voxels.double() * torch.tensor(spacing, dtype=torch.float64),
-                         fmt="l2r", spacing_mm=spacing)
-        else:
-            write_points(output, result.points_mm, fmt=fmt)
+        write_points(output, result.points_mm, fmt=fmt, affine=volume.affine)  # l2r: back to this scan's indices
         timings["total"] = round(time.perf_counter() - t0, 3)
         write_json(config_path_for(output), {
             "cyclereg_version": __version__,
