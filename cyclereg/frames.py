@@ -116,6 +116,28 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
     return world_to_voxel(voxel_to_world(target, fixed_affine), moving_affine)
 
 
+def centred_affine(shape: tuple[int, int, int], spacing_mm) -> torch.Tensor:
+    """4x4 float64 voxel -> mm affine of a grid of ``shape`` and voxel size ``spacing_mm`` (i, j, k)
+    with its axes along the array axes and its origin at the volume centre (voxel ``(shape - 1) / 2``)."""
+    S = torch.diag(torch.tensor([float(s) for s in spacing_mm], dtype=torch.float64))
+    centre = (torch.tensor([float(n) for n in shape], dtype=torch.float64) - 1) / 2
+    A = torch.eye(4, dtype=torch.float64)
+    A[:3, :3], A[:3, 3] = S, -(S @ centre)
+    return A
+
+
+def world_map_to_voxel(A_mm: torch.Tensor, t_mm: torch.Tensor, affine: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map ``x -> A_mm x + t_mm`` of world mm, written in the voxel indices of the grid
+    with the 4x4 ``affine``: ``(A_vox (3, 3), b_vox (3,))`` with ``v -> A_vox v + b_vox`` equal to
+    ``world_to_voxel(A_mm voxel_to_world(v) + t_mm)`` (float64)."""
+    M = torch.as_tensor(affine, dtype=torch.float64)
+    W = torch.eye(4, dtype=torch.float64)
+    W[:3, :3], W[:3, 3] = torch.as_tensor(A_mm, dtype=torch.float64), torch.as_tensor(t_mm, dtype=torch.float64)
+    V = torch.linalg.solve(M, W @ M)
+    return V[:3, :3], V[:3, 3]
+
+
 # ----------------------------------------------------------------------------- mm <-> unit (clouds)
 @dataclass(frozen=True)
 class UnitBox:

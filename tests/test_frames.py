@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from cyclereg.frames import (UnitBox, fixed_to_moving_voxels, grid_disp_to_voxel_disp, grid_to_voxel, mm_disp_to_voxel, voxel_disp_to_grid_disp,
-                             voxel_disp_to_mm, voxel_to_grid, voxel_to_world, world_to_voxel)
+from cyclereg.frames import (UnitBox, centred_affine, fixed_to_moving_voxels, grid_disp_to_voxel_disp, grid_to_voxel, mm_disp_to_voxel, voxel_disp_to_grid_disp,
+                             voxel_disp_to_mm, voxel_to_grid, voxel_to_world, world_map_to_voxel, world_to_voxel)
 from cyclereg.warp import warp, warp_between_grids
 
 
@@ -103,3 +103,32 @@ def test_warp_between_grids_in_slabs_equals_one_piece(monkeypatch):
     whole = warp_between_grids(moving, MOVING_AFFINE, d, FIXED_AFFINE)
     monkeypatch.setattr(warp_mod, "SLAB_VOXELS", 7 * 8 * 4 + 1)  # two slabs along axis 0: 4 + 2 planes
     torch.testing.assert_close(warp_between_grids(moving, MOVING_AFFINE, d, FIXED_AFFINE), whole, atol=1e-6, rtol=0)
+
+
+def test_centred_affine_puts_the_volume_centre_at_the_origin():
+    A = centred_affine((5, 4, 7), (2.0, 0.5, 1.5))
+    centre = torch.tensor([[2.0, 1.5, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(voxel_to_world(centre, A), torch.zeros(1, 3, dtype=torch.float64))
+    torch.testing.assert_close(voxel_to_world(torch.tensor([[4.0, 3.0, 6.0]], dtype=torch.float64), A),
+                               torch.tensor([[4.0, 0.75, 4.5]], dtype=torch.float64))
+
+
+def test_world_map_to_voxel_is_the_map_seen_through_the_grid():
+    """A rotation + scaling + shift in mm on an oblique, anisotropic, offset grid: the voxel-frame map
+    sends every voxel where the world map sends its world point."""
+    g = torch.Generator().manual_seed(0)
+    affine = torch.tensor([[0.0, 0.0, -1.5, 40.0], [2.0, 0.0, 0.0, -12.5], [0.0, 0.8, 0.0, 7.0], [0, 0, 0, 1]],
+                          dtype=torch.float64)
+    A_mm = torch.eye(3, dtype=torch.float64) + 0.2 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    t_mm = torch.tensor([3.0, -4.0, 10.0], dtype=torch.float64)
+    A_vox, b_vox = world_map_to_voxel(A_mm, t_mm, affine)
+    v = torch.randn(50, 3, generator=g, dtype=torch.float64) * 20
+    expected = world_to_voxel(voxel_to_world(v, affine) @ A_mm.T + t_mm, affine)
+    torch.testing.assert_close(v @ A_vox.T + b_vox, expected)
+    # the identity in mm is the identity in voxels; a pure mm shift is that shift in voxels
+    I, zero = world_map_to_voxel(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), affine)
+    torch.testing.assert_close(I, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(zero, torch.zeros(3, dtype=torch.float64))
+    _, b = world_map_to_voxel(torch.eye(3, dtype=torch.float64), torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64),
+                              affine)
+    torch.testing.assert_close(b, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))

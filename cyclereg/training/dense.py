@@ -25,7 +25,7 @@ from cyclereg.dense.instance import diffusion_regularizer
 from cyclereg.dense.network import FeatureNet, init_random
 from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
-from cyclereg.frames import voxel_coordinates
+from cyclereg.frames import centred_affine, voxel_coordinates, world_map_to_voxel
 from cyclereg.warp import warp
 from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
                                          training_generator)
@@ -144,10 +144,8 @@ def random_pair_affines(generator: torch.Generator, cfg: DenseCycleConfig, shape
     """Random voxel-space affine maps ``x -> A x + b`` (image voxels) for the fixed and the
     moving image of one pair (float64). The perturbations act on millimetre coordinates
     about the volume centre, so anisotropic voxels are handled correctly."""
-    S = torch.diag(torch.tensor([float(s) for s in spacing_mm], dtype=torch.float64))
-    Sinv = torch.linalg.inv(S)
-    c = (torch.tensor([float(n) for n in shape], dtype=torch.float64) - 1) / 2
-    half_extent_mm = S @ c
+    grid = centred_affine(tuple(shape), spacing_mm)  # mm about the volume centre
+    half_extent_mm = -grid[:3, 3]  # centre to the centre of the last voxel, per axis
 
     def draw(std):
         return torch.eye(3, dtype=torch.float64) + std * torch.randn(3, 3, generator=generator, dtype=torch.float64)
@@ -158,11 +156,7 @@ def random_pair_affines(generator: torch.Generator, cfg: DenseCycleConfig, shape
     t_rel = cfg.aug_relative_std * torch.randn(3, generator=generator, dtype=torch.float64) * half_extent_mm
     A_mov, t_mov = R @ A_fix, R @ t_fix + t_rel
 
-    def to_voxels(A, t):
-        Av = Sinv @ A @ S
-        return Av, c - Av @ c + Sinv @ t
-
-    return to_voxels(A_fix, t_fix), to_voxels(A_mov, t_mov)
+    return world_map_to_voxel(A_fix, t_fix, grid), world_map_to_voxel(A_mov, t_mov, grid)
 
 
 def affine_field(A: torch.Tensor, b: torch.Tensor, shape, stride: int = 1, *, device=None,
