@@ -77,8 +77,38 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), path=p)
 
 
-def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.ndarray) -> None:
-    """Write a volume (``(D, H, W)`` or ``(D, H, W, C)``) atomically with the given affine."""
+DISPLACEMENT_INTENT_NAMES = {"voxel": "disp voxel ijk", "mm": "disp mm xyz"}
+"""NIfTI ``intent_name`` (at most 16 characters) of a displacement file per unit: the file says what
+its vector components are (voxels of its grid along the array axes i, j, k, or world mm x, y, z)."""
+
+
+def write_displacement(path: str | Path, disp_vox: torch.Tensor, affine: np.ndarray, *, unit: str = "voxel") -> None:
+    """Write a dense fixed -> moving field in the Learn2Reg layout ``(D, H, W, 3)`` atomically, NIfTI
+    intent ``vector``, its unit in the intent name (:data:`DISPLACEMENT_INTENT_NAMES`).
+
+    Args:
+        disp_vox: ``(1, 3, D, H, W)`` displacement in voxels of the grid of ``affine`` (channel c along
+            array axis c), the package's convention.
+        affine: 4x4 voxel -> world mm affine of the fixed grid.
+        unit: ``"voxel"`` writes ``disp_vox`` as it is; ``"mm"`` writes world-mm components x, y, z
+            (:func:`cyclereg.frames.voxel_disp_to_mm`).
+    """
+    from cyclereg.frames import voxel_disp_to_mm  # noqa: PLC0415
+
+    if unit not in DISPLACEMENT_INTENT_NAMES:
+        raise ValueError(f"unit: expected one of {sorted(DISPLACEMENT_INTENT_NAMES)}, got {unit!r}")
+    if disp_vox.ndim != 5 or disp_vox.shape[:2] != (1, 3):
+        raise ValueError(f"disp_vox: expected (1, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    field = disp_vox.detach().cpu().float()
+    if unit == "mm":
+        field = voxel_disp_to_mm(field, torch.from_numpy(np.asarray(affine, dtype=np.float64)).float())
+    write_nifti(path, field[0].permute(1, 2, 3, 0), affine, intent=("vector", DISPLACEMENT_INTENT_NAMES[unit]))
+
+
+def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.ndarray, *,
+                intent: tuple[str, str] | None = None) -> None:
+    """Write a volume (``(D, H, W)`` or ``(D, H, W, C)``) atomically with the given affine;
+    ``intent``: NIfTI intent code and name (e.g. ``("vector", "disp mm xyz")``)."""
     import nibabel as nib  # noqa: PLC0415
 
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
@@ -88,6 +118,8 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
         arr = arr.astype(np.int16 if np.abs(arr).max(initial=0) < 32768 else np.int32)
     img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
+    if intent is not None:
+        img.header.set_intent(intent[0], (), name=intent[1])
     atomic_write_bytes(path, lambda fh: fh.write(img.to_bytes()) if not str(path).endswith(".gz")
                        else fh.write(_gzip(img.to_bytes())))
 

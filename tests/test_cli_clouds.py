@@ -274,6 +274,8 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert json.loads((d / "vox" / "config.json").read_text())["outputs"] == [
         "displacements.csv", "displacement.nii.gz", "jacobian.nii.gz"]
     np.testing.assert_allclose(read_nifti_array(d / "mm" / "displacement.nii.gz"), field * 2.0, atol=1e-4)
+    assert [nib.load(str(d / sub / "displacement.nii.gz")).header.get_intent()[2] for sub in ("vox", "mm")] == [
+        "disp voxel ijk", "disp mm xyz"]
     assert not (d / "mm" / "warped.nii.gz").exists()
     # --jacobian: the determinant map of the same field (voxels), on the reference grid
     jac = read_nifti_array(d / "mm" / "jacobian.nii.gz")

@@ -17,11 +17,11 @@ from cyclereg.console import print_table
 from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
-from cyclereg.frames import UnitBox, voxel_disp_to_mm, world_to_voxel
+from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, points_csv, read_points
-from cyclereg.volumeio import Volume, read_nifti, write_nifti
+from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "cloud"
@@ -355,11 +355,10 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         lo, hi = fixed_mm.min(0).values, fixed_mm.max(0).values
         margin = QUERY_EXTENT_MARGIN * (hi - lo)
         outside = int(((query_mm < lo - margin) | (query_mm > hi + margin)).any(dim=1).sum())
-    volumes = {}
+    volumes, fields = {}, {}
     if ref is not None:
         field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
-        field = voxel_disp_to_mm(field_vox, torch.from_numpy(ref.affine).float()) if disp_mm else field_vox
-        volumes["displacement.nii.gz"] = field[0].permute(1, 2, 3, 0)
+        fields = {"displacement.nii.gz": field_vox}  # written with its unit by write_displacement
         if mov_img is not None:
             volumes["warped.nii.gz"] = warp_between_grids(mov_img.data[None, None], mov_img.affine,
                                                           field_vox, ref.affine)[0, 0]
@@ -373,9 +372,11 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in outputs.items():
         atomic_write_text(out_dir / name, text)
+    for name, field in fields.items():
+        write_displacement(out_dir / name, field, ref.affine, unit="mm" if disp_mm else "voxel")
     for name, data in volumes.items():
         write_nifti(out_dir / name, data, ref.affine)
-    written = sorted(outputs) + sorted(volumes)
+    written = sorted(outputs) + sorted(fields) + sorted(volumes)
     # what an earlier register wrote into this folder and this one does not (never the inputs)
     remove_stale_outputs(out_dir, written, keep=(*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None)))
     write_json(out_dir / "config.json", {**provenance(dev), **inputs, "device": str(dev), "outputs": written,

@@ -7,7 +7,8 @@ Outputs of :func:`register_volume_files` (in ``out_dir``):
     voxel ``x`` corresponds to the moving voxel ``x + u(x)``. By default the 3 components
     are **voxels of the fixed grid along the array axes (i, j, k)** (the package
     convention, also Learn2Reg's); with ``disp_mm=True`` they are **world millimetres
-    (x, y, z) of the NIfTI affine** (``u_mm = A[:3, :3] @ u_vox``).
+    (x, y, z) of the NIfTI affine** (``u_mm = A[:3, :3] @ u_vox``). The header says which:
+    intent ``vector`` named ``disp voxel ijk`` or ``disp mm xyz``.
 ``warped.nii.gz``
     the moving image (original intensities) resampled into the fixed grid (trilinear).
 ``warped_labels.nii.gz``
@@ -41,9 +42,8 @@ from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
-from cyclereg.frames import voxel_disp_to_mm
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
-from cyclereg.volumeio import Volume, read_nifti, write_nifti
+from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
@@ -152,8 +152,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     disp_cpu = disp.detach().cpu().float()
-    field = voxel_disp_to_mm(disp_cpu, torch.from_numpy(fv.affine).float()) if disp_mm else disp_cpu
-    write_nifti(out_dir / "displacement.nii.gz", field[0].permute(1, 2, 3, 0), fv.affine)
+    write_displacement(out_dir / "displacement.nii.gz", disp_cpu, fv.affine, unit="mm" if disp_mm else "voxel")
     if resampled:  # straight from the scan's own grid, not from its copy on the fixed grid
         warped = warp_between_grids(given_mv.data[None, None].float(), given_mv.affine, disp_cpu, fv.affine)[0, 0]
     else:
@@ -171,7 +170,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         written.append("jacobian.nii.gz")
     if l2r_name:
         name = f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"
-        write_nifti(out_dir / name, disp_cpu[0].permute(1, 2, 3, 0), fv.affine)
+        write_displacement(out_dir / name, disp_cpu, fv.affine)
         written.append(name)
     stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
     # what an earlier register wrote into this folder and this one does not (never the inputs)
