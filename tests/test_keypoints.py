@@ -160,6 +160,7 @@ def test_cli_lung_mask_csv_and_config(tmp_path):
     assert len(pts) > 0 and saved[tuple(vox.T)].all()
     cfg = json.loads(config_path_for(out).read_text())
     assert cfg["num_keypoints"] == len(pts) and cfg["foerstner"]["nms_radius_mm"] == 3.0
+    assert {"cyclereg_version", "date", "machine"} <= set(cfg)
     assert cfg["lung_mask"] is True and "total" in cfg["timings_s"]
 
 
@@ -260,6 +261,7 @@ def test_cli_pairs_builds_a_keypoint_dataset(tmp_path):
     cfg = json.loads(config_path_for(tmp_path / "ds" / "dataset.json").read_text())
     assert cfg["foerstner"]["moving"]["nms_radius_mm"] == 3.0 and cfg["foerstner"]["fixed"]["nms_radius_mm"] == 3.5
     assert cfg["num_keypoints"]["a"]["fixed"] == read_points(a.fixed_keypoints).shape[0]
+    assert {"cyclereg_version", "date", "machine"} <= set(cfg)
     # a second call does not overwrite the dataset
     res = _run("--pairs", csv, "-o", tmp_path / "ds", "--device", "cpu")
     assert res.exit_code == 2 and "already there" in res.output

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclereg import __version__
 from cyclereg.checkpoint import load_checkpoint, remove_stale_outputs, save_checkpoint, to_jsonable, write_json
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
@@ -176,7 +175,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     # what an earlier register wrote into this folder and this one does not (never the inputs)
     remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
     write_json(out_dir / "config.json", {
-        "cyclereg_version": __version__,
+        **provenance(dev),
         "config": cfg,
         "model": info,
         "device": str(dev),

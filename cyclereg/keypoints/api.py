@@ -41,9 +41,8 @@ import torch
 from rich.markup import escape
 from rich.progress import Progress
 
-from cyclereg import __version__
 from cyclereg.checkpoint import atomic_write_text, write_json
-from cyclereg.device import resolve_device
+from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_pair_ids
 from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
 from cyclereg.frames import voxel_to_world
@@ -262,7 +261,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
         write_points(output, result.points_mm, fmt=fmt, affine=volume.affine)  # l2r: back to this scan's indices
         timings["total"] = round(time.perf_counter() - t0, 3)
         write_json(config_path_for(output), {
-            "cyclereg_version": __version__,
+            **provenance(dev),
             "command": "keypoints",
             "ct": str(ct),
             "output": str(output),
@@ -400,7 +399,7 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     for name, text in texts.items():
         atomic_write_text(out / "keypoints" / name, text)
     write_json(config_path_for(dataset_json), {
-        "cyclereg_version": __version__, "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
+        **provenance(dev), "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
         "lung_mask": lung_mask, "device": str(dev), "foerstner": keypoints,
         "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts,
         "seconds": round(time.perf_counter() - t0, 3)})
