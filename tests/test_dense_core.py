@@ -220,6 +220,10 @@ def test_pair_scores_counts_an_erased_label():
     r = pair_scores(fixed, fixed.clone(), warped, torch.zeros(1, 3, *shape), (1.0, 1.0, 1.0))
     assert r["initial_dice"] == 1.0 and r["dice"] == 0.5
     assert r["dice_per_label"] == {"1": 1.0, "2": 0.0}
+    assert r["erased_labels"] == [2] and r["hd95_per_label_mm"] == {"1": 0.0}  # said, not silently dropped
+    from cyclereg.dense.api import summarize_pairs
+
+    assert summarize_pairs([{**r, "seconds": 1.0}, {**r, "seconds": 1.0, "erased_labels": []}])["erased_labels"] == 1
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.5, 1.0)])

@@ -211,7 +211,8 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
         spacing: voxel size (i, j, k) in mm, for HD95.
     Returns:
         mean and per-label Dice (before/after), HD95 [mm], Learn2Reg SDlogJ, std(log J)
-        and the folding fraction (J <= 0).
+        and the folding fraction (J <= 0); ``erased_labels``: the scored labels the warp removed
+        (Dice 0; HD95, which has no surface to measure for them, leaves them out).
     """
     labels = scored_labels(fixed_labels, moving_labels)
     d0 = dice(fixed_labels, moving_labels, labels)
@@ -226,6 +227,7 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
         "dice_per_label": {str(k): v for k, v in d1.items()},
         "initial_dice_per_label": {str(k): v for k, v in d0.items()},
         "hd95_per_label_mm": {str(k): v for k, v in h.items()},
+        "erased_labels": [k for k in labels if not bool((warped_labels == k).any())],
     }
 
 
@@ -241,6 +243,8 @@ def summarize_pairs(records: list[dict]) -> dict:
         "mean_std_logj": _mean(r["std_logj"] for r in records),
         "mean_folding_fraction": _mean(r["folding_fraction"] for r in records),
         "mean_seconds": _mean(r["seconds"] for r in records),
+        # labels scored with Dice 0 and left out of HD95 (records written before this field: not counted)
+        "erased_labels": sum(len(r.get("erased_labels", ())) for r in records),
     }
 
 
@@ -370,6 +374,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             _plot_overlay(report.with_name(report.stem + "_overlay.png"), *overlay)
 
     print_table(console, _dice_table(f"{ds.name}: {len(records)} pairs ({info.get('model')})", result))
+    if result["erased_labels"]:
+        console.print(f"note: the registrations erased {result['erased_labels']} scored label(s) (see each pair's "
+                      "erased_labels): they count as Dice 0 and are left out of HD95")
     return result
 
 
