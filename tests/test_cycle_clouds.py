@@ -53,6 +53,8 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST[:-2], *on])
     assert res.exit_code == 0, res.output
     assert (run / "fold1" / "pseudo0.pt").is_file() and (run / "run.json").is_file()
+    # two training pairs: the weighting all but drops the harder one, and says so
+    assert "note: difficulty-weighted sampling over 2 training pairs" in " ".join(res.output.split()), res.output
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", *on])
     assert res.exit_code == 0, res.output
     log = [json.loads(l) for l in (run / "fold1" / "log.jsonl").read_text().splitlines()]

@@ -304,6 +304,17 @@ def test_difficulty_weights_rank_pairs():
     assert difficulty_weights({"a": 1.0, "b": 2.0}, enabled=False) == {"a": 1.0, "b": 1.0}
 
 
+def test_a_tiny_training_set_under_weighted_sampling_gets_a_note():
+    """Two pairs: the hardest gets sigmoid(-5) / (sigmoid(5) + sigmoid(-5)) = sigmoid(-5) of the draws."""
+    from cyclereg.training.scheduler import FEW_PAIRS_NOTE, sampling_note
+
+    note = sampling_note(2, enabled=True, logit_range=5.0)
+    assert f"{100 / (1 + math.exp(5)):.1f} % of the draws (uniform: 50 %)" in note and "--uniform-sampling" in note
+    assert sampling_note(2, enabled=False, logit_range=5.0) is None
+    assert sampling_note(1, enabled=True, logit_range=5.0) is None  # one pair: uniform anyway
+    assert sampling_note(FEW_PAIRS_NOTE + 1, enabled=True, logit_range=5.0) is None
+
+
 def test_difficulty_weights_do_not_depend_on_the_order_of_tied_pairs():
     """Equal disagreements share one weight (average ranks): all equal -> uniform (0.5 each; the
     no-refinement ablation, whose disagreement is 0 by construction, must not weigh pairs by their

@@ -35,7 +35,7 @@ from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
-from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler
+from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
 
 
 def _folds(ds, fold: str | int | None, flag: str = "--fold") -> list[int | None]:
@@ -109,6 +109,15 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw], config.reg.box_margin)
     pairs = [CloudPairData(i, box.mm_to_unit(f), box.mm_to_unit(m)) for i, f, m in raw]
     return CloudCycleTask(pairs, box, config, device)
+
+
+def _note_sampling(n_pairs: int, config) -> None:
+    """Print :func:`~cyclereg.training.scheduler.sampling_note` for a training set of ``n_pairs`` (stderr)."""
+    note = sampling_note(n_pairs, enabled=config.weighted_sampling, logit_range=config.sampling_logit_range)
+    if note is not None:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"note: {note}", highlight=False)
 
 
 def _progress():
@@ -283,6 +292,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config), stages_given="stages" in options)
     for k in folds:  # reads and validates all inputs before anything is written
         _cloud_task(ds, k, config, dev)
+    _note_sampling(min(len(ds.training_ids(k)) for k in folds), config)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)
     args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
@@ -490,6 +500,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     meta = {**ident, "config": to_jsonable(config)}
     meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config), stages_given="stages" in options)
     task = _dense_task(dataset, config, dev, images, pairs)  # reads and validates all inputs first
+    _note_sampling(len(pairs), config)
     hook = _dense_val_hook(dataset, val_pairs)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)

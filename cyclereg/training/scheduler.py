@@ -304,6 +304,22 @@ def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True, 
     return weights
 
 
+FEW_PAIRS_NOTE = 3
+"""Training sets of at most this many pairs get a note when difficulty-weighted sampling is on: the
+ranked sigmoid weights then give the hardest pair almost no draws (2 pairs: 0.7 % of them)."""
+
+
+def sampling_note(n_pairs: int, *, enabled: bool, logit_range: float) -> str | None:
+    """One line for the user when difficulty weighting all but leaves out part of a tiny training set
+    (at most :data:`FEW_PAIRS_NOTE` pairs): the hardest pair's share of the draws; else None."""
+    if not enabled or not 2 <= n_pairs <= FEW_PAIRS_NOTE:
+        return None
+    weights = difficulty_weights({str(i): float(i) for i in range(n_pairs)}, logit_range=logit_range)
+    share = weights[str(n_pairs - 1)] / sum(weights.values())
+    return (f"difficulty-weighted sampling over {n_pairs} training pairs gives the hardest {100 * share:.1f} % of "
+            f"the draws (uniform: {100 / n_pairs:.0f} %); --uniform-sampling trains on every pair alike")
+
+
 class StageScheduler:
     """Runs stages ``0..stages`` of a :class:`StageTask` in ``run_dir`` (resumable)."""
 
