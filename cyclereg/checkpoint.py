@@ -139,3 +139,21 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
         hint = KIND_HINTS.get((payload.get("kind"), kind), "")
         raise InputError(f"checkpoint is for a '{payload.get('kind')}' model, expected '{kind}'{hint}", p)
     return payload
+
+
+def training_record(dataset: str, fold: int | None, pair_ids) -> dict:
+    """What a trained checkpoint records of its training data (``extra["training"]``): the dataset's
+    name, the fold (``None``: a volume run) and the ids of the pairs it learnt from (volume runs:
+    ``FIXED_MOVING`` case ids). :func:`trained_pairs` reads it back."""
+    return {"dataset": str(dataset), "fold": fold, "pairs": sorted(str(p) for p in pair_ids)}
+
+
+def trained_pairs(checkpoint: dict) -> tuple[str, set[str]] | None:
+    """``(dataset name, ids of the training pairs)`` from a loaded checkpoint's training record; an
+    ensemble (:func:`cyclereg.clouds.api.combine_cloud_models`) records the union of its members';
+    ``None`` when unknown (checkpoints from before this record, random networks)."""
+    extra = checkpoint.get("extra") or {}
+    rec = extra.get("training")
+    if isinstance(rec, dict) and isinstance(rec.get("pairs"), list):
+        return str(rec.get("dataset")), {str(p) for p in rec["pairs"]}
+    return None

@@ -46,6 +46,39 @@ def _dataset(tmp_path, n=3, landmarks=True):
     return ds
 
 
+def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path):
+    """A checkpoint records its training pairs: evaluate --model names those it scores, a run folder
+    without run.json is checked against its checkpoints, and an ensemble records its members' union."""
+    ds = _dataset(tmp_path)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu"]).exit_code == 0
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", str(run / "fold1" / "final.pt"), "--device", "cpu",
+                              "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "note: 2 of the 3 pairs were training pairs of" in said and "c1, c2" in said, res.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["pairs_in_training"] == ["c1", "c2"]
+    assert [c["in_training"] for c in report["cases"]] == [False, True, True]
+    # a folder of exported checkpoints without run.json: the checkpoint's record decides
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "fold1.pt").write_bytes((run / "fold1" / "final.pt").read_bytes())
+    one_fold = tmp_path / "one_fold.json"
+    one_fold.write_text(json.dumps({**json.loads(ds.read_text()), "folds": [["c0", "c1", "c2"]]}))
+    res = runner.invoke(app, ["evaluate", str(one_fold), "--run", str(bare), "--device", "cpu",
+                              "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 2 and "pair c1 is in fold 1 of the dataset, but the checkpoint of fold 1 records it" in \
+        " ".join(res.output.split()), res.output
+    assert not (tmp_path / "b.json").exists()
+    # an ensemble of two stages' checkpoints records the union of their training pairs
+    res = runner.invoke(app, ["ensemble", str(run / "fold1" / "stage1.pt"), str(run / "fold1" / "stage2.pt"),
+                              "-o", str(tmp_path / "e.pt")])
+    assert res.exit_code == 0 and "records the 2 pairs of tiny" in " ".join(res.output.split()), res.output
+    assert load_checkpoint(tmp_path / "e.pt", kind="cloud")["extra"]["training"]["pairs"] == ["c1", "c2"]
+
+
 def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     ds = _dataset(tmp_path)
     run = tmp_path / "run"
@@ -67,6 +100,8 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
                 and f"label disagreement {r['pseudo_label_disagreement_mm']:.2f} mm" in said), res.output
     ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
+    # it records what it learnt from: fold 1 held out c0 (ids only; never landmarks)
+    assert ck["extra"]["training"] == {"dataset": "tiny", "fold": 1, "pairs": ["c1", "c2"]}
     # trained models register like the pseudo-label stream
     assert ck["config"]["recentre_passes"] == 1 and ck["config"]["tta_passes"] == 4
     # and store the frame they were trained in: no volume box here, so the bounding box of the

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, remove_stale_outputs,
-                                 save_checkpoint, write_json)
+                                 save_checkpoint, trained_pairs, training_record, write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
@@ -133,9 +133,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 raise InputError(f"the same checkpoint as {hashes[digest]} (SHA-256 {digest[:12]}...): an "
                                  "ensemble needs independently trained members", f)
             hashes[digest] = f
-        states, members, common = [], [], None
+        states, members, common, trained = [], [], None, []
         for src, f in zip(sources, files):
             ckpt = load_checkpoint(f, kind=CHECKPOINT_KIND)
+            trained.append(trained_pairs(ckpt))
             net, config = _model_from_checkpoint(ckpt, f)
             config = replace(config, ensemble_size=1, ensemble_fusion=fusion, **changes)
             if common is None:
@@ -166,16 +167,16 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         for m, sd in zip(ensemble.members, states):
             m.load_state_dict(sd)
         config = replace(common, ensemble_size=len(states))
-        written[fold] = (config, ensemble.state_dict(), members)
+        written[fold] = (config, ensemble.state_dict(), members, _union_training(trained, fold))
     if all(dirs):
         training = {}  # the members' training configurations, where their folders record them
         for r in records:
             training.update(r)
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
-        for fold, (config, state, members) in written.items():
+        for fold, (config, state, members, seen) in written.items():
             save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
-                            extra={"members": members})
+                            extra={"members": members, **({"training": seen} if seen else {})})
         config = written[folds[0]][0]
         write_json(output / "ensemble.json", {"command": "ensemble", "sources": [str(s) for s in sources],
                                               "overrides": changes, "config": config,
@@ -185,15 +186,27 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                 "source has a checkpoint, none written") if absent else ""
         return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
                 f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}{note}")
-    config, state, members = written[None]
+    config, state, members, seen = written[None]
     output = Path(output)
-    save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state, extra={"members": members})
+    save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state,
+                    extra={"members": members, **({"training": seen} if seen else {})})
     record = output.with_name(output.stem + ".json")
     write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
-                        "config": config, "members": members})
-    return (f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: "
-            f"{record.name}); checkpoint files record no folds: make sure no member trained on a pair you will "
+                        "config": config, "members": members, "training": seen})
+    said = (f"it records the {len(seen['pairs'])} pairs of {seen['dataset']} its members trained on, and evaluate "
+            "names any of them it scores" if seen else
+            "not every member records its training pairs: make sure no member trained on a pair you will "
             "evaluate the ensemble on")
+    return (f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: "
+            f"{record.name}); {said}")
+
+
+def _union_training(trained: list, fold: int | None) -> dict | None:
+    """The training record of an ensemble: the union of its members' training pairs
+    (:func:`~cyclereg.checkpoint.trained_pairs`) when every member records them for one dataset; else None."""
+    if not trained or any(t is None for t in trained) or len({name for name, _ in trained}) != 1:
+        return None
+    return training_record(trained[0][0], fold, set().union(*(ids for _, ids in trained)))
 
 
 def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:
@@ -502,7 +515,18 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     console = Console(stderr=True, quiet=quiet)
     if run is not None and _held_out_folds(records, run) is None:
         console.print(f"note: {run} records no training folds (no run.json, ensemble.json or model_set.json): "
-                      "that each pair's fold model held it out is not checked", soft_wrap=True)
+                      "checked against what each fold's checkpoint records of its training pairs, where it does",
+                      soft_wrap=True)
+    in_training = set()
+    if model is not None and run is None:
+        trained = checkpoint_training(model)
+        if trained is not None and trained[0] == ds.name:
+            in_training = {p.id for p in pairs} & trained[1]
+        if in_training:
+            console.print(f"note: {len(in_training)} of the {len(pairs)} pairs were training pairs of {model} (its "
+                          f"checkpoint records them: {', '.join(sorted(in_training))}); no landmarks were used in "
+                          "training, but their TRE is not a held-out figure; --run RUN_DIR evaluates each pair with "
+                          "the fold model that held it out", soft_wrap=True)
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
     with Progress(console=console, transient=True) as progress:
@@ -512,6 +536,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             net, config = models.get(fold if run is not None else None, (None, default_config))
             cases.append(_evaluate_pair(p, fold, net, config, box=box, ds=ds, device=dev, smoothness=smoothness,
                                         spread=spread, rows=rows))
+            if model is not None and run is None:
+                cases[-1]["in_training"] = p.id in in_training
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
@@ -526,6 +552,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
         "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
+        **({"pairs_in_training": sorted(in_training)} if model is not None and run is None else {}),
         "cases": cases,
     }
     if spread and cases:
@@ -560,6 +587,7 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             raise InputError("--run needs a dataset with folds", dataset)
         held_out = _held_out_folds(records, run)
         seen = _record_pairs(records)  # pairs of the run's dataset: each trained on by every fold not holding it out
+        trained: dict[int, tuple | None] = {}  # without folder records: what each fold's checkpoint records
         for p in pairs:
             k = ds.fold_of(p.id)
             if k is None:
@@ -569,11 +597,25 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
                 raise InputError(f"pair {p.id} is in fold {k} of the dataset, but fold {k} of this run held out "
                                  f"{kept}: its model may have trained on {p.id}; evaluate with the folds the run "
                                  "was trained with", run)
+            path = fold_checkpoint(run, k, stage)
             if k not in models:
-                models[k] = load_cloud_model(fold_checkpoint(run, k, stage), device=device, **overrides)
+                models[k] = load_cloud_model(path, device=device, **overrides)
+                trained[k] = checkpoint_training(path) if held_out is None else None
+            if trained[k] is not None and trained[k][0] == ds.name and p.id in trained[k][1]:
+                raise InputError(f"pair {p.id} is in fold {k} of the dataset, but the checkpoint of fold {k} records "
+                                 f"it among its training pairs; evaluate with the folds the run was trained with",
+                                 path)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=device, **overrides)
     return models
+
+
+def checkpoint_training(model: str | Path) -> tuple[str, set[str]] | None:
+    """``(dataset name, training pair ids)`` a cloud checkpoint records
+    (:func:`~cyclereg.checkpoint.trained_pairs`); ``None`` for ``"random"`` or a checkpoint without it."""
+    if str(model) == "random":
+        return None
+    return trained_pairs(load_checkpoint(model, kind=CHECKPOINT_KIND))
 
 
 def run_held_out_pairs(run: Path) -> list[list[str]] | None:

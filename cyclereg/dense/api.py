@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclereg.checkpoint import load_checkpoint, remove_stale_outputs, save_checkpoint, to_jsonable, write_json
+from cyclereg.checkpoint import (load_checkpoint, remove_stale_outputs, save_checkpoint, to_jsonable, trained_pairs,
+                                 write_json)
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, require_contrast,
@@ -309,6 +310,12 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     else:
         net, cfg, info = load_model(model, seed, dev)
         cfg = _pipeline_config(cfg, warps, adam, ic)
+    trained = trained_pairs(info)  # the pairs the model learnt from, where its checkpoint records them
+    in_training = sorted({p.id for p in pairs} & trained[1]) if trained and trained[0] == ds.name else []
+    if in_training:
+        console.print(f"note: {len(in_training)} of the {len(pairs)} pairs were training pairs of {model} (its "
+                      "checkpoint records them; no labels were used in training), so their scores are not held-out "
+                      "figures: " + ", ".join(in_training), soft_wrap=True)
 
     overlay = None
     report = Path(report)
@@ -324,7 +331,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         return {
             "dataset": str(dataset), "name": ds.name, "method": info, "device": str(dev),
             "config": cfg if cfg is not None else None, "both_directions": both_directions,
-            "label_scoring": LABEL_SCORING,
+            "label_scoring": LABEL_SCORING, "pairs_in_training": in_training,
             **summarize_pairs(records),
             "label_names": {str(k): v for k, v in ds.label_names.items()},
             **provenance(dev),

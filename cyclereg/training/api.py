@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.checkpoint import to_jsonable, write_json
+from cyclereg.checkpoint import to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, require_registrable
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset
 from cyclereg.device import resolve_device
@@ -382,8 +382,8 @@ def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_ever
     """Train (or resume) fold ``k``; returns ``(k, last finished stage)``. Module-level, with
     picklable arguments, so that worker processes can run it."""
     task = _cloud_task(ds, k, config, device)
-    final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs),
-                       snapshot_every_s=snapshot_every_s).run(stages, progress)
+    final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs), snapshot_every_s=snapshot_every_s,
+                       training=training_record(ds.name, k, ds.training_ids(k))).run(stages, progress)
     return k, final
 
 
@@ -529,13 +529,15 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     meta = _read_meta(run)
     config = _dense_run_config(run, meta)
     images, pairs = _dense_training_set(dataset, config)
-    _check_identity(run, meta, _dense_identity(dataset, images, pairs))
+    ident = _dense_identity(dataset, images, pairs)
+    _check_identity(run, meta, ident)
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
     task = _dense_task(dataset, config, dev, images, pairs)
     hook = _dense_val_hook(dataset, val_pairs)
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
-                       snapshot_every_s=snapshot_every_s)
+                       snapshot_every_s=snapshot_every_s,
+                       training=training_record(ident["dataset"], None, ident["pairs"]))
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     _record_stage_target(run, stages)

@@ -324,7 +324,8 @@ class StageScheduler:
     """Runs stages ``0..stages`` of a :class:`StageTask` in ``run_dir`` (resumable)."""
 
     def __init__(self, task: StageTask, run_dir: str | Path, *, keep_labels: int | None = None,
-                 hook: StageHook | None = None, snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S):
+                 hook: StageHook | None = None, snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S,
+                 training: dict | None = None):
         """
         Args:
             task: the modality (``None`` for the read-only :meth:`status`).
@@ -334,6 +335,9 @@ class StageScheduler:
             hook: optional reporting hook, see :data:`StageHook`.
             snapshot_every_s: minimum time between mid-stage training snapshots [s]
                 (:class:`StageSnapshot`); ``<= 0`` writes none.
+            training: what every checkpoint records of the data it learnt from (``extra["training"]``:
+                dataset name, fold, the ids of the training pairs; never landmarks or labels), so that
+                evaluation and ensembles can tell training pairs from held-out ones.
         """
         if keep_labels is not None and keep_labels < 1:
             raise ValueError(f"keep_labels: need at least 1, got {keep_labels}")
@@ -342,6 +346,7 @@ class StageScheduler:
         self.keep_labels = keep_labels
         self.hook = hook
         self.snapshot_every_s = snapshot_every_s
+        self.training = training
 
     # ------------------------------------------------------------------ files
     def checkpoint_path(self, stage: int) -> Path:
@@ -538,7 +543,8 @@ class StageScheduler:
                 train_stats = {**train_stats, "train_seconds": snapshot.resumed_s + time.perf_counter() - t0}
                 save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
                                 config=self.task.model_config(), state_dict=model.state_dict(),
-                                extra={"stage": stage, "train": train_stats})
+                                extra={"stage": stage, "train": train_stats,
+                                       **({"training": self.training} if self.training is not None else {})})
                 snapshot.clear()
             parts = LabelParts(self.parts_path(stage), model)
             t_labels = time.perf_counter()
