@@ -308,6 +308,18 @@ def test_translation_is_recovered(device):
     assert err.median() < 0.5
 
 
+@pytest.mark.parametrize("fixed,moving,match", [
+    ((50, 2), (60, 3), r"fixed_mm: expected \(N, 3\)"),
+    ((50, 3), (0, 3), r"moving_mm: expected \(N, 3\) with N >= 1"),
+    ((50, 3), (60, 3, 1), "moving_mm: expected"),
+])
+def test_register_clouds_names_the_bad_argument(fixed, moving, match):
+    with pytest.raises(ValueError, match=match):
+        register_clouds(torch.zeros(fixed), torch.zeros(moving), None, CloudRegConfig())
+    with pytest.raises(ValueError, match="moving_mm: torch.float64 on cpu, but fixed_mm: torch.float32"):
+        register_clouds(torch.rand(50, 3), torch.rand(60, 3, dtype=torch.float64), None, CloudRegConfig())
+
+
 def test_scaled_motion_scales_every_displacement_and_keeps_the_clouds():
     base = BreathingConfig(n_fixed=200, n_moving=400, branches=6, steps=10)
     one, two = make_breathing_pair(3, base), make_breathing_pair(3, base.scaled_motion(2.0))

@@ -418,7 +418,16 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     ensemble also returns each member's own displacements (for
     :attr:`CloudRegistration.spread_mm`); with joint fusion that runs every member once more on
     its own (about 3x the time for four members), the fused displacements stay the same.
-    ``box``: the unit frame (a dataset's volume box); default :func:`registration_box`."""
+    ``box``: the unit frame (a dataset's volume box); default :func:`registration_box`.
+
+    Shapes: ``fixed_mm`` ``(N, 3)``, ``moving_mm`` ``(M, 3)``, world mm, one device and dtype
+    (the network's); the result's displacements are ``(N, 3)`` mm, fixed -> moving."""
+    for name, pts in (("fixed_mm", fixed_mm), ("moving_mm", moving_mm)):
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
+            raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(pts.shape)}")
+    if (moving_mm.device, moving_mm.dtype) != (fixed_mm.device, fixed_mm.dtype):
+        raise ValueError(f"moving_mm: {moving_mm.dtype} on {moving_mm.device}, but fixed_mm: {fixed_mm.dtype} on "
+                         f"{fixed_mm.device}; give both alike")
     box = box or registration_box(fixed_mm, moving_mm, config)[0]
     members = None
     if net is None:
