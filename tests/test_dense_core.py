@@ -333,3 +333,12 @@ def test_slab_warp_equals_warp_with_several_threads(depth):
     finally:
         torch.set_num_threads(n)
     torch.testing.assert_close(out, warp(feat, disp), rtol=1e-6, atol=1e-6)
+
+
+def test_register_names_the_bad_image():
+    net = random_feature_net(FeatureNetConfig(), seed=0)
+    good = torch.zeros(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"moving: expected \(B, C, D, H, W\), got \(8, 8, 8\)"):
+        register(good, torch.zeros(8, 8, 8), net, DensePipelineConfig())
+    with pytest.raises(ValueError, match=r"fixed \(1, 1, 8, 8, 8\) and moving \(1, 1, 8, 8, 9\) must share one grid"):
+        register(good, torch.zeros(1, 1, 8, 8, 9), net, DensePipelineConfig())

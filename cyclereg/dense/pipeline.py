@@ -41,8 +41,9 @@ def _crop(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
-    if fixed.ndim != 5 or moving.ndim != 5:
-        raise ValueError(f"expected (B, C, D, H, W) images, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        if image.ndim != 5:
+            raise ValueError(f"{name}: expected (B, C, D, H, W), got {tuple(image.shape)}")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share one grid")
 
