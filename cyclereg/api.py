@@ -6,7 +6,8 @@
   ``via_keypoints`` (Foerstner keypoints, a cloud model, a dense field on the fixed grid).
 * :func:`evaluate`: a keypoint dataset (TRE) or a labelled volume dataset (Dice, HD95).
 
-Each checks its inputs before importing torch (a missing file fails in well under a second) and
+Keyword arguments carry the flags' values (named as in the functions they call, with units:
+``sigma_mm`` for ``--sigma``, ``fmt`` for ``--format``). Each checks its inputs before importing torch (a missing file fails in well under a second) and
 raises :class:`~cyclereg.errors.InputError` for options that do not go together, naming them as
 the command line spells them (the path-specific functions it calls do the same), e.g.
 ``"--warps is an option for volumes, not point clouds"``. The path-specific functions
@@ -94,7 +95,7 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     return f"wrote {path} (keypoints in {path.parent / 'keypoints'})"
 
 
-def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str = "random", seed: int = 0,
+def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str | Path = "random", seed: int = 0,
              device: str = "auto", query: Path | str | None = None, spacing: str | None = None,
              reference: Path | str | None = None, moving_image: Path | str | None = None,
              moving_labels: Path | str | None = None, recentre_passes: int | None = None,
@@ -110,6 +111,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     (:func:`cyclereg.clouds.api.register_volumes_via_keypoints`). Options of another path are refused
     by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``.
     """
+    model = str(model)
     require_inputs(fixed, moving, query, reference, moving_image, moving_labels,
                    None if model == "random" else model)
     if is_volume_file(fixed) != is_volume_file(moving):
@@ -163,7 +165,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         spread=spread, spread_map=spread_map, jacobian=jacobian)
 
 
-def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | None = None,
+def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | Path | None = None,
              run: Path | str | None = None, stage: int | None = None, seed: int = 0, max_pairs: int | None = None,
              device: str = "auto", recentre_passes: int | None = None, tta_passes: int | None = None,
              ensemble_fusion: str | None = None, errors_csv: Path | str | None = None, spread: bool = False,
@@ -179,6 +181,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     """
     if sum([identity, model is not None, run is not None]) != 1:
         raise InputError("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
+    model = None if model is None else str(model)
     require_inputs(dataset, None if model in (None, "random") else model)
     require_run_dir(run)
     from cyclereg.datasets import dataset_kind

@@ -141,19 +141,34 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     return payload
 
 
-def training_record(dataset: str, fold: int | None, pair_ids) -> dict:
+def data_fingerprint(*paths: str | Path) -> str:
+    """SHA-256 (hex) over the SHA-256 of each file's bytes, in order: names a pair's (or a scan's) data
+    wherever it lies and whatever its dataset or id is called."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def training_record(dataset: str, fold: int | None, *, pairs: dict[str, str] | None = None,
+                    images: dict[str, str] | None = None) -> dict:
     """What a trained checkpoint records of its training data (``extra["training"]``): the dataset's
-    name, the fold (``None``: a volume run) and the ids of the pairs it learnt from (volume runs:
-    ``FIXED_MOVING`` case ids). :func:`trained_pairs` reads it back."""
-    return {"dataset": str(dataset), "fold": fold, "pairs": sorted(str(p) for p in pair_ids)}
+    name and fold (for people), and the :func:`data_fingerprint` of what it learnt from, by id:
+    ``pairs`` (keypoint pairs: fixed and moving keypoint files) or ``images`` (volume runs: each
+    training scan). Never landmarks or labels. :func:`training_data` reads it back."""
+    rec: dict = {"dataset": str(dataset), "fold": fold}
+    if pairs is not None:
+        rec["pairs"] = dict(sorted(pairs.items()))
+    if images is not None:
+        rec["images"] = dict(sorted(images.items()))
+    return rec
 
 
-def trained_pairs(checkpoint: dict) -> tuple[str, set[str]] | None:
-    """``(dataset name, ids of the training pairs)`` from a loaded checkpoint's training record; an
-    ensemble (:func:`cyclereg.clouds.api.combine_cloud_models`) records the union of its members';
-    ``None`` when unknown (checkpoints from before this record, random networks)."""
-    extra = checkpoint.get("extra") or {}
-    rec = extra.get("training")
-    if isinstance(rec, dict) and isinstance(rec.get("pairs"), list):
-        return str(rec.get("dataset")), {str(p) for p in rec["pairs"]}
+def training_data(checkpoint: dict) -> dict | None:
+    """The :func:`training_record` of a loaded checkpoint (or of a dict with its ``extra``), ``None``
+    when it has none (checkpoints from before the record, random networks). An ensemble made by
+    :func:`cyclereg.clouds.api.combine_cloud_models` records the union of its members' pairs."""
+    rec = (checkpoint.get("extra") or {}).get("training")
+    if isinstance(rec, dict) and (isinstance(rec.get("pairs"), dict) or isinstance(rec.get("images"), dict)):
+        return rec
     return None

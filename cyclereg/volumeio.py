@@ -79,12 +79,14 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
 
 DISPLACEMENT_INTENT_NAMES = {"voxel": "disp voxel ijk", "mm": "disp mm xyz"}
 """NIfTI ``intent_name`` (at most 16 characters) of a displacement file per unit: the file says what
-its vector components are (voxels of its grid along the array axes i, j, k, or world mm x, y, z)."""
+its vector components are (voxels of its grid along the array axes i, j, k, or world mm x, y, z).
+The intent *code* stays ``none``: NIfTI-1's ``vector`` code wants the components in the 5th
+dimension, and Learn2Reg's layout keeps them in the 4th."""
 
 
 def write_displacement(path: str | Path, disp_vox: torch.Tensor, affine: np.ndarray, *, unit: str = "voxel") -> None:
-    """Write a dense fixed -> moving field in the Learn2Reg layout ``(D, H, W, 3)`` atomically, NIfTI
-    intent ``vector``, its unit in the intent name (:data:`DISPLACEMENT_INTENT_NAMES`).
+    """Write a dense fixed -> moving field in the Learn2Reg layout ``(D, H, W, 3)`` atomically, its unit
+    in the NIfTI intent name (:data:`DISPLACEMENT_INTENT_NAMES`) and ``descrip``.
 
     Args:
         disp_vox: ``(1, 3, D, H, W)`` displacement in voxels of the grid of ``affine`` (channel c along
@@ -102,13 +104,17 @@ def write_displacement(path: str | Path, disp_vox: torch.Tensor, affine: np.ndar
     field = disp_vox.detach().cpu().float()
     if unit == "mm":
         field = voxel_disp_to_mm(field, torch.from_numpy(np.asarray(affine, dtype=np.float64)).float())
-    write_nifti(path, field[0].permute(1, 2, 3, 0), affine, intent=("vector", DISPLACEMENT_INTENT_NAMES[unit]))
+    description = ("cyclereg displacement fixed->moving, " +
+                   ("voxels along i,j,k" if unit == "voxel" else "world mm x,y,z"))
+    write_nifti(path, field[0].permute(1, 2, 3, 0), affine, intent=("none", DISPLACEMENT_INTENT_NAMES[unit]),
+                description=description)
 
 
 def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.ndarray, *,
-                intent: tuple[str, str] | None = None) -> None:
+                intent: tuple[str, str] | None = None, description: str | None = None) -> None:
     """Write a volume (``(D, H, W)`` or ``(D, H, W, C)``) atomically with the given affine;
-    ``intent``: NIfTI intent code and name (e.g. ``("vector", "disp mm xyz")``)."""
+    ``intent``: NIfTI intent code and name (e.g. ``("none", "disp mm xyz")``); ``description``: the
+    header's ``descrip`` (at most 80 characters)."""
     import nibabel as nib  # noqa: PLC0415
 
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
@@ -120,6 +126,8 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
     img.header.set_xyzt_units("mm")
     if intent is not None:
         img.header.set_intent(intent[0], (), name=intent[1])
+    if description is not None:
+        img.header["descrip"] = description.encode()[:80]
     atomic_write_bytes(path, lambda fh: fh.write(img.to_bytes()) if not str(path).endswith(".gz")
                        else fh.write(_gzip(img.to_bytes())))
 

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import cyclereg.training.scheduler as scheduler_mod
-from cyclereg.checkpoint import load_checkpoint, save_checkpoint
+from cyclereg.checkpoint import data_fingerprint, load_checkpoint, save_checkpoint
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.pointio import read_points, write_points
 from cyclereg.training.api import run_status
@@ -29,10 +29,10 @@ FAST = ["--stages", "2", "--epochs", "2", "--train-points", "100,200", "--device
 CHEAP_LABELS = ["--tta-passes", "0", "--recentre-passes", "0"]  # for tests of the scheduler, not the refinement
 
 
-def _dataset(tmp_path, n=3, landmarks=True):
+def _dataset(tmp_path, n=3, landmarks=True, seeds=None):
     pairs = []
     for i in range(n):
-        pair = make_breathing_pair(i, TINY)
+        pair = make_breathing_pair(i if seeds is None else seeds[i], TINY)
         write_points(tmp_path / f"c{i}" / "fk.csv", pair.fixed_mm)
         write_points(tmp_path / f"c{i}" / "mk.csv", pair.moving_mm)
         if landmarks:
@@ -61,6 +61,19 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["pairs_in_training"] == ["c1", "c2"]
     assert [c["in_training"] for c in report["cases"]] == [False, True, True]
+    # the data decides, not the names: the same files under another dataset name and other ids are
+    # named, other clouds under the same name and ids are not
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps({"name": "other", "pairs": [
+        {**p, "id": f"x{p['id']}"} for p in json.loads(ds.read_text())["pairs"]]}))
+    res = runner.invoke(app, ["evaluate", str(renamed), "--model", str(run / "fold1" / "final.pt"), "--device", "cpu",
+                              "--json", str(tmp_path / "n.json")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "n.json").read_text())["pairs_in_training"] == ["xc1", "xc2"]
+    other = _dataset(tmp_path / "other_data", seeds=(7, 8, 9))  # also named "tiny", ids c0-c2
+    res = runner.invoke(app, ["evaluate", str(other), "--model", str(run / "fold1" / "final.pt"), "--device", "cpu",
+                              "--json", str(tmp_path / "o.json")])
+    assert res.exit_code == 0 and "training pairs" not in res.output, res.output
+    assert json.loads((tmp_path / "o.json").read_text())["pairs_in_training"] == []
     # a folder of exported checkpoints without run.json: the checkpoint's record decides
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -69,14 +82,22 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     one_fold.write_text(json.dumps({**json.loads(ds.read_text()), "folds": [["c0", "c1", "c2"]]}))
     res = runner.invoke(app, ["evaluate", str(one_fold), "--run", str(bare), "--device", "cpu",
                               "--json", str(tmp_path / "b.json")])
-    assert res.exit_code == 2 and "pair c1 is in fold 1 of the dataset, but the checkpoint of fold 1 records it" in \
+    assert res.exit_code == 2 and "pair c1 is in fold 1 of the dataset, but the checkpoint of fold 1 trained on" in \
         " ".join(res.output.split()), res.output
     assert not (tmp_path / "b.json").exists()
+    # ... and a pair it held out passes, with a note on what was checked
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps({**json.loads(ds.read_text()), "pairs": json.loads(ds.read_text())["pairs"][:1],
+                                "folds": [["c0"]]}))
+    res = runner.invoke(app, ["evaluate", str(held), "--run", str(bare), "--device", "cpu",
+                              "--json", str(tmp_path / "h.json")])
+    assert res.exit_code == 0 and "checked against what the checkpoints of fold(s) 1 record" in \
+        " ".join(res.output.split()), res.output
     # an ensemble of two stages' checkpoints records the union of their training pairs
     res = runner.invoke(app, ["ensemble", str(run / "fold1" / "stage1.pt"), str(run / "fold1" / "stage2.pt"),
                               "-o", str(tmp_path / "e.pt")])
     assert res.exit_code == 0 and "records the 2 pairs of tiny" in " ".join(res.output.split()), res.output
-    assert load_checkpoint(tmp_path / "e.pt", kind="cloud")["extra"]["training"]["pairs"] == ["c1", "c2"]
+    assert sorted(load_checkpoint(tmp_path / "e.pt", kind="cloud")["extra"]["training"]["pairs"]) == ["c1", "c2"]
 
 
 def test_full_cycle_smoke_and_evaluate(tmp_path, device):
@@ -101,7 +122,9 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
     # it records what it learnt from: fold 1 held out c0 (ids only; never landmarks)
-    assert ck["extra"]["training"] == {"dataset": "tiny", "fold": 1, "pairs": ["c1", "c2"]}
+    training = ck["extra"]["training"]
+    assert training["dataset"] == "tiny" and training["fold"] == 1 and sorted(training["pairs"]) == ["c1", "c2"]
+    assert training["pairs"]["c1"] == data_fingerprint(tmp_path / "c1" / "fk.csv", tmp_path / "c1" / "mk.csv")
     # trained models register like the pseudo-label stream
     assert ck["config"]["recentre_passes"] == 1 and ck["config"]["tta_passes"] == 4
     # and store the frame they were trained in: no volume box here, so the bounding box of the
@@ -156,6 +179,11 @@ def test_switches_of_a_given_config_are_kept_unless_overridden(tmp_path):
     assert res.exit_code == 0, res.output
     cli = json.loads((tmp_path / "cli" / "run.json").read_text())["config"]
     assert (cli["augment"], cli["refine"], cli["weighted_sampling"]) == (False, False, False)
+    # without refinement every disagreement is 0 and the weights uniform: no note on two training pairs
+    three = _dataset(tmp_path / "three")
+    res = runner.invoke(app, ["pretrain-random", str(three), "-o", str(tmp_path / "noref"), "--fold", "1",
+                              "--no-refine", *FAST])
+    assert res.exit_code == 0 and "difficulty-weighted" not in res.output, res.output
 
 
 def _reference_and_twin(tmp_path, ds, fold: int, options: list[str]):

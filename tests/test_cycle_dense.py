@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from cyclereg.checkpoint import save_checkpoint
+from cyclereg.checkpoint import data_fingerprint, save_checkpoint
 from cyclereg.dense.similarity import mind_loss, mind_ssc, ncc_loss
 from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair_affines, strided,
                                      transform_target)
@@ -220,18 +220,21 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     rep = json.loads(report.read_text())
     assert rep["num_pairs"] == 1 and 0.0 <= rep["mean_dice"] <= 1.0
     assert rep["method"]["model"].endswith("final.pt")
-    # the checkpoint records its training pairs (held-out images only by default: none evaluated) ...
-    assert ckpt["extra"]["training"] == {"dataset": meta["dataset"], "fold": None, "pairs": meta["pairs"]}
+    # the checkpoint records its training scans (held-out images only by default: no evaluated pair) ...
+    training = ckpt["extra"]["training"]
+    assert training["dataset"] == meta["dataset"] and sorted(training["images"]) == ["0003", "0004"]
     assert rep["pairs_in_training"] == []
-    # ... and a model that trained on an evaluated pair is named as such
-    val_id = rep["pairs"][0]["id"]
-    extra = {**ckpt["extra"], "training": {**ckpt["extra"]["training"], "pairs": [*meta["pairs"], val_id]}}
+    # ... and a model that trained on both scans of an evaluated pair names it (either direction)
+    val = rep["pairs"][0]
+    images = {**training["images"], "f": data_fingerprint(val["moving"]), "m": data_fingerprint(val["fixed"])}
+    val_id = val["id"]
+    extra = {**ckpt["extra"], "training": {**training, "images": images}}
     save_checkpoint(tmp_path / "seen.pt", kind="dense", config=ckpt["config"], state_dict=ckpt["state_dict"],
                     extra=extra)
     res = runner.invoke(app, ["evaluate", str(ds_lab), "--model", str(tmp_path / "seen.pt"), *on,
                               "--json", str(tmp_path / "seen.json")])
     assert res.exit_code == 0, res.output
-    assert "note: 1 of the 1 pairs were training pairs" in " ".join(res.output.split()), res.output
+    assert "note: both scans of 1 of the 1 pairs were training images" in " ".join(res.output.split()), res.output
     assert json.loads((tmp_path / "seen.json").read_text())["pairs_in_training"] == [val_id]
 
 

@@ -99,7 +99,8 @@ def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tm
 
     dimg = nib.load(str(out / "displacement.nii.gz"))
     assert np.allclose(dimg.affine, AFFINE)
-    assert dimg.header.get_intent() == ("vector", (), "disp voxel ijk")  # the file names its unit
+    assert dimg.header.get_intent() == ("none", (), "disp voxel ijk")  # the file names its unit
+    assert b"fixed->moving, voxels" in dimg.header["descrip"].tobytes()
     disp = torch.from_numpy(np.asarray(dimg.dataobj)).permute(3, 0, 1, 2)[None].float()
     assert disp.shape == (1, 3, *SHAPE)
     jac = torch.from_numpy(np.asarray(nib.load(str(out / "jacobian.nii.gz")).dataobj))
@@ -126,7 +127,7 @@ def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tm
     back = mm_disp_to_voxel(dmm.double(), torch.from_numpy(AFFINE)).float()
     assert torch.allclose(back, disp, atol=1e-3)
     assert json.loads((out_mm / "config.json").read_text())["outputs"]["displacement"]["units"] == "mm"
-    assert nib.load(str(out_mm / "displacement.nii.gz")).header.get_intent() == ("vector", (), "disp mm xyz")
+    assert nib.load(str(out_mm / "displacement.nii.gz")).header.get_intent() == ("none", (), "disp mm xyz")
     # again into the first folder without labels, --l2r-name, --jacobian: their files go, the rest stays
     (out / "notes.txt").write_text("mine")
     res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(out), "--device", "cpu"])

@@ -164,6 +164,19 @@ def test_cli_lung_mask_csv_and_config(tmp_path):
     assert cfg["lung_mask"] is True and "total" in cfg["timings_s"]
 
 
+def test_cli_l2r_holds_the_scans_voxel_indices_on_an_oblique_offset_grid(tmp_path):
+    """--format l2r writes the detector's voxel indices, whatever the affine; csv holds their world mm."""
+    vol = texture((30, 30, 30), seed=5)
+    affine = np.array([[0.0, 0.0, -1.5, 40.0], [2.0, 0.0, 0.0, -12.5], [0.0, 0.8, 0.0, 7.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / "ob.nii.gz"))
+    assert _run(tmp_path / "ob.nii.gz", "-o", tmp_path / "kp.txt", "--format", "l2r", "--device", "cpu").exit_code == 0
+    assert _run(tmp_path / "ob.nii.gz", "-o", tmp_path / "kp.csv", "--device", "cpu").exit_code == 0
+    vox = np.loadtxt(tmp_path / "kp.txt", delimiter=",")
+    assert len(vox) > 0 and np.allclose(vox, np.rint(vox), atol=1e-4)
+    mm = read_points(tmp_path / "kp.csv").double().numpy()
+    np.testing.assert_allclose(vox @ affine[:3, :3].T + affine[:3, 3], mm, atol=1e-3)
+
+
 def test_cli_mask_l2r_and_ply(tmp_path):
     vol = texture((30, 30, 30), seed=3)
     ct_path = save_nifti(tmp_path / "img.nii", vol, spacing=(2.0, 1.0, 1.0))

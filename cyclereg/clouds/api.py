@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, remove_stale_outputs,
-                                 save_checkpoint, trained_pairs, training_record, write_json)
+                                 data_fingerprint, save_checkpoint, training_data, training_record, write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.console import print_table
-from cyclereg.datasets import KeypointDataset, load_keypoint_dataset, read_json
+from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, world_to_voxel
@@ -136,7 +136,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         states, members, common, trained = [], [], None, []
         for src, f in zip(sources, files):
             ckpt = load_checkpoint(f, kind=CHECKPOINT_KIND)
-            trained.append(trained_pairs(ckpt))
+            trained.append(training_data(ckpt))
             net, config = _model_from_checkpoint(ckpt, f)
             config = replace(config, ensemble_size=1, ensemble_fusion=fusion, **changes)
             if common is None:
@@ -203,10 +203,16 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
 
 def _union_training(trained: list, fold: int | None) -> dict | None:
     """The training record of an ensemble: the union of its members' training pairs
-    (:func:`~cyclereg.checkpoint.trained_pairs`) when every member records them for one dataset; else None."""
-    if not trained or any(t is None for t in trained) or len({name for name, _ in trained}) != 1:
+    (:func:`~cyclereg.checkpoint.training_data`) when every member records them; else None."""
+    if not trained or any(t is None or not isinstance(t.get("pairs"), dict) for t in trained):
         return None
-    return training_record(trained[0][0], fold, set().union(*(ids for _, ids in trained)))
+    names = sorted({str(t["dataset"]) for t in trained})
+    pairs: dict[str, str] = {}
+    for t in trained:
+        for pid, fingerprint in t["pairs"].items():
+            key = pid if pairs.get(pid, fingerprint) == fingerprint else f"{t['dataset']}/{pid}"
+            pairs[key] = fingerprint
+    return training_record("+".join(names), fold, pairs=pairs)
 
 
 def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:
@@ -478,6 +484,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     ``recentre_passes``, ``tta_passes`` and ``ensemble_fusion`` override the models' stored
     values (see :class:`CloudRegConfig`).
 
+    With ``model``, pairs whose keypoint files the checkpoint records among its training data
+    (:func:`pairs_in_training`) are named in a note and in the report (``pairs_in_training``, and
+    ``in_training`` per case); with ``run``, such a pair is refused (its fold model is not held out).
+
     Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests.
@@ -506,27 +516,28 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     box = dataset_box(ds)
     overrides = dict(recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
     records = _run_records(run) if run is not None else {}  # what the run records of its training
+    trained: dict[int, dict | None] = {}  # with --run: each fold checkpoint's training record
     models = _evaluation_models(ds, pairs, dataset, run=run, records=records, stage=stage, model=model, seed=seed,
-                                device=dev, overrides=overrides)
+                                device=dev, overrides=overrides, trained=trained)
     if spread and (not models or any(cfg.ensemble_size < 2 for _, cfg in models.values())):
         raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members"
                          + ("" if models else "; the identity has none"), run if run is not None else model)
     default_config = CloudRegConfig()
     console = Console(stderr=True, quiet=quiet)
     if run is not None and _held_out_folds(records, run) is None:
-        console.print(f"note: {run} records no training folds (no run.json, ensemble.json or model_set.json): "
-                      "checked against what each fold's checkpoint records of its training pairs, where it does",
-                      soft_wrap=True)
-    in_training = set()
+        recorded = sorted(k for k, rec in trained.items() if rec is not None)
+        checked = (f"checked against what the checkpoints of fold(s) {', '.join(map(str, recorded))} record of their "
+                   "training pairs" if recorded else "that each pair's fold model held it out is not checked")
+        console.print(f"note: {run} records no training folds (no run.json, or an ensemble.json or model_set.json "
+                      f"naming runs that do): {checked}", soft_wrap=True)
+    in_training: set[str] = set()
     if model is not None and run is None:
-        trained = checkpoint_training(model)
-        if trained is not None and trained[0] == ds.name:
-            in_training = {p.id for p in pairs} & trained[1]
+        in_training = pairs_in_training(pairs, checkpoint_training(model))
         if in_training:
             console.print(f"note: {len(in_training)} of the {len(pairs)} pairs were training pairs of {model} (its "
-                          f"checkpoint records them: {', '.join(sorted(in_training))}); no landmarks were used in "
-                          "training, but their TRE is not a held-out figure; --run RUN_DIR evaluates each pair with "
-                          "the fold model that held it out", soft_wrap=True)
+                          f"checkpoint records their keypoint files: {', '.join(sorted(in_training))}); no landmarks "
+                          "were used in training, but their TRE is not a held-out figure; --run RUN_DIR evaluates "
+                          "each pair with the fold model that held it out", soft_wrap=True)
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
     with Progress(console=console, transient=True) as progress:
@@ -577,17 +588,18 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
 
 def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: Path | None, records: dict,
                        stage: int | None, model: str | None, seed: int, device,
-                       overrides: dict) -> dict[int | None, tuple]:
+                       overrides: dict, trained: dict | None = None) -> dict[int | None, tuple]:
     """The models ``evaluate`` registers with: ``{fold: (net, config)}`` for the folds of ``pairs``
     with ``run`` (``records``: its :func:`_run_records`), ``{None: (net, config)}`` with ``model``,
-    ``{}`` for the identity."""
+    ``{}`` for the identity. A pair a fold model trained on, by the folder's records or by its
+    checkpoint's own (:func:`checkpoint_training`, then filled into ``trained`` per fold), is refused."""
+    trained = {} if trained is None else trained
     models: dict[int | None, tuple] = {}
     if run is not None:
         if not ds.folds:
             raise InputError("--run needs a dataset with folds", dataset)
         held_out = _held_out_folds(records, run)
         seen = _record_pairs(records)  # pairs of the run's dataset: each trained on by every fold not holding it out
-        trained: dict[int, tuple | None] = {}  # without folder records: what each fold's checkpoint records
         for p in pairs:
             k = ds.fold_of(p.id)
             if k is None:
@@ -600,22 +612,31 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             path = fold_checkpoint(run, k, stage)
             if k not in models:
                 models[k] = load_cloud_model(path, device=device, **overrides)
-                trained[k] = checkpoint_training(path) if held_out is None else None
-            if trained[k] is not None and trained[k][0] == ds.name and p.id in trained[k][1]:
-                raise InputError(f"pair {p.id} is in fold {k} of the dataset, but the checkpoint of fold {k} records "
-                                 f"it among its training pairs; evaluate with the folds the run was trained with",
-                                 path)
+                trained[k] = checkpoint_training(path)
+            if pairs_in_training([p], trained[k]):
+                raise InputError(f"pair {p.id} is in fold {k} of the dataset, but the checkpoint of fold {k} trained on "
+                                 f"its keypoint files (it records them); evaluate with the folds the run was trained "
+                                 "with", path)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=device, **overrides)
     return models
 
 
-def checkpoint_training(model: str | Path) -> tuple[str, set[str]] | None:
-    """``(dataset name, training pair ids)`` a cloud checkpoint records
-    (:func:`~cyclereg.checkpoint.trained_pairs`); ``None`` for ``"random"`` or a checkpoint without it."""
+def checkpoint_training(model: str | Path) -> dict | None:
+    """The training record a cloud checkpoint keeps (:func:`~cyclereg.checkpoint.training_data`);
+    ``None`` for ``"random"`` or a checkpoint without one."""
     if str(model) == "random":
         return None
-    return trained_pairs(load_checkpoint(model, kind=CHECKPOINT_KIND))
+    return training_data(load_checkpoint(model, kind=CHECKPOINT_KIND))
+
+
+def pairs_in_training(pairs: list[KeypointPair], record: dict | None) -> set[str]:
+    """Ids of those ``pairs`` whose keypoint files (their :func:`~cyclereg.checkpoint.data_fingerprint`,
+    whatever the dataset and the ids are called) a model trained on, by its training ``record``."""
+    if not record or not isinstance(record.get("pairs"), dict):
+        return set()
+    seen = set(record["pairs"].values())
+    return {p.id for p in pairs if data_fingerprint(p.fixed_keypoints, p.moving_keypoints) in seen}
 
 
 def run_held_out_pairs(run: Path) -> list[list[str]] | None:

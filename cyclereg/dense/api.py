@@ -7,8 +7,8 @@ Outputs of :func:`register_volume_files` (in ``out_dir``):
     voxel ``x`` corresponds to the moving voxel ``x + u(x)``. By default the 3 components
     are **voxels of the fixed grid along the array axes (i, j, k)** (the package
     convention, also Learn2Reg's); with ``disp_mm=True`` they are **world millimetres
-    (x, y, z) of the NIfTI affine** (``u_mm = A[:3, :3] @ u_vox``). The header says which:
-    intent ``vector`` named ``disp voxel ijk`` or ``disp mm xyz``.
+    (x, y, z) of the NIfTI affine** (``u_mm = A[:3, :3] @ u_vox``). The header says which: its
+    intent name ``disp voxel ijk`` or ``disp mm xyz`` (and its ``descrip``).
 ``warped.nii.gz``
     the moving image (original intensities) resampled into the fixed grid (trilinear).
 ``warped_labels.nii.gz``
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclereg.checkpoint import (load_checkpoint, remove_stale_outputs, save_checkpoint, to_jsonable, trained_pairs,
-                                 write_json)
+from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, remove_stale_outputs, save_checkpoint,
+                                 to_jsonable, training_data, write_json)
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, require_contrast,
@@ -232,6 +232,23 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
     }
 
 
+def pairs_of_training_images(pairs: list, record: dict | None) -> list[str]:
+    """Ids of those ``pairs`` whose fixed and moving scans are both among the training images a model's
+    ``record`` names (by :func:`~cyclereg.checkpoint.data_fingerprint` of the files, whatever the
+    dataset and the cases are called): the model may have trained on them (in either direction)."""
+    if not record or not isinstance(record.get("images"), dict):
+        return []
+    seen = set(record["images"].values())
+    known: dict[Path, bool] = {}
+
+    def trained(path: Path) -> bool:
+        if path not in known:
+            known[path] = data_fingerprint(path) in seen
+        return known[path]
+
+    return [p.id for p in pairs if trained(p.fixed) and trained(p.moving)]
+
+
 def summarize_pairs(records: list[dict]) -> dict:
     """Top-level report figures: means over the pair records of :func:`pair_scores`."""
     return {
@@ -310,12 +327,11 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     else:
         net, cfg, info = load_model(model, seed, dev)
         cfg = _pipeline_config(cfg, warps, adam, ic)
-    trained = trained_pairs(info)  # the pairs the model learnt from, where its checkpoint records them
-    in_training = sorted({p.id for p in pairs} & trained[1]) if trained and trained[0] == ds.name else []
+    in_training = pairs_of_training_images(pairs, training_data(info))
     if in_training:
-        console.print(f"note: {len(in_training)} of the {len(pairs)} pairs were training pairs of {model} (its "
-                      "checkpoint records them; no labels were used in training), so their scores are not held-out "
-                      "figures: " + ", ".join(in_training), soft_wrap=True)
+        console.print(f"note: both scans of {len(in_training)} of the {len(pairs)} pairs were training images of "
+                      f"{model} (its checkpoint records their files; no labels were used in training), so their scores "
+                      "are not held-out figures: " + ", ".join(in_training), soft_wrap=True)
 
     overlay = None
     report = Path(report)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.checkpoint import to_jsonable, training_record, write_json
+from cyclereg.checkpoint import data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, require_registrable
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset
 from cyclereg.device import resolve_device
@@ -112,8 +112,12 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
 
 
 def _note_sampling(n_pairs: int, config) -> None:
-    """Print :func:`~cyclereg.training.scheduler.sampling_note` for a training set of ``n_pairs`` (stderr)."""
-    note = sampling_note(n_pairs, enabled=config.weighted_sampling, logit_range=config.sampling_logit_range)
+    """Print :func:`~cyclereg.training.scheduler.sampling_note` for a training set of ``n_pairs`` (stderr).
+    Without refinement (or with a metric-supervised dense baseline) every pair's disagreement is 0 and
+    the weights are uniform: no note then."""
+    weighted = (config.weighted_sampling and config.refine
+                and getattr(config, "supervision", "pseudo") == "pseudo")
+    note = sampling_note(n_pairs, enabled=weighted, logit_range=config.sampling_logit_range)
     if note is not None:
         from rich.console import Console
 
@@ -378,12 +382,19 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     return {k: result[k] for k in selected}
 
 
+def _cloud_training_record(ds, k) -> dict:
+    """The :func:`~cyclereg.checkpoint.training_record` of fold ``k``: its training pairs' keypoint files."""
+    pairs = {pid: data_fingerprint(ds.pair(pid).fixed_keypoints, ds.pair(pid).moving_keypoints)
+             for pid in ds.training_ids(k)}
+    return training_record(ds.name, k, pairs=pairs)
+
+
 def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_every_s, *, progress) -> tuple[int, int]:
     """Train (or resume) fold ``k``; returns ``(k, last finished stage)``. Module-level, with
     picklable arguments, so that worker processes can run it."""
     task = _cloud_task(ds, k, config, device)
     final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs), snapshot_every_s=snapshot_every_s,
-                       training=training_record(ds.name, k, ds.training_ids(k))).run(stages, progress)
+                       training=_cloud_training_record(ds, k)).run(stages, progress)
     return k, final
 
 
@@ -526,6 +537,8 @@ def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseC
 
 def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
+    from cyclereg.dense.data import case_id
+
     meta = _read_meta(run)
     config = _dense_run_config(run, meta)
     images, pairs = _dense_training_set(dataset, config)
@@ -537,7 +550,8 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     hook = _dense_val_hook(dataset, val_pairs)
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
                        snapshot_every_s=snapshot_every_s,
-                       training=training_record(ident["dataset"], None, ident["pairs"]))
+                       training=training_record(ident["dataset"], None,
+                                                images={case_id(p): data_fingerprint(p) for p in images}))
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     _record_stage_target(run, stages)
