@@ -208,58 +208,9 @@ def status(
 ) -> None:
     """Progress of a training run (read only; also while cycle runs): stages per fold, what comes next, time."""
     require_run_dir(run)
-    from rich.console import Console
-    from rich.table import Table
+    from cyclereg.training.status import show_run_status
 
-    from cyclereg.checkpoint import write_json
-    from cyclereg.console import print_table
-    from cyclereg.training.api import run_status
-
-    info = run_status(run, stages=stages)
-    table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages")
-    for column in ("fold", "finished stage", "next", "time so far", "time left (estimate)"):
-        table.add_column(column)
-    for row in info["folds"]:
-        table.add_row("all" if row["fold"] is None else str(row["fold"]),
-                      "-" if row["finished"] < 0 else str(row["finished"]), row["next"],
-                      _hms(sum(row["stage_seconds"].values()) + (row["current_stage_s"] or 0.0)
-                           if row["stage_seconds"] or row["current_stage_s"] else None),
-                      _hms(row["remaining_s"]))
-    console = Console()
-    print_table(console, table)
-    if history:
-        print_table(console, _history_table(info))
-    if json_out is not None:
-        write_json(json_out, info)
-
-
-HISTORY_COLUMNS = (("train_loss_mm", "train loss [mm]"), ("pseudo_label_disagreement_mm", "label disagreement [mm]"),
-                   ("val_tre_mm", "val TRE [mm] (reporting)"), ("val_dice", "val Dice (reporting)"))
-"""Log keys ``status --history`` shows (a column only where some stage logged it), with their headers."""
-
-
-def _history_table(info: dict):
-    from rich.table import Table
-
-    rows = [(fold["fold"], t, rec) for fold in info["folds"] for t, rec in sorted(fold["stage_log"].items())]
-    other = sorted({k for *_, r in rows for k in r if k.startswith("train_loss_") and k != "train_loss_mm"})
-    candidates = HISTORY_COLUMNS[:1] + tuple((k, f"train loss ({k[len('train_loss_'):]})") for k in other) \
-        + HISTORY_COLUMNS[1:]  # a metric-supervised baseline logs its loss under its metric's name
-    shown = [(key, head) for key, head in candidates if any(isinstance(r.get(key), (int, float)) for *_, r in rows)]
-    table = Table(title="finished stages (from each fold's log.jsonl)")
-    for column in ("fold", "stage", "time", *(head for _, head in shown)):
-        table.add_column(column)
-    for fold, t, rec in rows:
-        values = [f"{rec[key]:.3f}" if isinstance(rec.get(key), (int, float)) else "-" for key, _ in shown]
-        table.add_row("all" if fold is None else str(fold), str(t), _hms(rec.get("seconds")), *values)
-    return table
-
-
-def _hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
+    show_run_status(run, stages=stages, history=history, json_out=json_out)
 
 
 @app.command()

@@ -97,3 +97,19 @@ def test_keypoints_needs_one_volume_or_pairs(clouds):
     with pytest.raises(InputError, match="--format is an option for one CT volume, not --pairs"):
         api.keypoints(None, clouds / "k", pairs=clouds / "pairs.csv", fmt="csv")
     assert not (clouds / "k.csv").exists() and not (clouds / "k").exists()
+
+
+@pytest.mark.parametrize("seconds,text", [(None, "-"), (0.4, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"),
+                                          (100 * 3600 + 1, "100:00:01")])
+def test_status_times_read_as_hours_minutes_seconds(seconds, text):
+    from cyclereg.training.status import hms
+
+    assert hms(seconds) == text
+
+
+def test_status_json_that_cannot_be_written_is_refused_first(tmp_path):
+    from cyclereg.training.status import show_run_status
+
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        show_run_status(tmp_path, json_out=tmp_path / "out.json")  # before the run directory is even read

@@ -1,0 +1,76 @@
+"""``cyclereg status``: a training run's progress as tables (read only; also while ``cycle`` runs).
+
+:func:`show_run_status` prints what :func:`cyclereg.training.api.run_status` returns: per fold the
+finished stage, what comes next, the time so far and an estimate of the time left; with
+``history`` every finished stage's time, training loss, landmark-free pseudo-label disagreement and
+any validation score the run logged (reporting only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HISTORY_COLUMNS = (("train_loss_mm", "train loss [mm]"), ("pseudo_label_disagreement_mm", "label disagreement [mm]"),
+                   ("val_tre_mm", "val TRE [mm] (reporting)"), ("val_dice", "val Dice (reporting)"))
+"""Log keys ``status --history`` shows (a column only where some stage logged it), with their headers."""
+
+
+def show_run_status(run: Path | str, *, stages: int | None = None, history: bool = False,
+                    json_out: Path | str | None = None, console=None) -> dict:
+    """Print the progress table of the run directory ``run`` (and with ``history`` the table of its
+    finished stages) on ``console`` (default: stdout); with ``json_out`` also write the status there
+    as JSON. ``stages``: count progress towards this many stages instead of the run's. Returns the
+    status (:func:`cyclereg.training.api.run_status`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cyclereg.checkpoint import write_json
+    from cyclereg.console import print_table
+    from cyclereg.errors import require_output_file
+    from cyclereg.training.api import run_status
+
+    if json_out is not None:
+        require_output_file(json_out)
+    info = run_status(Path(run), stages=stages)
+    table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages")
+    for column in ("fold", "finished stage", "next", "time so far", "time left (estimate)"):
+        table.add_column(column)
+    for row in info["folds"]:
+        so_far = (sum(row["stage_seconds"].values()) + (row["current_stage_s"] or 0.0)
+                  if row["stage_seconds"] or row["current_stage_s"] else None)
+        table.add_row("all" if row["fold"] is None else str(row["fold"]),
+                      "-" if row["finished"] < 0 else str(row["finished"]), row["next"], hms(so_far),
+                      hms(row["remaining_s"]))
+    console = console or Console()
+    print_table(console, table)
+    if history:
+        print_table(console, history_table(info))
+    if json_out is not None:
+        write_json(json_out, info)
+    return info
+
+
+def history_table(info: dict):
+    """The table of every finished stage of the folds in ``info`` (a :func:`run_status` result)."""
+    from rich.table import Table
+
+    rows = [(fold["fold"], t, rec) for fold in info["folds"] for t, rec in sorted(fold["stage_log"].items())]
+    other = sorted({k for *_, r in rows for k in r if k.startswith("train_loss_") and k != "train_loss_mm"})
+    candidates = HISTORY_COLUMNS[:1] + tuple((k, f"train loss ({k[len('train_loss_'):]})") for k in other) \
+        + HISTORY_COLUMNS[1:]  # a metric-supervised baseline logs its loss under its metric's name
+    shown = [(key, head) for key, head in candidates if any(isinstance(r.get(key), (int, float)) for *_, r in rows)]
+    table = Table(title="finished stages (from each fold's log.jsonl)")
+    for column in ("fold", "stage", "time", *(head for _, head in shown)):
+        table.add_column(column)
+    for fold, t, rec in rows:
+        values = [f"{rec[key]:.3f}" if isinstance(rec.get(key), (int, float)) else "-" for key, _ in shown]
+        table.add_row("all" if fold is None else str(fold), str(t), hms(rec.get("seconds")), *values)
+    return table
+
+
+def hms(seconds: float | None) -> str:
+    """``H:MM:SS`` of ``seconds`` (rounded), ``-`` for None."""
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
