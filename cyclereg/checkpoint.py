@@ -146,16 +146,17 @@ def data_fingerprint(*paths: str | Path) -> str:
     wherever it lies and whatever its dataset or id is called."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(file_sha256(path).encode())
+        digest.update(file_sha256(require_file(path)).encode())
     return digest.hexdigest()
 
 
 def training_record(dataset: str, fold: int | None, *, pairs: dict[str, str] | None = None,
                     images: dict[str, str] | None = None) -> dict:
     """What a trained checkpoint records of its training data (``extra["training"]``): the dataset's
-    name and fold (for people), and the :func:`data_fingerprint` of what it learnt from, by id:
-    ``pairs`` (keypoint pairs: fixed and moving keypoint files) or ``images`` (volume runs: each
-    training scan). Never landmarks or labels. :func:`training_data` reads it back."""
+    name and fold (for people), and the :func:`data_fingerprint` of each file it learnt from:
+    ``pairs`` (keypoint pairs: ``{id: {"fixed": fp, "moving": fp}}`` of their keypoint files) or
+    ``images`` (volume runs: ``{file name: fp}`` of each training scan). Never landmarks or labels.
+    :func:`training_data` reads it back."""
     rec: dict = {"dataset": str(dataset), "fold": fold}
     if pairs is not None:
         rec["pairs"] = dict(sorted(pairs.items()))

@@ -113,3 +113,17 @@ def test_status_json_that_cannot_be_written_is_refused_first(tmp_path):
     (tmp_path / "out.json").mkdir()
     with pytest.raises(InputError, match="is a folder"):
         show_run_status(tmp_path, json_out=tmp_path / "out.json")  # before the run directory is even read
+
+
+def test_data_fingerprint_is_of_the_content(tmp_path):
+    from cyclereg.checkpoint import data_fingerprint
+
+    (tmp_path / "a.csv").write_text("1,2,3\n")
+    (tmp_path / "b.csv").write_text("1,2,3\n")
+    (tmp_path / "c.csv").write_text("1,2,4\n")
+    assert data_fingerprint(tmp_path / "a.csv") == data_fingerprint(tmp_path / "b.csv")  # the name does not count
+    assert data_fingerprint(tmp_path / "a.csv") != data_fingerprint(tmp_path / "c.csv")
+    assert data_fingerprint(tmp_path / "a.csv", tmp_path / "c.csv") != data_fingerprint(tmp_path / "c.csv",
+                                                                                         tmp_path / "a.csv")
+    with pytest.raises(InputError, match="nope.csv: file does not exist"):
+        data_fingerprint(tmp_path / "nope.csv")

@@ -63,9 +63,10 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     assert [c["in_training"] for c in report["cases"]] == [False, True, True]
     # the data decides, not the names: the same files under another dataset name and other ids are
     # named, other clouds under the same name and ids are not
-    renamed = tmp_path / "renamed.json"
+    renamed = tmp_path / "renamed.json"  # other name, other ids, and each pair reversed
     renamed.write_text(json.dumps({"name": "other", "pairs": [
-        {**p, "id": f"x{p['id']}"} for p in json.loads(ds.read_text())["pairs"]]}))
+        {**p, "id": f"x{p['id']}", "fixed_keypoints": p["moving_keypoints"], "moving_keypoints": p["fixed_keypoints"]}
+        for p in json.loads(ds.read_text())["pairs"]]}))
     res = runner.invoke(app, ["evaluate", str(renamed), "--model", str(run / "fold1" / "final.pt"), "--device", "cpu",
                               "--json", str(tmp_path / "n.json")])
     assert res.exit_code == 0 and json.loads((tmp_path / "n.json").read_text())["pairs_in_training"] == ["xc1", "xc2"]
@@ -82,8 +83,8 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     one_fold.write_text(json.dumps({**json.loads(ds.read_text()), "folds": [["c0", "c1", "c2"]]}))
     res = runner.invoke(app, ["evaluate", str(one_fold), "--run", str(bare), "--device", "cpu",
                               "--json", str(tmp_path / "b.json")])
-    assert res.exit_code == 2 and "pair c1 is in fold 1 of the dataset, but the checkpoint of fold 1 trained on" in \
-        " ".join(res.output.split()), res.output
+    assert res.exit_code == 2 and ("pair c1 is in fold 1 of the dataset, but the checkpoint of fold 1 trained on its "
+                                   "keypoint files (as training pair(s) c1") in " ".join(res.output.split()), res.output
     assert not (tmp_path / "b.json").exists()
     # ... and a pair it held out passes, with a note on what was checked
     held = tmp_path / "held.json"
@@ -98,6 +99,18 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
                               "-o", str(tmp_path / "e.pt")])
     assert res.exit_code == 0 and "records the 2 pairs of tiny" in " ".join(res.output.split()), res.output
     assert sorted(load_checkpoint(tmp_path / "e.pt", kind="cloud")["extra"]["training"]["pairs"]) == ["c1", "c2"]
+
+
+def test_an_ensemble_keeps_every_members_training_files():
+    """Members that call other files by one id keep them all (id, id#2, id#3), and pairs match by content."""
+    from cyclereg.clouds.api import _union_training
+
+    members = [{"dataset": "copd", "fold": 1, "pairs": {"c1": {"fixed": f, "moving": m}}}
+               for f, m in (("A", "a"), ("B", "b"), ("C", "c"), ("B", "b"))]
+    union = _union_training(members, 1)
+    assert union["pairs"] == {"c1": {"fixed": "A", "moving": "a"}, "c1#2": {"fixed": "B", "moving": "b"},
+                              "c1#3": {"fixed": "C", "moving": "c"}}
+    assert _union_training([*members, None], 1) is None  # a member without a record: unknown
 
 
 def test_full_cycle_smoke_and_evaluate(tmp_path, device):
@@ -124,7 +137,8 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     # it records what it learnt from: fold 1 held out c0 (ids only; never landmarks)
     training = ck["extra"]["training"]
     assert training["dataset"] == "tiny" and training["fold"] == 1 and sorted(training["pairs"]) == ["c1", "c2"]
-    assert training["pairs"]["c1"] == data_fingerprint(tmp_path / "c1" / "fk.csv", tmp_path / "c1" / "mk.csv")
+    assert training["pairs"]["c1"] == {"fixed": data_fingerprint(tmp_path / "c1" / "fk.csv"),
+                                       "moving": data_fingerprint(tmp_path / "c1" / "mk.csv")}
     # trained models register like the pseudo-label stream
     assert ck["config"]["recentre_passes"] == 1 and ck["config"]["tta_passes"] == 4
     # and store the frame they were trained in: no volume box here, so the bounding box of the

@@ -202,16 +202,20 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
 
 
 def _union_training(trained: list, fold: int | None) -> dict | None:
-    """The training record of an ensemble: the union of its members' training pairs
-    (:func:`~cyclereg.checkpoint.training_data`) when every member records them; else None."""
+    """The training record of an ensemble: its members' training pairs together
+    (:func:`~cyclereg.checkpoint.training_data`) when every member records them; else None. An id
+    that names other files in another member is kept under ``id#2``, ``id#3``, ..."""
     if not trained or any(t is None or not isinstance(t.get("pairs"), dict) for t in trained):
         return None
     names = sorted({str(t["dataset"]) for t in trained})
-    pairs: dict[str, str] = {}
+    pairs: dict[str, dict] = {}
     for t in trained:
-        for pid, fingerprint in t["pairs"].items():
-            key = pid if pairs.get(pid, fingerprint) == fingerprint else f"{t['dataset']}/{pid}"
-            pairs[key] = fingerprint
+        for pid, files in t["pairs"].items():
+            key, n = pid, 1
+            while key in pairs and pairs[key] != files:
+                n += 1
+                key = f"{pid}#{n}"
+            pairs[key] = files
     return training_record("+".join(names), fold, pairs=pairs)
 
 
@@ -464,7 +468,9 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     for name in names:
         if (Path(run_dir) / name).is_file():
             return Path(run_dir) / name
-    raise InputError(f"no checkpoint for fold {fold} (expected {' or '.join(names)})", run_dir)
+    hint = (" (stage 0 trains no network: its labels come from a random one, --model random --seed S with the "
+            "run's seed)" if stage == 0 else "")
+    raise InputError(f"no checkpoint for fold {fold} (expected {' or '.join(names)}){hint}", run_dir)
 
 
 def dataset_box(ds: KeypointDataset) -> UnitBox | None:
@@ -613,10 +619,12 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             if k not in models:
                 models[k] = load_cloud_model(path, device=device, **overrides)
                 trained[k] = checkpoint_training(path)
-            if pairs_in_training([p], trained[k]):
+            match = training_matches([p], trained[k]).get(p.id)
+            if match:
                 raise InputError(f"pair {p.id} is in fold {k} of the dataset, but the checkpoint of fold {k} trained on "
-                                 f"its keypoint files (it records them); evaluate with the folds the run was trained "
-                                 "with", path)
+                                 f"its keypoint files (as training pair(s) {', '.join(match)}, by their content): "
+                                 "evaluate with the folds the run was trained with, and list each pair's data once",
+                                 path)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=device, **overrides)
     return models
@@ -630,13 +638,29 @@ def checkpoint_training(model: str | Path) -> dict | None:
     return training_data(load_checkpoint(model, kind=CHECKPOINT_KIND))
 
 
-def pairs_in_training(pairs: list[KeypointPair], record: dict | None) -> set[str]:
-    """Ids of those ``pairs`` whose keypoint files (their :func:`~cyclereg.checkpoint.data_fingerprint`,
-    whatever the dataset and the ids are called) a model trained on, by its training ``record``."""
+def training_matches(pairs: list[KeypointPair], record: dict | None) -> dict[str, list[str]]:
+    """For each of ``pairs`` whose fixed and moving keypoint files a model trained on, by its training
+    ``record`` (:func:`~cyclereg.checkpoint.data_fingerprint` of the files, whatever the dataset and
+    the ids are called; in either role, so a reversed pair counts): ``{pair id: [the training pair
+    ids that hold those files]}``."""
     if not record or not isinstance(record.get("pairs"), dict):
-        return set()
-    seen = set(record["pairs"].values())
-    return {p.id for p in pairs if data_fingerprint(p.fixed_keypoints, p.moving_keypoints) in seen}
+        return {}
+    holders: dict[str, set[str]] = {}
+    for tid, files in record["pairs"].items():
+        if isinstance(files, dict):
+            for fp in files.values():
+                holders.setdefault(fp, set()).add(tid)
+    found = {}
+    for p in pairs:
+        fixed, moving = data_fingerprint(p.fixed_keypoints), data_fingerprint(p.moving_keypoints)
+        if fixed in holders and moving in holders:
+            found[p.id] = sorted(holders[fixed] | holders[moving])
+    return found
+
+
+def pairs_in_training(pairs: list[KeypointPair], record: dict | None) -> set[str]:
+    """Ids of those ``pairs`` both of whose clouds a model trained on (:func:`training_matches`)."""
+    return set(training_matches(pairs, record))
 
 
 def run_held_out_pairs(run: Path) -> list[list[str]] | None:

@@ -384,8 +384,10 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
 
 def _cloud_training_record(ds, k) -> dict:
     """The :func:`~cyclereg.checkpoint.training_record` of fold ``k``: its training pairs' keypoint files."""
-    pairs = {pid: data_fingerprint(ds.pair(pid).fixed_keypoints, ds.pair(pid).moving_keypoints)
-             for pid in ds.training_ids(k)}
+    pairs = {}
+    for pid in ds.training_ids(k):
+        p = ds.pair(pid)
+        pairs[pid] = {"fixed": data_fingerprint(p.fixed_keypoints), "moving": data_fingerprint(p.moving_keypoints)}
     return training_record(ds.name, k, pairs=pairs)
 
 
@@ -537,8 +539,6 @@ def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseC
 
 def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
-    from cyclereg.dense.data import case_id
-
     meta = _read_meta(run)
     config = _dense_run_config(run, meta)
     images, pairs = _dense_training_set(dataset, config)
@@ -551,7 +551,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
                        snapshot_every_s=snapshot_every_s,
                        training=training_record(ident["dataset"], None,
-                                                images={case_id(p): data_fingerprint(p) for p in images}))
+                                                images={Path(p).name: data_fingerprint(p) for p in images}))
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     _record_stage_target(run, stages)

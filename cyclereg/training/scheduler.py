@@ -335,9 +335,10 @@ class StageScheduler:
             hook: optional reporting hook, see :data:`StageHook`.
             snapshot_every_s: minimum time between mid-stage training snapshots [s]
                 (:class:`StageSnapshot`); ``<= 0`` writes none.
-            training: what every checkpoint records of the data it learnt from (``extra["training"]``:
-                dataset name, fold, the ids of the training pairs; never landmarks or labels), so that
-                evaluation and ensembles can tell training pairs from held-out ones.
+            training: what every checkpoint records of the data it learnt from (``extra["training"]``,
+                :func:`~cyclereg.checkpoint.training_record`: dataset name, fold, a fingerprint of each
+                training file; never landmarks or labels), so that evaluation can tell training pairs
+                from held-out ones.
         """
         if keep_labels is not None and keep_labels < 1:
             raise ValueError(f"keep_labels: need at least 1, got {keep_labels}")
