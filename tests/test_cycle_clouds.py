@@ -94,6 +94,10 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
                               "--json", str(tmp_path / "h.json")])
     assert res.exit_code == 0 and "checked against what the checkpoints of fold(s) 1 record" in \
         " ".join(res.output.split()), res.output
+    # stage 0 has labels but no checkpoint, and says why
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "0", "--device", "cpu",
+                              "--json", str(tmp_path / "s0.json")])
+    assert res.exit_code == 2 and "stage 0 trains no network" in " ".join(res.output.split()), res.output
     # an ensemble of two stages' checkpoints records the union of their training pairs
     res = runner.invoke(app, ["ensemble", str(run / "fold1" / "stage1.pt"), str(run / "fold1" / "stage2.pt"),
                               "-o", str(tmp_path / "e.pt")])

@@ -468,8 +468,8 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     for name in names:
         if (Path(run_dir) / name).is_file():
             return Path(run_dir) / name
-    hint = (" (stage 0 trains no network: its labels come from a random one, --model random --seed S with the "
-            "run's seed)" if stage == 0 else "")
+    hint = (" (stage 0 trains no network: its pseudo labels come from a randomly initialised one, so there is no "
+            "stage-0 checkpoint; --model random evaluates an untrained network)" if stage == 0 else "")
     raise InputError(f"no checkpoint for fold {fold} (expected {' or '.join(names)}){hint}", run_dir)
 
 
