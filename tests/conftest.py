@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -16,6 +18,26 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared data not available: {p}")
     return p
+
+
+SMALL_BREATHING = BreathingConfig(n_fixed=300, n_moving=600, branches=20)
+"""A small synthetic lung pair (300 fixed / 600 moving points): quick to register on CPU."""
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    """``(tmp_path, pair)``: the pair of :data:`SMALL_BREATHING` (seed 0) written as point files in
+    ``tmp_path``: ``f.csv`` / ``m.csv`` (fixed / moving keypoints), ``q.csv`` (7 query points),
+    ``l.csv`` / ``ml.csv`` (20 fixed landmarks and where they truly move)."""
+    from cyclereg.pointio import write_points
+
+    pair = make_breathing_pair(0, SMALL_BREATHING)
+    write_points(tmp_path / "f.csv", pair.fixed_mm)
+    write_points(tmp_path / "m.csv", pair.moving_mm)
+    write_points(tmp_path / "q.csv", pair.fixed_mm[:7])
+    write_points(tmp_path / "l.csv", pair.fixed_mm[:20])
+    write_points(tmp_path / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
+    return tmp_path, pair
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,21 +9,12 @@ import pytest
 
 from cyclereg import api
 from cyclereg.clouds.api import register_cloud_files
-from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.errors import InputError
-from cyclereg.pointio import write_points
-
-SMALL = BreathingConfig(n_fixed=300, n_moving=600, branches=20)
-
 
 @pytest.fixture
-def clouds(tmp_path):
-    pair = make_breathing_pair(0, SMALL)
-    write_points(tmp_path / "f.csv", pair.fixed_mm)
-    write_points(tmp_path / "m.csv", pair.moving_mm)
-    write_points(tmp_path / "l.csv", pair.fixed_mm[:20])
-    write_points(tmp_path / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
-    return tmp_path
+def clouds(pair_files):
+    """The folder of conftest's pair files (f.csv, m.csv, l.csv, ml.csv, q.csv)."""
+    return pair_files[0]
 
 
 @pytest.mark.parametrize("name,volume", [("a.nii", True), ("a.NII.GZ", True), ("dir.nii/a.csv", False),

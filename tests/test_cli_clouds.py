@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cyclereg.clouds.api import dataset_box, load_cloud_model
 from cyclereg.clouds.pipeline import register_clouds
-from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+from cyclereg.clouds.synthetic import make_breathing_pair
 from cyclereg.datasets import load_keypoint_dataset
 from cyclereg.metrics import jacobian_map
 from cyclereg.pointio import read_points, write_points
@@ -19,19 +19,9 @@ from cyclereg.volumeio import read_nifti, write_nifti
 from cyclereg.warp import sample_at_points
 from cyclereg_cli.main import app
 
-from conftest import shared_path
+from conftest import SMALL_BREATHING as SMALL, shared_path
 
 runner = CliRunner()
-SMALL = BreathingConfig(n_fixed=300, n_moving=600, branches=20)
-
-
-@pytest.fixture
-def pair_files(tmp_path):
-    pair = make_breathing_pair(0, SMALL)
-    write_points(tmp_path / "f.csv", pair.fixed_mm)
-    write_points(tmp_path / "m.csv", pair.moving_mm)
-    write_points(tmp_path / "q.csv", pair.fixed_mm[:7])
-    return tmp_path, pair
 
 
 def test_help_lists_all_commands():
