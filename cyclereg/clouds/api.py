@@ -126,13 +126,13 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     changes = {k: v for k, v in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)) if v is not None}
     written: dict[int | None, tuple[CloudRegConfig, dict, list]] = {}
     for fold, files in groups.items():
-        hashes = {}
+        digests, first = {}, {}  # each member file's SHA-256 (checked here, recorded below)
         for f in files:
-            digest = file_sha256(f)
-            if digest in hashes:
-                raise InputError(f"the same checkpoint as {hashes[digest]} (SHA-256 {digest[:12]}...): an "
+            digests[f] = digest = file_sha256(f)
+            if digest in first:
+                raise InputError(f"the same checkpoint as {first[digest]} (SHA-256 {digest[:12]}...): an "
                                  "ensemble needs independently trained members", f)
-            hashes[digest] = f
+            first[digest] = f
         states, members, common, trained = [], [], None, []
         for src, f in zip(sources, files):
             ckpt = load_checkpoint(f, kind=CHECKPOINT_KIND)
@@ -161,7 +161,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             if isinstance(inner, list) and len(inner) == len(nets):
                 members += inner  # an ensemble source: each network keeps its own provenance
             else:
-                members += [{"source": str(f), "sha256": file_sha256(f), **({"run": str(src)} if src != f else {}),
+                members += [{"source": str(f), "sha256": digests[f], **({"run": str(src)} if src != f else {}),
                              **({"stage": extra["stage"]} if "stage" in extra else {})}] * len(nets)
         ensemble = FeatureEnsemble(common.net, len(states))
         for m, sd in zip(ensemble.members, states):
