@@ -150,7 +150,7 @@ def data_fingerprint(*paths: str | Path) -> str:
     return digest.hexdigest()
 
 
-def training_record(dataset: str, fold: int | None, *, pairs: dict[str, str] | None = None,
+def training_record(dataset: str, fold: int | None, *, pairs: dict[str, dict[str, str]] | None = None,
                     images: dict[str, str] | None = None) -> dict:
     """What a trained checkpoint records of its training data (``extra["training"]``): the dataset's
     name and fold (for people), and the :func:`data_fingerprint` of each file it learnt from:

@@ -10,6 +10,7 @@ import torch
 
 from cyclereg.checkpoint import atomic_write_bytes
 from cyclereg.errors import InputError, require_file
+from cyclereg.frames import voxel_disp_to_mm
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,6 @@ def write_displacement(path: str | Path, disp_vox: torch.Tensor, affine: np.ndar
         unit: ``"voxel"`` writes ``disp_vox`` as it is; ``"mm"`` writes world-mm components x, y, z
             (:func:`cyclereg.frames.voxel_disp_to_mm`).
     """
-    from cyclereg.frames import voxel_disp_to_mm  # noqa: PLC0415
-
     if unit not in DISPLACEMENT_INTENT_NAMES:
         raise ValueError(f"unit: expected one of {sorted(DISPLACEMENT_INTENT_NAMES)}, got {unit!r}")
     if disp_vox.ndim != 5 or disp_vox.shape[:2] != (1, 3):
