@@ -536,8 +536,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                    "training pairs" if recorded else "that each pair's fold model held it out is not checked")
         console.print(f"note: {run} records no training folds (no run.json, or an ensemble.json or model_set.json "
                       f"naming runs that do): {checked}", soft_wrap=True)
+    one_model = model is not None and run is None  # one checkpoint (or random network) for every pair
     in_training: set[str] = set()
-    if model is not None and run is None:
+    if one_model:
         in_training = pairs_in_training(pairs, checkpoint_training(model))
         if in_training:
             console.print(f"note: {len(in_training)} of the {len(pairs)} pairs were training pairs of {model} (its "
@@ -553,7 +554,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             net, config = models.get(fold if run is not None else None, (None, default_config))
             cases.append(_evaluate_pair(p, fold, net, config, box=box, ds=ds, device=dev, smoothness=smoothness,
                                         spread=spread, rows=rows))
-            if model is not None and run is None:
+            if one_model:
                 cases[-1]["in_training"] = p.id in in_training
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
@@ -569,7 +570,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
         "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
-        **({"pairs_in_training": sorted(in_training)} if model is not None and run is None else {}),
+        **({"pairs_in_training": sorted(in_training)} if one_model else {}),
         "cases": cases,
     }
     if spread and cases:
