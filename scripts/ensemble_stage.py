@@ -11,7 +11,10 @@ weights come from the disagreement between the member's own learning-stream outp
 labels; the member then trains one stage of its own configuration from its current weights
 (warm restart). Landmarks are never read. Writes ``OUT_DIR/<member run name>/foldK.pt``
 (stage ``last + 1``), ``foldK.log.json`` and the member's ``run.json``; finished (fold, member)
-jobs are skipped when the command is run again, so it resumes.
+jobs are skipped when the command is run again, so it resumes. Each written checkpoint records
+its training data like those of ``cyclereg cycle`` (:func:`~cyclereg.checkpoint.training_record`):
+the fold's training pairs of ``--dataset`` together with whatever the network's previous checkpoint
+records (a previous checkpoint without a record adds nothing it could name).
 
 ``--learner RUN_DIR`` trains that run's per-fold checkpoints instead (a network that is not a
 member, e.g. an independently trained run to be added to the ensemble), with the same labels
@@ -62,6 +65,23 @@ def _training(training: dict, learn_recentre_passes: int | None):
     return {**training, "config": to_jsonable(config)}, config
 
 
+def _stage_record(ds, fold: int, previous: list[dict]) -> dict:
+    """The training record of a network after this stage: the keypoint files of fold ``fold``'s
+    training pairs of ``ds`` together with the records of its ``previous`` checkpoints (entries
+    ``{"source": path[, "sha256": digest]}`` as ``ensemble.json`` lists members; one whose file is
+    gone, has changed since or keeps no record adds nothing)."""
+    from cyclereg.checkpoint import file_sha256, load_checkpoint, training_data
+    from cyclereg.clouds.api import _union_training
+    from cyclereg.training.api import _cloud_training_record
+
+    earlier = []
+    for entry in previous:
+        path = Path(entry["source"])
+        if path.is_file() and entry.get("sha256") in (None, file_sha256(path)):
+            earlier.append(training_data(load_checkpoint(path)))
+    return _union_training([r for r in earlier if r is not None] + [_cloud_training_record(ds, fold)], fold)
+
+
 def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_index: int | None,
             learner: Path | None = None, learn_recentre_passes: int | None = None, *, progress) -> str:
     """One (fold, member) job in a worker process (one intra-op thread); returns its log line.
@@ -109,7 +129,8 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     # the registration settings its training configuration stores (as `cycle` writes them): the
     # member's own checkpoint is not needed, only the ensemble (which holds its weights)
     save_checkpoint(target, kind="cloud", config=task.model_config(), state_dict=member.state_dict(),
-                    extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt"})
+                    extra={"stage": stage, "pseudo_labels": f"ensemble {ensemble_dir}/fold{fold}.pt",
+                           "training": _stage_record(ds, fold, [source])})
     snapshot.clear()
     line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
             "pseudo_label_disagreement_mm": info_labels["stats"]["pseudo_label_disagreement_mm"], **stats}
@@ -149,11 +170,12 @@ def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, c
     stats = task.train_stage(ensemble, labels, info_labels["weights"], stage, snapshot=snapshot)
     t2 = time.perf_counter()
     provenance = f"ensemble {ensemble_dir}/fold{fold}.pt, trained jointly (configuration of {names[config_member]})"
-    for member, config, target in zip(ensemble.members, configs, targets):
+    for member, config, target, source in zip(ensemble.members, configs, targets, sources):
         # each member with the registration settings its own training configuration stores
         member_task = _cloud_task(ds, fold, config, torch.device("cpu"))
         save_checkpoint(target, kind="cloud", config=member_task.model_config(), state_dict=member.state_dict(),
-                        extra={"stage": stage, "pseudo_labels": provenance})
+                        extra={"stage": stage, "pseudo_labels": provenance,
+                               "training": _stage_record(ds, fold, [source])})
     snapshot.clear()
     line = {"fold": fold, "members": names, "joint_configuration": names[config_member], "stage": stage,
             "label_seconds": t1 - t0, "train_seconds": t2 - t1,

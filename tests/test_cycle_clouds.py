@@ -393,7 +393,18 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     line = json.loads(mod.run_job(tmp_path / "e", tmp_path / "L", ds, 1, None, tmp_path / "r1", progress=None))
     assert line["member"] == "r1" and line["stage"] == 2
     learned = load_checkpoint(tmp_path / "L" / "r1" / "fold1.pt")
-    assert learned["extra"] == {"stage": 2, "pseudo_labels": f"ensemble {tmp_path / 'e'}/fold1.pt"}
+    assert {k: learned["extra"][k] for k in ("stage", "pseudo_labels")} == {
+        "stage": 2, "pseudo_labels": f"ensemble {tmp_path / 'e'}/fold1.pt"}
+    # it records its training data like a checkpoint of `cycle`: the fold's training pairs by content
+    from cyclereg.checkpoint import training_data
+    from cyclereg.clouds.api import pairs_in_training
+    from cyclereg.datasets import load_keypoint_dataset
+
+    kp = load_keypoint_dataset(ds)
+    trained = training_data(learned)
+    assert trained is not None and trained["fold"] == 1
+    assert trained["pairs"] == training_data(load_checkpoint(tmp_path / "r1" / "fold1" / "final.pt"))["pairs"]
+    assert pairs_in_training(kp.pairs, trained) == set(kp.training_ids(1))
     assert (tmp_path / "L" / "r1" / "run.json").read_text() == (tmp_path / "r1" / "run.json").read_text()
     before = load_checkpoint(tmp_path / "r0" / "fold1" / "final.pt")["state_dict"]
     after = load_checkpoint(tmp_path / "s" / "r0" / "fold1.pt")
@@ -419,6 +430,7 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
         original = load_checkpoint(tmp_path / name / "fold1" / "final.pt")
         assert joint["extra"]["stage"] == 2 and "trained jointly" in joint["extra"]["pseudo_labels"]
         assert joint["config"] == original["config"]
+        assert training_data(joint)["pairs"] == training_data(original)["pairs"]
         assert any(not torch.equal(original["state_dict"][k], joint["state_dict"][k]) for k in original["state_dict"])
         assert json.loads((tmp_path / "J" / name / "run.json").read_text())["config"]["learn_recentre_passes"] == 1
     assert not list((tmp_path / "J").glob("*.partial.pt"))
