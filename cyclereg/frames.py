@@ -9,8 +9,11 @@ Frames (see the package docstring):
 ``unit``   point-cloud frame: per-axis affine map of a millimetre box ``[lo, lo + extent]``
            onto ``[-1, 1]^3`` (x, y, z). The cloud optimiser's costs live here.
 
-Dense displacement fields are ``(B, 3, D, H, W)`` in voxels (channel c along axis c);
-:func:`voxel_disp_to_grid_disp` is the single function that reorders axes for torch.
+Dense displacement fields are ``(B, 3, D, H, W)`` in voxels (channel c along axis c).
+:func:`ijk_to_kji` is the single function that reorders the components of points and vectors
+between voxel (i, j, k) and grid (k, j, i) order; every voxel <-> grid conversion goes through it.
+Keypoint datasets describe their grid by ``shape_zyx`` / ``spacing_zyx_mm`` (array axis 0 along
+world z): :func:`zyx_grid_affine` is its voxel -> mm affine, and everything else derives from it.
 """
 
 from __future__ import annotations
@@ -30,26 +33,32 @@ def _sizes(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([max(s - 1, 1) for s in shape], dtype=like.dtype, device=like.device)
 
 
+def ijk_to_kji(t: torch.Tensor) -> torch.Tensor:
+    """Reverse the last axis ``(..., 3)``: voxel (i, j, k) order <-> grid (k, j, i) order (its own
+    inverse). The one place where components are reordered between the two frames."""
+    if t.shape[-1] != 3:
+        raise ValueError(f"t: expected (..., 3), got {tuple(t.shape)}")
+    return t.flip(-1)
+
+
 def voxel_to_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Voxel indices ``(..., 3)`` in (i, j, k) order -> grid coordinates ``(..., 3)`` in (k, j, i) order."""
-    g = 2.0 * points_vox / _sizes(shape, points_vox) - 1.0
-    return g.flip(-1)
+    """Voxel indices ``(..., 3)`` in (i, j, k) order -> grid coordinates ``(..., 3)`` in (k, j, i) order.
+    A size-1 axis maps to -1 (with ``align_corners=True`` every coordinate samples its one voxel)."""
+    return ijk_to_kji(2.0 * points_vox / _sizes(shape, points_vox) - 1.0)
 
 
 def grid_to_voxel(points_grid: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Inverse of :func:`voxel_to_grid`."""
-    return (points_grid.flip(-1) + 1.0) * 0.5 * _sizes(shape, points_grid)
+    return (ijk_to_kji(points_grid) + 1.0) * 0.5 * _sizes(shape, points_grid)
 
 
 def voxel_disp_to_grid_disp(disp_vox: torch.Tensor) -> torch.Tensor:
-    """Dense displacement ``(B, 3, D, H, W)`` in voxels -> ``(B, D, H, W, 3)`` in grid units, (k, j, i) order.
-
-    The one function that reorders displacement components for ``grid_sample``.
-    """
+    """Dense displacement ``(B, 3, D, H, W)`` in voxels -> ``(B, D, H, W, 3)`` in grid units, (k, j, i) order,
+    as ``grid_sample`` takes it (components reordered by :func:`ijk_to_kji`)."""
     if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
         raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
     scale = 2.0 / _sizes(tuple(disp_vox.shape[2:]), disp_vox)
-    return (disp_vox.permute(0, 2, 3, 4, 1) * scale).flip(-1)
+    return ijk_to_kji(disp_vox.permute(0, 2, 3, 4, 1) * scale)
 
 
 def grid_disp_to_voxel_disp(disp_grid: torch.Tensor) -> torch.Tensor:
@@ -57,14 +66,13 @@ def grid_disp_to_voxel_disp(disp_grid: torch.Tensor) -> torch.Tensor:
     if disp_grid.ndim != 5 or disp_grid.shape[-1] != 3:
         raise ValueError(f"disp_grid: expected (B, D, H, W, 3), got {tuple(disp_grid.shape)}")
     scale = _sizes(tuple(disp_grid.shape[1:4]), disp_grid) / 2.0
-    return (disp_grid.flip(-1) * scale).permute(0, 4, 1, 2, 3)
+    return (ijk_to_kji(disp_grid) * scale).permute(0, 4, 1, 2, 3)
 
 
 def identity_grid(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Grid coordinates of every voxel centre, ``(1, D, H, W, 3)`` in (k, j, i) order."""
-    axes = [torch.linspace(-1.0, 1.0, s, device=device, dtype=dtype) if s > 1 else torch.zeros(1, device=device, dtype=dtype) for s in shape]
-    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack((xx, yy, zz), dim=-1).unsqueeze(0)
+    """Grid coordinates of every voxel centre, ``(1, D, H, W, 3)`` in (k, j, i) order
+    (:func:`voxel_to_grid` of :func:`voxel_coordinates`)."""
+    return voxel_to_grid(voxel_coordinates(shape, device=device, dtype=dtype), shape).unsqueeze(0)
 
 
 def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -138,6 +146,17 @@ def world_map_to_voxel(A_mm: torch.Tensor, t_mm: torch.Tensor, affine: torch.Ten
     return V[:3, :3], V[:3, 3]
 
 
+def zyx_grid_affine(shape_zyx, spacing_zyx_mm) -> torch.Tensor:
+    """4x4 float64 voxel -> mm affine of a keypoint dataset's grid: array axes (z, y, x), voxel
+    ``(i, j, k)`` at mm ``(k sx, j sy, i sz)`` (origin at voxel 0). ``shape_zyx`` is accepted for
+    symmetry with :meth:`UnitBox.from_volume` and checked to have three sizes."""
+    if len(tuple(shape_zyx)) != 3 or len(tuple(spacing_zyx_mm)) != 3:
+        raise ValueError(f"shape_zyx, spacing_zyx_mm: expected 3 values each, got {tuple(shape_zyx)}, "
+                         f"{tuple(spacing_zyx_mm)}")
+    sz, sy, sx = (float(v) for v in spacing_zyx_mm)
+    return torch.tensor([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
+
+
 # ----------------------------------------------------------------------------- mm <-> unit (clouds)
 @dataclass(frozen=True)
 class UnitBox:
@@ -153,9 +172,11 @@ class UnitBox:
 
     @staticmethod
     def from_volume(shape_zyx, spacing_zyx_mm) -> "UnitBox":
-        """The box of a volume of ``shape_zyx`` voxels at ``spacing_zyx_mm`` starting at the origin."""
-        ext = tuple(float(n) * float(s) for n, s in zip(shape_zyx, spacing_zyx_mm))[::-1]
-        return UnitBox((0.0, 0.0, 0.0), ext)  # type: ignore[arg-type]
+        """The box of a volume of ``shape_zyx`` voxels at ``spacing_zyx_mm`` starting at the origin
+        (world extent of the :func:`zyx_grid_affine` grid: ``n`` voxels of size ``s`` span ``n s`` mm)."""
+        sizes = torch.tensor([float(n) for n in shape_zyx], dtype=torch.float64)
+        ext = (zyx_grid_affine(shape_zyx, spacing_zyx_mm)[:3, :3] @ sizes).abs()
+        return UnitBox((0.0, 0.0, 0.0), tuple(ext.tolist()))  # type: ignore[arg-type]
 
     @staticmethod
     def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
@@ -167,25 +188,27 @@ class UnitBox:
         size = size * (1 + 2 * margin)
         return UnitBox(tuple(lo.tolist()), tuple(size.tolist()))  # type: ignore[arg-type]
 
-    def _t(self, like: torch.Tensor):
+    def _t(self, like: torch.Tensor, name: str):
+        if like.shape[-1:] != (3,):
+            raise ValueError(f"{name}: expected (..., 3), got {tuple(like.shape)}")
         lo = torch.tensor(self.lo_mm, dtype=like.dtype, device=like.device)
         half = torch.tensor(self.extent_mm, dtype=like.dtype, device=like.device) / 2
         return lo, half
 
     def mm_to_unit(self, points_mm: torch.Tensor) -> torch.Tensor:
         """Points ``(..., 3)`` in mm -> unit frame."""
-        lo, half = self._t(points_mm)
+        lo, half = self._t(points_mm, "points_mm")
         return (points_mm - lo) / half - 1.0
 
     def unit_to_mm(self, points_unit: torch.Tensor) -> torch.Tensor:
         """Points ``(..., 3)`` in the unit frame -> mm."""
-        lo, half = self._t(points_unit)
+        lo, half = self._t(points_unit, "points_unit")
         return (points_unit + 1.0) * half + lo
 
     def disp_mm_to_unit(self, disp_mm: torch.Tensor) -> torch.Tensor:
         """Displacements ``(..., 3)`` in mm -> unit frame (scale only)."""
-        return disp_mm / self._t(disp_mm)[1]
+        return disp_mm / self._t(disp_mm, "disp_mm")[1]
 
     def disp_unit_to_mm(self, disp_unit: torch.Tensor) -> torch.Tensor:
         """Displacements ``(..., 3)`` in the unit frame -> mm (scale only)."""
-        return disp_unit * self._t(disp_unit)[1]
+        return disp_unit * self._t(disp_unit, "disp_unit")[1]

@@ -1,8 +1,12 @@
 import numpy as np
 import torch
 
-from cyclereg.frames import (UnitBox, centred_affine, fixed_to_moving_voxels, grid_disp_to_voxel_disp, grid_to_voxel, mm_disp_to_voxel, voxel_disp_to_grid_disp,
-                             voxel_disp_to_mm, voxel_to_grid, voxel_to_world, world_map_to_voxel, world_to_voxel)
+import pytest
+
+from cyclereg.frames import (UnitBox, centred_affine, fixed_to_moving_voxels, grid_disp_to_voxel_disp, grid_to_voxel,
+                             identity_grid, ijk_to_kji, mm_disp_to_voxel, voxel_coordinates, voxel_disp_to_grid_disp,
+                             voxel_disp_to_mm, voxel_to_grid, voxel_to_world, world_map_to_voxel, world_to_voxel,
+                             zyx_grid_affine)
 from cyclereg.warp import warp, warp_between_grids
 
 
@@ -14,6 +18,25 @@ def test_voxel_grid_round_trip(device, dtype):
     torch.testing.assert_close(grid_to_voxel(g, shape), p)
     corner = voxel_to_grid(torch.tensor([[4.0, 0.0, 8.0]], device=device, dtype=dtype), shape)
     torch.testing.assert_close(corner, torch.tensor([[1.0, -1.0, 1.0]], device=device, dtype=dtype))
+
+
+def test_identity_grid_is_voxel_to_grid_of_every_voxel(device, dtype):
+    """One conversion: the identity grid is the grid position of each voxel index, a size-1 axis included
+    (-1 there, like voxel_to_grid), and its last axis is (k, j, i): x varies fastest along W."""
+    for shape in ((4, 5, 6), (1, 3, 2), (3, 1, 1)):
+        grid = identity_grid(shape, device=device, dtype=dtype)
+        assert grid.shape == (1, *shape, 3) and grid.dtype == dtype and grid.device.type == torch.device(device).type
+        torch.testing.assert_close(grid[0], voxel_to_grid(voxel_coordinates(shape, device=device, dtype=dtype), shape))
+    grid = identity_grid((1, 3, 2), device=device, dtype=dtype)[0]
+    torch.testing.assert_close(grid[0, 2, 1], torch.tensor([1.0, 1.0, -1.0], device=device, dtype=dtype))
+
+
+def test_ijk_to_kji_reverses_the_components_and_checks_the_shape():
+    t = torch.arange(12.0).reshape(4, 3)
+    torch.testing.assert_close(ijk_to_kji(t), t[:, [2, 1, 0]])
+    torch.testing.assert_close(ijk_to_kji(ijk_to_kji(t)), t)
+    with pytest.raises(ValueError, match="t: expected"):
+        ijk_to_kji(torch.zeros(4, 2))
 
 
 def test_disp_round_trip(device, dtype):
@@ -37,6 +60,26 @@ def test_unit_box_round_trip():
     p = torch.tensor([[0.0, 0.0, 0.0], [260.0, 192.0, 336.0]])
     torch.testing.assert_close(box.mm_to_unit(p), torch.tensor([[-1.0, -1, -1], [1, 1, 1]]))
     torch.testing.assert_close(box.unit_to_mm(box.mm_to_unit(p)), p)
+
+
+def test_zyx_grid_affine_and_its_box():
+    """Voxel (i, j, k) of a (z, y, x) grid lies at mm (k sx, j sy, i sz); the box of the volume is the
+    world extent of that grid, x first."""
+    A = zyx_grid_affine((192, 192, 208), (1.75, 1.0, 1.25))
+    w = voxel_to_world(torch.tensor([[2.0, 3.0, 4.0]], dtype=torch.float64), A)
+    torch.testing.assert_close(w, torch.tensor([[4 * 1.25, 3 * 1.0, 2 * 1.75]], dtype=torch.float64))
+    far = voxel_to_world(torch.tensor([[192.0, 192.0, 208.0]], dtype=torch.float64), A)[0]
+    assert UnitBox.from_volume((192, 192, 208), (1.75, 1.0, 1.25)).extent_mm == tuple(far.tolist())
+    with pytest.raises(ValueError, match="shape_zyx, spacing_zyx_mm"):
+        zyx_grid_affine((4, 5), (1.0, 1.0, 1.0))
+
+
+def test_unit_box_names_a_wrongly_shaped_argument():
+    box = UnitBox((0.0, 0.0, 0.0), (10.0, 10.0, 10.0))
+    for method, name in ((box.mm_to_unit, "points_mm"), (box.unit_to_mm, "points_unit"),
+                         (box.disp_mm_to_unit, "disp_mm"), (box.disp_unit_to_mm, "disp_unit")):
+        with pytest.raises(ValueError, match=f"{name}: expected"):
+            method(torch.zeros(5, 1))
 
 
 def test_warp_identity_and_known_shift(device):
