@@ -16,7 +16,7 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetC
 from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
-from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world
+from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world, zyx_grid_affine
 from cyclereg.metrics import sdlogj
 
 
@@ -318,7 +318,8 @@ class CloudRegistration:
 
     def dense(self, affine: np.ndarray, shape: tuple[int, int, int],
               spline: ThinPlateSpline | None = None) -> torch.Tensor:
-        """Dense displacement ``(1, 3, D, H, W)`` in voxels of the grid ``(shape, affine)``.
+        """Dense displacement ``(1, 3, D, H, W)`` in voxels of the grid ``(shape, affine)``, in the
+        dtype of the fixed cloud.
 
         The spline is evaluated every ``tps.grid_step`` voxels and upsampled trilinearly.
         """
@@ -326,7 +327,7 @@ class CloudRegistration:
         coarse, pts_mm = self._coarse_grid(affine, shape)
         disp_mm = self.at(pts_mm, spline).double()
         disp_mm = disp_mm.reshape(1, *coarse, 3).permute(0, 4, 1, 2, 3)
-        disp_vox = mm_disp_to_voxel(disp_mm, torch.as_tensor(affine)).float()
+        disp_vox = mm_disp_to_voxel(disp_mm, torch.as_tensor(affine)).to(self.fixed_mm.dtype)
         return self._upsample(disp_vox, shape)
 
     def dense_spread(self, affine: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor | None:
@@ -335,7 +336,7 @@ class CloudRegistration:
         if self.member_displacements_mm is None:
             return None
         coarse, pts_mm = self._coarse_grid(affine, shape)
-        spread = self.spread_at(pts_mm).float().reshape(1, 1, *coarse)
+        spread = self.spread_at(pts_mm).to(self.fixed_mm.dtype).reshape(1, 1, *coarse)
         return self._upsample(spread, shape)
 
     def _coarse_grid(self, affine: np.ndarray, shape) -> tuple[tuple[int, ...], torch.Tensor]:
@@ -343,10 +344,12 @@ class CloudRegistration:
         its world points ``(P, 3)`` mm."""
         step = max(1, int(self.tps.grid_step))
         coarse = tuple(int(math.ceil((s - 1) / step)) + 1 for s in shape)
-        idx = voxel_coordinates(coarse, dtype=torch.float64)
-        idx = idx * torch.tensor([(s - 1) / max(c - 1, 1) for s, c in zip(shape, coarse)], dtype=torch.float64)
+        device = self.fixed_mm.device
+        idx = voxel_coordinates(coarse, dtype=torch.float64, device=device)
+        idx = idx * torch.tensor([(s - 1) / max(c - 1, 1) for s, c in zip(shape, coarse)], dtype=torch.float64,
+                                 device=device)
         pts_mm = voxel_to_world(idx.reshape(-1, 3), torch.as_tensor(affine))
-        return coarse, pts_mm.to(self.fixed_mm.dtype)
+        return coarse, pts_mm.to(self.fixed_mm)
 
     @staticmethod
     def _upsample(coarse_field: torch.Tensor, shape) -> torch.Tensor:
@@ -357,9 +360,8 @@ class CloudRegistration:
 
 
 def grid_affine(shape_zyx, spacing_zyx_mm) -> np.ndarray:
-    """Affine of a ``(z, y, x)``-ordered grid whose voxel ``(i, j, k)`` lies at mm ``(k sx, j sy, i sz)``."""
-    sz, sy, sx = (float(v) for v in spacing_zyx_mm)
-    return np.array([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    """:func:`~cyclereg.frames.zyx_grid_affine` as a NumPy array (voxel ``(i, j, k)`` at mm ``(k sx, j sy, i sz)``)."""
+    return zyx_grid_affine(shape_zyx, spacing_zyx_mm).numpy()
 
 
 def min_cloud_points(config: CloudRegConfig) -> tuple[int, int]:
