@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cyclereg.dense.config import ConvexConfig, DensePipelineConfig, FeatureNetConfig, config_from_dict
+from cyclereg.dense.config import AdamConfig, ConvexConfig, DensePipelineConfig, FeatureNetConfig, config_from_dict
 from cyclereg.dense.convex import (composition_error, correlate, coupled_convex, displacement_set,
                                    inverse_consistency, resample_disp, upsample_field)
 from cyclereg.dense.data import preprocess
@@ -122,6 +122,19 @@ def test_upsample_field_is_exact_for_translations():
     assert up.shape == (1, 3, 24, 32, 40)
     assert torch.allclose(up[:, 0], torch.full((1, 24, 32, 40), 8.0), atol=1e-4)
     assert up[:, 1:].abs().max() < 1e-5
+
+
+def test_upsample_smoothing_width_is_the_configured_one():
+    """A unit impulse upsampled 2x with one box pass: width 1 leaves the trilinear result, width 3 spreads it
+    to the 3x3x3 mean (the named setting is the one used)."""
+    low = torch.zeros(1, 3, 4, 4, 4)
+    low[0, 0, 2, 2, 2] = 1.0
+    plain = upsample_field(low, 4, (16, 16, 16), ConvexConfig(upsample_smooth_passes=1, upsample_smooth_kernel=1))
+    boxed = upsample_field(low, 4, (16, 16, 16), ConvexConfig(upsample_smooth_passes=1, upsample_smooth_kernel=3))
+    coarse = resample_disp(low, (8, 8, 8), 0.5)
+    expected = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(coarse, (1,) * 6, mode="replicate"), 3, stride=1)
+    torch.testing.assert_close(plain, resample_disp(coarse, (16, 16, 16), 0.5))
+    torch.testing.assert_close(boxed, resample_disp(expected, (16, 16, 16), 0.5))
 
 
 # ----------------------------------------------------------------------------- Jacobian, Dice, HD95
@@ -303,6 +316,16 @@ def test_config_roundtrip_through_json():
         DensePipelineConfig(net=FeatureNetConfig(strides=(3, 1, 1, 1, 1, 1)), pad_multiple=3).validate()
     with pytest.raises(ValueError, match="cost_reduction"):  # was silently a sum
         DensePipelineConfig(convex=ConvexConfig(cost_reduction="max")).validate()
+    # an even box filter would shift (and resize) the field: refused for every smoothing width
+    for bad in (DensePipelineConfig(convex=ConvexConfig(smooth_kernel=2)),
+                DensePipelineConfig(convex=ConvexConfig(upsample_smooth_kernel=4)),
+                DensePipelineConfig(adam=AdamConfig(smooth_kernel=0))):
+        with pytest.raises(ValueError, match="smooth_kernel: expected an odd width"):
+            bad.validate()
+    # a configuration stored before the widths were settings reads back with the reference's 3
+    old = json.loads(json.dumps(to_jsonable(cfg)))
+    del old["convex"]["upsample_smooth_kernel"], old["adam"]["smooth_kernel"]
+    assert config_from_dict(old) == cfg and cfg.adam.smooth_kernel == cfg.convex.upsample_smooth_kernel == 3
     # a stored setting this version does not know is refused, not dropped (it would register differently)
     stored = json.loads(json.dumps(to_jsonable(cfg)))
     stored["convex"]["new_setting"] = 1

@@ -98,8 +98,10 @@ class ConvexConfig:
             feature voxels (reference: 3).
         ic_iterations: fixed-point iterations of forward/backward inverse consistency
             (reference: 15 in the optimiser ``h``).
-        upsample_smooth_passes: box-filter passes (3x3x3) after each 2x upsampling step
-            of the field (reference: 2).
+        upsample_smooth_passes: box-filter passes after each 2x upsampling step of the
+            field (reference: 2).
+        upsample_smooth_kernel: width of those box filters, voxels of the finer grid
+            (reference: 3).
     """
 
     radius: int = 2
@@ -112,6 +114,7 @@ class ConvexConfig:
     smooth_kernel: int = 3
     ic_iterations: int = 15
     upsample_smooth_passes: int = 2
+    upsample_smooth_kernel: int = 3
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,10 @@ class AdamConfig:
     Attributes:
         iterations: Adam steps (reference: 50).
         lr: Adam learning rate, voxels of the Adam grid per step (reference: 1).
-        smooth_passes: 3x3x3 box-filter passes applied to the parameters in every step
+        smooth_passes: box-filter passes applied to the parameters in every step
             (a cheap B-spline-like parametrisation; reference: 3).
+        smooth_kernel: width of the box filters of ``smooth_passes`` (voxels of the Adam
+            grid) and of ``final_smooth_passes`` (voxels of the full grid) (reference: 3).
         reg_weight: weight of the diffusion regulariser, the mean squared forward
             difference of the smoothed field per axis (reference ``lambda_weight``: 0.65).
         reg_factor: extra multiplier of the regulariser (reference ``reg_fac``, default 1).
@@ -149,6 +154,7 @@ class AdamConfig:
     data_weight: float = 1.0
     normalize_features: bool = True
     final_smooth_passes: int = 3
+    smooth_kernel: int = 3
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,11 @@ class DensePipelineConfig:
             raise ValueError("net.adam_layer out of range")
         if self.convex.cost_reduction not in ("mean", "sum"):
             raise ValueError(f"convex.cost_reduction: expected mean|sum, got {self.convex.cost_reduction}")
+        for name, width in (("convex.smooth_kernel", self.convex.smooth_kernel),
+                            ("convex.upsample_smooth_kernel", self.convex.upsample_smooth_kernel),
+                            ("adam.smooth_kernel", self.adam.smooth_kernel)):
+            if width < 1 or width % 2 == 0:  # an even box filter would shift the field by half a voxel
+                raise ValueError(f"{name}: expected an odd width >= 1 (1: no smoothing), got {width}")
         if self.preprocess.mode not in ("auto", "ct", "mri", "none"):
             raise ValueError(f"preprocess.mode: expected auto|ct|mri|none, got {self.preprocess.mode}")
         return self

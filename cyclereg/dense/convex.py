@@ -50,7 +50,7 @@ def correlate(feat_fix: torch.Tensor, feat_mov: torch.Tensor, cfg: ConvexConfig)
     features are extended by replication outside the volume.
     """
     if feat_fix.shape != feat_mov.shape:
-        raise ValueError(f"feature shapes differ: {tuple(feat_fix.shape)} vs {tuple(feat_mov.shape)}")
+        raise ValueError(f"feat_fix, feat_mov: shapes differ: {tuple(feat_fix.shape)} vs {tuple(feat_mov.shape)}")
     r = cfg.radius
     f = feat_fix * cfg.feature_scale
     m = F.pad(feat_mov * cfg.feature_scale, (r,) * 6, mode="replicate")
@@ -136,5 +136,5 @@ def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, i
         shape = tuple(max(1, -(-s * f // factor)) for s in out_shape) if f < factor else tuple(out_shape)
         cur = resample_disp(cur, shape, 0.5)
         if f < factor:
-            cur = box_smooth(cur, 3, cfg.upsample_smooth_passes)
+            cur = box_smooth(cur, cfg.upsample_smooth_kernel, cfg.upsample_smooth_passes)
     return cur

@@ -64,12 +64,12 @@ def adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tens
     with torch.enable_grad():
         for _ in range(cfg.iterations):
             opt.zero_grad(set_to_none=True)
-            field = box_smooth(param, 3, cfg.smooth_passes)
+            field = box_smooth(param, cfg.smooth_kernel, cfg.smooth_passes)
             data = (warp_features(feat_mov, field) - feat_fix).pow(2).mean()
             loss = cfg.data_weight * data + cfg.reg_factor * cfg.reg_weight * diffusion_regularizer(field)
             loss.backward()
             opt.step()
     with torch.no_grad():
-        field = box_smooth(param.detach(), 3, cfg.smooth_passes)
+        field = box_smooth(param.detach(), cfg.smooth_kernel, cfg.smooth_passes)
         full = resample_disp(field, out_shape, 1.0 / factor)
-        return box_smooth(full, 3, cfg.final_smooth_passes)
+        return box_smooth(full, cfg.smooth_kernel, cfg.final_smooth_passes)
