@@ -36,6 +36,14 @@ def resolve_mode(image: torch.Tensor, cfg: PreprocessConfig, hint: str | None = 
     return "ct" if float(image.min()) < cfg.auto_ct_below_hu else "mri"
 
 
+QUANTILE_SAMPLES = 2_000_000
+"""MRI percentiles are taken on a regular subsample of at most about this many voxels (torch.quantile
+is limited to 16M elements; a subsample is exact enough and fast)."""
+
+MIN_INTENSITY_RANGE = 1e-6
+"""Floor of the MRI percentile range (intensity units), so that a (nearly) constant image is not divided by 0."""
+
+
 def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = None) -> torch.Tensor:
     """Intensity preprocessing of a ``(D, H, W)`` (or any-shape) float image.
 
@@ -48,11 +56,11 @@ def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = No
         return (x / cfg.ct_scale_hu).clamp(*cfg.ct_clip)
     if mode == "mri":
         flat = x.flatten()
-        if flat.numel() > 2_000_000:  # quantile on a strided subsample (exact enough, fast)
-            flat = flat[:: flat.numel() // 2_000_000 + 1]
+        if flat.numel() > QUANTILE_SAMPLES:  # quantile on a strided subsample (exact enough, fast)
+            flat = flat[:: flat.numel() // QUANTILE_SAMPLES + 1]
         lo, hi = torch.quantile(flat, torch.tensor([cfg.mri_percentiles[0] / 100, cfg.mri_percentiles[1] / 100],
                                                    dtype=flat.dtype, device=flat.device))
-        scale = (hi - lo).clamp_min(1e-6)
+        scale = (hi - lo).clamp_min(MIN_INTENSITY_RANGE)
         return ((x - lo) / scale).clamp(0.0, 1.0)
     if mode == "none":
         return x
@@ -60,7 +68,11 @@ def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = No
 
 
 # ----------------------------------------------------------------------------- grids
-def same_grid(a: Volume, b: Volume, *, atol_mm: float = 1e-3) -> bool:
+GRID_TOLERANCE_MM = 1e-3
+"""Two grids are one when their shapes agree and their affines' entries (voxel -> mm) differ by at most this."""
+
+
+def same_grid(a: Volume, b: Volume, *, atol_mm: float = GRID_TOLERANCE_MM) -> bool:
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
 
 
@@ -76,11 +88,11 @@ def require_contrast(volume: Volume) -> Volume:
 def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",
                     hint: str = "resample both onto one grid first") -> None:
     """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
-    (different shape, or an affine differing by more than 1e-3 mm); ``hint`` ends the message."""
+    (different shape, or an affine differing by more than :data:`GRID_TOLERANCE_MM`); ``hint`` ends the message."""
     if fixed.shape != moving.shape:
         raise InputError(f"{what} has shape {moving.shape} but the {ref} {fixed.path} has {fixed.shape};"
                          f" {hint}", moving.path)
-    if not np.allclose(fixed.affine, moving.affine, atol=1e-3):
+    if not same_grid(fixed, moving):
         raise InputError(f"{what} has a different affine (voxel-to-world) than the {ref} {fixed.path};"
                          f" {hint}", moving.path)
 

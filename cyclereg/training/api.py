@@ -449,7 +449,8 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
         vol = read_nifti(path)
         if first is None:
             first = vol
-        elif vol.shape != first.shape or not np.allclose(vol.spacing, first.spacing, rtol=1e-3):
+        elif vol.shape != first.shape or np.any(np.abs(np.subtract(vol.spacing, first.spacing))
+                                                 > config.pipeline.spacing_tolerance * np.asarray(first.spacing)):
             raise InputError(f"training images need one shape and spacing: {vol.shape} / {tuple(vol.spacing)} mm "
                              f"here, {first.shape} / {tuple(first.spacing)} mm in {first.path}; resample first", path)
         mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)

@@ -25,7 +25,7 @@ from cyclereg.dense.instance import diffusion_regularizer
 from cyclereg.dense.network import FeatureNet, init_random
 from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
-from cyclereg.frames import centred_affine, voxel_coordinates, world_map_to_voxel
+from cyclereg.frames import centred_affine, voxel_coordinates, voxel_disp_to_mm, world_map_to_voxel
 from cyclereg.warp import warp
 from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
                                          training_generator)
@@ -250,10 +250,6 @@ class DenseCycleTask:
         return self.images[idx].image.to(self.device)
 
     # ------------------------------------------------------------------ metrics
-    def _mm_scale(self, like: torch.Tensor) -> torch.Tensor:
-        s = self.config.label_stride
-        return torch.tensor([s * v for v in self.spacing], dtype=like.dtype, device=like.device).view(1, 3, 1, 1, 1)
-
     def _interior(self, field: torch.Tensor) -> torch.Tensor:
         b = self.config.loss_border
         if b <= 0 or any(n <= 2 * b for n in field.shape[2:]):
@@ -262,7 +258,8 @@ class DenseCycleTask:
 
     def label_error_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Mean Euclidean distance [mm] between two label-grid fields over the interior."""
-        diff = self._interior(a.float() - b.float()) * self._mm_scale(a.float())
+        label_grid = centred_affine(self.label_shape, [self.config.label_stride * v for v in self.spacing])
+        diff = voxel_disp_to_mm(self._interior(a.float() - b.float()), label_grid)
         return diff.pow(2).sum(1).add(1e-12).sqrt().mean()
 
     # ------------------------------------------------------------------ pseudo labels
@@ -320,8 +317,8 @@ class DenseCycleTask:
             target = labels[self.pair_id(k)].to(self.device).float() if labels else None
             if cfg.augment:
                 fix_map, mov_map = random_pair_affines(g, cfg, self.shape, self.spacing)
-                f = warp(f, affine_field(*fix_map, self.shape, device=self.device))
-                m = warp(m, affine_field(*mov_map, self.shape, device=self.device))
+                f = warp(f, affine_field(*fix_map, self.shape, device=f.device, dtype=f.dtype))
+                m = warp(m, affine_field(*mov_map, self.shape, device=m.device, dtype=m.dtype))
                 if target is not None:
                     target = transform_target(target, fix_map, mov_map, cfg.label_stride)
             fixed.append(f)
