@@ -161,7 +161,8 @@ def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -
         ``{label: dice}``.
     """
     if fixed_labels.shape != warped_labels.shape:
-        raise ValueError(f"label maps differ in shape: {tuple(fixed_labels.shape)} vs {tuple(warped_labels.shape)}")
+        raise ValueError(f"fixed_labels, warped_labels: shapes differ: {tuple(fixed_labels.shape)} vs "
+                         f"{tuple(warped_labels.shape)}")
     out = {}
     for lab in _labels_to_score(fixed_labels, warped_labels, labels):
         a = fixed_labels == lab
@@ -193,7 +194,8 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     from scipy import ndimage
 
     if fixed_labels.shape != warped_labels.shape:
-        raise ValueError(f"label maps differ in shape: {tuple(fixed_labels.shape)} vs {tuple(warped_labels.shape)}")
+        raise ValueError(f"fixed_labels, warped_labels: shapes differ: {tuple(fixed_labels.shape)} vs "
+                         f"{tuple(warped_labels.shape)}")
     fa = fixed_labels.cpu().numpy()
     wa = warped_labels.cpu().numpy()
     out = {}

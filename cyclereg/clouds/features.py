@@ -53,7 +53,7 @@ class GraphNetConfig:
         out_channels: feature dimension after the point-wise head.
         k_fixed: neighbours (incl. the point itself) of the fixed cloud's kNN graph.
         k_moving: neighbours of the moving cloud's graph; 0 scales ``k_fixed`` by the
-            ratio of point counts (clamped to ``[k_fixed, 4 k_fixed]``) so that both graphs
+            ratio of point counts (clamped to ``[k_fixed, 4 k_fixed]``, :data:`MOVING_K_MAX_FACTOR`) so that both graphs
             cover about the same spatial neighbourhood (the authors use 4x for clouds of
             2048 and 8192 points). Identical clouds then get identical features.
         negative_slope: LeakyReLU slope.
@@ -134,13 +134,17 @@ class GraphFeatureNet(nn.Module):
         return moving_graph_k(self.config, n_fixed, n_moving)
 
 
+MOVING_K_MAX_FACTOR = 4
+"""The scaled neighbourhood of the moving graph (``k_moving = 0``) is at most this many times ``k_fixed``."""
+
+
 def moving_graph_k(config: GraphNetConfig, n_fixed: int, n_moving: int) -> int:
     """Neighbourhood size of the moving cloud's graph for clouds of ``n_fixed`` and ``n_moving``
     points (``config.k_moving``, or the scaled ``k_fixed``; see :class:`GraphNetConfig`)."""
     if config.k_moving > 0:
         return config.k_moving
     k = config.k_fixed
-    return int(min(max(round(k * n_moving / max(n_fixed, 1)), k), 4 * k))
+    return int(min(max(round(k * n_moving / max(n_fixed, 1)), k), MOVING_K_MAX_FACTOR * k))
 
 
 class FeatureEnsemble(nn.Module):

@@ -48,6 +48,10 @@ from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
 
+EVALUATE_CACHED_VOLUMES = 8
+"""``evaluate`` keeps about this many read volumes (images and label maps) for the next pairs
+(pairs share scans; a 192x160x256 float32 scan is 31 MB)."""
+
 
 # ----------------------------------------------------------------------------- models
 def load_model(model: str | Path, seed: int = 0, device: str | torch.device = "cpu"
@@ -359,7 +363,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
 
     def get(path: Path, labels: bool) -> Volume:
         if path not in cache:
-            if len(cache) > 8:
+            if len(cache) > EVALUATE_CACHED_VOLUMES:
                 cache.pop(next(iter(cache)))
             cache[path] = read_nifti(path, labels=labels)
         return cache[path]

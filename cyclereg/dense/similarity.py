@@ -58,6 +58,11 @@ def _ssc_pairs(dilation: int) -> list[tuple[tuple[int, int, int], tuple[int, int
     return pairs
 
 
+VARIANCE_RANGE = 1e3
+"""MIND's local variance estimate is clamped to ``[m / VARIANCE_RANGE, m * VARIANCE_RANGE]`` around its
+volume mean ``m``, so that flat or very noisy regions do not give degenerate descriptors."""
+
+
 def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
     """MIND-SSC descriptors ``(B, 12, D, H, W)`` of ``image`` ``(B, 1, D, H, W)``.
 
@@ -70,7 +75,7 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
                       for p, q in _ssc_pairs(dilation)], dim=1)
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean(dim=(2, 3, 4), keepdim=True).clamp_min(eps)
-    var = var.clamp(mean_var * 1e-3, mean_var * 1e3)
+    var = var.clamp(mean_var / VARIANCE_RANGE, mean_var * VARIANCE_RANGE)
     desc = torch.exp(-dist / var)
     return desc / desc.amax(dim=1, keepdim=True).clamp_min(eps)
 

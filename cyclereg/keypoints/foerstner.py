@@ -62,6 +62,13 @@ GAUSSIAN_TRUNCATE = 3.0
 GRADIENT_HALF_WIDTH = 1
 """Central differences reach one voxel to each side."""
 
+INTENSITY_RANGE_QUANTILES = (0.01, 0.99)
+"""The image is scaled so that these quantiles of its intensities become 0 and 1 before the
+structure tensor (a robust range: a few extreme voxels do not set the scale)."""
+
+MIN_INTENSITY_RANGE = 1e-6
+"""Floor of that range (intensity units), so that a (nearly) constant image is not divided by 0."""
+
 
 @dataclass(frozen=True)
 class FoerstnerConfig:
@@ -236,8 +243,8 @@ def distinctiveness(img: torch.Tensor, spacing_mm, sigma_mm: float) -> torch.Ten
     so ``D`` is in 1/mm^2 of normalised intensity.
     """
     x = img.float()
-    lo, hi = torch.quantile(_subsample(x), torch.tensor([0.01, 0.99], device=x.device)).tolist()
-    x = (x - lo) / max(hi - lo, 1e-6)
+    lo, hi = torch.quantile(_subsample(x), torch.tensor(INTENSITY_RANGE_QUANTILES, device=x.device)).tolist()
+    x = (x - lo) / max(hi - lo, MIN_INTENSITY_RANGE)
     grad = gradient_mm(x[None, None], spacing_mm)
     sigma_vox = tuple(sigma_mm / float(s) for s in spacing_mm)
     return distinctiveness_from_tensor(structure_tensor(grad, sigma_vox))
