@@ -30,6 +30,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
+from cyclereg import __version__
 from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
 from cyclereg.errors import InputError
 
@@ -135,7 +136,8 @@ class StageSnapshot:
         if self.every_s <= 0 or step >= self.total_steps or time.monotonic() - self._last < self.every_s:
             return False
         state = {
-            "format": self.FORMAT, "stage": self.stage, "total_steps": self.total_steps, "step": step,
+            "format": self.FORMAT, "version": __version__, "stage": self.stage, "total_steps": self.total_steps,
+            "step": step,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
             "generator": generator.get_state(), "global_rng": torch.random.get_rng_state(),
@@ -197,7 +199,7 @@ class LabelParts:
         return state["part"]
 
     def put(self, pair_id: str, part: dict) -> None:
-        state = {"format": self.FORMAT, "fingerprint": self.fingerprint, "part": part}
+        state = {"format": self.FORMAT, "version": __version__, "fingerprint": self.fingerprint, "part": part}
         atomic_write_bytes(self._file(pair_id), lambda fh: torch.save(state, fh))
 
     @staticmethod
@@ -391,8 +393,8 @@ class StageScheduler:
 
     def _save_labels(self, stage: int, labels: dict, weights: dict, record: dict) -> None:
         """The labels that finish ``stage``, with the stage's log ``record`` (see :meth:`_complete_log`)."""
-        payload = {"stage": stage, "labels": {k: v.detach().cpu() for k, v in labels.items()}, "weights": weights,
-                   "record": record}
+        payload = {"version": __version__, "stage": stage, "labels": {k: v.detach().cpu() for k, v in labels.items()},
+                   "weights": weights, "record": record}
         atomic_write_bytes(self.labels_path(stage), lambda fh: torch.save(payload, fh))
 
     def _stage_log(self) -> dict[int, dict]:
