@@ -40,12 +40,39 @@ class Volume:
 LABEL_ROUNDING_TOLERANCE = 1e-3
 """Float label maps are rounded to integers when every value lies this close to one (scaled storage)."""
 
+GRID_TOLERANCE_MM = 1e-3
+"""Two grids are one when their shapes agree and their affines' entries (voxel -> mm) differ by at most this."""
+
+
+def same_grid(a: Volume, b: Volume, *, atol_mm: float = GRID_TOLERANCE_MM) -> bool:
+    """Whether two volumes lie on one grid: the same shape and affine (:data:`GRID_TOLERANCE_MM`)."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
+
+
+MIN_VOXEL_SIZE_MM = 1e-6
+"""A voxel -> mm affine whose grid collapses an axis to less than this (its smallest singular value)
+is refused: points and fields cannot be mapped back to voxels."""
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why a 4x4 voxel -> mm ``affine`` cannot be used (``None``: it can): non-finite entries, or a
+    (nearly) singular linear part (a voxel size of zero along some direction)."""
+    A = np.asarray(affine, dtype=np.float64)
+    if A.shape != (4, 4) or not np.isfinite(A).all():
+        return "the voxel-to-world affine holds NaN or inf" if A.shape == (4, 4) else f"affine of shape {A.shape}"
+    smallest = float(np.linalg.svd(A[:3, :3], compute_uv=False).min())
+    if smallest < MIN_VOXEL_SIZE_MM:
+        sizes = ", ".join(f"{v:g}" for v in np.linalg.norm(A[:3, :3], axis=0))
+        return (f"the voxel-to-world affine is singular (voxel sizes {sizes} mm; a zero pixdim or a degenerate "
+                "sform/qform): fix the header")
+    return None
+
 
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
 
-    Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D,
-    or holds NaN/inf.
+    Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D, complex-valued,
+    holds NaN/inf, or has an unusable affine (:func:`affine_problem`).
     """
     import nibabel as nib  # noqa: PLC0415
 
@@ -59,6 +86,11 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise InputError(f"expected a 3-D volume, got shape {arr.shape}", p)
+    if np.iscomplexobj(arr):
+        raise InputError(f"complex-valued voxels ({arr.dtype}): expected a real-valued image or label map", p)
+    problem = affine_problem(img.affine)
+    if problem:
+        raise InputError(problem, p)
     if labels:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():

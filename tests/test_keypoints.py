@@ -221,6 +221,18 @@ def test_cli_errors(tmp_path):
     before = set(tmp_path.iterdir())
     out = tmp_path / "kp.csv"
     _assert_one_line_error(_run(ct_path, "-o", out, "--mask", empty), "empty_mask.nii.gz", tmp_path, before)
+    # a mask of the CT's shape on another grid (other spacing) would put keypoints elsewhere in the world
+    other_grid = save_nifti(tmp_path / "mask_3mm.nii.gz", np.ones(vol.shape, dtype=np.uint8), spacing=(3.0, 3.0, 3.0))
+    before = set(tmp_path.iterdir())
+    res = _run(ct_path, "-o", out, "--mask", other_grid)
+    _assert_one_line_error(res, "mask_3mm.nii.gz", tmp_path, before)
+    assert "another grid" in res.stderr
+    # a volume too small to keep any voxel off its border (no mask given: no word of a mask)
+    tiny = save_nifti(tmp_path / "tiny.nii.gz", vol[:2])
+    before = set(tmp_path.iterdir())
+    res = _run(tiny, "-o", out)
+    _assert_one_line_error(res, "tiny.nii.gz", tmp_path, before)
+    assert "too small" in res.stderr and "mask" not in res.stderr
     _assert_one_line_error(_run(four_d, "-o", out), "fourd.nii.gz", tmp_path, before)
     _assert_one_line_error(_run(tmp_path / "missing.nii.gz", "-o", out), "missing.nii.gz", tmp_path, before)
     _assert_one_line_error(_run(lungless, "-o", out, "--lung-mask", "--save-mask", tmp_path / "m.nii.gz"),
@@ -228,6 +240,8 @@ def test_cli_errors(tmp_path):
     res = _run(ct_path, "-o", out, "--sigma", "-1")
     assert res.exit_code == 2 and set(tmp_path.iterdir()) == before
     assert "--sigma must be a positive number, got -1" in res.output  # the option, not the config field
+    res = _run(ct_path, "-o", out, "--max-points", "-5")  # 0 is allowed (no limit): the message says so
+    assert res.exit_code == 2 and "--max-points must be >= 0 (0: no limit), got -5" in res.output
     (tmp_path / "p.csv").write_text("id,fixed,moving\n")
     res = _run("--pairs", tmp_path / "p.csv", "-o", tmp_path / "ds", "--moving-nms-radius", "-2")
     assert res.exit_code == 2 and "--moving-nms-radius must be >= 0" in res.output and not (tmp_path / "ds").exists()

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cyclereg.datasets import read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
-from cyclereg.volumeio import Volume
+from cyclereg.volumeio import Volume, same_grid
 from cyclereg.warp import warp_between_grids, warp_labels
 
 
@@ -68,14 +67,6 @@ def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = No
 
 
 # ----------------------------------------------------------------------------- grids
-GRID_TOLERANCE_MM = 1e-3
-"""Two grids are one when their shapes agree and their affines' entries (voxel -> mm) differ by at most this."""
-
-
-def same_grid(a: Volume, b: Volume, *, atol_mm: float = GRID_TOLERANCE_MM) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
-
-
 def require_contrast(volume: Volume) -> Volume:
     """:class:`InputError` naming the file of a volume whose voxels all hold one value: its features
     carry no information, and registering it gives an arbitrary field."""
@@ -88,7 +79,7 @@ def require_contrast(volume: Volume) -> Volume:
 def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",
                     hint: str = "resample both onto one grid first") -> None:
     """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
-    (different shape, or an affine differing by more than :data:`GRID_TOLERANCE_MM`); ``hint`` ends the message."""
+    (different shape, or an affine differing by more than :data:`~cyclereg.volumeio.GRID_TOLERANCE_MM`); ``hint`` ends the message."""
     if fixed.shape != moving.shape:
         raise InputError(f"{what} has shape {moving.shape} but the {ref} {fixed.path} has {fixed.shape};"
                          f" {hint}", moving.path)

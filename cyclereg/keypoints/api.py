@@ -49,7 +49,7 @@ from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
 from cyclereg.pointio import points_csv, read_points, require_open3d, write_points
-from cyclereg.volumeio import Volume, read_nifti, write_nifti
+from cyclereg.volumeio import Volume, read_nifti, same_grid, write_nifti
 
 FORMATS = ("csv", "l2r", "ply", "pcd", "npy")
 SUFFIX_FORMATS = {".csv": ("csv", "l2r"), ".txt": ("csv", "l2r"), ".npy": ("npy",), ".ply": ("ply",), ".pcd": ("pcd",)}
@@ -188,6 +188,9 @@ def foerstner_config(base: FoerstnerConfig = FoerstnerConfig(), *, sigma_mm: flo
     overrides = {k: v for k, v in dict(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold).items()
                  if v is not None}
     if max_points is not None:
+        if max_points < 0:
+            flag = {**OPTION_FLAGS, **(flags or {})}["max_points"]
+            raise InputError(f"{flag} must be >= 0 (0: no limit), got {max_points}")
         overrides["max_points"] = None if max_points == 0 else max_points
     try:
         return dataclasses.replace(base, **overrides)
@@ -248,6 +251,10 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
             mvol = read_nifti(mask, labels=True)
         if mvol.shape != volume.shape:
             raise InputError(f"mask shape {mvol.shape} differs from the CT shape {volume.shape}", mask)
+        if not same_grid(mvol, volume):
+            raise InputError(f"mask lies on another grid than the CT {volume.path} (same shape, different "
+                             "voxel-to-world affine: spacing, origin or orientation); resample it onto the CT's grid",
+                             mask)
         mask_array = mvol.data.numpy() > 0
         if not mask_array.any():
             raise InputError("the mask is empty", mask)
@@ -360,7 +367,12 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     if dataset_json.exists():
         raise InputError("a dataset.json is already there; choose another directory", dataset_json)
     if folds is not None and not 2 <= folds <= len(pairs):
-        raise InputError(f"--folds {folds}: expected 2 to {len(pairs)} (the number of pairs)", pairs_csv)
+        allowed = "2" if len(pairs) == 2 else f"2 to {len(pairs)}"
+        if len(pairs) < 2:
+            raise InputError(f"--folds {folds}: cross-validation needs at least 2 pairs, the list has {len(pairs)}",
+                             pairs_csv)
+        raise InputError(f"--folds {folds}: expected {allowed} (at most one fold per pair; the list has "
+                         f"{len(pairs)})", pairs_csv)
     for q in pairs:
         if q.fixed_landmarks is not None:
             n_f, n_m = read_points(q.fixed_landmarks).shape[0], read_points(q.moving_landmarks).shape[0]

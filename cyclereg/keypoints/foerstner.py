@@ -349,12 +349,16 @@ def foerstner_keypoints(img: torch.Tensor, spacing_mm, mask: torch.Tensor | None
     """
     if img.ndim != 3:
         raise ValueError(f"img: expected a (D, H, W) volume, got shape {tuple(img.shape)}")
+    given = mask is not None
     if mask is None:
         mask = torch.ones(img.shape, dtype=torch.bool, device=img.device)
     if tuple(mask.shape) != tuple(img.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from image shape {tuple(img.shape)}")
     mask = erode(mask.to(img.device, torch.bool), config.mask_erosion_voxels)
     if not bool(mask.any()):
+        if not given:  # the erosion keeps keypoints off the border: nothing is left of a tiny volume
+            raise ValueError(f"volume of shape {tuple(img.shape)} is too small: no voxel lies "
+                             f"{config.mask_erosion_voxels + 1} or more voxels inside its border")
         raise ValueError("the mask is empty (after erosion)")
 
     # Work on the bounding box of the mask plus everything a decision inside it looks at.
