@@ -10,14 +10,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from cyclereg import __version__
-from cyclereg.errors import InputError, require_file
+from cyclereg.errors import InputError, require_checkpoint_file, require_file
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -47,23 +49,84 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     The file gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the
     umask), not the private ``0o600`` of the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # name the file the caller asked for, not the temporary one
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+@contextmanager
+def staged_outputs(out_dir: str | Path) -> Iterator[Path]:
+    """Write one command's output files as a set: the body writes them (atomically, by name) into
+    the yielded hidden staging folder inside ``out_dir``; when it finishes, every staged file is moved
+    into ``out_dir`` (a rename each, same file system; if one cannot be, e.g. an existing output is
+    write-protected, those already moved are put back and the earlier files restored). If the body
+    fails, nothing of it reaches ``out_dir``: the staging folder is removed, and so is ``out_dir``
+    when this call made it and it is still empty."""
+    out = Path(out_dir)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".cyclereg-staging.", dir=out))
+    try:
+        yield stage
+        _move_in(sorted(stage.iterdir()), out, stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            try:
+                out.rmdir()  # only when empty: the body failed before anything was moved in
+            except OSError:
+                pass
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _move_in(files: list[Path], out: Path, stage: Path) -> None:
+    """Rename ``files`` into ``out`` as a set: an existing file of the same name is first moved aside
+    into ``stage``; on a failure every step taken is undone and the error names the output."""
+    done: list[tuple[Path, Path | None]] = []  # (target, its earlier file moved aside or None)
+    try:
+        for staged in files:
+            target = out / staged.name
+            aside = None
+            try:
+                if target.exists():
+                    aside = stage / f".earlier.{staged.name}"
+                    os.replace(target, aside)
+                os.replace(staged, target)
+            except OSError as exc:
+                if aside is not None and aside.exists():
+                    try:
+                        os.replace(aside, target)
+                    except OSError:
+                        pass
+                raise OSError(exc.errno, exc.strerror, str(target)) from None
+            done.append((target, aside))
+    except BaseException:
+        for target, aside in reversed(done):
+            try:
+                if aside is not None:
+                    os.replace(aside, target)
+                else:
+                    target.unlink()
+            except OSError:
+                pass
+        raise
 
 
 def remove_stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()) -> None:
@@ -128,7 +191,7 @@ KIND_HINTS = {
 
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors to CPU)."""
-    p = require_file(path)
+    p = require_checkpoint_file(path)
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input

@@ -34,6 +34,15 @@ def require_file(path: str | Path) -> Path:
     return p
 
 
+def require_checkpoint_file(path: str | Path) -> Path:
+    """:func:`require_file` for a model checkpoint; a missing bare word (no folder, no suffix, e.g. a
+    mistyped ``random``) is told how to ask for an untrained network."""
+    p = Path(path)
+    if not p.exists() and not p.suffix and len(p.parts) == 1:
+        raise InputError("no such checkpoint file (for an untrained network, give the model as 'random')", p)
+    return require_file(p)
+
+
 def _require_makeable(folder: Path, output: Path, what: str) -> None:
     """:class:`InputError` naming ``output`` unless ``folder`` exists or can be made (its nearest
     existing ancestor is a folder this process may write in); nothing is created."""

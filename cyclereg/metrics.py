@@ -81,6 +81,10 @@ def _determinant_interior(u: torch.Tensor) -> torch.Tensor:
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
+JACOBIAN_MIN_SIZE = 3
+"""A Jacobian map (central differences) needs this many voxels along every axis."""
+
+
 def jacobian_map(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -> torch.Tensor:
     """Jacobian determinant of ``x -> x + u(x)`` at every voxel of the grid, as a volume.
 
@@ -93,8 +97,9 @@ def jacobian_map(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -> torch.
         to a larger region of the moving scan (for exhale fixed / inhale moving: local
         inspiration volume ratio); ``J <= 0``: folding.
     """
-    if disp_vox.ndim != 5 or disp_vox.shape[:2] != (1, 3) or min(disp_vox.shape[2:]) < 3:
-        raise ValueError(f"disp_vox: expected (1, 3, D, H, W) with D, H, W >= 3, got {tuple(disp_vox.shape)}")
+    if disp_vox.ndim != 5 or disp_vox.shape[:2] != (1, 3) or min(disp_vox.shape[2:]) < JACOBIAN_MIN_SIZE:
+        raise ValueError(f"disp_vox: expected (1, 3, D, H, W) with D, H, W >= {JACOBIAN_MIN_SIZE}, "
+                         f"got {tuple(disp_vox.shape)}")
     inner = jacobian_determinant(disp_vox, slab=slab)[0].float()
     return torch.nn.functional.pad(inner[None, None], (1, 1, 1, 1, 1, 1), mode="replicate")[0, 0]
 

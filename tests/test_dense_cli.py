@@ -182,6 +182,34 @@ def test_missing_or_bad_nifti_exits_2_without_output(tiny, tmp_path):
     assert not out.exists()
 
 
+def test_unusable_headers_and_too_small_volumes_exit_2_without_output(tmp_path):
+    """A zero voxel size (singular affine), NaN in the affine, complex voxels, or a volume smaller than
+    the network's downsampling: one line naming the file, exit 2, nothing written."""
+    out = tmp_path / "never"
+    img = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    nan_affine = np.eye(4)
+    nan_affine[0, 3] = np.nan
+    for name, sform in (("zero_voxel_size.nii.gz", np.diag([2.0, 2.0, 0.0, 1.0])), ("nan_affine.nii.gz", nan_affine)):
+        header = nib.Nifti1Header()  # written as given: an image made with an affine would get it repaired
+        header.set_data_dtype(np.float32)
+        header.set_data_shape(img.shape)
+        header.set_sform(sform, code=1)
+        nib.save(nib.Nifti1Image(img, None, header=header), str(tmp_path / name))
+    _save(tmp_path / "complex.nii.gz", img.astype(np.complex64), np.eye(4))
+    for name, problem in (("zero_voxel_size.nii.gz", "affine is singular"), ("nan_affine.nii.gz", "affine holds NaN"),
+                          ("complex.nii.gz", "complex-valued voxels")):
+        for cmd in (["register", str(tmp_path / name), str(tmp_path / name), "-o", str(out)],
+                    ["keypoints", str(tmp_path / name), "-o", str(out / "k.csv")]):
+            res = runner.invoke(app, [*cmd, "--device", "cpu"] if cmd[0] == "register" else cmd)
+            assert res.exit_code == 2, (cmd, res.output)
+            assert f"{name}: " in res.output and problem in res.output and len(res.output.strip().splitlines()) == 1
+            assert not out.exists()
+    small = _save(tmp_path / "small.nii.gz", img[:8], np.eye(4))  # (8, 16, 16): one feature voxel along i
+    res = runner.invoke(app, ["register", str(small), str(small), "-o", str(out), "--device", "cpu"])
+    assert res.exit_code == 2 and "small.nii.gz: volume of shape (8, 16, 16) is too small" in res.output
+    assert "at least 9 voxels" in res.output and not out.exists()
+
+
 def test_grid_mismatch_is_rejected(tiny, tmp_path):
     out = tmp_path / "never"
     fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
@@ -343,6 +371,56 @@ def test_brain_pair_random_features_acceptance(tmp_path):
     assert len(r["pairs"]) == 2
     assert r["mean_dice"] >= 0.50 and r["initial_dice"] == pytest.approx(0.423, abs=0.001)
     assert r["mean_folding_fraction"] < 0.01 and np.isfinite(r["mean_sdlogj"])
+
+
+def test_evaluate_checks_every_input_first_and_writes_the_report_only_when_done(tiny, tmp_path, monkeypatch):
+    """A bad file in a later pair stops evaluate before any registration, and an earlier report at
+    --json is left as it was; an interrupted evaluate keeps its finished pairs in r.partial.json
+    (never over the report), which --resume continues and removes."""
+    import shutil
+
+    import cyclereg.dense.api as dense_api
+
+    d = tmp_path / "ds"
+    shutil.copytree(tiny, d)
+    img, lab = _blob_image((1, 0, 2), seed=0)
+    _save(d / "imagesTr" / "Tiny_0003_0000.nii.gz", img)
+    _save(d / "labelsTr" / "Tiny_0003_0000.nii.gz", lab[:-2])  # its label map lies on another grid
+    meta = json.loads((d / "Tiny_dataset.json").read_text())
+    meta["training"].append({"image": "./imagesTr/Tiny_0003_0000.nii.gz", "label": "./labelsTr/Tiny_0003_0000.nii.gz"})
+    meta["registration_val"].append({"fixed": "./imagesTr/Tiny_0001_0000.nii.gz",
+                                     "moving": "./imagesTr/Tiny_0003_0000.nii.gz"})
+    (d / "Tiny_dataset.json").write_text(json.dumps(meta))
+    rep = tmp_path / "r.json"
+    rep.write_text('{"an earlier": "report"}')
+    args = ["evaluate", str(d / "Tiny_dataset.json"), "--model", "random", *FAST, "--json", str(rep), "--device", "cpu"]
+    scored = []
+    real_scores = dense_api.pair_scores
+    monkeypatch.setattr(dense_api, "pair_scores", lambda *a, **k: scored.append(1) or real_scores(*a, **k))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "Tiny_0003_0000.nii.gz" in res.output and "label map" in res.output
+    assert scored == [] and rep.read_text() == '{"an earlier": "report"}'
+    assert not (tmp_path / "r.partial.json").exists()
+
+    _save(d / "labelsTr" / "Tiny_0003_0000.nii.gz", lab)  # mended; now the run is killed after one pair
+
+    def interrupted(*a, **k):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real_scores(*a, **k)
+
+    monkeypatch.setattr(dense_api, "pair_scores", interrupted)
+    assert runner.invoke(app, args).exit_code == 130
+    assert rep.read_text() == '{"an earlier": "report"}'
+    partial = json.loads((tmp_path / "r.partial.json").read_text())
+    assert partial["complete"] is False and [r["id"] for r in partial["pairs"]] == ["0001_0002"]
+    monkeypatch.setattr(dense_api, "pair_scores", real_scores)
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(rep.read_text())
+    assert done["complete"] and [r["id"] for r in done["pairs"]] == ["0001_0002", "0001_0003"]
+    assert done["pairs"][0] == partial["pairs"][0] and not (tmp_path / "r.partial.json").exists()
 
 
 def test_evaluate_resume_keeps_finished_pairs(tiny, tmp_path):

@@ -134,6 +134,64 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_staged_outputs_reach_the_folder_together_or_not_at_all(tmp_path, monkeypatch):
+    """A command's files appear together; a failure while writing them leaves the folder as it was
+    (a folder it made is removed again), and a failure while moving them in restores the earlier files
+    and names the output, not a temporary file."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from cyclereg import checkpoint
+    from cyclereg.checkpoint import atomic_write_text, staged_outputs
+
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with staged_outputs(out) as stage:
+            atomic_write_text(stage / "a.txt", "a")
+            raise RuntimeError("the second output failed")
+    assert not out.exists()
+
+    out = tmp_path / "old"
+    out.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (out / name).write_text("earlier")
+    with staged_outputs(out) as stage:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            atomic_write_text(stage / name, "new")
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"a.txt": "new", "b.txt": "new", "c.txt": "new"}
+
+    for name in ("a.txt", "b.txt"):
+        (out / name).write_text("earlier")
+    (out / "c.txt").unlink()
+    real = os.replace
+
+    def refuse_b(src, dst):  # like a write-protected (immutable) b.txt: it cannot be moved or replaced
+        if out / "b.txt" in (Path(src), Path(dst)):
+            raise PermissionError(1, "Operation not permitted", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", refuse_b)
+    with pytest.raises(OSError) as err:
+        with staged_outputs(out) as stage:
+            for name in ("a.txt", "b.txt", "c.txt"):
+                atomic_write_text(stage / name, "new")
+    assert err.value.filename == str(out / "b.txt")
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"a.txt": "earlier", "b.txt": "earlier"}
+
+
+def test_atomic_write_errors_name_the_output(tmp_path):
+    import pytest
+
+    from cyclereg.checkpoint import atomic_write_text
+
+    (tmp_path / "taken").write_text("a file where a folder must go")
+    with pytest.raises(OSError) as err:
+        atomic_write_text(tmp_path / "taken" / "out.txt", "x")
+    assert err.value.filename == str(tmp_path / "taken" / "out.txt")
+
+
 def test_require_count_names_flag_and_bound():
     """``None`` and values at or above the minimum pass through; below it the error names flag, value and bound."""
     assert require_count("--stages", None, 1) is None

@@ -33,17 +33,17 @@ import numpy as np
 import torch
 
 from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, remove_stale_outputs, save_checkpoint,
-                                 to_jsonable, training_data, write_json)
+                                 staged_outputs, to_jsonable, training_data, write_json)
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, require_contrast,
-                                 resample_onto, resolve_mode, same_grid)
+                                 resample_onto, resolve_mode)
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
-from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
+from cyclereg.volumeio import Volume, read_nifti, same_grid, write_displacement, write_nifti
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
@@ -98,6 +98,20 @@ def _check_spacing(cfg: DensePipelineConfig, vol: Volume) -> None:
                          f"{tuple(exp)} mm; resample the volume to the model's spacing first", vol.path)
 
 
+def min_volume_size(cfg: DensePipelineConfig) -> int:
+    """Fewest voxels a volume needs along every axis for ``cfg``: one more than the network's
+    downsampling, so that its coarsest feature grid has two voxels per axis (features are
+    standardised over that grid, and the Jacobian of the field needs three voxels per axis)."""
+    return max(cfg.net.downsampling + 1, 3)
+
+
+def _check_size(cfg: DensePipelineConfig, vol: Volume) -> None:
+    need = min_volume_size(cfg)
+    if min(vol.shape) < need:
+        raise InputError(f"volume of shape {tuple(vol.shape)} is too small to register: every axis needs at least "
+                         f"{need} voxels (the feature network downsamples by {cfg.net.downsampling})", vol.path)
+
+
 def _prepare(vol: Volume, cfg: DensePipelineConfig, mode: str, dev) -> torch.Tensor:
     return preprocess(vol.data, cfg.preprocess, mode).to(dev)[None, None]
 
@@ -107,6 +121,7 @@ def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipe
     """Register two volumes on one grid; returns ``(1, 3, D, H, W)`` voxels, fixed -> moving."""
     check_same_grid(fixed, moving)
     _check_spacing(cfg, fixed)
+    _check_size(cfg, fixed)
     require_contrast(fixed)
     require_contrast(moving)
     dev = next(net.parameters()).device
@@ -148,38 +163,33 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     net, cfg, info = load_model(model, seed, dev)
     cfg = _pipeline_config(cfg, warps, adam, ic)
     _check_spacing(cfg, fv)
+    _check_size(cfg, fv)
 
     t0 = time.perf_counter()
     disp = register_pair(fv, mv, net, cfg)
     seconds = time.perf_counter() - t0
 
+    # every output is computed before any is written; they reach out_dir together (staged_outputs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     disp_cpu = disp.detach().cpu().float()
-    write_displacement(out_dir / "displacement.nii.gz", disp_cpu, fv.affine, unit="mm" if disp_mm else "voxel")
     if resampled:  # straight from the scan's own grid, not from its copy on the fixed grid
         warped = warp_between_grids(given_mv.data[None, None].float(), given_mv.affine, disp_cpu, fv.affine)[0, 0]
     else:
         warped = warp(mv.data[None, None].float(), disp_cpu)[0, 0]
-    write_nifti(out_dir / "warped.nii.gz", warped, fv.affine)
-    written = ["displacement.nii.gz", "warped.nii.gz"]
+    volumes = {"warped.nii.gz": warped}
     if lv is not None:
-        wl = (warp_labels(given_lv.data[None, None], disp_cpu, labels_affine=given_lv.affine, fixed_affine=fv.affine)
-              if resampled else warp_labels(lv.data[None, None], disp_cpu))[0, 0]
-        write_nifti(out_dir / "warped_labels.nii.gz", wl, fv.affine)
-        written.append("warped_labels.nii.gz")
+        volumes["warped_labels.nii.gz"] = (
+            warp_labels(given_lv.data[None, None], disp_cpu, labels_affine=given_lv.affine, fixed_affine=fv.affine)
+            if resampled else warp_labels(lv.data[None, None], disp_cpu))[0, 0]
     jac = jacobian_map(disp_cpu)
     if jacobian:
-        write_nifti(out_dir / "jacobian.nii.gz", jac, fv.affine)
-        written.append("jacobian.nii.gz")
+        volumes["jacobian.nii.gz"] = jac
+    fields = {"displacement.nii.gz": "mm" if disp_mm else "voxel"}
     if l2r_name:
-        name = f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"
-        write_displacement(out_dir / name, disp_cpu, fv.affine)
-        written.append(name)
+        fields[f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"] = "voxel"
+    written = [*fields][:1] + [*volumes] + [*fields][1:]
     stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
-    # what an earlier register wrote into this folder and this one does not (never the inputs)
-    remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
-    write_json(out_dir / "config.json", {
+    record = {
         **provenance(dev),
         "config": cfg,
         "model": info,
@@ -200,7 +210,15 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         "seconds": seconds,
         "sdlogj": stats["sdlogj"],
         "folding_fraction": stats["folding_fraction"],
-    })
+    }
+    with staged_outputs(out_dir) as stage:
+        for name, unit in fields.items():
+            write_displacement(stage / name, disp_cpu, fv.affine, unit=unit)
+        for name, data in volumes.items():
+            write_nifti(stage / name, data, fv.affine)
+        write_json(stage / "config.json", record)
+        # what an earlier register wrote into this folder and this one does not (never the inputs)
+        remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
 
@@ -299,8 +317,11 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     ``mean_sdlogj``, ... and a ``pairs`` list) and, with ``figures``, ``<report>_dice_cdf.png``
     (cumulative distribution of per-label Dice, as the paper's Fig. 2) and
     ``<report>_overlay.png`` (first pair: fixed, warped moving, label contours).
-    With ``resume``, the pairs of an unfinished report of the same dataset and method at
-    ``report`` are kept and only the remaining pairs are registered.
+    Every scan and label map is read and checked before the first registration. While it runs,
+    the pairs finished so far are kept in :func:`unfinished_report_path` (``r.partial.json``), never
+    in ``report``, which is written only when all pairs are done. With ``resume``, the pairs of that
+    unfinished report (else of the report at ``report``) of the same dataset and method are kept and
+    only the remaining pairs are registered.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -339,9 +360,11 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
 
     overlay = None
     report = Path(report)
+    unfinished = unfinished_report_path(report)
     records = []
-    if resume and report.is_file():
-        records = _resumed_records(report, pairs, {"dataset": str(dataset), "method": info,
+    source = unfinished if unfinished.is_file() else report
+    if resume and source.is_file():
+        records = _resumed_records(source, pairs, {"dataset": str(dataset), "method": info,
                                                    "both_directions": both_directions, "config": cfg,
                                                    "label_scoring": LABEL_SCORING})
         done = {r["id"] for r in records}
@@ -368,15 +391,27 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             cache[path] = read_nifti(path, labels=labels)
         return cache[path]
 
+    def pair_volumes(p) -> tuple[Volume, Volume, Volume, Volume]:
+        fv, mv = get(p.fixed, False), get(p.moving, False)
+        fl, ml = get(p.fixed_labels, True), get(p.moving_labels, True)
+        check_same_grid(fv, mv)
+        check_same_grid(fv, fl, what="fixed label map")
+        check_same_grid(mv, ml, what="moving label map", ref="moving image")
+        return fv, mv, fl, ml
+
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        # every scan and label map is read and checked before the first registration, so that a bad
+        # file stops the command before it has written anything
+        checking = progress.add_task("checking inputs", total=len(pairs))
+        for p in pairs:
+            pair_volumes(p)
+            if not identity:
+                _check_size(cfg, get(p.fixed, False))
+            progress.advance(checking)
         task = progress.add_task("evaluating pairs", total=len(pairs) + len(records), completed=len(records))
         for p in pairs:
-            fv, mv = get(p.fixed, False), get(p.moving, False)
-            fl, ml = get(p.fixed_labels, True), get(p.moving_labels, True)
-            check_same_grid(fv, mv)
-            check_same_grid(fv, fl, what="fixed label map")
-            check_same_grid(mv, ml, what="moving label map", ref="moving image")
+            fv, mv, fl, ml = pair_volumes(p)
             t0 = time.perf_counter()
             if identity:
                 disp = torch.zeros(1, 3, *fv.shape)
@@ -390,11 +425,14 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             if overlay is None and figures:
                 overlay = (p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(),
                            warped_l.clone())
-            write_json(report, build_result(False))  # partial report: long runs can be inspected/stopped
+            # the pairs so far, beside the report (never over it): a long run can be inspected, and --resume
+            # continues it after an interruption
+            write_json(unfinished, build_result(False))
             progress.update(task, advance=1, description=f"{p.id}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
 
     result = build_result(True)
     write_json(report, result)
+    unfinished.unlink(missing_ok=True)
     if figures and records:
         _plot_dice_cdf(report.with_name(report.stem + "_dice_cdf.png"), records, info)
         if overlay is not None:
@@ -405,6 +443,13 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         console.print(f"note: the registrations erased {result['erased_labels']} scored label(s) (see each pair's "
                       "erased_labels): they count as Dice 0 and are left out of HD95")
     return result
+
+
+def unfinished_report_path(report: Path) -> Path:
+    """Where a volume ``evaluate`` keeps the pairs finished so far while it runs (``r.json`` ->
+    ``r.partial.json``, ``"complete": false``); removed when the report is written."""
+    report = Path(report)
+    return report.with_name(f"{report.stem}.partial{report.suffix}")
 
 
 LABEL_SCORING = "learn2reg-2026-12"
