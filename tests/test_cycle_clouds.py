@@ -46,6 +46,47 @@ def _dataset(tmp_path, n=3, landmarks=True, seeds=None):
     return ds
 
 
+def test_validation_files_are_checked_before_any_work(tmp_path):
+    """--val-pairs reads its held-out files at the start: a missing or mismatched landmark file fails
+    pretrain-random before the run directory exists, and cycle before a stage trains."""
+    ds = _dataset(tmp_path, landmarks=False)  # the landmark files are listed but absent
+    run = tmp_path / "run"
+    args = ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST, *CHEAP_LABELS]
+    res = runner.invoke(app, [*args, "--val-pairs", "1"])
+    assert res.exit_code == 2 and "fl.csv" in res.output and not run.exists(), res.output
+    assert runner.invoke(app, args).exit_code == 0
+    write_points(tmp_path / "c0" / "fl.csv", make_breathing_pair(0, TINY).fixed_mm[:10])
+    write_points(tmp_path / "c0" / "ml.csv", make_breathing_pair(0, TINY).fixed_mm[:9])
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "1", "--val-pairs", "1"])
+    assert res.exit_code == 2 and "10 fixed vs 9 moving landmarks" in res.output, res.output
+    assert not (run / "fold1" / "stage1.pt").exists()
+    # a training pair whose clouds lie apart (not in one world frame) is refused as register refuses it
+    write_points(tmp_path / "c1" / "mk.csv", make_breathing_pair(1, TINY).moving_mm + 5000.0)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "apart"), "--fold", "1", *FAST])
+    assert res.exit_code == 2 and not (tmp_path / "apart").exists()
+    assert "training pair c1: its points do not overlap" in " ".join(res.output.split()), res.output
+
+
+def test_a_run_refuses_keypoint_files_changed_since_its_pseudo_labels(tmp_path):
+    """run.json records each pair's keypoint files by content: `cycle` (and `pretrain-random` into the
+    same run) refuses files that changed since, naming the pair, instead of training on stale labels
+    (or failing on an index); the same ids and dataset name do not make the same data."""
+    ds = _dataset(tmp_path)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST, *CHEAP_LABELS])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((run / "run.json").read_text())["data"]["pairs"]) == {"c0", "c1", "c2"}
+    redetected = make_breathing_pair(7, TINY).fixed_mm[:150]  # other points, fewer of them
+    write_points(tmp_path / "c2" / "fk.csv", redetected)
+    for cmd in (["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "1"],
+                ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST, *CHEAP_LABELS]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2, res.output
+        said = " ".join(res.output.split())
+        assert "keypoint files of pair(s) c2 changed (by content)" in said and len(res.output.strip().splitlines()) <= 2
+    assert not (run / "fold1" / "stage1.pt").exists()
+
+
 def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path):
     """A checkpoint records its training pairs: evaluate --model names those it scores, a run folder
     without run.json is checked against its checkpoints, and an ensemble records its members' union."""

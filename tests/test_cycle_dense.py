@@ -264,6 +264,13 @@ def test_metric_supervised_baselines_train(tmp_path, metric):
         for record in log + [json.loads((run / "all" / "log.jsonl").read_text().splitlines()[2])]:
             if "train_loss_ncc" in record:
                 assert f"{record['train_loss_ncc']:.3f}" in res.output
+    # a training scan rewritten since the run's labels were made (same name): the run refuses it
+    scan = ds.parent / "imagesTr" / "Case_0003_0000.nii.gz"
+    changed = nib.load(str(scan))
+    nib.save(nib.Nifti1Image(np.asarray(changed.dataobj) + 1.0, changed.affine), str(scan))
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "3", "--device", "cpu"])
+    assert res.exit_code == 2 and "training scan(s) Case_0003_0000.nii.gz changed" in " ".join(res.output.split())
+    assert not (run / "all" / "stage3.pt").exists()
 
 
 def test_dense_cycle_errors(tmp_path):

@@ -60,8 +60,13 @@ def fold_dir(run: Path, fold: int | None) -> Path:
 
 
 def _identity(ds) -> dict:
+    """What ties a run directory to a keypoint dataset (``run.json``): name, pair ids, folds, and
+    ``data``: the :func:`~cyclereg.checkpoint.data_fingerprint` of every pair's keypoint files, so
+    that a run is not continued on keypoint files that changed since its pseudo labels were made."""
+    data = {p.id: {"fixed": data_fingerprint(p.fixed_keypoints), "moving": data_fingerprint(p.moving_keypoints)}
+            for p in ds.pairs}
     return {"dataset": ds.name, "kind": "keypoints", "pairs": [p.id for p in ds.pairs],
-            "folds": [list(f) for f in ds.folds]}
+            "folds": [list(f) for f in ds.folds], "data": {"pairs": data}}
 
 
 CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes",
@@ -166,9 +171,22 @@ def _read_meta(run: Path) -> dict:
 
 
 def _check_identity(run: Path, meta: dict, ident: dict) -> None:
+    """:class:`InputError` when ``run`` (its ``run.json``, ``meta``) was made for another dataset
+    than ``ident`` describes, or from files whose content has changed since (runs made before the
+    record of file contents are checked by name, ids and folds only)."""
     for key in ("kind", "dataset", "pairs", "folds"):
         if meta.get(key) != ident[key]:
             raise InputError(f"run directory belongs to another dataset ({key} differs)", run)
+    stored = meta.get("data")
+    if not isinstance(stored, dict):
+        return
+    for group, what in (("pairs", "keypoint files of pair(s)"), ("images", "training scan(s)")):
+        before, now = stored.get(group), ident["data"].get(group)
+        if isinstance(before, dict) and before != now:
+            changed = sorted(k for k in set(before) | set(now or {}) if before.get(k) != (now or {}).get(k))
+            raise InputError(f"the {what} {', '.join(changed)} changed (by content) since this run's pseudo labels "
+                             "were made: its labels and checkpoints belong to the earlier files; start a new run "
+                             "directory (or restore the files)", run)
 
 
 def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None = None, device: str = "auto",
@@ -267,14 +285,21 @@ def _cloud_val_hook(ds, fold: int | None, n: int):
     for p in held:
         if p.fixed_landmarks is None or p.moving_landmarks is None:
             raise InputError(f"--val-pairs: held-out pair {p.id} has no landmarks", ds.path)
+    # read (and so checked) now, before any stage work: a bad file fails the command at its start
+    clouds = []
+    for p in held:
+        lf, lm = read_points(p.fixed_landmarks), read_points(p.moving_landmarks)
+        if lf.shape != lm.shape:
+            raise InputError(f"--val-pairs: pair {p.id} has {lf.shape[0]} fixed vs {lm.shape[0]} moving landmarks",
+                             p.fixed_landmarks)
+        clouds.append((read_points(p.fixed_keypoints), read_points(p.moving_keypoints), lf, lm))
 
     def hook(stage, model, task):
         errors = []
         model.eval()
-        for p in held:
+        for f, m, lf, lm in clouds:
             dev = task.device
-            f, m = read_points(p.fixed_keypoints).to(dev), read_points(p.moving_keypoints).to(dev)
-            lf, lm = read_points(p.fixed_landmarks).to(dev), read_points(p.moving_landmarks).to(dev)
+            f, m, lf, lm = f.to(dev), m.to(dev), lf.to(dev), lm.to(dev)
             reg = register_clouds(f, m, model, task.model_config(), box=task.box)
             errors.append((lf + reg.at(lf) - lm).norm(dim=1).mean().item())
         return {"val_pairs": len(held), "val_tre_mm": sum(errors) / len(errors)}
@@ -296,6 +321,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config), stages_given="stages" in options)
     for k in folds:  # reads and validates all inputs before anything is written
         _cloud_task(ds, k, config, dev)
+        _cloud_val_hook(ds, k, val_pairs)
     _note_sampling(min(len(ds.training_ids(k)) for k in folds), config)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", meta)
@@ -368,6 +394,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
                              f"--fold {k}' (with the options the run was made with) first", run)
+        _cloud_val_hook(ds, k, val_pairs)  # its files are read and checked before any training
     _record_stage_target(run, stages)
     args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
     result = {}
@@ -430,7 +457,8 @@ def _dense_identity(dataset: Path, images, pairs) -> dict:
 
     name = str(read_json(dataset).get("name", Path(dataset).stem))
     return {"dataset": name, "kind": "volumes",
-            "pairs": [f"{case_id(images[i])}_{case_id(images[j])}" for i, j in pairs], "folds": []}
+            "pairs": [f"{case_id(images[i])}_{case_id(images[j])}" for i, j in pairs], "folds": [],
+            "data": {"images": {Path(p).name: data_fingerprint(p) for p in images}}}
 
 
 def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
@@ -472,7 +500,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
     if n <= 0:
         return None
     from cyclereg.dense.api import register_pair
-    from cyclereg.dense.data import load_volume_dataset
+    from cyclereg.dense.data import check_same_grid, load_volume_dataset
     from cyclereg.metrics import dice, scored_labels
     from cyclereg.volumeio import read_nifti
     from cyclereg.warp import warp_labels
@@ -488,6 +516,11 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
         if path not in cache:
             cache[path] = read_nifti(path, labels=labels)
         return cache[path]
+
+    for p in pairs:  # read (and so checked) now, before any stage work: a bad file fails the command at its start
+        check_same_grid(vol(p.fixed), vol(p.moving))
+        check_same_grid(vol(p.fixed), vol(p.fixed_labels, True), what="fixed label map")
+        check_same_grid(vol(p.moving), vol(p.moving_labels, True), what="moving label map", ref="moving image")
 
     def hook(stage, model, task):
         import numpy as np
@@ -551,8 +584,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     hook = _dense_val_hook(dataset, val_pairs)
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
                        snapshot_every_s=snapshot_every_s,
-                       training=training_record(ident["dataset"], None,
-                                                images={Path(p).name: data_fingerprint(p) for p in images}))
+                       training=training_record(ident["dataset"], None, images=ident["data"]["images"]))
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     _record_stage_target(run, stages)
