@@ -248,6 +248,7 @@ def test_register_clouds_writes_dense_field_and_warped_image(pair_files):
     assert read_nifti_array(d / "vox" / "warped_labels.nii.gz")[centre] == labels[tuple(q)].item()
     cfg = json.loads((d / "vox" / "config.json").read_text())
     assert cfg["displacement_unit"] == "voxel" and cfg["reference"].endswith("ref.nii.gz")
+    assert cfg["fixed_points_outside_reference"] == 0
     res = runner.invoke(app, [*base, "-o", str(d / "mm"), "--disp-mm", "--jacobian"])
     assert res.exit_code == 0, res.output
     # a second register into the first one's folder removes the first one's outputs it does not write
@@ -287,7 +288,8 @@ def test_clouds_that_cannot_be_registered_are_refused_by_name(pair_files):
     write_points(d / "flat.csv", flat)
     for i, (fixed, moving, message) in enumerate((("ten.csv", "m.csv", "ten.csv: 10 points; registration needs at least 11"),
                                                   ("f.csv", "nine.csv", "nine.csv: 9 points; registration needs at least 10"),
-                                                  ("same.csv", "m.csv", "same.csv: all points lie on one plane"),
+                                                  ("same.csv", "m.csv", "same.csv: only 1 distinct point among 50"),
+                                                  ("f.csv", "same.csv", "same.csv: only 1 distinct point among 50"),
                                                   ("flat.csv", "m.csv", "flat.csv: all points lie on one plane"))):
         res = runner.invoke(app, ["register", str(d / fixed), str(d / moving), "-o", str(d / f"o{i}")])
         assert res.exit_code == 2 and message in res.output, res.output
@@ -356,15 +358,37 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--resample-moving"], "for volumes"),
              (["--spread-map"], "--spread-map needs --reference"),
              (["--jacobian"], "--jacobian needs --reference"),
+             (["--disp-mm"], "--disp-mm needs --reference"),
+             (["--model", "randm"], "randm: no such checkpoint file (for an untrained network, give the model as 'random')"),
+             (["--jacobian", "--reference", str(d / "thin.nii.gz")], "at least 3 voxels along every axis"),
              (["--spread-map", "--reference", str(d / "near.nii.gz")], "needs an ensemble model"),
              (["--spread"], "--spread needs an ensemble model")]
     write_nifti(d / "near.nii.gz", *_box_volume(pair.fixed_mm))
+    thin = _box_volume(pair.fixed_mm, spacing=1000.0)  # the same world box in 2 x 2 x 2 voxels
+    write_nifti(d / "thin.nii.gz", *thin)
+    assert thin[0].shape == (2, 2, 2)
     write_nifti(d / "far_lab.nii.gz", torch.ones(far_data.shape, dtype=torch.int32), far_affine)
     for i, (extra, message) in enumerate(cases):
         res = runner.invoke(app, ["register", f, m, "-o", str(d / f"o{i}"), *extra])
         assert res.exit_code == 2 and message in res.output, res.output
         assert res.output.strip().count("\n") == 0 and not (d / f"o{i}").exists()
 
+
+
+def test_a_reference_grid_that_misses_fixed_points_is_said(pair_files):
+    """A --reference holding only part of the fixed cloud (another scan, another frame) is not refused
+    while it holds some, but the count is said and recorded."""
+    d, pair = pair_files
+    f = pair.fixed_mm
+    half = f[f[:, 0] < f[:, 0].median()]
+    write_nifti(d / "half.nii.gz", *_box_volume(half, margin=0.0))
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "--reference", str(d / "half.nii.gz"),
+                              "--device", "cpu", "-o", str(d / "half")])
+    assert res.exit_code == 0, res.output
+    outside = json.loads((d / "half" / "config.json").read_text())["fixed_points_outside_reference"]
+    assert 0.3 * f.shape[0] < outside < 0.7 * f.shape[0]
+    assert f"note: {outside} of the {f.shape[0]} fixed points lie outside the --reference grid" in \
+        " ".join(res.output.split())
 
 
 def _textured_scans(d: Path, shift_mm=(3.0, -1.5, 4.5)):

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, remove_stale_outputs,
-                                 data_fingerprint, save_checkpoint, training_data, training_record, write_json)
+                                 data_fingerprint, save_checkpoint, staged_outputs, training_data, training_record,
+                                 write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
@@ -19,7 +20,7 @@ from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
-from cyclereg.metrics import jacobian_map, spearman, tre_stats
+from cyclereg.metrics import JACOBIAN_MIN_SIZE, jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, points_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
@@ -261,6 +262,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         raise InputError("--spread-map needs --reference (the grid to write it on)")
     if jacobian and reference is None:
         raise InputError("--jacobian needs --reference (the grid to write it on)")
+    if disp_mm and reference is None:
+        raise InputError("--disp-mm needs --reference: it sets the unit of the dense field written on that grid "
+                         "(displacements.csv is in mm anyway)")
     sp = _parse_spacing(spacing, Path(fixed))
     if sp is not None and reference is not None:
         raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
@@ -348,6 +352,9 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
     _require_overlap(fixed_mm, moving_mm, sources)
+    if jacobian and ref is not None and min(ref.shape) < JACOBIAN_MIN_SIZE:
+        raise InputError(f"--jacobian needs a reference grid of at least {JACOBIAN_MIN_SIZE} voxels along every axis "
+                         f"(central differences), got {tuple(ref.shape)}", ref.path)
     out_dir = require_output_dir(out_dir)
     dev = resolve_device(device)
     net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes,
@@ -379,7 +386,11 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         margin = QUERY_EXTENT_MARGIN * (hi - lo)
         outside = int(((query_mm < lo - margin) | (query_mm > hi + margin)).any(dim=1).sum())
     volumes, fields = {}, {}
+    fixed_outside = None
     if ref is not None:
+        # fixed points beyond the reference grid: its field there is extrapolated, or the grid is not the
+        # fixed scan's (another frame); said, not refused (_require_points_inside refuses none inside)
+        fixed_outside = int((~_inside(fixed_mm, ref)).sum())
         field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
         fields = {"displacement.nii.gz": field_vox}  # written with its unit by write_displacement
         if mov_img is not None:
@@ -392,28 +403,33 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
         if jacobian:
             volumes["jacobian.nii.gz"] = jacobian_map(field_vox)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in outputs.items():
-        atomic_write_text(out_dir / name, text)
-    for name, field in fields.items():
-        write_displacement(out_dir / name, field, ref.affine, unit="mm" if disp_mm else "voxel")
-    for name, data in volumes.items():
-        write_nifti(out_dir / name, data, ref.affine)
     written = sorted(outputs) + sorted(fields) + sorted(volumes)
-    # what an earlier register wrote into this folder and this one does not (never the inputs)
-    remove_stale_outputs(out_dir, written, keep=(*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None)))
-    write_json(out_dir / "config.json", {**provenance(dev), **inputs, "device": str(dev), "outputs": written,
-                                         "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
-                                         "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
-                                         "unit_box": reg.box, "unit_frame": frame, "config": config,
-                                         "seconds": seconds,
-                                         "query_points_outside_fixed_extent": None if query_mm is None else outside})
+    with staged_outputs(out_dir) as stage:  # all files reach out_dir together, or none
+        for name, text in outputs.items():
+            atomic_write_text(stage / name, text)
+        for name, field in fields.items():
+            write_displacement(stage / name, field, ref.affine, unit="mm" if disp_mm else "voxel")
+        for name, data in volumes.items():
+            write_nifti(stage / name, data, ref.affine)
+        write_json(stage / "config.json", {
+            **provenance(dev), **inputs, "device": str(dev), "outputs": written,
+            "moving_labels": str(mov_lab.path) if mov_lab is not None else None,
+            "displacement_unit": ("mm" if disp_mm else "voxel") if ref is not None else None,
+            "unit_box": reg.box, "unit_frame": frame, "config": config, "seconds": seconds,
+            "query_points_outside_fixed_extent": None if query_mm is None else outside,
+            "fixed_points_outside_reference": fixed_outside})
+        # what an earlier register wrote into this folder and this one does not (never the inputs)
+        remove_stale_outputs(out_dir, written,
+                             keep=(*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None)))
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
         f", members disagree by {point_spread.mean().item():.2f} mm on average"
     far = "" if query_mm is None or not outside else (
         f"; note: {outside} of the {query_mm.shape[0]} query points lie outside the fixed cloud's extent, where the "
         "spline extrapolates (trust their displacements less)")
+    if fixed_outside:
+        far += (f"; note: {fixed_outside} of the {fixed_mm.shape[0]} fixed points lie outside the --reference grid "
+                "(is it the fixed scan, in the clouds' world frame?)")
     return (f"registered {fixed_mm.shape[0]} fixed to {moving_mm.shape[0]} moving points in {seconds:.1f} s "
             f"(unit frame: {frame}); mean |u| {mean:.2f} mm{disagreement}; wrote {', '.join(written)} "
             f"to {out_dir}{far}")
@@ -424,16 +440,17 @@ QUERY_EXTENT_MARGIN = 0.1
 axis) are reported as extrapolated by ``register --query``."""
 
 
-def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: tuple[Path, Path]) -> None:
+def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: tuple[Path, Path],
+                     what: str = "") -> None:
     """Refuse two clouds whose bounding boxes are disjoint along some world axis: the pair is not in
     one world frame (or not pre-aligned), and a candidate search among the nearest moving points
-    cannot find a match for any fixed point."""
+    cannot find a match for any fixed point. ``what`` prefixes the message."""
     f_lo, f_hi = fixed_mm.min(0).values, fixed_mm.max(0).values
     m_lo, m_hi = moving_mm.min(0).values, moving_mm.max(0).values
     apart = (m_lo > f_hi) | (f_lo > m_hi)
     if bool(apart.any()):
         a = int(apart.nonzero()[0])
-        raise InputError(f"its points do not overlap those of {sources[0]} along world {'xyz'[a]} "
+        raise InputError(f"{what}its points do not overlap those of {sources[0]} along world {'xyz'[a]} "
                          f"(fixed {f_lo[a]:.1f}..{f_hi[a]:.1f} mm, moving {m_lo[a]:.1f}..{m_hi[a]:.1f} mm): "
                          "are both in the same world frame and pre-aligned?", sources[1])
 
@@ -441,21 +458,28 @@ def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: t
 def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: CloudRegConfig,
                         sources: tuple[Path, Path], *, what: str = "") -> None:
     """:class:`InputError` naming the file of a cloud ``config`` cannot register (too few points; a
-    flat fixed cloud, on which the thin-plate spline is fitted); ``what`` prefixes the message."""
+    flat fixed cloud, on which the thin-plate spline is fitted; clouds that do not overlap,
+    :func:`_require_overlap`); ``what`` prefixes the message."""
     need_fixed, need_moving = min_cloud_points(config)
     for points, need, spline, path in ((fixed_mm, need_fixed, True, sources[0]),
                                        (moving_mm, need_moving, False, sources[1])):
         problem = cloud_problem(points, need, spline=spline)
         if problem:
             raise InputError(what + problem, path)
+    _require_overlap(fixed_mm, moving_mm, sources, what)
+
+
+def _inside(points_mm: torch.Tensor, volume: Volume) -> torch.Tensor:
+    """``(N,)`` bool: which of the points ``(N, 3)`` (world mm) lie within the volume's voxels."""
+    vox = world_to_voxel(points_mm.double().cpu(), torch.from_numpy(volume.affine))
+    size = torch.tensor(volume.shape, dtype=vox.dtype)
+    return ((vox >= -0.5) & (vox <= size - 0.5)).all(dim=1)
 
 
 def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:
     """Refuse a volume whose world extent holds none of the points: the two are not in one frame
     (e.g. voxel-index CSVs read without ``--spacing``, or the wrong scan)."""
-    vox = world_to_voxel(points_mm.double(), torch.from_numpy(volume.affine))
-    size = torch.tensor(volume.shape, dtype=vox.dtype)
-    inside = ((vox >= -0.5) & (vox <= size - 0.5)).all(dim=1)
+    inside = _inside(points_mm, volume)
     if not bool(inside.any()):
         raise InputError(f"none of the {points_mm.shape[0]} points of {points_path} lies inside this volume "
                          f"(shape {tuple(volume.shape)}): are both in the same world frame (mm)?", volume.path)
