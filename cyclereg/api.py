@@ -17,10 +17,12 @@ calls to use when the path is known.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-from cyclereg.errors import InputError, require_file
+from cyclereg.errors import InputError, require_checkpoint_file, require_file
 
 __all__ = ["keypoints", "register", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_run_dir"]
@@ -95,6 +97,41 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     return f"wrote {path} (keypoints in {path.parent / 'keypoints'})"
 
 
+@dataclass(frozen=True)
+class RegisterResult:
+    """What :func:`register` wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        files: the output files it wrote there (names; ``config.json`` besides them).
+        record: the content of ``out_dir/config.json`` (inputs, resolved configuration, units,
+            timings; its layout differs between the dense and the keypoint path).
+        summary: the one-line summary the command prints (also ``str(result)``).
+    """
+
+    out_dir: Path
+    files: tuple[str, ...]
+    record: dict[str, Any]
+    summary: str
+
+    def __str__(self) -> str:
+        return self.summary
+
+    def path(self, name: str) -> Path:
+        """The path of output ``name`` (one of :attr:`files`, or ``config.json``)."""
+        if name not in self.files and name != "config.json":
+            raise KeyError(f"{name}: not an output of this registration (it wrote {', '.join(self.files)})")
+        return self.out_dir / name
+
+    @staticmethod
+    def read(out_dir: Path | str, summary: str) -> "RegisterResult":
+        """The result of a registration that wrote ``out_dir``, from its ``config.json``."""
+        record = json.loads((Path(out_dir) / "config.json").read_text())
+        outputs = record.get("outputs")
+        files = outputs.get("files", []) if isinstance(outputs, dict) else (outputs or [])
+        return RegisterResult(Path(out_dir), tuple(str(f) for f in files), record, summary)
+
+
 def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str | Path = "random", seed: int = 0,
              device: str = "auto", query: Path | str | None = None, spacing: str | None = None,
              reference: Path | str | None = None, moving_image: Path | str | None = None,
@@ -102,8 +139,9 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
              tta_passes: int | None = None, ensemble_fusion: str | None = None, warps: int | None = None,
              adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False, spread: bool = False,
              spread_map: bool = False, l2r_name: bool = False, jacobian: bool = False,
-             resample_moving: bool = False, via_keypoints: bool = False, lung_mask: bool = False) -> str:
-    """Register one fixed/moving pair into ``out_dir``; returns the one-line summary.
+             resample_moving: bool = False, via_keypoints: bool = False, lung_mask: bool = False) -> RegisterResult:
+    """Register one fixed/moving pair into ``out_dir``; returns a :class:`RegisterResult` (the files
+    written, the ``config.json`` record, and the one-line summary as ``str(result)``).
 
     The inputs pick the path: two point files (csv/npy/ply/pcd, mm) ->
     :func:`cyclereg.clouds.api.register_cloud_files`; two NIfTI volumes -> the dense path
@@ -112,8 +150,9 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``.
     """
     model = str(model)
-    require_inputs(fixed, moving, query, reference, moving_image, moving_labels,
-                   None if model == "random" else model)
+    require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
+    if model != "random":
+        require_checkpoint_file(model)
     if is_volume_file(fixed) != is_volume_file(moving):
         volume, cloud = (fixed, moving) if is_volume_file(fixed) else (moving, fixed)
         raise InputError(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
@@ -131,12 +170,12 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
                        "reference grid and the moving scan the image to warp)")
         from cyclereg.clouds.api import register_volumes_via_keypoints
 
-        return register_volumes_via_keypoints(
+        return RegisterResult.read(out_dir, register_volumes_via_keypoints(
             Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed, lung_mask=lung_mask,
             query=None if query is None else Path(query), device=device, recentre_passes=recentre_passes,
             tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
             moving_labels=None if moving_labels is None else Path(moving_labels), disp_mm=disp_mm, spread=spread,
-            spread_map=spread_map, jacobian=jacobian, verbose=True)
+            spread_map=spread_map, jacobian=jacobian, verbose=True))
     if volumes:
         refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
                        "point-cloud files, not volumes")
@@ -146,10 +185,10 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
                        "point clouds (or volumes with --via-keypoints), not the dense path")
         from cyclereg.dense.api import register_volume_files
 
-        return register_volume_files(
+        return RegisterResult.read(out_dir, register_volume_files(
             Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed,
             moving_labels=None if moving_labels is None else Path(moving_labels), warps=warps, adam=adam, ic=ic,
-            disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving, jacobian=jacobian)
+            disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving, jacobian=jacobian))
     refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
                     "--resample-moving": resample_moving or None},
                    "volumes, not point clouds")
@@ -158,11 +197,11 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     def opt(p):
         return None if p is None else Path(p)
 
-    return register_cloud_files(
+    return RegisterResult.read(out_dir, register_cloud_files(
         Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed, query=opt(query), spacing=spacing,
         device=device, recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
         reference=opt(reference), moving_image=opt(moving_image), moving_labels=opt(moving_labels), disp_mm=disp_mm,
-        spread=spread, spread_map=spread_map, jacobian=jacobian)
+        spread=spread, spread_map=spread_map, jacobian=jacobian))
 
 
 def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | Path | None = None,
@@ -182,7 +221,9 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     if sum([identity, model is not None, run is not None]) != 1:
         raise InputError("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
     model = None if model is None else str(model)
-    require_inputs(dataset, None if model in (None, "random") else model)
+    require_inputs(dataset)
+    if model not in (None, "random"):
+        require_checkpoint_file(model)
     require_run_dir(run)
     from cyclereg.datasets import dataset_kind
 

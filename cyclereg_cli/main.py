@@ -142,11 +142,11 @@ def pretrain_random(
     run: Path = typer.Option(..., "-o", "--output", "--run", help="run directory to create"),
     seed: int = typer.Option(0, "--seed", help="seed of the networks, sampling and augmentation"),
     fold: Optional[str] = typer.Option(None, "--fold", help="keypoints: 'all' (default) or one fold number"),
-    stages: Optional[int] = typer.Option(None, "--stages", help="default number of stages T for 'cycle' (paper: 5 lung, 8 abdomen)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="keypoints: epochs per stage (paper: 60; milestones scale along)"),
+    stages: Optional[int] = typer.Option(None, "--stages", help="default number of stages T for 'cycle' (default = paper: 5 for keypoints, 8 for volumes)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="keypoints: epochs per stage (default = paper: 60; the LR milestones scale along)"),
     train_points: Optional[str] = typer.Option(None, "--train-points", help="keypoints: 'F,M' random fixed/moving subsets per training sample"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="volumes: optimiser steps per stage (paper: 1000)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="volumes: pairs per step (paper: 2)"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="volumes: optimiser steps per stage (default = paper: 1000)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="volumes: pairs per step (default = paper: 2)"),
     supervision: Optional[str] = typer.Option(None, "--supervision", help="volumes: pseudo (self-training, default) | mind | ncc (metric-supervised baselines)"),
     train_images: Optional[str] = typer.Option(None, "--train-images", help="volumes: held-out (default: images in no registration_val pair) | all"),
     directions: Optional[str] = typer.Option(None, "--directions", help="volumes: one (pairs i<j, default) | both"),
@@ -229,9 +229,9 @@ def register(
     reference: Optional[Path] = typer.Option(None, "--reference", help="clouds: fixed scan (NIfTI, same world frame as the points); also write displacement.nii.gz on its grid"),
     moving_image: Optional[Path] = typer.Option(None, "--moving-image", help="clouds: moving scan (NIfTI, any grid); also write warped.nii.gz on the --reference grid"),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes, clouds with --reference: label map of the moving scan to warp (nearest neighbour)"),
-    warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
-    adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
-    ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
+    warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps (default: the model's setting; 2 for a random network)"),
+    adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation (default: the model's setting; on for a random network)"),
+    ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency (default: the model's setting; on for a random network)"),
     disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
     spread: bool = typer.Option(False, "--spread", help="clouds, volumes with --via-keypoints, an ensemble model: also register with each member on its own (about 3x the time) and write spread_mm, how far the members' displacements lie apart (mm), next to every displacement"),
     spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, the members' disagreement (mm) on that grid (implies --spread)"),
@@ -250,7 +250,7 @@ def register(
         reference=reference, moving_image=moving_image, moving_labels=moving_labels,
         recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, warps=warps,
         adam=adam, ic=ic, disp_mm=disp_mm, spread=spread, spread_map=spread_map, l2r_name=l2r_name,
-        jacobian=jacobian, resample_moving=resample_moving, via_keypoints=via_keypoints, lung_mask=lung_mask))
+        jacobian=jacobian, resample_moving=resample_moving, via_keypoints=via_keypoints, lung_mask=lung_mask).summary)
 
 
 @app.command()
@@ -269,11 +269,11 @@ def evaluate(
     ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help="keypoint datasets: " + FUSION_HELP),
     errors_csv: Optional[Path] = typer.Option(None, "--errors-csv", help="keypoint datasets: also write every landmark's error before/after (mm) to this CSV"),
     spread: bool = typer.Option(False, "--spread", help="keypoint datasets, ensemble models: also register every pair with each member on its own (about 3x the time) and report how far the members' displacements lie apart (mm) and how that ranks the errors"),
-    warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps"),
-    adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation"),
-    ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency"),
+    warps: Optional[int] = typer.Option(None, "--warps", help="volumes: 1 or 2 warps (default: the model's setting; 2 for a random network)"),
+    adam: Optional[bool] = typer.Option(None, "--adam/--no-adam", help="volumes: Adam instance optimisation (default: the model's setting; on for a random network)"),
+    ic: Optional[bool] = typer.Option(None, "--ic/--no-ic", help="volumes: inverse consistency (default: the model's setting; on for a random network)"),
     both_directions: bool = typer.Option(False, "--both-directions", help="volumes: also evaluate every registration_val pair in the reverse direction (pairs listed both ways are not duplicated)"),
-    resume: bool = typer.Option(False, "--resume", help="volumes: keep the pairs of an unfinished report at --json and register only the rest"),
+    resume: bool = typer.Option(False, "--resume", help="volumes: keep the pairs finished by an interrupted run (REPORT.partial.json beside --json, else the report at --json) and register only the rest"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """TRE (keypoint datasets) or Dice/HD95 (labelled volume datasets), with SDlogJ and run time."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install cyclereg and its test dependencies on a fresh machine.
 # - the system library libusb-1.0 that open3d needs (where apt-get is usable);
-# - PyTorch: keeps an installed torch (e.g. your CUDA build); otherwise the CPU wheel 2.13.0;
+# - PyTorch: keeps an installed torch (e.g. your CUDA build); otherwise torch 2.13.0 from pip's index
+#   (a local CPU wheel on this project's machines; the CUDA build from the public PyPI on Linux);
 # - the package itself (editable) with its test extras.
 set -eu
 cd "$(dirname "$0")/.."

@@ -4,6 +4,7 @@ other path are refused by name before any work, and the result is the path-speci
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -26,10 +27,20 @@ def test_is_volume_file(name, volume):
 def test_register_clouds_is_the_cloud_path(clouds):
     """Two point files go to the keypoint path: the same call with the same seed gives the same
     displacements, byte for byte."""
-    summary = api.register(str(clouds / "f.csv"), str(clouds / "m.csv"), str(clouds / "a"), seed=3, device="cpu")
-    register_cloud_files(clouds / "f.csv", clouds / "m.csv", clouds / "b", seed=3, device="cpu")
-    assert isinstance(summary, str) and str(clouds / "a") in summary
+    result = api.register(str(clouds / "f.csv"), str(clouds / "m.csv"), str(clouds / "a"), seed=3, device="cpu")
+    summary = register_cloud_files(clouds / "f.csv", clouds / "m.csv", clouds / "b", seed=3, device="cpu")
+    def untimed(line: str) -> str:  # the summary says how long it took: not the same twice
+        return re.sub(r"in [0-9.]+ s", "in _ s", line)
+
+    assert str(result) == result.summary
+    assert untimed(result.summary) == untimed(summary.replace(str(clouds / "b"), str(clouds / "a")))
     assert (clouds / "a" / "displacements.csv").read_bytes() == (clouds / "b" / "displacements.csv").read_bytes()
+    # what a library user needs without parsing the summary: the files, their paths and the record
+    assert result.out_dir == clouds / "a" and result.files == ("displacements.csv",)
+    assert result.path("displacements.csv") == clouds / "a" / "displacements.csv"
+    assert result.record == json.loads((clouds / "a" / "config.json").read_text())
+    with pytest.raises(KeyError, match="not an output"):
+        result.path("warped.nii.gz")
 
 
 @pytest.mark.parametrize("files,options,message", [
