@@ -140,8 +140,8 @@ def keypoints(
 def pretrain_random(
     dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
     run: Path = typer.Option(..., "-o", "--output", "--run", help="run directory to create"),
-    seed: int = typer.Option(0, "--seed", help="seed of the networks, sampling and augmentation"),
-    fold: Optional[str] = typer.Option(None, "--fold", help="keypoints: 'all' (default) or one fold number"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the networks, sampling and augmentation (default 0; into an existing run: the run's)"),
+    fold: Optional[str] = typer.Option(None, "--fold", help="keypoints: 'all' (default) or one fold number; into an existing run, options not given take the run's values"),
     stages: Optional[int] = typer.Option(None, "--stages", help="default number of stages T for 'cycle' (default = paper: 5 for keypoints, 8 for volumes)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="keypoints: epochs per stage (default = paper: 60; the LR milestones scale along)"),
     train_points: Optional[str] = typer.Option(None, "--train-points", help="keypoints: 'F,M' random fixed/moving subsets per training sample"),

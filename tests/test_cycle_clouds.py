@@ -322,6 +322,13 @@ def test_run_directory_of_another_dataset_or_config_is_refused(tmp_path):
     assert res.exit_code == 2 and f"pretrain-random {ds} -o {run} --fold 2" in said, res.output
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "9"])
     assert res.exit_code == 2 and "--folds 9: expected 'all' or 1..3" in res.output
+    # another fold into the same run: the options not given (seed included) are the run's
+    before = json.loads((run / "run.json").read_text())
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (run / "fold2" / "pseudo0.pt").is_file() and json.loads((run / "run.json").read_text()) == before
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", "--seed", "5"])
+    assert res.exit_code == 2 and "seed: 0 -> 5" in " ".join(res.output.split()), res.output
 
 
 def test_stage_summary_names_the_logged_figures():

@@ -189,14 +189,16 @@ def _check_identity(run: Path, meta: dict, ident: dict) -> None:
                              "directory (or restore the files)", run)
 
 
-def pretrain_random(dataset: Path, run: Path, *, seed: int = 0, fold: str | None = None, device: str = "auto",
+def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: str | None = None, device: str = "auto",
                     config: CloudCycleConfig | DenseCycleConfig | None = None, val_pairs: int = 0,
                     jobs: int = 1, **options) -> Path:
     """Create ``run`` and write stage-0 pseudo labels (random network + optimiser + refinement).
 
     Keypoint datasets get one run per cross-validation fold; volume datasets one run on
     their training pairs. ``options`` are the command-line overrides (``stages``,
-    ``epochs``, ``iterations``, ``augment``, ...); ``config`` replaces the defaults.
+    ``epochs``, ``iterations``, ``augment``, ...); ``config`` replaces the defaults. Into an
+    existing run (e.g. to label another fold), options not given (and ``seed=None``) take the
+    run's values; given ones must agree with them. A new run's ``seed`` defaults to 0.
     ``val_pairs`` (reporting only, never used for training): after every stage, log the
     landmark TRE of the first N held-out pairs of the fold (keypoint datasets) or the Dice
     of the first N labelled ``registration_val`` pairs (volume datasets).
@@ -311,11 +313,20 @@ def _scheduler(task, directory, hook, **kw) -> StageScheduler:
     return StageScheduler(task, directory, hook=(lambda t, m: hook(t, m, task)) if hook else None, **kw)
 
 
+def _seed(seed: int | None, stored) -> int:
+    """The seed of ``pretrain-random``: the given one, else the existing run's (``stored``: its
+    configuration), else 0."""
+    if seed is not None:
+        return int(seed)
+    return int(stored.seed) if stored is not None else 0
+
+
 def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pairs=0, jobs: int = 1) -> Path:
     ds = load_keypoint_dataset(dataset)
     folds = _folds(ds, fold)
-    config = cycle_config(base=config, **options)
-    config = replace(config, seed=seed)
+    stored = _check_cloud_run(run, ds, None) if (run / "run.json").exists() else None
+    config = cycle_config(base=config if config is not None else stored, **options)
+    config = replace(config, seed=_seed(seed, stored))
     dev = resolve_device(device)
     meta = {**_identity(ds), "config": to_jsonable(config)}
     meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config), stages_given="stages" in options)
@@ -539,8 +550,10 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
 
 
 def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -> Path:
-    config = dense_cycle_config(base=config if isinstance(config, DenseCycleConfig) else None, **options)
-    config = replace(config, seed=seed)
+    stored = _dense_run_config(run, _read_meta(run)) if (run / "run.json").exists() else None
+    base = config if isinstance(config, DenseCycleConfig) else stored
+    config = dense_cycle_config(base=base, **options)
+    config = replace(config, seed=_seed(seed, stored))
     dev = resolve_device(device)
     images, pairs = _dense_training_set(dataset, config)
     ident = _dense_identity(dataset, images, pairs)
