@@ -404,7 +404,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
-                             f"--fold {k}' (with the options the run was made with) first", run)
+                             f"--fold {k}' first (it takes the run's options)", run)
         _cloud_val_hook(ds, k, val_pairs)  # its files are read and checked before any training
     _record_stage_target(run, stages)
     args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
