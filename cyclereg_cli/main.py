@@ -115,7 +115,7 @@ def keypoints(
     nms_radius: Optional[float] = typer.Option(None, "--nms-radius", help="non-maximum suppression half-width, mm (default 4; with --pairs: of the fixed scans)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="keep maxima with distinctiveness >= T x its 99.9th percentile in the mask (default 0.01)"),
     max_points: Optional[int] = typer.Option(None, "--max-points", help="keep at most this many strongest points (default 3000; 0: no limit)"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="csv (world mm) | l2r (headerless voxel-index CSV) | ply | pcd | npy (default: from the suffix of -o, else csv)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="csv (world mm) | l2r (headerless voxel-index CSV) | ply | pcd | npy (default: from the suffix of -o: .csv/.txt, .npy, .ply, .pcd)"),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV with columns id,fixed,moving[,fixed_landmarks,moving_landmarks] (paths relative to it): keypoints of every scan and a dataset.json in --output, ready for pretrain-random/cycle/evaluate"),
     moving_nms_radius: Optional[float] = typer.Option(None, "--moving-nms-radius", help="with --pairs: NMS half-width of the moving scans, mm (default 3: about twice the fixed scans' points, as in the paper)"),
     folds: Optional[int] = typer.Option(None, "--folds", help="with --pairs: split the pairs into this many cross-validation folds (consecutive rows)"),

@@ -200,6 +200,9 @@ def test_cli_mask_l2r_and_ply(tmp_path):
     (tmp_path / "adir").mkdir()
     res = _run(ct_path, "-o", tmp_path / "adir", "--device", "cpu")
     assert res.exit_code == 2 and "is a folder" in res.output and "read CT" not in res.output
+    # a suffix no reader knows is refused (the file could not be read back), before any work
+    res = _run(ct_path, "-o", tmp_path / "kp.xyz", "--device", "cpu")
+    assert res.exit_code == 2 and "unknown suffix '.xyz'" in res.output and not (tmp_path / "kp.xyz").exists()
     # a format the suffix contradicts is refused before any work
     res = _run(ct_path, "-o", tmp_path / "kp2.npy", "--format", "csv", "--device", "cpu")
     assert res.exit_code == 2 and "'.npy' file" in res.output and not (tmp_path / "kp2.npy").exists()

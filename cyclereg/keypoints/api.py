@@ -57,15 +57,20 @@ SUFFIX_FORMATS = {".csv": ("csv", "l2r"), ".txt": ("csv", "l2r"), ".npy": ("npy"
 
 
 def output_format(output: str | Path, fmt: str | None) -> str:
-    """The format to write ``output`` in: ``fmt`` (checked against the suffix) or the suffix's."""
+    """The format to write ``output`` in: ``fmt`` (checked against the suffix) or the suffix's. A
+    suffix no reader of this package knows is refused: the file could not be read back."""
     suffix = Path(output).suffix.lower()
     allowed = SUFFIX_FORMATS.get(suffix)
-    if fmt is None:
-        return allowed[0] if allowed else "csv"
-    fmt = fmt.lower()
-    if fmt not in FORMATS:
+    if fmt is not None and fmt.lower() not in FORMATS:
         raise InputError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    if allowed is not None and fmt not in allowed:
+    if allowed is None:
+        raise InputError(f"unknown suffix '{suffix or '(none)'}' for a keypoint file: name it "
+                         f"{', '.join(SUFFIX_FORMATS)} (the format follows the suffix; --format l2r for a .csv/.txt "
+                         "of Learn2Reg voxel indices)", output)
+    if fmt is None:
+        return allowed[0]
+    fmt = fmt.lower()
+    if fmt not in allowed:
         raise InputError(f"--format {fmt} into a '{suffix}' file: that suffix holds {' or '.join(allowed)}; "
                          "name the file for its format", output)
     return fmt
@@ -222,12 +227,12 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
     """Read ``ct``, detect keypoints and write them to ``output`` (see the module doc).
 
     ``None`` options take the defaults of :class:`FoerstnerConfig`; ``max_points=0`` keeps
-    every keypoint. ``fmt``: one of :data:`FORMATS`, by default the one ``output``'s suffix names
-    (``csv`` for other suffixes); a format its suffix contradicts (``npy`` into ``k.csv``) is refused.
+    every keypoint. ``fmt``: one of :data:`FORMATS`, by default the one ``output``'s suffix names;
+    a format its suffix contradicts (``npy`` into ``k.csv``) or a suffix no reader knows is refused.
     Raises :class:`InputError` (nothing written) for bad input.
     """
-    fmt = output_format(output, fmt)
     require_output_file(output)
+    fmt = output_format(output, fmt)
     if save_mask is not None:
         require_output_file(save_mask)
     if mask is not None and lung_mask:
