@@ -209,7 +209,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
              device: str = "auto", recentre_passes: int | None = None, tta_passes: int | None = None,
              ensemble_fusion: str | None = None, errors_csv: Path | str | None = None, spread: bool = False,
              warps: int | None = None, adam: bool | None = None, ic: bool | None = None,
-             both_directions: bool = False, resume: bool = False) -> dict:
+             both_directions: bool = False, resume: bool = False, folds: str | int | None = None) -> dict:
     """Evaluate exactly one of ``identity``, ``model`` (a checkpoint file or ``"random"``) and ``run``
     (a run directory: each pair with the checkpoint of the fold that held it out) on ``dataset``;
     writes the JSON ``report`` and returns it.
@@ -232,15 +232,16 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                         "--both-directions": both_directions or None, "--resume": resume or None},
                        "volume datasets, not keypoint datasets")
+        folds = None if folds is None else str(folds)
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
         return evaluate_keypoint_dataset(
             Path(dataset), Path(report), identity=identity, model=model, run=run, stage=stage, seed=seed,
             max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
             ensemble_fusion=ensemble_fusion, device=device, spread=spread,
-            errors_csv=None if errors_csv is None else Path(errors_csv))
+            errors_csv=None if errors_csv is None else Path(errors_csv), folds=folds)
     refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
-                    "--ensemble-fusion": ensemble_fusion, "--spread": spread or None},
+                    "--ensemble-fusion": ensemble_fusion, "--spread": spread or None, "--folds": folds},
                    "keypoint datasets, not volume datasets")
     from cyclereg.dense.api import evaluate_volume_dataset
 

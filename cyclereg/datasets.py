@@ -87,6 +87,24 @@ class KeypointDataset:
         return [p.id for p in self.pairs if p.id not in held]
 
 
+def select_folds(ds: "KeypointDataset", fold: str | int | None, flag: str = "--fold") -> list[int | None]:
+    """The folds ``fold`` selects (``None`` or ``"all"``: every fold; ``[None]`` for a dataset without
+    folds); ``flag``: the option that gave it, for messages."""
+    if not ds.folds:
+        if fold not in (None, "all"):
+            raise InputError(f"{flag} {fold}: the dataset defines no folds", ds.path)
+        return [None]
+    if fold in (None, "all"):
+        return list(range(1, len(ds.folds) + 1))
+    try:
+        k = int(fold)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= len(ds.folds):
+        raise InputError(f"{flag} {fold}: expected 'all' or 1..{len(ds.folds)}", ds.path)
+    return [k]
+
+
 def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     """Parse a keypoint dataset JSON; paths are resolved relative to the JSON file."""
     p = Path(path)

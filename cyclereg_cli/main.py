@@ -264,6 +264,7 @@ def evaluate(
     stage: Optional[int] = typer.Option(None, "--stage", help="with --run: use this stage's checkpoints instead of the final ones"),
     seed: int = typer.Option(0, "--seed", help="seed of the random network (with --model random)"),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
+    folds: Optional[str] = typer.Option(None, "--folds", help="keypoint datasets: 'all' (default) or one fold number: only the pairs of that fold (e.g. a run with that fold trained)"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoint datasets: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoint datasets: override the model's test-time augmentation passes (0 = off)"),
     ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help="keypoint datasets: " + FUSION_HELP),
@@ -282,7 +283,7 @@ def evaluate(
     run_evaluate(dataset, report, identity=identity, model=model, run=run, stage=stage, seed=seed,
                  max_pairs=max_pairs, device=device, recentre_passes=recentre_passes, tta_passes=tta_passes,
                  ensemble_fusion=ensemble_fusion, errors_csv=errors_csv, spread=spread, warps=warps, adam=adam,
-                 ic=ic, both_directions=both_directions, resume=resume)
+                 ic=ic, both_directions=both_directions, resume=resume, folds=folds)
 
 
 @app.command()

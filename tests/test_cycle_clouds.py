@@ -139,6 +139,13 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "0", "--device", "cpu",
                               "--json", str(tmp_path / "s0.json")])
     assert res.exit_code == 2 and "stage 0 trains no network" in " ".join(res.output.split()), res.output
+    # only fold 1 is trained: the whole dataset is refused with a pointer to --folds, which scores fold 1's pairs
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--device", "cpu", "--json", str(tmp_path / "a.json")])
+    assert res.exit_code == 2 and "--folds N evaluates only the pairs of a fold" in " ".join(res.output.split())
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "f1.json")])
+    assert res.exit_code == 0, res.output
+    assert [c["id"] for c in json.loads((tmp_path / "f1.json").read_text())["cases"]] == ["c0"]
     # an ensemble of two stages' checkpoints records the union of their training pairs
     res = runner.invoke(app, ["ensemble", str(run / "fold1" / "stage1.pt"), str(run / "fold1" / "stage2.pt"),
                               "-o", str(tmp_path / "e.pt")])

@@ -15,7 +15,7 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_gra
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.console import print_table
-from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json
+from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, world_to_voxel
@@ -508,8 +508,11 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                               max_pairs: int | None = None, recentre_passes: int | None = None,
                               tta_passes: int | None = None, ensemble_fusion: str | None = None,
                               device: str = "auto", smoothness: bool = True, spread: bool = False,
-                              quiet: bool = False, errors_csv: Path | None = None) -> dict:
+                              quiet: bool = False, errors_csv: Path | None = None, folds: str | None = None) -> dict:
     """TRE before/after at the landmarks of every pair, SDlogJ of the TPS field, time per pair.
+
+    ``folds`` (``"all"``, the default, or one fold number): only the pairs the dataset puts in that
+    fold, e.g. to score a run whose other folds have not been trained yet.
 
     ``recentre_passes``, ``tta_passes`` and ``ensemble_fusion`` override the models' stored
     values (see :class:`CloudRegConfig`).
@@ -538,7 +541,13 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     for out in (report, errors_csv):
         if out is not None:
             require_output_file(out)
-    pairs = list(ds.pairs)[: require_count("--max-pairs", max_pairs, 1)]
+    pairs = list(ds.pairs)
+    if folds not in (None, "all"):
+        if not ds.folds:
+            raise InputError(f"--folds {folds}: the dataset defines no folds", dataset)
+        chosen = set(select_folds(ds, folds, "--folds"))
+        pairs = [p for p in pairs if ds.fold_of(p.id) in chosen]
+    pairs = pairs[: require_count("--max-pairs", max_pairs, 1)]
     for p in pairs:
         if p.fixed_landmarks is None or p.moving_landmarks is None:
             raise InputError(f"pair {p.id} has no landmarks to evaluate", dataset)
@@ -640,7 +649,11 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
                 raise InputError(f"pair {p.id} is in fold {k} of the dataset, but fold {k} of this run held out "
                                  f"{kept}: its model may have trained on {p.id}; evaluate with the folds the run "
                                  "was trained with", run)
-            path = fold_checkpoint(run, k, stage)
+            try:
+                path = fold_checkpoint(run, k, stage)
+            except InputError as exc:  # a run trained for some folds only
+                raise InputError(f"{exc} (pair {p.id} is in fold {k}; --folds N evaluates only the pairs of a fold "
+                                 "the run has a checkpoint for)") from None
             if k not in models:
                 models[k] = load_cloud_model(path, device=device, **overrides)
                 trained[k] = checkpoint_training(path)

@@ -28,7 +28,7 @@ import torch
 
 from cyclereg.checkpoint import data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, require_registrable
-from cyclereg.datasets import dataset_kind, load_keypoint_dataset
+from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
 from cyclereg.frames import UnitBox
@@ -36,23 +36,6 @@ from cyclereg.pointio import read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
-
-
-def _folds(ds, fold: str | int | None, flag: str = "--fold") -> list[int | None]:
-    """The folds ``fold`` selects (``flag``: the option that gave it, for messages)."""
-    if not ds.folds:
-        if fold not in (None, "all"):
-            raise InputError(f"{flag} {fold}: the dataset defines no folds", ds.path)
-        return [None]
-    if fold in (None, "all"):
-        return list(range(1, len(ds.folds) + 1))
-    try:
-        k = int(fold)
-    except ValueError:
-        k = 0
-    if not 1 <= k <= len(ds.folds):
-        raise InputError(f"{flag} {fold}: expected 'all' or 1..{len(ds.folds)}", ds.path)
-    return [k]
 
 
 def fold_dir(run: Path, fold: int | None) -> Path:
@@ -323,7 +306,7 @@ def _seed(seed: int | None, stored) -> int:
 
 def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pairs=0, jobs: int = 1) -> Path:
     ds = load_keypoint_dataset(dataset)
-    folds = _folds(ds, fold)
+    folds = select_folds(ds, fold)
     stored = _check_cloud_run(run, ds, None) if (run / "run.json").exists() else None
     config = cycle_config(base=config if config is not None else stored, **options)
     config = replace(config, seed=_seed(seed, stored))
@@ -400,7 +383,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
-    selected = _folds(ds, folds, "--folds")
+    selected = select_folds(ds, folds, "--folds")
     for k in selected:
         if not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
