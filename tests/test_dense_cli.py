@@ -95,6 +95,7 @@ def test_cli_register_writes_outputs_and_reloaded_field_reproduces_warp(tiny, tm
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["outputs"]["displacement"]["units"] == "voxel"
     assert {"cyclereg_version", "date", "machine"} <= set(cfg)  # where and when, as every record
+    assert cfg["command"] == "register"  # as the keypoint path's record says
     assert cfg["config"]["warps"] == 2 and cfg["config"]["use_adam"] is True
 
     dimg = nib.load(str(out / "displacement.nii.gz"))

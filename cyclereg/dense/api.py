@@ -191,6 +191,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
     record = {
         **provenance(dev),
+        "command": "register",
         "config": cfg,
         "model": info,
         "device": str(dev),
