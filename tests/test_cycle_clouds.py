@@ -46,6 +46,21 @@ def _dataset(tmp_path, n=3, landmarks=True, seeds=None):
     return ds
 
 
+def test_evaluate_reads_every_pair_before_registering_any(tmp_path, monkeypatch):
+    """A bad landmark file of the last pair stops evaluate before the first registration."""
+    import cyclereg.clouds.api as clouds_api
+
+    ds = _dataset(tmp_path)
+    write_points(tmp_path / "c2" / "ml.csv", make_breathing_pair(2, TINY).fixed_mm[:7])
+    calls = []
+    real = clouds_api.register_clouds
+    monkeypatch.setattr(clouds_api, "register_clouds", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--device", "cpu",
+                              "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "pair c2: 10 fixed vs 7 moving landmarks" in res.output, res.output
+    assert calls == [] and not (tmp_path / "r.json").exists()
+
+
 def test_validation_files_are_checked_before_any_work(tmp_path):
     """--val-pairs reads its held-out files at the start: a missing or mismatched landmark file fails
     pretrain-random before the run directory exists, and cycle before a stage trains."""

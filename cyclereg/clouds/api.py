@@ -578,6 +578,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                           f"checkpoint records their keypoint files: {', '.join(sorted(in_training))}); no landmarks "
                           "were used in training, but their TRE is not a held-out figure; --run RUN_DIR evaluates "
                           "each pair with the fold model that held it out", soft_wrap=True)
+    # every pair's files are read and checked before the first registration (a bad landmark file of the
+    # last pair stops the command at once, not after the others have been registered)
+    points = {p.id: _pair_points(p, models.get(ds.fold_of(p.id) if run is not None else None,
+                                               (None, default_config))[1]) for p in pairs}
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
     with Progress(console=console, transient=True) as progress:
@@ -586,7 +590,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             fold = ds.fold_of(p.id)
             net, config = models.get(fold if run is not None else None, (None, default_config))
             cases.append(_evaluate_pair(p, fold, net, config, box=box, ds=ds, device=dev, smoothness=smoothness,
-                                        spread=spread, rows=rows))
+                                        spread=spread, rows=rows, points=points[p.id]))
             if one_model:
                 cases[-1]["in_training"] = p.id in in_training
             progress.advance(task)
@@ -745,17 +749,24 @@ def _run_records(run: Path) -> dict[str, dict]:
     return {}
 
 
-def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
-                   device, smoothness: bool, spread: bool, rows: dict[str, list]) -> dict:
-    """Register one pair (``net=None``: the identity) and measure it at its landmarks: the case
-    record of the report; every landmark's errors are appended to ``rows`` (the errors CSV)."""
-    fixed = read_points(p.fixed_keypoints).to(device)
-    moving = read_points(p.moving_keypoints).to(device)
-    lm_f = read_points(p.fixed_landmarks).to(device)
-    lm_m = read_points(p.moving_landmarks).to(device)
+def _pair_points(p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor, ...]:
+    """The keypoints and landmarks ``(fixed, moving, fixed landmarks, moving landmarks)`` (mm, CPU) of a
+    pair to evaluate with ``config``, read and checked (:class:`InputError` naming the file)."""
+    fixed, moving = read_points(p.fixed_keypoints), read_points(p.moving_keypoints)
+    lm_f, lm_m = read_points(p.fixed_landmarks), read_points(p.moving_landmarks)
     if lm_f.shape != lm_m.shape:
         raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
     require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints))
+    return fixed, moving, lm_f, lm_m
+
+
+def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
+                   device, smoothness: bool, spread: bool, rows: dict[str, list],
+                   points: tuple[torch.Tensor, ...] | None = None) -> dict:
+    """Register one pair (``net=None``: the identity) and measure it at its landmarks: the case
+    record of the report; every landmark's errors are appended to ``rows`` (the errors CSV).
+    ``points``: the pair's :func:`_pair_points` when read already."""
+    fixed, moving, lm_f, lm_m = (t.to(device) for t in (points or _pair_points(p, config)))
     t0 = time.perf_counter()
     reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box, spread=spread)
     spline = reg.spline()
