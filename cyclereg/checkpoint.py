@@ -68,28 +68,70 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
         raise
 
 
+class OutputStage:
+    """The staging folder of :func:`staged_outputs`: write each output to ``stage / name``; list in
+    :attr:`stale` the files of the output folder to remove once the new set is in (an earlier
+    command's outputs this one does not write, :func:`stale_outputs`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stale: list[Path] = []
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+class OutputsNotRestored(OSError):
+    """Moving a set of outputs in failed and some earlier outputs could not be put back; they are
+    kept in the staging folder the message names."""
+
+
 @contextmanager
-def staged_outputs(out_dir: str | Path) -> Iterator[Path]:
-    """Write one command's output files as a set: the body writes them (atomically, by name) into
-    the yielded hidden staging folder inside ``out_dir``; when it finishes, every staged file is moved
-    into ``out_dir`` (a rename each, same file system; if one cannot be, e.g. an existing output is
-    write-protected, those already moved are put back and the earlier files restored). If the body
-    fails, nothing of it reaches ``out_dir``: the staging folder is removed, and so is ``out_dir``
-    when this call made it and it is still empty."""
+def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
+    """Write one command's output files as a set: the body writes them (atomically, by name) into the
+    yielded :class:`OutputStage`, a hidden folder inside ``out_dir``; when it finishes, every staged file
+    is moved into ``out_dir`` (a rename each, same file system), then the body's :attr:`OutputStage.stale`
+    files are removed. If a file cannot be moved in (e.g. an existing output is write-protected), those
+    already moved are taken out again and the earlier files restored. If the body fails, nothing of it
+    reaches ``out_dir`` and folders this call made are removed again when empty. Errors name the
+    output, not a temporary or staged file."""
     out = Path(out_dir)
-    made = not out.exists()
+    made = []  # folders this call creates, deepest first
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made.append(folder)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".cyclereg-staging.", dir=out))
+    stage = OutputStage(Path(tempfile.mkdtemp(prefix=".cyclereg-staging.", dir=out)))
+    keep_stage = False
+    moved = False
     try:
-        yield stage
-        _move_in(sorted(stage.iterdir()), out, stage)
+        try:
+            yield stage
+        except OSError as exc:
+            name = Path(exc.filename) if isinstance(exc.filename, str) else None
+            if exc.errno is not None and name is not None and stage.path in name.parents:
+                raise OSError(exc.errno, exc.strerror, str(out / name.relative_to(stage.path))) from None
+            raise
+        files = sorted(stage.path.iterdir())
+        try:
+            _move_in(files, out, stage.path)
+        except OutputsNotRestored:
+            keep_stage = True
+            raise
+        moved = True
+        for old in stage.stale:
+            if old.name not in {f.name for f in files}:  # never one of the outputs just moved in
+                old.unlink(missing_ok=True)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if made:
-            try:
-                out.rmdir()  # only when empty: the body failed before anything was moved in
-            except OSError:
-                pass
+        if not keep_stage:
+            shutil.rmtree(stage.path, ignore_errors=True)
+        if not moved:
+            for folder in made:  # only when empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -97,57 +139,60 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _move_in(files: list[Path], out: Path, stage: Path) -> None:
-    """Rename ``files`` into ``out`` as a set: an existing file of the same name is first moved aside
-    into ``stage``; on a failure every step taken is undone and the error names the output."""
-    done: list[tuple[Path, Path | None]] = []  # (target, its earlier file moved aside or None)
+    """Rename ``files`` (in ``stage``) into ``out`` as a set: an existing file of the same name is first
+    moved aside into ``stage``. On a failure (or an interruption) every step taken is undone, judged by
+    which files exist, and the error names the output; :class:`OutputsNotRestored` if an earlier file
+    could not be put back (it stays in ``stage``)."""
+    steps: list[tuple[Path, Path, Path]] = []  # (staged, target, where its earlier file goes)
     try:
         for staged in files:
             target = out / staged.name
-            aside = None
+            aside = stage / f".earlier.{staged.name}"
+            steps.append((staged, target, aside))
             try:
                 if target.exists():
-                    aside = stage / f".earlier.{staged.name}"
                     os.replace(target, aside)
                 os.replace(staged, target)
             except OSError as exc:
-                if aside is not None and aside.exists():
-                    try:
-                        os.replace(aside, target)
-                    except OSError:
-                        pass
                 raise OSError(exc.errno, exc.strerror, str(target)) from None
-            done.append((target, aside))
-    except BaseException:
-        for target, aside in reversed(done):
+    except BaseException as failure:
+        lost = []
+        for staged, target, aside in reversed(steps):
             try:
-                if aside is not None:
-                    os.replace(aside, target)
-                else:
-                    target.unlink()
+                if aside.exists():
+                    os.replace(aside, target)  # the earlier file back (over the new one, if it was moved)
+                elif not staged.exists() and target.exists():
+                    target.unlink()  # a new file without an earlier one: taken out again
             except OSError:
-                pass
+                lost.append(aside if aside.exists() else target)
+        if lost:
+            raise OutputsNotRestored(getattr(failure, "errno", None) or 5,
+                                     f"could not move the new outputs in, nor put all earlier ones back: they are "
+                                     f"in {stage}", str(lost[0])) from failure
         raise
 
 
-def remove_stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()) -> None:
-    """Remove from ``out_dir`` the files an earlier command recorded as its outputs in
-    ``out_dir/config.json`` (``outputs``, a list of names, or ``outputs.files``) that this run did
-    not write (``written``): the folder then holds one run's outputs. Call before writing the new
-    ``config.json``. Files not so recorded, and the paths in ``keep`` (this run's inputs), stay."""
+def stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()) -> list[Path]:
+    """The files an earlier command recorded as its outputs in ``out_dir/config.json``
+    (``outputs``, a list of names, or ``outputs.files``) that this run does not write (``written``),
+    except the paths in ``keep`` (this run's inputs): removed once the new outputs are in
+    (:attr:`OutputStage.stale`), so that the folder holds one run's outputs."""
     try:
         old = json.loads((Path(out_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return
+        return []
     outputs = old.get("outputs") if isinstance(old, dict) else None
     names = outputs.get("files") if isinstance(outputs, dict) else outputs
     if not isinstance(names, list):
-        return
+        return []
     kept = {Path(k).resolve() for k in keep}
+    stale = []
     for name in names:
         target = Path(out_dir) / str(name)
         if (isinstance(name, str) and name not in written and Path(name).name == name
                 and target.resolve() not in kept and target.is_file()):
-            target.unlink()
+            stale.append(target)
+    return stale
 
 
 def write_json(path: str | Path, obj: Any) -> None:

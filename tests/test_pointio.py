@@ -136,35 +136,43 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
 
 def test_staged_outputs_reach_the_folder_together_or_not_at_all(tmp_path, monkeypatch):
     """A command's files appear together; a failure while writing them leaves the folder as it was
-    (a folder it made is removed again), and a failure while moving them in restores the earlier files
-    and names the output, not a temporary file."""
+    (folders it made are removed again), and a failure while moving them in restores the earlier
+    files, keeps the earlier command's other outputs, and names the output, not a staged file."""
+    import json
     import os
     from pathlib import Path
 
     import pytest
 
     from cyclereg import checkpoint
-    from cyclereg.checkpoint import atomic_write_text, staged_outputs
+    from cyclereg.checkpoint import OutputsNotRestored, atomic_write_text, stale_outputs, staged_outputs
 
-    out = tmp_path / "new"
+    out = tmp_path / "new" / "deeper"
     with pytest.raises(RuntimeError):
         with staged_outputs(out) as stage:
             atomic_write_text(stage / "a.txt", "a")
             raise RuntimeError("the second output failed")
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
+
+    def earlier_run(folder: Path) -> None:  # an earlier command's outputs, listed in its config.json
+        for name in ("a.txt", "b.txt", "extra.txt"):
+            (folder / name).write_text("earlier")
+        (folder / "config.json").write_text(json.dumps({"outputs": ["a.txt", "b.txt", "extra.txt"]}))
+
+    def new_run(stage) -> None:
+        for name in ("a.txt", "b.txt", "config.json"):
+            atomic_write_text(stage / name, "new")
+        stage.stale = stale_outputs(out, ["a.txt", "b.txt"])
 
     out = tmp_path / "old"
     out.mkdir()
-    for name in ("a.txt", "b.txt"):
-        (out / name).write_text("earlier")
+    earlier_run(out)
     with staged_outputs(out) as stage:
-        for name in ("a.txt", "b.txt", "c.txt"):
-            atomic_write_text(stage / name, "new")
-    assert {f.name: f.read_text() for f in out.iterdir()} == {"a.txt": "new", "b.txt": "new", "c.txt": "new"}
+        new_run(stage)
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"a.txt": "new", "b.txt": "new", "config.json": "new"}
 
-    for name in ("a.txt", "b.txt"):
-        (out / name).write_text("earlier")
-    (out / "c.txt").unlink()
+    earlier_run(out)
+    before = {f.name: f.read_text() for f in out.iterdir()}
     real = os.replace
 
     def refuse_b(src, dst):  # like a write-protected (immutable) b.txt: it cannot be moved or replaced
@@ -175,10 +183,39 @@ def test_staged_outputs_reach_the_folder_together_or_not_at_all(tmp_path, monkey
     monkeypatch.setattr(checkpoint.os, "replace", refuse_b)
     with pytest.raises(OSError) as err:
         with staged_outputs(out) as stage:
-            for name in ("a.txt", "b.txt", "c.txt"):
-                atomic_write_text(stage / name, "new")
+            new_run(stage)
     assert err.value.filename == str(out / "b.txt")
-    assert {f.name: f.read_text() for f in out.iterdir()} == {"a.txt": "earlier", "b.txt": "earlier"}
+    assert {f.name: f.read_text() for f in out.iterdir()} == before  # extra.txt too
+
+    # a write into the staging folder that fails names the output
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(OSError) as err:
+        with staged_outputs(out) as stage:
+            new_run(stage)
+    assert err.value.filename == str(out / "a.txt") and err.value.errno == 28
+    monkeypatch.undo()
+    assert {f.name: f.read_text() for f in out.iterdir()} == before
+
+    # an earlier file that cannot be put back is kept in the staging folder, which the error names
+    def b_and_restoring_a_fail(src, dst):  # b.txt cannot be replaced, nor a.txt put back
+        if Path(dst) == out / "b.txt" or Path(src).name == ".earlier.a.txt":
+            raise PermissionError(1, "Operation not permitted", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", b_and_restoring_a_fail)
+    with pytest.raises(OutputsNotRestored) as err:
+        with staged_outputs(out) as stage:
+            atomic_write_text(stage / "a.txt", "new")
+            atomic_write_text(stage / "b.txt", "new")
+    monkeypatch.undo()
+    kept = [f for f in out.iterdir() if f.name.startswith(".cyclereg-staging")]
+    assert len(kept) == 1 and str(kept[0]) in str(err.value)
+    assert (kept[0] / ".earlier.a.txt").read_text() == "earlier"
 
 
 def test_atomic_write_errors_name_the_output(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, remove_stale_outputs,
+from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, stale_outputs,
                                  data_fingerprint, save_checkpoint, staged_outputs, training_data, training_record,
                                  write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
@@ -21,7 +21,7 @@ from cyclereg.errors import InputError, require_count, require_output_dir, requi
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, jacobian_map, spearman, tre_stats
-from cyclereg.pointio import format_csv, points_csv, read_points
+from cyclereg.pointio import format_csv, points_csv, read_landmark_pair, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -351,7 +351,6 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     for vol in (mov_img, mov_lab):
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
-    _require_overlap(fixed_mm, moving_mm, sources)
     if jacobian and ref is not None and min(ref.shape) < JACOBIAN_MIN_SIZE:
         raise InputError(f"--jacobian needs a reference grid of at least {JACOBIAN_MIN_SIZE} voxels along every axis "
                          f"(central differences), got {tuple(ref.shape)}", ref.path)
@@ -419,7 +418,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             "query_points_outside_fixed_extent": None if query_mm is None else outside,
             "fixed_points_outside_reference": fixed_outside})
         # what an earlier register wrote into this folder and this one does not (never the inputs)
-        remove_stale_outputs(out_dir, written,
+        stage.stale = stale_outputs(out_dir, written,
                              keep=(*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None)))
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
@@ -543,8 +542,6 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             require_output_file(out)
     pairs = list(ds.pairs)
     if folds not in (None, "all"):
-        if not ds.folds:
-            raise InputError(f"--folds {folds}: the dataset defines no folds", dataset)
         chosen = set(select_folds(ds, folds, "--folds"))
         pairs = [p for p in pairs if ds.fold_of(p.id) in chosen]
     pairs = pairs[: require_count("--max-pairs", max_pairs, 1)]
@@ -597,11 +594,14 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
                                           if run is not None else f"model:{model}")
+    if folds not in (None, "all"):
+        method += f" (fold {folds} only)"
     if not identity:
         method += "".join(f" ({name}={value})" for name, value in overrides.items() if value is not None)
     result = {
         **provenance(dev),
         "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
+        "folds": "all" if folds in (None, "all") else [int(folds)],
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
         "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,
         "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
@@ -656,8 +656,8 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             try:
                 path = fold_checkpoint(run, k, stage)
             except InputError as exc:  # a run trained for some folds only
-                raise InputError(f"{exc} (pair {p.id} is in fold {k}; --folds N evaluates only the pairs of a fold "
-                                 "the run has a checkpoint for)") from None
+                raise InputError(f"{exc.message} (pair {p.id} is in fold {k}; --folds N evaluates only the pairs of "
+                                 "a fold the run has a checkpoint for)", exc.path) from None
             if k not in models:
                 models[k] = load_cloud_model(path, device=device, **overrides)
                 trained[k] = checkpoint_training(path)
@@ -753,9 +753,7 @@ def _pair_points(p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor,
     """The keypoints and landmarks ``(fixed, moving, fixed landmarks, moving landmarks)`` (mm, CPU) of a
     pair to evaluate with ``config``, read and checked (:class:`InputError` naming the file)."""
     fixed, moving = read_points(p.fixed_keypoints), read_points(p.moving_keypoints)
-    lm_f, lm_m = read_points(p.fixed_landmarks), read_points(p.moving_landmarks)
-    if lm_f.shape != lm_m.shape:
-        raise InputError(f"pair {p.id}: {lm_f.shape[0]} fixed vs {lm_m.shape[0]} moving landmarks", p.fixed_landmarks)
+    lm_f, lm_m = read_landmark_pair(p.fixed_landmarks, p.moving_landmarks, f"pair {p.id}")
     require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints))
     return fixed, moving, lm_f, lm_m
 

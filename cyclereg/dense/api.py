@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, remove_stale_outputs, save_checkpoint,
+from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, stale_outputs, save_checkpoint,
                                  staged_outputs, to_jsonable, training_data, write_json)
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
@@ -43,7 +43,7 @@ from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
-from cyclereg.volumeio import Volume, read_nifti, same_grid, write_displacement, write_nifti
+from cyclereg.volumeio import Volume, read_nifti, same_grid, spacing_differs, write_displacement, write_nifti
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
@@ -93,7 +93,7 @@ def _check_spacing(cfg: DensePipelineConfig, vol: Volume) -> None:
         return
     exp = np.asarray(cfg.spacing_mm, dtype=float)
     got = np.asarray(vol.spacing, dtype=float)
-    if np.any(np.abs(got - exp) > cfg.spacing_tolerance * exp):
+    if spacing_differs(got, exp, cfg.spacing_tolerance):
         raise InputError(f"voxel spacing {tuple(np.round(got, 3))} mm differs from the model's "
                          f"{tuple(exp)} mm; resample the volume to the model's spacing first", vol.path)
 
@@ -116,14 +116,20 @@ def _prepare(vol: Volume, cfg: DensePipelineConfig, mode: str, dev) -> torch.Ten
     return preprocess(vol.data, cfg.preprocess, mode).to(dev)[None, None]
 
 
-def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipelineConfig,
-                  *, modality: str | None = None) -> torch.Tensor:
-    """Register two volumes on one grid; returns ``(1, 3, D, H, W)`` voxels, fixed -> moving."""
+def require_registrable(fixed: Volume, moving: Volume, cfg: DensePipelineConfig) -> None:
+    """:class:`InputError` naming the file when ``cfg`` cannot register the pair: grids differ, the
+    spacing is not the model's, a volume is too small or constant."""
     check_same_grid(fixed, moving)
     _check_spacing(cfg, fixed)
     _check_size(cfg, fixed)
     require_contrast(fixed)
     require_contrast(moving)
+
+
+def register_pair(fixed: Volume, moving: Volume, net: FeatureNet, cfg: DensePipelineConfig,
+                  *, modality: str | None = None) -> torch.Tensor:
+    """Register two volumes on one grid; returns ``(1, 3, D, H, W)`` voxels, fixed -> moving."""
+    require_registrable(fixed, moving, cfg)
     dev = next(net.parameters()).device
     mode = resolve_mode(fixed.data, cfg.preprocess, modality)
     return register(_prepare(fixed, cfg, mode, dev), _prepare(moving, cfg, mode, dev), net, cfg)
@@ -162,8 +168,6 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     require_output_dir(out_dir)
     net, cfg, info = load_model(model, seed, dev)
     cfg = _pipeline_config(cfg, warps, adam, ic)
-    _check_spacing(cfg, fv)
-    _check_size(cfg, fv)
 
     t0 = time.perf_counter()
     disp = register_pair(fv, mv, net, cfg)
@@ -219,7 +223,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
             write_nifti(stage / name, data, fv.affine)
         write_json(stage / "config.json", record)
         # what an earlier register wrote into this folder and this one does not (never the inputs)
-        remove_stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
+        stage.stale = stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
 
@@ -406,9 +410,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         # file stops the command before it has written anything
         checking = progress.add_task("checking inputs", total=len(pairs))
         for p in pairs:
-            pair_volumes(p)
+            fv, mv, _, _ = pair_volumes(p)
             if not identity:
-                _check_size(cfg, get(p.fixed, False))
+                require_registrable(fv, mv, cfg)
             progress.advance(checking)
         task = progress.add_task("evaluating pairs", total=len(pairs) + len(records), completed=len(records))
         for p in pairs:
