@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from cyclereg.errors import InputError, require_checkpoint_file, require_file
 
-__all__ = ["keypoints", "register", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
+__all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_run_dir"]
 
 

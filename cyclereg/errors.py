@@ -14,6 +14,7 @@ class InputError(ValueError):
     """
 
     def __init__(self, message: str, path: str | Path | None = None):
+        self.message = message
         self.path = None if path is None else Path(path)
         text = message if path is None else f"{path}: {message}"
         super().__init__(" ".join(text.split()))

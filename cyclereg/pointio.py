@@ -121,6 +121,17 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
     raise InputError(f"unknown point-cloud format '{suffix}' (use .csv, .npy, .ply or .pcd)", p)
 
 
+def read_landmark_pair(fixed: str | Path, moving: str | Path, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-aligned landmarks ``(N, 3)`` (mm) of a pair: row ``i`` of ``fixed`` corresponds to row ``i``
+    of ``moving``; :class:`InputError` naming ``fixed`` when the counts differ. ``what`` names the pair
+    in the message (e.g. ``"pair copd01"``)."""
+    lf, lm = read_points(fixed), read_points(moving)
+    if lf.shape != lm.shape:
+        raise InputError(f"{what}: {lf.shape[0]} fixed vs {lm.shape[0]} moving landmarks (the files are row-aligned: "
+                         "row i of one corresponds to row i of the other)", fixed)
+    return lf, lm
+
+
 def format_csv(columns: dict[str, torch.Tensor | np.ndarray], *, precision: int = 4) -> str:
     """Render equally long 1-D columns as a CSV text with a header row."""
     names = list(columns)

@@ -49,6 +49,13 @@ def same_grid(a: Volume, b: Volume, *, atol_mm: float = GRID_TOLERANCE_MM) -> bo
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
 
 
+def spacing_differs(got, expected, rel_tol: float) -> bool:
+    """Whether voxel sizes ``got`` differ from ``expected`` (mm per axis) by more than ``rel_tol`` of
+    ``expected`` along some axis."""
+    got, expected = np.asarray(got, dtype=float), np.asarray(expected, dtype=float)
+    return bool(np.any(np.abs(got - expected) > rel_tol * expected))
+
+
 MIN_VOXEL_SIZE_MM = 1e-6
 """A voxel -> mm affine whose grid collapses an axis to less than this (its smallest singular value)
 is refused: points and fields cannot be mapped back to voxels."""

@@ -160,7 +160,8 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu",
                               "--json", str(tmp_path / "f1.json")])
     assert res.exit_code == 0, res.output
-    assert [c["id"] for c in json.loads((tmp_path / "f1.json").read_text())["cases"]] == ["c0"]
+    scored = json.loads((tmp_path / "f1.json").read_text())
+    assert [c["id"] for c in scored["cases"]] == ["c0"] and scored["folds"] == [1] and "fold 1 only" in scored["method"]
     # an ensemble of two stages' checkpoints records the union of their training pairs
     res = runner.invoke(app, ["ensemble", str(run / "fold1" / "stage1.pt"), str(run / "fold1" / "stage2.pt"),
                               "-o", str(tmp_path / "e.pt")])

@@ -27,6 +27,13 @@ def test_identity_grid_is_voxel_to_grid_of_every_voxel(device, dtype):
         grid = identity_grid(shape, device=device, dtype=dtype)
         assert grid.shape == (1, *shape, 3) and grid.dtype == dtype and grid.device.type == torch.device(device).type
         torch.testing.assert_close(grid[0], voxel_to_grid(voxel_coordinates(shape, device=device, dtype=dtype), shape))
+        # analytically: component c (x, y, z = k, j, i) runs evenly from -1 to 1 along its array axis 2 - c
+        for c in range(3):
+            axis, n = 2 - c, shape[2 - c]
+            ramp = torch.linspace(-1.0, 1.0, n, dtype=dtype) if n > 1 else torch.full((1,), -1.0, dtype=dtype)
+            view = [1, 1, 1]
+            view[axis] = n
+            torch.testing.assert_close(grid[0, ..., c].cpu(), ramp.view(view).expand(shape))
     grid = identity_grid((1, 3, 2), device=device, dtype=dtype)[0]
     torch.testing.assert_close(grid[0, 2, 1], torch.tensor([1.0, 1.0, -1.0], device=device, dtype=dtype))
 

@@ -376,13 +376,11 @@ def cloud_problem(points_mm: torch.Tensor, minimum: int, *, spline: bool) -> str
     (distinct) points, or, for the cloud a thin-plate spline is fitted on (``spline``), points that span no
     volume (all on one plane or line: the spline's affine part has no unique solution)."""
     n = int(points_mm.shape[0])
-    if n < minimum:
-        return (f"{n} point{'s' if n != 1 else ''}; registration needs at least {minimum} "
-                f"(kNN graphs of {minimum - 1} neighbours)")
-    distinct = int(torch.unique(points_mm, dim=0).shape[0])
+    distinct = n if n < minimum else int(torch.unique(points_mm, dim=0).shape[0])
     if distinct < minimum:
-        return (f"only {distinct} distinct point{'s' if distinct != 1 else ''} among {n} (the rest repeat them); "
-                f"registration needs at least {minimum} (kNN graphs of {minimum - 1} neighbours)")
+        have = (f"{n} point{'s' if n != 1 else ''}" if distinct == n else
+                f"only {distinct} distinct point{'s' if distinct != 1 else ''} among {n} (the rest repeat them)")
+        return f"{have}; registration needs at least {minimum} (kNN graphs of {minimum - 1} neighbours)"
     if spline:
         centred = points_mm.double() - points_mm.double().mean(0)
         sv = torch.linalg.svdvals(centred)

@@ -48,7 +48,7 @@ from cyclereg.errors import InputError, require_file, require_output_dir, requir
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
-from cyclereg.pointio import points_csv, read_points, require_open3d, write_points
+from cyclereg.pointio import points_csv, read_landmark_pair, require_open3d, write_points
 from cyclereg.volumeio import Volume, read_nifti, same_grid, write_nifti
 
 FORMATS = ("csv", "l2r", "ply", "pcd", "npy")
@@ -380,10 +380,7 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                          f"{len(pairs)})", pairs_csv)
     for q in pairs:
         if q.fixed_landmarks is not None:
-            n_f, n_m = read_points(q.fixed_landmarks).shape[0], read_points(q.moving_landmarks).shape[0]
-            if n_f != n_m:
-                raise InputError(f"pair {q.id}: {n_f} fixed vs {n_m} moving landmarks (row-aligned files)",
-                                 q.fixed_landmarks)
+            read_landmark_pair(q.fixed_landmarks, q.moving_landmarks, f"pair {q.id}")
     dev = resolve_device(device)
     texts: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}

@@ -32,7 +32,7 @@ from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
 from cyclereg.frames import UnitBox
-from cyclereg.pointio import read_points
+from cyclereg.pointio import read_landmark_pair, read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
@@ -46,10 +46,15 @@ def _identity(ds) -> dict:
     """What ties a run directory to a keypoint dataset (``run.json``): name, pair ids, folds, and
     ``data``: the :func:`~cyclereg.checkpoint.data_fingerprint` of every pair's keypoint files, so
     that a run is not continued on keypoint files that changed since its pseudo labels were made."""
-    data = {p.id: {"fixed": data_fingerprint(p.fixed_keypoints), "moving": data_fingerprint(p.moving_keypoints)}
-            for p in ds.pairs}
     return {"dataset": ds.name, "kind": "keypoints", "pairs": [p.id for p in ds.pairs],
-            "folds": [list(f) for f in ds.folds], "data": {"pairs": data}}
+            "folds": [list(f) for f in ds.folds], "data": {"pairs": _pair_fingerprints(ds, [p.id for p in ds.pairs])}}
+
+
+def _pair_fingerprints(ds, ids: list[str]) -> dict[str, dict[str, str]]:
+    """``{pair id: {"fixed": fp, "moving": fp}}``: the :func:`~cyclereg.checkpoint.data_fingerprint`
+    of each listed pair's keypoint files."""
+    return {pid: {"fixed": data_fingerprint(ds.pair(pid).fixed_keypoints),
+                  "moving": data_fingerprint(ds.pair(pid).moving_keypoints)} for pid in ids}
 
 
 CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes",
@@ -273,10 +278,7 @@ def _cloud_val_hook(ds, fold: int | None, n: int):
     # read (and so checked) now, before any stage work: a bad file fails the command at its start
     clouds = []
     for p in held:
-        lf, lm = read_points(p.fixed_landmarks), read_points(p.moving_landmarks)
-        if lf.shape != lm.shape:
-            raise InputError(f"--val-pairs: pair {p.id} has {lf.shape[0]} fixed vs {lm.shape[0]} moving landmarks",
-                             p.fixed_landmarks)
+        lf, lm = read_landmark_pair(p.fixed_landmarks, p.moving_landmarks, f"--val-pairs: pair {p.id}")
         clouds.append((read_points(p.fixed_keypoints), read_points(p.moving_keypoints), lf, lm))
 
     def hook(stage, model, task):
@@ -307,12 +309,13 @@ def _seed(seed: int | None, stored) -> int:
 def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pairs=0, jobs: int = 1) -> Path:
     ds = load_keypoint_dataset(dataset)
     folds = select_folds(ds, fold)
-    stored = _check_cloud_run(run, ds, None) if (run / "run.json").exists() else None
+    ident = _identity(ds)  # hashes every keypoint file once
+    stored = _check_cloud_run(run, ds, None, ident) if (run / "run.json").exists() else None
     config = cycle_config(base=config if config is not None else stored, **options)
     config = replace(config, seed=_seed(seed, stored))
     dev = resolve_device(device)
-    meta = {**_identity(ds), "config": to_jsonable(config)}
-    meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config), stages_given="stages" in options)
+    meta = {**ident, "config": to_jsonable(config)}
+    meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident), stages_given="stages" in options)
     for k in folds:  # reads and validates all inputs before anything is written
         _cloud_task(ds, k, config, dev)
         _cloud_val_hook(ds, k, val_pairs)
@@ -350,9 +353,12 @@ def _cloud_stage0_job(ds, config, run, k, device, val_pairs, *, progress) -> int
     return k
 
 
-def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None) -> CloudCycleConfig:
+def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None, ident: dict | None = None) -> CloudCycleConfig:
+    """The stored configuration of a keypoint run after checking that it belongs to ``ds``
+    (``ident``: its :func:`_identity`, when computed already) and, with ``config``, that it was made
+    with that configuration (the number of stages aside)."""
     meta = _read_meta(run)
-    _check_identity(run, meta, _identity(ds))
+    _check_identity(run, meta, ident if ident is not None else _identity(ds))
     stored = CloudCycleConfig.from_dict(meta["config"])
     if config is not None:
         _require_same_config(run, replace(config, stages=stored.stages), stored)
@@ -405,11 +411,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
 
 def _cloud_training_record(ds, k) -> dict:
     """The :func:`~cyclereg.checkpoint.training_record` of fold ``k``: its training pairs' keypoint files."""
-    pairs = {}
-    for pid in ds.training_ids(k):
-        p = ds.pair(pid)
-        pairs[pid] = {"fixed": data_fingerprint(p.fixed_keypoints), "moving": data_fingerprint(p.moving_keypoints)}
-    return training_record(ds.name, k, pairs=pairs)
+    return training_record(ds.name, k, pairs=_pair_fingerprints(ds, ds.training_ids(k)))
 
 
 def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_every_s, *, progress) -> tuple[int, int]:
@@ -456,12 +458,10 @@ def _dense_identity(dataset: Path, images, pairs) -> dict:
 
 
 def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
-    import numpy as np
-
     from cyclereg.datasets import read_json
     from cyclereg.dense.data import case_id, preprocess, resolve_mode
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
-    from cyclereg.volumeio import read_nifti
+    from cyclereg.volumeio import read_nifti, spacing_differs
 
     modality = read_json(dataset).get("modality")
     if isinstance(modality, dict):
@@ -471,8 +471,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
         vol = read_nifti(path)
         if first is None:
             first = vol
-        elif vol.shape != first.shape or np.any(np.abs(np.subtract(vol.spacing, first.spacing))
-                                                 > config.pipeline.spacing_tolerance * np.asarray(first.spacing)):
+        elif vol.shape != first.shape or spacing_differs(vol.spacing, first.spacing, config.pipeline.spacing_tolerance):
             raise InputError(f"training images need one shape and spacing: {vol.shape} / {tuple(vol.spacing)} mm "
                              f"here, {first.shape} / {tuple(first.spacing)} mm in {first.path}; resample first", path)
         mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)
