@@ -158,6 +158,8 @@ def test_cli_evaluate_identity_and_random(tiny, tmp_path):
     p = r["pairs"][0]
     for key in ("dice_per_label", "hd95_mm", "sdlogj", "std_logj", "folding_fraction", "seconds"):
         assert key in p
+    assert p["scoring_seconds"] > 0 and r["mean_scoring_seconds"] == pytest.approx(
+        np.mean([q["scoring_seconds"] for q in r["pairs"]]))
     assert (tmp_path / "rnd_dice_cdf.png").stat().st_size > 0
     assert (tmp_path / "rnd_overlay.png").stat().st_size > 0
 
