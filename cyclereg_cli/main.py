@@ -159,7 +159,7 @@ def pretrain_random(
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
     learn_recentre_passes: Optional[int] = typer.Option(None, "--learn-recentre-passes", help="keypoints: gradient-free LBP passes that re-centre the learning stream's candidate search, as at test time (default 0 = the paper's single pass; 1 costs ~1.6x per training sample)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
-    jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: label this many folds at once in worker processes (they share the CPU threads; same labels)"),
+    jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: label this many folds at once in worker processes (they share the CPU threads; the labels of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
@@ -172,7 +172,7 @@ def pretrain_random(
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
                        recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
                        learn_recentre_passes=learn_recentre_passes)
-    typer.echo(f"stage-0 pseudo labels written to {out}")
+    typer.echo(f"stage-0 pseudo labels are in {out} (those there before were kept)")
 
 
 @app.command()
@@ -184,7 +184,7 @@ def cycle(
     folds: str = typer.Option("all", "--folds", help="'all' or a fold number (keypoint datasets)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),
-    jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; same results)"),
+    jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; the results of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""

@@ -744,12 +744,20 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     assert res.exit_code == 0, res.output  # a member that is an ensemble contributes all its networks
     assert load_cloud_model(tmp_path / "one.pt")[1].ensemble_size == 3
     # ... and its networks keep their provenance, in the checkpoint and in ensemble.json
-    res = runner.invoke(app, ["ensemble", str(tmp_path / "e"), str(tmp_path / "a"), "-o", str(tmp_path / "e4"),
+    _random_run(tmp_path / "d", {1: 7, 2: 8})
+    (tmp_path / "d" / "run.json").write_text(json.dumps({"config": {"seed": "d"}}))
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "e"), str(tmp_path / "d"), "-o", str(tmp_path / "e4"),
                               "--recentre-passes", "1"])
     assert res.exit_code == 0, res.output
     info4 = json.loads((tmp_path / "e4" / "ensemble.json").read_text())
-    assert info4["members"]["fold1"] == info["members"]["fold1"] + [info["members"]["fold1"][0]]
-    assert set(info["training"]) == {str(tmp_path / "a"), str(tmp_path / "b")} == set(info4["training"])
+    assert info4["members"]["fold1"][:2] == info["members"]["fold1"]
+    assert info4["members"]["fold1"][2]["source"] == str(tmp_path / "d" / "fold1.pt")
+    assert set(info["training"]) == {str(tmp_path / "a"), str(tmp_path / "b")}
+    assert set(info4["training"]) == {str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "d")}
+    # a network that is a member already (here inside the ensemble source) is not taken twice
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "e"), str(tmp_path / "a"), "-o", str(tmp_path / "e5"),
+                              "--recentre-passes", "1"])
+    assert res.exit_code == 2 and "already a member" in " ".join(res.output.split()) and not (tmp_path / "e5").exists()
 
 
 def test_demo(tmp_path):

@@ -154,6 +154,9 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "0", "--device", "cpu",
                               "--json", str(tmp_path / "s0.json")])
     assert res.exit_code == 2 and "stage 0 trains no network" in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "5", "--device", "cpu",
+                              "--json", str(tmp_path / "s5.json")])
+    assert res.exit_code == 2 and "this fold has the checkpoints of stage(s) 1, 2" in " ".join(res.output.split())
     # only fold 1 is trained: the whole dataset is refused with a pointer to --folds, which scores fold 1's pairs
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--device", "cpu", "--json", str(tmp_path / "a.json")])
     assert res.exit_code == 2 and "--folds N evaluates only the pairs of a fold" in " ".join(res.output.split())
@@ -452,6 +455,14 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
         assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["ensemble", str(tmp_path / "r0"), str(tmp_path / "r1"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output
+    # a network already inside an ensemble source is not taken twice
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "e"), str(tmp_path / "r0"), "-o", str(tmp_path / "e3")])
+    assert res.exit_code == 2 and "which is already a member" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "e3").exists()
+    # an ensemble folder has no stages
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--stage", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "es.json")])
+    assert res.exit_code == 2 and "keeps no per-stage checkpoints" in " ".join(res.output.split()), res.output
     spec = importlib.util.spec_from_file_location(
         "ensemble_stage", Path(__file__).resolve().parents[1] / "scripts" / "ensemble_stage.py")
     mod = importlib.util.module_from_spec(spec)
@@ -805,6 +816,40 @@ def test_parallel_folds_give_the_sequential_result(tmp_path):
         assert_same_weights(tmp_path / "seq" / f"fold{k}" / "final.pt", tmp_path / "par" / f"fold{k}" / "final.pt")
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "0"])
     assert res.exit_code == 2 and "--jobs" in res.output
+    # a finished run: no worker process is started for folds that have all their stages
+    import cyclereg.training.parallel as parallel
+
+    def no_workers(*a, **k):
+        raise AssertionError("a worker was started for a finished fold")
+
+    real = parallel.run_parallel
+    parallel.run_parallel = no_workers
+    try:
+        res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "par"), "--jobs", "2"])
+    finally:
+        parallel.run_parallel = real
+    assert res.exit_code == 0 and "fold 1: 1, fold 2: 1" in res.output, res.output
+    assert_same_weights(tmp_path / "seq" / "fold2" / "final.pt", tmp_path / "par" / "fold2" / "final.pt")
+
+
+def test_a_second_command_on_a_working_run_is_refused(tmp_path):
+    """While one command holds a run directory's lock, pretrain-random and cycle there stop at once
+    with one line (and leave the run alone); the lock goes with the command."""
+    from cyclereg.training.api import RUN_LOCK, run_lock
+
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    assert (run / RUN_LOCK).is_file()
+    with run_lock(run):  # as another process working on the run would (flock locks per open file)
+        for cmd in (["cycle", str(ds), "--run", str(run), "--folds", "1"],
+                    ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", *args]):
+            res = runner.invoke(app, cmd)
+            said = " ".join(res.output.split())
+            assert res.exit_code == 2 and "another cyclereg command (pretrain-random or cycle) is working" in said, said
+        assert not (run / "fold1" / "stage1.pt").exists() and not (run / "fold2").exists()
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
 
 
 def test_pretrain_random_completes_an_interrupted_run(tmp_path):

@@ -160,10 +160,18 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             states += [m.state_dict() for m in nets]
             inner = extra.get("members")
             if isinstance(inner, list) and len(inner) == len(nets):
-                members += inner  # an ensemble source: each network keeps its own provenance
+                added = inner  # an ensemble source: each network keeps its own provenance
             else:
-                members += [{"source": str(f), "sha256": digests[f], **({"run": str(src)} if src != f else {}),
-                             **({"stage": extra["stage"]} if "stage" in extra else {})}] * len(nets)
+                added = [{"source": str(f), "sha256": digests[f], **({"run": str(src)} if src != f else {}),
+                          **({"stage": extra["stage"]} if "stage" in extra else {})}] * len(nets)
+            for member in added:  # a network already in, directly or inside another ensemble source
+                twin = next((m for m in members if member.get("sha256") and m.get("sha256") == member["sha256"]),
+                            None)
+                if twin is not None:
+                    raise InputError(f"holds the network of {member.get('source')}, which is already a member "
+                                     f"(from {twin.get('source')}): an ensemble needs independently trained members",
+                                     f)
+            members += added
         ensemble = FeatureEnsemble(common.net, len(states))
         for m, sd in zip(ensemble.members, states):
             m.load_state_dict(sd)
@@ -491,8 +499,15 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     for name in names:
         if (Path(run_dir) / name).is_file():
             return Path(run_dir) / name
-    hint = (" (stage 0 trains no network: its pseudo labels come from a randomly initialised one, so there is no "
-            "stage-0 checkpoint; --model random evaluates an untrained network)" if stage == 0 else "")
+    hint = ""
+    if stage == 0:
+        hint = (" (stage 0 trains no network: its pseudo labels come from a randomly initialised one, so there is no "
+                "stage-0 checkpoint; --model random evaluates an untrained network)")
+    elif stage is not None:
+        have = sorted(int(f.stem[len("stage"):]) for f in (Path(run_dir) / f"fold{fold}").glob("stage*.pt")
+                      if f.stem[len("stage"):].isdigit())
+        hint = (f" (this fold has the checkpoints of stage(s) {', '.join(map(str, have))})" if have else
+                " (this folder keeps no per-stage checkpoints: an exported or ensemble folder has one model per fold)")
     raise InputError(f"no checkpoint for fold {fold} (expected {' or '.join(names)}){hint}", run_dir)
 
 
@@ -656,6 +671,8 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             try:
                 path = fold_checkpoint(run, k, stage)
             except InputError as exc:  # a run trained for some folds only
+                if stage is not None:
+                    raise
                 raise InputError(f"{exc.message} (pair {p.id} is in fold {k}; --folds N evaluates only the pairs of "
                                  "a fold the run has a checkpoint for)", exc.path) from None
             if k not in models:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -36,6 +39,33 @@ from cyclereg.pointio import read_landmark_pair, read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
+
+
+RUN_LOCK = ".cyclereg.lock"
+"""File in a run directory that ``pretrain-random`` and ``cycle`` hold an exclusive lock on while
+they work there: a second command on the same run stops with an error instead of training the same
+folds again and writing the same files (the lock goes with the process, however it ends)."""
+
+
+@contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold the exclusive lock of run directory ``run`` (:data:`RUN_LOCK`); :class:`InputError` at
+    once when another process holds it. Without ``fcntl`` (not POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(Path(run) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError("another cyclereg command (pretrain-random or cycle) is working on this run; wait for "
+                             "it to finish or stop it, then run this command again", run) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def fold_dir(run: Path, fold: int | None) -> Path:
@@ -135,7 +165,7 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True) -> dic
         stored = check()
         if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
-    elif run.exists() and any(run.iterdir()):
+    elif run.exists() and any(p.name != RUN_LOCK for p in run.iterdir()):
         raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
     return meta
 
@@ -191,7 +221,7 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     landmark TRE of the first N held-out pairs of the fold (keypoint datasets) or the Dice
     of the first N labelled ``registration_val`` pairs (volume datasets).
     ``jobs``: keypoint datasets label up to this many folds at once in worker processes, as
-    :func:`run_cycle` trains them (same labels as one at a time). A fold whose stage-0 labels
+    :func:`run_cycle` trains them (the labels of one at a time, thread counts alike). A fold whose stage-0 labels
     exist already is skipped, so the same command completes an interrupted run.
     """
     kind = dataset_kind(dataset)
@@ -239,7 +269,8 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
 
     ``jobs``: keypoint datasets train up to this many folds at once in worker processes
     (:mod:`cyclereg.training.parallel`), sharing the intra-op threads between them; results
-    are those of the sequential run.
+    are those of the sequential run when every process works with the same number of intra-op
+    threads (floating-point sums depend on it). The run directory is locked meanwhile (:func:`run_lock`).
 
     ``snapshot_every_s``: minimum time between mid-stage training snapshots [s] (``None``:
     :data:`~cyclereg.training.scheduler.DEFAULT_SNAPSHOT_EVERY_S`; ``0``: none). A stage killed
@@ -321,10 +352,11 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
         _cloud_val_hook(ds, k, val_pairs)
     _note_sampling(min(len(ds.training_ids(k)) for k in folds), config)
     run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "run.json", meta)
-    args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
-    with _progress() as progress:
-        _for_folds(_cloud_stage0_job, args, jobs, progress, on_result=lambda k: None)
+    with run_lock(run):
+        write_json(run / "run.json", meta)
+        args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
+        with _progress() as progress:
+            _for_folds(_cloud_stage0_job, args, jobs, progress, on_result=lambda k: None)
     return run
 
 
@@ -395,17 +427,24 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
                              f"--fold {k}' first (it takes the run's options)", run)
         _cloud_val_hook(ds, k, val_pairs)  # its files are read and checked before any training
-    _record_stage_target(run, stages)
     args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
+    # folds that have all their stages already only bring their record up to date: here, not in a worker
+    # process (starting one costs seconds)
+    done = {k for k in selected if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= stages}
     result = {}
-    with _progress() as progress:
-        outer = progress.add_task("folds", total=len(selected))
+    with run_lock(run):
+        _record_stage_target(run, stages)
+        with _progress() as progress:
+            outer = progress.add_task("folds", total=len(selected))
 
-        def finished(k: int, final: int) -> None:
-            result[k] = final
-            progress.advance(outer)
+            def finished(k: int, final: int) -> None:
+                result[k] = final
+                progress.advance(outer)
 
-        _for_folds(_cloud_fold_job, args, jobs, progress, on_result=lambda r: finished(*r))
+            _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k in done}, 1, progress,
+                       on_result=lambda r: finished(*r))
+            _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
+                       on_result=lambda r: finished(*r))
     return {k: result[k] for k in selected}
 
 
@@ -545,9 +584,10 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     _note_sampling(len(pairs), config)
     hook = _dense_val_hook(dataset, val_pairs)
     run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "run.json", meta)
-    with _progress() as progress:
-        _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS).run_stage0(progress)
+    with run_lock(run):
+        write_json(run / "run.json", meta)
+        with _progress() as progress:
+            _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS).run_stage0(progress)
     return run
 
 
@@ -582,6 +622,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                        training=training_record(ident["dataset"], None, images=ident["data"]["images"]))
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
-    _record_stage_target(run, stages)
-    with _progress() as progress:
-        return {None: sched.run(stages, progress)}
+    with run_lock(run):
+        _record_stage_target(run, stages)
+        with _progress() as progress:
+            return {None: sched.run(stages, progress)}

@@ -239,7 +239,15 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
                 index, (fn, args, label) = pending.pop(0)
                 proc = ctx.Process(target=_worker, args=(q, results, threads, index, fn, args, label, shared),
                                    name=f"cyclereg {label}", daemon=True)
-                proc.start()
+                # the worker starts with Ctrl-C ignored (inherited through exec), so that a Ctrl-C while it is
+                # still importing does not print its traceback; the parent handles Ctrl-C and stops it
+                main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+                try:
+                    proc.start()
+                finally:
+                    if main:
+                        signal.signal(signal.SIGINT, previous)
                 running[index] = (proc, label)
             try:
                 index, ok, payload = results.get(timeout=poll_s)
