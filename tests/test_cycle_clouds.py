@@ -463,6 +463,9 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "e"), "--stage", "1", "--device", "cpu",
                               "--json", str(tmp_path / "es.json")])
     assert res.exit_code == 2 and "keeps no per-stage checkpoints" in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["status", str(tmp_path / "e")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "a folder of exported per-fold models" in said and "ensemble.json" in said, said
     spec = importlib.util.spec_from_file_location(
         "ensemble_stage", Path(__file__).resolve().parents[1] / "scripts" / "ensemble_stage.py")
     mod = importlib.util.module_from_spec(spec)
@@ -947,7 +950,9 @@ def test_cycle_with_more_stages_extends_a_finished_run_and_status_follows(tmp_pa
     assert extended["config"]["stages"] == 3
     assert {**extended, "config": {**extended["config"], "stages": 1}} == meta  # nothing else changed
     # a plain re-run (no --stages) now resumes the extension; pretrain-random again does not shorten it
-    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args])
+    assert res.exit_code == 0 and "the run has 3 stages already; --stages 1 does not shorten it" in \
+        " ".join(res.output.split()), res.output
     assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"])
     assert res.exit_code == 0, res.output

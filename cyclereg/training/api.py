@@ -163,6 +163,12 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True) -> dic
     and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is."""
     if (run / "run.json").exists():
         stored = check()
+        if stages_given and stored.stages > meta["config"]["stages"]:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"note: the run has {stored.stages} stages already; --stages "
+                                       f"{meta['config']['stages']} does not shorten it ('cycle --stages "
+                                       f"{meta['config']['stages']}' stops there)", highlight=False)
         if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
     elif run.exists() and any(p.name != RUN_LOCK for p in run.iterdir()):
@@ -243,6 +249,11 @@ def run_status(run: Path, stages: int | None = None) -> dict:
     configuration, or ``stages``) and per fold (``None``: a volume run) the
     :meth:`~cyclereg.training.scheduler.StageScheduler.status` of its directory."""
     run = Path(run)
+    if not (run / "run.json").is_file() and any(run.glob("fold*.pt")):
+        record = next((n for n in ("ensemble.json", "model_set.json") if (run / n).is_file()), None)
+        raise InputError("a folder of exported per-fold models (foldK.pt), not a run directory: it has no training "
+                         "progress to show" + (f" (its members' runs are listed in {record})" if record else "")
+                         + "; 'cyclereg evaluate --run' uses it", run)
     meta = _read_meta(run)
     require_count("--stages", stages, 1)
     try:
