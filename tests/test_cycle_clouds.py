@@ -157,6 +157,10 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "5", "--device", "cpu",
                               "--json", str(tmp_path / "s5.json")])
     assert res.exit_code == 2 and "this fold has the checkpoints of stage(s) 1, 2" in " ".join(res.output.split())
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "s1.json")])  # fold 2 is not trained yet
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "no trained stage yet" in said and "--folds N evaluates only" in said, said
     # only fold 1 is trained: the whole dataset is refused with a pointer to --folds, which scores fold 1's pairs
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--device", "cpu", "--json", str(tmp_path / "a.json")])
     assert res.exit_code == 2 and "--folds N evaluates only the pairs of a fold" in " ".join(res.output.split())
@@ -835,24 +839,33 @@ def test_parallel_folds_give_the_sequential_result(tmp_path):
     assert_same_weights(tmp_path / "seq" / "fold2" / "final.pt", tmp_path / "par" / "fold2" / "final.pt")
 
 
-def test_a_second_command_on_a_working_run_is_refused(tmp_path):
-    """While one command holds a run directory's lock, pretrain-random and cycle there stop at once
-    with one line (and leave the run alone); the lock goes with the command."""
-    from cyclereg.training.api import RUN_LOCK, run_lock
+def test_a_second_command_on_a_working_fold_is_refused(tmp_path):
+    """While one command holds a fold's lock, pretrain-random and cycle on that fold stop at once with
+    one line (and leave it alone); other folds of the run can be worked on meanwhile, as separate
+    `--folds K` processes do; the lock goes with the command."""
+    from cyclereg.training.api import RUN_LOCK, fold_locks
 
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
     args = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
     assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
-    assert (run / RUN_LOCK).is_file()
-    with run_lock(run):  # as another process working on the run would (flock locks per open file)
+    assert (run / "fold1" / RUN_LOCK).is_file()
+    with fold_locks(run, [1]):  # as another process working on fold 1 would (flock locks per open file)
         for cmd in (["cycle", str(ds), "--run", str(run), "--folds", "1"],
-                    ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", *args]):
+                    ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]):
             res = runner.invoke(app, cmd)
             said = " ".join(res.output.split())
-            assert res.exit_code == 2 and "another cyclereg command (pretrain-random or cycle) is working" in said, said
-        assert not (run / "fold1" / "stage1.pt").exists() and not (run / "fold2").exists()
+            assert res.exit_code == 2 and "another cyclereg command (pretrain-random or cycle) is working on this " \
+                "fold (1)" in said, said
+        assert not (run / "fold1" / "stage1.pt").exists()
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "2", *args])
+        assert res.exit_code == 0 and (run / "fold2" / "pseudo0.pt").is_file(), res.output
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
+    # a run directory made by a command stopped before it wrote anything is not taken for a foreign folder
+    (tmp_path / "fresh" / "fold1").mkdir(parents=True)
+    (tmp_path / "fresh" / "fold1" / RUN_LOCK).touch()
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "fresh"), "--fold", "1", *args])
+    assert res.exit_code == 0, res.output
 
 
 def test_pretrain_random_completes_an_interrupted_run(tmp_path):

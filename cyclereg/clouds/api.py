@@ -492,6 +492,12 @@ def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path:
                          f"(shape {tuple(volume.shape)}): are both in the same world frame (mm)?", volume.path)
 
 
+def exported_models(folder: Path) -> bool:
+    """Whether ``folder`` is a folder of exported per-fold models (``foldK.pt``; made by ``cyclereg
+    ensemble`` or ``scripts/run_model_set.py``) rather than a run directory (``run.json``)."""
+    return not (Path(folder) / "run.json").is_file() and any(Path(folder).glob("fold*.pt"))
+
+
 def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     """Checkpoint of ``fold`` in a run directory: ``foldK/final.pt`` (or a committed
     ``foldK.pt``), or ``foldK/stage{stage}.pt`` for one stage."""
@@ -506,8 +512,12 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     elif stage is not None:
         have = sorted(int(f.stem[len("stage"):]) for f in (Path(run_dir) / f"fold{fold}").glob("stage*.pt")
                       if f.stem[len("stage"):].isdigit())
-        hint = (f" (this fold has the checkpoints of stage(s) {', '.join(map(str, have))})" if have else
-                " (this folder keeps no per-stage checkpoints: an exported or ensemble folder has one model per fold)")
+        if have:
+            hint = f" (this fold has the checkpoints of stage(s) {', '.join(map(str, have))})"
+        elif exported_models(run_dir):
+            hint = " (this folder keeps no per-stage checkpoints: an exported or ensemble folder has one model per fold)"
+        else:
+            hint = " (this fold has no trained stage yet)"
     raise InputError(f"no checkpoint for fold {fold} (expected {' or '.join(names)}){hint}", run_dir)
 
 
@@ -671,8 +681,8 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             try:
                 path = fold_checkpoint(run, k, stage)
             except InputError as exc:  # a run trained for some folds only
-                if stage is not None:
-                    raise
+                if stage is not None and (exported_models(run) or any((run / f"fold{k}").glob("stage*.pt"))):
+                    raise  # the fold has other stages, or the folder has none: its message says which
                 raise InputError(f"{exc.message} (pair {p.id} is in fold {k}; --folds N evaluates only the pairs of "
                                  "a fold the run has a checkpoint for)", exc.path) from None
             if k not in models:

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 from cyclereg.checkpoint import data_fingerprint, to_jsonable, training_record, write_json
-from cyclereg.clouds.api import dataset_box, require_registrable
+from cyclereg.clouds.api import dataset_box, exported_models, require_registrable
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
@@ -42,30 +42,61 @@ from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler
 
 
 RUN_LOCK = ".cyclereg.lock"
-"""File in a run directory that ``pretrain-random`` and ``cycle`` hold an exclusive lock on while
-they work there: a second command on the same run stops with an error instead of training the same
-folds again and writing the same files (the lock goes with the process, however it ends)."""
+"""Lock file of a fold directory (``RUN/foldK``, ``RUN/all``) and of the run directory. ``pretrain-random``
+and ``cycle`` hold the lock of every fold they work on for as long as they work on it (a second command
+on the same fold stops with an error instead of training it twice and writing the same files; other
+folds of the run may be worked on by other processes at the same time), and the run's lock for the
+moments they read and rewrite ``run.json``. A lock goes with its process, however that ends."""
 
 
 @contextmanager
-def run_lock(run: Path) -> Iterator[None]:
-    """Hold the exclusive lock of run directory ``run`` (:data:`RUN_LOCK`); :class:`InputError` at
-    once when another process holds it. Without ``fcntl`` (not POSIX) nothing is locked."""
+def _flocked(folder: Path, *, wait: bool, busy: str) -> Iterator[None]:
+    """Hold the exclusive lock of ``folder / RUN_LOCK`` (made with the folder if needed): waiting for
+    it with ``wait``, else :class:`InputError` ``busy`` at once when another process holds it. On a file
+    system without ``flock`` (or without ``fcntl``: not POSIX) a note says the work goes on unlocked."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    fd = os.open(Path(run) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise InputError("another cyclereg command (pretrain-random or cycle) is working on this run; wait for "
-                             "it to finish or stop it, then run this command again", run) from None
+            raise InputError(busy, folder) from None
+        except OSError as exc:  # e.g. a network file system mounted without flock support
+            from rich.console import Console
+
+            Console(stderr=True).print(f"note: {folder}: cannot lock ({exc.strerror}); working on unlocked: do not run "
+                                       "a second command on the same run meanwhile", highlight=False)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def fold_locks(run: Path, folds: list[int | None]) -> Iterator[None]:
+    """Hold the locks of the fold directories ``folds`` of ``run`` (:data:`RUN_LOCK`; ``None``: the
+    volume run's ``all``) for the block; :class:`InputError` naming the fold when another command holds one."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for k in folds:
+            stack.enter_context(_flocked(
+                fold_dir(run, k), wait=False,
+                busy=("another cyclereg command (pretrain-random or cycle) is working on this "
+                      + ("run" if k is None else f"fold ({k})") + "; wait for it to finish or stop it, then run this "
+                      "command again")))
+        yield
+
+
+@contextmanager
+def run_file_lock(run: Path) -> Iterator[None]:
+    """Hold the run directory's lock (waiting for it) while ``run.json`` is read and rewritten."""
+    with _flocked(Path(run), wait=True, busy=""):
+        yield
 
 
 def fold_dir(run: Path, fold: int | None) -> Path:
@@ -154,7 +185,7 @@ def _progress():
                     TimeRemainingColumn())
 
 
-def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True) -> dict:
+def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False) -> dict:
     """Check ``run`` before ``pretrain-random`` writes ``meta`` there; returns the ``meta`` to write.
 
     ``check()`` validates an existing run (same dataset and configuration) and returns its stored
@@ -163,7 +194,7 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True) -> dic
     and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is."""
     if (run / "run.json").exists():
         stored = check()
-        if stages_given and stored.stages > meta["config"]["stages"]:
+        if stages_given and stored.stages > meta["config"]["stages"] and not quiet:
             from rich.console import Console
 
             Console(stderr=True).print(f"note: the run has {stored.stages} stages already; --stages "
@@ -171,9 +202,15 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True) -> dic
                                        f"{meta['config']['stages']}' stops there)", highlight=False)
         if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
-    elif run.exists() and any(p.name != RUN_LOCK for p in run.iterdir()):
+    elif run.exists() and any(p.name != RUN_LOCK and not (p.is_dir() and _only_lock(p)) for p in run.iterdir()):
         raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
     return meta
+
+
+def _only_lock(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but a lock file (a fold directory of a command that stopped
+    before writing anything)."""
+    return all(p.name == RUN_LOCK for p in folder.iterdir())
 
 
 def _record_stage_target(run: Path, stages: int) -> None:
@@ -249,7 +286,7 @@ def run_status(run: Path, stages: int | None = None) -> dict:
     configuration, or ``stages``) and per fold (``None``: a volume run) the
     :meth:`~cyclereg.training.scheduler.StageScheduler.status` of its directory."""
     run = Path(run)
-    if not (run / "run.json").is_file() and any(run.glob("fold*.pt")):
+    if exported_models(run):
         record = next((n for n in ("ensemble.json", "model_set.json") if (run / n).is_file()), None)
         raise InputError("a folder of exported per-fold models (foldK.pt), not a run directory: it has no training "
                          "progress to show" + (f" (its members' runs are listed in {record})" if record else "")
@@ -281,7 +318,7 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
     ``jobs``: keypoint datasets train up to this many folds at once in worker processes
     (:mod:`cyclereg.training.parallel`), sharing the intra-op threads between them; results
     are those of the sequential run when every process works with the same number of intra-op
-    threads (floating-point sums depend on it). The run directory is locked meanwhile (:func:`run_lock`).
+    threads (floating-point sums depend on it). The folds worked on are locked meanwhile (:func:`fold_locks`).
 
     ``snapshot_every_s``: minimum time between mid-stage training snapshots [s] (``None``:
     :data:`~cyclereg.training.scheduler.DEFAULT_SNAPSHOT_EVERY_S`; ``0``: none). A stage killed
@@ -363,8 +400,11 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
         _cloud_val_hook(ds, k, val_pairs)
     _note_sampling(min(len(ds.training_ids(k)) for k in folds), config)
     run.mkdir(parents=True, exist_ok=True)
-    with run_lock(run):
-        write_json(run / "run.json", meta)
+    with fold_locks(run, folds):
+        with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
+            meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident),
+                                stages_given="stages" in options, quiet=True)
+            write_json(run / "run.json", meta)
         args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
         with _progress() as progress:
             _for_folds(_cloud_stage0_job, args, jobs, progress, on_result=lambda k: None)
@@ -443,8 +483,9 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     # process (starting one costs seconds)
     done = {k for k in selected if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= stages}
     result = {}
-    with run_lock(run):
-        _record_stage_target(run, stages)
+    with fold_locks(run, selected):
+        with run_file_lock(run):
+            _record_stage_target(run, stages)
         with _progress() as progress:
             outer = progress.add_task("folds", total=len(selected))
 
@@ -595,8 +636,11 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     _note_sampling(len(pairs), config)
     hook = _dense_val_hook(dataset, val_pairs)
     run.mkdir(parents=True, exist_ok=True)
-    with run_lock(run):
-        write_json(run / "run.json", meta)
+    with fold_locks(run, [None]):
+        with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
+            meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config),
+                                stages_given="stages" in options, quiet=True)
+            write_json(run / "run.json", meta)
         with _progress() as progress:
             _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS).run_stage0(progress)
     return run
@@ -633,7 +677,8 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                        training=training_record(ident["dataset"], None, images=ident["data"]["images"]))
     if sched.last_finished_stage() < 0:
         raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
-    with run_lock(run):
-        _record_stage_target(run, stages)
+    with fold_locks(run, [None]):
+        with run_file_lock(run):
+            _record_stage_target(run, stages)
         with _progress() as progress:
             return {None: sched.run(stages, progress)}
