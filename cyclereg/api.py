@@ -126,10 +126,10 @@ class RegisterResult:
     @staticmethod
     def read(out_dir: Path | str, summary: str) -> "RegisterResult":
         """The result of a registration that wrote ``out_dir``, from its ``config.json``."""
+        from cyclereg.checkpoint import recorded_outputs  # torch is loaded by then (a registration ran)
+
         record = json.loads((Path(out_dir) / "config.json").read_text())
-        outputs = record.get("outputs")
-        files = outputs.get("files", []) if isinstance(outputs, dict) else (outputs or [])
-        return RegisterResult(Path(out_dir), tuple(str(f) for f in files), record, summary)
+        return RegisterResult(Path(out_dir), tuple(str(f) for f in recorded_outputs(record)), record, summary)
 
 
 def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str | Path = "random", seed: int = 0,

@@ -120,8 +120,9 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             keep_stage = True
             raise
         moved = True
+        new = {f.name for f in files}
         for old in stage.stale:
-            if old.name not in {f.name for f in files}:  # never one of the outputs just moved in
+            if old.name not in new:  # never one of the outputs just moved in
                 old.unlink(missing_ok=True)
     finally:
         if not keep_stage:
@@ -172,18 +173,22 @@ def _move_in(files: list[Path], out: Path, stage: Path) -> None:
         raise
 
 
+def recorded_outputs(record: dict) -> list:
+    """The output names a command's ``config.json`` ``record`` lists: ``outputs`` as a list (keypoint
+    path) or ``outputs.files`` (dense path); ``[]`` when it lists none."""
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    names = outputs.get("files") if isinstance(outputs, dict) else outputs
+    return names if isinstance(names, list) else []
+
+
 def stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()) -> list[Path]:
     """The files an earlier command recorded as its outputs in ``out_dir/config.json``
     (``outputs``, a list of names, or ``outputs.files``) that this run does not write (``written``),
     except the paths in ``keep`` (this run's inputs): removed once the new outputs are in
     (:attr:`OutputStage.stale`), so that the folder holds one run's outputs."""
     try:
-        old = json.loads((Path(out_dir) / "config.json").read_text())
+        names = recorded_outputs(json.loads((Path(out_dir) / "config.json").read_text()))
     except (OSError, ValueError):
-        return []
-    outputs = old.get("outputs") if isinstance(old, dict) else None
-    names = outputs.get("files") if isinstance(outputs, dict) else outputs
-    if not isinstance(names, list):
         return []
     kept = {Path(k).resolve() for k in keep}
     stale = []

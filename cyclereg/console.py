@@ -32,3 +32,8 @@ def print_table(console: Console, table: Table) -> None:
         console.print(table)
     finally:
         console.width = width
+
+
+def print_note(text: str) -> None:
+    """Print ``note: {text}`` on stderr (a remark beside a command's result, never its output)."""
+    Console(stderr=True).print(f"note: {text}", highlight=False)

@@ -82,6 +82,12 @@ def spacing_affine(spacing_mm) -> np.ndarray:
     return np.diag([*(float(v) for v in spacing_mm), 1.0])
 
 
+def _index_grid(affine, spacing_mm) -> np.ndarray:
+    """The voxel -> mm affine of a Learn2Reg voxel-index file: the scan's ``affine`` when given, else
+    ``mm = index * spacing_mm`` (:func:`spacing_affine`)."""
+    return np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
+
+
 def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | None = None,
                 affine: np.ndarray | None = None) -> torch.Tensor:
     """Read a point cloud as ``(N, 3)`` float32 mm (x, y, z). See the module doc for formats."""
@@ -103,7 +109,7 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
         if spacing_mm is None and affine is None:
             raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan "
                              "(--reference) to convert to mm", p)
-        grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
+        grid = _index_grid(affine, spacing_mm)
         return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p, lines=lines)
     if suffix == ".npy":
         try:
@@ -163,7 +169,7 @@ def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None =
     elif fmt == "l2r":
         if spacing_mm is None and affine is None:
             raise InputError("l2r output needs the scan's affine or the voxel spacing", p)
-        grid = np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
+        grid = _index_grid(affine, spacing_mm)
         vox = world_to_voxel(torch.from_numpy(pts), torch.from_numpy(grid)).numpy()
         buf = io.StringIO()
         np.savetxt(buf, vox, delimiter=",", fmt="%.4f")

@@ -36,8 +36,8 @@ from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, stale_output
                                  staged_outputs, to_jsonable, training_data, write_json)
 from cyclereg.console import print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
-from cyclereg.dense.data import (case_id, check_same_grid, load_volume_dataset, preprocess, require_contrast,
-                                 resample_onto, resolve_mode)
+from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, preprocess,
+                                 require_contrast, resample_onto, resolve_mode)
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
@@ -402,9 +402,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     def pair_volumes(p) -> tuple[Volume, Volume, Volume, Volume]:
         fv, mv = get(p.fixed, False), get(p.moving, False)
         fl, ml = get(p.fixed_labels, True), get(p.moving_labels, True)
-        check_same_grid(fv, mv)
-        check_same_grid(fv, fl, what="fixed label map")
-        check_same_grid(mv, ml, what="moving label map", ref="moving image")
+        check_pair_grids(fv, mv, fl, ml)
         return fv, mv, fl, ml
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -88,6 +88,13 @@ def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", r
                          f" {hint}", moving.path)
 
 
+def check_pair_grids(fixed: Volume, moving: Volume, fixed_labels: Volume, moving_labels: Volume) -> None:
+    """:func:`check_same_grid` for a labelled pair: both scans on one grid, each label map on its scan's."""
+    check_same_grid(fixed, moving)
+    check_same_grid(fixed, fixed_labels, what="fixed label map")
+    check_same_grid(moving, moving_labels, what="moving label map", ref="moving image")
+
+
 def resample_onto(volume: Volume, reference: Volume, *, labels: bool = False) -> Volume:
     """``volume`` resampled onto ``reference``'s grid through world millimetres.
 

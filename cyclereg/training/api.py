@@ -31,6 +31,7 @@ import torch
 
 from cyclereg.checkpoint import data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, exported_models, require_registrable
+from cyclereg.console import print_note
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg.errors import InputError, require_count
@@ -67,10 +68,8 @@ def _flocked(folder: Path, *, wait: bool, busy: str) -> Iterator[None]:
         except BlockingIOError:
             raise InputError(busy, folder) from None
         except OSError as exc:  # e.g. a network file system mounted without flock support
-            from rich.console import Console
-
-            Console(stderr=True).print(f"note: {folder}: cannot lock ({exc.strerror}); working on unlocked: do not run "
-                                       "a second command on the same run meanwhile", highlight=False)
+            print_note(f"{folder}: cannot lock ({exc.strerror}); working on unlocked: do not run a second command on "
+                       "the same run meanwhile")
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -173,9 +172,7 @@ def _note_sampling(n_pairs: int, config) -> None:
                 and getattr(config, "supervision", "pseudo") == "pseudo")
     note = sampling_note(n_pairs, enabled=weighted, logit_range=config.sampling_logit_range)
     if note is not None:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"note: {note}", highlight=False)
+        print_note(note)
 
 
 def _progress():
@@ -195,11 +192,8 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet:
     if (run / "run.json").exists():
         stored = check()
         if stages_given and stored.stages > meta["config"]["stages"] and not quiet:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"note: the run has {stored.stages} stages already; --stages "
-                                       f"{meta['config']['stages']} does not shorten it ('cycle --stages "
-                                       f"{meta['config']['stages']}' stops there)", highlight=False)
+            print_note(f"the run has {stored.stages} stages already; --stages {meta['config']['stages']} does not "
+                       f"shorten it ('cycle --stages {meta['config']['stages']}' stops there)")
         if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
     elif run.exists() and any(p.name != RUN_LOCK and not (p.is_dir() and _only_lock(p)) for p in run.iterdir()):
@@ -584,7 +578,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
     if n <= 0:
         return None
     from cyclereg.dense.api import register_pair
-    from cyclereg.dense.data import check_same_grid, load_volume_dataset
+    from cyclereg.dense.data import check_pair_grids, load_volume_dataset
     from cyclereg.metrics import dice, scored_labels
     from cyclereg.volumeio import read_nifti
     from cyclereg.warp import warp_labels
@@ -602,9 +596,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
         return cache[path]
 
     for p in pairs:  # read (and so checked) now, before any stage work: a bad file fails the command at its start
-        check_same_grid(vol(p.fixed), vol(p.moving))
-        check_same_grid(vol(p.fixed), vol(p.fixed_labels, True), what="fixed label map")
-        check_same_grid(vol(p.moving), vol(p.moving_labels, True), what="moving label map", ref="moving image")
+        check_pair_grids(vol(p.fixed), vol(p.moving), vol(p.fixed_labels, True), vol(p.moving_labels, True))
 
     def hook(stage, model, task):
         import numpy as np
