@@ -787,11 +787,11 @@ def _pair_points(p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor,
 
 def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
                    device, smoothness: bool, spread: bool, rows: dict[str, list],
-                   points: tuple[torch.Tensor, ...] | None = None) -> dict:
+                   points: tuple[torch.Tensor, ...]) -> dict:
     """Register one pair (``net=None``: the identity) and measure it at its landmarks: the case
     record of the report; every landmark's errors are appended to ``rows`` (the errors CSV).
-    ``points``: the pair's :func:`_pair_points` when read already."""
-    fixed, moving, lm_f, lm_m = (t.to(device) for t in (points or _pair_points(p, config)))
+    ``points``: the pair's :func:`_pair_points` (read and checked before the first registration)."""
+    fixed, moving, lm_f, lm_m = (t.to(device) for t in points)
     t0 = time.perf_counter()
     reg: CloudRegistration = register_clouds(fixed, moving, net, config, box=box, spread=spread)
     spline = reg.spline()
