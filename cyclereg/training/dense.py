@@ -233,6 +233,8 @@ class DenseCycleTask:
         self.shape = tuple(images[0].image.shape[2:])
         s = config.label_stride
         self.label_shape = tuple(-(-n // s) for n in self.shape)
+        # voxel -> mm of the label grid (every ``label_stride``-th image voxel), for errors in mm
+        self.label_grid = centred_affine(self.label_shape, [s * v for v in self.spacing])
 
     def pair_id(self, k: int) -> str:
         i, j = self.pairs[k]
@@ -258,8 +260,7 @@ class DenseCycleTask:
 
     def label_error_mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Mean Euclidean distance [mm] between two label-grid fields over the interior."""
-        label_grid = centred_affine(self.label_shape, [self.config.label_stride * v for v in self.spacing])
-        diff = voxel_disp_to_mm(self._interior(a.float() - b.float()), label_grid)
+        diff = voxel_disp_to_mm(self._interior(a.float() - b.float()), self.label_grid)
         return diff.pow(2).sum(1).add(1e-12).sqrt().mean()
 
     # ------------------------------------------------------------------ pseudo labels
