@@ -12,6 +12,23 @@ from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """The module of a repository script that is not part of the package (``scripts/``,
+    ``benchmarks/``), e.g. ``load_script("scripts/device_check.py")``."""
+    import importlib.util
+    import sys
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses of the script look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_path(*parts: str) -> Path:
     """Path inside ../shared/data; skips the calling test when it is absent."""
     p = SHARED_DATA.joinpath(*parts)

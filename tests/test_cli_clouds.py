@@ -19,7 +19,7 @@ from cyclereg.volumeio import read_nifti, write_nifti
 from cyclereg.warp import sample_at_points
 from cyclereg_cli.main import app
 
-from conftest import SMALL_BREATHING as SMALL, shared_path
+from conftest import SMALL_BREATHING as SMALL, load_script, shared_path
 
 runner = CliRunner()
 
@@ -898,9 +898,7 @@ def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
     """`scripts/set_cloud_test_time.py` on an ensemble directory: every fold checkpoint and the
     directory's ensemble.json get the new settings; state dicts stay bitwise equal; a bad value
     writes nothing."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
     import torch
 
@@ -911,10 +909,7 @@ def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output
     before = load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")
-    spec = importlib.util.spec_from_file_location(
-        "set_cloud_test_time", Path(__file__).resolve().parents[1] / "scripts" / "set_cloud_test_time.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/set_cloud_test_time.py")
     argv = sys.argv
     try:
         sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "-3"]

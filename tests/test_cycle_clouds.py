@@ -19,7 +19,7 @@ from cyclereg.training.scheduler import LabelParts
 from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
 
-from conftest import assert_same_weights
+from conftest import assert_same_weights, load_script
 
 runner = CliRunner()
 # tiny clouds: one intra-op thread is faster, and makes CPU training bitwise reproducible
@@ -446,9 +446,6 @@ def test_validation_tre_is_logged_for_reporting(tmp_path):
 def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     """`scripts/ensemble_stage.py`: two tiny runs -> `cyclereg ensemble` -> one more stage per member
     on the ensemble's pseudo labels, without landmark files; a second call resumes (skips)."""
-    import importlib.util
-    from pathlib import Path
-
     ds = _dataset(tmp_path, n=2, landmarks=False)
     for seed in ("0", "1"):
         res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / f"r{seed}"), "--fold", "1",
@@ -470,10 +467,7 @@ def test_ensemble_stage_trains_every_member_on_the_ensemble_labels(tmp_path):
     res = runner.invoke(app, ["status", str(tmp_path / "e")])
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "a folder of exported per-fold models" in said and "ensemble.json" in said, said
-    spec = importlib.util.spec_from_file_location(
-        "ensemble_stage", Path(__file__).resolve().parents[1] / "scripts" / "ensemble_stage.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/ensemble_stage.py")
     for member in (0, 1):
         line = json.loads(mod.run_job(tmp_path / "e", tmp_path / "s", ds, 1, member, progress=None))
         assert line["stage"] == 2 and math.isfinite(line["train_loss_mm"])
@@ -1076,9 +1070,6 @@ def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):
     """`scripts/run_model_set.py`: final / stage-T / stage-0 model sets of a run, each fold's
     file the run's own checkpoint (stage 0: the network the scheduler labels stage 0 with, with
     the stage-1 settings); a missing stage or an existing output writes nothing."""
-    import importlib.util
-    from pathlib import Path
-
     from cyclereg.errors import InputError
 
     ds = _dataset(tmp_path, n=2, landmarks=False)
@@ -1088,10 +1079,7 @@ def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "all", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    spec = importlib.util.spec_from_file_location(
-        "run_model_set", Path(__file__).resolve().parents[1] / "scripts" / "run_model_set.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/run_model_set.py")
 
     assert mod.main([str(run), "-o", str(tmp_path / "final")]) == 0
     assert mod.main([str(run), "-o", str(tmp_path / "s1"), "--stage", "1"]) == 0

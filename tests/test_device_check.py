@@ -1,6 +1,5 @@
 """scripts/device_check.py: the prepared GPU check (its parts that do not need a GPU)."""
 
-import importlib.util
 import json
 import os
 import tarfile
@@ -12,17 +11,14 @@ import pytest
 from cyclereg.datasets import load_keypoint_dataset
 from cyclereg.pointio import read_points
 
+from conftest import load_script
 from test_cycle_clouds import _dataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
 
 
 @pytest.fixture(scope="module")
 def dc():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/device_check.py")
 
 
 def test_prepared_copd_copy_has_the_keypoints_and_no_landmarks(dc, tmp_path):

@@ -336,12 +336,6 @@ def test_chest_ct_defaults(tmp_path):
 # ----------------------------------------------------------------------------- end-to-end example
 def test_example_field_sign():
     """The example's deformation puts fixed point p at p + u(p) in the moving image."""
-    import importlib.util
-    import sys
+    from conftest import load_script
 
-    path = Path(__file__).parents[1] / "examples" / "chest_ct_end_to_end.py"
-    spec = importlib.util.spec_from_file_location("chest_ct_end_to_end", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    module.sign_self_check()
+    load_script("examples/chest_ct_end_to_end.py").sign_self_check()
