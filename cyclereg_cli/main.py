@@ -166,13 +166,15 @@ def pretrain_random(
     require_inputs(dataset)
     from cyclereg.training.api import pretrain_random as run_pretrain
 
+    existed = (run / "run.json").is_file()
     out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
                        epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
                        supervision=supervision, train_images=train_images, directions=directions,
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
                        recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
                        learn_recentre_passes=learn_recentre_passes)
-    typer.echo(f"stage-0 pseudo labels are in {out} (those there before were kept)")
+    kept = " (the stage-0 labels that were there already were kept)" if existed else ""
+    typer.echo(f"stage-0 pseudo labels are in {out}{kept}")
 
 
 @app.command()

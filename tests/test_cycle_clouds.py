@@ -868,11 +868,13 @@ def test_pretrain_random_completes_an_interrupted_run(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
     args = ["--stages", "1", "--device", "cpu", *CHEAP_LABELS]
-    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args])
+    assert res.exit_code == 0 and "were kept" not in res.output, res.output  # a new run keeps nothing
     first = (run / "fold1" / "pseudo0.pt").read_bytes()
     assert not (run / "fold2").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args])
     assert res.exit_code == 0, res.output
+    assert "stage-0 labels that were there already were kept" in " ".join(res.output.split())
     assert (run / "fold1" / "pseudo0.pt").read_bytes() == first
     assert len((run / "fold1" / "log.jsonl").read_text().splitlines()) == 1
     assert (run / "fold2" / "pseudo0.pt").is_file()
