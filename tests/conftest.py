@@ -9,10 +9,8 @@ import torch
 
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def load_script(relative: str):
