@@ -150,7 +150,7 @@ def pretrain_random(
     supervision: Optional[str] = typer.Option(None, "--supervision", help="volumes: pseudo (self-training, default) | mind | ncc (metric-supervised baselines)"),
     train_images: Optional[str] = typer.Option(None, "--train-images", help="volumes: held-out (default: images in no registration_val pair) | all"),
     directions: Optional[str] = typer.Option(None, "--directions", help="volumes: one (pairs i<j, default) | both"),
-    max_train_pairs: Optional[int] = typer.Option(None, "--max-train-pairs", help="volumes: use only the first N training pairs"),
+    max_train_pairs: Optional[int] = typer.Option(None, "--max-train-pairs", help="volumes: use only N training pairs, spread over the images (each in about 2N/images of them)"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="input augmentation of the learning stream (default on)"),
     refine: Optional[bool] = typer.Option(None, "--refine/--no-refine", help="pseudo-label refinement (default on)"),
     weighted: Optional[bool] = typer.Option(None, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling (default on)"),

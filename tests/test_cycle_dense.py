@@ -320,6 +320,36 @@ def test_training_images_preprocessed_alike_or_refused(tmp_path):
     assert "modality" in res.output and not run.exists()
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 20])
+def test_spread_pairs_list_every_pair_once_and_every_prefix_spreads_over_the_images(n):
+    from cyclereg.training.api import spread_pairs
+
+    pairs = spread_pairs(n)
+    assert sorted(pairs) == [(i, j) for i in range(n) for j in range(i + 1, n)]
+    for size in range(1, len(pairs) + 1):
+        counts = np.bincount(np.array(pairs[:size]).ravel(), minlength=n)
+        assert counts.max() - counts.min() <= 2 and abs(counts.mean() - 2 * size / n) < 1e-9
+        assert 2 * size < n or counts.min() >= 1
+    assert spread_pairs(n, 3) == pairs[:3] and spread_pairs(n, 10 ** 6) == pairs
+    if n % 2 == 0:  # a perfect matching first
+        assert sorted(i for p in pairs[: n // 2] for i in p) == list(range(n))
+
+
+def test_max_train_pairs_takes_pairs_spread_over_the_training_images(tmp_path):
+    """`--max-train-pairs 2` with `--train-images all` (the tiny dataset's four images): two pairs
+    that use all four; with both directions, one pair both ways."""
+    from cyclereg.training.api import _dense_training_set
+
+    ds = _dataset(tmp_path)
+    images, pairs = _dense_training_set(ds, DenseCycleConfig(train_images="all", max_train_pairs=2))
+    assert len(images) == 4 and len(pairs) == 2 and sorted(i for p in pairs for i in p) == [0, 1, 2, 3]
+    images, pairs = _dense_training_set(ds, DenseCycleConfig(train_images="all", max_train_pairs=2,
+                                                             directions="both"))
+    assert [(images[i].name[5:9], images[j].name[5:9]) for i, j in pairs] == [("0001", "0002"), ("0002", "0001")]
+    _, every = _dense_training_set(ds, DenseCycleConfig(train_images="all"))
+    assert len(every) == 6
+
+
 def test_difficulty_weights_rank_pairs():
     from cyclereg.training.scheduler import difficulty_weights
 

@@ -514,6 +514,31 @@ DENSE_KEEP_LABELS = 2
 stage): only the newest two label files are kept (resuming needs only the newest)."""
 
 
+def spread_pairs(n: int, count: int | None = None) -> list[tuple[int, int]]:
+    """The first ``count`` (default: all ``n (n - 1) / 2``) pairs ``(i, j)``, ``i < j``, of ``n``
+    images in an order whose every prefix spreads over the images: each next pair is the unused one
+    whose images are in the fewest pairs so far (smallest larger count, then smallest sum; ties: the
+    images nearest on a ring, then the smallest ``i``). The first ``N`` pairs put each image in
+    ``2 N / n`` of them give or take two, and every image in one once ``N >= n / 2`` (e.g. a perfect
+    matching first), where the plain order ``(0, 1), (0, 2), ...`` pairs image 0 with every other one
+    first. Deterministic; ``count`` steps over all pairs each (vectorised: ~1 s for 1000 of 300 images)."""
+    import numpy as np
+
+    i, j = np.triu_indices(n, 1)
+    ring = np.minimum(j - i, n - (j - i))
+    counts = np.zeros(n, np.int64)
+    free = np.ones(len(i), bool)
+    order = []
+    for _ in range(len(i) if count is None else min(count, len(i))):
+        ci, cj = counts[i], counts[j]
+        k = np.lexsort((i, ring, ci + cj, np.maximum(ci, cj), ~free))[0]  # the last key sorts first
+        free[k] = False
+        counts[i[k]] += 1
+        counts[j[k]] += 1
+        order.append((int(i[k]), int(j[k])))
+    return order
+
+
 def _dense_training_set(dataset: Path, config: DenseCycleConfig):
     """Training image paths and ``(i, j)`` index pairs (no labels are read)."""
     from cyclereg.dense.data import training_images
@@ -522,7 +547,10 @@ def _dense_training_set(dataset: Path, config: DenseCycleConfig):
     if len(images) < 2:
         hint = " (all of them are in registration_val pairs; use --train-images all)" if config.train_images == "held-out" else ""
         raise InputError(f"need at least 2 training images, found {len(images)}{hint}", dataset)
-    pairs = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]
+    if config.max_train_pairs is None:
+        pairs = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]
+    else:  # enough pairs for the directions asked
+        pairs = spread_pairs(len(images), config.max_train_pairs)
     if config.directions == "both":
         pairs = [q for i, j in pairs for q in ((i, j), (j, i))]
     if config.max_train_pairs is not None:

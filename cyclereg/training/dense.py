@@ -79,7 +79,9 @@ class DenseCycleConfig:
             still no labels).
         directions: ``"one"``: pairs ``(i, j)`` with ``i < j`` (190 for 20 scans, as the
             reference); ``"both"``: also ``(j, i)``.
-        max_train_pairs: use only the first this many pairs (CPU-sized runs); None = all.
+        max_train_pairs: use only this many pairs (CPU-sized runs), spread over the images
+            (:func:`cyclereg.training.api.spread_pairs`: each image in about the same number of
+            them); None = all.
         metric_reg_weight: weight of the diffusion regulariser (label-grid voxels^2) in the
             metric-supervised losses. Chosen here (untuned): 1.0, VoxelMorph's default
             weight for its NCC loss.
