@@ -220,6 +220,12 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     rep = json.loads(report.read_text())
     assert rep["num_pairs"] == 1 and 0.0 <= rep["mean_dice"] <= 1.0
     assert rep["method"]["model"].endswith("final.pt")
+    # stage 0 has no checkpoint: the error names the random network that made its labels
+    res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), "--stage", "0", *on,
+                              "--json", str(tmp_path / "s0.json")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "'--model random --seed 0'" in said, said
+    assert not (tmp_path / "s0.json").exists()
     # the checkpoint records its training scans (held-out images only by default: no evaluated pair) ...
     training = ckpt["extra"]["training"]
     assert training["dataset"] == meta["dataset"] and len(training["images"]) == 2  # the two held-out-free scans
