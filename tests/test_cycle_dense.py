@@ -356,6 +356,28 @@ def test_max_train_pairs_takes_pairs_spread_over_the_training_images(tmp_path):
     assert len(every) == 6
 
 
+def test_stage0_of_a_volume_run_names_the_random_network_of_its_seed(tmp_path):
+    """Stage 0 has no checkpoint; the error names `--model random --seed S`, and that is the network
+    the run's task labels stage 0 with (S is derived from the run's seed, not equal to it)."""
+    from types import SimpleNamespace
+
+    from cyclereg.dense.api import load_model, run_checkpoint
+    from cyclereg.dense.config import DensePipelineConfig
+    from cyclereg.errors import InputError
+    from cyclereg.training.dense import DenseCycleTask
+
+    (tmp_path / "all").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"seed": 3}}))
+    with pytest.raises(InputError, match=r"'--model random --seed (\d+)'") as err:
+        run_checkpoint(tmp_path, 0)
+    named = int(err.value.message.split("--seed ")[1].split("'")[0])
+    task = SimpleNamespace(pipeline=DensePipelineConfig(), config=DenseCycleConfig(seed=3), device=torch.device("cpu"))
+    stage0 = DenseCycleTask.new_model(task, 0)
+    random_net = load_model("random", named, torch.device("cpu"))[0]
+    a, b = stage0.state_dict(), random_net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_difficulty_weights_rank_pairs():
     from cyclereg.training.scheduler import difficulty_weights
 

@@ -304,11 +304,12 @@ def run_checkpoint(run: Path, stage: int | None = None) -> Path:
     path = run / "all" / ("final.pt" if stage is None else f"stage{stage}.pt")
     if not path.is_file():
         if stage == 0:  # its labels come from a random network, which is no file
-            import json
+            from cyclereg.datasets import read_json
+            from cyclereg.training.scheduler import initial_network_seed
 
-            seed = json.loads((run / "run.json").read_text()).get("config", {}).get("seed", 0)
-            raise InputError(f"stage 0 has no checkpoint: its pseudo labels come from the random network "
-                             f"of the run's seed, which '--model random --seed {seed}' evaluates", run)
+            seed = initial_network_seed(read_json(run / "run.json").get("config", {}).get("seed", 0), 0)
+            raise InputError(f"stage 0 has no checkpoint: its pseudo labels come from a random network, the one "
+                             f"'--model random --seed {seed}' evaluates", run)
         what = "no finished stage yet (run 'cyclereg cycle')" if stage is None else f"no checkpoint of stage {stage}"
         raise InputError(what, run)
     return path
