@@ -3,7 +3,7 @@
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -1066,6 +1066,32 @@ def test_learning_stream_recentring_searches_around_the_smoothed_first_pass_and_
         CloudCycleConfig(learn_recentre_passes=-1)
     # runs written before the setting existed keep the single pass
     assert CloudCycleConfig.from_dict({}).learn_recentre_passes == 0
+
+
+def test_stage0_error_names_the_network_of_the_stage0_labels(tmp_path):
+    """`evaluate --run RUN --stage 0` has no checkpoint to load; its error names the seed with which
+    `--model random` builds the network of the run's stage-0 labels (initial_network_seed, not the
+    run's seed), and that network is the one the task labels stage 0 with."""
+    from cyclereg.clouds.api import fold_checkpoint, load_cloud_model
+    from cyclereg.errors import InputError
+
+    cfg = CloudCycleConfig(seed=3)
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "keypoints", "config": asdict(cfg)}))
+    with pytest.raises(InputError) as err:
+        fold_checkpoint(tmp_path, 1, stage=0)
+    said = str(err.value)
+    assert "'--model random --seed 3000'" in said, said
+    named, _ = load_cloud_model("random", seed=3000)
+    task = CloudCycleTask([CloudPairData("x", torch.zeros(1, 3), torch.zeros(1, 3))], UnitBox.around(torch.zeros(1, 3)),
+                          cfg, torch.device("cpu"))
+    want = task.new_model(0).state_dict()
+    assert named.state_dict().keys() == want.keys()
+    assert all(torch.equal(named.state_dict()[n], want[n]) for n in want)
+    # another network setting than the default: no seed is named, since --model random would not build it
+    other = replace(cfg, reg=replace(cfg.reg, net=replace(cfg.reg.net, k_fixed=cfg.reg.net.k_fixed + 1)))
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "keypoints", "config": asdict(other)}))
+    with pytest.raises(InputError, match="default settings, not this run's"):
+        fold_checkpoint(tmp_path, 1, stage=0)
 
 
 def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):

@@ -498,6 +498,21 @@ def exported_models(folder: Path) -> bool:
     return not (Path(folder) / "run.json").is_file() and any(Path(folder).glob("fold*.pt"))
 
 
+def _stage0_network(run_dir: Path) -> str:
+    """Which ``--model random --seed N`` builds the network of a run's stage-0 labels, for messages."""
+    from cyclereg.training.clouds import CloudCycleConfig
+    from cyclereg.training.scheduler import initial_network_seed
+
+    try:
+        cfg = CloudCycleConfig.from_dict(read_json(Path(run_dir) / "run.json").get("config", {}))
+    except (InputError, TypeError, ValueError):
+        return "--model random evaluates an untrained network"
+    if cfg.reg.net != CloudRegConfig().net:
+        return "--model random evaluates an untrained network of the default settings, not this run's"
+    return (f"'--model random --seed {initial_network_seed(cfg.seed, 0)}' evaluates that network with the "
+            "test-time settings, not the label refinement")
+
+
 def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     """Checkpoint of ``fold`` in a run directory: ``foldK/final.pt`` (or a committed
     ``foldK.pt``), or ``foldK/stage{stage}.pt`` for one stage."""
@@ -508,7 +523,7 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     hint = ""
     if stage == 0:
         hint = (" (stage 0 trains no network: its pseudo labels come from a randomly initialised one, so there is no "
-                "stage-0 checkpoint; --model random evaluates an untrained network)")
+                f"stage-0 checkpoint; {_stage0_network(run_dir)})")
     elif stage is not None:
         have = sorted(int(f.stem[len("stage"):]) for f in (Path(run_dir) / f"fold{fold}").glob("stage*.pt")
                       if f.stem[len("stage"):].isdigit())
