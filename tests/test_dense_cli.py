@@ -445,3 +445,48 @@ def test_evaluate_resume_keeps_finished_pairs(tiny, tmp_path):
     rep.write_text(json.dumps(old))
     res = runner.invoke(app, [*args, "--resume"])
     assert res.exit_code == 2 and "earlier label rule" in " ".join(res.output.split())
+
+
+def test_volume_cache_evicts_the_least_recently_used(tiny, monkeypatch):
+    """`VolumeCache` keeps the volumes used last: a scan used again stays while others come and go
+    (a first-in-first-out cache would drop it and read it again)."""
+    import cyclereg.dense.api as dense_api
+
+    reads = []
+    real = dense_api.read_nifti
+    monkeypatch.setattr(dense_api, "read_nifti", lambda path, **k: reads.append(Path(path).name) or real(path, **k))
+    a, b = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz", tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"
+    la = tiny / "labelsTr" / "Tiny_0001_0000.nii.gz"
+    cache = dense_api.VolumeCache(2)
+    for path, labels in ((a, False), (b, False), (a, False), (la, True), (a, False), (b, False)):
+        vol = cache.get(path, labels=labels)
+        assert vol.path == path and vol.data.dtype == (torch.int64 if labels else torch.float32)
+    # a, b, a (kept), la (drops b, not a), a (kept), b (drops la)
+    assert reads == ["Tiny_0001_0000.nii.gz", "Tiny_0002_0000.nii.gz", "Tiny_0001_0000.nii.gz",
+                     "Tiny_0002_0000.nii.gz"]
+    assert reads.count("Tiny_0001_0000.nii.gz") == 2  # the image and the label map of scan 1, once each
+    with pytest.raises(InputError, match="capacity 0"):
+        dense_api.VolumeCache(0)
+
+
+def test_evaluate_reads_each_file_once_to_check_it(tiny, tmp_path, monkeypatch):
+    """The checking pass reads every distinct scan and label map once (pairs share them), not four
+    files per pair; with room for all of them, the whole evaluation reads each file once."""
+    import cyclereg.dense.api as dense_api
+
+    reads = []
+    real = dense_api.read_nifti
+    monkeypatch.setattr(dense_api, "read_nifti", lambda path, **k: reads.append(str(path)) or real(path, **k))
+    ds = tiny / "Tiny_dataset.json"
+    monkeypatch.setattr(dense_api, "EVALUATE_CACHED_VOLUMES", 1)  # room for one: every use past the checks reads
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--both-directions", "--json", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    # 4 distinct files checked once each, then 2 pairs x 4 files (each a miss with one slot)
+    assert len(reads) == 4 + 8 and len(set(reads[:4])) == 4, reads
+    reads.clear()
+    monkeypatch.setattr(dense_api, "EVALUATE_CACHED_VOLUMES", 4)
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--both-directions", "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 4, reads
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert [r["dice"] for r in a["pairs"]] == [r["dice"] for r in b["pairs"]]

@@ -49,7 +49,7 @@ from cyclereg.warp import warp, warp_between_grids, warp_labels
 CHECKPOINT_KIND = "dense"
 
 EVALUATE_CACHED_VOLUMES = 8
-"""``evaluate`` keeps about this many read volumes (images and label maps) for the next pairs
+"""``evaluate`` keeps this many read volumes (images and label maps; the least recently used go first) for the next pairs
 (pairs share scans; a 192x160x256 float32 scan is 31 MB)."""
 
 
@@ -116,12 +116,19 @@ def _prepare(vol: Volume, cfg: DensePipelineConfig, mode: str, dev) -> torch.Ten
     return preprocess(vol.data, cfg.preprocess, mode).to(dev)[None, None]
 
 
+def require_registrable_grid(fixed: Volume, cfg: DensePipelineConfig) -> None:
+    """:class:`InputError` naming the file when ``cfg`` cannot register on ``fixed``'s grid (the
+    moving scan's being the same): the spacing is not the model's, or the volume is too small.
+    Reads the grid only (shape, affine), not the voxels."""
+    _check_spacing(cfg, fixed)
+    _check_size(cfg, fixed)
+
+
 def require_registrable(fixed: Volume, moving: Volume, cfg: DensePipelineConfig) -> None:
     """:class:`InputError` naming the file when ``cfg`` cannot register the pair: grids differ, the
     spacing is not the model's, a volume is too small or constant."""
     check_same_grid(fixed, moving)
-    _check_spacing(cfg, fixed)
-    _check_size(cfg, fixed)
+    require_registrable_grid(fixed, cfg)
     require_contrast(fixed)
     require_contrast(moving)
 
@@ -315,6 +322,26 @@ def run_checkpoint(run: Path, stage: int | None = None) -> Path:
     return path
 
 
+class VolumeCache:
+    """The ``capacity`` volumes used last (images and label maps, read by :func:`read_nifti`), so
+    that the scans pairs share are read once: least recently used out first, which keeps the fixed
+    scan of a run of pairs ``(i, j), (i, j + 1), ...`` while their moving scans come and go."""
+
+    def __init__(self, capacity: int):
+        self.capacity = require_count("capacity", capacity, 1)
+        self._volumes: dict[tuple[Path, bool], Volume] = {}
+
+    def get(self, path: Path, *, labels: bool) -> Volume:
+        key = (Path(path), labels)
+        vol = self._volumes.pop(key, None)
+        if vol is None:
+            vol = read_nifti(path, labels=labels)
+            if len(self._volumes) >= self.capacity:
+                self._volumes.pop(next(iter(self._volumes)))  # the least recently used
+        self._volumes[key] = vol  # (re)inserted last: the most recently used
+        return vol
+
+
 def _mean(values) -> float:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
@@ -397,18 +424,11 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             "pairs": records,
         }
 
-    cache: dict[Path, Volume] = {}
-
-    def get(path: Path, labels: bool) -> Volume:
-        if path not in cache:
-            if len(cache) > EVALUATE_CACHED_VOLUMES:
-                cache.pop(next(iter(cache)))
-            cache[path] = read_nifti(path, labels=labels)
-        return cache[path]
+    cache = VolumeCache(EVALUATE_CACHED_VOLUMES)
 
     def pair_volumes(p) -> tuple[Volume, Volume, Volume, Volume]:
-        fv, mv = get(p.fixed, False), get(p.moving, False)
-        fl, ml = get(p.fixed_labels, True), get(p.moving_labels, True)
+        fv, mv = cache.get(p.fixed, labels=False), cache.get(p.moving, labels=False)
+        fl, ml = cache.get(p.fixed_labels, labels=True), cache.get(p.moving_labels, labels=True)
         check_pair_grids(fv, mv, fl, ml)
         return fv, mv, fl, ml
 
@@ -417,10 +437,23 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         # every scan and label map is read and checked before the first registration, so that a bad
         # file stops the command before it has written anything
         checking = progress.add_task("checking inputs", total=len(pairs))
+        headers: dict[tuple[Path, bool], Volume] = {}
+
+        def header(path: Path, labels: bool) -> Volume:
+            """Each file read and checked once; kept as its grid only (shape, affine; no voxels)."""
+            key = (Path(path), labels)
+            if key not in headers:
+                vol = cache.get(path, labels=labels)
+                if not labels and not identity:
+                    require_contrast(vol)
+                headers[key] = Volume(torch.empty(vol.shape, device="meta"), vol.affine, vol.path)
+            return headers[key]
+
         for p in pairs:
-            fv, mv, _, _ = pair_volumes(p)
+            fv = header(p.fixed, False)
+            check_pair_grids(fv, header(p.moving, False), header(p.fixed_labels, True), header(p.moving_labels, True))
             if not identity:
-                require_registrable(fv, mv, cfg)
+                require_registrable_grid(fv, cfg)
             progress.advance(checking)
         task = progress.add_task("evaluating pairs", total=len(pairs) + len(records), completed=len(records))
         for p in pairs:
