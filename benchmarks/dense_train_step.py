@@ -1,7 +1,7 @@
 """Time dense self-training iterations (network + convex optimiser + loss + backward) on
 random volumes of a given shape: ``python benchmarks/dense_train_step.py 160 192 224
---iterations 2 --threads 1 [--device cuda]``. Prints seconds per iteration (and peak
-GPU memory on CUDA)."""
+--iterations 2 --threads 1 [--device cuda] [--cpu-bf16]``. Prints seconds per iteration (and peak
+GPU memory on CUDA). ``--cpu-bf16``: bfloat16 autocast on CPU (``DenseCycleConfig.cpu_bf16``)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on CPU")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
     images = [VolumeImage(str(k), torch.rand(1, 1, *args.shape, generator=g)) for k in range(2)]
-    cfg = DenseCycleConfig(iterations=args.iterations, batch_size=args.batch_size)
+    cfg = DenseCycleConfig(iterations=args.iterations, batch_size=args.batch_size, cpu_bf16=args.cpu_bf16)
     task = DenseCycleTask(images, [(0, 1), (1, 0)], (1.0, 1.0, 1.0), cfg, dev)
     net = task.new_model(1)
     labels = {task.pair_id(k): torch.zeros(1, 3, *task.label_shape, dtype=torch.float16) for k in range(2)}
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     synchronize(dev)
     sec = (time.perf_counter() - t0) / args.iterations
     extra = f", peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if dev.type == "cuda" else ""
-    print(f"{tuple(args.shape)} batch {args.batch_size} on {dev} ({torch.get_num_threads()} threads): "
+    precision = " bfloat16 autocast" if args.cpu_bf16 and dev.type == "cpu" else ""
+    print(f"{tuple(args.shape)} batch {args.batch_size} on {dev}{precision} ({torch.get_num_threads()} threads): "
           f"{sec:.2f} s per iteration{extra}")
     return 0
 

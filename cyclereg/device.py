@@ -42,6 +42,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether the CPU multiplies bfloat16 matrices natively (the ``amx_bf16`` or ``avx512_bf16``
+    flag of ``/proc/cpuinfo``), which makes bfloat16 autocast fast; False where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def provenance(device: torch.device | None = None) -> dict:
     """What a report or configuration record says about where and when it was made: cyclereg's
     version, the UTC time, and the machine (platform, CPU, torch, and the GPU when ``device`` is one)."""

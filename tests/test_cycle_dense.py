@@ -378,6 +378,41 @@ def test_stage0_of_a_volume_run_names_the_random_network_of_its_seed(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cpu_bf16_trains_the_network_in_bfloat16_and_is_recorded(tmp_path, monkeypatch):
+    """`pretrain-random --cpu-bf16` records `cpu_bf16` in run.json, and its training steps run the
+    feature network in bfloat16 on CPU (float32 without it), with a finite float32 loss; a CPU
+    without bfloat16 units gets a note; keypoint datasets refuse the option."""
+    import cyclereg.device as device_mod
+    from cyclereg.dense.network import FeatureNet
+
+    seen = []
+    real_forward = FeatureNet.forward
+    monkeypatch.setattr(FeatureNet, "forward", lambda self, x: seen.append(real_forward(self, x).dtype) or
+                        real_forward(self, x))
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_units", lambda: False)
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    for flag, dtype in (("--cpu-bf16", torch.bfloat16), ("--no-cpu-bf16", torch.float32)):
+        run = tmp_path / flag
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--stages", "1", "--iterations", "1",
+                                  "--device", "cpu", flag])
+        assert res.exit_code == 0, res.output
+        said = " ".join(res.output.split())
+        assert ("no bfloat16 matrix units" in said) == (dtype == torch.bfloat16), said
+        assert json.loads((run / "run.json").read_text())["config"]["cpu_bf16"] == (dtype == torch.bfloat16)
+        seen.clear()
+        res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        log = [json.loads(line) for line in (run / "all" / "log.jsonl").read_text().splitlines()]
+        assert math.isfinite(log[1]["train_loss_mm"])
+        # the training step (autocast) first; the pseudo-label refresh after it stays float32
+        assert seen[0] == dtype and seen[-1] == torch.float32, seen
+    cloud = tmp_path / "clouds.json"  # a keypoint dataset: the option is refused before its files are read
+    cloud.write_text(json.dumps({"pairs": [{"id": "a", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}))
+    res = runner.invoke(app, ["pretrain-random", str(cloud), "-o", str(tmp_path / "c"), "--cpu-bf16"])
+    assert res.exit_code == 2 and "--cpu-bf16: not an option for keypoints datasets" in res.output, res.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_difficulty_weights_rank_pairs():
     from cyclereg.training.scheduler import difficulty_weights
 

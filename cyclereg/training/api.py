@@ -120,7 +120,7 @@ def _pair_fingerprints(ds, ids: list[str]) -> dict[str, dict[str, str]]:
 CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes",
                  "candidates", "tta_passes", "learn_recentre_passes")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
-                 "directions", "max_train_pairs", "batch_size")
+                 "directions", "max_train_pairs", "batch_size", "cpu_bf16")
 
 
 def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
@@ -173,6 +173,15 @@ def _note_sampling(n_pairs: int, config) -> None:
     note = sampling_note(n_pairs, enabled=weighted, logit_range=config.sampling_logit_range)
     if note is not None:
         print_note(note)
+
+
+def _note_precision(config: DenseCycleConfig, dev: torch.device) -> None:
+    """Say when a run's bfloat16 CPU training (``cpu_bf16``) meets a CPU without bfloat16 units."""
+    from cyclereg.device import cpu_has_bf16_units
+
+    if config.cpu_bf16 and dev.type == "cpu" and not cpu_has_bf16_units():
+        print_note("this run trains in bfloat16 on CPU (cpu_bf16), but this CPU has no bfloat16 matrix units "
+                   "(amx_bf16 / avx512_bf16): its training steps will be slower than in float32")
 
 
 def _progress():
@@ -654,6 +663,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config), stages_given="stages" in options)
     task = _dense_task(dataset, config, dev, images, pairs)  # reads and validates all inputs first
     _note_sampling(len(pairs), config)
+    _note_precision(config, dev)
     hook = _dense_val_hook(dataset, val_pairs)
     run.mkdir(parents=True, exist_ok=True)
     with fold_locks(run, [None]):
@@ -691,6 +701,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
     task = _dense_task(dataset, config, dev, images, pairs)
+    _note_precision(config, dev)
     hook = _dense_val_hook(dataset, val_pairs)
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
                        snapshot_every_s=snapshot_every_s,

@@ -73,6 +73,13 @@ class DenseCycleConfig:
         loss_border: label voxels at each face left out of the loss (reference: 8).
         amp: mixed precision (float16 autocast + gradient scaling) for training on CUDA;
             ignored on CPU.
+        cpu_bf16: bfloat16 autocast for training on CPU (no gradient scaling: bfloat16 has
+            float32's range); ignored on CUDA. Worth it on CPUs with bfloat16 matrix units
+            (Intel AMX, :func:`cyclereg.device.cpu_has_bf16_units`): a training step at
+            96 x 80 x 128 took 3.9-4.2 s instead of 7.3-7.5 s on one core of a Xeon with AMX
+            (``benchmarks/dense_train_step.py``, docs/benchmarks.md); elsewhere PyTorch emulates
+            it, slowly. Off by default (float32, as the paper's CPU-free reference never ran);
+            pseudo labels and test-time registration stay float32 either way.
         train_images: ``"held-out"`` trains on the dataset's ``training`` images that occur
             in no ``registration_val`` pair (the Learn2Reg protocol, 20 abdomen scans);
             ``"all"`` on every listed image (test-time self-training, e.g. the brain pair;
@@ -108,6 +115,7 @@ class DenseCycleConfig:
     label_stride: int = 2
     loss_border: int = 8
     amp: bool = True
+    cpu_bf16: bool = False
     train_images: str = "held-out"
     directions: str = "one"
     max_train_pairs: int | None = None
@@ -354,6 +362,7 @@ class DenseCycleTask:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations, eta_min=cfg.lr_min)
         use_amp = cfg.amp and self.device.type == "cuda"
+        use_bf16 = cfg.cpu_bf16 and self.device.type == "cpu"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         w = torch.tensor([weights.get(self.pair_id(k), 1.0) for k in range(len(self.pairs))], dtype=torch.float64)
         start, losses = 0, []
@@ -369,9 +378,11 @@ class DenseCycleTask:
                 fixed, moving, target = self._batch(idx, labels, g)
             opt.zero_grad(set_to_none=True)
             autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp
+                        else torch.autocast(device_type="cpu", dtype=torch.bfloat16) if use_bf16
                         else contextlib.nullcontext())
             with autocast:
                 loss = self._loss(model, fixed, moving, target)
+            loss = loss.float()  # the logged figure at float32 precision (a cast; gradients flow through)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
