@@ -78,7 +78,8 @@ class DenseCycleConfig:
             (Intel AMX, :func:`cyclereg.device.cpu_has_bf16_units`): a training step at
             96 x 80 x 128 took 3.9-4.2 s instead of 7.3-7.5 s on one core of a Xeon with AMX
             (``benchmarks/dense_train_step.py``, docs/benchmarks.md); elsewhere PyTorch emulates
-            it, slowly. Off by default (float32); pseudo labels and test-time registration stay float32 either way.
+            it, slowly. Off by default (float32); pseudo labels and test-time registration stay
+            float32 either way.
         train_images: ``"held-out"`` trains on the dataset's ``training`` images that occur
             in no ``registration_val`` pair (the Learn2Reg protocol, 20 abdomen scans);
             ``"all"`` on every listed image (test-time self-training, e.g. the brain pair;
