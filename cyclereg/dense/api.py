@@ -49,8 +49,8 @@ from cyclereg.warp import warp, warp_between_grids, warp_labels
 CHECKPOINT_KIND = "dense"
 
 EVALUATE_CACHED_VOLUMES = 8
-"""``evaluate`` keeps this many read volumes (images and label maps; the least recently used go first) for the next pairs
-(pairs share scans; a 192x160x256 float32 scan is 31 MB)."""
+"""``evaluate`` keeps this many read volumes (images and label maps) for the next pairs, the least
+recently used going first (pairs share scans; a 192x160x256 float32 scan is 31 MB)."""
 
 
 # ----------------------------------------------------------------------------- models
