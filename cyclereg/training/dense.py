@@ -75,11 +75,12 @@ class DenseCycleConfig:
             ignored on CPU.
         cpu_bf16: bfloat16 autocast for training on CPU (no gradient scaling: bfloat16 has
             float32's range); ignored on CUDA. Worth it on CPUs with bfloat16 matrix units
-            (Intel AMX, :func:`cyclereg.device.cpu_has_bf16_units`): a training step at
-            96 x 80 x 128 took 3.9-4.2 s instead of 7.3-7.5 s on one core of a Xeon with AMX
-            (``benchmarks/dense_train_step.py``, docs/benchmarks.md); elsewhere PyTorch emulates
-            it, slowly. Off by default (float32); pseudo labels and test-time registration stay
-            float32 either way.
+            (Intel AMX, :func:`cyclereg.device.cpu_has_bf16_units`): a training step took 1.27
+            instead of 2.3 s at 96 x 80 x 128 and 15.1 instead of 27.4 s at 192 x 160 x 256 on
+            two cores of a Xeon with AMX (``benchmarks/dense_train_step.py``), and a 4 mm abdomen
+            run reached the same Dice as float32 (0.360 / 0.361, docs/benchmarks.md); elsewhere
+            PyTorch emulates it, slowly. Off by default (float32); pseudo labels and test-time
+            registration stay float32 either way.
         train_images: ``"held-out"`` trains on the dataset's ``training`` images that occur
             in no ``registration_val`` pair (the Learn2Reg protocol, 20 abdomen scans);
             ``"all"`` on every listed image (test-time self-training, e.g. the brain pair;
