@@ -31,27 +31,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of ``/proc/cpuinfo`` (e.g. ``"model name"``), or None
+    where there is none or no such file."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
+    name = _cpuinfo("model name")
+    return name if name is not None else platform.processor() or "unknown"
 
 
 def cpu_has_bf16_units() -> bool:
     """Whether the CPU multiplies bfloat16 matrices natively (the ``amx_bf16`` or ``avx512_bf16``
     flag of ``/proc/cpuinfo``), which makes bfloat16 autocast fast; False where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
+    return bool({"amx_bf16", "avx512_bf16"} & set((_cpuinfo("flags") or "").split()))
 
 
 def provenance(device: torch.device | None = None) -> dict:
