@@ -387,8 +387,12 @@ def test_cpu_bf16_trains_the_network_in_bfloat16_and_is_recorded(tmp_path, monke
 
     seen = []
     real_forward = FeatureNet.forward
-    monkeypatch.setattr(FeatureNet, "forward", lambda self, x: seen.append(real_forward(self, x).dtype) or
-                        real_forward(self, x))
+    def recording_forward(self, x):
+        out = real_forward(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(FeatureNet, "forward", recording_forward)
     monkeypatch.setattr(device_mod, "cpu_has_bf16_units", lambda: False)
     ds = _dataset(tmp_path / "data", with_labels=False)
     for flag, dtype in (("--cpu-bf16", torch.bfloat16), ("--no-cpu-bf16", torch.float32)):
