@@ -291,6 +291,19 @@ def evaluate(
 
 @app.command()
 @cli_errors
+def compare(
+    reports: list[Path] = typer.Argument(..., help="two or more evaluate reports (JSON) of the same kind; each after the first is compared with the first"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="tre (keypoint reports, the default there), dice (volume reports, the default there), hd95 or sdlogj"),
+    output: Optional[Path] = typer.Option(None, "--json", help="also write the comparison (statistics and per-pair values) here"),
+) -> None:
+    """Paired comparison of evaluate reports: per-pair differences, better/worse counts, CI and tests."""
+    from cyclereg.compare import compare_reports
+
+    compare_reports(reports, output, metric=metric)
+
+
+@app.command()
+@cli_errors
 def ensemble(
     sources: list[Path] = typer.Argument(..., help="run directories with the same folds (foldK.pt or foldK/final.pt), or cloud checkpoint files"),
     output: Path = typer.Option(..., "-o", "--output", help="output run directory (for run directories) or checkpoint file"),

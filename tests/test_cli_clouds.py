@@ -27,7 +27,7 @@ runner = CliRunner()
 def test_help_lists_all_commands():
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("keypoints", "pretrain-random", "cycle", "register", "evaluate", "ensemble", "demo"):
+    for cmd in ("keypoints", "pretrain-random", "cycle", "register", "evaluate", "compare", "ensemble", "demo"):
         assert cmd in res.output
 
 

@@ -1,0 +1,128 @@
+"""``cyclereg compare``: paired statistics against hand-computed values, and its input errors."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from cyclereg.compare import compare_reports, paired_statistics
+from cyclereg.errors import InputError
+from cyclereg_cli.main import app
+
+runner = CliRunner()
+
+
+def keypoint_report(path, tre: dict, dataset="copd.json"):
+    """A minimal keypoint ``evaluate`` report with the given mean TRE per case [mm]."""
+    cases = [{"id": k, "tre_after_mm": {"mean": v}, "sdlogj": 0.04} for k, v in tre.items()]
+    path.write_text(json.dumps({"dataset": dataset, "method": path.stem, "cases": cases}))
+    return path
+
+
+def volume_report(path, dice: dict, complete=True):
+    pairs = [{"id": k, "dice": v, "hd95_mm": 30.0, "sdlogj": 0.1} for k, v in dice.items()]
+    path.write_text(json.dumps({"dataset": "abd.json", "method": path.stem, "complete": complete, "pairs": pairs}))
+    return path
+
+
+def test_all_pairs_better_gives_the_exact_extreme_p_values():
+    base = [5.0 + i for i in range(10)]
+    other = [b - 0.1 * (i + 1) for i, b in enumerate(base)]  # distinct gains: exact signed-rank distribution
+    s = paired_statistics(base, other, lower_is_better=True)
+    assert (s["better"], s["worse"], s["tied"]) == (10, 0, 0)
+    assert s["mean_difference"] == pytest.approx(-0.55)
+    assert s["median_difference"] == pytest.approx(-0.55)
+    # W+ = 0 has probability 2^-10 under the null; two-sided doubles it; the sign test: the same
+    assert s["wilcoxon_p"] == pytest.approx(2 / 1024)
+    assert s["sign_test_p"] == pytest.approx(2 / 1024)
+
+
+def test_direction_and_small_exact_case():
+    # differences +1, -2, -3 with TRE (lower better): two pairs better, one worse
+    s = paired_statistics([10.0, 10.0, 10.0], [11.0, 8.0, 7.0], lower_is_better=True)
+    assert (s["better"], s["worse"]) == (2, 1)
+    # signed ranks 1, 2, 3: W+ = 1; P(W+ <= 1) = 2/8 over the 8 sign patterns, two-sided 0.5
+    assert s["wilcoxon_p"] == pytest.approx(0.5)
+    assert s["sign_test_p"] == pytest.approx(1.0)  # 2 of 3: binomial two-sided p = 1
+    # the same numbers as Dice (higher better): the counts swap
+    d = paired_statistics([10.0, 10.0, 10.0], [11.0, 8.0, 7.0], lower_is_better=False)
+    assert (d["better"], d["worse"]) == (1, 2)
+
+
+def test_confidence_interval_is_the_student_t_interval():
+    s = paired_statistics([0.0, 0.0, 0.0], [1.0, 2.0, 3.0], lower_is_better=False)
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 dof) * sd 1 / sqrt(3)
+    assert s["mean_difference"] == pytest.approx(2.0)
+    assert s["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+
+
+def test_identical_reports_are_all_tied(tmp_path):
+    a = keypoint_report(tmp_path / "a.json", {"c1": 2.0, "c2": 3.0})
+    r = compare_reports([a, a], quiet=True)
+    c = r["comparisons"][0]
+    assert (c["tied"], c["mean_difference"], c["wilcoxon_p"], c["sign_test_p"]) == (2, 0.0, 1.0, 1.0)
+    assert r["metric"] == "tre" and r["lower_is_better"]
+
+
+def test_reports_match_pairs_by_id_and_leave_out_missing_values(tmp_path):
+    a = volume_report(tmp_path / "a.json", {"p1": 0.3, "p2": 0.4, "p3": 0.5, "p4": 0.2})
+    # another order, p4 missing, p5 extra, p3 without a finite value
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"dataset": "abd.json", "pairs": [
+        {"id": "p2", "dice": 0.5}, {"id": "p1", "dice": 0.25}, {"id": "p3", "dice": None}, {"id": "p5", "dice": 0.9}]}))
+    out = tmp_path / "cmp.json"
+    r = compare_reports([a, b], out, quiet=True)
+    c = r["comparisons"][0]
+    assert r["metric"] == "dice" and not r["lower_is_better"]
+    assert c["left_out"] == ["p3"] and c["n"] == 2
+    assert {p["id"]: (p["base"], p["other"]) for p in c["pairs"]} == {"p1": (0.3, 0.25), "p2": (0.4, 0.5)}
+    assert (c["better"], c["worse"]) == (1, 1)
+    assert c["mean_difference"] == pytest.approx(0.025)
+    assert json.loads(out.read_text())["comparisons"][0]["n"] == 2
+
+
+def test_cli_compare_writes_the_comparison(tmp_path):
+    a = keypoint_report(tmp_path / "a.json", {f"c{i}": 10.0 for i in range(4)})
+    b = keypoint_report(tmp_path / "b.json", {f"c{i}": 9.0 - i for i in range(4)})
+    out = tmp_path / "cmp.json"
+    res = runner.invoke(app, ["compare", str(a), str(b), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    c = json.loads(out.read_text())["comparisons"][0]
+    assert c["mean_difference"] == pytest.approx(-2.5) and c["better"] == 4
+    assert "better / worse / tied" in res.output
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one", "at least two reports"),
+    ("kind", "is a volume report"),
+    ("metric", "--metric tre is a figure of keypoint reports"),
+    ("unknown_metric", "--metric must be one of"),
+    ("not_json", "not a JSON file"),
+    ("not_report", "not a cyclereg evaluate report"),
+    ("disjoint", "has none of the pairs"),
+    ("missing", "file does not exist"),
+    ("overwrite", "is one of the reports being compared"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
+    k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
+    v = volume_report(tmp_path / "v.json", {"p1": 0.3})
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    other = keypoint_report(tmp_path / "o.json", {"c9": 1.0})
+    out = tmp_path / "cmp.json"
+    args = {"one": [k], "kind": [k, v], "metric": [v, v, "--metric", "tre"], "unknown_metric": [k, k, "--metric", "x"],
+            "not_json": [k, tmp_path / "bad.json"], "not_report": [tmp_path / "list.json", k],
+            "disjoint": [k, other], "missing": [k, tmp_path / "nope.json"], "overwrite": [k, k]}[case]
+    target = k if case == "overwrite" else out
+    before = target.read_text() if target.exists() else None
+    res = runner.invoke(app, ["compare", *map(str, args), "--json", str(target)])
+    assert res.exit_code == 2
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+    assert (target.read_text() if target.exists() else None) == before
+
+
+def test_library_errors_are_input_errors(tmp_path):
+    k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
+    with pytest.raises(InputError, match="metric"):
+        compare_reports([k, k], metric="dice", quiet=True)
