@@ -497,6 +497,14 @@ def test_evaluate_identity_and_random(tmp_path):
     assert r["mean_tre_mm"] < r["initial_tre_mm"]
     assert r["mean_std_logj"] is None and r["mean_folding_fraction"] is None  # no volume grid for the field here
     assert {"mean", "std", "p25", "p50", "p75"} <= set(r["cases"][0]["tre_after_mm"])
+    # compare reads the real reports: per case, the identity's TRE is the initial one
+    res = runner.invoke(app, ["compare", str(tmp_path / "id.json"), str(tmp_path / "r.json"),
+                              "--json", str(tmp_path / "cmp.json")])
+    assert res.exit_code == 0, res.output
+    c = json.loads((tmp_path / "cmp.json").read_text())["comparisons"][0]
+    assert c["n"] == 2 and c["mean_difference"] == pytest.approx(r["mean_tre_mm"] - rid["mean_tre_mm"])
+    assert {p["id"]: p["base"] for p in c["pairs"]} == pytest.approx(
+        {case["id"]: case["tre_before_mm"]["mean"] for case in r["cases"]})
 
 
 def test_evaluate_writes_every_landmark_error(tmp_path):

@@ -162,6 +162,13 @@ def test_cli_evaluate_identity_and_random(tiny, tmp_path):
         np.mean([q["scoring_seconds"] for q in r["pairs"]]))
     assert (tmp_path / "rnd_dice_cdf.png").stat().st_size > 0
     assert (tmp_path / "rnd_overlay.png").stat().st_size > 0
+    # compare reads the real reports: the identity's Dice is each pair's initial Dice
+    res = runner.invoke(app, ["compare", str(rep0), str(rep), "--json", str(tmp_path / "cmp.json")])
+    assert res.exit_code == 0, res.output
+    c = json.loads((tmp_path / "cmp.json").read_text())["comparisons"][0]
+    shared = [q for q in r["pairs"] if q["id"] in {q0["id"] for q0 in r0["pairs"]}]
+    assert c["n"] == len(shared) == 1 and c["pairs"][0]["other"] == shared[0]["dice"]
+    assert c["pairs"][0]["base"] == pytest.approx(shared[0]["initial_dice"])
 
 
 def test_missing_or_bad_nifti_exits_2_without_output(tiny, tmp_path):
