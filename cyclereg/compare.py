@@ -6,7 +6,8 @@ matches the pairs of the reports by id and gives, for each report against the fi
 and median paired difference, how many pairs improved or got worse (in the metric's own sense:
 lower is better for TRE, HD95 and SDlogJ, higher for Dice), a 95 % confidence interval of the mean
 difference (Student t over the pairs) and two-sided p-values of the Wilcoxon signed-rank test and
-of the sign test. Only the reports are read (no scans, no landmarks).
+of the sign test (each comparison on its own: with several reports against one base, the p-values
+are not corrected for the number of comparisons). Only the reports are read (no scans, no landmarks).
 
 Per-pair values (report field -> metric):
 
