@@ -491,6 +491,7 @@ def test_evaluate_identity_and_random(tmp_path):
     rid = json.loads((tmp_path / "id.json").read_text())
     assert len(rid["cases"]) == 2 and rid["mean_tre_mm"] == pytest.approx(rid["initial_tre_mm"])
     assert {"cyclereg_version", "date", "machine"} <= set(rid)  # where and when, as the volume reports
+    assert rid["name"] == "mini" and rid["num_pairs"] == 2  # as the volume reports
     res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--seed", "0", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())

@@ -640,7 +640,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         method += "".join(f" ({name}={value})" for name, value in overrides.items() if value is not None)
     result = {
         **provenance(dev),
-        "dataset": str(dataset), "method": method, "seed": seed if model == "random" else None, "device": str(dev),
+        "dataset": str(dataset), "name": ds.name, "method": method, "seed": seed if model == "random" else None,
+        "device": str(dev), "num_pairs": len(cases),
         "folds": "all" if folds in (None, "all") else [int(folds)],
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
         "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,
