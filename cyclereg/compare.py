@@ -12,7 +12,9 @@ are not corrected for the number of comparisons). Only the reports are read (no 
 Per-pair values (report field -> metric):
 
 * keypoint reports (``cases``): ``tre`` = ``tre_after_mm.mean`` [mm], ``sdlogj`` = ``sdlogj``;
-* volume reports (``pairs``): ``dice`` = ``dice``, ``hd95`` = ``hd95_mm`` [mm], ``sdlogj`` = ``sdlogj``.
+* volume reports (``pairs``): ``dice`` = ``dice``, ``hd95`` = ``hd95_mm`` [mm], ``sdlogj`` = ``sdlogj``;
+  with a ``label`` (number or name, e.g. ``liver``): that label's ``dice_per_label`` /
+  ``hd95_per_label_mm`` entry.
 
 A pair whose value is missing or not finite in either report is left out of that comparison
 (counted in ``left_out``).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cyclereg.errors import InputError, require_file, require_output_file
@@ -51,6 +53,9 @@ METRICS: dict[str, Metric] = {
 }
 DEFAULT_METRIC = {"keypoints": "tre", "volumes": "dice"}
 _KIND_WORD = {"keypoints": "keypoint", "volumes": "volume"}
+
+#: per-label field of a volume pair record, per metric
+_PER_LABEL = {"dice": "dice_per_label", "hd95": "hd95_per_label_mm"}
 
 #: two-sided level of the confidence interval of the mean difference
 CONFIDENCE = 0.95
@@ -81,6 +86,22 @@ def _load(path: Path) -> tuple[str, dict, dict[str, dict]]:
             raise InputError(f"pair {r['id']} is in the report twice", path)
         by_id[str(r["id"])] = r
     return kind, report, by_id
+
+
+def _label_id(label: str, report: dict, path: Path) -> tuple[str, str | None]:
+    """(id, name) of ``label`` (its number, or its name in the report's ``label_names``, any case)."""
+    names = {str(k): str(v) for k, v in (report.get("label_names") or {}).items()}
+    listed = ", ".join(f"{k} {v}" for k, v in names.items())
+    if label.strip().isdigit():
+        lid = str(int(label))
+        if names and lid not in names:
+            raise InputError(f"--label {label} is not a label of this report (labels: {listed})", path)
+        return lid, names.get(lid)
+    found = [k for k, v in names.items() if v.lower() == label.strip().lower()]
+    if not found:
+        raise InputError(f"--label {label!r} is not a label of this report "
+                         f"({'labels: ' + listed if names else 'it names none; give the label number'})", path)
+    return found[0], names[found[0]]
 
 
 def _value(record: dict, metric: Metric) -> float | None:
@@ -128,12 +149,13 @@ def paired_statistics(base: list[float], other: list[float], *, lower_is_better:
 
 
 def compare_reports(reports: list[Path | str], output: Path | str | None = None, *, metric: str | None = None,
-                    quiet: bool = False) -> dict:
+                    label: str | None = None, quiet: bool = False) -> dict:
     """Compare every report after the first against the first, pair by pair (see the module).
 
     ``reports``: two or more ``evaluate`` JSON reports of the same kind (keypoint or volume);
     ``metric``: one of :data:`METRICS` (default: ``tre`` for keypoint reports, ``dice`` for volume
-    reports); ``output``: also write the comparison there as JSON (atomically). Prints a table
+    reports); ``label``: volume reports, one label's Dice or HD95 (its number or name); ``output``:
+    also write the comparison there as JSON (atomically). Prints a table
     (unless ``quiet``) and returns the comparison: ``metric``, ``lower_is_better``, ``unit``,
     ``base`` and per other report its statistics (:func:`paired_statistics`), ``left_out`` pairs
     and the per-pair values. :class:`InputError` names the report that does not fit."""
@@ -165,8 +187,19 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
         raise InputError(f"--metric {name} is a figure of {_KIND_WORD[m.kind]} reports; these are {_KIND_WORD[kind]} "
                          f"reports ({fits})")
     base_path, (_, base_report, base_pairs) = paths[0], loaded[0]
+    label_id = label_name = None
+    if label is not None:
+        if kind != "volumes":
+            raise InputError("--label is an option for volume reports (one label's Dice or HD95)")
+        if name not in _PER_LABEL:
+            raise InputError(f"--label goes with --metric {' or '.join(_PER_LABEL)}, not {name}")
+        label_id, label_name = _label_id(label, base_report, base_path)
+        m = replace(m, field=(_PER_LABEL[name], label_id))
+        name_shown = f"{name} of label {label_id}" + (f" ({label_name})" if label_name else "")
+    else:
+        name_shown = name
     if not any(_value(r, m) is not None for r in base_pairs.values()):
-        raise InputError(f"the report has no {name} values", base_path)
+        raise InputError(f"the report has no {name_shown} values", base_path)
     console = Console(stderr=True, quiet=quiet)
     comparisons = []
     for p, (_, report, pairs) in zip(paths[1:], loaded[1:]):
@@ -186,15 +219,16 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
         kept = [(pid, b, o) for pid, b, o in values if b is not None and o is not None]
         left_out = [pid for pid, b, o in values if b is None or o is None]
         if not kept:
-            raise InputError(f"has no {name} value for any pair it shares with the base {base_path}", p)
+            raise InputError(f"has no {name_shown} value for any pair it shares with the base {base_path}", p)
         stats = paired_statistics([b for _, b, _ in kept], [o for _, _, o in kept], lower_is_better=m.lower_is_better)
         comparisons.append({"report": str(p), "method": report.get("method"), **stats, "left_out": left_out,
                             "pairs": [{"id": pid, "base": b, "other": o} for pid, b, o in kept]})
-    result = {"metric": name, "lower_is_better": m.lower_is_better, "unit": m.unit, "kind": kind,
+    result = {"metric": name, "label": None if label_id is None else {"id": label_id, "name": label_name},
+              "lower_is_better": m.lower_is_better, "unit": m.unit, "kind": kind,
               "base": str(base_path), "base_method": base_report.get("method"), "comparisons": comparisons,
               "definition": asdict(m) | {"confidence": CONFIDENCE}}
     unit = f" [{m.unit}]" if m.unit else ""
-    table = Table(title=f"{name} ({'lower' if m.lower_is_better else 'higher'} is better), against {base_path}")
+    table = Table(title=f"{name_shown} ({'lower' if m.lower_is_better else 'higher'} is better), against {base_path}")
     for header in ("report", "pairs", f"base{unit}", f"this{unit}", f"difference{unit}", "95 % CI", "median",
                    "better / worse / tied", "Wilcoxon p", "sign p"):
         table.add_column(header)

@@ -294,12 +294,13 @@ def evaluate(
 def compare(
     reports: list[Path] = typer.Argument(..., help="two or more evaluate reports (JSON) of the same kind; each after the first is compared with the first"),
     metric: Optional[str] = typer.Option(None, "--metric", help="tre (keypoint reports, the default there), dice (volume reports, the default there), hd95 or sdlogj"),
+    label: Optional[str] = typer.Option(None, "--label", help="volume reports: one label's Dice or HD95, by number or name (e.g. liver)"),
     output: Optional[Path] = typer.Option(None, "--json", help="also write the comparison (statistics and per-pair values) here"),
 ) -> None:
     """Paired comparison of evaluate reports: per-pair differences, better/worse counts, CI and tests."""
     from cyclereg.compare import compare_reports
 
-    compare_reports(reports, output, metric=metric)
+    compare_reports(reports, output, metric=metric, label=label)
 
 
 @app.command()

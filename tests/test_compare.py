@@ -126,3 +126,32 @@ def test_library_errors_are_input_errors(tmp_path):
     k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
     with pytest.raises(InputError, match="metric"):
         compare_reports([k, k], metric="dice", quiet=True)
+
+
+def test_one_label_by_number_or_name(tmp_path):
+    names = {"1": "spleen", "6": "liver"}
+
+    def report(path, liver: dict):
+        pairs = [{"id": k, "dice": 0.5, "dice_per_label": {"1": 0.4, **({"6": v} if v is not None else {})},
+                  "hd95_per_label_mm": {"1": 10.0, "6": 20.0}} for k, v in liver.items()]
+        path.write_text(json.dumps({"dataset": "abd.json", "label_names": names, "pairs": pairs}))
+        return path
+
+    a = report(tmp_path / "a.json", {"p1": 0.7, "p2": 0.8, "p3": 0.6})
+    b = report(tmp_path / "b.json", {"p1": 0.9, "p2": 0.7, "p3": None})  # p3 has no liver in b
+    by_name = compare_reports([a, b], label="Liver", quiet=True)
+    by_id = compare_reports([a, b], label="6", quiet=True)
+    assert by_name["comparisons"] == by_id["comparisons"] and by_name["label"] == {"id": "6", "name": "liver"}
+    c = by_name["comparisons"][0]
+    assert c["left_out"] == ["p3"] and (c["better"], c["worse"]) == (1, 1)
+    assert c["mean_difference"] == pytest.approx(((0.9 - 0.7) + (0.7 - 0.8)) / 2)
+    assert compare_reports([a, b], label="liver", metric="hd95", quiet=True)["comparisons"][0]["tied"] == 3
+    with pytest.raises(InputError, match="not a label of this report .*6 liver"):
+        compare_reports([a, b], label="lung", quiet=True)
+    with pytest.raises(InputError, match="not a label"):
+        compare_reports([a, b], label="7", quiet=True)
+    with pytest.raises(InputError, match="--label goes with --metric dice or hd95"):
+        compare_reports([a, b], label="liver", metric="sdlogj", quiet=True)
+    k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
+    with pytest.raises(InputError, match="--label is an option for volume reports"):
+        compare_reports([k, k], label="1", quiet=True)
