@@ -124,6 +124,38 @@ def test_upsample_field_is_exact_for_translations():
     assert up[:, 1:].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kernel, passes", [(3, 1), (3, 3), (5, 2)])
+def test_box_smooth_is_the_replicate_padded_cube_mean(kernel, passes):
+    """Equal to ``passes`` replicate-padded ``avg_pool3d`` of width ``kernel`` (its definition), in value
+    and gradient; a constant stays constant, a linear ramp is unchanged away from the border, and an
+    impulse spreads to ``1 / kernel^3`` over its cube."""
+    from cyclereg.dense.convex import box_smooth
+
+    x = torch.randn(2, 3, 9, 7, 11, dtype=torch.float64, requires_grad=True)
+    p = kernel // 2
+    ref = x
+    for _ in range(passes):
+        ref = F.avg_pool3d(F.pad(ref, (p,) * 6, mode="replicate"), kernel, stride=1)
+    got = box_smooth(x, kernel, passes)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn_like(ref)
+    g_got, = torch.autograd.grad((got * w).sum(), x)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g_got, g_ref)
+    assert torch.equal(box_smooth(torch.full((1, 1, 6, 6, 6), 2.5), kernel, passes), torch.full((1, 1, 6, 6, 6), 2.5))
+    ramp = torch.arange(12.0).view(1, 1, 1, 1, 12).expand(1, 1, 12, 12, 12)
+    inner = slice(p * passes, 12 - p * passes)
+    torch.testing.assert_close(box_smooth(ramp, kernel, passes)[..., inner], ramp[..., inner])
+    impulse = torch.zeros(1, 1, 9, 9, 9)
+    impulse[0, 0, 4, 4, 4] = 1.0
+    once = box_smooth(impulse, kernel, 1)
+    cube = (slice(None), slice(None), *(slice(4 - p, 5 + p),) * 3)
+    torch.testing.assert_close(once[cube], torch.full_like(once[cube], 1.0 / kernel ** 3))
+    assert once.sum().item() == pytest.approx(1.0) and box_smooth(impulse, 1, 3) is impulse
+    with pytest.raises(ValueError, match="kernel must be odd"):
+        box_smooth(impulse, 4)
+
+
 def test_upsample_smoothing_width_is_the_configured_one():
     """A unit impulse upsampled 2x with one box pass: width 1 leaves the trilinear result, width 3 spreads it
     to the 3x3x3 mean (the named setting is the one used)."""
@@ -319,8 +351,9 @@ def test_config_roundtrip_through_json():
     # an even box filter would shift (and resize) the field: refused for every smoothing width
     for bad in (DensePipelineConfig(convex=ConvexConfig(smooth_kernel=2)),
                 DensePipelineConfig(convex=ConvexConfig(upsample_smooth_kernel=4)),
-                DensePipelineConfig(adam=AdamConfig(smooth_kernel=0))):
-        with pytest.raises(ValueError, match="smooth_kernel: expected an odd width"):
+                DensePipelineConfig(adam=AdamConfig(smooth_kernel=0)),
+                DensePipelineConfig(convex=ConvexConfig(patch_size=2))):
+        with pytest.raises(ValueError, match="(smooth_kernel|patch_size): expected an odd width"):
             bad.validate()
     # a configuration stored before the widths were settings reads back with the reference's 3
     old = json.loads(json.dumps(to_jsonable(cfg)))

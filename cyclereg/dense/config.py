@@ -231,7 +231,8 @@ class DensePipelineConfig:
             raise ValueError("net.adam_layer out of range")
         if self.convex.cost_reduction not in ("mean", "sum"):
             raise ValueError(f"convex.cost_reduction: expected mean|sum, got {self.convex.cost_reduction}")
-        for name, width in (("convex.smooth_kernel", self.convex.smooth_kernel),
+        for name, width in (("convex.patch_size", self.convex.patch_size),
+                            ("convex.smooth_kernel", self.convex.smooth_kernel),
                             ("convex.upsample_smooth_kernel", self.convex.upsample_smooth_kernel),
                             ("adam.smooth_kernel", self.adam.smooth_kernel)):
             if width < 1 or width % 2 == 0:  # an even box filter would shift the field by half a voxel
