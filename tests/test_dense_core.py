@@ -132,6 +132,8 @@ def test_box_smooth_is_the_replicate_padded_cube_mean(kernel, passes):
     from cyclereg.dense.convex import box_smooth
 
     x = torch.randn(2, 3, 9, 7, 11, dtype=torch.float64, requires_grad=True)
+    thin = torch.randn(1, 2, 1, 2, 5, dtype=torch.float64, requires_grad=True)  # axes shorter than the kernel
+    assert torch.autograd.gradcheck(lambda t: box_smooth(t, kernel, passes), (thin,))
     p = kernel // 2
     ref = x
     for _ in range(passes):

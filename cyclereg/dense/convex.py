@@ -17,28 +17,59 @@ from cyclereg.warp import warp
 
 
 # ----------------------------------------------------------------------------- small helpers
+def _box_sum(x: torch.Tensor, axis: int, kernel: int) -> torch.Tensor:
+    """Sum of ``kernel`` consecutive entries along ``axis`` (valid part: the axis shrinks by ``kernel - 1``)."""
+    n = x.shape[axis] - (kernel - 1)
+    total = x.narrow(axis, 0, n)
+    for shift in range(1, kernel):
+        total = total + x.narrow(axis, shift, n)
+    return total
+
+
+class _BoxFilter(torch.autograd.Function):
+    """One replicate-padded cubic box filter of odd width ``kernel``: the cube mean factorises into
+    one running sum per axis (replicate padding clamps each index on its own). The backward pass is
+    the filter's adjoint, computed the same way (a zero-padded box sum whose border entries fold back
+    onto the edge voxels they were replicated from), not autograd through the shifted views."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: int) -> torch.Tensor:
+        ctx.kernel = kernel
+        x = F.pad(x, (kernel // 2,) * 6, mode="replicate")
+        for axis in (2, 3, 4):
+            x = _box_sum(x, axis, kernel)
+        return x / kernel ** 3
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        kernel = ctx.kernel
+        p = kernel // 2
+        g = F.pad(grad, (2 * p,) * 6)
+        for axis in (2, 3, 4):
+            g = _box_sum(g, axis, kernel)  # gradient of the padded input: each axis n + 2p long
+        for axis in (2, 3, 4):
+            m = g.shape[axis]
+            below = g.narrow(axis, 0, p).sum(axis, keepdim=True)
+            above = g.narrow(axis, m - p, p).sum(axis, keepdim=True)
+            g = g.narrow(axis, p, m - 2 * p).clone()
+            g.narrow(axis, 0, 1).add_(below)
+            g.narrow(axis, m - 2 * p - 1, 1).add_(above)
+        return g / kernel ** 3, None
+
+
 def box_smooth(x: torch.Tensor, kernel: int = 3, passes: int = 1) -> torch.Tensor:
     """``passes`` cubic box filters of odd width ``kernel`` with replicate padding (no shrinking
     towards zero at the border, unlike zero-padded average pooling) on ``(B, C, D, H, W)``.
 
-    The cube mean of the padded volume factorises into one running sum per axis (replicate
-    padding clamps each index on its own), computed as sums of shifted views: the same values as
-    ``avg_pool3d`` of width ``kernel`` up to float rounding, 2.5-3.5x faster on CPU (forward and
-    backward; ``avg_pool3d`` visits all ``kernel^3`` taps per voxel)."""
+    The same values as replicate padding + ``avg_pool3d`` of width ``kernel`` up to float rounding
+    (and the same gradient), computed as one running sum per axis (:class:`_BoxFilter`), which on
+    CPU is 2.5-4x faster for fields and as fast for the training's cost volumes."""
     if kernel % 2 == 0:
         raise ValueError(f"box_smooth: kernel must be odd (an even box filter shifts by half a voxel), got {kernel}")
     if kernel <= 1:
         return x
-    p = kernel // 2
     for _ in range(passes):
-        x = F.pad(x, (p,) * 6, mode="replicate")
-        for axis in (2, 3, 4):
-            n = x.shape[axis] - 2 * p
-            total = x.narrow(axis, 0, n)
-            for shift in range(1, kernel):
-                total = total + x.narrow(axis, shift, n)
-            x = total
-        x = x / kernel ** 3
+        x = _BoxFilter.apply(x, kernel)
     return x
 
 
