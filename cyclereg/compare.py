@@ -22,12 +22,12 @@ A pair whose value is missing or not finite in either report is left out of that
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from cyclereg.errors import InputError, require_file, require_output_file
+from cyclereg.datasets import read_json, require_pair_ids
+from cyclereg.errors import InputError, require_output_file
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
 
@@ -63,29 +63,19 @@ CONFIDENCE = 0.95
 
 def _load(path: Path) -> tuple[str, dict, dict[str, dict]]:
     """(kind, report, {pair id: record}) of one ``evaluate`` report; :class:`InputError` naming
-    ``path`` if it is not one."""
-    require_file(path)
-    try:
-        report = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not a JSON file ({exc})", path) from None
-    if not isinstance(report, dict):
-        raise InputError("not a cyclereg evaluate report (no 'cases' or 'pairs' list)", path)
+    ``path`` if it is not one (read and checked as every JSON input is: :func:`read_json`,
+    :func:`require_pair_ids`)."""
+    report = read_json(path)
     kind = "keypoints" if isinstance(report.get("cases"), list) else (
         "volumes" if isinstance(report.get("pairs"), list) else None)
     if kind is None:
         raise InputError("not a cyclereg evaluate report (no 'cases' or 'pairs' list)", path)
     records = report["cases" if kind == "keypoints" else "pairs"]
-    if not records:
-        raise InputError("the report has no pairs", path)
-    by_id: dict[str, dict] = {}
-    for r in records:
-        if not isinstance(r, dict) or "id" not in r:
-            raise InputError("a pair record has no 'id'", path)
-        if str(r["id"]) in by_id:
-            raise InputError(f"pair {r['id']} is in the report twice", path)
-        by_id[str(r["id"])] = r
-    return kind, report, by_id
+    if not all(isinstance(r, dict) and "id" in r for r in records):
+        raise InputError("a pair record has no 'id'", path)
+    ids = [str(r["id"]) for r in records]
+    require_pair_ids(ids, path, "the report")
+    return kind, report, dict(zip(ids, records))
 
 
 def _label_id(label: str, report: dict, path: Path) -> tuple[str, str | None]:

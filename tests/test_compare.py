@@ -98,8 +98,11 @@ def test_cli_compare_writes_the_comparison(tmp_path):
     ("kind", "is a volume report"),
     ("metric", "--metric tre is a figure of keypoint reports"),
     ("unknown_metric", "--metric must be one of"),
-    ("not_json", "not a JSON file"),
+    ("not_json", "not valid JSON"),
+    ("not_object", "expected a JSON object"),
     ("not_report", "not a cyclereg evaluate report"),
+    ("no_pairs", "no pairs in the report"),
+    ("twice", "is listed more than once"),
     ("disjoint", "has none of the pairs"),
     ("missing", "file does not exist"),
     ("overwrite", "is one of the reports being compared"),
@@ -109,10 +112,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     v = volume_report(tmp_path / "v.json", {"p1": 0.3})
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "plain.json").write_text('{"mean_tre_mm": 2.0}')
+    (tmp_path / "empty.json").write_text('{"cases": []}')
+    (tmp_path / "twice.json").write_text('{"cases": [{"id": "c1"}, {"id": "c1"}]}')
     other = keypoint_report(tmp_path / "o.json", {"c9": 1.0})
     out = tmp_path / "cmp.json"
     args = {"one": [k], "kind": [k, v], "metric": [v, v, "--metric", "tre"], "unknown_metric": [k, k, "--metric", "x"],
-            "not_json": [k, tmp_path / "bad.json"], "not_report": [tmp_path / "list.json", k],
+            "not_json": [k, tmp_path / "bad.json"], "not_object": [tmp_path / "list.json", k],
+            "not_report": [tmp_path / "plain.json", k], "no_pairs": [k, tmp_path / "empty.json"],
+            "twice": [k, tmp_path / "twice.json"],
             "disjoint": [k, other], "missing": [k, tmp_path / "nope.json"], "overwrite": [k, k]}[case]
     target = k if case == "overwrite" else out
     before = target.read_text() if target.exists() else None
