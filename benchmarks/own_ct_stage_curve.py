@@ -1,5 +1,6 @@
 """Stage curve on known motion: does every self-training stage help, and do the run's own
-landmark-free signals (training loss, pseudo-label disagreement) say so?
+landmark-free signals (training loss, pseudo-label disagreement, how far each refresh moved the
+labels) say so?
 
 ``python benchmarks/own_ct_stage_curve.py --out DIR [--ct CT] [--pairs N] [--held-out H]
 [--stages T] [--epochs E] [--seed S] [--device cpu]``
@@ -11,8 +12,8 @@ copies deformed by the example's smooth random fields (training: seeds 1..N; hel
 folds). No known field reaches training. Every stage's network (stage 0: the random network that
 made the stage-0 labels, with stage 1's registration settings) registers each held-out pair's
 keypoint clouds with ``register``'s library call; its error against the known field at the fixed
-keypoints is printed per stage next to the stage's training loss and label disagreement from the
-run's log. Writes ``DIR/stage_curve.json``. Commands run through ``python -m cyclereg_cli.main``.
+keypoints is printed per stage next to the stage's training loss, label disagreement and labels
+moved from the run's log. Writes ``DIR/stage_curve.json``. Commands run through ``python -m cyclereg_cli.main``.
 """
 
 from __future__ import annotations
@@ -106,11 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "per_pair_mean_mm": [e["after_mean_mm"] for e in errors],
                      "before_mean_mm": float(np.mean([e["before_mean_mm"] for e in errors])),
                      "train_loss_mm": entry.get("train_loss_mm"),
-                     "label_disagreement_mm": entry.get("pseudo_label_disagreement_mm")})
+                     "label_disagreement_mm": entry.get("pseudo_label_disagreement_mm"),
+                     "labels_moved_mm": entry.get("pseudo_label_change_mm")})
         r = rows[-1]
         print(f"stage {stage}: held-out error {r['held_out_mean_mm']:.3f} mm (before {r['before_mean_mm']:.2f}); "
               f"train loss {r['train_loss_mm'] if r['train_loss_mm'] is None else round(r['train_loss_mm'], 3)}, "
-              f"label disagreement {round(r['label_disagreement_mm'], 3) if r['label_disagreement_mm'] else None}",
+              f"label disagreement {round(r['label_disagreement_mm'], 3) if r['label_disagreement_mm'] else None}, "
+              f"labels moved {round(r['labels_moved_mm'], 3) if r['labels_moved_mm'] else None}",
               flush=True)
     result = {"ct": str(args.ct), "training_pairs": args.pairs, "held_out_pairs": args.held_out,
               "stages": args.stages, "epochs": args.epochs, "seed": args.seed, "rows": rows,

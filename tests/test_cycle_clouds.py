@@ -206,7 +206,16 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
     said = " ".join(res.output.split())
     for r in log[1:]:
         assert (f"fold 1: stage {r['stage']} finished in " in said and f"train loss {r['train_loss_mm']:.2f} mm" in said
-                and f"label disagreement {r['pseudo_label_disagreement_mm']:.2f} mm" in said), res.output
+                and f"label disagreement {r['pseudo_label_disagreement_mm']:.2f} mm" in said
+                and f"labels moved {r['pseudo_label_change_mm']:.2f} mm" in said), res.output
+    # how far the refresh moved the labels: what the stored labels of stages t-1 and t say
+    saved = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")["config"]["training_box"]
+    box = UnitBox(tuple(saved["lo_mm"]), tuple(saved["extent_mm"]))
+    stored = {t: torch.load(run / "fold1" / f"pseudo{t}.pt", weights_only=True)["labels"] for t in range(3)}
+    for t in (1, 2):
+        diff = [box.disp_unit_to_mm(stored[t][k] - stored[t - 1][k]).norm(dim=1).mean().item() for k in stored[t]]
+        assert log[t]["pseudo_label_change_mm"] == pytest.approx(sum(diff) / len(diff), rel=1e-5)
+    assert "pseudo_label_change_mm" not in log[0]
     ck = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")
     assert ck["extra"]["stage"] == 2 and "lbp" in ck["config"]
     # it records what it learnt from: fold 1 held out c0 (ids only; never landmarks)
@@ -379,6 +388,20 @@ def test_sampling_weights_rank_sigmoid():
     assert w["easy"] == pytest.approx(1 / (1 + math.exp(-5)))
     assert w["mid"] == pytest.approx(0.5)
     assert w["hard"] == pytest.approx(1 / (1 + math.exp(5)))
+
+
+def test_cloud_label_change_is_the_mean_point_distance_in_mm():
+    """Two pairs whose labels move by 3-4-0 mm and by 0 mm (a box of 100 x 200 x 50 mm, unit
+    frame [-1, 1]): the change is the mean of the per-pair means, 2.5 mm; a pair only one stage
+    holds, or whose point count differs, is not compared."""
+    box = UnitBox((0.0, 0.0, 0.0), (100.0, 200.0, 50.0))
+    pair = CloudPairData("a", torch.rand(4, 3), torch.rand(4, 3))
+    task = CloudCycleTask([pair], box, CloudCycleConfig(), torch.device("cpu"))
+    step = box.disp_mm_to_unit(torch.tensor([[3.0, 4.0, 0.0]]))
+    old = {"a": torch.zeros(4, 3), "b": torch.ones(5, 3), "c": torch.zeros(2, 3), "d": torch.zeros(3, 3)}
+    new = {"a": step.expand(4, 3).clone(), "b": torch.ones(5, 3), "c": torch.zeros(3, 3), "e": torch.ones(1, 3)}
+    assert task.label_change_mm(old, new) == pytest.approx(2.5, rel=1e-6)
+    assert task.label_change_mm(old, {"e": torch.ones(1, 3)}) is None
 
 
 @pytest.mark.parametrize("kernel", ["r2logr", "r"])
@@ -909,6 +932,7 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     assert "train loss [mm]" in res.output and "label disagreement [mm]" in res.output and "val TRE" not in res.output
     assert f"{log[1]['train_loss_mm']:.3f}" in res.output
     assert all(f"{r['pseudo_label_disagreement_mm']:.3f}" in res.output for r in log)
+    assert "labels moved [mm]" in res.output and f"{log[1]['pseudo_label_change_mm']:.3f}" in res.output
     torch.save({"step": 1, "total_steps": 2}, run / "fold1" / "stage2.partial.pt")
     status = run_status(run)["folds"][0]
     assert status["next"] == "stage 2: training after step 1/2"

@@ -148,6 +148,49 @@ def test_scheduler_prunes_old_labels_and_resumes(tmp_path):
     assert log[1]["hooked"] == 1
 
 
+class _MovingTask(_ToyTask):
+    """Labels of stage t are t everywhere; the change between two stages is the mean |difference|."""
+
+    def label_change_mm(self, old, new):
+        return sum((new[p] - old[p]).abs().mean().item() for p in new) / len(new)
+
+
+def test_scheduler_logs_how_far_each_refresh_moved_the_labels(tmp_path):
+    """`pseudo_label_change_mm` compares stage t's labels with stage t-1's (1.0 here at every
+    stage), also when a run killed during a refresh re-reads stage t-1's labels from disk; stage 0
+    and a task without the measure log none."""
+    from cyclereg.training.scheduler import StageScheduler, stage_summary
+
+    s = StageScheduler(_MovingTask(), tmp_path / "run")
+    s.run_stage0()
+    assert s.run(2) == 2
+    (tmp_path / "run" / "pseudo2.pt").unlink()  # as if killed after stage 2's training, before its labels
+    assert StageScheduler(_MovingTask(), tmp_path / "run").run(3) == 3
+    log = {r["stage"]: r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())}
+    assert "pseudo_label_change_mm" not in log[0]
+    assert [log[t]["pseudo_label_change_mm"] for t in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert "labels moved 1.00 mm" in stage_summary(log[3])
+    plain = StageScheduler(_ToyTask(), tmp_path / "plain")
+    plain.run_stage0()
+    plain.run(1)
+    assert "pseudo_label_change_mm" not in json.loads((tmp_path / "plain" / "log.jsonl").read_text().splitlines()[-1])
+
+
+def test_dense_label_change_is_the_mean_displacement_difference_in_mm():
+    """A uniform one-voxel change along each axis of the label grid moves the labels by stride x spacing mm."""
+    from cyclereg.training.dense import DenseCycleTask, VolumeImage
+
+    images = [VolumeImage(f"c{k}", torch.zeros(1, 1, 16, 16, 16)) for k in range(2)]
+    task = DenseCycleTask(images, [(0, 1)], (1.5, 2.0, 3.0), DenseCycleConfig(label_stride=2, loss_border=1),
+                          torch.device("cpu"))
+    old = {"c0_c1": torch.zeros(1, 3, 8, 8, 8, dtype=torch.float16), "gone": torch.zeros(1, 3, 8, 8, 8)}
+    for axis, mm in enumerate((3.0, 4.0, 6.0)):
+        new = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float16)
+        new[:, axis] = 1.0
+        assert task.label_change_mm(old, {"c0_c1": new}) == pytest.approx(mm, rel=1e-5)
+    assert task.label_change_mm(old, {"other": new}) is None
+
+
 # ----------------------------------------------------------------------------- end to end
 SHAPE = (24, 24, 32)
 

@@ -27,6 +27,18 @@ LOGGED_LOSS_EPOCHS = 5
 ended with, not its start)."""
 
 
+def cloud_label_change_mm(old: dict, new: dict, box: UnitBox) -> float | None:
+    """Mean distance [mm] between two stages' pseudo labels ``{pair id: (N, 3)}`` (displacements
+    in ``box``'s unit frame) over the pairs both hold with the same points: per pair the mean over
+    its fixed points, then the mean over pairs; ``None`` where no pair is in both."""
+    common = [pid for pid in new if pid in old and old[pid].shape == new[pid].shape]
+    if not common:
+        return None
+    per_pair = [box.disp_unit_to_mm(new[pid].float() - old[pid].float()).norm(dim=1).mean().item()
+                for pid in common]
+    return sum(per_pair) / len(per_pair)
+
+
 @dataclass(frozen=True)
 class CloudCycleConfig:
     """Cyclical self-training settings (paper defaults for the COPD experiment).
@@ -310,6 +322,10 @@ class CloudCycleTask:
         label = ref.cpu()
         return {"label": label, "disagreement": self.box.disp_unit_to_mm(raw - ref).norm(dim=1).mean().item(),
                 "magnitude": self.box.disp_unit_to_mm(label).norm(dim=1).mean().item()}
+
+    def label_change_mm(self, old: dict, new: dict) -> float | None:
+        """:func:`cloud_label_change_mm` in the task's unit frame."""
+        return cloud_label_change_mm(old, new, self.box)
 
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:
         """Rank pairs by disagreement; sigmoid of arguments from +r (lowest) to -r (highest)."""

@@ -314,6 +314,15 @@ class DenseCycleTask:
                  "mean_pseudo_displacement_mm": sum(magnitude) / len(magnitude)}
         return labels, {"weights": self.sampling_weights(disagreement), "stats": stats}
 
+    def label_change_mm(self, old: dict, new: dict) -> float | None:
+        """Mean distance [mm] between two stages' labels (``{pair id: (1, 3, *label grid)}``,
+        voxels of the label grid) over the pairs both hold: per pair the mean over the interior
+        voxels (:meth:`label_error_mm`), then the mean over pairs."""
+        common = [pid for pid in new if pid in old and old[pid].shape == new[pid].shape]
+        if not common:
+            return None
+        return sum(self.label_error_mm(new[pid], old[pid]).item() for pid in common) / len(common)
+
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:
         """Rank pairs by disagreement; sigmoid of arguments from +r (lowest) to -r (highest)."""
         return difficulty_weights(disagreement, enabled=self.config.weighted_sampling,

@@ -60,6 +60,13 @@ class StageTask(Protocol):
         With a ``snapshot``, the loop first restores it (:meth:`StageSnapshot.restore`) and
         offers one at every step boundary (:meth:`StageSnapshot.offer`)."""
 
+    def label_change_mm(self, old: dict, new: dict) -> float | None:
+        """Mean distance [mm] between the pseudo labels ``old`` (stage ``t - 1``) and ``new``
+        (stage ``t``) over the pairs both hold (per pair the mean over its points or voxels,
+        then the mean over pairs); ``None`` where there is nothing to compare. Optional: the
+        scheduler logs it as ``pseudo_label_change_mm`` where a task has it (landmark-free: how
+        far a refresh moved the labels, a sign of how far the cycle is from a fixed point)."""
+
 
 class StageSnapshot:
     """Mid-stage training state of one stage, so that a killed stage resumes where it stopped.
@@ -245,9 +252,9 @@ line (used for reporting-only validation scores; it must not influence training)
 
 def stage_summary(record: dict) -> str:
     """One line for a finished stage from its ``log.jsonl`` record: the stage, its seconds, and
-    the training loss, pseudo-label disagreement and (reporting-only) validation TRE where the
-    record has them, e.g. ``stage 3 finished in 0:21:04: train loss 2.03 mm, label disagreement
-    2.51 mm``. Printed on the progress console, so that a run whose output goes to a log file
+    the training loss, pseudo-label disagreement, how far the refresh moved the labels and
+    (reporting-only) validation TRE where the record has them, e.g. ``stage 3 finished in
+    0:21:04: train loss 2.03 mm, label disagreement 2.51 mm, labels moved 0.87 mm``. Printed on the progress console, so that a run whose output goes to a log file
     (where no progress bar is drawn) still says how far it has come."""
     parts = []
     for key, value in record.items():
@@ -259,6 +266,8 @@ def stage_summary(record: dict) -> str:
             parts.append(f"train loss ({key[len('train_loss_'):]}) {value:.4g}")
         elif key == "pseudo_label_disagreement_mm":
             parts.append(f"label disagreement {value:.2f} mm")
+        elif key == "pseudo_label_change_mm":
+            parts.append(f"labels moved {value:.2f} mm")
         elif key == "val_tre_mm":
             parts.append(f"validation TRE {value:.2f} mm")
     took = str(datetime.timedelta(seconds=round(float(record.get("seconds", 0.0)))))
@@ -434,6 +443,20 @@ class StageScheduler:
             raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", path) from None
         return payload["labels"], payload["weights"]
 
+    def _label_change(self, stage: int, old: dict | None, new: dict) -> float | None:
+        """:meth:`StageTask.label_change_mm` from stage ``stage - 1``'s labels (``old``, read
+        from the run directory when ``None``) to ``new``; ``None`` where the task has no such
+        measure or the older labels are gone."""
+        measure = getattr(self.task, "label_change_mm", None)
+        if measure is None or not new:
+            return None
+        if old is None:
+            if not self.labels_path(stage - 1).is_file():
+                return None
+            old, _ = self.load_labels(stage - 1)
+        change = measure(old, new)
+        return None if change is None else float(change)
+
     def _log(self, record: dict) -> None:
         path = self.dir / "log.jsonl"
         old = path.read_text() if path.exists() else ""
@@ -531,6 +554,7 @@ class StageScheduler:
             t0 = time.perf_counter()
             model = self.task.new_model(stage)
             trained = self._trained_checkpoint(stage)
+            labels = None
             if trained is not None:  # killed while refreshing the labels: training is done
                 model.load_state_dict(trained["state_dict"])
                 train_stats = trained["extra"]["train"]
@@ -556,8 +580,10 @@ class StageScheduler:
             # training (all runs; this run's when older checkpoints lack it) + this run's refresh
             seconds = train_stats.get("train_seconds", t_labels - t0) + now - t_labels
             report = self.hook(stage, model) if self.hook is not None else {}
+            change = self._label_change(stage, labels, new_labels)
             record = {"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
-                      **info["stats"], **report}
+                      **info["stats"], **({"pseudo_label_change_mm": change} if change is not None else {}),
+                      **report}
             self._save_labels(stage, new_labels, info["weights"], record)
             parts.clear()
             self._finish(record, progress)

@@ -2,8 +2,8 @@
 
 :func:`show_run_status` prints what :func:`cyclereg.training.api.run_status` returns: per fold the
 finished stage, what comes next, the time so far and an estimate of the time left; with
-``history`` every finished stage's time, training loss, landmark-free pseudo-label disagreement and
-any validation score the run logged (reporting only).
+``history`` every finished stage's time, training loss, landmark-free pseudo-label disagreement,
+how far the stage's refresh moved the labels, and any validation score the run logged (reporting only).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HISTORY_COLUMNS = (("train_loss_mm", "train loss [mm]"), ("pseudo_label_disagreement_mm", "label disagreement [mm]"),
+                   ("pseudo_label_change_mm", "labels moved [mm]"),
                    ("val_tre_mm", "val TRE [mm] (reporting)"), ("val_dice", "val Dice (reporting)"))
 """Log keys ``status --history`` shows (a column only where some stage logged it), with their headers."""
 

@@ -1,0 +1,89 @@
+"""How far each stage's refresh moved the pseudo labels, from a keypoint run's stored labels.
+
+``python benchmarks/label_change.py RUN_DIR [RUN_DIR ...] [--json R.json]``
+
+``cyclereg cycle`` logs ``pseudo_label_change_mm`` for every stage it finishes (the mean distance
+between stage ``t``'s and stage ``t - 1``'s labels, :func:`cyclereg.training.clouds.cloud_label_change_mm`);
+runs trained before it did keep their labels (``foldK/pseudo{t}.pt``), and this script computes
+the same figure from them, with the logged training loss and pseudo-label disagreement next to it,
+averaged over the folds that have the stage. Landmark-free: it reads pseudo labels, checkpoints
+(for the unit frame) and logs, never a landmark file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cyclereg.frames import UnitBox
+from cyclereg.training.clouds import cloud_label_change_mm
+
+
+def fold_dirs(run: Path) -> list[Path]:
+    folds = sorted((d for d in run.glob("fold*") if d.name[4:].isdigit()), key=lambda d: int(d.name[4:]))
+    return folds or [run / "all"]
+
+
+def fold_curve(fold: Path) -> dict[int, dict]:
+    """``{stage: {"pseudo_label_change_mm", "train_loss_mm", "pseudo_label_disagreement_mm"}}`` of one fold."""
+    stages = sorted(int(p.stem[6:]) for p in fold.glob("pseudo*.pt") if p.stem[6:].isdigit())
+    if len(stages) < 2:
+        return {}
+    ckpt = torch.load(fold / f"stage{max(s for s in stages if s > 0)}.pt", map_location="cpu", weights_only=True)
+    box_cfg = ckpt["config"]["training_box"]
+    box = UnitBox(tuple(box_cfg["lo_mm"]), tuple(box_cfg["extent_mm"]))
+    labels = {t: torch.load(fold / f"pseudo{t}.pt", map_location="cpu", weights_only=True)["labels"] for t in stages}
+    log = {}
+    if (fold / "log.jsonl").is_file():
+        for line in (fold / "log.jsonl").read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                log[int(rec["stage"])] = rec
+    curve = {}
+    for t in stages:
+        row = {k: log.get(t, {}).get(k) for k in ("train_loss_mm", "pseudo_label_disagreement_mm")}
+        if t - 1 in labels:
+            row["pseudo_label_change_mm"] = cloud_label_change_mm(labels[t - 1], labels[t], box)
+        curve[t] = row
+    return curve
+
+
+def run_curve(run: Path) -> dict[int, dict]:
+    """Per stage the mean over folds of each quantity (folds lacking it left out), and the fold count."""
+    per_fold = [fold_curve(f) for f in fold_dirs(run)]
+    out = {}
+    for t in sorted({t for c in per_fold for t in c}):
+        row = {"folds": sum(1 for c in per_fold if t in c)}
+        for key in ("pseudo_label_change_mm", "pseudo_label_disagreement_mm", "train_loss_mm"):
+            vals = [c[t][key] for c in per_fold if t in c and isinstance(c[t].get(key), (int, float))]
+            row[key] = sum(vals) / len(vals) if vals else None
+        out[t] = row
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    result = {}
+    for run in args.runs:
+        curve = run_curve(run)
+        result[str(run)] = curve
+        print(run)
+        print("  stage  folds  labels moved [mm]  label disagreement [mm]  train loss [mm]")
+        for t, row in curve.items():
+            cells = [f"{row[k]:.3f}" if row[k] is not None else "-"
+                     for k in ("pseudo_label_change_mm", "pseudo_label_disagreement_mm", "train_loss_mm")]
+            print(f"  {t:5d}  {row['folds']:5d}  {cells[0]:>17}  {cells[1]:>23}  {cells[2]:>15}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
