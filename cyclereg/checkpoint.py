@@ -1,7 +1,8 @@
 """Checkpoints: ``{"config": dict, "state_dict": ..., "version": str, "kind": str, "extra": dict}``.
 
 Written atomically (temporary file + ``os.replace``); modules are never pickled and
-loading uses ``weights_only=True``.
+loading uses ``weights_only=True``. torch is imported where a checkpoint is written or read,
+so the JSON and atomic-write helpers here cost torch-free commands (``compare``) no torch import.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-
-import torch
 
 from cyclereg import __version__
 from cyclereg.errors import InputError, require_checkpoint_file, require_file
@@ -32,7 +32,8 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj
 
@@ -220,6 +221,8 @@ def save_checkpoint(path: str | Path, *, kind: str, config: Any, state_dict: dic
         "version": __version__,
         "extra": to_jsonable(extra or {}),
     }
+    import torch
+
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
 
 
@@ -241,6 +244,8 @@ KIND_HINTS = {
 
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors to CPU)."""
+    import torch
+
     p = require_checkpoint_file(path)
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)

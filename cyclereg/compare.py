@@ -153,7 +153,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     from rich.table import Table
 
     from cyclereg.checkpoint import write_json
-    from cyclereg.console import print_table
+    from cyclereg.console import print_note, print_table
 
     paths = [Path(p) for p in reports]
     if len(paths) < 2:
@@ -190,21 +190,20 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
         name_shown = name
     if not any(_value(r, m) is not None for r in base_pairs.values()):
         raise InputError(f"the report has no {name_shown} values", base_path)
-    console = Console(stderr=True, quiet=quiet)
     comparisons = []
     for p, (_, report, pairs) in zip(paths[1:], loaded[1:]):
         common = [pid for pid in base_pairs if pid in pairs]
         if not common:
             raise InputError(f"has none of the pairs of the base {base_path}", p)
         if report.get("dataset") != base_report.get("dataset"):
-            console.print(f"note: {p} evaluated {report.get('dataset')}, the base {base_report.get('dataset')}; "
-                          "pairs are matched by id", soft_wrap=True, highlight=False)
+            print_note(f"{p} evaluated {report.get('dataset')}, the base {base_report.get('dataset')}; "
+                       "pairs are matched by id", quiet=quiet)
         only = (len(base_pairs) - len(common), len(pairs) - len(common))
         if any(only):
-            console.print(f"note: {p} and the base share {len(common)} pairs ({only[0]} only in the base, {only[1]} "
-                          "only in this report); the comparison uses the shared ones", soft_wrap=True, highlight=False)
+            print_note(f"{p} and the base share {len(common)} pairs ({only[0]} only in the base, {only[1]} "
+                       "only in this report); the comparison uses the shared ones", quiet=quiet)
         if report.get("complete") is False:
-            console.print(f"note: {p} is an unfinished evaluation (complete: false)", soft_wrap=True, highlight=False)
+            print_note(f"{p} is an unfinished evaluation (complete: false)", quiet=quiet)
         values = [(pid, _value(base_pairs[pid], m), _value(pairs[pid], m)) for pid in common]
         kept = [(pid, b, o) for pid, b, o in values if b is not None and o is not None]
         left_out = [pid for pid, b, o in values if b is None or o is None]

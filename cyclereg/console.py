@@ -34,6 +34,8 @@ def print_table(console: Console, table: Table) -> None:
         console.width = width
 
 
-def print_note(text: str) -> None:
-    """Print ``note: {text}`` on stderr (a remark beside a command's result, never its output)."""
-    Console(stderr=True).print(f"note: {text}", highlight=False)
+def print_note(text: str, *, quiet: bool = False) -> None:
+    """Print ``note: {text}`` on stderr (a remark beside a command's result, never its output),
+    taken literally (a path or unit in square brackets is not rich markup) and as one line that
+    the terminal, not rich, wraps; nothing with ``quiet``."""
+    Console(stderr=True, quiet=quiet).print(f"note: {escape(text)}", highlight=False, soft_wrap=True)

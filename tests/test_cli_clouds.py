@@ -963,3 +963,16 @@ def test_print_table_shows_every_digit_where_output_is_not_a_terminal():
     assert "…" not in text and "123456789.123456789" in text and "9.33/13.10/16.64" in text
     assert "TRE before [mm]" in text  # a header's unit is not taken for rich markup
     assert max(len(line) for line in text.splitlines()) > 40 and console.width == 40
+
+
+def test_notes_are_literal_one_line_and_quiet_on_request(capsys):
+    """A note keeps square brackets (a path or a unit is not rich markup), is not broken by rich at
+    the console width, and ``quiet`` prints nothing."""
+    from cyclereg.console import print_note
+
+    path = "runs/[mm]/" + "x" * 150 + "/r.json"
+    print_note(f"{path} is an unfinished evaluation [bold]x[/bold]")
+    err = capsys.readouterr().err
+    assert err == f"note: {path} is an unfinished evaluation [bold]x[/bold]\n"
+    print_note("nothing", quiet=True)
+    assert capsys.readouterr().err == ""
