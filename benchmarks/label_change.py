@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from cyclereg.frames import UnitBox
+from cyclereg.checkpoint import load_checkpoint
+from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.training.clouds import cloud_label_change_mm
+from cyclereg.training.scheduler import StageScheduler
 
 
 def fold_dirs(run: Path) -> list[Path]:
@@ -33,16 +33,11 @@ def fold_curve(fold: Path) -> dict[int, dict]:
     stages = sorted(int(p.stem[6:]) for p in fold.glob("pseudo*.pt") if p.stem[6:].isdigit())
     if len(stages) < 2:
         return {}
-    ckpt = torch.load(fold / f"stage{max(s for s in stages if s > 0)}.pt", map_location="cpu", weights_only=True)
-    box_cfg = ckpt["config"]["training_box"]
-    box = UnitBox(tuple(box_cfg["lo_mm"]), tuple(box_cfg["extent_mm"]))
-    labels = {t: torch.load(fold / f"pseudo{t}.pt", map_location="cpu", weights_only=True)["labels"] for t in stages}
-    log = {}
-    if (fold / "log.jsonl").is_file():
-        for line in (fold / "log.jsonl").read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                log[int(rec["stage"])] = rec
+    ckpt = load_checkpoint(fold / f"stage{max(s for s in stages if s > 0)}.pt", kind="cloud")
+    box = CloudRegConfig.from_dict(ckpt["config"]).training_box
+    run = StageScheduler(None, fold)  # read only
+    labels = {t: run.load_labels(t)[0] for t in stages}
+    log = run.status(max(stages))["stage_log"]
     curve = {}
     for t in stages:
         row = {k: log.get(t, {}).get(k) for k in ("train_loss_mm", "pseudo_label_disagreement_mm")}

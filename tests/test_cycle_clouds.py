@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import cyclereg.training.scheduler as scheduler_mod
 from cyclereg.checkpoint import data_fingerprint, load_checkpoint, save_checkpoint
+from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.pointio import read_points, write_points
 from cyclereg.training.api import run_status
@@ -209,8 +210,7 @@ def test_full_cycle_smoke_and_evaluate(tmp_path, device):
                 and f"label disagreement {r['pseudo_label_disagreement_mm']:.2f} mm" in said
                 and f"labels moved {r['pseudo_label_change_mm']:.2f} mm" in said), res.output
     # how far the refresh moved the labels: what the stored labels of stages t-1 and t say
-    saved = load_checkpoint(run / "fold1" / "final.pt", kind="cloud")["config"]["training_box"]
-    box = UnitBox(tuple(saved["lo_mm"]), tuple(saved["extent_mm"]))
+    box = CloudRegConfig.from_dict(load_checkpoint(run / "fold1" / "final.pt", kind="cloud")["config"]).training_box
     stored = {t: torch.load(run / "fold1" / f"pseudo{t}.pt", weights_only=True)["labels"] for t in range(3)}
     for t in (1, 2):
         diff = [box.disp_unit_to_mm(stored[t][k] - stored[t - 1][k]).norm(dim=1).mean().item() for k in stored[t]]
