@@ -20,7 +20,7 @@ from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displaceme
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
-                                         training_generator)
+                                         mean_label_change, training_generator)
 
 LOGGED_LOSS_EPOCHS = 5
 """A stage's logged training loss is the mean over its last this many epochs (the loss the stage
@@ -31,12 +31,8 @@ def cloud_label_change_mm(old: dict, new: dict, box: UnitBox) -> float | None:
     """Mean distance [mm] between two stages' pseudo labels ``{pair id: (N, 3)}`` (displacements
     in ``box``'s unit frame) over the pairs both hold with the same points: per pair the mean over
     its fixed points, then the mean over pairs; ``None`` where no pair is in both."""
-    common = [pid for pid in new if pid in old and old[pid].shape == new[pid].shape]
-    if not common:
-        return None
-    per_pair = [box.disp_unit_to_mm(new[pid].float() - old[pid].float()).norm(dim=1).mean().item()
-                for pid in common]
-    return sum(per_pair) / len(per_pair)
+    return mean_label_change(old, new,
+                             lambda a, b: box.disp_unit_to_mm(b.float() - a.float()).norm(dim=1).mean().item())
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import centred_affine, voxel_coordinates, voxel_disp_to_mm, world_map_to_voxel
 from cyclereg.warp import warp
 from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
-                                         training_generator)
+                                         mean_label_change, training_generator)
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
 PROGRESS_LOSS_ITERATIONS = 20
@@ -318,10 +318,7 @@ class DenseCycleTask:
         """Mean distance [mm] between two stages' labels (``{pair id: (1, 3, *label grid)}``,
         voxels of the label grid) over the pairs both hold: per pair the mean over the interior
         voxels (:meth:`label_error_mm`), then the mean over pairs."""
-        common = [pid for pid in new if pid in old and old[pid].shape == new[pid].shape]
-        if not common:
-            return None
-        return sum(self.label_error_mm(new[pid], old[pid]).item() for pid in common) / len(common)
+        return mean_label_change(old, new, lambda a, b: self.label_error_mm(b, a).item())
 
     def sampling_weights(self, disagreement: dict[str, float]) -> dict[str, float]:
         """Rank pairs by disagreement; sigmoid of arguments from +r (lowest) to -r (highest)."""

@@ -254,8 +254,9 @@ def stage_summary(record: dict) -> str:
     """One line for a finished stage from its ``log.jsonl`` record: the stage, its seconds, and
     the training loss, pseudo-label disagreement, how far the refresh moved the labels and
     (reporting-only) validation TRE where the record has them, e.g. ``stage 3 finished in
-    0:21:04: train loss 2.03 mm, label disagreement 2.51 mm, labels moved 0.87 mm``. Printed on the progress console, so that a run whose output goes to a log file
-    (where no progress bar is drawn) still says how far it has come."""
+    0:21:04: train loss 2.03 mm, label disagreement 2.51 mm, labels moved 0.87 mm``. Printed on the
+    progress console, so that a run whose output goes to a log file (where no progress bar is drawn)
+    still says how far it has come."""
     parts = []
     for key, value in record.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -272,6 +273,17 @@ def stage_summary(record: dict) -> str:
             parts.append(f"validation TRE {value:.2f} mm")
     took = str(datetime.timedelta(seconds=round(float(record.get("seconds", 0.0)))))
     return f"stage {record['stage']} finished in {took}" + (": " + ", ".join(parts) if parts else "")
+
+
+def mean_label_change(old: dict, new: dict, distance: Callable[[torch.Tensor, torch.Tensor], float]
+                      ) -> float | None:
+    """:meth:`StageTask.label_change_mm` of two stages' labels ``{pair id: tensor}``: the mean over the
+    pairs both hold with the same shape of ``distance(old, new)`` (a pair's mean distance in mm, in
+    the task's own frame); ``None`` where no pair is in both."""
+    common = [pid for pid in new if pid in old and old[pid].shape == new[pid].shape]
+    if not common:
+        return None
+    return sum(distance(old[pid], new[pid]) for pid in common) / len(common)
 
 
 def initial_network_seed(seed: int, stage: int) -> int:
