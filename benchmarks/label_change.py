@@ -1,6 +1,6 @@
 """How far each stage's refresh moved the pseudo labels, from a keypoint run's stored labels.
 
-``python benchmarks/label_change.py RUN_DIR [RUN_DIR ...] [--json R.json]``
+``python benchmarks/label_change.py RUN_DIR [RUN_DIR ...] [--stop-below MM ...] [--json R.json]``
 
 ``cyclereg cycle`` logs ``pseudo_label_change_mm`` for every stage it finishes (the mean distance
 between stage ``t``'s and stage ``t - 1``'s labels, :func:`cyclereg.training.clouds.cloud_label_change_mm`);
@@ -8,6 +8,10 @@ runs trained before it did keep their labels (``foldK/pseudo{t}.pt``), and this 
 the same figure from them, with the logged training loss and pseudo-label disagreement next to it,
 averaged over the folds that have the stage. Landmark-free: it reads pseudo labels, checkpoints
 (for the unit frame) and logs, never a landmark file.
+
+``--stop-below MM`` (repeatable) also says, per fold, at which stage ``cycle --stop-below MM`` would
+have stopped the run (:func:`cyclereg.training.scheduler.settled_stage`, the rule ``cycle`` applies),
+or that it would not have by the run's last stage.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from cyclereg.checkpoint import load_checkpoint
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.training.clouds import cloud_label_change_mm
-from cyclereg.training.scheduler import StageScheduler
+from cyclereg.training.scheduler import StageScheduler, settled_stage
 
 
 def fold_dirs(run: Path) -> list[Path]:
@@ -60,9 +64,17 @@ def run_curve(run: Path) -> dict[int, dict]:
     return out
 
 
+def stop_stage(curve: dict[int, dict], stop_below_mm: float) -> int | None:
+    """The stage at which ``cycle --stop-below stop_below_mm`` would have stopped a fold with this
+    :func:`fold_curve` (the first whose refresh moved the labels less than that), ``None`` if none."""
+    return next((t for t in sorted(curve) if settled_stage({t: curve[t]}, stop_below_mm)), None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--stop-below", type=float, action="append", default=[], metavar="MM",
+                    help="also the stage at which 'cycle --stop-below MM' would have stopped each fold")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     result = {}
@@ -75,6 +87,13 @@ def main(argv=None) -> int:
             cells = [f"{row[k]:.3f}" if row[k] is not None else "-"
                      for k in ("pseudo_label_change_mm", "pseudo_label_disagreement_mm", "train_loss_mm")]
             print(f"  {t:5d}  {row['folds']:5d}  {cells[0]:>17}  {cells[1]:>23}  {cells[2]:>15}")
+        if args.stop_below:
+            folds = {d.name: fold_curve(d) for d in fold_dirs(run)}
+            stops = {f"{mm:g}": {name: stop_stage(c, mm) for name, c in folds.items()} for mm in args.stop_below}
+            result[str(run) + " --stop-below"] = stops
+            for mm, per_fold in stops.items():
+                said = ", ".join(f"{name} {'-' if t is None else t}" for name, t in per_fold.items())
+                print(f"  --stop-below {mm} stops at stage (-: not by stage {max(curve, default=0)}): {said}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -188,6 +188,7 @@ def cycle(
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; the results of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
+    stop_below: Optional[float] = typer.Option(None, "--stop-below", metavar="MM", help="landmark-free early stop: a fold ends at the first stage whose refresh moves its pseudo labels less than MM mm on average ('labels moved'; --stages is then the most); recorded in run.json, 0 removes it"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Cyclical self-training: train on pseudo labels, refresh them, repeat (resumable)."""
@@ -196,7 +197,7 @@ def cycle(
     from cyclereg.training.api import run_cycle
 
     done = run_cycle(dataset, run, stages=stages, folds=folds, device=device, val_pairs=val_pairs,
-                     snapshot_every_s=snapshot_every, jobs=jobs)
+                     snapshot_every_s=snapshot_every, jobs=jobs, stop_below_mm=stop_below)
     typer.echo("finished stages: " + ", ".join(("all" if k is None else f"fold {k}") + f": {t}" for k, t in done.items()))
 
 

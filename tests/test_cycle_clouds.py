@@ -995,6 +995,53 @@ def test_cycle_with_more_stages_extends_a_finished_run_and_status_follows(tmp_pa
     assert run_status(run)["folds"][0]["next"] == "finished"
 
 
+def test_cycle_stop_below_ends_a_fold_whose_labels_settled_and_keeps_the_rule(tmp_path):
+    """``cycle --stop-below MM``: a fold stops at the first stage whose refresh moves its labels less
+    than MM mm (here any refresh: 1000 mm), the rule is recorded in run.json so that a plain re-run
+    (and pretrain-random again) keeps it, status says why the fold is finished, and ``--stop-below 0``
+    removes the rule and trains on."""
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "2", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    bad = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stop-below", "-1"])
+    assert bad.exit_code == 2 and "--stop-below -1.0: expected a distance in mm >= 0" in bad.output, bad.output
+    assert "stop_below_mm" not in json.loads((run / "run.json").read_text())
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stop-below", "1000"])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (run / "fold1" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1]
+    said = " ".join(res.output.split())
+    assert (f"moved the pseudo labels {log[1]['pseudo_label_change_mm']:.3f} mm < 1000 mm (--stop-below): the labels "
+            "have settled; stopping at stage 1") in said, res.output
+    assert "finished stages: fold 1: 1" in said
+    assert load_checkpoint(run / "fold1" / "final.pt")["extra"]["stage"] == 1
+    assert json.loads((run / "run.json").read_text())["stop_below_mm"] == 1000.0
+    info = run_status(run)
+    assert info["stop_below_mm"] == 1000.0 and info["folds"][0]["next"].startswith("finished: labels settled at stage 1")
+    res = runner.invoke(app, ["status", str(run)])
+    assert "a fold stops once its labels move < 1000 mm" in " ".join(res.output.split()), res.output
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    assert json.loads((run / "run.json").read_text())["stop_below_mm"] == 1000.0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
+    assert len((run / "fold1" / "log.jsonl").read_text().splitlines()) == 2  # the recorded rule: no stage 2
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stop-below", "0"])
+    assert res.exit_code == 0, res.output
+    assert "stop_below_mm" not in json.loads((run / "run.json").read_text())
+    log = [json.loads(line) for line in (run / "fold1" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1, 2]
+    assert run_status(run)["folds"][0]["next"] == "finished"
+    # benchmarks/label_change.py reads the same figures from the stored labels and applies the same rule
+    script = load_script("benchmarks/label_change.py")
+    curve = script.fold_curve(run / "fold1")
+    for t in (1, 2):
+        assert curve[t]["pseudo_label_change_mm"] == pytest.approx(log[t]["pseudo_label_change_mm"], rel=1e-5)
+    assert script.stop_stage(curve, 1000.0) == 1 and script.stop_stage(curve, 1e-9) is None
+    between = (log[1]["pseudo_label_change_mm"] + log[2]["pseudo_label_change_mm"]) / 2
+    expected = 2 if log[2]["pseudo_label_change_mm"] < log[1]["pseudo_label_change_mm"] else 1
+    assert script.stop_stage(curve, between) == expected
+
+
 def test_parallel_folds_report_a_failing_fold(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"

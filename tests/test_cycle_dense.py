@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from cyclereg.checkpoint import data_fingerprint, save_checkpoint
 from cyclereg.dense.similarity import mind_loss, mind_ssc, ncc_loss
+from cyclereg.training.api import run_status
 from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair_affines, strided,
                                      transform_target)
 from cyclereg.warp import warp
@@ -176,6 +177,53 @@ def test_scheduler_logs_how_far_each_refresh_moved_the_labels(tmp_path):
     assert "pseudo_label_change_mm" not in json.loads((tmp_path / "plain" / "log.jsonl").read_text().splitlines()[-1])
 
 
+class _SettlingTask(_MovingTask):
+    """Labels of stage t are ``1 - 0.5 ** t``: stage t's refresh moves them by exactly 0.5 ** t."""
+
+    def __init__(self):
+        self.trained = []
+
+    def make_pseudo_labels(self, model, stage, progress=None, parts=None):
+        return {"p": torch.full((2,), 1.0 - 0.5 ** stage)}, {"weights": {"p": 1.0}, "stats": {}}
+
+    def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
+        self.trained.append(stage)
+        return super().train_stage(model, labels, weights, stage, progress, snapshot)
+
+
+def test_scheduler_stops_once_the_labels_settle(tmp_path):
+    """With ``stop_below_mm`` a run ends after the first refresh that moves the labels less than
+    that (0.5, 0.25, 0.125 mm at stages 1-3: below 0.2 mm at stage 3), is not resumed past it by the
+    same rule, says so in its status, and goes on under a smaller threshold or none."""
+    from cyclereg.checkpoint import load_checkpoint
+    from cyclereg.training.scheduler import StageScheduler, settled_stage
+
+    task = _SettlingTask()
+    s = StageScheduler(task, tmp_path)
+    s.run_stage0()
+    assert s.run(6, stop_below_mm=0.2) == 3 and task.trained == [1, 2, 3]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1, 2, 3]
+    assert [r["pseudo_label_change_mm"] for r in log[1:]] == [0.5, 0.25, 0.125]
+    assert load_checkpoint(tmp_path / "final.pt", kind="toy")["extra"]["stage"] == 3
+    assert s.run(6, stop_below_mm=0.2) == 3 and task.trained == [1, 2, 3]  # the same rule: nothing to do
+    status = s.status(6, stop_below_mm=0.2)
+    assert status["next"] == "finished: labels settled at stage 3 (moved 0.125 mm < 0.2 mm)"
+    assert status["remaining_s"] == 0.0
+    assert s.status(6)["next"] == "stage 4: training from step 0"  # without the rule it would go on
+    assert s.run(6, stop_below_mm=0.1) == 4 and task.trained == [1, 2, 3, 4]  # 0.0625 < 0.1
+    assert s.run(5) == 5 and task.trained == [1, 2, 3, 4, 5]
+    # no rule, a zero rule, stage 0 alone, or a last stage without the measure never count as settled
+    records = {0: {"stage": 0}, 1: {"stage": 1, "pseudo_label_change_mm": 0.01}}
+    assert settled_stage(records, 0.1) == (1, 0.01)
+    assert settled_stage(records, None) is None and settled_stage(records, 0.0) is None
+    assert settled_stage(records, 0.01) is None  # strictly below
+    assert settled_stage({0: {"stage": 0}}, 0.1) is None and settled_stage({2: {"stage": 2}}, 0.1) is None
+    plain = StageScheduler(_ToyTask(), tmp_path / "plain")
+    plain.run_stage0()
+    assert plain.run(3, stop_below_mm=100.0) == 3  # a task without the measure runs all its stages
+
+
 def test_dense_label_change_is_the_mean_displacement_difference_in_mm():
     """A uniform one-voxel change along each axis of the label grid moves the labels by stride x spacing mm."""
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
@@ -254,6 +302,12 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     assert ckpt["kind"] == "dense" and ckpt["config"]["spacing_mm"] == [1.5, 1.5, 2.0]
     # the intensity preprocessing the network was trained with travels with it ("auto" resolved)
     assert ckpt["config"]["preprocess"]["mode"] == "ct"
+    # a stopping rule under which stage 2's refresh counts as settled: a longer --stages trains nothing
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--stages", "3", "--stop-below", "1e6", *on])
+    assert res.exit_code == 0 and "finished stages: all: 2" in res.output, res.output
+    assert len((run / "all" / "log.jsonl").read_text().splitlines()) == 3
+    assert json.loads((run / "run.json").read_text())["stop_below_mm"] == 1e6
+    assert run_status(run)["folds"][0]["next"].startswith("finished: labels settled at stage 2")
 
     # evaluation with labels (another copy of the data that has them)
     ds_lab = _dataset(tmp_path / "data_lab", with_labels=True)

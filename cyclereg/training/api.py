@@ -200,6 +200,9 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet:
     and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is."""
     if (run / "run.json").exists():
         stored = check()
+        rule = _read_meta(run).get(STOP_KEY)
+        if rule is not None:  # a stopping rule set by 'cycle --stop-below' stays
+            meta = {**meta, STOP_KEY: rule}
         if stages_given and stored.stages > meta["config"]["stages"] and not quiet:
             print_note(f"the run has {stored.stages} stages already; --stages {meta['config']['stages']} does not "
                        f"shorten it ('cycle --stages {meta['config']['stages']}' stops there)")
@@ -225,6 +228,29 @@ def _record_stage_target(run: Path, stages: int) -> None:
     if stages > int(meta["config"]["stages"]):
         meta["config"]["stages"] = stages
         write_json(run / "run.json", meta)
+
+
+STOP_KEY = "stop_below_mm"
+"""Key of ``run.json`` that holds the stopping rule of ``cycle --stop-below`` [mm] (absent: none)."""
+
+
+def _record_stop_rule(run: Path, stop_below_mm: float | None) -> float | None:
+    """The stopping rule the run goes by: ``stop_below_mm`` when given (recorded in ``run.json``, so
+    that a plain re-run keeps it; ``0`` removes it), else the recorded one (``None``: none)."""
+    meta = _read_meta(run)
+    if stop_below_mm is None:
+        return meta.get(STOP_KEY)
+    if meta.get(STOP_KEY) != (stop_below_mm or None):
+        meta.pop(STOP_KEY, None)
+        if stop_below_mm > 0:
+            meta[STOP_KEY] = float(stop_below_mm)
+        write_json(run / "run.json", meta)
+    return stop_below_mm or None
+
+
+def _require_threshold(stop_below_mm: float | None) -> None:
+    if stop_below_mm is not None and (not math.isfinite(stop_below_mm) or stop_below_mm < 0):
+        raise InputError(f"--stop-below {stop_below_mm}: expected a distance in mm >= 0 (0: never stop early)")
 
 
 def _read_meta(run: Path) -> dict:
@@ -301,20 +327,22 @@ def run_status(run: Path, stages: int | None = None) -> dict:
         folds = list(range(1, len(meta["folds"]) + 1)) if meta["folds"] else [None]
     except (KeyError, TypeError, ValueError):
         raise InputError("run.json lacks the configuration or the folds", run / "run.json") from None
+    rule = meta.get(STOP_KEY)
     rows = []
     for k in folds:
-        row = {"fold": k, **StageScheduler(None, fold_dir(run, k)).status(total)}
+        row = {"fold": k, **StageScheduler(None, fold_dir(run, k)).status(total, stop_below_mm=rule)}
         exported = run / f"fold{k}.pt"
         if k is not None and not fold_dir(run, k).is_dir() and exported.is_file():
             # a folder of exported checkpoints (scripts/run_model_set.py, cyclereg ensemble): no stages here
             row["next"] = f"no training here: the exported checkpoint {exported.name}"
         rows.append(row)
-    return {"run": str(run), "dataset": meta.get("dataset"), "kind": meta.get("kind"), "stages": total, "folds": rows}
+    return {"run": str(run), "dataset": meta.get("dataset"), "kind": meta.get("kind"), "stages": total,
+            STOP_KEY: rule, "folds": rows}
 
 
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
               device: str = "auto", val_pairs: int = 0, snapshot_every_s: float | None = None,
-              jobs: int = 1) -> dict:
+              jobs: int = 1, stop_below_mm: float | None = None) -> dict:
     """Run or resume cyclical self-training; returns ``{fold: last stage}`` (fold ``None``
     for volume datasets).
 
@@ -325,8 +353,14 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
 
     ``snapshot_every_s``: minimum time between mid-stage training snapshots [s] (``None``:
     :data:`~cyclereg.training.scheduler.DEFAULT_SNAPSHOT_EVERY_S`; ``0``: none). A stage killed
-    halfway resumes at its last snapshot, with the same result as an uninterrupted stage."""
+    halfway resumes at its last snapshot, with the same result as an uninterrupted stage.
+
+    ``stop_below_mm``: a landmark-free early stop: a fold ends at the first stage whose pseudo-label
+    refresh moves its labels less than this on average [mm] (``pseudo_label_change_mm``; ``stages`` is
+    then the most it runs). Recorded in ``run.json``, so that the same command run again (with or
+    without the option) does not go on past it; ``0`` removes the rule; ``None``: the recorded one."""
     require_count("--stages", stages, 1)
+    _require_threshold(stop_below_mm)
     require_count("--val-pairs", val_pairs, 0)
     require_count("--jobs", jobs, 1)
     if snapshot_every_s is None:
@@ -335,13 +369,13 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
         raise InputError(f"--snapshot-every {snapshot_every_s}: expected a number of seconds >= 0")
     if dataset_kind(dataset) == "keypoints":
         return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs,
-                            snapshot_every_s=snapshot_every_s, jobs=jobs)
+                            snapshot_every_s=snapshot_every_s, jobs=jobs, stop_below_mm=stop_below_mm)
     if folds not in (None, "all"):
         raise InputError("--folds: volume datasets have no folds", dataset)
     if jobs != 1:
         raise InputError("--jobs: volume datasets train one model (no folds to share out)", dataset)
     return _dense_cycle(dataset, Path(run), stages=stages, device=device, val_pairs=val_pairs,
-                        snapshot_every_s=snapshot_every_s)
+                        snapshot_every_s=snapshot_every_s, stop_below_mm=stop_below_mm)
 
 
 # ----------------------------------------------------------------------------- keypoint clouds
@@ -470,7 +504,8 @@ def _require_same_config(run: Path, config, stored) -> None:
 
 
 def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
-                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, jobs: int = 1) -> dict:
+                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, jobs: int = 1,
+                 stop_below_mm: float | None = None) -> dict:
     ds = load_keypoint_dataset(dataset)
     config = _check_cloud_run(run, ds, None)
     stages = config.stages if stages is None else stages
@@ -481,14 +516,16 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
                              f"--fold {k}' first (it takes the run's options)", run)
         _cloud_val_hook(ds, k, val_pairs)  # its files are read and checked before any training
-    args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s) for k in selected}
-    # folds that have all their stages already only bring their record up to date: here, not in a worker
-    # process (starting one costs seconds)
-    done = {k for k in selected if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= stages}
     result = {}
     with fold_locks(run, selected):
         with run_file_lock(run):
             _record_stage_target(run, stages)
+            rule = _record_stop_rule(run, stop_below_mm)
+        args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
+        # folds that have all their stages already (or have settled) only bring their record up to date:
+        # here, not in a worker process (starting one costs seconds)
+        done = {k for k in selected if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= stages
+                or StageScheduler(None, fold_dir(run, k)).settled(rule) is not None}
         with _progress() as progress:
             outer = progress.add_task("folds", total=len(selected))
 
@@ -508,12 +545,13 @@ def _cloud_training_record(ds, k) -> dict:
     return training_record(ds.name, k, pairs=_pair_fingerprints(ds, ds.training_ids(k)))
 
 
-def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_every_s, *, progress) -> tuple[int, int]:
+def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_every_s, stop_below_mm=None, *,
+                    progress) -> tuple[int, int]:
     """Train (or resume) fold ``k``; returns ``(k, last finished stage)``. Module-level, with
     picklable arguments, so that worker processes can run it."""
     task = _cloud_task(ds, k, config, device)
     final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs), snapshot_every_s=snapshot_every_s,
-                       training=_cloud_training_record(ds, k)).run(stages, progress)
+                       training=_cloud_training_record(ds, k)).run(stages, progress, stop_below_mm=stop_below_mm)
     return k, final
 
 
@@ -692,7 +730,7 @@ def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseC
 
 
 def _dense_cycle(dataset, run, *, stages, device, val_pairs,
-                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S) -> dict:
+                 snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, stop_below_mm: float | None = None) -> dict:
     meta = _read_meta(run)
     config = _dense_run_config(run, meta)
     images, pairs = _dense_training_set(dataset, config)
@@ -711,5 +749,6 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     with fold_locks(run, [None]):
         with run_file_lock(run):
             _record_stage_target(run, stages)
+            rule = _record_stop_rule(run, stop_below_mm)
         with _progress() as progress:
-            return {None: sched.run(stages, progress)}
+            return {None: sched.run(stages, progress, stop_below_mm=rule)}

@@ -13,6 +13,11 @@ stage killed halfway resumes at its last snapshot, and a stage whose training fi
 whose pseudo-label refresh was killed is not trained again. The refresh itself keeps each pair's
 label as it is made (:class:`LabelParts`, ``pseudo{t}.parts/``), so a killed refresh resumes at the
 first pair without one (at the paper's 256 candidates on a CPU, one pair takes minutes).
+
+A run may stop before its last stage on a landmark-free rule: once a refresh moves the pseudo
+labels less than ``stop_below_mm`` on average (``pseudo_label_change_mm``, :meth:`StageTask.label_change_mm`),
+the labels have settled and the run ends there (:func:`settled_stage`); the same command run again
+does not go on, a larger threshold or ``0`` (never stop) does.
 """
 
 from __future__ import annotations
@@ -286,6 +291,26 @@ def mean_label_change(old: dict, new: dict, distance: Callable[[torch.Tensor, to
     return sum(distance(old[pid], new[pid]) for pid in common) / len(common)
 
 
+def settled_stage(records: dict[int, dict], stop_below_mm: float | None) -> tuple[int, float] | None:
+    """``(t, change)`` when the last logged stage ``t >= 1`` of ``records`` (``{stage: log.jsonl
+    record}``) moved the pseudo labels by ``change < stop_below_mm`` mm (``pseudo_label_change_mm``):
+    the labels have settled and the run stops there. ``None`` otherwise: no threshold (``None`` or
+    ``<= 0``), no stage past 0, or a last stage without the measure (a task that has none)."""
+    if not stop_below_mm or stop_below_mm <= 0 or not records:
+        return None
+    last = max(records)
+    change = records[last].get("pseudo_label_change_mm")
+    if last < 1 or not isinstance(change, (int, float)) or not change < stop_below_mm:
+        return None
+    return last, float(change)
+
+
+def settled_note(stage: int, change: float, stop_below_mm: float) -> str:
+    """The line saying that a run stopped at ``stage`` because its labels settled."""
+    return (f"stage {stage}'s refresh moved the pseudo labels {change:.3f} mm < {stop_below_mm:g} mm "
+            f"(--stop-below): the labels have settled; stopping at stage {stage}")
+
+
 def initial_network_seed(seed: int, stage: int) -> int:
     """Seed of the random initialisation a stage starts from when it has no previous weights
     (both paths): stage 0 (the network of ``pretrain-random``'s labels) and stage 1, which starts
@@ -480,7 +505,7 @@ class StageScheduler:
         if progress is not None:
             progress.console.print(escape(stage_summary(record)), soft_wrap=True)  # one line in a log file too
 
-    def status(self, stages: int) -> dict:
+    def status(self, stages: int, stop_below_mm: float | None = None) -> dict:
         """What this directory holds, read without changing anything (``task`` may be ``None``).
 
         Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "current_stage_s": s,
@@ -495,20 +520,24 @@ class StageScheduler:
         (training only, the pseudo-label refreshes not counted); ``None`` when neither exists.
         ``stage_log``: each finished stage's line of ``log.jsonl`` (training loss, pseudo-label
         disagreement and, where a run reports them, validation scores; a stage logged twice: its
-        last line)."""
+        last line). With ``stop_below_mm``, a run whose last refresh moved its labels less than that
+        (:func:`settled_stage`) is finished, with nothing left to do."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
         records = self._stage_log()
+        settled = settled_stage({t: r for t, r in records.items() if t <= done}, stop_below_mm)
         seconds = {t: float(record["seconds"]) for t, record in records.items()}
         nxt = done + 1
         current = snapshot_pace = None
         labelled = ""
-        if done < stages:
+        if done < stages and settled is None:
             have = LabelParts.count_in(self.parts_path(nxt))
             labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
         if done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
         elif done >= stages:
             text = "finished"
+        elif settled is not None:
+            text = f"finished: labels settled at stage {settled[0]} (moved {settled[1]:.3f} mm < {stop_below_mm:g} mm)"
         elif self.checkpoint_path(nxt).is_file():
             text = f"stage {nxt}: its pseudo labels (trained){labelled}"
             try:  # the training is done: its seconds are in the stage's checkpoint
@@ -533,7 +562,9 @@ class StageScheduler:
         paced = [t for t in seconds if 1 <= t <= done]
         per_stage = seconds[max(paced)] if paced else snapshot_pace
         remaining = None
-        if per_stage is not None:
+        if settled is not None:
+            remaining = 0.0
+        elif per_stage is not None:
             remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records}
@@ -556,12 +587,21 @@ class StageScheduler:
         parts.clear()
         self._finish(record, progress)
 
-    def run(self, stages: int, progress=None) -> int:
-        """Run (or resume) up to ``stages``; returns the last finished stage."""
+    def settled(self, stop_below_mm: float | None) -> tuple[int, float] | None:
+        """:func:`settled_stage` of this directory's last finished stage."""
+        done = self.last_finished_stage()
+        return settled_stage({t: r for t, r in self._stage_log().items() if t <= done}, stop_below_mm)
+
+    def run(self, stages: int, progress=None, stop_below_mm: float | None = None) -> int:
+        """Run (or resume) up to ``stages``; returns the last finished stage. With ``stop_below_mm``
+        [mm], stop after the first stage whose refresh moves the pseudo labels less than that on
+        average (:func:`settled_stage`; a run stopped so is not resumed by the same call)."""
         if self.last_finished_stage() < 0:
             raise InputError("no stage-0 pseudo labels here: run 'cyclereg pretrain-random' first", self.dir)
         self._complete_log(progress)
         done = self.last_finished_stage()
+        if self.settled(stop_below_mm) is not None:
+            done = stages  # nothing more to train
         for stage in range(done + 1, stages + 1):
             t0 = time.perf_counter()
             model = self.task.new_model(stage)
@@ -600,6 +640,11 @@ class StageScheduler:
             parts.clear()
             self._finish(record, progress)
             self._prune_labels(stage)
+            settled = settled_stage({stage: record}, stop_below_mm)
+            if settled is not None:
+                if progress is not None:
+                    progress.console.print(escape(settled_note(*settled, stop_below_mm)), soft_wrap=True)
+                break
         final = self.last_finished_stage()
         if final >= 1:
             src = self.checkpoint_path(final)

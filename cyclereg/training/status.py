@@ -33,7 +33,9 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     if json_out is not None:
         require_output_file(json_out)
     info = run_status(Path(run), stages=stages)
-    table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages")
+    rule = info.get("stop_below_mm")
+    table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages"
+                  + (f" at most (a fold stops once its labels move < {rule:g} mm)" if rule else ""))
     for column in ("fold", "finished stage", "next", "time so far", "time left (estimate)"):
         table.add_column(column)
     for row in info["folds"]:
