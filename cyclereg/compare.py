@@ -6,8 +6,10 @@ matches the pairs of the reports by id and gives, for each report against the fi
 and median paired difference, how many pairs improved or got worse (in the metric's own sense:
 lower is better for TRE, HD95 and SDlogJ, higher for Dice), a 95 % confidence interval of the mean
 difference (Student t over the pairs) and two-sided p-values of the Wilcoxon signed-rank test and
-of the sign test (each comparison on its own: with several reports against one base, the p-values
-are not corrected for the number of comparisons). Only the reports are read (no scans, no landmarks).
+of the sign test. With several reports against one base, each p-value is also given adjusted for
+the number of comparisons by Holm's step-down method (:func:`holm_adjusted`, ``wilcoxon_p_holm``,
+``sign_test_p_holm``): reject where the adjusted value is below the level, and the chance of any false
+rejection among the comparisons stays within it. Only the reports are read (no scans, no landmarks).
 
 Per-pair values (report field -> metric):
 
@@ -138,6 +140,20 @@ def paired_statistics(base: list[float], other: list[float], *, lower_is_better:
             "wilcoxon_p": wilcoxon_p, "sign_test_p": sign_p}
 
 
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``m`` p-values, in their order: sorted ascending, the ``i``-th
+    smallest (from 1) becomes ``min(1, (m - i + 1) p)``, then each at least the one before it. E.g.
+    ``[0.01, 0.04, 0.03]`` -> ``[0.03, 0.06, 0.06]``; one p-value stays as it is."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def compare_reports(reports: list[Path | str], output: Path | str | None = None, *, metric: str | None = None,
                     label: str | None = None, quiet: bool = False) -> dict:
     """Compare every report after the first against the first, pair by pair (see the module).
@@ -212,20 +228,26 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
         stats = paired_statistics([b for _, b, _ in kept], [o for _, _, o in kept], lower_is_better=m.lower_is_better)
         comparisons.append({"report": str(p), "method": report.get("method"), **stats, "left_out": left_out,
                             "pairs": [{"id": pid, "base": b, "other": o} for pid, b, o in kept]})
+    for key in ("wilcoxon_p", "sign_test_p"):  # over the comparisons against this base
+        for c, adjusted in zip(comparisons, holm_adjusted([c[key] for c in comparisons])):
+            c[f"{key}_holm"] = adjusted
     result = {"metric": name, "label": None if label_id is None else {"id": label_id, "name": label_name},
               "lower_is_better": m.lower_is_better, "unit": m.unit, "kind": kind,
               "base": str(base_path), "base_method": base_report.get("method"), "comparisons": comparisons,
               "definition": asdict(m) | {"confidence": CONFIDENCE}}
     unit = f" [{m.unit}]" if m.unit else ""
     table = Table(title=f"{name_shown} ({'lower' if m.lower_is_better else 'higher'} is better), against {base_path}")
+    several = len(comparisons) > 1  # then the Holm-adjusted p-values too
     for header in ("report", "pairs", f"base{unit}", f"this{unit}", f"difference{unit}", "95 % CI", "median",
-                   "better / worse / tied", "Wilcoxon p", "sign p"):
+                   "better / worse / tied", "Wilcoxon p", "sign p", *(("Wilcoxon p (Holm)", "sign p (Holm)") * several)):
         table.add_column(header)
     for c in comparisons:
         ci = "-" if c["ci95"] is None else f"{c['ci95'][0]:+.4f} .. {c['ci95'][1]:+.4f}"
+        holm = (f"{c['wilcoxon_p_holm']:.3g}", f"{c['sign_test_p_holm']:.3g}") if several else ()
         table.add_row(c["report"], str(c["n"]), f"{c['base_mean']:.4f}", f"{c['other_mean']:.4f}",
                       f"{c['mean_difference']:+.4f}", ci, f"{c['median_difference']:+.4f}",
-                      f"{c['better']} / {c['worse']} / {c['tied']}", f"{c['wilcoxon_p']:.3g}", f"{c['sign_test_p']:.3g}")
+                      f"{c['better']} / {c['worse']} / {c['tied']}", f"{c['wilcoxon_p']:.3g}", f"{c['sign_test_p']:.3g}",
+                      *holm)
     print_table(Console(quiet=quiet), table)
     if output is not None:
         write_json(output, result)

@@ -57,6 +57,39 @@ def test_confidence_interval_is_the_student_t_interval():
     assert s["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
 
 
+def test_holm_adjustment_by_hand():
+    from cyclereg.compare import holm_adjusted
+
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, then max(0.06, 1 x 0.04): back in the given order
+    assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted([0.2]) == [0.2]  # one comparison: unchanged
+    assert holm_adjusted([0.6, 0.5]) == [1.0, 1.0]  # capped at 1, and monotone
+    assert holm_adjusted([]) == []
+
+
+def test_several_reports_get_holm_adjusted_p_values(tmp_path):
+    """Three reports against one base: each comparison's own p-values, and Holm's over the three."""
+    base = keypoint_report(tmp_path / "base.json", {f"c{i}": 10.0 for i in range(10)})
+    others = [keypoint_report(tmp_path / "all_better.json", {f"c{i}": 9.9 - 0.1 * i for i in range(10)}),
+              keypoint_report(tmp_path / "mixed.json", {f"c{i}": 10.0 + (0.1 * (i + 1) if i % 3 == 0 else -0.1 * (i + 1))
+                                                        for i in range(10)}),
+              keypoint_report(tmp_path / "same.json", {f"c{i}": 10.0 for i in range(10)})]
+    out = tmp_path / "cmp.json"
+    res = runner.invoke(app, ["compare", str(base), *map(str, others), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    comps = json.loads(out.read_text())["comparisons"]
+    for key in ("wilcoxon_p", "sign_test_p"):
+        better, mixed, same = (c[key] for c in comps)
+        assert better == pytest.approx(2 / 1024) and same == 1.0 and better < mixed < same
+        # ranks 1, 2, 3: the smallest times three, the next times two (not below the first), the last once
+        assert [c[f"{key}_holm"] for c in comps] == pytest.approx([3 * better, max(3 * better, min(1.0, 2 * mixed)), 1.0])
+    assert "Wilcoxon p (Holm)" in res.output
+    # a single comparison: the adjusted value is the raw one, and the table has no Holm column
+    one = compare_reports([base, others[0]], quiet=True)["comparisons"][0]
+    assert one["wilcoxon_p_holm"] == one["wilcoxon_p"]
+    assert "(Holm)" not in runner.invoke(app, ["compare", str(base), str(others[0])]).output
+
+
 def test_identical_reports_are_all_tied(tmp_path):
     a = keypoint_report(tmp_path / "a.json", {"c1": 2.0, "c2": 3.0})
     r = compare_reports([a, a], quiet=True)
