@@ -31,7 +31,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpuinfo(field: str) -> str | None:
+def cpuinfo_field(field: str) -> str | None:
     """The value of the first ``field`` line of ``/proc/cpuinfo`` (e.g. ``"model name"``), or None
     where there is none or no such file."""
     try:
@@ -45,14 +45,14 @@ def _cpuinfo(field: str) -> str | None:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
-    name = _cpuinfo("model name")
+    name = cpuinfo_field("model name")
     return name if name is not None else platform.processor() or "unknown"
 
 
 def cpu_has_bf16_units() -> bool:
     """Whether the CPU multiplies bfloat16 matrices natively (the ``amx_bf16`` or ``avx512_bf16``
     flag of ``/proc/cpuinfo``), which makes bfloat16 autocast fast; False where unknown."""
-    return bool({"amx_bf16", "avx512_bf16"} & set((_cpuinfo("flags") or "").split()))
+    return bool({"amx_bf16", "avx512_bf16"} & set((cpuinfo_field("flags") or "").split()))
 
 
 def provenance(device: torch.device | None = None) -> dict:

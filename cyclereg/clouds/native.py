@@ -49,17 +49,13 @@ def cache_dir() -> Path:
 
 
 def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the machine and, on Linux, the CPU model and flags."""
-    parts = [platform.machine(), platform.processor()]
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features", "CPU part")):
-                parts.append(line)
-                if len(parts) > 4:
-                    break
-    except OSError:
-        pass
-    return "\n".join(parts)
+    """What ``-march=native`` depends on: the machine and, on Linux, the CPU model and flags
+    (x86: ``model name``, ``flags``; ARM: ``CPU part``, ``Features``)."""
+    from cyclereg.device import cpuinfo_field
+
+    fields = ("model name", "flags", "Features", "CPU part")
+    return "\n".join([platform.machine(), platform.processor(),
+                      *(f"{f}: {v}" for f in fields if (v := cpuinfo_field(f)) is not None)])
 
 
 def _compiler() -> str | None:
