@@ -108,7 +108,8 @@ def test_min_convolution_chunking_changes_nothing(monkeypatch):
     """The CPU chunk (edges per product) follows K x K' within [1, EDGE_CHUNK], and any chunk
     size, one edge at a time included, gives bitwise the messages of the default one (torch's
     search; the C kernel's chunks: tests/test_lbp_native.py)."""
-    from cyclereg.clouds import lbp, native
+    from cyclereg import native
+    from cyclereg.clouds import lbp
 
     monkeypatch.setenv(native.DISABLE_ENV, "0")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cyclereg import native as shared
 from cyclereg.clouds import lbp, native
 
 
@@ -98,7 +99,7 @@ def test_lbp_displacements_and_gradients_bitwise_as_torch_path(kernel, monkeypat
     results = []
     for use_kernel in (True, False):
         if not use_kernel:
-            monkeypatch.setenv(native.DISABLE_ENV, "0")
+            monkeypatch.setenv(shared.DISABLE_ENV, "0")
         assert native.usable(torch.zeros(1, 1)) is use_kernel
         feat_f.grad = feat_m.grad = None
         disp = lbp.lbp_displacements(fixed, moving, feat_f.tanh(), feat_m.tanh(), cfg)
@@ -152,22 +153,22 @@ def test_non_finite_beliefs_and_float64_take_the_torch_path(kernel):
 
 def test_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     """No compiler (or a build error): kernel() is None with a reason, LBP still works."""
-    monkeypatch.setattr(native, "_kernel", None)
-    monkeypatch.setattr(native, "_reason", "not loaded yet")
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(native.LIBRARY, "_kernel", None)
+    monkeypatch.setattr(native.LIBRARY, "_reason", "not loaded yet")
+    monkeypatch.setenv(shared.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setattr(shared, "compiler", lambda: None)
     assert native.kernel() is None
     assert "no C compiler" in native.reason()
     fixed, moving, feat_f, feat_m = _lbp_problem(n=60, k=16)
     disp = lbp.lbp_displacements(fixed, moving, feat_f, feat_m, lbp.LBPConfig(num_candidates=16))
     assert disp.shape == (60, 3) and torch.isfinite(disp).all()
     # a failing compiler: the same, and nothing is left in the cache
-    monkeypatch.setattr(native, "_reason", "not loaded yet")
+    monkeypatch.setattr(native.LIBRARY, "_reason", "not loaded yet")
     bad = tmp_path / "bad-cc"
     bad.write_text("#!/bin/sh\necho 'bad-cc: broken' >&2\nexit 1\n")
     bad.chmod(0o755)
-    monkeypatch.setattr(native, "_compiler", lambda: str(bad))
+    monkeypatch.setattr(shared, "compiler", lambda: str(bad))
     assert native.kernel() is None
     assert "could not be built" in native.reason() and "broken" in native.reason()
     assert not any((tmp_path / "cache").rglob("*.so"))
@@ -176,22 +177,22 @@ def test_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
 def test_disabling_is_not_remembered(monkeypatch):
     """CYCLEREG_NATIVE=0 holds while it is set: set before the first load, then removed, the
     kernel loads (it had stayed off for the rest of the process)."""
-    if native._compiler() is None:
+    if shared.compiler() is None:
         pytest.skip("no C compiler")
-    monkeypatch.setattr(native, "_kernel", None)
-    monkeypatch.setattr(native, "_reason", "not loaded yet")
-    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    monkeypatch.setattr(native.LIBRARY, "_kernel", None)
+    monkeypatch.setattr(native.LIBRARY, "_reason", "not loaded yet")
+    monkeypatch.setenv(shared.DISABLE_ENV, "0")
     assert native.kernel() is None and "disabled" in native.reason()
-    monkeypatch.delenv(native.DISABLE_ENV)
+    monkeypatch.delenv(shared.DISABLE_ENV)
     assert native.kernel() is not None and native.reason() == "loaded"
 
 
 def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
-    if native._compiler() is None:
+    if shared.compiler() is None:
         pytest.skip("no C compiler")
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    first = native._build()
-    assert first.parent == tmp_path / "native" and first.suffix == ".so"
+    monkeypatch.setenv(shared.CACHE_ENV, str(tmp_path))
+    first = native.LIBRARY.build()
+    assert first.parent == tmp_path / "native" and first.suffix == ".so" and first.name.startswith("minconv-")
     mtime = first.stat().st_mtime_ns
-    assert native._build() == first and first.stat().st_mtime_ns == mtime
+    assert native.LIBRARY.build() == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left

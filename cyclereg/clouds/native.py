@@ -6,96 +6,25 @@ as the product. The kernel computes the same products (same floating-point opera
 file) one register block at a time and keeps only the running minimum, with the same exact
 two-pass pruning, so on CPU it returns the torch path's indices several times faster.
 
-It is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
-``$CYCLEREG_CACHE_DIR`` (default ``$XDG_CACHE_HOME/cyclereg`` or ``~/.cache/cyclereg``), keyed by
-the source, the compiler flags and this CPU, and checked once per process against the torch path
-on a small problem. Without a compiler, or if the check fails, or with ``CYCLEREG_NATIVE=0`` in
-the environment, the torch path is used: the results do not depend on it, only the time.
+It is built, cached and checked once per process against the torch path on a small problem by
+:class:`cyclereg.native.NativeLibrary` (the shared machinery of the package's C kernels). Without a
+compiler, or if the check fails, or with ``CYCLEREG_NATIVE=0`` in the environment, the torch path
+is used: the results do not depend on it, only the time.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from cyclereg.native import NativeLibrary
+
 SOURCE = Path(__file__).with_name("_minconv.c")
-DISABLE_ENV = "CYCLEREG_NATIVE"
-"""Set to ``0`` to always use the torch path."""
-CACHE_ENV = "CYCLEREG_CACHE_DIR"
-COMMON_FLAGS = ("-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
-"""``-ffp-contract=off``: the kernel's fused multiply-adds are written out; no others may appear."""
-FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3", "-fopenmp"), ("-O3",))
-"""Tried in order until one compiles (OpenMP and ``-march=native`` are optional)."""
-COMPILE_TIMEOUT_S = 120
-
-_kernel = None
-_reason = "not loaded yet"
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels are kept."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cyclereg"
-
-
-def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the machine and, on Linux, the CPU model and flags
-    (x86: ``model name``, ``flags``; ARM: ``CPU part``, ``Features``)."""
-    from cyclereg.device import cpuinfo_field
-
-    fields = ("model name", "flags", "Features", "CPU part")
-    return "\n".join([platform.machine(), platform.processor(),
-                      *(f"{f}: {v}" for f in fields if (v := cpuinfo_field(f)) is not None)])
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build() -> Path:
-    """Path of the compiled library, compiling it if this source/CPU has none yet."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(COMMON_FLAGS + flags).encode(),
-                                         _cpu_identity().encode()])).hexdigest()[:16]
-        target = cache_dir() / "native" / f"minconv-{key}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cc, *COMMON_FLAGS, *flags, str(SOURCE), "-o", tmp, "-lm"],
-                                  capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-            if proc.returncode == 0:
-                os.replace(tmp, target)  # atomic: concurrent processes each write their own tmp
-                return target
-            errors.append(proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError(f"{cc} failed: {errors[-1][0]}")
-
-
-def _load():
-    lib = ctypes.CDLL(str(_build()))
+def _bind(lib):
     fn = lib.cyclereg_minconv_argmin
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
@@ -125,31 +54,18 @@ def _self_check(fn) -> bool:
     return True
 
 
+LIBRARY = NativeLibrary(SOURCE, "minconv", _bind, _self_check,
+                        "its indices differ from the torch path's on this platform")
+
+
 def kernel():
     """The loaded kernel, or None (then :func:`reason` says why)."""
-    global _kernel, _reason
-    if _disabled():
-        return None
-    if _kernel is None and _reason == "not loaded yet":
-        try:
-            fn = _load()
-            if _self_check(fn):
-                _kernel, _reason = fn, "loaded"
-            else:
-                _reason = "its indices differ from the torch path's on this platform"
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
-            _reason = f"could not be built: {exc}"
-    return _kernel
-
-
-def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "1") == "0"
+    return LIBRARY.kernel()
 
 
 def reason() -> str:
     """Why :func:`kernel` returns what it does (for diagnostics)."""
-    kernel()
-    return f"disabled by {DISABLE_ENV}=0" if _disabled() else _reason
+    return LIBRARY.reason()
 
 
 def _call(fn, belief, cand_src, cand_dst, alpha, first, src_ax2=None, with_pair=False):
