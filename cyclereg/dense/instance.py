@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cyclereg.dense import native
 from cyclereg.dense.config import AdamConfig
 from cyclereg.dense.convex import box_smooth, resample_disp, standardize
 from cyclereg.frames import ALIGN_CORNERS, identity_grid, voxel_disp_to_grid_disp
@@ -34,6 +35,26 @@ def warp_features(feat: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     return out[:, :, :D]
 
 
+class WarpedMSE:
+    """The data term of :func:`adam_refine` for one fixed/moving feature pair and many fields: the mean
+    over channels and voxels of ``(warp_features(feat_mov, disp) - feat_fix)^2``, differentiable with
+    respect to ``disp``. Through the C kernel of :mod:`cyclereg.dense.native` where it applies (float32
+    CPU features that need no gradient; channels-last copies are made once, here), else the torch
+    path (:func:`cyclereg.dense.native.torch_warped_mse`); the two agree to float32 rounding."""
+
+    def __init__(self, feat_fix: torch.Tensor, feat_mov: torch.Tensor):
+        self.feat_fix, self.feat_mov = feat_fix, feat_mov
+        self.native = native.usable(feat_fix, feat_mov)
+        if self.native:
+            self.fix_cl, self.mov_cl = native.channels_last(feat_fix), native.channels_last(feat_mov)
+
+    def __call__(self, disp: torch.Tensor) -> torch.Tensor:
+        """Scalar data term of the field ``disp`` ``(1, 3, D, H, W)`` (voxels of the feature grid)."""
+        if self.native and disp.device.type == "cpu" and disp.dtype == torch.float32:
+            return native.warped_mse(self.fix_cl, self.mov_cl, disp)
+        return native.torch_warped_mse(self.feat_fix, self.feat_mov, disp)
+
+
 def diffusion_regularizer(disp: torch.Tensor) -> torch.Tensor:
     """Sum over the three axes of the mean squared forward difference of ``disp`` (voxels^2)."""
     return sum(disp.diff(dim=a).pow(2).mean() for a in (2, 3, 4))
@@ -61,11 +82,12 @@ def adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tens
     low = resample_disp(disp.detach(), tuple(feat_fix.shape[2:]), float(factor))
     param = torch.nn.Parameter(low.clone())
     opt = torch.optim.Adam([param], lr=cfg.lr)
+    data_term = WarpedMSE(feat_fix, feat_mov)
     with torch.enable_grad():
         for _ in range(cfg.iterations):
             opt.zero_grad(set_to_none=True)
             field = box_smooth(param, cfg.smooth_kernel, cfg.smooth_passes)
-            data = (warp_features(feat_mov, field) - feat_fix).pow(2).mean()
+            data = data_term(field)
             loss = cfg.data_weight * data + cfg.reg_factor * cfg.reg_weight * diffusion_regularizer(field)
             loss.backward()
             opt.step()
