@@ -524,8 +524,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
         args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
         # folds that have all their stages already (or have settled) only bring their record up to date:
         # here, not in a worker process (starting one costs seconds)
-        done = {k for k in selected if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= stages
-                or StageScheduler(None, fold_dir(run, k)).settled(rule) is not None}
+        done = {k for k in selected if _fold_complete(StageScheduler(None, fold_dir(run, k)), stages, rule)}
         with _progress() as progress:
             outer = progress.add_task("folds", total=len(selected))
 
@@ -538,6 +537,11 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
             _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
                        on_result=lambda r: finished(*r))
     return {k: result[k] for k in selected}
+
+
+def _fold_complete(sched: StageScheduler, stages: int, stop_below_mm: float | None) -> bool:
+    """Whether a fold has nothing left to train: all ``stages`` finished, or its labels settled."""
+    return sched.last_finished_stage() >= stages or sched.settled(stop_below_mm) is not None
 
 
 def _cloud_training_record(ds, k) -> dict:

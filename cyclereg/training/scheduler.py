@@ -524,7 +524,7 @@ class StageScheduler:
         (:func:`settled_stage`) is finished, with nothing left to do."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
         records = self._stage_log()
-        settled = settled_stage({t: r for t, r in records.items() if t <= done}, stop_below_mm)
+        settled = self.settled(stop_below_mm)
         seconds = {t: float(record["seconds"]) for t, record in records.items()}
         nxt = done + 1
         current = snapshot_pace = None
