@@ -10,7 +10,7 @@ import torch
 from cyclereg import native as shared
 from cyclereg.dense import native
 from cyclereg.dense.config import AdamConfig
-from cyclereg.dense.instance import WarpedMSE, adam_refine
+from cyclereg.dense.instance import WarpedMSE, adam_refine, warped_mse_torch
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_value_and_gradient_are_the_torch_paths(kernel, threads):
         gen = torch.Generator().manual_seed(3)
         fix, mov = torch.randn(2, 1, 16, 12, 10, 14, generator=gen)
         disp = (torch.randn(1, 3, 12, 10, 14, generator=gen) * 4.0).requires_grad_(True)
-        want = native.torch_warped_mse(fix, mov, disp)
+        want = warped_mse_torch(fix, mov, disp)
         (want_grad,) = torch.autograd.grad(want, disp)
         term = WarpedMSE(fix, mov)
         assert term.native

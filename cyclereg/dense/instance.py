@@ -35,12 +35,18 @@ def warp_features(feat: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     return out[:, :, :D]
 
 
+def warped_mse_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """The data term of :func:`adam_refine` on the torch path: the mean over channels and voxels of
+    ``(warp_features(feat_mov, disp) - feat_fix)^2`` (trilinear, border)."""
+    return (warp_features(feat_mov, disp) - feat_fix).pow(2).mean()
+
+
 class WarpedMSE:
     """The data term of :func:`adam_refine` for one fixed/moving feature pair and many fields: the mean
     over channels and voxels of ``(warp_features(feat_mov, disp) - feat_fix)^2``, differentiable with
     respect to ``disp``. Through the C kernel of :mod:`cyclereg.dense.native` where it applies (float32
     CPU features that need no gradient; channels-last copies are made once, here), else the torch
-    path (:func:`cyclereg.dense.native.torch_warped_mse`); the two agree to float32 rounding."""
+    path (:func:`warped_mse_torch`); the two agree to float32 rounding."""
 
     def __init__(self, feat_fix: torch.Tensor, feat_mov: torch.Tensor):
         self.feat_fix, self.feat_mov = feat_fix, feat_mov
@@ -52,7 +58,7 @@ class WarpedMSE:
         """Scalar data term of the field ``disp`` ``(1, 3, D, H, W)`` (voxels of the feature grid)."""
         if self.native and disp.device.type == "cpu" and disp.dtype == torch.float32:
             return native.warped_mse(self.fix_cl, self.mov_cl, disp)
-        return native.torch_warped_mse(self.feat_fix, self.feat_mov, disp)
+        return warped_mse_torch(self.feat_fix, self.feat_mov, disp)
 
 
 def diffusion_regularizer(disp: torch.Tensor) -> torch.Tensor:

@@ -42,27 +42,22 @@ class _Kernel:
                                   + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
 
 
-def torch_warped_mse(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """The torch path: mean over channels and voxels of ``(warp(feat_mov, disp) - feat_fix)^2``
-    (:func:`cyclereg.dense.instance.warp_features`, trilinear, border)."""
-    from cyclereg.dense.instance import warp_features
-
-    return (warp_features(feat_mov, disp) - feat_fix).pow(2).mean()
-
-
 def channels_last(feat: torch.Tensor) -> torch.Tensor:
     """``(1, C, D, H, W)`` -> contiguous ``(D, H, W, C)``, the kernel's layout."""
     return feat[0].permute(1, 2, 3, 0).contiguous()
 
 
 def _self_check(kernel: _Kernel) -> bool:
-    """Value and field gradient of the kernel agree with :func:`torch_warped_mse` (within
-    :data:`CHECK_RTOL`) on a small random problem whose displacements reach past every border."""
+    """Value and field gradient of the kernel agree with the torch path
+    (:func:`cyclereg.dense.instance.warped_mse_torch`, within :data:`CHECK_RTOL`) on a small random
+    problem whose displacements reach past every border."""
+    from cyclereg.dense.instance import warped_mse_torch  # imports this module
+
     gen = torch.Generator().manual_seed(0)
     fix, mov = torch.randn(2, 1, 5, 6, 7, 9, generator=gen)
     disp = (torch.randn(1, 3, 6, 7, 9, generator=gen) * 3.0).requires_grad_(True)
     with torch.enable_grad():  # the first use may come inside a caller's no_grad (registration)
-        want = torch_warped_mse(fix, mov, disp)
+        want = warped_mse_torch(fix, mov, disp)
         (want_grad,) = torch.autograd.grad(want, disp)
         got = _WarpMSE.apply(disp, channels_last(mov), channels_last(fix), kernel)
         (got_grad,) = torch.autograd.grad(got, disp)
@@ -115,7 +110,7 @@ def usable(feat_fix: torch.Tensor, feat_mov: torch.Tensor) -> bool:
 
 
 def warped_mse(fix_cl: torch.Tensor, mov_cl: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """:func:`torch_warped_mse` from the :func:`channels_last` features ``fix_cl`` and ``mov_cl``
+    """:func:`cyclereg.dense.instance.warped_mse_torch` from the :func:`channels_last` features ``fix_cl`` and ``mov_cl``
     ``(D, H, W, C)`` (float32, CPU) and ``disp`` ``(1, 3, D, H, W)`` (voxels, float32, CPU): a scalar,
     differentiable with respect to ``disp``. Call only when :func:`usable`."""
     if disp.shape != (1, 3, *mov_cl.shape[:3]) or disp.dtype != mov_cl.dtype or fix_cl.shape != mov_cl.shape:
