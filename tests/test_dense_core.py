@@ -284,6 +284,66 @@ def test_hd95_on_spheres_in_mm(spacing):
     assert hd95(a, a, spacing=spacing)[1] == 0.0
 
 
+def _blobs(shape, seed, values):
+    """A label map of overlapping spheres of the given label values (later ones on top)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(shape, dtype=torch.long)
+    for v in values:
+        centre = tuple(float(torch.randint(3, s - 3, (1,), generator=g)) for s in shape)
+        radius = float(torch.randint(2, 7, (1,), generator=g))
+        out[sphere(shape, centre, radius).bool()] = v
+    return out
+
+
+def _label_definitions(fixed, warped, listed, spacing):
+    """Dice 2|A n B| / (|A| + |B|) from the full masks and HD95 from distance transforms of the whole
+    (padded) volume, label by label, for the listed labels the fixed map has."""
+    import numpy as np
+    from scipy import ndimage
+
+    want_dice, want_hd = {}, {}
+    for lab in listed:
+        a, b = fixed == lab, warped == lab
+        if not a.any():
+            continue
+        want_dice[lab] = 2.0 * (a & b).sum().item() / (a.sum().item() + b.sum().item())
+        if b.any():
+            sa, sb = (m.numpy() & ~ndimage.binary_erosion(m.numpy(), ndimage.generate_binary_structure(3, 1))
+                      for m in (a, b))
+            da = ndimage.distance_transform_edt(~np.pad(sa, 25), sampling=spacing)[25:-25, 25:-25, 25:-25]
+            db = ndimage.distance_transform_edt(~np.pad(sb, 25), sampling=spacing)[25:-25, 25:-25, 25:-25]
+            want_hd[lab] = float(max(np.percentile(db[sa], 95), np.percentile(da[sb], 95)))
+    return want_dice, want_hd
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("negative", [False, True])
+def test_dice_and_hd95_equal_their_label_by_label_definitions(seed, negative):
+    """Dice counted for all labels at once and HD95 on bounding boxes from one find_objects pass give
+    exactly the per-label definitions, with labels missing from one map or the other, a listed label
+    neither has and large label values; maps with a negative label value take the label-by-label path
+    and must give the definitions too."""
+    from cyclereg.metrics import erased_labels
+
+    shape, spacing = (20, 22, 24), (1.0, 2.0, 1.5)
+    fixed = _blobs(shape, seed, [1, 2, 5, 1000, 7])
+    warped = _blobs(shape, seed + 10, [1, 2, 5, 1000, 9])
+    if negative:
+        fixed[0, 0, :3] = -3
+        warped[0, 0, 1:4] = -3
+    listed = [1, 2, 5, 7, 9, 1000, 4242] + ([-3] if negative else [])
+    want_dice, want_hd = _label_definitions(fixed, warped, listed, spacing)
+    assert 7 in want_dice and 7 not in want_hd  # a label the warped map lacks: Dice 0, no HD95
+    assert dice(fixed, warped, listed) == want_dice
+    got_hd = hd95(fixed, warped, spacing=spacing, labels=listed)
+    assert got_hd.keys() == want_hd.keys()
+    assert all(got_hd[k] == pytest.approx(want_hd[k], abs=1e-9) for k in want_hd)
+    assert erased_labels(warped, listed) == [k for k in listed if not (warped == k).any()]
+    both = set(fixed.unique().tolist()) & set(warped.unique().tolist())
+    assert scored_labels(fixed, warped) == sorted(both - {0})
+    assert (-3 in scored_labels(fixed, warped)) is negative
+
+
 # ----------------------------------------------------------------------------- network & pipeline
 def test_feature_net_shapes_and_seed():
     cfg = FeatureNetConfig()

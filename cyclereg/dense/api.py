@@ -42,7 +42,7 @@ from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
-from cyclereg.metrics import determinant_stats, dice, hd95, jacobian_map, scored_labels, sdlogj
+from cyclereg.metrics import determinant_stats, dice, erased_labels, hd95, jacobian_map, scored_labels, sdlogj
 from cyclereg.volumeio import Volume, read_nifti, same_grid, spacing_differs, write_displacement, write_nifti
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
@@ -262,7 +262,7 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
         "dice_per_label": {str(k): v for k, v in d1.items()},
         "initial_dice_per_label": {str(k): v for k, v in d0.items()},
         "hd95_per_label_mm": {str(k): v for k, v in h.items()},
-        "erased_labels": [k for k in labels if not bool((warped_labels == k).any())],
+        "erased_labels": erased_labels(warped_labels, labels),
     }
 
 
