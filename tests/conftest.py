@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def require_kernel(module):
+    """The loaded C kernel of a ``native`` module (:mod:`cyclereg.clouds.native`,
+    :mod:`cyclereg.dense.native`), or skip the test saying why there is none."""
+    k = module.kernel()
+    if k is None:
+        pytest.skip(f"no native kernel here: {module.reason()}")
+    return k
+
+
 def load_script(relative: str):
     """The module of a repository script that is not part of the package (``scripts/``,
     ``benchmarks/``), e.g. ``load_script("scripts/device_check.py")``."""

@@ -12,13 +12,12 @@ from cyclereg.dense import native
 from cyclereg.dense.config import AdamConfig
 from cyclereg.dense.instance import WarpedMSE, adam_refine, warped_mse_torch
 
+from conftest import require_kernel
+
 
 @pytest.fixture
 def kernel():
-    k = native.kernel()
-    if k is None:
-        pytest.skip(f"no native kernel here: {native.reason()}")
-    return k
+    return require_kernel(native)
 
 
 def _mse(fix, mov, disp):

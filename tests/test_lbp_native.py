@@ -10,13 +10,12 @@ import torch
 from cyclereg import native as shared
 from cyclereg.clouds import lbp, native
 
+from conftest import require_kernel
+
 
 @pytest.fixture
 def kernel():
-    fn = native.kernel()
-    if fn is None:
-        pytest.skip(f"no native kernel here: {native.reason()}")
-    return fn
+    return require_kernel(native)
 
 
 def _problem(e, ks, kd, scale, seed, ties=False):
