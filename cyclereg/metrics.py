@@ -137,17 +137,21 @@ def determinant_stats(J: torch.Tensor) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- label overlap (dense path)
-def label_counts(labels: torch.Tensor, size: int | None = None) -> torch.Tensor | None:
-    """Voxels per label value of an integer label map, ``(size,)`` (default: its largest label + 1),
-    from one ``bincount`` pass; ``None`` where the map is not integer or holds a negative value (then
-    callers compare label by label)."""
+MAX_COUNTED_LABEL = 1 << 20
+"""Largest label value the one-pass label statistics index directly (:func:`label_counts`,
+:func:`_label_boxes`); maps with larger values are compared label by label."""
+
+
+def label_counts(labels: torch.Tensor) -> torch.Tensor | None:
+    """Voxels per label value of an integer label map, ``(largest label + 1,)``, from one ``bincount``
+    pass; ``None`` where the map is not integer, holds a negative value or one above
+    :data:`MAX_COUNTED_LABEL` (then callers compare label by label)."""
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool or labels.numel() == 0:
         return None
     flat = labels.reshape(-1)
-    if int(flat.min()) < 0:
+    if int(flat.min()) < 0 or int(flat.max()) > MAX_COUNTED_LABEL:
         return None
-    top = int(flat.max()) + 1
-    return torch.bincount(flat, minlength=max(top, size or 0))
+    return torch.bincount(flat)
 
 
 def _present(counts: torch.Tensor | None, labels_map: torch.Tensor, label: int) -> bool:
@@ -205,7 +209,7 @@ def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -
     out = {}
     if ca is not None and cb is not None:
         size = max(ca.numel(), cb.numel())
-        ca, cb = label_counts(fixed_labels, size), label_counts(warped_labels, size)
+        ca, cb = (torch.nn.functional.pad(c, (0, size - c.numel())) for c in (ca, cb))
         both = torch.bincount(fixed_labels[fixed_labels == warped_labels].reshape(-1), minlength=size)
         for lab in _labels_to_score(fixed_labels, warped_labels, labels, ca):
             out[int(lab)] = 2.0 * int(both[lab]) / (int(ca[lab]) + int(cb[lab]))
@@ -233,7 +237,8 @@ def _label_boxes(labels):
     import numpy as np
     from scipy import ndimage
 
-    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    if (labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+            or labels.max() > MAX_COUNTED_LABEL):
         return None
     return ndimage.find_objects(labels.astype(np.intp, copy=False))
 

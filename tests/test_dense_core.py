@@ -317,13 +317,18 @@ def _label_definitions(fixed, warped, listed, spacing):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("negative", [False, True])
-def test_dice_and_hd95_equal_their_label_by_label_definitions(seed, negative):
+@pytest.mark.parametrize("path", ["counted", "negative", "too large"])
+def test_dice_and_hd95_equal_their_label_by_label_definitions(seed, path, monkeypatch):
     """Dice counted for all labels at once and HD95 on bounding boxes from one find_objects pass give
     exactly the per-label definitions, with labels missing from one map or the other, a listed label
-    neither has and large label values; maps with a negative label value take the label-by-label path
-    and must give the definitions too."""
-    from cyclereg.metrics import erased_labels
+    neither has and large label values; maps with a negative label value, or one above the counted
+    range, take the label-by-label path and must give the definitions too."""
+    import cyclereg.metrics as metrics
+    from cyclereg.metrics import erased_labels, label_counts
+
+    negative = path == "negative"
+    if path == "too large":
+        monkeypatch.setattr(metrics, "MAX_COUNTED_LABEL", 999)  # label 1000 is above it
 
     shape, spacing = (20, 22, 24), (1.0, 2.0, 1.5)
     fixed = _blobs(shape, seed, [1, 2, 5, 1000, 7])
@@ -332,6 +337,7 @@ def test_dice_and_hd95_equal_their_label_by_label_definitions(seed, negative):
         fixed[0, 0, :3] = -3
         warped[0, 0, 1:4] = -3
     listed = [1, 2, 5, 7, 9, 1000, 4242] + ([-3] if negative else [])
+    assert (label_counts(fixed) is None) is (path != "counted")
     want_dice, want_hd = _label_definitions(fixed, warped, listed, spacing)
     assert 7 in want_dice and 7 not in want_hd  # a label the warped map lacks: Dice 0, no HD95
     assert dice(fixed, warped, listed) == want_dice
