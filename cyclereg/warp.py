@@ -48,13 +48,38 @@ def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=N
     return warp_between_grids(labels, labels_affine, disp_vox, fixed_affine, mode="nearest", padding_mode="zeros")
 
 
-def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
-    """``grid_sample`` of ``moving`` ``(B or 1, C, ...)`` at ``grid`` ``(B, D, H, W, 3)``; integer
-    images (labels) are sampled as floats and rounded back."""
-    src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)
+def sample_grid(src: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
+                padding_mode: str = "border") -> torch.Tensor:
+    """``grid_sample`` of a float volume ``src`` ``(B or 1, C, D', H', W')`` at ``grid`` ``(B, D, H, W, 3)``
+    (grid frame, :data:`~cyclereg.frames.ALIGN_CORNERS`) -> ``(B, C, D, H, W)``; the one call of it in
+    the package for 5-D volumes.
+
+    PyTorch's CPU ``grid_sample`` of 5-D inputs works one volume per thread, so a single volume uses
+    one core; here its grid is cut into slabs along the first axis that form a batch, one per intra-op
+    thread, when ``src`` needs no gradient. Each output voxel (and its gradient with respect to the grid)
+    is computed by the same code either way: the same values, bitwise."""
     if src.shape[0] != grid.shape[0]:
         src = src.expand(grid.shape[0], *src.shape[1:])
-    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    parts = torch.get_num_threads() if grid.device.type == "cpu" and not src.requires_grad else 1
+    depth = grid.shape[1]
+    if parts <= 1 or grid.shape[0] != 1 or depth < 2 * parts:
+        return F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    slab = -(-depth // parts)
+    pad = slab * parts - depth
+    if pad:
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+    grid = grid.reshape(parts, slab, *grid.shape[2:])
+    out = F.grid_sample(src.expand(parts, -1, -1, -1, -1), grid, mode=mode, padding_mode=padding_mode,
+                        align_corners=ALIGN_CORNERS)
+    out = out.permute(1, 0, 2, 3, 4).reshape(1, src.shape[1], slab * parts, *out.shape[3:])
+    return out[:, :, :depth]
+
+
+def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """:func:`sample_grid` of ``moving`` ``(B or 1, C, ...)`` at ``grid`` ``(B, D, H, W, 3)``; integer
+    images (labels) are sampled as floats and rounded back."""
+    src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)
+    out = sample_grid(src, grid, mode, padding_mode)
     return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)
 
 
@@ -90,5 +115,4 @@ def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
 def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of ``field`` ``(1, C, D, H, W)`` at voxel points ``(N, 3)`` -> ``(N, C)``."""
     g = voxel_to_grid(points_vox.to(field.dtype), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
-    out = F.grid_sample(field, g, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
-    return out.view(field.shape[1], -1).T
+    return sample_grid(field, g, "bilinear", "border").reshape(field.shape[1], -1).T

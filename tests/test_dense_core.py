@@ -443,20 +443,34 @@ def test_softmax_temperature_documented_scale():
 
 
 @pytest.mark.parametrize("depth", [9, 16])  # with and without padding of the last slab
-def test_slab_warp_equals_warp_with_several_threads(depth):
-    """`warp_features` cuts the grid into one slab per CPU thread; the result must be `warp`'s."""
-    from cyclereg.dense.instance import warp_features
+@pytest.mark.parametrize("mode, padding", [("bilinear", "border"), ("bilinear", "zeros"), ("nearest", "zeros")])
+def test_slab_sampling_is_grid_sample_bitwise_with_several_threads(depth, mode, padding):
+    """`sample_grid` cuts a single volume's grid into one slab per CPU thread (3 here); values and
+    gradients with respect to the grid must be torch's `grid_sample`'s bit for bit, and a source that
+    needs a gradient is sampled in one piece (its gradient sums over the slabs otherwise)."""
+    import torch.nn.functional as F
+
+    from cyclereg.frames import ALIGN_CORNERS
+    from cyclereg.warp import sample_grid
 
     g = torch.Generator().manual_seed(0)
-    feat = torch.randn(1, 4, depth, 7, 6, generator=g)
-    disp = 2.0 * torch.randn(1, 3, depth, 7, 6, generator=g)
+    src = torch.randn(1, 4, 11, 7, 6, generator=g)
+    grid = (torch.rand(1, depth, 5, 8, 3, generator=g) * 2.4 - 1.2).requires_grad_(True)
     n = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        out = warp_features(feat, disp)
+        got = sample_grid(src, grid, mode, padding)
+        want = F.grid_sample(src, grid, mode=mode, padding_mode=padding, align_corners=ALIGN_CORNERS)
+        assert torch.equal(got, want)
+        if mode == "bilinear":
+            w = torch.randn(want.shape, generator=g)
+            assert torch.equal(torch.autograd.grad((got * w).sum(), grid)[0], torch.autograd.grad((want * w).sum(), grid)[0])
+        learnt = src.clone().requires_grad_(True)
+        out = sample_grid(learnt, grid.detach(), mode, padding)
+        ref = F.grid_sample(learnt, grid.detach(), mode=mode, padding_mode=padding, align_corners=ALIGN_CORNERS)
+        assert torch.equal(torch.autograd.grad(out.sum(), learnt)[0], torch.autograd.grad(ref.sum(), learnt)[0])
     finally:
         torch.set_num_threads(n)
-    torch.testing.assert_close(out, warp(feat, disp), rtol=1e-6, atol=1e-6)
 
 
 def test_register_names_the_bad_image():

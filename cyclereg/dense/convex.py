@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.dense.config import ConvexConfig
-from cyclereg.frames import ALIGN_CORNERS, voxel_coordinates, voxel_to_grid
-from cyclereg.warp import warp
+from cyclereg.frames import voxel_coordinates, voxel_to_grid
+from cyclereg.warp import sample_grid, warp
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -169,8 +169,7 @@ def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: fl
     src_shape = tuple(disp.shape[2:])
     pts = voxel_coordinates(tuple(out_shape), device=disp.device, dtype=disp.dtype) * ratio
     grid = voxel_to_grid(pts, src_shape).unsqueeze(0).expand(disp.shape[0], -1, -1, -1, -1)
-    out = F.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
-    return out / ratio
+    return sample_grid(disp, grid, "bilinear", "border") / ratio
 
 
 def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, int], cfg: ConvexConfig) -> torch.Tensor:

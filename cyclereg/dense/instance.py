@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cyclereg.dense import native
 from cyclereg.dense.config import AdamConfig
 from cyclereg.dense.convex import box_smooth, resample_disp, standardize
-from cyclereg.frames import ALIGN_CORNERS, identity_grid, voxel_disp_to_grid_disp
 from cyclereg.warp import warp
 
 
 def warp_features(feat: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """:func:`cyclereg.warp.warp` (trilinear, border) for a single volume, faster on CPU.
-
-    PyTorch's 3-D ``grid_sample`` on CPU parallelises over the batch only, so a single
-    volume uses one core; here the sampling grid is cut into slabs along the first axis
-    that form a batch (one per intra-op thread). Numerically the same as ``warp``.
-    """
-    parts = torch.get_num_threads() if feat.device.type == "cpu" else 1
-    D = disp.shape[2]
-    if parts <= 1 or feat.shape[0] != 1 or D < 2 * parts:
-        return warp(feat, disp)
-    grid = identity_grid(tuple(disp.shape[2:]), device=disp.device, dtype=disp.dtype) + voxel_disp_to_grid_disp(disp)
-    slab = -(-D // parts)
-    pad = slab * parts - D
-    if pad:
-        grid = torch.cat([grid, grid[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
-    grid = grid.reshape(parts, slab, *grid.shape[2:])
-    out = F.grid_sample(feat.expand(parts, -1, -1, -1, -1), grid, mode="bilinear", padding_mode="border",
-                        align_corners=ALIGN_CORNERS)
-    out = out.permute(1, 0, 2, 3, 4).reshape(1, feat.shape[1], slab * parts, *out.shape[3:])
-    return out[:, :, :D]
+    """:func:`cyclereg.warp.warp` (trilinear, border) of features ``(1, C, D, H, W)`` with ``disp``
+    ``(1, 3, D, H, W)`` in voxels (on CPU one slab of the grid per thread, :func:`cyclereg.warp.sample_grid`)."""
+    return warp(feat, disp)
 
 
 def warped_mse_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
