@@ -10,21 +10,15 @@ from cyclereg.dense.convex import box_smooth, resample_disp, standardize
 from cyclereg.warp import warp
 
 
-def warp_features(feat: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """:func:`cyclereg.warp.warp` (trilinear, border) of features ``(1, C, D, H, W)`` with ``disp``
-    ``(1, 3, D, H, W)`` in voxels (on CPU one slab of the grid per thread, :func:`cyclereg.warp.sample_grid`)."""
-    return warp(feat, disp)
-
-
 def warped_mse_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """The data term of :func:`adam_refine` on the torch path: the mean over channels and voxels of
-    ``(warp_features(feat_mov, disp) - feat_fix)^2`` (trilinear, border)."""
-    return (warp_features(feat_mov, disp) - feat_fix).pow(2).mean()
+    ``(warp(feat_mov, disp) - feat_fix)^2`` (:func:`cyclereg.warp.warp`, trilinear, border)."""
+    return (warp(feat_mov, disp) - feat_fix).pow(2).mean()
 
 
 class WarpedMSE:
     """The data term of :func:`adam_refine` for one fixed/moving feature pair and many fields: the mean
-    over channels and voxels of ``(warp_features(feat_mov, disp) - feat_fix)^2``, differentiable with
+    over channels and voxels of ``(warp(feat_mov, disp) - feat_fix)^2``, differentiable with
     respect to ``disp``. Through the C kernel of :mod:`cyclereg.dense.native` where it applies (float32
     CPU features that need no gradient; channels-last copies are made once, here), else the torch
     path (:func:`warped_mse_torch`); the two agree to float32 rounding."""
