@@ -160,24 +160,29 @@ def _present(counts: torch.Tensor | None, labels_map: torch.Tensor, label: int) 
     return bool((labels_map == label).any())
 
 
-def scored_labels(fixed_labels: torch.Tensor, moving_labels: torch.Tensor) -> list[int]:
+def _label_values(labels: torch.Tensor, counts: torch.Tensor | None = None) -> set[int]:
+    """The label values a map holds: from its :func:`label_counts` (``counts`` if already made),
+    else from ``torch.unique``."""
+    counts = counts if counts is not None else label_counts(labels)
+    return set(torch.nonzero(counts).flatten().tolist()) if counts is not None else set(torch.unique(labels).tolist())
+
+
+def scored_labels(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, fixed_counts: torch.Tensor | None = None,
+                  moving_counts: torch.Tensor | None = None) -> list[int]:
     """The foreground labels a registration of ``moving`` to ``fixed`` is scored on: those present
     in both the fixed and the *unwarped* moving map (Learn2Reg). Decide them before warping and pass
-    them to :func:`dice` / :func:`hd95`, so that a structure the registration erases still counts."""
-    found = []
-    for m in (fixed_labels, moving_labels):
-        counts = label_counts(m)
-        found.append(set(torch.nonzero(counts).flatten().tolist()) if counts is not None
-                     else set(torch.unique(m).tolist()))
-    a, b = found
-    return sorted(int(l) for l in (a & b) - {0})
+    them to :func:`dice` / :func:`hd95`, so that a structure the registration erases still counts.
+    ``fixed_counts`` / ``moving_counts``: the maps' :func:`label_counts` where a caller has them."""
+    both = _label_values(fixed_labels, fixed_counts) & _label_values(moving_labels, moving_counts)
+    return sorted(int(l) for l in both - {0})
 
 
 def _labels_to_score(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels,
-                     fixed_counts: torch.Tensor | None = None) -> list[int]:
-    """``labels`` (default: the foreground labels present in both maps) less those absent from the fixed map."""
+                     fixed_counts: torch.Tensor | None = None, warped_counts: torch.Tensor | None = None) -> list[int]:
+    """``labels`` (default: the foreground labels present in both maps) less those absent from the fixed map
+    (``*_counts``: the maps' :func:`label_counts` where the caller has them)."""
     if labels is None:
-        return scored_labels(fixed_labels, warped_labels)
+        return scored_labels(fixed_labels, warped_labels, fixed_counts, warped_counts)
     counts = fixed_counts if fixed_counts is not None else label_counts(fixed_labels)
     return [int(l) for l in labels if _present(counts, fixed_labels, int(l))]
 
@@ -211,7 +216,7 @@ def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -
         size = max(ca.numel(), cb.numel())
         ca, cb = (torch.nn.functional.pad(c, (0, size - c.numel())) for c in (ca, cb))
         both = torch.bincount(fixed_labels[fixed_labels == warped_labels].reshape(-1), minlength=size)
-        for lab in _labels_to_score(fixed_labels, warped_labels, labels, ca):
+        for lab in _labels_to_score(fixed_labels, warped_labels, labels, ca, cb):
             out[int(lab)] = 2.0 * int(both[lab]) / (int(ca[lab]) + int(cb[lab]))
         return out
     for lab in _labels_to_score(fixed_labels, warped_labels, labels):
