@@ -71,10 +71,11 @@ def build(source: Path, stem: str) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     text = Path(source).read_bytes()
+    machine = cpu_identity().encode()  # reads /proc/cpuinfo: once, not per flag set
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([text, cc.encode(), " ".join(COMMON_FLAGS + flags).encode(),
-                                         cpu_identity().encode()])).hexdigest()[:16]
+                                         machine])).hexdigest()[:16]
         target = cache_dir() / "native" / f"{stem}-{key}.so"
         if target.exists():
             return target
