@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cyclereg.clouds.features import CloudNorm, GraphNetConfig, build_graph_net
+from cyclereg.clouds.features import (CloudNorm, GraphNetConfig, KnnMaxAggregation, build_graph_net,
+                                      regular_block_size)
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
 from cyclereg.clouds.lbp import LBPConfig, candidates, lbp_beliefs, lbp_displacements, min_sum
 from cyclereg.checkpoint import to_jsonable
@@ -281,6 +282,42 @@ def test_cloud_norm_standardises_each_channel_over_the_rows(dtype):
     (ge,) = torch.autograd.grad((expected * w).sum(), x)
     torch.testing.assert_close(gy, ge, atol=tol * 10, rtol=0)
     assert CloudNorm()(torch.ones(1, 7, dtype=dtype)).abs().max() == 0  # one row: no spread
+
+
+def test_knn_max_aggregation_is_pygs_max_with_its_gradient(dtype, device):
+    """On kNN graphs (blocks of k edges per target) and on any other index it gives PyG's max
+    aggregation and its gradient to the bit, also where maxima tie (messages on a half-integer
+    grid); a maximum of exactly 0 is the one place they differ (below)."""
+    from torch_geometric.nn.aggr import MaxAggregation
+
+    g = torch.Generator().manual_seed(3)
+    pts = torch.rand(60, 3, generator=g, dtype=dtype)
+    regular = knn_edge_index(pts, 7)[1].to(device)
+    assert regular_block_size(regular, 60) == 7
+    irregular = torch.tensor([0, 0, 1, 3, 3, 3], device=device)  # node 2 has no edge, uneven blocks
+    unsorted = regular.flip(0)
+    for index, n in ((regular, 60), (irregular, 4), (unsorted, 60)):
+        for ties in (False, True):
+            raw = torch.randn(index.numel(), 5, generator=g, dtype=dtype)
+            x = (raw.round() + 0.5 if ties else raw).to(device)
+            out = []
+            for aggr in (KnnMaxAggregation(), MaxAggregation()):
+                xx = x.clone().requires_grad_(True)
+                y = aggr(xx, index, dim_size=n)
+                (gx,) = torch.autograd.grad((y * torch.arange(1, 6, dtype=dtype, device=device)).sum(), xx)
+                out.append((y, gx))
+            assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+            if ties and index is regular:  # ties do occur, and share the gradient
+                assert (out[0][1] > 0).logical_and(out[0][1] < torch.arange(1, 6, dtype=dtype, device=device)).any()
+    assert regular_block_size(irregular, 4) is None and regular_block_size(unsorted, 60) is None
+    assert regular_block_size(regular, 61) is None and regular_block_size(None, 60) is None
+    # two tied maxima of exactly 0 share the whole gradient; PyG's scatter counts its zero-filled
+    # output as a third and passes on 2/3 of it (PyTorch's scatter_reduce amax, include_self=False)
+    zeros = torch.tensor([[0.0], [0.0], [-1.0]], dtype=dtype, device=device, requires_grad=True)
+    (gz,) = torch.autograd.grad(KnnMaxAggregation()(zeros, torch.zeros(3, dtype=torch.long, device=device),
+                                                    dim_size=1).sum(), zeros)
+    assert gz.ravel().tolist() == [0.5, 0.5, 0.0]
+    assert all(isinstance(conv.aggr_module, KnnMaxAggregation) for conv in build_graph_net(seed=0).convs)
 
 
 def test_zero_motion_gives_zero_displacement():

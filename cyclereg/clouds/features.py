@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import EdgeConv
+from torch_geometric.nn.aggr import Aggregation
 
 from cyclereg.clouds.knn import knn_edge_index
 
@@ -82,6 +83,40 @@ class CloudNorm(nn.Module):
         return F.batch_norm(x, None, None, training=True, eps=self.eps)
 
 
+class KnnMaxAggregation(Aggregation):
+    """PyG's max aggregation, faster on the graphs of :func:`~cyclereg.clouds.knn.knn_edge_index`.
+
+    There every node is the target of the same number ``k`` of edges, stored in consecutive
+    blocks by target (``index = [0]*k + [1]*k + ...``). The messages ``(E, C)`` then view as
+    ``(N, k, C)`` and their maximum is one ``amax`` over the middle axis instead of a scatter:
+    the same values, and the same gradient (``amax`` shares it evenly among equal maxima, as the
+    scatter's backward does), but no scatter and gather in the backward pass, which made PyG's
+    max aggregation the costliest step of the graph CNN's backward on COPD clouds (2x faster
+    alone; docs/benchmarks.md). Bitwise the same gradient but where a maximum is exactly 0: there
+    PyG's scatter counts its zero-filled output as one more tie and passes on only part of the
+    gradient, ``amax`` all of it. Any other ``index`` (another layout, a node without edges) falls
+    back to PyG's scatter."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, ptr: torch.Tensor | None = None,
+                dim_size: int | None = None, dim: int = -2, max_num_elements: int | None = None) -> torch.Tensor:
+        k = regular_block_size(index, dim_size) if x.ndim == 2 and dim in (-2, 0) else None
+        if k is None:
+            return self.reduce(x, index, ptr, dim_size, dim, reduce="max")
+        return x.view(dim_size, k, x.shape[1]).amax(dim=1)
+
+
+def regular_block_size(index: torch.Tensor | None, n: int | None) -> int | None:
+    """``k`` if ``index`` is ``[0]*k + [1]*k + ... + [n-1]*k`` (every one of ``n`` targets in one
+    block of ``k`` consecutive entries), else None."""
+    if index is None or n is None or n < 1 or index.ndim != 1 or index.numel() % n:
+        return None
+    k = index.numel() // n
+    blocks = index.view(n, k)
+    if k < 1 or not bool((blocks == torch.arange(n, device=index.device, dtype=index.dtype)[:, None]).all()):
+        return None
+    return k
+
+
 def _edge_mlp(cin: int, cout: int, slope: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for c in (2 * cin, cout, cout):
@@ -101,7 +136,7 @@ class GraphFeatureNet(nn.Module):
         convs = []
         cin = 3
         for c in config.channels:
-            convs.append(EdgeConv(_edge_mlp(cin, c, config.negative_slope), aggr="max"))
+            convs.append(EdgeConv(_edge_mlp(cin, c, config.negative_slope), aggr=KnnMaxAggregation()))
             cin = c
         self.convs = nn.ModuleList(convs)
         self.head = nn.Sequential(nn.Linear(cin, config.out_channels, bias=False), CloudNorm(),
