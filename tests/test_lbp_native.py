@@ -93,7 +93,9 @@ def _lbp_problem(n=400, k=64, seed=0):
                                  lbp.LBPConfig(num_candidates=64, prune_from=32)])
 def test_lbp_displacements_and_gradients_bitwise_as_torch_path(kernel, monkeypatch, cfg):
     """A whole LBP (candidates, sweeps, soft-argmin) and its backward: bitwise the same with the
-    kernel and with the torch search, pruned or not, restricted source labels or not."""
+    kernel's search and with the torch search, pruned or not, restricted source labels or not
+    (the sweeps as torch steps; the fused sweeps are checked below)."""
+    monkeypatch.setattr(native, "sweeps_usable", lambda unary, cand: False)
     fixed, moving, feat_f, feat_m = _lbp_problem()
     # the features once, as leaves: with two threads, tanh under autograd gave other last bits in
     # about one process of three (torch 2.13 CPU), so features computed per path made this test flaky
@@ -198,3 +200,93 @@ def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     mtime = first.stat().st_mtime_ns
     assert native.LIBRARY.build() == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left
+
+
+@pytest.fixture
+def sweeps():
+    if native.SWEEPS.kernel() is None:
+        pytest.skip(f"no fused min-sum kernel here: {native.SWEEPS.reason()}")
+    return native.SWEEPS.kernel()
+
+
+def _graph_problem(n, k, seed, ties=False):
+    from cyclereg.clouds.knn import symmetric_edge_index
+
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(n, 3, generator=g)
+    edge_index, reverse = symmetric_edge_index(pts, 6)
+    cand = torch.randn(n, k, 3, generator=g) * 0.05
+    unary = torch.rand(n, k, generator=g)
+    if ties and k > 3:
+        cand[:, 3] = cand[:, 1]
+        unary[:, 3] = unary[:, 1]  # labels 1 and 3 equal everywhere: ties in search and messages
+    return unary, cand, edge_index, reverse
+
+
+@pytest.mark.parametrize("k,prune_from,iterations", [(1, None, 3), (12, None, 5), (64, 128, 5), (160, 128, 3)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_sweeps_are_the_torch_loop(sweeps, k, prune_from, iterations, ties):
+    """All sweeps in C: the torch loop's beliefs bitwise, its gradient to float rounding (the
+    same terms summed in another order), with exact ties in the messages, pruned or not."""
+    unary, cand, edge_index, reverse = _graph_problem(150, k, seed=k, ties=ties)
+    w = torch.randn(150, k, generator=torch.Generator().manual_seed(9))
+    out = []
+    for fused in (True, False):
+        u = unary.clone().requires_grad_(True)
+        belief = lbp.min_sum(u, cand, edge_index, reverse, 7.3, iterations, prune_from=prune_from, fused=fused)
+        (grad,) = torch.autograd.grad((belief * w).sum(), u)
+        out.append((belief.detach(), grad))
+    (b1, g1), (b2, g2) = out
+    assert torch.equal(b1, b2)
+    assert g2.abs().max() > 0
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5 * float(g2.abs().max()))
+    if ties and k > 3:  # the messages tie (their minimum is attained twice) and the gradient is shared
+        assert native.sweeps_usable(unary, cand)
+
+
+def test_fused_sweeps_gradient_passes_node_shifts_through(sweeps):
+    """Adding c to every label's cost of one node adds c to that node's beliefs and leaves all
+    messages (normalised to minimum 0, arg-mins unchanged) alone, so the gradient of
+    sum(w * belief) summed over a node's labels is exactly sum(w) over them, at every node."""
+    for ties in (False, True):
+        unary, cand, edge_index, reverse = _graph_problem(60, 10, seed=4, ties=ties)
+        w = torch.randn(60, 10, generator=torch.Generator().manual_seed(5))
+        u = unary.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((lbp.min_sum(u, cand, edge_index, reverse, 5.0, 4) * w).sum(), u)
+        assert (grad - w).abs().max() > 0.1  # the messages do carry gradient between nodes
+        torch.testing.assert_close(grad.sum(1), w.sum(1), rtol=0, atol=1e-5)
+
+
+def test_fused_sweeps_threads_change_nothing(sweeps):
+    unary, cand, edge_index, reverse = _graph_problem(300, 48, seed=2)
+    ref = lbp.min_sum(unary, cand, edge_index, reverse, 10.0, 5)
+    threads = torch.get_num_threads()
+    try:
+        for nthreads in (1, 2, 3):
+            torch.set_num_threads(nthreads)
+            assert torch.equal(lbp.min_sum(unary, cand, edge_index, reverse, 10.0, 5), ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_sweeps_apply_only_where_they_are_exact(sweeps, monkeypatch):
+    """Coordinates with a gradient, restricted source labels, float64, non-finite costs or
+    CYCLEREG_NATIVE=0 take the torch steps; the first use may come under no_grad."""
+    unary, cand, edge_index, reverse = _graph_problem(30, 8, seed=3)
+    assert native.sweeps_usable(unary, cand)
+    assert not native.sweeps_usable(unary, cand.clone().requires_grad_(True))
+    assert not native.sweeps_usable(unary.double(), cand.double())
+    bad = unary.clone()
+    bad[0, 0] = float("nan")
+    assert not native.sweeps_usable(bad, cand)
+    calls = []
+    monkeypatch.setattr(native, "min_sum", lambda *a, **kw: calls.append(1))
+    lbp.min_sum(unary, cand, edge_index, reverse, 5.0, 3, source_labels=4)
+    assert not calls
+    monkeypatch.setenv(shared.DISABLE_ENV, "0")
+    assert not native.sweeps_usable(unary, cand)
+    monkeypatch.delenv(shared.DISABLE_ENV)
+    monkeypatch.setattr(native.SWEEPS, "_kernel", None)
+    monkeypatch.setattr(native.SWEEPS, "_reason", "not loaded yet")
+    with torch.no_grad():
+        assert native.SWEEPS.kernel() is not None and native.SWEEPS.reason() == "loaded"

@@ -161,3 +161,145 @@ int cyclereg_minconv_argmin(const float *belief, const float *src, const float *
     free(work);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * The whole min-sum message passing of lbp.min_sum (without source_labels), sweep by sweep in the
+ * same floating-point operations as the torch code, and its backward pass to the unary costs.
+ *
+ * Graph: e directed edges src[i] -> dst[i], rev[i] the opposite edge; unary (n, k); candidates
+ * cand (n, k, 3) and ax2 = alpha |cand|^2 (n, k) per node, read at both ends of an edge in place
+ * (the torch loop gathers them per edge first: the same floats).
+ * A sweep, with messages m (e, k), zero before the first:
+ *     inc = 0 + sum of m[i] over the edges i into each node, in edge order (torch's index_add)
+ *     bsrc[i] = (unary + inc)[src[i]] - m[rev[i]]
+ *     raw[i, y] = bsrc[i, arg] + alpha |cand_src[i, arg] - cand_dst[i, y]|^2, arg the search's arg-min
+ *     m[i] = raw[i] - min_y raw[i, y]
+ * and the result is unary + inc of the last messages.  With `arg_out` and `zero_out` (iterations x e x k)
+ * it keeps, per sweep, the arg-min indices (k <= 65536) and where the new message is 0 (the minima of
+ * raw: the only facts the backward pass needs, the pairwise term carrying no gradient).
+ * ---------------------------------------------------------------------------------------------- */
+
+static void inc_plus_unary(const float *unary, const float *m, const int64_t *dst, int64_t n, int64_t e,
+                           int64_t k, float *inc, float *out)
+{
+    memset(inc, 0, (size_t)n * (size_t)k * sizeof(float));
+    for (int64_t i = 0; i < e; i++) {
+        float *restrict row = inc + dst[i] * k;
+        const float *restrict mi = m + i * k;
+        for (int64_t l = 0; l < k; l++) row[l] += mi[l];
+    }
+    for (int64_t j = 0; j < n * k; j++) out[j] = unary[j] + inc[j];
+}
+
+int cyclereg_minsum_forward(const float *unary, const float *cand, const float *ax2,
+                            const int64_t *src, const int64_t *dst, const int64_t *rev, int64_t n, int64_t e,
+                            int64_t k, int64_t iterations, int64_t first, double alpha, float *belief,
+                            uint16_t *arg_out, uint8_t *zero_out, int threads)
+{
+    const int nt = threads > 0 ? threads : 1;
+    const float rscale = (float)(-2.0 * alpha);
+    const float a = (float)alpha;
+    float *m = calloc((size_t)e * (size_t)k, sizeof(float));
+    float *bsrc = malloc((size_t)e * (size_t)k * sizeof(float));
+    float *inc = malloc((size_t)n * (size_t)k * sizeof(float));
+    float *work = malloc((size_t)nt * (size_t)k * 13 * sizeof(float));
+    int64_t *idx = malloc((size_t)nt * (size_t)k * sizeof(int64_t));
+    int status = 0;
+    if (!m || !bsrc || !inc || !work || !idx) { status = 1; goto done; }
+    if (!(alpha > 0.0)) first = 0;
+    for (int64_t t = 0; t < iterations; t++) {
+        inc_plus_unary(unary, m, dst, n, e, k, inc, belief);  /* belief holds unary + inc here */
+        for (int64_t i = 0; i < e; i++) {
+            const float *restrict b = belief + src[i] * k, *restrict mr = m + rev[i] * k;
+            float *restrict o = bsrc + i * k;
+            for (int64_t l = 0; l < k; l++) o[l] = b[l] - mr[l];
+        }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+        for (int64_t i = 0; i < e; i++) {
+#ifdef _OPENMP
+            const int th = omp_get_thread_num();
+#else
+            const int th = 0;
+#endif
+            float *w = work + (size_t)th * (size_t)k * 13;
+            float *pair = w + 10 * k;
+            int64_t *id = idx + (size_t)th * (size_t)k;
+            const float *bs = bsrc + i * k;
+            search_edge(bs, cand + src[i] * k * 3, ax2 + src[i] * k, cand + dst[i] * k * 3, k, k, first, a, rscale,
+                        id, pair, w);
+            float *mi = m + i * k;
+            float lo = INFINITY;
+            for (int64_t y = 0; y < k; y++) {
+                mi[y] = bs[id[y]] + pair[y];
+                lo = mi[y] < lo ? mi[y] : lo;
+            }
+            for (int64_t y = 0; y < k; y++) mi[y] = mi[y] - lo;
+            if (arg_out) {
+                uint16_t *ao = arg_out + (t * e + i) * k;
+                uint8_t *zo = zero_out + (t * e + i) * k;
+                for (int64_t y = 0; y < k; y++) { ao[y] = (uint16_t)id[y]; zo[y] = mi[y] == 0.0f; }
+            }
+        }
+    }
+    inc_plus_unary(unary, m, dst, n, e, k, inc, belief);
+done:
+    free(m); free(bsrc); free(inc); free(work); free(idx);
+    return status;
+}
+
+/* Gradient of the forward pass's result with respect to unary: grad_belief (n, k) -> grad_unary (n, k),
+ * from the arg-min indices and zero patterns the forward pass kept.  The minimum subtracted from a
+ * message passes its gradient back evenly to all labels where it is attained (as torch's amin). */
+int cyclereg_minsum_backward(const float *grad_belief, const uint16_t *arg, const uint8_t *zero,
+                             const int64_t *src, const int64_t *dst, const int64_t *rev, int64_t n, int64_t e,
+                             int64_t k, int64_t iterations, float *grad_unary)
+{
+    float *gm = malloc((size_t)e * (size_t)k * sizeof(float));      /* d/d messages after the sweep */
+    float *gprev = malloc((size_t)e * (size_t)k * sizeof(float));   /* d/d messages before it */
+    float *gb = malloc((size_t)e * (size_t)k * sizeof(float));      /* d/d bsrc */
+    float *gB = malloc((size_t)n * (size_t)k * sizeof(float));      /* d/d (unary + inc) */
+    if (!gm || !gprev || !gb || !gB) { free(gm); free(gprev); free(gb); free(gB); return 1; }
+    memcpy(grad_unary, grad_belief, (size_t)n * (size_t)k * sizeof(float));
+    for (int64_t i = 0; i < e; i++) memcpy(gm + i * k, grad_belief + dst[i] * k, (size_t)k * sizeof(float));
+    for (int64_t t = iterations - 1; t >= 0; t--) {
+        memset(gb, 0, (size_t)e * (size_t)k * sizeof(float));
+        for (int64_t i = 0; i < e; i++) {
+            const float *g = gm + i * k;
+            const uint16_t *a = arg + (t * e + i) * k;
+            const uint8_t *z = zero + (t * e + i) * k;
+            float s = 0.0f;
+            int64_t ties = 0;
+            for (int64_t y = 0; y < k; y++) { s += g[y]; ties += z[y]; }
+            const float share = ties ? s / (float)ties : 0.0f;
+            float *o = gb + i * k;
+            for (int64_t y = 0; y < k; y++) o[a[y]] += z[y] ? g[y] - share : g[y];
+        }
+        if (t == 0) {
+            /* the first sweep's messages were constant zeros: only unary + inc gets gradient */
+            for (int64_t i = 0; i < e; i++) {
+                float *restrict gu = grad_unary + src[i] * k;
+                const float *restrict o = gb + i * k;
+                for (int64_t l = 0; l < k; l++) gu[l] += o[l];
+            }
+            break;
+        }
+        memset(gB, 0, (size_t)n * (size_t)k * sizeof(float));
+        memset(gprev, 0, (size_t)e * (size_t)k * sizeof(float));
+        for (int64_t i = 0; i < e; i++) {
+            float *restrict gs = gB + src[i] * k, *restrict gr = gprev + rev[i] * k;
+            const float *restrict o = gb + i * k;
+            for (int64_t l = 0; l < k; l++) { gs[l] += o[l]; gr[l] -= o[l]; }
+        }
+        for (int64_t j = 0; j < n * k; j++) grad_unary[j] += gB[j];
+        for (int64_t i = 0; i < e; i++) {
+            float *restrict gp = gprev + i * k;
+            const float *restrict g = gB + dst[i] * k;
+            for (int64_t l = 0; l < k; l++) gp[l] += g[l];
+        }
+        float *swap = gm; gm = gprev; gprev = swap;
+    }
+    free(gm); free(gprev); free(gb); free(gB);
+    return 0;
+}

@@ -230,7 +230,7 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
 
 def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, reverse: torch.Tensor,
             alpha: float, iterations: int, *, source_labels: int | None = None, prune_from: int | None = None,
-            prune_fraction: float = 0.25) -> torch.Tensor:
+            prune_fraction: float = 0.25, fused: bool = True) -> torch.Tensor:
     """Loopy min-sum message passing; returns beliefs ``(N, K)`` (min-marginals on a tree).
 
     Args:
@@ -238,7 +238,14 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
         cand: ``(N, K, 3)`` candidate labels (displacements) per node.
         edge_index: ``(2, E)`` directed edges src -> dst, each undirected edge in both directions.
         reverse: ``(E,)`` index of the opposite edge.
+        fused: on CPU, run all sweeps (and their backward pass) in the C kernel of
+            :func:`cyclereg.clouds.native.min_sum` where it applies (exact search, coordinates
+            without gradient): bitwise the same beliefs, the gradient to float rounding, without
+            the per-sweep tensor steps below. False: always these steps.
     """
+    if fused and source_labels is None and native.sweeps_usable(unary, cand):
+        return native.min_sum(unary, cand, edge_index, reverse, alpha, iterations,
+                              native.prune_first(unary.shape[1], prune_from, prune_fraction))
     src, dst = edge_index
     n, k = unary.shape
     messages = unary.new_zeros(edge_index.shape[1], k)

@@ -6,7 +6,14 @@ as the product. The kernel computes the same products (same floating-point opera
 file) one register block at a time and keeps only the running minimum, with the same exact
 two-pass pruning, so on CPU it returns the torch path's indices several times faster.
 
-It is built, cached and checked once per process against the torch path on a small problem by
+The same source also runs a whole min-sum message passing (:func:`min_sum`: every sweep, and its
+backward pass to the unary costs), so that the per-sweep tensor steps around the search (summing
+the incoming messages, gathering the source beliefs, the arg-min's value, the normalisation) and
+their autograd graph cost nothing extra: bitwise the torch loop's beliefs, its gradient to float
+rounding, about 35 % less time for an LBP without gradient and half for one with its backward pass
+(docs/benchmarks.md). It is a second library (:data:`SWEEPS`) with its own check.
+
+Each is built, cached and checked once per process against the torch path on a small problem by
 :class:`cyclereg.native.NativeLibrary` (the shared machinery of the package's C kernels). Without a
 compiler, or if the check fails, or with ``CYCLEREG_NATIVE=0`` in the environment, the torch path
 is used: the results do not depend on it, only the time.
@@ -109,3 +116,121 @@ def search(belief: torch.Tensor, cand_src: torch.Tensor, cand_dst: torch.Tensor,
     ``alpha |cand_src[arg] - cand_dst|^2`` ``(E, K')`` (no autograd). ``src_ax2``:
     :func:`source_term` of ``cand_src`` if already computed. Call only when :func:`usable`."""
     return _call(kernel(), belief, cand_src, cand_dst, alpha, first, src_ax2, with_pair)
+
+
+# ----------------------------------------------------------------------------- whole min-sum
+def _bind_sweeps(lib):
+    fwd = lib.cyclereg_minsum_forward
+    fwd.restype = ctypes.c_int
+    fwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_double] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    bwd = lib.cyclereg_minsum_backward
+    bwd.restype = ctypes.c_int
+    bwd.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+    return fwd, bwd
+
+
+SWEEP_GRAD_RTOL = 1e-4
+"""How close the kernel's gradient must be to autograd's through the torch sweeps (relative to
+the largest gradient entry): the two sum the same terms in another order."""
+
+
+def _check_sweeps(fns) -> bool:
+    """The fused sweeps give the torch loop's beliefs bitwise and its gradient to float rounding,
+    on a small kNN graph with ties in the messages, pruned and not."""
+    with torch.enable_grad():  # also when first used under no_grad
+        return _sweeps_agree(fns)
+
+
+def _sweeps_agree(fns) -> bool:
+    from cyclereg.clouds import lbp
+    from cyclereg.clouds.knn import symmetric_edge_index
+
+    gen = torch.Generator().manual_seed(1)
+    pts = torch.rand(40, 3, generator=gen)
+    edge_index, reverse = symmetric_edge_index(pts, 4)
+    for k, prune_from in ((12, None), (16, 8)):
+        cand = torch.randn(40, k, 3, generator=gen) * 0.1
+        cand[:, 1] = cand[:, 0]  # equal candidates: ties in the search and the messages
+        unary = (torch.rand(40, k, generator=gen) * 0.5).requires_grad_(True)
+        w = torch.randn(40, k, generator=gen)
+        want = lbp.min_sum(unary, cand, edge_index, reverse, 3.0, 4, prune_from=prune_from, fused=False)
+        (g_want,) = torch.autograd.grad((want * w).sum(), unary)
+        got = _sweeps(fns, unary, cand, edge_index, reverse, 3.0, 4, prune_first(k, prune_from, 0.25))
+        (g_got,) = torch.autograd.grad((got * w).sum(), unary)
+        if not torch.equal(got.detach(), want.detach()):
+            return False
+        if (g_got - g_want).abs().max() > SWEEP_GRAD_RTOL * g_want.abs().max():
+            return False
+    return True
+
+
+SWEEPS = NativeLibrary(SOURCE, "minsum", _bind_sweeps, _check_sweeps,
+                       "its beliefs or gradients differ from the torch loop's on this platform")
+
+
+def prune_first(k: int, prune_from: int | None, prune_fraction: float) -> int:
+    """Labels of the first pass of the pruned search for ``k`` source labels on CPU (0: one full
+    pass), as :func:`cyclereg.clouds.lbp.min_convolution` decides."""
+    first = int(k * prune_fraction)
+    return first if prune_from is not None and k >= prune_from and 0 < first < k else 0
+
+
+def sweeps_usable(unary: torch.Tensor, cand: torch.Tensor) -> bool:
+    """Whether :func:`min_sum` applies: float32 CPU tensors, finite unary costs, coordinates without
+    gradient, both kernels loaded (the search's check vouches for the arg-min)."""
+    return (not cand.requires_grad and cand.dtype == torch.float32 and cand.device.type == "cpu"
+            and unary.shape[1] <= SWEEP_MAX_LABELS and usable(unary.detach()) and SWEEPS.kernel() is not None)
+
+
+SWEEP_MAX_LABELS = 2 ** 16
+"""The fused sweeps keep arg-min indices in 16 bits: at most this many labels per node."""
+
+
+class _MinSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, unary, fns, cand, ax2, src, dst, rev, alpha, iterations, first):
+        fwd, _ = fns
+        u = unary.detach().contiguous()
+        n, k = u.shape
+        e = src.shape[0]
+        keep = unary.requires_grad
+        arg = torch.empty(iterations, e, k, dtype=torch.uint16) if keep else None
+        zero = torch.empty(iterations, e, k, dtype=torch.uint8) if keep else None
+        belief = torch.empty(n, k, dtype=torch.float32)
+        if fwd(u.data_ptr(), cand.data_ptr(), ax2.data_ptr(), src.data_ptr(), dst.data_ptr(), rev.data_ptr(),
+               n, e, k, iterations, first, alpha, belief.data_ptr(),
+               None if arg is None else arg.data_ptr(), None if zero is None else zero.data_ptr(),
+               torch.get_num_threads()):
+            raise MemoryError("min-sum kernel: out of memory")
+        ctx.fns, ctx.sizes = fns, (n, e, k, iterations)
+        if keep:
+            ctx.save_for_backward(arg, zero, src, dst, rev)
+        return belief
+
+    @staticmethod
+    def backward(ctx, grad_belief):
+        _, bwd = ctx.fns
+        arg, zero, src, dst, rev = ctx.saved_tensors
+        n, e, k, iterations = ctx.sizes
+        g = grad_belief.contiguous().to(torch.float32)
+        out = torch.empty(n, k, dtype=torch.float32)
+        if bwd(g.data_ptr(), arg.data_ptr(), zero.data_ptr(), src.data_ptr(), dst.data_ptr(), rev.data_ptr(),
+               n, e, k, iterations, out.data_ptr()):
+            raise MemoryError("min-sum kernel: out of memory")
+        return (out,) + (None,) * 9
+
+
+def _sweeps(fns, unary, cand, edge_index, reverse, alpha, iterations, first):
+    src, dst = (t.contiguous() for t in edge_index)
+    cand = cand.detach().contiguous()
+    return _MinSum.apply(unary, fns, cand, source_term(cand, alpha).contiguous(), src, dst, reverse.contiguous(),
+                         float(alpha), int(iterations), int(first))
+
+
+def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, reverse: torch.Tensor,
+            alpha: float, iterations: int, first: int) -> torch.Tensor:
+    """:func:`cyclereg.clouds.lbp.min_sum`'s beliefs ``(N, K)`` (without ``source_labels``), every
+    sweep in C: bitwise the torch loop's values; differentiable in ``unary`` (the backward pass in
+    C too, the same gradient up to float rounding). ``first``: :func:`prune_first`. Call only when
+    :func:`sweeps_usable`."""
+    return _sweeps(SWEEPS.kernel(), unary, cand, edge_index, reverse, alpha, iterations, first)
