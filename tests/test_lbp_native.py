@@ -290,3 +290,17 @@ def test_fused_sweeps_apply_only_where_they_are_exact(sweeps, monkeypatch):
     monkeypatch.setattr(native.SWEEPS, "_reason", "not loaded yet")
     with torch.no_grad():
         assert native.SWEEPS.kernel() is not None and native.SWEEPS.reason() == "loaded"
+
+
+def test_fused_sweeps_without_edges_and_with_int32_indices(sweeps):
+    """No edges: the beliefs are the unary costs (gradient the identity); int32 edge indices are
+    read as the int64 ones."""
+    unary, cand, edge_index, reverse = _graph_problem(20, 6, seed=7)
+    u = unary.clone().requires_grad_(True)
+    empty = torch.zeros(2, 0, dtype=torch.int64)
+    belief = lbp.min_sum(u, cand, empty, torch.zeros(0, dtype=torch.int64), 5.0, 3)
+    assert torch.equal(belief.detach(), unary)
+    (grad,) = torch.autograd.grad(belief.sum(), u)
+    assert torch.equal(grad, torch.ones_like(unary))
+    assert torch.equal(lbp.min_sum(unary, cand, edge_index.int(), reverse.int(), 5.0, 3),
+                       lbp.min_sum(unary, cand, edge_index, reverse, 5.0, 3))

@@ -199,11 +199,12 @@ int cyclereg_minsum_forward(const float *unary, const float *cand, const float *
     const int nt = threads > 0 ? threads : 1;
     const float rscale = (float)(-2.0 * alpha);
     const float a = (float)alpha;
-    float *m = calloc((size_t)e * (size_t)k, sizeof(float));
-    float *bsrc = malloc((size_t)e * (size_t)k * sizeof(float));
-    float *inc = malloc((size_t)n * (size_t)k * sizeof(float));
-    float *work = malloc((size_t)nt * (size_t)k * 13 * sizeof(float));
-    int64_t *idx = malloc((size_t)nt * (size_t)k * sizeof(int64_t));
+    /* (+ 1: an edgeless graph still gets buffers, malloc(0) may return NULL) */
+    float *m = calloc((size_t)e * (size_t)k + 1, sizeof(float));
+    float *bsrc = malloc(((size_t)e * (size_t)k + 1) * sizeof(float));
+    float *inc = malloc(((size_t)n * (size_t)k + 1) * sizeof(float));
+    float *work = malloc(((size_t)nt * (size_t)k * 13 + 1) * sizeof(float));
+    int64_t *idx = malloc(((size_t)nt * (size_t)k + 1) * sizeof(int64_t));
     int status = 0;
     if (!m || !bsrc || !inc || !work || !idx) { status = 1; goto done; }
     if (!(alpha > 0.0)) first = 0;
@@ -256,10 +257,11 @@ int cyclereg_minsum_backward(const float *grad_belief, const uint16_t *arg, cons
                              const int64_t *src, const int64_t *dst, const int64_t *rev, int64_t n, int64_t e,
                              int64_t k, int64_t iterations, float *grad_unary)
 {
-    float *gm = malloc((size_t)e * (size_t)k * sizeof(float));      /* d/d messages after the sweep */
-    float *gprev = malloc((size_t)e * (size_t)k * sizeof(float));   /* d/d messages before it */
-    float *gb = malloc((size_t)e * (size_t)k * sizeof(float));      /* d/d bsrc */
-    float *gB = malloc((size_t)n * (size_t)k * sizeof(float));      /* d/d (unary + inc) */
+    const size_t ek = (size_t)e * (size_t)k + 1, nk = (size_t)n * (size_t)k + 1;  /* + 1: as above */
+    float *gm = malloc(ek * sizeof(float));      /* d/d messages after the sweep */
+    float *gprev = malloc(ek * sizeof(float));   /* d/d messages before it */
+    float *gb = malloc(ek * sizeof(float));      /* d/d bsrc */
+    float *gB = malloc(nk * sizeof(float));      /* d/d (unary + inc) */
     if (!gm || !gprev || !gb || !gB) { free(gm); free(gprev); free(gb); free(gB); return 1; }
     memcpy(grad_unary, grad_belief, (size_t)n * (size_t)k * sizeof(float));
     for (int64_t i = 0; i < e; i++) memcpy(gm + i * k, grad_belief + dst[i] * k, (size_t)k * sizeof(float));

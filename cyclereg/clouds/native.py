@@ -221,10 +221,10 @@ class _MinSum(torch.autograd.Function):
 
 
 def _sweeps(fns, unary, cand, edge_index, reverse, alpha, iterations, first):
-    src, dst = (t.contiguous() for t in edge_index)
+    src, dst = (t.to(torch.int64).contiguous() for t in edge_index)
     cand = cand.detach().contiguous()
-    return _MinSum.apply(unary, fns, cand, source_term(cand, alpha).contiguous(), src, dst, reverse.contiguous(),
-                         float(alpha), int(iterations), int(first))
+    return _MinSum.apply(unary, fns, cand, source_term(cand, alpha).contiguous(), src, dst,
+                         reverse.to(torch.int64).contiguous(), float(alpha), int(iterations), int(first))
 
 
 def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, reverse: torch.Tensor,
