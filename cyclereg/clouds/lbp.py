@@ -203,9 +203,8 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
             cs = cs.gather(1, keep[..., None].expand(-1, -1, 3))
             if use_native:
                 src_ax2 = src_ax2.gather(1, keep)
-        first = int(b.shape[1] * prune_fraction)
-        prune = (prune_from is not None and b.shape[1] >= prune_from and b.device.type == "cpu"
-                 and 0 < first < b.shape[1])
+        first = native.prune_first(b.shape[1], prune_from, prune_fraction) if b.device.type == "cpu" else 0
+        prune = first > 0
         if use_native:
             # the pairwise term at the arg-min comes with it unless coordinates carry gradients
             with_pair = not (cand_src.requires_grad or cand_dst.requires_grad)

@@ -129,6 +129,10 @@ def _bind_sweeps(lib):
     return fwd, bwd
 
 
+SWEEP_MAX_LABELS = 2 ** 16
+"""The fused sweeps keep arg-min indices in 16 bits: at most this many labels per node."""
+
+
 SWEEP_GRAD_RTOL = 1e-4
 """How close the kernel's gradient must be to autograd's through the torch sweeps (relative to
 the largest gradient entry): the two sum the same terms in another order."""
@@ -169,8 +173,9 @@ SWEEPS = NativeLibrary(SOURCE, "minsum", _bind_sweeps, _check_sweeps,
 
 
 def prune_first(k: int, prune_from: int | None, prune_fraction: float) -> int:
-    """Labels of the first pass of the pruned search for ``k`` source labels on CPU (0: one full
-    pass), as :func:`cyclereg.clouds.lbp.min_convolution` decides."""
+    """Labels of the first pass of the exact pruned search for ``k`` source labels on CPU (0: one
+    full pass): the lowest-belief ``prune_fraction`` of them when ``k >= prune_from`` (see
+    :func:`cyclereg.clouds.lbp.min_convolution`, whose CPU search and the fused sweeps use it)."""
     first = int(k * prune_fraction)
     return first if prune_from is not None and k >= prune_from and 0 < first < k else 0
 
@@ -180,10 +185,6 @@ def sweeps_usable(unary: torch.Tensor, cand: torch.Tensor) -> bool:
     gradient, both kernels loaded (the search's check vouches for the arg-min)."""
     return (not cand.requires_grad and cand.dtype == torch.float32 and cand.device.type == "cpu"
             and unary.shape[1] <= SWEEP_MAX_LABELS and usable(unary.detach()) and SWEEPS.kernel() is not None)
-
-
-SWEEP_MAX_LABELS = 2 ** 16
-"""The fused sweeps keep arg-min indices in 16 bits: at most this many labels per node."""
 
 
 class _MinSum(torch.autograd.Function):
