@@ -240,8 +240,8 @@ def test_fused_sweeps_are_the_torch_loop(sweeps, k, prune_from, iterations, ties
     assert torch.equal(b1, b2)
     assert g2.abs().max() > 0
     torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5 * float(g2.abs().max()))
-    if ties and k > 3:  # the messages tie (their minimum is attained twice) and the gradient is shared
-        assert native.sweeps_usable(unary, cand)
+    if ties and k > 3:  # labels 1 and 3 are the same label twice: equal messages and beliefs throughout
+        assert torch.equal(b1[:, 1], b1[:, 3])
 
 
 def test_fused_sweeps_gradient_passes_node_shifts_through(sweeps):
