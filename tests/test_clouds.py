@@ -320,6 +320,30 @@ def test_knn_max_aggregation_is_pygs_max_with_its_gradient(dtype, device):
     assert all(isinstance(conv.aggr_module, KnnMaxAggregation) for conv in build_graph_net(seed=0).convs)
 
 
+def test_graph_net_features_and_gradients_are_those_with_pygs_max_aggregation():
+    """The whole network: features and weight gradients bitwise those of the same weights with
+    PyG's own max aggregation (and LeakyReLU not in place), on a random cloud."""
+    import copy
+
+    from torch_geometric.nn.aggr import MaxAggregation
+
+    net = build_graph_net(seed=3)
+    plain = copy.deepcopy(net)
+    for conv in plain.convs:
+        conv.aggr_module = MaxAggregation()
+    for module in plain.modules():
+        if isinstance(module, torch.nn.LeakyReLU):
+            module.inplace = False
+    pts = torch.rand(300, 3, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    out = []
+    for m in (net, plain):
+        feats = m(pts, 8)
+        grads = torch.autograd.grad(feats.sin().sum(), list(m.parameters()))
+        out.append((feats.detach(), grads))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
 def test_zero_motion_gives_zero_displacement():
     p = make_breathing_pair(0).fixed_mm[:800]
     cfg = CloudRegConfig()
