@@ -304,3 +304,12 @@ def test_fused_sweeps_without_edges_and_with_int32_indices(sweeps):
     assert torch.equal(grad, torch.ones_like(unary))
     assert torch.equal(lbp.min_sum(unary, cand, edge_index.int(), reverse.int(), 5.0, 3),
                        lbp.min_sum(unary, cand, edge_index, reverse, 5.0, 3))
+
+
+def test_with_a_compiler_the_fused_sweeps_load():
+    """Where a C compiler exists the fused sweeps must build and pass their check (the tests above
+    skip without them, so a kernel that failed its check would otherwise only show as skips)."""
+    if shared.compiler() is None:
+        pytest.skip("no C compiler")
+    assert native.SWEEPS.kernel() is not None, native.SWEEPS.reason()
+    assert native.SWEEPS.reason() == "loaded"
