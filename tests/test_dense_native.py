@@ -137,3 +137,12 @@ def test_without_a_compiler_adam_uses_the_torch_path(monkeypatch, tmp_path):
     assert not term.native
     disp = torch.zeros(1, 3, 5, 6, 7)
     assert term(disp).item() == pytest.approx((mov - fix).pow(2).mean().item(), rel=1e-6)  # identity warp
+
+
+def test_with_a_compiler_the_kernel_loads():
+    """Where a C compiler exists the kernel must build and pass its check: the tests above skip
+    without it, so a kernel failing its check would otherwise only show as skipped tests."""
+    if shared.compiler() is None:
+        pytest.skip("no C compiler")
+    assert native.kernel() is not None, native.reason()
+    assert native.reason() == "loaded"
