@@ -141,11 +141,6 @@ the largest gradient entry): the two sum the same terms in another order."""
 def _check_sweeps(fns) -> bool:
     """The fused sweeps give the torch loop's beliefs bitwise and its gradient to float rounding,
     on a small kNN graph with ties in the messages, pruned and not."""
-    with torch.enable_grad():  # also when first used under no_grad
-        return _sweeps_agree(fns)
-
-
-def _sweeps_agree(fns) -> bool:
     from cyclereg.clouds import lbp
     from cyclereg.clouds.knn import symmetric_edge_index
 
@@ -157,10 +152,11 @@ def _sweeps_agree(fns) -> bool:
         cand[:, 1] = cand[:, 0]  # equal candidates: ties in the search and the messages
         unary = (torch.rand(40, k, generator=gen) * 0.5).requires_grad_(True)
         w = torch.randn(40, k, generator=gen)
-        want = lbp.min_sum(unary, cand, edge_index, reverse, 3.0, 4, prune_from=prune_from, fused=False)
-        (g_want,) = torch.autograd.grad((want * w).sum(), unary)
-        got = _sweeps(fns, unary, cand, edge_index, reverse, 3.0, 4, prune_first(k, prune_from, 0.25))
-        (g_got,) = torch.autograd.grad((got * w).sum(), unary)
+        with torch.enable_grad():  # also when first used under no_grad
+            want = lbp.min_sum(unary, cand, edge_index, reverse, 3.0, 4, prune_from=prune_from, fused=False)
+            (g_want,) = torch.autograd.grad((want * w).sum(), unary)
+            got = _sweeps(fns, unary, cand, edge_index, reverse, 3.0, 4, prune_first(k, prune_from, 0.25))
+            (g_got,) = torch.autograd.grad((got * w).sum(), unary)
         if not torch.equal(got.detach(), want.detach()):
             return False
         if (g_got - g_want).abs().max() > SWEEP_GRAD_RTOL * g_want.abs().max():
@@ -194,7 +190,7 @@ class _MinSum(torch.autograd.Function):
         u = unary.detach().contiguous()
         n, k = u.shape
         e = src.shape[0]
-        keep = unary.requires_grad
+        keep = ctx.needs_input_grad[0]  # autograd records this call: keep what the backward pass needs
         arg = torch.empty(iterations, e, k, dtype=torch.uint16) if keep else None
         zero = torch.empty(iterations, e, k, dtype=torch.uint8) if keep else None
         belief = torch.empty(n, k, dtype=torch.float32)
