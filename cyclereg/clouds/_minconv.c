@@ -29,6 +29,7 @@
 
 #define YB 32                /* destination labels per register block */
 #define MARGIN 1e-5f         /* relative safety margin of the pruning bound */
+#define EDGE_WORK 10         /* floats of search_edge's work space per source label */
 
 static float kth_smallest(float *a, int64_t n, int64_t k)
 {
@@ -71,7 +72,7 @@ static void search_edge(const float *b, const float *X, const float *ax2, const 
                         int64_t kd, int64_t first, float alpha, float rscale, int64_t *out, float *pair,
                         float *work)
 {
-    /* work: 10 * ks floats; `sel` is only needed for tau, so pass B's labels reuse it */
+    /* work: EDGE_WORK * ks floats; `sel` is only needed for tau, so pass B's labels reuse it */
     float *sel = work;
     float *a0 = work + ks, *a1 = a0 + ks, *a2 = a1 + ks, *a3 = a2 + ks;
     int32_t *lab = (int32_t *)(a3 + ks);
@@ -143,7 +144,7 @@ int cyclereg_minconv_argmin(const float *belief, const float *src, const float *
 {
     const int nt = threads > 0 ? threads : 1;
     const float rscale = (float)(-2.0 * alpha);  /* torch multiplies by -2 alpha rounded to float */
-    float *work = malloc((size_t)nt * (size_t)ks * 10 * sizeof(float));
+    float *work = malloc((size_t)nt * (size_t)ks * EDGE_WORK * sizeof(float));
     if (!work) return 1;
     if (!(alpha > 0.0)) first = 0;  /* the bound needs a positive pairwise weight */
 #ifdef _OPENMP
@@ -151,7 +152,7 @@ int cyclereg_minconv_argmin(const float *belief, const float *src, const float *
 #endif
     for (int64_t i = 0; i < e; i++) {
 #ifdef _OPENMP
-        float *w = work + (size_t)omp_get_thread_num() * (size_t)ks * 10;
+        float *w = work + (size_t)omp_get_thread_num() * (size_t)ks * EDGE_WORK;
 #else
         float *w = work;
 #endif
@@ -203,7 +204,7 @@ int cyclereg_minsum_forward(const float *unary, const float *cand, const float *
     float *m = calloc((size_t)e * (size_t)k + 1, sizeof(float));
     float *bsrc = malloc(((size_t)e * (size_t)k + 1) * sizeof(float));
     float *inc = malloc(((size_t)n * (size_t)k + 1) * sizeof(float));
-    float *work = malloc(((size_t)nt * (size_t)k * 13 + 1) * sizeof(float));
+    float *work = malloc(((size_t)nt * (size_t)k * (EDGE_WORK + 1) + 1) * sizeof(float));  /* + the pairwise terms */
     int64_t *idx = malloc(((size_t)nt * (size_t)k + 1) * sizeof(int64_t));
     int status = 0;
     if (!m || !bsrc || !inc || !work || !idx) { status = 1; goto done; }
@@ -224,8 +225,8 @@ int cyclereg_minsum_forward(const float *unary, const float *cand, const float *
 #else
             const int th = 0;
 #endif
-            float *w = work + (size_t)th * (size_t)k * 13;
-            float *pair = w + 10 * k;
+            float *w = work + (size_t)th * (size_t)k * (EDGE_WORK + 1);
+            float *pair = w + EDGE_WORK * k;
             int64_t *id = idx + (size_t)th * (size_t)k;
             const float *bs = bsrc + i * k;
             search_edge(bs, cand + src[i] * k * 3, ax2 + src[i] * k, cand + dst[i] * k * 3, k, k, first, a, rscale,
