@@ -243,8 +243,9 @@ def test_dense_label_change_is_the_mean_displacement_difference_in_mm():
 SHAPE = (24, 24, 32)
 
 
-def _dataset(root: Path, with_labels: bool = True) -> Path:
-    """Four smooth CT-like volumes; images 1-2 form the labelled validation pair, 3-4 train."""
+def _dataset(root: Path, with_labels: bool = True, names: list[str] | None = None) -> Path:
+    """Four smooth CT-like volumes; images 1-2 form the labelled validation pair, 3-4 train.
+    ``names``: the four file names (default ``Case_000K_0000.nii.gz``)."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
@@ -256,7 +257,7 @@ def _dataset(root: Path, with_labels: bool = True) -> Path:
         img = base[o[0]:o[0] + SHAPE[0], o[1]:o[1] + SHAPE[1], o[2]:o[2] + SHAPE[2]] * 300.0 - 500.0
         lab = (img > -400).astype(np.int16) + (img > -200)
         aff = np.diag([1.5, 1.5, 2.0, 1.0])
-        name = f"Case_{k:04d}_0000.nii.gz"
+        name = names[k - 1] if names else f"Case_{k:04d}_0000.nii.gz"
         nib.save(nib.Nifti1Image(img.astype(np.float32), aff), str(root / "imagesTr" / name))
         entry = {"image": f"./imagesTr/{name}"}
         if with_labels:
@@ -264,7 +265,7 @@ def _dataset(root: Path, with_labels: bool = True) -> Path:
             entry["label"] = f"./labelsTr/{name}"
         training.append(entry)
     ds = {"name": "tiny", "modality": {"0": "CT"}, "training": training,
-          "registration_val": [{"fixed": "./imagesTr/Case_0001_0000.nii.gz", "moving": "./imagesTr/Case_0002_0000.nii.gz"}]}
+          "registration_val": [{"fixed": training[0]["image"], "moving": training[1]["image"]}]}
     path = root / "Tiny_dataset.json"
     path.write_text(json.dumps(ds))
     return path
@@ -451,6 +452,24 @@ def test_max_train_pairs_takes_pairs_spread_over_the_training_images(tmp_path):
     assert [(images[i].name[5:9], images[j].name[5:9]) for i, j in pairs] == [("0001", "0002"), ("0002", "0001")]
     _, every = _dense_training_set(ds, DenseCycleConfig(train_images="all"))
     assert len(every) == 6
+
+
+def test_each_training_pair_gets_its_own_pseudo_label_when_cases_have_several_scans(tmp_path):
+    """Learn2Reg's intra-patient naming (``X_0001_0000``, ``X_0001_0001``): with the case number as
+    the scan id, four of the six pairs shared one id, and the pairs after the first of them trained
+    on its pseudo label."""
+    names = [f"LungCT_{c:04d}_{s:04d}.nii.gz" for c in (1, 2) for s in (0, 1)]
+    ds = _dataset(tmp_path / "data", with_labels=False, names=names)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--stages", "1", "--iterations", "1",
+                              "--train-images", "all", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ids = json.loads((run / "run.json").read_text())["pairs"]
+    assert len(ids) == 6 and len(set(ids)) == 6, ids
+    labels = torch.load(run / "all" / "pseudo0.pt", weights_only=True)["labels"]
+    assert sorted(labels) == sorted(ids)
+    values = [labels[i] for i in ids]
+    assert all(not torch.equal(a, b) for k, a in enumerate(values) for b in values[k + 1:])
 
 
 def test_stage0_of_a_volume_run_names_the_random_network_of_its_seed(tmp_path):

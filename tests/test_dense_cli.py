@@ -497,3 +497,26 @@ def test_evaluate_reads_each_file_once_to_check_it(tiny, tmp_path, monkeypatch):
     assert sorted(reads) == sorted(set(reads)) and len(reads) == 4, reads
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert [r["dice"] for r in a["pairs"]] == [r["dice"] for r in b["pairs"]]
+
+
+def test_scan_ids_unique_where_a_case_has_several_scans(tmp_path):
+    """Learn2Reg names two scans of one case ``X_0001_0000`` / ``X_0001_0001`` (intra-patient tasks):
+    the case number alone would give both pairs of a case the same id, and training would hand one
+    pair the other's pseudo labels (they are kept by pair id)."""
+    from cyclereg.dense.data import scan_ids, load_volume_dataset
+
+    names = ["LungCT_0001_0000", "LungCT_0001_0001", "LungCT_0002_0000", "LungCT_0002_0001", "LungCT_0003_0000"]
+    ids = scan_ids([tmp_path / f"{n}.nii.gz" for n in names])
+    assert ids == ["0001_0000", "0001_0001", "0002_0000", "0002_0001", "0003"]
+    # one scan per case: the case number, as before (stored runs keep their pair ids)
+    assert scan_ids([tmp_path / "A_0007_0000.nii.gz", tmp_path / "A_0009_0000.nii.gz"]) == ["0007", "0009"]
+    # the same path twice is one scan; equal names in two folders differ
+    (tmp_path / "b").mkdir()
+    assert scan_ids([tmp_path / "x.nii", tmp_path / "x.nii", tmp_path / "b" / "x.nii"]) == ["x", "x", "x~2"]
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"registration_val": [
+        {"fixed": "./imagesTr/LungCT_0001_0000.nii.gz", "moving": "./imagesTr/LungCT_0001_0001.nii.gz"},
+        {"fixed": "./imagesTr/LungCT_0002_0000.nii.gz", "moving": "./imagesTr/LungCT_0002_0001.nii.gz"}]}))
+    both = [p.id for p in load_volume_dataset(ds_file, both_directions=True).pairs]
+    assert both == ["0001_0000_0001_0001", "0001_0001_0001_0000", "0002_0000_0002_0001", "0002_0001_0002_0000"]
+

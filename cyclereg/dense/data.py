@@ -116,16 +116,14 @@ def resample_onto(volume: Volume, reference: Volume, *, labels: bool = False) ->
 # ----------------------------------------------------------------------------- datasets
 @dataclass(frozen=True)
 class VolumePair:
-    """One registration pair: image paths and (optional) label paths."""
+    """One registration pair: image paths, (optional) label paths and the pair's id in its dataset
+    (``FIXED_MOVING`` of :func:`scan_ids`, unique among the dataset's pairs)."""
 
     fixed: Path
     moving: Path
     fixed_labels: Path | None
     moving_labels: Path | None
-
-    @property
-    def id(self) -> str:
-        return f"{case_id(self.fixed)}_{case_id(self.moving)}"
+    id: str
 
 
 @dataclass(frozen=True)
@@ -139,16 +137,55 @@ class VolumeDataset:
 
 def case_id(path: Path) -> str:
     """Learn2Reg case number of a file name (``AbdomenCTCT_0007_0000.nii.gz`` -> ``0007``),
-    or the file stem when there is none."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
+    or the file stem when there is none. Not unique where a case has several scans (Learn2Reg's
+    ``disp_FFFF_MMMM`` file names use it so); ids of scans in a dataset: :func:`scan_ids`."""
+    name = _stem(path)
     parts = name.split("_")
     digits = [p for p in parts if p.isdigit()]
     if len(parts) >= 3 and parts[-2].isdigit():
         return parts[-2]
     return digits[0] if digits else name
+
+
+def _stem(path: Path) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _scan_number_id(path: Path) -> str:
+    """Learn2Reg case and scan number (``LungCT_0001_0000.nii.gz`` -> ``0001_0000``), or the file stem."""
+    parts = _stem(path).split("_")
+    if len(parts) >= 3 and parts[-2].isdigit() and parts[-1].isdigit():
+        return f"{parts[-2]}_{parts[-1]}"
+    return _stem(path)
+
+
+def scan_ids(paths) -> list[str]:
+    """Short ids of scans, unique among the distinct ``paths`` (one id per entry, equal paths equal ids).
+
+    The Learn2Reg case number (:func:`case_id`, ``0007``) where it alone tells the scans apart, as in
+    inter-patient tasks with one scan per case; case and scan number (``0001_0000``) for the scans of a
+    case that has several (intra-patient tasks: ``_0000`` and ``_0001`` of one case); the file stem
+    where even that repeats, then ``STEM~N`` for equal names in different folders."""
+    resolved = [Path(p).resolve() for p in paths]
+    distinct = list(dict.fromkeys(resolved))
+    ids = {q: case_id(q) for q in distinct}
+    for refine in (_scan_number_id, _stem):
+        counts: dict[str, int] = {}
+        for q in distinct:
+            counts[ids[q]] = counts.get(ids[q], 0) + 1
+        for q in distinct:
+            if counts[ids[q]] > 1:
+                ids[q] = refine(q)
+    seen: dict[str, int] = {}
+    for q in distinct:
+        n = seen[ids[q]] = seen.get(ids[q], 0) + 1
+        if n > 1:
+            ids[q] = f"{ids[q]}~{n}"
+    return [ids[q] for q in resolved]
 
 
 def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> VolumeDataset:
@@ -180,18 +217,17 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     raw = obj.get("registration_val")
     if not isinstance(raw, list) or not raw:
         raise InputError("no 'registration_val' pairs in the dataset", p)
-    pairs: list[VolumePair] = []
-    seen: set[tuple[Path, Path]] = set()
+    ordered: dict[tuple[Path, Path], None] = {}  # the pairs in order, each once
     for n, entry in enumerate(raw):
         try:
             f, m = res(entry["fixed"]), res(entry["moving"])
         except (KeyError, TypeError):
             raise InputError(f"registration_val entry {n} needs 'fixed' and 'moving'", p) from None
         for a, b in ((f, m), (m, f)) if both_directions else ((f, m),):
-            if (a, b) in seen:
-                continue
-            seen.add((a, b))
-            pairs.append(VolumePair(a, b, labels_for(a), labels_for(b)))
+            ordered[(a, b)] = None
+    scans = [scan for pair in ordered for scan in pair]
+    ids = dict(zip(scans, scan_ids(scans)))
+    pairs = [VolumePair(a, b, labels_for(a), labels_for(b), f"{ids[a]}_{ids[b]}") for a, b in ordered]
     modality = obj.get("modality")
     if isinstance(modality, dict):
         modality = next(iter(modality.values()), None)

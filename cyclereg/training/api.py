@@ -612,18 +612,19 @@ def _dense_training_set(dataset: Path, config: DenseCycleConfig):
 
 
 def _dense_identity(dataset: Path, images, pairs) -> dict:
-    from cyclereg.dense.data import case_id
+    from cyclereg.dense.data import scan_ids
     from cyclereg.datasets import read_json
 
     name = str(read_json(dataset).get("name", Path(dataset).stem))
+    ids = scan_ids(images)
     return {"dataset": name, "kind": "volumes",
-            "pairs": [f"{case_id(images[i])}_{case_id(images[j])}" for i, j in pairs], "folds": [],
+            "pairs": [f"{ids[i]}_{ids[j]}" for i, j in pairs], "folds": [],
             "data": {"images": {Path(p).name: data_fingerprint(p) for p in images}}}
 
 
 def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     from cyclereg.datasets import read_json
-    from cyclereg.dense.data import case_id, preprocess, resolve_mode
+    from cyclereg.dense.data import preprocess, resolve_mode, scan_ids
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
     from cyclereg.volumeio import read_nifti, spacing_differs
 
@@ -631,7 +632,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     if isinstance(modality, dict):
         modality = next(iter(modality.values()), None)
     loaded, first, first_mode = [], None, None
-    for path in images:
+    for path, scan in zip(images, scan_ids(images)):
         vol = read_nifti(path)
         if first is None:
             first = vol
@@ -644,7 +645,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
         elif mode != first_mode:
             raise InputError(f"intensity preprocessing '{mode}' here but '{first_mode}' for {first.path}; set the "
                              "dataset's 'modality' (CT or MRI) so that all training images are treated alike", path)
-        loaded.append(VolumeImage(case_id(path), preprocess(vol.data, config.pipeline.preprocess, mode)[None, None]))
+        loaded.append(VolumeImage(scan, preprocess(vol.data, config.pipeline.preprocess, mode)[None, None]))
     # the checkpoints record the mode the network was trained with, so that register/evaluate
     # preprocess as training did whatever their inputs look like
     pinned = replace(config.pipeline.preprocess, mode=first_mode)

@@ -210,7 +210,8 @@ def strided(image: torch.Tensor, stride: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- task
 @dataclass
 class VolumeImage:
-    """One preprocessed training image ``(1, 1, D, H, W)`` (CPU) and its case id."""
+    """One preprocessed training image ``(1, 1, D, H, W)`` (CPU) and its id, unique among the
+    training images (:func:`cyclereg.dense.data.scan_ids`)."""
 
     id: str
     image: torch.Tensor
@@ -235,6 +236,9 @@ class DenseCycleTask:
         shapes = {tuple(im.image.shape) for im in images}
         if len(shapes) != 1:
             raise ValueError(f"images: all training images need one shape, got {sorted(shapes)}")
+        ids = [im.id for im in images]
+        if len(set(ids)) != len(ids):  # pseudo labels and sampling weights are kept by pair id
+            raise ValueError(f"images: ids must be unique, got {ids}")
         self.images = images
         self.pairs = pairs
         self.spacing = tuple(float(s) for s in spacing_mm)
