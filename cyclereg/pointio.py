@@ -71,8 +71,10 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
             rows.append([float(c) for c in cells])
         except ValueError:
             raise InputError(f"line {n}: not a number in {ln[:60]!r}", path) from None
-        if len(rows[-1]) != len(rows[0]):
-            raise InputError(f"line {n}: {len(rows[-1])} columns, expected {len(rows[0])}", path)
+        expected = len(header) if header is not None else len(rows[0])
+        if len(rows[-1]) != expected:
+            raise InputError(f"line {n}: {len(rows[-1])} columns, expected {expected}"
+                             f"{' (as the header)' if header is not None else ''}", path)
     return np.asarray(rows, dtype=np.float64), header, [n for n, _ in numbered]
 
 

@@ -80,6 +80,8 @@ def test_learn2reg_voxel_csv_on_a_scan_grid(tmp_path):
     ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,x,3\n", "line 5: not a number"),
     ("x_mm,y_mm\n1,2\n", "3 columns"),
     ("x_mm,y_mm,z_mm\n1,2,3\n1,2\n", "columns"),
+    ("x_mm,y_mm,z_mm\n1,2,3,4\n5,6,7,8\n", "line 2: 4 columns, expected 3 \\(as the header\\)"),  # no column dropped
+    ("x_mm,y_mm,z_mm\n1,2\n3,4\n", "line 2: 2 columns, expected 3"),  # was an IndexError
     ("x_mm,y_mm,z_mm\n1,abc,3\n", "not a number"),
 ])
 def test_bad_csv(tmp_path, content, match):
