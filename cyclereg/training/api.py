@@ -11,10 +11,11 @@ Run directory layout::
         log.jsonl               one JSON line per stage
     RUN_DIR/all/                the same when the dataset has no folds (volume datasets)
 
-Keypoint datasets: landmarks are never read, only the keypoint files of the training pairs.
-Volume datasets (Learn2Reg JSON): only the training images are read; label maps are
-touched only by the optional reporting hook (``val_pairs``), after a stage has finished,
-and never influence training.
+Training reads only the keypoint files of a fold's training pairs (keypoint datasets) or the
+training images (volume datasets, Learn2Reg JSON). Landmarks and label maps are touched only by
+the optional reporting hook (``val_pairs``, ``--val-pairs``: the landmarks of the fold's held-out
+pairs, the labels of the first validation pairs), which scores a stage after it has finished
+and never influences training; without it they are never read.
 """
 
 from __future__ import annotations
