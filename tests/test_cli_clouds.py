@@ -976,3 +976,39 @@ def test_notes_are_literal_one_line_and_quiet_on_request(capsys):
     assert err == f"note: {path} is an unfinished evaluation [bold]x[/bold]\n"
     print_note("nothing", quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_evaluate_registers_a_trained_model_in_its_training_frame(tmp_path):
+    """A trained model registers in the unit frame it was trained in (its ``training_box``), in
+    `evaluate` as in `register`: a dataset's own volume box of another size would rescale the
+    network's input coordinates and the frame-dependent LBP and TPS weights. Untrained networks
+    (no training box) keep the dataset's box."""
+    from cyclereg.checkpoint import save_checkpoint
+    from cyclereg.clouds.features import build_graph_net
+    from cyclereg.clouds.lbp import LBPConfig
+    from cyclereg.clouds.pipeline import CloudRegConfig
+    from cyclereg.frames import UnitBox
+
+    ds = _mini_dataset(tmp_path, 1)
+    meta = json.loads(ds.read_text())
+    meta.update(volume_shape_zyx=[50, 50, 50], spacing_zyx_mm=[6.0, 3.75, 5.0])  # x, y, z: 0-250 / 0-187.5 / 0-300 mm
+    ds.write_text(json.dumps(meta))
+    f, m = read_points(tmp_path / "c0" / "fk.csv"), read_points(tmp_path / "c0" / "mk.csv")
+    lm_f, lm_m = read_points(tmp_path / "c0" / "fl.csv"), read_points(tmp_path / "c0" / "ml.csv")
+    trained_box = UnitBox.around(f, m)  # the clouds' own box: other extent than the dataset's
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16), training_box=trained_box)
+    net = build_graph_net(cfg.net, seed=1)
+    save_checkpoint(tmp_path / "m.pt", kind="cloud", config=cfg, state_dict=net.state_dict())
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", str(tmp_path / "m.pt"), "--device", "cpu",
+                              "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "r.json").read_text())["cases"][0]["tre_after_mm"]["mean"]
+    net, cfg = load_cloud_model(tmp_path / "m.pt")
+
+    def tre(box):
+        reg = register_clouds(f, m, net, cfg, box=box)
+        return (lm_f + reg.at(lm_f) - lm_m).norm(dim=1).mean().item()
+
+    in_training_frame, in_dataset_frame = tre(trained_box), tre(dataset_box(load_keypoint_dataset(ds)))
+    assert abs(in_training_frame - in_dataset_frame) > 1e-3  # the frame matters here
+    assert got == pytest.approx(in_training_frame, abs=1e-4)

@@ -626,7 +626,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         for p in pairs:
             fold = ds.fold_of(p.id)
             net, config = models.get(fold if run is not None else None, (None, default_config))
-            cases.append(_evaluate_pair(p, fold, net, config, box=box, ds=ds, device=dev, smoothness=smoothness,
+            # a trained network registers in the frame it was trained in (registration_box), as with
+            # `register`; the dataset's volume box is the frame of untrained networks and the identity
+            frame = box if config.training_box is None else None
+            cases.append(_evaluate_pair(p, fold, net, config, box=frame, ds=ds, device=dev, smoothness=smoothness,
                                         spread=spread, rows=rows, points=points[p.id]))
             if one_model:
                 cases[-1]["in_training"] = p.id in in_training
