@@ -17,6 +17,7 @@ column counts and unreadable files.
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -181,11 +182,14 @@ def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None =
     elif fmt in ("ply", "pcd"):
         o3d = require_open3d()
         pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.stem}.tmp.{fmt}")
-        if not o3d.io.write_point_cloud(str(tmp), pcd):
-            raise InputError("open3d failed to write", p)
-        tmp.replace(p)
+        # open3d writes by file name (the suffix picks the format): into a private folder that is
+        # removed whatever happens, then into place as every other output
+        with tempfile.TemporaryDirectory(prefix="cyclereg-") as folder:
+            tmp = Path(folder) / f"points.{fmt}"
+            if not o3d.io.write_point_cloud(str(tmp), pcd):
+                raise InputError("open3d failed to write", p)
+            data = tmp.read_bytes()
+        atomic_write_bytes(p, lambda fh: fh.write(data))
     else:
         raise InputError(f"unknown output format '{fmt}' (csv, l2r, npy, ply, pcd)", p)
 

@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,23 @@ def test_round_trip(tmp_path, pts, fmt):
     p = tmp_path / f"cloud.{fmt}"
     write_points(p, pts)
     torch.testing.assert_close(read_points(p), pts, atol=1e-4, rtol=0)
+    assert [q.name for q in tmp_path.iterdir()] == [p.name]  # nothing else left beside it
+
+
+@pytest.mark.parametrize("fmt", ["ply", "pcd"])
+def test_failed_open3d_write_leaves_nothing(tmp_path, pts, fmt, monkeypatch):
+    """open3d reporting failure (e.g. a full disk) after writing part of its file: an error naming the
+    output, no output and no temporary file beside it."""
+    import open3d as o3d
+
+    def half_written(name, pcd):
+        Path(name).write_text("ply\n")
+        return False
+
+    monkeypatch.setattr(o3d.io, "write_point_cloud", half_written)
+    with pytest.raises(InputError, match="open3d failed to write") as err:
+        write_points(tmp_path / f"cloud.{fmt}", pts)
+    assert f"cloud.{fmt}" in str(err.value) and list(tmp_path.iterdir()) == []
 
 
 def test_csv_header(tmp_path, pts):
