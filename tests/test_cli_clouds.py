@@ -414,10 +414,14 @@ def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path):
     scan and labels then equal the fixed ones."""
     data, shift = _textured_scans(tmp_path)
     out = tmp_path / "out"
+    (tmp_path / "q.csv").write_text("10,12,14\n20,30,25\n")  # headerless: voxel indices on the fixed scan's grid
     res = runner.invoke(app, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out),
                               "--via-keypoints", "--moving-labels", str(tmp_path / "m_lab.nii.gz"), "--disp-mm",
-                              "--device", "cpu"])
+                              "--query", str(tmp_path / "q.csv"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    q = np.loadtxt(out / "query_displacements.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(q[:, :3], [[15.0, 18.0, 21.0], [30.0, 45.0, 37.5]], atol=1e-4)  # 1.5 mm voxels
+    np.testing.assert_allclose(q[:, 3:6], np.broadcast_to(shift, q[:, 3:6].shape), atol=1e-3)
     fixed_kp = read_points(out / "fixed_keypoints.csv")
     moving_kp = read_points(out / "moving_keypoints.csv")
     assert moving_kp.shape[0] > 1.5 * fixed_kp.shape[0] > 150  # the moving cloud is denser (NMS 3 mm vs 4 mm)

@@ -322,9 +322,10 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     """
     from cyclereg.keypoints.api import detect_keypoints  # noqa: PLC0415  (imports the lung-mask code)
 
-    query_mm = read_points(query) if query is not None else None
-    require_output_dir(out_dir)  # before the minutes of keypoint detection
     ref = read_nifti(fixed)
+    # a headerless (Learn2Reg voxel-index) query CSV is on the fixed scan's grid, as with --reference
+    query_mm = read_points(query, affine=ref.affine) if query is not None else None
+    require_output_dir(out_dir)  # before the minutes of keypoint detection
     mov_img = read_nifti(moving)
     mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
     kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose,
