@@ -321,7 +321,8 @@ class CloudRegistration:
         """Dense displacement ``(1, 3, D, H, W)`` in voxels of the grid ``(shape, affine)``, in the
         dtype of the fixed cloud.
 
-        The spline is evaluated every ``tps.grid_step`` voxels and upsampled trilinearly.
+        The spline is evaluated on a coarse grid (:meth:`_coarse_grid`: first and last voxel of each
+        axis and evenly between, at most ``tps.grid_step`` voxels apart) and upsampled trilinearly.
         """
         spline = spline or self.spline()
         coarse, pts_mm = self._coarse_grid(affine, shape)
@@ -340,8 +341,10 @@ class CloudRegistration:
         return self._upsample(spread, shape)
 
     def _coarse_grid(self, affine: np.ndarray, shape) -> tuple[tuple[int, ...], torch.Tensor]:
-        """Every ``tps.grid_step``-th voxel of the grid (first and last included): its shape and
-        its world points ``(P, 3)`` mm."""
+        """The coarse grid the spline is evaluated on: per axis of ``s`` voxels, ``c = ceil((s - 1) /
+        step) + 1`` points from the first voxel to the last, ``(s - 1) / (c - 1) <= step`` voxels apart
+        (``step = tps.grid_step``; so that trilinear upsampling with aligned corners puts them back on
+        voxels: 10 voxels at step 4 give voxels 0, 3, 6, 9). Its shape and its world points ``(P, 3)`` mm."""
         step = max(1, int(self.tps.grid_step))
         coarse = tuple(int(math.ceil((s - 1) / step)) + 1 for s in shape)
         device = self.fixed_mm.device

@@ -36,7 +36,8 @@ class TPSConfig:
     Attributes:
         regularisation: lambda, added to the kernel diagonal (unit-frame coordinates).
         kernel: ``"r2logr"`` (``r^2 log r``, as the authors) or ``"r"`` (the 3-D biharmonic kernel).
-        grid_step: dense fields are evaluated every ``grid_step`` voxels and upsampled trilinearly.
+        grid_step: dense fields are evaluated on a coarse grid at most ``grid_step`` voxels apart
+            (first and last voxel of each axis included) and upsampled trilinearly.
     """
 
     regularisation: float = 0.1
