@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cyclereg.errors import InputError, require_checkpoint_file, require_file
+from cyclereg.errors import InputError, require_checkpoint_file, require_file, require_separate_output
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_run_dir"]
@@ -225,6 +225,12 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     if model not in (None, "random"):
         require_checkpoint_file(model)
     require_run_dir(run)
+    checkpoint = None if model in (None, "random") else model
+    require_separate_output(report, "--json", files={"the dataset": dataset, "the model": checkpoint,
+                                                     "the --errors-csv output": errors_csv},
+                            run_dirs={"the run directory": run})
+    require_separate_output(errors_csv, "--errors-csv", files={"the dataset": dataset, "the model": checkpoint},
+                            run_dirs={"the run directory": run})
     from cyclereg.datasets import dataset_kind
 
     run = None if run is None else Path(run)

@@ -77,6 +77,48 @@ def require_output_dir(path: str | Path) -> Path:
     return p
 
 
+RUN_DIR_NAMES = frozenset({"run.json", "ensemble.json", "model_set.json", "README.md", ".cyclereg.lock"})
+"""Files of a run directory (or a model folder such as ``models/copd``) at its top level, besides
+checkpoints (``*.pt``), logs (``*.jsonl``) and the per-fold folders."""
+
+
+def _in_run_dir(out: Path, run: Path) -> bool:
+    """Whether the output ``out`` would be one of the run directory ``run``'s own files: in one of
+    its folders, a checkpoint or log, or one of :data:`RUN_DIR_NAMES` (other files, e.g. a report
+    written beside the run's files, are the user's)."""
+    base = Path(os.path.realpath(run))
+    parent = Path(os.path.realpath(out.parent))
+    if parent != base:
+        return base in parent.parents
+    return out.name in RUN_DIR_NAMES or out.suffix in (".pt", ".jsonl")
+
+
+def require_separate_output(output: str | Path | None, flag: str, *,
+                            files: dict[str, str | Path | None] | None = None,
+                            run_dirs: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse, before any work, an output file that would overwrite another file of the command:
+    :class:`InputError` naming ``output`` (``flag``: its option) when it is the same file as one of
+    ``files`` (what each is -> its path: the command's inputs and its other outputs; ``None``: not
+    given), or would be one of the own files of a run directory in ``run_dirs`` (the runs the
+    command reads: :func:`_in_run_dir`). Paths are compared after making them absolute, and as the
+    same file where both exist (links)."""
+    if output is None:
+        return
+    out = Path(os.path.abspath(Path(output).expanduser()))
+    for what, other in (files or {}).items():
+        if other is None:
+            continue
+        same = out == Path(os.path.abspath(Path(other).expanduser()))
+        if not same and out.exists() and Path(other).exists():
+            same = os.path.samefile(out, other)
+        if same:
+            raise InputError(f"{flag}: this is also {what}; write it elsewhere", output)
+    for what, run in (run_dirs or {}).items():
+        if run is not None and _in_run_dir(out, Path(run)):
+            raise InputError(f"{flag}: this would be one of the files of {what} ({run}), which the command "
+                             "only reads; write it elsewhere", output)
+
+
 def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     """Return ``value`` (``None`` = not given), raising :class:`InputError` naming ``flag``
     if it is below ``minimum``."""

@@ -1016,3 +1016,44 @@ def test_evaluate_registers_a_trained_model_in_its_training_frame(tmp_path):
     in_training_frame, in_dataset_frame = tre(trained_box), tre(dataset_box(load_keypoint_dataset(ds)))
     assert abs(in_training_frame - in_dataset_frame) > 1e-3  # the frame matters here
     assert got == pytest.approx(in_training_frame, abs=1e-4)
+
+
+def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_path):
+    """evaluate's --json / --errors-csv, status --json and ensemble -o may not overwrite the dataset,
+    each other, a checkpoint or a run's own files (run.json, checkpoints, fold folders): a one-line
+    error naming the output, exit 2, every file as it was. A report beside a run's files is fine."""
+    ds = _mini_dataset(tmp_path, 2)
+    _random_run(tmp_path / "a", {1: 1, 2: 2})
+    _random_run(tmp_path / "b", {1: 3, 2: 4})
+    for r in ("a", "b"):
+        (tmp_path / r / "run.json").write_text(json.dumps({"pairs": ["c0", "c1"], "folds": [["c0"], ["c1"]],
+                                                           "config": {}}))
+    snapshot = {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()}
+    a = tmp_path / "a"
+    cases = [
+        (["evaluate", str(ds), "--identity", "--json", str(ds)], "--json: this is also the dataset"),
+        (["evaluate", str(ds), "--identity", "--json", str(tmp_path / "e.csv"), "--errors-csv", str(tmp_path / "e.csv")],
+         "--json: this is also the --errors-csv output"),
+        (["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json"), "--errors-csv", str(ds)],
+         "--errors-csv: this is also the dataset"),
+        (["evaluate", str(ds), "--model", str(a / "fold1.pt"), "--json", str(a / "fold1.pt")], "this is also the model"),
+        (["evaluate", str(ds), "--run", str(a), "--json", str(a / "run.json")], "one of the files of the run directory"),
+        (["evaluate", str(ds), "--run", str(a), "--json", str(a / "fold1" / "r.json")], "one of the files of the run"),
+        (["status", str(a), "--json", str(a / "run.json")], "one of the files of the run directory"),
+        (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "e.json")],
+         "the checkpoint cannot be a .json file"),
+        (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "dataset.pt")],
+         "which is not an ensemble's configuration"),
+        (["ensemble", str(a), str(tmp_path / "b"), "-o", str(a)], "this is a training run given as a source"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+        assert {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()} == snapshot, args
+    # a report beside the run's files, and an ensemble written twice to one checkpoint name, are fine
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(a), "--json", str(a / "report.json")])
+    assert res.exit_code == 0, res.output
+    for _ in range(2):
+        res = runner.invoke(app, ["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o",
+                                  str(tmp_path / "e.pt")])
+        assert res.exit_code == 0 and (tmp_path / "e.json").is_file(), res.output

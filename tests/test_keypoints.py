@@ -240,6 +240,15 @@ def test_cli_errors(tmp_path):
     _assert_one_line_error(_run(tmp_path / "missing.nii.gz", "-o", out), "missing.nii.gz", tmp_path, before)
     _assert_one_line_error(_run(lungless, "-o", out, "--lung-mask", "--save-mask", tmp_path / "m.nii.gz"),
                            "nolungs.nii.gz", tmp_path, before)
+    # outputs that would overwrite another file of the command: refused before any work
+    for args, name in (([ct_path, "-o", out, "--lung-mask", "--save-mask", out], "--save-mask: this is also the "
+                        "keypoint output (-o)"),
+                       ([ct_path, "-o", out, "--lung-mask", "--save-mask", f"{out}.config.json"], "its configuration"),
+                       ([ct_path, "-o", out, "--lung-mask", "--save-mask", tmp_path / "m.txt"], "give a .nii or .nii.gz"),
+                       ([ct_path, "-o", tmp_path / "." / "ct.nii.gz"], "-o: this is also the CT")):
+        res = _run(*args)
+        _assert_one_line_error(res, name.split(":")[0], tmp_path, before)
+        assert name in " ".join(res.stderr.split()), res.stderr
     res = _run(ct_path, "-o", out, "--sigma", "-1")
     assert res.exit_code == 2 and set(tmp_path.iterdir()) == before
     assert "--sigma must be a positive number, got -1" in res.output  # the option, not the config field

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -103,6 +104,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         raise InputError("give either run directories or checkpoint files, not both")
     if all(dirs):
         require_output_dir(output)
+        for s in sources:
+            if (s / "run.json").is_file() and Path(output).resolve() == s.resolve():
+                raise InputError("-o: this is a training run given as a source; the ensemble's foldK.pt and "
+                                 "ensemble.json go into a folder of their own", output)
         per_source = [_fold_files(s) for s in sources]
         folds = sorted(set().union(*per_source))
         if not folds:
@@ -123,6 +128,13 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
         require_output_file(output)
+        record = Path(output).with_name(Path(output).stem + ".json")  # the ensemble's configuration
+        if record.resolve() == Path(output).resolve():
+            raise InputError("-o: the configuration is written beside the checkpoint as STEM.json, so the "
+                             "checkpoint cannot be a .json file (e.g. ensemble.pt)", output)
+        if record.exists() and not _is_ensemble_record(record):
+            raise InputError(f"-o: the configuration would overwrite {record}, which is not an ensemble's "
+                             "configuration; choose another checkpoint name", output)
         groups = {None: sources}
     changes = {k: v for k, v in (("recentre_passes", recentre_passes), ("tta_passes", tta_passes)) if v is not None}
     written: dict[int | None, tuple[CloudRegConfig, dict, list]] = {}
@@ -208,6 +220,15 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             "evaluate the ensemble on")
     return (f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: "
             f"{record.name}); {said}")
+
+
+def _is_ensemble_record(path: Path) -> bool:
+    """Whether ``path`` is the configuration file an earlier ``ensemble`` wrote (which may be replaced)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("command") == "ensemble"
 
 
 def _union_training(trained: list, fold: int | None) -> dict | None:

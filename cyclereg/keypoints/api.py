@@ -44,7 +44,7 @@ from rich.progress import Progress
 from cyclereg.checkpoint import atomic_write_text, write_json
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_pair_ids
-from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
+from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file, require_separate_output
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
@@ -232,9 +232,15 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
     Raises :class:`InputError` (nothing written) for bad input.
     """
     require_output_file(output)
+    require_separate_output(output, "-o", files={"the CT": ct, "--mask": mask})
     fmt = output_format(output, fmt)
     if save_mask is not None:
         require_output_file(save_mask)
+        require_separate_output(save_mask, "--save-mask",
+                                files={"the keypoint output (-o)": output, "its configuration": config_path_for(output),
+                                       "the CT": ct, "--mask": mask})
+        if not str(save_mask).lower().endswith((".nii", ".nii.gz")):
+            raise InputError("--save-mask: the mask is written as NIfTI; give a .nii or .nii.gz file name", save_mask)
     if mask is not None and lung_mask:
         raise InputError("give either --mask or --lung-mask, not both")
     if save_mask is not None and not lung_mask:

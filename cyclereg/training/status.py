@@ -27,11 +27,12 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
 
     from cyclereg.checkpoint import write_json
     from cyclereg.console import print_table
-    from cyclereg.errors import require_output_file
+    from cyclereg.errors import require_output_file, require_separate_output
     from cyclereg.training.api import run_status
 
     if json_out is not None:
         require_output_file(json_out)
+        require_separate_output(json_out, "--json", run_dirs={"the run directory": run})
     info = run_status(Path(run), stages=stages)
     rule = info.get("stop_below_mm")
     table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages"
