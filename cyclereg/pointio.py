@@ -119,6 +119,8 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             arr = np.load(p, allow_pickle=False)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"not a readable .npy array ({type(exc).__name__})", p) from None
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise InputError(f"expected real numbers, the array holds {arr.dtype} values", p)
         return _check_points(np.asarray(arr, dtype=np.float64), p)
     if suffix in (".ply", ".pcd"):
         o3d = require_open3d()

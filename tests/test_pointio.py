@@ -117,6 +117,14 @@ def test_missing_and_unreadable(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(InputError, match="npy"):
         read_points(bad)
+    for name, values in (("str.npy", np.array([["a", "b", "c"]])), ("complex.npy", np.ones((4, 3)) * (1 + 2j)),
+                         ("bool.npy", np.ones((4, 3), dtype=bool))):
+        np.save(tmp_path / name, values)
+        with pytest.raises(InputError, match="expected real numbers") as err:
+            read_points(tmp_path / name)  # strings raised a traceback; complex lost its imaginary part
+        assert name in str(err.value)
+    np.save(tmp_path / "int.npy", np.arange(12, dtype=np.int16).reshape(4, 3))
+    assert read_points(tmp_path / "int.npy")[3].tolist() == [9.0, 10.0, 11.0]
     with pytest.raises(InputError, match="format"):
         (tmp_path / "x.xyz").write_text("1 2 3")
         read_points(tmp_path / "x.xyz")
