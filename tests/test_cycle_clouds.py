@@ -1297,3 +1297,14 @@ def test_training_on_whole_clouds_reuses_their_graphs_with_the_same_result(monke
                           torch.device("cpu"))
     task.train_stage(build_graph_net(cfg.reg.net, seed=0), labels, {}, 1)
     assert task._graphs == {}
+
+
+def test_a_fold_that_holds_out_every_pair_is_refused_before_any_work(tmp_path):
+    ds = _dataset(tmp_path, n=2)
+    meta = json.loads(ds.read_text())
+    meta["folds"] = [["c0", "c1"]]
+    ds.write_text(json.dumps(meta))
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 2 and "fold 1 holds out every pair of the dataset" in " ".join(res.output.split()), \
+        res.output
+    assert str(ds) in res.output and not (tmp_path / "run").exists()

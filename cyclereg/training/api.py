@@ -154,6 +154,9 @@ def _box(ds, pairs, margin: float) -> UnitBox:
 
 def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     ids = ds.training_ids(fold)
+    if not ids:
+        raise InputError(f"fold {fold} holds out every pair of the dataset: nothing is left to train on"
+                         if fold is not None else "the dataset lists no pairs to train on", ds.path)
     raw = []
     for pid in ids:
         p = ds.pair(pid)
