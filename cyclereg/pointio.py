@@ -7,7 +7,8 @@ Formats (chosen by suffix, or explicitly):
   ``spacing_mm`` (per array axis) and converts with ``mm = index * spacing`` unless an
   affine is given.
 * ``.npy``: float array ``(N, 3)`` in mm.
-* ``.ply`` / ``.pcd``: through open3d, in mm.
+* ``.ply`` / ``.pcd``: in mm; read here (ascii and binary; a compressed PCD through open3d), written
+  through open3d.
 
 Every reader returns a ``float32`` tensor ``(N, 3)`` in mm (x, y, z) and raises
 :class:`~cyclereg.errors.InputError` naming the file for empty clouds, NaN/inf, wrong
@@ -79,6 +80,166 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
     return np.asarray(rows, dtype=np.float64), header, [n for n, _ in numbered]
 
 
+# ----------------------------------------------------------------------------- .ply / .pcd
+# Read here rather than through open3d: open3d reports a truncated file only as a warning on
+# stderr and returns the points it was promised, the missing ones as zeros or whatever its buffer held.
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+_PCD_TYPES = {("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8",
+              ("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8"}
+
+
+def _header_lines(data: bytes, end, path: Path, what: str) -> tuple[list[str], int]:
+    """The text lines of a header up to the line for which ``end(words)`` holds (included), and the
+    byte offset after it."""
+    lines, pos = [], 0
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            raise InputError(f"not a {what} file: its header does not end", path)
+        try:
+            line = data[pos:nl].decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise InputError(f"not a {what} file: its header is not text", path) from None
+        pos = nl + 1
+        lines.append(line)
+        if end(line.split()):
+            return lines, pos
+
+
+def _ascii_table(rows: list[str], width: int, path: Path, what: str, *, at_least: bool = False) -> np.ndarray:
+    """``(len(rows), width)`` numbers of the text ``rows`` (``at_least``: further values of a row ignored)."""
+    table = np.empty((len(rows), width), dtype=np.float64)
+    for k, row in enumerate(rows):
+        values = row.split()
+        if len(values) < width or (len(values) > width and not at_least):
+            raise InputError(f"{what} {k}: {len(values)} values, the header says {width}"
+                             + (" (truncated?)" if k == len(rows) - 1 else ""), path)
+        try:
+            table[k] = [float(v) for v in values[:width]]
+        except ValueError:
+            raise InputError(f"{what} {k}: not a number in {row[:60]!r}", path) from None
+    return table
+
+
+def _xyz(table: dict[str, np.ndarray], path: Path, what: str) -> np.ndarray:
+    missing = [c for c in "xyz" if c not in table]
+    if missing:
+        raise InputError(f"{what} has no {', '.join(missing)} coordinate(s) (has {', '.join(table) or 'none'})", path)
+    return np.stack([table[c].astype(np.float64) for c in "xyz"], axis=1)
+
+
+def _read_ply(path: Path) -> np.ndarray:
+    """The vertices ``(N, 3)`` of a PLY file (ascii or binary, either byte order), refusing truncated ones."""
+    data = path.read_bytes()
+    if not data.startswith(b"ply"):
+        raise InputError("not a PLY file (it does not start with 'ply')", path)
+    lines, pos = _header_lines(data, lambda w: w[:1] == ["end_header"], path, "PLY")
+    fmt, elements = None, []  # elements: [name, count, [(property, dtype or (count dtype, item dtype))]]
+    for line in lines[1:-1]:
+        w = line.split()
+        try:
+            if w[:1] == ["format"]:
+                fmt = w[1]
+            elif w[:1] == ["element"]:
+                elements.append([w[1], int(w[2]), []])
+            elif w[:1] == ["property"] and w[1] == "list":
+                elements[-1][2].append((w[4], (_PLY_TYPES[w[2]], _PLY_TYPES[w[3]])))
+            elif w[:1] == ["property"]:
+                elements[-1][2].append((w[2], _PLY_TYPES[w[1]]))
+        except (IndexError, KeyError, ValueError):
+            raise InputError(f"unreadable PLY header line {line[:60]!r}", path) from None
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise InputError(f"unknown PLY format {fmt!r}", path)
+    vertex = next((e for e in elements if e[0] == "vertex"), None)
+    if vertex is None:
+        raise InputError("PLY file without a vertex element", path)
+    if any(isinstance(t, tuple) for _, t in vertex[2]):
+        raise InputError("PLY vertices with list properties are not supported", path)
+    order = "<" if fmt == "binary_little_endian" else ">"
+    body = data[pos:]
+    if fmt == "ascii":
+        rows = body.decode("ascii", errors="replace").splitlines()
+        rows = [r for r in rows if r.strip()]
+        skip = 0
+        for name, count, _ in elements:
+            if name == "vertex":
+                break
+            skip += count  # one line per element of the elements before the vertices
+        got = rows[skip:skip + vertex[1]]
+        if len(got) < vertex[1]:
+            raise InputError(f"truncated: the header promises {vertex[1]} vertices, the file holds {len(got)}", path)
+        table = _ascii_table(got, len(vertex[2]), path, "vertex", at_least=True)
+        return _xyz({n: table[:, i] for i, (n, _) in enumerate(vertex[2])}, path, "the PLY vertex element")
+    offset = 0
+    for name, count, props in elements:
+        if name == "vertex":
+            break
+        for _ in range(count):  # elements before the vertices (rare): step over each row
+            for _, t in props:
+                if isinstance(t, tuple):
+                    n = int(np.frombuffer(body, order + t[0], 1, offset)[0]) if offset < len(body) else 0
+                    offset += np.dtype(t[0]).itemsize + n * np.dtype(t[1]).itemsize
+                else:
+                    offset += np.dtype(t).itemsize
+    dtype = np.dtype([(n, order + t) for n, t in vertex[2]])
+    have = max(0, len(body) - offset) // dtype.itemsize
+    if have < vertex[1]:
+        raise InputError(f"truncated: the header promises {vertex[1]} vertices, the file holds {have}", path)
+    table = np.frombuffer(body, dtype, vertex[1], offset)
+    return _xyz({n: table[n] for n in dtype.names}, path, "the PLY vertex element")
+
+
+def _read_pcd(path: Path) -> np.ndarray:
+    """The points ``(N, 3)`` of a PCD file (DATA ascii or binary; binary_compressed through open3d),
+    refusing truncated ones."""
+    data = path.read_bytes()
+    lines, pos = _header_lines(data, lambda w: w[:1] == ["DATA"], path, "PCD")
+    head = {}
+    for line in lines:
+        w = line.split()
+        if w and not w[0].startswith("#"):
+            head[w[0].upper()] = w[1:]
+    try:
+        fields = head["FIELDS"]
+        n = int(head["POINTS"][0]) if "POINTS" in head else int(head["WIDTH"][0]) * int(head["HEIGHT"][0])
+        sizes = [int(v) for v in head.get("SIZE", ["4"] * len(fields))]
+        types = head.get("TYPE", ["F"] * len(fields))
+        counts = [int(v) for v in head.get("COUNT", ["1"] * len(fields))]
+        kind = head["DATA"][0].lower()
+        dtypes = [_PCD_TYPES[(t.upper(), s)] for t, s in zip(types, sizes)]
+    except (KeyError, IndexError, ValueError):
+        raise InputError("not a PCD file, or an unreadable PCD header", path) from None
+    if not (len(fields) == len(sizes) == len(types) == len(counts)):
+        raise InputError("PCD header: FIELDS, SIZE, TYPE and COUNT differ in length", path)
+    if kind == "binary_compressed":
+        o3d = require_open3d()
+        pts = np.asarray(o3d.io.read_point_cloud(str(path)).points, dtype=np.float64)
+        if pts.shape[0] != n:
+            raise InputError(f"unreadable compressed PCD: the header promises {n} points, open3d read {pts.shape[0]}",
+                             path)
+        return pts
+    columns = [(f, d, c) for f, d, c in zip(fields, dtypes, counts)]
+    if kind == "ascii":
+        rows = [r for r in data[pos:].decode("ascii", errors="replace").splitlines() if r.strip()]
+        if len(rows) != n:
+            raise InputError(f"{'truncated' if len(rows) < n else 'malformed'}: the header promises {n} points, "
+                             f"the file holds {len(rows)} lines", path)
+        table = _ascii_table(rows, sum(counts), path, "point")
+        starts = np.cumsum([0] + counts[:-1])
+        return _xyz({f: table[:, s] for (f, _, _), s in zip(columns, starts)}, path, "the PCD file")
+    if kind != "binary":
+        raise InputError(f"unknown PCD DATA kind {kind!r}", path)
+    dtype = np.dtype([(f if f != "_" else f"_{i}", "<" + d, (c,) if c > 1 else ())  # "_": padding
+                      for i, (f, d, c) in enumerate(columns)])
+    have = (len(data) - pos) // dtype.itemsize
+    if have < n:
+        raise InputError(f"truncated: the header promises {n} points, the file holds {have}", path)
+    table = np.frombuffer(data, dtype, n, pos)
+    return _xyz({f: table[f] for f in dtype.names if table[f].ndim == 1}, path, "the PCD file")
+
+
 def spacing_affine(spacing_mm) -> np.ndarray:
     """The 4x4 affine of headerless Learn2Reg voxel indices without a scan: ``mm = index * spacing``
     (origin 0, axes along x, y, z)."""
@@ -123,12 +284,11 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             raise InputError(f"expected real numbers, the array holds {arr.dtype} values", p)
         return _check_points(np.asarray(arr, dtype=np.float64), p)
     if suffix in (".ply", ".pcd"):
-        o3d = require_open3d()
         try:
-            pcd = o3d.io.read_point_cloud(str(p))
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"open3d cannot read it ({type(exc).__name__})", p) from None
-        return _check_points(np.asarray(pcd.points, dtype=np.float64), p)
+            arr = (_read_ply if suffix == ".ply" else _read_pcd)(p)
+        except OSError as exc:
+            raise InputError(f"cannot read it ({exc.strerror or type(exc).__name__})", p) from None
+        return _check_points(arr, p)
     raise InputError(f"unknown point-cloud format '{suffix}' (use .csv, .npy, .ply or .pcd)", p)
 
 

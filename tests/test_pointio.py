@@ -291,3 +291,57 @@ def test_keypoint_dataset_json_is_validated(tmp_path, change, message):
     obj.pop("volume_shape_zyx", None), obj.pop("spacing_zyx_mm", None)
     path.write_text(json.dumps(obj))
     assert load_keypoint_dataset(path).folds == (("a",), ("b",))
+
+
+@pytest.mark.parametrize("fmt,ascii_,compressed", [("ply", False, False), ("ply", True, False), ("pcd", False, False),
+                                                   ("pcd", True, False), ("pcd", False, True)])
+def test_ply_pcd_as_open3d_writes_them_and_truncated_ones_refused(tmp_path, fmt, ascii_, compressed):
+    """Files open3d writes (with normals and colours beside x, y, z) read back exactly; the same files
+    cut short are refused naming the file (open3d itself only warns on stderr and hands back the
+    promised number of points, the missing ones as zeros or leftover memory)."""
+    import open3d as o3d
+
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(-50, 150, (40, 3))
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz))
+    pcd.normals = o3d.utility.Vector3dVector(rng.uniform(-1, 1, (40, 3)))
+    pcd.colors = o3d.utility.Vector3dVector(rng.uniform(0, 1, (40, 3)))
+    path = tmp_path / f"c.{fmt}"
+    assert o3d.io.write_point_cloud(str(path), pcd, write_ascii=ascii_, compressed=compressed)
+    np.testing.assert_allclose(read_points(path).numpy(), xyz, atol=1e-3 if ascii_ else 1e-4)  # ascii: 3 decimals
+    cut = tmp_path / f"cut.{fmt}"
+    for keep in (len(path.read_bytes()) - 37, len(path.read_bytes()) // 2):
+        cut.write_bytes(path.read_bytes()[:keep])
+        with pytest.raises(InputError) as err:
+            read_points(cut)
+        message = str(err.value)
+        assert message.startswith(str(cut)) and "\n" not in message
+        assert any(w in message for w in ("truncated", "promises", "unreadable")), message
+
+
+def test_ply_layouts(tmp_path):
+    """Big-endian doubles with a trailing property, and an element with a list property before the
+    vertices (binary and ascii): the vertices' x, y, z; a header without them, or no PLY: refused."""
+    xyz = np.arange(15, dtype=np.float64).reshape(5, 3) * 1.5 - 4
+    head = "ply\nformat {}\ncomment made by hand\n{}end_header\n"
+    rows = np.zeros(5, dtype=[("x", ">f8"), ("y", ">f8"), ("z", ">f8"), ("red", "u1")])
+    rows["x"], rows["y"], rows["z"] = xyz.T
+    vertex = "element vertex 5\nproperty double x\nproperty double y\nproperty double z\nproperty uchar red\n"
+    (tmp_path / "be.ply").write_bytes(head.format("binary_big_endian 1.0", vertex).encode() + rows.tobytes())
+    np.testing.assert_allclose(read_points(tmp_path / "be.ply").numpy(), xyz)
+    faces = "element face 2\nproperty list uchar int vertex_indices\n"
+    vertex_f = "element vertex 5\nproperty float z\nproperty float y\nproperty float x\n"  # another order
+    body = (np.array([3], "u1").tobytes() + np.array([0, 1, 2], "<i4").tobytes() + np.array([4], "u1").tobytes()
+            + np.array([0, 1, 2, 3], "<i4").tobytes() + xyz[:, ::-1].astype("<f4").tobytes())
+    (tmp_path / "f.ply").write_bytes(head.format("binary_little_endian 1.0", faces + vertex_f).encode() + body)
+    np.testing.assert_allclose(read_points(tmp_path / "f.ply").numpy(), xyz)
+    text = "3 0 1 2\n4 0 1 2 3\n" + "\n".join(" ".join(f"{v:g}" for v in r[::-1]) for r in xyz) + "\n"
+    (tmp_path / "fa.ply").write_text(head.format("ascii 1.0", faces + vertex_f) + text)
+    np.testing.assert_allclose(read_points(tmp_path / "fa.ply").numpy(), xyz)
+    (tmp_path / "noz.ply").write_text(head.format("ascii 1.0", "element vertex 1\nproperty float x\nproperty float y\n")
+                                      + "1 2\n")
+    with pytest.raises(InputError, match="no z coordinate"):
+        read_points(tmp_path / "noz.ply")
+    (tmp_path / "no.ply").write_text("hello\n")
+    with pytest.raises(InputError, match="not a PLY file"):
+        read_points(tmp_path / "no.ply")
