@@ -47,6 +47,25 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
+def holds_voxel_indices(path: str | Path) -> bool:
+    """Whether the point file ``path`` holds Learn2Reg voxel indices (a ``.csv`` / ``.txt`` whose first
+    line is numbers, no header), which :func:`read_points` converts with a spacing or an affine. A
+    file that does not exist or cannot be read says no (its reader names the problem)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".csv", ".txt") or not p.is_file():
+        return False
+    try:
+        with p.open(encoding="utf-8-sig", errors="replace") as fh:
+            first = next((ln for ln in fh if ln.strip()), "")
+    except OSError:
+        return False
+    try:
+        [float(c) for c in first.split(",")]
+    except ValueError:
+        return False
+    return bool(first.strip())
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
     """The numbers of a CSV file, its header (``None`` without one) and the file line of each row."""
     try:

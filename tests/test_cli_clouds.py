@@ -340,6 +340,16 @@ def test_headerless_voxel_csvs_are_read_on_the_reference_grid(pair_files):
     res = runner.invoke(app, ["register", str(d / "f_vox.csv"), str(d / "m_vox.csv"), "-o", str(d / "both"),
                               "--spacing", "2,2,2", *common])
     assert res.exit_code == 2 and "--spacing: not used with --reference" in res.output and not (d / "both").exists()
+    # --spacing: three finite positive numbers, and only where a file holds voxel indices
+    for spacing, f, m, message in (("nan,1,1", "f_vox.csv", "m_vox.csv", "--spacing 'nan,1,1': expected three positive"),
+                                   ("2,2,2", "f.csv", "m.csv", "--spacing: no point file here holds voxel indices")):
+        res = runner.invoke(app, ["register", str(d / f), str(d / m), "-o", str(d / "sp"), "--spacing", spacing,
+                                  "--device", "cpu"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+        assert not (d / "sp").exists()
+    res = runner.invoke(app, ["register", str(d / "f_vox.csv"), str(d / "m_vox.csv"), "-o", str(d / "sp"),
+                              "--spacing", "2,2,2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
 
 
 def test_register_reference_errors_write_nothing(pair_files):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from cyclereg.errors import InputError, require_count, require_output_dir, requi
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, jacobian_map, spearman, tre_stats
-from cyclereg.pointio import format_csv, points_csv, read_landmark_pair, read_points
+from cyclereg.pointio import format_csv, holds_voxel_indices, points_csv, read_landmark_pair, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -249,15 +250,15 @@ def _union_training(trained: list, fold: int | None) -> dict | None:
     return training_record("+".join(names), fold, pairs=pairs)
 
 
-def _parse_spacing(spacing: str | None, path: Path) -> tuple[float, float, float] | None:
+def _parse_spacing(spacing: str | None) -> tuple[float, float, float] | None:
     if spacing is None:
         return None
     try:
         vals = tuple(float(v) for v in spacing.split(","))
     except ValueError:
         vals = ()
-    if len(vals) != 3 or min(vals) <= 0:
-        raise InputError(f"--spacing {spacing!r}: expected three positive numbers 'sx,sy,sz'", path)
+    if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise InputError(f"--spacing {spacing!r}: expected three positive numbers 'sx,sy,sz' (voxel size, mm)")
     return vals  # type: ignore[return-value]
 
 
@@ -294,7 +295,10 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     if disp_mm and reference is None:
         raise InputError("--disp-mm needs --reference: it sets the unit of the dense field written on that grid "
                          "(displacements.csv is in mm anyway)")
-    sp = _parse_spacing(spacing, Path(fixed))
+    sp = _parse_spacing(spacing)
+    if sp is not None and not any(holds_voxel_indices(f) for f in (fixed, moving, query) if f is not None):
+        raise InputError("--spacing: no point file here holds voxel indices (a CSV without header), so it would "
+                         "not be used; the clouds are in mm already")
     if sp is not None and reference is not None:
         raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
                          "reference's grid, the moving one on --moving-image's when given)")
