@@ -72,6 +72,8 @@ def _load(path: Path) -> tuple[str, dict, dict[str, dict]]:
         "volumes" if isinstance(report.get("pairs"), list) else None)
     if kind is None:
         raise InputError("not a cyclereg evaluate report (no 'cases' or 'pairs' list)", path)
+    if kind == "volumes" and any(isinstance(r, dict) and "fixed_keypoints" in r for r in report["pairs"]):
+        raise InputError("a keypoint dataset, not an evaluate report", path)  # it lists 'pairs' too
     records = report["cases" if kind == "keypoints" else "pairs"]
     if not all(isinstance(r, dict) and "id" in r for r in records):
         raise InputError("a pair record has no 'id'", path)

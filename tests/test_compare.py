@@ -134,6 +134,7 @@ def test_cli_compare_writes_the_comparison(tmp_path):
     ("not_json", "not valid JSON"),
     ("not_object", "expected a JSON object"),
     ("not_report", "not a cyclereg evaluate report"),
+    ("dataset", "a keypoint dataset, not an evaluate report"),
     ("no_pairs", "no pairs in the report"),
     ("twice", "is listed more than once"),
     ("disjoint", "has none of the pairs"),
@@ -148,11 +149,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     (tmp_path / "plain.json").write_text('{"mean_tre_mm": 2.0}')
     (tmp_path / "empty.json").write_text('{"cases": []}')
     (tmp_path / "twice.json").write_text('{"cases": [{"id": "c1"}, {"id": "c1"}]}')
+    (tmp_path / "dataset.json").write_text('{"pairs": [{"id": "c1", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}')
     other = keypoint_report(tmp_path / "o.json", {"c9": 1.0})
     out = tmp_path / "cmp.json"
     args = {"one": [k], "kind": [k, v], "metric": [v, v, "--metric", "tre"], "unknown_metric": [k, k, "--metric", "x"],
             "not_json": [k, tmp_path / "bad.json"], "not_object": [tmp_path / "list.json", k],
-            "not_report": [tmp_path / "plain.json", k], "no_pairs": [k, tmp_path / "empty.json"],
+            "not_report": [tmp_path / "plain.json", k], "dataset": [k, tmp_path / "dataset.json"], "no_pairs": [k, tmp_path / "empty.json"],
             "twice": [k, tmp_path / "twice.json"],
             "disjoint": [k, other], "missing": [k, tmp_path / "nope.json"], "overwrite": [k, k]}[case]
     target = k if case == "overwrite" else out
