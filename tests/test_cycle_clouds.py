@@ -1308,3 +1308,20 @@ def test_a_fold_that_holds_out_every_pair_is_refused_before_any_work(tmp_path):
     assert res.exit_code == 2 and "fold 1 holds out every pair of the dataset" in " ".join(res.output.split()), \
         res.output
     assert str(ds) in res.output and not (tmp_path / "run").exists()
+
+
+def test_fold_and_folds_are_one_option_in_every_training_and_evaluation_command(tmp_path):
+    """pretrain-random names it --fold, cycle and evaluate --folds (the issue's spelling); each takes
+    the other spelling too (a fold that does not exist shows that the value arrived)."""
+    ds = _dataset(tmp_path, n=2)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), "--folds", "1", "--device", "cpu"])
+    assert res.exit_code == 0 and [p.name for p in (tmp_path / "run").glob("fold*")] == ["fold1"], res.output
+    for command in (["pretrain-random", str(ds), "-o", str(tmp_path / "run")],
+                    ["cycle", str(ds), "--run", str(tmp_path / "run")],
+                    ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")]):
+        said = set()
+        for flag in ("--fold", "--folds"):
+            res = runner.invoke(app, [*command, flag, "7"])
+            assert res.exit_code == 2 and "7" in res.output, (command, flag, res.output)
+            said.add(" ".join(res.output.split()).replace("--folds", "--fold"))
+        assert len(said) == 1, said
