@@ -204,6 +204,9 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         spread=spread, spread_map=spread_map, jacobian=jacobian))
 
 
+IDENTITY_SCOPE = "a model, not --identity (it registers nothing)"
+
+
 def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | Path | None = None,
              run: Path | str | None = None, stage: int | None = None, seed: int = 0, max_pairs: int | None = None,
              device: str = "auto", recentre_passes: int | None = None, tta_passes: int | None = None,
@@ -238,6 +241,9 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                         "--both-directions": both_directions or None, "--resume": resume or None},
                        "volume datasets, not keypoint datasets")
+        if identity:
+            refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes,
+                            "--ensemble-fusion": ensemble_fusion}, IDENTITY_SCOPE)
         folds = None if folds is None else str(folds)
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
@@ -249,6 +255,8 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
                     "--ensemble-fusion": ensemble_fusion, "--spread": spread or None, "--folds": folds},
                    "keypoint datasets, not volume datasets")
+    if identity:
+        refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic}, IDENTITY_SCOPE)
     from cyclereg.dense.api import evaluate_volume_dataset
 
     return evaluate_volume_dataset(

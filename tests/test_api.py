@@ -80,7 +80,14 @@ def test_evaluate_follows_the_dataset_kind(clouds):
     volumes = clouds / "l2r.json"
     volumes.write_text(json.dumps({"registration_val": [], "training": []}))
     with pytest.raises(InputError, match="--tta-passes and --spread are options for keypoint datasets"):
-        api.evaluate(volumes, clouds / "r2.json", identity=True, tta_passes=2, spread=True)
+        api.evaluate(volumes, clouds / "r2.json", model="random", tta_passes=2, spread=True)
+    # the identity registers nothing: settings of a registration are refused, not ignored (or unchecked)
+    for dataset, options, flags in ((ds, {"tta_passes": -1}, "--tta-passes is"),
+                                    (ds, {"recentre_passes": 1, "ensemble_fusion": "joint"},
+                                     "--recentre-passes and --ensemble-fusion are"),
+                                    (volumes, {"warps": 1, "adam": False}, "--warps and --adam/--no-adam are")):
+        with pytest.raises(InputError, match=f"{flags} (an option|options) for a model, not --identity"):
+            api.evaluate(dataset, clouds / "r2.json", identity=True, **options)
     for methods in ({}, {"identity": True, "model": "random"}, {"model": "random", "run": clouds}):
         with pytest.raises(InputError, match="give exactly one of --identity"):
             api.evaluate(ds, clouds / "r2.json", **methods)

@@ -1325,3 +1325,11 @@ def test_fold_and_folds_are_one_option_in_every_training_and_evaluation_command(
             assert res.exit_code == 2 and "7" in res.output, (command, flag, res.output)
             said.add(" ".join(res.output.split()).replace("--folds", "--fold"))
         assert len(said) == 1, said
+
+
+def test_pretrain_random_into_a_file_is_a_one_line_error(tmp_path):
+    ds = _dataset(tmp_path, n=2)
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "afile"), "--device", "cpu"])
+    assert res.exit_code == 2 and "afile: exists and is not a folder" in res.output, res.output  # was 'Not a directory'
+    assert (tmp_path / "afile").read_text() == "x"

@@ -602,6 +602,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
 
     if stage is not None and run is None:
         raise InputError("--stage needs --run (it picks a stage of a run directory's checkpoints)")
+    _check_overrides(recentre_passes, tta_passes, ensemble_fusion)
     ds = load_keypoint_dataset(dataset)
     for out in (report, errors_csv):
         if out is not None:

@@ -35,7 +35,7 @@ from cyclereg.clouds.api import dataset_box, exported_models, require_registrabl
 from cyclereg.console import print_note
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
-from cyclereg.errors import InputError, require_count
+from cyclereg.errors import InputError, require_count, require_output_dir
 from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_landmark_pair, read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
@@ -202,6 +202,7 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet:
     configuration; a larger stored number of stages (a run extended by ``cycle --stages``,
     :func:`_record_stage_target`) is kept, so running ``pretrain-random`` again never shortens it,
     and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is."""
+    require_output_dir(run)
     if (run / "run.json").exists():
         stored = check()
         rule = _read_meta(run).get(STOP_KEY)
