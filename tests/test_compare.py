@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -121,9 +122,13 @@ def test_cli_compare_writes_the_comparison(tmp_path):
     out = tmp_path / "cmp.json"
     res = runner.invoke(app, ["compare", str(a), str(b), "--json", str(out)])
     assert res.exit_code == 0, res.output
-    c = json.loads(out.read_text())["comparisons"][0]
+    written = json.loads(out.read_text())
+    c = written["comparisons"][0]
     assert c["mean_difference"] == pytest.approx(-2.5) and c["better"] == 4
     assert "better / worse / tied" in res.output
+    # where and when, as every other record: the relative paths it holds are relative to the directory
+    assert written["command"] == "compare" and {"cyclereg_version", "date", "machine"} <= set(written)
+    assert written["working_directory"] == str(Path.cwd())
 
 
 @pytest.mark.parametrize("case, message", [
