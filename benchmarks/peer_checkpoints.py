@@ -8,8 +8,12 @@ checkpoints, so that ``cyclereg evaluate --run OUT`` scores them as a peer.
 ``PATTERN`` names the five fold files with ``{}`` for the fold number, e.g.
 ``MIRROR/models/4dct-to-copd_target-only_fold{}.pth`` (``MIRROR``: a checkout of
 multimodallearning/registration-da-mean-teacher). Only tensors are read (``weights_only``).
-The defaults reproduce the released test settings: K = 256 candidates, 5 LBP sweeps, TPS
-smoothing 0.1, a moving-cloud graph of 40 neighbours, a single pass.
+The defaults reproduce the released test settings: K = 256 candidates, 4 LBP sweeps, TPS
+smoothing 0.1, a moving-cloud graph of 40 neighbours, a single pass. (Their ``match`` loops
+``lbps_iter = 5`` times but reads the beliefs out of the messages made before its last update:
+4 sweeps in cyclereg's terms. With 4, cyclereg's displacements match theirs to 0.001-0.005 mm on
+fold 1; with 5 they were 0.16 / 0.60 mm apart, docs/benchmarks.md. Conversions before 2026-12-06
+used 5: pass ``--iterations 5`` to repeat them.)
 
 Layer mapping (same layer sizes, 1x1 convolutions = linear layers, instance norm over all
 edges = :class:`cyclereg.clouds.features.CloudNorm`): ``convN.conv.{0,3,6}`` ->
@@ -50,7 +54,7 @@ def convert_state_dict(theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return ours
 
 
-def peer_config(candidates: int = 256, iterations: int = 5, tps: float = 0.1, recentre_passes: int = 0,
+def peer_config(candidates: int = 256, iterations: int = 4, tps: float = 0.1, recentre_passes: int = 0,
                 moving_k: int = 40) -> CloudRegConfig:
     """cyclereg's registration settings for their test pipeline (defaults: their released test
     settings, see the module docstring)."""
@@ -64,7 +68,7 @@ def main() -> None:
     ap.add_argument("pattern")
     ap.add_argument("out", type=Path)
     ap.add_argument("--candidates", type=int, default=256)
-    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=4, help="LBP sweeps (4: theirs, see the module doc)")
     ap.add_argument("--tps", type=float, default=0.1)
     ap.add_argument("--recentre-passes", type=int, default=0)
     ap.add_argument("--moving-k", type=int, default=40)

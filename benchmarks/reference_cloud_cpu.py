@@ -8,10 +8,10 @@ into cyclereg). Their code is CUDA-only; here ``.cuda()`` is a no-op and their m
 device is the CPU. For every COPD fold their released landmark-supervised network
 (``--pattern``, default ``models/4dct-to-copd_target-only_fold{}.pth``) registers the fold's
 two test cases with their test code (``FeatNet`` features, then ``match``: K = 256 candidates,
-5 LBP sweeps, soft-argmin read-out), and cyclereg registers the same clouds (mm, from
+``lbps_iter = 5`` LBP loop passes, soft-argmin read-out), and cyclereg registers the same clouds (mm, from
 ``DATASET_JSON``) with the same weights converted by ``benchmarks/peer_checkpoints.py`` and
-their settings (:func:`peer_checkpoints.peer_config`: K = 256, 5 sweeps, moving graph k = 40,
-one pass) through :func:`cyclereg.clouds.pipeline.register_clouds`. Timed: the displacements
+their settings (:func:`peer_checkpoints.peer_config`: K = 256, 4 sweeps (their 5 loop passes
+keep 4 message updates in the beliefs), moving graph k = 40, one pass) through :func:`cyclereg.clouds.pipeline.register_clouds`. Timed: the displacements
 at the fixed keypoints (features + candidate search + LBP), the part both share; neither
 densification nor landmarks are involved. Reported per case: both times and the mean distance
 between the two displacement sets (mm; their normalised displacements scaled by the half
@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--folds", type=int, nargs="+", default=sorted(FOLD_CASES), choices=sorted(FOLD_CASES),
                     help="only these folds' two test cases each (default: all five)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iterations", type=int, default=4,
+                    help="cyclereg's LBP sweeps (their code runs lbps_iter = 5 message updates but reads the "
+                         "beliefs out of the messages of the first 4; runs before 2026-12-06 used 5)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,7 +70,7 @@ def main() -> None:
     data = torch.load(args.checkout / "data.pth", map_location="cpu", weights_only=False)["copd"]
     ds = load_keypoint_dataset(args.dataset)
     box = UnitBox.from_volume(ds.volume_shape_zyx, ds.spacing_zyx_mm)
-    config = peer_config()
+    config = peer_config(iterations=args.iterations)
     rows = []
     for fold in args.folds:
         cases = FOLD_CASES[fold]
@@ -98,7 +101,8 @@ def main() -> None:
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")}
     print("mean", json.dumps(mean))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "mean": mean, "threads": args.threads}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "mean": mean, "threads": args.threads,
+                                         "iterations": args.iterations}, indent=2))
 
 
 if __name__ == "__main__":
