@@ -48,7 +48,9 @@ class LBPConfig:
     Attributes:
         num_candidates: candidate displacements per fixed point (nearest moving points), K.
         graph_k: neighbours per point of the (symmetrised) kNN graph of the fixed cloud.
-        iterations: min-sum message passing sweeps.
+        iterations: min-sum message passing sweeps; the beliefs hold the messages of all of them.
+            (The authors' ``lbps_iter = 5`` keeps 4: their loop makes a 5th update and drops it,
+            so their test settings are 4 here; docs/benchmarks.md.)
         pairwise_weight: alpha, weight of the squared displacement difference
             (unit-frame coordinates, i.e. per half box extent).
         data_weight: multiplies the feature dissimilarity (mean squared difference of the
