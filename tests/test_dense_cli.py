@@ -520,3 +520,16 @@ def test_scan_ids_unique_where_a_case_has_several_scans(tmp_path):
     both = [p.id for p in load_volume_dataset(ds_file, both_directions=True).pairs]
     assert both == ["0001_0000_0001_0001", "0001_0001_0001_0000", "0002_0000_0002_0001", "0002_0001_0002_0000"]
 
+
+
+@pytest.mark.parametrize("labels", [{"0": {"1": "spleen", "6": "liver"}},  # Learn2Reg: per channel
+                                    {"0": "background", "1": "spleen", "6": "liver"},  # flat, with background
+                                    {"1": "spleen", "6": "liver"}])  # flat, without
+def test_label_names_in_either_dataset_form(tmp_path, labels):
+    from cyclereg.dense.data import load_volume_dataset
+
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"labels": labels, "registration_val": [
+        {"fixed": "./imagesTr/A_0001_0000.nii.gz", "moving": "./imagesTr/A_0002_0000.nii.gz"}]}))
+    names = load_volume_dataset(ds_file).label_names
+    assert names[1] == "spleen" and names[6] == "liver"  # the flat form with a "0" key lost them all

@@ -234,7 +234,9 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     label_names: dict[int, str] = {}
     labels = obj.get("labels")
     if isinstance(labels, dict):
-        inner = labels.get("0", labels)
+        # Learn2Reg nests the names under the channel ("0": {"1": "spleen", ...}); the flat form
+        # ({"0": "background", "1": "spleen", ...}, Decathlon / nnU-Net) lists them directly
+        inner = labels["0"] if isinstance(labels.get("0"), dict) else labels
         if isinstance(inner, dict):
             for k, v in inner.items():
                 if str(k).isdigit():
