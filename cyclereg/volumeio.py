@@ -75,6 +75,10 @@ def affine_problem(affine: np.ndarray) -> str | None:
     return None
 
 
+LABEL_MAX = 2**31 - 1
+"""Largest label value (label maps are written as 32-bit integers)."""
+
+
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
 
@@ -109,6 +113,9 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
                 raise InputError(f"label map holds non-integer values (e.g. {value:g}): is it an image?", p)
             arr = rounded
         data = torch.from_numpy(arr.astype(np.int64))
+        if data.numel() and (int(data.max()) > LABEL_MAX or int(data.min()) < -LABEL_MAX - 1):
+            big = int(data.max()) if int(data.max()) > LABEL_MAX else int(data.min())
+            raise InputError(f"label value {big} does not fit a 32-bit integer (the warped label maps' type)", p)
     else:
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():

@@ -302,6 +302,14 @@ def test_label_maps_must_hold_integers(tmp_path):
     with pytest.raises(InputError, match="non-integer values \\(e.g. 3.5\\)") as err:
         read_nifti(bad, labels=True)
     assert "bad.nii.gz" in str(err.value)
+    # labels beyond 32 bits would be changed when the warped map is written: refused
+    big = np.zeros(SHAPE, dtype=np.int64)
+    big[2:4, 2:4, 2:4] = 2**40
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(big, AFFINE, dtype=np.int64), str(tmp_path / "big.nii.gz"))
+    with pytest.raises(InputError, match=f"label value {2**40} does not fit a 32-bit integer") as err:
+        read_nifti(tmp_path / "big.nii.gz", labels=True)
+    assert "big.nii.gz" in str(err.value)
 
 
 def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):
