@@ -56,6 +56,11 @@ def spacing_differs(got, expected, rel_tol: float) -> bool:
     return bool(np.any(np.abs(got - expected) > rel_tol * expected))
 
 
+def spacing_text(spacing_mm) -> str:
+    """Voxel sizes for a message: ``(2, 1.5, 1.25)`` (4 significant digits, no array reprs)."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in spacing_mm) + ")"
+
+
 MIN_VOXEL_SIZE_MM = 1e-6
 """A voxel -> mm affine whose grid collapses an axis to less than this (its smallest singular value)
 is refused: points and fields cannot be mapped back to voxels."""

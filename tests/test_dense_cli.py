@@ -327,7 +327,7 @@ def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):
     register_volume_files(fixed, moving, tmp_path / "ok", model=str(ck), warps=1, adam=False, device="cpu")
     cfg3 = DensePipelineConfig(spacing_mm=(1.0, 1.0, 1.0))
     save_model(tmp_path / "iso.pt", net, cfg3)
-    with pytest.raises(InputError, match="spacing"):
+    with pytest.raises(InputError, match=r"voxel spacing \(2, 1.5, 1\) mm differs from the model's \(1, 1, 1\) mm"):
         register_volume_files(fixed, moving, tmp_path / "no", model=str(tmp_path / "iso.pt"), device="cpu")
     assert not (tmp_path / "no").exists()
     # a checkpoint of another kind is refused

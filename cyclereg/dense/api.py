@@ -43,7 +43,8 @@ from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.metrics import determinant_stats, dice, erased_labels, hd95, jacobian_map, scored_labels, sdlogj
-from cyclereg.volumeio import Volume, read_nifti, same_grid, spacing_differs, write_displacement, write_nifti
+from cyclereg.volumeio import (Volume, read_nifti, same_grid, spacing_differs, spacing_text, write_displacement,
+                               write_nifti)
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
@@ -94,8 +95,8 @@ def _check_spacing(cfg: DensePipelineConfig, vol: Volume) -> None:
     exp = np.asarray(cfg.spacing_mm, dtype=float)
     got = np.asarray(vol.spacing, dtype=float)
     if spacing_differs(got, exp, cfg.spacing_tolerance):
-        raise InputError(f"voxel spacing {tuple(np.round(got, 3))} mm differs from the model's "
-                         f"{tuple(exp)} mm; resample the volume to the model's spacing first", vol.path)
+        raise InputError(f"voxel spacing {spacing_text(got)} mm differs from the model's "
+                         f"{spacing_text(exp)} mm; resample the volume to the model's spacing first", vol.path)
 
 
 def min_volume_size(cfg: DensePipelineConfig) -> int:

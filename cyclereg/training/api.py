@@ -631,7 +631,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     from cyclereg.datasets import read_json
     from cyclereg.dense.data import preprocess, resolve_mode, scan_ids
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
-    from cyclereg.volumeio import read_nifti, spacing_differs
+    from cyclereg.volumeio import read_nifti, spacing_differs, spacing_text
 
     modality = read_json(dataset).get("modality")
     if isinstance(modality, dict):
@@ -642,8 +642,9 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
         if first is None:
             first = vol
         elif vol.shape != first.shape or spacing_differs(vol.spacing, first.spacing, config.pipeline.spacing_tolerance):
-            raise InputError(f"training images need one shape and spacing: {vol.shape} / {tuple(vol.spacing)} mm "
-                             f"here, {first.shape} / {tuple(first.spacing)} mm in {first.path}; resample first", path)
+            raise InputError(f"training images need one shape and spacing: {vol.shape} / {spacing_text(vol.spacing)} "
+                             f"mm here, {first.shape} / {spacing_text(first.spacing)} mm in {first.path}; resample "
+                             "first", path)
         mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)
         if first_mode is None:
             first_mode = mode
