@@ -372,6 +372,14 @@ def test_evaluate_without_labels_is_an_input_error(tiny, tmp_path):
     res = runner.invoke(app, ["evaluate", str(d / "ds.json"), "--identity", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and "label" in res.output
     assert not (tmp_path / "r.json").exists()
+    # a scan that does not exist is named as such (it was called a scan without a label map)
+    labelled = json.loads((tiny / "Tiny_dataset.json").read_text())
+    labelled["registration_val"].append({"fixed": labelled["registration_val"][0]["fixed"],
+                                         "moving": "./imagesTr/Nope.nii.gz"})
+    shutil.copytree(tiny / "labelsTr", d / "labelsTr")
+    (d / "ds.json").write_text(json.dumps(labelled))
+    res = runner.invoke(app, ["evaluate", str(d / "ds.json"), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "Nope.nii.gz: file does not exist" in res.output, res.output
 
 
 @pytest.mark.slow

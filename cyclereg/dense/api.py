@@ -41,7 +41,7 @@ from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, loa
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import register
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
+from cyclereg.errors import InputError, require_count, require_file, require_output_dir, require_output_file
 from cyclereg.metrics import determinant_stats, dice, erased_labels, hd95, jacobian_map, scored_labels, sdlogj
 from cyclereg.volumeio import (Volume, read_nifti, same_grid, spacing_differs, spacing_text, write_displacement,
                                write_nifti)
@@ -386,6 +386,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         pairs = pairs[:max_pairs]
     for p in pairs:
         for lab, img in ((p.fixed_labels, p.fixed), (p.moving_labels, p.moving)):
+            require_file(img)  # a missing scan is that, not a missing label map
             if lab is None:
                 raise InputError("no label map found for this image (needs a 'training' entry with 'label')", img)
             if not lab.exists():
