@@ -405,6 +405,18 @@ def test_dense_cycle_errors(tmp_path):
         res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--device", "cpu"])
         assert res.exit_code == 2 and "another dataset" in res.output, res.output
         assert f"({key} differs)" in res.output
+    (run / "run.json").write_text(json.dumps(meta))
+    # a dataset that holds out every training image: pretrain-random points to --train-images all,
+    # cycle (which has no such option: the run's configuration says) asks whether it is the run's dataset
+    obj = json.loads(ds.read_text())
+    obj["registration_val"].append({"fixed": obj["training"][2]["image"], "moving": obj["training"][3]["image"]})
+    other = ds.with_name("AllHeldOut_dataset.json")
+    other.write_text(json.dumps(obj))
+    res = runner.invoke(app, ["pretrain-random", str(other), "-o", str(tmp_path / "r2"), "--device", "cpu"])
+    assert res.exit_code == 2 and "pretrain-random --train-images all" in " ".join(res.output.split())
+    res = runner.invoke(app, ["cycle", str(other), "--run", str(run), "--device", "cpu"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "is this the dataset it was made with?" in said and "--train-images" not in said
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 

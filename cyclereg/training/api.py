@@ -595,13 +595,19 @@ def spread_pairs(n: int, count: int | None = None) -> list[tuple[int, int]]:
     return order
 
 
-def _dense_training_set(dataset: Path, config: DenseCycleConfig):
-    """Training image paths and ``(i, j)`` index pairs (no labels are read)."""
+def _dense_training_set(dataset: Path, config: DenseCycleConfig, run: Path | None = None):
+    """Training image paths and ``(i, j)`` index pairs (no labels are read). ``run``: the run
+    directory whose stored configuration ``config`` is (``cycle``), for the message."""
     from cyclereg.dense.data import training_images
 
     images = training_images(dataset, held_out=config.train_images == "held-out")
     if len(images) < 2:
-        hint = " (all of them are in registration_val pairs; use --train-images all)" if config.train_images == "held-out" else ""
+        hint = ""
+        if config.train_images == "held-out" and run is None:
+            hint = " (the others are in registration_val pairs; pretrain-random --train-images all trains on those too)"
+        elif config.train_images == "held-out":
+            hint = (f" (the others are in registration_val pairs, which the run {run} holds out: is this the "
+                    "dataset it was made with?)")
         raise InputError(f"need at least 2 training images, found {len(images)}{hint}", dataset)
     if config.max_train_pairs is None:
         pairs = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]
@@ -744,7 +750,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, stop_below_mm: float | None = None) -> dict:
     meta = _read_meta(run)
     config = _dense_run_config(run, meta)
-    images, pairs = _dense_training_set(dataset, config)
+    images, pairs = _dense_training_set(dataset, config, run)
     ident = _dense_identity(dataset, images, pairs)
     _check_identity(run, meta, ident)
     stages = config.stages if stages is None else stages
