@@ -288,6 +288,13 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
     np.testing.assert_allclose(fields[1], fields[0], atol=1e-3)
     np.testing.assert_array_equal(warped_labels[1], warped_labels[0])
     np.testing.assert_allclose(warped[1], warped[0], rtol=1e-5, atol=1e-3)  # sampled from the reordered file itself
+    # a moving scan 5 m away: nothing of it lands on the fixed grid; said so, not "the volume is constant"
+    far_affine = AFFINE.copy()
+    far_affine[:3, 3] += 5000.0
+    far = _save(tmp_path / "far.nii.gz", np.asarray(nib.load(str(moving)).dataobj), far_affine)
+    res = runner.invoke(app, ["register", str(fixed), str(far), "-o", str(tmp_path / "far"), "--resample-moving", *FAST])
+    assert res.exit_code == 2 and "does not overlap the fixed scan" in " ".join(res.output.split()), res.output
+    assert "far.nii.gz" in res.output and not (tmp_path / "far").exists()
 
 
 def test_label_maps_must_hold_integers(tmp_path):

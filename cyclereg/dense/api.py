@@ -171,6 +171,9 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     given_mv, given_lv = mv, lv  # as read: the outputs are sampled from these, with one interpolation
     if resampled:
         mv = resample_onto(mv, fv)
+        if float(mv.data.min()) == float(mv.data.max()) and float(given_mv.data.min()) != float(given_mv.data.max()):
+            raise InputError("on the fixed scan's grid (--resample-moving) it is one value everywhere: it does not "
+                             f"overlap the fixed scan {fixed} in world space (check the two affines)", moving)
         lv = None if lv is None else resample_onto(lv, fv, labels=True)
     check_same_grid(fv, mv, hint="resample it onto the fixed grid first (register --resample-moving does so)")
     require_output_dir(out_dir)
