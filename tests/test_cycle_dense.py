@@ -436,6 +436,29 @@ def test_training_images_preprocessed_alike_or_refused(tmp_path):
     assert "modality" in res.output and not run.exists()
 
 
+@pytest.mark.parametrize("problem", ["flipped", "constant"])
+def test_training_images_register_would_refuse_are_refused(tmp_path, problem):
+    """A training image stored flipped (the same world image on a grid whose first axis runs the
+    other way: its voxel array does not line up with the others') or constant (nothing to learn
+    from; register refuses it too): named before any output."""
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    odd = tmp_path / "data" / "imagesTr" / "Case_0004_0000.nii.gz"
+    img = nib.load(str(odd))
+    arr, affine = np.asarray(img.dataobj), img.affine.copy()
+    if problem == "flipped":
+        affine[:3, 3] += affine[:3, 0] * (arr.shape[0] - 1)
+        affine[:3, 0] *= -1
+        arr = arr[::-1]
+    else:
+        arr = np.full_like(arr, -1000.0)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), affine), str(odd))
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), *FAST])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Case_0004_0000.nii.gz" in said, res.output
+    assert ("another orientation" if problem == "flipped" else "volume is constant") in said
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7, 20])
 def test_spread_pairs_list_every_pair_once_and_every_prefix_spreads_over_the_images(n):
     from cyclereg.training.api import spread_pairs

@@ -634,10 +634,12 @@ def _dense_identity(dataset: Path, images, pairs) -> dict:
 
 
 def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
+    import numpy as np
+
     from cyclereg.datasets import read_json
-    from cyclereg.dense.data import preprocess, resolve_mode, scan_ids
+    from cyclereg.dense.data import preprocess, require_contrast, resolve_mode, scan_ids
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
-    from cyclereg.volumeio import read_nifti, spacing_differs, spacing_text
+    from cyclereg.volumeio import GRID_TOLERANCE_MM, read_nifti, spacing_differs, spacing_text
 
     modality = read_json(dataset).get("modality")
     if isinstance(modality, dict):
@@ -651,6 +653,10 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
             raise InputError(f"training images need one shape and spacing: {vol.shape} / {spacing_text(vol.spacing)} "
                              f"mm here, {first.shape} / {spacing_text(first.spacing)} mm in {first.path}; resample "
                              "first", path)
+        elif not np.allclose(vol.affine[:3, :3], first.affine[:3, :3], atol=GRID_TOLERANCE_MM):
+            raise InputError(f"its voxel axes lie otherwise in the world than those of {first.path} (another "
+                             "orientation): training registers the voxel arrays; resample onto one grid first", path)
+        require_contrast(vol)  # as register and evaluate: a constant scan carries nothing to learn from
         mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)
         if first_mode is None:
             first_mode = mode
