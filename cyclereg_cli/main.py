@@ -239,7 +239,7 @@ def register(
     disp_mm: bool = typer.Option(False, "--disp-mm", help="volumes, clouds with --reference: write the displacement in world mm instead of voxels"),
     spread: bool = typer.Option(False, "--spread", help="clouds, volumes with --via-keypoints, an ensemble model: also register with each member on its own (about 3x the time) and write spread_mm, how far the members' displacements lie apart (mm), next to every displacement"),
     spread_map: bool = typer.Option(False, "--spread-map", help="clouds with --reference and an ensemble model: also write spread.nii.gz, the members' disagreement (mm) on that grid (implies --spread)"),
-    l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz"),
+    l2r_name: bool = typer.Option(False, "--l2r-name", help="volumes: also write disp_FFFF_MMMM.nii.gz (Learn2Reg's name and unit: voxels, also with --disp-mm)"),
     jacobian: bool = typer.Option(False, "--jacobian", help="volumes, clouds with --reference: also write jacobian.nii.gz, the Jacobian determinant of x -> x + u(x) on the fixed grid (> 1: locally larger in the moving scan; <= 0: folding)"),
     resample_moving: bool = typer.Option(False, "--resample-moving", help="volumes: a moving scan (and --moving-labels) on another grid is first resampled onto the fixed grid through world mm"),
     via_keypoints: bool = typer.Option(False, "--via-keypoints", help="volumes: register through the keypoint-cloud path (Foerstner keypoints of both scans, a cloud model); writes the keypoints, the dense field on the fixed grid and the warped moving scan"),

@@ -362,7 +362,8 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     Writes ``report`` (JSON: ``mean_dice``, ``initial_dice``, ``mean_hd95_mm``,
     ``mean_sdlogj``, ... and a ``pairs`` list) and, with ``figures``, ``<report>_dice_cdf.png``
     (cumulative distribution of per-label Dice, as the paper's Fig. 2) and
-    ``<report>_overlay.png`` (first pair: fixed, warped moving, label contours).
+    ``<report>_overlay.png`` (the first pair this call registers: fixed, warped moving, label
+    contours; none when ``resume`` finds every pair done).
     Every scan and label map is read and checked before the first registration. While it runs,
     the pairs finished so far are kept in :func:`unfinished_report_path` (``r.partial.json``), never
     in ``report``, which is written only when all pairs are done. With ``resume``, the pairs of that
