@@ -77,7 +77,10 @@ def require_output_dir(path: str | Path) -> Path:
     return p
 
 
-RUN_DIR_NAMES = frozenset({"run.json", "ensemble.json", "model_set.json", "README.md", ".cyclereg.lock"})
+RUN_LOCK = ".cyclereg.lock"
+"""Name of the lock file of a run directory and its fold folders (:data:`cyclereg.training.api.RUN_LOCK`)."""
+
+RUN_DIR_NAMES = frozenset({"run.json", "ensemble.json", "model_set.json", "README.md", RUN_LOCK})
 """Files of a run directory (or a model folder such as ``models/copd``) at its top level, besides
 checkpoints (``*.pt``), logs (``*.jsonl``) and the per-fold folders."""
 

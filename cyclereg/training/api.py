@@ -35,6 +35,7 @@ from cyclereg.clouds.api import dataset_box, exported_models, require_registrabl
 from cyclereg.console import print_note
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
+from cyclereg import errors
 from cyclereg.errors import InputError, require_count, require_output_dir
 from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_landmark_pair, read_points
@@ -43,7 +44,7 @@ from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
 
 
-RUN_LOCK = ".cyclereg.lock"
+RUN_LOCK = errors.RUN_LOCK
 """Lock file of a fold directory (``RUN/foldK``, ``RUN/all``) and of the run directory. ``pretrain-random``
 and ``cycle`` hold the lock of every fold they work on for as long as they work on it (a second command
 on the same fold stops with an error instead of training it twice and writing the same files; other
