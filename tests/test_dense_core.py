@@ -480,3 +480,17 @@ def test_register_names_the_bad_image():
         register(good, torch.zeros(8, 8, 8), net, DensePipelineConfig())
     with pytest.raises(ValueError, match=r"fixed \(1, 1, 8, 8, 8\) and moving \(1, 1, 8, 8, 9\) must share one grid"):
         register(good, torch.zeros(1, 1, 8, 8, 9), net, DensePipelineConfig())
+
+
+def test_volumes_too_small_for_the_network_are_refused_by_name():
+    """With every axis at most the network's downsampling, the coarsest feature grid is one voxel:
+    its features cannot be standardised and the field came back NaN without an error."""
+    cfg = DensePipelineConfig().validate()
+    net = random_feature_net(cfg.net, 0).eval()
+    small = torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"fixed: \(8, 8, 8\) voxels, every axis needs at least 9"):
+        register(small, small, net, cfg)
+    with pytest.raises(ValueError, match="fixed:"):
+        predict_displacement(net, small, small, cfg)
+    ok = torch.rand(1, 1, 9, 9, 9)
+    assert torch.isfinite(register(ok, ok, net, cfg)).all()

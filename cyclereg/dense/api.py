@@ -39,7 +39,7 @@ from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, preprocess,
                                  require_contrast, resample_onto, resolve_mode)
 from cyclereg.dense.network import FeatureNet, random_feature_net
-from cyclereg.dense.pipeline import register
+from cyclereg.dense.pipeline import min_volume_size, register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_file, require_output_dir, require_output_file
 from cyclereg.metrics import determinant_stats, dice, erased_labels, hd95, jacobian_map, scored_labels, sdlogj
@@ -97,13 +97,6 @@ def _check_spacing(cfg: DensePipelineConfig, vol: Volume) -> None:
     if spacing_differs(got, exp, cfg.spacing_tolerance):
         raise InputError(f"voxel spacing {spacing_text(got)} mm differs from the model's "
                          f"{spacing_text(exp)} mm; resample the volume to the model's spacing first", vol.path)
-
-
-def min_volume_size(cfg: DensePipelineConfig) -> int:
-    """Fewest voxels a volume needs along every axis for ``cfg``: one more than the network's
-    downsampling, so that its coarsest feature grid has two voxels per axis (features are
-    standardised over that grid, and the Jacobian of the field needs three voxels per axis)."""
-    return max(cfg.net.downsampling + 1, 3)
 
 
 def _check_size(cfg: DensePipelineConfig, vol: Volume) -> None:

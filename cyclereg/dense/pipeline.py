@@ -40,12 +40,23 @@ def _crop(x: torch.Tensor, shape) -> torch.Tensor:
     return x[:, :, : shape[0], : shape[1], : shape[2]]
 
 
-def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
+def min_volume_size(cfg: DensePipelineConfig) -> int:
+    """Fewest voxels a volume needs along every axis for ``cfg``: one more than the network's
+    downsampling, so that its coarsest feature grid has two voxels per axis (features are
+    standardised over that grid, and the Jacobian of the field needs three voxels per axis)."""
+    return max(cfg.net.downsampling + 1, 3)
+
+
+def _check_pair(fixed: torch.Tensor, moving: torch.Tensor, cfg: DensePipelineConfig) -> None:
     for name, image in (("fixed", fixed), ("moving", moving)):
         if image.ndim != 5:
             raise ValueError(f"{name}: expected (B, C, D, H, W), got {tuple(image.shape)}")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share one grid")
+    need = min_volume_size(cfg)
+    if min(fixed.shape[2:]) < need:  # a 1-voxel feature grid has no spread to standardise: NaN features
+        raise ValueError(f"fixed: {tuple(fixed.shape[2:])} voxels, every axis needs at least {need} (the network "
+                         f"downsamples by {cfg.net.downsampling})")
 
 
 def coarse_field(feat_fix: torch.Tensor, feat_mov: torch.Tensor, cfg: DensePipelineConfig,
@@ -80,7 +91,7 @@ def predict_displacement(net: FeatureNet, fixed: torch.Tensor, moving: torch.Ten
         ``(B, 3, ceil(D/stride), ceil(H/stride), ceil(W/stride))`` displacement in voxels of
         the output grid.
     """
-    _check_pair(fixed, moving)
+    _check_pair(fixed, moving, cfg)
     ds = cfg.net.downsampling
     if stride < 1 or ds % stride:
         raise ValueError(f"stride: must divide the network's downsampling {ds}, got {stride}")
@@ -110,7 +121,7 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, net: FeatureNet, cfg: De
         ``(1, 3, D, H, W)`` displacement, image voxels, fixed -> moving.
     """
     cfg.validate()
-    _check_pair(fixed, moving)
+    _check_pair(fixed, moving, cfg)
     if fixed.shape[0] != 1:
         return torch.cat([register(fixed[b:b + 1], moving[b:b + 1], net, cfg) for b in range(fixed.shape[0])])
     shape = tuple(fixed.shape[2:])
