@@ -805,3 +805,37 @@ def test_test_time_copies_reuse_the_plain_clouds_graphs_with_the_searched_result
             fa, ma = apply_affine(fu, A, t), apply_affine(mu, A, t)
             total = total + displacements_back(joint_recentred_displacements(fa, ma, [n.pair(fa, ma) for n in nets], cfg), A)
         torch.testing.assert_close(test_time_displacements(model, fu, mu, cfg), total / (cfg.tta_passes + 1))
+
+
+def test_register_clouds_checks_its_clouds_by_name():
+    """As the CLI does for files: too few points for the kNN graphs, NaN, and a fixed cloud on one
+    plane (the spline's affine part has no solution) are ValueErrors naming the argument (they were
+    raw kNN or linear-algebra errors, or an all-NaN result)."""
+    pair = make_breathing_pair(0, BreathingConfig(n_fixed=300, n_moving=600, branches=20))
+    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16))
+    net = build_graph_net(cfg.net, seed=0)
+    nan = pair.fixed_mm.clone()
+    nan[3, 1] = float("nan")
+    flat = pair.fixed_mm.clone()
+    flat[:, 2] = 7.0
+    for f, m, message in ((pair.fixed_mm[:1], pair.moving_mm, "fixed_mm: 1 point; registration needs at least"),
+                          (pair.fixed_mm, pair.moving_mm[:5], "moving_mm: 5 points"),
+                          (nan, pair.moving_mm, "fixed_mm: holds NaN or inf"),
+                          (flat, pair.moving_mm, "fixed_mm: all points lie on one plane")):
+        with pytest.raises(ValueError, match=message):
+            register_clouds(f, m, net, cfg)
+
+
+def test_displacements_at_queries_follow_the_query():
+    """Query points of another dtype get displacements in that dtype; no points, no displacements;
+    a query that is not (M, 3) is named."""
+    pair = make_breathing_pair(1, BreathingConfig(n_fixed=300, n_moving=600, branches=20))
+    reg = register_clouds(pair.fixed_mm, pair.moving_mm, None, CloudRegConfig())  # identity: a zero field
+    q = pair.fixed_mm[:5].double()
+    assert reg.at(q).dtype == torch.float64 and reg.at(q).shape == (5, 3)
+    assert reg.at(torch.zeros(0, 3)).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"points: expected \(M, 3\), got \(3,\)"):
+        reg.at(pair.fixed_mm[0])
+    moved = register_clouds(pair.fixed_mm, pair.moving_mm, build_graph_net(GraphNetConfig(), seed=0),
+                            CloudRegConfig(lbp=LBPConfig(num_candidates=16)))
+    torch.testing.assert_close(moved.at(q).float(), moved.at(q.float()), atol=1e-4, rtol=0)

@@ -312,9 +312,10 @@ class CloudRegistration:
                                    regularisation=self.tps.regularisation, kernel=self.tps.kernel)
 
     def at(self, query_mm: torch.Tensor, spline: ThinPlateSpline | None = None) -> torch.Tensor:
-        """TPS displacement (mm) at query points ``(M, 3)`` mm."""
+        """TPS displacement (mm) at query points ``(M, 3)`` mm: ``(M, 3)`` in the query's dtype, on the
+        registration's device."""
         spline = spline or self.spline()
-        return self.box.disp_unit_to_mm(spline(self.box.mm_to_unit(query_mm.to(self.fixed_mm))))
+        return self.box.disp_unit_to_mm(spline(self.box.mm_to_unit(query_mm.to(self.fixed_mm.device))))
 
     def dense(self, affine: np.ndarray, shape: tuple[int, int, int],
               spline: ThinPlateSpline | None = None) -> torch.Tensor:
@@ -435,6 +436,13 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     if (moving_mm.device, moving_mm.dtype) != (fixed_mm.device, fixed_mm.dtype):
         raise ValueError(f"moving_mm: {moving_mm.dtype} on {moving_mm.device}, but fixed_mm: {fixed_mm.dtype} on "
                          f"{fixed_mm.device}; give both alike")
+    for name, pts, minimum, spline in (("fixed_mm", fixed_mm, min_cloud_points(config)[0], True),
+                                       ("moving_mm", moving_mm, min_cloud_points(config)[1], False)):
+        if not torch.isfinite(pts).all():
+            raise ValueError(f"{name}: holds NaN or inf coordinates")
+        problem = cloud_problem(pts, minimum, spline=spline)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
     box = box or registration_box(fixed_mm, moving_mm, config)[0]
     members = None
     if net is None:

@@ -93,7 +93,12 @@ class ThinPlateSpline:
         return ThinPlateSpline(centres=c, weights=sol[:n], affine=sol[n:], kernel=kernel)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
-        """Evaluate at ``points (M, 3)`` -> ``(M, C)`` in the input's dtype."""
+        """Evaluate at ``points (M, 3)`` -> ``(M, C)`` in the input's dtype (``M = 0``: an empty result)."""
+        d = self.centres.shape[1]
+        if points.ndim != 2 or points.shape[1] != d:
+            raise ValueError(f"points: expected (M, {d}), got {tuple(points.shape)}")
+        if points.shape[0] == 0:
+            return points.new_zeros(0, self.weights.shape[1])
         out = []
         rows = eval_chunk_rows(self.centres.shape[0], self.centres.device)
         for s in range(0, points.shape[0], rows):
