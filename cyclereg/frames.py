@@ -18,6 +18,7 @@ world z): :func:`zyx_grid_affine` is its voxel -> mm affine, and everything else
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,14 @@ class UnitBox:
     lo_mm: tuple[float, float, float]
     extent_mm: tuple[float, float, float]
 
+    def __post_init__(self):
+        if len(tuple(self.lo_mm)) != 3 or len(tuple(self.extent_mm)) != 3:
+            raise ValueError(f"lo_mm, extent_mm: expected 3 values each, got {self.lo_mm}, {self.extent_mm}")
+        if not all(math.isfinite(float(v)) for v in (*self.lo_mm, *self.extent_mm)):
+            raise ValueError(f"lo_mm, extent_mm: need finite values, got {self.lo_mm}, {self.extent_mm}")
+        if min(float(v) for v in self.extent_mm) <= 0:
+            raise ValueError(f"extent_mm: every side must be > 0 mm, got {self.extent_mm}")
+
     @staticmethod
     def from_volume(shape_zyx, spacing_zyx_mm) -> "UnitBox":
         """The box of a volume of ``shape_zyx`` voxels at ``spacing_zyx_mm`` starting at the origin
@@ -181,7 +190,9 @@ class UnitBox:
     @staticmethod
     def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
         """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side."""
-        pts = torch.cat([c.reshape(-1, 3) for c in clouds_mm]).double()
+        pts = torch.cat([c.reshape(-1, 3) for c in clouds_mm]).double() if clouds_mm else torch.zeros(0, 3)
+        if pts.shape[0] == 0:
+            raise ValueError("clouds_mm: need at least one point")
         lo, hi = pts.min(0).values, pts.max(0).values
         size = (hi - lo).clamp_min(1.0)
         lo = lo - margin * size

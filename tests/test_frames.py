@@ -182,3 +182,12 @@ def test_world_map_to_voxel_is_the_map_seen_through_the_grid():
     _, b = world_map_to_voxel(torch.eye(3, dtype=torch.float64), torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64),
                               affine)
     torch.testing.assert_close(b, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_unit_box_needs_positive_finite_sides():
+    for lo, ext, message in (((0, 0, 0), (0, 1, 1), "every side must be > 0"), ((0, 0), (1, 1, 1), "3 values"),
+                             ((0, float("nan"), 0), (1, 1, 1), "finite")):
+        with pytest.raises(ValueError, match=message):
+            UnitBox(lo, ext)
+    with pytest.raises(ValueError, match="clouds_mm: need at least one point"):
+        UnitBox.around(torch.zeros(0, 3))
