@@ -285,6 +285,11 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     if fixed_labels.shape != warped_labels.shape:
         raise ValueError(f"fixed_labels, warped_labels: shapes differ: {tuple(fixed_labels.shape)} vs "
                          f"{tuple(warped_labels.shape)}")
+    # (D, H, W), or with leading singleton axes as the package's (B, C, D, H, W) maps for one pair
+    if fixed_labels.ndim < 3 or any(n != 1 for n in fixed_labels.shape[:-3]):
+        raise ValueError(f"fixed_labels: expected (D, H, W) or (1, 1, D, H, W), got {tuple(fixed_labels.shape)}")
+    grid = fixed_labels.shape[-3:]
+    fixed_labels, warped_labels = fixed_labels.reshape(grid), warped_labels.reshape(grid)
     scale = np.asarray(spacing, dtype=np.float64)
     fa = fixed_labels.cpu().numpy()
     wa = warped_labels.cpu().numpy()

@@ -77,7 +77,17 @@ def sample_grid(src: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
 
 def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """:func:`sample_grid` of ``moving`` ``(B or 1, C, ...)`` at ``grid`` ``(B, D, H, W, 3)``; integer
-    images (labels) are sampled as floats and rounded back."""
+    images (labels) are sampled as floats and rounded back. Nearest-neighbour sampling of labels
+    beyond what the grid's float type holds exactly (2^24 for float32) samples the index of each
+    label among the map's values instead, so every label comes back unchanged."""
+    if not moving.dtype.is_floating_point and mode == "nearest" and moving.numel():
+        exact = int(2 / torch.finfo(grid.dtype).eps)  # every integer below it is a float of this type
+        if int(moving.abs().max()) >= exact:
+            values, index = torch.unique(torch.cat([moving.reshape(-1), moving.new_zeros(1)]), return_inverse=True)
+            zero = int(index[-1])  # padding samples 0: index 0 stands for the label 0
+            shifted = (index[:-1] - zero).reshape(moving.shape).to(grid.dtype)
+            out = sample_grid(shifted, grid, mode, padding_mode).round().long() + zero
+            return values[out]
     src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)
     out = sample_grid(src, grid, mode, padding_mode)
     return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)

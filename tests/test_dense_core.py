@@ -494,3 +494,28 @@ def test_volumes_too_small_for_the_network_are_refused_by_name():
         predict_displacement(net, small, small, cfg)
     ok = torch.rand(1, 1, 9, 9, 9)
     assert torch.isfinite(register(ok, ok, net, cfg)).all()
+
+
+def test_warp_labels_keeps_labels_beyond_float32_precision():
+    """Nearest-neighbour warping gives back the labels themselves, also above 2^24 (float32 holds
+    16777217 as 16777216): shifted by one voxel, background where the shift leaves the grid."""
+    from cyclereg.warp import warp_labels
+
+    lab = torch.full((1, 1, 4, 5, 6), 16_777_217)
+    lab[0, 0, 1] = -5
+    lab[0, 0, 2, 1, 1] = 2**40
+    assert torch.equal(warp_labels(lab, torch.zeros(1, 3, 4, 5, 6)), lab)
+    shift = torch.zeros(1, 3, 4, 5, 6)
+    shift[:, 0] = 1.0  # x + u samples voxel i + 1
+    expected = torch.cat([lab[:, :, 1:], torch.zeros_like(lab[:, :, :1])], dim=2)
+    assert torch.equal(warp_labels(lab, shift), expected)
+
+
+def test_hd95_takes_the_package_label_layout():
+    lab = torch.zeros(12, 12, 12, dtype=torch.long)
+    lab[3:8, 3:8, 3:8] = 1
+    moved = torch.roll(lab, 3, dims=0)
+    assert hd95(lab[None, None], moved[None, None], spacing=(2.0, 1.0, 1.0)) == hd95(lab, moved, spacing=(2.0, 1.0, 1.0))
+    assert hd95(lab, moved, spacing=(2.0, 1.0, 1.0))[1] == pytest.approx(6.0)  # 3 voxels of 2 mm
+    with pytest.raises(ValueError, match="fixed_labels: expected"):
+        hd95(lab[None].expand(2, -1, -1, -1), moved[None].expand(2, -1, -1, -1))
