@@ -83,28 +83,47 @@ def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.f
 
 
 # ----------------------------------------------------------------------------- voxel <-> world
+def _affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``affine`` as a ``(4, 4)`` tensor of ``dtype`` on ``like``'s device (:class:`ValueError` otherwise)."""
+    A = torch.as_tensor(affine, dtype=dtype, device=like.device)
+    if A.shape != (4, 4):
+        raise ValueError(f"affine: expected a 4x4 voxel -> mm matrix, got shape {tuple(A.shape)}")
+    return A
+
+
+def _points(name: str, points: torch.Tensor) -> None:
+    if points.shape[-1:] != (3,):
+        raise ValueError(f"{name}: expected (..., 3), got {tuple(points.shape)}")
+
+
 def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Voxel indices ``(..., 3)`` -> world mm ``(..., 3)`` with a 4x4 NIfTI ``affine``."""
-    A = torch.as_tensor(affine, dtype=points_vox.dtype, device=points_vox.device)
+    _points("points_vox", points_vox)
+    A = _affine(affine, points_vox, points_vox.dtype)
     return points_vox @ A[:3, :3].T + A[:3, 3]
 
 
 def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """World mm ``(..., 3)`` -> voxel indices ``(..., 3)`` (inverse of :func:`voxel_to_world`)."""
-    A = torch.as_tensor(affine, dtype=torch.float64, device=points_mm.device)
+    _points("points_mm", points_mm)
+    A = _affine(affine, points_mm, torch.float64)
     Ainv = torch.linalg.inv(A).to(points_mm.dtype)
     return points_mm @ Ainv[:3, :3].T + Ainv[:3, 3]
 
 
 def voxel_disp_to_mm(disp_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Dense voxel displacement ``(B, 3, D, H, W)`` -> world-mm displacement ``(B, 3, D, H, W)`` (x, y, z)."""
-    A = torch.as_tensor(affine, dtype=disp_vox.dtype, device=disp_vox.device)[:3, :3]
+    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
+        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    A = _affine(affine, disp_vox, disp_vox.dtype)[:3, :3]
     return torch.einsum("rc,bcdhw->brdhw", A, disp_vox)
 
 
 def mm_disp_to_voxel(disp_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`voxel_disp_to_mm`."""
-    A = torch.as_tensor(affine, dtype=torch.float64, device=disp_mm.device)[:3, :3]
+    if disp_mm.ndim != 5 or disp_mm.shape[1] != 3:
+        raise ValueError(f"disp_mm: expected (B, 3, D, H, W), got {tuple(disp_mm.shape)}")
+    A = _affine(affine, disp_mm, torch.float64)[:3, :3]
     Ainv = torch.linalg.inv(A).to(disp_mm.dtype)
     return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm)
 

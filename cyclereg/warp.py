@@ -31,6 +31,10 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
     """
     _check("moving", moving, 5)
     _check("disp_vox", disp_vox, 5)
+    if disp_vox.shape[1] != 3:
+        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    if moving.shape[0] not in (1, disp_vox.shape[0]):
+        raise ValueError(f"moving: batch {moving.shape[0]}, but disp_vox has {disp_vox.shape[0]} (give 1 or as many)")
     if moving.shape[2:] != disp_vox.shape[2:]:
         raise ValueError(f"moving {tuple(moving.shape[2:])} and disp_vox {tuple(disp_vox.shape[2:])} grids differ")
     grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
@@ -88,6 +92,8 @@ def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: s
             shifted = (index[:-1] - zero).reshape(moving.shape).to(grid.dtype)
             out = sample_grid(shifted, grid, mode, padding_mode).round().long() + zero
             return values[out]
+    if moving.dtype.is_floating_point and moving.dtype != grid.dtype:
+        grid = grid.to(moving.dtype)  # a float image is sampled, and answered, in its own dtype
     src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)
     out = sample_grid(src, grid, mode, padding_mode)
     return out if moving.dtype.is_floating_point else out.round().to(moving.dtype)
@@ -124,5 +130,9 @@ def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
 
 def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of ``field`` ``(1, C, D, H, W)`` at voxel points ``(N, 3)`` -> ``(N, C)``."""
+    if field.ndim != 5 or field.shape[0] != 1:
+        raise ValueError(f"field: expected (1, C, D, H, W), got {tuple(field.shape)}")
+    if points_vox.ndim != 2 or points_vox.shape[1] != 3:
+        raise ValueError(f"points_vox: expected (N, 3), got {tuple(points_vox.shape)}")
     g = voxel_to_grid(points_vox.to(field.dtype), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
     return sample_grid(field, g, "bilinear", "border").reshape(field.shape[1], -1).T

@@ -191,3 +191,28 @@ def test_unit_box_needs_positive_finite_sides():
             UnitBox(lo, ext)
     with pytest.raises(ValueError, match="clouds_mm: need at least one point"):
         UnitBox.around(torch.zeros(0, 3))
+
+
+def test_frame_conversions_and_warps_name_a_wrong_argument():
+    """kornia-style: a wrong shape is a ValueError naming the argument (they were raw indexing,
+    matmul, einsum or expand errors), and a float image warps in its own dtype."""
+    from cyclereg.frames import mm_disp_to_voxel, voxel_disp_to_mm, voxel_to_world, world_to_voxel
+    from cyclereg.warp import sample_at_points
+
+    A = np.diag([2.0, 1.5, 1.0, 1.0])
+    cases = [(lambda: voxel_to_world(torch.zeros(5, 3), np.eye(3)), "affine: expected a 4x4"),
+             (lambda: voxel_to_world(torch.zeros(5, 2), A), "points_vox: expected"),
+             (lambda: world_to_voxel(torch.zeros(5, 2), A), "points_mm: expected"),
+             (lambda: voxel_disp_to_mm(torch.zeros(1, 3, 4, 4), A), "disp_vox: expected"),
+             (lambda: mm_disp_to_voxel(torch.zeros(1, 2, 4, 4, 4), A), "disp_mm: expected"),
+             (lambda: warp(torch.zeros(2, 1, 4, 4, 4), torch.zeros(3, 3, 4, 4, 4)), "moving: batch 2"),
+             (lambda: warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4)), "disp_vox: expected"),
+             (lambda: sample_at_points(torch.zeros(2, 3, 4, 4, 4), torch.zeros(5, 3)), "field: expected"),
+             (lambda: sample_at_points(torch.zeros(1, 3, 4, 4, 4), torch.zeros(5, 2)), "points_vox: expected")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    img = torch.rand(1, 1, 4, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = warp(img, torch.zeros(1, 3, 4, 5, 6))  # the float32 grid's rounding: ~1e-7 voxel
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, img, atol=1e-5, rtol=0)
