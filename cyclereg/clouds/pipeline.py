@@ -436,8 +436,9 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     if (moving_mm.device, moving_mm.dtype) != (fixed_mm.device, fixed_mm.dtype):
         raise ValueError(f"moving_mm: {moving_mm.dtype} on {moving_mm.device}, but fixed_mm: {fixed_mm.dtype} on "
                          f"{fixed_mm.device}; give both alike")
-    for name, pts, minimum, spline in (("fixed_mm", fixed_mm, min_cloud_points(config)[0], True),
-                                       ("moving_mm", moving_mm, min_cloud_points(config)[1], False)):
+    need_fixed, need_moving = min_cloud_points(config)
+    for name, pts, minimum, spline in (("fixed_mm", fixed_mm, need_fixed, True),
+                                       ("moving_mm", moving_mm, need_moving, False)):
         if not torch.isfinite(pts).all():
             raise ValueError(f"{name}: holds NaN or inf coordinates")
         problem = cloud_problem(pts, minimum, spline=spline)
