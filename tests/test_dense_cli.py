@@ -556,3 +556,22 @@ def test_label_names_in_either_dataset_form(tmp_path, labels):
         {"fixed": "./imagesTr/A_0001_0000.nii.gz", "moving": "./imagesTr/A_0002_0000.nii.gz"}]}))
     names = load_volume_dataset(ds_file).label_names
     assert names[1] == "spleen" and names[6] == "liver"  # the flat form with a "0" key lost them all
+
+
+def test_evaluate_writes_its_unfinished_report_before_the_first_registration(tiny, tmp_path, monkeypatch):
+    """An output that cannot be written fails before any registration (it failed after the first pair,
+    which takes minutes on real scans): the unfinished report is written once the inputs are checked."""
+    import cyclereg.dense.api as dense_api
+
+    calls = []
+    real_register = dense_api.register_pair
+    monkeypatch.setattr(dense_api, "register_pair", lambda *a, **k: calls.append(1) or real_register(*a, **k))
+
+    def unwritable(path, obj):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(dense_api, "write_json", unwritable)
+    res = runner.invoke(app, ["evaluate", str(tiny / "Tiny_dataset.json"), "--model", "random", "--warps", "1",
+                              "--no-adam", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code != 0 and calls == [], res.output
+    assert "Read-only file system" in res.output and "Traceback" not in res.output

@@ -454,6 +454,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             if not identity:
                 require_registrable_grid(fv, cfg)
             progress.advance(checking)
+        # the unfinished report, before the first registration: an output that cannot be written fails
+        # now rather than after minutes of work
+        write_json(unfinished, build_result(False))
         task = progress.add_task("evaluating pairs", total=len(pairs) + len(records), completed=len(records))
         for p in pairs:
             fv, mv, fl, ml = pair_volumes(p)
