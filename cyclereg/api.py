@@ -97,6 +97,10 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     return f"wrote {path} (keypoints in {path.parent / 'keypoints'})"
 
 
+IDENTITY_SCOPE = "a model, not --identity (it registers nothing)"
+SEED_SCOPE = "--model random (the seed of the untrained network; a checkpoint's or a run's networks are trained)"
+
+
 @dataclass(frozen=True)
 class RegisterResult:
     """What :func:`register` wrote.
@@ -132,7 +136,8 @@ class RegisterResult:
         return RegisterResult(Path(out_dir), tuple(str(f) for f in recorded_outputs(record)), record, summary)
 
 
-def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str | Path = "random", seed: int = 0,
+def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str | Path = "random",
+             seed: int | None = None,
              device: str = "auto", query: Path | str | None = None, spacing: str | None = None,
              reference: Path | str | None = None, moving_image: Path | str | None = None,
              moving_labels: Path | str | None = None, recentre_passes: int | None = None,
@@ -147,12 +152,15 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     :func:`cyclereg.clouds.api.register_cloud_files`; two NIfTI volumes -> the dense path
     (:func:`cyclereg.dense.api.register_volume_files`), or with ``via_keypoints`` the keypoint path
     (:func:`cyclereg.clouds.api.register_volumes_via_keypoints`). Options of another path are refused
-    by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``.
+    by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``;
+    ``seed`` (default 0) is the random network's and is refused with a checkpoint.
     """
     model = str(model)
     require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
     if model != "random":
         require_checkpoint_file(model)
+        refuse_options({"--seed": seed}, SEED_SCOPE)
+    seed = 0 if seed is None else seed
     if is_volume_file(fixed) != is_volume_file(moving):
         volume, cloud = (fixed, moving) if is_volume_file(fixed) else (moving, fixed)
         raise InputError(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
@@ -204,11 +212,9 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         spread=spread, spread_map=spread_map, jacobian=jacobian))
 
 
-IDENTITY_SCOPE = "a model, not --identity (it registers nothing)"
-
-
 def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | Path | None = None,
-             run: Path | str | None = None, stage: int | None = None, seed: int = 0, max_pairs: int | None = None,
+             run: Path | str | None = None, stage: int | None = None, seed: int | None = None,
+             max_pairs: int | None = None,
              device: str = "auto", recentre_passes: int | None = None, tta_passes: int | None = None,
              ensemble_fusion: str | None = None, errors_csv: Path | str | None = None, spread: bool = False,
              warps: int | None = None, adam: bool | None = None, ic: bool | None = None,
@@ -224,6 +230,9 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     if sum([identity, model is not None, run is not None]) != 1:
         raise InputError("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
     model = None if model is None else str(model)
+    if model != "random":
+        refuse_options({"--seed": seed}, SEED_SCOPE)
+    seed = 0 if seed is None else seed
     require_inputs(dataset)
     if model not in (None, "random"):
         require_checkpoint_file(model)

@@ -88,6 +88,10 @@ def test_evaluate_follows_the_dataset_kind(clouds):
                                     (volumes, {"warps": 1, "adam": False}, "--warps and --adam/--no-adam are")):
         with pytest.raises(InputError, match=f"{flags} (an option|options) for a model, not --identity"):
             api.evaluate(dataset, clouds / "r2.json", identity=True, **options)
+    # --seed is the untrained network's: with a checkpoint, a run or the identity it is refused, not ignored
+    for method in ({"identity": True}, {"run": clouds}):
+        with pytest.raises(InputError, match="--seed is an option for --model random"):
+            api.evaluate(ds, clouds / "r2.json", seed=3, **method)
     for methods in ({}, {"identity": True, "model": "random"}, {"model": "random", "run": clouds}):
         with pytest.raises(InputError, match="give exactly one of --identity"):
             api.evaluate(ds, clouds / "r2.json", **methods)
@@ -136,3 +140,10 @@ def test_data_fingerprint_is_of_the_content(tmp_path):
                                                                                          tmp_path / "a.csv")
     with pytest.raises(InputError, match="nope.csv: file does not exist"):
         data_fingerprint(tmp_path / "nope.csv")
+
+
+def test_register_refuses_a_seed_with_a_checkpoint(clouds):
+    (clouds / "m.pt").write_bytes(b"not read")
+    with pytest.raises(InputError, match="--seed is an option for --model random"):
+        api.register(clouds / "f.csv", clouds / "m.csv", clouds / "out", model=clouds / "m.pt", seed=4)
+    assert not (clouds / "out").exists()
