@@ -59,11 +59,17 @@ def holds_voxel_indices(path: str | Path) -> bool:
             first = next((ln for ln in fh if ln.strip()), "")
     except OSError:
         return False
+    return bool(first.strip()) and _header_cells(first) is None
+
+
+def _header_cells(line: str) -> list[str] | None:
+    """The cells of a CSV file's first line when they are a header (not all numbers), else None."""
+    cells = [c.strip() for c in line.split(",")]
     try:
-        [float(c) for c in first.split(",")]
+        [float(c) for c in cells]
     except ValueError:
-        return False
-    return bool(first.strip())
+        return cells
+    return None
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
@@ -76,12 +82,8 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
     numbered = [(n, ln) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]  # file line numbers
     if not numbered:
         raise InputError("point cloud is empty", path)
-    header = None
-    first = [c.strip() for c in numbered[0][1].split(",")]
-    try:
-        [float(c) for c in first]
-    except ValueError:
-        header = first
+    header = _header_cells(numbered[0][1])
+    if header is not None:
         numbered = numbered[1:]
     if not numbered:
         raise InputError("point cloud is empty", path)
@@ -176,26 +178,21 @@ def _read_ply(path: Path) -> np.ndarray:
         raise InputError("PLY file without a vertex element", path)
     if any(isinstance(t, tuple) for _, t in vertex[2]):
         raise InputError("PLY vertices with list properties are not supported", path)
+    before = elements[:elements.index(vertex)]  # elements stored ahead of the vertices (rare)
     order = "<" if fmt == "binary_little_endian" else ">"
     body = data[pos:]
     if fmt == "ascii":
         rows = body.decode("ascii", errors="replace").splitlines()
         rows = [r for r in rows if r.strip()]
-        skip = 0
-        for name, count, _ in elements:
-            if name == "vertex":
-                break
-            skip += count  # one line per element of the elements before the vertices
+        skip = sum(count for _, count, _ in before)  # one line per element
         got = rows[skip:skip + vertex[1]]
         if len(got) < vertex[1]:
             raise InputError(f"truncated: the header promises {vertex[1]} vertices, the file holds {len(got)}", path)
         table = _ascii_table(got, len(vertex[2]), path, "vertex", at_least=True)
         return _xyz({n: table[:, i] for i, (n, _) in enumerate(vertex[2])}, path, "the PLY vertex element")
     offset = 0
-    for name, count, props in elements:
-        if name == "vertex":
-            break
-        for _ in range(count):  # elements before the vertices (rare): step over each row
+    for _, count, props in before:
+        for _ in range(count):  # step over each row
             for _, t in props:
                 if isinstance(t, tuple):
                     n = int(np.frombuffer(body, order + t[0], 1, offset)[0]) if offset < len(body) else 0
