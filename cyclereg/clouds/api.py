@@ -96,7 +96,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     mean data cost, ``"average"`` the mean of their displacements). Everything is read and
     checked before anything is written, so a source may be overwritten in place.
     """
-    sources = [Path(s) for s in sources]
+    sources, output = [Path(s) for s in sources], Path(output)
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
     _check_overrides(recentre_passes, tta_passes, fusion, fusion_flag="--fusion")
@@ -106,7 +106,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     if all(dirs):
         require_output_dir(output)
         for s in sources:
-            if (s / "run.json").is_file() and Path(output).resolve() == s.resolve():
+            if (s / "run.json").is_file() and output.resolve() == s.resolve():
                 raise InputError("-o: this is a training run given as a source; the ensemble's foldK.pt and "
                                  "ensemble.json go into a folder of their own", output)
         per_source = [_fold_files(s) for s in sources]
@@ -129,8 +129,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
         require_output_file(output)
-        record = Path(output).with_name(Path(output).stem + ".json")  # the ensemble's configuration
-        if record.resolve() == Path(output).resolve():
+        record = output.with_name(output.stem + ".json")  # the ensemble's configuration
+        if record.resolve() == output.resolve():
             raise InputError("-o: the configuration is written beside the checkpoint as STEM.json, so the "
                              "checkpoint cannot be a .json file (e.g. ensemble.pt)", output)
         if record.exists() and not _is_ensemble_record(record):
@@ -194,7 +194,6 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         training = {}  # the members' training configurations, where their folders record them
         for r in records:
             training.update(r)
-        output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         for fold, (config, state, members, seen) in written.items():
             save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
@@ -209,10 +208,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
                 f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}{note}")
     config, state, members, seen = written[None]
-    output = Path(output)
     save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state,
                     extra={"members": members, **({"training": seen} if seen else {})})
-    record = output.with_name(output.stem + ".json")
     write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
                         "config": config, "members": members, "training": seen})
     said = (f"it records the {len(seen['pairs'])} pairs of {seen['dataset']} its members trained on, and evaluate "
