@@ -234,10 +234,10 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
         refuse_options({"--seed": seed}, SEED_SCOPE)
     seed = 0 if seed is None else seed
     require_inputs(dataset)
-    if model not in (None, "random"):
-        require_checkpoint_file(model)
-    require_run_dir(run)
     checkpoint = None if model in (None, "random") else model
+    if checkpoint is not None:
+        require_checkpoint_file(checkpoint)
+    require_run_dir(run)
     require_separate_output(report, "--json", files={"the dataset": dataset, "the model": checkpoint,
                                                      "the --errors-csv output": errors_csv},
                             run_dirs={"the run directory": run})

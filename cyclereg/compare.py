@@ -234,7 +234,8 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     for key in ("wilcoxon_p", "sign_test_p"):  # over the comparisons against this base
         for c, adjusted in zip(comparisons, holm_adjusted([c[key] for c in comparisons])):
             c[f"{key}_holm"] = adjusted
-    result = {"command": "compare", **provenance(), "metric": name, "label": None if label_id is None else {"id": label_id, "name": label_name},
+    result = {"command": "compare", **provenance(), "metric": name,
+              "label": None if label_id is None else {"id": label_id, "name": label_name},
               "lower_is_better": m.lower_is_better, "unit": m.unit, "kind": kind,
               "base": str(base_path), "base_method": base_report.get("method"), "comparisons": comparisons,
               "definition": asdict(m) | {"confidence": CONFIDENCE}}

@@ -118,9 +118,11 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
                 raise InputError(f"label map holds non-integer values (e.g. {value:g}): is it an image?", p)
             arr = rounded
         data = torch.from_numpy(arr.astype(np.int64))
-        if data.numel() and (int(data.max()) > LABEL_MAX or int(data.min()) < -LABEL_MAX - 1):
-            big = int(data.max()) if int(data.max()) > LABEL_MAX else int(data.min())
-            raise InputError(f"label value {big} does not fit a 32-bit integer (the warped label maps' type)", p)
+        if data.numel():
+            lo, hi = (int(v) for v in torch.aminmax(data))  # one pass over the map
+            if hi > LABEL_MAX or lo < -LABEL_MAX - 1:
+                big = hi if hi > LABEL_MAX else lo
+                raise InputError(f"label value {big} does not fit a 32-bit integer (the warped label maps' type)", p)
     else:
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
