@@ -34,11 +34,23 @@ def _sizes(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([max(s - 1, 1) for s in shape], dtype=like.dtype, device=like.device)
 
 
+def check_points(name: str, points: torch.Tensor) -> None:
+    """:class:`ValueError` naming the argument ``name`` unless ``points`` is ``(..., 3)``."""
+    if points.shape[-1:] != (3,):
+        raise ValueError(f"{name}: expected (..., 3), got {tuple(points.shape)}")
+
+
+def check_displacement(name: str, field: torch.Tensor) -> None:
+    """:class:`ValueError` naming the argument ``name`` unless ``field`` is a dense displacement
+    ``(B, 3, D, H, W)``."""
+    if field.ndim != 5 or field.shape[1] != 3:
+        raise ValueError(f"{name}: expected (B, 3, D, H, W), got {tuple(field.shape)}")
+
+
 def ijk_to_kji(t: torch.Tensor) -> torch.Tensor:
     """Reverse the last axis ``(..., 3)``: voxel (i, j, k) order <-> grid (k, j, i) order (its own
     inverse). The one place where components are reordered between the two frames."""
-    if t.shape[-1] != 3:
-        raise ValueError(f"t: expected (..., 3), got {tuple(t.shape)}")
+    check_points("t", t)
     return t.flip(-1)
 
 
@@ -56,8 +68,7 @@ def grid_to_voxel(points_grid: torch.Tensor, shape: tuple[int, int, int]) -> tor
 def voxel_disp_to_grid_disp(disp_vox: torch.Tensor) -> torch.Tensor:
     """Dense displacement ``(B, 3, D, H, W)`` in voxels -> ``(B, D, H, W, 3)`` in grid units, (k, j, i) order,
     as ``grid_sample`` takes it (components reordered by :func:`ijk_to_kji`)."""
-    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
-        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    check_displacement("disp_vox", disp_vox)
     scale = 2.0 / _sizes(tuple(disp_vox.shape[2:]), disp_vox)
     return ijk_to_kji(disp_vox.permute(0, 2, 3, 4, 1) * scale)
 
@@ -91,21 +102,16 @@ def _affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return A
 
 
-def _points(name: str, points: torch.Tensor) -> None:
-    if points.shape[-1:] != (3,):
-        raise ValueError(f"{name}: expected (..., 3), got {tuple(points.shape)}")
-
-
 def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Voxel indices ``(..., 3)`` -> world mm ``(..., 3)`` with a 4x4 NIfTI ``affine``."""
-    _points("points_vox", points_vox)
+    check_points("points_vox", points_vox)
     A = _affine(affine, points_vox, points_vox.dtype)
     return points_vox @ A[:3, :3].T + A[:3, 3]
 
 
 def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """World mm ``(..., 3)`` -> voxel indices ``(..., 3)`` (inverse of :func:`voxel_to_world`)."""
-    _points("points_mm", points_mm)
+    check_points("points_mm", points_mm)
     A = _affine(affine, points_mm, torch.float64)
     Ainv = torch.linalg.inv(A).to(points_mm.dtype)
     return points_mm @ Ainv[:3, :3].T + Ainv[:3, 3]
@@ -113,16 +119,14 @@ def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tenso
 
 def voxel_disp_to_mm(disp_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Dense voxel displacement ``(B, 3, D, H, W)`` -> world-mm displacement ``(B, 3, D, H, W)`` (x, y, z)."""
-    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
-        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    check_displacement("disp_vox", disp_vox)
     A = _affine(affine, disp_vox, disp_vox.dtype)[:3, :3]
     return torch.einsum("rc,bcdhw->brdhw", A, disp_vox)
 
 
 def mm_disp_to_voxel(disp_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`voxel_disp_to_mm`."""
-    if disp_mm.ndim != 5 or disp_mm.shape[1] != 3:
-        raise ValueError(f"disp_mm: expected (B, 3, D, H, W), got {tuple(disp_mm.shape)}")
+    check_displacement("disp_mm", disp_mm)
     A = _affine(affine, disp_mm, torch.float64)[:3, :3]
     Ainv = torch.linalg.inv(A).to(disp_mm.dtype)
     return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm)
@@ -137,8 +141,7 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
         fixed_affine, moving_affine: 4x4 NIfTI affines of the two grids (they may differ in
             shape, spacing, origin and orientation).
     """
-    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
-        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    check_displacement("disp_vox", disp_vox)
     x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
     target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
     return world_to_voxel(voxel_to_world(target, fixed_affine), moving_affine)
@@ -219,8 +222,7 @@ class UnitBox:
         return UnitBox(tuple(lo.tolist()), tuple(size.tolist()))  # type: ignore[arg-type]
 
     def _t(self, like: torch.Tensor, name: str):
-        if like.shape[-1:] != (3,):
-            raise ValueError(f"{name}: expected (..., 3), got {tuple(like.shape)}")
+        check_points(name, like)
         lo = torch.tensor(self.lo_mm, dtype=like.dtype, device=like.device)
         half = torch.tensor(self.extent_mm, dtype=like.dtype, device=like.device) / 2
         return lo, half

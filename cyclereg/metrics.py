@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from cyclereg.frames import check_displacement
+
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
     """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm."""
@@ -49,8 +51,7 @@ def jacobian_determinant(disp_vox: torch.Tensor, spacing=(1.0, 1.0, 1.0), *, sla
     Returns:
         ``(B, D-2, H-2, W-2)`` determinants in the input's dtype (the one-voxel border is dropped).
     """
-    if disp_vox.ndim != 5 or disp_vox.shape[1] != 3:
-        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    check_displacement("disp_vox", disp_vox)
     if slab < 1:
         raise ValueError(f"slab={slab}: need at least 1")
     b, _, depth, height, width = disp_vox.shape

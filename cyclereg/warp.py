@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclereg.frames import ALIGN_CORNERS, fixed_to_moving_voxels, identity_grid, voxel_disp_to_grid_disp, voxel_to_grid
+from cyclereg.frames import (ALIGN_CORNERS, check_displacement, fixed_to_moving_voxels, identity_grid,
+                             voxel_disp_to_grid_disp, voxel_to_grid)
 
 
 SLAB_VOXELS = 1 << 23
@@ -30,9 +31,7 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
         ``(B, C, D, H, W)`` warped moving image.
     """
     _check("moving", moving, 5)
-    _check("disp_vox", disp_vox, 5)
-    if disp_vox.shape[1] != 3:
-        raise ValueError(f"disp_vox: expected (B, 3, D, H, W), got {tuple(disp_vox.shape)}")
+    check_displacement("disp_vox", disp_vox)
     if moving.shape[0] not in (1, disp_vox.shape[0]):
         raise ValueError(f"moving: batch {moving.shape[0]}, but disp_vox has {disp_vox.shape[0]} (give 1 or as many)")
     if moving.shape[2:] != disp_vox.shape[2:]:
@@ -110,7 +109,7 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     the sampling coordinates of a large CT never exist all at once.
     """
     _check("moving", moving, 5)
-    _check("disp_vox", disp_vox, 5)
+    check_displacement("disp_vox", disp_vox)
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     depth, plane = disp_vox.shape[2], disp_vox.shape[3] * disp_vox.shape[4]
     step = max(1, SLAB_VOXELS // max(plane, 1))
