@@ -8,10 +8,11 @@ into cyclereg). Their code is CUDA-only; here ``.cuda()`` is a no-op and their m
 device is the CPU. For every COPD fold their released landmark-supervised network
 (``--pattern``, default ``models/4dct-to-copd_target-only_fold{}.pth``) registers the fold's
 two test cases with their test code (``FeatNet`` features, then ``match``: K = 256 candidates,
-``lbps_iter = 5`` LBP loop passes, soft-argmin read-out), and cyclereg registers the same clouds (mm, from
-``DATASET_JSON``) with the same weights converted by ``benchmarks/peer_checkpoints.py`` and
-their settings (:func:`peer_checkpoints.peer_config`: K = 256, 4 sweeps (their 5 loop passes
-keep 4 message updates in the beliefs), moving graph k = 40, one pass) through :func:`cyclereg.clouds.pipeline.register_clouds`. Timed: the displacements
+``lbps_iter = 5`` LBP loop passes, soft-argmin read-out), and cyclereg registers the same clouds
+(mm, from ``DATASET_JSON``) with the same weights converted by ``benchmarks/peer_checkpoints.py``
+and their settings (:func:`peer_checkpoints.peer_config`: K = 256, 4 sweeps (their 5 loop passes
+keep 4 message updates in the beliefs), moving graph k = 40, one pass) through
+:func:`cyclereg.clouds.pipeline.register_clouds`. Timed: the displacements
 at the fixed keypoints (features + candidate search + LBP), the part both share; neither
 densification nor landmarks are involved. Reported per case: both times and the mean distance
 between the two displacement sets (mm; their normalised displacements scaled by the half
