@@ -159,6 +159,7 @@ def pretrain_random(
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoints: extra registrations of randomly rotated/scaled/shifted copies, averaged, in the pseudo-label stream and at test time (default 4; 0 = off)"),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
     learn_recentre_passes: Optional[int] = typer.Option(None, "--learn-recentre-passes", help="keypoints: gradient-free LBP passes that re-centre the learning stream's candidate search, as at test time (default 0 = the paper's single pass; 1 costs ~1.6x per training sample)"),
+    aug_relative: Optional[float] = typer.Option(None, "--aug-relative", help="keypoints: a further random affine map of the moving cloud alone in the learning stream, I + s N (entries of N standard normal; default 0 = off, both clouds share one similarity transform; the authors' dense code uses 0.05)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: label this many folds at once in worker processes (they share the CPU threads; the labels of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -173,7 +174,7 @@ def pretrain_random(
                        supervision=supervision, train_images=train_images, directions=directions,
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
                        recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
-                       learn_recentre_passes=learn_recentre_passes, cpu_bf16=cpu_bf16)
+                       learn_recentre_passes=learn_recentre_passes, aug_relative=aug_relative, cpu_bf16=cpu_bf16)
     kept = " (the stage-0 labels that were there already were kept)" if existed else ""
     typer.echo(f"stage-0 pseudo labels are in {out}{kept}")
 
@@ -185,6 +186,7 @@ def cycle(
     run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
     stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T (default: the run's; more than the run's extends it, and the new T is recorded in run.json)"),
     folds: str = typer.Option("all", "--folds", "--fold", help="'all' or a fold number (keypoint datasets)"),
+    aug_relative: Optional[float] = typer.Option(None, "--aug-relative", help="keypoints: a further random affine map of the moving cloud alone in the learning stream, I + s N (entries of N standard normal; default 0 = off, both clouds share one similarity transform; the authors' dense code uses 0.05)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; the results of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),

@@ -1333,3 +1333,81 @@ def test_pretrain_random_into_a_file_is_a_one_line_error(tmp_path):
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "afile"), "--device", "cpu"])
     assert res.exit_code == 2 and "afile: exists and is not a folder" in res.output, res.output  # was 'Not a directory'
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_relative_augmentation_maps_the_true_displacement_back_exactly():
+    """A known motion ``u`` through ``A, t`` for both clouds and a further ``R, c`` for the moving
+    one: the displacement of the augmented pair maps back to ``u`` (and with ``R = I``, ``c = 0``
+    the map is the common-transform one)."""
+    from cyclereg.clouds.augment import (apply_affine, displacements_back, displacements_back_relative,
+                                         random_relative_affine)
+
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(50, 3, generator=g, dtype=torch.float64) * 2 - 1
+    u = 0.1 * torch.randn(50, 3, generator=g, dtype=torch.float64)
+    A, t = random_affine(g, CloudCycleConfig(), dtype=torch.float64)
+    R, c = random_relative_affine(g, 0.05, dtype=torch.float64)
+    assert not torch.allclose(R, torch.eye(3, dtype=torch.float64)) and (c.abs() > 0).all()
+    fa = apply_affine(f, A, t)
+    target = apply_affine(apply_affine(f + u, A, t), R, c)  # where f's partner is in the moving cloud now
+    back = displacements_back_relative(target - fa, fa, A, R, c)
+    torch.testing.assert_close(back, u, rtol=0, atol=1e-12)
+    eye, zero = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    torch.testing.assert_close(displacements_back_relative(u, fa, A, eye, zero), displacements_back(u, A))
+    # a pure translation c shifts every partner by c: the right answer is u, not u - c
+    shifted = apply_affine(f + u, A, t) + torch.tensor([0.2, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(displacements_back_relative(shifted - fa, fa, A, eye, torch.tensor([0.2, 0.0, 0.0],
+                               dtype=torch.float64)), u, rtol=0, atol=1e-12)
+
+
+def test_relative_augmentation_rebuilds_only_the_graphs_it_changes():
+    from cyclereg.clouds.augment import apply_affine, random_relative_affine
+    from cyclereg.clouds.graphs import PairGraphs
+    from cyclereg.training.clouds import learning_prediction
+
+    net, f, m = _learning_inputs(2)
+    cfg = _small_search(learn_recentre_passes=1)
+    graphs = PairGraphs.build(f, m, cfg.reg.net, cfg.reg.lbp)
+    R, c = random_relative_affine(torch.Generator().manual_seed(0), 0.1)
+    mr = apply_affine(m, R, c)
+    kept = graphs.moving_changed(f, mr, cfg.reg.net, cfg.reg.lbp)
+    fresh = PairGraphs.build(f, mr, cfg.reg.net, cfg.reg.lbp)
+    for name in ("fixed_edges", "moving_edges", "lbp_edges", "lbp_reverse", "candidates"):
+        assert torch.equal(getattr(kept, name), getattr(fresh, name)), name
+    assert not torch.equal(kept.candidates, graphs.candidates)  # the shear moved the candidates
+    torch.testing.assert_close(learning_prediction(net, f, mr, cfg, graphs=kept), learning_prediction(net, f, mr, cfg))
+
+
+def test_relative_augmentation_trains_and_is_refused_out_of_range(tmp_path):
+    from cyclereg.clouds.features import build_graph_net
+
+    with pytest.raises(ValueError, match="aug_relative_std"):
+        CloudCycleConfig(aug_relative_std=float("nan"))
+    with pytest.raises(ValueError, match="aug_relative_std"):
+        CloudCycleConfig(aug_relative_std=-0.01)
+    assert CloudCycleConfig.from_dict({}).aug_relative_std == 0.0
+    # the stage trains on whole clouds (kept graphs) and on subsets (searched), and the draws differ from a run without
+    pairs = []
+    for i in range(2):
+        pair = make_breathing_pair(i, TINY)
+        box = UnitBox.around(pair.fixed_mm, pair.moving_mm, margin=0.05)
+        pairs.append(CloudPairData(f"p{i}", box.mm_to_unit(pair.fixed_mm), box.mm_to_unit(pair.moving_mm)))
+    labels = {p.id: 0.01 * torch.ones_like(p.fixed) for p in pairs}
+    losses = {}
+    for std in (0.0, 0.05):
+        for subset in (None, 100):
+            cfg = replace(_small_search(aug_relative_std=std), epochs=2, batch_size=2, train_fixed_points=subset,
+                          train_moving_points=None if subset is None else 200)
+            task = CloudCycleTask(pairs, box, cfg, torch.device("cpu"))
+            losses[std, subset] = task.train_stage(build_graph_net(cfg.reg.net, seed=0), labels, {}, 1)["train_loss_mm"]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[0.05, None] != losses[0.0, None]
+    # the CLI: written into the run, refused out of range, only for keypoint datasets
+    ds = _dataset(tmp_path, n=2)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), "--fold", "1",
+                              "--aug-relative", "0.05", *CHEAP_LABELS, *FAST])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["aug_relative_std"] == 0.05
+    for bad in ("-0.1", "nan", "1"):
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad"), "--aug-relative", bad, *FAST])
+        assert res.exit_code == 2 and "--aug-relative" in res.output and not (tmp_path / "bad").exists(), res.output

@@ -60,6 +60,17 @@ class PairGraphs:
             lbp_edges=edges, lbp_reverse=reverse,
             candidates=knn_indices(fixed, moving, candidate_count(lbp.num_candidates, moving.shape[0])))
 
+    def moving_changed(self, fixed: torch.Tensor, moving: torch.Tensor, net: GraphNetConfig, lbp: LBPConfig
+                       ) -> "PairGraphs":
+        """These graphs after the moving cloud alone went through a transform that is not a common
+        similarity (e.g. a relative affine of the augmentation): the fixed cloud's graphs are kept,
+        the moving cloud's graph and the candidates are searched again on ``fixed`` / ``moving``."""
+        return PairGraphs(
+            fixed_edges=self.fixed_edges,
+            moving_edges=knn_edge_index(moving, moving_graph_k(net, fixed.shape[0], moving.shape[0]), include_self=True),
+            lbp_edges=self.lbp_edges, lbp_reverse=self.lbp_reverse,
+            candidates=knn_indices(fixed, moving, candidate_count(lbp.num_candidates, moving.shape[0])))
+
     @property
     def feature_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fixed_edges, moving_edges)`` as :meth:`cyclereg.clouds.features.GraphFeatureNet.pair` takes them."""

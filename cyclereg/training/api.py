@@ -120,7 +120,7 @@ def _pair_fingerprints(ds, ids: list[str]) -> dict[str, dict[str, str]]:
 
 
 CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weighted_sampling", "recentre_passes",
-                 "candidates", "tta_passes", "learn_recentre_passes")
+                 "candidates", "tta_passes", "learn_recentre_passes", "aug_relative")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
                  "directions", "max_train_pairs", "batch_size", "cpu_bf16")
 

@@ -51,6 +51,13 @@ class CloudCycleConfig:
         aug_rotation_deg: maximum rotation about each axis [degrees].
         aug_scale: maximum relative isotropic scaling.
         aug_translation: maximum translation per axis [unit frame, i.e. half box extents].
+        aug_relative_std: a further random affine map of the moving cloud alone, ``y -> R y + c``
+            with ``R = I + s N``, ``c = s n`` (``N``, ``n`` standard normal, ``c`` in the unit frame),
+            so that the learning stream also sees motions the training pairs do not hold; the
+            target follows (:func:`cyclereg.clouds.augment.displacements_back_relative`). 0 = off,
+            the default (both clouds through one similarity transform, as the authors' keypoint
+            code). The authors' dense code moves the moving image by ``s = 0.05`` relative to the
+            fixed one (the dense path's ``aug_relative_std``); not yet shown to help on COPD.
         refine: non-differentiable refinement of the pseudo labels (stream asymmetry).
         refine_lbp_iterations: LBP sweeps in the pseudo-label stream.
         refine_consistency: forward-backward consistency (average with the negated
@@ -109,6 +116,7 @@ class CloudCycleConfig:
     aug_rotation_deg: float = 10.0
     aug_scale: float = 0.1
     aug_translation: float = 0.1
+    aug_relative_std: float = 0.0
     refine: bool = True
     refine_lbp_iterations: int = 10
     refine_consistency: bool = False
@@ -126,6 +134,8 @@ class CloudCycleConfig:
     def __post_init__(self):
         if self.learn_recentre_passes < 0:
             raise ValueError(f"learn_recentre_passes={self.learn_recentre_passes}: need 0 or more")
+        if not 0 <= self.aug_relative_std < 1:  # also refuses NaN; at 1 the map is often singular
+            raise ValueError(f"aug_relative_std={self.aug_relative_std}: need a value in [0, 1)")
 
     @staticmethod
     def from_dict(d: dict) -> "CloudCycleConfig":
@@ -370,7 +380,15 @@ class CloudCycleTask:
                             raise RuntimeError("augmentation is not a similarity transform: the kNN graphs would change")
                         A, t = A.to(self.device), t.to(self.device)
                         f, m = apply_affine(f, A, t), apply_affine(m, A, t)
-                        pred = displacements_back(learning_prediction(model, f, m, cfg, graphs=graphs), A)
+                        if cfg.aug_relative_std > 0:  # drawn only then: runs without it keep their draws
+                            R, c = augment.random_relative_affine(g, cfg.aug_relative_std)
+                            m = apply_affine(m, R.to(self.device), c.to(self.device))
+                            if graphs is not None:
+                                graphs = graphs.moving_changed(f, m, cfg.reg.net, cfg.reg.lbp)
+                            pred = augment.displacements_back_relative(
+                                learning_prediction(model, f, m, cfg, graphs=graphs), f, A, R, c)
+                        else:
+                            pred = displacements_back(learning_prediction(model, f, m, cfg, graphs=graphs), A)
                     else:
                         pred = learning_prediction(model, f, m, cfg, graphs=graphs)
                     # mean Euclidean distance in mm (TRE between predicted and pseudo displacements)
@@ -394,7 +412,7 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
                  augment: bool | None = None, refine: bool | None = None, weighted_sampling: bool | None = None,
                  recentre_passes: int | None = None, candidates: int | None = None,
                  tta_passes: int | None = None, learn_recentre_passes: int | None = None,
-                 base: CloudCycleConfig | None = None) -> CloudCycleConfig:
+                 aug_relative: float | None = None, base: CloudCycleConfig | None = None) -> CloudCycleConfig:
     """Apply command-line overrides (``None``: keep ``base``'s value, by default the paper's); changing
     ``epochs`` scales the LR milestones proportionally."""
     from cyclereg.errors import InputError, require_count
@@ -415,6 +433,10 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
         changes["refine_tta_passes"] = tta_passes
     if require_count("--learn-recentre-passes", learn_recentre_passes, 0) is not None:
         changes["learn_recentre_passes"] = learn_recentre_passes
+    if aug_relative is not None:
+        if not 0 <= aug_relative < 1:
+            raise InputError(f"--aug-relative {aug_relative}: need a value in [0, 1)")
+        changes["aug_relative_std"] = float(aug_relative)
     if train_points is not None:
         try:
             nf, nm = (int(v) for v in train_points.split(","))
