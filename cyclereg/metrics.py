@@ -39,13 +39,13 @@ JACOBIAN_SLAB = 16
 double-precision temporaries; the result is the same for any value)."""
 
 
-def jacobian_determinant(disp_vox: torch.Tensor, spacing=(1.0, 1.0, 1.0), *, slab: int = JACOBIAN_SLAB) -> torch.Tensor:
+def jacobian_determinant(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -> torch.Tensor:
     """Determinant of the Jacobian of ``x -> x + u(x)``, central differences.
 
     Args:
-        disp_vox: ``(B, 3, D, H, W)`` displacement in voxels (channel c along axis c).
-        spacing: voxel size along (i, j, k); the determinant is invariant to it when the
-            displacement is in voxels, kept for API symmetry with mm fields.
+        disp_vox: ``(B, 3, D, H, W)`` displacement in voxels (channel c along axis c); the
+            determinant of a voxel field does not depend on the spacing. A field in mm goes
+            through :func:`cyclereg.frames.mm_disp_to_voxel` first.
         slab: output planes along D computed at once, in float64 (memory: about 20 slab-sized
             float64 temporaries instead of 20 volume-sized ones; bitwise the same result).
     Returns:
@@ -108,30 +108,42 @@ def jacobian_map(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -> torch.
 L2R_JACOBIAN_OFFSET = 3.0
 """Learn2Reg's evaluation adds 3 to the Jacobian determinant before the log (kept as is)."""
 
+SDLOGJ_MIN_SIZE = 5
+"""Fewest voxels per axis of a field :func:`sdlogj` scores: the Learn2Reg formula leaves out the
+two voxels at each border, so 5 leave one."""
+
 
 def sdlogj(disp_vox: torch.Tensor) -> dict[str, float]:
-    """Smoothness of a dense field ``(1, 3, D, H, W)`` (voxels).
+    """Smoothness of a dense field ``(1, 3, D, H, W)`` (voxels), ``D, H, W >=`` :data:`SDLOGJ_MIN_SIZE`.
 
     Returns:
         ``sdlogj``: the Learn2Reg evaluation formula,
-        ``std(log(clip(J + 3, 1e-9, 1e9)))`` over voxels at least 2 from the border;
+        ``std(log(clip(J + 3, 1e-9, 1e9)))`` over voxels at least 2 from the border (population
+        standard deviation, as numpy's ``std`` in their evaluation);
         ``std_logj``: plain ``std(log J)`` over interior voxels with ``J > 0``;
         ``folding_fraction``: fraction of interior voxels with ``J <= 0``.
     """
+    check_displacement("disp_vox", disp_vox)
+    if disp_vox.shape[0] != 1 or min(disp_vox.shape[2:]) < SDLOGJ_MIN_SIZE:
+        raise ValueError(f"disp_vox: expected (1, 3, D, H, W) with D, H, W >= {SDLOGJ_MIN_SIZE} (one field; the "
+                         f"Learn2Reg formula drops two voxels at each border), got {tuple(disp_vox.shape)}")
     return determinant_stats(jacobian_determinant(disp_vox))
 
 
 def determinant_stats(J: torch.Tensor) -> dict[str, float]:
-    """:func:`sdlogj`'s figures from interior determinants ``J`` ``(B, D-2, H-2, W-2)``, as
+    """:func:`sdlogj`'s figures from the interior determinants ``J`` ``(1, D-2, H-2, W-2)`` of one field, as
     :func:`jacobian_determinant` returns them (or the interior ``[1:-1, 1:-1, 1:-1]`` of a
     :func:`jacobian_map`, which holds the same values), so a caller that has the map need not
     compute the determinants again."""
+    if J.ndim != 4 or J.shape[0] != 1 or min(J.shape[1:]) < SDLOGJ_MIN_SIZE - 2:
+        raise ValueError(f"J: expected (1, D, H, W) with D, H, W >= {SDLOGJ_MIN_SIZE - 2} (the determinants of one "
+                         f"field of at least {SDLOGJ_MIN_SIZE} voxels per axis), got {tuple(J.shape)}")
     J = J.double()
     inner = J[:, 1:-1, 1:-1, 1:-1]
     l2r = torch.log((inner + L2R_JACOBIAN_OFFSET).clamp(1e-9, 1e9))
     pos = J[J > 0]
     return {
-        "sdlogj": l2r.std().item(),
+        "sdlogj": l2r.std(correction=0).item(),
         "std_logj": torch.log(pos).std().item() if pos.numel() > 1 else float("nan"),
         "folding_fraction": (J <= 0).double().mean().item(),
     }
@@ -194,6 +206,17 @@ def erased_labels(warped_labels: torch.Tensor, labels) -> list[int]:
     return [int(k) for k in labels if not _present(counts, warped_labels, int(k))]
 
 
+def check_label_maps(fixed_labels: torch.Tensor, warped_labels: torch.Tensor) -> None:
+    """ValueError naming the argument unless both are label maps of one shape holding whole numbers
+    (a float map with 1.5 in it would otherwise be scored as label 1, which it does not hold)."""
+    if fixed_labels.shape != warped_labels.shape:
+        raise ValueError(f"fixed_labels, warped_labels: shapes differ: {tuple(fixed_labels.shape)} vs "
+                         f"{tuple(warped_labels.shape)}")
+    for name, m in (("fixed_labels", fixed_labels), ("warped_labels", warped_labels)):
+        if m.dtype.is_complex or (m.dtype.is_floating_point and not bool((m == m.round()).all())):
+            raise ValueError(f"{name}: a label map holds whole numbers; got {m.dtype} values that are not")
+
+
 def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -> dict[int, float]:
     """Dice overlap per label of two integer label maps on one grid.
 
@@ -208,9 +231,7 @@ def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -
         the voxels where they agree: three passes over the volume, not three per label); maps with
         negative labels are compared label by label, with the same result.
     """
-    if fixed_labels.shape != warped_labels.shape:
-        raise ValueError(f"fixed_labels, warped_labels: shapes differ: {tuple(fixed_labels.shape)} vs "
-                         f"{tuple(warped_labels.shape)}")
+    check_label_maps(fixed_labels, warped_labels)
     ca, cb = label_counts(fixed_labels), label_counts(warped_labels)
     out = {}
     if ca is not None and cb is not None:
@@ -283,15 +304,15 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     import numpy as np
     from scipy.spatial import cKDTree
 
-    if fixed_labels.shape != warped_labels.shape:
-        raise ValueError(f"fixed_labels, warped_labels: shapes differ: {tuple(fixed_labels.shape)} vs "
-                         f"{tuple(warped_labels.shape)}")
+    check_label_maps(fixed_labels, warped_labels)
     # (D, H, W), or with leading singleton axes as the package's (B, C, D, H, W) maps for one pair
     if fixed_labels.ndim < 3 or any(n != 1 for n in fixed_labels.shape[:-3]):
         raise ValueError(f"fixed_labels: expected (D, H, W) or (1, 1, D, H, W), got {tuple(fixed_labels.shape)}")
     grid = fixed_labels.shape[-3:]
     fixed_labels, warped_labels = fixed_labels.reshape(grid), warped_labels.reshape(grid)
     scale = np.asarray(spacing, dtype=np.float64)
+    if scale.shape != (3,) or not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"spacing={tuple(spacing)}: expected three positive voxel sizes [mm]")
     fa = fixed_labels.cpu().numpy()
     wa = warped_labels.cpu().numpy()
     boxes = _label_boxes(fa), _label_boxes(wa)

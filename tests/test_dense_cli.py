@@ -575,3 +575,29 @@ def test_evaluate_writes_its_unfinished_report_before_the_first_registration(tin
                               "--no-adam", "--device", "cpu", "--json", str(tmp_path / "r.json")])
     assert res.exit_code != 0 and calls == [], res.output
     assert "Read-only file system" in res.output and "Traceback" not in res.output
+
+
+def test_cli_evaluate_identity_refuses_a_volume_too_small_for_sdlogj(tmp_path):
+    """SDlogJ drops two voxels at each border: a 4-voxel axis cannot be scored, and the identity (which
+    registers nothing, so no model's size check applies) names the file before writing anything."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    names = []
+    for n in (1, 2):
+        img = np.random.default_rng(n).normal(size=(12, 4, 12)).astype(np.float32)
+        lab = np.zeros((12, 4, 12), dtype=np.uint8)
+        lab[3:8, 1:3, 3:8] = 1
+        name = f"Small_{n:04d}_0000.nii.gz"
+        _save(tmp_path / "imagesTr" / name, img)
+        _save(tmp_path / "labelsTr" / name, lab)
+        names.append(name)
+    ds = tmp_path / "Small_dataset.json"
+    ds.write_text(json.dumps({
+        "name": "small", "modality": {"0": "MRI"},
+        "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
+        "registration_val": [{"fixed": f"./imagesTr/{names[0]}", "moving": f"./imagesTr/{names[1]}"}]}))
+    rep = tmp_path / "id.json"
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(rep)])
+    assert res.exit_code == 2, res.output
+    assert "Small_0001_0000.nii.gz" in res.output and "too small to score" in res.output and "5 voxels" in res.output
+    assert not rep.exists() and not (tmp_path / "id.partial.json").exists()

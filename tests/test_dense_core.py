@@ -197,6 +197,40 @@ def test_jacobian_of_quadratic_field_matches_analytic_det_per_voxel():
     torch.testing.assert_close(jacobian_determinant(u)[0], expected, atol=1e-12, rtol=0)
 
 
+def test_sdlogj_is_the_learn2reg_population_std_of_one_field_and_refuses_what_it_cannot_score():
+    """A known field: log(J + 3) over the voxels two from the border, numpy's (population) std as in
+    Learn2Reg's evaluation; a batch of fields, a grid too small for the border crop and a spacing
+    (the determinant of a voxel field has none) are refused instead of pooled, NaN or ignored."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.avg_pool3d(torch.randn(1, 3, 9, 8, 7, generator=g, dtype=torch.float64), 3, 1, 1)
+    J = jacobian_determinant(u)[0].numpy()
+    expected = np.log(np.clip(J[1:-1, 1:-1, 1:-1] + 3, 1e-9, 1e9)).std()  # numpy: ddof 0
+    assert sdlogj(u)["sdlogj"] == pytest.approx(float(expected), rel=1e-12)
+    assert sdlogj(torch.zeros(1, 3, 5, 5, 5))["sdlogj"] == 0.0  # one voxel left: 0, not NaN
+    for bad in (torch.zeros(2, 3, 8, 8, 8), torch.zeros(1, 3, 4, 8, 8)):
+        with pytest.raises(ValueError, match=r"disp_vox: expected \(1, 3, D, H, W\) with D, H, W >= 5"):
+            sdlogj(bad)
+    with pytest.raises(ValueError, match="J: expected"):
+        determinant_stats(torch.ones(2, 3, 3, 3))
+    with pytest.raises(TypeError):
+        jacobian_determinant(u, (2.0, 1.0, 1.0))
+
+
+def test_label_scores_refuse_maps_that_are_not_whole_numbers_and_bad_spacings():
+    a = torch.zeros(6, 6, 6)
+    a[1:3, 1:3, 1:3] = 1.5
+    for f in (dice, hd95):
+        with pytest.raises(ValueError, match="fixed_labels: a label map holds whole numbers"):
+            f(a, torch.zeros(6, 6, 6))
+        with pytest.raises(ValueError, match="warped_labels: a label map holds whole numbers"):
+            f(torch.zeros(6, 6, 6), a)
+    whole = a.round()  # the same map as whole numbers (2.0) scores as label 2
+    assert dice(whole, whole) == {2: 1.0} and hd95(whole, whole) == {2: 0.0}
+    for spacing in ((0, 1, 1), (-2, 1, 1), (1, float("nan"), 1), (1, 1)):
+        with pytest.raises(ValueError, match="spacing="):
+            hd95(whole, whole, spacing=spacing)
+
+
 def test_jacobian_map_is_the_determinant_everywhere_in_any_slabs():
     """An affine field's map is det(A) at every voxel, border included; a smooth random field's
     map is the same for any slab size and equals the interior determinant; bad shapes are refused."""

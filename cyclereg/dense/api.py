@@ -42,7 +42,8 @@ from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import min_volume_size, register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_file, require_output_dir, require_output_file
-from cyclereg.metrics import determinant_stats, dice, erased_labels, hd95, jacobian_map, scored_labels, sdlogj
+from cyclereg.metrics import (SDLOGJ_MIN_SIZE, determinant_stats, dice, erased_labels, hd95, jacobian_map,
+                              scored_labels, sdlogj)
 from cyclereg.volumeio import (Volume, read_nifti, same_grid, spacing_differs, spacing_text, write_displacement,
                                write_nifti)
 from cyclereg.warp import warp, warp_between_grids, warp_labels
@@ -453,6 +454,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             check_pair_grids(fv, header(p.moving, False), header(p.fixed_labels, True), header(p.moving_labels, True))
             if not identity:
                 require_registrable_grid(fv, cfg)
+            elif min(fv.shape) < SDLOGJ_MIN_SIZE:
+                raise InputError(f"volume of shape {tuple(fv.shape)} is too small to score: the smoothness of a field "
+                                 f"(SDlogJ) needs at least {SDLOGJ_MIN_SIZE} voxels along every axis", fv.path)
             progress.advance(checking)
         # the unfinished report, before the first registration: an output that cannot be written fails
         # now rather than after minutes of work

@@ -22,6 +22,7 @@ from cyclereg.dense.convex import (coupled_convex, correlate, inverse_consistenc
                                    upsample_field)
 from cyclereg.dense.instance import adam_refine
 from cyclereg.dense.network import FeatureNet
+from cyclereg.metrics import SDLOGJ_MIN_SIZE
 from cyclereg.warp import compose, warp
 
 
@@ -43,8 +44,9 @@ def _crop(x: torch.Tensor, shape) -> torch.Tensor:
 def min_volume_size(cfg: DensePipelineConfig) -> int:
     """Fewest voxels a volume needs along every axis for ``cfg``: one more than the network's
     downsampling, so that its coarsest feature grid has two voxels per axis (features are
-    standardised over that grid, and the Jacobian of the field needs three voxels per axis)."""
-    return max(cfg.net.downsampling + 1, 3)
+    standardised over that grid), and at least :data:`cyclereg.metrics.SDLOGJ_MIN_SIZE`, so that
+    the field's smoothness can be scored."""
+    return max(cfg.net.downsampling + 1, SDLOGJ_MIN_SIZE)
 
 
 def _check_pair(fixed: torch.Tensor, moving: torch.Tensor, cfg: DensePipelineConfig) -> None:
