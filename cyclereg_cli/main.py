@@ -186,7 +186,6 @@ def cycle(
     run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
     stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T (default: the run's; more than the run's extends it, and the new T is recorded in run.json)"),
     folds: str = typer.Option("all", "--folds", "--fold", help="'all' or a fold number (keypoint datasets)"),
-    aug_relative: Optional[float] = typer.Option(None, "--aug-relative", help="keypoints: a further random affine map of the moving cloud alone in the learning stream, I + s N (entries of N standard normal; default 0 = off, both clouds share one similarity transform; the authors' dense code uses 0.05)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; the results of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),

@@ -1411,3 +1411,6 @@ def test_relative_augmentation_trains_and_is_refused_out_of_range(tmp_path):
     for bad in ("-0.1", "nan", "1"):
         res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad"), "--aug-relative", bad, *FAST])
         assert res.exit_code == 2 and "--aug-relative" in res.output and not (tmp_path / "bad").exists(), res.output
+    # a run's setting is fixed when it is made: cycle has no such option (it must not be accepted and ignored)
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "run"), "--aug-relative", "0.5"])
+    assert res.exit_code == 2 and "No such option" in res.output
