@@ -92,11 +92,13 @@ class _Silent:
         pass
 
 
-def drive(path: str) -> None:
-    """Parent side for a test that kills the parent: one worker running :func:`reports`."""
+def drive(path: str, job: str = "reports") -> None:
+    """Parent side for a test that kills the parent: one worker running :func:`reports` (or
+    :func:`sleeps`, which makes no progress call)."""
     from cyclereg.training.parallel import run_parallel
 
-    run_parallel([(reports, (path,), "fold 1")], 1, _Silent(), 1, lambda r: None)
+    run_parallel([({"reports": reports, "sleeps": sleeps}[job], (path,), "fold 1")], 1, _Silent(), 1,
+                 lambda r: None)
 
 
 def chatty(lines: int, *, progress) -> int:

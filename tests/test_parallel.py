@@ -136,16 +136,20 @@ def _alive(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_no_worker_outlives_a_killed_parent(tmp_path, sig):
+@pytest.mark.parametrize("sig,job", [(signal.SIGTERM, "reports"), (signal.SIGKILL, "reports"),
+                                     pytest.param(signal.SIGKILL, "sleeps", marks=pytest.mark.skipif(
+                                         not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's"))],
+                         ids=["SIGTERM", "SIGKILL", "SIGKILL-no-progress-calls"])
+def test_no_worker_outlives_a_killed_parent(tmp_path, sig, job):
     """`kill` of `cycle --jobs N` terminates its workers (SIGTERM leaves through the cleanup);
-    after `kill -9` each worker notices at its next progress call that its parent is gone and
-    stops, instead of training on as an orphan that a re-run would race."""
+    after `kill -9` each worker stops instead of training on as an orphan that a re-run would race:
+    on Linux the kernel sends it SIGTERM at once, even in the middle of a long step without
+    progress calls (``sleeps``)."""
     marker = tmp_path / "pid"
     here = Path(__file__).parent
     parent = subprocess.Popen([sys.executable, "-c",
                                f"import sys; sys.path.insert(0, {str(here)!r}); import parallel_jobs; "
-                               f"parallel_jobs.drive({str(marker)!r})"])
+                               f"parallel_jobs.drive({str(marker)!r}, {job!r})"])
     try:
         deadline = time.monotonic() + 60
         while not marker.exists() and time.monotonic() < deadline:
@@ -160,3 +164,19 @@ def test_no_worker_outlives_a_killed_parent(tmp_path, sig):
         assert not _alive(worker)
     finally:
         parent.kill()
+
+
+def test_a_worker_whose_parent_died_while_it_started_stops_at_its_first_progress_call():
+    """The parent's pid comes from the parent: a worker that started after its parent died (its
+    ppid already init's) does not take init for its parent and train on."""
+    import queue as queue_mod
+
+    from cyclereg.training.parallel import ORPHAN_EXIT_CODE, QueueProgress
+
+    gone = QueueProgress(queue_mod.Queue(), parent=os.getppid() + 10_000_000)  # no such process is our parent
+    for call in (lambda: gone.add_task("x"), lambda: gone.update(1, advance=1), lambda: gone.remove_task(1)):
+        with pytest.raises(SystemExit) as exc:
+            call()
+        assert exc.value.code == ORPHAN_EXIT_CODE
+    alive = QueueProgress(queue_mod.Queue(), parent=os.getppid())
+    assert alive.add_task("x") == 1

@@ -9,9 +9,9 @@ budget (``total_threads``), the workers still running take over the threads of t
 finished once no job is left to start (the last fold of a 5-fold run on 2 workers trains on both
 cores instead of one); a worker picks up its new count at its next progress call. Ctrl-C, SIGTERM
 to the parent, an error in one fold, or a worker that dies (e.g. killed by the OS for memory) stops
-all workers; a worker whose parent is gone (``kill -9`` of the command) stops at its next progress
-call instead of training on as an orphan. Their mid-stage snapshots make the same command resume
-every fold.
+all workers; a worker whose parent is gone (``kill -9`` of the command) gets SIGTERM from the
+kernel at once on Linux (``PR_SET_PDEATHSIG``), elsewhere stops at its next progress call, instead of
+training on as an orphan. Their mid-stage snapshots make the same command resume every fold.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from cyclereg.interrupts import exit_on_sigterm, sigterm_exit
 
 ORPHAN_EXIT_CODE = 129
 """Exit status of a worker that noticed its parent had died."""
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process gets when its parent dies."""
 
 RESULT_GRACE_S = 10.0
 """How long a worker that exited normally may take to deliver its result through the queue
@@ -78,11 +81,13 @@ class QueueProgress:
     ``console.print``) to the parent through ``q``; task ids are unique per worker process.
     The worker's label is put on by a :class:`LabelledProgress` around it."""
 
-    def __init__(self, q, threads=None):
+    def __init__(self, q, threads=None, parent: int | None = None):
         self._q = q
         self._next = 0
         self._threads = threads  # shared int: this worker's intra-op threads (None: fixed)
-        self._parent = os.getppid()
+        # the parent's pid as the parent gave it: one read here could already be init's, had the
+        # parent died while this worker was still importing
+        self._parent = os.getppid() if parent is None else parent
         self.console = _QueueConsole(q)
 
     def _follow_parent(self) -> None:
@@ -117,6 +122,7 @@ class QueueProgress:
         self.update(task, advance=advance)
 
     def remove_task(self, task: int) -> None:
+        self._follow_parent()  # e.g. at the end of a stage, before its checkpoint is written
         self._q.put(("remove", self._key(task)))
 
 
@@ -154,13 +160,28 @@ def _drain(q, progress, stop: threading.Event) -> None:
             progress.console.print(text, soft_wrap=soft_wrap)
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+def _init_worker(threads: int, parent: int) -> None:
     # terminate() sends SIGTERM: leave through Python so that atomic writes remove their temp files
     signal.signal(signal.SIGTERM, sigterm_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent, which terminates us
+    _die_with_parent(parent)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM to this process when ``parent`` dies (Linux; elsewhere :class:`QueueProgress` notices
+    at the next progress call); exits at once if it has died already."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc to call: the progress calls still check
+            pass
+    if os.getppid() != parent:  # died before the request above took effect
+        sys.exit(ORPHAN_EXIT_CODE)
 
 
 def _portable(exc: Exception) -> Exception:
@@ -174,11 +195,13 @@ def _portable(exc: Exception) -> Exception:
 
 
 def _worker(q, results, threads: int, index: int, fn: Callable, args: tuple, label: str,
-            shared_threads=None) -> None:
-    """Body of one worker process: run one job and put ``(index, ok, result or exception)``."""
-    _init_worker(threads)
+            shared_threads=None, parent: int | None = None) -> None:
+    """Body of one worker process (``parent``: the pid of the process that started it): run one
+    job and put ``(index, ok, result or exception)``."""
+    parent = os.getppid() if parent is None else parent
+    _init_worker(threads, parent)
     try:
-        out = fn(*args, progress=LabelledProgress(QueueProgress(q, shared_threads), label))
+        out = fn(*args, progress=LabelledProgress(QueueProgress(q, shared_threads, parent), label))
     except Exception as exc:  # SystemExit (SIGTERM from the parent) is not a result
         results.put((index, False, _portable(exc)))
     else:
@@ -237,7 +260,8 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
         while pending or running:
             while pending and len(running) < workers:
                 index, (fn, args, label) = pending.pop(0)
-                proc = ctx.Process(target=_worker, args=(q, results, threads, index, fn, args, label, shared),
+                proc = ctx.Process(target=_worker, args=(q, results, threads, index, fn, args, label, shared,
+                                                         os.getpid()),
                                    name=f"cyclereg {label}", daemon=True)
                 # the worker starts with Ctrl-C ignored (inherited through exec), so that a Ctrl-C while it is
                 # still importing does not print its traceback; the parent handles Ctrl-C and stops it
