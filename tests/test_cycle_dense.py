@@ -224,6 +224,61 @@ def test_scheduler_stops_once_the_labels_settle(tmp_path):
     assert plain.run(3, stop_below_mm=100.0) == 3  # a task without the measure runs all its stages
 
 
+class _StoppedTask(_ToyTask):
+    """Interrupted (Ctrl-C) in the training of stage ``stop``."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
+        if stage == self.stop:
+            raise KeyboardInterrupt
+        return super().train_stage(model, labels, weights, stage, progress, snapshot)
+
+
+def test_final_checkpoint_is_the_last_finished_stage_even_after_an_interruption(tmp_path):
+    """``final.pt`` (what evaluation reads) follows every finished stage, not only a run's end: a run
+    stopped in stage 3 leaves stage 2's, also after an earlier call that ended at stage 1; a damaged
+    checkpoint of the last stage is named, not copied over a good ``final.pt``."""
+    from cyclereg.checkpoint import load_checkpoint
+    from cyclereg.errors import InputError
+    from cyclereg.training.scheduler import StageScheduler
+
+    s = StageScheduler(_ToyTask(), tmp_path)
+    s.run_stage0()
+    assert s.run(1) == 1
+    with pytest.raises(KeyboardInterrupt):
+        StageScheduler(_StoppedTask(3), tmp_path).run(4)
+    assert load_checkpoint(tmp_path / "final.pt", kind="toy")["extra"]["stage"] == 2
+    assert (tmp_path / "final.pt").read_bytes() == (tmp_path / "stage2.pt").read_bytes()
+    assert StageScheduler(_ToyTask(), tmp_path).run(3) == 3
+    good = (tmp_path / "final.pt").read_bytes()
+    (tmp_path / "stage3.pt").write_bytes((tmp_path / "stage3.pt").read_bytes()[:200])
+    with pytest.raises(InputError) as exc:
+        StageScheduler(_ToyTask(), tmp_path).run(3)
+    assert exc.value.path == tmp_path / "stage3.pt"
+    assert (tmp_path / "final.pt").read_bytes() == good
+
+
+def test_a_log_line_without_its_newline_does_not_swallow_the_next_record(tmp_path):
+    """A note added without a newline, or a last line cut short: the next record goes on a line of
+    its own, so the stage is seen (by status and by the settling rule) instead of glued to it."""
+    from cyclereg.training.scheduler import StageScheduler
+
+    s = StageScheduler(_SettlingTask(), tmp_path)
+    s.run_stage0()
+    assert s.run(2, stop_below_mm=0.3) == 2  # stage 2 moved the labels 0.25 mm: settled
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text()[:-40])  # stage 2's line cut short
+    task = _SettlingTask()
+    assert StageScheduler(task, tmp_path).run(5, stop_below_mm=0.3) == 2 and task.trained == []  # still settled
+    with log.open("a") as fh:
+        fh.write('{"note": "x"}')
+    assert StageScheduler(_SettlingTask(), tmp_path).run(3) == 3
+    assert 3 in StageScheduler(_SettlingTask(), tmp_path)._stage_log()
+    assert log.read_text().splitlines()[-2] == '{"note": "x"}'
+
+
 def test_dense_label_change_is_the_mean_displacement_difference_in_mm():
     """A uniform one-voxel change along each axis of the label grid moves the labels by stride x spacing mm."""
     from cyclereg.training.dense import DenseCycleTask, VolumeImage

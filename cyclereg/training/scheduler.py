@@ -497,7 +497,17 @@ class StageScheduler:
     def _log(self, record: dict) -> None:
         path = self.dir / "log.jsonl"
         old = path.read_text() if path.exists() else ""
+        if old and not old.endswith("\n"):  # a line cut short or added by hand: the record goes on a line of its own
+            old += "\n"
         atomic_write_text(path, old + json.dumps(record) + "\n")
+
+    def _publish_final(self, stage: int) -> None:
+        """``final.pt`` := the checkpoint of ``stage`` (the last finished one), read and checked first,
+        so that a damaged checkpoint is named instead of copied over a good ``final.pt``."""
+        src = self.checkpoint_path(stage)
+        load_checkpoint(src, kind=self.task.checkpoint_kind)
+        data = src.read_bytes()
+        atomic_write_bytes(self.dir / "final.pt", lambda fh: fh.write(data))
 
     def _finish(self, record: dict, progress) -> None:
         """Log a finished stage's ``record`` and announce it on ``progress``'s console."""
@@ -639,6 +649,7 @@ class StageScheduler:
             self._save_labels(stage, new_labels, info["weights"], record)
             parts.clear()
             self._finish(record, progress)
+            self._publish_final(stage)  # at every stage: a run stopped in the next one keeps it current
             self._prune_labels(stage)
             settled = settled_stage({stage: record}, stop_below_mm)
             if settled is not None:
@@ -646,7 +657,6 @@ class StageScheduler:
                     progress.console.print(escape(settled_note(*settled, stop_below_mm)), soft_wrap=True)
                 break
         final = self.last_finished_stage()
-        if final >= 1:
-            src = self.checkpoint_path(final)
-            atomic_write_bytes(self.dir / "final.pt", lambda fh: fh.write(src.read_bytes()))
+        if final >= 1:  # again when no stage ran here (e.g. a run stopped before this was done per stage)
+            self._publish_final(final)
         return final
