@@ -1414,3 +1414,23 @@ def test_relative_augmentation_trains_and_is_refused_out_of_range(tmp_path):
     # a run's setting is fixed when it is made: cycle has no such option (it must not be accepted and ignored)
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "run"), "--aug-relative", "0.5"])
     assert res.exit_code == 2 and "No such option" in res.output
+
+
+def test_a_run_json_of_a_foreign_shape_is_one_line_not_a_traceback(tmp_path):
+    """Valid JSON that is not a run record (a list, no configuration, an unknown setting, a bad stage
+    count): `cycle`, `status` and `pretrain-random` into the run name run.json in one line, exit 2."""
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *CHEAP_LABELS, *FAST])
+    assert res.exit_code == 0, res.output
+    good = json.loads((run / "run.json").read_text())
+    no_config = {k: v for k, v in good.items() if k != "config"}
+    bogus = {**good, "config": {**good["config"], "bogus": 1}}
+    zero = {**good, "config": {**good["config"], "stages": 0}}
+    for broken in ([], no_config, bogus, zero, {**good, "kind": "images"}):
+        (run / "run.json").write_text(json.dumps(broken))
+        for args in (["cycle", str(ds), "--run", str(run), "--device", "cpu"], ["status", str(run)],
+                     ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *CHEAP_LABELS, *FAST]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2 and "run.json" in res.output and "Traceback" not in res.output, (broken, args,
+                                                                                                     res.output)

@@ -260,10 +260,25 @@ def _require_threshold(stop_below_mm: float | None) -> None:
 
 
 def _read_meta(run: Path) -> dict:
+    """``run/run.json``, checked to be what cyclereg writes there (a dataset kind, its folds and a
+    configuration of that kind with its number of stages), so that no caller meets a foreign shape."""
     try:
-        return json.loads((run / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((run / "run.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise InputError("not a cyclereg run directory (run.json missing or unreadable)", run) from None
+    config_class = {"keypoints": CloudCycleConfig, "volumes": DenseCycleConfig}.get(
+        meta.get("kind") if isinstance(meta, dict) else None)
+    try:
+        if config_class is None or not isinstance(meta.get("folds", []), list):
+            raise TypeError("kind or folds")
+        stages = meta["config"]["stages"]
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError("stages")
+        config_class.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(f"run.json is not a run record cyclereg wrote (its kind, folds or configuration: "
+                         f"{type(exc).__name__} {exc}); restore it or start a new run directory", run / "run.json") from None
+    return meta
 
 
 def _check_identity(run: Path, meta: dict, ident: dict) -> None:
