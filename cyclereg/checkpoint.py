@@ -69,6 +69,12 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
         raise
 
 
+def atomic_leftover(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an :func:`atomic_write_bytes` that was killed before
+    it could clean up (``kill -9``, power loss): ``.NAME.XXXXXX.tmp``."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
 class OutputStage:
     """The staging folder of :func:`staged_outputs`: write each output to ``stage / name``; list in
     :attr:`stale` the files of the output folder to remove once the new set is in (an earlier

@@ -1434,3 +1434,22 @@ def test_a_run_json_of_a_foreign_shape_is_one_line_not_a_traceback(tmp_path):
             res = runner.invoke(app, args)
             assert res.exit_code == 2 and "run.json" in res.output and "Traceback" not in res.output, (broken, args,
                                                                                                      res.output)
+
+
+def test_pretrain_random_resumes_after_a_kill_in_its_first_run_json_write(tmp_path):
+    """A kill -9 between the temporary file of the first run.json and its rename leaves
+    ``.run.json.XXXX.tmp`` beside the lock: the same command then makes the run (and removes the
+    leftover) instead of calling the directory foreign; a file of the user's still counts."""
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".cyclereg.lock").write_text("")
+    (run / ".run.json.k3j2x9.tmp").write_text('{"half')
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *CHEAP_LABELS, *FAST])
+    assert res.exit_code == 0, res.output
+    assert (run / "fold1" / "pseudo0.pt").is_file() and not list(run.glob(".run.json.*.tmp"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.tmp").write_text("mine")
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(other), "--fold", "1", *CHEAP_LABELS, *FAST])
+    assert res.exit_code == 2 and "not a cyclereg run" in res.output

@@ -260,6 +260,25 @@ def test_final_checkpoint_is_the_last_finished_stage_even_after_an_interruption(
     assert (tmp_path / "final.pt").read_bytes() == good
 
 
+def test_a_run_removes_what_a_killed_one_left_behind(tmp_path):
+    """Temporary files of atomic writes killed before their cleanup, and the parts of a stage whose
+    labels were saved before the parts were cleared, go at the next run; the parts of a stage still
+    in progress stay (they are what it resumes from)."""
+    from cyclereg.training.scheduler import StageScheduler
+
+    s = StageScheduler(_ToyTask(), tmp_path)
+    s.run_stage0()
+    assert s.run(1) == 1
+    (tmp_path / ".stage1.pt.ab12cd.tmp").write_bytes(b"half")
+    (tmp_path / "pseudo1.parts").mkdir()
+    (tmp_path / "pseudo1.parts" / "p.pt").write_bytes(b"x")
+    (tmp_path / "pseudo2.parts").mkdir()  # stage 2's labels are not saved: kept
+    (tmp_path / "notes.tmp").write_text("mine")  # not a temporary file of cyclereg's
+    StageScheduler(_ToyTask(), tmp_path).run(1)
+    assert not (tmp_path / ".stage1.pt.ab12cd.tmp").exists() and not (tmp_path / "pseudo1.parts").exists()
+    assert (tmp_path / "pseudo2.parts").is_dir() and (tmp_path / "notes.tmp").read_text() == "mine"
+
+
 def test_a_log_line_without_its_newline_does_not_swallow_the_next_record(tmp_path):
     """A note added without a newline, or a last line cut short: the next record goes on a line of
     its own, so the stage is seen (by status and by the settling rule) instead of glued to it."""

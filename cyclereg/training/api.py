@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from cyclereg.checkpoint import data_fingerprint, to_jsonable, training_record, write_json
+from cyclereg.checkpoint import atomic_leftover, data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, exported_models, require_registrable
 from cyclereg.console import print_note
 from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
@@ -196,13 +196,16 @@ def _progress():
                     TimeRemainingColumn())
 
 
-def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False) -> dict:
+def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False,
+                 locked: bool = False) -> dict:
     """Check ``run`` before ``pretrain-random`` writes ``meta`` there; returns the ``meta`` to write.
 
     ``check()`` validates an existing run (same dataset and configuration) and returns its stored
     configuration; a larger stored number of stages (a run extended by ``cycle --stages``,
     :func:`_record_stage_target`) is kept, so running ``pretrain-random`` again never shortens it,
-    and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is."""
+    and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is.
+    ``locked``: the run's lock is held, so the temporary file of a first ``run.json`` write that was
+    killed is removed (without the lock it is only passed over: it may be another command's, in use)."""
     require_output_dir(run)
     if (run / "run.json").exists():
         stored = check()
@@ -214,9 +217,19 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet:
                        f"shorten it ('cycle --stages {meta['config']['stages']}' stops there)")
         if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
-    elif run.exists() and any(p.name != RUN_LOCK and not (p.is_dir() and _only_lock(p)) for p in run.iterdir()):
-        raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
+    elif run.exists():
+        if any(not _unwritten(p) and not (p.is_dir() and _only_lock(p)) for p in run.iterdir()):
+            raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
+        for p in run.iterdir() if locked else ():
+            if p.name != RUN_LOCK and _unwritten(p):
+                p.unlink(missing_ok=True)
     return meta
+
+
+def _unwritten(path: Path) -> bool:
+    """A lock file, or the temporary file of a ``run.json`` write killed before it could clean up:
+    what a command leaves that stopped before its run directory held anything."""
+    return path.name == RUN_LOCK or (path.name.startswith(".run.json.") and atomic_leftover(path))
 
 
 def _only_lock(folder: Path) -> bool:
@@ -461,7 +474,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     with fold_locks(run, folds):
         with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
             meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident),
-                                stages_given="stages" in options, quiet=True)
+                                stages_given="stages" in options, quiet=True, locked=True)
             write_json(run / "run.json", meta)
         args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
         with _progress() as progress:
@@ -746,7 +759,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     with fold_locks(run, [None]):
         with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
             meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config),
-                                stages_given="stages" in options, quiet=True)
+                                stages_given="stages" in options, quiet=True, locked=True)
             write_json(run / "run.json", meta)
         with _progress() as progress:
             _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS).run_stage0(progress)

@@ -36,7 +36,7 @@ from rich.markup import escape
 from torch import nn
 
 from cyclereg import __version__
-from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
+from cyclereg.checkpoint import atomic_leftover, atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
 from cyclereg.errors import InputError
 
 
@@ -579,10 +579,23 @@ class StageScheduler:
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records}
 
+    def _remove_leftovers(self) -> None:
+        """What a killed run left here that nothing reads again: temporary files of interrupted atomic
+        writes, and the pseudo-label parts of a stage whose labels were saved before they were cleared
+        (a dense run's can take gigabytes). The fold's lock is held, so none is in use."""
+        for path in self.dir.glob(".*.tmp"):
+            if atomic_leftover(path):
+                path.unlink(missing_ok=True)
+        for path in self.dir.glob("pseudo*.parts"):
+            stage = path.name[len("pseudo"):-len(".parts")]
+            if stage.isdigit() and self.labels_path(int(stage)).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+
     # ------------------------------------------------------------------ stages
     def run_stage0(self, progress=None) -> None:
         """Pseudo labels from a randomly initialised network (skipped if already present)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         if self.last_finished_stage() >= 0:
             self._complete_log(progress)
             return
@@ -608,6 +621,7 @@ class StageScheduler:
         average (:func:`settled_stage`; a run stopped so is not resumed by the same call)."""
         if self.last_finished_stage() < 0:
             raise InputError("no stage-0 pseudo labels here: run 'cyclereg pretrain-random' first", self.dir)
+        self._remove_leftovers()
         self._complete_log(progress)
         done = self.last_finished_stage()
         if self.settled(stop_below_mm) is not None:
