@@ -212,6 +212,26 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         spread=spread, spread_map=spread_map, jacobian=jacobian))
 
 
+def _listed_inputs(dataset: str | Path) -> dict[str, Path]:
+    """The files an ``evaluate`` of ``dataset`` reads, named for a message: every pair's keypoint and
+    landmark files, or its scans and label maps (:func:`~cyclereg.errors.require_separate_output`)."""
+    from cyclereg.datasets import dataset_kind, load_keypoint_dataset
+
+    out: dict[str, Path] = {}
+    if dataset_kind(dataset) == "keypoints":
+        for p in load_keypoint_dataset(dataset).pairs:
+            for what in ("fixed_keypoints", "moving_keypoints", "fixed_landmarks", "moving_landmarks"):
+                out[f"the {what.replace('_', ' ')} of pair {p.id} in the dataset"] = getattr(p, what)
+        return out
+    from cyclereg.dense.data import load_volume_dataset
+
+    for p in load_volume_dataset(dataset).pairs:
+        for what in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            out[f"the {what.replace('_', ' ')} scan of pair {p.id} in the dataset".replace("labels scan", "label map")] = (
+                getattr(p, what))
+    return out
+
+
 def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | Path | None = None,
              run: Path | str | None = None, stage: int | None = None, seed: int | None = None,
              max_pairs: int | None = None,
@@ -246,6 +266,9 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     from cyclereg.datasets import dataset_kind
 
     run = None if run is None else Path(run)
+    listed = _listed_inputs(dataset)
+    require_separate_output(report, "--json", files=listed)
+    require_separate_output(errors_csv, "--errors-csv", files=listed)
     if dataset_kind(dataset) == "keypoints":
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                         "--both-directions": both_directions or None, "--resume": resume or None},

@@ -1453,3 +1453,17 @@ def test_pretrain_random_resumes_after_a_kill_in_its_first_run_json_write(tmp_pa
     (other / "notes.tmp").write_text("mine")
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(other), "--fold", "1", *CHEAP_LABELS, *FAST])
     assert res.exit_code == 2 and "not a cyclereg run" in res.output
+
+
+def test_evaluate_outputs_never_overwrite_the_files_the_dataset_lists(tmp_path):
+    """--json onto a pair's keypoint file, --errors-csv onto a landmark file the command itself reads:
+    refused by name before any work, the files unchanged."""
+    ds = _dataset(tmp_path, n=2)
+    for flag, target in (("--json", tmp_path / "c1" / "mk.csv"), ("--errors-csv", tmp_path / "c0" / "fl.csv")):
+        before = target.read_bytes()
+        args = ["evaluate", str(ds), "--identity", flag, str(target)]
+        if flag == "--errors-csv":
+            args += ["--json", str(tmp_path / "r.json")]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and target.name in res.output and "of pair" in res.output, res.output
+        assert target.read_bytes() == before and not (tmp_path / "r.json").exists()

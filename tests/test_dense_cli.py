@@ -601,3 +601,11 @@ def test_cli_evaluate_identity_refuses_a_volume_too_small_for_sdlogj(tmp_path):
     assert res.exit_code == 2, res.output
     assert "Small_0001_0000.nii.gz" in res.output and "too small to score" in res.output and "5 voxels" in res.output
     assert not rep.exists() and not (tmp_path / "id.partial.json").exists()
+
+
+def test_cli_evaluate_json_never_overwrites_a_scan_or_label_map_of_the_dataset(tiny, tmp_path):
+    target = tiny / "labelsTr" / "Tiny_0002_0000.nii.gz"
+    before = target.read_bytes()
+    res = runner.invoke(app, ["evaluate", str(tiny / "Tiny_dataset.json"), "--identity", "--json", str(target)])
+    assert res.exit_code == 2 and "moving label map of pair" in res.output, res.output
+    assert target.read_bytes() == before
