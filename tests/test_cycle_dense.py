@@ -279,6 +279,35 @@ def test_a_run_removes_what_a_killed_one_left_behind(tmp_path):
     assert (tmp_path / "pseudo2.parts").is_dir() and (tmp_path / "notes.tmp").read_text() == "mine"
 
 
+def test_foreign_pseudo_labels_or_snapshot_contents_are_named_not_a_traceback(tmp_path):
+    """A loadable ``pseudo{t}.pt`` without labels and weights, or a snapshot of the right format that
+    lacks the model's state, give an InputError naming the file."""
+    from cyclereg.errors import InputError
+    from cyclereg.training.scheduler import StageScheduler, StageSnapshot
+
+    s = StageScheduler(_ToyTask(), tmp_path)
+    s.run_stage0()
+    assert s.run(1) == 1
+    torch.save({"a": 1}, tmp_path / "pseudo1.pt")
+    with pytest.raises(InputError, match="not the pseudo labels of a cyclereg stage") as exc:
+        StageScheduler(_ToyTask(), tmp_path).run(2)
+    assert exc.value.path == tmp_path / "pseudo1.pt"
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
+    snap = StageSnapshot(tmp_path / "stage2.partial.pt", stage=2, every_s=0.0)
+    snap.restore(4, model=model, optimizer=opt, lr_schedule=sched, generator=torch.Generator())
+    snap.every_s = 1e-9
+    assert snap.offer(1, model=model, optimizer=opt, lr_schedule=sched, generator=torch.Generator(), losses=[1.0])
+    state = torch.load(tmp_path / "stage2.partial.pt", weights_only=True)
+    del state["model"]
+    torch.save(state, tmp_path / "stage2.partial.pt")
+    with pytest.raises(InputError, match="does not fit this stage") as exc:
+        StageSnapshot(tmp_path / "stage2.partial.pt", stage=2, every_s=0.0).restore(
+            4, model=model, optimizer=opt, lr_schedule=sched, generator=torch.Generator())
+    assert exc.value.path == tmp_path / "stage2.partial.pt"
+
+
 def test_a_log_line_without_its_newline_does_not_swallow_the_next_record(tmp_path):
     """A note added without a newline, or a last line cut short: the next record goes on a line of
     its own, so the stage is seen (by status and by the settling rule) instead of glued to it."""

@@ -125,19 +125,24 @@ class StageSnapshot:
             raise InputError(f"training snapshot of stage {state['stage']} with {state['total_steps']} steps, "
                              f"expected stage {self.stage} with {self.total_steps}; delete it to redo the stage",
                              self.path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        generator.set_state(state["generator"])
-        torch.random.set_rng_state(state["global_rng"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        self._elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in snapshots before 2026-12-03
+        try:  # a snapshot of this format that is not whole (edited, or of another network) is named, not a traceback
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            generator.set_state(state["generator"])
+            torch.random.set_rng_state(state["global_rng"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+            losses = [float(v) for v in state["losses"]]
+            self._elapsed_before = float(state.get("elapsed_s", 0.0))  # absent in snapshots before 2026-12-03
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"training snapshot that does not fit this stage ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); delete it to redo the stage", self.path) from None
         if progress is not None:
             progress.console.print(f"stage {self.stage}: training resumes after {unit} {step}/{total_steps} "
                                    f"({escape(str(self.path))})")
-        return step, [float(v) for v in state["losses"]]
+        return step, losses
 
     def offer(self, step: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,
               losses: list[float], scaler=None) -> bool:
@@ -466,7 +471,8 @@ class StageScheduler:
         if stage < 0 or stage in self._stage_log():
             return
         try:
-            record = torch.load(self.labels_path(stage), map_location="cpu", weights_only=True).get("record")
+            payload = torch.load(self.labels_path(stage), map_location="cpu", weights_only=True)
+            record = payload.get("record") if isinstance(payload, dict) else None
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", self.labels_path(stage)) from None
         if record is not None:
@@ -478,6 +484,10 @@ class StageScheduler:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", path) from None
+        if not (isinstance(payload, dict) and isinstance(payload.get("labels"), dict)
+                and isinstance(payload.get("weights"), dict)):
+            raise InputError("not the pseudo labels of a cyclereg stage (no labels and weights); delete it to make "
+                             "them again", path)
         return payload["labels"], payload["weights"]
 
     def _label_change(self, stage: int, old: dict | None, new: dict) -> float | None:
