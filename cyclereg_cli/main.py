@@ -168,14 +168,21 @@ def pretrain_random(
     require_inputs(dataset)
     from cyclereg.training.api import pretrain_random as run_pretrain
 
-    existed = (run / "run.json").is_file()
+    def labelled() -> set[str]:  # the run's folders that hold stage-0 labels
+        return {p.parent.name for p in run.glob("*/pseudo0.pt")} if run.is_dir() else set()
+
+    before = labelled()
     out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
                        epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
                        supervision=supervision, train_images=train_images, directions=directions,
                        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
                        recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
                        learn_recentre_passes=learn_recentre_passes, aug_relative=aug_relative, cpu_bf16=cpu_bf16)
-    kept = " (the stage-0 labels that were there already were kept)" if existed else ""
+    made = sorted(labelled() - before)
+    kept = ""
+    if before:
+        kept = (f" (made now: {', '.join(made)}; the stage-0 labels that were there already were kept: "
+                f"{', '.join(sorted(before))})" if made else " (the stage-0 labels that were there already were kept)")
     typer.echo(f"stage-0 pseudo labels are in {out}{kept}")
 
 
@@ -226,7 +233,7 @@ def register(
     out_dir: Path = typer.Option(..., "-o", "--output", help="output directory"),
     model: str = typer.Option("random", "--model", help=MODEL_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random network (with --model random; default 0)"),
-    query: Optional[Path] = typer.Option(None, "--query", help="clouds: also write displacements at these points (mm)"),
+    query: Optional[Path] = typer.Option(None, "--query", help="clouds (and --via-keypoints): also write displacements at these points (a point file as the clouds: mm; a headerless CSV holds voxel indices, placed as --spacing / --reference say, with --via-keypoints on the fixed scan's grid)"),
     spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs (not with --reference: then they are read on the reference's grid)"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="clouds: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),

@@ -897,7 +897,7 @@ def test_pretrain_random_completes_an_interrupted_run(tmp_path):
     assert not (run / "fold2").exists()
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args])
     assert res.exit_code == 0, res.output
-    assert "stage-0 labels that were there already were kept" in " ".join(res.output.split())
+    assert "made now: fold2; the stage-0 labels that were there already were kept: fold1" in " ".join(res.output.split())
     assert (run / "fold1" / "pseudo0.pt").read_bytes() == first
     assert len((run / "fold1" / "log.jsonl").read_text().splitlines()) == 1
     assert (run / "fold2" / "pseudo0.pt").is_file()

@@ -300,6 +300,12 @@ def test_cli_pairs_builds_a_keypoint_dataset(tmp_path):
     cfg = json.loads(config_path_for(tmp_path / "ds" / "dataset.json").read_text())
     assert cfg["foerstner"]["moving"]["nms_radius_mm"] == 3.0 and cfg["foerstner"]["fixed"]["nms_radius_mm"] == 3.5
     assert cfg["num_keypoints"]["a"]["fixed"] == read_points(a.fixed_keypoints).shape[0]
+    # per scan, the radius in voxels as its grid applies it: 3.5 mm -> round(3.5 / 1.5) = 2, round(3.5 / 2) = 2;
+    # 3.0 mm on the moving scans -> 2, 2 and round(1.5) = 2 (half to even)
+    assert cfg["scans"]["a"]["fixed"] == {"shape": [30, 28, 24], "spacing_mm": [1.5, 1.5, 2.0],
+                                          "nms_radius_voxels": [2, 2, 2]}
+    assert cfg["scans"]["c"]["moving"]["nms_radius_voxels"] == list(
+        FoerstnerConfig(nms_radius_mm=3.0).nms_radius_voxels((1.5, 1.5, 2.0)))
     assert {"cyclereg_version", "date", "machine"} <= set(cfg)
     # a second call does not overwrite the dataset
     res = _run("--pairs", csv, "-o", tmp_path / "ds", "--device", "cpu")

@@ -390,15 +390,20 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     dev = resolve_device(device)
     texts: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
+    grids: dict[str, dict[str, dict]] = {}  # per scan: its grid and the NMS radius in its voxels
     t0 = time.perf_counter()
     with Progress(transient=True, disable=not verbose) as progress:
         task = progress.add_task("keypoints", total=2 * len(pairs))
         for q in pairs:
             for role, ct, config in (("fixed", q.fixed, keypoints.fixed), ("moving", q.moving, keypoints.moving)):
                 progress.update(task, description=f"keypoints: {escape(q.id)} {role}")
-                result = detect_keypoints(read_nifti(ct), lung_mask=lung_mask, config=config, device=dev)
+                volume = read_nifti(ct)
+                result = detect_keypoints(volume, lung_mask=lung_mask, config=config, device=dev)
                 texts[f"{q.id}_{role}.csv"] = points_csv(result.points_mm)
                 counts.setdefault(q.id, {})[role] = int(result.points_mm.shape[0])
+                grids.setdefault(q.id, {})[role] = {
+                    "shape": list(volume.shape), "spacing_mm": list(volume.spacing),
+                    "nms_radius_voxels": list(config.nms_radius_voxels(volume.spacing))}
                 progress.advance(task)
 
     def rel(path: Path) -> str:
@@ -421,7 +426,7 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     write_json(config_path_for(dataset_json), {
         **provenance(dev), "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
         "lung_mask": lung_mask, "device": str(dev), "foerstner": keypoints,
-        "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts,
+        "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts, "scans": grids,
         "seconds": round(time.perf_counter() - t0, 3)})
     write_json(dataset_json, obj)
     return dataset_json
