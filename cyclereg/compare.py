@@ -172,7 +172,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
 
     from cyclereg.checkpoint import write_json
     from cyclereg.device import provenance
-    from cyclereg.console import print_note, print_table
+    from cyclereg.console import count, print_note, print_table
 
     paths = [Path(p) for p in reports]
     if len(paths) < 2:
@@ -219,7 +219,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
                        "pairs are matched by id", quiet=quiet)
         only = (len(base_pairs) - len(common), len(pairs) - len(common))
         if any(only):
-            print_note(f"{p} and the base share {len(common)} pairs ({only[0]} only in the base, {only[1]} "
+            print_note(f"{p} and the base share {count(len(common), 'pair')} ({only[0]} only in the base, {only[1]} "
                        "only in this report); the comparison uses the shared ones", quiet=quiet)
         if report.get("complete") is False:
             print_note(f"{p} is an unfinished evaluation (complete: false)", quiet=quiet)

@@ -39,3 +39,8 @@ def print_note(text: str, *, quiet: bool = False) -> None:
     taken literally (a path or unit in square brackets is not rich markup) and as one line that
     the terminal, not rich, wraps; nothing with ``quiet``."""
     Console(stderr=True, quiet=quiet).print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def count(n: int, noun: str) -> str:
+    """``"1 pair"``, ``"3 pairs"``: ``n`` and ``noun`` with an ``s`` unless ``n`` is 1."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

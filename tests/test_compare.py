@@ -203,3 +203,9 @@ def test_one_label_by_number_or_name(tmp_path):
     k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
     with pytest.raises(InputError, match="--label is an option for volume reports"):
         compare_reports([k, k], label="1", quiet=True)
+
+
+def test_counts_are_singular_for_one():
+    from cyclereg.console import count
+
+    assert [count(n, "pair") for n in (0, 1, 2)] == ["0 pairs", "1 pair", "2 pairs"]

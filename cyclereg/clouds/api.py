@@ -16,7 +16,7 @@ from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
-from cyclereg.console import print_table
+from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
@@ -212,7 +212,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                     extra={"members": members, **({"training": seen} if seen else {})})
     write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
                         "config": config, "members": members, "training": seen})
-    said = (f"it records the {len(seen['pairs'])} pairs of {seen['dataset']} its members trained on, and evaluate "
+    said = (f"it records the {count(len(seen['pairs']), 'pair')} of {seen['dataset']} its members trained on, and evaluate "
             "names any of them it scores" if seen else
             "not every member records its training pairs: make sure no member trained on a pair you will "
             "evaluate the ensemble on")

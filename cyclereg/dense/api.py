@@ -34,7 +34,7 @@ import torch
 
 from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, stale_outputs, save_checkpoint,
                                  staged_outputs, to_jsonable, training_data, write_json)
-from cyclereg.console import print_table
+from cyclereg.console import count, print_table
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, preprocess,
                                  require_contrast, resample_onto, resolve_mode)
@@ -493,7 +493,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         if overlay is not None:
             _plot_overlay(report.with_name(report.stem + "_overlay.png"), *overlay)
 
-    print_table(console, _dice_table(f"{ds.name}: {len(records)} pairs ({info.get('model')})", result))
+    print_table(console, _dice_table(f"{ds.name}: {count(len(records), 'pair')} ({info.get('model')})", result))
     if result["mean_scoring_seconds"] is not None:
         console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column s), scoring "
                       f"{result['mean_scoring_seconds']:.1f} s (label warp, Dice, HD95, Jacobian)")
