@@ -216,19 +216,22 @@ def _listed_inputs(dataset: str | Path) -> dict[str, Path]:
     """The files an ``evaluate`` of ``dataset`` reads, named for a message: every pair's keypoint and
     landmark files, or its scans and label maps (:func:`~cyclereg.errors.require_separate_output`)."""
     from cyclereg.datasets import dataset_kind, load_keypoint_dataset
-
-    out: dict[str, Path] = {}
-    if dataset_kind(dataset) == "keypoints":
-        for p in load_keypoint_dataset(dataset).pairs:
-            for what in ("fixed_keypoints", "moving_keypoints", "fixed_landmarks", "moving_landmarks"):
-                out[f"the {what.replace('_', ' ')} of pair {p.id} in the dataset"] = getattr(p, what)
-        return out
     from cyclereg.dense.data import load_volume_dataset
 
-    for p in load_volume_dataset(dataset).pairs:
-        for what in ("fixed", "moving", "fixed_labels", "moving_labels"):
-            out[f"the {what.replace('_', ' ')} scan of pair {p.id} in the dataset".replace("labels scan", "label map")] = (
-                getattr(p, what))
+    out: dict[str, Path] = {}
+    try:
+        if dataset_kind(dataset) == "keypoints":
+            for p in load_keypoint_dataset(dataset).pairs:
+                for what in ("fixed_keypoints", "moving_keypoints", "fixed_landmarks", "moving_landmarks"):
+                    out[f"the {what.replace('_', ' ')} of pair {p.id} in the dataset"] = getattr(p, what)
+            return out
+        for p in load_volume_dataset(dataset).pairs:
+            for what in ("fixed", "moving", "fixed_labels", "moving_labels"):
+                out[f"the {what.replace('_', ' ')} scan of pair {p.id} in the dataset".replace("labels scan",
+                                                                                               "label map")] = (
+                    getattr(p, what))
+    except InputError:  # a dataset that cannot be read is named by the evaluation itself, after the option checks
+        return {}
     return out
 
 

@@ -316,7 +316,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     real_load = scheduler_mod.load_checkpoint
     monkeypatch.setattr(scheduler_mod, "load_checkpoint", lambda p, **kw: loaded.append(p.name) or real_load(p, **kw))
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "b"), "--folds", "2"]).exit_code == 0
-    assert loaded == ["stage1.pt"]  # stage 2 continued from the saved stage-1 weights
+    # stage 2 continued from the saved stage-1 weights (then its own checkpoint is checked before it becomes final.pt)
+    assert loaded == ["stage1.pt", "stage2.pt"]
     assert (tmp_path / "b" / "fold2" / "stage1.pt").read_bytes() == stage1  # stage 1 was not redone
     # the resumed run ends exactly where the uninterrupted one does
     assert_same_weights(tmp_path / "a" / "fold2" / "final.pt", tmp_path / "b" / "fold2" / "final.pt")

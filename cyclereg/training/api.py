@@ -272,9 +272,11 @@ def _require_threshold(stop_below_mm: float | None) -> None:
         raise InputError(f"--stop-below {stop_below_mm}: expected a distance in mm >= 0 (0: never stop early)")
 
 
-def _read_meta(run: Path) -> dict:
+def _read_meta(run: Path, kind: str | None = None) -> dict:
     """``run/run.json``, checked to be what cyclereg writes there (a dataset kind, its folds and a
-    configuration of that kind with its number of stages), so that no caller meets a foreign shape."""
+    configuration of its kind with its number of stages), so that no caller meets a foreign shape.
+    ``kind`` (``"keypoints"`` / ``"volumes"``): what the caller reads it as; a run of the other kind is
+    then not parsed further here (the caller refuses it as another dataset's)."""
     try:
         meta = json.loads((run / "run.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -287,7 +289,8 @@ def _read_meta(run: Path) -> dict:
         stages = meta["config"]["stages"]
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError("stages")
-        config_class.from_dict(meta["config"])
+        if kind is None or meta.get("kind") == kind:  # another kind's run: the caller names it another dataset's
+            config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"run.json is not a run record cyclereg wrote (its kind, folds or configuration: "
                          f"{type(exc).__name__} {exc}); restore it or start a new run directory", run / "run.json") from None
@@ -511,7 +514,7 @@ def _check_cloud_run(run: Path, ds, config: CloudCycleConfig | None, ident: dict
     """The stored configuration of a keypoint run after checking that it belongs to ``ds``
     (``ident``: its :func:`_identity`, when computed already) and, with ``config``, that it was made
     with that configuration (the number of stages aside)."""
-    meta = _read_meta(run)
+    meta = _read_meta(run, "keypoints")
     _check_identity(run, meta, ident if ident is not None else _identity(ds))
     stored = CloudCycleConfig.from_dict(meta["config"])
     if config is not None:
@@ -742,7 +745,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
 
 
 def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -> Path:
-    stored = _dense_run_config(run, _read_meta(run)) if (run / "run.json").exists() else None
+    stored = _dense_run_config(run, _read_meta(run, "volumes")) if (run / "run.json").exists() else None
     base = config if isinstance(config, DenseCycleConfig) else stored
     config = dense_cycle_config(base=base, **options)
     config = replace(config, seed=_seed(seed, stored))
@@ -774,7 +777,7 @@ def _dense_run_config(run: Path, meta: dict) -> DenseCycleConfig:
 
 
 def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseCycleConfig:
-    meta = _read_meta(run)
+    meta = _read_meta(run, "volumes")
     stored = _dense_run_config(run, meta)
     _check_identity(run, meta, ident)
     _require_same_config(run, replace(config, stages=stored.stages), stored)
@@ -783,7 +786,7 @@ def _check_dense_run(run: Path, ident: dict, config: DenseCycleConfig) -> DenseC
 
 def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, stop_below_mm: float | None = None) -> dict:
-    meta = _read_meta(run)
+    meta = _read_meta(run, "volumes")
     config = _dense_run_config(run, meta)
     images, pairs = _dense_training_set(dataset, config, run)
     ident = _dense_identity(dataset, images, pairs)

@@ -636,6 +636,7 @@ class StageScheduler:
         done = self.last_finished_stage()
         if self.settled(stop_below_mm) is not None:
             done = stages  # nothing more to train
+        published = None  # the stage whose checkpoint this call made final.pt
         for stage in range(done + 1, stages + 1):
             t0 = time.perf_counter()
             model = self.task.new_model(stage)
@@ -674,6 +675,7 @@ class StageScheduler:
             parts.clear()
             self._finish(record, progress)
             self._publish_final(stage)  # at every stage: a run stopped in the next one keeps it current
+            published = stage
             self._prune_labels(stage)
             settled = settled_stage({stage: record}, stop_below_mm)
             if settled is not None:
@@ -681,6 +683,6 @@ class StageScheduler:
                     progress.console.print(escape(settled_note(*settled, stop_below_mm)), soft_wrap=True)
                 break
         final = self.last_finished_stage()
-        if final >= 1:  # again when no stage ran here (e.g. a run stopped before this was done per stage)
+        if final >= 1 and final != published:  # no stage ran here (e.g. a run stopped before this was done per stage)
             self._publish_final(final)
         return final
