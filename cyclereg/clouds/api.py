@@ -212,8 +212,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                     extra={"members": members, **({"training": seen} if seen else {})})
     write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
                         "config": config, "members": members, "training": seen})
-    said = (f"it records the {count(len(seen['pairs']), 'pair')} of {seen['dataset']} its members trained on, and evaluate "
-            "names any of them it scores" if seen else
+    said = (f"it records the {count(len(seen['pairs']), 'pair')} of {seen['dataset']} its members trained on, "
+            "and evaluate names any of them it scores" if seen else
             "not every member records its training pairs: make sure no member trained on a pair you will "
             "evaluate the ensemble on")
     return (f"wrote an ensemble checkpoint of {config.ensemble_size} networks to {output} (configuration: "

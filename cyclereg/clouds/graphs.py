@@ -15,7 +15,7 @@ which changes with the features, and keeps its own search.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,22 +54,15 @@ class PairGraphs:
             if pts.ndim != 2 or pts.shape[1] != 3:
                 raise ValueError(f"{name}: expected (N, 3), got {tuple(pts.shape)}")
         edges, reverse = symmetric_edge_index(fixed, lbp.graph_k)
-        return PairGraphs(
-            fixed_edges=knn_edge_index(fixed, net.k_fixed, include_self=True),
-            moving_edges=knn_edge_index(moving, moving_graph_k(net, fixed.shape[0], moving.shape[0]), include_self=True),
-            lbp_edges=edges, lbp_reverse=reverse,
-            candidates=knn_indices(fixed, moving, candidate_count(lbp.num_candidates, moving.shape[0])))
+        return PairGraphs(fixed_edges=knn_edge_index(fixed, net.k_fixed, include_self=True),
+                          lbp_edges=edges, lbp_reverse=reverse, **_moving_graphs(fixed, moving, net, lbp))
 
     def moving_changed(self, fixed: torch.Tensor, moving: torch.Tensor, net: GraphNetConfig, lbp: LBPConfig
                        ) -> "PairGraphs":
         """These graphs after the moving cloud alone went through a transform that is not a common
         similarity (e.g. a relative affine of the augmentation): the fixed cloud's graphs are kept,
         the moving cloud's graph and the candidates are searched again on ``fixed`` / ``moving``."""
-        return PairGraphs(
-            fixed_edges=self.fixed_edges,
-            moving_edges=knn_edge_index(moving, moving_graph_k(net, fixed.shape[0], moving.shape[0]), include_self=True),
-            lbp_edges=self.lbp_edges, lbp_reverse=self.lbp_reverse,
-            candidates=knn_indices(fixed, moving, candidate_count(lbp.num_candidates, moving.shape[0])))
+        return replace(self, **_moving_graphs(fixed, moving, net, lbp))
 
     @property
     def feature_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +73,14 @@ class PairGraphs:
     def lbp_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lbp_edges, lbp_reverse)`` as :func:`cyclereg.clouds.lbp.joint_lbp_beliefs` takes them."""
         return self.lbp_edges, self.lbp_reverse
+
+
+def _moving_graphs(fixed: torch.Tensor, moving: torch.Tensor, net: GraphNetConfig, lbp: LBPConfig) -> dict:
+    """The :class:`PairGraphs` fields that depend on where the moving cloud lies: its graph CNN graph
+    (``moving_edges``) and the first pass's ``candidates``."""
+    return {"moving_edges": knn_edge_index(moving, moving_graph_k(net, fixed.shape[0], moving.shape[0]),
+                                           include_self=True),
+            "candidates": knn_indices(fixed, moving, candidate_count(lbp.num_candidates, moving.shape[0]))}
 
 
 def is_similarity(A: torch.Tensor) -> bool:
