@@ -44,6 +44,22 @@ def _umask() -> int:
     return mask
 
 
+def fsync_directory(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable (``fsync`` of the directory itself): without it a power
+    loss right after ``os.replace`` can bring back the earlier file, or none. Quietly skipped where
+    the platform cannot open or sync a directory (Windows, some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, writer) -> None:
     """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place.
 
@@ -60,6 +76,8 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        tmp = None
+        fsync_directory(path.parent)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -127,6 +145,7 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             keep_stage = True
             raise
         moved = True
+        fsync_directory(out)
         new = {f.name for f in files}
         for old in stage.stale:
             if old.name not in new:  # never one of the outputs just moved in

@@ -162,6 +162,33 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_renames_are_made_durable_by_syncing_the_directory(tmp_path, monkeypatch):
+    """After the rename into place, the folder holding the file is synced (for an atomic write and for
+    a command's set of staged outputs), so that a power loss cannot bring back the earlier file."""
+    import os
+    import stat
+
+    from cyclereg.checkpoint import atomic_write_text, staged_outputs
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            synced.append((info.st_dev, info.st_ino))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    folder = tmp_path / "a"
+    atomic_write_text(folder / "x.txt", "x")
+    ident = lambda p: (p.stat().st_dev, p.stat().st_ino)  # noqa: E731
+    assert synced == [ident(folder)]
+    synced.clear()
+    with staged_outputs(tmp_path / "b") as stage:
+        atomic_write_text(stage / "y.txt", "y")
+    assert ident(tmp_path / "b") in synced and (tmp_path / "b" / "y.txt").read_text() == "y"
+
+
 def test_staged_outputs_reach_the_folder_together_or_not_at_all(tmp_path, monkeypatch):
     """A command's files appear together; a failure while writing them leaves the folder as it was
     (folders it made are removed again), and a failure while moving them in restores the earlier
