@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -64,7 +65,11 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
         cycle_cfg = CloudCycleConfig.from_dict(meta["config"])
         seed = initial_network_seed(cycle_cfg.seed, 0)
         stage0 = initial_network(cycle_cfg, 0).state_dict()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder beside OUT: one rename, same file system
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)  # a plain mkdir's permissions, not mkdtemp's private 0o700
     try:
         written, record = [], {}
         for k, src in sources.items():
@@ -79,7 +84,6 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
         write_json(tmp / "model_set.json", {"command": "run_model_set", "run": str(run),
                                             "stage": "final" if stage is None else stage, "folds": record,
                                             "training": {str(run): meta}})  # pairs and folds, for evaluate --run
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
     finally:
         if tmp.exists():

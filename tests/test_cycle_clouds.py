@@ -1170,6 +1170,8 @@ def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):
     """`scripts/run_model_set.py`: final / stage-T / stage-0 model sets of a run, each fold's
     file the run's own checkpoint (stage 0: the network the scheduler labels stage 0 with, with
     the stage-1 settings); a missing stage or an existing output writes nothing."""
+    import os
+
     from cyclereg.errors import InputError
 
     ds = _dataset(tmp_path, n=2, landmarks=False)
@@ -1181,7 +1183,14 @@ def test_run_model_set_exports_a_stage_of_every_fold(tmp_path):
     assert res.exit_code == 0, res.output
     mod = load_script("scripts/run_model_set.py")
 
-    assert mod.main([str(run), "-o", str(tmp_path / "final")]) == 0
+    old_mask = os.umask(0o022)
+    try:  # a folder that does not exist yet is made beside the output; the set gets a plain folder's permissions
+        assert mod.main([str(run), "-o", str(tmp_path / "sets" / "final")]) == 0
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "sets" / "final").stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in (tmp_path / "sets").iterdir()] == ["final"]
+    (tmp_path / "sets" / "final").rename(tmp_path / "final")
     assert mod.main([str(run), "-o", str(tmp_path / "s1"), "--stage", "1"]) == 0
     assert mod.main([str(run), "-o", str(tmp_path / "s0"), "--stage", "0"]) == 0
     cfg = CloudCycleConfig.from_dict(json.loads((run / "run.json").read_text())["config"])
