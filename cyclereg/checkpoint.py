@@ -96,11 +96,14 @@ def atomic_leftover(path: Path) -> bool:
 class OutputStage:
     """The staging folder of :func:`staged_outputs`: write each output to ``stage / name``; list in
     :attr:`stale` the files of the output folder to remove once the new set is in (an earlier
-    command's outputs this one does not write, :func:`stale_outputs`)."""
+    command's outputs this one does not write, :func:`stale_outputs`), and in :attr:`inputs` the
+    command's input files: an output that would replace one of them stops the command before anything
+    is moved in."""
 
     def __init__(self, path: Path):
         self.path = path
         self.stale: list[Path] = []
+        self.inputs: list[Path] = []
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -139,6 +142,7 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
                 raise OSError(exc.errno, exc.strerror, str(out / name.relative_to(stage.path))) from None
             raise
         files = sorted(stage.path.iterdir())
+        _refuse_replacing_inputs(files, out, stage.inputs)
         try:
             _move_in(files, out, stage.path)
         except OutputsNotRestored:
@@ -159,6 +163,18 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def _refuse_replacing_inputs(files: list[Path], out: Path, inputs: list[Path]) -> None:
+    """:class:`InputError` naming the input when a staged output would replace one of ``inputs`` in
+    ``out`` (same name, or the same file through a link)."""
+    for staged in files:
+        target = out / staged.name
+        for given in inputs:
+            given = Path(given)
+            if target.exists() and given.exists() and os.path.samefile(target, given):
+                raise InputError(f"an input of this command, which its output {staged.name} would replace in "
+                                 f"{out}; write to another folder (nothing was written)", given)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

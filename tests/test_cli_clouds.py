@@ -113,6 +113,25 @@ def test_register_clouds(pair_files):
     assert json.loads((d / "far" / "config.json").read_text())["query_points_outside_fixed_extent"] == 2
 
 
+def test_register_never_replaces_its_own_input(pair_files):
+    """An input inside the output folder under the name of an output (or linked there) stops the command
+    with one line naming the input; the input and the folder are left as they were."""
+    import shutil
+
+    d, _ = pair_files
+    out = d / "inplace"
+    out.mkdir()
+    shutil.copy(d / "f.csv", out / "displacements.csv")
+    (out / "query_displacements.csv").symlink_to(d / "q.csv")
+    for args in ([str(out / "displacements.csv"), str(d / "m.csv")],
+                 [str(d / "f.csv"), str(d / "m.csv"), "--query", str(d / "q.csv")]):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        res = runner.invoke(app, ["register", *args, "-o", str(out), "--device", "cpu"])
+        assert res.exit_code == 2 and "would replace" in res.output, res.output
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert (out / "displacements.csv").read_bytes() == (d / "f.csv").read_bytes()
+
+
 @pytest.mark.parametrize("flag,key", [("--recentre-passes", "recentre_passes"), ("--tta-passes", "tta_passes")])
 def test_register_pass_count_override(pair_files, flag, key):
     """A pass-count flag reaches the written config; a negative count is refused before writing."""

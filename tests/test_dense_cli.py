@@ -259,6 +259,20 @@ def test_resample_onto_a_grid_shifted_by_whole_voxels_is_the_shifted_array():
     np.testing.assert_array_equal(out_l.data.numpy(), expected_l)
 
 
+def test_cli_register_never_replaces_its_own_input(tiny, tmp_path):
+    """A fixed scan kept in the output folder as warped.nii.gz stops register before anything moves in."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tiny / "imagesTr" / "Tiny_0001_0000.nii.gz", out / "warped.nii.gz")
+    before = (out / "warped.nii.gz").read_bytes()
+    res = runner.invoke(app, ["register", str(out / "warped.nii.gz"), str(tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"),
+                              "-o", str(out), *FAST, "--device", "cpu"])
+    assert res.exit_code == 2 and "warped.nii.gz" in res.output and "would replace" in res.output, res.output
+    assert [p.name for p in out.iterdir()] == ["warped.nii.gz"] and (out / "warped.nii.gz").read_bytes() == before
+
+
 def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tiny, tmp_path):
     """The moving scan stored with its axes permuted and flipped (another array on another grid,
     the same world image) registers with --resample-moving exactly as the original does."""

@@ -318,7 +318,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
-                                      disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian)
+                                      disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
+                                      query=query)
 
 
 def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
@@ -367,7 +368,7 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
                                       disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
-                                      extra_outputs=extra)
+                                      extra_outputs=extra, query=query)
 
 
 def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, out_dir: Path, *,
@@ -375,10 +376,12 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                                query_mm: torch.Tensor | None, device: str, recentre_passes: int | None,
                                tta_passes: int | None, ensemble_fusion: str | None, ref: Volume | None,
                                mov_img: Volume | None, mov_lab: Volume | None, disp_mm: bool, spread: bool,
-                               spread_map: bool, jacobian: bool, extra_outputs: dict[str, str] | None = None) -> str:
+                               spread_map: bool, jacobian: bool, extra_outputs: dict[str, str] | None = None,
+                               query: Path | None = None) -> str:
     """The part of ``register`` after the inputs are read: validate, register ``(N, 3)`` fixed to
     ``(M, 3)`` moving points (world mm), and write the outputs (see :func:`register_cloud_files`)
-    plus ``extra_outputs`` (file name -> text), ``config.json`` = ``inputs`` + the resolved run."""
+    plus ``extra_outputs`` (file name -> text), ``config.json`` = ``inputs`` + the resolved run; ``query``:
+    the query file ``query_mm`` was read from (an input no output may replace)."""
     for vol in (mov_img, mov_lab):
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
@@ -449,8 +452,9 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             "query_points_outside_fixed_extent": None if query_mm is None else outside,
             "fixed_points_outside_reference": fixed_outside})
         # what an earlier register wrote into this folder and this one does not (never the inputs)
-        stage.stale = stale_outputs(out_dir, written,
-                             keep=(*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None)))
+        stage.inputs = [*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None),
+                        *((query,) if query is not None else ()), *((Path(model),) if model != "random" else ())]
+        stage.stale = stale_outputs(out_dir, written, keep=tuple(stage.inputs))
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
         f", members disagree by {point_spread.mean().item():.2f} mm on average"

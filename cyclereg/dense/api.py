@@ -228,7 +228,8 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
             write_nifti(stage / name, data, fv.affine)
         write_json(stage / "config.json", record)
         # what an earlier register wrote into this folder and this one does not (never the inputs)
-        stage.stale = stale_outputs(out_dir, written, keep=tuple(Path(v) for v in (fixed, moving, moving_labels) if v))
+        stage.inputs = [Path(v) for v in (fixed, moving, moving_labels, None if model == "random" else model) if v]
+        stage.stale = stale_outputs(out_dir, written, keep=tuple(stage.inputs))
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
 
