@@ -44,7 +44,13 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
         bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
         where = f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
         raise InputError(f"non-finite coordinate (NaN or inf) on {where}", path)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    with np.errstate(over="ignore"):
+        single = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(single).all():  # finite in the file, but beyond what float32 holds (~3.4e38)
+        bad = int(np.argwhere(~np.isfinite(single))[0, 0])
+        where = f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
+        raise InputError(f"coordinate out of range (beyond float32's {np.finfo(np.float32).max:.1e}) on {where}", path)
+    return torch.from_numpy(single)
 
 
 def holds_voxel_indices(path: str | Path) -> bool:

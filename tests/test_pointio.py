@@ -95,6 +95,7 @@ def test_learn2reg_voxel_csv_on_a_scan_grid(tmp_path):
     ("x_mm,y_mm,z_mm\n1,2,nan\n", "NaN"),
     ("x_mm,y_mm,z_mm\n1,2,3\n4,5,6\n1,inf,3\n", "NaN or inf\\) on line 4"),  # lines counted as parse errors are
     ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,inf,3\n", "NaN or inf\\) on line 5"),  # the file's lines, blank ones too
+    ("x_mm,y_mm,z_mm\n1,2,3\n1e39,2,3\n", "out of range .* on line 3"),  # finite in float64, inf in float32
     ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,x,3\n", "line 5: not a number"),
     ("x_mm,y_mm\n1,2\n", "3 columns"),
     ("x_mm,y_mm,z_mm\n1,2,3\n1,2\n", "columns"),
