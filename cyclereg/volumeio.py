@@ -87,8 +87,8 @@ LABEL_MAX = 2**31 - 1
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
 
-    Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D, complex-valued,
-    holds NaN/inf, or has an unusable affine (:func:`affine_problem`).
+    Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D, complex-valued or
+    not scalar (RGB), holds NaN/inf, or has an unusable affine (:func:`affine_problem`).
     """
     import nibabel as nib  # noqa: PLC0415
 
@@ -104,6 +104,9 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
         raise InputError(f"expected a 3-D volume, got shape {arr.shape}", p)
     if np.iscomplexobj(arr):
         raise InputError(f"complex-valued voxels ({arr.dtype}): expected a real-valued image or label map", p)
+    if arr.dtype.fields is not None or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        kind = "RGB / RGBA colour" if arr.dtype.fields is not None else str(arr.dtype)
+        raise InputError(f"{kind} voxels: expected a scalar (one value per voxel) image or label map", p)
     problem = affine_problem(img.affine)
     if problem:
         raise InputError(problem, p)

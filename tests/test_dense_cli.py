@@ -193,7 +193,7 @@ def test_missing_or_bad_nifti_exits_2_without_output(tiny, tmp_path):
 
 
 def test_unusable_headers_and_too_small_volumes_exit_2_without_output(tmp_path):
-    """A zero voxel size (singular affine), NaN in the affine, complex voxels, or a volume smaller than
+    """A zero voxel size (singular affine), NaN in the affine, complex or RGB voxels, or a volume smaller than
     the network's downsampling: one line naming the file, exit 2, nothing written."""
     out = tmp_path / "never"
     img = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
@@ -206,8 +206,11 @@ def test_unusable_headers_and_too_small_volumes_exit_2_without_output(tmp_path):
         header.set_sform(sform, code=1)
         nib.save(nib.Nifti1Image(img, None, header=header), str(tmp_path / name))
     _save(tmp_path / "complex.nii.gz", img.astype(np.complex64), np.eye(4))
+    rgb = np.zeros(img.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])  # NIfTI's RGB24
+    rgb["G"] = (255 * img).astype(np.uint8)
+    _save(tmp_path / "rgb.nii.gz", rgb, np.eye(4))
     for name, problem in (("zero_voxel_size.nii.gz", "affine is singular"), ("nan_affine.nii.gz", "affine holds NaN"),
-                          ("complex.nii.gz", "complex-valued voxels")):
+                          ("complex.nii.gz", "complex-valued voxels"), ("rgb.nii.gz", "colour voxels")):
         for cmd in (["register", str(tmp_path / name), str(tmp_path / name), "-o", str(out)],
                     ["keypoints", str(tmp_path / name), "-o", str(out / "k.csv")]):
             res = runner.invoke(app, [*cmd, "--device", "cpu"] if cmd[0] == "register" else cmd)
