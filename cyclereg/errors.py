@@ -103,15 +103,16 @@ def require_separate_output(output: str | Path | None, flag: str, *,
     :class:`InputError` naming ``output`` (``flag``: its option) when it is the same file as one of
     ``files`` (what each is -> its path: the command's inputs and its other outputs; ``None``: not
     given), or would be one of the own files of a run directory in ``run_dirs`` (the runs the
-    command reads: :func:`_in_run_dir`). Paths are compared after making them absolute, and as the
-    same file where both exist (links)."""
+    command reads: :func:`_in_run_dir`). Paths are compared after making them absolute, with links
+    resolved (also of folders, for files not written yet), and as the same file where both exist."""
     if output is None:
         return
     out = Path(os.path.abspath(Path(output).expanduser()))
     for what, other in (files or {}).items():
         if other is None:
             continue
-        same = out == Path(os.path.abspath(Path(other).expanduser()))
+        same = out == Path(os.path.abspath(Path(other).expanduser())) or \
+            os.path.realpath(out) == os.path.realpath(Path(other).expanduser())  # links in the folders, too
         if not same and out.exists() and Path(other).exists():
             same = os.path.samefile(out, other)
         if same:

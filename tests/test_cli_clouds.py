@@ -1057,6 +1057,8 @@ def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_p
     for r in ("a", "b"):
         (tmp_path / r / "run.json").write_text(json.dumps({"pairs": ["c0", "c1"], "folds": [["c0"], ["c1"]],
                                                            "config": {}}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "here").symlink_to(tmp_path / "out")
     snapshot = {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()}
     a = tmp_path / "a"
     cases = [
@@ -1065,6 +1067,8 @@ def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_p
          "--json: this is also the --errors-csv output"),
         (["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json"), "--errors-csv", str(ds)],
          "--errors-csv: this is also the dataset"),
+        (["evaluate", str(ds), "--identity", "--json", str(tmp_path / "out" / "n.json"), "--errors-csv",
+          str(tmp_path / "here" / "n.json")], "--json: this is also the --errors-csv output"),  # through a folder link
         (["evaluate", str(ds), "--model", str(a / "fold1.pt"), "--json", str(a / "fold1.pt")], "this is also the model"),
         (["evaluate", str(ds), "--run", str(a), "--json", str(a / "run.json")], "one of the files of the run directory"),
         (["evaluate", str(ds), "--run", str(a), "--json", str(a / "fold1" / "r.json")], "one of the files of the run"),
