@@ -1078,6 +1078,11 @@ def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_p
         (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "dataset.pt")],
          "which is not an ensemble's configuration"),
         (["ensemble", str(a), str(tmp_path / "b"), "-o", str(a)], "this is a training run given as a source"),
+        (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(a / "fold1.pt")],
+         "this is one of the sources"),
+        (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "here" / ".." / "a"
+                                                                                       / "fold1.pt")],
+         "this is one of the sources"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +83,16 @@ def _fold_files(run_dir: Path) -> dict[int, Path]:
     return {k: fold_checkpoint(run_dir, k) for k in sorted({int(n[4:]) for n in names if n[4:].isdigit()})}
 
 
+def _refuse_source_as_output(sources: list[Path], output: Path) -> None:
+    """:class:`InputError` when the ensemble's ``output`` is one of its ``sources`` (the same path, also
+    through links, or the same file)."""
+    for s in sources:
+        if os.path.realpath(output) == os.path.realpath(s) or (output.exists() and s.exists()
+                                                                and os.path.samefile(output, s)):
+            raise InputError("-o: this is one of the sources; the ensemble records each source's SHA-256, so it "
+                             "goes to a new name (nothing was written)", output)
+
+
 def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: int | None = None,
                          tta_passes: int | None = None, fusion: str = "joint") -> str:
     """Average independently trained cloud models: write one ensemble checkpoint per fold.
@@ -94,7 +105,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     ensemble registers with those settings and combines its members as ``fusion`` says
     (:attr:`CloudRegConfig.ensemble_fusion`: ``"joint"`` one LBP per pass over the members'
     mean data cost, ``"average"`` the mean of their displacements). Everything is read and
-    checked before anything is written, so a source may be overwritten in place.
+    checked before anything is written. ``output`` may not be one of the sources (their SHA-256 in the
+    ensemble's provenance would name files that no longer hold them).
     """
     sources, output = [Path(s) for s in sources], Path(output)
     if len(sources) < 2:
@@ -109,6 +121,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             if (s / "run.json").is_file() and output.resolve() == s.resolve():
                 raise InputError("-o: this is a training run given as a source; the ensemble's foldK.pt and "
                                  "ensemble.json go into a folder of their own", output)
+        _refuse_source_as_output(sources, output)
         per_source = [_fold_files(s) for s in sources]
         folds = sorted(set().union(*per_source))
         if not folds:
@@ -129,6 +142,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         groups = {k: [found[k] for found in per_source] for k in folds}
     else:
         require_output_file(output)
+        _refuse_source_as_output(sources, output)
         record = output.with_name(output.stem + ".json")  # the ensemble's configuration
         if record.resolve() == output.resolve():
             raise InputError("-o: the configuration is written beside the checkpoint as STEM.json, so the "
