@@ -170,6 +170,8 @@ def _read_ply(path: Path) -> np.ndarray:
             if w[:1] == ["format"]:
                 fmt = w[1]
             elif w[:1] == ["element"]:
+                if int(w[2]) < 0:
+                    raise ValueError(w[2])
                 elements.append([w[1], int(w[2]), []])
             elif w[:1] == ["property"] and w[1] == "list":
                 elements[-1][2].append((w[4], (_PLY_TYPES[w[2]], _PLY_TYPES[w[3]])))
@@ -235,6 +237,8 @@ def _read_pcd(path: Path) -> np.ndarray:
         raise InputError("not a PCD file, or an unreadable PCD header", path) from None
     if not (len(fields) == len(sizes) == len(types) == len(counts)):
         raise InputError("PCD header: FIELDS, SIZE, TYPE and COUNT differ in length", path)
+    if n < 0 or min(counts, default=1) < 1:
+        raise InputError(f"PCD header: negative point count or a COUNT below 1 (POINTS {n}, COUNT {counts})", path)
     if kind == "binary_compressed":
         o3d = require_open3d()
         pts = np.asarray(o3d.io.read_point_cloud(str(path)).points, dtype=np.float64)

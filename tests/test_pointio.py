@@ -373,3 +373,12 @@ def test_ply_layouts(tmp_path):
     (tmp_path / "no.ply").write_text("hello\n")
     with pytest.raises(InputError, match="not a PLY file"):
         read_points(tmp_path / "no.ply")
+    # a negative count in the header (with a stray byte after it): the header's problem, not a numpy error
+    neg = "element vertex -1\nproperty float x\nproperty float y\nproperty float z\n"
+    (tmp_path / "neg.ply").write_bytes(head.format("binary_little_endian 1.0", neg).encode() + b"\0")
+    with pytest.raises(InputError, match="unreadable PLY header line 'element vertex -1'"):
+        read_points(tmp_path / "neg.ply")
+    pcd = "VERSION .7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 1\nHEIGHT 1\nPOINTS -1\nDATA binary\n"
+    (tmp_path / "neg.pcd").write_bytes(pcd.encode() + b"\0")
+    with pytest.raises(InputError, match="negative point count"):
+        read_points(tmp_path / "neg.pcd")
