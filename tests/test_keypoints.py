@@ -249,6 +249,14 @@ def test_cli_errors(tmp_path):
         res = _run(*args)
         _assert_one_line_error(res, name.split(":")[0], tmp_path, before)
         assert name in " ".join(res.stderr.split()), res.stderr
+    # a folder where the configuration goes: refused before the points replace an earlier output
+    out.write_text("earlier\n")
+    (tmp_path / "kp.csv.config.json").mkdir()
+    res = _run(ct_path, "-o", out)
+    assert res.exit_code == 2 and "kp.csv.config.json: is a folder" in " ".join(res.stderr.split()), res.stderr
+    assert out.read_text() == "earlier\n"
+    out.unlink()
+    (tmp_path / "kp.csv.config.json").rmdir()
     res = _run(ct_path, "-o", out, "--sigma", "-1")
     assert res.exit_code == 2 and set(tmp_path.iterdir()) == before
     assert "--sigma must be a positive number, got -1" in res.output  # the option, not the config field

@@ -232,6 +232,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
     Raises :class:`InputError` (nothing written) for bad input.
     """
     require_output_file(output)
+    require_output_file(config_path_for(output))  # written after the points: a folder there would stop it midway
     require_separate_output(output, "-o", files={"the CT": ct, "--mask": mask})
     fmt = output_format(output, fmt)
     if save_mask is not None:
