@@ -144,6 +144,14 @@ def test_cli_evaluate_identity_and_random(tiny, tmp_path):
     r0 = json.loads(rep0.read_text())
     assert r0["mean_dice"] == pytest.approx(r0["initial_dice"])
     assert r0["mean_sdlogj"] == 0.0 and len(r0["pairs"]) == 1
+    # a folder where a figure goes is refused before any work: the earlier report stays as it was
+    (tmp_path / "id_dice_cdf.png").unlink()
+    (tmp_path / "id_dice_cdf.png").mkdir()
+    before = rep0.read_bytes()
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(rep0)])
+    assert res.exit_code == 2 and "id_dice_cdf.png: is a folder" in " ".join(res.output.split()), res.output
+    assert rep0.read_bytes() == before and not (tmp_path / "id.partial.json").exists()
+    (tmp_path / "id_dice_cdf.png").rmdir()
 
     rep = tmp_path / "rnd.json"
     res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--seed", "0", "--both-directions",

@@ -380,6 +380,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     dev = resolve_device(device)
     ds = load_volume_dataset(dataset, both_directions=both_directions)
     require_output_file(report)
+    for extra in (unfinished_report_path(report), *(Path(report).with_name(Path(report).stem + s)
+                                                     for s in FIGURE_SUFFIXES if figures)):
+        require_output_file(extra)  # written beside the report: a folder there would stop the command midway
     pairs = list(ds.pairs)
     if require_count("--max-pairs", max_pairs, 1) is not None:
         pairs = pairs[:max_pairs]
@@ -490,9 +493,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     write_json(report, result)
     unfinished.unlink(missing_ok=True)
     if figures and records:
-        _plot_dice_cdf(report.with_name(report.stem + "_dice_cdf.png"), records, info)
+        _plot_dice_cdf(report.with_name(report.stem + FIGURE_SUFFIXES[0]), records, info)
         if overlay is not None:
-            _plot_overlay(report.with_name(report.stem + "_overlay.png"), *overlay)
+            _plot_overlay(report.with_name(report.stem + FIGURE_SUFFIXES[1]), *overlay)
 
     print_table(console, _dice_table(f"{ds.name}: {count(len(records), 'pair')} ({info.get('model')})", result))
     if result["mean_scoring_seconds"] is not None:
@@ -502,6 +505,10 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         console.print(f"note: the registrations erased {result['erased_labels']} scored label(s) (see each pair's "
                       "erased_labels): they count as Dice 0 and are left out of HD95")
     return result
+
+
+FIGURE_SUFFIXES = ("_dice_cdf.png", "_overlay.png")
+"""The figures written beside a volume report ``r.json`` with ``figures``: ``r_dice_cdf.png``, ``r_overlay.png``."""
 
 
 def unfinished_report_path(report: Path) -> Path:
