@@ -18,8 +18,8 @@ def read_json(path: str | Path) -> dict:
     p = require_file(path)
     try:
         obj = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not valid JSON ({type(exc).__name__}: {str(exc).splitlines()[0]})", p) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: syntax, huge integers
+        raise InputError(f"not valid JSON ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})", p) from None
     if not isinstance(obj, dict):
         raise InputError("expected a JSON object at top level", p)
     return obj

@@ -137,6 +137,8 @@ def test_cli_compare_writes_the_comparison(tmp_path):
     ("metric", "--metric tre is a figure of keypoint reports"),
     ("unknown_metric", "--metric must be one of"),
     ("not_json", "not valid JSON"),
+    ("deep", "not valid JSON (RecursionError"),
+    ("huge_int", "not valid JSON (ValueError"),
     ("not_object", "expected a JSON object"),
     ("not_report", "not a cyclereg evaluate report"),
     ("dataset", "a keypoint dataset, not an evaluate report"),
@@ -150,6 +152,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
     v = volume_report(tmp_path / "v.json", {"p1": 0.3})
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "deep.json").write_text("[" * 100000)
+    (tmp_path / "huge.json").write_text('{"cases": [{"id": "c1", "tre_mm": ' + "9" * 5000 + "}]}")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "plain.json").write_text('{"mean_tre_mm": 2.0}')
     (tmp_path / "empty.json").write_text('{"cases": []}')
@@ -158,7 +162,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     other = keypoint_report(tmp_path / "o.json", {"c9": 1.0})
     out = tmp_path / "cmp.json"
     args = {"one": [k], "kind": [k, v], "metric": [v, v, "--metric", "tre"], "unknown_metric": [k, k, "--metric", "x"],
-            "not_json": [k, tmp_path / "bad.json"], "not_object": [tmp_path / "list.json", k],
+            "not_json": [k, tmp_path / "bad.json"], "deep": [k, tmp_path / "deep.json"], "huge_int": [k, tmp_path / "huge.json"], "not_object": [tmp_path / "list.json", k],
             "not_report": [tmp_path / "plain.json", k], "dataset": [k, tmp_path / "dataset.json"], "no_pairs": [k, tmp_path / "empty.json"],
             "twice": [k, tmp_path / "twice.json"],
             "disjoint": [k, other], "missing": [k, tmp_path / "nope.json"], "overwrite": [k, k]}[case]

@@ -500,6 +500,14 @@ def test_evaluate_resume_keeps_finished_pairs(tiny, tmp_path):
     rep.write_text(json.dumps(old))
     res = runner.invoke(app, [*args, "--resume"])
     assert res.exit_code == 2 and "earlier label rule" in " ".join(res.output.split())
+    # a report that is no JSON object, or whose pair records lack a field, is one line, not a traceback
+    damaged = {**r, "complete": False, "pairs": [{k: v for k, v in r["pairs"][0].items() if k != "dice"}]}
+    for text, message in (("[]", "not a report"), (json.dumps(damaged), "are not pair records"),
+                          ("[" * 100000, "unreadable")):
+        rep.write_text(text)
+        res = runner.invoke(app, [*args, "--resume"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+        assert "Traceback" not in res.output and rep.read_text() == text
 
 
 def test_volume_cache_evicts_the_least_recently_used(tiny, monkeypatch):

@@ -282,6 +282,12 @@ def pairs_of_training_images(pairs: list, record: dict | None) -> list[str]:
     return [p.id for p in pairs if trained(p.fixed) and trained(p.moving)]
 
 
+PAIR_RECORD_KEYS = frozenset({"id", "dice", "initial_dice", "hd95_mm", "initial_hd95_mm", "sdlogj", "std_logj",
+                              "folding_fraction", "seconds"})
+"""The fields of a pair record that :func:`summarize_pairs` and the report's table read (a resumed
+report's records must hold them)."""
+
+
 def summarize_pairs(records: list[dict]) -> dict:
     """Top-level report figures: means over the pair records of :func:`pair_scores`."""
     return {
@@ -530,13 +536,19 @@ def _resumed_records(report: Path, pairs: list, run: dict) -> list[dict]:
     method, both_directions and config, compared in their JSON form)."""
     try:
         old = json.loads(report.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSON syntax, huge integers
         raise InputError("cannot resume: the existing report is unreadable", report) from None
+    if not isinstance(old, dict):
+        raise InputError("cannot resume: the existing report is not a report (no JSON object)", report)
     if any(old.get(key) != to_jsonable(value) for key, value in run.items()):
         raise InputError("cannot resume: the existing report is for another dataset, model or configuration (or was "
                          "scored by an earlier label rule)", report)
+    kept = old.get("pairs", [])
+    if not isinstance(kept, list) or not all(isinstance(r, dict) and PAIR_RECORD_KEYS <= r.keys() for r in kept):
+        raise InputError(f"cannot resume: the existing report's pairs are not pair records (each needs "
+                         f"{', '.join(sorted(PAIR_RECORD_KEYS))}); remove it or write elsewhere", report)
     wanted = {p.id for p in pairs}
-    return [r for r in old.get("pairs", []) if r["id"] in wanted]
+    return [r for r in kept if r["id"] in wanted]
 
 
 def _dice_table(title: str, result: dict):

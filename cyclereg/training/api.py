@@ -279,7 +279,7 @@ def _read_meta(run: Path, kind: str | None = None) -> dict:
     then not parsed further here (the caller refuses it as another dataset's)."""
     try:
         meta = json.loads((run / "run.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # ValueError: JSON syntax, huge integers
         raise InputError("not a cyclereg run directory (run.json missing or unreadable)", run) from None
     config_class = {"keypoints": CloudCycleConfig, "volumes": DenseCycleConfig}.get(
         meta.get("kind") if isinstance(meta, dict) else None)
