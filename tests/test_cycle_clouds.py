@@ -1395,7 +1395,8 @@ def test_relative_augmentation_trains_and_is_refused_out_of_range(tmp_path):
         CloudCycleConfig(aug_relative_std=float("nan"))
     with pytest.raises(ValueError, match="aug_relative_std"):
         CloudCycleConfig(aug_relative_std=-0.01)
-    assert CloudCycleConfig.from_dict({}).aug_relative_std == 0.0
+    # the default is the adopted 0.05; a run.json or checkpoint written before the key existed keeps 0 (off)
+    assert CloudCycleConfig().aug_relative_std == 0.05 and CloudCycleConfig.from_dict({}).aug_relative_std == 0.0
     # the stage trains on whole clouds (kept graphs) and on subsets (searched), and the draws differ from a run without
     pairs = []
     for i in range(2):
@@ -1415,9 +1416,13 @@ def test_relative_augmentation_trains_and_is_refused_out_of_range(tmp_path):
     # the CLI: written into the run, refused out of range, only for keypoint datasets
     ds = _dataset(tmp_path, n=2)
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), "--fold", "1",
-                              "--aug-relative", "0.05", *CHEAP_LABELS, *FAST])
+                              *CHEAP_LABELS, *FAST])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["aug_relative_std"] == 0.05
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "off"), "--fold", "1",
+                              "--aug-relative", "0", *CHEAP_LABELS, *FAST])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["config"]["aug_relative_std"] == 0.0
     for bad in ("-0.1", "nan", "1"):
         res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "bad"), "--aug-relative", bad, *FAST])
         assert res.exit_code == 2 and "--aug-relative" in res.output and not (tmp_path / "bad").exists(), res.output

@@ -54,10 +54,12 @@ class CloudCycleConfig:
         aug_relative_std: a further random affine map of the moving cloud alone, ``y -> R y + c``
             with ``R = I + s N``, ``c = s n`` (``N``, ``n`` standard normal, ``c`` in the unit frame),
             so that the learning stream also sees motions the training pairs do not hold; the
-            target follows (:func:`cyclereg.clouds.augment.displacements_back_relative`). 0 = off,
-            the default (both clouds through one similarity transform, as the authors' keypoint
-            code). The authors' dense code moves the moving image by ``s = 0.05`` relative to the
-            fixed one (the dense path's ``aug_relative_std``); not yet shown to help on COPD.
+            target follows (:func:`cyclereg.clouds.augment.displacements_back_relative`). Default
+            0.05, the authors' dense setting (the dense path's ``aug_relative_std``; their keypoint
+            code has none), adopted for keypoints by a landmark-free rule fixed before its second
+            seed ran (docs/benchmarks.md, "A second seed for relative motion"). 0 = off: both
+            clouds through one similarity transform, as every run before 2026-12-06; a run.json or
+            checkpoint without the key keeps 0.
         refine: non-differentiable refinement of the pseudo labels (stream asymmetry).
         refine_lbp_iterations: LBP sweeps in the pseudo-label stream.
         refine_consistency: forward-backward consistency (average with the negated
@@ -116,7 +118,7 @@ class CloudCycleConfig:
     aug_rotation_deg: float = 10.0
     aug_scale: float = 0.1
     aug_translation: float = 0.1
-    aug_relative_std: float = 0.0
+    aug_relative_std: float = 0.05
     refine: bool = True
     refine_lbp_iterations: int = 10
     refine_consistency: bool = False
@@ -145,6 +147,7 @@ class CloudCycleConfig:
         d.setdefault("refine_recentre_passes", 0)
         d.setdefault("refine_tta_passes", 0)  # and before test-time augmentation, theirs
         d.setdefault("learn_recentre_passes", 0)
+        d.setdefault("aug_relative_std", 0.0)  # and before relative motion, none
         if "lr_milestones" in d:
             d["lr_milestones"] = tuple(d["lr_milestones"])
         return CloudCycleConfig(reg=reg, **d)
