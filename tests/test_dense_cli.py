@@ -393,6 +393,21 @@ def test_learn2reg_loader_labels_and_directions(tiny):
         assert len(load_volume_dataset(brain, both_directions=True).pairs) == 2
 
 
+def test_learn2reg_fields_of_a_wrong_type_are_one_line_before_any_work(tiny, tmp_path):
+    """'training' that is no list or a 'modality' that names nothing: one line naming the dataset, exit 2,
+    no report and no unfinished report."""
+    good = json.loads((tiny / "Tiny_dataset.json").read_text())
+    for field, value, message in (("training", 5, "'training' should be a list"), ("modality", 5, "'modality' should")):
+        ds = tiny / f"bad_{field}.json"  # beside the images, whose paths are relative
+        ds.write_text(json.dumps({**good, field: value}))
+        try:
+            res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
+        finally:
+            ds.unlink()
+        assert res.exit_code == 2 and message in res.output and f"bad_{field}.json" in res.output, res.output
+        assert "Traceback" not in res.output and list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_without_labels_is_an_input_error(tiny, tmp_path):
     obj = json.loads((tiny / "Tiny_dataset.json").read_text())
     obj["training"] = [{"image": t["image"]} for t in obj["training"]]

@@ -204,6 +204,8 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
 
     label_of: dict[Path, Path] = {}
     for key in ("training", "test"):
+        if not isinstance(obj.get(key, []) or [], list):
+            raise InputError(f"'{key}' should be a list of image entries, got {type(obj[key]).__name__}", p)
         for entry in obj.get(key, []) or []:
             if isinstance(entry, dict) and entry.get("image") and entry.get("label"):
                 label_of[res(entry["image"])] = res(entry["label"])
@@ -231,6 +233,8 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     modality = obj.get("modality")
     if isinstance(modality, dict):
         modality = next(iter(modality.values()), None)
+    if modality is not None and not isinstance(modality, str):
+        raise InputError(f"'modality' should name the imaging modality (e.g. {{\"0\": \"CT\"}}), got {modality!r}", p)
     label_names: dict[int, str] = {}
     labels = obj.get("labels")
     if isinstance(labels, dict):
