@@ -112,7 +112,7 @@ def test_keypoints_needs_one_volume_or_pairs(clouds):
     assert not (clouds / "k.csv").exists() and not (clouds / "k").exists()
 
 
-@pytest.mark.parametrize("seconds,text", [(None, "-"), (0.4, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"),
+@pytest.mark.parametrize("seconds,text", [(None, "-"), (float("nan"), "-"), (0.4, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"),
                                           (100 * 3600 + 1, "100:00:01")])
 def test_status_times_read_as_hours_minutes_seconds(seconds, text):
     from cyclereg.training.status import hms

@@ -1442,13 +1442,20 @@ def test_a_run_json_of_a_foreign_shape_is_one_line_not_a_traceback(tmp_path):
     no_config = {k: v for k, v in good.items() if k != "config"}
     bogus = {**good, "config": {**good["config"], "bogus": 1}}
     zero = {**good, "config": {**good["config"], "stages": 0}}
-    for broken in ([], no_config, bogus, zero, {**good, "kind": "images"}):
+    rule = {**good, "stop_below_mm": "0.2"}  # a stopping rule must be a number of mm
+    for broken in ([], no_config, bogus, zero, {**good, "kind": "images"}, rule):
         (run / "run.json").write_text(json.dumps(broken))
         for args in (["cycle", str(ds), "--run", str(run), "--device", "cpu"], ["status", str(run)],
                      ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *CHEAP_LABELS, *FAST]):
             res = runner.invoke(app, args)
             assert res.exit_code == 2 and "run.json" in res.output and "Traceback" not in res.output, (broken, args,
                                                                                                      res.output)
+    # a log line written by hand with a NaN time: status shows no time there instead of a traceback
+    (run / "run.json").write_text(json.dumps(good))
+    with (run / "fold1" / "log.jsonl").open("a") as fh:
+        fh.write(json.dumps({"stage": 1, "seconds": float("nan")}) + "\n")
+    res = runner.invoke(app, ["status", str(run)])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
 
 
 def test_pretrain_random_resumes_after_a_kill_in_its_first_run_json_write(tmp_path):

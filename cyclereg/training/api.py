@@ -289,6 +289,9 @@ def _read_meta(run: Path, kind: str | None = None) -> dict:
         stages = meta["config"]["stages"]
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError("stages")
+        rule = meta.get(STOP_KEY)
+        if rule is not None and (isinstance(rule, bool) or not isinstance(rule, (int, float)) or not rule > 0):
+            raise ValueError(STOP_KEY)
         if kind is None or meta.get("kind") == kind:  # another kind's run: the caller names it another dataset's
             config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

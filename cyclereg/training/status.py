@@ -8,6 +8,8 @@ how far the stage's refresh moved the labels, and any validation score the run l
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 HISTORY_COLUMNS = (("train_loss_mm", "train loss [mm]"), ("pseudo_label_disagreement_mm", "label disagreement [mm]"),
@@ -74,7 +76,7 @@ def history_table(info: dict):
 
 def hms(seconds: float | None) -> str:
     """``H:MM:SS`` of ``seconds`` (rounded), ``-`` for None."""
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # a log line written by hand may hold NaN
         return "-"
     minutes, sec = divmod(int(round(seconds)), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
