@@ -8,6 +8,7 @@ Only :func:`dataset_kind` and the keypoint loader live here; the volume loader i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     require_pair_ids(ids, p, "dataset")
     folds: list[tuple[str, ...]] = []
     held: dict[str, int] = {}
+    if not isinstance(obj.get("folds", []) or [], list):
+        raise InputError(f"'folds' should be a list of folds (each a list of held-out pair ids), got {obj['folds']!r}",
+                         p)
     for k, f in enumerate(obj.get("folds", []) or [], start=1):
         test = f.get("test") if isinstance(f, dict) else f
         if not isinstance(test, list) or not test:
@@ -153,7 +157,7 @@ def _positive_triple(value, key: str, path: Path) -> list[float] | None:
     if value is None:
         return None
     ok = isinstance(value, list) and len(value) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in value)
     if not ok:
-        raise InputError(f"{key}: expected three positive numbers (z, y, x), got {value!r}", path)
+        raise InputError(f"{key}: expected three positive finite numbers (z, y, x), got {value!r}", path)
     return value

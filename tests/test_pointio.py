@@ -300,8 +300,10 @@ def test_require_count_names_flag_and_bound():
     ({"folds": [["a"], ["zz"]]}, "fold 2 holds out 'zz', which is not a pair id"),
     ({"folds": [["a"], ["a", "b"]]}, "pair 'a' is held out by folds 1 and 2"),
     ({"folds": [[]]}, "fold 1: expected a non-empty list"),
-    ({"volume_shape_zyx": [192, 192], "spacing_zyx_mm": [1, 1, 1]}, "volume_shape_zyx: expected three positive numbers"),
-    ({"volume_shape_zyx": [192, 192, 208], "spacing_zyx_mm": [1, 0, 1]}, "spacing_zyx_mm: expected three positive numbers"),
+    ({"folds": 5}, "'folds' should be a list of folds"),
+    ({"volume_shape_zyx": [192, 192], "spacing_zyx_mm": [1, 1, 1]}, "volume_shape_zyx: expected three positive finite"),
+    ({"volume_shape_zyx": [192, 192, 208], "spacing_zyx_mm": [1, 0, 1]}, "spacing_zyx_mm: expected three positive finite"),
+    ({"volume_shape_zyx": [192, 192, 208], "spacing_zyx_mm": [float("inf"), 1, 1]}, "spacing_zyx_mm: expected three"),
     ({"volume_shape_zyx": [192, 192, 208]}, "go together"),
 ])
 def test_keypoint_dataset_json_is_validated(tmp_path, change, message):
