@@ -1084,6 +1084,21 @@ def test_evaluate_registers_a_trained_model_in_its_training_frame(tmp_path):
     assert got == pytest.approx(in_training_frame, abs=1e-4)
 
 
+def test_model_folders_with_malformed_training_records_are_one_line(tmp_path):
+    """evaluate --run on a folder whose run.json or ensemble.json holds training records of a wrong shape:
+    one line naming that file, exit 2, no report (a traceback before)."""
+    ds = _mini_dataset(tmp_path, 2)
+    _random_run(tmp_path / "a", {1: 1, 2: 2})
+    for name, content, message in (("run.json", {"folds": 5, "config": {}}, "'folds' of a training record"),
+                                   ("ensemble.json", {"training": [1, 2]}, "'training' should map")):
+        for old in ("run.json", "ensemble.json"):
+            (tmp_path / "a" / old).unlink(missing_ok=True)
+        (tmp_path / "a" / name).write_text(json.dumps(content))
+        res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "a"), "--json", str(tmp_path / "r.json")])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()) and name in res.output, res.output
+        assert "Traceback" not in res.output and not (tmp_path / "r.json").exists()
+
+
 def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_path):
     """evaluate's --json / --errors-csv, status --json and ensemble -o may not overwrite the dataset,
     each other, a checkpoint or a run's own files (run.json, checkpoints, fold folders): a one-line

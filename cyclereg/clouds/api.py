@@ -829,12 +829,25 @@ def _run_records(run: Path) -> dict[str, dict]:
     ``model_set.json`` (``scripts/run_model_set.py``); ``{}`` when it keeps none."""
     run = Path(run)
     if (run / "run.json").is_file():
-        return {str(run): read_json(run / "run.json")}
+        return {str(run): _checked_record(read_json(run / "run.json"), run / "run.json")}
     for name in ("ensemble.json", "model_set.json"):
         if (run / name).is_file():
             training = read_json(run / name).get("training") or {}
-            return {k: meta for k, meta in training.items() if isinstance(meta, dict)}
+            if not isinstance(training, dict):
+                raise InputError("'training' should map each run to its run.json record", run / name)
+            return {k: _checked_record(meta, run / name) for k, meta in training.items() if isinstance(meta, dict)}
     return {}
+
+
+def _checked_record(meta: dict, path: Path) -> dict:
+    """``meta`` (a training record) when its ``folds`` and ``pairs`` are lists as cyclereg writes them
+    (``folds``: lists of pair ids); :class:`InputError` naming ``path`` otherwise."""
+    folds, pairs = meta.get("folds"), meta.get("pairs")
+    if folds is not None and not (isinstance(folds, list) and all(isinstance(f, list) for f in folds)):
+        raise InputError(f"'folds' of a training record should be lists of pair ids, got {folds!r}", path)
+    if pairs is not None and not isinstance(pairs, list):
+        raise InputError(f"'pairs' of a training record should be a list of pair ids, got {pairs!r}", path)
+    return meta
 
 
 def _pair_points(p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor, ...]:
