@@ -84,9 +84,12 @@ def _load(path: Path) -> tuple[str, dict, dict[str, dict]]:
 
 def _label_id(label: str, report: dict, path: Path) -> tuple[str, str | None]:
     """(id, name) of ``label`` (its number, or its name in the report's ``label_names``, any case)."""
-    names = {str(k): str(v) for k, v in (report.get("label_names") or {}).items()}
+    given = report.get("label_names") or {}
+    if not isinstance(given, dict):
+        raise InputError("'label_names' should map label numbers to names", path)
+    names = {str(k): str(v) for k, v in given.items()}
     listed = ", ".join(f"{k} {v}" for k, v in names.items())
-    if label.strip().isdigit():
+    if label.strip().isascii() and label.strip().isdigit():  # '²' is a digit to str.isdigit, not to int()
         lid = str(int(label))
         if names and lid not in names:
             raise InputError(f"--label {label} is not a label of this report (labels: {listed})", path)

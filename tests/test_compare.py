@@ -202,6 +202,13 @@ def test_one_label_by_number_or_name(tmp_path):
         compare_reports([a, b], label="lung", quiet=True)
     with pytest.raises(InputError, match="not a label"):
         compare_reports([a, b], label="7", quiet=True)
+    with pytest.raises(InputError, match="not a label"):  # a digit to str.isdigit, not a number to int()
+        compare_reports([a, b], label="\u00b2", quiet=True)
+    listed = json.loads(a.read_text())
+    listed["label_names"] = ["spleen", "liver"]
+    (tmp_path / "listed.json").write_text(json.dumps(listed))
+    with pytest.raises(InputError, match="'label_names' should map label numbers to names"):
+        compare_reports([tmp_path / "listed.json", b], label="1", quiet=True)
     with pytest.raises(InputError, match="--label goes with --metric dice or hd95"):
         compare_reports([a, b], label="liver", metric="sdlogj", quiet=True)
     k = keypoint_report(tmp_path / "k.json", {"c1": 1.0})
