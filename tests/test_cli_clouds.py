@@ -1084,6 +1084,20 @@ def test_evaluate_registers_a_trained_model_in_its_training_frame(tmp_path):
     assert got == pytest.approx(in_training_frame, abs=1e-4)
 
 
+def test_a_volume_box_too_small_for_sdlogj_is_refused_before_any_registration(tmp_path):
+    """A dataset volume box of 3^3 voxels: evaluate with a network stops at once with one line naming the
+    dataset (SDlogJ needs 5 voxels per axis), instead of a traceback after the first registration; the
+    identity (no field) still evaluates."""
+    ds = _mini_dataset(tmp_path, 2)
+    obj = json.loads(ds.read_text())
+    ds.write_text(json.dumps({**obj, "volume_shape_zyx": [3, 3, 3], "spacing_zyx_mm": [50.0, 50.0, 50.0]}))
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "at least 5 voxels" in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r.json").exists()
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+
+
 def test_model_folders_with_malformed_training_records_are_one_line(tmp_path):
     """evaluate --run on a folder whose run.json or ensemble.json holds training records of a wrong shape:
     one line naming that file, exit 2, no report (a traceback before)."""

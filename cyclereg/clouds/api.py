@@ -23,7 +23,7 @@ from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
-from cyclereg.metrics import JACOBIAN_MIN_SIZE, jacobian_map, spearman, tre_stats
+from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, holds_voxel_indices, points_csv, read_landmark_pair, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
@@ -619,6 +619,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         raise InputError("--stage needs --run (it picks a stage of a run directory's checkpoints)")
     _check_overrides(recentre_passes, tta_passes, ensemble_fusion)
     ds = load_keypoint_dataset(dataset)
+    if smoothness and not identity and ds.volume_shape_zyx and min(ds.volume_shape_zyx) < SDLOGJ_MIN_SIZE:
+        raise InputError(f"volume_shape_zyx {list(ds.volume_shape_zyx)}: SDlogJ of the registered fields needs at least "
+                         f"{SDLOGJ_MIN_SIZE} voxels along every axis of the volume box", ds.path)
     for out in (report, errors_csv):
         if out is not None:
             require_output_file(out)
