@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cyclereg import __version__
-from cyclereg.errors import InputError, require_checkpoint_file, require_file
+from cyclereg.errors import InputError, require_checkpoint_file, require_file, same_path
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -171,8 +171,7 @@ def _refuse_replacing_inputs(files: list[Path], out: Path, inputs: list[Path]) -
     for staged in files:
         target = out / staged.name
         for given in inputs:
-            given = Path(given)
-            if target.exists() and given.exists() and os.path.samefile(target, given):
+            if same_path(target, given):
                 raise InputError(f"an input of this command, which its output {staged.name} would replace in "
                                  f"{out}; write to another folder (nothing was written)", given)
 

@@ -96,6 +96,16 @@ def _in_run_dir(out: Path, run: Path) -> bool:
     return out.name in RUN_DIR_NAMES or out.suffix in (".pt", ".jsonl")
 
 
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once made absolute with every link resolved
+    (also links among the folders of a file not written yet), or the same file where both exist (hard
+    links)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 def require_separate_output(output: str | Path | None, flag: str, *,
                             files: dict[str, str | Path | None] | None = None,
                             run_dirs: dict[str, str | Path | None] | None = None) -> None:
@@ -103,19 +113,12 @@ def require_separate_output(output: str | Path | None, flag: str, *,
     :class:`InputError` naming ``output`` (``flag``: its option) when it is the same file as one of
     ``files`` (what each is -> its path: the command's inputs and its other outputs; ``None``: not
     given), or would be one of the own files of a run directory in ``run_dirs`` (the runs the
-    command reads: :func:`_in_run_dir`). Paths are compared after making them absolute, with links
-    resolved (also of folders, for files not written yet), and as the same file where both exist."""
+    command reads: :func:`_in_run_dir`). Paths are compared with :func:`same_path`."""
     if output is None:
         return
     out = Path(os.path.abspath(Path(output).expanduser()))
     for what, other in (files or {}).items():
-        if other is None:
-            continue
-        same = out == Path(os.path.abspath(Path(other).expanduser())) or \
-            os.path.realpath(out) == os.path.realpath(Path(other).expanduser())  # links in the folders, too
-        if not same and out.exists() and Path(other).exists():
-            same = os.path.samefile(out, other)
-        if same:
+        if other is not None and same_path(out, other):
             raise InputError(f"{flag}: this is also {what}; write it elsewhere", output)
     for what, run in (run_dirs or {}).items():
         if run is not None and _in_run_dir(out, Path(run)):

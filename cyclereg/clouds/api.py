@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file
+from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file, same_path
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
@@ -87,8 +86,7 @@ def _refuse_source_as_output(sources: list[Path], output: Path) -> None:
     """:class:`InputError` when the ensemble's ``output`` is one of its ``sources`` (the same path, also
     through links, or the same file)."""
     for s in sources:
-        if os.path.realpath(output) == os.path.realpath(s) or (output.exists() and s.exists()
-                                                                and os.path.samefile(output, s)):
+        if same_path(output, s):
             raise InputError("-o: this is one of the sources; the ensemble records each source's SHA-256, so it "
                              "goes to a new name (nothing was written)", output)
 
