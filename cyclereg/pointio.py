@@ -40,16 +40,17 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
         raise InputError(f"expected {columns} columns per point, got array of shape {arr.shape}", path)
     if arr.shape[0] == 0:
         raise InputError("point cloud is empty", path)
+    def first_bad(values: np.ndarray) -> str:
+        bad = int(np.argwhere(~np.isfinite(values))[0, 0])
+        return f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
+
     if not np.isfinite(arr).all():
-        bad = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        where = f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
-        raise InputError(f"non-finite coordinate (NaN or inf) on {where}", path)
+        raise InputError(f"non-finite coordinate (NaN or inf) on {first_bad(arr)}", path)
     with np.errstate(over="ignore"):
         single = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(single).all():  # finite in the file, but beyond what float32 holds (~3.4e38)
-        bad = int(np.argwhere(~np.isfinite(single))[0, 0])
-        where = f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
-        raise InputError(f"coordinate out of range (beyond float32's {np.finfo(np.float32).max:.1e}) on {where}", path)
+        raise InputError(f"coordinate out of range (beyond float32's {np.finfo(np.float32).max:.1e}) on "
+                         f"{first_bad(single)}", path)
     return torch.from_numpy(single)
 
 

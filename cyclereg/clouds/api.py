@@ -618,8 +618,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     _check_overrides(recentre_passes, tta_passes, ensemble_fusion)
     ds = load_keypoint_dataset(dataset)
     if smoothness and not identity and ds.volume_shape_zyx and min(ds.volume_shape_zyx) < SDLOGJ_MIN_SIZE:
-        raise InputError(f"volume_shape_zyx {list(ds.volume_shape_zyx)}: SDlogJ of the registered fields needs at least "
-                         f"{SDLOGJ_MIN_SIZE} voxels along every axis of the volume box", ds.path)
+        raise InputError(f"volume_shape_zyx {list(ds.volume_shape_zyx)}: SDlogJ of the registered fields needs at "
+                         f"least {SDLOGJ_MIN_SIZE} voxels along every axis of the volume box", ds.path)
     for out in (report, errors_csv):
         if out is not None:
             require_output_file(out)

@@ -204,9 +204,10 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
 
     label_of: dict[Path, Path] = {}
     for key in ("training", "test"):
-        if not isinstance(obj.get(key, []) or [], list):
-            raise InputError(f"'{key}' should be a list of image entries, got {type(obj[key]).__name__}", p)
-        for entry in obj.get(key, []) or []:
+        entries = obj.get(key) or []
+        if not isinstance(entries, list):
+            raise InputError(f"'{key}' should be a list of image entries, got {type(entries).__name__}", p)
+        for entry in entries:
             if isinstance(entry, dict) and entry.get("image") and entry.get("label"):
                 label_of[res(entry["image"])] = res(entry["label"])
 
