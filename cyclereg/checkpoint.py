@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,7 +24,11 @@ from cyclereg.errors import InputError, require_checkpoint_file, require_file, s
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses / tuples / paths -> plain JSON-compatible Python objects."""
+    """Dataclasses / tuples / paths -> plain JSON-compatible Python objects; a float that is NaN or
+    infinite becomes ``None`` (JSON ``null``), since strict JSON has no such number and Python's
+    ``NaN`` / ``Infinity`` tokens break other readers (jq, JavaScript, most JSON libraries)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -242,8 +247,9 @@ def stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` (dataclasses allowed) as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+    """Write ``obj`` (dataclasses allowed) as indented, strict JSON (non-finite floats as ``null``,
+    :func:`to_jsonable`), atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path: str | Path, *, kind: str, config: Any, state_dict: dict, extra: dict | None = None) -> None:

@@ -220,3 +220,31 @@ def test_counts_are_singular_for_one():
     from cyclereg.console import count
 
     assert [count(n, "pair") for n in (0, 1, 2)] == ["0 pairs", "1 pair", "2 pairs"]
+
+
+def _strict_json(text: str):
+    """Parse as strict JSON: Python's NaN / Infinity / -Infinity tokens are an error."""
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_figures_beyond_float_range_are_written_as_strict_json(tmp_path):
+    """Finite values near +-1e308 overflow the differences and the mean to inf (and the spread to NaN):
+    the comparison file stays strict JSON, those figures as null, the finite ones as computed."""
+    a = keypoint_report(tmp_path / "a.json", {"c1": 1e308, "c2": -1e308, "c3": 1.0})
+    b = keypoint_report(tmp_path / "b.json", {"c1": -1e308, "c2": 1e308, "c3": 2.0})
+    out = tmp_path / "cmp.json"
+    res = runner.invoke(app, ["compare", str(a), str(b), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    c = _strict_json(out.read_text())["comparisons"][0]
+    assert c["mean_difference"] is None and c["ci95"] == [None, None]
+    assert (c["n"], c["better"], c["worse"]) == (3, 1, 2)
+    assert c["pairs"][2] == {"id": "c3", "base": 1.0, "other": 2.0}
+
+
+def test_write_json_turns_non_finite_floats_into_null(tmp_path):
+    from cyclereg.checkpoint import write_json
+    out = tmp_path / "r.json"
+    write_json(out, {"nan": float("nan"), "inf": [float("inf"), -math.inf], "ok": 0.5, "n": 3, "flag": True})
+    assert _strict_json(out.read_text()) == {"nan": None, "inf": [None, None], "ok": 0.5, "n": 3, "flag": True}

@@ -1489,3 +1489,18 @@ def test_evaluate_outputs_never_overwrite_the_files_the_dataset_lists(tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and target.name in res.output and "of pair" in res.output, res.output
         assert target.read_bytes() == before and not (tmp_path / "r.json").exists()
+
+
+def test_log_lines_are_strict_json_with_a_diverged_loss_as_null(tmp_path):
+    """A stage whose loss diverged (NaN) is logged as null, not as Python's NaN token that jq and other
+    JSON readers refuse; the stage line and the stage log still read it."""
+    fold = tmp_path / "fold1"
+    fold.mkdir()
+    sched = scheduler_mod.StageScheduler(None, fold)
+    sched._log({"stage": 1, "seconds": 12.0, "train_loss_mm": float("nan"), "pseudo_label_disagreement_mm": 2.5})
+    line = (fold / "log.jsonl").read_text().strip()
+    assert "NaN" not in line
+    record = json.loads(line)
+    assert record["train_loss_mm"] is None and record["pseudo_label_disagreement_mm"] == 2.5
+    assert sched._stage_log()[1]["seconds"] == 12.0
+    assert scheduler_mod.stage_summary(record) == "stage 1 finished in 0:00:12: label disagreement 2.50 mm"

@@ -525,6 +525,24 @@ def test_evaluate_resume_keeps_finished_pairs(tiny, tmp_path):
         assert "Traceback" not in res.output and rep.read_text() == text
 
 
+def test_evaluate_resume_reads_figures_written_as_null(tiny, tmp_path):
+    """A figure that was NaN (e.g. HD95 with every label erased) is written as null (strict JSON); a
+    report holding such a record resumes: the table shows '-', the means leave it out."""
+    ds = tiny / "Tiny_dataset.json"
+    rep = tmp_path / "part.json"
+    args = ["evaluate", str(ds), "--identity", "--both-directions", "--json", str(rep)]
+    assert runner.invoke(app, [*args, "--max-pairs", "1"]).exit_code == 0
+    r = json.loads(rep.read_text())
+    r["pairs"][0].update(hd95_mm=None, std_logj=None)
+    r["complete"] = False
+    rep.write_text(json.dumps(r))
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    done = json.loads(rep.read_text())
+    assert done["complete"] and done["pairs"][0]["hd95_mm"] is None
+    assert done["mean_hd95_mm"] == done["pairs"][1]["hd95_mm"]
+
+
 def test_volume_cache_evicts_the_least_recently_used(tiny, monkeypatch):
     """`VolumeCache` keeps the volumes used last: a scan used again stays while others come and go
     (a first-in-first-out cache would drop it and read it again)."""

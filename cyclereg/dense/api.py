@@ -558,13 +558,17 @@ def _dice_table(title: str, result: dict):
     table = Table(title=title)
     for col in ("pair", "Dice init", "Dice", "HD95 mm", "SDlogJ", "std logJ", "J<=0 %", "s"):
         table.add_column(col, justify="right")
+    def cell(value, spec: str, scale: float = 1.0) -> str:  # a figure without a value (null in a resumed report): -
+        return "-" if value is None else format(scale * value, spec)
+
     for r in result["pairs"]:
-        table.add_row(r["id"], f"{r['initial_dice']:.3f}", f"{r['dice']:.3f}", f"{r['hd95_mm']:.2f}",
-                      f"{r['sdlogj']:.3f}", f"{r['std_logj']:.3f}", f"{100 * r['folding_fraction']:.3f}",
-                      f"{r['seconds']:.1f}")
-    table.add_row("[bold]mean", f"{result['initial_dice']:.3f}", f"[bold]{result['mean_dice']:.3f}",
-                  f"{result['mean_hd95_mm']:.2f}", f"{result['mean_sdlogj']:.3f}", f"{result['mean_std_logj']:.3f}",
-                  f"{100 * result['mean_folding_fraction']:.3f}", f"{result['mean_seconds']:.1f}")
+        table.add_row(r["id"], cell(r["initial_dice"], ".3f"), cell(r["dice"], ".3f"), cell(r["hd95_mm"], ".2f"),
+                      cell(r["sdlogj"], ".3f"), cell(r["std_logj"], ".3f"), cell(r["folding_fraction"], ".3f", 100),
+                      cell(r["seconds"], ".1f"))
+    table.add_row("[bold]mean", cell(result["initial_dice"], ".3f"), "[bold]" + cell(result["mean_dice"], ".3f"),
+                  cell(result["mean_hd95_mm"], ".2f"), cell(result["mean_sdlogj"], ".3f"),
+                  cell(result["mean_std_logj"], ".3f"), cell(result["mean_folding_fraction"], ".3f", 100),
+                  cell(result["mean_seconds"], ".1f"))
     return table
 
 
