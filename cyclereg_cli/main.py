@@ -15,16 +15,34 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from cyclereg.api import require_inputs, require_run_dir
 from cyclereg.errors import InputError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
+
+class _Command(TyperCommand):
+    """Every command: an empty value (``-o ""``, ``--json=``, an empty argument; typically an unset
+    shell variable) is a usage error naming the option, before any work. Otherwise it would become
+    the path ``.``: ``register -o "$OUT"`` with ``OUT`` unset would write into the current folder."""
+
+    def parse_args(self, ctx, args):
+        values, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the raw strings, per parameter
+        for param in self.params:
+            given = values.get(param.name)
+            if "" in (given if isinstance(given, (list, tuple)) else [given]):
+                raise typer.BadParameter("an empty value (an unset shell variable?); write '.' to mean the current "
+                                         "folder", ctx=ctx, param=param)
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+command = functools.partial(app.command, cls=_Command)
+"""``@command()``: ``app.command()`` with the empty-value check of :class:`_Command`."""
 
 
 def _versions() -> str:
@@ -103,7 +121,7 @@ FUSION_HELP = ("clouds, ensemble models: override how the members are combined: 
                "mean feature cost) or average (mean of their own displacements)")
 
 
-@app.command()
+@command()
 @cli_errors
 def keypoints(
     ct: Optional[Path] = typer.Argument(None, help="CT volume (NIfTI); or give --pairs instead"),
@@ -135,7 +153,7 @@ def keypoints(
         typer.echo(summary)
 
 
-@app.command("pretrain-random")
+@command("pretrain-random")
 @cli_errors
 def pretrain_random(
     dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
@@ -186,7 +204,7 @@ def pretrain_random(
     typer.echo(f"stage-0 pseudo labels are in {out}{kept}")
 
 
-@app.command()
+@command()
 @cli_errors
 def cycle(
     dataset: Path = typer.Argument(..., help="dataset JSON"),
@@ -209,7 +227,7 @@ def cycle(
     typer.echo("finished stages: " + ", ".join(("all" if k is None else f"fold {k}") + f": {t}" for k, t in done.items()))
 
 
-@app.command()
+@command()
 @cli_errors
 def status(
     run: Path = typer.Argument(..., help="run directory made by pretrain-random"),
@@ -225,7 +243,7 @@ def status(
     show_run_status(run, stages=stages, history=history, json_out=json_out)
 
 
-@app.command()
+@command()
 @cli_errors
 def register(
     fixed: Path = typer.Argument(..., help="fixed point cloud (csv/npy/ply/pcd) or volume (NIfTI)"),
@@ -265,7 +283,7 @@ def register(
         jacobian=jacobian, resample_moving=resample_moving, via_keypoints=via_keypoints, lung_mask=lung_mask).summary)
 
 
-@app.command()
+@command()
 @cli_errors
 def evaluate(
     dataset: Path = typer.Argument(..., help="dataset JSON (keypoint dataset.json or Learn2Reg *_dataset.json)"),
@@ -298,7 +316,7 @@ def evaluate(
                  ic=ic, both_directions=both_directions, resume=resume, folds=folds)
 
 
-@app.command()
+@command()
 @cli_errors
 def compare(
     reports: list[Path] = typer.Argument(..., help="two or more evaluate reports (JSON) of the same kind; each after the first is compared with the first"),
@@ -312,7 +330,7 @@ def compare(
     compare_reports(reports, output, metric=metric, label=label)
 
 
-@app.command()
+@command()
 @cli_errors
 def ensemble(
     sources: list[Path] = typer.Argument(..., help="run directories with the same folds (foldK.pt or foldK/final.pt), or cloud checkpoint files"),
@@ -329,7 +347,7 @@ def ensemble(
                                     fusion=fusion))
 
 
-@app.command()
+@command()
 @cli_errors
 def demo(
     out_dir: Optional[Path] = typer.Option(None, "-o", "--output", help="also write clouds, displacements and report here"),

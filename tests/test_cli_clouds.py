@@ -1161,3 +1161,39 @@ def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_p
         res = runner.invoke(app, ["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o",
                                   str(tmp_path / "e.pt")])
         assert res.exit_code == 0 and (tmp_path / "e.json").is_file(), res.output
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["register", "FIXED", "MOVING", "-o", ""], "'-o' / '--output'"),
+    (["register", "FIXED", "MOVING", "--output="], "'-o' / '--output'"),
+    (["register", "", "MOVING", "-o", "OUT"], "'fixed'"),
+    (["pretrain-random", "DATASET", "-o", ""], "'-o' / '--output' / '--run'"),
+    (["compare", "REPORT", "", "--json", "OUT/c.json"], "'reports'"),
+    (["evaluate", "DATASET", "--json", ""], "'--json'"),
+])
+def test_an_empty_value_is_a_usage_error_before_any_work(tmp_path, monkeypatch, argv, option):
+    """`-o "$OUT"` with OUT unset must not become the path '.' (the current folder): the option is named,
+    exit 2, and nothing is written there (run in an empty folder with real inputs)."""
+    pair = make_breathing_pair(0, SMALL)
+    write_points(tmp_path / "f.csv", pair.fixed_mm)
+    write_points(tmp_path / "m.csv", pair.moving_mm)
+    names = {"FIXED": "f.csv", "MOVING": "m.csv", "OUT": "out", "DATASET": "d.json", "REPORT": "r.json",
+             "OUT/c.json": "out/c.json"}
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = runner.invoke(app, [str(tmp_path / names[a]) if a in names else a for a in argv])
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.replace("│", " ").split())
+    assert f"Invalid value for {option}: an empty value" in said
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["f.csv", "m.csv", "work"]
+
+
+def test_a_dot_still_means_the_current_folder(tmp_path, monkeypatch):
+    pair = make_breathing_pair(0, SMALL)
+    write_points(tmp_path / "f.csv", pair.fixed_mm)
+    write_points(tmp_path / "m.csv", pair.moving_mm)
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["register", "f.csv", "m.csv", "-o", ".", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "config.json").is_file()
