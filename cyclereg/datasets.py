@@ -58,6 +58,11 @@ class KeypointPair:
     moving_landmarks: Path | None
 
 
+DATASET_VOXEL_HINT = ("the dataset gives no spacing_zyx_mm and volume_shape_zyx (its grid) to place them on; add "
+                      "them, or write the points in mm with the header x_mm,y_mm,z_mm")
+"""How a keypoint dataset's headerless point file gets its voxel spacing (the end of the message)."""
+
+
 @dataclass(frozen=True)
 class KeypointDataset:
     """A keypoint dataset: pairs, optional folds (lists of held-out pair ids), unit box."""
@@ -74,6 +79,27 @@ class KeypointDataset:
             if p.id == pair_id:
                 return p
         raise KeyError(pair_id)
+
+    def voxel_spacing_xyz_mm(self) -> tuple[float, float, float] | None:
+        """Voxel size along world x, y, z [mm] of the dataset's grid (``spacing_zyx_mm`` reversed), the
+        spacing of its headerless (Learn2Reg voxel-index) point files; ``None`` without a grid."""
+        return None if self.spacing_zyx_mm is None else tuple(reversed(self.spacing_zyx_mm))
+
+    def read_points(self, path: str | Path):
+        """A point file of this dataset as ``(N, 3)`` mm: :func:`cyclereg.pointio.read_points`, with a
+        headerless CSV (Learn2Reg voxel indices ``(i, j, k)`` along x, y, z) placed on the dataset's grid,
+        ``mm = index * spacing`` (:meth:`voxel_spacing_xyz_mm`; first voxel at the origin, the frame of
+        ``volume_shape_zyx``)."""
+        from cyclereg.pointio import read_points
+
+        return read_points(path, spacing_mm=self.voxel_spacing_xyz_mm(), voxel_hint=DATASET_VOXEL_HINT)
+
+    def read_landmarks(self, pair: KeypointPair, what: str):
+        """The row-aligned landmarks ``(fixed, moving)`` (mm) of ``pair``, read as :meth:`read_points`;
+        ``what`` names the pair in messages (:func:`cyclereg.pointio.read_landmark_pair`)."""
+        from cyclereg.pointio import read_landmark_pair
+
+        return read_landmark_pair(pair.fixed_landmarks, pair.moving_landmarks, what, read=self.read_points)
 
     def fold_of(self, pair_id: str) -> int | None:
         """1-based index of the fold that holds ``pair_id`` out, or None."""

@@ -279,9 +279,15 @@ def _index_grid(affine, spacing_mm) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64) if affine is not None else spacing_affine(spacing_mm)
 
 
+VOXEL_HINT = "give the voxel spacing (--spacing) or the scan (--reference) to convert to mm"
+"""The end of the message for a headerless (voxel-index) CSV read without a spacing or an affine."""
+
+
 def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | None = None,
-                affine: np.ndarray | None = None) -> torch.Tensor:
-    """Read a point cloud as ``(N, 3)`` float32 mm (x, y, z). See the module doc for formats."""
+                affine: np.ndarray | None = None, voxel_hint: str = VOXEL_HINT) -> torch.Tensor:
+    """Read a point cloud as ``(N, 3)`` float32 mm (x, y, z). See the module doc for formats.
+    ``voxel_hint``: what the message for a headerless CSV without ``spacing_mm`` / ``affine`` tells
+    the user to give (the option of the command, or a dataset's grid)."""
     p = require_file(path)
     suffix = p.suffix.lower()
     if suffix == ".csv" or suffix == ".txt":
@@ -298,8 +304,7 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
         if arr.shape[1] != 3:
             raise InputError(f"expected 3 columns per point, got {arr.shape[1]}", p)
         if spacing_mm is None and affine is None:
-            raise InputError("headerless CSV holds voxel indices; give the voxel spacing (--spacing) or the scan "
-                             "(--reference) to convert to mm", p)
+            raise InputError(f"headerless CSV holds voxel indices; {voxel_hint}", p)
         grid = _index_grid(affine, spacing_mm)
         return _check_points(voxel_to_world(torch.from_numpy(arr), torch.from_numpy(grid)).numpy(), p, lines=lines)
     if suffix == ".npy":
@@ -319,11 +324,13 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
     raise InputError(f"unknown point-cloud format '{suffix}' (use .csv, .npy, .ply or .pcd)", p)
 
 
-def read_landmark_pair(fixed: str | Path, moving: str | Path, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_landmark_pair(fixed: str | Path, moving: str | Path, what: str, *,
+                       read=read_points) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-aligned landmarks ``(N, 3)`` (mm) of a pair: row ``i`` of ``fixed`` corresponds to row ``i``
     of ``moving``; :class:`InputError` naming ``fixed`` when the counts differ. ``what`` names the pair
-    in the message (e.g. ``"pair copd01"``)."""
-    lf, lm = read_points(fixed), read_points(moving)
+    in the message (e.g. ``"pair copd01"``); ``read``: how a file is read (a dataset's
+    :meth:`~cyclereg.datasets.KeypointDataset.read_points` places voxel indices on its grid)."""
+    lf, lm = read(fixed), read(moving)
     if lf.shape != lm.shape:
         raise InputError(f"{what}: {lf.shape[0]} fixed vs {lm.shape[0]} moving landmarks (the files are row-aligned: "
                          "row i of one corresponds to row i of the other)", fixed)

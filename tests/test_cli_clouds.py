@@ -541,6 +541,66 @@ def test_evaluate_identity_and_random(tmp_path):
         {case["id"]: case["tre_before_mm"]["mean"] for case in r["cases"]})
 
 
+def test_evaluate_leaves_out_pairs_without_landmarks(tmp_path):
+    """A dataset whose training pairs have no landmarks (as in the README's example) is scored on the
+    pairs that have them, the others named; none with landmarks is one line and no report."""
+    ds = _mini_dataset(tmp_path, n=3)
+    obj = json.loads(ds.read_text())
+    for entry in obj["pairs"][1:]:
+        del entry["fixed_landmarks"], entry["moving_landmarks"]
+    ds.write_text(json.dumps(obj))
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert [c["id"] for c in r["cases"]] == ["c0"] and r["num_pairs"] == 1
+    assert r["without_landmarks"] == ["c1", "c2"] and "2 pair(s) without landmarks are left out" in res.output
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--folds", "2", "--json", str(tmp_path / "n.json")])
+    assert res.exit_code == 2 and "none of the pairs of fold 2 has landmarks" in " ".join(res.output.split())
+    assert not (tmp_path / "n.json").exists()
+
+
+def test_a_dataset_of_voxel_index_files_is_read_on_its_grid(tmp_path):
+    """Learn2Reg-style headerless CSVs (voxel indices i, j, k along x, y, z) in a dataset with a grid:
+    placed at index * (sx, sy, sz) with the spacing from spacing_zyx_mm (reversed), so evaluate and
+    training see the same mm points as from mm files; without a grid, one line saying what to add."""
+    from cyclereg.datasets import load_keypoint_dataset
+
+    ds_mm = _mini_dataset(tmp_path, n=2)
+    obj = json.loads(ds_mm.read_text())
+    grid = {"volume_shape_zyx": [80, 90, 100], "spacing_zyx_mm": [3.0, 2.5, 2.0]}  # sz, sy, sx
+    ds_mm.write_text(json.dumps({**obj, **grid}))
+    vox = tmp_path / "vox"
+    for entry in obj["pairs"]:
+        for key in ("fixed_keypoints", "moving_keypoints", "fixed_landmarks", "moving_landmarks"):
+            target = vox / entry[key]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_points(target, read_points(tmp_path / entry[key]), fmt="l2r", spacing_mm=(2.0, 2.5, 3.0))
+    ds_vox = vox / "dataset.json"
+    ds_vox.write_text(json.dumps({**obj, **grid}))
+    first = (vox / "c0" / "fk.csv").read_text().splitlines()[0]
+    assert "x_mm" not in first and len(first.split(",")) == 3  # really headerless indices
+    pair_mm, pair_vox = load_keypoint_dataset(ds_mm).pairs[0], load_keypoint_dataset(ds_vox).pairs[0]
+    torch.testing.assert_close(load_keypoint_dataset(ds_vox).read_points(pair_vox.fixed_keypoints),
+                               read_points(pair_mm.fixed_keypoints), atol=1e-3, rtol=0)
+    reports = []
+    for ds in (ds_mm, ds_vox):
+        out = tmp_path / f"{ds.parent.name}.json"
+        res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        reports.append(json.loads(out.read_text()))
+    assert [c["tre_before_mm"]["mean"] for c in reports[1]["cases"]] == pytest.approx(
+        [c["tre_before_mm"]["mean"] for c in reports[0]["cases"]], abs=1e-3)
+    res = runner.invoke(app, ["pretrain-random", str(ds_vox), "-o", str(tmp_path / "run"), "--fold", "1",
+                              "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ds_vox.write_text(json.dumps(obj))  # no grid: nowhere to place the indices
+    res = runner.invoke(app, ["evaluate", str(ds_vox), "--identity", "--json", str(tmp_path / "n.json")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "headerless CSV holds voxel indices; the dataset gives no spacing_zyx_mm" in said
+    assert not (tmp_path / "n.json").exists()
+
+
 def test_evaluate_writes_every_landmark_error(tmp_path):
     """--errors-csv: one row per landmark whose means are the report's per-case TREs; the
     identity's error is the landmark distance, known analytically from the mini dataset."""

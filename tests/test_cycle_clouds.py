@@ -333,12 +333,15 @@ def test_training_never_reads_landmarks(tmp_path, monkeypatch):
         assert "fl.csv" not in str(path) and "ml.csv" not in str(path), "training read a landmark file"
         return real(path, **kw)
 
-    monkeypatch.setattr("cyclereg.training.api.read_points", guarded)
+    monkeypatch.setattr(pio, "read_points", guarded)  # every point file of the dataset goes through it
+    calls = []
+    monkeypatch.setattr(pio, "read_points", lambda path, **kw: calls.append(str(path)) or guarded(path, **kw))
     run = tmp_path / "run"
     assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "3", *FAST]).exit_code == 0
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "3", "--stages", "1"])
     assert res.exit_code == 0, res.output
     assert (run / "fold3" / "final.pt").is_file()
+    assert any(c.endswith("fk.csv") for c in calls)  # the guard did see the keypoint files
 
 
 def test_run_directory_of_another_dataset_or_config_is_refused(tmp_path):

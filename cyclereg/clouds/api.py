@@ -23,7 +23,7 @@ from cyclereg.errors import InputError, require_count, require_output_dir, requi
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
-from cyclereg.pointio import format_csv, holds_voxel_indices, points_csv, read_landmark_pair, read_points
+from cyclereg.pointio import format_csv, holds_voxel_indices, points_csv, read_points
 from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -599,6 +599,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     (:func:`pairs_in_training`) are named in a note and in the report (``pairs_in_training``, and
     ``in_training`` per case); with ``run``, such a pair is refused (its fold model is not held out).
 
+    Pairs without landmarks are left out (named in a note and in the report, ``without_landmarks``);
+    :class:`InputError` if no selected pair has them. ``max_pairs`` counts the pairs with landmarks.
+
     Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests.
@@ -627,10 +630,14 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     if folds not in (None, "all"):
         chosen = set(select_folds(ds, folds, "--folds"))
         pairs = [p for p in pairs if ds.fold_of(p.id) in chosen]
+    # a pair without landmarks (a training pair of one's own dataset) has no TRE: left out, named below
+    without_landmarks = [p.id for p in pairs if p.fixed_landmarks is None or p.moving_landmarks is None]
+    pairs = [p for p in pairs if p.fixed_landmarks is not None and p.moving_landmarks is not None]
+    if not pairs:
+        which = "the pairs of fold " + str(folds) if folds not in (None, "all") else "the dataset's pairs"
+        raise InputError(f"none of {which} has landmarks (fixed_landmarks and moving_landmarks): there is no TRE "
+                         "to evaluate", dataset)
     pairs = pairs[: require_count("--max-pairs", max_pairs, 1)]
-    for p in pairs:
-        if p.fixed_landmarks is None or p.moving_landmarks is None:
-            raise InputError(f"pair {p.id} has no landmarks to evaluate", dataset)
     dev = resolve_device(device)
     box = dataset_box(ds)
     overrides = dict(recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
@@ -649,6 +656,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                    "training pairs" if recorded else "that each pair's fold model held it out is not checked")
         console.print(f"note: {run} records no training folds (no run.json, or an ensemble.json or model_set.json "
                       f"naming runs that do): {checked}", soft_wrap=True)
+    if without_landmarks:
+        console.print(f"note: {len(without_landmarks)} pair(s) without landmarks are left out (no TRE to score): "
+                      f"{', '.join(without_landmarks)}", soft_wrap=True)
     one_model = model is not None and run is None  # one checkpoint (or random network) for every pair
     in_training: set[str] = set()
     if one_model:
@@ -660,7 +670,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                           "each pair with the fold model that held it out", soft_wrap=True)
     # every pair's files are read and checked before the first registration (a bad landmark file of the
     # last pair stops the command at once, not after the others have been registered)
-    points = {p.id: _pair_points(p, models.get(ds.fold_of(p.id) if run is not None else None,
+    points = {p.id: _pair_points(ds, p, models.get(ds.fold_of(p.id) if run is not None else None,
                                                (None, default_config))[1]) for p in pairs}
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
@@ -695,6 +705,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
         "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
         **({"pairs_in_training": sorted(in_training)} if one_model else {}),
+        "without_landmarks": without_landmarks,
         "cases": cases,
     }
     if spread and cases:
@@ -851,11 +862,11 @@ def _checked_record(meta: dict, path: Path) -> dict:
     return meta
 
 
-def _pair_points(p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor, ...]:
+def _pair_points(ds: KeypointDataset, p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor, ...]:
     """The keypoints and landmarks ``(fixed, moving, fixed landmarks, moving landmarks)`` (mm, CPU) of a
-    pair to evaluate with ``config``, read and checked (:class:`InputError` naming the file)."""
-    fixed, moving = read_points(p.fixed_keypoints), read_points(p.moving_keypoints)
-    lm_f, lm_m = read_landmark_pair(p.fixed_landmarks, p.moving_landmarks, f"pair {p.id}")
+    pair of ``ds`` to evaluate with ``config``, read and checked (:class:`InputError` naming the file)."""
+    fixed, moving = ds.read_points(p.fixed_keypoints), ds.read_points(p.moving_keypoints)
+    lm_f, lm_m = ds.read_landmarks(p, f"pair {p.id}")
     require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints))
     return fixed, moving, lm_f, lm_m
 

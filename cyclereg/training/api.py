@@ -38,7 +38,6 @@ from cyclereg.device import resolve_device
 from cyclereg import errors
 from cyclereg.errors import InputError, require_count, require_output_dir
 from cyclereg.frames import UnitBox
-from cyclereg.pointio import read_landmark_pair, read_points
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
@@ -161,7 +160,7 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
     raw = []
     for pid in ids:
         p = ds.pair(pid)
-        raw.append((pid, read_points(p.fixed_keypoints), read_points(p.moving_keypoints)))
+        raw.append((pid, ds.read_points(p.fixed_keypoints), ds.read_points(p.moving_keypoints)))
         require_registrable(raw[-1][1], raw[-1][2], config.reg, (p.fixed_keypoints, p.moving_keypoints),
                             what=f"training pair {pid}: ")
     box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw], config.reg.box_margin)
@@ -434,8 +433,8 @@ def _cloud_val_hook(ds, fold: int | None, n: int):
     # read (and so checked) now, before any stage work: a bad file fails the command at its start
     clouds = []
     for p in held:
-        lf, lm = read_landmark_pair(p.fixed_landmarks, p.moving_landmarks, f"--val-pairs: pair {p.id}")
-        clouds.append((read_points(p.fixed_keypoints), read_points(p.moving_keypoints), lf, lm))
+        lf, lm = ds.read_landmarks(p, f"--val-pairs: pair {p.id}")
+        clouds.append((ds.read_points(p.fixed_keypoints), ds.read_points(p.moving_keypoints), lf, lm))
 
     def hook(stage, model, task):
         errors = []
