@@ -383,6 +383,9 @@ def test_stage_summary_names_the_logged_figures():
     assert scheduler_mod.stage_summary({"stage": 0, "seconds": 59.6}) == "stage 0 finished in 0:01:00"
     assert (scheduler_mod.stage_summary({"stage": 1, "seconds": 3725, "train_loss_ncc": -0.41237})
             == "stage 1 finished in 1:02:05: train loss (ncc) -0.4124")
+    # volumes: the held-out pairs' mean Dice, as status --history shows it
+    assert (scheduler_mod.stage_summary({"stage": 2, "seconds": 60, "val_pairs": 2, "val_initial_dice": 0.3,
+                                         "val_dice": 0.4123}) == "stage 2 finished in 0:01:00: validation Dice 0.412")
 
 
 def test_sampling_weights_rank_sigmoid():

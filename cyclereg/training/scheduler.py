@@ -264,7 +264,7 @@ line (used for reporting-only validation scores; it must not influence training)
 def stage_summary(record: dict) -> str:
     """One line for a finished stage from its ``log.jsonl`` record: the stage, its seconds, and
     the training loss, pseudo-label disagreement, how far the refresh moved the labels and
-    (reporting-only) validation TRE where the record has them, e.g. ``stage 3 finished in
+    (reporting-only) validation TRE or Dice where the record has them, e.g. ``stage 3 finished in
     0:21:04: train loss 2.03 mm, label disagreement 2.51 mm, labels moved 0.87 mm``. Printed on the
     progress console, so that a run whose output goes to a log file (where no progress bar is drawn)
     still says how far it has come."""
@@ -282,6 +282,8 @@ def stage_summary(record: dict) -> str:
             parts.append(f"labels moved {value:.2f} mm")
         elif key == "val_tre_mm":
             parts.append(f"validation TRE {value:.2f} mm")
+        elif key == "val_dice":  # volumes: mean Dice of the held-out pairs (reporting only)
+            parts.append(f"validation Dice {value:.3f}")
     took = str(datetime.timedelta(seconds=round(float(record.get("seconds", 0.0)))))
     return f"stage {record['stage']} finished in {took}" + (": " + ", ".join(parts) if parts else "")
 
