@@ -21,6 +21,7 @@ from cyclereg.api import require_inputs, require_run_dir
 from cyclereg.errors import InputError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
 
+
 class _Command(TyperCommand):
     """Every command: an empty value (``-o ""``, ``--json=``, an empty argument; typically an unset
     shell variable) is a usage error naming the option, before any work. Otherwise it would become

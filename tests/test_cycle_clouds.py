@@ -333,8 +333,7 @@ def test_training_never_reads_landmarks(tmp_path, monkeypatch):
         assert "fl.csv" not in str(path) and "ml.csv" not in str(path), "training read a landmark file"
         return real(path, **kw)
 
-    monkeypatch.setattr(pio, "read_points", guarded)  # every point file of the dataset goes through it
-    calls = []
+    calls = []  # every point file of the dataset is read through pointio.read_points
     monkeypatch.setattr(pio, "read_points", lambda path, **kw: calls.append(str(path)) or guarded(path, **kw))
     run = tmp_path / "run"
     assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "3", *FAST]).exit_code == 0

@@ -558,6 +558,7 @@ def _dice_table(title: str, result: dict):
     table = Table(title=title)
     for col in ("pair", "Dice init", "Dice", "HD95 mm", "SDlogJ", "std logJ", "J<=0 %", "s"):
         table.add_column(col, justify="right")
+
     def cell(value, spec: str, scale: float = 1.0) -> str:  # a figure without a value (null in a resumed report): -
         return "-" if value is None else format(scale * value, spec)
 
