@@ -81,9 +81,12 @@ class KeypointDataset:
         raise KeyError(pair_id)
 
     def voxel_spacing_xyz_mm(self) -> tuple[float, float, float] | None:
-        """Voxel size along world x, y, z [mm] of the dataset's grid (``spacing_zyx_mm`` reversed), the
-        spacing of its headerless (Learn2Reg voxel-index) point files; ``None`` without a grid."""
-        return None if self.spacing_zyx_mm is None else tuple(reversed(self.spacing_zyx_mm))
+        """Voxel size along world x, y, z [mm] of the dataset's grid (:func:`cyclereg.frames.spacing_xyz`
+        of ``spacing_zyx_mm``), the spacing of its headerless (Learn2Reg voxel-index) point files;
+        ``None`` without a grid."""
+        from cyclereg.frames import spacing_xyz
+
+        return None if self.spacing_zyx_mm is None else spacing_xyz(self.spacing_zyx_mm)
 
     def read_points(self, path: str | Path):
         """A point file of this dataset as ``(N, 3)`` mm: :func:`cyclereg.pointio.read_points`, with a

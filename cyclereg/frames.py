@@ -169,6 +169,13 @@ def world_map_to_voxel(A_mm: torch.Tensor, t_mm: torch.Tensor, affine: torch.Ten
     return V[:3, :3], V[:3, 3]
 
 
+def spacing_xyz(spacing_zyx_mm) -> tuple[float, float, float]:
+    """Voxel size along world ``(x, y, z)`` [mm] of a keypoint dataset's grid given as ``spacing_zyx_mm``
+    (array axes z, y, x): the spacing of its voxel indices ``(i, j, k)`` along x, y, z (Learn2Reg CSVs)."""
+    sz, sy, sx = (float(v) for v in spacing_zyx_mm)
+    return sx, sy, sz
+
+
 def zyx_grid_affine(shape_zyx, spacing_zyx_mm) -> torch.Tensor:
     """4x4 float64 voxel -> mm affine of a keypoint dataset's grid: array axes (z, y, x), voxel
     ``(i, j, k)`` at mm ``(k sx, j sy, i sz)`` (origin at voxel 0). ``shape_zyx`` is accepted for
@@ -176,7 +183,7 @@ def zyx_grid_affine(shape_zyx, spacing_zyx_mm) -> torch.Tensor:
     if len(tuple(shape_zyx)) != 3 or len(tuple(spacing_zyx_mm)) != 3:
         raise ValueError(f"shape_zyx, spacing_zyx_mm: expected 3 values each, got {tuple(shape_zyx)}, "
                          f"{tuple(spacing_zyx_mm)}")
-    sz, sy, sx = (float(v) for v in spacing_zyx_mm)
+    sx, sy, sz = spacing_xyz(spacing_zyx_mm)
     return torch.tensor([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
 
 

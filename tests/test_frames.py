@@ -6,7 +6,7 @@ import pytest
 from cyclereg.frames import (UnitBox, centred_affine, fixed_to_moving_voxels, grid_disp_to_voxel_disp, grid_to_voxel,
                              identity_grid, ijk_to_kji, mm_disp_to_voxel, voxel_coordinates, voxel_disp_to_grid_disp,
                              voxel_disp_to_mm, voxel_to_grid, voxel_to_world, world_map_to_voxel, world_to_voxel,
-                             zyx_grid_affine)
+                             spacing_xyz, zyx_grid_affine)
 from cyclereg.warp import warp, warp_between_grids
 
 
@@ -79,6 +79,10 @@ def test_zyx_grid_affine_and_its_box():
     assert UnitBox.from_volume((192, 192, 208), (1.75, 1.0, 1.25)).extent_mm == tuple(far.tolist())
     with pytest.raises(ValueError, match="shape_zyx, spacing_zyx_mm"):
         zyx_grid_affine((4, 5), (1.0, 1.0, 1.0))
+    # a voxel index along x, y, z (Learn2Reg CSV) at that spacing is the grid's voxel with the axes reversed
+    assert spacing_xyz((1.75, 1.0, 1.25)) == (1.25, 1.0, 1.75)
+    torch.testing.assert_close(torch.tensor([[4.0, 3.0, 2.0]], dtype=torch.float64) * torch.tensor(
+        spacing_xyz((1.75, 1.0, 1.25)), dtype=torch.float64), w)
 
 
 def test_unit_box_names_a_wrongly_shaped_argument():
