@@ -15,11 +15,16 @@ from pathlib import Path
 from cyclereg.errors import InputError, require_file
 
 
+JSON_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)
+"""What reading and parsing a JSON file can raise: unreadable, not UTF-8, a syntax error or an integer too
+long for Python (``ValueError``), nesting too deep (``RecursionError``)."""
+
+
 def read_json(path: str | Path) -> dict:
     p = require_file(path)
     try:
         obj = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: syntax, huge integers
+    except JSON_READ_ERRORS as exc:
         raise InputError(f"not valid JSON ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})", p) from None
     if not isinstance(obj, dict):
         raise InputError("expected a JSON object at top level", p)

@@ -35,6 +35,7 @@ import torch
 from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, stale_outputs, save_checkpoint,
                                  staged_outputs, to_jsonable, training_data, write_json)
 from cyclereg.console import count, print_table
+from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, preprocess,
                                  require_contrast, resample_onto, resolve_mode)
@@ -536,7 +537,7 @@ def _resumed_records(report: Path, pairs: list, run: dict) -> list[dict]:
     method, both_directions and config, compared in their JSON form)."""
     try:
         old = json.loads(report.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSON syntax, huge integers
+    except JSON_READ_ERRORS:
         raise InputError("cannot resume: the existing report is unreadable", report) from None
     if not isinstance(old, dict):
         raise InputError("cannot resume: the existing report is not a report (no JSON object)", report)

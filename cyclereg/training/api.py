@@ -33,7 +33,7 @@ import torch
 from cyclereg.checkpoint import atomic_leftover, data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, exported_models, require_registrable
 from cyclereg.console import print_note
-from cyclereg.datasets import dataset_kind, load_keypoint_dataset, select_folds
+from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg import errors
 from cyclereg.errors import InputError, require_count, require_output_dir
@@ -278,7 +278,7 @@ def _read_meta(run: Path, kind: str | None = None) -> dict:
     then not parsed further here (the caller refuses it as another dataset's)."""
     try:
         meta = json.loads((run / "run.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # ValueError: JSON syntax, huge integers
+    except JSON_READ_ERRORS:
         raise InputError("not a cyclereg run directory (run.json missing or unreadable)", run) from None
     config_class = {"keypoints": CloudCycleConfig, "volumes": DenseCycleConfig}.get(
         meta.get("kind") if isinstance(meta, dict) else None)
