@@ -40,6 +40,7 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
         raise InputError(f"expected {columns} columns per point, got array of shape {arr.shape}", path)
     if arr.shape[0] == 0:
         raise InputError("point cloud is empty", path)
+
     def first_bad(values: np.ndarray) -> str:
         bad = int(np.argwhere(~np.isfinite(values))[0, 0])
         return f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"

@@ -84,9 +84,12 @@ def _fold_files(run_dir: Path) -> dict[int, Path]:
 
 def _refuse_source_as_output(sources: list[Path], output: Path) -> None:
     """:class:`InputError` when the ensemble's ``output`` is one of its ``sources`` (the same path, also
-    through links, or the same file)."""
+    through links, or the same file); a training run given as a source is named as such."""
     for s in sources:
         if same_path(output, s):
+            if (s / "run.json").is_file():
+                raise InputError("-o: this is a training run given as a source; the ensemble's foldK.pt and "
+                                 "ensemble.json go into a folder of their own", output)
             raise InputError("-o: this is one of the sources; the ensemble records each source's SHA-256, so it "
                              "goes to a new name (nothing was written)", output)
 
@@ -115,10 +118,6 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         raise InputError("give either run directories or checkpoint files, not both")
     if all(dirs):
         require_output_dir(output)
-        for s in sources:
-            if (s / "run.json").is_file() and output.resolve() == s.resolve():
-                raise InputError("-o: this is a training run given as a source; the ensemble's foldK.pt and "
-                                 "ensemble.json go into a folder of their own", output)
         _refuse_source_as_output(sources, output)
         per_source = [_fold_files(s) for s in sources]
         folds = sorted(set().union(*per_source))
