@@ -246,10 +246,15 @@ def stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()
     return stale
 
 
+def json_text(obj: Any, *, indent: int | None = None) -> str:
+    """``obj`` (dataclasses allowed) as strict JSON text (non-finite floats as ``null``,
+    :func:`to_jsonable`): every JSON file and log line cyclereg writes goes through here."""
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` (dataclasses allowed) as indented, strict JSON (non-finite floats as ``null``,
-    :func:`to_jsonable`), atomically."""
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    """Write ``obj`` (dataclasses allowed) as indented, strict JSON (:func:`json_text`), atomically."""
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def save_checkpoint(path: str | Path, *, kind: str, config: Any, state_dict: dict, extra: dict | None = None) -> None:

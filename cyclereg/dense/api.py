@@ -387,8 +387,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     dev = resolve_device(device)
     ds = load_volume_dataset(dataset, both_directions=both_directions)
     require_output_file(report)
-    for extra in (unfinished_report_path(report), *(Path(report).with_name(Path(report).stem + s)
-                                                     for s in FIGURE_SUFFIXES if figures)):
+    for extra in (unfinished_report_path(report), *(figure_paths(Path(report)) if figures else ())):
         require_output_file(extra)  # written beside the report: a folder there would stop the command midway
     pairs = list(ds.pairs)
     if require_count("--max-pairs", max_pairs, 1) is not None:
@@ -500,9 +499,10 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     write_json(report, result)
     unfinished.unlink(missing_ok=True)
     if figures and records:
-        _plot_dice_cdf(report.with_name(report.stem + FIGURE_SUFFIXES[0]), records, info)
+        dice_cdf, overlay_png = figure_paths(report)
+        _plot_dice_cdf(dice_cdf, records, info)
         if overlay is not None:
-            _plot_overlay(report.with_name(report.stem + FIGURE_SUFFIXES[1]), *overlay)
+            _plot_overlay(overlay_png, *overlay)
 
     print_table(console, _dice_table(f"{ds.name}: {count(len(records), 'pair')} ({info.get('model')})", result))
     if result["mean_scoring_seconds"] is not None:
@@ -514,8 +514,10 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     return result
 
 
-FIGURE_SUFFIXES = ("_dice_cdf.png", "_overlay.png")
-"""The figures written beside a volume report ``r.json`` with ``figures``: ``r_dice_cdf.png``, ``r_overlay.png``."""
+def figure_paths(report: Path) -> tuple[Path, Path]:
+    """The figures written beside a volume report ``r.json`` with ``figures``: ``(r_dice_cdf.png,
+    r_overlay.png)``."""
+    return report.with_name(report.stem + "_dice_cdf.png"), report.with_name(report.stem + "_overlay.png")
 
 
 def unfinished_report_path(report: Path) -> Path:

@@ -36,8 +36,8 @@ from rich.markup import escape
 from torch import nn
 
 from cyclereg import __version__
-from cyclereg.checkpoint import (atomic_leftover, atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint,
-                                 to_jsonable)
+from cyclereg.checkpoint import (atomic_leftover, atomic_write_bytes, atomic_write_text, json_text, load_checkpoint,
+                                 save_checkpoint)
 from cyclereg.errors import InputError
 
 
@@ -512,7 +512,7 @@ class StageScheduler:
         old = path.read_text() if path.exists() else ""
         if old and not old.endswith("\n"):  # a line cut short or added by hand: the record goes on a line of its own
             old += "\n"
-        atomic_write_text(path, old + json.dumps(to_jsonable(record), allow_nan=False) + "\n")  # strict: NaN -> null
+        atomic_write_text(path, old + json_text(record) + "\n")
 
     def _publish_final(self, stage: int) -> None:
         """``final.pt`` := the checkpoint of ``stage`` (the last finished one), read and checked first,
