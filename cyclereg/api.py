@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from cyclereg.errors import InputError, require_checkpoint_file, require_file, require_separate_output
+from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_file,
+                             require_separate_output)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_run_dir"]
@@ -73,6 +74,7 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     (:func:`cyclereg.keypoints.api.build_keypoint_dataset`; returns a one-line summary).
     ``mask``, ``save_mask`` and ``fmt`` are for one volume; ``moving_nms_radius_mm`` and ``folds``
     for ``pairs``. Units: mm."""
+    refuse_empty_paths({"ct": ct, "output": output, "pairs": pairs, "mask": mask, "save_mask": save_mask})
     require_inputs(ct, mask, pairs)
     if pairs is None:
         if ct is None:
@@ -155,6 +157,8 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``;
     ``seed`` (default 0) is the random network's and is refused with a checkpoint.
     """
+    refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,
+                        "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels})
     model = str(model)
     require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
     if model != "random":
@@ -250,6 +254,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     labelled volume dataset by Dice and HD95 (:func:`cyclereg.dense.api.evaluate_volume_dataset`),
     both with SDlogJ and run time. Options of the other kind are refused by name.
     """
+    refuse_empty_paths({"dataset": dataset, "report": report, "model": model, "run": run, "errors_csv": errors_csv})
     if sum([identity, model is not None, run is not None]) != 1:
         raise InputError("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
     model = None if model is None else str(model)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cyclereg.datasets import read_json, require_pair_ids
-from cyclereg.errors import InputError, require_output_file
+from cyclereg.errors import InputError, refuse_empty_paths, require_output_file
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
 
@@ -177,6 +177,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     from cyclereg.device import provenance
     from cyclereg.console import count, print_note, print_table
 
+    refuse_empty_paths({"reports": list(reports), "output": output})
     paths = [Path(p) for p in reports]
     if len(paths) < 2:
         raise InputError("compare needs at least two reports: the base and one to compare with it")

@@ -25,9 +25,30 @@ class WorkerError(RuntimeError):
     ``str(err)`` is a single line naming the job; the CLI exits with code 1."""
 
 
+EMPTY_PATH = "an empty path (an unset shell variable?); give '.' to mean the current folder"
+"""What an empty path string is told: ``Path("")`` would silently be the current folder."""
+
+
+def refuse_empty_paths(paths: dict[str, object]) -> None:
+    """:class:`InputError` naming the first of ``paths`` (argument name -> value; a list or tuple of
+    paths is checked item by item; ``None``: not given) that is an empty or blank string. The
+    library's counterpart of the command line's empty-value check: ``register(a, b, out_dir="")``
+    would otherwise write into the current folder."""
+    for name, value in paths.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and not item.strip():
+                raise InputError(f"{name}: {EMPTY_PATH}")
+
+
+def _path(path: str | Path, name: str) -> Path:
+    """``path`` as a :class:`Path`; an empty string is refused (:func:`refuse_empty_paths`)."""
+    refuse_empty_paths({name: path})
+    return Path(path)
+
+
 def require_file(path: str | Path) -> Path:
     """Return ``path`` as a :class:`Path`, raising :class:`InputError` if it is not a file."""
-    p = Path(path)
+    p = _path(path, "input file")
     if not p.exists():
         raise InputError("file does not exist", p)
     if not p.is_file():
@@ -60,7 +81,7 @@ def require_output_file(path: str | Path) -> Path:
     """Check before any work that ``path`` can be written as a file: not a folder, and its parent
     folder exists or can be made; :class:`InputError` naming it otherwise. Nothing is created here
     (the writers make missing folders), so a later input error leaves no empty folder behind."""
-    p = Path(path)
+    p = _path(path, "output file")
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
     _require_makeable(p.parent, p, "its folder")
@@ -70,7 +91,7 @@ def require_output_file(path: str | Path) -> Path:
 def require_output_dir(path: str | Path) -> Path:
     """Check before any work that ``path`` can be an output folder: an existing folder, or one that can
     be made (not made here); :class:`InputError` naming it otherwise."""
-    p = Path(path)
+    p = _path(path, "output folder")
     if p.exists() and not p.is_dir():
         raise InputError("exists and is not a folder; an output folder is needed here", p)
     _require_makeable(p, p, "this folder")

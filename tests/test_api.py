@@ -147,3 +147,54 @@ def test_register_refuses_a_seed_with_a_checkpoint(clouds):
     with pytest.raises(InputError, match="--seed is an option for --model random"):
         api.register(clouds / "f.csv", clouds / "m.csv", clouds / "out", model=clouds / "m.pt", seed=4)
     assert not (clouds / "out").exists()
+
+
+def _library_calls(folder):
+    """Each library entry point with one path argument given as an empty string (argument name, call)."""
+    from cyclereg.clouds.api import combine_cloud_models
+    from cyclereg.compare import compare_reports
+    from cyclereg.training.api import pretrain_random, run_cycle, run_status
+    from cyclereg.training.status import show_run_status
+
+    f, m = str(folder / "f.csv"), str(folder / "m.csv")
+    return [
+        ("out_dir", lambda: api.register(f, m, "", device="cpu")),
+        ("out_dir", lambda: api.register(f, m, "  ", device="cpu")),
+        ("moving", lambda: api.register(f, "", str(folder / "out"), device="cpu")),
+        ("model", lambda: api.register(f, m, str(folder / "out"), model="", device="cpu")),
+        ("output", lambda: api.keypoints(str(folder / "ct.nii.gz"), "")),
+        ("report", lambda: api.evaluate(f, "", identity=True)),
+        ("errors_csv", lambda: api.evaluate(f, str(folder / "r.json"), identity=True, errors_csv="")),
+        ("run", lambda: pretrain_random(f, "")),
+        ("run", lambda: run_cycle(f, "")),
+        ("run", lambda: run_status("")),
+        ("json_out", lambda: show_run_status(str(folder), json_out="")),
+        ("output", lambda: compare_reports([f, m], "")),
+        ("reports", lambda: compare_reports([f, ""])),
+        ("output", lambda: combine_cloud_models([f, m], "")),
+    ]
+
+
+def test_library_refuses_empty_paths(clouds, tmp_path, monkeypatch):
+    """``Path("")`` is the current folder: a library call with an empty path string (an unset
+    variable) is refused naming the argument, before anything is read or written, as the command
+    line refuses an empty value."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name, call in _library_calls(clouds):
+        with pytest.raises(InputError) as err:
+            call()
+        assert str(err.value).startswith(f"{name}: an empty path"), (name, str(err.value))
+    assert list(work.iterdir()) == [] and not (clouds / "out").exists()
+
+
+@pytest.mark.parametrize("check", ["require_file", "require_output_file", "require_output_dir"])
+def test_path_checks_refuse_an_empty_string(check):
+    """The shared checks behind the path-specific functions refuse ``""`` too (and still take ``"."``
+    where a folder is meant)."""
+    from cyclereg import errors
+
+    with pytest.raises(InputError, match="an empty path"):
+        getattr(errors, check)("")
+    assert errors.require_output_dir(".") == errors.Path(".")

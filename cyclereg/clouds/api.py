@@ -19,7 +19,8 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import InputError, require_count, require_output_dir, require_output_file, same_path
+from cyclereg.errors import (InputError, refuse_empty_paths, require_count, require_output_dir, require_output_file,
+                             same_path)
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
@@ -109,6 +110,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     checked before anything is written. ``output`` may not be one of the sources (their SHA-256 in the
     ensemble's provenance would name files that no longer hold them).
     """
+    refuse_empty_paths({"sources": list(sources), "output": output})
     sources, output = [Path(s) for s in sources], Path(output)
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")

@@ -36,7 +36,7 @@ from cyclereg.console import print_note
 from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg import errors
-from cyclereg.errors import InputError, require_count, require_output_dir
+from cyclereg.errors import InputError, refuse_empty_paths, require_count, require_output_dir
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
@@ -335,6 +335,7 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     :func:`run_cycle` trains them (the labels of one at a time, thread counts alike). A fold whose stage-0 labels
     exist already is skipped, so the same command completes an interrupted run.
     """
+    refuse_empty_paths({"dataset": dataset, "run": run})
     kind = dataset_kind(dataset)
     require_count("--val-pairs", val_pairs, 0)
     require_count("--jobs", jobs, 1)
@@ -353,6 +354,7 @@ def run_status(run: Path, stages: int | None = None) -> dict:
     """Progress of a run directory, read only: dataset, kind, the number of stages (the run's
     configuration, or ``stages``) and per fold (``None``: a volume run) the
     :meth:`~cyclereg.training.scheduler.StageScheduler.status` of its directory."""
+    refuse_empty_paths({"run": run})
     run = Path(run)
     if exported_models(run):
         record = next((n for n in ("ensemble.json", "model_set.json") if (run / n).is_file()), None)
@@ -398,6 +400,7 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
     refresh moves its labels less than this on average [mm] (``pseudo_label_change_mm``; ``stages`` is
     then the most it runs). Recorded in ``run.json``, so that the same command run again (with or
     without the option) does not go on past it; ``0`` removes the rule; ``None``: the recorded one."""
+    refuse_empty_paths({"dataset": dataset, "run": run})
     require_count("--stages", stages, 1)
     _require_threshold(stop_below_mm)
     require_count("--val-pairs", val_pairs, 0)
