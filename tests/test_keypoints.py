@@ -362,3 +362,44 @@ def test_example_field_sign():
     from conftest import load_script
 
     load_script("examples/chest_ct_end_to_end.py").sign_self_check()
+
+
+def test_cli_pairs_places_voxel_index_landmarks_on_their_scans(tmp_path):
+    """Headerless (Learn2Reg voxel-index) landmark files of a pairs CSV: each on its own scan's grid
+    (fixed landmarks on the fixed scan's affine, moving on the moving scan's), written in mm into the
+    dataset and read back there as ``index -> affine``; a file in mm stays where it is."""
+    from cyclereg.datasets import load_keypoint_dataset
+
+    fixed_affine = np.array([[1.5, 0, 0, -20.0], [0, 1.25, 0, 7.0], [0, 0, 2.0, 3.5], [0, 0, 0, 1]])
+    moving_affine = np.array([[0, 1.5, 0, 4.0], [-1.0, 0, 0, 30.0], [0, 0, 2.5, -6.0], [0, 0, 0, 1]])
+    for name, affine, seed in (("f", fixed_affine, 21), ("m", moving_affine, 22)):
+        nib.save(nib.Nifti1Image((texture((26, 24, 20), seed=seed) * 100).astype(np.float32), affine),
+                 str(tmp_path / f"{name}.nii.gz"))
+    idx_f = np.array([[1, 2, 3], [10, 4, 7], [0, 0, 0]])
+    idx_m = np.array([[2, 2, 2], [5, 9, 1], [20, 3, 4]])
+    np.savetxt(tmp_path / "lm_f.csv", idx_f, delimiter=",", fmt="%d")
+    np.savetxt(tmp_path / "lm_m.csv", idx_m, delimiter=",", fmt="%d")
+    np.savetxt(tmp_path / "lm_mm.csv", np.ones((3, 3)), delimiter=",", header="x_mm,y_mm,z_mm", comments="")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("id,fixed,moving,fixed_landmarks,moving_landmarks\n"
+                   "a,f.nii.gz,m.nii.gz,lm_f.csv,lm_m.csv\n"
+                   "b,m.nii.gz,f.nii.gz,lm_mm.csv,lm_f.csv\n")
+    res = _run("--pairs", csv, "-o", tmp_path / "ds", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    ds = load_keypoint_dataset(tmp_path / "ds" / "dataset.json")
+    world = lambda idx, affine: idx @ affine[:3, :3].T + affine[:3, 3]  # noqa: E731
+    lf, lm = ds.read_landmarks(ds.pair("a"), "pair a")
+    np.testing.assert_allclose(lf.numpy(), world(idx_f, fixed_affine), atol=1e-4)
+    np.testing.assert_allclose(lm.numpy(), world(idx_m, moving_affine), atol=1e-4)
+    lf, lm = ds.read_landmarks(ds.pair("b"), "pair b")  # the mm file as it is; lm_f.csv now on f.nii.gz as moving
+    np.testing.assert_allclose(lf.numpy(), np.ones((3, 3)))
+    np.testing.assert_allclose(lm.numpy(), world(idx_f, fixed_affine), atol=1e-4)
+    assert ds.pair("b").fixed_landmarks.resolve() == (tmp_path / "lm_mm.csv").resolve()
+    cfg = json.loads(config_path_for(tmp_path / "ds" / "dataset.json").read_text())
+    assert set(cfg["landmarks_from_voxel_indices"]) == {"landmarks/a_fixed.csv", "landmarks/a_moving.csv",
+                                                         "landmarks/b_moving.csv"}
+    # a count mismatch among voxel-index files is still refused before any detection, writing nothing
+    np.savetxt(tmp_path / "lm_2.csv", idx_m[:2], delimiter=",", fmt="%d")
+    csv.write_text("id,fixed,moving,fixed_landmarks,moving_landmarks\na,f.nii.gz,m.nii.gz,lm_f.csv,lm_2.csv\n")
+    res = _run("--pairs", csv, "-o", tmp_path / "ds2", "--device", "cpu")
+    assert res.exit_code == 2 and "3 fixed vs 2 moving landmarks" in res.output and not (tmp_path / "ds2").exists()

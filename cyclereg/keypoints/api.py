@@ -48,7 +48,7 @@ from cyclereg.errors import InputError, require_file, require_output_dir, requir
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
-from cyclereg.pointio import points_csv, read_landmark_pair, require_open3d, write_points
+from cyclereg.pointio import holds_voxel_indices, points_csv, read_landmark_pair, read_points, require_open3d, write_points
 from cyclereg.volumeio import Volume, read_nifti, same_grid, write_nifti
 
 FORMATS = ("csv", "l2r", "ply", "pcd", "npy")
@@ -305,6 +305,10 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
     return result
 
 
+INDEX_CHECK_SPACING = (1.0, 1.0, 1.0)
+"""The spacing [mm] with which voxel-index landmark files are read to check their counts and numbers
+before detection (their mm positions come later, from each scan's affine)."""
+
 PAIRS_COLUMNS = ("id", "fixed", "moving")
 """Required columns of a pairs CSV (:func:`build_keypoint_dataset`); ``fixed_landmarks`` and
 ``moving_landmarks`` may follow (both or neither, per row)."""
@@ -365,8 +369,12 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
 
     Writes ``out_dir/keypoints/{id}_fixed.csv`` and ``{id}_moving.csv`` (world mm; the moving scan
     with ``keypoints.moving``, denser), ``out_dir/dataset.json`` (paths relative to it; landmark
-    files, when the CSV names them, are referenced where they are, never read by training) and
-    ``out_dir/dataset.json.config.json`` (the detector settings, counts and timings). With
+    files in mm, when the CSV names them, are referenced where they are, never read by training) and
+    ``out_dir/dataset.json.config.json`` (the detector settings, counts and timings). A landmark file
+    of Learn2Reg voxel indices (a headerless CSV) is placed on its own scan's grid (the fixed scan's
+    affine for ``fixed_landmarks``, the moving scan's for ``moving_landmarks``, as the keypoints) and
+    written in mm as ``out_dir/landmarks/{id}_fixed.csv`` / ``{id}_moving.csv``, which the dataset
+    references instead (the keypoints are in world mm; the dataset has no one grid for indices). With
     ``folds``: that many folds of consecutive pairs (sizes differ by at most one), each held out
     once, for ``cycle --folds all``. Every scan is read and detected before anything is written;
     an existing ``out_dir/dataset.json`` is not overwritten.
@@ -385,11 +393,14 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                              pairs_csv)
         raise InputError(f"--folds {folds}: expected {allowed} (at most one fold per pair; the list has "
                          f"{len(pairs)})", pairs_csv)
-    for q in pairs:
+    for q in pairs:  # counts and numbers now, before minutes of detection; voxel indices get their grid below
         if q.fixed_landmarks is not None:
-            read_landmark_pair(q.fixed_landmarks, q.moving_landmarks, f"pair {q.id}")
+            read_landmark_pair(q.fixed_landmarks, q.moving_landmarks, f"pair {q.id}",
+                               read=lambda f: read_points(f, spacing_mm=INDEX_CHECK_SPACING))
     dev = resolve_device(device)
     texts: dict[str, str] = {}
+    landmark_texts: dict[str, str] = {}  # landmarks/{id}_{role}.csv: voxel-index landmarks in mm
+    landmark_sources: dict[str, str] = {}  # its path in the dataset -> the voxel-index file it came from
     counts: dict[str, dict[str, int]] = {}
     grids: dict[str, dict[str, dict]] = {}  # per scan: its grid and the NMS radius in its voxels
     t0 = time.perf_counter()
@@ -401,6 +412,10 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                 volume = read_nifti(ct)
                 result = detect_keypoints(volume, lung_mask=lung_mask, config=config, device=dev)
                 texts[f"{q.id}_{role}.csv"] = points_csv(result.points_mm)
+                landmarks = q.fixed_landmarks if role == "fixed" else q.moving_landmarks
+                if landmarks is not None and holds_voxel_indices(landmarks):
+                    landmark_texts[f"{q.id}_{role}.csv"] = points_csv(read_points(landmarks, affine=volume.affine))
+                    landmark_sources[f"landmarks/{q.id}_{role}.csv"] = str(landmarks)
                 counts.setdefault(q.id, {})[role] = int(result.points_mm.shape[0])
                 grids.setdefault(q.id, {})[role] = {
                     "shape": list(volume.shape), "spacing_mm": list(volume.spacing),
@@ -415,7 +430,9 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
         entry = {"id": q.id, "fixed_keypoints": f"keypoints/{q.id}_fixed.csv",
                  "moving_keypoints": f"keypoints/{q.id}_moving.csv"}
         if q.fixed_landmarks is not None:
-            entry.update(fixed_landmarks=rel(q.fixed_landmarks), moving_landmarks=rel(q.moving_landmarks))
+            for role, path in (("fixed", q.fixed_landmarks), ("moving", q.moving_landmarks)):
+                name = f"{q.id}_{role}.csv"
+                entry[f"{role}_landmarks"] = f"landmarks/{name}" if name in landmark_texts else rel(path)
         entries.append(entry)
     obj: dict = {"name": Path(pairs_csv).stem, "pairs": entries}
     if folds is not None:
@@ -424,10 +441,15 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     (out / "keypoints").mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         atomic_write_text(out / "keypoints" / name, text)
+    if landmark_texts:
+        (out / "landmarks").mkdir(exist_ok=True)
+    for name, text in landmark_texts.items():
+        atomic_write_text(out / "landmarks" / name, text)
     write_json(config_path_for(dataset_json), {
         **provenance(dev), "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
         "lung_mask": lung_mask, "device": str(dev), "foerstner": keypoints,
         "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts, "scans": grids,
+        "landmarks_from_voxel_indices": landmark_sources,
         "seconds": round(time.perf_counter() - t0, 3)})
     write_json(dataset_json, obj)
     return dataset_json
