@@ -417,6 +417,18 @@ def test_predict_displacement_is_differentiable():
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("adam", [False, True])
+def test_a_volume_registered_to_itself_with_one_warp_is_exactly_the_identity(adam):
+    """Inverse consistency makes the first pass's field exactly zero for identical images, and Adam
+    then sees a zero data gradient and stays there. (With a second warp, ``warp(m, 0)`` differs from
+    ``m`` by float rounding; the 1e-10-voxel field that leaves is what Adam's step of ``lr`` voxels
+    grows to a few tenths of a voxel: docs/benchmarks.md, "A scan registered to itself".)"""
+    img = smooth_noise((16, 24, 32), seed=9, passes=2)
+    net = random_feature_net(FeatureNetConfig(), 0)
+    disp = register(img, img.clone(), net, DensePipelineConfig(warps=1, use_ic=True, use_adam=adam))
+    assert torch.equal(disp, torch.zeros_like(disp))
+
+
 def test_register_recovers_global_translation():
     # a smooth volume shifted by 6 image voxels along axis 1 (< the 16-voxel search range)
     big = smooth_noise((40, 56, 40), seed=8, passes=3)
