@@ -283,8 +283,12 @@ def pairs_of_training_images(pairs: list, record: dict | None) -> list[str]:
     return [p.id for p in pairs if trained(p.fixed) and trained(p.moving)]
 
 
-PAIR_RECORD_KEYS = frozenset({"id", "dice", "initial_dice", "hd95_mm", "initial_hd95_mm", "sdlogj", "std_logj",
-                              "folding_fraction", "seconds"})
+PAIR_MEANS = (("mean_dice", "dice"), ("initial_dice", "initial_dice"), ("mean_hd95_mm", "hd95_mm"),
+              ("initial_hd95_mm", "initial_hd95_mm"), ("mean_sdlogj", "sdlogj"), ("mean_std_logj", "std_logj"),
+              ("mean_folding_fraction", "folding_fraction"), ("mean_seconds", "seconds"))
+"""The report's figures that are means over every pair record: (report key, pair-record key)."""
+
+PAIR_RECORD_KEYS = frozenset({"id", *(field for _, field in PAIR_MEANS)})
 """The fields of a pair record that :func:`summarize_pairs` and the report's table read (a resumed
 report's records must hold them)."""
 
@@ -293,14 +297,7 @@ def summarize_pairs(records: list[dict]) -> dict:
     """Top-level report figures: means over the pair records of :func:`pair_scores`."""
     return {
         "num_pairs": len(records),
-        "mean_dice": _mean(r["dice"] for r in records),
-        "initial_dice": _mean(r["initial_dice"] for r in records),
-        "mean_hd95_mm": _mean(r["hd95_mm"] for r in records),
-        "initial_hd95_mm": _mean(r["initial_hd95_mm"] for r in records),
-        "mean_sdlogj": _mean(r["sdlogj"] for r in records),
-        "mean_std_logj": _mean(r["std_logj"] for r in records),
-        "mean_folding_fraction": _mean(r["folding_fraction"] for r in records),
-        "mean_seconds": _mean(r["seconds"] for r in records),
+        **{key: _mean(r[field] for r in records) for key, field in PAIR_MEANS},
         # scoring time per pair (records written before this field: left out of the mean)
         "mean_scoring_seconds": (_mean(r["scoring_seconds"] for r in records if "scoring_seconds" in r)
                                  if any("scoring_seconds" in r for r in records) else None),
