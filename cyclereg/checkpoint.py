@@ -307,7 +307,24 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     if kind is not None and payload.get("kind") != kind:
         hint = KIND_HINTS.get((payload.get("kind"), kind), "")
         raise InputError(f"checkpoint is for a '{payload.get('kind')}' model, expected '{kind}'{hint}", p)
+    bad = nonfinite_weights(payload["state_dict"])
+    if bad:
+        raise InputError(f"the network's weights hold NaN or inf ({bad}; a diverged or damaged model): it would "
+                         "register to NaN", p)
     return payload
+
+
+def nonfinite_weights(state_dict) -> str | None:
+    """The name of the first floating-point tensor of ``state_dict`` (a mapping of names to tensors;
+    anything else: ``None``, its loader names what is wrong) holding NaN or inf, or ``None``."""
+    import torch
+
+    if not isinstance(state_dict, dict):
+        return None
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return str(name)
+    return None
 
 
 def data_fingerprint(*paths: str | Path) -> str:

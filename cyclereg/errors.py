@@ -25,6 +25,19 @@ class WorkerError(RuntimeError):
     ``str(err)`` is a single line naming the job; the CLI exits with code 1."""
 
 
+class ResultError(RuntimeError):
+    """A computation gave an unusable result (NaN or inf displacements) from inputs that passed their
+    checks; nothing was written. ``str(err)`` is a single line; the CLI exits with code 1."""
+
+
+def require_finite_result(values, what: str, source: str | Path) -> None:
+    """:class:`ResultError` unless the tensor ``values`` is all finite: "``source``: ``what`` hold NaN
+    or inf ...; nothing written" (``source``: the input the result is of, e.g. the fixed file)."""
+    bad = int((~values.isfinite()).sum())
+    if bad:
+        raise ResultError(f"{source}: {what} hold NaN or inf ({bad} of {values.numel()} values); nothing written")
+
+
 EMPTY_PATH = "an empty path (an unset shell variable?); give '.' to mean the current folder"
 """What an empty path string is told: ``Path("")`` would silently be the current folder."""
 

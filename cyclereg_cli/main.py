@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperCommand
 
 from cyclereg.api import require_inputs, require_run_dir
-from cyclereg.errors import InputError, WorkerError
+from cyclereg.errors import InputError, ResultError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
 
 
@@ -86,7 +86,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 def cli_errors(fn):
     """Turn :class:`InputError` and operating-system errors (unwritable outputs) into a one-line
-    error, exit 2; a worker process that died (:class:`WorkerError`) into one line, exit 1."""
+    error, exit 2; a worker process that died (:class:`WorkerError`) or a non-finite result
+    (:class:`ResultError`) into one line, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -97,7 +98,7 @@ def cli_errors(fn):
         except OSError as exc:  # an output that cannot be written (a file where a folder must go, disk full, ...)
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")
-        except WorkerError as exc:
+        except (WorkerError, ResultError) as exc:
             _fail(str(exc), code=1)
         except KeyboardInterrupt:
             typer.echo(f"cyclereg: interrupted{resume}", err=True)

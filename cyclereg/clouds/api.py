@@ -19,8 +19,8 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import (InputError, refuse_empty_paths, require_count, require_output_dir, require_output_file,
-                             same_path)
+from cyclereg.errors import (InputError, refuse_empty_paths, require_count, require_finite_result, require_output_dir,
+                             require_output_file, same_path)
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
@@ -72,8 +72,9 @@ def _model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[GraphFeatureNe
         net = GraphFeatureNet(config.net) if config.ensemble_size == 1 else \
             FeatureEnsemble(config.net, config.ensemble_size)
         net.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__})", path) from None
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
+        raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", path) from None
     return net, config
 
 
@@ -414,6 +415,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box, spread=spread or spread_map)
     seconds = time.perf_counter() - t0
     disp = reg.displacements_mm.cpu()
+    require_finite_result(disp, "the displacements", sources[0])
     cols = {"x_mm": fixed_mm[:, 0], "y_mm": fixed_mm[:, 1], "z_mm": fixed_mm[:, 2],
             "dx_mm": disp[:, 0], "dy_mm": disp[:, 1], "dz_mm": disp[:, 2]}
     point_spread = reg.spread_mm  # with --spread: how much the members disagree at each point

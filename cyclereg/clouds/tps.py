@@ -8,6 +8,8 @@ exactly (its affine part lies in the null space of the bending energy).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,19 @@ class TPSConfig:
     regularisation: float = 0.1
     kernel: str = "r2logr"
     grid_step: int = 4
+
+    def __post_init__(self):
+        if self.kernel not in TPS_KERNELS:
+            raise ValueError(f"kernel: expected {' or '.join(map(repr, TPS_KERNELS))}, got {self.kernel!r}")
+        if isinstance(self.grid_step, bool) or not isinstance(self.grid_step, int) or self.grid_step < 1:
+            raise ValueError(f"grid_step: expected a whole number of voxels >= 1, got {self.grid_step!r}")
+        reg = self.regularisation
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg < 0:
+            raise ValueError(f"regularisation: expected a finite number >= 0, got {reg!r}")
+
+
+TPS_KERNELS = ("r2logr", "r")
+"""The radial kernels of :class:`TPSConfig` (see :func:`_phi`)."""
 
 
 def _phi(r: torch.Tensor, kernel: str) -> torch.Tensor:

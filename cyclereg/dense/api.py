@@ -42,7 +42,8 @@ from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, loa
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import min_volume_size, register
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import InputError, require_count, require_file, require_output_dir, require_output_file
+from cyclereg.errors import (InputError, require_count, require_file, require_finite_result, require_output_dir,
+                             require_output_file)
 from cyclereg.metrics import (SDLOGJ_MIN_SIZE, determinant_stats, dice, erased_labels, hd95, jacobian_map,
                               scored_labels, sdlogj)
 from cyclereg.volumeio import (Volume, read_nifti, same_grid, spacing_differs, spacing_text, write_displacement,
@@ -72,7 +73,7 @@ def load_model(model: str | Path, seed: int = 0, device: str | torch.device = "c
             cfg = config_from_dict(payload["config"])
             net = FeatureNet(cfg.net)
             net.load_state_dict(payload["state_dict"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             raise InputError(f"checkpoint does not match the dense model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]})", model) from None
         net.eval()
@@ -178,6 +179,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     t0 = time.perf_counter()
     disp = register_pair(fv, mv, net, cfg)
     seconds = time.perf_counter() - t0
+    require_finite_result(disp, "the displacements", fixed)
 
     # every output is computed before any is written; they reach out_dir together (staged_outputs)
     out_dir = Path(out_dir)

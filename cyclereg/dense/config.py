@@ -15,6 +15,7 @@ convex optimiser, the Adam grid for instance optimisation, the image grid otherw
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,7 +240,33 @@ class DensePipelineConfig:
                 raise ValueError(f"{name}: expected an odd width >= 1 (1: no smoothing), got {width}")
         if self.preprocess.mode not in ("auto", "ct", "mri", "none"):
             raise ValueError(f"preprocess.mode: expected auto|ct|mri|none, got {self.preprocess.mode}")
+        for name, count, least in (("convex.radius", self.convex.radius, 1),
+                                   ("convex.ic_iterations", self.convex.ic_iterations, 0),
+                                   ("convex.upsample_smooth_passes", self.convex.upsample_smooth_passes, 0),
+                                   ("adam.iterations", self.adam.iterations, 0),
+                                   ("adam.smooth_passes", self.adam.smooth_passes, 0),
+                                   ("adam.final_smooth_passes", self.adam.final_smooth_passes, 0)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < least:
+                raise ValueError(f"{name}: expected a whole number >= {least}, got {count!r}")
+        for name, value, positive in (("convex.softmax_temperature", self.convex.softmax_temperature, True),
+                                      ("convex.feature_scale", self.convex.feature_scale, True),
+                                      ("adam.lr", self.adam.lr, True),
+                                      ("adam.reg_weight", self.adam.reg_weight, False),
+                                      ("adam.reg_factor", self.adam.reg_factor, False),
+                                      ("adam.data_weight", self.adam.data_weight, False),
+                                      ("spacing_tolerance", self.spacing_tolerance, False),
+                                      *((f"convex.coupling[{i}]", c, False) for i, c in enumerate(self.convex.coupling)),
+                                      *((f"spacing_mm[{i}]", v, True) for i, v in enumerate(self.spacing_mm or ()))):
+            if not _finite_number(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        if self.spacing_mm is not None and len(self.spacing_mm) != 3:
+            raise ValueError(f"spacing_mm: expected three voxel sizes (i, j, k) or none, got {self.spacing_mm!r}")
         return self
+
+
+def _finite_number(value) -> bool:
+    """Whether ``value`` is a real, finite number (not a bool, a string or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _build(cls, obj):
