@@ -28,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from cyclereg.datasets import read_json, require_pair_ids
+from cyclereg.datasets import is_label_number, read_json, require_pair_ids
 from cyclereg.errors import InputError, refuse_empty_paths, require_output_file
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
@@ -89,7 +89,7 @@ def _label_id(label: str, report: dict, path: Path) -> tuple[str, str | None]:
         raise InputError("'label_names' should map label numbers to names", path)
     names = {str(k): str(v) for k, v in given.items()}
     listed = ", ".join(f"{k} {v}" for k, v in names.items())
-    if label.strip().isascii() and label.strip().isdigit():  # '²' is a digit to str.isdigit, not to int()
+    if is_label_number(label.strip()):
         lid = str(int(label))
         if names and lid not in names:
             raise InputError(f"--label {label} is not a label of this report (labels: {listed})", path)
@@ -132,7 +132,7 @@ def paired_statistics(base: list[float], other: list[float], *, lower_is_better:
     mean = sum(diffs) / n
     ci = None
     if n > 1:
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        sd = math.sqrt(sum((d - mean) * (d - mean) for d in diffs) / (n - 1))  # inf, not OverflowError, near 1e308
         half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
         ci = [mean - half, mean + half]
     nonzero = [d for d in diffs if d != 0]

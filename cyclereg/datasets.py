@@ -20,6 +20,12 @@ JSON_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)
 long for Python (``ValueError``), nesting too deep (``RecursionError``)."""
 
 
+def is_label_number(text: str) -> bool:
+    """Whether ``text`` is a label number as a JSON key or an option writes it: ASCII digits only
+    (``str.isdigit`` also takes ``'²'``, which ``int()`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def read_json(path: str | Path) -> dict:
     p = require_file(path)
     try:
@@ -175,7 +181,7 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
                 raise InputError(f"pair {i!r} is held out by folds {held[i]} and {k}", p)
             held[i] = k
         folds.append(tuple(str(v) for v in test))
-    shape = _positive_triple(obj.get("volume_shape_zyx"), "volume_shape_zyx", p)
+    shape = _positive_triple(obj.get("volume_shape_zyx"), "volume_shape_zyx", p, whole=True)
     spacing = _positive_triple(obj.get("spacing_zyx_mm"), "spacing_zyx_mm", p)
     if (shape is None) != (spacing is None):
         raise InputError("volume_shape_zyx and spacing_zyx_mm go together (the volume box): give both or neither", p)
@@ -186,12 +192,15 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     )
 
 
-def _positive_triple(value, key: str, path: Path) -> list[float] | None:
-    """``None`` for an absent key, else three positive numbers (or a one-line error naming the key)."""
+def _positive_triple(value, key: str, path: Path, *, whole: bool = False) -> list[float] | None:
+    """``None`` for an absent key, else three positive numbers, with ``whole`` whole numbers (a voxel
+    count; ``12.0`` passes, ``10.5`` does not), or a one-line error naming the key."""
     if value is None:
         return None
     ok = isinstance(value, list) and len(value) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in value)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf and (not whole or v == int(v))
+        for v in value)
     if not ok:
-        raise InputError(f"{key}: expected three positive finite numbers (z, y, x), got {value!r}", path)
+        what = "whole numbers >= 1 (voxels)" if whole else "finite numbers"
+        raise InputError(f"{key}: expected three positive {what} (z, y, x), got {value!r}", path)
     return value

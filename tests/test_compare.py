@@ -243,6 +243,19 @@ def test_figures_beyond_float_range_are_written_as_strict_json(tmp_path):
     assert c["pairs"][2] == {"id": "c3", "base": 1.0, "other": 2.0}
 
 
+def test_one_value_near_the_float_limit_gives_a_null_spread_not_an_overflow(tmp_path):
+    """A finite mean whose squared deviations overflow (one pair at 1e308): the interval is null, the
+    command does not stop with an OverflowError traceback."""
+    a = keypoint_report(tmp_path / "a.json", {"c1": 1.0, "c2": 2.0, "c3": 3.0})
+    b = keypoint_report(tmp_path / "b.json", {"c1": 1e308, "c2": 2.5, "c3": 3.5})
+    out = tmp_path / "cmp.json"
+    res = runner.invoke(app, ["compare", str(a), str(b), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    c = _strict_json(out.read_text())["comparisons"][0]
+    assert c["mean_difference"] == pytest.approx((1e308 - 1.0 + 0.5 + 0.5) / 3)
+    assert c["ci95"] == [None, None] and (c["better"], c["worse"]) == (0, 3)
+
+
 def test_write_json_turns_non_finite_floats_into_null(tmp_path):
     from cyclereg.checkpoint import write_json
     out = tmp_path / "r.json"

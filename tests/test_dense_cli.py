@@ -624,6 +624,17 @@ def test_label_names_in_either_dataset_form(tmp_path, labels):
     assert names[1] == "spleen" and names[6] == "liver"  # the flat form with a "0" key lost them all
 
 
+def test_label_keys_that_are_not_ascii_numbers_are_not_labels(tmp_path):
+    """'²' is a digit to str.isdigit but not to int(): such a key is a name, not a label number
+    (it stopped the evaluation with a ValueError traceback)."""
+    from cyclereg.dense.data import load_volume_dataset
+
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"labels": {"0": {"1": "a", "\u00b2": "b", "\u0663": "c"}}, "registration_val": [
+        {"fixed": "./imagesTr/A_0001_0000.nii.gz", "moving": "./imagesTr/A_0002_0000.nii.gz"}]}))
+    assert load_volume_dataset(ds_file).label_names == {1: "a"}
+
+
 def test_evaluate_writes_its_unfinished_report_before_the_first_registration(tiny, tmp_path, monkeypatch):
     """An output that cannot be written fails before any registration (it failed after the first pair,
     which takes minutes on real scans): the unfinished report is written once the inputs are checked."""

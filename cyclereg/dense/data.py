@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.datasets import read_json
+from cyclereg.datasets import is_label_number, read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
 from cyclereg.volumeio import Volume, same_grid
@@ -244,7 +244,7 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
         inner = labels["0"] if isinstance(labels.get("0"), dict) else labels
         if isinstance(inner, dict):
             for k, v in inner.items():
-                if str(k).isdigit():
+                if is_label_number(str(k)):
                     label_names[int(k)] = str(v)
     return VolumeDataset(path=p, name=str(obj.get("name", p.stem)), modality=modality,
                          label_names=label_names, pairs=tuple(pairs))
