@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -362,9 +361,7 @@ def demo(
     run_demo(out_dir, seed=seed, device=device)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app(prog_name="cyclereg")
+if __name__ == "__main__":  # pragma: no cover - the console script is cyclereg_cli.entry:main
+    from cyclereg_cli.entry import main
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

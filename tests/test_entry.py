@@ -1,0 +1,50 @@
+"""The console script: an interrupt before the commands' own handling (while Python loads the CLI,
+or parses the options) is one line and exit 130, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from cyclereg_cli import entry
+
+
+class _InterruptingImport:
+    """A meta-path finder that raises KeyboardInterrupt when ``name`` is imported (Ctrl-C mid-import)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_one_line_and_130(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "cyclereg_cli.main", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptingImport("cyclereg_cli.main"), *sys.meta_path])
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == entry.INTERRUPTED + "\n"
+
+
+def test_ctrl_c_while_parsing_is_one_line_and_130(monkeypatch, capsys):
+    import cyclereg_cli.main as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130 and capsys.readouterr().err == entry.INTERRUPTED + "\n"
+
+
+def test_the_console_script_runs_the_cli(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cyclereg", "--version"])
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("cyclereg ")
