@@ -49,6 +49,18 @@ def same_grid(a: Volume, b: Volume, *, atol_mm: float = GRID_TOLERANCE_MM) -> bo
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
 
 
+def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",
+                    hint: str = "resample both onto one grid first") -> None:
+    """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
+    (different shape, or an affine differing by more than :data:`GRID_TOLERANCE_MM`); ``hint`` ends the message."""
+    if fixed.shape != moving.shape:
+        raise InputError(f"{what} has shape {moving.shape} but the {ref} {fixed.path} has {fixed.shape};"
+                         f" {hint}", moving.path)
+    if not same_grid(fixed, moving):
+        raise InputError(f"{what} has a different affine (voxel-to-world) than the {ref} {fixed.path};"
+                         f" {hint}", moving.path)
+
+
 def spacing_differs(got, expected, rel_tol: float) -> bool:
     """Whether voxel sizes ``got`` differ from ``expected`` (mm per axis) by more than ``rel_tol`` of
     ``expected`` along some axis."""

@@ -380,8 +380,12 @@ def test_register_reference_errors_write_nothing(pair_files):
              (["--moving-labels", str(d / "far.nii.gz")], "--moving-labels needs --reference"),
              (["--reference", str(d / "far.nii.gz")], "lies inside this volume"),
              (["--reference", str(d / "nope.nii.gz")], "nope.nii.gz"),
+             (["--reference", str(d / "near.nii.gz"), "--moving-labels", str(d / "far_lab.nii.gz")],
+              "lies inside this volume"),  # without a moving image: any grid, same world
              (["--reference", str(d / "near.nii.gz"), "--moving-image", str(d / "near.nii.gz"),
-               "--moving-labels", str(d / "far_lab.nii.gz")], "lies inside this volume"),  # any grid, same world
+               "--moving-labels", str(d / "far_lab.nii.gz")], "resample it onto the moving image first"),
+             (["--reference", str(d / "near.nii.gz"), "--moving-image", str(d / "near.nii.gz"),
+               "--moving-labels", str(d / "near_lab_cropped.nii.gz")], "moving label map has shape"),
              (["--warps", "2"], "for volumes"),
              (["--no-adam"], "for volumes"),  # an off switch is given too
              (["--resample-moving"], "for volumes"),
@@ -397,6 +401,9 @@ def test_register_reference_errors_write_nothing(pair_files):
     write_nifti(d / "thin.nii.gz", *thin)
     assert thin[0].shape == (2, 2, 2)
     write_nifti(d / "far_lab.nii.gz", torch.ones(far_data.shape, dtype=torch.int32), far_affine)
+    near_data, near_affine = _box_volume(pair.fixed_mm)  # a label map cropped against its scan: refused
+    write_nifti(d / "near_lab_cropped.nii.gz", torch.ones(tuple(s - 2 for s in near_data.shape), dtype=torch.int32),
+                near_affine)
     for i, (extra, message) in enumerate(cases):
         res = runner.invoke(app, ["register", f, m, "-o", str(d / f"o{i}"), *extra])
         assert res.exit_code == 2 and message in res.output, res.output
@@ -434,6 +441,24 @@ def _textured_scans(d: Path, shift_mm=(3.0, -1.5, 4.5)):
     write_nifti(d / "m.nii.gz", data, moved)
     write_nifti(d / "m_lab.nii.gz", (data > 0).astype(np.int16), moved)
     return data, np.array(shift_mm)
+
+
+def test_via_keypoints_refuses_a_label_map_off_the_moving_scans_grid(tmp_path):
+    """--moving-labels goes with the moving scan's grid, as on the dense path: a map cropped or shifted
+    against it would turn the rest into background silently. Refused before the keypoint detection."""
+    data, _ = _textured_scans(tmp_path)
+    moved = nib.load(str(tmp_path / "m.nii.gz")).affine
+    write_nifti(tmp_path / "cropped.nii.gz", (data[:50] > 0).astype(np.int16), moved)
+    shifted = moved.copy()
+    shifted[:3, 3] += 5.0
+    write_nifti(tmp_path / "shifted.nii.gz", (data > 0).astype(np.int16), shifted)
+    for name, message in (("cropped", "moving label map has shape (50, 56, 44)"),
+                          ("shifted", "moving label map has a different affine")):
+        res = runner.invoke(app, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+                                  str(tmp_path / name), "--via-keypoints", "--moving-labels",
+                                  str(tmp_path / f"{name}.nii.gz"), "--device", "cpu"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+        assert f"{name}.nii.gz" in res.output and not (tmp_path / name).exists()
 
 
 def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path):

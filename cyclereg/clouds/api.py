@@ -25,7 +25,7 @@ from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, holds_voxel_indices, points_csv, read_points
-from cyclereg.volumeio import Volume, read_nifti, write_displacement, write_nifti
+from cyclereg.volumeio import Volume, check_same_grid, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "cloud"
@@ -289,7 +289,8 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     along array axis c, fixed -> moving; world mm in x, y, z with ``disp_mm``), the dense path's
     convention. With ``moving_image`` (needs ``reference``; any grid of its own) also
     ``warped.nii.gz``: that image resampled onto the reference grid through the field; with
-    ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour). With ``spread_map``
+    ``moving_labels`` likewise ``warped_labels.nii.gz`` (nearest neighbour; on the moving image's
+    grid when one is given). With ``spread_map``
     (needs ``reference`` and an ensemble model; implies ``spread``) also ``spread.nii.gz``: the
     members' disagreement (mm) on that grid. With ``jacobian`` (needs ``reference``) also ``jacobian.nii.gz``: the
     determinant of the Jacobian of the field on that grid (:func:`cyclereg.metrics.jacobian_map`;
@@ -322,7 +323,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     fixed_mm = read_points(fixed, spacing_mm=sp, affine=ref_affine)
     moving_mm = read_points(moving, spacing_mm=sp, affine=mov_affine)
     query_mm = read_points(query, spacing_mm=sp, affine=ref_affine) if query is not None else None
-    mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
+    mov_lab = _moving_labels(moving_labels, mov_img)
     if ref is not None:
         _require_points_inside(fixed_mm, ref, fixed)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
@@ -364,7 +365,7 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     query_mm = read_points(query, affine=ref.affine) if query is not None else None
     require_output_dir(out_dir)  # before the minutes of keypoint detection
     mov_img = read_nifti(moving)
-    mov_lab = read_nifti(moving_labels, labels=True) if moving_labels is not None else None
+    mov_lab = _moving_labels(moving_labels, mov_img)
     kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose,
                                 label="fixed scan: ")
     kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose,
@@ -383,6 +384,20 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
                                       disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
                                       extra_outputs=extra, query=query)
+
+
+def _moving_labels(path: Path | None, moving_image: Volume | None) -> Volume | None:
+    """The ``--moving-labels`` map (``None``: not given), which must lie on the moving image's grid when
+    there is one (a segmentation of that scan, as the dense path requires: a map cropped or shifted
+    against it would turn the rest of the scan into background without a word); without a moving image
+    it keeps its own grid (it is sampled through world mm)."""
+    if path is None:
+        return None
+    labels = read_nifti(path, labels=True)
+    if moving_image is not None:
+        check_same_grid(moving_image, labels, what="moving label map", ref="moving image",
+                        hint="a label map goes with its scan's grid: resample it onto the moving image first")
+    return labels
 
 
 def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, out_dir: Path, *,

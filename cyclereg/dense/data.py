@@ -16,7 +16,7 @@ import torch
 from cyclereg.datasets import is_label_number, read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
-from cyclereg.volumeio import Volume, same_grid
+from cyclereg.volumeio import Volume, check_same_grid
 from cyclereg.warp import warp_between_grids, warp_labels
 
 
@@ -74,18 +74,6 @@ def require_contrast(volume: Volume) -> Volume:
     if lo == hi:
         raise InputError(f"volume is constant (every voxel {lo:g}): nothing to register", volume.path)
     return volume
-
-
-def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",
-                    hint: str = "resample both onto one grid first") -> None:
-    """Raise :class:`InputError` naming ``moving``'s file when its grid differs from ``fixed``'s
-    (different shape, or an affine differing by more than :data:`~cyclereg.volumeio.GRID_TOLERANCE_MM`); ``hint`` ends the message."""
-    if fixed.shape != moving.shape:
-        raise InputError(f"{what} has shape {moving.shape} but the {ref} {fixed.path} has {fixed.shape};"
-                         f" {hint}", moving.path)
-    if not same_grid(fixed, moving):
-        raise InputError(f"{what} has a different affine (voxel-to-world) than the {ref} {fixed.path};"
-                         f" {hint}", moving.path)
 
 
 def check_pair_grids(fixed: Volume, moving: Volume, fixed_labels: Volume, moving_labels: Volume) -> None:
