@@ -198,3 +198,10 @@ def test_path_checks_refuse_an_empty_string(check):
     with pytest.raises(InputError, match="an empty path"):
         getattr(errors, check)("")
     assert errors.require_output_dir(".") == errors.Path(".")
+
+
+@pytest.mark.parametrize("stages,text", [([1], "1"), ([0, 1, 2], "0-2"), ([0, 2, 3, 4, 7], "0, 2-4, 7")])
+def test_stage_lists_read_as_ranges(stages, text):
+    from cyclereg.training.status import stage_list
+
+    assert stage_list(stages) == text

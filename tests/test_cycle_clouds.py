@@ -939,6 +939,14 @@ def test_status_reports_progress_without_touching_the_run(tmp_path):
     assert f"{log[1]['train_loss_mm']:.3f}" in res.output
     assert all(f"{r['pseudo_label_disagreement_mm']:.3f}" in res.output for r in log)
     assert "labels moved [mm]" in res.output and f"{log[1]['pseudo_label_change_mm']:.3f}" in res.output
+    assert f1["unlogged_stages"] == [] and "without a readable line" not in res.output
+    # a damaged log: the finished stage whose line is unreadable is named, not silently left out of the time
+    text = (run / "fold1" / "log.jsonl").read_text()
+    (run / "fold1" / "log.jsonl").write_text(text.splitlines()[0] + "\n" + text.splitlines()[1][:40] + "\n{\"a\":\n")
+    res = runner.invoke(app, ["status", str(run)])
+    assert res.exit_code == 0 and run_status(run)["folds"][0]["unlogged_stages"] == [1]
+    assert "fold 1: stage 1 finished but without a readable line in log.jsonl" in " ".join(res.output.split())
+    (run / "fold1" / "log.jsonl").write_text(text)
     torch.save({"step": 1, "total_steps": 2}, run / "fold1" / "stage2.partial.pt")
     status = run_status(run)["folds"][0]
     assert status["next"] == "stage 2: training after step 1/2"

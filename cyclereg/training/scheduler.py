@@ -543,7 +543,9 @@ class StageScheduler:
         (training only, the pseudo-label refreshes not counted); ``None`` when neither exists.
         ``stage_log``: each finished stage's line of ``log.jsonl`` (training loss, pseudo-label
         disagreement and, where a run reports them, validation scores; a stage logged twice: its
-        last line). With ``stop_below_mm``, a run whose last refresh moved its labels less than that
+        last line). ``unlogged_stages``: finished stages without a readable line in ``log.jsonl`` (lines
+        damaged or removed: their times and history are missing from the figures). With
+        ``stop_below_mm``, a run whose last refresh moved its labels less than that
         (:func:`settled_stage`) is finished, with nothing left to do."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
         records = self._stage_log()
@@ -590,7 +592,8 @@ class StageScheduler:
         elif per_stage is not None:
             remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
-                "remaining_s": remaining, "stage_log": records}
+                "remaining_s": remaining, "stage_log": records,
+                "unlogged_stages": [t for t in range(done + 1) if t not in records]}
 
     def _remove_leftovers(self) -> None:
         """What a killed run left here that nothing reads again: temporary files of interrupted atomic

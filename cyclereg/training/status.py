@@ -28,7 +28,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     from rich.table import Table
 
     from cyclereg.checkpoint import write_json
-    from cyclereg.console import print_table
+    from cyclereg.console import print_note, print_table
     from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output
     from cyclereg.training.api import run_status
 
@@ -50,6 +50,12 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
                       hms(row["remaining_s"]))
     console = console or Console()
     print_table(console, table)
+    for row in info["folds"]:
+        if row["unlogged_stages"]:
+            many = len(row["unlogged_stages"]) > 1
+            print_note(f"{'the run' if row['fold'] is None else 'fold ' + str(row['fold'])}: stage{'s' if many else ''} "
+                       f"{stage_list(row['unlogged_stages'])} finished but without a readable line in log.jsonl "
+                       f"(damaged or removed lines): the time so far and the history leave {'them' if many else 'it'} out")
     if history:
         print_table(console, history_table(info))
     if json_out is not None:
@@ -73,6 +79,17 @@ def history_table(info: dict):
         values = [f"{rec[key]:.3f}" if isinstance(rec.get(key), (int, float)) else "-" for key, _ in shown]
         table.add_row("all" if fold is None else str(fold), str(t), hms(rec.get("seconds")), *values)
     return table
+
+
+def stage_list(stages: list[int]) -> str:
+    """``0, 2-5``: stage numbers with runs of consecutive ones as ranges."""
+    parts, start = [], None
+    for i, t in enumerate(stages):
+        start = t if start is None else start
+        if i + 1 == len(stages) or stages[i + 1] != t + 1:
+            parts.append(str(t) if start == t else f"{start}-{t}")
+            start = None
+    return ", ".join(parts)
 
 
 def hms(seconds: float | None) -> str:
