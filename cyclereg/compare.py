@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cyclereg.datasets import is_label_number, read_json, require_pair_ids
-from cyclereg.errors import InputError, refuse_empty_paths, require_output_file
+from cyclereg.errors import InputError, refuse_empty_paths, require_output_file, same_path
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
 
@@ -213,6 +213,11 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
         name_shown = name
     if not any(_value(r, m) is not None for r in base_pairs.values()):
         raise InputError(f"the report has no {name_shown} values", base_path)
+    for i, p in enumerate(paths[1:], start=1):
+        twin = next((q for q in paths[:i] if same_path(p, q)), None)
+        if twin is not None:  # allowed (a quick check), but every difference is 0 and it counts in Holm's adjustment
+            print_note(f"{p} is the same file as {'the base' if twin == paths[0] else twin}: its comparison is "
+                       "identical by construction", quiet=quiet)
     comparisons = []
     for p, (_, report, pairs) in zip(paths[1:], loaded[1:]):
         common = [pid for pid in base_pairs if pid in pairs]

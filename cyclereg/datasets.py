@@ -178,7 +178,8 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
             if i not in ids:
                 raise InputError(f"fold {k} holds out {i!r}, which is not a pair id", p)
             if i in held:
-                raise InputError(f"pair {i!r} is held out by folds {held[i]} and {k}", p)
+                raise InputError(f"fold {k} lists {i!r} twice" if held[i] == k else
+                                 f"pair {i!r} is held out by folds {held[i]} and {k}", p)
             held[i] = k
         folds.append(tuple(str(v) for v in test))
     shape = _positive_triple(obj.get("volume_shape_zyx"), "volume_shape_zyx", p, whole=True)

@@ -758,6 +758,9 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and "recentre_passes" in res.output and not (tmp_path / "e").exists()
     assert "--recentre-passes / --tta-passes set those two" in res.output
+    # runs make a folder of foldK.pt: a checkpoint-like name for it is refused, not made into a folder
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e.pt")])
+    assert res.exit_code == 2 and "looks like one checkpoint file" in res.output and not (tmp_path / "e.pt").exists()
     from cyclereg.frames import UnitBox
     _random_run(tmp_path / "boxed", {1: 3, 2: 4}, training_box=UnitBox((0.0, 0.0, 0.0), (100.0, 100.0, 100.0)))
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "boxed"), "-o", str(tmp_path / "e")])

@@ -261,3 +261,14 @@ def test_write_json_turns_non_finite_floats_into_null(tmp_path):
     out = tmp_path / "r.json"
     write_json(out, {"nan": float("nan"), "inf": [float("inf"), -math.inf], "ok": 0.5, "n": 3, "flag": True})
     assert _strict_json(out.read_text()) == {"nan": None, "inf": [None, None], "ok": 0.5, "n": 3, "flag": True}
+
+
+def test_a_report_compared_with_itself_is_said(tmp_path, capsys):
+    """Allowed (every difference 0), but said: given twice by mistake it would also count in Holm's
+    adjustment of the others."""
+    a = keypoint_report(tmp_path / "a.json", {"c1": 1.0, "c2": 2.0})
+    b = keypoint_report(tmp_path / "b.json", {"c1": 1.5, "c2": 1.0})
+    r = compare_reports([a, tmp_path / "." / "a.json", b, b])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a.json is the same file as the base: its comparison is identical by construction" in err
+    assert f"{b} is the same file as {b}" in err and r["comparisons"][0]["mean_difference"] == 0

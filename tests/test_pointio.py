@@ -299,6 +299,7 @@ def test_require_count_names_flag_and_bound():
     ({"pairs": "dup"}, "'a' is listed more than once"),
     ({"folds": [["a"], ["zz"]]}, "fold 2 holds out 'zz', which is not a pair id"),
     ({"folds": [["a"], ["a", "b"]]}, "pair 'a' is held out by folds 1 and 2"),
+    ({"folds": [["a", "a"], ["b"]]}, "fold 1 lists 'a' twice"),
     ({"folds": [[]]}, "fold 1: expected a non-empty list"),
     ({"folds": 5}, "'folds' should be a list of folds"),
     ({"volume_shape_zyx": [192, 192], "spacing_zyx_mm": [1, 1, 1]}, "volume_shape_zyx: expected three positive whole"),

@@ -120,6 +120,9 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     if any(dirs) and not all(dirs):
         raise InputError("give either run directories or checkpoint files, not both")
     if all(dirs):
+        if output.suffix.lower() in (".pt", ".pth") and not output.is_dir():
+            raise InputError("-o: run directories make a folder of foldK.pt files, and this name looks like one "
+                             "checkpoint file; give a folder name (e.g. models/my_ensemble)", output)
         require_output_dir(output)
         _refuse_source_as_output(sources, output)
         per_source = [_fold_files(s) for s in sources]
