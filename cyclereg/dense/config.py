@@ -255,7 +255,8 @@ class DensePipelineConfig:
                                       ("adam.reg_factor", self.adam.reg_factor, False),
                                       ("adam.data_weight", self.adam.data_weight, False),
                                       ("spacing_tolerance", self.spacing_tolerance, False),
-                                      *((f"convex.coupling[{i}]", c, False) for i, c in enumerate(self.convex.coupling)),
+                                      *((f"convex.coupling[{i}]", c, False)
+                                        for i, c in enumerate(self.convex.coupling)),
                                       *((f"spacing_mm[{i}]", v, True) for i, v in enumerate(self.spacing_mm or ()))):
             if not _finite_number(value) or value < 0 or (positive and value == 0):
                 raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")

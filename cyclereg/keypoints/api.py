@@ -48,7 +48,8 @@ from cyclereg.errors import InputError, require_file, require_output_dir, requir
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
-from cyclereg.pointio import holds_voxel_indices, points_csv, read_landmark_pair, read_points, require_open3d, write_points
+from cyclereg.pointio import (holds_voxel_indices, points_csv, read_landmark_pair, read_points, require_open3d,
+                              write_points)
 from cyclereg.volumeio import Volume, read_nifti, same_grid, write_nifti
 
 FORMATS = ("csv", "l2r", "ply", "pcd", "npy")

@@ -51,11 +51,12 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     console = console or Console()
     print_table(console, table)
     for row in info["folds"]:
-        if row["unlogged_stages"]:
-            many = len(row["unlogged_stages"]) > 1
-            print_note(f"{'the run' if row['fold'] is None else 'fold ' + str(row['fold'])}: stage{'s' if many else ''} "
-                       f"{stage_list(row['unlogged_stages'])} finished but without a readable line in log.jsonl "
-                       f"(damaged or removed lines): the time so far and the history leave {'them' if many else 'it'} out")
+        missing = row["unlogged_stages"]
+        if missing:
+            where = "the run" if row["fold"] is None else f"fold {row['fold']}"
+            stages_text = ("stages " if len(missing) > 1 else "stage ") + stage_list(missing)
+            print_note(f"{where}: {stages_text} finished but without a readable line in log.jsonl (damaged or "
+                       "removed lines): the time so far and the history leave them out")
     if history:
         print_table(console, history_table(info))
     if json_out is not None:
