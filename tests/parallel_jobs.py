@@ -53,8 +53,8 @@ def threads_until(wanted: int, *, progress) -> tuple[int, int]:
     pass); returns the counts at the start and at the end."""
     import torch
 
+    first = torch.get_num_threads()  # before the first progress call, which may already take over freed threads
     task = progress.add_task("wait", total=None)
-    first = torch.get_num_threads()
     deadline = time.monotonic() + 30
     while torch.get_num_threads() != wanted and time.monotonic() < deadline:
         time.sleep(0.05)
