@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cyclereg.datasets import is_label_number, read_json, require_pair_ids
-from cyclereg.errors import InputError, refuse_empty_paths, require_output_file, same_path
+from cyclereg.errors import InputError, finite_number, refuse_empty_paths, require_output_file, same_path
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
 
@@ -107,7 +107,7 @@ def _value(record: dict, metric: Metric) -> float | None:
         if not isinstance(value, dict) or key not in value:
             return None
         value = value[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite_number(value):
         return None
     return float(value)
 

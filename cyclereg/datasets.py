@@ -8,11 +8,10 @@ Only :func:`dataset_kind` and the keypoint loader live here; the volume loader i
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyclereg.errors import InputError, require_file
+from cyclereg.errors import InputError, finite_number, require_file
 
 
 JSON_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)
@@ -199,8 +198,7 @@ def _positive_triple(value, key: str, path: Path, *, whole: bool = False) -> lis
     if value is None:
         return None
     ok = isinstance(value, list) and len(value) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf and (not whole or v == int(v))
-        for v in value)
+        finite_number(v) and v > 0 and (not whole or v == int(v)) for v in value)
     if not ok:
         what = "whole numbers >= 1 (voxels)" if whole else "finite numbers"
         raise InputError(f"{key}: expected three positive {what} (z, y, x), got {value!r}", path)

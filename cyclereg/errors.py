@@ -3,6 +3,7 @@ one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -158,6 +159,17 @@ def require_separate_output(output: str | Path | None, flag: str, *,
         if run is not None and _in_run_dir(out, Path(run)):
             raise InputError(f"{flag}: this would be one of the files of {what} ({run}), which the command "
                              "only reads; write it elsewhere", output)
+
+
+def finite_number(value) -> bool:
+    """Whether ``value`` (as read from JSON or a configuration) is a real, finite number: an ``int`` or
+    ``float``, not a ``bool`` (an ``int`` to Python), a string, NaN or inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def whole_number(value) -> bool:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (a count, a number of voxels)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def require_count(flag: str, value: int | None, minimum: int) -> int | None:

@@ -8,11 +8,11 @@ exactly (its affine part lies in the null space of the bending energy).
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 
 import torch
+
+from cyclereg.errors import finite_number, whole_number
 
 EVAL_CHUNK_BYTES_CPU = 4 * 2**20
 """On CPU, the bytes of kernel matrix (query points x control points, float64) evaluated at
@@ -49,11 +49,10 @@ class TPSConfig:
     def __post_init__(self):
         if self.kernel not in TPS_KERNELS:
             raise ValueError(f"kernel: expected {' or '.join(map(repr, TPS_KERNELS))}, got {self.kernel!r}")
-        if isinstance(self.grid_step, bool) or not isinstance(self.grid_step, int) or self.grid_step < 1:
+        if not whole_number(self.grid_step) or self.grid_step < 1:
             raise ValueError(f"grid_step: expected a whole number of voxels >= 1, got {self.grid_step!r}")
-        reg = self.regularisation
-        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg < 0:
-            raise ValueError(f"regularisation: expected a finite number >= 0, got {reg!r}")
+        if not finite_number(self.regularisation) or self.regularisation < 0:
+            raise ValueError(f"regularisation: expected a finite number >= 0, got {self.regularisation!r}")
 
 
 TPS_KERNELS = ("r2logr", "r")

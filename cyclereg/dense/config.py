@@ -15,9 +15,10 @@ convex optimiser, the Adam grid for instance optimisation, the image grid otherw
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from cyclereg.errors import finite_number, whole_number
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class DensePipelineConfig:
                                    ("adam.iterations", self.adam.iterations, 0),
                                    ("adam.smooth_passes", self.adam.smooth_passes, 0),
                                    ("adam.final_smooth_passes", self.adam.final_smooth_passes, 0)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < least:
+            if not whole_number(count) or count < least:
                 raise ValueError(f"{name}: expected a whole number >= {least}, got {count!r}")
         for name, value, positive in (("convex.softmax_temperature", self.convex.softmax_temperature, True),
                                       ("convex.feature_scale", self.convex.feature_scale, True),
@@ -258,16 +259,11 @@ class DensePipelineConfig:
                                       *((f"convex.coupling[{i}]", c, False)
                                         for i, c in enumerate(self.convex.coupling)),
                                       *((f"spacing_mm[{i}]", v, True) for i, v in enumerate(self.spacing_mm or ()))):
-            if not _finite_number(value) or value < 0 or (positive and value == 0):
+            if not finite_number(value) or value < 0 or (positive and value == 0):
                 raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if self.spacing_mm is not None and len(self.spacing_mm) != 3:
             raise ValueError(f"spacing_mm: expected three voxel sizes (i, j, k) or none, got {self.spacing_mm!r}")
         return self
-
-
-def _finite_number(value) -> bool:
-    """Whether ``value`` is a real, finite number (not a bool, a string or NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _build(cls, obj):

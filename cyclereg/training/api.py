@@ -36,7 +36,7 @@ from cyclereg.console import print_note
 from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg import errors
-from cyclereg.errors import InputError, refuse_empty_paths, require_count, require_output_dir
+from cyclereg.errors import InputError, refuse_empty_paths, require_count, require_output_dir, whole_number
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
@@ -286,7 +286,7 @@ def _read_meta(run: Path, kind: str | None = None) -> dict:
         if config_class is None or not isinstance(meta.get("folds", []), list):
             raise TypeError("kind or folds")
         stages = meta["config"]["stages"]
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        if not whole_number(stages) or stages < 1:
             raise ValueError("stages")
         rule = meta.get(STOP_KEY)
         if rule is not None and (isinstance(rule, bool) or not isinstance(rule, (int, float)) or not rule > 0):
