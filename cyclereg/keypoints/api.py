@@ -400,8 +400,7 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                                read=lambda f: read_points(f, spacing_mm=INDEX_CHECK_SPACING))
     dev = resolve_device(device)
     texts: dict[str, str] = {}
-    landmark_texts: dict[str, str] = {}  # landmarks/{id}_{role}.csv: voxel-index landmarks in mm
-    landmark_sources: dict[str, str] = {}  # its path in the dataset -> the voxel-index file it came from
+    voxel_landmarks: dict[str, tuple[Path, str]] = {}  # landmarks/{id}_{role}.csv -> (voxel-index file, mm text)
     counts: dict[str, dict[str, int]] = {}
     grids: dict[str, dict[str, dict]] = {}  # per scan: its grid and the NMS radius in its voxels
     t0 = time.perf_counter()
@@ -415,8 +414,8 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                 texts[f"{q.id}_{role}.csv"] = points_csv(result.points_mm)
                 landmarks = q.fixed_landmarks if role == "fixed" else q.moving_landmarks
                 if landmarks is not None and holds_voxel_indices(landmarks):
-                    landmark_texts[f"{q.id}_{role}.csv"] = points_csv(read_points(landmarks, affine=volume.affine))
-                    landmark_sources[f"landmarks/{q.id}_{role}.csv"] = str(landmarks)
+                    voxel_landmarks[f"landmarks/{q.id}_{role}.csv"] = (
+                        landmarks, points_csv(read_points(landmarks, affine=volume.affine)))
                 counts.setdefault(q.id, {})[role] = int(result.points_mm.shape[0])
                 grids.setdefault(q.id, {})[role] = {
                     "shape": list(volume.shape), "spacing_mm": list(volume.spacing),
@@ -432,8 +431,8 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                  "moving_keypoints": f"keypoints/{q.id}_moving.csv"}
         if q.fixed_landmarks is not None:
             for role, path in (("fixed", q.fixed_landmarks), ("moving", q.moving_landmarks)):
-                name = f"{q.id}_{role}.csv"
-                entry[f"{role}_landmarks"] = f"landmarks/{name}" if name in landmark_texts else rel(path)
+                converted = f"landmarks/{q.id}_{role}.csv"
+                entry[f"{role}_landmarks"] = converted if converted in voxel_landmarks else rel(path)
         entries.append(entry)
     obj: dict = {"name": Path(pairs_csv).stem, "pairs": entries}
     if folds is not None:
@@ -442,15 +441,15 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     (out / "keypoints").mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         atomic_write_text(out / "keypoints" / name, text)
-    if landmark_texts:
+    if voxel_landmarks:
         (out / "landmarks").mkdir(exist_ok=True)
-    for name, text in landmark_texts.items():
-        atomic_write_text(out / "landmarks" / name, text)
+    for name, (_, text) in voxel_landmarks.items():
+        atomic_write_text(out / name, text)
     write_json(config_path_for(dataset_json), {
         **provenance(dev), "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
         "lung_mask": lung_mask, "device": str(dev), "foerstner": keypoints,
         "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts, "scans": grids,
-        "landmarks_from_voxel_indices": landmark_sources,
+        "landmarks_from_voxel_indices": {name: str(src) for name, (src, _) in voxel_landmarks.items()},
         "seconds": round(time.perf_counter() - t0, 3)})
     write_json(dataset_json, obj)
     return dataset_json
