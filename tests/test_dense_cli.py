@@ -611,6 +611,23 @@ def test_scan_ids_unique_where_a_case_has_several_scans(tmp_path):
 
 
 
+def test_a_pair_listed_twice_is_refused_naming_both_entries(tmp_path):
+    """A registration_val pair listed twice was dropped silently (the evaluation then had one pair
+    fewer than the dataset lists); the reverse direction of a listed pair is another pair."""
+    from cyclereg.dense.data import load_volume_dataset
+
+    a, b, c = (f"./imagesTr/A_000{k}_0000.nii.gz" for k in (1, 2, 3))
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"registration_val": [
+        {"fixed": a, "moving": b}, {"fixed": b, "moving": c}, {"fixed": "imagesTr/../imagesTr/A_0001_0000.nii.gz", "moving": b}]}))
+    with pytest.raises(InputError, match=r"entries 0 and 2 list the same pair") as e:
+        load_volume_dataset(ds_file)
+    assert e.value.path == ds_file
+    ds_file.write_text(json.dumps({"registration_val": [{"fixed": a, "moving": b}, {"fixed": b, "moving": a}]}))
+    assert len(load_volume_dataset(ds_file).pairs) == 2
+    assert len(load_volume_dataset(ds_file, both_directions=True).pairs) == 2
+
+
 @pytest.mark.parametrize("labels", [{"0": {"1": "spleen", "6": "liver"}},  # Learn2Reg: per channel
                                     {"0": "background", "1": "spleen", "6": "liver"},  # flat, with background
                                     {"1": "spleen", "6": "liver"}])  # flat, without

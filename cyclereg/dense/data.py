@@ -209,11 +209,16 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     if not isinstance(raw, list) or not raw:
         raise InputError("no 'registration_val' pairs in the dataset", p)
     ordered: dict[tuple[Path, Path], None] = {}  # the pairs in order, each once
+    listed: dict[tuple[Path, Path], int] = {}  # pair as listed -> its entry number
     for n, entry in enumerate(raw):
         try:
             f, m = res(entry["fixed"]), res(entry["moving"])
         except (KeyError, TypeError):
             raise InputError(f"registration_val entry {n} needs 'fixed' and 'moving'", p) from None
+        if (f, m) in listed:  # a copy-paste slip would silently shrink the evaluation
+            raise InputError(f"registration_val entries {listed[(f, m)]} and {n} list the same pair "
+                             f"({entry['fixed']} -> {entry['moving']})", p)
+        listed[(f, m)] = n
         for a, b in ((f, m), (m, f)) if both_directions else ((f, m),):
             ordered[(a, b)] = None
     scans = [scan for pair in ordered for scan in pair]
