@@ -29,6 +29,11 @@ from cyclereg.errors import InputError, require_file
 from cyclereg.frames import voxel_to_world, world_to_voxel
 
 HEADER = ("x_mm", "y_mm", "z_mm")
+MAX_COORDINATE_MM = 1e6
+"""Largest world coordinate magnitude a point file may hold (mm): a kilometre. Scanner frames put a body
+within a few metres of the origin, and float32 (the clouds' type) resolves 0.06 mm there; a file
+beyond it holds another unit or garbage, reported as its own file's problem (the overlap check of a
+pair could only blame the two files together)."""
 
 
 def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[int] | None = None) -> torch.Tensor:
@@ -41,9 +46,11 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
     if arr.shape[0] == 0:
         raise InputError("point cloud is empty", path)
 
+    def where(row: int) -> str:
+        return f"line {lines[row]}" if lines is not None else f"point {row} (0-based)"
+
     def first_bad(values: np.ndarray) -> str:
-        bad = int(np.argwhere(~np.isfinite(values))[0, 0])
-        return f"line {lines[bad]}" if lines is not None else f"point {bad} (0-based)"
+        return where(int(np.argwhere(~np.isfinite(values))[0, 0]))
 
     if not np.isfinite(arr).all():
         raise InputError(f"non-finite coordinate (NaN or inf) on {first_bad(arr)}", path)
@@ -52,6 +59,10 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
     if not np.isfinite(single).all():  # finite in the file, but beyond what float32 holds (~3.4e38)
         raise InputError(f"coordinate out of range (beyond float32's {np.finfo(np.float32).max:.1e}) on "
                          f"{first_bad(single)}", path)
+    if (np.abs(single) > MAX_COORDINATE_MM).any():
+        far = int(np.argwhere(np.abs(single) > MAX_COORDINATE_MM)[0, 0])
+        raise InputError(f"coordinate {float(np.abs(single[far]).max()):.3g} mm on {where(far)} is beyond "
+                         f"{MAX_COORDINATE_MM:.0e} mm (a kilometre): not millimetres of a scan", path)
     return torch.from_numpy(single)
 
 

@@ -96,6 +96,8 @@ def test_learn2reg_voxel_csv_on_a_scan_grid(tmp_path):
     ("x_mm,y_mm,z_mm\n1,2,3\n4,5,6\n1,inf,3\n", "NaN or inf\\) on line 4"),  # lines counted as parse errors are
     ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,inf,3\n", "NaN or inf\\) on line 5"),  # the file's lines, blank ones too
     ("x_mm,y_mm,z_mm\n1,2,3\n1e39,2,3\n", "out of range .* on line 3"),  # finite in float64, inf in float32
+    # a kilometre off: another unit or garbage, named as this file's problem (a pair's overlap check blamed the other)
+    ("x_mm,y_mm,z_mm\n1,2,3\n1,-2e6,3\n", "coordinate 2e\\+06 mm on line 3 is beyond 1e\\+06 mm"),
     ("x_mm,y_mm,z_mm\n\n1,2,3\n\n1,x,3\n", "line 5: not a number"),
     ("x_mm,y_mm\n1,2\n", "3 columns"),
     ("x_mm,y_mm,z_mm\n1,2,3\n1,2\n", "columns"),
@@ -109,6 +111,17 @@ def test_bad_csv(tmp_path, content, match):
     with pytest.raises(InputError, match=match) as err:
         read_points(p)
     assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_coordinate_bound_holds_for_every_format_and_admits_scanner_frames(tmp_path):
+    """Scanner coordinates (a table position of two metres) load; a file in micrometres of a body beyond a
+    kilometre is refused whatever its format, naming the point."""
+    near = np.array([[10.0, -2000.0, 1500.0], [999_999.0, 0.0, 0.0]])
+    np.save(tmp_path / "near.npy", near)
+    torch.testing.assert_close(read_points(tmp_path / "near.npy"), torch.tensor(near, dtype=torch.float32))
+    np.save(tmp_path / "far.npy", near * 1000)
+    with pytest.raises(InputError, match=r"far.npy: coordinate 2e\+06 mm on point 0 \(0-based\)"):
+        read_points(tmp_path / "far.npy")
 
 
 def test_missing_and_unreadable(tmp_path):
