@@ -1456,7 +1456,8 @@ def test_a_run_json_of_a_foreign_shape_is_one_line_not_a_traceback(tmp_path):
     bogus = {**good, "config": {**good["config"], "bogus": 1}}
     zero = {**good, "config": {**good["config"], "stages": 0}}
     rule = {**good, "stop_below_mm": "0.2"}  # a stopping rule must be a number of mm
-    for broken in ([], no_config, bogus, zero, {**good, "kind": "images"}, rule):
+    endless = {**good, "stop_below_mm": float("inf")}  # and finite: Infinity (json.dumps writes it) stopped every fold
+    for broken in ([], no_config, bogus, zero, {**good, "kind": "images"}, rule, endless):
         (run / "run.json").write_text(json.dumps(broken))
         for args in (["cycle", str(ds), "--run", str(run), "--device", "cpu"], ["status", str(run)],
                      ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *CHEAP_LABELS, *FAST]):

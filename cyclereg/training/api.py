@@ -36,7 +36,7 @@ from cyclereg.console import print_note
 from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg import errors
-from cyclereg.errors import InputError, refuse_empty_paths, require_count, require_output_dir, whole_number
+from cyclereg.errors import InputError, finite_number, refuse_empty_paths, require_count, require_output_dir, whole_number
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
@@ -289,7 +289,7 @@ def _read_meta(run: Path, kind: str | None = None) -> dict:
         if not whole_number(stages) or stages < 1:
             raise ValueError("stages")
         rule = meta.get(STOP_KEY)
-        if rule is not None and (isinstance(rule, bool) or not isinstance(rule, (int, float)) or not rule > 0):
+        if rule is not None and not (finite_number(rule) and rule > 0):
             raise ValueError(STOP_KEY)
         if kind is None or meta.get("kind") == kind:  # another kind's run: the caller names it another dataset's
             config_class.from_dict(meta["config"])
