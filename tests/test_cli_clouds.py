@@ -967,8 +967,22 @@ def test_shipped_copd_joint5_regression(tmp_path):
     assert cfg["recentre_passes"] == 1 and cfg["recentre_candidates"] == 128 and cfg["tta_passes"] == 0
 
 
-def test_shipped_copd_joint5_members_are_the_carried_runs_networks():
-    """`models/copd_joint5/ensemble.json` names, for every fold and member, a checkpoint in the repository
+@pytest.mark.slow
+def test_shipped_copd_rel05_joint4_regression(tmp_path):
+    """The joint ensemble of the four runs of `models/copd`'s configuration (seeds 0-3, all of them),
+    `models/copd_rel05_joint4` (a few minutes; -m slow): each member's stored test-time settings (K = 64,
+    one re-centred pass, 4 test-time augmentation passes), joint fusion; mean TRE at the measured 1.98 mm
+    (docs/benchmarks.md, "The four runs of the adopted configuration as one joint ensemble") within 0.02 mm."""
+    r = _evaluate_model_set(tmp_path, "copd_rel05_joint4")
+    assert r["mean_tre_mm"] == pytest.approx(1.98, abs=0.02)
+    cfg = r["config"]
+    assert cfg["ensemble_size"] == 4 and cfg["ensemble_fusion"] == "joint" and cfg["lbp"]["num_candidates"] == 64
+    assert cfg["recentre_passes"] == 1 and cfg["recentre_candidates"] is None and cfg["tta_passes"] == 4
+
+
+@pytest.mark.parametrize("name,size", [("copd_joint5", 5), ("copd_rel05_joint4", 4)])
+def test_shipped_copd_ensemble_members_are_the_carried_runs_networks(name, size):
+    """`models/NAME/ensemble.json` names, for every fold and member, a checkpoint in the repository
     with its SHA-256 and the training configuration of its run, and the shipped ensemble holds
     exactly that checkpoint's weights (no shared data needed; a few seconds)."""
     import hashlib
@@ -977,11 +991,14 @@ def test_shipped_copd_joint5_members_are_the_carried_runs_networks():
     from cyclereg.training.clouds import CloudCycleConfig
 
     root = Path(__file__).resolve().parents[1]
-    info = json.loads((root / "models" / "copd_joint5" / "ensemble.json").read_text())
+    info = json.loads((root / "models" / name / "ensemble.json").read_text())
     assert sorted(info["members"]) == [f"fold{k}" for k in range(1, 6)]
     for fold, members in info["members"].items():
-        shipped = load_checkpoint(root / "models" / "copd_joint5" / f"{fold}.pt", kind="cloud")["state_dict"]
-        assert len(members) == 5
+        shipped = load_checkpoint(root / "models" / name / f"{fold}.pt", kind="cloud")["state_dict"]
+        assert len(members) == size
+        if name == "copd_rel05_joint4":  # all four runs of the configuration, none left out (the rule of its section)
+            assert [m["run"] for m in members] == ["carried-runs/copd_rel05"] + [
+                f"carried-runs/copd_rel05_seed{k}" for k in (1, 2, 3)]
         for i, member in enumerate(members):
             source = root / member["source"]
             assert not Path(member["source"]).is_absolute() and source.is_file(), member["source"]
