@@ -18,7 +18,7 @@ from cyclereg.dense.network import random_feature_net
 from cyclereg.errors import InputError
 from cyclereg.frames import mm_disp_to_voxel
 from cyclereg.metrics import jacobian_map
-from cyclereg.volumeio import read_nifti
+from cyclereg.volumeio import Volume, read_nifti
 from cyclereg.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -249,7 +249,6 @@ def test_resample_onto_a_grid_shifted_by_whole_voxels_is_the_shifted_array():
     onto the reference grid as ``out[x] = vol[x - t]``; outside its extent an image repeats its
     edge value and a label map is background."""
     from cyclereg.dense.data import resample_onto
-    from cyclereg.volumeio import Volume
 
     t = np.array([2, 1, -3])
     shift = np.eye(4)
@@ -320,6 +319,35 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
     res = runner.invoke(app, ["register", str(fixed), str(far), "-o", str(tmp_path / "far"), "--resample-moving", *FAST])
     assert res.exit_code == 2 and "does not overlap the fixed scan" in " ".join(res.output.split()), res.output
     assert "far.nii.gz" in res.output and not (tmp_path / "far").exists()
+    # beside the fixed scan along one axis only: resampling copies its face across the fixed grid (not one
+    # value), which passed as an overlap and registered (exit 0); refused by the world extents now
+    beside_affine = AFFINE.copy()
+    beside_affine[0, 3] += 1.5 * max(SHAPE) * np.abs(AFFINE[0, :3]).sum()  # along world x only, past its extent
+    beside = _save(tmp_path / "beside.nii.gz", np.asarray(nib.load(str(moving)).dataobj), beside_affine)
+    res = runner.invoke(app, ["register", str(fixed), str(beside), "-o", str(tmp_path / "bs"), "--resample-moving", *FAST])
+    assert res.exit_code == 2 and "does not overlap the fixed scan" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "bs").exists()
+    record = json.loads((tmp_path / "b" / "config.json").read_text())["inputs"]
+    assert record["fixed_voxels_inside_moving"] == 1.0  # the reordered copy covers the fixed grid
+
+
+def test_overlap_fraction_of_shifted_grids_is_the_shared_share():
+    """A grid shifted by half its extent along one axis holds half the reference's voxel centres; shifted
+    beyond it along one axis, none; rotated about its centre by 90 degrees (a cube), all of them."""
+    from cyclereg.dense.data import overlap_fraction
+
+    ref = Volume(torch.zeros(10, 12, 14), np.diag([2.0, 1.0, 1.5, 1.0]))
+    for shift_vox, expected in ((5, 0.5), (10, 0.0), (-3, 0.7), (0, 1.0)):
+        affine = ref.affine.copy()
+        affine[0, 3] = 2.0 * shift_vox  # the volume's voxel i sits at the reference's voxel i + shift
+        assert overlap_fraction(Volume(torch.zeros(10, 12, 14), affine), ref) == pytest.approx(expected)
+    cube = Volume(torch.zeros(9, 9, 9), np.eye(4))
+    turn = np.array([[0, -1, 0, 8], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # voxel (i, j) -> (8 - j, i)
+    assert overlap_fraction(Volume(torch.zeros(9, 9, 9), turn), cube) == 1.0
+    big = Volume(torch.zeros(200, 3, 3), np.eye(4))  # more centres than the lattice: sampled, ends included
+    half = np.eye(4)
+    half[0, 3] = 100.0
+    assert overlap_fraction(Volume(torch.zeros(200, 3, 3), half), big) == pytest.approx(0.5, abs=1 / 64)
 
 
 def test_label_maps_must_hold_integers(tmp_path):

@@ -37,8 +37,8 @@ from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, stale_output
 from cyclereg.console import count, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
-from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, preprocess,
-                                 require_contrast, resample_onto, resolve_mode)
+from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, overlap_fraction,
+                                 preprocess, require_contrast, resample_onto, resolve_mode)
 from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import min_volume_size, register
 from cyclereg.device import provenance, resolve_device
@@ -165,11 +165,13 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         check_same_grid(mv, lv, what="label map", ref="moving image")
     resampled = resample_moving and not same_grid(fv, mv)
     given_mv, given_lv = mv, lv  # as read: the outputs are sampled from these, with one interpolation
+    overlap = None
     if resampled:
+        overlap = overlap_fraction(mv, fv)
+        if overlap == 0:
+            raise InputError("no voxel of the fixed scan lies inside it (--resample-moving): it does not overlap the "
+                             f"fixed scan {fixed} in world space (check the two affines)", moving)
         mv = resample_onto(mv, fv)
-        if float(mv.data.min()) == float(mv.data.max()) and float(given_mv.data.min()) != float(given_mv.data.max()):
-            raise InputError("on the fixed scan's grid (--resample-moving) it is one value everywhere: it does not "
-                             f"overlap the fixed scan {fixed} in world space (check the two affines)", moving)
         lv = None if lv is None else resample_onto(lv, fv, labels=True)
     check_same_grid(fv, mv, hint="resample it onto the fixed grid first (register --resample-moving does so)")
     require_output_dir(out_dir)
@@ -209,7 +211,8 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         "device": str(dev),
         "inputs": {"fixed": str(fixed), "moving": str(moving),
                    "moving_labels": str(moving_labels) if moving_labels else None,
-                   "moving_resampled_onto_fixed_grid": resampled},
+                   "moving_resampled_onto_fixed_grid": resampled,
+                   "fixed_voxels_inside_moving": overlap},
         "outputs": {
             "files": written,
             "displacement": {

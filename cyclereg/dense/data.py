@@ -16,6 +16,7 @@ import torch
 from cyclereg.datasets import is_label_number, read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
+from cyclereg.frames import voxel_to_world, world_to_voxel
 from cyclereg.volumeio import Volume, check_same_grid
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -99,6 +100,25 @@ def resample_onto(volume: Volume, reference: Volume, *, labels: bool = False) ->
     else:
         out = warp_between_grids(src.float(), volume.affine, zero, reference.affine)[0, 0]
     return Volume(data=out, affine=reference.affine.copy(), path=volume.path)
+
+
+OVERLAP_SAMPLES_PER_AXIS = 64
+"""Lattice of the reference grid's voxel centres (per axis, both ends included) on which
+:func:`overlap_fraction` counts the overlap: an overlap thinner than 1/63 of the reference's extent
+along an axis may be missed (reported as none)."""
+
+
+def overlap_fraction(volume: Volume, reference: Volume, *, samples: int = OVERLAP_SAMPLES_PER_AXIS) -> float:
+    """Share of ``reference``'s voxel centres whose world point lies within ``volume``'s voxels
+    (index ``-0.5 .. n - 0.5`` along each axis), counted on a lattice of at most ``samples`` voxel
+    centres per axis. 0 when the two scans share no world space, whatever their values: resampling
+    repeats ``volume``'s edge outside it, so a scan beside the reference along one axis is not
+    constant on the reference grid (its face is copied across it)."""
+    axes = [torch.linspace(0, n - 1, min(n, samples), dtype=torch.float64) for n in reference.shape]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    vox = world_to_voxel(voxel_to_world(centres, torch.from_numpy(reference.affine)), torch.from_numpy(volume.affine))
+    size = torch.tensor(volume.shape, dtype=vox.dtype)
+    return float(((vox >= -0.5) & (vox <= size - 0.5)).all(dim=1).double().mean())
 
 
 # ----------------------------------------------------------------------------- datasets
