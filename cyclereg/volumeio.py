@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cyclereg.checkpoint import atomic_write_bytes
+from cyclereg.console import print_note
 from cyclereg.errors import InputError, require_file
 from cyclereg.frames import voxel_disp_to_mm
 
@@ -92,6 +93,22 @@ def affine_problem(affine: np.ndarray) -> str | None:
     return None
 
 
+_NOTED_WITHOUT_ORIENTATION: set[Path] = set()
+
+
+def _note_unknown_orientation(path: Path) -> None:
+    """Say once per file (stderr) that its header has no orientation (qform and sform codes 0): the
+    affine used is nibabel's fallback (x flipped, origin at the volume's centre), which other tools may
+    not share (the NIfTI standard's method 1 puts voxel i at ``pixdim * i``), so points and outputs in
+    world mm may overlay the file differently there. Kept as read: within cyclereg it is consistent."""
+    if path.resolve() in _NOTED_WITHOUT_ORIENTATION:
+        return
+    _NOTED_WITHOUT_ORIENTATION.add(path.resolve())
+    print_note(f"{path}: its header has no orientation (qform and sform codes 0); read with nibabel's fallback "
+               "affine (x flipped, origin at the volume's centre): world mm and outputs may not overlay it in other "
+               "tools; set the sform/qform if it has a known orientation")
+
+
 LABEL_MAX = 2**31 - 1
 """Largest label value (label maps are written as 32-bit integers)."""
 
@@ -122,6 +139,8 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     problem = affine_problem(img.affine)
     if problem:
         raise InputError(problem, p)
+    if isinstance(img, nib.Nifti1Image) and int(img.header["qform_code"]) == int(img.header["sform_code"]) == 0:
+        _note_unknown_orientation(p)
     if labels:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():

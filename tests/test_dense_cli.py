@@ -731,3 +731,21 @@ def test_cli_evaluate_json_never_overwrites_a_scan_or_label_map_of_the_dataset(t
     res = runner.invoke(app, ["evaluate", str(tiny / "Tiny_dataset.json"), "--identity", "--json", str(target)])
     assert res.exit_code == 2 and "moving label map of pair" in res.output, res.output
     assert target.read_bytes() == before
+
+
+def test_a_nifti_without_orientation_is_read_as_nibabel_reads_it_with_a_note_once(tmp_path, capfd):
+    """qform and sform codes 0: no orientation in the header. Read with nibabel's fallback affine (as every
+    tool built on nibabel reads it), and said once per file on stderr: other tools may place it elsewhere."""
+    img = nib.Nifti1Image(np.random.default_rng(0).random((6, 7, 8), dtype=np.float32), np.diag([2.0, 1.0, 1.5, 1.0]))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    bare = tmp_path / "bare.nii.gz"
+    nib.save(img, str(bare))
+    coded = _save(tmp_path / "coded.nii.gz", np.zeros((6, 7, 8), np.float32))
+    capfd.readouterr()
+    for _ in range(2):
+        v = read_nifti(bare)
+        read_nifti(coded)
+    np.testing.assert_allclose(v.affine, nib.load(str(bare)).affine)
+    err = capfd.readouterr().err
+    assert err.count("has no orientation") == 1 and "bare.nii.gz" in err and "coded.nii.gz" not in err, err
