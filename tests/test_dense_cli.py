@@ -324,7 +324,8 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
     beside_affine = AFFINE.copy()
     beside_affine[0, 3] += 1.5 * max(SHAPE) * np.abs(AFFINE[0, :3]).sum()  # along world x only, past its extent
     beside = _save(tmp_path / "beside.nii.gz", np.asarray(nib.load(str(moving)).dataobj), beside_affine)
-    res = runner.invoke(app, ["register", str(fixed), str(beside), "-o", str(tmp_path / "bs"), "--resample-moving", *FAST])
+    res = runner.invoke(app, ["register", str(fixed), str(beside), "-o", str(tmp_path / "bs"), "--resample-moving",
+                              *FAST])
     assert res.exit_code == 2 and "does not overlap the fixed scan" in " ".join(res.output.split()), res.output
     assert not (tmp_path / "bs").exists()
     record = json.loads((tmp_path / "b" / "config.json").read_text())["inputs"]

@@ -36,7 +36,8 @@ from cyclereg.console import print_note
 from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg import errors
-from cyclereg.errors import InputError, finite_number, refuse_empty_paths, require_count, require_output_dir, whole_number
+from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, require_count, require_output_dir,
+                             whole_number)
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
