@@ -50,9 +50,11 @@ def dataset_kind(path: str | Path) -> str:
     """``"keypoints"`` for a keypoint-cloud dataset, ``"volumes"`` for a Learn2Reg dataset."""
     obj = read_json(path)
     pairs = obj.get("pairs")
-    if isinstance(pairs, list) and pairs and isinstance(pairs[0], dict) and "fixed_keypoints" in pairs[0]:
+    learn2reg = "training" in obj or "registration_val" in obj
+    if isinstance(pairs, list) and pairs and isinstance(pairs[0], dict) and (
+            "fixed_keypoints" in pairs[0] or not learn2reg):  # a pair lacking a key: the reader names it
         return "keypoints"
-    if "training" in obj or "registration_val" in obj:
+    if learn2reg:
         return "volumes"
     raise InputError("unknown dataset layout: expected 'pairs' with keypoints, or Learn2Reg 'training'/'registration_val'", path)
 
@@ -152,6 +154,10 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     root = p.parent
     pairs = []
     for n, entry in enumerate(obj.get("pairs", [])):
+        if isinstance(entry, dict) and bool(entry.get("fixed_landmarks")) != bool(entry.get("moving_landmarks")):
+            given = "fixed_landmarks" if entry.get("fixed_landmarks") else "moving_landmarks"
+            raise InputError(f"pair {n} gives {given} alone: give both fixed_landmarks and moving_landmarks "
+                             "(row-aligned) or neither", p)  # one alone was read as none: a pair left out silently
         try:
             pairs.append(KeypointPair(
                 id=str(entry["id"]),
