@@ -239,6 +239,27 @@ def _listed_inputs(dataset: str | Path) -> dict[str, Path]:
     return out
 
 
+KIND_NAMES = {"keypoints": "keypoint", "volumes": "volume"}
+"""Dataset kind (:func:`cyclereg.datasets.dataset_kind`, run.json's ``kind``) -> the word messages use."""
+
+
+def _require_run_of_kind(run: Path, kind: str) -> None:
+    """:class:`InputError` naming ``run`` when it was trained on the other kind of dataset than ``kind``
+    (its run.json's ``kind``), or is a folder of per-fold keypoint models given for a volume dataset:
+    the evaluation's own checks would then report a missing stage or fold, which misleads."""
+    import json
+
+    try:
+        trained_on = json.loads((run / "run.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):  # none, or unreadable: the evaluation's reader says so
+        trained_on = None
+    if trained_on is None and kind == "volumes" and (any(run.glob("fold*.pt")) or any(run.glob("fold*/final.pt"))):
+        trained_on = "keypoints"  # an exported model set such as models/copd: per-fold keypoint-cloud models
+    if trained_on in KIND_NAMES and trained_on != kind:
+        raise InputError(f"a run of a {KIND_NAMES[trained_on]} dataset, and this is a {KIND_NAMES[kind]} dataset: "
+                         f"evaluate it with a run trained on {KIND_NAMES[kind]} data", run)
+
+
 def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False, model: str | Path | None = None,
              run: Path | str | None = None, stage: int | None = None, seed: int | None = None,
              max_pairs: int | None = None,
@@ -277,6 +298,8 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     listed = _listed_inputs(dataset)
     require_separate_output(report, "--json", files=listed)
     require_separate_output(errors_csv, "--errors-csv", files=listed)
+    if run is not None:
+        _require_run_of_kind(run, dataset_kind(dataset))
     if dataset_kind(dataset) == "keypoints":
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                         "--both-directions": both_directions or None, "--resume": resume or None},

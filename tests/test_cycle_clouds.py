@@ -1518,3 +1518,14 @@ def test_log_lines_are_strict_json_with_a_diverged_loss_as_null(tmp_path):
     assert record["train_loss_mm"] is None and record["pseudo_label_disagreement_mm"] == 2.5
     assert sched._stage_log()[1]["seconds"] == 12.0
     assert scheduler_mod.stage_summary(record) == "stage 1 finished in 0:00:12: label disagreement 2.50 mm"
+
+
+def test_evaluate_with_a_run_of_volume_data_names_the_mismatch(tmp_path):
+    """A volume run given for a keypoint dataset: said so, not 'no checkpoint for fold 1 ... --folds N'."""
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "vrun"
+    (run / "all").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"kind": "volumes", "folds": [], "config": {"stages": 1}}))
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "a run of a volume dataset, and this is a keypoint dataset" in res.output, res.output
+    assert not (tmp_path / "r.json").exists()

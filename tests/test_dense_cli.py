@@ -750,3 +750,18 @@ def test_a_nifti_without_orientation_is_read_as_nibabel_reads_it_with_a_note_onc
     np.testing.assert_allclose(v.affine, nib.load(str(bare)).affine)
     err = capfd.readouterr().err
     assert err.count("has no orientation") == 1 and "bare.nii.gz" in err and "coded.nii.gz" not in err, err
+
+
+def test_evaluate_with_a_run_of_keypoint_data_names_the_mismatch(tiny, tmp_path):
+    """A keypoint run (its run.json) or a committed folder of per-fold keypoint models given for a volume
+    dataset: said so, instead of 'no finished stage yet (run cyclereg cycle)', which invited training it."""
+    run = tmp_path / "krun"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "keypoints", "folds": [], "config": {"stages": 1}}))
+    models = Path(__file__).resolve().parents[1] / "models" / "copd"
+    for folder in (run, models):
+        res = runner.invoke(app, ["evaluate", str(tiny / "Tiny_dataset.json"), "--run", str(folder), "--json",
+                                  str(tmp_path / "r.json")])
+        assert res.exit_code == 2 and "a run of a keypoint dataset, and this is a volume dataset" in res.output, (
+            res.output)
+        assert str(folder) in res.output and not (tmp_path / "r.json").exists()
