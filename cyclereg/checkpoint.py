@@ -173,11 +173,20 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
 def _refuse_replacing_inputs(files: list[Path], out: Path, inputs: list[Path]) -> None:
     """:class:`InputError` naming the input when a staged output would replace one of ``inputs`` in
     ``out`` (same name, or the same file through a link)."""
-    for staged in files:
-        target = out / staged.name
+    refuse_replacing_inputs([f.name for f in files], out, inputs)
+
+
+def refuse_replacing_inputs(names: list[str], out_dir: str | Path, inputs: list[Path]) -> None:
+    """:class:`InputError` naming the input when an output called one of ``names`` in ``out_dir`` would
+    replace one of ``inputs`` (same name, or the same file through a link). Commands call it before their
+    work with the names they will write; :func:`staged_outputs` checks the files once more when it moves
+    them in (:attr:`OutputStage.inputs`)."""
+    out = Path(out_dir)
+    for name in names:
+        target = out / name
         for given in inputs:
             if same_path(target, given):
-                raise InputError(f"an input of this command, which its output {staged.name} would replace in "
+                raise InputError(f"an input of this command, which its output {name} would replace in "
                                  f"{out}; write to another folder (nothing was written)", given)
 
 

@@ -519,6 +519,30 @@ def test_register_via_keypoints_errors_write_nothing(pair_files):
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert not (d / f"o{i}").exists()
 
+def test_register_via_keypoints_checks_what_needs_no_keypoints_before_detecting_them(pair_files, monkeypatch):
+    """--spread with one network, or an output that would replace an input scan, is refused before the
+    keypoint detection of both scans (35 s on a chest CT; it was refused only after it)."""
+    import cyclereg.keypoints.api as keypoints_api
+
+    d, _ = pair_files
+    _textured_scans(d)
+    (d / "out").mkdir(exist_ok=True)
+    scan = d / "out" / "warped.nii.gz"  # the moving scan, where register would write the warped one
+    write_nifti(scan, read_nifti(d / "m.nii.gz").data, read_nifti(d / "m.nii.gz").affine)
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("keypoints detected before the checks")
+
+    monkeypatch.setattr(keypoints_api, "detect_keypoints", no_detection)
+    for args, message in (([str(d / "f.nii.gz"), str(d / "m.nii.gz"), "-o", str(d / "o"), "--model", "random",
+                            "--spread"], "--spread needs an ensemble model"),
+                          ([str(d / "f.nii.gz"), str(scan), "-o", str(d / "out")], "which its output warped.nii.gz "
+                                                                                     "would replace")):
+        res = runner.invoke(app, ["register", *args, "--via-keypoints", "--device", "cpu"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (d / "o").exists() and sorted(p.name for p in (d / "out").iterdir()) == ["warped.nii.gz"]
+
+
 def test_register_bad_model(pair_files):
     d, _ = pair_files
     (d / "bad.pt").write_bytes(b"xx")

@@ -765,3 +765,28 @@ def test_evaluate_with_a_run_of_keypoint_data_names_the_mismatch(tiny, tmp_path)
         assert res.exit_code == 2 and "a run of a keypoint dataset, and this is a volume dataset" in res.output, (
             res.output)
         assert str(folder) in res.output and not (tmp_path / "r.json").exists()
+
+
+def test_register_refuses_replacing_an_input_before_registering(tiny, tmp_path, monkeypatch):
+    """`register OUT/warped.nii.gz M -o OUT`: the output warped.nii.gz would replace the fixed scan. Refused
+    before the registration (it was refused after it: 27 s at 256 x 256 x 70), nothing written."""
+    import cyclereg.dense.api as dense_api
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("registered before the output check")
+
+    monkeypatch.setattr(dense_api, "register_pair", no_registration)
+    out = tmp_path / "out"
+    out.mkdir()
+    fixed = out / "warped.nii.gz"
+    fixed.write_bytes((tiny / "imagesTr" / "Tiny_0001_0000.nii.gz").read_bytes())
+    moving = tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"
+    for extra, name in (([], "warped.nii.gz"), (["--jacobian"], "warped.nii.gz")):
+        res = runner.invoke(app, ["register", str(fixed), str(moving), "-o", str(out), *FAST, *extra])
+        assert res.exit_code == 2 and f"which its output {name} would replace" in " ".join(res.output.split())
+    labels = out / "jacobian.nii.gz"  # a label map named as an optional output: refused only when it is asked
+    labels.write_bytes((tiny / "labelsTr" / "Tiny_0002_0000.nii.gz").read_bytes())
+    res = runner.invoke(app, ["register", str(moving), str(moving), "-o", str(out), "--moving-labels", str(labels),
+                              "--jacobian", *FAST])
+    assert res.exit_code == 2 and "which its output jacobian.nii.gz would replace" in " ".join(res.output.split())
+    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "warped.nii.gz"]

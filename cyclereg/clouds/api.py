@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, stale_outputs,
-                                 data_fingerprint, save_checkpoint, staged_outputs, training_data, training_record,
-                                 write_json)
+from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, refuse_replacing_inputs,
+                                 stale_outputs, data_fingerprint, save_checkpoint, staged_outputs, training_data,
+                                 training_record, write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
@@ -369,6 +369,14 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     require_output_dir(out_dir)  # before the minutes of keypoint detection
     mov_img = read_nifti(moving)
     mov_lab = _moving_labels(moving_labels, mov_img)
+    # what needs no keypoints is checked before the minutes of detection: the model and its options, and
+    # that no output replaces an input
+    loaded = _register_model(model, seed, device, recentre_passes, tta_passes, ensemble_fusion, spread, spread_map)
+    extra_names = ["fixed_keypoints.csv", "moving_keypoints.csv"]
+    names = _register_output_names(extra_names, query is not None, ref, mov_img, mov_lab, spread_map, jacobian)
+    sources = (Path(fixed), Path(moving))
+    refuse_replacing_inputs([*names, "config.json"], out_dir,
+                            _register_inputs(sources, ref, mov_img, mov_lab, query, model))
     kp_fixed = detect_keypoints(ref, lung_mask=lung_mask, config=keypoints.fixed, device=device, verbose=verbose,
                                 label="fixed scan: ")
     kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose,
@@ -380,13 +388,13 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                 # the mm radii as the two grids apply them (whole voxels per axis)
                                 "fixed_nms_radius_voxels": list(keypoints.fixed.nms_radius_voxels(ref.spacing)),
                                 "moving_nms_radius_voxels": list(keypoints.moving.nms_radius_voxels(mov_img.spacing))}}
-    extra = {"fixed_keypoints.csv": points_csv(fixed_mm), "moving_keypoints.csv": points_csv(moving_mm)}
-    return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=(Path(fixed), Path(moving)), inputs=inputs,
+    extra = dict(zip(extra_names, (points_csv(fixed_mm), points_csv(moving_mm))))
+    return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=sources, inputs=inputs,
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
                                       disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
-                                      extra_outputs=extra, query=query)
+                                      extra_outputs=extra, query=query, loaded=loaded)
 
 
 def _moving_labels(path: Path | None, moving_image: Volume | None) -> Volume | None:
@@ -403,17 +411,51 @@ def _moving_labels(path: Path | None, moving_image: Volume | None) -> Volume | N
     return labels
 
 
+def _register_model(model: str, seed: int, device: str, recentre_passes: int | None, tta_passes: int | None,
+                    ensemble_fusion: str | None, spread: bool, spread_map: bool) -> tuple:
+    """``(device, net, config)`` of ``register``'s model, refusing ``--spread`` / ``--spread-map`` for a
+    single network (they need an ensemble's members)."""
+    dev = resolve_device(device)
+    net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes,
+                                   ensemble_fusion=ensemble_fusion)
+    for flag, given in (("--spread", spread), ("--spread-map", spread_map)):
+        if given and config.ensemble_size < 2:
+            raise InputError(f"{flag} needs an ensemble model (cyclereg ensemble); this is one network", model)
+    return dev, net, config
+
+
+def _register_output_names(extra: list[str], query: bool, ref: Volume | None, mov_img: Volume | None,
+                           mov_lab: Volume | None, spread_map: bool, jacobian: bool) -> list[str]:
+    """The files ``register`` on the cloud path writes besides config.json, in the order it lists them:
+    the text outputs (``extra`` + displacements.csv, query_displacements.csv), then the field, then the
+    volumes on the reference grid."""
+    texts = sorted([*extra, "displacements.csv", *(["query_displacements.csv"] if query else [])])
+    if ref is None:
+        return texts
+    volumes = [name for name, wanted in (("warped.nii.gz", mov_img is not None), ("warped_labels.nii.gz",
+               mov_lab is not None), ("spread.nii.gz", spread_map), ("jacobian.nii.gz", jacobian)) if wanted]
+    return texts + ["displacement.nii.gz"] + sorted(volumes)
+
+
+def _register_inputs(sources: tuple[Path, Path], ref: Volume | None, mov_img: Volume | None, mov_lab: Volume | None,
+                     query: Path | None, model: str) -> list[Path]:
+    """The files ``register`` on the cloud path reads, none of which an output may replace."""
+    return [*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None),
+            *((query,) if query is not None else ()), *((Path(model),) if model != "random" else ())]
+
+
 def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, out_dir: Path, *,
                                sources: tuple[Path, Path], inputs: dict, model: str, seed: int,
                                query_mm: torch.Tensor | None, device: str, recentre_passes: int | None,
                                tta_passes: int | None, ensemble_fusion: str | None, ref: Volume | None,
                                mov_img: Volume | None, mov_lab: Volume | None, disp_mm: bool, spread: bool,
                                spread_map: bool, jacobian: bool, extra_outputs: dict[str, str] | None = None,
-                               query: Path | None = None) -> str:
+                               query: Path | None = None, loaded: tuple | None = None) -> str:
     """The part of ``register`` after the inputs are read: validate, register ``(N, 3)`` fixed to
     ``(M, 3)`` moving points (world mm), and write the outputs (see :func:`register_cloud_files`)
     plus ``extra_outputs`` (file name -> text), ``config.json`` = ``inputs`` + the resolved run; ``query``:
-    the query file ``query_mm`` was read from (an input no output may replace)."""
+    the query file ``query_mm`` was read from (an input no output may replace); ``loaded``: the model as
+    :func:`_register_model` returned it, if loaded already."""
     for vol in (mov_img, mov_lab):
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
@@ -421,12 +463,8 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         raise InputError(f"--jacobian needs a reference grid of at least {JACOBIAN_MIN_SIZE} voxels along every axis "
                          f"(central differences), got {tuple(ref.shape)}", ref.path)
     out_dir = require_output_dir(out_dir)
-    dev = resolve_device(device)
-    net, config = load_cloud_model(model, seed=seed, device=dev, recentre_passes=recentre_passes, tta_passes=tta_passes,
-                                   ensemble_fusion=ensemble_fusion)
-    for flag, given in (("--spread", spread), ("--spread-map", spread_map)):
-        if given and config.ensemble_size < 2:
-            raise InputError(f"{flag} needs an ensemble model (cyclereg ensemble); this is one network", model)
+    dev, net, config = loaded or _register_model(model, seed, device, recentre_passes, tta_passes, ensemble_fusion,
+                                                 spread, spread_map)
     require_registrable(fixed_mm, moving_mm, config, sources)
     box, frame = registration_box(fixed_mm, moving_mm, config)
     t0 = time.perf_counter()
@@ -469,7 +507,11 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
         if jacobian:
             volumes["jacobian.nii.gz"] = jacobian_map(field_vox)
-    written = sorted(outputs) + sorted(fields) + sorted(volumes)
+    written = _register_output_names([*(extra_outputs or {})], query_mm is not None, ref, mov_img, mov_lab, spread_map,
+                                     jacobian)
+    if written != sorted(outputs) + sorted(fields) + sorted(volumes):  # one list of names, checked early too
+        raise RuntimeError(f"register's outputs {sorted(outputs) + sorted(fields) + sorted(volumes)} are not the "
+                           f"names it checked, {written}")
     with staged_outputs(out_dir) as stage:  # all files reach out_dir together, or none
         for name, text in outputs.items():
             atomic_write_text(stage / name, text)
@@ -485,8 +527,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             "query_points_outside_fixed_extent": None if query_mm is None else outside,
             "fixed_points_outside_reference": fixed_outside})
         # what an earlier register wrote into this folder and this one does not (never the inputs)
-        stage.inputs = [*sources, *(v.path for v in (ref, mov_img, mov_lab) if v is not None),
-                        *((query,) if query is not None else ()), *((Path(model),) if model != "random" else ())]
+        stage.inputs = _register_inputs(sources, ref, mov_img, mov_lab, query, model)
         stage.stale = stale_outputs(out_dir, written, keep=tuple(stage.inputs))
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \

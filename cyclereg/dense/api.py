@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, stale_outputs, save_checkpoint,
-                                 staged_outputs, to_jsonable, training_data, write_json)
+from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, refuse_replacing_inputs, stale_outputs,
+                                 save_checkpoint, staged_outputs, to_jsonable, training_data, write_json)
 from cyclereg.console import count, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
@@ -175,6 +175,14 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         lv = None if lv is None else resample_onto(lv, fv, labels=True)
     check_same_grid(fv, mv, hint="resample it onto the fixed grid first (register --resample-moving does so)")
     require_output_dir(out_dir)
+    fields = {"displacement.nii.gz": "mm" if disp_mm else "voxel"}
+    if l2r_name:
+        fields[f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"] = "voxel"
+    volume_names = ["warped.nii.gz", *(["warped_labels.nii.gz"] if lv is not None else []),
+                    *(["jacobian.nii.gz"] if jacobian else [])]
+    written = [*fields][:1] + volume_names + [*fields][1:]
+    inputs = [Path(v) for v in (fixed, moving, moving_labels, None if model == "random" else model) if v]
+    refuse_replacing_inputs([*written, "config.json"], out_dir, inputs)  # before the registration's minutes
     net, cfg, info = load_model(model, seed, dev)
     cfg = _pipeline_config(cfg, warps, adam, ic)
 
@@ -198,10 +206,6 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     jac = jacobian_map(disp_cpu)
     if jacobian:
         volumes["jacobian.nii.gz"] = jac
-    fields = {"displacement.nii.gz": "mm" if disp_mm else "voxel"}
-    if l2r_name:
-        fields[f"disp_{case_id(Path(fixed))}_{case_id(Path(moving))}.nii.gz"] = "voxel"
-    written = [*fields][:1] + [*volumes] + [*fields][1:]
     stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
     record = {
         **provenance(dev),
@@ -234,7 +238,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
             write_nifti(stage / name, data, fv.affine)
         write_json(stage / "config.json", record)
         # what an earlier register wrote into this folder and this one does not (never the inputs)
-        stage.inputs = [Path(v) for v in (fixed, moving, moving_labels, None if model == "random" else model) if v]
+        stage.inputs = inputs
         stage.stale = stale_outputs(out_dir, written, keep=tuple(stage.inputs))
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
