@@ -1529,3 +1529,22 @@ def test_evaluate_with_a_run_of_volume_data_names_the_mismatch(tmp_path):
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and "a run of a volume dataset, and this is a keypoint dataset" in res.output, res.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_pretrain_random_takes_folds_as_the_command_does_and_names_a_misspelt_option(tmp_path):
+    """`pretrain_random(folds="1")` (the command's --folds, run_cycle's keyword) was refused as "not an
+    option for keypoints datasets", and so was any misspelt keyword, as if it were a volume option."""
+    from cyclereg.errors import InputError
+    from cyclereg.training.api import pretrain_random
+
+    ds = _dataset(tmp_path, n=2)
+    off = CloudCycleConfig(refine=False, stages=1, epochs=1)
+    pretrain_random(ds, tmp_path / "a", folds=2, device="cpu", config=off)
+    assert sorted(p.name for p in (tmp_path / "a").glob("fold*")) == ["fold2"]
+    with pytest.raises(InputError, match="give fold or folds, not both"):
+        pretrain_random(ds, tmp_path / "b", fold="1", folds="1", device="cpu", config=off)
+    with pytest.raises(InputError, match=r"unknown option\(s\) epoch; the options are .*epochs"):
+        pretrain_random(ds, tmp_path / "c", device="cpu", config=off, epoch=3)
+    with pytest.raises(InputError, match="--cpu-bf16: not an option for keypoints datasets"):
+        pretrain_random(ds, tmp_path / "d", device="cpu", config=off, cpu_bf16=True)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

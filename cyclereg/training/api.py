@@ -128,6 +128,10 @@ DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling
 def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
     """Drop unset (``None``) options; an option set for the wrong kind of dataset is an error."""
     given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(k for k in given if k not in CLOUD_OPTIONS + DENSE_OPTIONS)
+    if unknown:  # a misspelt keyword of the library call: not "an option of the other kind"
+        raise InputError(f"unknown option(s) {', '.join(unknown)}; the options are "
+                         f"{', '.join(sorted(set(CLOUD_OPTIONS + DENSE_OPTIONS)))}")
     wrong = sorted(k for k in given if k not in allowed)
     if wrong:
         names = ", ".join("--" + k.replace("_", "-") for k in wrong)
@@ -319,9 +323,9 @@ def _check_identity(run: Path, meta: dict, ident: dict) -> None:
                              "directory (or restore the files)", run)
 
 
-def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: str | None = None, device: str = "auto",
-                    config: CloudCycleConfig | DenseCycleConfig | None = None, val_pairs: int = 0,
-                    jobs: int = 1, **options) -> Path:
+def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: str | int | None = None,
+                    device: str = "auto", config: CloudCycleConfig | DenseCycleConfig | None = None, val_pairs: int = 0,
+                    jobs: int = 1, folds: str | int | None = None, **options) -> Path:
     """Create ``run`` and write stage-0 pseudo labels (random network + optimiser + refinement).
 
     Keypoint datasets get one run per cross-validation fold; volume datasets one run on
@@ -335,8 +339,12 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     ``jobs``: keypoint datasets label up to this many folds at once in worker processes, as
     :func:`run_cycle` trains them (the labels of one at a time, thread counts alike). A fold whose stage-0 labels
     exist already is skipped, so the same command completes an interrupted run.
+    ``folds``: the same as ``fold`` (the command takes ``--fold`` and ``--folds``, :func:`run_cycle` ``folds``).
     """
     refuse_empty_paths({"dataset": dataset, "run": run})
+    if fold is not None and folds is not None:
+        raise InputError("give fold or folds, not both (they are one option)")
+    fold = None if fold is None and folds is None else str(fold if fold is not None else folds)
     kind = dataset_kind(dataset)
     require_count("--val-pairs", val_pairs, 0)
     require_count("--jobs", jobs, 1)
