@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_file,
                              require_separate_output)
@@ -140,7 +140,7 @@ class RegisterResult:
 
 def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, model: str | Path = "random",
              seed: int | None = None,
-             device: str = "auto", query: Path | str | None = None, spacing: str | None = None,
+             device: str = "auto", query: Path | str | None = None, spacing: str | Sequence[float] | None = None,
              reference: Path | str | None = None, moving_image: Path | str | None = None,
              moving_labels: Path | str | None = None, recentre_passes: int | None = None,
              tta_passes: int | None = None, ensemble_fusion: str | None = None, warps: int | None = None,

@@ -174,7 +174,9 @@ def whole_number(value) -> bool:
 
 def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     """Return ``value`` (``None`` = not given), raising :class:`InputError` naming ``flag``
-    if it is below ``minimum``."""
+    if it is below ``minimum`` or no whole number (a library caller's ``"2"`` or ``1.5``)."""
+    if value is not None and not whole_number(value):
+        raise InputError(f"{flag} {value!r}: need a whole number, {minimum} or more")
     if value is not None and value < minimum:
         raise InputError(f"{flag} {value}: need {minimum} or more")
     return value

@@ -205,3 +205,28 @@ def test_stage_lists_read_as_ranges(stages, text):
     from cyclereg.training.status import stage_list
 
     assert stage_list(stages) == text
+
+
+def test_library_takes_python_values_or_names_the_keyword(clouds, tmp_path):
+    """Python's natural forms of documented keywords: ``spacing=(sx, sy, sz)`` works as the command's
+    "sx,sy,sz" (it raised AttributeError); a count given as text or a fraction is an InputError naming the
+    option (they raised TypeError), and nothing is written."""
+    import numpy as np
+
+    f, m = clouds / "f.csv", clouds / "m.csv"
+    vox_f, vox_m = tmp_path / "f_vox.csv", tmp_path / "m_vox.csv"  # headerless: voxel indices
+    for src, dst in ((f, vox_f), (m, vox_m)):
+        np.savetxt(dst, np.loadtxt(src, delimiter=",", skiprows=1) / np.array([2.0, 1.0, 1.5]), delimiter=",")
+    by_text = api.register(vox_f, vox_m, tmp_path / "a", spacing="2,1,1.5", device="cpu")
+    by_tuple = api.register(vox_f, vox_m, tmp_path / "b", spacing=(2, 1.0, 1.5), device="cpu")
+    assert by_tuple.path("displacements.csv").read_text() == by_text.path("displacements.csv").read_text()
+    for kwargs, message in (({"spacing": (2, 1)}, "--spacing"), ({"spacing": 2.0}, "--spacing"),
+                            ({"tta_passes": "2"}, "--tta-passes '2': need a whole number"),
+                            ({"recentre_passes": 1.5}, "--recentre-passes 1.5: need a whole number")):
+        with pytest.raises(InputError, match=message):
+            api.register(vox_f if "spacing" in kwargs else f, vox_m if "spacing" in kwargs else m, tmp_path / "c",
+                         device="cpu", **kwargs)
+    (tmp_path / "pairs.csv").write_text("id,fixed,moving\na,f.nii.gz,m.nii.gz\nb,f.nii.gz,m.nii.gz\n")
+    with pytest.raises(InputError, match="--folds '2': need a whole number"):
+        api.keypoints(None, tmp_path / "d", pairs=tmp_path / "pairs.csv", folds="2")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

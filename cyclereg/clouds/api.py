@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -264,12 +265,14 @@ def _union_training(trained: list, fold: int | None) -> dict | None:
     return training_record("+".join(names), fold, pairs=pairs)
 
 
-def _parse_spacing(spacing: str | None) -> tuple[float, float, float] | None:
+def _parse_spacing(spacing: str | Sequence[float] | None) -> tuple[float, float, float] | None:
+    """``--spacing`` as ``(sx, sy, sz)`` mm: the command's text ``"sx,sy,sz"``, or (library callers) a
+    sequence of three numbers."""
     if spacing is None:
         return None
     try:
-        vals = tuple(float(v) for v in spacing.split(","))
-    except ValueError:
+        vals = tuple(float(v) for v in (spacing.split(",") if isinstance(spacing, str) else spacing))
+    except (ValueError, TypeError):
         vals = ()
     if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
         raise InputError(f"--spacing {spacing!r}: expected three positive numbers 'sx,sy,sz' (voxel size, mm)")
@@ -277,7 +280,8 @@ def _parse_spacing(spacing: str | None) -> tuple[float, float, float] | None:
 
 
 def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
-                         query: Path | None = None, spacing: str | None = None, device: str = "auto",
+                         query: Path | None = None, spacing: str | Sequence[float] | None = None,
+                         device: str = "auto",
                          recentre_passes: int | None = None, tta_passes: int | None = None,
                          ensemble_fusion: str | None = None, reference: Path | None = None, moving_image: Path | None = None,
                          moving_labels: Path | None = None, disp_mm: bool = False, spread: bool = False,

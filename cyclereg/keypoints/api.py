@@ -44,7 +44,8 @@ from rich.progress import Progress
 from cyclereg.checkpoint import atomic_write_text, write_json
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_pair_ids
-from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file, require_separate_output
+from cyclereg.errors import (InputError, require_file, require_output_dir, require_output_file, require_separate_output,
+                             whole_number)
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
@@ -382,6 +383,8 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
 
     Returns the path of ``dataset.json``.
     """
+    if folds is not None and not whole_number(folds):  # a library caller's "2"
+        raise InputError(f"--folds {folds!r}: need a whole number of folds, 2 or more")
     pairs = read_pairs_csv(pairs_csv)
     out = require_output_dir(out_dir)
     dataset_json = out / "dataset.json"
