@@ -543,6 +543,41 @@ def test_register_via_keypoints_checks_what_needs_no_keypoints_before_detecting_
     assert not (d / "o").exists() and sorted(p.name for p in (d / "out").iterdir()) == ["warped.nii.gz"]
 
 
+def test_register_via_keypoints_is_the_three_command_workflow_to_the_digit(pair_files, monkeypatch):
+    """`register F.nii.gz M.nii.gz --via-keypoints` registers the keypoints as its CSV files hold them, so
+    `register out/fixed_keypoints.csv out/moving_keypoints.csv --reference F --moving-image M` writes the same
+    displacements, byte for byte (before, the unrounded points could flip a candidate: 13 mm at one point of
+    a chest CT)."""
+    import cyclereg.clouds.api as clouds_api
+    from cyclereg.pointio import as_written
+
+    d, _ = pair_files
+    _textured_scans(d)
+    for name in ("f", "m"):  # a voxel size of many decimals (as scanners write them): mm not exact in 4 decimals
+        scan = read_nifti(d / f"{name}.nii.gz")
+        affine = scan.affine.copy()
+        affine[:3] *= 1.23456789 / 1.5
+        write_nifti(d / f"{name}.nii.gz", scan.data, affine)
+    f, m = str(d / "f.nii.gz"), str(d / "m.nii.gz")
+    one = d / "one"
+    seen = []
+    registered = clouds_api.register_clouds
+    monkeypatch.setattr(clouds_api, "register_clouds", lambda fx, mv, *a, **k: seen.append((fx, mv)) or registered(
+        fx, mv, *a, **k))
+    res = runner.invoke(app, ["register", f, m, "--via-keypoints", "-o", str(one), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    # what it registered is what it wrote (on this small pair the unrounded points happen to give the same field)
+    assert torch.equal(seen[0][0], read_points(one / "fixed_keypoints.csv"))
+    assert torch.equal(seen[0][1], read_points(one / "moving_keypoints.csv"))
+    res = runner.invoke(app, ["register", str(one / "fixed_keypoints.csv"), str(one / "moving_keypoints.csv"),
+                              "--reference", f, "--moving-image", m, "-o", str(d / "three"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (one / "displacements.csv").read_bytes() == (d / "three" / "displacements.csv").read_bytes()
+    pts = torch.tensor([[1.00004, -2.00006, 3.5], [0.12345678, 1e-5, -7.77777]])
+    torch.testing.assert_close(as_written(pts), torch.tensor([[1.0, -2.0001, 3.5], [0.1235, 0.0, -7.7778]]),
+                               atol=0, rtol=0)
+
+
 def test_register_bad_model(pair_files):
     d, _ = pair_files
     (d / "bad.pt").write_bytes(b"xx")

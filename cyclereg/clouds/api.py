@@ -25,7 +25,7 @@ from cyclereg.errors import (InputError, refuse_empty_paths, require_count, requ
 from cyclereg.frames import UnitBox, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
-from cyclereg.pointio import format_csv, holds_voxel_indices, points_csv, read_points
+from cyclereg.pointio import as_written, format_csv, holds_voxel_indices, points_csv, read_points
 from cyclereg.volumeio import Volume, check_same_grid, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -385,7 +385,9 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                 label="fixed scan: ")
     kp_moving = detect_keypoints(mov_img, lung_mask=lung_mask, config=keypoints.moving, device=device, verbose=verbose,
                                  label="moving scan: ")
-    fixed_mm, moving_mm = kp_fixed.points_mm.float(), kp_moving.points_mm.float()
+    # registered as written into fixed_keypoints.csv / moving_keypoints.csv: the same displacements as a
+    # register of those two files (the three-command workflow), not ones 5e-5 mm apart in the inputs
+    fixed_mm, moving_mm = as_written(kp_fixed.points_mm), as_written(kp_moving.points_mm)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
               "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,
                                 "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0]),
