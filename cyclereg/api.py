@@ -247,8 +247,6 @@ def _require_run_of_kind(run: Path, kind: str) -> None:
     """:class:`InputError` naming ``run`` when it was trained on the other kind of dataset than ``kind``
     (its run.json's ``kind``), or is a folder of per-fold keypoint models given for a volume dataset:
     the evaluation's own checks would then report a missing stage or fold, which misleads."""
-    import json
-
     try:
         trained_on = json.loads((run / "run.json").read_text()).get("kind")
     except (OSError, ValueError, AttributeError):  # none, or unreadable: the evaluation's reader says so
