@@ -62,6 +62,14 @@ def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", r
                          f" {hint}", moving.path)
 
 
+def axis_codes(affine: np.ndarray) -> tuple[str, str, str]:
+    """Where the voxel axes (i, j, k) of a voxel -> mm ``affine`` point: the nearest world direction of
+    each as nibabel's codes (``R``/``L``, ``A``/``P``, ``S``/``I``), e.g. ``("R", "A", "S")``."""
+    from nibabel.orientations import aff2axcodes  # noqa: PLC0415
+
+    return tuple(str(c) for c in aff2axcodes(np.asarray(affine, dtype=np.float64)))  # type: ignore[return-value]
+
+
 def spacing_differs(got, expected, rel_tol: float) -> bool:
     """Whether voxel sizes ``got`` differ from ``expected`` (mm per axis) by more than ``rel_tol`` of
     ``expected`` along some axis."""

@@ -404,6 +404,11 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     assert sorted(p.name for p in (run / "all").glob("pseudo*.pt")) == ["pseudo1.pt", "pseudo2.pt"]
     ckpt = torch.load(run / "all" / "final.pt", weights_only=True)
     assert ckpt["kind"] == "dense" and ckpt["config"]["spacing_mm"] == [1.5, 1.5, 2.0]
+    # and where the training images' voxel axes point, which register then requires
+    from cyclereg.volumeio import axis_codes, read_nifti
+
+    scan = next((tmp_path / "data").rglob("*_0000.nii.gz"))
+    assert tuple(ckpt["config"]["orientation"]) == axis_codes(read_nifti(scan).affine)
     # the intensity preprocessing the network was trained with travels with it ("auto" resolved)
     assert ckpt["config"]["preprocess"]["mode"] == "ct"
     # a stopping rule under which stage 2's refresh counts as settled: a longer --stages trains nothing

@@ -400,6 +400,33 @@ def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):
     assert res.exit_code == 2 and "cloud.pt" in res.output
 
 
+def test_a_trained_model_refuses_volumes_stored_in_another_orientation(tiny, tmp_path):
+    """A model that learnt on voxel arrays stored one way (its checkpoint's orientation) refuses a volume
+    whose axes point otherwise (a flip or an axis swap changes the arrays it sees) instead of registering
+    it with features of mirrored anatomy; a model without the record (a random network, an older
+    checkpoint) accepts any."""
+    from cyclereg.volumeio import axis_codes
+
+    fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
+    moving = tiny / "imagesTr" / "Tiny_0002_0000.nii.gz"
+    own = axis_codes(AFFINE)
+    assert own == ("A", "L", "S")  # the test affine: i along +y, j along -x, k along +z (nibabel's RAS codes)
+    net = random_feature_net(DensePipelineConfig().net, seed=5)
+    for orientation, ok in ((own, True), (("R", "A", "S"), False), (None, True)):
+        save_model(tmp_path / "m.pt", net, DensePipelineConfig(orientation=orientation))
+        out = tmp_path / f"o_{ok}_{orientation is None}"
+        if ok:
+            register_volume_files(fixed, moving, out, model=str(tmp_path / "m.pt"), warps=1, adam=False, device="cpu")
+            assert (out / "displacement.nii.gz").exists()
+        else:
+            with pytest.raises(InputError, match="its voxel axes point ALS .* stored RAS: .* reorient the volume"):
+                register_volume_files(fixed, moving, out, model=str(tmp_path / "m.pt"), device="cpu")
+            assert not out.exists()
+    assert load_model(tmp_path / "m.pt")[1].orientation is None
+    with pytest.raises(ValueError, match="orientation: expected three axis codes"):
+        DensePipelineConfig(orientation=("R", "R", "S")).validate()
+
+
 def test_invalid_warps_rejected(tiny, tmp_path):
     fixed = tiny / "imagesTr" / "Tiny_0001_0000.nii.gz"
     res = runner.invoke(app, ["register", str(fixed), str(fixed), "-o", str(tmp_path / "o"), "--warps", "3"])

@@ -46,8 +46,8 @@ from cyclereg.errors import (InputError, require_count, require_file, require_fi
                              require_output_file)
 from cyclereg.metrics import (SDLOGJ_MIN_SIZE, determinant_stats, dice, erased_labels, hd95, jacobian_map,
                               scored_labels, sdlogj)
-from cyclereg.volumeio import (Volume, read_nifti, same_grid, spacing_differs, spacing_text, write_displacement,
-                               write_nifti)
+from cyclereg.volumeio import (Volume, axis_codes, read_nifti, same_grid, spacing_differs, spacing_text,
+                               write_displacement, write_nifti)
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 CHECKPOINT_KIND = "dense"
@@ -102,6 +102,16 @@ def _check_spacing(cfg: DensePipelineConfig, vol: Volume) -> None:
                          f"{spacing_text(exp)} mm; resample the volume to the model's spacing first", vol.path)
 
 
+def _check_orientation(cfg: DensePipelineConfig, vol: Volume) -> None:
+    if cfg.orientation is None:
+        return
+    got = axis_codes(vol.affine)
+    if got != tuple(cfg.orientation):
+        raise InputError(f"its voxel axes point {''.join(got)} (nibabel axis codes) but the model learnt on volumes "
+                         f"stored {''.join(cfg.orientation)}: its features are of the voxel arrays, which a flip or "
+                         f"an axis swap changes; reorient the volume to {''.join(cfg.orientation)} first", vol.path)
+
+
 def _check_size(cfg: DensePipelineConfig, vol: Volume) -> None:
     need = min_volume_size(cfg)
     if min(vol.shape) < need:
@@ -115,9 +125,10 @@ def _prepare(vol: Volume, cfg: DensePipelineConfig, mode: str, dev) -> torch.Ten
 
 def require_registrable_grid(fixed: Volume, cfg: DensePipelineConfig) -> None:
     """:class:`InputError` naming the file when ``cfg`` cannot register on ``fixed``'s grid (the
-    moving scan's being the same): the spacing is not the model's, or the volume is too small.
-    Reads the grid only (shape, affine), not the voxels."""
+    moving scan's being the same): the spacing or the axes' orientation is not the model's, or the volume
+    is too small. Reads the grid only (shape, affine), not the voxels."""
     _check_spacing(cfg, fixed)
+    _check_orientation(cfg, fixed)
     _check_size(cfg, fixed)
 
 

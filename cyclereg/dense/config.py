@@ -202,6 +202,11 @@ class DensePipelineConfig:
             spacing (a random network). Inputs whose spacing differs by more than
             ``spacing_tolerance`` (relative) are rejected.
         spacing_tolerance: relative tolerance of the spacing check.
+        orientation: where the voxel axes (i, j, k) of the training images point, as nibabel's axis
+            codes (e.g. ``("R", "A", "S")``: :func:`cyclereg.volumeio.axis_codes`), or None to accept any
+            (a random network, or a model trained before this was recorded). The network learnt features
+            of the voxel arrays, which a flip or an axis permutation changes: inputs stored otherwise are
+            rejected.
     """
 
     net: FeatureNetConfig = field(default_factory=FeatureNetConfig)
@@ -214,6 +219,7 @@ class DensePipelineConfig:
     pad_multiple: int = 8
     spacing_mm: tuple[float, float, float] | None = None
     spacing_tolerance: float = 0.01
+    orientation: tuple[str, str, str] | None = None
 
     def replace(self, **changes: Any) -> "DensePipelineConfig":
         """A copy with the given top-level fields changed (``None`` values are ignored)."""
@@ -263,6 +269,10 @@ class DensePipelineConfig:
                 raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if self.spacing_mm is not None and len(self.spacing_mm) != 3:
             raise ValueError(f"spacing_mm: expected three voxel sizes (i, j, k) or none, got {self.spacing_mm!r}")
+        if self.orientation is not None and (len(self.orientation) != 3 or sorted(
+                {"L": "R", "P": "A", "I": "S"}.get(c, c) for c in self.orientation) != ["A", "R", "S"]):
+            raise ValueError(f"orientation: expected three axis codes such as ('R', 'A', 'S') or none, got "
+                             f"{self.orientation!r}")
         return self
 
 

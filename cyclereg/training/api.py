@@ -685,7 +685,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     from cyclereg.datasets import read_json
     from cyclereg.dense.data import preprocess, require_contrast, resolve_mode, scan_ids
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
-    from cyclereg.volumeio import GRID_TOLERANCE_MM, read_nifti, spacing_differs, spacing_text
+    from cyclereg.volumeio import GRID_TOLERANCE_MM, axis_codes, read_nifti, spacing_differs, spacing_text
 
     modality = read_json(dataset).get("modality")
     if isinstance(modality, dict):
@@ -714,7 +714,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     # preprocess as training did whatever their inputs look like
     pinned = replace(config.pipeline.preprocess, mode=first_mode)
     config = replace(config, pipeline=replace(config.pipeline, preprocess=pinned))
-    return DenseCycleTask(loaded, pairs, first.spacing, config, device)
+    return DenseCycleTask(loaded, pairs, first.spacing, config, device, orientation=axis_codes(first.affine))
 
 
 def _dense_val_hook(dataset: Path, n: int, console=None):

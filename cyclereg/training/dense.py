@@ -225,12 +225,14 @@ class DenseCycleTask:
         pairs: ``(fixed index, moving index)`` into ``images``.
         spacing_mm: voxel size of the images (i, j, k); stored in the model config so a
             trained model rejects volumes of another spacing.
+        orientation: axis codes of the images (:func:`cyclereg.volumeio.axis_codes`), stored likewise
+            (None: not recorded, any accepted).
     """
 
     checkpoint_kind = "dense"
 
     def __init__(self, images: list[VolumeImage], pairs: list[tuple[int, int]], spacing_mm, config: DenseCycleConfig,
-                 device: torch.device):
+                 device: torch.device, orientation: tuple[str, str, str] | None = None):
         if not pairs:
             raise ValueError("pairs: need at least one training pair")
         shapes = {tuple(im.image.shape) for im in images}
@@ -243,7 +245,8 @@ class DenseCycleTask:
         self.pairs = pairs
         self.spacing = tuple(float(s) for s in spacing_mm)
         self.config = config.validate()
-        self.pipeline = replace(config.pipeline, spacing_mm=self.spacing).validate()
+        self.pipeline = replace(config.pipeline, spacing_mm=self.spacing,
+                                orientation=None if orientation is None else tuple(orientation)).validate()
         self.device = device
         self.shape = tuple(images[0].image.shape[2:])
         s = config.label_stride
