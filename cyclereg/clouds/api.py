@@ -288,7 +288,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          spread_map: bool = False, jacobian: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``. With ``spread`` (needs an ensemble model; each member
-    also registers the pair on its own, about 3x the time) both CSV files get a ``spread_mm``
+    also registers the pair on its own, about 2x the time) both CSV files get a ``spread_mm``
     column: how far (root mean square, mm) the members' displacements lie from their average.
 
     With ``reference`` (a NIfTI of the fixed scan, whose world frame the points share) also
@@ -675,7 +675,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests.
 
     With ``spread`` (ensemble models only; each member also registers every pair on its own,
-    about 3x the time, the fused result unchanged), also the members' disagreement
+    about 2x the time, the fused result unchanged), also the members' disagreement
     (:func:`member_spread` of their TPS fields) at the keypoints and landmarks of each case, its
     Spearman correlation with the landmark errors (per case, pooled, and across case means: does
     the landmark-free spread flag the large errors?) and a ``spread_mm`` column in

@@ -425,7 +425,7 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     ensemble combines its members as ``config.ensemble_fusion`` says. With ``spread`` an
     ensemble also returns each member's own displacements (for
     :attr:`CloudRegistration.spread_mm`); with joint fusion that runs every member once more on
-    its own (about 3x the time for four members), the fused displacements stay the same.
+    its own (about 2x the time for four members), the fused displacements stay the same.
     ``box``: the unit frame (a dataset's volume box); default :func:`registration_box`.
 
     Shapes: ``fixed_mm`` ``(N, 3)``, ``moving_mm`` ``(M, 3)``, world mm, one device and dtype
