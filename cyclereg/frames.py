@@ -54,14 +54,24 @@ def ijk_to_kji(t: torch.Tensor) -> torch.Tensor:
     return t.flip(-1)
 
 
+def inside_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``(...)`` bool: which voxel positions ``(..., 3)`` (i, j, k) lie within a grid of ``shape``, i.e. in
+    some voxel of it (index ``-0.5 .. n - 0.5`` along every axis)."""
+    check_points("points_vox", points_vox)
+    size = torch.as_tensor(shape, dtype=points_vox.dtype, device=points_vox.device)
+    return ((points_vox >= -0.5) & (points_vox <= size - 0.5)).all(dim=-1)
+
+
 def voxel_to_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Voxel indices ``(..., 3)`` in (i, j, k) order -> grid coordinates ``(..., 3)`` in (k, j, i) order.
     A size-1 axis maps to -1 (with ``align_corners=True`` every coordinate samples its one voxel)."""
+    check_points("points_vox", points_vox)  # before the arithmetic, which would broadcast an (N, 1) input
     return ijk_to_kji(2.0 * points_vox / _sizes(shape, points_vox) - 1.0)
 
 
 def grid_to_voxel(points_grid: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Inverse of :func:`voxel_to_grid`."""
+    check_points("points_grid", points_grid)
     return (ijk_to_kji(points_grid) + 1.0) * 0.5 * _sizes(shape, points_grid)
 
 

@@ -93,6 +93,25 @@ def test_unit_box_names_a_wrongly_shaped_argument():
             method(torch.zeros(5, 1))
 
 
+def test_voxel_grid_conversions_name_a_wrongly_shaped_argument():
+    """An (N, 1) input was broadcast to (N, 3) by the arithmetic before any check, and (N, 2) raised torch's
+    own error: both name the argument now."""
+    from cyclereg.frames import grid_to_voxel, inside_grid, voxel_to_grid
+
+    for fn, name in ((voxel_to_grid, "points_vox"), (grid_to_voxel, "points_grid"), (inside_grid, "points_vox")):
+        for bad in (torch.zeros(5, 1), torch.zeros(5, 2)):
+            with pytest.raises(ValueError, match=f"{name}: expected"):
+                fn(bad, (4, 5, 6))
+
+
+def test_inside_grid_is_the_voxels_half_open_extent(dtype):
+    from cyclereg.frames import inside_grid
+
+    pts = torch.tensor([[-0.5, 0, 0], [-0.51, 0, 0], [3.5, 4.5, 5.5], [3.5, 4.6, 0], [1.0, 2.0, 3.0]], dtype=dtype)
+    assert inside_grid(pts, (4, 5, 6)).tolist() == [True, False, True, False, True]
+    assert inside_grid(pts.reshape(5, 1, 3), (4, 5, 6)).shape == (5, 1)
+
+
 def test_warp_identity_and_known_shift(device):
     img = torch.rand(1, 1, 6, 7, 8, device=device)
     zero = torch.zeros(1, 3, 6, 7, 8, device=device)

@@ -22,7 +22,7 @@ from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_datas
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import (InputError, refuse_empty_paths, require_count, require_finite_result, require_output_dir,
                              require_output_file, same_path)
-from cyclereg.frames import UnitBox, world_to_voxel
+from cyclereg.frames import UnitBox, inside_grid, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
 from cyclereg.pointio import as_written, format_csv, holds_voxel_indices, points_csv, read_points
@@ -585,9 +585,7 @@ def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config:
 
 def _inside(points_mm: torch.Tensor, volume: Volume) -> torch.Tensor:
     """``(N,)`` bool: which of the points ``(N, 3)`` (world mm) lie within the volume's voxels."""
-    vox = world_to_voxel(points_mm.double().cpu(), torch.from_numpy(volume.affine))
-    size = torch.tensor(volume.shape, dtype=vox.dtype)
-    return ((vox >= -0.5) & (vox <= size - 0.5)).all(dim=1)
+    return inside_grid(world_to_voxel(points_mm.double().cpu(), torch.from_numpy(volume.affine)), volume.shape)
 
 
 def _require_points_inside(points_mm: torch.Tensor, volume: Volume, points_path: Path) -> None:

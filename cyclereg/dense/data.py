@@ -16,7 +16,7 @@ import torch
 from cyclereg.datasets import is_label_number, read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
-from cyclereg.frames import voxel_to_world, world_to_voxel
+from cyclereg.frames import inside_grid, voxel_to_world, world_to_voxel
 from cyclereg.volumeio import Volume, check_same_grid
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -117,8 +117,7 @@ def overlap_fraction(volume: Volume, reference: Volume, *, samples: int = OVERLA
     axes = [torch.linspace(0, n - 1, min(n, samples), dtype=torch.float64) for n in reference.shape]
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
     vox = world_to_voxel(voxel_to_world(centres, torch.from_numpy(reference.affine)), torch.from_numpy(volume.affine))
-    size = torch.tensor(volume.shape, dtype=vox.dtype)
-    return float(((vox >= -0.5) & (vox <= size - 0.5)).all(dim=1).double().mean())
+    return float(inside_grid(vox, volume.shape).double().mean())
 
 
 # ----------------------------------------------------------------------------- datasets
