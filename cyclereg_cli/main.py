@@ -185,24 +185,15 @@ def pretrain_random(
 ) -> None:
     """Stage-0 pseudo labels from a randomly initialised feature network (creates RUN_DIR)."""
     require_inputs(dataset)
-    from cyclereg.training.api import pretrain_random as run_pretrain
+    from cyclereg.training.api import pretrain_random_summary
 
-    def labelled() -> set[str]:  # the run's folders that hold stage-0 labels
-        return {p.parent.name for p in run.glob("*/pseudo0.pt")} if run.is_dir() else set()
-
-    before = labelled()
-    out = run_pretrain(dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
-                       epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
-                       supervision=supervision, train_images=train_images, directions=directions,
-                       max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
-                       recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
-                       learn_recentre_passes=learn_recentre_passes, aug_relative=aug_relative, cpu_bf16=cpu_bf16)
-    made = sorted(labelled() - before)
-    kept = ""
-    if before:
-        kept = (f" (made now: {', '.join(made)}; the stage-0 labels that were there already were kept: "
-                f"{', '.join(sorted(before))})" if made else " (the stage-0 labels that were there already were kept)")
-    typer.echo(f"stage-0 pseudo labels are in {out}{kept}")
+    typer.echo(pretrain_random_summary(
+        dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
+        epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
+        supervision=supervision, train_images=train_images, directions=directions,
+        max_train_pairs=max_train_pairs, augment=augment, refine=refine, weighted_sampling=weighted,
+        recentre_passes=recentre_passes, candidates=candidates, tta_passes=tta_passes,
+        learn_recentre_passes=learn_recentre_passes, aug_relative=aug_relative, cpu_bf16=cpu_bf16))
 
 
 @command()

@@ -359,6 +359,27 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
                            options=_only(kind, DENSE_OPTIONS, options))
 
 
+def stage0_labelled(run: Path) -> set[str]:
+    """The folders of ``run`` (``foldK`` or ``all``) that hold stage-0 pseudo labels (read only)."""
+    run = Path(run)
+    if not run.is_dir():
+        return set()
+    return {d.name for d in run.iterdir() if d.is_dir() and StageScheduler(None, d).labels_path(0).is_file()}
+
+
+def pretrain_random_summary(dataset: Path, run: Path, **kwargs) -> str:
+    """:func:`pretrain_random` (``kwargs`` as it takes them), then the line the command prints: where the
+    stage-0 labels are and, in a run that had some already, which folds were labelled now and which kept."""
+    before = stage0_labelled(run)
+    out = pretrain_random(dataset, run, **kwargs)
+    made = sorted(stage0_labelled(run) - before)
+    kept = ""
+    if before:
+        kept = (f" (made now: {', '.join(made)}; the stage-0 labels that were there already were kept: "
+                f"{', '.join(sorted(before))})" if made else " (the stage-0 labels that were there already were kept)")
+    return f"stage-0 pseudo labels are in {out}{kept}"
+
+
 def run_status(run: Path, stages: int | None = None) -> dict:
     """Progress of a run directory, read only: dataset, kind, the number of stages (the run's
     configuration, or ``stages``) and per fold (``None``: a volume run) the
