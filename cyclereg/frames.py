@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ALIGN_CORNERS = True
@@ -184,6 +185,13 @@ def spacing_xyz(spacing_zyx_mm) -> tuple[float, float, float]:
     (array axes z, y, x): the spacing of its voxel indices ``(i, j, k)`` along x, y, z (Learn2Reg CSVs)."""
     sz, sy, sx = (float(v) for v in spacing_zyx_mm)
     return sx, sy, sz
+
+
+def spacing_affine(spacing_mm) -> np.ndarray:
+    """4x4 float64 voxel -> mm affine of headerless Learn2Reg voxel indices without a scan:
+    ``mm = index * spacing`` (origin 0, index axes (i, j, k) along world x, y, z; ``spacing_mm`` per
+    axis, mm)."""
+    return np.diag([*(float(v) for v in spacing_mm), 1.0])
 
 
 def zyx_grid_affine(shape_zyx, spacing_zyx_mm) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text
 from cyclereg.errors import InputError, require_file
-from cyclereg.frames import voxel_to_world, world_to_voxel
+from cyclereg.frames import spacing_affine, voxel_to_world, world_to_voxel
 
 HEADER = ("x_mm", "y_mm", "z_mm")
 MAX_COORDINATE_MM = 1e6
@@ -277,12 +277,6 @@ def _read_pcd(path: Path) -> np.ndarray:
         raise InputError(f"truncated: the header promises {n} points, the file holds {have}", path)
     table = np.frombuffer(data, dtype, n, pos)
     return _xyz({f: table[f] for f in dtype.names if table[f].ndim == 1}, path, "the PCD file")
-
-
-def spacing_affine(spacing_mm) -> np.ndarray:
-    """The 4x4 affine of headerless Learn2Reg voxel indices without a scan: ``mm = index * spacing``
-    (origin 0, axes along x, y, z)."""
-    return np.diag([*(float(v) for v in spacing_mm), 1.0])
 
 
 def _index_grid(affine, spacing_mm) -> np.ndarray:
