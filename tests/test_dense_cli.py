@@ -675,7 +675,8 @@ def test_a_pair_listed_twice_is_refused_naming_both_entries(tmp_path):
     a, b, c = (f"./imagesTr/A_000{k}_0000.nii.gz" for k in (1, 2, 3))
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"registration_val": [
-        {"fixed": a, "moving": b}, {"fixed": b, "moving": c}, {"fixed": "imagesTr/../imagesTr/A_0001_0000.nii.gz", "moving": b}]}))
+        {"fixed": a, "moving": b}, {"fixed": b, "moving": c},
+        {"fixed": "imagesTr/../imagesTr/A_0001_0000.nii.gz", "moving": b}]}))
     with pytest.raises(InputError, match=r"entries 0 and 2 list the same pair") as e:
         load_volume_dataset(ds_file)
     assert e.value.path == ds_file
