@@ -183,8 +183,8 @@ def world_map_to_voxel(A_mm: torch.Tensor, t_mm: torch.Tensor, affine: torch.Ten
 def spacing_xyz(spacing_zyx_mm) -> tuple[float, float, float]:
     """Voxel size along world ``(x, y, z)`` [mm] of a keypoint dataset's grid given as ``spacing_zyx_mm``
     (array axes z, y, x): the spacing of its voxel indices ``(i, j, k)`` along x, y, z (Learn2Reg CSVs)."""
-    sz, sy, sx = (float(v) for v in spacing_zyx_mm)
-    return sx, sy, sz
+    zyx = torch.tensor([float(v) for v in spacing_zyx_mm], dtype=torch.float64)
+    return tuple(float(v) for v in ijk_to_kji(zyx))  # type: ignore[return-value]
 
 
 def spacing_affine(spacing_mm) -> np.ndarray:
@@ -201,8 +201,11 @@ def zyx_grid_affine(shape_zyx, spacing_zyx_mm) -> torch.Tensor:
     if len(tuple(shape_zyx)) != 3 or len(tuple(spacing_zyx_mm)) != 3:
         raise ValueError(f"shape_zyx, spacing_zyx_mm: expected 3 values each, got {tuple(shape_zyx)}, "
                          f"{tuple(spacing_zyx_mm)}")
-    sx, sy, sz = spacing_xyz(spacing_zyx_mm)
-    return torch.tensor([[0, 0, sx, 0], [0, sy, 0, 0], [sz, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    A = torch.eye(4, dtype=torch.float64)
+    # voxel (i, j, k) -> (k, j, i) (the one reordering, ijk_to_kji, as a matrix), then scaled along x, y, z
+    A[:3, :3] = torch.diag(torch.tensor(spacing_xyz(spacing_zyx_mm), dtype=torch.float64)) @ ijk_to_kji(
+        torch.eye(3, dtype=torch.float64))
+    return A
 
 
 # ----------------------------------------------------------------------------- mm <-> unit (clouds)

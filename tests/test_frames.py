@@ -85,6 +85,17 @@ def test_zyx_grid_affine_and_its_box():
         spacing_xyz((1.75, 1.0, 1.25)), dtype=torch.float64), w)
 
 
+def test_zyx_grid_affine_is_the_reversal_scaled_in_float64():
+    """The dataset grid's affine reorders through ijk_to_kji and keeps every spacing digit (no float32
+    round trip): voxel (i, j, k) at mm (k sx, j sy, i sz)."""
+    from cyclereg.frames import spacing_xyz, zyx_grid_affine
+
+    assert spacing_xyz((0.6, 0.7, 1 / 3)) == (1 / 3, 0.7, 0.6)
+    A = zyx_grid_affine((4, 5, 6), (0.6, 0.7, 1 / 3))
+    expected = torch.tensor([[0, 0, 1 / 3, 0], [0, 0.7, 0, 0], [0.6, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    assert A.dtype == torch.float64 and torch.equal(A, expected)
+
+
 def test_unit_box_names_a_wrongly_shaped_argument():
     box = UnitBox((0.0, 0.0, 0.0), (10.0, 10.0, 10.0))
     for method, name in ((box.mm_to_unit, "points_mm"), (box.unit_to_mm, "points_unit"),
