@@ -143,6 +143,14 @@ def mm_disp_to_voxel(disp_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tenso
     return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm)
 
 
+def crop_affine(affine, offset_vox) -> np.ndarray:
+    """4x4 float64 voxel -> mm affine of a crop (or slab) of the grid with ``affine`` whose voxel 0 is the
+    grid's voxel ``offset_vox`` (i, j, k): the crop's voxel ``v`` lies where the grid's ``v + offset`` does."""
+    shift = np.eye(4)
+    shift[:3, 3] = [float(v) for v in offset_vox]
+    return np.asarray(affine, dtype=np.float64) @ shift
+
+
 def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) -> torch.Tensor:
     """Where each fixed voxel lands in the *moving* grid: the voxel indices ``(B, D, H, W, 3)``
     (i, j, k of the moving array) of ``x + u(x)`` for every fixed voxel ``x``, through world mm.

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclereg.frames import (ALIGN_CORNERS, check_displacement, fixed_to_moving_voxels, identity_grid,
+from cyclereg.frames import (ALIGN_CORNERS, check_displacement, crop_affine, fixed_to_moving_voxels, identity_grid,
                              voxel_disp_to_grid_disp, voxel_to_grid)
 
 
@@ -114,10 +114,9 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     depth, plane = disp_vox.shape[2], disp_vox.shape[3] * disp_vox.shape[4]
     step = max(1, SLAB_VOXELS // max(plane, 1))
     slabs = []
-    for start in range(0, depth, step):
-        shift = np.eye(4)
-        shift[0, 3] = start  # the slab's voxel 0 is the fixed grid's voxel `start` along axis 0
-        points = fixed_to_moving_voxels(disp_vox[:, :, start:start + step], fixed_affine @ shift, moving_affine)
+    for start in range(0, depth, step):  # the slab's voxel 0 is the fixed grid's voxel (start, 0, 0)
+        points = fixed_to_moving_voxels(disp_vox[:, :, start:start + step], crop_affine(fixed_affine, (start, 0, 0)),
+                                        moving_affine)
         slabs.append(_sample(moving, voxel_to_grid(points, tuple(moving.shape[2:])), mode, padding_mode))
     return torch.cat(slabs, dim=2)
 

@@ -96,6 +96,16 @@ def test_zyx_grid_affine_is_the_reversal_scaled_in_float64():
     assert A.dtype == torch.float64 and torch.equal(A, expected)
 
 
+def test_a_crops_voxel_is_the_grids_voxel_plus_the_offset():
+    from cyclereg.frames import crop_affine, voxel_to_world
+
+    A = np.array([[0.0, -1.5, 0.0, 10.0], [2.0, 0.0, 0.0, -20.0], [0.0, 0.0, 1.0, 5.0], [0, 0, 0, 1.0]])
+    v = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    off = torch.tensor([4.0, 0.0, 7.0], dtype=torch.float64)
+    torch.testing.assert_close(voxel_to_world(v, torch.from_numpy(crop_affine(A, (4, 0, 7)))),
+                               voxel_to_world(v + off, torch.from_numpy(A)), rtol=0, atol=0)
+
+
 def test_unit_box_names_a_wrongly_shaped_argument():
     box = UnitBox((0.0, 0.0, 0.0), (10.0, 10.0, 10.0))
     for method, name in ((box.mm_to_unit, "points_mm"), (box.unit_to_mm, "points_unit"),
