@@ -24,12 +24,18 @@ class BreathingConfig:
         branches: number of vessel branches per lung.
         steps: random-walk steps per branch.
         step_mm: length of one step.
+        start_spread: the branches start uniformly in a box this many lung radii wide per axis, centred
+            on the lung's centre.
+        walk_turn: how strongly a walk turns per step: the standard deviation of the random change of its
+            unit direction.
         n_fixed: points in the fixed cloud.
         n_moving: points in the moving cloud.
         stretch: relative inhale expansion along (x, y, z) about the lung apex.
         random_amplitude: peak amplitude of the smooth random part of the motion.
         random_width: Gaussian width of its radial basis functions.
         random_bases: number of radial basis functions.
+        random_centre_extent: their centres are drawn uniformly within this many lung radii (x, y, z) of
+            the lungs' common centre.
         jitter: detection noise added to every point.
     """
 
@@ -38,12 +44,15 @@ class BreathingConfig:
     branches: int = 60
     steps: int = 40
     step_mm: float = 3.0
+    start_spread: float = 1.0
+    walk_turn: float = 0.5
     n_fixed: int = 1500
     n_moving: int = 3000
     stretch: tuple[float, float, float] = (0.03, 0.05, 0.09)
     random_amplitude: float = 3.0
     random_width: float = 60.0
     random_bases: int = 8
+    random_centre_extent: tuple[float, float, float] = (2.0, 1.0, 1.0)
     jitter: float = 0.3
 
     def scaled_motion(self, factor: float) -> "BreathingConfig":
@@ -77,11 +86,12 @@ def _vessel_tree(cfg: BreathingConfig, g: torch.Generator) -> torch.Tensor:
     for c in cfg.lung_centres:
         centre = torch.tensor(c, dtype=torch.float64)
         for _ in range(cfg.branches):
-            start = centre + (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * r
+            start = centre + (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * (r * cfg.start_spread)
             direction = torch.randn(3, generator=g, dtype=torch.float64)
             pts = [start]
             for _ in range(cfg.steps - 1):
-                direction = direction / direction.norm() + 0.5 * torch.randn(3, generator=g, dtype=torch.float64)
+                direction = direction / direction.norm() + cfg.walk_turn * torch.randn(3, generator=g,
+                                                                                        dtype=torch.float64)
                 nxt = pts[-1] + cfg.step_mm * direction / direction.norm()
                 if not _inside(nxt[None], cfg)[0]:
                     direction = centre - pts[-1]
@@ -106,8 +116,9 @@ def breathing_field(points: torch.Tensor, cfg: BreathingConfig, field_seed: int)
     apex[2] += cfg.lung_radii[2]
     u = (pts - apex) * torch.tensor(cfg.stretch, dtype=torch.float64)
     g = torch.Generator().manual_seed(field_seed)
-    lo = centre - torch.tensor(cfg.lung_radii, dtype=torch.float64) * torch.tensor([2.0, 1.0, 1.0])
-    span = torch.tensor(cfg.lung_radii, dtype=torch.float64) * torch.tensor([4.0, 2.0, 2.0])
+    extent = torch.tensor(cfg.random_centre_extent, dtype=torch.float64)
+    lo = centre - torch.tensor(cfg.lung_radii, dtype=torch.float64) * extent
+    span = torch.tensor(cfg.lung_radii, dtype=torch.float64) * (2 * extent)
     for _ in range(cfg.random_bases):
         c = lo + torch.rand(3, generator=g, dtype=torch.float64) * span
         a = (torch.rand(3, generator=g, dtype=torch.float64) * 2 - 1) * cfg.random_amplitude
