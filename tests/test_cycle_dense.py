@@ -224,6 +224,32 @@ def test_scheduler_stops_once_the_labels_settle(tmp_path):
     assert plain.run(3, stop_below_mm=100.0) == 3  # a task without the measure runs all its stages
 
 
+def test_status_of_a_stage_stopped_between_its_labels_and_its_final_checkpoint(tmp_path):
+    """A kill after a stage's labels (which make it finished) and before its log line and final.pt: status
+    said "finished" (with final.pt still the stage before, which evaluate --run reads) and called the missing
+    log line damaged; it says what the same cycle command still writes, which then completes the run."""
+    from cyclereg.training.scheduler import StageScheduler
+
+    s = StageScheduler(_ToyTask(), tmp_path)
+    s.run_stage0()
+    assert s.run(3) == 3 and s.status(3)["next"] == "finished"
+    log = tmp_path / "log.jsonl"
+    whole = log.read_text()
+    log.write_text("".join(whole.splitlines(keepends=True)[:-1]))  # stage 3's line not yet written
+    (tmp_path / "final.pt").write_bytes((tmp_path / "stage2.pt").read_bytes())  # nor its final.pt
+    status = s.status(3)
+    assert status["finished"] == 3 and status["next"].startswith("stage 3: its labels are saved, its log line and "
+                                                                 "final.pt not yet")
+    assert status["unlogged_stages"] == []  # pending, not damaged
+    log.write_text(whole)  # the line written, final.pt not: still pending
+    assert s.status(3)["next"].startswith("stage 3: its labels are saved")
+    assert StageScheduler(_ToyTask(), tmp_path).run(3) == 3  # the same command completes it
+    assert s.status(3)["next"] == "finished"
+    assert (tmp_path / "final.pt").read_bytes() == (tmp_path / "stage3.pt").read_bytes()
+    log.write_text("".join(whole.splitlines(keepends=True)[:1] + whole.splitlines(keepends=True)[2:]))
+    assert s.status(3)["unlogged_stages"] == [1]  # an earlier stage's line removed: that one is damaged
+
+
 class _StoppedTask(_ToyTask):
     """Interrupted (Ctrl-C) in the training of stage ``stop``."""
 

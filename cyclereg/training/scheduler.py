@@ -23,6 +23,7 @@ does not go on, a larger threshold or ``0`` (never stop) does.
 from __future__ import annotations
 
 import datetime
+import filecmp
 import hashlib
 import json
 import re
@@ -557,8 +558,14 @@ class StageScheduler:
         if done < stages and settled is None:
             have = LabelParts.count_in(self.parts_path(nxt))
             labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
+        # killed between a stage's labels (which make it finished) and its log line or final.pt: the same
+        # cycle command completes them first; until then evaluate --run would read the stage before
+        pending = done >= 1 and (done not in records or not self._final_is(done))
         if done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
+        elif pending:
+            text = (f"stage {done}: its labels are saved, its log line and final.pt not yet (stopped just after "
+                    "them; the same cycle command writes them)")
         elif done >= stages:
             text = "finished"
         elif settled is not None:
@@ -593,7 +600,12 @@ class StageScheduler:
             remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records,
-                "unlogged_stages": [t for t in range(done + 1) if t not in records]}
+                "unlogged_stages": [t for t in range(done + 1) if t not in records and not (pending and t == done)]}
+
+    def _final_is(self, stage: int) -> bool:
+        """Whether ``final.pt`` is the checkpoint of ``stage`` (a byte copy, as :meth:`_publish_final` writes it)."""
+        final, own = self.dir / "final.pt", self.checkpoint_path(stage)
+        return final.is_file() and own.is_file() and filecmp.cmp(final, own, shallow=False)
 
     def _remove_leftovers(self) -> None:
         """What a killed run left here that nothing reads again: temporary files of interrupted atomic
