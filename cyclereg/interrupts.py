@@ -9,7 +9,10 @@ import threading
 
 
 def sigterm_exit(signum, _frame) -> None:
-    """Signal handler: raise ``SystemExit(128 + signum)`` (143 for SIGTERM, the shell's status)."""
+    """Signal handler: raise ``SystemExit(128 + signum)`` (143 for SIGTERM, the shell's status), once:
+    further SIGTERMs are ignored from then on, so that a repeat (a fold worker gets one per dying thread
+    of a parent killed with ``kill -9``) cannot interrupt the exit's cleanup with a traceback."""
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

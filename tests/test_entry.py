@@ -48,3 +48,21 @@ def test_the_console_script_runs_the_cli(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         entry.main()
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("cyclereg ")
+
+
+def test_sigterm_exits_once_and_then_ignores_repeats():
+    """The first SIGTERM raises SystemExit(143); later ones (a worker gets one per dying thread of a parent
+    killed with kill -9) are ignored, so they cannot interrupt the exit's cleanup with a traceback."""
+    import signal
+
+    from cyclereg.interrupts import exit_on_sigterm
+
+    previous = exit_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            signal.raise_signal(signal.SIGTERM)
+        assert exc.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGTERM)  # ignored: no second SystemExit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
