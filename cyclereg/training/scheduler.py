@@ -560,7 +560,8 @@ class StageScheduler:
             labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
         # killed between a stage's labels (which make it finished) and its log line or final.pt: the same
         # cycle command completes them first; until then evaluate --run would read the stage before
-        pending = done >= 1 and (done not in records or not self._final_is(done))
+        pending = done >= 1 and ((done not in records and self._log_ends_at(done - 1))
+                                 or ((self.dir / "final.pt").is_file() and not self._final_is(done)))
         if done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
         elif pending:
@@ -601,6 +602,16 @@ class StageScheduler:
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records,
                 "unlogged_stages": [t for t in range(done + 1) if t not in records and not (pending and t == done)]}
+
+    def _log_ends_at(self, stage: int) -> bool:
+        """Whether ``log.jsonl``'s last line is the record of ``stage`` (the log of a run stopped before
+        its next line was written, rather than one whose lines were damaged or removed)."""
+        log = self.dir / "log.jsonl"
+        lines = [line for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+        try:
+            return bool(lines) and int(json.loads(lines[-1])["stage"]) == stage
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def _final_is(self, stage: int) -> bool:
         """Whether ``final.pt`` is the checkpoint of ``stage`` (a byte copy, as :meth:`_publish_final` writes it)."""
