@@ -59,8 +59,9 @@ def _check_points(arr: np.ndarray, path: Path, *, columns: int = 3, lines: list[
     if not np.isfinite(single).all():  # finite in the file, but beyond what float32 holds (~3.4e38)
         raise InputError(f"coordinate out of range (beyond float32's {np.finfo(np.float32).max:.1e}) on "
                          f"{first_bad(single)}", path)
-    if (np.abs(single) > MAX_COORDINATE_MM).any():
-        far = int(np.argwhere(np.abs(single) > MAX_COORDINATE_MM)[0, 0])
+    beyond = np.abs(single) > MAX_COORDINATE_MM
+    if beyond.any():
+        far = int(np.argwhere(beyond)[0, 0])
         raise InputError(f"coordinate {float(np.abs(single[far]).max()):.3g} mm on {where(far)} is beyond "
                          f"{MAX_COORDINATE_MM:.0e} mm (a kilometre): not millimetres of a scan", path)
     return torch.from_numpy(single)
@@ -360,12 +361,18 @@ def points_csv(points_mm: torch.Tensor | np.ndarray) -> str:
     return format_csv({h: pts[:, i] for i, h in enumerate(HEADER)})
 
 
+def parse_points_csv(text: str) -> torch.Tensor:
+    """The ``(N, 3)`` float32 mm points of a point CSV's text as :func:`points_csv` writes it (header row,
+    then x, y, z per line), as :func:`read_points` reads that file."""
+    table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
+    return torch.from_numpy(table.astype(np.float32))
+
+
 def as_written(points_mm: torch.Tensor) -> torch.Tensor:
     """``(N, 3)`` mm points as a point CSV (:func:`points_csv`, 4 decimals) holds them, read back as
     :func:`read_points` reads them (float32): a registration from these gives what one from the written
     file gives (a rounding of 5e-5 mm can flip a discrete candidate choice)."""
-    table = np.loadtxt(io.StringIO(points_csv(points_mm)), delimiter=",", skiprows=1, ndmin=2)
-    return torch.from_numpy(table.astype(np.float32))
+    return parse_points_csv(points_csv(points_mm))
 
 
 def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None = None,

@@ -109,9 +109,10 @@ def _note_unknown_orientation(path: Path) -> None:
     affine used is nibabel's fallback (x flipped, origin at the volume's centre), which other tools may
     not share (the NIfTI standard's method 1 puts voxel i at ``pixdim * i``), so points and outputs in
     world mm may overlay the file differently there. Kept as read: within cyclereg it is consistent."""
-    if path.resolve() in _NOTED_WITHOUT_ORIENTATION:
+    key = path.resolve()
+    if key in _NOTED_WITHOUT_ORIENTATION:
         return
-    _NOTED_WITHOUT_ORIENTATION.add(path.resolve())
+    _NOTED_WITHOUT_ORIENTATION.add(key)
     print_note(f"{path}: its header has no orientation (qform and sform codes 0); read with nibabel's fallback "
                "affine (x flipped, origin at the volume's centre): world mm and outputs may not overlay it in other "
                "tools; set the sform/qform if it has a known orientation")

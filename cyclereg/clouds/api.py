@@ -25,7 +25,7 @@ from cyclereg.errors import (InputError, refuse_empty_paths, require_count, requ
 from cyclereg.frames import UnitBox, inside_grid, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
-from cyclereg.pointio import as_written, format_csv, holds_voxel_indices, points_csv, read_points
+from cyclereg.pointio import format_csv, holds_voxel_indices, parse_points_csv, points_csv, read_points
 from cyclereg.volumeio import Volume, check_same_grid, read_nifti, write_displacement, write_nifti
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -387,14 +387,14 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                  label="moving scan: ")
     # registered as written into fixed_keypoints.csv / moving_keypoints.csv: the same displacements as a
     # register of those two files (the three-command workflow), not ones 5e-5 mm apart in the inputs
-    fixed_mm, moving_mm = as_written(kp_fixed.points_mm), as_written(kp_moving.points_mm)
+    extra = dict(zip(extra_names, (points_csv(kp_fixed.points_mm), points_csv(kp_moving.points_mm))))
+    fixed_mm, moving_mm = (parse_points_csv(extra[name]) for name in extra_names)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
               "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,
                                 "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0]),
                                 # the mm radii as the two grids apply them (whole voxels per axis)
                                 "fixed_nms_radius_voxels": list(keypoints.fixed.nms_radius_voxels(ref.spacing)),
                                 "moving_nms_radius_voxels": list(keypoints.moving.nms_radius_voxels(mov_img.spacing))}}
-    extra = dict(zip(extra_names, (points_csv(fixed_mm), points_csv(moving_mm))))
     return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=sources, inputs=inputs,
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,

@@ -455,17 +455,26 @@ class StageScheduler:
     def _stage_log(self) -> dict[int, dict]:
         """Each finished stage's line of ``log.jsonl`` (a stage logged twice: its last line); lines
         that are not a stage record with its seconds (a note someone added) are passed over."""
-        records = {}
+        return self._read_log()[0]
+
+    def _read_log(self) -> tuple[dict[int, dict], int | None]:
+        """:meth:`_stage_log`'s records, and the stage of the log's last non-blank line when that line is
+        such a record (``None`` otherwise: no log, or a last line damaged or foreign)."""
+        records, last = {}, None
         log = self.dir / "log.jsonl"
         if log.is_file():
             for line in log.read_text().splitlines():
+                if not line.strip():
+                    continue
+                last = None
                 try:
                     record = json.loads(line)
                     float(record["seconds"])
                     records[int(record["stage"])] = record
+                    last = int(record["stage"])
                 except (ValueError, KeyError, TypeError):
                     continue  # a foreign line does not stop the report
-        return records
+        return records, last
 
     def _complete_log(self, progress=None) -> None:
         """Write the log line of the last finished stage if a run was killed after saving the stage's
@@ -549,7 +558,7 @@ class StageScheduler:
         ``stop_below_mm``, a run whose last refresh moved its labels less than that
         (:func:`settled_stage`) is finished, with nothing left to do."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
-        records = self._stage_log()
+        records, last_logged = self._read_log()
         settled = self.settled(stop_below_mm)
         seconds = {t: float(record["seconds"]) for t, record in records.items()}
         nxt = done + 1
@@ -560,7 +569,7 @@ class StageScheduler:
             labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
         # killed between a stage's labels (which make it finished) and its log line or final.pt: the same
         # cycle command completes them first; until then evaluate --run would read the stage before
-        pending = done >= 1 and ((done not in records and self._log_ends_at(done - 1))
+        pending = done >= 1 and ((done not in records and last_logged == done - 1)
                                  or ((self.dir / "final.pt").is_file() and not self._final_is(done)))
         if done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
@@ -602,16 +611,6 @@ class StageScheduler:
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records,
                 "unlogged_stages": [t for t in range(done + 1) if t not in records and not (pending and t == done)]}
-
-    def _log_ends_at(self, stage: int) -> bool:
-        """Whether ``log.jsonl``'s last line is the record of ``stage`` (the log of a run stopped before
-        its next line was written, rather than one whose lines were damaged or removed)."""
-        log = self.dir / "log.jsonl"
-        lines = [line for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-        try:
-            return bool(lines) and int(json.loads(lines[-1])["stage"]) == stage
-        except (ValueError, KeyError, TypeError):
-            return False
 
     def _final_is(self, stage: int) -> bool:
         """Whether ``final.pt`` is the checkpoint of ``stage`` (a byte copy, as :meth:`_publish_final` writes it)."""
