@@ -569,13 +569,16 @@ class StageScheduler:
             labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
         # killed between a stage's labels (which make it finished) and its log line or final.pt: the same
         # cycle command completes them first; until then evaluate --run would read the stage before
-        pending = done >= 1 and ((done not in records and last_logged == done - 1)
-                                 or ((self.dir / "final.pt").is_file() and not self._final_is(done)))
+        log_missing = done >= 1 and done not in records and last_logged == done - 1
+        final_missing = done >= 1 and (self.dir / "final.pt").is_file() and not self._final_is(done)
+        pending = log_missing or final_missing
         if done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
         elif pending:
-            text = (f"stage {done}: its labels are saved, its log line and final.pt not yet (stopped just after "
-                    "them; the same cycle command writes them)")
+            missing = " and ".join(name for name, gone in (("its log line", log_missing), ("final.pt", final_missing))
+                                   if gone)
+            text = (f"stage {done}: its labels are saved, {missing} not yet (stopped just after them; the same "
+                    f"cycle command writes {'them' if log_missing and final_missing else 'it'})")
         elif done >= stages:
             text = "finished"
         elif settled is not None:
