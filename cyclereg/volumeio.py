@@ -217,7 +217,9 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
         arr = arr.astype(np.float32)
     if arr.dtype == np.int64:
         arr = arr.astype(np.int16 if np.abs(arr).max(initial=0) < 32768 else np.int32)
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(arr, affine)  # sform code 2 (aligned)
+    _set_qform_where_exact(img, affine)
     img.header.set_xyzt_units("mm")
     if intent is not None:
         img.header.set_intent(intent[0], (), name=intent[1])
@@ -225,6 +227,21 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
         img.header["descrip"] = description.encode()[:80]
     atomic_write_bytes(path, lambda fh: fh.write(img.to_bytes()) if not str(path).endswith(".gz")
                        else fh.write(_gzip(img.to_bytes())))
+
+
+QFORM_TOLERANCE = 1e-5
+"""Largest difference (relative to the affine's largest entry) between an affine and the qform
+that stores it (a quaternion, zooms and an offset in float32) for the qform to be written."""
+
+
+def _set_qform_where_exact(img, affine: np.ndarray) -> None:
+    """Give ``img`` a qform (code 2, as its sform) equal to ``affine`` where a qform can hold it (a
+    rotation or reflection times voxel sizes), so that readers which take the qform (older ITK and
+    the tools built on it) read the same geometry; an affine with shear keeps qform code 0 (the sform
+    alone holds it)."""
+    img.set_qform(affine, code=2)
+    if np.abs(img.get_qform() - affine).max() > QFORM_TOLERANCE * max(np.abs(affine).max(), 1.0):
+        img.set_qform(None, code=0)
 
 
 def _gzip(raw: bytes) -> bytes:

@@ -818,3 +818,28 @@ def test_register_refuses_replacing_an_input_before_registering(tiny, tmp_path, 
                               "--jacobian", *FAST])
     assert res.exit_code == 2 and "which its output jacobian.nii.gz would replace" in " ".join(res.output.split())
     assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "warped.nii.gz"]
+
+
+def test_written_nifti_carry_a_qform_equal_to_the_sform_where_one_can_hold_it(tmp_path):
+    """Outputs had sform code 2 and qform code 0: readers that take the qform (older ITK and tools built on it)
+    saw no orientation. A rotation (or reflection) times voxel sizes is now in both; a sheared affine, which a
+    qform cannot hold, stays in the sform alone."""
+    from cyclereg.volumeio import write_nifti
+
+    theta = 0.3
+    rotated = np.eye(4)
+    rotated[:3, :3] = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0],
+                                [0.0, 0.0, 1.0]]) @ np.diag([1.5, 2.0, 3.0])
+    rotated[:3, 3] = [10.0, -5.0, 3.0]
+    flipped = np.diag([-0.8, 0.8, 2.5, 1.0])
+    sheared = rotated.copy()
+    sheared[0, 1] += 0.5
+    for name, affine, qform_code in (("rot", rotated, 2), ("flip", flipped, 2), ("shear", sheared, 0)):
+        path = tmp_path / f"{name}.nii.gz"
+        write_nifti(path, torch.zeros(3, 4, 5), affine)
+        img = nib.load(str(path))
+        assert int(img.header["sform_code"]) == 2 and int(img.header["qform_code"]) == qform_code, name
+        np.testing.assert_allclose(img.get_sform(), affine, atol=1e-6)
+        np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+        if qform_code:
+            np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
