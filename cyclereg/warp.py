@@ -43,7 +43,11 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
 def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=None, fixed_affine=None) -> torch.Tensor:
     """Warp an integer label map ``(B, C, D', H', W')`` like :func:`warp` (or, given both affines, like
     :func:`warp_between_grids`): nearest neighbour, and background (0) where ``x + disp(x)`` leaves
-    the label map's grid, as in Learn2Reg's evaluation, so that no edge label is smeared outward."""
+    the label map's voxels, so that no edge label is smeared outward. A voxel is the cube around its
+    centre: a point less than half a voxel beyond the outermost centres takes the edge voxel's label
+    (``grid_sample``'s nearest rounding); Learn2Reg's evaluation (``map_coordinates(order=0)``,
+    constant mode) gives 0 to every point outside the outermost centres, so the two differ in that
+    half-voxel band alone."""
     if (labels_affine is None) != (fixed_affine is None):
         raise ValueError("warp_labels: give both labels_affine and fixed_affine, or neither")
     if labels_affine is None:

@@ -66,6 +66,13 @@ def test_label_warp_shifts_exactly_and_is_background_outside():
     # the same through the two-grid path, with identical grids
     aff = np.diag([1.5, 1.0, 2.0, 1.0])
     assert torch.equal(warp_labels(lab, shift, labels_affine=aff, fixed_affine=aff), out)
+    # the half-voxel band beyond the outermost centres belongs to the edge voxel (documented); beyond it, 0
+    column = torch.arange(1, 7).view(1, 1, 6, 1, 1).expand(1, 1, 6, 2, 2)
+    for offset, expected in ((-0.3, [1, 2, 3, 4, 5, 6]), (-0.49, [1, 2, 3, 4, 5, 6]),
+                             (-0.51, [0, 1, 2, 3, 4, 5]), (-0.8, [0, 1, 2, 3, 4, 5])):
+        moved = torch.zeros(1, 3, 6, 2, 2)
+        moved[:, 0] = offset
+        assert warp_labels(column, moved)[0, 0, :, 0, 0].tolist() == expected, offset
 
 
 def test_resample_disp_constant_field_scales_with_stride():
