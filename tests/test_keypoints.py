@@ -403,3 +403,54 @@ def test_cli_pairs_places_voxel_index_landmarks_on_their_scans(tmp_path):
     csv.write_text("id,fixed,moving,fixed_landmarks,moving_landmarks\na,f.nii.gz,m.nii.gz,lm_f.csv,lm_2.csv\n")
     res = _run("--pairs", csv, "-o", tmp_path / "ds2", "--device", "cpu")
     assert res.exit_code == 2 and "3 fixed vs 2 moving landmarks" in res.output and not (tmp_path / "ds2").exists()
+
+
+# ----------------------------------------------------------------------------- analytic checks (mutation audit)
+def test_distinctiveness_is_one_over_the_trace_of_the_inverse_tensor():
+    """D = det(T) / trace(adj(T)) = 1 / trace(T^-1), against numpy's inverse on random SPD tensors."""
+    from cyclereg.keypoints.foerstner import distinctiveness_from_tensor
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4, 3, 3))
+    spd = a @ np.swapaxes(a, -1, -2) + 0.1 * np.eye(3)  # (2, 3, 4, 3, 3)
+    rows, cols = (0, 0, 0, 1, 1, 2), (0, 1, 2, 1, 2, 2)  # xx, xy, xz, yy, yz, zz
+    T = torch.from_numpy(np.stack([spd[..., r, c] for r, c in zip(rows, cols)])[None])
+    want = 1.0 / np.trace(np.linalg.inv(spd), axis1=-2, axis2=-1)
+    np.testing.assert_allclose(distinctiveness_from_tensor(T).numpy(), want, rtol=1e-10)
+
+
+def test_gradient_is_per_millimetre_along_each_axis():
+    """The ramp I = 3 i + 2 j - k at spacing (2, 0.5, 1) mm has the gradient (1.5, 4, -1) per mm inside."""
+    from cyclereg.keypoints.foerstner import gradient_mm
+
+    i, j, k = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (5, 6, 7)), indexing="ij")
+    grad = gradient_mm((3 * i + 2 * j - k)[None, None], (2.0, 0.5, 1.0))[0, :, 1:-1, 1:-1, 1:-1]
+    for channel, value in enumerate((1.5, 4.0, -1.0)):
+        torch.testing.assert_close(grad[channel], torch.full_like(grad[channel], value))
+
+
+def test_nms_suppresses_within_a_box_of_half_width_radius_per_axis():
+    """(0,0,0) lies in the box of half-width 2 around the stronger (2,2,2) (a ball of radius 2 would keep
+    it: 3.5 voxels away); (5,0,0) lies outside. With half-width 1 along the last axis, (0,0,0) is kept."""
+    from cyclereg.keypoints.foerstner import greedy_box_nms
+
+    points = np.array([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0], [5.0, 0.0, 0.0]])
+    scores = np.array([1.0, 2.0, 0.5])
+    assert greedy_box_nms(points, scores, (2, 2, 2)).tolist() == [1, 2]
+    assert greedy_box_nms(points, scores, (2, 2, 1)).tolist() == [1, 0, 2]
+
+
+def test_the_threshold_keeps_exactly_the_maxima_at_or_above_threshold_times_reference():
+    """Raising the threshold between two keypoints' scores keeps exactly the stronger ones: a weaker maximum
+    never suppresses a stronger one, and the reference does not depend on the threshold."""
+    vol = torch.from_numpy(texture((36, 36, 36), seed=3))
+    base = FoerstnerConfig(sigma_mm=1.5, nms_radius_mm=2.5, threshold=0.0, max_points=None)
+    every = foerstner_keypoints(vol, (1.0, 1.0, 1.0), None, base)
+    assert every.voxels.shape[0] > 20
+    m = every.voxels.shape[0] // 2
+    level = 0.5 * (float(every.scores[m]) + float(every.scores[m + 1]))
+    assert float(every.scores[m]) > level > float(every.scores[m + 1])
+    strong = foerstner_keypoints(vol, (1.0, 1.0, 1.0), None, FoerstnerConfig(
+        sigma_mm=1.5, nms_radius_mm=2.5, threshold=level / every.reference, max_points=None))
+    assert strong.reference == every.reference
+    assert torch.equal(strong.voxels, every.voxels[: m + 1])
