@@ -140,3 +140,38 @@ def test_a_non_finite_registration_is_never_written(pair_files, monkeypatch):
     assert "nothing written" in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in out.iterdir()) == ["displacements.csv"]
     assert (out / "displacements.csv").read_text() == "earlier\n"
+
+
+def test_a_checkpoint_of_the_other_kind_is_named_with_what_it_is_for(tmp_path):
+    """A keypoint-cloud model where a dense one is expected (and back): one line naming both kinds and what
+    the model is for, not a state-dict error."""
+    cloud = _cloud_checkpoint(tmp_path / "c.pt")
+    dense = _dense_checkpoint(tmp_path / "d.pt")
+    with pytest.raises(InputError, match=r"'cloud' model, expected 'dense' \(a keypoint-cloud model: .*--via-keypoints"):
+        load_checkpoint(cloud, kind="dense")
+    with pytest.raises(InputError, match=r"'dense' model, expected 'cloud' \(a dense volume model"):
+        load_checkpoint(dense, kind="cloud")
+    with pytest.raises(InputError, match="expected 'cloud'"):
+        load_cloud_model(dense)
+    with pytest.raises(InputError, match="expected 'dense'"):
+        load_model(cloud)
+    assert load_checkpoint(cloud, kind="cloud")["kind"] == "cloud"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomically_written_files_get_the_umasks_mode(tmp_path, umask, mode):
+    """The temporary file is private (0600); the file it becomes gets what open() would have given it."""
+    import os
+    import stat
+
+    from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", lambda fh: fh.write(b"x"))
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_checkpoint(tmp_path / "c.pt", kind="cloud", config={}, state_dict={})
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "a.txt", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

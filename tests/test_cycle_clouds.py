@@ -1548,3 +1548,20 @@ def test_pretrain_random_takes_folds_as_the_command_does_and_names_a_misspelt_op
     with pytest.raises(InputError, match="--cpu-bf16: not an option for keypoints datasets"):
         pretrain_random(ds, tmp_path / "d", device="cpu", config=off, cpu_bf16=True)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_stage_one_starts_from_another_random_network_than_stage_zero():
+    """Paper Sec. 2.2: stage 1 starts from a new random initialisation, not stage 0's network (the one that
+    made the stage-0 labels); every later stage without previous weights would start from stage 1's."""
+    from cyclereg.training.clouds import initial_network
+    from cyclereg.training.scheduler import initial_network_seed
+
+    cfg = CloudCycleConfig()
+    assert initial_network_seed(cfg.seed, 0) != initial_network_seed(cfg.seed, 1)
+    assert initial_network_seed(cfg.seed, 1) == initial_network_seed(cfg.seed, 2)
+    assert initial_network_seed(1, 0) != initial_network_seed(0, 0)  # the run's seed matters too
+    zero, one = initial_network(cfg, 0).state_dict(), initial_network(cfg, 1).state_dict()
+    weights = [name for name, t in zero.items() if t.is_floating_point() and t.numel() > 1 and t.std() > 0]
+    assert weights and all(not torch.equal(zero[name], one[name]) for name in weights)
+    again = initial_network(cfg, 0).state_dict()  # and each is reproducible
+    assert all(torch.equal(zero[name], again[name]) for name in zero)

@@ -803,3 +803,27 @@ def test_dense_stage0_killed_while_labelling_resumes_at_the_next_pair(tmp_path, 
     assert a["weights"] == b["weights"]
     for pid in a["labels"]:
         assert torch.equal(a["labels"][pid], b["labels"][pid]), pid
+
+
+def test_a_stage_whose_checkpoint_is_missing_is_not_finished_and_is_trained_again(tmp_path):
+    """Pseudo labels of stage t without stage t's checkpoint (removed, or never written) do not make t
+    finished: the run resumes after t - 1 and trains t again."""
+    from cyclereg.training.scheduler import StageScheduler
+
+    class Recording(_ToyTask):
+        def __init__(self):
+            self.trained = []
+
+        def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
+            self.trained.append(stage)
+            return super().train_stage(model, labels, weights, stage, progress, snapshot)
+
+    first = Recording()
+    s = StageScheduler(first, tmp_path)
+    s.run_stage0()
+    assert s.run(2) == 2 and first.trained == [1, 2]
+    (tmp_path / "stage2.pt").unlink()
+    assert (tmp_path / "pseudo2.pt").is_file() and s.last_finished_stage() == 1
+    again = Recording()
+    assert StageScheduler(again, tmp_path).run(2) == 2 and again.trained == [2]
+    assert (tmp_path / "stage2.pt").is_file()

@@ -69,6 +69,14 @@ def test_unit_box_round_trip():
     torch.testing.assert_close(box.unit_to_mm(box.mm_to_unit(p)), p)
 
 
+def test_unit_box_around_clouds_adds_the_margin_on_each_side():
+    """Points spanning [0, 10] x [0, 20] x [5, 5] mm with margin 0.05: each side grows by 5 % of its size
+    (a flat side counts as 1 mm), so lo = -0.5, -1, 4.95 and the extent 11, 22, 1.1 mm."""
+    box = UnitBox.around(torch.tensor([[0.0, 0.0, 5.0], [10.0, 20.0, 5.0]]), margin=0.05)
+    np.testing.assert_allclose(box.lo_mm, (-0.5, -1.0, 4.95), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(box.extent_mm, (11.0, 22.0, 1.1), rtol=0, atol=1e-12)
+
+
 def test_zyx_grid_affine_and_its_box():
     """Voxel (i, j, k) of a (z, y, x) grid lies at mm (k sx, j sy, i sz); the box of the volume is the
     world extent of that grid, x first."""
