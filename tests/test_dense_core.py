@@ -644,3 +644,72 @@ def test_a_collapsed_axis_counts_as_folding():
     stats = sdlogj(u)
     assert jacobian_determinant(u).abs().max() == 0
     assert stats["folding_fraction"] == 1.0
+
+
+def test_the_second_warp_composes_the_second_pass_after_the_first(monkeypatch):
+    """register(warps=2): pass 2 registers the fixed image to the moving one warped by pass 1's field u1 and
+    finds s; the result is u(x) = s(x) + u1(x + s(x)). With u1 a ramp (channel 1 = 0.1 i) and s = (1, 0, 0),
+    channel 1 is 0.1 (i + 1) (the other order, or adding the fields, gives 0.1 i)."""
+    import cyclereg.dense.pipeline as pipeline
+
+    shape = (16, 16, 16)
+    ramp = torch.zeros(1, 3, *shape)
+    ramp[0, 1] = 0.1 * torch.arange(16.0).view(16, 1, 1)
+    shift = torch.zeros(1, 3, *shape)
+    shift[0, 0] = 1.0
+    moving_seen = []
+
+    def passes(net, fixed, moving, cfg, **kwargs):
+        moving_seen.append(moving.clone())
+        return (ramp if len(moving_seen) == 1 else shift).clone()
+
+    monkeypatch.setattr(pipeline, "predict_displacement", passes)
+    img = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    out = pipeline.register(img, img.clone(), random_feature_net(FeatureNetConfig(), 0),
+                            DensePipelineConfig(warps=2, use_adam=False, use_ic=False))
+    assert len(moving_seen) == 2 and torch.allclose(moving_seen[1], warp(img, ramp))
+    torch.testing.assert_close(out[0, 0], torch.ones(shape))
+    i = torch.arange(15.0).view(15, 1, 1).expand(15, 16, 16)
+    torch.testing.assert_close(out[0, 1, :15], 0.1 * (i + 1), rtol=0, atol=1e-5)
+
+
+def _plain_adam(**changes) -> AdamConfig:
+    """Adam refinement without the smoothing of the field and the feature normalisation: one step of
+    Adam is exactly ``lr * sign(gradient)`` per entry."""
+    from dataclasses import replace
+
+    return replace(AdamConfig(), smooth_passes=0, final_smooth_passes=0, normalize_features=False, **changes)
+
+
+def test_one_adam_step_moves_the_field_by_the_learning_rate_in_feature_voxels():
+    """Features fixed(i) = i + 3, moving(i) = i (a ramp along axis 0): the data term pulls u_0 up everywhere.
+    One step with lr 1 moves it one feature voxel = 2 image voxels at factor 2, only along axis 0 (away from
+    the far border, where the moving ramp is clamped)."""
+    from cyclereg.dense.instance import adam_refine
+
+    i = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(1, 1, 8, 8, 8).contiguous()
+    out = adam_refine(i + 3.0, i.clone(), torch.zeros(1, 3, 16, 16, 16), 2,
+                      _plain_adam(iterations=1, lr=1.0, reg_weight=0.0))
+    torch.testing.assert_close(out[0, 0, 2:13], torch.full((11, 16, 16), 2.0), rtol=0, atol=1e-4)
+    assert torch.equal(out[0, 1:], torch.zeros(2, 16, 16, 16))
+
+
+def test_one_adam_step_of_the_regulariser_flattens_a_spike():
+    """No data term; a spike of 3 feature voxels at one voxel of the field: one step of lr 1 lowers it by 1
+    and raises its neighbours by 1 (sign of the gradient of the squared differences), 2 voxels away nothing."""
+    from cyclereg.dense.instance import adam_refine
+
+    features = torch.zeros(1, 1, 8, 8, 8)
+    disp = torch.zeros(1, 3, 16, 16, 16)
+    disp[0, 0, 8, 8, 8] = 6.0  # 3 feature voxels at feature voxel (4, 4, 4)
+    out = adam_refine(features, features, disp, 2, _plain_adam(iterations=1, lr=1.0, data_weight=0.0, reg_weight=0.65))
+    assert out[0, 0, 8, 8, 8].item() == pytest.approx(4.0, abs=1e-4)  # 2 * (3 - 1)
+    assert out[0, 0, 10, 8, 8].item() == pytest.approx(2.0, abs=1e-4)  # 2 * (0 + 1)
+    assert out[0, 0, 12, 8, 8].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_report_means_leave_out_missing_and_non_finite_values():
+    from cyclereg.dense.api import _mean
+
+    assert _mean([1.0, float("nan"), 3.0, None, float("inf")]) == 2.0
+    assert math.isnan(_mean([None, float("nan")]))
