@@ -1565,3 +1565,92 @@ def test_stage_one_starts_from_another_random_network_than_stage_zero():
     assert weights and all(not torch.equal(zero[name], one[name]) for name in weights)
     again = initial_network(cfg, 0).state_dict()  # and each is reproducible
     assert all(torch.equal(zero[name], again[name]) for name in zero)
+
+
+def _one_pair_task(config, extent_mm=(2.0, 2.0, 2.0)):
+    """A task with one random pair (60 fixed, 80 moving points in the unit frame) in a box of ``extent_mm``."""
+    from cyclereg.training.clouds import CloudCycleTask
+
+    g = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(60, 3, generator=g) * 2 - 1, torch.rand(80, 3, generator=g) * 2 - 1
+    return CloudCycleTask([CloudPairData("p", fixed, moving)], UnitBox((0.0, 0.0, 0.0), extent_mm), config,
+                          torch.device("cpu"))
+
+
+def _predict_zero(monkeypatch):
+    """The learning stream predicts 0 (still in the network's gradient graph)."""
+    import cyclereg.training.clouds as clouds
+
+    monkeypatch.setattr(clouds, "learning_prediction", lambda model, fixed, *a, **k: (
+        torch.zeros_like(fixed) + 0 * sum(p.sum() for p in model.parameters())))
+
+
+def test_the_training_loss_is_the_mean_distance_in_mm(monkeypatch):
+    """Labels of (0.03, 0, 0.04) in the unit frame of a box with half extents (100, 50, 25) mm are (3, 0, 1)
+    mm; against a prediction of 0 the loss is sqrt(10) mm (0.05 if measured in the unit frame)."""
+    from cyclereg.clouds.features import build_graph_net
+
+    _predict_zero(monkeypatch)
+    cfg = replace(CloudCycleConfig(), epochs=1, batch_size=1, augment=False)
+    task = _one_pair_task(cfg, extent_mm=(200.0, 100.0, 50.0))
+    labels = {"p": torch.tensor([0.03, 0.0, 0.04]).expand(60, 3).clone()}
+    stats = task.train_stage(build_graph_net(cfg.reg.net, seed=0), labels, {}, 1)
+    assert stats["train_loss_mm"] == pytest.approx(math.sqrt(10.0), rel=1e-5)
+
+
+def test_the_learning_rate_drops_tenfold_at_each_milestone(monkeypatch):
+    """lr 1e-3 decayed x0.1 after epochs 1 and 2 of 3 (one step per epoch): the snapshot sees 1e-4, 1e-5,
+    1e-5 after the three steps (warm restart: each stage starts again at 1e-3)."""
+    from cyclereg.clouds.features import build_graph_net
+
+    _predict_zero(monkeypatch)
+    cfg = replace(CloudCycleConfig(), epochs=3, lr_milestones=(1, 2), batch_size=1, augment=False)
+
+    class Spy:
+        def __init__(self):
+            self.lrs = []
+
+        def restore(self, total, **kwargs):
+            return 0, []
+
+        def offer(self, step, *, lr_schedule, **kwargs):
+            self.lrs.append(lr_schedule.get_last_lr()[0])
+
+    for stage in (1, 2):
+        spy = Spy()
+        _one_pair_task(cfg).train_stage(build_graph_net(cfg.reg.net, seed=0), {"p": torch.zeros(60, 3)}, {},
+                                        stage, snapshot=spy)
+        assert spy.lrs == pytest.approx([1e-4, 1e-5, 1e-5])
+
+
+def test_fewer_epochs_scale_the_learning_rate_milestones():
+    """The paper's 40 and 52 of 60 epochs, scaled with --epochs."""
+    from cyclereg.training.clouds import cycle_config
+
+    assert cycle_config().lr_milestones == (40, 52)
+    assert cycle_config(epochs=6).lr_milestones == (4, 5)
+    assert cycle_config(epochs=120).lr_milestones == (80, 104)
+
+
+def test_uniform_sampling_gives_every_pair_the_same_weight():
+    """Weighted sampling (paper Sec. 2.3.1): pairs ranked by disagreement get sigmoid weights with arguments
+    from 5 (lowest disagreement) to -5 (highest), so of two pairs sigmoid(5) and sigmoid(-5);
+    --uniform-sampling: 1 for every pair."""
+    on = _one_pair_task(CloudCycleConfig()).sampling_weights({"a": 1.0, "b": 5.0})
+    assert on["a"] == pytest.approx(1 / (1 + math.exp(-5))) and on["b"] == pytest.approx(1 / (1 + math.exp(5)))
+    off = _one_pair_task(replace(CloudCycleConfig(), weighted_sampling=False)).sampling_weights({"a": 1.0, "b": 5.0})
+    assert off == {"a": 1.0, "b": 1.0}
+
+
+def test_a_pair_counts_as_trained_on_only_when_both_its_clouds_were(tmp_path):
+    """A test pair sharing one cloud with a training pair is not flagged; the training pair reversed is."""
+    from cyclereg.clouds.api import pairs_in_training
+    from cyclereg.datasets import KeypointPair
+
+    a, b, c = (tmp_path / name for name in ("a.csv", "b.csv", "c.csv"))
+    for k, path in enumerate((a, b, c)):
+        path.write_text(f"x_mm,y_mm,z_mm\n{k},0,0\n")
+    record = {"pairs": {"t1": {"fixed": data_fingerprint(a), "moving": data_fingerprint(b)}}}
+    assert pairs_in_training([KeypointPair("p", a, c, None, None)], record) == set()
+    assert pairs_in_training([KeypointPair("q", b, a, None, None)], record) == {"q"}
+    assert pairs_in_training([KeypointPair("r", a, b, None, None)], record) == {"r"}
