@@ -827,3 +827,35 @@ def test_a_stage_whose_checkpoint_is_missing_is_not_finished_and_is_trained_agai
     again = Recording()
     assert StageScheduler(again, tmp_path).run(2) == 2 and again.trained == [2]
     assert (tmp_path / "stage2.pt").is_file()
+
+
+def _two_image_task(**changes):
+    """A dense task of two random 16^3 images and the one pair (0, 1), no augmentation."""
+    from dataclasses import replace
+
+    from cyclereg.training.dense import DenseCycleTask, VolumeImage
+
+    g = torch.Generator().manual_seed(0)
+    images = [VolumeImage(name, torch.rand(1, 1, 16, 16, 16, generator=g)) for name in ("a", "b")]
+    return DenseCycleTask(images, [(0, 1)], (1.0, 1.0, 1.0), replace(DenseCycleConfig(), augment=False, **changes),
+                          torch.device("cpu"))
+
+
+def test_a_dense_training_step_sees_batch_size_pairs(monkeypatch):
+    task = _two_image_task(iterations=1, batch_size=3)
+    seen = []
+    monkeypatch.setattr(task, "_loss", lambda model, fixed, moving, target: (
+        seen.append(fixed.shape[0]) or 0) + 0 * sum(p.sum() for p in model.parameters()))
+    task.train_stage(task.new_model(1), {task.pair_id(0): torch.zeros(1, 3, 8, 8, 8)}, {}, 1)
+    assert seen == [3]
+
+
+def test_without_refinement_the_dense_pseudo_label_is_the_networks_output(monkeypatch):
+    """The refinement ablation (--no-refine): no optimisation-based refinement runs, the label is the raw
+    prediction itself."""
+    import cyclereg.training.dense as dense
+
+    task = _two_image_task(refine=False)
+    monkeypatch.setattr(dense, "register", lambda *a, **k: pytest.fail("the refinement ran with refine=False"))
+    raw, label = task.pseudo_label(task.new_model(0), 0)
+    assert torch.equal(raw, label)

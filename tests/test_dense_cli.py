@@ -843,3 +843,33 @@ def test_written_nifti_carry_a_qform_equal_to_the_sform_where_one_can_hold_it(tm
         np.testing.assert_allclose(img.affine, affine, atol=1e-6)
         if qform_code:
             np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
+
+
+def test_a_float_label_map_is_rounded_to_the_nearest_label(tmp_path):
+    """Label maps stored as floats a little off their integers (resampling, scaling) read as the nearest label."""
+    path = tmp_path / "labels.nii.gz"
+    values = np.array([0.0, 0.9996, 2.0004, 2.9996] * 2, dtype=np.float32).reshape(2, 2, 2)
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
+    assert read_nifti(path, labels=True).data.flatten().tolist() == [0, 1, 2, 3] * 2
+
+
+def test_cli_options_reach_the_library_call(monkeypatch, tmp_path):
+    """The CLI is a thin layer over cyclereg.api: `register --no-ic` and `keypoints --device cpu` pass their
+    values on (an option parsed and dropped would leave the library default in force)."""
+    import cyclereg.api as api
+
+    got = {}
+
+    class Result:
+        summary = "ok"
+
+    monkeypatch.setattr(api, "register", lambda *a, **k: got.update(register=k) or Result())
+    monkeypatch.setattr(api, "keypoints", lambda *a, **k: got.update(keypoints=k))
+    res = runner.invoke(app, ["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path / "o"), "--no-ic"])
+    assert res.exit_code == 0, res.output
+    assert got["register"]["ic"] is False
+    res = runner.invoke(app, ["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path / "o"), "--ic"])
+    assert res.exit_code == 0 and got["register"]["ic"] is True
+    res = runner.invoke(app, ["keypoints", "ct.nii.gz", "-o", str(tmp_path / "k.csv"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert got["keypoints"]["device"] == "cpu"
