@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from cyclereg.dense.api import load_model, register_volume_files, save_model
@@ -853,9 +854,66 @@ def test_a_float_label_map_is_rounded_to_the_nearest_label(tmp_path):
     assert read_nifti(path, labels=True).data.flatten().tolist() == [0, 1, 2, 3] * 2
 
 
-def test_cli_options_reach_the_library_call(monkeypatch, tmp_path):
-    """The CLI is a thin layer over cyclereg.api: `register --no-ic` and `keypoints --device cpu` pass their
-    values on (an option parsed and dropped would leave the library default in force)."""
+@pytest.mark.parametrize("command, library, renamed", [
+    ("register", "register", {}),
+    ("evaluate", "evaluate", {}),
+    ("keypoints", "keypoints", {"sigma": "sigma_mm", "nms_radius": "nms_radius_mm",
+                                "moving_nms_radius": "moving_nms_radius_mm"}),
+])
+def test_every_cli_option_reaches_the_library_call(monkeypatch, tmp_path, command, library, renamed):
+    """The CLI is a thin layer over one cyclereg.api call per command: every option, given a value other than
+    its default, arrives in that call under its name (an option parsed and dropped would leave the library
+    default in force, e.g. `register --no-ic` registering with inverse consistency)."""
+    import inspect
+    import typing
+
+    import cyclereg.api as api
+    import cyclereg_cli.main as cli
+
+    got = {}
+
+    class Result:
+        summary = "ok"
+
+    monkeypatch.setattr(api, library, lambda *a, **k: got.update(args=a, kwargs=k) or Result())
+    function = getattr(cli, command)
+    hints = typing.get_type_hints(function)
+    argv, expected, positional = [command], {}, []
+    for name, param in inspect.signature(function).parameters.items():
+        info = param.default
+        kind = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))
+        if isinstance(info, typer.models.ArgumentInfo):
+            positional.append(tmp_path / f"arg_{name}")
+            argv.append(str(positional[-1]))
+            continue
+        decl = info.param_decls[0]
+        if "/" in decl:  # --x/--no-x with default None (the model's setting): give --no-x
+            argv.append(decl.split("/")[1])
+            value = False
+        else:
+            flag = next(d for d in info.param_decls if d.startswith("--"))
+            if kind is bool:
+                argv.append(flag)
+                value = True
+            else:
+                value = "cpu" if name == "device" else {Path: tmp_path / f"opt_{name}", int: 7, float: 0.25,
+                                                        str: f"s_{name}"}[kind]
+                argv += [flag, str(value)]
+        expected[renamed.get(name, name)] = value
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    passed = dict(got["kwargs"])
+    for value in positional:  # arguments and required options may go positionally
+        assert value in got["args"] or value in passed.values(), value
+    for name, value in expected.items():
+        if value in got["args"] and name not in passed:
+            continue
+        assert name in passed, f"{command}: option {name} is not passed on"
+        assert passed[name] == value, (name, passed[name], value)
+
+
+def test_cli_register_without_ic_flags_leaves_the_models_setting(monkeypatch, tmp_path):
+    """Neither --ic nor --no-ic: None reaches the library (the model's own setting), not False."""
     import cyclereg.api as api
 
     got = {}
@@ -863,13 +921,7 @@ def test_cli_options_reach_the_library_call(monkeypatch, tmp_path):
     class Result:
         summary = "ok"
 
-    monkeypatch.setattr(api, "register", lambda *a, **k: got.update(register=k) or Result())
-    monkeypatch.setattr(api, "keypoints", lambda *a, **k: got.update(keypoints=k))
-    res = runner.invoke(app, ["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path / "o"), "--no-ic"])
+    monkeypatch.setattr(api, "register", lambda *a, **k: got.update(k) or Result())
+    res = runner.invoke(app, ["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
-    assert got["register"]["ic"] is False
-    res = runner.invoke(app, ["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path / "o"), "--ic"])
-    assert res.exit_code == 0 and got["register"]["ic"] is True
-    res = runner.invoke(app, ["keypoints", "ct.nii.gz", "-o", str(tmp_path / "k.csv"), "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    assert got["keypoints"]["device"] == "cpu"
+    assert got["ic"] is None and got["adam"] is None and got["warps"] is None
