@@ -855,36 +855,51 @@ def test_a_float_label_map_is_rounded_to_the_nearest_label(tmp_path):
 
 
 @pytest.mark.parametrize("command, library, renamed", [
-    ("register", "register", {}),
-    ("evaluate", "evaluate", {}),
-    ("keypoints", "keypoints", {"sigma": "sigma_mm", "nms_radius": "nms_radius_mm",
-                                "moving_nms_radius": "moving_nms_radius_mm"}),
+    ("register", "cyclereg.api:register", {}),
+    ("evaluate", "cyclereg.api:evaluate", {}),
+    ("keypoints", "cyclereg.api:keypoints", {"sigma": "sigma_mm", "nms_radius": "nms_radius_mm",
+                                             "moving_nms_radius": "moving_nms_radius_mm"}),
+    ("pretrain_random", "cyclereg.training.api:pretrain_random_summary", {"weighted": "weighted_sampling"}),
+    ("cycle", "cyclereg.training.api:run_cycle", {"snapshot_every": "snapshot_every_s", "stop_below": "stop_below_mm"}),
+    ("status", "cyclereg.training.status:show_run_status", {}),
+    ("compare", "cyclereg.compare:compare_reports", {}),
+    ("ensemble", "cyclereg.clouds.api:combine_cloud_models", {}),
+    ("demo", "cyclereg.clouds.api:run_demo", {}),
 ])
 def test_every_cli_option_reaches_the_library_call(monkeypatch, tmp_path, command, library, renamed):
-    """The CLI is a thin layer over one cyclereg.api call per command: every option, given a value other than
+    """The CLI is a thin layer over one library call per command: every option, given a value other than
     its default, arrives in that call under its name (an option parsed and dropped would leave the library
     default in force, e.g. `register --no-ic` registering with inverse consistency)."""
+    import importlib
     import inspect
     import typing
 
-    import cyclereg.api as api
     import cyclereg_cli.main as cli
 
-    got = {}
+    got = {"kwargs": {}}
 
-    class Result:
+    class Result(dict):
         summary = "ok"
 
-    monkeypatch.setattr(api, library, lambda *a, **k: got.update(args=a, kwargs=k) or Result())
+    module, name = library.split(":")
+    monkeypatch.setattr(importlib.import_module(module), name,
+                        lambda *a, **k: got.update(args=a, kwargs=k) or Result())
+    monkeypatch.setattr(cli, "require_inputs", lambda *a, **k: None)  # the paths below need not exist
+    monkeypatch.setattr(cli, "require_run_dir", lambda *a, **k: None)
     function = getattr(cli, command)
+    command = command.replace("_", "-")
     hints = typing.get_type_hints(function)
     argv, expected, positional = [command], {}, []
     for name, param in inspect.signature(function).parameters.items():
         info = param.default
-        kind = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]: X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
         if isinstance(info, typer.models.ArgumentInfo):
-            positional.append(tmp_path / f"arg_{name}")
-            argv.append(str(positional[-1]))
+            many = typing.get_origin(kind) is list
+            paths = [tmp_path / f"arg_{name}_{n}" for n in range(2 if many else 1)]
+            positional.append(paths if many else paths[0])
+            argv += [str(p) for p in paths]
             continue
         decl = info.param_decls[0]
         if "/" in decl:  # --x/--no-x with default None (the model's setting): give --no-x
