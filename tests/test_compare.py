@@ -272,3 +272,13 @@ def test_a_report_compared_with_itself_is_said(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "a.json is the same file as the base: its comparison is identical by construction" in err
     assert f"{b} is the same file as {b}" in err and r["comparisons"][0]["mean_difference"] == 0
+
+
+def test_sign_test_drops_tied_pairs():
+    # 2 better, 0 worse, 3 tied: two-sided binomial test of 2 of 2 at p=0.5 -> 2 * 0.5**2 = 0.5
+    # (counting the ties as trials, binomtest(2, 5) gives 1.0)
+    from cyclereg.compare import paired_statistics
+
+    s = paired_statistics([1.0] * 5, [0.0, 0.0, 1.0, 1.0, 1.0], lower_is_better=True)
+    assert (s["better"], s["worse"], s["tied"]) == (2, 0, 3)
+    assert math.isclose(s["sign_test_p"], 0.5, rel_tol=1e-12)

@@ -940,3 +940,59 @@ def test_cli_register_without_ic_flags_leaves_the_models_setting(monkeypatch, tm
     res = runner.invoke(app, ["register", "f.nii.gz", "m.nii.gz", "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert got["ic"] is None and got["adam"] is None and got["warps"] is None
+
+
+def test_register_jacobian_file_keeps_folding_negative(tmp_path, monkeypatch):
+    # a displacement u_i = -2 i (voxels) maps x -> (-i, j, k): det(I + du/dx) = -1 at every voxel,
+    # and the jacobian.nii.gz written by register must say so (no clamping of the folding)
+    import nibabel as nib
+    import numpy as np
+    import torch
+    import cyclereg.dense.api as dense_api
+
+    shape = (16, 16, 16)
+    rng = np.random.default_rng(0)
+    for name in ("f.nii.gz", "m.nii.gz"):
+        nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), np.eye(4)), str(tmp_path / name))
+
+    def folding(fixed, moving, net, cfg, **kw):
+        disp = torch.zeros(1, 3, *shape)
+        disp[0, 0] = -2.0 * torch.arange(shape[0], dtype=torch.float32)[:, None, None]
+        return disp
+
+    monkeypatch.setattr(dense_api, "register_pair", folding)
+    dense_api.register_volume_files(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", tmp_path / "out", model="random",
+                                    jacobian=True, device="cpu")
+    jac = np.asarray(nib.load(str(tmp_path / "out" / "jacobian.nii.gz")).dataobj)
+    assert jac.shape == shape
+    np.testing.assert_allclose(jac, -1.0, atol=1e-5)
+
+
+def test_register_l2r_name_file_is_in_voxels_and_disp_mm_is_world_mm(tmp_path, monkeypatch):
+    # fixed grid affine diag(2, 3, 4) mm; a constant displacement of (1, 2, 3) voxels is (2, 6, 12) mm.
+    # With --disp-mm, displacement.nii.gz holds mm and the Learn2Reg-named file still holds voxels.
+    import nibabel as nib
+    import numpy as np
+    import torch
+    import cyclereg.dense.api as dense_api
+
+    shape = (16, 16, 16)
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    rng = np.random.default_rng(0)
+    for name in ("case_0001_0000.nii.gz", "case_0002_0000.nii.gz"):
+        nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), affine), str(tmp_path / name))
+
+    def constant(fixed, moving, net, cfg, **kw):
+        return torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1, 1).expand(1, 3, *shape).clone()
+
+    monkeypatch.setattr(dense_api, "register_pair", constant)
+    out = tmp_path / "out"
+    dense_api.register_volume_files(tmp_path / "case_0001_0000.nii.gz", tmp_path / "case_0002_0000.nii.gz", out,
+                                    model="random", disp_mm=True, l2r_name=True, device="cpu")
+    l2r = sorted(out.glob("disp_*.nii.gz"))
+    assert len(l2r) == 1
+    mm = np.asarray(nib.load(str(out / "displacement.nii.gz")).dataobj)
+    vox = np.asarray(nib.load(str(l2r[0])).dataobj)
+    assert mm.shape == vox.shape == (*shape, 3)
+    np.testing.assert_allclose(mm.reshape(-1, 3), np.tile([2.0, 6.0, 12.0], (mm.size // 3, 1)), atol=1e-5)
+    np.testing.assert_allclose(vox.reshape(-1, 3), np.tile([1.0, 2.0, 3.0], (vox.size // 3, 1)), atol=1e-5)

@@ -454,3 +454,47 @@ def test_the_threshold_keeps_exactly_the_maxima_at_or_above_threshold_times_refe
         sigma_mm=1.5, nms_radius_mm=2.5, threshold=level / every.reference, max_points=None))
     assert strong.reference == every.reference
     assert torch.equal(strong.voxels, every.voxels[: m + 1])
+
+
+def _disk_body_with_one_lung(radius_lung=6.0):
+    """(60, 60, 20) CT: outside air -1000 HU, a tissue cylinder (0 HU, radius 28 voxels in i, j,
+    every k) and one air sphere (-850 HU) inside it. Returns (ct, body, lung) with bool masks."""
+    import numpy as np
+
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (60, 60, 20)], indexing="ij")
+    body = (i - 29.5) ** 2 + (j - 29.5) ** 2 < 28 ** 2
+    lung = (i - 29.5) ** 2 + (j - 29.5) ** 2 + (k - 10) ** 2 < radius_lung ** 2
+    ct = np.full(body.shape, -1000.0, dtype=np.float32)
+    ct[body] = 0.0
+    ct[lung] = -850.0
+    return ct, body, lung
+
+
+def test_lung_mask_keeps_outside_air_out_even_with_room_for_two_components():
+    # outside air in the corners of the body's box forms four components larger than the lung (about
+    # 3400 voxels each, the lung 888); the lung mask takes air *inside the body* only, so the single
+    # component kept is the lung itself
+    import numpy as np
+    from cyclereg.keypoints import LungMaskConfig, lung_mask
+
+    ct, body, lung = _disk_body_with_one_lung()
+    mask = lung_mask(ct, np.eye(4), LungMaskConfig(min_component_ml=0.1, max_components=1,
+                                                         opening_mm=0.0, closing_mm=0.0))
+    assert int((mask & ~body).sum()) == 0
+    assert np.array_equal(mask, lung)  # no opening or closing: exactly the air sphere
+
+
+def test_lung_mask_minimum_volume_is_in_millilitres():
+    # a sphere of radius 6 voxels at 1 mm spacing: 888 voxels = 0.888 ml (< 1 ml: dropped, > 0.5 ml: kept)
+    import numpy as np
+    from cyclereg.keypoints import LungMaskConfig, lung_mask
+
+    ct, body, lung = _disk_body_with_one_lung()
+    assert int(lung.sum()) == 888
+    plain = dict(opening_mm=0.0, closing_mm=0.0)
+    assert not lung_mask(ct, np.eye(4), LungMaskConfig(min_component_ml=1.0, **plain)).any()
+    assert np.array_equal(lung_mask(ct, np.eye(4), LungMaskConfig(min_component_ml=0.5, **plain)), lung)
+    # at 2 mm spacing each voxel is 8 mm^3: the same sphere is 7.104 ml (kept at 7 ml, dropped at 7.2 ml)
+    two = np.diag([2.0, 2.0, 2.0, 1.0])
+    assert np.array_equal(lung_mask(ct, two, LungMaskConfig(min_component_ml=7.0, **plain)), lung)
+    assert not lung_mask(ct, two, LungMaskConfig(min_component_ml=7.2, **plain)).any()
