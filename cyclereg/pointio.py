@@ -368,13 +368,6 @@ def parse_points_csv(text: str) -> torch.Tensor:
     return torch.from_numpy(table.astype(np.float32))
 
 
-def as_written(points_mm: torch.Tensor) -> torch.Tensor:
-    """``(N, 3)`` mm points as a point CSV (:func:`points_csv`, 4 decimals) holds them, read back as
-    :func:`read_points` reads them (float32): a registration from these gives what one from the written
-    file gives (a rounding of 5e-5 mm can flip a discrete candidate choice)."""
-    return parse_points_csv(points_csv(points_mm))
-
-
 def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None = None,
                  spacing_mm: tuple[float, float, float] | None = None, affine: np.ndarray | None = None) -> None:
     """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm), ``l2r``

@@ -549,7 +549,7 @@ def test_register_via_keypoints_is_the_three_command_workflow_to_the_digit(pair_
     displacements, byte for byte (before, the unrounded points could flip a candidate: 13 mm at one point of
     a chest CT)."""
     import cyclereg.clouds.api as clouds_api
-    from cyclereg.pointio import as_written
+    from cyclereg.pointio import parse_points_csv, points_csv
 
     d, _ = pair_files
     _textured_scans(d)
@@ -574,8 +574,8 @@ def test_register_via_keypoints_is_the_three_command_workflow_to_the_digit(pair_
     assert res.exit_code == 0, res.output
     assert (one / "displacements.csv").read_bytes() == (d / "three" / "displacements.csv").read_bytes()
     pts = torch.tensor([[1.00004, -2.00006, 3.5], [0.12345678, 1e-5, -7.77777]])
-    torch.testing.assert_close(as_written(pts), torch.tensor([[1.0, -2.0001, 3.5], [0.1235, 0.0, -7.7778]]),
-                               atol=0, rtol=0)
+    written = torch.tensor([[1.0, -2.0001, 3.5], [0.1235, 0.0, -7.7778]])  # 4 decimals, read back as float32
+    torch.testing.assert_close(parse_points_csv(points_csv(pts)), written, atol=0, rtol=0)
 
 
 def test_register_bad_model(pair_files):
