@@ -117,7 +117,12 @@ def test_similarity_invariances():
 
 # ----------------------------------------------------------------------------- scheduler
 class _ToyTask:
+    """Stage t's labels are t everywhere; ``trained`` lists the stages trained, in order."""
+
     checkpoint_kind = "toy"
+
+    def __init__(self):
+        self.trained = []
 
     def new_model(self, stage):
         torch.manual_seed(stage)
@@ -130,6 +135,7 @@ class _ToyTask:
         return {"p": torch.full((2,), float(stage))}, {"weights": {"p": 1.0}, "stats": {}}
 
     def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
+        self.trained.append(stage)
         return {"seen": float(labels["p"][0])}
 
 
@@ -180,15 +186,8 @@ def test_scheduler_logs_how_far_each_refresh_moved_the_labels(tmp_path):
 class _SettlingTask(_MovingTask):
     """Labels of stage t are ``1 - 0.5 ** t``: stage t's refresh moves them by exactly 0.5 ** t."""
 
-    def __init__(self):
-        self.trained = []
-
     def make_pseudo_labels(self, model, stage, progress=None, parts=None):
         return {"p": torch.full((2,), 1.0 - 0.5 ** stage)}, {"weights": {"p": 1.0}, "stats": {}}
-
-    def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
-        self.trained.append(stage)
-        return super().train_stage(model, labels, weights, stage, progress, snapshot)
 
 
 def test_scheduler_stops_once_the_labels_settle(tmp_path):
@@ -256,6 +255,7 @@ class _StoppedTask(_ToyTask):
     """Interrupted (Ctrl-C) in the training of stage ``stop``."""
 
     def __init__(self, stop):
+        super().__init__()
         self.stop = stop
 
     def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
@@ -810,21 +810,13 @@ def test_a_stage_whose_checkpoint_is_missing_is_not_finished_and_is_trained_agai
     finished: the run resumes after t - 1 and trains t again."""
     from cyclereg.training.scheduler import StageScheduler
 
-    class Recording(_ToyTask):
-        def __init__(self):
-            self.trained = []
-
-        def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
-            self.trained.append(stage)
-            return super().train_stage(model, labels, weights, stage, progress, snapshot)
-
-    first = Recording()
+    first = _ToyTask()
     s = StageScheduler(first, tmp_path)
     s.run_stage0()
     assert s.run(2) == 2 and first.trained == [1, 2]
     (tmp_path / "stage2.pt").unlink()
     assert (tmp_path / "pseudo2.pt").is_file() and s.last_finished_stage() == 1
-    again = Recording()
+    again = _ToyTask()
     assert StageScheduler(again, tmp_path).run(2) == 2 and again.trained == [2]
     assert (tmp_path / "stage2.pt").is_file()
 
