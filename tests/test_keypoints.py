@@ -498,3 +498,24 @@ def test_lung_mask_minimum_volume_is_in_millilitres():
     two = np.diag([2.0, 2.0, 2.0, 1.0])
     assert np.array_equal(lung_mask(ct, two, LungMaskConfig(min_component_ml=7.0, **plain)), lung)
     assert not lung_mask(ct, two, LungMaskConfig(min_component_ml=7.2, **plain)).any()
+
+
+def test_the_detector_computes_in_the_images_dtype_when_it_is_float32_or_wider():
+    """Device and dtype follow the inputs: a float64 image is not rounded to float32 first (its
+    distinctiveness is float64), integer and half-precision images are computed in float32, and
+    the keypoints of a well-conditioned image are the same in both precisions."""
+    from cyclereg.keypoints.foerstner import distinctiveness
+
+    vol = texture((40, 36, 32), seed=3) * 100.0
+    spacing = (1.0, 1.2, 1.5)
+    d64 = distinctiveness(torch.from_numpy(vol.astype(np.float64)), spacing, 1.5)
+    d32 = distinctiveness(torch.from_numpy(vol), spacing, 1.5)
+    assert d64.dtype == torch.float64 and d32.dtype == torch.float32
+    assert distinctiveness(torch.from_numpy(vol.astype(np.int16)), spacing, 1.5).dtype == torch.float32
+    assert distinctiveness(torch.from_numpy(vol).half(), spacing, 1.5).dtype == torch.float32
+    assert torch.allclose(d64.float(), d32, rtol=1e-3, atol=1e-6 * float(d32.max()))
+    cfg = FoerstnerConfig(sigma_mm=1.5, nms_radius_mm=3.0, max_points=None)
+    k64 = foerstner_keypoints(torch.from_numpy(vol.astype(np.float64)), spacing, None, cfg)
+    k32 = foerstner_keypoints(torch.from_numpy(vol), spacing, None, cfg)
+    assert k64.scores.dtype == torch.float32 and k64.voxels.shape[0] > 20
+    assert {tuple(v) for v in k64.voxels.tolist()} == {tuple(v) for v in k32.voxels.tolist()}

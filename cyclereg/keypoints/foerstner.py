@@ -240,10 +240,11 @@ def distinctiveness(img: torch.Tensor, spacing_mm, sigma_mm: float) -> torch.Ten
     """Foerstner distinctiveness ``(D, H, W)`` of an image ``(D, H, W)`` with ``spacing_mm``.
 
     The image is scaled to unit robust range first (``D`` scales with intensity squared),
-    so ``D`` is in 1/mm^2 of normalised intensity.
+    so ``D`` is in 1/mm^2 of normalised intensity. The computation runs in the image's dtype
+    when that is float32 or wider (float64 stays float64), otherwise in float32.
     """
-    x = img.float()
-    lo, hi = torch.quantile(_subsample(x), torch.tensor(INTENSITY_RANGE_QUANTILES, device=x.device)).tolist()
+    x = img.to(torch.promote_types(img.dtype, torch.float32))
+    lo, hi = torch.quantile(_subsample(x), torch.tensor(INTENSITY_RANGE_QUANTILES, dtype=x.dtype, device=x.device)).tolist()
     x = (x - lo) / max(hi - lo, MIN_INTENSITY_RANGE)
     grad = gradient_mm(x[None, None], spacing_mm)
     sigma_vox = tuple(sigma_mm / float(s) for s in spacing_mm)
