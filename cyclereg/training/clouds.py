@@ -19,8 +19,8 @@ from cyclereg.clouds.pipeline import (CloudRegConfig, joint_recentred_displaceme
                                       search_centres, test_time_displacements)
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
-from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
-                                         mean_label_change, training_generator)
+from cyclereg.training.scheduler import (SAMPLING_LOGIT_RANGE, LabelParts, StageSnapshot, difficulty_weights,
+                                         initial_network_seed, mean_label_change, training_generator)
 
 LOGGED_LOSS_EPOCHS = 5
 """A stage's logged training loss is the mean over its last this many epochs (the loss the stage
@@ -128,7 +128,7 @@ class CloudCycleConfig:
     refine_tps_regularisation: float = 0.3
     learn_recentre_passes: int = 0
     weighted_sampling: bool = True
-    sampling_logit_range: float = 5.0
+    sampling_logit_range: float = SAMPLING_LOGIT_RANGE
     train_fixed_points: int | None = None
     train_moving_points: int | None = None
     reg: CloudRegConfig = field(default_factory=CloudRegConfig)

@@ -27,8 +27,8 @@ from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import centred_affine, voxel_coordinates, voxel_disp_to_mm, world_map_to_voxel
 from cyclereg.warp import warp
-from cyclereg.training.scheduler import (LabelParts, StageSnapshot, difficulty_weights, initial_network_seed,
-                                         mean_label_change, training_generator)
+from cyclereg.training.scheduler import (SAMPLING_LOGIT_RANGE, LabelParts, StageSnapshot, difficulty_weights,
+                                         initial_network_seed, mean_label_change, training_generator)
 
 SUPERVISIONS = ("pseudo", "mind", "ncc")
 PROGRESS_LOSS_ITERATIONS = 20
@@ -112,7 +112,7 @@ class DenseCycleConfig:
     aug_relative_std: float = 0.05
     refine: bool = True
     weighted_sampling: bool = True
-    sampling_logit_range: float = 5.0
+    sampling_logit_range: float = SAMPLING_LOGIT_RANGE
     label_stride: int = 2
     loss_border: int = 8
     amp: bool = True

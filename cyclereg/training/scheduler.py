@@ -333,8 +333,13 @@ def training_generator(seed: int, stage: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7919 + stage)
 
 
-def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True, logit_range: float = 5.0
-                       ) -> dict[str, float]:
+SAMPLING_LOGIT_RANGE = 5.0
+"""Difficulty-weighted sampling: the sigmoid arguments of the ranked pairs run from +5 (easiest) to -5
+(hardest), the paper's setting (Sec. 2.3.1); the default of both paths' ``sampling_logit_range``."""
+
+
+def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True,
+                       logit_range: float = SAMPLING_LOGIT_RANGE) -> dict[str, float]:
     """Sampling weights of training pairs from their difficulty (paper Sec. 2.3.1).
 
     Pairs are ranked by ``disagreement`` (network output vs refined pseudo label); the
