@@ -47,7 +47,7 @@ GRID_TOLERANCE_MM = 1e-3
 
 def same_grid(a: Volume, b: Volume, *, atol_mm: float = GRID_TOLERANCE_MM) -> bool:
     """Whether two volumes lie on one grid: the same shape and affine (:data:`GRID_TOLERANCE_MM`)."""
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, rtol=0.0, atol=atol_mm)
 
 
 def check_same_grid(fixed: Volume, moving: Volume, what: str = "moving image", ref: str = "fixed image",

@@ -996,3 +996,18 @@ def test_register_l2r_name_file_is_in_voxels_and_disp_mm_is_world_mm(tmp_path, m
     assert mm.shape == vox.shape == (*shape, 3)
     np.testing.assert_allclose(mm.reshape(-1, 3), np.tile([2.0, 6.0, 12.0], (mm.size // 3, 1)), atol=1e-5)
     np.testing.assert_allclose(vox.reshape(-1, 3), np.tile([1.0, 2.0, 3.0], (vox.size // 3, 1)), atol=1e-5)
+
+
+def test_one_grid_means_affine_entries_within_the_tolerance_in_mm_whatever_the_origin():
+    """GRID_TOLERANCE_MM is absolute: 0.0055 mm apart is another grid at an origin of -500 mm as at 0
+    (np.allclose's default relative tolerance of 1e-5 x |entry| would let 0.005 mm more through there)."""
+    from cyclereg.volumeio import GRID_TOLERANCE_MM, same_grid
+
+    data = torch.zeros(4, 4, 4)
+    for origin in (0.0, -500.0):
+        a = np.diag([1.0, 1.0, 1.0, 1.0])
+        a[:3, 3] = origin
+        for gap, same in ((0.5 * GRID_TOLERANCE_MM, True), (5.5 * GRID_TOLERANCE_MM, False)):
+            b = a.copy()
+            b[0, 3] += gap
+            assert same_grid(Volume(data, a), Volume(data, b)) is same, (origin, gap)

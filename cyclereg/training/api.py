@@ -720,7 +720,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
             raise InputError(f"training images need one shape and spacing: {vol.shape} / {spacing_text(vol.spacing)} "
                              f"mm here, {first.shape} / {spacing_text(first.spacing)} mm in {first.path}; resample "
                              "first", path)
-        elif not np.allclose(vol.affine[:3, :3], first.affine[:3, :3], atol=GRID_TOLERANCE_MM):
+        elif not np.allclose(vol.affine[:3, :3], first.affine[:3, :3], rtol=0.0, atol=GRID_TOLERANCE_MM):
             raise InputError(f"its voxel axes lie otherwise in the world than those of {first.path} (another "
                              "orientation): training registers the voxel arrays; resample onto one grid first", path)
         require_contrast(vol)  # as register and evaluate: a constant scan carries nothing to learn from
