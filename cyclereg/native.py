@@ -95,6 +95,10 @@ def build(source: Path, stem: str) -> Path:
     raise RuntimeError(f"{cc} failed: {errors[-1][0]}")
 
 
+IN_USE = "C kernel in use"
+"""How :meth:`NativeLibrary.reason` begins when the kernel runs."""
+
+
 class NativeLibrary:
     """One C source as a loadable kernel: :meth:`kernel` builds (:func:`build`), binds and checks it
     on first use and remembers the outcome for the process (:meth:`reason` says it).
@@ -124,9 +128,12 @@ class NativeLibrary:
             return None
         if self._kernel is None and self._reason == "not loaded yet":
             try:
-                fn = self.bind(ctypes.CDLL(str(self.build())))
+                built = self.build()
+                fn = self.bind(ctypes.CDLL(str(built)))
                 if self.check(fn):
-                    self._kernel, self._reason = fn, "loaded"
+                    self._kernel = fn
+                    self._reason = (f"{IN_USE}: {built} (compiled from {self.source}; it agreed with the torch "
+                                    "path on this process's check)")
                 else:
                     self._reason = self.mismatch
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
@@ -134,9 +141,12 @@ class NativeLibrary:
         return self._kernel
 
     def reason(self) -> str:
-        """Why :meth:`kernel` returns what it does (for diagnostics)."""
+        """Which path runs and why, in one line (for diagnostics): starts with :data:`IN_USE` when the
+        C kernel runs, otherwise says why the torch path runs instead."""
         self.kernel()
-        return f"disabled by {DISABLE_ENV}=0" if disabled() else self._reason
+        if disabled():
+            return f"disabled by {DISABLE_ENV}=0: the torch path runs"
+        return self._reason if self._kernel is not None else f"{self._reason}: the torch path runs"
 
     def reset(self) -> None:
         """Forget the outcome of the last load (tests)."""
