@@ -118,8 +118,8 @@ RESUMABLE_COMMANDS = ("pretrain_random", "cycle")
 
 DEVICE_HELP = "auto | cpu | cuda"
 MODEL_HELP = "checkpoint file, or 'random' for an untrained (randomly initialised) network"
-FUSION_HELP = ("clouds, ensemble models: override how the members are combined: joint (one LBP per pass over their "
-               "mean feature cost) or average (mean of their own displacements)")
+FUSION_HELP = ("how the members of an ensemble model are combined, overriding its setting: joint (one LBP per "
+               "pass over their mean feature cost) or average (mean of their own displacements)")
 
 
 @command()
@@ -247,7 +247,7 @@ def register(
     spacing: Optional[str] = typer.Option(None, "--spacing", help="clouds: voxel spacing 'sx,sy,sz' in mm for headerless Learn2Reg CSVs (not with --reference: then they are read on the reference's grid)"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="clouds: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="clouds: override the model's test-time augmentation passes (0 = off)"),
-    ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help=FUSION_HELP),
+    ensemble_fusion: Optional[str] = typer.Option(None, "--ensemble-fusion", help="clouds: " + FUSION_HELP),
     reference: Optional[Path] = typer.Option(None, "--reference", help="clouds: fixed scan (NIfTI, same world frame as the points); also write displacement.nii.gz on its grid"),
     moving_image: Optional[Path] = typer.Option(None, "--moving-image", help="clouds: moving scan (NIfTI, any grid); also write warped.nii.gz on the --reference grid"),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="volumes, clouds with --reference: label map of the moving scan to warp (nearest neighbour)"),
