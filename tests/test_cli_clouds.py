@@ -816,14 +816,21 @@ def test_ensemble_of_runs_evaluates_as_the_mean_of_its_members(tmp_path):
         (tmp_path / r / "run.json").write_text(json.dumps({"config": {"seed": r}}))
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and "recentre_passes" in res.output and not (tmp_path / "e").exists()
-    assert "--recentre-passes / --tta-passes set those two" in res.output
+    assert "--recentre-passes N sets it for all members" in res.output and "set_cloud_test_time" not in res.output
+    # a setting this command has no option for is named with the script that rewrites it (in place)
+    _random_run(tmp_path / "wide", {1: 3, 2: 4}, recentre_candidates=32)
+    res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "wide"), "-o", str(tmp_path / "e")])
+    assert res.exit_code == 2 and not (tmp_path / "e").exists()
+    assert "recentre_candidates: no option of this command sets it" in res.output
+    assert "set_cloud_test_time.py rewrites" in res.output and "in place" in res.output
+    assert "--recentre-passes N" not in res.output and "--tta-passes N" not in res.output
     # runs make a folder of foldK.pt: a checkpoint-like name for it is refused, not made into a folder
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e.pt")])
     assert res.exit_code == 2 and "looks like one checkpoint file" in res.output and not (tmp_path / "e.pt").exists()
     from cyclereg.frames import UnitBox
     _random_run(tmp_path / "boxed", {1: 3, 2: 4}, training_box=UnitBox((0.0, 0.0, 0.0), (100.0, 100.0, 100.0)))
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "boxed"), "-o", str(tmp_path / "e")])
-    assert res.exit_code == 2 and "different unit frames" in res.output and "set those two" not in res.output
+    assert res.exit_code == 2 and "different unit frames" in res.output and "for all members" not in res.output
     res = runner.invoke(app, ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "e"),
                               "--recentre-passes", "1", "--fusion", "average"])
     assert res.exit_code == 0, res.output

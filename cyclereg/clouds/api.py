@@ -176,11 +176,17 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             elif config != common:
                 differ = [k for k in vars(common) if getattr(common, k) != getattr(config, k)]
                 hints = []
-                if {"recentre_passes", "tta_passes"} & set(differ):
-                    hints.append("--recentre-passes / --tta-passes set those two for all members")
-                if set(differ) - {"recentre_passes", "tta_passes", "training_box"}:
-                    hints.append("scripts/set_cloud_test_time.py writes a copy of a run with other test-time "
-                                 "settings (e.g. --recentre-candidates)")
+                flags = [flag for key, flag in (("recentre_passes", "--recentre-passes"), ("tta_passes", "--tta-passes"))
+                         if key in differ]
+                if flags:
+                    hints.append(f"{' and '.join(flags)} N set{'s' if len(flags) == 1 else ''} "
+                                 f"{'it' if len(flags) == 1 else 'them'} for all members")
+                others = [k for k in differ if k not in ("recentre_passes", "tta_passes", "training_box")]
+                if others:
+                    hints.append(f"{', '.join(others)}: no option of this command sets "
+                                 f"{'it' if len(others) == 1 else 'them'}; scripts/set_cloud_test_time.py rewrites "
+                                 "the stored test-time settings of checkpoint files in place (e.g. "
+                                 "--recentre-candidates K; copy the files first)")
                 if "training_box" in differ:
                     hints.append("the members were trained in different unit frames: other datasets, "
                                  "or a checkpoint from before the frame was stored")
