@@ -1654,3 +1654,50 @@ def test_a_pair_counts_as_trained_on_only_when_both_its_clouds_were(tmp_path):
     assert pairs_in_training([KeypointPair("p", a, c, None, None)], record) == set()
     assert pairs_in_training([KeypointPair("q", b, a, None, None)], record) == {"q"}
     assert pairs_in_training([KeypointPair("r", a, b, None, None)], record) == {"r"}
+
+
+def test_evaluate_records_each_fold_checkpoint_and_names_a_fold_still_training(tmp_path, monkeypatch):
+    """An evaluate report says which checkpoint scored each fold (path, SHA-256, stage); while a fold
+    has not finished training, its final.pt is an earlier stage's model: a note says so, and the
+    report marks it. Every pair gets a progress line (a log file shows no bar)."""
+    from cyclereg.checkpoint import file_sha256
+
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
+    final = run / "fold1" / "final.pt"
+
+    def evaluate(name):
+        res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu",
+                                  "--json", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split()), json.loads((tmp_path / name).read_text())
+
+    said, report = evaluate("finished.json")
+    assert report["checkpoints"] == {"1": {"path": str(final), "sha256": file_sha256(final), "stage": 1}}
+    assert "has not finished training" not in said
+    case = report["cases"][0]
+    assert (f"1/1 c0 (fold 1): TRE {case['tre_before_mm']['mean']:.2f} -> {case['tre_after_mm']['mean']:.2f} mm"
+            in said), said
+    assert case["scoring_seconds"] >= 0 and report["mean_scoring_seconds"] == case["scoring_seconds"]
+
+    # the run extended to 2 stages and stopped before stage 2 trained: final.pt is still stage 1's
+    def interrupted(self, model, labels, weights, stage, progress=None, snapshot=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CloudCycleTask, "train_stage", interrupted)
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "2"]).exit_code == 130
+    monkeypatch.undo()
+    said, report = evaluate("training.json")
+    assert f"note: fold 1 of {run} has not finished training (next: stage 2: training from step 0): its final.pt " \
+           "is the model of stage 1, not the run's last stage" in said, said
+    assert report["checkpoints"]["1"] == {"path": str(final), "sha256": file_sha256(final), "stage": 1,
+                                          "run_finished": False}
+    # an exported folder, or a stage chosen with --stage, gets no such note
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--folds", "1", "--stage", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "stage1.json")])
+    assert res.exit_code == 0 and "has not finished training" not in res.output
+    assert json.loads((tmp_path / "stage1.json").read_text())["checkpoints"]["1"]["path"] == \
+        str(run / "fold1" / "stage1.pt")

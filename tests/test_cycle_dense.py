@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from cyclereg.checkpoint import data_fingerprint, save_checkpoint
+from cyclereg.checkpoint import data_fingerprint, file_sha256, save_checkpoint
 from cyclereg.dense.similarity import mind_loss, mind_ssc, ncc_loss
 from cyclereg.training.api import run_status
 from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair_affines, strided,
@@ -423,6 +423,13 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     assert res.exit_code == 0, res.output
     (row,) = json.loads((tmp_path / "status.json").read_text())["folds"]
     assert row["fold"] is None and row["finished"] == 1 and row["next"] == "stage 2: training from step 0"
+    # evaluate --run meanwhile scores stage 1's final.pt, and says so (labels: another copy of the data that has them)
+    ds_lab = _dataset(tmp_path / "data_lab", with_labels=True)
+    res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), *on, "--json", str(tmp_path / "mid.json")])
+    assert res.exit_code == 0, res.output
+    assert f"note: {run} has not finished training (next: stage 2: training from step 0): its final.pt is the " \
+           "model of stage 1, not the run's last stage" in " ".join(res.output.split()), res.output
+    assert json.loads((tmp_path / "mid.json").read_text())["run_finished"] is False
     res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), *on])
     assert res.exit_code == 0, res.output
     assert (run / "all" / "stage1.pt").read_bytes() == stage1  # not retrained
@@ -446,14 +453,19 @@ def test_dense_cycle_smoke_resume_and_evaluate(tmp_path, device):
     assert json.loads((run / "run.json").read_text())["stop_below_mm"] == 1e6
     assert run_status(run)["folds"][0]["next"].startswith("finished: labels settled at stage 2")
 
-    # evaluation with labels (another copy of the data that has them)
-    ds_lab = _dataset(tmp_path / "data_lab", with_labels=True)
+    # evaluation of the finished run: its final.pt, named with its SHA-256, and a line per pair (for log files)
     report = tmp_path / "r.json"
     res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), *on, "--json", str(report)])
     assert res.exit_code == 0, res.output
     rep = json.loads(report.read_text())
     assert rep["num_pairs"] == 1 and 0.0 <= rep["mean_dice"] <= 1.0
-    assert rep["method"]["model"].endswith("final.pt")
+    assert rep["method"]["model"].endswith("final.pt") and "run_finished" not in rep
+    assert rep["method"]["sha256"] == file_sha256(run / "all" / "final.pt")
+    said = " ".join(res.output.split())
+    assert "has not finished training" not in said
+    pair = rep["pairs"][0]
+    assert f"1/1 {pair['id']}: Dice {pair['initial_dice']:.3f} -> {pair['dice']:.3f}, HD95 {pair['hd95_mm']:.2f} mm" \
+        in said, said
     # stage 0 has no checkpoint: the error names the random network that made its labels
     res = runner.invoke(app, ["evaluate", str(ds_lab), "--run", str(run), "--stage", "0", *on,
                               "--json", str(tmp_path / "s0.json")])

@@ -715,8 +715,11 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     overrides = dict(recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion)
     records = _run_records(run) if run is not None else {}  # what the run records of its training
     trained: dict[int, dict | None] = {}  # with --run: each fold checkpoint's training record
+    used: dict[int | None, Path] = {}  # the checkpoint file of each model
     models = _evaluation_models(ds, pairs, dataset, run=run, records=records, stage=stage, model=model, seed=seed,
-                                device=dev, overrides=overrides, trained=trained)
+                                device=dev, overrides=overrides, trained=trained, paths=used)
+    checkpoints = {("all" if k is None else str(k)): checkpoint_provenance(path) for k, path in sorted(
+        used.items(), key=lambda item: -1 if item[0] is None else item[0])}
     if spread and (not models or any(cfg.ensemble_size < 2 for _, cfg in models.values())):
         raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members"
                          + ("" if models else "; the identity has none"), run if run is not None else model)
@@ -728,6 +731,15 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                    "training pairs" if recorded else "that each pair's fold model held it out is not checked")
         console.print(f"note: {run} records no training folds (no run.json, or an ensemble.json or model_set.json "
                       f"naming runs that do): {checked}", soft_wrap=True)
+    if run is not None and stage is None:
+        from cyclereg.training.status import unfinished_folds  # noqa: PLC0415 - training imports this module
+
+        pending = unfinished_folds(run, [k for k in used if k is not None])
+        for k, nxt in sorted(pending.items()):
+            checkpoints[str(k)]["run_finished"] = False
+            held = checkpoints[str(k)]["stage"]
+            console.print(f"note: fold {k} of {run} has not finished training (next: {nxt}): its final.pt is the "
+                          f"model of stage {'?' if held is None else held}, not the run's last stage", soft_wrap=True)
     if without_landmarks:
         console.print(f"note: {len(without_landmarks)} pair(s) without landmarks are left out (no TRE to score): "
                       f"{', '.join(without_landmarks)}", soft_wrap=True)
@@ -746,7 +758,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                                                (None, default_config))[1]) for p in pairs}
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
-    with Progress(console=console, transient=True) as progress:
+    # the bar on a terminal only: elsewhere (a log file) the per-pair lines below are the progress
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("registering pairs", total=len(pairs))
         for p in pairs:
             fold = ds.fold_of(p.id)
@@ -754,10 +767,18 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             # a trained network registers in the frame it was trained in (registration_box), as with
             # `register`; the dataset's volume box is the frame of untrained networks and the identity
             frame = box if config.training_box is None else None
-            cases.append(_evaluate_pair(p, fold, net, config, box=frame, ds=ds, device=dev, smoothness=smoothness,
-                                        spread=spread, rows=rows, points=points[p.id]))
+            t0 = time.perf_counter()
+            case = _evaluate_pair(p, fold, net, config, box=frame, ds=ds, device=dev, smoothness=smoothness,
+                                  spread=spread, rows=rows, points=points[p.id])
+            case["scoring_seconds"] = time.perf_counter() - t0 - case["seconds"]
             if one_model:
-                cases[-1]["in_training"] = p.id in in_training
+                case["in_training"] = p.id in in_training
+            cases.append(case)
+            # one line per pair (above the bar on a terminal; in a log file, the progress of a long evaluation)
+            progress.console.print(
+                f"{len(cases)}/{len(pairs)} {p.id}" + (f" (fold {fold})" if fold is not None else "")
+                + f": TRE {case['tre_before_mm']['mean']:.2f} -> {case['tre_after_mm']['mean']:.2f} mm, "
+                f"registration {case['seconds']:.1f} s, scoring {case['scoring_seconds']:.1f} s", soft_wrap=True)
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
@@ -775,7 +796,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,
         "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
         "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
-        "mean_seconds": mean("seconds"), "config": default_config if not models else next(iter(models.values()))[1],
+        "mean_seconds": mean("seconds"), "mean_scoring_seconds": mean("scoring_seconds"),
+        "config": default_config if not models else next(iter(models.values()))[1],
+        "checkpoints": checkpoints,
         **({"pairs_in_training": sorted(in_training)} if one_model else {}),
         "without_landmarks": without_landmarks,
         "cases": cases,
@@ -790,6 +813,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
     print_table(Console(quiet=quiet), _tre_table(f"{ds.name} — {method}", result))
+    console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column time), scoring "
+                  f"{result['mean_scoring_seconds']:.1f} s (landmarks" + (", SDlogJ of the dense TPS field" if smoothness
+                                                                           and not identity else "") + ")",
+                  soft_wrap=True)
     write_json(report, result)
     if errors_csv is not None:
         if "member_spread" not in result:
@@ -802,12 +829,15 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
 
 def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: Path | None, records: dict,
                        stage: int | None, model: str | None, seed: int, device,
-                       overrides: dict, trained: dict | None = None) -> dict[int | None, tuple]:
+                       overrides: dict, trained: dict | None = None,
+                       paths: dict | None = None) -> dict[int | None, tuple]:
     """The models ``evaluate`` registers with: ``{fold: (net, config)}`` for the folds of ``pairs``
     with ``run`` (``records``: its :func:`_run_records`), ``{None: (net, config)}`` with ``model``,
     ``{}`` for the identity. A pair a fold model trained on, by the folder's records or by its
-    checkpoint's own (:func:`checkpoint_training`, then filled into ``trained`` per fold), is refused."""
+    checkpoint's own (:func:`checkpoint_training`, then filled into ``trained`` per fold), is refused.
+    ``paths``, if given, receives the checkpoint file of each key (none for a random network)."""
     trained = {} if trained is None else trained
+    paths = {} if paths is None else paths
     models: dict[int | None, tuple] = {}
     if run is not None:
         if not ds.folds:
@@ -833,6 +863,7 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
             if k not in models:
                 models[k] = load_cloud_model(path, device=device, **overrides)
                 trained[k] = checkpoint_training(path)
+                paths[k] = path
             match = training_matches([p], trained[k]).get(p.id)
             if match:
                 raise InputError(f"pair {p.id} is in fold {k} of the dataset, but the checkpoint of fold {k} trained on "
@@ -841,7 +872,17 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
                                  path)
     elif model is not None:
         models[None] = load_cloud_model(model, seed=seed, device=device, **overrides)
+        if str(model) != "random":
+            paths[None] = Path(model)
     return models
+
+
+def checkpoint_provenance(path: Path) -> dict:
+    """What a report records of a checkpoint it used: ``{"path", "sha256", "stage"}`` (``stage``: the
+    training stage it holds, ``None`` where it records none, e.g. an ensemble's)."""
+    extra = load_checkpoint(path, kind=CHECKPOINT_KIND).get("extra") or {}
+    stage = extra.get("stage")
+    return {"path": str(path), "sha256": file_sha256(path), "stage": stage if isinstance(stage, int) else None}
 
 
 def checkpoint_training(model: str | Path) -> dict | None:

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cyclereg.checkpoint import (data_fingerprint, load_checkpoint, refuse_replacing_inputs, stale_outputs,
-                                 save_checkpoint, staged_outputs, to_jsonable, training_data, write_json)
+from cyclereg.checkpoint import (data_fingerprint, file_sha256, load_checkpoint, refuse_replacing_inputs,
+                                 stale_outputs, save_checkpoint, staged_outputs, to_jsonable, training_data,
+                                 write_json)
 from cyclereg.console import count, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
@@ -421,6 +422,17 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     else:
         net, cfg, info = load_model(model, seed, dev)
         cfg = _pipeline_config(cfg, warps, adam, ic)
+    pending: dict = {}
+    if run is not None and stage is None:
+        from cyclereg.training.status import unfinished_folds  # noqa: PLC0415 - training imports this module
+
+        pending = unfinished_folds(run, [None])
+        if None in pending:
+            held = info.get("extra", {}).get("stage")
+            console.print(f"note: {run} has not finished training (next: {pending[None]}): its final.pt is the model "
+                          f"of stage {'?' if held is None else held}, not the run's last stage", soft_wrap=True)
+    if model is not None and str(model) != "random":
+        info["sha256"] = file_sha256(model)
     in_training = pairs_of_training_images(pairs, training_data(info))
     if in_training:
         console.print(f"note: both scans of {len(in_training)} of the {len(pairs)} pairs were training images of "
@@ -443,6 +455,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         return {
             "dataset": str(dataset), "name": ds.name, "method": info, "device": str(dev),
             "config": cfg if cfg is not None else None, "both_directions": both_directions,
+            **({"run_finished": False} if None in pending else {}),
             "label_scoring": LABEL_SCORING, "pairs_in_training": in_training,
             **summarize_pairs(records),
             "label_names": {str(k): v for k, v in ds.label_names.items()},
@@ -488,7 +501,8 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         # the unfinished report, before the first registration: an output that cannot be written fails
         # now rather than after minutes of work
         write_json(unfinished, build_result(False))
-        task = progress.add_task("evaluating pairs", total=len(pairs) + len(records), completed=len(records))
+        task_total = len(pairs) + len(records)
+        task = progress.add_task("evaluating pairs", total=task_total, completed=len(records))
         for p in pairs:
             fv, mv, fl, ml = pair_volumes(p)
             t0 = time.perf_counter()
@@ -510,6 +524,11 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             # the pairs so far, beside the report (never over it): a long run can be inspected, and --resume
             # continues it after an interruption
             write_json(unfinished, build_result(False))
+            hd = rec["hd95_mm"]
+            # one line per pair (above the bar on a terminal; in a log file, the progress of a long evaluation)
+            progress.console.print(f"{len(records)}/{task_total} {p.id}: Dice {rec['initial_dice']:.3f} -> "
+                                   f"{rec['dice']:.3f}, HD95 {'-' if hd is None else f'{hd:.2f}'} mm, registration "
+                                   f"{seconds:.1f} s, scoring {rec['scoring_seconds']:.1f} s", soft_wrap=True)
             progress.update(task, advance=1, description=f"{p.id}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
 
     result = build_result(True)

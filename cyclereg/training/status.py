@@ -64,6 +64,25 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     return info
 
 
+def unfinished_folds(run: Path | str, folds) -> dict:
+    """``{fold: what comes next}`` for those of ``folds`` (``None``: a volume run's one model) that the
+    training run directory ``run`` has not finished (``status``'s 'next' column): their ``final.pt``
+    is an intermediate stage's model. ``{}`` for a folder of exported models or one without a
+    readable ``run.json`` (the caller's own checks name what is wrong there)."""
+    from cyclereg.errors import InputError
+    from cyclereg.training.api import run_status
+
+    if not (Path(run) / "run.json").is_file():
+        return {}
+    try:
+        rows = run_status(Path(run))["folds"]
+    except InputError:
+        return {}
+    wanted = set(folds)
+    return {row["fold"]: row["next"] for row in rows
+            if row["fold"] in wanted and not str(row["next"]).startswith("finished")}
+
+
 def history_table(info: dict):
     """The table of every finished stage of the folds in ``info`` (a :func:`run_status` result)."""
     from rich.table import Table
