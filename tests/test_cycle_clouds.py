@@ -1701,3 +1701,18 @@ def test_evaluate_records_each_fold_checkpoint_and_names_a_fold_still_training(t
     assert res.exit_code == 0 and "has not finished training" not in res.output
     assert json.loads((tmp_path / "stage1.json").read_text())["checkpoints"]["1"]["path"] == \
         str(run / "fold1" / "stage1.pt")
+
+
+def test_status_estimates_from_a_trained_stage_while_its_labels_are_refreshed(tmp_path):
+    """Stage 1 trained in 500 s and its labels are being refreshed (no stage >= 1 logged yet, the
+    snapshot gone): two more stages of 500 s of training are left (refreshes not counted)."""
+    fold = tmp_path / "fold1"
+    fold.mkdir()
+    torch.save({"stage": 0, "labels": {}, "weights": {}}, fold / "pseudo0.pt")
+    (fold / "log.jsonl").write_text(json.dumps({"stage": 0, "seconds": 100.0}) + "\n")
+    save_checkpoint(fold / "stage1.pt", kind="cloud", config={}, state_dict={},
+                    extra={"stage": 1, "train": {"train_seconds": 500.0}})
+    status = scheduler_mod.StageScheduler(None, fold).status(3)
+    assert status["next"] == "stage 1: its pseudo labels (trained)"
+    assert status["current_stage_s"] == pytest.approx(500.0)
+    assert status["remaining_s"] == pytest.approx(3 * 500.0 - 500.0)

@@ -554,8 +554,9 @@ class StageScheduler:
         run), the training seconds the stage in progress has had so far (from its
         snapshot, or from its checkpoint once trained; ``None`` without either), and an estimate of the time left: at the pace of the
         latest finished stage >= 1 (the code and the machine of the stages to come are more like
-        its than the first ones'), or before the first one, at the snapshot's training pace
-        (training only, the pseudo-label refreshes not counted); ``None`` when neither exists.
+        its than the first ones'), or before the first one, at the snapshot's training pace or, once
+        its training is saved and its labels are being refreshed, at that training's seconds
+        (training only, the pseudo-label refreshes not counted); ``None`` when none of these exists.
         ``stage_log``: each finished stage's line of ``log.jsonl`` (training loss, pseudo-label
         disagreement and, where a run reports them, validation scores; a stage logged twice: its
         last line). ``unlogged_stages``: finished stages without a readable line in ``log.jsonl`` (lines
@@ -596,6 +597,8 @@ class StageScheduler:
                 trained = None
             if trained is not None:  # older checkpoints lack the seconds
                 current = trained["extra"]["train"].get("train_seconds")
+                if current is not None:
+                    snapshot_pace = float(current)  # a whole stage's training: a pace before any stage >= 1 is logged
         elif self.snapshot_path(nxt).is_file():
             try:
                 snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
