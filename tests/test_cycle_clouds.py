@@ -1716,3 +1716,40 @@ def test_status_estimates_from_a_trained_stage_while_its_labels_are_refreshed(tm
     assert status["next"] == "stage 1: its pseudo labels (trained)"
     assert status["current_stage_s"] == pytest.approx(500.0)
     assert status["remaining_s"] == pytest.approx(3 * 500.0 - 500.0)
+
+
+def test_a_resumed_run_brings_final_pt_up_to_date_before_training_the_next_stage(tmp_path, monkeypatch):
+    """Killed after stage 1's labels and before final.pt, then stopped again during stage 2: final.pt is
+    stage 1's checkpoint at once (it was missing until stage 2 finished), so evaluate --run reads the last
+    finished stage and status says what is really next."""
+    from cyclereg.training.scheduler import StageScheduler
+
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--stages", "2", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
+    real_publish, real_train = StageScheduler._publish_final, CloudCycleTask.train_stage
+
+    def dies_before_publishing(self, stage):
+        raise KeyboardInterrupt
+
+    def dies_in_training(self, model, labels, weights, stage, progress=None, snapshot=None):
+        raise KeyboardInterrupt
+
+    cmd = ["cycle", str(ds), "--run", str(run), "--folds", "1"]
+    monkeypatch.setattr(StageScheduler, "_publish_final", dies_before_publishing)
+    assert runner.invoke(app, cmd).exit_code == 130
+    fold = run / "fold1"
+    assert (fold / "pseudo1.pt").is_file() and not (fold / "final.pt").exists()
+    monkeypatch.setattr(StageScheduler, "_publish_final", real_publish)
+    monkeypatch.setattr(CloudCycleTask, "train_stage", dies_in_training)
+    assert runner.invoke(app, cmd).exit_code == 130  # stopped again, in stage 2
+    assert (fold / "final.pt").read_bytes() == (fold / "stage1.pt").read_bytes()
+    assert run_status(run)["folds"][0]["next"] == "stage 2: training from step 0"
+    monkeypatch.setattr(CloudCycleTask, "train_stage", real_train)
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoints"]["1"]["stage"] == 1
+    assert runner.invoke(app, cmd).exit_code == 0
+    assert (fold / "final.pt").read_bytes() == (fold / "stage2.pt").read_bytes()

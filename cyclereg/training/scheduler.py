@@ -673,9 +673,14 @@ class StageScheduler:
         self._remove_leftovers()
         self._complete_log(progress)
         done = self.last_finished_stage()
+        published = None  # the stage whose checkpoint this call made final.pt
+        if done >= 1 and not self._final_is(done):
+            # killed between a stage's labels and final.pt: bring final.pt up to date before training on,
+            # so that evaluate --run reads the last finished stage while the next one trains
+            self._publish_final(done)
+            published = done
         if self.settled(stop_below_mm) is not None:
             done = stages  # nothing more to train
-        published = None  # the stage whose checkpoint this call made final.pt
         for stage in range(done + 1, stages + 1):
             t0 = time.perf_counter()
             model = self.task.new_model(stage)
