@@ -16,7 +16,6 @@ Never reads landmarks. Two modes:
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -94,10 +93,19 @@ def synthetic(variants: list[tuple[int, int]]) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = ap.add_subparsers(dest="mode", required=True)
+    on_copd = modes.add_parser("copd", help="COPD pairs registered by a trained model")
+    on_copd.add_argument("model", help="cloud checkpoint (e.g. models/copd/fold2.pt)")
+    on_copd.add_argument("pairs", help="comma-separated pair ids, e.g. copd04,copd08")
+    on_copd.add_argument("variants", help="comma-separated K or K+P (P re-centred passes), e.g. 64,128,64+1")
+    on_synthetic = modes.add_parser("synthetic", help="synthetic breathing pairs with known motion")
+    on_synthetic.add_argument("variants", nargs="?", default="64,128,64+1,128+1", help="as for copd")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    if sys.argv[1:2] == ["copd"]:
-        copd(sys.argv[2], sys.argv[3].split(","), parse_variants(sys.argv[4]))
-    elif sys.argv[1:2] == ["synthetic"]:
-        synthetic(parse_variants(sys.argv[2] if len(sys.argv) > 2 else "64,128,64+1,128+1"))
+    if args.mode == "copd":
+        copd(args.model, args.pairs.split(","), parse_variants(args.variants))
     else:
-        sys.exit(__doc__)
+        synthetic(parse_variants(args.variants))

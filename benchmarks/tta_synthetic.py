@@ -11,7 +11,6 @@ densified field at the fixed keypoints against the known motion (mm) and the tim
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 
@@ -45,4 +44,9 @@ def main(passes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(v) for v in sys.argv[1:]] or [0, 2, 4, 8])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("passes", nargs="*", type=int, default=[0, 2, 4, 8], metavar="P",
+                    help="extra augmented passes to compare (default: 0 2 4 8)")
+    main(ap.parse_args().passes)
