@@ -176,8 +176,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             elif config != common:
                 differ = [k for k in vars(common) if getattr(common, k) != getattr(config, k)]
                 hints = []
-                flags = [flag for key, flag in (("recentre_passes", "--recentre-passes"), ("tta_passes", "--tta-passes"))
-                         if key in differ]
+                options = (("recentre_passes", "--recentre-passes"), ("tta_passes", "--tta-passes"))
+                flags = [flag for key, flag in options if key in differ]
                 if flags:
                     hints.append(f"{' and '.join(flags)} N set{'s' if len(flags) == 1 else ''} "
                                  f"{'it' if len(flags) == 1 else 'them'} for all members")
@@ -813,10 +813,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
     print_table(Console(quiet=quiet), _tre_table(f"{ds.name} — {method}", result))
+    scored = "landmarks, SDlogJ of the dense TPS field" if smoothness and not identity else "landmarks"
     console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column time), scoring "
-                  f"{result['mean_scoring_seconds']:.1f} s (landmarks" + (", SDlogJ of the dense TPS field" if smoothness
-                                                                           and not identity else "") + ")",
-                  soft_wrap=True)
+                  f"{result['mean_scoring_seconds']:.1f} s ({scored})", soft_wrap=True)
     write_json(report, result)
     if errors_csv is not None:
         if "member_spread" not in result:

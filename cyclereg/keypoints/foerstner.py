@@ -244,7 +244,8 @@ def distinctiveness(img: torch.Tensor, spacing_mm, sigma_mm: float) -> torch.Ten
     when that is float32 or wider (float64 stays float64), otherwise in float32.
     """
     x = img.to(torch.promote_types(img.dtype, torch.float32))
-    lo, hi = torch.quantile(_subsample(x), torch.tensor(INTENSITY_RANGE_QUANTILES, dtype=x.dtype, device=x.device)).tolist()
+    q = torch.tensor(INTENSITY_RANGE_QUANTILES, dtype=x.dtype, device=x.device)
+    lo, hi = torch.quantile(_subsample(x), q).tolist()
     x = (x - lo) / max(hi - lo, MIN_INTENSITY_RANGE)
     grad = gradient_mm(x[None, None], spacing_mm)
     sigma_vox = tuple(sigma_mm / float(s) for s in spacing_mm)
