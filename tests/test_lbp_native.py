@@ -163,7 +163,7 @@ def test_without_a_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(shared, "compiler", lambda: None)
     assert native.kernel() is None
-    assert "no C compiler" in native.reason()
+    assert "no C compiler" in native.reason() and native.reason().endswith(": the torch path runs")
     fixed, moving, feat_f, feat_m = _lbp_problem(n=60, k=16)
     disp = lbp.lbp_displacements(fixed, moving, feat_f, feat_m, lbp.LBPConfig(num_candidates=16))
     assert disp.shape == (60, 3) and torch.isfinite(disp).all()
@@ -186,9 +186,11 @@ def test_disabling_is_not_remembered(monkeypatch):
     monkeypatch.setattr(native.LIBRARY, "_kernel", None)
     monkeypatch.setattr(native.LIBRARY, "_reason", "not loaded yet")
     monkeypatch.setenv(shared.DISABLE_ENV, "0")
-    assert native.kernel() is None and "disabled" in native.reason()
+    assert native.kernel() is None and native.reason() == f"disabled by {shared.DISABLE_ENV}=0: the torch path runs"
     monkeypatch.delenv(shared.DISABLE_ENV)
     assert native.kernel() is not None and native.reason().startswith(shared.IN_USE)
+    # which library runs, built from which source
+    assert str(native.SOURCE) in native.reason() and str(shared.cache_dir()) in native.reason()
 
 
 def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
