@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_file,
+from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_count, require_file,
                              require_separate_output)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
@@ -146,7 +146,8 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
              tta_passes: int | None = None, ensemble_fusion: str | None = None, warps: int | None = None,
              adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False, spread: bool = False,
              spread_map: bool = False, l2r_name: bool = False, jacobian: bool = False,
-             resample_moving: bool = False, via_keypoints: bool = False, lung_mask: bool = False) -> RegisterResult:
+             resample_moving: bool = False, via_keypoints: bool = False, lung_mask: bool = False,
+             verbose: bool = True) -> RegisterResult:
     """Register one fixed/moving pair into ``out_dir``; returns a :class:`RegisterResult` (the files
     written, the ``config.json`` record, and the one-line summary as ``str(result)``).
 
@@ -155,7 +156,9 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     (:func:`cyclereg.dense.api.register_volume_files`), or with ``via_keypoints`` the keypoint path
     (:func:`cyclereg.clouds.api.register_volumes_via_keypoints`). Options of another path are refused
     by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``;
-    ``seed`` (default 0) is the random network's and is refused with a checkpoint.
+    ``seed`` (default 0) is the random network's and is refused with a checkpoint. ``verbose=False``:
+    no step lines on stdout (``via_keypoints`` prints one per keypoint detection step; the other
+    paths print nothing but their errors).
     """
     refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,
                         "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels})
@@ -164,7 +167,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     if model != "random":
         require_checkpoint_file(model)
         refuse_options({"--seed": seed}, SEED_SCOPE)
-    seed = 0 if seed is None else seed
+    seed = 0 if seed is None else require_count("--seed", seed, 0)
     if is_volume_file(fixed) != is_volume_file(moving):
         volume, cloud = (fixed, moving) if is_volume_file(fixed) else (moving, fixed)
         raise InputError(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
@@ -187,7 +190,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
             query=None if query is None else Path(query), device=device, recentre_passes=recentre_passes,
             tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
             moving_labels=None if moving_labels is None else Path(moving_labels), disp_mm=disp_mm, spread=spread,
-            spread_map=spread_map, jacobian=jacobian, verbose=True))
+            spread_map=spread_map, jacobian=jacobian, verbose=verbose))
     if volumes:
         refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
                        "point-cloud files, not volumes")
@@ -271,7 +274,8 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
 
     A keypoint dataset is scored by TRE (:func:`cyclereg.clouds.api.evaluate_keypoint_dataset`), a
     labelled volume dataset by Dice and HD95 (:func:`cyclereg.dense.api.evaluate_volume_dataset`),
-    both with SDlogJ and run time. Options of the other kind are refused by name.
+    both with SDlogJ and run time. Options of the other kind are refused by name. The returned dict is
+    the report as written (JSON types; a NaN or infinite figure is ``None``).
     """
     refuse_empty_paths({"dataset": dataset, "report": report, "model": model, "run": run, "errors_csv": errors_csv})
     if sum([identity, model is not None, run is not None]) != 1:
@@ -279,7 +283,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     model = None if model is None else str(model)
     if model != "random":
         refuse_options({"--seed": seed}, SEED_SCOPE)
-    seed = 0 if seed is None else seed
+    seed = 0 if seed is None else require_count("--seed", seed, 0)
     require_inputs(dataset)
     checkpoint = None if model in (None, "random") else model
     if checkpoint is not None:
@@ -308,11 +312,12 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
         folds = None if folds is None else str(folds)
         from cyclereg.clouds.api import evaluate_keypoint_dataset
 
-        return evaluate_keypoint_dataset(
+        evaluate_keypoint_dataset(
             Path(dataset), Path(report), identity=identity, model=model, run=run, stage=stage, seed=seed,
             max_pairs=max_pairs, recentre_passes=recentre_passes, tta_passes=tta_passes,
             ensemble_fusion=ensemble_fusion, device=device, spread=spread,
             errors_csv=None if errors_csv is None else Path(errors_csv), folds=folds)
+        return json.loads(Path(report).read_text())
     refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--errors-csv": errors_csv,
                     "--ensemble-fusion": ensemble_fusion, "--spread": spread or None, "--folds": folds},
                    "keypoint datasets, not volume datasets")
@@ -320,7 +325,8 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic}, IDENTITY_SCOPE)
     from cyclereg.dense.api import evaluate_volume_dataset
 
-    return evaluate_volume_dataset(
+    evaluate_volume_dataset(
         Path(dataset), Path(report), identity=identity, model=model, run=run, stage=stage, seed=seed,
         max_pairs=max_pairs, warps=warps, adam=adam, ic=ic, device=device, both_directions=both_directions,
         resume=resume)
+    return json.loads(Path(report).read_text())

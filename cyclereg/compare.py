@@ -177,6 +177,8 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     from cyclereg.device import provenance
     from cyclereg.console import count, print_note, print_table
 
+    if isinstance(reports, (str, Path)):
+        raise InputError("reports: expected a list of two or more report files, got one path", reports)
     refuse_empty_paths({"reports": list(reports), "output": output})
     paths = [Path(p) for p in reports]
     if len(paths) < 2:

@@ -230,3 +230,66 @@ def test_library_takes_python_values_or_names_the_keyword(clouds, tmp_path):
     with pytest.raises(InputError, match="--folds '2': need a whole number"):
         api.keypoints(None, tmp_path / "d", pairs=tmp_path / "pairs.csv", folds="2")
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_library_callers_get_input_errors_json_reports_and_their_rng_back(clouds):
+    """Found by a library-user audit: a seed is a whole number >= 0 (1.5 raised deep inside torch on the cloud
+    path and was truncated to 1 elsewhere); max_points likewise; ensemble / compare name a missing source or a
+    single path given for the list; api.evaluate returns the report as written (it returned config objects
+    that json.dumps refused); loading a model leaves torch's global RNG where the caller had it."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from cyclereg.checkpoint import save_checkpoint
+    from cyclereg.clouds.api import combine_cloud_models, load_cloud_model
+    from cyclereg.clouds.features import build_graph_net
+    from cyclereg.clouds.pipeline import CloudRegConfig
+    from cyclereg.compare import compare_reports
+    from cyclereg.dense.api import load_model, save_model
+    from cyclereg.training.api import pretrain_random
+
+    out = clouds / "out"
+    out.mkdir()
+    f, m = clouds / "f.csv", clouds / "m.csv"
+    for seed, message in ((1.5, "--seed 1.5: need a whole number"), ("x", "--seed 'x': need a whole number"),
+                          (-1, "--seed -1: need 0 or more"), (True, "--seed True: need a whole number")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            api.register(f, m, out / "r", seed=seed, device="cpu")
+    ds = clouds / "dataset.json"
+    ds.write_text(json.dumps({"pairs": [{"id": "c0", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv",
+                                         "fixed_landmarks": "l.csv", "moving_landmarks": "ml.csv"}],
+                              "folds": [["c0"]]}))
+    with pytest.raises(InputError, match="--seed 1.5: need a whole number"):
+        api.evaluate(ds, out / "e.json", model="random", seed=1.5)
+    with pytest.raises(InputError, match="--seed 1.5: need a whole number"):
+        pretrain_random(ds, out / "run", seed=1.5)
+    ct = clouds / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32), np.eye(4)),
+             str(ct))
+    with pytest.raises(InputError, match=re.escape("--max-points must be a whole number >= 0 (0: no limit), got 10.5")):
+        api.keypoints(ct, out / "k.csv", max_points=10.5)
+    with pytest.raises(InputError, match="does not exist"):
+        combine_cloud_models([clouds / "a.pt", clouds / "b.pt"], out / "e.pt")
+    with pytest.raises(InputError, match="expected a list"):
+        combine_cloud_models(str(clouds / "a.pt"), out / "e.pt")
+    with pytest.raises(InputError, match="expected a list of two or more report files, got one path"):
+        compare_reports(str(clouds / "a.json"))
+    assert not any(out.iterdir())
+
+    # the report as written: JSON types all through
+    report = api.evaluate(ds, out / "e.json", model="random", device="cpu")
+    assert report == json.loads((out / "e.json").read_text()) and json.dumps(report)
+    assert isinstance(report["config"], dict)
+
+    # the caller's random stream is untouched by loading models (their initial values are replaced)
+    save_model(clouds / "dense.pt", *load_model("random", 0)[:2])
+    for name, seed in (("a.pt", 1), ("b.pt", 2)):
+        save_checkpoint(clouds / name, kind="cloud", config=CloudRegConfig(),
+                        state_dict=build_graph_net(CloudRegConfig().net, seed=seed).state_dict())
+    state = torch.get_rng_state()
+    load_model("random", 3)
+    load_model(clouds / "dense.pt")
+    load_cloud_model(clouds / "a.pt")
+    combine_cloud_models([clouds / "a.pt", clouds / "b.pt"], out / "ens.pt")
+    assert torch.equal(torch.get_rng_state(), state)

@@ -461,7 +461,7 @@ def test_via_keypoints_refuses_a_label_map_off_the_moving_scans_grid(tmp_path):
         assert f"{name}.nii.gz" in res.output and not (tmp_path / name).exists()
 
 
-def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path):
+def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path, capsys):
     """--via-keypoints: keypoints of both scans, the cloud registration, the field on the fixed
     grid and the warped scan in one call. Under a pure shift every fixed keypoint's copy is among
     the denser moving keypoints, and a random network finds the shift exactly; the warped moving
@@ -493,6 +493,14 @@ def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path):
     spacing = nib.load(str(tmp_path / "f.nii.gz")).header.get_zooms()[:3]
     assert cfg["via_keypoints"]["moving_nms_radius_voxels"] == [round(3.0 / s) for s in spacing]
     assert cfg["via_keypoints"]["fixed_nms_radius_voxels"] == [round(4.0 / s) for s in spacing]
+    # the command shows its detection steps; a library caller can turn them off (stdout stays empty)
+    assert "done fixed scan" in res.output
+    from cyclereg import api
+
+    quiet = api.register(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", tmp_path / "quiet", via_keypoints=True,
+                         device="cpu", verbose=False)
+    assert quiet.path("displacements.csv").read_text() == (out / "displacements.csv").read_text()
+    assert capsys.readouterr().out == ""
 
 
 def test_register_via_keypoints_errors_write_nothing(pair_files):

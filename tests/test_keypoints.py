@@ -261,7 +261,7 @@ def test_cli_errors(tmp_path):
     assert res.exit_code == 2 and set(tmp_path.iterdir()) == before
     assert "--sigma must be a positive number, got -1" in res.output  # the option, not the config field
     res = _run(ct_path, "-o", out, "--max-points", "-5")  # 0 is allowed (no limit): the message says so
-    assert res.exit_code == 2 and "--max-points must be >= 0 (0: no limit), got -5" in res.output
+    assert res.exit_code == 2 and "--max-points must be a whole number >= 0 (0: no limit), got -5" in res.output
     (tmp_path / "p.csv").write_text("id,fixed,moving\n")
     res = _run("--pairs", tmp_path / "p.csv", "-o", tmp_path / "ds", "--moving-nms-radius", "-2")
     assert res.exit_code == 2 and "--moving-nms-radius must be >= 0" in res.output and not (tmp_path / "ds").exists()

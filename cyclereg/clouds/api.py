@@ -70,8 +70,9 @@ def _model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[GraphFeatureNe
     """Network (or ensemble) and registration settings of a loaded cloud checkpoint."""
     try:
         config = CloudRegConfig.from_dict(ckpt["config"])
-        net = GraphFeatureNet(config.net) if config.ensemble_size == 1 else \
-            FeatureEnsemble(config.net, config.ensemble_size)
+        with torch.random.fork_rng(devices=[]):  # the layers' initial values are replaced: leave the caller's RNG be
+            net = GraphFeatureNet(config.net) if config.ensemble_size == 1 else \
+                FeatureEnsemble(config.net, config.ensemble_size)
         net.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
         raise InputError(f"checkpoint does not match this version's cloud model ({type(exc).__name__}: "
@@ -113,7 +114,12 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     ensemble's provenance would name files that no longer hold them).
     """
     refuse_empty_paths({"sources": list(sources), "output": output})
+    if isinstance(sources, (str, Path)):
+        raise InputError("sources: expected a list of run directories or checkpoint files, got one path", sources)
     sources, output = [Path(s) for s in sources], Path(output)
+    for s in sources:
+        if not s.exists():
+            raise InputError("does not exist", s)
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
     _check_overrides(recentre_passes, tta_passes, fusion, fusion_flag="--fusion")
@@ -209,7 +215,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                                      f"(from {twin.get('source')}): an ensemble needs independently trained members",
                                      f)
             members += added
-        ensemble = FeatureEnsemble(common.net, len(states))
+        with torch.random.fork_rng(devices=[]):  # initial values replaced by the members' below
+            ensemble = FeatureEnsemble(common.net, len(states))
         for m, sd in zip(ensemble.members, states):
             m.load_state_dict(sd)
         config = replace(common, ensemble_size=len(states))
@@ -1054,6 +1061,7 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     from cyclereg.clouds.synthetic import make_breathing_pair
     from cyclereg.pointio import write_points
 
+    require_count("--seed", seed, 0)
     if out_dir is not None:
         require_output_dir(out_dir)
     console = Console()

@@ -66,13 +66,15 @@ def load_model(model: str | Path, seed: int = 0, device: str | torch.device = "c
     dev = resolve_device(device)
     if str(model) == "random":
         cfg = DensePipelineConfig().validate()
-        net = random_feature_net(cfg.net, seed)
+        with torch.random.fork_rng(devices=[]):  # seeded from its own generator: leave the caller's RNG be
+            net = random_feature_net(cfg.net, seed)
         info = {"model": "random", "seed": int(seed)}
     else:
         payload = load_checkpoint(model, kind=CHECKPOINT_KIND)
         try:
             cfg = config_from_dict(payload["config"])
-            net = FeatureNet(cfg.net)
+            with torch.random.fork_rng(devices=[]):  # the initial values are replaced by the checkpoint's
+                net = FeatureNet(cfg.net)
             net.load_state_dict(payload["state_dict"])
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             raise InputError(f"checkpoint does not match the dense model ({type(exc).__name__}: "

@@ -195,9 +195,9 @@ def foerstner_config(base: FoerstnerConfig = FoerstnerConfig(), *, sigma_mm: flo
     overrides = {k: v for k, v in dict(sigma_mm=sigma_mm, nms_radius_mm=nms_radius_mm, threshold=threshold).items()
                  if v is not None}
     if max_points is not None:
-        if max_points < 0:
-            flag = {**OPTION_FLAGS, **(flags or {})}["max_points"]
-            raise InputError(f"{flag} must be >= 0 (0: no limit), got {max_points}")
+        flag = {**OPTION_FLAGS, **(flags or {})}["max_points"]
+        if not whole_number(max_points) or max_points < 0:
+            raise InputError(f"{flag} must be a whole number >= 0 (0: no limit), got {max_points!r}")
         overrides["max_points"] = None if max_points == 0 else max_points
     try:
         return dataclasses.replace(base, **overrides)

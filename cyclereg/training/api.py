@@ -490,7 +490,7 @@ def _seed(seed: int | None, stored) -> int:
     """The seed of ``pretrain-random``: the given one, else the existing run's (``stored``: its
     configuration), else 0."""
     if seed is not None:
-        return int(seed)
+        return int(require_count("--seed", seed, 0))
     return int(stored.seed) if stored is not None else 0
 
 
