@@ -26,7 +26,7 @@ from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_
                              require_separate_output)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
-           "require_run_dir"]
+           "require_switches", "require_run_dir"]
 
 
 def is_volume_file(path: str | Path) -> bool:
@@ -43,6 +43,14 @@ def refuse_options(options: Mapping[str, object], scope: str) -> None:
     if names:
         listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
         raise InputError(f"{listed} {'are options' if len(names) > 1 else 'is an option'} for {scope}")
+
+
+def require_switches(switches: Mapping[str, object]) -> None:
+    """:class:`InputError` naming the first of ``switches`` (flag text -> value; ``None`` = not given) whose
+    value is not ``True`` or ``False``: a library caller's ``adam="no"`` would otherwise count as on."""
+    for flag, value in switches.items():
+        if value is not None and not isinstance(value, bool):
+            raise InputError(f"{flag} {value!r}: expected True or False")
 
 
 def require_inputs(*paths: Path | str | None, folders: bool = False) -> None:
@@ -75,6 +83,7 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     ``mask``, ``save_mask`` and ``fmt`` are for one volume; ``moving_nms_radius_mm`` and ``folds``
     for ``pairs``. Units: mm."""
     refuse_empty_paths({"ct": ct, "output": output, "pairs": pairs, "mask": mask, "save_mask": save_mask})
+    require_switches({"--lung-mask": lung_mask, "verbose": verbose})
     require_inputs(ct, mask, pairs)
     if pairs is None:
         if ct is None:
@@ -162,6 +171,10 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     """
     refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,
                         "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels})
+    require_switches({"--adam/--no-adam": adam, "--ic/--no-ic": ic, "--disp-mm": disp_mm, "--spread": spread,
+                      "--spread-map": spread_map, "--l2r-name": l2r_name, "--jacobian": jacobian,
+                      "--resample-moving": resample_moving, "--via-keypoints": via_keypoints,
+                      "--lung-mask": lung_mask, "verbose": verbose})
     model = str(model)
     require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
     if model != "random":
@@ -278,6 +291,8 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     the report as written (JSON types; a NaN or infinite figure is ``None``).
     """
     refuse_empty_paths({"dataset": dataset, "report": report, "model": model, "run": run, "errors_csv": errors_csv})
+    require_switches({"--identity": identity, "--spread": spread, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
+                      "--both-directions": both_directions, "--resume": resume})
     if sum([identity, model is not None, run is not None]) != 1:
         raise InputError("give exactly one of --identity, --model CKPT|random, --run RUN_DIR")
     model = None if model is None else str(model)

@@ -293,3 +293,19 @@ def test_library_callers_get_input_errors_json_reports_and_their_rng_back(clouds
     load_cloud_model(clouds / "a.pt")
     combine_cloud_models([clouds / "a.pt", clouds / "b.pt"], out / "ens.pt")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_on_off_switches_are_true_or_false(clouds):
+    """A library caller's adam="no" counted as on (any non-empty value is truthy); every switch of the three
+    entry points takes True or False (None where it means "the model's setting"), else an InputError
+    naming it, before any work."""
+    out = clouds / "out"
+    for kwargs, flag in (({"adam": "no"}, "--adam/--no-adam 'no'"), ({"disp_mm": 1}, "--disp-mm 1"),
+                         ({"verbose": "yes"}, "verbose 'yes'")):
+        with pytest.raises(InputError, match=re.escape(f"{flag}: expected True or False")):
+            api.register(clouds / "f.csv", clouds / "m.csv", out, **kwargs)
+    with pytest.raises(InputError, match=re.escape("--resume 'false': expected True or False")):
+        api.evaluate(clouds / "dataset.json", out / "r.json", identity=True, resume="false")
+    with pytest.raises(InputError, match=re.escape("--lung-mask 0: expected True or False")):
+        api.keypoints(clouds / "f.nii.gz", out / "k.csv", lung_mask=0)
+    assert not out.exists()
