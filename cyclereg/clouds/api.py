@@ -739,14 +739,11 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         console.print(f"note: {run} records no training folds (no run.json, or an ensemble.json or model_set.json "
                       f"naming runs that do): {checked}", soft_wrap=True)
     if run is not None and stage is None:
-        from cyclereg.training.status import unfinished_folds  # noqa: PLC0415 - training imports this module
+        from cyclereg.training.status import unfinished_folds, unfinished_note  # noqa: PLC0415 - training imports this
 
-        pending = unfinished_folds(run, [k for k in used if k is not None])
-        for k, nxt in sorted(pending.items()):
+        for k, nxt in sorted(unfinished_folds(run, list(used)).items()):  # with --run, used holds folds only
             checkpoints[str(k)]["run_finished"] = False
-            held = checkpoints[str(k)]["stage"]
-            console.print(f"note: fold {k} of {run} has not finished training (next: {nxt}): its final.pt is the "
-                          f"model of stage {'?' if held is None else held}, not the run's last stage", soft_wrap=True)
+            console.print(unfinished_note(run, k, nxt, checkpoints[str(k)]["stage"]), soft_wrap=True)
     if without_landmarks:
         console.print(f"note: {len(without_landmarks)} pair(s) without landmarks are left out (no TRE to score): "
                       f"{', '.join(without_landmarks)}", soft_wrap=True)

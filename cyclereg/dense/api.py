@@ -426,13 +426,12 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         cfg = _pipeline_config(cfg, warps, adam, ic)
     pending: dict = {}
     if run is not None and stage is None:
-        from cyclereg.training.status import unfinished_folds  # noqa: PLC0415 - training imports this module
+        from cyclereg.training.status import unfinished_folds, unfinished_note  # noqa: PLC0415 - training imports this
 
         pending = unfinished_folds(run, [None])
         if None in pending:
-            held = info.get("extra", {}).get("stage")
-            console.print(f"note: {run} has not finished training (next: {pending[None]}): its final.pt is the model "
-                          f"of stage {'?' if held is None else held}, not the run's last stage", soft_wrap=True)
+            console.print(unfinished_note(run, None, pending[None], info.get("extra", {}).get("stage")),
+                          soft_wrap=True)
     if model is not None and str(model) != "random":
         info["sha256"] = file_sha256(model)
     in_training = pairs_of_training_images(pairs, training_data(info))

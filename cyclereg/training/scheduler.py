@@ -568,7 +568,7 @@ class StageScheduler:
         settled = self.settled(stop_below_mm)
         seconds = {t: float(record["seconds"]) for t, record in records.items()}
         nxt = done + 1
-        current = snapshot_pace = None
+        current = early_pace = None  # early_pace: a whole stage's training seconds, before any stage >= 1 is logged
         labelled = ""
         if done < stages and settled is None:
             have = LabelParts.count_in(self.parts_path(nxt))
@@ -598,7 +598,7 @@ class StageScheduler:
             if trained is not None:  # older checkpoints lack the seconds
                 current = trained["extra"]["train"].get("train_seconds")
                 if current is not None:
-                    snapshot_pace = float(current)  # a whole stage's training: a pace before any stage >= 1 is logged
+                    early_pace = float(current)  # a whole stage's training
         elif self.snapshot_path(nxt).is_file():
             try:
                 snap = torch.load(self.snapshot_path(nxt), map_location="cpu", weights_only=True)
@@ -607,13 +607,13 @@ class StageScheduler:
                 if snap.get("elapsed_s") is not None:
                     current = float(snap["elapsed_s"])
                     if step > 0:
-                        snapshot_pace = current / step * total
+                        early_pace = current / step * total
             except Exception:  # noqa: BLE001 - reported, not raised: cycle itself names the file
                 text = f"stage {nxt}: unreadable training snapshot {self.snapshot_path(nxt).name}"
         else:
             text = f"stage {nxt}: training from step 0"
         paced = [t for t in seconds if 1 <= t <= done]
-        per_stage = seconds[max(paced)] if paced else snapshot_pace
+        per_stage = seconds[max(paced)] if paced else early_pace
         remaining = None
         if settled is not None:
             remaining = 0.0

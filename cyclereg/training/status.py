@@ -83,6 +83,14 @@ def unfinished_folds(run: Path | str, folds) -> dict:
             if row["fold"] in wanted and not str(row["next"]).startswith("finished")}
 
 
+def unfinished_note(run: Path | str, fold: int | None, next_text: str, stage: int | None) -> str:
+    """The note ``evaluate --run`` prints for a fold (``None``: a volume run's one model) that
+    :func:`unfinished_folds` lists: its ``final.pt`` holds ``stage`` (``None``: not recorded)."""
+    where = str(run) if fold is None else f"fold {fold} of {run}"
+    return (f"note: {where} has not finished training (next: {next_text}): its final.pt is the model of stage "
+            f"{'?' if stage is None else stage}, not the run's last stage")
+
+
 def history_table(info: dict):
     """The table of every finished stage of the folds in ``info`` (a :func:`run_status` result)."""
     from rich.table import Table
