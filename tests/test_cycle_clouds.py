@@ -1656,6 +1656,11 @@ def test_a_pair_counts_as_trained_on_only_when_both_its_clouds_were(tmp_path):
     assert pairs_in_training([KeypointPair("r", a, b, None, None)], record) == {"r"}
 
 
+def _stopped(*args, **kwargs):
+    """A patched step that is interrupted (Ctrl-C) as soon as it is called."""
+    raise KeyboardInterrupt
+
+
 def test_evaluate_records_each_fold_checkpoint_and_names_a_fold_still_training(tmp_path, monkeypatch):
     """An evaluate report says which checkpoint scored each fold (path, SHA-256, stage); while a fold
     has not finished training, its final.pt is an earlier stage's model: a note says so, and the
@@ -1684,10 +1689,7 @@ def test_evaluate_records_each_fold_checkpoint_and_names_a_fold_still_training(t
     assert case["scoring_seconds"] >= 0 and report["mean_scoring_seconds"] == case["scoring_seconds"]
 
     # the run extended to 2 stages and stopped before stage 2 trained: final.pt is still stage 1's
-    def interrupted(self, model, labels, weights, stage, progress=None, snapshot=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(CloudCycleTask, "train_stage", interrupted)
+    monkeypatch.setattr(CloudCycleTask, "train_stage", _stopped)
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "2"]).exit_code == 130
     monkeypatch.undo()
     said, report = evaluate("training.json")
@@ -1730,19 +1732,13 @@ def test_a_resumed_run_brings_final_pt_up_to_date_before_training_the_next_stage
     assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *args]).exit_code == 0
     real_publish, real_train = StageScheduler._publish_final, CloudCycleTask.train_stage
 
-    def dies_before_publishing(self, stage):
-        raise KeyboardInterrupt
-
-    def dies_in_training(self, model, labels, weights, stage, progress=None, snapshot=None):
-        raise KeyboardInterrupt
-
     cmd = ["cycle", str(ds), "--run", str(run), "--folds", "1"]
-    monkeypatch.setattr(StageScheduler, "_publish_final", dies_before_publishing)
+    monkeypatch.setattr(StageScheduler, "_publish_final", _stopped)
     assert runner.invoke(app, cmd).exit_code == 130
     fold = run / "fold1"
     assert (fold / "pseudo1.pt").is_file() and not (fold / "final.pt").exists()
     monkeypatch.setattr(StageScheduler, "_publish_final", real_publish)
-    monkeypatch.setattr(CloudCycleTask, "train_stage", dies_in_training)
+    monkeypatch.setattr(CloudCycleTask, "train_stage", _stopped)
     assert runner.invoke(app, cmd).exit_code == 130  # stopped again, in stage 2
     assert (fold / "final.pt").read_bytes() == (fold / "stage1.pt").read_bytes()
     assert run_status(run)["folds"][0]["next"] == "stage 2: training from step 0"
