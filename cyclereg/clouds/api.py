@@ -116,10 +116,10 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     refuse_empty_paths({"sources": list(sources), "output": output})
     if isinstance(sources, (str, Path)):
         raise InputError("sources: expected a list of run directories or checkpoint files, got one path", sources)
+    from cyclereg.api import require_inputs  # noqa: PLC0415 - cyclereg.api imports this module's callers
+
+    require_inputs(*sources, folders=True)
     sources, output = [Path(s) for s in sources], Path(output)
-    for s in sources:
-        if not s.exists():
-            raise InputError("does not exist", s)
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
     _check_overrides(recentre_passes, tta_passes, fusion, fusion_flag="--fusion")
