@@ -332,6 +332,7 @@ def ensemble(
     fusion: str = typer.Option("joint", "--fusion", help="how the members are combined: joint = one LBP per pass over their mean feature cost (they vote per candidate); average = each registers on its own, displacements averaged"),
 ) -> None:
     """Combine independently trained keypoint-cloud models into one ensemble per fold."""
+    require_inputs(*sources, folders=True)  # before torch is imported (seconds): a missing source fails at once
     from cyclereg.clouds.api import combine_cloud_models
 
     typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes,
