@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_count, require_file,
-                             require_separate_output)
+                             require_separate_output, require_switches)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_switches", "require_run_dir"]
@@ -43,14 +43,6 @@ def refuse_options(options: Mapping[str, object], scope: str) -> None:
     if names:
         listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
         raise InputError(f"{listed} {'are options' if len(names) > 1 else 'is an option'} for {scope}")
-
-
-def require_switches(switches: Mapping[str, object]) -> None:
-    """:class:`InputError` naming the first of ``switches`` (flag text -> value; ``None`` = not given) whose
-    value is not ``True`` or ``False``: a library caller's ``adam="no"`` would otherwise count as on."""
-    for flag, value in switches.items():
-        if value is not None and not isinstance(value, bool):
-            raise InputError(f"{flag} {value!r}: expected True or False")
 
 
 def require_inputs(*paths: Path | str | None, folders: bool = False) -> None:

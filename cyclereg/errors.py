@@ -180,3 +180,11 @@ def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     if value is not None and value < minimum:
         raise InputError(f"{flag} {value}: need {minimum} or more")
     return value
+
+
+def require_switches(switches: dict[str, object]) -> None:
+    """:class:`InputError` naming the first of ``switches`` (flag text -> value; ``None`` = not given) whose
+    value is not ``True`` or ``False``: a library caller's ``adam="no"`` would otherwise count as on."""
+    for flag, value in switches.items():
+        if value is not None and not isinstance(value, bool):
+            raise InputError(f"{flag} {value!r}: expected True or False")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, replace
 
@@ -1548,6 +1549,24 @@ def test_pretrain_random_takes_folds_as_the_command_does_and_names_a_misspelt_op
     with pytest.raises(InputError, match="--cpu-bf16: not an option for keypoints datasets"):
         pretrain_random(ds, tmp_path / "d", device="cpu", config=off, cpu_bf16=True)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_pretrain_random_takes_only_true_or_false_for_its_switches(tmp_path):
+    """A library caller's `augment="no"` counted as on (any non-empty string is true) and trained with
+    augmentation; the on/off options take True or False, named by the command's flags, before any work."""
+    from cyclereg.errors import InputError
+    from cyclereg.training.api import pretrain_random
+
+    ds = _dataset(tmp_path, n=2)
+    off = CloudCycleConfig(refine=False, stages=1, epochs=1)
+    cases = {"augment": ("no", "--augment/--no-augment 'no'"), "refine": (0, "--refine/--no-refine 0"),
+             "weighted_sampling": ("False", "--weighted-sampling/--uniform-sampling 'False'")}
+    for key, (value, shown) in cases.items():
+        with pytest.raises(InputError, match=re.escape(f"{shown}: expected True or False")):
+            pretrain_random(ds, tmp_path / key, fold="1", device="cpu", config=off, **{key: value})
+        assert not (tmp_path / key).exists()
+    pretrain_random(ds, tmp_path / "ok", fold="1", device="cpu", config=off, augment=False)
+    assert json.loads((tmp_path / "ok" / "run.json").read_text())["config"]["augment"] is False
 
 
 def test_stage_one_starts_from_another_random_network_than_stage_zero():

@@ -37,7 +37,7 @@ from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_data
 from cyclereg.device import resolve_device
 from cyclereg import errors
 from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, require_count, require_output_dir,
-                             whole_number)
+                             require_switches, whole_number)
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
@@ -123,6 +123,9 @@ CLOUD_OPTIONS = ("stages", "epochs", "train_points", "augment", "refine", "weigh
                  "candidates", "tta_passes", "learn_recentre_passes", "aug_relative")
 DENSE_OPTIONS = ("stages", "iterations", "augment", "refine", "weighted_sampling", "supervision", "train_images",
                  "directions", "max_train_pairs", "batch_size", "cpu_bf16")
+SWITCH_FLAGS = {"augment": "--augment/--no-augment", "refine": "--refine/--no-refine",
+                "weighted_sampling": "--weighted-sampling/--uniform-sampling", "cpu_bf16": "--cpu-bf16/--no-cpu-bf16"}
+"""The on/off options (keyword -> the command's flags): ``True`` or ``False`` only (``augment="no"`` would count as on)."""
 
 
 def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
@@ -136,6 +139,7 @@ def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
     if wrong:
         names = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise InputError(f"{names}: not an option for {kind} datasets")
+    require_switches({flag: given.get(key) for key, flag in SWITCH_FLAGS.items()})
     return {k: v for k, v in options.items() if v is not None and k in allowed}
 
 
