@@ -1617,6 +1617,26 @@ def test_the_training_loss_is_the_mean_distance_in_mm(monkeypatch):
     assert stats["train_loss_mm"] == pytest.approx(math.sqrt(10.0), rel=1e-5)
 
 
+@pytest.mark.parametrize("relative", [0.0, 0.05])
+def test_augmented_predictions_are_mapped_back_before_the_loss(monkeypatch, relative):
+    """A learning stream that predicts the true displacement of whatever (augmented) pair it is shown has
+    zero loss against the true labels: the augmented prediction goes back to the original frame (A^-1, and
+    the relative map of the moving cloud) before it is compared. Moving = fixed + u in the same point order."""
+    from cyclereg.clouds.features import build_graph_net
+    import cyclereg.training.clouds as clouds
+
+    monkeypatch.setattr(clouds, "learning_prediction", lambda model, fixed, moving, *a, **k: (
+        moving - fixed + 0 * sum(p.sum() for p in model.parameters())))
+    cfg = replace(CloudCycleConfig(), epochs=1, batch_size=1, augment=True, aug_relative_std=relative)
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(60, 3, generator=g) * 2 - 1
+    u = torch.tensor([0.03, 0.0, 0.04])
+    task = CloudCycleTask([CloudPairData("p", fixed, fixed + u)], UnitBox((0.0, 0.0, 0.0), (200.0, 100.0, 50.0)),
+                          cfg, torch.device("cpu"))
+    stats = task.train_stage(build_graph_net(cfg.reg.net, seed=0), {"p": u.expand(60, 3).clone()}, {}, 1)
+    assert stats["train_loss_mm"] == pytest.approx(0.0, abs=1e-4)
+
+
 def test_the_learning_rate_drops_tenfold_at_each_milestone(monkeypatch):
     """lr 1e-3 decayed x0.1 after epochs 1 and 2 of 3 (one step per epoch): the snapshot sees 1e-4, 1e-5,
     1e-5 after the three steps (warm restart: each stage starts again at 1e-3)."""

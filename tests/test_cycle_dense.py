@@ -86,6 +86,27 @@ def test_augmented_target_aligns_augmented_images():
     assert after < 0.02  # unit-variance image: only interpolation error remains
 
 
+def test_a_training_batch_augments_images_and_targets_together():
+    """The same check through the task's batch maker (`_batch`, label grid of stride 2): the target it
+    returns maps the augmented moving image onto the augmented fixed one, as the true shift does the
+    originals. A batch whose images were augmented but whose target was not fails this."""
+    from cyclereg.training.dense import DenseCycleTask, VolumeImage
+
+    shape = (32, 32, 32)
+    F_img = _smooth(shape, seed=1, sigma=3.0)
+    c = torch.tensor([2.0, -1.5, 1.0])  # image voxels: M(y) = F(y - c)
+    M_img = warp(F_img, -c.view(1, 3, 1, 1, 1).expand(1, 3, *shape))
+    task = DenseCycleTask([VolumeImage("f", F_img), VolumeImage("m", M_img)], [(0, 1)], (1.0, 1.5, 2.0),
+                          DenseCycleConfig(label_stride=2), torch.device("cpu"))
+    label = (c / 2).view(1, 3, 1, 1, 1).expand(1, 3, *task.label_shape).contiguous()  # label-grid voxels
+    Fa, Ma, ua = task._batch([0], {task.pair_id(0): label}, torch.Generator().manual_seed(3))
+    Fs, Ms = strided(Fa, 2), strided(Ma, 2)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    before = (Ms - Fs)[inner].pow(2).mean()
+    after = (warp(Ms, ua) - Fs)[inner].pow(2).mean()
+    assert not torch.equal(Fa, F_img) and after < 0.05 * before
+
+
 def test_random_pair_affines_are_seeded_and_near_identity():
     cfg = DenseCycleConfig()
     a = random_pair_affines(torch.Generator().manual_seed(0), cfg, (20, 20, 20), (1, 1, 1))
