@@ -546,6 +546,17 @@ def test_ensemble_averages_its_members_and_one_member_is_the_network():
     assert CloudRegConfig.from_dict({}).ensemble_size == 1  # checkpoints written before ensembles
 
 
+def test_feature_cost_is_the_mean_squared_feature_difference():
+    """Fixed feature (0, 0) against moving features (1, 3) and (2, 0): (1 + 9) / 2 = 5 and (4 + 0) / 2 = 2;
+    candidate order follows ``idx`` (an absolute difference would give 2 and 1)."""
+    from cyclereg.clouds.lbp import feature_cost
+
+    cost = feature_cost(torch.zeros(1, 2), torch.tensor([[1.0, 3.0], [2.0, 0.0]]), torch.tensor([[0, 1]]))
+    assert torch.equal(cost, torch.tensor([[5.0, 2.0]]))
+    assert torch.equal(feature_cost(torch.zeros(1, 2), torch.tensor([[1.0, 3.0], [2.0, 0.0]]), torch.tensor([[1, 0]])),
+                       torch.tensor([[2.0, 5.0]]))
+
+
 def test_joint_lbp_cost_is_the_members_mean_feature_cost():
     """Joint LBP over two networks' features equals LBP over their concatenated features (the mean
     of two per-network mean squared differences is the mean over all channels), and a single
