@@ -456,6 +456,31 @@ def test_the_threshold_keeps_exactly_the_maxima_at_or_above_threshold_times_refe
     assert torch.equal(strong.voxels, every.voxels[: m + 1])
 
 
+def test_the_gaussian_scale_is_converted_from_mm_per_axis(monkeypatch):
+    """sigma 1.5 mm at spacing (2, 1, 0.5) mm is (0.75, 1.5, 3) voxels along the three axes, both for the
+    smoothing of the structure tensor and for the margin of the crop around the mask (gradient half-width 1
+    + Gaussian radius ceil(3 sigma) + NMS half-width round(2.5 mm / spacing))."""
+    import cyclereg.keypoints.foerstner as foerstner
+
+    seen = []
+    real = foerstner.structure_tensor
+    monkeypatch.setattr(foerstner, "structure_tensor", lambda grad, sigma: seen.append(tuple(sigma)) or real(grad, sigma))
+    foerstner.distinctiveness(torch.from_numpy(texture((12, 12, 12))), (2.0, 1.0, 0.5), 1.5)
+    assert seen == [(0.75, 1.5, 3.0)]
+    cfg = FoerstnerConfig(sigma_mm=1.5, nms_radius_mm=2.5)
+    assert cfg.sigma_voxels((2.0, 1.0, 0.5)) == (0.75, 1.5, 3.0)
+    assert cfg.support_voxels((2.0, 1.0, 0.5)) == (1 + 3 + 1, 1 + 5 + 2, 1 + 9 + 5)
+
+
+def test_a_threshold_of_one_at_the_top_quantile_keeps_only_the_strongest_maximum():
+    """reference_quantile 1 makes the reference the largest distinctiveness in the mask; threshold 1 keeps
+    the maxima at or above it: exactly the global maximum, whose score is the reference."""
+    vol = torch.from_numpy(texture((36, 36, 36), seed=3))
+    kp = foerstner_keypoints(vol, (1.0, 1.0, 1.0), None, FoerstnerConfig(
+        sigma_mm=1.5, nms_radius_mm=2.5, threshold=1.0, reference_quantile=1.0, max_points=None))
+    assert kp.voxels.shape[0] == 1 and float(kp.scores[0]) == pytest.approx(kp.reference, rel=1e-6)
+
+
 def _disk_body_with_one_lung(radius_lung=6.0):
     """(60, 60, 20) CT: outside air -1000 HU, a tissue cylinder (0 HU, radius 28 voxels in i, j,
     every k) and one air sphere (-850 HU) inside it. Returns (ct, body, lung) with bool masks."""
