@@ -4,6 +4,7 @@ Jacobians, Dice/HD95 and the network/pipeline plumbing (small volumes, CPU, fast
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -676,8 +677,6 @@ def test_the_second_warp_composes_the_second_pass_after_the_first(monkeypatch):
 def _plain_adam(**changes) -> AdamConfig:
     """Adam refinement without the smoothing of the field and the feature normalisation: one step of
     Adam is exactly ``lr * sign(gradient)`` per entry."""
-    from dataclasses import replace
-
     return replace(AdamConfig(), smooth_passes=0, final_smooth_passes=0, normalize_features=False, **changes)
 
 
@@ -706,6 +705,35 @@ def test_one_adam_step_of_the_regulariser_flattens_a_spike():
     assert out[0, 0, 8, 8, 8].item() == pytest.approx(4.0, abs=1e-4)  # 2 * (3 - 1)
     assert out[0, 0, 10, 8, 8].item() == pytest.approx(2.0, abs=1e-4)  # 2 * (0 + 1)
     assert out[0, 0, 12, 8, 8].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adam_refinement_ends_with_its_full_resolution_smoothing():
+    """No steps, no smoothing inside the loop, one final box pass of width 3 at factor 1: a spike of 27
+    voxels becomes 1 voxel on its 3 x 3 x 3 neighbourhood and 0 elsewhere (the box filter's mean)."""
+    from cyclereg.dense.instance import adam_refine
+
+    features = torch.zeros(1, 1, 16, 16, 16)
+    disp = torch.zeros(1, 3, 16, 16, 16)
+    disp[0, 1, 8, 8, 8] = 27.0
+    cfg = replace(_plain_adam(iterations=0), final_smooth_passes=1)
+    out = adam_refine(features, features, disp, 1, cfg)
+    want = torch.zeros_like(disp)
+    want[0, 1, 7:10, 7:10, 7:10] = 1.0
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_the_regulariser_factor_scales_the_regulariser():
+    """The spike of the step test with reg_factor 0 (and no data term): nothing pulls, the spike stays."""
+    from cyclereg.dense.instance import adam_refine
+
+    features = torch.zeros(1, 1, 8, 8, 8)
+    disp = torch.zeros(1, 3, 16, 16, 16)
+    disp[0, 0, 8, 8, 8] = 6.0
+    out = adam_refine(features, features, disp, 2, _plain_adam(iterations=1, lr=1.0, data_weight=0.0,
+                                                                reg_weight=0.65, reg_factor=0.0))
+    assert out[0, 0, 8, 8, 8].item() == pytest.approx(6.0, abs=1e-4)
+    assert out[0, 0, 9, 8, 8].item() == pytest.approx(3.0, abs=1e-4)  # halfway to the next feature voxel
+    assert out[0, 0, 10, 8, 8].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_report_means_leave_out_missing_and_non_finite_values():
