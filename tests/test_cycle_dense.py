@@ -866,6 +866,30 @@ def _two_image_task(**changes):
                           torch.device("cpu"))
 
 
+def test_a_dense_stage_anneals_the_learning_rate_from_lr_to_lr_min(monkeypatch):
+    """Cosine annealing over a stage of 4 iterations: after step t the rate is
+    lr_min + (lr - lr_min) (1 + cos(pi t / 4)) / 2, ending at the paper's 1e-5; every stage starts at 1e-3."""
+    task = _two_image_task(iterations=4, batch_size=1)
+    assert (task.config.lr, task.config.lr_min) == (1e-3, 1e-5)
+    monkeypatch.setattr(task, "_loss", lambda model, *a: sum(p.pow(2).sum() for p in model.parameters()))
+
+    class Spy:
+        def __init__(self):
+            self.lrs = []
+
+        def restore(self, total, **kwargs):
+            return 0, []
+
+        def offer(self, step, *, lr_schedule, **kwargs):
+            self.lrs.append(lr_schedule.get_last_lr()[0])
+
+    want = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(1, 5)]
+    for stage in (1, 2):
+        spy = Spy()
+        task.train_stage(task.new_model(stage), {task.pair_id(0): torch.zeros(1, 3, 8, 8, 8)}, {}, stage, snapshot=spy)
+        assert spy.lrs == pytest.approx(want, rel=1e-9) and spy.lrs[-1] == pytest.approx(1e-5, rel=1e-9)
+
+
 def test_a_dense_training_step_sees_batch_size_pairs(monkeypatch):
     task = _two_image_task(iterations=1, batch_size=3)
     seen = []
