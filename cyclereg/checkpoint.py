@@ -149,7 +149,7 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
         files = sorted(stage.path.iterdir())
         _refuse_replacing_inputs(files, out, stage.inputs)
         try:
-            _move_in(files, out, stage.path)
+            _move_in([(f, out / f.name, stage.path / f".earlier.{f.name}") for f in files])
         except OutputsNotRestored:
             keep_stage = True
             raise
@@ -178,9 +178,10 @@ def _refuse_replacing_inputs(files: list[Path], out: Path, inputs: list[Path]) -
 
 def refuse_replacing_inputs(names: list[str], out_dir: str | Path, inputs: list[Path]) -> None:
     """:class:`InputError` naming the input when an output called one of ``names`` in ``out_dir`` would
-    replace one of ``inputs`` (same name, or the same file through a link). Commands call it before their
-    work with the names they will write; :func:`staged_outputs` checks the files once more when it moves
-    them in (:attr:`OutputStage.inputs`)."""
+    replace one of ``inputs`` (same name, or the same file through a link), or naming the output when it
+    is a folder (:func:`refuse_folders_at`). Commands call it before their work with the names they will
+    write; :func:`staged_outputs` checks the files once more when it moves them in (:attr:`OutputStage.inputs`)."""
+    refuse_folders_at(names, out_dir)
     out = Path(out_dir)
     for name in names:
         target = out / name
@@ -194,38 +195,116 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
-def _move_in(files: list[Path], out: Path, stage: Path) -> None:
-    """Rename ``files`` (in ``stage``) into ``out`` as a set: an existing file of the same name is first
-    moved aside into ``stage``. On a failure (or an interruption) every step taken is undone, judged by
-    which files exist, and the error names the output; :class:`OutputsNotRestored` if an earlier file
-    could not be put back (it stays in ``stage``)."""
-    steps: list[tuple[Path, Path, Path]] = []  # (staged, target, where its earlier file goes)
+def refuse_folders_at(names: list[str], out_dir: str | Path) -> None:
+    """:class:`InputError` naming the first output ``out_dir / name`` that is a folder (or a link to one):
+    moving a file in would put the folder aside and delete it with the staging folder. Commands call it
+    before their work with the names they will write; the set writers check once more when they move in."""
+    for name in names:
+        target = Path(out_dir) / name
+        if target.is_dir():
+            raise InputError("is a folder; an output file is needed here (nothing was written)", target)
+
+
+def _move_in(steps: list[tuple[Path, Path, Path]]) -> None:
+    """Rename the staged files into place as a set, ``steps`` = ``(staged, target, aside)``: an existing
+    ``target`` is first moved to ``aside`` (in a staging folder). On a failure (or an interruption)
+    every step taken is undone, judged by which files exist, and the error names the output;
+    :class:`OutputsNotRestored` if an earlier file could not be put back (it stays in its staging
+    folder, which the message names)."""
+    done: list[tuple[Path, Path, Path]] = []
     try:
-        for staged in files:
-            target = out / staged.name
-            aside = stage / f".earlier.{staged.name}"
-            steps.append((staged, target, aside))
+        for staged, target, aside in steps:
+            done.append((staged, target, aside))
             try:
-                if target.exists():
+                if target.exists() or target.is_symlink():
                     os.replace(target, aside)
                 os.replace(staged, target)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(target)) from None
     except BaseException as failure:
         lost = []
-        for staged, target, aside in reversed(steps):
+        for staged, target, aside in reversed(done):
             try:
-                if aside.exists():
+                if aside.exists() or aside.is_symlink():
                     os.replace(aside, target)  # the earlier file back (over the new one, if it was moved)
                 elif not staged.exists() and target.exists():
                     target.unlink()  # a new file without an earlier one: taken out again
             except OSError:
-                lost.append(aside if aside.exists() else target)
+                lost.append((aside if aside.exists() else target, aside.parent))
         if lost:
             raise OutputsNotRestored(getattr(failure, "errno", None) or 5,
                                      f"could not move the new outputs in, nor put all earlier ones back: they are "
-                                     f"in {stage}", str(lost[0])) from failure
+                                     f"in {lost[0][1]}", str(lost[0][0])) from failure
         raise
+
+
+class FileSet:
+    """The staging of :func:`staged_file_set`: ``files(target)`` is the path to write ``target`` to (the same
+    file name in a hidden staging folder beside it, so that writers choosing a format by suffix still
+    do)."""
+
+    def __init__(self):
+        self.stages: dict[Path, Path] = {}  # target folder -> its staging folder
+        self.targets: dict[Path, Path] = {}  # staged file -> target
+        self.made: list[Path] = []  # folders made for the targets
+
+    def __call__(self, target: str | Path) -> Path:
+        target = Path(target)
+        folder = target.parent
+        if folder not in self.stages:
+            missing = []
+            for f in (folder, *folder.parents):
+                if f.exists():
+                    break
+                missing.append(f)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.made.extend(missing)
+            self.stages[folder] = Path(tempfile.mkdtemp(prefix=".cyclereg-staging.", dir=folder))
+        staged = self.stages[folder] / target.name
+        self.targets[staged] = target
+        return staged
+
+
+@contextmanager
+def staged_file_set() -> Iterator[FileSet]:
+    """Write one command's output files, in any folders, as a set: the body writes each ``target`` to
+    ``files(target)`` of the yielded :class:`FileSet`; when it finishes, every staged file is renamed onto its
+    target (an earlier file moved aside first); if one cannot be, those already moved are taken out again
+    and the earlier files restored. If the body fails or is interrupted, no target changes and folders
+    made for them are removed again when empty. Errors name the target, not a staged file."""
+    files = FileSet()
+    keep = None
+    moved = False
+    try:
+        try:
+            yield files
+        except OSError as exc:
+            target = files.targets.get(Path(exc.filename)) if isinstance(exc.filename, str) else None
+            if exc.errno is not None and target is not None:
+                raise OSError(exc.errno, exc.strerror, str(target)) from None
+            raise
+        written = [(staged, target) for staged, target in files.targets.items() if staged.exists()]
+        for _, target in written:
+            refuse_folders_at([target.name], target.parent)
+        steps = [(staged, target, staged.parent / f".earlier.{staged.name}") for staged, target in written]
+        try:
+            _move_in(steps)
+        except OutputsNotRestored as exc:
+            keep = exc
+            raise
+        moved = True
+        for folder in files.stages:
+            fsync_directory(folder)
+    finally:
+        for stage in files.stages.values():
+            if keep is None:
+                shutil.rmtree(stage, ignore_errors=True)
+        if not moved:
+            for folder in sorted(set(files.made), key=lambda f: len(f.parts), reverse=True):  # deepest first
+                try:
+                    folder.rmdir()  # only when empty
+                except OSError:
+                    pass
 
 
 def recorded_outputs(record: dict) -> list:

@@ -132,6 +132,20 @@ def test_register_never_replaces_its_own_input(pair_files):
     assert (out / "displacements.csv").read_bytes() == (d / "f.csv").read_bytes()
 
 
+def test_register_refuses_a_folder_where_an_output_goes(pair_files):
+    """A folder of the user's named like an output (config.json, displacements.csv) was moved aside and
+    deleted with the staging folder; now the command stops with one line naming it, and nothing changes."""
+    d, _ = pair_files
+    for name in ("config.json", "displacements.csv"):
+        out = d / f"has_{name}"
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text("precious")
+        res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(out), "--device", "cpu"])
+        assert res.exit_code == 2 and "is a folder; an output file is needed here" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and str(out / name) in " ".join(res.output.split())
+        assert sorted(p.name for p in out.iterdir()) == [name] and (out / name / "notes.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize("flag,key", [("--recentre-passes", "recentre_passes"), ("--tta-passes", "tta_passes")])
 def test_register_pass_count_override(pair_files, flag, key):
     """A pass-count flag reaches the written config; a negative count is refused before writing."""
@@ -713,6 +727,29 @@ def test_evaluate_writes_every_landmark_error(tmp_path):
         assert all(int(r[1]) == k + 1 for r in rows[20 * k:20 * (k + 1)])
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "x.json"), "--warps", "2"])
     assert res.exit_code == 2 and "--warps is an option for volume datasets" in res.output and not (tmp_path / "x.json").exists()
+
+
+def test_evaluate_writes_its_report_and_errors_csv_as_a_set(tmp_path, monkeypatch):
+    """An errors CSV that cannot be written leaves the earlier report and CSV as they were (the report was
+    replaced beside the earlier run's errors)."""
+    import cyclereg.clouds.api as clouds_api
+
+    ds = _mini_dataset(tmp_path)
+    rep, errors = tmp_path / "out" / "r.json", tmp_path / "out" / "e.csv"
+    args = ["evaluate", str(ds), "--identity", "--json", str(rep), "--errors-csv", str(errors)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in rep.parent.iterdir()}
+    real = clouds_api.atomic_write_text
+
+    def disk_full(path, text):
+        if Path(path).name == "e.csv":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(clouds_api, "atomic_write_text", disk_full)
+    res = runner.invoke(app, [*args, "--max-pairs", "1"])
+    assert res.exit_code != 0 and str(errors) in " ".join(res.output.split()), res.output
+    assert {p.name: p.read_bytes() for p in rep.parent.iterdir()} == before
 
 
 def test_evaluate_outputs_that_cannot_be_written_are_refused_first(tmp_path):

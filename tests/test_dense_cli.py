@@ -821,6 +821,46 @@ def test_register_refuses_replacing_an_input_before_registering(tiny, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "warped.nii.gz"]
 
 
+def test_evaluate_writes_its_report_and_figures_as_a_set(tiny, tmp_path, monkeypatch):
+    """A figure that cannot be written leaves the earlier report and figures as they were (the report was
+    replaced beside the earlier run's figures); the unfinished report stays for --resume."""
+    import cyclereg.dense.api as dense_api
+
+    ds, rep = tiny / "Tiny_dataset.json", tmp_path / "r.json"
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--both-directions", "--json", str(rep)])
+    assert res.exit_code == 0, res.output
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["r.json", "r_dice_cdf.png", "r_overlay.png"]
+
+    def disk_full(path, *args):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(dense_api, "_plot_overlay", disk_full)
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(rep)])
+    assert res.exit_code != 0 and str(tmp_path / "r_overlay.png") in " ".join(res.output.split()), res.output
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {"r.partial.json"}
+
+
+def test_register_refuses_a_folder_named_like_an_output_before_registering(tiny, tmp_path, monkeypatch):
+    """A folder called config.json in the output folder: one line naming it, before the registration,
+    and the folder with its contents is left as it was (it was moved aside and deleted)."""
+    import cyclereg.dense.api as dense_api
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("registered before the output check")
+
+    monkeypatch.setattr(dense_api, "register_pair", no_registration)
+    out = tmp_path / "out"
+    (out / "config.json").mkdir(parents=True)
+    (out / "config.json" / "notes.txt").write_text("precious")
+    scans = [str(tiny / "imagesTr" / f"Tiny_000{k}_0000.nii.gz") for k in (1, 2)]
+    res = runner.invoke(app, ["register", *scans, "-o", str(out), *FAST])
+    assert res.exit_code == 2 and "is a folder; an output file is needed here" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json" / "notes.txt").read_text() == "precious"
+
+
 def test_written_nifti_carry_a_qform_equal_to_the_sform_where_one_can_hold_it(tmp_path):
     """Outputs had sform code 2 and qform code 0: readers that take the qform (older ITK and tools built on it)
     saw no orientation. A rotation (or reflection) times voxel sizes is now in both; a sheared affine, which a

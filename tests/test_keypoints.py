@@ -544,3 +544,46 @@ def test_the_detector_computes_in_the_images_dtype_when_it_is_float32_or_wider()
     k32 = foerstner_keypoints(torch.from_numpy(vol), spacing, None, cfg)
     assert k64.scores.dtype == torch.float32 and k64.voxels.shape[0] > 20
     assert {tuple(v) for v in k64.voxels.tolist()} == {tuple(v) for v in k32.voxels.tolist()}
+
+
+def test_a_failed_write_keeps_the_earlier_points_and_their_configuration(tmp_path, monkeypatch):
+    """The points file, its configuration and the saved mask are one set: when the configuration cannot be
+    written, the earlier run's points stay (they were replaced, beside a configuration of the earlier run)."""
+    import cyclereg.keypoints.api as kp_api
+
+    ct_path = save_nifti(tmp_path / "ct.nii.gz", texture((24, 24, 24), seed=4))
+    out = tmp_path / "kp.csv"
+    assert _run(ct_path, "-o", out, "--device", "cpu").exit_code == 0
+    assert len(read_points(out)) == 7
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = kp_api.write_json
+
+    def disk_full(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(kp_api, "write_json", disk_full)
+    res = _run(ct_path, "-o", out, "--max-points", "3", "--device", "cpu")  # of the 7 the first run found
+    monkeypatch.setattr(kp_api, "write_json", real)
+    assert res.exit_code != 0 and "No space left on device" in res.output and str(config_path_for(out)) in res.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_interrupted_pairs_run_leaves_no_part_of_its_dataset(tmp_path, monkeypatch):
+    """keypoints --pairs writes its keypoint files, landmarks and dataset.json as one set: interrupted while
+    writing them (here: at the second keypoint file), nothing of it is left, not even the folder."""
+    import cyclereg.keypoints.api as kp_api
+
+    csv = _scan_pairs(tmp_path)
+    real, calls = kp_api.atomic_write_text, []
+
+    def interrupted(path, text):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(kp_api, "atomic_write_text", interrupted)
+    res = _run("--pairs", csv, "-o", tmp_path / "ds", "--device", "cpu")
+    assert res.exit_code == 130 and len(calls) == 2, res.output
+    assert not (tmp_path / "ds").exists()
+

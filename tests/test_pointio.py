@@ -400,3 +400,69 @@ def test_ply_layouts(tmp_path):
     (tmp_path / "neg.pcd").write_bytes(pcd.encode() + b"\0")
     with pytest.raises(InputError, match="negative point count"):
         read_points(tmp_path / "neg.pcd")
+
+
+def test_a_set_of_outputs_in_several_folders_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """staged_file_set: files in two folders reach their places together; a file that cannot be moved in
+    takes the ones already moved out again and puts the earlier files back; a failing or interrupted body
+    changes nothing and leaves no folder it made; errors name the output; a folder where an output goes
+    is refused, never moved aside and deleted."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from cyclereg import checkpoint
+    from cyclereg.checkpoint import atomic_write_text, staged_file_set
+    from cyclereg.errors import InputError
+
+    a, b = tmp_path / "one" / "r.json", tmp_path / "two" / "deep" / "e.csv"
+    for body_error in (RuntimeError("the second output failed"), KeyboardInterrupt()):
+        with pytest.raises(type(body_error)):
+            with staged_file_set() as files:
+                atomic_write_text(files(a), "new")
+                atomic_write_text(files(tmp_path / "two" / "x.txt"), "new")  # "two" made before "two/deep"
+                atomic_write_text(files(b), "new")
+                raise body_error
+        assert sorted(os.listdir(tmp_path)) == []
+
+    with staged_file_set() as files:
+        atomic_write_text(files(a), "first")
+        atomic_write_text(files(b), "first")
+    assert (a.read_text(), b.read_text()) == ("first", "first")
+    assert sorted(p.name for p in a.parent.iterdir()) == ["r.json"] and sorted(os.listdir(b.parent)) == ["e.csv"]
+
+    real = os.replace
+
+    def refuse_b(src, dst):  # like a write-protected (immutable) e.csv: it cannot be moved or replaced
+        if b in (Path(src), Path(dst)):
+            raise PermissionError(1, "Operation not permitted", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", refuse_b)
+    with pytest.raises(OSError) as err:
+        with staged_file_set() as files:
+            atomic_write_text(files(a), "second")
+            atomic_write_text(files(b), "second")
+    monkeypatch.undo()
+    assert err.value.filename == str(b)
+    assert (a.read_text(), b.read_text()) == ("first", "first")  # r.json was moved in, and taken out again
+    assert sorted(os.listdir(a.parent)) == ["r.json"] and sorted(os.listdir(b.parent)) == ["e.csv"]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(OSError) as err:
+        with staged_file_set() as files:
+            atomic_write_text(files(b), "third")
+    monkeypatch.undo()
+    assert err.value.filename == str(b) and err.value.errno == 28 and b.read_text() == "first"
+
+    a.unlink()
+    (a / "keep").mkdir(parents=True)  # a folder of the user's where the report goes
+    with pytest.raises(InputError, match="is a folder; an output file is needed here") as err:
+        with staged_file_set() as files:
+            atomic_write_text(files(a), "fourth")
+            atomic_write_text(files(b), "fourth")
+    assert str(a) in str(err.value) and (a / "keep").is_dir() and b.read_text() == "first"

@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from cyclereg.checkpoint import (atomic_write_text, file_sha256, load_checkpoint, refuse_replacing_inputs,
-                                 stale_outputs, data_fingerprint, save_checkpoint, staged_outputs, training_data,
-                                 training_record, write_json)
+from cyclereg.checkpoint import (atomic_write_text, data_fingerprint, file_sha256, load_checkpoint,
+                                 refuse_replacing_inputs, save_checkpoint, stale_outputs, staged_file_set,
+                                 staged_outputs, training_data, training_record, write_json)
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
@@ -225,24 +225,24 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         training = {}  # the members' training configurations, where their folders record them
         for r in records:
             training.update(r)
-        output.mkdir(parents=True, exist_ok=True)
-        for fold, (config, state, members, seen) in written.items():
-            save_checkpoint(output / f"fold{fold}.pt", kind=CHECKPOINT_KIND, config=config, state_dict=state,
-                            extra={"members": members, **({"training": seen} if seen else {})})
         config = written[folds[0]][0]
-        write_json(output / "ensemble.json", {"command": "ensemble", "sources": [str(s) for s in sources],
-                                              "overrides": changes, "config": config,
-                                              "members": {f"fold{k}": v[2] for k, v in written.items()},
-                                              "training": training})
+        with staged_file_set() as files:  # the fold checkpoints and ensemble.json: a set
+            for fold, (cfg, state, members, seen) in written.items():
+                save_checkpoint(files(output / f"fold{fold}.pt"), kind=CHECKPOINT_KIND, config=cfg, state_dict=state,
+                                extra={"members": members, **({"training": seen} if seen else {})})
+            write_json(files(output / "ensemble.json"), {
+                "command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes, "config": config,
+                "members": {f"fold{k}": v[2] for k, v in written.items()}, "training": training})
         note = (f"; fold(s) {', '.join(map(str, absent))} of the {len(known[0][1])} its members' runs define: no "
                 "source has a checkpoint, none written") if absent else ""
         return (f"wrote {len(folds)} ensemble checkpoints of {config.ensemble_size} networks each "
                 f"({', '.join(f'fold{k}.pt' for k in folds)}) and ensemble.json to {output}{note}")
     config, state, members, seen = written[None]
-    save_checkpoint(output, kind=CHECKPOINT_KIND, config=config, state_dict=state,
-                    extra={"members": members, **({"training": seen} if seen else {})})
-    write_json(record, {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
-                        "config": config, "members": members, "training": seen})
+    with staged_file_set() as files:  # the checkpoint and its record: a set
+        save_checkpoint(files(output), kind=CHECKPOINT_KIND, config=config, state_dict=state,
+                        extra={"members": members, **({"training": seen} if seen else {})})
+        write_json(files(record), {"command": "ensemble", "sources": [str(s) for s in sources], "overrides": changes,
+                                   "config": config, "members": members, "training": seen})
     said = (f"it records the {count(len(seen['pairs']), 'pair')} of {seen['dataset']} its members trained on, "
             "and evaluate names any of them it scores" if seen else
             "not every member records its training pairs: make sure no member trained on a pair you will "
@@ -820,13 +820,14 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     scored = "landmarks, SDlogJ of the dense TPS field" if smoothness and not identity else "landmarks"
     console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column time), scoring "
                   f"{result['mean_scoring_seconds']:.1f} s ({scored})", soft_wrap=True)
-    write_json(report, result)
-    if errors_csv is not None:
-        if "member_spread" not in result:
-            del rows["spread_mm"]
-        lines = [",".join(rows)] + [",".join([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)])
-                                    for pid, fold, i, *values in zip(*rows.values())]
-        atomic_write_text(errors_csv, "\n".join(lines) + "\n")
+    with staged_file_set() as files:  # the report and its per-landmark errors: a set
+        write_json(files(report), result)
+        if errors_csv is not None:
+            if "member_spread" not in result:
+                del rows["spread_mm"]
+            lines = [",".join(rows)] + [",".join([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)])
+                                        for pid, fold, i, *values in zip(*rows.values())]
+            atomic_write_text(files(errors_csv), "\n".join(lines) + "\n")
     return result
 
 
@@ -1080,14 +1081,14 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
                   f"(median {result['error_after_mm']['p50']:.2f} mm) in {seconds:.1f} s")
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_points(out / "fixed.csv", pair.fixed_mm)
-        write_points(out / "moving.csv", pair.moving_mm)
         d, t = reg.displacements_mm.cpu(), pair.displacement_mm
-        atomic_write_text(out / "displacements.csv", format_csv(
-            {"x_mm": pair.fixed_mm[:, 0], "y_mm": pair.fixed_mm[:, 1], "z_mm": pair.fixed_mm[:, 2],
-             "dx_mm": d[:, 0], "dy_mm": d[:, 1], "dz_mm": d[:, 2],
-             "true_dx_mm": t[:, 0], "true_dy_mm": t[:, 1], "true_dz_mm": t[:, 2]}))
-        write_json(out / "report.json", result)
+        with staged_file_set() as files:  # the four files: a set
+            write_points(files(out / "fixed.csv"), pair.fixed_mm)
+            write_points(files(out / "moving.csv"), pair.moving_mm)
+            atomic_write_text(files(out / "displacements.csv"), format_csv(
+                {"x_mm": pair.fixed_mm[:, 0], "y_mm": pair.fixed_mm[:, 1], "z_mm": pair.fixed_mm[:, 2],
+                 "dx_mm": d[:, 0], "dy_mm": d[:, 1], "dz_mm": d[:, 2],
+                 "true_dx_mm": t[:, 0], "true_dy_mm": t[:, 1], "true_dz_mm": t[:, 2]}))
+            write_json(files(out / "report.json"), result)
         console.print(f"wrote fixed.csv, moving.csv, displacements.csv, report.json to {escape(str(out))}")
     return result

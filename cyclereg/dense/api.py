@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from cyclereg.checkpoint import (data_fingerprint, file_sha256, load_checkpoint, refuse_replacing_inputs,
-                                 stale_outputs, save_checkpoint, staged_outputs, to_jsonable, training_data,
-                                 write_json)
+                                 stale_outputs, save_checkpoint, staged_file_set, staged_outputs, to_jsonable,
+                                 training_data, write_json)
 from cyclereg.console import count, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
@@ -533,13 +533,14 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             progress.update(task, advance=1, description=f"{p.id}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
 
     result = build_result(True)
-    write_json(report, result)
+    with staged_file_set() as files:  # the report and its figures: a set
+        write_json(files(report), result)
+        if figures and records:
+            dice_cdf, overlay_png = figure_paths(report)
+            _plot_dice_cdf(files(dice_cdf), records, info)
+            if overlay is not None:
+                _plot_overlay(files(overlay_png), *overlay)
     unfinished.unlink(missing_ok=True)
-    if figures and records:
-        dice_cdf, overlay_png = figure_paths(report)
-        _plot_dice_cdf(dice_cdf, records, info)
-        if overlay is not None:
-            _plot_overlay(overlay_png, *overlay)
 
     print_table(console, _dice_table(f"{ds.name}: {count(len(records), 'pair')} ({info.get('model')})", result))
     if result["mean_scoring_seconds"] is not None:

@@ -41,7 +41,7 @@ import torch
 from rich.markup import escape
 from rich.progress import Progress
 
-from cyclereg.checkpoint import atomic_write_text, write_json
+from cyclereg.checkpoint import atomic_write_text, staged_file_set, write_json
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_pair_ids
 from cyclereg.errors import (InputError, require_file, require_output_dir, require_output_file, require_separate_output,
@@ -276,12 +276,13 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
                               lung_config=lung_config, device=dev, verbose=verbose, mask_source=mask)
     timings = {**steps.timings, **result.timings_s}
 
-    with steps("write"):
+    with steps("write"), staged_file_set() as files:  # the points, their configuration and the mask: a set
         if save_mask is not None:
-            write_nifti(save_mask, result.mask.astype(np.uint8), volume.affine)
-        write_points(output, result.points_mm, fmt=fmt, affine=volume.affine)  # l2r: back to this scan's indices
+            write_nifti(files(save_mask), result.mask.astype(np.uint8), volume.affine)
+        # l2r: back to this scan's indices
+        write_points(files(output), result.points_mm, fmt=fmt, affine=volume.affine)
         timings["total"] = round(time.perf_counter() - t0, 3)
-        write_json(config_path_for(output), {
+        write_json(files(config_path_for(output)), {
             **provenance(dev),
             "command": "keypoints",
             "ct": str(ct),
@@ -441,18 +442,17 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     if folds is not None:
         bounds = [round(k * len(pairs) / folds) for k in range(folds + 1)]
         obj["folds"] = [[q.id for q in pairs[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
-    (out / "keypoints").mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        atomic_write_text(out / "keypoints" / name, text)
-    if voxel_landmarks:
-        (out / "landmarks").mkdir(exist_ok=True)
-    for name, (_, text) in voxel_landmarks.items():
-        atomic_write_text(out / name, text)
-    write_json(config_path_for(dataset_json), {
+    record = {
         **provenance(dev), "command": "keypoints --pairs", "pairs_csv": str(pairs_csv),
         "lung_mask": lung_mask, "device": str(dev), "foerstner": keypoints,
         "lung_mask_config": LungMaskConfig() if lung_mask else None, "num_keypoints": counts, "scans": grids,
         "landmarks_from_voxel_indices": {name: str(src) for name, (src, _) in voxel_landmarks.items()},
-        "seconds": round(time.perf_counter() - t0, 3)})
-    write_json(dataset_json, obj)
+        "seconds": round(time.perf_counter() - t0, 3)}
+    with staged_file_set() as files:  # every file of the dataset, or none (an interruption leaves no half)
+        for name, text in texts.items():
+            atomic_write_text(files(out / "keypoints" / name), text)
+        for name, (_, text) in voxel_landmarks.items():
+            atomic_write_text(files(out / name), text)
+        write_json(files(config_path_for(dataset_json)), record)
+        write_json(files(dataset_json), obj)
     return dataset_json
