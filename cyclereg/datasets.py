@@ -8,6 +8,7 @@ Only :func:`dataset_kind` and the keypoint loader live here; the volume loader i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def dataset_kind(path: str | Path) -> str:
         return "keypoints"
     if learn2reg:
         return "volumes"
+    if isinstance(pairs, list) and not pairs:
+        raise InputError("'pairs' is empty: a keypoint dataset needs at least one pair", path)
     raise InputError("unknown dataset layout: expected 'pairs' with keypoints, or Learn2Reg 'training'/'registration_val'", path)
 
 
@@ -147,6 +150,12 @@ def select_folds(ds: "KeypointDataset", fold: str | int | None, flag: str = "--f
     return [k]
 
 
+MAX_VOLUME_VOXELS = 2**31
+"""Most voxels a keypoint dataset's ``volume_shape_zyx`` may hold (a 1290^3 grid; CT scans have about
+10^8): scoring evaluates a dense field (3 x 4 bytes per voxel) on it, and torch's index arithmetic
+overflows on absurd grids."""
+
+
 def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     """Parse a keypoint dataset JSON; paths are resolved relative to the JSON file."""
     p = Path(path)
@@ -188,6 +197,9 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
             held[i] = k
         folds.append(tuple(str(v) for v in test))
     shape = _positive_triple(obj.get("volume_shape_zyx"), "volume_shape_zyx", p, whole=True)
+    if shape is not None and math.prod(int(v) for v in shape) > MAX_VOLUME_VOXELS:
+        raise InputError(f"volume_shape_zyx {shape}: {math.prod(int(v) for v in shape)} voxels, more than "
+                         f"{MAX_VOLUME_VOXELS} (2^31); its dense fields could not be made", p)
     spacing = _positive_triple(obj.get("spacing_zyx_mm"), "spacing_zyx_mm", p)
     if (shape is None) != (spacing is None):
         raise InputError("volume_shape_zyx and spacing_zyx_mm go together (the volume box): give both or neither", p)

@@ -182,6 +182,20 @@ def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     return value
 
 
+MAX_SEED = 2**32 - 1
+"""Largest seed a command takes (numpy's range): torch's generators reduce larger ones modulo 2^63, so
+two seeds would give the same draws, and training derives its stages' seeds from the run's by
+multiplication, which must stay within 64 bits."""
+
+
+def require_seed(seed: int | None, flag: str = "--seed") -> int | None:
+    """Return ``seed`` (``None`` = not given), raising :class:`InputError` naming ``flag`` unless it is a
+    whole number from 0 to :data:`MAX_SEED`."""
+    if seed is not None and (not whole_number(seed) or not 0 <= seed <= MAX_SEED):
+        raise InputError(f"{flag} {seed!r}: need a whole number from 0 to {MAX_SEED}")
+    return seed
+
+
 def require_switches(switches: dict[str, object]) -> None:
     """:class:`InputError` naming the first of ``switches`` (flag text -> value; ``None`` = not given) whose
     value is not ``True`` or ``False``: a library caller's ``adam="no"`` would otherwise count as on."""

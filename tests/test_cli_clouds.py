@@ -1174,6 +1174,7 @@ def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"name": "x", "items": []}', "unknown dataset layout"),
+    ('{"name": "x", "pairs": []}', "'pairs' is empty: a keypoint dataset needs at least one pair"),
     ('{"pairs": [{"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}', "pair 0 needs id"),
     # the first pair without fixed_keypoints was "unknown dataset layout", not the key it lacks
     ('{"pairs": [{"id": "a", "moving_keypoints": "m.csv"}]}', "pair 0 needs id, fixed_keypoints"),

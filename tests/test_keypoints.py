@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -587,3 +588,20 @@ def test_an_interrupted_pairs_run_leaves_no_part_of_its_dataset(tmp_path, monkey
     assert res.exit_code == 130 and len(calls) == 2, res.output
     assert not (tmp_path / "ds").exists()
 
+
+def test_a_huge_sigma_is_refused_and_a_huge_nms_radius_acts_as_the_whole_volume(tmp_path):
+    """--sigma 1e9 built a Gaussian kernel of 6e9 taps (killed for memory, or a traceback): now one line
+    naming the scan. --nms-radius 1e9 asked for a pooling window of terabytes: a box wider than the volume
+    suppresses exactly as one as wide, so it gives the keypoints of a radius of the volume's size."""
+    vol = texture((24, 24, 24), seed=4)
+    ct_path = save_nifti(tmp_path / "ct.nii.gz", vol)
+    res = _run(ct_path, "-o", tmp_path / "k.csv", "--sigma", "1e9", "--device", "cpu")
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "--sigma 1e+09 mm) is too large for this volume" in said, res.output
+    assert str(ct_path) in said and not (tmp_path / "k.csv").exists()
+    with pytest.raises(ValueError, match="too large for this volume: 3 sigma is 24 voxels along axis 2, which has 24"):
+        foerstner_keypoints(torch.from_numpy(vol), (1.0, 1.0, 0.5), None, FoerstnerConfig(sigma_mm=4.0))
+    cfg = FoerstnerConfig(threshold=0.0, max_points=None, mask_erosion_voxels=0)  # every voxel may be a keypoint
+    huge = foerstner_keypoints(torch.from_numpy(vol), (1.0, 1.0, 1.0), None, replace(cfg, nms_radius_mm=1e9))
+    wide = foerstner_keypoints(torch.from_numpy(vol), (1.0, 1.0, 1.0), None, replace(cfg, nms_radius_mm=24.0))
+    assert torch.equal(huge.voxels, wide.voxels) and huge.voxels.shape[0] == 1

@@ -321,6 +321,8 @@ def test_require_count_names_flag_and_bound():
     ({"volume_shape_zyx": [192, 192, 208], "spacing_zyx_mm": [1, 0, 1]}, "spacing_zyx_mm: expected three positive finite"),
     ({"volume_shape_zyx": [192, 192, 208], "spacing_zyx_mm": [float("inf"), 1, 1]}, "spacing_zyx_mm: expected three"),
     ({"volume_shape_zyx": [192, 192, 208]}, "go together"),
+    # 10^21 voxels passed, then torch's index arithmetic overflowed in scoring (a traceback)
+    ({"volume_shape_zyx": [10**7, 10**7, 10**7], "spacing_zyx_mm": [1, 1, 1]}, "voxels, more than 2147483648 (2^31)"),
 ])
 def test_keypoint_dataset_json_is_validated(tmp_path, change, message):
     pairs = [{"id": i, "fixed_keypoints": f"{i}f.csv", "moving_keypoints": f"{i}m.csv"} for i in ("a", "b")]

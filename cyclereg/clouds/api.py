@@ -21,7 +21,7 @@ from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import (InputError, refuse_empty_paths, require_count, require_finite_result, require_output_dir,
-                             require_output_file, same_path)
+                             require_output_file, require_seed, same_path)
 from cyclereg.frames import UnitBox, inside_grid, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
@@ -1059,7 +1059,7 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     from cyclereg.clouds.synthetic import make_breathing_pair
     from cyclereg.pointio import write_points
 
-    require_count("--seed", seed, 0)
+    require_seed(seed)
     if out_dir is not None:
         require_output_dir(out_dir)
     console = Console()

@@ -363,13 +363,20 @@ def foerstner_keypoints(img: torch.Tensor, spacing_mm, mask: torch.Tensor | None
                              f"{config.mask_erosion_voxels + 1} or more voxels inside its border")
         raise ValueError("the mask is empty (after erosion)")
 
+    for axis, (sigma_vox, n) in enumerate(zip(config.sigma_voxels(spacing_mm), img.shape)):
+        if _gauss_radius(sigma_vox) >= n:  # refused before a kernel of that size is made (1e9 mm: 24 GB)
+            raise ValueError(f"the Gaussian scale (--sigma {config.sigma_mm:g} mm) is too large for this volume: "
+                             f"{GAUSSIAN_TRUNCATE:g} sigma is {_gauss_radius(sigma_vox)} voxels along axis {axis}, "
+                             f"which has {n}")
     # Work on the bounding box of the mask plus everything a decision inside it looks at.
     box = _bbox(mask, config.support_voxels(spacing_mm))
     offset = torch.tensor([s.start for s in box], dtype=torch.int64)
     sub_mask = mask[box]
     dist = distinctiveness(img[box], spacing_mm, config.sigma_mm)
 
-    radius = config.nms_radius_voxels(spacing_mm)
+    # a box wider than the volume suppresses as much as one as wide: the same keypoints, without the
+    # memory of a pooling window of the given size (--nms-radius 1e9 asked for terabytes)
+    radius = tuple(min(r, n - 1) for r, n in zip(config.nms_radius_voxels(spacing_mm), dist.shape))
     inside = dist[sub_mask]
     reference = float(torch.quantile(_subsample(inside), config.reference_quantile)) if inside.numel() else 0.0
     cand = local_maxima(dist, radius) & sub_mask & (dist > 0) & (dist >= config.threshold * reference)

@@ -37,7 +37,7 @@ from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_data
 from cyclereg.device import resolve_device
 from cyclereg import errors
 from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, require_count, require_output_dir,
-                             require_switches, whole_number)
+                             require_seed, require_switches, whole_number)
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
 from cyclereg.training.dense import DenseCycleConfig
@@ -494,7 +494,7 @@ def _seed(seed: int | None, stored) -> int:
     """The seed of ``pretrain-random``: the given one, else the existing run's (``stored``: its
     configuration), else 0."""
     if seed is not None:
-        return int(require_count("--seed", seed, 0))
+        return int(require_seed(seed))
     return int(stored.seed) if stored is not None else 0
 
 
