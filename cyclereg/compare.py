@@ -101,14 +101,24 @@ def _label_id(label: str, report: dict, path: Path) -> tuple[str, str | None]:
     return found[0], names[found[0]]
 
 
-def _value(record: dict, metric: Metric) -> float | None:
+LEFT_OUT_SHOWN = 5
+"""How many ids of the pairs a comparison leaves out its note lists (all are in the JSON's ``left_out``)."""
+
+
+def _value(record: dict, metric: Metric, path: Path | None = None) -> float | None:
+    """The metric's value in a pair's ``record``; ``None`` where the report has none (absent, ``null``: not
+    computed, or not finite). A value that is no number at all (text, a list) is a damaged report:
+    :class:`InputError` naming ``path`` and the pair."""
     value = record
     for key in metric.field:
         if not isinstance(value, dict) or key not in value:
             return None
         value = value[key]
-    if not finite_number(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
+    if not finite_number(value):
+        raise InputError(f"pair {record.get('id')!r}: {'.'.join(map(str, metric.field))} is {value!r}, not a number "
+                         "(a damaged report?)", path)
     return float(value)
 
 
@@ -213,7 +223,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
         name_shown = f"{name} of label {label_id}" + (f" ({label_name})" if label_name else "")
     else:
         name_shown = name
-    if not any(_value(r, m) is not None for r in base_pairs.values()):
+    if not any(_value(r, m, base_path) is not None for r in base_pairs.values()):
         raise InputError(f"the report has no {name_shown} values", base_path)
     for i, p in enumerate(paths[1:], start=1):
         twin = next((q for q in paths[:i] if same_path(p, q)), None)
@@ -234,11 +244,15 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
                        "only in this report); the comparison uses the shared ones", quiet=quiet)
         if report.get("complete") is False:
             print_note(f"{p} is an unfinished evaluation (complete: false)", quiet=quiet)
-        values = [(pid, _value(base_pairs[pid], m), _value(pairs[pid], m)) for pid in common]
+        values = [(pid, _value(base_pairs[pid], m, base_path), _value(pairs[pid], m, p)) for pid in common]
         kept = [(pid, b, o) for pid, b, o in values if b is not None and o is not None]
         left_out = [pid for pid, b, o in values if b is None or o is None]
         if not kept:
             raise InputError(f"has no {name_shown} value for any pair it shares with the base {base_path}", p)
+        if left_out:
+            shown = ", ".join(map(str, left_out[:LEFT_OUT_SHOWN])) + (", ..." if len(left_out) > LEFT_OUT_SHOWN else "")
+            print_note(f"{p}: {count(len(left_out), 'shared pair')} left out, without a {name_shown} value in this "
+                       f"report or the base ({shown}); the comparison uses {count(len(kept), 'pair')}", quiet=quiet)
         stats = paired_statistics([b for _, b, _ in kept], [o for _, _, o in kept], lower_is_better=m.lower_is_better)
         comparisons.append({"report": str(p), "method": report.get("method"), **stats, "left_out": left_out,
                             "pairs": [{"id": pid, "base": b, "other": o} for pid, b, o in kept]})

@@ -116,6 +116,25 @@ def test_reports_match_pairs_by_id_and_leave_out_missing_values(tmp_path):
     assert json.loads(out.read_text())["comparisons"][0]["n"] == 2
 
 
+def test_left_out_pairs_are_said_and_a_value_that_is_no_number_is_a_damaged_report(tmp_path):
+    """A pair without a value (null) was left out without a word (only the JSON's left_out had it): now a note
+    names it; a value that is text ("abc") was left out too, as if it were missing: now refused, naming the
+    report and the pair."""
+    a = keypoint_report(tmp_path / "a.json", {"c1": 2.0, "c2": 3.0, "c3": 4.0})
+    b = keypoint_report(tmp_path / "b.json", {"c1": 1.0, "c2": 2.0, "c3": 5.0})
+    obj = json.loads(b.read_text())
+    obj["cases"][2]["tre_after_mm"]["mean"] = None
+    b.write_text(json.dumps(obj))
+    res = runner.invoke(app, ["compare", str(a), str(b)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "1 shared pair left out, without a tre value in this report or the base (c3)" in said
+    obj["cases"][1]["tre_after_mm"]["mean"] = "abc"
+    b.write_text(json.dumps(obj))
+    res = runner.invoke(app, ["compare", str(a), str(b)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and str(b) in said and "pair 'c2': tre_after_mm.mean is 'abc', not a number" in said
+
+
 def test_cli_compare_writes_the_comparison(tmp_path):
     a = keypoint_report(tmp_path / "a.json", {f"c{i}": 10.0 for i in range(4)})
     b = keypoint_report(tmp_path / "b.json", {f"c{i}": 9.0 - i for i in range(4)})
