@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_file,
+from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_count, require_file,
                              require_seed, require_separate_output, require_switches)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
@@ -291,6 +291,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     if model != "random":
         refuse_options({"--seed": seed}, SEED_SCOPE)
     seed = 0 if seed is None else require_seed(seed)
+    require_count("--stage", stage, 0)
     require_inputs(dataset)
     checkpoint = None if model in (None, "random") else model
     if checkpoint is not None:

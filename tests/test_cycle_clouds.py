@@ -156,6 +156,9 @@ def test_checkpoints_name_their_training_pairs_to_evaluate_and_ensemble(tmp_path
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "0", "--device", "cpu",
                               "--json", str(tmp_path / "s0.json")])
     assert res.exit_code == 2 and "stage 0 trains no network" in " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "-1", "--device", "cpu",
+                              "--json", str(tmp_path / "s-1.json")])  # it said "expected fold1/stage-1.pt"
+    assert res.exit_code == 2 and "--stage -1: need 0 or more" in res.output, res.output
     res = runner.invoke(app, ["evaluate", str(ds), "--run", str(run), "--stage", "5", "--device", "cpu",
                               "--json", str(tmp_path / "s5.json")])
     assert res.exit_code == 2 and "this fold has the checkpoints of stage(s) 1, 2" in " ".join(res.output.split())
