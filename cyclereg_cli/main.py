@@ -11,32 +11,69 @@ from __future__ import annotations
 import functools
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from cyclereg.api import require_inputs, require_run_dir
 from cyclereg.errors import InputError, ResultError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
 
 
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+"""click's usage error (typer >= 0.22 carries its own copy of click, older versions use click's)."""
+
+
+def _usage_error(exc: Exception) -> NoReturn:
+    """A usage error (an option value of the wrong type, an unknown option or command, a missing argument)
+    as one line on stderr, exit 2, like every other error; click's framed box with the usage took six.
+    The help shown for a command given without arguments (click's ``NoArgsIsHelpError``) stays as it is."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        raise exc
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "cyclereg"
+    typer.echo(f"cyclereg: error: {exc.format_message()} (see '{path} --help')", err=True)
+    raise typer.Exit(2)
+
+
 class _Command(TyperCommand):
     """Every command: an empty value (``-o ""``, ``--json=``, an empty argument; typically an unset
     shell variable) is a usage error naming the option, before any work. Otherwise it would become
-    the path ``.``: ``register -o "$OUT"`` with ``OUT`` unset would write into the current folder."""
+    the path ``.``: ``register -o "$OUT"`` with ``OUT`` unset would write into the current folder.
+    Usage errors are one line (:func:`_usage_error`)."""
 
     def parse_args(self, ctx, args):
-        values, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the raw strings, per parameter
-        for param in self.params:
-            given = values.get(param.name)
-            if "" in (given if isinstance(given, (list, tuple)) else [given]):
-                raise typer.BadParameter("an empty value (an unset shell variable?); write '.' to mean the current "
-                                         "folder", ctx=ctx, param=param)
-        return super().parse_args(ctx, args)
+        try:
+            values, _, _ = self.make_parser(ctx).parse_args(args=list(args))  # the raw strings, per parameter
+            for param in self.params:
+                given = values.get(param.name)
+                if "" in (given if isinstance(given, (list, tuple)) else [given]):
+                    raise typer.BadParameter("an empty value (an unset shell variable?); write '.' to mean the "
+                                             "current folder", ctx=ctx, param=param)
+            return super().parse_args(ctx, args)
+        except UsageError as exc:
+            _usage_error(exc)
+
+
+class _Group(TyperGroup):
+    """The ``cyclereg`` group: an unknown command or group option is one line too (:func:`_usage_error`)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:
+            _usage_error(exc)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            _usage_error(exc)
 
 
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

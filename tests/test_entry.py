@@ -66,3 +66,32 @@ def test_sigterm_exits_once_and_then_ignores_repeats():
         signal.raise_signal(signal.SIGTERM)  # ignored: no second SystemExit
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["register", "f.csv", "m.csv", "-o", "o", "--warps", "abc"], "Invalid value for '--warps'"),
+    (["register"], "Missing argument 'fixed'"),
+    (["register", "f.csv", "m.csv", "-o", "o", "extra"], "unexpected extra argument"),
+    (["register", "f.csv", "m.csv", "-o", "o", "--nope"], "No such option: --nope"),
+    (["evaluate", "d.json", "--json", ""], "Invalid value for '--json': an empty value"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_usage_errors_are_one_line_and_exit_2(monkeypatch, capsys, args, said):
+    """A value of the wrong type, an unknown option or command, a missing or extra argument: one line on
+    stderr naming the problem and where the options are listed, exit 2, like every other error (click's
+    framed box with the usage took five or six lines)."""
+    monkeypatch.setattr(sys, "argv", ["cyclereg", *args])
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    command = "cyclereg" if args[0].startswith("-") or args[0] == "frobnicate" else f"cyclereg {args[0]}"
+    assert err.startswith("cyclereg: error: ") and said in err and f"(see '{command} --help')" in err
+
+
+def test_a_command_without_arguments_still_shows_its_help(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cyclereg"])
+    with pytest.raises(SystemExit):
+        entry.main()
+    assert "Usage: cyclereg" in capsys.readouterr().out
