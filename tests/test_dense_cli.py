@@ -821,6 +821,22 @@ def test_register_refuses_replacing_an_input_before_registering(tiny, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "warped.nii.gz"]
 
 
+def test_an_evaluation_stopped_by_a_bad_file_says_one_line_in_a_log(tiny, tmp_path):
+    """Where the output is no terminal (a log file, a pipe), the progress bar's last frame ("checking inputs
+    ...") was printed before the error line; the log gets the error alone."""
+    import shutil
+
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.copytree(tiny / sub, tmp_path / sub)
+    img, _ = _blob_image((0, 0, 0), seed=0)
+    _save(tmp_path / "labelsTr" / "Tiny_0002_0000.nii.gz", np.zeros(tuple(n + 2 for n in img.shape), np.uint8))
+    shutil.copy(tiny / "Tiny_dataset.json", tmp_path / "Tiny_dataset.json")
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "Tiny_dataset.json"), "--identity", "--json",
+                              str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "moving label map has shape" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+
+
 def test_evaluate_writes_its_report_and_figures_as_a_set(tiny, tmp_path, monkeypatch):
     """A figure that cannot be written leaves the earlier report and figures as they were (the report was
     replaced beside the earlier run's figures); the unfinished report stays for --resume."""

@@ -474,7 +474,8 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         return fv, mv, fl, ml
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                  disable=not console.is_terminal) as progress:  # a log gets the lines per pair, not a bar's last frame
         # every scan and label map is read and checked before the first registration, so that a bad
         # file stops the command before it has written anything
         checking = progress.add_task("checking inputs", total=len(pairs))
