@@ -331,6 +331,8 @@ def test_cli_pairs_builds_a_keypoint_dataset(tmp_path):
     ("id,fixed,moving\na,../s0.nii.gz,../lm_f.csv\n", "lm_f.csv"),  # not a NIfTI
     ("id,fixed,moving\n", "no pairs in the pairs CSV"),
     ("id,fixed,moving\n../x,../s0.nii.gz,../s1.nii.gz\n", "id '../x' may hold only"),
+    # a field more than the header has was dropped without a word (point CSVs refuse the same)
+    ("id,fixed,moving\na,../s0.nii.gz,../s1.nii.gz,../s2.nii.gz\n", "line 2: 4 fields under a header of 3 columns"),
 ])
 def test_cli_pairs_errors_write_nothing(tmp_path, rows, message):
     csv = _scan_pairs(tmp_path)

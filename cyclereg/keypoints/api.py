@@ -348,6 +348,9 @@ def read_pairs_csv(path: str | Path) -> list[ScanPair]:
         raise InputError(f"pairs CSV needs the columns {', '.join(PAIRS_COLUMNS)} (missing: {', '.join(missing)})", p)
     pairs: list[ScanPair] = []
     for n, row in enumerate(rows, start=2):
+        if row.get(None):  # more fields than the header names (csv keeps them under None)
+            raise InputError(f"line {n}: {len(header) + len(row[None])} fields under a header of {len(header)} "
+                             f"columns ({', '.join(header)})", p)
         cells = {k: (v or "").strip() for k, v in row.items() if k is not None}
         if not all(cells.get(c) for c in PAIRS_COLUMNS):
             raise InputError(f"line {n}: id, fixed and moving must not be empty", p)
