@@ -729,6 +729,22 @@ def test_evaluate_writes_every_landmark_error(tmp_path):
     assert res.exit_code == 2 and "--warps is an option for volume datasets" in res.output and not (tmp_path / "x.json").exists()
 
 
+def test_the_errors_csv_holds_each_landmarks_error_after_registration(tmp_path):
+    """With a registration (not the identity, where before equals after) the after_mm column averages to
+    each case's TRE after, and differs from before_mm (a mutant wrote the before errors twice)."""
+    ds = _mini_dataset(tmp_path)
+    res = runner.invoke(app, ["evaluate", str(ds), "--model", "random", "--device", "cpu",
+                              "--json", str(tmp_path / "r.json"), "--errors-csv", str(tmp_path / "e.csv")])
+    assert res.exit_code == 0, res.output
+    rows = [line.split(",") for line in (tmp_path / "e.csv").read_text().splitlines()[1:]]
+    report = json.loads((tmp_path / "r.json").read_text())
+    for case in report["cases"]:
+        mine = [r for r in rows if r[0] == case["id"]]
+        assert np.mean([float(r[4]) for r in mine]) == pytest.approx(case["tre_after_mm"]["mean"], abs=1e-3)
+        assert np.mean([float(r[3]) for r in mine]) == pytest.approx(case["tre_before_mm"]["mean"], abs=1e-3)
+    assert any(abs(float(r[3]) - float(r[4])) > 0.1 for r in rows)
+
+
 def test_evaluate_writes_its_report_and_errors_csv_as_a_set(tmp_path, monkeypatch):
     """An errors CSV that cannot be written leaves the earlier report and CSV as they were (the report was
     replaced beside the earlier run's errors)."""

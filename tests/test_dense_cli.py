@@ -1067,3 +1067,49 @@ def test_one_grid_means_affine_entries_within_the_tolerance_in_mm_whatever_the_o
             b = a.copy()
             b[0, 3] += gap
             assert same_grid(Volume(data, a), Volume(data, b)) is same, (origin, gap)
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation (I/O round)
+def test_pair_scores_measure_before_and_after_in_mm():
+    """A cube [3, 7)^3 in 12^3 moved 3 voxels along i at spacing (2, 1, 1): before, Dice 1/4 and HD95 6 mm
+    (3 voxels of 2 mm); a perfect warp gives Dice 1 and HD95 0 (the initial HD95 was taken from the warped
+    labels by a mutant and was 0 too)."""
+    from cyclereg.dense.api import pair_scores
+
+    fixed = torch.zeros(12, 12, 12, dtype=torch.int64)
+    fixed[3:7, 3:7, 3:7] = 1
+    moving = torch.roll(fixed, 3, dims=0)
+    s = pair_scores(fixed, moving, fixed.clone(), torch.zeros(1, 3, 12, 12, 12), (2.0, 1.0, 1.0))
+    assert s["initial_dice"] == pytest.approx(0.25) and s["dice"] == 1.0
+    assert s["initial_hd95_mm"] == pytest.approx(6.0) and s["hd95_mm"] == 0.0
+
+
+def test_a_pair_counts_as_trained_on_only_when_both_its_scans_were(tmp_path):
+    """pairs_of_training_images matches scans by content: with only scan A among the training images, the
+    pairs (A, B) and (B, A) are held out; (A, A') with A' a byte copy of A was trained on."""
+    from types import SimpleNamespace
+
+    from cyclereg.checkpoint import data_fingerprint
+    from cyclereg.dense.api import pairs_of_training_images
+
+    a, b, a2 = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "a2.nii.gz"
+    a.write_bytes(b"scan a")
+    b.write_bytes(b"scan b")
+    a2.write_bytes(b"scan a")
+    record = {"images": {"case_a": data_fingerprint(a)}}
+    pairs = [SimpleNamespace(id=i, fixed=f, moving=m) for i, f, m in (("ab", a, b), ("ba", b, a), ("aa", a, a2))]
+    assert pairs_of_training_images(pairs, record) == ["aa"]
+    assert pairs_of_training_images(pairs, None) == []
+
+
+def test_label_values_at_the_int16_limits_read_back_exactly(tmp_path):
+    """An int64 label map is stored in the narrowest type that holds it: 32767 and -32767 fit int16, 32768
+    and -32768 do not by |value| < 32768 (a `<=` stored 32768 as int16, which read back as -32768)."""
+    from cyclereg.volumeio import write_nifti
+
+    for values in ([0, 32767, -32767], [0, 32768, 1], [0, -32768, 5]):
+        arr = np.zeros((4, 4, 4), dtype=np.int64)
+        arr[0, 0, :3] = values
+        write_nifti(tmp_path / "l.nii.gz", arr, np.eye(4))
+        back = read_nifti(tmp_path / "l.nii.gz", labels=True).data
+        assert back[0, 0, :3].tolist() == values
