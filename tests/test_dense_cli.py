@@ -1113,3 +1113,26 @@ def test_label_values_at_the_int16_limits_read_back_exactly(tmp_path):
         write_nifti(tmp_path / "l.nii.gz", arr, np.eye(4))
         back = read_nifti(tmp_path / "l.nii.gz", labels=True).data
         assert back[0, 0, :3].tolist() == values
+
+
+def test_evaluate_measures_hd95_in_mm_of_the_scans_grid(tmp_path):
+    """Label cubes 3 voxels apart along i on a grid of 2 x 1 x 1 mm: the identity's HD95 is 6 mm before
+    and after (a mutant that scored with 1 mm voxels gave 3; every other test has 1 mm voxels)."""
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    names = []
+    for n, start in enumerate((6, 9), start=1):
+        lab = np.zeros((24, 24, 24), dtype=np.int16)
+        lab[start:start + 8, 8:16, 8:16] = 1
+        name = f"Mm_{n:04d}_0000.nii.gz"
+        _save(tmp_path / "imagesTr" / name, (100.0 * lab + np.arange(24)[:, None, None]).astype(np.float32), affine)
+        _save(tmp_path / "labelsTr" / name, lab, affine)
+        names.append(name)
+    (tmp_path / "d.json").write_text(json.dumps({
+        "name": "mm", "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
+        "registration_val": [{"fixed": f"./imagesTr/{names[0]}", "moving": f"./imagesTr/{names[1]}"}]}))
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "d.json"), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    pair = json.loads((tmp_path / "r.json").read_text())["pairs"][0]
+    assert pair["initial_hd95_mm"] == pytest.approx(6.0) and pair["hd95_mm"] == pytest.approx(6.0)

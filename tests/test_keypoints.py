@@ -607,3 +607,18 @@ def test_a_huge_sigma_is_refused_and_a_huge_nms_radius_acts_as_the_whole_volume(
     huge = foerstner_keypoints(torch.from_numpy(vol), (1.0, 1.0, 1.0), None, replace(cfg, nms_radius_mm=1e9))
     wide = foerstner_keypoints(torch.from_numpy(vol), (1.0, 1.0, 1.0), None, replace(cfg, nms_radius_mm=24.0))
     assert torch.equal(huge.voxels, wide.voxels) and huge.voxels.shape[0] == 1
+
+
+def test_a_mask_of_several_labels_is_every_voxel_above_zero(tmp_path):
+    """A left/right mask labelled 1 and 2 restricts keypoints as the same mask binarised: label 2 counts
+    too (a mutant that took `== 1` dropped the right half silently)."""
+    vol = texture((32, 32, 32), seed=5)
+    ct_path = save_nifti(tmp_path / "ct.nii.gz", vol)
+    labels = np.zeros(vol.shape, dtype=np.uint8)
+    labels[4:28, 4:16, 4:28], labels[4:28, 16:28, 4:28] = 1, 2
+    two = save_nifti(tmp_path / "two.nii.gz", labels)
+    one = save_nifti(tmp_path / "one.nii.gz", (labels > 0).astype(np.uint8))
+    for mask, out in ((two, "k2.csv"), (one, "k1.csv")):
+        assert _run(ct_path, "-o", tmp_path / out, "--mask", mask, "--device", "cpu").exit_code == 0
+    pts = read_points(tmp_path / "k2.csv")
+    assert torch.equal(pts, read_points(tmp_path / "k1.csv")) and (pts[:, 1] >= 16).any()
