@@ -809,6 +809,28 @@ def _random_run(path, seeds_by_fold, **config):
                         state_dict=build_graph_net(cfg.net, seed=seed).state_dict(), extra={"stage": 5})
 
 
+def test_evaluate_run_scores_each_pair_with_its_own_folds_model(tmp_path):
+    """A folder of exported fold models (random networks of seeds 1 and 2, no training record): each pair is
+    scored by the model of the fold the dataset holds it out in, exactly as `--model foldK.pt` scores it,
+    and the report names that file (a mutant that scored every pair with fold 1's survived the suite: only
+    the training-record guard, absent here, noticed it)."""
+    ds = _mini_dataset(tmp_path)
+    _random_run(tmp_path / "m", {1: 1, 2: 2})
+    res = runner.invoke(app, ["evaluate", str(ds), "--run", str(tmp_path / "m"), "--device", "cpu",
+                              "--json", str(tmp_path / "run.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert {k: Path(v["path"]).name for k, v in report["checkpoints"].items()} == {"1": "fold1.pt", "2": "fold2.pt"}
+    by_run = {c["id"]: c["tre_after_mm"]["mean"] for c in report["cases"]}
+    for fold, pid in ((1, "c0"), (2, "c1")):
+        res = runner.invoke(app, ["evaluate", str(ds), "--model", str(tmp_path / "m" / f"fold{fold}.pt"), "--device",
+                                  "cpu", "--folds", str(fold), "--json", str(tmp_path / f"f{fold}.json")])
+        assert res.exit_code == 0, res.output
+        alone = json.loads((tmp_path / f"f{fold}.json").read_text())["cases"]
+        assert [c["id"] for c in alone] == [pid] and alone[0]["tre_after_mm"]["mean"] == by_run[pid]
+    assert by_run["c0"] != by_run["c1"]
+
+
 def test_evaluate_run_refuses_pairs_its_fold_models_did_not_hold_out(tmp_path):
     """A run's fold k model is used for the pairs the *dataset* puts in fold k: with other folds it
     may have trained on them. run.json (or an ensemble's record of its members' runs) says which
