@@ -93,3 +93,17 @@ def assert_same_weights(path_a: str | Path, path_b: str | Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+class LearningRateSpy:
+    """A stage snapshot (``train_stage(..., snapshot=spy)``) that resumes nothing and records the learning
+    rate after every step it is offered, in :attr:`lrs`."""
+
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def restore(self, total, **kwargs):
+        return 0, []
+
+    def offer(self, step, *, lr_schedule, **kwargs):
+        self.lrs.append(lr_schedule.get_last_lr()[0])

@@ -21,7 +21,7 @@ from cyclereg.training.scheduler import LabelParts
 from cyclereg.frames import UnitBox
 from cyclereg_cli.main import app
 
-from conftest import assert_same_weights, load_script
+from conftest import LearningRateSpy, assert_same_weights, load_script
 
 runner = CliRunner()
 # tiny clouds: one intra-op thread is faster, and makes CPU training bitwise reproducible
@@ -1648,18 +1648,8 @@ def test_the_learning_rate_drops_tenfold_at_each_milestone(monkeypatch):
     _predict_zero(monkeypatch)
     cfg = replace(CloudCycleConfig(), epochs=3, lr_milestones=(1, 2), batch_size=1, augment=False)
 
-    class Spy:
-        def __init__(self):
-            self.lrs = []
-
-        def restore(self, total, **kwargs):
-            return 0, []
-
-        def offer(self, step, *, lr_schedule, **kwargs):
-            self.lrs.append(lr_schedule.get_last_lr()[0])
-
     for stage in (1, 2):
-        spy = Spy()
+        spy = LearningRateSpy()
         _one_pair_task(cfg).train_stage(build_graph_net(cfg.reg.net, seed=0), {"p": torch.zeros(60, 3)}, {},
                                         stage, snapshot=spy)
         assert spy.lrs == pytest.approx([1e-4, 1e-5, 1e-5])

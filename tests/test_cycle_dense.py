@@ -23,7 +23,7 @@ from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair
 from cyclereg.warp import warp
 from cyclereg_cli.main import app
 
-from conftest import assert_same_weights
+from conftest import LearningRateSpy, assert_same_weights
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 runner = CliRunner()
@@ -873,19 +873,9 @@ def test_a_dense_stage_anneals_the_learning_rate_from_lr_to_lr_min(monkeypatch):
     assert (task.config.lr, task.config.lr_min) == (1e-3, 1e-5)
     monkeypatch.setattr(task, "_loss", lambda model, *a: sum(p.pow(2).sum() for p in model.parameters()))
 
-    class Spy:
-        def __init__(self):
-            self.lrs = []
-
-        def restore(self, total, **kwargs):
-            return 0, []
-
-        def offer(self, step, *, lr_schedule, **kwargs):
-            self.lrs.append(lr_schedule.get_last_lr()[0])
-
     want = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(1, 5)]
     for stage in (1, 2):
-        spy = Spy()
+        spy = LearningRateSpy()
         task.train_stage(task.new_model(stage), {task.pair_id(0): torch.zeros(1, 3, 8, 8, 8)}, {}, stage, snapshot=spy)
         assert spy.lrs == pytest.approx(want, rel=1e-9) and spy.lrs[-1] == pytest.approx(1e-5, rel=1e-9)
 
