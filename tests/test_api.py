@@ -122,7 +122,8 @@ def test_status_times_read_as_hours_minutes_seconds(seconds, text):
 
 def test_status_time_so_far_adds_the_finished_stages_and_the_running_one(monkeypatch):
     """The table's "time so far" of a fold: its finished stages' seconds plus the running stage's (30 + 60 +
-    30 s = 0:02:00); a fold with nothing yet shows "-". Only the status dict was tested before."""
+    30 s = 0:02:00), or the running stage's alone; a fold with nothing yet shows "-", a fold whose stage 0 is
+    done shows 0 as its finished stage. Only the status dict was tested before."""
     from rich.console import Console
 
     import cyclereg.training.api as training_api
@@ -132,13 +133,15 @@ def test_status_time_so_far_adds_the_finished_stages_and_the_running_one(monkeyp
     monkeypatch.setattr(training_api, "run_status", lambda run, stages=None: {
         "run": "r", "dataset": "d.json", "kind": "keypoints", "stages": 3, "stop_below_mm": None,
         "folds": [{**row, "fold": 1, "stage_seconds": {0: 30.0, 1: 60.0}, "current_stage_s": 30.0},
-                  {**row, "fold": 2, "stage_seconds": {}, "current_stage_s": None, "finished": -1}]})
+                  {**row, "fold": 2, "stage_seconds": {}, "current_stage_s": None, "finished": -1},
+                  {**row, "fold": 3, "stage_seconds": {}, "current_stage_s": 30.0, "finished": 0}]})
     console = Console(record=True, width=200)
     show_run_status("r", console=console)
     lines = console.export_text().splitlines()
-    fold1, fold2 = ([cell.strip() for cell in line.split("│")[1:-1]] for line in lines
-                    if line.split()[:2] in (["│", "1"], ["│", "2"]))
-    assert fold1 == ["1", "1", "stage 2", "0:02:00", "0:01:30"] and fold2[3] == "-"
+    fold1, fold2, fold3 = ([cell.strip() for cell in line.split("│")[1:-1]] for line in lines
+                           if line.split()[:2] in (["│", "1"], ["│", "2"], ["│", "3"]))
+    assert fold1 == ["1", "1", "stage 2", "0:02:00", "0:01:30"] and fold2[1] == "-" and fold2[3] == "-"
+    assert fold3[1] == "0" and fold3[3] == "0:00:30"  # stage 0 finished (not "-"); only the running stage's time
 
 
 def test_status_json_that_cannot_be_written_is_refused_first(tmp_path):

@@ -113,6 +113,40 @@ def test_register_clouds(pair_files):
     assert json.loads((d / "far" / "config.json").read_text())["query_points_outside_fixed_extent"] == 2
 
 
+def test_query_points_count_as_outside_beyond_a_tenth_of_the_extent(pair_files):
+    """A query point 5 % of the fixed cloud's extent beyond it is inside the documented 10 % margin, one at
+    15 % is counted as extrapolated."""
+    d, pair = pair_files
+    lo, hi = pair.fixed_mm.min(0).values, pair.fixed_mm.max(0).values
+    centre = (lo + hi) / 2
+    q = torch.stack([centre, centre, centre])
+    q[1, 0] = hi[0] + 0.05 * (hi[0] - lo[0])
+    q[2, 0] = hi[0] + 0.15 * (hi[0] - lo[0])
+    write_points(d / "qm.csv", q)
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "qm"),
+                              "--query", str(d / "qm.csv"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((d / "qm" / "config.json").read_text())["query_points_outside_fixed_extent"] == 1
+
+
+def test_an_input_that_is_an_earlier_output_is_never_removed_as_stale(pair_files):
+    """register -o OUT with --reference OUT/warped.nii.gz (the earlier run's warped scan) and no moving image:
+    warped.nii.gz is an earlier output this run does not write, but it is this run's input: it stays."""
+    d, pair = pair_files
+    ref_data, ref_affine = _box_volume(pair.fixed_mm, spacing=2.0)
+    write_nifti(d / "ref.nii.gz", ref_data, ref_affine)
+    mov_data, mov_affine = _box_volume(pair.moving_mm, spacing=3.0)
+    write_nifti(d / "mov.nii.gz", mov_data, mov_affine)
+    out = d / "again"
+    base = ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(out), "--device", "cpu"]
+    res = runner.invoke(app, [*base, "--reference", str(d / "ref.nii.gz"), "--moving-image", str(d / "mov.nii.gz")])
+    assert res.exit_code == 0, res.output
+    warped = (out / "warped.nii.gz").read_bytes()
+    res = runner.invoke(app, [*base, "--reference", str(out / "warped.nii.gz")])
+    assert res.exit_code == 0, res.output
+    assert (out / "warped.nii.gz").read_bytes() == warped
+
+
 def test_register_never_replaces_its_own_input(pair_files):
     """An input inside the output folder under the name of an output (or linked there) stops the command
     with one line naming the input; the input and the folder are left as they were."""

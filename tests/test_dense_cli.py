@@ -1159,3 +1159,33 @@ def test_resample_moving_interpolates_the_moving_scan_once(tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     warped = np.asarray(nib.load(str(tmp_path / "out" / "warped.nii.gz")).dataobj)
     np.testing.assert_allclose(warped[:-1], moving[:-1], rtol=0, atol=1e-3)
+
+
+def test_resume_means_cover_resumed_and_new_pairs_and_only_the_wanted_pairs(tiny, tmp_path):
+    """--resume: the report's means are over the resumed records and the new ones (a resumed Dice set to 0
+    halves the mean of two pairs), and resuming with fewer pairs keeps only the wanted ones."""
+    ds, rep = tiny / "Tiny_dataset.json", tmp_path / "r.json"
+    args = ["evaluate", str(ds), "--identity", "--both-directions", "--json", str(rep)]
+    assert runner.invoke(app, [*args, "--max-pairs", "1"]).exit_code == 0
+    r = json.loads(rep.read_text())
+    r["pairs"][0]["dice"] = 0.0  # a resumed record with a known figure
+    r["complete"] = False
+    rep.write_text(json.dumps(r))
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(rep.read_text())
+    assert done["num_pairs"] == 2 and done["mean_dice"] == pytest.approx(done["pairs"][1]["dice"] / 2)
+    res = runner.invoke(app, [*args, "--max-pairs", "1", "--resume"])
+    assert res.exit_code == 0, res.output
+    one = json.loads(rep.read_text())
+    assert [p["id"] for p in one["pairs"]] == [done["pairs"][0]["id"]] and one["num_pairs"] == 1
+
+
+def test_resume_refuses_a_report_of_another_configuration(tiny, tmp_path):
+    """A report made with --warps 1 is not continued with --warps 2 (its pairs would mix two methods)."""
+    ds, rep = tiny / "Tiny_dataset.json", tmp_path / "r.json"
+    base = ["evaluate", str(ds), "--model", "random", "--both-directions", "--no-adam", "--device", "cpu",
+            "--json", str(rep)]
+    assert runner.invoke(app, [*base, "--warps", "1", "--max-pairs", "1"]).exit_code == 0
+    res = runner.invoke(app, [*base, "--warps", "2", "--resume"])
+    assert res.exit_code == 2 and "another" in res.output, res.output
