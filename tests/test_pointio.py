@@ -272,19 +272,11 @@ def test_staged_outputs_reach_the_folder_together_or_not_at_all(tmp_path, monkey
     assert {f.name: f.read_text() for f in out.iterdir()} == before
 
     # an earlier file that cannot be put back is kept in the staging folder, which the error names
-    def b_and_restoring_a_fail(src, dst):  # b.txt cannot be replaced, nor a.txt put back
-        if Path(dst) == out / "b.txt" or Path(src).name == ".earlier.a.txt":
-            raise PermissionError(1, "Operation not permitted", str(src))
-        return real(src, dst)
-
-    monkeypatch.setattr(checkpoint.os, "replace", b_and_restoring_a_fail)
-    with pytest.raises(OutputsNotRestored) as err:
-        with staged_outputs(out) as stage:
-            atomic_write_text(stage / "a.txt", "new")
-            atomic_write_text(stage / "b.txt", "new")
-    monkeypatch.undo()
+    # (b.txt cannot be replaced, nor a.txt put back)
+    err = _move_in_with(out, monkeypatch, lambda src, dst: dst == out / "b.txt" or src.name == ".earlier.a.txt")
+    assert isinstance(err, OutputsNotRestored)
     kept = [f for f in out.iterdir() if f.name.startswith(".cyclereg-staging")]
-    assert len(kept) == 1 and str(kept[0]) in str(err.value)
+    assert len(kept) == 1 and str(kept[0]) in str(err)
     assert (kept[0] / ".earlier.a.txt").read_text() == "earlier"
 
 
@@ -470,101 +462,111 @@ def test_a_set_of_outputs_in_several_folders_is_written_whole_or_not_at_all(tmp_
             atomic_write_text(files(b), "fourth")
     assert str(a) in str(err.value) and (a / "keep").is_dir() and b.read_text() == "first"
 
-# ----------------------------------------------------------------------------- found by mutation (round 3)
-HEAD = "VERSION .7\nFIELDS {f}\nSIZE {s}\nTYPE {t}\nCOUNT {c}\n{wh}VIEWPOINT 0 0 0 1 0 0 0\n{pts}DATA {kind}\n"
 
-def pcd(fields, sizes, types, counts, kind, n, wh=None):
-    return HEAD.format(f=fields, s=sizes, t=types, c=counts, kind=kind,
+# ----------------------------------------------------------------------------- found by mutation (round 3)
+_PCD_HEADER = "VERSION .7\nFIELDS {f}\nSIZE {s}\nTYPE {t}\nCOUNT {c}\n{wh}VIEWPOINT 0 0 0 1 0 0 0\n{pts}DATA {kind}\n"
+
+
+def _pcd(fields, sizes, types, counts, kind, n, wh=None):
+    """A PCD header (bytes) for ``n`` points; ``wh``: WIDTH/HEIGHT lines instead of a POINTS line."""
+    return _PCD_HEADER.format(f=fields, s=sizes, t=types, c=counts, kind=kind,
                        wh=wh or f"WIDTH {n}\nHEIGHT 1\n", pts="" if wh else f"POINTS {n}\n").encode()
 
-XYZ = np.array([[1.5, 2.0, -3.0], [4.0, 5.25, 6.0]])
+
+_XYZ = np.array([[1.5, 2.0, -3.0], [4.0, 5.25, 6.0]])
+
 
 def test_pcd_count_above_one_before_xyz(tmp_path):
     """A field of COUNT 2 before x, y, z (ascii and binary): the coordinates are read from their own columns."""
     a = tmp_path / "a.pcd"
-    a.write_bytes(pcd("h x y z", "4 4 4 4", "F F F F", "2 1 1 1", "ascii", 2)
-                  + b"".join(b"9 8 %g %g %g\n" % tuple(r) for r in XYZ))
-    np.testing.assert_array_equal(read_points(a).numpy(), XYZ)
+    a.write_bytes(_pcd("h x y z", "4 4 4 4", "F F F F", "2 1 1 1", "ascii", 2)
+                  + b"".join(b"9 8 %g %g %g\n" % tuple(r) for r in _XYZ))
+    np.testing.assert_array_equal(read_points(a).numpy(), _XYZ)
     rows = np.zeros(2, [("h", "<f4", (2,)), ("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     rows["h"] = 9
-    rows["x"], rows["y"], rows["z"] = XYZ.T
+    rows["x"], rows["y"], rows["z"] = _XYZ.T
     b = tmp_path / "b.pcd"
-    b.write_bytes(pcd("h x y z", "4 4 4 4", "F F F F", "2 1 1 1", "binary", 2) + rows.tobytes())
-    np.testing.assert_array_equal(read_points(b).numpy(), XYZ)
+    b.write_bytes(_pcd("h x y z", "4 4 4 4", "F F F F", "2 1 1 1", "binary", 2) + rows.tobytes())
+    np.testing.assert_array_equal(read_points(b).numpy(), _XYZ)
+
 
 def test_pcd_ascii_extra_line_or_value_is_refused(tmp_path):
     """An ascii PCD with more lines than POINTS, or more values on a line than its fields, is refused."""
     p = tmp_path / "c.pcd"
-    p.write_bytes(pcd("x y z", "4 4 4", "F F F", "1 1 1", "ascii", 2) + b"1 2 3\n4 5 6\n7 8 9\n")
+    p.write_bytes(_pcd("x y z", "4 4 4", "F F F", "1 1 1", "ascii", 2) + b"1 2 3\n4 5 6\n7 8 9\n")
     with pytest.raises(InputError, match="malformed"):
         read_points(p)
-    p.write_bytes(pcd("x y z", "4 4 4", "F F F", "1 1 1", "ascii", 2) + b"1 2 3 4\n4 5 6\n")
+    p.write_bytes(_pcd("x y z", "4 4 4", "F F F", "1 1 1", "ascii", 2) + b"1 2 3 4\n4 5 6\n")
     with pytest.raises(InputError, match="point 0: 4 values"):
         read_points(p)
+
 
 def test_pcd_without_points_uses_width_times_height(tmp_path):
     """Without a POINTS line an organised cloud holds WIDTH x HEIGHT points (2 x 2 here, not 2)."""
     p = tmp_path / "o.pcd"
-    p.write_bytes(pcd("x y z", "4 4 4", "F F F", "1 1 1", "ascii", 0, wh="WIDTH 2\nHEIGHT 2\n")
+    p.write_bytes(_pcd("x y z", "4 4 4", "F F F", "1 1 1", "ascii", 0, wh="WIDTH 2\nHEIGHT 2\n")
                   + b"".join(b"%d 0 0\n" % k for k in range(4)))
     np.testing.assert_array_equal(read_points(p).numpy()[:, 0], [0, 1, 2, 3])
+
 
 def test_pcd_binary_padding_fields_and_one_byte_short(tmp_path):
     """Padding fields named _ (PCL writes several) are skipped; a binary body one byte short holds one point less."""
     rows = np.zeros(2, [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("_0", "u1"), ("_1", "u1")])
-    rows["x"], rows["y"], rows["z"] = XYZ.T
+    rows["x"], rows["y"], rows["z"] = _XYZ.T
     p = tmp_path / "p.pcd"
-    head = pcd("x y z _ _", "4 4 4 1 1", "F F F U U", "1 1 1 1 1", "binary", 2)
+    head = _pcd("x y z _ _", "4 4 4 1 1", "F F F U U", "1 1 1 1 1", "binary", 2)
     p.write_bytes(head + rows.tobytes())
-    np.testing.assert_array_equal(read_points(p).numpy(), XYZ)
+    np.testing.assert_array_equal(read_points(p).numpy(), _XYZ)
     p.write_bytes(head + rows.tobytes()[:-1])
     with pytest.raises(InputError, match="promises 2 points, the file holds 1"):
         read_points(p)
+
 
 def _earlier(out, names):
     for n in names:
         (out / n).write_text("earlier")
 
-def test_move_in_takes_out_a_new_file_without_an_earlier_one(tmp_path, monkeypatch):
-    """A new a.txt (no earlier one) moved in before b.txt fails is taken out again: the folder is as it was."""
+
+def _move_in_with(out, monkeypatch, refused):
+    """staged_outputs of a new a.txt and b.txt into ``out`` while ``os.replace(src, dst)`` raises a
+    PermissionError where ``refused(src, dst)``; returns the error the writer raised."""
     from cyclereg import checkpoint
     from cyclereg.checkpoint import atomic_write_text, staged_outputs
-    out = tmp_path / "o"
-    out.mkdir()
-    _earlier(out, ["b.txt"])
+
     real = os.replace
-    def refuse_b(src, dst):
-        if out / "b.txt" in (Path(src), Path(dst)):
+
+    def replace(src, dst):
+        if refused(Path(src), Path(dst)):
             raise PermissionError(1, "Operation not permitted", str(src))
         return real(src, dst)
-    monkeypatch.setattr(checkpoint.os, "replace", refuse_b)
-    with pytest.raises(OSError):
-        with staged_outputs(out) as stage:
-            atomic_write_text(stage / "a.txt", "new")
-            atomic_write_text(stage / "b.txt", "new")
-    monkeypatch.undo()
-    assert {f.name: f.read_text() for f in out.iterdir()} == {"b.txt": "earlier"}
 
-def test_move_in_restores_the_failing_outputs_earlier_file(tmp_path, monkeypatch):
-    """b.txt moved aside, then its new file cannot go in: both earlier files are back, unchanged."""
-    from cyclereg import checkpoint
-    from cyclereg.checkpoint import atomic_write_text, staged_outputs
-    out = tmp_path / "o"
-    out.mkdir()
-    _earlier(out, ["a.txt", "b.txt"])
-    real = os.replace
-    def staged_onto_b_fails(src, dst):  # moving b.txt aside works, the new b.txt cannot go in
-        if Path(dst) == out / "b.txt" and not Path(src).name.startswith(".earlier"):
-            raise PermissionError(1, "Operation not permitted", str(dst))
-        return real(src, dst)
-    monkeypatch.setattr(checkpoint.os, "replace", staged_onto_b_fails)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
     with pytest.raises(OSError) as err:
         with staged_outputs(out) as stage:
             atomic_write_text(stage / "a.txt", "new")
             atomic_write_text(stage / "b.txt", "new")
     monkeypatch.undo()
-    assert type(err.value) is PermissionError or err.value.errno == 1
+    return err.value
+
+
+def test_move_in_takes_out_a_new_file_without_an_earlier_one(tmp_path, monkeypatch):
+    """A new a.txt (no earlier one) moved in before b.txt fails is taken out again: the folder is as it was."""
+    out = tmp_path / "o"
+    out.mkdir()
+    _earlier(out, ["b.txt"])
+    _move_in_with(out, monkeypatch, lambda src, dst: out / "b.txt" in (src, dst))
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"b.txt": "earlier"}
+
+
+def test_move_in_restores_the_failing_outputs_earlier_file(tmp_path, monkeypatch):
+    """b.txt moved aside, then its new file cannot go in: both earlier files are back, unchanged."""
+    out = tmp_path / "o"
+    out.mkdir()
+    _earlier(out, ["a.txt", "b.txt"])
+    err = _move_in_with(out, monkeypatch, lambda src, dst: dst == out / "b.txt" and not src.name.startswith(".earlier"))
+    assert err.errno == 1 and err.filename == str(out / "b.txt")
     assert {f.name: f.read_text() for f in out.iterdir()} == {"a.txt": "earlier", "b.txt": "earlier"}
+
 
 def test_stale_outputs_reads_outputs_files_and_never_leaves_the_folder(tmp_path):
     """Both forms of a config's outputs (a list, outputs.files) are read; a name outside the folder or in a
