@@ -1435,7 +1435,10 @@ def test_outputs_that_would_overwrite_the_commands_other_files_are_refused(tmp_p
         (["evaluate", str(ds), "--run", str(a), "--json", str(a / "fold1" / "r.json")], "one of the files of the run"),
         (["status", str(a), "--json", str(a / "run.json")], "one of the files of the run directory"),
         (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "e.json")],
-         "the checkpoint cannot be a .json file"),
+         "an ensemble checkpoint is a .pt file"),
+        # c.xyz and c.pt shared c.json: each run replaced the other's record
+        (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "c.xyz")],
+         "an ensemble checkpoint is a .pt file (its configuration is written beside it as STEM.json)"),
         (["ensemble", str(a / "fold1.pt"), str(tmp_path / "b" / "fold1.pt"), "-o", str(tmp_path / "dataset.pt")],
          "which is not an ensemble's configuration"),
         (["ensemble", str(a), str(tmp_path / "b"), "-o", str(a)], "this is a training run given as a source"),

@@ -154,9 +154,9 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
         require_output_file(output)
         _refuse_source_as_output(sources, output)
         record = output.with_name(output.stem + ".json")  # the ensemble's configuration
-        if record.resolve() == output.resolve():
-            raise InputError("-o: the configuration is written beside the checkpoint as STEM.json, so the "
-                             "checkpoint cannot be a .json file (e.g. ensemble.pt)", output)
+        if output.suffix != ".pt":  # c.xyz and c.pt would share c.json, the record of whichever came last
+            raise InputError("-o: an ensemble checkpoint is a .pt file (its configuration is written beside it as "
+                             "STEM.json), e.g. ensemble.pt", output)
         if record.exists() and not _is_ensemble_record(record):
             raise InputError(f"-o: the configuration would overwrite {record}, which is not an ensemble's "
                              "configuration; choose another checkpoint name", output)
