@@ -165,7 +165,7 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     for n, entry in enumerate(obj.get("pairs", [])):
         if isinstance(entry, dict) and bool(entry.get("fixed_landmarks")) != bool(entry.get("moving_landmarks")):
             given = "fixed_landmarks" if entry.get("fixed_landmarks") else "moving_landmarks"
-            raise InputError(f"pair {n} gives {given} alone: give both fixed_landmarks and moving_landmarks "
+            raise InputError(f"pairs[{n}] gives {given} alone: give both fixed_landmarks and moving_landmarks "
                              "(row-aligned) or neither", p)  # one alone was read as none: a pair left out silently
         try:
             pairs.append(KeypointPair(
@@ -176,7 +176,8 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
                 moving_landmarks=root / entry["moving_landmarks"] if entry.get("moving_landmarks") else None,
             ))
         except (KeyError, TypeError):
-            raise InputError(f"pair {n} needs id, fixed_keypoints and moving_keypoints", p) from None
+            raise InputError(f"pairs[{n}] needs id, fixed_keypoints and moving_keypoints (a name and two file paths)",
+                             p) from None
     ids = [q.id for q in pairs]
     require_pair_ids(ids, p, "dataset")
     folds: list[tuple[str, ...]] = []

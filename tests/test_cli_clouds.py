@@ -1247,12 +1247,16 @@ def test_register_uses_the_frame_of_training_like_evaluate(tmp_path):
     ("[1, 2]", "expected a JSON object"),
     ('{"name": "x", "items": []}', "unknown dataset layout"),
     ('{"name": "x", "pairs": []}', "'pairs' is empty: a keypoint dataset needs at least one pair"),
-    ('{"pairs": [{"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}', "pair 0 needs id"),
+    # pairs are named as JSON paths, counted from 0 (folds are counted from 1, as the commands' --fold)
+    ('{"pairs": [{"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}', "pairs[0] needs id"),
     # the first pair without fixed_keypoints was "unknown dataset layout", not the key it lacks
-    ('{"pairs": [{"id": "a", "moving_keypoints": "m.csv"}]}', "pair 0 needs id, fixed_keypoints"),
+    ('{"pairs": [{"id": "a", "moving_keypoints": "m.csv"}]}', "pairs[0] needs id, fixed_keypoints"),
+    ('{"pairs": [{"id": "a", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}, {"id": "b", '
+     '"fixed_keypoints": 3, "moving_keypoints": "m.csv"}]}', "pairs[1] needs id, fixed_keypoints and moving_keypoints "
+     "(a name and two file paths)"),
     # one landmark file alone was read as none: the pair was left out of the TRE with exit 0
     ('{"pairs": [{"id": "a", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv", "fixed_landmarks": "l.csv"}]}',
-     "pair 0 gives fixed_landmarks alone"),
+     "pairs[0] gives fixed_landmarks alone"),
 ])
 @pytest.mark.parametrize("command", ["evaluate", "pretrain-random"])
 def test_malformed_dataset_json_is_one_line_error(tmp_path, text, problem, command):
