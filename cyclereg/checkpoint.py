@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -119,6 +120,28 @@ class OutputsNotRestored(OSError):
     kept in the staging folder the message names."""
 
 
+STAGING_PREFIX = ".cyclereg-staging."
+"""Name prefix of the hidden folder a set of outputs is written into before it is moved in."""
+
+
+def _make_staging_folder(folder: Path) -> tuple[Path, list[Path]]:
+    """Make ``folder`` (with missing parents) and a hidden staging folder in it; returns the staging folder
+    and the folders made for it (for :func:`_remove_if_empty` when the write fails)."""
+    made = list(itertools.takewhile(lambda f: not f.exists(), (folder, *folder.parents)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)), made
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (made for a set of outputs that was not moved in) that are empty,
+    deepest first."""
+    for folder in sorted(set(folders), key=lambda f: len(f.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else is in it
+            pass
+
+
 @contextmanager
 def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
     """Write one command's output files as a set: the body writes them (atomically, by name) into the
@@ -129,13 +152,8 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
     reaches ``out_dir`` and folders this call made are removed again when empty. Errors name the
     output, not a temporary or staged file."""
     out = Path(out_dir)
-    made = []  # folders this call creates, deepest first
-    for folder in (out, *out.parents):
-        if folder.exists():
-            break
-        made.append(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    stage = OutputStage(Path(tempfile.mkdtemp(prefix=".cyclereg-staging.", dir=out)))
+    staging, made = _make_staging_folder(out)
+    stage = OutputStage(staging)
     keep_stage = False
     moved = False
     try:
@@ -163,11 +181,7 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
         if not keep_stage:
             shutil.rmtree(stage.path, ignore_errors=True)
         if not moved:
-            for folder in made:  # only when empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            _remove_if_empty(made)
 
 
 def _refuse_replacing_inputs(files: list[Path], out: Path, inputs: list[Path]) -> None:
@@ -252,14 +266,8 @@ class FileSet:
         target = Path(target)
         folder = target.parent
         if folder not in self.stages:
-            missing = []
-            for f in (folder, *folder.parents):
-                if f.exists():
-                    break
-                missing.append(f)
-            folder.mkdir(parents=True, exist_ok=True)
-            self.made.extend(missing)
-            self.stages[folder] = Path(tempfile.mkdtemp(prefix=".cyclereg-staging.", dir=folder))
+            self.stages[folder], made = _make_staging_folder(folder)
+            self.made.extend(made)
         staged = self.stages[folder] / target.name
         self.targets[staged] = target
         return staged
@@ -273,7 +281,7 @@ def staged_file_set() -> Iterator[FileSet]:
     and the earlier files restored. If the body fails or is interrupted, no target changes and folders
     made for them are removed again when empty. Errors name the target, not a staged file."""
     files = FileSet()
-    keep = None
+    keep_stages = False  # an earlier file could not be put back: it stays in its staging folder
     moved = False
     try:
         try:
@@ -289,22 +297,18 @@ def staged_file_set() -> Iterator[FileSet]:
         steps = [(staged, target, staged.parent / f".earlier.{staged.name}") for staged, target in written]
         try:
             _move_in(steps)
-        except OutputsNotRestored as exc:
-            keep = exc
+        except OutputsNotRestored:
+            keep_stages = True
             raise
         moved = True
         for folder in files.stages:
             fsync_directory(folder)
     finally:
         for stage in files.stages.values():
-            if keep is None:
+            if not keep_stages:
                 shutil.rmtree(stage, ignore_errors=True)
         if not moved:
-            for folder in sorted(set(files.made), key=lambda f: len(f.parts), reverse=True):  # deepest first
-                try:
-                    folder.rmdir()  # only when empty
-                except OSError:
-                    pass
+            _remove_if_empty(files.made)
 
 
 def recorded_outputs(record: dict) -> list:
