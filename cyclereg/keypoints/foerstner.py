@@ -110,7 +110,7 @@ class FoerstnerConfig:
 
     def sigma_voxels(self, spacing_mm) -> tuple[float, float, float]:
         """Gaussian scale per array axis [voxels]."""
-        return tuple(self.sigma_mm / float(s) for s in spacing_mm)  # type: ignore[return-value]
+        return gaussian_scale_voxels(self.sigma_mm, spacing_mm)
 
     def nms_radius_voxels(self, spacing_mm) -> tuple[int, int, int]:
         """Non-maximum-suppression half-width per array axis [voxels]."""
@@ -144,6 +144,12 @@ class PairKeypointConfig:
     moving: FoerstnerConfig = FoerstnerConfig(nms_radius_mm=MOVING_NMS_RADIUS_MM)
 
 # ----------------------------------------------------------------------------- filters
+def gaussian_scale_voxels(sigma_mm: float, spacing_mm) -> tuple[float, float, float]:
+    """A Gaussian scale [mm] in voxels along each array axis of a grid with ``spacing_mm``: the one
+    conversion the detector's smoothing and its crop margin (:meth:`FoerstnerConfig.sigma_voxels`) share."""
+    return tuple(sigma_mm / float(s) for s in spacing_mm)  # type: ignore[return-value]
+
+
 def _gauss_radius(sigma_vox: float) -> int:
     return max(1, int(math.ceil(GAUSSIAN_TRUNCATE * sigma_vox)))
 
@@ -248,7 +254,7 @@ def distinctiveness(img: torch.Tensor, spacing_mm, sigma_mm: float) -> torch.Ten
     lo, hi = torch.quantile(_subsample(x), q).tolist()
     x = (x - lo) / max(hi - lo, MIN_INTENSITY_RANGE)
     grad = gradient_mm(x[None, None], spacing_mm)
-    sigma_vox = tuple(sigma_mm / float(s) for s in spacing_mm)
+    sigma_vox = gaussian_scale_voxels(sigma_mm, spacing_mm)
     return distinctiveness_from_tensor(structure_tensor(grad, sigma_vox))
 
 
