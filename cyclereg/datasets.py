@@ -198,9 +198,10 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
             held[i] = k
         folds.append(tuple(str(v) for v in test))
     shape = _positive_triple(obj.get("volume_shape_zyx"), "volume_shape_zyx", p, whole=True)
-    if shape is not None and math.prod(int(v) for v in shape) > MAX_VOLUME_VOXELS:
-        raise InputError(f"volume_shape_zyx {shape}: {math.prod(int(v) for v in shape)} voxels, more than "
-                         f"{MAX_VOLUME_VOXELS} (2^31); its dense fields could not be made", p)
+    voxels = math.prod(int(v) for v in shape) if shape is not None else 0
+    if voxels > MAX_VOLUME_VOXELS:
+        raise InputError(f"volume_shape_zyx {shape}: {voxels} voxels, more than {MAX_VOLUME_VOXELS} (2^31); its "
+                         "dense fields could not be made", p)
     spacing = _positive_triple(obj.get("spacing_zyx_mm"), "spacing_zyx_mm", p)
     if (shape is None) != (spacing is None):
         raise InputError("volume_shape_zyx and spacing_zyx_mm go together (the volume box): give both or neither", p)
