@@ -917,6 +917,31 @@ def test_pretrain_random_completes_an_interrupted_run(tmp_path):
     assert json.loads((run / "run.json").read_text())["config"]["stages"] == 1
 
 
+def test_pretrain_random_refuses_damaged_stage0_labels_it_would_keep(tmp_path):
+    """A truncated pseudo0.pt (e.g. a copy cut short) is not reported as kept: the command names the file
+    and fails, leaving it as it was; deleting it and running the command again makes the labels again."""
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    args = ["--fold", "1", "--stages", "1", "--device", "cpu", *CHEAP_LABELS]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args]).exit_code == 0
+    labels = run / "fold1" / "pseudo0.pt"
+    whole = labels.read_bytes()
+    first = torch.load(labels, weights_only=True)["labels"]
+    labels.write_bytes(whole[: len(whole) // 2])
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args])
+    assert res.exit_code != 0 and "kept" not in res.output, res.output
+    assert "pseudo0.pt" in res.output and "unreadable pseudo labels" in res.output
+    assert labels.read_bytes() == whole[: len(whole) // 2]
+    torch.save({"labels": [1, 2]}, labels)  # readable, but not what a stage saves
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args])
+    assert res.exit_code != 0 and "not the pseudo labels of a cyclereg stage" in res.output, res.output
+    labels.unlink()
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args])
+    assert res.exit_code == 0, res.output
+    again = torch.load(labels, weights_only=True)["labels"]  # the same draws: the run's seed
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_status_reports_progress_without_touching_the_run(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"

@@ -496,17 +496,29 @@ class StageScheduler:
         if record is not None:
             self._finish(record, progress)
 
+    def check_labels(self, stage: int) -> None:
+        """:class:`InputError` naming the file when the pseudo labels of ``stage`` cannot be read (e.g. a
+        truncated copy), without reading their tensors (memory-mapped: volume labels reach a gigabyte)."""
+        self._read_labels(stage, mmap=True)
+
     def load_labels(self, stage: int) -> tuple[dict, dict]:
+        payload = self._read_labels(stage)
+        return payload["labels"], payload["weights"]
+
+    def _read_labels(self, stage: int, mmap: bool = False) -> dict:
+        """The label file of ``stage`` as saved (``labels``, ``weights``, ...); :class:`InputError` naming it
+        when it is unreadable or not what a stage saves."""
         path = self.labels_path(stage)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", path) from None
+            raise InputError(f"unreadable pseudo labels ({type(exc).__name__}); delete it to make them again",
+                             path) from None
         if not (isinstance(payload, dict) and isinstance(payload.get("labels"), dict)
                 and isinstance(payload.get("weights"), dict)):
             raise InputError("not the pseudo labels of a cyclereg stage (no labels and weights); delete it to make "
                              "them again", path)
-        return payload["labels"], payload["weights"]
+        return payload
 
     def _label_change(self, stage: int, old: dict | None, new: dict) -> float | None:
         """:meth:`StageTask.label_change_mm` from stage ``stage - 1``'s labels (``old``, read
@@ -646,6 +658,7 @@ class StageScheduler:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         if self.last_finished_stage() >= 0:
+            self.check_labels(self.last_finished_stage())
             self._complete_log(progress)
             return
         t0 = time.perf_counter()
