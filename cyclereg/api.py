@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cyclereg.errors import (InputError, refuse_empty_paths, require_checkpoint_file, require_count, require_file,
-                             require_seed, require_separate_output, require_switches)
+from cyclereg.errors import (InputError, refuse_empty_paths, refuse_output_in_run, require_checkpoint_file, require_count,
+                             require_file, require_seed, require_separate_output, require_switches)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_switches", "require_run_dir"]
@@ -169,6 +169,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
                       "--lung-mask": lung_mask, "verbose": verbose})
     model = str(model)
     require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
+    refuse_output_in_run(out_dir, "-o")
     if model != "random":
         require_checkpoint_file(model)
         refuse_options({"--seed": seed}, SEED_SCOPE)

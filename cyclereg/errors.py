@@ -3,6 +3,7 @@ one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -129,6 +130,29 @@ def _in_run_dir(out: Path, run: Path) -> bool:
     if parent != base:
         return base in parent.parents
     return out.name in RUN_DIR_NAMES or out.suffix in (".pt", ".jsonl")
+
+
+def run_dir_holding(folder: str | Path) -> Path | None:
+    """The cyclereg run directory (a folder with the ``run.json`` record that ``pretrain-random``
+    writes: a JSON object with a ``kind`` and a ``config``) that ``folder`` is or lies in, or ``None``."""
+    here = Path(os.path.realpath(Path(folder).expanduser()))
+    for d in (here, *here.parents):
+        try:
+            record = json.loads((d / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "kind" in record and "config" in record:
+            return d
+    return None
+
+
+def refuse_output_in_run(folder: str | Path, flag: str) -> None:
+    """:class:`InputError` naming ``folder`` (``flag``: its option) when it is, or lies in, a run directory
+    (:func:`run_dir_holding`): a run's folders hold its labels, checkpoints and logs only."""
+    run = run_dir_holding(folder)
+    if run is not None:
+        raise InputError(f"{flag}: this folder is in the run directory {run}, whose folders hold the run's own "
+                         "files only; write it elsewhere", folder)
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

@@ -180,6 +180,40 @@ def test_register_refuses_a_folder_where_an_output_goes(pair_files):
         assert sorted(p.name for p in out.iterdir()) == [name] and (out / name / "notes.txt").read_text() == "precious"
 
 
+def test_register_refuses_an_output_folder_in_a_run_directory(pair_files):
+    """-o RUN/fold1 (or RUN, or a folder below) would mix a registration's files with a run's labels and
+    checkpoints: one line naming the folder, nothing written. A run.json that is not a run record (or a
+    folder beside the run) is the user's."""
+    d, _ = pair_files
+    run = d / "run"
+    (run / "fold1").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"kind": "keypoints", "config": {"stages": 5}, "folds": []}))
+    for out in (run, run / "fold1", run / "fold1" / "mine"):
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(out), "--device", "cpu"])
+        assert res.exit_code == 2 and "is in the run directory" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and str(out) in " ".join(res.output.split())
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    (d / "other").mkdir()
+    (d / "other" / "run.json").write_text(json.dumps({"my": "notes"}))
+    for out in (d / "other", d / "beside_run"):
+        res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(out), "--device", "cpu"])
+        assert res.exit_code == 0 and (out / "displacements.csv").is_file(), res.output
+
+
+def test_demo_and_ensemble_refuse_an_output_folder_in_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    (run / "fold1").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"kind": "keypoints", "config": {}}))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for args in (["demo", "-o", str(run / "fold1" / "demo"), "--device", "cpu"],
+                 ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(run / "fold1" / "ens")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "is in the run directory" in res.output, res.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == [Path("fold1"), Path("run.json")]
+
+
 @pytest.mark.parametrize("flag,key", [("--recentre-passes", "recentre_passes"), ("--tta-passes", "tta_passes")])
 def test_register_pass_count_override(pair_files, flag, key):
     """A pass-count flag reaches the written config; a negative count is refused before writing."""

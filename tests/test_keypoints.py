@@ -321,6 +321,17 @@ def test_cli_pairs_builds_a_keypoint_dataset(tmp_path):
     assert res.exit_code == 2 and "already there" in res.output
 
 
+def test_cli_pairs_refuses_a_dataset_folder_in_a_run_directory(tmp_path):
+    """keypoints --pairs -o RUN/fold1/ds: one line naming the folder, nothing written there."""
+    csv = _scan_pairs(tmp_path)
+    run = tmp_path / "run"
+    (run / "fold1").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"kind": "keypoints", "config": {}}))
+    res = _run("--pairs", csv, "-o", run / "fold1" / "ds", "--device", "cpu")
+    assert res.exit_code == 2 and "is in the run directory" in res.output, res.output
+    assert not (run / "fold1" / "ds").exists()
+
+
 @pytest.mark.parametrize("rows, message", [
     ("id,fixed\na,../s0.nii.gz\n", "missing: moving"),
     ("id,fixed,moving\na,../s0.nii.gz,../nope.nii.gz\n", "nope.nii.gz: file does not exist"),

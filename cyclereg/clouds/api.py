@@ -20,8 +20,8 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import (InputError, refuse_empty_paths, require_count, require_finite_result, require_output_dir,
-                             require_output_file, require_seed, same_path)
+from cyclereg.errors import (InputError, refuse_empty_paths, refuse_output_in_run, require_count, require_finite_result,
+                             require_output_dir, require_output_file, require_seed, same_path)
 from cyclereg.frames import UnitBox, inside_grid, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
@@ -131,6 +131,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
             raise InputError("-o: run directories make a folder of foldK.pt files, and this name looks like one "
                              "checkpoint file; give a folder name (e.g. models/my_ensemble)", output)
         require_output_dir(output)
+        refuse_output_in_run(output, "-o")
         _refuse_source_as_output(sources, output)
         per_source = [_fold_files(s) for s in sources]
         folds = sorted(set().union(*per_source))
@@ -1062,6 +1063,7 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     require_seed(seed)
     if out_dir is not None:
         require_output_dir(out_dir)
+        refuse_output_in_run(out_dir, "-o")
     console = Console()
     dev = resolve_device(device)
     pair = make_breathing_pair(seed)

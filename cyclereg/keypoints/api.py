@@ -44,8 +44,8 @@ from rich.progress import Progress
 from cyclereg.checkpoint import atomic_write_text, staged_file_set, write_json
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_pair_ids
-from cyclereg.errors import (InputError, require_file, require_output_dir, require_output_file, require_separate_output,
-                             whole_number)
+from cyclereg.errors import (InputError, refuse_output_in_run, require_file, require_output_dir, require_output_file,
+                             require_separate_output, whole_number)
 from cyclereg.frames import voxel_to_world
 from cyclereg.keypoints.foerstner import FoerstnerConfig, PairKeypointConfig, foerstner_keypoints
 from cyclereg.keypoints.lungmask import LungMaskConfig, lung_mask as compute_lung_mask
@@ -391,6 +391,7 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
         raise InputError(f"--folds {folds!r}: need a whole number of folds, 2 or more")
     pairs = read_pairs_csv(pairs_csv)
     out = require_output_dir(out_dir)
+    refuse_output_in_run(out, "-o")
     dataset_json = out / "dataset.json"
     if dataset_json.exists():
         raise InputError("a dataset.json is already there; choose another directory", dataset_json)
