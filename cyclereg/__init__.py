@@ -8,8 +8,10 @@ and are refreshed after every training stage.
 Conventions (fixed for the whole package; convert only through :mod:`cyclereg.frames`)
 --------------------------------------------------------------------------------------
 Point clouds
-    Flat tensors of shape ``(N, 3)`` (or ``(B, N, 3)``), columns ``x, y, z`` in
+    Flat tensors of shape ``(N, 3)`` (one cloud per call; the conversions of
+    :mod:`cyclereg.frames` take any ``(..., 3)``), columns ``x, y, z`` in
     **millimetres** in the world frame of the data set (the frame of the CSV files).
+    Integer coordinates (voxel indices) are computed in torch's default float dtype, never in integers.
     Graphs over points are PyTorch-Geometric style ``edge_index`` tensors of shape
     ``(2, E)`` with row 0 = source (neighbour ``j``) and row 1 = target (centre ``i``).
 Volumes

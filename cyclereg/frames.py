@@ -105,42 +105,65 @@ def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.f
 
 
 # ----------------------------------------------------------------------------- voxel <-> world
+def floating_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype coordinates computed from ``t`` get: ``t``'s own when floating, else torch's default float
+    dtype (integer voxel indices such as :attr:`~cyclereg.keypoints.api.Keypoints.voxels` are promoted, not
+    computed in integers)."""
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
 def _affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``affine`` as a ``(4, 4)`` tensor of ``dtype`` on ``like``'s device (:class:`ValueError` otherwise)."""
-    A = torch.as_tensor(affine, dtype=dtype, device=like.device)
+    """``affine`` as a finite ``(4, 4)`` tensor of ``dtype`` on ``like``'s device (:class:`ValueError`
+    naming ``affine`` otherwise)."""
+    A = torch.as_tensor(affine, device=like.device).to(dtype)
     if A.shape != (4, 4):
         raise ValueError(f"affine: expected a 4x4 voxel -> mm matrix, got shape {tuple(A.shape)}")
+    if not torch.isfinite(A).all():
+        raise ValueError("affine: holds NaN or inf")
     return A
 
 
+def _inverse_affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`_affine`'s matrix (inverted in float64), as ``dtype``; :class:`ValueError`
+    naming ``affine`` when it is singular (a voxel axis of zero length, or two along one line)."""
+    try:
+        return torch.linalg.inv(_affine(affine, like, torch.float64)).to(dtype)
+    except torch.linalg.LinAlgError:
+        raise ValueError("affine: singular (its voxel axes do not span 3D), it has no inverse") from None
+
+
 def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Voxel indices ``(..., 3)`` -> world mm ``(..., 3)`` with a 4x4 NIfTI ``affine``."""
+    """Voxel indices ``(..., 3)`` -> world mm ``(..., 3)`` with a 4x4 NIfTI ``affine``
+    (dtype: :func:`floating_dtype` of ``points_vox``)."""
     check_points("points_vox", points_vox)
-    A = _affine(affine, points_vox, points_vox.dtype)
-    return points_vox @ A[:3, :3].T + A[:3, 3]
+    dtype = floating_dtype(points_vox)
+    A = _affine(affine, points_vox, dtype)
+    return points_vox.to(dtype) @ A[:3, :3].T + A[:3, 3]
 
 
 def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """World mm ``(..., 3)`` -> voxel indices ``(..., 3)`` (inverse of :func:`voxel_to_world`)."""
+    """World mm ``(..., 3)`` -> voxel indices ``(..., 3)`` (inverse of :func:`voxel_to_world`;
+    dtype: :func:`floating_dtype` of ``points_mm``)."""
     check_points("points_mm", points_mm)
-    A = _affine(affine, points_mm, torch.float64)
-    Ainv = torch.linalg.inv(A).to(points_mm.dtype)
-    return points_mm @ Ainv[:3, :3].T + Ainv[:3, 3]
+    dtype = floating_dtype(points_mm)
+    Ainv = _inverse_affine(affine, points_mm, dtype)
+    return points_mm.to(dtype) @ Ainv[:3, :3].T + Ainv[:3, 3]
 
 
 def voxel_disp_to_mm(disp_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Dense voxel displacement ``(B, 3, D, H, W)`` -> world-mm displacement ``(B, 3, D, H, W)`` (x, y, z)."""
     check_displacement("disp_vox", disp_vox)
-    A = _affine(affine, disp_vox, disp_vox.dtype)[:3, :3]
-    return torch.einsum("rc,bcdhw->brdhw", A, disp_vox)
+    dtype = floating_dtype(disp_vox)
+    A = _affine(affine, disp_vox, dtype)[:3, :3]
+    return torch.einsum("rc,bcdhw->brdhw", A, disp_vox.to(dtype))
 
 
 def mm_disp_to_voxel(disp_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`voxel_disp_to_mm`."""
     check_displacement("disp_mm", disp_mm)
-    A = _affine(affine, disp_mm, torch.float64)[:3, :3]
-    Ainv = torch.linalg.inv(A).to(disp_mm.dtype)
-    return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm)
+    dtype = floating_dtype(disp_mm)
+    Ainv = _inverse_affine(affine, disp_mm, dtype)[:3, :3]
+    return torch.einsum("rc,bcdhw->brdhw", Ainv, disp_mm.to(dtype))
 
 
 def crop_affine(affine, offset_vox) -> np.ndarray:
@@ -248,6 +271,8 @@ class UnitBox:
     @staticmethod
     def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
         """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side."""
+        for i, cloud in enumerate(clouds_mm):
+            check_points(f"clouds_mm[{i}]", cloud)
         pts = torch.cat([c.reshape(-1, 3) for c in clouds_mm]).double() if clouds_mm else torch.zeros(0, 3)
         if pts.shape[0] == 0:
             raise ValueError("clouds_mm: need at least one point")
@@ -258,9 +283,11 @@ class UnitBox:
         return UnitBox(tuple(lo.tolist()), tuple(size.tolist()))  # type: ignore[arg-type]
 
     def _t(self, like: torch.Tensor, name: str):
+        """The box's low corner and half extent as tensors of :func:`floating_dtype` of ``like``."""
         check_points(name, like)
-        lo = torch.tensor(self.lo_mm, dtype=like.dtype, device=like.device)
-        half = torch.tensor(self.extent_mm, dtype=like.dtype, device=like.device) / 2
+        dtype = floating_dtype(like)
+        lo = torch.tensor(self.lo_mm, dtype=dtype, device=like.device)
+        half = torch.tensor(self.extent_mm, dtype=dtype, device=like.device) / 2
         return lo, half
 
     def mm_to_unit(self, points_mm: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from cyclereg.frames import check_displacement
+from cyclereg.frames import check_displacement, floating_dtype
 
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
-    """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm."""
-    e = errors_mm.double().flatten()
+    """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm (N >= 1, finite:
+    :class:`ValueError` naming ``errors_mm`` otherwise; residual vectors ``(N, 3)`` are refused, not
+    flattened, take their norms first)."""
+    if errors_mm.ndim != 1 or errors_mm.numel() == 0:
+        raise ValueError(f"errors_mm: expected (N,) distances with N >= 1, got {tuple(errors_mm.shape)}")
+    if not torch.isfinite(errors_mm).all():
+        raise ValueError("errors_mm: holds NaN or inf")
+    e = errors_mm.double()
     q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype, device=e.device))
     return {"mean": e.mean().item(), "std": e.std(unbiased=True).item() if e.numel() > 1 else 0.0,
             "p25": q[0].item(), "p50": q[1].item(), "p75": q[2].item()}
@@ -49,13 +55,15 @@ def jacobian_determinant(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -
         slab: output planes along D computed at once, in float64 (memory: about 20 slab-sized
             float64 temporaries instead of 20 volume-sized ones; bitwise the same result).
     Returns:
-        ``(B, D-2, H-2, W-2)`` determinants in the input's dtype (the one-voxel border is dropped).
+        ``(B, D-2, H-2, W-2)`` determinants in :func:`~cyclereg.frames.floating_dtype` of the input (its
+        own dtype when floating; the one-voxel border is dropped).
     """
     check_displacement("disp_vox", disp_vox)
     if slab < 1:
         raise ValueError(f"slab={slab}: need at least 1")
     b, _, depth, height, width = disp_vox.shape
-    out = disp_vox.new_empty(b, max(depth - 2, 0), max(height - 2, 0), max(width - 2, 0))
+    out = disp_vox.new_empty(b, max(depth - 2, 0), max(height - 2, 0), max(width - 2, 0),
+                             dtype=floating_dtype(disp_vox))
     for start in range(0, out.shape[1], slab):
         stop = min(start + slab, out.shape[1])
         # output planes start..stop-1 are input planes start+1..stop, which need start..stop+1
@@ -93,7 +101,8 @@ def jacobian_map(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -> torch.
         disp_vox: ``(1, 3, D, H, W)`` displacement in voxels (fixed -> moving), D, H, W >= 3.
         slab: planes per piece along the first axis (same result for any value).
     Returns:
-        ``(D, H, W)`` float32: :func:`jacobian_determinant` in the interior, each border voxel
+        ``(D, H, W)`` float32 whatever the input's dtype (a map to write as a NIfTI volume; the
+        exception to "dtypes follow the inputs"): :func:`jacobian_determinant` in the interior, each border voxel
         the value of its nearest interior voxel. ``J > 1``: the region around ``x`` corresponds
         to a larger region of the moving scan (for exhale fixed / inhale moving: local
         inspiration volume ratio); ``J <= 0``: folding.

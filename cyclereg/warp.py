@@ -19,6 +19,15 @@ def _check(name: str, t: torch.Tensor, ndim: int) -> None:
         raise ValueError(f"{name}: expected {ndim}-D tensor, got shape {tuple(t.shape)}")
 
 
+def _check_batch(moving: torch.Tensor, disp_vox: torch.Tensor) -> None:
+    """:class:`ValueError` naming the argument unless ``moving`` is 5-D, ``disp_vox`` ``(B, 3, D, H, W)``
+    and ``moving``'s batch 1 or B."""
+    _check("moving", moving, 5)
+    check_displacement("disp_vox", disp_vox)
+    if moving.shape[0] not in (1, disp_vox.shape[0]):
+        raise ValueError(f"moving: batch {moving.shape[0]}, but disp_vox has {disp_vox.shape[0]} (give 1 or as many)")
+
+
 def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear",
          padding_mode: str = "border") -> torch.Tensor:
     """Sample ``moving`` ``(B, C, D', H', W')`` at ``x + disp(x)`` for every fixed voxel ``x``.
@@ -30,10 +39,7 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
     Returns:
         ``(B, C, D, H, W)`` warped moving image.
     """
-    _check("moving", moving, 5)
-    check_displacement("disp_vox", disp_vox)
-    if moving.shape[0] not in (1, disp_vox.shape[0]):
-        raise ValueError(f"moving: batch {moving.shape[0]}, but disp_vox has {disp_vox.shape[0]} (give 1 or as many)")
+    _check_batch(moving, disp_vox)
     if moving.shape[2:] != disp_vox.shape[2:]:
         raise ValueError(f"moving {tuple(moving.shape[2:])} and disp_vox {tuple(disp_vox.shape[2:])} grids differ")
     grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
@@ -50,6 +56,9 @@ def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=N
     half-voxel band alone."""
     if (labels_affine is None) != (fixed_affine is None):
         raise ValueError("warp_labels: give both labels_affine and fixed_affine, or neither")
+    if labels.dtype == torch.bool:  # a mask: warped as 0/1 labels and returned as a mask
+        return warp_labels(labels.to(torch.uint8), disp_vox, labels_affine=labels_affine,
+                           fixed_affine=fixed_affine).bool()
     if labels_affine is None:
         return warp(labels, disp_vox, mode="nearest", padding_mode="zeros")
     return warp_between_grids(labels, labels_affine, disp_vox, fixed_affine, mode="nearest", padding_mode="zeros")
@@ -112,9 +121,10 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     shapes agree. Works in slabs along the first axis of at most :data:`SLAB_VOXELS` voxels, so
     the sampling coordinates of a large CT never exist all at once.
     """
-    _check("moving", moving, 5)
-    check_displacement("disp_vox", disp_vox)
+    _check_batch(moving, disp_vox)
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
+    if fixed_affine.shape != (4, 4):
+        raise ValueError(f"fixed_affine: expected a 4x4 voxel -> mm matrix, got shape {fixed_affine.shape}")
     depth, plane = disp_vox.shape[2], disp_vox.shape[3] * disp_vox.shape[4]
     step = max(1, SLAB_VOXELS // max(plane, 1))
     slabs = []
@@ -126,7 +136,12 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
 
 
 def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``x -> x + a(x) + b(x + a(x))`` (apply ``a`` first, then ``b``), voxels."""
+    """Displacement of ``x -> x + a(x) + b(x + a(x))`` (apply ``a`` first, then ``b``), voxels; both
+    ``(B, 3, D, H, W)`` on one grid (:class:`ValueError` naming ``disp_a`` / ``disp_b`` otherwise)."""
+    check_displacement("disp_a", disp_a)
+    check_displacement("disp_b", disp_b)
+    if disp_a.shape[2:] != disp_b.shape[2:]:
+        raise ValueError(f"disp_b: grid {tuple(disp_b.shape[2:])} differs from disp_a's {tuple(disp_a.shape[2:])}")
     return disp_a + warp(disp_b, disp_a, mode="bilinear", padding_mode="border")
 
 

@@ -6,6 +6,8 @@ row 1 the centre (target ``i``), so messages flow ``j -> i``.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 KNN_CHUNK_BYTES_CPU = 2**20
@@ -27,14 +29,30 @@ def knn_chunk_rows(n_reference: int, element_size: int, device: torch.device) ->
 def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude_self: bool = False) -> torch.Tensor:
     """Indices ``(N, k)`` of the ``k`` nearest ``reference`` points ``(M, 3)`` of each ``query`` point ``(N, 3)``.
 
-    Sorted by increasing distance. With ``exclude_self`` (query is reference), the point
-    itself is skipped. Ties are broken by index order of :func:`torch.topk`.
+    Sorted by increasing distance. With ``exclude_self`` (query is reference: the same points in the
+    same order), the point itself is skipped. Ties are broken by index order of :func:`torch.topk`.
+    Points of any dimension D work alike (``(N, D)``, ``(M, D)``); both of one dtype. An empty query
+    gives ``(0, k)``. :class:`ValueError` naming the argument otherwise.
     """
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
+    if query.dtype != reference.dtype:
+        raise ValueError(f"query: {query.dtype}, but reference: {reference.dtype}; give both alike")
+    try:
+        count = -1 if isinstance(k, bool) else operator.index(k)  # an int, numpy or torch integer; not 2.0
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"k: expected a whole number >= 0, got {k!r}")
+    k = count
+    if exclude_self and query.shape != reference.shape:
+        raise ValueError(f"exclude_self: the query must be the reference itself, got {tuple(query.shape)} "
+                         f"and {tuple(reference.shape)}")
     kk = k + int(exclude_self)
     if kk > reference.shape[0]:
         raise ValueError(f"k={k}: reference has only {reference.shape[0]} points")
+    if query.shape[0] == 0:
+        return torch.zeros(0, k, dtype=torch.long, device=query.device)
     out = []
     piece = knn_chunk_rows(reference.shape[0], reference.element_size(), reference.device)
     for start in range(0, query.shape[0], piece):

@@ -20,6 +20,7 @@ import torch
 
 from cyclereg.clouds import native
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
+from cyclereg.errors import finite_number, whole_number
 
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution off the CPU (memory: chunk x K x K floats)."""
@@ -78,9 +79,13 @@ class LBPConfig:
     prune_fraction: float = 0.25
 
     def __post_init__(self):
-        for name in ("num_candidates", "graph_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: need at least 1")
+        for name, minimum in (("num_candidates", 1), ("graph_k", 1), ("iterations", 0)):
+            value = getattr(self, name)
+            if not whole_number(value) or value < minimum:
+                raise ValueError(f"{name}={value!r}: need a whole number, at least {minimum}")
+        for name in ("pairwise_weight", "data_weight", "softmax_beta"):
+            if not finite_number(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: need a finite number")
         if self.source_labels is not None and self.source_labels < 1:
             raise ValueError(f"source_labels={self.source_labels}: need at least 1 (None = all)")
         if not (0 < self.prune_fraction < 1):
@@ -287,6 +292,7 @@ def joint_lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor,
     ``centres`` (or around the fixed points)."""
     if not features:
         raise ValueError("features: need at least one (feat_fixed, feat_moving) pair")
+    _check_lbp_inputs(fixed, moving, features)
     cand, idx = candidates(fixed, moving, config.num_candidates, centres, idx=candidate_idx)
     unary = config.data_weight * (sum(feature_cost(ff, fm, idx) for ff, fm in features) / len(features))
     edge_index, reverse = symmetric_edge_index(fixed, config.graph_k) if graph is None else graph
@@ -294,6 +300,27 @@ def joint_lbp_beliefs(fixed: torch.Tensor, moving: torch.Tensor,
                      source_labels=config.source_labels, prune_from=config.prune_from,
                      prune_fraction=config.prune_fraction)
     return cand, belief
+
+
+def _check_lbp_inputs(fixed: torch.Tensor, moving: torch.Tensor,
+                      features: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """:class:`ValueError` naming the argument unless ``fixed (N, 3)`` and ``moving (M, 3)`` (N, M >= 1)
+    and every ``(feat_fixed (N, C), feat_moving (M, C))`` are of one dtype and device (shape checks only:
+    they turn calls that would fail inside torch into a message naming the argument)."""
+    for name, pts in (("fixed", fixed), ("moving", moving)):
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
+            raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(pts.shape)}")
+    like = (fixed.dtype, fixed.device)
+    if (moving.dtype, moving.device) != like:
+        raise ValueError(f"moving: {moving.dtype} on {moving.device}, but fixed: {fixed.dtype} on {fixed.device}")
+    for i, (ff, fm) in enumerate(features):
+        for name, feat, n in ((f"features[{i}][0]", ff, fixed.shape[0]), (f"features[{i}][1]", fm, moving.shape[0])):
+            if feat.ndim != 2 or feat.shape[0] != n:
+                raise ValueError(f"{name}: expected ({n}, C), one row per point, got {tuple(feat.shape)}")
+            if (feat.dtype, feat.device) != like:
+                raise ValueError(f"{name}: {feat.dtype} on {feat.device}, but the points: {like[0]} on {like[1]}")
+        if ff.shape[1] != fm.shape[1]:
+            raise ValueError(f"features[{i}]: {ff.shape[1]} fixed against {fm.shape[1]} moving channels")
 
 
 def soft_argmin(cand: torch.Tensor, belief: torch.Tensor, beta: float) -> torch.Tensor:

@@ -297,7 +297,8 @@ class CloudRegistration:
 
     def spread_at(self, query_mm: torch.Tensor) -> torch.Tensor | None:
         """``(M,)``: the members' disagreement (mm) at query points ``(M, 3)`` mm, each member's
-        displacements densified by its own TPS (the settings of :meth:`spline`); None without members."""
+        displacements densified by its own TPS (the settings of :meth:`spline`); None without members.
+        In the dtype of the registration (``fixed_mm``'s: the query is converted to it)."""
         if self.member_displacements_mm is None:
             return None
         # one spline with the members' fields as columns: one solve and one kernel evaluation for all
@@ -436,6 +437,12 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     if (moving_mm.device, moving_mm.dtype) != (fixed_mm.device, fixed_mm.dtype):
         raise ValueError(f"moving_mm: {moving_mm.dtype} on {moving_mm.device}, but fixed_mm: {fixed_mm.dtype} on "
                          f"{fixed_mm.device}; give both alike")
+    if not fixed_mm.is_floating_point():
+        raise ValueError(f"fixed_mm: {fixed_mm.dtype} coordinates; give mm as floating point (e.g. .double())")
+    weights = next(iter(net.parameters()), None) if net is not None else None
+    if weights is not None and (weights.dtype, weights.device) != (fixed_mm.dtype, fixed_mm.device):
+        raise ValueError(f"fixed_mm: {fixed_mm.dtype} on {fixed_mm.device}, but the network is {weights.dtype} on "
+                         f"{weights.device}; move one to the other (net.to(fixed_mm))")
     need_fixed, need_moving = min_cloud_points(config)
     for name, pts, minimum, spline in (("fixed_mm", fixed_mm, need_fixed, True),
                                        ("moving_mm", moving_mm, need_moving, False)):

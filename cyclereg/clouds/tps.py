@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cyclereg.errors import finite_number, whole_number
+from cyclereg.frames import floating_dtype
 
 EVAL_CHUNK_BYTES_CPU = 4 * 2**20
 """On CPU, the bytes of kernel matrix (query points x control points, float64) evaluated at
@@ -102,21 +103,30 @@ class ThinPlateSpline:
         P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
         A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
         A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
+        if not (torch.isfinite(c).all() and torch.isfinite(values).all()):
+            raise ValueError("centres, values: hold NaN or inf")
         rhs = torch.cat([values.double(), values.new_zeros(4, values.shape[1]).double()])
-        sol = torch.linalg.solve(A, rhs)
+        try:
+            sol = torch.linalg.solve(A, rhs)
+        except torch.linalg.LinAlgError:
+            raise ValueError(f"centres: the spline's system is singular for these {n} points; it needs at least 4 "
+                             "points that span 3D (not all on one plane) and, with regularisation 0, no point "
+                             "twice") from None
         return ThinPlateSpline(centres=c, weights=sol[:n], affine=sol[n:], kernel=kernel)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
-        """Evaluate at ``points (M, 3)`` -> ``(M, C)`` in the input's dtype (``M = 0``: an empty result)."""
+        """Evaluate at ``points (M, 3)`` -> ``(M, C)`` in :func:`~cyclereg.frames.floating_dtype` of ``points``
+        (``M = 0``: an empty result)."""
         d = self.centres.shape[1]
         if points.ndim != 2 or points.shape[1] != d:
             raise ValueError(f"points: expected (M, {d}), got {tuple(points.shape)}")
+        dtype = floating_dtype(points)
         if points.shape[0] == 0:
-            return points.new_zeros(0, self.weights.shape[1])
+            return points.new_zeros(0, self.weights.shape[1], dtype=dtype)
         out = []
         rows = eval_chunk_rows(self.centres.shape[0], self.centres.device)
         for s in range(0, points.shape[0], rows):
             x = points[s:s + rows].double()
             U = _phi(torch.cdist(x, self.centres), self.kernel)
             out.append(U @ self.weights + self.affine[0] + x @ self.affine[1:])
-        return torch.cat(out).to(points.dtype)
+        return torch.cat(out).to(dtype)

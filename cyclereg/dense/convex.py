@@ -174,7 +174,10 @@ def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: fl
 
 def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, int], cfg: ConvexConfig) -> torch.Tensor:
     """Upsample a coarse field by ``factor`` (a power of 2) in 2x steps, smoothing after
-    each intermediate step (``cfg.upsample_smooth_passes`` box filters), to ``out_shape``."""
+    each intermediate step (``cfg.upsample_smooth_passes`` box filters), to ``out_shape``
+    (:class:`ValueError` naming ``factor`` when it is no power of 2: the 2x steps could not reach it)."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
+        raise ValueError(f"factor: expected a power of 2 (1, 2, 4, ...), got {factor!r}")
     cur = disp
     f = 1
     while f < factor:

@@ -24,6 +24,15 @@ def _check(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected (B, 1, D, H, W), got {tuple(x.shape)}")
 
 
+def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:
+    """:class:`ValueError` naming the argument unless both are ``(B, 1, D, H, W)`` of one shape (a batch of 1
+    against one of 2 would broadcast into a loss of neither)."""
+    _check("fixed", fixed)
+    _check("warped", warped)
+    if warped.shape != fixed.shape:
+        raise ValueError(f"warped: shape {tuple(warped.shape)} differs from fixed's {tuple(fixed.shape)}")
+
+
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over the ``(2r+1)^3`` cube around every voxel (replicate padding)."""
     if radius <= 0:
@@ -82,8 +91,7 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
 
 def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """Mean squared difference of MIND-SSC descriptors (0 for identical images)."""
-    _check("fixed", fixed)
-    _check("warped", warped)
+    _check_pair(fixed, warped)
     return (mind_ssc(fixed, radius=radius, dilation=dilation)
             - mind_ssc(warped, radius=radius, dilation=dilation)).pow(2).mean()
 
@@ -92,10 +100,11 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     """``1 - mean(local NCC)`` over ``(2r+1)^3`` windows.
 
     Returns 0 for images that are locally affine functions of each other with positive
-    slope, up to 2 for a negated image.
+    slope, up to 2 for a negated image, where the local variances are large against ``eps``
+    (an absolute constant in squared intensity units: for intensities scaled to about [0, 1] two
+    identical images score below 1e-3; for intensities of 0.01 the windows are dominated by ``eps``).
     """
-    _check("fixed", fixed)
-    _check("warped", warped)
+    _check_pair(fixed, warped)
     mf, mw = box_mean(fixed, radius), box_mean(warped, radius)
     cov = box_mean(fixed * warped, radius) - mf * mw
     vf = (box_mean(fixed * fixed, radius) - mf * mf).clamp_min(0)

@@ -353,10 +353,21 @@ def foerstner_keypoints(img: torch.Tensor, spacing_mm, mask: torch.Tensor | None
     Returns:
         :class:`Keypoints` with voxel indices on the CPU.
     Raises:
-        ValueError: ``img`` is not 3-D, shapes differ, or the eroded mask is empty.
+        ValueError: ``img`` is not 3-D or not finite real intensities, ``spacing_mm`` is not 3 sizes > 0,
+            shapes differ, or the eroded mask is empty.
     """
     if img.ndim != 3:
         raise ValueError(f"img: expected a (D, H, W) volume, got shape {tuple(img.shape)}")
+    if img.is_complex() or img.dtype == torch.bool:
+        raise ValueError(f"img: expected real intensities, got {img.dtype}")
+    if not torch.isfinite(img).all():
+        raise ValueError("img: holds NaN or inf intensities")
+    try:
+        spacing = [float(v) for v in spacing_mm]
+    except (TypeError, ValueError):
+        spacing = []
+    if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"spacing_mm: expected 3 finite voxel sizes > 0 mm (one per array axis), got {spacing_mm!r}")
     given = mask is not None
     if mask is None:
         mask = torch.ones(img.shape, dtype=torch.bool, device=img.device)
