@@ -173,7 +173,7 @@ def keypoints(
     max_points: Optional[int] = typer.Option(None, "--max-points", help="keep at most this many strongest points (default 3000; 0: no limit)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv (world mm) | l2r (headerless voxel-index CSV) | ply | pcd | npy (default: from the suffix of -o: .csv/.txt, .npy, .ply, .pcd)"),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV with columns id,fixed,moving[,fixed_landmarks,moving_landmarks] (paths relative to it): keypoints of every scan and a dataset.json in --output, ready for pretrain-random/cycle/evaluate"),
-    moving_nms_radius: Optional[float] = typer.Option(None, "--moving-nms-radius", help="with --pairs: NMS half-width of the moving scans, mm (default 3: about twice the fixed scans' points, as in the paper)"),
+    moving_nms_radius: Optional[float] = typer.Option(None, "--moving-nms-radius", help="with --pairs: NMS half-width of the moving scans, mm (default 3: a denser moving cloud, 1.3x the fixed points on the shipped chest CT; the paper's moving clouds have about 2x)"),
     folds: Optional[int] = typer.Option(None, "--folds", help="with --pairs: split the pairs into this many cross-validation folds (consecutive rows)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -215,7 +215,7 @@ def pretrain_random(
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoints: extra registrations of randomly rotated/scaled/shifted copies, averaged, in the pseudo-label stream and at test time (default 4; 0 = off)"),
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
     learn_recentre_passes: Optional[int] = typer.Option(None, "--learn-recentre-passes", help="keypoints: gradient-free LBP passes that re-centre the learning stream's candidate search, as at test time (default 0 = the paper's single pass; 1 costs ~1.6x per training sample)"),
-    aug_relative: Optional[float] = typer.Option(None, "--aug-relative", help="keypoints: a further random affine map of the moving cloud alone in the learning stream, I + s N (entries of N standard normal; default 0.05, the authors' dense value; 0 = off: both clouds share one similarity transform, as runs before 2026-12-06)"),
+    aug_relative: Optional[float] = typer.Option(None, "--aug-relative", help="keypoints: a further random affine map of the moving cloud alone in the learning stream, y -> (I + s N) y + s n (entries of N and n standard normal, n in the unit frame; default 0.05, the authors' dense value; 0 = off: both clouds share one similarity transform, as runs before 2026-12-06)"),
     val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: label this many folds at once in worker processes (they share the CPU threads; the labels of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -263,7 +263,8 @@ def status(
     stages: Optional[int] = typer.Option(None, "--stages", help="count progress towards T stages (default: the run's)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the status as JSON here"),
     history: bool = typer.Option(False, "--history", help="also list every finished stage: time, training loss, "
-                                 "pseudo-label disagreement (landmark-free) and any validation score the run logged"),
+                                 "pseudo-label disagreement, how far its refresh moved the labels (both "
+                                 "landmark-free) and any validation score the run logged"),
 ) -> None:
     """Progress of a training run (read only; also while cycle runs): stages per fold, what comes next, time."""
     require_run_dir(run)

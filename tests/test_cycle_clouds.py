@@ -48,6 +48,25 @@ def _dataset(tmp_path, n=3, landmarks=True, seeds=None):
     return ds
 
 
+def test_evaluate_without_a_volume_grid_reports_tre_only(tmp_path):
+    """A dataset without volume_shape_zyx / spacing_zyx_mm has no grid to score a field's smoothness on:
+    no SDlogJ for a model nor for --identity (which wrote 0.0), and the timing line says landmarks only."""
+    ds = _dataset(tmp_path, n=2)
+    for i, args in enumerate((["--identity"], ["--model", "random", "--device", "cpu"])):
+        out = tmp_path / f"r{i}.json"
+        res = runner.invoke(app, ["evaluate", str(ds), *args, "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        r = json.loads(out.read_text())
+        assert r["mean_sdlogj"] is None and not any("sdlogj" in c for c in r["cases"]), r
+        assert "(landmarks)" in " ".join(res.output.split()) and "SDlogJ of the dense" not in res.output
+    obj = json.loads(ds.read_text())  # with a grid the identity's zero field scores exactly 0
+    obj.update(volume_shape_zyx=[40, 40, 40], spacing_zyx_mm=[4.0, 4.0, 4.0])
+    ds.write_text(json.dumps(obj))
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "g.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "g.json").read_text())["mean_sdlogj"] == 0.0
+
+
 def test_evaluate_reads_every_pair_before_registering_any(tmp_path, monkeypatch):
     """A bad landmark file of the last pair stops evaluate before the first registration."""
     import cyclereg.clouds.api as clouds_api

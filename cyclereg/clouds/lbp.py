@@ -42,6 +42,7 @@ def edge_chunk(k_src: int, k_dst: int, device: torch.device) -> int:
 @dataclass(frozen=True)
 class LBPConfig:
     """Sparse LBP settings (unit frame). Defaults follow the authors' COPD code except
+    ``iterations`` (5 effective sweeps here; the authors' loop keeps 4, see below) and
     ``num_candidates``: they draw 256 candidates from a moving cloud resampled to 8192
     points; on the ~3k-point clouds used here 64 candidates cover the same motion range
     at 1/16 of the message-passing cost (see docs/benchmarks.md for 64/128/256).

@@ -5,11 +5,12 @@ Run directory layout::
     RUN_DIR/run.json            dataset identity + resolved configuration (checked on resume)
     RUN_DIR/fold{K}/            one scheduler directory per cross-validation fold
         pseudo{t}.pt            pseudo labels after stage t (0 = random network)
-        stage{t}.pt             checkpoint {config, state_dict, version} after stage t
+        stage{t}.pt             checkpoint {kind, config, state_dict, version, extra} after stage t
         stage{t}.partial.pt     mid-stage training snapshot while stage t trains (then deleted)
         final.pt                the last finished stage's checkpoint (what evaluation uses)
         log.jsonl               one JSON line per stage
-    RUN_DIR/all/                the same when the dataset has no folds (volume datasets)
+    RUN_DIR/all/                the same when the dataset has no folds (volume datasets, keypoint
+                                datasets without "folds")
 
 Training reads only the keypoint files of a fold's training pairs (keypoint datasets) or the
 training images (volume datasets, Learn2Reg JSON). Landmarks and label maps are touched only by
