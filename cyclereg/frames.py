@@ -192,6 +192,8 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
 def centred_affine(shape: tuple[int, int, int], spacing_mm) -> torch.Tensor:
     """4x4 float64 voxel -> mm affine of a grid of ``shape`` and voxel size ``spacing_mm`` (i, j, k)
     with its axes along the array axes and its origin at the volume centre (voxel ``(shape - 1) / 2``)."""
+    if len(tuple(shape)) != 3 or len(tuple(spacing_mm)) != 3:
+        raise ValueError(f"shape, spacing_mm: expected 3 values each (i, j, k), got {tuple(shape)}, {tuple(spacing_mm)}")
     S = torch.diag(torch.tensor([float(s) for s in spacing_mm], dtype=torch.float64))
     centre = (torch.tensor([float(n) for n in shape], dtype=torch.float64) - 1) / 2
     A = torch.eye(4, dtype=torch.float64)

@@ -188,3 +188,35 @@ def test_lbp_names_features_that_do_not_fit_their_points():
 def test_lbp_config_refuses_values_it_cannot_use(field, value):
     with pytest.raises(ValueError, match=field):
         LBPConfig(**{field: value})
+
+
+def test_dense_building_blocks_name_their_bad_arguments():
+    from cyclereg.dense.convex import box_smooth, correlate, coupled_convex, resample_disp
+    from cyclereg.dense.pipeline import pad_to_multiple
+    from cyclereg.frames import centred_affine
+
+    with pytest.raises(ValueError, match=r"x: expected \(B, C, D, H, W\)"):
+        box_smooth(torch.zeros(3, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"feat_fix: expected \(B, C, D, H, W\)"):
+        correlate(torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4), ConvexConfig())
+    with pytest.raises(ValueError, match=r"cost: expected \(B, 27, d, h, w\) for radius 1"):
+        coupled_convex(torch.zeros(1, 26, 4, 4, 4), ConvexConfig(radius=1))
+    for ratio in (0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="ratio: expected a voxel size ratio > 0"):
+            resample_disp(torch.zeros(1, 3, 4, 4, 4), (2, 2, 2), ratio)
+    with pytest.raises(ValueError, match="multiple: expected a whole number >= 1"):
+        pad_to_multiple(torch.zeros(1, 1, 5, 5, 5), 0)
+    with pytest.raises(ValueError, match="shape, spacing_mm: expected 3 values each"):
+        centred_affine((4, 4, 4), (1.0, 1.0))
+    # what they do with good arguments: a constant field resampled 2x finer doubles in voxels
+    torch.testing.assert_close(resample_disp(torch.ones(1, 3, 4, 4, 4), (8, 8, 8), 0.5), torch.full((1, 3, 8, 8, 8), 2.0))
+    assert pad_to_multiple(torch.zeros(1, 1, 5, 6, 7), 4).shape[2:] == (8, 8, 8)
+
+
+def test_dense_field_of_a_cloud_registration_names_a_bad_grid_shape():
+    g = torch.Generator().manual_seed(4)
+    fixed = torch.rand(200, 3, generator=g) * 50
+    reg = register_clouds(fixed, fixed + 1.0, None, CloudRegConfig())
+    with pytest.raises(ValueError, match=r"shape: expected 3 voxel counts >= 1"):
+        reg.dense(np.eye(4), (4, 4))
+    assert reg.dense(np.eye(4), (4, 5, 6)).shape == (1, 3, 4, 5, 6)

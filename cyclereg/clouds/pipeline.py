@@ -347,6 +347,8 @@ class CloudRegistration:
         step) + 1`` points from the first voxel to the last, ``(s - 1) / (c - 1) <= step`` voxels apart
         (``step = tps.grid_step``; so that trilinear upsampling with aligned corners puts them back on
         voxels: 10 voxels at step 4 give voxels 0, 3, 6, 9). Its shape and its world points ``(P, 3)`` mm."""
+        if len(tuple(shape)) != 3 or min(int(s) for s in shape) < 1:
+            raise ValueError(f"shape: expected 3 voxel counts >= 1 (D, H, W), got {tuple(shape)}")
         step = max(1, int(self.tps.grid_step))
         coarse = tuple(int(math.ceil((s - 1) / step)) + 1 for s in shape)
         device = self.fixed_mm.device

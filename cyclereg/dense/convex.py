@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.dense.config import ConvexConfig
-from cyclereg.frames import voxel_coordinates, voxel_to_grid
+from cyclereg.errors import finite_number
+from cyclereg.frames import check_displacement, voxel_coordinates, voxel_to_grid
 from cyclereg.warp import sample_grid, warp
 
 
@@ -66,6 +67,8 @@ def box_smooth(x: torch.Tensor, kernel: int = 3, passes: int = 1) -> torch.Tenso
     filter alone is 2.5-4x faster than ``avg_pool3d`` on 3-channel fields (forward and backward) and
     about as fast on the training's 343-channel cost volumes; a default registration at 96 x 80 x 128
     is 1.4-1.5x faster (docs/benchmarks.md, "Box filters as running sums")."""
+    if x.ndim != 5:
+        raise ValueError(f"x: expected (B, C, D, H, W), got {tuple(x.shape)}")
     if kernel % 2 == 0:
         raise ValueError(f"box_smooth: kernel must be odd (an even box filter shifts by half a voxel), got {kernel}")
     if kernel <= 1:
@@ -96,6 +99,8 @@ def correlate(feat_fix: torch.Tensor, feat_mov: torch.Tensor, cfg: ConvexConfig)
     ``cost[:, n, x] = patch-mean over x' of reduce_c |f(x') - m(x' + o_n)|``. The moving
     features are extended by replication outside the volume.
     """
+    if feat_fix.ndim != 5:
+        raise ValueError(f"feat_fix: expected (B, C, D, H, W), got {tuple(feat_fix.shape)}")
     if feat_fix.shape != feat_mov.shape:
         raise ValueError(f"feat_fix, feat_mov: shapes differ: {tuple(feat_fix.shape)} vs {tuple(feat_mov.shape)}")
     r = cfg.radius
@@ -126,6 +131,9 @@ def coupled_convex(cost: torch.Tensor, cfg: ConvexConfig) -> torch.Tensor:
     increasing coupling schedule ``cfg.coupling``. Returns ``(B, 3, d, h, w)`` in voxels of
     the cost volume's grid.
     """
+    if cost.ndim != 5 or cost.shape[1] != (2 * cfg.radius + 1) ** 3:
+        raise ValueError(f"cost: expected (B, {(2 * cfg.radius + 1) ** 3}, d, h, w) for radius {cfg.radius}, "
+                         f"got {tuple(cost.shape)}")
     disps = displacement_set(cfg.radius, device=cost.device, dtype=cost.dtype)
     v = _soft_argmin(cost, disps, cfg.softmax_temperature)
     for alpha in cfg.coupling:
@@ -166,6 +174,9 @@ def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: fl
     centre relation of stride-2, kernel-3, padding-1 convolutions. Displacements are
     rescaled by ``1 / ratio``; positions outside the source are clamped (border).
     """
+    check_displacement("disp", disp)
+    if not (finite_number(ratio) and ratio > 0):
+        raise ValueError(f"ratio: expected a voxel size ratio > 0, got {ratio!r}")
     src_shape = tuple(disp.shape[2:])
     pts = voxel_coordinates(tuple(out_shape), device=disp.device, dtype=disp.dtype) * ratio
     grid = voxel_to_grid(pts, src_shape).unsqueeze(0).expand(disp.shape[0], -1, -1, -1, -1)

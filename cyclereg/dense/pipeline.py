@@ -29,6 +29,8 @@ from cyclereg.warp import compose, warp
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Replicate-pad ``(B, C, D, H, W)`` at the far end of each axis to multiples of ``multiple``
     (voxel indices of the original voxels are unchanged)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple: expected a whole number >= 1, got {multiple!r}")
     pads = []
     for s in reversed(x.shape[2:]):
         pads += [0, (-s) % multiple]
