@@ -488,11 +488,8 @@ class StageScheduler:
         stage = self.last_finished_stage()
         if stage < 0 or stage in self._stage_log():
             return
-        try:
-            payload = torch.load(self.labels_path(stage), map_location="cpu", weights_only=True)
-            record = payload.get("record") if isinstance(payload, dict) else None
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"unreadable pseudo labels ({type(exc).__name__})", self.labels_path(stage)) from None
+        payload = self._load_label_file(stage)
+        record = payload.get("record") if isinstance(payload, dict) else None
         if record is not None:
             self._finish(record, progress)
 
@@ -505,15 +502,21 @@ class StageScheduler:
         payload = self._read_labels(stage)
         return payload["labels"], payload["weights"]
 
+    def _load_label_file(self, stage: int, mmap: bool = False):
+        """Whatever the label file of ``stage`` holds (``torch.load``, tensors memory-mapped with ``mmap``);
+        :class:`InputError` naming it when it cannot be read."""
+        path = self.labels_path(stage)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"unreadable pseudo labels ({type(exc).__name__}); delete it to make them again",
+                             path) from None
+
     def _read_labels(self, stage: int, mmap: bool = False) -> dict:
         """The label file of ``stage`` as saved (``labels``, ``weights``, ...); :class:`InputError` naming it
         when it is unreadable or not what a stage saves."""
         path = self.labels_path(stage)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"unreadable pseudo labels ({type(exc).__name__}); delete it to make them again",
-                             path) from None
+        payload = self._load_label_file(stage, mmap)
         if not (isinstance(payload, dict) and isinstance(payload.get("labels"), dict)
                 and isinstance(payload.get("weights"), dict)):
             raise InputError("not the pseudo labels of a cyclereg stage (no labels and weights); delete it to make "
