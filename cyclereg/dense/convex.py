@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.dense.config import ConvexConfig
-from cyclereg.errors import finite_number
+from cyclereg.errors import finite_number, whole_number
 from cyclereg.frames import check_displacement, voxel_coordinates, voxel_to_grid
 from cyclereg.warp import sample_grid, warp
 
@@ -187,7 +187,7 @@ def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, i
     """Upsample a coarse field by ``factor`` (a power of 2) in 2x steps, smoothing after
     each intermediate step (``cfg.upsample_smooth_passes`` box filters), to ``out_shape``
     (:class:`ValueError` naming ``factor`` when it is no power of 2: the 2x steps could not reach it)."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or factor & (factor - 1):
+    if not whole_number(factor) or factor < 1 or factor & (factor - 1):
         raise ValueError(f"factor: expected a power of 2 (1, 2, 4, ...), got {factor!r}")
     cur = disp
     f = 1

@@ -22,6 +22,7 @@ from cyclereg.dense.convex import (coupled_convex, correlate, inverse_consistenc
                                    upsample_field)
 from cyclereg.dense.instance import adam_refine
 from cyclereg.dense.network import FeatureNet
+from cyclereg.errors import whole_number
 from cyclereg.metrics import SDLOGJ_MIN_SIZE
 from cyclereg.warp import compose, warp
 
@@ -29,7 +30,7 @@ from cyclereg.warp import compose, warp
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Replicate-pad ``(B, C, D, H, W)`` at the far end of each axis to multiples of ``multiple``
     (voxel indices of the original voxels are unchanged)."""
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+    if not whole_number(multiple) or multiple < 1:
         raise ValueError(f"multiple: expected a whole number >= 1, got {multiple!r}")
     pads = []
     for s in reversed(x.shape[2:]):
