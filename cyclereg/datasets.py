@@ -95,6 +95,12 @@ class KeypointDataset:
                 return p
         raise KeyError(pair_id)
 
+    @property
+    def has_volume_grid(self) -> bool:
+        """Whether the dataset names the volume grid its points lie in (``volume_shape_zyx`` and
+        ``spacing_zyx_mm``, given together): the unit frame's box and the grid ``evaluate`` scores SDlogJ on."""
+        return self.volume_shape_zyx is not None and self.spacing_zyx_mm is not None
+
     def voxel_spacing_xyz_mm(self) -> tuple[float, float, float] | None:
         """Voxel size along world x, y, z [mm] of the dataset's grid (:func:`cyclereg.frames.spacing_xyz`
         of ``spacing_zyx_mm``), the spacing of its headerless (Learn2Reg voxel-index) point files;

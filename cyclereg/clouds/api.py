@@ -656,7 +656,7 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
 
 
 def dataset_box(ds: KeypointDataset) -> UnitBox | None:
-    if ds.volume_shape_zyx and ds.spacing_zyx_mm:
+    if ds.has_volume_grid:
         return UnitBox.from_volume(ds.volume_shape_zyx, ds.spacing_zyx_mm)
     return None
 
@@ -818,7 +818,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
     print_table(Console(quiet=quiet), _tre_table(f"{ds.name} — {method}", result))
-    scored = "landmarks, SDlogJ of the dense TPS field" if smoothness and not identity and _has_grid(ds) else "landmarks"
+    scored = "landmarks, SDlogJ of the dense TPS field" if smoothness and not identity and ds.has_volume_grid else "landmarks"
     console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column time), scoring "
                   f"{result['mean_scoring_seconds']:.1f} s ({scored})", soft_wrap=True)
     with staged_file_set() as files:  # the report and its per-landmark errors: a set
@@ -1018,17 +1018,11 @@ def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: Uni
         rows["spread_mm"] += spread_lm.tolist()
         case["member_spread_mm"] = {"keypoints": tre_stats(reg.spread_mm.cpu()), "landmarks": tre_stats(spread_lm)}
         case["spread_tre_spearman"] = spearman(spread_lm, after)
-    if smoothness and _has_grid(ds):  # no volume grid: TRE only (the README's dataset description)
+    if smoothness and ds.has_volume_grid:  # no volume grid: TRE only (the README's dataset description)
         # zero field (identity): J = 1 everywhere, so every spread is exactly 0
         case.update({"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0} if net is None else
                     field_smoothness(reg, ds.volume_shape_zyx, ds.spacing_zyx_mm, spline))
     return case
-
-
-def _has_grid(ds) -> bool:
-    """Whether the keypoint dataset ``ds`` names the volume grid its points lie in (``volume_shape_zyx`` and
-    ``spacing_zyx_mm``), on which ``evaluate`` scores a field's smoothness."""
-    return bool(ds.volume_shape_zyx and ds.spacing_zyx_mm)
 
 
 def _tre_table(title: str, result: dict):
