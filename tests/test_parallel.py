@@ -180,3 +180,33 @@ def test_a_worker_whose_parent_died_while_it_started_stops_at_its_first_progress
         assert exc.value.code == ORPHAN_EXIT_CODE
     alive = QueueProgress(queue_mod.Queue(), parent=os.getppid())
     assert alive.add_task("x") == 1
+
+
+def test_a_sigterm_during_parallel_folds_stays_ignored_for_the_rest_of_the_exit(tmp_path):
+    """The first SIGTERM while folds run in parallel leaves through run_parallel's cleanup (SystemExit 143,
+    workers stopped), and SIGTERM stays ignored afterwards, as sigterm_exit promises: run_parallel must not put
+    the handler back, or a repeat (one per dying thread of a parent killed with kill -9) interrupts the exit."""
+    import threading
+
+    from cyclereg.interrupts import exit_on_sigterm
+
+    marker = tmp_path / "pid"
+
+    def send_sigterm_once_started():
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = exit_on_sigterm()  # as the CLI does
+    try:
+        threading.Thread(target=send_sigterm_once_started, daemon=True).start()
+        with pytest.raises(SystemExit) as exc:
+            run_parallel([(jobs.sleeps, (str(marker),), "fold 1")], 1, Recorder(), 1, lambda r: None)
+        assert exc.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGTERM)  # ignored: no second SystemExit
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(marker.read_text()), 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

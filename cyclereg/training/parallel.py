@@ -301,6 +301,6 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
             proc.join()
         stop.set()
         drainer.join(timeout=None if finished else DRAIN_GRACE_S)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        if old_term is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, old_term)  # not after a SIGTERM: sigterm_exit ignores repeats from then on
 
