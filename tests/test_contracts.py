@@ -102,6 +102,19 @@ def test_tps_names_a_singular_system_and_evaluates_integer_points_as_floats():
     torch.testing.assert_close(out, grid.float() @ A.T + 0.5, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lam", [-0.5, float("nan"), float("inf"), "per point"])
+def test_tps_refuses_a_negative_or_non_finite_regularisation(lam):
+    """lambda smooths (0 interpolates): a negative one would pull the spline away from its points (and can make
+    the system singular), NaN/inf poison every value; refused by name, per point as for all points."""
+    centres = torch.rand(12, 3, generator=torch.Generator().manual_seed(3))
+    if lam == "per point":
+        lam = torch.full((12,), 0.5)
+        lam[4] = -1.0
+    with pytest.raises(ValueError, match="regularisation: expected"):
+        ThinPlateSpline.fit(centres, torch.zeros(12, 3), regularisation=lam)
+    ThinPlateSpline.fit(centres, torch.zeros(12, 3), regularisation=torch.zeros(12))  # 0 is fine
+
+
 def test_knn_checks_its_arguments_and_answers_an_empty_query():
     ref = torch.rand(10, 3, generator=torch.Generator().manual_seed(2))
     assert knn_indices(ref[:0], ref, 3).shape == (0, 3)

@@ -99,6 +99,10 @@ class ThinPlateSpline:
             diagonal = torch.diag(regularisation.to(c))
         else:
             diagonal = regularisation * torch.eye(n, dtype=c.dtype, device=c.device)
+        if not bool(torch.all(torch.isfinite(diagonal.diagonal()) & (diagonal.diagonal() >= 0))):
+            raise ValueError(f"regularisation: expected lambda >= 0 (finite), got {regularisation!r}"
+                             if not isinstance(regularisation, torch.Tensor) else
+                             "regularisation: expected every lambda >= 0 (finite); some are negative, NaN or inf")
         K = _phi(torch.cdist(c, c), kernel) + diagonal
         P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
         A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
