@@ -313,3 +313,43 @@ def test_a_stage_logged_twice_is_reported_by_its_last_line(tmp_path):
     status = s.status(2)
     assert status["stage_log"][2] == lines[3]
     assert status["stage_seconds"][2] == lines[3]["seconds"]
+
+
+# ----------------------------------------------------------------------------- run.json rewrites killed (kill-and-resume stress test)
+def _tiny_cli_run(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+    from cyclereg.pointio import write_points
+    from cyclereg_cli.main import app
+
+    tiny = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
+    pairs = []
+    for i in range(2):
+        pair = make_breathing_pair(i, tiny)
+        write_points(tmp_path / f"c{i}" / "fk.csv", pair.fixed_mm)
+        write_points(tmp_path / f"c{i}" / "mk.csv", pair.moving_mm)
+        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv"})
+    ds = tmp_path / "dataset.json"
+    ds.write_text(json.dumps({"name": "tiny", "pairs": pairs, "folds": [["c0"], ["c1"]]}))
+    return ds, tmp_path / "run", CliRunner(), app
+
+
+@pytest.mark.parametrize("then", ["pretrain-random", "cycle"])
+def test_the_leftover_of_a_killed_run_json_rewrite_is_removed(tmp_path, then):
+    """``kill -9`` of a command rewriting run.json (pretrain-random run again, ``cycle --stages N+1`` or
+    ``--stop-below``) between its temporary file and the rename leaves ``RUN/.run.json.XXXX.tmp``; the next
+    command that reads run.json under the run's lock removes it (it was kept for good before)."""
+    ds, run, runner, app = _tiny_cli_run(tmp_path)
+    args = ["--fold", "1", "--stages", "2", "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0",
+            "--recentre-passes", "0", "--device", "cpu"]
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *args]).exit_code == 0
+    leftover = run / ".run.json.k3j2x9.tmp"  # what the kill leaves: a whole or half-written copy
+    leftover.write_text('{"half')
+    command = (["pretrain-random", str(ds), "-o", str(run), *args] if then == "pretrain-random"
+               else ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "1"])
+    res = runner.invoke(app, command)
+    assert res.exit_code == 0, res.output
+    assert not leftover.exists() and (run / "run.json").is_file()

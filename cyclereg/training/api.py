@@ -96,8 +96,14 @@ def fold_locks(run: Path, folds: list[int | None]) -> Iterator[None]:
 
 @contextmanager
 def run_file_lock(run: Path) -> Iterator[None]:
-    """Hold the run directory's lock (waiting for it) while ``run.json`` is read and rewritten."""
+    """Hold the run directory's lock (waiting for it) while ``run.json`` is read and rewritten. Every
+    ``run.json`` write holds it, so the temporary file of a rewrite killed before its rename (``kill -9``)
+    is removed here once the run has a ``run.json`` (a first write's: :func:`_prepare_run`)."""
     with _flocked(Path(run), wait=True, busy=""):
+        if (Path(run) / "run.json").is_file():
+            for path in Path(run).glob(".run.json.*.tmp"):
+                if atomic_leftover(path):
+                    path.unlink(missing_ok=True)
         yield
 
 
