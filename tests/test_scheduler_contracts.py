@@ -7,36 +7,27 @@ import pytest
 import torch
 
 from cyclereg.training.scheduler import StageScheduler
+from test_cycle_dense import _ToyTask
 
 
-class _WarmTask:
+class _WarmTask(_ToyTask):
     """A one-bias network: training sets the bias to ``100 + stage`` and records the bias each
     stage started from; stage t's labels are ``t`` everywhere and training records the labels it saw."""
 
-    checkpoint_kind = "toy"
-
     def __init__(self):
-        self.trained: list[int] = []
+        super().__init__()
         self.start: dict[int, float] = {}
         self.seen: dict[int, float] = {}
 
     def new_model(self, stage):
-        torch.manual_seed(1000 + min(stage, 1))
-        return torch.nn.Linear(1, 1)
-
-    def model_config(self):
-        return {"toy": 1}
-
-    def make_pseudo_labels(self, model, stage, progress=None, parts=None):
-        return {"p": torch.full((2,), float(stage))}, {"weights": {"p": 1.0}, "stats": {}}
+        return super().new_model(1000 + min(stage, 1))
 
     def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
         self.start[stage] = float(model.bias.detach())
         self.seen[stage] = float(labels["p"][0])
         with torch.no_grad():
             model.bias.fill_(100.0 + stage)
-        self.trained.append(stage)
-        return {}
+        return super().train_stage(model, labels, weights, stage)
 
 
 def _fresh_bias(stage: int) -> float:
@@ -317,24 +308,12 @@ def test_a_stage_logged_twice_is_reported_by_its_last_line(tmp_path):
 
 # ----------------------------------------------------------------------------- run.json rewrites killed (kill-and-resume stress test)
 def _tiny_cli_run(tmp_path):
-    import json
-
+    from test_cli_plumbing import _keypoint_dataset
     from typer.testing import CliRunner
 
-    from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-    from cyclereg.pointio import write_points
     from cyclereg_cli.main import app
 
-    tiny = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
-    pairs = []
-    for i in range(2):
-        pair = make_breathing_pair(i, tiny)
-        write_points(tmp_path / f"c{i}" / "fk.csv", pair.fixed_mm)
-        write_points(tmp_path / f"c{i}" / "mk.csv", pair.moving_mm)
-        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv"})
-    ds = tmp_path / "dataset.json"
-    ds.write_text(json.dumps({"name": "tiny", "pairs": pairs, "folds": [["c0"], ["c1"]]}))
-    return ds, tmp_path / "run", CliRunner(), app
+    return _keypoint_dataset(tmp_path), tmp_path / "run", CliRunner(), app
 
 
 @pytest.mark.parametrize("then", ["pretrain-random", "cycle"])
