@@ -106,34 +106,12 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-COMMAND_MODULES = {
-    "keypoints": ("cyclereg.keypoints.api",),
-    "pretrain-random": ("cyclereg.training.api", "cyclereg.training.clouds", "cyclereg.training.dense"),
-    "cycle": ("cyclereg.training.api", "cyclereg.training.clouds", "cyclereg.training.dense"),
-    "status": ("cyclereg.training.status",),
-    "register": ("cyclereg.clouds.api", "cyclereg.dense.api"),
-    "evaluate": ("cyclereg.clouds.api", "cyclereg.dense.api"),
-    "compare": ("cyclereg.compare",),
-    "ensemble": ("cyclereg.clouds.api",),
-    "demo": ("cyclereg.clouds.api",),
-}
-"""The library modules (with numpy, scipy, torch, torch-geometric under them) each command loads before its
-SIGTERM handler is installed: a ``kill`` that lands in the middle of an import can have its ``SystemExit``
-lost in third-party import code (a traceback, or a kill ignored); before the handler it ends the process at
-once (nothing is written yet), after it the imports are done."""
-
-
 @app.callback()
 def _main_options(
-    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the versions of cyclereg, torch, torch-geometric and Python, and exit."),
 ) -> None:
     """Unsupervised 3D registration by optimisation-guided cyclical self-training."""
-    import importlib
-
-    for module in COMMAND_MODULES.get(ctx.invoked_subcommand, ()):
-        importlib.import_module(module)
     exit_on_sigterm()  # `kill` leaves like Ctrl-C: no half-written file, workers stopped
 
 

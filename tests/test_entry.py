@@ -95,37 +95,3 @@ def test_a_command_without_arguments_still_shows_its_help(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         entry.main()
     assert "Usage: cyclereg" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("command", ["cycle", "pretrain-random", "register", "evaluate", "keypoints", "status"])
-def test_a_commands_library_is_loaded_before_the_sigterm_handler(command, tmp_path):
-    """A SIGTERM in the middle of an import can have its SystemExit lost in third-party import code (a
-    traceback, or the kill ignored: found by a kill-and-resume stress test), so each command loads its library
-    modules before cyclereg.interrupts.exit_on_sigterm is installed (checked in a fresh interpreter)."""
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from cyclereg_cli.main import COMMAND_MODULES
-
-    code = f"""
-import json, sys
-import cyclereg.interrupts as interrupts
-real, seen = interrupts.exit_on_sigterm, {{}}
-def spy():
-    seen.setdefault("loaded", sorted(m for m in sys.modules if m.startswith("cyclereg.")))
-    return real()
-interrupts.exit_on_sigterm = spy
-from cyclereg_cli.main import app
-try:
-    app([{command!r}, "missing.json", "--run", "r", "-o", "o"], prog_name="cyclereg")
-except SystemExit:
-    pass
-print(json.dumps(seen))
-"""
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen, out.stderr  # the callback ran
-    assert set(COMMAND_MODULES[command]) <= set(seen["loaded"]), (COMMAND_MODULES[command], seen["loaded"])
