@@ -95,3 +95,31 @@ def test_a_command_without_arguments_still_shows_its_help(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         entry.main()
     assert "Usage: cyclereg" in capsys.readouterr().out
+
+
+def test_a_sigterm_during_an_import_is_delivered_once_the_import_is_over(tmp_path):
+    """A kill that lands while a module is being imported (a command loads its library lazily, after the
+    handler is installed) is not raised inside the import, where third-party import code can lose it (a
+    stress test saw tracebacks and a kill ignored), but once the import is over: the module loads whole,
+    then the process exits 143. Checked in a fresh interpreter with a module that is killed mid-import."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)  # still importing when the signal arrives\n"
+        "print('module loaded whole', flush=True)\n")
+    script = ("import sys, time\n"
+              "from cyclereg.interrupts import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "import slow_module\n"
+              "print('after the import', flush=True)\n"
+              "time.sleep(30)\n"
+              "print('not killed', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"})
+    assert done.returncode == 143, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout.splitlines()[0] == "module loaded whole", done.stdout
+    assert "not killed" not in done.stdout and "Traceback" not in done.stderr, (done.stdout, done.stderr)
