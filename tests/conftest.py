@@ -44,6 +44,21 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+@pytest.fixture(autouse=True)
+def _sigterm_handler_restored():
+    """Put back the test process's SIGTERM handler after every test: a CLI test run through CliRunner runs the
+    CLI's callback in this process, which installs :func:`cyclereg.interrupts.sigterm_exit`; left there, a
+    ``kill`` of the pytest run would fail whichever test runs and then be ignored."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    yield
+    if main and before is not None and signal.getsignal(signal.SIGTERM) is not before:
+        signal.signal(signal.SIGTERM, before)
+
+
 SMALL_BREATHING = BreathingConfig(n_fixed=300, n_moving=600, branches=20)
 """A small synthetic lung pair (300 fixed / 600 moving points): quick to register on CPU."""
 
