@@ -123,3 +123,20 @@ def test_a_sigterm_during_an_import_is_delivered_once_the_import_is_over(tmp_pat
     assert done.returncode == 143, (done.returncode, done.stdout, done.stderr)
     assert done.stdout.splitlines()[0] == "module loaded whole", done.stdout
     assert "not killed" not in done.stdout and "Traceback" not in done.stderr, (done.stdout, done.stderr)
+
+
+def test_python_dash_m_runs_the_same_cli(tmp_path):
+    """``python -m cyclereg_cli`` is the ``cyclereg`` command (for an environment whose scripts folder is not on
+    PATH): the same version line, and an error as one line with exit 2."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    version = subprocess.run([sys.executable, "-m", "cyclereg_cli", "--version"], capture_output=True, text=True,
+                             timeout=120, env=env, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("cyclereg "), (version.stdout, version.stderr)
+    missing = subprocess.run([sys.executable, "-m", "cyclereg_cli", "status", str(tmp_path / "no_run")],
+                             capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("cyclereg: error: "), missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
