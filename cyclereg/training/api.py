@@ -97,12 +97,14 @@ def fold_locks(run: Path, folds: list[int | None]) -> Iterator[None]:
 @contextmanager
 def run_file_lock(run: Path) -> Iterator[None]:
     """Hold the run directory's lock (waiting for it) while ``run.json`` is read and rewritten. Every
-    ``run.json`` write holds it, so the temporary file of a rewrite killed before its rename (``kill -9``)
-    is removed here once the run has a ``run.json`` (a first write's: :func:`_prepare_run`)."""
-    with _flocked(Path(run), wait=True, busy=""):
-        if (Path(run) / "run.json").is_file():
-            for path in Path(run).glob(".run.json.*.tmp"):
-                if atomic_leftover(path):
+    ``run.json`` write holds it, so the temporary file of a write killed before its rename (``kill -9``) is
+    removed here: in a run (a ``run.json`` there), or in a folder that holds nothing else yet (a first
+    write's); in any other folder nothing is touched (it is not a run: :func:`_prepare_run` says so)."""
+    run = Path(run)
+    with _flocked(run, wait=True, busy=""):
+        if (run / "run.json").is_file() or _nothing_written(run):
+            for path in run.iterdir():
+                if path.name != RUN_LOCK and _unwritten(path):
                     path.unlink(missing_ok=True)
         yield
 
@@ -211,16 +213,15 @@ def _progress():
                     TimeRemainingColumn())
 
 
-def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False,
-                 locked: bool = False) -> dict:
+def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False) -> dict:
     """Check ``run`` before ``pretrain-random`` writes ``meta`` there; returns the ``meta`` to write.
 
     ``check()`` validates an existing run (same dataset and configuration) and returns its stored
     configuration; a larger stored number of stages (a run extended by ``cycle --stages``,
     :func:`_record_stage_target`) is kept, so running ``pretrain-random`` again never shortens it,
-    and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is.
-    ``locked``: the run's lock is held, so the temporary file of a first ``run.json`` write that was
-    killed is removed (without the lock it is only passed over: it may be another command's, in use)."""
+    and without ``--stages`` (``stages_given`` false) the stored number is kept whatever it is. A folder
+    holding only what a stopped command left (:func:`_unwritten`) counts as empty; those files are removed
+    under the run's lock (:func:`run_file_lock`; without it they may be another command's, in use)."""
     require_output_dir(run)
     if (run / "run.json").exists():
         stored = check()
@@ -232,13 +233,15 @@ def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet:
                        f"shorten it ('cycle --stages {meta['config']['stages']}' stops there)")
         if stored.stages > meta["config"]["stages"] or not stages_given:
             meta = {**meta, "config": {**meta["config"], "stages": stored.stages}}
-    elif run.exists():
-        if any(not _unwritten(p) and not (p.is_dir() and _only_lock(p)) for p in run.iterdir()):
-            raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
-        for p in run.iterdir() if locked else ():
-            if p.name != RUN_LOCK and _unwritten(p):
-                p.unlink(missing_ok=True)
+    elif run.exists() and not _nothing_written(run):
+        raise InputError("directory exists and is not a cyclereg run; choose a new run directory", run)
     return meta
+
+
+def _nothing_written(run: Path) -> bool:
+    """Whether ``run`` holds nothing but what commands that stopped before writing anything leave: lock
+    files (its own, or a fold directory's alone) and temporary files of killed ``run.json`` writes."""
+    return all(_unwritten(p) or (p.is_dir() and _only_lock(p)) for p in run.iterdir())
 
 
 def _unwritten(path: Path) -> bool:
@@ -523,7 +526,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     with fold_locks(run, folds):
         with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
             meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident),
-                                stages_given="stages" in options, quiet=True, locked=True)
+                                stages_given="stages" in options, quiet=True)
             write_json(run / "run.json", meta)
         args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
         with _progress() as progress:
@@ -808,7 +811,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     with fold_locks(run, [None]):
         with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
             meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config),
-                                stages_given="stages" in options, quiet=True, locked=True)
+                                stages_given="stages" in options, quiet=True)
             write_json(run / "run.json", meta)
         with _progress() as progress:
             _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS).run_stage0(progress)
