@@ -188,24 +188,6 @@ def test_a_checkpoint_needs_config_state_dict_and_version(tmp_path, missing):
     assert exc.value.path == path
 
 
-class _Display:
-    """A display that shows nothing (run_parallel's progress)."""
-
-    class console:  # noqa: N801
-        @staticmethod
-        def print(*_a, **_kw):
-            pass
-
-    def add_task(self, *_a, **_kw):
-        return 0
-
-    def update(self, *_a, **_kw):
-        pass
-
-    def remove_task(self, *_a, **_kw):
-        pass
-
-
 # module-level jobs for run_parallel (spawned workers import this module by name)
 def _job_quick(*, progress) -> str:
     return "quick"
@@ -233,12 +215,14 @@ def test_workers_take_over_threads_only_once_no_job_is_left_to_start(tmp_path):
     """With jobs still to start, a finished worker's threads go to the next job, not to the running
     ones (which would oversubscribe the cores once the next job starts): the third job of three on two
     workers runs with its own share while the second still runs."""
+    from test_parallel import Recorder
+
     from cyclereg.training.parallel import run_parallel
 
     mark = str(tmp_path / "third_done")
     got = []
     run_parallel([(_job_quick, (), "fold 1"), (_job_waits_for, (mark,), "fold 2"),
-                  (_job_threads_then_mark, (mark,), "fold 3")], 2, _Display(), 1, got.append, total_threads=2)
+                  (_job_threads_then_mark, (mark,), "fold 3")], 2, Recorder(), 1, got.append, total_threads=2)
     assert sorted(map(str, got)) == ["1", "quick", "waited"]
 
 
@@ -259,11 +243,13 @@ def _job_raises_unpicklable(*, progress) -> None:
 def test_a_job_error_that_cannot_be_pickled_still_reaches_the_parent_with_its_message():
     """An error of a fold that cannot be pickled reaches the parent as a RuntimeError naming its type
     and message, at once (not a 'worker ended without a result' after a grace period)."""
+    from test_parallel import Recorder
+
     from cyclereg.errors import WorkerError
     from cyclereg.training.parallel import run_parallel
 
     with pytest.raises(RuntimeError, match="_UnpicklableError: fold exploded") as exc:
-        run_parallel([(_job_raises_unpicklable, (), "fold 1")], 1, _Display(), 1, lambda _r: None)
+        run_parallel([(_job_raises_unpicklable, (), "fold 1")], 1, Recorder(), 1, lambda _r: None)
     assert not isinstance(exc.value, WorkerError)
 
 
