@@ -220,6 +220,14 @@ def spacing_xyz(spacing_zyx_mm) -> tuple[float, float, float]:
     return tuple(float(v) for v in ijk_to_kji(zyx))  # type: ignore[return-value]
 
 
+def half_width_voxels(radius_mm: float, spacing_mm) -> tuple[int, ...]:
+    """Half-width [whole voxels per array axis] of a box of half-width ``radius_mm`` [mm] on a grid of
+    voxel size ``spacing_mm`` (per array axis, mm): ``radius_mm / spacing`` rounded to the nearest whole
+    voxel, halves up (Python's ``round`` takes halves to even: on a 2 mm grid 3 and 5 mm both gave 2
+    voxels, and 1 mm gave 0). A radius below half a voxel along an axis spans no neighbour there (0)."""
+    return tuple(int(math.floor(float(radius_mm) / float(s) + 0.5)) for s in spacing_mm)
+
+
 def spacing_affine(spacing_mm) -> np.ndarray:
     """4x4 float64 voxel -> mm affine of headerless Learn2Reg voxel indices without a scan:
     ``mm = index * spacing`` (origin 0, index axes (i, j, k) along world x, y, z; ``spacing_mm`` per

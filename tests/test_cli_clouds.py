@@ -573,8 +573,9 @@ def test_register_volumes_via_keypoints_recovers_a_known_shift(tmp_path, capsys)
     assert cfg["via_keypoints"]["moving"]["nms_radius_mm"] == 3.0 and cfg["displacement_unit"] == "mm"
     assert cfg["via_keypoints"]["fixed_points"] == fixed_kp.shape[0]
     spacing = nib.load(str(tmp_path / "f.nii.gz")).header.get_zooms()[:3]
-    assert cfg["via_keypoints"]["moving_nms_radius_voxels"] == [round(3.0 / s) for s in spacing]
-    assert cfg["via_keypoints"]["fixed_nms_radius_voxels"] == [round(4.0 / s) for s in spacing]
+    from cyclereg.frames import half_width_voxels
+    assert cfg["via_keypoints"]["moving_nms_radius_voxels"] == list(half_width_voxels(3.0, spacing))
+    assert cfg["via_keypoints"]["fixed_nms_radius_voxels"] == list(half_width_voxels(4.0, spacing))
     # the command shows its detection steps; a library caller can turn them off (stdout stays empty)
     assert "done fixed scan" in res.output
     from cyclereg import api

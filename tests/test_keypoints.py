@@ -454,6 +454,30 @@ def test_nms_suppresses_within_a_box_of_half_width_radius_per_axis():
     assert greedy_box_nms(points, scores, (2, 2, 1)).tolist() == [1, 0, 2]
 
 
+def test_nms_half_width_rounds_to_the_nearest_voxel_with_halves_up():
+    """radius / spacing rounded to the nearest whole voxel, halves up: on a 2 mm grid 1 mm is one voxel (Python's
+    round gave 0, i.e. no suppression at all) and 5 mm three (round gave 2, the box of 3 and 4 mm); below half a
+    voxel an axis has no neighbour in the box. Keypoints follow the voxel box: 1 mm and 2 mm on a 2 mm grid find
+    the same points, fewer than no suppression, and 5 mm fewer than 4 mm."""
+    from cyclereg.frames import half_width_voxels
+
+    assert half_width_voxels(1.0, (2.0, 2.0, 2.0)) == (1, 1, 1)
+    assert half_width_voxels(5.0, (2.0, 2.0, 2.0)) == (3, 3, 3)
+    assert half_width_voxels(3.0, (2.0, 2.0, 2.0)) == (2, 2, 2)
+    assert half_width_voxels(0.9, (2.0, 1.0, 0.5)) == (0, 1, 2)
+    assert FoerstnerConfig(nms_radius_mm=2.5).nms_radius_voxels((1.0, 1.0, 5.0)) == (3, 3, 1)
+    vol = torch.from_numpy(texture((40, 40, 40), seed=4))
+    spacing = (2.0, 2.0, 2.0)
+
+    def found(radius_mm):
+        cfg = FoerstnerConfig(sigma_mm=3.0, nms_radius_mm=radius_mm, threshold=0.0, max_points=None)
+        return foerstner_keypoints(vol, spacing, None, cfg).voxels
+
+    none, one_mm, two_mm = found(0.0), found(1.0), found(2.0)
+    assert torch.equal(one_mm, two_mm) and one_mm.shape[0] < none.shape[0]
+    assert found(5.0).shape[0] < found(4.0).shape[0]
+
+
 def test_the_threshold_keeps_exactly_the_maxima_at_or_above_threshold_times_reference():
     """Raising the threshold between two keypoints' scores keeps exactly the stronger ones: a weaker maximum
     never suppresses a stronger one, and the reference does not depend on the threshold."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..frames import half_width_voxels
 
 DEFAULT_SIGMA_MM = 1.5
 """Gaussian scale of the structure tensor. The authors use 1.4 voxels on 1-1.75 mm lung
@@ -78,7 +79,8 @@ class FoerstnerConfig:
         sigma_mm: standard deviation [mm] of the Gaussian that smooths the structure tensor,
             converted to voxels per axis with the volume spacing.
         nms_radius_mm: half-width [mm] of the non-maximum-suppression box; a keypoint is the
-            strongest point within ``+-round(nms_radius_mm / spacing)`` voxels per axis.
+            strongest point within ``+-nms_radius_mm / spacing`` voxels per axis, rounded to the
+            nearest whole voxel, halves up (:func:`cyclereg.frames.half_width_voxels`).
         threshold: relative distinctiveness threshold (dimensionless, >= 0): maxima need
             ``D >= threshold * quantile(D over the mask, reference_quantile)``.
         reference_quantile: quantile (0, 1] of the distinctiveness inside the eroded mask
@@ -114,7 +116,7 @@ class FoerstnerConfig:
 
     def nms_radius_voxels(self, spacing_mm) -> tuple[int, int, int]:
         """Non-maximum-suppression half-width per array axis [voxels]."""
-        return tuple(int(round(self.nms_radius_mm / float(s))) for s in spacing_mm)  # type: ignore[return-value]
+        return half_width_voxels(self.nms_radius_mm, spacing_mm)  # type: ignore[return-value]
 
     def support_voxels(self, spacing_mm) -> tuple[int, int, int]:
         """How far [voxels per axis] a keypoint decision looks: gradient + Gaussian + NMS."""
