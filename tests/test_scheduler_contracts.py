@@ -318,3 +318,23 @@ def test_the_leftover_of_a_killed_run_json_rewrite_is_removed(tmp_path, then):
     res = runner.invoke(app, command)
     assert res.exit_code == 0, res.output
     assert not leftover.exists() and (run / "run.json").is_file()
+
+
+def test_status_of_a_run_trimmed_to_its_final_checkpoint_names_the_stage_it_holds(tmp_path):
+    """A finished run from which the stage files were removed to save space (only final.pt and log.jsonl kept,
+    as carried-runs/abd4): status said 'finished stage -, next: stage 0 labels (pretrain-random)', and
+    evaluate --run noted that the run had not finished. It holds stage T's model: finished at T (with fewer
+    stages than the question's T: it cannot go on)."""
+    s = StageScheduler(_ToyTask(), tmp_path, keep_labels=2)
+    s.run_stage0()
+    assert s.run(2) == 2
+    for path in [*tmp_path.glob("pseudo*"), *tmp_path.glob("stage*.pt")]:
+        path.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "log.jsonl"]
+    status = s.status(2)
+    assert status["finished"] == 2 and status["next"].startswith("finished") and status["remaining_s"] == 0.0
+    assert "only final.pt (stage 2)" in status["next"] and status["unlogged_stages"] == []
+    longer = s.status(3)
+    assert longer["finished"] == 2 and longer["next"].startswith("cannot go on")
+    (tmp_path / "pseudo0.pt").write_bytes(b"")  # a stage file left: the ordinary reading (stage 0 labels only)
+    assert s.status(2)["finished"] == 0

@@ -577,7 +577,8 @@ class StageScheduler:
         last line). ``unlogged_stages``: finished stages without a readable line in ``log.jsonl`` (lines
         damaged or removed: their times and history are missing from the figures). With
         ``stop_below_mm``, a run whose last refresh moved its labels less than that
-        (:func:`settled_stage`) is finished, with nothing left to do."""
+        (:func:`settled_stage`) is finished, with nothing left to do. A directory trimmed to its ``final.pt``
+        (the stage files removed to save space) has finished the stage that ``final.pt`` holds."""
         done = self.last_finished_stage() if self.dir.is_dir() else -1
         records, last_logged = self._read_log()
         settled = self.settled(stop_below_mm)
@@ -593,7 +594,12 @@ class StageScheduler:
         log_missing = done >= 1 and done not in records and last_logged == done - 1
         final_missing = done >= 1 and (self.dir / "final.pt").is_file() and not self._final_is(done)
         pending = log_missing or final_missing
-        if done < 0:
+        kept = self._kept_final_stage() if done < 0 and not labelled else None
+        if kept is not None:  # a finished run trimmed to its final.pt (and log), as carried-runs/abd4 is kept
+            done = kept
+            text = (f"{'finished' if kept >= stages else 'cannot go on'}: only final.pt (stage {kept}) is kept, "
+                    f"the stage files were removed")
+        elif done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
         elif pending:
             missing = " and ".join(name for name, gone in (("its log line", log_missing), ("final.pt", final_missing))
@@ -637,6 +643,18 @@ class StageScheduler:
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records,
                 "unlogged_stages": [t for t in range(done + 1) if t not in records and not (pending and t == done)]}
+
+    def _kept_final_stage(self) -> int | None:
+        """The stage of ``final.pt`` in a directory that holds no stage files (no pseudo labels, stage
+        checkpoints or label parts: they were removed to save space); ``None`` otherwise or when unreadable."""
+        if not (self.dir / "final.pt").is_file() or any(
+                p.name != "final.pt" for pattern in ("pseudo*", "stage*.pt") for p in self.dir.glob(pattern)):
+            return None
+        try:
+            stage = torch.load(self.dir / "final.pt", map_location="cpu", weights_only=True)["extra"]["stage"]
+        except Exception:  # noqa: BLE001 - reported, not raised: evaluate names an unreadable checkpoint itself
+            return None
+        return int(stage) if isinstance(stage, int) and stage >= 0 else None
 
     def _final_is(self, stage: int) -> bool:
         """Whether ``final.pt`` is the checkpoint of ``stage`` (a byte copy, as :meth:`_publish_final` writes it)."""
