@@ -304,7 +304,7 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
                                 (tmp_path / "b", reordered["moving"], reordered["labels"], ["--resample-moving"])):
         res = runner.invoke(app, ["register", str(fixed), str(mv), "-o", str(out), "--moving-labels", str(lab),
                                   "--device", "cpu", *FAST, *extra])
-        assert res.exit_code == 0, res.output
+        assert res.exit_code == 0 and "lie inside the moving scan" not in res.output, res.output  # covers it
         assert json.loads((out / "config.json").read_text())["inputs"]["moving_resampled_onto_fixed_grid"] is bool(extra)
         fields.append(np.asarray(nib.load(str(out / "displacement.nii.gz")).dataobj))
         warped_labels.append(np.asarray(nib.load(str(out / "warped_labels.nii.gz")).dataobj))
@@ -331,6 +331,17 @@ def test_cli_register_resample_moving_equals_the_same_scan_on_the_fixed_grid(tin
     assert not (tmp_path / "bs").exists()
     record = json.loads((tmp_path / "b" / "config.json").read_text())["inputs"]
     assert record["fixed_voxels_inside_moving"] == 1.0  # the reordered copy covers the fixed grid
+    # three quarters of its extent away along its first axis: registered, with a note that a quarter overlaps
+    part_affine = AFFINE.copy()
+    part_affine[:3, 3] += 0.75 * SHAPE[0] * AFFINE[:3, 0]
+    part = _save(tmp_path / "part.nii.gz", np.asarray(nib.load(str(moving)).dataobj), part_affine)
+    res = runner.invoke(app, ["register", str(fixed), str(part), "-o", str(tmp_path / "pt"), "--resample-moving",
+                              *FAST])
+    inside = json.loads((tmp_path / "pt" / "config.json").read_text())["inputs"]["fixed_voxels_inside_moving"]
+    assert res.exit_code == 0 and 0.2 < inside < 0.3, (res.output, inside)
+    text = " ".join(res.output.split())
+    assert f"note: only {inside:.0%} of the fixed scan's voxels lie inside the moving scan" in text
+    assert "part.nii.gz" in text
 
 
 def test_overlap_fraction_of_shifted_grids_is_the_shared_share():

@@ -35,7 +35,7 @@ import torch
 from cyclereg.checkpoint import (data_fingerprint, file_sha256, load_checkpoint, refuse_replacing_inputs,
                                  stale_outputs, save_checkpoint, staged_file_set, staged_outputs, to_jsonable,
                                  training_data, write_json)
-from cyclereg.console import count, print_table
+from cyclereg.console import count, print_note, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, overlap_fraction,
@@ -56,6 +56,9 @@ CHECKPOINT_KIND = "dense"
 EVALUATE_CACHED_VOLUMES = 8
 """``evaluate`` keeps this many read volumes (images and label maps) for the next pairs, the least
 recently used going first (pairs share scans; a 192x160x256 float32 scan is 31 MB)."""
+LOW_OVERLAP_NOTE = 0.5
+"""``register --resample-moving`` notes on stderr when fewer than this share of the fixed scan's voxels lie
+inside the moving scan (a header placing the scans in different world frames is the usual cause)."""
 
 
 # ----------------------------------------------------------------------------- models
@@ -185,6 +188,9 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         if overlap == 0:
             raise InputError("no voxel of the fixed scan lies inside it (--resample-moving): it does not overlap the "
                              f"fixed scan {fixed} in world space (check the two affines)", moving)
+        if overlap < LOW_OVERLAP_NOTE:
+            print_note(f"only {overlap:.0%} of the fixed scan's voxels lie inside the moving scan {moving} "
+                       "(--resample-moving; the rest see its edge): check that the two affines share a world frame")
         mv = resample_onto(mv, fv)
         lv = None if lv is None else resample_onto(lv, fv, labels=True)
     check_same_grid(fv, mv, hint="resample it onto the fixed grid first (register --resample-moving does so)")
