@@ -103,12 +103,22 @@ def require_output_file(path: str | Path) -> Path:
     return p
 
 
+FILE_SUFFIXES = (".nii", ".nii.gz", ".csv", ".npy", ".ply", ".pcd", ".json", ".pt", ".pth", ".png", ".txt")
+"""Suffixes of the files cyclereg reads and writes: a new output folder named like one is refused
+(``register F M -o out.nii.gz`` made a folder ``out.nii.gz``); an existing folder of that name is taken."""
+
+
 def require_output_dir(path: str | Path) -> Path:
     """Check before any work that ``path`` can be an output folder: an existing folder, or one that can
-    be made (not made here); :class:`InputError` naming it otherwise."""
+    be made (not made here) whose name does not end in one of :data:`FILE_SUFFIXES`; :class:`InputError`
+    naming it otherwise."""
     p = _path(path, "output folder")
     if p.exists() and not p.is_dir():
         raise InputError("exists and is not a folder; an output folder is needed here", p)
+    suffix = next((x for x in FILE_SUFFIXES if p.name.lower().endswith(x) and len(p.name) > len(x)), None)
+    if suffix is not None and not p.exists():
+        raise InputError(f"names a file ({suffix}), but an output folder is needed here: its files get their own "
+                         "names (give a folder, e.g. without the suffix)", p)
     _require_makeable(p, p, "this folder")
     return p
 

@@ -413,6 +413,25 @@ def test_output_folders_that_cannot_be_made_are_refused_before_the_work(pair_fil
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_a_new_output_folder_named_like_a_file_is_refused(pair_files, tmp_path):
+    """`register F M -o out.nii.gz` made a folder out.nii.gz holding displacements.csv and the rest (a user
+    walk-through); a new output folder with a file suffix of cyclereg's formats is refused before the work,
+    (every command's output folder goes through errors.require_output_dir); an existing folder of that name is
+    taken, and names that only contain such a suffix are folders."""
+    d, _ = pair_files
+    for args in (["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "out.nii.gz")],
+                 ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(tmp_path / "OUT.CSV")],
+                 ["demo", "-o", str(tmp_path / "demo.json")]):
+        res = runner.invoke(app, args)
+        name = Path(args[args.index("-o") + 1]).name
+        assert res.exit_code == 2 and f"{name}: names a file" in res.output, (args, res.output)
+        assert res.output.strip().count("\n") == 0 and not (tmp_path / name).exists()
+    (tmp_path / "kept.csv").mkdir()
+    for out in (tmp_path / "kept.csv", tmp_path / "csv", tmp_path / "a.csv.d"):
+        res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(out)])
+        assert res.exit_code == 0 and (out / "displacements.csv").is_file(), res.output
+
+
 def test_headerless_voxel_csvs_are_read_on_the_reference_grid(pair_files):
     """Learn2Reg keypoint files hold voxel indices of the scan: with --reference they are placed
     by its affine (here with a flipped axis and an offset), so they give the registration of the
