@@ -591,7 +591,7 @@ class StageScheduler:
             labelled = f", {have} pair{'' if have == 1 else 's'} labelled" if have else ""
         # killed between a stage's labels (which make it finished) and its log line or final.pt: the same
         # cycle command completes them first; until then evaluate --run would read the stage before
-        log_missing = done >= 1 and done not in records and last_logged == done - 1
+        log_missing = done >= 0 and done not in records and last_logged == (done - 1 if done >= 1 else None)
         final_missing = done >= 1 and (self.dir / "final.pt").is_file() and not self._final_is(done)
         pending = log_missing or final_missing
         kept = self._kept_final_stage() if done < 0 and not labelled else None
@@ -707,6 +707,7 @@ class StageScheduler:
         self._remove_leftovers()
         self._complete_log(progress)
         done = self.last_finished_stage()
+        self._prune_labels(done)  # killed between a stage's labels and their pruning: the last stage prunes no more
         published = None  # the stage whose checkpoint this call made final.pt
         if done >= 1 and not self._final_is(done):
             # killed between a stage's labels and final.pt: bring final.pt up to date before training on,
