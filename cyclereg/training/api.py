@@ -360,6 +360,9 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
         raise InputError("give fold or folds, not both (they are one option)")
     fold = None if fold is None and folds is None else str(fold if fold is not None else folds)
     kind = dataset_kind(dataset)
+    wanted = CloudCycleConfig if kind == "keypoints" else DenseCycleConfig
+    if config is not None and not isinstance(config, wanted):  # the other kind's was replaced by the defaults
+        raise InputError(f"config: a {kind} dataset takes a {wanted.__name__}, got a {type(config).__name__}", dataset)
     require_count("--val-pairs", val_pairs, 0)
     require_count("--jobs", jobs, 1)
     if kind == "keypoints":
@@ -795,7 +798,7 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
 
 def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -> Path:
     stored = _dense_run_config(run, _read_meta(run, "volumes")) if (run / "run.json").exists() else None
-    base = config if isinstance(config, DenseCycleConfig) else stored
+    base = config if config is not None else stored
     config = dense_cycle_config(base=base, **options)
     config = replace(config, seed=_seed(seed, stored))
     dev = resolve_device(device)
