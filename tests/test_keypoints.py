@@ -497,7 +497,7 @@ def test_the_threshold_keeps_exactly_the_maxima_at_or_above_threshold_times_refe
 def test_the_gaussian_scale_is_converted_from_mm_per_axis(monkeypatch):
     """sigma 1.5 mm at spacing (2, 1, 0.5) mm is (0.75, 1.5, 3) voxels along the three axes, both for the
     smoothing of the structure tensor and for the margin of the crop around the mask (gradient half-width 1
-    + Gaussian radius ceil(3 sigma) + NMS half-width round(2.5 mm / spacing))."""
+    + Gaussian radius ceil(3 sigma) + NMS half-width 2.5 mm / spacing to the nearest voxel, halves up)."""
     import cyclereg.keypoints.foerstner as foerstner
 
     seen = []
@@ -507,7 +507,7 @@ def test_the_gaussian_scale_is_converted_from_mm_per_axis(monkeypatch):
     assert seen == [(0.75, 1.5, 3.0)]
     cfg = FoerstnerConfig(sigma_mm=1.5, nms_radius_mm=2.5)
     assert cfg.sigma_voxels((2.0, 1.0, 0.5)) == (0.75, 1.5, 3.0)
-    assert cfg.support_voxels((2.0, 1.0, 0.5)) == (1 + 3 + 1, 1 + 5 + 2, 1 + 9 + 5)
+    assert cfg.support_voxels((2.0, 1.0, 0.5)) == (1 + 3 + 1, 1 + 5 + 3, 1 + 9 + 5)
 
 
 def test_a_threshold_of_one_at_the_top_quantile_keeps_only_the_strongest_maximum():
