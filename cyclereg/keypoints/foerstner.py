@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..frames import half_width_voxels
+
+from cyclereg.frames import half_width_voxels
 
 DEFAULT_SIGMA_MM = 1.5
 """Gaussian scale of the structure tensor. The authors use 1.4 voxels on 1-1.75 mm lung

@@ -647,8 +647,7 @@ class StageScheduler:
     def _kept_final_stage(self) -> int | None:
         """The stage of ``final.pt`` in a directory that holds no stage files (no pseudo labels, stage
         checkpoints or label parts: they were removed to save space); ``None`` otherwise or when unreadable."""
-        if not (self.dir / "final.pt").is_file() or any(
-                p.name != "final.pt" for pattern in ("pseudo*", "stage*.pt") for p in self.dir.glob(pattern)):
+        if not (self.dir / "final.pt").is_file() or any(any(self.dir.glob(p)) for p in ("pseudo*", "stage*.pt")):
             return None
         try:
             stage = torch.load(self.dir / "final.pt", map_location="cpu", weights_only=True)["extra"]["stage"]
