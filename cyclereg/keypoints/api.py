@@ -338,7 +338,7 @@ def read_pairs_csv(path: str | Path) -> list[ScanPair]:
     Raises :class:`InputError` naming the CSV (or the missing file) otherwise."""
     p = require_file(path)
     try:
-        reader = csv.DictReader(p.read_text().splitlines())
+        reader = csv.DictReader(p.read_text(encoding="utf-8-sig").splitlines())  # a spreadsheet export's BOM
         header = reader.fieldnames or []
         rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
