@@ -29,7 +29,7 @@ def is_label_number(text: str) -> bool:
 def read_json(path: str | Path) -> dict:
     p = require_file(path)
     try:
-        obj = json.loads(p.read_text())
+        obj = json.loads(p.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is not JSON
     except JSON_READ_ERRORS as exc:
         raise InputError(f"not valid JSON ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})", p) from None
     if not isinstance(obj, dict):

@@ -1326,6 +1326,20 @@ def test_malformed_dataset_json_is_one_line_error(tmp_path, text, problem, comma
     assert not out.exists()
 
 
+def test_a_dataset_json_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Windows editors may save UTF-8 with a BOM: json.loads refused it ('Unexpected UTF-8 BOM'), so every
+    command called the dataset not valid JSON. The BOM is not part of the JSON: the same object is read."""
+    from cyclereg.datasets import read_json
+    from cyclereg.errors import InputError
+
+    obj = {"name": "x", "pairs": [{"id": "a", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(obj).encode())
+    assert read_json(tmp_path / "bom.json") == obj
+    (tmp_path / "bad.json").write_bytes(b"\xef\xbb\xbf{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+
+
 def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
     """`scripts/set_cloud_test_time.py` on an ensemble directory: every fold checkpoint and the
     directory's ensemble.json get the new settings; state dicts stay bitwise equal; a bad value
