@@ -824,6 +824,7 @@ def test_status_estimates_at_the_latest_stage_pace(tmp_path):
         torch.save({"stage": t, "labels": {}, "weights": {}}, fold / f"pseudo{t}.pt")
         if t:
             (fold / f"stage{t}.pt").write_bytes(b"checkpoint")
+    (fold / "final.pt").write_bytes(b"checkpoint")  # as a run leaves it: a copy of the last stage's checkpoint
     (fold / "log.jsonl").write_text("".join(json.dumps({"stage": t, "seconds": s}) + "\n"
                                             for t, s in ((0, 50.0), (1, 1000.0), (2, 300.0))))
     torch.save({"step": 10, "total_steps": 60, "elapsed_s": 100.0}, fold / "stage3.partial.pt")

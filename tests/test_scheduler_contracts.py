@@ -338,3 +338,18 @@ def test_status_of_a_run_trimmed_to_its_final_checkpoint_names_the_stage_it_hold
     assert longer["finished"] == 2 and longer["next"].startswith("cannot go on")
     (tmp_path / "pseudo0.pt").write_bytes(b"")  # a stage file left: the ordinary reading (stage 0 labels only)
     assert s.status(2)["finished"] == 0
+
+
+def test_status_of_stage_1_stopped_before_its_first_final_checkpoint(tmp_path):
+    """Killed after stage 1's labels and before the run's first final.pt (a resume killed again just after the
+    log line, in the dense stress test): status said 'stage 2: training from step 0' although evaluate --run
+    finds no final.pt; like a later stage's, it names what the same cycle command still writes."""
+    s = StageScheduler(_ToyTask(), tmp_path, keep_labels=2)
+    s.run_stage0()
+    assert s.run(1) == 1
+    (tmp_path / "final.pt").unlink()
+    assert s.status(3)["next"] == ("stage 1: its labels are saved, final.pt not yet (stopped just after them; the "
+                                   "same cycle command writes it)")
+    assert StageScheduler(_ToyTask(), tmp_path, keep_labels=2).run(1) == 1  # the same command writes it
+    assert (tmp_path / "final.pt").read_bytes() == (tmp_path / "stage1.pt").read_bytes()
+    assert s.status(3)["next"] == "stage 2: training from step 0"

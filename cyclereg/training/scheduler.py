@@ -592,7 +592,7 @@ class StageScheduler:
         # killed between a stage's labels (which make it finished) and its log line or final.pt: the same
         # cycle command completes them first; until then evaluate --run would read the stage before
         log_missing = done >= 0 and done not in records and last_logged == (done - 1 if done >= 1 else None)
-        final_missing = done >= 1 and (self.dir / "final.pt").is_file() and not self._final_is(done)
+        final_missing = done >= 1 and not self._final_is(done)  # absent or an earlier stage's
         pending = log_missing or final_missing
         kept = self._kept_final_stage() if done < 0 and not labelled else None
         if kept is not None:  # a finished run trimmed to its final.pt (and log), as carried-runs/abd4 is kept
