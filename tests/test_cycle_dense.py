@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cyclereg.checkpoint import data_fingerprint, file_sha256, save_checkpoint
 from cyclereg.dense.similarity import mind_loss, mind_ssc, ncc_loss
 from cyclereg.training.api import run_status
-from cyclereg.training.dense import (DenseCycleConfig, affine_field, random_pair_affines, strided,
+from cyclereg.training.dense import (DenseCycleConfig, DenseCycleTask, affine_field, random_pair_affines, strided,
                                      transform_target)
 from cyclereg.warp import warp
 from cyclereg_cli.main import app
@@ -805,6 +805,23 @@ def test_dense_stage_killed_halfway_resumes_at_its_snapshot(tmp_path, monkeypatc
     assert_same_weights(tmp_path / "a" / "all" / "final.pt", tmp_path / "b" / "all" / "final.pt")
 
 
+_PSEUDO_LABEL = DenseCycleTask.pseudo_label
+"""The library's ``DenseCycleTask.pseudo_label``, captured before any test patches it."""
+
+
+def recording_pseudo_label(seen: list, die_at: int | None = None):
+    """A stand-in for ``DenseCycleTask.pseudo_label`` (the original's result) that appends each pair index
+    to ``seen``; with ``die_at``, the ``die_at``-th call raises KeyboardInterrupt (as Ctrl-C or SIGTERM there)."""
+    real = _PSEUDO_LABEL  # the original, also while a stand-in is patched in
+
+    def pseudo_label(self, model, k):
+        seen.append(k)
+        if die_at is not None and len(seen) == die_at:
+            raise KeyboardInterrupt
+        return real(self, model, k)
+    return pseudo_label
+
+
 def test_dense_stage0_killed_while_labelling_resumes_at_the_next_pair(tmp_path, monkeypatch, one_intraop_thread):
     """pretrain-random killed while labelling the second training pair: the same command labels
     only that pair and writes the labels an uninterrupted run writes."""
@@ -813,22 +830,14 @@ def test_dense_stage0_killed_while_labelling_resumes_at_the_next_pair(tmp_path, 
     ds = _dataset(tmp_path / "data", with_labels=False)
     args = ["--stages", "1", "--iterations", "2", "--directions", "both", "--device", "cpu"]
     assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "a"), *args]).exit_code == 0
-    real = DenseCycleTask.pseudo_label
     seen = []
-
-    def dies_at_second_pair(self, model, k):
-        seen.append(k)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-        return real(self, model, k)
-
-    monkeypatch.setattr(DenseCycleTask, "pseudo_label", dies_at_second_pair)
+    monkeypatch.setattr(DenseCycleTask, "pseudo_label", recording_pseudo_label(seen, die_at=2))
     cmd = ["pretrain-random", str(ds), "-o", str(tmp_path / "b"), *args]
     assert runner.invoke(app, cmd).exit_code == 130
     fold = tmp_path / "b" / "all"
     assert not (fold / "pseudo0.pt").exists() and len(list((fold / "pseudo0.parts").glob("*.pt"))) == 1
     seen.clear()
-    monkeypatch.setattr(DenseCycleTask, "pseudo_label", lambda self, model, k: seen.append(k) or real(self, model, k))
+    monkeypatch.setattr(DenseCycleTask, "pseudo_label", recording_pseudo_label(seen))
     res = runner.invoke(app, cmd)
     assert res.exit_code == 0, res.output
     assert seen == [1] and not (fold / "pseudo0.parts").exists()

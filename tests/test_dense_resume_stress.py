@@ -77,7 +77,7 @@ def test_dense_refresh_of_a_trained_stage_killed_halfway_resumes_at_the_next_pai
     from cyclereg.training.dense import DenseCycleTask
     from cyclereg_cli.main import app
     from conftest import assert_same_weights
-    from test_cycle_dense import _dataset
+    from test_cycle_dense import _dataset, recording_pseudo_label
 
     runner = CliRunner()
     ds = _dataset(tmp_path / "data", with_labels=False)
@@ -85,15 +85,8 @@ def test_dense_refresh_of_a_trained_stage_killed_halfway_resumes_at_the_next_pai
     for name in ("a", "b"):
         assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / name), *args]).exit_code == 0
     assert runner.invoke(app, ["cycle", str(ds), "--run", str(tmp_path / "a"), "--device", "cpu"]).exit_code == 0
-    real, seen = DenseCycleTask.pseudo_label, []
-
-    def dies_at_second_pair(self, model, k):
-        seen.append(k)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-        return real(self, model, k)
-
-    monkeypatch.setattr(DenseCycleTask, "pseudo_label", dies_at_second_pair)
+    seen = []
+    monkeypatch.setattr(DenseCycleTask, "pseudo_label", recording_pseudo_label(seen, die_at=2))
     cmd = ["cycle", str(ds), "--run", str(tmp_path / "b"), "--device", "cpu"]
     assert runner.invoke(app, cmd).exit_code == 130
     fold = tmp_path / "b" / "all"
@@ -101,7 +94,7 @@ def test_dense_refresh_of_a_trained_stage_killed_halfway_resumes_at_the_next_pai
     assert len(list((fold / "pseudo1.parts").glob("*.pt"))) == 1
     seen.clear()
     trained = []
-    monkeypatch.setattr(DenseCycleTask, "pseudo_label", lambda self, model, k: seen.append(k) or real(self, model, k))
+    monkeypatch.setattr(DenseCycleTask, "pseudo_label", recording_pseudo_label(seen))
     monkeypatch.setattr(DenseCycleTask, "train_stage", lambda *a, **k: trained.append(a) or {})
     res = runner.invoke(app, cmd)
     assert res.exit_code == 0, res.output
