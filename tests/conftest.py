@@ -122,3 +122,20 @@ class LearningRateSpy:
 
     def offer(self, step, *, lr_schedule, **kwargs):
         self.lrs.append(lr_schedule.get_last_lr()[0])
+
+
+def command_parameters(function) -> list[tuple[str, object, type]]:
+    """``[(name, typer info, type)]`` of a Typer command function's parameters in order: the info is the
+    parameter's default (``typer.models.ArgumentInfo`` or ``OptionInfo``), the type its annotation with
+    ``Optional[X]`` given as ``X``."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(function)
+    walked = []
+    for name, param in inspect.signature(function).parameters.items():
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]: X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        walked.append((name, param.default, kind))
+    return walked

@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 import cyclereg_cli.main as cli
 from cyclereg_cli.main import app
 
+from conftest import command_parameters
+
 runner = CliRunner()
 
 COMMANDS = [  # command function, library function it calls, the library function whose defaults apply
@@ -72,13 +74,8 @@ def _bound(spec: str, call) -> dict:
 
 def _options(function, tmp_path):
     """``(required argv, [(name, param_decls, kind, default)])`` of a command function."""
-    hints = typing.get_type_hints(function)
     required, options = [], []
-    for name, param in inspect.signature(function).parameters.items():
-        info = param.default
-        kind = hints[name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X]: X
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    for name, info, kind in command_parameters(function):
         if isinstance(info, typer.models.ArgumentInfo):
             many = typing.get_origin(kind) is list
             required += [str(tmp_path / f"arg_{name}_{n}") for n in range(2 if many else 1)]

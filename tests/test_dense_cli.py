@@ -25,6 +25,8 @@ from cyclereg.warp import warp
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 from cyclereg_cli.main import app
 
+from conftest import command_parameters
+
 
 
 runner = CliRunner()
@@ -938,7 +940,6 @@ def test_every_cli_option_reaches_the_library_call(monkeypatch, tmp_path, comman
     its default, arrives in that call under its name (an option parsed and dropped would leave the library
     default in force, e.g. `register --no-ic` registering with inverse consistency)."""
     import importlib
-    import inspect
     import typing
 
     import cyclereg_cli.main as cli
@@ -955,13 +956,8 @@ def test_every_cli_option_reaches_the_library_call(monkeypatch, tmp_path, comman
     monkeypatch.setattr(cli, "require_run_dir", lambda *a, **k: None)
     function = getattr(cli, command)
     command = command.replace("_", "-")
-    hints = typing.get_type_hints(function)
     argv, expected, positional = [command], {}, []
-    for name, param in inspect.signature(function).parameters.items():
-        info = param.default
-        kind = hints[name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X]: X
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    for name, info, kind in command_parameters(function):
         if isinstance(info, typer.models.ArgumentInfo):
             many = typing.get_origin(kind) is list
             paths = [tmp_path / f"arg_{name}_{n}" for n in range(2 if many else 1)]
