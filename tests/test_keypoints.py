@@ -176,6 +176,9 @@ def test_cli_l2r_holds_the_scans_voxel_indices_on_an_oblique_offset_grid(tmp_pat
     assert len(vox) > 0 and np.allclose(vox, np.rint(vox), atol=1e-4)
     mm = read_points(tmp_path / "kp.csv").double().numpy()
     np.testing.assert_allclose(vox @ affine[:3, :3].T + affine[:3, 3], mm, atol=1e-3)
+    # the l2r file's configuration holds what places its indices in the world: the scan's affine
+    stored = np.array(json.loads(config_path_for(tmp_path / "kp.txt").read_text())["volume"]["affine"])
+    np.testing.assert_allclose(stored, affine, atol=1e-6)
 
 
 def test_cli_mask_l2r_and_ply(tmp_path):

@@ -296,7 +296,8 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
             "foerstner": dataclasses.asdict(config),
             "nms_radius_voxels": list(config.nms_radius_voxels(volume.spacing)),  # the mm radius on this grid
             "lung_mask_config": dataclasses.asdict(lung_config) if lung_mask else None,
-            "volume": {"shape": list(volume.shape), "spacing_mm": list(volume.spacing)},
+            "volume": {"shape": list(volume.shape), "spacing_mm": list(volume.spacing),
+                       "affine": volume.affine.tolist()},  # voxel (i, j, k) -> world mm: places l2r indices
             "mask_voxels": None if result.mask is None else int(result.mask.sum()),
             "num_keypoints": int(result.voxels.shape[0]),
             "num_candidates": result.candidates,
