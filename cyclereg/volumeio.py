@@ -118,6 +118,35 @@ def _note_unknown_orientation(path: Path) -> None:
                "tools; set the sform/qform if it has a known orientation")
 
 
+QFORM_SFORM_NOTE_MM = 0.01
+"""A header whose qform and sform (both coded) place some corner voxel of the volume more than this
+far apart [mm] gets a note (:func:`_note_qform_sform_disagree`)."""
+
+_NOTED_QFORM_SFORM: set[Path] = set()
+
+
+def qform_sform_distance_mm(shape: tuple[int, ...], qform: np.ndarray, sform: np.ndarray) -> float:
+    """Largest distance [mm] between where two voxel -> mm affines put the centres of the eight corner
+    voxels of a volume of ``shape`` (its first three axes)."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
+    diff = corners @ (np.asarray(qform, dtype=np.float64) - np.asarray(sform, dtype=np.float64)).T
+    return float(np.linalg.norm(diff[:, :3], axis=1).max())
+
+
+def _note_qform_sform_disagree(path: Path, distance_mm: float) -> None:
+    """Say once per file (stderr) that its qform and sform disagree: cyclereg (as nibabel) uses the
+    sform, while tools that prefer the qform (older ITK and the tools built on it) place the volume
+    up to ``distance_mm`` elsewhere, so points and outputs in world mm may not overlay it there."""
+    key = path.resolve()
+    if key in _NOTED_QFORM_SFORM:
+        return
+    _NOTED_QFORM_SFORM.add(key)
+    print_note(f"{path}: its qform and sform disagree (by up to {distance_mm:.3g} mm at the volume's corners); the "
+               "sform is used, as nibabel does: tools that read the qform place it elsewhere; make the two agree if "
+               "the file is used with such tools")
+
+
 LABEL_MAX = 2**31 - 1
 """Largest label value (label maps are written as 32-bit integers)."""
 
@@ -148,8 +177,14 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     problem = affine_problem(img.affine)
     if problem:
         raise InputError(problem, p)
-    if isinstance(img, nib.Nifti1Image) and int(img.header["qform_code"]) == int(img.header["sform_code"]) == 0:
-        _note_unknown_orientation(p)
+    if isinstance(img, nib.Nifti1Image):
+        qform_code, sform_code = int(img.header["qform_code"]), int(img.header["sform_code"])
+        if qform_code == sform_code == 0:
+            _note_unknown_orientation(p)
+        elif qform_code > 0 and sform_code > 0:
+            distance = qform_sform_distance_mm(arr.shape, img.get_qform(), img.get_sform())
+            if distance > QFORM_SFORM_NOTE_MM:
+                _note_qform_sform_disagree(p, distance)
     if labels:
         if np.issubdtype(arr.dtype, np.floating):
             if not np.isfinite(arr).all():

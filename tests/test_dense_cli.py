@@ -19,7 +19,7 @@ from cyclereg.dense.network import random_feature_net
 from cyclereg.errors import InputError
 from cyclereg.frames import mm_disp_to_voxel
 from cyclereg.metrics import jacobian_map
-from cyclereg.volumeio import Volume, read_nifti
+from cyclereg.volumeio import Volume, qform_sform_distance_mm, read_nifti, write_nifti
 from cyclereg.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
@@ -794,6 +794,46 @@ def test_a_nifti_without_orientation_is_read_as_nibabel_reads_it_with_a_note_onc
     assert err.count("has no orientation") == 1 and "bare.nii.gz" in err and "coded.nii.gz" not in err, err
 
 
+def test_a_qform_that_disagrees_with_the_sform_is_noted_once_and_the_sform_is_used(tmp_path, capfd):
+    """Both codes set, the qform 5 mm along x from the sform (a header edited by one tool and not the other):
+    read with the sform, as nibabel reads it, and said once per file, with the distance, on stderr; a file
+    whose two forms agree (cyclereg's own outputs) and a file with the sform alone get no note."""
+    data = np.random.default_rng(0).random((6, 7, 8), dtype=np.float32)
+    sform = np.diag([2.0, 1.0, 1.5, 1.0])
+    img = nib.Nifti1Image(data, sform)
+    img.set_sform(sform, code=1)
+    shifted = sform.copy()
+    shifted[0, 3] = 5.0
+    img.set_qform(shifted, code=1)
+    split = tmp_path / "split.nii.gz"
+    nib.save(img, str(split))
+    agree = tmp_path / "agree.nii.gz"
+    write_nifti(agree, data, sform)  # qform and sform both code 2, equal
+    alone = _save(tmp_path / "alone.nii.gz", data, sform)
+    capfd.readouterr()
+    for _ in range(2):
+        v = read_nifti(split)
+        read_nifti(agree)
+        read_nifti(alone)
+    np.testing.assert_allclose(v.affine, sform)
+    err = capfd.readouterr().err
+    assert err.count("qform and sform disagree") == 1 and "split.nii.gz" in err and "by up to 5 mm" in err, err
+    assert "agree.nii.gz" not in err and "alone.nii.gz" not in err, err
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (4, 5, 6)])
+def test_the_qform_sform_distance_is_the_largest_corner_displacement(shape):
+    """Analytic: a pure shift t moves every corner by |t|; a scale s of axis i moves the last corner along i
+    by (s - 1) * (n_i - 1) (most of all corners); a one-voxel grid has one corner."""
+    a = np.diag([1.0, 2.0, 3.0, 1.0])
+    b = a.copy()
+    b[:3, 3] = [3.0, 0.0, 4.0]
+    assert qform_sform_distance_mm(shape, a, b) == pytest.approx(5.0)
+    c = a.copy()
+    c[1, 1] = 2.5
+    assert qform_sform_distance_mm(shape, a, c) == pytest.approx(0.5 * (shape[1] - 1))
+
+
 def test_evaluate_with_a_run_of_keypoint_data_names_the_mismatch(tiny, tmp_path):
     """A keypoint run (its run.json) or a committed folder of per-fold keypoint models given for a volume
     dataset: said so, instead of 'no finished stage yet (run cyclereg cycle)', which invited training it."""
@@ -894,8 +934,6 @@ def test_written_nifti_carry_a_qform_equal_to_the_sform_where_one_can_hold_it(tm
     """Outputs had sform code 2 and qform code 0: readers that take the qform (older ITK and tools built on it)
     saw no orientation. A rotation (or reflection) times voxel sizes is now in both; a sheared affine, which a
     qform cannot hold, stays in the sform alone."""
-    from cyclereg.volumeio import write_nifti
-
     theta = 0.3
     rotated = np.eye(4)
     rotated[:3, :3] = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0],
