@@ -195,12 +195,13 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
                 value = arr.flat[int(off.argmax())]
                 raise InputError(f"label map holds non-integer values (e.g. {value:g}): is it an image?", p)
             arr = rounded
-        data = torch.from_numpy(arr.astype(np.int64))
-        if data.numel():
-            lo, hi = (int(v) for v in torch.aminmax(data))  # one pass over the map
+        if arr.size:  # checked in the file's own type: a cast to int64 would wrap 1e20 or a uint64's 2^64 - 1
+            lo, hi = arr.min(), arr.max()
             if hi > LABEL_MAX or lo < -LABEL_MAX - 1:
                 big = hi if hi > LABEL_MAX else lo
-                raise InputError(f"label value {big} does not fit a 32-bit integer (the warped label maps' type)", p)
+                text = str(int(big)) if abs(float(big)) < 1e15 else f"{float(big):g}"  # 3000000000, 1e+20
+                raise InputError(f"label value {text} does not fit a 32-bit integer (the warped label maps' type)", p)
+        data = torch.from_numpy(arr.astype(np.int64))
     else:
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
@@ -250,8 +251,12 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
-    if arr.dtype == np.int64:
-        arr = arr.astype(np.int16 if np.abs(arr).max(initial=0) < 32768 else np.int32)
+    if arr.dtype == np.int64:  # label maps: the narrowest of int16 / int32 that holds every value
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < -LABEL_MAX - 1 or hi > LABEL_MAX:
+            raise ValueError(f"data: integer value {hi if hi > LABEL_MAX else lo} does not fit the 32-bit integers "
+                             "label maps are written as")
+        arr = arr.astype(np.int16 if -32768 <= lo and hi <= 32767 else np.int32)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)  # sform code 2 (aligned)
     _set_qform_where_exact(img, affine)

@@ -4,6 +4,7 @@ typer's CliRunner on tiny synthetic volumes, and bad-input handling."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -385,6 +386,50 @@ def test_label_maps_must_hold_integers(tmp_path):
     with pytest.raises(InputError, match=f"label value {2**40} does not fit a 32-bit integer") as err:
         read_nifti(tmp_path / "big.nii.gz", labels=True)
     assert "big.nii.gz" in str(err.value)
+
+
+@pytest.mark.parametrize("dtype, value, named", [
+    (np.uint64, 2**64 - 1, "1.84467e+19"),  # cast to int64 it was -1: a label read silently as another
+    (np.uint32, 2**31, "2147483648"),
+    (np.float32, 1e20, "1e+20"),  # cast to int64 it wrapped: the message named -9223372036854775808
+    (np.float32, -3e9, "-3000000000"),
+])
+def test_a_label_beyond_32_bits_is_named_as_the_file_stores_it(tmp_path, dtype, value, named):
+    """The range is checked in the file's own type, before the cast to int64 can wrap the value."""
+    lab = np.zeros(SHAPE, dtype=dtype)
+    lab[1, 2, 3] = value
+    nib.save(nib.Nifti1Image(lab, AFFINE, dtype=dtype), str(tmp_path / "l.nii.gz"))
+    with pytest.raises(InputError, match=f"label value {re.escape(named)} does not fit a 32-bit integer"):
+        read_nifti(tmp_path / "l.nii.gz", labels=True)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float64])
+def test_the_32_bit_label_extremes_are_read_exactly(tmp_path, dtype):
+    lab = np.zeros(SHAPE, dtype=dtype)
+    lab[0, 0, 0], lab[1, 1, 1] = -(2**31), 2**31 - 1
+    nib.save(nib.Nifti1Image(lab, AFFINE, dtype=dtype), str(tmp_path / "l.nii.gz"))
+    data = read_nifti(tmp_path / "l.nii.gz", labels=True).data
+    assert int(data[0, 0, 0]) == -(2**31) and int(data[1, 1, 1]) == 2**31 - 1
+
+
+@pytest.mark.parametrize("value, stored", [(-32768, np.int16), (32767, np.int16), (32768, np.int32),
+                                           (-32769, np.int32), (2**31 - 1, np.int32), (-(2**31), np.int32)])
+def test_an_integer_map_is_written_in_the_narrowest_type_that_holds_it(tmp_path, value, stored):
+    lab = torch.zeros(SHAPE, dtype=torch.int64)
+    lab[1, 2, 3] = value
+    write_nifti(tmp_path / "l.nii.gz", lab, AFFINE)
+    img = nib.load(str(tmp_path / "l.nii.gz"))
+    assert img.get_data_dtype() == stored and int(np.asarray(img.dataobj)[1, 2, 3]) == value
+
+
+@pytest.mark.parametrize("value", [2**31, -(2**31) - 1])
+def test_an_integer_map_beyond_32_bits_is_refused_not_wrapped(tmp_path, value):
+    """It was cast to int32: 3000000000 was written as -1294967296, and no file is left."""
+    lab = torch.zeros(SHAPE, dtype=torch.int64)
+    lab[1, 2, 3] = value
+    with pytest.raises(ValueError, match=f"integer value {value} does not fit"):
+        write_nifti(tmp_path / "l.nii.gz", lab, AFFINE)
+    assert not any(tmp_path.iterdir())
 
 
 def test_checkpoint_roundtrip_and_spacing_check(tiny, tmp_path):
