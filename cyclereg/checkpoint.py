@@ -25,7 +25,8 @@ from cyclereg.errors import InputError, require_checkpoint_file, require_file, s
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses / tuples / paths -> plain JSON-compatible Python objects; a float that is NaN or
+    """Dataclasses / tuples / paths / tensors / numpy arrays and scalars -> plain JSON-compatible Python
+    objects; a float (also one inside a tensor or array) that is NaN or
     infinite becomes ``None`` (JSON ``null``), since strict JSON has no such number and Python's
     ``NaN`` / ``Infinity`` tokens break other readers (jq, JavaScript, most JSON libraries)."""
     if isinstance(obj, float):
@@ -40,7 +41,10 @@ def to_jsonable(obj: Any) -> Any:
         return str(obj)
     torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
     if torch is not None and isinstance(obj, torch.Tensor):
-        return obj.tolist()
+        return to_jsonable(obj.tolist())  # its NaN / inf elements too
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(obj, (numpy.ndarray, numpy.generic)):
+        return to_jsonable(obj.tolist())  # float32 scalars and arrays: Python numbers, NaN / inf as None
     return obj
 
 

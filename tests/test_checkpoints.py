@@ -175,3 +175,22 @@ def test_atomically_written_files_get_the_umasks_mode(tmp_path, umask, mode):
         os.umask(old)
     for name in ("a.bin", "a.txt", "c.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_nan_and_inf_inside_tensors_and_numpy_values_become_json_null():
+    """Strict JSON for records holding tensors or numpy values: their NaN / inf elements are ``null`` as a
+    plain float's are (a tensor's ``tolist()`` was returned as it was, so ``json_text`` refused a NaN loss),
+    and numpy float32 scalars and arrays become Python numbers (``json`` cannot write them)."""
+    import json
+
+    import numpy as np
+
+    from cyclereg.checkpoint import json_text, to_jsonable
+
+    assert to_jsonable(torch.tensor([1.0, float("nan")])) == [1.0, None]
+    assert to_jsonable(torch.tensor([[float("-inf"), 2.5]])) == [[None, 2.5]]
+    assert to_jsonable(np.array([0.5, np.inf], dtype=np.float32)) == [0.5, None]
+    assert to_jsonable({"n": np.int64(3), "x": np.float32(0.25), "ok": np.bool_(True)}) == {"n": 3, "x": 0.25,
+                                                                                           "ok": True}
+    assert json.loads(json_text({"loss": torch.tensor(float("inf")), "d": np.float32("nan")})) == {"loss": None,
+                                                                                                  "d": None}
