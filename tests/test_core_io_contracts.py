@@ -117,6 +117,24 @@ def test_labels_beyond_float32_precision_come_back_unchanged_and_zero_outside():
     assert (out[..., 3:] == 0).all()
 
 
+@pytest.mark.xfail(strict=True, reason="bug: on a label map with a size-1 axis (one slice) every coordinate along it "
+                   "samples that slice (frames._sizes max(s - 1, 1) with align_corners=True, warp.py:63 padding "
+                   "'zeros' never triggers), so a point 5 voxels beyond the map takes its label, not background 0 "
+                   "as warp_labels promises (inside_grid says it is outside)")
+def test_warp_labels_gives_background_beyond_a_single_slice_map():
+    from cyclereg.frames import inside_grid
+    from cyclereg.warp import warp_labels
+
+    labels = torch.ones(1, 1, 1, 3, 3, dtype=torch.int64)
+    d = torch.zeros(1, 3, 1, 3, 3)
+    d[:, 1] = 5.0  # along a 3-voxel axis: outside, background
+    assert (warp_labels(labels, d) == 0).all()
+    d = torch.zeros(1, 3, 1, 3, 3)
+    d[:, 0] = 5.0  # along the 1-voxel axis: just as far outside
+    assert not inside_grid(torch.tensor([[5.0, 1.0, 1.0]]), (1, 3, 3))
+    assert (warp_labels(labels, d) == 0).all()
+
+
 def test_an_integer_image_warped_trilinearly_is_rounded_not_truncated():
     from cyclereg.warp import warp
 
