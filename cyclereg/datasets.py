@@ -147,10 +147,13 @@ def select_folds(ds: "KeypointDataset", fold: str | int | None, flag: str = "--f
         return [None]
     if fold in (None, "all"):
         return list(range(1, len(ds.folds) + 1))
-    try:
-        k = int(fold)
-    except ValueError:
-        k = 0
+    if isinstance(fold, bool) or (isinstance(fold, float) and not fold.is_integer()):
+        k = 0  # int() would take True as fold 1 and truncate 1.5 to it
+    else:
+        try:
+            k = int(fold)
+        except (TypeError, ValueError, OverflowError):
+            k = 0
     if not 1 <= k <= len(ds.folds):
         raise InputError(f"{flag} {fold}: expected 'all' or 1..{len(ds.folds)}", ds.path)
     return [k]

@@ -154,7 +154,7 @@ LABEL_MAX = 2**31 - 1
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
 
-    Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D, complex-valued or
+    Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D, empty, complex-valued or
     not scalar (RGB), holds NaN/inf, or has an unusable affine (:func:`affine_problem`).
     """
     import nibabel as nib  # noqa: PLC0415
@@ -169,6 +169,8 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise InputError(f"expected a 3-D volume, got shape {arr.shape}", p)
+    if arr.size == 0:
+        raise InputError(f"empty volume: shape {arr.shape} holds no voxels", p)
     if np.iscomplexobj(arr):
         raise InputError(f"complex-valued voxels ({arr.dtype}): expected a real-valued image or label map", p)
     if arr.dtype.fields is not None or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
@@ -195,12 +197,11 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
                 value = arr.flat[int(off.argmax())]
                 raise InputError(f"label map holds non-integer values (e.g. {value:g}): is it an image?", p)
             arr = rounded
-        if arr.size:  # checked in the file's own type: a cast to int64 would wrap 1e20 or a uint64's 2^64 - 1
-            lo, hi = arr.min(), arr.max()
-            if hi > LABEL_MAX or lo < -LABEL_MAX - 1:
-                big = hi if hi > LABEL_MAX else lo
-                text = str(int(big)) if abs(float(big)) < 1e15 else f"{float(big):g}"  # 3000000000, 1e+20
-                raise InputError(f"label value {text} does not fit a 32-bit integer (the warped label maps' type)", p)
+        lo, hi = arr.min(), arr.max()  # in the file's own type: a cast to int64 wraps 1e20 or a uint64's 2^64 - 1
+        if hi > LABEL_MAX or lo < -LABEL_MAX - 1:
+            big = hi if hi > LABEL_MAX else lo
+            text = str(int(big)) if abs(float(big)) < 1e15 else f"{float(big):g}"  # 3000000000, 1e+20
+            raise InputError(f"label value {text} does not fit a 32-bit integer (the warped label maps' type)", p)
         data = torch.from_numpy(arr.astype(np.int64))
     else:
         arr = arr.astype(np.float32)

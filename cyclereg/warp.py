@@ -73,7 +73,32 @@ def sample_grid(src: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
     PyTorch's CPU ``grid_sample`` of 5-D inputs works one volume per thread, so a single volume uses
     one core; here its grid is cut into slabs along the first axis that form a batch, one per intra-op
     thread, when ``src`` needs no gradient. Each output voxel (and its gradient with respect to the grid)
-    is computed by the same code either way: the same values, bitwise."""
+    is computed by the same code either way: the same values, bitwise.
+
+    With ``padding_mode="zeros"`` a size-1 axis of ``src`` (a single slice) fades to 0 outside its one
+    voxel as any other axis does (:func:`_single_slice_weight`); ``grid_sample`` alone would sample the
+    slice at every coordinate along it (``align_corners=True`` maps them all to its centre)."""
+    out = _sample_slabs(src, grid, mode, padding_mode)
+    if padding_mode == "zeros" and 1 in src.shape[2:]:
+        out = out * _single_slice_weight(tuple(src.shape[2:]), grid, mode).to(out.dtype)
+    return out
+
+
+def _single_slice_weight(shape: tuple[int, int, int], grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(B, 1, D, H, W)``: how much of a source of ``shape`` (spatial) a zero-padded sample at ``grid``
+    ``(B, D, H, W, 3)`` takes along its size-1 axes, at voxel offset ``v`` from the one voxel centre:
+    ``max(0, 1 - |v|)`` (``bilinear``) or ``|v| <= 0.5`` (``nearest``), as ``grid_sample`` weighs the
+    edge voxels of a longer axis; 1 along the other axes."""
+    weight = torch.ones_like(grid[..., 0])
+    for axis, size in enumerate(shape):
+        if size == 1:
+            v = (grid[..., 2 - axis] + 1.0) * 0.5  # voxel index along the axis (frames.voxel_to_grid of a size-1 axis)
+            weight = weight * ((1.0 - v.abs()).clamp(min=0.0) if mode == "bilinear" else (v.abs() <= 0.5).to(v.dtype))
+    return weight.unsqueeze(1)
+
+
+def _sample_slabs(src: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """:func:`sample_grid`'s ``grid_sample``, in slabs on the CPU."""
     if src.shape[0] != grid.shape[0]:
         src = src.expand(grid.shape[0], *src.shape[1:])
     parts = torch.get_num_threads() if grid.device.type == "cpu" and not src.requires_grad else 1

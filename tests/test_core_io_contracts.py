@@ -117,10 +117,6 @@ def test_labels_beyond_float32_precision_come_back_unchanged_and_zero_outside():
     assert (out[..., 3:] == 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on a label map with a size-1 axis (one slice) every coordinate along it "
-                   "samples that slice (frames._sizes max(s - 1, 1) with align_corners=True, warp.py:63 padding "
-                   "'zeros' never triggers), so a point 5 voxels beyond the map takes its label, not background 0 "
-                   "as warp_labels promises (inside_grid says it is outside)")
 def test_warp_labels_gives_background_beyond_a_single_slice_map():
     from cyclereg.frames import inside_grid
     from cyclereg.warp import warp_labels
@@ -130,9 +126,32 @@ def test_warp_labels_gives_background_beyond_a_single_slice_map():
     d[:, 1] = 5.0  # along a 3-voxel axis: outside, background
     assert (warp_labels(labels, d) == 0).all()
     d = torch.zeros(1, 3, 1, 3, 3)
-    d[:, 0] = 5.0  # along the 1-voxel axis: just as far outside
-    assert not inside_grid(torch.tensor([[5.0, 1.0, 1.0]]), (1, 3, 3))
+    d[:, 0] = 5.0  # along the 1-voxel axis: just as far outside (it took the slice's label: grid_sample with
+    assert not inside_grid(torch.tensor([[5.0, 1.0, 1.0]]), (1, 3, 3))  # align_corners maps it to the slice)
     assert (warp_labels(labels, d) == 0).all()
+    for offset, label in ((0.5, 1), (-0.5, 1), (0.51, 0), (-0.51, 0)):  # the slice's voxel: -0.5 .. 0.5
+        d[:, 0] = offset
+        assert (warp_labels(labels, d) == label).all(), offset
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_single_slice_fades_to_zero_padding_as_an_edge_voxel_does(axis):
+    """Trilinear with zero padding: ``max(0, 1 - |v|)`` of the slice at offset ``v`` along its size-1 axis,
+    the weight ``grid_sample`` gives the edge voxel of a longer axis (checked on a 3-voxel axis)."""
+    from cyclereg.warp import warp
+
+    shape = [4, 3, 2]
+    shape[axis] = 1
+    ones = torch.ones(1, 1, *shape, dtype=torch.float64)
+    for v, expected in ((0.0, 1.0), (0.25, 0.75), (-0.6, 0.4), (1.0, 0.0), (-3.0, 0.0)):
+        d = torch.zeros(1, 3, *shape, dtype=torch.float64)
+        d[:, axis] = v
+        torch.testing.assert_close(warp(ones, d, padding_mode="zeros"), torch.full_like(ones, expected))
+        assert torch.equal(warp(ones, d), ones)  # border padding: the slice everywhere, as before
+    edge = torch.ones(1, 1, 3, 3, 3, dtype=torch.float64)
+    d = torch.zeros(1, 3, 3, 3, 3, dtype=torch.float64)
+    d[:, 0] = -0.6  # voxel 0 of the longer axis at -0.6: the same weight 0.4
+    assert float(warp(edge, d, padding_mode="zeros")[0, 0, 0, 0, 0]) == pytest.approx(0.4)
 
 
 def test_an_integer_image_warped_trilinearly_is_rounded_not_truncated():
@@ -333,20 +352,17 @@ def test_a_qform_is_noted_only_when_coded_and_more_than_0_01_mm_from_the_sform(t
     assert ("its qform and sform disagree" in capsys.readouterr().err) == noted
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_nifti(labels=True) of an empty float label map (shape (0, 3, 3)) "
-                   "fails with numpy's raw 'zero-size array to reduction operation maximum' ValueError at "
-                   "volumeio.py:194 (off.max()), not an InputError naming the file; an empty int map and an empty "
-                   "image are read as empty volumes")
-def test_an_empty_float_label_map_is_read_like_an_empty_integer_one(tmp_path):
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+@pytest.mark.parametrize("labels", [False, True])
+def test_an_empty_volume_is_refused_naming_the_file(tmp_path, dtype, labels):
+    """A volume of shape (0, 3, 3): an empty float label map failed with numpy's raw 'zero-size array'
+    error, and an empty image or integer map was read as an empty volume (and failed later, elsewhere)."""
     from cyclereg.volumeio import read_nifti
 
-    as_int = read_nifti(_save(tmp_path / "i.nii", np.zeros((0, 3, 3), dtype=np.int16)), labels=True)
-    assert as_int.shape == (0, 3, 3) and as_int.data.dtype == torch.int64
-    try:
-        vol = read_nifti(_save(tmp_path / "f.nii", np.zeros((0, 3, 3), dtype=np.float32)), labels=True)
-    except InputError:
-        return  # refusing it naming the file is fine too
-    assert vol.shape == (0, 3, 3) and vol.data.dtype == torch.int64
+    path = _save(tmp_path / "e.nii", np.zeros((0, 3, 3), dtype=dtype))
+    with pytest.raises(InputError, match=r"empty volume: shape \(0, 3, 3\) holds no voxels") as err:
+        read_nifti(path, labels=labels)
+    assert "e.nii" in str(err.value)
 
 
 def test_read_nifti_refuses_a_vector_volume_instead_of_taking_its_first_component(tmp_path):
@@ -510,16 +526,16 @@ def test_folds_select_train_and_name_the_pairs_they_hold_out(tmp_path):
         select_folds(plain, "1")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: select_folds(ds, 1.5) truncates with int() (datasets.py:151) and "
-                   "silently selects fold 1 (a Python-API fold= of train/pretrain/evaluate); the string '1.5' "
-                   "is refused, the float should be too")
 def test_a_fold_that_is_not_a_whole_number_is_refused(tmp_path):
+    """A Python-API ``fold=`` of 1.5 (or True) was truncated by ``int()`` to fold 1 and trained or
+    evaluated it silently; the string '1.5' was refused. Whole numbers in any form still select."""
     from cyclereg.datasets import load_keypoint_dataset, select_folds
 
     ds = load_keypoint_dataset(_dataset(tmp_path, folds=[["p0"], ["p1"]]))
-    assert select_folds(ds, 2.0) == [2]
-    with pytest.raises(InputError, match="expected 'all' or 1..2"):
-        select_folds(ds, 1.5)
+    assert select_folds(ds, 2.0) == [2] and select_folds(ds, "2") == [2] and select_folds(ds, np.int64(1)) == [1]
+    for bad in (1.5, True, "1.5", float("inf"), float("nan"), [1]):
+        with pytest.raises(InputError, match="expected 'all' or 1..2"):
+            select_folds(ds, bad)
 
 
 @pytest.mark.parametrize("folds, message", [
