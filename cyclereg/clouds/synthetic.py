@@ -25,7 +25,7 @@ class BreathingConfig:
         steps: random-walk steps per branch.
         step_mm: length of one step.
         start_spread: the branches start uniformly in a box this many lung radii wide per axis, centred
-            on the lung's centre.
+            on the lung's centre, and inside the lung (a start outside it is drawn again).
         walk_turn: how strongly a walk turns per step: the standard deviation of the random change of its
             unit direction.
         n_fixed: points in the fixed cloud.
@@ -79,6 +79,11 @@ def _inside(p: torch.Tensor, cfg: BreathingConfig) -> torch.Tensor:
     return ok
 
 
+START_DRAWS = 1000
+"""Draws of a branch start in the ``start_spread`` box until one lies inside the lung (with the default
+box, every first draw does: the box's corners are sqrt(3) / 2 radii from the centre)."""
+
+
 def _vessel_tree(cfg: BreathingConfig, g: torch.Generator) -> torch.Tensor:
     """Polyline vertices ``(B, S, 3)`` of random smooth walks inside the lungs."""
     walks = []
@@ -86,7 +91,13 @@ def _vessel_tree(cfg: BreathingConfig, g: torch.Generator) -> torch.Tensor:
     for c in cfg.lung_centres:
         centre = torch.tensor(c, dtype=torch.float64)
         for _ in range(cfg.branches):
-            start = centre + (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * (r * cfg.start_spread)
+            for _ in range(START_DRAWS):  # a start outside the lung (a box wider than 2 / sqrt(3) radii) is redrawn
+                start = centre + (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * (r * cfg.start_spread)
+                if _inside(start[None], cfg)[0]:
+                    break
+            else:
+                raise ValueError(f"start_spread={cfg.start_spread}: no branch start inside the lung in {START_DRAWS} "
+                                 "draws")
             direction = torch.randn(3, generator=g, dtype=torch.float64)
             pts = [start]
             for _ in range(cfg.steps - 1):
