@@ -380,12 +380,10 @@ def test_breathing_random_part_is_one_gaussian_of_the_configured_width_and_peak(
     assert (peaks.min(0).values < 0).all() and (peaks.max(0).values > 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: synthetic.py:306 draws a walk's start anywhere in the box of "
-                   "start_spread lung radii and never checks it is inside the lung (only later steps are checked), "
-                   "so start_spread > 2/sqrt(3) puts vessel points outside both lungs")
 def test_vessel_tree_of_a_wide_start_box_stays_inside_the_lungs():
     """``BreathingConfig(start_spread=2.0)``: the start box is the lung's bounding box; about half its volume
-    lies outside the ellipsoid, and walks started there keep vertices outside the lungs for several steps."""
+    lies outside the ellipsoid, and walks started there kept vertices outside the lungs for several steps
+    (57 % of the walks, 7.4 % of the vertices); a start outside is now drawn again."""
     cfg = replace(_SMALL, start_spread=2.0)
     tree = _vessel_tree(cfg, torch.Generator().manual_seed(0))
     assert _in_lungs(tree.reshape(-1, 3), cfg).all()
