@@ -54,7 +54,7 @@ def test_knn_with_k_zero_is_empty_and_k_of_every_point_is_all_of_them():
     assert all(sorted(row) == list(range(5)) for row in every.tolist())
     d = torch.cdist(q, r).gather(1, every)
     assert (d[:, 1:] >= d[:, :-1]).all()
-    with pytest.raises(ValueError, match="k=6: reference has only 5 points"):
+    with pytest.raises(ValueError, match="k=6: needs 6 points, reference has only 5"):
         knn_indices(q, r, 6)
 
 
@@ -64,8 +64,21 @@ def test_knn_excluding_self_counts_the_excluded_point():
     p = _cloud(5, 2)
     others = knn_indices(p, p, 4, exclude_self=True)
     assert all(sorted(row) == sorted(set(range(5)) - {i}) for i, row in enumerate(others.tolist()))
-    with pytest.raises(ValueError, match="k=5: reference has only 5 points"):
+    with pytest.raises(ValueError, match=r"k=5 and the point itself \(excluded\): needs 6 points, reference has only 5"):
         knn_indices(p, p, 5, exclude_self=True)
+
+
+def test_knn_edge_index_names_k_as_given():
+    """With its self loop, ``knn_edge_index`` searches ``k - 1`` others: its errors named that count
+    (``k=0`` said "got -1", ``k=6`` on 5 points "k=5: reference has only 5 points"), and ``k=True`` gave a
+    graph of self loops."""
+    p = _cloud(5, 2)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"k: expected a whole number >= 1, got {bad!r}"):
+            knn_edge_index(p, bad)
+    with pytest.raises(ValueError, match="k=6: the cloud has only 5 points"):
+        knn_edge_index(p, 6)
+    assert knn_edge_index(p, 5).shape == (2, 25) and knn_edge_index(p, 0, include_self=False).shape == (2, 0)
 
 
 def test_knn_of_an_empty_query_is_an_index_tensor_of_width_k():

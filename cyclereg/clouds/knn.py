@@ -26,6 +26,18 @@ def knn_chunk_rows(n_reference: int, element_size: int, device: torch.device) ->
     return KNN_CHUNK_ROWS
 
 
+def _count(k, minimum: int) -> int:
+    """``k`` as an int (an int, numpy or torch integer; not ``True`` or ``2.0``) of at least ``minimum``,
+    else :class:`ValueError` naming ``k``."""
+    try:
+        count = minimum - 1 if isinstance(k, bool) else operator.index(k)
+    except TypeError:
+        count = minimum - 1
+    if count < minimum:
+        raise ValueError(f"k: expected a whole number >= {minimum}, got {k!r}")
+    return count
+
+
 def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude_self: bool = False) -> torch.Tensor:
     """Indices ``(N, k)`` of the ``k`` nearest ``reference`` points ``(M, 3)`` of each ``query`` point ``(N, 3)``.
 
@@ -38,19 +50,14 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
         raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
     if query.dtype != reference.dtype:
         raise ValueError(f"query: {query.dtype}, but reference: {reference.dtype}; give both alike")
-    try:
-        count = -1 if isinstance(k, bool) else operator.index(k)  # an int, numpy or torch integer; not 2.0
-    except TypeError:
-        count = -1
-    if count < 0:
-        raise ValueError(f"k: expected a whole number >= 0, got {k!r}")
-    k = count
+    k = _count(k, 0)
     if exclude_self and query.shape != reference.shape:
         raise ValueError(f"exclude_self: the query must be the reference itself, got {tuple(query.shape)} "
                          f"and {tuple(reference.shape)}")
     kk = k + int(exclude_self)
     if kk > reference.shape[0]:
-        raise ValueError(f"k={k}: reference has only {reference.shape[0]} points")
+        raise ValueError(f"k={k}" + (" and the point itself (excluded)" if exclude_self else "") +
+                         f": needs {kk} points, reference has only {reference.shape[0]}")
     if query.shape[0] == 0:
         return torch.zeros(0, k, dtype=torch.long, device=query.device)
     out = []
@@ -66,9 +73,12 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
 
 
 def knn_edge_index(points: torch.Tensor, k: int, *, include_self: bool = True) -> torch.Tensor:
-    """Directed kNN graph ``(2, N*k)`` of a cloud ``(N, 3)``: edges ``j -> i`` for the k nearest ``j`` of ``i``."""
-    idx = knn_indices(points, points, k - int(include_self), exclude_self=True) if include_self else \
-        knn_indices(points, points, k, exclude_self=True)
+    """Directed kNN graph ``(2, N*k)`` of a cloud ``(N, 3)``: edges ``j -> i`` for the k nearest ``j`` of ``i``
+    (with ``include_self``, ``i`` itself is one of them: ``k >= 1``)."""
+    k = _count(k, int(include_self))
+    if include_self and k > points.shape[0]:  # named as given, not as the k - 1 others searched for
+        raise ValueError(f"k={k}: the cloud has only {points.shape[0]} points")
+    idx = knn_indices(points, points, k - int(include_self), exclude_self=True)
     n = points.shape[0]
     centres = torch.arange(n, device=points.device)
     if include_self:
