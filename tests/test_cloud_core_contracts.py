@@ -177,8 +177,22 @@ def test_forward_refuses_an_edge_to_a_point_that_does_not_exist():
     net = build_graph_net(GraphNetConfig(channels=(4,), out_channels=4), seed=0)
     p = torch.rand(5, 3)
     ei = torch.tensor([[0, 1, 2, 3, 5], [0, 1, 2, 3, 4]])
-    with pytest.raises(ValueError, match=r"edge_index \(2, 5\): expected \(2, E\) over the 5 points"):
+    with pytest.raises(ValueError, match=r"edge_index \(2, 5\) \(torch.int64\): expected \(2, E\) int64 indices 0..4 "
+                                         "of the 5 points"):
         net(p, 1, ei)
+    for bad in (ei.clamp(max=4) - 1, ei.clamp(max=4).float()):  # index -1 was the last point; floats failed in torch
+        with pytest.raises(ValueError, match="expected \\(2, E\\) int64 indices 0..4"):
+            net(p, 1, bad)
+
+
+def test_forward_over_an_empty_graph_is_every_point_aggregating_nothing():
+    """A ``(2, 0)`` edge_index (PyG's graph without edges) gives features (``.max()`` of it raised a
+    RuntimeError); each point's EdgeConv output is then PyG's empty max, 0, so all points get one feature."""
+    net = build_graph_net(GraphNetConfig(channels=(4,), out_channels=4), seed=0).eval()
+    p = torch.rand(5, 3)
+    out = net(p, 1, torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (5, 4) and torch.isfinite(out).all()
+    assert torch.allclose(out, out[:1].expand(5, -1))
 
 
 def test_pair_uses_k_fixed_for_the_fixed_cloud_and_the_scaled_k_for_the_moving_one():

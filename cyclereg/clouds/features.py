@@ -150,8 +150,11 @@ class GraphFeatureNet(nn.Module):
             raise ValueError(f"points: expected (N, 3), got {tuple(points.shape)}")
         if edge_index is None:
             edge_index = knn_edge_index(points, k, include_self=True)
-        elif edge_index.ndim != 2 or edge_index.shape[0] != 2 or int(edge_index.max()) >= points.shape[0]:
-            raise ValueError(f"edge_index {tuple(edge_index.shape)}: expected (2, E) over the {points.shape[0]} points")
+        elif (edge_index.ndim != 2 or edge_index.shape[0] != 2 or edge_index.dtype != torch.long or
+              (edge_index.numel() and not 0 <= int(edge_index.min()) <= int(edge_index.max()) < points.shape[0])):
+            # an empty (2, 0) graph is one (PyG's: every point aggregates nothing); a negative index counted from the end
+            raise ValueError(f"edge_index {tuple(edge_index.shape)} ({edge_index.dtype}): expected (2, E) int64 "
+                             f"indices 0..{points.shape[0] - 1} of the {points.shape[0]} points")
         x = points
         for conv in self.convs:
             x = conv(x, edge_index)
