@@ -1303,7 +1303,7 @@ def test_pair_graphs_are_those_of_every_similarity_transformed_copy():
     with pytest.raises(ValueError, match="moving: expected"):
         PairGraphs.build(f, m[:, :2], cfg.reg.net, cfg.reg.lbp)
     from cyclereg.clouds.features import build_graph_net
-    with pytest.raises(ValueError, match=r"edge_index \(2, \d+\): expected \(2, E\) over the 200 points"):
+    with pytest.raises(ValueError, match=r"edge_index \(2, \d+\) \(torch.int64\): expected \(2, E\) int64 indices 0..199 of the 200 points"):
         build_graph_net(cfg.reg.net, seed=0).pair(f.float(), m.float(), (graphs.moving_edges, graphs.fixed_edges))
 
 
