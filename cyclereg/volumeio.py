@@ -101,7 +101,16 @@ def affine_problem(affine: np.ndarray) -> str | None:
     return None
 
 
-_NOTED_WITHOUT_ORIENTATION: set[Path] = set()
+_NOTED: set[tuple[str, Path]] = set()
+"""(what, file) of every header note said in this process: each is said once per file."""
+
+
+def _note_once(path: Path, what: str, text: str) -> None:
+    """:func:`~cyclereg.console.print_note` ``"{path}: {text}"`` unless note ``what`` was said of ``path``."""
+    key = (what, path.resolve())
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print_note(f"{path}: {text}")
 
 
 def _note_unknown_orientation(path: Path) -> None:
@@ -109,20 +118,14 @@ def _note_unknown_orientation(path: Path) -> None:
     affine used is nibabel's fallback (x flipped, origin at the volume's centre), which other tools may
     not share (the NIfTI standard's method 1 puts voxel i at ``pixdim * i``), so points and outputs in
     world mm may overlay the file differently there. Kept as read: within cyclereg it is consistent."""
-    key = path.resolve()
-    if key in _NOTED_WITHOUT_ORIENTATION:
-        return
-    _NOTED_WITHOUT_ORIENTATION.add(key)
-    print_note(f"{path}: its header has no orientation (qform and sform codes 0); read with nibabel's fallback "
-               "affine (x flipped, origin at the volume's centre): world mm and outputs may not overlay it in other "
-               "tools; set the sform/qform if it has a known orientation")
+    _note_once(path, "orientation", "its header has no orientation (qform and sform codes 0); read with nibabel's "
+               "fallback affine (x flipped, origin at the volume's centre): world mm and outputs may not overlay it in "
+               "other tools; set the sform/qform if it has a known orientation")
 
 
 QFORM_SFORM_NOTE_MM = 0.01
 """A header whose qform and sform (both coded) place some corner voxel of the volume more than this
 far apart [mm] gets a note (:func:`_note_qform_sform_disagree`)."""
-
-_NOTED_QFORM_SFORM: set[Path] = set()
 
 
 def qform_sform_distance_mm(shape: tuple[int, ...], qform: np.ndarray, sform: np.ndarray) -> float:
@@ -138,12 +141,8 @@ def _note_qform_sform_disagree(path: Path, distance_mm: float) -> None:
     """Say once per file (stderr) that its qform and sform disagree: cyclereg (as nibabel) uses the
     sform, while tools that prefer the qform (older ITK and the tools built on it) place the volume
     up to ``distance_mm`` elsewhere, so points and outputs in world mm may not overlay it there."""
-    key = path.resolve()
-    if key in _NOTED_QFORM_SFORM:
-        return
-    _NOTED_QFORM_SFORM.add(key)
-    print_note(f"{path}: its qform and sform disagree (by up to {distance_mm:.3g} mm at the volume's corners); the "
-               "sform is used, as nibabel does: tools that read the qform place it elsewhere; make the two agree if "
+    _note_once(path, "qform", f"its qform and sform disagree (by up to {distance_mm:.3g} mm at the volume's corners); "
+               "the sform is used, as nibabel does: tools that read the qform place it elsewhere; make the two agree if "
                "the file is used with such tools")
 
 

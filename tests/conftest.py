@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -92,13 +93,22 @@ def dtype(request) -> torch.dtype:
     return request.param
 
 
+@contextlib.contextmanager
+def intraop_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, and back to what they were after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_intraop_thread():
     """Tiny volumes: one intra-op thread is faster (and fair to parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with intraop_threads(1):
+        yield
 
 
 def assert_same_weights(path_a: str | Path, path_b: str | Path) -> None:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import cyclereg_cli.main as cli
 from cyclereg_cli.main import app
 
-from conftest import command_parameters
+from conftest import command_parameters, intraop_threads
 
 runner = CliRunner()
 
@@ -168,10 +168,8 @@ def _keypoint_dataset(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with intraop_threads(1):
+        yield
 
 
 def test_device_reaches_pretrain_random_and_cycle(tmp_path, one_thread):

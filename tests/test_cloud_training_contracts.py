@@ -21,6 +21,7 @@ from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.frames import UnitBox
 from cyclereg.training import clouds as clouds_mod
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config, learning_prediction
+from conftest import intraop_threads
 
 # (test_time_config and test_time_displacements are used through their modules: pytest would collect
 # a module-level name starting with ``test_``)
@@ -32,10 +33,8 @@ BOX = UnitBox((0.0, 0.0, 0.0), (200.0, 100.0, 50.0))
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with intraop_threads(1):
+        yield
 
 
 def _pairs(n: int, n_fixed: int = 60, n_moving: int = 80) -> list[CloudPairData]:

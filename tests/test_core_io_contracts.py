@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import intraop_threads
 from cyclereg.errors import InputError
 
 
@@ -77,10 +78,8 @@ def test_spacing_differs_is_relative_to_the_expected_spacing():
 @pytest.fixture
 def four_threads():
     """Four intra-op threads for the test (the slab path of :func:`cyclereg.warp.sample_grid`), then back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(before)
+    with intraop_threads(4):
+        yield
 
 
 @pytest.mark.parametrize("batch, depth", [(1, 9), (1, 8), (2, 9)])
