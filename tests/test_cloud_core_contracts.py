@@ -414,3 +414,10 @@ def test_vessel_tree_of_a_wide_start_box_stays_inside_the_lungs():
     cfg = replace(_SMALL, start_spread=2.0)
     tree = _vessel_tree(cfg, torch.Generator().manual_seed(0))
     assert _in_lungs(tree.reshape(-1, 3), cfg).all()
+
+
+def test_pair_graphs_name_the_fixed_and_moving_clouds_of_two_dtypes():
+    """The candidate search (fixed points among moving ones) named them "query" and "reference"."""
+    net, lbp = GraphNetConfig(k_fixed=4), LBPConfig(num_candidates=16, graph_k=3)
+    with pytest.raises(ValueError, match="fixed: torch.float64, but moving: torch.float32; give both alike"):
+        PairGraphs.build(_cloud(20, 0), _cloud(30, 1, torch.float32), net, lbp)

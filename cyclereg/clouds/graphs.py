@@ -53,6 +53,8 @@ class PairGraphs:
         for name, pts in (("fixed", fixed), ("moving", moving)):
             if pts.ndim != 2 or pts.shape[1] != 3:
                 raise ValueError(f"{name}: expected (N, 3), got {tuple(pts.shape)}")
+        if fixed.dtype != moving.dtype:  # named here: the candidate search would call them query / reference
+            raise ValueError(f"fixed: {fixed.dtype}, but moving: {moving.dtype}; give both alike")
         edges, reverse = symmetric_edge_index(fixed, lbp.graph_k)
         return PairGraphs(fixed_edges=knn_edge_index(fixed, net.k_fixed, include_self=True),
                           lbp_edges=edges, lbp_reverse=reverse, **_moving_graphs(fixed, moving, net, lbp))
