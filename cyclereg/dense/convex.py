@@ -189,6 +189,8 @@ def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, i
     (:class:`ValueError` naming ``factor`` when it is no power of 2: the 2x steps could not reach it)."""
     if not whole_number(factor) or factor < 1 or factor & (factor - 1):
         raise ValueError(f"factor: expected a power of 2 (1, 2, 4, ...), got {factor!r}")
+    if factor == 1 and tuple(disp.shape[2:]) != tuple(out_shape):  # no 2x step would reach out_shape
+        raise ValueError(f"out_shape {tuple(out_shape)}: factor 1 keeps disp's grid {tuple(disp.shape[2:])}")
     cur = disp
     f = 1
     while f < factor:
