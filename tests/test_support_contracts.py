@@ -506,3 +506,133 @@ def test_a_loaded_kernel_is_off_while_disabled_and_reset_forgets_it(monkeypatch,
     lib.reset()
     assert lib._reason == "not loaded yet" and lib._kernel is None
     assert lib.kernel() is not None and len(calls) == 2
+
+
+# ----------------------------------------------------------------------------- native: the kernels' checks
+def test_prune_first_is_the_fraction_from_prune_from_labels_and_zero_otherwise():
+    from cyclereg.clouds.native import prune_first
+
+    assert prune_first(16, 16, 0.25) == 4 and prune_first(15, 16, 0.25) == 0
+    assert prune_first(16, None, 0.25) == 0
+    assert prune_first(3, 1, 0.2) == 0  # int(0.6) = 0 labels: one full pass
+    assert prune_first(8, 1, 1.0) == 0  # all labels in the first pass: one full pass
+
+
+def test_the_fused_sweeps_take_float32_cpu_coordinates_without_gradient_and_at_most_2_16_labels(monkeypatch):
+    from cyclereg.clouds import native
+
+    monkeypatch.setattr(native, "usable", lambda belief: True)
+    monkeypatch.setattr(native.SWEEPS, "kernel", lambda: object())
+    k = native.SWEEP_MAX_LABELS
+    assert native.sweeps_usable(torch.zeros(1, k), torch.zeros(1, k, 3))
+    assert not native.sweeps_usable(torch.zeros(1, k + 1), torch.zeros(1, k + 1, 3))
+    assert not native.sweeps_usable(torch.zeros(2, 4), torch.zeros(2, 4, 3, requires_grad=True))
+    assert not native.sweeps_usable(torch.zeros(2, 4), torch.zeros(2, 4, 3, dtype=torch.float64))
+
+
+def test_the_search_kernel_refuses_tensors_that_do_not_fit():
+    from cyclereg.clouds.native import _call
+
+    def never(*args):
+        raise AssertionError("the kernel must not be called")
+
+    belief = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        _call(never, belief, torch.zeros(2, 5, 3), torch.zeros(2, 3, 3), 1.0, 0)
+    with pytest.raises(ValueError, match="do not match"):
+        _call(never, belief, torch.zeros(2, 4, 3), torch.zeros(3, 3, 3), 1.0, 0)
+
+
+@pytest.mark.parametrize("wrong", ["pair", "flat", "pruned"])
+def test_the_search_check_rejects_a_kernel_wrong_in_one_case_only(monkeypatch, wrong):
+    """A kernel that is right except for its pairwise terms, or only for flat beliefs, or only in the
+    pruned search, fails the self-check."""
+    from conftest import require_kernel
+    from cyclereg.clouds import native
+
+    fn = require_kernel(native)
+    real = native._call
+
+    def off(fn, belief, cand_src, cand_dst, alpha, first, *args, **kwargs):
+        arg, pair = real(fn, belief, cand_src, cand_dst, alpha, first, *args, **kwargs)
+        if wrong == "pair":
+            pair = pair + 1e-3
+        elif (wrong == "flat" and float(belief.max()) < 1e-3) or (wrong == "pruned" and first > 0):
+            arg = (arg + 1) % cand_src.shape[1]
+        return arg, pair
+
+    assert native._self_check(fn)
+    monkeypatch.setattr(native, "_call", off)
+    assert not native._self_check(fn)
+
+
+@pytest.mark.parametrize("wrong", ["beliefs", "gradient"])
+def test_the_sweeps_check_rejects_wrong_beliefs_or_a_wrong_gradient(monkeypatch, wrong):
+    from cyclereg.clouds import native
+
+    fns = native.SWEEPS.kernel()
+    if fns is None:
+        pytest.skip(f"no fused min-sum kernel here: {native.SWEEPS.reason()}")
+    real = native._sweeps
+
+    def off(fns, unary, *args):
+        got = real(fns, unary, *args)
+        if wrong == "beliefs":
+            return got + 1e-4
+        return got + 0.01 * got.detach() * (unary - unary.detach())  # the same values, another gradient
+
+    assert native._check_sweeps(fns)
+    monkeypatch.setattr(native, "_sweeps", off)
+    assert not native._check_sweeps(fns)
+
+
+@pytest.mark.parametrize("wrong", ["value", "gradient", "border"])
+def test_the_warp_check_rejects_a_kernel_off_in_value_gradient_or_past_the_border(monkeypatch, wrong):
+    from conftest import require_kernel
+    from cyclereg.dense import native
+
+    k = require_kernel(native)
+    real = native._WarpMSE
+
+    class Off:
+        @staticmethod
+        def apply(disp, mov_cl, fix_cl, kernel):
+            got = real.apply(disp, mov_cl, fix_cl, kernel)
+            if wrong == "value":
+                return got * 1.001
+            if wrong == "gradient":
+                return got + ((disp - disp.detach()) * got.detach()).sum()
+            # only where displacements reach past the border (more than 5 voxels in a 6 x 7 x 9 grid)
+            return got * 1.001 if float(disp.detach().abs().max()) > 5 else got
+
+    assert native._self_check(k)
+    monkeypatch.setattr(native, "_WarpMSE", Off)
+    assert not native._self_check(k)
+
+
+def test_the_warp_data_term_refuses_a_field_that_does_not_fit_before_running(monkeypatch):
+    from cyclereg.dense import native
+
+    monkeypatch.setattr(native, "kernel", lambda: pytest.fail("the kernel must not be asked for"))
+    feat = torch.zeros(4, 5, 6, 2)
+    for disp, fix in ((torch.zeros(1, 3, 4, 5, 7), feat), (torch.zeros(1, 3, 4, 5, 6, dtype=torch.float64), feat),
+                      (torch.zeros(1, 3, 4, 5, 6), torch.zeros(4, 5, 6, 3))):
+        with pytest.raises(ValueError, match="does not fit features"):
+            native.warped_mse(fix, feat, disp)
+
+
+def test_the_warp_data_term_scales_its_gradient_by_the_upstream_one():
+    """A weighted data term ``w * warped_mse``: its gradient is ``w`` times the unweighted one (the
+    self-check only differentiates the bare term, whose upstream gradient is 1)."""
+    from conftest import require_kernel
+    from cyclereg.dense import native
+
+    require_kernel(native)
+    gen = torch.Generator().manual_seed(3)
+    fix, mov = torch.randn(2, 1, 2, 4, 5, 6, generator=gen)
+    disp = (torch.randn(1, 3, 4, 5, 6, generator=gen) * 0.7).requires_grad_(True)
+    fix_cl, mov_cl = native.channels_last(fix), native.channels_last(mov)
+    (g1,) = torch.autograd.grad(native.warped_mse(fix_cl, mov_cl, disp), disp)
+    (g25,) = torch.autograd.grad(2.5 * native.warped_mse(fix_cl, mov_cl, disp), disp)
+    assert g1.abs().max() > 0
+    torch.testing.assert_close(g25, 2.5 * g1)
