@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -17,10 +18,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     name = str(device).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu":
+        return torch.device("cpu")
+    cuda = re.fullmatch(r"cuda(?::([0-9]+))?", name)  # cuda:abc, cudax, cuda:-1: torch's RuntimeError otherwise
+    if cuda is None:
+        raise InputError(f"--device {device}: expected auto, cpu or cuda" +
+                         (" (or cuda:N, N a GPU number)" if name.startswith("cuda") else ""))
+    if not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise InputError(f"--device {device}: expected auto, cpu or cuda")
+    count = torch.cuda.device_count()
+    if cuda.group(1) is not None and int(cuda.group(1)) >= count:  # else CUDA's 'invalid device ordinal' later
+        raise InputError(f"--device {device}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                         f"(cuda:0 .. cuda:{count - 1})")
     return torch.device(name)
 
 
