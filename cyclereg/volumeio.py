@@ -150,6 +150,12 @@ LABEL_MAX = 2**31 - 1
 """Largest label value (label maps are written as 32-bit integers)."""
 
 
+def _beyond_label_range(lo, hi):
+    """The smallest ``lo`` or largest ``hi`` value of a label map that a 32-bit integer cannot hold
+    (``hi`` first), or ``None`` when both fit (:data:`LABEL_MAX`)."""
+    return hi if hi > LABEL_MAX else lo if lo < -LABEL_MAX - 1 else None
+
+
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
 
@@ -196,9 +202,8 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
                 value = arr.flat[int(off.argmax())]
                 raise InputError(f"label map holds non-integer values (e.g. {value:g}): is it an image?", p)
             arr = rounded
-        lo, hi = arr.min(), arr.max()  # in the file's own type: a cast to int64 wraps 1e20 or a uint64's 2^64 - 1
-        if hi > LABEL_MAX or lo < -LABEL_MAX - 1:
-            big = hi if hi > LABEL_MAX else lo
+        big = _beyond_label_range(arr.min(), arr.max())  # in the file's own type: an int64 cast wraps 1e20 or 2^64 - 1
+        if big is not None:
             text = str(int(big)) if abs(float(big)) < 1e15 else f"{float(big):g}"  # 3000000000, 1e+20
             raise InputError(f"label value {text} does not fit a 32-bit integer (the warped label maps' type)", p)
         data = torch.from_numpy(arr.astype(np.int64))
@@ -253,9 +258,9 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
         arr = arr.astype(np.float32)
     if arr.dtype == np.int64:  # label maps: the narrowest of int16 / int32 that holds every value
         lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-        if lo < -LABEL_MAX - 1 or hi > LABEL_MAX:
-            raise ValueError(f"data: integer value {hi if hi > LABEL_MAX else lo} does not fit the 32-bit integers "
-                             "label maps are written as")
+        big = _beyond_label_range(lo, hi)
+        if big is not None:
+            raise ValueError(f"data: integer value {big} does not fit the 32-bit integers label maps are written as")
         arr = arr.astype(np.int16 if -32768 <= lo and hi <= 32767 else np.int32)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)  # sform code 2 (aligned)
