@@ -451,3 +451,25 @@ def test_a_pcd_without_fields_is_one_line(pair_files):
     res = runner.invoke(app, ["register", str(bad), str(d / "m.csv"), "-o", str(d / "out")])
     _one_line_error(res, str(bad))
     assert not (d / "out").exists()
+
+
+# ----------------------------------------------------------------------------- bugs: volume training inputs
+@pytest.mark.xfail(strict=True, reason="BUG: pretrain-random on a Learn2Reg dataset whose training scans are too small "
+                   "for the network (8 voxels along an axis) fails in the stage-0 labelling with the ValueError of "
+                   "cyclereg/dense/pipeline.py _check_pair (a traceback, exit 1) and leaves RUN/run.json, RUN/all/ and "
+                   "the locks behind; register and evaluate refuse the same scan with a one-line InputError naming it")
+def test_pretrain_random_refuses_training_scans_too_small_for_the_network(tmp_path, one_intraop_thread):
+    (tmp_path / "imagesTr").mkdir()
+    names = []
+    for n in range(1, 5):
+        name = f"Small_{n:04d}_0000.nii.gz"
+        _save(tmp_path / "imagesTr" / name, _blob((8, 16, 16), seed=n))
+        names.append(name)
+    ds = tmp_path / "Small_dataset.json"
+    ds.write_text(json.dumps({"name": "small", "training": [{"image": f"./imagesTr/{n}"} for n in names],
+                              "registration_val": [{"fixed": f"./imagesTr/{names[0]}",
+                                                    "moving": f"./imagesTr/{names[1]}"}]}))
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), "--device", "cpu",
+                              "--iterations", "1"])
+    _one_line_error(res, "Small_000", "too small")
+    assert not (tmp_path / "run").exists()
