@@ -473,3 +473,38 @@ def test_pretrain_random_refuses_training_scans_too_small_for_the_network(tmp_pa
                               "--iterations", "1"])
     _one_line_error(res, "Small_000", "too small")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def device_check(tmp_path, monkeypatch):
+    """scripts/device_check.py with its ``.device`` folder moved into ``tmp_path`` (never the repository's)."""
+    mod = load_script("scripts/device_check.py")
+    monkeypatch.setattr(mod, "PREPARED", tmp_path / ".device")
+    return mod
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: scripts/device_check.py prepare --copd DIR reads DIR/dataset.json "
+                   "unguarded (prepare_copd): a folder without one ends in a FileNotFoundError traceback")
+def test_device_check_prepare_names_a_missing_copd_dataset_in_one_line(device_check, tmp_path, capsys):
+    code, err = _script_outcome(lambda: device_check.main(["prepare", "--copd", str(tmp_path / "nope"),
+                                                           "--no-wheels"]), capsys)
+    _assert_script_refused(code, err, str(tmp_path / "nope"))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: scripts/device_check.py prepare_copd deletes the earlier "
+                   ".device/copd-keypoints first and then copies pair by pair: a dataset naming a missing keypoint "
+                   "file ends in a FileNotFoundError traceback and leaves a half-copied folder in place of the old one")
+def test_device_check_prepare_keeps_the_earlier_copy_when_a_pair_names_a_missing_file(device_check, tmp_path, capsys):
+    src = tmp_path / "copd"
+    src.mkdir()
+    (src / "a.csv").write_text("x_mm,y_mm,z_mm\n1,2,3\n")
+    (src / "dataset.json").write_text(json.dumps({"pairs": [
+        {"id": "a", "fixed_keypoints": "a.csv", "moving_keypoints": "a.csv"},
+        {"id": "b", "fixed_keypoints": "a.csv", "moving_keypoints": "gone.csv"}]}))
+    earlier = tmp_path / ".device" / "copd-keypoints"
+    earlier.mkdir(parents=True)
+    (earlier / "dataset.json").write_text("{}")
+    before = _listing(tmp_path / ".device")
+    code, err = _script_outcome(lambda: device_check.main(["prepare", "--copd", str(src), "--no-wheels"]), capsys)
+    _assert_script_refused(code, err, "gone.csv")
+    assert _listing(tmp_path / ".device") == before
