@@ -171,6 +171,13 @@ def _xyz(table: dict[str, np.ndarray], path: Path, what: str) -> np.ndarray:
     return np.stack([table[c].astype(np.float64) for c in "xyz"], axis=1)
 
 
+def _refuse_repeated_names(names: list[str], path: Path, what: str) -> None:
+    """:class:`InputError` naming ``path`` when a header names a column twice (which x would be meant?)."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{what} {', '.join(map(repr, twice))} named more than once in the header", path)
+
+
 def _read_ply(path: Path) -> np.ndarray:
     """The vertices ``(N, 3)`` of a PLY file (ascii or binary, either byte order), refusing truncated ones."""
     data = path.read_bytes()
@@ -198,6 +205,7 @@ def _read_ply(path: Path) -> np.ndarray:
     vertex = next((e for e in elements if e[0] == "vertex"), None)
     if vertex is None:
         raise InputError("PLY file without a vertex element", path)
+    _refuse_repeated_names([n for n, _ in vertex[2]], path, "PLY vertex property")
     if any(isinstance(t, tuple) for _, t in vertex[2]):
         raise InputError("PLY vertices with list properties are not supported", path)
     before = elements[:elements.index(vertex)]  # elements stored ahead of the vertices (rare)
@@ -251,6 +259,9 @@ def _read_pcd(path: Path) -> np.ndarray:
         raise InputError("not a PCD file, or an unreadable PCD header", path) from None
     if not (len(fields) == len(sizes) == len(types) == len(counts)):
         raise InputError("PCD header: FIELDS, SIZE, TYPE and COUNT differ in length", path)
+    if not fields:
+        raise InputError("PCD header: FIELDS names no field", path)
+    _refuse_repeated_names([f for f in fields if f != "_"], path, "PCD field")  # "_": padding, may repeat
     if n < 0 or min(counts, default=1) < 1:
         raise InputError(f"PCD header: negative point count or a COUNT below 1 (POINTS {n}, COUNT {counts})", path)
     if kind == "binary_compressed":
@@ -319,6 +330,9 @@ def read_points(path: str | Path, *, spacing_mm: tuple[float, float, float] | No
             arr = np.load(p, allow_pickle=False)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"not a readable .npy array ({type(exc).__name__})", p) from None
+        if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive whatever the suffix
+            arr.close()
+            raise InputError("not a .npy array (an .npz archive of arrays; save one array with numpy.save)", p)
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             raise InputError(f"expected real numbers, the array holds {arr.dtype} values", p)
         return _check_points(np.asarray(arr, dtype=np.float64), p)

@@ -215,9 +215,6 @@ def test_a_truncated_or_misnamed_nifti_is_one_line_for_keypoints_and_register(tm
 
 
 # ----------------------------------------------------------------------------- bugs: point files
-@pytest.mark.xfail(strict=True, reason="BUG: an .npz archive named .npy is a traceback: np.load returns an NpzFile, "
-                   "and cyclereg/pointio.py read_points reads arr.dtype of it (AttributeError) instead of refusing "
-                   "it as 'not a .npy array' naming the file")
 def test_an_npz_archive_named_npy_is_one_line_naming_the_file(pair_files):
     d, pair = pair_files
     np.savez(d / "archive.npz", points=pair.fixed_mm.numpy())
@@ -428,9 +425,6 @@ def _ply(path: Path, properties: list[str], points: np.ndarray) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a binary PCD or PLY whose header names a field twice (FIELDS x y z x; "
-                   "property float y twice) is a traceback: cyclereg/pointio.py _read_pcd / _read_ply build a numpy "
-                   "record dtype from the names and numpy's ValueError ('field occurs more than once') is not caught")
 @pytest.mark.parametrize("make, names", [(_pcd, ["x", "y", "z", "x"]), (_pcd, ["x", "x", "z"]),
                                          (_ply, ["x", "y", "z", "x"]), (_ply, ["x", "y", "y"])],
                          ids=["pcd_xyzx", "pcd_xxz", "ply_xyzx", "ply_xyy"])
@@ -443,8 +437,6 @@ def test_a_point_file_naming_a_field_twice_is_one_line(pair_files, make, names):
     assert _listing(d) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a binary PCD whose FIELDS line is empty is a ZeroDivisionError traceback "
-                   "(cyclereg/pointio.py _read_pcd: (len(data) - pos) // dtype.itemsize with an itemsize of 0)")
 def test_a_pcd_without_fields_is_one_line(pair_files):
     d, pair = pair_files
     bad = _pcd(d / "nofields.pcd", [], pair.fixed_mm.numpy())
