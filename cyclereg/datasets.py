@@ -165,6 +165,14 @@ MAX_VOLUME_VOXELS = 2**31
 overflows on absurd grids."""
 
 
+def _is_pair_name(value) -> bool:
+    """Whether a dataset's pair ``id`` names a pair: a text that is not blank, or a whole number (JSON
+    ``1`` is the pair ``"1"``); ``null``, ``true``, ``1.5``, lists and objects are not names."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     """Parse a keypoint dataset JSON; paths are resolved relative to the JSON file."""
     p = Path(path)
@@ -176,6 +184,9 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
             given = "fixed_landmarks" if entry.get("fixed_landmarks") else "moving_landmarks"
             raise InputError(f"pairs[{n}] gives {given} alone: give both fixed_landmarks and moving_landmarks "
                              "(row-aligned) or neither", p)  # one alone was read as none: a pair left out silently
+        pair_id = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and "id" in entry and not _is_pair_name(pair_id):
+            raise InputError(f"pairs[{n}]: id {pair_id!r} is no pair name (a non-empty text, or a whole number)", p)
         try:
             pairs.append(KeypointPair(
                 id=str(entry["id"]),

@@ -226,9 +226,6 @@ def test_an_npz_archive_named_npy_is_one_line_naming_the_file(pair_files):
 
 
 # ----------------------------------------------------------------------------- bugs: keypoint dataset.json
-@pytest.mark.xfail(strict=True, reason="BUG: a pair id of the wrong JSON type is taken as its str(): null becomes "
-                   "the pair 'None', a list the pair \"['x']\" (cyclereg/datasets.py load_keypoint_dataset, "
-                   "str(entry['id'])); evaluate scores them and exits 0 instead of naming the entry")
 @pytest.mark.parametrize("pair_id", [None, ["x"], {"a": 1}])
 def test_a_pair_id_that_is_no_name_is_refused_naming_the_dataset(pair_files, pair_id):
     d, _ = pair_files
@@ -238,9 +235,6 @@ def test_a_pair_id_that_is_no_name_is_refused_naming_the_dataset(pair_files, pai
     assert not (d / "rep").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an empty or blank pair id is accepted by a keypoint dataset.json "
-                   "(cyclereg/datasets.py load_keypoint_dataset); evaluate writes a report row with id '' and exits 0, "
-                   "while keypoints --pairs refuses the same empty id")
 @pytest.mark.parametrize("pair_id", ["", "   "])
 def test_an_empty_pair_id_is_refused_naming_the_dataset(pair_files, pair_id):
     d, _ = pair_files
@@ -248,6 +242,15 @@ def test_an_empty_pair_id_is_refused_naming_the_dataset(pair_files, pair_id):
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(d / "rep" / "r.json")])
     _one_line_error(res, str(ds))
     assert not (d / "rep").exists()
+
+
+@pytest.mark.parametrize("pair_id, name", [(7, "7"), ("copd 1", "copd 1")])
+def test_a_whole_number_or_text_pair_id_names_the_pair(pair_files, pair_id, name):
+    """A JSON whole number is a pair name too (``7`` is the pair ``"7"``); a text is kept as written."""
+    from cyclereg.datasets import load_keypoint_dataset
+
+    d, _ = pair_files
+    assert [q.id for q in load_keypoint_dataset(_keypoint_dataset(d, d, id=pair_id)).pairs] == ["p0", name]
 
 
 # ----------------------------------------------------------------------------- bugs: Learn2Reg dataset.json
