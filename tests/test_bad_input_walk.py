@@ -254,10 +254,6 @@ def test_a_whole_number_or_text_pair_id_names_the_pair(pair_files, pair_id, name
 
 
 # ----------------------------------------------------------------------------- bugs: Learn2Reg dataset.json
-@pytest.mark.xfail(strict=True, reason="BUG: pretrain-random on a Learn2Reg dataset whose registration_val is not a "
-                   "list of {fixed, moving} objects (here a dict, or a list of path lists) exits 0 and trains on the "
-                   "scans meant for validation: cyclereg/dense/data.py training_images skips entries that are not "
-                   "dicts when it leaves out held-out scans, while evaluate refuses the same file")
 @pytest.mark.parametrize("shape", ["dict", "list_of_lists"])
 def test_pretrain_random_refuses_a_malformed_registration_val(learn2reg, tmp_path, one_intraop_thread, shape):
     d, obj = learn2reg
@@ -274,10 +270,6 @@ def test_pretrain_random_refuses_a_malformed_registration_val(learn2reg, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a registration_val 'fixed' that is null (or a number) is read as the "
-                   "file name 'None' ('3') beside the dataset (cyclereg/dense/data.py load_volume_dataset, "
-                   "res(): str(rel)), so the error names a file nobody wrote, '<folder>/None: file does not exist', "
-                   "not the dataset and its entry")
 @pytest.mark.parametrize("value", [None, 3])
 def test_a_scan_path_of_the_wrong_type_is_named_as_the_datasets_entry(learn2reg, tmp_path, value):
     d, obj = learn2reg

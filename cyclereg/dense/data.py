@@ -195,6 +195,35 @@ def scan_ids(paths) -> list[str]:
     return [ids[q] for q in resolved]
 
 
+def _scan_path(root: Path, rel, path: Path, where: str) -> Path:
+    """The absolute path of a scan a dataset JSON (``path``, in folder ``root``) names at ``where``
+    (e.g. ``"registration_val entry 0: 'fixed'"``); :class:`InputError` when it is not a path text
+    (``null`` or a number would name a file nobody wrote)."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise InputError(f"{where} should be a file path, got {rel!r}", path)
+    return (root / rel).resolve()
+
+
+def _registration_val(obj: dict, path: Path) -> list[tuple[Path, Path]]:
+    """The ``(fixed, moving)`` scan paths of a Learn2Reg dataset's ``registration_val`` entries, in order
+    (``[]`` when the key is absent, null or empty); :class:`InputError` naming ``path`` for anything but a
+    list of ``{"fixed": path, "moving": path}`` objects. Training leaves these scans out, so a malformed
+    entry must not be skipped."""
+    raw = obj.get("registration_val")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InputError("'registration_val' should be a list of {\"fixed\": path, \"moving\": path} pairs, got "
+                         f"{type(raw).__name__}", path)
+    pairs = []
+    for n, entry in enumerate(raw):
+        if not isinstance(entry, dict) or "fixed" not in entry or "moving" not in entry:
+            raise InputError(f"registration_val entry {n} needs 'fixed' and 'moving'", path)
+        pairs.append(tuple(_scan_path(path.parent, entry[k], path, f"registration_val entry {n}: '{k}'")
+                           for k in ("fixed", "moving")))
+    return pairs
+
+
 def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> VolumeDataset:
     """Parse a Learn2Reg dataset JSON.
 
@@ -206,17 +235,18 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     obj = read_json(p)
     root = p.parent
 
-    def res(rel) -> Path:
-        return (root / str(rel)).resolve()
+    def res(rel, where: str) -> Path:
+        return _scan_path(root, rel, p, where)
 
     label_of: dict[Path, Path] = {}
     for key in ("training", "test"):
         entries = obj.get(key) or []
         if not isinstance(entries, list):
             raise InputError(f"'{key}' should be a list of image entries, got {type(entries).__name__}", p)
-        for entry in entries:
+        for n, entry in enumerate(entries):
             if isinstance(entry, dict) and entry.get("image") and entry.get("label"):
-                label_of[res(entry["image"])] = res(entry["label"])
+                label_of[res(entry["image"], f"{key} entry {n}: 'image'")] = res(entry["label"],
+                                                                                 f"{key} entry {n}: 'label'")
 
     def labels_for(img: Path) -> Path | None:
         if img in label_of:
@@ -224,16 +254,13 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
         guess = Path(str(img).replace("imagesTr", "labelsTr").replace("imagesTs", "labelsTs"))
         return guess if guess != img and guess.exists() else None
 
-    raw = obj.get("registration_val")
-    if not isinstance(raw, list) or not raw:
+    val = _registration_val(obj, p)
+    if not val:
         raise InputError("no 'registration_val' pairs in the dataset", p)
     ordered: dict[tuple[Path, Path], None] = {}  # the pairs in order, each once
     listed: dict[tuple[Path, Path], int] = {}  # pair as listed -> its entry number
-    for n, entry in enumerate(raw):
-        try:
-            f, m = res(entry["fixed"]), res(entry["moving"])
-        except (KeyError, TypeError):
-            raise InputError(f"registration_val entry {n} needs 'fixed' and 'moving'", p) from None
+    for n, (f, m) in enumerate(val):
+        entry = obj["registration_val"][n]
         if (f, m) in listed:  # a copy-paste slip would silently shrink the evaluation
             raise InputError(f"registration_val entries {listed[(f, m)]} and {n} list the same pair "
                              f"({entry['fixed']} -> {entry['moving']})", p)
@@ -282,9 +309,6 @@ def training_images(path: str | Path, *, held_out: bool = True) -> list[Path]:
             raise InputError(f"training entry {n} has no 'image'", p)
         images.append((root / img).resolve())
     if held_out:
-        val = set()
-        for e in obj.get("registration_val", []) or []:
-            if isinstance(e, dict):
-                val.update((root / str(e.get(k, ""))).resolve() for k in ("fixed", "moving"))
+        val = {scan for pair in _registration_val(obj, p) for scan in pair}
         images = [im for im in images if im not in val]
     return images
