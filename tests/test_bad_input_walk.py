@@ -434,10 +434,6 @@ def test_a_pcd_without_fields_is_one_line(pair_files):
 
 
 # ----------------------------------------------------------------------------- bugs: volume training inputs
-@pytest.mark.xfail(strict=True, reason="BUG: pretrain-random on a Learn2Reg dataset whose training scans are too small "
-                   "for the network (8 voxels along an axis) fails in the stage-0 labelling with the ValueError of "
-                   "cyclereg/dense/pipeline.py _check_pair (a traceback, exit 1) and leaves RUN/run.json, RUN/all/ and "
-                   "the locks behind; register and evaluate refuse the same scan with a one-line InputError naming it")
 def test_pretrain_random_refuses_training_scans_too_small_for_the_network(tmp_path, one_intraop_thread):
     (tmp_path / "imagesTr").mkdir()
     names = []

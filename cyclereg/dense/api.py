@@ -118,7 +118,9 @@ def _check_orientation(cfg: DensePipelineConfig, vol: Volume) -> None:
                          f"an axis swap changes; reorient the volume to {''.join(cfg.orientation)} first", vol.path)
 
 
-def _check_size(cfg: DensePipelineConfig, vol: Volume) -> None:
+def require_volume_size(cfg: DensePipelineConfig, vol: Volume) -> None:
+    """:class:`InputError` naming ``vol``'s file when it has fewer than :func:`min_volume_size` voxels along
+    an axis (registration, evaluation and the stage-0 labels of training alike)."""
     need = min_volume_size(cfg)
     if min(vol.shape) < need:
         raise InputError(f"volume of shape {tuple(vol.shape)} is too small to register: every axis needs at least "
@@ -135,7 +137,7 @@ def require_registrable_grid(fixed: Volume, cfg: DensePipelineConfig) -> None:
     is too small. Reads the grid only (shape, affine), not the voxels."""
     _check_spacing(cfg, fixed)
     _check_orientation(cfg, fixed)
-    _check_size(cfg, fixed)
+    require_volume_size(cfg, fixed)
 
 
 def require_registrable(fixed: Volume, moving: Volume, cfg: DensePipelineConfig) -> None:

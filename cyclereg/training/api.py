@@ -721,6 +721,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
     import numpy as np
 
     from cyclereg.datasets import read_json
+    from cyclereg.dense.api import require_volume_size
     from cyclereg.dense.data import preprocess, require_contrast, resolve_mode, scan_ids
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
     from cyclereg.volumeio import GRID_TOLERANCE_MM, axis_codes, read_nifti, spacing_differs, spacing_text
@@ -740,6 +741,7 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
         elif not np.allclose(vol.affine[:3, :3], first.affine[:3, :3], rtol=0.0, atol=GRID_TOLERANCE_MM):
             raise InputError(f"its voxel axes lie otherwise in the world than those of {first.path} (another "
                              "orientation): training registers the voxel arrays; resample onto one grid first", path)
+        require_volume_size(config.pipeline, vol)  # as register: stage 0 registers the scans as they are
         require_contrast(vol)  # as register and evaluate: a constant scan carries nothing to learn from
         mode = resolve_mode(vol.data, config.pipeline.preprocess, modality)
         if first_mode is None:
