@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from cyclereg.errors import InputError
 from cyclereg.frames import ALIGN_CORNERS, mm_disp_to_voxel, voxel_disp_to_mm
 from cyclereg.keypoints.api import detect_keypoints_file
 from cyclereg.metrics import jacobian_map
@@ -149,11 +150,11 @@ def sign_self_check() -> None:
 # ----------------------------------------------------------------------------- pipeline
 def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, device: str,
         model: str = "random") -> dict:
-    out.mkdir(parents=True, exist_ok=True)
     sign_self_check()
     timings = {}
     t = time.perf_counter()
-    fixed = read_nifti(ct)
+    fixed = read_nifti(ct)  # read and checked before the output folder is made
+    out.mkdir(parents=True, exist_ok=True)
     u_c, factor = random_field(fixed.shape, fixed.affine, cfg)
     moving, residual_vox = deform(fixed.data, u_c, factor, cfg.inverse_iterations)
     moving_path = out / "moving.nii.gz"
@@ -245,7 +246,10 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="random", help="checkpoint for `cyclereg register`, or 'random'")
     a = ap.parse_args(argv)
     cfg = FieldConfig(rms_mm=a.rms_mm, smoothness_mm=a.smoothness_mm, seed=a.seed)
-    res = run(a.ct, a.out, cfg, moving_nms_radius_mm=a.moving_nms_radius, device=a.device, model=a.model)
+    try:
+        res = run(a.ct, a.out, cfg, moving_nms_radius_mm=a.moving_nms_radius, device=a.device, model=a.model)
+    except InputError as exc:  # a missing or unreadable CT: one line
+        ap.exit(1, f"error: {exc}\n")
     b, e = res["error_before_mm"], res["error_after_mm"]
     print(f"fixed {res['fixed_keypoints']} / moving {res['moving_keypoints']} keypoints; "
           f"mean error before {b['mean']:.2f} mm (median {b['median']:.2f}), "

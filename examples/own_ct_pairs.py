@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chest_ct_end_to_end import DEFAULT_CT, FieldConfig, deform, random_field, u_mm_at  # noqa: E402
 
 from cyclereg.clouds.api import load_cloud_model  # noqa: E402
+from cyclereg.errors import InputError  # noqa: E402
 from cyclereg.frames import world_to_voxel  # noqa: E402
 from cyclereg.volumeio import read_nifti, write_nifti  # noqa: E402
 
@@ -71,8 +72,8 @@ def error_at_keypoints(reg_dir: Path, fixed, u_c, factor) -> dict:
 
 
 def run(ct: Path, out: Path, *, pairs: int, stages: int, epochs: int, test_seed: int, device: str) -> dict:
+    fixed = read_nifti(ct)  # read and checked before the output folder is made
     out.mkdir(parents=True, exist_ok=True)
-    fixed = read_nifti(ct)
     timings = {}
     t = time.perf_counter()
     rows = ["id,fixed,moving"]
@@ -120,7 +121,11 @@ def main(argv=None) -> None:
     ap.add_argument("--test-seed", type=int, default=100, help="seed of the held-out pair's field")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
-    res = run(a.ct, a.out, pairs=a.pairs, stages=a.stages, epochs=a.epochs, test_seed=a.test_seed, device=a.device)
+    try:
+        res = run(a.ct, a.out, pairs=a.pairs, stages=a.stages, epochs=a.epochs, test_seed=a.test_seed,
+                  device=a.device)
+    except InputError as exc:  # a missing or unreadable CT: one line
+        ap.exit(1, f"error: {exc}\n")
     r, rs, tr = (res["held_out_pair"][k] for k in ("random", "random_trained_settings", "trained"))
     print(f"held-out pair, {r['points']} fixed keypoints: known motion {r['before_mean_mm']:.2f} mm; error "
           f"{r['after_mean_mm']:.2f} mm (median {r['after_median_mm']:.2f}) untrained, "

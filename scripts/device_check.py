@@ -62,26 +62,49 @@ RUN_CALLS = ('run(command="python3 scripts/device_check.py run --budget 300", ca
 
 
 # ----------------------------------------------------------------------------- here
+class PrepareError(Exception):
+    """A bad ``--copd`` folder: the message names the file and the problem (one line)."""
+
+
 def prepare_copd(src: Path, dst: Path) -> int:
     """Copy the keypoint clouds of the dataset ``src`` (a folder with ``dataset.json``) to ``dst``
-    with a ``dataset.json`` that names no landmark file; returns the number of pairs."""
-    meta = json.loads((src / "dataset.json").read_text())
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for pair in meta["pairs"]:
+    with a ``dataset.json`` that names no landmark file; returns the number of pairs. The copy is made
+    beside ``dst`` and replaces it only when complete: a bad ``src`` (:class:`PrepareError`) leaves an
+    earlier ``dst`` as it was."""
+    index = src / "dataset.json"
+    try:
+        meta = json.loads(index.read_text())
+        pairs = meta["pairs"]
+        files = [pair[key] for pair in pairs for key in ("fixed_keypoints", "moving_keypoints")]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrepareError(f"{index}: not a readable keypoint dataset ({type(exc).__name__})") from None
+    missing = [str(src / f) for f in files if not (src / f).is_file()]
+    if missing:
+        raise PrepareError(f"{index} names keypoint files that do not exist: {', '.join(missing)}")
+    staging = dst.with_name(dst.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for pair in pairs:
         for key in LANDMARK_KEYS:
             pair.pop(key, None)
         for key in ("fixed_keypoints", "moving_keypoints"):
-            (dst / pair[key]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / pair[key], dst / pair[key])
-    (dst / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return len(meta["pairs"])
+            (staging / pair[key]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / pair[key], staging / pair[key])
+    (staging / "dataset.json").write_text(json.dumps(meta, indent=1))
+    if dst.exists():
+        shutil.rmtree(dst)
+    staging.rename(dst)
+    return len(pairs)
 
 
 def prepare(args) -> int:
     PREPARED.mkdir(exist_ok=True)
-    n = prepare_copd(Path(args.copd), PREPARED / "copd-keypoints")
+    try:
+        n = prepare_copd(Path(args.copd), PREPARED / "copd-keypoints")
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{n} COPD keypoint pairs (no landmarks) -> {PREPARED / 'copd-keypoints'}")
     wheels = PREPARED / "wheels"
     if args.no_wheels:

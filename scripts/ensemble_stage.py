@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from rich.progress import Progress, TimeElapsedColumn
 
+from cyclereg.datasets import read_json
+from cyclereg.errors import InputError
 from cyclereg.training.parallel import run_parallel
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
@@ -205,7 +207,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.learn_recentre_passes is not None and args.learn_recentre_passes < 0:
         ap.error(f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
-    info = json.loads((args.ensemble / "ensemble.json").read_text())
+    try:
+        info = read_json(args.ensemble / "ensemble.json")
+    except InputError as exc:  # no ensemble there, or not JSON: one line
+        ap.exit(1, f"error: {exc}\n")
+    if not isinstance(info.get("members"), dict) or not info["members"]:
+        ap.exit(1, f"error: {args.ensemble / 'ensemble.json'}: lists no members (not an ensemble of 'cyclereg "
+                   "ensemble'?)\n")
     folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
         [int(v) for v in args.folds.split(",")]
     if args.joint is not None:

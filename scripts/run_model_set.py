@@ -18,7 +18,6 @@ is never changed (its checkpoints keep the settings it trained with).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -27,7 +26,8 @@ from pathlib import Path
 
 from cyclereg.checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import fold_checkpoint
-from cyclereg.errors import InputError
+from cyclereg.datasets import read_json
+from cyclereg.errors import InputError, require_output_dir
 from cyclereg.training.clouds import CloudCycleConfig, initial_network
 from cyclereg.training.scheduler import initial_network_seed
 
@@ -36,7 +36,7 @@ def _run_meta(run: Path) -> dict:
     info = run / "run.json"
     if not info.is_file():
         raise InputError("not a training run (no run.json)", run)
-    meta = json.loads(info.read_text())
+    meta = read_json(info)
     if not meta.get("folds"):
         raise InputError("run.json lists no folds", info)
     return meta
@@ -46,6 +46,7 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
     """Write ``out/fold{K}.pt`` for every fold of ``run`` (see the module docstring); returns them."""
     if out.exists():
         raise InputError("already exists; choose a new directory", out)
+    require_output_dir(out)  # before any work: not below a file, not named like a file, writable
     if stage is not None and stage < 0:
         raise ValueError(f"stage: must be >= 0, got {stage}")
     meta = _run_meta(run)

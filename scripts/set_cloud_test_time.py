@@ -18,14 +18,14 @@ a pre-registered test-time change reaches a committed model set such as ``models
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import dataset_box
 from cyclereg.clouds.pipeline import CloudRegConfig
-from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.datasets import load_keypoint_dataset, read_json
+from cyclereg.errors import InputError
 
 
 def main() -> None:
@@ -37,6 +37,13 @@ def main() -> None:
     ap.add_argument("--recentre-candidates", type=int, help="candidates of each re-centred pass (0 = as the first pass)")
     ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON")
     args = ap.parse_args()
+    try:
+        _update(ap, args)
+    except InputError as exc:  # a missing or unreadable checkpoint or dataset: one line, nothing rewritten
+        ap.exit(1, f"error: {exc}\n")
+
+
+def _update(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     changes = {k: v for k, v in (("tta_passes", args.tta_passes), ("recentre_passes", args.recentre_passes))
                if v is not None}
     if args.recentre_candidates is not None:
@@ -58,13 +65,13 @@ def main() -> None:
 
     loaded = [(f, load_checkpoint(f, kind="cloud")) for f in files]  # all readable before any is written
     configs = [updated(ck["config"]) for _, ck in loaded]  # all valid first
-    summaries = [p / "ensemble.json" for p in args.paths if p.is_dir() and (p / "ensemble.json").is_file()]
+    summaries = [(p / "ensemble.json", read_json(p / "ensemble.json"))
+                 for p in args.paths if p.is_dir() and (p / "ensemble.json").is_file()]
     for (f, ck), config in zip(loaded, configs):
         save_checkpoint(f, kind="cloud", config=config, state_dict=ck["state_dict"], extra=ck.get("extra"))
         print(f"{f}: candidates={config.lbp.num_candidates} tta_passes={config.tta_passes} recentre_passes={config.recentre_passes} "
               f"recentre_candidates={config.recentre_candidates} training_box={config.training_box}")
-    for path in summaries:
-        info = json.loads(path.read_text())
+    for path, info in summaries:
         info["config"] = updated(info["config"])
         write_json(path, info)
         print(f"{path}: config updated")
