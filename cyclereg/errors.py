@@ -93,13 +93,18 @@ def _require_makeable(folder: Path, output: Path, what: str) -> None:
 
 
 def require_output_file(path: str | Path) -> Path:
-    """Check before any work that ``path`` can be written as a file: not a folder, and its parent
-    folder exists or can be made; :class:`InputError` naming it otherwise. Nothing is created here
+    """Check before any work that ``path`` can be written as a file: not a folder, its parent
+    folder exists or can be made, and it is not one of the own files of a run directory it lies in
+    (:func:`run_dir_holding`; a report beside a run's files is fine); :class:`InputError` naming it otherwise. Nothing is created here
     (the writers make missing folders), so a later input error leaves no empty folder behind."""
     p = _path(path, "output file")
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
     _require_makeable(p.parent, p, "its folder")
+    run = run_dir_holding(p.parent)
+    if run is not None and _in_run_dir(Path(os.path.abspath(p)), run):  # e.g. compare --json RUN/run.json
+        raise InputError(f"would be one of the own files of the run directory {run} (its record, checkpoints, "
+                         "logs or fold folders); write it elsewhere", p)
     return p
 
 

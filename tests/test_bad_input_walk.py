@@ -469,3 +469,35 @@ def test_device_check_prepare_keeps_the_earlier_copy_when_a_pair_names_a_missing
     code, err = _script_outcome(lambda: device_check.main(["prepare", "--copd", str(src), "--no-wheels"]), capsys)
     _assert_script_refused(code, err, "gone.csv")
     assert _listing(tmp_path / ".device") == before
+
+
+# ----------------------------------------------------------------------------- outputs among a run's own files
+def _fake_run(folder: Path) -> Path:
+    """A run directory as :func:`cyclereg.errors.run_dir_holding` knows one (run.json with kind and config)."""
+    (folder / "fold1").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"kind": "keypoints", "config": {}}))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["run.json", "fold1/c.json", "fold1/final.pt", "log.jsonl"])
+def test_compare_json_refuses_to_overwrite_a_runs_own_file(tmp_path, name):
+    """compare --json RUN/run.json overwrote a run's record: an output file that would be one of a run
+    directory's own files is refused before any work, whatever command writes it; the run is unchanged."""
+    run = _fake_run(tmp_path / "run")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, tre in ((a, (2.0, 3.0)), (b, (1.0, 2.0))):  # two minimal keypoint reports of evaluate
+        cases = [{"id": f"p{i}", "tre_after_mm": {"mean": v}, "sdlogj": 0.04} for i, v in enumerate(tre)]
+        path.write_text(json.dumps({"dataset": "d.json", "method": path.stem, "cases": cases}))
+    before = _listing(run)
+    record = (run / "run.json").read_text()
+    res = runner.invoke(app, ["compare", str(a), str(b), "--json", str(run / name)])
+    _one_line_error(res, str(run / name), str(run))
+    assert _listing(run) == before and (run / "run.json").read_text() == record
+
+
+def test_a_report_beside_a_runs_files_is_still_written(tmp_path):
+    from cyclereg.errors import require_output_file
+
+    run = _fake_run(tmp_path / "run")
+    assert require_output_file(run / "comparison.json") == run / "comparison.json"
+    assert require_output_file(tmp_path / "run.json") == tmp_path / "run.json"  # not in a run directory
