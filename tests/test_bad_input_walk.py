@@ -24,8 +24,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from cyclereg.errors import InputError
 from cyclereg.pointio import write_points
 from cyclereg_cli.main import app
 
@@ -501,3 +503,32 @@ def test_a_report_beside_a_runs_files_is_still_written(tmp_path):
     run = _fake_run(tmp_path / "run")
     assert require_output_file(run / "comparison.json") == run / "comparison.json"
     assert require_output_file(tmp_path / "run.json") == tmp_path / "run.json"  # not in a run directory
+
+
+# ----------------------------------------------------------------------------- voxel-index landmarks of keypoints --pairs
+@pytest.mark.parametrize("row, ok", [("23,27,31", True), ("0,0,0", True), ("24,5,5", False), ("5,-1,5", False),
+                                     ("5,5,32", False), ("31,27,23", False)],
+                         ids=["last_voxel", "first_voxel", "i_past", "j_negative", "k_past", "axes_reversed"])
+def test_voxel_index_landmarks_must_lie_in_their_scan(tmp_path, row, ok):
+    """keypoints --pairs took voxel-index landmarks far outside their 24 x 28 x 32 scan (index 400 in a 32-voxel
+    axis): the indices are of another scan or in another axis order. Refused before any detection, naming the
+    landmark file; an index inside the voxels (0 .. n - 1) passes the check."""
+    from cyclereg.keypoints.api import build_keypoint_dataset
+
+    for n in range(2):
+        _save(tmp_path / f"s{n}.nii.gz", _blob(seed=n))
+    (tmp_path / "good.csv").write_text("1,2,3\n4,5,6\n")
+    (tmp_path / "lm.csv").write_text(f"1,2,3\n{row}\n")
+    (tmp_path / "pairs.csv").write_text("id,fixed,moving,fixed_landmarks,moving_landmarks\n"
+                                        "p,s0.nii.gz,s1.nii.gz,good.csv,lm.csv\n")
+    if ok:  # the check passes; detection of the smooth blobs is not what is tested here
+        from cyclereg.keypoints import api
+
+        assert api._require_indices_inside(torch.tensor([[1.0, 2, 3], [float(v) for v in row.split(",")]]),
+                                           tmp_path / "s1.nii.gz", tmp_path / "lm.csv") is None
+        return
+    with pytest.raises(InputError, match=r"landmark 1 at voxel index .* lies outside the scan .*s1\.nii\.gz of "
+                                         r"shape \(24, 28, 32\) \(1 of 2 landmarks do\)") as info:
+        build_keypoint_dataset(tmp_path / "pairs.csv", tmp_path / "out", verbose=False)
+    assert str(tmp_path / "lm.csv") in str(info.value)
+    assert not (tmp_path / "out").exists()

@@ -313,6 +313,29 @@ INDEX_CHECK_SPACING = (1.0, 1.0, 1.0)
 """The spacing [mm] with which voxel-index landmark files are read to check their counts and numbers
 before detection (their mm positions come later, from each scan's affine)."""
 
+def _require_indices_inside(index: torch.Tensor, ct: Path, landmarks: Path) -> None:
+    """:class:`InputError` naming ``landmarks`` when one of its voxel indices ``(N, 3)`` (read with
+    :data:`INDEX_CHECK_SPACING`, so index = value) lies outside the voxels of the scan ``ct``: indices of
+    another scan, or in another axis order. Reads ``ct``'s header only; an unreadable scan is left to
+    its reader."""
+    import nibabel as nib  # noqa: PLC0415
+
+    try:
+        shape = tuple(int(n) for n in nib.load(str(ct)).shape[:3])
+    except Exception:  # noqa: BLE001 - read_nifti names the problem when the scan is read
+        return
+    if len(shape) != 3:
+        return
+    upper = torch.tensor(shape, dtype=index.dtype) - 0.5  # the far edge of the last voxel
+    outside = ((index < -0.5) | (index > upper)).any(dim=1)
+    if bool(outside.any()):
+        r = int(outside.nonzero()[0, 0])
+        at = ", ".join(f"{float(v):g}" for v in index[r])
+        raise InputError(f"landmark {r} at voxel index ({at}) lies outside the scan {ct} of shape {shape} "
+                         f"({int(outside.sum())} of {index.shape[0]} landmarks do): indices of another scan, or "
+                         "in another axis order?", landmarks)
+
+
 PAIRS_COLUMNS = ("id", "fixed", "moving")
 """Required columns of a pairs CSV (:func:`build_keypoint_dataset`); ``fixed_landmarks`` and
 ``moving_landmarks`` may follow (both or neither, per row)."""
@@ -405,8 +428,11 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
                          f"{len(pairs)})", pairs_csv)
     for q in pairs:  # counts and numbers now, before minutes of detection; voxel indices get their grid below
         if q.fixed_landmarks is not None:
-            read_landmark_pair(q.fixed_landmarks, q.moving_landmarks, f"pair {q.id}",
-                               read=lambda f: read_points(f, spacing_mm=INDEX_CHECK_SPACING))
+            indices = read_landmark_pair(q.fixed_landmarks, q.moving_landmarks, f"pair {q.id}",
+                                         read=lambda f: read_points(f, spacing_mm=INDEX_CHECK_SPACING))
+            for ct, landmarks, index in zip((q.fixed, q.moving), (q.fixed_landmarks, q.moving_landmarks), indices):
+                if holds_voxel_indices(landmarks):
+                    _require_indices_inside(index, ct, landmarks)
     dev = resolve_device(device)
     texts: dict[str, str] = {}
     voxel_landmarks: dict[str, tuple[Path, str]] = {}  # landmarks/{id}_{role}.csv -> (voxel-index file, mm text)
