@@ -93,10 +93,11 @@ def _require_makeable(folder: Path, output: Path, what: str) -> None:
 
 
 def require_output_file(path: str | Path) -> Path:
-    """Check before any work that ``path`` can be written as a file: not a folder, its parent
-    folder exists or can be made, and it is not one of the own files of a run directory it lies in
-    (:func:`run_dir_holding`; a report beside a run's files is fine); :class:`InputError` naming it otherwise. Nothing is created here
-    (the writers make missing folders), so a later input error leaves no empty folder behind."""
+    """Check before any work that ``path`` can be written as a file: not a folder, its parent folder
+    exists or can be made, and it is not one of the own files of a run directory it lies in
+    (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine); :class:`InputError`
+    naming it otherwise. Nothing is created here (the writers make missing folders), so a later input
+    error leaves no empty folder behind."""
     p = _path(path, "output file")
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)

@@ -313,6 +313,7 @@ INDEX_CHECK_SPACING = (1.0, 1.0, 1.0)
 """The spacing [mm] with which voxel-index landmark files are read to check their counts and numbers
 before detection (their mm positions come later, from each scan's affine)."""
 
+
 def _require_indices_inside(index: torch.Tensor, ct: Path, landmarks: Path) -> None:
     """:class:`InputError` naming ``landmarks`` when one of its voxel indices ``(N, 3)`` (read with
     :data:`INDEX_CHECK_SPACING`, so index = value) lies outside the voxels of the scan ``ct``: indices of
