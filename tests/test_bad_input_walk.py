@@ -28,7 +28,6 @@ import torch
 from typer.testing import CliRunner
 
 from cyclereg.errors import InputError
-from cyclereg.pointio import write_points
 from cyclereg_cli.main import app
 
 from conftest import REPO, load_script
