@@ -199,13 +199,13 @@ def test_register_passes_every_value_to_the_path_it_picks(files, monkeypatch):
     f = files
     result = api.register(f / "f.csv", f / "m.csv", f / "o1", query=f / "q.csv", spacing="1,2,3",
                           reference=f / "ref.nii.gz", moving_image=f / "img.nii.gz", moving_labels=f / "ml.nii.gz",
-                          recentre_passes=2, tta_passes=3, ensemble_fusion="average", disp_mm=True, spread=True,
+                          recentre_passes=2, tta_passes=3, ensemble_fusion="average", disp_mm=True, spread=False,
                           spread_map=True, jacobian=True, device="cpu")
     name, args, kwargs = calls.pop()
     assert name == "register_cloud_files" and args == (f / "f.csv", f / "m.csv", f / "o1")
     assert kwargs == dict(model="random", seed=0, query=f / "q.csv", spacing="1,2,3", device="cpu",
                           recentre_passes=2, tta_passes=3, ensemble_fusion="average", reference=f / "ref.nii.gz",
-                          moving_image=f / "img.nii.gz", moving_labels=f / "ml.nii.gz", disp_mm=True, spread=True,
+                          moving_image=f / "img.nii.gz", moving_labels=f / "ml.nii.gz", disp_mm=True, spread=False,
                           spread_map=True, jacobian=True)
     assert result.summary == "summary of register_cloud_files" and result.files == ("displacements.csv",)
     assert result.record["spy"] is True and result.out_dir == f / "o1"
@@ -281,3 +281,34 @@ def test_evaluate_passes_every_value_to_the_path_it_picks(files, monkeypatch):
     assert kwargs == dict(identity=False, model=None, run=run, stage=0, seed=0, max_pairs=4, warps=2, adam=False,
                           ic=True, device="cpu", both_directions=True, resume=True)
     assert not calls
+
+
+def test_evaluate_never_writes_its_report_over_a_landmark_file_of_the_keypoint_dataset(files):
+    from cyclereg import api
+    from cyclereg.errors import InputError
+
+    ds = _keypoint_dataset(files)
+    (files / "ml.csv").write_text("x_mm,y_mm,z_mm\n1,2,3\n")
+    obj = json.loads(ds.read_text())
+    obj["pairs"][0]["moving_landmarks"] = "ml.csv"
+    ds.write_text(json.dumps(obj))
+    for flag, kwargs in (("--json", {"report": files / "ml.csv"}),
+                         ("--errors-csv", {"report": files / "r.json", "errors_csv": files / "ml.csv"})):
+        with pytest.raises(InputError, match=re.escape(f"{flag}: this is also the moving landmarks of pair c0 in "
+                                                       "the dataset; write it elsewhere")):
+            api.evaluate(ds, identity=True, **kwargs)
+    assert (files / "ml.csv").read_text() == "x_mm,y_mm,z_mm\n1,2,3\n" and not (files / "r.json").exists()
+
+
+def test_a_folder_is_no_input_file_and_a_file_is_no_run_directory(files):
+    from cyclereg import api
+    from cyclereg.errors import InputError
+
+    (files / "adir").mkdir()
+    with pytest.raises(InputError, match="is not a regular file") as err:
+        api.register(files / "adir", files / "m.csv", files / "out")
+    assert str(files / "adir") in str(err.value) and not (files / "out").exists()
+    ds = _keypoint_dataset(files)
+    with pytest.raises(InputError, match=re.escape("is not a folder (a run directory is)")) as err:
+        api.evaluate(ds, files / "r.json", run=files / "model.pt")
+    assert str(files / "model.pt") in str(err.value) and not (files / "r.json").exists()
