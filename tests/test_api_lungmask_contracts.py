@@ -312,3 +312,179 @@ def test_a_folder_is_no_input_file_and_a_file_is_no_run_directory(files):
     with pytest.raises(InputError, match=re.escape("is not a folder (a run directory is)")) as err:
         api.evaluate(ds, files / "r.json", run=files / "model.pt")
     assert str(files / "model.pt") in str(err.value) and not (files / "r.json").exists()
+
+
+# ----------------------------------------------------------------------------- cloud evaluation: what a report names
+def _cloud_checkpoint(path, seed=1, **extra):
+    """A cloud checkpoint of a random network (default settings); ``extra`` goes into its ``extra``."""
+    from cyclereg.checkpoint import save_checkpoint
+    from cyclereg.clouds.features import build_graph_net
+    from cyclereg.clouds.pipeline import CloudRegConfig
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = CloudRegConfig()
+    save_checkpoint(path, kind="cloud", config=cfg, state_dict=build_graph_net(cfg.net, seed=seed).state_dict(),
+                    extra=extra)
+    return path
+
+
+@pytest.fixture
+def known(tmp_path, monkeypatch):
+    """The two-pair dataset of test_evaluation_contracts (folds [c0], [c1]) whose every registration is
+    half the true motion (no network runs): ``(tmp_path, dataset.json)``."""
+    from test_evaluation_contracts import _register_with, _true_field, _write_dataset
+
+    ds = _write_dataset(tmp_path)
+    _register_with(monkeypatch, lambda x: 0.5 * _true_field(x))
+    return tmp_path, ds
+
+
+def test_the_report_names_the_seed_only_of_a_random_network_and_the_stage_a_checkpoint_holds(known):
+    from cyclereg.checkpoint import file_sha256
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+    folder, ds = known
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", model="random", seed=4, device="cpu", quiet=True)
+    assert r["seed"] == 4 and r["method"] == "model:random" and r["checkpoints"] == {}
+    ckpt = _cloud_checkpoint(folder / "m.pt", stage=5)
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), device="cpu", quiet=True, tta_passes=2,
+                                  folds="2")
+    assert r["seed"] is None and r["checkpoints"] == {"all": {"path": str(ckpt), "sha256": file_sha256(ckpt),
+                                                              "stage": 5}}
+    assert r["method"] == f"model:{ckpt} (fold 2 only) (tta_passes=2)" and r["folds"] == [2]
+    _cloud_checkpoint(folder / "s.pt", stage="5")  # not a stage number: recorded as none
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", model=str(folder / "s.pt"), device="cpu", quiet=True)
+    assert r["checkpoints"]["all"]["stage"] is None
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", identity=True, device="cpu", quiet=True)
+    assert r["seed"] is None and r["method"] == "identity" and r["folds"] == "all"
+
+
+def test_a_run_is_named_with_its_stage_and_each_fold_with_its_own_checkpoint(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+    folder, ds = known
+    run = folder / "run"
+    for k in (1, 2):
+        _cloud_checkpoint(run / f"fold{k}" / "stage2.pt", seed=k, stage=2)
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", run=run, stage=2, device="cpu", quiet=True)
+    assert r["method"] == f"run:{run}:stage2"
+    assert {k: (v["path"], v["stage"]) for k, v in r["checkpoints"].items()} == {
+        "1": (str(run / "fold1" / "stage2.pt"), 2), "2": (str(run / "fold2" / "stage2.pt"), 2)}
+
+
+def test_the_errors_csv_of_a_dataset_without_folds_says_fold_0(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+    folder, ds = known
+    obj = json.loads(ds.read_text())
+    del obj["folds"]
+    ds.write_text(json.dumps(obj))
+    evaluate_keypoint_dataset(ds, folder / "r.json", identity=True, device="cpu", quiet=True,
+                              errors_csv=folder / "e.csv")
+    rows = [line.split(",") for line in (folder / "e.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 24 and {r[1] for r in rows} == {"0"}
+
+
+def test_the_identity_on_a_volume_grid_has_smoothness_zero(known):
+    """The identity's field is zero: J = 1 everywhere, so SDlogJ, std(log J) and the folding fraction are 0."""
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+    folder, ds = known
+    obj = json.loads(ds.read_text())
+    ds.write_text(json.dumps({**obj, "volume_shape_zyx": [12, 12, 40], "spacing_zyx_mm": [2.0, 2.0, 2.0]}))
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", identity=True, device="cpu", quiet=True)
+    assert [(c["sdlogj"], c["std_logj"], c["folding_fraction"]) for c in r["cases"]] == [(0.0, 0.0, 0.0)] * 2
+    assert (r["mean_sdlogj"], r["mean_std_logj"], r["mean_folding_fraction"]) == (0.0, 0.0, 0.0)
+
+
+def test_a_folds_final_checkpoint_comes_before_an_exported_one_and_missing_stages_are_named(tmp_path):
+    from cyclereg.clouds.api import fold_checkpoint
+    from cyclereg.errors import InputError
+
+    run = tmp_path / "run"
+    _cloud_checkpoint(run / "fold1.pt")
+    assert fold_checkpoint(run, 1) == run / "fold1.pt"
+    _cloud_checkpoint(run / "fold1" / "final.pt")
+    assert fold_checkpoint(run, 1) == run / "fold1" / "final.pt"
+    _cloud_checkpoint(run / "fold1" / "stage1.pt")
+    _cloud_checkpoint(run / "fold1" / "stage3.pt")
+    assert fold_checkpoint(run, 1, stage=3) == run / "fold1" / "stage3.pt"
+    with pytest.raises(InputError, match=re.escape("no checkpoint for fold 1 (expected fold1/stage2.pt) (this fold "
+                                                   "has the checkpoints of stage(s) 1, 3)")):
+        fold_checkpoint(run, 1, stage=2)
+    with pytest.raises(InputError, match=re.escape("no checkpoint for fold 2 (expected fold2/final.pt or fold2.pt)")):
+        fold_checkpoint(run, 2)
+    (run / "run.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(InputError, match=re.escape("(expected fold2/stage1.pt) (this fold has no trained stage yet)")):
+        fold_checkpoint(run, 2, stage=1)
+    (run / "run.json").unlink()
+    with pytest.raises(InputError, match="this folder keeps no per-stage checkpoints"):
+        fold_checkpoint(run, 2, stage=1)
+
+
+def test_a_model_set_records_which_pairs_each_fold_held_out(known):
+    """A folder of exported models (scripts/run_model_set.py) keeps its source run's record in model_set.json:
+    a pair the dataset puts in another fold than the run held it out in is refused, as with run.json."""
+    from cyclereg.clouds.api import evaluate_keypoint_dataset, run_held_out_pairs
+    from cyclereg.errors import InputError
+
+    folder, ds = known
+    models = folder / "models"
+    for k in (1, 2):
+        _cloud_checkpoint(models / f"fold{k}.pt", seed=k)
+    (models / "model_set.json").write_text(json.dumps(
+        {"training": {"runs/a": {"pairs": ["c0", "c1"], "folds": [["c1"], ["c0"]]}}}))
+    assert run_held_out_pairs(models) == [["c1"], ["c0"]]
+    with pytest.raises(InputError, match="pair c0 is in fold 1 of the dataset, but fold 1 of this run held out c1"):
+        evaluate_keypoint_dataset(ds, folder / "r.json", run=models, device="cpu", quiet=True)
+    assert not (folder / "r.json").exists()
+
+
+def test_ensemble_members_with_a_different_number_of_folds_are_refused(tmp_path):
+    from cyclereg.clouds.api import run_held_out_pairs
+    from cyclereg.errors import InputError
+
+    (tmp_path / "ensemble.json").write_text(json.dumps({"training": {
+        "runs/a": {"pairs": ["c0", "c1", "c2"], "folds": [["c0"], ["c1"]]},
+        "runs/b": {"pairs": ["c0", "c1", "c2"], "folds": [["c0"], ["c1"], ["c2"]]}}}))
+    with pytest.raises(InputError, match="the runs of this ensemble's members have different folds"):
+        run_held_out_pairs(tmp_path)
+
+
+def test_a_dataset_fold_beyond_the_runs_folds_is_refused_naming_it(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+    from cyclereg.errors import InputError
+
+    folder, ds = known
+    run = folder / "run"
+    for k in (1, 2):
+        _cloud_checkpoint(run / f"fold{k}.pt", seed=k)
+    (run / "run.json").write_text(json.dumps({"pairs": ["c0", "c1"], "folds": [["c0", "c1"]], "config": {}}))
+    with pytest.raises(InputError, match=re.escape("pair c1 is in fold 2 of the dataset, but fold 2 of this run held "
+                                                   "out nothing (the run has fewer folds)")):
+        evaluate_keypoint_dataset(ds, folder / "r.json", run=run, device="cpu", quiet=True)
+
+
+def test_options_a_single_network_or_a_foldless_dataset_cannot_serve_are_refused(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset, load_cloud_model
+    from cyclereg.errors import InputError
+
+    folder, ds = known
+    ckpt = _cloud_checkpoint(folder / "m.pt")
+    with pytest.raises(InputError, match="--spread needs ensemble models"):
+        evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), spread=True, device="cpu", quiet=True)
+    with pytest.raises(InputError, match="--ensemble-fusion needs an ensemble model"):
+        load_cloud_model(ckpt, ensemble_fusion="average")
+    with pytest.raises(InputError, match=re.escape("--ensemble-fusion 'mean': expected one of")):
+        load_cloud_model("random", ensemble_fusion="mean")
+    with pytest.raises(InputError, match="--stage needs --run"):
+        evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), stage=1, device="cpu", quiet=True)
+    _, config = load_cloud_model(ckpt, recentre_passes=0, tta_passes=0)
+    assert (config.recentre_passes, config.tta_passes) == (0, 0)
+    obj = json.loads(ds.read_text())
+    del obj["folds"]
+    ds.write_text(json.dumps(obj))
+    (folder / "run").mkdir()
+    with pytest.raises(InputError, match="--run needs a dataset with folds"):
+        evaluate_keypoint_dataset(ds, folder / "r.json", run=folder / "run", device="cpu", quiet=True)
+    assert not (folder / "r.json").exists()
