@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from cyclereg.keypoints.lungmask import LungMaskConfig, axial_axis, body_mask, lung_mask
@@ -488,3 +489,40 @@ def test_options_a_single_network_or_a_foldless_dataset_cannot_serve_are_refused
     with pytest.raises(InputError, match="--run needs a dataset with folds"):
         evaluate_keypoint_dataset(ds, folder / "r.json", run=folder / "run", device="cpu", quiet=True)
     assert not (folder / "r.json").exists()
+
+
+def test_demo_reports_its_error_against_the_known_motion_and_writes_it(tmp_path, monkeypatch):
+    """A registration that recovers half of the synthetic motion: the error before is |u_true| at each fixed
+    keypoint, the error after exactly half of it; the files hold the clouds, the prediction and the truth."""
+    from types import SimpleNamespace
+
+    import cyclereg.clouds.api as clouds_api
+    import cyclereg.clouds.synthetic as synthetic
+    from cyclereg.pointio import read_points
+
+    from conftest import SMALL_BREATHING
+
+    pair = synthetic.make_breathing_pair(3, SMALL_BREATHING)  # the demo's pair, smaller
+    monkeypatch.setattr(synthetic, "make_breathing_pair", lambda seed: pair if seed == 3 else None)
+
+    def half(fixed_mm, moving_mm, net, config, **kwargs):
+        assert torch.equal(fixed_mm, pair.fixed_mm) and torch.equal(moving_mm, pair.moving_mm)
+        return SimpleNamespace(displacements_mm=0.5 * pair.displacement_mm)
+
+    monkeypatch.setattr(clouds_api, "register_clouds", half)
+    result = clouds_api.run_demo(tmp_path / "demo", seed=3, device="cpu")
+    true = pair.displacement_mm.norm(dim=1)
+    assert result["seed"] == 3
+    assert result["error_before_mm"]["mean"] == pytest.approx(float(true.mean()), rel=1e-5)
+    assert result["error_after_mm"]["mean"] == pytest.approx(0.5 * float(true.mean()), rel=1e-5)
+    assert result["error_after_mm"]["p50"] == pytest.approx(0.5 * result["error_before_mm"]["p50"], rel=1e-5)
+    assert json.loads((tmp_path / "demo" / "report.json").read_text())["error_after_mm"]["mean"] == pytest.approx(
+        result["error_after_mm"]["mean"])
+    torch.testing.assert_close(read_points(tmp_path / "demo" / "fixed.csv"), pair.fixed_mm, atol=1e-3, rtol=0)
+    torch.testing.assert_close(read_points(tmp_path / "demo" / "moving.csv"), pair.moving_mm, atol=1e-3, rtol=0)
+    lines = (tmp_path / "demo" / "displacements.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header == ["x_mm", "y_mm", "z_mm", "dx_mm", "dy_mm", "dz_mm", "true_dx_mm", "true_dy_mm", "true_dz_mm"]
+    values = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]])
+    torch.testing.assert_close(values[:, 3:6], 0.5 * pair.displacement_mm, atol=1e-3, rtol=0)
+    torch.testing.assert_close(values[:, 6:9], pair.displacement_mm, atol=1e-3, rtol=0)
