@@ -526,3 +526,25 @@ def test_demo_reports_its_error_against_the_known_motion_and_writes_it(tmp_path,
     values = torch.tensor([[float(v) for v in line.split(",")] for line in lines[1:]])
     torch.testing.assert_close(values[:, 3:6], 0.5 * pair.displacement_mm, atol=1e-3, rtol=0)
     torch.testing.assert_close(values[:, 6:9], pair.displacement_mm, atol=1e-3, rtol=0)
+
+
+def test_a_pair_counts_as_trained_on_only_when_both_its_clouds_were_and_names_every_holder(tmp_path):
+    """training_matches: by content, in either role; a pair one of whose clouds the model never saw is held out;
+    the training pairs named are those holding either cloud."""
+    from cyclereg.checkpoint import data_fingerprint
+    from cyclereg.clouds.api import pairs_in_training, training_matches
+    from cyclereg.datasets import KeypointPair
+
+    for name, text in (("a", "1,2,3\n"), ("b", "4,5,6\n"), ("c", "7,8,9\n"), ("d", "0,0,1\n"), ("a2", "1,2,3\n")):
+        (tmp_path / f"{name}.csv").write_text(text)
+    fp = {name: data_fingerprint(tmp_path / f"{name}.csv") for name in "abcd"}
+    record = {"dataset": "train", "fold": 1, "pairs": {"t1": {"fixed": fp["a"], "moving": fp["b"]},
+                                                        "t2": {"fixed": fp["c"], "moving": fp["a"]}}}
+
+    def pair(pid, fixed, moving):
+        return KeypointPair(pid, tmp_path / f"{fixed}.csv", tmp_path / f"{moving}.csv", None, None)
+
+    pairs = [pair("same", "a2", "b"), pair("reversed", "b", "c"), pair("half", "a", "d"), pair("new", "d", "d")]
+    assert training_matches(pairs, record) == {"same": ["t1", "t2"], "reversed": ["t1", "t2"]}
+    assert pairs_in_training(pairs, record) == {"same", "reversed"}
+    assert training_matches(pairs, None) == {} and training_matches(pairs, {"dataset": "x"}) == {}
