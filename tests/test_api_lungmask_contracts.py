@@ -480,8 +480,10 @@ def test_options_a_single_network_or_a_foldless_dataset_cannot_serve_are_refused
         load_cloud_model("random", ensemble_fusion="mean")
     with pytest.raises(InputError, match="--stage needs --run"):
         evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), stage=1, device="cpu", quiet=True)
-    _, config = load_cloud_model(ckpt, recentre_passes=0, tta_passes=0)
-    assert (config.recentre_passes, config.tta_passes) == (0, 0)
+    _, config = load_cloud_model(ckpt, recentre_passes=3, tta_passes=0)
+    assert (config.recentre_passes, config.tta_passes) == (3, 0)  # the stored ones are (0, 0)
+    _, config = load_cloud_model(ckpt, recentre_passes=0, tta_passes=2)
+    assert (config.recentre_passes, config.tta_passes) == (0, 2)
     obj = json.loads(ds.read_text())
     del obj["folds"]
     ds.write_text(json.dumps(obj))
@@ -548,3 +550,31 @@ def test_a_pair_counts_as_trained_on_only_when_both_its_clouds_were_and_names_ev
     assert training_matches(pairs, record) == {"same": ["t1", "t2"], "reversed": ["t1", "t2"]}
     assert pairs_in_training(pairs, record) == {"same", "reversed"}
     assert training_matches(pairs, None) == {} and training_matches(pairs, {"dataset": "x"}) == {}
+
+
+def test_a_run_fold_without_the_asked_stage_names_the_pair_and_the_folds_option(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+    from cyclereg.errors import InputError
+
+    folder, ds = known
+    run = folder / "run"
+    _cloud_checkpoint(run / "fold1" / "stage1.pt")
+    (run / "run.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(InputError, match=re.escape("no checkpoint for fold 2 (expected fold2/stage1.pt) (this fold has "
+                                                   "no trained stage yet) (pair c1 is in fold 2; --folds N evaluates "
+                                                   "only the pairs of a fold the run has a checkpoint for)")):
+        evaluate_keypoint_dataset(ds, folder / "r.json", run=run, stage=1, device="cpu", quiet=True)
+
+
+def test_a_models_training_pairs_are_named_in_the_report(known):
+    """A checkpoint that records c0's keypoint files among its training data: the report lists c0 in
+    pairs_in_training and marks that case (and only it) in_training."""
+    from cyclereg.checkpoint import data_fingerprint, training_record
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+    folder, ds = known
+    seen = {"fixed": data_fingerprint(folder / "c0" / "fixed_keypoints.csv"),
+            "moving": data_fingerprint(folder / "c0" / "moving_keypoints.csv")}
+    ckpt = _cloud_checkpoint(folder / "m.pt", training=training_record("other", 1, pairs={"x0": seen}))
+    r = evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), device="cpu", quiet=True)
+    assert r["pairs_in_training"] == ["c0"] and [c["in_training"] for c in r["cases"]] == [True, False]
