@@ -578,3 +578,18 @@ def test_a_models_training_pairs_are_named_in_the_report(known):
     ckpt = _cloud_checkpoint(folder / "m.pt", training=training_record("other", 1, pairs={"x0": seen}))
     r = evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), device="cpu", quiet=True)
     assert r["pairs_in_training"] == ["c0"] and [c["in_training"] for c in r["cases"]] == [True, False]
+
+
+def test_a_training_record_whose_pairs_are_no_list_is_refused_naming_its_file(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+    from cyclereg.errors import InputError
+
+    folder, ds = known
+    run = folder / "run"
+    for k in (1, 2):
+        _cloud_checkpoint(run / f"fold{k}.pt", seed=k)
+    (run / "run.json").write_text(json.dumps({"pairs": "c0 c1", "folds": [["c0"], ["c1"]], "config": {}}))
+    with pytest.raises(InputError, match=re.escape("'pairs' of a training record should be a list of pair ids, got "
+                                                   "'c0 c1'")) as err:
+        evaluate_keypoint_dataset(ds, folder / "r.json", run=run, device="cpu", quiet=True)
+    assert str(run / "run.json") in str(err.value) and not (folder / "r.json").exists()
