@@ -593,3 +593,18 @@ def test_a_training_record_whose_pairs_are_no_list_is_refused_naming_its_file(kn
                                                    "'c0 c1'")) as err:
         evaluate_keypoint_dataset(ds, folder / "r.json", run=run, device="cpu", quiet=True)
     assert str(run / "run.json") in str(err.value) and not (folder / "r.json").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: clouds/api.py _evaluation_models joins `run / f'fold{k}'` without Path(): "
+                                       "a run given as a str (accepted everywhere else) turns the missing-stage "
+                                       "InputError into a TypeError")
+def test_a_run_given_as_text_gets_the_same_missing_stage_message(known):
+    from cyclereg.clouds.api import evaluate_keypoint_dataset
+    from cyclereg.errors import InputError
+
+    folder, ds = known
+    run = folder / "run"
+    _cloud_checkpoint(run / "fold1" / "stage1.pt")
+    (run / "run.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(InputError, match=re.escape("(pair c1 is in fold 2; --folds N evaluates only")):
+        evaluate_keypoint_dataset(str(ds), str(folder / "r.json"), run=str(run), stage=1, device="cpu", quiet=True)
