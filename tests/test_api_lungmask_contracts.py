@@ -595,9 +595,6 @@ def test_a_training_record_whose_pairs_are_no_list_is_refused_naming_its_file(kn
     assert str(run / "run.json") in str(err.value) and not (folder / "r.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: clouds/api.py _evaluation_models joins `run / f'fold{k}'` without Path(): "
-                                       "a run given as a str (accepted everywhere else) turns the missing-stage "
-                                       "InputError into a TypeError")
 def test_a_run_given_as_text_gets_the_same_missing_stage_message(known):
     from cyclereg.clouds.api import evaluate_keypoint_dataset
     from cyclereg.errors import InputError

@@ -698,6 +698,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
 
     if stage is not None and run is None:
         raise InputError("--stage needs --run (it picks a stage of a run directory's checkpoints)")
+    run = None if run is None else Path(run)  # a path given as text, as everywhere else
     _check_overrides(recentre_passes, tta_passes, ensemble_fusion)
     ds = load_keypoint_dataset(dataset)
     if smoothness and not identity and ds.volume_shape_zyx and min(ds.volume_shape_zyx) < SDLOGJ_MIN_SIZE:
