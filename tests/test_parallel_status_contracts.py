@@ -147,11 +147,15 @@ def threaded(monkeypatch):
     monkeypatch.setattr(parallel, "mp", SimpleNamespace(get_context=get_context))
     monkeypatch.setattr(parallel, "_init_worker", lambda threads, parent: ctx.inits.append((threads, parent)))
     before = torch.get_num_threads()
+    main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main else None
     yield ctx
     ctx.stop.set()
     for p in ctx.started:
         p.join()
     torch.set_num_threads(before)
+    if main:
+        signal.signal(signal.SIGINT, sigint)  # whatever run_parallel left there
 
 
 def _returns(value, delay_s=0.0):
@@ -236,9 +240,13 @@ def test_the_thread_budget_never_gives_a_worker_fewer_threads_than_it_started_wi
         seen[r] = threaded.values[0].value
         go.set()
 
-    run_parallel([(_returns("a"), (), "fold 1"), (_waits(go, "b", threaded), (), "fold 2"),
+    def first(*, progress):
+        seen["start"] = threaded.values[0].value  # what a worker adopts at its first progress call
+        return "a"
+
+    run_parallel([(first, (), "fold 1"), (_waits(go, "b", threaded), (), "fold 2"),
                   (_waits(go, "c", threaded), (), "fold 3")], 3, Recorder(), 2, on_result, total_threads=3)
-    assert seen["a"] == 2
+    assert seen["start"] == 2 and seen["a"] == 2
     assert threaded.values[0].value == 3  # then one worker left: the whole budget
 
 
@@ -267,15 +275,17 @@ def test_a_job_error_is_re_raised_and_the_other_workers_are_terminated(threaded)
 def test_a_worker_that_dies_is_reported_at_once_naming_its_fold(threaded, monkeypatch, code, how):
     """A worker that ended with a non-zero status (killed by a signal: a negative one) will never send a
     result: reported at the next poll, not after the grace meant for a result still in the pipe."""
-    monkeypatch.setattr(parallel, "RESULT_GRACE_S", 60.0)
+    monkeypatch.setattr(parallel, "RESULT_GRACE_S", 4.0)
 
     def dies(*, progress):
         raise SystemExit(code)
 
+    never = threading.Event()
     t0 = time.monotonic()
-    with pytest.raises(WorkerError) as exc:
-        run_parallel([(dies, (), "fold 4")], 1, Recorder(), 1, lambda r: None, poll_s=0.02)
-    assert time.monotonic() - t0 < 5
+    with pytest.raises(WorkerError) as exc:  # fold 1, still running, neither hides it nor outlives it
+        run_parallel([(_waits(never, "slow", threaded), (), "fold 1"), (dies, (), "fold 4")], 2, Recorder(), 1,
+                     lambda r: None, poll_s=0.02)
+    assert time.monotonic() - t0 < 3.5 and threaded.started[0].terminated
     assert str(exc.value) == (f"fold 4: the worker process ended ({how}) without a result; run the same command "
                               "again to resume from its last snapshot")
 
@@ -308,10 +318,16 @@ def test_a_worker_that_exits_normally_without_a_result_is_reported_after_the_gra
 def test_ctrl_c_is_ignored_only_while_a_worker_starts(threaded):
     """The worker inherits an ignored Ctrl-C (no traceback from a half-imported worker); the parent's own
     Ctrl-C handler is back right after, and after the run."""
-    before = signal.getsignal(signal.SIGINT)
-    run_parallel([(_returns(k), (), f"fold {k}") for k in (1, 2)], 1, Recorder(), 1, lambda r: None)
+    seen = []
+
+    def handler(signum, frame):  # the parent's own handler (the fixture puts back the one before)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    run_parallel([(_returns(k), (), f"fold {k}") for k in (1, 2)], 1, Recorder(), 1,
+                 lambda r: seen.append(signal.getsignal(signal.SIGINT)))
     assert threaded.sigint_at_start == [signal.SIG_IGN, signal.SIG_IGN]
-    assert signal.getsignal(signal.SIGINT) is before
+    assert seen == [handler, handler] and signal.getsignal(signal.SIGINT) is handler
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals: main thread")
@@ -473,6 +489,7 @@ def test_an_error_crosses_to_the_parent_as_itself_or_as_its_type_and_message():
 
 
 @pytest.mark.parametrize("code,how", [(-9, "killed by SIGKILL, perhaps out of memory"), (-15, "killed by SIGTERM"),
+                                      (-1, "killed by SIGHUP"),
                                       (-200, "killed by signal 200"), (0, "it exited normally"),
                                       (1, "exit code 1"), (129, "exit code 129")])
 def test_a_dead_worker_is_named_with_how_it_ended(code, how):
