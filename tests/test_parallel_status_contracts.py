@@ -676,3 +676,13 @@ def test_the_unfinished_note_names_the_fold_the_next_step_and_the_stage(tmp_path
     assert unfinished_note("runs/v", None, "stage 1: training after step 5/9", None) == (
         "note: runs/v has not finished training (next: stage 1: training after step 5/9): its final.pt is the "
         "model of stage ?, not the run's last stage")
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_run_parallel_refuses_a_worker_count_below_one_before_starting_anything(workers):
+    """workers=0 started nothing and waited forever (the CLI only calls it with --jobs > 1, the library
+    function is public): refused at once, naming the argument."""
+    from cyclereg.training.parallel import run_parallel
+
+    with pytest.raises(ValueError, match=r"workers: expected a whole number of at least 1"):
+        run_parallel([(print, (), "job")], workers, None, 1, lambda r: None)

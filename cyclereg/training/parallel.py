@@ -245,6 +245,8 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     a job is re-raised here; a worker that dies without a result (killed by the OS, a crash in
     native code) raises :class:`~cyclereg.errors.WorkerError` naming its label. Either, or
     Ctrl-C, first terminates all other workers."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a whole number of at least 1, got {workers!r}")  # 0 waited forever
     pending = list(enumerate(jobs))
     ctx = mp.get_context("spawn")
     q, results = ctx.Queue(), ctx.Queue()
