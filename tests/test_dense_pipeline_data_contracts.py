@@ -1,0 +1,284 @@
+"""Contracts of the dense pipeline, its dataset reader and its configuration that a mutation audit found
+open (2026-12-07, audit of cyclereg/dense/pipeline.py, data.py, config.py): each test checks an answer
+derived by hand (a known count, a known id, an exact message fragment) on tiny inputs and fails on a
+specific mutation of the library that the earlier suite let through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+import json
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+
+from cyclereg.dense.config import DensePipelineConfig, FeatureNetConfig, PreprocessConfig, config_from_dict
+from cyclereg.dense.network import random_feature_net
+from cyclereg.errors import InputError
+
+
+def _smooth(shape, seed=0, batch=1):
+    x = torch.randn(batch, 1, *shape, generator=torch.Generator().manual_seed(seed))
+    return F.avg_pool3d(F.pad(x, (1,) * 6, mode="replicate"), 3, stride=1)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def test_a_pair_that_is_not_two_5d_tensors_of_one_shape_is_refused_by_name():
+    """(1, 9, 9, 9) lacks the channel axis; a batch of 2 fixed images with 1 moving image is no pair."""
+    from cyclereg.dense.pipeline import predict_displacement
+
+    net, cfg, img = random_feature_net(FeatureNetConfig(), 0), DensePipelineConfig(), _smooth((9, 9, 9))
+    with pytest.raises(ValueError, match=r"fixed: expected \(B, C, D, H, W\), got \(1, 9, 9, 9\)"):
+        predict_displacement(net, img[0], img, cfg)
+    with pytest.raises(ValueError, match=r"moving: expected \(B, C, D, H, W\), got \(9, 9, 9\)"):
+        predict_displacement(net, img, img[0, 0], cfg)
+    with pytest.raises(ValueError, match=r"fixed \(2, 1, 9, 9, 9\) and moving \(1, 1, 9, 9, 9\) must share one grid"):
+        predict_displacement(net, img.expand(2, 1, 9, 9, 9), img, cfg)
+    with pytest.raises(ValueError, match="stride: must divide the network's downsampling 8, got 0"):
+        predict_displacement(net, img, img, cfg, stride=0)
+
+
+def test_register_checks_its_configuration_first():
+    """A library caller's DensePipelineConfig(warps=3) registered with one warp: register validates it."""
+    from cyclereg.dense.pipeline import register
+
+    img = _smooth((9, 9, 9))
+    with pytest.raises(ValueError, match="warps must be 1 or 2, got 3"):
+        register(img, img, random_feature_net(FeatureNetConfig(), 0), DensePipelineConfig(warps=3))
+
+
+def test_register_of_a_batch_registers_each_pair_on_its_own():
+    """Pair b of a batch is fixed[b] -> moving[b]: the batch's fields are those of the pairs registered one by one."""
+    from cyclereg.dense.pipeline import register
+
+    f, m = _smooth((12, 10, 9), seed=1, batch=2), _smooth((12, 10, 9), seed=2, batch=2)
+    net, cfg = random_feature_net(FeatureNetConfig(), 0), DensePipelineConfig(warps=1, use_adam=False)
+    both = register(f, m, net, cfg)
+    assert both.shape == (2, 3, 12, 10, 9)
+    for b in range(2):
+        torch.testing.assert_close(both[b:b + 1], register(f[b:b + 1], m[b:b + 1], net, cfg), rtol=0, atol=1e-6)
+    assert not torch.allclose(both[0], both[1])  # two different pairs: not one field twice
+
+
+def test_register_runs_inverse_consistency_in_both_passes_and_refines_on_the_original_moving_features(monkeypatch):
+    """Each of the two passes gets ``ic=cfg.use_ic`` and the padded fixed image's features; Adam refines the
+    composed field on the projected early features of the padded fixed and of the *original* (unwarped) moving
+    image, on the grid of the ``adam_layer`` features: stride 4 for strides (2, 2, 1, 1, 2, 1), where the whole
+    network downsamples by 8."""
+    import cyclereg.dense.pipeline as pipeline
+
+    netcfg = FeatureNetConfig(strides=(2, 2, 1, 1, 2, 1), adam_layer=2)
+    assert (netcfg.downsampling, netcfg.adam_downsampling) == (8, 4)
+    net = random_feature_net(netcfg, 0).eval()
+    shape = (9, 10, 11)  # padded to 16^3
+    fixed, moving = _smooth(shape, seed=3), _smooth(shape, seed=4)
+    shift = torch.zeros(1, 3, 16, 16, 16)
+    shift[0, 1] = 1.0
+    passes, refined = [], {}
+
+    def predict(net_, f, m, cfg, *, ic, feat_fix, stride=1):
+        assert f.shape[2:] == (16, 16, 16) and torch.equal(feat_fix, net(f))
+        passes.append(ic)
+        return shift.clone()
+
+    def refine(adam_fix, adam_mov, disp, downsampling, acfg):
+        refined.update(fix=adam_fix, mov=adam_mov, disp=disp.clone(), ds=downsampling)
+        return disp
+
+    monkeypatch.setattr(pipeline, "predict_displacement", predict)
+    monkeypatch.setattr(pipeline, "adam_refine", refine)
+    for use_ic in (True, False):
+        passes.clear()
+        out = pipeline.register(fixed, moving, net, DensePipelineConfig(net=netcfg, use_ic=use_ic))
+        assert passes == [use_ic, use_ic]
+    with torch.no_grad():
+        torch.testing.assert_close(refined["fix"], net.adam_features(pipeline.pad_to_multiple(fixed, 8)))
+        torch.testing.assert_close(refined["mov"], net.adam_features(pipeline.pad_to_multiple(moving, 8)))
+    assert refined["ds"] == 4
+    # the two 1-voxel shifts along j composed: 2 voxels, cropped to the image grid
+    assert out.shape == (1, 3, *shape)
+    torch.testing.assert_close(out[0, 1], torch.full(shape, 2.0))
+    torch.testing.assert_close(refined["disp"][0, 1, :8, :8, :8], torch.full((8, 8, 8), 2.0))
+
+
+# ----------------------------------------------------------------------------- data: preprocessing
+def test_the_modality_hint_names_ct_as_a_word_or_a_prefix_and_mri_by_its_sequences():
+    """'Abdomen CT' names CT as a word, 'CTA' as a prefix; 'T2' and 'T1w' are MRI sequences: each overrides
+    the intensities (those of the other modality here)."""
+    from cyclereg.dense.data import resolve_mode
+
+    cfg, ct, mr = PreprocessConfig(), torch.tensor([-1000.0, 50.0]), torch.tensor([0.0, 800.0])
+    assert resolve_mode(mr, cfg, "Abdomen CT") == "ct"
+    assert resolve_mode(mr, cfg, "CTA") == "ct"
+    assert resolve_mode(ct, cfg, "T2") == "mri" and resolve_mode(ct, cfg, "T1w") == "mri"
+    assert resolve_mode(ct, cfg, "") == "ct"  # no hint: the intensities
+
+
+def test_auto_mode_is_ct_only_strictly_below_the_threshold():
+    """"CT when the volume's minimum is below auto_ct_below_hu": a minimum of exactly -200 HU is MRI."""
+    from cyclereg.dense.data import resolve_mode
+
+    cfg = PreprocessConfig()
+    assert resolve_mode(torch.tensor([-200.0, 10.0]), cfg) == "mri"
+    assert resolve_mode(torch.tensor([-200.5, 10.0]), cfg) == "ct"
+    assert resolve_mode(torch.tensor([-1.0]), PreprocessConfig(auto_ct_below_hu=0.0)) == "ct"
+
+
+def test_mri_normalisation_maps_the_percentiles_to_0_and_1_and_clips_beyond():
+    """Values 0..100 (101 of them): the 1st / 99th percentiles are 1 and 99, so x -> (x - 1) / 98, clipped to
+    [0, 1]; a constant image (zero range) gives 0 everywhere, not NaN; 'none' only casts to float."""
+    from cyclereg.dense.data import preprocess
+
+    x = torch.arange(101.0)
+    out = preprocess(x, PreprocessConfig(mode="mri"))
+    want = ((x - 1) / 98).clamp(0, 1)
+    torch.testing.assert_close(out, want)
+    assert out[0] == 0 and out[100] == 1 and out[50].item() == pytest.approx(49 / 98)
+    torch.testing.assert_close(preprocess(torch.full((4, 4), 7.0), PreprocessConfig(mode="mri")), torch.zeros(4, 4))
+    ints = torch.arange(5, dtype=torch.int16)
+    none = preprocess(ints, PreprocessConfig(mode="none"))
+    assert none.dtype == torch.float32 and torch.equal(none, torch.arange(5.0))
+    with pytest.raises(ValueError, match="unknown preprocessing mode 'pet'"):
+        preprocess(x, PreprocessConfig(), mode="pet")
+
+
+# ----------------------------------------------------------------------------- data: Learn2Reg datasets
+def _dataset(tmp_path, obj, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _touch(tmp_path, *rels):
+    for rel in rels:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+
+
+def test_label_maps_come_from_training_and_test_entries_before_the_labelstr_guess(tmp_path):
+    """Pair (A1 -> T9): A1's label map is its 'training' entry's (not the labelsTr file beside it), the test
+    scan T9's its 'test' entry's; for B2 -> B3 in imagesTs the labelsTs file of the same name is found, and
+    B3 has none (no such file: None, not a path that does not exist)."""
+    from cyclereg.dense.data import load_volume_dataset
+
+    _touch(tmp_path, "labelsTr/A_0001_0000.nii.gz", "labelsTs/B_0002_0000.nii.gz")
+    ds = load_volume_dataset(_dataset(tmp_path, {
+        "training": [{"image": "./imagesTr/A_0001_0000.nii.gz", "label": "./other/A1_seg.nii.gz"}],
+        "test": [{"image": "./imagesTs/T_0009_0000.nii.gz", "label": "./labelsTs/T9_seg.nii.gz"}],
+        "registration_val": [{"fixed": "./imagesTr/A_0001_0000.nii.gz", "moving": "./imagesTs/T_0009_0000.nii.gz"},
+                             {"fixed": "./imagesTs/B_0002_0000.nii.gz", "moving": "./imagesTs/B_0003_0000.nii.gz"}]}))
+    first, second = ds.pairs
+    root = tmp_path.resolve()
+    assert first.fixed_labels == root / "other" / "A1_seg.nii.gz"
+    assert first.moving_labels == root / "labelsTs" / "T9_seg.nii.gz"
+    assert second.fixed_labels == root / "labelsTs" / "B_0002_0000.nii.gz"
+    assert second.moving_labels is None
+    assert [p.id for p in ds.pairs] == ["0001_0009", "0002_0003"]
+    assert ds.name == "ds" and ds.modality is None  # no 'name': the file's stem
+
+
+def test_a_dataset_without_pairs_or_with_an_incomplete_pair_is_refused_naming_the_entry(tmp_path):
+    from cyclereg.dense.data import load_volume_dataset
+
+    for val, message in (([], "no 'registration_val' pairs in the dataset"),
+                         ([{"fixed": "a.nii", "moving": "b.nii"}, {"fixed": "a.nii"}],
+                          "registration_val entry 1 needs 'fixed' and 'moving'")):
+        path = _dataset(tmp_path, {"registration_val": val})
+        with pytest.raises(InputError, match=message) as e:
+            load_volume_dataset(path)
+        assert e.value.path == path
+
+
+def test_training_images_leave_out_both_scans_of_every_validation_pair(tmp_path):
+    """Images 1..4 (entries as dicts or plain paths), validation pair 2 -> 3: training uses 1 and 4, in the
+    listed order; held_out=False all four."""
+    from cyclereg.dense.data import training_images
+
+    img = [f"./imagesTr/A_000{k}_0000.nii.gz" for k in (1, 2, 3, 4)]
+    path = _dataset(tmp_path, {"training": [{"image": img[0], "label": "x"}, img[1], {"image": img[2]}, img[3]],
+                               "registration_val": [{"fixed": img[1], "moving": img[2]}]})
+    want = [(tmp_path / i).resolve() for i in img]
+    assert training_images(path) == [want[0], want[3]]
+    assert training_images(path, held_out=False) == want
+
+
+def test_training_images_refuse_an_empty_list_and_an_entry_without_an_image(tmp_path):
+    from cyclereg.dense.data import training_images
+
+    for training, message in (([], "no 'training' images in the dataset"),
+                              (["a.nii", {"label": "b.nii"}], "training entry 1 has no 'image'")):
+        path = _dataset(tmp_path, {"training": training})
+        with pytest.raises(InputError, match=message) as e:
+            training_images(path)
+        assert e.value.path == path
+
+
+# ----------------------------------------------------------------------------- config
+def test_downsampling_factors_are_products_of_the_strides():
+    assert (FeatureNetConfig().downsampling, FeatureNetConfig().adam_downsampling) == (8, 2)
+    cfg = FeatureNetConfig(strides=(2, 1, 2, 1, 1, 1), adam_layer=3)
+    assert (cfg.downsampling, cfg.adam_downsampling) == (4, 4)
+    assert FeatureNetConfig(strides=(1, 2, 2, 1, 2, 1), adam_layer=1).adam_downsampling == 1
+
+
+def _pipeline(**changes):
+    """DensePipelineConfig with ``changes`` of its own or of a part: ``"convex.radius": 0``."""
+    from dataclasses import replace
+
+    top = {k: v for k, v in changes.items() if "." not in k}
+    cfg = DensePipelineConfig(**top)
+    for key, value in changes.items():
+        if "." in key:
+            part, name = key.split(".")
+            cfg = replace(cfg, **{part: replace(getattr(cfg, part), **{name: value})})
+    return cfg
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"warps": 0}, "warps must be 1 or 2, got 0"),
+    ({"net.channels": (32, 64, 64, 128, 128, 128, 16)}, "net.channels and net.strides must have the same length"),
+    ({"net.strides": (2, 1, 4, 1, 1, 1)}, r"net.strides: each must be 1 or 2, got \(2, 1, 4, 1, 1, 1\)"),
+    ({"net.adam_layer": 0}, "net.adam_layer out of range"),
+    ({"net.adam_layer": 7}, "net.adam_layer out of range"),
+    ({"preprocess.mode": "pet"}, "preprocess.mode: expected auto|ct|mri|none, got pet"),
+    ({"convex.radius": 0}, "convex.radius: expected a whole number >= 1, got 0"),
+    ({"convex.ic_iterations": 2.0}, r"convex.ic_iterations: expected a whole number >= 0, got 2.0"),
+    ({"adam.iterations": True}, "adam.iterations: expected a whole number >= 0, got True"),
+    ({"adam.final_smooth_passes": -1}, "adam.final_smooth_passes: expected a whole number >= 0, got -1"),
+    ({"adam.lr": 0.0}, r"adam.lr: expected a finite number > 0, got 0.0"),
+    ({"convex.softmax_temperature": float("inf")}, "convex.softmax_temperature: expected a finite number > 0"),
+    ({"adam.reg_weight": -0.1}, r"adam.reg_weight: expected a finite number >= 0, got -0.1"),
+    ({"convex.coupling": (0.003, float("nan"), 0.3)}, r"convex.coupling\[1\]: expected a finite number >= 0"),
+    ({"spacing_mm": (1.0, 0.0, 1.0)}, r"spacing_mm\[1\]: expected a finite number > 0, got 0.0"),
+    ({"spacing_mm": (1.0, 1.0)}, "spacing_mm: expected three voxel sizes"),
+    ({"orientation": ("R", "A")}, "orientation: expected three axis codes"),
+    ({"orientation": ("R", "L", "S")}, "orientation: expected three axis codes"),
+])
+def test_validate_names_the_setting_it_refuses(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _pipeline(**changes).validate()
+
+
+@pytest.mark.parametrize("changes", [{"warps": 1}, {"net.adam_layer": 6}, {"net.adam_layer": 1},
+                                     {"adam.iterations": 0, "convex.ic_iterations": 0}, {"adam.reg_weight": 0.0},
+                                     {"convex.radius": 1}, {"orientation": ("L", "P", "I")},
+                                     {"orientation": ("S", "R", "A")}, {"spacing_mm": (0.5, 1.0, 2.5)}])
+def test_validate_accepts_the_edges_of_each_range(changes):
+    cfg = _pipeline(**changes)
+    assert cfg.validate() is cfg
+
+
+def test_replace_ignores_none_and_a_stored_configuration_reads_back_equal_and_hashable():
+    cfg = DensePipelineConfig()
+    assert cfg.replace(warps=None, use_adam=None) == cfg and cfg.replace(warps=1, use_ic=None).warps == 1
+    stored = {"net": {"strides": [2, 1, 2, 1, 2, 1]}, "convex": {"coupling": [0.01, 0.1]},
+              "spacing_mm": [1.5, 1.5, 2.0], "orientation": ["L", "P", "S"]}
+    back = config_from_dict(stored)
+    assert back.convex.coupling == (0.01, 0.1) and back.spacing_mm == (1.5, 1.5, 2.0)
+    assert back.orientation == ("L", "P", "S") and back.net == FeatureNetConfig()
+    hash(back)  # frozen, with tuples (lists would make it unhashable)
+    with pytest.raises(ValueError, match=r"unknown DensePipelineConfig setting\(s\) extra \(written by a newer"):
+        config_from_dict({"extra": 1})
