@@ -158,6 +158,52 @@ def test_mri_normalisation_maps_the_percentiles_to_0_and_1_and_clips_beyond():
         preprocess(x, PreprocessConfig(), mode="pet")
 
 
+# ----------------------------------------------------------------------------- data: grids
+def test_check_pair_grids_names_the_file_and_the_scan_it_differs_from():
+    """Each label map is checked against its own scan: the moving label map against the moving image."""
+    from cyclereg.dense.data import check_pair_grids
+    from cyclereg.volumeio import Volume
+
+    def vol(name, shape=(4, 5, 6), shift=0.0):
+        affine = np.eye(4)
+        affine[0, 3] = shift
+        return Volume(torch.zeros(shape), affine, Path(name))
+
+    f, m, fl, ml = vol("f.nii"), vol("m.nii"), vol("fl.nii"), vol("ml.nii")
+    check_pair_grids(f, m, fl, ml)
+    for args, path, message in (
+            ((f, vol("m.nii", (4, 5, 7)), fl, ml), "m.nii", r"moving image has shape \(4, 5, 7\) but the fixed image f.nii"),
+            ((f, m, vol("fl.nii", shift=1.0), ml), "fl.nii", "fixed label map has a different affine .* than the fixed image f.nii"),
+            ((f, m, fl, vol("ml.nii", (3, 5, 6))), "ml.nii", r"moving label map has shape \(3, 5, 6\) but the moving image m.nii")):
+        with pytest.raises(InputError, match=message) as e:
+            check_pair_grids(*args)
+        assert e.value.path == Path(path)
+
+
+def test_a_resampled_volume_keeps_its_own_file_name_for_later_messages():
+    from cyclereg.dense.data import resample_onto
+    from cyclereg.volumeio import Volume
+
+    ref = Volume(torch.zeros(4, 4, 4), np.eye(4), Path("fixed.nii"))
+    for labels in (False, True):
+        out = resample_onto(Volume(torch.ones(3, 3, 3, dtype=torch.int64 if labels else torch.float32),
+                                   np.eye(4), Path("moving.nii")), ref, labels=labels)
+        assert out.path == Path("moving.nii") and out.shape == (4, 4, 4)
+        assert out.data[2, 2, 2] == 1 and out.data[3, 3, 3] == (0 if labels else 1)  # beyond: background / edge
+
+
+def test_a_constant_volume_is_refused_naming_its_file_and_value():
+    from cyclereg.dense.data import require_contrast
+    from cyclereg.volumeio import Volume
+
+    with pytest.raises(InputError, match=r"volume is constant \(every voxel -3.5\): nothing to register") as e:
+        require_contrast(Volume(torch.full((3, 3, 3), -3.5), np.eye(4), Path("flat.nii.gz")))
+    assert e.value.path == Path("flat.nii.gz")
+    ok = Volume(torch.zeros(3, 3, 3), np.eye(4), Path("ok.nii"))
+    ok.data[1, 1, 1] = 1e-3
+    assert require_contrast(ok) is ok
+
+
 # ----------------------------------------------------------------------------- data: Learn2Reg datasets
 def _dataset(tmp_path, obj, name="ds.json"):
     path = tmp_path / name
