@@ -77,7 +77,8 @@ def test_register_of_a_batch_registers_each_pair_on_its_own():
 
 
 def test_register_runs_inverse_consistency_in_both_passes_and_refines_on_the_original_moving_features(monkeypatch):
-    """Each of the two passes gets ``ic=cfg.use_ic`` and the padded fixed image's features; Adam refines the
+    """Each of the two passes gets ``ic=cfg.use_ic`` and the padded fixed image's features, the second the moving
+    image warped by the first pass's field; Adam refines the
     composed field on the projected early features of the padded fixed and of the *original* (unwarped) moving
     image, on the grid of the ``adam_layer`` features: stride 4 for strides (2, 2, 1, 1, 2, 1), where the whole
     network downsamples by 8."""
@@ -90,11 +91,12 @@ def test_register_runs_inverse_consistency_in_both_passes_and_refines_on_the_ori
     fixed, moving = _smooth(shape, seed=3), _smooth(shape, seed=4)
     shift = torch.zeros(1, 3, 16, 16, 16)
     shift[0, 1] = 1.0
-    passes, refined = [], {}
+    passes, movings, refined = [], [], {}
 
     def predict(net_, f, m, cfg, *, ic, feat_fix, stride=1):
         assert f.shape[2:] == (16, 16, 16) and torch.equal(feat_fix, net(f))
         passes.append(ic)
+        movings.append(m.clone())
         return shift.clone()
 
     def refine(adam_fix, adam_mov, disp, downsampling, acfg):
@@ -104,9 +106,13 @@ def test_register_runs_inverse_consistency_in_both_passes_and_refines_on_the_ori
     monkeypatch.setattr(pipeline, "predict_displacement", predict)
     monkeypatch.setattr(pipeline, "adam_refine", refine)
     for use_ic in (True, False):
-        passes.clear()
+        passes.clear(), movings.clear()
         out = pipeline.register(fixed, moving, net, DensePipelineConfig(net=netcfg, use_ic=use_ic))
         assert passes == [use_ic, use_ic]
+    # pass 2 sees the moving image (not the fixed one) warped by pass 1's field
+    padded_moving = pipeline.pad_to_multiple(moving, 8)
+    torch.testing.assert_close(movings[0], padded_moving)
+    torch.testing.assert_close(movings[1], pipeline.warp(padded_moving, shift))
     with torch.no_grad():
         torch.testing.assert_close(refined["fix"], net.adam_features(pipeline.pad_to_multiple(fixed, 8)))
         torch.testing.assert_close(refined["mov"], net.adam_features(pipeline.pad_to_multiple(moving, 8)))
