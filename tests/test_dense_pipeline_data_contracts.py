@@ -223,6 +223,19 @@ def _touch(tmp_path, *rels):
         (tmp_path / rel).write_bytes(b"")
 
 
+def test_case_id_is_the_second_to_last_part_and_scan_ids_refine_step_by_step(tmp_path):
+    """case_id: the part before the scan number (``2023_0007_0000`` -> ``0007``, not the first number), else the
+    first number, else the stem. scan_ids: case and scan number only where both are numbers (``A_0001_mask`` is
+    its stem); the stem where case and scan number repeat (two data sets' ``0001_0000``)."""
+    from cyclereg.dense.data import case_id, scan_ids
+
+    assert case_id(Path("2023_0007_0000.nii.gz")) == "0007"
+    assert case_id(Path("case_0012.nii")) == "0012" and case_id(Path("brain_scan.nii.gz")) == "brain_scan"
+    assert scan_ids([tmp_path / "A_0001_0000.nii.gz", tmp_path / "A_0001_mask.nii.gz"]) == ["0001_0000", "A_0001_mask"]
+    assert scan_ids([tmp_path / "A_0001_0000.nii.gz", tmp_path / "B_0001_0000.nii.gz", tmp_path / "A_0002_0000.nii"]) \
+        == ["A_0001_0000", "B_0001_0000", "0002"]
+
+
 def test_label_maps_come_from_training_and_test_entries_before_the_labelstr_guess(tmp_path):
     """Pair (A1 -> T9): A1's label map is its 'training' entry's (not the labelsTr file beside it), the test
     scan T9's its 'test' entry's; for B2 -> B3 in imagesTs the labelsTs file of the same name is found, and
