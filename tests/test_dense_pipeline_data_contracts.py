@@ -198,6 +198,17 @@ def test_a_resampled_volume_keeps_its_own_file_name_for_later_messages():
         assert out.data[2, 2, 2] == 1 and out.data[3, 3, 3] == (0 if labels else 1)  # beyond: background / edge
 
 
+def test_overlap_counts_the_reference_centres_inside_the_other_volumes_own_extent():
+    """A 4^3 volume at the origin of an 8^3 reference (1 mm voxels both): 4^3 of the 8^3 centres, 1/8; the other
+    way round all of the small grid's centres lie in the large one."""
+    from cyclereg.dense.data import overlap_fraction
+    from cyclereg.volumeio import Volume
+
+    small, large = Volume(torch.zeros(4, 4, 4), np.eye(4)), Volume(torch.zeros(8, 8, 8), np.eye(4))
+    assert overlap_fraction(small, large) == pytest.approx(1 / 8)
+    assert overlap_fraction(large, small) == 1.0
+
+
 def test_a_constant_volume_is_refused_naming_its_file_and_value():
     from cyclereg.dense.data import require_contrast
     from cyclereg.volumeio import Volume
@@ -229,7 +240,7 @@ def test_case_id_is_the_second_to_last_part_and_scan_ids_refine_step_by_step(tmp
     its stem); the stem where case and scan number repeat (two data sets' ``0001_0000``)."""
     from cyclereg.dense.data import case_id, scan_ids
 
-    assert case_id(Path("2023_0007_0000.nii.gz")) == "0007"
+    assert case_id(Path("2023_0007_0000.nii.gz")) == "0007" and case_id(Path("BraTS_2021_0007_0000.nii.gz")) == "0007"
     assert case_id(Path("case_0012.nii")) == "0012" and case_id(Path("brain_scan.nii.gz")) == "brain_scan"
     assert scan_ids([tmp_path / "A_0001_0000.nii.gz", tmp_path / "A_0001_mask.nii.gz"]) == ["0001_0000", "A_0001_mask"]
     assert scan_ids([tmp_path / "A_0001_0000.nii.gz", tmp_path / "B_0001_0000.nii.gz", tmp_path / "A_0002_0000.nii"]) \
