@@ -353,6 +353,7 @@ def test_validate_names_the_setting_it_refuses(changes, message):
 
 @pytest.mark.parametrize("changes", [{"warps": 1}, {"net.adam_layer": 6}, {"net.adam_layer": 1},
                                      {"adam.iterations": 0, "convex.ic_iterations": 0}, {"adam.reg_weight": 0.0},
+                                     {"adam.reg_factor": 0.0}, {"spacing_tolerance": 0.0},
                                      {"convex.radius": 1}, {"orientation": ("L", "P", "I")},
                                      {"orientation": ("S", "R", "A")}, {"spacing_mm": (0.5, 1.0, 2.5)}])
 def test_validate_accepts_the_edges_of_each_range(changes):
