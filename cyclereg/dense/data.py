@@ -187,12 +187,34 @@ def scan_ids(paths) -> list[str]:
         for q in distinct:
             if counts[ids[q]] > 1:
                 ids[q] = refine(q)
-    seen: dict[str, int] = {}
-    for q in distinct:
-        n = seen[ids[q]] = seen.get(ids[q], 0) + 1
-        if n > 1:
-            ids[q] = f"{ids[q]}~{n}"
+    ids = dict(zip(distinct, unique_ids([ids[q] for q in distinct])))
     return [ids[q] for q in resolved]
+
+
+def unique_ids(names: list[str]) -> list[str]:
+    """``names`` made unique, in order: a name listed once is kept; of a name listed more than once the
+    first keeps it and each later one becomes ``NAME~N``, with the smallest ``N >= 2`` that is no other
+    id (a file may itself be called ``x~2``)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    used = {name for name, c in counts.items() if c == 1}
+    out = []
+    for name in names:
+        if name in used and counts[name] > 1:
+            n = 2
+            while f"{name}~{n}" in used:
+                n += 1
+            name = f"{name}~{n}"
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def pair_ids(id_pairs) -> list[str]:
+    """Ids of registration pairs from their scans' ids ``(fixed, moving)``: ``FIXED_MOVING``, unique
+    (:func:`unique_ids`: scan ids holding ``_`` can join alike, ``p1`` + ``t2_b`` and ``p1_t2`` + ``b``)."""
+    return unique_ids([f"{a}_{b}" for a, b in id_pairs])
 
 
 def _scan_path(root: Path, rel, path: Path, where: str) -> Path:
@@ -269,7 +291,8 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
             ordered[(a, b)] = None
     scans = [scan for pair in ordered for scan in pair]
     ids = dict(zip(scans, scan_ids(scans)))
-    pairs = [VolumePair(a, b, labels_for(a), labels_for(b), f"{ids[a]}_{ids[b]}") for a, b in ordered]
+    names = pair_ids([(ids[a], ids[b]) for a, b in ordered])
+    pairs = [VolumePair(a, b, labels_for(a), labels_for(b), name) for (a, b), name in zip(ordered, names)]
     modality = obj.get("modality")
     if isinstance(modality, dict):
         modality = next(iter(modality.values()), None)

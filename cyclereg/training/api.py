@@ -707,13 +707,13 @@ def _dense_training_set(dataset: Path, config: DenseCycleConfig, run: Path | Non
 
 
 def _dense_identity(dataset: Path, images, pairs) -> dict:
-    from cyclereg.dense.data import scan_ids
+    from cyclereg.dense.data import pair_ids, scan_ids
     from cyclereg.datasets import read_json
 
     name = str(read_json(dataset).get("name", Path(dataset).stem))
     ids = scan_ids(images)
     return {"dataset": name, "kind": "volumes",
-            "pairs": [f"{ids[i]}_{ids[j]}" for i, j in pairs], "folds": [],
+            "pairs": pair_ids([(ids[i], ids[j]) for i, j in pairs]), "folds": [],
             "data": {"images": {Path(p).name: data_fingerprint(p) for p in images}}}
 
 

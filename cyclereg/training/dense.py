@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.dense.config import DensePipelineConfig
+from cyclereg.dense.data import pair_ids
 from cyclereg.dense.convex import resample_disp
 from cyclereg.dense.instance import diffusion_regularizer
 from cyclereg.dense.network import FeatureNet, init_random
@@ -243,6 +244,7 @@ class DenseCycleTask:
             raise ValueError(f"images: ids must be unique, got {ids}")
         self.images = images
         self.pairs = pairs
+        self._pair_ids = pair_ids([(ids[i], ids[j]) for i, j in pairs])  # labels and weights are kept by these
         self.spacing = tuple(float(s) for s in spacing_mm)
         self.config = config.validate()
         self.pipeline = replace(config.pipeline, spacing_mm=self.spacing,
@@ -255,8 +257,9 @@ class DenseCycleTask:
         self.label_grid = centred_affine(self.label_shape, [s * v for v in self.spacing])
 
     def pair_id(self, k: int) -> str:
-        i, j = self.pairs[k]
-        return f"{self.images[i].id}_{self.images[j].id}"
+        """Id of training pair ``k``: ``FIXED_MOVING`` of its images' ids, unique among the pairs
+        (:func:`cyclereg.dense.data.pair_ids`)."""
+        return self._pair_ids[k]
 
     def new_model(self, stage: int) -> FeatureNet:
         # stage 1 starts from a different random initialisation than stage 0 (paper Sec. 2.2)
