@@ -5,19 +5,21 @@ specific mutation of the library that the earlier suite let through."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import torch.nn.functional as F
 
 from cyclereg.dense.config import DensePipelineConfig, FeatureNetConfig, PreprocessConfig, config_from_dict
 from cyclereg.dense.network import random_feature_net
 from cyclereg.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def _smooth(shape, seed=0, batch=1):
@@ -403,3 +405,28 @@ def test_training_pair_ids_are_unique_and_unchanged_where_they_did_not_collide()
     task = DenseCycleTask(images, [(0, 1), (2, 3), (0, 4)], (1.0, 1.0, 1.0), DenseCycleConfig(), torch.device("cpu"))
     assert [task.pair_id(k) for k in range(3)] == ["p1_t2_b", "p1_t2_b~2", "p1_c"]
     assert pair_ids([("a", "b"), ("b", "a")]) == ["a_b", "b_a"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"warps": True}, "warps must be 1 or 2, got True"),
+    ({"pad_multiple": 0}, "pad_multiple: expected a whole number >= 1, got 0"),
+    ({"pad_multiple": -8}, "pad_multiple: expected a whole number >= 1, got -8"),
+    ({"preprocess": {"ct_scale_hu": 0.0}}, "preprocess.ct_scale_hu: expected a finite number > 0, got 0.0"),
+    ({"preprocess": {"ct_clip": (0.6, -0.4)}}, "preprocess.ct_clip: expected two finite numbers low < high"),
+    ({"preprocess": {"ct_clip": (-0.4, 0.2, 0.6)}}, "preprocess.ct_clip: expected two finite numbers low < high"),
+    ({"preprocess": {"mri_percentiles": (1.0, 150.0)}}, "preprocess.mri_percentiles: expected two finite numbers "
+                                                         "low < high within [0, 100]"),
+    ({"preprocess": {"auto_ct_below_hu": float("nan")}}, "preprocess.auto_ct_below_hu: expected a finite number"),
+])
+def test_validate_names_settings_a_stored_configuration_could_break(changes, message):
+    """Settings a stored configuration (a checkpoint's JSON) can carry and nothing checked: pad_multiple 0 or -8
+    passed (0 % 8 == 0) and failed later in pad_to_multiple naming no setting, warps=True ran one warp,
+    ct_scale_hu 0 gave NaN features, a percentile of 150 a RuntimeError of torch.quantile."""
+    changes = dict(changes)  # the parameter is shared with the test report
+    pre = changes.pop("preprocess", None)
+    cfg = replace(DensePipelineConfig(), **changes)
+    if pre is not None:
+        cfg = replace(cfg, preprocess=replace(PreprocessConfig(), **pre))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg.validate()
+    DensePipelineConfig().validate()  # the defaults pass

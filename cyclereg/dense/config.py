@@ -226,8 +226,8 @@ class DensePipelineConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> "DensePipelineConfig":
-        if self.warps not in (1, 2):
-            raise ValueError(f"warps must be 1 or 2, got {self.warps}")
+        if isinstance(self.warps, bool) or self.warps not in (1, 2):  # True == 1 to Python
+            raise ValueError(f"warps must be 1 or 2, got {self.warps!r}")
         if len(self.net.channels) != len(self.net.strides):
             raise ValueError("net.channels and net.strides must have the same length")
         if any(s not in (1, 2) for s in self.net.strides):
@@ -247,7 +247,8 @@ class DensePipelineConfig:
                 raise ValueError(f"{name}: expected an odd width >= 1 (1: no smoothing), got {width}")
         if self.preprocess.mode not in ("auto", "ct", "mri", "none"):
             raise ValueError(f"preprocess.mode: expected auto|ct|mri|none, got {self.preprocess.mode}")
-        for name, count, least in (("convex.radius", self.convex.radius, 1),
+        for name, count, least in (("pad_multiple", self.pad_multiple, 1),
+                                   ("convex.radius", self.convex.radius, 1),
                                    ("convex.ic_iterations", self.convex.ic_iterations, 0),
                                    ("convex.upsample_smooth_passes", self.convex.upsample_smooth_passes, 0),
                                    ("adam.iterations", self.adam.iterations, 0),
@@ -262,11 +263,22 @@ class DensePipelineConfig:
                                       ("adam.reg_factor", self.adam.reg_factor, False),
                                       ("adam.data_weight", self.adam.data_weight, False),
                                       ("spacing_tolerance", self.spacing_tolerance, False),
+                                      ("preprocess.ct_scale_hu", self.preprocess.ct_scale_hu, True),
                                       *((f"convex.coupling[{i}]", c, False)
                                         for i, c in enumerate(self.convex.coupling)),
                                       *((f"spacing_mm[{i}]", v, True) for i, v in enumerate(self.spacing_mm or ()))):
             if not finite_number(value) or value < 0 or (positive and value == 0):
                 raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        pre = self.preprocess
+        if not finite_number(pre.auto_ct_below_hu):
+            raise ValueError(f"preprocess.auto_ct_below_hu: expected a finite number, got {pre.auto_ct_below_hu!r}")
+        for name, pair, bounds in (("preprocess.ct_clip", pre.ct_clip, None),
+                                   ("preprocess.mri_percentiles", pre.mri_percentiles, (0.0, 100.0))):
+            lo, hi = tuple(pair) if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
+            if not (finite_number(lo) and finite_number(hi) and lo < hi
+                    and (bounds is None or bounds[0] <= lo and hi <= bounds[1])):
+                within = "" if bounds is None else f" within [{bounds[0]:g}, {bounds[1]:g}]"
+                raise ValueError(f"{name}: expected two finite numbers low < high{within}, got {pair!r}")
         if self.spacing_mm is not None and len(self.spacing_mm) != 3:
             raise ValueError(f"spacing_mm: expected three voxel sizes (i, j, k) or none, got {self.spacing_mm!r}")
         if self.orientation is not None and (len(self.orientation) != 3 or sorted(
