@@ -324,11 +324,17 @@ def test_a_generator_of_paths_works_like_a_list(kp, tmp_path, which):
                                        "comparison; spacing=(True, True, True) reads as 1 mm voxels")
 @pytest.mark.parametrize("kwargs,flag", [({"sigma_mm": True}, "--sigma"), ({"nms_radius_mm": True}, "--nms-radius"),
                                          ({"threshold": True}, "--threshold"), ({"sigma_mm": "2"}, "--sigma"),
-                                         ({"threshold": "0"}, "--threshold")])
+                                         ({"threshold": "0"}, "--threshold"),
+                                         ({"moving_nms_radius_mm": True}, "--moving-nms-radius")])
 def test_keypoints_refuses_a_bool_or_a_text_as_an_mm_value_naming_the_flag(kp, tmp_path, kwargs, flag):
+    out = tmp_path / "o"
     with pytest.raises(InputError, match=flag):
-        api.keypoints(kp / "ct.nii.gz", tmp_path / "k.csv", verbose=False, **kwargs)
-    assert _files(tmp_path) == set()
+        if "moving_nms_radius_mm" in kwargs:  # an option of --pairs (the keypoint dataset of scan pairs)
+            (tmp_path / "pairs.csv").write_text(f"id,fixed,moving\na,{kp / 'ct.nii.gz'},{kp / 'ct.nii.gz'}\n")
+            api.keypoints(None, out, pairs=tmp_path / "pairs.csv", verbose=False, **kwargs)
+        else:
+            api.keypoints(kp / "ct.nii.gz", out / "k.csv", verbose=False, **kwargs)
+    assert not out.exists()
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: register's --spacing parser takes float(True) == 1.0: spacing=(True, "
