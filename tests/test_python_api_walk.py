@@ -95,7 +95,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 def _device_calls(d: Path, out: Path):
-    from cyclereg.training.api import pretrain_random, run_cycle
+    from cyclereg.training.api import pretrain_random
 
     ds = d / "dataset.json"
     return {
