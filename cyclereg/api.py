@@ -74,7 +74,8 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     (:func:`cyclereg.keypoints.api.build_keypoint_dataset`; returns a one-line summary).
     ``mask``, ``save_mask`` and ``fmt`` are for one volume; ``moving_nms_radius_mm`` and ``folds``
     for ``pairs``. Units: mm."""
-    refuse_empty_paths({"ct": ct, "output": output, "pairs": pairs, "mask": mask, "save_mask": save_mask})
+    refuse_empty_paths({"ct": ct, "output": output, "pairs": pairs, "mask": mask, "save_mask": save_mask},
+                       required=("output",))
     require_switches({"--lung-mask": lung_mask, "verbose": verbose})
     require_inputs(ct, mask, pairs)
     if pairs is None:
@@ -162,7 +163,8 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     paths print nothing but their errors).
     """
     refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,
-                        "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels})
+                        "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels},
+                       required=("fixed", "moving", "out_dir"))
     require_switches({"--adam/--no-adam": adam, "--ic/--no-ic": ic, "--disp-mm": disp_mm, "--spread": spread,
                       "--spread-map": spread_map, "--l2r-name": l2r_name, "--jacobian": jacobian,
                       "--resample-moving": resample_moving, "--via-keypoints": via_keypoints,
@@ -283,7 +285,8 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     both with SDlogJ and run time. Options of the other kind are refused by name. The returned dict is
     the report as written (JSON types; a NaN or infinite figure is ``None``).
     """
-    refuse_empty_paths({"dataset": dataset, "report": report, "model": model, "run": run, "errors_csv": errors_csv})
+    refuse_empty_paths({"dataset": dataset, "report": report, "model": model, "run": run, "errors_csv": errors_csv},
+                       required=("dataset", "report"))
     require_switches({"--identity": identity, "--spread": spread, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                       "--both-directions": both_directions, "--resume": resume})
     if sum([identity, model is not None, run is not None]) != 1:

@@ -25,6 +25,7 @@ A pair whose value is missing or not finite in either report is left out of that
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -187,9 +188,13 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     from cyclereg.device import provenance
     from cyclereg.console import count, print_note, print_table
 
-    if isinstance(reports, (str, Path)):
+    if isinstance(reports, (str, os.PathLike)):
         raise InputError("reports: expected a list of two or more report files, got one path", reports)
-    refuse_empty_paths({"reports": list(reports), "output": output})
+    try:
+        reports = list(reports)  # once: an iterator would be used up by the first look
+    except TypeError:
+        raise InputError(f"reports: expected a list of two or more report files, got {type(reports).__name__}") from None
+    refuse_empty_paths({"reports": reports, "output": output}, lists=("reports",))
     paths = [Path(p) for p in reports]
     if len(paths) < 2:
         raise InputError("compare needs at least two reports: the base and one to compare with it")

@@ -44,14 +44,26 @@ EMPTY_PATH = "an empty path (an unset shell variable?); give '.' to mean the cur
 """What an empty path string is told: ``Path("")`` would silently be the current folder."""
 
 
-def refuse_empty_paths(paths: dict[str, object]) -> None:
-    """:class:`InputError` naming the first of ``paths`` (argument name -> value; a list or tuple of
-    paths is checked item by item; ``None``: not given) that is an empty or blank string. The
-    library's counterpart of the command line's empty-value check: ``register(a, b, out_dir="")``
-    would otherwise write into the current folder."""
+def refuse_empty_paths(paths: dict[str, object], *, required: tuple[str, ...] = (),
+                       lists: tuple[str, ...] = ()) -> None:
+    """:class:`InputError` naming the first of ``paths`` (argument name -> value; ``None``: not given)
+    that is an empty or blank string, no path at all (a number, bytes, a dict: pathlib's TypeError
+    would name no argument), ``None`` although named in ``required``, or a list or tuple although not
+    named in ``lists`` (those are checked item by item). The library's counterpart of the command
+    line's empty-value check: ``register(a, b, out_dir="")`` would otherwise write into the current
+    folder."""
     for name, value in paths.items():
+        if value is None:
+            if name in required:
+                raise InputError(f"{name}: a path is needed here, got None")
+            continue
+        if isinstance(value, (list, tuple)) and name not in lists:
+            raise InputError(f"{name}: expected one path, got a {type(value).__name__} of {len(value)}")
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str) and not item.strip():
+            if not isinstance(item, (str, os.PathLike)) or isinstance(os.fspath(item), bytes):
+                raise InputError(f"{name}: expected a path (text or pathlib.Path), got {type(item).__name__} "
+                                 f"{item!r}")
+            if not os.fspath(item).strip():
                 raise InputError(f"{name}: {EMPTY_PATH}")
 
 

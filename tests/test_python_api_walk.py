@@ -292,9 +292,6 @@ def test_compare_ensemble_and_status_refuse_empty_lists_and_bad_values_and_write
 # ----------------------------------------------------------------------------- bugs (strict xfails)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: combine_cloud_models runs list(sources) (refuse_empty_paths) before its "
-                                       "one-path check: a Path raises TypeError 'not iterable' where a str gets the "
-                                       "InputError, and a str with a space is told it is an empty path")
 @pytest.mark.parametrize("source", [Path("a.pt"), "my models/a.pt"])
 def test_combine_cloud_models_refuses_one_path_given_for_the_list_alike_for_str_and_path(tmp_path, source):
     from cyclereg.clouds.api import combine_cloud_models
@@ -304,8 +301,6 @@ def test_combine_cloud_models_refuses_one_path_given_for_the_list_alike_for_str_
     assert _files(tmp_path) == set()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compare_reports / combine_cloud_models consume an iterator of paths in "
-                                       "refuse_empty_paths(list(...)) and then see none: 'needs at least two'")
 @pytest.mark.parametrize("which", ["compare", "ensemble"])
 def test_a_generator_of_paths_works_like_a_list(kp, tmp_path, which):
     from cyclereg.clouds.api import combine_cloud_models
@@ -431,8 +426,6 @@ def test_numpy_integers_are_whole_numbers(kp, tmp_path):
     assert by_np.path("displacements.csv").read_bytes() == by_int.path("displacements.csv").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a path argument of the wrong type (None, a number, bytes, a list) "
-                                       "raises TypeError from pathlib without naming the argument")
 @pytest.mark.parametrize("call,name", [
     (lambda d, o: api.register(d / "f.csv", d / "m.csv", None), "out_dir"),
     (lambda d, o: api.register(1, d / "m.csv", o / "r"), "fixed"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -113,9 +114,14 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     checked before anything is written. ``output`` may not be one of the sources (their SHA-256 in the
     ensemble's provenance would name files that no longer hold them).
     """
-    refuse_empty_paths({"sources": list(sources), "output": output})
-    if isinstance(sources, (str, Path)):
+    if isinstance(sources, (str, os.PathLike)):
         raise InputError("sources: expected a list of run directories or checkpoint files, got one path", sources)
+    try:
+        sources = list(sources)  # once: an iterator would be used up by the first look
+    except TypeError:
+        raise InputError("sources: expected a list of run directories or checkpoint files, got "
+                         f"{type(sources).__name__}") from None
+    refuse_empty_paths({"sources": sources, "output": output}, required=("output",), lists=("sources",))
     from cyclereg.api import require_inputs  # noqa: PLC0415 - cyclereg.api imports this module's callers
 
     require_inputs(*sources, folders=True)
