@@ -314,9 +314,6 @@ def test_a_generator_of_paths_works_like_a_list(kp, tmp_path, which):
         assert (tmp_path / "e.pt").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a bool or a text where an mm value goes passes FoerstnerConfig's "
-                                       "checks (True > 0) and is recorded as JSON true, or raises TypeError from a "
-                                       "comparison; spacing=(True, True, True) reads as 1 mm voxels")
 @pytest.mark.parametrize("kwargs,flag", [({"sigma_mm": True}, "--sigma"), ({"nms_radius_mm": True}, "--nms-radius"),
                                          ({"threshold": True}, "--threshold"), ({"sigma_mm": "2"}, "--sigma"),
                                          ({"threshold": "0"}, "--threshold"),
@@ -332,8 +329,6 @@ def test_keypoints_refuses_a_bool_or_a_text_as_an_mm_value_naming_the_flag(kp, t
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register's --spacing parser takes float(True) == 1.0: spacing=(True, "
-                                       "True, True) registers voxel-index clouds as 1 mm voxels")
 def test_register_refuses_bools_as_a_spacing(kp, tmp_path):
     for src, dst in (("f.csv", "fv.csv"), ("m.csv", "mv.csv")):  # headerless: voxel indices
         np.savetxt(tmp_path / dst, np.loadtxt(kp / src, delimiter=",", skiprows=1), delimiter=",")
@@ -343,16 +338,11 @@ def test_register_refuses_bools_as_a_spacing(kp, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: keypoints.api.output_format calls fmt.lower() unchecked: fmt=3 raises "
-                                       "AttributeError 'int' object has no attribute 'lower'")
 def test_keypoints_refuses_a_format_that_is_no_text_naming_the_flag(kp, tmp_path):
     with pytest.raises(InputError, match="--format 3"):
         api.keypoints(kp / "ct.nii.gz", tmp_path / "k.csv", fmt=3, verbose=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense.api._pipeline_config checks 'warps not in (1, 2)': 2.0 passes "
-                                       "(registered, config.json records warps 2.0) and True reaches the config's "
-                                       "ValueError 'warps must be 1 or 2, got True' without the flag")
 @pytest.mark.parametrize("warps", [2.0, True])
 def test_register_refuses_warps_that_is_no_whole_number(tmp_path, warps):
     rng = np.random.default_rng(0)

@@ -291,7 +291,8 @@ def _parse_spacing(spacing: str | Sequence[float] | None) -> tuple[float, float,
     if spacing is None:
         return None
     try:
-        vals = tuple(float(v) for v in (spacing.split(",") if isinstance(spacing, str) else spacing))
+        vals = tuple(float(v) for v in (spacing.split(",") if isinstance(spacing, str) else spacing)
+                     if not isinstance(v, bool))  # float(True) would be a 1 mm voxel
     except (ValueError, TypeError):
         vals = ()
     if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):

@@ -44,7 +44,7 @@ from cyclereg.dense.network import FeatureNet, random_feature_net
 from cyclereg.dense.pipeline import min_volume_size, register
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import (InputError, require_count, require_file, require_finite_result, require_output_dir,
-                             require_output_file)
+                             require_output_file, whole_number)
 from cyclereg.metrics import (SDLOGJ_MIN_SIZE, determinant_stats, dice, erased_labels, hd95, jacobian_map,
                               scored_labels, sdlogj)
 from cyclereg.volumeio import (Volume, axis_codes, read_nifti, same_grid, spacing_differs, spacing_text,
@@ -93,8 +93,8 @@ def save_model(path: str | Path, net: FeatureNet, cfg: DensePipelineConfig, extr
 
 
 def _pipeline_config(cfg: DensePipelineConfig, warps, adam, ic) -> DensePipelineConfig:
-    if warps is not None and warps not in (1, 2):
-        raise InputError(f"--warps must be 1 or 2, got {warps}")
+    if warps is not None and (not whole_number(warps) or warps not in (1, 2)):  # 2.0 and True are no counts
+        raise InputError(f"--warps must be 1 or 2, got {warps!r}")
     return cfg.replace(warps=warps, use_adam=adam, use_ic=ic).validate()
 
 

@@ -63,7 +63,7 @@ def output_format(output: str | Path, fmt: str | None) -> str:
     suffix no reader of this package knows is refused: the file could not be read back."""
     suffix = Path(output).suffix.lower()
     allowed = SUFFIX_FORMATS.get(suffix)
-    if fmt is not None and fmt.lower() not in FORMATS:
+    if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in FORMATS):
         raise InputError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if allowed is None:
         raise InputError(f"unknown suffix '{suffix or '(none)'}' for a keypoint file: name it "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cyclereg.errors import finite_number
 from cyclereg.frames import half_width_voxels
 
 DEFAULT_SIGMA_MM = 1.5
@@ -98,12 +99,13 @@ class FoerstnerConfig:
     mask_erosion_voxels: int = DEFAULT_MASK_EROSION_VOXELS
 
     def __post_init__(self):
-        if not (self.sigma_mm > 0 and math.isfinite(self.sigma_mm)):
-            raise ValueError(f"sigma_mm must be a positive number, got {self.sigma_mm}")
-        if not (self.nms_radius_mm >= 0 and math.isfinite(self.nms_radius_mm)):
-            raise ValueError(f"nms_radius_mm must be >= 0, got {self.nms_radius_mm}")
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
-            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        # finite_number: not a bool (True > 0 was taken as 1 mm) nor a text (a TypeError from the comparison)
+        if not (finite_number(self.sigma_mm) and self.sigma_mm > 0):
+            raise ValueError(f"sigma_mm must be a positive number, got {self.sigma_mm!r}")
+        if not (finite_number(self.nms_radius_mm) and self.nms_radius_mm >= 0):
+            raise ValueError(f"nms_radius_mm must be >= 0, got {self.nms_radius_mm!r}")
+        if not (finite_number(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
         if not (0 < self.reference_quantile <= 1):
             raise ValueError(f"reference_quantile must be in (0, 1], got {self.reference_quantile}")
         if self.max_points is not None and self.max_points < 1:
