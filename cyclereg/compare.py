@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cyclereg.datasets import is_label_number, read_json, require_pair_ids
-from cyclereg.errors import InputError, finite_number, refuse_empty_paths, require_output_file, same_path
+from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, require_output_file, require_switches,
+                             same_path)
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
 
@@ -195,6 +196,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     except TypeError:
         raise InputError(f"reports: expected a list of two or more report files, got {type(reports).__name__}") from None
     refuse_empty_paths({"reports": reports, "output": output}, lists=("reports",))
+    require_switches({"quiet": quiet})
     paths = [Path(p) for p in reports]
     if len(paths) < 2:
         raise InputError("compare needs at least two reports: the base and one to compare with it")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -224,11 +225,19 @@ def whole_number(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _int_hint(value) -> str:
+    """What a count or seed that is a whole number of another type (``np.int64(3)``) is told: torch and the
+    records take Python ints, so it is refused with the way out rather than as no whole number."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+        return f" (a Python int: give int(value) for this {type(value).__name__})"
+    return ""
+
+
 def require_count(flag: str, value: int | None, minimum: int) -> int | None:
     """Return ``value`` (``None`` = not given), raising :class:`InputError` naming ``flag``
     if it is below ``minimum`` or no whole number (a library caller's ``"2"`` or ``1.5``)."""
     if value is not None and not whole_number(value):
-        raise InputError(f"{flag} {value!r}: need a whole number, {minimum} or more")
+        raise InputError(f"{flag} {value!r}: need a whole number, {minimum} or more{_int_hint(value)}")
     if value is not None and value < minimum:
         raise InputError(f"{flag} {value}: need {minimum} or more")
     return value
@@ -244,7 +253,7 @@ def require_seed(seed: int | None, flag: str = "--seed") -> int | None:
     """Return ``seed`` (``None`` = not given), raising :class:`InputError` naming ``flag`` unless it is a
     whole number from 0 to :data:`MAX_SEED`."""
     if seed is not None and (not whole_number(seed) or not 0 <= seed <= MAX_SEED):
-        raise InputError(f"{flag} {seed!r}: need a whole number from 0 to {MAX_SEED}")
+        raise InputError(f"{flag} {seed!r}: need a whole number from 0 to {MAX_SEED}{_int_hint(seed)}")
     return seed
 
 

@@ -354,9 +354,6 @@ def test_register_refuses_warps_that_is_no_whole_number(tmp_path, warps):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: training.clouds.cycle_config calls train_points.split(','): a tuple "
-                                       "(F, M) or a number raises AttributeError, not an InputError naming "
-                                       "--train-points (spacing takes a tuple since the last audit)")
 def test_pretrain_random_names_train_points_that_are_no_text(kp, tmp_path):
     from cyclereg.training.api import pretrain_random
 
@@ -370,9 +367,6 @@ def test_pretrain_random_names_train_points_that_are_no_text(kp, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_cycle / pretrain_random check mm and seconds values with "
-                                       "math.isfinite / comparisons only: text raises TypeError, and "
-                                       "stop_below_mm=True passes (it would be recorded as a 1 mm rule)")
 @pytest.mark.parametrize("call,flag", [
     (lambda d, r: __import__("cyclereg.training.api", fromlist=["x"]).run_cycle(d, r, stop_below_mm=True),
      "--stop-below"),
@@ -389,8 +383,6 @@ def test_training_refuses_a_text_or_bool_as_mm_or_seconds_naming_the_option(kp, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compare_reports(quiet=) and show_run_status(history=) take any truthy "
-                                       "value: quiet='no' silences the table, history='no' prints the history")
 @pytest.mark.parametrize("which", ["compare", "status"])
 def test_compare_and_status_switches_are_true_or_false(kp, which):
     import io
@@ -407,13 +399,15 @@ def test_compare_and_status_switches_are_true_or_false(kp, which):
             show_run_status(kp / "run", history="no", console=Console(file=io.StringIO()))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: errors.whole_number is isinstance(value, int): a NumPy integer seed or "
-                                       "count is refused as 'need a whole number' (np.int64(3) is one)")
-def test_numpy_integers_are_whole_numbers(kp, tmp_path):
-    by_int = api.register(kp / "f.csv", kp / "m.csv", tmp_path / "a", seed=3, tta_passes=1, device="cpu")
-    by_np = api.register(kp / "f.csv", kp / "m.csv", tmp_path / "b", seed=np.int64(3), tta_passes=np.int64(1),
-                         device="cpu")
-    assert by_np.path("displacements.csv").read_bytes() == by_int.path("displacements.csv").read_bytes()
+@pytest.mark.parametrize("kwargs, flag", [({"seed": np.int64(3)}, "--seed"), ({"tta_passes": np.int64(1)},
+                                                                               "--tta-passes")])
+def test_numpy_integers_are_refused_with_the_way_out(kp, tmp_path, kwargs, flag):
+    """A NumPy integer seed or count was told "need a whole number" (np.int64(3) is one): torch's generators and
+    the JSON records take Python ints, so it is refused naming the option and saying to give int(value)."""
+    with pytest.raises(InputError, match=re.escape(f"{flag} {kwargs[next(iter(kwargs))]!r}") + r".*give int\(value\) "
+                                         r"for this int64"):
+        api.register(kp / "f.csv", kp / "m.csv", tmp_path / "b", device="cpu", **kwargs)
+    assert _files(tmp_path) == set()
 
 
 @pytest.mark.parametrize("call,name", [
@@ -435,25 +429,26 @@ def test_a_path_argument_of_the_wrong_type_is_an_input_error_naming_it(kp, tmp_p
     assert _files(tmp_path) == set()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_cycle passes folds to select_folds as given, which takes the float "
-                                       "1.0 as fold 1 and trains it, while pretrain_random / evaluate (str(fold)) and "
-                                       "the command line refuse '--fold 1.0'")
-def test_run_cycle_refuses_a_float_fold_as_pretrain_random_does(kp, tmp_path):
-    from cyclereg.training.api import pretrain_random, run_cycle
+def test_pretrain_random_and_run_cycle_read_a_float_fold_alike(kp, tmp_path, monkeypatch):
+    """pretrain_random turned fold=1.0 into the text "1.0" and refused it while run_cycle trained fold 1: both now
+    read a fold as select_folds does (2.0 is fold 2, 1.5 is refused naming the option)."""
+    from cyclereg.training import api as training_api
 
-    with pytest.raises(InputError, match=re.escape("--fold 1.0: expected 'all' or 1..2")):
-        pretrain_random(kp / "dataset.json", tmp_path / "fresh", fold=1.0)
     run = tmp_path / "run"
     shutil.copytree(kp / "run", run)
     before = _tree(run)
-    with pytest.raises(InputError, match=re.escape("--folds 1.0: expected 'all' or 1..2")):
-        run_cycle(kp / "dataset.json", run, folds=1.0, device="cpu")
-    assert _tree(run) == before
+    with pytest.raises(InputError, match=re.escape("--fold 1.5: expected 'all' or 1..2")):
+        training_api.pretrain_random(kp / "dataset.json", tmp_path / "fresh", fold=1.5)
+    with pytest.raises(InputError, match=re.escape("--folds 1.5: expected 'all' or 1..2")):
+        training_api.run_cycle(kp / "dataset.json", run, folds=1.5, device="cpu")
+    assert _tree(run) == before and not (tmp_path / "fresh").exists()
+    seen = []
+    monkeypatch.setattr(training_api, "_cloud_pretrain", lambda dataset, run, **kw: seen.append(kw["fold"]))
+    training_api.pretrain_random(kp / "dataset.json", tmp_path / "fresh", fold=1.0)
+    ds = training_api.load_keypoint_dataset(kp / "dataset.json")
+    assert training_api.select_folds(ds, seen[0], "--fold") == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: combine_cloud_models(fusion=None) passes _check_overrides (None = not "
-                                       "given) and fails after reading and hashing every checkpoint with "
-                                       "'ensemble_fusion=None: expected ...', naming neither fusion nor --fusion")
 def test_combine_cloud_models_names_a_fusion_of_none(kp, tmp_path):
     from cyclereg.clouds.api import combine_cloud_models
 

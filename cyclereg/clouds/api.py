@@ -128,6 +128,8 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     sources, output = [Path(s) for s in sources], Path(output)
     if len(sources) < 2:
         raise InputError("an ensemble needs at least two sources")
+    if fusion is None:  # not an override here: the ensemble's own setting, always given
+        raise InputError(f"--fusion None: expected one of {', '.join(ENSEMBLE_FUSIONS)}")
     _check_overrides(recentre_passes, tta_passes, fusion, fusion_flag="--fusion")
     dirs = [s.is_dir() for s in sources]
     if any(dirs) and not all(dirs):

@@ -22,7 +22,6 @@ and never influences training; without it they are never read.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import replace
@@ -286,8 +285,8 @@ def _record_stop_rule(run: Path, stop_below_mm: float | None) -> float | None:
 
 
 def _require_threshold(stop_below_mm: float | None) -> None:
-    if stop_below_mm is not None and (not math.isfinite(stop_below_mm) or stop_below_mm < 0):
-        raise InputError(f"--stop-below {stop_below_mm}: expected a distance in mm >= 0 (0: never stop early)")
+    if stop_below_mm is not None and (not finite_number(stop_below_mm) or stop_below_mm < 0):
+        raise InputError(f"--stop-below {stop_below_mm!r}: expected a distance in mm >= 0 (0: never stop early)")
 
 
 def _read_meta(run: Path, kind: str | None = None) -> dict:
@@ -358,7 +357,7 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     refuse_empty_paths({"dataset": dataset, "run": run}, required=("dataset", "run"))
     if fold is not None and folds is not None:
         raise InputError("give fold or folds, not both (they are one option)")
-    fold = None if fold is None and folds is None else str(fold if fold is not None else folds)
+    fold = fold if fold is not None else folds  # read by select_folds, as run_cycle's folds (2.0 is fold 2)
     kind = dataset_kind(dataset)
     wanted = CloudCycleConfig if kind == "keypoints" else DenseCycleConfig
     if config is not None and not isinstance(config, wanted):  # the other kind's was replaced by the defaults
@@ -454,8 +453,8 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
     require_count("--jobs", jobs, 1)
     if snapshot_every_s is None:
         snapshot_every_s = DEFAULT_SNAPSHOT_EVERY_S
-    elif not math.isfinite(snapshot_every_s) or snapshot_every_s < 0:
-        raise InputError(f"--snapshot-every {snapshot_every_s}: expected a number of seconds >= 0")
+    elif not finite_number(snapshot_every_s) or snapshot_every_s < 0:
+        raise InputError(f"--snapshot-every {snapshot_every_s!r}: expected a number of seconds >= 0")
     if dataset_kind(dataset) == "keypoints":
         return _cloud_cycle(dataset, Path(run), stages=stages, folds=folds, device=device, val_pairs=val_pairs,
                             snapshot_every_s=snapshot_every_s, jobs=jobs, stop_below_mm=stop_below_mm)

@@ -418,7 +418,7 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
                  aug_relative: float | None = None, base: CloudCycleConfig | None = None) -> CloudCycleConfig:
     """Apply command-line overrides (``None``: keep ``base``'s value, by default the paper's); changing
     ``epochs`` scales the LR milestones proportionally."""
-    from cyclereg.errors import InputError, require_count
+    from cyclereg.errors import InputError, finite_number, require_count, whole_number
 
     cfg = base or CloudCycleConfig()
     switches = {"augment": augment, "refine": refine, "weighted_sampling": weighted_sampling}
@@ -437,13 +437,16 @@ def cycle_config(*, stages: int | None = None, epochs: int | None = None, train_
     if require_count("--learn-recentre-passes", learn_recentre_passes, 0) is not None:
         changes["learn_recentre_passes"] = learn_recentre_passes
     if aug_relative is not None:
-        if not 0 <= aug_relative < 1:
-            raise InputError(f"--aug-relative {aug_relative}: need a value in [0, 1)")
+        if not finite_number(aug_relative) or not 0 <= aug_relative < 1:
+            raise InputError(f"--aug-relative {aug_relative!r}: need a value in [0, 1)")
         changes["aug_relative_std"] = float(aug_relative)
     if train_points is not None:
-        try:
-            nf, nm = (int(v) for v in train_points.split(","))
-        except ValueError:
+        try:  # the command's text "F,M", or (library callers) a pair of whole numbers
+            parts = train_points.split(",") if isinstance(train_points, str) else list(train_points)
+            if not isinstance(train_points, str) and not all(whole_number(v) for v in parts):
+                raise ValueError(train_points)
+            nf, nm = (int(v) for v in parts)
+        except (ValueError, TypeError):
             raise InputError(f"--train-points {train_points!r}: expected 'F,M' (two integers)") from None
         need_f, need_m = min_cloud_points(changes.get("reg", cfg.reg))
         if nf < need_f or nm < need_m:

@@ -29,10 +29,11 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
 
     from cyclereg.checkpoint import write_json
     from cyclereg.console import print_note, print_table
-    from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output
+    from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output, require_switches
     from cyclereg.training.api import run_status
 
     refuse_empty_paths({"run": run, "json_out": json_out}, required=("run",))
+    require_switches({"--history": history})
     if json_out is not None:
         require_output_file(json_out)
         require_separate_output(json_out, "--json", run_dirs={"the run directory": run})
