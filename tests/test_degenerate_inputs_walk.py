@@ -1,0 +1,190 @@
+"""Valid-but-degenerate inputs to the keypoint-cloud path, the metrics and the Foerstner detector
+(numerical-robustness walk, 2026-12-07).
+
+Each test feeds an input that is legal but numerically awkward (a huge coordinate offset, a tiny
+extent, duplicate or flat control points, a single-voxel label, an anisotropic grid, a volume that is
+almost all one constant) and checks the analytic answer where one exists, or a one-line ValueError
+naming the input. Tests marked xfail(strict) pin real bugs: they pass once the code is fixed.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from cyclereg.clouds.features import GraphFeatureNet
+from cyclereg.clouds.knn import knn_indices
+from cyclereg.clouds.pipeline import CloudRegConfig, register_clouds
+from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
+from cyclereg.keypoints.foerstner import FoerstnerConfig, foerstner_keypoints
+from cyclereg.metrics import dice, hd95, jacobian_determinant, jacobian_map, sdlogj
+
+SHIFT = torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64)
+
+
+def _cloud(n=40, extent=50.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, generator=g, dtype=torch.float64) * extent
+
+
+# ----------------------------------------------------------------------------- cloud registration
+@pytest.mark.parametrize("offset, scale", [(1e5, 1.0), (1e6, 1.0), (0.0, 0.02)])
+def test_a_translation_is_recovered_far_from_the_origin_and_on_a_small_cloud(offset, scale):
+    """A pure translation (moving = fixed + t) far from the origin (1e5 / 1e6 mm, float64) or on a cloud
+    of 1 mm extent (t scaled alike; the smallest box UnitBox.around makes): finite displacements equal to
+    t at the points and, through the spline, at other points (an affine field is reproduced by the TPS)."""
+    torch.manual_seed(0)
+    config = CloudRegConfig()
+    net = GraphFeatureNet(config.net).double()
+    fixed = _cloud() * scale + offset
+    shift = SHIFT * scale
+    reg = register_clouds(fixed, fixed + shift, net, config)
+    tol = 1e-6 * float(shift.abs().max())
+    assert torch.isfinite(reg.displacements_mm).all()
+    torch.testing.assert_close(reg.displacements_mm, shift.expand_as(fixed), atol=tol, rtol=0)
+    torch.testing.assert_close(reg.at(fixed * 0.999 + 0.001 * offset), shift.expand_as(fixed), atol=tol, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: register_clouds accepts a fixed cloud with repeated points under TPS "
+                   "regularisation 0; the displacements are right but the spline's solve is singular and the field "
+                   "(reg.at / dense / query CSV) is off by ~1 mm for a pure translation, silently")
+def test_duplicate_fixed_points_with_an_interpolating_spline_still_give_the_translation():
+    """Three fixed points given twice, TPS regularisation 0 (the spline system has repeated rows): the
+    duplicates carry the same displacement (the exact translation), so the field must stay that
+    translation, or the cloud be refused by name (ValueError naming fixed_mm)."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(CloudRegConfig(), tps=TPSConfig(regularisation=0.0))
+    net = GraphFeatureNet(config.net).double()
+    base = _cloud()
+    fixed = torch.cat([base, base[:3]])
+    reg = register_clouds(fixed, base + SHIFT, net, config)
+    torch.testing.assert_close(reg.displacements_mm, SHIFT.expand_as(fixed), atol=1e-9, rtol=0)  # holds today
+    query = _cloud(100, seed=1)
+    torch.testing.assert_close(reg.at(query), SHIFT.expand(100, 3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: torch.stack([p[:, 0], p[:, 1], 0.3 * p[:, 0] + 0.2 * p[:, 1]], 1), "fixed_mm: all points lie on one plane"),
+    (lambda p: torch.stack([p[:, 0], 2 * p[:, 0] + 1, -p[:, 0]], 1), "fixed_mm: all points lie on one plane or line"),
+    (lambda p: torch.cat([p[:5]] * 8), "fixed_mm: only 5 distinct points among 40"),
+])
+def test_register_clouds_refuses_an_oblique_plane_a_line_and_repeats_by_name(make, message):
+    """Fixed clouds whose spline system is singular in exact arithmetic but not in floating point (an
+    oblique plane, a line not along an axis) or that hold too few distinct points: one ValueError
+    naming fixed_mm, never a field from a near-singular solve."""
+    fixed = make(_cloud())
+    with pytest.raises(ValueError, match=message):
+        register_clouds(fixed, _cloud(seed=2), None, CloudRegConfig())
+
+
+# ----------------------------------------------------------------------------- thin-plate spline
+@pytest.mark.parametrize("offset", [1e5, 1e6])
+def test_tps_reproduces_a_translation_far_from_the_origin(offset):
+    """An interpolating spline fitted in raw mm 1e5 / 1e6 mm from the origin reproduces a constant
+    field exactly (its affine part), also between the control points."""
+    centres = _cloud(30, 100.0) + offset
+    spline = ThinPlateSpline.fit(centres, SHIFT.expand(30, 3).clone(), regularisation=0.0)
+    torch.testing.assert_close(spline(centres[:10] + 0.5), SHIFT.expand(10, 3), atol=1e-8, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: ThinPlateSpline.fit detects a singular system only by an exact zero "
+                   "pivot (LinAlgError); an oblique plane of centres returns a finite spline with values ~1e7")
+def test_tps_refuses_centres_on_an_oblique_plane():
+    """Centres on the plane z = 0.3 x + 0.2 y (not along an axis): P has rank 3, the system is singular;
+    fit() promises a ValueError ('needs at least 4 points that span 3D')."""
+    p = _cloud(20, 1.0)
+    p[:, 2] = 0.3 * p[:, 0] + 0.2 * p[:, 1]
+    values = _cloud(20, 1.0, seed=3)
+    with pytest.raises(ValueError, match="centres: the spline's system is singular"):
+        ThinPlateSpline.fit(p, values, regularisation=0.1)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: ThinPlateSpline.fit with regularisation 0 and a repeated float64 centre "
+                   "does not raise; it returns a finite spline with values ~1e14")
+def test_tps_refuses_a_repeated_centre_without_regularisation():
+    """Two equal float64 centres with different values and lambda = 0: no interpolant exists; fit()
+    promises a ValueError ('with regularisation 0, no point twice')."""
+    base = _cloud(40, 1.0)
+    centres = torch.cat([base, base[:3]])
+    values = torch.cat([_cloud(40, 1.0, seed=3), _cloud(3, 1.0, seed=4) + 0.5])
+    with pytest.raises(ValueError, match="centres: the spline's system is singular"):
+        ThinPlateSpline.fit(centres, values, regularisation=0.0)
+
+
+# ----------------------------------------------------------------------------- kNN
+@pytest.mark.xfail(strict=True, reason="BUG: knn_indices uses torch.cdist's matmul path (|x|^2 + |y|^2 - 2xy) on raw "
+                   "float32 coordinates; 1e4 mm from the origin the cancellation error (~36 mm^2) picks wrong neighbours")
+def test_knn_nearest_neighbour_of_float32_points_far_from_the_origin():
+    """30 points along x with strictly growing gaps 1, 2, ... mm, 1e4 mm from the origin (float32 holds
+    them to 1e-3 mm): the nearest other point of point i >= 1 is i - 1, of point 0 it is 1."""
+    gaps = torch.arange(1, 30, dtype=torch.float64)
+    x = torch.cat([torch.zeros(1, dtype=torch.float64), gaps.cumsum(0)])
+    pts = (torch.stack([x, 0.01 * x, torch.zeros_like(x)], 1) + 1e4).float()
+    want = torch.cat([torch.tensor([1]), torch.arange(0, 29)])
+    assert knn_indices(pts, pts, 1, exclude_self=True)[:, 0].tolist() == want.tolist()
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_jacobian_and_sdlogj_of_a_translation_and_a_uniform_scaling():
+    """u = t (a translation): J = 1 everywhere, SDlogJ 0, no folding; u = a x: J = (1 + a)^3 everywhere,
+    SDlogJ 0 (constant J) on the smallest grid sdlogj accepts (5 voxels) and an anisotropic one."""
+    t = torch.zeros(1, 3, 5, 6, 9, dtype=torch.float64)
+    t[:, 0], t[:, 1], t[:, 2] = 1.5, -2.0, 0.25
+    assert jacobian_map(t[:, :, :3, :3, :3]).unique().tolist() == [1.0]
+    assert sdlogj(t) == {"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0}
+    a = 0.1
+    x = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (5, 5, 7)], indexing="ij"))[None]
+    J = jacobian_determinant(a * x)
+    torch.testing.assert_close(J, torch.full_like(J, (1 + a) ** 3), atol=1e-12, rtol=0)
+    s = sdlogj(a * x)
+    assert s["sdlogj"] == pytest.approx(0.0, abs=1e-12) and s["folding_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32])
+def test_dice_and_hd95_of_a_single_voxel_label_on_an_anisotropic_grid(dtype):
+    """Label 7 in one voxel: identical maps give Dice 1 and HD95 0; the voxel moved by one along k at
+    spacing (0.5, 0.5, 5) mm gives Dice 0 and HD95 5 mm (and 0.5 mm when moved along i instead)."""
+    a = torch.zeros(6, 6, 6, dtype=dtype)
+    a[2, 3, 4] = 7
+    b, c = torch.zeros_like(a), torch.zeros_like(a)
+    b[2, 3, 5] = 7
+    c[3, 3, 4] = 7
+    spacing = (0.5, 0.5, 5.0)
+    assert dice(a, a) == {7: 1.0} and hd95(a, a, spacing=spacing) == {7: 0.0}
+    assert dice(a, b) == {7: 0.0} and hd95(a, b, spacing=spacing) == {7: 5.0}
+    assert hd95(a, c, spacing=spacing) == {7: 0.5}
+
+
+# ----------------------------------------------------------------------------- Foerstner keypoints
+CUBE_CORNERS = sorted([i, j, k] for i in (12, 16) for j in (12, 16) for k in (12, 16))
+
+
+def _cube_phantom(dtype):
+    """A 5^3 bright cube in a 30^3 zero volume: 0.46 % foreground, so the 1 %..99 % intensity
+    quantiles are both 0 and the robust range falls back to its floor."""
+    img = torch.zeros(30, 30, 30, dtype=dtype)
+    img[12:17, 12:17, 12:17] = 100
+    return img
+
+
+def test_foerstner_keypoints_of_a_mostly_constant_float64_volume_are_the_cube_corners():
+    """The corners of a bright cube on a constant background are its keypoints (float64 volume)."""
+    k = foerstner_keypoints(_cube_phantom(torch.float64), (1, 1, 1), config=FoerstnerConfig(sigma_mm=1.0,
+                                                                                            nms_radius_mm=2.0))
+    assert sorted(k.voxels.tolist()) == CUBE_CORNERS and torch.isfinite(k.scores).all()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: foerstner.distinctiveness divides by the range floor 1e-6 when most voxels "
+                   "share one value; in float32 det(T) overflows to inf and no keypoint is returned")
+def test_foerstner_keypoints_of_a_mostly_constant_float32_volume_are_the_cube_corners():
+    """The same phantom as float32 (the dtype volumes are read in): the same 8 corners, finite scores."""
+    k = foerstner_keypoints(_cube_phantom(torch.float32), (1, 1, 1), config=FoerstnerConfig(sigma_mm=1.0,
+                                                                                            nms_radius_mm=2.0))
+    assert sorted(k.voxels.tolist()) == CUBE_CORNERS and torch.isfinite(k.scores).all()
+
+
+def test_foerstner_keypoints_of_a_constant_volume_are_none():
+    """A constant volume (float32 near its maximum, or int16 air) has no corner: an empty, finite result."""
+    for img in (torch.full((12, 12, 12), 3e38), torch.full((12, 12, 12), -1000, dtype=torch.int16)):
+        k = foerstner_keypoints(img, (0.5, 0.5, 5.0), config=FoerstnerConfig(sigma_mm=1.0, nms_radius_mm=2.0))
+        assert k.voxels.shape == (0, 3) and k.candidates == 0
