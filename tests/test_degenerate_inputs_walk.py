@@ -45,6 +45,20 @@ def test_a_translation_is_recovered_far_from_the_origin_and_on_a_small_cloud(off
     torch.testing.assert_close(reg.at(fixed * 0.999 + 0.001 * offset), shift.expand_as(fixed), atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("passes", [{}, {"recentre_passes": 2, "recentre_candidates": 64}, {"tta_passes": 2}])
+def test_a_translation_of_a_cloud_of_the_minimum_size_is_recovered(passes):
+    """A fixed cloud of exactly min_cloud_points (11: the LBP graph's 10 neighbours + itself), fewer points
+    than the candidates asked for (64 in a re-centred pass), with re-centred or test-time-augmented passes:
+    the displacements are the translation t."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(CloudRegConfig(), **passes)
+    net = GraphFeatureNet(config.net).double()
+    fixed = _cloud(11)
+    reg = register_clouds(fixed, fixed + SHIFT, net, config)
+    torch.testing.assert_close(reg.displacements_mm, SHIFT.expand(11, 3), atol=1e-9, rtol=0)
+    torch.testing.assert_close(reg.at(_cloud(5, seed=7)), SHIFT.expand(5, 3), atol=1e-9, rtol=0)
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: register_clouds accepts a fixed cloud with repeated points under TPS "
                    "regularisation 0; the displacements are right but the spline's solve is singular and the field "
                    "(reg.at / dense / query CSV) is off by ~1 mm for a pure translation, silently")
@@ -99,7 +113,7 @@ def test_tps_refuses_centres_on_an_oblique_plane():
     p = _cloud(20, 1.0)
     p[:, 2] = 0.3 * p[:, 0] + 0.2 * p[:, 1]
     values = _cloud(20, 1.0, seed=3)
-    with pytest.raises(ValueError, match="centres: the spline's system is singular"):
+    with pytest.raises(ValueError, match=r"^centres: [^\n]+$"):
         ThinPlateSpline.fit(p, values, regularisation=0.1)
 
 
@@ -111,7 +125,7 @@ def test_tps_refuses_a_repeated_centre_without_regularisation():
     base = _cloud(40, 1.0)
     centres = torch.cat([base, base[:3]])
     values = torch.cat([_cloud(40, 1.0, seed=3), _cloud(3, 1.0, seed=4) + 0.5])
-    with pytest.raises(ValueError, match="centres: the spline's system is singular"):
+    with pytest.raises(ValueError, match=r"^centres: [^\n]+$"):
         ThinPlateSpline.fit(centres, values, regularisation=0.0)
 
 
