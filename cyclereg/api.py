@@ -259,7 +259,7 @@ def _require_run_of_kind(run: Path, kind: str) -> None:
     (its run.json's ``kind``), or is a folder of per-fold keypoint models given for a volume dataset:
     the evaluation's own checks would then report a missing stage or fold, which misleads."""
     try:
-        trained_on = json.loads((run / "run.json").read_text()).get("kind")
+        trained_on = json.loads((run / "run.json").read_text(encoding="utf-8-sig")).get("kind")
     except (OSError, ValueError, AttributeError):  # none, or unreadable: the evaluation's reader says so
         trained_on = None
     if trained_on is None and kind == "volumes" and (any(run.glob("fold*.pt")) or any(run.glob("fold*/final.pt"))):

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -395,7 +396,9 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
 
     p = require_checkpoint_file(path)
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error below says enough
+            warnings.simplefilter("ignore")
+            payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
         raise InputError(f"not a readable cyclereg checkpoint ({type(exc).__name__})", p) from None
     if not isinstance(payload, dict) or not {"config", "state_dict", "version"} <= set(payload):

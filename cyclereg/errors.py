@@ -167,7 +167,7 @@ def run_dir_holding(folder: str | Path) -> Path | None:
     here = Path(os.path.realpath(Path(folder).expanduser()))
     for d in (here, *here.parents):
         try:
-            record = json.loads((d / "run.json").read_text())
+            record = json.loads((d / "run.json").read_text(encoding="utf-8-sig"))
         except (OSError, ValueError):
             continue
         if isinstance(record, dict) and "kind" in record and "config" in record:

@@ -341,10 +341,6 @@ def test_pseudo_labels_that_do_not_fit_the_folds_pairs_are_named_before_training
     assert not (run / "fold1" / "stage3.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StageScheduler._read_log (training/scheduler.py:471) reads log.jsonl with "
-                   "read_text(): a log holding bytes that are not UTF-8 (a line garbled on disk) ends status, "
-                   "evaluate --run and cycle in a UnicodeDecodeError traceback, though a damaged line is otherwise "
-                   "passed over")
 @pytest.mark.parametrize("command", ["status", "evaluate", "cycle"])
 def test_a_log_line_that_is_not_utf8_is_passed_over_or_named(run_copy, tmp_path, command):
     ds, run = run_copy
@@ -373,10 +369,6 @@ def test_status_names_a_damaged_last_stage_checkpoint(run_copy, tmp_path, how):
     assert "stage2.pt" in fold["next"], fold["next"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_checkpoint (checkpoint.py:398) lets torch.load's UserWarning "
-                   "'Detected pickle protocol 4 in the checkpoint ...' through: a final.pt written with Python's "
-                   "pickle (default protocol 4) prints that warning and its source line "
-                   "'return Unpickler(file, ...).load()' before the one-line error")
 def test_a_plain_pickle_in_place_of_final_pt_is_one_line_without_torchs_warning(run_copy, tmp_path):
     import pickle
     import warnings
@@ -390,10 +382,6 @@ def test_a_plain_pickle_in_place_of_final_pt_is_one_line_without_torchs_warning(
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _read_meta (training/api.py:299) reads run.json with json.loads(read_text()): "
-                   "a run.json saved by an editor with a UTF-8 byte order mark makes status and cycle say 'not a "
-                   "cyclereg run directory (run.json missing or unreadable)', while evaluate --run reads the same "
-                   "file, and dataset.json is read with or without the mark")
 @pytest.mark.parametrize("command", ["status", "cycle"])
 def test_a_run_json_with_a_byte_order_mark_reads_as_without(run_copy, command):
     ds, run = run_copy

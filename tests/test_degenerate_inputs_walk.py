@@ -130,8 +130,6 @@ def test_tps_refuses_a_repeated_centre_without_regularisation():
 
 
 # ----------------------------------------------------------------------------- kNN
-@pytest.mark.xfail(strict=True, reason="BUG: knn_indices uses torch.cdist's matmul path (|x|^2 + |y|^2 - 2xy) on raw "
-                   "float32 coordinates; 1e4 mm from the origin the cancellation error (~36 mm^2) picks wrong neighbours")
 def test_knn_nearest_neighbour_of_float32_points_far_from_the_origin():
     """30 points along x with strictly growing gaps 1, 2, ... mm, 1e4 mm from the origin (float32 holds
     them to 1e-3 mm): the nearest other point of point i >= 1 is i - 1, of point 0 it is 1."""

@@ -295,7 +295,7 @@ def _read_meta(run: Path, kind: str | None = None) -> dict:
     ``kind`` (``"keypoints"`` / ``"volumes"``): what the caller reads it as; a run of the other kind is
     then not parsed further here (the caller refuses it as another dataset's)."""
     try:
-        meta = json.loads((run / "run.json").read_text())
+        meta = json.loads((run / "run.json").read_text(encoding="utf-8-sig"))  # an editor's byte-order mark too
     except JSON_READ_ERRORS:
         raise InputError("not a cyclereg run directory (run.json missing or unreadable)", run) from None
     config_class = {"keypoints": CloudCycleConfig, "volumes": DenseCycleConfig}.get(

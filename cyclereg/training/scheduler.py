@@ -468,7 +468,7 @@ class StageScheduler:
         records, last = {}, None
         log = self.dir / "log.jsonl"
         if log.is_file():
-            for line in log.read_text().splitlines():
+            for line in log.read_text(encoding="utf-8", errors="replace").splitlines():  # a damaged line: passed over
                 if not line.strip():
                     continue
                 last = None
