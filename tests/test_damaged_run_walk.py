@@ -326,10 +326,6 @@ def _edit_labels(run, fn):
     torch.save(payload, path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StageScheduler._read_labels (training/scheduler.py:515-524) checks only "
-                   "that labels and weights are dicts: labels keyed by other pair ids (KeyError), of fewer points "
-                   "than the pair's keypoints (IndexError) end cycle in a traceback; NaN labels are trained on "
-                   "(stage3.pt written with non-finite weights) before a ValueError traceback")
 @pytest.mark.parametrize("damage", ["other pair ids", "fewer points", "NaN"])
 def test_pseudo_labels_that_do_not_fit_the_folds_pairs_are_named_before_training(run_copy, damage):
     ds, run = run_copy

@@ -259,6 +259,11 @@ class CloudCycleTask:
                                                      self.config.reg.net, self.config.reg.lbp)
         return self._graphs[pair.id]
 
+    def label_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{pair id: (fixed points, 3)}``: the shape of each training pair's pseudo label (the scheduler
+        checks stored labels against it)."""
+        return {pair.id: (int(pair.fixed.shape[0]), 3) for pair in self.pairs}
+
     def new_model(self, stage: int) -> GraphFeatureNet:
         return initial_network(self.config, stage).to(self.device)
 

@@ -261,6 +261,13 @@ class DenseCycleTask:
         (:func:`cyclereg.dense.data.pair_ids`)."""
         return self._pair_ids[k]
 
+    def label_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """``{pair id: (1, 3, *label grid)}``: the shape of each training pair's pseudo label (the scheduler
+        checks stored labels against it); ``None`` without pseudo labels (another supervision)."""
+        if self.config.supervision != "pseudo":
+            return None
+        return {self.pair_id(k): (1, 3, *self.label_shape) for k in range(len(self.pairs))}
+
     def new_model(self, stage: int) -> FeatureNet:
         # stage 1 starts from a different random initialisation than stage 0 (paper Sec. 2.2)
         net = init_random(FeatureNet(self.pipeline.net), initial_network_seed(self.config.seed, stage))

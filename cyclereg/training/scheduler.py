@@ -499,8 +499,35 @@ class StageScheduler:
         self._read_labels(stage, mmap=True)
 
     def load_labels(self, stage: int) -> tuple[dict, dict]:
+        """The labels and sampling weights of ``stage``; :class:`InputError` naming the file when they do not
+        fit the task's training pairs (:meth:`label_problem`): a damaged or foreign file is named before any
+        training, not met as a KeyError mid-stage or trained on as NaN."""
         payload = self._read_labels(stage)
+        problem = self.label_problem(payload["labels"])
+        if problem:
+            raise InputError(f"pseudo labels that do not fit this fold's training pairs ({problem}); delete it to "
+                             "make them again", self.labels_path(stage))
         return payload["labels"], payload["weights"]
+
+    def label_problem(self, labels: dict) -> str | None:
+        """What is wrong with ``labels`` for the task (``None``: nothing, or a task that states no
+        :meth:`label_shapes`): other pair ids, a label of another shape, or values that are not finite."""
+        shapes = getattr(self.task, "label_shapes", None)
+        expected = shapes() if shapes is not None else None
+        if expected is None:
+            return None
+        if set(labels) != set(expected):
+            missing, foreign = sorted(set(expected) - set(labels)), sorted(set(labels) - set(expected))
+            return (f"{len(missing)} pair(s) missing, e.g. {missing[0]}" if missing else
+                    f"{len(foreign)} unknown pair(s), e.g. {foreign[0]}")
+        for pid, shape in expected.items():
+            label = labels[pid]
+            if not isinstance(label, torch.Tensor) or tuple(label.shape) != tuple(shape):
+                got = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
+                return f"pair {pid}: shape {got}, expected {tuple(shape)}"
+            if not bool(torch.isfinite(label).all()):
+                return f"pair {pid}: NaN or inf values"
+        return None
 
     def _load_label_file(self, stage: int, mmap: bool = False):
         """Whatever the label file of ``stage`` holds (``torch.load``, tensors memory-mapped with ``mmap``);
