@@ -300,10 +300,6 @@ def _other_network_stage2(run):
     shutil.copyfile(run / "fold1" / "stage2.pt", run / "fold1" / "final.pt")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StageScheduler.run (training/scheduler.py:729-731) loads the previous "
-                   "stage's checkpoint into a network built from run.json's configuration without comparing the "
-                   "two: a network edited in run.json, or a stage checkpoint of another network, ends cycle in a "
-                   "RuntimeError traceback (load_state_dict size mismatch)")
 @pytest.mark.parametrize("edit", ["channels in run.json", "stage2.pt of another network"])
 def test_a_network_that_does_not_match_the_previous_stages_checkpoint_is_one_line(run_copy, edit):
     ds, run = run_copy

@@ -498,6 +498,18 @@ class StageScheduler:
         truncated copy), without reading their tensors (memory-mapped: volume labels reach a gigabyte)."""
         self._read_labels(stage, mmap=True)
 
+    @staticmethod
+    def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
+        """``model.load_state_dict(state_dict)``; :class:`InputError` naming the checkpoint ``path`` when its
+        network is not the one the run's configuration builds (run.json edited, or another run's file)."""
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            raise InputError(f"its network does not match the one the run's configuration (run.json) builds "
+                             f"({first.rstrip(':')}); was run.json edited, or is this another run's file?",
+                             path) from None
+
     def load_labels(self, stage: int) -> tuple[dict, dict]:
         """The labels and sampling weights of ``stage``; :class:`InputError` naming the file when they do not
         fit the task's training pairs (:meth:`label_problem`): a damaged or foreign file is named before any
@@ -748,14 +760,14 @@ class StageScheduler:
             trained = self._trained_checkpoint(stage)
             labels = None
             if trained is not None:  # killed while refreshing the labels: training is done
-                model.load_state_dict(trained["state_dict"])
+                self._load_weights(model, trained["state_dict"], self.checkpoint_path(stage))
                 train_stats = trained["extra"]["train"]
                 self.snapshot_path(stage).unlink(missing_ok=True)  # killed before it was cleared
             else:
                 labels, weights = self.load_labels(stage - 1)
                 if stage > 1:
                     ckpt = load_checkpoint(self.checkpoint_path(stage - 1), kind=self.task.checkpoint_kind)
-                    model.load_state_dict(ckpt["state_dict"])
+                    self._load_weights(model, ckpt["state_dict"], self.checkpoint_path(stage - 1))
                 snapshot = StageSnapshot(self.snapshot_path(stage), stage=stage, every_s=self.snapshot_every_s)
                 train_stats = self.task.train_stage(model, labels, weights, stage, progress, snapshot=snapshot)
                 # over all runs of the stage: a resumed one adds the snapshot's training seconds
