@@ -271,10 +271,6 @@ def _edit_config(run, key, value):
     (run / "run.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run.json's training settings are not checked when read "
-                   "(training/api.py _read_meta -> CloudCycleConfig.from_dict, training/clouds.py:143-153 checks "
-                   "no types or ranges): a string, negative, zero or NaN value crashes cycle with a traceback "
-                   "(TypeError, ZeroDivisionError, ValueError) or, for a switch set to \"no\", trains with it on")
 @pytest.mark.parametrize("key, value", [("lr", "0.01"), ("epochs", "1"), ("epochs", 1.5), ("epochs", -1),
                                         ("lr", float("nan")), ("train_fixed_points", 0), ("augment", "no"),
                                         ("lr_milestones", "1,1")])

@@ -134,10 +134,33 @@ class CloudCycleConfig:
     reg: CloudRegConfig = field(default_factory=CloudRegConfig)
 
     def __post_init__(self):
-        if self.learn_recentre_passes < 0:
-            raise ValueError(f"learn_recentre_passes={self.learn_recentre_passes}: need 0 or more")
-        if not 0 <= self.aug_relative_std < 1:  # also refuses NaN; at 1 the map is often singular
-            raise ValueError(f"aug_relative_std={self.aug_relative_std}: need a value in [0, 1)")
+        """Every setting checked by type and range: a run.json edited by hand reaches here unchecked otherwise
+        (a text lr was a TypeError mid-stage, augment "no" counted as on, epochs 0 a ZeroDivisionError)."""
+        from cyclereg.errors import finite_number, whole_number
+
+        for name, least in (("stages", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0), ("refine_lbp_iterations", 0),
+                            ("refine_recentre_passes", 0), ("refine_tta_passes", 0), ("learn_recentre_passes", 0)):
+            value = getattr(self, name)
+            if not whole_number(value) or value < least:
+                raise ValueError(f"{name}={value!r}: need a whole number, {least} or more")
+        for name in ("refine_num_candidates", "train_fixed_points", "train_moving_points"):
+            value = getattr(self, name)
+            if value is not None and (not whole_number(value) or value < 1):
+                raise ValueError(f"{name}={value!r}: need a whole number, 1 or more (or none)")
+        for name in ("augment", "refine", "refine_consistency", "weighted_sampling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
+        for name, positive in (("lr", True), ("lr_gamma", True), ("aug_rotation_deg", False), ("aug_scale", False),
+                               ("aug_translation", False), ("refine_tps_regularisation", False),
+                               ("sampling_logit_range", False)):
+            value = getattr(self, name)
+            if not finite_number(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name}={value!r}: need a finite number {'> 0' if positive else '>= 0'}")
+        if not isinstance(self.lr_milestones, tuple) or not all(whole_number(m) and m >= 0
+                                                                 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones={self.lr_milestones!r}: need whole numbers of epochs")
+        if not (finite_number(self.aug_relative_std) and 0 <= self.aug_relative_std < 1):
+            raise ValueError(f"aug_relative_std={self.aug_relative_std!r}: need a value in [0, 1)")  # 1: often singular
 
     @staticmethod
     def from_dict(d: dict) -> "CloudCycleConfig":
@@ -148,7 +171,7 @@ class CloudCycleConfig:
         d.setdefault("refine_tta_passes", 0)  # and before test-time augmentation, theirs
         d.setdefault("learn_recentre_passes", 0)
         d.setdefault("aug_relative_std", 0.0)  # and before relative motion, none
-        if "lr_milestones" in d:
+        if isinstance(d.get("lr_milestones"), list):  # JSON's form of the tuple (a text stays a text: refused)
             d["lr_milestones"] = tuple(d["lr_milestones"])
         return CloudCycleConfig(reg=reg, **d)
 
