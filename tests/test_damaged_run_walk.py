@@ -343,10 +343,6 @@ def test_a_log_line_that_is_not_utf8_is_passed_over_or_named(run_copy, tmp_path,
     assert res.exit_code == 0 or (res.exit_code == 2 and "log.jsonl" in _said(res)), _said(res)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: StageScheduler.status (training/scheduler.py:594-611) takes a final.pt "
-                   "that differs from a damaged stage2.pt for a final.pt not written yet: status says 'its labels are "
-                   "saved, final.pt not yet ... the same cycle command writes it', while that command fails naming "
-                   "stage2.pt")
 @pytest.mark.parametrize("how", ["truncated", "a dense checkpoint"])
 def test_status_names_a_damaged_last_stage_checkpoint(run_copy, tmp_path, how):
     ds, run = run_copy

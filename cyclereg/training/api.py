@@ -417,7 +417,8 @@ def run_status(run: Path, stages: int | None = None) -> dict:
     rule = meta.get(STOP_KEY)
     rows = []
     for k in folds:
-        row = {"fold": k, **StageScheduler(None, fold_dir(run, k)).status(total, stop_below_mm=rule)}
+        row = {"fold": k, **StageScheduler(None, fold_dir(run, k)).status(
+            total, stop_below_mm=rule, kind={"keypoints": "cloud", "volumes": "dense"}.get(meta.get("kind")))}
         exported = run / f"fold{k}.pt"
         if k is not None and not fold_dir(run, k).is_dir() and exported.is_file():
             # a folder of exported checkpoints (scripts/run_model_set.py, cyclereg ensemble): no stages here

@@ -597,8 +597,9 @@ class StageScheduler:
         if progress is not None:
             progress.console.print(escape(stage_summary(record)), soft_wrap=True)  # one line in a log file too
 
-    def status(self, stages: int, stop_below_mm: float | None = None) -> dict:
-        """What this directory holds, read without changing anything (``task`` may be ``None``).
+    def status(self, stages: int, stop_below_mm: float | None = None, kind: str | None = None) -> dict:
+        """What this directory holds, read without changing anything (``task`` may be ``None``; ``kind``: the
+        checkpoint kind of the run, ``"cloud"`` or ``"dense"``, to name a stage checkpoint of the other kind).
 
         Returns ``{"finished": t, "next": text, "stage_seconds": {t: s}, "current_stage_s": s,
         "remaining_s": s, "stage_log": {t: record}}``: the last finished stage (-1: none), where the same ``cycle`` command
@@ -640,6 +641,10 @@ class StageScheduler:
                     f"the stage files were removed")
         elif done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
+        elif final_missing and self._damaged_checkpoint(done, kind):
+            text = (f"stage {done}: its checkpoint {self.checkpoint_path(done).name} is damaged "
+                    f"({self._damaged_checkpoint(done, kind)}); delete it and the same cycle command trains the stage "
+                    "again")
         elif pending:
             missing = " and ".join(name for name, gone in (("its log line", log_missing), ("final.pt", final_missing))
                                    if gone)
@@ -682,6 +687,18 @@ class StageScheduler:
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
                 "remaining_s": remaining, "stage_log": records,
                 "unlogged_stages": [t for t in range(done + 1) if t not in records and not (pending and t == done)]}
+
+    def _damaged_checkpoint(self, stage: int, kind: str | None = None) -> str | None:
+        """Why the checkpoint of ``stage`` cannot be read as one of ``kind`` (``None``: it can, or there is
+        none): ``status`` names it rather than promising a ``final.pt`` that ``cycle`` cannot copy from it."""
+        path = self.checkpoint_path(stage)
+        if not path.is_file():
+            return None
+        try:
+            load_checkpoint(path, kind=kind)
+        except InputError as exc:
+            return exc.message
+        return None
 
     def _kept_final_stage(self) -> int | None:
         """The stage of ``final.pt`` in a directory that holds no stage files (no pseudo labels, stage
