@@ -59,9 +59,6 @@ def test_a_translation_of_a_cloud_of_the_minimum_size_is_recovered(passes):
     torch.testing.assert_close(reg.at(_cloud(5, seed=7)), SHIFT.expand(5, 3), atol=1e-9, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register_clouds accepts a fixed cloud with repeated points under TPS "
-                   "regularisation 0; the displacements are right but the spline's solve is singular and the field "
-                   "(reg.at / dense / query CSV) is off by ~1 mm for a pure translation, silently")
 def test_duplicate_fixed_points_with_an_interpolating_spline_still_give_the_translation():
     """Three fixed points given twice, TPS regularisation 0 (the spline system has repeated rows): the
     duplicates carry the same displacement (the exact translation), so the field must stay that
@@ -105,8 +102,6 @@ def test_tps_reproduces_a_translation_far_from_the_origin(offset):
     torch.testing.assert_close(spline(centres[:10] + 0.5), SHIFT.expand(10, 3), atol=1e-8, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ThinPlateSpline.fit detects a singular system only by an exact zero "
-                   "pivot (LinAlgError); an oblique plane of centres returns a finite spline with values ~1e7")
 def test_tps_refuses_centres_on_an_oblique_plane():
     """Centres on the plane z = 0.3 x + 0.2 y (not along an axis): P has rank 3, the system is singular;
     fit() promises a ValueError ('needs at least 4 points that span 3D')."""
@@ -117,8 +112,6 @@ def test_tps_refuses_centres_on_an_oblique_plane():
         ThinPlateSpline.fit(p, values, regularisation=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ThinPlateSpline.fit with regularisation 0 and a repeated float64 centre "
-                   "does not raise; it returns a finite spline with values ~1e14")
 def test_tps_refuses_a_repeated_centre_without_regularisation():
     """Two equal float64 centres with different values and lambda = 0: no interpolant exists; fit()
     promises a ValueError ('with regularisation 0, no point twice')."""

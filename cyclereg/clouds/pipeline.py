@@ -15,7 +15,7 @@ from cyclereg.clouds.augment import apply_affine, displacements_back, random_aff
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetConfig, ensemble_members
 from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
-from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig
+from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig, spans_volume
 from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world, zyx_grid_affine
 from cyclereg.metrics import sdlogj
 
@@ -389,16 +389,10 @@ def cloud_problem(points_mm: torch.Tensor, minimum: int, *, spline: bool) -> str
                 f"only {distinct} distinct point{'s' if distinct != 1 else ''} among {n} (the rest repeat them)")
         return f"{have}; registration needs at least {minimum} (kNN graphs of {minimum - 1} neighbours)"
     if spline:
-        centred = points_mm.double() - points_mm.double().mean(0)
-        sv = torch.linalg.svdvals(centred)
-        if sv[-1] <= PLANAR_TOLERANCE * max(float(sv[0]), 1e-12):
+        if not spans_volume(points_mm):
             return ("all points lie on one plane or line (or coincide): the thin-plate spline needs a cloud "
                     "that spans a volume")
     return None
-
-
-PLANAR_TOLERANCE = 1e-6
-"""A cloud counts as flat when its smallest principal extent is below this share of its largest."""
 
 
 def registration_box(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: CloudRegConfig) -> tuple[UnitBox, str]:

@@ -15,6 +15,21 @@ import torch
 from cyclereg.errors import finite_number, whole_number
 from cyclereg.frames import floating_dtype
 
+PLANAR_TOLERANCE = 1e-6
+"""A cloud spans no volume (all on one plane or line) when its smallest centred singular value is at most
+this fraction of its largest: the spline's affine part then has no unique solution."""
+
+
+def spans_volume(points: torch.Tensor) -> bool:
+    """Whether ``points`` ``(N, 3)`` span a volume (:data:`PLANAR_TOLERANCE`): an oblique plane or line is
+    singular in exact arithmetic, but floating point hides it from the solver (values of 1e7 came back)."""
+    if points.shape[0] < 4:
+        return False
+    centred = points.double() - points.double().mean(0)
+    sv = torch.linalg.svdvals(centred)
+    return bool(sv[-1] > PLANAR_TOLERANCE * max(float(sv[0]), 1e-12))
+
+
 EVAL_CHUNK_BYTES_CPU = 4 * 2**20
 """On CPU, the bytes of kernel matrix (query points x control points, float64) evaluated at
 once: a piece that stays in the cache. Against 8192 query points at once this made the dense
@@ -109,6 +124,28 @@ class ThinPlateSpline:
         A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
         if not (torch.isfinite(c).all() and torch.isfinite(values).all()):
             raise ValueError("centres, values: hold NaN or inf")
+        if not spans_volume(c):
+            raise ValueError(f"centres: the {n} points span no volume (all on one plane or line, or fewer than 4): "
+                             "the spline's affine part has no unique solution")
+        lam = diagonal.diagonal()
+        unique, inverse = torch.unique(c, dim=0, return_inverse=True)
+        if unique.shape[0] < n:  # a point given twice: fine with lambda > 0 at both, else one equation twice
+            index = torch.arange(n, device=c.device)
+            first = torch.full((unique.shape[0],), n, dtype=torch.long, device=c.device).scatter_reduce(
+                0, inverse, index, reduce="amin")[inverse]
+            repeat = (first != index) & ((lam == 0) | (lam[first] == 0))
+            if bool(repeat.any()):
+                if not bool((values.double()[repeat] == values.double()[first[repeat]]).all()):
+                    i = int(repeat.nonzero()[0, 0])
+                    raise ValueError(f"centres: point {i} repeats point {int(first[i])} with another value and "
+                                     "regularisation 0 there: no spline passes through both")
+                keep = ~repeat  # the same equation twice: the interpolant of the others is the same
+                c, values, lam = c[keep], values[keep], lam[keep]
+                n = c.shape[0]
+                K = _phi(torch.cdist(c, c), kernel) + torch.diag(lam)
+                P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
+                A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
+                A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
         rhs = torch.cat([values.double(), values.new_zeros(4, values.shape[1]).double()])
         try:
             sol = torch.linalg.solve(A, rhs)
