@@ -183,8 +183,6 @@ def test_foerstner_keypoints_of_a_mostly_constant_float64_volume_are_the_cube_co
     assert sorted(k.voxels.tolist()) == CUBE_CORNERS and torch.isfinite(k.scores).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: foerstner.distinctiveness divides by the range floor 1e-6 when most voxels "
-                   "share one value; in float32 det(T) overflows to inf and no keypoint is returned")
 def test_foerstner_keypoints_of_a_mostly_constant_float32_volume_are_the_cube_corners():
     """The same phantom as float32 (the dtype volumes are read in): the same 8 corners, finite scores."""
     k = foerstner_keypoints(_cube_phantom(torch.float32), (1, 1, 1), config=FoerstnerConfig(sigma_mm=1.0,
@@ -255,8 +253,6 @@ def test_register_files_of_a_translation_on_an_anisotropic_far_grid_and_a_minimu
     np.testing.assert_allclose(jac, 1.0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: through the CLI path (read_nifti gives float32) the Foerstner range-floor "
-                   "overflow turns a volume with a clear bright cube into 'no keypoint found (a flat image?...)'")
 def test_detect_keypoints_file_finds_the_corners_of_a_cube_on_a_constant_background(tmp_path):
     """A 30^3 int16 scan, 0 everywhere but a 5^3 cube of 100 (unit voxels at the origin): the keypoint
     file holds the cube's 8 corners in mm, not an InputError calling the image flat."""

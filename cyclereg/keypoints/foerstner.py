@@ -250,13 +250,16 @@ def distinctiveness_from_tensor(T: torch.Tensor) -> torch.Tensor:
 def distinctiveness(img: torch.Tensor, spacing_mm, sigma_mm: float) -> torch.Tensor:
     """Foerstner distinctiveness ``(D, H, W)`` of an image ``(D, H, W)`` with ``spacing_mm``.
 
-    The image is scaled to unit robust range first (``D`` scales with intensity squared),
-    so ``D`` is in 1/mm^2 of normalised intensity. The computation runs in the image's dtype
+    The image is scaled to unit robust range first (``D`` scales with intensity squared; the full range
+    where the robust one is empty, e.g. a small object on a constant background), so ``D`` is in 1/mm^2 of
+    normalised intensity. The computation runs in the image's dtype
     when that is float32 or wider (float64 stays float64), otherwise in float32.
     """
     x = img.to(torch.promote_types(img.dtype, torch.float32))
     q = torch.tensor(INTENSITY_RANGE_QUANTILES, dtype=x.dtype, device=x.device)
     lo, hi = torch.quantile(_subsample(x), q).tolist()
+    if hi - lo < MIN_INTENSITY_RANGE:  # over 98 % of the voxels one value (an object on a flat background): the
+        lo, hi = float(x.min()), float(x.max())  # full range, not the floor (1e6 x the values overflowed det)
     x = (x - lo) / max(hi - lo, MIN_INTENSITY_RANGE)
     grad = gradient_mm(x[None, None], spacing_mm)
     sigma_vox = gaussian_scale_voxels(sigma_mm, spacing_mm)
