@@ -4,7 +4,9 @@
 Each test feeds an input that is legal but numerically awkward (a huge coordinate offset, a tiny
 extent, duplicate or flat control points, a single-voxel label, an anisotropic grid, a volume that is
 almost all one constant) and checks the analytic answer where one exists, or a one-line ValueError
-naming the input. Tests marked xfail(strict) pin real bugs: they pass once the code is fixed.
+naming the input. Four bugs the walk found (Foerstner on a mostly constant float32 volume, TPS on flat or
+repeated centres, repeated fixed points under an interpolating spline, kNN far from the origin) were mended;
+their tests fail without the mends.
 """
 
 import dataclasses

@@ -12,8 +12,8 @@ same call with ``str``, ``pathlib.Path`` and a bare ``os.PathLike``.
 The project's rule: a bad argument raises :class:`cyclereg.errors.InputError` (or ``ValueError``) in one
 line naming the argument (or its CLI flag), before any work and with no output written; a ``str`` path
 and a ``Path`` give identical results. The cases the code already handles and that no other test covers
-are pinned first; the cases it mishandles are pinned as strict xfails (``BUG: ...``) at the end, each
-passing once the library is mended.
+are pinned first; the thirteen cases it mishandled follow at the end, each mended in the library (its test
+fails without the mend).
 """
 
 from __future__ import annotations
@@ -289,9 +289,7 @@ def test_compare_ensemble_and_status_refuse_empty_lists_and_bad_values_and_write
     assert _files(tmp_path) == set()
 
 
-# ----------------------------------------------------------------------------- bugs (strict xfails)
-
-
+# ----------------------------------------------------------------------------- bugs found by the walk (mended)
 @pytest.mark.parametrize("source", [Path("a.pt"), "my models/a.pt"])
 def test_combine_cloud_models_refuses_one_path_given_for_the_list_alike_for_str_and_path(tmp_path, source):
     from cyclereg.clouds.api import combine_cloud_models
