@@ -69,15 +69,21 @@ def pair_files(tmp_path):
     """``(tmp_path, pair)``: the pair of :data:`SMALL_BREATHING` (seed 0) written as point files in
     ``tmp_path``: ``f.csv`` / ``m.csv`` (fixed / moving keypoints), ``q.csv`` (7 query points),
     ``l.csv`` / ``ml.csv`` (20 fixed landmarks and where they truly move)."""
+    return tmp_path, write_pair_files(tmp_path)
+
+
+def write_pair_files(folder: Path):
+    """Write the point files of :func:`pair_files` into ``folder`` (for fixtures of a wider scope);
+    returns the synthetic pair."""
     from cyclereg.pointio import write_points
 
     pair = make_breathing_pair(0, SMALL_BREATHING)
-    write_points(tmp_path / "f.csv", pair.fixed_mm)
-    write_points(tmp_path / "m.csv", pair.moving_mm)
-    write_points(tmp_path / "q.csv", pair.fixed_mm[:7])
-    write_points(tmp_path / "l.csv", pair.fixed_mm[:20])
-    write_points(tmp_path / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
-    return tmp_path, pair
+    write_points(folder / "f.csv", pair.fixed_mm)
+    write_points(folder / "m.csv", pair.moving_mm)
+    write_points(folder / "q.csv", pair.fixed_mm[:7])
+    write_points(folder / "l.csv", pair.fixed_mm[:20])
+    write_points(folder / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
+    return pair
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -54,19 +54,12 @@ def kp(tmp_path_factory):
     from cyclereg.checkpoint import save_checkpoint
     from cyclereg.clouds.features import build_graph_net
     from cyclereg.clouds.pipeline import CloudRegConfig
-    from cyclereg.clouds.synthetic import make_breathing_pair
-    from cyclereg.pointio import write_points
     from cyclereg.training.api import pretrain_random
 
-    from conftest import SMALL_BREATHING, intraop_threads
+    from conftest import intraop_threads, write_pair_files
 
     d = tmp_path_factory.mktemp("kp")
-    pair = make_breathing_pair(0, SMALL_BREATHING)
-    write_points(d / "f.csv", pair.fixed_mm)
-    write_points(d / "m.csv", pair.moving_mm)
-    write_points(d / "q.csv", pair.fixed_mm[:7])
-    write_points(d / "l.csv", pair.fixed_mm[:20])
-    write_points(d / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
+    write_pair_files(d)
     entry = {"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv", "fixed_landmarks": "l.csv",
              "moving_landmarks": "ml.csv"}
     (d / "dataset.json").write_text(json.dumps({"pairs": [{"id": "c0", **entry}, {"id": "c1", **entry}],
