@@ -111,23 +111,18 @@ class ThinPlateSpline:
         if isinstance(regularisation, torch.Tensor):
             if regularisation.shape != (n,):
                 raise ValueError(f"regularisation: expected a number or ({n},), got {tuple(regularisation.shape)}")
-            diagonal = torch.diag(regularisation.to(c))
+            lam = regularisation.to(c).clone()
         else:
-            diagonal = regularisation * torch.eye(n, dtype=c.dtype, device=c.device)
-        if not bool(torch.all(torch.isfinite(diagonal.diagonal()) & (diagonal.diagonal() >= 0))):
+            lam = torch.full((n,), regularisation, dtype=c.dtype, device=c.device)
+        if not bool(torch.all(torch.isfinite(lam) & (lam >= 0))):
             raise ValueError(f"regularisation: expected lambda >= 0 (finite), got {regularisation!r}"
                              if not isinstance(regularisation, torch.Tensor) else
                              "regularisation: expected every lambda >= 0 (finite); some are negative, NaN or inf")
-        K = _phi(torch.cdist(c, c), kernel) + diagonal
-        P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
-        A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
-        A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
         if not (torch.isfinite(c).all() and torch.isfinite(values).all()):
             raise ValueError("centres, values: hold NaN or inf")
         if not spans_volume(c):
-            raise ValueError(f"centres: the {n} points span no volume (all on one plane or line, or fewer than 4): "
-                             "the spline's affine part has no unique solution")
-        lam = diagonal.diagonal()
+            raise ValueError(f"centres: the spline's system is singular for these {n} points: they span no volume "
+                             "(all on one plane or line, or fewer than 4), so its affine part has no unique solution")
         unique, inverse = torch.unique(c, dim=0, return_inverse=True)
         if unique.shape[0] < n:  # a point given twice: fine with lambda > 0 at both, else one equation twice
             index = torch.arange(n, device=c.device)
@@ -142,10 +137,10 @@ class ThinPlateSpline:
                 keep = ~repeat  # the same equation twice: the interpolant of the others is the same
                 c, values, lam = c[keep], values[keep], lam[keep]
                 n = c.shape[0]
-                K = _phi(torch.cdist(c, c), kernel) + torch.diag(lam)
-                P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
-                A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
-                A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
+        K = _phi(torch.cdist(c, c), kernel) + torch.diag(lam)
+        P = torch.cat([torch.ones(n, 1, dtype=c.dtype, device=c.device), c], dim=1)
+        A = torch.zeros(n + 4, n + 4, dtype=c.dtype, device=c.device)
+        A[:n, :n], A[:n, n:], A[n:, :n] = K, P, P.T
         rhs = torch.cat([values.double(), values.new_zeros(4, values.shape[1]).double()])
         try:
             sol = torch.linalg.solve(A, rhs)

@@ -641,10 +641,9 @@ class StageScheduler:
                     f"the stage files were removed")
         elif done < 0:
             text = f"stage 0 labels (pretrain-random){labelled}"
-        elif final_missing and self._damaged_checkpoint(done, kind):
-            text = (f"stage {done}: its checkpoint {self.checkpoint_path(done).name} is damaged "
-                    f"({self._damaged_checkpoint(done, kind)}); delete it and the same cycle command trains the stage "
-                    "again")
+        elif final_missing and (damage := self._damaged_checkpoint(done, kind)):
+            text = (f"stage {done}: its checkpoint {self.checkpoint_path(done).name} is damaged ({damage}); delete "
+                    "it and the same cycle command trains the stage again")
         elif pending:
             missing = " and ".join(name for name, gone in (("its log line", log_missing), ("final.pt", final_missing))
                                    if gone)
