@@ -75,7 +75,7 @@ def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | 
     ``mask``, ``save_mask`` and ``fmt`` are for one volume; ``moving_nms_radius_mm`` and ``folds``
     for ``pairs``. Units: mm."""
     refuse_empty_paths({"ct": ct, "output": output, "pairs": pairs, "mask": mask, "save_mask": save_mask},
-                       required=("output",))
+                       required=("output",), lists=())
     require_switches({"--lung-mask": lung_mask, "verbose": verbose})
     require_inputs(ct, mask, pairs)
     if pairs is None:
@@ -164,7 +164,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     """
     refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,
                         "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels},
-                       required=("fixed", "moving", "out_dir"))
+                       required=("fixed", "moving", "out_dir"), lists=())
     require_switches({"--adam/--no-adam": adam, "--ic/--no-ic": ic, "--disp-mm": disp_mm, "--spread": spread,
                       "--spread-map": spread_map, "--l2r-name": l2r_name, "--jacobian": jacobian,
                       "--resample-moving": resample_moving, "--via-keypoints": via_keypoints,
@@ -286,7 +286,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     the report as written (JSON types; a NaN or infinite figure is ``None``).
     """
     refuse_empty_paths({"dataset": dataset, "report": report, "model": model, "run": run, "errors_csv": errors_csv},
-                       required=("dataset", "report"))
+                       required=("dataset", "report"), lists=())
     require_switches({"--identity": identity, "--spread": spread, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                       "--both-directions": both_directions, "--resume": resume})
     if sum([identity, model is not None, run is not None]) != 1:

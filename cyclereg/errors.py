@@ -46,19 +46,19 @@ EMPTY_PATH = "an empty path (an unset shell variable?); give '.' to mean the cur
 
 
 def refuse_empty_paths(paths: dict[str, object], *, required: tuple[str, ...] = (),
-                       lists: tuple[str, ...] = ()) -> None:
+                       lists: tuple[str, ...] | None = None) -> None:
     """:class:`InputError` naming the first of ``paths`` (argument name -> value; ``None``: not given)
     that is an empty or blank string, no path at all (a number, bytes, a dict: pathlib's TypeError
-    would name no argument), ``None`` although named in ``required``, or a list or tuple although not
-    named in ``lists`` (those are checked item by item). The library's counterpart of the command
-    line's empty-value check: ``register(a, b, out_dir="")`` would otherwise write into the current
-    folder."""
+    would name no argument), ``None`` although named in ``required``, or a list or tuple although
+    ``lists`` is given and does not name it (a list or tuple is checked item by item; ``lists=None``:
+    any may be one). The library's counterpart of the command line's empty-value check:
+    ``register(a, b, out_dir="")`` would otherwise write into the current folder."""
     for name, value in paths.items():
         if value is None:
             if name in required:
                 raise InputError(f"{name}: a path is needed here, got None")
             continue
-        if isinstance(value, (list, tuple)) and name not in lists:
+        if isinstance(value, (list, tuple)) and lists is not None and name not in lists:
             raise InputError(f"{name}: expected one path, got a {type(value).__name__} of {len(value)}")
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(item, (str, os.PathLike)) or isinstance(os.fspath(item), bytes):
@@ -70,7 +70,7 @@ def refuse_empty_paths(paths: dict[str, object], *, required: tuple[str, ...] = 
 
 def _path(path: str | Path, name: str) -> Path:
     """``path`` as a :class:`Path`; an empty string is refused (:func:`refuse_empty_paths`)."""
-    refuse_empty_paths({name: path})
+    refuse_empty_paths({name: path}, lists=())
     return Path(path)
 
 

@@ -49,15 +49,27 @@ def shared_path(*parts: str) -> Path:
 def _sigterm_handler_restored():
     """Put back the test process's SIGTERM handler after every test: a CLI test run through CliRunner runs the
     CLI's callback in this process, which installs :func:`cyclereg.interrupts.sigterm_exit`; left there, a
-    ``kill`` of the pytest run would fail whichever test runs and then be ignored."""
+    ``kill`` of the pytest run would fail whichever test runs and then be ignored. The handler put back is the
+    one the process had when this file was imported, not the one before the test: a module-scoped fixture that
+    runs a command has installed its handler before the first test of its module starts."""
     import signal
     import threading
 
     main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
     yield
-    if main and before is not None and signal.getsignal(signal.SIGTERM) is not before:
-        signal.signal(signal.SIGTERM, before)
+    if main and _PROCESS_SIGTERM is not None and signal.getsignal(signal.SIGTERM) is not _PROCESS_SIGTERM:
+        signal.signal(signal.SIGTERM, _PROCESS_SIGTERM)
+
+
+def _process_sigterm():
+    import signal
+    import threading
+
+    return signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+
+
+_PROCESS_SIGTERM = _process_sigterm()
+"""The pytest process's own SIGTERM handler (read when the test session imports this file)."""
 
 
 SMALL_BREATHING = BreathingConfig(n_fixed=300, n_moving=600, branches=20)

@@ -354,7 +354,7 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     exist already is skipped, so the same command completes an interrupted run.
     ``folds``: the same as ``fold`` (the command takes ``--fold`` and ``--folds``, :func:`run_cycle` ``folds``).
     """
-    refuse_empty_paths({"dataset": dataset, "run": run}, required=("dataset", "run"))
+    refuse_empty_paths({"dataset": dataset, "run": run}, required=("dataset", "run"), lists=())
     if fold is not None and folds is not None:
         raise InputError("give fold or folds, not both (they are one option)")
     fold = fold if fold is not None else folds  # read by select_folds, as run_cycle's folds (2.0 is fold 2)
@@ -400,7 +400,7 @@ def run_status(run: Path, stages: int | None = None) -> dict:
     """Progress of a run directory, read only: dataset, kind, the number of stages (the run's
     configuration, or ``stages``) and per fold (``None``: a volume run) the
     :meth:`~cyclereg.training.scheduler.StageScheduler.status` of its directory."""
-    refuse_empty_paths({"run": run}, required=("run",))
+    refuse_empty_paths({"run": run}, required=("run",), lists=())
     run = Path(run)
     if exported_models(run):
         record = next((n for n in ("ensemble.json", "model_set.json") if (run / n).is_file()), None)
@@ -447,7 +447,7 @@ def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str
     refresh moves its labels less than this on average [mm] (``pseudo_label_change_mm``; ``stages`` is
     then the most it runs). Recorded in ``run.json``, so that the same command run again (with or
     without the option) does not go on past it; ``0`` removes the rule; ``None``: the recorded one."""
-    refuse_empty_paths({"dataset": dataset, "run": run}, required=("dataset", "run"))
+    refuse_empty_paths({"dataset": dataset, "run": run}, required=("dataset", "run"), lists=())
     require_count("--stages", stages, 1)
     _require_threshold(stop_below_mm)
     require_count("--val-pairs", val_pairs, 0)

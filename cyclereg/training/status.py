@@ -32,7 +32,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output, require_switches
     from cyclereg.training.api import run_status
 
-    refuse_empty_paths({"run": run, "json_out": json_out}, required=("run",))
+    refuse_empty_paths({"run": run, "json_out": json_out}, required=("run",), lists=())
     require_switches({"--history": history})
     if json_out is not None:
         require_output_file(json_out)
