@@ -25,13 +25,12 @@ A pair whose value is missing or not finite in either report is left out of that
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cyclereg.datasets import is_label_number, read_json, require_pair_ids
-from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, require_output_file, require_switches,
-                             same_path)
+from cyclereg.errors import (InputError, finite_number, path_list, refuse_empty_paths, require_output_file,
+                             require_switches, same_path)
 
 __all__ = ["Metric", "METRICS", "compare_reports", "paired_statistics"]
 
@@ -189,12 +188,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     from cyclereg.device import provenance
     from cyclereg.console import count, print_note, print_table
 
-    if isinstance(reports, (str, os.PathLike)):
-        raise InputError("reports: expected a list of two or more report files, got one path", reports)
-    try:
-        reports = list(reports)  # once: an iterator would be used up by the first look
-    except TypeError:
-        raise InputError(f"reports: expected a list of two or more report files, got {type(reports).__name__}") from None
+    reports = path_list(reports, "reports", "two or more report files")
     refuse_empty_paths({"reports": reports, "output": output}, lists=("reports",))
     require_switches({"quiet": quiet})
     paths = [Path(p) for p in reports]

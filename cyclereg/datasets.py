@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyclereg.errors import InputError, finite_number, require_file
+from cyclereg.errors import InputError, finite_number, require_file, whole_number
 
 
 JSON_READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)
@@ -168,9 +168,7 @@ overflows on absurd grids."""
 def _is_pair_name(value) -> bool:
     """Whether a dataset's pair ``id`` names a pair: a text that is not blank, or a whole number (JSON
     ``1`` is the pair ``"1"``); ``null``, ``true``, ``1.5``, lists and objects are not names."""
-    if isinstance(value, str):
-        return bool(value.strip())
-    return isinstance(value, int) and not isinstance(value, bool)
+    return bool(value.strip()) if isinstance(value, str) else whole_number(value)
 
 
 def load_keypoint_dataset(path: str | Path) -> KeypointDataset:

@@ -68,6 +68,18 @@ def refuse_empty_paths(paths: dict[str, object], *, required: tuple[str, ...] = 
                 raise InputError(f"{name}: {EMPTY_PATH}")
 
 
+def path_list(value, name: str, what: str) -> list:
+    """``value`` (any iterable of paths, read once: a generator would be used up by a second look) as a
+    list; :class:`InputError` naming ``name`` when it is one path or no iterable (``what``: what the
+    list holds, for the message). The items are checked by :func:`refuse_empty_paths`."""
+    if isinstance(value, (str, os.PathLike)):
+        raise InputError(f"{name}: expected a list of {what}, got one path", value)
+    try:
+        return list(value)
+    except TypeError:
+        raise InputError(f"{name}: expected a list of {what}, got {type(value).__name__}") from None
+
+
 def _path(path: str | Path, name: str) -> Path:
     """``path`` as a :class:`Path`; an empty string is refused (:func:`refuse_empty_paths`)."""
     refuse_empty_paths({name: path}, lists=())

@@ -208,11 +208,13 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
             raise InputError(f"label value {text} does not fit a 32-bit integer (the warped label maps' type)", p)
         data = torch.from_numpy(arr.astype(np.int64))
     else:
-        if not np.isfinite(arr).all():
+        floating = np.issubdtype(arr.dtype, np.floating)  # integers and bools are finite, and fit float32
+        if floating and not np.isfinite(arr).all():
             raise InputError("volume holds NaN or inf values", p)
+        narrowed = floating and arr.dtype.itemsize > 4
         with np.errstate(over="ignore"):  # a finite float64 beyond float32 becomes inf: named below
             arr = arr.astype(np.float32)
-        if not np.isfinite(arr).all():
+        if narrowed and not np.isfinite(arr).all():
             raise InputError(f"volume value out of range (beyond float32's {np.finfo(np.float32).max:.1e})", p)
         data = torch.from_numpy(arr)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), path=p)

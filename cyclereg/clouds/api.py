@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +20,8 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.console import count, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
-from cyclereg.errors import (InputError, refuse_empty_paths, refuse_output_in_run, require_count, require_finite_result,
-                             require_output_dir, require_output_file, require_seed, same_path)
+from cyclereg.errors import (InputError, path_list, refuse_empty_paths, refuse_output_in_run, require_count,
+                             require_finite_result, require_output_dir, require_output_file, require_seed, same_path)
 from cyclereg.frames import UnitBox, inside_grid, world_to_voxel
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
@@ -114,13 +113,7 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
     checked before anything is written. ``output`` may not be one of the sources (their SHA-256 in the
     ensemble's provenance would name files that no longer hold them).
     """
-    if isinstance(sources, (str, os.PathLike)):
-        raise InputError("sources: expected a list of run directories or checkpoint files, got one path", sources)
-    try:
-        sources = list(sources)  # once: an iterator would be used up by the first look
-    except TypeError:
-        raise InputError("sources: expected a list of run directories or checkpoint files, got "
-                         f"{type(sources).__name__}") from None
+    sources = path_list(sources, "sources", "run directories or checkpoint files")
     refuse_empty_paths({"sources": sources, "output": output}, required=("output",), lists=("sources",))
     from cyclereg.api import require_inputs  # noqa: PLC0415 - cyclereg.api imports this module's callers
 

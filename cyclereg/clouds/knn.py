@@ -61,8 +61,8 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
     if query.shape[0] == 0:
         return torch.zeros(0, k, dtype=torch.long, device=query.device)
     offset = reference.mean(dim=0) if reference.shape[0] else None
-    if offset is not None and offset.abs().max() > (reference - offset).abs().max():  # the origin lies outside the cloud: shift it in
-        # (torch.cdist's |x|^2 + |y|^2 - 2xy loses the distances far from the origin: float32 points 1e4 mm away
+    if offset is not None and offset.abs().max() > (reference - offset).abs().max():  # the origin is outside the cloud
+        # shift it in (torch.cdist's |x|^2 + |y|^2 - 2xy loses the distances far from the origin: float32 points 1e4 mm away
         # got most neighbours wrong); the pipeline's unit-frame clouds lie around the origin and are left as given
         query, reference = query - offset, reference - offset
     out = []

@@ -40,7 +40,7 @@ from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, requ
                              require_seed, require_switches, whole_number)
 from cyclereg.frames import UnitBox
 from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
-from cyclereg.training.dense import DenseCycleConfig
+from cyclereg.training.dense import DenseCycleConfig, DenseCycleTask
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
 
 
@@ -266,6 +266,9 @@ def _record_stage_target(run: Path, stages: int) -> None:
         write_json(run / "run.json", meta)
 
 
+CHECKPOINT_KINDS = {"keypoints": CloudCycleTask.checkpoint_kind, "volumes": DenseCycleTask.checkpoint_kind}
+"""The checkpoint kind of a run of each dataset kind (run.json's ``kind``)."""
+
 STOP_KEY = "stop_below_mm"
 """Key of ``run.json`` that holds the stopping rule of ``cycle --stop-below`` [mm] (absent: none)."""
 
@@ -418,7 +421,7 @@ def run_status(run: Path, stages: int | None = None) -> dict:
     rows = []
     for k in folds:
         row = {"fold": k, **StageScheduler(None, fold_dir(run, k)).status(
-            total, stop_below_mm=rule, kind={"keypoints": "cloud", "volumes": "dense"}.get(meta.get("kind")))}
+            total, stop_below_mm=rule, kind=CHECKPOINT_KINDS.get(meta.get("kind")))}
         exported = run / f"fold{k}.pt"
         if k is not None and not fold_dir(run, k).is_dir() and exported.is_file():
             # a folder of exported checkpoints (scripts/run_model_set.py, cyclereg ensemble): no stages here

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from cyclereg.errors import WorkerError
+from cyclereg.errors import WorkerError, whole_number
 from cyclereg.interrupts import exit_on_sigterm, sigterm_exit
 
 ORPHAN_EXIT_CODE = 129
@@ -245,7 +245,7 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     a job is re-raised here; a worker that dies without a result (killed by the OS, a crash in
     native code) raises :class:`~cyclereg.errors.WorkerError` naming its label. Either, or
     Ctrl-C, first terminates all other workers."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not whole_number(workers) or workers < 1:
         raise ValueError(f"workers: expected a whole number of at least 1, got {workers!r}")  # 0 waited forever
     pending = list(enumerate(jobs))
     ctx = mp.get_context("spawn")
