@@ -19,8 +19,6 @@ other test covers are pinned first; the cases the code mishandles follow at the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -163,7 +161,8 @@ def test_warped_mse_c_kernel_reads_any_layout_like_the_torch_path(layout, which)
     term = instance.WarpedMSE(fix, mov)
     assert term.native
     got = _value_and_grad(term, disp)
-    want = _value_and_grad(lambda d: instance.warped_mse_torch(fix.contiguous(), mov.contiguous(), d), disp.contiguous())
+    fix_c, mov_c = fix.contiguous(), mov.contiguous()
+    want = _value_and_grad(lambda d: instance.warped_mse_torch(fix_c, mov_c, d), disp.contiguous())
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
 
@@ -263,6 +262,26 @@ def test_mixed_dtypes_are_refused_naming_the_argument():
     net = build_graph_net(GraphNetConfig(channels=(8,), out_channels=8, k_fixed=4), seed=0)
     with pytest.raises(ValueError, match="fixed_mm: torch.float64 on cpu, but the network is torch.float32"):
         register_clouds(q.double() * 50, r.double() * 50, net, CloudRegConfig())
+
+
+def test_cloud_registration_is_inference_only_for_views_grad_inputs_and_inference_mode():
+    """``register_clouds`` of a pure translation given as strided row views, as points with
+    ``requires_grad`` and inside ``torch.inference_mode()``: the same displacements each time, with no
+    autograd graph attached."""
+    g = _gen(0)
+    fixed = torch.rand(40, 3, generator=g) * 50
+    moving = fixed + torch.tensor([1.0, 2.0, 0.5])
+    cfg = CloudRegConfig(net=GraphNetConfig(channels=(8, 8), out_channels=8, k_fixed=5),
+                         lbp=lbp.LBPConfig(num_candidates=8, graph_k=4, iterations=2))
+    net = build_graph_net(cfg.net, seed=0).eval()
+    want = register_clouds(fixed, moving, net, cfg).displacements_mm
+    rows = torch.zeros(120, 3)
+    rows[::3] = fixed
+    for f in (rows[::3], fixed.t().contiguous().t(), fixed.clone().requires_grad_(True)):
+        got = register_clouds(f, moving, net, cfg).displacements_mm
+        assert not got.requires_grad and torch.equal(got, want)
+    with torch.inference_mode():
+        assert torch.equal(register_clouds(fixed, moving, net, cfg).displacements_mm, want)
 
 
 # ============================================================================= bugs found by the walk
