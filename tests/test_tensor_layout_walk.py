@@ -350,7 +350,8 @@ def test_knn_of_integer_points_is_searched_in_float_or_refused_by_name():
     except ValueError as err:
         assert "query" in str(err)
         return
-    assert torch.equal(got, knn_indices(q.float(), r.float(), 4))
+    dist = torch.cdist(q.double(), r.double())  # integer points tie often: compare the distances found
+    assert torch.equal(dist.gather(1, got), dist.gather(1, knn_indices(q.double(), r.double(), 4)))
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: ncc_loss of integer images averages with avg_pool3d in integers "
