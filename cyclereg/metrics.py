@@ -322,8 +322,9 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     scale = np.asarray(spacing, dtype=np.float64)
     if scale.shape != (3,) or not (np.isfinite(scale).all() and (scale > 0).all()):
         raise ValueError(f"spacing={tuple(spacing)}: expected three positive voxel sizes [mm]")
-    fa = fixed_labels.cpu().numpy()
-    wa = warped_labels.cpu().numpy()
+    # NumPy has no bfloat16 (and a map may carry an autograd graph): whole-number values survive float32
+    fa, wa = (t.detach().cpu().to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype).numpy()
+              for t in (fixed_labels, warped_labels))
     boxes = _label_boxes(fa), _label_boxes(wa)
     out = {}
     for lab in _labels_to_score(fixed_labels, warped_labels, labels):

@@ -282,12 +282,10 @@ def test_cloud_registration_is_inference_only_for_views_grad_inputs_and_inferenc
         assert not got.requires_grad and torch.equal(got, want)
     with torch.inference_mode():
         assert torch.equal(register_clouds(fixed, moving, net, cfg).displacements_mm, want)
+    assert not register_clouds(fixed.clone().requires_grad_(True), moving, net, cfg).fixed_mm.requires_grad
 
 
 # ============================================================================= bugs found by the walk
-@pytest.mark.xfail(strict=True, reason="BUG: min_convolution hands a float64 src_ax2 to the float32 C search "
-                                       "unchecked (clouds/native.py _call): the kernel reads its bytes as "
-                                       "float32 and returns silently wrong messages")
 def test_min_convolution_with_a_float64_src_ax2_is_right_or_refused():
     """``src_ax2`` (the caller's :func:`cyclereg.clouds.native.source_term`) given in float64 while the
     beliefs and candidates are float32: the messages must equal those with the float32 term (or the
@@ -305,9 +303,6 @@ def test_min_convolution_with_a_float64_src_ax2_is_right_or_refused():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the fused C min-sum (clouds/native.py sweeps_usable/_sweeps) does "
-                                       "not check cand (N, K, 3) against unary (N, K): it reads past cand and "
-                                       "returns non-repeatable beliefs where the torch loop raises")
 @pytest.mark.parametrize("shrink", ["labels", "rows"])
 def test_fused_min_sum_refuses_candidates_that_do_not_fit_the_unary_costs(shrink):
     """``cand`` with one label or one node fewer than ``unary``: the torch loop (``fused=False``) raises;
@@ -320,9 +315,6 @@ def test_fused_min_sum_refuses_candidates_that_do_not_fit_the_unary_costs(shrink
         lbp.min_sum(unary, cand, edge_index, reverse, 3.0, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: apply_affine casts A and t to the points' dtype "
-                                       "(clouds/augment.py:47): integer points get an integer-truncated "
-                                       "rotation, a silently wrong answer")
 def test_apply_affine_of_integer_points_is_computed_in_floating_point():
     """Integer coordinates are computed in torch's default float dtype (package docstring), never in
     integers: ``apply_affine`` of int64 points must equal it on the same points as floats (or refuse them
@@ -337,9 +329,6 @@ def test_apply_affine_of_integer_points_is_computed_in_floating_point():
     torch.testing.assert_close(got.double(), apply_affine(pts.double(), A, t), rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: knn_indices of integer points fails inside torch "
-                                       "(clouds/knn.py:63, reference.mean) with 'mean(): could not infer output "
-                                       "dtype' instead of searching in float or naming the argument")
 def test_knn_of_integer_points_is_searched_in_float_or_refused_by_name():
     """Integer voxel-index clouds: the package computes integer coordinates in the default float dtype;
     ``knn_indices`` must give the float search's indices or a ValueError naming ``query``."""
@@ -354,9 +343,6 @@ def test_knn_of_integer_points_is_searched_in_float_or_refused_by_name():
     assert torch.equal(dist.gather(1, got), dist.gather(1, knn_indices(q.double(), r.double(), 4)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ncc_loss of integer images averages with avg_pool3d in integers "
-                                       "(dense/similarity.py:41 box_mean): truncated local means, a silently "
-                                       "wrong loss")
 def test_ncc_of_integer_images_equals_ncc_of_the_same_images_as_floats():
     """``ncc_loss`` of int64 images (e.g. HU values) must equal it on the same images as float32 (or
     refuse them naming ``fixed``); box_mean's integer average pooling floors every local mean and the
@@ -375,9 +361,6 @@ _ADAM_NET = FeatureNetConfig(channels=(4, 4, 4), strides=(2, 1, 2), out_channels
 _ADAM_CFG = DensePipelineConfig(net=_ADAM_NET, pad_multiple=4, adam=AdamConfig(iterations=3))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: adam_refine on float16 optimises a float16 Parameter with "
-                                       "torch.optim.Adam (dense/instance.py:64-65): eps=1e-8 underflows to 0 and "
-                                       "0/0 makes the whole field NaN, silently")
 def test_adam_refine_in_float16_gives_a_finite_field():
     """Adam instance optimisation of float16 features and field: a finite float16 field close to the
     float32 one (or a ValueError naming the argument); after one iteration every voxel is NaN, and a dense
@@ -395,9 +378,6 @@ def test_adam_refine_in_float16_gives_a_finite_field():
     torch.testing.assert_close(got.float(), want, rtol=0, atol=0.25)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense register inside torch.inference_mode() fails in adam_refine "
-                                       "(dense/instance.py:64-71): 'Inference tensors cannot be saved for "
-                                       "backward'")
 def test_dense_register_runs_inside_inference_mode():
     """:func:`cyclereg.dense.pipeline.register` is inference-only (no gradients out); under
     ``torch.inference_mode()`` it must give the same field as outside (its Adam step enables grad
@@ -412,9 +392,6 @@ def test_dense_register_runs_inside_inference_mode():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hd95 calls .numpy() on the label maps (metrics.py:325): bfloat16 "
-                                       "maps (which check_label_maps and dice accept) fail with 'Got unsupported "
-                                       "ScalarType BFloat16'")
 def test_hd95_of_bfloat16_label_maps_equals_hd95_of_integer_maps():
     """Whole-number float label maps are label maps (``check_label_maps``); ``dice`` scores bfloat16 ones,
     ``hd95`` must too (the same distances as for the int64 maps)."""
@@ -425,9 +402,6 @@ def test_hd95_of_bfloat16_label_maps_equals_hd95_of_integer_maps():
     assert hd95(a.bfloat16(), b.bfloat16()) == hd95(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: foerstner_keypoints calls .numpy() on scores derived from the image "
-                                       "(keypoints/foerstner.py:409-410): an image with requires_grad fails with "
-                                       "'Can't call numpy() on Tensor that requires grad'")
 def test_foerstner_on_an_image_that_requires_grad_finds_the_same_keypoints():
     """The detector is inference-only: an image tensor with ``requires_grad=True`` (e.g. a network's
     output) must give the keypoints of its detached values."""
@@ -438,3 +412,30 @@ def test_foerstner_on_an_image_that_requires_grad_finds_the_same_keypoints():
     want = foerstner_keypoints(img, (1.0, 1.0, 1.0))
     got = foerstner_keypoints(img.clone().requires_grad_(True), (1.0, 1.0, 1.0))
     assert torch.equal(got.voxels, want.voxels)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("damage, name", [
+    (lambda u, c, e, r: (u, c, e.clone().index_fill_(1, torch.tensor([3]), 40), r), "edge_index"),
+    (lambda u, c, e, r: (u, c, e.clone().index_fill_(1, torch.tensor([3]), -1), r), "edge_index"),
+    (lambda u, c, e, r: (u, c, e, r.clone().index_fill_(0, torch.tensor([5]), r.numel())), "reverse"),
+    (lambda u, c, e, r: (u, c, e, r[:-1]), "reverse"),
+    (lambda u, c, e, r: (u, c, e.float(), r), "edge_index"),
+    (lambda u, c, e, r: (u[0], c, e, r), "unary"),
+])
+def test_min_sum_refuses_a_graph_that_indexes_past_its_tensors(fused, damage, name):
+    """A node index outside ``[0, N)`` (40 nodes: 40 or -1), an edge index outside ``[0, E)``, a ``reverse``
+    one short, float edges or 1-D unary costs: refused naming the argument before any sweep, on the fused C
+    path (which would read and write past its buffers) and on the torch loop alike."""
+    unary, cand, edge_index, reverse = damage(*_graph_problem())
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        lbp.min_sum(unary, cand, edge_index, reverse, 3.0, 2, fused=fused)
+
+
+def test_minconv_kernel_refuses_tensors_that_are_not_float32():
+    """The C search reads raw float32 memory: a float64 ``cand_dst`` given to it directly is refused
+    naming the argument, not read as other numbers."""
+    require_kernel(cloud_native)
+    b, cs, cd = _search_problem()
+    with pytest.raises(ValueError, match="^cand_dst: the C kernel reads float32 CPU tensors, got torch.float64"):
+        cloud_native.search(b, cs, cd.double(), 10.0, 0)

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from cyclereg.frames import floating_dtype
+
 
 def random_affine(generator: torch.Generator, rotation_deg: float, scale: float, translation: float,
                   dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +45,9 @@ def random_relative_affine(generator: torch.Generator, std: float, dtype=torch.f
 
 
 def apply_affine(points: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x -> A x + t`` for points ``(N, 3)`` (``A``, ``t`` moved to the points' device/dtype)."""
+    """``x -> A x + t`` for points ``(N, 3)`` (``A``, ``t`` moved to the points' device/dtype; integer
+    points are computed in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`)."""
+    points = points.to(floating_dtype(points))
     return points @ A.T.to(points) + t.to(points)
 
 

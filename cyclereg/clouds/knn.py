@@ -10,6 +10,8 @@ import operator
 
 import torch
 
+from cyclereg.frames import floating_dtype
+
 KNN_CHUNK_BYTES_CPU = 2**20
 """On CPU, the bytes of distance matrix computed and searched at once: a piece that stays in
 the cache. Against 4096 rows at once this made the 10-NN graph of a COPD moving cloud (2569-3569
@@ -43,13 +45,16 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
 
     Sorted by increasing distance. With ``exclude_self`` (query is reference: the same points in the
     same order), the point itself is skipped. Ties are broken by index order of :func:`torch.topk`.
-    Points of any dimension D work alike (``(N, D)``, ``(M, D)``); both of one dtype. An empty query
+    Points of any dimension D work alike (``(N, D)``, ``(M, D)``); both of one dtype (integer points are
+    searched in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`). An empty query
     gives ``(0, k)``. :class:`ValueError` naming the argument otherwise.
     """
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
     if query.dtype != reference.dtype:
         raise ValueError(f"query: {query.dtype}, but reference: {reference.dtype}; give both alike")
+    if not query.is_floating_point():  # integer (voxel-index) points: searched in the default float dtype
+        query, reference = query.to(floating_dtype(query)), reference.to(floating_dtype(reference))
     k = _count(k, 0)
     if exclude_self and query.shape != reference.shape:
         raise ValueError(f"exclude_self: the query must be the reference itself, got {tuple(query.shape)} "

@@ -203,7 +203,7 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
         b, cs = belief_src.detach(), cand_src.detach()
         keep = None
         use_native = native.usable(b) and cs.dtype == cand_dst.dtype == torch.float32
-        if use_native and src_ax2 is None:
+        if use_native and (src_ax2 is None or src_ax2.dtype != torch.float32):  # a cache only: made again
             src_ax2 = native.source_term(cs, alpha)
         if source_labels is not None and source_labels < b.shape[1]:
             keep = b.topk(source_labels, dim=1, largest=False).indices
@@ -250,9 +250,10 @@ def min_sum(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, r
             without gradient): bitwise the same beliefs, the gradient to float rounding, without
             the per-sweep tensor steps below. False: always these steps.
     """
-    if fused and source_labels is None and native.sweeps_usable(unary, cand):
+    if fused and source_labels is None and native.sweeps_usable(unary, cand):  # checks the graph itself
         return native.min_sum(unary, cand, edge_index, reverse, alpha, iterations,
                               native.prune_first(unary.shape[1], prune_from, prune_fraction))
+    native.require_graph(unary, cand, edge_index, reverse)
     src, dst = edge_index
     n, k = unary.shape
     messages = unary.new_zeros(edge_index.shape[1], k)

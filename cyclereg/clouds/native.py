@@ -81,6 +81,7 @@ def _call(fn, belief, cand_src, cand_dst, alpha, first, src_ax2=None, with_pair=
     if src_ax2 is None:
         src_ax2 = source_term(src, alpha)
     ax2 = src_ax2.contiguous()
+    _require_float32_cpu(belief=b, cand_src=src, src_ax2=ax2, cand_dst=dst)
     e, ks = b.shape
     kd = dst.shape[1]
     if src.shape != (e, ks, 3) or dst.shape != (e, kd, 3) or ax2.shape != (e, ks):
@@ -92,6 +93,14 @@ def _call(fn, belief, cand_src, cand_dst, alpha, first, src_ax2=None, with_pair=
           out.data_ptr(), None if pair is None else pair.data_ptr(), torch.get_num_threads()):
         raise MemoryError("minconv kernel: out of memory")
     return out, pair
+
+
+def _require_float32_cpu(**tensors: torch.Tensor) -> None:
+    """:class:`ValueError` naming the first argument that is not a float32 CPU tensor: the kernels read
+    raw float32 memory, so another dtype would be read as wrong numbers, not refused by C."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name}: the C kernel reads float32 CPU tensors, got {t.dtype} on {t.device}")
 
 
 def source_term(cand_src: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -168,6 +177,27 @@ SWEEPS = NativeLibrary(SOURCE, "minsum", _bind_sweeps, _check_sweeps,
                        "its beliefs or gradients differ from the torch loop's on this platform")
 
 
+def require_graph(unary: torch.Tensor, cand: torch.Tensor, edge_index: torch.Tensor, reverse: torch.Tensor) -> None:
+    """:class:`ValueError` naming the argument unless ``unary (N, K)``, ``cand (N, K, 3)``, ``edge_index
+    (2, E)`` with node indices in ``[0, N)`` and ``reverse (E,)`` with edge indices in ``[0, E)``: the
+    min-sum's inputs, checked before any sweep (the C sweeps would read past the tensors)."""
+    if unary.ndim != 2:
+        raise ValueError(f"unary: expected (N, K), got {tuple(unary.shape)}")
+    n, k = unary.shape
+    if tuple(cand.shape) != (n, k, 3):
+        raise ValueError(f"cand: expected {(n, k, 3)} to match unary {(n, k)}, got {tuple(cand.shape)}")
+    if edge_index.ndim != 2 or edge_index.shape[0] != 2 or edge_index.is_floating_point():
+        raise ValueError(f"edge_index: expected (2, E) integers, got {tuple(edge_index.shape)} {edge_index.dtype}")
+    e = edge_index.shape[1]
+    if tuple(reverse.shape) != (e,) or reverse.is_floating_point():
+        raise ValueError(f"reverse: expected ({e},) integers (one per edge), got {tuple(reverse.shape)} {reverse.dtype}")
+    if e and not (0 <= int(edge_index.min()) and int(edge_index.max()) < n):
+        raise ValueError(f"edge_index: node indices must lie in [0, {n}), got "
+                         f"[{int(edge_index.min())}, {int(edge_index.max())}]")
+    if e and not (0 <= int(reverse.min()) and int(reverse.max()) < e):
+        raise ValueError(f"reverse: edge indices must lie in [0, {e}), got [{int(reverse.min())}, {int(reverse.max())}]")
+
+
 def prune_first(k: int, prune_from: int | None, prune_fraction: float) -> int:
     """Labels of the first pass of the exact pruned search for ``k`` source labels on CPU (0: one
     full pass): the lowest-belief ``prune_fraction`` of them when ``k >= prune_from`` (see
@@ -179,7 +209,7 @@ def prune_first(k: int, prune_from: int | None, prune_fraction: float) -> int:
 def sweeps_usable(unary: torch.Tensor, cand: torch.Tensor) -> bool:
     """Whether :func:`min_sum` applies: float32 CPU tensors, finite unary costs, coordinates without
     gradient, both kernels loaded (the search's check vouches for the arg-min)."""
-    return (not cand.requires_grad and cand.dtype == torch.float32 and cand.device.type == "cpu"
+    return (unary.ndim == 2 and not cand.requires_grad and cand.dtype == torch.float32 and cand.device.type == "cpu"
             and unary.shape[1] <= SWEEP_MAX_LABELS and usable(unary.detach()) and SWEEPS.kernel() is not None)
 
 
@@ -220,6 +250,8 @@ class _MinSum(torch.autograd.Function):
 def _sweeps(fns, unary, cand, edge_index, reverse, alpha, iterations, first):
     src, dst = (t.to(torch.int64).contiguous() for t in edge_index)
     cand = cand.detach().contiguous()
+    _require_float32_cpu(unary=unary.detach(), cand=cand)
+    require_graph(unary, cand, edge_index, reverse)  # the C sweeps index with these unchecked
     return _MinSum.apply(unary, fns, cand, source_term(cand, alpha).contiguous(), src, dst,
                          reverse.to(torch.int64).contiguous(), float(alpha), int(iterations), int(first))
 

@@ -435,6 +435,7 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
                          f"{fixed_mm.device}; give both alike")
     if not fixed_mm.is_floating_point():
         raise ValueError(f"fixed_mm: {fixed_mm.dtype} coordinates; give mm as floating point (e.g. .double())")
+    fixed_mm, moving_mm = fixed_mm.detach(), moving_mm.detach()  # inference only: no graph kept in the result
     weights = next(iter(net.parameters()), None) if net is not None else None
     if weights is not None and (weights.dtype, weights.device) != (fixed_mm.dtype, fixed_mm.device):
         raise ValueError(f"fixed_mm: {fixed_mm.dtype} on {fixed_mm.device}, but the network is {weights.dtype} on "

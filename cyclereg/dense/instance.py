@@ -52,15 +52,32 @@ def adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tens
         disp: initial field in image voxels.
         factor: stride between the image grid and the feature grid (2 by default).
     Returns:
-        The refined field ``(1, 3, D, H, W)`` in image voxels. Runs with gradients enabled
-        internally but does not propagate them to its inputs.
+        The refined field ``(1, 3, D, H, W)`` in image voxels, of ``disp``'s dtype. Runs with
+        gradients enabled internally (also when called under ``torch.inference_mode()``) but does
+        not propagate them to its inputs. Half-precision inputs are optimised in float32 (Adam's
+        ``eps`` of 1e-8 is 0 in float16, and its first step would divide 0 by 0).
     """
+    dtype = disp.dtype
+    if dtype in LOW_PRECISION:
+        feat_fix, feat_mov, disp = feat_fix.float(), feat_mov.float(), disp.float()
+    with torch.inference_mode(False):
+        # inference tensors cannot be saved for the backward pass: plain copies are
+        feat_fix, feat_mov, disp = (t.detach().clone() if t.is_inference() else t.detach()
+                                    for t in (feat_fix, feat_mov, disp))
+        return _adam_refine(feat_fix, feat_mov, disp, factor, cfg).to(dtype)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Dtypes :func:`adam_refine` optimises in float32 and casts back."""
+
+
+def _adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor, factor: int,
+                 cfg: AdamConfig) -> torch.Tensor:
+    """:func:`adam_refine` on detached, non-inference inputs of one working dtype."""
     out_shape = tuple(disp.shape[2:])
-    feat_fix = feat_fix.detach()
-    feat_mov = feat_mov.detach()
     if cfg.normalize_features:
         feat_fix, feat_mov = standardize(feat_fix), standardize(feat_mov)
-    low = resample_disp(disp.detach(), tuple(feat_fix.shape[2:]), float(factor))
+    low = resample_disp(disp, tuple(feat_fix.shape[2:]), float(factor))
     param = torch.nn.Parameter(low.clone())
     opt = torch.optim.Adam([param], lr=cfg.lr)
     data_term = WarpedMSE(feat_fix, feat_mov)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 def _check(name: str, x: torch.Tensor) -> None:
     if x.ndim != 5 or x.shape[1] != 1:
         raise ValueError(f"{name}: expected (B, 1, D, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():  # local means of integers would be floored by average pooling
+        raise ValueError(f"{name}: expected a floating-point (preprocessed) image, got {x.dtype}")
 
 
 def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:

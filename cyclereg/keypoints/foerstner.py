@@ -370,6 +370,7 @@ def foerstner_keypoints(img: torch.Tensor, spacing_mm, mask: torch.Tensor | None
         raise ValueError(f"img: expected real intensities, got {img.dtype}")
     if not torch.isfinite(img).all():
         raise ValueError("img: holds NaN or inf intensities")
+    img = img.detach()  # a detector, not a differentiable op: an image with a graph gives the same keypoints
     try:
         spacing = [float(v) for v in spacing_mm]
     except (TypeError, ValueError):
