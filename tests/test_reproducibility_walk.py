@@ -183,6 +183,23 @@ def test_the_named_stage0_network_of_a_large_seed_can_be_evaluated(tmp_path):
     api.evaluate(ds, tmp_path / "r.json", model="random", seed=seed, device="cpu")
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: CloudCycleConfig.__post_init__ (training/clouds.py) checks seed >= 0 "
+                   "but not seed <= errors.MAX_SEED, so a run.json edited to seed 2**64 passes the check and cycle "
+                   "stops with exit 1 on 'ValueError: Overflow when unpacking long long' from torch's manual_seed "
+                   "instead of the one-line error naming run.json that other edited settings get")
+def test_a_run_json_seed_beyond_the_seed_range_is_named_not_an_overflow(tmp_path):
+    ds = _dataset(tmp_path, n=2)
+    run = tmp_path / "run"
+    pretrain_random(ds, run, fold=1, device="cpu", **{**LIB, "stages": 1, "epochs": 1})
+    meta = json.loads((run / "run.json").read_text())
+    meta["config"]["seed"] = 2**64
+    (run / "run.json").write_text(json.dumps(meta))
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "run.json" in said and "seed" in said, (res.output, res.exception)
+    assert not (run / "fold1" / "stage1.pt").exists()
+
+
 # ----------------------------------------------------------------------------- global state
 def _global_state() -> dict:
     return {"torch_rng": torch.random.get_rng_state(), "numpy_rng": np.random.get_state()[1].copy(),
