@@ -2,8 +2,8 @@
 
 Tiny runs (three keypoint pairs, fold 1 trained for 2 stages of 2 epochs; four 24x24x32 volumes for 2 stages
 of 2 iterations) made twice with the same seed, once with another seed, once stopped after stage 1
-(``cycle --stages 1``) and resumed, folds made all at once or one at a time; reports of `evaluate` made in one
-go or interrupted and resumed (``--resume``). The rules checked: the same seed gives bitwise equal weights,
+(``cycle --stages 1``) and resumed, stage-0 labelling killed after one pair and run again, folds made all at
+once or one at a time; reports of `evaluate` made in one go or interrupted and resumed (``--resume``). The rules checked: the same seed gives bitwise equal weights,
 pseudo labels, sampling weights and report figures (timings aside), another seed other ones; a resumed run
 ends where an uninterrupted one does; a fold's result does not depend on which other folds a command ran;
 a run's recorded configuration (``run.json``) fed back reproduces it; library calls leave the caller's
@@ -125,7 +125,7 @@ def test_a_fold_made_alone_equals_that_fold_of_a_run_of_all_folds(tmp_path):
     """``pretrain-random`` and ``cycle`` over every fold in one command, or fold 2 alone in a run of its own:
     fold 2's labels and weights are the same, and so is ``evaluate --run``'s figure of its held-out pair c1
     with ``--folds all`` and with ``--folds 2``."""
-    ds = _dataset(tmp_path)
+    ds = _dataset(tmp_path, n=2)
     args = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--device", "cpu", *CHEAP_LABELS]
     _ok(["pretrain-random", ds, "-o", tmp_path / "all", *args])
     _ok(["cycle", ds, "--run", tmp_path / "all"])
@@ -137,9 +137,38 @@ def test_a_fold_made_alone_equals_that_fold_of_a_run_of_all_folds(tmp_path):
     every = api.evaluate(ds, tmp_path / "all.json", run=tmp_path / "all", device="cpu")
     alone = api.evaluate(ds, tmp_path / "one.json", run=tmp_path / "one", folds=2, device="cpu")
     (c1,) = [c for c in every["cases"] if c["id"] == "c1"]
-    assert len(every["cases"]) == 3 and alone["cases"][0]["id"] == "c1"
+    assert len(every["cases"]) == 2 and alone["cases"][0]["id"] == "c1"
     assert {k: v for k, v in c1.items() if k not in TIMING} == \
         {k: v for k, v in alone["cases"][0].items() if k not in TIMING}
+
+
+def test_stage0_labelling_killed_after_one_pair_resumes_to_the_uninterrupted_labels(tmp_path, monkeypatch):
+    """With test-time augmentation and a re-centred pass in the label refinement (random copies per pair):
+    ``pretrain-random`` killed while labelling the second training pair, then run again (the caller's
+    generator reseeded in between) gives the uninterrupted run's labels and sampling weights."""
+    from cyclereg.training.clouds import CloudCycleTask
+
+    ds = _dataset(tmp_path)
+    options = {**LIB, "stages": 1, "epochs": 1, "tta_passes": 2, "recentre_passes": 1}
+    pretrain_random(ds, tmp_path / "a", fold=1, device="cpu", **options)
+    real = CloudCycleTask._label_part
+    labelled = []
+
+    def killed_at_the_second_pair(self, model, pair, labeller):
+        labelled.append(pair.id)
+        if len(labelled) == 2:
+            raise KeyboardInterrupt
+        return real(self, model, pair, labeller)
+
+    monkeypatch.setattr(CloudCycleTask, "_label_part", killed_at_the_second_pair)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_random(ds, tmp_path / "b", fold=1, device="cpu", **options)
+    assert not (tmp_path / "b" / "fold1" / "pseudo0.pt").exists()
+    assert [p.name for p in (tmp_path / "b" / "fold1" / "pseudo0.parts").iterdir()] == ["c1.pt"]
+    monkeypatch.setattr(CloudCycleTask, "_label_part", real)
+    torch.manual_seed(99)
+    pretrain_random(ds, tmp_path / "b", fold=1, device="cpu")
+    assert _same_labels(tmp_path / "a", tmp_path / "b", 0)
 
 
 # ----------------------------------------------------------------------------- recorded configuration
