@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cyclereg.errors import (InputError, refuse_empty_paths, refuse_output_in_run, require_checkpoint_file, require_count,
-                             require_file, require_seed, require_separate_output, require_switches)
+from cyclereg.errors import (MAX_MODEL_SEED, InputError, refuse_empty_paths, refuse_output_in_run,
+                             require_checkpoint_file, require_count, require_file, require_seed, require_separate_output,
+                             require_switches)
 
 __all__ = ["keypoints", "register", "RegisterResult", "evaluate", "is_volume_file", "refuse_options", "require_inputs",
            "require_switches", "require_run_dir"]
@@ -175,7 +176,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     if model != "random":
         require_checkpoint_file(model)
         refuse_options({"--seed": seed}, SEED_SCOPE)
-    seed = 0 if seed is None else require_seed(seed)
+    seed = 0 if seed is None else require_seed(seed, largest=MAX_MODEL_SEED)  # the random network's own seed
     if is_volume_file(fixed) != is_volume_file(moving):
         volume, cloud = (fixed, moving) if is_volume_file(fixed) else (moving, fixed)
         raise InputError(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
@@ -294,7 +295,7 @@ def evaluate(dataset: Path | str, report: Path | str, *, identity: bool = False,
     model = None if model is None else str(model)
     if model != "random":
         refuse_options({"--seed": seed}, SEED_SCOPE)
-    seed = 0 if seed is None else require_seed(seed)
+    seed = 0 if seed is None else require_seed(seed, largest=MAX_MODEL_SEED)  # the random network's own seed
     require_count("--stage", stage, 0)
     require_inputs(dataset)
     checkpoint = None if model in (None, "random") else model

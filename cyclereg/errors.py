@@ -261,11 +261,26 @@ two seeds would give the same draws, and training derives its stages' seeds from
 multiplication, which must stay within 64 bits."""
 
 
-def require_seed(seed: int | None, flag: str = "--seed") -> int | None:
+MAX_MODEL_SEED = 1000 * MAX_SEED + 1
+"""Largest seed of ``--model random``: the random networks a run's stages start from are seeded
+``1000 * seed + 0 or 1`` (:func:`cyclereg.training.scheduler.initial_network_seed`), and
+``evaluate --run RUN --stage 0`` names that seed for ``--model random``, so every run seed's network
+can be built again (well inside torch's 64-bit seeds)."""
+
+
+def require_seed(seed: int | None, flag: str = "--seed", largest: int = MAX_SEED) -> int | None:
     """Return ``seed`` (``None`` = not given), raising :class:`InputError` naming ``flag`` unless it is a
-    whole number from 0 to :data:`MAX_SEED`."""
-    if seed is not None and (not whole_number(seed) or not 0 <= seed <= MAX_SEED):
-        raise InputError(f"{flag} {seed!r}: need a whole number from 0 to {MAX_SEED}{_int_hint(seed)}")
+    whole number from 0 to ``largest`` (:data:`MAX_SEED`; a random network's seed: :data:`MAX_MODEL_SEED`)."""
+    if seed is not None and (not whole_number(seed) or not 0 <= seed <= largest):
+        raise InputError(f"{flag} {seed!r}: need a whole number from 0 to {largest}{_int_hint(seed)}")
+    return seed
+
+
+def require_config_seed(seed) -> int:
+    """A configuration's ``seed`` (e.g. from a run.json edited by hand): :class:`ValueError` unless a whole
+    number from 0 to :data:`MAX_SEED` (a larger one overflowed in torch's ``manual_seed`` mid-run)."""
+    if not whole_number(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r}: need a whole number from 0 to {MAX_SEED}")
     return seed
 
 

@@ -278,7 +278,8 @@ def test_library_callers_get_input_errors_json_reports_and_their_rng_back(clouds
     f, m = clouds / "f.csv", clouds / "m.csv"
     for seed, message in ((1.5, "--seed 1.5: need a whole number"), ("x", "--seed 'x': need a whole number"),
                           (-1, "--seed -1: need a whole number from 0"), (True, "--seed True: need a whole number"),
-                          (2**32, "--seed 4294967296: need a whole number from 0 to 4294967295"),
+                          # a random network's seed reaches the largest a run's stage-0 network has (errors.MAX_MODEL_SEED)
+                          (1000 * 2**32, "--seed 4294967296000: need a whole number from 0 to 4294967295001"),
                           (2**64, "--seed 18446744073709551616: need a whole number")):
         with pytest.raises(InputError, match=re.escape(message)):
             api.register(f, m, out / "r", seed=seed, device="cpu")

@@ -183,9 +183,6 @@ def test_a_recorded_configuration_fed_back_with_its_seed_reproduces_the_run(runs
     assert _same_labels(root / "c", tmp_path / "again", 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pretrain_random(config=...) replaces the config's seed by 0 when "
-                   "seed= is not given (training/api.py _cloud_pretrain: replace(config, seed=_seed(seed, stored))), "
-                   "so a run.json configuration fed back trains with another seed, silently")
 def test_a_recorded_configuration_fed_back_keeps_its_seed(runs, tmp_path):
     root, ds = runs
     recorded = json.loads((root / "c" / "run.json").read_text())["config"]  # seed 1
@@ -194,10 +191,6 @@ def test_a_recorded_configuration_fed_back_keeps_its_seed(runs, tmp_path):
     assert _same_labels(root / "c", tmp_path / "again", 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the error of evaluate --run RUN --stage 0 names '--model random --seed "
-                   "N' with N = 1000 x the run's seed (training/scheduler.py initial_network_seed), which evaluate "
-                   "refuses for N > 2^32 - 1 (errors.MAX_SEED): a run seeded 4294968 or more names a command that "
-                   "cannot run, and its stage-0 network cannot be evaluated at all")
 def test_the_named_stage0_network_of_a_large_seed_can_be_evaluated(tmp_path):
     ds = _dataset(tmp_path, n=2)
     try:
@@ -212,10 +205,6 @@ def test_the_named_stage0_network_of_a_large_seed_can_be_evaluated(tmp_path):
     api.evaluate(ds, tmp_path / "r.json", model="random", seed=seed, device="cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CloudCycleConfig.__post_init__ (training/clouds.py) checks seed >= 0 "
-                   "but not seed <= errors.MAX_SEED, so a run.json edited to seed 2**64 passes the check and cycle "
-                   "stops with exit 1 on 'ValueError: Overflow when unpacking long long' from torch's manual_seed "
-                   "instead of the one-line error naming run.json that other edited settings get")
 def test_a_run_json_seed_beyond_the_seed_range_is_named_not_an_overflow(tmp_path):
     ds = _dataset(tmp_path, n=2)
     run = tmp_path / "run"
@@ -280,10 +269,6 @@ def test_library_calls_leave_the_callers_global_state_and_repeat_alike(runs, tmp
         assert results[0] == results[1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a stage resumed from its snapshot sets torch's global generator to the "
-                   "state saved in the killed process (training/scheduler.py StageSnapshot.restore: "
-                   "torch.random.set_rng_state(state['global_rng'])), overwriting the caller's; an uninterrupted "
-                   "run_cycle leaves it alone, and training draws nothing from it")
 def test_a_resumed_stage_leaves_the_callers_global_generator(tmp_path, monkeypatch):
     ds = _dataset(tmp_path, n=2)
     pretrain_random(ds, tmp_path / "run", fold=1, device="cpu", **{**LIB, "stages": 1, "epochs": 2})
@@ -361,10 +346,6 @@ def test_an_interrupted_and_resumed_volume_evaluation_reports_what_one_go_does(v
     assert strip(resumed) == strip(whole)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: volume pretrain_random / run_cycle draw from the caller's global torch "
-                   "generator: DenseCycleTask.new_model (training/dense.py) builds FeatureNet(...) with torch's "
-                   "default initialisation outside torch.random.fork_rng before init_random replaces every value "
-                   "(the keypoint path's build_graph_net and dense load_model fork the generator)")
 def test_volume_training_leaves_the_callers_global_generator(volume_runs, tmp_path):
     root, ds = volume_runs
     torch.manual_seed(5)
@@ -383,8 +364,6 @@ def test_a_recorded_volume_configuration_fed_back_with_its_seed_reproduces_stage
     assert _same_labels(root / "p", tmp_path / "again", 0, "all")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: as for keypoint runs, pretrain_random(config=...) of a volume dataset "
-                   "replaces the config's seed by 0 when seed= is not given (training/api.py _dense_pretrain)")
 def test_a_recorded_volume_configuration_fed_back_keeps_its_seed(volume_runs, tmp_path):
     root, ds = volume_runs
     recorded = json.loads((root / "p" / "run.json").read_text())["config"]  # seed 2

@@ -236,6 +236,14 @@ def test_counts_seeds_and_switches_take_their_bounds_and_nothing_else():
     for bad in (-1, MAX_SEED + 1, True, 1.0):
         with pytest.raises(InputError, match="--seed"):
             require_seed(bad)
+    # a random network's seed: up to the seed of the last run seed's stage-1 network, one more refused
+    from cyclereg.errors import MAX_MODEL_SEED
+    from cyclereg.training.scheduler import initial_network_seed
+
+    assert MAX_MODEL_SEED == initial_network_seed(MAX_SEED, 1) == max(initial_network_seed(MAX_SEED, t) for t in (0, 1, 5))
+    assert require_seed(MAX_MODEL_SEED, largest=MAX_MODEL_SEED) == MAX_MODEL_SEED
+    with pytest.raises(InputError, match=f"--seed {MAX_MODEL_SEED + 1}: need a whole number from 0 to {MAX_MODEL_SEED}"):
+        require_seed(MAX_MODEL_SEED + 1, largest=MAX_MODEL_SEED)
     require_switches({"--adam": True, "--cpu": False, "--x": None})
     for bad in (1, 0, "no"):
         with pytest.raises(InputError, match="--adam .*expected True or False"):

@@ -346,9 +346,10 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
 
     Keypoint datasets get one run per cross-validation fold; volume datasets one run on
     their training pairs. ``options`` are the command-line overrides (``stages``,
-    ``epochs``, ``iterations``, ``augment``, ...); ``config`` replaces the defaults. Into an
-    existing run (e.g. to label another fold), options not given (and ``seed=None``) take the
-    run's values; given ones must agree with them. A new run's ``seed`` defaults to 0.
+    ``epochs``, ``iterations``, ``augment``, ...); ``config`` replaces the defaults, its seed
+    included unless ``seed`` is given (a run.json configuration fed back makes the same run). Into an
+    existing run (e.g. to label another fold), options not given (and ``seed=None`` without ``config``)
+    take the run's values; given ones must agree with them. A new run's ``seed`` defaults to 0.
     ``val_pairs`` (reporting only, never used for training): after every stage, log the
     landmark TRE of the first N held-out pairs of the fold (keypoint datasets) or the Dice
     of the first N labelled ``registration_val`` pairs (volume datasets).
@@ -506,11 +507,13 @@ def _scheduler(task, directory, hook, **kw) -> StageScheduler:
     return StageScheduler(task, directory, hook=(lambda t, m: hook(t, m, task)) if hook else None, **kw)
 
 
-def _seed(seed: int | None, stored) -> int:
-    """The seed of ``pretrain-random``: the given one, else the existing run's (``stored``: its
-    configuration), else 0."""
+def _seed(seed: int | None, stored, given=None) -> int:
+    """The seed of ``pretrain-random``: the given one, else the given configuration's (``given``: a run.json
+    configuration fed back keeps its seed), else the existing run's (``stored``: its configuration), else 0."""
     if seed is not None:
         return int(require_seed(seed))
+    if given is not None:
+        return int(require_seed(given.seed))
     return int(stored.seed) if stored is not None else 0
 
 
@@ -519,8 +522,9 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     folds = select_folds(ds, fold)
     ident = _identity(ds)  # hashes every keypoint file once
     stored = _check_cloud_run(run, ds, None, ident) if (run / "run.json").exists() else None
+    given = config
     config = cycle_config(base=config if config is not None else stored, **options)
-    config = replace(config, seed=_seed(seed, stored))
+    config = replace(config, seed=_seed(seed, stored, given))
     dev = resolve_device(device)
     meta = {**ident, "config": to_jsonable(config)}
     meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident), stages_given="stages" in options)
@@ -803,9 +807,9 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
 
 def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -> Path:
     stored = _dense_run_config(run, _read_meta(run, "volumes")) if (run / "run.json").exists() else None
-    base = config if config is not None else stored
-    config = dense_cycle_config(base=base, **options)
-    config = replace(config, seed=_seed(seed, stored))
+    given = config
+    config = dense_cycle_config(base=config if config is not None else stored, **options)
+    config = replace(config, seed=_seed(seed, stored, given))
     dev = resolve_device(device)
     images, pairs = _dense_training_set(dataset, config)
     ident = _dense_identity(dataset, images, pairs)

@@ -136,9 +136,10 @@ class CloudCycleConfig:
     def __post_init__(self):
         """Every setting checked by type and range: a run.json edited by hand reaches here unchecked otherwise
         (a text lr was a TypeError mid-stage, augment "no" counted as on, epochs 0 a ZeroDivisionError)."""
-        from cyclereg.errors import finite_number, whole_number
+        from cyclereg.errors import finite_number, require_config_seed, whole_number
 
-        for name, least in (("stages", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0), ("refine_lbp_iterations", 0),
+        require_config_seed(self.seed)
+        for name, least in (("stages", 1), ("epochs", 1), ("batch_size", 1), ("refine_lbp_iterations", 0),
                             ("refine_recentre_passes", 0), ("refine_tta_passes", 0), ("learn_recentre_passes", 0)):
             value = getattr(self, name)
             if not whole_number(value) or value < least:

@@ -128,6 +128,9 @@ class DenseCycleConfig:
     pipeline: DensePipelineConfig = field(default_factory=DensePipelineConfig)
 
     def validate(self) -> "DenseCycleConfig":
+        from cyclereg.errors import require_config_seed
+
+        require_config_seed(self.seed)
         if self.supervision not in SUPERVISIONS:
             raise ValueError(f"supervision: expected one of {SUPERVISIONS}, got {self.supervision!r}")
         if self.train_images not in ("held-out", "all"):
@@ -270,7 +273,8 @@ class DenseCycleTask:
 
     def new_model(self, stage: int) -> FeatureNet:
         # stage 1 starts from a different random initialisation than stage 0 (paper Sec. 2.2)
-        net = init_random(FeatureNet(self.pipeline.net), initial_network_seed(self.config.seed, stage))
+        with torch.random.fork_rng(devices=[]):  # torch's default layer initialisation, replaced: leave the caller's RNG be
+            net = init_random(FeatureNet(self.pipeline.net), initial_network_seed(self.config.seed, stage))
         return net.eval().to(self.device)
 
     def model_config(self) -> DensePipelineConfig:

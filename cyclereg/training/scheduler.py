@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import filecmp
 import hashlib
+import functools
 import json
 import re
 import shutil
@@ -132,7 +133,7 @@ class StageSnapshot:
             optimizer.load_state_dict(state["optimizer"])
             lr_schedule.load_state_dict(state["lr_schedule"])
             generator.set_state(state["generator"])
-            torch.random.set_rng_state(state["global_rng"])
+            torch.random.set_rng_state(state["global_rng"])  # inside StageScheduler's fork: the caller's stays
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
@@ -380,6 +381,17 @@ def sampling_note(n_pairs: int, *, enabled: bool, logit_range: float) -> str | N
     share = weights[str(n_pairs - 1)] / sum(weights.values())
     return (f"difficulty-weighted sampling over {n_pairs} training pairs gives the hardest {100 * share:.1f} % of "
             f"the draws (uniform: {100 / n_pairs:.0f} %); --uniform-sampling trains on every pair alike")
+
+
+def _own_global_rng(method):
+    """``method`` run on a fork of torch's global CPU generator: whatever a stage draws from it, or sets it
+    to (a resumed stage restores the killed run's state, :meth:`StageSnapshot.restore`), the caller's
+    generator is as it was afterwards, as after an uninterrupted run."""
+    @functools.wraps(method)
+    def forked(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return method(*args, **kwargs)
+    return forked
 
 
 class StageScheduler:
@@ -728,6 +740,7 @@ class StageScheduler:
                 shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ stages
+    @_own_global_rng
     def run_stage0(self, progress=None) -> None:
         """Pseudo labels from a randomly initialised network (skipped if already present)."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -752,6 +765,7 @@ class StageScheduler:
         done = self.last_finished_stage()
         return settled_stage({t: r for t, r in self._stage_log().items() if t <= done}, stop_below_mm)
 
+    @_own_global_rng
     def run(self, stages: int, progress=None, stop_below_mm: float | None = None) -> int:
         """Run (or resume) up to ``stages``; returns the last finished stage. With ``stop_below_mm``
         [mm], stop after the first stage whose refresh moves the pseudo labels less than that on
