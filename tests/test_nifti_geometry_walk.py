@@ -29,6 +29,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from cyclereg.clouds.api import register_volumes_via_keypoints  # imports torch_geometric (1.6 s): at collection
 from cyclereg.errors import InputError
 from cyclereg.pointio import read_points
 from cyclereg.volumeio import read_nifti
@@ -94,8 +95,6 @@ def test_register_via_keypoints_is_the_same_in_mm_for_reoriented_scans(tmp_path)
     permuted: the same displacements.csv, the same dense field in mm at every world point (--disp-mm),
     and the same warped scan, each on its own fixed grid (warped voxel v of the reoriented run is the
     first run's voxel at the same world point)."""
-    from cyclereg.clouds.api import register_volumes_via_keypoints
-
     big = _texture((40, 40, 40), seed=3)
     scans = {"f": big[3:35, 4:36, 5:37], "m": big[4:36, 4:36, 4:36]}
     flip, perm = (0, 2), (1, 2, 0)
