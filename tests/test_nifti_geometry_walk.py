@@ -90,6 +90,28 @@ def test_keypoints_in_mm_do_not_depend_on_how_the_array_is_stored(tmp_path, flip
     assert len(a) >= 5 and _rows(a) == _rows(b)
 
 
+@pytest.mark.parametrize("flip, perm", STORAGES[1:])
+def test_lung_mask_keypoints_do_not_depend_on_how_the_array_is_stored(tmp_path, flip, perm):
+    """``keypoints --lung-mask`` on a chest phantom stored with its axial axis moved to another array axis
+    (and flipped): the lung mask finds the axial axis from the affine, its radii and minimum volume are in
+    mm, so the same lung-mask voxel count and the same keypoints in world mm."""
+    from test_keypoints import chest_phantom
+
+    from cyclereg.keypoints.api import detect_keypoints_file
+
+    ct, _ = chest_phantom((96, 80, 40))
+    affine = np.array([[1.5, 0.0, 0.0, -10.0], [0.0, 1.5, 0.0, 5.0], [0.0, 0.0, 2.5, 3.0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(ct, affine), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(*_reorient(ct, affine, flip, perm)), tmp_path / "b.nii.gz")
+    voxels = []
+    for name in "ab":
+        detect_keypoints_file(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.csv", lung_mask=True, device="cpu",
+                              verbose=False, save_mask=tmp_path / f"{name}_mask.nii.gz")
+        voxels.append(int(np.asarray(nib.load(tmp_path / f"{name}_mask.nii.gz").dataobj).sum()))
+    a, b = (read_points(tmp_path / f"{n}.csv").numpy() for n in "ab")
+    assert voxels[0] == voxels[1] > 0 and len(a) >= 10 and _rows(a) == _rows(b)
+
+
 def test_register_via_keypoints_is_the_same_in_mm_for_reoriented_scans(tmp_path):
     """``register --via-keypoints`` of a pair and of the same pair with both scans stored flipped and
     permuted: the same displacements.csv, the same dense field in mm at every world point (--disp-mm),
