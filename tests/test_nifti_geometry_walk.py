@@ -204,8 +204,8 @@ def test_register_writes_scaled_intensities_on_the_fixed_affine(tmp_path):
     labels = np.zeros((16, 16, 16), dtype=np.uint8)
     labels[4:12, 4:12, 4:12], labels[6:9, 6:9, 6:9] = 7, 200
     nib.save(nib.Nifti1Image(labels, affine), tmp_path / "l.nii.gz")
-    register_volume_files(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", tmp_path / "out", moving_labels=tmp_path / "l.nii.gz",
-                          warps=1, adam=False, device="cpu")
+    register_volume_files(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", tmp_path / "out",
+                          moving_labels=tmp_path / "l.nii.gz", warps=1, adam=False, device="cpu")
     warped = nib.load(tmp_path / "out" / "warped.nii.gz")
     assert warped.get_data_dtype() == np.float32
     # registering a scan to itself moves it by far less than a voxel: the values are the scaled ones
