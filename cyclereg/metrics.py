@@ -6,6 +6,7 @@ fixed -> moving.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cyclereg.frames import check_displacement, floating_dtype
@@ -259,7 +260,6 @@ def dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels=None) -
 
 
 def _surface(mask):
-    import numpy as np
     from scipy import ndimage
 
     er = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
@@ -270,7 +270,6 @@ def _label_boxes(labels):
     """``scipy.ndimage.find_objects`` of a non-negative integer label map (numpy): per label value
     ``v >= 1`` the slices of its bounding box at index ``v - 1`` (None where absent), in one pass;
     ``None`` for other maps (then :func:`_union_box` searches label by label)."""
-    import numpy as np
     from scipy import ndimage
 
     if (labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
@@ -282,7 +281,6 @@ def _label_boxes(labels):
 def _union_box(lab: int, boxes, maps):
     """``(first, last)`` voxel indices ``(3,)`` of the box around label ``lab`` in both ``maps``,
     ``None`` when the second map (the warped one) lacks it; ``boxes``: their :func:`_label_boxes`."""
-    import numpy as np
 
     ends = []
     for found, m in zip(boxes, maps):
@@ -298,19 +296,42 @@ def _union_box(lab: int, boxes, maps):
     return np.min([e[0] for e in present], axis=0), np.max([e[1] for e in present], axis=0)
 
 
+ORTHOGONAL_AXES_TOLERANCE = 1e-9
+"""A voxel -> mm linear map whose columns' dot products are below this (relative to the largest squared
+column) has orthogonal axes: :func:`hd95` measures it with the column lengths alone."""
+
+
+def _voxel_metric(spacing) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(voxel sizes (3,), None)`` for three voxel sizes [mm] or a (3, 3) voxel -> mm linear map with orthogonal
+    axes (a rotation or flip of a scaled grid: lengths are its column lengths); ``(column lengths, the map)``
+    for a map with shear, whose lengths need the whole map. :class:`ValueError` naming ``spacing`` otherwise."""
+    scale = np.asarray(spacing, dtype=np.float64)
+    if scale.shape == (3, 3):
+        if not np.isfinite(scale).all() or np.linalg.svd(scale, compute_uv=False).min() <= 0:
+            raise ValueError("spacing: expected a finite, invertible (3, 3) voxel -> mm map")
+        sizes = np.sqrt((scale ** 2).sum(0))  # as Volume.spacing computes them
+        gram = scale.T @ scale
+        sheared = np.abs(gram - np.diag(np.diag(gram))).max() > ORTHOGONAL_AXES_TOLERANCE * gram.diagonal().max()
+        return sizes, (scale if sheared else None)
+    if scale.shape != (3,) or not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"spacing={tuple(np.ravel(scale))}: expected three positive voxel sizes [mm] or a (3, 3) "
+                         "voxel -> mm map")
+    return scale, None
+
+
 def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 1.0, 1.0), labels=None,
          percentile: float = 95.0) -> dict[int, float]:
     """Robust (95th percentile) symmetric Hausdorff distance per label, in mm.
 
     Surfaces are the mask voxels with a 6-neighbour outside the mask; the distance from
     each surface voxel of one map to the nearest surface voxel of the other map is Euclidean at
-    ``spacing`` (mm along i, j, k; exact nearest neighbours from a k-d tree, the values a
+    ``spacing`` (mm along i, j, k, or the grid's (3, 3) voxel -> mm linear map, e.g. ``affine[:3, :3]``,
+    which measures a sheared grid in world mm; exact nearest neighbours from a k-d tree, the values a
     distance transform gives); the result is the larger of the two directed 95th percentiles.
     Each label is worked on inside the bounding box of both maps' voxels of it (found for all
     labels in one pass). ``labels`` as for :func:`dice`, except that a label absent
     from ``warped_labels`` has no surface to measure and is left out (Dice scores it 0).
     """
-    import numpy as np
     from scipy.spatial import cKDTree
 
     check_label_maps(fixed_labels, warped_labels)
@@ -319,9 +340,7 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
         raise ValueError(f"fixed_labels: expected (D, H, W) or (1, 1, D, H, W), got {tuple(fixed_labels.shape)}")
     grid = fixed_labels.shape[-3:]
     fixed_labels, warped_labels = fixed_labels.reshape(grid), warped_labels.reshape(grid)
-    scale = np.asarray(spacing, dtype=np.float64)
-    if scale.shape != (3,) or not (np.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError(f"spacing={tuple(spacing)}: expected three positive voxel sizes [mm]")
+    scale, linear = _voxel_metric(spacing)
     # NumPy has no bfloat16 (and a map may carry an autograd graph): whole-number values survive float32
     fa, wa = (t.detach().cpu().to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype).numpy()
               for t in (fixed_labels, warped_labels))
@@ -336,7 +355,8 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
         sl = tuple(slice(l, h) for l, h in zip(lo, hi))
         a, b = fa[sl] == lab, wa[sl] == lab
         # surface voxels in mm; each one's distance to the nearest surface voxel of the other map
-        pa, pb = (np.argwhere(_surface(m)) * scale for m in (a, b))
+        pa, pb = ((np.argwhere(_surface(m)) * scale) if linear is None else np.argwhere(_surface(m)) @ linear.T
+                  for m in (a, b))
         a_to_b, _ = cKDTree(pb).query(pa)
         b_to_a, _ = cKDTree(pa).query(pb)
         out[int(lab)] = float(max(np.percentile(a_to_b, percentile), np.percentile(b_to_a, percentile)))

@@ -87,6 +87,29 @@ MIN_VOXEL_SIZE_MM = 1e-6
 is refused: points and fields cannot be mapped back to voxels."""
 
 
+MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}
+"""Millimetres per spatial unit a NIfTI header can name (``xyzt_units``); ``unknown`` is read as mm."""
+
+
+def _stored_zooms(img) -> np.ndarray | None:
+    """``pixdim[1:4]`` as the file stores them (nibabel's loading sets a zero one to 1); ``None`` when the
+    header cannot be read again."""
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # a .hdr/.img pair, or one .nii(.gz) file
+        with holder.get_prepare_fileobj("rb") as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # noqa: BLE001 - it was read once already: the check is skipped, not the file refused
+        return None
+
+
+def _spatial_unit(img) -> str:
+    """The spatial unit of ``img``'s header (a key of :data:`MM_PER_UNIT`); ``"mm"`` when unknown or unnamed."""
+    get = getattr(img.header, "get_xyzt_units", None)
+    unit = get()[0] if get is not None else "unknown"
+    return unit if unit in MM_PER_UNIT else "mm"
+
+
 def affine_problem(affine: np.ndarray) -> str | None:
     """Why a 4x4 voxel -> mm ``affine`` cannot be used (``None``: it can): non-finite entries, or a
     (nearly) singular linear part (a voxel size of zero along some direction)."""
@@ -157,10 +180,12 @@ def _beyond_label_range(lo, hi):
 
 
 def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
-    """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped).
+    """Read a 3-D NIfTI (a trailing singleton 4th axis is dropped). The affine is in mm: a header in metres or
+    microns (``xyzt_units``) is converted (:data:`MM_PER_UNIT`, a note says so once per file).
 
     Raises :class:`InputError` naming the file if it is missing, unreadable, not 3-D, empty, complex-valued or
-    not scalar (RGB), holds NaN/inf, or has an unusable affine (:func:`affine_problem`).
+    not scalar (RGB), holds NaN/inf, or has an unusable affine (:func:`affine_problem`; a zero pixdim where the
+    pixdims place the volume, no sform).
     """
     import nibabel as nib  # noqa: PLC0415
 
@@ -181,11 +206,22 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
     if arr.dtype.fields is not None or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         kind = "RGB / RGBA colour" if arr.dtype.fields is not None else str(arr.dtype)
         raise InputError(f"{kind} voxels: expected a scalar (one value per voxel) image or label map", p)
-    problem = affine_problem(img.affine)
+    if isinstance(img.header, nib.Nifti1Header):  # NIfTI-2 and .hdr/.img pairs too
+        qform_code, sform_code = int(img.header["qform_code"]), int(img.header["sform_code"])
+        zooms = _stored_zooms(img) if sform_code == 0 else None
+        if zooms is not None and not (zooms != 0).all():  # nibabel puts 1 mm there (a log line at most)
+            axis = int(np.flatnonzero(zooms == 0)[0])
+            raise InputError(f"pixdim[{axis + 1}] is 0, and the pixdims place this volume (no sform): its voxel size "
+                             f"along array axis {axis} is unknown; fix the header", p)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    unit = _spatial_unit(img)
+    if unit != "mm":  # the package's world frame is mm: the affine is converted, and every output says mm
+        affine = np.diag([MM_PER_UNIT[unit]] * 3 + [1.0]) @ affine
+        _note_once(p, "unit", f"its header's spatial unit is {unit}: its affine is read in mm (x{MM_PER_UNIT[unit]:g})")
+    problem = affine_problem(affine)
     if problem:
         raise InputError(problem, p)
-    if isinstance(img, nib.Nifti1Image):
-        qform_code, sform_code = int(img.header["qform_code"]), int(img.header["sform_code"])
+    if isinstance(img.header, nib.Nifti1Header):
         if qform_code == sform_code == 0:
             _note_unknown_orientation(p)
         elif qform_code > 0 and sform_code > 0:
@@ -217,7 +253,7 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
         if narrowed and not np.isfinite(arr).all():
             raise InputError(f"volume value out of range (beyond float32's {np.finfo(np.float32).max:.1e})", p)
         data = torch.from_numpy(arr)
-    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), path=p)
+    return Volume(data=data, affine=affine, path=p)
 
 
 DISPLACEMENT_INTENT_NAMES = {"voxel": "disp voxel ijk", "mm": "disp mm xyz"}

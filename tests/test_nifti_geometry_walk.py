@@ -306,8 +306,6 @@ def test_hd95_on_an_oblique_permuted_grid_is_the_world_distance(tmp_path):
     assert _initial_hd95(tmp_path, ds) == pytest.approx(np.sqrt(13.0))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: HD95 measures with per-axis spacing (column norms of the affine), "
-                                       "not world mm, on a sheared grid (dense/api.py pair_scores(..., fv.spacing))")
 def test_hd95_on_a_sheared_grid_is_the_world_distance(tmp_path):
     """A sheared grid (read and written as such: write_nifti keeps the sform) with columns (1, 0, 0) and
     (-1, 1, 0): voxels (6, 6, 6) and (7, 7, 6) lie 1 mm apart in the world, (0, 1, 0) mm. HD95 is in mm
@@ -328,8 +326,6 @@ def _world_mm(img) -> np.ndarray:
     return scale @ img.affine
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: volumeio.read_nifti ignores xyzt_units: a scan in micron (or metre) "
-                                       "gives keypoints 1000x off in 'mm' (or a wrong 'sigma too large' error)")
 def test_keypoints_of_a_scan_in_microns_are_in_mm(tmp_path):
     """The same scan with 2 mm voxels, once in a header in mm and once in microns (2000 um voxels): the
     same keypoints in world mm, or the micron file refused naming its unit; never x_mm = 1000 x the truth."""
@@ -349,8 +345,6 @@ def test_keypoints_of_a_scan_in_microns_are_in_mm(tmp_path):
     assert _rows(read_points(tmp_path / "um.csv").numpy()) == _rows(read_points(tmp_path / "mm.csv").numpy())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register copies a metre-unit scan's affine into outputs whose header "
-                                       "says mm (volumeio.write_nifti sets xyzt_units mm): 1000x misplaced in ITK etc.")
 def test_register_outputs_of_scans_in_metres_lie_where_the_fixed_scan_does(tmp_path):
     """Fixed and moving scans in a header in metres (2 x 1.5 x 2.5 mm voxels as 0.002 ...): every output's
     voxel -> world mm map (affine times its header's unit) equals the fixed scan's, or the scans are refused
@@ -374,9 +368,6 @@ def test_register_outputs_of_scans_in_metres_lie_where_the_fixed_scan_does(tmp_p
         np.testing.assert_allclose(_world_mm(nib.load(tmp_path / "out" / name)), fixed_mm, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a zero pixdim of a qform-only / orientation-less header is repaired "
-                                       "to 1 mm by nibabel and read without a word (volumeio.affine_problem sees the "
-                                       "repaired affine), though its message says a zero pixdim is refused")
 @pytest.mark.parametrize("codes", ["qform only", "no orientation"])
 def test_a_zero_pixdim_is_refused_or_named(tmp_path, capsys, codes):
     """pixdim[2] = 0 where the pixdims place the volume (qform code 1 and sform code 0, or both codes 0):
@@ -394,3 +385,49 @@ def test_a_zero_pixdim_is_refused_or_named(tmp_path, capsys, codes):
     notes = [line.split(str(path), 1)[1] for line in capsys.readouterr().err.splitlines()
              if line.startswith("note:") and str(path) in line]  # the text after the path (which holds "pixdim")
     assert any("pixdim" in text for text in notes), notes
+
+
+def test_a_zero_pixdim_of_an_analyze_style_pair_is_refused_naming_the_header(tmp_path):
+    """The same zero pixdim in a .hdr/.img pair without an sform: refused naming the file (the stored header is
+    read again, as nibabel's loading sets the zero to 1)."""
+    img = nib.Nifti1Pair(np.arange(120, dtype=np.int16).reshape(4, 5, 6), None)
+    img.set_qform(np.diag([2.0, 3.0, 4.0, 1.0]), code=1)
+    img.set_sform(None, code=0)
+    nib.save(img, tmp_path / "v.img")
+    _patch_float(tmp_path / "v.hdr", PIXDIM + 12, 0.0)  # pixdim[3]
+    with pytest.raises(InputError, match=r"pixdim\[3\] is 0, and the pixdims place this volume .* axis 2"):
+        read_nifti(tmp_path / "v.img")
+
+
+def test_a_metre_header_is_read_in_mm_with_one_note(tmp_path, capsys):
+    """A header in metres: the affine read is 1000x its numbers (mm), said once per file on stderr."""
+    from cyclereg import volumeio
+
+    nifti = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([0.002, 0.0015, 0.0025, 1.0]))
+    nifti.header.set_xyzt_units("meter")
+    nib.save(nifti, tmp_path / "m.nii")
+    volumeio._NOTED.clear()
+    for _ in range(2):
+        np.testing.assert_allclose(read_nifti(tmp_path / "m.nii").affine, np.diag([2.0, 1.5, 2.5, 1.0]))
+    notes = [line for line in capsys.readouterr().err.splitlines() if "spatial unit is meter" in line]
+    assert len(notes) == 1 and str(tmp_path / "m.nii") in notes[0]
+
+
+def test_hd95_takes_a_rotated_grid_map_as_its_column_lengths():
+    """``hd95`` with a (3, 3) voxel -> mm map of orthogonal axes (a rotation times voxel sizes): exactly the
+    figures of the three voxel sizes; with shear, the world distances (here 1 mm where sizes say sqrt 3)."""
+    from cyclereg.metrics import hd95
+
+    a = torch.zeros(8, 8, 8, dtype=torch.int64)
+    b = torch.zeros(8, 8, 8, dtype=torch.int64)
+    a[2:5, 2:5, 2:5] = 1
+    b[3:6, 3:6, 2:5] = 1
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotated = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([2.0, 1.5, 2.5])
+    sizes = np.sqrt((rotated ** 2).sum(0))
+    assert hd95(a, b, spacing=rotated) == hd95(a, b, spacing=tuple(sizes))
+    sheared = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert hd95(a, b, spacing=sheared)[1] == pytest.approx(1.0)
+    assert hd95(a, b, spacing=(1.0, np.sqrt(2.0), 1.0))[1] == pytest.approx(np.sqrt(3.0))
+    with pytest.raises(ValueError, match="spacing: expected a finite, invertible"):
+        hd95(a, b, spacing=np.zeros((3, 3)))

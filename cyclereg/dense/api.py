@@ -274,7 +274,8 @@ def pair_scores(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, warped_
     Args:
         fixed_labels, moving_labels, warped_labels: integer maps ``(D, H, W)`` on the fixed grid.
         disp: ``(1, 3, D, H, W)`` field in fixed-grid voxels, fixed -> moving.
-        spacing: voxel size (i, j, k) in mm, for HD95.
+        spacing: voxel size (i, j, k) in mm, or the fixed grid's (3, 3) voxel -> mm map, for HD95
+            (:func:`~cyclereg.metrics.hd95`).
     Returns:
         mean and per-label Dice (before/after), HD95 [mm], Learn2Reg SDlogJ, std(log J)
         and the folding fraction (J <= 0); ``erased_labels``: the scored labels the warp removed
@@ -522,7 +523,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                 disp = register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float()
             seconds = time.perf_counter() - t0
             warped_l = warp_labels(ml.data[None, None], disp)[0, 0]
-            scores = pair_scores(fl.data, ml.data, warped_l, disp, fv.spacing)
+            scores = pair_scores(fl.data, ml.data, warped_l, disp, fv.affine[:3, :3])  # world mm, shear too
             # "seconds": the registration alone (the method's run time); scoring (label warp, Dice, HD95's
             # distance transforms, Jacobian) can take longer and is reported beside it
             rec = {"id": p.id, "fixed": str(p.fixed), "moving": str(p.moving), **scores, "seconds": seconds,
