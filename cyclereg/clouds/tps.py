@@ -25,7 +25,8 @@ def spans_volume(points: torch.Tensor) -> bool:
     singular in exact arithmetic, but floating point hides it from the solver (values of 1e7 came back)."""
     if points.shape[0] < 4:
         return False
-    centred = points.double() - points.double().mean(0)
+    centred = points.detach().double()  # a geometric test: no graph (the spline stays differentiable)
+    centred = centred - centred.mean(0)
     sv = torch.linalg.svdvals(centred)
     return bool(sv[-1] > PLANAR_TOLERANCE * max(float(sv[0]), 1e-12))
 
