@@ -439,3 +439,16 @@ def test_minconv_kernel_refuses_tensors_that_are_not_float32():
     b, cs, cd = _search_problem()
     with pytest.raises(ValueError, match="^cand_dst: the C kernel reads float32 CPU tensors, got torch.float64"):
         cloud_native.search(b, cs, cd.double(), 10.0, 0)
+
+
+@pytest.mark.parametrize("which", ["fixed", "moving"])
+def test_dense_register_refuses_images_of_another_dtype_than_the_network(which):
+    """A float64 (or integer) image with a float32 network: refused naming the image, as ``register_clouds``
+    refuses points of another dtype than its network (it met the convolution as a torch dtype error)."""
+    g = _gen(0)
+    images = {"fixed": torch.rand(1, 1, 12, 13, 14, generator=g), "moving": torch.rand(1, 1, 12, 13, 14, generator=g)}
+    net = random_feature_net(_ADAM_NET, 0)
+    for bad in (torch.float64, torch.int64):
+        args = {**images, which: (images[which] * 100).to(bad)}
+        with pytest.raises(ValueError, match=f"^{which}: {bad} on cpu, but the network is torch.float32 on cpu"):
+            register(args["fixed"], args["moving"], net, _ADAM_CFG)

@@ -52,12 +52,20 @@ def min_volume_size(cfg: DensePipelineConfig) -> int:
     return max(cfg.net.downsampling + 1, SDLOGJ_MIN_SIZE)
 
 
-def _check_pair(fixed: torch.Tensor, moving: torch.Tensor, cfg: DensePipelineConfig) -> None:
+def _check_pair(fixed: torch.Tensor, moving: torch.Tensor, cfg: DensePipelineConfig, net: FeatureNet) -> None:
+    """:class:`ValueError` naming the argument unless both images are ``(B, C, D, H, W)`` on one grid, of the
+    network's dtype and device (a float64 or integer image met the float32 convolution as a torch error)."""
     for name, image in (("fixed", fixed), ("moving", moving)):
         if image.ndim != 5:
             raise ValueError(f"{name}: expected (B, C, D, H, W), got {tuple(image.shape)}")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share one grid")
+    weights = next(iter(net.parameters()), None)
+    if weights is not None:
+        for name, image in (("fixed", fixed), ("moving", moving)):
+            if (image.dtype, image.device) != (weights.dtype, weights.device):
+                raise ValueError(f"{name}: {image.dtype} on {image.device}, but the network is {weights.dtype} on "
+                                 f"{weights.device}; give the images as the network's (e.g. {name}.to(weights))")
     need = min_volume_size(cfg)
     if min(fixed.shape[2:]) < need:  # a 1-voxel feature grid has no spread to standardise: NaN features
         raise ValueError(f"fixed: {tuple(fixed.shape[2:])} voxels, every axis needs at least {need} (the network "
@@ -96,7 +104,7 @@ def predict_displacement(net: FeatureNet, fixed: torch.Tensor, moving: torch.Ten
         ``(B, 3, ceil(D/stride), ceil(H/stride), ceil(W/stride))`` displacement in voxels of
         the output grid.
     """
-    _check_pair(fixed, moving, cfg)
+    _check_pair(fixed, moving, cfg, net)
     ds = cfg.net.downsampling
     if stride < 1 or ds % stride:
         raise ValueError(f"stride: must divide the network's downsampling {ds}, got {stride}")
@@ -126,7 +134,7 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, net: FeatureNet, cfg: De
         ``(1, 3, D, H, W)`` displacement, image voxels, fixed -> moving.
     """
     cfg.validate()
-    _check_pair(fixed, moving, cfg)
+    _check_pair(fixed, moving, cfg, net)
     if fixed.shape[0] != 1:
         return torch.cat([register(fixed[b:b + 1], moving[b:b + 1], net, cfg) for b in range(fixed.shape[0])])
     shape = tuple(fixed.shape[2:])
