@@ -452,3 +452,12 @@ def test_dense_register_refuses_images_of_another_dtype_than_the_network(which):
         args = {**images, which: (images[which] * 100).to(bad)}
         with pytest.raises(ValueError, match=f"^{which}: {bad} on cpu, but the network is torch.float32 on cpu"):
             register(args["fixed"], args["moving"], net, _ADAM_CFG)
+
+
+def test_graph_network_refuses_points_of_another_dtype_than_its_weights():
+    """float64 points into a float32 graph network: refused naming ``points`` (it met the matmul as a torch error)."""
+    net = build_graph_net(GraphNetConfig(channels=(8,), out_channels=8, k_fixed=4), seed=0)
+    pts = torch.rand(12, 3, generator=_gen(0))
+    assert net(pts, 4).shape == (12, 8)
+    with pytest.raises(ValueError, match="^points: torch.float64 on cpu, but the network is torch.float32 on cpu"):
+        net(pts.double(), 4)

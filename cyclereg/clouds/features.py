@@ -148,6 +148,10 @@ class GraphFeatureNet(nn.Module):
     def forward(self, points: torch.Tensor, k: int, edge_index: torch.Tensor | None = None) -> torch.Tensor:
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"points: expected (N, 3), got {tuple(points.shape)}")
+        weights = next(iter(self.parameters()), None)
+        if weights is not None and (points.dtype, points.device) != (weights.dtype, weights.device):
+            raise ValueError(f"points: {points.dtype} on {points.device}, but the network is {weights.dtype} on "
+                             f"{weights.device}; move one to the other (net.to(points))")
         if edge_index is None:
             edge_index = knn_edge_index(points, k, include_self=True)
         elif (edge_index.ndim != 2 or edge_index.shape[0] != 2 or edge_index.dtype != torch.long or
