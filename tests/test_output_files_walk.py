@@ -203,3 +203,33 @@ def test_register_leaves_the_files_a_foreign_config_json_names_alone(tmp_path):
     api.register(tmp_path / "f.csv", tmp_path / "m.csv", out, device="cpu", verbose=False)
     assert (out / "displacements.csv").is_file()
     assert (out / "predictions.csv").read_text() == "mine" and (out / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- keypoints: every point format
+def test_keypoints_of_one_scan_read_back_alike_in_every_format_by_cyclereg_and_open3d(tmp_path):
+    """``keypoints CT -o K.{csv,npy,ply,pcd}`` and ``--format l2r`` of one oblique, offset scan: each file
+    holds as many points as its configuration counts, and they are the same world points read back by
+    cyclereg (the l2r indices through the scan's affine, which the configuration records), and by open3d
+    for PLY and PCD (float32 storage and 4 decimals apart at most)."""
+    o3d = pytest.importorskip("open3d")
+    from scipy import ndimage
+
+    from cyclereg.keypoints.api import config_path_for
+    from cyclereg.pointio import read_points
+
+    vol = ndimage.gaussian_filter(np.random.default_rng(5).standard_normal((20, 20, 20)), 1.5).astype(np.float32)
+    affine = np.array([[0.0, 0.0, -1.5, 400.0], [2.0, 0.0, 0.0, -1250.5], [0.0, 0.8, 0.0, 7.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "ct.nii.gz")
+    read = {}
+    for name, fmt in (("k.csv", None), ("k.npy", None), ("k.ply", None), ("k.pcd", None), ("l2r.csv", "l2r")):
+        api.keypoints(tmp_path / "ct.nii.gz", tmp_path / name, fmt=fmt, device="cpu", verbose=False)
+        record = _strict(config_path_for(tmp_path / name).read_text())
+        placed = np.array(record["volume"]["affine"]) if fmt == "l2r" else None
+        read[name] = read_points(tmp_path / name, affine=placed).double().numpy()
+        assert read[name].shape == (record["num_keypoints"], 3), name
+        if name.endswith((".ply", ".pcd")):
+            np.testing.assert_allclose(np.asarray(o3d.io.read_point_cloud(str(tmp_path / name)).points), read[name],
+                                       atol=2e-4, rtol=0)
+    assert len(read["k.csv"]) > 5
+    for name, pts in read.items():
+        np.testing.assert_allclose(pts, read["k.csv"], atol=2e-4, rtol=0, err_msg=name)
