@@ -328,11 +328,16 @@ def stale_outputs(out_dir: Path, written: list[str], keep: tuple[Path, ...] = ()
     """The files an earlier command recorded as its outputs in ``out_dir/config.json``
     (``outputs``, a list of names, or ``outputs.files``) that this run does not write (``written``),
     except the paths in ``keep`` (this run's inputs): removed once the new outputs are in
-    (:attr:`OutputStage.stale`), so that the folder holds one run's outputs."""
+    (:attr:`OutputStage.stale`), so that the folder holds one run's outputs. Only a ``config.json`` that
+    cyclereg's ``register`` wrote (its ``command`` and ``cyclereg_version``) names files to remove: another
+    tool's ``config.json`` is replaced, the files it lists are left alone."""
     try:
-        names = recorded_outputs(json.loads((Path(out_dir) / "config.json").read_text()))
+        record = json.loads((Path(out_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return []
+    if not (isinstance(record, dict) and record.get("command") == "register" and "cyclereg_version" in record):
+        return []
+    names = recorded_outputs(record)
     kept = {Path(k).resolve() for k in keep}
     stale = []
     for name in names:

@@ -440,8 +440,12 @@ def test_stale_outputs_are_plain_names_in_the_folder_never_inputs_nor_this_runs_
         (out / name).write_text("x")
     names = ["old.nii.gz", "../outside.txt", "input.nii.gz", "kept.csv", "missing.csv", 3]
     for outputs in (names, {"files": names}):
-        (out / "config.json").write_text(json.dumps({"outputs": outputs}))
+        record = {"command": "register", "cyclereg_version": "0", "outputs": outputs}
+        (out / "config.json").write_text(json.dumps(record))
         assert stale_outputs(out, ["kept.csv"], keep=(out / "input.nii.gz",)) == [out / "old.nii.gz"]
+        for other in ({"command": "keypoints"}, {"command": None}, {"cyclereg_version": None}):  # not register's
+            (out / "config.json").write_text(json.dumps({k: v for k, v in {**record, **other}.items() if v is not None}))
+            assert stale_outputs(out, ["kept.csv"], keep=(out / "input.nii.gz",)) == []
 
 
 def test_data_fingerprint_is_the_hash_of_the_files_hashes_in_order(tmp_path):

@@ -177,9 +177,6 @@ def test_a_report_with_figures_without_a_value_is_strict_json_and_its_errors_csv
     np.testing.assert_allclose(identity, 3.0, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluate --errors-csv writes pair ids unquoted (clouds/api.py, "
-                   "evaluate_keypoint_dataset's errors CSV lines): an id holding a comma or a line break, valid in a "
-                   "dataset, shifts or splits its rows for every CSV reader")
 @pytest.mark.parametrize("pid", ["upper, left", "case\n7"])
 def test_the_errors_csv_keeps_a_pair_id_holding_a_comma_or_a_line_break_in_its_column(tmp_path, pid):
     ds = _keypoint_dataset(tmp_path, [pid, "plain"], n_landmarks=2)
@@ -190,9 +187,6 @@ def test_the_errors_csv_keeps_a_pair_id_holding_a_comma_or_a_line_break_in_its_c
 
 
 # ----------------------------------------------------------------------------- register: an earlier record in -o
-@pytest.mark.xfail(strict=True, reason="BUG: register takes any OUT/config.json for its own earlier record "
-                   "(checkpoint.stale_outputs reads its 'outputs' list without checking that cyclereg's register "
-                   "wrote it) and deletes the files it names")
 def test_register_leaves_the_files_a_foreign_config_json_names_alone(tmp_path):
     _tiny_pair(tmp_path)
     out = tmp_path / "out"

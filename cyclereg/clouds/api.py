@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import time
@@ -829,9 +831,12 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         if errors_csv is not None:
             if "member_spread" not in result:
                 del rows["spread_mm"]
-            lines = [",".join(rows)] + [",".join([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)])
-                                        for pid, fold, i, *values in zip(*rows.values())]
-            atomic_write_text(files(errors_csv), "\n".join(lines) + "\n")
+            text = io.StringIO()  # csv quotes an id holding a comma, quote or line break (any text names a pair)
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(rows)
+            writer.writerows([f"{pid}", f"{fold}", f"{i}", *(f"{v:.4f}" for v in values)]
+                             for pid, fold, i, *values in zip(*rows.values()))
+            atomic_write_text(files(errors_csv), text.getvalue())
     return result
 
 
