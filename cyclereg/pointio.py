@@ -384,13 +384,14 @@ def parse_points_csv(text: str) -> torch.Tensor:
 
 def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None = None,
                  spacing_mm: tuple[float, float, float] | None = None, affine: np.ndarray | None = None) -> None:
-    """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm), ``l2r``
+    """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm; also a ``.txt`` name), ``l2r``
     (headerless voxel indices on the grid of the scan's ``affine``, or without a scan of
     ``mm = index * spacing_mm``: what :func:`read_points` reads back with the same argument),
     ``npy``, ``ply`` or ``pcd``."""
     p = Path(path)
     pts = torch.as_tensor(points_mm).detach().cpu().double().numpy()
-    fmt = (fmt or p.suffix.lstrip(".") or "csv").lower()
+    suffix = p.suffix.lstrip(".").lower()
+    fmt = (fmt or ("csv" if suffix == "txt" else suffix) or "csv").lower()  # .txt reads back as csv: written so
     if fmt == "csv":
         atomic_write_text(p, points_csv(pts))
     elif fmt == "l2r":

@@ -31,7 +31,7 @@ import torch
 import cyclereg.api as api
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-from cyclereg.pointio import write_points
+from cyclereg.pointio import read_points, write_points
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -209,7 +209,6 @@ def test_keypoints_of_one_scan_read_back_alike_in_every_format_by_cyclereg_and_o
     from scipy import ndimage
 
     from cyclereg.keypoints.api import config_path_for
-    from cyclereg.pointio import read_points
 
     vol = ndimage.gaussian_filter(np.random.default_rng(5).standard_normal((20, 20, 20)), 1.5).astype(np.float32)
     affine = np.array([[0.0, 0.0, -1.5, 400.0], [2.0, 0.0, 0.0, -1250.5], [0.0, 0.8, 0.0, 7.0], [0, 0, 0, 1]])
@@ -227,3 +226,12 @@ def test_keypoints_of_one_scan_read_back_alike_in_every_format_by_cyclereg_and_o
     assert len(read["k.csv"]) > 5
     for name, pts in read.items():
         np.testing.assert_allclose(pts, read["k.csv"], atol=2e-4, rtol=0, err_msg=name)
+
+
+def test_points_written_to_a_txt_name_are_csv_and_read_back(tmp_path):
+    """``write_points("k.txt")`` without ``fmt``: the csv format (header x_mm,y_mm,z_mm), which
+    ``read_points`` reads a ``.txt`` as; the same points back to the 4 decimals csv keeps."""
+    pts = torch.tensor([[1.25, -2.5, 3.0], [10.0, 20.125, -0.5]], dtype=torch.float64)
+    write_points(tmp_path / "k.txt", pts)
+    assert (tmp_path / "k.txt").read_text().splitlines()[0] == "x_mm,y_mm,z_mm"
+    torch.testing.assert_close(read_points(tmp_path / "k.txt").double(), pts, rtol=0, atol=1e-4)

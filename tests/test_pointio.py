@@ -227,7 +227,8 @@ def test_staged_outputs_reach_the_folder_together_or_not_at_all(tmp_path, monkey
     def earlier_run(folder: Path) -> None:  # an earlier command's outputs, listed in its config.json
         for name in ("a.txt", "b.txt", "extra.txt"):
             (folder / name).write_text("earlier")
-        (folder / "config.json").write_text(json.dumps({"outputs": ["a.txt", "b.txt", "extra.txt"]}))
+        (folder / "config.json").write_text(json.dumps({"command": "register", "cyclereg_version": "0",
+                                                        "outputs": ["a.txt", "b.txt", "extra.txt"]}))
 
     def new_run(stage) -> None:
         for name in ("a.txt", "b.txt", "config.json"):
@@ -576,7 +577,8 @@ def test_stale_outputs_reads_outputs_files_and_never_leaves_the_folder(tmp_path)
     (out / "sub").mkdir(parents=True)
     _earlier(out, ["a.txt", "sub/x.txt"])
     _earlier(tmp_path, ["outside.txt"])
-    (out / "config.json").write_text(json.dumps({"outputs": {"files": ["a.txt"]}}))
+    own = {"command": "register", "cyclereg_version": "0"}  # what register's own record holds
+    (out / "config.json").write_text(json.dumps({**own, "outputs": {"files": ["a.txt"]}}))
     assert stale_outputs(out, []) == [out / "a.txt"]
-    (out / "config.json").write_text(json.dumps({"outputs": ["../outside.txt", "sub/x.txt", "a.txt"]}))
+    (out / "config.json").write_text(json.dumps({**own, "outputs": ["../outside.txt", "sub/x.txt", "a.txt"]}))
     assert stale_outputs(out, []) == [out / "a.txt"]
