@@ -235,3 +235,18 @@ def test_points_written_to_a_txt_name_are_csv_and_read_back(tmp_path):
     write_points(tmp_path / "k.txt", pts)
     assert (tmp_path / "k.txt").read_text().splitlines()[0] == "x_mm,y_mm,z_mm"
     torch.testing.assert_close(read_points(tmp_path / "k.txt").double(), pts, rtol=0, atol=1e-4)
+
+
+def test_register_of_the_demo_files_gives_the_demo_displacements(tmp_path):
+    """``demo -o OUT`` registers the clouds as its fixed.csv / moving.csv hold them (4 decimals), so
+    ``register OUT/fixed.csv OUT/moving.csv`` (same seed's random network) writes the very displacements of
+    ``OUT/displacements.csv`` (the unrounded clouds differed by up to 0.0075 mm: a candidate can flip)."""
+    from cyclereg.clouds.api import run_demo
+
+    run_demo(tmp_path / "demo", seed=0, device="cpu")
+    api.register(tmp_path / "demo" / "fixed.csv", tmp_path / "demo" / "moving.csv", tmp_path / "reg", seed=0,
+                 device="cpu", verbose=False)
+    demo = np.loadtxt(tmp_path / "demo" / "displacements.csv", delimiter=",", skiprows=1)
+    again = np.loadtxt(tmp_path / "reg" / "displacements.csv", delimiter=",", skiprows=1)
+    assert again.shape == (demo.shape[0], 6)
+    np.testing.assert_array_equal(again, demo[:, :6])

@@ -1074,11 +1074,14 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     console = Console()
     dev = resolve_device(device)
     pair = make_breathing_pair(seed)
+    # the clouds as fixed.csv / moving.csv hold them (4 decimals): 'register' of those files gives this
+    # displacements.csv (a point 5e-5 mm off can flip a candidate)
+    fixed_mm, moving_mm = (parse_points_csv(points_csv(pts)) for pts in (pair.fixed_mm, pair.moving_mm))
     net, config = load_cloud_model("random", seed=seed, device=dev)
     console.print(f"synthetic lung pair (seed {seed}): {pair.fixed_mm.shape[0]} fixed / "
                   f"{pair.moving_mm.shape[0]} moving keypoints; random graph CNN + sparse LBP on {dev}")
     t0 = time.perf_counter()
-    reg = register_clouds(pair.fixed_mm.to(dev), pair.moving_mm.to(dev), net, config)
+    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config)
     seconds = time.perf_counter() - t0
     truth = pair.displacement_mm.to(dev)
     before = truth.norm(dim=1).cpu()
@@ -1092,7 +1095,7 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
         out = Path(out_dir)
         d, t = reg.displacements_mm.cpu(), pair.displacement_mm
         with staged_file_set() as files:  # the four files: a set
-            write_points(files(out / "fixed.csv"), pair.fixed_mm)
+            write_points(files(out / "fixed.csv"), pair.fixed_mm)  # the text fixed_mm was parsed from
             write_points(files(out / "moving.csv"), pair.moving_mm)
             atomic_write_text(files(out / "displacements.csv"), format_csv(
                 {"x_mm": pair.fixed_mm[:, 0], "y_mm": pair.fixed_mm[:, 1], "z_mm": pair.fixed_mm[:, 2],
