@@ -86,6 +86,27 @@ def test_every_option_readme_quotes_exists_on_its_command():
     assert set(re.findall(FLAG, README)) <= every
 
 
+def test_readme_example_commands_parse():
+    """README's shell blocks (the walk-throughs, the COPD and abdomen benchmarks, your own dataset): every
+    ``cyclereg`` line parses with its command's options and arguments (a required option left out, a
+    missing argument or a flag given a value fails here), without running it."""
+    import shlex
+
+    parsed = 0
+    in_block = False
+    for line in README.splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        if not (in_block and line.strip().startswith("cyclereg ")):
+            continue
+        for part in line.split("#")[0].split("&&"):
+            words = shlex.split(part.replace("$D", "d.json").replace("$A", "a.json"))
+            COMMANDS[words[1]].make_context(words[1], words[2:])  # a usage error exits (SystemExit): fails
+            parsed += 1
+    assert parsed >= 20
+
+
 @pytest.mark.parametrize("command, option, options", [
     ("pretrain-random", "--recentre-passes", ("pretrain-random", "register", "evaluate")),
     ("pretrain-random", "--tta-passes", ("pretrain-random", "register", "evaluate")),
@@ -396,3 +417,4 @@ def test_figures_readme_quotes_from_the_benchmarks_are_there(in_readme, in_bench
     quotes them (``in_readme``) appear in docs/benchmarks.md with the same digits (``in_benchmarks``)."""
     assert in_readme in README
     assert in_benchmarks in BENCHMARKS
+
