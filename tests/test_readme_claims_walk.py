@@ -173,6 +173,30 @@ def test_defaults_the_help_states_are_the_ones_the_commands_resolve():
         assert got == pytest.approx(want), (command, option, _help(command, option))
 
 
+def test_worded_defaults_the_help_states_are_the_code_defaults():
+    """The defaults the help gives in words: ``--supervision`` pseudo, ``--train-images`` held-out,
+    ``--directions`` one, the three ablation switches on (both paths), ``--cpu-bf16`` off; for a random dense
+    network 2 warps with Adam and inverse consistency on."""
+    from cyclereg.dense.config import DensePipelineConfig
+    from cyclereg.training.api import dense_cycle_config
+    from cyclereg.training.clouds import cycle_config
+
+    clouds, dense, pipeline = cycle_config(), dense_cycle_config(), DensePipelineConfig()
+    assert "pseudo (self-training, default)" in _help("pretrain-random", "--supervision")
+    assert dense.supervision == "pseudo"
+    assert "held-out (default" in _help("pretrain-random", "--train-images") and dense.train_images == "held-out"
+    assert "one (pairs i<j, default)" in _help("pretrain-random", "--directions") and dense.directions == "one"
+    for option, field in (("--augment", "augment"), ("--refine", "refine"),
+                          ("--weighted-sampling", "weighted_sampling")):
+        assert "(default on)" in _help("pretrain-random", option)
+        assert getattr(clouds, field) is True and getattr(dense, field) is True
+    assert "default off" in _help("pretrain-random", "--cpu-bf16") and dense.cpu_bf16 is False
+    for command in ("register", "evaluate"):
+        assert "2 for a random network" in _help(command, "--warps") and pipeline.warps == 2
+        assert "on for a random network" in _help(command, "--adam") and pipeline.use_adam is True
+        assert "on for a random network" in _help(command, "--ic") and pipeline.use_ic is True
+
+
 def test_the_detector_threshold_is_relative_to_the_quantile_the_help_names():
     """``--threshold``: "distinctiveness >= T x its 99.9th percentile in the mask"."""
     from cyclereg.keypoints.foerstner import FoerstnerConfig
