@@ -71,6 +71,10 @@ def fsync_directory(folder: str | Path) -> None:
         os.close(fd)
 
 
+TEMP_NAME_KEEP = 200
+"""Characters of the target's name an atomic write's temporary file keeps (``.NAME.XXXXXXXX.tmp``)."""
+
+
 def atomic_write_bytes(path: str | Path, writer) -> None:
     """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place.
 
@@ -80,7 +84,9 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the name cut to TEMP_NAME_KEEP characters: a legal name of up to 255 stays legal with ".", 8 random
+        # characters and ".tmp" around it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:TEMP_NAME_KEEP]}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             writer(fh)

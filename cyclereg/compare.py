@@ -181,12 +181,12 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     (unless ``quiet``) and returns the comparison: ``metric``, ``lower_is_better``, ``unit``,
     ``base`` and per other report its statistics (:func:`paired_statistics`), ``left_out`` pairs
     and the per-pair values. :class:`InputError` names the report that does not fit."""
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cyclereg.checkpoint import write_json
     from cyclereg.device import provenance
-    from cyclereg.console import count, print_note, print_table
+    from cyclereg.console import count, make_console, print_note, print_table
 
     reports = path_list(reports, "reports", "two or more report files")
     refuse_empty_paths({"reports": reports, "output": output}, lists=("reports",))
@@ -274,11 +274,11 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     for c in comparisons:
         ci = "-" if c["ci95"] is None else f"{c['ci95'][0]:+.4f} .. {c['ci95'][1]:+.4f}"
         holm = (f"{c['wilcoxon_p_holm']:.3g}", f"{c['sign_test_p_holm']:.3g}") if several else ()
-        table.add_row(c["report"], str(c["n"]), f"{c['base_mean']:.4f}", f"{c['other_mean']:.4f}",
+        table.add_row(escape(c["report"]), str(c["n"]), f"{c['base_mean']:.4f}", f"{c['other_mean']:.4f}",
                       f"{c['mean_difference']:+.4f}", ci, f"{c['median_difference']:+.4f}",
                       f"{c['better']} / {c['worse']} / {c['tied']}", f"{c['wilcoxon_p']:.3g}", f"{c['sign_test_p']:.3g}",
                       *holm)
-    print_table(Console(quiet=quiet), table)
+    print_table(make_console(quiet=quiet), table)
     if output is not None:
         write_json(output, result)
     return result

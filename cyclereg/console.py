@@ -1,10 +1,57 @@
-"""Printing result tables with rich without hiding digits."""
+"""The consoles the commands print with: result tables without hidden digits, and output that survives
+the terminal it goes to.
+
+Every rich console of the package comes from :func:`make_console`: when the reader of its stream is gone
+(``cyclereg evaluate ... | head -1``), it goes quiet and the command goes on to write its files (rich's
+own handler exits 1 at once, dropping a result computed for minutes). The CLI also makes its standard
+streams replace characters they cannot encode (:func:`tolerate_unencodable`): a non-ASCII path under an
+ASCII locale is printed as ``\\xfc``, not a UnicodeEncodeError after the work is done.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+
+class _GoesQuietOnBrokenPipe(Console):
+    def on_broken_pipe(self) -> None:
+        """The stream's reader is gone: print nothing more and let the command finish its files. The
+        stream's descriptor is pointed at the null device, so that what is still buffered for it (and
+        any later writer to it) does not raise again."""
+        self.quiet = True
+        try:
+            fd = self.file.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):  # a stream without a descriptor: quiet is enough
+            pass
+
+
+def make_console(**kwargs) -> Console:
+    """A rich :class:`~rich.console.Console` (``kwargs`` as it takes them) that goes quiet instead of
+    exiting when its reader is gone (see the module docstring)."""
+    return _GoesQuietOnBrokenPipe(**kwargs)
+
+
+def tolerate_unencodable() -> None:
+    """Let ``sys.stdout`` and ``sys.stderr`` write characters their encoding lacks as backslash escapes
+    (``PYTHONIOENCODING=ascii``, or the C locale without Python's UTF-8 mode): called by the CLI, whose
+    process owns the streams; a library caller keeps its own."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # e.g. a stream already closed: nothing to print to anyway
+                pass
 
 #: widest a table is measured at when the output is not a terminal [characters]
 MAX_LOG_WIDTH = 400
@@ -16,8 +63,10 @@ def print_table(console: Console, table: Table) -> None:
     Where the output is not a terminal (a log file, a pipe, CI), rich would assume 80 columns;
     the table is printed at its natural width instead (at most :data:`MAX_LOG_WIDTH`). In a
     terminal narrower than the table, a cell's text folds onto further lines. Header strings
-    are taken literally (a unit such as "[mm]" is not rich markup).
+    and the title are taken literally (a unit such as "[mm]", a path with brackets, is not rich markup).
     """
+    if isinstance(table.title, str):  # a dataset name, a report's or run's path: never markup
+        table.title = escape(table.title)
     for column in table.columns:
         column.overflow = "fold"
         if isinstance(column.header, str):
@@ -38,7 +87,7 @@ def print_note(text: str, *, quiet: bool = False) -> None:
     """Print ``note: {text}`` on stderr (a remark beside a command's result, never its output),
     taken literally (a path or unit in square brackets is not rich markup) and as one line that
     the terminal, not rich, wraps; nothing with ``quiet``."""
-    Console(stderr=True, quiet=quiet).print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
+    make_console(stderr=True, quiet=quiet).print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def count(n: int, noun: str) -> str:

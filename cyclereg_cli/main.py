@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from cyclereg.api import require_inputs, require_run_dir
+from cyclereg.console import tolerate_unencodable
 from cyclereg.errors import InputError, ResultError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
 
@@ -113,6 +114,7 @@ def _main_options(
 ) -> None:
     """Unsupervised 3D registration by optimisation-guided cyclical self-training."""
     exit_on_sigterm()  # `kill` leaves like Ctrl-C: no half-written file, workers stopped
+    tolerate_unencodable()  # an ASCII locale prints a non-ASCII path escaped, not a UnicodeEncodeError
 
 
 def _fail(message: str, code: int = 2) -> None:

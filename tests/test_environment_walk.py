@@ -199,9 +199,6 @@ def test_bad_native_kernel_settings_never_fail_a_command(tmp_path, monkeypatch, 
 # ----------------------------------------------------------------------------- mishandled (bugs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with an ASCII stdout (PYTHONIOENCODING=ascii, or LC_ALL=C with "
-                   "PYTHONUTF8=0) `evaluate` of a keypoint dataset always dies with a UnicodeEncodeError traceback "
-                   "(the table title's em dash, cyclereg/clouds/api.py:823) before it writes its report")
 def test_evaluate_writes_its_report_under_an_ascii_stdout(tmp_path):
     ds = _dataset(tmp_path / "data")
     proc = _process("evaluate", ds, "--identity", "--json", tmp_path / "r.json", env=_env(PYTHONIOENCODING="ascii"))
@@ -225,9 +222,6 @@ def _cli_in_process(args: list[str]) -> int:
     return 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with an ASCII stdout, a non-ASCII output path kills `keypoints` "
-                   "with a UnicodeEncodeError traceback, exit 1, after it wrote its files (its rich summary line, "
-                   "cyclereg/keypoints/api.py:307; click's echo, used by `register`, copes)")
 def test_keypoints_with_a_non_ascii_output_under_an_ascii_stdout(tmp_path, monkeypatch):
     ct = _ct(tmp_path / "ct.nii.gz")
     out = tmp_path / "dü 日本" / "k ü.csv"
@@ -236,9 +230,6 @@ def test_keypoints_with_a_non_ascii_output_under_an_ascii_stdout(tmp_path, monke
     assert out.is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with an ASCII stdout, `compare` of a report with a non-ASCII path "
-                   "dies with a UnicodeEncodeError traceback (its table, cyclereg/compare.py:281) before it writes "
-                   "--json")
 def test_compare_with_a_non_ascii_report_under_an_ascii_stdout(tmp_path, report, monkeypatch):
     other = tmp_path / "dü 日本.json"
     other.write_bytes(report.read_bytes())
@@ -247,8 +238,6 @@ def test_compare_with_a_non_ascii_report_under_an_ascii_stdout(tmp_path, report,
     assert (tmp_path / "c.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rich markup in paths: `compare` puts the report paths into its "
-                   "table unescaped (cyclereg/compare.py:268-276), so `r[red].json` is shown as `r.json`")
 def test_compare_shows_a_bracketed_report_name_as_it_is(tmp_path, report):
     other = tmp_path / "r[red].json"
     other.write_bytes(report.read_bytes())
@@ -257,9 +246,6 @@ def test_compare_shows_a_bracketed_report_name_as_it_is(tmp_path, report):
     assert "r[red].json" in res.output
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rich markup in paths: a report in a folder named `x[` whose file "
-                   "is `b].json` (the path `x[/b].json`) makes `compare` die with a MarkupError traceback "
-                   "(cyclereg/compare.py:268) before it writes --json")
 def test_compare_of_a_report_whose_path_looks_like_a_closing_tag(tmp_path, report):
     base = tmp_path / "x[" / "b].json"
     base.parent.mkdir()
@@ -269,8 +255,6 @@ def test_compare_of_a_report_whose_path_looks_like_a_closing_tag(tmp_path, repor
     assert (tmp_path / "c.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rich markup in paths: `status` puts the run path into its table "
-                   "title unescaped (cyclereg/training/status.py:42), so a run folder `[red]` is shown as ``")
 def test_status_shows_a_bracketed_run_name_as_it_is(tmp_path):
     ds = _dataset(tmp_path / "data")
     run = tmp_path / "[red]"
@@ -280,9 +264,6 @@ def test_status_shows_a_bracketed_run_name_as_it_is(tmp_path):
     assert f"{run}: tiny (keypoints)" in " ".join(res.output.split())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `keypoints` prints its summary line with rich without soft_wrap "
-                   "(cyclereg/keypoints/api.py:132 and 307), so in a log file (80 columns) or with COLUMNS=20 "
-                   "the output path is cut across lines (`keypoints_fixed.c` / `sv`)")
 def test_keypoints_summary_names_a_long_output_path_on_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     ct = _ct(tmp_path / "ct.nii.gz")
@@ -292,9 +273,6 @@ def test_keypoints_summary_names_a_long_output_path_on_one_line(tmp_path, monkey
     assert f"keypoints -> {out} (total" in res.output
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an output file name of 242-255 characters (legal: NAME_MAX is 255) "
-                   "is refused as 'File name too long': the atomic write's temporary name `.NAME.XXXXXXXX.tmp` "
-                   "(cyclereg/checkpoint.py:83) is 14 characters longer")
 def test_a_long_but_legal_output_file_name_is_written(tmp_path, report):
     out = tmp_path / ("r" * 245 + ".json")
     res = runner.invoke(app, ["compare", str(report), str(report), "--json", str(out)])
@@ -302,11 +280,6 @@ def test_a_long_but_legal_output_file_name_is_written(tmp_path, report):
     assert json.loads(out.read_text())["metric"] == "tre"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a closed stdout (the reader of `| head -1` or `| less` gone) ends "
-                   "`keypoints` and `evaluate` silently with exit 1 and WITHOUT their output: rich's BrokenPipe "
-                   "handler (Console.on_broken_pipe: sys.exit(1)) fires on a progress/step line "
-                   "(cyclereg/keypoints/api.py:132) or on the table `evaluate` prints before it writes its report "
-                   "(cyclereg/clouds/api.py:823); the result was computed and then dropped")
 @pytest.mark.parametrize("command", ["keypoints", "evaluate"])
 def test_a_closed_stdout_does_not_drop_the_result(tmp_path, command):
     if command == "keypoints":
@@ -325,12 +298,43 @@ def test_a_closed_stdout_does_not_drop_the_result(tmp_path, command):
     assert out.is_file(), (proc.returncode, proc.stderr[-600:])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rich markup in names: `evaluate` prints pair ids (and --run / --model "
-                   "paths, in its notes and table title) unescaped (cyclereg/clouds/api.py:743-790, 823), so a pair "
-                   "id `case[/b]` ends it with a MarkupError traceback after the registrations and without a report")
 def test_evaluate_of_a_pair_id_that_looks_like_a_closing_tag(tmp_path):
     ds = _dataset(tmp_path / "data")
     ds.write_text(ds.read_text().replace('"id": "p1"', '"id": "case[/b]"'))
     res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0 and res.exception is None, res.output
     assert "1/1 case[/b]: TRE" in res.output and (tmp_path / "r.json").is_file()
+
+
+def test_a_console_whose_reader_is_gone_goes_quiet_and_the_caller_goes_on(tmp_path):
+    """:func:`cyclereg.console.make_console` on a pipe nobody reads: printing neither raises nor exits (rich's
+    own handler exits 1), later prints are dropped, and the pipe's descriptor now writes to the null device."""
+    from cyclereg.console import make_console
+
+    read, write = os.pipe()
+    os.close(read)
+    stream = os.fdopen(write, "w")
+    try:
+        console = make_console(file=stream, force_terminal=False)
+        console.print("first line")  # EPIPE: quiet from here on
+        console.print("second line")
+        assert console.quiet
+        stream.write("buffered text\n")
+        stream.flush()  # the descriptor goes to the null device: no BrokenPipeError at exit either
+    finally:
+        stream.close()
+
+
+def test_the_cli_escapes_what_its_ascii_streams_cannot_encode(monkeypatch):
+    """:func:`cyclereg.console.tolerate_unencodable` (the CLI calls it first): an ASCII, strict stdout and stderr
+    write ``ü`` as ``\\xfc``; a stream that already tolerates (or has no ``reconfigure``) is left as it is."""
+    from cyclereg.console import tolerate_unencodable
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="replace")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    tolerate_unencodable()
+    out.write("dü")
+    out.flush()
+    assert out.buffer.getvalue() == b"d\\xfc" and err.errors == "replace"

@@ -19,7 +19,7 @@ from cyclereg.checkpoint import (atomic_write_text, data_fingerprint, file_sha25
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
-from cyclereg.console import count, print_table
+from cyclereg.console import count, make_console, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import (InputError, path_list, refuse_empty_paths, refuse_output_in_run, require_count,
@@ -697,7 +697,6 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     the landmark-free spread flag the large errors?) and a ``spread_mm`` column in
     ``errors_csv``. Reported, never used to choose anything.
     """
-    from rich.console import Console
     from rich.progress import Progress
 
     if stage is not None and run is None:
@@ -737,22 +736,22 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members"
                          + ("" if models else "; the identity has none"), run if run is not None else model)
     default_config = CloudRegConfig()
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
     if run is not None and _held_out_folds(records, run) is None:
         recorded = sorted(k for k, rec in trained.items() if rec is not None)
         checked = (f"checked against what the checkpoints of fold(s) {', '.join(map(str, recorded))} record of their "
                    "training pairs" if recorded else "that each pair's fold model held it out is not checked")
         console.print(f"note: {run} records no training folds (no run.json, or an ensemble.json or model_set.json "
-                      f"naming runs that do): {checked}", soft_wrap=True)
+                      f"naming runs that do): {checked}", soft_wrap=True, markup=False)
     if run is not None and stage is None:
         from cyclereg.training.status import unfinished_folds, unfinished_note  # noqa: PLC0415 - training imports this
 
         for k, nxt in sorted(unfinished_folds(run, list(used)).items()):  # with --run, used holds folds only
             checkpoints[str(k)]["run_finished"] = False
-            console.print(unfinished_note(run, k, nxt, checkpoints[str(k)]["stage"]), soft_wrap=True)
+            console.print(unfinished_note(run, k, nxt, checkpoints[str(k)]["stage"]), soft_wrap=True, markup=False)
     if without_landmarks:
         console.print(f"note: {len(without_landmarks)} pair(s) without landmarks are left out (no TRE to score): "
-                      f"{', '.join(without_landmarks)}", soft_wrap=True)
+                      f"{', '.join(without_landmarks)}", soft_wrap=True, markup=False)
     one_model = model is not None and run is None  # one checkpoint (or random network) for every pair
     in_training: set[str] = set()
     if one_model:
@@ -761,7 +760,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             console.print(f"note: {len(in_training)} of the {len(pairs)} pairs were training pairs of {model} (its "
                           f"checkpoint records their keypoint files: {', '.join(sorted(in_training))}); no landmarks "
                           "were used in training, but their TRE is not a held-out figure; --run RUN_DIR evaluates "
-                          "each pair with the fold model that held it out", soft_wrap=True)
+                          "each pair with the fold model that held it out", soft_wrap=True, markup=False)
     # every pair's files are read and checked before the first registration (a bad landmark file of the
     # last pair stops the command at once, not after the others have been registered)
     points = {p.id: _pair_points(ds, p, models.get(ds.fold_of(p.id) if run is not None else None,
@@ -788,7 +787,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             progress.console.print(
                 f"{len(cases)}/{len(pairs)} {p.id}" + (f" (fold {fold})" if fold is not None else "")
                 + f": TRE {case['tre_before_mm']['mean']:.2f} -> {case['tre_after_mm']['mean']:.2f} mm, "
-                f"registration {case['seconds']:.1f} s, scoring {case['scoring_seconds']:.1f} s", soft_wrap=True)
+                f"registration {case['seconds']:.1f} s, scoring {case['scoring_seconds']:.1f} s", soft_wrap=True,
+                markup=False)
             progress.advance(task)
     mean = lambda key, sub=None: float(sum((c[key][sub] if sub else c[key]) for c in cases) / len(cases))  # noqa: E731
     method = "identity" if identity else (f"run:{run}" + (f":stage{stage}" if stage is not None else "")
@@ -822,7 +822,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
             "spearman_cases": spearman(torch.tensor([c["member_spread_mm"]["landmarks"]["mean"] for c in cases]),
                                        torch.tensor([c["tre_after_mm"]["mean"] for c in cases])),
         }
-    print_table(Console(quiet=quiet), _tre_table(f"{ds.name} — {method}", result))
+    print_table(make_console(quiet=quiet), _tre_table(f"{ds.name} — {method}", result))
     scored = "landmarks, SDlogJ of the dense TPS field" if smoothness and not identity and ds.has_volume_grid else "landmarks"
     console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column time), scoring "
                   f"{result['mean_scoring_seconds']:.1f} s ({scored})", soft_wrap=True)
@@ -1035,6 +1035,7 @@ def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: Uni
 
 def _tre_table(title: str, result: dict):
     """The per-case rich table of an ``evaluate`` report (with a spread column for ensembles)."""
+    from rich.markup import escape
     from rich.table import Table
 
     cases, with_spread = result["cases"], "member_spread" in result
@@ -1044,7 +1045,7 @@ def _tre_table(title: str, result: dict):
         table.add_column(col, justify="right")
     for c in cases:
         a = c["tre_after_mm"]
-        table.add_row(c["id"], f"{c['tre_before_mm']['mean']:.2f}", f"{a['mean']:.2f} ± {a['std']:.2f}",
+        table.add_row(escape(c["id"]), f"{c['tre_before_mm']['mean']:.2f}", f"{a['mean']:.2f} ± {a['std']:.2f}",
                       f"{a['p25']:.2f}/{a['p50']:.2f}/{a['p75']:.2f}",
                       f"{c['sdlogj']:.3f}" if "sdlogj" in c else "-", f"{c['seconds']:.1f}",
                       *((f"{c['member_spread_mm']['landmarks']['mean']:.2f}",) if with_spread else ()))
@@ -1061,7 +1062,6 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     Prints the error against the known displacements before and after; with ``out_dir``
     writes the clouds, the ground truth, the prediction and ``report.json``.
     """
-    from rich.console import Console
     from rich.markup import escape
 
     from cyclereg.clouds.synthetic import make_breathing_pair
@@ -1071,7 +1071,7 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
     if out_dir is not None:
         require_output_dir(out_dir)
         refuse_output_in_run(out_dir, "-o")
-    console = Console()
+    console = make_console()
     dev = resolve_device(device)
     pair = make_breathing_pair(seed)
     # the clouds as fixed.csv / moving.csv hold them (4 decimals): 'register' of those files gives this

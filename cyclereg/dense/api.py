@@ -35,7 +35,7 @@ import torch
 from cyclereg.checkpoint import (data_fingerprint, file_sha256, load_checkpoint, refuse_replacing_inputs,
                                  stale_outputs, save_checkpoint, staged_file_set, staged_outputs, to_jsonable,
                                  training_data, write_json)
-from cyclereg.console import count, print_note, print_table
+from cyclereg.console import count, make_console, print_note, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, overlap_fraction,
@@ -401,10 +401,10 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     unfinished report (else of the report at ``report``) of the same dataset and method are kept and
     only the remaining pairs are registered.
     """
-    from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     if run is not None:
         if model is not None or identity:
             raise InputError("give exactly one of identity, model or run")
@@ -440,14 +440,14 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         pending = unfinished_folds(run, [None])
         if None in pending:
             console.print(unfinished_note(run, None, pending[None], info.get("extra", {}).get("stage")),
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False)
     if model is not None and str(model) != "random":
         info["sha256"] = file_sha256(model)
     in_training = pairs_of_training_images(pairs, training_data(info))
     if in_training:
         console.print(f"note: both scans of {len(in_training)} of the {len(pairs)} pairs were training images of "
                       f"{model} (its checkpoint records their files; no labels were used in training), so their scores "
-                      "are not held-out figures: " + ", ".join(in_training), soft_wrap=True)
+                      "are not held-out figures: " + ", ".join(in_training), soft_wrap=True, markup=False)
 
     overlay = None
     report = Path(report)
@@ -539,8 +539,9 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
             # one line per pair (above the bar on a terminal; in a log file, the progress of a long evaluation)
             progress.console.print(f"{len(records)}/{task_total} {p.id}: Dice {rec['initial_dice']:.3f} -> "
                                    f"{rec['dice']:.3f}, HD95 {'-' if hd is None else f'{hd:.2f}'} mm, registration "
-                                   f"{seconds:.1f} s, scoring {rec['scoring_seconds']:.1f} s", soft_wrap=True)
-            progress.update(task, advance=1, description=f"{p.id}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
+                                   f"{seconds:.1f} s, scoring {rec['scoring_seconds']:.1f} s", soft_wrap=True,
+                                   markup=False)
+            progress.update(task, advance=1, description=f"{escape(p.id)}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
 
     result = build_result(True)
     with staged_file_set() as files:  # the report and its figures: a set
@@ -604,6 +605,7 @@ def _resumed_records(report: Path, pairs: list, run: dict) -> list[dict]:
 
 def _dice_table(title: str, result: dict):
     """The per-pair rich table of a volume ``evaluate`` report, with the means as the last row."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
@@ -614,7 +616,7 @@ def _dice_table(title: str, result: dict):
         return "-" if value is None else format(scale * value, spec)
 
     for r in result["pairs"]:
-        table.add_row(r["id"], cell(r["initial_dice"], ".3f"), cell(r["dice"], ".3f"), cell(r["hd95_mm"], ".2f"),
+        table.add_row(escape(r["id"]), cell(r["initial_dice"], ".3f"), cell(r["dice"], ".3f"), cell(r["hd95_mm"], ".2f"),
                       cell(r["sdlogj"], ".3f"), cell(r["std_logj"], ".3f"), cell(r["folding_fraction"], ".3f", 100),
                       cell(r["seconds"], ".1f"))
     table.add_row("[bold]mean", cell(result["initial_dice"], ".3f"), "[bold]" + cell(result["mean_dice"], ".3f"),

@@ -42,6 +42,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from cyclereg.checkpoint import atomic_write_text, staged_file_set, write_json
+from cyclereg.console import make_console
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_pair_ids
 from cyclereg.errors import (InputError, refuse_output_in_run, require_file, require_output_dir, require_output_file,
@@ -115,9 +116,7 @@ class _Steps:
         self.timings: dict[str, float] = {}
         self.console = None
         if verbose:
-            from rich.console import Console  # noqa: PLC0415
-
-            self.console = Console()  # stdout: stderr carries only the one-line errors
+            self.console = make_console()  # stdout: stderr carries only the one-line errors
 
     @contextmanager
     def __call__(self, name: str):
@@ -129,7 +128,7 @@ class _Steps:
                 yield
         self.timings[name] = round(time.perf_counter() - start, 3)
         if self.console is not None:
-            self.console.print(f"[green]done[/green] {name} [dim]{self.timings[name]:.2f} s[/dim]")
+            self.console.print(f"[green]done[/green] {name} [dim]{self.timings[name]:.2f} s[/dim]", soft_wrap=True)
 
 
 def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None = None, lung_mask: bool = False,
@@ -305,7 +304,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
         })
     if steps.console is not None:
         steps.console.print(f"{result.voxels.shape[0]} keypoints -> {escape(str(output))} "
-                            f"[dim](total {timings['total']:.2f} s)[/dim]")
+                            f"[dim](total {timings['total']:.2f} s)[/dim]", soft_wrap=True)
     return result
 
 
@@ -440,7 +439,7 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     counts: dict[str, dict[str, int]] = {}
     grids: dict[str, dict[str, dict]] = {}  # per scan: its grid and the NMS radius in its voxels
     t0 = time.perf_counter()
-    with Progress(transient=True, disable=not verbose) as progress:
+    with Progress(transient=True, disable=not verbose, console=make_console()) as progress:
         task = progress.add_task("keypoints", total=2 * len(pairs))
         for q in pairs:
             for role, ct, config in (("fixed", q.fixed, keypoints.fixed), ("moving", q.moving, keypoints.moving)):

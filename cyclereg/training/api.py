@@ -32,7 +32,7 @@ import torch
 
 from cyclereg.checkpoint import atomic_leftover, data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, exported_models, require_registrable
-from cyclereg.console import print_note
+from cyclereg.console import make_console, print_note
 from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device
 from cyclereg import errors
@@ -209,7 +209,7 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn())
+                    TimeRemainingColumn(), console=make_console())
 
 
 def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False) -> dict:

@@ -24,11 +24,10 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     finished stages) on ``console`` (default: stdout); with ``json_out`` also write the status there
     as JSON. ``stages``: count progress towards this many stages instead of the run's. Returns the
     status (:func:`cyclereg.training.api.run_status`)."""
-    from rich.console import Console
     from rich.table import Table
 
     from cyclereg.checkpoint import write_json
-    from cyclereg.console import print_note, print_table
+    from cyclereg.console import make_console, print_note, print_table
     from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output, require_switches
     from cyclereg.training.api import run_status
 
@@ -49,7 +48,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
         table.add_row("all" if row["fold"] is None else str(row["fold"]),
                       "-" if row["finished"] < 0 else str(row["finished"]), row["next"], hms(so_far),
                       hms(row["remaining_s"]))
-    console = console or Console()
+    console = console or make_console()
     print_table(console, table)
     for row in info["folds"]:
         missing = row["unlogged_stages"]
