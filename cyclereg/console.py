@@ -24,15 +24,22 @@ class _GoesQuietOnBrokenPipe(Console):
         stream's descriptor is pointed at the null device, so that what is still buffered for it (and
         any later writer to it) does not raise again."""
         self.quiet = True
+        point_at_null(self.file)
+
+
+def point_at_null(stream) -> None:
+    """Point ``stream``'s descriptor at the null device (its reader is gone): what is still buffered for it,
+    and any later write, goes nowhere instead of raising BrokenPipeError again (also at exit). A stream
+    without a descriptor (a test's captured output) is left as it is."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
         try:
-            fd = self.file.fileno()
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, fd)
-            finally:
-                os.close(null)
-        except (OSError, ValueError, AttributeError):  # a stream without a descriptor: quiet is enough
-            pass
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def make_console(**kwargs) -> Console:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 from pathlib import Path
 from typing import NoReturn, Optional
 
@@ -17,7 +18,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from cyclereg.api import require_inputs, require_run_dir
-from cyclereg.console import tolerate_unencodable
+from cyclereg.console import point_at_null, tolerate_unencodable
 from cyclereg.errors import InputError, ResultError, WorkerError
 from cyclereg.interrupts import exit_on_sigterm
 
@@ -117,6 +118,16 @@ def _main_options(
     tolerate_unencodable()  # an ASCII locale prints a non-ASCII path escaped, not a UnicodeEncodeError
 
 
+def _say(text: str) -> None:
+    """Print a command's closing line on stdout. Its work is done by then: when the reader of stdout is gone
+    (``cyclereg register ... | head -0``), the line is dropped and the command still succeeds (it was an
+    error, exit 2, as if the input had been bad, after every output had been written)."""
+    try:
+        typer.echo(text)
+    except BrokenPipeError:
+        point_at_null(sys.stdout)
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"cyclereg: error: {message}", err=True)
     raise typer.Exit(code)
@@ -190,7 +201,7 @@ def keypoints(
                             sigma_mm=sigma, nms_radius_mm=nms_radius, moving_nms_radius_mm=moving_nms_radius,
                             threshold=threshold, max_points=max_points, fmt=fmt, folds=folds, device=device)
     if summary is not None:
-        typer.echo(summary)
+        _say(summary)
 
 
 @command("pretrain-random")
@@ -226,7 +237,7 @@ def pretrain_random(
     require_inputs(dataset)
     from cyclereg.training.api import pretrain_random_summary
 
-    typer.echo(pretrain_random_summary(
+    _say(pretrain_random_summary(
         dataset, run, seed=seed, fold=fold, device=device, val_pairs=val_pairs, jobs=jobs, stages=stages,
         epochs=epochs, train_points=train_points, iterations=iterations, batch_size=batch_size,
         supervision=supervision, train_images=train_images, directions=directions,
@@ -255,7 +266,7 @@ def cycle(
 
     done = run_cycle(dataset, run, stages=stages, folds=folds, device=device, val_pairs=val_pairs,
                      snapshot_every_s=snapshot_every, jobs=jobs, stop_below_mm=stop_below)
-    typer.echo("finished stages: " + ", ".join(("all" if k is None else f"fold {k}") + f": {t}" for k, t in done.items()))
+    _say("finished stages: " + ", ".join(("all" if k is None else f"fold {k}") + f": {t}" for k, t in done.items()))
 
 
 @command()
@@ -307,7 +318,7 @@ def register(
     """Register one fixed/moving pair with a trained (or random) model."""
     from cyclereg.api import register as run_register
 
-    typer.echo(run_register(
+    _say(run_register(
         fixed, moving, out_dir, model=model, seed=seed, device=device, query=query, spacing=spacing,
         reference=reference, moving_image=moving_image, moving_labels=moving_labels,
         recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion, warps=warps,
@@ -375,7 +386,7 @@ def ensemble(
     require_inputs(*sources, folders=True)  # before torch is imported (seconds): a missing source fails at once
     from cyclereg.clouds.api import combine_cloud_models
 
-    typer.echo(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes,
+    _say(combine_cloud_models(sources, output, recentre_passes=recentre_passes, tta_passes=tta_passes,
                                     fusion=fusion))
 
 

@@ -338,3 +338,18 @@ def test_the_cli_escapes_what_its_ascii_streams_cannot_encode(monkeypatch):
     out.write("dü")
     out.flush()
     assert out.buffer.getvalue() == b"d\\xfc" and err.errors == "replace"
+
+
+def test_register_with_a_closed_stdout_writes_its_outputs_and_succeeds(tmp_path):
+    """``register ... | head -0``: the outputs are written, and the closing line nobody reads is dropped
+    with exit 0 (it was 'cyclereg: error: Broken pipe', exit 2: the code of bad input)."""
+    write_pair_files(tmp_path)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = _process("register", tmp_path / "f.csv", tmp_path / "m.csv", "-o", tmp_path / "out", "--device", "cpu",
+                        stdout=write)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-600:]
+    assert (tmp_path / "out" / "displacements.csv").is_file() and (tmp_path / "out" / "config.json").is_file()
