@@ -1,0 +1,240 @@
+"""Dataset JSON and layout walk (2026-12-07): Learn2Reg ``*_dataset.json`` files as real users bring
+them (``./`` prefixes or none, absolute paths, the JSON in another folder than the images, label maps
+given for some scans only, ``modality`` as a dict or a text, duplicated and conflicting entries, scans
+of one file name in per-subject folders), fed to the readers (``cyclereg.dense.data``) and to
+``pretrain-random`` / ``evaluate`` on tiny synthetic volumes. What should happen was decided from the
+README, the docstrings and the Learn2Reg convention: the scans used as listed, or a one-line error
+naming the file and the entry, never a silent misuse. Cases that break this are pinned as strict
+xfails (``BUG: ...``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from cyclereg.checkpoint import data_fingerprint
+from cyclereg.dense.data import load_volume_dataset, training_images
+from cyclereg.errors import InputError
+from cyclereg_cli.main import app
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+runner = CliRunner()
+
+SHAPE = (16, 16, 16)
+SPACING = (1.5, 1.5, 2.0)
+FAST = ["--stages", "1", "--iterations", "1", "--device", "cpu"]
+
+
+def _write(path: Path, k: int, *, label: bool = False) -> Path:
+    """A smooth CT-like scan (or its 3-class label map) number ``k``: crops of one random field, shifted by ``k``."""
+    rng = np.random.default_rng(0)
+    base = ndimage.gaussian_filter(rng.standard_normal((28, 28, 28)), 2.0)
+    base = (base - base.mean()) / base.std()
+    o = 4 + k % 4
+    img = base[o:o + SHAPE[0], 6:6 + SHAPE[1], 5:5 + SHAPE[2]] * 300.0 - 500.0
+    data = ((img > -400).astype(np.int16) + (img > -200)) if label else img.astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([*SPACING, 1.0])), str(path))
+    return path
+
+
+def _l2r(root: Path, n: int = 4) -> None:
+    """``imagesTr/C_000K_0000.nii.gz`` and ``labelsTr/`` of the same name, ``K = 0 .. n-1``."""
+    for k in range(n):
+        _write(root / "imagesTr" / f"C_{k:04d}_0000.nii.gz", k)
+        _write(root / "labelsTr" / f"C_{k:04d}_0000.nii.gz", k, label=True)
+
+
+def _img(k: int, prefix: str = "./") -> str:
+    return f"{prefix}imagesTr/C_{k:04d}_0000.nii.gz"
+
+
+def _lab(k: int) -> str:
+    return f"./labelsTr/C_{k:04d}_0000.nii.gz"
+
+
+def _json(path: Path, obj: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- handled as documented
+@pytest.mark.parametrize("spelling", ["./", "", "absolute"])
+def test_paths_with_or_without_dot_slash_or_absolute_name_the_same_scans_and_hold_out_the_val_pair(tmp_path, spelling):
+    """Learn2Reg writes ``./imagesTr/...``; users write ``imagesTr/...`` or absolute paths: each names
+    the same file, so the registration_val scans are left out of training whatever the spelling."""
+    _l2r(tmp_path)
+
+    def img(k):
+        return str(tmp_path / _img(k, "")) if spelling == "absolute" else _img(k, spelling)
+
+    ds = _json(tmp_path / "ds.json", {
+        "training": [{"image": _img(k), "label": _lab(k)} for k in range(4)],
+        "registration_val": [{"fixed": img(0), "moving": img(1)}]})
+    assert [p.name for p in training_images(ds)] == ["C_0002_0000.nii.gz", "C_0003_0000.nii.gz"]
+    (pair,) = load_volume_dataset(ds).pairs
+    assert (pair.fixed, pair.moving) == (tmp_path / _img(0, ""), tmp_path / _img(1, ""))
+    assert (pair.fixed_labels, pair.moving_labels) == (tmp_path / _lab(0)[2:], tmp_path / _lab(1)[2:])
+    assert pair.id == "0000_0001"
+
+
+def test_a_dataset_json_in_another_folder_resolves_its_paths_against_its_own_folder(tmp_path):
+    """Relative paths are relative to the JSON file (the module docstring), not to the working directory."""
+    _l2r(tmp_path / "data")
+    ds = _json(tmp_path / "meta" / "ds.json", {
+        "training": [{"image": f"../data/{_img(k, '')}", "label": f"../data/{_lab(k)[2:]}"} for k in range(3)],
+        "registration_val": [{"fixed": f"../data/{_img(0, '')}", "moving": f"../data/{_img(1, '')}"}]})
+    assert training_images(ds) == [tmp_path / "data" / _img(2, "")]
+    (pair,) = load_volume_dataset(ds).pairs
+    assert pair.moving_labels == tmp_path / "data" / _lab(1)[2:]
+
+
+def test_label_maps_missing_for_some_entries_are_found_beside_in_labelstr_or_refused_by_evaluate(tmp_path):
+    """A training entry without ``label`` (or ``label: null``) falls back to ``labelsTr/`` of the same name;
+    where that file is absent too, ``evaluate`` refuses naming the image, instead of scoring without it."""
+    _l2r(tmp_path)
+    (tmp_path / "labelsTr" / "C_0002_0000.nii.gz").unlink()
+    ds = _json(tmp_path / "ds.json", {
+        "training": [{"image": _img(0), "label": None}, {"image": _img(1)}, {"image": _img(2)}],
+        "registration_val": [{"fixed": _img(0), "moving": _img(1)}, {"fixed": _img(1), "moving": _img(2)}]})
+    first, second = load_volume_dataset(ds).pairs
+    assert first.fixed_labels == tmp_path / _lab(0)[2:] and first.moving_labels == tmp_path / _lab(1)[2:]
+    assert second.moving_labels is None
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2, res.output
+    out = _one_line(res.output)
+    assert "C_0002_0000.nii.gz: no label map found for this image" in out
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("modality, expected", [({"0": "CT"}, "CT"), ("MR", "MR"), ({}, None), (None, None)])
+def test_modality_as_a_dict_or_a_text(tmp_path, modality, expected):
+    _l2r(tmp_path, 2)
+    obj = {"training": [{"image": _img(0)}], "registration_val": [{"fixed": _img(0), "moving": _img(1)}]}
+    if modality is not None:
+        obj["modality"] = modality
+    assert load_volume_dataset(_json(tmp_path / "ds.json", obj)).modality == expected
+
+
+@pytest.mark.parametrize("entry", [{"fixed": _img(0), "moving": _img(1)}, {"label": _lab(0)}, {"image": None}])
+def test_a_training_entry_without_an_image_is_refused_naming_the_entry(tmp_path, entry):
+    """Paired-task entries (``fixed``/``moving``, Learn2Reg's ``training_paired_images`` shape) are no
+    ``training`` images: refused by entry number, not read as nothing."""
+    _l2r(tmp_path, 3)
+    ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(2)}, entry], "registration_val": []})
+    with pytest.raises(InputError, match=r"training entry 1 has no 'image'") as e:
+        training_images(ds)
+    assert str(e.value).startswith(str(ds))
+
+
+def test_training_images_of_other_shapes_or_spacings_are_refused_naming_both_files(tmp_path):
+    _l2r(tmp_path, 3)
+    odd = tmp_path / "imagesTr" / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(16, 16, 18)).astype(np.float32),
+                             np.diag([*SPACING, 1.0])), str(odd))
+    ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(1)}, {"image": "imagesTr/odd.nii.gz"},
+                                                    {"image": _img(2)}], "registration_val": []})
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), *FAST])
+    assert res.exit_code == 2, res.output
+    out = _one_line(res.output)
+    assert f"{odd}: training images need one shape and spacing: (16, 16, 18)" in out
+    assert str(tmp_path / _img(1, "")) in out and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- bugs
+@pytest.mark.xfail(strict=True, reason="BUG: a training entry listed twice (here once as ./imagesTr/X, once as "
+                   "imagesTr/X) reaches DenseCycleTask, whose ValueError 'images: ids must be unique' escapes "
+                   "pretrain-random as a traceback (exit 1) instead of a one-line error naming the dataset "
+                   "and the entries (or the duplicate being dropped)")
+def test_a_training_image_listed_twice_is_refused_by_name_or_trained_once(tmp_path):
+    _l2r(tmp_path, 3)
+    ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(0)}, {"image": _img(1)}, {"image": _img(1, "")}],
+                                      "registration_val": []})
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), *FAST])
+    if res.exit_code == 0:  # the duplicate dropped: one pair of two distinct scans, never a scan with itself
+        assert json.loads((tmp_path / "run" / "run.json").read_text())["pairs"] == ["0000_0001"]
+    else:
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+        out = _one_line(res.output)
+        assert str(ds) in out and "training entr" in out
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/training/api.py _dense_identity keys the fingerprints of "
+                   "the training scans by file name (Path(p).name), so scans of one name in per-subject folders "
+                   "(sub-01/ct.nii.gz, sub-02/ct.nii.gz, ...) are recorded as one: run.json/extra.training "
+                   "keep only the last, and a change of the others or evaluate's pairs_in_training goes unseen")
+def test_training_scans_of_one_file_name_in_subject_folders_are_each_recorded(tmp_path):
+    paths = [_write(tmp_path / f"sub-0{k}" / "ct.nii.gz", k) for k in range(1, 4)]
+    ds = _json(tmp_path / "ds.json", {"training": [{"image": f"sub-0{k}/ct.nii.gz"} for k in range(1, 4)],
+                                      "registration_val": []})
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), *FAST])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["images"]
+    assert sorted(record.values()) == sorted(data_fingerprint(p) for p in paths)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset maps each image to the "
+                   "label of its LAST training entry: an image listed twice with two label maps silently gets "
+                   "the other one (here the label map of another scan is used for Dice); should be refused "
+                   "naming both entries")
+def test_one_image_with_two_different_label_maps_is_refused_naming_the_entries(tmp_path):
+    _l2r(tmp_path, 2)
+    ds = _json(tmp_path / "ds.json", {
+        "training": [{"image": _img(0), "label": _lab(0)}, {"image": _img(0), "label": _lab(1)},
+                     {"image": _img(1), "label": _lab(1)}],
+        "registration_val": [{"fixed": _img(0), "moving": _img(1)}]})
+    with pytest.raises(InputError, match=r"training entr") as e:
+        load_volume_dataset(ds)
+    assert str(e.value).startswith(str(ds))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset (and _dense_task) take "
+                   "the FIRST value of a per-channel 'modality' dict: Learn2Reg's multimodal {\"0\": \"MR\", "
+                   "\"1\": \"CT\"} makes every scan 'MR', so its CT scans (_0001) are preprocessed as MRI "
+                   "without a word; should be refused (or each scan take its channel's modality)")
+def test_a_modality_dict_naming_two_modalities_is_not_read_as_its_first(tmp_path):
+    _l2r(tmp_path, 2)
+    ds = _json(tmp_path / "ds.json", {"modality": {"0": "MR", "1": "CT"}, "training": [{"image": _img(0)}],
+                                      "registration_val": [{"fixed": _img(0), "moving": _img(1)}]})
+    with pytest.raises(InputError, match=r"modality") as e:
+        load_volume_dataset(ds)
+    assert str(e.value).startswith(str(ds))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset accepts a "
+                   "registration_val pair of a scan with itself (here spelt ./imagesTr/X and imagesTr/X): "
+                   "evaluate scores it Dice 1 and it lifts the mean without a word, where a pair listed twice "
+                   "is refused as a copy-paste slip; should be refused naming the entry")
+def test_a_registration_val_pair_of_a_scan_with_itself_is_refused_naming_the_entry(tmp_path):
+    _l2r(tmp_path, 2)
+    ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(0)}, {"image": _img(1)}],
+                                      "registration_val": [{"fixed": _img(1), "moving": _img(0)},
+                                                           {"fixed": _img(0), "moving": _img(0, "")}]})
+    with pytest.raises(InputError, match=r"registration_val entry 1") as e:
+        load_volume_dataset(ds)
+    assert str(e.value).startswith(str(ds))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py training_images resolves a blank "
+                   "'image' (\"\") to the dataset's own folder, so pretrain-random fails with '<folder>: is not "
+                   "a regular file', naming neither the JSON nor the entry (registration_val refuses a blank "
+                   "path by entry, and training refuses 'image': null by entry)")
+def test_a_blank_training_image_is_refused_naming_the_entry(tmp_path):
+    _l2r(tmp_path, 3)
+    ds = _json(tmp_path / "ds.json", {"training": [{"image": ""}, {"image": _img(1)}, {"image": _img(2)}],
+                                      "registration_val": []})
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), *FAST])
+    assert res.exit_code == 2, res.output
+    out = _one_line(res.output)
+    assert str(ds) in out and "training entry 0" in out
