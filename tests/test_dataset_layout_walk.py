@@ -138,17 +138,19 @@ def test_a_training_entry_without_an_image_is_refused_naming_the_entry(tmp_path,
     assert str(e.value).startswith(str(ds))
 
 
-def test_training_images_of_other_shapes_or_spacings_are_refused_naming_both_files(tmp_path):
+@pytest.mark.parametrize("shape, spacing, shown", [((16, 16, 18), SPACING, "(16, 16, 18) / (1.5, 1.5, 2) mm"),
+                                                   ((16, 16, 16), (1.0, 1.0, 1.0), "(16, 16, 16) / (1, 1, 1) mm")])
+def test_training_images_of_other_shapes_or_spacings_are_refused_naming_both_files(tmp_path, shape, spacing, shown):
     _l2r(tmp_path, 3)
     odd = tmp_path / "imagesTr" / "odd.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(16, 16, 18)).astype(np.float32),
-                             np.diag([*SPACING, 1.0])), str(odd))
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=shape).astype(np.float32),
+                             np.diag([*spacing, 1.0])), str(odd))
     ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(1)}, {"image": "imagesTr/odd.nii.gz"},
                                                     {"image": _img(2)}], "registration_val": []})
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(tmp_path / "run"), *FAST])
     assert res.exit_code == 2, res.output
     out = _one_line(res.output)
-    assert f"{odd}: training images need one shape and spacing: (16, 16, 18)" in out
+    assert f"{odd}: training images need one shape and spacing: {shown} here" in out
     assert str(tmp_path / _img(1, "")) in out and not (tmp_path / "run").exists()
 
 
@@ -340,3 +342,23 @@ def test_one_label_map_given_for_two_different_images_is_refused_naming_the_entr
     with pytest.raises(InputError, match=r"training entr") as e:
         load_volume_dataset(ds)
     assert str(e.value).startswith(str(ds))
+
+
+def test_learn2reg_metadata_counts_masks_keypoints_and_test_entries_do_not_change_the_training_list(tmp_path):
+    """``numTraining``, ``tensorImageShape`` / ``tensorImageSize`` describe the lists and are not read; ``mask``
+    and ``keypoints`` of an entry are ignored; ``test`` images are never training images. The ``training`` list
+    itself decides (here 3 entries where ``numTraining`` says 30)."""
+    _l2r(tmp_path, 3)
+    _write(tmp_path / "imagesTs" / "C_0009_0000.nii.gz", 9)
+    ds = _json(tmp_path / "ds.json", {
+        "numTraining": 30, "numTest": 1, "tensorImageSize": {"0": "3D"}, "tensorImageShape": {"0": [192, 160, 256]},
+        "provided_data": {"0": ["image", "label", "mask", "keypoints"]},
+        "training": [{"image": _img(k), "label": _lab(k), "mask": f"./masksTr/C_{k:04d}_0000.nii.gz",
+                      "keypoints": f"./keypointsTr/C_{k:04d}_0000.csv"} for k in range(3)],
+        "test": [{"image": "./imagesTs/C_0009_0000.nii.gz"}],
+        "registration_val": [{"fixed": _img(0), "moving": _img(1)}],
+        "registration_test": [{"fixed": "./imagesTs/C_0009_0000.nii.gz", "moving": _img(2)}]})
+    assert training_images(ds) == [tmp_path / _img(2, "")]
+    assert training_images(ds, held_out=False) == [tmp_path / _img(k, "") for k in range(3)]
+    (pair,) = load_volume_dataset(ds).pairs  # registration_test pairs are not evaluated
+    assert pair.id == "0000_0001" and pair.fixed_labels == tmp_path / _lab(0)[2:]
