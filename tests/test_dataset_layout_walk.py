@@ -155,10 +155,6 @@ def test_training_images_of_other_shapes_or_spacings_are_refused_naming_both_fil
 
 
 # ----------------------------------------------------------------------------- bugs
-@pytest.mark.xfail(strict=True, reason="BUG: a training entry listed twice (here once as ./imagesTr/X, once as "
-                   "imagesTr/X) reaches DenseCycleTask, whose ValueError 'images: ids must be unique' escapes "
-                   "pretrain-random as a traceback (exit 1) instead of a one-line error naming the dataset "
-                   "and the entries (or the duplicate being dropped)")
 def test_a_training_image_listed_twice_is_refused_by_name_or_trained_once(tmp_path):
     _l2r(tmp_path, 3)
     ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(0)}, {"image": _img(1)}, {"image": _img(1, "")}],
@@ -172,10 +168,6 @@ def test_a_training_image_listed_twice_is_refused_by_name_or_trained_once(tmp_pa
         assert str(ds) in out and "training entr" in out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/training/api.py _dense_identity keys the fingerprints of "
-                   "the training scans by file name (Path(p).name), so scans of one name in per-subject folders "
-                   "(sub-01/ct.nii.gz, sub-02/ct.nii.gz, ...) are recorded as one: run.json/extra.training "
-                   "keep only the last, and a change of the others or evaluate's pairs_in_training goes unseen")
 def test_training_scans_of_one_file_name_in_subject_folders_are_each_recorded(tmp_path):
     paths = [_write(tmp_path / f"sub-0{k}" / "ct.nii.gz", k) for k in range(1, 4)]
     ds = _json(tmp_path / "ds.json", {"training": [{"image": f"sub-0{k}/ct.nii.gz"} for k in range(1, 4)],
@@ -186,10 +178,6 @@ def test_training_scans_of_one_file_name_in_subject_folders_are_each_recorded(tm
     assert sorted(record.values()) == sorted(data_fingerprint(p) for p in paths)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset maps each image to the "
-                   "label of its LAST training entry: an image listed twice with two label maps silently gets "
-                   "the other one (here the label map of another scan is used for Dice); should be refused "
-                   "naming both entries")
 def test_one_image_with_two_different_label_maps_is_refused_naming_the_entries(tmp_path):
     _l2r(tmp_path, 2)
     ds = _json(tmp_path / "ds.json", {
@@ -201,10 +189,6 @@ def test_one_image_with_two_different_label_maps_is_refused_naming_the_entries(t
     assert str(e.value).startswith(str(ds))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset (and _dense_task) take "
-                   "the FIRST value of a per-channel 'modality' dict: Learn2Reg's multimodal {\"0\": \"MR\", "
-                   "\"1\": \"CT\"} makes every scan 'MR', so its CT scans (_0001) are preprocessed as MRI "
-                   "without a word; should be refused (or each scan take its channel's modality)")
 def test_a_modality_dict_naming_two_modalities_is_not_read_as_its_first(tmp_path):
     _l2r(tmp_path, 2)
     ds = _json(tmp_path / "ds.json", {"modality": {"0": "MR", "1": "CT"}, "training": [{"image": _img(0)}],
@@ -214,10 +198,6 @@ def test_a_modality_dict_naming_two_modalities_is_not_read_as_its_first(tmp_path
     assert str(e.value).startswith(str(ds))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset accepts a "
-                   "registration_val pair of a scan with itself (here spelt ./imagesTr/X and imagesTr/X): "
-                   "evaluate scores it Dice 1 and it lifts the mean without a word, where a pair listed twice "
-                   "is refused as a copy-paste slip; should be refused naming the entry")
 def test_a_registration_val_pair_of_a_scan_with_itself_is_refused_naming_the_entry(tmp_path):
     _l2r(tmp_path, 2)
     ds = _json(tmp_path / "ds.json", {"training": [{"image": _img(0)}, {"image": _img(1)}],
@@ -228,10 +208,6 @@ def test_a_registration_val_pair_of_a_scan_with_itself_is_refused_naming_the_ent
     assert str(e.value).startswith(str(ds))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py training_images resolves a blank "
-                   "'image' (\"\") to the dataset's own folder, so pretrain-random fails with '<folder>: is not "
-                   "a regular file', naming neither the JSON nor the entry (registration_val refuses a blank "
-                   "path by entry, and training refuses 'image': null by entry)")
 def test_a_blank_training_image_is_refused_naming_the_entry(tmp_path):
     _l2r(tmp_path, 3)
     ds = _json(tmp_path / "ds.json", {"training": [{"image": ""}, {"image": _img(1)}, {"image": _img(2)}],
@@ -242,11 +218,6 @@ def test_a_blank_training_image_is_refused_naming_the_entry(tmp_path):
     assert str(ds) in out and "training entry 0" in out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset guesses a label map from "
-                   "the RESOLVED image path: with imagesTr/X.nii.gz a symlink to raw/X.nii.gz (a common way to "
-                   "build the Learn2Reg layout) the guess looks in raw/ and misses labelsTr/X.nii.gz, so evaluate "
-                   "refuses 'raw/X.nii.gz: no label map found' (a path the JSON never names); the guess should "
-                   "use the path as the JSON gives it")
 def test_the_labelstr_guess_follows_the_path_as_written_not_a_symlinks_target(tmp_path):
     for k in range(2):
         target = _write(tmp_path / "raw" / f"C_{k:04d}_0000.nii.gz", k)
@@ -259,11 +230,6 @@ def test_the_labelstr_guess_follows_the_path_as_written_not_a_symlinks_target(tm
     assert (pair.fixed_labels, pair.moving_labels) == (tmp_path / _lab(0)[2:], tmp_path / _lab(1)[2:])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/training/api.py _dense_training_set ignores Learn2Reg's "
-                   "'pairings': 'paired' and its 'training_paired_images' (LungCT, ThoraxCBCT: the scans of one "
-                   "case go together): pretrain-random trains every pair of training images, scans of different "
-                   "patients (and phases) included, without a word; should train the listed pairs or refuse "
-                   "naming 'training_paired_images'")
 def test_a_paired_learn2reg_dataset_trains_only_its_listed_pairs_or_is_refused(tmp_path):
     names = [f"L_{c:04d}_{s:04d}.nii.gz" for c in (1, 2) for s in (0, 1)]
     for k, name in enumerate(names):
@@ -302,10 +268,6 @@ def test_keypoint_paths_are_relative_to_the_json_and_voxel_csvs_land_on_its_grid
 
 
 @pytest.mark.parametrize("modality", [{"0": 5}, ["CT"], True])
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/training/api.py _dense_task reads the dataset's 'modality' "
-                   "itself, without load_volume_dataset's check, and hands a non-text value to resolve_mode, whose "
-                   "hint.lower() raises AttributeError: pretrain-random ends in a traceback (exit 1) where "
-                   "evaluate refuses the same file in one line naming 'modality'")
 def test_pretrain_random_refuses_a_modality_that_is_no_text_in_one_line(tmp_path, modality):
     _l2r(tmp_path, 3)
     ds = _json(tmp_path / "ds.json", {"modality": modality, "training": [{"image": _img(k)} for k in range(3)],
@@ -330,10 +292,6 @@ def test_registration_val_pairs_of_scans_outside_training_leave_the_training_set
     assert [p.id for p in load_volume_dataset(ds).pairs] == ["0007_0008", "0008_0002"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/data.py load_volume_dataset lets two training "
-                   "entries give one label file for two different images (a copy-paste slip: here C_0001 gets "
-                   "C_0000's labels), so evaluate scores C_0001 against another scan's label map without a word; "
-                   "should be refused naming both entries")
 def test_one_label_map_given_for_two_different_images_is_refused_naming_the_entries(tmp_path):
     _l2r(tmp_path, 2)
     ds = _json(tmp_path / "ds.json", {
@@ -364,10 +322,6 @@ def test_learn2reg_metadata_counts_masks_keypoints_and_test_entries_do_not_chang
     assert pair.id == "0000_0001" and pair.fixed_labels == tmp_path / _lab(0)[2:]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/training/api.py _dense_val_hook names p.fixed whichever scan "
-                   "of a registration_val pair lacks its label map: with the fixed scan labelled and the moving "
-                   "one not, '--val-pairs needs label maps' points at the labelled scan (evaluate names the right "
-                   "one); should name the scan without a label map")
 def test_val_pairs_names_the_scan_whose_label_map_is_missing(tmp_path):
     for k in range(4):
         _write(tmp_path / "imagesTr" / f"C_{k:04d}_0000.nii.gz", k)

@@ -8,6 +8,8 @@ of the same image, else by replacing ``imagesTr`` with ``labelsTr`` in the path.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,6 +248,36 @@ def _registration_val(obj: dict, path: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def label_guess(image: Path) -> Path | None:
+    """Where the Learn2Reg layout keeps the label map of ``image``: its path with the last ``imagesTr`` /
+    ``imagesTs`` folder as ``labelsTr`` / ``labelsTs`` (folders of those names higher up are left as they are);
+    ``None`` when the image lies in neither."""
+    parts = list(Path(image).parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] in ("imagesTr", "imagesTs"):
+            parts[i] = "labels" + parts[i][len("images"):]
+            return Path(*parts)
+    return None
+
+
+def dataset_modality(obj: dict, path: Path) -> str | None:
+    """The imaging modality of a Learn2Reg dataset JSON ``obj`` (``path``): its ``modality`` text, or the one
+    modality of its per-channel dict (``{"0": "CT"}``); ``None`` when absent. :class:`InputError` naming
+    ``path`` for a value that is no text, or a dict naming several modalities (Learn2Reg's multi-modal tasks,
+    ``{"0": "MR", "1": "CT"}``: each scan would need its own preprocessing, which is not supported)."""
+    modality = obj.get("modality")
+    if isinstance(modality, dict):
+        kinds = sorted({str(v) for v in modality.values()})
+        if len(kinds) > 1:
+            raise InputError(f"'modality' names several modalities ({', '.join(kinds)}): multi-modal datasets (one "
+                             "modality per channel) are not supported; list single-modality scans", path)
+        modality = next(iter(modality.values()), None)
+    if modality is not None and not isinstance(modality, str):
+        raise InputError(f"'modality' should name the imaging modality (e.g. {{\"0\": \"CT\"}}), got {modality!r}",
+                         path)
+    return modality
+
+
 def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> VolumeDataset:
     """Parse a Learn2Reg dataset JSON.
 
@@ -260,25 +292,40 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     def res(rel, where: str) -> Path:
         return _scan_path(root, rel, p, where)
 
-    label_of: dict[Path, Path] = {}
+    label_of: dict[Path, tuple[Path, str]] = {}  # image -> (its label map, the entry that gave it)
+    image_of: dict[Path, tuple[Path, str]] = {}  # label map -> (its image, the entry)
     for key in ("training", "test"):
         entries = obj.get(key) or []
         if not isinstance(entries, list):
             raise InputError(f"'{key}' should be a list of image entries, got {type(entries).__name__}", p)
         for n, entry in enumerate(entries):
             if isinstance(entry, dict) and entry.get("image") and entry.get("label"):
-                label_of[res(entry["image"], f"{key} entry {n}: 'image'")] = res(entry["label"],
-                                                                                 f"{key} entry {n}: 'label'")
-
-    def labels_for(img: Path) -> Path | None:
-        if img in label_of:
-            return label_of[img]
-        guess = Path(str(img).replace("imagesTr", "labelsTr").replace("imagesTs", "labelsTs"))
-        return guess if guess != img and guess.exists() else None
+                where = f"{key} entry {n}"
+                img, lab = res(entry["image"], f"{where}: 'image'"), res(entry["label"], f"{where}: 'label'")
+                # a copy-paste slip would score a scan against another scan's labels without a word
+                if img in label_of and label_of[img][0] != lab:
+                    raise InputError(f"{label_of[img][1]} and {where} give the image {entry['image']} two label maps",
+                                     p)
+                if lab in image_of and image_of[lab][0] != img:
+                    raise InputError(f"{image_of[lab][1]} and {where} give the label map {entry['label']} to two "
+                                     "images", p)
+                label_of.setdefault(img, (lab, where))
+                image_of.setdefault(lab, (img, where))
 
     val = _registration_val(obj, p)
     if not val:
         raise InputError("no 'registration_val' pairs in the dataset", p)
+    written: dict[Path, Path] = {}  # scan -> its path as the JSON writes it (a link's own folder, not its target's)
+    for entry, pair in zip(obj["registration_val"], val):
+        for k, scan in zip(("fixed", "moving"), pair):
+            written.setdefault(scan, Path(os.path.abspath(root / entry[k])))
+
+    def labels_for(img: Path) -> Path | None:
+        if img in label_of:
+            return label_of[img][0]
+        guess = label_guess(written.get(img, img))
+        return guess if guess is not None and guess.exists() else None
+
     ordered: dict[tuple[Path, Path], None] = {}  # the pairs in order, each once
     listed: dict[tuple[Path, Path], int] = {}  # pair as listed -> its entry number
     for n, (f, m) in enumerate(val):
@@ -286,6 +333,9 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
         if (f, m) in listed:  # a copy-paste slip would silently shrink the evaluation
             raise InputError(f"registration_val entries {listed[(f, m)]} and {n} list the same pair "
                              f"({entry['fixed']} -> {entry['moving']})", p)
+        if f == m:  # scored Dice 1, it would lift the mean
+            raise InputError(f"registration_val entry {n} pairs a scan with itself ({entry['fixed']} -> "
+                             f"{entry['moving']})", p)
         listed[(f, m)] = n
         for a, b in ((f, m), (m, f)) if both_directions else ((f, m),):
             ordered[(a, b)] = None
@@ -293,11 +343,7 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     ids = dict(zip(scans, scan_ids(scans)))
     names = pair_ids([(ids[a], ids[b]) for a, b in ordered])
     pairs = [VolumePair(a, b, labels_for(a), labels_for(b), name) for (a, b), name in zip(ordered, names)]
-    modality = obj.get("modality")
-    if isinstance(modality, dict):
-        modality = next(iter(modality.values()), None)
-    if modality is not None and not isinstance(modality, str):
-        raise InputError(f"'modality' should name the imaging modality (e.g. {{\"0\": \"CT\"}}), got {modality!r}", p)
+    modality = dataset_modality(obj, p)
     label_names: dict[int, str] = {}
     labels = obj.get("labels")
     if isinstance(labels, dict):
@@ -325,13 +371,50 @@ def training_images(path: str | Path, *, held_out: bool = True) -> list[Path]:
     entries = obj.get("training")
     if not isinstance(entries, list) or not entries:
         raise InputError("no 'training' images in the dataset", p)
-    images = []
+    images: list[Path] = []
+    entry_of: dict[Path, int] = {}
     for n, e in enumerate(entries):
         img = e.get("image") if isinstance(e, dict) else e
-        if not isinstance(img, str):
+        if img is None:
             raise InputError(f"training entry {n} has no 'image'", p)
-        images.append((root / img).resolve())
+        path = _scan_path(root, img, p, f"training entry {n}: 'image'")
+        if path in entry_of:  # two ids for one scan, and pairs of a scan with itself
+            raise InputError(f"training entries {entry_of[path]} and {n} list the same image ({img})", p)
+        entry_of[path] = n
+        images.append(path)
     if held_out:
         val = {scan for pair in _registration_val(obj, p) for scan in pair}
         images = [im for im in images if im not in val]
     return images
+
+
+def training_pairs(path: str | Path, *, held_out: bool = True) -> list[tuple[Path, Path]] | None:
+    """The ``(fixed, moving)`` scan paths of a paired Learn2Reg dataset's ``training_paired_images``
+    (``"pairings": "paired"``, e.g. LungCT, ThoraxCBCT: the scans of one case go together), in order;
+    ``None`` for an unpaired dataset (every two training images make a pair). ``held_out``: leave out the
+    pairs with a scan of a ``registration_val`` pair. :class:`InputError` naming ``path`` for a paired
+    dataset without a list of ``{"fixed": path, "moving": path}`` pairs."""
+    p = Path(path)
+    obj = read_json(p)
+    raw = obj.get("training_paired_images")
+    if raw is None and obj.get("pairings") != "paired":
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise InputError("a paired dataset ('pairings': 'paired') needs its pairs in 'training_paired_images', a list "
+                         "of {\"fixed\": path, \"moving\": path}", p)
+    pairs, entry_of = [], {}
+    for n, entry in enumerate(raw):
+        if not isinstance(entry, dict) or "fixed" not in entry or "moving" not in entry:
+            raise InputError(f"training_paired_images entry {n} needs 'fixed' and 'moving'", p)
+        pair = tuple(_scan_path(p.parent, entry[k], p, f"training_paired_images entry {n}: '{k}'")
+                     for k in ("fixed", "moving"))
+        if pair[0] == pair[1]:
+            raise InputError(f"training_paired_images entry {n} pairs a scan with itself ({entry['fixed']})", p)
+        if pair in entry_of:
+            raise InputError(f"training_paired_images entries {entry_of[pair]} and {n} list the same pair", p)
+        entry_of[pair] = n
+        pairs.append(pair)
+    if held_out:
+        val = {scan for pair in _registration_val(obj, p) for scan in pair}
+        pairs = [q for q in pairs if not (set(q) & val)]
+    return pairs

@@ -689,8 +689,11 @@ def spread_pairs(n: int, count: int | None = None) -> list[tuple[int, int]]:
 def _dense_training_set(dataset: Path, config: DenseCycleConfig, run: Path | None = None):
     """Training image paths and ``(i, j)`` index pairs (no labels are read). ``run``: the run
     directory whose stored configuration ``config`` is (``cycle``), for the message."""
-    from cyclereg.dense.data import training_images
+    from cyclereg.dense.data import training_images, training_pairs
 
+    listed = training_pairs(dataset, held_out=config.train_images == "held-out")
+    if listed is not None:  # a paired dataset: the pairs it lists, not every two of its scans
+        return _listed_training_set(dataset, config, listed)
     images = training_images(dataset, held_out=config.train_images == "held-out")
     if len(images) < 2:
         hint = ""
@@ -713,15 +716,32 @@ def _dense_training_set(dataset: Path, config: DenseCycleConfig, run: Path | Non
     return [images[i] for i in used], [(remap[i], remap[j]) for i, j in pairs]
 
 
+def _listed_training_set(dataset: Path, config: DenseCycleConfig, listed: list[tuple[Path, Path]]):
+    """:func:`_dense_training_set` of a paired dataset: its listed ``(fixed, moving)`` pairs (both ways with
+    ``directions`` both, the first ``max_train_pairs``), their scans in order of appearance."""
+    if not listed:
+        hint = (" (the others have a scan in registration_val pairs; --train-images all trains on those too)"
+                if config.train_images == "held-out" else "")
+        raise InputError(f"no training pair left in 'training_paired_images'{hint}", dataset)
+    if config.directions == "both":
+        listed = [q for f, m in listed for q in ((f, m), (m, f))]
+    if config.max_train_pairs is not None:
+        listed = listed[: config.max_train_pairs]
+    images = list(dict.fromkeys(scan for pair in listed for scan in pair))
+    index = {scan: k for k, scan in enumerate(images)}
+    return images, [(index[f], index[m]) for f, m in listed]
+
+
 def _dense_identity(dataset: Path, images, pairs) -> dict:
-    from cyclereg.dense.data import pair_ids, scan_ids
+    from cyclereg.dense.data import pair_ids, scan_ids, unique_ids
     from cyclereg.datasets import read_json
 
     name = str(read_json(dataset).get("name", Path(dataset).stem))
     ids = scan_ids(images)
     return {"dataset": name, "kind": "volumes",
             "pairs": pair_ids([(ids[i], ids[j]) for i, j in pairs]), "folds": [],
-            "data": {"images": {Path(p).name: data_fingerprint(p) for p in images}}}
+            # keyed by file name, made unique (scans of one name in per-subject folders: NAME~2, ...)
+            "data": {"images": dict(zip(unique_ids([Path(p).name for p in images]), map(data_fingerprint, images)))}}
 
 
 def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
@@ -729,13 +749,11 @@ def _dense_task(dataset: Path, config: DenseCycleConfig, device, images, pairs):
 
     from cyclereg.datasets import read_json
     from cyclereg.dense.api import require_volume_size
-    from cyclereg.dense.data import preprocess, require_contrast, resolve_mode, scan_ids
+    from cyclereg.dense.data import dataset_modality, preprocess, require_contrast, resolve_mode, scan_ids
     from cyclereg.training.dense import DenseCycleTask, VolumeImage
     from cyclereg.volumeio import GRID_TOLERANCE_MM, axis_codes, read_nifti, spacing_differs, spacing_text
 
-    modality = read_json(dataset).get("modality")
-    if isinstance(modality, dict):
-        modality = next(iter(modality.values()), None)
+    modality = dataset_modality(read_json(dataset), dataset)
     loaded, first, first_mode = [], None, None
     for path, scan in zip(images, scan_ids(images)):
         vol = read_nifti(path)
@@ -777,8 +795,10 @@ def _dense_val_hook(dataset: Path, n: int, console=None):
     ds = load_volume_dataset(dataset)
     pairs = list(ds.pairs)[:n]
     for p in pairs:
-        if p.fixed_labels is None or p.moving_labels is None:
-            raise InputError("--val-pairs needs label maps for the registration_val pairs", p.fixed)
+        for scan, labels in ((p.fixed, p.fixed_labels), (p.moving, p.moving_labels)):
+            if labels is None:  # the scan without one is named
+                raise InputError("--val-pairs needs label maps for the registration_val pairs (no label map found for "
+                                 "this scan)", scan)
     cache = {}
 
     def vol(path, labels=False):
