@@ -177,7 +177,11 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     obj = read_json(p)
     root = p.parent
     pairs = []
-    for n, entry in enumerate(obj.get("pairs", [])):
+    raw_pairs = obj.get("pairs")
+    if raw_pairs is not None and not isinstance(raw_pairs, list):  # a dict's keys were read as entries
+        raise InputError("'pairs' should be a list of {\"id\", \"fixed_keypoints\", \"moving_keypoints\", ...} entries, "
+                         f"got {type(raw_pairs).__name__}", p)
+    for n, entry in enumerate(raw_pairs or []):
         if isinstance(entry, dict) and bool(entry.get("fixed_landmarks")) != bool(entry.get("moving_landmarks")):
             given = "fixed_landmarks" if entry.get("fixed_landmarks") else "moving_landmarks"
             raise InputError(f"pairs[{n}] gives {given} alone: give both fixed_landmarks and moving_landmarks "
@@ -200,10 +204,13 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
     require_pair_ids(ids, p, "dataset")
     folds: list[tuple[str, ...]] = []
     held: dict[str, int] = {}
-    if not isinstance(obj.get("folds", []) or [], list):
-        raise InputError(f"'folds' should be a list of folds (each a list of held-out pair ids), got {obj['folds']!r}",
+    raw_folds = obj.get("folds")
+    if raw_folds is None:  # absent or null: no folds ([] too); {} or 0 are no list, not "no folds"
+        raw_folds = []
+    if not isinstance(raw_folds, list):
+        raise InputError(f"'folds' should be a list of folds (each a list of held-out pair ids), got {raw_folds!r}",
                          p)
-    for k, f in enumerate(obj.get("folds", []) or [], start=1):
+    for k, f in enumerate(raw_folds, start=1):
         test = f.get("test") if isinstance(f, dict) else f
         if not isinstance(test, list) or not test:
             raise InputError(f"fold {k}: expected a non-empty list of held-out pair ids (or {{\"test\": [...]}})", p)

@@ -332,3 +332,28 @@ def test_val_pairs_names_the_scan_whose_label_map_is_missing(tmp_path):
     assert res.exit_code == 2, res.output
     out = _one_line(res.output)
     assert f"{tmp_path / _img(1, '')}: " in out and f"{tmp_path / _img(0, '')}: " not in out
+
+
+@pytest.mark.parametrize("folds", [{}, 0, "", {"1": ["c0"]}])
+def test_keypoint_folds_that_are_no_list_are_refused_not_read_as_none(tmp_path, folds):
+    """``"folds": {}`` / ``0`` / ``""`` (or a dict of folds) is no list of folds: refused naming the file, not
+    read as a dataset without folds (an absent, null or empty list means none)."""
+    from cyclereg.datasets import load_keypoint_dataset
+
+    base = {"pairs": [{"id": "c0", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}
+    for none in (None, [], "absent"):
+        obj = dict(base) if none == "absent" else {**base, "folds": none}
+        assert load_keypoint_dataset(_json(tmp_path / "ok.json", obj)).folds == ()
+    ds = _json(tmp_path / "ds.json", {**base, "folds": folds})
+    with pytest.raises(InputError, match=r"'folds' should be a list of folds") as e:
+        load_keypoint_dataset(ds)
+    assert str(e.value).startswith(str(ds))
+
+
+def test_keypoint_pairs_given_as_an_object_are_refused_as_such(tmp_path):
+    """``"pairs": {"c0": {...}}`` is no list: named as such (its keys were read as entries: 'pairs[0] needs id')."""
+    from cyclereg.datasets import load_keypoint_dataset
+
+    ds = _json(tmp_path / "ds.json", {"pairs": {"c0": {"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}}})
+    with pytest.raises(InputError, match=r"'pairs' should be a list of .* entries, got dict"):
+        load_keypoint_dataset(ds)
