@@ -291,3 +291,20 @@ def test_evaluate_run_of_folds_that_finished_different_numbers_of_stages(tmp_pat
              r"\(this fold has the checkpoints of stage\(s\) 1\)")
     with pytest.raises(InputError, match=named):
         cyclereg.api.evaluate(ds, tmp_path / "r2.json", run=run, stage=2, device="cpu")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: DenseCycleConfig.validate (training/dense.py) checks only seed, supervision, train_images, directions, "
+    "stages/iterations/batch_size >= 1 and the stride: a run.json with a text, negative or infinite lr, a "
+    "fractional batch_size, augment 'no' or a NaN augmentation spread passes, and cycle then fails mid-stage "
+    "with a traceback (TypeError / 'Invalid learning rate'), trains with augmentation on, or diverges to NaN "
+    "(CloudCycleConfig refuses each of these, naming the setting)"))
+@pytest.mark.parametrize("key, value", [
+    ("lr", "0.001"), ("lr", -1.0), ("lr", float("inf")), ("batch_size", 1.5), ("augment", "no"),
+    ("aug_linear_std", float("nan")),
+])
+def test_a_dense_run_json_with_an_unusable_training_setting_is_refused_naming_it(key, value):
+    from cyclereg.training.dense import DenseCycleConfig
+
+    with pytest.raises(ValueError, match=key):
+        DenseCycleConfig.from_dict({key: value})
