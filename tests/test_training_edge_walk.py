@@ -198,6 +198,23 @@ def _displacements(result) -> torch.Tensor:
     return torch.tensor([[float(r[k]) for k in ("dx_mm", "dy_mm", "dz_mm")] for r in rows], dtype=torch.float64)
 
 
+def test_a_pair_listed_three_times_under_three_ids_gets_one_label_and_uniform_weights(tmp_path):
+    """All training pairs alike (one pair's files copied under three ids), at the default refinement (re-centred
+    pass, 4 TTA passes): each stage labels them bitwise alike, so their disagreements tie and the difficulty
+    weights are uniform, sigmoid(0) = 0.5 (not sigmoid(+5) ... sigmoid(-5) by listing order)."""
+    same = _breathing(0)
+    clouds = {"d": _breathing(1), "a": same, "b": (same[0].clone(), same[1].clone()), "c": same}
+    ds = _write_dataset(tmp_path / "data", clouds, [["d"], ["a"], ["b"], ["c"]])
+    run = tmp_path / "run"
+    pretrain_random(ds, run, config=CloudCycleConfig(stages=1, epochs=1), fold=1, device="cpu")
+    assert run_cycle(ds, run, folds="1", device="cpu") == {1: 1}
+    for t in (0, 1):
+        stored = _labels(run / "fold1", t)
+        assert stored["weights"] == {"a": 0.5, "b": 0.5, "c": 0.5}
+        assert torch.equal(stored["labels"]["a"], stored["labels"]["b"])
+        assert torch.equal(stored["labels"]["a"], stored["labels"]["c"])
+
+
 # ----------------------------------------------------------------------------- divergence (volumes)
 @pytest.mark.xfail(strict=True, reason=(
     "BUG: a diverging dense stage (weights NaN) finishes as if nothing happened: stage1.pt with NaN weights, "
