@@ -128,17 +128,33 @@ class DenseCycleConfig:
     pipeline: DensePipelineConfig = field(default_factory=DensePipelineConfig)
 
     def validate(self) -> "DenseCycleConfig":
-        from cyclereg.errors import require_config_seed
+        """Every setting checked by type and range (a run.json edited by hand reaches here unchecked otherwise: a
+        text lr was a TypeError mid-stage, augment "no" counted as on, a NaN spread trained to NaN)."""
+        from cyclereg.errors import finite_number, require_config_seed, whole_number
 
         require_config_seed(self.seed)
+        for name, least in (("stages", 1), ("iterations", 1), ("batch_size", 1), ("label_stride", 1),
+                            ("loss_border", 0), ("mind_radius", 0), ("mind_dilation", 1), ("ncc_radius", 0)):
+            value = getattr(self, name)
+            if not whole_number(value) or value < least:
+                raise ValueError(f"{name}={value!r}: need a whole number, {least} or more")
+        if self.max_train_pairs is not None and (not whole_number(self.max_train_pairs) or self.max_train_pairs < 1):
+            raise ValueError(f"max_train_pairs={self.max_train_pairs!r}: need a whole number, 1 or more (or none)")
+        for name in ("augment", "refine", "weighted_sampling", "amp", "cpu_bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
+        for name, positive in (("lr", True), ("lr_min", False), ("aug_linear_std", False), ("aug_translation_std", False),
+                               ("aug_relative_std", False), ("sampling_logit_range", False),
+                               ("metric_reg_weight", False)):
+            value = getattr(self, name)
+            if not finite_number(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name}={value!r}: need a finite number {'> 0' if positive else '>= 0'}")
         if self.supervision not in SUPERVISIONS:
             raise ValueError(f"supervision: expected one of {SUPERVISIONS}, got {self.supervision!r}")
         if self.train_images not in ("held-out", "all"):
             raise ValueError(f"train_images: expected 'held-out' or 'all', got {self.train_images!r}")
         if self.directions not in ("one", "both"):
             raise ValueError(f"directions: expected 'one' or 'both', got {self.directions!r}")
-        if self.stages < 1 or self.iterations < 1 or self.batch_size < 1:
-            raise ValueError("stages, iterations and batch_size must be at least 1")
         if self.pipeline.net.downsampling % self.label_stride:
             raise ValueError("label_stride must divide the network's downsampling")
         self.pipeline.validate()

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import datetime
 import filecmp
-import hashlib
 import functools
+import hashlib
 import json
+import math
 import re
 import shutil
 import time
@@ -39,8 +40,8 @@ from torch import nn
 
 from cyclereg import __version__
 from cyclereg.checkpoint import (atomic_leftover, atomic_write_bytes, atomic_write_text, json_text, load_checkpoint,
-                                 save_checkpoint)
-from cyclereg.errors import InputError
+                                 nonfinite_weights, save_checkpoint)
+from cyclereg.errors import InputError, ResultError
 
 
 class StageTask(Protocol):
@@ -349,17 +350,22 @@ def difficulty_weights(disagreement: dict[str, float], *, enabled: bool = True,
     positions' arguments (average ranks), so the order in which pairs are listed never weighs them:
     when every disagreement is equal (e.g. 0 without refinement, where the pseudo labels are the
     network's own output) the weights are uniform. ``enabled=False`` (or a single pair) gives
-    uniform weights.
+    uniform weights. A NaN disagreement (a pair the network cannot register at all) ranks as the hardest,
+    NaN pairs tied among themselves.
     """
-    ids = sorted(disagreement, key=lambda key: disagreement[key])
+    def rank(key: str) -> tuple[bool, float]:
+        value = disagreement[key]
+        return (math.isnan(value), 0.0 if math.isnan(value) else value)
+
+    ids = sorted(disagreement, key=rank)
     if not enabled or len(ids) == 1:
         return {key: 1.0 for key in ids}
     args = torch.linspace(logit_range, -logit_range, len(ids), dtype=torch.float64)
     weights: dict[str, float] = {}
     start = 0
-    while start < len(ids):  # runs of equal disagreement (ids is sorted by it)
+    while start < len(ids):  # runs of equal disagreement (ids is sorted by it; NaN equals NaN here)
         stop = start + 1
-        while stop < len(ids) and disagreement[ids[stop]] == disagreement[ids[start]]:
+        while stop < len(ids) and rank(ids[stop]) == rank(ids[start]):
             stop += 1
         w = torch.sigmoid(args[start:stop].mean()).item()
         weights.update({key: w for key in ids[start:stop]})
@@ -595,6 +601,13 @@ class StageScheduler:
             old += "\n"
         atomic_write_text(path, old + json_text(record) + "\n")
 
+    def _diverged(self, stage: int, what: str) -> ResultError:
+        """The one-line error of a stage whose training diverged (nothing of it was written)."""
+        lr = getattr(getattr(self.task, "config", None), "lr", None)
+        setting = f"lr {lr:g} in run.json" if isinstance(lr, (int, float)) else "the learning rate"
+        return ResultError(f"{self.dir}: stage {stage} diverged: {what}; nothing of the stage was kept (the earlier "
+                           f"stages' files are as they were): lower {setting} and run the same command again")
+
     def _publish_final(self, stage: int) -> None:
         """``final.pt`` := the checkpoint of ``stage`` (the last finished one), read and checked first,
         so that a damaged checkpoint is named instead of copied over a good ``final.pt``."""
@@ -800,6 +813,10 @@ class StageScheduler:
                     self._load_weights(model, ckpt["state_dict"], self.checkpoint_path(stage - 1))
                 snapshot = StageSnapshot(self.snapshot_path(stage), stage=stage, every_s=self.snapshot_every_s)
                 train_stats = self.task.train_stage(model, labels, weights, stage, progress, snapshot=snapshot)
+                bad = nonfinite_weights(model.state_dict())
+                if bad is not None:  # diverged: nothing of the stage is kept, so that a lower lr can redo it
+                    snapshot.clear()
+                    raise self._diverged(stage, f"its trained weights hold NaN or inf ({bad})")
                 # over all runs of the stage: a resumed one adds the snapshot's training seconds
                 train_stats = {**train_stats, "train_seconds": snapshot.resumed_s + time.perf_counter() - t0}
                 save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
@@ -810,6 +827,11 @@ class StageScheduler:
             parts = LabelParts(self.parts_path(stage), model)
             t_labels = time.perf_counter()
             new_labels, info = self.task.make_pseudo_labels(model, stage, progress, parts=parts)
+            broken = next((k for k, v in new_labels.items() if not bool(torch.isfinite(v).all())), None)
+            if broken is not None:  # finite weights, yet labels that no later stage may train on
+                parts.clear()
+                self.checkpoint_path(stage).unlink(missing_ok=True)
+                raise self._diverged(stage, f"its refreshed pseudo labels hold NaN or inf (pair {broken})")
             now = time.perf_counter()
             # training (all runs; this run's when older checkpoints lack it) + this run's refresh
             seconds = train_stats.get("train_seconds", t_labels - t0) + now - t_labels
