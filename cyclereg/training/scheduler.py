@@ -17,7 +17,7 @@ first pair without one (at the paper's 256 candidates on a CPU, one pair takes m
 A run may stop before its last stage on a landmark-free rule: once a refresh moves the pseudo
 labels less than ``stop_below_mm`` on average (``pseudo_label_change_mm``, :meth:`StageTask.label_change_mm`),
 the labels have settled and the run ends there (:func:`settled_stage`); the same command run again
-does not go on, a larger threshold or ``0`` (never stop) does.
+does not go on, a smaller threshold or ``0`` (never stop) does.
 """
 
 from __future__ import annotations
