@@ -263,7 +263,7 @@ def test_epochs_that_round_both_milestones_onto_one_epoch_still_end_at_the_paper
 
 
 # ----------------------------------------------------------------------------- folds at different stages
-def test_evaluate_run_of_folds_that_finished_different_numbers_of_stages(tmp_path):
+def test_evaluate_run_of_folds_that_finished_different_numbers_of_stages(tmp_path, capsys):
     """Fold 1 (trains on two shifted minimal pairs) settles at stage 1 under --stop-below; fold 2 (a breathing
     pair) has trained stage 1 of 2. evaluate --run scores each fold with its final.pt, marks only fold 2 as not
     finished (a settled fold is finished), and --stage 2 names a fold that has no stage 2."""
@@ -290,6 +290,17 @@ def test_evaluate_run_of_folds_that_finished_different_numbers_of_stages(tmp_pat
              r"\(this fold has the checkpoints of stage\(s\) 1\)")
     with pytest.raises(InputError, match=named):
         cyclereg.api.evaluate(ds, tmp_path / "r2.json", run=run, stage=2, device="cpu")
+    # an ensemble of this run and a finished one says which member fold is an intermediate stage's model
+    from cyclereg.clouds.api import combine_cloud_models
+
+    done = tmp_path / "done"
+    pretrain_random(ds, done, config=CloudCycleConfig(stages=1, epochs=1, seed=1, **CHEAP), device="cpu")
+    run_cycle(ds, done, device="cpu")
+    capsys.readouterr()
+    combine_cloud_models([run, done], tmp_path / "ens")
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: fold 2 of {run} has not finished training (next: stage 2: training from step 0): the "
+                     "ensemble takes its final.pt, the model of an intermediate stage"], notes
 
 
 @pytest.mark.parametrize("key, value", [

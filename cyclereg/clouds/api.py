@@ -19,7 +19,7 @@ from cyclereg.checkpoint import (atomic_write_text, data_fingerprint, file_sha25
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
-from cyclereg.console import count, make_console, print_table
+from cyclereg.console import count, make_console, print_note, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import (InputError, path_list, refuse_empty_paths, refuse_output_in_run, require_count,
@@ -154,6 +154,12 @@ def combine_cloud_models(sources: list[Path], output: Path, *, recentre_passes: 
                                  "them would have seen some test pairs in training", s)
         absent = sorted(set(range(1, len(known[0][1]) + 1)) - set(folds)) if known else []
         groups = {k: [found[k] for found in per_source] for k in folds}
+        from cyclereg.training.status import unfinished_folds  # noqa: PLC0415 - training imports this module
+
+        for s in sources:  # as evaluate --run says of a run still training
+            for k, nxt in sorted(unfinished_folds(s, folds).items()):
+                print_note(f"fold {k} of {s} has not finished training (next: {nxt}): the ensemble takes its final.pt, "
+                           "the model of an intermediate stage")
     else:
         require_output_file(output)
         _refuse_source_as_output(sources, output)
