@@ -281,3 +281,33 @@ def test_sigterm_while_the_cli_loads_is_one_line_and_143(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 143, (done.returncode, done.stdout, done.stderr)
     assert done.stderr.strip() == "cyclereg: terminated" and done.stdout == ""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: cyclereg_cli/entry.py main leaves SIGINT / SIGTERM handled as exceptions after the command has "
+    "finished, while Python runs its exit callbacks (torch's, multiprocessing's, logging's: 7 in a "
+    "register process), so a Ctrl-C or kill landing there prints 'Exception ignored in atexit callback' "
+    "with a KeyboardInterrupt / 'SystemExit: 143' traceback (seen in the timed sweep: exit 0 and a traceback); "
+    "ignoring both signals once the command's result is final would end it quietly"))
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_python_exits_after_a_finished_register_is_no_traceback(tmp_path, sig):
+    """A real ``register`` process that finishes and gets SIGINT / SIGTERM while Python runs its exit callbacks
+    (an exit callback of the process sends it, as a Ctrl-C at that moment would): the outputs are complete
+    (exit 0), and stderr holds no traceback."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_pair_files(d)
+    out = tmp_path / "out"
+    script = ("import atexit, os, signal, sys, time\n"
+              "sys.argv = ['cyclereg', *sys.argv[1:]]\n"
+              "from cyclereg_cli.entry import main\n"
+              "import cyclereg_cli.main\n"
+              "def late():\n"
+              f"    os.kill(os.getpid(), signal.{sig})\n"
+              "    time.sleep(0.2)\n"
+              "atexit.register(late)\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-B", "-c", script, *_register_args(d, out)], capture_output=True,
+                          text=True, env=_env(), cwd=REPO, timeout=120)
+    assert sorted(os.listdir(out)) == ["config.json", "displacements.csv"]
+    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
