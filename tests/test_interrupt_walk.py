@@ -284,6 +284,28 @@ def test_sigterm_while_the_cli_loads_is_one_line_and_143(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "BUG: a Ctrl-C while typer parses the options or runs the group callback (cyclereg_cli/main.py "
+    "_main_options) is turned by typer (typer/core.py _main: except KeyboardInterrupt: raise Exit(130)) into a "
+    "silent exit 130, so cyclereg_cli/entry.py main never sees it and prints no line, against its docstring "
+    "('while parsing the options ... exits 130 with cyclereg: interrupted on stderr'); test_entry's parsing "
+    "test replaces the whole app and misses typer's handler. Seen as real processes: 14 of 40 SIGINTs sent "
+    "0.13-0.21 s into 'cyclereg status' ended 130 with an empty stderr"))
+def test_ctrl_c_while_the_options_are_handled_is_one_line_and_130(monkeypatch, capsys):
+    """Ctrl-C landing in the group callback that runs before every command (``_main_options``; here its
+    ``tolerate_unencodable`` call raises KeyboardInterrupt, as the signal there would): exit 130 with the one
+    line ``cyclereg: interrupted``, as before and after that moment."""
+    import cyclereg_cli.main as cli
+    from cyclereg_cli import entry
+
+    monkeypatch.setattr(cli, "tolerate_unencodable", lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sys, "argv", ["cyclereg", "status", "no_run"])
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == entry.INTERRUPTED + "\n"
+
+
+@pytest.mark.xfail(strict=True, reason=(
     "BUG: cyclereg_cli/entry.py main leaves SIGINT / SIGTERM handled as exceptions after the command has "
     "finished, while Python runs its exit callbacks (torch's, multiprocessing's, logging's: 7 in a "
     "register process), so a Ctrl-C or kill landing there prints 'Exception ignored in atexit callback' "
