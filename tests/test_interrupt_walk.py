@@ -309,17 +309,15 @@ def test_ctrl_c_while_the_options_are_handled_is_one_line_and_130(monkeypatch, c
     "BUG: cyclereg_cli/entry.py main leaves SIGINT / SIGTERM handled as exceptions after the command has "
     "finished, while Python runs its exit callbacks (torch's, multiprocessing's, logging's: 7 in a "
     "register process), so a Ctrl-C or kill landing there prints 'Exception ignored in atexit callback' "
-    "with a KeyboardInterrupt / 'SystemExit: 143' traceback (seen in the timed sweep: exit 0 and a traceback); "
+    "with a KeyboardInterrupt / 'SystemExit: 143' traceback (seen in the timed sweep of 'register': exit 0 "
+    "and a traceback); "
     "ignoring both signals once the command's result is final would end it quietly"))
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_a_signal_while_python_exits_after_a_finished_register_is_no_traceback(tmp_path, sig):
-    """A real ``register`` process that finishes and gets SIGINT / SIGTERM while Python runs its exit callbacks
-    (an exit callback of the process sends it, as a Ctrl-C at that moment would): the outputs are complete
-    (exit 0), and stderr holds no traceback."""
-    d = tmp_path / "in"
-    d.mkdir()
-    write_pair_files(d)
-    out = tmp_path / "out"
+def test_a_signal_while_python_exits_after_a_finished_command_is_no_traceback(tmp_path, sig):
+    """A real process whose command has finished (here ``status`` of a missing run: its one-line error, exit 2)
+    and that gets SIGINT / SIGTERM while Python runs its exit callbacks (an exit callback of the process sends
+    it, as a Ctrl-C or kill at that moment would): the command's exit code and its one line stand, and
+    stderr holds no traceback."""
     script = ("import atexit, os, signal, sys, time\n"
               "sys.argv = ['cyclereg', *sys.argv[1:]]\n"
               "from cyclereg_cli.entry import main\n"
@@ -329,7 +327,7 @@ def test_a_signal_while_python_exits_after_a_finished_register_is_no_traceback(t
               "    time.sleep(0.2)\n"
               "atexit.register(late)\n"
               "main()\n")
-    done = subprocess.run([sys.executable, "-B", "-c", script, *_register_args(d, out)], capture_output=True,
-                          text=True, env=_env(), cwd=REPO, timeout=120)
-    assert sorted(os.listdir(out)) == ["config.json", "displacements.csv"]
-    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+    done = subprocess.run([sys.executable, "-B", "-c", script, "status", str(tmp_path / "no_run")],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (done.returncode, done.stderr)
+    assert done.stderr.startswith("cyclereg: error: ") and "no_run" in done.stderr
