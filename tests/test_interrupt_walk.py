@@ -14,9 +14,16 @@ a command's files reach their places together, "a failure or an interruption lea
 ``kill`` (SIGTERM) stops a command like Ctrl-C does (exit 143, no half-written file); an interrupted
 training or volume evaluation resumes where it stopped and ends as an uninterrupted one would.
 
-The handled cases that no other test covers are pinned first, with deterministic interruption points
-(the signal raised, or sent by the process to itself, at an exact step); the mishandled ones follow, each
-as a strict xfail naming the bug.
+Handled well: every SIGINT / SIGTERM landing while a command works (exit 130 / 143, one line, outputs
+untouched, locks free, the re-run equal to an uninterrupted run, bitwise for the weights and labels of
+``pretrain-random`` / ``cycle`` with ``--jobs 1`` and ``2``), and SIGKILL of the training commands (their
+temporary files removed by the next run). The handled cases that no other test covers are pinned first,
+with deterministic interruption points (the signal raised, or sent by the process to itself, at an exact
+step); the mishandled ones follow, each as a strict xfail naming the bug: a SIGKILLed command's staging
+folder is never removed; an interrupt between the move-in and the removal of an earlier run's stale
+outputs orphans them for good; a volume evaluation resumed after its last pair writes no overlay figure;
+SIGTERM while the CLI loads, and Ctrl-C while typer handles the options, end without the one line; a
+signal while Python exits after a finished command prints a traceback.
 """
 
 from __future__ import annotations
