@@ -15,9 +15,9 @@ a command's files reach their places together, "a failure or an interruption lea
 training or volume evaluation resumes where it stopped and ends as an uninterrupted one would.
 
 Handled well: every SIGINT / SIGTERM landing while a command works (exit 130 / 143, one line, outputs
-untouched, locks free, the re-run equal to an uninterrupted run, bitwise for the weights and labels of
-``pretrain-random`` / ``cycle`` with ``--jobs 1`` and ``2``), and SIGKILL of the training commands (their
-temporary files removed by the next run). The handled cases that no other test covers are pinned first,
+untouched or a whole new set, locks free, the re-run equal to an uninterrupted run: checked bitwise for
+the weights and pseudo labels of ``pretrain-random`` and ``cycle --jobs 1`` / ``--jobs 2``), and SIGKILL
+of the training commands (locks free, the re-run equal too). The handled cases that no other test covers are pinned first,
 with deterministic interruption points (the signal raised, or sent by the process to itself, at an exact
 step); the mishandled ones follow, each as a strict xfail naming the bug: a SIGKILLed command's staging
 folder is never removed; an interrupt between the move-in and the removal of an earlier run's stale
