@@ -24,7 +24,8 @@ command's staging folder is never removed; an interrupt between the move-in and 
 run's stale outputs orphans them for good; a volume evaluation resumed after its last pair writes no
 overlay figure; SIGTERM while the CLI loads, and Ctrl-C while typer handles the options, end without the
 one line; a signal while Python exits after a finished command prints a traceback; Ctrl-C while
-``evaluate`` imports matplotlib prints a traceback (and can abort the interpreter).
+``evaluate`` imports matplotlib prints a traceback (and can abort the interpreter); a SIGTERM deferred
+during an import is lost when the work ends soon after (``compare`` then ignores most kills).
 """
 
 from __future__ import annotations
@@ -373,3 +374,30 @@ def test_ctrl_c_inside_a_figure_librarys_extension_init_is_one_line_and_130(tmp_
     assert "Traceback" not in done.stderr, done.stderr[-600:]
     assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == "cyclereg: interrupted", done.stderr
     assert sorted(os.listdir(tmp_path)) == ["data", "r.partial.json"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: cyclereg/interrupts.py sigterm_exit defers a SIGTERM that lands inside an import by re-sending it "
+    "from a daemon threading.Timer IMPORT_RETRY_S (0.05 s) later; a process whose work ends within that time "
+    "of its last import exits before the timer fires, and the kill is lost (exit 0, outputs written) or "
+    "lands in Python's exit callbacks (a 'SystemExit: 143' traceback). 'cyclereg compare', whose run is "
+    "mostly lazy imports (scipy), ran to the end with exit 0 and wrote its --json file for 14 of 16 kills "
+    "sent 0.35-1.85 s into its 2.5 s run, where Ctrl-C at the same moments stops it. Remembering the pending signal and "
+    "raising SystemExit(143) when the import returns (or at the latest before the command's result is "
+    "written) would keep the kill"))
+def test_a_sigterm_deferred_during_an_import_is_not_lost_when_the_work_ends_soon_after(tmp_path):
+    """A process with cyclereg's SIGTERM handler that is killed while importing a module (the module sends it
+    and takes 0.3 s more to load, as scipy does) and ends its work right after the import: it must still
+    exit 143 without running past the kill, as it does when more work follows (test_entry's case)."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)  # still importing when the signal and its re-sends arrive\n")
+    script = ("from cyclereg.interrupts import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "import slow_module\n"
+              "print('ran past the kill', flush=True)\n")
+    done = subprocess.run([sys.executable, "-B", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert done.returncode == 143, (done.returncode, done.stdout, done.stderr)
+    assert "ran past the kill" not in done.stdout and "Traceback" not in done.stderr, (done.stdout, done.stderr)
