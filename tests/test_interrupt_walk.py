@@ -382,9 +382,9 @@ def test_ctrl_c_inside_a_figure_librarys_extension_init_is_one_line_and_130(tmp_
     "of its last import exits before the timer fires, and the kill is lost (exit 0, outputs written) or "
     "lands in Python's exit callbacks (a 'SystemExit: 143' traceback). 'cyclereg compare', whose run is "
     "mostly lazy imports (scipy), ran to the end with exit 0 and wrote its --json file for 14 of 16 kills "
-    "sent 0.35-1.85 s into its 2.5 s run, where Ctrl-C at the same moments stops it. Remembering the pending signal and "
-    "raising SystemExit(143) when the import returns (or at the latest before the command's result is "
-    "written) would keep the kill"))
+    "sent 0.35-1.85 s into its 2.5 s run, where Ctrl-C at the same moments stops it. Remembering the pending "
+    "signal and raising SystemExit(143) when the import returns (or at the latest before the command's "
+    "result is written) would keep the kill"))
 def test_a_sigterm_deferred_during_an_import_is_not_lost_when_the_work_ends_soon_after(tmp_path):
     """A process with cyclereg's SIGTERM handler that is killed while importing a module (the module sends it
     and takes 0.3 s more to load, as scipy does) and ends its work right after the import: it must still
