@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cyclereg import __version__
+from cyclereg.interrupts import raise_pending
 from cyclereg.errors import InputError, require_checkpoint_file, require_file, same_path
 
 
@@ -81,6 +83,7 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     The file gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the
     umask), not the private ``0o600`` of the temporary file."""
     path = Path(path)
+    raise_pending()  # a kill deferred during an import stops the command before it writes
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,12 +138,39 @@ STAGING_PREFIX = ".cyclereg-staging."
 """Name prefix of the hidden folder a set of outputs is written into before it is moved in."""
 
 
+def _staging_owner() -> str:
+    """``PID@HOST``: who a staging folder belongs to (its name, after :data:`STAGING_PREFIX`)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the staging folder ``name`` (``STAGING_PREFIX + PID@HOST.XXXXXXXX``) belongs to a process of this
+    host that no longer runs (killed outright, ``kill -9``: nothing removed it). Folders of other hosts (a
+    shared file system), of older versions (no owner in the name) and of live processes are not."""
+    owner = name[len(STAGING_PREFIX):].rpartition(".")[0]
+    pid, at, host = owner.partition("@")
+    if not at or host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, but another user's
+        return False
+    return False
+
+
 def _make_staging_folder(folder: Path) -> tuple[Path, list[Path]]:
     """Make ``folder`` (with missing parents) and a hidden staging folder in it; returns the staging folder
-    and the folders made for it (for :func:`_remove_if_empty` when the write fails)."""
+    and the folders made for it (for :func:`_remove_if_empty` when the write fails). Staging folders that a
+    process killed outright left here (:func:`_owner_gone`) are removed first."""
     made = list(itertools.takewhile(lambda f: not f.exists(), (folder, *folder.parents)))
     folder.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)), made
+    if not made:
+        for left in folder.glob(STAGING_PREFIX + "*"):
+            if left.is_dir() and not left.is_symlink() and _owner_gone(left.name):
+                shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_staging_owner()}.", dir=folder)), made
 
 
 def _remove_if_empty(folders: list[Path]) -> None:
@@ -177,17 +207,18 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             raise
         files = sorted(stage.path.iterdir())
         _refuse_replacing_inputs(files, out, stage.inputs)
+        new = {f.name for f in files}
+        # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within the
+        # move-in: an interruption after it leaves no earlier file beside a record that does not list it
+        stale = [(None, old, stage.path / f".stale.{old.name}") for old in dict.fromkeys(stage.stale)
+                 if old.name not in new]
         try:
-            _move_in([(f, out / f.name, stage.path / f".earlier.{f.name}") for f in files])
+            _move_in([(f, out / f.name, stage.path / f".earlier.{f.name}") for f in files] + stale)
         except OutputsNotRestored:
             keep_stage = True
             raise
         moved = True
         fsync_directory(out)
-        new = {f.name for f in files}
-        for old in stage.stale:
-            if old.name not in new:  # never one of the outputs just moved in
-                old.unlink(missing_ok=True)
     finally:
         if not keep_stage:
             shutil.rmtree(stage.path, ignore_errors=True)
@@ -230,20 +261,23 @@ def refuse_folders_at(names: list[str], out_dir: str | Path) -> None:
             raise InputError("is a folder; an output file is needed here (nothing was written)", target)
 
 
-def _move_in(steps: list[tuple[Path, Path, Path]]) -> None:
+def _move_in(steps: list[tuple[Path | None, Path, Path]]) -> None:
     """Rename the staged files into place as a set, ``steps`` = ``(staged, target, aside)``: an existing
-    ``target`` is first moved to ``aside`` (in a staging folder). On a failure (or an interruption)
+    ``target`` is first moved to ``aside`` (in a staging folder); ``staged`` ``None`` only moves ``target``
+    aside (an earlier output the new set removes). On a failure (or an interruption)
     every step taken is undone, judged by which files exist, and the error names the output;
     :class:`OutputsNotRestored` if an earlier file could not be put back (it stays in its staging
     folder, which the message names)."""
-    done: list[tuple[Path, Path, Path]] = []
+    raise_pending()  # a kill deferred during an import: before the first rename, not halfway
+    done: list[tuple[Path | None, Path, Path]] = []
     try:
         for staged, target, aside in steps:
             done.append((staged, target, aside))
             try:
                 if target.exists() or target.is_symlink():
                     os.replace(target, aside)
-                os.replace(staged, target)
+                if staged is not None:
+                    os.replace(staged, target)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(target)) from None
     except BaseException as failure:
@@ -252,7 +286,7 @@ def _move_in(steps: list[tuple[Path, Path, Path]]) -> None:
             try:
                 if aside.exists() or aside.is_symlink():
                     os.replace(aside, target)  # the earlier file back (over the new one, if it was moved)
-                elif not staged.exists() and target.exists():
+                elif staged is not None and not staged.exists() and target.exists():
                     target.unlink()  # a new file without an earlier one: taken out again
             except OSError:
                 lost.append((aside if aside.exists() else target, aside.parent))

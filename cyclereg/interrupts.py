@@ -33,17 +33,53 @@ def sigterm_exit(signum, frame) -> None:
     a ``RecursionError`` from numpy's half-imported modules, and a kill ignored). The signal is sent again
     :data:`IMPORT_RETRY_S` later, until it arrives outside any import."""
     if _importing(frame):
-        retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))
+        global _PENDING
+        _PENDING = signum  # kept: raise_pending() stops the command before it writes a result, should every
+        retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))  # re-send land in an import
         retry.daemon = True
         retry.start()
         return
+    _stop(signum)
+
+
+_PENDING: int | None = None
+"""A signal :func:`sigterm_exit` deferred because it came during an import, until it is raised."""
+
+
+def _stop(signum: int):
+    global _PENDING
+    _PENDING = None
     signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
+
+
+def raise_pending() -> None:
+    """Raise the exit of a SIGTERM that came during an import and has not been raised yet (its re-sends kept
+    landing in imports, as in a command that loads its libraries lazily); nothing otherwise. Called before a
+    command writes a result (:func:`cyclereg.checkpoint.atomic_write_bytes`) and when it ends, so that a kill
+    is never lost to a run that finishes within the re-send interval."""
+    global _PENDING
+    if _PENDING is None:
+        return
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(_PENDING) is not sigterm_exit:
+        _PENDING = None  # the handler was replaced since (a caller's own, e.g. a test's): not ours to act on
+        return
+    _stop(_PENDING)
+
+
+def ignore_signals_from_now() -> None:
+    """Ignore SIGINT and SIGTERM from here on (the main thread only): the command's result is final, and a
+    Ctrl-C or kill while Python runs its exit callbacks would only print an 'Exception ignored' traceback."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def exit_on_sigterm():
     """Install :func:`sigterm_exit` for SIGTERM; returns the previous handler, or ``None`` off the
     main thread, where signal handlers cannot be set (nothing is installed then)."""
+    global _PENDING
     if threading.current_thread() is not threading.main_thread():
         return None
+    _PENDING = None  # a fresh start: nothing deferred from an earlier installation
     return signal.signal(signal.SIGTERM, sigterm_exit)

@@ -20,7 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 from cyclereg.api import require_inputs, require_run_dir
 from cyclereg.console import point_at_null, tolerate_unencodable
 from cyclereg.errors import InputError, ResultError, WorkerError
-from cyclereg.interrupts import exit_on_sigterm
+from cyclereg.interrupts import exit_on_sigterm, raise_pending
 
 
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -133,6 +133,26 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+INTERRUPT_SAID: list[str] = []
+"""The interruption lines a command printed (:func:`cyclereg_cli.entry.main` prints one where none was)."""
+
+
+def _say_interrupted(line: str) -> None:
+    typer.echo(line, err=True)
+    INTERRUPT_SAID.append(line)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised from (or while handling) a KeyboardInterrupt, anywhere down its chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def cli_errors(fn):
     """Turn :class:`InputError` and operating-system errors (unwritable outputs) into a one-line
     error, exit 2; a worker process that died (:class:`WorkerError`) or a non-finite result
@@ -141,7 +161,9 @@ def cli_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            raise_pending()  # a kill whose re-sends all landed in imports: kept, not lost to a quick finish
+            return result
         except InputError as exc:
             _fail(str(exc))
         except OSError as exc:  # an output that cannot be written (a file where a folder must go, disk full, ...)
@@ -150,12 +172,18 @@ def cli_errors(fn):
         except (WorkerError, ResultError) as exc:
             _fail(str(exc), code=1)
         except KeyboardInterrupt:
-            typer.echo(f"cyclereg: interrupted{resume}", err=True)
+            _say_interrupted(f"cyclereg: interrupted{resume}")
             raise typer.Exit(130) from None
         except SystemExit as exc:
             if exc.code == 128 + signal.SIGTERM:  # kill: cyclereg.interrupts.sigterm_exit
-                typer.echo(f"cyclereg: terminated{resume}", err=True)
+                _say_interrupted(f"cyclereg: terminated{resume}")
             raise
+        except Exception as exc:  # noqa: BLE001 - only one an interrupt caused is taken here
+            if not _caused_by_interrupt(exc):
+                raise
+            # e.g. a C extension whose initialisation Ctrl-C cut short: 'ImportError: initialization failed'
+            _say_interrupted(f"cyclereg: interrupted{resume}")
+            raise typer.Exit(130) from None
 
     resume = ("; run the same command again to resume where it stopped"
               if fn.__name__ in RESUMABLE_COMMANDS else "")

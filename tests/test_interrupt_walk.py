@@ -159,11 +159,6 @@ def test_a_real_signal_while_keypoints_stages_its_files_leaves_the_earlier_files
 
 # ----------------------------------------------------------------------------- mishandled (bugs)
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a command killed with SIGKILL while its outputs are staged (cyclereg/checkpoint.py "
-    "_make_staging_folder / staged_outputs / staged_file_set) leaves its hidden .cyclereg-staging.* folder "
-    "(with half a result) in the output folder, and no later run removes it: re-running the command writes "
-    "the outputs beside it and the folder stays forever (README names no such leftover)"))
 def test_a_sigkilled_register_leaves_no_staging_folder_once_run_again(clouds):
     """``register`` killed outright (``kill -9``; the process kills itself once its displacements are
     staged) keeps the earlier outputs, as it should; the same command run again must complete and leave the
@@ -190,11 +185,6 @@ def test_a_sigkilled_register_leaves_no_staging_folder_once_run_again(clouds):
     assert _leftovers(out) == [] and sorted(os.listdir(out)) == ["config.json", "displacements.csv"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cyclereg/checkpoint.py staged_outputs removes the earlier run's stale outputs only after the new "
-    "set is moved in and the folder synced (fsync_directory(out), then the stale loop): an interrupt in that "
-    "window leaves the earlier query_displacements.csv beside the new config.json, which does not list it, "
-    "so no re-run ever removes it (stale_outputs reads the new record)"))
 def test_an_interrupt_after_the_move_in_leaves_no_orphaned_earlier_output(clouds, monkeypatch):
     """The earlier ``register`` wrote ``query_displacements.csv`` (``--query``); the new one does not. Ctrl-C
     while the new set's folder is synced (after the renames, before the earlier file is removed): once the
@@ -240,12 +230,6 @@ def _volume_dataset(folder: Path) -> Path:
     return ds
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cyclereg/dense/api.py evaluate_volumes draws R_overlay.png only from a pair the current run "
-    "registered (overlay is None for pairs resumed from R.partial.json): a volume evaluation interrupted "
-    "after its last pair (e.g. while the figures are drawn, which imports matplotlib) and resumed with "
-    "--resume writes R.json and R_dice_cdf.png but no R_overlay.png (README: 'writes R.json when all are "
-    "done, with two figures beside it'), and an earlier run's R_overlay.png stays beside the new report"))
 def test_a_volume_evaluation_resumed_after_its_last_pair_writes_both_figures(tmp_path, one_intraop_thread,
                                                                              monkeypatch):
     """``evaluate --json r.json`` on a one-pair volume dataset, interrupted while it draws its figures (every
@@ -268,11 +252,6 @@ def test_a_volume_evaluation_resumed_after_its_last_pair_writes_both_figures(tmp
     assert sorted(os.listdir(tmp_path)) == ["data", "r.json", "r_dice_cdf.png", "r_overlay.png"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cyclereg_cli/entry.py main imports cyclereg_cli.main (typer, cyclereg.api: about a second) before "
-    "SIGTERM's handler is installed (cyclereg_cli/main.py _main_options -> exit_on_sigterm), so a kill in that "
-    "window ends the process by the signal itself (returncode -15, no line), where Ctrl-C there gives "
-    "'cyclereg: interrupted' and 130 and README says kill stops a command like Ctrl-C does (exit 143)"))
 def test_sigterm_while_the_cli_loads_is_one_line_and_143(tmp_path):
     """A real process that gets SIGTERM while ``cyclereg_cli.main`` is being imported (a meta-path finder
     sends it then): exit 143 with the one line ``cyclereg: terminated``, like the same kill a second later."""
@@ -292,13 +271,6 @@ def test_sigterm_while_the_cli_loads_is_one_line_and_143(tmp_path):
     assert done.stderr.strip() == "cyclereg: terminated" and done.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a Ctrl-C while typer parses the options or runs the group callback (cyclereg_cli/main.py "
-    "_main_options) is turned by typer (typer/core.py _main: except KeyboardInterrupt: raise Exit(130)) into a "
-    "silent exit 130, so cyclereg_cli/entry.py main never sees it and prints no line, against its docstring "
-    "('while parsing the options ... exits 130 with cyclereg: interrupted on stderr'); test_entry's parsing "
-    "test replaces the whole app and misses typer's handler. Seen as real processes: 14 of 40 SIGINTs sent "
-    "0.13-0.21 s into 'cyclereg status' ended 130 with an empty stderr"))
 def test_ctrl_c_while_the_options_are_handled_is_one_line_and_130(monkeypatch, capsys):
     """Ctrl-C landing in the group callback that runs before every command (``_main_options``; here its
     ``tolerate_unencodable`` call raises KeyboardInterrupt, as the signal there would): exit 130 with the one
@@ -314,13 +286,6 @@ def test_ctrl_c_while_the_options_are_handled_is_one_line_and_130(monkeypatch, c
     assert capsys.readouterr().err == entry.INTERRUPTED + "\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cyclereg_cli/entry.py main leaves SIGINT / SIGTERM handled as exceptions after the command has "
-    "finished, while Python runs its exit callbacks (torch's, multiprocessing's, logging's: 7 in a "
-    "register process), so a Ctrl-C or kill landing there prints 'Exception ignored in atexit callback' "
-    "with a KeyboardInterrupt / 'SystemExit: 143' traceback (seen in the timed sweep of 'register': exit 0 "
-    "and a traceback); "
-    "ignoring both signals once the command's result is final would end it quietly"))
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_while_python_exits_after_a_finished_command_is_no_traceback(tmp_path, sig):
     """A real process whose command has finished (here ``status`` of a missing run: its one-line error, exit 2)
@@ -342,15 +307,6 @@ def test_a_signal_while_python_exits_after_a_finished_command_is_no_traceback(tm
     assert done.stderr.startswith("cyclereg: error: ") and "no_run" in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a Ctrl-C that lands while evaluate imports matplotlib for its figures (cyclereg/dense/api.py "
-    "_plot_dice_cdf: 'import matplotlib', lazily, after every pair is scored; a sizeable share of the run on "
-    "a small dataset) reaches the pybind11 extension matplotlib.ft2font's initialisation, which turns it into "
-    "'ImportError: initialization failed' (caused by the KeyboardInterrupt); cyclereg_cli/main.py cli_errors "
-    "does not take that for an interrupt, so the command prints a full traceback, and the half-initialised "
-    "extension then aborts the interpreter ('Fatal Python error: PyThreadState_Get', exit -6; seen in 1 of 40 "
-    "timed SIGINTs). Importing matplotlib before the work, deferring SIGINT during imports as sigterm_exit "
-    "defers SIGTERM, or treating an error caused by KeyboardInterrupt as one would end it with one line"))
 def test_ctrl_c_inside_a_figure_librarys_extension_init_is_one_line_and_130(tmp_path):
     """A real ``evaluate`` process on a one-pair volume dataset in which importing ``matplotlib.ft2font`` fails
     as a pybind11 extension does when Ctrl-C lands in its initialisation (``ImportError('initialization
@@ -376,28 +332,21 @@ def test_ctrl_c_inside_a_figure_librarys_extension_init_is_one_line_and_130(tmp_
     assert sorted(os.listdir(tmp_path)) == ["data", "r.partial.json"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cyclereg/interrupts.py sigterm_exit defers a SIGTERM that lands inside an import by re-sending it "
-    "from a daemon threading.Timer IMPORT_RETRY_S (0.05 s) later; a process whose work ends within that time "
-    "of its last import exits before the timer fires, and the kill is lost (exit 0, outputs written) or "
-    "lands in Python's exit callbacks (a 'SystemExit: 143' traceback). 'cyclereg compare', whose run is "
-    "mostly lazy imports (scipy), ran to the end with exit 0 and wrote its --json file for 14 of 16 kills "
-    "sent 0.35-1.85 s into its 2.5 s run, where Ctrl-C at the same moments stops it. Remembering the pending "
-    "signal and raising SystemExit(143) when the import returns (or at the latest before the command's "
-    "result is written) would keep the kill"))
 def test_a_sigterm_deferred_during_an_import_is_not_lost_when_the_work_ends_soon_after(tmp_path):
     """A process with cyclereg's SIGTERM handler that is killed while importing a module (the module sends it
-    and takes 0.3 s more to load, as scipy does) and ends its work right after the import: it must still
-    exit 143 without running past the kill, as it does when more work follows (test_entry's case)."""
+    and takes 0.3 s more to load, as scipy does, so that every re-send lands in the import too) and writes its
+    result right after the import: it must exit 143 before that write (cyclereg.interrupts.raise_pending, at
+    every atomic write and at the end of a command), as it does when more work follows (test_entry's case)."""
     (tmp_path / "slow_module.py").write_text(
         "import os, signal, time\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.3)  # still importing when the signal and its re-sends arrive\n")
     script = ("from cyclereg.interrupts import exit_on_sigterm\n"
+              "from cyclereg.checkpoint import atomic_write_text\n"
               "exit_on_sigterm()\n"
               "import slow_module\n"
-              "print('ran past the kill', flush=True)\n")
+              "atomic_write_text('result.txt', 'ran past the kill')\n")
     done = subprocess.run([sys.executable, "-B", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, env={**_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
     assert done.returncode == 143, (done.returncode, done.stdout, done.stderr)
-    assert "ran past the kill" not in done.stdout and "Traceback" not in done.stderr, (done.stdout, done.stderr)
+    assert not (tmp_path / "result.txt").exists() and "Traceback" not in done.stderr, done.stderr

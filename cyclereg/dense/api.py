@@ -459,7 +459,10 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                                                    "both_directions": both_directions, "config": cfg,
                                                    "label_scoring": LABEL_SCORING})
         done = {r["id"] for r in records}
+        resumed_pairs = {p.id: p for p in pairs if p.id in done}
         pairs = [p for p in pairs if p.id not in done]
+    else:
+        resumed_pairs = {}
 
     def build_result(complete: bool) -> dict:
         return {
@@ -543,6 +546,15 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                                    markup=False)
             progress.update(task, advance=1, description=f"{escape(p.id)}: Dice {rec['initial_dice']:.3f} -> {rec['dice']:.3f}")
 
+    if figures and overlay is None and records and records[0]["id"] in resumed_pairs:
+        # every pair came from the interrupted run's partial report (stopped while drawing its figures): the
+        # overlay's pair is registered once more, as the uninterrupted command shows it
+        p = resumed_pairs[records[0]["id"]]
+        fv, mv, fl, ml = pair_volumes(p)
+        disp = (torch.zeros(1, 3, *fv.shape) if identity
+                else register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float())
+        overlay = (p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(),
+                   warp_labels(ml.data[None, None], disp)[0, 0])
     result = build_result(True)
     with staged_file_set() as files:  # the report and its figures: a set
         write_json(files(report), result)
