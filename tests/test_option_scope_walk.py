@@ -153,9 +153,16 @@ def test_options_that_apply_reach_the_report_and_the_record(data, tmp_path):
                    "--spacing for the dense path: the message sends the user to a mode that refuses it too")
 @pytest.mark.parametrize("flags,wrong_mode", [(["--warps", "1"], "point-cloud"),
                                               (["--resample-moving"], "point-cloud"),
-                                              (["--spacing", "1,1,1"], "dense path")])
+                                              (["--spacing", "1,1,1"], "dense path"),
+                                              (["--reference", "{v1}"], "dense path")])
 def test_via_keypoints_refusal_names_only_the_mode_the_option_belongs_to(data, tmp_path, flags, wrong_mode):
+    """--warps/--resample-moving are refused for point clouds ("volumes, not point clouds") and --spacing/
+    --reference for the dense path ("point-cloud files, not volumes"); the --via-keypoints refusal must not
+    send the user to the mode that refuses the option as well. (test_cli_clouds.py and
+    test_python_api_walk.py pin the present wording "the dense path or point-cloud files" for --reference
+    and --spacing: update them with the fix.)"""
     out = tmp_path / "out"
+    flags = [f.format(v1=data["v1"]) for f in flags]
     res = _invoke(["register", data["v1"], data["v2"], "-o", out, "--via-keypoints", *flags])
     assert res.exit_code == 2 and flags[0] in res.output, res.output
     assert not out.exists()
