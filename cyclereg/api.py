@@ -188,10 +188,11 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
             raise InputError(f"--via-keypoints registers two volumes (NIfTI) through their keypoints; {fixed} and "
                              f"{moving} are point clouds already: leave it out")
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
-                        "--l2r-name": l2r_name or None, "--resample-moving": resample_moving or None,
-                        "--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
-                       "the dense path or point-cloud files, not --via-keypoints (there the fixed scan is the "
-                       "reference grid and the moving scan the image to warp)")
+                        "--l2r-name": l2r_name or None, "--resample-moving": resample_moving or None},
+                       "the dense path (two volumes without --via-keypoints), not --via-keypoints")
+        refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
+                       "point-cloud files, not --via-keypoints (there the fixed scan is the reference grid and the "
+                       "moving scan the image to warp)")
         from cyclereg.clouds.api import register_volumes_via_keypoints
 
         return RegisterResult.read(out_dir, register_volumes_via_keypoints(

@@ -611,7 +611,7 @@ def test_register_via_keypoints_errors_write_nothing(pair_files):
     f, m = str(d / "f.nii.gz"), str(d / "m.nii.gz")
     cases = [([f, m, "--via-keypoints", "--lung-mask"], "f.nii.gz: the automatic lung mask is empty"),
              ([f, m, "--via-keypoints", "--warps", "2"], "--warps is an option for the dense path"),
-             ([f, m, "--via-keypoints", "--reference", f], "--reference is an option for the dense path or point-cloud"),
+             ([f, m, "--via-keypoints", "--reference", f], "--reference is an option for point-cloud files, not --via-keypoints"),
              ([f, m, "--lung-mask"], "--lung-mask is an option for volumes registered --via-keypoints"),
              ([f, m, "--tta-passes", "2"], "--tta-passes is an option for point clouds (or volumes with --via-keypoints)"),
              ([str(d / "f.csv"), str(d / "m.csv"), "--via-keypoints"], "are point clouds already"),

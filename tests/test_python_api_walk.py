@@ -201,7 +201,7 @@ def test_evaluate_refuses_bad_counts_and_folds_naming_the_option_and_writes_no_r
 @pytest.mark.parametrize("kwargs,message", [
     ({"warps": 0}, "--warps must be 1 or 2, got 0"),
     ({"warps": 1.5}, "--warps must be 1 or 2, got 1.5"),
-    ({"via_keypoints": True, "spacing": "1,1,1"}, "--spacing is an option for the dense path or point-cloud files"),
+    ({"via_keypoints": True, "spacing": "1,1,1"}, "--spacing is an option for point-cloud files, not --via-keypoints"),
     ({"ensemble_fusion": "joint"}, "--ensemble-fusion is an option for point clouds (or volumes with --via-keypoints)"),
     ({"via_keypoints": True, "tta_passes": NAN}, "--tta-passes nan: need a whole number, 0 or more"),
 ])

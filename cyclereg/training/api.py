@@ -151,6 +151,25 @@ def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None and k in allowed}
 
 
+def _refuse_idle_options(options: dict, config) -> None:
+    """:class:`InputError` naming a given option that ``config`` (the run's resolved configuration) would record
+    and never use: the pseudo-label switches of a metric-supervised run (it makes no pseudo labels), an explicit
+    ``--weighted-sampling`` with ``--no-refine`` (every pair's disagreement is 0: the weights are uniform), and
+    a non-zero ``--aug-relative`` with ``--no-augment`` (the relative map is part of the augmentation)."""
+    supervision = getattr(config, "supervision", "pseudo")
+    if supervision != "pseudo":
+        for key in ("refine", "weighted_sampling"):
+            if options.get(key) is not None:
+                raise InputError(f"{SWITCH_FLAGS[key]}: a run with --supervision {supervision} makes no pseudo labels "
+                                 "(its loss compares the images), so this switch would change nothing; leave it out")
+    elif options.get("weighted_sampling") is True and not config.refine:
+        raise InputError("--weighted-sampling: with --no-refine the pseudo labels are the network's own output, so "
+                         "every pair's disagreement is 0 and the weights are uniform; leave it out")
+    if options.get("aug_relative") and not config.augment:  # --aug-relative 0 with --no-augment: both off, fine
+        raise InputError(f"--aug-relative {options['aug_relative']}: the moving cloud's relative map is drawn by the "
+                         "augmentation, which --no-augment turns off; leave one of them out")
+
+
 def dense_cycle_config(base: DenseCycleConfig | None = None, **options) -> DenseCycleConfig:
     """Apply command-line overrides to the dense self-training configuration."""
     cfg = base or DenseCycleConfig()
@@ -525,6 +544,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     given = config
     config = cycle_config(base=config if config is not None else stored, **options)
     config = replace(config, seed=_seed(seed, stored, given))
+    _refuse_idle_options(options, config)
     dev = resolve_device(device)
     meta = {**ident, "config": to_jsonable(config)}
     meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident), stages_given="stages" in options)
@@ -830,6 +850,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     given = config
     config = dense_cycle_config(base=config if config is not None else stored, **options)
     config = replace(config, seed=_seed(seed, stored, given))
+    _refuse_idle_options(options, config)
     dev = resolve_device(device)
     images, pairs = _dense_training_set(dataset, config)
     ident = _dense_identity(dataset, images, pairs)
@@ -869,6 +890,9 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, stop_below_mm: float | None = None) -> dict:
     meta = _read_meta(run, "volumes")
     config = _dense_run_config(run, meta)
+    if stop_below_mm and config.supervision != "pseudo":  # the rule reads how far a refresh moves the labels
+        raise InputError(f"--stop-below: a run with --supervision {config.supervision} makes no pseudo labels, so "
+                         "no refresh can settle them; leave it out", run)
     images, pairs = _dense_training_set(dataset, config, run)
     ident = _dense_identity(dataset, images, pairs)
     _check_identity(run, meta, ident)
