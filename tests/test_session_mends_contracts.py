@@ -72,3 +72,121 @@ def test_min_sum_of_a_graph_without_edges_is_its_unary_costs(fused):
     cloud_native.require_graph(unary, cand, edge_index, reverse)
     belief = lbp.min_sum(unary, cand, edge_index, reverse, 3.0, 2, fused=fused)
     torch.testing.assert_close(belief, unary)
+
+
+# ----------------------------------------------------------------------------- Learn2Reg readers
+def test_label_guess_replaces_the_last_images_folder_only_and_never_the_file_name():
+    from cyclereg.dense.data import label_guess
+
+    assert label_guess(Path("/d/imagesTr/imagesTs/a.nii.gz")) == Path("/d/imagesTr/labelsTs/a.nii.gz")
+    assert label_guess(Path("/d/imagesTs/x/a.nii.gz")) == Path("/d/labelsTs/x/a.nii.gz")
+    assert label_guess(Path("imagesTr/a.nii.gz")) == Path("labelsTr/a.nii.gz")  # a relative path's first folder
+    assert label_guess(Path("/d/x/imagesTr")) is None  # a file named imagesTr is no folder
+    assert label_guess(Path("/d/imagesTr/x/imagesTr")) == Path("/d/labelsTr/x/imagesTr")
+    assert label_guess(Path("/d/x/a.nii.gz")) is None
+
+
+@pytest.mark.parametrize("modality, expected", [
+    ({"0": "CT", "1": "CT"}, "CT"),  # one modality named on two channels
+    ({}, None),
+    ("MR", "MR"),
+    (None, None),
+])
+def test_dataset_modality_of_one_modality(tmp_path, modality, expected):
+    from cyclereg.dense.data import dataset_modality
+
+    assert dataset_modality({"modality": modality}, tmp_path / "ds.json") == expected
+
+
+def test_dataset_modality_of_three_channels_names_them_all_sorted(tmp_path):
+    from cyclereg.dense.data import dataset_modality
+
+    with pytest.raises(InputError, match=r"ds\.json.*names several modalities \(CT, MR, PET\)"):
+        dataset_modality({"modality": {"0": "MR", "1": "CT", "2": "PET"}}, tmp_path / "ds.json")
+    with pytest.raises(InputError, match=r"ds\.json.*should name the imaging modality.*got nan"):
+        dataset_modality({"modality": {"0": float("nan")}}, tmp_path / "ds.json")
+
+
+def _paired_json(tmp_path, pairs, **extra):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"pairings": "paired", "training_paired_images": [
+        {"fixed": f"./imagesTr/{f}", "moving": f"./imagesTr/{m}"} for f, m in pairs], **extra}))
+    return p
+
+
+def test_training_pairs_lists_the_pairs_in_order_and_holds_out_val_scans(tmp_path):
+    from cyclereg.dense.data import training_pairs
+
+    root = tmp_path.resolve() / "imagesTr"
+    p = _paired_json(tmp_path, [("a", "b"), ("c", "d"), ("e", "f")],
+                     registration_val=[{"fixed": "./imagesTr/d", "moving": "./imagesTr/x"}])
+    assert training_pairs(p, held_out=False) == [(root / "a", root / "b"), (root / "c", root / "d"),
+                                                 (root / "e", root / "f")]
+    assert training_pairs(p) == [(root / "a", root / "b"), (root / "e", root / "f")]  # (c, d) holds val scan d
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([("a", "b"), ("a", "a")], "training_paired_images entry 1 pairs a scan with itself"),
+    ([("a", "b"), ("c", "d"), ("a", "b")], "training_paired_images entries 0 and 2 list the same pair"),
+])
+def test_training_pairs_refuses_a_self_pair_or_a_repeated_pair_naming_the_entries(tmp_path, pairs, message):
+    from cyclereg.dense.data import training_pairs
+
+    with pytest.raises(InputError, match=message):
+        training_pairs(_paired_json(tmp_path, pairs))
+
+
+def test_training_pairs_of_a_paired_dataset_without_its_list_is_refused(tmp_path):
+    from cyclereg.dense.data import training_pairs
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"pairings": "paired", "training": [{"image": "./imagesTr/a"}]}))
+    with pytest.raises(InputError, match="needs its pairs in 'training_paired_images'"):
+        training_pairs(p)
+    p.write_text(json.dumps({"training": [{"image": "./imagesTr/a"}]}))  # no pairings: unpaired
+    assert training_pairs(p) is None
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: training_pairs refuses an unpaired dataset ('pairings': 'unpaired') whose "
+                   "JSON carries an empty 'training_paired_images' list, calling it a paired dataset")
+def test_training_pairs_of_an_unpaired_dataset_with_an_empty_pair_list_is_none(tmp_path):
+    from cyclereg.dense.data import training_pairs
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"pairings": "unpaired", "numPairedTraining": 0, "training_paired_images": [],
+                             "training": [{"image": "./imagesTr/a"}, {"image": "./imagesTr/b"}]}))
+    assert training_pairs(p) is None
+
+
+# ----------------------------------------------------------------------------- seeds
+def test_seed_ranges_end_exactly_at_their_largest():
+    from cyclereg.errors import MAX_MODEL_SEED, MAX_SEED, require_config_seed, require_seed
+
+    assert MAX_SEED == 2**32 - 1
+    assert MAX_MODEL_SEED == 1000 * (2**32 - 1) + 1  # the stage-1 network seed of the largest run seed
+    assert require_seed(MAX_SEED) == MAX_SEED
+    with pytest.raises(InputError, match=f"--seed {MAX_SEED + 1}: need a whole number from 0 to {MAX_SEED}"):
+        require_seed(MAX_SEED + 1)
+    assert require_seed(MAX_MODEL_SEED, "--model", largest=MAX_MODEL_SEED) == MAX_MODEL_SEED
+    with pytest.raises(InputError, match=f"--model {MAX_MODEL_SEED + 1}: need a whole number from 0 to "
+                                         f"{MAX_MODEL_SEED}"):
+        require_seed(MAX_MODEL_SEED + 1, "--model", largest=MAX_MODEL_SEED)
+    assert require_config_seed(0) == 0 and require_config_seed(MAX_SEED) == MAX_SEED
+    for bad in (-1, MAX_SEED + 1, 1.5, "3", True):
+        with pytest.raises(ValueError, match=r"^seed="):
+            require_config_seed(bad)
+
+
+# ----------------------------------------------------------------------------- difficulty weights
+def test_difficulty_weights_rank_inf_above_finite_and_nan_above_inf():
+    """Four pairs: ranks 0..3 take the logits +r, +r/3, -r/3, -r (sigmoid); an inf disagreement is the
+    hardest finite-or-not number, a NaN harder still, and two NaNs tie (the mean of their logits)."""
+    from cyclereg.training.scheduler import difficulty_weights
+
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    w = difficulty_weights({"nan": math.nan, "inf": math.inf, "one": 1.0, "zero": 0.0}, logit_range=3.0)
+    assert w == pytest.approx({"zero": sig(3.0), "one": sig(1.0), "inf": sig(-1.0), "nan": sig(-3.0)})
+    w = difficulty_weights({"n1": math.nan, "a": 2.0, "n2": math.nan}, logit_range=2.0)
+    assert w == pytest.approx({"a": sig(2.0), "n1": sig(-1.0), "n2": sig(-1.0)})
+    w = difficulty_weights({"i1": math.inf, "i2": math.inf}, logit_range=2.0)
+    assert w == pytest.approx({"i1": 0.5, "i2": 0.5})
