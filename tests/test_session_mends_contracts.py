@@ -190,3 +190,72 @@ def test_difficulty_weights_rank_inf_above_finite_and_nan_above_inf():
     assert w == pytest.approx({"a": sig(2.0), "n1": sig(-1.0), "n2": sig(-1.0)})
     w = difficulty_weights({"i1": math.inf, "i2": math.inf}, logit_range=2.0)
     assert w == pytest.approx({"i1": 0.5, "i2": 0.5})
+
+
+# ----------------------------------------------------------------------------- paired training sets
+def test_listed_training_set_goes_both_ways_then_cuts_and_numbers_scans_by_first_appearance(tmp_path):
+    """Listed pairs (c, a), (b, d): with directions both, (c, a), (a, c), (b, d), (d, b); the first three kept by
+    max_train_pairs 3; scans numbered as they first appear (c 0, a 1, b 2, d 3)."""
+    from cyclereg.training.api import _listed_training_set
+    from cyclereg.training.dense import DenseCycleConfig
+
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    images, pairs = _listed_training_set(tmp_path / "ds.json", DenseCycleConfig(directions="both", max_train_pairs=3),
+                                         [(c, a), (b, d)])
+    assert images == [c, a, b, d]
+    assert pairs == [(0, 1), (1, 0), (2, 3)]
+    images, pairs = _listed_training_set(tmp_path / "ds.json", DenseCycleConfig(), [(c, a), (b, d)])
+    assert images == [c, a, b, d] and pairs == [(0, 1), (2, 3)]
+    with pytest.raises(InputError, match="no training pair left in 'training_paired_images' .*--train-images all"):
+        _listed_training_set(tmp_path / "ds.json", DenseCycleConfig(), [])
+
+
+# ----------------------------------------------------------------------------- stale outputs of a register folder
+@pytest.mark.parametrize("record, stale", [
+    ({"command": "register", "cyclereg_version": "0", "outputs": ["a.csv", "b.csv"]}, ["b.csv"]),
+    ({"command": "register", "cyclereg_version": "0", "outputs": {"files": ["a.csv", "b.csv"]}}, ["b.csv"]),
+    ({"command": "register", "outputs": ["a.csv", "b.csv"]}, []),  # no cyclereg_version: another tool's
+    ({"command": "keypoints", "cyclereg_version": "0", "outputs": ["a.csv", "b.csv"]}, []),
+    ({"cyclereg_version": "0", "outputs": ["a.csv", "b.csv"]}, []),
+    (["a.csv", "b.csv"], []),
+])
+def test_stale_outputs_come_only_from_a_register_record_of_cyclereg(tmp_path, record, stale):
+    from cyclereg.checkpoint import stale_outputs
+
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("x")
+    assert stale_outputs(tmp_path, ["a.csv"]) == [tmp_path / n for n in stale]
+
+
+def test_an_atomic_write_of_a_255_character_name_keeps_200_of_them_in_its_temporary_name(tmp_path, monkeypatch):
+    import tempfile
+
+    from cyclereg.checkpoint import TEMP_NAME_KEEP, atomic_write_bytes
+
+    prefixes = []
+    real = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: (prefixes.append(kw["prefix"]), real(**kw))[1])
+    name = "n" * 255
+    atomic_write_bytes(tmp_path / name, lambda fh: fh.write(b"ok"))
+    assert (tmp_path / name).read_bytes() == b"ok"
+    assert TEMP_NAME_KEEP == 200 and prefixes == ["." + "n" * 200 + "."]
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- NIfTI spatial units
+@pytest.mark.parametrize("suffix, cls", [(".img", nib.Nifti1Pair), (".nii", nib.Nifti2Image)])
+@pytest.mark.parametrize("unit, mm", [("meter", 1000.0), ("micron", 0.001)])
+def test_a_header_in_metres_or_microns_of_a_pair_or_nifti2_is_read_in_mm(tmp_path, suffix, cls, unit, mm):
+    """Voxel sizes 2, 3, 4 and origin (10, 20, 30) in the header's unit: the affine in mm is both times ``mm``."""
+    from cyclereg.volumeio import read_nifti
+
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    img = cls(np.zeros((4, 5, 6), np.float32), affine)
+    img.header.set_xyzt_units(unit)
+    nib.save(img, tmp_path / f"v{suffix}")
+    vol = read_nifti(tmp_path / f"v{suffix}")
+    want = np.diag([2.0 * mm, 3.0 * mm, 4.0 * mm, 1.0])
+    want[:3, 3] = [10.0 * mm, 20.0 * mm, 30.0 * mm]
+    np.testing.assert_allclose(vol.affine, want, rtol=1e-6)
