@@ -303,3 +303,24 @@ def test_hd95_of_two_voxels_on_a_sheared_grid_is_the_length_of_the_mapped_step(s
     b[1 + step[0], 1 + step[1], 1 + step[2]] = 1
     sheared = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     assert hd95(a, b, spacing=sheared)[1] == pytest.approx(mm)
+
+
+def _zero_pixdim1(path: Path) -> None:
+    """Set ``pixdim[1]`` (header bytes 80..84, float32) of an uncompressed little-endian NIfTI-1 header to 0."""
+    raw = bytearray(path.read_bytes())
+    raw[80:84] = np.float32(0.0).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_a_zero_pixdim_is_no_error_where_the_sform_places_the_volume(tmp_path):
+    """With an sform (code 2) the pixdims place nothing: the volume is read on the sform's 2, 3, 4 mm grid."""
+    from cyclereg.volumeio import read_nifti
+
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([2.0, 3.0, 4.0, 1.0]))
+    img.set_qform(None, code=0)
+    img.set_sform(np.diag([2.0, 3.0, 4.0, 1.0]), code=2)
+    nib.save(img, tmp_path / "v.nii")
+    _zero_pixdim1(tmp_path / "v.nii")
+    with open(tmp_path / "v.nii", "rb") as fh:
+        assert float(nib.Nifti1Header.from_fileobj(fh, check=False)["pixdim"][1]) == 0.0
+    np.testing.assert_allclose(read_nifti(tmp_path / "v.nii").affine, np.diag([2.0, 3.0, 4.0, 1.0]))
