@@ -324,3 +324,29 @@ def test_a_zero_pixdim_is_no_error_where_the_sform_places_the_volume(tmp_path):
     with open(tmp_path / "v.nii", "rb") as fh:
         assert float(nib.Nifti1Header.from_fileobj(fh, check=False)["pixdim"][1]) == 0.0
     np.testing.assert_allclose(read_nifti(tmp_path / "v.nii").affine, np.diag([2.0, 3.0, 4.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------- label-map conflicts
+def _volume_json(tmp_path, training, test=()):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"training": list(training), "test": list(test),
+                             "registration_val": [{"fixed": "./imagesTr/a.nii.gz", "moving": "./imagesTr/b.nii.gz"}]}))
+    return p
+
+
+def test_one_image_given_two_label_maps_is_refused_naming_the_first_entry_that_gave_one(tmp_path):
+    """Training entries 0 and 1 agree (a -> La); test entry 0 gives a another map: the message names the first
+    entry that gave one (training entry 0) and the conflicting one."""
+    from cyclereg.dense.data import load_volume_dataset
+
+    ds = _volume_json(tmp_path, [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/La.nii.gz"},
+                                 {"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/La.nii.gz"}],
+                      test=[{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/Lz.nii.gz"}])
+    with pytest.raises(InputError, match=r"ds\.json: training entry 0 and test entry 0 give the image "
+                                         r"\./imagesTr/a\.nii\.gz two label maps$"):
+        load_volume_dataset(ds)
+    ds = _volume_json(tmp_path, [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/La.nii.gz"},
+                                 {"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/Lb.nii.gz"}])
+    pair = load_volume_dataset(ds).pairs[0]
+    root = tmp_path.resolve()
+    assert (pair.fixed_labels, pair.moving_labels) == (root / "labelsTr/La.nii.gz", root / "labelsTr/Lb.nii.gz")
