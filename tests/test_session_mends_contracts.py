@@ -350,3 +350,32 @@ def test_one_image_given_two_label_maps_is_refused_naming_the_first_entry_that_g
     pair = load_volume_dataset(ds).pairs[0]
     root = tmp_path.resolve()
     assert (pair.fixed_labels, pair.moving_labels) == (root / "labelsTr/La.nii.gz", root / "labelsTr/Lb.nii.gz")
+
+
+# ----------------------------------------------------------------------------- dense run configuration checks
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", 0.0, "lr=0.0: need a finite number > 0"),
+    ("lr_min", -1e-9, "lr_min=-1e-09: need a finite number >= 0"),
+    ("max_train_pairs", 0, "max_train_pairs=0: need a whole number, 1 or more (or none)"),
+    ("mind_dilation", 0, "mind_dilation=0: need a whole number, 1 or more"),
+    ("label_stride", 0, "label_stride=0: need a whole number, 1 or more"),
+    ("loss_border", -1, "loss_border=-1: need a whole number, 0 or more"),
+    ("stages", 0, "stages=0: need a whole number, 1 or more"),
+    ("cpu_bf16", 1, "cpu_bf16=1: expected true or false"),
+    ("seed", -1, "seed=-1: need a whole number from 0 to 4294967295"),
+])
+def test_a_dense_configuration_setting_just_outside_its_range_is_refused_naming_it(key, value, message):
+    from cyclereg.training.dense import DenseCycleConfig
+
+    with pytest.raises(ValueError) as e:
+        DenseCycleConfig(**{key: value}).validate()
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("key, value", [("lr_min", 0.0), ("loss_border", 0), ("mind_radius", 0), ("ncc_radius", 0),
+                                        ("max_train_pairs", 1), ("max_train_pairs", None), ("seed", 2**32 - 1),
+                                        ("sampling_logit_range", 0.0)])
+def test_a_dense_configuration_setting_at_the_edge_of_its_range_is_taken(key, value):
+    from cyclereg.training.dense import DenseCycleConfig
+
+    assert getattr(DenseCycleConfig(**{key: value}).validate(), key) == value
