@@ -407,3 +407,54 @@ def test_tolerate_unencodable_escapes_in_the_c_locale_without_utf8_mode():
     res = _run_python(_PRINT_NON_ASCII, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
                       PYTHONIOENCODING="")
     assert res.returncode == 0 and res.stdout == b"gr\\xfc\\xdf\n", res.stderr
+
+
+# ----------------------------------------------------------------------------- a diverged stage keeps nothing
+class _DivergingTask:
+    """Stage t's labels are t for pair "a"; ``nan_labels``: stage 1's refresh gives pair "b" NaN labels;
+    ``nan_weights``: stage 1's training leaves NaN weights (after writing a snapshot, as a long stage does)."""
+
+    checkpoint_kind = "toy"
+
+    def __init__(self, *, nan_labels=False, nan_weights=False):
+        self.nan_labels, self.nan_weights = nan_labels, nan_weights
+        self.config = type("Config", (), {"lr": 0.25})()
+
+    def new_model(self, stage):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stage)
+            return torch.nn.Linear(1, 1)
+
+    def model_config(self):
+        return {"toy": 1}
+
+    def make_pseudo_labels(self, model, stage, progress=None, parts=None):
+        labels = {"a": torch.full((2,), float(stage)), "b": torch.full((2,), float(stage))}
+        if self.nan_labels and stage == 1:
+            labels["b"][1] = float("nan")
+        return labels, {"weights": {"a": 1.0, "b": 1.0}, "stats": {}}
+
+    def train_stage(self, model, labels, weights, stage, progress=None, snapshot=None):
+        if self.nan_weights:
+            snapshot.path.write_bytes(b"a snapshot of the stage")
+            with torch.no_grad():
+                model.weight.fill_(float("nan"))
+        return {}
+
+
+@pytest.mark.parametrize("kind, what", [
+    ("nan_labels", r"its refreshed pseudo labels hold NaN or inf \(pair b\)"),
+    ("nan_weights", r"its trained weights hold NaN or inf \(weight\)"),
+])
+def test_a_diverged_stage_is_named_and_leaves_only_the_earlier_stages_files(tmp_path, kind, what):
+    from cyclereg.errors import ResultError
+    from cyclereg.training.scheduler import StageScheduler
+
+    s = StageScheduler(_DivergingTask(**{kind: True}), tmp_path)
+    s.run_stage0()
+    before = sorted(p.name for p in tmp_path.iterdir() if p.name != "log.jsonl")
+    with pytest.raises(ResultError, match=f"^{tmp_path}: stage 1 diverged: {what}; nothing of the stage was kept "
+                                          r".*: lower lr 0\.25 in run\.json and run the same command again$"):
+        s.run(1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "log.jsonl") == before
+    assert s.last_finished_stage() == 0
