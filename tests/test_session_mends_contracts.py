@@ -458,3 +458,33 @@ def test_a_diverged_stage_is_named_and_leaves_only_the_earlier_stages_files(tmp_
         s.run(1)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "log.jsonl") == before
     assert s.last_finished_stage() == 0
+
+
+# ----------------------------------------------------------------------------- caches and inference tensors
+def test_min_convolution_recomputes_a_float64_source_term_instead_of_refusing_it():
+    """``src_ax2`` is a cache of ``alpha |x|^2``: one of another dtype is made again in float32, so the call
+    gives the messages of no cache at all (the C search's own float32 check never sees it)."""
+    g = torch.Generator().manual_seed(0)
+    b, cs, cd = torch.rand(30, 16, generator=g), torch.randn(30, 16, 3, generator=g) * 0.1, \
+        torch.randn(30, 12, 3, generator=g) * 0.1
+    want = lbp.min_convolution(b, cs, cd, 10.0)
+    got = lbp.min_convolution(b, cs, cd, 10.0, src_ax2=cloud_native.source_term(cs, 10.0).double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the torch path, which saves them
+def test_adam_refine_of_inference_tensors_without_feature_standardisation(dtype):
+    """Features made under ``torch.inference_mode()`` and used as they are (``normalize_features=False``): the
+    refinement must copy them out of inference mode (autograd saves them); the same field as plain tensors."""
+    from cyclereg.dense import instance
+    from cyclereg.dense.instance import AdamConfig
+
+    g = torch.Generator().manual_seed(0)
+    ff, fm = torch.randn(2, 1, 4, 6, 7, 7, generator=g, dtype=dtype)
+    d0 = torch.rand(1, 3, 12, 13, 14, generator=g, dtype=dtype) * 0.5 + 0.2
+    cfg = AdamConfig(iterations=3, normalize_features=False)
+    want = instance.adam_refine(ff, fm, d0, 2, cfg)
+    with torch.inference_mode():
+        got = instance.adam_refine(ff.clone(), fm.clone(), d0.clone(), 2, cfg)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
