@@ -488,3 +488,32 @@ def test_adam_refine_of_inference_tensors_without_feature_standardisation(dtype)
     with torch.inference_mode():
         got = instance.adam_refine(ff.clone(), fm.clone(), d0.clone(), 2, cfg)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_pair_without_orientation_is_noted_once_like_a_nifti_file(tmp_path, capsys):
+    """A .hdr/.img pair with qform and sform codes 0 gets the one 'no orientation' note a .nii gets."""
+    from cyclereg.volumeio import read_nifti
+
+    img = nib.Nifti1Pair(np.zeros((4, 5, 6), np.float32), np.diag([2.0, 3.0, 4.0, 1.0]))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, tmp_path / "v.img")
+    capsys.readouterr()
+    read_nifti(tmp_path / "v.img")
+    read_nifti(tmp_path / "v.img")
+    err = capsys.readouterr().err
+    assert err.count("its header has no orientation (qform and sform codes 0)") == 1, err
+    assert "v.img" in err
+
+
+def test_hd95_measures_a_slightly_sheared_grid_in_world_mm():
+    """A shear of 0.005 (``L = [[1, 0.005, 0], [0, 1, 0], [0, 0, 1]]``): two voxels a step (1, 1, 0) apart lie
+    ``|L (1, 1, 0)| = sqrt(1.005^2 + 1)`` mm apart, not the ``sqrt(1 + 1 + 0.005^2)`` of the column lengths."""
+    from cyclereg.metrics import hd95
+
+    a = torch.zeros(4, 4, 4, dtype=torch.int64)
+    b = torch.zeros(4, 4, 4, dtype=torch.int64)
+    a[1, 1, 1] = 1
+    b[2, 2, 1] = 1
+    sheared = np.array([[1.0, 0.005, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert hd95(a, b, spacing=sheared)[1] == pytest.approx(math.sqrt(1.005 ** 2 + 1.0), rel=1e-9)
