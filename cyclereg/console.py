@@ -54,7 +54,8 @@ def tolerate_unencodable() -> None:
     process owns the streams; a library caller keeps its own."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+        # strict, or the C locale's surrogateescape (which escapes only undecodable bytes): both raise on "ü"
+        if reconfigure is not None and getattr(stream, "errors", None) in ("strict", "surrogateescape"):
             try:
                 reconfigure(errors="backslashreplace")
             except (ValueError, OSError):  # e.g. a stream already closed: nothing to print to anyway

@@ -314,8 +314,8 @@ def _voxel_metric(spacing) -> tuple[np.ndarray, np.ndarray | None]:
         sheared = np.abs(gram - np.diag(np.diag(gram))).max() > ORTHOGONAL_AXES_TOLERANCE * gram.diagonal().max()
         return sizes, (scale if sheared else None)
     if scale.shape != (3,) or not (np.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError(f"spacing={tuple(np.ravel(scale))}: expected three positive voxel sizes [mm] or a (3, 3) "
-                         "voxel -> mm map")
+        given = tuple(float(x) for x in np.ravel(scale))  # the numbers, not NumPy scalars' reprs
+        raise ValueError(f"spacing={given}: expected three positive voxel sizes [mm] or a (3, 3) voxel -> mm map")
     return scale, None
 
 

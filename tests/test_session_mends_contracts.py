@@ -147,8 +147,6 @@ def test_training_pairs_of_a_paired_dataset_without_its_list_is_refused(tmp_path
     assert training_pairs(p) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: training_pairs refuses an unpaired dataset ('pairings': 'unpaired') whose "
-                   "JSON carries an empty 'training_paired_images' list, calling it a paired dataset")
 def test_training_pairs_of_an_unpaired_dataset_with_an_empty_pair_list_is_none(tmp_path):
     from cyclereg.dense.data import training_pairs
 
@@ -281,8 +279,6 @@ def test_voxel_metric_takes_column_lengths_and_keeps_only_a_sheared_map():
         _voxel_metric((1.0, 0.0, 1.0))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: metrics._voxel_metric's message shows the spacing as numpy scalars "
-                   "(spacing=(np.float64(1.0), np.float64(0.0), ...)) under NumPy 2, not as the numbers given")
 def test_hd95_names_a_bad_spacing_as_the_numbers_given():
     from cyclereg.metrics import hd95
 
@@ -400,9 +396,6 @@ def test_tolerate_unencodable_escapes_under_an_ascii_io_encoding():
     assert res.returncode == 0 and res.stdout == b"gr\\xfc\\xdf\n", res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: console.tolerate_unencodable reconfigures only streams whose errors are "
-                   "'strict'; in the C locale without UTF-8 mode Python's stdout has errors='surrogateescape', so a "
-                   "non-ASCII path is still a UnicodeEncodeError (the docstring names this case)")
 def test_tolerate_unencodable_escapes_in_the_c_locale_without_utf8_mode():
     res = _run_python(_PRINT_NON_ASCII, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
                       PYTHONIOENCODING="")

@@ -397,7 +397,7 @@ def training_pairs(path: str | Path, *, held_out: bool = True) -> list[tuple[Pat
     p = Path(path)
     obj = read_json(p)
     raw = obj.get("training_paired_images")
-    if raw is None and obj.get("pairings") != "paired":
+    if not raw and obj.get("pairings") != "paired":  # absent, null or [] in an unpaired dataset
         return None
     if not isinstance(raw, list) or not raw:
         raise InputError("a paired dataset ('pairings': 'paired') needs its pairs in 'training_paired_images', a list "
