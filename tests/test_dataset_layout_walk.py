@@ -357,3 +357,30 @@ def test_keypoint_pairs_given_as_an_object_are_refused_as_such(tmp_path):
     ds = _json(tmp_path / "ds.json", {"pairs": {"c0": {"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}}})
     with pytest.raises(InputError, match=r"'pairs' should be a list of .* entries, got dict"):
         load_keypoint_dataset(ds)
+
+
+def test_a_modality_dict_with_a_value_that_is_no_text_is_named_so(tmp_path):
+    """``{"0": "CT", "1": null}``: refused as a value that is no modality name (it was 'several modalities
+    (CT, None)')."""
+    _l2r(tmp_path, 2)
+    ds = _json(tmp_path / "ds.json", {"modality": {"0": "CT", "1": None}, "training": [{"image": _img(0)}],
+                                      "registration_val": [{"fixed": _img(0), "moving": _img(1)}]})
+    with pytest.raises(InputError, match=r"'modality' should name the imaging modality of each channel"):
+        load_volume_dataset(ds)
+
+
+def test_a_paired_list_giving_both_directions_trains_each_direction_once(tmp_path):
+    """``training_paired_images`` listing (a, b) and (b, a) with ``--directions both``: two training pairs,
+    not four (each direction was trained twice, the second under an id ``...~2``)."""
+    from cyclereg.training.api import _dense_training_set
+    from cyclereg.training.dense import DenseCycleConfig
+
+    names = [f"L_0001_{s:04d}.nii.gz" for s in (0, 1)]
+    for k, name in enumerate(names):
+        _write(tmp_path / "imagesTr" / name, k)
+    a, b = (f"./imagesTr/{n}" for n in names)
+    ds = _json(tmp_path / "ds.json", {"pairings": "paired", "training": [{"image": a}, {"image": b}],
+                                      "training_paired_images": [{"fixed": a, "moving": b}, {"fixed": b, "moving": a}],
+                                      "registration_val": []})
+    images, pairs = _dense_training_set(ds, DenseCycleConfig(directions="both"))
+    assert len(images) == 2 and pairs == [(0, 1), (1, 0)]

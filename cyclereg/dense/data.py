@@ -267,7 +267,11 @@ def dataset_modality(obj: dict, path: Path) -> str | None:
     ``{"0": "MR", "1": "CT"}``: each scan would need its own preprocessing, which is not supported)."""
     modality = obj.get("modality")
     if isinstance(modality, dict):
-        kinds = sorted({str(v) for v in modality.values()})
+        odd = next((v for v in modality.values() if not isinstance(v, str)), None)
+        if odd is not None or None in modality.values():
+            raise InputError(f"'modality' should name the imaging modality of each channel (e.g. {{\"0\": \"CT\"}}), "
+                             f"got {modality!r}", path)
+        kinds = sorted(set(modality.values()))
         if len(kinds) > 1:
             raise InputError(f"'modality' names several modalities ({', '.join(kinds)}): multi-modal datasets (one "
                              "modality per channel) are not supported; list single-modality scans", path)

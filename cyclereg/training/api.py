@@ -743,8 +743,8 @@ def _listed_training_set(dataset: Path, config: DenseCycleConfig, listed: list[t
         hint = (" (the others have a scan in registration_val pairs; --train-images all trains on those too)"
                 if config.train_images == "held-out" else "")
         raise InputError(f"no training pair left in 'training_paired_images'{hint}", dataset)
-    if config.directions == "both":
-        listed = [q for f, m in listed for q in ((f, m), (m, f))]
+    if config.directions == "both":  # each direction once, also where the list gives both already
+        listed = list(dict.fromkeys(q for f, m in listed for q in ((f, m), (m, f))))
     if config.max_train_pairs is not None:
         listed = listed[: config.max_train_pairs]
     images = list(dict.fromkeys(scan for pair in listed for scan in pair))
