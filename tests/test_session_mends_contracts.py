@@ -103,7 +103,7 @@ def test_dataset_modality_of_three_channels_names_them_all_sorted(tmp_path):
 
     with pytest.raises(InputError, match=r"ds\.json.*names several modalities \(CT, MR, PET\)"):
         dataset_modality({"modality": {"0": "MR", "1": "CT", "2": "PET"}}, tmp_path / "ds.json")
-    with pytest.raises(InputError, match=r"ds\.json.*should name the imaging modality.*got nan"):
+    with pytest.raises(InputError, match=r"ds\.json.*should name the imaging modality of each channel.*got \{'0': nan\}"):
         dataset_modality({"modality": {"0": float("nan")}}, tmp_path / "ds.json")
 
 
