@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cyclereg import __version__
-from cyclereg.interrupts import raise_pending
 from cyclereg.errors import InputError, require_checkpoint_file, require_file, same_path
+from cyclereg.interrupts import raise_pending
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -32,10 +32,12 @@ def sigterm_exit(signum, frame) -> None:
     an exception raised there can be lost in third-party import code (a kill stress test saw exit 1 with
     a ``RecursionError`` from numpy's half-imported modules, and a kill ignored). The signal is sent again
     :data:`IMPORT_RETRY_S` later, until it arrives outside any import."""
+    global _PENDING
     if _importing(frame):
-        global _PENDING
-        _PENDING = signum  # kept: raise_pending() stops the command before it writes a result, should every
-        retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))  # re-send land in an import
+        # kept as well: should every re-send land in an import too, raise_pending() stops the command before
+        # it writes a result
+        _PENDING = signum
+        retry = threading.Timer(IMPORT_RETRY_S, os.kill, (os.getpid(), signum))
         retry.daemon = True
         retry.start()
         return
