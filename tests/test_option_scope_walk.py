@@ -17,7 +17,6 @@ every flag it names; ``cycle --stop-below`` on a metric-supervised (``--supervis
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
