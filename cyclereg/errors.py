@@ -276,6 +276,29 @@ def require_seed(seed: int | None, flag: str = "--seed", largest: int = MAX_SEED
     return seed
 
 
+def require_config_fields(config, *, counts: dict[str, int] | None = None, optional_counts: tuple[str, ...] = (),
+                          switches: tuple[str, ...] = (), numbers: dict[str, bool] | None = None) -> None:
+    """:class:`ValueError` naming the first field of the dataclass ``config`` (e.g. from a run.json edited by hand)
+    that is not what it must be: ``counts`` whole numbers of at least their value, ``optional_counts`` whole
+    numbers of at least 1 or ``None``, ``switches`` ``True``/``False``, ``numbers`` finite numbers ``>= 0``
+    (``> 0`` where the value is ``True``)."""
+    for name, least in (counts or {}).items():
+        value = getattr(config, name)
+        if not whole_number(value) or value < least:
+            raise ValueError(f"{name}={value!r}: need a whole number, {least} or more")
+    for name in optional_counts:
+        value = getattr(config, name)
+        if value is not None and (not whole_number(value) or value < 1):
+            raise ValueError(f"{name}={value!r}: need a whole number, 1 or more (or none)")
+    for name in switches:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name}={getattr(config, name)!r}: expected true or false")
+    for name, positive in (numbers or {}).items():
+        value = getattr(config, name)
+        if not finite_number(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{name}={value!r}: need a finite number {'> 0' if positive else '>= 0'}")
+
+
 def require_config_seed(seed) -> int:
     """A configuration's ``seed`` (e.g. from a run.json edited by hand): :class:`ValueError` unless a whole
     number from 0 to :data:`MAX_SEED` (a larger one overflowed in torch's ``manual_seed`` mid-run)."""

@@ -136,27 +136,16 @@ class CloudCycleConfig:
     def __post_init__(self):
         """Every setting checked by type and range: a run.json edited by hand reaches here unchecked otherwise
         (a text lr was a TypeError mid-stage, augment "no" counted as on, epochs 0 a ZeroDivisionError)."""
-        from cyclereg.errors import finite_number, require_config_seed, whole_number
+        from cyclereg.errors import finite_number, require_config_fields, require_config_seed, whole_number
 
         require_config_seed(self.seed)
-        for name, least in (("stages", 1), ("epochs", 1), ("batch_size", 1), ("refine_lbp_iterations", 0),
-                            ("refine_recentre_passes", 0), ("refine_tta_passes", 0), ("learn_recentre_passes", 0)):
-            value = getattr(self, name)
-            if not whole_number(value) or value < least:
-                raise ValueError(f"{name}={value!r}: need a whole number, {least} or more")
-        for name in ("refine_num_candidates", "train_fixed_points", "train_moving_points"):
-            value = getattr(self, name)
-            if value is not None and (not whole_number(value) or value < 1):
-                raise ValueError(f"{name}={value!r}: need a whole number, 1 or more (or none)")
-        for name in ("augment", "refine", "refine_consistency", "weighted_sampling"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
-        for name, positive in (("lr", True), ("lr_gamma", True), ("aug_rotation_deg", False), ("aug_scale", False),
-                               ("aug_translation", False), ("refine_tps_regularisation", False),
-                               ("sampling_logit_range", False)):
-            value = getattr(self, name)
-            if not finite_number(value) or value < 0 or (positive and value == 0):
-                raise ValueError(f"{name}={value!r}: need a finite number {'> 0' if positive else '>= 0'}")
+        require_config_fields(
+            self, counts={"stages": 1, "epochs": 1, "batch_size": 1, "refine_lbp_iterations": 0,
+                          "refine_recentre_passes": 0, "refine_tta_passes": 0, "learn_recentre_passes": 0},
+            optional_counts=("refine_num_candidates", "train_fixed_points", "train_moving_points"),
+            switches=("augment", "refine", "refine_consistency", "weighted_sampling"),
+            numbers={"lr": True, "lr_gamma": True, "aug_rotation_deg": False, "aug_scale": False,
+                     "aug_translation": False, "refine_tps_regularisation": False, "sampling_logit_range": False})
         if not isinstance(self.lr_milestones, tuple) or not all(whole_number(m) and m >= 0
                                                                  for m in self.lr_milestones):
             raise ValueError(f"lr_milestones={self.lr_milestones!r}: need whole numbers of epochs")

@@ -130,25 +130,15 @@ class DenseCycleConfig:
     def validate(self) -> "DenseCycleConfig":
         """Every setting checked by type and range (a run.json edited by hand reaches here unchecked otherwise: a
         text lr was a TypeError mid-stage, augment "no" counted as on, a NaN spread trained to NaN)."""
-        from cyclereg.errors import finite_number, require_config_seed, whole_number
+        from cyclereg.errors import require_config_fields, require_config_seed
 
         require_config_seed(self.seed)
-        for name, least in (("stages", 1), ("iterations", 1), ("batch_size", 1), ("label_stride", 1),
-                            ("loss_border", 0), ("mind_radius", 0), ("mind_dilation", 1), ("ncc_radius", 0)):
-            value = getattr(self, name)
-            if not whole_number(value) or value < least:
-                raise ValueError(f"{name}={value!r}: need a whole number, {least} or more")
-        if self.max_train_pairs is not None and (not whole_number(self.max_train_pairs) or self.max_train_pairs < 1):
-            raise ValueError(f"max_train_pairs={self.max_train_pairs!r}: need a whole number, 1 or more (or none)")
-        for name in ("augment", "refine", "weighted_sampling", "amp", "cpu_bf16"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
-        for name, positive in (("lr", True), ("lr_min", False), ("aug_linear_std", False), ("aug_translation_std", False),
-                               ("aug_relative_std", False), ("sampling_logit_range", False),
-                               ("metric_reg_weight", False)):
-            value = getattr(self, name)
-            if not finite_number(value) or value < 0 or (positive and value == 0):
-                raise ValueError(f"{name}={value!r}: need a finite number {'> 0' if positive else '>= 0'}")
+        require_config_fields(
+            self, counts={"stages": 1, "iterations": 1, "batch_size": 1, "label_stride": 1, "loss_border": 0,
+                          "mind_radius": 0, "mind_dilation": 1, "ncc_radius": 0},
+            optional_counts=("max_train_pairs",), switches=("augment", "refine", "weighted_sampling", "amp", "cpu_bf16"),
+            numbers={"lr": True, "lr_min": False, "aug_linear_std": False, "aug_translation_std": False,
+                     "aug_relative_std": False, "sampling_logit_range": False, "metric_reg_weight": False})
         if self.supervision not in SUPERVISIONS:
             raise ValueError(f"supervision: expected one of {SUPERVISIONS}, got {self.supervision!r}")
         if self.train_images not in ("held-out", "all"):
