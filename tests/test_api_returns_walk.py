@@ -108,6 +108,66 @@ def test_mutating_a_compare_result_leaves_the_metric_table_and_later_calls_alone
     assert again["definition"]["unit"] == "mm" and again["definition"]["lower_is_better"] is True
 
 
+def test_register_files_follow_the_summary_order_and_a_rerun_into_the_folder_lists_only_its_own_outputs(kp, tmp_path):
+    """An ensemble with --spread/--spread-map/--query/--reference/--jacobian writes five outputs, listed in
+    ``files`` in the order the summary names them; a plain rerun into the same folder leaves (and lists) one."""
+    from cyclereg.checkpoint import save_checkpoint
+    from cyclereg.clouds.api import combine_cloud_models
+    from cyclereg.clouds.features import build_graph_net
+    from cyclereg.clouds.pipeline import CloudRegConfig
+
+    d = kp["dir"]
+    for name, seed in (("a.pt", 1), ("b.pt", 2)):
+        save_checkpoint(tmp_path / name, kind="cloud", config=CloudRegConfig(),
+                        state_dict=build_graph_net(CloudRegConfig().net, seed=seed).state_dict())
+    line = combine_cloud_models([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "ens.pt")
+    assert isinstance(line, str) and line.startswith(f"wrote an ensemble checkpoint of 2 networks to {tmp_path / 'ens.pt'}")
+    # a 14 x 10 x 14 grid of 20 mm voxels from the origin holds every point of conftest's pair
+    nib.save(nib.Nifti1Image(np.zeros((14, 10, 14), np.float32), np.diag([20.0, 20.0, 20.0, 1.0])),
+             str(tmp_path / "ref.nii.gz"))
+    out = tmp_path / "reg"
+    full = api.register(d / "f.csv", d / "m.csv", out, model=tmp_path / "ens.pt", device="cpu", spread=True,
+                        spread_map=True, reference=tmp_path / "ref.nii.gz", jacobian=True, query=d / "l.csv")
+    assert set(full.files) == {"displacements.csv", "query_displacements.csv", "displacement.nii.gz",
+                               "jacobian.nii.gz", "spread.nii.gz"}
+    assert str(full).endswith(f"wrote {', '.join(full.files)} to {out}")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*full.files, "config.json"])
+    plain = api.register(d / "f.csv", d / "m.csv", out, device="cpu")
+    assert plain.files == ("displacements.csv",)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "displacements.csv"]
+    assert plain.record == json.loads((out / "config.json").read_text())
+
+
+def test_run_cycle_and_show_run_status_give_the_same_answer_twice_and_a_mutated_status_is_not_reused(kp):
+    from rich.console import Console
+
+    from cyclereg.training.api import run_cycle
+    from cyclereg.training.status import show_run_status
+
+    d = kp["dir"]
+    assert run_cycle(d / "dataset.json", d / "run", folds="1", device="cpu") == {1: 1}  # nothing left to do
+    first = show_run_status(d / "run", console=Console(file=io.StringIO()))
+    first["folds"][0]["finished"] = 99
+    first["folds"].clear()
+    again = show_run_status(d / "run", console=Console(file=io.StringIO()))
+    assert [row["fold"] for row in again["folds"]] == [1, 2] and again["folds"][0]["finished"] == 1
+    assert again["folds"][1]["finished"] == -1  # fold 2 never labelled
+
+
+@pytest.mark.parametrize("name", ["cyclereg.keypoints.api.PairKeypointConfig", "cyclereg.keypoints.foerstner.FoerstnerConfig",
+                                  "cyclereg.keypoints.lungmask.LungMaskConfig", "cyclereg.clouds.lbp.LBPConfig",
+                                  "cyclereg.clouds.features.GraphNetConfig"])
+def test_configurations_used_as_default_arguments_are_frozen_so_a_caller_cannot_alter_later_calls(name):
+    import dataclasses
+    import importlib
+
+    module, cls = name.rsplit(".", 1)
+    default = getattr(importlib.import_module(module), cls)()
+    field = dataclasses.fields(default)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(default, field, getattr(default, field))
+
+
 # ----------------------------------------------------------------------------- real bugs (strict xfails)
 
 
