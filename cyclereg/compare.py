@@ -24,6 +24,7 @@ A pair whose value is missing or not finite in either report is left out of that
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -184,7 +185,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
     from rich.markup import escape
     from rich.table import Table
 
-    from cyclereg.checkpoint import write_json
+    from cyclereg.checkpoint import json_text, write_json
     from cyclereg.device import provenance
     from cyclereg.console import count, make_console, print_note, print_table
 
@@ -279,6 +280,7 @@ def compare_reports(reports: list[Path | str], output: Path | str | None = None,
                       f"{c['better']} / {c['worse']} / {c['tied']}", f"{c['wilcoxon_p']:.3g}", f"{c['sign_test_p']:.3g}",
                       *holm)
     print_table(make_console(quiet=quiet), table)
+    result = json.loads(json_text(result))  # what the file holds (lists for tuples, plain text), also returned
     if output is not None:
         write_json(output, result)
     return result

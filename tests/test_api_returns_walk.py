@@ -171,8 +171,6 @@ def test_configurations_used_as_default_arguments_are_frozen_so_a_caller_cannot_
 # ----------------------------------------------------------------------------- real bugs (strict xfails)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compare_reports returns definition.field as a tuple (asdict of the "
-                                       "Metric dataclass) while its output file holds a list: returned != written")
 def test_compare_reports_returns_exactly_the_comparison_it_writes(kp, tmp_path):
     from cyclereg.compare import compare_reports
 
@@ -181,8 +179,6 @@ def test_compare_reports_returns_exactly_the_comparison_it_writes(kp, tmp_path):
     assert returned == json.loads((tmp_path / "cmp.json").read_text())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: show_run_status returns stage_seconds/stage_log keyed by int stage "
-                                       "numbers while its json_out file has them keyed by strings: returned != written")
 def test_show_run_status_returns_exactly_the_status_it_writes(kp, tmp_path):
     from rich.console import Console
 

@@ -8,8 +8,8 @@ how far the stage's refresh moved the labels, and any validation score the run l
 
 from __future__ import annotations
 
+import json
 import math
-
 from pathlib import Path
 
 HISTORY_COLUMNS = (("train_loss_mm", "train loss [mm]"), ("pseudo_label_disagreement_mm", "label disagreement [mm]"),
@@ -23,10 +23,10 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     """Print the progress table of the run directory ``run`` (and with ``history`` the table of its
     finished stages) on ``console`` (default: stdout); with ``json_out`` also write the status there
     as JSON. ``stages``: count progress towards this many stages instead of the run's. Returns the
-    status (:func:`cyclereg.training.api.run_status`)."""
+    status (:func:`cyclereg.training.api.run_status`) as the JSON file holds it: stage numbers are text keys."""
     from rich.table import Table
 
-    from cyclereg.checkpoint import write_json
+    from cyclereg.checkpoint import json_text, write_json
     from cyclereg.console import make_console, print_note, print_table
     from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output, require_switches
     from cyclereg.training.api import run_status
@@ -59,6 +59,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
                        "removed lines): the time so far and the history leave them out")
     if history:
         print_table(console, history_table(info))
+    info = json.loads(json_text(info))  # what the file holds (stage numbers as text keys), also returned
     if json_out is not None:
         write_json(json_out, info)
     return info
