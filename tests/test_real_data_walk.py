@@ -152,9 +152,6 @@ def test_register_voxel_index_files_with_spacing_recovers_a_known_shift_in_mm(vo
     np.testing.assert_allclose(np.median(query[:, 3:6], axis=0), SHIFT, atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register's config.json records fixed, moving, model, reference, "
-                   "moving_image and moving_labels but neither --spacing (which scaled the headerless inputs) nor "
-                   "--query (whose field query_displacements.csv holds): cyclereg/clouds/api.py:360 'inputs'")
 def test_register_config_records_the_spacing_and_the_query_file(voxel_register):
     d, _, _ = voxel_register
     cfg = json.loads((d / "o" / "config.json").read_text())

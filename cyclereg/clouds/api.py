@@ -359,7 +359,10 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
         _require_points_inside(fixed_mm, ref, fixed)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
               "reference": str(reference) if reference else None,
-              "moving_image": str(moving_image) if moving_image else None}
+              "moving_image": str(moving_image) if moving_image else None,
+              # what placed voxel-index files in mm, and the points of query_displacements.csv
+              "spacing_mm": [float(v) for v in sp] if sp is not None else None,
+              "query": str(query) if query is not None else None}
     return _register_points_and_write(fixed_mm, moving_mm, out_dir, sources=(Path(fixed), Path(moving)), inputs=inputs,
                                       model=model, seed=seed, query_mm=query_mm, device=device,
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
@@ -414,6 +417,7 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
     extra = dict(zip(extra_names, (points_csv(kp_fixed.points_mm), points_csv(kp_moving.points_mm))))
     fixed_mm, moving_mm = (parse_points_csv(extra[name]) for name in extra_names)
     inputs = {"command": "register", "fixed": str(fixed), "moving": str(moving), "model": str(model), "seed": seed,
+              "query": str(query) if query is not None else None,
               "via_keypoints": {"lung_mask": lung_mask, "fixed": keypoints.fixed, "moving": keypoints.moving,
                                 "fixed_points": int(fixed_mm.shape[0]), "moving_points": int(moving_mm.shape[0]),
                                 # the mm radii as the two grids apply them (whole voxels per axis)
