@@ -225,7 +225,8 @@ def read_nifti(path: str | Path, *, labels: bool = False) -> Volume:
         if qform_code == sform_code == 0:
             _note_unknown_orientation(p)
         elif qform_code > 0 and sform_code > 0:
-            distance = qform_sform_distance_mm(arr.shape, img.get_qform(), img.get_sform())
+            # the header's units: a disagreement in metres is 1000x as many mm
+            distance = MM_PER_UNIT[unit] * qform_sform_distance_mm(arr.shape, img.get_qform(), img.get_sform())
             if distance > QFORM_SFORM_NOTE_MM:
                 _note_qform_sform_disagree(p, distance)
     if labels:

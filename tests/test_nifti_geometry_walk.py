@@ -431,3 +431,22 @@ def test_hd95_takes_a_rotated_grid_map_as_its_column_lengths():
     assert hd95(a, b, spacing=(1.0, np.sqrt(2.0), 1.0))[1] == pytest.approx(np.sqrt(3.0))
     with pytest.raises(ValueError, match="spacing: expected a finite, invertible"):
         hd95(a, b, spacing=np.zeros((3, 3)))
+
+
+def test_a_qform_sform_disagreement_in_metres_is_measured_in_mm(tmp_path, capsys):
+    """A header in metres whose qform lies 0.0001 m (0.1 mm) from its sform: above the 0.01 mm note threshold once
+    read in mm, so the note is said (in metre numbers it was 1e-4, below it)."""
+    from cyclereg import volumeio
+
+    affine = np.diag([0.002, 0.002, 0.002, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+    img.set_sform(affine, code=2)
+    shifted = affine.copy()
+    shifted[0, 3] = 0.0001
+    img.set_qform(shifted, code=1)
+    img.header.set_xyzt_units("meter")
+    nib.save(img, tmp_path / "m.nii")
+    volumeio._NOTED.clear()
+    read_nifti(tmp_path / "m.nii")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its qform and sform disagree (by up to 0.1 mm" in err, err
