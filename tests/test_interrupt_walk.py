@@ -139,7 +139,10 @@ def test_a_real_signal_while_keypoints_stages_its_files_leaves_the_earlier_files
     (out / "k.csv").write_text("x_mm,y_mm,z_mm\n1,2,3\n")
     (out / "k.csv.config.json").write_text('{"earlier": true}\n')
     earlier = _files(out)
+    # Ctrl-C as a terminal delivers it: a process started from a background job (CI run with '&' or nohup)
+    # inherits SIGINT ignored, and Python then keeps ignoring it
     script = ("import os, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "import cyclereg.keypoints.api as ka\n"
               "real = ka.write_json\n"
               "def signalled(path, obj):\n"
