@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,17 @@ def write_pair_files(folder: Path):
     write_points(folder / "l.csv", pair.fixed_mm[:20])
     write_points(folder / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
     return pair
+
+
+def write_two_pair_dataset(folder: Path) -> Path:
+    """:func:`write_pair_files` into ``folder`` and ``folder/dataset.json``: the same files as two pairs c0 and c1
+    in two folds (one held out each), with landmarks; returns the dataset path."""
+    write_pair_files(folder)
+    entry = {"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv", "fixed_landmarks": "l.csv",
+             "moving_landmarks": "ml.csv"}
+    path = folder / "dataset.json"
+    path.write_text(json.dumps({"pairs": [{"id": "c0", **entry}, {"id": "c1", **entry}], "folds": [["c0"], ["c1"]]}))
+    return path
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -33,14 +33,10 @@ def kp(tmp_path_factory):
     ``run_cycle`` and ``pretrain_random`` return values, two one-pair reports and a tiny CT."""
     from cyclereg.training.api import pretrain_random, run_cycle
 
-    from conftest import intraop_threads, write_pair_files
+    from conftest import intraop_threads, write_two_pair_dataset
 
     d = tmp_path_factory.mktemp("ret")
-    write_pair_files(d)
-    entry = {"fixed_keypoints": "f.csv", "moving_keypoints": "m.csv", "fixed_landmarks": "l.csv",
-             "moving_landmarks": "ml.csv"}
-    (d / "dataset.json").write_text(json.dumps({"pairs": [{"id": "c0", **entry}, {"id": "c1", **entry}],
-                                                "folds": [["c0"], ["c1"]]}))
+    write_two_pair_dataset(d)
     with intraop_threads(1):
         pretrained = pretrain_random(d / "dataset.json", d / "run", fold=1, stages=1, epochs=1, device="cpu")
         cycled = run_cycle(d / "dataset.json", d / "run", folds=1, device="cpu")
