@@ -257,7 +257,7 @@ def pretrain_random(
     candidates: Optional[int] = typer.Option(None, "--candidates", help="keypoints: LBP candidates per fixed point, K (default 64; the authors' GPU code: 256; cost grows as K^2)"),
     learn_recentre_passes: Optional[int] = typer.Option(None, "--learn-recentre-passes", help="keypoints: gradient-free LBP passes that re-centre the learning stream's candidate search, as at test time (default 0 = the paper's single pass; 1 costs ~1.6x per training sample)"),
     aug_relative: Optional[float] = typer.Option(None, "--aug-relative", help="keypoints: a further random affine map of the moving cloud alone in the learning stream, y -> (I + s N) y + s n (entries of N and n standard normal, n in the unit frame; default 0.05, the authors' dense value; 0 = off: both clouds share one similarity transform, as runs before 2026-12-06)"),
-    val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
+    val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N registration_val pairs (volumes; they need label maps) after each stage"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: label this many folds at once in worker processes (they share the CPU threads; the labels of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -281,7 +281,7 @@ def cycle(
     run: Path = typer.Option(..., "--run", help="run directory made by pretrain-random"),
     stages: Optional[int] = typer.Option(None, "--stages", help="number of self-training stages T (default: the run's; more than the run's extends it, and the new T is recorded in run.json)"),
     folds: str = typer.Option("all", "--folds", "--fold", help="'all' or a fold number (keypoint datasets)"),
-    val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N labelled registration_val pairs (volumes) after each stage"),
+    val_pairs: int = typer.Option(0, "--val-pairs", help="reporting only: log the TRE of the fold's first N held-out pairs (keypoints) or the Dice of the first N registration_val pairs (volumes; they need label maps) after each stage"),
     snapshot_every: Optional[float] = typer.Option(None, "--snapshot-every", help="seconds between mid-stage training snapshots, so that a killed stage resumes where it stopped (0 = none; default 60)"),
     jobs: int = typer.Option(1, "--jobs", help="keypoint datasets: train this many folds at once in worker processes (they share the CPU threads; the results of --jobs 1 when every process gets the same thread count, e.g. OMP_NUM_THREADS=1)"),
     stop_below: Optional[float] = typer.Option(None, "--stop-below", metavar="MM", help="landmark-free early stop: a fold ends at the first stage whose refresh moves its pseudo labels less than MM mm on average ('labels moved'; --stages is then the most); recorded in run.json, 0 removes it"),

@@ -1594,7 +1594,7 @@ def test_pretrain_random_takes_folds_as_the_command_does_and_names_a_misspelt_op
         pretrain_random(ds, tmp_path / "b", fold="1", folds="1", device="cpu", config=off)
     with pytest.raises(InputError, match=r"unknown option\(s\) epoch; the options are .*epochs"):
         pretrain_random(ds, tmp_path / "c", device="cpu", config=off, epoch=3)
-    with pytest.raises(InputError, match="--cpu-bf16: not an option for keypoints datasets"):
+    with pytest.raises(InputError, match="--cpu-bf16: not an option for keypoint datasets"):
         pretrain_random(ds, tmp_path / "d", device="cpu", config=off, cpu_bf16=True)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 

@@ -733,7 +733,7 @@ def test_cpu_bf16_trains_the_network_in_bfloat16_and_is_recorded(tmp_path, monke
     cloud = tmp_path / "clouds.json"  # a keypoint dataset: the option is refused before its files are read
     cloud.write_text(json.dumps({"pairs": [{"id": "a", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv"}]}))
     res = runner.invoke(app, ["pretrain-random", str(cloud), "-o", str(tmp_path / "c"), "--cpu-bf16"])
-    assert res.exit_code == 2 and "--cpu-bf16: not an option for keypoints datasets" in res.output, res.output
+    assert res.exit_code == 2 and "--cpu-bf16: not an option for keypoint datasets" in res.output, res.output
     assert not (tmp_path / "c").exists()
 
 

@@ -107,11 +107,11 @@ REFUSED = [
     ("keypoints {v1} -o {out}.csv --save-mask {out}.nii.gz", "--save-mask", "--lung-mask"),
     ("keypoints {v1} -o {out}.csv --folds 2", "--folds", "--pairs"),
     # pretrain-random / cycle: the other kind's options
-    ("pretrain-random {vds} -o {out} --epochs 1", "--epochs", "not an option for volumes datasets"),
-    ("pretrain-random {vds} -o {out} --recentre-passes 0", "--recentre-passes", "not an option for volumes"),
+    ("pretrain-random {vds} -o {out} --epochs 1", "--epochs", "not an option for volume datasets"),
+    ("pretrain-random {vds} -o {out} --recentre-passes 0", "--recentre-passes", "not an option for volume datasets"),
     ("pretrain-random {vds} -o {out} --jobs 2", "--jobs", "volume datasets"),
-    ("pretrain-random {kds} -o {out} --iterations 3", "--iterations", "not an option for keypoints"),
-    ("pretrain-random {kds} -o {out} --no-cpu-bf16", "--cpu-bf16", "not an option for keypoints"),
+    ("pretrain-random {kds} -o {out} --iterations 3", "--iterations", "not an option for keypoint datasets"),
+    ("pretrain-random {kds} -o {out} --no-cpu-bf16", "--cpu-bf16", "not an option for keypoint datasets"),
 ]
 
 

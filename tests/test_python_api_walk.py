@@ -145,7 +145,7 @@ def test_keypoints_refuses_non_finite_or_negative_values_naming_the_flag_and_wri
     ({"aug_relative": NAN}, "--aug-relative nan: need a value in [0, 1)"),
     ({"aug_relative": True}, "--aug-relative True: need a value in [0, 1)"),
     ({"train_points": "1000,2000,3"}, "--train-points '1000,2000,3': expected 'F,M' (two integers)"),
-    ({"iterations": 10}, "--iterations: not an option for keypoints datasets"),
+    ({"iterations": 10}, "--iterations: not an option for keypoint datasets"),
     ({"config": {"stages": 2}}, "config: a keypoints dataset takes a CloudCycleConfig, got a dict"),
 ])
 def test_pretrain_random_refuses_bad_counts_and_folds_naming_the_option_and_makes_no_run(kp, tmp_path, kwargs, message):

@@ -479,6 +479,10 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
 
     cache = VolumeCache(EVALUATE_CACHED_VOLUMES)
 
+    def overlay_of(p, fv: Volume, mv: Volume, fl: Volume, disp: torch.Tensor, warped_l: torch.Tensor) -> tuple:
+        """What the overlay figure of pair ``p`` shows: fixed, warped moving, fixed and warped labels."""
+        return p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(), warped_l.clone()
+
     def pair_volumes(p) -> tuple[Volume, Volume, Volume, Volume]:
         fv, mv = cache.get(p.fixed, labels=False), cache.get(p.moving, labels=False)
         fl, ml = cache.get(p.fixed_labels, labels=True), cache.get(p.moving_labels, labels=True)
@@ -533,8 +537,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                    "scoring_seconds": time.perf_counter() - t0 - seconds}
             records.append(rec)
             if overlay is None and figures:
-                overlay = (p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(),
-                           warped_l.clone())
+                overlay = overlay_of(p, fv, mv, fl, disp, warped_l)
             # the pairs so far, beside the report (never over it): a long run can be inspected, and --resume
             # continues it after an interruption
             write_json(unfinished, build_result(False))
@@ -553,8 +556,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
         fv, mv, fl, ml = pair_volumes(p)
         disp = (torch.zeros(1, 3, *fv.shape) if identity
                 else register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float())
-        overlay = (p.id, fv.data.clone(), warp(mv.data[None, None].float(), disp)[0, 0], fl.data.clone(),
-                   warp_labels(ml.data[None, None], disp)[0, 0])
+        overlay = overlay_of(p, fv, mv, fl, disp, warp_labels(ml.data[None, None], disp)[0, 0])
     result = build_result(True)
     with staged_file_set() as files:  # the report and its figures: a set
         write_json(files(report), result)

@@ -146,7 +146,9 @@ def _only(kind: str, allowed: tuple[str, ...], options: dict) -> dict:
     wrong = sorted(k for k in given if k not in allowed)
     if wrong:
         names = ", ".join("--" + k.replace("_", "-") for k in wrong)
-        raise InputError(f"{names}: not an option for {kind} datasets")
+        from cyclereg.api import KIND_NAMES  # noqa: PLC0415 - the commands' names of the kinds
+
+        raise InputError(f"{names}: not an option for {KIND_NAMES.get(kind, kind)} datasets")
     require_switches({flag: given.get(key) for key, flag in SWITCH_FLAGS.items()})
     return {k: v for k, v in options.items() if v is not None and k in allowed}
 
@@ -371,7 +373,7 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     take the run's values; given ones must agree with them. A new run's ``seed`` defaults to 0.
     ``val_pairs`` (reporting only, never used for training): after every stage, log the
     landmark TRE of the first N held-out pairs of the fold (keypoint datasets) or the Dice
-    of the first N labelled ``registration_val`` pairs (volume datasets).
+    of the first N ``registration_val`` pairs (volume datasets; each needs its two label maps).
     ``jobs``: keypoint datasets label up to this many folds at once in worker processes, as
     :func:`run_cycle` trains them (the labels of one at a time, thread counts alike). A fold whose stage-0 labels
     exist already is skipped, so the same command completes an interrupted run.
