@@ -268,10 +268,16 @@ MAX_MODEL_SEED = 1000 * MAX_SEED + 1
 can be built again (well inside torch's 64-bit seeds)."""
 
 
+def _seed_in_range(seed, largest: int) -> bool:
+    """Whether ``seed`` is a whole number from 0 to ``largest``: the one rule of :func:`require_seed` (an option)
+    and :func:`require_config_seed` (a stored configuration)."""
+    return whole_number(seed) and 0 <= seed <= largest
+
+
 def require_seed(seed: int | None, flag: str = "--seed", largest: int = MAX_SEED) -> int | None:
     """Return ``seed`` (``None`` = not given), raising :class:`InputError` naming ``flag`` unless it is a
     whole number from 0 to ``largest`` (:data:`MAX_SEED`; a random network's seed: :data:`MAX_MODEL_SEED`)."""
-    if seed is not None and (not whole_number(seed) or not 0 <= seed <= largest):
+    if seed is not None and not _seed_in_range(seed, largest):
         raise InputError(f"{flag} {seed!r}: need a whole number from 0 to {largest}{_int_hint(seed)}")
     return seed
 
@@ -302,7 +308,7 @@ def require_config_fields(config, *, counts: dict[str, int] | None = None, optio
 def require_config_seed(seed) -> int:
     """A configuration's ``seed`` (e.g. from a run.json edited by hand): :class:`ValueError` unless a whole
     number from 0 to :data:`MAX_SEED` (a larger one overflowed in torch's ``manual_seed`` mid-run)."""
-    if not whole_number(seed) or not 0 <= seed <= MAX_SEED:
+    if not _seed_in_range(seed, MAX_SEED):
         raise ValueError(f"seed={seed!r}: need a whole number from 0 to {MAX_SEED}")
     return seed
 
