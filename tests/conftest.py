@@ -46,6 +46,27 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _children_temporary_folder(tmp_path_factory):
+    """Child processes keep their temporary files under pytest's own base folder.
+
+    A child that a test kills with SIGKILL cannot run its exit handlers, so the file PyG
+    renders for ``EdgeConv`` (see ``cyclereg.clouds.features.pyg_template_files``) would
+    stay in the system's temporary folder, one per test run. Under pytest's base folder it
+    goes when pytest rotates its old base folders."""
+    import os
+
+    folder = tmp_path_factory.getbasetemp() / "children-tmp"
+    folder.mkdir(exist_ok=True)
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _sigterm_handler_restored():
     """Put back the test process's SIGTERM handler after every test: a CLI test run through CliRunner runs the
