@@ -31,7 +31,9 @@ from cyclereg.clouds.lbp import LBPConfig, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.dense.convex import box_smooth, displacement_set, resample_disp, upsample_field
 from cyclereg.dense.config import ConvexConfig
-from cyclereg.dense.pipeline import pad_to_multiple
+from cyclereg.dense.config import DensePipelineConfig, FeatureNetConfig
+from cyclereg.dense.network import random_feature_net
+from cyclereg.dense.pipeline import pad_to_multiple, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.errors import InputError
 from cyclereg.frames import (UnitBox, centred_affine, grid_to_voxel, half_width_voxels, inside_grid, voxel_to_grid,
@@ -56,6 +58,10 @@ def _lbp_problem():
     moving = fixed + 0.05 * torch.randn(20, 3, generator=g)
     ff = torch.randn(20, 4, generator=g)
     return fixed, moving, ff, ff + 0.1 * torch.randn(20, 4, generator=g)
+
+
+_DENSE_NET = FeatureNetConfig(channels=(4, 4, 4), strides=(2, 1, 2), out_channels=4, adam_layer=1, adam_channels=4)
+_DENSE_CFG = DensePipelineConfig(net=_DENSE_NET, pad_multiple=4, use_adam=False)
 
 
 # ============================================================================= handled well
@@ -134,6 +140,18 @@ def test_warp_of_an_empty_batch_is_an_empty_batch():
     out = warp(mov, torch.zeros(0, 3, 5, 6, 7))
     assert out.shape == (0, 2, 5, 6, 7)
 
+
+
+def test_the_registration_entry_points_refuse_complex_inputs_naming_them():
+    """``register_clouds`` and the dense ``register`` refuse complex coordinates / images by name (the helpers
+    below them do not: see the complex xfail)."""
+    from cyclereg.clouds.pipeline import CloudRegConfig, register_clouds
+    f = torch.rand(40, 3, generator=_gen(10)) * 50
+    with pytest.raises(ValueError, match="^fixed_mm: torch.complex64 coordinates"):
+        register_clouds(f.to(torch.complex64), (f + 1).to(torch.complex64), None, CloudRegConfig())
+    a, b = _images()
+    with pytest.raises(ValueError, match="^fixed: torch.complex64 on cpu, but the network is torch.float32"):
+        register(a.to(torch.complex64), b.to(torch.complex64), random_feature_net(_DENSE_NET, 0), _DENSE_CFG)
 
 # ============================================================================= bugs found by the walk
 @pytest.mark.xfail(strict=True, reason="BUG: random_affine / random_relative_affine(dtype=int64 or bool) silently "
@@ -228,6 +246,8 @@ def test_lbp_names_centres_of_another_dtype():
     (lambda f, m, ff, fm, net: voxel_to_world(f.numpy(), np.eye(4)), "points_vox"),
     (lambda f, m, ff, fm, net: tre_stats(f[:, 0].numpy()), "errors_mm"),
     (lambda f, m, ff, fm, net: ncc_loss(*(t.numpy() for t in _images())), "fixed"),
+    (lambda f, m, ff, fm, net: register(*(t.numpy() for t in _images()), random_feature_net(_DENSE_NET, 0), _DENSE_CFG),
+     "fixed"),
 ])
 def test_a_numpy_array_for_a_tensor_is_refused_naming_the_argument_and_the_type(call, name):
     fixed, moving, ff, fm = _lbp_problem()
@@ -429,3 +449,15 @@ def test_lung_mask_names_a_bad_affine_or_ct(args, name):
     from cyclereg.keypoints.lungmask import lung_mask
     with pytest.raises(ValueError, match=f"^{name}"):
         lung_mask(*args())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: dense register of an empty batch (0, 1, D, H, W) fails in torch.cat "
+                   "('expected a non-empty list of Tensors'), naming nothing; warp and box_smooth return an empty batch")
+def test_dense_register_of_an_empty_batch_is_empty_or_refused_by_name():
+    f, m = _images()
+    try:
+        out = register(f[:0], m[:0], random_feature_net(_DENSE_NET, 0), _DENSE_CFG)
+    except ValueError as err:
+        assert str(err).startswith("fixed: ")
+        return
+    assert out.shape == (0, 3, 8, 9, 10)
