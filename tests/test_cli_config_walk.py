@@ -5,13 +5,14 @@ report records when it is given (value and unit), with its help text's range, an
 (``--seed 1 --seed 2``), ``--opt=value`` and negative values; the configurations were sent through JSON
 and read back (no command takes a ``--config``; the library's ``config=`` does).
 
-About 90 inputs were tried; all but one were handled: the help defaults are the dataclass defaults
+About 100 inputs were tried; all but two were handled: the help defaults are the dataclass defaults
 (tests/test_readme_claims_walk.py pins them), the CLI defaults are the library's, options reach the
 record in the field's unit, out-of-range values are refused by name before anything is written. The
-tests below pin the cases no other file covered, and one real bug as a strict xfail: ``evaluate --run``
+tests below pin the cases no other file covered, and two real bugs as strict xfails: ``evaluate --run``
 on a keypoint dataset records one registration configuration (the first fold model's) as the report's
 ``config`` while each fold's pairs were registered with that fold's own (another ``training_box`` in every
-run without a dataset volume box).
+run without a dataset volume box); and a training run (pretrain-random / cycle) records nowhere the
+``--device`` it ran on, though that sets its precision (float16 AMP on CUDA, ``cpu_bf16`` on CPU).
 """
 
 from __future__ import annotations
