@@ -237,6 +237,20 @@ def whole_number(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def python_number(value):
+    """``value`` as a Python ``int`` / ``float`` where it is another whole or real number type (a NumPy
+    scalar such as ``np.int64(4)`` or ``np.float32(0.5)``), else unchanged (``bool``s stay ``bool``s, and
+    are refused where a number is checked). For the library's numeric parameters, which work like their
+    Python values; counts and seeds that go into records are refused with :func:`_int_hint` instead."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def _int_hint(value) -> str:
     """What a count or seed that is a whole number of another type (``np.int64(3)``) is told: torch and the
     records take Python ints, so it is refused with the way out rather than as no whole number."""

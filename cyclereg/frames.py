@@ -19,6 +19,7 @@ world z): :func:`zyx_grid_affine` is its voxel -> mm affine, and everything else
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,21 +30,58 @@ ALIGN_CORNERS = True
 
 
 # ----------------------------------------------------------------------------- voxel <-> grid
+def check_shape(name: str, shape) -> tuple[int, int, int]:
+    """``shape`` as three Python ints, :class:`ValueError` naming ``name`` unless it is three whole numbers
+    >= 1 (a grid of 0, -3 or 5.5 voxels is no grid)."""
+    sizes = tuple(shape)
+    if len(sizes) != 3 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+                                  for n in sizes):
+        raise ValueError(f"{name}: expected 3 spatial sizes (D, H, W), whole numbers >= 1, got {sizes}")
+    return tuple(int(n) for n in sizes)  # type: ignore[return-value]
+
+
+def check_spacing(name: str, spacing) -> tuple[float, float, float]:
+    """``spacing`` as three Python floats, :class:`ValueError` naming ``name`` unless it is three finite voxel
+    sizes > 0 mm (a zero size puts every point on one plane, a negative one mirrors)."""
+    try:
+        given = tuple(spacing)
+        sizes = tuple(float(v) for v in given if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        given, sizes = (spacing,), ()
+    if len(sizes) != 3 or len(given) != 3 or not all(math.isfinite(v) and v > 0 for v in sizes):
+        raise ValueError(f"{name}: expected 3 finite voxel sizes > 0 mm, got {given!r}")
+    return sizes  # type: ignore[return-value]
+
+
 def _sizes(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
-    if len(shape) != 3:
-        raise ValueError(f"shape: expected 3 spatial sizes (D, H, W), got {tuple(shape)}")
-    return torch.tensor([max(s - 1, 1) for s in shape], dtype=like.dtype, device=like.device)
+    return torch.tensor([max(s - 1, 1) for s in check_shape("shape", shape)], dtype=like.dtype, device=like.device)
+
+
+def require_tensor(name: str, value) -> None:
+    """:class:`TypeError` naming the argument ``name`` unless ``value`` is a :class:`torch.Tensor` (a NumPy
+    array is told the way in), :class:`ValueError` when it holds complex numbers: no coordinate,
+    displacement, distance or intensity here is complex, and torch would drop the imaginary part."""
+    if not isinstance(value, torch.Tensor):
+        kind = f"{type(value).__module__}.{type(value).__name__}".removeprefix("builtins.")
+        hint = " (give torch.from_numpy(value))" if isinstance(value, np.ndarray) else ""
+        raise TypeError(f"{name}: expected a torch.Tensor, got {kind}{hint}")
+    if value.is_complex():
+        raise ValueError(f"{name}: {value.dtype} values; complex numbers are no coordinates, displacements, "
+                         "distances or intensities")
 
 
 def check_points(name: str, points: torch.Tensor) -> None:
-    """:class:`ValueError` naming the argument ``name`` unless ``points`` is ``(..., 3)``."""
+    """:class:`ValueError` naming the argument ``name`` unless ``points`` is a real ``(..., 3)`` tensor
+    (:func:`require_tensor`)."""
+    require_tensor(name, points)
     if points.shape[-1:] != (3,):
         raise ValueError(f"{name}: expected (..., 3), got {tuple(points.shape)}")
 
 
 def check_displacement(name: str, field: torch.Tensor) -> None:
     """:class:`ValueError` naming the argument ``name`` unless ``field`` is a dense displacement
-    ``(B, 3, D, H, W)``."""
+    ``(B, 3, D, H, W)`` (a real tensor, :func:`require_tensor`)."""
+    require_tensor(name, field)
     if field.ndim != 5 or field.shape[1] != 3:
         raise ValueError(f"{name}: expected (B, 3, D, H, W), got {tuple(field.shape)}")
 
@@ -59,7 +97,7 @@ def inside_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torch.
     """``(...)`` bool: which voxel positions ``(..., 3)`` (i, j, k) lie within a grid of ``shape``, i.e. in
     some voxel of it (index ``-0.5 .. n - 0.5`` along every axis)."""
     check_points("points_vox", points_vox)
-    size = torch.as_tensor(shape, dtype=points_vox.dtype, device=points_vox.device)
+    size = torch.as_tensor(check_shape("shape", shape), dtype=points_vox.dtype, device=points_vox.device)
     return ((points_vox >= -0.5) & (points_vox <= size - 0.5)).all(dim=-1)
 
 
@@ -123,13 +161,16 @@ def _affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return A
 
 
+SINGULAR_AFFINE = "affine: singular (its voxel axes do not span 3D), it has no inverse"
+
+
 def _inverse_affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of :func:`_affine`'s matrix (inverted in float64), as ``dtype``; :class:`ValueError`
     naming ``affine`` when it is singular (a voxel axis of zero length, or two along one line)."""
     try:
         return torch.linalg.inv(_affine(affine, like, torch.float64)).to(dtype)
     except torch.linalg.LinAlgError:
-        raise ValueError("affine: singular (its voxel axes do not span 3D), it has no inverse") from None
+        raise ValueError(SINGULAR_AFFINE) from None
 
 
 def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -194,7 +235,7 @@ def centred_affine(shape: tuple[int, int, int], spacing_mm) -> torch.Tensor:
     with its axes along the array axes and its origin at the volume centre (voxel ``(shape - 1) / 2``)."""
     if len(tuple(shape)) != 3 or len(tuple(spacing_mm)) != 3:
         raise ValueError(f"shape, spacing_mm: expected 3 values each (i, j, k), got {tuple(shape)}, {tuple(spacing_mm)}")
-    S = torch.diag(torch.tensor([float(s) for s in spacing_mm], dtype=torch.float64))
+    S = torch.diag(torch.tensor(check_spacing("spacing_mm", spacing_mm), dtype=torch.float64))
     centre = (torch.tensor([float(n) for n in shape], dtype=torch.float64) - 1) / 2
     A = torch.eye(4, dtype=torch.float64)
     A[:3, :3], A[:3, 3] = S, -(S @ centre)
@@ -206,10 +247,13 @@ def world_map_to_voxel(A_mm: torch.Tensor, t_mm: torch.Tensor, affine: torch.Ten
     """The affine map ``x -> A_mm x + t_mm`` of world mm, written in the voxel indices of the grid
     with the 4x4 ``affine``: ``(A_vox (3, 3), b_vox (3,))`` with ``v -> A_vox v + b_vox`` equal to
     ``world_to_voxel(A_mm voxel_to_world(v) + t_mm)`` (float64)."""
-    M = torch.as_tensor(affine, dtype=torch.float64)
     W = torch.eye(4, dtype=torch.float64)
     W[:3, :3], W[:3, 3] = torch.as_tensor(A_mm, dtype=torch.float64), torch.as_tensor(t_mm, dtype=torch.float64)
-    V = torch.linalg.solve(M, W @ M)
+    M = _affine(affine, W, torch.float64)
+    try:
+        V = torch.linalg.solve(M, W @ M)
+    except torch.linalg.LinAlgError:
+        raise ValueError(SINGULAR_AFFINE) from None
     return V[:3, :3], V[:3, 3]
 
 
@@ -225,14 +269,17 @@ def half_width_voxels(radius_mm: float, spacing_mm) -> tuple[int, ...]:
     voxel size ``spacing_mm`` (per array axis, mm): ``radius_mm / spacing`` rounded to the nearest whole
     voxel, halves up (Python's ``round`` takes halves to even: on a 2 mm grid 3 and 5 mm both gave 2
     voxels, and 1 mm gave 0). A radius below half a voxel along an axis spans no neighbour there (0)."""
-    return tuple(int(math.floor(float(radius_mm) / float(s) + 0.5)) for s in spacing_mm)
+    if isinstance(radius_mm, bool) or not isinstance(radius_mm, numbers.Real) or not (
+            math.isfinite(radius_mm) and radius_mm >= 0):
+        raise ValueError(f"radius_mm: expected a finite radius >= 0 mm, got {radius_mm!r}")
+    return tuple(int(math.floor(float(radius_mm) / s + 0.5)) for s in check_spacing("spacing_mm", spacing_mm))
 
 
 def spacing_affine(spacing_mm) -> np.ndarray:
     """4x4 float64 voxel -> mm affine of headerless Learn2Reg voxel indices without a scan:
     ``mm = index * spacing`` (origin 0, index axes (i, j, k) along world x, y, z; ``spacing_mm`` per
-    axis, mm)."""
-    return np.diag([*(float(v) for v in spacing_mm), 1.0])
+    axis, mm; :class:`ValueError` naming it unless three finite sizes > 0)."""
+    return np.diag([*check_spacing("spacing_mm", spacing_mm), 1.0])
 
 
 def zyx_grid_affine(shape_zyx, spacing_zyx_mm) -> torch.Tensor:
@@ -280,7 +327,11 @@ class UnitBox:
 
     @staticmethod
     def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
-        """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side."""
+        """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side
+        (a finite fraction > -0.5: a box shrunk by half its size per side has none left)."""
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (
+                math.isfinite(margin) and margin > -0.5):
+            raise ValueError(f"margin: expected a finite fraction > -0.5 of the box size per side, got {margin!r}")
         for i, cloud in enumerate(clouds_mm):
             check_points(f"clouds_mm[{i}]", cloud)
         pts = torch.cat([c.reshape(-1, 3) for c in clouds_mm]).double() if clouds_mm else torch.zeros(0, 3)

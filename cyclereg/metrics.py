@@ -6,16 +6,20 @@ fixed -> moving.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 
-from cyclereg.frames import check_displacement, floating_dtype
+from cyclereg.frames import check_displacement, floating_dtype, require_tensor
 
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
     """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm (N >= 1, finite:
     :class:`ValueError` naming ``errors_mm`` otherwise; residual vectors ``(N, 3)`` are refused, not
     flattened, take their norms first)."""
+    require_tensor("errors_mm", errors_mm)
     if errors_mm.ndim != 1 or errors_mm.numel() == 0:
         raise ValueError(f"errors_mm: expected (N,) distances with N >= 1, got {tuple(errors_mm.shape)}")
     if not torch.isfinite(errors_mm).all():
@@ -29,9 +33,13 @@ def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two ``(N,)`` samples (Pearson correlation of their ranks;
     ties get distinct ranks in order of appearance, which is immaterial for continuous values).
-    NaN when either sample is constant or ``N < 2``."""
+    NaN when either sample is constant, holds NaN, or ``N < 2``."""
+    require_tensor("a", a)
+    require_tensor("b", b)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"a {tuple(a.shape)}, b {tuple(b.shape)}: expected two (N,) tensors")
+    if bool(a.isnan().any()) or bool(b.isnan().any()):  # argsort would rank NaN last, as the largest value
+        return float("nan")
     if a.numel() < 2 or a.unique().numel() < 2 or b.unique().numel() < 2:
         return float("nan")
     ranks = [torch.empty(x.numel(), dtype=torch.float64, device=x.device).index_put_(
@@ -203,11 +211,27 @@ def scored_labels(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, fixed
 def _labels_to_score(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels,
                      fixed_counts: torch.Tensor | None = None, warped_counts: torch.Tensor | None = None) -> list[int]:
     """``labels`` (default: the foreground labels present in both maps) less those absent from the fixed map
+    (:class:`ValueError` naming ``labels`` for a value that is no whole number: 1.5 is no label, and
+    ``True`` is no number)
     (``*_counts``: the maps' :func:`label_counts` where the caller has them)."""
     if labels is None:
         return scored_labels(fixed_labels, warped_labels, fixed_counts, warped_counts)
     counts = fixed_counts if fixed_counts is not None else label_counts(fixed_labels)
-    return [int(l) for l in labels if _present(counts, fixed_labels, int(l))]
+    return [l for l in _whole_labels(labels) if _present(counts, fixed_labels, l)]
+
+
+def _whole_labels(labels) -> list[int]:
+    """``labels`` (ints, NumPy ints, integer tensors, or whole floats as JSON gives them) as Python ints."""
+    out = []
+    for value in labels:
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+            value = value.item()
+        whole = (isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value)
+                                                         and float(value).is_integer()))
+        if isinstance(value, (bool, np.bool_)) or not whole:
+            raise ValueError(f"labels: {value!r} is no label (labels are whole numbers)")
+        out.append(int(value))
+    return out
 
 
 def erased_labels(warped_labels: torch.Tensor, labels) -> list[int]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cyclereg.checkpoint import atomic_write_bytes, atomic_write_text
-from cyclereg.errors import InputError, require_file
+from cyclereg.errors import InputError, _path, require_file
 from cyclereg.frames import spacing_affine, voxel_to_world, world_to_voxel
 
 HEADER = ("x_mm", "y_mm", "z_mm")
@@ -368,10 +368,22 @@ def format_csv(columns: dict[str, torch.Tensor | np.ndarray], *, precision: int 
     return buf.getvalue()
 
 
+def _points_array(points_mm) -> np.ndarray:
+    """``points_mm`` (a tensor, array or nested list) as a float64 ``(N, 3)`` array; :class:`ValueError`
+    naming ``points_mm`` for another shape (an ``(N, 4)`` row would lose its last column) or complex
+    values."""
+    pts = torch.as_tensor(points_mm).detach().cpu()
+    if pts.is_complex():
+        raise ValueError(f"points_mm: {pts.dtype} values; complex numbers are no coordinates")
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise ValueError(f"points_mm: expected (N, 3) points, got shape {tuple(pts.shape)}")
+    return pts.double().numpy()
+
+
 def points_csv(points_mm: torch.Tensor | np.ndarray) -> str:
     """``(N, 3)`` mm points as the text of a point CSV (header x_mm,y_mm,z_mm), as
     :func:`write_points` writes it."""
-    pts = np.asarray(torch.as_tensor(points_mm).detach().cpu(), dtype=np.float64)
+    pts = _points_array(points_mm)
     return format_csv({h: pts[:, i] for i, h in enumerate(HEADER)})
 
 
@@ -388,8 +400,8 @@ def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None =
     (headerless voxel indices on the grid of the scan's ``affine``, or without a scan of
     ``mm = index * spacing_mm``: what :func:`read_points` reads back with the same argument),
     ``npy``, ``ply`` or ``pcd``."""
-    p = Path(path)
-    pts = torch.as_tensor(points_mm).detach().cpu().double().numpy()
+    p = _path(path, "path")
+    pts = _points_array(points_mm)
     suffix = p.suffix.lstrip(".").lower()
     fmt = (fmt or ("csv" if suffix == "txt" else suffix) or "csv").lower()  # .txt reads back as csv: written so
     if fmt == "csv":

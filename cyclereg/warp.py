@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.frames import (ALIGN_CORNERS, check_displacement, crop_affine, fixed_to_moving_voxels, identity_grid,
+                             floating_dtype, require_tensor,
                              voxel_disp_to_grid_disp, voxel_to_grid)
 
 
@@ -15,6 +16,7 @@ SLAB_VOXELS = 1 << 23
 
 
 def _check(name: str, t: torch.Tensor, ndim: int) -> None:
+    require_tensor(name, t)
     if t.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim}-D tensor, got shape {tuple(t.shape)}")
 
@@ -121,7 +123,7 @@ def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: s
     images (labels) are sampled as floats and rounded back. Nearest-neighbour sampling of labels
     beyond what the grid's float type holds exactly (2^24 for float32) samples the index of each
     label among the map's values instead, so every label comes back unchanged."""
-    if not moving.dtype.is_floating_point and mode == "nearest" and moving.numel():
+    if not moving.dtype.is_floating_point and moving.dtype != torch.bool and mode == "nearest" and moving.numel():
         exact = int(2 / torch.finfo(grid.dtype).eps)  # every integer below it is a float of this type
         if int(moving.abs().max()) >= exact:
             values, index = torch.unique(torch.cat([moving.reshape(-1), moving.new_zeros(1)]), return_inverse=True)
@@ -172,8 +174,11 @@ def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
 
 def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of ``field`` ``(1, C, D, H, W)`` at voxel points ``(N, 3)`` -> ``(N, C)``."""
+    require_tensor("field", field)
+    require_tensor("points_vox", points_vox)
     if field.ndim != 5 or field.shape[0] != 1:
         raise ValueError(f"field: expected (1, C, D, H, W), got {tuple(field.shape)}")
+    field = field.to(floating_dtype(field))  # an integer field is sampled as numbers
     if points_vox.ndim != 2 or points_vox.shape[1] != 3:
         raise ValueError(f"points_vox: expected (N, 3), got {tuple(points_vox.shape)}")
     g = voxel_to_grid(points_vox.to(field.dtype), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)

@@ -11,10 +11,21 @@ back to ``u = A^{-1} (R^{-1} (f' + u' - c) - f')`` (:func:`displacements_back_re
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from cyclereg.frames import floating_dtype
+from cyclereg.frames import check_points, floating_dtype
+
+
+def _check_draw(dtype, ranges: dict[str, float]) -> None:
+    """:class:`ValueError` naming the argument unless ``dtype`` is floating (an integer matrix would be
+    truncated to zeros) and every range is a finite number."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating-point torch dtype for the matrix, got {dtype!r}")
+    for name, value in ranges.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def random_affine(generator: torch.Generator, rotation_deg: float, scale: float, translation: float,
@@ -22,7 +33,12 @@ def random_affine(generator: torch.Generator, rotation_deg: float, scale: float,
     """Random ``(A (3, 3), t (3,))``: rotations about x, y and z, each uniform in
     ``[-rotation_deg, rotation_deg]`` degrees, then one isotropic scale uniform in
     ``[1 - scale, 1 + scale]``, and a translation uniform in ``[-translation, translation]``
-    per axis (units of the points). Draws in float64 from ``generator`` (CPU), returns ``dtype``."""
+    per axis (units of the points). Draws in float64 from ``generator`` (CPU), returns ``dtype``
+    (floating). :class:`ValueError` naming the argument for a range that is not finite, or a ``scale`` of 1
+    or more (a factor of 0 or below collapses or mirrors the cloud)."""
+    _check_draw(dtype, {"rotation_deg": rotation_deg, "scale": scale, "translation": translation})
+    if abs(scale) >= 1:
+        raise ValueError(f"scale: expected a range below 1 (factors in [1 - scale, 1 + scale] stay > 0), got {scale!r}")
     ang = (torch.rand(3, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(rotation_deg)
     c, s = torch.cos(ang), torch.sin(ang)
     one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
@@ -38,7 +54,8 @@ def random_relative_affine(generator: torch.Generator, std: float, dtype=torch.f
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``(R (3, 3), c (3,))`` near the identity: ``R = I + std N`` and ``c = std n`` with every
     entry of ``N`` and ``n`` standard normal (a general affine map, shear included; ``c`` in units of
-    the points). Draws in float64 from ``generator`` (CPU), returns ``dtype``."""
+    the points). Draws in float64 from ``generator`` (CPU), returns ``dtype`` (floating; ``std`` finite)."""
+    _check_draw(dtype, {"std": std})
     R = torch.eye(3, dtype=torch.float64) + std * torch.randn(3, 3, generator=generator, dtype=torch.float64)
     c = std * torch.randn(3, generator=generator, dtype=torch.float64)
     return R.to(dtype), c.to(dtype)
@@ -47,13 +64,30 @@ def random_relative_affine(generator: torch.Generator, std: float, dtype=torch.f
 def apply_affine(points: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x -> A x + t`` for points ``(N, 3)`` (``A``, ``t`` moved to the points' device/dtype; integer
     points are computed in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`)."""
+    check_points("points", points)
     points = points.to(floating_dtype(points))
     return points @ A.T.to(points) + t.to(points)
 
 
+def _working(disp: torch.Tensor) -> torch.Tensor:
+    """``disp`` in a dtype :func:`torch.linalg.inv` works in: float32 / float64 as given, half precision in
+    float32, integers in torch's default float dtype (:func:`cyclereg.frames.floating_dtype`)."""
+    check_points("disp", disp)
+    if disp.dtype in (torch.float16, torch.bfloat16):
+        return disp.float()
+    return disp.to(floating_dtype(disp))
+
+
+def _as_given(out: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """``out`` back in ``disp``'s dtype where that is floating (integers stay in the float dtype)."""
+    return out.to(disp.dtype) if disp.is_floating_point() else out
+
+
 def displacements_back(disp: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Displacements ``(N, 3)`` predicted on ``A x + t`` mapped back to the frame of ``x``."""
-    return disp @ torch.linalg.inv(A.to(disp)).T
+    """Displacements ``(N, 3)`` predicted on ``A x + t`` mapped back to the frame of ``x`` (in ``disp``'s
+    dtype, computed in float32 for half precision; integer displacements give floats)."""
+    work = _working(disp)
+    return _as_given(work @ torch.linalg.inv(A.to(work)).T, disp)
 
 
 def displacements_back_relative(disp: torch.Tensor, fixed: torch.Tensor, A: torch.Tensor, R: torch.Tensor,
@@ -62,6 +96,7 @@ def displacements_back_relative(disp: torch.Tensor, fixed: torch.Tensor, A: torc
     moving cloud transformed by ``y -> R (A y + t) + c``, mapped back to the original pair's frame:
     ``A^{-1} (R^{-1} (fixed + disp - c) - fixed)`` (with ``R = I``, ``c = 0``:
     :func:`displacements_back`)."""
-    R, c = R.to(disp), c.to(disp)
-    in_moving = (fixed + disp - c) @ torch.linalg.inv(R).T  # the moving point in the once-transformed frame
-    return displacements_back(in_moving - fixed, A)
+    work = _working(disp)
+    fixed, R, c = fixed.to(work), R.to(work), c.to(work)
+    in_moving = (fixed + work - c) @ torch.linalg.inv(R).T  # the moving point in the once-transformed frame
+    return _as_given(displacements_back(in_moving - fixed, A), disp)

@@ -16,6 +16,7 @@ from torch_geometric.nn import EdgeConv
 from torch_geometric.nn.aggr import Aggregation
 
 from cyclereg.clouds.knn import knn_edge_index
+from cyclereg.frames import require_tensor
 
 
 def pyg_template_files() -> list[str]:
@@ -146,6 +147,7 @@ class GraphFeatureNet(nn.Module):
                                   nn.Linear(config.out_channels, config.out_channels))
 
     def forward(self, points: torch.Tensor, k: int, edge_index: torch.Tensor | None = None) -> torch.Tensor:
+        require_tensor("points", points)
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"points: expected (N, 3), got {tuple(points.shape)}")
         weights = next(iter(self.parameters()), None)

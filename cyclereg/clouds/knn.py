@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from cyclereg.frames import floating_dtype
+from cyclereg.frames import floating_dtype, require_tensor
 
 KNN_CHUNK_BYTES_CPU = 2**20
 """On CPU, the bytes of distance matrix computed and searched at once: a piece that stays in
@@ -49,6 +49,8 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
     searched in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`). An empty query
     gives ``(0, k)``. :class:`ValueError` naming the argument otherwise.
     """
+    require_tensor("query", query)
+    require_tensor("reference", reference)
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
     if query.dtype != reference.dtype:

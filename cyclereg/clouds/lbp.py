@@ -21,6 +21,7 @@ import torch
 from cyclereg.clouds import native
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 from cyclereg.errors import finite_number, whole_number
+from cyclereg.frames import require_tensor
 
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution off the CPU (memory: chunk x K x K floats)."""
@@ -119,8 +120,13 @@ def candidates(fixed: torch.Tensor, moving: torch.Tensor, k: int,
     ``idx``: those moving indices ``(N, K)`` if already known (the search is then skipped).
     """
     k = candidate_count(k, moving.shape[0])
-    if centres is not None and centres.shape != fixed.shape:
-        raise ValueError(f"centres {tuple(centres.shape)}: expected {tuple(fixed.shape)} like fixed")
+    if centres is not None:
+        require_tensor("centres", centres)
+        if centres.shape != fixed.shape:
+            raise ValueError(f"centres {tuple(centres.shape)}: expected {tuple(fixed.shape)} like fixed")
+        if (centres.dtype, centres.device) != (fixed.dtype, fixed.device):
+            raise ValueError(f"centres: {centres.dtype} on {centres.device}, but fixed: {fixed.dtype} on "
+                             f"{fixed.device}; give them alike")
     if idx is None:
         idx = knn_indices(fixed if centres is None else centres, moving, k)
     elif idx.shape != (fixed.shape[0], k):
@@ -310,6 +316,7 @@ def _check_lbp_inputs(fixed: torch.Tensor, moving: torch.Tensor,
     and every ``(feat_fixed (N, C), feat_moving (M, C))`` are of one dtype and device (shape checks only:
     they turn calls that would fail inside torch into a message naming the argument)."""
     for name, pts in (("fixed", fixed), ("moving", moving)):
+        require_tensor(name, pts)
         if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
             raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(pts.shape)}")
     like = (fixed.dtype, fixed.device)
@@ -317,6 +324,7 @@ def _check_lbp_inputs(fixed: torch.Tensor, moving: torch.Tensor,
         raise ValueError(f"moving: {moving.dtype} on {moving.device}, but fixed: {fixed.dtype} on {fixed.device}")
     for i, (ff, fm) in enumerate(features):
         for name, feat, n in ((f"features[{i}][0]", ff, fixed.shape[0]), (f"features[{i}][1]", fm, moving.shape[0])):
+            require_tensor(name, feat)
             if feat.ndim != 2 or feat.shape[0] != n:
                 raise ValueError(f"{name}: expected ({n}, C), one row per point, got {tuple(feat.shape)}")
             if (feat.dtype, feat.device) != like:

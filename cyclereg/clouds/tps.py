@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cyclereg.errors import finite_number, whole_number
-from cyclereg.frames import floating_dtype
+from cyclereg.frames import floating_dtype, require_tensor
 
 PLANAR_TOLERANCE = 1e-6
 """A cloud spans no volume (all on one plane or line) when its smallest centred singular value is at most
@@ -103,12 +103,16 @@ class ThinPlateSpline:
 
         ``regularisation``: lambda, one for all points, or ``(N,)`` per point (a point with a
         larger lambda is followed less closely; 0 interpolates it)."""
+        require_tensor("centres", centres)
+        require_tensor("values", values)
         if centres.ndim != 2 or centres.shape[1] != 3:
             raise ValueError(f"centres: expected (N, 3), got {tuple(centres.shape)}")
         if values.ndim != 2 or values.shape[0] != centres.shape[0]:
             raise ValueError(f"values: expected ({centres.shape[0]}, C), got {tuple(values.shape)}")
         c = centres.double()
         n = c.shape[0]
+        if isinstance(regularisation, bool):  # True would be lambda 1
+            raise ValueError(f"regularisation: expected a number or ({n},) lambdas, got {regularisation!r}")
         if isinstance(regularisation, torch.Tensor):
             if regularisation.shape != (n,):
                 raise ValueError(f"regularisation: expected a number or ({n},), got {tuple(regularisation.shape)}")

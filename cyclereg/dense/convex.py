@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.dense.config import ConvexConfig
-from cyclereg.errors import finite_number, whole_number
-from cyclereg.frames import check_displacement, voxel_coordinates, voxel_to_grid
+from cyclereg.errors import finite_number, python_number, require_count, whole_number
+from cyclereg.frames import check_displacement, floating_dtype, voxel_coordinates, voxel_to_grid
 from cyclereg.warp import sample_grid, warp
 
 
@@ -69,6 +69,8 @@ def box_smooth(x: torch.Tensor, kernel: int = 3, passes: int = 1) -> torch.Tenso
     is 1.4-1.5x faster (docs/benchmarks.md, "Box filters as running sums")."""
     if x.ndim != 5:
         raise ValueError(f"x: expected (B, C, D, H, W), got {tuple(x.shape)}")
+    kernel = require_count("kernel", python_number(kernel), 1)
+    passes = require_count("passes", python_number(passes), 0)
     if kernel % 2 == 0:
         raise ValueError(f"box_smooth: kernel must be odd (an even box filter shifts by half a voxel), got {kernel}")
     if kernel <= 1:
@@ -86,7 +88,9 @@ def standardize(feat: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 def displacement_set(radius: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The ``(2r+1)^3`` candidate displacements ``(K, 3)`` in (i, j, k) order, i slowest."""
+    """The ``(2r+1)^3`` candidate displacements ``(K, 3)`` in (i, j, k) order, i slowest (``radius``: whole
+    voxels, 0 or more)."""
+    radius = require_count("radius", python_number(radius), 0)
     r = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
 
@@ -175,8 +179,10 @@ def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: fl
     rescaled by ``1 / ratio``; positions outside the source are clamped (border).
     """
     check_displacement("disp", disp)
+    ratio = python_number(ratio)
     if not (finite_number(ratio) and ratio > 0):
         raise ValueError(f"ratio: expected a voxel size ratio > 0, got {ratio!r}")
+    disp = disp.to(floating_dtype(disp))  # an integer field is resampled as numbers
     src_shape = tuple(disp.shape[2:])
     pts = voxel_coordinates(tuple(out_shape), device=disp.device, dtype=disp.dtype) * ratio
     grid = voxel_to_grid(pts, src_shape).unsqueeze(0).expand(disp.shape[0], -1, -1, -1, -1)
@@ -187,6 +193,7 @@ def upsample_field(disp: torch.Tensor, factor: int, out_shape: tuple[int, int, i
     """Upsample a coarse field by ``factor`` (a power of 2) in 2x steps, smoothing after
     each intermediate step (``cfg.upsample_smooth_passes`` box filters), to ``out_shape``
     (:class:`ValueError` naming ``factor`` when it is no power of 2: the 2x steps could not reach it)."""
+    factor = python_number(factor)
     if not whole_number(factor) or factor < 1 or factor & (factor - 1):
         raise ValueError(f"factor: expected a power of 2 (1, 2, 4, ...), got {factor!r}")
     if factor == 1 and tuple(disp.shape[2:]) != tuple(out_shape):  # no 2x step would reach out_shape

@@ -22,7 +22,8 @@ from cyclereg.dense.convex import (coupled_convex, correlate, inverse_consistenc
                                    upsample_field)
 from cyclereg.dense.instance import adam_refine
 from cyclereg.dense.network import FeatureNet
-from cyclereg.errors import whole_number
+from cyclereg.errors import python_number, whole_number
+from cyclereg.frames import require_tensor
 from cyclereg.metrics import SDLOGJ_MIN_SIZE
 from cyclereg.warp import compose, warp
 
@@ -30,6 +31,7 @@ from cyclereg.warp import compose, warp
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Replicate-pad ``(B, C, D, H, W)`` at the far end of each axis to multiples of ``multiple``
     (voxel indices of the original voxels are unchanged)."""
+    multiple = python_number(multiple)
     if not whole_number(multiple) or multiple < 1:
         raise ValueError(f"multiple: expected a whole number >= 1, got {multiple!r}")
     pads = []
@@ -56,8 +58,11 @@ def _check_pair(fixed: torch.Tensor, moving: torch.Tensor, cfg: DensePipelineCon
     """:class:`ValueError` naming the argument unless both images are ``(B, C, D, H, W)`` on one grid, of the
     network's dtype and device (a float64 or integer image met the float32 convolution as a torch error)."""
     for name, image in (("fixed", fixed), ("moving", moving)):
+        require_tensor(name, image)
         if image.ndim != 5:
             raise ValueError(f"{name}: expected (B, C, D, H, W), got {tuple(image.shape)}")
+        if image.shape[0] == 0:
+            raise ValueError(f"{name}: an empty batch {tuple(image.shape)}; give at least one image")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share one grid")
     weights = next(iter(net.parameters()), None)

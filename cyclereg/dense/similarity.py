@@ -14,12 +14,21 @@ Both work on preprocessed images ``(B, 1, D, H, W)`` on one grid and return a sc
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
+from cyclereg.errors import python_number, require_count
+from cyclereg.frames import require_tensor
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Image dtypes the losses compute in float32 (CPU pooling has no half-precision kernels), answering in
+the fixed image's dtype."""
+
 
 def _check(name: str, x: torch.Tensor) -> None:
+    require_tensor(name, x)
     if x.ndim != 5 or x.shape[1] != 1:
         raise ValueError(f"{name}: expected (B, 1, D, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():  # local means of integers would be floored by average pooling
@@ -33,6 +42,13 @@ def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:
     _check("warped", warped)
     if warped.shape != fixed.shape:
         raise ValueError(f"warped: shape {tuple(warped.shape)} differs from fixed's {tuple(fixed.shape)}")
+
+
+def _working(fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images in float32 where either is of :data:`LOW_PRECISION`, else as given."""
+    if fixed.dtype in LOW_PRECISION or warped.dtype in LOW_PRECISION:
+        return fixed.float(), warped.float()
+    return fixed, warped
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -92,10 +108,14 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
 
 
 def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """Mean squared difference of MIND-SSC descriptors (0 for identical images)."""
+    """Mean squared difference of MIND-SSC descriptors (0 for identical images; ``radius`` >= 0 and
+    ``dilation`` >= 1 whole voxels: a dilation of 0 compares every voxel with itself)."""
     _check_pair(fixed, warped)
-    return (mind_ssc(fixed, radius=radius, dilation=dilation)
-            - mind_ssc(warped, radius=radius, dilation=dilation)).pow(2).mean()
+    radius = require_count("radius", python_number(radius), 0)
+    dilation = require_count("dilation", python_number(dilation), 1)
+    f, w = _working(fixed, warped)
+    loss = (mind_ssc(f, radius=radius, dilation=dilation) - mind_ssc(w, radius=radius, dilation=dilation)).pow(2).mean()
+    return loss.to(fixed.dtype)
 
 
 def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps: float = 1e-5) -> torch.Tensor:
@@ -105,11 +125,18 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     slope, up to 2 for a negated image, where the local variances are large against ``eps``
     (an absolute constant in squared intensity units: for intensities scaled to about [0, 1] two
     identical images score below 1e-3; for intensities of 0.01 the windows are dominated by ``eps``).
+    ``radius`` >= 1 whole voxels (a window of one voxel has no variance), ``eps`` finite and > 0.
     """
     _check_pair(fixed, warped)
+    radius = require_count("radius", python_number(radius), 1)
+    eps = python_number(eps)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
+    out_dtype = fixed.dtype
+    fixed, warped = _working(fixed, warped)
     mf, mw = box_mean(fixed, radius), box_mean(warped, radius)
     cov = box_mean(fixed * warped, radius) - mf * mw
     vf = (box_mean(fixed * fixed, radius) - mf * mf).clamp_min(0)
     vw = (box_mean(warped * warped, radius) - mw * mw).clamp_min(0)
     ncc = cov / torch.sqrt(vf * vw + eps)
-    return 1.0 - ncc.mean()
+    return (1.0 - ncc.mean()).to(out_dtype)

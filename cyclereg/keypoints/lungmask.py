@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from cyclereg.frames import SINGULAR_AFFINE
+
 DEFAULT_AIR_THRESHOLD_HU = -400.0
 """Lung parenchyma is about -900 to -500 HU; soft tissue is above -100 HU."""
 
@@ -124,8 +126,24 @@ BODY_STRIDE = 2
 along the two in-plane axes and upsampled by repetition (four times fewer voxels)."""
 
 
+def _check_scan(ct_hu, affine) -> tuple[np.ndarray, np.ndarray]:
+    """``ct_hu`` and ``affine`` as arrays; :class:`ValueError` naming the argument unless the CT is a
+    ``(D, H, W)`` volume and the affine a finite, invertible 4x4 voxel -> mm matrix."""
+    ct = np.asarray(ct_hu)
+    if ct.ndim != 3:
+        raise ValueError(f"ct_hu: expected a (D, H, W) volume, got shape {ct.shape}")
+    A = np.asarray(affine, dtype=np.float64)
+    if A.shape != (4, 4) or not np.isfinite(A).all():
+        raise ValueError(f"affine: expected a finite 4x4 voxel -> mm matrix, got shape {A.shape}"
+                         + ("" if A.shape != (4, 4) else " holding NaN or inf"))
+    if np.linalg.matrix_rank(A[:3, :3]) < 3:
+        raise ValueError(SINGULAR_AFFINE)
+    return ct, A
+
+
 def body_mask(ct_hu: np.ndarray, affine: np.ndarray, config: LungMaskConfig = LungMaskConfig()) -> np.ndarray:
     """Filled body mask ``(D, H, W)`` bool of a CT in HU (see the module doc)."""
+    ct_hu, affine = _check_scan(ct_hu, affine)
     axial = axial_axis(affine)
     step = [1 if a == axial else BODY_STRIDE for a in range(3)]
     coarse = np.asarray(ct_hu)[tuple(slice(None, None, s) for s in step)] > config.body_threshold_hu
@@ -140,10 +158,11 @@ def lung_mask(ct_hu: np.ndarray, affine: np.ndarray, config: LungMaskConfig = Lu
     """Lung mask ``(D, H, W)`` bool of a CT ``(D, H, W)`` in HU with its NIfTI ``affine``.
 
     Returns an all-false mask when no lung-like air is found (the caller decides how to
-    report it).
+    report it). :class:`ValueError` naming ``ct_hu`` / ``affine`` for a CT that is no volume or an
+    affine that is not finite and invertible.
     """
-    ct_hu = np.asarray(ct_hu)
-    spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+    ct_hu, affine = _check_scan(ct_hu, affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     out = np.zeros(ct_hu.shape, dtype=bool)
     body = body_mask(ct_hu, affine, config)
     if not body.any():
