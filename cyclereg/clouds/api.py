@@ -742,6 +742,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                                 device=dev, overrides=overrides, trained=trained, paths=used)
     checkpoints = {("all" if k is None else str(k)): checkpoint_provenance(path) for k, path in sorted(
         used.items(), key=lambda item: -1 if item[0] is None else item[0])}
+    for k, (_, cfg) in models.items():  # each fold's pairs are registered with its own model's configuration
+        if ("all" if k is None else str(k)) in checkpoints:
+            checkpoints["all" if k is None else str(k)]["config"] = cfg
     if spread and (not models or any(cfg.ensemble_size < 2 for _, cfg in models.values())):
         raise InputError("--spread needs ensemble models (cyclereg ensemble): the disagreement of their members"
                          + ("" if models else "; the identity has none"), run if run is not None else model)
@@ -817,7 +820,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
         "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
         "mean_seconds": mean("seconds"), "mean_scoring_seconds": mean("scoring_seconds"),
-        "config": default_config if not models else next(iter(models.values()))[1],
+        "config": _shared_config(models, default_config),
         "checkpoints": checkpoints,
         **({"pairs_in_training": sorted(in_training)} if one_model else {}),
         "without_landmarks": without_landmarks,
@@ -898,6 +901,16 @@ def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: 
         if str(model) != "random":
             paths[None] = Path(model)
     return models
+
+
+def _shared_config(models: dict, default: CloudRegConfig) -> CloudRegConfig | None:
+    """The registration configuration a report records at its top: the one every model has (``default``
+    without models), ``None`` where the fold models differ (each fold's training box is its own unless the
+    dataset gives a volume box); each checkpoint's entry records its own either way."""
+    configs = [cfg for _, cfg in models.values()]
+    if not configs:
+        return default
+    return configs[0] if all(cfg == configs[0] for cfg in configs) else None
 
 
 def checkpoint_provenance(path: Path) -> dict:

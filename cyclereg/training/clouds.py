@@ -261,6 +261,11 @@ class CloudCycleTask:
         self.device = device
         self._graphs: dict[str, PairGraphs] = {}
 
+    def ran_on(self, stage: int) -> dict:
+        """:meth:`~cyclereg.training.scheduler.StageTask.ran_on`: the device; clouds train in float32
+        (stage 0 trains nothing: ``None``)."""
+        return {"device": str(self.device), "training_precision": "float32" if stage >= 1 else None}
+
     def pair_graphs(self, pair: CloudPairData) -> PairGraphs:
         """The kNN graphs of ``pair``'s whole clouds (on the task's device), built on first use.
 

@@ -277,6 +277,18 @@ class DenseCycleTask:
             return None
         return {self.pair_id(k): (1, 3, *self.label_shape) for k in range(len(self.pairs))}
 
+    def _autocast(self) -> tuple[bool, bool]:
+        """``(float16 autocast, bfloat16 autocast)`` of training on the task's device: ``amp`` acts on CUDA
+        only, ``cpu_bf16`` on the CPU only."""
+        return self.config.amp and self.device.type == "cuda", self.config.cpu_bf16 and self.device.type == "cpu"
+
+    def ran_on(self, stage: int) -> dict:
+        """:meth:`~cyclereg.training.scheduler.StageTask.ran_on`: the device, and the training precision
+        (stage 0 trains nothing: ``None``)."""
+        fp16, bf16 = self._autocast()
+        precision = "float16 autocast" if fp16 else "bfloat16 autocast" if bf16 else "float32"
+        return {"device": str(self.device), "training_precision": precision if stage >= 1 else None}
+
     def new_model(self, stage: int) -> FeatureNet:
         # stage 1 starts from a different random initialisation than stage 0 (paper Sec. 2.2)
         with torch.random.fork_rng(devices=[]):  # torch's default layer initialisation, replaced: leave the caller's RNG be
@@ -395,8 +407,7 @@ class DenseCycleTask:
         g = training_generator(cfg.seed, stage)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations, eta_min=cfg.lr_min)
-        use_amp = cfg.amp and self.device.type == "cuda"
-        use_bf16 = cfg.cpu_bf16 and self.device.type == "cpu"
+        use_amp, use_bf16 = self._autocast()
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         w = torch.tensor([weights.get(self.pair_id(k), 1.0) for k in range(len(self.pairs))], dtype=torch.float64)
         start, losses = 0, []

@@ -69,6 +69,11 @@ class StageTask(Protocol):
         With a ``snapshot``, the loop first restores it (:meth:`StageSnapshot.restore`) and
         offers one at every step boundary (:meth:`StageSnapshot.offer`)."""
 
+    def ran_on(self, stage: int) -> dict:
+        """Where stage ``stage`` computes, for its ``log.jsonl`` line: ``{"device": "cpu" | "cuda:0" | ...,
+        "training_precision": ...}`` (results depend on both; a run resumed elsewhere logs each stage's
+        own). Optional: the scheduler logs nothing of it where a task lacks it."""
+
     def label_change_mm(self, old: dict, new: dict) -> float | None:
         """Mean distance [mm] between the pseudo labels ``old`` (stage ``t - 1``) and ``new``
         (stage ``t``) over the pairs both hold (per pair the mean over its points or voxels,
@@ -594,6 +599,11 @@ class StageScheduler:
         change = measure(old, new)
         return None if change is None else float(change)
 
+    def _ran_on(self, stage: int) -> dict:
+        """The task's :meth:`StageTask.ran_on` of ``stage`` (``{}`` where it has none)."""
+        ran_on = getattr(self.task, "ran_on", None)
+        return ran_on(stage) if ran_on is not None else {}
+
     def _log(self, record: dict) -> None:
         path = self.dir / "log.jsonl"
         old = path.read_text() if path.exists() else ""
@@ -768,7 +778,7 @@ class StageScheduler:
         labels, info = self.task.make_pseudo_labels(model, 0, progress, parts=parts)
         seconds = time.perf_counter() - t0
         report = self.hook(0, model) if self.hook is not None else {}
-        record = {"stage": 0, "seconds": seconds, **info["stats"], **report}
+        record = {"stage": 0, "seconds": seconds, **self._ran_on(0), **info["stats"], **report}
         self._save_labels(0, labels, info["weights"], record)
         parts.clear()
         self._finish(record, progress)
@@ -837,7 +847,7 @@ class StageScheduler:
             seconds = train_stats.get("train_seconds", t_labels - t0) + now - t_labels
             report = self.hook(stage, model) if self.hook is not None else {}
             change = self._label_change(stage, labels, new_labels)
-            record = {"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **train_stats,
+            record = {"stage": stage, "seconds": seconds, "seconds_this_run": now - t0, **self._ran_on(stage), **train_stats,
                       **info["stats"], **({"pseudo_label_change_mm": change} if change is not None else {}),
                       **report}
             self._save_labels(stage, new_labels, info["weights"], record)
