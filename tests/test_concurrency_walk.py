@@ -15,7 +15,10 @@ The project's rules (``cyclereg/training/api.py`` RUN_LOCK, ``cyclereg/checkpoin
 other folds of the run may be worked on meanwhile; ``run.json`` is read and rewritten under the run's
 lock (waited for); readers (``status``, ``evaluate --run``) take no lock; a command's output files reach
 their place as one set. Handled cases that no other test covers come first; the mishandled ones follow,
-each as a strict xfail naming the bug.
+each as a strict xfail naming the bug: a ``pretrain-random`` of another fold refused when a concurrent one
+made the run meanwhile; ``cycle`` advising pretrain-random for a fold another command is labelling;
+``register`` output sets unlocked (two at once can leave a mixed folder); ``status`` calling a live fold
+stopped between a stage's log line and its final.pt.
 """
 
 from __future__ import annotations
@@ -155,6 +158,31 @@ def test_pretrain_random_twice_into_one_new_run_refuses_the_second(labelled, tmp
         assert f"{run / 'fold1'}: another cyclereg command (pretrain-random or cycle) is working on this fold (1)" \
             in said, said
     assert not (run / "fold1" / "pseudo0.pt").exists() and not (run / "fold2" / "pseudo0.pt").exists()
+
+
+def test_a_run_whose_lock_cannot_be_opened_is_one_line_and_readers_still_read(labelled, tmp_path, monkeypatch):
+    """A run directory this user may not write (played by refusing to open its lock files for writing: the
+    audit ran as root, for whom chmod does not bite): ``cycle`` stops with one line naming the lock file,
+    exit 2, nothing written; ``status`` takes no lock and reads the run."""
+    import errno
+
+    ds, made = labelled
+    run = _copy(made, tmp_path / "run")
+    real = os.open
+
+    def denied(path, flags, *args, **kwargs):
+        if Path(path).name == RUN_LOCK and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)
+
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    monkeypatch.setattr(os, "open", denied)
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run)])
+    assert res.exit_code == 2 and res.output == f"cyclereg: error: {run / 'fold1' / RUN_LOCK}: Permission denied\n", \
+        res.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    res = runner.invoke(app, ["status", str(run)])
+    assert res.exit_code == 0, res.output
 
 
 # ----------------------------------------------------------------------------- mishandled (bugs)
