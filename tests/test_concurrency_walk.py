@@ -14,8 +14,8 @@ The project's rules (``cyclereg/training/api.py`` RUN_LOCK, ``cyclereg/checkpoin
 ``pretrain-random`` / ``cycle`` on a fold being worked on stops at once with one line naming the fold;
 other folds of the run may be worked on meanwhile; ``run.json`` is read and rewritten under the run's
 lock (waited for); readers (``status``, ``evaluate --run``) take no lock; a command's output files reach
-their place as one set. Handled cases that no other test covers come first; the mishandled ones follow,
-each as a strict xfail naming the bug: a ``pretrain-random`` of another fold refused when a concurrent one
+their place as one set. Handled cases that no other test covers come first; the mishandled ones follow
+(strict xfails naming the bug until they were mended): a ``pretrain-random`` of another fold refused when a concurrent one
 made the run meanwhile; ``cycle`` advising pretrain-random for a fold another command is labelling;
 ``register`` output sets unlocked (two at once can leave a mixed folder); ``status`` calling a live fold
 stopped between a stage's log line and its final.pt.
@@ -188,9 +188,6 @@ def test_a_run_whose_lock_cannot_be_opened_is_one_line_and_readers_still_read(la
 # ----------------------------------------------------------------------------- mishandled (bugs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a pretrain-random of another fold that starts before a concurrent "
-                   "pretrain-random creates run.json is refused under the lock as 'made with another configuration "
-                   "(seed: 5 -> 0)' although no seed was given; run after it, it takes the run's seed and succeeds")
 def test_pretrain_random_of_another_fold_takes_a_run_made_meanwhile(labelled, tmp_path):
     """``pretrain-random --fold 2`` (no ``--seed``) checks the new run directory, then, before it takes its
     locks, another ``pretrain-random --fold 1 --seed 5`` makes the run. Run one after the other, the second
@@ -216,9 +213,6 @@ def test_pretrain_random_of_another_fold_takes_a_run_made_meanwhile(labelled, tm
     assert json.loads((run / "run.json").read_text())["config"]["seed"] == 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cycle checks for stage-0 labels before it takes the fold locks, so "
-                   "while pretrain-random is still labelling fold 2 it says 'fold 2: no stage-0 pseudo labels; run "
-                   "pretrain-random ... --fold 2 first' (which then fails as busy) instead of naming the other command")
 @pytest.mark.parametrize("folds", ["all", "2"])
 def test_cycle_while_pretrain_random_labels_a_fold_names_the_other_command(labelled, tmp_path, folds):
     """``cycle`` started while ``pretrain-random`` labels fold 2 (its lock held, no pseudo0.pt yet): one line
@@ -235,9 +229,6 @@ def test_cycle_while_pretrain_random_labels_a_fold_names_the_other_command(label
         in said, said
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register's output set is not locked: a second register into the same "
-                   "-o folder that moves its set in between the first one's stale-output check and its move-in leaves "
-                   "its query_displacements.csv beside the first one's config.json, which does not list it")
 def test_two_registers_into_one_folder_leave_one_commands_set(pair_files):
     """``register f m -o OUT`` and, at the same time, ``register f m --query q -o OUT``: whichever ends last,
     OUT holds exactly the files its config.json lists (one command's set), as after two runs in turn.
@@ -282,9 +273,6 @@ def test_two_registers_into_one_folder_leave_one_commands_set(pair_files):
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".lock")) == sorted([*listed, "config.json"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: status (and evaluate --run's note) takes no look at the fold's lock, so "
-                   "in the moment between a stage's log line and its final.pt a live cycle is reported as 'stopped just "
-                   "after them; the same cycle command writes it'")
 def test_status_does_not_call_a_fold_stopped_while_a_command_works_on_it(labelled, tmp_path, monkeypatch):
     """``status`` read while ``cycle`` (holding the fold's lock) has logged stage 1 and not yet copied its
     checkpoint to final.pt: the run is live, so the 'next' text must not say it stopped there."""

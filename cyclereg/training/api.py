@@ -26,7 +26,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -390,14 +390,38 @@ def pretrain_random(dataset: Path, run: Path, *, seed: int | None = None, fold: 
     require_count("--val-pairs", val_pairs, 0)
     require_count("--jobs", jobs, 1)
     if kind == "keypoints":
-        return _cloud_pretrain(dataset, Path(run), seed=seed, fold=fold, device=device, config=config,
-                               options=_only(kind, CLOUD_OPTIONS, options), val_pairs=val_pairs, jobs=jobs)
+        return _made_meanwhile_once(lambda: _cloud_pretrain(
+            dataset, Path(run), seed=seed, fold=fold, device=device, config=config,
+            options=_only(kind, CLOUD_OPTIONS, options), val_pairs=val_pairs, jobs=jobs))
     if fold not in (None, "all"):
         raise InputError("--fold: volume datasets have no folds", dataset)
     if jobs != 1:
         raise InputError("--jobs: volume datasets have one training set (no folds to share out)", dataset)
-    return _dense_pretrain(dataset, Path(run), seed=seed, device=device, config=config, val_pairs=val_pairs,
-                           options=_only(kind, DENSE_OPTIONS, options))
+    return _made_meanwhile_once(lambda: _dense_pretrain(
+        dataset, Path(run), seed=seed, device=device, config=config, val_pairs=val_pairs,
+        options=_only(kind, DENSE_OPTIONS, options)))
+
+
+class _RunMadeMeanwhile(Exception):
+    """Raised under the run lock by a ``pretrain-random`` that found no run.json when it started and finds
+    one now (another command made the run meanwhile): it starts again, to take the run's values as a
+    command started after the other one would."""
+
+
+def _made_meanwhile_once(pretrain: Callable[[], Path]) -> Path:
+    """``pretrain()``, started once more if it raised :class:`_RunMadeMeanwhile` (its locks are released
+    by then; the second start finds the run.json, so it does not raise it again)."""
+    try:
+        return pretrain()
+    except _RunMadeMeanwhile:
+        return pretrain()
+
+
+def _refuse_run_made_meanwhile(run: Path, stored) -> None:
+    """:class:`_RunMadeMeanwhile` when the command started without a run (``stored`` None) and, under the
+    run lock now, run.json exists."""
+    if stored is None and (run / "run.json").exists():
+        raise _RunMadeMeanwhile()
 
 
 def stage0_labelled(run: Path) -> set[str]:
@@ -557,6 +581,7 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
     run.mkdir(parents=True, exist_ok=True)
     with fold_locks(run, folds):
         with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
+            _refuse_run_made_meanwhile(run, stored)
             meta = _prepare_run(run, meta, lambda: _check_cloud_run(run, ds, config, ident),
                                 stages_given="stages" in options, quiet=True)
             write_json(run / "run.json", meta)
@@ -629,13 +654,18 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     stages = config.stages if stages is None else stages
     dev = resolve_device(device)
     selected = select_folds(ds, folds, "--folds")
-    for k in selected:
-        if not (fold_dir(run, k) / "pseudo0.pt").is_file():
+    def require_labels(k: int, *, folder_only: bool = False) -> None:
+        if not fold_dir(run, k).is_dir() if folder_only else not (fold_dir(run, k) / "pseudo0.pt").is_file():
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
                              f"--fold {k}' first (it takes the run's options)", run)
+
+    for k in selected:
+        require_labels(k, folder_only=True)  # no fold folder: no command is labelling it (its lock is there)
         _cloud_val_hook(ds, k, val_pairs)  # its files are read and checked before any training
     result = {}
-    with fold_locks(run, selected):
+    with fold_locks(run, selected):  # first: a pretrain-random labelling a fold now is named as busy
+        for k in selected:
+            require_labels(k)
         with run_file_lock(run):
             _record_stage_target(run, stages)
             rule = _record_stop_rule(run, stop_below_mm)
@@ -865,6 +895,7 @@ def _dense_pretrain(dataset, run, *, seed, device, config, val_pairs, options) -
     run.mkdir(parents=True, exist_ok=True)
     with fold_locks(run, [None]):
         with run_file_lock(run):  # checked again under the lock: another command may have changed it meanwhile
+            _refuse_run_made_meanwhile(run, stored)
             meta = _prepare_run(run, meta, lambda: _check_dense_run(run, ident, config),
                                 stages_given="stages" in options, quiet=True)
             write_json(run / "run.json", meta)
@@ -906,9 +937,12 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
                        snapshot_every_s=snapshot_every_s,
                        training=training_record(ident["dataset"], None, images=ident["data"]["images"]))
-    if sched.last_finished_stage() < 0:
-        raise InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
-    with fold_locks(run, [None]):
+    no_labels = InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
+    if not fold_dir(run, None).is_dir():  # no folder: no command is labelling it (its lock is there)
+        raise no_labels
+    with fold_locks(run, [None]):  # first: a pretrain-random labelling the run now is named as busy
+        if sched.last_finished_stage() < 0:
+            raise no_labels
         with run_file_lock(run):
             _record_stage_target(run, stages)
             rule = _record_stop_rule(run, stop_below_mm)
