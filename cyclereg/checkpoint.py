@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from cyclereg import __version__
 from cyclereg.errors import InputError, require_checkpoint_file, require_file, same_path
@@ -116,13 +116,15 @@ def atomic_leftover(path: Path) -> bool:
 class OutputStage:
     """The staging folder of :func:`staged_outputs`: write each output to ``stage / name``; list in
     :attr:`stale` the files of the output folder to remove once the new set is in (an earlier
-    command's outputs this one does not write, :func:`stale_outputs`), and in :attr:`inputs` the
-    command's input files: an output that would replace one of them stops the command before anything
-    is moved in."""
+    command's outputs this one does not write, :func:`stale_outputs`), or set :attr:`find_stale` to find
+    them: it is called under the output folder's lock, right before the move-in, so that a second command
+    moving its set into the same folder meanwhile is seen; in :attr:`inputs` the command's input files: an
+    output that would replace one of them stops the command before anything is moved in."""
 
     def __init__(self, path: Path):
         self.path = path
         self.stale: list[Path] = []
+        self.find_stale: Callable[[], list[Path]] | None = None
         self.inputs: list[Path] = []
 
     def __truediv__(self, name: str) -> Path:
@@ -184,6 +186,30 @@ def _remove_if_empty(folders: list[Path]) -> None:
 
 
 @contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` itself (its directory file: no lock file is left in an
+    output folder), waiting for it; where the system or file system has none, the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system without flock: as before, unlocked
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
 def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
     """Write one command's output files as a set: the body writes them (atomically, by name) into the
     yielded :class:`OutputStage`, a hidden folder inside ``out_dir``; when it finishes, every staged file
@@ -208,17 +234,19 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
         files = sorted(stage.path.iterdir())
         _refuse_replacing_inputs(files, out, stage.inputs)
         new = {f.name for f in files}
-        # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within the
-        # move-in: an interruption after it leaves no earlier file beside a record that does not list it
-        stale = [(None, old, stage.path / f".stale.{old.name}") for old in dict.fromkeys(stage.stale)
-                 if old.name not in new]
-        try:
-            _move_in([(f, out / f.name, stage.path / f".earlier.{f.name}") for f in files] + stale)
-        except OutputsNotRestored:
-            keep_stage = True
-            raise
-        moved = True
-        fsync_directory(out)
+        with _folder_locked(out):  # another command's set moved in meanwhile is seen by find_stale
+            found = stage.find_stale() if stage.find_stale is not None else []
+            # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within
+            # the move-in: an interruption after it leaves no earlier file beside a record that does not list it
+            stale = [(None, old, stage.path / f".stale.{old.name}") for old in dict.fromkeys([*stage.stale, *found])
+                     if old.name not in new]
+            try:
+                _move_in([(f, out / f.name, stage.path / f".earlier.{f.name}") for f in files] + stale)
+            except OutputsNotRestored:
+                keep_stage = True
+                raise
+            moved = True
+            fsync_directory(out)
     finally:
         if not keep_stage:
             shutil.rmtree(stage.path, ignore_errors=True)

@@ -562,7 +562,7 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             "fixed_points_outside_reference": fixed_outside})
         # what an earlier register wrote into this folder and this one does not (never the inputs)
         stage.inputs = _register_inputs(sources, ref, mov_img, mov_lab, query, model)
-        stage.stale = stale_outputs(out_dir, written, keep=tuple(stage.inputs))
+        stage.find_stale = lambda: stale_outputs(out_dir, written, keep=tuple(stage.inputs))
     mean = disp.norm(dim=1).mean().item()
     disagreement = "" if point_spread is None else \
         f", members disagree by {point_spread.mean().item():.2f} mm on average"

@@ -261,7 +261,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         write_json(stage / "config.json", record)
         # what an earlier register wrote into this folder and this one does not (never the inputs)
         stage.inputs = inputs
-        stage.stale = stale_outputs(out_dir, written, keep=tuple(stage.inputs))
+        stage.find_stale = lambda: stale_outputs(out_dir, written, keep=tuple(stage.inputs))
     return (f"registered in {seconds:.1f} s; SDlogJ {stats['sdlogj']:.3f}, "
             f"folding {100 * stats['folding_fraction']:.3f} %; wrote {', '.join(written)} to {out_dir}")
 
