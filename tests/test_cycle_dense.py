@@ -263,8 +263,8 @@ def test_status_of_a_stage_stopped_between_its_labels_and_its_final_checkpoint(t
     assert status["unlogged_stages"] == []  # pending, not damaged
     assert status["next"].endswith("the same cycle command writes them)")
     log.write_text(whole)  # the line written, final.pt not: still pending, and only final.pt is named
-    assert s.status(3)["next"] == ("stage 3: its labels are saved, final.pt not yet (stopped just after them; "
-                                   "the same cycle command writes it)")
+    assert s.status(3)["next"] == ("stage 3: its labels are saved, final.pt not yet (a cycle command working on "
+                                   "the fold writes it next; if none is, the same cycle command writes it)")
     assert StageScheduler(_ToyTask(), tmp_path).run(3) == 3  # the same command completes it
     assert s.status(3)["next"] == "finished"
     assert (tmp_path / "final.pt").read_bytes() == (tmp_path / "stage3.pt").read_bytes()

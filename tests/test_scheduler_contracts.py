@@ -348,8 +348,8 @@ def test_status_of_stage_1_stopped_before_its_first_final_checkpoint(tmp_path):
     s.run_stage0()
     assert s.run(1) == 1
     (tmp_path / "final.pt").unlink()
-    assert s.status(3)["next"] == ("stage 1: its labels are saved, final.pt not yet (stopped just after them; the "
-                                   "same cycle command writes it)")
+    assert s.status(3)["next"] == ("stage 1: its labels are saved, final.pt not yet (a cycle command working on "
+                                   "the fold writes it next; if none is, the same cycle command writes it)")
     assert StageScheduler(_ToyTask(), tmp_path, keep_labels=2).run(1) == 1  # the same command writes it
     assert (tmp_path / "final.pt").read_bytes() == (tmp_path / "stage1.pt").read_bytes()
     assert s.status(3)["next"] == "stage 2: training from step 0"

@@ -682,8 +682,10 @@ class StageScheduler:
         elif pending:
             missing = " and ".join(name for name, gone in (("its log line", log_missing), ("final.pt", final_missing))
                                    if gone)
-            text = (f"stage {done}: its labels are saved, {missing} not yet (stopped just after them; the same "
-                    f"cycle command writes {'them' if log_missing and final_missing else 'it'})")
+            # status takes no lock, so it cannot tell a cycle writing them this moment from one that stopped
+            it = "them" if log_missing and final_missing else "it"
+            text = (f"stage {done}: its labels are saved, {missing} not yet (a cycle command working on the fold "
+                    f"writes {it} next; if none is, the same cycle command writes {it})")
         elif done >= stages:
             text = "finished"
         elif settled is not None:
