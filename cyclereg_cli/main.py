@@ -364,7 +364,7 @@ def evaluate(
     run: Optional[Path] = typer.Option(None, "--run", help="run directory: each case with the checkpoint of the fold that held it out"),
     stage: Optional[int] = typer.Option(None, "--stage", help="with --run: use this stage's checkpoints instead of the final ones"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random network (with --model random; default 0)"),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs"),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="evaluate only the first N pairs (volumes with --both-directions: the first N registrations, each pair's reverse right after it, so 2N covers N pairs both ways)"),
     folds: Optional[str] = typer.Option(None, "--folds", "--fold", help="keypoint datasets: 'all' (default) or one fold number: only the pairs of that fold (e.g. a run with that fold trained)"),
     recentre_passes: Optional[int] = typer.Option(None, "--recentre-passes", help="keypoint datasets: override the model's re-centred LBP passes (0 = single pass)"),
     tta_passes: Optional[int] = typer.Option(None, "--tta-passes", help="keypoint datasets: override the model's test-time augmentation passes (0 = off)"),
