@@ -338,3 +338,30 @@ def test_evaluate_refuses_or_keeps_sdlogj_when_the_keypoints_lie_outside_the_vol
         return
     assert far["mean_tre_mm"] == pytest.approx(inside["mean_tre_mm"], abs=1e-3)
     assert far["mean_sdlogj"] == pytest.approx(inside["mean_sdlogj"], rel=0.2)
+
+
+def test_evaluate_of_an_identity_volume_pair_reports_dice_1_hd95_0_sdlogj_0(tmp_path, scan):
+    """Two copies of one labelled 32^3 scan on an anisotropic, permuted grid, the random model with one warp
+    and inverse consistency (an exactly zero field for identical images): Dice 1 and HD95 0 for every label,
+    before and after, SDlogJ 0 (to rounding) and no folding."""
+    from cyclereg import api
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    lab = np.zeros((32, 32, 32), np.int16)
+    lab[8:20, 10:22, 6:18] = 1
+    lab[20:26, 8:14, 16:28] = 2
+    img = (scan[8:40, 8:40, 8:40] + 500.0 * lab).astype(np.float32)
+    names = [f"T_{n:04d}_0000.nii.gz" for n in (1, 2)]
+    for name in names:
+        nib.save(nib.Nifti1Image(img, AFFINE), str(tmp_path / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(lab, AFFINE), str(tmp_path / "labelsTr" / name))
+    (tmp_path / "d.json").write_text(json.dumps({
+        "name": "t", "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
+        "registration_val": [{"fixed": f"./imagesTr/{names[0]}", "moving": f"./imagesTr/{names[1]}"}]}))
+    r = api.evaluate(tmp_path / "d.json", tmp_path / "r.json", model="random", device="cpu", warps=1, adam=False,
+                     ic=True)
+    pair = r["pairs"][0]
+    assert pair["dice_per_label"] == pair["initial_dice_per_label"] == {"1": 1.0, "2": 1.0}
+    assert pair["hd95_per_label_mm"] == {"1": 0.0, "2": 0.0} and r["mean_hd95_mm"] == r["initial_hd95_mm"] == 0.0
+    assert abs(r["mean_sdlogj"]) < 1e-9 and r["mean_folding_fraction"] == 0.0
