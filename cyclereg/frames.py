@@ -264,6 +264,12 @@ def spacing_xyz(spacing_zyx_mm) -> tuple[float, float, float]:
     return tuple(float(v) for v in ijk_to_kji(zyx))  # type: ignore[return-value]
 
 
+HALF_VOXEL_TOLERANCE = 1e-5
+"""Voxels by which a ratio under a half still counts as the half in :func:`half_width_voxels`: a header
+stores its voxel size in float32 (1.2 mm as 1.2000000477, 0.002 m as 0.0020000001 m), so 3 mm on those
+voxels came out a hair under 2.5 or 1.5 and rounded down in one unit and up in another."""
+
+
 def half_width_voxels(radius_mm: float, spacing_mm) -> tuple[int, ...]:
     """Half-width [whole voxels per array axis] of a box of half-width ``radius_mm`` [mm] on a grid of
     voxel size ``spacing_mm`` (per array axis, mm): ``radius_mm / spacing`` rounded to the nearest whole
@@ -272,7 +278,8 @@ def half_width_voxels(radius_mm: float, spacing_mm) -> tuple[int, ...]:
     if isinstance(radius_mm, bool) or not isinstance(radius_mm, numbers.Real) or not (
             math.isfinite(radius_mm) and radius_mm >= 0):
         raise ValueError(f"radius_mm: expected a finite radius >= 0 mm, got {radius_mm!r}")
-    return tuple(int(math.floor(float(radius_mm) / s + 0.5)) for s in check_spacing("spacing_mm", spacing_mm))
+    return tuple(int(math.floor(float(radius_mm) / s + 0.5 + HALF_VOXEL_TOLERANCE))
+                 for s in check_spacing("spacing_mm", spacing_mm))
 
 
 def spacing_affine(spacing_mm) -> np.ndarray:
