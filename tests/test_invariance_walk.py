@@ -18,7 +18,7 @@ joint, with and without a stored training box), the dense ``register`` pipeline,
   inverse consistency);
 * ``evaluate`` of an identity pair reports TRE 0 and SDlogJ 0.
 
-Bugs pinned (xfail strict):
+Bugs pinned (strict xfails until they were mended):
 
 * ``evaluate`` on a keypoint dataset whose keypoints lie wholly outside its ``volume_shape_zyx`` grid scores
   SDlogJ on that empty grid (the TPS extrapolated 1e4 mm away), silently, where ``register --reference``
@@ -327,8 +327,6 @@ def test_evaluate_of_an_identity_pair_reports_zero_tre_and_zero_sdlogj(tmp_path)
     assert r["mean_sdlogj"] == pytest.approx(0.0, abs=1e-6) and r["mean_folding_fraction"] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluate scores SDlogJ on the dataset's volume grid even when every "
-                                       "keypoint lies outside it (the TPS extrapolated far from any point), silently")
 def test_evaluate_refuses_or_keeps_sdlogj_when_the_keypoints_lie_outside_the_volume_grid(tmp_path):
     """The same pair moved 1e4 mm along every axis, outside its dataset's volume grid (documented frame: first
     voxel at the origin). TRE is unchanged (checked: 0.0261 mm either way), but SDlogJ is measured on the
@@ -374,9 +372,6 @@ def test_evaluate_of_an_identity_volume_pair_reports_dice_1_hd95_0_sdlogj_0(tmp_
 
 
 # ============================================================================= keypoints of a scan in another unit
-@pytest.mark.xfail(strict=True, reason="BUG: half_width_voxels (frames.py:275) decides a half-voxel tie by the float32 "
-                                       "rounding of the header: 3 mm on 2 / 1.5 / 1.2 mm voxels gives (2, 2, 3) from a "
-                                       "micron header, (2, 2, 2) from mm, (1, 2, 2) from metres")
 def test_foerstner_nms_half_width_of_one_grid_does_not_depend_on_the_header_unit(tmp_path):
     """One grid of 2 x 1.5 x 1.2 mm voxels written with its header in mm, metres and microns: the moving scan's
     3 mm NMS half-width is, by the documented rule (``nms_radius_mm / spacing`` to the nearest voxel, halves
@@ -397,9 +392,6 @@ def test_foerstner_nms_half_width_of_one_grid_does_not_depend_on_the_header_unit
     assert got == {"mm": (2, 2, 3), "meter": (2, 2, 3), "micron": (2, 2, 3)}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the same scan pair with its header in metres gets other moving keypoints "
-                                       "(NMS half-width 1 instead of 2 voxels along its 2 mm axis, frames.py:275) and "
-                                       "so another registration than in mm")
 def test_registration_via_keypoints_is_the_same_with_the_header_in_metres(tmp_path):
     """A smooth pair (moving 4 voxels along j, 2 x 1.5 x 1 mm permuted grid) registered --via-keypoints with
     its headers in mm and in metres (the affine / 1000, xyzt_units meter; read back x1000): the same

@@ -24,7 +24,7 @@ from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_datas
 from cyclereg.device import provenance, resolve_device
 from cyclereg.errors import (InputError, path_list, refuse_empty_paths, refuse_output_in_run, require_count,
                              require_finite_result, require_output_dir, require_output_file, require_seed, same_path)
-from cyclereg.frames import UnitBox, inside_grid, world_to_voxel
+from cyclereg.frames import UnitBox, inside_grid, world_to_voxel, zyx_grid_affine
 from cyclereg.keypoints.foerstner import PairKeypointConfig
 from cyclereg.metrics import JACOBIAN_MIN_SIZE, SDLOGJ_MIN_SIZE, jacobian_map, spearman, tre_stats
 from cyclereg.pointio import format_csv, holds_voxel_indices, parse_points_csv, points_csv, read_points
@@ -1017,7 +1017,21 @@ def _pair_points(ds: KeypointDataset, p: KeypointPair, config: CloudRegConfig) -
     fixed, moving = ds.read_points(p.fixed_keypoints), ds.read_points(p.moving_keypoints)
     lm_f, lm_m = ds.read_landmarks(p, f"pair {p.id}")
     require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints))
+    _require_in_dataset_grid(ds, fixed, p.fixed_keypoints)
     return fixed, moving, lm_f, lm_m
+
+
+def _require_in_dataset_grid(ds: KeypointDataset, points_mm: torch.Tensor, path: Path) -> None:
+    """:class:`InputError` naming ``path`` when ``ds`` has a volume grid (the frame of its points: the unit box
+    the networks work in, and where SDlogJ is scored) and none of the points ``(N, 3)`` lies in it."""
+    if not ds.has_volume_grid:
+        return
+    vox = world_to_voxel(points_mm.double().cpu(), zyx_grid_affine(ds.volume_shape_zyx, ds.spacing_zyx_mm))
+    if not bool(inside_grid(vox, tuple(ds.volume_shape_zyx)).any()):
+        raise InputError(f"none of its {points_mm.shape[0]} keypoints lies in the dataset's volume grid "
+                         f"({' x '.join(map(str, ds.volume_shape_zyx))} voxels of "
+                         f"{' x '.join(f'{s:g}' for s in ds.spacing_zyx_mm)} mm, z y x, from the origin), the frame its "
+                         "points are in; check the grid's size and spacing, or the points' units", path)
 
 
 def _evaluate_pair(p, fold: int | None, net, config: CloudRegConfig, *, box: UnitBox | None, ds: KeypointDataset,
