@@ -1,0 +1,275 @@
+"""Streams, exit codes and messages walk over the ``cyclereg`` command line (audited 2026-12-07).
+
+What was audited: for every command of ``cyclereg --help`` (keypoints, pretrain-random, cycle, status,
+register, evaluate, compare, ensemble, demo) which stream each kind of output goes to, the exit codes, and
+the wording of errors. Inputs: a missing file, a folder where a file goes, a dangling symlink, a FIFO (an
+unreadable file as root: opening it would block), an empty file and a file of the wrong kind (a JSON where
+a CSV goes, a CSV where a dataset JSON or a checkpoint goes); usage errors (unknown option, option typo,
+missing argument, missing option value, ``--stages two``, unknown command); ``--help`` of every command at
+``COLUMNS`` 1, 20, 40, 60, 80 and 200; the successful runs of demo, register, evaluate, pretrain-random,
+cycle and status (``--json``, ``--history``) as real processes with pipes (no terminal), ``COLUMNS``
+unset, ``NO_COLOR`` and ``TERM=dumb``, and output paths of ~150 characters. There is no ``--quiet`` option.
+
+The project's rule (``cyclereg_cli/main.py``, ``cyclereg/errors.py``): bad input is one line on stderr
+naming the file, exit 2, nothing on stdout; a dead worker or a non-finite result exits 1; an interrupt 130,
+a kill 143; usage errors are one line naming the option, exit 2, and where the options are listed
+(``see 'cyclereg COMMAND --help'``). ``cyclereg`` alone prints the help on stdout and exits 2 (click's
+``NoArgsIsHelpError``). Handled cases no other test covers are pinned first; mishandled ones follow, each
+as a strict xfail naming the bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from conftest import write_pair_files, write_two_pair_dataset
+from cyclereg_cli import entry
+from cyclereg_cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP_RUN = ["--stages", "1", "--epochs", "1", "--train-points", "64,64", "--tta-passes", "0",
+             "--recentre-passes", "0", "--candidates", "8", "--device", "cpu"]
+LONG = "/".join(["a_rather_long_folder_name_for_wrapping_checks"] * 3)
+"""A folder path of 140 characters: longer than the 80 columns a pipe is assumed to have."""
+
+
+def _cli(monkeypatch, capsys, *args):
+    """Run the console script in this process: ``(exit code, stdout, stderr)``."""
+    monkeypatch.setattr(sys, "argv", ["cyclereg", *map(str, args)])
+    code = 0
+    try:
+        entry.main()
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    """Each kind of unusable input file, by name (the FIFO would block whoever opens it to read)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "folder.csv").mkdir()
+    os.symlink(folder / "gone.csv", folder / "dangling.csv")
+    os.mkfifo(folder / "fifo.csv")
+    (folder / "empty.csv").write_text("")
+    (folder / "empty.json").write_text("")
+    return {"missing": folder / "missing.csv", "folder": folder / "folder.csv", "dangling": folder / "dangling.csv",
+            "fifo": folder / "fifo.csv", "empty": folder / "empty.csv", "empty json": folder / "empty.json"}
+
+
+# command line with BAD in the place of the file under test; the fragment every message must hold besides the path
+BAD_FILE_COMMANDS = {
+    "register fixed": (["register", "BAD", "m.csv", "-o", "out"], None),
+    "register --query": (["register", "f.csv", "m.csv", "-o", "out", "--query", "BAD"], None),
+    "pretrain-random": (["pretrain-random", "BAD", "-o", "run"], None),
+    "evaluate": (["evaluate", "BAD", "--json", "r.json", "--identity"], None),
+    "evaluate --model": (["evaluate", "dataset.json", "--json", "r.json", "--model", "BAD"], None),
+    "compare": (["compare", "BAD", "dataset.json"], None),
+    "ensemble": (["ensemble", "BAD", "f.csv", "-o", "e.pt"], None),
+    "keypoints": (["keypoints", "BAD", "-o", "k.csv"], None),
+    "keypoints --pairs": (["keypoints", "--pairs", "BAD", "-o", "kp"], None),
+}
+EXPECTED = {"missing": "does not exist", "dangling": "does not exist", "folder": "not a regular file",
+            "fifo": "not a regular file"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "dangling", "fifo", "empty", "empty json"])
+def test_an_unusable_input_file_is_one_line_on_stderr_naming_it_and_exit_2(tmp_path, monkeypatch, capsys, kind):
+    """Every command, every kind of unusable file: exit 2, nothing on stdout, one stderr line that starts
+    with ``cyclereg: error:`` and names the file (and, where it can tell, why), no traceback, and no
+    output written. A FIFO is refused before it is opened (opening it to read would block for ever)."""
+    write_two_pair_dataset(tmp_path)
+    bad = _bad_files(tmp_path / "bad")[kind]
+    monkeypatch.chdir(tmp_path)
+    for name, (args, _) in BAD_FILE_COMMANDS.items():
+        if kind == "empty json" and name in ("register fixed", "register --query", "keypoints --pairs"):
+            continue  # a .json where a point file or the pairs CSV goes: the wrong-kind test below
+        if kind == "folder" and name == "ensemble":
+            continue  # a folder is a source there (a run directory): mixed with a checkpoint, that is refused
+        code, out, err = _cli(monkeypatch, capsys, *[str(bad) if a == "BAD" else a for a in args])
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, (name, code, out, err)
+        assert err.startswith(f"cyclereg: error: {bad}: "), (name, err)
+        assert EXPECTED.get(kind, "") in err, (name, err)
+    assert not {"out", "run", "r.json", "e.pt", "k.csv", "kp"} & {p.name for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("args, said", [
+    (["register", "dataset.json", "m.csv", "-o", "out"], "dataset.json: unknown point-cloud format '.json'"),
+    (["pretrain-random", "f.csv", "-o", "run"], "f.csv: not valid JSON"),
+    (["evaluate", "dataset.json", "--json", "r.json", "--model", "f.csv"], "f.csv: not a readable cyclereg checkpoint"),
+    (["compare", "dataset.json", "dataset.json"], "dataset.json: a keypoint dataset, not an evaluate report"),
+    (["keypoints", "f.csv", "-o", "k.csv"], "f.csv: unreadable NIfTI"),
+    (["keypoints", "--pairs", "dataset.json", "-o", "kp"], "dataset.json: pairs CSV needs the columns id, fixed, moving"),
+    (["status", "f.csv"], "f.csv: is not a folder (a run directory is)"),
+    (["cycle", "dataset.json", "--run", "f.csv"], "f.csv: is not a folder (a run directory is)"),
+    (["demo", "-o", "f.csv"], "f.csv: exists and is not a folder"),
+])
+def test_a_file_of_the_wrong_kind_is_one_line_naming_it_and_what_it_should_be(tmp_path, monkeypatch, capsys, args,
+                                                                               said):
+    write_two_pair_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("cyclereg: error: "), err
+    assert said in err
+
+
+@pytest.mark.parametrize("args, said, where", [
+    (["register", "f.csv", "m.csv", "-o", "o", "--seeed", "3"], "No such option: --seeed (Possible options: --seed",
+     "cyclereg register"),
+    (["register", "f.csv", "m.csv", "-o", "o", "--modle", "random"], "(Possible options: --model)", "cyclereg register"),
+    (["cycle", "d.json", "--run", "r", "--stages", "two"], "Invalid value for '--stages'", "cyclereg cycle"),
+    (["regster"], "No such command 'regster'. Did you mean 'register'?", "cyclereg"),
+    (["status"], "Missing argument 'run'", "cyclereg status"),
+    (["--helpp"], "No such option: --helpp", "cyclereg"),
+])
+def test_usage_errors_name_the_option_and_suggest_the_one_meant(monkeypatch, capsys, args, said, where):
+    """A typo of an option or command gets click's suggestion; a value of the wrong type names its option;
+    all one line, exit 2, pointing at the help of the command they belong to."""
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert said in err and err.rstrip().endswith(f"(see '{where} --help')"), err
+
+
+def test_cyclereg_alone_prints_the_help_on_stdout_and_exits_2(monkeypatch, capsys):
+    code, out, err = _cli(monkeypatch, capsys)
+    assert code == 2 and err == ""
+    assert "Usage: cyclereg" in out and all(c in out for c in typer.main.get_command(app).commands)
+
+
+COMMANDS = list(typer.main.get_command(app).commands)
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    for name, cmd in typer.main.get_command(app).commands.items():
+        for param in cmd.params:
+            assert getattr(param, "help", None), (name, param.name)
+
+
+@pytest.mark.parametrize("columns", ["40", "200"])
+def test_every_help_renders_at_any_width(monkeypatch, capsys, columns):
+    monkeypatch.setenv("COLUMNS", columns)
+    for name in [None, *COMMANDS]:
+        code, out, err = _cli(monkeypatch, capsys, *([name] if name else []), "--help")
+        assert code == 0 and err == "" and "Usage: cyclereg" in " ".join(out.split()), (name, err)
+
+
+ANSI = re.compile(r"\x1b\[")
+
+
+def _process(*args, env=None):
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    environ.pop("COLUMNS", None)
+    return subprocess.run([sys.executable, "-m", "cyclereg_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=environ, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("env", [{}, {"NO_COLOR": "1", "TERM": "dumb"}])
+def test_a_piped_register_keeps_its_result_on_stdout_whole_and_plain(tmp_path, env):
+    """A real process with pipes (no terminal, COLUMNS unset: 80 columns): the result line on stdout names the
+    output folder whole (a 140-character path is not cut at 80 columns), nothing on stderr, no escape codes
+    and no carriage returns (no progress-bar redraws)."""
+    write_pair_files(tmp_path)
+    out_dir = tmp_path / LONG / "reg"
+    done = _process("register", tmp_path / "f.csv", tmp_path / "m.csv", "-o", out_dir, "--tta-passes", "0",
+                    "--recentre-passes", "0", "--device", "cpu", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and len(done.stdout.splitlines()) == 1
+    assert done.stdout.rstrip().endswith(f"wrote displacements.csv to {out_dir}")
+    assert not ANSI.search(done.stdout) and "\r" not in done.stdout
+    assert (out_dir / "displacements.csv").is_file()
+
+
+def test_a_piped_evaluate_puts_its_table_on_stdout_and_its_progress_on_stderr(tmp_path):
+    """evaluate: the per-pair lines and notes go to stderr, the result table to stdout; plain text."""
+    ds = write_two_pair_dataset(tmp_path)
+    done = _process("evaluate", ds, "--identity", "--json", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    assert "1/2 c0" in done.stderr and "2/2 c1" in done.stderr and "c0" not in done.stdout.split("case")[0]
+    rows = [line for line in done.stdout.splitlines() if re.search(r"\bc[01]\b", line)]
+    assert len(rows) == 2 and all("14.81" in row for row in rows)  # the identity's TRE of the pair files
+    for stream in (done.stdout, done.stderr):
+        assert not ANSI.search(stream) and "\r" not in stream
+    assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["id"] == "c0"
+
+
+# ---------------------------------------------------------------------------------------------------- bugs
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an option given without its value ('Option --json requires an "
+                   "argument') points at 'cyclereg --help' instead of the command's help: click raises "
+                   "BadOptionUsage without a ctx and _usage_error falls back to 'cyclereg'")
+@pytest.mark.parametrize("args", [["evaluate", "d.json", "--json"], ["register", "f", "m", "-o"],
+                                  ["cycle", "d.json", "--run"]])
+def test_an_option_without_its_value_points_at_its_commands_help(monkeypatch, capsys, args):
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and "requires an argument" in err
+    assert err.rstrip().endswith(f"(see 'cyclereg {args[0]} --help')"), err
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: typer's rich help cuts long option names with an ellipsis "
+                   "('--weighted-sampli…', '--learn-recentre-…' at 80 columns, the width of a pipe or a log; "
+                   "most names at 40): the help does not show every option")
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_every_option_name_is_shown_whole_in_the_help(monkeypatch, capsys, columns):
+    monkeypatch.setenv("COLUMNS", columns)
+    cut = []
+    for name, cmd in typer.main.get_command(app).commands.items():
+        code, out, _ = _cli(monkeypatch, capsys, name, "--help")
+        assert code == 0
+        cut += [(name, opt) for p in cmd.params if p.param_type_name == "option"
+                for opt in [*p.opts, *p.secondary_opts] if not re.search(re.escape(opt) + r"(?![\w-])", out)]
+    assert cut == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: demo prints its closing 'wrote ... to FOLDER' line through a rich "
+                   "console without soft_wrap, so a path longer than 80 columns is broken across lines in a "
+                   "pipe or log (cyclereg/clouds/api.py run_demo)")
+def test_demo_names_a_long_output_folder_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out_dir = tmp_path / LONG / "demo"
+    code, out, err = _cli(monkeypatch, capsys, "demo", "-o", out_dir, "--device", "cpu")
+    assert code == 0 and (out_dir / "report.json").is_file(), err
+    assert str(out_dir) in out.splitlines()[-1], out
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """A keypoint run (fold 1 labelled, stage 0) in a folder whose path is longer than 80 columns."""
+    folder = tmp_path_factory.mktemp("streams")
+    ds = write_two_pair_dataset(folder)
+    run = folder / LONG / "run"
+    done = subprocess.run([sys.executable, "-c", "from cyclereg_cli.entry import main; main()", "pretrain-random",
+                           str(ds), "-o", str(run), "--fold", "1", *CHEAP_RUN], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    return ds, run
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: status prints the run's path as the title of its table, which rich "
+                   "folds to the table's width: a long run path is broken mid-path and cannot be copied "
+                   "(cyclereg/training/status.py; print the path as its own soft-wrapped line)")
+def test_status_names_a_long_run_path_whole(long_run, monkeypatch, capsys):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    code, out, err = _cli(monkeypatch, capsys, "status", long_run[1])
+    assert code == 0, err
+    assert str(long_run[1]) in out, out
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cycle's fold progress bar (cyclereg/training/api.py _progress) goes to "
+                   "stdout and is not disabled when stdout is no terminal: its last frame ('folds ━━━ 1/1 "
+                   "0:00:00') lands in a pipe or log between the stage lines and the result (dense evaluate "
+                   "disables its bar there)")
+def test_cycle_leaves_no_progress_bar_in_piped_stdout(long_run, monkeypatch, capsys):
+    ds, run = long_run
+    code, out, err = _cli(monkeypatch, capsys, "cycle", ds, "--run", run, "--folds", "1", "--device", "cpu")
+    assert code == 0, err
+    assert out.splitlines()[-1] == "finished stages: fold 1: 1"
+    assert "━" not in out + err and "folds" not in out.replace("finished stages", ""), out
