@@ -8,7 +8,10 @@ a CSV goes, a CSV where a dataset JSON or a checkpoint goes); usage errors (unkn
 missing argument, missing option value, ``--stages two``, unknown command); ``--help`` of every command at
 ``COLUMNS`` 1, 20, 40, 60, 80 and 200; the successful runs of demo, register, evaluate, pretrain-random,
 cycle and status (``--json``, ``--history``) as real processes with pipes (no terminal), ``COLUMNS``
-unset, ``NO_COLOR`` and ``TERM=dumb``, and output paths of ~150 characters. There is no ``--quiet`` option.
+unset, and output paths of ~150 characters; ``--help``, evaluate and a bad-input register in a pseudo-terminal
+with ``NO_COLOR`` (colours dropped, bold kept, as no-color.org allows) and ``TERM=dumb`` (no escape codes at
+all), by hand; output paths that are a FIFO, a device node (a copy of /dev/null) or a symlink. There is no
+``--quiet`` option.
 
 The project's rule (``cyclereg_cli/main.py``, ``cyclereg/errors.py``): bad input is one line on stderr
 naming the file, exit 2, nothing on stdout; a dead worker or a non-finite result exits 1; an interrupt 130,
@@ -323,3 +326,33 @@ def test_a_resumed_stage_names_its_long_snapshot_path_whole(tmp_path, monkeypatc
     assert code == 0, err
     assert "training resumes after epoch 1/2" in " ".join((out + err).split())
     assert str(run / "fold1" / "stage1.partial.pt") in out + err, out + err
+
+
+def _ct_pair(folder: Path) -> Path:
+    """Two small textured CT volumes (1 mm voxels, a few keypoints each) and the pairs CSV naming them."""
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("f.nii.gz", 0), ("m.nii.gz", 1)):
+        vol = ndi.gaussian_filter(np.random.default_rng(seed).standard_normal((26, 24, 20)), 1.5) * 100
+        nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(folder / name))
+    (folder / "pairs.csv").write_text("id,fixed,moving\np1,f.nii.gz,m.nii.gz\n")
+    return folder / "pairs.csv"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a rich Progress on stdout that is disabled or transient still "
+                   "leaves an empty line in a pipe or log when it stops: 'keypoints --pairs' (cyclereg/keypoints/"
+                   "api.py, Progress(transient=True)) and 'pretrain-random' (training/api.py _progress) print a "
+                   "blank line before their result line")
+@pytest.mark.parametrize("command", ["keypoints", "pretrain-random"])
+def test_piped_stdout_holds_no_blank_line_left_by_a_progress_bar(tmp_path, monkeypatch, capsys, command):
+    if command == "keypoints":
+        args = ["keypoints", "--pairs", _ct_pair(tmp_path), "-o", tmp_path / "kp", "--device", "cpu"]
+    else:
+        args = ["pretrain-random", write_two_pair_dataset(tmp_path), "-o", tmp_path / "run", "--fold", "1",
+                *CHEAP_RUN]
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "" not in [line.strip() for line in out.splitlines()], out
