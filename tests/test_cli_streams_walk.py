@@ -202,6 +202,18 @@ def test_a_piped_evaluate_puts_its_table_on_stdout_and_its_progress_on_stderr(tm
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["id"] == "c0"
 
 
+def test_a_command_that_did_its_work_with_a_note_exits_0_and_keeps_the_note_off_stdout(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """compare of a report with itself: the comparison is made (exit 0, the table on stdout, the same TRE before
+    and after: a difference of +0.0000) and the remark that it is identical by construction goes to stderr."""
+    ds = write_two_pair_dataset(tmp_path)
+    report = tmp_path / "r.json"
+    assert _cli(monkeypatch, capsys, "evaluate", ds, "--identity", "--json", report)[0] == 0
+    code, out, err = _cli(monkeypatch, capsys, "compare", report, report, "--json", tmp_path / "c.json")
+    assert code == 0 and err.startswith(f"note: {report} is the same file as the base")
+    assert "note" not in out and "+0.0000" in out and (tmp_path / "c.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------- bugs
 
 
