@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cyclereg import __version__
-from cyclereg.errors import InputError, require_checkpoint_file, require_file, same_path
+from cyclereg.errors import InputError, refuse_special_file, require_checkpoint_file, require_file, same_path
 from cyclereg.interrupts import raise_pending
 
 
@@ -84,6 +84,7 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     umask), not the private ``0o600`` of the temporary file."""
     path = Path(path)
     raise_pending()  # a kill deferred during an import stops the command before it writes
+    refuse_special_file(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +233,8 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
                 raise OSError(exc.errno, exc.strerror, str(out / name.relative_to(stage.path))) from None
             raise
         files = sorted(stage.path.iterdir())
+        for f in files:
+            refuse_special_file(out / f.name)
         _refuse_replacing_inputs(files, out, stage.inputs)
         new = {f.name for f in files}
         with _folder_locked(out):  # another command's set moved in meanwhile is seen by find_stale

@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import stat
 from pathlib import Path
 
 
@@ -117,6 +118,19 @@ def _require_makeable(folder: Path, output: Path, what: str) -> None:
         raise InputError(f"cannot write there ({existing}: permission denied)", output)
 
 
+def refuse_special_file(path: str | Path) -> None:
+    """:class:`InputError` naming ``path`` when something other than a regular file or a folder is there
+    (following links): an output is written to a temporary file and renamed into place, which would replace
+    a FIFO, a device (``--json /dev/null`` run as root) or a socket with a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # not there (or a name the system refuses: its writer says so)
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError("exists and is not a regular file (a FIFO, device or socket), which the output would "
+                         "replace; give the path of a file", path)
+
+
 def require_output_file(path: str | Path) -> Path:
     """Check before any work that ``path`` can be written as a file: not a folder, its parent folder
     exists or can be made, and it is not one of the own files of a run directory it lies in
@@ -126,6 +140,7 @@ def require_output_file(path: str | Path) -> Path:
     p = _path(path, "output file")
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
+    refuse_special_file(p)
     _require_makeable(p.parent, p, "its folder")
     run = run_dir_holding(p.parent)
     if run is not None and _in_run_dir(Path(os.path.abspath(p)), run):  # e.g. compare --json RUN/run.json
