@@ -27,13 +27,16 @@ UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageE
 """click's usage error (typer >= 0.22 carries its own copy of click, older versions use click's)."""
 
 
-def _usage_error(exc: Exception) -> NoReturn:
+def _usage_error(exc: Exception, ctx=None) -> NoReturn:
     """A usage error (an option value of the wrong type, an unknown option or command, a missing argument)
     as one line on stderr, exit 2, like every other error; click's framed box with the usage took six.
-    The help shown for a command given without arguments (click's ``NoArgsIsHelpError``) stays as it is."""
-    if type(exc).__name__ == "NoArgsIsHelpError":
-        raise exc
-    ctx = getattr(exc, "ctx", None)
+    A command given without arguments (click's ``NoArgsIsHelpError``) prints its help on stdout, exit 2.
+    ``ctx``: the command's context, for an error click raised without one (an option given without its
+    value), so that the line points at that command's help."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help, on stdout (click would print it on stderr)
+        typer.echo(exc.ctx.get_help())
+        raise typer.Exit(2)
+    ctx = getattr(exc, "ctx", None) or ctx
     path = ctx.command_path if ctx is not None else "cyclereg"
     typer.echo(f"cyclereg: error: {exc.format_message()} (see '{path} --help')", err=True)
     raise typer.Exit(2)
@@ -55,7 +58,7 @@ class _Command(TyperCommand):
                                              "current folder", ctx=ctx, param=param)
             return super().parse_args(ctx, args)
         except UsageError as exc:
-            _usage_error(exc)
+            _usage_error(exc, ctx)
 
 
 class _Group(TyperGroup):
@@ -65,13 +68,13 @@ class _Group(TyperGroup):
         try:
             return super().parse_args(ctx, args)
         except UsageError as exc:
-            _usage_error(exc)
+            _usage_error(exc, ctx)
 
     def resolve_command(self, ctx, args):
         try:
             return super().resolve_command(ctx, args)
         except UsageError as exc:
-            _usage_error(exc)
+            _usage_error(exc, ctx)
 
 
 app = typer.Typer(
@@ -79,6 +82,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: it wraps where rich's panels cut option names ("--weighted-sampli…" at 80 columns)
 )
 command = functools.partial(app.command, cls=_Command)
 """``@command()``: ``app.command()`` with the empty-value check of :class:`_Command`."""
