@@ -17,8 +17,8 @@ The project's rule (``cyclereg_cli/main.py``, ``cyclereg/errors.py``): bad input
 naming the file, exit 2, nothing on stdout; a dead worker or a non-finite result exits 1; an interrupt 130,
 a kill 143; usage errors are one line naming the option, exit 2, and where the options are listed
 (``see 'cyclereg COMMAND --help'``). ``cyclereg`` alone prints the help on stdout and exits 2 (click's
-``NoArgsIsHelpError``). Handled cases no other test covers are pinned first; mishandled ones follow, each
-as a strict xfail naming the bug.
+``NoArgsIsHelpError``). Handled cases no other test covers are pinned first; mishandled ones follow (each
+a strict xfail naming the bug until it was mended).
 """
 
 from __future__ import annotations
@@ -217,9 +217,6 @@ def test_a_command_that_did_its_work_with_a_note_exits_0_and_keeps_the_note_off_
 # ---------------------------------------------------------------------------------------------------- bugs
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an option given without its value ('Option --json requires an "
-                   "argument') or a flag given one ('--augment=yes') points at 'cyclereg --help' instead of the command's help: click raises "
-                   "BadOptionUsage without a ctx and _usage_error falls back to 'cyclereg'")
 @pytest.mark.parametrize("args, said", [
     (["evaluate", "d.json", "--json"], "Option '--json' requires an argument"),
     (["register", "f", "m", "-o"], "Option '-o' requires an argument"),
@@ -232,9 +229,6 @@ def test_an_option_without_its_value_points_at_its_commands_help(monkeypatch, ca
     assert err.rstrip().endswith(f"(see 'cyclereg {args[0]} --help')"), err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: typer's rich help cuts long option names with an ellipsis "
-                   "('--weighted-sampli…', '--learn-recentre-…' at 80 columns, the width of a pipe or a log; "
-                   "most names at 40): the help does not show every option")
 @pytest.mark.parametrize("columns", ["80", "40"])
 def test_every_option_name_is_shown_whole_in_the_help(monkeypatch, capsys, columns):
     monkeypatch.setenv("COLUMNS", columns)
@@ -247,9 +241,6 @@ def test_every_option_name_is_shown_whole_in_the_help(monkeypatch, capsys, colum
     assert cut == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: demo prints its closing 'wrote ... to FOLDER' line through a rich "
-                   "console without soft_wrap, so a path longer than 80 columns is broken across lines in a "
-                   "pipe or log (cyclereg/clouds/api.py run_demo)")
 def test_demo_names_a_long_output_folder_whole(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("COLUMNS", raising=False)
     out_dir = tmp_path / LONG / "demo"
@@ -271,9 +262,6 @@ def long_run(tmp_path_factory):
     return ds, run
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: status prints the run's path as the title of its table, which rich "
-                   "folds to the table's width: a long run path is broken mid-path and cannot be copied "
-                   "(cyclereg/training/status.py; print the path as its own soft-wrapped line)")
 def test_status_names_a_long_run_path_whole(long_run, monkeypatch, capsys):
     monkeypatch.delenv("COLUMNS", raising=False)
     code, out, err = _cli(monkeypatch, capsys, "status", long_run[1])
@@ -281,10 +269,6 @@ def test_status_names_a_long_run_path_whole(long_run, monkeypatch, capsys):
     assert str(long_run[1]) in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cycle's fold progress bar (cyclereg/training/api.py _progress) goes to "
-                   "stdout and is not disabled when stdout is no terminal: its last frame ('folds ━━━ 1/1 "
-                   "0:00:00') lands in a pipe or log between the stage lines and the result (dense evaluate "
-                   "disables its bar there)")
 def test_cycle_leaves_no_progress_bar_in_piped_stdout(long_run, monkeypatch, capsys):
     ds, run = long_run
     code, out, err = _cli(monkeypatch, capsys, "cycle", ds, "--run", run, "--folds", "1", "--device", "cpu")
@@ -293,11 +277,6 @@ def test_cycle_leaves_no_progress_bar_in_piped_stdout(long_run, monkeypatch, cap
     assert "━" not in out + err and "folds" not in out.replace("finished stages", ""), out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an output path that is a FIFO or a device (e.g. --json /dev/null or "
-                   "/dev/stdout, the usual ways to drop or capture a report) is REPLACED by a regular file: "
-                   "atomic_write_bytes (cyclereg/checkpoint.py) os.replace()s its temporary file over whatever is "
-                   "there (as root, --json /dev/null replaces the system's /dev/null); require_output_file "
-                   "(cyclereg/errors.py) checks only for a folder")
 @pytest.mark.parametrize("option", ["--json", "--errors-csv"])
 def test_an_output_that_is_a_fifo_is_written_through_or_refused_never_replaced(tmp_path, monkeypatch, capsys,
                                                                                  option):
@@ -316,9 +295,6 @@ def test_an_output_that_is_a_fifo_is_written_through_or_refused_never_replaced(t
         os.close(reader)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the 'stage N: training resumes after epoch k/n (SNAPSHOT)' line "
-                   "(cyclereg/training/scheduler.py StageSnapshot.restore) is printed without soft_wrap, so a "
-                   "snapshot path longer than the 80 columns of a pipe or log is broken across lines")
 def test_a_resumed_stage_names_its_long_snapshot_path_whole(tmp_path, monkeypatch, capsys):
     from cyclereg.training import scheduler as scheduler_mod
 
@@ -358,10 +334,6 @@ def _ct_pair(folder: Path) -> Path:
     return folder / "pairs.csv"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a rich Progress on stdout that is disabled or transient still "
-                   "leaves an empty line in a pipe or log when it stops: 'keypoints --pairs' (cyclereg/keypoints/"
-                   "api.py, Progress(transient=True)) and 'pretrain-random' (training/api.py _progress) print a "
-                   "blank line before their result line")
 @pytest.mark.parametrize("command", ["keypoints", "pretrain-random"])
 def test_piped_stdout_holds_no_blank_line_left_by_a_progress_bar(tmp_path, monkeypatch, capsys, command):
     if command == "keypoints":
@@ -374,10 +346,6 @@ def test_piped_stdout_holds_no_blank_line_left_by_a_progress_bar(tmp_path, monke
     assert "" not in [line.strip() for line in out.splitlines()], out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluate of a volume dataset prints its result table on stderr "
-                   "(cyclereg/dense/api.py: print_table(console, ...) with console = make_console(stderr=True)) "
-                   "while evaluate of a keypoint dataset prints it on stdout: 'evaluate VOLUMES ... > table.txt' "
-                   "captures nothing")
 def test_evaluate_of_volumes_prints_its_table_on_stdout_like_keypoints(tmp_path, monkeypatch, capsys,
                                                                         one_intraop_thread):
     from test_dense_cli import _blob_image, _save

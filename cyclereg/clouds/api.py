@@ -1139,5 +1139,6 @@ def run_demo(out_dir: Path | None = None, *, seed: int = 0, device: str = "auto"
                  "dx_mm": d[:, 0], "dy_mm": d[:, 1], "dz_mm": d[:, 2],
                  "true_dx_mm": t[:, 0], "true_dy_mm": t[:, 1], "true_dz_mm": t[:, 2]}))
             write_json(files(out / "report.json"), result)
-        console.print(f"wrote fixed.csv, moving.csv, displacements.csv, report.json to {escape(str(out))}")
+        console.print(f"wrote fixed.csv, moving.csv, displacements.csv, report.json to {escape(str(out))}",
+                      soft_wrap=True)
     return result

@@ -404,6 +404,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    table_console = console or make_console()  # the result table on stdout, as the keypoint evaluation's
     console = console or make_console(stderr=True)
     if run is not None:
         if model is not None or identity:
@@ -567,7 +568,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                 _plot_overlay(files(overlay_png), *overlay)
     unfinished.unlink(missing_ok=True)
 
-    print_table(console, _dice_table(f"{ds.name}: {count(len(records), 'pair')} ({info.get('model')})", result))
+    print_table(table_console, _dice_table(f"{ds.name}: {count(len(records), 'pair')} ({info.get('model')})", result))
     if result["mean_scoring_seconds"] is not None:
         console.print(f"time per pair: registration {result['mean_seconds']:.1f} s (column s), scoring "
                       f"{result['mean_scoring_seconds']:.1f} s (label warp, Dice, HD95, Jacobian)")

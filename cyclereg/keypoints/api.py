@@ -439,7 +439,8 @@ def build_keypoint_dataset(pairs_csv: str | Path, out_dir: str | Path, *, lung_m
     counts: dict[str, dict[str, int]] = {}
     grids: dict[str, dict[str, dict]] = {}  # per scan: its grid and the NMS radius in its voxels
     t0 = time.perf_counter()
-    with Progress(transient=True, disable=not verbose, console=make_console()) as progress:
+    console = make_console()
+    with Progress(transient=True, disable=not verbose or not console.is_terminal, console=console) as progress:
         task = progress.add_task("keypoints", total=2 * len(pairs))
         for q in pairs:
             for role, ct, config in (("fixed", q.fixed, keypoints.fixed), ("moving", q.moving, keypoints.moving)):

@@ -229,8 +229,9 @@ def _note_precision(config: DenseCycleConfig, dev: torch.device) -> None:
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    console = make_console()  # a pipe or log gets the lines per stage, not a bar's last frame
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=make_console())
+                    TimeRemainingColumn(), console=console, disable=not console.is_terminal)
 
 
 def _prepare_run(run: Path, meta: dict, check, stages_given: bool = True, quiet: bool = False) -> dict:

@@ -150,7 +150,7 @@ class StageSnapshot:
                              f"{' '.join(str(exc).split())[:200]}); delete it to redo the stage", self.path) from None
         if progress is not None:
             progress.console.print(f"stage {self.stage}: training resumes after {unit} {step}/{total_steps} "
-                                   f"({escape(str(self.path))})")
+                                   f"({escape(str(self.path))})", soft_wrap=True)
         return step, losses
 
     def offer(self, step: int, *, model: nn.Module, optimizer, lr_schedule, generator: torch.Generator,

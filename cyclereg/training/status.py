@@ -27,7 +27,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
     from rich.table import Table
 
     from cyclereg.checkpoint import json_text, write_json
-    from cyclereg.console import make_console, print_note, print_table
+    from cyclereg.console import count, make_console, print_note, print_table
     from cyclereg.errors import refuse_empty_paths, require_output_file, require_separate_output, require_switches
     from cyclereg.training.api import run_status
 
@@ -38,7 +38,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
         require_separate_output(json_out, "--json", run_dirs={"the run directory": run})
     info = run_status(Path(run), stages=stages)
     rule = info.get("stop_below_mm")
-    table = Table(title=f"{info['run']}: {info['dataset']} ({info['kind']}), {info['stages']} stages"
+    table = Table(title=f"{info['dataset']} ({info['kind']}), {count(info['stages'], 'stage')}"
                   + (f" at most (a fold stops once its labels move < {rule:g} mm)" if rule else ""))
     for column in ("fold", "finished stage", "next", "time so far", "time left (estimate)"):
         table.add_column(column)
@@ -49,6 +49,7 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
                       "-" if row["finished"] < 0 else str(row["finished"]), row["next"], hms(so_far),
                       hms(row["remaining_s"]))
     console = console or make_console()
+    console.print(f"{info['run']}:", soft_wrap=True, markup=False, highlight=False)  # whole: a path to copy
     print_table(console, table)
     for row in info["folds"]:
         missing = row["unlogged_stages"]
