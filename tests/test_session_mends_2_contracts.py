@@ -194,3 +194,23 @@ def test_each_log_line_of_a_cloud_run_records_its_device_and_precision(tmp_path,
     lines = [json.loads(line) for line in (run / "fold1" / "log.jsonl").read_text().splitlines() if line.strip()]
     assert [(r["stage"], r["device"], r["training_precision"]) for r in lines] == [(0, "cpu", None),
                                                                                   (1, "cpu", "float32")]
+
+
+# ----------------------------------------------------------------------------- register: the stale set, found late
+def test_register_without_query_removes_the_earlier_query_outputs(pair_files, one_intraop_thread):
+    """The stale outputs are found under the output folder's lock now (``OutputStage.find_stale``): a second
+    register into one folder that writes no query outputs still takes the first one's away."""
+    from typer.testing import CliRunner
+
+    from cyclereg_cli.main import app
+    d, _ = pair_files
+    out = d / "out"
+    base = ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(out), "--device", "cpu"]
+    res = CliRunner().invoke(app, [*base, "--query", str(d / "q.csv")])
+    assert res.exit_code == 0, res.output
+    with_query = {p.name for p in out.iterdir()}
+    query_files = {name for name in with_query if name.startswith("query")}
+    assert query_files, with_query
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == with_query - query_files
