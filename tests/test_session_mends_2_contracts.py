@@ -214,3 +214,29 @@ def test_register_without_query_removes_the_earlier_query_outputs(pair_files, on
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == with_query - query_files
+
+
+# ----------------------------------------------------------------------------- cycle: the stage-0 check, both halves
+def test_cycle_of_an_unlabelled_fold_is_refused_before_and_under_its_lock(tmp_path, one_intraop_thread):
+    """No fold folder: refused at once, nothing made for the fold (no lock file, no folder). A fold folder without
+    pseudo0.pt (a fold whose labelling stopped early): refused under the fold's lock with the same line."""
+    from typer.testing import CliRunner
+
+    from conftest import write_two_pair_dataset
+    from cyclereg_cli.main import app
+    ds = write_two_pair_dataset(tmp_path)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--stages", "1",
+                                   "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0",
+                                   "--recentre-passes", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    before = sorted(p.name for p in run.iterdir())
+    assert "fold2" not in before
+    cycle = ["cycle", str(ds), "--run", str(run), "--folds", "2", "--device", "cpu"]
+    res = CliRunner().invoke(app, cycle)
+    assert res.exit_code != 0 and "fold 2: no stage-0 pseudo labels; run 'cyclereg pretrain-random" in res.output
+    assert sorted(p.name for p in run.iterdir()) == before
+    (run / "fold2").mkdir()
+    res = CliRunner().invoke(app, cycle)
+    assert res.exit_code != 0 and "fold 2: no stage-0 pseudo labels; run 'cyclereg pretrain-random" in res.output
+    assert not (run / "fold2" / "log.jsonl").exists() and not (run / "fold2" / "final.pt").exists()
