@@ -176,8 +176,12 @@ def test_a_dense_stage_records_the_precision_its_device_trains_in(device, amp, c
     assert task.ran_on(0) == {"device": device, "training_precision": None}  # stage 0 trains nothing
 
 
-def test_each_log_line_of_a_cloud_run_records_its_device_and_precision(tmp_path, one_intraop_thread):
+def test_each_log_line_of_a_cloud_run_records_its_device_and_precision(tmp_path, one_intraop_thread, monkeypatch):
+    """Also: ``status`` read between stage 1's log line and its final.pt names the one file missing ('it')."""
     import json
+
+    from cyclereg.training import api as training_api
+    from cyclereg.training.scheduler import StageScheduler
 
     from typer.testing import CliRunner
 
@@ -189,8 +193,17 @@ def test_each_log_line_of_a_cloud_run_records_its_device_and_precision(tmp_path,
                                    "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0",
                                    "--recentre-passes", "0", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    seen, real = [], StageScheduler._publish_final
+
+    def publish(self, stage):
+        seen.append(training_api.run_status(run)["folds"][0]["next"])
+        return real(self, stage)
+
+    monkeypatch.setattr(StageScheduler, "_publish_final", publish)
     res = CliRunner().invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    assert seen == ["stage 1: its labels are saved, final.pt not yet (a cycle command working on the fold writes it "
+                    "next; if none is, the same cycle command writes it)"]
     lines = [json.loads(line) for line in (run / "fold1" / "log.jsonl").read_text().splitlines() if line.strip()]
     assert [(r["stage"], r["device"], r["training_precision"]) for r in lines] == [(0, "cpu", None),
                                                                                   (1, "cpu", "float32")]
