@@ -253,3 +253,47 @@ def test_cycle_of_an_unlabelled_fold_is_refused_before_and_under_its_lock(tmp_pa
     res = CliRunner().invoke(app, cycle)
     assert res.exit_code != 0 and "fold 2: no stage-0 pseudo labels; run 'cyclereg pretrain-random" in res.output
     assert not (run / "fold2" / "log.jsonl").exists() and not (run / "fold2" / "final.pt").exists()
+
+
+# ----------------------------------------------------------------------------- more named checks and label kinds
+def test_world_map_to_voxel_names_an_affine_that_is_no_finite_4x4():
+    with pytest.raises(ValueError, match=r"^affine: expected a 4x4"):
+        frames.world_map_to_voxel(torch.eye(3), torch.zeros(3), torch.eye(3))
+    bad = torch.eye(4)
+    bad[0, 3] = math.nan
+    with pytest.raises(ValueError, match=r"^affine: holds NaN or inf"):
+        frames.world_map_to_voxel(torch.eye(3), torch.zeros(3), bad)
+
+
+def test_dice_takes_labels_given_as_an_integer_tensor():
+    from cyclereg.metrics import dice
+    fixed = torch.tensor([1, 1, 2, 2]).reshape(1, 1, 1, 1, 4)
+    warped = torch.tensor([1, 2, 2, 2]).reshape(1, 1, 1, 1, 4)
+    # label 1: 2 * 1 / (2 + 1); label 2: 2 * 2 / (2 + 3)
+    for labels in (torch.tensor([1, 2]), [np.int64(1), torch.tensor(2)], [1.0, 2.0]):
+        scores = dice(fixed, warped, labels=labels)
+        assert list(scores) == [1, 2] and all(type(k) is int for k in scores)
+        assert scores[1] == pytest.approx(2 / 3) and scores[2] == pytest.approx(0.8)
+
+
+def test_spearman_is_nan_for_nan_in_either_sample_and_names_a_second_array():
+    from cyclereg.metrics import spearman
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert math.isnan(spearman(a, torch.tensor([1.0, 2.0, math.nan, 4.0])))
+    assert math.isnan(spearman(torch.tensor([1.0, math.nan, 3.0, 4.0]), a))
+    assert spearman(a, a.flip(0)) == pytest.approx(-1.0)
+    with pytest.raises(TypeError, match=r"^b: expected a torch.Tensor, got numpy.ndarray"):
+        spearman(a, np.arange(4.0))
+
+
+def test_lbp_centres_of_another_shape_are_named():
+    from cyclereg.clouds.lbp import candidates
+    with pytest.raises(ValueError, match=r"^centres \(3, 3\): expected \(4, 3\) like fixed"):
+        candidates(torch.rand(4, 3), torch.rand(5, 3), 2, torch.rand(3, 3))
+
+
+def test_pad_to_multiple_of_zero_is_refused_by_name():
+    from cyclereg.dense.pipeline import pad_to_multiple
+    with pytest.raises(ValueError, match=r"^multiple: expected a whole number >= 1, got 0"):
+        pad_to_multiple(torch.zeros(1, 1, 3, 3, 3), 0)
+    assert pad_to_multiple(torch.zeros(1, 1, 3, 3, 3), np.int64(4)).shape == (1, 1, 4, 4, 4)
