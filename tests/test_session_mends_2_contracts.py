@@ -297,3 +297,13 @@ def test_pad_to_multiple_of_zero_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^multiple: expected a whole number >= 1, got 0"):
         pad_to_multiple(torch.zeros(1, 1, 3, 3, 3), 0)
     assert pad_to_multiple(torch.zeros(1, 1, 3, 3, 3), np.int64(4)).shape == (1, 1, 4, 4, 4)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: frames.check_spacing leaves out Python bools only: a NumPy bool or a bool "
+                                       "tensor is taken as a voxel size of 1 mm (spacing_affine(np.array([True]*3)) "
+                                       "is the identity)")
+@pytest.mark.parametrize("spacing", [(np.True_, 1.0, 1.0), np.array([True, True, True]),
+                                     torch.tensor([True, True, True])], ids=["np.bool_", "bool array", "bool tensor"])
+def test_a_spacing_of_bools_of_any_kind_is_refused_by_name(spacing):
+    with pytest.raises(ValueError, match=r"^spacing_mm: expected 3 finite voxel sizes"):
+        frames.spacing_affine(spacing)
