@@ -307,3 +307,30 @@ def test_pad_to_multiple_of_zero_is_refused_by_name():
 def test_a_spacing_of_bools_of_any_kind_is_refused_by_name(spacing):
     with pytest.raises(ValueError, match=r"^spacing_mm: expected 3 finite voxel sizes"):
         frames.spacing_affine(spacing)
+
+
+def test_dense_cycle_without_stage0_labels_is_refused_before_and_under_the_lock(tmp_path, one_intraop_thread):
+    """Volumes: the run's ``all`` folder without stage-0 labels is refused under its lock; without the folder it is
+    refused at once and no folder is made."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cyclereg_cli.main import app
+    from test_cycle_dense import _dataset
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--stages", "1", "--iterations", "1",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for p in (run / "all").iterdir():  # the labelling left no labels (e.g. killed before them)
+        if p.name.startswith(("pseudo", "stage", "final", "log")):
+            p.unlink()
+    cycle = ["cycle", str(ds), "--run", str(run), "--device", "cpu"]
+    res = CliRunner().invoke(app, cycle)
+    assert res.exit_code == 2 and "no stage-0 pseudo labels; run 'cyclereg pretrain-random' first" in res.output
+    assert not (run / "all" / "log.jsonl").exists()
+    shutil.rmtree(run / "all")
+    res = CliRunner().invoke(app, cycle)
+    assert res.exit_code == 2 and "no stage-0 pseudo labels; run 'cyclereg pretrain-random' first" in res.output
+    assert not (run / "all").exists()
