@@ -40,12 +40,17 @@ def check_shape(name: str, shape) -> tuple[int, int, int]:
     return tuple(int(n) for n in sizes)  # type: ignore[return-value]
 
 
+def _is_bool(value) -> bool:
+    """Whether ``value`` is a truth value of any kind (Python, NumPy, a bool tensor): no size."""
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
 def check_spacing(name: str, spacing) -> tuple[float, float, float]:
     """``spacing`` as three Python floats, :class:`ValueError` naming ``name`` unless it is three finite voxel
     sizes > 0 mm (a zero size puts every point on one plane, a negative one mirrors)."""
     try:
         given = tuple(spacing)
-        sizes = tuple(float(v) for v in given if not isinstance(v, bool))
+        sizes = tuple(float(v) for v in given if not _is_bool(v))
     except (TypeError, ValueError):
         given, sizes = (spacing,), ()
     if len(sizes) != 3 or len(given) != 3 or not all(math.isfinite(v) and v > 0 for v in sizes):

@@ -9,7 +9,7 @@ per-fold configuration of ``evaluate --run`` reports, the ``ran_on`` record of e
 concurrency mends of ``pretrain-random`` / ``cycle`` / register outputs. Hand-made mutants of those lines that the
 session's own tests (the input-types, CLI config and concurrency walks) let through are killed here; every expected
 value is derived by hand (a known scale, an exact count, an exact dtype, an exact message fragment naming the
-argument). Real bugs found are pinned as strict xfails (``BUG: ...``).
+argument). Real bugs found were pinned as strict xfails (``BUG: ...``) until they were mended.
 """
 
 from __future__ import annotations
@@ -299,9 +299,6 @@ def test_pad_to_multiple_of_zero_is_refused_by_name():
     assert pad_to_multiple(torch.zeros(1, 1, 3, 3, 3), np.int64(4)).shape == (1, 1, 4, 4, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: frames.check_spacing leaves out Python bools only: a NumPy bool or a bool "
-                                       "tensor is taken as a voxel size of 1 mm (spacing_affine(np.array([True]*3)) "
-                                       "is the identity)")
 @pytest.mark.parametrize("spacing", [(np.True_, 1.0, 1.0), np.array([True, True, True]),
                                      torch.tensor([True, True, True])], ids=["np.bool_", "bool array", "bool tensor"])
 def test_a_spacing_of_bools_of_any_kind_is_refused_by_name(spacing):
