@@ -350,8 +350,10 @@ def test_the_report_names_the_seed_only_of_a_random_network_and_the_stage_a_chec
     ckpt = _cloud_checkpoint(folder / "m.pt", stage=5)
     r = evaluate_keypoint_dataset(ds, folder / "r.json", model=str(ckpt), device="cpu", quiet=True, tta_passes=2,
                                   folds="2")
-    assert r["seed"] is None and r["checkpoints"] == {"all": {"path": str(ckpt), "sha256": file_sha256(ckpt),
-                                                              "stage": 5}}
+    entry = dict(r["checkpoints"]["all"])
+    assert entry.pop("config") == r["config"]  # one model: its configuration is the report's
+    assert r["seed"] is None and list(r["checkpoints"]) == ["all"] and entry == {"path": str(ckpt),
+                                                                                 "sha256": file_sha256(ckpt), "stage": 5}
     assert r["method"] == f"model:{ckpt} (fold 2 only) (tta_passes=2)" and r["folds"] == [2]
     _cloud_checkpoint(folder / "s.pt", stage="5")  # not a stage number: recorded as none
     r = evaluate_keypoint_dataset(ds, folder / "r.json", model=str(folder / "s.pt"), device="cpu", quiet=True)

@@ -1758,6 +1758,7 @@ def test_evaluate_records_each_fold_checkpoint_and_names_a_fold_still_training(t
         return " ".join(res.output.split()), json.loads((tmp_path / name).read_text())
 
     said, report = evaluate("finished.json")
+    assert report["checkpoints"]["1"].pop("config") == report["config"]  # one fold: its configuration is the report's
     assert report["checkpoints"] == {"1": {"path": str(final), "sha256": file_sha256(final), "stage": 1}}
     assert "has not finished training" not in said
     case = report["cases"][0]
@@ -1772,6 +1773,7 @@ def test_evaluate_records_each_fold_checkpoint_and_names_a_fold_still_training(t
     said, report = evaluate("training.json")
     assert f"note: fold 1 of {run} has not finished training (next: stage 2: training from step 0): its final.pt " \
            "is the model of stage 1, not the run's last stage" in said, said
+    assert report["checkpoints"]["1"].pop("config") == report["config"]
     assert report["checkpoints"]["1"] == {"path": str(final), "sha256": file_sha256(final), "stage": 1,
                                           "run_finished": False}
     # an exported folder, or a stage chosen with --stage, gets no such note
