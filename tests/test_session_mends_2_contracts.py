@@ -331,3 +331,35 @@ def test_dense_cycle_without_stage0_labels_is_refused_before_and_under_the_lock(
     res = CliRunner().invoke(app, cycle)
     assert res.exit_code == 2 and "no stage-0 pseudo labels; run 'cyclereg pretrain-random' first" in res.output
     assert not (run / "all").exists()
+
+
+def test_a_dense_pretrain_random_takes_a_run_made_meanwhile(tmp_path, one_intraop_thread):
+    """Volumes: ``pretrain-random`` (no ``--seed``) found no run.json, then, before it takes its lock, another
+    ``pretrain-random --seed 5`` makes the run and labels it: the first starts again under the lock and takes the
+    run's values (seed 5, its labels kept), as it would had it started after the other."""
+    import json
+    from contextlib import contextmanager
+
+    import cyclereg.training.api as training_api
+    from test_cycle_dense import _dataset
+
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    run = tmp_path / "run"
+    cheap = dict(stages=1, iterations=1, device="cpu")
+    real = training_api.fold_locks
+
+    @contextmanager
+    def racing(r, folds):
+        if not (run / "run.json").exists():  # the other command runs in the window between the check and the lock
+            training_api.fold_locks = real
+            training_api.pretrain_random(ds, run, seed=5, **cheap)
+        with real(r, folds):
+            yield
+
+    training_api.fold_locks = racing
+    try:
+        training_api.pretrain_random(ds, run, **cheap)
+    finally:
+        training_api.fold_locks = real
+    assert json.loads((run / "run.json").read_text())["config"]["seed"] == 5
+    assert (run / "all" / "pseudo0.pt").is_file()
