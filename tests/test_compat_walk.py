@@ -107,11 +107,12 @@ def test_status_gives_the_documented_stage5_label_disagreements_of_the_rel05_see
     five folds 2.1256 (seed 0), 2.164 (seed 1), 2.142 (seed 2), 2.1240 mm (seed 3), the lowest -- as status --json
     reads them from the shipped logs."""
     means = []
-    for name, digits in (("copd_rel05", 4), ("copd_rel05_seed1", 3), ("copd_rel05_seed2", 3), ("copd_rel05_seed3", 4)):
+    for name in ("copd_rel05", "copd_rel05_seed1", "copd_rel05_seed2", "copd_rel05_seed3"):
         info = show_run_status(_copy(CARRIED / name, tmp_path), console=Console(file=io.StringIO()))
         values = [row["stage_log"]["5"]["pseudo_label_disagreement_mm"] for row in info["folds"]]
-        means.append(round(sum(values) / len(values), digits))
-    assert means == [2.1256, 2.164, 2.142, 2.1240] and min(means) == means[3]
+        means.append(sum(values) / len(values))
+    assert [round(means[0], 4), round(means[3], 4)] == [2.1256, 2.1240]
+    assert means[1:3] == pytest.approx([2.164, 2.142], abs=5e-4) and min(means) == means[3]
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: training.status.unfinished_folds calls the exported folds of "
