@@ -112,7 +112,9 @@ def test_status_gives_the_documented_stage5_label_disagreements_of_the_rel05_see
         values = [row["stage_log"]["5"]["pseudo_label_disagreement_mm"] for row in info["folds"]]
         means.append(sum(values) / len(values))
     assert [round(means[0], 4), round(means[3], 4)] == [2.1256, 2.1240]
-    assert means[1:3] == pytest.approx([2.164, 2.142], abs=5e-4) and min(means) == means[3]
+    # seed 1 is 2.16349 mm: the docs' 2.164 is the mean of its five folds rounded to 3 decimals first
+    # (2.142 / 2.140 / 2.208 / 2.208 / 2.120), one unit of the last digit off the mean itself
+    assert means[1:3] == pytest.approx([2.164, 2.142], abs=1e-3) and min(means) == means[3]
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: training.status.unfinished_folds calls the exported folds of "
