@@ -10,7 +10,7 @@ format (no ``checkpoints[k].config``, no ``scoring_seconds``) -- against ``statu
 docs/benchmarks.md quotes from the shipped files. Every artefact is copied into ``tmp_path`` first (the clone's
 ``models/`` and ``carried-runs/`` are never written). Expected values are derived by hand from the files
 themselves (stage counts and seconds from ``log.jsonl``, SHA-256 of the checkpoint, the documented figures).
-Real bugs are pinned as strict xfails (``BUG: ...``).
+Real bugs were pinned as strict xfails (``BUG: ...``) until they were mended.
 """
 
 from __future__ import annotations
@@ -117,20 +117,12 @@ def test_status_gives_the_documented_stage5_label_disagreements_of_the_rel05_see
     assert means[1:3] == pytest.approx([2.164, 2.142], abs=1e-3) and min(means) == means[3]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: training.status.unfinished_folds calls the exported folds of "
-                   "carried-runs/*_stage6 (foldK.pt beside a run.json) unfinished: evaluate --run prints 'has not "
-                   "finished training ... its final.pt is the model of stage 6, not the run's last stage' and "
-                   "records run_finished: false, though there is no final.pt and its docstring says a folder of "
-                   "exported models gives {}")
 @pytest.mark.parametrize("name", ["copd_lr1_stage6", "copd_k256_stage6"])
 def test_exported_stage6_folders_are_not_called_unfinished(name, tmp_path):
     run = _copy(CARRIED / name, tmp_path)
     assert unfinished_folds(run, [1, 2, 3, 4, 5]) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the same unfinished_folds makes `ensemble` of carried-runs/copd_lr1_stage6 "
-                   "(the documented 'cyclereg ensemble S6 LR1 ...' inputs) print, per fold, 'has not finished training "
-                   "(next: no training here: ...): the ensemble takes its final.pt, the model of an intermediate stage'")
 def test_ensemble_of_an_exported_stage6_folder_prints_no_unfinished_note(tmp_path):
     s6 = _copy(CARRIED / "copd_lr1_stage6", tmp_path)
     lr1 = _copy(CARRIED / "copd_lr1", tmp_path)

@@ -473,6 +473,7 @@ def run_status(run: Path, stages: int | None = None) -> dict:
         if k is not None and not fold_dir(run, k).is_dir() and exported.is_file():
             # a folder of exported checkpoints (scripts/run_model_set.py, cyclereg ensemble): no stages here
             row["next"] = f"no training here: the exported checkpoint {exported.name}"
+            row["exported"] = True
         rows.append(row)
     return {"run": str(run), "dataset": meta.get("dataset"), "kind": meta.get("kind"), "stages": total,
             STOP_KEY: rule, "folds": rows}

@@ -69,7 +69,8 @@ def show_run_status(run: Path | str, *, stages: int | None = None, history: bool
 def unfinished_folds(run: Path | str, folds) -> dict:
     """``{fold: what comes next}`` for those of ``folds`` (``None``: a volume run's one model) that the
     training run directory ``run`` has not finished (``status``'s 'next' column): their ``final.pt``
-    is an intermediate stage's model. ``{}`` for a folder of exported models or one without a
+    is an intermediate stage's model. ``{}`` for a folder of exported models (also one that keeps a
+    ``run.json`` beside its ``foldK.pt``, as ``scripts/ensemble_stage.py`` writes) or one without a
     readable ``run.json`` (the caller's own checks name what is wrong there)."""
     from cyclereg.errors import InputError
     from cyclereg.training.api import run_status
@@ -82,7 +83,7 @@ def unfinished_folds(run: Path | str, folds) -> dict:
         return {}
     wanted = set(folds)
     return {row["fold"]: row["next"] for row in rows
-            if row["fold"] in wanted and not str(row["next"]).startswith("finished")}
+            if row["fold"] in wanted and not row.get("exported") and not str(row["next"]).startswith("finished")}
 
 
 def unfinished_note(run: Path | str, fold: int | None, next_text: str, stage: int | None) -> str:
