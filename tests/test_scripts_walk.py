@@ -63,7 +63,7 @@ def _refused(code, err: str, *named: str) -> None:
         assert name in err, (name, err)
 
 
-def _fake_cloud_run(run: Path, stages=(1,), folds=2) -> Path:
+def _fake_cloud_run(run: Path, stages=(1,), folds=2, seed=0) -> Path:
     """A keypoint run directory in the layout ``pretrain-random`` + ``cycle`` leave: ``run.json`` (kind, folds,
     config) and per fold ``stageT.pt`` and ``final.pt`` (the last stage), random networks of distinct seeds."""
     run.mkdir(parents=True)
@@ -76,7 +76,7 @@ def _fake_cloud_run(run: Path, stages=(1,), folds=2) -> Path:
         (run / f"fold{k}").mkdir()
         for t in stages:
             save_checkpoint(run / f"fold{k}" / f"stage{t}.pt", kind="cloud", config=cfg,
-                            state_dict=build_graph_net(cfg.net, seed=10 * k + t).state_dict(), extra={"stage": t})
+                            state_dict=build_graph_net(cfg.net, seed=seed + 10 * k + t).state_dict(), extra={"stage": t})
         (run / f"fold{k}" / "final.pt").write_bytes((run / f"fold{k}" / f"stage{max(stages)}.pt").read_bytes())
     return run
 
@@ -259,15 +259,12 @@ def test_set_cloud_test_time_checks_ensemble_json_before_rewriting(model_set, mo
 # ----------------------------------------------------------------------------- scripts/ensemble_stage.py
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory) -> Path:
-    """``cyclereg ensemble`` of two folders of random networks (folds 1 and 2)."""
+    """``cyclereg ensemble`` of two keypoint runs of random networks (folds 1 and 2; ``training`` holds their
+    run.json)."""
     d = tmp_path_factory.mktemp("ens")
-    cfg = CloudRegConfig(lbp=LBPConfig(num_candidates=16))
-    for name, seeds in (("a", (1, 2)), ("b", (3, 4))):
-        (d / name).mkdir()
-        for k, seed in enumerate(seeds, 1):
-            save_checkpoint(d / name / f"fold{k}.pt", kind="cloud", config=cfg,
-                            state_dict=build_graph_net(cfg.net, seed=seed).state_dict(), extra={"stage": 5})
-    res = runner.invoke(app, ["ensemble", str(d / "a"), str(d / "b"), "-o", str(d / "e")])
+    _fake_cloud_run(d / "ra")
+    _fake_cloud_run(d / "rb", seed=100)
+    res = runner.invoke(app, ["ensemble", str(d / "ra"), str(d / "rb"), "-o", str(d / "e")])
     assert res.exit_code == 0, res.output
     return d / "e"
 
@@ -288,6 +285,29 @@ def test_ensemble_stage_names_a_bad_option_in_one_line(ensemble, tmp_path, monke
     monkeypatch.setattr(sys, "argv", ["ensemble_stage.py", str(ensemble), str(tmp_path / "out"), *args])
     code, err = _outcome(mod.main, capsys)
     _refused(code, err.splitlines()[-1] if err else err, option)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: ensemble_stage.py reads --dataset and --learner only inside the "
+                                       "worker jobs: a missing one ends, after the workers started, in the "
+                                       "InputError traceback run_parallel re-raises, not one line before any job")
+@pytest.mark.parametrize("option", ["--dataset", "--learner"])
+def test_ensemble_stage_checks_its_input_paths_before_the_jobs(ensemble, tmp_path, monkeypatch, capsys, option):
+    mod = load_script("scripts/ensemble_stage.py")
+
+    def serial(jobs, workers, progress, threads=1, on_result=None):  # run_parallel re-raises a job's exception
+        for fn, args, _ in jobs:
+            on_result(fn(*args, progress=progress))
+
+    monkeypatch.setattr(mod, "run_parallel", serial)
+    missing = tmp_path / "nope"
+    args = ["--dataset", str(missing)] if option == "--dataset" else ["--learner", str(missing)]
+    if option == "--learner":
+        args += ["--dataset", str(tmp_path / "dataset.json")]
+        (tmp_path / "dataset.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["ensemble_stage.py", str(ensemble), str(tmp_path / "out"), *args])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err.splitlines()[-1] if err else err, str(missing))
     assert not (tmp_path / "out").exists()
 
 
