@@ -225,6 +225,23 @@ def test_set_cloud_test_time_changes_only_the_named_field(model_set, monkeypatch
     assert _sums(model_set) == sums
 
 
+def test_set_cloud_test_time_stores_the_volume_box_of_a_dataset(model_set, tmp_path, monkeypatch, capsys):
+    """``--training-box-of`` a dataset of a 10 x 20 x 30 (z, y, x) voxel grid at 1 x 2 x 3 mm: the box from the
+    origin with world extent x 30 * 3, y 20 * 2, z 10 * 1 mm, and nothing else of the config changes."""
+    from conftest import write_two_pair_dataset
+
+    (tmp_path / "data").mkdir()
+    ds = write_two_pair_dataset(tmp_path / "data")
+    record = json.loads(ds.read_text())
+    ds.write_text(json.dumps({**record, "volume_shape_zyx": [10, 20, 30], "spacing_zyx_mm": [1.0, 2.0, 3.0]}))
+    before = load_checkpoint(model_set / "fold1.pt", kind="cloud")["config"]
+    _set_test_time(monkeypatch, str(model_set), "--training-box-of", str(ds))
+    after = load_checkpoint(model_set / "fold1.pt", kind="cloud")["config"]
+    assert {n for n in before if before[n] != after[n]} == {"training_box"}
+    box = CloudRegConfig.from_dict(after).training_box
+    assert tuple(box.lo_mm) == (0.0, 0.0, 0.0) and tuple(box.extent_mm) == (90.0, 40.0, 10.0)
+
+
 def test_set_cloud_test_time_refuses_a_dense_checkpoint_before_rewriting_any(model_set, tmp_path, monkeypatch, capsys):
     dense = tmp_path / "dense.pt"
     save_checkpoint(dense, kind="dense", config={}, state_dict={})
