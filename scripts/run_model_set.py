@@ -27,7 +27,7 @@ from pathlib import Path
 from cyclereg.checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import fold_checkpoint
 from cyclereg.datasets import read_json
-from cyclereg.errors import InputError, require_output_dir
+from cyclereg.errors import InputError, refuse_output_in_run, require_output_dir
 from cyclereg.training.clouds import CloudCycleConfig, initial_network
 from cyclereg.training.scheduler import initial_network_seed
 
@@ -37,6 +37,8 @@ def _run_meta(run: Path) -> dict:
     if not info.is_file():
         raise InputError("not a training run (no run.json)", run)
     meta = read_json(info)
+    if meta.get("kind") != "keypoints":
+        raise InputError(f"a run of a {meta.get('kind')!r} dataset; model sets are made of keypoint runs", run)
     if not meta.get("folds"):
         raise InputError("run.json lists no folds", info)
     return meta
@@ -44,11 +46,12 @@ def _run_meta(run: Path) -> dict:
 
 def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
     """Write ``out/fold{K}.pt`` for every fold of ``run`` (see the module docstring); returns them."""
+    if stage is not None and stage < 0:
+        raise InputError(f"--stage {stage}: need 0 or more")
     if out.exists():
         raise InputError("already exists; choose a new directory", out)
     require_output_dir(out)  # before any work: not below a file, not named like a file, writable
-    if stage is not None and stage < 0:
-        raise ValueError(f"stage: must be >= 0, got {stage}")
+    refuse_output_in_run(out, "-o")
     meta = _run_meta(run)
     folds = range(1, len(meta["folds"]) + 1)
     want = None if stage is None else max(stage, 1)  # stage 0 takes stage 1's settings
@@ -66,6 +69,8 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
         cycle_cfg = CloudCycleConfig.from_dict(meta["config"])
         seed = initial_network_seed(cycle_cfg.seed, 0)
         stage0 = initial_network(cycle_cfg, 0).state_dict()
+    made = [p for p in reversed(out.parent.absolute().parents) if not p.exists()]
+    made += [out.parent.absolute()] if not out.parent.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder beside OUT: one rename, same file system
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     mask = os.umask(0)
@@ -89,6 +94,12 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        if not out.exists():  # failed: the folders made for it go again (deepest first; empty ones only)
+            for folder in reversed(made):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return written
 
 
