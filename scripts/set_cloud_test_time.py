@@ -25,22 +25,23 @@ from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import dataset_box
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.datasets import load_keypoint_dataset, read_json
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, run_dir_holding
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="+", type=Path)
-    ap.add_argument("--tta-passes", type=int)
-    ap.add_argument("--recentre-passes", type=int)
+    ap.add_argument("paths", nargs="+", type=Path, help="cloud checkpoints, or folders of fold*.pt (a model set)")
+    ap.add_argument("--tta-passes", type=int, help="test-time augmentation passes (0 = off)")
+    ap.add_argument("--recentre-passes", type=int, help="re-centred LBP passes after the first (0 = single pass)")
     ap.add_argument("--candidates", type=int, help="candidates of the first LBP pass (lbp.num_candidates)")
     ap.add_argument("--recentre-candidates", type=int, help="candidates of each re-centred pass (0 = as the first pass)")
-    ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON")
+    ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON",
+                    help="store this keypoint dataset's volume box as the frame the networks were trained in")
     args = ap.parse_args()
     try:
         _update(ap, args)
-    except InputError as exc:  # a missing or unreadable checkpoint or dataset: one line, nothing rewritten
-        ap.exit(1, f"error: {exc}\n")
+    except ValueError as exc:  # InputError: a missing or unreadable checkpoint or dataset; else a value out of
+        ap.exit(1, f"error: {exc}\n")  # range for its field: one line, nothing rewritten
 
 
 def _update(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -56,6 +57,11 @@ def _update(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     files = [f for p in args.paths for f in (sorted(p.glob("fold*.pt")) if p.is_dir() else [p])]
     if not files:
         ap.error("no checkpoints found")
+    for f in files:  # a training run's own checkpoints (RUN/foldK/*.pt): cycle writes them, status reads them
+        run = run_dir_holding(f.parent)
+        if run is not None and Path(f.parent).resolve() != run:
+            raise InputError(f"a checkpoint of the training run {run}, which cycle writes and status reads; export "
+                             "the stage first (python scripts/run_model_set.py RUN -o SET) and change the set", f)
 
     def updated(config: dict) -> CloudRegConfig:
         cfg = CloudRegConfig.from_dict(config)
@@ -65,14 +71,21 @@ def _update(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     loaded = [(f, load_checkpoint(f, kind="cloud")) for f in files]  # all readable before any is written
     configs = [updated(ck["config"]) for _, ck in loaded]  # all valid first
-    summaries = [(p / "ensemble.json", read_json(p / "ensemble.json"))
-                 for p in args.paths if p.is_dir() and (p / "ensemble.json").is_file()]
+    summaries = []
+    for p in args.paths:
+        if p.is_dir() and (p / "ensemble.json").is_file():
+            info = read_json(p / "ensemble.json")
+            try:  # its configuration too, before any file is rewritten
+                info["config"] = updated(info["config"]) if isinstance(info, dict) else None
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"its config cannot be read ({type(exc).__name__}: {exc})", p / "ensemble.json") \
+                    from None
+            summaries.append((p / "ensemble.json", info))
     for (f, ck), config in zip(loaded, configs):
         save_checkpoint(f, kind="cloud", config=config, state_dict=ck["state_dict"], extra=ck.get("extra"))
         print(f"{f}: candidates={config.lbp.num_candidates} tta_passes={config.tta_passes} recentre_passes={config.recentre_passes} "
               f"recentre_candidates={config.recentre_candidates} training_box={config.training_box}")
     for path, info in summaries:
-        info["config"] = updated(info["config"])
         write_json(path, info)
         print(f"{path}: config updated")
 

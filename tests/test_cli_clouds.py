@@ -1340,7 +1340,7 @@ def test_a_dataset_json_with_a_byte_order_mark_reads_as_without(tmp_path):
         read_json(tmp_path / "bad.json")
 
 
-def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
+def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path, capsys):
     """`scripts/set_cloud_test_time.py` on an ensemble directory: every fold checkpoint and the
     directory's ensemble.json get the new settings; state dicts stay bitwise equal; a bad value
     writes nothing."""
@@ -1359,12 +1359,14 @@ def test_set_cloud_test_time_rewrites_settings_not_weights(tmp_path):
     argv = sys.argv
     try:
         sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "-3"]
-        with pytest.raises(ValueError, match="recentre_candidates"):
+        with pytest.raises(SystemExit) as stop:  # one line naming the field, exit 1
             mod.main()
+        assert stop.value.code == 1 and "recentre_candidates" in capsys.readouterr().err
         assert load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")["config"] == before["config"]
         sys.argv = ["x", str(tmp_path / "e"), "--candidates", "0"]
-        with pytest.raises(ValueError, match="num_candidates"):
+        with pytest.raises(SystemExit) as stop:
             mod.main()
+        assert stop.value.code == 1 and "num_candidates" in capsys.readouterr().err
         assert load_checkpoint(tmp_path / "e" / "fold1.pt", kind="cloud")["config"] == before["config"]
         sys.argv = ["x", str(tmp_path / "e"), "--recentre-candidates", "32", "--recentre-passes", "1", "--candidates", "24"]
         mod.main()
