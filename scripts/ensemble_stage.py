@@ -190,11 +190,11 @@ def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, c
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ensemble", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--folds", default=None)
+    ap.add_argument("ensemble", type=Path, help="folder of 'cyclereg ensemble' (ensemble.json, foldK.pt)")
+    ap.add_argument("out", type=Path, help="folder for the new stage: one run-like folder per member")
+    ap.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="keypoint dataset.json the members trained on")
+    ap.add_argument("--jobs", type=int, default=2, help="(fold, member) jobs at once, each in its own process")
+    ap.add_argument("--folds", default=None, metavar="K,L", help="only these folds (default: every fold of the ensemble)")
     ap.add_argument("--learner", type=Path, default=None, metavar="RUN_DIR",
                     help="train this run's fold checkpoints (not members of the ensemble) on the ensemble's labels")
     ap.add_argument("--members", default=None, metavar="I,J",
@@ -207,6 +207,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.learn_recentre_passes is not None and args.learn_recentre_passes < 0:
         ap.error(f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: need 1 or more")
+    for flag, path in (("--dataset", args.dataset), ("--learner", args.learner)):  # read in the jobs: checked here
+        if path is not None and not (path / "run.json" if flag == "--learner" else path).is_file():
+            ap.error(f"{flag} {path}: " + ("no run directory there (no run.json)" if flag == "--learner"
+                                             else "no such file"))
     try:
         info = read_json(args.ensemble / "ensemble.json")
     except InputError as exc:  # no ensemble there, or not JSON: one line
@@ -214,8 +220,13 @@ def main() -> None:
     if not isinstance(info.get("members"), dict) or not info["members"]:
         ap.exit(1, f"error: {args.ensemble / 'ensemble.json'}: lists no members (not an ensemble of 'cyclereg "
                    "ensemble'?)\n")
-    folds = sorted(int(k[4:]) for k in info["members"]) if args.folds is None else \
-        [int(v) for v in args.folds.split(",")]
+    have = sorted(int(k[4:]) for k in info["members"])
+    try:
+        folds = have if args.folds is None else [int(v) for v in args.folds.split(",")]
+    except ValueError:
+        ap.error(f"--folds {args.folds}: expected fold numbers such as 1,3")
+    if not set(folds) <= set(have):
+        ap.error(f"--folds {args.folds}: the ensemble has folds {','.join(map(str, have))}")
     if args.joint is not None:
         count = len(info["members"]["fold" + str(folds[0])])
         if args.learner is not None or args.members is not None:
@@ -229,7 +240,10 @@ def main() -> None:
                  f"fold {k} {args.learner.name}") for k in folds]
     else:
         count = len(info["members"]["fold" + str(folds[0])])
-        members = None if args.members is None else [int(v) for v in args.members.split(",")]
+        try:
+            members = None if args.members is None else [int(v) for v in args.members.split(",")]
+        except ValueError:
+            ap.error(f"--members {args.members}: expected member indices such as 0,2")
         if members is not None and not all(0 <= i < count for i in members):
             ap.error(f"--members {args.members}: the ensemble has members 0..{count - 1}")
         jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i, None, args.learn_recentre_passes),
