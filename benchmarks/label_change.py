@@ -77,6 +77,9 @@ def main(argv=None) -> int:
                     help="also the stage at which 'cycle --stop-below MM' would have stopped each fold")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    for run in args.runs:  # a typo or a model set would read as a run of no stages
+        if not (run / "run.json").is_file():
+            ap.exit(1, f"error: {run}: not a training run directory (no run.json)\n")
     result = {}
     for run in args.runs:
         curve = run_curve(run)

@@ -20,6 +20,7 @@ import numpy as np
 
 from cyclereg.dense.api import load_model, register_pair
 from cyclereg.dense.data import load_volume_dataset
+from cyclereg.errors import InputError
 from cyclereg.metrics import dice, scored_labels
 from cyclereg.volumeio import read_nifti
 from cyclereg.warp import warp, warp_labels
@@ -33,7 +34,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    ds = load_volume_dataset(args.dataset)
+    try:
+        ds = load_volume_dataset(args.dataset)
+    except InputError as exc:  # a missing or unreadable dataset: one line
+        ap.exit(1, f"error: {exc}\n")
     net, cfg, _ = load_model(args.model, args.seed, "cpu")
     rows = []
     for p in list(ds.pairs)[: args.pairs]:

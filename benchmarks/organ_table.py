@@ -43,7 +43,12 @@ def tables(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", help="volume evaluation report (JSON)")
-    print(tables(json.loads(open(parser.parse_args().report).read())))
+    report = parser.parse_args().report
+    try:
+        text = open(report).read()
+    except OSError as exc:
+        parser.exit(1, f"error: {report}: {exc.strerror}\n")
+    print(tables(json.loads(text)))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 from cyclereg.dense.api import load_model, register_pair
 from cyclereg.dense import pipeline
+from cyclereg.errors import InputError
 from cyclereg.volumeio import Volume, read_nifti
 from cyclereg.warp import warp
 
@@ -49,7 +50,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    vol = read_nifti(args.volume) if args.volume else smooth_volume(tuple(args.size))
+    try:
+        vol = read_nifti(args.volume) if args.volume else smooth_volume(tuple(args.size))
+    except InputError as exc:  # a missing or unreadable scan: one line
+        ap.exit(1, f"error: {exc}\n")
     net, cfg = load_model("random", 0, "cpu")[:2]
     print(f"volume {tuple(vol.shape)}, spacing {vol.spacing} mm, random network (seed 0)")
     with torch.no_grad():

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, refuse_output_in_run, require_output_dir
 from cyclereg.frames import ALIGN_CORNERS, mm_disp_to_voxel, voxel_disp_to_mm
 from cyclereg.keypoints.api import detect_keypoints_file
 from cyclereg.metrics import jacobian_map
@@ -154,6 +154,8 @@ def run(ct: Path, out: Path, cfg: FieldConfig, *, moving_nms_radius_mm: float, d
     timings = {}
     t = time.perf_counter()
     fixed = read_nifti(ct)  # read and checked before the output folder is made
+    require_output_dir(out)  # a file there, or a run directory's folder: one line before any work
+    refuse_output_in_run(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     u_c, factor = random_field(fixed.shape, fixed.affine, cfg)
     moving, residual_vox = deform(fixed.data, u_c, factor, cfg.inverse_iterations)
@@ -239,10 +241,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/chest_e2e"), help="output folder")
     ap.add_argument("--rms-mm", type=float, default=FieldConfig.rms_mm, help="RMS magnitude of the known field [mm]")
     ap.add_argument("--smoothness-mm", type=float, default=FieldConfig.smoothness_mm, help="field smoothness [mm]")
-    ap.add_argument("--seed", type=int, default=FieldConfig.seed)
+    ap.add_argument("--seed", type=int, default=FieldConfig.seed, help="seed of the known random field")
     ap.add_argument("--moving-nms-radius", type=float, default=3.0,
                     help="NMS radius [mm] in the moving scan (denser moving cloud, as in the paper)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (for `cyclereg keypoints` and `register`)")
     ap.add_argument("--model", default="random", help="checkpoint for `cyclereg register`, or 'random'")
     a = ap.parse_args(argv)
     cfg = FieldConfig(rms_mm=a.rms_mm, smoothness_mm=a.smoothness_mm, seed=a.seed)

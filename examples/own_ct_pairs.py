@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chest_ct_end_to_end import DEFAULT_CT, FieldConfig, deform, random_field, u_mm_at  # noqa: E402
 
 from cyclereg.clouds.api import load_cloud_model  # noqa: E402
-from cyclereg.errors import InputError  # noqa: E402
+from cyclereg.errors import InputError, refuse_output_in_run, require_output_dir  # noqa: E402
 from cyclereg.frames import world_to_voxel  # noqa: E402
 from cyclereg.volumeio import read_nifti, write_nifti  # noqa: E402
 
@@ -73,6 +73,8 @@ def error_at_keypoints(reg_dir: Path, fixed, u_c, factor) -> dict:
 
 def run(ct: Path, out: Path, *, pairs: int, stages: int, epochs: int, test_seed: int, device: str) -> dict:
     fixed = read_nifti(ct)  # read and checked before the output folder is made
+    require_output_dir(out)  # a file there, or a run directory's folder: one line before any work
+    refuse_output_in_run(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t = time.perf_counter()
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", type=int, default=2, help="self-training stages T")
     ap.add_argument("--epochs", type=int, default=20, help="epochs per stage")
     ap.add_argument("--test-seed", type=int, default=100, help="seed of the held-out pair's field")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (for the cyclereg commands it runs)")
     a = ap.parse_args(argv)
     try:
         res = run(a.ct, a.out, pairs=a.pairs, stages=a.stages, epochs=a.epochs, test_seed=a.test_seed,
