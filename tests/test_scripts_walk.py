@@ -8,8 +8,8 @@ that does not exist, a damaged checkpoint midway, option values out of range. Th
 (README: bad input gives one line naming the file or option, a non-zero exit, no traceback, no partial
 output) is applied to the scripts too, and the scripts that write must never change their inputs.
 
-Handled cases no other test covered are pinned as compact tests; the cases handled badly are strict
-xfails whose reason starts with ``BUG:`` (they pass once mended). Scripts that need the GPU machine
+Handled cases no other test covered are pinned as compact tests; the cases handled badly were strict
+xfails whose reason started with ``BUG:`` until they were mended. Scripts that need the GPU machine
 (``device_check.py run``), ANTs (``benchmarks/ants_syn.py``), the shared COPD data or minutes of
 training (``ensemble_stage.py`` jobs themselves, ``examples/*`` end to end, most ``benchmarks/``) were
 only run with ``--help`` and missing inputs here.
@@ -153,9 +153,6 @@ def test_run_model_set_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path
     assert _sums(tmp_path) == before  # no output, no temporary folder left, the run unchanged
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_model_set.py makes the missing parent folders of -o before it reads "
-                                       "the checkpoints, and a failure leaves them behind (empty); the library's "
-                                       "staged outputs remove the folders they made when the body fails")
 def test_run_model_set_leaves_no_parent_folder_after_a_failure(tmp_path, run_model_set, capsys):
     run = _fake_cloud_run(tmp_path / "run")
     damaged = _damage_fold2(run)
@@ -164,9 +161,6 @@ def test_run_model_set_leaves_no_parent_folder_after_a_failure(tmp_path, run_mod
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_model_set.py --stage -1 raises ValueError (a traceback) "
-                                       "instead of one line naming --stage (export raises ValueError, main "
-                                       "catches only InputError)")
 def test_run_model_set_names_a_negative_stage_in_one_line(tmp_path, run_model_set, capsys):
     run = _fake_cloud_run(tmp_path / "run")
     code, err = _outcome(lambda: run_model_set.main([str(run), "-o", str(tmp_path / "set"), "--stage", "-1"]), capsys)
@@ -174,9 +168,6 @@ def test_run_model_set_names_a_negative_stage_in_one_line(tmp_path, run_model_se
     assert not (tmp_path / "set").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_model_set.py writes a model set inside the run directory it "
-                                       "exports (-o RUN/set, -o RUN/fold1/set); the README's rule is that a run's "
-                                       "folders hold its own files only (refuse_output_in_run is not called)")
 @pytest.mark.parametrize("inside", ["set", "fold1/set"])
 def test_run_model_set_refuses_an_output_inside_the_run(tmp_path, run_model_set, capsys, inside):
     run = _fake_cloud_run(tmp_path / "run")
@@ -186,9 +177,6 @@ def test_run_model_set_refuses_an_output_inside_the_run(tmp_path, run_model_set,
     _refused(code, err, str(run / inside))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_model_set.py DENSE_RUN --stage 0 ends in a TypeError traceback "
-                                       "(CloudCycleConfig.from_dict of the volume run's config); run.json's kind "
-                                       "is never checked")
 def test_run_model_set_refuses_a_dense_run_at_stage_0_in_one_line(tmp_path, run_model_set, capsys):
     from cyclereg.training.dense import DenseCycleConfig
 
@@ -262,9 +250,6 @@ def test_set_cloud_test_time_refuses_a_dense_checkpoint_before_rewriting_any(mod
     assert _sums(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: set_cloud_test_time.py with an out-of-range value ends in the "
-                                       "ValueError traceback of CloudRegConfig/LBPConfig, not one line naming "
-                                       "the option (main catches only InputError)")
 @pytest.mark.parametrize("option, value", [("--tta-passes", "-1"), ("--recentre-passes", "-1"), ("--candidates", "0")])
 def test_set_cloud_test_time_names_an_out_of_range_value_in_one_line(model_set, monkeypatch, capsys, option, value):
     before = _sums(model_set)
@@ -273,9 +258,6 @@ def test_set_cloud_test_time_names_an_out_of_range_value_in_one_line(model_set, 
     _refused(code, err, option.lstrip("-").replace("-", "_"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: set_cloud_test_time.py rewrites every fold checkpoint before it "
-                                       "reads the config of the folder's ensemble.json; one it cannot read ends "
-                                       "in a traceback with the checkpoints already changed (not 'all valid first')")
 def test_set_cloud_test_time_checks_ensemble_json_before_rewriting(model_set, monkeypatch, capsys):
     (model_set / "ensemble.json").write_text(json.dumps({"members": {}, "config": None}))
     before = _sums(model_set)
@@ -284,11 +266,6 @@ def test_set_cloud_test_time_checks_ensemble_json_before_rewriting(model_set, mo
     _refused(code, err, str(model_set / "ensemble.json"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: set_cloud_test_time.py rewrites a run's own RUN/foldK/final.pt; it then "
-                                       "no longer is the byte copy of stageK.pt, so `cyclereg status` calls the fold "
-                                       "unfinished ('final.pt not yet') and the next `cycle` overwrites it; a "
-                                       "checkpoint inside a run directory should be refused (export it with "
-                                       "run_model_set.py first)")
 def test_set_cloud_test_time_refuses_a_checkpoint_of_a_run(tmp_path, monkeypatch, capsys):
     run = _fake_cloud_run(tmp_path / "run")
     before = _sums(run)
@@ -311,9 +288,6 @@ def ensemble(tmp_path_factory) -> Path:
     return d / "e"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ensemble_stage.py turns a fold the ensemble lacks (--folds 9), a "
-                                       "non-number in --folds / --members, or --jobs 0 into a KeyError / ValueError "
-                                       "traceback instead of one usage line naming the option")
 @pytest.mark.parametrize("args, option", [(["--folds", "9"], "--folds"), (["--folds", "x"], "--folds"),
                                           (["--members", "x"], "--members"), (["--joint", "0", "--folds", "9"], "--folds"),
                                           (["--jobs", "0"], "--jobs")])
@@ -330,9 +304,6 @@ def test_ensemble_stage_names_a_bad_option_in_one_line(ensemble, tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ensemble_stage.py reads --dataset and --learner only inside the "
-                                       "worker jobs: a missing one ends, after the workers started, in the "
-                                       "InputError traceback run_parallel re-raises, not one line before any job")
 @pytest.mark.parametrize("option", ["--dataset", "--learner"])
 def test_ensemble_stage_checks_its_input_paths_before_the_jobs(ensemble, tmp_path, monkeypatch, capsys, option):
     mod = load_script("scripts/ensemble_stage.py")
@@ -354,9 +325,6 @@ def test_ensemble_stage_checks_its_input_paths_before_the_jobs(ensemble, tmp_pat
 
 
 # ----------------------------------------------------------------------------- benchmarks/label_change.py
-@pytest.mark.xfail(strict=True, reason="BUG: benchmarks/label_change.py on a path that is no run directory (a typo, "
-                                       "a model set) prints an empty table and exits 0, so a mistyped run reads as "
-                                       "'no stages'")
 @pytest.mark.parametrize("what", ["missing", "model_set"])
 def test_label_change_refuses_what_is_not_a_run(model_set, tmp_path, capsys, what):
     mod = load_script("benchmarks/label_change.py")
@@ -365,9 +333,6 @@ def test_label_change_refuses_what_is_not_a_run(model_set, tmp_path, capsys, wha
     _refused(code, err, str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (benchmarks): a missing input file ends in a traceback "
-                                       "(FileNotFoundError in organ_table.py, the uncaught InputError in "
-                                       "label_scoring.py / self_registration.py / label_reach.py), not one line")
 @pytest.mark.parametrize("script, argv", [("benchmarks/organ_table.py", ["{missing}"]),
                                           ("benchmarks/label_scoring.py", ["{missing}"]),
                                           ("benchmarks/self_registration.py", ["--volume", "{missing}"])])
@@ -396,14 +361,9 @@ def _parser_of(script: str, monkeypatch) -> argparse.ArgumentParser:
     return caught.value.args[0]
 
 
-_NO_HELP = pytest.mark.xfail(strict=True, reason="BUG (docs): options of the script list no help text in --help")
-
-
-@pytest.mark.parametrize("script", ["scripts/run_model_set.py",
-                                    pytest.param("scripts/set_cloud_test_time.py", marks=_NO_HELP),
-                                    pytest.param("scripts/ensemble_stage.py", marks=_NO_HELP),
-                                    pytest.param("examples/chest_ct_end_to_end.py", marks=_NO_HELP),
-                                    pytest.param("examples/own_ct_pairs.py", marks=_NO_HELP)])
+@pytest.mark.parametrize("script", ["scripts/run_model_set.py", "scripts/set_cloud_test_time.py",
+                                    "scripts/ensemble_stage.py", "examples/chest_ct_end_to_end.py",
+                                    "examples/own_ct_pairs.py"])
 def test_every_option_of_a_script_has_help(script, monkeypatch):
     parser = _parser_of(script, monkeypatch)
     bare = [a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction) and not a.help]
@@ -422,9 +382,6 @@ def tiny_ct(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the examples end in a FileExistsError / NotADirectoryError traceback "
-                                       "for --out naming a file or a folder below a file (out.mkdir unchecked; "
-                                       "require_output_dir is not called)")
 @pytest.mark.parametrize("example", ["examples/chest_ct_end_to_end.py", "examples/own_ct_pairs.py"])
 @pytest.mark.parametrize("below", [False, True], ids=["file", "below_file"])
 def test_examples_name_an_output_that_is_a_file_in_one_line(tiny_ct, tmp_path, capsys, example, below):
@@ -436,10 +393,6 @@ def test_examples_name_an_output_that_is_a_file_in_one_line(tiny_ct, tmp_path, c
     assert (tmp_path / "afile").read_text() == "x"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: examples/chest_ct_end_to_end.py --out RUN/x writes OUT/moving.nii.gz "
-                                       "into the run directory before `keypoints` refuses the folder (the check "
-                                       "comes after the work; own_ct_pairs.py likewise leaves moving_*.nii.gz and "
-                                       "pairs.csv there, then a CalledProcessError traceback)")
 def test_chest_example_refuses_an_output_inside_a_run_before_writing(tiny_ct, tmp_path, capsys):
     run = _fake_cloud_run(tmp_path / "run")
     before = _sums(run)
