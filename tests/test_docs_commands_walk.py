@@ -122,6 +122,19 @@ def extract() -> list[tuple[str, int, str, str]]:
     return found
 
 
+def variants(command: str) -> list[list[str]]:
+    """The argvs of a documented command, one per alternative it offers: ``(--identity|--model M|--run RUN)``
+    gives three, ``--device auto|cpu|cuda`` three (the n-th alternative of every ``A|B`` word together)."""
+    command = command.replace("\\|", "|")
+    group = re.search(r"\(([^()]*\|[^()]*)\)", command)
+    if group:
+        return [v for alt in group.group(1).split("|")
+                for v in variants(command[:group.start()] + alt + command[group.end():])]
+    width = max([len(w.split("|")) for w in command.split()] + [1])
+    return [tokens(" ".join(w.split("|")[min(n, len(w.split("|")) - 1)] if "|" in w else w for w in command.split()))
+            for n in range(width)]
+
+
 def tokens(command: str) -> list[str]:
     """The argv of a documented command: ``(A|B C)`` -> ``A``, ``[--opt V]`` -> ``--opt V``,
     ``K256[_sT]`` -> ``K256_sT``, ``auto|cpu`` -> ``auto``; ``...`` dropped (a value after an option)."""
@@ -281,6 +294,10 @@ def test_extraction_sees_the_docs_commands():
     assert any(c.startswith("cyclereg evaluate ../shared/data/copd-keypoints/dataset.json --run models/copd --json")
                and "r.json" in c for f, _, k, c in COMMAND_LINES if f == "docs/benchmarks.md" and k == "inline")
     assert any(c.startswith("python3 scripts/device_check.py run --steps copd-k256-run") for c in commands)
+    assert [v[3] for v in variants("cyclereg evaluate D (--identity\\|--model M\\|--run RUN) --device cpu|cuda")] == \
+        ["--identity", "--identity", "--model", "--model", "--run", "--run"]
+    assert [v[-1] for v in variants("cyclereg evaluate D (--identity\\|--model M\\|--run RUN) --device cpu|cuda")] == \
+        ["cpu", "cuda", "cpu", "cuda", "cpu", "cuda"]
     assert tokens("cyclereg evaluate $D --run K256[_sT] --device cpu --json ...") == \
         ["cyclereg", "evaluate", "d.json", "--run", "K256_sT", "--device", "cpu", "--json", "X"]
 
@@ -291,8 +308,9 @@ def test_documented_command_parses(source, line, kind, command, monkeypatch):
     """Each documented command's options exist on its command / script and its values have the right
     type and choice (a renamed or removed option, a flag given a value, a number where a word is wanted
     fail here); a block line must also give every required parameter."""
-    error = parse(tokens(command), monkeypatch, fill_missing=kind == "inline" or "..." in command)
-    assert error is None, f"{source}:{line}: {command}\n  -> {error}"
+    for argv in variants(command):
+        error = parse(argv, monkeypatch, fill_missing=kind == "inline" or "..." in command)
+        assert error is None, f"{source}:{line}: {' '.join(argv)}\n  -> {error}"
 
 
 @pytest.mark.parametrize("command, fragment", [
@@ -347,8 +365,8 @@ def test_documented_values_of_word_options_are_known(monkeypatch):
     known, checked, wrong = _known_values(), 0, []
     assert {"cpu", "cuda", "auto"} <= {v for v in ("cpu", "cuda", "auto") if known["--device"](v)}
     assert not known["--device"]("gpu") and "copd-k256-run" in known["--steps"] and "l2r" in known["--format"]
-    for source, line, _, command in COMMAND_LINES:
-        words = [part for w in tokens(command) for part in (w.split("=", 1) if w.startswith("--") else [w])]
+    for source, line, argv in ((f, n, a) for f, n, _, c in COMMAND_LINES for a in variants(c)):
+        words = [part for w in argv for part in (w.split("=", 1) if w.startswith("--") else [w])]
         for k, word in enumerate(words[:-1]):
             if word not in known:
                 continue
@@ -358,7 +376,7 @@ def test_documented_values_of_word_options_are_known(monkeypatch):
                 ok = known[word](value) if callable(known[word]) else value in known[word]
                 checked += 1
                 if not ok:
-                    wrong.append(f"{source}:{line}: {word} {value} ({command})")
+                    wrong.append(f"{source}:{line}: {word} {value} ({' '.join(argv)})")
                 if word != "--steps":  # the only one of these taking several values
                     break
     assert checked >= 120
