@@ -5,7 +5,7 @@ docstrings of scripts/, examples/ and benchmarks/. Every ``cyclereg ...`` (also 
 and every ``python {scripts,examples,benchmarks}/X.py ...`` they quote, in fenced or indented blocks (lines
 continued with a trailing backslash joined, shell prompts, comments, ``VAR=value`` / ``env`` / ``time`` /
 ``nice`` prefixes, redirections and pipes stripped, ``&&`` / ``;`` chains split) and in inline code (spans
-wrapped over several lines joined; ``[...]`` optional parts kept, ``A|B`` alternatives read as ``A``), is
+wrapped over several lines joined; ``[...]`` optional parts kept, each of ``A|B`` alternatives tried), is
 parsed WITHOUT running anything: ``cyclereg`` lines by click's parser on the typer app
 (``make_context`` of the subcommand), script lines by the ``argparse`` parser each script builds (caught at
 ``parse_args``; abbreviations of option names refused, so a doc must spell the real name). Placeholders
@@ -17,13 +17,13 @@ help. README's single-line ``cyclereg`` block lines are left to tests/test_readm
 
 Paths are not checked at parse time (no ``exists=True`` on any typer parameter, only ``Path``/``int``/
 ``float``/``str`` types in the scripts), so dummy paths are fine; :func:`test_paths_are_not_checked_at_parse_time`
-pins that. String options the parsers take as any word and the code checks later (``--device``, README blocks included:
+pins that. String options the parsers take as any word and the code checks later (``--device``,
 ``--supervision``, ``--metric``, ``--ensemble-fusion``, ``--format``, ``--fold(s)``, device_check's
-``--steps``) are checked against the code's own sets. All 670-odd command lines of 2026-12-07 parse: no
-documented command is stale. One kind of slip is pinned as a strict xfail: 13 inline commands that give all
-their arguments but leave out a required option (``evaluate`` without ``--json``, ``register`` without
-``-o``), so that they fail as written. The numbers and
-outputs the docs quote next to the commands need the shared data and minutes to hours of training or
+``--steps``; README's block lines included) are checked against the code's own sets. All 670-odd command
+lines of 2026-12-07 parse: no documented command is stale. One kind of slip is pinned as a strict xfail:
+13 inline commands that give all their arguments but leave out a required option (``evaluate`` without
+``--json``, ``register`` without ``-o``), so that they fail as written. The numbers and outputs the docs
+quote next to the commands need the shared data and minutes to hours of training or
 evaluation each; none is checked here.
 """
 
