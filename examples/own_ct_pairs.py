@@ -10,7 +10,7 @@ The workflow of README "Your own keypoint dataset" on real anatomy, checked agai
 3. ``cyclereg pretrain-random`` + ``cyclereg cycle`` on that dataset (a short schedule by default:
    this is a CPU demonstration, not the paper's 5 x 60 epochs).
 4. A held-out pair (another seed's field) registered with ``cyclereg register FIXED MOVING
-   --via-keypoints --lung-mask`` by the untrained network (with its own single-pass settings, and
+   -o OUT --via-keypoints --lung-mask`` by the untrained network (with its own single-pass settings, and
    with the trained model's re-centred / test-time-augmented settings) and by the self-trained
    one; the mean error against the known field at the fixed keypoints is printed for each.
 

@@ -10,7 +10,7 @@ registers with the same settings. ``OUT`` gets ``fold{K}.pt`` per fold and ``mod
 (run, stage, source file and its SHA-256 per fold); it must not exist yet, and nothing is written
 unless every fold has the checkpoint asked for.
 
-A model set is what ``cyclereg evaluate DATASET --run OUT`` and ``--model OUT/foldK.pt`` read, what
+A model set is what ``cyclereg evaluate DATASET --run OUT --json R.json`` and ``--model OUT/foldK.pt`` read, what
 ``scripts/set_cloud_test_time.py OUT`` rewrites, and the form of ``models/copd``. The run itself
 is never changed (its checkpoints keep the settings it trained with).
 """

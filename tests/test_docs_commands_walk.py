@@ -20,9 +20,9 @@ Paths are not checked at parse time (no ``exists=True`` on any typer parameter, 
 pins that. String options the parsers take as any word and the code checks later (``--device``,
 ``--supervision``, ``--metric``, ``--ensemble-fusion``, ``--format``, ``--fold(s)``, device_check's
 ``--steps``; README's block lines included) are checked against the code's own sets. All 670-odd command
-lines of 2026-12-07 parse: no documented command is stale. One kind of slip is pinned as a strict xfail:
-13 inline commands that give all their arguments but leave out a required option (``evaluate`` without
-``--json``, ``register`` without ``-o``), so that they fail as written. The numbers and outputs the docs
+lines of 2026-12-07 parse: no documented command is stale. One kind of slip was pinned as a strict xfail
+until the docs were mended: 13 inline commands that gave all their arguments but left out a required option
+(``evaluate`` without ``--json``, ``register`` without ``-o``), so that they failed as written. The numbers and outputs the docs
 quote next to the commands need the shared data and minutes to hours of training or
 evaluation each; none is checked here.
 """
@@ -384,13 +384,6 @@ def test_documented_values_of_word_options_are_known(monkeypatch):
     assert wrong == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (docs): inline commands that give all their arguments but leave out a required option, so they fail "
-    "as written with \"Missing option '--json'\" / \"Missing option '-o' / '--output'\": docs/benchmarks.md:157 "
-    "(register FIXED.csv MOVING.csv --model random: no -o), :1498, :2162, :2814, :2880, :3077, :3299, :4103, "
-    ":4176, :4255, :4334 (evaluate ... without --json, required since 312dee3), examples/own_ct_pairs.py:12 "
-    "(register FIXED MOVING --via-keypoints --lung-mask: no -o), scripts/run_model_set.py:13 (evaluate DATASET "
-    "--run OUT: no --json); add '--json r.json' / '-o OUT' to each"))
 def test_inline_commands_that_give_their_arguments_give_their_required_options(monkeypatch):
     """An inline span that writes a command with all its arguments reads as a command to copy (README:
     ``cyclereg evaluate $D --run RUN``, 'as a user would'); it must not leave out a required option.
