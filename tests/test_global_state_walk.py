@@ -17,8 +17,8 @@ docstring says otherwise. Found in scratch runs and left out of the tests as too
 midway (the one process left is multiprocessing's own resource tracker, started once per process by design).
 Third-party import side effects (SciPy adds warning filters when first imported, torch_geometric writes its
 generated ``propagate`` modules to the temporary directory) are not cyclereg's and are neutralised below by
-importing first. The one case the code mishandles (a volume evaluation switches the caller's matplotlib backend
-to Agg) is pinned at the end as a strict xfail.
+importing first. The two cases the code mishandles (a volume evaluation switches the caller's matplotlib backend
+to Agg; a figure whose drawing or saving fails stays open in pyplot) are pinned at the end as strict xfails.
 """
 
 from __future__ import annotations
@@ -294,3 +294,26 @@ def test_volume_evaluation_keeps_the_callers_matplotlib_backend(vol, tmp_path):
     finally:
         plt.close(mine)
         matplotlib.use(original)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/api.py:702-711 _save_fig closes the figure only after "
+                   "savefig returns (no try/finally, and _plot_overlay/_plot_dice_cdf draw before it): a failure while "
+                   "drawing or saving leaves the figure open in pyplot's registry of the caller's process")
+def test_failed_figure_is_not_left_open(vol, tmp_path, monkeypatch):
+    """An error while a report figure is saved (here ``Figure.savefig`` raising) propagates, and no figure of the
+    library's stays registered in pyplot (a long-running service would accumulate them)."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("savefig failed")
+
+    before = plt.get_fignums()
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing)
+    try:
+        with pytest.raises(RuntimeError, match="savefig failed"):
+            api.evaluate(vol / "Tiny_dataset.json", tmp_path / "r.json", identity=True, max_pairs=1, device="cpu")
+        assert plt.get_fignums() == before
+    finally:
+        for number in set(plt.get_fignums()) - set(before):
+            plt.close(number)
