@@ -641,13 +641,17 @@ def _dice_table(title: str, result: dict):
     return table
 
 
+def _figure(**kwargs):
+    """A matplotlib :class:`~matplotlib.figure.Figure` outside pyplot: no backend is chosen or switched
+    (a notebook's stays as it was) and nothing is registered that would stay open if drawing fails."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _plot_dice_cdf(path: Path, records: list[dict], info: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = _figure(figsize=(5, 4))
+    ax = fig.subplots()
     for key, label in (("initial_dice_per_label", "initial"), ("dice_per_label", str(info.get("model")))):
         vals = np.sort([v for r in records for v in r[key].values()])
         if vals.size:
@@ -666,10 +670,8 @@ def _plot_overlay(path: Path, pair_id: str, fixed: torch.Tensor, warped: torch.T
                   warped_l: torch.Tensor) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    fig = _figure(figsize=(12, 8))
+    axes = fig.subplots(2, 3)
     for ax_idx in range(3):
         mid = fixed.shape[ax_idx] // 2
         sl = [slice(None)] * 3
@@ -684,7 +686,7 @@ def _plot_overlay(path: Path, pair_id: str, fixed: torch.Tensor, warped: torch.T
             ax = axes[row, ax_idx]
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower")
             labs = [l for l in np.unique(np.concatenate([fl_.ravel(), wl.ravel()])) if l != 0]
-            cmap = plt.get_cmap("tab20")
+            cmap = matplotlib.colormaps["tab20"]
             for n, lab in enumerate(labs):
                 col = cmap(n % 20)
                 src = fl_ if row == 0 else wl
@@ -702,11 +704,8 @@ def _plot_overlay(path: Path, pair_id: str, fixed: torch.Tensor, warped: torch.T
 def _save_fig(fig, path: Path) -> None:
     import io
 
-    import matplotlib.pyplot as plt
-
     from cyclereg.checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=110)  # a figure outside pyplot (_figure): nothing to close
     atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
