@@ -256,7 +256,10 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
     drainer.start()
     running: dict[int, tuple[Any, str]] = {}
     exited: dict[int, float] = {}  # job -> when its worker was first seen gone (exit code 0)
-    old_term = exit_on_sigterm()  # SIGTERM to the parent runs the cleanup below
+    # SIGTERM to the parent runs the cleanup below: where nobody handles it yet (a library caller's own
+    # handler, or the CLI's sigterm_exit, is left in place and runs instead)
+    on_main = threading.current_thread() is threading.main_thread()
+    old_term = exit_on_sigterm() if on_main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
     finished = False
     try:
         while pending or running:
@@ -303,6 +306,6 @@ def run_parallel(jobs: Iterable[tuple[Callable, tuple, str]], workers: int, prog
             proc.join()
         stop.set()
         drainer.join(timeout=None if finished else DRAIN_GRACE_S)
-        if old_term is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, old_term)  # not after a SIGTERM: sigterm_exit ignores repeats from then on
+        if old_term is not None:  # the default again, as the caller had it (also after a SIGTERM)
+            signal.signal(signal.SIGTERM, old_term)
 
