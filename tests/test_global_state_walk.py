@@ -20,7 +20,7 @@ Third-party import side effects (SciPy adds warning filters when first imported,
 generated ``propagate`` modules to the temporary directory) are not cyclereg's and are neutralised below by
 importing first. The three cases the code mishandles (a volume evaluation switches the caller's matplotlib backend
 to Agg; a figure whose drawing or saving fails stays open in pyplot; a SIGTERM while fold workers run bypasses the
-caller's own SIGTERM handler and leaves SIGTERM ignored) are pinned at the end as strict xfails.
+caller's own SIGTERM handler and leaves SIGTERM ignored) were pinned at the end as strict xfails until they were mended.
 """
 
 from __future__ import annotations
@@ -276,8 +276,6 @@ def test_volume_api_calls_leave_process_state_alone(vol, tmp_path, case):
     _same_state_around(lambda: call(vol, tmp_path), tmp_path, raises=raises)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/api.py:647/669 _plot_dice_cdf/_plot_overlay call "
-                   "matplotlib.use('Agg'): a volume evaluation switches the caller's matplotlib backend")
 def test_volume_evaluation_keeps_the_callers_matplotlib_backend(vol, tmp_path):
     """A notebook's backend (here ``svg``, standing for the inline one) is the caller's: the report's figures are
     drawn without switching it (e.g. ``Figure`` + ``FigureCanvasAgg`` directly), and the caller's open figure
@@ -298,9 +296,6 @@ def test_volume_evaluation_keeps_the_callers_matplotlib_backend(vol, tmp_path):
         matplotlib.use(original)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/dense/api.py:702-711 _save_fig closes the figure only after "
-                   "savefig returns (no try/finally, and _plot_overlay/_plot_dice_cdf draw before it): a failure while "
-                   "drawing or saving leaves the figure open in pyplot's registry of the caller's process")
 def test_failed_figure_is_not_left_open(vol, tmp_path, monkeypatch):
     """An error while a report figure is saved (here ``Figure.savefig`` raising) propagates, and no figure of the
     library's stays registered in pyplot (a long-running service would accumulate them)."""
@@ -325,9 +320,6 @@ class _CallersStop(Exception):
     """What the caller's own SIGTERM handler raises (a service's orderly shutdown)."""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/training/parallel.py:259/306-307 run_parallel (pretrain_random/"
-                   "run_cycle with jobs>1) replaces the caller's SIGTERM handler by sigterm_exit for the call: a SIGTERM "
-                   "then raises SystemExit(143) past the caller's handler, and SIGTERM is left SIG_IGN afterwards")
 def test_sigterm_during_fold_workers_reaches_the_callers_handler(tmp_path, monkeypatch):
     """A service with its own SIGTERM handler runs folds in worker processes (``jobs=2`` goes through
     :func:`cyclereg.training.parallel.run_parallel`) and gets a SIGTERM midway: its handler runs (its exception
