@@ -235,3 +235,29 @@ def test_ensemble_stage_refuses_a_dataset_that_is_a_folder(ensemble, tmp_path, m
     code, err = _outcome(mod.main, capsys)
     _refused(code, err, "--dataset", str(tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- examples/
+@pytest.mark.parametrize("example, first_work", [("examples/own_ct_pairs.py", "make_moving"),
+                                                 ("examples/chest_ct_end_to_end.py", "random_field")])
+@pytest.mark.parametrize("inside", ["e2e", "fold1/e2e"])
+def test_examples_refuse_an_output_inside_a_run_before_any_work(tmp_path, monkeypatch, capsys, example, first_work,
+                                                                inside):
+    """--out in a run directory (or one of its fold folders): one line naming the run, the run unchanged; the
+    first step of the work (patched to raise) is never reached."""
+    import nibabel as nib
+    import numpy as np
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(ct))
+    run = _fake_run(tmp_path / "run")
+    before = _sums(run)
+    mod = load_script(example)
+
+    def started(*a, **k):
+        raise RuntimeError("the work started")
+
+    monkeypatch.setattr(mod, first_work, started)
+    code, err = _outcome(lambda: mod.main(["--ct", str(ct), "--out", str(run / inside)]), capsys)
+    _refused(code, err, "--out", str(run))
+    assert _sums(run) == before
