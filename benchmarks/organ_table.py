@@ -48,7 +48,11 @@ def main() -> None:
         text = open(report).read()
     except OSError as exc:
         parser.exit(1, f"error: {report}: {exc.strerror}\n")
-    print(tables(json.loads(text)))
+    try:
+        data = json.loads(text)
+    except ValueError:
+        parser.exit(1, f"error: {report}: not JSON (a volume evaluation report is)\n")
+    print(tables(data))
 
 
 if __name__ == "__main__":

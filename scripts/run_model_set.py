@@ -69,10 +69,12 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
         cycle_cfg = CloudCycleConfig.from_dict(meta["config"])
         seed = initial_network_seed(cycle_cfg.seed, 0)
         stage0 = initial_network(cycle_cfg, 0).state_dict()
-    made = [p for p in reversed(out.parent.absolute().parents) if not p.exists()]
-    made += [out.parent.absolute()] if not out.parent.exists() else []
-    out.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder beside OUT: one rename, same file system
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    parent = Path(os.path.abspath(out.parent))  # '..' resolved by name, as the folders are made
+    made = [p for p in reversed(parent.parents) if not p.exists()]
+    made += [parent] if not parent.exists() else []
+    parent.mkdir(parents=True, exist_ok=True)  # the temporary folder beside OUT: one rename, same file system
+    target = parent / out.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     mask = os.umask(0)
     os.umask(mask)
     tmp.chmod(0o777 & ~mask)  # a plain mkdir's permissions, not mkdtemp's private 0o700
@@ -90,11 +92,11 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
         write_json(tmp / "model_set.json", {"command": "run_model_set", "run": str(run),
                                             "stage": "final" if stage is None else stage, "folds": record,
                                             "training": {str(run): meta}})  # pairs and folds, for evaluate --run
-        tmp.rename(out)
+        tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-        if not out.exists():  # failed: the folders made for it go again (deepest first; empty ones only)
+        if not target.exists():  # failed: the folders made for it go again (deepest first; empty ones only)
             for folder in reversed(made):
                 try:
                     folder.rmdir()

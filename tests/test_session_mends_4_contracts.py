@@ -98,9 +98,6 @@ def test_run_model_set_keeps_an_empty_parent_that_existed(tmp_path, capsys):
     assert (tmp_path / "keep").is_dir() and list((tmp_path / "keep").iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: run_model_set.py export() lists the folders it makes from the "
-                   "un-normalised out.parent.absolute(), so with -o new/sub/../set the cleanup first tries rmdir "
-                   "'new/sub/..' (OSError), stops, and leaves new/ and new/sub/ behind after a failure")
 def test_run_model_set_removes_the_parents_it_made_for_an_output_with_dotdot(tmp_path, capsys):
     mod = load_script("scripts/run_model_set.py")
     run = _fake_run(tmp_path / "run")
@@ -275,8 +272,6 @@ def test_organ_table_names_a_report_that_is_a_folder_in_one_line(tmp_path, monke
     assert len(err.splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: benchmarks/organ_table.py main() catches only OSError around open(); "
-                   "json.loads of a report that is not JSON raises JSONDecodeError, a traceback, not one line")
 def test_organ_table_names_a_report_that_is_not_json_in_one_line(tmp_path, monkeypatch, capsys):
     report = tmp_path / "report.json"
     report.write_text("not json")
