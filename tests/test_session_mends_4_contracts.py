@@ -13,7 +13,6 @@ fails on a hand-made mutant that the earlier tests let pass.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -29,22 +28,11 @@ from cyclereg.training.clouds import CloudCycleConfig
 from cyclereg_cli.main import app
 
 from conftest import load_script
-
-
-def _sums(folder: Path) -> dict[str, str | None]:
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
-            for p in sorted(folder.rglob("*"))}
-
-
-def _outcome(call, capsys) -> tuple[object, str]:
-    try:
-        code = call()
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip()
+from test_scripts_walk import _outcome, _sums
 
 
 def _refused(code, err: str, *named: str) -> None:
+    """As test_scripts_walk's, but argparse's usage line may come first: the names are read in the last line."""
     assert code not in (0, None), code
     assert "Traceback" not in err, err
     last = err.splitlines()[-1] if err else err
