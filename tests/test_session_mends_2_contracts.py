@@ -185,14 +185,8 @@ def test_each_log_line_of_a_cloud_run_records_its_device_and_precision(tmp_path,
 
     from typer.testing import CliRunner
 
-    from conftest import write_two_pair_dataset
     from cyclereg_cli.main import app
-    ds = write_two_pair_dataset(tmp_path)
-    run = tmp_path / "run"
-    res = CliRunner().invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--stages", "1",
-                                   "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0",
-                                   "--recentre-passes", "0", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
+    ds, run = _tiny_labelled_run(tmp_path)
     seen, real = [], StageScheduler._publish_final
 
     def publish(self, stage):
@@ -235,14 +229,8 @@ def test_cycle_of_an_unlabelled_fold_is_refused_before_and_under_its_lock(tmp_pa
     pseudo0.pt (a fold whose labelling stopped early): refused under the fold's lock with the same line."""
     from typer.testing import CliRunner
 
-    from conftest import write_two_pair_dataset
     from cyclereg_cli.main import app
-    ds = write_two_pair_dataset(tmp_path)
-    run = tmp_path / "run"
-    res = CliRunner().invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--stages", "1",
-                                   "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0",
-                                   "--recentre-passes", "0", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
+    ds, run = _tiny_labelled_run(tmp_path)
     before = sorted(p.name for p in run.iterdir())
     assert "fold2" not in before
     cycle = ["cycle", str(ds), "--run", str(run), "--folds", "2", "--device", "cpu"]
@@ -363,3 +351,19 @@ def test_a_dense_pretrain_random_takes_a_run_made_meanwhile(tmp_path, one_intrao
         training_api.fold_locks = real
     assert json.loads((run / "run.json").read_text())["config"]["seed"] == 5
     assert (run / "all" / "pseudo0.pt").is_file()
+
+
+def _tiny_labelled_run(tmp_path):
+    """``(dataset, run)``: the two-pair keypoint dataset and a run whose fold 1 has its stage-0 labels (1 stage of
+    1 epoch, single-pass test-time settings)."""
+    from typer.testing import CliRunner
+
+    from conftest import write_two_pair_dataset
+    from cyclereg_cli.main import app
+    ds = write_two_pair_dataset(tmp_path)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--stages", "1",
+                                   "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0",
+                                   "--recentre-passes", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return ds, run
