@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cyclereg.errors import finite_number, python_number
+
 ALIGN_CORNERS = True
 """Every ``grid_sample``/``interpolate``/``affine_grid`` call in the package uses this."""
 
@@ -280,8 +282,7 @@ def half_width_voxels(radius_mm: float, spacing_mm) -> tuple[int, ...]:
     voxel size ``spacing_mm`` (per array axis, mm): ``radius_mm / spacing`` rounded to the nearest whole
     voxel, halves up (Python's ``round`` takes halves to even: on a 2 mm grid 3 and 5 mm both gave 2
     voxels, and 1 mm gave 0). A radius below half a voxel along an axis spans no neighbour there (0)."""
-    if isinstance(radius_mm, bool) or not isinstance(radius_mm, numbers.Real) or not (
-            math.isfinite(radius_mm) and radius_mm >= 0):
+    if not (finite_number(python_number(radius_mm)) and radius_mm >= 0):
         raise ValueError(f"radius_mm: expected a finite radius >= 0 mm, got {radius_mm!r}")
     return tuple(int(math.floor(float(radius_mm) / s + 0.5 + HALF_VOXEL_TOLERANCE))
                  for s in check_spacing("spacing_mm", spacing_mm))
@@ -341,8 +342,7 @@ class UnitBox:
     def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
         """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side
         (a finite fraction > -0.5: a box shrunk by half its size per side has none left)."""
-        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (
-                math.isfinite(margin) and margin > -0.5):
+        if not (finite_number(python_number(margin)) and margin > -0.5):
             raise ValueError(f"margin: expected a finite fraction > -0.5 of the box size per side, got {margin!r}")
         for i, cloud in enumerate(clouds_mm):
             check_points(f"clouds_mm[{i}]", cloud)

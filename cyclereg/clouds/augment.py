@@ -11,10 +11,10 @@ back to ``u = A^{-1} (R^{-1} (f' + u' - c) - f')`` (:func:`displacements_back_re
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from cyclereg.errors import finite_number, python_number
 from cyclereg.frames import check_points, floating_dtype
 
 
@@ -24,7 +24,7 @@ def _check_draw(dtype, ranges: dict[str, float]) -> None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating-point torch dtype for the matrix, got {dtype!r}")
     for name, value in ranges.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if not finite_number(python_number(value)):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 

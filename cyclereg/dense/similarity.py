@@ -14,12 +14,11 @@ Both work on preprocessed images ``(B, 1, D, H, W)`` on one grid and return a sc
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 
-from cyclereg.errors import python_number, require_count
+from cyclereg.errors import finite_number, python_number, require_count
 from cyclereg.frames import require_tensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -130,7 +129,7 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     _check_pair(fixed, warped)
     radius = require_count("radius", python_number(radius), 1)
     eps = python_number(eps)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    if not (finite_number(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
     out_dtype = fixed.dtype
     fixed, warped = _working(fixed, warped)
