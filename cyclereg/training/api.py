@@ -657,7 +657,8 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     dev = resolve_device(device)
     selected = select_folds(ds, folds, "--folds")
     def require_labels(k: int, *, folder_only: bool = False) -> None:
-        if not fold_dir(run, k).is_dir() if folder_only else not (fold_dir(run, k) / "pseudo0.pt").is_file():
+        found = fold_dir(run, k).is_dir() if folder_only else (fold_dir(run, k) / "pseudo0.pt").is_file()
+        if not found:
             raise InputError(f"fold {k}: no stage-0 pseudo labels; run 'cyclereg pretrain-random {dataset} -o {run} "
                              f"--fold {k}' first (it takes the run's options)", run)
 
