@@ -27,6 +27,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import REPO, load_script, shared_path
+from test_cli_plumbing import _keypoint_dataset
 from cyclereg.checkpoint import json_text, load_checkpoint
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.training.status import show_run_status, unfinished_folds
@@ -134,27 +135,13 @@ def test_ensemble_of_an_exported_stage6_folder_prints_no_unfinished_note(tmp_pat
 
 
 # ----------------------------------------------------------------------------- cycle on a run logged before today
-def _tiny_dataset(folder: Path) -> Path:
-    from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-    from cyclereg.pointio import write_points
-
-    tiny = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
-    pairs = []
-    for i in range(2):
-        pair = make_breathing_pair(i, tiny)
-        write_points(folder / f"c{i}" / "fk.csv", pair.fixed_mm)
-        write_points(folder / f"c{i}" / "mk.csv", pair.moving_mm)
-        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv"})
-    ds = folder / "dataset.json"
-    ds.write_text(json.dumps({"name": "tiny", "pairs": pairs, "folds": [["c0"], ["c1"]]}))
-    return ds
 
 
 def test_cycle_extends_a_run_logged_without_device_and_status_reads_the_mix(tmp_path):
     """A run whose log.jsonl lines predate the device / training-precision record (their keys removed, as
     every carried run's lines are): cycle goes on to the next stage, keeps the earlier lines byte for byte,
     appends one line with device 'cpu' and training precision 'float32', and status --history reads the mix."""
-    ds = _tiny_dataset(tmp_path)
+    ds = _keypoint_dataset(tmp_path)  # the two-pair tiny dataset of test_cli_plumbing
     run = tmp_path / "run"
     fast = ["--epochs", "1", "--train-points", "100,200", "--device", "cpu", "--tta-passes", "0",
             "--recentre-passes", "0"]
