@@ -56,28 +56,51 @@ def test_run_parallel_puts_the_default_sigterm_back_after_a_clean_run(forked_def
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_a_sigterm_under_the_default_handler_exits_143_and_the_default_comes_back(forked_default_sigterm, tmp_path):
+_SIGTERM_UNDER_DEFAULT = """
+import os, signal, sys, threading, time
+import parallel_jobs as jobs
+from cyclereg.training import parallel
+
+fork = parallel.mp.get_context("fork")
+parallel.mp.get_context = lambda method: fork
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+marker = sys.argv[1]
+
+class Quiet:
+    def __init__(self):
+        self.console = self
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: 0
+
+def send_once_started():
+    deadline = time.monotonic() + 30
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=send_once_started, daemon=True).start()
+try:
+    parallel.run_parallel([(jobs.sleeps, (marker,), "fold 1")], 1, Quiet(), 1, lambda r: None)
+except SystemExit as exc:
+    print("exit", exc.code, "default again:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
+"""
+
+
+def test_a_sigterm_under_the_default_handler_exits_143_and_the_default_comes_back(tmp_path):
     """Default handler, SIGTERM midway: run_parallel's exit runs (SystemExit 143, the worker stopped) and the
-    caller has the default handler again afterwards (not SIG_IGN, not sigterm_exit)."""
-    import time
+    caller has the default handler again afterwards (not SIG_IGN, not sigterm_exit). In a child process: were
+    nothing installed, the default handler would end the process (here: the child, not pytest)."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import parallel_jobs as jobs
-
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
     marker = tmp_path / "pid"
-
-    def send_once_started():
-        deadline = time.monotonic() + 30
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    sender = threading.Thread(target=send_once_started, daemon=True)
-    sender.start()
-    with pytest.raises(SystemExit) as exc:
-        forked_default_sigterm([(jobs.sleeps, (str(marker),), "fold 1")], 1, _Quiet(), 1, lambda r: None)
-    sender.join()
-    assert exc.value.code == 143
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_UNDER_DEFAULT, str(marker)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "exit 143 default again: True"
     with pytest.raises(ProcessLookupError):
         os.kill(int(marker.read_text()), 0)
 
