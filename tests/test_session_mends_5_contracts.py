@@ -6,7 +6,8 @@ comes first, and a library caller's own handler are pinned in ``test_parallel.py
 ``test_global_state_walk.py``), the finite-number checks of :func:`cyclereg.frames.half_width_voxels`,
 :meth:`cyclereg.frames.UnitBox.around`, ``cyclereg.clouds.augment._check_draw`` and
 :func:`cyclereg.dense.similarity.ncc_loss`'s ``eps`` (their bounds, and NumPy scalars taken as the Python
-numbers they stand for). Each test fails on a hand-made mutant that the earlier tests let pass.
+numbers they stand for), and ``cycle``'s two stage-0 label checks (folder first, then ``pseudo0.pt`` under the
+fold lock: a fold being labelled now is named as busy). Each test fails on a hand-made mutant that the earlier tests let pass.
 """
 
 from __future__ import annotations
@@ -144,3 +145,21 @@ def test_ncc_eps_is_refused_at_zero_and_taken_as_a_numpy_scalar():
     assert float(ncc_loss(img, img, radius=1, eps=np.float32(1e-5))) == pytest.approx(float(ncc_loss(img, img, radius=1, eps=1e-5)), abs=1e-6)
     with pytest.raises(ValueError, match=r"eps: expected a finite constant > 0, got 0"):
         ncc_loss(img, img, radius=1, eps=0)
+
+
+def test_cycle_names_a_fold_being_labelled_now_as_busy_not_as_unlabelled(tmp_path, one_intraop_thread):
+    """cycle's first stage-0 check asks only for the fold's folder: a fold whose pretrain-random is running (its
+    folder and lock there, no pseudo0.pt yet) is named as busy by the fold lock, not as a fold without labels."""
+    from typer.testing import CliRunner
+
+    from cyclereg.training.api import fold_locks
+    from cyclereg_cli.main import app
+    from test_session_mends_2_contracts import _tiny_labelled_run
+
+    ds, run = _tiny_labelled_run(tmp_path)
+    (run / "fold2").mkdir()
+    with fold_locks(run, [2]):  # another command labelling fold 2 now
+        res = CliRunner().invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "2", "--device", "cpu"])
+    assert res.exit_code != 0
+    assert "another cyclereg command (pretrain-random or cycle) is working on" in res.output, res.output
+    assert "no stage-0 pseudo labels" not in res.output
