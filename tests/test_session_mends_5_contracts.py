@@ -7,11 +7,13 @@ comes first, and a library caller's own handler are pinned in ``test_parallel.py
 :meth:`cyclereg.frames.UnitBox.around`, ``cyclereg.clouds.augment._check_draw`` and
 :func:`cyclereg.dense.similarity.ncc_loss`'s ``eps`` (their bounds, and NumPy scalars taken as the Python
 numbers they stand for), and ``cycle``'s two stage-0 label checks (folder first, then ``pseudo0.pt`` under the
-fold lock: a fold being labelled now is named as busy). Each test fails on a hand-made mutant that the earlier tests let pass.
+fold lock: a fold being labelled now is named as busy), and ``scripts/run_model_set.py`` with an ``-o`` holding ``..``
+(a successful export lands at the normalised place). Each test fails on a hand-made mutant that the earlier tests let pass.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -176,3 +178,17 @@ def test_run_model_set_export_returns_files_that_exist_for_an_output_with_dotdot
     files = mod.export(run, tmp_path / "new" / "sub" / ".." / "set")
     assert (tmp_path / "new" / "set" / "model_set.json").is_file()
     assert len(files) == 2 and all(p.is_file() for p in files), files
+
+
+def test_run_model_set_writes_a_set_for_an_output_with_dotdot_at_its_normalised_place(tmp_path, capsys):
+    """-o new/sub/../set with new/ missing: the set lands in new/set (what the name means), and nothing else is
+    made (no new/sub, no temporary folder left)."""
+    from test_session_mends_4_contracts import _fake_run, load_script
+
+    mod = load_script("scripts/run_model_set.py")
+    run = _fake_run(tmp_path / "run")
+    assert mod.main([str(run), "-o", str(tmp_path / "new" / "sub" / ".." / "set")]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["set"]
+    assert sorted(p.name for p in (tmp_path / "new" / "set").iterdir()) == ["fold1.pt", "fold2.pt", "model_set.json"]
+    record = json.loads((tmp_path / "new" / "set" / "model_set.json").read_text())
+    assert sorted(record["folds"]) == ["fold1", "fold2"]
