@@ -88,7 +88,7 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
                 state, extra = ck["state_dict"], ck.get("extra")
             save_checkpoint(tmp / f"fold{k}.pt", kind="cloud", config=ck["config"], state_dict=state, extra=extra)
             record[f"fold{k}"] = {"source": str(src), "sha256": file_sha256(src)}
-            written.append(out / f"fold{k}.pt")
+            written.append(target / f"fold{k}.pt")  # where it is: "new/sub/../set" names no file when new/sub is none
         write_json(tmp / "model_set.json", {"command": "run_model_set", "run": str(run),
                                             "stage": "final" if stage is None else stage, "folds": record,
                                             "training": {str(run): meta}})  # pairs and folds, for evaluate --run

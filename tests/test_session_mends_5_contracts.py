@@ -167,9 +167,6 @@ def test_cycle_names_a_fold_being_labelled_now_as_busy_not_as_unlabelled(tmp_pat
     assert "no stage-0 pseudo labels" not in res.output
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: scripts/run_model_set.py export returns out / 'foldK.pt' for an -o "
-                   "with '..' (new/sub/../set): the set is written to the normalised new/set, and the path named "
-                   "does not open (new/sub was never made)")
 def test_run_model_set_export_returns_files_that_exist_for_an_output_with_dotdot(tmp_path):
     from test_session_mends_4_contracts import _fake_run, load_script
 
