@@ -1,0 +1,178 @@
+"""Long-running-process walk over the Python API (audited 2026-12-07).
+
+What was audited: a service that calls ``cyclereg.api.register`` / ``evaluate`` / ``keypoints``,
+``cyclereg.clouds.pipeline.register_clouds`` and ``cyclereg.dense.pipeline.register`` many times in one process.
+On tiny inputs (the two-pair keypoint dataset of tests/conftest.py, a 24x28x32 volume pair as in
+tests/test_dense_cli.py, a 24^3 CT) each call is repeated in a loop after a few warm-up calls, and the loop must
+not grow: resident memory (``VmRSS`` after ``gc.collect()``), open file descriptors, threads, atexit callbacks,
+SIGINT/SIGTERM/SIGPIPE handlers, ``warnings.filters`` and the modules' ``__warningregistry__`` entries,
+files in the temporary directory, cyclereg's own caches (the C kernels of ``cyclereg.native`` load once) and
+the time per call (no slow-down: the last calls take about as long as the first after the warm-up). Each call's
+outputs must equal the first call's bit for bit, also after a call that failed midway (a bad input file, or an
+exception injected into the registration by monkeypatch): no state is carried from one call to the next.
+
+Tolerances: RSS may rise by at most 24 MB over a loop after warm-up (allocator noise of glibc/torch on these
+sizes was under 1 MB in scratch runs of 40 calls; a leak of one tiny input's tensors per call, ~30 KB for the
+cloud pair, a 100 KB volume for the dense pair, would show only over hundreds of calls, so the loop is checked
+for flatness and the per-call leak bound is loose but finite: 24 MB / 30 calls = 0.8 MB per call, far below a
+leaked network or volume copy). Time: the mean of the last third of the calls at most 1.6x the mean of the
+first third plus 20 ms (a quadratic slow-down over 30 calls would double it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import gzip
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cyclereg.api as api
+from cyclereg.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+
+LOOP = 30
+RSS_SLACK_KB = 24 * 1024
+
+
+def _rss_kb() -> int:
+    gc.collect()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _warning_registry_size() -> int:
+    total = 0
+    for module in list(sys.modules.values()):
+        registry = module.__dict__.get("__warningregistry__") if hasattr(module, "__dict__") else None
+        total += len(registry) if isinstance(registry, dict) else 0
+    return total
+
+
+def _state() -> dict:
+    gc.collect()
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": sorted(t.name for t in threading.enumerate()),
+            "atexit": atexit._ncallbacks(),
+            "signals": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)],
+            "filters": len(warnings.filters), "registry": _warning_registry_size(),
+            "tmp": sorted(os.listdir(tempfile.gettempdir())), "modules": len(sys.modules)}
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    """Every file the call wrote, with ``config.json``'s timing/provenance fields left out (they differ by design)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name.endswith(".gz"):  # the gzip header holds the write time: compare the content
+                data = gzip.decompress(data)
+            if p.suffix == ".json":  # the record names the call's own output folder
+                record = json.loads(data.replace(str(folder).encode(), b"OUT"))
+                data = json.dumps(_strip(record), sort_keys=True).encode()
+            out[str(p.relative_to(folder))] = data
+    return out
+
+
+VOLATILE = ("time", "seconds", "date", "created", "elapsed", "provenance", "host", "version", "started", "finished")
+
+
+def _strip(x):
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if not any(w in k.lower() for w in VOLATILE)}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def _loop(call, n: int = LOOP, warmup: int = 3):
+    """Run ``call(i)`` ``warmup`` + ``n`` times; returns (state before, state after, RSS rise kb, times, results)."""
+    for i in range(warmup):
+        call(i)
+    before, rss0 = _state(), _rss_kb()
+    times, results = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        results.append(call(warmup + i))
+        times.append(time.perf_counter() - t)
+    after, rss1 = _state(), _rss_kb()
+    return before, after, rss1 - rss0, times, results
+
+
+def _assert_flat(before, after, rise_kb, times):
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not changed, changed
+    assert rise_kb < RSS_SLACK_KB, f"RSS rose by {rise_kb} kB over {len(times)} calls"
+    third = len(times) // 3
+    first, last = np.mean(times[:third]), np.mean(times[-third:])
+    assert last <= 1.6 * first + 0.02, (first, last)
+
+
+@pytest.fixture(scope="module")
+def kp(tmp_path_factory):
+    import nibabel as nib
+
+    from conftest import write_two_pair_dataset
+
+    d = tmp_path_factory.mktemp("longkp")
+    write_two_pair_dataset(d)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32), np.eye(4)),
+             str(d / "ct.nii.gz"))
+    (d / "bad.csv").write_text("x,y\n1,2\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def vol(tmp_path_factory):
+    from test_dense_cli import _blob_image, _save
+
+    d = tmp_path_factory.mktemp("longvol")
+    for n, shift in enumerate([(0, 0, 0), (0, 2, 1)], start=1):
+        img, lab = _blob_image(shift, seed=0)
+        _save(d / f"i{n}.nii.gz", img)
+        _save(d / f"l{n}.nii.gz", lab)
+    return d
+
+
+def _api_calls():
+    return {
+        "register-clouds": lambda d, o, i: api.register(d / "f.csv", d / "m.csv", o / f"r{i}", device="cpu",
+                                                         query=d / "q.csv", verbose=False),
+        "register-volumes": lambda d, o, i: api.register(d / "i1.nii.gz", d / "i2.nii.gz", o / f"r{i}", warps=1,
+                                                          adam=False, moving_labels=d / "l2.nii.gz", device="cpu",
+                                                          verbose=False),
+        "evaluate-random": lambda d, o, i: api.evaluate(d / "dataset.json", o / f"r{i}" / "report.json",
+                                                        model="random", max_pairs=1, device="cpu"),
+        "keypoints": lambda d, o, i: api.keypoints(d / "ct.nii.gz", o / f"r{i}" / "k.csv", device="cpu",
+                                                   verbose=False),
+    }
+
+
+@pytest.mark.parametrize("case", ["register-clouds", "register-volumes", "evaluate-random", "keypoints"])
+def test_repeated_api_calls_do_not_grow_and_give_the_same_files(kp, vol, tmp_path, case, capsys):
+    d = vol if case == "register-volumes" else kp
+    call = _api_calls()[case]
+
+    def once(i):
+        call(d, tmp_path, i)
+        return _outputs(tmp_path / f"r{i}")
+
+    before, after, rise, times, results = _loop(once)
+    capsys.readouterr()
+    _assert_flat(before, after, rise, times)
+    assert results[0], "the call wrote nothing"
+    assert all(r == results[0] for r in results[1:])
