@@ -88,7 +88,7 @@ def _outputs(folder: Path) -> dict[str, bytes]:
     return out
 
 
-VOLATILE = ("time", "seconds", "date", "created", "elapsed", "provenance", "host", "version", "started", "finished")
+VOLATILE = ("time", "timing", "seconds", "date", "created", "elapsed", "provenance", "host", "version", "started", "finished")
 
 
 def _strip(x):
