@@ -73,6 +73,15 @@ def _state() -> dict:
             "tmp": sorted(os.listdir(tempfile.gettempdir())), "modules": len(sys.modules)}
 
 
+@pytest.fixture(autouse=True)
+def own_tempdir(tmp_path, monkeypatch):
+    """A private temporary folder (the shared /tmp sees other processes' files come and go)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 def _outputs(folder: Path) -> dict[str, bytes]:
     """Every file the call wrote, with ``config.json``'s timing/provenance fields left out (they differ by design)."""
     out = {}
