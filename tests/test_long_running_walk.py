@@ -185,3 +185,57 @@ def test_repeated_api_calls_do_not_grow_and_give_the_same_files(kp, vol, tmp_pat
     _assert_flat(before, after, rise, times)
     assert results[0], "the call wrote nothing"
     assert all(r == results[0] for r in results[1:])
+
+
+def _midway(monkeypatch, module, name):
+    """``module.name`` runs and then raises: the call fails after part of its work (a device error, say)."""
+    real = getattr(module, name)
+
+    def boom(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("injected midway")
+
+    monkeypatch.setattr(module, name, boom)
+
+
+def test_cloud_register_after_failed_calls_equals_the_first(kp, tmp_path, monkeypatch):
+    """A bad input file, then an exception raised after the network ran, between calls: each later call writes the
+    same files as the first, and the failed calls leave nothing in their output folders but what a caller made."""
+    import cyclereg.clouds.pipeline as pipeline
+
+    def call(i):
+        api.register(kp / "f.csv", kp / "m.csv", tmp_path / f"r{i}", device="cpu", query=kp / "q.csv", verbose=False)
+        return _outputs(tmp_path / f"r{i}")
+
+    first = call(0)
+    with pytest.raises(InputError, match="bad.csv"):
+        api.register(kp / "f.csv", kp / "bad.csv", tmp_path / "bad", device="cpu", verbose=False)
+    assert call(1) == first
+    with monkeypatch.context() as m:
+        _midway(m, pipeline, "test_time_displacements")
+        with pytest.raises(RuntimeError, match="injected midway"):
+            api.register(kp / "f.csv", kp / "m.csv", tmp_path / "boom", device="cpu", verbose=False)
+    assert not (tmp_path / "boom").exists() or not any((tmp_path / "boom").iterdir())
+    assert call(2) == first
+
+
+def test_volume_register_after_failed_calls_equals_the_first(vol, tmp_path, monkeypatch):
+    import cyclereg.dense.pipeline as pipeline
+
+    def call(i):
+        api.register(vol / "i1.nii.gz", vol / "i2.nii.gz", tmp_path / f"r{i}", warps=2, adam=True, ic=True,
+                     moving_labels=vol / "l2.nii.gz", device="cpu", verbose=False)
+        return _outputs(tmp_path / f"r{i}")
+
+    first = call(0)
+    (tmp_path / "half.nii.gz").write_bytes((vol / "i2.nii.gz").read_bytes()[:200])
+    with pytest.raises(InputError, match="half.nii.gz"):
+        api.register(vol / "i1.nii.gz", tmp_path / "half.nii.gz", tmp_path / "bad", device="cpu", verbose=False)
+    assert call(1) == first
+    for name in ("predict_displacement", "adam_refine"):
+        with monkeypatch.context() as m:
+            _midway(m, pipeline, name)
+            with pytest.raises(RuntimeError, match="injected midway"):
+                call(f"boom-{name}")
+        assert not (tmp_path / f"rboom-{name}").exists() or not any((tmp_path / f"rboom-{name}").iterdir())
+    assert call(2) == first
