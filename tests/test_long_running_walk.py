@@ -239,3 +239,40 @@ def test_volume_register_after_failed_calls_equals_the_first(vol, tmp_path, monk
                 call(f"boom-{name}")
         assert not (tmp_path / f"rboom-{name}").exists() or not any((tmp_path / f"rboom-{name}").iterdir())
     assert call(2) == first
+
+
+def test_register_clouds_in_a_loop_is_flat_and_bitwise_the_same(tmp_path):
+    """:func:`cyclereg.clouds.pipeline.register_clouds` on tensors, one network, 30 calls (and one that fails on
+    NaN coordinates and one with an exception injected after the network ran, in between): the same displacements
+    bit for bit, the network's weights untouched, the process's resources flat."""
+    import cyclereg.clouds.pipeline as pipeline
+    from cyclereg.clouds.features import build_graph_net
+    from cyclereg.clouds.pipeline import CloudRegConfig, register_clouds
+
+    from conftest import SMALL_BREATHING
+    from cyclereg.clouds.synthetic import make_breathing_pair
+
+    pair = make_breathing_pair(0, SMALL_BREATHING)
+    fixed, moving = torch.as_tensor(pair.fixed_mm).float(), torch.as_tensor(pair.moving_mm).float()
+    config = CloudRegConfig()
+    net = build_graph_net(config.net, seed=0).float()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    mode = net.training
+    first = register_clouds(fixed, moving, net, config).displacements_mm.clone()
+    bad = fixed.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="fixed_mm: holds NaN"):
+        register_clouds(bad, moving, net, config)
+    with pytest.MonkeyPatch.context() as m:
+        _midway(m, pipeline, "test_time_displacements")
+        with pytest.raises(RuntimeError, match="injected midway"):
+            register_clouds(fixed, moving, net, config)
+
+    def once(_):
+        return register_clouds(fixed, moving, net, config).displacements_mm
+
+    before, after, rise, times, results = _loop(once)
+    _assert_flat(before, after, rise, times)
+    assert all(torch.equal(r, first) for r in results)
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+    assert net.training is mode
