@@ -70,7 +70,14 @@ def _state() -> dict:
             "atexit": atexit._ncallbacks(),
             "signals": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)],
             "filters": len(warnings.filters), "registry": _warning_registry_size(),
-            "tmp": sorted(os.listdir(tempfile.gettempdir())), "modules": len(sys.modules)}
+            "tmp": sorted(os.listdir(tempfile.gettempdir())), "modules": len(sys.modules),
+            "libraries": _mapped_libraries(), "garbage": len(gc.garbage)}
+
+
+def _mapped_libraries() -> list[str]:
+    """Shared objects mapped into the process (a C kernel rebuilt or reloaded per call would add one)."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split()[-1] for line in f if ".so" in line.rsplit("/", 1)[-1]})
 
 
 @pytest.fixture(autouse=True)
@@ -108,18 +115,23 @@ def _strip(x):
     return x
 
 
-def _loop(call, n: int = LOOP, warmup: int = 3):
-    """Run ``call(i)`` ``warmup`` + ``n`` times; returns (state before, state after, RSS rise kb, times, results)."""
+def _loop(call, same, n: int = LOOP, warmup: int = 3):
+    """Run ``call(i)`` ``warmup`` + ``n`` times; returns (state before, state after, RSS rise kb, times, and
+    ``same(result)`` of each looped call: only these booleans are kept, so that the loop holds no results and any
+    growth of the Python heap is the library's)."""
     for i in range(warmup):
-        call(i)
-    before, rss0 = _state(), _rss_kb()
-    times, results = [], []
+        assert same(call(i))
+    before, rss0, objects0 = _state(), _rss_kb(), len(gc.get_objects())
+    times, agreed = [], []
     for i in range(n):
         t = time.perf_counter()
-        results.append(call(warmup + i))
+        result = call(warmup + i)
         times.append(time.perf_counter() - t)
-    after, rss1 = _state(), _rss_kb()
-    return before, after, rss1 - rss0, times, results
+        agreed.append(same(result))
+        del result
+    after, rss1, objects1 = _state(), _rss_kb(), len(gc.get_objects())
+    assert objects1 - objects0 < n, f"{objects1 - objects0} more Python objects after {n} calls"
+    return before, after, rss1 - rss0, times, agreed
 
 
 def _assert_flat(before, after, rise_kb, times):
@@ -180,11 +192,12 @@ def test_repeated_api_calls_do_not_grow_and_give_the_same_files(kp, vol, tmp_pat
         call(d, tmp_path, i)
         return _outputs(tmp_path / f"r{i}")
 
-    before, after, rise, times, results = _loop(once)
+    first = once("first")
+    assert first, "the call wrote nothing"
+    before, after, rise, times, agreed = _loop(once, lambda r: r == first)
     capsys.readouterr()
     _assert_flat(before, after, rise, times)
-    assert results[0], "the call wrote nothing"
-    assert all(r == results[0] for r in results[1:])
+    assert all(agreed)
 
 
 def _midway(monkeypatch, module, name):
@@ -271,8 +284,44 @@ def test_register_clouds_in_a_loop_is_flat_and_bitwise_the_same(tmp_path):
     def once(_):
         return register_clouds(fixed, moving, net, config).displacements_mm
 
-    before, after, rise, times, results = _loop(once)
+    before, after, rise, times, agreed = _loop(once, lambda r: torch.equal(r, first))
     _assert_flat(before, after, rise, times)
-    assert all(torch.equal(r, first) for r in results)
+    assert all(agreed)
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
     assert net.training is mode
+
+
+def test_dense_register_in_a_loop_is_flat_and_bitwise_the_same(vol):
+    """:func:`cyclereg.dense.pipeline.register` on one tiny pair, one network, two warps with Adam and inverse
+    consistency, 12 calls after one that failed midway (inside Adam): the same field bit for bit, the network's
+    weights and the config untouched, the process's resources flat."""
+    import dataclasses
+
+    import nibabel as nib
+
+    import cyclereg.dense.pipeline as pipeline
+    from cyclereg.dense.config import DensePipelineConfig
+    from cyclereg.dense.network import random_feature_net
+
+    cfg = DensePipelineConfig(warps=2, use_ic=True, use_adam=True)
+    frozen = dataclasses.asdict(cfg)
+    net = random_feature_net(cfg.net, seed=0)
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def image(name):
+        a = torch.from_numpy(np.asarray(nib.load(str(vol / name)).dataobj, dtype=np.float32))
+        return (a / a.max())[None, None]
+
+    fixed, moving = image("i1.nii.gz"), image("i2.nii.gz")
+    first = pipeline.register(fixed, moving, net, cfg).clone()
+    with pytest.MonkeyPatch.context() as m:
+        _midway(m, pipeline, "adam_refine")
+        with pytest.raises(RuntimeError, match="injected midway"):
+            pipeline.register(fixed, moving, net, cfg)
+
+    before, after, rise, times, agreed = _loop(lambda _: pipeline.register(fixed, moving, net, cfg),
+                                               lambda r: torch.equal(r, first), n=12)
+    _assert_flat(before, after, rise, times)
+    assert all(agreed)
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+    assert dataclasses.asdict(cfg) == frozen
