@@ -41,7 +41,8 @@ import torch
 import cyclereg.api as api
 from cyclereg.errors import InputError
 
-pytestmark = pytest.mark.usefixtures("one_intraop_thread")
+# slow: loops of 30 calls whose memory and time checks want an otherwise idle machine (kept out of the default run)
+pytestmark = [pytest.mark.usefixtures("one_intraop_thread"), pytest.mark.slow]
 
 LOOP = 30
 RSS_SLACK_KB = 24 * 1024

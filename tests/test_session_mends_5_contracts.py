@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
