@@ -150,6 +150,11 @@ def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.f
 
 
 # ----------------------------------------------------------------------------- voxel <-> world
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Half-precision dtypes that computations here take in float32 and answer in the input's dtype (CPU pooling,
+``linalg.inv`` and NumPy lack them; Adam's ``eps`` of 1e-8 is 0 in float16)."""
+
+
 def floating_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype coordinates computed from ``t`` get: ``t``'s own when floating, else torch's default float
     dtype (integer voxel indices such as :attr:`~cyclereg.keypoints.api.Keypoints.voxels` are promoted, not

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 import torch
 
-from cyclereg.frames import check_displacement, floating_dtype, require_tensor
+from cyclereg.frames import LOW_PRECISION, check_displacement, floating_dtype, require_tensor
 
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
@@ -366,7 +366,7 @@ def hd95(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, spacing=(1.0, 
     fixed_labels, warped_labels = fixed_labels.reshape(grid), warped_labels.reshape(grid)
     scale, linear = _voxel_metric(spacing)
     # NumPy has no bfloat16 (and a map may carry an autograd graph): whole-number values survive float32
-    fa, wa = (t.detach().cpu().to(torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype).numpy()
+    fa, wa = (t.detach().cpu().to(torch.float32 if t.dtype in LOW_PRECISION else t.dtype).numpy()
               for t in (fixed_labels, warped_labels))
     boxes = _label_boxes(fa), _label_boxes(wa)
     out = {}

@@ -15,7 +15,7 @@ import math
 import torch
 
 from cyclereg.errors import finite_number, python_number
-from cyclereg.frames import check_points, floating_dtype
+from cyclereg.frames import LOW_PRECISION, check_points, floating_dtype
 
 
 def _check_draw(dtype, ranges: dict[str, float]) -> None:
@@ -73,7 +73,7 @@ def _working(disp: torch.Tensor) -> torch.Tensor:
     """``disp`` in a dtype :func:`torch.linalg.inv` works in: float32 / float64 as given, half precision in
     float32, integers in torch's default float dtype (:func:`cyclereg.frames.floating_dtype`)."""
     check_points("disp", disp)
-    if disp.dtype in (torch.float16, torch.bfloat16):
+    if disp.dtype in LOW_PRECISION:
         return disp.float()
     return disp.to(floating_dtype(disp))
 

@@ -7,6 +7,7 @@ import torch
 from cyclereg.dense import native
 from cyclereg.dense.config import AdamConfig
 from cyclereg.dense.convex import box_smooth, resample_disp, standardize
+from cyclereg.frames import LOW_PRECISION
 from cyclereg.warp import warp
 
 
@@ -65,10 +66,6 @@ def adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tens
         feat_fix, feat_mov, disp = (t.detach().clone() if t.is_inference() else t.detach()
                                     for t in (feat_fix, feat_mov, disp))
         return _adam_refine(feat_fix, feat_mov, disp, factor, cfg).to(dtype)
-
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-"""Dtypes :func:`adam_refine` optimises in float32 and casts back."""
 
 
 def _adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor, factor: int,

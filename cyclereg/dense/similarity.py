@@ -19,11 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.errors import finite_number, python_number, require_count
-from cyclereg.frames import require_tensor
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-"""Image dtypes the losses compute in float32 (CPU pooling has no half-precision kernels), answering in
-the fixed image's dtype."""
+from cyclereg.frames import LOW_PRECISION, require_tensor
 
 
 def _check(name: str, x: torch.Tensor) -> None:
