@@ -131,6 +131,30 @@ def write_two_pair_dataset(folder: Path) -> Path:
     return path
 
 
+def write_synthetic_pairs_dataset(folder: Path, config: BreathingConfig, *, landmarks: int | None = None,
+                                  name: str = "tiny") -> Path:
+    """Two distinct synthetic pairs of ``config``, ``c0`` (seed 0) and ``c1`` (seed 1), one per fold, as
+    ``folder/cK/fk.csv`` / ``mk.csv`` and ``folder/dataset.json`` (named ``name``); with ``landmarks``, the
+    first that many fixed keypoints (``fl.csv``) and where they truly move (``ml.csv``) are each pair's
+    landmarks. Returns the dataset path."""
+    from cyclereg.pointio import write_points
+
+    pairs = []
+    for i in range(2):
+        pair = make_breathing_pair(i, config)
+        write_points(folder / f"c{i}" / "fk.csv", pair.fixed_mm)
+        write_points(folder / f"c{i}" / "mk.csv", pair.moving_mm)
+        entry = {"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv"}
+        if landmarks is not None:
+            write_points(folder / f"c{i}" / "fl.csv", pair.fixed_mm[:landmarks])
+            write_points(folder / f"c{i}" / "ml.csv", pair.fixed_mm[:landmarks] + pair.displacement_mm[:landmarks])
+            entry.update({"fixed_landmarks": f"c{i}/fl.csv", "moving_landmarks": f"c{i}/ml.csv"})
+        pairs.append(entry)
+    ds = folder / "dataset.json"
+    ds.write_text(json.dumps({"name": name, "pairs": pairs, "folds": [["c0"], ["c1"]]}))
+    return ds
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -151,19 +151,11 @@ FAST = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--tta-pa
 
 
 def _keypoint_dataset(tmp_path: Path) -> Path:
-    from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
-    from cyclereg.pointio import write_points
+    from cyclereg.clouds.synthetic import BreathingConfig
 
-    tiny = BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20)
-    pairs = []
-    for i in range(2):
-        pair = make_breathing_pair(i, tiny)
-        write_points(tmp_path / f"c{i}" / "fk.csv", pair.fixed_mm)
-        write_points(tmp_path / f"c{i}" / "mk.csv", pair.moving_mm)
-        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv"})
-    ds = tmp_path / "dataset.json"
-    ds.write_text(json.dumps({"name": "tiny", "pairs": pairs, "folds": [["c0"], ["c1"]]}))
-    return ds
+    from conftest import write_synthetic_pairs_dataset
+
+    return write_synthetic_pairs_dataset(tmp_path, BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20))
 
 
 @pytest.fixture

@@ -35,10 +35,11 @@ import pytest
 from typer.testing import CliRunner
 
 import cyclereg.training.api as training_api
-from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+from cyclereg.clouds.synthetic import BreathingConfig
 from cyclereg.errors import RUN_LOCK, InputError
-from cyclereg.pointio import write_points
 from cyclereg_cli.main import app
+
+from conftest import write_synthetic_pairs_dataset
 
 runner = CliRunner()
 
@@ -50,18 +51,7 @@ CHEAP_KW = dict(stages=1, epochs=1, train_points="100,200", tta_passes=0, recent
 
 def _dataset(folder: Path) -> Path:
     """Two distinct synthetic pairs c0, c1 with landmarks, one per fold."""
-    pairs = []
-    for i in range(2):
-        pair = make_breathing_pair(i, TINY)
-        write_points(folder / f"c{i}" / "fk.csv", pair.fixed_mm)
-        write_points(folder / f"c{i}" / "mk.csv", pair.moving_mm)
-        write_points(folder / f"c{i}" / "fl.csv", pair.fixed_mm[:10])
-        write_points(folder / f"c{i}" / "ml.csv", pair.fixed_mm[:10] + pair.displacement_mm[:10])
-        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv",
-                      "fixed_landmarks": f"c{i}/fl.csv", "moving_landmarks": f"c{i}/ml.csv"})
-    ds = folder / "dataset.json"
-    ds.write_text(json.dumps({"name": "tiny", "pairs": pairs, "folds": [["c0"], ["c1"]]}))
-    return ds
+    return write_synthetic_pairs_dataset(folder, TINY, landmarks=10)
 
 
 @pytest.fixture(scope="module")

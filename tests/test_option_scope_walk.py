@@ -24,11 +24,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cyclereg.clouds.synthetic import make_breathing_pair
-from cyclereg.pointio import write_points
 from cyclereg_cli.main import app
 
-from conftest import SMALL_BREATHING
+from conftest import SMALL_BREATHING, write_synthetic_pairs_dataset
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -40,16 +38,7 @@ def data(tmp_path_factory):
     """``{"kds": keypoint dataset.json (2 pairs, 2 folds), "vds": volume *_dataset.json (1 labelled
     registration_val pair), "v1"/"v2": its two scans, "f"/"m": two point files}``."""
     d = tmp_path_factory.mktemp("scope")
-    pairs = []
-    for i in range(2):
-        pair = make_breathing_pair(i, SMALL_BREATHING)
-        write_points(d / f"c{i}" / "fk.csv", pair.fixed_mm)
-        write_points(d / f"c{i}" / "mk.csv", pair.moving_mm)
-        write_points(d / f"c{i}" / "fl.csv", pair.fixed_mm[:20])
-        write_points(d / f"c{i}" / "ml.csv", pair.fixed_mm[:20] + pair.displacement_mm[:20])
-        pairs.append({"id": f"c{i}", "fixed_keypoints": f"c{i}/fk.csv", "moving_keypoints": f"c{i}/mk.csv",
-                      "fixed_landmarks": f"c{i}/fl.csv", "moving_landmarks": f"c{i}/ml.csv"})
-    (d / "dataset.json").write_text(json.dumps({"name": "mini", "pairs": pairs, "folds": [["c0"], ["c1"]]}))
+    write_synthetic_pairs_dataset(d, SMALL_BREATHING, landmarks=20, name="mini")
     (d / "imagesTr").mkdir()
     (d / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
