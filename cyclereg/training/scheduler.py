@@ -646,7 +646,8 @@ class StageScheduler:
         latest finished stage >= 1 (the code and the machine of the stages to come are more like
         its than the first ones'), or before the first one, at the snapshot's training pace or, once
         its training is saved and its labels are being refreshed, at that training's seconds
-        (training only, the pseudo-label refreshes not counted); ``None`` when none of these exists.
+        (training only, the pseudo-label refreshes not counted); ``None`` when none of these exists or the
+        run cannot go on (trimmed to a ``final.pt`` of fewer stages than ``stages``).
         ``stage_log``: each finished stage's line of ``log.jsonl`` (training loss, pseudo-label
         disagreement and, where a run reports them, validation scores; a stage logged twice: its
         last line). ``unlogged_stages``: finished stages without a readable line in ``log.jsonl`` (lines
@@ -718,6 +719,8 @@ class StageScheduler:
         remaining = None
         if settled is not None:
             remaining = 0.0
+        elif kept is not None and kept < stages:  # cannot go on: no time is left to estimate
+            remaining = None
         elif per_stage is not None:
             remaining = max(0.0, per_stage * max(0, stages - max(done, 0)) - (current or 0.0))
         return {"finished": done, "next": text, "stage_seconds": seconds, "current_stage_s": current,
