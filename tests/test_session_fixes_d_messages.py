@@ -2,7 +2,8 @@
 happened.
 
 ``status --stages T`` of a run trimmed to a ``final.pt`` of fewer stages ('cannot go on') showed a time-left
-estimate: none now.
+estimate: none now. ``cycle --stages T --stop-below MM`` that refused (e.g. unreadable stage-0 labels) had raised
+the run's stage target and recorded the rule in run.json first: run.json is left as it was now.
 """
 
 from __future__ import annotations
@@ -11,15 +12,34 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from cyclereg_cli.main import app
-from test_cycle_dense import _ToyTask
-
+from cyclereg.clouds.synthetic import BreathingConfig
 from cyclereg.training.scheduler import StageScheduler
+from cyclereg_cli.main import app
+
+from conftest import intraop_threads, write_synthetic_pairs_dataset
+from test_cycle_dense import _ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+FAST = ["--stages", "1", "--epochs", "1", "--train-points", "100,200", "--tta-passes", "0", "--recentre-passes", "0"]
+
+
+@pytest.fixture
+def one_thread():
+    with intraop_threads(1):
+        yield
+
+
+def _tiny_run(tmp_path: Path, *options: str) -> tuple[Path, Path]:
+    """A keypoint dataset of two tiny pairs and a run with fold 1's stage-0 labels: (dataset, run)."""
+    ds = write_synthetic_pairs_dataset(tmp_path, BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20))
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST, *options])
+    assert res.exit_code == 0, res.output
+    return ds, run
 
 
 def test_status_of_a_trimmed_run_that_cannot_go_on_estimates_no_time_left(tmp_path):
@@ -43,3 +63,13 @@ def test_status_command_of_the_trimmed_abd4_towards_more_stages_shows_no_estimat
     row = json.loads((tmp_path / "s.json").read_text())["folds"][0]
     assert row["next"].startswith("cannot go on") and row["remaining_s"] is None
     assert "0:10:03" not in res.output
+
+
+def test_cycle_that_refuses_leaves_run_json_as_it_was(tmp_path, one_thread):
+    ds, run = _tiny_run(tmp_path)
+    (run / "fold1" / "pseudo0.pt").write_bytes(b"not labels")
+    before = (run / "run.json").read_bytes()
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "3",
+                              "--stop-below", "0.5"])
+    assert res.exit_code == 2 and "pseudo0.pt: unreadable pseudo labels" in res.output, res.output
+    assert (run / "run.json").read_bytes() == before  # stages 1, no stopping rule: as before the command

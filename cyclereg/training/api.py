@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from cyclereg.checkpoint import atomic_leftover, data_fingerprint, to_jsonable, training_record, write_json
+from cyclereg.checkpoint import atomic_leftover, atomic_write_bytes, data_fingerprint, to_jsonable, training_record, write_json
 from cyclereg.clouds.api import dataset_box, exported_models, require_registrable
 from cyclereg.console import make_console, print_note
 from cyclereg.datasets import JSON_READ_ERRORS, dataset_kind, load_keypoint_dataset, select_folds
@@ -281,7 +281,8 @@ def _record_stage_target(run: Path, stages: int) -> None:
     """Raise the number of stages recorded in ``run/run.json`` to ``stages`` when a ``cycle
     --stages`` goes past it (extending a run), so that ``cyclereg status`` counts towards the new
     target and a plain ``cycle`` re-run resumes it. A smaller ``--stages`` (stopping early) leaves
-    the record alone; nothing else in the file changes."""
+    the record alone; nothing else in the file changes (:func:`_targets_recorded` puts it back when
+    the command then refuses)."""
     meta = _read_meta(run)
     if stages > int(meta["config"]["stages"]):
         meta["config"]["stages"] = stages
@@ -307,6 +308,28 @@ def _record_stop_rule(run: Path, stop_below_mm: float | None) -> float | None:
             meta[STOP_KEY] = float(stop_below_mm)
         write_json(run / "run.json", meta)
     return stop_below_mm or None
+
+
+@contextmanager
+def _targets_recorded(run: Path, stages: int, stop_below_mm: float | None, dirs: list[Path]) -> Iterator[float | None]:
+    """Record ``cycle``'s stage target (:func:`_record_stage_target`) and stopping rule
+    (:func:`_record_stop_rule`) in ``run/run.json`` for the training in the ``with`` block; yields the rule.
+    A refusal (:class:`InputError`) before any of the fold directories ``dirs`` finished a stage puts back
+    what ``run.json`` held (unless another command rewrote it meanwhile): a command that refuses writes nothing."""
+    with run_file_lock(run):
+        before = (run / "run.json").read_bytes()
+        _record_stage_target(run, stages)
+        rule = _record_stop_rule(run, stop_below_mm)
+        after = (run / "run.json").read_bytes()
+    finished = [StageScheduler(None, d).last_finished_stage() for d in dirs]
+    try:
+        yield rule
+    except InputError:
+        if after != before and finished == [StageScheduler(None, d).last_finished_stage() for d in dirs]:
+            with run_file_lock(run):
+                if (run / "run.json").read_bytes() == after:
+                    atomic_write_bytes(run / "run.json", lambda fh: fh.write(before))
+        raise
 
 
 def _require_threshold(stop_below_mm: float | None) -> None:
@@ -669,24 +692,22 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     with fold_locks(run, selected):  # first: a pretrain-random labelling a fold now is named as busy
         for k in selected:
             require_labels(k)
-        with run_file_lock(run):
-            _record_stage_target(run, stages)
-            rule = _record_stop_rule(run, stop_below_mm)
-        args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
-        # folds that have all their stages already (or have settled) only bring their record up to date:
-        # here, not in a worker process (starting one costs seconds)
-        done = {k for k in selected if _fold_complete(StageScheduler(None, fold_dir(run, k)), stages, rule)}
-        with _progress() as progress:
-            outer = progress.add_task("folds", total=len(selected))
+        with _targets_recorded(run, stages, stop_below_mm, [fold_dir(run, k) for k in selected]) as rule:
+            args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
+            # folds that have all their stages already (or have settled) only bring their record up to date:
+            # here, not in a worker process (starting one costs seconds)
+            done = {k for k in selected if _fold_complete(StageScheduler(None, fold_dir(run, k)), stages, rule)}
+            with _progress() as progress:
+                outer = progress.add_task("folds", total=len(selected))
 
-            def finished(k: int, final: int) -> None:
-                result[k] = final
-                progress.advance(outer)
+                def finished(k: int, final: int) -> None:
+                    result[k] = final
+                    progress.advance(outer)
 
-            _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k in done}, 1, progress,
-                       on_result=lambda r: finished(*r))
-            _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
-                       on_result=lambda r: finished(*r))
+                _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k in done}, 1, progress,
+                           on_result=lambda r: finished(*r))
+                _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
+                           on_result=lambda r: finished(*r))
     return {k: result[k] for k in selected}
 
 
@@ -946,8 +967,5 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     with fold_locks(run, [None]):  # first: a pretrain-random labelling the run now is named as busy
         if sched.last_finished_stage() < 0:
             raise no_labels
-        with run_file_lock(run):
-            _record_stage_target(run, stages)
-            rule = _record_stop_rule(run, stop_below_mm)
-        with _progress() as progress:
+        with _targets_recorded(run, stages, stop_below_mm, [fold_dir(run, None)]) as rule, _progress() as progress:
             return {None: sched.run(stages, progress, stop_below_mm=rule)}
