@@ -4,6 +4,8 @@ happened.
 ``status --stages T`` of a run trimmed to a ``final.pt`` of fewer stages ('cannot go on') showed a time-left
 estimate: none now. ``cycle --stages T --stop-below MM`` that refused (e.g. unreadable stage-0 labels) had raised
 the run's stage target and recorded the rule in run.json first: run.json is left as it was now.
+``pretrain-random --supervision mind|ncc`` said 'stage-0 pseudo labels are in RUN' though such a run has none:
+it says so now.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cyclereg.training.scheduler import StageScheduler
 from cyclereg_cli.main import app
 
 from conftest import intraop_threads, write_synthetic_pairs_dataset
-from test_cycle_dense import _ToyTask
+from test_cycle_dense import _dataset, _ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -73,3 +75,20 @@ def test_cycle_that_refuses_leaves_run_json_as_it_was(tmp_path, one_thread):
                               "--stop-below", "0.5"])
     assert res.exit_code == 2 and "pseudo0.pt: unreadable pseudo labels" in res.output, res.output
     assert (run / "run.json").read_bytes() == before  # stages 1, no stopping rule: as before the command
+
+
+@pytest.mark.parametrize("metric", ["mind", "ncc"])
+def test_pretrain_random_of_a_metric_supervised_run_says_it_made_no_labels(tmp_path, one_thread, metric):
+    ds = _dataset(tmp_path / "data", with_labels=False)
+    run = tmp_path / "run"
+    args = ["pretrain-random", str(ds), "-o", str(run), "--supervision", metric, "--stages", "1",
+            "--iterations", "2", "--device", "cpu"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    line = res.stdout.splitlines()[-1]
+    assert line == (f"the run is ready in {run}: --supervision {metric} needs no pseudo labels (its stage 0 holds "
+                    "none); 'cyclereg cycle' trains it")
+    res = runner.invoke(app, args)  # again: stage 0 is there already
+    assert res.exit_code == 0, res.output
+    assert "(its stage 0 holds none, recorded before)" in " ".join(res.stdout.split())
+    assert "pseudo labels are in" not in res.output

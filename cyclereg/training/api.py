@@ -458,9 +458,14 @@ def stage0_labelled(run: Path) -> set[str]:
 
 def pretrain_random_summary(dataset: Path, run: Path, **kwargs) -> str:
     """:func:`pretrain_random` (``kwargs`` as it takes them), then the line the command prints: where the
-    stage-0 labels are and, in a run that had some already, which folds were labelled now and which kept."""
+    stage-0 labels are and, in a run that had some already, which folds were labelled now and which kept
+    (a metric-supervised volume run, ``--supervision mind|ncc``: that its stage 0 holds no labels)."""
     before = stage0_labelled(run)
     out = pretrain_random(dataset, run, **kwargs)
+    supervision = _read_meta(out)["config"].get("supervision", "pseudo")
+    if supervision != "pseudo":
+        return (f"the run is ready in {out}: --supervision {supervision} needs no pseudo labels (its stage 0 holds "
+                f"none{', recorded before' if before else ''}); 'cyclereg cycle' trains it")
     made = sorted(stage0_labelled(run) - before)
     kept = ""
     if before:
