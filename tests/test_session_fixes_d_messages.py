@@ -5,7 +5,10 @@ happened.
 estimate: none now. ``cycle --stages T --stop-below MM`` that refused (e.g. unreadable stage-0 labels) had raised
 the run's stage target and recorded the rule in run.json first: run.json is left as it was now.
 ``pretrain-random --supervision mind|ncc`` said 'stage-0 pseudo labels are in RUN' though such a run has none:
-it says so now.
+it says so now. ``pretrain-random`` into a run whose stage-0 labels all exist took ``--val-pairs``, ``--jobs`` and
+``--device`` without a word (they only shape the making of labels, and none were made): a note on stderr names
+them now (not a refusal: they are not part of the run's configuration, and the same command completes an
+interrupted run).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def one_thread():
 
 def _tiny_run(tmp_path: Path, *options: str) -> tuple[Path, Path]:
     """A keypoint dataset of two tiny pairs and a run with fold 1's stage-0 labels: (dataset, run)."""
-    ds = write_synthetic_pairs_dataset(tmp_path, BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20))
+    ds = write_synthetic_pairs_dataset(tmp_path, BreathingConfig(n_fixed=150, n_moving=300, branches=10, steps=20),
+                                       landmarks=5)
     run = tmp_path / "run"
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", *FAST, *options])
     assert res.exit_code == 0, res.output
@@ -92,3 +96,17 @@ def test_pretrain_random_of_a_metric_supervised_run_says_it_made_no_labels(tmp_p
     assert res.exit_code == 0, res.output
     assert "(its stage 0 holds none, recorded before)" in " ".join(res.stdout.split())
     assert "pseudo labels are in" not in res.output
+
+
+def test_pretrain_random_into_labelled_folds_notes_the_options_it_did_not_use(tmp_path, one_thread):
+    ds, run = _tiny_run(tmp_path)
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1", "--val-pairs", "1",
+                              "--jobs", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "note: --val-pairs 1, --jobs 2, --device cpu not used: the stage-0 labels exist already\n"
+    assert res.stdout.splitlines()[-1].endswith("(the stage-0 labels that were there already were kept)")
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", "1"])
+    assert res.exit_code == 0 and res.stderr == "", res.output  # none given: nothing to note
+    res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--device", "cpu"])
+    assert res.exit_code == 0 and "not used" not in res.stderr, res.output  # fold 2 labelled now: used
+    assert "made now: fold2" in " ".join(res.stdout.split())

@@ -459,14 +459,21 @@ def stage0_labelled(run: Path) -> set[str]:
 def pretrain_random_summary(dataset: Path, run: Path, **kwargs) -> str:
     """:func:`pretrain_random` (``kwargs`` as it takes them), then the line the command prints: where the
     stage-0 labels are and, in a run that had some already, which folds were labelled now and which kept
-    (a metric-supervised volume run, ``--supervision mind|ncc``: that its stage 0 holds no labels)."""
+    (a metric-supervised volume run, ``--supervision mind|ncc``: that its stage 0 holds no labels). When no
+    labels were made, a note on stderr names the given ``val_pairs``, ``jobs`` and ``device``: they were not used."""
     before = stage0_labelled(run)
     out = pretrain_random(dataset, run, **kwargs)
+    made = sorted(stage0_labelled(run) - before)
+    unused = [f"{name} {value}" for name, value, default in (("--val-pairs", kwargs.get("val_pairs", 0), 0),
+                                                             ("--jobs", kwargs.get("jobs", 1), 1),
+                                                             ("--device", kwargs.get("device", "auto"), "auto"))
+              if value != default]
+    if before and not made and unused:  # they only shape the making of stage-0 labels
+        print_note(f"{', '.join(unused)} not used: the stage-0 labels exist already")
     supervision = _read_meta(out)["config"].get("supervision", "pseudo")
     if supervision != "pseudo":
         return (f"the run is ready in {out}: --supervision {supervision} needs no pseudo labels (its stage 0 holds "
                 f"none{', recorded before' if before else ''}); 'cyclereg cycle' trains it")
-    made = sorted(stage0_labelled(run) - before)
     kept = ""
     if before:
         kept = (f" (made now: {', '.join(made)}; the stage-0 labels that were there already were kept: "
