@@ -171,16 +171,14 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
                       "--resample-moving": resample_moving, "--via-keypoints": via_keypoints,
                       "--lung-mask": lung_mask, "verbose": verbose})
     model = str(model)
-    require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
-    refuse_output_in_run(out_dir, "-o")
     if model != "random":
-        require_checkpoint_file(model)
         refuse_options({"--seed": seed}, SEED_SCOPE)
     seed = 0 if seed is None else require_seed(seed, largest=MAX_MODEL_SEED)  # the random network's own seed
     if is_volume_file(fixed) != is_volume_file(moving):
         volume, cloud = (fixed, moving) if is_volume_file(fixed) else (moving, fixed)
         raise InputError(f"{cloud}: a point cloud, but {volume} is a volume (NIfTI); register two clouds or two volumes")
     volumes = is_volume_file(fixed)
+    # options that do not go together are named before any file is looked at
     if not (via_keypoints and volumes):
         refuse_options({"--lung-mask": lung_mask or None}, "volumes registered --via-keypoints")
     if via_keypoints:
@@ -193,6 +191,25 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
                        "point-cloud files, not --via-keypoints (there the fixed scan is the reference grid and the "
                        "moving scan the image to warp)")
+    elif volumes:
+        refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
+                       "point-cloud files, not volumes")
+        refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--query": query,
+                        "--ensemble-fusion": ensemble_fusion, "--spread": spread or None,
+                        "--spread-map": spread_map or None},
+                       "point clouds (or volumes with --via-keypoints), not the dense path")
+    else:
+        refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
+                        "--l2r-name": l2r_name or None, "--resample-moving": resample_moving or None},
+                       "volumes, not point clouds")
+        if spacing is not None and reference is not None:
+            raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
+                             "reference's grid, the moving one on --moving-image's when given)")
+    require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
+    refuse_output_in_run(out_dir, "-o")
+    if model != "random":
+        require_checkpoint_file(model)
+    if via_keypoints:
         from cyclereg.clouds.api import register_volumes_via_keypoints
 
         return RegisterResult.read(out_dir, register_volumes_via_keypoints(
@@ -202,21 +219,12 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
             moving_labels=None if moving_labels is None else Path(moving_labels), disp_mm=disp_mm, spread=spread,
             spread_map=spread_map, jacobian=jacobian, verbose=verbose))
     if volumes:
-        refuse_options({"--reference": reference, "--moving-image": moving_image, "--spacing": spacing},
-                       "point-cloud files, not volumes")
-        refuse_options({"--recentre-passes": recentre_passes, "--tta-passes": tta_passes, "--query": query,
-                        "--ensemble-fusion": ensemble_fusion, "--spread": spread or None,
-                        "--spread-map": spread_map or None},
-                       "point clouds (or volumes with --via-keypoints), not the dense path")
         from cyclereg.dense.api import register_volume_files
 
         return RegisterResult.read(out_dir, register_volume_files(
             Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed,
             moving_labels=None if moving_labels is None else Path(moving_labels), warps=warps, adam=adam, ic=ic,
             disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving, jacobian=jacobian))
-    refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic, "--l2r-name": l2r_name or None,
-                    "--resample-moving": resample_moving or None},
-                   "volumes, not point clouds")
     from cyclereg.clouds.api import register_cloud_files
 
     def opt(p):

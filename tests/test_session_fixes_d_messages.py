@@ -8,7 +8,9 @@ the run's stage target and recorded the rule in run.json first: run.json is left
 it says so now. ``pretrain-random`` into a run whose stage-0 labels all exist took ``--val-pairs``, ``--jobs`` and
 ``--device`` without a word (they only shape the making of labels, and none were made): a note on stderr names
 them now (not a refusal: they are not part of the run's configuration, and the same command completes an
-interrupted run).
+interrupted run). ``register`` named a missing file (``--reference X``, the clouds) before saying that options
+do not go together (``--spacing`` with ``--reference``, ``--seed`` with a checkpoint, an option of another path):
+the options are checked first now.
 """
 
 from __future__ import annotations
@@ -110,3 +112,17 @@ def test_pretrain_random_into_labelled_folds_notes_the_options_it_did_not_use(tm
     res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--device", "cpu"])
     assert res.exit_code == 0 and "not used" not in res.stderr, res.output  # fold 2 labelled now: used
     assert "made now: fold2" in " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize(("inputs", "options", "said"), [
+    (["f.csv", "m.csv"], ["--reference", "missing.nii.gz", "--spacing", "1,1,1"], "--spacing: not used with --reference"),
+    (["gone.csv", "m.csv"], ["--model", "missing.pt", "--seed", "1"], "--seed is an option for"),
+    (["gone.nii.gz", "m.nii.gz"], ["--reference", "missing.nii.gz"], "--reference is an option for point-cloud files"),
+    (["gone.csv", "m.csv"], ["--warps", "1"], "--warps is an option for volumes, not point clouds"),
+])
+def test_register_names_options_that_do_not_go_together_before_missing_files(pair_files, inputs, options, said):
+    d, _ = pair_files
+    res = runner.invoke(app, ["register", *(str(d / name) for name in inputs), "-o", str(d / "out"),
+                              *(str(d / o) if o.endswith((".gz", ".pt")) else o for o in options)])
+    assert res.exit_code == 2 and said in res.output and "does not exist" not in res.output, res.output
+    assert not (d / "out").exists()
