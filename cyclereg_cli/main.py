@@ -176,21 +176,33 @@ def cli_errors(fn):
         except (WorkerError, ResultError) as exc:
             _fail(str(exc), code=1)
         except KeyboardInterrupt:
-            _say_interrupted(f"cyclereg: interrupted{resume}")
+            _say_interrupted(f"cyclereg: interrupted{resume_hint(kwargs)}")
             raise typer.Exit(130) from None
         except SystemExit as exc:
             if exc.code == 128 + signal.SIGTERM:  # kill: cyclereg.interrupts.sigterm_exit
-                _say_interrupted(f"cyclereg: terminated{resume}")
+                _say_interrupted(f"cyclereg: terminated{resume_hint(kwargs)}")
             raise
         except Exception as exc:  # noqa: BLE001 - only one an interrupt caused is taken here
             if not _caused_by_interrupt(exc):
                 raise
             # e.g. a C extension whose initialisation Ctrl-C cut short: 'ImportError: initialization failed'
-            _say_interrupted(f"cyclereg: interrupted{resume}")
+            _say_interrupted(f"cyclereg: interrupted{resume_hint(kwargs)}")
             raise typer.Exit(130) from None
 
-    resume = ("; run the same command again to resume where it stopped"
-              if fn.__name__ in RESUMABLE_COMMANDS else "")
+    def resume_hint(kwargs: dict) -> str:
+        """What the interruption line adds: that the same command resumes, unless it is a cycle whose folds had
+        all finished (nothing is left for it to do)."""
+        if fn.__name__ not in RESUMABLE_COMMANDS:
+            return ""
+        training = sys.modules.get("cyclereg.training.api")  # not imported yet: not worth seconds of an exit
+        if fn.__name__ == "cycle" and kwargs.get("run") is not None and training is not None:
+            try:
+                if training.nothing_left_to_train(kwargs["run"], kwargs.get("stages"), kwargs.get("folds", "all")):
+                    return "; every stage it was to train had finished: nothing is left to do"
+            except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a second Ctrl-C while reading: the usual line
+                pass
+        return "; run the same command again to resume where it stopped"
+
     return wrapper
 
 

@@ -10,13 +10,15 @@ it says so now. ``pretrain-random`` into a run whose stage-0 labels all exist to
 them now (not a refusal: they are not part of the run's configuration, and the same command completes an
 interrupted run). ``register`` named a missing file (``--reference X``, the clouds) before saying that options
 do not go together (``--spacing`` with ``--reference``, ``--seed`` with a checkpoint, an option of another path):
-the options are checked first now.
+the options are checked first now. A ``cycle`` killed (SIGTERM) or stopped (Ctrl-C) when every fold it was given had
+finished said 'run the same command again to resume': it says that nothing is left to do now.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,26 @@ def test_register_names_options_that_do_not_go_together_before_missing_files(pai
                               *(str(d / o) if o.endswith((".gz", ".pt")) else o for o in options)])
     assert res.exit_code == 2 and said in res.output and "does not exist" not in res.output, res.output
     assert not (d / "out").exists()
+
+
+@pytest.mark.parametrize(("interrupt", "line"), [
+    (lambda: SystemExit(128 + signal.SIGTERM), "cyclereg: terminated"),  # what cyclereg.interrupts.sigterm_exit raises
+    (KeyboardInterrupt, "cyclereg: interrupted"),
+], ids=["SIGTERM", "SIGINT"])
+def test_cycle_stopped_with_nothing_left_to_do_does_not_say_run_again(tmp_path, one_thread, monkeypatch, interrupt,
+                                                                      line):
+    import cyclereg.training.api as training
+
+    ds, run = _tiny_run(tmp_path)
+    assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
+
+    def stopped():
+        raise interrupt()
+
+    monkeypatch.setattr(training, "_progress", stopped)  # the kill lands once the folds are locked and checked
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"])
+    assert res.exit_code in (130, 143)
+    assert res.stderr == f"{line}; every stage it was to train had finished: nothing is left to do\n"
+    resume = f"{line}; run the same command again to resume where it stopped\n"
+    res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "2"])
+    assert res.exit_code in (130, 143) and res.stderr == resume  # stage 2 is left to train

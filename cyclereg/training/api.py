@@ -514,6 +514,19 @@ def run_status(run: Path, stages: int | None = None) -> dict:
             STOP_KEY: rule, "folds": rows}
 
 
+def nothing_left_to_train(run: Path, stages: int | None = None, folds: str | int | None = "all") -> bool:
+    """Whether :func:`run_cycle` with these options has nothing left to do in ``run``: every fold of
+    ``folds`` has finished towards ``stages`` (``None``: the run's), as ``status`` reads it (read only);
+    ``False`` when that cannot be read (a damaged run, options that ``cycle`` refuses)."""
+    try:
+        rows = run_status(Path(run), stages)["folds"]
+        if folds not in (None, "all"):
+            rows = [row for row in rows if row["fold"] == int(folds)]
+    except (InputError, OSError, ValueError, TypeError):
+        return False
+    return bool(rows) and all(str(row["next"]).startswith("finished") for row in rows)
+
+
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",
               device: str = "auto", val_pairs: int = 0, snapshot_every_s: float | None = None,
               jobs: int = 1, stop_below_mm: float | None = None) -> dict:
