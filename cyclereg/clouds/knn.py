@@ -47,14 +47,31 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
     same order), the point itself is skipped. Ties are broken by index order of :func:`torch.topk`.
     Points of any dimension D work alike (``(N, D)``, ``(M, D)``); both of one dtype (integer points are
     searched in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`). An empty query
-    gives ``(0, k)``. :class:`ValueError` naming the argument otherwise.
+    gives ``(0, k)``. :class:`ValueError` naming the argument otherwise (also for NaN or inf coordinates,
+    which have no nearest neighbours).
     """
-    require_tensor("query", query)
-    require_tensor("reference", reference)
+    return _knn_indices(query, reference, k, exclude_self, ("query", "reference"))
+
+
+def _require_finite(name: str, points: torch.Tensor) -> None:
+    """:class:`ValueError` naming ``name`` when the points hold NaN or inf (``torch.topk`` would rank them
+    anyhow and return some neighbours)."""
+    if points.is_floating_point() and not bool(torch.isfinite(points).all()):
+        raise ValueError(f"{name}: holds NaN or inf coordinates")
+
+
+def _knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool,
+                 names: tuple[str, str]) -> torch.Tensor:
+    """:func:`knn_indices`, its errors naming the arguments ``names`` (query, reference)."""
+    require_tensor(names[0], query)
+    require_tensor(names[1], reference)
     if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
     if query.dtype != reference.dtype:
         raise ValueError(f"query: {query.dtype}, but reference: {reference.dtype}; give both alike")
+    _require_finite(names[0], query)
+    if reference is not query:
+        _require_finite(names[1], reference)
     if not query.is_floating_point():  # integer (voxel-index) points: searched in the default float dtype
         query, reference = query.to(floating_dtype(query)), reference.to(floating_dtype(reference))
     k = _count(k, 0)
@@ -90,7 +107,7 @@ def knn_edge_index(points: torch.Tensor, k: int, *, include_self: bool = True) -
     k = _count(k, int(include_self))
     if include_self and k > points.shape[0]:  # named as given, not as the k - 1 others searched for
         raise ValueError(f"k={k}: the cloud has only {points.shape[0]} points")
-    idx = knn_indices(points, points, k - int(include_self), exclude_self=True)
+    idx = _knn_indices(points, points, k - int(include_self), True, ("points", "points"))
     n = points.shape[0]
     centres = torch.arange(n, device=points.device)
     if include_self:
@@ -107,7 +124,7 @@ def symmetric_edge_index(points: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         reverse: ``(E,)`` index of the opposite edge of each edge.
     """
     n = points.shape[0]
-    idx = knn_indices(points, points, k, exclude_self=True)
+    idx = _knn_indices(points, points, k, True, ("points", "points"))
     src = idx.reshape(-1)
     dst = torch.arange(n, device=points.device).repeat_interleave(k)
     key = torch.cat([src * n + dst, dst * n + src]).unique()

@@ -1,0 +1,30 @@
+"""Contracts of the value checks mended in a session of small fixes (2026-12-07).
+
+Each was taken quietly before: :func:`cyclereg.clouds.knn.knn_indices` (and the graphs built on it) of points
+holding NaN or inf returned some neighbours. Each test gives the one-line error naming the argument, and the
+valid input beside it keeps its exact answer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
+
+
+# ----------------------------------------------------------------------------- knn of NaN points
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_knn_refuses_points_holding_nan_or_inf_by_name(bad):
+    pts = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    broken = pts.clone()
+    broken[1, 2] = bad
+    with pytest.raises(ValueError, match=r"^query: holds NaN or inf coordinates$"):
+        knn_indices(broken, pts, 1)
+    with pytest.raises(ValueError, match=r"^reference: holds NaN or inf coordinates$"):
+        knn_indices(pts, broken, 1)
+    with pytest.raises(ValueError, match=r"^points: holds NaN or inf coordinates$"):
+        knn_edge_index(broken, 2)
+    with pytest.raises(ValueError, match=r"^points: holds NaN or inf coordinates$"):
+        symmetric_edge_index(broken, 1)
+    assert knn_indices(pts, pts, 1, exclude_self=True).flatten().tolist() == [1, 0, 1]
