@@ -16,14 +16,16 @@ from cyclereg.frames import LOW_PRECISION, check_displacement, floating_dtype, r
 
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
-    """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm (N >= 1, finite:
-    :class:`ValueError` naming ``errors_mm`` otherwise; residual vectors ``(N, 3)`` are refused, not
+    """Mean, std and 25/50/75th percentiles of per-landmark errors ``(N,)`` in mm (N >= 1, finite distances
+    >= 0: :class:`ValueError` naming ``errors_mm`` otherwise; residual vectors ``(N, 3)`` are refused, not
     flattened, take their norms first)."""
     require_tensor("errors_mm", errors_mm)
     if errors_mm.ndim != 1 or errors_mm.numel() == 0:
         raise ValueError(f"errors_mm: expected (N,) distances with N >= 1, got {tuple(errors_mm.shape)}")
     if not torch.isfinite(errors_mm).all():
         raise ValueError("errors_mm: holds NaN or inf")
+    if bool((errors_mm < 0).any()):  # a signed difference, not a distance: its mean would pass for a TRE
+        raise ValueError(f"errors_mm: holds negative values (e.g. {errors_mm.min().item():g}); expected distances >= 0")
     e = errors_mm.double()
     q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype, device=e.device))
     return {"mean": e.mean().item(), "std": e.std(unbiased=True).item() if e.numel() > 1 else 0.0,

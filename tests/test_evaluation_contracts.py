@@ -169,7 +169,8 @@ def test_evaluate_spread_correlation_is_with_the_errors_after_registration(tmp_p
         h[:, 1] = 2.0 * torch.sin(x[:, 2] / 3.0) + 0.1 * x[:, 0]
         return h
 
-    spread = lambda x: 0.01 * x[:, 0] + 0.3 * torch.cos(x[:, 1])  # noqa: E731
+    # a spread is a root-mean-square distance (>= 0, which tre_stats requires): shifted by 1 mm, the ranks unchanged
+    spread = lambda x: 1.0 + 0.01 * x[:, 0] + 0.3 * torch.cos(x[:, 1])  # noqa: E731
     ds = _write_dataset(tmp_path)
     _register_with(monkeypatch, lambda x: _true_field(x) - missed(x), spread=spread)
     real = api.load_cloud_model

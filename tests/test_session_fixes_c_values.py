@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
+from cyclereg.metrics import tre_stats
 
 
 # ----------------------------------------------------------------------------- knn of NaN points
@@ -28,3 +29,13 @@ def test_knn_refuses_points_holding_nan_or_inf_by_name(bad):
     with pytest.raises(ValueError, match=r"^points: holds NaN or inf coordinates$"):
         symmetric_edge_index(broken, 1)
     assert knn_indices(pts, pts, 1, exclude_self=True).flatten().tolist() == [1, 0, 1]
+
+
+# ----------------------------------------------------------------------------- tre_stats of no distances
+def test_tre_stats_refuses_negative_or_nan_distances_by_name():
+    with pytest.raises(ValueError, match=r"^errors_mm: holds negative values \(e\.g\. -2\); expected distances >= 0$"):
+        tre_stats(torch.tensor([1.0, -2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"^errors_mm: holds NaN or inf$"):
+        tre_stats(torch.tensor([1.0, float("nan")]))
+    stats = tre_stats(torch.tensor([0.0, 2.0]))
+    assert (stats["mean"], stats["p50"], stats["std"]) == (1.0, 1.0, 2.0 ** 0.5)
