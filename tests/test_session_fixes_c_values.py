@@ -7,10 +7,12 @@ valid input beside it keeps its exact answer.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
+from cyclereg.dense.convex import inverse_consistency
 from cyclereg.metrics import tre_stats
 
 
@@ -39,3 +41,19 @@ def test_tre_stats_refuses_negative_or_nan_distances_by_name():
         tre_stats(torch.tensor([1.0, float("nan")]))
     stats = tre_stats(torch.tensor([0.0, 2.0]))
     assert (stats["mean"], stats["p50"], stats["std"]) == (1.0, 1.0, 2.0 ** 0.5)
+
+
+# ----------------------------------------------------------------------------- inverse_consistency's count
+@pytest.mark.parametrize("iterations", [-1, True, 2.0, "3"])
+def test_inverse_consistency_refuses_no_count_by_name(iterations):
+    field = torch.zeros(1, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"^iterations .*: need (a whole number, 0 or more|0 or more)"):
+        inverse_consistency(field, field, iterations)
+
+
+def test_inverse_consistency_zero_iterations_returns_the_fields_as_given():
+    a, b = torch.full((1, 3, 4, 4, 4), 0.5), torch.full((1, 3, 4, 4, 4), -0.25)
+    out_a, out_b = inverse_consistency(a, b, 0)
+    assert out_a is a and out_b is b
+    out_a, _ = inverse_consistency(a, b, np.int64(1))  # a constant pair: a <- (a - b) / 2 exactly
+    assert torch.equal(out_a, torch.full_like(a, 0.375))

@@ -154,8 +154,10 @@ def inverse_consistency(forward: torch.Tensor, backward: torch.Tensor, iteration
 
     Fixed-point iteration ``a <- (a - b o (id + a)) / 2``, ``b <- (b - a o (id + b)) / 2``
     (both updates from the previous iterate), which drives ``a + b(x + a(x))`` to zero.
-    Both fields are in voxels of the same grid.
+    Both fields are in voxels of the same grid. ``iterations``: a whole number >= 0 (0: both fields
+    are returned as given); :class:`ValueError` naming it otherwise.
     """
+    iterations = require_count("iterations", python_number(iterations), 0)
     a, b = forward, backward
     for _ in range(iterations):
         a_new = 0.5 * (a - warp(b, a))
