@@ -49,10 +49,13 @@ def _is_bool(value) -> bool:
 
 def check_spacing(name: str, spacing) -> tuple[float, float, float]:
     """``spacing`` as three Python floats, :class:`ValueError` naming ``name`` unless it is three finite voxel
-    sizes > 0 mm (a zero size puts every point on one plane, a negative one mirrors)."""
+    sizes > 0 mm (a zero size puts every point on one plane, a negative one mirrors; text is no size, also
+    where it is iterable: ``"123"`` is not ``(1, 2, 3)``)."""
+    if isinstance(spacing, (str, bytes)):
+        raise ValueError(f"{name}: expected 3 finite voxel sizes > 0 mm, got the text {spacing!r}")
     try:
         given = tuple(spacing)
-        sizes = tuple(float(v) for v in given if not _is_bool(v))
+        sizes = tuple(float(v) for v in given if not (_is_bool(v) or isinstance(v, (str, bytes))))
     except (TypeError, ValueError):
         given, sizes = (spacing,), ()
     if len(sizes) != 3 or len(given) != 3 or not all(math.isfinite(v) and v > 0 for v in sizes):
@@ -271,8 +274,9 @@ def world_map_to_voxel(A_mm: torch.Tensor, t_mm: torch.Tensor, affine: torch.Ten
 
 def spacing_xyz(spacing_zyx_mm) -> tuple[float, float, float]:
     """Voxel size along world ``(x, y, z)`` [mm] of a keypoint dataset's grid given as ``spacing_zyx_mm``
-    (array axes z, y, x): the spacing of its voxel indices ``(i, j, k)`` along x, y, z (Learn2Reg CSVs)."""
-    zyx = torch.tensor([float(v) for v in spacing_zyx_mm], dtype=torch.float64)
+    (array axes z, y, x): the spacing of its voxel indices ``(i, j, k)`` along x, y, z (Learn2Reg CSVs);
+    :class:`ValueError` naming ``spacing_zyx_mm`` unless three finite sizes > 0 (:func:`check_spacing`)."""
+    zyx = torch.tensor(check_spacing("spacing_zyx_mm", spacing_zyx_mm), dtype=torch.float64)
     return tuple(float(v) for v in ijk_to_kji(zyx))  # type: ignore[return-value]
 
 

@@ -13,6 +13,7 @@ import torch
 
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
 from cyclereg.dense.convex import inverse_consistency
+from cyclereg.frames import spacing_affine, spacing_xyz
 from cyclereg.metrics import tre_stats
 
 
@@ -57,3 +58,18 @@ def test_inverse_consistency_zero_iterations_returns_the_fields_as_given():
     assert out_a is a and out_b is b
     out_a, _ = inverse_consistency(a, b, np.int64(1))  # a constant pair: a <- (a - b) / 2 exactly
     assert torch.equal(out_a, torch.full_like(a, 0.375))
+
+
+# ----------------------------------------------------------------------------- spacing given as text
+@pytest.mark.parametrize("text", ["123", b"123", ("1", "2", "3")])
+def test_spacing_xyz_refuses_text_by_name(text):
+    with pytest.raises(ValueError, match=r"^spacing_zyx_mm: expected 3 finite voxel sizes > 0 mm, got "):
+        spacing_xyz(text)
+    with pytest.raises(ValueError, match=r"^spacing_mm: expected 3 finite voxel sizes > 0 mm, got "):
+        spacing_affine(text)
+
+
+def test_spacing_xyz_of_sizes_is_unchanged():
+    assert spacing_xyz((3, 2.5, np.float32(1.5))) == (1.5, 2.5, 3.0)
+    with pytest.raises(ValueError, match=r"^spacing_zyx_mm: expected 3 finite voxel sizes > 0 mm, got \(0, 1, 1\)$"):
+        spacing_xyz((0, 1, 1))
