@@ -13,6 +13,7 @@ import torch
 
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
 from cyclereg.dense.convex import inverse_consistency
+from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import spacing_affine, spacing_xyz
 from cyclereg.metrics import tre_stats
 
@@ -73,3 +74,14 @@ def test_spacing_xyz_of_sizes_is_unchanged():
     assert spacing_xyz((3, 2.5, np.float32(1.5))) == (1.5, 2.5, 3.0)
     with pytest.raises(ValueError, match=r"^spacing_zyx_mm: expected 3 finite voxel sizes > 0 mm, got \(0, 1, 1\)$"):
         spacing_xyz((0, 1, 1))
+
+
+# ----------------------------------------------------------------------------- similarity losses of no images
+@pytest.mark.parametrize("loss", [ncc_loss, mind_loss])
+@pytest.mark.parametrize("shape", [(0, 1, 8, 8, 8), (1, 1, 0, 8, 8)])
+def test_similarity_losses_refuse_empty_images_by_name(loss, shape):
+    empty = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"^fixed, warped: empty images \(.*\); a loss needs at least one voxel$"):
+        loss(empty, empty)
+    image = torch.arange(512, dtype=torch.float64).reshape(1, 1, 8, 8, 8)  # windows' variances >> eps
+    assert loss(image, image).item() == pytest.approx(0.0, abs=1e-6)

@@ -32,11 +32,13 @@ def _check(name: str, x: torch.Tensor) -> None:
 
 def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:
     """:class:`ValueError` naming the argument unless both are ``(B, 1, D, H, W)`` of one shape (a batch of 1
-    against one of 2 would broadcast into a loss of neither)."""
+    against one of 2 would broadcast into a loss of neither) holding voxels (the mean of an empty batch is NaN)."""
     _check("fixed", fixed)
     _check("warped", warped)
     if warped.shape != fixed.shape:
         raise ValueError(f"warped: shape {tuple(warped.shape)} differs from fixed's {tuple(fixed.shape)}")
+    if fixed.numel() == 0:
+        raise ValueError(f"fixed, warped: empty images {tuple(fixed.shape)}; a loss needs at least one voxel")
 
 
 def _working(fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
