@@ -142,22 +142,39 @@ def sdlogj(disp_vox: torch.Tensor) -> dict[str, float]:
         standard deviation, as numpy's ``std`` in their evaluation);
         ``std_logj``: plain ``std(log J)`` over interior voxels with ``J > 0``;
         ``folding_fraction``: fraction of interior voxels with ``J <= 0``.
+
+    A field holding NaN or inf is refused (:class:`ValueError` naming ``disp_vox``): its voxels would drop
+    out of both ``J > 0`` and ``J <= 0``, so the last two figures came out as if they were not there.
     """
     check_displacement("disp_vox", disp_vox)
     if disp_vox.shape[0] != 1 or min(disp_vox.shape[2:]) < SDLOGJ_MIN_SIZE:
         raise ValueError(f"disp_vox: expected (1, 3, D, H, W) with D, H, W >= {SDLOGJ_MIN_SIZE} (one field; the "
                          f"Learn2Reg formula drops two voxels at each border), got {tuple(disp_vox.shape)}")
-    return determinant_stats(jacobian_determinant(disp_vox))
+    _require_finite_field("disp_vox", disp_vox)
+    return _determinant_stats(jacobian_determinant(disp_vox))
+
+
+def _require_finite_field(name: str, values: torch.Tensor) -> None:
+    """:class:`ValueError` naming ``name`` when ``values`` hold NaN or inf."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name}: holds NaN or inf values")
 
 
 def determinant_stats(J: torch.Tensor) -> dict[str, float]:
     """:func:`sdlogj`'s figures from the interior determinants ``J`` ``(1, D-2, H-2, W-2)`` of one field, as
     :func:`jacobian_determinant` returns them (or the interior ``[1:-1, 1:-1, 1:-1]`` of a
     :func:`jacobian_map`, which holds the same values), so a caller that has the map need not
-    compute the determinants again."""
+    compute the determinants again. NaN or inf determinants are refused (:class:`ValueError` naming ``J``)."""
+    require_tensor("J", J)
     if J.ndim != 4 or J.shape[0] != 1 or min(J.shape[1:]) < SDLOGJ_MIN_SIZE - 2:
         raise ValueError(f"J: expected (1, D, H, W) with D, H, W >= {SDLOGJ_MIN_SIZE - 2} (the determinants of one "
                          f"field of at least {SDLOGJ_MIN_SIZE} voxels per axis), got {tuple(J.shape)}")
+    _require_finite_field("J", J)
+    return _determinant_stats(J)
+
+
+def _determinant_stats(J: torch.Tensor) -> dict[str, float]:
+    """:func:`determinant_stats` of determinants already checked (shape, finite)."""
     J = J.double()
     inner = J[:, 1:-1, 1:-1, 1:-1]
     l2r = torch.log((inner + L2R_JACOBIAN_OFFSET).clamp(1e-9, 1e9))

@@ -15,7 +15,7 @@ from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_inde
 from cyclereg.dense.convex import inverse_consistency
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import spacing_affine, spacing_xyz
-from cyclereg.metrics import tre_stats
+from cyclereg.metrics import determinant_stats, sdlogj, tre_stats
 
 
 # ----------------------------------------------------------------------------- knn of NaN points
@@ -85,3 +85,18 @@ def test_similarity_losses_refuse_empty_images_by_name(loss, shape):
         loss(empty, empty)
     image = torch.arange(512, dtype=torch.float64).reshape(1, 1, 8, 8, 8)  # windows' variances >> eps
     assert loss(image, image).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- SDlogJ of a field holding NaN
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sdlogj_refuses_a_field_holding_nan_or_inf_by_name(bad):
+    field = torch.zeros(1, 3, 6, 6, 6)
+    assert sdlogj(field) == {"sdlogj": 0.0, "std_logj": 0.0, "folding_fraction": 0.0}
+    field[0, 1, 3, 3, 3] = bad
+    with pytest.raises(ValueError, match=r"^disp_vox: holds NaN or inf values$"):
+        sdlogj(field)
+    J = torch.ones(1, 4, 4, 4, dtype=torch.float64)
+    assert determinant_stats(J)["folding_fraction"] == 0.0
+    J[0, 2, 2, 2] = bad
+    with pytest.raises(ValueError, match=r"^J: holds NaN or inf values$"):
+        determinant_stats(J)
