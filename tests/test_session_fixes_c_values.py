@@ -7,11 +7,14 @@ valid input beside it keeps its exact answer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from cyclereg.clouds.knn import knn_edge_index, knn_indices, symmetric_edge_index
+from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.convex import inverse_consistency
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import spacing_affine, spacing_xyz
@@ -100,3 +103,29 @@ def test_sdlogj_refuses_a_field_holding_nan_or_inf_by_name(bad):
     J[0, 2, 2, 2] = bad
     with pytest.raises(ValueError, match=r"^J: holds NaN or inf values$"):
         determinant_stats(J)
+
+
+# ----------------------------------------------------------------------------- a dense config's counts
+@pytest.mark.parametrize("stored, message", [
+    ({"warps": 2.0}, r"^warps must be 1 or 2, got 2\.0$"),
+    ({"warps": True}, r"^warps must be 1 or 2, got True$"),
+    ({"pad_multiple": 8.0}, r"^pad_multiple: expected a whole number >= 1, got 8\.0$"),
+    ({"net": {"strides": [2.0, 1, 2, 1, 2, 1]}}, r"^net\.strides: each must be 1 or 2, got \(2\.0, 1, 2, 1, 2, 1\)$"),
+    ({"net": {"adam_layer": 2.0}}, r"^net\.adam_layer out of range: expected a whole number from 1 to 6, got 2\.0$"),
+    ({"net": {"in_channels": True}}, r"^net\.in_channels: expected a whole number >= 1, got True$"),
+    ({"net": {"channels": [32, 64, 64.0, 128, 128, 128]}}, r"^net\.channels\[2\]: expected a whole number >= 1, got 64\.0$"),
+    ({"net": {"kernel_size": 3.0}}, r"^net\.kernel_size: expected a whole number >= 1, got 3\.0$"),
+    ({"net": {"out_channels": 0}}, r"^net\.out_channels: expected a whole number >= 1, got 0$"),
+    ({"net": {"adam_channels": 16.5}}, r"^net\.adam_channels: expected a whole number >= 1, got 16\.5$"),
+    ({"convex": {"patch_size": 3.0}}, r"^convex\.patch_size: expected an odd width >= 1 \(1: no smoothing\), got 3\.0$"),
+    ({"adam": {"smooth_kernel": True}}, r"^adam\.smooth_kernel: expected an odd width >= 1 \(1: no smoothing\), got True$"),
+])
+def test_dense_config_refuses_counts_that_are_no_whole_numbers_by_name(stored, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(stored)
+
+
+def test_dense_config_of_whole_numbers_loads_as_stored():
+    cfg = config_from_dict({"warps": 1, "pad_multiple": 16, "net": {"adam_layer": 3, "kernel_size": 3}})
+    assert (cfg.warps, cfg.pad_multiple, cfg.net.adam_layer) == (1, 16, 3)
+    assert config_from_dict(dataclasses.asdict(DensePipelineConfig())) == DensePipelineConfig()

@@ -226,28 +226,34 @@ class DensePipelineConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> "DensePipelineConfig":
-        if isinstance(self.warps, bool) or self.warps not in (1, 2):  # True == 1 to Python
+        if not whole_number(self.warps) or self.warps not in (1, 2):  # True == 1 and 2.0 == 2 to Python
             raise ValueError(f"warps must be 1 or 2, got {self.warps!r}")
         if len(self.net.channels) != len(self.net.strides):
             raise ValueError("net.channels and net.strides must have the same length")
-        if any(s not in (1, 2) for s in self.net.strides):
+        if any(not whole_number(s) or s not in (1, 2) for s in self.net.strides):
             # the fields are upsampled in steps of 2 (convex.upsample_field, resample_disp)
             raise ValueError(f"net.strides: each must be 1 or 2, got {tuple(self.net.strides)}")
-        if self.pad_multiple % self.net.downsampling:
+        if whole_number(self.pad_multiple) and self.pad_multiple % self.net.downsampling:  # no count: named below
             raise ValueError("pad_multiple must be a multiple of the network's downsampling")
-        if not 1 <= self.net.adam_layer <= len(self.net.channels):
-            raise ValueError("net.adam_layer out of range")
+        if not whole_number(self.net.adam_layer) or not 1 <= self.net.adam_layer <= len(self.net.channels):
+            raise ValueError(f"net.adam_layer out of range: expected a whole number from 1 to "
+                             f"{len(self.net.channels)}, got {self.net.adam_layer!r}")
         if self.convex.cost_reduction not in ("mean", "sum"):
             raise ValueError(f"convex.cost_reduction: expected mean|sum, got {self.convex.cost_reduction}")
         for name, width in (("convex.patch_size", self.convex.patch_size),
                             ("convex.smooth_kernel", self.convex.smooth_kernel),
                             ("convex.upsample_smooth_kernel", self.convex.upsample_smooth_kernel),
                             ("adam.smooth_kernel", self.adam.smooth_kernel)):
-            if width < 1 or width % 2 == 0:  # an even box filter would shift the field by half a voxel
-                raise ValueError(f"{name}: expected an odd width >= 1 (1: no smoothing), got {width}")
+            if not whole_number(width) or width < 1 or width % 2 == 0:  # an even box filter: a half-voxel shift
+                raise ValueError(f"{name}: expected an odd width >= 1 (1: no smoothing), got {width!r}")
         if self.preprocess.mode not in ("auto", "ct", "mri", "none"):
             raise ValueError(f"preprocess.mode: expected auto|ct|mri|none, got {self.preprocess.mode}")
         for name, count, least in (("pad_multiple", self.pad_multiple, 1),
+                                   ("net.in_channels", self.net.in_channels, 1),
+                                   *((f"net.channels[{i}]", c, 1) for i, c in enumerate(self.net.channels)),
+                                   ("net.kernel_size", self.net.kernel_size, 1),
+                                   ("net.out_channels", self.net.out_channels, 1),
+                                   ("net.adam_channels", self.net.adam_channels, 1),
                                    ("convex.radius", self.convex.radius, 1),
                                    ("convex.ic_iterations", self.convex.ic_iterations, 0),
                                    ("convex.upsample_smooth_passes", self.convex.upsample_smooth_passes, 0),
