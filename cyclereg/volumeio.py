@@ -292,13 +292,15 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
                 intent: tuple[str, str] | None = None, description: str | None = None) -> None:
     """Write a volume (``(D, H, W)`` or ``(D, H, W, C)``) atomically with the given affine;
     ``intent``: NIfTI intent code and name (e.g. ``("none", "disp mm xyz")``); ``description``: the
-    header's ``descrip`` (at most 80 characters)."""
+    header's ``descrip`` (at most 80 characters). float64 is written as float32; 64-bit integers (``int64`` or
+    ``uint64``: label maps, which NIfTI readers often cannot take as such) as the narrowest of int16 / int32 that
+    holds every value (:class:`ValueError` naming ``data`` for a value beyond int32)."""
     import nibabel as nib  # noqa: PLC0415
 
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
-    if arr.dtype == np.int64:  # label maps: the narrowest of int16 / int32 that holds every value
+    if arr.dtype in (np.int64, np.uint64):  # label maps: the narrowest of int16 / int32 that holds every value
         lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
         big = _beyond_label_range(lo, hi)
         if big is not None:

@@ -19,6 +19,7 @@ from cyclereg.dense.convex import inverse_consistency
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import spacing_affine, spacing_xyz
 from cyclereg.metrics import determinant_stats, sdlogj, tre_stats
+from cyclereg.volumeio import write_nifti
 
 
 # ----------------------------------------------------------------------------- knn of NaN points
@@ -129,3 +130,21 @@ def test_dense_config_of_whole_numbers_loads_as_stored():
     cfg = config_from_dict({"warps": 1, "pad_multiple": 16, "net": {"adam_layer": 3, "kernel_size": 3}})
     assert (cfg.warps, cfg.pad_multiple, cfg.net.adam_layer) == (1, 16, 3)
     assert config_from_dict(dataclasses.asdict(DensePipelineConfig())) == DensePipelineConfig()
+
+
+# ----------------------------------------------------------------------------- uint64 volumes written
+def test_write_nifti_writes_uint64_labels_as_the_narrowest_int_that_holds_them(tmp_path):
+    import nibabel as nib
+
+    labels = np.array([0, 3, 70000, 5, 1, 2, 3, 4], dtype=np.uint64).reshape(2, 2, 2)
+    for data, name in ((labels, "a.nii.gz"), (torch.from_numpy(labels.astype(np.int64)).to(torch.uint64), "b.nii")):
+        write_nifti(tmp_path / name, data, np.eye(4))
+        img = nib.load(tmp_path / name)
+        assert img.get_data_dtype() == np.int32
+        assert np.asarray(img.dataobj).tolist() == labels.astype(np.int64).tolist()
+    write_nifti(tmp_path / "small.nii", labels[:1, :1], np.eye(4))
+    assert nib.load(tmp_path / "small.nii").get_data_dtype() == np.int16
+    with pytest.raises(ValueError, match=r"^data: integer value 1099511627776 does not fit the 32-bit integers label "
+                                         r"maps are written as$"):
+        write_nifti(tmp_path / "big.nii", np.full((1, 1, 1), 2**40, dtype=np.uint64), np.eye(4))
+    assert not (tmp_path / "big.nii").exists()
