@@ -347,8 +347,16 @@ column) has orthogonal axes: :func:`hd95` measures it with the column lengths al
 def _voxel_metric(spacing) -> tuple[np.ndarray, np.ndarray | None]:
     """``(voxel sizes (3,), None)`` for three voxel sizes [mm] or a (3, 3) voxel -> mm linear map with orthogonal
     axes (a rotation or flip of a scaled grid: lengths are its column lengths); ``(column lengths, the map)``
-    for a map with shear, whose lengths need the whole map. :class:`ValueError` naming ``spacing`` otherwise."""
-    scale = np.asarray(spacing, dtype=np.float64)
+    for a map with shear, whose lengths need the whole map. :class:`ValueError` naming ``spacing`` otherwise (also
+    for text, ``("1", "2", "3")`` included, and truth values: no sizes)."""
+    try:
+        given = np.asarray(spacing)
+    except (TypeError, ValueError):  # a ragged list
+        given = None
+    if (given is None or given.dtype.kind not in "iuf"
+            or (isinstance(spacing, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in spacing))):
+        raise ValueError(f"spacing={spacing!r}: expected three positive voxel sizes [mm] or a (3, 3) voxel -> mm map")
+    scale = given.astype(np.float64)
     if scale.shape == (3, 3):
         if not np.isfinite(scale).all() or np.linalg.svd(scale, compute_uv=False).min() <= 0:
             raise ValueError("spacing: expected a finite, invertible (3, 3) voxel -> mm map")

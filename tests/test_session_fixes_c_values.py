@@ -18,7 +18,7 @@ from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.convex import inverse_consistency
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import spacing_affine, spacing_xyz
-from cyclereg.metrics import determinant_stats, sdlogj, tre_stats
+from cyclereg.metrics import determinant_stats, hd95, sdlogj, tre_stats
 from cyclereg.volumeio import write_nifti
 
 
@@ -114,12 +114,15 @@ def test_sdlogj_refuses_a_field_holding_nan_or_inf_by_name(bad):
     ({"net": {"strides": [2.0, 1, 2, 1, 2, 1]}}, r"^net\.strides: each must be 1 or 2, got \(2\.0, 1, 2, 1, 2, 1\)$"),
     ({"net": {"adam_layer": 2.0}}, r"^net\.adam_layer out of range: expected a whole number from 1 to 6, got 2\.0$"),
     ({"net": {"in_channels": True}}, r"^net\.in_channels: expected a whole number >= 1, got True$"),
-    ({"net": {"channels": [32, 64, 64.0, 128, 128, 128]}}, r"^net\.channels\[2\]: expected a whole number >= 1, got 64\.0$"),
+    ({"net": {"channels": [32, 64, 64.0, 128, 128, 128]}},
+     r"^net\.channels\[2\]: expected a whole number >= 1, got 64\.0$"),
     ({"net": {"kernel_size": 3.0}}, r"^net\.kernel_size: expected a whole number >= 1, got 3\.0$"),
     ({"net": {"out_channels": 0}}, r"^net\.out_channels: expected a whole number >= 1, got 0$"),
     ({"net": {"adam_channels": 16.5}}, r"^net\.adam_channels: expected a whole number >= 1, got 16\.5$"),
-    ({"convex": {"patch_size": 3.0}}, r"^convex\.patch_size: expected an odd width >= 1 \(1: no smoothing\), got 3\.0$"),
-    ({"adam": {"smooth_kernel": True}}, r"^adam\.smooth_kernel: expected an odd width >= 1 \(1: no smoothing\), got True$"),
+    ({"convex": {"patch_size": 3.0}},
+     r"^convex\.patch_size: expected an odd width >= 1 \(1: no smoothing\), got 3\.0$"),
+    ({"adam": {"smooth_kernel": True}},
+     r"^adam\.smooth_kernel: expected an odd width >= 1 \(1: no smoothing\), got True$"),
 ])
 def test_dense_config_refuses_counts_that_are_no_whole_numbers_by_name(stored, message):
     with pytest.raises(ValueError, match=message):
@@ -148,3 +151,17 @@ def test_write_nifti_writes_uint64_labels_as_the_narrowest_int_that_holds_them(t
                                          r"maps are written as$"):
         write_nifti(tmp_path / "big.nii", np.full((1, 1, 1), 2**40, dtype=np.uint64), np.eye(4))
     assert not (tmp_path / "big.nii").exists()
+
+
+# ----------------------------------------------------------------------------- HD95 at spacings that are no sizes
+@pytest.mark.parametrize("spacing", [(0, 1, 1), (-1.0, 1, 1), (float("nan"), 1, 1), (float("inf"), 1, 1), "123",
+                                     ("1", "2", "3"), (True, 1, 1), [1, [2, 3]], None])
+def test_hd95_refuses_a_spacing_that_is_no_voxel_size_by_name(spacing):
+    fixed = torch.zeros(6, 6, 6, dtype=torch.long)
+    fixed[2:4, 2:4, 2:4] = 1
+    warped = torch.zeros_like(fixed)
+    warped[2:5, 2:4, 2:4] = 1
+    with pytest.raises(ValueError,
+                       match=r"^spacing=.*: expected three positive voxel sizes \[mm\] or a \(3, 3\) voxel -> mm map$"):
+        hd95(fixed, warped, spacing=spacing)
+    assert hd95(fixed, warped, spacing=(2, 1.5, 1)) == {1: 2.0}  # the one extra plane along i: 2 mm apart
