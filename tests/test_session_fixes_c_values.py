@@ -1,8 +1,16 @@
 """Contracts of the value checks mended in a session of small fixes (2026-12-07).
 
-Each was taken quietly before: :func:`cyclereg.clouds.knn.knn_indices` (and the graphs built on it) of points
-holding NaN or inf returned some neighbours. Each test gives the one-line error naming the argument, and the
-valid input beside it keeps its exact answer.
+Each input was taken quietly before (or refused in words naming no argument): :func:`cyclereg.clouds.knn.knn_indices`
+and the graphs built on it of points holding NaN or inf (some neighbours came back);
+:func:`cyclereg.metrics.tre_stats` of negative "distances"; :func:`cyclereg.dense.convex.inverse_consistency` with
+``iterations`` -1, True or 2.0; :func:`cyclereg.frames.spacing_xyz` of the text ``"123"`` (taken as (1, 2, 3));
+:func:`cyclereg.dense.similarity.ncc_loss` / ``mind_loss`` of empty images (NaN); :func:`cyclereg.metrics.sdlogj` /
+``determinant_stats`` of a field holding NaN or inf (``std_logj`` and ``folding_fraction`` left those voxels out);
+``DensePipelineConfig.validate`` with counts that are no whole numbers (``warps=2.0`` from a stored config);
+:func:`cyclereg.volumeio.write_nifti` of a uint64 label map (nibabel's error, now written as int16 / int32); and
+:func:`cyclereg.metrics.hd95` at a spacing of text or truth values (0, negative, NaN and inf were already refused,
+pinned here). Each test checks the one-line error naming the argument, and the valid input beside it keeps its
+exact answer.
 """
 
 from __future__ import annotations
