@@ -134,10 +134,13 @@ def refuse_special_file(path: str | Path) -> None:
 def require_output_file(path: str | Path) -> Path:
     """Check before any work that ``path`` can be written as a file: not a folder, its parent folder
     exists or can be made, and it is not one of the own files of a run directory it lies in
-    (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine); :class:`InputError`
-    naming it otherwise. Nothing is created here (the writers make missing folders), so a later input
+    (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine), and not ``-`` (standard
+    output to a Unix tool: the report would not reach it); :class:`InputError` naming it otherwise. Nothing is created here (the writers make missing folders), so a later input
     error leaves no empty folder behind."""
     p = _path(path, "output file")
+    if str(p) == "-":  # the Unix name of standard output, which would become a file named '-'
+        raise InputError("standard output is not an output here (this would write a file named '-'); give a file "
+                         "path (a file of that name: its full path)", p)
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
     refuse_special_file(p)
