@@ -50,7 +50,7 @@ def refuse_empty_paths(paths: dict[str, object], *, required: tuple[str, ...] = 
                        lists: tuple[str, ...] | None = None) -> None:
     """:class:`InputError` naming the first of ``paths`` (argument name -> value; ``None``: not given)
     that is an empty or blank string, no path at all (a number, bytes, a dict: pathlib's TypeError
-    would name no argument), ``None`` although named in ``required``, or a list or tuple although
+    would name no argument), a string holding a NUL character (no file can be named so), ``None`` although named in ``required``, or a list or tuple although
     ``lists`` is given and does not name it (a list or tuple is checked item by item; ``lists=None``:
     any may be one). The library's counterpart of the command line's empty-value check:
     ``register(a, b, out_dir="")`` would otherwise write into the current folder."""
@@ -67,6 +67,8 @@ def refuse_empty_paths(paths: dict[str, object], *, required: tuple[str, ...] = 
                                  f"{item!r}")
             if not os.fspath(item).strip():
                 raise InputError(f"{name}: {EMPTY_PATH}")
+            if "\0" in os.fspath(item):  # the system refuses it only when the file is opened, after the work
+                raise InputError(f"{name} {os.fspath(item)!r}: holds a NUL character, which no file name can")
 
 
 def path_list(value, name: str, what: str) -> list:
