@@ -77,8 +77,15 @@ TEMP_NAME_KEEP = 200
 """Characters of the target's name an atomic write's temporary file keeps (``.NAME.XXXXXXXX.tmp``)."""
 
 
+def link_followed(path: Path) -> Path:
+    """``path``, or where it leads when it is a symbolic link (through every link): an output written to a
+    link replaces its target, as ``open(path, "w")`` would, and the link stays."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def atomic_write_bytes(path: str | Path, writer) -> None:
-    """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place.
+    """Call ``writer(file_object)`` on a temporary file next to ``path`` and move it into place
+    (a symbolic link's target, beside it: :func:`link_followed`).
 
     The file gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the
     umask), not the private ``0o600`` of the temporary file."""
@@ -87,18 +94,19 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     refuse_special_file(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target = link_followed(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         # the name cut to TEMP_NAME_KEEP characters: a legal name of up to 255 stays legal with ".", 8 random
         # characters and ".tmp" around it
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:TEMP_NAME_KEEP]}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:TEMP_NAME_KEEP]}.", suffix=".tmp", dir=target.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
         tmp = None
-        fsync_directory(path.parent)
+        fsync_directory(target.parent)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -331,7 +339,7 @@ def _move_in(steps: list[tuple[Path | None, Path, Path]]) -> None:
 class FileSet:
     """The staging of :func:`staged_file_set`: ``files(target)`` is the path to write ``target`` to (the same
     file name in a hidden staging folder beside it, so that writers choosing a format by suffix still
-    do)."""
+    do; a symbolic link's target, beside that: :func:`link_followed`)."""
 
     def __init__(self):
         self.stages: dict[Path, Path] = {}  # target folder -> its staging folder
@@ -339,7 +347,7 @@ class FileSet:
         self.made: list[Path] = []  # folders made for the targets
 
     def __call__(self, target: str | Path) -> Path:
-        target = Path(target)
+        target = link_followed(Path(target))
         folder = target.parent
         if folder not in self.stages:
             self.stages[folder], made = _make_staging_folder(folder)

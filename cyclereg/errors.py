@@ -3,6 +3,7 @@ one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
@@ -108,11 +109,30 @@ def require_checkpoint_file(path: str | Path) -> Path:
     return require_file(p)
 
 
+def broken_link(path: str | Path) -> str | None:
+    """What is wrong with ``path`` when it is a symbolic link that cannot be followed ("a symbolic link to
+    X, which does not exist", "a symbolic link that loops"), else ``None``: an output written through it
+    would fail with "File exists" (a folder) after the work, or make a file the link does not name."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link that loops"
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def _require_makeable(folder: Path, output: Path, what: str) -> None:
     """:class:`InputError` naming ``output`` unless ``folder`` exists or can be made (its nearest
-    existing ancestor is a folder this process may write in); nothing is created."""
+    existing ancestor is a folder this process may write in, and no missing folder on the way is a
+    :func:`broken_link`); nothing is created."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        why = broken_link(existing)
+        if why is not None:
+            raise InputError(f"cannot make {what} ({existing} is {why})", output)
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"cannot make {what} ({existing} is a file)", output)
@@ -137,7 +157,8 @@ def require_output_file(path: str | Path) -> Path:
     """Check before any work that ``path`` can be written as a file: not a folder, its parent folder
     exists or can be made, and it is not one of the own files of a run directory it lies in
     (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine), and not ``-`` (standard
-    output to a Unix tool: the report would not reach it); :class:`InputError` naming it otherwise. Nothing is created here (the writers make missing folders), so a later input
+    output to a Unix tool: the report would not reach it); :class:`InputError` naming it otherwise. A symbolic link is
+    followed (its target is written, the link kept); one that cannot be (:func:`broken_link`) is refused. Nothing is created here (the writers make missing folders), so a later input
     error leaves no empty folder behind."""
     p = _path(path, "output file")
     if str(p) == "-":  # the Unix name of standard output, which would become a file named '-'
@@ -145,10 +166,14 @@ def require_output_file(path: str | Path) -> Path:
                          "path (a file of that name: its full path)", p)
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
+    why = broken_link(p)
+    if why is not None:
+        raise InputError(f"is {why}; give the path of a file (a link to one is followed)", p)
     refuse_special_file(p)
     _require_makeable(p.parent, p, "its folder")
-    run = run_dir_holding(p.parent)
-    if run is not None and _in_run_dir(Path(os.path.abspath(p)), run):  # e.g. compare --json RUN/run.json
+    real = Path(os.path.realpath(p))  # a link's target is what is written
+    run = run_dir_holding(real.parent)
+    if run is not None and _in_run_dir(real, run):  # e.g. compare --json RUN/run.json
         raise InputError(f"would be one of the own files of the run directory {run} (its record, checkpoints, "
                          "logs or fold folders); write it elsewhere", p)
     return p
@@ -241,7 +266,7 @@ def require_separate_output(output: str | Path | None, flag: str, *,
         if other is not None and same_path(out, other):
             raise InputError(f"{flag}: this is also {what}; write it elsewhere", output)
     for what, run in (run_dirs or {}).items():
-        if run is not None and _in_run_dir(out, Path(run)):
+        if run is not None and _in_run_dir(Path(os.path.realpath(out)), Path(run)):  # a link: its target
             raise InputError(f"{flag}: this would be one of the files of {what} ({run}), which the command "
                              "only reads; write it elsewhere", output)
 

@@ -4,16 +4,25 @@ Mended: ``--json -`` (``evaluate``, ``status``, ``compare``; any output file che
 :func:`cyclereg.errors.require_output_file`) wrote a file named ``-``; it is refused with one line, since
 the commands print their tables on stdout and write their reports through staged files. A path holding a NUL
 character passed every path check and failed at the write with a bare ``ValueError`` (the command line's
-own parser already refused it with one line): :func:`cyclereg.errors.refuse_empty_paths` refuses it.
+own parser already refused it with one line): :func:`cyclereg.errors.refuse_empty_paths` refuses it. An output
+path that is a symbolic link had the link replaced by a regular file (its target unchanged): the atomic writers
+(:func:`cyclereg.checkpoint.atomic_write_bytes`, :func:`cyclereg.checkpoint.staged_file_set`) now write the
+target, atomically beside it, and keep the link; a dangling or looping link (the output's, or a folder's on
+its way) is refused before any work, where it said "File exists" after it, and a link into a run directory is
+judged by its target.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import write_two_pair_dataset
 from cyclereg.api import evaluate
+from cyclereg.checkpoint import atomic_write_text, staged_file_set
 from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
 from cyclereg_cli.main import app
 
@@ -47,3 +56,56 @@ def test_nul_in_a_path_is_one_line_naming_it(tmp_path):
     with pytest.raises(InputError, match=r"^report '.*out\\x00\.json': holds a NUL character"):
         evaluate(ds, tmp_path / "out\0.json", identity=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+# ----------------------------------------------------------------------------- 3. an output that is a symbolic link
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_an_output_link_is_followed_and_kept(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "t.json").write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to("real/t.json")  # relative, into another folder
+    require_output_file(link)
+    atomic_write_text(link, "one")
+    assert link.is_symlink() and os.readlink(link) == "real/t.json"
+    assert (tmp_path / "real" / "t.json").read_text() == "one"
+    with staged_file_set() as files:
+        atomic_write_text(files(link), "two")
+    assert link.is_symlink() and (tmp_path / "real" / "t.json").read_text() == "two"
+    assert _names(tmp_path) == ["link.json", "real"] and _names(tmp_path / "real") == ["t.json"]  # no temporary left
+    ds = write_two_pair_dataset(tmp_path / "ds")
+    res = CliRunner().invoke(app, ["evaluate", str(ds), "--identity", "--json", str(link)])
+    assert res.exit_code == 0, res.output
+    assert link.is_symlink() and json.loads((tmp_path / "real" / "t.json").read_text())["method"]
+
+
+def test_a_dangling_or_looping_output_link_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "dangling.json").symlink_to("nowhere.json")
+    (tmp_path / "loop.json").symlink_to("loop.json")
+    (tmp_path / "gone").symlink_to("nodir")
+    with pytest.raises(InputError, match=r"dangling\.json: is a symbolic link to nowhere\.json, which does not exist"):
+        require_output_file(tmp_path / "dangling.json")
+    with pytest.raises(InputError, match=r"loop\.json: is a symbolic link that loops"):
+        require_output_file(tmp_path / "loop.json")
+    with pytest.raises(InputError, match=r"gone/r\.json: cannot make its folder \(.*gone is a symbolic link to nodir, "
+                                         r"which does not exist\)"):
+        require_output_file(tmp_path / "gone" / "r.json")
+    with pytest.raises(InputError, match=r"gone/o: cannot make this folder \(.*gone is a symbolic link to nodir"):
+        require_output_dir(tmp_path / "gone" / "o")
+    ds = write_two_pair_dataset(tmp_path / "ds")
+    res = CliRunner().invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "gone" / "r.json")])
+    assert res.exit_code == 2 and "gone is a symbolic link to nodir, which does not exist" in res.output, res.output
+    assert "TRE" not in res.output  # refused before the evaluation
+    assert _names(tmp_path) == ["dangling.json", "ds", "gone", "loop.json"]
+
+
+def test_an_output_link_into_a_run_directory_is_judged_by_its_target(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "clouds", "config": {}}))
+    (tmp_path / "r.json").symlink_to(run / "run.json")
+    with pytest.raises(InputError, match=r"r\.json: would be one of the own files of the run directory"):
+        require_output_file(tmp_path / "r.json")
