@@ -9,13 +9,15 @@ path that is a symbolic link had the link replaced by a regular file (its target
 (:func:`cyclereg.checkpoint.atomic_write_bytes`, :func:`cyclereg.checkpoint.staged_file_set`) now write the
 target, atomically beside it, and keep the link; a dangling or looping link (the output's, or a folder's on
 its way) is refused before any work, where it said "File exists" after it, and a link into a run directory is
-judged by its target.
+judged by its target. ``keypoints`` printed its step timings on stdout beside its result line (so did
+``register --via-keypoints``): they go to stderr.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -24,6 +26,7 @@ from conftest import write_two_pair_dataset
 from cyclereg.api import evaluate
 from cyclereg.checkpoint import atomic_write_text, staged_file_set
 from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
+from cyclereg_cli import entry
 from cyclereg_cli.main import app
 
 
@@ -109,3 +112,37 @@ def test_an_output_link_into_a_run_directory_is_judged_by_its_target(tmp_path):
     (tmp_path / "r.json").symlink_to(run / "run.json")
     with pytest.raises(InputError, match=r"r\.json: would be one of the own files of the run directory"):
         require_output_file(tmp_path / "r.json")
+
+
+# ----------------------------------------------------------------------------- 4. keypoints: stdout holds the result
+def _ct(path):
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    vol = ndi.gaussian_filter(np.random.default_rng(0).standard_normal((26, 24, 20)), 1.5) * 100
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(path))
+    return path
+
+
+def _cli(monkeypatch, capsys, *args):
+    """The console script in this process: ``(exit code, stdout, stderr)``."""
+    monkeypatch.setattr(sys, "argv", ["cyclereg", *map(str, args)])
+    code = 0
+    try:
+        entry.main()
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keypoints_prints_only_its_result_line_on_stdout(tmp_path, monkeypatch, capsys):
+    out_csv = tmp_path / "k.csv"
+    code, out, err = _cli(monkeypatch, capsys, "keypoints", _ct(tmp_path / "ct.nii.gz"), "-o", out_csv,
+                          "--device", "cpu")
+    assert code == 0, err
+    n = len(out_csv.read_text().splitlines()) - 1
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{n} keypoints -> "), out
+    assert "done read CT" in err and "done Foerstner keypoints (cpu)" in err and "done write" in err, err

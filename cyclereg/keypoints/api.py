@@ -110,13 +110,14 @@ class KeypointResult:
 
 
 class _Steps:
-    """Runs named steps with a rich spinner and prints the time of each (to stdout)."""
+    """Runs named steps with a rich spinner and prints the time of each (to stderr: stdout holds the
+    command's result line only)."""
 
     def __init__(self, verbose: bool):
         self.timings: dict[str, float] = {}
         self.console = None
         if verbose:
-            self.console = make_console()  # stdout: stderr carries only the one-line errors
+            self.console = make_console(stderr=True)
 
     @contextmanager
     def __call__(self, name: str):
@@ -302,8 +303,8 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
             "num_candidates": result.candidates,
             "timings_s": timings,
         })
-    if steps.console is not None:
-        steps.console.print(f"{result.voxels.shape[0]} keypoints -> {escape(str(output))} "
+    if verbose:  # the result line, on stdout
+        make_console().print(f"{result.voxels.shape[0]} keypoints -> {escape(str(output))} "
                             f"[dim](total {timings['total']:.2f} s)[/dim]", soft_wrap=True)
     return result
 
