@@ -104,7 +104,10 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None, list[int]]:
         raise InputError("point cloud is empty", path)
     header = _header_cells(numbered[0][1])
     if header is not None:
-        numbered = numbered[1:]
+        first, numbered = numbered[0], numbered[1:]
+        if not numbered and sorted(h.strip().lower() for h in header) != sorted(HEADER):  # JSON, prose: no header
+            raise InputError(f"cannot be parsed as points: line {first[0]} is neither numbers nor the header "
+                             f"{','.join(HEADER)}: {first[1][:60]!r}", path)
     if not numbered:
         raise InputError("point cloud is empty", path)
     rows = []

@@ -10,7 +10,8 @@ path that is a symbolic link had the link replaced by a regular file (its target
 target, atomically beside it, and keep the link; a dangling or looping link (the output's, or a folder's on
 its way) is refused before any work, where it said "File exists" after it, and a link into a run directory is
 judged by its target. ``keypoints`` printed its step timings on stdout beside its result line (so did
-``register --via-keypoints``): they go to stderr.
+``register --via-keypoints``): they go to stderr. A ``.csv`` point file of one line that is neither numbers nor
+the header (JSON, prose) was "point cloud is empty": it cannot be parsed as points, naming the line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from conftest import write_two_pair_dataset
 from cyclereg.api import evaluate
 from cyclereg.checkpoint import atomic_write_text, staged_file_set
 from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
+from cyclereg.pointio import read_points
 from cyclereg_cli import entry
 from cyclereg_cli.main import app
 
@@ -146,3 +148,23 @@ def test_keypoints_prints_only_its_result_line_on_stdout(tmp_path, monkeypatch, 
     lines = out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{n} keypoints -> "), out
     assert "done read CT" in err and "done Foerstner keypoints (cpu)" in err and "done write" in err, err
+
+
+# ----------------------------------------------------------------------------- 5. a .csv that holds no points
+@pytest.mark.parametrize("text", ['{"points": [[1, 2, 3]]}\n', "[[1,2,3],[4,5,6]]", "\n\nhello world\n"])
+def test_a_csv_of_json_or_prose_cannot_be_parsed_as_points(tmp_path, pair_files, text):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text)
+    line = 3 if text.startswith("\n") else 1
+    with pytest.raises(InputError, match=rf"bad\.csv: cannot be parsed as points: line {line} is neither numbers "
+                                         r"nor the header x_mm,y_mm,z_mm: "):
+        read_points(bad)
+    res = CliRunner().invoke(app, ["register", str(bad), str(tmp_path / "m.csv"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "bad.csv: cannot be parsed as points" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_csv_of_the_header_alone_is_still_an_empty_cloud(tmp_path):
+    (tmp_path / "h.csv").write_text(" Y_mm,x_mm,z_mm\n")
+    with pytest.raises(InputError, match=r"h\.csv: point cloud is empty$"):
+        read_points(tmp_path / "h.csv")
