@@ -249,10 +249,11 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             found = stage.find_stale() if stage.find_stale is not None else []
             # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within
             # the move-in: an interruption after it leaves no earlier file beside a record that does not list it
-            stale = [(None, old, stage.path / f".stale.{old.name}") for old in dict.fromkeys([*stage.stale, *found])
-                     if old.name not in new]
+            stale = [(None, old, _aside(stage.path, "stale", i, old.name))
+                     for i, old in enumerate(dict.fromkeys([*stage.stale, *found])) if old.name not in new]
             try:
-                _move_in([(f, out / f.name, stage.path / f".earlier.{f.name}") for f in files] + stale)
+                _move_in([(f, out / f.name, _aside(stage.path, "earlier", i, f.name)) for i, f in enumerate(files)]
+                         + stale)
             except OutputsNotRestored:
                 keep_stage = True
                 raise
@@ -298,6 +299,15 @@ def refuse_folders_at(names: list[str], out_dir: str | Path) -> None:
         target = Path(out_dir) / name
         if target.is_dir():
             raise InputError("is a folder; an output file is needed here (nothing was written)", target)
+
+
+def _aside(stage: Path, kind: str, i: int, name: str) -> Path:
+    """Where :func:`_move_in` puts an earlier file ``name`` (the ``i``-th of its kind) aside in the staging folder
+    ``stage``: ``.KIND.NAME``; a name longer than :data:`TEMP_NAME_KEEP` characters (near the file system's limit,
+    which an output may be) would not take the prefix: ``.KIND.I.NAME`` with the name cut to that length."""
+    if len(name) <= TEMP_NAME_KEEP:
+        return stage / f".{kind}.{name}"
+    return stage / f".{kind}.{i}.{name[:TEMP_NAME_KEEP]}"
 
 
 def _move_in(steps: list[tuple[Path | None, Path, Path]]) -> None:
@@ -378,7 +388,8 @@ def staged_file_set() -> Iterator[FileSet]:
         written = [(staged, target) for staged, target in files.targets.items() if staged.exists()]
         for _, target in written:
             refuse_folders_at([target.name], target.parent)
-        steps = [(staged, target, staged.parent / f".earlier.{staged.name}") for staged, target in written]
+        steps = [(staged, target, _aside(staged.parent, "earlier", i, staged.name))
+                 for i, (staged, target) in enumerate(written)]
         try:
             _move_in(steps)
         except OutputsNotRestored:

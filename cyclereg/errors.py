@@ -124,6 +124,23 @@ def broken_link(path: str | Path) -> str | None:
     return None
 
 
+def _refuse_long_names(path: Path) -> None:
+    """:class:`InputError` naming ``path`` when one of its names is longer than its file system takes
+    (``PC_NAME_MAX`` of the nearest existing folder, else 255 bytes): the write would fail only after
+    the work, where a folder on its way does not exist yet (``-o new/NAME``)."""
+    existing = Path(os.path.abspath(path)).parent
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise InputError(f"a name in it is too long for the file system ({size} bytes, at most {limit})", path)
+
+
 def _require_makeable(folder: Path, output: Path, what: str) -> None:
     """:class:`InputError` naming ``output`` unless ``folder`` exists or can be made (its nearest
     existing ancestor is a folder this process may write in, and no missing folder on the way is a
@@ -155,12 +172,14 @@ def refuse_special_file(path: str | Path) -> None:
 
 def require_output_file(path: str | Path) -> Path:
     """Check before any work that ``path`` can be written as a file: not a folder, its parent folder
-    exists or can be made, and it is not one of the own files of a run directory it lies in
-    (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine), and not ``-`` (standard
-    output to a Unix tool: the report would not reach it); :class:`InputError` naming it otherwise. A symbolic link is
-    followed (its target is written, the link kept); one that cannot be (:func:`broken_link`) is refused. Nothing is created here (the writers make missing folders), so a later input
-    error leaves no empty folder behind."""
+    exists or can be made, no name in it is too long for the file system, it is not ``-`` (standard output
+    to a Unix tool: the report would not reach it), and it is not one of the own files of a run directory
+    it lies in (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine);
+    :class:`InputError` naming it otherwise. A symbolic link is followed (its target is written, the link
+    kept); one that cannot be (:func:`broken_link`) is refused. Nothing is created here (the writers make
+    missing folders), so a later input error leaves no empty folder behind."""
     p = _path(path, "output file")
+    _refuse_long_names(p)
     if str(p) == "-":  # the Unix name of standard output, which would become a file named '-'
         raise InputError("standard output is not an output here (this would write a file named '-'); give a file "
                          "path (a file of that name: its full path)", p)
@@ -189,6 +208,7 @@ def require_output_dir(path: str | Path) -> Path:
     be made (not made here) whose name does not end in one of :data:`FILE_SUFFIXES`; :class:`InputError`
     naming it otherwise."""
     p = _path(path, "output folder")
+    _refuse_long_names(p)
     if p.exists() and not p.is_dir():
         raise InputError("exists and is not a folder; an output folder is needed here", p)
     suffix = next((x for x in FILE_SUFFIXES if p.name.lower().endswith(x) and len(p.name) > len(x)), None)

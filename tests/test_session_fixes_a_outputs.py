@@ -11,7 +11,12 @@ target, atomically beside it, and keep the link; a dangling or looping link (the
 its way) is refused before any work, where it said "File exists" after it, and a link into a run directory is
 judged by its target. ``keypoints`` printed its step timings on stdout beside its result line (so did
 ``register --via-keypoints``): they go to stderr. A ``.csv`` point file of one line that is neither numbers nor
-the header (JSON, prose) was "point cloud is empty": it cannot be parsed as points, naming the line.
+the header (JSON, prose) was "point cloud is empty": it cannot be parsed as points, naming the line. An output
+name too long for the file system in a folder not made yet (``keypoints -o new/NAME``) failed only after the
+detection, and replacing an output whose name is near the limit (``NAME.config.json`` of 247 to 255 bytes)
+failed after it too, naming the staging folder (the earlier file's aside name ``.earlier.NAME`` was too long):
+:func:`cyclereg.errors.require_output_file` / ``require_output_dir`` refuse a too-long name before any work,
+and the set writers cut the aside names.
 """
 
 from __future__ import annotations
@@ -168,3 +173,24 @@ def test_a_csv_of_the_header_alone_is_still_an_empty_cloud(tmp_path):
     (tmp_path / "h.csv").write_text(" Y_mm,x_mm,z_mm\n")
     with pytest.raises(InputError, match=r"h\.csv: point cloud is empty$"):
         read_points(tmp_path / "h.csv")
+
+
+# ----------------------------------------------------------------------------- 6. names too long for the file system
+def test_a_too_long_output_name_is_refused_before_detection(tmp_path, monkeypatch, capsys):
+    ct = _ct(tmp_path / "ct.nii.gz")
+    for out in (tmp_path / "new" / ("d" * 300 + ".csv"), tmp_path / ("e" * 250 + ".csv")):  # the name; its config's
+        code, out_text, err = _cli(monkeypatch, capsys, "keypoints", ct, "-o", out, "--device", "cpu")
+        assert code == 2 and "a name in it is too long for the file system (" in err, err
+        assert "done read CT" not in err and out_text == ""
+    assert _names(tmp_path) == ["ct.nii.gz"]
+    with pytest.raises(InputError, match=r"a name in it is too long for the file system \(300 bytes, at most \d+\)"):
+        require_output_dir(tmp_path / ("f" * 300))
+
+
+def test_an_output_whose_name_is_near_the_limit_is_replaced(tmp_path, monkeypatch, capsys):
+    ct = _ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / ("c" * 236 + ".csv")  # its configuration's name: 252 bytes
+    for _ in range(2):
+        code, _, err = _cli(monkeypatch, capsys, "keypoints", ct, "-o", out, "--device", "cpu")
+        assert code == 0, err
+    assert _names(tmp_path) == sorted(["ct.nii.gz", out.name, out.name + ".config.json"])
