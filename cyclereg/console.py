@@ -94,8 +94,14 @@ def print_table(console: Console, table: Table) -> None:
 def print_note(text: str, *, quiet: bool = False) -> None:
     """Print ``note: {text}`` on stderr (a remark beside a command's result, never its output),
     taken literally (a path or unit in square brackets is not rich markup) and as one line that
-    the terminal, not rich, wraps; nothing with ``quiet``."""
-    make_console(stderr=True, quiet=quiet).print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
+    the terminal, not rich, wraps; nothing with ``quiet``. Where stderr is closed (the stream object, or its
+    descriptor) or missing, the note is dropped, as where its reader is gone: a note never stops a command."""
+    if sys.stderr is None or getattr(sys.stderr, "closed", False):
+        return
+    try:
+        make_console(stderr=True, quiet=quiet).print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
+    except (ValueError, OSError):  # closed meanwhile ("I/O operation on closed file"), or a bad descriptor
+        pass
 
 
 def count(n: int, noun: str) -> str:

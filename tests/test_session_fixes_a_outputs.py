@@ -16,11 +16,14 @@ name too long for the file system in a folder not made yet (``keypoints -o new/N
 detection, and replacing an output whose name is near the limit (``NAME.config.json`` of 247 to 255 bytes)
 failed after it too, naming the staging folder (the earlier file's aside name ``.earlier.NAME`` was too long):
 :func:`cyclereg.errors.require_output_file` / ``require_output_dir`` refuse a too-long name before any work,
-and the set writers cut the aside names.
+and the set writers cut the aside names. :func:`cyclereg.console.print_note` raised ``ValueError`` where
+``sys.stderr`` was a closed stream object: the note is dropped, as where its reader is gone.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import sys
@@ -31,6 +34,7 @@ from typer.testing import CliRunner
 from conftest import write_two_pair_dataset
 from cyclereg.api import evaluate
 from cyclereg.checkpoint import atomic_write_text, staged_file_set
+from cyclereg.console import print_note
 from cyclereg.errors import InputError, require_file, require_output_dir, require_output_file
 from cyclereg.pointio import read_points
 from cyclereg_cli import entry
@@ -194,3 +198,23 @@ def test_an_output_whose_name_is_near_the_limit_is_replaced(tmp_path, monkeypatc
         code, _, err = _cli(monkeypatch, capsys, "keypoints", ct, "-o", out, "--device", "cpu")
         assert code == 0, err
     assert _names(tmp_path) == sorted(["ct.nii.gz", out.name, out.name + ".config.json"])
+
+
+# ----------------------------------------------------------------------------- 7. a closed stderr object
+class _BadDescriptor(io.StringIO):
+    def write(self, text):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+
+def test_a_note_to_a_closed_or_broken_stderr_is_dropped(monkeypatch, tmp_path):
+    closed = io.StringIO()
+    closed.close()
+    with open(tmp_path / "e.txt", "w") as closed_file:
+        pass
+    for stream in (closed, closed_file, _BadDescriptor(), None):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert print_note("a remark [mm]") is None
+    written = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", written)
+    print_note("a remark [mm]")
+    assert written.getvalue() == "note: a remark [mm]\n"
