@@ -30,6 +30,13 @@ def _check_batch(moving: torch.Tensor, disp_vox: torch.Tensor) -> None:
         raise ValueError(f"moving: batch {moving.shape[0]}, but disp_vox has {disp_vox.shape[0]} (give 1 or as many)")
 
 
+def _check_warp(moving: torch.Tensor, disp_vox: torch.Tensor) -> None:
+    """:func:`_check_batch`, and :class:`ValueError` unless ``moving`` and ``disp_vox`` share their grid."""
+    _check_batch(moving, disp_vox)
+    if moving.shape[2:] != disp_vox.shape[2:]:
+        raise ValueError(f"moving {tuple(moving.shape[2:])} and disp_vox {tuple(disp_vox.shape[2:])} grids differ")
+
+
 def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear",
          padding_mode: str = "border") -> torch.Tensor:
     """Sample ``moving`` ``(B, C, D', H', W')`` at ``x + disp(x)`` for every fixed voxel ``x``.
@@ -40,10 +47,24 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
         mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (labels).
     Returns:
         ``(B, C, D, H, W)`` warped moving image.
+    Raises:
+        ValueError: naming the argument for a wrong shape, or a ``disp_vox`` holding NaN or inf
+            (``grid_sample`` would sample such a voxel quietly at an ordinary-looking value).
     """
-    _check_batch(moving, disp_vox)
-    if moving.shape[2:] != disp_vox.shape[2:]:
-        raise ValueError(f"moving {tuple(moving.shape[2:])} and disp_vox {tuple(disp_vox.shape[2:])} grids differ")
+    _check_warp(moving, disp_vox)
+    if not torch.isfinite(disp_vox).all():
+        raise ValueError("disp_vox: holds NaN or inf")
+    return warp_unchecked(moving, disp_vox, mode=mode, padding_mode=padding_mode)
+
+
+def warp_unchecked(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear",
+                   padding_mode: str = "border") -> torch.Tensor:
+    """:func:`warp` without its pass over ``disp_vox`` for NaN or inf (shapes are still checked), for
+    fields already checked or computed from checked inputs in the package's inner loops (inverse
+    consistency, :func:`compose`, Adam steps, training steps, where a NaN prediction must not stop training:
+    its loss is NaN and the gradient scaler skips the step). A non-finite displacement is sampled quietly
+    here: call :func:`warp` on fields from outside."""
+    _check_warp(moving, disp_vox)
     grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
     return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox), mode, padding_mode)
 
@@ -169,7 +190,7 @@ def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
     check_displacement("disp_b", disp_b)
     if disp_a.shape[2:] != disp_b.shape[2:]:
         raise ValueError(f"disp_b: grid {tuple(disp_b.shape[2:])} differs from disp_a's {tuple(disp_a.shape[2:])}")
-    return disp_a + warp(disp_b, disp_a, mode="bilinear", padding_mode="border")
+    return disp_a + warp_unchecked(disp_b, disp_a, mode="bilinear", padding_mode="border")
 
 
 def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:

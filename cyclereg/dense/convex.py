@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cyclereg.dense.config import ConvexConfig
 from cyclereg.errors import finite_number, python_number, require_count, whole_number
 from cyclereg.frames import check_displacement, floating_dtype, voxel_coordinates, voxel_to_grid
-from cyclereg.warp import sample_grid, warp
+from cyclereg.warp import sample_grid, warp_unchecked
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -160,15 +160,15 @@ def inverse_consistency(forward: torch.Tensor, backward: torch.Tensor, iteration
     iterations = require_count("iterations", python_number(iterations), 0)
     a, b = forward, backward
     for _ in range(iterations):
-        a_new = 0.5 * (a - warp(b, a))
-        b_new = 0.5 * (b - warp(a, b))
+        a_new = 0.5 * (a - warp_unchecked(b, a))
+        b_new = 0.5 * (b - warp_unchecked(a, b))
         a, b = a_new, b_new
     return a, b
 
 
 def composition_error(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
     """Mean norm of ``a(x) + b(x + a(x))`` (zero for exact inverses), voxels."""
-    return (forward + warp(backward, forward)).norm(dim=1).mean()
+    return (forward + warp_unchecked(backward, forward)).norm(dim=1).mean()
 
 
 # ----------------------------------------------------------------------------- resampling

@@ -8,13 +8,13 @@ from cyclereg.dense import native
 from cyclereg.dense.config import AdamConfig
 from cyclereg.dense.convex import box_smooth, resample_disp, standardize
 from cyclereg.frames import LOW_PRECISION
-from cyclereg.warp import warp
+from cyclereg.warp import warp_unchecked
 
 
 def warped_mse_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """The data term of :func:`adam_refine` on the torch path: the mean over channels and voxels of
-    ``(warp(feat_mov, disp) - feat_fix)^2`` (:func:`cyclereg.warp.warp`, trilinear, border)."""
-    return (warp(feat_mov, disp) - feat_fix).pow(2).mean()
+    ``(warp(feat_mov, disp) - feat_fix)^2`` (:func:`cyclereg.warp.warp_unchecked`, trilinear, border)."""
+    return (warp_unchecked(feat_mov, disp) - feat_fix).pow(2).mean()
 
 
 class WarpedMSE:

@@ -25,7 +25,7 @@ from cyclereg.dense.network import FeatureNet
 from cyclereg.errors import python_number, whole_number
 from cyclereg.frames import require_tensor
 from cyclereg.metrics import SDLOGJ_MIN_SIZE
-from cyclereg.warp import compose, warp
+from cyclereg.warp import compose, warp_unchecked
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -148,7 +148,7 @@ def register(fixed: torch.Tensor, moving: torch.Tensor, net: FeatureNet, cfg: De
     feat_fix, adam_fix = net.forward_with_adam_features(f)
     disp = predict_displacement(net, f, m, cfg, ic=cfg.use_ic, feat_fix=feat_fix)
     if cfg.warps == 2:
-        warped = warp(m, disp)
+        warped = warp_unchecked(m, disp)
         second = predict_displacement(net, f, warped, cfg, ic=cfg.use_ic, feat_fix=feat_fix)
         # warped(x) = m(x + disp(x)); sampling it at x + second(x) -> apply second, then disp
         disp = compose(second, disp)

@@ -27,7 +27,7 @@ from cyclereg.dense.network import FeatureNet, init_random
 from cyclereg.dense.pipeline import predict_displacement, register
 from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import centred_affine, voxel_coordinates, voxel_disp_to_mm, world_map_to_voxel
-from cyclereg.warp import warp
+from cyclereg.warp import warp_unchecked
 from cyclereg.training.scheduler import (SAMPLING_LOGIT_RANGE, LabelParts, StageSnapshot, difficulty_weights,
                                          initial_network_seed, mean_label_change, training_generator)
 
@@ -200,7 +200,7 @@ def transform_target(label: torch.Tensor, fix_map, mov_map, stride: int) -> torc
     shape = tuple(label.shape[2:])
     dev, dt = label.device, label.dtype
     d_fix = affine_field(*fix_map, shape, stride, device=dev, dtype=dt)
-    u_at = warp(label, d_fix)  # u(T_f y)
+    u_at = warp_unchecked(label, d_fix)  # u(T_f y)
     y = voxel_coordinates(shape, device=dev, dtype=torch.float64).permute(3, 0, 1, 2).unsqueeze(0)
     z = y + d_fix.double() + u_at.double()  # T_f y + u(T_f y)
     A_m, b_m = (t.to(device=dev, dtype=torch.float64) for t in mov_map)
@@ -374,8 +374,8 @@ class DenseCycleTask:
             target = labels[self.pair_id(k)].to(self.device).float() if labels else None
             if cfg.augment:
                 fix_map, mov_map = random_pair_affines(g, cfg, self.shape, self.spacing)
-                f = warp(f, affine_field(*fix_map, self.shape, device=f.device, dtype=f.dtype))
-                m = warp(m, affine_field(*mov_map, self.shape, device=m.device, dtype=m.dtype))
+                f = warp_unchecked(f, affine_field(*fix_map, self.shape, device=f.device, dtype=f.dtype))
+                m = warp_unchecked(m, affine_field(*mov_map, self.shape, device=m.device, dtype=m.dtype))
                 if target is not None:
                     target = transform_target(target, fix_map, mov_map, cfg.label_stride)
             fixed.append(f)
@@ -391,7 +391,7 @@ class DenseCycleTask:
             return self.label_error_mm(pred, target)
         pred = pred.float()
         f_s = strided(fixed, cfg.label_stride).float()
-        warped = warp(strided(moving, cfg.label_stride).float(), pred)
+        warped = warp_unchecked(strided(moving, cfg.label_stride).float(), pred)
         if cfg.supervision == "mind":
             sim = mind_loss(f_s, warped, radius=cfg.mind_radius, dilation=cfg.mind_dilation)
         else:
