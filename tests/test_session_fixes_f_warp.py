@@ -1,20 +1,31 @@
 """Contracts of the warp and dense-configuration checks mended in a session of small fixes (2026-12-07).
 
 :func:`cyclereg.warp.warp` (and :func:`cyclereg.warp.warp_labels`, which calls it) of a displacement holding NaN
-or inf returned ordinary-looking values quietly (``grid_sample`` clamps such a coordinate to the border); it now
+or inf returned ordinary-looking values quietly (``grid_sample`` samples such a coordinate somewhere); it now
 refuses it naming ``disp_vox``. The package's inner loops (inverse consistency, :func:`cyclereg.warp.compose`, the
 Adam steps, the training steps) call :func:`cyclereg.warp.warp_unchecked`, the same sampling without that pass over
-the field, where a NaN must not stop the loop (training's gradient scaler skips such a step). Each test checks the
-one-line error naming the argument, and the valid input beside it keeps its exact answer.
+the field, where a NaN must not stop the loop (training's gradient scaler skips such a step).
+
+``DensePipelineConfig.validate`` took any value of its on/off settings (``use_ic``, ``use_adam``,
+``convex.normalize_features``, ``adam.normalize_features``): ``use_ic: "no"`` from an edited stored config counted as
+on. It now refuses a value that is not true or false by name; the carried dense run's config still loads.
+
+Each test checks the one-line error naming the argument, and the valid input beside it keeps its exact answer.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
+from cyclereg.dense.config import config_from_dict
 from cyclereg.dense.convex import inverse_consistency
 from cyclereg.dense.instance import warped_mse_torch
+from cyclereg.training.dense import DenseCycleConfig
 import cyclereg.warp as warp_mod
 from cyclereg.warp import compose, warp, warp_labels
 
@@ -67,3 +78,29 @@ def test_the_inner_loops_take_a_nan_field_without_stopping():
     shift[:, 1] = 1.0
     a, b = inverse_consistency(shift, -shift, 3)
     assert torch.equal(a, shift) and torch.equal(b, -shift)
+
+
+def _stored(name: str, value) -> dict:
+    """The stored (JSON) form of a pipeline config with the one setting ``name`` (``"convex.x"`` or ``"x"``)."""
+    part, _, key = name.rpartition(".")
+    return json.loads(json.dumps({part: {key: value}} if part else {key: value}))
+
+
+@pytest.mark.parametrize("name, bad", [("use_ic", "no"), ("use_adam", 0), ("convex.normalize_features", "false"),
+                                       ("adam.normalize_features", None)])
+def test_a_stored_dense_config_whose_switch_is_no_bool_is_refused_by_name(name, bad):
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected true or false, got {re.escape(repr(bad))}$"):
+        config_from_dict(_stored(name, bad))
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected true or false, got "):
+        DenseCycleConfig.from_dict({"pipeline": _stored(name, bad)})
+    part, _, key = name.rpartition(".")
+    for value in (True, False):  # true and false themselves are taken as they are
+        cfg = config_from_dict(_stored(name, value))
+        assert getattr(getattr(cfg, part) if part else cfg, key) is value
+
+
+def test_the_carried_dense_run_config_still_loads():
+    config = json.loads((Path(__file__).resolve().parents[1] / "carried-runs" / "abd4" / "run.json").read_text())
+    cfg = DenseCycleConfig.from_dict(config["config"])
+    assert (cfg.pipeline.use_ic, cfg.pipeline.use_adam) == (True, True)
+    assert cfg.pipeline.convex.normalize_features is True and cfg.pipeline.adam.normalize_features is True

@@ -228,6 +228,11 @@ class DensePipelineConfig:
     def validate(self) -> "DensePipelineConfig":
         if not whole_number(self.warps) or self.warps not in (1, 2):  # True == 1 and 2.0 == 2 to Python
             raise ValueError(f"warps must be 1 or 2, got {self.warps!r}")
+        for prefix, part in (("", self), ("net.", self.net), ("convex.", self.convex), ("adam.", self.adam),
+                             ("preprocess.", self.preprocess)):
+            for f in dataclasses.fields(part):  # the on/off settings: "no" or 0 (an edited stored config) is no switch
+                if f.type in ("bool", bool) and not isinstance(getattr(part, f.name), bool):
+                    raise ValueError(f"{prefix}{f.name}: expected true or false, got {getattr(part, f.name)!r}")
         if len(self.net.channels) != len(self.net.strides):
             raise ValueError("net.channels and net.strides must have the same length")
         if any(not whole_number(s) or s not in (1, 2) for s in self.net.strides):
