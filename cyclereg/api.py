@@ -62,6 +62,26 @@ def require_run_dir(path: Path | str | None) -> None:
                          else "is not a folder (a run directory is)", path)
 
 
+def stage_checkpoint(folder: Path | str, stage: int) -> Path | None:
+    """The checkpoint of ``stage`` in a run's fold folder (``RUN/all`` of a volume run, ``RUN/foldK``
+    of a keypoint run): ``stage{stage}.pt``, else ``final.pt`` where that records ``stage`` (a run
+    whose stage files were removed to save space, as ``carried-runs/abd4``); ``None`` if neither."""
+    folder = Path(folder)
+    if (folder / f"stage{stage}.pt").is_file():
+        return folder / f"stage{stage}.pt"
+    final = folder / "final.pt"
+    if final.is_file():
+        from cyclereg.checkpoint import load_checkpoint
+
+        try:
+            kept = (load_checkpoint(final).get("extra") or {}).get("stage")
+        except InputError:  # an unreadable final.pt is named where it is loaded as the run's model
+            return None
+        if kept == stage:
+            return final
+    return None
+
+
 def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | None = None,
               mask: Path | str | None = None, lung_mask: bool = False, save_mask: Path | str | None = None,
               sigma_mm: float | None = None, nms_radius_mm: float | None = None,

@@ -648,7 +648,14 @@ def _stage0_network(run_dir: Path) -> str:
 
 def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     """Checkpoint of ``fold`` in a run directory: ``foldK/final.pt`` (or a committed
-    ``foldK.pt``), or ``foldK/stage{stage}.pt`` for one stage."""
+    ``foldK.pt``), or for one stage ``foldK/stage{stage}.pt``, else ``foldK/final.pt`` if it is that
+    stage's (:func:`cyclereg.api.stage_checkpoint`: a run whose stage files were removed)."""
+    if stage is not None:
+        from cyclereg.api import stage_checkpoint  # noqa: PLC0415 - cyclereg.api imports this module's callers
+
+        path = stage_checkpoint(Path(run_dir) / f"fold{fold}", stage)
+        if path is not None:
+            return path
     names = [f"fold{fold}/stage{stage}.pt"] if stage is not None else [f"fold{fold}/final.pt", f"fold{fold}.pt"]
     for name in names:
         if (Path(run_dir) / name).is_file():

@@ -339,12 +339,15 @@ def summarize_pairs(records: list[dict]) -> dict:
 
 
 def run_checkpoint(run: Path, stage: int | None = None) -> Path:
-    """The checkpoint of a volume self-training run: ``RUN/all/final.pt`` or ``stage{t}.pt``."""
+    """The checkpoint of a volume self-training run: ``RUN/all/final.pt`` or, for one stage, its
+    checkpoint (:func:`cyclereg.api.stage_checkpoint`: ``stage{t}.pt``, else ``final.pt`` if it is stage ``t``'s)."""
+    from cyclereg.api import stage_checkpoint  # noqa: PLC0415 - cyclereg.api imports this module's callers
+
     run = Path(run)
     if not (run / "run.json").is_file():
         raise InputError("not a cyclereg run directory (run.json missing)", run)
-    path = run / "all" / ("final.pt" if stage is None else f"stage{stage}.pt")
-    if not path.is_file():
+    path = run / "all" / "final.pt" if stage is None else stage_checkpoint(run / "all", stage)
+    if path is None or not path.is_file():
         if stage == 0:  # its labels come from a random network, which is no file
             from cyclereg.datasets import read_json
             from cyclereg.training.scheduler import initial_network_seed
