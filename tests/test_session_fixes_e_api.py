@@ -2,7 +2,9 @@
 
 Mended: a stage asked for with ``--stage t`` of a run whose stage files were removed to save space (as
 ``carried-runs/abd4``) is its ``final.pt`` where that records stage ``t`` (:func:`cyclereg.api.stage_checkpoint`,
-the one rule of :func:`cyclereg.dense.api.run_checkpoint` and :func:`cyclereg.clouds.api.fold_checkpoint`).
+the one rule of :func:`cyclereg.dense.api.run_checkpoint` and :func:`cyclereg.clouds.api.fold_checkpoint`);
+the report of :func:`cyclereg.clouds.api.evaluate_keypoint_dataset` names the ``--errors-csv`` file it wrote beside
+it (``errors_csv``: its file name).
 """
 
 from __future__ import annotations
@@ -73,3 +75,15 @@ def test_evaluate_with_the_stage_of_a_trimmed_keypoint_run_names_the_stage(tmp_p
     r = evaluate_keypoint_dataset(ds, tmp_path / "r.json", run=run, stage=2, folds="1", device="cpu", quiet=True)
     assert r["method"] == f"run:{run}:stage2 (fold 1 only)"
     assert r["checkpoints"]["1"]["path"] == str(final) and r["checkpoints"]["1"]["stage"] == 2
+
+
+def test_the_keypoint_report_names_its_errors_csv(tmp_path):
+    ds = write_two_pair_dataset(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = evaluate_keypoint_dataset(ds, out / "r.json", identity=True, device="cpu", quiet=True,
+                                  errors_csv=str(out / "e.csv"))
+    assert r["errors_csv"] == "e.csv" and json.loads((out / "r.json").read_text())["errors_csv"] == "e.csv"
+    assert (out / "e.csv").read_text().startswith("pair,fold,landmark,before_mm,after_mm\n")
+    r = evaluate_keypoint_dataset(ds, out / "r0.json", identity=True, device="cpu", quiet=True)
+    assert "errors_csv" not in r  # no file, no name
