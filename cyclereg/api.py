@@ -62,6 +62,28 @@ def require_run_dir(path: Path | str | None) -> None:
                          else "is not a folder (a run directory is)", path)
 
 
+def refuse_cloud_option_pairs(*, reference: Path | str | None, spacing: object = None,
+                              moving_image: Path | str | None = None, moving_labels: Path | str | None = None,
+                              spread_map: bool = False, jacobian: bool = False, disp_mm: bool = False) -> None:
+    """:class:`InputError` naming the first option of ``register`` on two point files that does not go
+    with the others: the outputs on the ``reference`` grid without one, ``--spacing`` with one. Reads
+    no file, so that :func:`register` and :func:`cyclereg.clouds.api.register_cloud_files` name such a
+    conflict before any file check."""
+    for flag, path in (("--moving-image", moving_image), ("--moving-labels", moving_labels)):
+        if path is not None and reference is None:
+            raise InputError(f"{flag} needs --reference (the grid to warp it onto)", path)
+    if spread_map and reference is None:
+        raise InputError("--spread-map needs --reference (the grid to write it on)")
+    if jacobian and reference is None:
+        raise InputError("--jacobian needs --reference (the grid to write it on)")
+    if disp_mm and reference is None:
+        raise InputError("--disp-mm needs --reference: it sets the unit of the dense field written on that grid "
+                         "(displacements.csv is in mm anyway)")
+    if spacing is not None and reference is not None:
+        raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
+                         "reference's grid, the moving one on --moving-image's when given)")
+
+
 def stage_checkpoint(folder: Path | str, stage: int) -> Path | None:
     """The checkpoint of ``stage`` in a run's fold folder (``RUN/all`` of a volume run, ``RUN/foldK``
     of a keypoint run): ``stage{stage}.pt``, else ``final.pt`` where that records ``stage`` (a run
@@ -225,6 +247,10 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         if spacing is not None and reference is not None:
             raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
                              "reference's grid, the moving one on --moving-image's when given)")
+    if not volumes:
+        refuse_cloud_option_pairs(reference=reference, spacing=spacing, moving_image=moving_image,
+                                  moving_labels=moving_labels, spread_map=spread_map, jacobian=jacobian,
+                                  disp_mm=disp_mm)
     require_inputs(fixed, moving, query, reference, moving_image, moving_labels)
     refuse_output_in_run(out_dir, "-o")
     if model != "random":

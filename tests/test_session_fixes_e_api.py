@@ -4,7 +4,10 @@ Mended: a stage asked for with ``--stage t`` of a run whose stage files were rem
 ``carried-runs/abd4``) is its ``final.pt`` where that records stage ``t`` (:func:`cyclereg.api.stage_checkpoint`,
 the one rule of :func:`cyclereg.dense.api.run_checkpoint` and :func:`cyclereg.clouds.api.fold_checkpoint`);
 the report of :func:`cyclereg.clouds.api.evaluate_keypoint_dataset` names the ``--errors-csv`` file it wrote beside
-it (``errors_csv``: its file name).
+it (``errors_csv``: its file name); ``register`` on two point files names the options that do not go together
+(``--moving-image`` / ``--moving-labels`` / ``--spread-map`` / ``--jacobian`` / ``--disp-mm`` without ``--reference``,
+``--spacing`` with it) before any file check (:func:`cyclereg.api.refuse_cloud_option_pairs`, called first by
+``register`` and by :func:`cyclereg.clouds.api.register_cloud_files`).
 """
 
 from __future__ import annotations
@@ -87,3 +90,33 @@ def test_the_keypoint_report_names_its_errors_csv(tmp_path):
     assert (out / "e.csv").read_text().startswith("pair,fold,landmark,before_mm,after_mm\n")
     r = evaluate_keypoint_dataset(ds, out / "r0.json", identity=True, device="cpu", quiet=True)
     assert "errors_csv" not in r  # no file, no name
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"jacobian": True}, "--jacobian needs --reference (the grid to write it on)"),
+    ({"spread_map": True}, "--spread-map needs --reference (the grid to write it on)"),
+    ({"disp_mm": True}, "--disp-mm needs --reference: it sets the unit of the dense field"),
+    ({"moving_image": "mi.nii.gz"}, "mi.nii.gz: --moving-image needs --reference (the grid to warp it onto)"),
+    ({"moving_labels": "ml.nii.gz"}, "ml.nii.gz: --moving-labels needs --reference (the grid to warp it onto)"),
+])
+def test_register_names_an_option_that_needs_a_reference_before_any_file_check(tmp_path, options, message):
+    """A missing moving file and a missing model: neither is named, the option conflict is; nothing is written."""
+    from cyclereg.api import register
+
+    (tmp_path / "f.csv").write_text("x,y,z\n0,0,0\n")
+    for model in ("random", str(tmp_path / "no_model.pt")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            register(tmp_path / "f.csv", tmp_path / "missing.csv", tmp_path / "out", model=model, verbose=False,
+                     **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv"]
+
+
+def test_register_cloud_files_names_spacing_with_a_reference_before_opening_a_file(tmp_path):
+    from cyclereg.clouds.api import register_cloud_files
+
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(InputError, match=re.escape("--spacing: not used with --reference")):
+        register_cloud_files(missing, missing, tmp_path / "out", spacing="1,1,1", reference=tmp_path / "r.nii.gz")
+    with pytest.raises(InputError, match=re.escape("--jacobian needs --reference")):
+        register_cloud_files(missing, missing, tmp_path / "out", spacing="1,1,1", jacobian=True)
+    assert not any(tmp_path.iterdir())

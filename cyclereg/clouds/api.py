@@ -328,23 +328,14 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     exhale fixed / inhale moving: the local volume ratio, a ventilation map).
     Everything is read and validated before anything is written.
     """
-    for flag, path in (("--moving-image", moving_image), ("--moving-labels", moving_labels)):
-        if path is not None and reference is None:
-            raise InputError(f"{flag} needs --reference (the grid to warp it onto)", path)
-    if spread_map and reference is None:
-        raise InputError("--spread-map needs --reference (the grid to write it on)")
-    if jacobian and reference is None:
-        raise InputError("--jacobian needs --reference (the grid to write it on)")
-    if disp_mm and reference is None:
-        raise InputError("--disp-mm needs --reference: it sets the unit of the dense field written on that grid "
-                         "(displacements.csv is in mm anyway)")
+    from cyclereg.api import refuse_cloud_option_pairs  # noqa: PLC0415 - cyclereg.api imports this module's callers
+
+    refuse_cloud_option_pairs(reference=reference, spacing=spacing, moving_image=moving_image,
+                              moving_labels=moving_labels, spread_map=spread_map, jacobian=jacobian, disp_mm=disp_mm)
     sp = _parse_spacing(spacing)
     if sp is not None and not any(holds_voxel_indices(f) for f in (fixed, moving, query) if f is not None):
         raise InputError("--spacing: no point file here holds voxel indices (a CSV without header), so it would "
                          "not be used; the clouds are in mm already")
-    if sp is not None and reference is not None:
-        raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
-                         "reference's grid, the moving one on --moving-image's when given)")
     ref = read_nifti(reference) if reference is not None else None
     mov_img = read_nifti(moving_image) if moving_image is not None else None
     # headerless (Learn2Reg voxel-index) CSVs: through the scans' affines into the world frame the
