@@ -244,10 +244,6 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         refuse_options({"--warps": warps, "--adam/--no-adam": adam, "--ic/--no-ic": ic,
                         "--l2r-name": l2r_name or None, "--resample-moving": resample_moving or None},
                        "volumes, not point clouds")
-        if spacing is not None and reference is not None:
-            raise InputError("--spacing: not used with --reference (headerless voxel-index CSVs are read on the "
-                             "reference's grid, the moving one on --moving-image's when given)")
-    if not volumes:
         refuse_cloud_option_pairs(reference=reference, spacing=spacing, moving_image=moving_image,
                                   moving_labels=moving_labels, spread_map=spread_map, jacobian=jacobian,
                                   disp_mm=disp_mm)
