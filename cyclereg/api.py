@@ -91,17 +91,21 @@ def stage_checkpoint(folder: Path | str, stage: int) -> Path | None:
     folder = Path(folder)
     if (folder / f"stage{stage}.pt").is_file():
         return folder / f"stage{stage}.pt"
-    final = folder / "final.pt"
-    if final.is_file():
-        from cyclereg.checkpoint import load_checkpoint
+    return folder / "final.pt" if final_stage(folder) == stage else None
 
-        try:
-            kept = (load_checkpoint(final).get("extra") or {}).get("stage")
-        except InputError:  # an unreadable final.pt is named where it is loaded as the run's model
-            return None
-        if kept == stage:
-            return final
-    return None
+
+def final_stage(folder: Path | str) -> int | None:
+    """The stage that a run's fold folder's ``final.pt`` records; ``None`` where there is none, it is
+    unreadable (named where it is loaded as the run's model) or records no stage."""
+    final = Path(folder) / "final.pt"
+    if not final.is_file():
+        return None
+    from cyclereg.checkpoint import load_checkpoint
+
+    try:
+        return (load_checkpoint(final).get("extra") or {}).get("stage")
+    except InputError:
+        return None
 
 
 def keypoints(ct: Path | str | None, output: Path | str, *, pairs: Path | str | None = None,

@@ -57,7 +57,8 @@ def test_a_volume_run_trimmed_to_its_final_checkpoint_gives_that_stage(tmp_path)
 def test_a_keypoint_fold_trimmed_to_its_final_checkpoint_gives_that_stage(tmp_path):
     final = _checkpoint(tmp_path / "fold1" / "final.pt", "cloud", stage=5)
     assert fold_checkpoint(tmp_path, 1, stage=5) == final
-    with pytest.raises(InputError, match=re.escape("no checkpoint for fold 1 (expected fold1/stage4.pt)")):
+    with pytest.raises(InputError, match=re.escape("no checkpoint for fold 1 (expected fold1/stage4.pt) (this fold "
+                                                   "keeps no per-stage checkpoints; its final.pt is stage 5's)")):
         fold_checkpoint(tmp_path, 1, stage=4)
     own = _checkpoint(tmp_path / "fold1" / "stage5.pt", "cloud", stage=5)
     assert fold_checkpoint(tmp_path, 1, stage=5) == own

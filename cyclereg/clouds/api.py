@@ -641,9 +641,9 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     """Checkpoint of ``fold`` in a run directory: ``foldK/final.pt`` (or a committed
     ``foldK.pt``), or for one stage ``foldK/stage{stage}.pt``, else ``foldK/final.pt`` if it is that
     stage's (:func:`cyclereg.api.stage_checkpoint`: a run whose stage files were removed)."""
-    if stage is not None:
-        from cyclereg.api import stage_checkpoint  # noqa: PLC0415 - cyclereg.api imports this module's callers
+    from cyclereg.api import final_stage, stage_checkpoint  # noqa: PLC0415 - cyclereg.api imports this module's callers
 
+    if stage is not None:
         path = stage_checkpoint(Path(run_dir) / f"fold{fold}", stage)
         if path is not None:
             return path
@@ -658,8 +658,11 @@ def fold_checkpoint(run_dir: Path, fold: int, stage: int | None = None) -> Path:
     elif stage is not None:
         have = sorted(int(f.stem[len("stage"):]) for f in (Path(run_dir) / f"fold{fold}").glob("stage*.pt")
                       if f.stem[len("stage"):].isdigit())
+        kept = final_stage(Path(run_dir) / f"fold{fold}")
         if have:
             hint = f" (this fold has the checkpoints of stage(s) {', '.join(map(str, have))})"
+        elif kept is not None:
+            hint = f" (this fold keeps no per-stage checkpoints; its final.pt is stage {kept}'s)"
         elif exported_models(run_dir):
             hint = " (this folder keeps no per-stage checkpoints: an exported or ensemble folder has one model per fold)"
         else:
