@@ -39,7 +39,7 @@ from cyclereg import errors
 from cyclereg.errors import (InputError, finite_number, refuse_empty_paths, require_count, require_output_dir,
                              require_seed, require_switches, whole_number)
 from cyclereg.frames import UnitBox
-from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config
+from cyclereg.training.clouds import CloudCycleConfig, CloudCycleTask, CloudPairData, cycle_config, test_time_config
 from cyclereg.training.dense import DenseCycleConfig, DenseCycleTask
 from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler, sampling_note
 
@@ -696,6 +696,57 @@ def _require_same_config(run: Path, config, stored) -> None:
                          + "; ".join(diff) + ")", run)
 
 
+RESUME_FREE = ("stages", "lr", "amp", "cpu_bf16")
+"""Settings of ``run.json`` that a resumed run may hold otherwise than its finished stages were trained with
+(:func:`_require_trained_with`): the stage target (``cycle --stages`` raises it), the learning rate (lowered
+after a diverged stage, as that error says) and a volume run's training precision (``amp`` on CUDA,
+``cpu_bf16`` on CPU: where the next stage runs, as ``--device``; each stage's log line records its own)."""
+
+
+def _require_trained_with(run: Path, directory: Path, config, model_config, kind: str) -> None:
+    """:class:`InputError` naming ``run/run.json`` and the first setting (the checkpoint's value -> run.json's)
+    in which ``config`` (the run's configuration now) differs from what the checkpoint of the last finished stage
+    in ``directory`` records: the run's configuration it was trained with (``extra["run_config"]``, checkpoints
+    since 2026-12-07; :data:`RESUME_FREE` aside), else (older checkpoints) its registration settings
+    (``model_config``: the task's :meth:`model_config` now; a keypoint run's training box aside, which the
+    dataset fixes) and its number of epochs / iterations. So a run.json edited after some stages finished is
+    not resumed with settings its stages never had. Nothing to compare before stage 1; a checkpoint that cannot
+    be read is left to the scheduler, which names it."""
+    from cyclereg.checkpoint import load_checkpoint
+    from cyclereg.clouds.pipeline import CloudRegConfig
+    from cyclereg.dense.config import config_from_dict
+
+    sched = StageScheduler(None, directory)
+    done = sched.last_finished_stage()
+    if done < 1:
+        return
+    path = sched.checkpoint_path(done)
+    cycle_class = CloudCycleConfig if kind == "keypoints" else DenseCycleConfig
+    try:
+        ckpt = load_checkpoint(path, kind=CHECKPOINT_KINDS[kind])
+        extra = ckpt.get("extra") or {}
+        recorded = extra.get("run_config")
+        if isinstance(recorded, dict):
+            given = {k: v for k, v in to_jsonable(config).items() if k not in RESUME_FREE}
+            stored = {k: v for k, v in to_jsonable(cycle_class.from_dict(recorded)).items() if k not in RESUME_FREE}
+            diff = _config_differences(given, stored)
+        else:
+            prefix = "reg" if kind == "keypoints" else "pipeline"
+            stored_model = (replace(CloudRegConfig.from_dict(ckpt["config"]), training_box=None)
+                            if kind == "keypoints" else config_from_dict(ckpt["config"]))
+            diff = _config_differences({prefix: to_jsonable(model_config)}, {prefix: to_jsonable(stored_model)})
+            train = extra.get("train") if isinstance(extra.get("train"), dict) else {}
+            for key in ("epochs", "iterations"):
+                if key in train and hasattr(config, key) and train[key] != getattr(config, key):
+                    diff.append(f"{key}: {train[key]} -> {getattr(config, key)}")
+    except (InputError, KeyError, TypeError, ValueError, AttributeError):
+        return  # the scheduler names a damaged checkpoint
+    if diff:
+        raise InputError(f"the run's finished stages were trained with another configuration "
+                         f"({path.relative_to(run)}'s -> run.json's: {diff[0]}); put it back in run.json, or start "
+                         "a new run directory", run / "run.json")
+
+
 def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
                  snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S, jobs: int = 1,
                  stop_below_mm: float | None = None) -> dict:
@@ -717,6 +768,8 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
     with fold_locks(run, selected):  # first: a pretrain-random labelling a fold now is named as busy
         for k in selected:
             require_labels(k)
+            _require_trained_with(run, fold_dir(run, k), config, replace(test_time_config(config), training_box=None),
+                                  "keypoints")
         with _targets_recorded(run, stages, stop_below_mm, [fold_dir(run, k) for k in selected]) as rule:
             args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
             # folds that have all their stages already (or have settled) only bring their record up to date:
@@ -752,7 +805,8 @@ def _cloud_fold_job(ds, config, run, k, stages, device, val_pairs, snapshot_ever
     picklable arguments, so that worker processes can run it."""
     task = _cloud_task(ds, k, config, device)
     final = _scheduler(task, fold_dir(run, k), _cloud_val_hook(ds, k, val_pairs), snapshot_every_s=snapshot_every_s,
-                       training=_cloud_training_record(ds, k)).run(stages, progress, stop_below_mm=stop_below_mm)
+                       training=_cloud_training_record(ds, k), run_config=to_jsonable(config)
+                       ).run(stages, progress, stop_below_mm=stop_below_mm)
     return k, final
 
 
@@ -984,7 +1038,7 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     _note_precision(config, dev)
     hook = _dense_val_hook(dataset, val_pairs)
     sched = _scheduler(task, fold_dir(run, None), hook, keep_labels=DENSE_KEEP_LABELS,
-                       snapshot_every_s=snapshot_every_s,
+                       snapshot_every_s=snapshot_every_s, run_config=to_jsonable(config),
                        training=training_record(ident["dataset"], None, images=ident["data"]["images"]))
     no_labels = InputError("no stage-0 pseudo labels; run 'cyclereg pretrain-random' first", run)
     if not fold_dir(run, None).is_dir():  # no folder: no command is labelling it (its lock is there)
@@ -992,5 +1046,6 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
     with fold_locks(run, [None]):  # first: a pretrain-random labelling the run now is named as busy
         if sched.last_finished_stage() < 0:
             raise no_labels
+        _require_trained_with(run, fold_dir(run, None), config, task.model_config(), "volumes")
         with _targets_recorded(run, stages, stop_below_mm, [fold_dir(run, None)]) as rule, _progress() as progress:
             return {None: sched.run(stages, progress, stop_below_mm=rule)}

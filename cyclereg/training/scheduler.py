@@ -410,7 +410,7 @@ class StageScheduler:
 
     def __init__(self, task: StageTask, run_dir: str | Path, *, keep_labels: int | None = None,
                  hook: StageHook | None = None, snapshot_every_s: float = DEFAULT_SNAPSHOT_EVERY_S,
-                 training: dict | None = None):
+                 training: dict | None = None, run_config: dict | None = None):
         """
         Args:
             task: the modality (``None`` for the read-only :meth:`status`).
@@ -424,6 +424,9 @@ class StageScheduler:
                 :func:`~cyclereg.checkpoint.training_record`: dataset name, fold, a fingerprint of each
                 training file; never landmarks or labels), so that evaluation can tell training pairs
                 from held-out ones.
+            run_config: the run's configuration (``run.json``'s ``config``) that every checkpoint records
+                (``extra["run_config"]``), so that a resumed run can tell a ``run.json`` edited since its
+                stages were trained (:func:`cyclereg.training.api._require_trained_with`).
         """
         if keep_labels is not None and keep_labels < 1:
             raise ValueError(f"keep_labels: need at least 1, got {keep_labels}")
@@ -433,6 +436,7 @@ class StageScheduler:
         self.hook = hook
         self.snapshot_every_s = snapshot_every_s
         self.training = training
+        self.run_config = run_config
 
     # ------------------------------------------------------------------ files
     def checkpoint_path(self, stage: int) -> Path:
@@ -837,7 +841,8 @@ class StageScheduler:
                 save_checkpoint(self.checkpoint_path(stage), kind=self.task.checkpoint_kind,
                                 config=self.task.model_config(), state_dict=model.state_dict(),
                                 extra={"stage": stage, "train": train_stats,
-                                       **({"training": self.training} if self.training is not None else {})})
+                                       **({"training": self.training} if self.training is not None else {}),
+                                       **({"run_config": self.run_config} if self.run_config is not None else {})})
                 snapshot.clear()
             parts = LabelParts(self.parts_path(stage), model)
             t_labels = time.perf_counter()
