@@ -10,6 +10,10 @@ first differing setting (the checkpoint's value -> run.json's), and nothing is w
 may change stay free: the stage target (``cycle --stages``), the learning rate (lowered after a diverged stage, as
 that error says), and a volume run's training precision.
 
+``pretrain-random --jobs 2`` started worker processes (seconds each) where one fold was left to label, because the
+folds whose stage-0 labels existed already were counted with it; those are now brought up to date in-process first
+(as ``cycle`` does with its finished folds), and the fold left, alone, is labelled in-process too: the same labels.
+
 Each test checks the exact message fragment naming the file, and that the run's files are as they were.
 """
 
@@ -162,3 +166,29 @@ def test_a_volume_run_json_edited_after_a_finished_stage_is_refused(tmp_path):
         assert res.exit_code == 2 and (f"{run / 'run.json'}: the run's finished stages were trained with another "
                                        "configuration (all/stage1.pt's -> run.json's: iterations: 1 -> 3)") in said, said
         assert _files(run) == before
+
+
+# ----------------------------------------------------------------------------- pretrain-random --jobs
+def test_pretrain_random_labels_the_one_fold_left_without_worker_processes(tmp_path, monkeypatch):
+    """Folds 1 and 2 labelled already, then all three with --jobs 2 (and once more, none left): no worker process
+    starts, and fold 3's labels are those of the run labelled at once with --jobs 1."""
+    import cyclereg.training.parallel as parallel
+
+    ds = _dataset(tmp_path, n=3)
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    for k in ("1", "2"):
+        assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), "--fold", k, *ARGS]).exit_code == 0
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("worker processes started")
+
+    monkeypatch.setattr(parallel, "run_parallel", no_workers)
+    for _ in range(2):  # one fold left, then none
+        res = runner.invoke(app, ["pretrain-random", str(ds), "-o", str(run), *ARGS, "--jobs", "2"])
+        assert res.exit_code == 0 and res.exception is None, (res.output, repr(res.exception))
+    assert "(the stage-0 labels that were there already were kept)" in " ".join(res.output.split())
+    assert runner.invoke(app, ["pretrain-random", str(ds), "-o", str(whole), *ARGS]).exit_code == 0
+    for k in (1, 2, 3):
+        got = torch.load(run / f"fold{k}" / "pseudo0.pt", weights_only=True)["labels"]
+        want = torch.load(whole / f"fold{k}" / "pseudo0.pt", weights_only=True)["labels"]
+        assert got.keys() == want.keys() and all(torch.equal(got[p], want[p]) for p in want)

@@ -636,8 +636,14 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
                                 stages_given="stages" in options, quiet=True)
             write_json(run / "run.json", meta)
         args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
+        # folds whose stage-0 labels exist already only bring their record up to date: here, not in a worker
+        # process (starting one costs seconds), and so is a last fold left to label
+        done = {k for k in folds if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= 0}
         with _progress() as progress:
-            _for_folds(_cloud_stage0_job, args, jobs, progress, on_result=lambda k: None)
+            _for_folds(_cloud_stage0_job, {k: a for k, a in args.items() if k in done}, 1, progress,
+                       on_result=lambda k: None)
+            _for_folds(_cloud_stage0_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
+                       on_result=lambda k: None)
     return run
 
 
