@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from cyclereg.dense.config import DensePipelineConfig
 from cyclereg.dense.network import random_feature_net
-from cyclereg.dense.pipeline import register
+from cyclereg.dense.pipeline import min_volume_size, register
 from cyclereg.device import resolve_device, synchronize
+from cyclereg.errors import InputError, require_count
 
 SMOOTHING = 5
 """Box-filter width (voxels) applied twice to the white noise, so the images have structure."""
@@ -46,12 +47,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    base = DensePipelineConfig().validate()
+    need = max(min_volume_size(base), SMOOTHING)
+    try:  # bad input: one line before any work
+        if min(args.shape) < need:
+            raise InputError(f"shape {' '.join(map(str, args.shape))}: every axis needs at least {need} voxels")
+        require_count("--repeats", args.repeats, 1)
+        require_count("--threads", args.threads, 1)
+        dev = resolve_device(args.device)
+        g = torch.Generator().manual_seed(0)
+        fixed, moving = (random_volume(tuple(args.shape), g).to(dev) for _ in range(2))
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
+    except (RuntimeError, MemoryError) as exc:  # torch's allocation failure (CPU or CUDA): one line
+        ap.exit(1, f"error: shape {' '.join(map(str, args.shape))}: cannot make the two volumes "
+                   f"({' '.join(str(exc).split())[:200]})\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    g = torch.Generator().manual_seed(0)
-    fixed, moving = (random_volume(tuple(args.shape), g).to(dev) for _ in range(2))
-    base = DensePipelineConfig().validate()
     net = random_feature_net(base.net, 0).to(dev)
     settings = {"1 warp, no Adam": replace(base, warps=1, use_ic=False, use_adam=False),
                 "2 warps + IC, no Adam": replace(base, use_adam=False),

@@ -34,6 +34,7 @@ from cyclereg.clouds.api import load_cloud_model
 from cyclereg.clouds.pipeline import (CloudRegistration, fused_and_member_displacements, registration_box,
                                       test_time_displacements)
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
+from cyclereg.errors import InputError, finite_number, require_count, require_seed
 
 
 def main() -> None:
@@ -44,8 +45,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recentre-candidates", type=int, nargs="*", default=[])
     args = ap.parse_args()
+    try:  # bad input: one line before any work
+        require_count("--threads", args.threads, 1)
+        for seed in args.seeds:
+            require_seed(seed, "--seeds")
+        for scale in args.scales:
+            if not finite_number(scale):
+                raise InputError(f"--scales {scale}: need a finite number")
+        for k in args.recentre_candidates:
+            require_count("--recentre-candidates", k, 1)
+        if not Path(args.run).is_dir():
+            raise InputError("no such folder (an ensemble's folder of fold*.pt checkpoints is needed)", args.run)
+        folds = sorted(Path(args.run).glob("fold*.pt"))
+        if not folds:
+            raise InputError("holds no fold*.pt checkpoints (an ensemble's folder is needed)", args.run)
+        for path in folds:  # a damaged or wrong checkpoint: before the first registration
+            load_cloud_model(path)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
-    folds = sorted(Path(args.run).glob("fold*.pt"))
     for scale in args.scales:
         rows: dict[str, list[float]] = {}
         secs: dict[str, list[float]] = {"average": [], "joint": []}

@@ -19,7 +19,8 @@ import torch
 
 from cyclereg.clouds.api import dataset_box, load_cloud_model
 from cyclereg.clouds.pipeline import register_clouds
-from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.datasets import load_keypoint_dataset, select_folds
+from cyclereg.errors import InputError, require_count
 from cyclereg.pointio import read_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +35,14 @@ def main() -> None:
     ap.add_argument("--fold", type=int, default=1)
     ap.add_argument("--candidates", type=int, default=64)
     args = ap.parse_args()
-    ds = load_keypoint_dataset(args.dataset)
-    box = dataset_box(ds)
-    net, cfg = load_cloud_model(args.models / f"fold{args.fold}.pt")
+    try:  # bad input: one line before any work
+        require_count("--candidates", args.candidates, 1)
+        ds = load_keypoint_dataset(args.dataset)
+        select_folds(ds, args.fold)
+        box = dataset_box(ds)
+        net, cfg = load_cloud_model(args.models / f"fold{args.fold}.pt")
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     print(f"fold {args.fold}, labels of {args.models}, K = {args.candidates}")
     print("pair   | N    | mean |u| [mm] | mean r_K [mm] | |u| > r_K | |u| > 0.8 r_K")
     for pid in ds.training_ids(args.fold):  # keypoints only: landmarks are not read

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from cyclereg.datasets import MAX_VOLUME_VOXELS
 from cyclereg.dense.api import register_volume_files
 from cyclereg.dense.data import resample_onto
+from cyclereg.errors import InputError, finite_number, require_count, require_file, require_output_file
 from cyclereg.metrics import dice, scored_labels
 from cyclereg.volumeio import read_nifti
 
@@ -75,19 +78,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     def files(case):
-        name = next((args.data / "imagesTr").glob(f"*_{case}_0000.nii.gz")).name
-        return args.data / "imagesTr" / name, args.data / "labelsTr" / name
+        images = args.data / "imagesTr"
+        name = next(images.glob(f"*_{case}_0000.nii.gz"), None)
+        if name is None:
+            raise InputError(f"no scan *_{case}_0000.nii.gz (a Learn2Reg folder's imagesTr/ holds them)", images)
+        return images / name.name, require_file(args.data / "labelsTr" / name.name)
 
-    fixed, fixed_labels = files(args.fixed)
-    moving, moving_labels = files(args.moving)
+    try:  # bad input: one line before any work
+        if not args.data.is_dir():
+            raise InputError("no such folder (a Learn2Reg folder with imagesTr/ and labelsTr/ is needed)", args.data)
+        if not finite_number(args.spacing) or args.spacing <= 0:
+            raise InputError(f"--spacing {args.spacing}: need a finite number of mm > 0")
+        if not finite_number(args.angle):
+            raise InputError(f"--angle {args.angle}: need a finite number of degrees")
+        require_count("--threads", args.threads, 1)
+        if args.json is not None:
+            require_output_file(args.json)
+        fixed, fixed_labels = files(args.fixed)
+        moving, moving_labels = files(args.moving)
+        src = nib.load(str(moving))
+        new_affine, new_shape = oblique_grid(src.affine, src.shape[:3], args.spacing, args.angle)
+        if math.prod(new_shape) > MAX_VOLUME_VOXELS:
+            raise InputError(f"--spacing {args.spacing}: the moving grid would be {new_shape} voxels, more than "
+                             f"{MAX_VOLUME_VOXELS}; give a larger spacing")
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
+    torch.set_num_threads(args.threads)
     result = {"fixed": str(fixed), "moving": str(moving), "spacing_mm": args.spacing, "angle_deg": args.angle}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = nib.load(str(moving))
-        new_affine, new_shape = oblique_grid(src.affine, src.shape[:3], args.spacing, args.angle)
         regrid(moving, tmp / "moving.nii.gz", new_affine, new_shape, order=1)
         regrid(moving_labels, tmp / "moving_labels.nii.gz", new_affine, new_shape, order=0)
         result["moving_grid"] = {"shape": list(new_shape), "affine": new_affine.tolist()}

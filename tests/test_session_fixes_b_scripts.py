@@ -1,0 +1,147 @@
+"""Contracts of the scripts mended on 2026-12-07 (session fixes B): bad input to ``benchmarks/`` and ``scripts/``
+is one line naming the argument or file, a non-zero exit and no traceback, before any heavy work.
+
+Mended: ``benchmarks/resample_moving.py``, ``dense_pair_time.py``, ``ensemble_fusion.py`` and
+``label_reach.py`` (a missing input, an absurd size or number was a traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script, write_two_pair_dataset
+from test_scripts_walk import _outcome, _refused
+
+
+def _run(script: str, argv: list[str], monkeypatch, capsys):
+    """(exit code, stderr) of ``script``'s ``main`` run as ``python script *argv``."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    mod = load_script(script)
+    return _outcome(mod.main, capsys)
+
+
+def _no_work(mod, monkeypatch, *names: str) -> None:
+    """Make each function ``names`` of the script fail the test: the refusal must come before it."""
+    for name in names:
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail(f"{name} ran"))
+
+
+# ----------------------------------------------------------------------------- benchmarks/resample_moving.py
+def _l2r(folder: Path) -> Path:
+    """A Learn2Reg-shaped folder with case 0001 only (empty files: the refusals come before any read)."""
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "X_0001_0000.nii.gz").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "missing_case", "missing_labels", "spacing_0", "spacing_nan",
+                                  "angle_inf", "threads_0", "json_folder"])
+def test_resample_moving_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, case):
+    data = _l2r(tmp_path / "l2r")
+    args, named = [str(data), "--fixed", "0001", "--moving", "0001"], []
+    if case == "missing_folder":
+        args[0] = named = str(tmp_path / "nope")
+    elif case == "missing_case":
+        args[4], named = "0002", [str(data / "imagesTr"), "0002"]
+    elif case == "missing_labels":
+        (data / "labelsTr" / "X_0001_0000.nii.gz").unlink()
+        named = [str(data / "labelsTr" / "X_0001_0000.nii.gz")]
+    elif case == "spacing_0":
+        args, named = args + ["--spacing", "0"], ["--spacing 0"]
+    elif case == "spacing_nan":
+        args, named = args + ["--spacing", "nan"], ["--spacing nan"]
+    elif case == "angle_inf":
+        args, named = args + ["--angle", "inf"], ["--angle inf"]
+    elif case == "threads_0":
+        args, named = args + ["--threads", "0"], ["--threads 0"]
+    elif case == "json_folder":
+        args, named = args + ["--json", str(tmp_path)], [str(tmp_path), "folder"]
+    code, err = _run("benchmarks/resample_moving.py", args, monkeypatch, capsys)
+    _refused(code, err, *([named] if isinstance(named, str) else named))
+
+
+def test_resample_moving_refuses_a_grid_too_large_for_the_spacing(tmp_path, monkeypatch, capsys):
+    """--spacing 0.001 on a 4^3 scan of 100 mm voxels: about 400000 voxels a side, refused before regridding."""
+    import nibabel as nib
+    import numpy as np
+
+    data = _l2r(tmp_path / "l2r")
+    for sub in ("imagesTr", "labelsTr"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([100.0, 100.0, 100.0, 1.0])),
+                 str(data / sub / "X_0001_0000.nii.gz"))
+    code, err = _run("benchmarks/resample_moving.py", [str(data), "--fixed", "0001", "--moving", "0001",
+                                                       "--spacing", "0.001"], monkeypatch, capsys)
+    _refused(code, err, "--spacing 0.001", "larger spacing")
+
+
+# ----------------------------------------------------------------------------- benchmarks/dense_pair_time.py
+@pytest.mark.parametrize("argv, named", [(["0", "4", "4"], "shape 0 4 4"), (["16", "-1", "16"], "shape 16 -1 16"),
+                                         (["8", "16", "16"], "at least 9"),
+                                         (["16", "16", "16", "--repeats", "0"], "--repeats 0"),
+                                         (["16", "16", "16", "--threads", "-1"], "--threads -1"),
+                                         (["16", "16", "16", "--device", "gpu"], "--device gpu")])
+def test_dense_pair_time_names_an_absurd_value_in_one_line(monkeypatch, capsys, argv, named):
+    mod = load_script("benchmarks/dense_pair_time.py")
+    _no_work(mod, monkeypatch, "register", "random_volume")
+    code, err = _outcome(lambda: mod.main(argv), capsys)
+    _refused(code, err, named)
+
+
+def test_dense_pair_time_names_a_shape_it_cannot_allocate_in_one_line(monkeypatch, capsys):
+    mod = load_script("benchmarks/dense_pair_time.py")
+
+    def no_memory(shape, generator):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate\n4e12 bytes")
+
+    monkeypatch.setattr(mod, "random_volume", no_memory)
+    _no_work(mod, monkeypatch, "register")
+    code, err = _outcome(lambda: mod.main(["10000", "10000", "10000"]), capsys)
+    _refused(code, err, "shape 10000 10000 10000", "can't allocate memory")
+
+
+# ----------------------------------------------------------------------------- benchmarks/ensemble_fusion.py
+@pytest.mark.parametrize("case", ["missing", "no_folds", "damaged", "threads", "seed", "scale", "candidates"])
+def test_ensemble_fusion_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, case):
+    run = tmp_path / "ens"
+    run.mkdir()
+    (run / "fold1.pt").write_bytes(b"not a checkpoint")
+    args, named = [str(run)], [str(run / "fold1.pt")]
+    if case == "missing":
+        args, named = [str(tmp_path / "nope")], [str(tmp_path / "nope")]
+    elif case == "no_folds":
+        (run / "fold1.pt").unlink()
+        named = [str(run), "fold*.pt"]
+    elif case != "damaged":
+        args += {"threads": ["--threads", "0"], "seed": ["--seeds", "0", "-1"], "scale": ["--scales", "nan"],
+                 "candidates": ["--recentre-candidates", "0"]}[case]
+        named = [args[-2] + " " + args[-1] if case != "seed" else "--seeds -1"]
+    mod = load_script("benchmarks/ensemble_fusion.py")
+    _no_work(mod, monkeypatch, "make_breathing_pair", "fused_and_member_displacements")
+    monkeypatch.setattr(sys, "argv", ["ensemble_fusion.py", *args])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, *named)
+
+
+# ----------------------------------------------------------------------------- benchmarks/label_reach.py
+@pytest.mark.parametrize("case", ["missing_model", "missing_dataset", "fold_9", "fold_0", "candidates_0"])
+def test_label_reach_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, case):
+    ds = write_two_pair_dataset(tmp_path)  # two folds
+    models = tmp_path / "models"
+    args = [str(models), "--dataset", str(ds)]
+    named = {"missing_model": [str(models / "fold1.pt")], "missing_dataset": [str(tmp_path / "nope.json")],
+             "fold_9": ["--fold 9", str(ds)], "fold_0": ["--fold 0"], "candidates_0": ["--candidates 0"]}[case]
+    if case == "missing_dataset":
+        args[2] = str(tmp_path / "nope.json")
+    elif case.startswith("fold"):
+        args += ["--fold", case[-1]]
+    elif case == "candidates_0":
+        args += ["--candidates", "0"]
+    mod = load_script("benchmarks/label_reach.py")
+    _no_work(mod, monkeypatch, "register_clouds")
+    monkeypatch.setattr(sys, "argv", ["label_reach.py", *args])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, *named)
