@@ -20,7 +20,7 @@ import numpy as np
 
 from cyclereg.dense.api import load_model, register_pair
 from cyclereg.dense.data import load_volume_dataset
-from cyclereg.errors import InputError
+from cyclereg.errors import MAX_MODEL_SEED, InputError, require_count, require_output_file, require_seed
 from cyclereg.metrics import dice, scored_labels
 from cyclereg.volumeio import read_nifti
 from cyclereg.warp import warp, warp_labels
@@ -34,11 +34,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    try:
+    try:  # a missing or unreadable dataset or model, a value out of range: one line
+        require_count("--pairs", args.pairs, 1)
+        require_seed(args.seed, largest=MAX_MODEL_SEED)
+        if args.json is not None:
+            require_output_file(args.json)
         ds = load_volume_dataset(args.dataset)
-    except InputError as exc:  # a missing or unreadable dataset: one line
+        net, cfg, _ = load_model(args.model, args.seed, "cpu")
+    except InputError as exc:
         ap.exit(1, f"error: {exc}\n")
-    net, cfg, _ = load_model(args.model, args.seed, "cpu")
     rows = []
     for p in list(ds.pairs)[: args.pairs]:
         fv, mv = read_nifti(p.fixed), read_nifti(p.moving)

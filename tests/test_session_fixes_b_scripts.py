@@ -2,7 +2,8 @@
 is one line naming the argument or file, a non-zero exit and no traceback, before any heavy work.
 
 Mended: ``benchmarks/resample_moving.py``, ``dense_pair_time.py``, ``ensemble_fusion.py`` and
-``label_reach.py`` (a missing input, an absurd size or number was a traceback).
+``label_reach.py`` (a missing input, an absurd size or number was a traceback); ``benchmarks/label_scoring.py``
+(a missing ``--model`` file was a traceback, ``--pairs 0`` printed NaN means and exit 0).
 """
 
 from __future__ import annotations
@@ -143,5 +144,22 @@ def test_label_reach_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, 
     mod = load_script("benchmarks/label_reach.py")
     _no_work(mod, monkeypatch, "register_clouds")
     monkeypatch.setattr(sys, "argv", ["label_reach.py", *args])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, *named)
+
+
+# ----------------------------------------------------------------------------- benchmarks/label_scoring.py
+@pytest.mark.parametrize("case", ["missing_model", "mistyped_random", "pairs_0", "seed_-1", "json_folder"])
+def test_label_scoring_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, case):
+    ds = tmp_path / "ds.json"
+    args, named = {"missing_model": (["--model", str(tmp_path / "nope.pt")], [str(tmp_path / "nope.pt"), "does not exist"]),
+                   "mistyped_random": (["--model", "randm"], ["randm", "'random'"]),
+                   "pairs_0": (["--pairs", "0"], ["--pairs 0"]),
+                   "seed_-1": (["--seed", "-1"], ["--seed -1"]),
+                   "json_folder": (["--json", str(tmp_path)], [str(tmp_path), "folder"])}[case]
+    mod = load_script("benchmarks/label_scoring.py")
+    monkeypatch.setattr(mod, "load_volume_dataset", lambda path: object())  # a dataset that loads
+    _no_work(mod, monkeypatch, "register_pair", "read_nifti")
+    monkeypatch.setattr(sys, "argv", ["label_scoring.py", str(ds), *args])
     code, err = _outcome(mod.main, capsys)
     _refused(code, err, *named)
