@@ -27,7 +27,7 @@ from pathlib import Path
 from cyclereg.checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import fold_checkpoint
 from cyclereg.datasets import read_json
-from cyclereg.errors import InputError, refuse_output_in_run, require_output_dir
+from cyclereg.errors import InputError, refuse_empty_paths, refuse_output_in_run, require_output_dir
 from cyclereg.training.clouds import CloudCycleConfig, initial_network
 from cyclereg.training.scheduler import initial_network_seed
 
@@ -44,8 +44,10 @@ def _run_meta(run: Path) -> dict:
     return meta
 
 
-def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
+def export(run: str | Path, out: str | Path, stage: int | None = None) -> list[Path]:
     """Write ``out/fold{K}.pt`` for every fold of ``run`` (see the module docstring); returns them."""
+    refuse_empty_paths({"RUN_DIR": run, "-o": out}, lists=())
+    run, out = Path(run), Path(out)
     if stage is not None and stage < 0:
         raise InputError(f"--stage {stage}: need 0 or more")
     if out.exists():
@@ -107,8 +109,8 @@ def export(run: Path, out: Path, stage: int | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="training run directory (run.json, fold*/)")
-    ap.add_argument("-o", "--output", type=Path, required=True, help="new model-set directory")
+    ap.add_argument("run", help="training run directory (run.json, fold*/)")  # text: an empty one is refused
+    ap.add_argument("-o", "--output", required=True, help="new model-set directory")
     ap.add_argument("--stage", type=int, help="stage T (0 = the stage-0 random network; default: final)")
     args = ap.parse_args(argv)
     try:

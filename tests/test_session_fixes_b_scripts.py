@@ -3,7 +3,8 @@ is one line naming the argument or file, a non-zero exit and no traceback, befor
 
 Mended: ``benchmarks/resample_moving.py``, ``dense_pair_time.py``, ``ensemble_fusion.py`` and
 ``label_reach.py`` (a missing input, an absurd size or number was a traceback); ``benchmarks/label_scoring.py``
-(a missing ``--model`` file was a traceback, ``--pairs 0`` printed NaN means and exit 0).
+(a missing ``--model`` file was a traceback, ``--pairs 0`` printed NaN means and exit 0);
+``scripts/run_model_set.py`` (``-o ""`` was taken as the current folder, "already exists").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script, write_two_pair_dataset
-from test_scripts_walk import _outcome, _refused
+from test_scripts_walk import _fake_cloud_run, _outcome, _refused, _sums
 
 
 def _run(script: str, argv: list[str], monkeypatch, capsys):
@@ -163,3 +164,15 @@ def test_label_scoring_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", ["label_scoring.py", str(ds), *args])
     code, err = _outcome(mod.main, capsys)
     _refused(code, err, *named)
+
+
+# ----------------------------------------------------------------------------- scripts/run_model_set.py
+@pytest.mark.parametrize("which", ["-o", "RUN_DIR"])
+def test_run_model_set_says_an_empty_path_is_empty(tmp_path, monkeypatch, capsys, which):
+    run = _fake_cloud_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    before = _sums(tmp_path)
+    argv = [str(run), "-o", ""] if which == "-o" else ["", "-o", str(tmp_path / "set")]
+    code, err = _outcome(lambda: load_script("scripts/run_model_set.py").main(argv), capsys)
+    _refused(code, err, f"{which}: an empty path")
+    assert _sums(tmp_path) == before
