@@ -47,7 +47,7 @@ def _run_meta(run: Path) -> dict:
 def export(run: str | Path, out: str | Path, stage: int | None = None) -> list[Path]:
     """Write ``out/fold{K}.pt`` for every fold of ``run`` (see the module docstring); returns them."""
     refuse_empty_paths({"RUN_DIR": run, "-o": out}, lists=())
-    run, out = Path(run), Path(out)
+    run, out = Path(run), Path(os.path.normpath(out))  # '..' resolved by name, as the folders are made
     if stage is not None and stage < 0:
         raise InputError(f"--stage {stage}: need 0 or more")
     if out.exists():
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {len(files)} checkpoints and model_set.json to {args.output}")
+    print(f"wrote {len(files)} checkpoints and model_set.json to {os.path.normpath(args.output)}")
     return 0
 
 

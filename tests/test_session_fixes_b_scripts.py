@@ -4,7 +4,9 @@ is one line naming the argument or file, a non-zero exit and no traceback, befor
 Mended: ``benchmarks/resample_moving.py``, ``dense_pair_time.py``, ``ensemble_fusion.py`` and
 ``label_reach.py`` (a missing input, an absurd size or number was a traceback); ``benchmarks/label_scoring.py``
 (a missing ``--model`` file was a traceback, ``--pairs 0`` printed NaN means and exit 0);
-``scripts/run_model_set.py`` (``-o ""`` was taken as the current folder, "already exists").
+``scripts/run_model_set.py`` (``-o ""`` was taken as the current folder, "already exists"; an ``-o`` with ``..``
+was printed as given, not as the folder written, an existing folder it named through a missing one was
+replaced, and one ending in ``..`` was a traceback).
 """
 
 from __future__ import annotations
@@ -175,4 +177,26 @@ def test_run_model_set_says_an_empty_path_is_empty(tmp_path, monkeypatch, capsys
     argv = [str(run), "-o", ""] if which == "-o" else ["", "-o", str(tmp_path / "set")]
     code, err = _outcome(lambda: load_script("scripts/run_model_set.py").main(argv), capsys)
     _refused(code, err, f"{which}: an empty path")
+    assert _sums(tmp_path) == before
+
+
+def test_run_model_set_prints_the_folder_it_wrote_for_an_output_with_dotdot(tmp_path, capsys):
+    """-o new/sub/../set (new/sub never made): the files are in new/set, which is what is printed."""
+    run = _fake_cloud_run(tmp_path / "run")
+    assert load_script("scripts/run_model_set.py").main([str(run), "-o", str(tmp_path / "new/sub/../set")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 2 checkpoints and model_set.json to {tmp_path / 'new' / 'set'}"
+    assert sorted(p.name for p in (tmp_path / "new" / "set").iterdir()) == ["fold1.pt", "fold2.pt", "model_set.json"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["set"]
+
+
+@pytest.mark.parametrize("output, place", [("new/sub/../kept", "new/kept"), ("foo/..", "."), ("x/../..", "..")])
+def test_run_model_set_refuses_an_existing_folder_named_through_dotdot(tmp_path, monkeypatch, capsys, output, place):
+    """An -o that resolves by name to an existing folder is "already exists" naming that folder, and nothing
+    is made or replaced (the empty new/kept was silently replaced; foo/.. and x/../.. were a rename traceback)."""
+    run = _fake_cloud_run(tmp_path / "w" / "run")
+    (tmp_path / "w" / "new" / "kept").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "w")
+    before = _sums(tmp_path)
+    code, err = _outcome(lambda: load_script("scripts/run_model_set.py").main([str(run), "-o", output]), capsys)
+    _refused(code, err, f"{place}: already exists")
     assert _sums(tmp_path) == before
