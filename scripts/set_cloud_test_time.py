@@ -39,12 +39,12 @@ def main() -> None:
                     help="store this keypoint dataset's volume box as the frame the networks were trained in")
     args = ap.parse_args()
     try:
-        _update(ap, args)
+        _update(args)
     except ValueError as exc:  # InputError: a missing or unreadable checkpoint or dataset; else a value out of
         ap.exit(1, f"error: {exc}\n")  # range for its field: one line, nothing rewritten
 
 
-def _update(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _update(args: argparse.Namespace) -> None:
     changes = {k: v for k, v in (("tta_passes", args.tta_passes), ("recentre_passes", args.recentre_passes))
                if v is not None}
     if args.recentre_candidates is not None:
@@ -52,11 +52,11 @@ def _update(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.training_box_of is not None:
         box = dataset_box(load_keypoint_dataset(args.training_box_of))
         if box is None:
-            ap.error(f"{args.training_box_of}: the dataset has no volume_shape_zyx / spacing_zyx_mm box")
+            raise InputError("the dataset has no volume_shape_zyx / spacing_zyx_mm box", args.training_box_of)
         changes["training_box"] = box
     files = [f for p in args.paths for f in (sorted(p.glob("fold*.pt")) if p.is_dir() else [p])]
     if not files:
-        ap.error("no checkpoints found")
+        raise InputError(f"{' '.join(map(str, args.paths))}: no checkpoints found (a folder stands for its fold*.pt files)")
     for f in files:  # a training run's own checkpoints (RUN/foldK/*.pt): cycle writes them, status reads them
         run = run_dir_holding(f.parent)
         if run is not None and Path(f.parent).resolve() != run:

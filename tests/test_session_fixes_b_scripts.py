@@ -6,7 +6,8 @@ Mended: ``benchmarks/resample_moving.py``, ``dense_pair_time.py``, ``ensemble_fu
 (a missing ``--model`` file was a traceback, ``--pairs 0`` printed NaN means and exit 0);
 ``scripts/run_model_set.py`` (``-o ""`` was taken as the current folder, "already exists"; an ``-o`` with ``..``
 was printed as given, not as the folder written, an existing folder it named through a missing one was
-replaced, and one ending in ``..`` was a traceback).
+replaced, and one ending in ``..`` was a traceback); ``scripts/set_cloud_test_time.py`` (a dataset without a box or
+a folder without checkpoints printed argparse's usage besides the error: two lines for no syntax error).
 """
 
 from __future__ import annotations
@@ -200,3 +201,22 @@ def test_run_model_set_refuses_an_existing_folder_named_through_dotdot(tmp_path,
     code, err = _outcome(lambda: load_script("scripts/run_model_set.py").main([str(run), "-o", output]), capsys)
     _refused(code, err, f"{place}: already exists")
     assert _sums(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- scripts/set_cloud_test_time.py
+@pytest.mark.parametrize("case", ["dataset_without_box", "folder_without_checkpoints"])
+def test_set_cloud_test_time_refuses_in_one_line_without_usage(tmp_path, monkeypatch, capsys, case):
+    run = _fake_cloud_run(tmp_path / "run")
+    assert load_script("scripts/run_model_set.py").main([str(run), "-o", str(tmp_path / "set")]) == 0
+    capsys.readouterr()
+    if case == "dataset_without_box":
+        (tmp_path / "d").mkdir()
+        ds = write_two_pair_dataset(tmp_path / "d")  # no volume_shape_zyx / spacing_zyx_mm
+        argv, named = [str(tmp_path / "set"), "--training-box-of", str(ds)], [str(ds), "box"]
+    else:
+        (tmp_path / "empty").mkdir()
+        argv, named = [str(tmp_path / "empty"), "--tta-passes", "1"], [str(tmp_path / "empty"), "no checkpoints"]
+    before = _sums(tmp_path)
+    code, err = _run("scripts/set_cloud_test_time.py", argv, monkeypatch, capsys)
+    _refused(code, err, *named)
+    assert "usage" not in err and _sums(tmp_path) == before
