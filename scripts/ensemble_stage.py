@@ -52,6 +52,23 @@ def _member_run(source: dict) -> str:
     return source.get("run", str(Path(source["source"]).parent))
 
 
+def _member_without_training(info: dict, folds: list[int], members: list[int] | None) -> tuple[int, str] | None:
+    """``(index, run folder)`` of the first member of ``folds`` (only ``members``, if given) whose training
+    configuration ``ensemble.json`` does not keep (``training[run]``, a run's ``run.json`` with its ``config``):
+    a member from a model set (``scripts/run_model_set.py``, ``models/copd``), whose record is kept under its
+    source run's name, or an ensemble written without ``training``; ``None`` when every one has it."""
+    training = info.get("training")
+    for k in folds:
+        for i, source in enumerate(info["members"][f"fold{k}"]):
+            if members is not None and i not in members:
+                continue
+            run = _member_run(source)
+            meta = training.get(run) if isinstance(training, dict) else None
+            if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+                return i, run
+    return None
+
+
 def _training(training: dict, learn_recentre_passes: int | None):
     """A run's ``run.json`` content and its :class:`~cyclereg.training.clouds.CloudCycleConfig`,
     both with ``learn_recentre_passes`` set if it is given."""
@@ -188,6 +205,19 @@ def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, c
     return json.dumps(line)
 
 
+def _refuse_member_without_training(ap: argparse.ArgumentParser, ensemble: Path, info: dict, folds: list[int],
+                                    members: list[int] | None) -> None:
+    """One error line, before any job starts, naming a member whose training configuration the jobs would
+    not find (:func:`_member_without_training`)."""
+    missing = _member_without_training(info, folds, members)
+    if missing is not None:
+        i, run = missing
+        ap.exit(1, f"error: {run}: member {i} of {ensemble / 'ensemble.json'} has no training configuration there "
+                   "('training' keeps the run.json of each member's run directory; a model set or exported folder "
+                   "keeps none under its own name): make the ensemble of the run directories, or train this "
+                   "member's run with --learner RUN_DIR\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ensemble", type=Path, help="folder of 'cyclereg ensemble' (ensemble.json, foldK.pt)")
@@ -215,8 +245,11 @@ def main() -> None:
                                              else "no such file"))
     try:
         info = read_json(args.ensemble / "ensemble.json")
+        learner = None if args.learner is None else read_json(args.learner / "run.json")
     except InputError as exc:  # no ensemble there, or not JSON: one line
         ap.exit(1, f"error: {exc}\n")
+    if learner is not None and not (isinstance(learner, dict) and isinstance(learner.get("config"), dict)):
+        ap.exit(1, f"error: {args.learner / 'run.json'}: no training configuration ('config') in it\n")
     if not isinstance(info.get("members"), dict) or not info["members"]:
         ap.exit(1, f"error: {args.ensemble / 'ensemble.json'}: lists no members (not an ensemble of 'cyclereg "
                    "ensemble'?)\n")
@@ -233,6 +266,7 @@ def main() -> None:
             ap.error("--joint trains all members of the ensemble: not with --learner or --members")
         if not 0 <= args.joint < count:
             ap.error(f"--joint {args.joint}: the ensemble has members 0..{count - 1}")
+        _refuse_member_without_training(ap, args.ensemble, info, folds, None)
         jobs = [(run_joint_job, (args.ensemble, args.out, args.dataset, k, args.joint, args.learn_recentre_passes),
                  f"fold {k} joint") for k in folds]
     elif args.learner is not None:
@@ -246,6 +280,7 @@ def main() -> None:
             ap.error(f"--members {args.members}: expected member indices such as 0,2")
         if members is not None and not all(0 <= i < count for i in members):
             ap.error(f"--members {args.members}: the ensemble has members 0..{count - 1}")
+        _refuse_member_without_training(ap, args.ensemble, info, folds, members)
         jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i, None, args.learn_recentre_passes),
                  f"fold {k} member {i}")
                 for i in range(count) if members is None or i in members

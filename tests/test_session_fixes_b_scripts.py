@@ -7,18 +7,22 @@ Mended: ``benchmarks/resample_moving.py``, ``dense_pair_time.py``, ``ensemble_fu
 ``scripts/run_model_set.py`` (``-o ""`` was taken as the current folder, "already exists"; an ``-o`` with ``..``
 was printed as given, not as the folder written, an existing folder it named through a missing one was
 replaced, and one ending in ``..`` was a traceback); ``scripts/set_cloud_test_time.py`` (a dataset without a box or
-a folder without checkpoints printed argparse's usage besides the error: two lines for no syntax error).
+a folder without checkpoints printed argparse's usage besides the error: two lines for no syntax error);
+``scripts/ensemble_stage.py`` (an ensemble of model sets, whose ``ensemble.json`` keeps no member's training
+configuration under the member's folder, or one without ``training``, or a ``--learner`` whose run.json has no
+``config``, failed inside the jobs with a KeyError).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import load_script, write_two_pair_dataset
-from test_scripts_walk import _fake_cloud_run, _outcome, _refused, _sums
+from test_scripts_walk import _fake_cloud_run, _outcome, _refused, _sums, app, runner
 
 
 def _run(script: str, argv: list[str], monkeypatch, capsys):
@@ -220,3 +224,60 @@ def test_set_cloud_test_time_refuses_in_one_line_without_usage(tmp_path, monkeyp
     code, err = _run("scripts/set_cloud_test_time.py", argv, monkeypatch, capsys)
     _refused(code, err, *named)
     assert "usage" not in err and _sums(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- scripts/ensemble_stage.py
+@pytest.fixture(scope="module")
+def set_ensemble(tmp_path_factory) -> Path:
+    """``cyclereg ensemble`` of two model sets (run_model_set.py of two keypoint runs of random networks):
+    its ``training`` keeps the runs' run.json under the runs' names, its members name the sets."""
+    d = tmp_path_factory.mktemp("sets")
+    export = load_script("scripts/run_model_set.py").export
+    export(_fake_cloud_run(d / "ra"), d / "A")
+    export(_fake_cloud_run(d / "rb", seed=100), d / "B")
+    res = runner.invoke(app, ["ensemble", str(d / "A"), str(d / "B"), "-o", str(d / "E")])
+    assert res.exit_code == 0, res.output
+    return d / "E"
+
+
+def _stage(argv: list[str], monkeypatch, capsys):
+    mod = load_script("scripts/ensemble_stage.py")
+    monkeypatch.setattr(mod, "run_parallel", lambda *a, **k: pytest.fail("no job may start"))
+    monkeypatch.setattr(sys, "argv", ["ensemble_stage.py", *argv])
+    return _outcome(mod.main, capsys)
+
+
+@pytest.mark.parametrize("args, member", [([], "A"), (["--members", "1"], "B"), (["--joint", "0"], "A"),
+                                          (["--folds", "2", "--members", "1"], "B")])
+def test_ensemble_stage_refuses_members_from_model_sets_before_any_job(set_ensemble, tmp_path, monkeypatch, capsys,
+                                                                       args, member):
+    data = tmp_path / "data"
+    data.mkdir()
+    ds = write_two_pair_dataset(data)
+    code, err = _stage([str(set_ensemble), str(tmp_path / "out"), "--dataset", str(ds), *args], monkeypatch, capsys)
+    _refused(code, err, str(set_ensemble.parent / member), "no training configuration", "ensemble.json")
+    assert "usage" not in err and not (tmp_path / "out").exists()
+
+
+def test_ensemble_stage_refuses_an_ensemble_without_training(set_ensemble, tmp_path, monkeypatch, capsys):
+    """An ensemble.json without 'training' (a KeyError 'training' in every job)."""
+    ens = tmp_path / "E"
+    ens.mkdir()
+    info = json.loads((set_ensemble / "ensemble.json").read_text())
+    info["members"] = {k: [{"source": str(tmp_path / "r" / f"{k}.pt"), "run": str(tmp_path / "r")}]
+                       for k in info["members"]}
+    (ens / "ensemble.json").write_text(json.dumps({k: v for k, v in info.items() if k != "training"}))
+    (tmp_path / "ds.json").write_text("{}")
+    code, err = _stage([str(ens), str(tmp_path / "out"), "--dataset", str(tmp_path / "ds.json")], monkeypatch, capsys)
+    _refused(code, err, str(tmp_path / "r"), "no training configuration")
+
+
+def test_ensemble_stage_refuses_a_learner_without_a_training_configuration(set_ensemble, tmp_path, monkeypatch,
+                                                                           capsys):
+    learner = tmp_path / "run"
+    learner.mkdir()
+    (learner / "run.json").write_text(json.dumps({"kind": "keypoints"}))
+    (tmp_path / "ds.json").write_text("{}")
+    code, err = _stage([str(set_ensemble), str(tmp_path / "out"), "--dataset", str(tmp_path / "ds.json"),
+                        "--learner", str(learner)], monkeypatch, capsys)
+    _refused(code, err, str(learner / "run.json"), "'config'")
