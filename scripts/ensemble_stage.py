@@ -107,7 +107,7 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
     With ``learner`` (a run directory), that run's fold checkpoint trains instead of a member.
     ``learn_recentre_passes`` (if given) overrides the member's
     :attr:`~cyclereg.training.clouds.CloudCycleConfig.learn_recentre_passes`."""
-    from cyclereg.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+    from cyclereg.checkpoint import atomic_write_text, json_text, load_checkpoint, save_checkpoint
     from cyclereg.clouds.api import _model_from_checkpoint, fold_checkpoint, load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
@@ -152,11 +152,12 @@ def run_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, member_
                            "training": _stage_record(ds, fold, [source])})
     snapshot.clear()
     line = {"fold": fold, "member": run_name, "stage": stage, "label_seconds": t1 - t0, "train_seconds": t2 - t1,
+            **task.ran_on(stage),  # device and training precision, as cycle's log.jsonl lines
             "pseudo_label_disagreement_mm": info_labels["stats"]["pseudo_label_disagreement_mm"], **stats}
-    atomic_write_text(out_dir / run_name / f"fold{fold}.log.json", json.dumps(line) + "\n")
+    atomic_write_text(out_dir / run_name / f"fold{fold}.log.json", json_text(line) + "\n")  # strict JSON, as cycle's
     # the member's training configuration, so that the new checkpoints ensemble (and train) again
-    atomic_write_text(out_dir / run_name / "run.json", json.dumps(training, indent=2) + "\n")
-    return json.dumps(line)
+    atomic_write_text(out_dir / run_name / "run.json", json_text(training, indent=2) + "\n")
+    return json_text(line)
 
 
 def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, config_member: int,
@@ -164,7 +165,7 @@ def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, c
     """All members of fold ``fold`` trained together through the joint learning stream (one
     worker process, one intra-op thread) with member ``config_member``'s training configuration;
     returns the job's log line. See the module docstring (``--joint``)."""
-    from cyclereg.checkpoint import atomic_write_text, save_checkpoint
+    from cyclereg.checkpoint import atomic_write_text, json_text, save_checkpoint
     from cyclereg.clouds.api import load_cloud_model
     from cyclereg.datasets import load_keypoint_dataset
     from cyclereg.training.api import _cloud_task
@@ -197,12 +198,12 @@ def run_joint_job(ensemble_dir: Path, out_dir: Path, dataset: Path, fold: int, c
                                "training": _stage_record(ds, fold, [source])})
     snapshot.clear()
     line = {"fold": fold, "members": names, "joint_configuration": names[config_member], "stage": stage,
-            "label_seconds": t1 - t0, "train_seconds": t2 - t1,
+            "label_seconds": t1 - t0, "train_seconds": t2 - t1, **task.ran_on(stage),
             "pseudo_label_disagreement_mm": info_labels["stats"]["pseudo_label_disagreement_mm"], **stats}
     for name, training in zip(names, trainings):
-        atomic_write_text(out_dir / name / f"fold{fold}.log.json", json.dumps(line) + "\n")
-        atomic_write_text(out_dir / name / "run.json", json.dumps(training, indent=2) + "\n")
-    return json.dumps(line)
+        atomic_write_text(out_dir / name / f"fold{fold}.log.json", json_text(line) + "\n")
+        atomic_write_text(out_dir / name / "run.json", json_text(training, indent=2) + "\n")
+    return json_text(line)
 
 
 def _refuse_member_without_training(ap: argparse.ArgumentParser, ensemble: Path, info: dict, folds: list[int],

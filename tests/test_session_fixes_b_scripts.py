@@ -10,7 +10,8 @@ replaced, and one ending in ``..`` was a traceback); ``scripts/set_cloud_test_ti
 a folder without checkpoints printed argparse's usage besides the error: two lines for no syntax error);
 ``scripts/ensemble_stage.py`` (an ensemble of model sets, whose ``ensemble.json`` keeps no member's training
 configuration under the member's folder, or one without ``training``, or a ``--learner`` whose run.json has no
-``config``, failed inside the jobs with a KeyError).
+``config``, failed inside the jobs with a KeyError; its log lines were ``json.dumps`` text, NaN as a bare ``NaN``
+that strict JSON readers refuse, and without the device and training precision that cycle's log.jsonl lines hold).
 """
 
 from __future__ import annotations
@@ -281,3 +282,50 @@ def test_ensemble_stage_refuses_a_learner_without_a_training_configuration(set_e
     code, err = _stage([str(set_ensemble), str(tmp_path / "out"), "--dataset", str(tmp_path / "ds.json"),
                         "--learner", str(learner)], monkeypatch, capsys)
     _refused(code, err, str(learner / "run.json"), "'config'")
+
+
+@pytest.fixture(scope="module")
+def run_ensemble(tmp_path_factory) -> Path:
+    """``cyclereg ensemble`` of two keypoint runs of random networks (their run.json kept in ``training``)."""
+    d = tmp_path_factory.mktemp("runs")
+    _fake_cloud_run(d / "ra")
+    _fake_cloud_run(d / "rb", seed=100)
+    res = runner.invoke(app, ["ensemble", str(d / "ra"), str(d / "rb"), "-o", str(d / "E")])
+    assert res.exit_code == 0, res.output
+    return d / "E"
+
+
+def _no_nan(text: str):
+    def refuse(name):
+        raise AssertionError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_ensemble_stage_log_line_is_strict_json_with_device_and_precision(run_ensemble, tmp_path, monkeypatch, joint):
+    """The labels and the training are stubbed (a NaN loss and disagreement); the line written, and returned,
+    is cycle's kind: strict JSON (NaN as null) with the task's device and training precision."""
+    import cyclereg.training.api as training_api
+
+    real = training_api._cloud_task
+
+    def task_without_work(*args, **kwargs):
+        task = real(*args, **kwargs)
+        task.make_pseudo_labels = lambda *a, **k: ({}, {"weights": {}, "stats": {"pseudo_label_disagreement_mm":
+                                                                               float("nan")}})
+        task.train_stage = lambda *a, **k: {"train_loss_mm": float("nan"), "epochs": 0}
+        return task
+
+    monkeypatch.setattr(training_api, "_cloud_task", task_without_work)
+    data = tmp_path / "data"
+    data.mkdir()
+    ds = write_two_pair_dataset(data)
+    mod = load_script("scripts/ensemble_stage.py")
+    out = tmp_path / "out"
+    text = (mod.run_joint_job(run_ensemble, out, ds, 1, 0, progress=None) if joint
+            else mod.run_job(run_ensemble, out, ds, 1, 0, progress=None))
+    line = _no_nan(text)
+    assert _no_nan((out / "ra" / "fold1.log.json").read_text()) == line
+    assert line["device"] == "cpu" and line["training_precision"] == "float32" and line["stage"] == 2
+    assert line["train_loss_mm"] is None and line["pseudo_label_disagreement_mm"] is None
+    assert _no_nan((out / "ra" / "run.json").read_text())["kind"] == "keypoints"
