@@ -19,10 +19,24 @@ from dataclasses import replace
 
 import torch
 
-from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.datasets import load_keypoint_dataset, select_folds
 from cyclereg.device import resolve_device, synchronize
+from cyclereg.errors import InputError, require_count
 from cyclereg.training.api import _cloud_task
 from cyclereg.training.clouds import CloudCycleConfig
+
+
+def _points(spec: str) -> tuple[int | None, int | None]:
+    """A ``--points`` setting: ``all`` -> ``(None, None)``, ``F,M`` -> ``(F, M)``; :class:`InputError` otherwise."""
+    if spec == "all":
+        return None, None
+    try:
+        nf, nm = (int(v) for v in spec.split(","))
+    except ValueError:
+        nf = nm = 0
+    if min(nf, nm) < 1:
+        raise InputError(f"--points {spec}: expected 'all' or F,M (fixed and moving points, 1 or more each)")
+    return nf, nm
 
 
 def main() -> None:
@@ -38,11 +52,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="epochs timed (their mean is reported)")
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     args = ap.parse_args()
+    try:  # bad input: one line before any work
+        require_count("--threads", args.threads, 1)
+        require_count("--epochs", args.epochs, 1)
+        require_count("--learn-recentre-passes", args.learn_recentre_passes, 0)
+        for k in args.candidates:
+            require_count("--candidates", k, 1)
+        points = {spec: _points(spec) for spec in args.points}
+        device = resolve_device(args.device)
+        ds = load_keypoint_dataset(args.dataset)
+        select_folds(ds, args.fold)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    ds = load_keypoint_dataset(args.dataset)
     for spec in args.points:
-        nf, nm = (None, None) if spec == "all" else (int(v) for v in spec.split(","))
+        nf, nm = points[spec]
         for k in args.candidates:
             base = CloudCycleConfig()
             cfg = replace(base, epochs=args.epochs, train_fixed_points=nf, train_moving_points=nm,

@@ -10,7 +10,9 @@ import time
 
 import torch
 
+from cyclereg.dense.pipeline import min_volume_size
 from cyclereg.device import resolve_device, synchronize
+from cyclereg.errors import InputError, require_count
 from cyclereg.training.dense import DenseCycleConfig, DenseCycleTask, VolumeImage
 
 
@@ -23,9 +25,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on CPU")
     args = ap.parse_args(argv)
+    try:  # bad input: one line before any work
+        need = min_volume_size(DenseCycleConfig().pipeline)
+        if min(args.shape) < need:
+            raise InputError(f"shape {' '.join(map(str, args.shape))}: every axis needs at least {need} voxels")
+        require_count("--iterations", args.iterations, 1)
+        require_count("--batch-size", args.batch_size, 1)
+        require_count("--threads", args.threads, 1)
+        dev = resolve_device(args.device)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)
     images = [VolumeImage(str(k), torch.rand(1, 1, *args.shape, generator=g)) for k in range(2)]
     cfg = DenseCycleConfig(iterations=args.iterations, batch_size=args.batch_size, cpu_bf16=args.cpu_bf16)

@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from cyclereg.dense.api import load_model, register_pair
+from cyclereg.dense.api import load_model, register_pair, require_volume_size
 from cyclereg.dense import pipeline
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, require_count
 from cyclereg.volumeio import Volume, read_nifti
 from cyclereg.warp import warp
 
@@ -49,12 +49,17 @@ def main() -> None:
     ap.add_argument("--volume", help="a NIfTI scan instead of random noise")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    try:
+    try:  # a missing or unreadable scan, a size or thread count out of range: one line
+        require_count("--threads", args.threads, 1)
+        net, cfg = load_model("random", 0, "cpu")[:2]
+        need = pipeline.min_volume_size(cfg)
+        if args.volume is None and min(args.size) < need:
+            raise InputError(f"--size {' '.join(map(str, args.size))}: every axis needs at least {need} voxels")
+        torch.set_num_threads(args.threads)
         vol = read_nifti(args.volume) if args.volume else smooth_volume(tuple(args.size))
-    except InputError as exc:  # a missing or unreadable scan: one line
+        require_volume_size(cfg, vol)
+    except InputError as exc:
         ap.exit(1, f"error: {exc}\n")
-    net, cfg = load_model("random", 0, "cpu")[:2]
     print(f"volume {tuple(vol.shape)}, spacing {vol.spacing} mm, random network (seed 0)")
     with torch.no_grad():
         for name, change in SETTINGS:

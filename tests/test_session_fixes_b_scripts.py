@@ -12,6 +12,8 @@ a folder without checkpoints printed argparse's usage besides the error: two lin
 configuration under the member's folder, or one without ``training``, or a ``--learner`` whose run.json has no
 ``config``, failed inside the jobs with a KeyError; its log lines were ``json.dumps`` text, NaN as a bare ``NaN``
 that strict JSON readers refuse, and without the device and training precision that cycle's log.jsonl lines hold).
+Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): ``benchmarks/self_registration.py``,
+``cloud_epoch_time.py`` and ``dense_train_step.py`` gave tracebacks (``--fold 0`` timed every pair).
 """
 
 from __future__ import annotations
@@ -329,3 +331,44 @@ def test_ensemble_stage_log_line_is_strict_json_with_device_and_precision(run_en
     assert line["device"] == "cpu" and line["training_precision"] == "float32" and line["stage"] == 2
     assert line["train_loss_mm"] is None and line["pseudo_label_disagreement_mm"] is None
     assert _no_nan((out / "ra" / "run.json").read_text())["kind"] == "keypoints"
+
+
+# ----------------------------------------------------------------------------- the walk: option values out of range
+@pytest.mark.parametrize("argv, named", [(["--size", "0", "4", "4"], "--size 0 4 4"), (["--size", "8", "9", "9"], "at least 9"),
+                                         (["--threads", "0"], "--threads 0"),
+                                         (["--volume", "{tmp}/nope.nii.gz"], "{tmp}/nope.nii.gz")])
+def test_self_registration_names_a_bad_value_in_one_line(tmp_path, monkeypatch, capsys, argv, named):
+    mod = load_script("benchmarks/self_registration.py")
+    _no_work(mod, monkeypatch, "register_pair")
+    monkeypatch.setattr(sys, "argv", ["self_registration.py", *(a.format(tmp=tmp_path) for a in argv)])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, named.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("argv, named", [(["{tmp}/nope.json"], "{tmp}/nope.json"), (["{ds}", "--fold", "0"], "--fold 0"),
+                                         (["{ds}", "--fold", "3"], "--fold 3"), (["{ds}", "--threads", "0"], "--threads 0"),
+                                         (["{ds}", "--epochs", "0"], "--epochs 0"),
+                                         (["{ds}", "--candidates", "64", "0"], "--candidates 0"),
+                                         (["{ds}", "--points", "0"], "--points 0"),
+                                         (["{ds}", "--points", "all", "8,x"], "--points 8,x"),
+                                         (["{ds}", "--learn-recentre-passes", "-1"], "--learn-recentre-passes -1"),
+                                         (["{ds}", "--device", "gpu"], "--device gpu")])
+def test_cloud_epoch_time_names_a_bad_value_in_one_line(tmp_path, monkeypatch, capsys, argv, named):
+    ds = write_two_pair_dataset(tmp_path)  # two folds
+    mod = load_script("benchmarks/cloud_epoch_time.py")
+    _no_work(mod, monkeypatch, "_cloud_task")
+    monkeypatch.setattr(sys, "argv", ["cloud_epoch_time.py", *(a.format(tmp=tmp_path, ds=ds) for a in argv)])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, named.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("argv, named", [(["0", "16", "16"], "shape 0 16 16"), (["16", "8", "16"], "at least 9"),
+                                         (["16", "16", "16", "--iterations", "0"], "--iterations 0"),
+                                         (["16", "16", "16", "--batch-size", "0"], "--batch-size 0"),
+                                         (["16", "16", "16", "--threads", "-1"], "--threads -1"),
+                                         (["16", "16", "16", "--device", "gpu"], "--device gpu")])
+def test_dense_train_step_names_a_bad_value_in_one_line(monkeypatch, capsys, argv, named):
+    mod = load_script("benchmarks/dense_train_step.py")
+    _no_work(mod, monkeypatch, "DenseCycleTask")
+    code, err = _outcome(lambda: mod.main(argv), capsys)
+    _refused(code, err, named)
