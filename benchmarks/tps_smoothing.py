@@ -28,6 +28,7 @@ from cyclereg.clouds.api import load_cloud_model
 from cyclereg.clouds.pipeline import member_spread, register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline, _phi
+from cyclereg.errors import InputError, finite_number, require_count, require_seed
 
 
 def gcv_scores(centres: torch.Tensor, values: torch.Tensor, lambdas: list[float], kernel: str) -> list[float]:
@@ -61,11 +62,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spread-weighted", action="store_true")
     args = ap.parse_args()
+    try:  # bad input: one line before any work
+        require_count("--threads", args.threads, 1)
+        for seed in args.seeds:
+            require_seed(seed, "--seeds")
+        for scale in args.scales:
+            if not finite_number(scale):
+                raise InputError(f"--scales {scale}: need a finite number")
+        for lam in args.lambdas:
+            if not finite_number(lam) or lam < 0:
+                raise InputError(f"--lambdas {lam}: need a finite number >= 0")
+        if not Path(args.run).is_dir():
+            raise InputError("no such folder (a folder of fold*.pt checkpoints is needed)", args.run)
+        folds = sorted(Path(args.run).glob("fold*.pt"))
+        if not folds:
+            raise InputError("holds no fold*.pt checkpoints", args.run)
+        for path in folds:  # a damaged or wrong checkpoint: before the first registration
+            load_cloud_model(path)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
     lams = args.lambdas
     picks = {"error": [], "gcv": []}
     weighted: dict[str, list[float]] = {"stored lambda": [], "spread-weighted": [], "correlation": []}
-    for path in sorted(Path(args.run).glob("fold*.pt")):
+    for path in folds:
         net, cfg = load_cloud_model(path)
         for scale in args.scales:
             for seed in args.seeds:

@@ -49,4 +49,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("passes", nargs="*", type=int, default=[0, 2, 4, 8], metavar="P",
                     help="extra augmented passes to compare (default: 0 2 4 8)")
-    main(ap.parse_args().passes)
+    args = ap.parse_args()
+    if any(p < 0 for p in args.passes):  # one line before any work
+        ap.exit(1, f"error: P {min(args.passes)}: need 0 or more extra passes\n")
+    main(args.passes)

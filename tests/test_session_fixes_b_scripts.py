@@ -13,7 +13,8 @@ configuration under the member's folder, or one without ``training``, or a ``--l
 ``config``, failed inside the jobs with a KeyError; its log lines were ``json.dumps`` text, NaN as a bare ``NaN``
 that strict JSON readers refuse, and without the device and training precision that cycle's log.jsonl lines hold).
 Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): ``benchmarks/self_registration.py``,
-``cloud_epoch_time.py`` and ``dense_train_step.py`` gave tracebacks (``--fold 0`` timed every pair).
+``cloud_epoch_time.py`` and ``dense_train_step.py`` gave tracebacks (``--fold 0`` timed every pair);
+``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0) and ``tta_synthetic.py``.
 """
 
 from __future__ import annotations
@@ -372,3 +373,38 @@ def test_dense_train_step_names_a_bad_value_in_one_line(monkeypatch, capsys, arg
     _no_work(mod, monkeypatch, "DenseCycleTask")
     code, err = _outcome(lambda: mod.main(argv), capsys)
     _refused(code, err, named)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_folds", "damaged", "threads", "seed", "scale", "lambda_nan",
+                                  "lambda_negative"])
+def test_tps_smoothing_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, case):
+    run = tmp_path / "set"
+    run.mkdir()
+    (run / "fold1.pt").write_bytes(b"not a checkpoint")
+    args, named = [str(run)], [str(run / "fold1.pt")]
+    if case == "missing":
+        args, named = [str(tmp_path / "nope")], [str(tmp_path / "nope")]
+    elif case == "no_folds":
+        (run / "fold1.pt").unlink()
+        named = [str(run), "fold*.pt"]
+    elif case != "damaged":
+        extra = {"threads": ["--threads", "0"], "seed": ["--seeds", "-1"], "scale": ["--scales", "nan"],
+                 "lambda_nan": ["--lambdas", "nan"], "lambda_negative": ["--lambdas", "0.1", "-1"]}[case]
+        args += extra
+        named = [{"lambda_negative": "--lambdas -1.0"}.get(case, " ".join(extra))]
+    mod = load_script("benchmarks/tps_smoothing.py")
+    _no_work(mod, monkeypatch, "make_breathing_pair", "register_clouds")
+    monkeypatch.setattr(sys, "argv", ["tps_smoothing.py", *args])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, *named)
+
+
+def test_tta_synthetic_names_a_negative_pass_count_in_one_line(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["tta_synthetic.py", "2", "-1"])
+    from conftest import REPO
+
+    code, err = _outcome(lambda: runpy.run_path(str(REPO / "benchmarks" / "tta_synthetic.py"), run_name="__main__"),
+                         capsys)
+    _refused(code, err, "P -1")
