@@ -27,6 +27,7 @@ from cyclereg.clouds.lbp import lbp_beliefs
 from cyclereg.clouds.pipeline import register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.errors import InputError
 from cyclereg.pointio import read_points
 
 DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
@@ -35,11 +36,28 @@ OUTER = 0.75
 
 
 def parse_variants(text: str) -> list[tuple[int, int]]:
+    """``K`` or ``K+P`` items, comma-separated; :class:`InputError` naming ``text`` unless K >= 1 and P >= 0."""
     out = []
     for v in text.split(","):
         k, _, p = v.partition("+")
-        out.append((int(k), int(p or 0)))
+        try:
+            out.append((int(k), int(p or 0)))
+        except ValueError:
+            out.append((0, 0))
+        if out[-1][0] < 1 or out[-1][1] < 0:
+            raise InputError(f"variants {text}: expected K or K+P items such as 64,128,64+1 (K candidates, 1 or more; "
+                             "P re-centred passes, 0 or more)")
     return out
+
+
+def check_copd(model: str, ids: list[str]) -> None:
+    """:class:`InputError` for a missing dataset or model, or a pair id the dataset does not have."""
+    ds = load_keypoint_dataset(DATASET)
+    load_cloud_model(model)
+    have = {p.id for p in ds.pairs}
+    unknown = [pid for pid in ids if pid not in have]
+    if unknown:
+        raise InputError(f"pairs {','.join(ids)}: no pair {unknown[0]!r} in the dataset", DATASET)
 
 
 def copd(model: str, ids: list[str], variants: list[tuple[int, int]]) -> None:
@@ -104,8 +122,14 @@ if __name__ == "__main__":
     on_synthetic = modes.add_parser("synthetic", help="synthetic breathing pairs with known motion")
     on_synthetic.add_argument("variants", nargs="?", default="64,128,64+1,128+1", help="as for copd")
     args = ap.parse_args()
+    try:  # bad input: one line before any work
+        variants = parse_variants(args.variants)
+        if args.mode == "copd":
+            check_copd(args.model, args.pairs.split(","))
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(1)
     if args.mode == "copd":
-        copd(args.model, args.pairs.split(","), parse_variants(args.variants))
+        copd(args.model, args.pairs.split(","), variants)
     else:
-        synthetic(parse_variants(args.variants))
+        synthetic(variants)

@@ -14,7 +14,8 @@ configuration under the member's folder, or one without ``training``, or a ``--l
 that strict JSON readers refuse, and without the device and training precision that cycle's log.jsonl lines hold).
 Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): ``benchmarks/self_registration.py``,
 ``cloud_epoch_time.py`` and ``dense_train_step.py`` gave tracebacks (``--fold 0`` timed every pair);
-``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0) and ``tta_synthetic.py``.
+``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0), ``tta_synthetic.py`` and
+``candidate_range.py``.
 """
 
 from __future__ import annotations
@@ -400,11 +401,30 @@ def test_tps_smoothing_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys
 
 
 def test_tta_synthetic_names_a_negative_pass_count_in_one_line(monkeypatch, capsys):
+    code, err = _as_main("benchmarks/tta_synthetic.py", ["2", "-1"], monkeypatch, capsys)
+    _refused(code, err, "P -1")
+
+
+def _as_main(script: str, argv: list[str], monkeypatch, capsys):
+    """(exit code, stderr) of ``python script *argv`` for a script whose options are read under ``__main__``."""
     import runpy
 
-    monkeypatch.setattr(sys, "argv", ["tta_synthetic.py", "2", "-1"])
     from conftest import REPO
 
-    code, err = _outcome(lambda: runpy.run_path(str(REPO / "benchmarks" / "tta_synthetic.py"), run_name="__main__"),
-                         capsys)
-    _refused(code, err, "P -1")
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    return _outcome(lambda: runpy.run_path(str(REPO / script), run_name="__main__"), capsys)
+
+
+@pytest.mark.parametrize("variants", ["0", "x", "64,128+-1", "64,,128"])
+def test_candidate_range_names_bad_variants_in_one_line(monkeypatch, capsys, variants):
+    code, err = _as_main("benchmarks/candidate_range.py", ["synthetic", variants], monkeypatch, capsys)
+    _refused(code, err, f"variants {variants}")
+
+
+def test_candidate_range_names_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
+    from conftest import shared_path
+
+    shared_path("copd-keypoints", "dataset.json")  # the mode reads the shared COPD dataset; skips without it
+    code, err = _as_main("benchmarks/candidate_range.py", ["copd", str(tmp_path / "nope.pt"), "copd04", "64"],
+                         monkeypatch, capsys)
+    _refused(code, err, str(tmp_path / "nope.pt"))
