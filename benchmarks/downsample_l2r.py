@@ -23,6 +23,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from cyclereg.datasets import read_json
+from cyclereg.errors import InputError, require_count, require_output_dir
+
 
 def block_mean(x: np.ndarray, f: int) -> np.ndarray:
     """Mean of every ``f x f x f`` block of ``x`` ``(X, Y, Z)``: ``(X // f, Y // f, Z // f)``."""
@@ -70,10 +73,16 @@ def main(argv=None) -> int:
     ap.add_argument("--training-images", type=int, default=None,
                     help="keep only the first N images that are in no registration_val pair")
     args = ap.parse_args(argv)
-    if args.factor < 1:
-        ap.error(f"--factor {args.factor}: need 1 or more")
+    try:  # bad input: one line before any file is written
+        require_count("--factor", args.factor, 1)
+        require_count("--training-images", args.training_images, 0)
+        require_output_dir(args.out)
+        spec = read_json(args.dataset)
+        if not isinstance(spec.get("training"), list):
+            raise InputError("no 'training' list of image entries (a Learn2Reg dataset JSON has one)", args.dataset)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     root = args.dataset.parent
-    spec = json.loads(args.dataset.read_text())
     val_images = {p[k] for p in spec.get("registration_val", []) for k in ("fixed", "moving")}
     training = spec["training"]
     if args.training_images is not None:

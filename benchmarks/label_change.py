@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cyclereg.checkpoint import load_checkpoint
 from cyclereg.clouds.pipeline import CloudRegConfig
+from cyclereg.errors import InputError, finite_number, require_output_file
 from cyclereg.training.clouds import cloud_label_change_mm
 from cyclereg.training.scheduler import StageScheduler, settled_stage
 
@@ -80,6 +81,14 @@ def main(argv=None) -> int:
     for run in args.runs:  # a typo or a model set would read as a run of no stages
         if not (run / "run.json").is_file():
             ap.exit(1, f"error: {run}: not a training run directory (no run.json)\n")
+    for mm in args.stop_below:  # as cycle --stop-below takes it
+        if not finite_number(mm) or mm < 0:
+            ap.exit(1, f"error: --stop-below {mm:g}: expected a distance in mm >= 0\n")
+    try:
+        if args.json is not None:
+            require_output_file(args.json)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     result = {}
     for run in args.runs:
         curve = run_curve(run)

@@ -14,8 +14,9 @@ configuration under the member's folder, or one without ``training``, or a ``--l
 that strict JSON readers refuse, and without the device and training precision that cycle's log.jsonl lines hold).
 Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): ``benchmarks/self_registration.py``,
 ``cloud_epoch_time.py`` and ``dense_train_step.py`` gave tracebacks (``--fold 0`` timed every pair);
-``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0), ``tta_synthetic.py`` and
-``candidate_range.py``.
+``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0), ``tta_synthetic.py``,
+``candidate_range.py``, ``label_change.py`` (``--json`` a folder: a traceback after the work; ``--stop-below nan``
+was taken) and ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0``: usage and error).
 """
 
 from __future__ import annotations
@@ -428,3 +429,37 @@ def test_candidate_range_names_a_missing_model_in_one_line(tmp_path, monkeypatch
     code, err = _as_main("benchmarks/candidate_range.py", ["copd", str(tmp_path / "nope.pt"), "copd04", "64"],
                          monkeypatch, capsys)
     _refused(code, err, str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("argv, named", [(["--stop-below", "nan"], "--stop-below nan"),
+                                         (["--stop-below", "-1"], "--stop-below -1"),
+                                         (["--json", "{tmp}"], "{tmp}: is a folder")])
+def test_label_change_names_a_bad_option_in_one_line_before_reading(tmp_path, monkeypatch, capsys, argv, named):
+    run = _fake_cloud_run(tmp_path / "run")
+    mod = load_script("benchmarks/label_change.py")
+    _no_work(mod, monkeypatch, "run_curve")
+    code, err = _outcome(lambda: mod.main([str(run), *(a.format(tmp=tmp_path) for a in argv)]), capsys)
+    _refused(code, err, named.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("case", ["missing", "not_l2r", "factor_0", "training_images_-1", "out_a_file"])
+def test_downsample_l2r_names_bad_input_in_one_line(tmp_path, capsys, case):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"training": [], "registration_val": []}))
+    args, named = [str(ds), str(tmp_path / "out")], []
+    if case == "missing":
+        args[0] = named = str(tmp_path / "nope.json")
+    elif case == "not_l2r":
+        ds.write_text("{}")
+        named = [str(ds), "'training'"]
+    elif case == "factor_0":
+        args, named = args + ["--factor", "0"], ["--factor 0"]
+    elif case == "training_images_-1":
+        args, named = args + ["--training-images", "-1"], ["--training-images -1"]
+    elif case == "out_a_file":
+        (tmp_path / "out").write_text("x")
+        named = [str(tmp_path / "out"), "not a folder"]
+    mod = load_script("benchmarks/downsample_l2r.py")
+    code, err = _outcome(lambda: mod.main(args), capsys)
+    _refused(code, err, *([named] if isinstance(named, str) else named))
+    assert "usage" not in err
