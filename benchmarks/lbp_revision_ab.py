@@ -26,6 +26,7 @@ from cyclereg.clouds import lbp as current
 from cyclereg.clouds.api import dataset_box, load_cloud_model
 from cyclereg.clouds.features import ensemble_members
 from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.errors import InputError, require_count
 from cyclereg.pointio import read_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def module_at(rev: str):
     """``cyclereg/clouds/lbp.py`` as it was at ``rev``, imported as a module of its own."""
-    text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:cyclereg/clouds/lbp.py"],
-                          check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:cyclereg/clouds/lbp.py"], capture_output=True,
+                          text=True)
+    if done.returncode:  # an unknown revision, or no git checkout: git's own first line
+        said = (done.stderr.strip().splitlines() or ["git failed"])[0]
+        raise InputError(f"rev {rev}: no cyclereg/clouds/lbp.py there ({said})")
+    text = done.stdout
     path = Path(tempfile.mkdtemp()) / "lbp_at_rev.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("lbp_at_rev", path)
@@ -54,12 +59,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    try:  # bad input: one line before any work
+        for flag, value in (("--candidates", args.candidates), ("--repeats", args.repeats), ("--threads", args.threads)):
+            require_count(flag, value, 1)
+        ds = load_keypoint_dataset(args.dataset)
+        pair = next((p for p in ds.pairs if args.pair in (None, p.id)), None)
+        if pair is None:
+            raise InputError(f"--pair: no pair {args.pair!r}", args.dataset)
+        net, cfg = load_cloud_model(args.model)
+        baseline = module_at(args.rev)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
-    ds = load_keypoint_dataset(args.dataset)
-    pair = next((p for p in ds.pairs if args.pair in (None, p.id)), None)
-    if pair is None:
-        sys.exit(f"{args.dataset}: no pair {args.pair!r}")
-    net, cfg = load_cloud_model(args.model)
     member = ensemble_members(net)[0]
     box = dataset_box(ds)
     fixed, moving = (box.mm_to_unit(read_points(p)) for p in (pair.fixed_keypoints, pair.moving_keypoints))
@@ -74,7 +85,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         return seconds, disp.detach(), [q.grad.clone() for q in member.parameters() if q.grad is not None]
 
-    versions = {args.rev: module_at(args.rev), "this checkout": current}
+    versions = {args.rev: baseline, "this checkout": current}
     print(f"{pair.id}, K = {args.candidates}, {lbp.iterations} sweeps, {fixed.shape[0]} fixed / "
           f"{moving.shape[0]} moving points, {args.threads} thread(s)")
     for rep in range(args.repeats):

@@ -16,7 +16,8 @@ Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): 
 ``cloud_epoch_time.py`` and ``dense_train_step.py`` gave tracebacks (``--fold 0`` timed every pair);
 ``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0), ``tta_synthetic.py``,
 ``candidate_range.py``, ``label_change.py`` (``--json`` a folder: a traceback after the work; ``--stop-below nan``
-was taken) and ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0``: usage and error).
+was taken), ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0``: usage and error) and
+``lbp_revision_ab.py`` (tracebacks; ``--repeats 0`` compared nothing with exit 0).
 """
 
 from __future__ import annotations
@@ -463,3 +464,28 @@ def test_downsample_l2r_names_bad_input_in_one_line(tmp_path, capsys, case):
     code, err = _outcome(lambda: mod.main(args), capsys)
     _refused(code, err, *([named] if isinstance(named, str) else named))
     assert "usage" not in err
+
+
+@pytest.mark.parametrize("case", ["missing_dataset", "missing_model", "candidates_0", "repeats_0", "threads_0",
+                                  "unknown_rev", "unknown_pair"])
+def test_lbp_revision_ab_names_bad_input_in_one_line(tmp_path, monkeypatch, capsys, case):
+    ds = write_two_pair_dataset(tmp_path)
+    args = ["HEAD", str(ds), "random"]
+    named = {"missing_dataset": [str(tmp_path / "nope.json")], "missing_model": [str(tmp_path / "nope.pt")],
+             "candidates_0": ["--candidates 0"], "repeats_0": ["--repeats 0"], "threads_0": ["--threads 0"],
+             "unknown_rev": ["rev no-such-rev-xyz"], "unknown_pair": [str(ds), "'c9'"]}[case]
+    if case == "missing_dataset":
+        args[1] = str(tmp_path / "nope.json")
+    elif case == "missing_model":
+        args[2] = str(tmp_path / "nope.pt")
+    elif case == "unknown_rev":
+        args[0] = "no-such-rev-xyz"
+    elif case == "unknown_pair":
+        args += ["--pair", "c9"]
+    else:
+        args += ["--" + case.split("_")[0], "0"]
+    mod = load_script("benchmarks/lbp_revision_ab.py")
+    _no_work(mod, monkeypatch, "ensemble_members")
+    monkeypatch.setattr(sys, "argv", ["lbp_revision_ab.py", *args])
+    code, err = _outcome(mod.main, capsys)
+    _refused(code, err, *named)
