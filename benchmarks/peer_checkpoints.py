@@ -34,6 +34,7 @@ from cyclereg.clouds.features import GraphFeatureNet, GraphNetConfig
 from cyclereg.clouds.lbp import LBPConfig
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.clouds.tps import TPSConfig
+from cyclereg.errors import InputError, finite_number, require_count, require_file, require_output_dir
 
 FOLDS = range(1, 6)
 
@@ -73,12 +74,26 @@ def main() -> None:
     ap.add_argument("--recentre-passes", type=int, default=0)
     ap.add_argument("--moving-k", type=int, default=40)
     args = ap.parse_args()
-    config = peer_config(args.candidates, args.iterations, args.tps, args.recentre_passes, args.moving_k)
-    converted = {}
-    for k in FOLDS:  # everything converted and checked before anything is written
-        state = convert_state_dict(torch.load(args.pattern.format(k), map_location="cpu", weights_only=True))
-        GraphFeatureNet(config.net).load_state_dict(state)
-        converted[k] = state
+    try:  # bad input: one line, nothing written
+        for flag, value, least in (("--candidates", args.candidates, 1), ("--iterations", args.iterations, 1),
+                                   ("--recentre-passes", args.recentre_passes, 0), ("--moving-k", args.moving_k, 1)):
+            require_count(flag, value, least)
+        if not finite_number(args.tps) or args.tps < 0:
+            raise InputError(f"--tps {args.tps}: need a finite number >= 0")
+        require_output_dir(args.out)
+        config = peer_config(args.candidates, args.iterations, args.tps, args.recentre_passes, args.moving_k)
+        converted = {}
+        for k in FOLDS:  # everything converted and checked before anything is written
+            path = require_file(args.pattern.format(k))
+            try:
+                state = convert_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                GraphFeatureNet(config.net).load_state_dict(state)
+            except Exception as exc:  # not their FeatNet checkpoint (not a torch file, other layers or shapes)
+                raise InputError(f"not a checkpoint of their FeatNet ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})", path) from None
+            converted[k] = state
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     for k, state in converted.items():
         save_checkpoint(args.out / f"fold{k}.pt", kind="cloud", config=config, state_dict=state,

@@ -17,7 +17,7 @@ Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): 
 ``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0), ``tta_synthetic.py``,
 ``candidate_range.py``, ``label_change.py`` (``--json`` a folder: a traceback after the work; ``--stop-below nan``
 was taken), ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0``: usage and error) and
-``lbp_revision_ab.py`` (tracebacks; ``--repeats 0`` compared nothing with exit 0).
+``lbp_revision_ab.py`` (tracebacks; ``--repeats 0`` compared nothing with exit 0) and ``peer_checkpoints.py``.
 """
 
 from __future__ import annotations
@@ -489,3 +489,26 @@ def test_lbp_revision_ab_names_bad_input_in_one_line(tmp_path, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["lbp_revision_ab.py", *args])
     code, err = _outcome(mod.main, capsys)
     _refused(code, err, *named)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_torch", "candidates_0", "iterations_0", "recentre_-1", "moving_k_0",
+                                  "tps_nan", "out_a_file"])
+def test_peer_checkpoints_names_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, case):
+    pattern, out = str(tmp_path / "theirs{}.pth"), tmp_path / "out"
+    for k in range(1, 6):
+        (tmp_path / f"theirs{k}.pth").write_bytes(b"not a torch file")
+    args, named = [pattern, str(out)], [str(tmp_path / "theirs1.pth"), "not a checkpoint"]
+    if case == "missing":
+        args[0], named = str(tmp_path / "nope{}.pth"), [str(tmp_path / "nope1.pth"), "does not exist"]
+    elif case == "out_a_file":
+        out.write_text("x")
+        named = [str(out), "not a folder"]
+    elif case != "not_torch":
+        flag, value = {"candidates_0": ("--candidates", "0"), "iterations_0": ("--iterations", "0"),
+                       "recentre_-1": ("--recentre-passes", "-1"), "moving_k_0": ("--moving-k", "0"),
+                       "tps_nan": ("--tps", "nan")}[case]
+        args, named = args + [flag, value], [f"{flag} {value}"]
+    before = _sums(tmp_path)
+    code, err = _run("benchmarks/peer_checkpoints.py", args, monkeypatch, capsys)
+    _refused(code, err, *named)
+    assert _sums(tmp_path) == before
