@@ -34,6 +34,7 @@ import torch.nn as nn
 from cyclereg.clouds.features import GraphFeatureNet
 from cyclereg.clouds.pipeline import register_clouds
 from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.errors import InputError, require_count, require_file, require_output_file
 from cyclereg.frames import UnitBox
 from cyclereg.pointio import read_points
 
@@ -59,6 +60,19 @@ def main() -> None:
                          "beliefs out of the messages of the first 4; runs before 2026-12-06 used 5)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    try:  # bad input: one line before their code is imported or anything runs
+        require_count("--threads", args.threads, 1)
+        require_count("--iterations", args.iterations, 1)
+        if not ((args.checkout / "main.py").is_file() or (args.checkout / "main").is_dir()):
+            raise InputError("not a checkout of registration-da-mean-teacher (no main.py)", args.checkout)
+        require_file(args.checkout / "data.pth")
+        for fold in args.folds:
+            require_file(args.checkout / args.pattern.format(fold))
+        load_keypoint_dataset(args.dataset)
+        if args.json is not None:
+            require_output_file(args.json)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
     torch.Tensor.cuda = lambda self, *a, **k: self
     nn.Module.cuda = lambda self, *a, **k: self

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from cyclereg.dense.api import load_model, pair_scores, register_pair
 from cyclereg.dense.data import load_volume_dataset
+from cyclereg.errors import MAX_MODEL_SEED, InputError, require_count, require_output_file, require_seed
 from cyclereg.volumeio import read_nifti
 from cyclereg.warp import warp
 
@@ -67,6 +68,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    try:  # bad input: one line before their code is imported or anything runs
+        require_count("--pairs", args.pairs, 1)
+        require_count("--threads", args.threads, 1)
+        require_seed(args.seed, largest=MAX_MODEL_SEED)
+        if not ((args.mirror / "registration_pipeline.py").is_file() or (args.mirror / "registration_pipeline").is_dir()):
+            raise InputError("not a checkout of reg-cyclical-self-train (no registration_pipeline.py)", args.mirror)
+        load_volume_dataset(args.dataset)
+        if args.json is not None:
+            require_output_file(args.json)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
     cuda_free()
     sys.path.insert(0, str(args.mirror))

@@ -17,7 +17,9 @@ Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): 
 ``tps_smoothing.py`` (tracebacks; a missing folder printed "0 cases" with exit 0), ``tta_synthetic.py``,
 ``candidate_range.py``, ``label_change.py`` (``--json`` a folder: a traceback after the work; ``--stop-below nan``
 was taken), ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0``: usage and error) and
-``lbp_revision_ab.py`` (tracebacks; ``--repeats 0`` compared nothing with exit 0) and ``peer_checkpoints.py``.
+``lbp_revision_ab.py`` (tracebacks; ``--repeats 0`` compared nothing with exit 0), ``peer_checkpoints.py``,
+``reference_cloud_cpu.py`` and ``reference_dense_cpu.py`` (a folder that is no checkout of the reference code: a
+ModuleNotFoundError).
 """
 
 from __future__ import annotations
@@ -512,3 +514,21 @@ def test_peer_checkpoints_names_bad_input_in_one_line_and_writes_nothing(tmp_pat
     code, err = _run("benchmarks/peer_checkpoints.py", args, monkeypatch, capsys)
     _refused(code, err, *named)
     assert _sums(tmp_path) == before
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("benchmarks/reference_cloud_cpu.py", ["{tmp}/nope", "{ds}"], ["{tmp}/nope", "main.py"]),
+    ("benchmarks/reference_cloud_cpu.py", ["{tmp}", "{ds}", "--threads", "0"], ["--threads 0"]),
+    ("benchmarks/reference_cloud_cpu.py", ["{tmp}", "{ds}", "--iterations", "0"], ["--iterations 0"]),
+    ("benchmarks/reference_cloud_cpu.py", ["{tmp}", "{ds}"], ["{tmp}/data.pth"]),
+    ("benchmarks/reference_dense_cpu.py", ["{tmp}/nope", "{ds}"], ["{tmp}/nope", "registration_pipeline"]),
+    ("benchmarks/reference_dense_cpu.py", ["{tmp}", "{ds}", "--pairs", "0"], ["--pairs 0"]),
+    ("benchmarks/reference_dense_cpu.py", ["{tmp}", "{ds}", "--seed", "-1"], ["--seed -1"]),
+    ("benchmarks/reference_dense_cpu.py", ["{tmp}", "{ds}", "--threads", "0"], ["--threads 0"])])
+def test_reference_benchmarks_refuse_a_folder_that_is_no_checkout_in_one_line(tmp_path, monkeypatch, capsys, script,
+                                                                            argv, named):
+    (tmp_path / "main.py").write_text("raise SystemExit('their code must not run')\n")
+    (tmp_path / "registration_pipeline.py").write_text("raise SystemExit('their code must not run')\n")
+    fill = {"tmp": tmp_path, "ds": tmp_path / "ds.json"}
+    code, err = _run(script, [a.format(**fill) for a in argv], monkeypatch, capsys)
+    _refused(code, err, *(n.format(**fill) for n in named))
