@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from cyclereg.errors import InputError, refuse_output_in_run, require_output_dir
+from cyclereg.device import resolve_device
+from cyclereg.errors import (InputError, finite_number, refuse_output_in_run, require_checkpoint_file,
+                             require_output_dir, require_seed)
 from cyclereg.frames import ALIGN_CORNERS, mm_disp_to_voxel, voxel_disp_to_mm
 from cyclereg.keypoints.api import detect_keypoints_file
 from cyclereg.metrics import jacobian_map
@@ -248,9 +250,17 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="random", help="checkpoint for `cyclereg register`, or 'random'")
     a = ap.parse_args(argv)
     cfg = FieldConfig(rms_mm=a.rms_mm, smoothness_mm=a.smoothness_mm, seed=a.seed)
-    try:
+    try:  # options first: a bad value is one line before the CT is deformed
+        for flag, value in (("--rms-mm", a.rms_mm), ("--smoothness-mm", a.smoothness_mm),
+                            ("--moving-nms-radius", a.moving_nms_radius)):
+            if not finite_number(value) or value < 0:
+                raise InputError(f"{flag} {value}: need a finite number of mm >= 0")
+        require_seed(a.seed)
+        resolve_device(a.device)
+        if a.model != "random":  # read by `cyclereg register` after the deformation and the keypoints
+            require_checkpoint_file(a.model)
         res = run(a.ct, a.out, cfg, moving_nms_radius_mm=a.moving_nms_radius, device=a.device, model=a.model)
-    except InputError as exc:  # a missing or unreadable CT: one line
+    except InputError as exc:  # a missing or unreadable CT, an option out of range: one line
         ap.exit(1, f"error: {exc}\n")
     b, e = res["error_before_mm"], res["error_after_mm"]
     print(f"fixed {res['fixed_keypoints']} / moving {res['moving_keypoints']} keypoints; "

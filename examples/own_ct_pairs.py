@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chest_ct_end_to_end import DEFAULT_CT, FieldConfig, deform, random_field, u_mm_at  # noqa: E402
 
 from cyclereg.clouds.api import load_cloud_model  # noqa: E402
-from cyclereg.errors import InputError, refuse_output_in_run, require_output_dir  # noqa: E402
+from cyclereg.device import resolve_device  # noqa: E402
+from cyclereg.errors import InputError, refuse_output_in_run, require_count, require_output_dir, require_seed  # noqa: E402
 from cyclereg.frames import world_to_voxel  # noqa: E402
 from cyclereg.volumeio import read_nifti, write_nifti  # noqa: E402
 
@@ -123,10 +124,14 @@ def main(argv=None) -> None:
     ap.add_argument("--test-seed", type=int, default=100, help="seed of the held-out pair's field")
     ap.add_argument("--device", default="cpu", help="auto, cpu or cuda (for the cyclereg commands it runs)")
     a = ap.parse_args(argv)
-    try:
+    try:  # options first: a bad value is one line before the CT is deformed
+        for flag, value in (("--pairs", a.pairs), ("--stages", a.stages), ("--epochs", a.epochs)):
+            require_count(flag, value, 1)
+        require_seed(a.test_seed, "--test-seed")
+        resolve_device(a.device)
         res = run(a.ct, a.out, pairs=a.pairs, stages=a.stages, epochs=a.epochs, test_seed=a.test_seed,
                   device=a.device)
-    except InputError as exc:  # a missing or unreadable CT: one line
+    except InputError as exc:  # a missing or unreadable CT, an option out of range: one line
         ap.exit(1, f"error: {exc}\n")
     r, rs, tr = (res["held_out_pair"][k] for k in ("random", "random_trained_settings", "trained"))
     print(f"held-out pair, {r['points']} fixed keypoints: known motion {r['before_mean_mm']:.2f} mm; error "

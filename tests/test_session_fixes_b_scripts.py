@@ -19,7 +19,9 @@ Walk of the other scripts (a missing input, 0 / -1 / nan for a numeric option): 
 was taken), ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0``: usage and error) and
 ``lbp_revision_ab.py`` (tracebacks; ``--repeats 0`` compared nothing with exit 0), ``peer_checkpoints.py``,
 ``reference_cloud_cpu.py`` and ``reference_dense_cpu.py`` (a folder that is no checkout of the reference code: a
-ModuleNotFoundError).
+ModuleNotFoundError); ``examples/chest_ct_end_to_end.py`` and ``examples/own_ct_pairs.py`` (a negative seed or a
+count of 0 was a traceback after the CT was deformed, NaN options and a missing --model were found only minutes
+later, --rms-mm nan as "the automatic lung mask is empty").
 """
 
 from __future__ import annotations
@@ -532,3 +534,25 @@ def test_reference_benchmarks_refuse_a_folder_that_is_no_checkout_in_one_line(tm
     fill = {"tmp": tmp_path, "ds": tmp_path / "ds.json"}
     code, err = _run(script, [a.format(**fill) for a in argv], monkeypatch, capsys)
     _refused(code, err, *(n.format(**fill) for n in named))
+
+
+@pytest.mark.parametrize("example, argv, named", [
+    ("examples/chest_ct_end_to_end.py", ["--rms-mm", "nan"], "--rms-mm nan"),
+    ("examples/chest_ct_end_to_end.py", ["--rms-mm", "-1"], "--rms-mm -1"),
+    ("examples/chest_ct_end_to_end.py", ["--smoothness-mm", "inf"], "--smoothness-mm inf"),
+    ("examples/chest_ct_end_to_end.py", ["--moving-nms-radius", "nan"], "--moving-nms-radius nan"),
+    ("examples/chest_ct_end_to_end.py", ["--seed", "-1"], "--seed -1"),
+    ("examples/chest_ct_end_to_end.py", ["--model", "{tmp}/nope.pt"], "{tmp}/nope.pt"),
+    ("examples/chest_ct_end_to_end.py", ["--device", "gpu"], "--device gpu"),
+    ("examples/own_ct_pairs.py", ["--pairs", "0"], "--pairs 0"),
+    ("examples/own_ct_pairs.py", ["--stages", "0"], "--stages 0"),
+    ("examples/own_ct_pairs.py", ["--epochs", "0"], "--epochs 0"),
+    ("examples/own_ct_pairs.py", ["--test-seed", "-1"], "--test-seed -1"),
+    ("examples/own_ct_pairs.py", ["--device", "gpu"], "--device gpu")])
+def test_examples_name_a_bad_option_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, example, argv, named):
+    mod = load_script(example)
+    _no_work(mod, monkeypatch, "run")
+    argv = ["--ct", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in argv)]
+    code, err = _outcome(lambda: mod.main(argv), capsys)
+    _refused(code, err, named.format(tmp=tmp_path))
+    assert list(tmp_path.iterdir()) == []
