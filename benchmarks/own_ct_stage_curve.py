@@ -33,6 +33,9 @@ from own_ct_pairs import cyclereg, error_at_keypoints, make_moving  # noqa: E402
 from cyclereg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from cyclereg.clouds.api import register_cloud_files  # noqa: E402
 from cyclereg.datasets import read_json  # noqa: E402
+from cyclereg.device import resolve_device  # noqa: E402
+from cyclereg.errors import (InputError, refuse_output_in_run, require_count, require_output_dir,  # noqa: E402
+                             require_seed)
 from cyclereg.training.clouds import CloudCycleConfig, initial_network  # noqa: E402
 from cyclereg.volumeio import read_nifti  # noqa: E402
 
@@ -66,8 +69,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     args = ap.parse_args(argv)
     out = args.out
+    try:  # bad input: one line before any work, nothing written
+        for flag, value in (("--pairs", args.pairs), ("--held-out", args.held_out), ("--stages", args.stages),
+                            ("--epochs", args.epochs)):
+            require_count(flag, value, 1)
+        require_seed(args.seed)
+        resolve_device(args.device)
+        fixed = read_nifti(args.ct)
+        require_output_dir(out)
+        refuse_output_in_run(out, "--out")
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     out.mkdir(parents=True, exist_ok=True)
-    fixed = read_nifti(args.ct)
     t0 = time.perf_counter()
     train_seeds = list(range(1, args.pairs + 1))
     test_seeds = list(range(HELD_OUT_SEED0, HELD_OUT_SEED0 + args.held_out))

@@ -21,7 +21,8 @@ was taken), ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0`
 ``reference_cloud_cpu.py`` and ``reference_dense_cpu.py`` (a folder that is no checkout of the reference code: a
 ModuleNotFoundError); ``examples/chest_ct_end_to_end.py`` and ``examples/own_ct_pairs.py`` (a negative seed or a
 count of 0 was a traceback after the CT was deformed, NaN options and a missing --model were found only minutes
-later, --rms-mm nan as "the automatic lung mask is empty").
+later, --rms-mm nan as "the automatic lung mask is empty"), and ``benchmarks/own_ct_stage_curve.py`` (a missing
+--ct was a traceback after --out was made; counts of 0 and a negative seed started the work).
 """
 
 from __future__ import annotations
@@ -553,6 +554,21 @@ def test_examples_name_a_bad_option_in_one_line_before_any_work(tmp_path, monkey
     mod = load_script(example)
     _no_work(mod, monkeypatch, "run")
     argv = ["--ct", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in argv)]
+    code, err = _outcome(lambda: mod.main(argv), capsys)
+    _refused(code, err, named.format(tmp=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, named", [(["--ct", "{tmp}/nope.nii.gz"], "{tmp}/nope.nii.gz"),
+                                         (["--pairs", "0"], "--pairs 0"), (["--held-out", "0"], "--held-out 0"),
+                                         (["--stages", "0"], "--stages 0"), (["--epochs", "0"], "--epochs 0"),
+                                         (["--seed", "-1"], "--seed -1"), (["--device", "gpu"], "--device gpu")])
+def test_own_ct_stage_curve_names_bad_input_in_one_line_and_makes_no_folder(tmp_path, monkeypatch, capsys, argv,
+                                                                           named):
+    mod = load_script("benchmarks/own_ct_stage_curve.py")
+    _no_work(mod, monkeypatch, "make_moving", "cyclereg")
+    argv = ["--ct", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "out"),
+            *(a.format(tmp=tmp_path) for a in argv)]
     code, err = _outcome(lambda: mod.main(argv), capsys)
     _refused(code, err, named.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
