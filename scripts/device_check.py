@@ -198,6 +198,10 @@ def ensure_nibabel(log) -> None:
 
 
 def run(args) -> int:
+    for flag, value in (("--budget", args.budget), ("--copd-run", args.copd_run)):  # seconds: 0 or less runs nothing
+        if value is not None and value < 1:
+            print(f"error: {flag} {value}: need 1 second or more", file=sys.stderr)
+            return 2
     out = Path(args.out or os.environ.get("OUT") or ROOT / "out" / "device_check")
     plan = steps(args.copd_run, args.device)
     if args.steps:

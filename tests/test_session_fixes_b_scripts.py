@@ -22,7 +22,8 @@ was taken), ``downsample_l2r.py`` (a missing dataset: a traceback; ``--factor 0`
 ModuleNotFoundError); ``examples/chest_ct_end_to_end.py`` and ``examples/own_ct_pairs.py`` (a negative seed or a
 count of 0 was a traceback after the CT was deformed, NaN options and a missing --model were found only minutes
 later, --rms-mm nan as "the automatic lung mask is empty"), and ``benchmarks/own_ct_stage_curve.py`` (a missing
---ct was a traceback after --out was made; counts of 0 and a negative seed started the work).
+--ct was a traceback after --out was made; counts of 0 and a negative seed started the work);
+``scripts/device_check.py run`` (``--budget 0`` skipped every step, ``--copd-run -1`` planned a step of -1 s).
 """
 
 from __future__ import annotations
@@ -572,3 +573,12 @@ def test_own_ct_stage_curve_names_bad_input_in_one_line_and_makes_no_folder(tmp_
     code, err = _outcome(lambda: mod.main(argv), capsys)
     _refused(code, err, named.format(tmp=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, named", [(["--budget", "0"], "--budget 0"), (["--budget", "-1"], "--budget -1"),
+                                         (["--copd-run", "-1"], "--copd-run -1"), (["--copd-run", "0"], "--copd-run 0")])
+def test_device_check_names_seconds_below_one_in_one_line(tmp_path, capsys, argv, named):
+    mod = load_script("scripts/device_check.py")
+    code, err = _outcome(lambda: mod.main(["run", "--out", str(tmp_path / "out"), *argv, "--dry-run"]), capsys)
+    _refused(code, err, named)
+    assert not (tmp_path / "out").exists()
