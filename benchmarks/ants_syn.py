@@ -67,15 +67,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ITK threads (default: all cores)")
     ap.add_argument("--transform", default="SyN", help="ANTs type_of_transform (default SyN)")
     args = ap.parse_args(argv)
+    from cyclereg.dense.data import load_volume_dataset
+    from cyclereg.errors import InputError, require_count, require_output_file
+
+    try:  # bad input: one line before any work (and before antspyx is looked for)
+        require_count("--max-pairs", args.max_pairs, 1)
+        require_count("--threads", args.threads, 1)
+        require_output_file(args.json)
+        ds = load_volume_dataset(args.dataset)
+    except InputError as exc:
+        ap.exit(1, f"error: {exc}\n")
     if args.threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     ants = _ants()
 
     from cyclereg.dense.api import _mean, pair_scores, summarize_pairs
     from cyclereg.device import cpu_model
-    from cyclereg.dense.data import load_volume_dataset
 
-    ds = load_volume_dataset(args.dataset)
     pairs = list(ds.pairs)[: args.max_pairs] if args.max_pairs else list(ds.pairs)
     records = []
     if args.json.is_file():

@@ -23,7 +23,8 @@ ModuleNotFoundError); ``examples/chest_ct_end_to_end.py`` and ``examples/own_ct_
 count of 0 was a traceback after the CT was deformed, NaN options and a missing --model were found only minutes
 later, --rms-mm nan as "the automatic lung mask is empty"), and ``benchmarks/own_ct_stage_curve.py`` (a missing
 --ct was a traceback after --out was made; counts of 0 and a negative seed started the work);
-``scripts/device_check.py run`` (``--budget 0`` skipped every step, ``--copd-run -1`` planned a step of -1 s).
+``scripts/device_check.py run`` (``--budget 0`` skipped every step, ``--copd-run -1`` planned a step of -1 s);
+``benchmarks/ants_syn.py`` (its inputs were read only once antspyx was found; ``--max-pairs 0`` took every pair).
 """
 
 from __future__ import annotations
@@ -582,3 +583,14 @@ def test_device_check_names_seconds_below_one_in_one_line(tmp_path, capsys, argv
     code, err = _outcome(lambda: mod.main(["run", "--out", str(tmp_path / "out"), *argv, "--dry-run"]), capsys)
     _refused(code, err, named)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, named", [(["{tmp}/nope.json", "--json", "{tmp}/r.json"], "{tmp}/nope.json"),
+                                         (["{tmp}/nope.json", "--json", "{tmp}"], "{tmp}: is a folder"),
+                                         (["{tmp}/nope.json", "--json", "{tmp}/r.json", "--max-pairs", "0"], "--max-pairs 0"),
+                                         (["{tmp}/nope.json", "--json", "{tmp}/r.json", "--threads", "0"], "--threads 0")])
+def test_ants_syn_checks_its_input_before_antspyx(tmp_path, monkeypatch, capsys, argv, named):
+    mod = load_script("benchmarks/ants_syn.py")
+    _no_work(mod, monkeypatch, "_ants")
+    code, err = _outcome(lambda: mod.main([a.format(tmp=tmp_path) for a in argv]), capsys)
+    _refused(code, err, named.format(tmp=tmp_path))
