@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from cyclereg.clouds.api import load_cloud_model
+from cyclereg.clouds.api import exported_model_files, load_cloud_model
 from cyclereg.clouds.pipeline import (CloudRegistration, fused_and_member_displacements, registration_box,
                                       test_time_displacements)
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
@@ -54,13 +53,7 @@ def main() -> None:
                 raise InputError(f"--scales {scale}: need a finite number")
         for k in args.recentre_candidates:
             require_count("--recentre-candidates", k, 1)
-        if not Path(args.run).is_dir():
-            raise InputError("no such folder (an ensemble's folder of fold*.pt checkpoints is needed)", args.run)
-        folds = sorted(Path(args.run).glob("fold*.pt"))
-        if not folds:
-            raise InputError("holds no fold*.pt checkpoints (an ensemble's folder is needed)", args.run)
-        for path in folds:  # a damaged or wrong checkpoint: before the first registration
-            load_cloud_model(path)
+        folds = exported_model_files(args.run, "an ensemble's folder of fold*.pt checkpoints")
     except InputError as exc:
         ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)

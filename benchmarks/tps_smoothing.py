@@ -20,11 +20,10 @@ and the correlation of that spread with the error per point. No landmark is read
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from cyclereg.clouds.api import load_cloud_model
+from cyclereg.clouds.api import exported_model_files, load_cloud_model
 from cyclereg.clouds.pipeline import member_spread, register_clouds
 from cyclereg.clouds.synthetic import BreathingConfig, make_breathing_pair
 from cyclereg.clouds.tps import ThinPlateSpline, _phi
@@ -72,13 +71,7 @@ def main() -> None:
         for lam in args.lambdas:
             if not finite_number(lam) or lam < 0:
                 raise InputError(f"--lambdas {lam}: need a finite number >= 0")
-        if not Path(args.run).is_dir():
-            raise InputError("no such folder (a folder of fold*.pt checkpoints is needed)", args.run)
-        folds = sorted(Path(args.run).glob("fold*.pt"))
-        if not folds:
-            raise InputError("holds no fold*.pt checkpoints", args.run)
-        for path in folds:  # a damaged or wrong checkpoint: before the first registration
-            load_cloud_model(path)
+        folds = exported_model_files(args.run)
     except InputError as exc:
         ap.exit(1, f"error: {exc}\n")
     torch.set_num_threads(args.threads)

@@ -622,6 +622,21 @@ def exported_models(folder: Path) -> bool:
     return not (Path(folder) / "run.json").is_file() and any(Path(folder).glob("fold*.pt"))
 
 
+def exported_model_files(folder: str | Path, what: str = "a folder of fold*.pt checkpoints") -> list[Path]:
+    """The ``foldK.pt`` checkpoints of a folder of exported per-fold models (:func:`exported_models`), sorted,
+    each loaded once as a check (:func:`load_cloud_model`), so that a script names a missing folder or a
+    damaged checkpoint before its first registration; :class:`InputError` naming ``folder`` (``what``: the
+    folder the message asks for) otherwise."""
+    if not Path(folder).is_dir():
+        raise InputError(f"no such folder ({what} is needed)", folder)
+    files = sorted(Path(folder).glob("fold*.pt"))
+    if not files:
+        raise InputError(f"holds no fold*.pt checkpoints ({what} is needed)", folder)
+    for path in files:
+        load_cloud_model(path)
+    return files
+
+
 def _stage0_network(run_dir: Path) -> str:
     """Which ``--model random --seed N`` builds the network of a run's stage-0 labels, for messages."""
     from cyclereg.training.clouds import CloudCycleConfig
