@@ -58,8 +58,8 @@ _NEAR_LIMIT = "é" * 122 + ".json"  # 249 bytes (legal), 127 characters: below T
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: checkpoint._aside counts characters, not bytes: replacing an output "
-                                       "whose non-ASCII name is near the 255-byte limit fails naming the staging "
-                                       "folder ('.earlier.NAME' is too long)")
+                                       "whose non-ASCII name is near the 255-byte limit fails after the work "
+                                       "with 'File name too long' (its aside '.earlier.NAME' is)")
 def test_an_output_whose_non_ascii_name_is_near_the_limit_is_replaced_as_a_set(tmp_path):
     from cyclereg.checkpoint import atomic_write_text, staged_file_set
 
@@ -131,3 +131,50 @@ def test_a_refusal_does_not_take_back_a_target_another_cycle_recorded_meanwhile(
                 pass
             raise InputError("fold 0: unreadable pseudo labels", run)
     assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+
+
+# ----------------------------------------------------------------------------- aside names of long outputs
+def test_two_long_outputs_of_one_prefix_are_both_put_back_when_the_move_in_fails(tmp_path, monkeypatch):
+    """``keypoints -o NAME.csv`` near the limit: NAME.csv and NAME.csv.config.json share their first 200 characters,
+    so their cut aside names must differ (``.earlier.I.NAME``); a move-in that fails puts back both earlier files."""
+    import errno
+    from pathlib import Path
+
+    import cyclereg.checkpoint as checkpoint
+
+    first = tmp_path / ("k" * 236 + ".csv")
+    second = tmp_path / (first.name + ".config.json")  # 252 bytes
+    first.write_text("old csv")
+    second.write_text("old config")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == second and Path(src).name == second.name:  # the staged new file onto its target
+            raise OSError(errno.EIO, "injected", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        with checkpoint.staged_file_set() as files:
+            checkpoint.atomic_write_text(files(first), "new csv")
+            checkpoint.atomic_write_text(files(second), "new config")
+    monkeypatch.undo()
+    assert first.read_text() == "old csv" and second.read_text() == "old config"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])
+
+
+# ----------------------------------------------------------------------------- hd95 at whole-number sizes
+def test_hd95_takes_a_spacing_of_whole_numbers_and_of_a_numpy_array():
+    import numpy as np
+    import torch
+
+    from cyclereg.metrics import hd95
+
+    fixed = torch.zeros(6, 6, 6, dtype=torch.long)
+    fixed[2:4, 2:4, 2:4] = 1
+    warped = torch.zeros_like(fixed)
+    warped[2:5, 2:4, 2:4] = 1  # one extra plane along i
+    assert hd95(fixed, warped, spacing=(2, 1, 1)) == {1: 2.0}
+    assert hd95(fixed, warped, spacing=[3, 1, 1]) == {1: 3.0}
+    assert hd95(fixed, warped, spacing=np.array([4, 1, 1], dtype=np.int32)) == {1: 4.0}
+    assert hd95(fixed, warped, spacing=np.diag([5, 1, 1])) == {1: 5.0}  # a (3, 3) map of whole numbers
