@@ -178,3 +178,27 @@ def test_hd95_takes_a_spacing_of_whole_numbers_and_of_a_numpy_array():
     assert hd95(fixed, warped, spacing=[3, 1, 1]) == {1: 3.0}
     assert hd95(fixed, warped, spacing=np.array([4, 1, 1], dtype=np.int32)) == {1: 4.0}
     assert hd95(fixed, warped, spacing=np.diag([5, 1, 1])) == {1: 5.0}  # a (3, 3) map of whole numbers
+
+
+# ----------------------------------------------------------------------------- a NaN prediction in a training step
+@pytest.mark.parametrize("supervision", ["ncc", "mind"])
+def test_a_metric_training_step_of_a_nan_prediction_gives_a_nan_loss_not_an_error(monkeypatch, supervision):
+    """``warp_unchecked`` in the metric loss: a NaN prediction (a diverging step) gives a NaN loss, which the
+    gradient scaler skips; the checked ``warp`` would stop the training with 'disp_vox: holds NaN or inf'."""
+    import torch
+
+    import cyclereg.training.dense as dense
+    from test_cycle_dense import _two_image_task
+
+    task = _two_image_task(supervision=supervision)
+    g = torch.Generator().manual_seed(1)
+    fixed, moving = torch.rand(1, 1, 16, 16, 16, generator=g), torch.rand(1, 1, 16, 16, 16, generator=g)
+    shape = tuple(dense.strided(fixed, task.config.label_stride).shape[2:])
+
+    def nan_prediction(*args, **kwargs):
+        field = torch.zeros(1, 3, *shape)
+        field[0, 0, 1, 1, 1] = float("nan")
+        return field
+
+    monkeypatch.setattr(dense, "predict_displacement", nan_prediction)
+    assert task._loss(None, fixed, moving, None).isnan()
