@@ -269,3 +269,25 @@ def test_pretrain_random_again_on_a_metric_run_does_not_say_its_labels_exist(tmp
     line = training.pretrain_random_summary(tmp_path / "ds", run, device="cpu")
     assert "needs no pseudo labels (its stage 0 holds none, recorded before)" in line
     assert "labels exist already" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- keypoints, quiet
+def test_keypoints_not_verbose_prints_nothing_and_verbose_splits_the_streams(tmp_path, capsys):
+    """``keypoints(..., verbose=False)``: neither the step lines nor the result line; verbose: the steps on stderr,
+    the one result line on stdout."""
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    from cyclereg.api import keypoints
+
+    vol = ndi.gaussian_filter(np.random.default_rng(0).standard_normal((26, 24, 20)), 1.5) * 100
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    capsys.readouterr()
+    keypoints(tmp_path / "ct.nii.gz", tmp_path / "k.csv", device="cpu", verbose=False)
+    assert capsys.readouterr() == ("", "")
+    keypoints(tmp_path / "ct.nii.gz", tmp_path / "k2.csv", device="cpu", verbose=True)
+    out, err = capsys.readouterr()
+    n = len((tmp_path / "k2.csv").read_text().splitlines()) - 1
+    assert out.startswith(f"{n} keypoints -> ") and len(out.splitlines()) == 1, out
+    assert "keypoints ->" not in err and "done read CT" in err
