@@ -291,3 +291,18 @@ def test_keypoints_not_verbose_prints_nothing_and_verbose_splits_the_streams(tmp
     n = len((tmp_path / "k2.csv").read_text().splitlines()) - 1
     assert out.startswith(f"{n} keypoints -> ") and len(out.splitlines()) == 1, out
     assert "keypoints ->" not in err and "done read CT" in err
+
+
+def test_composition_error_of_a_nan_field_is_nan_and_of_exact_inverses_zero():
+    """An inner-loop diagnostic (``warp_unchecked``): a NaN field gives NaN, not 'disp_vox: holds NaN or inf'; a
+    constant shift and its negative compose to zero exactly."""
+    import torch
+
+    from cyclereg.dense.convex import composition_error
+
+    shift = torch.zeros(1, 3, 4, 4, 4)
+    shift[:, 0] = 1.0
+    assert composition_error(shift, -shift).item() == 0.0
+    broken = shift.clone()
+    broken[0, 1, 2, 2, 2] = float("nan")
+    assert composition_error(broken, -shift).isnan()
