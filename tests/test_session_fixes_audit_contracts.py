@@ -306,3 +306,29 @@ def test_composition_error_of_a_nan_field_is_nan_and_of_exact_inverses_zero():
     broken = shift.clone()
     broken[0, 1, 2, 2, 2] = float("nan")
     assert composition_error(broken, -shift).isnan()
+
+
+def test_an_output_link_to_another_file_system_is_written_there_atomically(tmp_path):
+    """An output linked to another disk (results -> /mnt/...): the temporary file is made beside the target, so
+    the final rename stays on one file system (a temporary beside the link would fail with EXDEV)."""
+    import tempfile
+
+    from cyclereg.checkpoint import atomic_write_text, staged_file_set
+
+    other = "/dev/shm"
+    if not os.path.isdir(other) or not os.access(other, os.W_OK) or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second writable file system here")
+    with tempfile.TemporaryDirectory(dir=other) as far:
+        target = os.path.join(far, "r.json")
+        with open(target, "w") as fh:
+            fh.write("old")
+        link = tmp_path / "r.json"
+        link.symlink_to(target)
+        atomic_write_text(link, "one")
+        with open(target) as fh:
+            assert fh.read() == "one"
+        with staged_file_set() as files:
+            atomic_write_text(files(link), "two")
+        with open(target) as fh:
+            assert fh.read() == "two"
+        assert link.is_symlink() and os.listdir(far) == ["r.json"] and os.listdir(tmp_path) == ["r.json"]
