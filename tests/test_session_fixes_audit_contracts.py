@@ -332,3 +332,13 @@ def test_an_output_link_to_another_file_system_is_written_there_atomically(tmp_p
         with open(target) as fh:
             assert fh.read() == "two"
         assert link.is_symlink() and os.listdir(far) == ["r.json"] and os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("stored", [{"pad_multiple": "16"}, {"pad_multiple": 4.0}])
+def test_a_dense_config_pad_multiple_that_is_no_count_is_named_as_such(stored):
+    """An edited stored config's ``pad_multiple`` of text or 4.0: 'expected a whole number', not a bare TypeError
+    ('not all arguments converted') nor 'must be a multiple of the downsampling'."""
+    from cyclereg.dense.config import config_from_dict
+
+    with pytest.raises(ValueError, match=rf"^pad_multiple: expected a whole number >= 1, got {stored['pad_multiple']!r}$"):
+        config_from_dict(stored)
