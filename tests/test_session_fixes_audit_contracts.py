@@ -342,3 +342,31 @@ def test_a_dense_config_pad_multiple_that_is_no_count_is_named_as_such(stored):
 
     with pytest.raises(ValueError, match=rf"^pad_multiple: expected a whole number >= 1, got {stored['pad_multiple']!r}$"):
         config_from_dict(stored)
+
+
+# ----------------------------------------------------------------------------- the interruption hint counts the given --stages
+def test_a_cycle_stopping_early_with_its_stages_done_says_nothing_is_left(tmp_path, monkeypatch):
+    """run.json records 3 stages (an interrupted ``cycle --stages 3``), fold 1 has finished stage 1: ``cycle
+    --stages 1`` stopped then has nothing left to do (its --stages, not the run's, is what it trains towards)."""
+    import signal
+
+    from typer.testing import CliRunner
+
+    import cyclereg.training.api as training
+    from conftest import intraop_threads
+    from cyclereg_cli.main import app
+    from test_session_fixes_d_messages import _tiny_run
+
+    runner = CliRunner()
+    with intraop_threads(1):
+        ds, run = _tiny_run(tmp_path)
+        assert runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1"]).exit_code == 0
+
+        def stopped():
+            raise SystemExit(128 + signal.SIGTERM)
+
+        monkeypatch.setattr(training, "_progress", stopped)
+        training._record_stage_target(run, 3)  # as an interrupted cycle --stages 3 left it
+        res = runner.invoke(app, ["cycle", str(ds), "--run", str(run), "--folds", "1", "--stages", "1"])
+    assert res.exit_code == 143
+    assert res.stderr == "cyclereg: terminated; every stage it was to train had finished: nothing is left to do\n"
