@@ -74,7 +74,17 @@ def fsync_directory(folder: str | Path) -> None:
 
 
 TEMP_NAME_KEEP = 200
-"""Characters of the target's name an atomic write's temporary file keeps (``.NAME.XXXXXXXX.tmp``)."""
+"""Bytes of the target's name (in the file system's encoding) that an atomic write's temporary file
+(``.NAME.XXXXXXXX.tmp``) and an output set's aside name keep."""
+
+
+def _name_head(name: str) -> str:
+    """``name`` cut to at most :data:`TEMP_NAME_KEEP` bytes in the file system's encoding, at a character
+    boundary (a non-ASCII name of up to 255 bytes has fewer characters than bytes)."""
+    name = name[:TEMP_NAME_KEEP]
+    while len(os.fsencode(name)) > TEMP_NAME_KEEP:
+        name = name[:-1]
+    return name
 
 
 def link_followed(path: Path) -> Path:
@@ -96,9 +106,9 @@ def atomic_write_bytes(path: str | Path, writer) -> None:
     try:
         target = link_followed(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # the name cut to TEMP_NAME_KEEP characters: a legal name of up to 255 stays legal with ".", 8 random
+        # the name cut to TEMP_NAME_KEEP bytes: a legal name of up to 255 stays legal with ".", 8 random
         # characters and ".tmp" around it
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:TEMP_NAME_KEEP]}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_name_head(target.name)}.", suffix=".tmp", dir=target.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
@@ -303,11 +313,11 @@ def refuse_folders_at(names: list[str], out_dir: str | Path) -> None:
 
 def _aside(stage: Path, kind: str, i: int, name: str) -> Path:
     """Where :func:`_move_in` puts an earlier file ``name`` (the ``i``-th of its kind) aside in the staging folder
-    ``stage``: ``.KIND.NAME``; a name longer than :data:`TEMP_NAME_KEEP` characters (near the file system's limit,
+    ``stage``: ``.KIND.NAME``; a name longer than :data:`TEMP_NAME_KEEP` bytes (near the file system's limit,
     which an output may be) would not take the prefix: ``.KIND.I.NAME`` with the name cut to that length."""
-    if len(name) <= TEMP_NAME_KEEP:
+    if _name_head(name) == name:
         return stage / f".{kind}.{name}"
-    return stage / f".{kind}.{i}.{name[:TEMP_NAME_KEEP]}"
+    return stage / f".{kind}.{i}.{_name_head(name)}"
 
 
 def _move_in(steps: list[tuple[Path | None, Path, Path]]) -> None:

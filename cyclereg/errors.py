@@ -222,7 +222,11 @@ def require_output_dir(path: str | Path) -> Path:
 RUN_LOCK = ".cyclereg.lock"
 """Name of the lock file of a run directory and its fold folders (:data:`cyclereg.training.api.RUN_LOCK`)."""
 
-RUN_DIR_NAMES = frozenset({"run.json", "ensemble.json", "model_set.json", "README.md", RUN_LOCK})
+CYCLES_LOCK = ".cyclereg-cycles.lock"
+"""Name of the file in a run directory that every working ``cycle`` holds a shared lock of
+(:func:`cyclereg.training.api._cycles_on_run`)."""
+
+RUN_DIR_NAMES = frozenset({"run.json", "ensemble.json", "model_set.json", "README.md", RUN_LOCK, CYCLES_LOCK})
 """Files of a run directory (or a model folder such as ``models/copd``) at its top level, besides
 checkpoints (``*.pt``), logs (``*.jsonl``) and the per-fold folders."""
 

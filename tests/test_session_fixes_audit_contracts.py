@@ -61,9 +61,6 @@ def test_require_separate_output_judges_a_link_into_the_read_run_by_its_target(t
 _NEAR_LIMIT = "é" * 122 + ".json"  # 249 bytes (legal), 127 characters: below TEMP_NAME_KEEP's 200 characters
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint._aside counts characters, not bytes: replacing an output "
-                                       "whose non-ASCII name is near the 255-byte limit fails after the work "
-                                       "with 'File name too long' (its aside '.earlier.NAME' is)")
 def test_an_output_whose_non_ascii_name_is_near_the_limit_is_replaced_as_a_set(tmp_path):
     from cyclereg.checkpoint import atomic_write_text, staged_file_set
 
@@ -77,9 +74,6 @@ def test_an_output_whose_non_ascii_name_is_near_the_limit_is_replaced_as_a_set(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [_NEAR_LIMIT]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: atomic_write_bytes cuts its temporary name to TEMP_NAME_KEEP characters, "
-                                       "not bytes: a legal non-ASCII name near the 255-byte limit cannot be written "
-                                       "(predates today's mends; the same flaw as _aside's)")
 def test_an_output_whose_non_ascii_name_is_near_the_limit_is_written_atomically(tmp_path):
     from cyclereg.checkpoint import atomic_write_text
 
@@ -110,11 +104,11 @@ def test_a_refusal_puts_back_the_stage_target_and_the_rule_it_recorded(tmp_path)
     _tiny_run_json(run)
     before = (run / "run.json").read_bytes()
     with pytest.raises(InputError, match="refuses"):
-        with _targets_recorded(run, 3, 0.5, [run / "fold0"]) as rule:
+        with _targets_recorded(run, 3, 0.5) as rule:
             assert rule == 0.5 and json.loads((run / "run.json").read_text())["config"]["stages"] == 3
             raise InputError("fold 0 refuses", run)
     assert (run / "run.json").read_bytes() == before
-    with _targets_recorded(run, 3, 0.5, [run / "fold0"]):
+    with _targets_recorded(run, 3, 0.5):
         pass
     meta = json.loads((run / "run.json").read_text())
     assert meta["config"]["stages"] == 3 and meta["stop_below_mm"] == 0.5
@@ -132,7 +126,7 @@ def test_a_refusal_after_a_fold_finished_a_stage_keeps_the_target(tmp_path):
     sched = StageScheduler(None, run / "fold0")
     sched.labels_path(0).write_bytes(b"")
     with pytest.raises(InputError):
-        with _targets_recorded(run, 3, None, [run / "fold0"]):
+        with _targets_recorded(run, 3, None):
             sched.checkpoint_path(1).write_bytes(b"")
             sched.labels_path(1).write_bytes(b"")  # stage 1 finished
             assert sched.last_finished_stage() == 1
@@ -148,7 +142,7 @@ def test_a_refusal_leaves_a_run_json_that_another_command_rewrote_meanwhile(tmp_
     run = tmp_path / "run"
     _tiny_run_json(run)
     with pytest.raises(InputError):
-        with _targets_recorded(run, 3, None, [run / "fold0"]):
+        with _targets_recorded(run, 3, None):
             _record_stop_rule(run, 0.7)  # e.g. a cycle --stop-below 0.7 of fold 1
             raise InputError("fold 0 refuses", run)
     meta = json.loads((run / "run.json").read_text())
@@ -163,22 +157,47 @@ def test_an_unreadable_final_checkpoint_is_no_stage_not_stage_0(tmp_path):
     assert final_stage(tmp_path) is None
     assert stage_checkpoint(tmp_path, 0) is None
 
-@pytest.mark.xfail(strict=True, reason="BUG: training.api._targets_recorded puts back run.json when its bytes are "
-                                       "the ones it wrote, though a second cycle on another fold recorded the same "
-                                       "target meanwhile (a no-op write) and trained to it: its --stages is lost")
-def test_a_refusal_does_not_take_back_a_target_another_cycle_recorded_meanwhile(tmp_path):
-    """Two ``cycle --stages 3`` at once on folds 0 and 1 (fold locks allow it): fold 1's completes, fold 0's then
-    refuses. Fold 1's command recorded stage target 3 (finding it there already): run.json must keep it."""
+def test_a_refusal_does_not_take_back_a_target_another_working_cycle_relies_on(tmp_path):
+    """Two ``cycle --stages 3`` at once on folds 0 and 1 (fold locks allow it): fold 0's refuses while fold 1's
+    works towards the target 3 it found recorded (a no-op write): run.json must keep it."""
+    from cyclereg.training.api import _targets_recorded
+
+    run = tmp_path / "run"
+    _tiny_run_json(run)
+    with _targets_recorded(run, 3, None):  # the other command, on fold 1, still working when fold 0's refuses
+        with pytest.raises(InputError):
+            with _targets_recorded(run, 3, None):
+                raise InputError("fold 0: unreadable pseudo labels", run)
+        assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+
+
+def test_a_refusal_does_not_take_back_a_target_another_cycle_trained_to(tmp_path):
+    """The same, where fold 1's command finished a stage towards target 3 and ended before fold 0's refused."""
     from cyclereg.training.api import _targets_recorded
 
     run = tmp_path / "run"
     _tiny_run_json(run)
     with pytest.raises(InputError):
-        with _targets_recorded(run, 3, None, [run / "fold0"]):
-            with _targets_recorded(run, 3, None, [run / "fold1"]):  # the other command, on fold 1: succeeds
-                pass
+        with _targets_recorded(run, 3, None):
+            with _targets_recorded(run, 3, None):  # fold 1's command: trains its stage 1 (files of a finished stage)
+                for name in ("pseudo0.pt", "pseudo1.pt", "stage1.pt"):
+                    (run / "fold1" / name).write_bytes(b"x")
             raise InputError("fold 0: unreadable pseudo labels", run)
     assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+
+
+def test_a_refusal_alone_still_puts_the_target_back(tmp_path):
+    """Once the other command has ended without training (nothing relies on the target), the record goes back."""
+    from cyclereg.training.api import _targets_recorded
+
+    run = tmp_path / "run"
+    _tiny_run_json(run)
+    with pytest.raises(InputError):
+        with _targets_recorded(run, 3, None):
+            with _targets_recorded(run, 3, None):
+                pass
+            raise InputError("fold 0: unreadable pseudo labels", run)
+    assert json.loads((run / "run.json").read_text())["config"]["stages"] == 1
 
 
 # ----------------------------------------------------------------------------- aside names of long outputs

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from cyclereg.training.scheduler import DEFAULT_SNAPSHOT_EVERY_S, StageScheduler
 
 
 RUN_LOCK = errors.RUN_LOCK
+CYCLES_LOCK = errors.CYCLES_LOCK
 """Lock file of a fold directory (``RUN/foldK``, ``RUN/all``) and of the run directory. ``pretrain-random``
 and ``cycle`` hold the lock of every fold they work on for as long as they work on it (a second command
 on the same fold stops with an error instead of training it twice and writing the same files; other
@@ -103,7 +105,7 @@ def run_file_lock(run: Path) -> Iterator[None]:
     with _flocked(run, wait=True, busy=""):
         if (run / "run.json").is_file() or _nothing_written(run):
             for path in run.iterdir():
-                if path.name != RUN_LOCK and _unwritten(path):
+                if path.name not in (RUN_LOCK, CYCLES_LOCK) and _unwritten(path):
                     path.unlink(missing_ok=True)
         yield
 
@@ -268,7 +270,7 @@ def _nothing_written(run: Path) -> bool:
 def _unwritten(path: Path) -> bool:
     """A lock file, or the temporary file of a ``run.json`` write killed before it could clean up:
     what a command leaves that stopped before its run directory held anything."""
-    return path.name == RUN_LOCK or (path.name.startswith(".run.json.") and atomic_leftover(path))
+    return path.name in (RUN_LOCK, CYCLES_LOCK) or (path.name.startswith(".run.json.") and atomic_leftover(path))
 
 
 def _only_lock(folder: Path) -> bool:
@@ -311,25 +313,63 @@ def _record_stop_rule(run: Path, stop_below_mm: float | None) -> float | None:
 
 
 @contextmanager
-def _targets_recorded(run: Path, stages: int, stop_below_mm: float | None, dirs: list[Path]) -> Iterator[float | None]:
+def _cycles_on_run(run: Path) -> Iterator[Callable[[], bool]]:
+    """Hold a shared lock of ``run/CYCLES_LOCK`` for the block (every ``cycle`` on the run holds one while it
+    works, whatever its folds); yields ``alone()``: whether no other ``cycle`` holds one now (an exclusive try,
+    which gives up the shared lock when it fails; ``False`` where locks are not available)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield lambda: False
+        return
+    fd = os.open(run / CYCLES_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:  # a file system without flock (fold_locks has said so): never alone
+            yield lambda: False
+            return
+
+        def alone() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            return True
+
+        yield alone
+    finally:
+        os.close(fd)
+
+
+def _finished_stages(run: Path) -> dict[str, int]:
+    """The last finished stage of every fold folder of ``run`` (``foldK``, a volume run's ``all``)."""
+    return {d.name: StageScheduler(None, d).last_finished_stage() for d in sorted(run.iterdir())
+            if d.is_dir() and (d.name == "all" or re.fullmatch(r"fold\d+", d.name))}
+
+
+@contextmanager
+def _targets_recorded(run: Path, stages: int, stop_below_mm: float | None) -> Iterator[float | None]:
     """Record ``cycle``'s stage target (:func:`_record_stage_target`) and stopping rule
     (:func:`_record_stop_rule`) in ``run/run.json`` for the training in the ``with`` block; yields the rule.
-    A refusal (:class:`InputError`) before any of the fold directories ``dirs`` finished a stage puts back
-    what ``run.json`` held (unless another command rewrote it meanwhile): a command that refuses writes nothing."""
-    with run_file_lock(run):
-        before = (run / "run.json").read_bytes()
-        _record_stage_target(run, stages)
-        rule = _record_stop_rule(run, stop_below_mm)
-        after = (run / "run.json").read_bytes()
-    finished = [StageScheduler(None, d).last_finished_stage() for d in dirs]
-    try:
-        yield rule
-    except InputError:
-        if after != before and finished == [StageScheduler(None, d).last_finished_stage() for d in dirs]:
-            with run_file_lock(run):
-                if (run / "run.json").read_bytes() == after:
-                    atomic_write_bytes(run / "run.json", lambda fh: fh.write(before))
-        raise
+    A refusal (:class:`InputError`) puts back what ``run.json`` held, so that a command that refuses writes
+    nothing, unless another command may rely on what it recorded: another ``cycle`` on the run is working
+    (:func:`_cycles_on_run`), a fold finished a stage meanwhile, or ``run.json`` was rewritten meanwhile."""
+    with _cycles_on_run(run) as alone:
+        with run_file_lock(run):
+            before = (run / "run.json").read_bytes()
+            _record_stage_target(run, stages)
+            rule = _record_stop_rule(run, stop_below_mm)
+            after = (run / "run.json").read_bytes()
+        finished = _finished_stages(run)
+        try:
+            yield rule
+        except InputError:
+            if after != before and finished == _finished_stages(run) and alone():
+                with run_file_lock(run):
+                    if (run / "run.json").read_bytes() == after:
+                        atomic_write_bytes(run / "run.json", lambda fh: fh.write(before))
+            raise
 
 
 def _require_threshold(stop_below_mm: float | None) -> None:
@@ -776,7 +816,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
             require_labels(k)
             _require_trained_with(run, fold_dir(run, k), config, replace(test_time_config(config), training_box=None),
                                   "keypoints")
-        with _targets_recorded(run, stages, stop_below_mm, [fold_dir(run, k) for k in selected]) as rule:
+        with _targets_recorded(run, stages, stop_below_mm) as rule:
             args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
             # folds that have all their stages already (or have settled) only bring their record up to date:
             # here, not in a worker process (starting one costs seconds)
@@ -1053,5 +1093,5 @@ def _dense_cycle(dataset, run, *, stages, device, val_pairs,
         if sched.last_finished_stage() < 0:
             raise no_labels
         _require_trained_with(run, fold_dir(run, None), config, task.model_config(), "volumes")
-        with _targets_recorded(run, stages, stop_below_mm, [fold_dir(run, None)]) as rule, _progress() as progress:
+        with _targets_recorded(run, stages, stop_below_mm) as rule, _progress() as progress:
             return {None: sched.run(stages, progress, stop_below_mm=rule)}
