@@ -508,9 +508,10 @@ def pretrain_random_summary(dataset: Path, run: Path, **kwargs) -> str:
                                                              ("--jobs", kwargs.get("jobs", 1), 1),
                                                              ("--device", kwargs.get("device", "auto"), "auto"))
               if value != default]
-    if before and not made and unused:  # they only shape the making of stage-0 labels
-        print_note(f"{', '.join(unused)} not used: the stage-0 labels exist already")
     supervision = _read_meta(out)["config"].get("supervision", "pseudo")
+    if before and not made and unused:  # they only shape the making of stage 0
+        print_note(f"{', '.join(unused)} not used: "
+                   + ("the stage-0 labels exist already" if supervision == "pseudo" else "stage 0 is recorded already"))
     if supervision != "pseudo":
         return (f"the run is ready in {out}: --supervision {supervision} needs no pseudo labels (its stage 0 holds "
                 f"none{', recorded before' if before else ''}); 'cyclereg cycle' trains it")
