@@ -206,7 +206,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     (:func:`cyclereg.clouds.api.register_volumes_via_keypoints`). Options of another path are refused
     by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``;
     ``seed`` (default 0) is the random network's and is refused with a checkpoint. ``verbose=False``:
-    no step lines on stdout (``via_keypoints`` prints one per keypoint detection step; the other
+    no step lines on stderr (``via_keypoints`` prints one per keypoint detection step; the other
     paths print nothing but their errors).
     """
     refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,

@@ -4,7 +4,7 @@ Mended: a stage asked for with ``--stage t`` of a run whose stage files were rem
 ``carried-runs/abd4``) is its ``final.pt`` where that records stage ``t`` (:func:`cyclereg.api.stage_checkpoint`,
 the one rule of :func:`cyclereg.dense.api.run_checkpoint` and :func:`cyclereg.clouds.api.fold_checkpoint`);
 the report of :func:`cyclereg.clouds.api.evaluate_keypoint_dataset` names the ``--errors-csv`` file it wrote beside
-it (``errors_csv``: its file name); ``register`` on two point files names the options that do not go together
+it (``errors_csv``: its path from the report's folder); ``register`` on two point files names the options that do not go together
 (``--moving-image`` / ``--moving-labels`` / ``--spread-map`` / ``--jacobian`` / ``--disp-mm`` without ``--reference``,
 ``--spacing`` with it) before any file check (:func:`cyclereg.api.refuse_cloud_option_pairs`, called first by
 ``register`` and by :func:`cyclereg.clouds.api.register_cloud_files`).
@@ -91,6 +91,10 @@ def test_the_keypoint_report_names_its_errors_csv(tmp_path):
     assert (out / "e.csv").read_text().startswith("pair,fold,landmark,before_mm,after_mm\n")
     r = evaluate_keypoint_dataset(ds, out / "r0.json", identity=True, device="cpu", quiet=True)
     assert "errors_csv" not in r  # no file, no name
+    (tmp_path / "csvs").mkdir()
+    r = evaluate_keypoint_dataset(ds, out / "r1.json", identity=True, device="cpu", quiet=True,
+                                  errors_csv=str(tmp_path / "csvs" / "e.csv"))
+    assert r["errors_csv"] == "../csvs/e.csv"  # from the report's folder
 
 
 @pytest.mark.parametrize("options, message", [

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -715,7 +716,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests, and the
-    report names that file (``errors_csv``: its file name).
+    report names that file (``errors_csv``: its path from the report's folder, its file name beside it).
 
     With ``spread`` (ensemble models only; each member also registers every pair on its own,
     about 2x the time, the fused result unchanged), also the members' disagreement
@@ -840,7 +841,8 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "config": _shared_config(models, default_config),
         "checkpoints": checkpoints,
         **({"pairs_in_training": sorted(in_training)} if one_model else {}),
-        **({"errors_csv": Path(errors_csv).name} if errors_csv is not None else {}),
+        **({"errors_csv": os.path.relpath(os.path.abspath(errors_csv), os.path.abspath(Path(report).parent))}
+           if errors_csv is not None else {}),
         "without_landmarks": without_landmarks,
         "cases": cases,
     }
