@@ -111,17 +111,20 @@ def require_checkpoint_file(path: str | Path) -> Path:
 
 def broken_link(path: str | Path) -> str | None:
     """What is wrong with ``path`` when it is a symbolic link that cannot be followed ("a symbolic link to
-    X, which does not exist", "a symbolic link that loops"), else ``None``: an output written through it
-    would fail with "File exists" (a folder) after the work, or make a file the link does not name."""
+    X, which does not exist", "a symbolic link that loops"), else ``None``: a folder made through it would
+    fail with "File exists" after the work."""
     if not os.path.islink(path):
         return None
     try:
         os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return "a symbolic link that loops"
+            return LOOPING_LINK
         return f"a symbolic link to {os.readlink(path)}, which does not exist"
     return None
+
+
+LOOPING_LINK = "a symbolic link that loops"
 
 
 def _refuse_long_names(path: Path) -> None:
@@ -175,9 +178,10 @@ def require_output_file(path: str | Path) -> Path:
     exists or can be made, no name in it is too long for the file system, it is not ``-`` (standard output
     to a Unix tool: the report would not reach it), and it is not one of the own files of a run directory
     it lies in (:func:`run_dir_holding`, :func:`_in_run_dir`; a report beside a run's files is fine);
-    :class:`InputError` naming it otherwise. A symbolic link is followed (its target is written, the link
-    kept); one that cannot be (:func:`broken_link`) is refused. Nothing is created here (the writers make
-    missing folders), so a later input error leaves no empty folder behind."""
+    :class:`InputError` naming it otherwise. A symbolic link is followed, as ``open(path, "w")`` would (its
+    target is written, the link kept; a dangling link's target is made where its folder can be); one that
+    loops is refused. Nothing is created here (the writers make missing folders), so a later input error
+    leaves no empty folder behind."""
     p = _path(path, "output file")
     _refuse_long_names(p)
     if str(p) == "-":  # the Unix name of standard output, which would become a file named '-'
@@ -185,12 +189,13 @@ def require_output_file(path: str | Path) -> Path:
                          "path (a file of that name: its full path)", p)
     if p.is_dir():
         raise InputError("is a folder; an output file is needed here", p)
-    why = broken_link(p)
-    if why is not None:
-        raise InputError(f"is {why}; give the path of a file (a link to one is followed)", p)
+    if broken_link(p) == LOOPING_LINK:
+        raise InputError(f"is {LOOPING_LINK}; give the path of a file (a link to one is followed)", p)
     refuse_special_file(p)
     _require_makeable(p.parent, p, "its folder")
-    real = Path(os.path.realpath(p))  # a link's target is what is written
+    real = Path(os.path.realpath(p))  # a link's target is what is written (made, where the link dangles)
+    if os.path.islink(p):
+        _require_makeable(real.parent, p, f"the folder of {real}, which it links to")
     run = run_dir_holding(real.parent)
     if run is not None and _in_run_dir(real, run):  # e.g. compare --json RUN/run.json
         raise InputError(f"would be one of the own files of the run directory {run} (its record, checkpoints, "

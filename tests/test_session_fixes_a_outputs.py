@@ -96,12 +96,16 @@ def test_an_output_link_is_followed_and_kept(tmp_path):
     assert link.is_symlink() and json.loads((tmp_path / "real" / "t.json").read_text())["method"]
 
 
-def test_a_dangling_or_looping_output_link_is_one_line_before_any_work(tmp_path):
+def test_a_looping_output_link_or_one_through_a_dangling_folder_is_one_line_before_any_work(tmp_path):
     (tmp_path / "dangling.json").symlink_to("nowhere.json")
     (tmp_path / "loop.json").symlink_to("loop.json")
     (tmp_path / "gone").symlink_to("nodir")
-    with pytest.raises(InputError, match=r"dangling\.json: is a symbolic link to nowhere\.json, which does not exist"):
-        require_output_file(tmp_path / "dangling.json")
+    (tmp_path / "far.json").symlink_to(tmp_path / "file" / "x.json")  # its folder would be a file
+    (tmp_path / "file").write_text("")
+    assert require_output_file(tmp_path / "dangling.json") == tmp_path / "dangling.json"  # followed, as open() would
+    with pytest.raises(InputError, match=r"far\.json: cannot make the folder of .*x\.json, which it links to \("
+                                         r".*file is a file\)"):
+        require_output_file(tmp_path / "far.json")
     with pytest.raises(InputError, match=r"loop\.json: is a symbolic link that loops"):
         require_output_file(tmp_path / "loop.json")
     with pytest.raises(InputError, match=r"gone/r\.json: cannot make its folder \(.*gone is a symbolic link to nodir, "
@@ -113,7 +117,24 @@ def test_a_dangling_or_looping_output_link_is_one_line_before_any_work(tmp_path)
     res = CliRunner().invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "gone" / "r.json")])
     assert res.exit_code == 2 and "gone is a symbolic link to nodir, which does not exist" in res.output, res.output
     assert "TRE" not in res.output  # refused before the evaluation
-    assert _names(tmp_path) == ["dangling.json", "ds", "gone", "loop.json"]
+    assert _names(tmp_path) == ["dangling.json", "ds", "far.json", "file", "gone", "loop.json"]
+
+
+def test_an_output_link_that_dangles_makes_its_target_and_stays(tmp_path):
+    """``--json latest.json`` where latest.json links to reports/new.json, not written yet: the report is made
+    there and the link kept (``open(path, "w")`` would do the same), by the atomic writer and the set writer."""
+    from cyclereg.checkpoint import atomic_write_text, staged_file_set
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "latest.json").symlink_to("reports/new.json")
+    (tmp_path / "set.json").symlink_to("reports/set.json")
+    require_output_file(tmp_path / "latest.json")
+    atomic_write_text(tmp_path / "latest.json", "one")
+    with staged_file_set() as files:
+        atomic_write_text(files(tmp_path / "set.json"), "two")
+    assert (tmp_path / "reports" / "new.json").read_text() == "one" and (tmp_path / "latest.json").is_symlink()
+    assert (tmp_path / "reports" / "set.json").read_text() == "two" and (tmp_path / "set.json").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["new.json", "set.json"]
 
 
 def test_an_output_link_into_a_run_directory_is_judged_by_its_target(tmp_path):
