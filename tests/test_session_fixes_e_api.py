@@ -125,3 +125,22 @@ def test_register_cloud_files_names_spacing_with_a_reference_before_opening_a_fi
     with pytest.raises(InputError, match=re.escape("--jacobian needs --reference")):
         register_cloud_files(missing, missing, tmp_path / "out", spacing="1,1,1", jacobian=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_volume_evaluate_of_a_registration_holding_nan_is_one_result_error(tmp_path, monkeypatch):
+    """A registration that returns NaN displacements (e.g. a diverged model) inside ``evaluate`` on volumes:
+    the one-line ResultError naming the fixed scan that ``register`` gives, no report (it was a ValueError of
+    ``sdlogj`` deep in the scoring, a traceback at the command line)."""
+    import numpy as np
+    import torch
+
+    import cyclereg.dense.api as dense_api
+    from cyclereg.errors import ResultError
+    from tests.test_nifti_geometry_walk import _single_voxel_dataset
+
+    dataset = _single_voxel_dataset(tmp_path, np.eye(4), (6, 6, 6), (7, 6, 6))
+    monkeypatch.setattr(dense_api, "register_pair",
+                        lambda fv, mv, net, cfg, modality=None: torch.full((1, 3, *fv.shape), float("nan")))
+    with pytest.raises(ResultError, match=r"G_0001_0000\.nii\.gz: the displacements hold NaN or inf"):
+        dense_api.evaluate_volume_dataset(dataset, tmp_path / "r.json", model="random", device="cpu", figures=False)
+    assert not (tmp_path / "r.json").exists()

@@ -532,6 +532,7 @@ def evaluate_volume_dataset(dataset: Path, report: Path, *, identity: bool = Fal
                 disp = torch.zeros(1, 3, *fv.shape)
             else:
                 disp = register_pair(fv, mv, net, cfg, modality=ds.modality).detach().cpu().float()
+                require_finite_result(disp, "the displacements", p.fixed)  # as register: one line, not a traceback
             seconds = time.perf_counter() - t0
             warped_l = warp_labels(ml.data[None, None], disp)[0, 0]
             scores = pair_scores(fl.data, ml.data, warped_l, disp, fv.affine[:3, :3])  # world mm, shear too
