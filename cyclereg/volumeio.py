@@ -334,6 +334,8 @@ def _set_qform_where_exact(img, affine: np.ndarray) -> None:
 
 
 def _gzip(raw: bytes) -> bytes:
+    """``raw`` gzip-compressed with a zero time stamp in its header, so that the same volume gives the same
+    ``.nii.gz`` bytes whenever it is written (a checksum or ``cmp`` of two runs' outputs compares the data)."""
     import gzip
 
-    return gzip.compress(raw, compresslevel=1)
+    return gzip.compress(raw, compresslevel=1, mtime=0)

@@ -173,3 +173,20 @@ def test_hd95_refuses_a_spacing_that_is_no_voxel_size_by_name(spacing):
                        match=r"^spacing=.*: expected three positive voxel sizes \[mm\] or a \(3, 3\) voxel -> mm map$"):
         hd95(fixed, warped, spacing=spacing)
     assert hd95(fixed, warped, spacing=(2, 1.5, 1)) == {1: 2.0}  # the one extra plane along i: 2 mm apart
+
+
+def test_write_nifti_gives_the_same_gz_bytes_at_another_time(tmp_path, monkeypatch):
+    """The same volume written twice, a minute apart by the clock, gives byte-identical ``.nii.gz`` files (gzip's
+    header held the writing time, so two runs' outputs differed in bytes though not in data)."""
+    import time as time_module
+
+    import numpy as np
+
+    from cyclereg.volumeio import write_nifti
+
+    data = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    write_nifti(tmp_path / "a.nii.gz", data, np.eye(4))
+    now = time_module.time()
+    monkeypatch.setattr(time_module, "time", lambda: now + 60.0)  # what gzip reads for its header's time stamp
+    write_nifti(tmp_path / "b.nii.gz", data, np.eye(4))
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
