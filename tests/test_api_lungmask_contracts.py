@@ -198,18 +198,22 @@ def test_register_passes_every_value_to_the_path_it_picks(files, monkeypatch):
                          ("cyclereg.dense.api", "register_volume_files")):
         _spy(monkeypatch, module, name, calls, result=f"summary of {name}", writes=_write_config)
     f = files
-    result = api.register(f / "f.csv", f / "m.csv", f / "o1", query=f / "q.csv", spacing="1,2,3",
+    result = api.register(f / "f.csv", f / "m.csv", f / "o1", query=f / "q.csv",
                           reference=f / "ref.nii.gz", moving_image=f / "img.nii.gz", moving_labels=f / "ml.nii.gz",
                           recentre_passes=2, tta_passes=3, ensemble_fusion="average", disp_mm=True, spread=False,
                           spread_map=True, jacobian=True, device="cpu")
     name, args, kwargs = calls.pop()
     assert name == "register_cloud_files" and args == (f / "f.csv", f / "m.csv", f / "o1")
-    assert kwargs == dict(model="random", seed=0, query=f / "q.csv", spacing="1,2,3", device="cpu",
+    assert kwargs == dict(model="random", seed=0, query=f / "q.csv", spacing=None, device="cpu",
                           recentre_passes=2, tta_passes=3, ensemble_fusion="average", reference=f / "ref.nii.gz",
                           moving_image=f / "img.nii.gz", moving_labels=f / "ml.nii.gz", disp_mm=True, spread=False,
                           spread_map=True, jacobian=True)
     assert result.summary == "summary of register_cloud_files" and result.files == ("displacements.csv",)
     assert result.record["spy"] is True and result.out_dir == f / "o1"
+    # --spacing goes without --reference (with it: refused before any file check)
+    api.register(f / "f.csv", f / "m.csv", f / "o1", spacing="1,2,3", device="cpu")
+    name, args, kwargs = calls.pop()
+    assert name == "register_cloud_files" and kwargs["spacing"] == "1,2,3" and kwargs["reference"] is None
 
     api.register(f / "f.nii.gz", f / "m.nii.gz", f / "o2", model=f / "model.pt", via_keypoints=True,
                  lung_mask=True, query=f / "q.csv", moving_labels=f / "ml.nii.gz", recentre_passes=2,

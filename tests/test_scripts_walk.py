@@ -120,7 +120,9 @@ def _dense_final(run: Path) -> str:
 @pytest.mark.parametrize("case", ["missing_run", "model_set_as_run", "run_json_as_run", "stage_in_one_fold_only",
                                   "damaged_second_fold", "dense_checkpoint", "existing_output", "output_named_pt"])
 def test_run_model_set_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, run_model_set, capsys, case):
-    run = _fake_cloud_run(tmp_path / "run")
+    # stage_in_one_fold_only: final.pt is stage 2's, so fold 2 keeps no stage 1 (a final.pt that is stage 1's
+    # would stand in for it: cyclereg.api.stage_checkpoint)
+    run = _fake_cloud_run(tmp_path / "run", stages=(1, 2) if case == "stage_in_one_fold_only" else (1,))
     out = tmp_path / "set"
     args, named = [str(run), "-o", str(out)], [str(run)]
     if case == "missing_run":

@@ -144,3 +144,15 @@ def test_volume_evaluate_of_a_registration_holding_nan_is_one_result_error(tmp_p
     with pytest.raises(ResultError, match=r"G_0001_0000\.nii\.gz: the displacements hold NaN or inf"):
         dense_api.evaluate_volume_dataset(dataset, tmp_path / "r.json", model="random", device="cpu", figures=False)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_run_model_set_takes_a_trimmed_fold_final_checkpoint_for_its_stage(tmp_path):
+    """``scripts/run_model_set.py RUN --stage 1`` of a run whose fold 2 kept only final.pt, which is stage 1's: the
+    set holds that file for fold 2 (the one rule of stage_checkpoint), byte for byte."""
+    from tests.conftest import load_script
+    from tests.test_scripts_walk import _fake_cloud_run
+
+    run = _fake_cloud_run(tmp_path / "run")
+    (run / "fold2" / "stage1.pt").unlink()
+    assert load_script("scripts/run_model_set.py").main([str(run), "-o", str(tmp_path / "set"), "--stage", "1"]) == 0
+    assert (tmp_path / "set" / "fold2.pt").read_bytes() == (run / "fold2" / "final.pt").read_bytes()
