@@ -713,7 +713,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     Pairs without landmarks are left out (named in a note and in the report, ``without_landmarks``);
     :class:`InputError` if no selected pair has them. ``max_pairs`` counts the pairs with landmarks.
 
-    Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``) and prints a table;
+    Writes ``report`` (JSON: ``mean_tre_mm``, ``initial_tre_mm``, ``cases``; ``mean_sdlogj``, ``mean_std_logj``
+    and ``mean_folding_fraction`` are means over the ``num_sdlogj_cases`` cases scored for smoothness, ``None``
+    when none is: a dataset without a volume grid, or ``smoothness=False``) and prints a table;
     with ``errors_csv`` also one row per landmark (``pair, fold, landmark, before_mm, after_mm``;
     ``landmark`` is the 0-based row in the landmark files), for box plots and paired tests, and the
     report names that file (``errors_csv``: its path from the report's folder, its file name beside it).
@@ -834,9 +836,10 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "device": str(dev), "num_pairs": len(cases),
         "folds": "all" if folds in (None, "all") else [int(folds)],
         "initial_tre_mm": mean("tre_before_mm", "mean"), "mean_tre_mm": mean("tre_after_mm", "mean"),
-        "mean_sdlogj": mean("sdlogj") if cases and "sdlogj" in cases[0] else None,
-        "mean_std_logj": mean("std_logj") if cases and "std_logj" in cases[0] else None,
-        "mean_folding_fraction": mean("folding_fraction") if cases and "folding_fraction" in cases[0] else None,
+        # over the cases scored for smoothness, as the volume reports' means (None: no case is)
+        "mean_sdlogj": _mean_of_scored(cases, "sdlogj"), "mean_std_logj": _mean_of_scored(cases, "std_logj"),
+        "mean_folding_fraction": _mean_of_scored(cases, "folding_fraction"),
+        "num_sdlogj_cases": sum(c.get("sdlogj") is not None for c in cases),
         "mean_seconds": mean("seconds"), "mean_scoring_seconds": mean("scoring_seconds"),
         "config": _shared_config(models, default_config),
         "checkpoints": checkpoints,
@@ -871,6 +874,13 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
                              for pid, fold, i, *values in zip(*rows.values()))
             atomic_write_text(files(errors_csv), text.getvalue())
     return result
+
+
+def _mean_of_scored(cases: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the cases that have it (one rule with :func:`cyclereg.dense.api.summarize_pairs`),
+    ``None`` when none has it."""
+    values = [c[key] for c in cases if c.get(key) is not None]
+    return float(sum(values) / len(values)) if values else None
 
 
 def _evaluation_models(ds: KeypointDataset, pairs: list, dataset: Path, *, run: Path | None, records: dict,

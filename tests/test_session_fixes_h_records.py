@@ -1,0 +1,74 @@
+"""Contracts of small mends of the keypoint evaluation's records and the keypoint dataset reader (2026-12-07).
+
+Mended: the smoothness means of a keypoint evaluation report (``mean_sdlogj``, ``mean_std_logj``,
+``mean_folding_fraction``) were taken over every case if the first case had the figure (a case without it: a
+``KeyError``) and were ``None`` if the first had none (the others' figures dropped); they are now the mean over
+the cases that have the figure, ``None`` only when none has it, the rule of the volume reports
+(:func:`cyclereg.dense.api.summarize_pairs`), and the report says how many cases they are over
+(``num_sdlogj_cases``).
+
+Each test checks exact analytic figures or the exact message fragment naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cyclereg.clouds.api as cloud_api
+from cyclereg.clouds.api import evaluate_keypoint_dataset
+
+from conftest import write_two_pair_dataset
+
+SMOOTHNESS = ("sdlogj", "std_logj", "folding_fraction")
+
+
+def _grid_dataset(tmp_path):
+    """:func:`write_two_pair_dataset` (pairs c0, c1) with a volume grid, so that SDlogJ is scored."""
+    ds = write_two_pair_dataset(tmp_path)
+    obj = json.loads(ds.read_text())
+    obj.update(volume_shape_zyx=[20, 20, 20], spacing_zyx_mm=[10.0, 10.0, 10.0])
+    ds.write_text(json.dumps(obj))
+    return ds
+
+
+def _scored_as(monkeypatch, figures: list[dict | None]):
+    """Case ``n`` of the evaluation gets the smoothness figures ``figures[n]`` (``None``: it has none)."""
+    evaluate_pair, calls = cloud_api._evaluate_pair, []
+
+    def scored(*args, **kwargs):
+        case = evaluate_pair(*args, **kwargs)
+        for key in SMOOTHNESS:
+            case.pop(key, None)
+        case.update(figures[len(calls)] or {})
+        calls.append(case["id"])
+        return case
+
+    monkeypatch.setattr(cloud_api, "_evaluate_pair", scored)
+
+
+@pytest.mark.parametrize("figures", [
+    [None, {"sdlogj": 0.5, "std_logj": 0.25, "folding_fraction": 0.125}],
+    [{"sdlogj": 0.5, "std_logj": 0.25, "folding_fraction": 0.125}, None],
+], ids=["first-case-unscored", "second-case-unscored"])
+def test_keypoint_smoothness_means_are_over_the_cases_that_have_them(tmp_path, monkeypatch, figures):
+    ds = _grid_dataset(tmp_path)
+    _scored_as(monkeypatch, figures)
+    r = evaluate_keypoint_dataset(ds, tmp_path / "r.json", identity=True, device="cpu", quiet=True)
+    assert (r["mean_sdlogj"], r["mean_std_logj"], r["mean_folding_fraction"]) == (0.5, 0.25, 0.125)
+    assert r["num_sdlogj_cases"] == 1 and r["num_pairs"] == 2
+    assert json.loads((tmp_path / "r.json").read_text())["mean_sdlogj"] == 0.5
+
+
+def test_keypoint_smoothness_means_of_every_case_and_of_none(tmp_path, monkeypatch):
+    ds = _grid_dataset(tmp_path)
+    _scored_as(monkeypatch, [{"sdlogj": 0.5, "std_logj": 0.25, "folding_fraction": 0.0},
+                             {"sdlogj": 0.25, "std_logj": 0.5, "folding_fraction": 0.5}])
+    r = evaluate_keypoint_dataset(ds, tmp_path / "r.json", identity=True, device="cpu", quiet=True)
+    assert (r["mean_sdlogj"], r["mean_std_logj"], r["mean_folding_fraction"]) == (0.375, 0.375, 0.25)
+    assert r["num_sdlogj_cases"] == 2
+    monkeypatch.undo()
+    r = evaluate_keypoint_dataset(ds, tmp_path / "r.json", identity=True, device="cpu", quiet=True, smoothness=False)
+    assert (r["mean_sdlogj"], r["mean_std_logj"], r["mean_folding_fraction"], r["num_sdlogj_cases"]) == (
+        None, None, None, 0)
