@@ -47,6 +47,19 @@ def require_pair_ids(ids: list[str], path: Path, what: str) -> None:
         raise InputError(f"pair id {dup[0]!r} is listed more than once", path)
 
 
+def require_case_distinct_ids(ids: list[str], path: Path) -> None:
+    """:class:`InputError` naming ``path`` and two of ``ids`` that differ only in letter case (``A`` and ``a``):
+    training writes a file per pair named by its id (``pseudo{t}.parts/{id}.pt``), and on a case-insensitive
+    file system (macOS, Windows) the two would be one file, one pair's pseudo label taken for the other's."""
+    seen: dict[str, str] = {}
+    for i in ids:
+        other = seen.setdefault(i.lower(), i)
+        if other != i:
+            raise InputError(f"pair ids {other!r} and {i!r} differ only in letter case: training writes a file per "
+                             "pair named by its id, and on a case-insensitive file system (macOS, Windows) they "
+                             "would be one file; rename one", path)
+
+
 def dataset_kind(path: str | Path) -> str:
     """``"keypoints"`` for a keypoint-cloud dataset, ``"volumes"`` for a Learn2Reg dataset."""
     obj = read_json(path)
@@ -202,6 +215,7 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
                              p) from None
     ids = [q.id for q in pairs]
     require_pair_ids(ids, p, "dataset")
+    require_case_distinct_ids(ids, p)
     folds: list[tuple[str, ...]] = []
     held: dict[str, int] = {}
     raw_folds = obj.get("folds")

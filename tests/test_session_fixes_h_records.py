@@ -7,6 +7,11 @@ the cases that have the figure, ``None`` only when none has it, the rule of the 
 (:func:`cyclereg.dense.api.summarize_pairs`), and the report says how many cases they are over
 (``num_sdlogj_cases``).
 
+A keypoint dataset whose pair ids differ only in letter case (``A`` and ``a``) was loaded, although training
+writes a file per pair named by its id (``pseudo{t}.parts/{id}.pt``), which on a case-insensitive file system
+(macOS, Windows) would be one file for both, one pair's pseudo label taken for the other's; it is now refused at
+load (:func:`cyclereg.datasets.load_keypoint_dataset`) with one line naming the dataset file and the two ids.
+
 Each test checks exact analytic figures or the exact message fragment naming the file.
 """
 
@@ -15,12 +20,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 import cyclereg.clouds.api as cloud_api
 from cyclereg.clouds.api import evaluate_keypoint_dataset
+from cyclereg.datasets import load_keypoint_dataset
+from cyclereg.errors import InputError
+from cyclereg_cli.main import app
 
 from conftest import write_two_pair_dataset
 
+runner = CliRunner()
 SMOOTHNESS = ("sdlogj", "std_logj", "folding_fraction")
 
 
@@ -72,3 +82,28 @@ def test_keypoint_smoothness_means_of_every_case_and_of_none(tmp_path, monkeypat
     r = evaluate_keypoint_dataset(ds, tmp_path / "r.json", identity=True, device="cpu", quiet=True, smoothness=False)
     assert (r["mean_sdlogj"], r["mean_std_logj"], r["mean_folding_fraction"], r["num_sdlogj_cases"]) == (
         None, None, None, 0)
+
+
+@pytest.mark.parametrize("ids", [("A", "a"), ("copd01", "COPD01"), ("Pair-1", "pair-1")])
+def test_a_keypoint_dataset_with_ids_that_differ_only_in_letter_case_is_refused(tmp_path, ids):
+    ds = write_two_pair_dataset(tmp_path)
+    obj = json.loads(ds.read_text())
+    (obj["pairs"][0]["id"], obj["pairs"][1]["id"]), obj["folds"] = ids, [[ids[0]], [ids[1]]]
+    ds.write_text(json.dumps(obj))
+    with pytest.raises(InputError) as err:
+        load_keypoint_dataset(ds)
+    message = str(err.value)
+    assert message.startswith(f"{ds}: pair ids {ids[0]!r} and {ids[1]!r} differ only in letter case")
+    assert "case-insensitive file system" in message and "\n" not in message
+    res = runner.invoke(app, ["evaluate", str(ds), "--identity", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2, res.output
+    assert f"pair ids {ids[0]!r} and {ids[1]!r} differ only in letter case" in " ".join(res.output.split())
+    assert "Traceback" not in res.output and not (tmp_path / "r.json").exists()
+
+
+def test_keypoint_ids_distinct_in_letter_case_still_load(tmp_path):
+    ds = write_two_pair_dataset(tmp_path)
+    obj = json.loads(ds.read_text())
+    (obj["pairs"][0]["id"], obj["pairs"][1]["id"]), obj["folds"] = ("a_b", "a b"), [["a_b"], ["a b"]]
+    ds.write_text(json.dumps(obj))
+    assert [p.id for p in load_keypoint_dataset(ds).pairs] == ["a_b", "a b"]
