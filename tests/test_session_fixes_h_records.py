@@ -12,6 +12,10 @@ writes a file per pair named by its id (``pseudo{t}.parts/{id}.pt``), which on a
 (macOS, Windows) would be one file for both, one pair's pseudo label taken for the other's; it is now refused at
 load (:func:`cyclereg.datasets.load_keypoint_dataset`) with one line naming the dataset file and the two ids.
 
+``evaluate --folds K`` on keypoints where no pair of fold ``K`` has landmarks said "none of the pairs of fold K has
+landmarks" without the option that made the selection; the line now begins ``--folds K:`` as the option's other
+errors do (``--max-pairs 0`` and a fold out of range were one line naming the option already).
+
 Each test checks exact analytic figures or the exact message fragment naming the file.
 """
 
@@ -107,3 +111,22 @@ def test_keypoint_ids_distinct_in_letter_case_still_load(tmp_path):
     (obj["pairs"][0]["id"], obj["pairs"][1]["id"]), obj["folds"] = ("a_b", "a b"), [["a_b"], ["a b"]]
     ds.write_text(json.dumps(obj))
     assert [p.id for p in load_keypoint_dataset(ds).pairs] == ["a_b", "a b"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--folds", "2"], "nolm.json: --folds 2: none of the pairs of fold 2 has landmarks (fixed_landmarks and "
+                       "moving_landmarks): there is no TRE to evaluate"),
+    (["--folds", "2", "--max-pairs", "1"], "nolm.json: --folds 2: none of the pairs of fold 2 has landmarks"),
+    (["--max-pairs", "0"], "--max-pairs 0: need 1 or more"),
+    (["--folds", "3"], "nolm.json: --folds 3: expected 'all' or 1..2"),
+])
+def test_an_evaluate_selection_of_no_scorable_pair_is_one_line_naming_the_option(tmp_path, args, said):
+    ds = write_two_pair_dataset(tmp_path)
+    obj = json.loads(ds.read_text())
+    for key in ("fixed_landmarks", "moving_landmarks"):  # fold 2 holds out c1 alone, now without landmarks
+        obj["pairs"][1].pop(key)
+    (tmp_path / "nolm.json").write_text(json.dumps(obj))
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "nolm.json"), "--identity", *args,
+                              "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and said in res.output and res.output.count("\n") == 1, res.output
+    assert not (tmp_path / "r.json").exists()

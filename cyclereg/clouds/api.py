@@ -748,8 +748,9 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     without_landmarks = [p.id for p in pairs if p.fixed_landmarks is None or p.moving_landmarks is None]
     pairs = [p for p in pairs if p.fixed_landmarks is not None and p.moving_landmarks is not None]
     if not pairs:
-        which = "the pairs of fold " + str(folds) if folds not in (None, "all") else "the dataset's pairs"
-        raise InputError(f"none of {which} has landmarks (fixed_landmarks and moving_landmarks): there is no TRE "
+        which = (f"--folds {folds}: none of the pairs of fold {folds}" if folds not in (None, "all")
+                 else "none of the dataset's pairs")
+        raise InputError(f"{which} has landmarks (fixed_landmarks and moving_landmarks): there is no TRE "
                          "to evaluate", dataset)
     pairs = pairs[: require_count("--max-pairs", max_pairs, 1)]
     dev = resolve_device(device)
