@@ -49,8 +49,9 @@ def require_pair_ids(ids: list[str], path: Path, what: str) -> None:
 
 def require_case_distinct_ids(ids: list[str], path: Path) -> None:
     """:class:`InputError` naming ``path`` and two of ``ids`` that differ only in letter case (``A`` and ``a``):
-    training writes a file per pair named by its id (``pseudo{t}.parts/{id}.pt``), and on a case-insensitive
-    file system (macOS, Windows) the two would be one file, one pair's pseudo label taken for the other's."""
+    training writes a file per pair named by its id (``pseudo{t}.parts/{id}.pt``; ``keypoints --pairs`` its
+    ``{id}_fixed.csv`` ...), and on a case-insensitive file system (macOS, Windows) the two would be one file,
+    one pair's taken for the other's."""
     seen: dict[str, str] = {}
     for i in ids:
         other = seen.setdefault(i.lower(), i)

@@ -130,3 +130,19 @@ def test_an_evaluate_selection_of_no_scorable_pair_is_one_line_naming_the_option
                               "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and said in res.output and res.output.count("\n") == 1, res.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_pairs_csv_with_ids_that_differ_only_in_letter_case_is_refused(tmp_path):
+    """``keypoints --pairs``: its ids name the point files (``A_fixed.csv`` and ``a_fixed.csv``, one file on a
+    case-insensitive file system), so such a pairs CSV is refused when read, naming both ids and the CSV."""
+    from cyclereg.errors import InputError
+    from cyclereg.keypoints.api import read_pairs_csv
+
+    for name in ("f.nii.gz", "m.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("id,fixed,moving\nA,f.nii.gz,m.nii.gz\na,m.nii.gz,f.nii.gz\n")
+    with pytest.raises(InputError, match=r"pairs\.csv: pair ids 'A' and 'a' differ only in letter case"):
+        read_pairs_csv(csv)
+    csv.write_text("id,fixed,moving\nA,f.nii.gz,m.nii.gz\nb,m.nii.gz,f.nii.gz\n")
+    assert [p.id for p in read_pairs_csv(csv)] == ["A", "b"]

@@ -44,7 +44,7 @@ from rich.progress import Progress
 from cyclereg.checkpoint import atomic_write_text, staged_file_set, write_json
 from cyclereg.console import make_console
 from cyclereg.device import provenance, resolve_device
-from cyclereg.datasets import require_pair_ids
+from cyclereg.datasets import require_case_distinct_ids, require_pair_ids
 from cyclereg.errors import (InputError, refuse_output_in_run, require_file, require_output_dir, require_output_file,
                              require_separate_output, whole_number)
 from cyclereg.frames import voxel_to_world
@@ -389,6 +389,7 @@ def read_pairs_csv(path: str | Path) -> list[ScanPair]:
         lms = [require_file(p.parent / f) for f in lm] if lm[0] else [None, None]
         pairs.append(ScanPair(cells["id"], files[0], files[1], lms[0], lms[1]))
     require_pair_ids([q.id for q in pairs], p, "the pairs CSV")
+    require_case_distinct_ids([q.id for q in pairs], p)  # they name the keypoint files: ID_fixed.csv, ...
     return pairs
 
 
