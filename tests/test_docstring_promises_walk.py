@@ -1,0 +1,187 @@
+"""Docstring promises walk (audited 2026-12-07).
+
+What was audited: the package docstring's conventions (axis order, voxel / mm / grid frames, fixed -> moving
+displacements, "devices and dtypes follow the inputs") and the concrete promises of the public docstrings of
+cyclereg/frames.py, warp.py, metrics.py, pointio.py, volumeio.py, clouds/{tps,knn,lbp,augment}.py,
+dense/{convex,similarity}.py and keypoints/foerstner.py, each checked on a tiny input against an answer derived
+by hand. Promises already pinned elsewhere (grep of tests/) were skipped; the passing tests here pin the
+handled ones no test covered, and the ``xfail(strict=True)`` tests pin the places where the behaviour breaks
+a docstring's promise (they pass once mended).
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from cyclereg.clouds.knn import knn_indices
+from cyclereg.clouds.lbp import LBPConfig
+from cyclereg.dense.config import ConvexConfig
+from cyclereg.dense.convex import correlate, coupled_convex, displacement_set, resample_disp
+from cyclereg.dense.similarity import mind_ssc
+from cyclereg.errors import InputError
+from cyclereg.frames import voxel_coordinates
+from cyclereg.keypoints.foerstner import FoerstnerConfig, distinctiveness, foerstner_keypoints
+from cyclereg.metrics import hd95
+from cyclereg.pointio import parse_points_csv, points_csv
+from cyclereg.volumeio import read_nifti, write_displacement, write_nifti
+
+# an oblique voxel -> mm affine: i runs along world z (1.5 mm), j along x (2 mm), k along y (3 mm)
+OBLIQUE = np.array([[0, 2.0, 0, 10], [0, 0, 3.0, 20], [1.5, 0, 0, 30], [0, 0, 0, 1]])
+
+
+# ----------------------------------------------------------------------------- handled promises
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_correlation_and_coupled_convex_find_a_two_voxel_shift_on_its_own_axis(axis):
+    """correlate / coupled_convex: a moving feature map that is the fixed one moved by +2 voxels along array axis
+    ``axis`` (m(x + 2 e) = f(x)) gives the candidate (and the field) +2 along that axis alone, fixed -> moving,
+    channel c along axis c; the candidates are ordered like displacement_set (i slowest)."""
+    f = torch.randn(1, 4, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    m = torch.roll(f, shifts=2, dims=2 + axis)
+    expected = [0.0, 0.0, 0.0]
+    expected[axis] = 2.0
+    cost = correlate(f, m, ConvexConfig(radius=2, patch_size=1))
+    best = displacement_set(2)[cost[0, :, 4:8, 4:8, 4:8].argmin(0)].reshape(-1, 3).unique(dim=0)
+    assert best.tolist() == [expected]
+    v = coupled_convex(cost, ConvexConfig(radius=2, softmax_temperature=100.0))
+    torch.testing.assert_close(v[0, :, 5:7, 5:7, 5:7].mean((1, 2, 3)), torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_resample_disp_keeps_a_field_that_grows_by_one_voxel_per_voxel():
+    """resample_disp: output voxel x lies at source voxel x * ratio, displacements scaled by 1 / ratio, so the
+    field u(x) = x (voxels of its grid) is u(x) = x on the 2x coarser grid too, and a constant 2 halves to 1."""
+    x = voxel_coordinates((8, 8, 8)).permute(3, 0, 1, 2)[None]
+    down = resample_disp(x, (4, 4, 4), 2.0)
+    torch.testing.assert_close(down, voxel_coordinates((4, 4, 4)).permute(3, 0, 1, 2)[None])
+    assert resample_disp(torch.full((1, 3, 8, 8, 8), 2.0), (4, 4, 4), 2.0).unique().tolist() == [1.0]
+    assert resample_disp(x.double(), (4, 4, 4), 2.0).dtype == torch.float64
+
+
+def test_write_displacement_in_mm_writes_the_affines_columns_as_world_x_y_z(tmp_path):
+    """write_displacement: Learn2Reg layout (D, H, W, 3), the unit in the intent name; unit="mm" turns one voxel
+    along i into the affine's column 0 (here 1.5 mm along world z), unit="voxel" keeps (1, 0, 0)."""
+    disp = torch.zeros(1, 3, 2, 3, 4)
+    disp[:, 0] = 1.0
+    write_displacement(tmp_path / "mm.nii.gz", disp, OBLIQUE, unit="mm")
+    write_displacement(tmp_path / "vox.nii.gz", disp.double(), OBLIQUE)
+    mm, vox = (nib.load(str(tmp_path / name)) for name in ("mm.nii.gz", "vox.nii.gz"))
+    assert mm.shape == vox.shape == (2, 3, 4, 3)
+    assert mm.get_fdata()[1, 2, 3].tolist() == [0.0, 0.0, 1.5]
+    assert vox.get_fdata()[1, 2, 3].tolist() == [1.0, 0.0, 0.0]
+    assert vox.get_data_dtype() == np.float32
+    assert (mm.header.get_intent()[2], vox.header.get_intent()[2]) == ("disp mm xyz", "disp voxel ijk")
+    np.testing.assert_allclose(mm.affine, OBLIQUE)
+
+
+def test_hd95_measures_a_shift_along_k_by_the_length_of_the_maps_column_k():
+    """hd95 with a (3, 3) voxel -> mm map: a cube moved one voxel along array axis k is 3 mm off when column k of
+    the map is 3 mm long, also when that column points along world x (a permuted grid)."""
+    fixed = torch.zeros(8, 8, 8, dtype=torch.long)
+    fixed[2:5, 2:5, 2:5] = 1
+    warped = torch.roll(fixed, 1, 2)
+    permuted = np.array([[0, 0, 3.0], [0, 1.0, 0], [1.0, 0, 0]])
+    assert hd95(fixed, warped, spacing=permuted) == {1: 3.0}
+    assert hd95(fixed, warped, spacing=(1.0, 1.0, 3.0)) == {1: 3.0}
+    assert hd95(fixed, torch.roll(fixed, 1, 0), spacing=(2.0, 1.0, 1.0)) == {1: 2.0}
+
+
+def test_distinctiveness_does_not_change_with_an_affine_intensity_change():
+    """distinctiveness: the image is scaled to unit robust range first, so a * img + b (a > 0) gives the same D."""
+    x = voxel_coordinates((10, 12, 14)).double()
+    img = torch.exp(-((x - torch.tensor([4.0, 6.0, 7.0], dtype=torch.float64)) ** 2).sum(-1) / 8.0)
+    ref = distinctiveness(img, (1.0, 1.0, 3.0), 1.0)
+    torch.testing.assert_close(distinctiveness(7.0 * img + 3.0, (1.0, 1.0, 3.0), 1.0), ref, atol=1e-12 * float(ref.max()),
+                               rtol=0)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0)])
+def test_foerstner_finds_an_isotropic_blob_at_its_centre_voxel_on_an_anisotropic_grid(spacing):
+    """foerstner_keypoints: a blob round in mm centred on voxel (6, 8, 13) is found there, (i, j, k) order, on a grid
+    of 1 or 2 mm along i; voxels int64, scores float32 whatever the image's dtype."""
+    centre = torch.tensor([6.0, 8.0, 13.0], dtype=torch.float64)
+    scale = torch.tensor(spacing, dtype=torch.float64)
+    x = voxel_coordinates((14, 18, 22)).double() * scale
+    img = torch.exp(-((x - centre * scale) ** 2).sum(-1) / 8.0)
+    cfg = FoerstnerConfig(sigma_mm=1.0, nms_radius_mm=20.0, max_points=None, threshold=0.5)
+    for image in (img, img.float()):
+        kp = foerstner_keypoints(image, spacing, config=cfg)
+        assert kp.voxels.tolist() == [[6, 8, 13]]
+        assert (kp.voxels.dtype, kp.scores.dtype) == (torch.int64, torch.float32)
+
+
+# ----------------------------------------------------------------------------- broken promises
+@pytest.mark.xfail(strict=True, reason="BUG: knn_indices promises any one dtype for both clouds (integers searched in "
+                   "the default float dtype) and a ValueError otherwise, but float16 / bfloat16 clouds on the CPU raise "
+                   "torch's NotImplementedError ('cdist' not implemented for 'Half'); LOW_PRECISION says such "
+                   "computations run in float32 (clouds/knn.py:_knn_indices)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_knn_of_a_half_precision_cloud_gives_the_float32_neighbours(dtype):
+    points = torch.tensor([[0.0, 0, 0], [1, 0, 0], [3, 0, 0], [7, 0, 0]])
+    assert knn_indices(points.to(dtype), points.to(dtype), 2).tolist() == [[0, 1], [1, 0], [2, 1], [3, 2]]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: mind_ssc promises (B, 12, D, H, W) descriptors, but dilation=0 makes "
+                   "all six offsets (0, 0, 0), every one of the 15 pairs passes the distance test 0 == 2 * 0**2 and 15 "
+                   "all-equal channels come back; mind_loss refuses dilation 0, mind_ssc does not "
+                   "(dense/similarity.py:_ssc_pairs / mind_ssc)")
+def test_mind_ssc_refuses_a_dilation_of_zero():
+    image = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="dilation"):
+        mind_ssc(image, dilation=0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: mind_ssc of a float16 image on the CPU raises torch's NotImplementedError "
+                   "(avg_pool3d has no Half kernel); mind_loss computes half precision in float32, mind_ssc does not, "
+                   "although dtypes follow the inputs (dense/similarity.py:mind_ssc / box_mean)")
+def test_mind_ssc_of_a_half_precision_image_is_the_float32_descriptor_in_half():
+    image = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    out = mind_ssc(image.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), mind_ssc(image), atol=2e-3, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: parse_points_csv promises (N, 3) points of points_csv's text, but the "
+                   "text of an empty cloud (header only) parses to shape (0, 1) with a NumPy warning; read_points "
+                   "refuses that file as empty (pointio.py:parse_points_csv)")
+def test_parse_points_csv_of_an_empty_cloud_is_zero_by_three_or_refused():
+    try:
+        out = parse_points_csv(points_csv(torch.zeros(0, 3)))
+    except (InputError, ValueError):
+        return
+    assert tuple(out.shape) == (0, 3)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: write_nifti writes a volume (float64 as float32, 64-bit integers "
+                   "narrowed), but a bool mask (what warp_labels returns for a mask) or a float16 / bfloat16 image "
+                   "fails inside nibabel (HeaderDataError 'data dtype \"bool\" not supported', or a TypeError from "
+                   "numpy()), not written and not a ValueError naming data (volumeio.py:write_nifti)")
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16, torch.bfloat16])
+def test_write_nifti_of_a_mask_or_half_precision_volume_reads_back_or_names_data(tmp_path, dtype):
+    data = (torch.arange(24.0).view(2, 3, 4) % 2).to(dtype)
+    try:
+        write_nifti(tmp_path / "v.nii.gz", data, OBLIQUE)
+    except ValueError as exc:
+        assert str(exc).startswith("data:")
+        return
+    assert torch.equal(read_nifti(tmp_path / "v.nii.gz").data, data.float())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: FoerstnerConfig checks max_points >= 1 and mask_erosion_voxels >= 0 but "
+                   "takes 2.5, True or 1.5: max_points=2.5 then fails in foerstner_keypoints with TypeError 'slice "
+                   "indices must be integers', True keeps one point, an erosion of 1.5 erodes by 1 "
+                   "(keypoints/foerstner.py:FoerstnerConfig.__post_init__; keypoints/api.py checks whole_number)")
+@pytest.mark.parametrize("field, value", [("max_points", 2.5), ("max_points", True), ("mask_erosion_voxels", 1.5)])
+def test_foerstner_config_refuses_a_count_that_is_no_whole_number(field, value):
+    with pytest.raises(ValueError, match=field):
+        FoerstnerConfig(**{field: value})
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: LBPConfig checks num_candidates, graph_k and iterations with whole_number "
+                   "but source_labels only with '< 1': 2.5 is taken and the LBP then fails in torch.topk with "
+                   "TypeError, True searches one label (clouds/lbp.py:LBPConfig.__post_init__)")
+@pytest.mark.parametrize("value", [2.5, True])
+def test_lbp_config_refuses_source_labels_that_are_no_whole_number(value):
+    with pytest.raises(ValueError, match="source_labels"):
+        LBPConfig(source_labels=value)
