@@ -27,7 +27,7 @@ from cyclereg.keypoints.foerstner import FoerstnerConfig, distinctiveness, foers
 from cyclereg.metrics import hd95
 from cyclereg.pointio import parse_points_csv, points_csv
 from cyclereg.volumeio import read_nifti, write_displacement, write_nifti
-from cyclereg.warp import compose
+from cyclereg.warp import compose, warp_between_grids, warp_labels
 
 # an oblique voxel -> mm affine: i runs along world z (1.5 mm), j along x (2 mm), k along y (3 mm)
 OBLIQUE = np.array([[0, 2.0, 0, 10], [0, 0, 3.0, 20], [1.5, 0, 0, 30], [0, 0, 0, 1]])
@@ -210,3 +210,22 @@ def test_composition_error_of_integer_inverse_shifts_is_zero():
     a[:, 1] = 1
     assert float(composition_error(a.float(), -a.float())) == 0.0  # a shift of one voxel and its inverse
     assert float(composition_error(a, -a)) == 0.0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: warp refuses a disp_vox holding NaN or inf (grid_sample would sample such a "
+                   "voxel quietly at an ordinary-looking value), and warp_labels without affines does too, but "
+                   "warp_between_grids (which 'equals warp when the affines and shapes agree') and warp_labels given "
+                   "both affines take it and return finite values (a NaN point samples the border / label 0) "
+                   "(warp.py:warp_between_grids, warp_labels)")
+@pytest.mark.parametrize("how", ["warp_between_grids", "warp_labels with affines"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_warping_between_grids_refuses_a_displacement_holding_nan_or_inf(how, bad):
+    moving = torch.arange(64.0).view(1, 1, 4, 4, 4)
+    disp = torch.zeros(1, 3, 4, 4, 4)
+    disp[0, 1, 2, 2, 2] = bad
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    with pytest.raises(ValueError, match=r"^disp_vox: holds NaN or inf$"):
+        if how == "warp_between_grids":
+            warp_between_grids(moving, affine, disp, affine)
+        else:
+            warp_labels(moving.long(), disp, labels_affine=affine, fixed_affine=affine)
