@@ -123,19 +123,22 @@ def test_knn_of_a_half_precision_cloud_gives_the_float32_neighbours(dtype):
     assert knn_indices(points.to(dtype), points.to(dtype), 2).tolist() == [[0, 1], [1, 0], [2, 1], [3, 2]]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: mind_ssc promises (B, 12, D, H, W) descriptors, but dilation=0 makes "
-                   "all six offsets (0, 0, 0), every one of the 15 pairs passes the distance test 0 == 2 * 0**2 and 15 "
-                   "all-equal channels come back; mind_loss refuses dilation 0, mind_ssc does not "
-                   "(dense/similarity.py:_ssc_pairs / mind_ssc)")
 def test_mind_ssc_refuses_a_dilation_of_zero():
     image = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="dilation"):
         mind_ssc(image, dilation=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: mind_ssc of a float16 image on the CPU raises torch's NotImplementedError "
-                   "(avg_pool3d has no Half kernel); mind_loss computes half precision in float32, mind_ssc does not, "
-                   "although dtypes follow the inputs (dense/similarity.py:mind_ssc / box_mean)")
+def test_mind_ssc_refuses_a_negative_radius_by_name_as_mind_loss_does():
+    """mind_ssc took radius -1 as radius 0 (box_mean returns its input for radius <= 0); mind_loss refused it, and
+    mind_ssc now refuses it in the same words (mended 2026-12-07)."""
+    image = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match=r"^radius -1: need 0 or more$"):
+        mind_ssc(image, radius=-1)
+    with pytest.raises(InputError, match=r"^radius 1.5: need a whole number, 0 or more"):
+        mind_ssc(image, radius=1.5)
+
+
 def test_mind_ssc_of_a_half_precision_image_is_the_float32_descriptor_in_half():
     image = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     out = mind_ssc(image.half())

@@ -91,10 +91,17 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
     """MIND-SSC descriptors ``(B, 12, D, H, W)`` of ``image`` ``(B, 1, D, H, W)``.
 
     Args:
-        radius: half-width of the patch over which squared differences are averaged, voxels.
-        dilation: distance of the six-neighbourhood offsets from the centre, voxels.
+        radius: half-width of the patch over which squared differences are averaged, whole voxels >= 0.
+        dilation: distance of the six-neighbourhood offsets from the centre, whole voxels >= 1 (a dilation of 0
+            compares every voxel with itself).
+
+    A half-precision image (:data:`~cyclereg.frames.LOW_PRECISION`) is computed in float32 and answered in its dtype.
     """
     _check("image", image)
+    radius = require_count("radius", python_number(radius), 0)
+    dilation = require_count("dilation", python_number(dilation), 1)
+    if image.dtype in LOW_PRECISION:
+        return mind_ssc(image.float(), radius=radius, dilation=dilation, eps=eps).to(image.dtype)
     dist = torch.cat([box_mean((_shift(image, p) - _shift(image, q)).pow(2), radius)
                       for p, q in _ssc_pairs(dilation)], dim=1)
     var = dist.mean(dim=1, keepdim=True)
