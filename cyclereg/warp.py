@@ -190,6 +190,7 @@ def compose(disp_a: torch.Tensor, disp_b: torch.Tensor) -> torch.Tensor:
     check_displacement("disp_b", disp_b)
     if disp_a.shape[2:] != disp_b.shape[2:]:
         raise ValueError(f"disp_b: grid {tuple(disp_b.shape[2:])} differs from disp_a's {tuple(disp_a.shape[2:])}")
+    disp_b = disp_b.to(floating_dtype(disp_b))  # an integer field is sampled as numbers, not rounded as labels
     return disp_a + warp_unchecked(disp_b, disp_a, mode="bilinear", padding_mode="border")
 
 

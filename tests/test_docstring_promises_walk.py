@@ -19,7 +19,8 @@ import torch
 from cyclereg.clouds.knn import knn_indices
 from cyclereg.clouds.lbp import LBPConfig
 from cyclereg.dense.config import ConvexConfig
-from cyclereg.dense.convex import composition_error, correlate, coupled_convex, displacement_set, resample_disp
+from cyclereg.dense.convex import (composition_error, correlate, coupled_convex, displacement_set, inverse_consistency,
+                                    resample_disp)
 from cyclereg.dense.similarity import mind_ssc
 from cyclereg.errors import InputError
 from cyclereg.frames import voxel_coordinates
@@ -191,10 +192,6 @@ def test_lbp_config_refuses_source_labels_that_are_no_whole_number(value):
         LBPConfig(source_labels=value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: compose samples an integer disp_b as a label map (warp_unchecked rounds an "
-                   "integer 'image' back to integers), so b(x + a(x)) at a half-voxel a comes back rounded to even: "
-                   "a = 0.5, b(i) = i gave 0.5, 1.5, 2.5, 4.5, 4.5 instead of 1, 2, 3, 4, 5; resample_disp and "
-                   "sample_at_points take an integer field as numbers (warp.py:compose)")
 def test_compose_samples_an_integer_second_field_as_numbers():
     a = torch.zeros(1, 3, 6, 1, 1)
     a[:, 0] = 0.5
@@ -202,6 +199,26 @@ def test_compose_samples_an_integer_second_field_as_numbers():
     b[:, 0] = torch.arange(6).view(6, 1, 1)
     # x + a(x) = i + 0.5 lies between voxels i and i + 1 (the last one clamps to the border, 5)
     torch.testing.assert_close(compose(a, b)[0, 0, :, 0, 0], torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.5]))
+
+
+@pytest.mark.parametrize("integer_forward", [False, True])
+def test_inverse_consistency_samples_an_integer_field_of_a_float_integer_mix_as_numbers(integer_forward):
+    """inverse_consistency sampled an integer field as a label map (rounded: b(i + 0.5) came back as i or i + 1,
+    rounded to even), as compose did; it now samples it as numbers (mended 2026-12-07). One iteration of
+    a <- (a - b o (id + a)) / 2, b <- (b - a o (id + b)) / 2 with a = 0.5 and b(i) = i (clamped at the border, 5):
+    a = (0.5 - (i + 0.5)) / 2 = -i / 2 (the last -2.25), b = (i - 0.5) / 2."""
+    a = torch.zeros(1, 3, 6, 1, 1)
+    a[:, 0] = 0.5
+    b = torch.zeros(1, 3, 6, 1, 1, dtype=torch.long)
+    b[:, 0] = torch.arange(6).view(6, 1, 1)
+    want_a = torch.tensor([0.0, -0.5, -1.0, -1.5, -2.0, -2.25])
+    want_b = torch.arange(6.0) / 2 - 0.25
+    if integer_forward:
+        got_b, got_a = inverse_consistency(b, a, 1)
+    else:
+        got_a, got_b = inverse_consistency(a, b, 1)
+    torch.testing.assert_close(got_a[0, 0, :, 0, 0], want_a)
+    torch.testing.assert_close(got_b[0, 0, :, 0, 0], want_b)
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: composition_error of integer fields raises torch's RuntimeError "

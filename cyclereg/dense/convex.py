@@ -160,6 +160,7 @@ def inverse_consistency(forward: torch.Tensor, backward: torch.Tensor, iteration
     iterations = require_count("iterations", python_number(iterations), 0)
     a, b = forward, backward
     for _ in range(iterations):
+        a, b = a.to(floating_dtype(a)), b.to(floating_dtype(b))  # integer fields are sampled as numbers
         a_new = 0.5 * (a - warp_unchecked(b, a))
         b_new = 0.5 * (b - warp_unchecked(a, b))
         a, b = a_new, b_new
