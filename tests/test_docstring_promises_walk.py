@@ -221,15 +221,22 @@ def test_inverse_consistency_samples_an_integer_field_of_a_float_integer_mix_as_
     torch.testing.assert_close(got_b[0, 0, :, 0, 0], want_b)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: composition_error of integer fields raises torch's RuntimeError "
-                   "'linalg.vector_norm: Expected a floating point ... Got Long' (the composed field stays int64); "
-                   "integer displacements are computed in the default float dtype elsewhere (dense/convex.py:"
-                   "composition_error)")
 def test_composition_error_of_integer_inverse_shifts_is_zero():
     a = torch.zeros(1, 3, 4, 4, 4, dtype=torch.long)
     a[:, 1] = 1
     assert float(composition_error(a.float(), -a.float())) == 0.0  # a shift of one voxel and its inverse
     assert float(composition_error(a, -a)) == 0.0
+
+
+def test_composition_error_samples_an_integer_backward_field_as_numbers():
+    """composition_error sampled an integer backward field as a label map (rounded to even), as compose did
+    (mended 2026-12-07): a = 0.5 along i, b(i) = i gives a + b(x + a) = 1, 2, 3, 4, 5, 5.5 (the last clamps to the
+    border), whose mean norm is 20.5 / 6."""
+    a = torch.zeros(1, 3, 6, 1, 1)
+    a[:, 0] = 0.5
+    b = torch.zeros(1, 3, 6, 1, 1, dtype=torch.long)
+    b[:, 0] = torch.arange(6).view(6, 1, 1)
+    assert float(composition_error(a, b)) == pytest.approx(20.5 / 6, abs=1e-6)
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: warp refuses a disp_vox holding NaN or inf (grid_sample would sample such a "

@@ -169,6 +169,7 @@ def inverse_consistency(forward: torch.Tensor, backward: torch.Tensor, iteration
 
 def composition_error(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
     """Mean norm of ``a(x) + b(x + a(x))`` (zero for exact inverses), voxels."""
+    backward = backward.to(floating_dtype(backward))  # an integer field is sampled as numbers, and its norm taken
     return (forward + warp_unchecked(backward, forward)).norm(dim=1).mean()
 
 
