@@ -167,9 +167,12 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
 
     Returns ``(B, C, D, H, W)`` on the fixed grid. Equals :func:`warp` when the affines and
     shapes agree. Works in slabs along the first axis of at most :data:`SLAB_VOXELS` voxels, so
-    the sampling coordinates of a large CT never exist all at once.
+    the sampling coordinates of a large CT never exist all at once. :class:`ValueError` naming the
+    argument for a wrong shape, or a ``disp_vox`` holding NaN or inf, as :func:`warp`.
     """
     _check_batch(moving, disp_vox)
+    if not torch.isfinite(disp_vox).all():
+        raise ValueError("disp_vox: holds NaN or inf")
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     if fixed_affine.shape != (4, 4):
         raise ValueError(f"fixed_affine: expected a 4x4 voxel -> mm matrix, got shape {fixed_affine.shape}")

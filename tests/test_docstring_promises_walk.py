@@ -239,11 +239,6 @@ def test_composition_error_samples_an_integer_backward_field_as_numbers():
     assert float(composition_error(a, b)) == pytest.approx(20.5 / 6, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: warp refuses a disp_vox holding NaN or inf (grid_sample would sample such a "
-                   "voxel quietly at an ordinary-looking value), and warp_labels without affines does too, but "
-                   "warp_between_grids (which 'equals warp when the affines and shapes agree') and warp_labels given "
-                   "both affines take it and return finite values (a NaN point samples the border / label 0) "
-                   "(warp.py:warp_between_grids, warp_labels)")
 @pytest.mark.parametrize("how", ["warp_between_grids", "warp_labels with affines"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_warping_between_grids_refuses_a_displacement_holding_nan_or_inf(how, bad):
