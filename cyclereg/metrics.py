@@ -254,9 +254,10 @@ def _whole_labels(labels) -> list[int]:
 
 
 def erased_labels(warped_labels: torch.Tensor, labels) -> list[int]:
-    """Those of ``labels`` that ``warped_labels`` no longer holds (the registration removed them)."""
+    """Those of ``labels`` that ``warped_labels`` no longer holds (the registration removed them);
+    :class:`ValueError` naming ``labels`` for a value that is no whole number, as :func:`dice`."""
     counts = label_counts(warped_labels)
-    return [int(k) for k in labels if not _present(counts, warped_labels, int(k))]
+    return [k for k in _whole_labels(labels) if not _present(counts, warped_labels, k)]
 
 
 def check_label_maps(fixed_labels: torch.Tensor, warped_labels: torch.Tensor) -> None:

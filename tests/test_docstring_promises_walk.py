@@ -25,7 +25,7 @@ from cyclereg.dense.similarity import mind_ssc
 from cyclereg.errors import InputError
 from cyclereg.frames import voxel_coordinates
 from cyclereg.keypoints.foerstner import FoerstnerConfig, distinctiveness, foerstner_keypoints
-from cyclereg.metrics import hd95
+from cyclereg.metrics import erased_labels, hd95
 from cyclereg.pointio import parse_points_csv, points_csv
 from cyclereg.volumeio import read_nifti, write_displacement, write_nifti
 from cyclereg.warp import compose, warp_between_grids, warp_labels
@@ -251,3 +251,14 @@ def test_warping_between_grids_refuses_a_displacement_holding_nan_or_inf(how, ba
             warp_between_grids(moving, affine, disp, affine)
         else:
             warp_labels(moving.long(), disp, labels_affine=affine, fixed_affine=affine)
+
+
+@pytest.mark.parametrize("value", [1.5, True])
+def test_erased_labels_refuses_a_label_that_is_no_whole_number_as_dice_does(value):
+    """erased_labels took 1.5 as label 1 (int() truncated it) and True as 1, where dice and hd95 refuse both naming
+    labels; it now checks them with the same helper (mended 2026-12-07). Whole numbers as JSON gives them (2.0) and
+    NumPy / tensor integers are still labels: 2 is erased, 1 is not."""
+    warped = torch.tensor([[[0, 1, 1]]])
+    with pytest.raises(ValueError, match=rf"^labels: {value!r} is no label \(labels are whole numbers\)$"):
+        erased_labels(warped, [value])
+    assert erased_labels(warped, [2.0, np.int64(1), torch.tensor(2)]) == [2, 2]
