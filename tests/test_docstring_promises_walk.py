@@ -114,10 +114,6 @@ def test_foerstner_finds_an_isotropic_blob_at_its_centre_voxel_on_an_anisotropic
 
 
 # ----------------------------------------------------------------------------- broken promises
-@pytest.mark.xfail(strict=True, reason="BUG: knn_indices promises any one dtype for both clouds (integers searched in "
-                   "the default float dtype) and a ValueError otherwise, but float16 / bfloat16 clouds on the CPU raise "
-                   "torch's NotImplementedError ('cdist' not implemented for 'Half'); LOW_PRECISION says such "
-                   "computations run in float32 (clouds/knn.py:_knn_indices)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_knn_of_a_half_precision_cloud_gives_the_float32_neighbours(dtype):
     points = torch.tensor([[0.0, 0, 0], [1, 0, 0], [3, 0, 0], [7, 0, 0]])

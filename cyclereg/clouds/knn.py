@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from cyclereg.frames import floating_dtype, require_tensor
+from cyclereg.frames import LOW_PRECISION, floating_dtype, require_tensor
 
 KNN_CHUNK_BYTES_CPU = 2**20
 """On CPU, the bytes of distance matrix computed and searched at once: a piece that stays in
@@ -46,9 +46,9 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
     Sorted by increasing distance. With ``exclude_self`` (query is reference: the same points in the
     same order), the point itself is skipped. Ties are broken by index order of :func:`torch.topk`.
     Points of any dimension D work alike (``(N, D)``, ``(M, D)``); both of one dtype (integer points are
-    searched in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`). An empty query
-    gives ``(0, k)``. :class:`ValueError` naming the argument otherwise (also for NaN or inf coordinates,
-    which have no nearest neighbours).
+    searched in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`; float16 / bfloat16 points
+    in float32, :data:`cyclereg.frames.LOW_PRECISION`). An empty query gives ``(0, k)``. :class:`ValueError`
+    naming the argument otherwise (also for NaN or inf coordinates, which have no nearest neighbours).
     """
     return _knn_indices(query, reference, k, exclude_self, ("query", "reference"))
 
@@ -74,6 +74,8 @@ def _knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_s
         _require_finite(names[1], reference)
     if not query.is_floating_point():  # integer (voxel-index) points: searched in the default float dtype
         query, reference = query.to(floating_dtype(query)), reference.to(floating_dtype(reference))
+    elif query.dtype in LOW_PRECISION:  # half-precision points: searched in float32 (no CPU cdist for them)
+        query, reference = query.float(), reference.float()
     k = _count(k, 0)
     if exclude_self and query.shape != reference.shape:
         raise ValueError(f"exclude_self: the query must be the reference itself, got {tuple(query.shape)} "
