@@ -392,7 +392,10 @@ def points_csv(points_mm: torch.Tensor | np.ndarray) -> str:
 
 def parse_points_csv(text: str) -> torch.Tensor:
     """The ``(N, 3)`` float32 mm points of a point CSV's text as :func:`points_csv` writes it (header row,
-    then x, y, z per line), as :func:`read_points` reads that file."""
+    then x, y, z per line), as :func:`read_points` reads that file; the text of an empty cloud (the header
+    alone) gives ``(0, 3)``."""
+    if not any(line.strip() for line in text.splitlines()[1:]):  # np.loadtxt: (0, 1) and a warning
+        return torch.zeros(0, 3, dtype=torch.float32)
     table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
     return torch.from_numpy(table.astype(np.float32))
 

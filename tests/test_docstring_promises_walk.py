@@ -143,9 +143,6 @@ def test_mind_ssc_of_a_half_precision_image_is_the_float32_descriptor_in_half():
     torch.testing.assert_close(out.float(), mind_ssc(image), atol=2e-3, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_points_csv promises (N, 3) points of points_csv's text, but the "
-                   "text of an empty cloud (header only) parses to shape (0, 1) with a NumPy warning; read_points "
-                   "refuses that file as empty (pointio.py:parse_points_csv)")
 def test_parse_points_csv_of_an_empty_cloud_is_zero_by_three_or_refused():
     try:
         out = parse_points_csv(points_csv(torch.zeros(0, 3)))
