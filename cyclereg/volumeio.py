@@ -11,7 +11,7 @@ import torch
 from cyclereg.checkpoint import atomic_write_bytes
 from cyclereg.console import print_note
 from cyclereg.errors import InputError, require_file
-from cyclereg.frames import voxel_disp_to_mm
+from cyclereg.frames import LOW_PRECISION, voxel_disp_to_mm
 
 
 @dataclass(frozen=True)
@@ -292,14 +292,21 @@ def write_nifti(path: str | Path, data: torch.Tensor | np.ndarray, affine: np.nd
                 intent: tuple[str, str] | None = None, description: str | None = None) -> None:
     """Write a volume (``(D, H, W)`` or ``(D, H, W, C)``) atomically with the given affine;
     ``intent``: NIfTI intent code and name (e.g. ``("none", "disp mm xyz")``); ``description``: the
-    header's ``descrip`` (at most 80 characters). float64 is written as float32; 64-bit integers (``int64`` or
+    header's ``descrip`` (at most 80 characters). float64, float16 and bfloat16 are written as float32 (NIfTI
+    has no half-precision type); a bool mask as uint8 (0 / 1); 64-bit integers (``int64`` or
     ``uint64``: label maps, which NIfTI readers often cannot take as such) as the narrowest of int16 / int32 that
     holds every value (:class:`ValueError` naming ``data`` for a value beyond int32)."""
     import nibabel as nib  # noqa: PLC0415
 
-    arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    if arr.dtype == np.float64:
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu()
+        arr = (data.float() if data.dtype in LOW_PRECISION else data).numpy()  # NumPy has no bfloat16
+    else:
+        arr = np.asarray(data)
+    if arr.dtype in (np.float64, np.float16):
         arr = arr.astype(np.float32)
+    if arr.dtype == np.bool_:  # a mask (warp_labels of a bool mask): nibabel refuses bool
+        arr = arr.astype(np.uint8)
     if arr.dtype in (np.int64, np.uint64):  # label maps: the narrowest of int16 / int32 that holds every value
         lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
         big = _beyond_label_range(lo, hi)

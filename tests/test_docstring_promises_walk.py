@@ -151,10 +151,6 @@ def test_parse_points_csv_of_an_empty_cloud_is_zero_by_three_or_refused():
     assert tuple(out.shape) == (0, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: write_nifti writes a volume (float64 as float32, 64-bit integers "
-                   "narrowed), but a bool mask (what warp_labels returns for a mask) or a float16 / bfloat16 image "
-                   "fails inside nibabel (HeaderDataError 'data dtype \"bool\" not supported', or a TypeError from "
-                   "numpy()), not written and not a ValueError naming data (volumeio.py:write_nifti)")
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float16, torch.bfloat16])
 def test_write_nifti_of_a_mask_or_half_precision_volume_reads_back_or_names_data(tmp_path, dtype):
     data = (torch.arange(24.0).view(2, 3, 4) % 2).to(dtype)
