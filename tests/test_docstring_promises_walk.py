@@ -162,10 +162,6 @@ def test_write_nifti_of_a_mask_or_half_precision_volume_reads_back_or_names_data
     assert torch.equal(read_nifti(tmp_path / "v.nii.gz").data, data.float())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FoerstnerConfig checks max_points >= 1 and mask_erosion_voxels >= 0 but "
-                   "takes 2.5, True or 1.5: max_points=2.5 then fails in foerstner_keypoints with TypeError 'slice "
-                   "indices must be integers', True keeps one point, an erosion of 1.5 erodes by 1 "
-                   "(keypoints/foerstner.py:FoerstnerConfig.__post_init__; keypoints/api.py checks whole_number)")
 @pytest.mark.parametrize("field, value", [("max_points", 2.5), ("max_points", True), ("mask_erosion_voxels", 1.5)])
 def test_foerstner_config_refuses_a_count_that_is_no_whole_number(field, value):
     with pytest.raises(ValueError, match=field):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclereg.errors import finite_number
+from cyclereg.errors import finite_number, whole_number
 from cyclereg.frames import half_width_voxels
 
 DEFAULT_SIGMA_MM = 1.5
@@ -108,10 +108,11 @@ class FoerstnerConfig:
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
         if not (0 < self.reference_quantile <= 1):
             raise ValueError(f"reference_quantile must be in (0, 1], got {self.reference_quantile}")
-        if self.max_points is not None and self.max_points < 1:
-            raise ValueError(f"max_points must be >= 1, got {self.max_points}")
-        if self.mask_erosion_voxels < 0:
-            raise ValueError(f"mask_erosion_voxels must be >= 0, got {self.mask_erosion_voxels}")
+        # whole_number: not 2.5 (a TypeError in the slicing), True (one point) nor 1.5 (eroded by 1)
+        if self.max_points is not None and not (whole_number(self.max_points) and self.max_points >= 1):
+            raise ValueError(f"max_points must be a whole number >= 1, got {self.max_points!r}")
+        if not (whole_number(self.mask_erosion_voxels) and self.mask_erosion_voxels >= 0):
+            raise ValueError(f"mask_erosion_voxels must be a whole number >= 0, got {self.mask_erosion_voxels!r}")
 
     def sigma_voxels(self, spacing_mm) -> tuple[float, float, float]:
         """Gaussian scale per array axis [voxels]."""
