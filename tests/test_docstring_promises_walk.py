@@ -168,9 +168,6 @@ def test_foerstner_config_refuses_a_count_that_is_no_whole_number(field, value):
         FoerstnerConfig(**{field: value})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LBPConfig checks num_candidates, graph_k and iterations with whole_number "
-                   "but source_labels only with '< 1': 2.5 is taken and the LBP then fails in torch.topk with "
-                   "TypeError, True searches one label (clouds/lbp.py:LBPConfig.__post_init__)")
 @pytest.mark.parametrize("value", [2.5, True])
 def test_lbp_config_refuses_source_labels_that_are_no_whole_number(value):
     with pytest.raises(ValueError, match="source_labels"):

@@ -88,8 +88,8 @@ class LBPConfig:
         for name in ("pairwise_weight", "data_weight", "softmax_beta"):
             if not finite_number(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r}: need a finite number")
-        if self.source_labels is not None and self.source_labels < 1:
-            raise ValueError(f"source_labels={self.source_labels}: need at least 1 (None = all)")
+        if self.source_labels is not None and not (whole_number(self.source_labels) and self.source_labels >= 1):
+            raise ValueError(f"source_labels={self.source_labels!r}: need a whole number, at least 1 (None = all)")
         if not (0 < self.prune_fraction < 1):
             raise ValueError(f"prune_fraction={self.prune_fraction}: need 0 < fraction < 1")
 
