@@ -247,3 +247,18 @@ def test_erased_labels_refuses_a_label_that_is_no_whole_number_as_dice_does(valu
     with pytest.raises(ValueError, match=rf"^labels: {value!r} is no label \(labels are whole numbers\)$"):
         erased_labels(warped, [value])
     assert erased_labels(warped, [2.0, np.int64(1), torch.tensor(2)]) == [2, 2]
+
+
+@pytest.mark.parametrize("value", [2.5, True, 0, -1])
+def test_lbp_prune_from_and_lung_mask_components_refuse_what_is_no_count(value):
+    """``LBPConfig.prune_from`` (a number of source labels; None: never prune) and ``LungMaskConfig.max_components``
+    (a number of connected components) take whole numbers >= 1 only: 2.5 and True were taken (True pruned every
+    message, 2.5 compared as a threshold; a component count of 2.5 kept 2)."""
+    from cyclereg.keypoints.lungmask import LungMaskConfig
+
+    with pytest.raises(ValueError, match=r"prune_from=.*need a whole number of source labels, at least 1"):
+        LBPConfig(prune_from=value)
+    with pytest.raises(ValueError, match=r"max_components must be a whole number >= 1"):
+        LungMaskConfig(max_components=value)
+    assert LBPConfig(prune_from=None).prune_from is None and LBPConfig(prune_from=32).prune_from == 32
+    assert LungMaskConfig(max_components=1).max_components == 1

@@ -90,6 +90,9 @@ class LBPConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: need a finite number")
         if self.source_labels is not None and not (whole_number(self.source_labels) and self.source_labels >= 1):
             raise ValueError(f"source_labels={self.source_labels!r}: need a whole number, at least 1 (None = all)")
+        if self.prune_from is not None and not (whole_number(self.prune_from) and self.prune_from >= 1):
+            raise ValueError(f"prune_from={self.prune_from!r}: need a whole number of source labels, at least 1 "
+                             "(None = never prune)")
         if not (0 < self.prune_fraction < 1):
             raise ValueError(f"prune_fraction={self.prune_fraction}: need 0 < fraction < 1")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from cyclereg.errors import whole_number
 from cyclereg.frames import SINGULAR_AFFINE
 
 DEFAULT_AIR_THRESHOLD_HU = -400.0
@@ -60,8 +61,8 @@ class LungMaskConfig:
     closing_mm: float = 2.0
 
     def __post_init__(self):
-        if self.max_components < 1:
-            raise ValueError(f"max_components must be >= 1, got {self.max_components}")
+        if not whole_number(self.max_components) or self.max_components < 1:
+            raise ValueError(f"max_components must be a whole number >= 1, got {self.max_components!r}")
         if not 0 <= self.min_component_fraction <= 1:
             raise ValueError(f"min_component_fraction must be in [0, 1], got {self.min_component_fraction}")
         for name in ("min_component_ml", "opening_mm", "closing_mm"):
