@@ -122,7 +122,7 @@ def test_a_component_of_exactly_the_minimum_fraction_is_kept():
 
 
 def test_lung_mask_settings_are_checked_when_made():
-    for kwargs, message in (({"max_components": 0}, "max_components must be >= 1, got 0"),
+    for kwargs, message in (({"max_components": 0}, "max_components must be a whole number >= 1, got 0"),
                             ({"min_component_fraction": 1.5}, "min_component_fraction must be in [0, 1], got 1.5"),
                             ({"min_component_fraction": -0.1}, "min_component_fraction must be in [0, 1], got -0.1"),
                             ({"opening_mm": -1.0}, "opening_mm must be >= 0, got -1.0"),

@@ -7,7 +7,10 @@ tests/test_docstring_promises_walk.py, covered the rest), each checked on a tiny
 hand. Promises already pinned elsewhere (grep of tests/) were skipped: the shapes of FeatureNet / strided
 predictions, the dense field of CloudRegistration, PairGraphs under a similarity, registration_box, holm_adjusted's
 example, affine_field, the paper defaults of DenseCycleConfig. The passing tests pin handled promises no test
-covered; the strict xfails pin places where the code breaks its docstring.
+covered. The three places where the code broke its docstring were pinned as strict xfails and are mended (the
+tests now pass): unique_ids gave a repeated name the name of another listed file, the lung mask's minimum volume
+was not in millilitres on a sheared grid (|det| now, not the product of column lengths), and a pair id longer than
+a file name made its pseudo-label part unwritable (cut, with the id's hash).
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ def test_mean_label_change_averages_only_the_pairs_both_stages_hold_with_one_sha
 
 
 # ----------------------------------------------------------------------------- broken promises
-@pytest.mark.xfail(strict=True, reason="BUG: unique_ids renames the first of a repeated name that an earlier "
-                                       "NAME~N took: ['a', 'a', 'a~2', 'a~2'] -> the first 'a~2' becomes 'a~2~2'")
 def test_unique_ids_keeps_the_first_of_every_repeated_name():
     """unique_ids: 'of a name listed more than once the first keeps it and each later one becomes NAME~N, with the
     smallest N >= 2 that is no other id (a file may itself be called x~2)'. Here 'a~2' is listed twice: its first
@@ -60,9 +61,6 @@ def _ct_with_one_air_sphere():
     return ct, lung
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: lung_mask measures a voxel's volume as the product of the affine's "
-                                       "column lengths, not |det A|: on a sheared (gantry-tilt) grid "
-                                       "min_component_ml is not millilitres")
 def test_lung_mask_minimum_volume_is_in_millilitres_on_a_sheared_grid():
     """LungMaskConfig.min_component_ml: 'drop components smaller than this volume [ml = 1000 mm^3]'. The affine
     below shears k into y (column k = (0, sqrt 3, 1), 2 mm long) but keeps every voxel 1 mm^3 (det = 1), so the
@@ -77,9 +75,6 @@ def test_lung_mask_minimum_volume_is_in_millilitres_on_a_sheared_grid():
     assert not lung_mask(ct, sheared, LungMaskConfig(min_component_ml=1.0, **plain)).any()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LabelParts names a pair's file {id}.pt with no length limit: a pair id "
-                                       "of 300 letters (a valid dataset id) fails with OSError 'File name too long' "
-                                       "in the first pseudo-label refresh")
 def test_label_parts_store_a_pair_whose_id_is_longer_than_a_file_name(tmp_path):
     """LabelParts: 'pseudo{t}.parts/{pair_id}.pt holds what the task computed for the pair'; an id unfit for a file
     name gets a safe name and a short hash of the id. An id of 300 letters (no dataset check limits its length) is

@@ -197,19 +197,19 @@ def unique_ids(names: list[str]) -> list[str]:
     """``names`` made unique, in order: a name listed once is kept; of a name listed more than once the
     first keeps it and each later one becomes ``NAME~N``, with the smallest ``N >= 2`` that is no other
     id (a file may itself be called ``x~2``)."""
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    used = {name for name, c in counts.items() if c == 1}
+    used = set(names)  # every listed name is its first holder's: no later one may become it
+    seen: set[str] = set()
     out = []
     for name in names:
-        if name in used and counts[name] > 1:
+        if name in seen:
             n = 2
             while f"{name}~{n}" in used:
                 n += 1
-            name = f"{name}~{n}"
-        used.add(name)
-        out.append(name)
+            out.append(f"{name}~{n}")
+            used.add(out[-1])
+        else:
+            seen.add(name)
+            out.append(name)
     return out
 
 

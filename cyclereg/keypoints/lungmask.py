@@ -172,7 +172,7 @@ def lung_mask(ct_hu: np.ndarray, affine: np.ndarray, config: LungMaskConfig = Lu
     air = (ct_hu[box] < config.air_threshold_hu) & body[box]
     opening = _radii(config.opening_mm, spacing)
     air = _dilate(_erode(air, opening), opening)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0  # a sheared grid's voxel too (not the columns')
     lungs = _largest_components(air, config.max_components, config.min_component_fraction,
                                 config.min_component_ml / voxel_ml)
     if not lungs.any():

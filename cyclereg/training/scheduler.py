@@ -184,6 +184,11 @@ class StageSnapshot:
         self.path.unlink(missing_ok=True)
 
 
+PART_NAME_KEEP = 200
+"""Characters of a pair id (all ASCII once made safe) that a pseudo-label part's file name keeps before the hash
+that tells cut ids apart: with ``-HASH.pt`` the name stays under the usual 255-byte limit."""
+
+
 class LabelParts:
     """The pseudo labels of one stage while they are being made, one file per pair, so that a
     killed refresh resumes at the first pair without a label.
@@ -204,10 +209,11 @@ class LabelParts:
 
     def _file(self, pair_id: str) -> Path:
         """``{pair_id}.pt``; an id with characters unfit for a file name gets them replaced and a
-        short hash of the id appended (so that ``a/b`` and ``a_b`` stay apart)."""
+        short hash of the id appended (so that ``a/b`` and ``a_b`` stay apart), and one too long for a
+        file name is cut to :data:`PART_NAME_KEEP` characters before the hash."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", pair_id)
-        if safe != pair_id or safe.startswith("."):
-            safe = f"{safe}-{hashlib.sha256(pair_id.encode()).hexdigest()[:10]}"
+        if safe != pair_id or safe.startswith(".") or len(safe) > PART_NAME_KEEP:
+            safe = f"{safe[:PART_NAME_KEEP]}-{hashlib.sha256(pair_id.encode()).hexdigest()[:10]}"
         return self.path / f"{safe}.pt"
 
     def get(self, pair_id: str) -> dict | None:
