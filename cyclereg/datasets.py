@@ -203,6 +203,9 @@ def load_keypoint_dataset(path: str | Path) -> KeypointDataset:
         pair_id = entry.get("id") if isinstance(entry, dict) else None
         if isinstance(entry, dict) and "id" in entry and not _is_pair_name(pair_id):
             raise InputError(f"pairs[{n}]: id {pair_id!r} is no pair name (a non-empty text, or a whole number)", p)
+        for key in ("fixed_keypoints", "moving_keypoints"):  # "" would be the dataset's own folder
+            if isinstance(entry, dict) and isinstance(entry.get(key), str) and not entry[key].strip():
+                raise InputError(f"pairs[{n}].{key} is empty; give the path of a point file", p)
         try:
             pairs.append(KeypointPair(
                 id=str(entry["id"]),

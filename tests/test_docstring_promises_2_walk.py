@@ -88,3 +88,18 @@ def test_label_parts_store_a_pair_whose_id_is_longer_than_a_file_name(tmp_path):
     assert torch.equal(parts.get(long_a)["label"], torch.zeros(2, 3))
     assert torch.equal(parts.get(long_b)["label"], torch.ones(2, 3))
     assert LabelParts.count_in(tmp_path / "pseudo0.parts") == 2
+
+
+@pytest.mark.parametrize("key", ["fixed_keypoints", "moving_keypoints"])
+def test_a_keypoint_dataset_entry_with_an_empty_point_path_is_named_at_load(tmp_path, key):
+    """``"fixed_keypoints": ""`` resolved to the dataset's own folder and was refused only when read ('.../ds: is
+    not a regular file', naming no entry); now the load names the entry and the field."""
+    import json
+
+    from cyclereg.datasets import load_keypoint_dataset
+    from cyclereg.errors import InputError
+
+    entry = {"id": "p", "fixed_keypoints": "f.csv", "moving_keypoints": "m.csv", key: " "}
+    (tmp_path / "dataset.json").write_text(json.dumps({"pairs": [entry]}))
+    with pytest.raises(InputError, match=rf"dataset\.json: pairs\[0\]\.{key} is empty; give the path of a point file"):
+        load_keypoint_dataset(tmp_path / "dataset.json")
