@@ -62,9 +62,9 @@ class DenseCycleConfig:
             centre (reference: 0.075).
         aug_translation_std: standard deviation of the translation, as a fraction of the
             volume's half extent (reference: 0.075).
-        aug_relative_std: the moving image's transform is ``(I + N) @ fixed transform``
-            with this standard deviation (reference: 0.05), so the pair also moves
-            relative to each other.
+        aug_relative_std: the moving image's transform is ``(I + N) @ fixed transform`` followed by
+            a translation, both with this standard deviation (the translation as a fraction of the
+            volume's half extent; reference: 0.05), so the pair also moves relative to each other.
         refine: refine the pseudo labels with the full pipeline of ``pipeline`` (inverse
             consistency, second warp, Adam instance optimisation); off = the network +
             coupled convex output (ablation "w/o PL refinement").
