@@ -1,0 +1,114 @@
+"""Contracts of today's later mends, found by a second mutation audit of commits 55399d4..4659a90 (2026-12-07).
+
+Audited: ``cycle``'s run.json put back on a refusal (:func:`cyclereg.training.api._targets_recorded`: the shared
+cycles lock and ``alone()``, ``_finished_stages`` of a volume run's ``all`` folder), the check of an edited
+run.json against the last finished stage (``_require_trained_with``, :data:`RESUME_FREE`), the checkpoint's
+``run_config``, ``pretrain-random``'s in-process labelling and note, the atomic writers' byte-cut names
+(``_name_head``), dangling and looping output links, the keypoint report's smoothness means and ``errors_csv``,
+``exported_model_files``, case-distinct pair ids, the volume evaluate's NaN ResultError, and the value / dtype
+mends (knn, pointio, volumeio, Foerstner / LBP / lung-mask counts, mind_ssc, warp, convex, erased_labels).
+Lines these commits added or changed were mutated one at a time and run against ``tests/test_session_fixes_*.py``
+and the docstring walk; the tests here kill the survivors that matter to a user. Each checks a hand-derived
+answer (a kept or restored stage target, a named setting, a byte count, a file's place), never a snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cyclereg.errors import InputError
+
+
+# ----------------------------------------------------------------------------- cycle's run.json on a refusal
+def _tiny_run_json(run, kind="keypoints", folds=("fold0", "fold1")):
+    from cyclereg.checkpoint import to_jsonable
+    from cyclereg.training.clouds import CloudCycleConfig
+    from cyclereg.training.dense import DenseCycleConfig
+
+    cfg = CloudCycleConfig(stages=1) if kind == "keypoints" else DenseCycleConfig(stages=1)
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": kind, "folds": [], "config": to_jsonable(cfg)}))
+    for name in folds:
+        (run / name).mkdir()
+
+
+def test_a_refusal_while_another_cycle_still_works_keeps_the_target(tmp_path):
+    """Cycle A records target 3 and cycle B (another fold) starts working towards it; A then refuses while B still
+    works: the target stays 3 (B relies on it). Once B is done and A is alone, a refusal puts it back."""
+    from cyclereg.training.api import _targets_recorded
+
+    run = tmp_path / "run"
+    _tiny_run_json(run)
+    with pytest.raises(InputError):
+        with _targets_recorded(run, 3, None):  # cycle A
+            other = _targets_recorded(run, 3, None)  # cycle B, still working when A refuses
+            other.__enter__()
+            try:
+                raise InputError("fold 0: unreadable pseudo labels", run)
+            finally:
+                assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+    try:
+        assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+    finally:
+        other.__exit__(None, None, None)
+    with pytest.raises(InputError):  # alone now: put back (run.json said 3 before, so it stays 3)
+        with _targets_recorded(run, 5, None):
+            raise InputError("fold 0: unreadable pseudo labels", run)
+    assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+    assert (run / ".cyclereg-cycles.lock").is_file()  # the shared lock's file is a run file (RUN_DIR_NAMES)
+
+
+def test_a_volume_run_refusal_after_its_stage_finished_keeps_the_target(tmp_path):
+    """A volume run's fold folder is ``all``: a stage finished there within the command keeps the new target."""
+    from cyclereg.training.api import _finished_stages, _targets_recorded
+    from cyclereg.training.scheduler import StageScheduler
+
+    run = tmp_path / "run"
+    _tiny_run_json(run, "volumes", folds=("all",))
+    sched = StageScheduler(None, run / "all")
+    sched.labels_path(0).write_bytes(b"")
+    assert _finished_stages(run) == {"all": 0}
+    with pytest.raises(InputError):
+        with _targets_recorded(run, 3, None):
+            sched.checkpoint_path(1).write_bytes(b"")
+            sched.labels_path(1).write_bytes(b"")  # stage 1 finished
+            raise InputError("stage 2: unreadable", run)
+    assert json.loads((run / "run.json").read_text())["config"]["stages"] == 3
+    assert _finished_stages(run) == {"all": 1}
+
+
+def _volume_stage1(run, **recorded):
+    """A volume run whose ``all`` folder finished stage 1, its checkpoint recording the run config ``recorded``."""
+    from dataclasses import replace
+
+    from cyclereg.checkpoint import save_checkpoint, to_jsonable
+    from cyclereg.training.dense import DenseCycleConfig, DenseCycleTask
+
+    _tiny_run_json(run, "volumes", folds=("all",))
+    cfg = replace(DenseCycleConfig(stages=1), **recorded)
+    for name in ("pseudo0.pt", "pseudo1.pt"):
+        (run / "all" / name).write_bytes(b"")
+    save_checkpoint(run / "all" / "stage1.pt", kind=DenseCycleTask.checkpoint_kind, config={}, state_dict={},
+                    extra={"stage": 1, "train": {}, "run_config": to_jsonable(cfg)})
+    return cfg
+
+
+@pytest.mark.parametrize("key", ["amp", "cpu_bf16", "lr", "stages"])
+def test_a_resumed_volume_run_may_change_its_precision_lr_and_stage_target(tmp_path, key):
+    """RESUME_FREE: a volume run trained with amp / cpu_bf16 off resumes with them on (where the next stage runs),
+    a lower lr, a larger target; another setting (iterations) is still refused naming it."""
+    from dataclasses import replace
+
+    from cyclereg.training.api import _require_trained_with
+
+    run = tmp_path / "run"
+    cfg = _volume_stage1(run, amp=False, cpu_bf16=False, lr=1e-3, stages=1)
+    changed = {"amp": True, "cpu_bf16": True, "lr": 1e-4, "stages": 4}[key]
+    _require_trained_with(run, run / "all", replace(cfg, **{key: changed}), None, "volumes")
+    with pytest.raises(InputError, match=r"\(all/stage1\.pt's -> run\.json's: iterations: "
+                                         + str(cfg.iterations) + " -> " + str(cfg.iterations + 1) + r"\)"):
+        _require_trained_with(run, run / "all", replace(cfg, **{key: changed}, iterations=cfg.iterations + 1),
+                              None, "volumes")
