@@ -112,3 +112,46 @@ def test_a_resumed_volume_run_may_change_its_precision_lr_and_stage_target(tmp_p
                                          + str(cfg.iterations) + " -> " + str(cfg.iterations + 1) + r"\)"):
         _require_trained_with(run, run / "all", replace(cfg, **{key: changed}, iterations=cfg.iterations + 1),
                               None, "volumes")
+
+
+# ----------------------------------------------------------------------------- byte-cut names, run files
+def test_name_head_keeps_the_longest_prefix_of_at_most_the_kept_bytes():
+    """One ASCII letter then 2-byte letters (301 bytes): the longest prefix of at most TEMP_NAME_KEEP bytes ends
+    at a character boundary one byte short of it (199 bytes: 'a' and 99 'é'); a short name is kept whole."""
+    from cyclereg.checkpoint import TEMP_NAME_KEEP, _name_head
+
+    name = "a" + "é" * 150
+    head = _name_head(name)
+    assert name.startswith(head) and len(os.fsencode(head)) <= TEMP_NAME_KEEP
+    assert len(os.fsencode(name[:len(head) + 1])) > TEMP_NAME_KEEP  # the longest such prefix
+    assert head == "a" + "é" * ((TEMP_NAME_KEEP - 1) // 2)
+    assert _name_head("report.json") == "report.json"
+
+
+def test_an_output_named_as_the_runs_cycles_lock_is_refused(tmp_path):
+    """``--json RUN/.cyclereg-cycles.lock`` would replace the file every working cycle locks: a run file."""
+    from cyclereg.errors import CYCLES_LOCK, require_output_file
+
+    run = tmp_path / "run"
+    _tiny_run_json(run)
+    with pytest.raises(InputError, match="would be one of the own files of the run directory"):
+        require_output_file(run / CYCLES_LOCK)
+    assert require_output_file(run / "report.json") == run / "report.json"  # a report beside the run's files
+
+
+# ----------------------------------------------------------------------------- exported_model_files
+def test_exported_model_files_names_a_damaged_checkpoint_that_is_not_the_first(tmp_path):
+    """fold1.pt good, fold2.pt damaged: the check names fold2.pt before any registration (each is loaded)."""
+    from cyclereg.checkpoint import save_checkpoint
+    from cyclereg.clouds.api import exported_model_files
+    from cyclereg.clouds.pipeline import CloudRegConfig
+    from cyclereg.clouds.features import build_graph_net
+
+    cfg = CloudRegConfig()
+    save_checkpoint(tmp_path / "fold1.pt", kind="cloud", config=cfg,
+                    state_dict=build_graph_net(cfg.net, seed=0).state_dict())
+    assert exported_model_files(tmp_path) == [tmp_path / "fold1.pt"]
+    (tmp_path / "fold2.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError) as err:
+        exported_model_files(tmp_path)
+    assert "fold2.pt" in str(err.value)
