@@ -155,3 +155,68 @@ def test_exported_model_files_names_a_damaged_checkpoint_that_is_not_the_first(t
     with pytest.raises(InputError) as err:
         exported_model_files(tmp_path)
     assert "fold2.pt" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- value / dtype mends
+def test_lbp_config_refuses_source_labels_zero_by_name():
+    """``source_labels`` is a whole number >= 1 (None = all): 0 searches no source label."""
+    from cyclereg.clouds.lbp import LBPConfig
+
+    with pytest.raises(ValueError, match=r"source_labels=0: need a whole number, at least 1"):
+        LBPConfig(source_labels=0)
+    assert LBPConfig(source_labels=1).source_labels == 1
+
+
+def test_foerstner_config_takes_no_mask_erosion():
+    """``mask_erosion_voxels`` is a whole number >= 0: 0 (no erosion) is taken, -1 refused by name."""
+    from cyclereg.keypoints.foerstner import FoerstnerConfig
+
+    assert FoerstnerConfig(mask_erosion_voxels=0).mask_erosion_voxels == 0
+    with pytest.raises(ValueError, match=r"mask_erosion_voxels must be a whole number >= 0, got -1"):
+        FoerstnerConfig(mask_erosion_voxels=-1)
+
+
+def test_parse_points_csv_of_one_point_is_that_point():
+    """The header and one point line: (1, 3) holding the point (only the header alone is the empty cloud)."""
+    from cyclereg.pointio import parse_points_csv, points_csv
+
+    one = torch_tensor([[1.5, -2.0, 3.25]])
+    got = parse_points_csv(points_csv(one))
+    assert got.shape == (1, 3) and got.tolist() == [[1.5, -2.0, 3.25]]
+    assert parse_points_csv(points_csv(one[:0])).shape == (0, 3)
+
+
+def torch_tensor(rows):
+    import torch
+
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_write_nifti_of_a_numpy_half_array_and_a_bool_mask(tmp_path):
+    """A NumPy float16 array is written as float32 (exact), a bool mask as uint8 0 / 1, as the docstring says."""
+    import nibabel as nib
+    import numpy as np
+
+    from cyclereg.volumeio import write_nifti
+
+    half = np.array([[[0.5, -1.25], [3.0, 0.0]]], dtype=np.float16)
+    write_nifti(tmp_path / "h.nii", half, np.eye(4))
+    img = nib.load(tmp_path / "h.nii")
+    assert img.get_data_dtype() == np.float32 and np.array_equal(np.asarray(img.dataobj), half.astype(np.float32))
+    mask = np.array([[[True, False], [False, True]]])
+    write_nifti(tmp_path / "m.nii.gz", mask, np.eye(4))
+    img = nib.load(tmp_path / "m.nii.gz")
+    assert img.get_data_dtype() == np.uint8 and np.asarray(img.dataobj).tolist() == [[[1, 0], [0, 1]]]
+
+
+def test_mind_ssc_of_a_bfloat16_image_is_computed_in_float32():
+    """bfloat16 in, bfloat16 out: the float32 descriptors rounded once (not computed in bfloat16)."""
+    import torch
+
+    from cyclereg.dense.similarity import mind_ssc
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 1, 6, 7, 5, generator=g).to(torch.bfloat16)
+    got = mind_ssc(img)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, mind_ssc(img.float()).to(torch.bfloat16))
