@@ -220,3 +220,19 @@ def test_mind_ssc_of_a_bfloat16_image_is_computed_in_float32():
     got = mind_ssc(img)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, mind_ssc(img.float()).to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- scripts/ensemble_stage.py
+def test_ensemble_stage_names_a_member_whose_training_record_has_no_config():
+    """``training[run]`` present but without its ``config`` (no run.json record to train with) is a member
+    without training, as a missing record is; members with a config pass (None)."""
+    from conftest import load_script
+
+    mod = load_script("scripts/ensemble_stage.py")
+    members = {"fold1": [{"run": "runA", "source": "runA/fold1/final.pt"},
+                         {"run": "runB", "source": "runB/fold1/final.pt"}]}
+    ok = {"members": members, "training": {"runA": {"config": {}}, "runB": {"config": {"seed": 1}}}}
+    assert mod._member_without_training(ok, [1], None) is None
+    bad = {"members": members, "training": {"runA": {"config": {}}, "runB": {"kind": "keypoints"}}}
+    assert mod._member_without_training(bad, [1], None) == (1, "runB")
+    assert mod._member_without_training(bad, [1], [0]) is None  # only member 0 trained
