@@ -236,3 +236,27 @@ def test_ensemble_stage_names_a_member_whose_training_record_has_no_config():
     bad = {"members": members, "training": {"runA": {"config": {}}, "runB": {"kind": "keypoints"}}}
     assert mod._member_without_training(bad, [1], None) == (1, "runB")
     assert mod._member_without_training(bad, [1], [0]) is None  # only member 0 trained
+
+
+# ----------------------------------------------------------------------------- the cycles lock file
+def test_the_cycles_lock_survives_run_json_writes_and_counts_as_nothing_written(tmp_path):
+    """run_file_lock's clean-up of killed writes leaves the cycles lock a working cycle holds (the same file, so
+    a later cycle shares it); a folder holding only lock files is one where nothing was written."""
+    from cyclereg.training.api import CYCLES_LOCK, RUN_LOCK, _cycles_on_run, _nothing_written, run_file_lock
+
+    run = tmp_path / "run"
+    _tiny_run_json(run, folds=())
+    with _cycles_on_run(run) as alone:
+        inode = (run / CYCLES_LOCK).stat().st_ino
+        with run_file_lock(run):
+            pass
+        assert (run / CYCLES_LOCK).stat().st_ino == inode
+        with _cycles_on_run(run):  # a second cycle shares the file: the first is not alone
+            assert not alone()  # (one try only: a failed try gives up the shared lock, as documented)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / CYCLES_LOCK).write_bytes(b"")
+    (empty / RUN_LOCK).write_bytes(b"")
+    assert _nothing_written(empty)
+    (empty / "notes.txt").write_text("mine")
+    assert not _nothing_written(empty)
