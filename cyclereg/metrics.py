@@ -70,8 +70,8 @@ def jacobian_determinant(disp_vox: torch.Tensor, *, slab: int = JACOBIAN_SLAB) -
         own dtype when floating; the one-voxel border is dropped).
     """
     check_displacement("disp_vox", disp_vox)
-    if slab < 1:
-        raise ValueError(f"slab={slab}: need at least 1")
+    if isinstance(slab, bool) or not isinstance(slab, numbers.Integral) or slab < 1:
+        raise ValueError(f"slab={slab!r}: need a whole number of planes, at least 1")
     b, _, depth, height, width = disp_vox.shape
     out = disp_vox.new_empty(b, max(depth - 2, 0), max(height - 2, 0), max(width - 2, 0),
                              dtype=floating_dtype(disp_vox))

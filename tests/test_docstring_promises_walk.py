@@ -262,3 +262,14 @@ def test_lbp_prune_from_and_lung_mask_components_refuse_what_is_no_count(value):
         LungMaskConfig(max_components=value)
     assert LBPConfig(prune_from=None).prune_from is None and LBPConfig(prune_from=32).prune_from == 32
     assert LungMaskConfig(max_components=1).max_components == 1
+
+
+@pytest.mark.parametrize("slab", [1.5, True, 0, "2"])
+def test_jacobian_determinant_names_a_slab_that_is_no_count(slab):
+    """``slab`` (planes computed at once) is a whole number >= 1: 1.5 raised a bare TypeError in ``range`` after
+    the check, True was one plane, "2" a TypeError naming nothing."""
+    from cyclereg.metrics import jacobian_determinant
+
+    with pytest.raises(ValueError, match=r"slab=.*need a whole number of planes, at least 1"):
+        jacobian_determinant(torch.zeros(1, 3, 4, 4, 4), slab=slab)
+    assert torch.equal(jacobian_determinant(torch.zeros(1, 3, 4, 4, 4), slab=2), torch.ones(1, 2, 2, 2))

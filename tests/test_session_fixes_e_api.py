@@ -156,3 +156,18 @@ def test_run_model_set_takes_a_trimmed_fold_final_checkpoint_for_its_stage(tmp_p
     (run / "fold2" / "stage1.pt").unlink()
     assert load_script("scripts/run_model_set.py").main([str(run), "-o", str(tmp_path / "set"), "--stage", "1"]) == 0
     assert (tmp_path / "set" / "fold2.pt").read_bytes() == (run / "fold2" / "final.pt").read_bytes()
+
+
+def test_the_errors_csv_path_is_from_the_report_s_real_folder(tmp_path):
+    """A report written through a linked folder: ``errors_csv`` leads from the folder the report really lies in
+    (a path from the link's name pointed elsewhere once the link's target is another folder)."""
+    import os
+
+    ds = write_two_pair_dataset(tmp_path)
+    (tmp_path / "deep" / "reports").mkdir(parents=True)
+    (tmp_path / "csvs").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "deep" / "reports")
+    r = evaluate_keypoint_dataset(ds, tmp_path / "latest" / "r.json", identity=True, device="cpu", quiet=True,
+                                  errors_csv=str(tmp_path / "csvs" / "e.csv"))
+    real_report_folder = tmp_path / "deep" / "reports"
+    assert os.path.normpath(real_report_folder / r["errors_csv"]) == str(tmp_path / "csvs" / "e.csv")

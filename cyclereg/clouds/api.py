@@ -845,7 +845,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
         "config": _shared_config(models, default_config),
         "checkpoints": checkpoints,
         **({"pairs_in_training": sorted(in_training)} if one_model else {}),
-        **({"errors_csv": os.path.relpath(os.path.abspath(errors_csv), os.path.abspath(Path(report).parent))}
+        **({"errors_csv": os.path.relpath(os.path.realpath(errors_csv), os.path.realpath(Path(report).parent))}
            if errors_csv is not None else {}),
         "without_landmarks": without_landmarks,
         "cases": cases,
