@@ -677,32 +677,30 @@ def _cloud_pretrain(dataset, run, *, seed, fold, device, config, options, val_pa
                                 stages_given="stages" in options, quiet=True)
             write_json(run / "run.json", meta)
         args = {k: (ds, config, run, k, dev, val_pairs) for k in folds}
-        # folds whose stage-0 labels exist already only bring their record up to date: here, not in a worker
-        # process (starting one costs seconds), and so is a last fold left to label
-        done = {k for k in folds if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= 0}
+        done = {k for k in folds if StageScheduler(None, fold_dir(run, k)).last_finished_stage() >= 0}  # labelled
         with _progress() as progress:
-            _for_folds(_cloud_stage0_job, {k: a for k, a in args.items() if k in done}, 1, progress,
-                       on_result=lambda k: None)
-            _for_folds(_cloud_stage0_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
-                       on_result=lambda k: None)
+            _for_folds(_cloud_stage0_job, args, jobs, progress, on_result=lambda k: None, done=done)
     return run
 
 
-def _for_folds(job, args: dict, jobs: int, progress, on_result) -> None:
+def _for_folds(job, args: dict, jobs: int, progress, on_result, *, done: set = frozenset()) -> None:
     """``on_result(job(*args[k], progress=...))`` for every fold ``k`` of ``args``: in turn, or
     in up to ``jobs`` worker processes that share the intra-op threads (results in completion order;
-    the last folds take over the threads of finished ones)."""
+    the last folds take over the threads of finished ones). The folds of ``done``, which only bring their
+    record up to date, go first and in this process (starting a worker process costs seconds), so that
+    one fold left to compute starts no worker either."""
     from cyclereg.training.parallel import LabelledProgress, run_parallel, share_threads
 
     label = {k: "all" if k is None else f"fold {k}" for k in args}
-    if jobs > 1 and len(args) > 1:
+    rest = {k: a for k, a in args.items() if k not in done}
+    in_turn = [k for k in args if k in done] + ([] if jobs > 1 and len(rest) > 1 else list(rest))
+    for k in in_turn:
+        on_result(job(*args[k], progress=LabelledProgress(progress, label[k])))
+    if jobs > 1 and len(rest) > 1:
         total = torch.get_num_threads()
-        threads = share_threads(total, min(jobs, len(args)))
-        run_parallel(((job, a, label[k]) for k, a in args.items()), jobs, progress, threads,
+        threads = share_threads(total, min(jobs, len(rest)))
+        run_parallel(((job, a, label[k]) for k, a in rest.items()), jobs, progress, threads,
                      on_result=on_result, total_threads=total)
-    else:
-        for k, a in args.items():
-            on_result(job(*a, progress=LabelledProgress(progress, label[k])))
 
 
 def _cloud_stage0_job(ds, config, run, k, device, val_pairs, *, progress) -> int:
@@ -819,8 +817,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
                                   "keypoints")
         with _targets_recorded(run, stages, stop_below_mm) as rule:
             args = {k: (ds, config, run, k, stages, dev, val_pairs, snapshot_every_s, rule) for k in selected}
-            # folds that have all their stages already (or have settled) only bring their record up to date:
-            # here, not in a worker process (starting one costs seconds)
+            # folds that have all their stages already (or have settled) only bring their record up to date
             done = {k for k in selected if _fold_complete(StageScheduler(None, fold_dir(run, k)), stages, rule)}
             with _progress() as progress:
                 outer = progress.add_task("folds", total=len(selected))
@@ -829,10 +826,7 @@ def _cloud_cycle(dataset, run, *, stages, folds, device, val_pairs=0,
                     result[k] = final
                     progress.advance(outer)
 
-                _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k in done}, 1, progress,
-                           on_result=lambda r: finished(*r))
-                _for_folds(_cloud_fold_job, {k: a for k, a in args.items() if k not in done}, jobs, progress,
-                           on_result=lambda r: finished(*r))
+                _for_folds(_cloud_fold_job, args, jobs, progress, on_result=lambda r: finished(*r), done=done)
     return {k: result[k] for k in selected}
 
 
