@@ -555,6 +555,12 @@ def run_status(run: Path, stages: int | None = None) -> dict:
             STOP_KEY: rule, "folds": rows}
 
 
+def fold_finished(row: dict) -> bool:
+    """Whether a fold row of :func:`run_status` has finished its training (all its stages, or settled by the
+    stopping rule): its 'next' reads "finished ..."."""
+    return str(row["next"]).startswith("finished")
+
+
 def nothing_left_to_train(run: Path, stages: int | None = None, folds: str | int | None = "all") -> bool:
     """Whether :func:`run_cycle` with these options has nothing left to do in ``run``: every fold of
     ``folds`` has finished towards ``stages`` (``None``: the run's), as ``status`` reads it (read only);
@@ -565,7 +571,7 @@ def nothing_left_to_train(run: Path, stages: int | None = None, folds: str | int
             rows = [row for row in rows if row["fold"] == int(folds)]
     except (InputError, OSError, ValueError, TypeError):
         return False
-    return bool(rows) and all(str(row["next"]).startswith("finished") for row in rows)
+    return bool(rows) and all(fold_finished(row) for row in rows)
 
 
 def run_cycle(dataset: Path, run: Path, *, stages: int | None = None, folds: str = "all",

@@ -73,7 +73,7 @@ def unfinished_folds(run: Path | str, folds) -> dict:
     ``run.json`` beside its ``foldK.pt``, as ``scripts/ensemble_stage.py`` writes) or one without a
     readable ``run.json`` (the caller's own checks name what is wrong there)."""
     from cyclereg.errors import InputError
-    from cyclereg.training.api import run_status
+    from cyclereg.training.api import fold_finished, run_status
 
     if not (Path(run) / "run.json").is_file():
         return {}
@@ -83,7 +83,7 @@ def unfinished_folds(run: Path | str, folds) -> dict:
         return {}
     wanted = set(folds)
     return {row["fold"]: row["next"] for row in rows
-            if row["fold"] in wanted and not row.get("exported") and not str(row["next"]).startswith("finished")}
+            if row["fold"] in wanted and not row.get("exported") and not fold_finished(row)}
 
 
 def unfinished_note(run: Path | str, fold: int | None, next_text: str, stage: int | None) -> str:
