@@ -80,6 +80,14 @@ def require_tensor(name: str, value) -> None:
                          "distances or intensities")
 
 
+def require_finite(name: str, values: torch.Tensor, what: str = "") -> None:
+    """:class:`ValueError` "``name``: holds NaN or inf ``what``" when the floating-point tensor ``values`` does
+    (one pass at a public entry; integer tensors are always finite): NaN coordinates or displacements are
+    sampled, ranked or averaged quietly into ordinary-looking answers otherwise."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name}: holds NaN or inf{' ' + what if what else ''}")
+
+
 def check_points(name: str, points: torch.Tensor) -> None:
     """:class:`ValueError` naming the argument ``name`` unless ``points`` is a real ``(..., 3)`` tensor
     (:func:`require_tensor`)."""

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 import torch
 
-from cyclereg.frames import LOW_PRECISION, check_displacement, floating_dtype, require_tensor
+from cyclereg.frames import LOW_PRECISION, check_displacement, floating_dtype, require_finite, require_tensor
 
 
 def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
@@ -150,14 +150,8 @@ def sdlogj(disp_vox: torch.Tensor) -> dict[str, float]:
     if disp_vox.shape[0] != 1 or min(disp_vox.shape[2:]) < SDLOGJ_MIN_SIZE:
         raise ValueError(f"disp_vox: expected (1, 3, D, H, W) with D, H, W >= {SDLOGJ_MIN_SIZE} (one field; the "
                          f"Learn2Reg formula drops two voxels at each border), got {tuple(disp_vox.shape)}")
-    _require_finite_field("disp_vox", disp_vox)
+    require_finite("disp_vox", disp_vox, "values")
     return _determinant_stats(jacobian_determinant(disp_vox))
-
-
-def _require_finite_field(name: str, values: torch.Tensor) -> None:
-    """:class:`ValueError` naming ``name`` when ``values`` hold NaN or inf."""
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name}: holds NaN or inf values")
 
 
 def determinant_stats(J: torch.Tensor) -> dict[str, float]:
@@ -169,7 +163,7 @@ def determinant_stats(J: torch.Tensor) -> dict[str, float]:
     if J.ndim != 4 or J.shape[0] != 1 or min(J.shape[1:]) < SDLOGJ_MIN_SIZE - 2:
         raise ValueError(f"J: expected (1, D, H, W) with D, H, W >= {SDLOGJ_MIN_SIZE - 2} (the determinants of one "
                          f"field of at least {SDLOGJ_MIN_SIZE} voxels per axis), got {tuple(J.shape)}")
-    _require_finite_field("J", J)
+    require_finite("J", J, "values")
     return _determinant_stats(J)
 
 

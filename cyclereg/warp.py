@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.frames import (ALIGN_CORNERS, check_displacement, crop_affine, fixed_to_moving_voxels, identity_grid,
-                             floating_dtype, require_tensor,
+                             floating_dtype, require_finite, require_tensor,
                              voxel_disp_to_grid_disp, voxel_to_grid)
 
 
@@ -52,8 +52,7 @@ def warp(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = "bilinear"
             (``grid_sample`` would sample such a voxel quietly at an ordinary-looking value).
     """
     _check_warp(moving, disp_vox)
-    if not torch.isfinite(disp_vox).all():
-        raise ValueError("disp_vox: holds NaN or inf")
+    require_finite("disp_vox", disp_vox)
     return warp_unchecked(moving, disp_vox, mode=mode, padding_mode=padding_mode)
 
 
@@ -171,8 +170,7 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     argument for a wrong shape, or a ``disp_vox`` holding NaN or inf, as :func:`warp`.
     """
     _check_batch(moving, disp_vox)
-    if not torch.isfinite(disp_vox).all():
-        raise ValueError("disp_vox: holds NaN or inf")
+    require_finite("disp_vox", disp_vox)
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     if fixed_affine.shape != (4, 4):
         raise ValueError(f"fixed_affine: expected a 4x4 voxel -> mm matrix, got shape {fixed_affine.shape}")

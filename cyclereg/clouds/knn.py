@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from cyclereg.frames import LOW_PRECISION, floating_dtype, require_tensor
+from cyclereg.frames import LOW_PRECISION, floating_dtype, require_finite, require_tensor
 
 KNN_CHUNK_BYTES_CPU = 2**20
 """On CPU, the bytes of distance matrix computed and searched at once: a piece that stays in
@@ -53,13 +53,6 @@ def knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, *, exclude
     return _knn_indices(query, reference, k, exclude_self, ("query", "reference"))
 
 
-def _require_finite(name: str, points: torch.Tensor) -> None:
-    """:class:`ValueError` naming ``name`` when the points hold NaN or inf (``torch.topk`` would rank them
-    anyhow and return some neighbours)."""
-    if points.is_floating_point() and not bool(torch.isfinite(points).all()):
-        raise ValueError(f"{name}: holds NaN or inf coordinates")
-
-
 def _knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool,
                  names: tuple[str, str]) -> torch.Tensor:
     """:func:`knn_indices`, its errors naming the arguments ``names`` (query, reference)."""
@@ -69,9 +62,9 @@ def _knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_s
         raise ValueError(f"query {tuple(query.shape)} / reference {tuple(reference.shape)}: expected (N, D), (M, D)")
     if query.dtype != reference.dtype:
         raise ValueError(f"query: {query.dtype}, but reference: {reference.dtype}; give both alike")
-    _require_finite(names[0], query)
+    require_finite(names[0], query, "coordinates")  # topk would rank NaN anyhow
     if reference is not query:
-        _require_finite(names[1], reference)
+        require_finite(names[1], reference, "coordinates")
     if not query.is_floating_point():  # integer (voxel-index) points: searched in the default float dtype
         query, reference = query.to(floating_dtype(query)), reference.to(floating_dtype(reference))
     elif query.dtype in LOW_PRECISION:  # half-precision points: searched in float32 (no CPU cdist for them)

@@ -16,7 +16,8 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetC
 from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig, spans_volume
-from cyclereg.frames import ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, voxel_coordinates, voxel_to_world, zyx_grid_affine
+from cyclereg.frames import (ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, require_finite, voxel_coordinates, voxel_to_world,
+                             zyx_grid_affine)
 from cyclereg.metrics import sdlogj
 
 
@@ -443,8 +444,7 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
     need_fixed, need_moving = min_cloud_points(config)
     for name, pts, minimum, spline in (("fixed_mm", fixed_mm, need_fixed, True),
                                        ("moving_mm", moving_mm, need_moving, False)):
-        if not torch.isfinite(pts).all():
-            raise ValueError(f"{name}: holds NaN or inf coordinates")
+        require_finite(name, pts, "coordinates")
         problem = cloud_problem(pts, minimum, spline=spline)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
