@@ -75,7 +75,7 @@ def fsync_directory(folder: str | Path) -> None:
 
 TEMP_NAME_KEEP = 200
 """Bytes of the target's name (in the file system's encoding) that an atomic write's temporary file
-(``.NAME.XXXXXXXX.tmp``) and an output set's aside name keep."""
+(``.NAME.XXXXXXXX.tmp``) and an output set's aside name (:func:`_asides`) keep."""
 
 
 def _name_head(name: str) -> str:
@@ -259,11 +259,11 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             found = stage.find_stale() if stage.find_stale is not None else []
             # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within
             # the move-in: an interruption after it leaves no earlier file beside a record that does not list it
-            stale = [(None, old, _aside(stage.path, "stale", i, old.name))
-                     for i, old in enumerate(dict.fromkeys([*stage.stale, *found])) if old.name not in new]
+            moves = [(f, out / f.name, "earlier") for f in files] + [
+                (None, old, "stale") for old in dict.fromkeys([*stage.stale, *found]) if old.name not in new]
             try:
-                _move_in([(f, out / f.name, _aside(stage.path, "earlier", i, f.name)) for i, f in enumerate(files)]
-                         + stale)
+                asides = _asides([(stage.path, kind, target) for _, target, kind in moves])
+                _move_in([(staged, target, aside) for (staged, target, _), aside in zip(moves, asides)])
             except OutputsNotRestored:
                 keep_stage = True
                 raise
@@ -311,13 +311,27 @@ def refuse_folders_at(names: list[str], out_dir: str | Path) -> None:
             raise InputError("is a folder; an output file is needed here (nothing was written)", target)
 
 
-def _aside(stage: Path, kind: str, i: int, name: str) -> Path:
-    """Where :func:`_move_in` puts an earlier file ``name`` (the ``i``-th of its kind) aside in the staging folder
-    ``stage``: ``.KIND.NAME``; a name longer than :data:`TEMP_NAME_KEEP` bytes (near the file system's limit,
-    which an output may be) would not take the prefix: ``.KIND.I.NAME`` with the name cut to that length."""
-    if _name_head(name) == name:
-        return stage / f".{kind}.{name}"
-    return stage / f".{kind}.{i}.{_name_head(name)}"
+def _asides(wanted: list[tuple[Path, str, Path]]) -> list[Path]:
+    """Where :func:`_move_in` puts earlier files aside: for each ``(stage, kind, target)`` (an earlier output
+    ``target``, to go into the staging folder ``stage``) a name ``.KIND.XXXXXXXX.NAME`` there, with the name cut
+    to :data:`TEMP_NAME_KEEP` bytes (an output's name may be near the file system's limit), unlike every file in
+    the folder (a staged output may be named ``.earlier.X`` too) and every other aside name: each is made
+    (:func:`tempfile.mkstemp`) while the others are, then all are removed again, so that :func:`_move_in`, which
+    judges by which files exist, finds only the earlier files it moved there (nothing else writes in a staging
+    folder)."""
+    made: list[Path] = []
+    try:
+        for stage, kind, target in wanted:
+            try:
+                fd, path = tempfile.mkstemp(prefix=f".{kind}.", suffix=f".{_name_head(target.name)}", dir=stage)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(target)) from None
+            os.close(fd)
+            made.append(Path(path))
+        return list(made)
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
 
 
 def _move_in(steps: list[tuple[Path | None, Path, Path]]) -> None:
@@ -398,10 +412,9 @@ def staged_file_set() -> Iterator[FileSet]:
         written = [(staged, target) for staged, target in files.targets.items() if staged.exists()]
         for _, target in written:
             refuse_folders_at([target.name], target.parent)
-        steps = [(staged, target, _aside(staged.parent, "earlier", i, staged.name))
-                 for i, (staged, target) in enumerate(written)]
         try:
-            _move_in(steps)
+            asides = _asides([(staged.parent, "earlier", target) for staged, target in written])
+            _move_in([(staged, target, aside) for (staged, target), aside in zip(written, asides)])
         except OutputsNotRestored:
             keep_stages = True
             raise
