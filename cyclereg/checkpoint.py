@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cyclereg import __version__
-from cyclereg.errors import InputError, refuse_special_file, require_checkpoint_file, require_file, same_path
+from cyclereg.errors import (LOOPING_LINK, InputError, broken_link, refuse_special_file, require_checkpoint_file,
+                             require_file, require_output_file, same_path)
 from cyclereg.interrupts import raise_pending
 
 
@@ -138,16 +139,32 @@ class OutputStage:
     command's outputs this one does not write, :func:`stale_outputs`), or set :attr:`find_stale` to find
     them: it is called under the output folder's lock, right before the move-in, so that a second command
     moving its set into the same folder meanwhile is seen; in :attr:`inputs` the command's input files: an
-    output that would replace one of them stops the command before anything is moved in."""
+    output that would replace one of them stops the command before anything is moved in. An output whose
+    path in the output folder is a symbolic link is staged under its name in a staging folder beside the
+    link's target (:func:`link_followed`), which the move-in replaces: the link stays, as with
+    ``open(path, "w")``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, out: Path | None = None):
         self.path = path
+        self.out = path.parent if out is None else out
         self.stale: list[Path] = []
         self.find_stale: Callable[[], list[Path]] | None = None
         self.inputs: list[Path] = []
+        self.link_stages: dict[Path, Path] = {}  # a linked output's target folder -> its staging folder
+        self.links: dict[Path, tuple[str, Path]] = {}  # staged file -> (output name, the link's target)
+        self.made: list[Path] = []  # folders made for the links' targets
 
     def __truediv__(self, name: str) -> Path:
-        return self.path / name
+        link = self.out / name
+        if not link.is_symlink() or broken_link(link) == LOOPING_LINK:  # a looping link: refused at the move-in
+            return self.path / name
+        target = link_followed(link)
+        if target.parent not in self.link_stages:
+            self.link_stages[target.parent], made = _make_staging_folder(target.parent)
+            self.made.extend(made)
+        staged = self.link_stages[target.parent] / name  # its own name: writers choose a format by suffix
+        self.links[staged] = (name, target)
+        return staged
 
 
 class OutputsNotRestored(OSError):
@@ -235,11 +252,12 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
     is moved into ``out_dir`` (a rename each, same file system), then the body's :attr:`OutputStage.stale`
     files are removed. If a file cannot be moved in (e.g. an existing output is write-protected), those
     already moved are taken out again and the earlier files restored. If the body fails, nothing of it
-    reaches ``out_dir`` and folders this call made are removed again when empty. Errors name the
-    output, not a temporary or staged file."""
+    reaches ``out_dir`` and folders this call made are removed again when empty. An output that is a symbolic
+    link in ``out_dir`` is followed (:class:`OutputStage`): its target is replaced within the same move-in, the
+    link stays. Errors name the output, not a temporary or staged file."""
     out = Path(out_dir)
     staging, made = _make_staging_folder(out)
-    stage = OutputStage(staging)
+    stage = OutputStage(staging, out)
     keep_stage = False
     moved = False
     try:
@@ -247,39 +265,41 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             yield stage
         except OSError as exc:
             name = Path(exc.filename) if isinstance(exc.filename, str) else None
+            if exc.errno is not None and name is not None and name in stage.links:
+                raise OSError(exc.errno, exc.strerror, str(out / stage.links[name][0])) from None
             if exc.errno is not None and name is not None and stage.path in name.parents:
                 raise OSError(exc.errno, exc.strerror, str(out / name.relative_to(stage.path))) from None
             raise
-        files = sorted(stage.path.iterdir())
-        for f in files:
-            refuse_special_file(out / f.name)
-        _refuse_replacing_inputs(files, out, stage.inputs)
-        new = {f.name for f in files}
+        # (staged file, output name, where it goes): a linked output onto the link's target
+        files = [(f, f.name, out / f.name) for f in sorted(stage.path.iterdir())] + [
+            (f, name, target) for f, (name, target) in stage.links.items() if f.exists()]
+        for _, name, _ in files:
+            refuse_special_file(out / name)
+        refuse_replacing_inputs([name for _, name, _ in files], out, stage.inputs)
+        new = {name for _, name, _ in files}
         with _folder_locked(out):  # another command's set moved in meanwhile is seen by find_stale
             found = stage.find_stale() if stage.find_stale is not None else []
             # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within
             # the move-in: an interruption after it leaves no earlier file beside a record that does not list it
-            moves = [(f, out / f.name, "earlier") for f in files] + [
+            moves = [(f, target, "earlier") for f, _, target in files] + [
                 (None, old, "stale") for old in dict.fromkeys([*stage.stale, *found]) if old.name not in new]
             try:
-                asides = _asides([(stage.path, kind, target) for _, target, kind in moves])
+                # an earlier output goes aside in the staging folder of its new file (the same file system)
+                asides = _asides([(stage.path if staged is None else staged.parent, kind, target)
+                                  for staged, target, kind in moves])
                 _move_in([(staged, target, aside) for (staged, target, _), aside in zip(moves, asides)])
             except OutputsNotRestored:
                 keep_stage = True
                 raise
             moved = True
-            fsync_directory(out)
+            for folder in (out, *stage.link_stages):
+                fsync_directory(folder)
     finally:
         if not keep_stage:
-            shutil.rmtree(stage.path, ignore_errors=True)
+            for folder in (stage.path, *stage.link_stages.values()):
+                shutil.rmtree(folder, ignore_errors=True)
         if not moved:
-            _remove_if_empty(made)
-
-
-def _refuse_replacing_inputs(files: list[Path], out: Path, inputs: list[Path]) -> None:
-    """:class:`InputError` naming the input when a staged output would replace one of ``inputs`` in
-    ``out`` (same name, or the same file through a link)."""
-    refuse_replacing_inputs([f.name for f in files], out, inputs)
+            _remove_if_empty([*made, *stage.made])
 
 
 def refuse_replacing_inputs(names: list[str], out_dir: str | Path, inputs: list[Path]) -> None:
@@ -303,12 +323,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def refuse_folders_at(names: list[str], out_dir: str | Path) -> None:
     """:class:`InputError` naming the first output ``out_dir / name`` that is a folder (or a link to one):
-    moving a file in would put the folder aside and delete it with the staging folder. Commands call it
-    before their work with the names they will write; the set writers check once more when they move in."""
+    moving a file in would put the folder aside and delete it with the staging folder; or a symbolic link
+    that a single output file would not follow (:func:`~cyclereg.errors.require_output_file`: one that loops,
+    or whose target's folder cannot be made). Commands call it before their work with the names they will
+    write; the set writers check once more when they move in."""
     for name in names:
         target = Path(out_dir) / name
         if target.is_dir():
             raise InputError("is a folder; an output file is needed here (nothing was written)", target)
+        if target.is_symlink():
+            require_output_file(target)
 
 
 def _asides(wanted: list[tuple[Path, str, Path]]) -> list[Path]:
