@@ -175,11 +175,12 @@ def floating_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``affine`` as a finite ``(4, 4)`` tensor of ``dtype`` on ``like``'s device (:class:`ValueError`
-    naming ``affine`` otherwise)."""
+    naming ``affine`` otherwise). On the ``meta`` device (shapes only, no values) only its shape is checked,
+    and the answer is a meta tensor as torch's own operations give."""
     A = torch.as_tensor(affine, device=like.device).to(dtype)
     if A.shape != (4, 4):
         raise ValueError(f"affine: expected a 4x4 voxel -> mm matrix, got shape {tuple(A.shape)}")
-    if not torch.isfinite(A).all():
+    if not A.is_meta and not torch.isfinite(A).all():
         raise ValueError("affine: holds NaN or inf")
     return A
 
