@@ -150,12 +150,26 @@ def grid_disp_to_voxel_disp(disp_grid: torch.Tensor) -> torch.Tensor:
 
 def identity_grid(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Grid coordinates of every voxel centre, ``(1, D, H, W, 3)`` in (k, j, i) order
-    (:func:`voxel_to_grid` of :func:`voxel_coordinates`)."""
+    (:func:`voxel_to_grid` of :func:`voxel_coordinates`); ``dtype`` a floating-point one (:class:`ValueError`
+    naming it otherwise: grid coordinates are fractions of ``[-1, 1]``)."""
     return voxel_to_grid(voxel_coordinates(shape, device=device, dtype=dtype), shape).unsqueeze(0)
 
 
+def _float_dtype(dtype):
+    """``dtype`` (``None``: torch's default float dtype, as for ``torch.zeros``), :class:`ValueError` naming ``dtype``
+    unless a floating-point dtype: voxel and grid coordinates are floats (the package docstring), and integer ones
+    of 8 bits wrap silently."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating-point dtype (coordinates are floats), got {dtype}")
+    return dtype
+
+
 def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Voxel indices of every voxel, ``(D, H, W, 3)`` in (i, j, k) order."""
+    """Voxel indices of every voxel, ``(D, H, W, 3)`` in (i, j, k) order, as floats of ``dtype`` (the
+    ``voxel`` frame; :class:`ValueError` naming ``dtype`` when it is no floating-point one)."""
+    dtype = _float_dtype(dtype)
     axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
@@ -249,7 +263,7 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
             shape, spacing, origin and orientation).
     """
     check_displacement("disp_vox", disp_vox)
-    x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
+    x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=floating_dtype(disp_vox))
     target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
     return world_to_voxel(voxel_to_world(target, fixed_affine), moving_affine)
 

@@ -64,7 +64,7 @@ def warp_unchecked(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = 
     its loss is NaN and the gradient scaler skips the step). A non-finite displacement is sampled quietly
     here: call :func:`warp` on fields from outside."""
     _check_warp(moving, disp_vox)
-    grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=disp_vox.dtype)
+    grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=floating_dtype(disp_vox))
     return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox), mode, padding_mode)
 
 

@@ -5,6 +5,13 @@
 the finite check of the affine read a value that a meta tensor has not. It now checks the affine's shape alone there
 and answers a meta tensor of the right shape, as torch's own operations do.
 
+:func:`cyclereg.frames.identity_grid` with an integer ``dtype`` answered float32 silently, and
+:func:`cyclereg.frames.voxel_coordinates` answered integer coordinates that wrap in 8 bits (voxel 299 as 43 in uint8)
+or failed inside torch (bool), and ``dtype=None`` gave int64 ones (``arange`` of ints). Voxel and grid coordinates are floats (the package docstring), so both now refuse a
+``dtype`` that is no floating-point one by name; :func:`cyclereg.warp.warp` and
+:func:`cyclereg.frames.fixed_to_moving_voxels` of an integer displacement build their coordinates in
+:func:`cyclereg.frames.floating_dtype` of it (the same values as before).
+
 Each test checks the exact answer or the one-line error naming the argument, and the valid input beside it keeps its
 exact answer.
 """
@@ -15,6 +22,7 @@ import pytest
 import torch
 
 from cyclereg import frames
+from cyclereg.warp import warp, warp_between_grids
 
 
 # ----------------------------------------------------------------------------- meta tensors
@@ -46,3 +54,31 @@ def test_point_conversions_of_real_points_keep_their_exact_answer_and_nan_check(
     A[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"^affine: holds NaN or inf$"):
         frames.voxel_to_world(torch.zeros(1, 3), A)
+
+
+# ----------------------------------------------------------------------------- coordinate dtypes
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.uint8, torch.bool, torch.complex64, "float32"])
+@pytest.mark.parametrize("make", [frames.identity_grid, frames.voxel_coordinates])
+def test_coordinate_grids_refuse_a_dtype_that_is_no_floating_point_one_by_name(make, dtype):
+    with pytest.raises(ValueError, match=r"^dtype: expected a floating-point dtype \(coordinates are floats\), got "):
+        make((2, 3, 4), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_coordinate_grids_of_floating_dtypes_keep_their_exact_values(dtype):
+    coords = frames.voxel_coordinates((2, 3, 4), dtype=dtype)
+    assert coords.dtype == dtype and coords[1, 2, 3].tolist() == [1.0, 2.0, 3.0]
+    grid = frames.identity_grid((2, 3, 5), dtype=dtype)
+    assert grid.dtype == dtype and grid[0, 1, 1, 2].tolist() == [0.0, 0.0, 1.0]  # (k, j, i) of voxel (1, 1, 2)
+    assert frames.voxel_coordinates((2, 3, 4), dtype=None).dtype == torch.get_default_dtype()  # as torch.zeros's
+
+
+def test_warps_of_an_integer_displacement_sample_as_its_float_copy():
+    moving = torch.arange(60.0).reshape(1, 1, 3, 4, 5)
+    disp = torch.zeros(1, 3, 3, 4, 5, dtype=torch.long)
+    disp[:, 2] = 1  # one voxel along k: voxel (i, j, k) samples (i, j, k + 1), the last one its border
+    expected = torch.cat([moving[..., 1:], moving[..., -1:]], dim=-1)
+    assert torch.equal(warp(moving, disp), expected)
+    assert torch.equal(warp_between_grids(moving, torch.eye(4), disp, torch.eye(4)), expected)
+    moved = frames.fixed_to_moving_voxels(disp, torch.eye(4), torch.eye(4))
+    assert moved.dtype == torch.get_default_dtype() and moved[0, 2, 3, 4].tolist() == [2.0, 3.0, 5.0]
