@@ -168,9 +168,10 @@ def _float_dtype(dtype):
 
 def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Voxel indices of every voxel, ``(D, H, W, 3)`` in (i, j, k) order, as floats of ``dtype`` (the
-    ``voxel`` frame; :class:`ValueError` naming ``dtype`` when it is no floating-point one)."""
+    ``voxel`` frame; :class:`ValueError` naming ``dtype`` when it is no floating-point one, and ``shape`` unless
+    three whole numbers >= 1, :func:`check_shape`)."""
     dtype = _float_dtype(dtype)
-    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in check_shape("shape", shape)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 

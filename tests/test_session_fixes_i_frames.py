@@ -12,6 +12,11 @@ or failed inside torch (bool), and ``dtype=None`` gave int64 ones (``arange`` of
 :func:`cyclereg.frames.fixed_to_moving_voxels` of an integer displacement build their coordinates in
 :func:`cyclereg.frames.floating_dtype` of it (the same values as before).
 
+:func:`cyclereg.frames.voxel_coordinates` of a shape with a size of 0 (or -1, or 2.5: ``arange`` takes it) answered an
+empty or fractional grid where :func:`cyclereg.frames.identity_grid` refused the shape (of a negative size, or of
+two or four sizes, both failed inside torch); both now refuse it in the same words (:func:`cyclereg.frames.check_shape`),
+naming ``shape``.
+
 Each test checks the exact answer or the one-line error naming the argument, and the valid input beside it keeps its
 exact answer.
 """
@@ -82,3 +87,17 @@ def test_warps_of_an_integer_displacement_sample_as_its_float_copy():
     assert torch.equal(warp_between_grids(moving, torch.eye(4), disp, torch.eye(4)), expected)
     moved = frames.fixed_to_moving_voxels(disp, torch.eye(4), torch.eye(4))
     assert moved.dtype == torch.get_default_dtype() and moved[0, 2, 3, 4].tolist() == [2.0, 3.0, 5.0]
+
+
+# ----------------------------------------------------------------------------- shapes of voxel_coordinates
+@pytest.mark.parametrize("shape", [(2, 0, 2), (0, 0, 0), (2, -1, 2), (2, 2.5, 2), (2, 3), (2, 3, 4, 5), (True, 2, 2)])
+@pytest.mark.parametrize("make", [frames.identity_grid, frames.voxel_coordinates])
+def test_coordinate_grids_refuse_a_shape_without_voxels_in_one_message_naming_shape(make, shape):
+    with pytest.raises(ValueError, match=r"^shape: expected 3 spatial sizes \(D, H, W\), whole numbers >= 1, got "):
+        make(shape)
+
+
+def test_voxel_coordinates_of_a_one_voxel_thick_shape_keep_their_exact_values():
+    coords = frames.voxel_coordinates((2, 1, 3))
+    assert coords.shape == (2, 1, 3, 3) and coords[1, 0, 2].tolist() == [1.0, 0.0, 2.0]
+    assert frames.voxel_coordinates(torch.Size([1, 1, 1])).tolist() == [[[[0.0, 0.0, 0.0]]]]
