@@ -188,28 +188,41 @@ def floating_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.get_default_dtype()
 
 
-def _affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _affine(affine, like: torch.Tensor, dtype: torch.dtype, name: str = "affine") -> torch.Tensor:
     """``affine`` as a finite ``(4, 4)`` tensor of ``dtype`` on ``like``'s device (:class:`ValueError`
-    naming ``affine`` otherwise). On the ``meta`` device (shapes only, no values) only its shape is checked,
-    and the answer is a meta tensor as torch's own operations give."""
+    naming the argument ``name`` otherwise). On the ``meta`` device (shapes only, no values) only its shape is
+    checked, and the answer is a meta tensor as torch's own operations give."""
     A = torch.as_tensor(affine, device=like.device).to(dtype)
     if A.shape != (4, 4):
-        raise ValueError(f"affine: expected a 4x4 voxel -> mm matrix, got shape {tuple(A.shape)}")
+        raise ValueError(f"{name}: expected a 4x4 voxel -> mm matrix, got shape {tuple(A.shape)}")
     if not A.is_meta and not torch.isfinite(A).all():
-        raise ValueError("affine: holds NaN or inf")
+        raise ValueError(f"{name}: holds NaN or inf")
     return A
 
 
-SINGULAR_AFFINE = "affine: singular (its voxel axes do not span 3D), it has no inverse"
+def _singular(name: str) -> str:
+    """What a singular affine passed as the argument ``name`` is told."""
+    return f"{name}: singular (its voxel axes do not span 3D), it has no inverse"
 
 
-def _inverse_affine(affine, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+SINGULAR_AFFINE = _singular("affine")
+
+
+def _inverse_affine(affine, like: torch.Tensor, dtype: torch.dtype, name: str = "affine") -> torch.Tensor:
     """The inverse of :func:`_affine`'s matrix (inverted in float64), as ``dtype``; :class:`ValueError`
-    naming ``affine`` when it is singular (a voxel axis of zero length, or two along one line)."""
+    naming the argument ``name`` when it is singular (a voxel axis of zero length, or two along one line)."""
     try:
-        return torch.linalg.inv(_affine(affine, like, torch.float64)).to(dtype)
+        return torch.linalg.inv(_affine(affine, like, torch.float64, name)).to(dtype)
     except torch.linalg.LinAlgError:
-        raise ValueError(SINGULAR_AFFINE) from None
+        raise ValueError(_singular(name)) from None
+
+
+def check_affine(name: str, affine, *, invertible: bool = False) -> None:
+    """:class:`ValueError` naming the argument ``name`` unless ``affine`` is a finite 4x4 voxel -> mm matrix,
+    invertible where ``invertible`` (checked where it is, in float64): for functions that pass two affines on,
+    whose conversions would name either one ``affine``."""
+    like = affine if isinstance(affine, torch.Tensor) else torch.empty(0)
+    (_inverse_affine if invertible else _affine)(affine, like, torch.float64, name)
 
 
 def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -261,9 +274,12 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
     Args:
         disp_vox: ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid.
         fixed_affine, moving_affine: 4x4 NIfTI affines of the two grids (they may differ in
-            shape, spacing, origin and orientation).
+            shape, spacing, origin and orientation); :class:`ValueError` naming the one that is no finite
+            4x4 matrix, or ``moving_affine`` when it is singular (it is inverted).
     """
     check_displacement("disp_vox", disp_vox)
+    check_affine("fixed_affine", fixed_affine)
+    check_affine("moving_affine", moving_affine, invertible=True)
     x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=floating_dtype(disp_vox))
     target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
     return world_to_voxel(voxel_to_world(target, fixed_affine), moving_affine)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclereg.frames import (ALIGN_CORNERS, check_displacement, crop_affine, fixed_to_moving_voxels, identity_grid,
-                             floating_dtype, require_finite, require_tensor,
+from cyclereg.frames import (ALIGN_CORNERS, check_affine, check_displacement, crop_affine, fixed_to_moving_voxels,
+                             identity_grid, floating_dtype, require_finite, require_tensor,
                              voxel_disp_to_grid_disp, voxel_to_grid)
 
 
@@ -75,9 +75,12 @@ def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=N
     centre: a point less than half a voxel beyond the outermost centres takes the edge voxel's label
     (``grid_sample``'s nearest rounding); Learn2Reg's evaluation (``map_coordinates(order=0)``,
     constant mode) gives 0 to every point outside the outermost centres, so the two differ in that
-    half-voxel band alone."""
+    half-voxel band alone. A bad affine is named as the argument (``labels_affine``, ``fixed_affine``)."""
     if (labels_affine is None) != (fixed_affine is None):
         raise ValueError("warp_labels: give both labels_affine and fixed_affine, or neither")
+    if labels_affine is not None:  # warp_between_grids would name labels_affine moving_affine
+        check_affine("labels_affine", labels_affine, invertible=True)
+        check_affine("fixed_affine", fixed_affine)
     if labels.dtype == torch.bool:  # a mask: warped as 0/1 labels and returned as a mask
         return warp_labels(labels.to(torch.uint8), disp_vox, labels_affine=labels_affine,
                            fixed_affine=fixed_affine).bool()
@@ -167,7 +170,8 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     Returns ``(B, C, D, H, W)`` on the fixed grid. Equals :func:`warp` when the affines and
     shapes agree. Works in slabs along the first axis of at most :data:`SLAB_VOXELS` voxels, so
     the sampling coordinates of a large CT never exist all at once. :class:`ValueError` naming the
-    argument for a wrong shape, or a ``disp_vox`` holding NaN or inf, as :func:`warp`.
+    argument for a wrong shape, or a ``disp_vox`` holding NaN or inf, as :func:`warp`, and ``moving_affine`` or
+    ``fixed_affine`` when it is no finite 4x4 matrix (``moving_affine`` also when singular: it is inverted).
     """
     _check_batch(moving, disp_vox)
     require_finite("disp_vox", disp_vox)

@@ -17,6 +17,11 @@ empty or fractional grid where :func:`cyclereg.frames.identity_grid` refused the
 two or four sizes, both failed inside torch); both now refuse it in the same words (:func:`cyclereg.frames.check_shape`),
 naming ``shape``.
 
+:func:`cyclereg.warp.warp_between_grids` (and :func:`cyclereg.frames.fixed_to_moving_voxels`, which it calls, and
+:func:`cyclereg.warp.warp_labels` given affines) named a moving or fixed affine of a wrong shape, holding NaN or
+singular ``affine``, an argument none of them has; each now names its own argument (``moving_affine``,
+``fixed_affine``, ``labels_affine``) in the same words (:func:`cyclereg.frames.check_affine`).
+
 Each test checks the exact answer or the one-line error naming the argument, and the valid input beside it keeps its
 exact answer.
 """
@@ -27,7 +32,7 @@ import pytest
 import torch
 
 from cyclereg import frames
-from cyclereg.warp import warp, warp_between_grids
+from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 
 # ----------------------------------------------------------------------------- meta tensors
@@ -101,3 +106,53 @@ def test_voxel_coordinates_of_a_one_voxel_thick_shape_keep_their_exact_values():
     coords = frames.voxel_coordinates((2, 1, 3))
     assert coords.shape == (2, 1, 3, 3) and coords[1, 0, 2].tolist() == [1.0, 0.0, 2.0]
     assert frames.voxel_coordinates(torch.Size([1, 1, 1])).tolist() == [[[[0.0, 0.0, 0.0]]]]
+
+
+# ----------------------------------------------------------------------------- affines named as their arguments
+_NAN = torch.eye(4).index_put((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("nan")))
+_BAD_AFFINES = [
+    (torch.eye(3), r"expected a 4x4 voxel -> mm matrix, got shape \(3, 3\)"),
+    (_NAN, r"holds NaN or inf"),
+    (torch.diag(torch.tensor([1.0, 0.0, 1.0, 1.0])), r"singular \(its voxel axes do not span 3D\), it has no inverse"),
+]
+
+
+def _pair():
+    moving = torch.arange(27.0).reshape(1, 1, 3, 3, 3)
+    disp = torch.zeros(1, 3, 3, 3, 3)
+    disp[:, 0] = 1.0
+    return moving, disp
+
+
+@pytest.mark.parametrize("bad, words", _BAD_AFFINES)
+def test_warp_between_grids_names_a_bad_moving_affine_moving_affine(bad, words):
+    moving, disp = _pair()
+    with pytest.raises(ValueError, match=rf"^moving_affine: {words}$"):
+        warp_between_grids(moving, bad, disp, torch.eye(4))
+    with pytest.raises(ValueError, match=rf"^moving_affine: {words}$"):
+        frames.fixed_to_moving_voxels(disp, torch.eye(4), bad)
+    with pytest.raises(ValueError, match=rf"^labels_affine: {words}$"):
+        warp_labels(moving.long(), disp, labels_affine=bad, fixed_affine=torch.eye(4))
+
+
+@pytest.mark.parametrize("bad, words", _BAD_AFFINES[:2])
+def test_warp_between_grids_names_a_bad_fixed_affine_fixed_affine(bad, words):
+    moving, disp = _pair()
+    with pytest.raises(ValueError, match=rf"^fixed_affine: {words}$"):
+        warp_between_grids(moving, torch.eye(4), disp, bad)
+    with pytest.raises(ValueError, match=rf"^fixed_affine: {words}$"):
+        frames.fixed_to_moving_voxels(disp, bad, torch.eye(4))
+    with pytest.raises(ValueError, match=rf"^fixed_affine: {words}$"):
+        warp_labels(moving.long(), disp, labels_affine=torch.eye(4), fixed_affine=bad)
+
+
+def test_warp_between_grids_of_good_affines_keeps_its_exact_answer():
+    moving, disp = _pair()
+    expected = torch.cat([moving[:, :, 1:], moving[:, :, -1:]], dim=2)  # voxel i samples i + 1, the last its border
+    assert torch.equal(warp_between_grids(moving, torch.eye(4), disp, torch.eye(4)), expected)
+    shifted = torch.eye(4, dtype=torch.float64)
+    shifted[0, 3] = -1.0  # moving voxel i lies at mm i - 1: fixed voxel i + 1 (mm i + 1) is moving voxel i + 2
+    assert torch.equal(warp_between_grids(moving, shifted.numpy(), disp, torch.eye(4))[:, :, 0], moving[:, :, 2])
+    assert torch.equal(warp_labels(moving.long(), disp, labels_affine=torch.eye(4), fixed_affine=torch.eye(4)),
+                       torch.cat([moving[:, :, 1:], torch.zeros_like(moving[:, :, :1])], dim=2).long())
+    assert frames.SINGULAR_AFFINE == "affine: singular (its voxel axes do not span 3D), it has no inverse"
