@@ -22,16 +22,24 @@ naming ``shape``.
 singular ``affine``, an argument none of them has; each now names its own argument (``moving_affine``,
 ``fixed_affine``, ``labels_affine``) in the same words (:func:`cyclereg.frames.check_affine`).
 
+:func:`cyclereg.dense.similarity.ncc_loss` promised that identical images scaled to [0, 1] score below 1e-3; a smooth
+one scores several percent, since ``eps`` is added to the product of the local variances. Its computation is
+unchanged; its docstring now states the value for identical images, ``1 - v / sqrt(v^2 + eps)`` per window of local
+variance ``v``, and what follows from it, each checked here against a value worked out by hand.
+
 Each test checks the exact answer or the one-line error naming the argument, and the valid input beside it keeps its
 exact answer.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cyclereg import frames
+from cyclereg.dense.similarity import box_mean, ncc_loss
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 
@@ -156,3 +164,60 @@ def test_warp_between_grids_of_good_affines_keeps_its_exact_answer():
     assert torch.equal(warp_labels(moving.long(), disp, labels_affine=torch.eye(4), fixed_affine=torch.eye(4)),
                        torch.cat([moving[:, :, 1:], torch.zeros_like(moving[:, :, :1])], dim=2).long())
     assert frames.SINGULAR_AFFINE == "affine: singular (its voxel axes do not span 3D), it has no inverse"
+
+
+# ----------------------------------------------------------------------------- ncc_loss of identical images
+def _three_windows(scale: float = 1.0) -> torch.Tensor:
+    """``(1, 1, 3, 1, 1)`` image ``[0, 1, 0] * scale``: with radius 1 and replicate padding its three windows hold
+    ``(0, 0, 1)``, ``(0, 1, 0)`` and ``(1, 0, 0)`` (times 9 along the constant axes), each of local variance
+    ``1/3 - 1/9 = 2/9`` times ``scale^2``."""
+    return torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).view(1, 1, 3, 1, 1) * scale
+
+
+def test_ncc_loss_docstring_states_the_value_of_identical_images_and_not_the_old_promise():
+    doc = " ".join(ncc_loss.__doc__.split())
+    assert "Two identical images give ``1 - v / sqrt(v^2 + eps)`` at a window of local variance ``v``" in doc
+    assert "``v >= 22.34 sqrt(eps)`` (0.0707 for the default" in doc
+    assert "score below 1e-3" not in doc
+
+
+@pytest.mark.parametrize("scale, eps", [(1.0, 1e-5), (1.0, 1e-3), (0.01, 1e-5), (1.0, 1.0)])
+def test_ncc_loss_of_identical_images_is_one_minus_v_over_the_root_of_v_squared_plus_eps(scale, eps):
+    image = _three_windows(scale)
+    v = 2 / 9 * scale ** 2
+    assert ncc_loss(image, image, radius=1, eps=eps).item() == pytest.approx(1 - v / math.sqrt(v * v + eps),
+                                                                              rel=1e-12)
+
+
+def test_ncc_loss_of_identical_images_near_its_documented_limits():
+    image, v = _three_windows(), 2 / 9
+    assert ncc_loss(image, image, radius=1).item() == pytest.approx(1e-5 / (2 * v * v), rel=2e-4)  # eps / (2 v^2)
+    flat = torch.full((1, 1, 4, 4, 4), 0.5, dtype=torch.float64)
+    assert ncc_loss(flat, flat, radius=1).item() == 1.0  # no variance: 1, not 0
+    # the 1e-3 threshold: eps at which v = 2/9 is exactly 22.34 sqrt(eps), i.e. (1 - d) / sqrt(2 d - d^2) with d = 1e-3
+    d = 1e-3
+    assert (1 - d) / math.sqrt(2 * d - d * d) == pytest.approx(22.34, abs=5e-3)
+    at_threshold = v * v * (2 * d - d * d) / (1 - d) ** 2
+    assert ncc_loss(image, image, radius=1, eps=at_threshold).item() == pytest.approx(d, rel=1e-9)
+    assert ncc_loss(image, image, radius=1, eps=at_threshold * 1.01).item() > d
+    assert 22.34 * math.sqrt(1e-5) == pytest.approx(0.0707, abs=1e-4)
+
+
+def test_ncc_loss_is_unchanged_when_the_images_scale_by_s_and_eps_by_s_to_the_fourth():
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 6, 6, 6, generator=g, dtype=torch.float64)
+    warped = fixed + 0.1 * torch.rand(1, 1, 6, 6, 6, generator=g, dtype=torch.float64)
+    s = 0.01
+    assert ncc_loss(fixed * s, warped * s, radius=1, eps=1e-5 * s ** 4).item() == pytest.approx(
+        ncc_loss(fixed, warped, radius=1, eps=1e-5).item(), rel=1e-9)
+
+
+def test_ncc_loss_of_a_smooth_ramp_scaled_to_0_1_is_far_above_1e_3():
+    ramp = torch.linspace(0, 1, 32, dtype=torch.float64).view(1, 1, 32, 1, 1).expand(1, 1, 32, 32, 32)
+    v = (9 ** 2 - 1) / 12 / 31 ** 2  # variance of 9 values 1/31 apart, the same in every inner window of radius 4
+    assert round(v, 4) == 0.0069
+    local = box_mean(ramp * ramp, 4) - box_mean(ramp, 4) ** 2
+    assert local[0, 0, 4:-4].flatten().tolist() == pytest.approx([v] * (24 * 32 * 32), rel=1e-9)
+    inner = 1 - v / math.sqrt(v * v + 1e-5)
+    assert round(inner, 2) == 0.09
+    assert ncc_loss(ramp, ramp, radius=4).item() >= inner  # edge windows repeat edge values: less variance
