@@ -27,6 +27,10 @@ one scores several percent, since ``eps`` is added to the product of the local v
 unchanged; its docstring now states the value for identical images, ``1 - v / sqrt(v^2 + eps)`` per window of local
 variance ``v``, and what follows from it, each checked here against a value worked out by hand.
 
+:func:`cyclereg.dense.similarity.mind_ssc` / ``mind_loss`` with ``radius=None`` or ``dilation=None`` (and ``ncc_loss``
+with ``radius=None``) failed with a bare :class:`TypeError` deep in the arithmetic; they now refuse it with the
+one-line :class:`~cyclereg.errors.InputError` naming the argument that a radius of -1 or 1.5 gets.
+
 Each test checks the exact answer or the one-line error naming the argument, and the valid input beside it keeps its
 exact answer.
 """
@@ -35,11 +39,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from cyclereg import frames
-from cyclereg.dense.similarity import box_mean, ncc_loss
+from cyclereg.dense.similarity import box_mean, mind_loss, mind_ssc, ncc_loss
+from cyclereg.errors import InputError
 from cyclereg.warp import warp, warp_between_grids, warp_labels
 
 
@@ -221,3 +227,34 @@ def test_ncc_loss_of_a_smooth_ramp_scaled_to_0_1_is_far_above_1e_3():
     inner = 1 - v / math.sqrt(v * v + 1e-5)
     assert round(inner, 2) == 0.09
     assert ncc_loss(ramp, ramp, radius=4).item() >= inner  # edge windows repeat edge values: less variance
+
+
+# ----------------------------------------------------------------------------- None as a window size
+def _image() -> torch.Tensor:
+    return torch.rand(1, 1, 5, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name, least", [("radius", 0), ("dilation", 1)])
+def test_mind_refuses_a_radius_or_dilation_of_none_in_one_line_naming_it(name, least):
+    image = _image()
+    words = rf"^{name} None: need a whole number, {least} or more$"
+    with pytest.raises(InputError, match=words):
+        mind_ssc(image, **{name: None})
+    with pytest.raises(InputError, match=words):
+        mind_loss(image, image, **{name: None})
+    with pytest.raises(InputError, match=rf"^{name} 1.5: need a whole number, {least} or more$"):
+        mind_ssc(image, **{name: 1.5})  # the existing words, which None now gets too
+
+
+def test_ncc_loss_refuses_a_radius_of_none_in_one_line_naming_it():
+    image = _image()
+    with pytest.raises(InputError, match=r"^radius None: need a whole number, 1 or more$"):
+        ncc_loss(image, image, radius=None)
+
+
+def test_similarity_terms_of_whole_window_sizes_keep_their_exact_answers():
+    image = _image()
+    assert mind_loss(image, image).item() == 0.0
+    # a NumPy whole number works as its Python value
+    assert torch.equal(mind_ssc(image, radius=np.int64(1), dilation=np.int64(2)), mind_ssc(image))
+    assert torch.equal(ncc_loss(image, 1 - image, radius=np.int64(2)), ncc_loss(image, 1 - image, radius=2))

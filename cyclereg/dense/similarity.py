@@ -18,7 +18,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from cyclereg.errors import finite_number, python_number, require_count
+from cyclereg.errors import InputError, finite_number, python_number, require_count
 from cyclereg.frames import LOW_PRECISION, require_tensor
 
 
@@ -39,6 +39,15 @@ def _check_pair(fixed: torch.Tensor, warped: torch.Tensor) -> None:
         raise ValueError(f"warped: shape {tuple(warped.shape)} differs from fixed's {tuple(fixed.shape)}")
     if fixed.numel() == 0:
         raise ValueError(f"fixed, warped: empty images {tuple(fixed.shape)}; a loss needs at least one voxel")
+
+
+def _whole(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int, :class:`InputError` naming ``name`` unless a whole number >= ``minimum``
+    (:func:`~cyclereg.errors.require_count`, whose ``None`` means "not given": here there is nothing to fall back
+    on, and ``None`` reached the arithmetic as a bare :class:`TypeError`)."""
+    if value is None:
+        raise InputError(f"{name} None: need a whole number, {minimum} or more")
+    return require_count(name, python_number(value), minimum)
 
 
 def _working(fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +107,8 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
     A half-precision image (:data:`~cyclereg.frames.LOW_PRECISION`) is computed in float32 and answered in its dtype.
     """
     _check("image", image)
-    radius = require_count("radius", python_number(radius), 0)
-    dilation = require_count("dilation", python_number(dilation), 1)
+    radius = _whole("radius", radius, 0)
+    dilation = _whole("dilation", dilation, 1)
     if image.dtype in LOW_PRECISION:
         return mind_ssc(image.float(), radius=radius, dilation=dilation, eps=eps).to(image.dtype)
     dist = torch.cat([box_mean((_shift(image, p) - _shift(image, q)).pow(2), radius)
@@ -115,8 +124,8 @@ def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 1, dil
     """Mean squared difference of MIND-SSC descriptors (0 for identical images; ``radius`` >= 0 and
     ``dilation`` >= 1 whole voxels: a dilation of 0 compares every voxel with itself)."""
     _check_pair(fixed, warped)
-    radius = require_count("radius", python_number(radius), 0)
-    dilation = require_count("dilation", python_number(dilation), 1)
+    radius = _whole("radius", radius, 0)
+    dilation = _whole("dilation", dilation, 1)
     f, w = _working(fixed, warped)
     loss = (mind_ssc(f, radius=radius, dilation=dilation) - mind_ssc(w, radius=radius, dilation=dilation)).pow(2).mean()
     return loss.to(fixed.dtype)
@@ -137,7 +146,7 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     ``radius`` >= 1 whole voxels (a window of one voxel has no variance), ``eps`` finite and > 0.
     """
     _check_pair(fixed, warped)
-    radius = require_count("radius", python_number(radius), 1)
+    radius = _whole("radius", radius, 1)
     eps = python_number(eps)
     if not (finite_number(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
