@@ -405,9 +405,12 @@ def write_points(path: str | Path, points_mm: torch.Tensor, *, fmt: str | None =
     """Write ``(N, 3)`` mm points atomically as ``csv`` (header x_mm,y_mm,z_mm; also a ``.txt`` name), ``l2r``
     (headerless voxel indices on the grid of the scan's ``affine``, or without a scan of
     ``mm = index * spacing_mm``: what :func:`read_points` reads back with the same argument),
-    ``npy``, ``ply`` or ``pcd``."""
+    ``npy``, ``ply`` or ``pcd``. An empty cloud is refused (:class:`InputError` naming ``path``, nothing
+    written): :func:`read_points` refuses an empty file in every format."""
     p = _path(path, "path")
     pts = _points_array(points_mm)
+    if pts.shape[0] == 0:
+        raise InputError("point cloud is empty: nothing to write (an empty point file is refused when read)", p)
     suffix = p.suffix.lstrip(".").lower()
     fmt = (fmt or ("csv" if suffix == "txt" else suffix) or "csv").lower()  # .txt reads back as csv: written so
     if fmt == "csv":
