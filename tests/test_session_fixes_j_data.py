@@ -5,6 +5,10 @@ empty l2r file, an ``.npy`` of shape ``(0, 3)``) that :func:`~cyclereg.pointio.r
 (every reader refuses an empty cloud, as the module says); it is now refused up front with one line naming the
 file, and nothing is written, in every format.
 
+:func:`cyclereg.dense.data.preprocess` returned float32 for a float64 (or float16 / bfloat16) image, against the
+package rule that dtypes follow the inputs; a floating image now keeps its dtype (an integer image still gives
+float32, and a float32 image the same bits as before).
+
 Each test checks exact analytic figures or the exact message fragment naming the file or the argument.
 """
 
@@ -13,6 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cyclereg.dense.config import PreprocessConfig
+from cyclereg.dense.data import preprocess
 from cyclereg.errors import InputError
 from cyclereg.pointio import read_points, write_points
 
@@ -32,3 +38,39 @@ def test_write_points_of_one_point_still_reads_back(tmp_path):
     out = tmp_path / "one.csv"
     write_points(out, torch.tensor([[1.5, -2.0, 3.25]]))
     assert torch.equal(read_points(out), torch.tensor([[1.5, -2.0, 3.25]]))
+
+
+# ----------------------------------------------------------------------------- preprocess keeps a floating dtype
+def test_preprocess_keeps_float64_in_every_mode():
+    """CT: x / 500 clipped to [-0.4, 0.6], in float64 (1/3 is no float32 number); MRI: 0..100 has its 1st / 99th
+    percentiles at 1 and 99, so x -> (x - 1) / 98 clipped; none: the image itself."""
+    cfg = PreprocessConfig()
+    ct = torch.tensor([-1000.0, 500.0 / 3, 250.0, 400.0], dtype=torch.float64)
+    out = preprocess(ct, cfg, "ct")
+    assert out.dtype == torch.float64
+    assert torch.equal(out, torch.tensor([-0.4, 1.0 / 3, 0.5, 0.6], dtype=torch.float64).clamp(-0.4, 0.6))
+    assert out[1].item() == 1.0 / 3
+    x = torch.arange(101, dtype=torch.float64)
+    mri = preprocess(x, cfg, "mri")
+    assert mri.dtype == torch.float64
+    torch.testing.assert_close(mri, ((x - 1) / 98).clamp(0, 1), rtol=0, atol=1e-15)
+    assert preprocess(x, cfg, "none").dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_preprocess_keeps_a_low_precision_dtype_also_for_mri(dtype):
+    """torch.quantile takes no half type: the percentiles are taken in float32, the result stays in ``dtype``."""
+    x = torch.arange(101, dtype=dtype)
+    for mode in ("ct", "mri", "none"):
+        assert preprocess(x, PreprocessConfig(), mode).dtype == dtype
+    assert preprocess(x, PreprocessConfig(), "mri")[[0, 1, 99, 100]].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_preprocess_of_float32_and_integer_images_is_float32_as_before():
+    cfg = PreprocessConfig()
+    x = torch.tensor([-1000.0, 500.0 / 3, 250.0, 400.0])
+    assert torch.equal(preprocess(x, cfg, "ct"), (x / 500.0).clamp(-0.4, 0.6))
+    ints = torch.arange(101, dtype=torch.int16)
+    for mode in ("ct", "mri", "none"):
+        assert preprocess(ints, cfg, mode).dtype == torch.float32
+    assert torch.equal(preprocess(ints, cfg, "mri"), preprocess(torch.arange(101.0), cfg, "mri"))

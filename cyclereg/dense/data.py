@@ -18,7 +18,7 @@ import torch
 from cyclereg.datasets import is_label_number, read_json
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
-from cyclereg.frames import inside_grid, voxel_to_world, world_to_voxel
+from cyclereg.frames import LOW_PRECISION, inside_grid, voxel_to_world, world_to_voxel
 from cyclereg.volumeio import Volume, check_same_grid
 from cyclereg.warp import warp_between_grids, warp_labels
 
@@ -50,18 +50,21 @@ def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = No
     """Intensity preprocessing of a ``(D, H, W)`` (or any-shape) float image.
 
     ``ct``: ``clip(x / ct_scale_hu, *ct_clip)``; ``mri``: percentile normalisation to
-    [0, 1]; ``none``: unchanged. ``mode`` defaults to :func:`resolve_mode`.
+    [0, 1]; ``none``: unchanged. ``mode`` defaults to :func:`resolve_mode`. The result keeps a
+    floating ``image``'s dtype; an integer image gives float32.
     """
     mode = mode or resolve_mode(image, cfg)
-    x = image.float()
+    x = image if image.is_floating_point() else image.float()
     if mode == "ct":
         return (x / cfg.ct_scale_hu).clamp(*cfg.ct_clip)
     if mode == "mri":
         flat = x.flatten()
         if flat.numel() > QUANTILE_SAMPLES:  # quantile on a strided subsample (exact enough, fast)
             flat = flat[:: flat.numel() // QUANTILE_SAMPLES + 1]
+        if flat.dtype in LOW_PRECISION:  # torch.quantile takes float32 / float64 only
+            flat = flat.float()
         lo, hi = torch.quantile(flat, torch.tensor([cfg.mri_percentiles[0] / 100, cfg.mri_percentiles[1] / 100],
-                                                   dtype=flat.dtype, device=flat.device))
+                                                   dtype=flat.dtype, device=flat.device)).to(x.dtype)
         scale = (hi - lo).clamp_min(MIN_INTENSITY_RANGE)
         return ((x - lo) / scale).clamp(0.0, 1.0)
     if mode == "none":
