@@ -9,6 +9,11 @@ file, and nothing is written, in every format.
 package rule that dtypes follow the inputs; a floating image now keeps its dtype (an integer image still gives
 float32, and a float32 image the same bits as before).
 
+:func:`cyclereg.dense.data.resolve_mode` did not read a modality hint with punctuation attached to the word
+("Lung CT,", "(CT)", "abdomen_CT") as CT and fell back to the intensity range; the hint's words are now split at
+anything not a letter or digit. The rule is otherwise the same: CT as a word or as the start of the first word
+("CTA"), so "FBCT" and "CBCT" are still no CT.
+
 Each test checks exact analytic figures or the exact message fragment naming the file or the argument.
 """
 
@@ -18,7 +23,7 @@ import pytest
 import torch
 
 from cyclereg.dense.config import PreprocessConfig
-from cyclereg.dense.data import preprocess
+from cyclereg.dense.data import preprocess, resolve_mode
 from cyclereg.errors import InputError
 from cyclereg.pointio import read_points, write_points
 
@@ -74,3 +79,24 @@ def test_preprocess_of_float32_and_integer_images_is_float32_as_before():
     for mode in ("ct", "mri", "none"):
         assert preprocess(ints, cfg, mode).dtype == torch.float32
     assert torch.equal(preprocess(ints, cfg, "mri"), preprocess(torch.arange(101.0), cfg, "mri"))
+
+
+# ----------------------------------------------------------------------------- resolve_mode: punctuation
+MRI_LIKE, CT_LIKE = torch.tensor([0.0, 800.0]), torch.tensor([-1000.0, 50.0])
+
+
+@pytest.mark.parametrize("hint", ["Lung CT,", "(CT)", "CT.", "abdomen_CT", "Thorax-CT", "(CTA)", "CT/MR"])
+def test_a_ct_hint_with_attached_punctuation_is_ct(hint):
+    assert resolve_mode(MRI_LIKE, PreprocessConfig(), hint) == "ct"
+
+
+@pytest.mark.parametrize("hint", ["FBCT", "CBCT", "Lung FBCT,", "(CBCT)", "fbct cbct", "Abdomen CTA", "PET"])
+def test_words_that_only_contain_ct_are_still_no_ct(hint):
+    """Not CT: the intensities decide (an MRI-like range: MRI; a CT-like range: CT)."""
+    assert resolve_mode(MRI_LIKE, PreprocessConfig(), hint) == "mri"
+    assert resolve_mode(CT_LIKE, PreprocessConfig(), hint) == "ct"
+
+
+@pytest.mark.parametrize("hint", ["MRI", "T1w", "T2,", "(MR)"])
+def test_mri_hints_are_still_mri(hint):
+    assert resolve_mode(CT_LIKE, PreprocessConfig(), hint) == "mri"

@@ -9,6 +9,7 @@ of the same image, else by replacing ``imagesTr`` with ``labelsTr`` in the path.
 from __future__ import annotations
 
 import os
+import re
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,15 @@ from cyclereg.warp import warp_between_grids, warp_labels
 # ----------------------------------------------------------------------------- preprocessing
 def resolve_mode(image: torch.Tensor, cfg: PreprocessConfig, hint: str | None = None) -> str:
     """The preprocessing mode for ``image``: ``cfg.mode`` unless ``auto``; then the
-    dataset's modality ``hint`` ("CT", "MRI", ...) if given, else the intensity range."""
+    dataset's modality ``hint`` ("CT", "MRI", ...) if given, else the intensity range.
+    The hint names CT as a word or as the start of its first word ("Lung CT,", "CTA"; words are
+    split at anything not a letter or digit, so "FBCT" and "CBCT" are no CT)."""
     if cfg.mode != "auto":
         return cfg.mode
     if hint:
         h = hint.lower()
-        if "ct" in h.split() or h.startswith("ct"):
+        words = [w for w in re.split(r"[\W_]+", h) if w]
+        if "ct" in words or (words and words[0].startswith("ct")):
             return "ct"
         if "mr" in h or "t1" in h or "t2" in h:
             return "mri"
