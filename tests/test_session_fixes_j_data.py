@@ -14,16 +14,26 @@ float32, and a float32 image the same bits as before).
 anything not a letter or digit. The rule is otherwise the same: CT as a word or as the start of the first word
 ("CTA"), so "FBCT" and "CBCT" are still no CT.
 
+Volume datasets gave pair ids that differ only in letter case (scans ``a/Ab.nii.gz`` and ``b/ab.nii.gz``: ids from the
+file names) without a word, while keypoint datasets refuse them (:func:`cyclereg.datasets.require_case_distinct_ids`):
+training writes a file per pair named by its id, one file for both on a case-insensitive file system. The
+``registration_val`` pairs (:func:`~cyclereg.dense.data.load_volume_dataset`) and the pairs training may make of the
+``training`` images (every two, either direction: :func:`~cyclereg.dense.data.training_images`) or of
+``training_paired_images`` (either direction: :func:`~cyclereg.dense.data.training_pairs`) are now refused the same
+way, one line naming the dataset file and the two ids.
+
 Each test checks exact analytic figures or the exact message fragment naming the file or the argument.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from cyclereg.dense.config import PreprocessConfig
-from cyclereg.dense.data import preprocess, resolve_mode
+from cyclereg.dense.data import load_volume_dataset, preprocess, resolve_mode, training_images, training_pairs
 from cyclereg.errors import InputError
 from cyclereg.pointio import read_points, write_points
 
@@ -100,3 +110,57 @@ def test_words_that_only_contain_ct_are_still_no_ct(hint):
 @pytest.mark.parametrize("hint", ["MRI", "T1w", "T2,", "(MR)"])
 def test_mri_hints_are_still_mri(hint):
     assert resolve_mode(CT_LIKE, PreprocessConfig(), hint) == "mri"
+
+
+# ----------------------------------------------------------------------------- volume ids differing in case
+def _volume_dataset(tmp_path, scans, val, paired=None):
+    """A Learn2Reg dataset JSON over empty files ``scans`` (the readers here only resolve the paths)."""
+    for name in scans:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    obj = {"training": [{"image": s} for s in scans],
+           "registration_val": [{"fixed": f, "moving": m} for f, m in val]}
+    if paired is not None:
+        obj["training_paired_images"] = [{"fixed": f, "moving": m} for f, m in paired]
+    path = tmp_path / "t_dataset.json"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _case_clash(err, path, a, b):
+    text = str(err.value)
+    assert text.startswith(f"{path}: pair ids {a!r} and {b!r} differ only in letter case") and "\n" not in text
+
+
+def test_registration_val_pairs_differing_only_in_case_are_refused(tmp_path):
+    ds = _volume_dataset(tmp_path, ["a/Ab.nii.gz", "b/ab.nii.gz", "c/X.nii.gz"],
+                         [("a/Ab.nii.gz", "c/X.nii.gz"), ("b/ab.nii.gz", "c/X.nii.gz")])
+    with pytest.raises(InputError) as err:
+        load_volume_dataset(ds)
+    _case_clash(err, ds, "Ab_X", "ab_X")
+
+
+def test_training_images_differing_only_in_case_are_refused(tmp_path):
+    """Two images 'Ab' and 'ab' make the pairs Ab_ab and ab_Ab (directions both): one file on macOS."""
+    ds = _volume_dataset(tmp_path, ["a/Ab.nii.gz", "b/ab.nii.gz", "c/X.nii.gz", "d/Y.nii.gz"],
+                         [("c/X.nii.gz", "d/Y.nii.gz")])
+    with pytest.raises(InputError) as err:
+        training_images(ds)
+    _case_clash(err, ds, "Ab_ab", "ab_Ab")
+
+
+def test_training_paired_images_differing_only_in_case_are_refused(tmp_path):
+    ds = _volume_dataset(tmp_path, ["a/Ab.nii.gz", "b/ab.nii.gz", "c/X.nii.gz", "d/Y.nii.gz", "e/Z.nii.gz"],
+                         [("d/Y.nii.gz", "e/Z.nii.gz")], paired=[("a/Ab.nii.gz", "c/X.nii.gz"), ("b/ab.nii.gz", "c/X.nii.gz")])
+    with pytest.raises(InputError) as err:
+        training_pairs(ds)
+    _case_clash(err, ds, "Ab_X", "ab_X")
+
+
+def test_volume_ids_distinct_beyond_case_still_load(tmp_path):
+    ds = _volume_dataset(tmp_path, ["a/Ab.nii.gz", "b/Cd.nii.gz", "c/X.nii.gz"],
+                         [("a/Ab.nii.gz", "c/X.nii.gz"), ("b/Cd.nii.gz", "c/X.nii.gz")],
+                         paired=[("a/Ab.nii.gz", "b/Cd.nii.gz")])
+    assert [q.id for q in load_volume_dataset(ds).pairs] == ["Ab_X", "Cd_X"]
+    assert [q.name for q in training_images(ds, held_out=False)] == ["Ab.nii.gz", "Cd.nii.gz", "X.nii.gz"]
+    assert [(f.name, m.name) for f, m in training_pairs(ds, held_out=False)] == [("Ab.nii.gz", "Cd.nii.gz")]

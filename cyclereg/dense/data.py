@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cyclereg.datasets import is_label_number, read_json
+from cyclereg.datasets import is_label_number, read_json, require_case_distinct_ids
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.errors import InputError
 from cyclereg.frames import LOW_PRECISION, inside_grid, voxel_to_world, world_to_voxel
@@ -226,6 +226,14 @@ def pair_ids(id_pairs) -> list[str]:
     return unique_ids([f"{a}_{b}" for a, b in id_pairs])
 
 
+def _require_case_distinct_pairs(pairs, path: Path) -> None:
+    """:func:`~cyclereg.datasets.require_case_distinct_ids` of the pair ids training gives the ``(fixed, moving)``
+    scan ``pairs`` (from their file names: :func:`scan_ids`, :func:`pair_ids`), naming the dataset ``path``."""
+    scans = list(dict.fromkeys(scan for pair in pairs for scan in pair))
+    ids = dict(zip(scans, scan_ids(scans)))
+    require_case_distinct_ids(pair_ids([(ids[a], ids[b]) for a, b in pairs]), path)
+
+
 def _scan_path(root: Path, rel, path: Path, where: str) -> Path:
     """The absolute path of a scan a dataset JSON (``path``, in folder ``root``) names at ``where``
     (e.g. ``"registration_val entry 0: 'fixed'"``); :class:`InputError` when it is not a path text
@@ -353,6 +361,7 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
     scans = [scan for pair in ordered for scan in pair]
     ids = dict(zip(scans, scan_ids(scans)))
     names = pair_ids([(ids[a], ids[b]) for a, b in ordered])
+    require_case_distinct_ids(names, p)  # file names: 'Ab' and 'ab' in two folders
     pairs = [VolumePair(a, b, labels_for(a), labels_for(b), name) for (a, b), name in zip(ordered, names)]
     modality = dataset_modality(obj, p)
     label_names: dict[int, str] = {}
@@ -396,6 +405,7 @@ def training_images(path: str | Path, *, held_out: bool = True) -> list[Path]:
     if held_out:
         val = {scan for pair in _registration_val(obj, p) for scan in pair}
         images = [im for im in images if im not in val]
+    _require_case_distinct_pairs([(a, b) for a in images for b in images if a != b], p)  # every pair training may make
     return images
 
 
@@ -428,4 +438,5 @@ def training_pairs(path: str | Path, *, held_out: bool = True) -> list[tuple[Pat
     if held_out:
         val = {scan for pair in _registration_val(obj, p) for scan in pair}
         pairs = [q for q in pairs if not (set(q) & val)]
+    _require_case_distinct_pairs(pairs + [(m, f) for f, m in pairs], p)  # either direction
     return pairs
