@@ -25,17 +25,18 @@ from cyclereg.checkpoint import load_checkpoint, save_checkpoint, write_json
 from cyclereg.clouds.api import dataset_box
 from cyclereg.clouds.pipeline import CloudRegConfig
 from cyclereg.datasets import load_keypoint_dataset, read_json
-from cyclereg.errors import InputError, run_dir_holding
+from cyclereg.errors import InputError, refuse_empty_paths, run_dir_holding
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="+", type=Path, help="cloud checkpoints, or folders of fold*.pt (a model set)")
+    ap.add_argument("paths", nargs="+",  # text: an empty one is refused (Path("") is the current folder)
+                    help="cloud checkpoints, or folders of fold*.pt (a model set)")
     ap.add_argument("--tta-passes", type=int, help="test-time augmentation passes (0 = off)")
     ap.add_argument("--recentre-passes", type=int, help="re-centred LBP passes after the first (0 = single pass)")
     ap.add_argument("--candidates", type=int, help="candidates of the first LBP pass (lbp.num_candidates)")
     ap.add_argument("--recentre-candidates", type=int, help="candidates of each re-centred pass (0 = as the first pass)")
-    ap.add_argument("--training-box-of", type=Path, metavar="DATASET_JSON",
+    ap.add_argument("--training-box-of", metavar="DATASET_JSON",
                     help="store this keypoint dataset's volume box as the frame the networks were trained in")
     args = ap.parse_args()
     try:
@@ -45,6 +46,8 @@ def main() -> None:
 
 
 def _update(args: argparse.Namespace) -> None:
+    refuse_empty_paths({"paths": args.paths, "--training-box-of": args.training_box_of})
+    paths = [Path(p) for p in args.paths]
     changes = {k: v for k, v in (("tta_passes", args.tta_passes), ("recentre_passes", args.recentre_passes))
                if v is not None}
     if args.recentre_candidates is not None:
@@ -54,9 +57,9 @@ def _update(args: argparse.Namespace) -> None:
         if box is None:
             raise InputError("the dataset has no volume_shape_zyx / spacing_zyx_mm box", args.training_box_of)
         changes["training_box"] = box
-    files = [f for p in args.paths for f in (sorted(p.glob("fold*.pt")) if p.is_dir() else [p])]
+    files = [f for p in paths for f in (sorted(p.glob("fold*.pt")) if p.is_dir() else [p])]
     if not files:
-        raise InputError(f"{' '.join(map(str, args.paths))}: no checkpoints found (a folder stands for its fold*.pt files)")
+        raise InputError(f"{' '.join(map(str, paths))}: no checkpoints found (a folder stands for its fold*.pt files)")
     for f in files:  # a training run's own checkpoints (RUN/foldK/*.pt): cycle writes them, status reads them
         run = run_dir_holding(f.parent)
         if run is not None and Path(f.parent).resolve() != run:
@@ -72,7 +75,7 @@ def _update(args: argparse.Namespace) -> None:
     loaded = [(f, load_checkpoint(f, kind="cloud")) for f in files]  # all readable before any is written
     configs = [updated(ck["config"]) for _, ck in loaded]  # all valid first
     summaries = []
-    for p in args.paths:
+    for p in paths:
         if p.is_dir() and (p / "ensemble.json").is_file():
             info = read_json(p / "ensemble.json")
             try:  # its configuration too, before any file is rewritten

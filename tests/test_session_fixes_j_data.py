@@ -22,12 +22,18 @@ training writes a file per pair named by its id, one file for both on a case-ins
 ``training_paired_images`` (either direction: :func:`~cyclereg.dense.data.training_pairs`) are now refused the same
 way, one line naming the dataset file and the two ids.
 
+``python scripts/set_cloud_test_time.py ""`` read the empty path as the current folder (``Path("")``) and rewrote the
+``fold*.pt`` there; an empty (or blank) path, also of ``--training-box-of``, is now refused in one line naming the
+argument (:func:`cyclereg.errors.refuse_empty_paths`), exit 1, nothing rewritten.
+
 Each test checks exact analytic figures or the exact message fragment naming the file or the argument.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +42,10 @@ from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.data import load_volume_dataset, preprocess, resolve_mode, training_images, training_pairs
 from cyclereg.errors import InputError
 from cyclereg.pointio import read_points, write_points
+
+from conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- write_points of an empty cloud
@@ -164,3 +174,20 @@ def test_volume_ids_distinct_beyond_case_still_load(tmp_path):
     assert [q.id for q in load_volume_dataset(ds).pairs] == ["Ab_X", "Cd_X"]
     assert [q.name for q in training_images(ds, held_out=False)] == ["Ab.nii.gz", "Cd.nii.gz", "X.nii.gz"]
     assert [(f.name, m.name) for f, m in training_pairs(ds, held_out=False)] == [("Ab.nii.gz", "Cd.nii.gz")]
+
+
+# ----------------------------------------------------------------------------- set_cloud_test_time.py ""
+@pytest.mark.parametrize("argv, name", [([""], "paths"), (["  "], "paths"),
+                                        (["fold1.pt", "--training-box-of", ""], "--training-box-of")])
+def test_set_cloud_test_time_refuses_an_empty_path_rewriting_nothing(tmp_path, monkeypatch, capsys, argv, name):
+    ckpt = tmp_path / "fold1.pt"
+    ckpt.write_bytes((ROOT / "models" / "copd" / "fold1.pt").read_bytes())
+    before = ckpt.read_bytes()
+    monkeypatch.chdir(tmp_path)  # the folder an empty path would stand for
+    monkeypatch.setattr(sys, "argv", ["set_cloud_test_time.py", *argv, "--tta-passes", "0"])
+    with pytest.raises(SystemExit) as stop:
+        load_script("scripts/set_cloud_test_time.py").main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.strip().splitlines() == [f"error: {name}: an empty path (an unset shell "
+                                                                 "variable?); give '.' to mean the current folder"]
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["fold1.pt"]
