@@ -36,6 +36,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from rich.progress import Progress, TimeElapsedColumn
@@ -219,6 +220,11 @@ def _refuse_member_without_training(ap: argparse.ArgumentParser, ensemble: Path,
                    "member's run with --learner RUN_DIR\n")
 
 
+def _refuse(ap: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit 1 with the one line ``error: message``, as the script's other refusals (no usage text)."""
+    ap.exit(1, f"error: {message}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ensemble", type=Path, help="folder of 'cyclereg ensemble' (ensemble.json, foldK.pt)")
@@ -237,13 +243,13 @@ def main() -> None:
                          "training configuration (0-based)")
     args = ap.parse_args()
     if args.learn_recentre_passes is not None and args.learn_recentre_passes < 0:
-        ap.error(f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
+        _refuse(ap, f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
     if args.jobs < 1:
-        ap.error(f"--jobs {args.jobs}: need 1 or more")
+        _refuse(ap, f"--jobs {args.jobs}: need 1 or more")
     for flag, path in (("--dataset", args.dataset), ("--learner", args.learner)):  # read in the jobs: checked here
         if path is not None and not (path / "run.json" if flag == "--learner" else path).is_file():
-            ap.error(f"{flag} {path}: " + ("no run directory there (no run.json)" if flag == "--learner"
-                                             else "no such file"))
+            _refuse(ap, f"{flag} {path}: " + ("no run directory there (no run.json)" if flag == "--learner"
+                                                  else "no such file"))
     try:
         info = read_json(args.ensemble / "ensemble.json")
         learner = None if args.learner is None else read_json(args.learner / "run.json")
@@ -258,15 +264,15 @@ def main() -> None:
     try:
         folds = have if args.folds is None else [int(v) for v in args.folds.split(",")]
     except ValueError:
-        ap.error(f"--folds {args.folds}: expected fold numbers such as 1,3")
+        _refuse(ap, f"--folds {args.folds}: expected fold numbers such as 1,3")
     if not set(folds) <= set(have):
-        ap.error(f"--folds {args.folds}: the ensemble has folds {','.join(map(str, have))}")
+        _refuse(ap, f"--folds {args.folds}: the ensemble has folds {','.join(map(str, have))}")
     if args.joint is not None:
         count = len(info["members"]["fold" + str(folds[0])])
         if args.learner is not None or args.members is not None:
-            ap.error("--joint trains all members of the ensemble: not with --learner or --members")
+            _refuse(ap, "--joint trains all members of the ensemble: not with --learner or --members")
         if not 0 <= args.joint < count:
-            ap.error(f"--joint {args.joint}: the ensemble has members 0..{count - 1}")
+            _refuse(ap, f"--joint {args.joint}: the ensemble has members 0..{count - 1}")
         _refuse_member_without_training(ap, args.ensemble, info, folds, None)
         jobs = [(run_joint_job, (args.ensemble, args.out, args.dataset, k, args.joint, args.learn_recentre_passes),
                  f"fold {k} joint") for k in folds]
@@ -278,9 +284,9 @@ def main() -> None:
         try:
             members = None if args.members is None else [int(v) for v in args.members.split(",")]
         except ValueError:
-            ap.error(f"--members {args.members}: expected member indices such as 0,2")
+            _refuse(ap, f"--members {args.members}: expected member indices such as 0,2")
         if members is not None and not all(0 <= i < count for i in members):
-            ap.error(f"--members {args.members}: the ensemble has members 0..{count - 1}")
+            _refuse(ap, f"--members {args.members}: the ensemble has members 0..{count - 1}")
         _refuse_member_without_training(ap, args.ensemble, info, folds, members)
         jobs = [(run_job, (args.ensemble, args.out, args.dataset, k, i, None, args.learn_recentre_passes),
                  f"fold {k} member {i}")

@@ -26,6 +26,12 @@ way, one line naming the dataset file and the two ids.
 ``fold*.pt`` there; an empty (or blank) path, also of ``--training-box-of``, is now refused in one line naming the
 argument (:func:`cyclereg.errors.refuse_empty_paths`), exit 1, nothing rewritten.
 
+``python scripts/ensemble_stage.py ENSEMBLE OUT --folds 9`` printed argparse's usage text and then the error (exit 2),
+while the script's refusals of a missing ensemble, a learner without configuration or a member without training
+are one line ``error: ...`` (exit 1), as every other script's; every refusal after the parse (``--folds``,
+``--members``, ``--joint``, ``--jobs``, ``--learn-recentre-passes``, ``--dataset`` / ``--learner``) is now that one
+line. Argparse's own refusals (an unknown option, a number that is none) keep its usage text.
+
 Each test checks exact analytic figures or the exact message fragment naming the file or the argument.
 """
 
@@ -191,3 +197,40 @@ def test_set_cloud_test_time_refuses_an_empty_path_rewriting_nothing(tmp_path, m
     assert stop.value.code == 1 and err.strip().splitlines() == [f"error: {name}: an empty path (an unset shell "
                                                                  "variable?); give '.' to mean the current folder"]
     assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["fold1.pt"]
+
+
+# ----------------------------------------------------------------------------- ensemble_stage.py: one line
+@pytest.mark.parametrize("args, line", [
+    (["--folds", "9"], "error: --folds 9: the ensemble has folds 1,2"),
+    (["--folds", "x"], "error: --folds x: expected fold numbers such as 1,3"),
+    (["--members", "2"], "error: --members 2: the ensemble has members 0..1"),
+    (["--members", "x"], "error: --members x: expected member indices such as 0,2"),
+    (["--joint", "2"], "error: --joint 2: the ensemble has members 0..1"),
+    (["--joint", "0", "--members", "0"], "error: --joint trains all members of the ensemble: not with --learner or "
+                                         "--members"),
+    (["--jobs", "0"], "error: --jobs 0: need 1 or more"),
+    (["--learn-recentre-passes", "-1"], "error: --learn-recentre-passes -1: need 0 or more"),
+])
+def test_ensemble_stage_refuses_a_bad_option_in_one_line_without_usage(tmp_path, monkeypatch, capsys, args, line):
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(json.dumps({"members": {"fold1": ["a", "b"], "fold2": ["a", "b"]}}))
+    (tmp_path / "dataset.json").write_text("{}")
+    mod = load_script("scripts/ensemble_stage.py")
+    monkeypatch.setattr(mod, "run_parallel", lambda *a, **k: pytest.fail("no job may start"))
+    monkeypatch.setattr(sys, "argv", ["ensemble_stage.py", str(ens), str(tmp_path / "out"),
+                                      "--dataset", str(tmp_path / "dataset.json"), *args])
+    with pytest.raises(SystemExit) as stop:
+        mod.main()
+    assert stop.value.code == 1 and capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ensemble_stage_names_a_missing_dataset_in_one_line(tmp_path, monkeypatch, capsys):
+    mod = load_script("scripts/ensemble_stage.py")
+    missing = tmp_path / "nope.json"
+    monkeypatch.setattr(sys, "argv", ["ensemble_stage.py", str(tmp_path), str(tmp_path / "out"), "--dataset",
+                                      str(missing)])
+    with pytest.raises(SystemExit) as stop:
+        mod.main()
+    assert stop.value.code == 1 and capsys.readouterr().err.splitlines() == [f"error: --dataset {missing}: no such file"]
