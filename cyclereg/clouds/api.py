@@ -489,6 +489,11 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         raise InputError(f"--jacobian needs a reference grid of at least {JACOBIAN_MIN_SIZE} voxels along every axis "
                          f"(central differences), got {tuple(ref.shape)}", ref.path)
     out_dir = require_output_dir(out_dir)
+    written = _register_output_names([*(extra_outputs or {})], query_mm is not None, ref, mov_img, mov_lab, spread_map,
+                                     jacobian)
+    # before the model and the registration's seconds to minutes, as the dense path does
+    refuse_replacing_inputs([*written, "config.json"], out_dir,
+                            _register_inputs(sources, ref, mov_img, mov_lab, query, model))
     dev, net, config = loaded or _register_model(model, seed, device, recentre_passes, tta_passes, ensemble_fusion,
                                                  spread, spread_map)
     require_registrable(fixed_mm, moving_mm, config, sources)
@@ -533,8 +538,6 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
             volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
         if jacobian:
             volumes["jacobian.nii.gz"] = jacobian_map(field_vox)
-    written = _register_output_names([*(extra_outputs or {})], query_mm is not None, ref, mov_img, mov_lab, spread_map,
-                                     jacobian)
     if written != sorted(outputs) + sorted(fields) + sorted(volumes):  # one list of names, checked early too
         raise RuntimeError(f"register's outputs {sorted(outputs) + sorted(fields) + sorted(volumes)} are not the "
                            f"names it checked, {written}")
