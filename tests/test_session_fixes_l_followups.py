@@ -5,6 +5,12 @@ Mended: ``cyclereg register FIXED.csv MOVING.csv -o DIR`` (the point-file path,
 folder where an output file goes, or one that would replace an input only when the set moved in, after the
 registration had run; it refuses them now before its work (:func:`cyclereg.checkpoint.refuse_replacing_inputs`,
 the same one-line messages), as the dense and the ``--via-keypoints`` paths do.
+
+Mended: :func:`cyclereg.dense.similarity.mind_ssc` took any ``eps``: ``None`` (or a string) raised a bare
+``TypeError`` from torch, NaN gave NaN descriptors and inf, 0 or a negative value garbage (all zero, or 0 / 0
+on a flat image). It refuses a non-finite or non-positive ``eps`` with one line naming ``eps``, as
+:func:`~cyclereg.dense.similarity.ncc_loss` does; a valid ``eps`` gives the same descriptors as before
+(``mind_loss`` has no ``eps`` of its own: it uses the default).
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import cyclereg.clouds.api as cloud_api
+from cyclereg.dense.similarity import mind_ssc
 from cyclereg_cli.main import app
 
 
@@ -61,3 +70,22 @@ def test_register_point_files_refuses_bad_outputs_before_its_work(pair_files, mo
     assert res.exit_code == 2, res.output
     assert fragment in " ".join(res.output.split()) and "Traceback" not in res.output
     assert _listing(out) == before
+
+
+# ----------------------------------------------------------------------------- 2. mind_ssc's eps
+@pytest.mark.parametrize("eps", [None, float("nan"), float("inf"), -float("inf"), 0.0, 0, -1e-6, "1e-6", True])
+def test_mind_ssc_refuses_an_eps_that_is_not_a_finite_positive_number(eps):
+    with pytest.raises(ValueError, match=r"^eps: expected a finite constant > 0, got "):
+        mind_ssc(torch.rand(1, 1, 5, 5, 5), eps=eps)
+
+
+def test_mind_ssc_with_a_valid_eps_is_unchanged():
+    """A flat image: every squared difference is 0, so each descriptor entry is exp(0) = 1 and the largest is 1
+    (the mean variance is floored at eps), divided by max(1, eps); a NumPy eps works as its Python value; half
+    precision too."""
+    flat = torch.full((1, 1, 5, 6, 7), 3.0)
+    for eps, value in ((1e-6, 1.0), (np.float32(1e-3), 1.0), (1, 1.0), (np.float64(2.0), 0.5), (4, 0.25)):
+        assert torch.equal(mind_ssc(flat, eps=eps), torch.full((1, 12, 5, 6, 7), value))
+    assert torch.equal(mind_ssc(flat.half(), eps=1e-6), torch.ones(1, 12, 5, 6, 7, dtype=torch.half))
+    img = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mind_ssc(img, eps=np.float64(1e-6)), mind_ssc(img))

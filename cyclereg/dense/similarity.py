@@ -103,12 +103,16 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
         radius: half-width of the patch over which squared differences are averaged, whole voxels >= 0.
         dilation: distance of the six-neighbourhood offsets from the centre, whole voxels >= 1 (a dilation of 0
             compares every voxel with itself).
+        eps: floor of the volume's mean variance and of each voxel's largest descriptor entry, finite and > 0.
 
     A half-precision image (:data:`~cyclereg.frames.LOW_PRECISION`) is computed in float32 and answered in its dtype.
     """
     _check("image", image)
     radius = _whole("radius", radius, 0)
     dilation = _whole("dilation", dilation, 1)
+    eps = python_number(eps)
+    if not (finite_number(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
     if image.dtype in LOW_PRECISION:
         return mind_ssc(image.float(), radius=radius, dilation=dilation, eps=eps).to(image.dtype)
     dist = torch.cat([box_mean((_shift(image, p) - _shift(image, q)).pow(2), radius)
