@@ -42,7 +42,7 @@ import torch
 from rich.progress import Progress, TimeElapsedColumn
 
 from cyclereg.datasets import read_json
-from cyclereg.errors import InputError
+from cyclereg.errors import InputError, refuse_empty_paths
 from cyclereg.training.parallel import run_parallel
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "copd-keypoints" / "dataset.json"
@@ -227,12 +227,13 @@ def _refuse(ap: argparse.ArgumentParser, message: str) -> NoReturn:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ensemble", type=Path, help="folder of 'cyclereg ensemble' (ensemble.json, foldK.pt)")
-    ap.add_argument("out", type=Path, help="folder for the new stage: one run-like folder per member")
-    ap.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="keypoint dataset.json the members trained on")
+    # the paths as text: an empty one is refused (Path("") is the current folder)
+    ap.add_argument("ensemble", help="folder of 'cyclereg ensemble' (ensemble.json, foldK.pt)")
+    ap.add_argument("out", help="folder for the new stage: one run-like folder per member")
+    ap.add_argument("--dataset", default=DEFAULT_DATASET, help="keypoint dataset.json the members trained on")
     ap.add_argument("--jobs", type=int, default=2, help="(fold, member) jobs at once, each in its own process")
     ap.add_argument("--folds", default=None, metavar="K,L", help="only these folds (default: every fold of the ensemble)")
-    ap.add_argument("--learner", type=Path, default=None, metavar="RUN_DIR",
+    ap.add_argument("--learner", default=None, metavar="RUN_DIR",
                     help="train this run's fold checkpoints (not members of the ensemble) on the ensemble's labels")
     ap.add_argument("--members", default=None, metavar="I,J",
                     help="train only these members (0-based indices in the ensemble; default all)")
@@ -242,6 +243,13 @@ def main() -> None:
                     help="train each fold's members together through the joint learning stream, with member I's "
                          "training configuration (0-based)")
     args = ap.parse_args()
+    try:
+        refuse_empty_paths({"ensemble": args.ensemble, "out": args.out, "--dataset": args.dataset,
+                            "--learner": args.learner})
+    except InputError as exc:
+        _refuse(ap, str(exc))
+    args.ensemble, args.out, args.dataset = Path(args.ensemble), Path(args.out), Path(args.dataset)
+    args.learner = None if args.learner is None else Path(args.learner)
     if args.learn_recentre_passes is not None and args.learn_recentre_passes < 0:
         _refuse(ap, f"--learn-recentre-passes {args.learn_recentre_passes}: need 0 or more")
     if args.jobs < 1:

@@ -11,12 +11,18 @@ Mended: :func:`cyclereg.dense.similarity.mind_ssc` took any ``eps``: ``None`` (o
 on a flat image). It refuses a non-finite or non-positive ``eps`` with one line naming ``eps``, as
 :func:`~cyclereg.dense.similarity.ncc_loss` does; a valid ``eps`` gives the same descriptors as before
 (``mind_loss`` has no ``eps`` of its own: it uses the default).
+
+Mended: ``python scripts/ensemble_stage.py ENSEMBLE ""`` (or ``"" OUT``, ``--dataset ""``, ``--learner ""``) read
+the empty path as the current folder (``Path("")``) and wrote the new stage there; each is refused now in one line
+``error: NAME: an empty path ...`` naming the argument, exit 1, nothing written
+(:func:`cyclereg.errors.refuse_empty_paths`, as ``scripts/set_cloud_test_time.py`` does).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,9 @@ from typer.testing import CliRunner
 import cyclereg.clouds.api as cloud_api
 from cyclereg.dense.similarity import mind_ssc
 from cyclereg_cli.main import app
+
+from conftest import load_script
+from test_scripts_walk import _fake_cloud_run, _outcome
 
 
 def _listing(folder: Path) -> dict[str, str]:
@@ -89,3 +98,34 @@ def test_mind_ssc_with_a_valid_eps_is_unchanged():
     assert torch.equal(mind_ssc(flat.half(), eps=1e-6), torch.ones(1, 12, 5, 6, 7, dtype=torch.half))
     img = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(mind_ssc(img, eps=np.float64(1e-6)), mind_ssc(img))
+
+
+# ----------------------------------------------------------------------------- 3. ensemble_stage.py's paths
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory) -> Path:
+    """``cyclereg ensemble`` of two keypoint runs of random networks (folds 1 and 2)."""
+    d = tmp_path_factory.mktemp("ens")
+    _fake_cloud_run(d / "ra")
+    _fake_cloud_run(d / "rb", seed=100)
+    res = CliRunner().invoke(app, ["ensemble", str(d / "ra"), str(d / "rb"), "-o", str(d / "e")])
+    assert res.exit_code == 0, res.output
+    return d / "e"
+
+
+@pytest.mark.parametrize("name", ["ensemble", "out", "--dataset", "--learner"])
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_ensemble_stage_refuses_an_empty_path_in_one_line(ensemble, tmp_path, monkeypatch, capsys, name, empty):
+    mod = load_script("scripts/ensemble_stage.py")
+    monkeypatch.setattr(mod, "run_parallel", lambda *a, **k: pytest.fail("no job may start"))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # what an empty path stood for
+    given = {"ensemble": str(ensemble), "out": str(tmp_path / "out")}
+    if name in given:
+        given[name] = empty
+    argv = [given["ensemble"], given["out"], *([name, empty] if name.startswith("--") else [])]
+    monkeypatch.setattr(sys, "argv", ["ensemble_stage.py", *argv])
+    code, err = _outcome(mod.main, capsys)
+    assert code == 1 and err == f"error: {name}: an empty path (an unset shell variable?); give '.' to mean the " \
+                                 "current folder", err
+    assert os.listdir(work) == [] and not (tmp_path / "out").exists()
