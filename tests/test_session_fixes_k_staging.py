@@ -6,8 +6,7 @@ the link stays now, its target gets the new content atomically (the file is stag
 staging folder beside the target and renamed onto it within the set's move-in, which puts every earlier file back
 on a failure), a dangling link makes its target, and a looping link (or one whose target's folder cannot be made)
 is refused with one line by :func:`cyclereg.checkpoint.refuse_replacing_inputs`, which ``register`` calls before
-its work (the point-file path has no such early call: there it is refused when the set would move in, nothing
-written). Also mended: while replacing an output ``X``, the set writers (:func:`cyclereg.checkpoint.staged_outputs`,
+its work (the point-file path too since a later mend, tests/test_session_fixes_l_followups.py). Also mended: while replacing an output ``X``, the set writers (:func:`cyclereg.checkpoint.staged_outputs`,
 :func:`cyclereg.checkpoint.staged_file_set`) put the earlier ``X`` aside under the fixed name ``.earlier.X`` (or
 ``.earlier.I.NAME`` for a long name) in the staging folder, where the staged new files lie under their own names:
 a set holding both ``X`` and ``.earlier.X`` wrote the earlier ``X`` into ``.earlier.X`` and lost the new one. The
