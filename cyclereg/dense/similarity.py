@@ -50,6 +50,14 @@ def _whole(name: str, value, minimum: int) -> int:
     return require_count(name, python_number(value), minimum)
 
 
+def _positive_eps(eps) -> float:
+    """``eps`` as a Python number, :class:`ValueError` naming ``eps`` unless finite and > 0."""
+    eps = python_number(eps)
+    if not (finite_number(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
+    return eps
+
+
 def _working(fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images in float32 where either is of :data:`LOW_PRECISION`, else as given."""
     if fixed.dtype in LOW_PRECISION or warped.dtype in LOW_PRECISION:
@@ -110,9 +118,7 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
     _check("image", image)
     radius = _whole("radius", radius, 0)
     dilation = _whole("dilation", dilation, 1)
-    eps = python_number(eps)
-    if not (finite_number(eps) and eps > 0):
-        raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
+    eps = _positive_eps(eps)
     if image.dtype in LOW_PRECISION:
         return mind_ssc(image.float(), radius=radius, dilation=dilation, eps=eps).to(image.dtype)
     dist = torch.cat([box_mean((_shift(image, p) - _shift(image, q)).pow(2), radius)
@@ -151,9 +157,7 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     """
     _check_pair(fixed, warped)
     radius = _whole("radius", radius, 1)
-    eps = python_number(eps)
-    if not (finite_number(eps) and eps > 0):
-        raise ValueError(f"eps: expected a finite constant > 0, got {eps!r}")
+    eps = _positive_eps(eps)
     out_dtype = fixed.dtype
     fixed, warped = _working(fixed, warped)
     mf, mw = box_mean(fixed, radius), box_mean(warped, radius)
