@@ -1,0 +1,168 @@
+"""Contracts of today's mends, found by a third mutation audit of commits 254a127..47abd88 (2026-12-07).
+
+Audited: the output set writers' unique aside names and followed links (:mod:`cyclereg.checkpoint`: ``_asides``,
+``OutputStage.__truediv__``, ``staged_outputs``, ``refuse_folders_at``, ``staged_file_set``), the frames mends
+(meta tensors in ``_affine``, ``_float_dtype``, ``voxel_coordinates``'s shape check, ``check_affine``,
+``fixed_to_moving_voxels``), ``warp_labels``' affine names and ``warp_unchecked``'s dtype, the similarity counts
+(``_whole``), ``pointio.write_points`` of an empty cloud, the dense data mends (``preprocess``'s dtype,
+``resolve_mode``'s words, case-distinct pair ids of ``load_volume_dataset``, ``training_images`` and
+``training_pairs``) and the two scripts' refusals. Lines these commits added or changed were mutated one at a
+time and run against the tests written with them and the older tests that touch the same functions; the tests
+here kill the survivors that matter to a user. Each checks a hand-derived answer (a restored file's content, a
+named output, a removed folder, a dtype, a refused or accepted dataset), never a snapshot.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import cyclereg.checkpoint as checkpoint
+from cyclereg.checkpoint import atomic_write_text, staged_outputs
+from cyclereg.errors import InputError
+
+
+def _texts(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir() if not p.is_symlink()}
+
+
+# ----------------------------------------------------------------------------- 1. followed links in a staged set
+def _linked_out(tmp_path: Path) -> tuple[Path, Path]:
+    """out/ holding a.txt (plain), warped.nii.gz -> far/scan, and a user's file named like an aside of a.txt."""
+    out, far = tmp_path / "out", tmp_path / "far"
+    out.mkdir()
+    far.mkdir()
+    (far / "scan").write_text("old scan")
+    (out / "warped.nii.gz").symlink_to(far / "scan")
+    (out / "a.txt").write_text("old a")
+    (out / ".earlier.a.txt").write_text("user file")
+    (out / "old.txt").write_text("old stale")
+    return out, far
+
+
+def test_a_failure_after_a_linked_output_moved_in_puts_its_target_back(tmp_path, monkeypatch):
+    """The move-in fails at the last step (a stale output going aside), after the plain output, the linked one and
+    a dangling link's new target were moved in: the link's target gets its earlier content back, the dangling link's
+    target and the folders made for it are gone, the plain output, the user's '.earlier.a.txt' and the stale file
+    are as they were, and no staging folder is left in either folder."""
+    out, far = _linked_out(tmp_path)
+    (out / "config.json").symlink_to(tmp_path / "new" / "deeper" / "record.json")  # dangling, folders not there
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(src) == out / "old.txt":  # the stale output going aside: the last step of the move-in
+            raise OSError(errno.EIO, "injected", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        with staged_outputs(out) as stage:
+            stage.stale = [out / "old.txt"]
+            atomic_write_text(stage / "a.txt", "new a")
+            atomic_write_text(stage / "warped.nii.gz", "new scan")
+            atomic_write_text(stage / "config.json", "{}")
+    monkeypatch.undo()
+    assert (far / "scan").read_text() == "old scan" and os.listdir(far) == ["scan"]
+    assert not (tmp_path / "new").exists() and (out / "config.json").is_symlink()
+    assert (out / "warped.nii.gz").is_symlink() and os.readlink(out / "warped.nii.gz") == str(far / "scan")
+    assert _texts(out) == {
+        "a.txt": "old a", ".earlier.a.txt": "user file", "old.txt": "old stale"}
+    assert sorted(os.listdir(out)) == [".earlier.a.txt", "a.txt", "config.json", "old.txt", "warped.nii.gz"]
+
+
+def test_a_failed_body_removes_the_folders_made_for_a_dangling_links_target(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").symlink_to(tmp_path / "new" / "deeper" / "record.json")
+    with pytest.raises(RuntimeError):
+        with staged_outputs(out) as stage:
+            atomic_write_text(stage / "config.json", "{}")
+            raise RuntimeError("the next output failed")
+    assert not (tmp_path / "new").exists() and os.listdir(out) == ["config.json"]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_linked_output_the_body_does_not_write_leaves_its_target_alone(tmp_path):
+    """``stage / name`` asked for a linked output that the body then does not write: the set moves in without it
+    (as a plain output not written), the link's target keeps its content, no staging folder stays beside it."""
+    out, far = _linked_out(tmp_path)
+    with staged_outputs(out) as stage:
+        stage / "warped.nii.gz"
+        atomic_write_text(stage / "a.txt", "new a")
+    assert (far / "scan").read_text() == "old scan" and os.listdir(far) == ["scan"]
+    assert (out / "a.txt").read_text() == "new a"
+
+
+def test_an_os_error_on_a_linked_outputs_staged_file_names_the_output(tmp_path):
+    """A writer failing on the staged file of a linked output: the error names the output in the output folder,
+    not the hidden staged file beside the link's target."""
+    out, far = _linked_out(tmp_path)
+    with pytest.raises(OSError) as info:
+        with staged_outputs(out) as stage:
+            staged = stage / "warped.nii.gz"
+            raise OSError(errno.ENOSPC, "No space left on device", str(staged))
+    assert info.value.filename == str(out / "warped.nii.gz") and info.value.errno == errno.ENOSPC
+    assert os.listdir(far) == ["scan"]
+
+
+def _other_file_system(tmp_path: Path) -> Path | None:
+    for root in ("/dev/shm",):
+        if os.path.isdir(root) and os.access(root, os.W_OK) and os.stat(root).st_dev != os.stat(tmp_path).st_dev:
+            return Path(root)
+    return None
+
+
+def test_a_link_to_another_file_system_is_replaced_and_its_earlier_file_put_aside_there(tmp_path):
+    """out/warped.nii.gz -> a file on another file system (rename does not cross file systems): the new content
+    reaches the target, and the earlier file is put aside on the target's file system (a rename into the output
+    folder's staging folder would fail with EXDEV)."""
+    other = _other_file_system(tmp_path)
+    if other is None:
+        pytest.skip("no second writable file system here")
+    far = Path(tempfile.mkdtemp(dir=other))
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        (far / "scan").write_text("old scan")
+        (out / "warped.nii.gz").symlink_to(far / "scan")
+        with staged_outputs(out) as stage:
+            atomic_write_text(stage / "warped.nii.gz", "new scan")
+            atomic_write_text(stage / "a.txt", "new a")
+        assert (far / "scan").read_text() == "new scan" and os.listdir(far) == ["scan"]
+        assert sorted(os.listdir(out)) == ["a.txt", "warped.nii.gz"] and (out / "warped.nii.gz").is_symlink()
+    finally:
+        for p in far.iterdir():
+            if p.is_dir():
+                for q in p.iterdir():
+                    q.unlink()
+                p.rmdir()
+            else:
+                p.unlink()
+        far.rmdir()
+
+
+# ----------------------------------------------------------------------------- 2. aside names
+def test_aside_names_are_distinct_even_where_the_random_names_repeat(tmp_path, monkeypatch):
+    """Each aside name is held while the next one is drawn: two draws of the same random part still give two
+    names (two earlier files put aside under one name would lose one)."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: iter(["samename", "samename", "othernam", "thirdnam"]))
+    asides = checkpoint._asides([(stage, "earlier", tmp_path / "X"), (stage, "earlier", tmp_path / "X")])
+    assert len(set(asides)) == 2 and os.listdir(stage) == []
+
+
+def test_an_aside_name_that_cannot_be_made_names_the_output(tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(kwargs.get("dir")))
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", failing)
+    with pytest.raises(OSError) as info:
+        checkpoint._asides([(tmp_path, "earlier", tmp_path / "out" / "X.csv")])
+    assert info.value.filename == str(tmp_path / "out" / "X.csv") and info.value.errno == errno.ENOSPC
