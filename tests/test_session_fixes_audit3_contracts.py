@@ -166,3 +166,87 @@ def test_an_aside_name_that_cannot_be_made_names_the_output(tmp_path, monkeypatc
     with pytest.raises(OSError) as info:
         checkpoint._asides([(tmp_path, "earlier", tmp_path / "out" / "X.csv")])
     assert info.value.filename == str(tmp_path / "out" / "X.csv") and info.value.errno == errno.ENOSPC
+
+
+# ----------------------------------------------------------------------------- 3. frames and warp dtypes
+def test_voxel_coordinates_without_a_dtype_answer_torchs_default_float_dtype():
+    from cyclereg.frames import voxel_coordinates
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = voxel_coordinates((2, 3, 1), dtype=None)
+    finally:
+        torch.set_default_dtype(old)
+    assert x.dtype == torch.float64 and x.shape == (2, 3, 1, 3) and x[1, 2, 0].tolist() == [1.0, 2.0, 0.0]
+
+
+def test_fixed_to_moving_voxels_keeps_a_half_precision_displacements_dtype():
+    """Equal grids, zero displacement: every voxel maps onto itself, answered in the displacement's float16."""
+    from cyclereg.frames import fixed_to_moving_voxels
+
+    A = torch.diag(torch.tensor([2.0, 3.0, 0.5, 1.0], dtype=torch.float64))
+    A[:3, 3] = torch.tensor([10.0, -4.0, 1.0], dtype=torch.float64)
+    x = fixed_to_moving_voxels(torch.zeros(1, 3, 2, 3, 4, dtype=torch.float16), A, A)
+    assert x.dtype == torch.float16 and x.shape == (1, 2, 3, 4, 3)
+    assert x[0, 1, 2, 3].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_fixed_to_moving_voxels_of_meta_tensors_answers_a_meta_tensor_of_the_right_shape():
+    from cyclereg.frames import fixed_to_moving_voxels
+
+    A = torch.eye(4, dtype=torch.float64, device="meta")
+    x = fixed_to_moving_voxels(torch.empty(2, 3, 3, 4, 5, device="meta"), A, A)
+    assert x.is_meta and x.shape == (2, 3, 4, 5, 3)
+
+
+def test_warp_unchecked_of_a_float64_zero_field_gives_the_moving_image_to_float64_precision():
+    """The identity grid is built in the field's float64 (a float32 grid is off by ~1e-7 of the image range)."""
+    from cyclereg.warp import warp_unchecked
+
+    moving = torch.arange(7 * 9 * 11, dtype=torch.float64).reshape(1, 1, 7, 9, 11) / (7 * 9 * 11)
+    out = warp_unchecked(moving, torch.zeros(1, 3, 7, 9, 11, dtype=torch.float64))
+    assert out.dtype == torch.float64 and (out - moving).abs().max().item() < 1e-12
+
+
+# ----------------------------------------------------------------------------- 4. case-distinct volume pair ids
+def _volume_dataset(tmp_path, scans, val, paired=None):
+    """A Learn2Reg dataset JSON over empty files ``scans`` (the readers here only resolve the paths)."""
+    for name in scans:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    obj = {"training": [{"image": s} for s in scans],
+           "registration_val": [{"fixed": f, "moving": m} for f, m in val]}
+    if paired is not None:
+        obj["training_paired_images"] = [{"fixed": f, "moving": m} for f, m in paired]
+    path = tmp_path / "t_dataset.json"
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_training_pairs_clashing_only_in_the_reverse_direction_are_refused(tmp_path):
+    """Listed A->x and X->a give the ids A_x and X_a (distinct); training both ways adds x_A and a_X, and x_A is
+    X_a on a case-insensitive file system: refused, naming the dataset and the two ids."""
+    from cyclereg.dense.data import training_pairs
+
+    ds = _volume_dataset(tmp_path, ["1/A.nii.gz", "2/x.nii.gz", "3/X.nii.gz", "4/a.nii.gz", "5/V.nii.gz", "6/W.nii.gz"],
+                         [("5/V.nii.gz", "6/W.nii.gz")], paired=[("1/A.nii.gz", "2/x.nii.gz"), ("3/X.nii.gz", "4/a.nii.gz")])
+    with pytest.raises(InputError) as err:
+        training_pairs(ds)
+    text = str(err.value)
+    assert text.startswith(f"{ds}: pair ids 'X_a' and 'x_A' differ only in letter case") and "\n" not in text
+
+
+def test_a_pair_listed_both_ways_and_ids_that_join_alike_are_no_case_clash(tmp_path):
+    """One scan pair listed in both directions (also evaluated both ways), and scan ids whose '_' joins give one
+    text (p1 + t2_b and p1_t2 + b: the second becomes ~2): a valid dataset, loaded, its pairs kept."""
+    from cyclereg.dense.data import load_volume_dataset, training_images, training_pairs
+
+    scans = ["1/p1.nii.gz", "2/t2_b.nii.gz", "3/p1_t2.nii.gz", "4/b.nii.gz"]
+    val = [("1/p1.nii.gz", "2/t2_b.nii.gz"), ("2/t2_b.nii.gz", "1/p1.nii.gz"), ("3/p1_t2.nii.gz", "4/b.nii.gz")]
+    ds = _volume_dataset(tmp_path, scans, val, paired=val)
+    assert [q.id for q in load_volume_dataset(ds, both_directions=True).pairs] == [
+        "p1_t2_b", "t2_b_p1", "p1_t2_b~2", "b_p1_t2"]
+    assert [(f.name, m.name) for f, m in training_pairs(ds, held_out=False)] == [
+        ("p1.nii.gz", "t2_b.nii.gz"), ("t2_b.nii.gz", "p1.nii.gz"), ("p1_t2.nii.gz", "b.nii.gz")]
+    assert [p.name for p in training_images(ds, held_out=False)] == [Path(s).name for s in scans]
