@@ -147,6 +147,44 @@ def test_a_link_to_another_file_system_is_replaced_and_its_earlier_file_put_asid
         far.rmdir()
 
 
+
+def test_a_linked_output_onto_an_input_is_refused_at_the_move_in_leaving_no_staging_folder(tmp_path):
+    """out/warped.nii.gz -> far/scan, which is the command's input: refused naming the input, the input unchanged,
+    no staging folder beside it nor in out."""
+    out, far = _linked_out(tmp_path)
+    with pytest.raises(InputError, match=r"far/scan: an input of this command, which its output warped\.nii\.gz"):
+        with staged_outputs(out) as stage:
+            stage.inputs = [far / "scan"]
+            atomic_write_text(stage / "warped.nii.gz", "new scan")
+            atomic_write_text(stage / "a.txt", "new a")
+    assert os.listdir(far) == ["scan"] and (far / "scan").read_text() == "old scan"
+    assert _texts(out) == {"a.txt": "old a", ".earlier.a.txt": "user file", "old.txt": "old stale"}
+
+
+def test_a_linked_targets_earlier_file_that_cannot_be_put_back_stays_in_its_staging_folder(tmp_path, monkeypatch):
+    """The move-in fails after the linked output went in, and putting far/scan's earlier content back fails too:
+    OutputsNotRestored names the staging folder beside far/scan, which keeps the earlier content (not removed)."""
+    out, far = _linked_out(tmp_path)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(src) == out / "old.txt":  # the last step of the move-in
+            raise OSError(errno.EIO, "injected", str(src))
+        if Path(dst) == far / "scan" and ".earlier." in Path(src).name:  # the earlier scan put back
+            raise OSError(errno.EIO, "injected too", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(checkpoint.OutputsNotRestored) as info:
+        with staged_outputs(out) as stage:
+            stage.stale = [out / "old.txt"]
+            atomic_write_text(stage / "warped.nii.gz", "new scan")
+    monkeypatch.undo()
+    kept = [p for p in far.iterdir() if p.is_dir()]
+    assert len(kept) == 1 and kept[0].name.startswith(checkpoint.STAGING_PREFIX) and str(kept[0]) in str(info.value)
+    assert [p.read_text() for p in kept[0].iterdir()] == ["old scan"]
+    assert (out / "old.txt").read_text() == "old stale"
+
 # ----------------------------------------------------------------------------- 2. aside names
 def test_aside_names_are_distinct_even_where_the_random_names_repeat(tmp_path, monkeypatch):
     """Each aside name is held while the next one is drawn: two draws of the same random part still give two
