@@ -49,8 +49,8 @@ def _linked_out(tmp_path: Path) -> tuple[Path, Path]:
 def test_a_failure_after_a_linked_output_moved_in_puts_its_target_back(tmp_path, monkeypatch):
     """The move-in fails at the last step (a stale output going aside), after the plain output, the linked one and
     a dangling link's new target were moved in: the link's target gets its earlier content back, the dangling link's
-    target and the folders made for it are gone, the plain output, the user's '.earlier.a.txt' and the stale file
-    are as they were, and no staging folder is left in either folder."""
+    target and the folders made for it are gone, the plain output, the user's '.earlier.a.txt' (also in the set)
+    and the stale file are as they were, and no staging folder is left in either folder."""
     out, far = _linked_out(tmp_path)
     (out / "config.json").symlink_to(tmp_path / "new" / "deeper" / "record.json")  # dangling, folders not there
     real_replace = os.replace
@@ -65,6 +65,7 @@ def test_a_failure_after_a_linked_output_moved_in_puts_its_target_back(tmp_path,
         with staged_outputs(out) as stage:
             stage.stale = [out / "old.txt"]
             atomic_write_text(stage / "a.txt", "new a")
+            atomic_write_text(stage / ".earlier.a.txt", "new user file")  # named like a.txt's old aside name
             atomic_write_text(stage / "warped.nii.gz", "new scan")
             atomic_write_text(stage / "config.json", "{}")
     monkeypatch.undo()
