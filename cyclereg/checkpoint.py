@@ -281,8 +281,11 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
             found = stage.find_stale() if stage.find_stale is not None else []
             # the earlier outputs this set does not hold go aside (into the staging folder, removed below) within
             # the move-in: an interruption after it leaves no earlier file beside a record that does not list it
+            # (a stale file that a linked output of this set was written into is this set's output now)
+            written = {os.path.realpath(target) for _, _, target in files}
             moves = [(f, target, "earlier") for f, _, target in files] + [
-                (None, old, "stale") for old in dict.fromkeys([*stage.stale, *found]) if old.name not in new]
+                (None, old, "stale") for old in dict.fromkeys([*stage.stale, *found])
+                if old.name not in new and os.path.realpath(old) not in written]
             try:
                 # an earlier output goes aside in the staging folder of its new file (the same file system)
                 asides = _asides([(stage.path if staged is None else staged.parent, kind, target)
@@ -298,18 +301,25 @@ def staged_outputs(out_dir: str | Path) -> Iterator[OutputStage]:
         if not keep_stage:
             for folder in (stage.path, *stage.link_stages.values()):
                 shutil.rmtree(folder, ignore_errors=True)
-        if not moved:
-            _remove_if_empty([*made, *stage.made])
+        # folders made for a dangling link's target that the body did not write into go again, as on a failure
+        _remove_if_empty(stage.made if moved else [*made, *stage.made])
 
 
 def refuse_replacing_inputs(names: list[str], out_dir: str | Path, inputs: list[Path]) -> None:
     """:class:`InputError` naming the input when an output called one of ``names`` in ``out_dir`` would
     replace one of ``inputs`` (same name, or the same file through a link), or naming the output when it
     is a folder (:func:`refuse_folders_at`). Commands call it before their work with the names they will
-    write; :func:`staged_outputs` checks the files once more when it moves them in (:attr:`OutputStage.inputs`)."""
+    write; :func:`staged_outputs` checks the files once more when it moves them in (:attr:`OutputStage.inputs`).
+    Two of ``names`` that lead to one file (a symbolic link to another output) are refused, naming the link."""
     refuse_folders_at(names, out_dir)
     out = Path(out_dir)
+    into: dict[str, str] = {}  # where each output's content goes (a symbolic link's target) -> its name
     for name in names:
+        first = into.setdefault(os.path.realpath(out / name), name)
+        if first != name:
+            raise InputError(f"a symbolic link to {first}, another output of this command in {out}: both would be "
+                             f"written into one file; remove the link or write to another folder (nothing was written)",
+                             out / name)
         target = out / name
         for given in inputs:
             if same_path(target, given):
