@@ -11,15 +11,20 @@ written) gave the second's content to both and lost the first's; :func:`cyclereg
 
 Mended: after a set that moved in, the folders made for a dangling link's target that the body never wrote into
 were left behind, empty; they are removed as after a failed set.
+
+Mended: :func:`cyclereg.dense.convex.resample_disp` of an ``out_shape`` without voxels was refused as "shape: ..."
+(the argument of :func:`cyclereg.frames.voxel_coordinates`, which it calls); it names ``out_shape`` now.
 """
 
 from __future__ import annotations
 
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import cyclereg.clouds.api as cloud_api
+from cyclereg.dense.convex import resample_disp
 from cyclereg.checkpoint import atomic_write_text, refuse_replacing_inputs, staged_outputs
 from cyclereg.errors import InputError
 from cyclereg_cli.main import app
@@ -89,3 +94,9 @@ def test_a_written_dangling_links_folders_stay(tmp_path):
         atomic_write_text(stage / "c.csv", "c")
     assert (tmp_path / "new" / "deep" / "c.csv").read_text() == "c"
     assert [p.name for p in (tmp_path / "new" / "deep").iterdir()] == ["c.csv"]  # no staging folder left
+
+
+@pytest.mark.parametrize("out_shape", [(0, 4, 4), (4, 4), (4, 4, 2.5)])
+def test_resample_disp_names_out_shape(out_shape):
+    with pytest.raises(ValueError, match=r"^out_shape: expected 3 spatial sizes"):
+        resample_disp(torch.zeros(1, 3, 4, 4, 4), out_shape, 2.0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cyclereg.dense.config import ConvexConfig
 from cyclereg.errors import finite_number, python_number, require_count, whole_number
-from cyclereg.frames import check_displacement, floating_dtype, voxel_coordinates, voxel_to_grid
+from cyclereg.frames import check_displacement, check_shape, floating_dtype, voxel_coordinates, voxel_to_grid
 from cyclereg.warp import sample_grid, warp_unchecked
 
 
@@ -188,7 +188,7 @@ def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: fl
         raise ValueError(f"ratio: expected a voxel size ratio > 0, got {ratio!r}")
     disp = disp.to(floating_dtype(disp))  # an integer field is resampled as numbers
     src_shape = tuple(disp.shape[2:])
-    pts = voxel_coordinates(tuple(out_shape), device=disp.device, dtype=disp.dtype) * ratio
+    pts = voxel_coordinates(check_shape("out_shape", out_shape), device=disp.device, dtype=disp.dtype) * ratio
     grid = voxel_to_grid(pts, src_shape).unsqueeze(0).expand(disp.shape[0], -1, -1, -1, -1)
     return sample_grid(disp, grid, "bilinear", "border") / ratio
 
