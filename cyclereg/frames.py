@@ -229,17 +229,27 @@ def voxel_to_world(points_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tens
     """Voxel indices ``(..., 3)`` -> world mm ``(..., 3)`` with a 4x4 NIfTI ``affine``
     (dtype: :func:`floating_dtype` of ``points_vox``)."""
     check_points("points_vox", points_vox)
-    dtype = floating_dtype(points_vox)
-    A = _affine(affine, points_vox, dtype)
-    return points_vox.to(dtype) @ A[:3, :3].T + A[:3, 3]
+    return _to_world(points_vox, affine, "affine")
 
 
 def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     """World mm ``(..., 3)`` -> voxel indices ``(..., 3)`` (inverse of :func:`voxel_to_world`;
     dtype: :func:`floating_dtype` of ``points_mm``)."""
     check_points("points_mm", points_mm)
+    return _to_voxel(points_mm, affine, "affine")
+
+
+def _to_world(points_vox: torch.Tensor, affine, name: str) -> torch.Tensor:
+    """:func:`voxel_to_world` of checked points, a bad ``affine`` named as the argument ``name``."""
+    dtype = floating_dtype(points_vox)
+    A = _affine(affine, points_vox, dtype, name)
+    return points_vox.to(dtype) @ A[:3, :3].T + A[:3, 3]
+
+
+def _to_voxel(points_mm: torch.Tensor, affine, name: str) -> torch.Tensor:
+    """:func:`world_to_voxel` of checked points, a bad ``affine`` named as the argument ``name``."""
     dtype = floating_dtype(points_mm)
-    Ainv = _inverse_affine(affine, points_mm, dtype)
+    Ainv = _inverse_affine(affine, points_mm, dtype, name)
     return points_mm.to(dtype) @ Ainv[:3, :3].T + Ainv[:3, 3]
 
 
@@ -278,11 +288,9 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
             4x4 matrix, or ``moving_affine`` when it is singular (it is inverted).
     """
     check_displacement("disp_vox", disp_vox)
-    check_affine("fixed_affine", fixed_affine)
-    check_affine("moving_affine", moving_affine, invertible=True)
     x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=floating_dtype(disp_vox))
     target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
-    return world_to_voxel(voxel_to_world(target, fixed_affine), moving_affine)
+    return _to_voxel(_to_world(target, fixed_affine, "fixed_affine"), moving_affine, "moving_affine")
 
 
 def centred_affine(shape: tuple[int, int, int], spacing_mm) -> torch.Tensor:
