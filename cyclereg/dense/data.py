@@ -226,12 +226,17 @@ def pair_ids(id_pairs) -> list[str]:
     return unique_ids([f"{a}_{b}" for a, b in id_pairs])
 
 
+def _volume_pair_ids(pairs) -> list[str]:
+    """Ids of ``(fixed, moving)`` scan path pairs: :func:`pair_ids` of their :func:`scan_ids` (file names)."""
+    scans = [scan for pair in pairs for scan in pair]
+    ids = dict(zip(scans, scan_ids(scans)))
+    return pair_ids([(ids[a], ids[b]) for a, b in pairs])
+
+
 def _require_case_distinct_pairs(pairs, path: Path) -> None:
     """:func:`~cyclereg.datasets.require_case_distinct_ids` of the pair ids training gives the ``(fixed, moving)``
-    scan ``pairs`` (from their file names: :func:`scan_ids`, :func:`pair_ids`), naming the dataset ``path``."""
-    scans = list(dict.fromkeys(scan for pair in pairs for scan in pair))
-    ids = dict(zip(scans, scan_ids(scans)))
-    require_case_distinct_ids(pair_ids([(ids[a], ids[b]) for a, b in pairs]), path)
+    scan ``pairs`` (:func:`_volume_pair_ids`), naming the dataset ``path``."""
+    require_case_distinct_ids(_volume_pair_ids(pairs), path)
 
 
 def _scan_path(root: Path, rel, path: Path, where: str) -> Path:
@@ -358,9 +363,7 @@ def load_volume_dataset(path: str | Path, *, both_directions: bool = False) -> V
         listed[(f, m)] = n
         for a, b in ((f, m), (m, f)) if both_directions else ((f, m),):
             ordered[(a, b)] = None
-    scans = [scan for pair in ordered for scan in pair]
-    ids = dict(zip(scans, scan_ids(scans)))
-    names = pair_ids([(ids[a], ids[b]) for a, b in ordered])
+    names = _volume_pair_ids(list(ordered))
     require_case_distinct_ids(names, p)  # file names: 'Ab' and 'ab' in two folders
     pairs = [VolumePair(a, b, labels_for(a), labels_for(b), name) for (a, b), name in zip(ordered, names)]
     modality = dataset_modality(obj, p)
