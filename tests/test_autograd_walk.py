@@ -395,3 +395,20 @@ def test_dense_feature_network_gradient_in_image_and_every_parameter():
     names = [n for n, _ in net.named_parameters()]
     values = tuple(p.detach().clone().requires_grad_(True) for p in net.parameters())
     assert gradcheck(lambda *v: functional_call(net, dict(zip(names, v)), (x.detach(),)), values)
+
+
+# ----------------------------------------------------------------------------- pruned search, negative weight
+@pytest.mark.xfail(strict=True, reason="BUG: cyclereg/clouds/lbp.py min_convolution prunes (_argmin_pruned_chunk) "
+                   "for any pairwise weight, but its bound needs alpha > 0 (a non-negative pairwise term), as the C "
+                   "kernels guard (_minconv.c: 'if (!(alpha > 0.0)) first = 0'); with alpha < 0 the torch path's "
+                   "'exact' pruned messages, beliefs and gradients differ from the full search's")
+def test_pruned_torch_search_with_a_negative_pairwise_weight_is_the_full_search():
+    """LBPConfig takes any finite pairwise weight; pruning is documented as the same messages."""
+    gen = _gen(3)
+    pts = torch.rand(30, 3, generator=gen)
+    edge_index, reverse = symmetric_edge_index(pts, 4)
+    cand = (torch.randn(30, 16, 3, generator=gen) * 0.3).double()
+    unary = torch.rand(30, 16, generator=gen).double()  # float64: the torch path (the C search reads float32)
+    full = lbp.min_sum(unary, cand, edge_index, reverse, -1.0, 3)
+    pruned = lbp.min_sum(unary, cand, edge_index, reverse, -1.0, 3, prune_from=8)
+    torch.testing.assert_close(pruned, full)
