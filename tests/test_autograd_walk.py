@@ -41,9 +41,10 @@ from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.dense import convex as CV
 from cyclereg.dense import native as dense_native
 from cyclereg.dense import similarity as S
-from cyclereg.dense.config import AdamConfig, ConvexConfig, FeatureNetConfig
+from cyclereg.dense.config import AdamConfig, ConvexConfig, DensePipelineConfig, FeatureNetConfig
 from cyclereg.dense.instance import WarpedMSE, adam_refine, diffusion_regularizer, warped_mse_torch
 from cyclereg.dense.network import FeatureNet
+from cyclereg.dense.pipeline import predict_displacement
 
 from conftest import require_kernel
 
@@ -412,3 +413,44 @@ def test_pruned_torch_search_with_a_negative_pairwise_weight_is_the_full_search(
     full = lbp.min_sum(unary, cand, edge_index, reverse, -1.0, 3)
     pruned = lbp.min_sum(unary, cand, edge_index, reverse, -1.0, 3, prune_from=8)
     torch.testing.assert_close(pruned, full)
+
+
+# ----------------------------------------------------------------------------- the whole training prediction
+class _Predict(torch.nn.Module):
+    """``predict_displacement`` as a module over the network's parameters (for a functional call)."""
+
+    def __init__(self, net, cfg):
+        super().__init__()
+        self.net, self.cfg = net, cfg
+
+    def forward(self, fixed, moving, stride, ic):
+        return predict_displacement(self.net, fixed, moving, self.cfg, stride=stride, ic=ic)
+
+
+@pytest.mark.parametrize("stride, ic", [(2, False), (1, True)])
+def test_dense_prediction_gradient_in_images_and_network_parameters(stride, ic):
+    """The training stream's differentiable ``h(g(F), g(M))`` (network, correlation, coupled convex, upsampling;
+    inverse consistency too) on a tiny float64 network: no silent cut anywhere between the loss and the weights."""
+    net_cfg = FeatureNetConfig(channels=(2, 2, 2, 2, 2, 2), strides=(2, 1, 1, 1, 1, 1), out_channels=2,
+                               adam_channels=2)
+    cfg = DensePipelineConfig(net=net_cfg, convex=ConvexConfig(radius=1), pad_multiple=2)
+    model = _Predict(FeatureNet(net_cfg).double().train(), cfg)
+    gen = _gen(80)
+    fixed = torch.randn(1, 1, 5, 6, 5, generator=gen, dtype=F64).requires_grad_(True)
+    moving = torch.randn(1, 1, 5, 6, 5, generator=gen, dtype=F64).requires_grad_(True)
+    assert gradcheck(lambda f, m: model(f, m, stride, ic), (fixed, moving), fast_mode=True)
+    names = [n for n, _ in model.named_parameters()]
+    values = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    out = functional_call(model, dict(zip(names, values)), (fixed.detach(), moving.detach(), stride, ic))
+    grads = torch.autograd.grad(out.pow(2).sum(), values, allow_unused=True)
+    unused = {n for n, g in zip(names, grads) if g is None}
+    assert unused == {"net.adam_proj.weight"}  # the Adam features are the test-time refinement's alone
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads if g is not None)
+    used = [i for i, g in enumerate(grads) if g is not None]
+
+    def prediction(*v):
+        params = dict(zip(names, values))
+        params.update({names[i]: x for i, x in zip(used, v)})
+        return functional_call(model, params, (fixed.detach(), moving.detach(), stride, ic))
+
+    assert gradcheck(prediction, tuple(values[i] for i in used), fast_mode=True)
