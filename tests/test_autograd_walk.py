@@ -454,3 +454,36 @@ def test_dense_prediction_gradient_in_images_and_network_parameters(stride, ic):
         return functional_call(model, params, (fixed.detach(), moving.detach(), stride, ic))
 
     assert gradcheck(prediction, tuple(values[i] for i in used), fast_mode=True)
+
+
+class _Learn(torch.nn.Module):
+    """The cloud learning stream's prediction as a module over the network's parameters."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, fixed, moving):
+        from cyclereg.training.clouds import learning_prediction
+
+        return learning_prediction(self.model, fixed, moving, self.cfg)
+
+
+@pytest.mark.parametrize("recentre", [0, 1])
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_cloud_learning_prediction_gradient_in_network_parameters(recentre, ensemble):
+    """The loss reaches every member's weights through one LBP (re-centred passes without gradient before it)."""
+    from cyclereg.clouds.features import FeatureEnsemble
+    from cyclereg.clouds.pipeline import CloudRegConfig
+    from cyclereg.training.clouds import CloudCycleConfig
+
+    gen = _gen(26)
+    fixed = torch.rand(12, 3, generator=gen, dtype=F64) * 2 - 1
+    moving = fixed[torch.randperm(12, generator=gen)] + 0.05 * torch.randn(12, 3, generator=gen, dtype=F64)
+    net_cfg = GraphNetConfig(channels=(3, 4), out_channels=3, k_fixed=3)
+    cfg = CloudCycleConfig(reg=CloudRegConfig(net=net_cfg, lbp=LBP_CFG), learn_recentre_passes=recentre)
+    model = FeatureEnsemble(net_cfg, 2) if ensemble else build_graph_net(net_cfg, seed=0)
+    learn = _Learn(model.double().train(), cfg)
+    names = [n for n, _ in learn.named_parameters()]
+    values = tuple(p.detach().clone().requires_grad_(True) for p in learn.parameters())
+    assert gradcheck(lambda *v: functional_call(learn, dict(zip(names, v)), (fixed, moving)), values, fast_mode=True)
