@@ -181,13 +181,27 @@ def test_lbp_displacements_gradient_in_features_points_and_centres():
                      (f, m, centres))
 
 
+def test_recentred_passes_and_search_centres_gradients():
+    """Re-centred passes (their TPS-smoothed centres choose candidates only) and the search centres themselves
+    (TPS fit and evaluation at the fixed points) carry the finite differences' gradient."""
+    from cyclereg.clouds.pipeline import CloudRegConfig, recentred_displacements, search_centres
+    from cyclereg.clouds.tps import TPSConfig
+
+    fixed, moving = _clouds(27)
+    ff, fm = _leaf(9, 4, seed=29), _leaf(10, 4, seed=31)
+    cfg = CloudRegConfig(lbp=LBP_CFG, recentre_passes=2, recentre_candidates=4)
+    assert gradcheck(lambda a, b: recentred_displacements(fixed, moving, a, b, cfg), (ff, fm))
+    disp = _leaf(9, 3, seed=32, scale=0.05)
+    assert gradcheck(lambda f, u: search_centres(f, u, TPSConfig()), (fixed.clone().requires_grad_(True), disp))
+
+
 @pytest.fixture
 def sweeps():
     if cloud_native.SWEEPS.kernel() is None:
         pytest.skip(f"no min-sum kernel here: {cloud_native.SWEEPS.reason()}")
 
 
-@pytest.mark.parametrize("iterations", [1, 2, 4])
+@pytest.mark.parametrize("iterations", [0, 1, 2, 4])
 def test_fused_sweeps_gradient_is_the_float64_torch_gradient(sweeps, iterations):
     """The C sweeps (float32 only) against autograd through the torch loop in float64 on the same numbers: the
     arg-mins agree (distinct costs), so the gradients do to float32 rounding."""
@@ -203,7 +217,7 @@ def test_fused_sweeps_gradient_is_the_float64_torch_gradient(sweeps, iterations)
     u64 = unary.double().requires_grad_(True)
     belief64 = lbp.min_sum(u64, cand.double(), edge_index, reverse, 2.3, iterations)
     (g64,) = torch.autograd.grad((belief64 * w.double()).sum(), u64)
-    assert g64.abs().max() > 1.0
+    assert g64.abs().max() > 1.0 and (iterations == 0) == torch.equal(g64, w.double())
     torch.testing.assert_close(g32.double(), g64, rtol=0, atol=1e-5 * float(g64.abs().max()))
 
 
