@@ -335,6 +335,20 @@ def test_warped_mse_kernel_gradient_is_the_float64_torch_gradient_and_its_own_di
             assert fd == pytest.approx(grad[index].item(), abs=1e-4)
 
 
+def test_warped_mse_kernel_takes_atens_side_at_integer_positions_on_exact_grids(warp_kernel):
+    """Axes of 2^n + 1 voxels make the torch path's grid arithmetic exact: there, at integer sampling positions (a
+    zero field, integer shifts reaching the borders), the kernel and grid_sample take the same one-sided
+    derivative (the cell above; 0 on a border), so the two paths agree (the diagnosis of the xfail below)."""
+    gen = _gen(63)
+    fix, mov = torch.randn(2, 1, 3, 3, 5, 9, generator=gen)
+    for d0 in (torch.zeros(1, 3, 3, 5, 9), torch.randint(-1, 2, (1, 3, 3, 5, 9), generator=gen).float()):
+        d = d0.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(WarpedMSE(fix, mov)(d), d)
+        (want,) = torch.autograd.grad(warped_mse_torch(fix, mov, d), d)
+        assert want.abs().max() > 0.01
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: at integer sampling positions (a zero field) the C kernel takes the "
                    "right-hand derivative on every interior voxel, the torch path the side its float32 grid "
                    "rounding lands on (voxel 1 of a 6-voxel axis unnormalises to 0.99999994: the left-hand one); "
