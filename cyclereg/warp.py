@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclereg.frames import (ALIGN_CORNERS, check_affine, check_displacement, crop_affine, fixed_to_moving_voxels,
-                             identity_grid, floating_dtype, require_finite, require_tensor,
+                             identity_grid, floating_dtype, LOW_PRECISION, require_finite, require_tensor,
                              voxel_disp_to_grid_disp, voxel_to_grid)
 
 
@@ -143,7 +143,9 @@ def _sample_slabs(src: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode
 
 def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """:func:`sample_grid` of ``moving`` ``(B or 1, C, ...)`` at ``grid`` ``(B, D, H, W, 3)``; integer
-    images (labels) are sampled as floats and rounded back. Nearest-neighbour sampling of labels
+    images (labels) are sampled as floats and rounded back; a half-precision image
+    (:data:`~cyclereg.frames.LOW_PRECISION`) is sampled in the grid's dtype (at least float32) and answered in its
+    own. Nearest-neighbour sampling of labels
     beyond what the grid's float type holds exactly (2^24 for float32) samples the index of each
     label among the map's values instead, so every label comes back unchanged."""
     if not moving.dtype.is_floating_point and moving.dtype != torch.bool and mode == "nearest" and moving.numel():
@@ -154,6 +156,9 @@ def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: s
             shifted = (index[:-1] - zero).reshape(moving.shape).to(grid.dtype)
             out = sample_grid(shifted, grid, mode, padding_mode).round().long() + zero
             return values[out]
+    if moving.dtype in LOW_PRECISION:  # at float32 positions: a half-precision grid is off by up to half a voxel
+        work = grid.float() if grid.dtype in LOW_PRECISION else grid
+        return sample_grid(moving.to(work.dtype), work, mode, padding_mode).to(moving.dtype)
     if moving.dtype.is_floating_point and moving.dtype != grid.dtype:
         grid = grid.to(moving.dtype)  # a float image is sampled, and answered, in its own dtype
     src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)

@@ -221,6 +221,8 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
             if use_native:
                 src_ax2 = src_ax2.gather(1, keep)
         first = native.prune_first(b.shape[1], prune_from, prune_fraction) if b.device.type == "cpu" else 0
+        if not alpha > 0:  # the pruning bound needs a non-negative pairwise term (as the C kernels have it)
+            first = 0
         prune = first > 0
         if use_native:
             # the pairwise term at the arg-min comes with it unless coordinates carry gradients

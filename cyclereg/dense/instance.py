@@ -22,7 +22,9 @@ class WarpedMSE:
     over channels and voxels of ``(warp(feat_mov, disp) - feat_fix)^2``, differentiable with
     respect to ``disp``. Through the C kernel of :mod:`cyclereg.dense.native` where it applies (float32
     CPU features that need no gradient; channels-last copies are made once, here), else the torch
-    path (:func:`warped_mse_torch`); the two agree to float32 rounding."""
+    path (:func:`warped_mse_torch`); the two agree to float32 rounding, but for the gradient at whole-voxel
+    sampling positions (the trilinear interpolation's kinks), where the kernel takes the slope of the cell above
+    (0 on the borders) and the torch path the side its grid coordinates' float rounding lands on."""
 
     def __init__(self, feat_fix: torch.Tensor, feat_mov: torch.Tensor):
         self.feat_fix, self.feat_mov = feat_fix, feat_mov
