@@ -14,6 +14,9 @@ were left behind, empty; they are removed as after a failed set.
 
 Mended: :func:`cyclereg.dense.convex.resample_disp` of an ``out_shape`` without voxels was refused as "shape: ..."
 (the argument of :func:`cyclereg.frames.voxel_coordinates`, which it calls); it names ``out_shape`` now.
+
+Mended (found by tests/test_autograd_walk.py's walk): :func:`cyclereg.dense.instance.diffusion_regularizer` of a
+field with an axis of one voxel was NaN (the mean of no differences); that axis adds 0 now.
 """
 
 from __future__ import annotations
@@ -100,3 +103,15 @@ def test_a_written_dangling_links_folders_stay(tmp_path):
 def test_resample_disp_names_out_shape(out_shape):
     with pytest.raises(ValueError, match=r"^out_shape: expected 3 spatial sizes"):
         resample_disp(torch.zeros(1, 3, 4, 4, 4), out_shape, 2.0)
+
+
+def test_diffusion_regularizer_of_a_field_with_an_axis_of_one_voxel():
+    """Found by the gradient walk: an axis of one voxel has no forward difference; its mean was NaN. It adds 0:
+    one unit step along H of a (1, 4, 4) field gives 2 of 36 squared differences along H and 1 of 36 along W."""
+    from cyclereg.dense.instance import diffusion_regularizer
+
+    disp = torch.zeros(1, 3, 1, 4, 4, dtype=torch.float64)
+    disp[0, 0, 0, 1, 0] = 1.0
+    assert diffusion_regularizer(disp).item() == pytest.approx(3 / 36, abs=1e-15)
+    single = diffusion_regularizer(torch.zeros(1, 3, 1, 1, 1, dtype=torch.float64))
+    assert isinstance(single, torch.Tensor) and single.dtype == torch.float64 and single.item() == 0.0

@@ -40,8 +40,9 @@ class WarpedMSE:
 
 
 def diffusion_regularizer(disp: torch.Tensor) -> torch.Tensor:
-    """Sum over the three axes of the mean squared forward difference of ``disp`` (voxels^2)."""
-    return sum(disp.diff(dim=a).pow(2).mean() for a in (2, 3, 4))
+    """Sum over the three axes of the mean squared forward difference of ``disp`` (voxels^2); an axis of one
+    voxel has no difference and adds 0 (the mean of nothing was NaN)."""
+    return sum((disp.diff(dim=a).pow(2).mean() for a in (2, 3, 4) if disp.shape[a] > 1), disp.new_zeros(()))
 
 
 def adam_refine(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp: torch.Tensor, factor: int,
