@@ -336,3 +336,34 @@ def test_cloud_registration_of_a_half_millimetre_specimen_scales_with_the_clouds
     1/100, as at 10x smaller. Got: off by 7 mm in the pair's own scale (0.07 mm of a 0.02 mm shift)."""
     got, want = _scaled_registration(0.01)
     torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [6.0, 1e4])
+def test_inverse_consistency_of_large_shifts(shift):
+    """A constant shift ``s`` and ``-s`` are inverse already: the iteration keeps them exactly (border
+    padding samples a constant field), and the composition error is 0. ``s`` and 0 meet halfway: one step
+    gives ``s/2`` and ``-s/2``, a fixed point of the iteration."""
+    from cyclereg.dense.convex import composition_error, inverse_consistency
+
+    s = torch.full((1, 3, 6, 6, 6), shift)
+    a, b = inverse_consistency(s, -s, 3)
+    assert torch.equal(a, s) and torch.equal(b, -s)
+    assert float(composition_error(a, b)) == 0.0
+    a, b = inverse_consistency(s, torch.zeros_like(s), 3)
+    assert torch.equal(a, s / 2) and torch.equal(b, -s / 2)
+
+
+@pytest.mark.parametrize("origin, spacing", AFFINES[1:])
+def test_warp_between_grids_finds_a_whole_voxel_world_offset_far_from_the_origin(origin, spacing):
+    """The moving grid placed 3 voxels further along i than the fixed one (same spacing, origins up to 1e4 mm
+    away): the identity warp samples moving voxel i - 3 (border-clamped below 0), up to the float32 world
+    round trip's ulp(world) / spacing voxels times the largest neighbour difference of the image (<= 1)."""
+    fixed_A = _affine(origin, spacing)
+    moving_A = fixed_A.copy()
+    moving_A[0, 3] += 3 * spacing[0]
+    shape = (10, 6, 6)
+    moving = torch.rand(1, 1, *shape, generator=_gen(10))
+    got = warp_between_grids(moving, moving_A, torch.zeros(1, 3, *shape), fixed_A)
+    want = moving[:, :, (torch.arange(10) - 3).clamp_min(0)]
+    world_ulp = _ulp(max(abs(o) for o in origin) + 10 * max(spacing))
+    assert float((got - want).abs().max()) <= 4 * world_ulp / min(spacing)
