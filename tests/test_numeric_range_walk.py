@@ -367,3 +367,30 @@ def test_warp_between_grids_finds_a_whole_voxel_world_offset_far_from_the_origin
     want = moving[:, :, (torch.arange(10) - 3).clamp_min(0)]
     world_ulp = _ulp(max(abs(o) for o in origin) + 10 * max(spacing))
     assert float((got - want).abs().max()) <= 4 * world_ulp / min(spacing)
+
+
+# ============================================================================= voxel sizes
+@pytest.mark.parametrize("s", [0.05, 10.0])
+def test_foerstner_distinctiveness_scales_with_the_voxel_size(s):
+    """The same image on voxels of ``s`` mm with sigma and NMS radius scaled alike: the same keypoints, and
+    ``D`` (1/mm^2 of normalised intensity) scaled by ``1 / s^2`` to float32 rounding."""
+    img = _smooth_image()
+    base = foerstner_keypoints(img, (1.0, 1.0, 1.0), config=_config((1.0, 1.0, 1.0)))
+    got = foerstner_keypoints(img, (s, s, s), config=_config((s, s, s)))
+    assert torch.equal(got.voxels, base.voxels)
+    torch.testing.assert_close(got.scores * s * s, base.scores, rtol=1e-6, atol=0)
+    assert got.reference * s * s == pytest.approx(base.reference, rel=1e-6)
+
+
+@pytest.mark.parametrize("spacing, want", [((0.05, 0.05, 0.05), 0.1), ((0.5, 0.5, 5.0), 10.0), ((10.0, 10.0, 10.0), 20.0)])
+def test_hd95_of_a_cube_shifted_along_k_is_the_shift_in_mm(spacing, want):
+    """A 5-voxel cube and the same cube 2 voxels further along k: a quarter of the surface voxels (the
+    k = 3 layer) lie 2 voxels from the other surface and none further, so the 95th percentile is 2 voxels
+    along k: ``2 * spacing[2]`` mm, for micro-CT, thick-slice and 10 mm voxels alike."""
+    from cyclereg.metrics import hd95
+
+    a = torch.zeros(12, 12, 12, dtype=torch.long)
+    a[3:8, 3:8, 3:8] = 1
+    w = torch.zeros_like(a)
+    w[3:8, 3:8, 5:10] = 1
+    assert hd95(a, w, spacing) == {1: pytest.approx(want, rel=1e-12)}
