@@ -30,7 +30,12 @@ Bugs pinned (strict xfails until they are mended):
   float32, and 10 mm voxels give no keypoints at all (the same image scaled by 1 gives 80);
 * ``frames.UnitBox.around`` floors every side of a cloud pair's box at 1 mm (``clamp_min(1.0)``), so
   ``register_clouds`` without a training box is scale-invariant down to 5 mm clouds but not for a 0.5 mm
-  specimen (ten 0.05 mm micro-CT voxels): another unit frame, other displacements.
+  specimen (ten 0.05 mm micro-CT voxels): another unit frame, other displacements;
+* ``dense.similarity.ncc_loss`` takes local variances as ``E[x^2] - E[x]^2`` in float32: both images offset by
+  1000 (raw MRI values) give a loss of 43 instead of 0.078 (0.072 at an offset of 100), though NCC is
+  offset-invariant and float64 gets it right;
+* ``dense.similarity.mind_loss`` floors the mean patch variance at ``mind_ssc``'s ``eps`` = 1e-6 intensity^2, an
+  absolute unit its docstring does not mention: images of values about 1e-5 get a loss of 1e-5 instead of 0.014.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from cyclereg.clouds.knn import knn_indices
 from cyclereg.clouds.tps import ThinPlateSpline
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.data import preprocess
+from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.frames import UnitBox, fixed_to_moving_voxels, voxel_coordinates, voxel_to_world, world_to_voxel
 from cyclereg.keypoints.foerstner import FoerstnerConfig, foerstner_keypoints
 from cyclereg.metrics import jacobian_determinant, sdlogj
@@ -394,3 +400,52 @@ def test_hd95_of_a_cube_shifted_along_k_is_the_shift_in_mm(spacing, want):
     w = torch.zeros_like(a)
     w[3:8, 3:8, 5:10] = 1
     assert hd95(a, w, spacing) == {1: pytest.approx(want, rel=1e-12)}
+
+
+# ============================================================================= similarity losses
+def _similar_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(11)
+    f = torch.rand(1, 1, 10, 10, 10, generator=g)
+    return f, 0.7 * f + 0.3 * torch.rand(1, 1, 10, 10, 10, generator=g)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3, 3e4])
+def test_ncc_loss_with_eps_scaled_as_documented_does_not_depend_on_the_intensity_unit(scale):
+    """The docstring: scaling both images by ``s`` and ``eps`` by ``s^4`` leaves the loss unchanged (to float32
+    rounding: 1e-5 of a loss of 0.08)."""
+    f, w = _similar_pair()
+    want = float(ncc_loss(f, w, radius=2))
+    assert float(ncc_loss(f * scale, w * scale, radius=2, eps=1e-5 * scale ** 4)) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: ncc_loss computes local variances as E[x^2] - E[x]^2 in float32; "
+                                       "images offset by 1000 (raw MRI values, preprocess mode 'none') lose them to "
+                                       "cancellation and the loss comes out 43 instead of 0.078")
+def test_ncc_loss_does_not_depend_on_an_intensity_offset():
+    """NCC (and its ``eps``, added to the product of the variances) is invariant to adding a constant to both
+    images: ``f + 1000``, ``w + 1000`` (float32 values held to 6e-5, local variances about 0.08) give the
+    loss of ``f``, ``w`` to 1e-4 (float64 gives it to 1e-9). Got: 43.35 (0.072 at an offset of 100)."""
+    f, w = _similar_pair()
+    want = float(ncc_loss(f, w, radius=2))
+    assert float(ncc_loss(f.double() + 1000, w.double() + 1000, radius=2)) == pytest.approx(want, abs=1e-6)
+    assert float(ncc_loss(f + 1000, w + 1000, radius=2)) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("scale, shift", [(1e-3, 0.0), (1e3, 0.0), (1e8, 0.0), (3e4, -1024.0), (1.0, 1000.0)])
+def test_mind_loss_does_not_depend_on_the_intensity_unit_or_an_offset(scale, shift):
+    """MIND-SSC descriptors are ratios of patch distances to local variances (clamped to 1e-3..1e3 of their mean,
+    the mean floored at ``eps`` = 1e-6 intensity^2, below these images' mean variance of about 0.1 x scale^2
+    down to scale 1e-3), so scaled or offset images give the same loss to float32 rounding."""
+    f, w = _similar_pair()
+    want = float(mind_loss(f, w))
+    assert float(mind_loss(f * scale + shift, w * scale + shift)) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: mind_loss floors the mean patch variance at mind_ssc's eps of 1e-6 "
+                                       "intensity^2 (absolute units its docstring does not mention, no eps "
+                                       "argument): images of values below 1e-4 get a flat, near-zero loss")
+def test_mind_loss_of_images_of_values_1e_minus_5():
+    """The same pair scaled by 1e-5 (a map in SI units; preprocess mode 'none' passes it on): the same loss to
+    1e-4 relative, as at scale 1e-3. Got: 1.3e-5 instead of 0.0143 (3.5 % off at scale 1e-4)."""
+    f, w = _similar_pair()
+    assert float(mind_loss(f * 1e-5, w * 1e-5)) == pytest.approx(float(mind_loss(f, w)), rel=1e-4)
