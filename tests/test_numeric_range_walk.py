@@ -388,7 +388,8 @@ def test_foerstner_distinctiveness_scales_with_the_voxel_size(s):
     assert got.reference * s * s == pytest.approx(base.reference, rel=1e-6)
 
 
-@pytest.mark.parametrize("spacing, want", [((0.05, 0.05, 0.05), 0.1), ((0.5, 0.5, 5.0), 10.0), ((10.0, 10.0, 10.0), 20.0)])
+@pytest.mark.parametrize("spacing, want", [((0.05, 0.05, 0.05), 0.1), ((0.5, 0.5, 5.0), 10.0),
+                                           ((10.0, 10.0, 10.0), 20.0)])
 def test_hd95_of_a_cube_shifted_along_k_is_the_shift_in_mm(spacing, want):
     """A 5-voxel cube and the same cube 2 voxels further along k: a quarter of the surface voxels (the
     k = 3 layer) lie 2 voxels from the other surface and none further, so the 95th percentile is 2 voxels
