@@ -450,3 +450,19 @@ def test_mind_loss_of_images_of_values_1e_minus_5():
     1e-4 relative, as at scale 1e-3. Got: 1.3e-5 instead of 0.0143 (3.5 % off at scale 1e-4)."""
     f, w = _similar_pair()
     assert float(mind_loss(f * 1e-5, w * 1e-5)) == pytest.approx(float(mind_loss(f, w)), rel=1e-4)
+
+
+@pytest.mark.parametrize("origin, spacing", AFFINES)
+def test_keypoint_world_coordinates_far_from_the_origin_are_float64_exact(origin, spacing):
+    """``detect_keypoints`` on a scan whose affine puts it up to 1e4 mm from the origin (0.05 mm, 0.5 x 0.5 x 5
+    mm, 0.7 x 0.7 x 10 mm voxels): the world points are ``origin + index * spacing`` in float64 (no float32
+    intermediate: 1e4 mm would hold them only to 1e-3 mm, 0.02 of a 0.05 mm voxel)."""
+    from cyclereg.keypoints.api import detect_keypoints
+    from cyclereg.volumeio import Volume
+
+    A = _affine(origin, spacing)
+    result = detect_keypoints(Volume(_smooth_image(), A), config=_config(spacing), device="cpu")
+    assert result.points_mm.dtype == torch.float64 and result.points_mm.shape[0] > 10
+    want = result.voxels.double() * torch.tensor(spacing, dtype=torch.float64) + torch.tensor(origin,
+                                                                                              dtype=torch.float64)
+    torch.testing.assert_close(result.points_mm, want, atol=1e-12 * 1e4, rtol=0)
