@@ -1,0 +1,150 @@
+"""Precision-accuracy walk over the public tensor functions (audited 2026-12-07).
+
+What was audited: the functions that take float16 / bfloat16 / float64 tensors (``cyclereg.warp``,
+``cyclereg.frames``, ``cyclereg.metrics``; the cloud path's ``knn``, ``tps``, ``augment``, ``pipeline``; the
+dense path's ``similarity``, ``convex``, ``instance``; ``keypoints.foerstner``; ``volumeio``). Each answer was
+compared with a float64 reference computed on the same (already rounded) input values. The package's rule
+(:data:`cyclereg.frames.LOW_PRECISION`): half-precision inputs are computed in float32 and answered in their
+dtype, so the error is about one unit in the last place of the answer's dtype at the answer's magnitude; float64
+inputs are computed in float64 (an error of float32 size there means a hidden ``.float()``).
+
+Inputs are 128 voxels along an axis where positions matter: bfloat16 holds the integers up to 256 exactly,
+but a grid coordinate ``2 i / 127 - 1`` rounded to bfloat16 is off by up to a quarter voxel, so a position
+computed in the input's half precision shows as an error far above one ulp of a small answer.
+
+The handled cases are pinned first; the cases the code computes at the wrong precision follow at the end as
+strict xfails (each passes once its bug is mended).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cyclereg import frames
+from cyclereg.warp import compose, sample_at_points, warp, warp_between_grids
+
+HALF = [torch.bfloat16, torch.float16]
+N = 128  # voxels along the first axis: enough for bfloat16 grid coordinates to round
+
+
+def _ramp(dtype, offset: float = 0.0, n: int = N) -> torch.Tensor:
+    """``(1, 1, n, 3, 3)`` image whose value is ``i - offset`` along the first axis (whole numbers: exact in
+    bfloat16 and float16 for |value| <= 256)."""
+    values = torch.arange(n, dtype=torch.float64) - offset
+    return values.view(1, 1, n, 1, 1).expand(1, 1, n, 3, 3).to(dtype).contiguous()
+
+
+def _field(dtype, value: float = 0.0, n: int = N) -> torch.Tensor:
+    """``(1, 3, n, 3, 3)`` constant displacement ``value`` along the first axis."""
+    d = torch.zeros(1, 3, n, 3, 3, dtype=torch.float64)
+    d[:, 0] = value
+    return d.to(dtype)
+
+
+def _ulp(reference: torch.Tensor, dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each value of ``reference`` (float64), at least at 1/64."""
+    mag = reference.abs().clamp_min(1 / 64)
+    return torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mag)))
+
+
+# ----------------------------------------------------------------------------- handled: float64 stays float64
+def test_warp_float64_fractional_shift_is_float64_accurate():
+    """A float64 ramp warped by 0.3 voxel: exactly ``i + 0.3`` to float64 rounding (1e-12), not float32's 1e-5."""
+    img = _ramp(torch.float64, offset=60.0)
+    out = warp(img, _field(torch.float64, 0.3))
+    ref = (torch.arange(N, dtype=torch.float64) + 0.3).clamp(max=N - 1) - 60.0
+    assert out.dtype == torch.float64
+    assert (out[0, 0, :, 1, 1] - ref).abs().max() < 1e-12
+
+
+def test_compose_and_sample_at_points_float64_accurate():
+    a = _field(torch.float64, 0.3)
+    b = _ramp(torch.float64, offset=60.0).expand(1, 3, N, 3, 3).contiguous() * 1e-3
+    c = compose(a, b)  # a + b(x + a): channel 0 is 0.3 + 1e-3 (i + 0.3 - 60) below the last voxel
+    i = torch.arange(N - 1, dtype=torch.float64)
+    assert (c[0, 0, :N - 1, 1, 1] - (0.3 + 1e-3 * (i + 0.3 - 60.0))).abs().max() < 1e-13
+    pts = torch.tensor([[100.3, 1.0, 1.0], [0.123456789, 0.5, 2.0]], dtype=torch.float64)
+    s = sample_at_points(_ramp(torch.float64, offset=100.0), pts)
+    assert s.dtype == torch.float64
+    assert (s[:, 0] - (pts[:, 0] - 100.0)).abs().max() < 1e-12
+
+
+def test_warp_between_grids_float64_accurate():
+    """Same grid on both sides (0.7 mm voxels, an off-centre origin), a 0.3 voxel shift: float64 accuracy."""
+    A = np.diag([0.7, 0.7, 0.7, 1.0])
+    A[:3, 3] = [-40.3, -1.1, -1.1]
+    out = warp_between_grids(_ramp(torch.float64, offset=60.0), A, _field(torch.float64, 0.3), A)
+    ref = (torch.arange(N, dtype=torch.float64) + 0.3).clamp(max=N - 1) - 60.0
+    assert (out[0, 0, :, 1, 1] - ref).abs().max() < 1e-11
+
+
+# ----------------------------------------------------------------------------- handled: half precision
+@pytest.mark.parametrize("dtype", HALF)
+def test_warp_half_image_float32_field_within_one_ulp(dtype):
+    """A half-precision image warped by a float32 field (the case mended by the gradient walk): samples at
+    the float32 positions, so a shift by 0.25 (exact) of the ramp ``i - 100`` is within one ulp of its dtype."""
+    out = warp(_ramp(dtype, offset=100.0), _field(torch.float32, 0.25))
+    ref = (torch.arange(N, dtype=torch.float64) + 0.25).clamp(max=N - 1) - 100.0
+    assert out.dtype == dtype
+    assert ((out[0, 0, :, 1, 1].double() - ref).abs() <= _ulp(ref, dtype)).all()
+
+
+# ----------------------------------------------------------------------------- bugs
+HALF_FIELD_POSITIONS = ("BUG: warp.py warp_unchecked builds the identity grid and the grid displacement in the "
+                        "field's dtype (identity_grid(dtype=floating_dtype(disp_vox))): a float16 / bfloat16 field "
+                        "puts the sampling positions 2 i / (n - 1) - 1 on that dtype's grid, up to a quarter voxel "
+                        "off at 128 voxels (bfloat16), so a zero field moves the image; compute the positions in "
+                        "promote_types(field dtype, float32) and answer in the image's dtype")
+
+
+@pytest.mark.xfail(strict=True, reason=HALF_FIELD_POSITIONS)
+@pytest.mark.parametrize("image_dtype", [torch.float32, torch.float64, *HALF])
+@pytest.mark.parametrize("field_dtype", HALF)
+def test_warp_half_field_zero_is_identity(image_dtype, field_dtype):
+    """A zero half-precision field samples every voxel at its own centre: the ramp comes back unchanged
+    (its whole numbers are exact in every dtype here). Found: off by up to 0.246 (bfloat16 field) and
+    0.031 (float16 field) for a float32 image."""
+    img = _ramp(image_dtype, offset=100.0)
+    out = warp(img, _field(field_dtype, 0.0))
+    assert (out.double() - img.double()).abs().max() < 1e-4
+
+
+@pytest.mark.xfail(strict=True, reason=HALF_FIELD_POSITIONS + " (compose goes through warp_unchecked)")
+@pytest.mark.parametrize("dtype", HALF)
+def test_compose_half_fields_zero_first_field(dtype):
+    """``compose(0, b) = b``: found off by up to 0.25 voxel-values of the ramp ``i - 100`` (bfloat16), where
+    one ulp of the answer at |b| < 1 is 1/128 or less."""
+    b = _ramp(dtype, offset=100.0).expand(1, 3, N, 3, 3).contiguous()
+    c = compose(_field(dtype, 0.0), b)
+    ref = b.double()
+    assert ((c.double() - ref).abs() <= _ulp(ref, dtype)).all()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: frames.py fixed_to_moving_voxels computes the voxel and world "
+                   "coordinates in the field's dtype (voxel_coordinates(dtype=floating_dtype(disp_vox)), then "
+                   "_to_world / _to_voxel in it): a bfloat16 field maps each fixed voxel through world mm held in "
+                   "bfloat16, up to 0.73 voxel off on a 0.7 mm grid 128 voxels long; compute the points in "
+                   "promote_types(dtype, float32) (warp_between_grids' _sample then answers in the image's dtype)")
+@pytest.mark.parametrize("image_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("field_dtype", HALF)
+def test_warp_between_grids_half_field_zero_is_identity(image_dtype, field_dtype):
+    A = np.diag([0.7, 0.7, 0.7, 1.0])
+    A[:3, 3] = [-40.3, -1.1, -1.1]
+    img = _ramp(image_dtype, offset=100.0)
+    out = warp_between_grids(img, A, _field(field_dtype, 0.0), A)
+    assert (out.double() - img.double()).abs().max() < 1e-3
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: warp.py sample_at_points casts the points to the field's dtype "
+                   "(points_vox.to(field.dtype)) before voxel_to_grid: a bfloat16 field is sampled at bfloat16 "
+                   "points (100.3 -> 100.5), 0.2 off where one ulp of the answer 0.3 is 1/512; compute in "
+                   "promote_types(field dtype, float32) and answer in the field's dtype")
+@pytest.mark.parametrize("dtype", HALF)
+def test_sample_at_points_half_field_float_points(dtype):
+    pts = torch.tensor([[100.3, 1.0, 1.0], [20.7, 1.0, 1.0]], dtype=torch.float32)
+    s = sample_at_points(_ramp(dtype, offset=100.0), pts)
+    ref = pts[:, 0].double() - 100.0
+    assert s.dtype == dtype
+    assert ((s[:, 0].double() - ref).abs() <= _ulp(ref, dtype)).all()
