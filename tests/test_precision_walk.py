@@ -345,3 +345,91 @@ def test_apply_affine_half_within_one_ulp(dtype):
     ref = p.double() @ A.T + t
     assert out.dtype == dtype
     assert ((out.double() - ref).abs() <= _ulp(ref, dtype)).all()
+
+
+# ----------------------------------------------------------------------------- metrics, similarity, keypoints, volumeio
+@pytest.mark.parametrize("dtype", HALF)
+def test_jacobian_determinant_half_rounded_once(dtype):
+    """Computed in float64, answered in the field's dtype: half an ulp of the exact determinant of the same values
+    (plus a hair: torch casts float64 to float16 through float32, a double rounding of at most 2^-14 ulp)."""
+    from cyclereg.metrics import jacobian_determinant
+    g = torch.Generator().manual_seed(0)
+    disp = (torch.randn(1, 3, 10, 10, 10, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    J, ref = jacobian_determinant(disp), jacobian_determinant(disp.double())
+    assert J.dtype == dtype
+    assert ((J.double() - ref).abs() <= 0.501 * _ulp(ref, dtype)).all()
+
+
+def test_sdlogj_float64_field_not_rounded_to_float32():
+    """A float64 field's tiny deformation (1e-9 voxel) is seen: float32 would round it away (the figures are 0)."""
+    from cyclereg.metrics import sdlogj
+    g = torch.Generator().manual_seed(0)
+    disp = torch.randn(1, 3, 8, 8, 8, generator=g, dtype=torch.float64) * 1e-9
+    figures = sdlogj(disp)
+    assert 1e-11 < figures["std_logj"] < 1e-8
+    assert sdlogj(disp.float())["std_logj"] < figures["std_logj"] / 10
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_mind_and_ncc_half_within_one_ulp(dtype):
+    """Computed in float32 (the docstring), answered in the image's dtype: MIND descriptors (in [0, 1]) and the
+    NCC loss within one ulp of the float64 answer for the same values."""
+    from cyclereg.dense.similarity import mind_ssc, ncc_loss
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 1, 12, 12, 12, generator=g, dtype=torch.float64).to(dtype)
+    m, rm = mind_ssc(img), mind_ssc(img.double())
+    assert m.dtype == dtype and ((m.double() - rm).abs() <= _ulp(rm, dtype)).all()
+    loss, rl = ncc_loss(img, img.flip(2)), ncc_loss(img.double(), img.double().flip(2))
+    assert loss.dtype == dtype and abs(float(loss) - float(rl)) <= float(_ulp(rl, dtype))
+
+
+def test_mind_float64_not_float32():
+    """float64 MIND is not the float32 one cast up (no hidden .float()): they differ by float32 rounding."""
+    from cyclereg.dense.similarity import mind_ssc
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 1, 10, 10, 10, generator=g, dtype=torch.float64)
+    m64, m32 = mind_ssc(img), mind_ssc(img.float()).double()
+    assert m64.dtype == torch.float64
+    assert 0 < (m64 - m32).abs().max() < 1e-5
+
+
+def test_foerstner_distinctiveness_dtypes():
+    """float64 stays float64 (not the float32 map cast up); float16 is computed in float32, bitwise as the same
+    values given in float32 (the docstring)."""
+    from cyclereg.keypoints.foerstner import distinctiveness
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(16, 16, 16, generator=g, dtype=torch.float64)
+    d64, d32 = distinctiveness(img, (1.0, 1.0, 1.0), 1.5), distinctiveness(img.float(), (1.0, 1.0, 1.0), 1.5)
+    assert d64.dtype == torch.float64
+    rel = float((d64 - d32.double()).abs().max() / d64.abs().max())
+    assert 0 < rel < 1e-5
+    half = img.half()
+    assert torch.equal(distinctiveness(half, (1.0, 1.0, 1.0), 1.5), distinctiveness(half.float(), (1.0, 1.0, 1.0), 1.5))
+
+
+@pytest.mark.parametrize("dtype", [*HALF, torch.float64])
+def test_write_nifti_half_exact_float64_rounded_once(tmp_path, dtype):
+    """Written as float32 (the docstring): half-precision values come back exactly, float64 ones as their
+    nearest float32."""
+    from cyclereg.volumeio import read_nifti, write_nifti
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(4, 5, 6, generator=g, dtype=torch.float64) * 1000 - 500).to(dtype)
+    write_nifti(tmp_path / "v.nii.gz", x, np.eye(4))
+    back = read_nifti(tmp_path / "v.nii.gz").data
+    assert torch.equal(back, x.float())
+
+
+def test_tps_cloud_registration_float64_exact_affine_field():
+    """A TPS fitted to an affine displacement reproduces it (float64 solve): at() of float64 query points is exact
+    to 1e-9 mm (float32 would give 1e-5)."""
+    from cyclereg.clouds.pipeline import CloudRegConfig, CloudRegistration
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(60, 3, generator=g, dtype=torch.float64) * torch.tensor([120.0, 100.0, 140.0], dtype=torch.float64)
+    A = torch.tensor([[0.02, 0.01, 0.0], [0.0, -0.02, 0.02], [0.01, 0.0, 0.01]], dtype=torch.float64)
+    t = torch.tensor([-3.0, 2.0, 1.5], dtype=torch.float64)
+    reg = CloudRegistration(fixed_mm=fixed, displacements_mm=fixed @ A.T + t, box=frames.UnitBox.around(fixed),
+                            tps=CloudRegConfig().tps)
+    q = torch.rand(50, 3, generator=g, dtype=torch.float64) * 100
+    out = reg.at(q)
+    assert out.dtype == torch.float64
+    assert (out - (q @ A.T + t)).abs().max() < 1e-9
