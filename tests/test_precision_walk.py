@@ -12,8 +12,17 @@ Inputs are 128 voxels along an axis where positions matter: bfloat16 holds the i
 but a grid coordinate ``2 i / 127 - 1`` rounded to bfloat16 is off by up to a quarter voxel, so a position
 computed in the input's half precision shows as an error far above one ulp of a small answer.
 
-The handled cases are pinned first; the cases the code computes at the wrong precision follow at the end as
-strict xfails (each passes once its bug is mended).
+The handled cases are pinned first; the cases the code computes at the wrong precision are strict xfails (each
+passes once its bug is mended): positions built in a half-precision field's own dtype (``warp``, ``compose``,
+``warp_labels``, ``warp_between_grids``, ``sample_at_points``, ``dense.convex.resample_disp``; a float64 image with
+a float32 field likewise at float32 positions), the ``frames`` conversions and ``inside_grid`` computed in half
+precision, ``CloudRegistration.dense`` evaluated at points rounded to the cloud's dtype, ``lbp.min_convolution``'s
+arg-min searched in half precision, ``augment.apply_affine`` multiplied in half precision, and ``knn_indices``
+ranking float32 ``cdist`` distances whose expansion cancels far from an origin inside the cloud.
+
+Inherent, not pinned: a half-precision answer has 8 (bfloat16) or 11 (float16) bits; ``standardize`` and
+``preprocess`` subtract a mean / percentile in the input's dtype (cancellation of the same relative size in
+float32); torch casts float64 to float16 through float32 (a double rounding of 2^-14 ulp).
 """
 
 from __future__ import annotations
@@ -501,3 +510,15 @@ def test_inside_grid_float64_bound_exact():
         eps = 1e-9 if dtype == torch.float64 else 1e-4
         points = torch.tensor([[299.5 + eps, 0.0, 0.0], [299.5, 0.0, 0.0], [-0.5 - eps, 0.0, 0.0]], dtype=dtype)
         assert frames.inside_grid(points, (300, 10, 10)).tolist() == [False, True, False]
+
+
+@pytest.mark.xfail(strict=True, reason=HALF_FIELD_POSITIONS + " (warp_labels: a label map warped by a bfloat16 field "
+                   "of +-0.375 voxel, exact, took the neighbour's label at 378 / 603 of 1152 voxels)")
+@pytest.mark.parametrize("shift", [0.375, -0.375])
+def test_warp_labels_bfloat16_field_below_half_voxel_keeps_labels(shift):
+    """A shift under half a voxel keeps every label (nearest neighbour), at the border too (border clamp of
+    the edge voxel inside the half-voxel band; zeros padding starts beyond it)."""
+    from cyclereg.warp import warp_labels
+    labels = torch.arange(N).view(1, 1, N, 1, 1).expand(1, 1, N, 3, 3).contiguous()
+    out = warp_labels(labels, _field(torch.bfloat16, shift))
+    assert torch.equal(out, labels)
