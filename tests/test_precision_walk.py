@@ -17,12 +17,13 @@ passes once its bug is mended): positions built in a half-precision field's own 
 ``warp_labels``, ``warp_between_grids``, ``sample_at_points``, ``dense.convex.resample_disp``; a float64 image with
 a float32 field likewise at float32 positions), the ``frames`` conversions and ``inside_grid`` computed in half
 precision, ``CloudRegistration.dense`` evaluated at points rounded to the cloud's dtype, ``lbp.min_convolution``'s
-arg-min and ``soft_argmin``'s softmax, ``dense.convex.coupled_convex`` and ``standardize`` and the cloud network's ``CloudNorm`` computed in half precision, ``augment.apply_affine`` multiplied in half precision, and ``knn_indices``
-ranking float32 ``cdist`` distances whose expansion cancels far from an origin inside the cloud.
+arg-min, ``soft_argmin``'s softmax, ``dense.convex.coupled_convex``, ``standardize`` and the cloud network's
+``CloudNorm`` computed in half precision, ``augment.apply_affine`` multiplied in half precision, and
+``knn_indices`` ranking float32 ``cdist`` distances whose expansion cancels far from an origin inside the cloud.
 
-Inherent or small, not pinned: a half-precision answer has 8 (bfloat16) or 11 (float16) bits; ``dense.data.preprocess``
-rounds its percentiles to the image's dtype before subtracting them (1.4 / 2.1 ulps); torch casts float64 to
-float16 through float32 (a double rounding of 2^-14 ulp).
+Inherent or small, not pinned: a half-precision answer has 8 (bfloat16) or 11 (float16) bits;
+``dense.data.preprocess`` rounds its percentiles to the image's dtype before subtracting them (1.4 / 2.1 ulps);
+torch casts float64 to float16 through float32 (a double rounding of 2^-14 ulp).
 """
 
 from __future__ import annotations
@@ -211,9 +212,11 @@ _BOX = frames.UnitBox((-123.4, -5.0, -5.0), (250.0, 100.0, 100.0))
 
 def _conversions():
     """(name, function of the points, float64 reference of the same values) for the frames conversions."""
-    box_lo, box_half = torch.tensor(_BOX.lo_mm, dtype=torch.float64), torch.tensor(_BOX.extent_mm, dtype=torch.float64) / 2
+    box_lo = torch.tensor(_BOX.lo_mm, dtype=torch.float64)
+    box_half = torch.tensor(_BOX.extent_mm, dtype=torch.float64) / 2
     return [
-        ("voxel_to_world", lambda p: frames.voxel_to_world(p, _AFFINE), lambda p: p @ _AFFINE[:3, :3].T + _AFFINE[:3, 3]),
+        ("voxel_to_world", lambda p: frames.voxel_to_world(p, _AFFINE),
+         lambda p: p @ _AFFINE[:3, :3].T + _AFFINE[:3, 3]),
         ("world_to_voxel", lambda p: frames.world_to_voxel(p, _AFFINE), lambda p: (p - _AFFINE[:3, 3]) / _SPACING),
         ("voxel_to_grid", lambda p: frames.voxel_to_grid(p, (128, 128, 128)), lambda p: (2 * p / 127 - 1).flip(-1)),
         ("mm_to_unit", _BOX.mm_to_unit, lambda p: (p - box_lo) / box_half - 1),
@@ -271,8 +274,9 @@ def test_resample_disp_float64_accurate():
 @pytest.mark.xfail(strict=True, reason="BUG: dense/convex.py resample_disp builds its sampling points in the field's "
                    "dtype (voxel_coordinates(dtype=disp.dtype) * ratio, then voxel_to_grid): a bfloat16 field "
                    "upsampled from 128 voxels samples at grid coordinates rounded to bfloat16, up to a quarter source "
-                   "voxel off (the exact 0 at output voxel 4 came back -1/32 in both half dtypes, 256 and 2048 ulps; bfloat16 up to 1.0 off elsewhere); build the points in "
-                   "promote_types(dtype, float32) and answer in the field's dtype")
+                   "voxel off (the exact 0 at output voxel 4 came back -1/32 in both half dtypes, 256 and 2048 "
+                   "ulps; bfloat16 up to 1.0 off elsewhere); build the points in promote_types(dtype, float32) "
+                   "and answer in the field's dtype")
 @pytest.mark.parametrize("dtype", HALF)
 def test_resample_disp_half_exact_positions(dtype):
     got, ref = _resampled_ramp(dtype)
@@ -472,8 +476,9 @@ def test_cloud_registration_dense_float64_exact():
 
 @pytest.mark.xfail(strict=True, reason="BUG: clouds/pipeline.py CloudRegistration.dense works in the fixed cloud's "
                    "dtype: _coarse_grid rounds the grid's world points to it (pts_mm.to(self.fixed_mm): 190 mm in "
-                   "bfloat16 is 1 mm coarse), at() maps them to the unit frame in it (UnitBox.mm_to_unit, see the frames "
-                   "xfail) and scales the displacement back in it: the field is 0.16 voxel off (49 ulps; float16: "
+                   "bfloat16 is 1 mm coarse), at() maps them to the unit frame in it (UnitBox.mm_to_unit, see the "
+                   "frames xfail) and scales the displacement back in it: the field is 0.16 voxel off (49 ulps; "
+                   "float16: "
                    "0.016, 33 ulps) where evaluating in float64 and casting once gives half an ulp; keep the points "
                    "and the unit-frame arithmetic in float64 (or float32) and cast the field at the end")
 @pytest.mark.parametrize("dtype", HALF)
@@ -600,8 +605,9 @@ def test_normalisation_float64_accurate(which):
     assert (got.mean(dim=0 if which == "CloudNorm" else (2, 3, 4))).abs().max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense/convex.py standardize and clouds/features.py CloudNorm (F.batch_norm) "
-                   "normalise half-precision features in their own dtype: the mean (about 3) is rounded to it before "
+@pytest.mark.xfail(strict=True, reason="BUG: dense/convex.py standardize and clouds/features.py CloudNorm "
+                   "(F.batch_norm) normalise half-precision features in their own dtype: the mean (about 3) is "
+                   "rounded to it before "
                    "it is subtracted, so answers near 0 are off by up to half an ulp of 3 (bfloat16: 0.024, 55 ulps; "
                    "float16: 0.003-0.004, 63 ulps) where computing in float32 and casting once gives half an ulp "
                    "(the LOW_PRECISION rule); compute LOW_PRECISION inputs in float32 and answer in their dtype")
