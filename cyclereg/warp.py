@@ -64,8 +64,20 @@ def warp_unchecked(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = 
     its loss is NaN and the gradient scaler skips the step). A non-finite displacement is sampled quietly
     here: call :func:`warp` on fields from outside."""
     _check_warp(moving, disp_vox)
-    grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=floating_dtype(disp_vox))
-    return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox), mode, padding_mode)
+    work = _position_dtype(disp_vox, moving)
+    grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=work)
+    return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox.to(work)), mode, padding_mode)
+
+
+def _position_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype sampling positions are computed in: the widest floating dtype of ``tensors``, at least float32
+    (positions of a half-precision field rounded to it lie up to a quarter voxel off at 128 voxels, and a
+    float64 image's positions keep float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        if t.dtype.is_floating_point:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=None, fixed_affine=None) -> torch.Tensor:
@@ -213,5 +225,6 @@ def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Ten
     field = field.to(floating_dtype(field))  # an integer field is sampled as numbers
     if points_vox.ndim != 2 or points_vox.shape[1] != 3:
         raise ValueError(f"points_vox: expected (N, 3), got {tuple(points_vox.shape)}")
-    g = voxel_to_grid(points_vox.to(field.dtype), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
-    return sample_grid(field, g, "bilinear", "border").reshape(field.shape[1], -1).T
+    work = _position_dtype(field)  # a half-precision field: sampled at float32 points, answered in its dtype
+    g = voxel_to_grid(points_vox.to(work), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
+    return sample_grid(field.to(work), g, "bilinear", "border").reshape(field.shape[1], -1).T.to(field.dtype)

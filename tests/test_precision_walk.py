@@ -110,7 +110,6 @@ HALF_FIELD_POSITIONS = ("BUG: warp.py warp_unchecked builds the identity grid an
                         "promote_types(field dtype, float32) and answer in the image's dtype")
 
 
-@pytest.mark.xfail(strict=True, reason=HALF_FIELD_POSITIONS)
 @pytest.mark.parametrize("image_dtype", [torch.float32, torch.float64, *HALF])
 @pytest.mark.parametrize("field_dtype", HALF)
 def test_warp_half_field_zero_is_identity(image_dtype, field_dtype):
@@ -122,7 +121,6 @@ def test_warp_half_field_zero_is_identity(image_dtype, field_dtype):
     assert (out.double() - img.double()).abs().max() < 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason=HALF_FIELD_POSITIONS + " (compose goes through warp_unchecked)")
 @pytest.mark.parametrize("dtype", HALF)
 def test_compose_half_fields_zero_first_field(dtype):
     """``compose(0, b) = b``: found off by up to 0.25 voxel-values of the ramp ``i - 100`` (bfloat16), where
@@ -148,10 +146,6 @@ def test_warp_between_grids_half_field_zero_is_identity(image_dtype, field_dtype
     assert (out.double() - img.double()).abs().max() < 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: warp.py sample_at_points casts the points to the field's dtype "
-                   "(points_vox.to(field.dtype)) before voxel_to_grid: a bfloat16 field is sampled at bfloat16 "
-                   "points (100.3 -> 100.5), 0.2 off where one ulp of the answer 0.3 is 1/512; compute in "
-                   "promote_types(field dtype, float32) and answer in the field's dtype")
 @pytest.mark.parametrize("dtype", HALF)
 def test_sample_at_points_half_field_float_points(dtype):
     pts = torch.tensor([[100.3, 1.0, 1.0], [20.7, 1.0, 1.0]], dtype=torch.float32)
@@ -488,11 +482,6 @@ def test_cloud_registration_dense_half_within_one_ulp(dtype):
     assert ((got.double() - ref).abs() <= _ulp(ref, dtype)).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor, mixed dtypes): warp.py warp_unchecked builds the identity grid in "
-                   "the field's dtype, so a float64 image warped by a float32 field is sampled at float32 grid "
-                   "positions (2 i / 127 - 1 rounded to float32) and answered in float64 3.8e-6 off for a zero field, "
-                   "where the positions x + 0 are exact in float64 (_sample casts the float32 grid up after rounding); "
-                   "build the grid in promote_types(field dtype, image dtype, float32)")
 def test_warp_float64_image_float32_zero_field_exact():
     img = _ramp(torch.float64, offset=100.0)
     out = warp(img, _field(torch.float32, 0.0))
@@ -517,8 +506,6 @@ def test_inside_grid_float64_bound_exact():
         assert frames.inside_grid(points, (300, 10, 10)).tolist() == [False, True, False]
 
 
-@pytest.mark.xfail(strict=True, reason=HALF_FIELD_POSITIONS + " (warp_labels: a label map warped by a bfloat16 field "
-                   "of +-0.375 voxel, exact, took the neighbour's label at 378 / 603 of 1152 voxels)")
 @pytest.mark.parametrize("shift", [0.375, -0.375])
 def test_warp_labels_bfloat16_field_below_half_voxel_keeps_labels(shift):
     """A shift under half a voxel keeps every label (nearest neighbour), at the border too (border clamp of
