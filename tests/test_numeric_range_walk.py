@@ -268,9 +268,6 @@ def test_mri_percentile_normalisation_does_not_depend_on_the_intensity_unit(scal
     torch.testing.assert_close(preprocess(img * scale, cfg), preprocess(img, cfg), atol=4e-7, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense.data.preprocess floors the MRI percentile range at an absolute "
-                                       "1e-6 intensity units (MIN_INTENSITY_RANGE), so a map whose values are all "
-                                       "below ~1e-6 is not normalised to [0, 1]")
 def test_mri_percentile_normalisation_of_a_map_in_si_units():
     """An MRI-like map of values 1e-11..1e-9 (e.g. a diffusion map in m^2/s): its 99th percentile maps to 1
     as ``PreprocessConfig.mri_percentiles`` says, the same image as the map in [10, 1010]. Got: max 0.099."""

@@ -47,7 +47,9 @@ QUANTILE_SAMPLES = 2_000_000
 is limited to 16M elements; a subsample is exact enough and fast)."""
 
 MIN_INTENSITY_RANGE = 1e-6
-"""Floor of the MRI percentile range (intensity units), so that a (nearly) constant image is not divided by 0."""
+"""Floor of the MRI percentile range, relative to the image's largest magnitude ``max |x|`` (a few float32 ulp
+of it; at least the dtype's smallest normal number), so that a (nearly) constant image is not divided by 0,
+whatever its intensity unit."""
 
 
 def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = None) -> torch.Tensor:
@@ -69,7 +71,8 @@ def preprocess(image: torch.Tensor, cfg: PreprocessConfig, mode: str | None = No
             flat = flat.float()
         lo, hi = torch.quantile(flat, torch.tensor([cfg.mri_percentiles[0] / 100, cfg.mri_percentiles[1] / 100],
                                                    dtype=flat.dtype, device=flat.device)).to(x.dtype)
-        scale = (hi - lo).clamp_min(MIN_INTENSITY_RANGE)
+        magnitude = float(torch.stack(torch.aminmax(x)).abs().max())  # the floor's unit: max |x|
+        scale = (hi - lo).clamp_min(max(MIN_INTENSITY_RANGE * magnitude, torch.finfo(x.dtype).tiny))
         return ((x - lo) / scale).clamp(0.0, 1.0)
     if mode == "none":
         return x
