@@ -246,9 +246,6 @@ def test_foerstner_keypoints_do_not_depend_on_the_intensity_unit(spacing, scale,
     assert torch.equal(got.voxels, base.voxels)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: foerstner.distinctiveness floors the intensity range at an absolute "
-                                       "1e-6 (MIN_INTENSITY_RANGE), so an image of range 1e-12 is not scaled to "
-                                       "unit range and its float32 structure tensor underflows: no keypoints")
 def test_foerstner_keypoints_of_an_image_of_range_1e_minus_12():
     """A float32 image of values 1e-12 x (0.3-0.7) (all normal floats) on 10 mm voxels: the same keypoints as
     the image itself, as the docstring's "scaled to unit robust range first" implies. Got: none."""

@@ -6,6 +6,10 @@ the floor (``MIN_INTENSITY_RANGE``) is now relative to the image's ``max |x|``, 
 normal number, so ordinary images give the same bits as before and a constant image, in any unit and dtype,
 still gives 0 (no division by 0).
 
+:func:`cyclereg.keypoints.foerstner.distinctiveness` floored the image's robust intensity range at an absolute
+1e-6 likewise: an image of range 1e-12 was not scaled to unit range and gave no keypoints. The floor is now
+relative to ``max |x|`` the same way (the same keypoints and scores as before on ordinary CT).
+
 The tests of the mends themselves are in ``tests/test_numeric_range_walk.py`` (its former strict xfails); these
 cover what they do not.
 """
@@ -15,6 +19,7 @@ import torch
 
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.data import preprocess
+from cyclereg.keypoints.foerstner import distinctiveness
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -26,3 +31,12 @@ def test_mri_percentile_normalisation_of_a_constant_image_is_zero(dtype, value):
     image = torch.full((4, 4, 4), value).to(dtype)
     got = preprocess(image, PreprocessConfig(mode="mri"))
     assert got.dtype == dtype and torch.equal(got, torch.zeros(4, 4, 4, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.0, 1e-40, 1e-12, -1024.0])
+def test_foerstner_distinctiveness_of_a_constant_image_is_zero(dtype, value):
+    """A constant image (all-zero, subnormal, tiny or CT air) has no gradient: ``D`` is 0 everywhere, never NaN
+    (its range is 0 below any floor, and the floor is never 0)."""
+    image = torch.full((8, 8, 8), value, dtype=dtype)
+    assert torch.equal(distinctiveness(image, (1.0, 1.0, 1.0), 1.0), torch.zeros(8, 8, 8, dtype=dtype))

@@ -70,7 +70,9 @@ INTENSITY_RANGE_QUANTILES = (0.01, 0.99)
 structure tensor (a robust range: a few extreme voxels do not set the scale)."""
 
 MIN_INTENSITY_RANGE = 1e-6
-"""Floor of that range (intensity units), so that a (nearly) constant image is not divided by 0."""
+"""Floor of that range, relative to the image's largest magnitude ``max |x|`` (a few float32 ulp of it; at least
+the dtype's smallest normal number), so that a (nearly) constant image is not divided by 0, whatever its
+intensity unit."""
 
 
 @dataclass(frozen=True)
@@ -259,9 +261,11 @@ def distinctiveness(img: torch.Tensor, spacing_mm, sigma_mm: float) -> torch.Ten
     x = img.to(torch.promote_types(img.dtype, torch.float32))
     q = torch.tensor(INTENSITY_RANGE_QUANTILES, dtype=x.dtype, device=x.device)
     lo, hi = torch.quantile(_subsample(x), q).tolist()
-    if hi - lo < MIN_INTENSITY_RANGE:  # over 98 % of the voxels one value (an object on a flat background): the
-        lo, hi = float(x.min()), float(x.max())  # full range, not the floor (1e6 x the values overflowed det)
-    x = (x - lo) / max(hi - lo, MIN_INTENSITY_RANGE)
+    x_min, x_max = (float(v) for v in torch.aminmax(x))
+    floor = max(MIN_INTENSITY_RANGE * max(abs(x_min), abs(x_max)), torch.finfo(x.dtype).tiny)
+    if hi - lo < floor:  # over 98 % of the voxels one value (an object on a flat background): the
+        lo, hi = x_min, x_max  # full range, not the floor (1e6 x the values overflowed det)
+    x = (x - lo) / max(hi - lo, floor)
     grad = gradient_mm(x[None, None], spacing_mm)
     sigma_vox = gaussian_scale_voxels(sigma_mm, spacing_mm)
     return distinctiveness_from_tensor(structure_tensor(grad, sigma_vox))
