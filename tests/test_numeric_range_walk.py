@@ -413,9 +413,6 @@ def test_ncc_loss_with_eps_scaled_as_documented_does_not_depend_on_the_intensity
     assert float(ncc_loss(f * scale, w * scale, radius=2, eps=1e-5 * scale ** 4)) == pytest.approx(want, abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ncc_loss computes local variances as E[x^2] - E[x]^2 in float32; "
-                                       "images offset by 1000 (raw MRI values, preprocess mode 'none') lose them to "
-                                       "cancellation and the loss comes out 43 instead of 0.078")
 def test_ncc_loss_does_not_depend_on_an_intensity_offset():
     """NCC (and its ``eps``, added to the product of the variances) is invariant to adding a constant to both
     images: ``f + 1000``, ``w + 1000`` (float32 values held to 6e-5, local variances about 0.08) give the

@@ -10,6 +10,11 @@ still gives 0 (no division by 0).
 1e-6 likewise: an image of range 1e-12 was not scaled to unit range and gave no keypoints. The floor is now
 relative to ``max |x|`` the same way (the same keypoints and scores as before on ordinary CT).
 
+:func:`cyclereg.dense.similarity.ncc_loss` took local variances as ``E[x^2] - E[x]^2`` in float32, so images
+offset by 1000 (raw MRI values) lost them to cancellation (a loss of -7 or 43 instead of 0.08); each image's mean
+(per batch item) is now taken out first, which NCC and its ``eps`` do not see, and ordinary images in [0, 1]
+change only at float32 rounding (4e-7 of a loss of 0.08, nearer the float64 loss than before).
+
 The tests of the mends themselves are in ``tests/test_numeric_range_walk.py`` (its former strict xfails); these
 cover what they do not.
 """
@@ -19,6 +24,7 @@ import torch
 
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.data import preprocess
+from cyclereg.dense.similarity import ncc_loss
 from cyclereg.keypoints.foerstner import distinctiveness
 
 
@@ -40,3 +46,15 @@ def test_foerstner_distinctiveness_of_a_constant_image_is_zero(dtype, value):
     (its range is 0 below any floor, and the floor is never 0)."""
     image = torch.full((8, 8, 8), value, dtype=dtype)
     assert torch.equal(distinctiveness(image, (1.0, 1.0, 1.0), 1.0), torch.zeros(8, 8, 8, dtype=dtype))
+
+
+def test_ncc_loss_does_not_depend_on_an_offset_of_one_image_per_batch_item():
+    """Offsets of one image only, different per batch item (+1000 and -3000 on ``fixed``'s two items, 0 on
+    ``warped``): NCC of each window is unchanged, so the float32 loss is the float64 loss of the plain pair to
+    1e-5 (float32 values near 3000 are held to 2.4e-4, against local variances of about 0.05)."""
+    g = torch.Generator().manual_seed(4)
+    f = torch.rand(2, 1, 10, 10, 10, generator=g)
+    w = 0.7 * f + 0.3 * torch.rand(2, 1, 10, 10, 10, generator=g)
+    want = float(ncc_loss(f.double(), w.double(), radius=2))
+    offset = torch.tensor([1000.0, -3000.0]).view(2, 1, 1, 1, 1)
+    assert float(ncc_loss(f + offset, w, radius=2)) == pytest.approx(want, abs=1e-5)

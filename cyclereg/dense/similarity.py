@@ -153,6 +153,8 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     default: a local standard deviation of 0.27; a smooth image scaled to [0, 1] has far less, e.g. a ramp from 0
     to 1 across 32 voxels has ``v = 0.0069`` in its windows of radius 4, which score 0.09 each). In the same limit
     images that are locally affine functions of each other approach 0 (positive slope) or 2 (negative slope).
+    Adding a constant to either image leaves the loss unchanged (each image's mean is taken out first, so an
+    offset such as raw MRI values does not cancel the float32 local variances away).
     ``radius`` >= 1 whole voxels (a window of one voxel has no variance), ``eps`` finite and > 0.
     """
     _check_pair(fixed, warped)
@@ -160,6 +162,11 @@ def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 4, eps:
     eps = _positive_eps(eps)
     out_dtype = fixed.dtype
     fixed, warped = _working(fixed, warped)
+    # NCC (and eps, added to the product of the variances) does not change when a constant is added to an image:
+    # each image's own mean, taken out first, keeps an offset (raw MRI values) from cancelling the local variances
+    # E[x^2] - E[x]^2 away in float32
+    fixed = fixed - fixed.mean(dim=(2, 3, 4), keepdim=True)
+    warped = warped - warped.mean(dim=(2, 3, 4), keepdim=True)
     mf, mw = box_mean(fixed, radius), box_mean(warped, radius)
     cov = box_mean(fixed * warped, radius) - mf * mw
     vf = (box_mean(fixed * fixed, radius) - mf * mf).clamp_min(0)
