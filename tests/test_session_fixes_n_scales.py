@@ -15,6 +15,12 @@ offset by 1000 (raw MRI values) lost them to cancellation (a loss of -7 or 43 in
 (per batch item) is now taken out first, which NCC and its ``eps`` do not see, and ordinary images in [0, 1]
 change only at float32 rounding (4e-7 of a loss of 0.08, nearer the float64 loss than before).
 
+:func:`cyclereg.dense.similarity.mind_loss` floored each image's mean patch variance at :func:`mind_ssc`'s ``eps``
+of 1e-6 intensity^2, an absolute unit neither docstring mentioned, and took no ``eps``: images of values about 1e-5
+got a flat, near-zero loss. MIND keeps its absolute floor (the same values as before); ``mind_loss`` now takes
+``eps`` (same default, checked as ``mind_ssc``'s) and passes it on, and both docstrings say to scale it by ``s^2``
+for images scaled by ``s``.
+
 The tests of the mends themselves are in ``tests/test_numeric_range_walk.py`` (its former strict xfails); these
 cover what they do not.
 """
@@ -24,7 +30,7 @@ import torch
 
 from cyclereg.dense.config import PreprocessConfig
 from cyclereg.dense.data import preprocess
-from cyclereg.dense.similarity import ncc_loss
+from cyclereg.dense.similarity import mind_loss, ncc_loss
 from cyclereg.keypoints.foerstner import distinctiveness
 
 
@@ -58,3 +64,11 @@ def test_ncc_loss_does_not_depend_on_an_offset_of_one_image_per_batch_item():
     want = float(ncc_loss(f.double(), w.double(), radius=2))
     offset = torch.tensor([1000.0, -3000.0]).view(2, 1, 1, 1, 1)
     assert float(ncc_loss(f + offset, w, radius=2)) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), float("inf"), None])
+def test_mind_loss_refuses_an_eps_that_is_not_finite_and_positive(eps):
+    """``mind_loss``'s new ``eps`` is checked before any work, as ``mind_ssc``'s: one line naming ``eps``."""
+    image = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"^eps: expected a finite constant > 0, got "):
+        mind_loss(image, image, eps=eps)

@@ -111,7 +111,10 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
         radius: half-width of the patch over which squared differences are averaged, whole voxels >= 0.
         dilation: distance of the six-neighbourhood offsets from the centre, whole voxels >= 1 (a dilation of 0
             compares every voxel with itself).
-        eps: floor of the volume's mean variance and of each voxel's largest descriptor entry, finite and > 0.
+        eps: floor of the volume's mean variance, an absolute floor in intensity^2 units (not relative to the
+            image: for an image scaled by ``s``, ``eps * s^2`` gives the same descriptors to rounding), and of each
+            voxel's largest descriptor entry (a guard against 0: that entry is at least ``exp(-1)`` where the local
+            variance is below ``VARIANCE_RANGE`` times the mean); finite and > 0.
 
     A half-precision image (:data:`~cyclereg.frames.LOW_PRECISION`) is computed in float32 and answered in its dtype.
     """
@@ -130,14 +133,22 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2, eps: fl
     return desc / desc.amax(dim=1, keepdim=True).clamp_min(eps)
 
 
-def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, *, radius: int = 1, dilation: int = 2,
+              eps: float = 1e-6) -> torch.Tensor:
     """Mean squared difference of MIND-SSC descriptors (0 for identical images; ``radius`` >= 0 and
-    ``dilation`` >= 1 whole voxels: a dilation of 0 compares every voxel with itself)."""
+    ``dilation`` >= 1 whole voxels: a dilation of 0 compares every voxel with itself).
+
+    ``eps`` (finite, > 0) is :func:`mind_ssc`'s: an absolute floor of each image's mean patch variance in
+    intensity^2 units, below the variances of preprocessed images; for images scaled by ``s`` (e.g. maps in SI
+    units, values about 1e-5) scale it by ``s^2``, else the floor flattens the descriptors and the loss.
+    """
     _check_pair(fixed, warped)
     radius = _whole("radius", radius, 0)
     dilation = _whole("dilation", dilation, 1)
+    eps = _positive_eps(eps)
     f, w = _working(fixed, warped)
-    loss = (mind_ssc(f, radius=radius, dilation=dilation) - mind_ssc(w, radius=radius, dilation=dilation)).pow(2).mean()
+    loss = (mind_ssc(f, radius=radius, dilation=dilation, eps=eps)
+            - mind_ssc(w, radius=radius, dilation=dilation, eps=eps)).pow(2).mean()
     return loss.to(fixed.dtype)
 
 
