@@ -94,9 +94,6 @@ def test_knn_of_a_cloud_in_scanner_coordinates_matches_a_float64_brute_force(off
     assert _neighbour_distance_excess(qry, ref, 10, False) <= tol
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: knn_indices shifts a far cloud to its mean only when the origin lies "
-                                       "outside it; one point at the origin beside a cluster 1e4 mm away keeps the "
-                                       "cluster at 1e4 mm, where cdist's |x|^2+|y|^2-2xy ranks neighbours wrongly")
 def test_knn_of_a_far_cluster_with_one_point_at_the_origin_matches_a_float64_brute_force():
     """A cluster of 300 float32 points in a 30 mm cube 1e4 mm from the origin plus one point at (0, 0, 0) (a
     missing landmark written as zeros): the neighbours within the cluster are as without that point, within

@@ -80,7 +80,13 @@ def _knn_indices(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_s
     if query.shape[0] == 0:
         return torch.zeros(0, k, dtype=torch.long, device=query.device)
     offset = reference.mean(dim=0) if reference.shape[0] else None
-    if offset is not None and offset.abs().max() > (reference - offset).abs().max():  # the origin is outside the cloud
+    if offset is not None and offset.abs().max() <= (reference - offset).abs().max():  # the origin is inside the cloud
+        # but maybe beside its bulk only through a stray point (a cluster 1e4 mm away and one landmark written as
+        # zeros): then the bulk's robust centre, the per-axis median, lies more than twice the points' median
+        # distance from it (per axis) away from the origin
+        centre = reference.median(dim=0).values
+        offset = centre if centre.abs().max() > 2 * (reference - centre).abs().median(dim=0).values.max() else None
+    if offset is not None:  # the origin is outside the cloud (or its bulk)
         # shift it in (torch.cdist's |x|^2 + |y|^2 - 2xy loses the distances far from the origin: float32 points 1e4 mm away
         # got most neighbours wrong); the pipeline's unit-frame clouds lie around the origin and are left as given
         query, reference = query - offset, reference - offset
