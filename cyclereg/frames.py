@@ -288,9 +288,14 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
             4x4 matrix, or ``moving_affine`` when it is singular (it is inverted).
     """
     check_displacement("disp_vox", disp_vox)
-    x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=floating_dtype(disp_vox))
+    dtype = floating_dtype(disp_vox)
+    x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=dtype)
     target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
-    return _to_voxel(_to_world(target, fixed_affine, "fixed_affine"), moving_affine, "moving_affine")
+    # one voxel -> voxel map inv(moving_affine) @ fixed_affine composed in float64: through float32 world mm the
+    # positions lost ulp(world) / spacing (0.02 voxels of 0.05 mm 1e4 mm from the origin)
+    fixed = _affine(fixed_affine, disp_vox, torch.float64, "fixed_affine")
+    V = (_inverse_affine(moving_affine, disp_vox, torch.float64, "moving_affine") @ fixed).to(dtype)
+    return target.to(dtype) @ V[:3, :3].T + V[:3, 3]
 
 
 def centred_affine(shape: tuple[int, int, int], spacing_mm) -> torch.Tensor:

@@ -181,9 +181,6 @@ def test_fixed_to_moving_voxels_with_one_affine_is_x_plus_u_at_clinical_spacings
     assert float((got - want).abs().max()) <= 2 * world_ulp / min(spacing)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: warp_between_grids / fixed_to_moving_voxels go voxel -> float32 world "
-                                       "-> voxel; with 0.05 mm voxels 1e4 mm from the origin the identity warp "
-                                       "between one grid is off by 0.02 voxels (it should equal warp)")
 def test_warp_between_grids_with_one_far_micro_ct_affine_equals_warp():
     """``warp_between_grids`` with the same affine for both grids (0.05 mm voxels, origin 1e4 mm away) equals
     ``warp``: the sampling positions are ``x + u`` in voxels (values up to 40, ulp 4e-6), so they should agree
