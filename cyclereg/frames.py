@@ -403,7 +403,12 @@ class UnitBox:
     @staticmethod
     def around(*clouds_mm: torch.Tensor, margin: float = 0.05) -> "UnitBox":
         """Bounding box of the given clouds ``(N, 3)`` in mm, enlarged by ``margin`` of its size per side
-        (a finite fraction > -0.5: a box shrunk by half its size per side has none left)."""
+        (a finite fraction > -0.5: a box shrunk by half its size per side has none left).
+
+        A side shorter than 1 mm, or than 1/20 of the largest side where that is less, counts as that floor
+        (a flat or linear cloud gets a thin box, not a zero division): clouds 20 mm or more across get the
+        1 mm floor, smaller ones (a micro-CT specimen) one that scales with them, so they are framed alike at
+        any scale; a single point (no extent at all) gets a 1 mm cube."""
         if not (finite_number(python_number(margin)) and margin > -0.5):
             raise ValueError(f"margin: expected a finite fraction > -0.5 of the box size per side, got {margin!r}")
         for i, cloud in enumerate(clouds_mm):
@@ -412,7 +417,9 @@ class UnitBox:
         if pts.shape[0] == 0:
             raise ValueError("clouds_mm: need at least one point")
         lo, hi = pts.min(0).values, pts.max(0).values
-        size = (hi - lo).clamp_min(1.0)
+        size = hi - lo
+        largest = float(size.max())
+        size = size.clamp_min(min(1.0, largest / 20) if largest > 0 else 1.0)
         lo = lo - margin * size
         size = size * (1 + 2 * margin)
         return UnitBox(tuple(lo.tolist()), tuple(size.tolist()))  # type: ignore[arg-type]

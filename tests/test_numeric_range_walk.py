@@ -322,9 +322,6 @@ def test_cloud_registration_without_a_box_scales_with_the_clouds(scale):
     torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UnitBox.around floors every side of the box at 1 mm (clamp_min(1.0)), "
-                                       "an undocumented absolute unit: a pair of clouds under 1 mm across is "
-                                       "registered in another unit frame than the same pair in a larger unit")
 def test_cloud_registration_of_a_half_millimetre_specimen_scales_with_the_clouds():
     """The same pair 100x smaller (0.5 mm across: ten 0.05 mm micro-CT voxels): the displacements scaled by
     1/100, as at 10x smaller. Got: off by 7 mm in the pair's own scale (0.07 mm of a 0.02 mm shift)."""
