@@ -115,6 +115,7 @@ def inside_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torch.
     """``(...)`` bool: which voxel positions ``(..., 3)`` (i, j, k) lie within a grid of ``shape``, i.e. in
     some voxel of it (index ``-0.5 .. n - 0.5`` along every axis)."""
     check_points("points_vox", points_vox)
+    points_vox = points_vox.to(working_dtype(points_vox))  # a half-precision bound n - 0.5 rounds to n
     size = torch.as_tensor(check_shape("shape", shape), dtype=points_vox.dtype, device=points_vox.device)
     return ((points_vox >= -0.5) & (points_vox <= size - 0.5)).all(dim=-1)
 
@@ -123,7 +124,8 @@ def voxel_to_grid(points_vox: torch.Tensor, shape: tuple[int, int, int]) -> torc
     """Voxel indices ``(..., 3)`` in (i, j, k) order -> grid coordinates ``(..., 3)`` in (k, j, i) order.
     A size-1 axis maps to -1 (with ``align_corners=True`` every coordinate samples its one voxel)."""
     check_points("points_vox", points_vox)  # before the arithmetic, which would broadcast an (N, 1) input
-    return ijk_to_kji(2.0 * points_vox / _sizes(shape, points_vox) - 1.0)
+    p = points_vox.to(working_dtype(points_vox))
+    return ijk_to_kji(2.0 * p / _sizes(shape, p) - 1.0).to(floating_dtype(points_vox))
 
 
 def grid_to_voxel(points_grid: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -179,6 +181,14 @@ def voxel_coordinates(shape: tuple[int, int, int], *, device=None, dtype=torch.f
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 """Half-precision dtypes that computations here take in float32 and answer in the input's dtype (CPU pooling,
 ``linalg.inv`` and NumPy lack them; Adam's ``eps`` of 1e-8 is 0 in float16)."""
+
+
+def working_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype arithmetic on ``t`` runs in: :func:`floating_dtype`, float32 for :data:`LOW_PRECISION` (computed
+    in float32, answered in the input's dtype: rounding every step to 8 or 11 bits moved positions by up to most
+    of a voxel)."""
+    dtype = floating_dtype(t)
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def floating_dtype(t: torch.Tensor) -> torch.dtype:
@@ -241,16 +251,16 @@ def world_to_voxel(points_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tenso
 
 def _to_world(points_vox: torch.Tensor, affine, name: str) -> torch.Tensor:
     """:func:`voxel_to_world` of checked points, a bad ``affine`` named as the argument ``name``."""
-    dtype = floating_dtype(points_vox)
+    dtype = working_dtype(points_vox)
     A = _affine(affine, points_vox, dtype, name)
-    return points_vox.to(dtype) @ A[:3, :3].T + A[:3, 3]
+    return (points_vox.to(dtype) @ A[:3, :3].T + A[:3, 3]).to(floating_dtype(points_vox))
 
 
 def _to_voxel(points_mm: torch.Tensor, affine, name: str) -> torch.Tensor:
     """:func:`world_to_voxel` of checked points, a bad ``affine`` named as the argument ``name``."""
-    dtype = floating_dtype(points_mm)
+    dtype = working_dtype(points_mm)
     Ainv = _inverse_affine(affine, points_mm, dtype, name)
-    return points_mm.to(dtype) @ Ainv[:3, :3].T + Ainv[:3, 3]
+    return (points_mm.to(dtype) @ Ainv[:3, :3].T + Ainv[:3, 3]).to(floating_dtype(points_mm))
 
 
 def voxel_disp_to_mm(disp_vox: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -288,14 +298,14 @@ def fixed_to_moving_voxels(disp_vox: torch.Tensor, fixed_affine, moving_affine) 
             4x4 matrix, or ``moving_affine`` when it is singular (it is inverted).
     """
     check_displacement("disp_vox", disp_vox)
-    dtype = floating_dtype(disp_vox)
+    dtype = working_dtype(disp_vox)
     x = voxel_coordinates(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=dtype)
-    target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1)
+    target = x.unsqueeze(0) + disp_vox.permute(0, 2, 3, 4, 1).to(dtype)
     # one voxel -> voxel map inv(moving_affine) @ fixed_affine composed in float64: through float32 world mm the
     # positions lost ulp(world) / spacing (0.02 voxels of 0.05 mm 1e4 mm from the origin)
     fixed = _affine(fixed_affine, disp_vox, torch.float64, "fixed_affine")
     V = (_inverse_affine(moving_affine, disp_vox, torch.float64, "moving_affine") @ fixed).to(dtype)
-    return target.to(dtype) @ V[:3, :3].T + V[:3, 3]
+    return (target @ V[:3, :3].T + V[:3, 3]).to(floating_dtype(disp_vox))
 
 
 def centred_affine(shape: tuple[int, int, int], spacing_mm) -> torch.Tensor:
@@ -425,9 +435,10 @@ class UnitBox:
         return UnitBox(tuple(lo.tolist()), tuple(size.tolist()))  # type: ignore[arg-type]
 
     def _t(self, like: torch.Tensor, name: str):
-        """The box's low corner and half extent as tensors of :func:`floating_dtype` of ``like``."""
+        """The box's low corner and half extent as tensors of :func:`working_dtype` of ``like`` (the methods
+        answer in :func:`floating_dtype` of their input)."""
         check_points(name, like)
-        dtype = floating_dtype(like)
+        dtype = working_dtype(like)
         lo = torch.tensor(self.lo_mm, dtype=dtype, device=like.device)
         half = torch.tensor(self.extent_mm, dtype=dtype, device=like.device) / 2
         return lo, half
@@ -435,17 +446,17 @@ class UnitBox:
     def mm_to_unit(self, points_mm: torch.Tensor) -> torch.Tensor:
         """Points ``(..., 3)`` in mm -> unit frame."""
         lo, half = self._t(points_mm, "points_mm")
-        return (points_mm - lo) / half - 1.0
+        return ((points_mm - lo) / half - 1.0).to(floating_dtype(points_mm))
 
     def unit_to_mm(self, points_unit: torch.Tensor) -> torch.Tensor:
         """Points ``(..., 3)`` in the unit frame -> mm."""
         lo, half = self._t(points_unit, "points_unit")
-        return (points_unit + 1.0) * half + lo
+        return ((points_unit + 1.0) * half + lo).to(floating_dtype(points_unit))
 
     def disp_mm_to_unit(self, disp_mm: torch.Tensor) -> torch.Tensor:
         """Displacements ``(..., 3)`` in mm -> unit frame (scale only)."""
-        return disp_mm / self._t(disp_mm, "disp_mm")[1]
+        return (disp_mm / self._t(disp_mm, "disp_mm")[1]).to(floating_dtype(disp_mm))
 
     def disp_unit_to_mm(self, disp_unit: torch.Tensor) -> torch.Tensor:
         """Displacements ``(..., 3)`` in the unit frame -> mm (scale only)."""
-        return disp_unit * self._t(disp_unit, "disp_unit")[1]
+        return (disp_unit * self._t(disp_unit, "disp_unit")[1]).to(floating_dtype(disp_unit))

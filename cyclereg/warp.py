@@ -195,12 +195,13 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     if fixed_affine.shape != (4, 4):
         raise ValueError(f"fixed_affine: expected a 4x4 voxel -> mm matrix, got shape {fixed_affine.shape}")
+    work = _position_dtype(disp_vox, moving)  # the positions of a half-precision field in float32
     depth, plane = disp_vox.shape[2], disp_vox.shape[3] * disp_vox.shape[4]
     step = max(1, SLAB_VOXELS // max(plane, 1))
     slabs = []
     for start in range(0, depth, step):  # the slab's voxel 0 is the fixed grid's voxel (start, 0, 0)
-        points = fixed_to_moving_voxels(disp_vox[:, :, start:start + step], crop_affine(fixed_affine, (start, 0, 0)),
-                                        moving_affine)
+        points = fixed_to_moving_voxels(disp_vox[:, :, start:start + step].to(work),
+                                        crop_affine(fixed_affine, (start, 0, 0)), moving_affine)
         slabs.append(_sample(moving, voxel_to_grid(points, tuple(moving.shape[2:])), mode, padding_mode))
     return torch.cat(slabs, dim=2)
 

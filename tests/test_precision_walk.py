@@ -131,11 +131,6 @@ def test_compose_half_fields_zero_first_field(dtype):
     assert ((c.double() - ref).abs() <= _ulp(ref, dtype)).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: frames.py fixed_to_moving_voxels computes the voxel and world "
-                   "coordinates in the field's dtype (voxel_coordinates(dtype=floating_dtype(disp_vox)), then "
-                   "_to_world / _to_voxel in it): a bfloat16 field maps each fixed voxel through world mm held in "
-                   "bfloat16, up to 0.73 voxel off on a 0.7 mm grid 128 voxels long; compute the points in "
-                   "promote_types(dtype, float32) (warp_between_grids' _sample then answers in the image's dtype)")
 @pytest.mark.parametrize("image_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("field_dtype", HALF)
 def test_warp_between_grids_half_field_zero_is_identity(image_dtype, field_dtype):
@@ -187,12 +182,6 @@ def test_knn_half_points_exact_on_their_values(dtype):
     assert _excess_distance(_cluster_far_from_origin(dtype), 4) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: clouds/knn.py _knn_indices ranks torch.cdist distances, which for more "
-                   "than 25 rows use |a|^2 + |b|^2 - 2ab; it shifts the cloud only when the origin lies outside it, so "
-                   "float32 points 190 mm from an origin inside the cloud (world mm of a scan) lose ~eps |a|^2 = 0.006 "
-                   "mm^2: neighbours 0.9 mm apart come back out of order, 0.02 mm farther than the true ones (a "
-                   "float32 difference is good to 1e-5 mm); re-rank the candidates by direct differences, or centre "
-                   "each query piece on its own points (compute_mode='donot_use_mm_for_euclid_dist' for float32)")
 def test_knn_float32_far_cluster_true_neighbours():
     assert _excess_distance(_cluster_far_from_origin(torch.float32), 4) < 1e-3
 
@@ -232,12 +221,6 @@ def test_frames_float64_conversions_accurate(index):
     assert (out - reference(p)).abs().max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: frames.py _to_world / _to_voxel (voxel_to_world, world_to_voxel, "
-                   "fixed_to_moving_voxels), voxel_to_grid and UnitBox._t (mm_to_unit) compute in the points' own "
-                   "dtype: a float16 / bfloat16 input gets its affine (or box) rounded to that dtype and every "
-                   "product and sum rounded, 11 to 52 ulps of the answer (world_to_voxel of bfloat16 mm: 0.62 voxel "
-                   "off) where computing in float32 and rounding once gives half an ulp (LOW_PRECISION: computed in "
-                   "float32, answered in the input's dtype); compute in promote_types(dtype, float32), cast at the end")
 @pytest.mark.parametrize("index", range(4), ids=[c[0] for c in _conversions()])
 @pytest.mark.parametrize("dtype", HALF)
 def test_frames_half_conversions_within_one_ulp(dtype, index):
@@ -488,10 +471,6 @@ def test_warp_float64_image_float32_zero_field_exact():
     assert (out - img).abs().max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: frames.py inside_grid compares with the bound size - 0.5 computed in the "
-                   "points' dtype (torch.as_tensor(shape, dtype=points_vox.dtype)): in bfloat16 299.5 rounds to 300, "
-                   "so voxel 300 counts as inside a grid of 300 voxels (float16: voxel 2048 inside 2048, 2047.5 -> "
-                   "2048), though every point and bound here is exact; compare in promote_types(dtype, float32)")
 @pytest.mark.parametrize("dtype, size", [(torch.bfloat16, 300), (torch.float16, 2048)])
 def test_inside_grid_half_bound_exact(dtype, size):
     points = torch.tensor([[size, 0.0, 0.0], [size - 2, 0.0, 0.0]], dtype=dtype)  # both exact in dtype
