@@ -183,12 +183,15 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 ``linalg.inv`` and NumPy lack them; Adam's ``eps`` of 1e-8 is 0 in float16)."""
 
 
-def working_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype arithmetic on ``t`` runs in: :func:`floating_dtype`, float32 for :data:`LOW_PRECISION` (computed
-    in float32, answered in the input's dtype: rounding every step to 8 or 11 bits moved positions by up to most
-    of a voxel)."""
-    dtype = floating_dtype(t)
-    return torch.float32 if dtype in LOW_PRECISION else dtype
+def working_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype arithmetic on ``tensors`` (coordinates, fields, images) runs in: the widest of their
+    :func:`floating_dtype`, at least float32 (:data:`LOW_PRECISION` is computed in float32 and answered in the
+    input's dtype: rounding every step to 8 or 11 bits moved positions by up to most of a voxel; a float64 image
+    warped by a float32 field keeps float64 positions)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, floating_dtype(t))
+    return dtype
 
 
 def floating_dtype(t: torch.Tensor) -> torch.dtype:

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cyclereg.frames import (ALIGN_CORNERS, check_affine, check_displacement, crop_affine, fixed_to_moving_voxels,
-                             identity_grid, floating_dtype, LOW_PRECISION, require_finite, require_tensor,
-                             voxel_disp_to_grid_disp, voxel_to_grid)
+from cyclereg.frames import (ALIGN_CORNERS, LOW_PRECISION, check_affine, check_displacement, crop_affine,
+                             fixed_to_moving_voxels, floating_dtype, identity_grid, require_finite, require_tensor,
+                             voxel_disp_to_grid_disp, voxel_to_grid, working_dtype)
 
 
 SLAB_VOXELS = 1 << 23
@@ -64,20 +64,9 @@ def warp_unchecked(moving: torch.Tensor, disp_vox: torch.Tensor, *, mode: str = 
     its loss is NaN and the gradient scaler skips the step). A non-finite displacement is sampled quietly
     here: call :func:`warp` on fields from outside."""
     _check_warp(moving, disp_vox)
-    work = _position_dtype(disp_vox, moving)
+    work = working_dtype(disp_vox, moving)
     grid = identity_grid(tuple(disp_vox.shape[2:]), device=disp_vox.device, dtype=work)
     return _sample(moving, grid + voxel_disp_to_grid_disp(disp_vox.to(work)), mode, padding_mode)
-
-
-def _position_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype sampling positions are computed in: the widest floating dtype of ``tensors``, at least float32
-    (positions of a half-precision field rounded to it lie up to a quarter voxel off at 128 voxels, and a
-    float64 image's positions keep float64)."""
-    dtype = torch.float32
-    for t in tensors:
-        if t.dtype.is_floating_point:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def warp_labels(labels: torch.Tensor, disp_vox: torch.Tensor, *, labels_affine=None, fixed_affine=None) -> torch.Tensor:
@@ -195,7 +184,7 @@ def warp_between_grids(moving: torch.Tensor, moving_affine, disp_vox: torch.Tens
     fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
     if fixed_affine.shape != (4, 4):
         raise ValueError(f"fixed_affine: expected a 4x4 voxel -> mm matrix, got shape {fixed_affine.shape}")
-    work = _position_dtype(disp_vox, moving)  # the positions of a half-precision field in float32
+    work = working_dtype(disp_vox, moving)  # the positions of a half-precision field in float32
     depth, plane = disp_vox.shape[2], disp_vox.shape[3] * disp_vox.shape[4]
     step = max(1, SLAB_VOXELS // max(plane, 1))
     slabs = []
@@ -226,6 +215,6 @@ def sample_at_points(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Ten
     field = field.to(floating_dtype(field))  # an integer field is sampled as numbers
     if points_vox.ndim != 2 or points_vox.shape[1] != 3:
         raise ValueError(f"points_vox: expected (N, 3), got {tuple(points_vox.shape)}")
-    work = _position_dtype(field)  # a half-precision field: sampled at float32 points, answered in its dtype
+    work = working_dtype(field)  # a half-precision field: sampled at float32 points, answered in its dtype
     g = voxel_to_grid(points_vox.to(work), tuple(field.shape[2:])).view(1, -1, 1, 1, 3)
     return sample_grid(field.to(work), g, "bilinear", "border").reshape(field.shape[1], -1).T.to(field.dtype)
