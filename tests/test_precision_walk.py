@@ -320,10 +320,6 @@ def test_displacements_back_and_apply_affine_float64_accurate():
     assert (displacements_back(p, A) - p @ torch.linalg.inv(A).T).abs().max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (the LOW_PRECISION rule against apply_affine's docstring, which says A "
-                   "and t are moved to the points' dtype): clouds/augment.py apply_affine rounds A and t to bfloat16 "
-                   "and multiplies in it: 52 ulps of the answer (float16: 2) where displacements_back beside it "
-                   "computes half precision in float32 (0.5 ulp); compute in promote_types(dtype, float32)")
 @pytest.mark.parametrize("dtype", HALF)
 def test_apply_affine_half_within_one_ulp(dtype):
     from cyclereg.clouds.augment import apply_affine

@@ -62,9 +62,12 @@ def random_relative_affine(generator: torch.Generator, std: float, dtype=torch.f
 
 
 def apply_affine(points: torch.Tensor, A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x -> A x + t`` for points ``(N, 3)`` (``A``, ``t`` moved to the points' device/dtype; integer
+    """``x -> A x + t`` for points ``(N, 3)`` (``A``, ``t`` moved to the points' device/dtype; half-precision
+    points, :data:`cyclereg.frames.LOW_PRECISION`, are computed in float32 and answered in their dtype; integer
     points are computed in torch's default float dtype, :func:`cyclereg.frames.floating_dtype`)."""
     check_points("points", points)
+    if points.dtype in LOW_PRECISION:
+        return apply_affine(points.float(), A, t).to(points.dtype)
     points = points.to(floating_dtype(points))
     return points @ A.T.to(points) + t.to(points)
 
