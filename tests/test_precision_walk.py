@@ -281,12 +281,6 @@ def test_min_convolution_float64_exact_minimum(prune_from):
     assert (out - ref).abs().max() < 1e-14
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: clouds/lbp.py min_convolution searches the arg-min of half-precision "
-                   "beliefs in their own dtype through the expansion b + a|x|^2 - 2a x.y (_argmin_chunk / "
-                   "_argmin_pruned_chunk: torch.bmm in bfloat16 / float16), whose terms (a|x|^2 about 2) are ~10x "
-                   "the minimum: it picks labels up to 0.026 (bfloat16; float16 0.0019) above the true minimum, "
-                   "129-179 ulps (bfloat16) and 22-31 (float16) of the answer, where a float32 search gives 0.5 ulp; "
-                   "search in float32 for LOW_PRECISION inputs (the value at the arg-min stays in the input's dtype)")
 @pytest.mark.parametrize("prune_from", [None, 8])
 @pytest.mark.parametrize("dtype", HALF)
 def test_min_convolution_half_within_few_ulps(dtype, prune_from):

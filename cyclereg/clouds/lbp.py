@@ -21,7 +21,7 @@ import torch
 from cyclereg.clouds import native
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 from cyclereg.errors import finite_number, whole_number
-from cyclereg.frames import require_tensor
+from cyclereg.frames import LOW_PRECISION, require_tensor
 
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution off the CPU (memory: chunk x K x K floats)."""
@@ -206,12 +206,15 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
     (:func:`_argmin_pruned_chunk`, the first ``prune_fraction`` of the labels first).
     On CPU the search runs in the C kernel of :mod:`cyclereg.clouds.native` when it is available
     (the same indices, several times faster); ``src_ax2`` is its :func:`native.source_term` of
-    ``cand_src``, if the caller keeps it across sweeps.
+    ``cand_src``, if the caller keeps it across sweeps. Half-precision inputs
+    (:data:`cyclereg.frames.LOW_PRECISION`) are searched in float32; the value at the arg-min is in their dtype.
     """
     with torch.no_grad():
-        b, cs = belief_src.detach(), cand_src.detach()
+        b, cs, dst = belief_src.detach(), cand_src.detach(), cand_dst.detach()
         keep = None
         use_native = native.usable(b) and cs.dtype == cand_dst.dtype == torch.float32
+        if {b.dtype, cs.dtype, dst.dtype} & set(LOW_PRECISION):  # the expansion's terms are ~10x the minimum
+            b, cs, dst = (x.float() if x.dtype in LOW_PRECISION else x for x in (b, cs, dst))
         if use_native and (src_ax2 is None or src_ax2.dtype != torch.float32):  # a cache only: made again
             src_ax2 = native.source_term(cs, alpha)
         if source_labels is not None and source_labels < b.shape[1]:
@@ -227,7 +230,7 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
         if use_native:
             # the pairwise term at the arg-min comes with it unless coordinates carry gradients
             with_pair = not (cand_src.requires_grad or cand_dst.requires_grad)
-            arg, pair = native.search(b, cs, cand_dst.detach(), alpha, first if prune else 0, src_ax2, with_pair)
+            arg, pair = native.search(b, cs, dst, alpha, first if prune else 0, src_ax2, with_pair)
         else:
             pair = None
             if prune:
@@ -235,7 +238,7 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
             else:
                 search = lambda b_, c_, d_: _argmin_chunk(b_, c_, d_, alpha)  # noqa: E731
             step = edge_chunk(b.shape[1], cand_dst.shape[1], b.device)
-            arg = torch.cat([search(b[s:s + step], cs[s:s + step], cand_dst[s:s + step].detach())
+            arg = torch.cat([search(b[s:s + step], cs[s:s + step], dst[s:s + step])
                              for s in range(0, b.shape[0], step)])
         if keep is not None:
             arg = keep.gather(1, arg)
