@@ -500,11 +500,6 @@ def test_soft_argmin_float64_is_float64():
     assert got.dtype == torch.float64 and torch.equal(got, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: clouds/lbp.py soft_argmin computes softmax(-beta * belief) in the "
-                   "beliefs' half precision: -50 x beliefs of 5-6 is about -280, where a bfloat16 ulp is 2 (float16: "
-                   "0.25), so the weights are off by factors up to e; the read-out is 0.014 unit off (112 ulps; "
-                   "float16 0.003, 204 ulps) where computing in float32 gives half an ulp; compute LOW_PRECISION "
-                   "beliefs and candidates in float32 and answer in their dtype")
 @pytest.mark.parametrize("dtype", HALF)
 def test_soft_argmin_half_within_one_ulp(dtype):
     got, ref = _soft_argmin_case(dtype)

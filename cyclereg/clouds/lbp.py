@@ -342,7 +342,11 @@ def _check_lbp_inputs(fixed: torch.Tensor, moving: torch.Tensor,
 
 
 def soft_argmin(cand: torch.Tensor, belief: torch.Tensor, beta: float) -> torch.Tensor:
-    """``sum_l softmax(-beta * belief)_l cand_l`` -> ``(N, 3)``."""
+    """``sum_l softmax(-beta * belief)_l cand_l`` -> ``(N, 3)`` (half-precision inputs,
+    :data:`cyclereg.frames.LOW_PRECISION`, are computed in float32 and answered in their dtype)."""
+    if belief.dtype in LOW_PRECISION or cand.dtype in LOW_PRECISION:
+        work = [x.float() if x.dtype in LOW_PRECISION else x for x in (cand, belief)]
+        return soft_argmin(*work, beta).to(torch.promote_types(cand.dtype, belief.dtype))
     weights = torch.softmax(-beta * belief, dim=1)
     return (weights[:, :, None] * cand).sum(1)
 
