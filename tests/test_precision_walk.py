@@ -248,12 +248,6 @@ def test_resample_disp_float64_accurate():
     assert (got - ref).abs().max() < 1e-11
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense/convex.py resample_disp builds its sampling points in the field's "
-                   "dtype (voxel_coordinates(dtype=disp.dtype) * ratio, then voxel_to_grid): a bfloat16 field "
-                   "upsampled from 128 voxels samples at grid coordinates rounded to bfloat16, up to a quarter source "
-                   "voxel off (the exact 0 at output voxel 4 came back -1/32 in both half dtypes, 256 and 2048 "
-                   "ulps; bfloat16 up to 1.0 off elsewhere); build the points in promote_types(dtype, float32) "
-                   "and answer in the field's dtype")
 @pytest.mark.parametrize("dtype", HALF)
 def test_resample_disp_half_exact_positions(dtype):
     got, ref = _resampled_ramp(dtype)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from cyclereg.dense.config import ConvexConfig
 from cyclereg.errors import finite_number, python_number, require_count, whole_number
-from cyclereg.frames import check_displacement, check_shape, floating_dtype, voxel_coordinates, voxel_to_grid
+from cyclereg.frames import (LOW_PRECISION, check_displacement, check_shape, floating_dtype, voxel_coordinates,
+                             voxel_to_grid)
 from cyclereg.warp import sample_grid, warp_unchecked
 
 
@@ -180,12 +181,15 @@ def resample_disp(disp: torch.Tensor, out_shape: tuple[int, int, int], ratio: fl
     Output voxel ``x`` lies at source voxel ``x * ratio`` (``ratio`` = output voxel size /
     source voxel size: 2 for 2x downsampling, 0.5 for 2x upsampling), which is the exact
     centre relation of stride-2, kernel-3, padding-1 convolutions. Displacements are
-    rescaled by ``1 / ratio``; positions outside the source are clamped (border).
+    rescaled by ``1 / ratio``; positions outside the source are clamped (border). A half-precision field
+    (:data:`~cyclereg.frames.LOW_PRECISION`) is resampled in float32 and answered in its dtype.
     """
     check_displacement("disp", disp)
     ratio = python_number(ratio)
     if not (finite_number(ratio) and ratio > 0):
         raise ValueError(f"ratio: expected a voxel size ratio > 0, got {ratio!r}")
+    if disp.dtype in LOW_PRECISION:  # at float32 positions: bfloat16 grid coordinates are up to a quarter voxel off
+        return resample_disp(disp.float(), out_shape, ratio).to(disp.dtype)
     disp = disp.to(floating_dtype(disp))  # an integer field is resampled as numbers
     src_shape = tuple(disp.shape[2:])
     pts = voxel_coordinates(check_shape("out_shape", out_shape), device=disp.device, dtype=disp.dtype) * ratio
