@@ -517,12 +517,6 @@ def test_coupled_convex_float64_is_float64():
     assert got.dtype == torch.float64 and torch.equal(got, ref)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense/convex.py coupled_convex (_soft_argmin: softmax(-delta * cost), "
-                   "the coupling term alpha |o - v|^2, the einsum read-out) runs in a half-precision cost volume's "
-                   "dtype: -20 x costs of 2-3 is about -50, where a bfloat16 ulp is 0.25, so the weights are off by up "
-                   "to e^0.125 per candidate; the field is 0.094 voxel off (766 ulps; float16 0.005, 253 ulps) where "
-                   "computing in float32 gives half an ulp; compute LOW_PRECISION costs in float32 and answer in "
-                   "their dtype")
 @pytest.mark.parametrize("dtype", HALF)
 def test_coupled_convex_half_within_one_ulp(dtype):
     got, ref = _coupled_convex_case(dtype)

@@ -134,11 +134,14 @@ def coupled_convex(cost: torch.Tensor, cfg: ConvexConfig) -> torch.Tensor:
     Alternates a point-wise soft argmin of ``cost + alpha_j * |o - v(x)|^2`` (data term
     coupled to the current smooth field ``v``) with box smoothing of the result, for the
     increasing coupling schedule ``cfg.coupling``. Returns ``(B, 3, d, h, w)`` in voxels of
-    the cost volume's grid.
+    the cost volume's grid. A half-precision cost volume (:data:`~cyclereg.frames.LOW_PRECISION`) is
+    computed in float32 and answered in its dtype.
     """
     if cost.ndim != 5 or cost.shape[1] != (2 * cfg.radius + 1) ** 3:
         raise ValueError(f"cost: expected (B, {(2 * cfg.radius + 1) ** 3}, d, h, w) for radius {cfg.radius}, "
                          f"got {tuple(cost.shape)}")
+    if cost.dtype in LOW_PRECISION:  # -delta * cost is about -50, where a bfloat16 ulp is 0.25
+        return coupled_convex(cost.float(), cfg).to(cost.dtype)
     disps = displacement_set(cfg.radius, device=cost.device, dtype=cost.dtype)
     v = _soft_argmin(cost, disps, cfg.softmax_temperature)
     for alpha in cfg.coupling:
