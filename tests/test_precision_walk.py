@@ -544,12 +544,6 @@ def test_normalisation_float64_accurate(which):
     assert (got.mean(dim=0 if which == "CloudNorm" else (2, 3, 4))).abs().max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: dense/convex.py standardize and clouds/features.py CloudNorm "
-                   "(F.batch_norm) normalise half-precision features in their own dtype: the mean (about 3) is "
-                   "rounded to it before "
-                   "it is subtracted, so answers near 0 are off by up to half an ulp of 3 (bfloat16: 0.024, 55 ulps; "
-                   "float16: 0.003-0.004, 63 ulps) where computing in float32 and casting once gives half an ulp "
-                   "(the LOW_PRECISION rule); compute LOW_PRECISION inputs in float32 and answer in their dtype")
 @pytest.mark.parametrize("which", ["standardize", "CloudNorm"])
 @pytest.mark.parametrize("dtype", HALF)
 def test_normalisation_half_within_one_ulp(dtype, which):

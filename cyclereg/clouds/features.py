@@ -16,7 +16,7 @@ from torch_geometric.nn import EdgeConv
 from torch_geometric.nn.aggr import Aggregation
 
 from cyclereg.clouds.knn import knn_edge_index
-from cyclereg.frames import require_tensor
+from cyclereg.frames import LOW_PRECISION, require_tensor
 
 
 def pyg_template_files() -> list[str]:
@@ -69,13 +69,16 @@ class GraphNetConfig:
 
 
 class CloudNorm(nn.Module):
-    """Instance normalisation of ``(M, C)`` rows of one cloud: each channel to zero mean, unit variance."""
+    """Instance normalisation of ``(M, C)`` rows of one cloud: each channel to zero mean, unit variance
+    (half-precision rows, :data:`cyclereg.frames.LOW_PRECISION`, computed in float32 and answered in their dtype)."""
 
     def __init__(self, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in LOW_PRECISION:  # the mean rounded to half precision before it is subtracted: 55 ulps
+            return self.forward(x.float()).to(x.dtype)
         if x.shape[0] < 2:  # batch_norm refuses one row; its spread is 0, so every channel becomes 0
             return (x - x.mean(0, keepdim=True)) / (self.eps ** 0.5)
         # the same statistics as batch normalisation over the rows with batch statistics (biased

@@ -82,7 +82,10 @@ def box_smooth(x: torch.Tensor, kernel: int = 3, passes: int = 1) -> torch.Tenso
 
 
 def standardize(feat: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean, unit standard deviation per channel and volume over the spatial axes."""
+    """Zero mean, unit standard deviation per channel and volume over the spatial axes (half-precision
+    features, :data:`~cyclereg.frames.LOW_PRECISION`, computed in float32 and answered in their dtype)."""
+    if feat.dtype in LOW_PRECISION:  # the mean rounded to half precision before it is subtracted: 55 ulps
+        return standardize(feat.float(), eps).to(feat.dtype)
     mean = feat.mean(dim=(2, 3, 4), keepdim=True)
     std = feat.std(dim=(2, 3, 4), keepdim=True)
     return (feat - mean) / (std + eps)
