@@ -435,13 +435,6 @@ def test_cloud_registration_dense_float64_exact():
     assert (ref[0, 0, :, 1, 1] - 0.2 * (1.5 * i - 95.0) / 1.5).abs().max() < 1e-9
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: clouds/pipeline.py CloudRegistration.dense works in the fixed cloud's "
-                   "dtype: _coarse_grid rounds the grid's world points to it (pts_mm.to(self.fixed_mm): 190 mm in "
-                   "bfloat16 is 1 mm coarse), at() maps them to the unit frame in it (UnitBox.mm_to_unit, see the "
-                   "frames xfail) and scales the displacement back in it: the field is 0.16 voxel off (49 ulps; "
-                   "float16: "
-                   "0.016, 33 ulps) where evaluating in float64 and casting once gives half an ulp; keep the points "
-                   "and the unit-frame arithmetic in float64 (or float32) and cast the field at the end")
 @pytest.mark.parametrize("dtype", HALF)
 def test_cloud_registration_dense_half_within_one_ulp(dtype):
     got, ref = _dense_case(dtype)

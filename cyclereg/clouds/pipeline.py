@@ -16,8 +16,8 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetC
 from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig, spans_volume
-from cyclereg.frames import (ALIGN_CORNERS, UnitBox, mm_disp_to_voxel, require_finite, voxel_coordinates, voxel_to_world,
-                             zyx_grid_affine)
+from cyclereg.frames import (ALIGN_CORNERS, LOW_PRECISION, UnitBox, mm_disp_to_voxel, require_finite, voxel_coordinates,
+                             voxel_to_world, zyx_grid_affine)
 from cyclereg.metrics import sdlogj
 
 
@@ -310,19 +310,26 @@ class CloudRegistration:
         return member_spread([self.box.disp_unit_to_mm(u) for u in fields])
 
     def spline(self) -> ThinPlateSpline:
-        return ThinPlateSpline.fit(self.box.mm_to_unit(self.fixed_mm), self.box.disp_mm_to_unit(self.displacements_mm),
+        """The TPS through the displacements (unit frame; half-precision clouds taken to it in float32)."""
+        fixed, disp = self.fixed_mm, self.displacements_mm
+        if fixed.dtype in LOW_PRECISION or disp.dtype in LOW_PRECISION:  # bfloat16 unit coordinates: 1/128 coarse
+            fixed, disp = (t.float() if t.dtype in LOW_PRECISION else t for t in (fixed, disp))
+        return ThinPlateSpline.fit(self.box.mm_to_unit(fixed), self.box.disp_mm_to_unit(disp),
                                    regularisation=self.tps.regularisation, kernel=self.tps.kernel)
 
     def at(self, query_mm: torch.Tensor, spline: ThinPlateSpline | None = None) -> torch.Tensor:
         """TPS displacement (mm) at query points ``(M, 3)`` mm: ``(M, 3)`` in the query's dtype, on the
-        registration's device."""
+        registration's device (a half-precision query, :data:`~cyclereg.frames.LOW_PRECISION`, is computed in
+        float32)."""
+        if query_mm.dtype in LOW_PRECISION:
+            return self.at(query_mm.float(), spline).to(query_mm.dtype)
         spline = spline or self.spline()
         return self.box.disp_unit_to_mm(spline(self.box.mm_to_unit(query_mm.to(self.fixed_mm.device))))
 
     def dense(self, affine: np.ndarray, shape: tuple[int, int, int],
               spline: ThinPlateSpline | None = None) -> torch.Tensor:
         """Dense displacement ``(1, 3, D, H, W)`` in voxels of the grid ``(shape, affine)``, in the
-        dtype of the fixed cloud.
+        dtype of the fixed cloud (for a half-precision cloud evaluated in float32 and cast once).
 
         The spline is evaluated on a coarse grid (:meth:`_coarse_grid`: first and last voxel of each
         axis and evenly between, at most ``tps.grid_step`` voxels apart) and upsampled trilinearly.
@@ -347,7 +354,8 @@ class CloudRegistration:
         """The coarse grid the spline is evaluated on: per axis of ``s`` voxels, ``c = ceil((s - 1) /
         step) + 1`` points from the first voxel to the last, ``(s - 1) / (c - 1) <= step`` voxels apart
         (``step = tps.grid_step``; so that trilinear upsampling with aligned corners puts them back on
-        voxels: 10 voxels at step 4 give voxels 0, 3, 6, 9). Its shape and its world points ``(P, 3)`` mm."""
+        voxels: 10 voxels at step 4 give voxels 0, 3, 6, 9). Its shape and its world points ``(P, 3)`` mm (in the
+        fixed cloud's dtype, float32 for half precision)."""
         if len(tuple(shape)) != 3 or min(int(s) for s in shape) < 1:
             raise ValueError(f"shape: expected 3 voxel counts >= 1 (D, H, W), got {tuple(shape)}")
         step = max(1, int(self.tps.grid_step))
@@ -357,7 +365,9 @@ class CloudRegistration:
         idx = idx * torch.tensor([(s - 1) / max(c - 1, 1) for s, c in zip(shape, coarse)], dtype=torch.float64,
                                  device=device)
         pts_mm = voxel_to_world(idx.reshape(-1, 3), torch.as_tensor(affine))
-        return coarse, pts_mm.to(self.fixed_mm)
+        # world points in half precision are coarse (bfloat16: 1 mm at 190 mm): float32 for those
+        dtype = torch.float32 if self.fixed_mm.dtype in LOW_PRECISION else self.fixed_mm.dtype
+        return coarse, pts_mm.to(self.fixed_mm.device, dtype)
 
     @staticmethod
     def _upsample(coarse_field: torch.Tensor, shape) -> torch.Tensor:
