@@ -13,7 +13,8 @@ a world-coordinate round trip may be off by ``ulp(world) / spacing`` voxels (inh
 computation whose inputs and outputs are small (voxel indices, neighbour ranks, a normalised image) must not
 lose more than the spacing of those values to an intermediate it chose to form at a large magnitude.
 
-Bugs pinned (strict xfails until they are mended):
+Bugs found, pinned as strict xfails and mended since (the tests pass now; the last one documented instead:
+``mind_loss`` takes ``eps``, an absolute floor in intensity^2 units, and its test checks the documented scaling):
 
 * ``knn_indices`` shifts a cloud to its mean only when the origin lies outside the cloud
   (``clouds/knn.py``: ``offset.abs().max() > (reference - offset).abs().max()``); one stray point at the

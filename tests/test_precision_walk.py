@@ -12,8 +12,10 @@ Inputs are 128 voxels along an axis where positions matter: bfloat16 holds the i
 but a grid coordinate ``2 i / 127 - 1`` rounded to bfloat16 is off by up to a quarter voxel, so a position
 computed in the input's half precision shows as an error far above one ulp of a small answer.
 
-The handled cases are pinned first; the cases the code computes at the wrong precision are strict xfails (each
-passes once its bug is mended): positions built in a half-precision field's own dtype (``warp``, ``compose``,
+The handled cases are pinned first; the cases the code computed at the wrong precision were pinned as strict
+xfails and are mended (the tests pass now: half-precision inputs computed in float32 through
+``frames.working_dtype`` or a ``LOW_PRECISION`` branch; float32 and float64 take the same arithmetic as before):
+positions built in a half-precision field's own dtype (``warp``, ``compose``,
 ``warp_labels``, ``warp_between_grids``, ``sample_at_points``, ``dense.convex.resample_disp``; a float64 image with
 a float32 field likewise at float32 positions), the ``frames`` conversions and ``inside_grid`` computed in half
 precision, ``CloudRegistration.dense`` evaluated at points rounded to the cloud's dtype, ``lbp.min_convolution``'s
