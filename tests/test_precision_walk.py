@@ -444,6 +444,33 @@ def test_cloud_registration_dense_half_within_one_ulp(dtype):
     assert ((got.double() - ref).abs() <= _ulp(ref, dtype)).all()
 
 
+def _spread_case(dtype):
+    """Two members of an ensemble registration: 0.2 (x - 95 mm) and that plus 0.5 mm along x, rounded to
+    ``dtype``; their spread at 40 query points (the same registration of those values in float64 as reference)."""
+    from cyclereg.clouds.pipeline import CloudRegistration
+    from cyclereg.clouds.tps import TPSConfig
+    g = torch.Generator().manual_seed(1)
+    fixed = (torch.rand(60, 3, generator=g, dtype=torch.float64) * 190).to(dtype)
+    first = (0.2 * (fixed.double() - 95.0)).to(dtype)
+    second = (first.double() + torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)).to(dtype)
+    query = (torch.rand(40, 3, generator=g, dtype=torch.float64) * 190).to(dtype)
+    box, tps = frames.UnitBox.around(fixed), TPSConfig()
+    regs = [CloudRegistration(fixed_mm=f, displacements_mm=(a + b) / 2, box=box, tps=tps,
+                              member_displacements_mm=(a, b))
+            for f, a, b in ((fixed, first, second), (fixed.double(), first.double(), second.double()))]
+    return [(r.spread_at(query), r.spread_mm) for r in regs]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_member_spread_half_within_one_ulp(dtype):
+    """Mended after the walk (its fix helper noticed it): the members' spread of a half-precision ensemble was
+    fitted, evaluated and averaged in half precision; it is computed in float32 and answered in the dtype."""
+    (got_at, got_fixed), (ref_at, ref_fixed) = _spread_case(dtype)
+    assert got_at.dtype == got_fixed.dtype == dtype
+    assert ((got_at.double() - ref_at).abs() <= _ulp(ref_at, dtype)).all()
+    assert ((got_fixed.double() - ref_fixed).abs() <= _ulp(ref_fixed, dtype)).all()
+
+
 def test_warp_float64_image_float32_zero_field_exact():
     img = _ramp(torch.float64, offset=100.0)
     out = warp(img, _field(torch.float32, 0.0))

@@ -17,7 +17,7 @@ from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig, spans_volume
 from cyclereg.frames import (ALIGN_CORNERS, LOW_PRECISION, UnitBox, mm_disp_to_voxel, require_finite, voxel_coordinates,
-                             voxel_to_world, zyx_grid_affine)
+                             voxel_to_world, working_dtype, zyx_grid_affine)
 from cyclereg.metrics import sdlogj
 
 
@@ -221,6 +221,8 @@ def member_spread(displacements: list[torch.Tensor]) -> torch.Tensor:
     their average -> ``(N,)`` (units of the input). Zero for a single member. A landmark-free
     measure of how much independently trained networks disagree at each point."""
     stacked = torch.stack(displacements)
+    if stacked.dtype in LOW_PRECISION:  # computed in float32, answered in the members' dtype
+        return member_spread([d.float() for d in displacements]).to(stacked.dtype)
     return (stacked - stacked.mean(0)).pow(2).sum(-1).mean(0).sqrt()
 
 
@@ -299,15 +301,18 @@ class CloudRegistration:
     def spread_at(self, query_mm: torch.Tensor) -> torch.Tensor | None:
         """``(M,)``: the members' disagreement (mm) at query points ``(M, 3)`` mm, each member's
         displacements densified by its own TPS (the settings of :meth:`spline`); None without members.
-        In the dtype of the registration (``fixed_mm``'s: the query is converted to it)."""
+        In the dtype of the registration (``fixed_mm``'s: the query is converted to it; a half-precision one
+        computed in float32)."""
         if self.member_displacements_mm is None:
             return None
+        work = working_dtype(self.fixed_mm)
+        fixed = self.fixed_mm.to(work)
         # one spline with the members' fields as columns: one solve and one kernel evaluation for all
-        columns = torch.cat([self.box.disp_mm_to_unit(d) for d in self.member_displacements_mm], dim=1)
-        spline = ThinPlateSpline.fit(self.box.mm_to_unit(self.fixed_mm), columns,
+        columns = torch.cat([self.box.disp_mm_to_unit(d.to(work)) for d in self.member_displacements_mm], dim=1)
+        spline = ThinPlateSpline.fit(self.box.mm_to_unit(fixed), columns,
                                      regularisation=self.tps.regularisation, kernel=self.tps.kernel)
-        fields = spline(self.box.mm_to_unit(query_mm.to(self.fixed_mm))).split(3, dim=1)
-        return member_spread([self.box.disp_unit_to_mm(u) for u in fields])
+        fields = spline(self.box.mm_to_unit(query_mm.to(fixed))).split(3, dim=1)
+        return member_spread([self.box.disp_unit_to_mm(u) for u in fields]).to(self.fixed_mm.dtype)
 
     def spline(self) -> ThinPlateSpline:
         """The TPS through the displacements (unit frame; half-precision clouds taken to it in float32)."""
