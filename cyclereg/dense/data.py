@@ -231,7 +231,7 @@ def pair_ids(id_pairs) -> list[str]:
 
 def _volume_pair_ids(pairs) -> list[str]:
     """Ids of ``(fixed, moving)`` scan path pairs: :func:`pair_ids` of their :func:`scan_ids` (file names)."""
-    scans = [scan for pair in pairs for scan in pair]
+    scans = list(dict.fromkeys(scan for pair in pairs for scan in pair))  # each scan resolved once, not per pair
     ids = dict(zip(scans, scan_ids(scans)))
     return pair_ids([(ids[a], ids[b]) for a, b in pairs])
 
