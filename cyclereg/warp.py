@@ -157,9 +157,8 @@ def _sample(moving: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: s
             shifted = (index[:-1] - zero).reshape(moving.shape).to(grid.dtype)
             out = sample_grid(shifted, grid, mode, padding_mode).round().long() + zero
             return values[out]
-    if moving.dtype in LOW_PRECISION:  # at float32 positions: a half-precision grid is off by up to half a voxel
-        work = grid.float() if grid.dtype in LOW_PRECISION else grid
-        return sample_grid(moving.to(work.dtype), work, mode, padding_mode).to(moving.dtype)
+    if moving.dtype in LOW_PRECISION:  # at the grid's positions (working_dtype: at least float32)
+        return sample_grid(moving.to(grid.dtype), grid, mode, padding_mode).to(moving.dtype)
     if moving.dtype.is_floating_point and moving.dtype != grid.dtype:
         grid = grid.to(moving.dtype)  # a float image is sampled, and answered, in its own dtype
     src = moving if moving.dtype.is_floating_point else moving.to(grid.dtype)
