@@ -17,7 +17,6 @@ pinned as a strict xfail and is mended (the test passes now; tests/test_session_
 from __future__ import annotations
 
 import errno
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 import cyclereg.checkpoint as checkpoint
 from cyclereg.checkpoint import atomic_write_text, staged_outputs
 from cyclereg.errors import InputError
+
+from test_session_fixes_j_data import _volume_dataset  # the same dataset builder
 
 
 def _texts(folder: Path) -> dict[str, str]:
@@ -264,20 +265,6 @@ def test_warp_unchecked_of_a_float64_zero_field_gives_the_moving_image_to_float6
 
 
 # ----------------------------------------------------------------------------- 4. case-distinct volume pair ids
-def _volume_dataset(tmp_path, scans, val, paired=None):
-    """A Learn2Reg dataset JSON over empty files ``scans`` (the readers here only resolve the paths)."""
-    for name in scans:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    obj = {"training": [{"image": s} for s in scans],
-           "registration_val": [{"fixed": f, "moving": m} for f, m in val]}
-    if paired is not None:
-        obj["training_paired_images"] = [{"fixed": f, "moving": m} for f, m in paired]
-    path = tmp_path / "t_dataset.json"
-    path.write_text(json.dumps(obj))
-    return path
-
-
 def test_training_pairs_clashing_only_in_the_reverse_direction_are_refused(tmp_path):
     """Listed A->x and X->a give the ids A_x and X_a (distinct); training both ways adds x_A and a_X, and x_A is
     X_a on a case-insensitive file system: refused, naming the dataset and the two ids."""
