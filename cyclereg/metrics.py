@@ -33,8 +33,8 @@ def tre_stats(errors_mm: torch.Tensor) -> dict[str, float]:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two ``(N,)`` samples (Pearson correlation of their ranks;
-    ties get distinct ranks in order of appearance, which is immaterial for continuous values).
+    """Spearman rank correlation of two ``(N,)`` samples (Pearson correlation of their ranks; equal
+    values share the mean of the ranks they span, as in the textbook definition and SciPy's ``spearmanr``).
     NaN when either sample is constant, holds NaN, or ``N < 2``."""
     require_tensor("a", a)
     require_tensor("b", b)
@@ -44,11 +44,15 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("nan")
     if a.numel() < 2 or a.unique().numel() < 2 or b.unique().numel() < 2:
         return float("nan")
-    ranks = [torch.empty(x.numel(), dtype=torch.float64, device=x.device).index_put_(
-                 (torch.argsort(x.double(), stable=True),), torch.arange(x.numel(), dtype=torch.float64, device=x.device))
-             for x in (a, b)]
-    ra, rb = (r - r.mean() for r in ranks)
+    ra, rb = (r - r.mean() for r in (_mean_ranks(a), _mean_ranks(b)))
     return float((ra * rb).sum() / (ra.pow(2).sum() * rb.pow(2).sum()).sqrt())
+
+
+def _mean_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks ``0 .. N-1`` of the values of ``(N,)`` ``x`` in float64, equal values sharing the mean of theirs."""
+    values, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # the rank of each distinct value's first occurrence in sorted order
+    return (first + (counts - 1) / 2).to(torch.float64)[inverse]
 
 
 JACOBIAN_SLAB = 16

@@ -735,6 +735,21 @@ def test_spearman_against_hand_computed_values(device):
         spearman(a, a[:4])
 
 
+def test_spearman_ties_share_their_mean_rank(device):
+    """Equal values share the mean of the ranks they span (ranks by order of appearance made the result depend on
+    how tied values were listed): [1, 2, 2, 3] ranks as [0, 1.5, 1.5, 3], so against [1, 2, 3, 4] the centred
+    ranks (-1.5, 0, 0, 1.5) and (-1.5, -0.5, 0.5, 1.5) give 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)."""
+    from cyclereg.metrics import spearman
+
+    t = lambda *v: torch.tensor(v, device=device)  # noqa: E731
+    assert spearman(t(1.0, 2.0, 2.0, 3.0), t(1.0, 2.0, 3.0, 4.0)) == pytest.approx(3 / 10 ** 0.5, abs=1e-12)
+    # two tied pairs against a balanced pattern: no association at all (by order it read 0.8)
+    assert spearman(t(0.0, 0.0, 1.0, 1.0), t(0.0, 1.0, 0.0, 1.0)) == pytest.approx(0.0, abs=1e-12)
+    # swapping tied entries of one sample cannot change the answer
+    a, b = t(3.0, 1.0, 3.0, 2.0, 3.0), t(0.5, 0.1, 0.9, 0.2, 0.4)
+    assert spearman(a, b) == pytest.approx(spearman(a, t(0.9, 0.1, 0.4, 0.2, 0.5)), abs=1e-12)
+
+
 def test_dense_spread_at_grid_nodes():
     """dense_spread evaluates the members' spread every tps.grid_step voxels and upsamples: at
     those voxels it equals the analytic spread of affine member fields (reproduced exactly by
