@@ -67,13 +67,14 @@ def cpu_has_bf16_units() -> bool:
 def provenance(device: torch.device | None = None) -> dict:
     """What a report or configuration record says about where and when it was made: cyclereg's
     version, the UTC time, the machine (platform, CPU, torch, and the GPU when ``device`` is one) and
-    the working directory (relative paths in the record are relative to it, as they were given)."""
+    the working directory (relative paths in the record are relative to it, as they were given). Every value is
+    a plain ``str`` (torch's version string is a ``str`` subclass, which ``pickle`` and type checks would keep)."""
     import datetime as _dt
     import os
 
     from cyclereg import __version__
 
-    machine = {"platform": platform.platform(), "cpu": cpu_model(), "torch": torch.__version__}
+    machine = {"platform": platform.platform(), "cpu": cpu_model(), "torch": str(torch.__version__)}
     if device is not None and device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     return {"cyclereg_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -96,6 +96,17 @@ def test_provenance_names_a_gpu_only_for_a_cuda_device(monkeypatch):
     assert device.provenance(torch.device("cuda", 0))["machine"]["gpu"] == "Fake GPU"
 
 
+
+def test_provenance_holds_plain_strings():
+    """A record is plain JSON data: torch's version is a ``TorchVersion`` (a ``str`` subclass) until converted."""
+    from cyclereg import device
+
+    def leaves(x):
+        return [v for y in x.values() for v in leaves(y)] if isinstance(x, dict) else [x]
+
+    assert {type(v) for v in leaves(device.provenance(torch.device("cpu")))} == {str}
+    assert device.provenance()["machine"]["torch"] == torch.__version__
+
 # ----------------------------------------------------------------------------- errors
 def test_an_input_error_is_one_line_led_by_its_file():
     from pathlib import Path
