@@ -180,6 +180,15 @@ def test_keypoints_prints_only_its_result_line_on_stdout(tmp_path, monkeypatch, 
     assert "done read CT" in err and "done Foerstner keypoints (cpu)" in err and "done write" in err, err
 
 
+def test_keypoints_result_line_counts_one_keypoint_in_the_singular(tmp_path, monkeypatch, capsys):
+    out_csv = tmp_path / "k.csv"
+    code, out, err = _cli(monkeypatch, capsys, "keypoints", _ct(tmp_path / "ct.nii.gz"), "-o", out_csv,
+                          "--device", "cpu", "--max-points", "1")
+    assert code == 0, err
+    assert len(out_csv.read_text().splitlines()) == 2  # header + the one point
+    assert out.startswith("1 keypoint -> "), out
+
+
 # ----------------------------------------------------------------------------- 5. a .csv that holds no points
 @pytest.mark.parametrize("text", ['{"points": [[1, 2, 3]]}\n', "[[1,2,3],[4,5,6]]", "\n\nhello world\n"])
 def test_a_csv_of_json_or_prose_cannot_be_parsed_as_points(tmp_path, pair_files, text):

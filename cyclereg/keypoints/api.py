@@ -42,7 +42,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from cyclereg.checkpoint import atomic_write_text, staged_file_set, write_json
-from cyclereg.console import make_console
+from cyclereg.console import count, make_console
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_case_distinct_ids, require_pair_ids
 from cyclereg.errors import (InputError, refuse_output_in_run, require_file, require_output_dir, require_output_file,
@@ -304,7 +304,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
             "timings_s": timings,
         })
     if verbose:  # the result line, on stdout
-        make_console().print(f"{result.voxels.shape[0]} keypoints -> {escape(str(output))} "
+        make_console().print(f"{count(result.voxels.shape[0], 'keypoint')} -> {escape(str(output))} "
                             f"[dim](total {timings['total']:.2f} s)[/dim]", soft_wrap=True)
     return result
 
