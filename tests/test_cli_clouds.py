@@ -1148,15 +1148,15 @@ def test_shipped_copd_models_regression(tmp_path):
     """Issue-5 check of the committed `models/copd` (under a minute on 2 idle CPU cores): run with
     -m slow.
 
-    `models/copd` is the five final per-fold checkpoints of one run, `carried-runs/copd_rel05_seed3`
-    (the tool's configuration with `--learn-recentre-passes 1`, relative motion 0.05, seed 3), with the run's own
+    `models/copd` is the five final per-fold checkpoints of one run, `carried-runs/copd_rel05_seed4`
+    (the tool's configuration with `--learn-recentre-passes 1`, relative motion 0.05, seed 4), with the run's own
     test-time settings (those of `evaluate --run RUN`). Every case must be registered by its own fold's model
-    and the mean TRE must stay at the measured 2.02 mm (docs/benchmarks.md, "A fourth seed of the adopted
+    and the mean TRE must stay at the measured 2.04 mm (docs/benchmarks.md, "A fifth seed of the adopted
     configuration") within 0.02 mm.
     The paper's 1.93 mm is not reached (issue 5 open).
     """
     r = _evaluate_model_set(tmp_path, "copd")
-    assert r["mean_tre_mm"] == pytest.approx(2.02, abs=0.02)
+    assert r["mean_tre_mm"] == pytest.approx(2.04, abs=0.02)
     cfg = r["config"]
     assert cfg["ensemble_size"] == 1 and cfg["lbp"]["num_candidates"] == 64
 

@@ -104,18 +104,20 @@ def test_status_times_match_the_documented_copd_lr1_range(tmp_path):
 
 
 def test_status_gives_the_documented_stage5_label_disagreements_of_the_rel05_seeds(tmp_path):
-    """docs/benchmarks.md's rule that made copd_rel05_seed3 models/copd: mean stage-5 label disagreement over the
-    five folds 2.1256 (seed 0), 2.164 (seed 1), 2.142 (seed 2), 2.1240 mm (seed 3), the lowest -- as status --json
-    reads them from the shipped logs."""
+    """docs/benchmarks.md's rules that made copd_rel05_seed3 and then copd_rel05_seed4 models/copd: mean stage-5
+    label disagreement over the five folds 2.1256 (seed 0), 2.164 (seed 1), 2.142 (seed 2), 2.1240 (seed 3, the
+    lowest of the first four) and 2.1097 mm (seed 4, the lowest of the five) -- as status --json reads them from
+    the shipped logs."""
     means = []
-    for name in ("copd_rel05", "copd_rel05_seed1", "copd_rel05_seed2", "copd_rel05_seed3"):
+    for name in ("copd_rel05", "copd_rel05_seed1", "copd_rel05_seed2", "copd_rel05_seed3", "copd_rel05_seed4"):
         info = show_run_status(_copy(CARRIED / name, tmp_path), console=Console(file=io.StringIO()))
         values = [row["stage_log"]["5"]["pseudo_label_disagreement_mm"] for row in info["folds"]]
         means.append(sum(values) / len(values))
-    assert [round(means[0], 4), round(means[3], 4)] == [2.1256, 2.1240]
+    assert [round(means[0], 4), round(means[3], 4), round(means[4], 4)] == [2.1256, 2.1240, 2.1097]
     # seed 1 is 2.16349 mm: the docs' 2.164 is the mean of its five folds rounded to 3 decimals first
     # (2.142 / 2.140 / 2.208 / 2.208 / 2.120), one unit of the last digit off the mean itself
-    assert means[1:3] == pytest.approx([2.164, 2.142], abs=1e-3) and min(means) == means[3]
+    assert means[1:3] == pytest.approx([2.164, 2.142], abs=1e-3)
+    assert min(means[:4]) == means[3] and min(means) == means[4]
 
 
 @pytest.mark.parametrize("name", ["copd_lr1_stage6", "copd_k256_stage6"])
