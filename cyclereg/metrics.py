@@ -50,9 +50,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _mean_ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks ``0 .. N-1`` of the values of ``(N,)`` ``x`` in float64, equal values sharing the mean of theirs."""
-    values, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
-    first = torch.cumsum(counts, 0) - counts  # the rank of each distinct value's first occurrence in sorted order
-    return (first + (counts - 1) / 2).to(torch.float64)[inverse]
+    _, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
+    counts = counts.double()
+    first = counts.cumsum(0) - counts  # the rank of each distinct value's first occurrence in sorted order
+    return (first + (counts - 1) / 2)[inverse]
 
 
 JACOBIAN_SLAB = 16
