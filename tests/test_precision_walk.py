@@ -511,18 +511,6 @@ def _soft_argmin_case(dtype):
     return soft_argmin(cand, belief, 50.0), soft_argmin(cand.double(), belief.double(), 50.0)
 
 
-def test_soft_argmin_float64_is_float64():
-    got, ref = _soft_argmin_case(torch.float64)
-    assert got.dtype == torch.float64 and torch.equal(got, ref)
-
-
-@pytest.mark.parametrize("dtype", HALF)
-def test_soft_argmin_half_within_one_ulp(dtype):
-    got, ref = _soft_argmin_case(dtype)
-    assert got.dtype == dtype
-    assert ((got.double() - ref).abs() <= _ulp(ref, dtype)).all()
-
-
 def _coupled_convex_case(dtype):
     """A cost volume of the default radius (125 candidates) on 6^3 voxels with costs in [2, 3) (a mean absolute
     difference of unit-spread features), rounded to ``dtype``; and the float64 field of those costs."""
@@ -532,18 +520,6 @@ def _coupled_convex_case(dtype):
     g = torch.Generator().manual_seed(0)
     cost = (2 + torch.rand(1, (2 * cfg.radius + 1) ** 3, 6, 6, 6, generator=g, dtype=torch.float64)).to(dtype)
     return coupled_convex(cost, cfg), coupled_convex(cost.double(), cfg)
-
-
-def test_coupled_convex_float64_is_float64():
-    got, ref = _coupled_convex_case(torch.float64)
-    assert got.dtype == torch.float64 and torch.equal(got, ref)
-
-
-@pytest.mark.parametrize("dtype", HALF)
-def test_coupled_convex_half_within_one_ulp(dtype):
-    got, ref = _coupled_convex_case(dtype)
-    assert got.dtype == dtype
-    assert ((got.double() - ref).abs() <= _ulp(ref, dtype)).all()
 
 
 def _normalised(which: str, dtype):
@@ -566,9 +542,22 @@ def test_normalisation_float64_accurate(which):
     assert (got.mean(dim=0 if which == "CloudNorm" else (2, 3, 4))).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("which", ["standardize", "CloudNorm"])
+SOFT_MINIMA = {"soft_argmin": _soft_argmin_case, "coupled_convex": _coupled_convex_case}
+"""The soft minima: ``case(dtype) -> (answer for the values in dtype, float64 answer for the same values)``."""
+
+HALF_CASES = {**SOFT_MINIMA, "standardize": lambda dtype: _normalised("standardize", dtype),
+              "CloudNorm": lambda dtype: _normalised("CloudNorm", dtype)}
+
+
+@pytest.mark.parametrize("case", SOFT_MINIMA)
+def test_soft_minimum_float64_is_float64(case):
+    got, ref = SOFT_MINIMA[case](torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("case", HALF_CASES)
 @pytest.mark.parametrize("dtype", HALF)
-def test_normalisation_half_within_one_ulp(dtype, which):
-    got, ref = _normalised(which, dtype)
+def test_half_within_one_ulp(dtype, case):
+    got, ref = HALF_CASES[case](dtype)
     assert got.dtype == dtype
     assert ((got.double() - ref).abs() <= _ulp(ref, dtype)).all()
