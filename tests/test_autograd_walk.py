@@ -206,16 +206,23 @@ def sweeps():
         pytest.skip(f"no min-sum kernel here: {cloud_native.SWEEPS.reason()}")
 
 
-@pytest.mark.parametrize("iterations", [0, 1, 2, 4])
-def test_fused_sweeps_gradient_is_the_float64_torch_gradient(sweeps, iterations):
-    """The C sweeps (float32 only) against autograd through the torch loop in float64 on the same numbers: the
-    arg-mins agree (distinct costs), so the gradients do to float32 rounding."""
-    gen = _gen(30)
+def _sweeps_problem(seed: int):
+    """A float32 min-sum problem for the C sweeps: a 3-NN graph of 10 points with 6 candidates each, the unary
+    costs and the weights ``w`` of a linear read-out of the beliefs."""
+    gen = _gen(seed)
     pts = torch.rand(10, 3, generator=gen)
     edge_index, reverse = symmetric_edge_index(pts, 3)
     cand = torch.randn(10, 6, 3, generator=gen) * 0.3
     unary = torch.rand(10, 6, generator=gen)
     w = torch.randn(10, 6, generator=gen)
+    return edge_index, reverse, cand, unary, w
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 2, 4])
+def test_fused_sweeps_gradient_is_the_float64_torch_gradient(sweeps, iterations):
+    """The C sweeps (float32 only) against autograd through the torch loop in float64 on the same numbers: the
+    arg-mins agree (distinct costs), so the gradients do to float32 rounding."""
+    edge_index, reverse, cand, unary, w = _sweeps_problem(30)
     u = unary.clone().requires_grad_(True)
     assert cloud_native.sweeps_usable(u, cand)
     (g32,) = torch.autograd.grad((lbp.min_sum(u, cand, edge_index, reverse, 2.3, iterations) * w).sum(), u)
@@ -228,12 +235,7 @@ def test_fused_sweeps_gradient_is_the_float64_torch_gradient(sweeps, iterations)
 
 def test_fused_sweeps_gradient_is_their_own_finite_differences(sweeps):
     """Central differences of the C forward (float32, step 2e-3, the beliefs piecewise linear in the costs)."""
-    gen = _gen(1)
-    pts = torch.rand(10, 3, generator=gen)
-    edge_index, reverse = symmetric_edge_index(pts, 3)
-    cand = torch.randn(10, 6, 3, generator=gen) * 0.3
-    unary = torch.rand(10, 6, generator=gen)
-    w = torch.randn(10, 6, generator=gen)
+    edge_index, reverse, cand, unary, w = _sweeps_problem(1)
 
     def energy(u):
         return (lbp.min_sum(u, cand, edge_index, reverse, 2.3, 2) * w).sum()
