@@ -21,7 +21,7 @@ import torch
 from cyclereg.clouds import native
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 from cyclereg.errors import finite_number, whole_number
-from cyclereg.frames import LOW_PRECISION, require_tensor
+from cyclereg.frames import LOW_PRECISION, require_tensor, working_dtype
 
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution off the CPU (memory: chunk x K x K floats)."""
@@ -214,7 +214,7 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
         keep = None
         use_native = native.usable(b) and cs.dtype == cand_dst.dtype == torch.float32
         if {b.dtype, cs.dtype, dst.dtype} & set(LOW_PRECISION):  # the expansion's terms are ~10x the minimum
-            b, cs, dst = (x.float() if x.dtype in LOW_PRECISION else x for x in (b, cs, dst))
+            b, cs, dst = (x.to(working_dtype(x)) for x in (b, cs, dst))
         if use_native and (src_ax2 is None or src_ax2.dtype != torch.float32):  # a cache only: made again
             src_ax2 = native.source_term(cs, alpha)
         if source_labels is not None and source_labels < b.shape[1]:
@@ -345,8 +345,8 @@ def soft_argmin(cand: torch.Tensor, belief: torch.Tensor, beta: float) -> torch.
     """``sum_l softmax(-beta * belief)_l cand_l`` -> ``(N, 3)`` (half-precision inputs,
     :data:`cyclereg.frames.LOW_PRECISION`, are computed in float32 and answered in their dtype)."""
     if belief.dtype in LOW_PRECISION or cand.dtype in LOW_PRECISION:
-        work = [x.float() if x.dtype in LOW_PRECISION else x for x in (cand, belief)]
-        return soft_argmin(*work, beta).to(torch.promote_types(cand.dtype, belief.dtype))
+        out = soft_argmin(cand.to(working_dtype(cand)), belief.to(working_dtype(belief)), beta)
+        return out.to(torch.promote_types(cand.dtype, belief.dtype))
     weights = torch.softmax(-beta * belief, dim=1)
     return (weights[:, :, None] * cand).sum(1)
 

@@ -318,7 +318,7 @@ class CloudRegistration:
         """The TPS through the displacements (unit frame; half-precision clouds taken to it in float32)."""
         fixed, disp = self.fixed_mm, self.displacements_mm
         if fixed.dtype in LOW_PRECISION or disp.dtype in LOW_PRECISION:  # bfloat16 unit coordinates: 1/128 coarse
-            fixed, disp = (t.float() if t.dtype in LOW_PRECISION else t for t in (fixed, disp))
+            fixed, disp = fixed.to(working_dtype(fixed)), disp.to(working_dtype(disp))
         return ThinPlateSpline.fit(self.box.mm_to_unit(fixed), self.box.disp_mm_to_unit(disp),
                                    regularisation=self.tps.regularisation, kernel=self.tps.kernel)
 
@@ -371,8 +371,7 @@ class CloudRegistration:
                                  device=device)
         pts_mm = voxel_to_world(idx.reshape(-1, 3), torch.as_tensor(affine))
         # world points in half precision are coarse (bfloat16: 1 mm at 190 mm): float32 for those
-        dtype = torch.float32 if self.fixed_mm.dtype in LOW_PRECISION else self.fixed_mm.dtype
-        return coarse, pts_mm.to(self.fixed_mm.device, dtype)
+        return coarse, pts_mm.to(self.fixed_mm.device, working_dtype(self.fixed_mm))
 
     @staticmethod
     def _upsample(coarse_field: torch.Tensor, shape) -> torch.Tensor:
