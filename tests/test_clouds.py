@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -248,6 +249,29 @@ def test_dense_field_of_affine_motion_is_exact_on_any_grid():
     expected_mm = (world @ M.T + t).permute(3, 0, 1, 2)[None]
     expected = mm_disp_to_voxel(expected_mm, affine)
     torch.testing.assert_close(field.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("fixed_mm", torch.randint(0, 50, (40, 3)), "fixed_mm: torch.int64 values"),
+    ("fixed_mm", torch.rand(40, 2, dtype=torch.float64), "fixed_mm: expected (N, 3)"),
+    ("fixed_mm", torch.zeros(0, 3, dtype=torch.float64), "fixed_mm: expected (N, 3) with N >= 1"),
+    ("displacements_mm", torch.zeros(39, 3, dtype=torch.float64), "displacements_mm: expected (40, 3)"),
+    ("displacements_mm", torch.zeros(40, 3, dtype=torch.int32), "displacements_mm: torch.int32 values"),
+    ("member_displacements_mm", (torch.zeros(40, 3, dtype=torch.float64), torch.zeros(3, 40, dtype=torch.float64)),
+     "member_displacements_mm[1]: expected (40, 3)"),
+])
+def test_cloud_registration_built_by_hand_checks_its_fields(field, value, message):
+    """A result built directly (not by register_clouds) names a wrong field at once: an integer fixed cloud
+    used to fail only in dense(), with torch's "not implemented for 'Long'"."""
+    pts = torch.rand(40, 3, dtype=torch.float64) * 50
+    fields = dict(fixed_mm=pts, displacements_mm=torch.zeros_like(pts), box=UnitBox.around(pts), tps=TPSConfig())
+    fields[field] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CloudRegistration(**fields)
+    if field != "member_displacements_mm":  # the same with well-formed values: built, and dense() works
+        good = CloudRegistration(fixed_mm=pts, displacements_mm=torch.zeros_like(pts), box=UnitBox.around(pts),
+                                 tps=TPSConfig())
+        assert float(good.dense(np.eye(4), (5, 6, 7)).abs().max()) < 1e-9
 
 
 def test_registration_box_follows_the_training_frame():

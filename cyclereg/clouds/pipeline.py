@@ -291,6 +291,21 @@ class CloudRegistration:
     tps: TPSConfig
     member_displacements_mm: tuple[torch.Tensor, ...] | None = None
 
+    def __post_init__(self):
+        """Shape and dtype checks naming the attribute (a result built by hand, e.g. from a saved field):
+        ``fixed_mm`` ``(N, 3)`` and every displacement ``(N, 3)``, all floating point (integer voxel
+        indices are no mm coordinates: the spline and the dense field are floating)."""
+        fixed = self.fixed_mm
+        if fixed.ndim != 2 or fixed.shape[1] != 3 or fixed.shape[0] == 0:
+            raise ValueError(f"fixed_mm: expected (N, 3) with N >= 1, got {tuple(fixed.shape)}")
+        named = [("fixed_mm", fixed), ("displacements_mm", self.displacements_mm)]
+        named += [(f"member_displacements_mm[{i}]", d) for i, d in enumerate(self.member_displacements_mm or ())]
+        for name, t in named:
+            if t.shape != fixed.shape:
+                raise ValueError(f"{name}: expected {tuple(fixed.shape)} like fixed_mm, got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name}: {t.dtype} values; give mm as floating point (e.g. .double())")
+
     @property
     def spread_mm(self) -> torch.Tensor | None:
         """``(N,)``: the members' disagreement at the fixed points (:func:`member_spread`, mm);
