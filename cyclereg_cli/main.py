@@ -9,6 +9,7 @@ snapshot when the same command runs again.
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import sys
 from pathlib import Path
@@ -157,10 +158,29 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
     return False
 
 
+OUT_OF_MEMORY_MARKS = ("can't allocate memory", "out of memory")
+"""Texts of torch's allocation failures (its CPU allocator raises a RuntimeError, not a MemoryError)."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: a :class:`MemoryError`, or torch's RuntimeError
+    (``torch.OutOfMemoryError`` on CUDA)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and
+                                            any(mark in str(exc) for mark in OUT_OF_MEMORY_MARKS))
+
+
+def out_of_memory_line(exc: BaseException) -> str:
+    """One line for an allocation that failed: how much was asked for where torch says it, and what to do."""
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    size = f" (an allocation of {int(asked.group(1)) / 1e9:.1f} GB failed)" if asked else ""
+    return (f"out of memory{size}: the inputs are too large for this machine's memory "
+            "(use smaller inputs: fewer points, e.g. keypoints --max-points, or a cropped or coarser volume)")
+
+
 def cli_errors(fn):
     """Turn :class:`InputError` and operating-system errors (unwritable outputs) into a one-line
-    error, exit 2; a worker process that died (:class:`WorkerError`) or a non-finite result
-    (:class:`ResultError`) into one line, exit 1."""
+    error, exit 2; a worker process that died (:class:`WorkerError`), a non-finite result
+    (:class:`ResultError`) or an allocation that failed (:func:`out_of_memory`) into one line, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -182,8 +202,12 @@ def cli_errors(fn):
             if exc.code == 128 + signal.SIGTERM:  # kill: cyclereg.interrupts.sigterm_exit
                 _say_interrupted(f"cyclereg: terminated{resume_hint(kwargs)}")
             raise
-        except Exception as exc:  # noqa: BLE001 - only one an interrupt caused is taken here
+        except MemoryError as exc:
+            _fail(out_of_memory_line(exc), code=1)
+        except Exception as exc:  # noqa: BLE001 - only one an interrupt caused, or torch's out of memory, is taken here
             if not _caused_by_interrupt(exc):
+                if out_of_memory(exc):
+                    _fail(out_of_memory_line(exc), code=1)
                 raise
             # e.g. a C extension whose initialisation Ctrl-C cut short: 'ImportError: initialization failed'
             _say_interrupted(f"cyclereg: interrupted{resume_hint(kwargs)}")

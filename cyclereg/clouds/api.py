@@ -20,6 +20,7 @@ from cyclereg.checkpoint import (atomic_write_text, data_fingerprint, file_sha25
 from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_graph_net, ensemble_members
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
+from cyclereg.clouds.tps import FIT_MATRICES, fit_bytes
 from cyclereg.console import count, make_console, print_note, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import provenance, resolve_device
@@ -496,7 +497,9 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                             _register_inputs(sources, ref, mov_img, mov_lab, query, model))
     dev, net, config = loaded or _register_model(model, seed, device, recentre_passes, tta_passes, ensemble_fusion,
                                                  spread, spread_map)
-    require_registrable(fixed_mm, moving_mm, config, sources)
+    # the spline through the fixed points: for --query / --reference and each re-centred LBP pass
+    require_registrable(fixed_mm, moving_mm, config, sources, device=dev,
+                        spline=query_mm is not None or ref is not None or config.recentre_passes > 0)
     box, frame = registration_box(fixed_mm, moving_mm, config)
     t0 = time.perf_counter()
     reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box, spread=spread or spread_map)
@@ -509,7 +512,8 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     if point_spread is not None:
         cols["spread_mm"] = point_spread.cpu()
     outputs = {**(extra_outputs or {}), "displacements.csv": format_csv(cols)}
-    spline = reg.spline()
+    # the spline is an N x N solve (O(N^2) memory, O(N^3) time): fitted only for the outputs that need it
+    spline = reg.spline() if query_mm is not None or ref is not None else None
     if query_mm is not None:
         q = reg.at(query_mm.to(dev), spline).cpu()
         qcols = {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
@@ -593,17 +597,47 @@ def _require_overlap(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, sources: t
 
 
 def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config: CloudRegConfig,
-                        sources: tuple[Path, Path], *, what: str = "") -> None:
+                        sources: tuple[Path, Path], *, what: str = "", spline: bool = True,
+                        device: torch.device | str | None = None) -> None:
     """:class:`InputError` naming the file of a cloud ``config`` cannot register (too few points; a
     flat fixed cloud, on which the thin-plate spline is fitted; clouds that do not overlap,
-    :func:`_require_overlap`); ``what`` prefixes the message."""
+    :func:`_require_overlap`; with ``spline``, the spline is fitted, a fixed cloud whose spline would not fit
+    in the memory of ``device``, :func:`require_spline_fits`); ``what`` prefixes the message."""
     need_fixed, need_moving = min_cloud_points(config)
-    for points, need, spline, path in ((fixed_mm, need_fixed, True, sources[0]),
-                                       (moving_mm, need_moving, False, sources[1])):
-        problem = cloud_problem(points, need, spline=spline)
+    for points, need, flat, path in ((fixed_mm, need_fixed, True, sources[0]),
+                                     (moving_mm, need_moving, False, sources[1])):
+        problem = cloud_problem(points, need, spline=flat)
         if problem:
             raise InputError(what + problem, path)
     _require_overlap(fixed_mm, moving_mm, sources, what)
+    if spline:
+        require_spline_fits(int(fixed_mm.shape[0]), sources[0], fixed_mm.device if device is None else device, what)
+
+
+def memory_bytes(device: torch.device | str) -> int | None:
+    """The memory of ``device`` in bytes: the machine's physical memory for the CPU, the GPU's for CUDA;
+    None where unknown."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def require_spline_fits(n_points: int, path: Path, device: torch.device | str, what: str = "") -> None:
+    """:class:`InputError` naming ``path`` when the thin-plate spline through its ``n_points`` fixed points
+    would need more memory (:func:`~cyclereg.clouds.tps.fit_bytes`) than ``device`` has: refused before the
+    registration's minutes, not an allocation error (or the OS's kill) after them."""
+    need, have = fit_bytes(n_points), memory_bytes(device)
+    if have is not None and need > have:
+        raise InputError(f"{what}{n_points} fixed points: the thin-plate spline through them needs {need / 1e9:.1f} GB "
+                         f"of memory ({FIT_MATRICES} float64 matrices of (N + 4)^2 entries; its solve grows as N^3), "
+                         f"more than the {have / 1e9:.1f} GB of {torch.device(device).type}; register fewer points "
+                         "(cyclereg keypoints --max-points)", path)
 
 
 def _inside(points_mm: torch.Tensor, volume: Volume) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""Contracts found by a walk over large inputs (2026-12-08).
+
+``register F.csv M.csv -o OUT`` fitted the thin-plate spline through the fixed cloud even when no output needed it
+(no ``--query``, no ``--reference``): an ``N x N`` float64 solve whose result was dropped. With 20,000 fixed points
+(``--model random``) it took 9.9 GB and about 55 s of a 70 s command whose registration took 12 s; with 50,000 the
+command died after 1:51 min with torch's raw ``DefaultCPUAllocator: can't allocate memory`` traceback (20 GB asked
+for) and wrote nothing. The spline is now fitted only for ``--query`` / ``--reference``.
+
+Where the spline is needed (those outputs, and every re-centred LBP pass of a trained model), a fixed cloud whose
+spline needs more memory than the device has (:func:`cyclereg.clouds.tps.fit_bytes`: three float64 matrices of
+``(N + 4)^2`` entries, 60 GB for 50,000 points) is refused before the registration with one line naming the file.
+
+Evaluating a spline (:meth:`ThinPlateSpline.__call__`) kept each piece's small result beside the freed kernel
+pieces, which fragmented the heap: 200k points on 10k centres left 8.3 GB resident, and ``register --reference`` of
+5,000 points on a 512x512x600 grid peaked at 9.4 GB. Without a graph the pieces now go into one result (0.3 GB,
+the same values bit for bit).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import pytest
+from typer.testing import CliRunner
+
+import cyclereg.api
+import cyclereg.clouds.api as cloud_api
+from cyclereg.clouds.pipeline import CloudRegistration
+from cyclereg.clouds.tps import FIT_MATRICES, ThinPlateSpline, fit_bytes
+from cyclereg_cli.main import app
+
+runner = CliRunner()
+
+
+def test_register_without_query_or_reference_fits_no_spline(pair_files, monkeypatch):
+    """Displacements at the fixed points only: nothing densifies them, so no spline is fitted (the random
+    network registers in a single pass, which fits none either)."""
+    d, _ = pair_files
+
+    def no_spline(*args, **kwargs):
+        raise AssertionError("the spline was fitted although no output needs it")
+
+    monkeypatch.setattr(ThinPlateSpline, "fit", staticmethod(no_spline))
+    r = cyclereg.api.register(d / "f.csv", d / "m.csv", d / "out", model="random", verbose=False)
+    assert "displacements.csv" in r.files
+
+
+def test_register_with_a_query_fits_the_spline_once(pair_files, monkeypatch):
+    d, _ = pair_files
+    fits = []
+    original = CloudRegistration.spline
+
+    def counted(self):
+        fits.append(1)
+        return original(self)
+
+    monkeypatch.setattr(CloudRegistration, "spline", counted)
+    r = cyclereg.api.register(d / "f.csv", d / "m.csv", d / "out", model="random", query=d / "q.csv", verbose=False)
+    assert "query_displacements.csv" in r.files and len(fits) == 1
+
+
+def test_fit_bytes_counts_the_fits_matrices():
+    assert fit_bytes(0) == FIT_MATRICES * 8 * 16
+    assert fit_bytes(20_000) == FIT_MATRICES * 8 * 20_004 ** 2  # 9.6 GB: 9.9 GB peak measured
+
+
+@pytest.mark.parametrize("args", [["--query", "q.csv"], ["--model", "recentred"]])
+def test_a_spline_beyond_the_machines_memory_is_refused_in_one_line_before_the_registration(pair_files, monkeypatch,
+                                                                                          args):
+    """The 300-point pair on a machine of 1 MB: the spline (2.2 MB) is refused naming the fixed file, exit 2,
+    before any registration, and nothing is written."""
+    d, _ = pair_files
+    if args[-1] == "recentred":  # a model with a re-centred pass fits the spline inside the registration
+        config = cloud_api.CloudRegConfig(recentre_passes=1)
+        real = cloud_api.load_cloud_model
+        monkeypatch.setattr(cloud_api, "load_cloud_model",
+                            lambda model, **kw: real("random", **{**kw, "config": config}))
+        args = ["--model", "random"]
+    monkeypatch.setattr(cloud_api, "memory_bytes", lambda device: 10 ** 6)
+    monkeypatch.setattr(cloud_api, "register_clouds", lambda *a, **k: pytest.fail("registered"))
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out"),
+                              *[str(d / a) if a.endswith(".csv") else a for a in args]])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and str(d / "f.csv") in line and "300 fixed points" in line and "GB" in line
+    assert "--max-points" in line
+    assert not (d / "out").exists()
+
+
+def test_without_a_spline_a_small_machine_still_registers(pair_files, monkeypatch):
+    d, _ = pair_files
+    monkeypatch.setattr(cloud_api, "memory_bytes", lambda device: 10 ** 6)
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out")])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("kernel", ["r2logr", "r"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spline_values_without_a_graph_are_those_with_one(kernel, dtype):
+    """The pieces written into one result hold the bits the graph-keeping path computes (several pieces)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(700, 3, generator=g, dtype=torch.float64) * 2 - 1
+    spline = ThinPlateSpline.fit(centres, torch.randn(700, 3, generator=g, dtype=torch.float64), regularisation=0.1,
+                                 kernel=kernel)
+    query = (torch.rand(5003, 3, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
+    plain = spline(query)
+    with_graph = spline(query.clone().requires_grad_(True))
+    assert with_graph.requires_grad and plain.dtype == with_graph.dtype == dtype
+    assert torch.equal(plain, with_graph.detach())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_spline_evaluation_keeps_no_memory_per_piece():
+    """100k points on 2,000 centres (1,000 pieces of 4 MiB kernel): resident memory grew by 455 MiB before, now by
+    about the 2.4 MB result."""
+    code = textwrap.dedent("""
+        import torch
+        from cyclereg.clouds.tps import ThinPlateSpline
+        def rss():
+            return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
+        g = torch.Generator().manual_seed(0)
+        c = torch.rand(2000, 3, generator=g, dtype=torch.float64)
+        s = ThinPlateSpline.fit(c, torch.randn(2000, 3, generator=g, dtype=torch.float64), regularisation=0.1)
+        q = torch.rand(100_000, 3, generator=g, dtype=torch.float64)
+        s(q[:1000])
+        before = rss()
+        s(q)
+        print(rss() - before)
+    """)
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert grown < 200 * 2**20, f"{grown / 2**20:.0f} MiB kept"
+
+
+TORCH_CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 20000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [RuntimeError(TORCH_CPU_OOM), MemoryError("min-sum kernel: out of memory"),
+                                   RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_an_allocation_that_fails_is_one_line_exit_1(pair_files, monkeypatch, error):
+    """torch's CPU allocator raises a RuntimeError (the 512x512x600 dense pair, the keypoints of that volume
+    without a mask, a 50,000-point spline all ended in its traceback): one line, exit 1, nothing written."""
+    d, _ = pair_files
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cloud_api, "register_clouds", no_memory)
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out")])
+    assert res.exit_code == 1, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("cyclereg: error: out of memory") and "smaller inputs" in line
+    assert ("20.0 GB" in line) == ("20000000000" in str(error))
+    assert not (d / "out").exists()
+
+
+def test_another_runtime_error_is_not_called_out_of_memory(pair_files, monkeypatch):
+    d, _ = pair_files
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cloud_api, "register_clouds", broken)
+    res = runner.invoke(app, ["register", str(d / "f.csv"), str(d / "m.csv"), "-o", str(d / "out")])
+    assert res.exit_code != 0 and isinstance(res.exception, RuntimeError) and "out of memory" not in res.output
