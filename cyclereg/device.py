@@ -1,7 +1,9 @@
-"""Device selection: ``auto`` picks CUDA when available, else CPU."""
+"""Device selection (``auto`` picks CUDA when available, else CPU), the machine a record names, and a
+device's memory."""
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -70,7 +72,6 @@ def provenance(device: torch.device | None = None) -> dict:
     the working directory (relative paths in the record are relative to it, as they were given). Every value is
     a plain ``str`` (torch's version string is a ``str`` subclass, which ``pickle`` and type checks would keep)."""
     import datetime as _dt
-    import os
 
     from cyclereg import __version__
 
@@ -79,3 +80,17 @@ def provenance(device: torch.device | None = None) -> dict:
         machine["gpu"] = torch.cuda.get_device_name(device)
     return {"cyclereg_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine, "working_directory": os.getcwd()}
+
+
+def memory_bytes(device: torch.device | str) -> int | None:
+    """The memory of ``device`` in bytes: the machine's physical memory for the CPU, the GPU's for CUDA;
+    None where unknown."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None

@@ -23,7 +23,7 @@ from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudReg
 from cyclereg.clouds.tps import FIT_MATRICES, fit_bytes
 from cyclereg.console import count, make_console, print_note, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
-from cyclereg.device import provenance, resolve_device
+from cyclereg.device import memory_bytes, provenance, resolve_device
 from cyclereg.errors import (InputError, path_list, refuse_empty_paths, refuse_output_in_run, require_count,
                              require_finite_result, require_output_dir, require_output_file, require_seed, same_path)
 from cyclereg.frames import UnitBox, inside_grid, world_to_voxel, zyx_grid_affine
@@ -612,20 +612,6 @@ def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config:
     _require_overlap(fixed_mm, moving_mm, sources, what)
     if spline:
         require_spline_fits(int(fixed_mm.shape[0]), sources[0], fixed_mm.device if device is None else device, what)
-
-
-def memory_bytes(device: torch.device | str) -> int | None:
-    """The memory of ``device`` in bytes: the machine's physical memory for the CPU, the GPU's for CUDA;
-    None where unknown."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        if device.type == "cpu":
-            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        pass
-    return None
 
 
 def require_spline_fits(n_points: int, path: Path, device: torch.device | str, what: str = "") -> None:
