@@ -189,6 +189,24 @@ def test_keypoints_result_line_counts_one_keypoint_in_the_singular(tmp_path, mon
     assert out.startswith("1 keypoint -> "), out
 
 
+def test_keypoints_result_line_says_when_max_points_cut_the_candidates(tmp_path, monkeypatch, capsys):
+    """A cut by --max-points is said in the result line (a chest CT at small radii keeps 3000 of 703,661
+    candidates; the count alone read like all there were), with the candidate count the record holds; without a
+    cut the line says nothing of it."""
+    ct = _ct(tmp_path / "ct.nii.gz")
+    code, out, err = _cli(monkeypatch, capsys, "keypoints", ct, "-o", tmp_path / "all.csv", "--device", "cpu",
+                          "--max-points", "100000")
+    assert code == 0, err
+    n = len((tmp_path / "all.csv").read_text().splitlines()) - 1
+    assert n >= 3 and "candidates" not in out, out
+    code, out, err = _cli(monkeypatch, capsys, "keypoints", ct, "-o", tmp_path / "two.csv", "--device", "cpu",
+                          "--max-points", "2")
+    assert code == 0, err
+    record = json.loads((tmp_path / "two.csv.config.json").read_text())
+    assert record["num_keypoints"] == 2 and record["num_candidates"] == n
+    assert out.startswith("2 keypoints -> ") and f"the strongest of {n:,} candidates, --max-points 2" in out, out
+
+
 # ----------------------------------------------------------------------------- 5. a .csv that holds no points
 @pytest.mark.parametrize("text", ['{"points": [[1, 2, 3]]}\n', "[[1,2,3],[4,5,6]]", "\n\nhello world\n"])
 def test_a_csv_of_json_or_prose_cannot_be_parsed_as_points(tmp_path, pair_files, text):
