@@ -206,8 +206,9 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
     (:func:`cyclereg.clouds.api.register_volumes_via_keypoints`). Options of another path are refused
     by name; see those functions for each option. ``model``: a checkpoint file or ``"random"``;
     ``seed`` (default 0) is the random network's and is refused with a checkpoint. ``verbose=False``:
-    no step lines on stderr (``via_keypoints`` prints one per keypoint detection step; the other
-    paths print nothing but their errors).
+    no step lines on stderr (with it, a line per step where steps can take minutes: the dense path,
+    ``via_keypoints``, and clouds with a ``reference`` grid; clouds alone, seconds, print nothing but
+    their errors).
     """
     refuse_empty_paths({"fixed": fixed, "moving": moving, "out_dir": out_dir, "model": model, "query": query,
                         "reference": reference, "moving_image": moving_image, "moving_labels": moving_labels},
@@ -270,7 +271,8 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         return RegisterResult.read(out_dir, register_volume_files(
             Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed,
             moving_labels=None if moving_labels is None else Path(moving_labels), warps=warps, adam=adam, ic=ic,
-            disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving, jacobian=jacobian))
+            disp_mm=disp_mm, l2r_name=l2r_name, device=device, resample_moving=resample_moving, jacobian=jacobian,
+            verbose=verbose))
     from cyclereg.clouds.api import register_cloud_files
 
     def opt(p):
@@ -280,7 +282,7 @@ def register(fixed: Path | str, moving: Path | str, out_dir: Path | str, *, mode
         Path(fixed), Path(moving), Path(out_dir), model=model, seed=seed, query=opt(query), spacing=spacing,
         device=device, recentre_passes=recentre_passes, tta_passes=tta_passes, ensemble_fusion=ensemble_fusion,
         reference=opt(reference), moving_image=opt(moving_image), moving_labels=opt(moving_labels), disp_mm=disp_mm,
-        spread=spread, spread_map=spread_map, jacobian=jacobian))
+        spread=spread, spread_map=spread_map, jacobian=jacobian, verbose=verbose))
 
 
 def _listed_inputs(dataset: str | Path) -> dict[str, Path]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
@@ -107,3 +109,28 @@ def print_note(text: str, *, quiet: bool = False) -> None:
 def count(n: int, noun: str) -> str:
     """``"1 pair"``, ``"3 pairs"``: ``n`` and ``noun`` with an ``s`` unless ``n`` is 1."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+class Steps:
+    """Runs named steps with a rich spinner and prints the time of each (to stderr: stdout holds the
+    command's result line only); ``verbose=False``: silent, the times kept in :attr:`timings` (seconds).
+    The work a step can take minutes on (a scan's keypoints, a dense registration, a field on a large
+    grid) so shows what is going on and what it took."""
+
+    def __init__(self, verbose: bool):
+        self.timings: dict[str, float] = {}
+        self.console = None
+        if verbose:
+            self.console = make_console(stderr=True)
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        if self.console is None:
+            yield
+        else:
+            with self.console.status(f"{name} ..."):
+                yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.console is not None:
+            self.console.print(f"[green]done[/green] {name} [dim]{self.timings[name]:.2f} s[/dim]", soft_wrap=True)

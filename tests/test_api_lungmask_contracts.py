@@ -207,7 +207,7 @@ def test_register_passes_every_value_to_the_path_it_picks(files, monkeypatch):
     assert kwargs == dict(model="random", seed=0, query=f / "q.csv", spacing=None, device="cpu",
                           recentre_passes=2, tta_passes=3, ensemble_fusion="average", reference=f / "ref.nii.gz",
                           moving_image=f / "img.nii.gz", moving_labels=f / "ml.nii.gz", disp_mm=True, spread=False,
-                          spread_map=True, jacobian=True)
+                          spread_map=True, jacobian=True, verbose=True)
     assert result.summary == "summary of register_cloud_files" and result.files == ("displacements.csv",)
     assert result.record["spy"] is True and result.out_dir == f / "o1"
     # --spacing goes without --reference (with it: refused before any file check)
@@ -227,11 +227,13 @@ def test_register_passes_every_value_to_the_path_it_picks(files, monkeypatch):
                           verbose=False)
 
     api.register(f / "f.nii.gz", f / "m.nii.gz", f / "o3", seed=5, moving_labels=f / "ml.nii.gz", warps=4,
-                 adam=False, ic=True, disp_mm=True, l2r_name=True, resample_moving=True, jacobian=True, device="cpu")
+                 adam=False, ic=True, disp_mm=True, l2r_name=True, resample_moving=True, jacobian=True, device="cpu",
+                 verbose=False)
     name, args, kwargs = calls.pop()
     assert name == "register_volume_files" and args == (f / "f.nii.gz", f / "m.nii.gz", f / "o3")
     assert kwargs == dict(model="random", seed=5, moving_labels=f / "ml.nii.gz", warps=4, adam=False, ic=True,
-                          disp_mm=True, l2r_name=True, device="cpu", resample_moving=True, jacobian=True)
+                          disp_mm=True, l2r_name=True, device="cpu", resample_moving=True, jacobian=True,
+                          verbose=False)
     assert not calls
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,7 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, build_gra
 from cyclereg.clouds.pipeline import (ENSEMBLE_FUSIONS, CloudRegConfig, CloudRegistration, cloud_problem,
                                       field_smoothness, min_cloud_points, register_clouds, registration_box)
 from cyclereg.clouds.tps import FIT_MATRICES, fit_bytes
-from cyclereg.console import count, make_console, print_note, print_table
+from cyclereg.console import Steps, count, make_console, print_note, print_table
 from cyclereg.datasets import KeypointDataset, KeypointPair, load_keypoint_dataset, read_json, select_folds
 from cyclereg.device import memory_bytes, provenance, resolve_device
 from cyclereg.errors import (InputError, path_list, refuse_empty_paths, refuse_output_in_run, require_count,
@@ -311,7 +312,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                          recentre_passes: int | None = None, tta_passes: int | None = None,
                          ensemble_fusion: str | None = None, reference: Path | None = None, moving_image: Path | None = None,
                          moving_labels: Path | None = None, disp_mm: bool = False, spread: bool = False,
-                         spread_map: bool = False, jacobian: bool = False) -> str:
+                         spread_map: bool = False, jacobian: bool = False, verbose: bool = False) -> str:
     """Register two point files and write ``displacements.csv`` (+ ``query_displacements.csv``,
     ``config.json``) into ``out_dir``. With ``spread`` (needs an ensemble model; each member
     also registers the pair on its own, about 2x the time) both CSV files get a ``spread_mm``
@@ -328,7 +329,9 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
     members' disagreement (mm) on that grid. With ``jacobian`` (needs ``reference``) also ``jacobian.nii.gz``: the
     determinant of the Jacobian of the field on that grid (:func:`cyclereg.metrics.jacobian_map`;
     exhale fixed / inhale moving: the local volume ratio, a ventilation map).
-    Everything is read and validated before anything is written.
+    Everything is read and validated before anything is written. ``verbose``: with ``reference``, a line per
+    step on stderr (:class:`~cyclereg.console.Steps`: the field on a large grid can take minutes); a registration
+    of the clouds alone (seconds) prints nothing.
     """
     from cyclereg.api import refuse_cloud_option_pairs  # noqa: PLC0415 - cyclereg.api imports this module's callers
 
@@ -361,7 +364,7 @@ def register_cloud_files(fixed: Path, moving: Path, out_dir: Path, *, model: str
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
                                       disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
-                                      query=query)
+                                      query=query, verbose=verbose and ref is not None)
 
 
 def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, model: str = "random", seed: int = 0,
@@ -421,7 +424,7 @@ def register_volumes_via_keypoints(fixed: Path, moving: Path, out_dir: Path, *, 
                                       recentre_passes=recentre_passes, tta_passes=tta_passes,
                                       ensemble_fusion=ensemble_fusion, ref=ref, mov_img=mov_img, mov_lab=mov_lab,
                                       disp_mm=disp_mm, spread=spread, spread_map=spread_map, jacobian=jacobian,
-                                      extra_outputs=extra, query=query, loaded=loaded)
+                                      extra_outputs=extra, query=query, loaded=loaded, verbose=verbose)
 
 
 def _moving_labels(path: Path | None, moving_image: Volume | None) -> Volume | None:
@@ -477,12 +480,13 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                                tta_passes: int | None, ensemble_fusion: str | None, ref: Volume | None,
                                mov_img: Volume | None, mov_lab: Volume | None, disp_mm: bool, spread: bool,
                                spread_map: bool, jacobian: bool, extra_outputs: dict[str, str] | None = None,
-                               query: Path | None = None, loaded: tuple | None = None) -> str:
+                               query: Path | None = None, loaded: tuple | None = None, verbose: bool = False) -> str:
     """The part of ``register`` after the inputs are read: validate, register ``(N, 3)`` fixed to
     ``(M, 3)`` moving points (world mm), and write the outputs (see :func:`register_cloud_files`)
     plus ``extra_outputs`` (file name -> text), ``config.json`` = ``inputs`` + the resolved run; ``query``:
     the query file ``query_mm`` was read from (an input no output may replace); ``loaded``: the model as
-    :func:`_register_model` returned it, if loaded already."""
+    :func:`_register_model` returned it, if loaded already; ``verbose``: a line per step on stderr
+    (:class:`~cyclereg.console.Steps`)."""
     for vol in (mov_img, mov_lab):
         if vol is not None:
             _require_points_inside(moving_mm, vol, sources[1])
@@ -501,8 +505,10 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     require_registrable(fixed_mm, moving_mm, config, sources, device=dev,
                         spline=query_mm is not None or ref is not None or config.recentre_passes > 0)
     box, frame = registration_box(fixed_mm, moving_mm, config)
+    steps = Steps(verbose)
     t0 = time.perf_counter()
-    reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box, spread=spread or spread_map)
+    with steps(f"cloud registration, {fixed_mm.shape[0]} to {moving_mm.shape[0]} points ({dev})"):
+        reg = register_clouds(fixed_mm.to(dev), moving_mm.to(dev), net, config, box=box, spread=spread or spread_map)
     seconds = time.perf_counter() - t0
     disp = reg.displacements_mm.cpu()
     require_finite_result(disp, "the displacements", sources[0])
@@ -513,39 +519,43 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
         cols["spread_mm"] = point_spread.cpu()
     outputs = {**(extra_outputs or {}), "displacements.csv": format_csv(cols)}
     # the spline is an N x N solve (O(N^2) memory, O(N^3) time): fitted only for the outputs that need it
-    spline = reg.spline() if query_mm is not None or ref is not None else None
-    if query_mm is not None:
-        q = reg.at(query_mm.to(dev), spline).cpu()
-        qcols = {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
-                 "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]}
-        if point_spread is not None:
-            qcols["spread_mm"] = reg.spread_at(query_mm.to(dev)).cpu()
-        outputs["query_displacements.csv"] = format_csv(qcols)
-        lo, hi = fixed_mm.min(0).values, fixed_mm.max(0).values
-        margin = QUERY_EXTENT_MARGIN * (hi - lo)
-        outside = int(((query_mm < lo - margin) | (query_mm > hi + margin)).any(dim=1).sum())
-    volumes, fields = {}, {}
-    fixed_outside = None
-    if ref is not None:
-        # fixed points beyond the reference grid: its field there is extrapolated, or the grid is not the
-        # fixed scan's (another frame); said, not refused (_require_points_inside refuses none inside)
-        fixed_outside = int((~_inside(fixed_mm, ref)).sum())
-        field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
-        fields = {"displacement.nii.gz": field_vox}  # written with its unit by write_displacement
-        if mov_img is not None:
-            volumes["warped.nii.gz"] = warp_between_grids(mov_img.data[None, None], mov_img.affine,
-                                                          field_vox, ref.affine)[0, 0]
-        if mov_lab is not None:
-            volumes["warped_labels.nii.gz"] = warp_labels(mov_lab.data[None, None], field_vox,
-                                                         labels_affine=mov_lab.affine, fixed_affine=ref.affine)[0, 0]
-        if spread_map:
-            volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
-        if jacobian:
-            volumes["jacobian.nii.gz"] = jacobian_map(field_vox)
+    spline, volumes, fields, fixed_outside = None, {}, {}, None
+    densifying = query_mm is not None or ref is not None
+    densify = ("thin-plate spline at the query points" if ref is None else
+               f"dense field on the {'x'.join(map(str, ref.shape))} grid" + (", warped scan" if mov_img else ""))
+    with steps(densify) if densifying else nullcontext():
+        if densifying:
+            spline = reg.spline()
+        if query_mm is not None:
+            q = reg.at(query_mm.to(dev), spline).cpu()
+            qcols = {"x_mm": query_mm[:, 0], "y_mm": query_mm[:, 1], "z_mm": query_mm[:, 2],
+                     "dx_mm": q[:, 0], "dy_mm": q[:, 1], "dz_mm": q[:, 2]}
+            if point_spread is not None:
+                qcols["spread_mm"] = reg.spread_at(query_mm.to(dev)).cpu()
+            outputs["query_displacements.csv"] = format_csv(qcols)
+            lo, hi = fixed_mm.min(0).values, fixed_mm.max(0).values
+            margin = QUERY_EXTENT_MARGIN * (hi - lo)
+            outside = int(((query_mm < lo - margin) | (query_mm > hi + margin)).any(dim=1).sum())
+        if ref is not None:
+            # fixed points beyond the reference grid: its field there is extrapolated, or the grid is not the
+            # fixed scan's (another frame); said, not refused (_require_points_inside refuses none inside)
+            fixed_outside = int((~_inside(fixed_mm, ref)).sum())
+            field_vox = reg.dense(ref.affine, ref.shape, spline).cpu()
+            fields = {"displacement.nii.gz": field_vox}  # written with its unit by write_displacement
+            if mov_img is not None:
+                volumes["warped.nii.gz"] = warp_between_grids(mov_img.data[None, None], mov_img.affine,
+                                                              field_vox, ref.affine)[0, 0]
+            if mov_lab is not None:
+                volumes["warped_labels.nii.gz"] = warp_labels(mov_lab.data[None, None], field_vox,
+                                                             labels_affine=mov_lab.affine, fixed_affine=ref.affine)[0, 0]
+            if spread_map:
+                volumes["spread.nii.gz"] = reg.dense_spread(ref.affine, ref.shape).cpu()[0, 0]
+            if jacobian:
+                volumes["jacobian.nii.gz"] = jacobian_map(field_vox)
     if written != sorted(outputs) + sorted(fields) + sorted(volumes):  # one list of names, checked early too
         raise RuntimeError(f"register's outputs {sorted(outputs) + sorted(fields) + sorted(volumes)} are not the "
                            f"names it checked, {written}")
-    with staged_outputs(out_dir) as stage:  # all files reach out_dir together, or none
+    with steps("write"), staged_outputs(out_dir) as stage:  # all files reach out_dir together, or none
         for name, text in outputs.items():
             atomic_write_text(stage / name, text)
         for name, field in fields.items():

@@ -35,7 +35,7 @@ import torch
 from cyclereg.checkpoint import (data_fingerprint, file_sha256, load_checkpoint, refuse_replacing_inputs,
                                  stale_outputs, save_checkpoint, staged_file_set, staged_outputs, to_jsonable,
                                  training_data, write_json)
-from cyclereg.console import count, make_console, print_note, print_table
+from cyclereg.console import Steps, count, make_console, print_note, print_table
 from cyclereg.datasets import JSON_READ_ERRORS
 from cyclereg.dense.config import DensePipelineConfig, config_from_dict
 from cyclereg.dense.data import (case_id, check_pair_grids, check_same_grid, load_volume_dataset, overlap_fraction,
@@ -163,9 +163,10 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
                           moving_labels: Path | None = None, warps: int | None = None,
                           adam: bool | None = None, ic: bool | None = None, disp_mm: bool = False,
                           l2r_name: bool = False, device: str = "auto", resample_moving: bool = False,
-                          jacobian: bool = False) -> str:
+                          jacobian: bool = False, verbose: bool = False) -> str:
     """Register ``moving`` to ``fixed`` (NIfTI files) and write the outputs listed in the
-    module docstring. All inputs are validated before ``out_dir`` is created.
+    module docstring. All inputs are validated before ``out_dir`` is created. ``verbose``: a line per
+    step on stderr (:class:`~cyclereg.console.Steps`; a large pair takes minutes).
 
     The two scans must share one grid (shape and affine), unless ``resample_moving``: then a
     moving scan on another grid (shape, spacing, origin or orientation) is first resampled
@@ -176,12 +177,14 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     at those world points from the files as given (one interpolation, not two).
     """
     dev = resolve_device(device)
-    fv = read_nifti(fixed)
-    mv = read_nifti(moving)
-    lv = None
-    if moving_labels is not None:
-        lv = read_nifti(moving_labels, labels=True)
-        check_same_grid(mv, lv, what="label map", ref="moving image")
+    steps = Steps(verbose)
+    with steps("read scans"):
+        fv = read_nifti(fixed)
+        mv = read_nifti(moving)
+        lv = None
+        if moving_labels is not None:
+            lv = read_nifti(moving_labels, labels=True)
+            check_same_grid(mv, lv, what="label map", ref="moving image")
     resampled = resample_moving and not same_grid(fv, mv)
     given_mv, given_lv = mv, lv  # as read: the outputs are sampled from these, with one interpolation
     overlap = None
@@ -209,26 +212,28 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
     cfg = _pipeline_config(cfg, warps, adam, ic)
 
     t0 = time.perf_counter()
-    disp = register_pair(fv, mv, net, cfg)
+    with steps(f"dense registration, {'x'.join(map(str, fv.shape))} voxels ({dev})"):
+        disp = register_pair(fv, mv, net, cfg)
     seconds = time.perf_counter() - t0
     require_finite_result(disp, "the displacements", fixed)
 
     # every output is computed before any is written; they reach out_dir together (staged_outputs)
     out_dir = Path(out_dir)
-    disp_cpu = disp.detach().cpu().float()
-    if resampled:  # straight from the scan's own grid, not from its copy on the fixed grid
-        warped = warp_between_grids(given_mv.data[None, None].float(), given_mv.affine, disp_cpu, fv.affine)[0, 0]
-    else:
-        warped = warp(mv.data[None, None].float(), disp_cpu)[0, 0]
-    volumes = {"warped.nii.gz": warped}
-    if lv is not None:
-        volumes["warped_labels.nii.gz"] = (
-            warp_labels(given_lv.data[None, None], disp_cpu, labels_affine=given_lv.affine, fixed_affine=fv.affine)
-            if resampled else warp_labels(lv.data[None, None], disp_cpu))[0, 0]
-    jac = jacobian_map(disp_cpu)
-    if jacobian:
-        volumes["jacobian.nii.gz"] = jac
-    stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
+    with steps("warped scan" + (", labels" if lv is not None else "") + ", Jacobian"):
+        disp_cpu = disp.detach().cpu().float()
+        if resampled:  # straight from the scan's own grid, not from its copy on the fixed grid
+            warped = warp_between_grids(given_mv.data[None, None].float(), given_mv.affine, disp_cpu, fv.affine)[0, 0]
+        else:
+            warped = warp(mv.data[None, None].float(), disp_cpu)[0, 0]
+        volumes = {"warped.nii.gz": warped}
+        if lv is not None:
+            volumes["warped_labels.nii.gz"] = (
+                warp_labels(given_lv.data[None, None], disp_cpu, labels_affine=given_lv.affine, fixed_affine=fv.affine)
+                if resampled else warp_labels(lv.data[None, None], disp_cpu))[0, 0]
+        jac = jacobian_map(disp_cpu)
+        if jacobian:
+            volumes["jacobian.nii.gz"] = jac
+        stats = determinant_stats(jac[None, 1:-1, 1:-1, 1:-1])  # = sdlogj(disp_cpu), from the map computed once
     record = {
         **provenance(dev),
         "command": "register",
@@ -253,7 +258,7 @@ def register_volume_files(fixed: Path, moving: Path, out_dir: Path, *, model: st
         "sdlogj": stats["sdlogj"],
         "folding_fraction": stats["folding_fraction"],
     }
-    with staged_outputs(out_dir) as stage:
+    with steps("write"), staged_outputs(out_dir) as stage:
         for name, unit in fields.items():
             write_displacement(stage / name, disp_cpu, fv.affine, unit=unit)
         for name, data in volumes.items():

@@ -32,7 +32,6 @@ import dataclasses
 import os
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from cyclereg.checkpoint import atomic_write_text, staged_file_set, write_json
-from cyclereg.console import count, make_console
+from cyclereg.console import Steps, count, make_console
 from cyclereg.device import provenance, resolve_device
 from cyclereg.datasets import require_case_distinct_ids, require_pair_ids
 from cyclereg.errors import (InputError, refuse_output_in_run, require_file, require_output_dir, require_output_file,
@@ -109,29 +108,6 @@ class KeypointResult:
     timings_s: dict
 
 
-class _Steps:
-    """Runs named steps with a rich spinner and prints the time of each (to stderr: stdout holds the
-    command's result line only)."""
-
-    def __init__(self, verbose: bool):
-        self.timings: dict[str, float] = {}
-        self.console = None
-        if verbose:
-            self.console = make_console(stderr=True)
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        if self.console is None:
-            yield
-        else:
-            with self.console.status(f"{name} ..."):
-                yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
-        if self.console is not None:
-            self.console.print(f"[green]done[/green] {name} [dim]{self.timings[name]:.2f} s[/dim]", soft_wrap=True)
-
-
 def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None = None, lung_mask: bool = False,
                      config: FoerstnerConfig = FoerstnerConfig(), lung_config: LungMaskConfig = LungMaskConfig(),
                      device: str | torch.device = "auto", verbose: bool = False,
@@ -154,7 +130,7 @@ def detect_keypoints(volume: Volume, *, mask: np.ndarray | torch.Tensor | None =
     if mask is not None and lung_mask:
         raise InputError("give either a mask or lung_mask, not both")
     dev = resolve_device(device)
-    steps = _Steps(verbose)
+    steps = Steps(verbose)
     where = volume.path
     mask_where = mask_source if mask_source is not None else where
     if lung_mask:
@@ -255,7 +231,7 @@ def detect_keypoints_file(ct: str | Path, output: str | Path, *, mask: str | Pat
         require_open3d()
     dev = resolve_device(device)
 
-    steps = _Steps(verbose)
+    steps = Steps(verbose)
     t0 = time.perf_counter()
     with steps("read CT"):
         volume = read_nifti(ct)
