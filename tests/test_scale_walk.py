@@ -85,7 +85,7 @@ def test_a_spline_beyond_the_machines_memory_is_refused_in_one_line_before_the_r
     assert res.exit_code == 2, res.output
     line = res.output.strip()
     assert "\n" not in line and str(d / "f.csv") in line and "300 fixed points" in line and "GB" in line
-    assert "--max-points" in line
+    assert "--max-points" in line and "GB of this machine" in line
     assert not (d / "out").exists()
 
 

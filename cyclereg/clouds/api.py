@@ -624,6 +624,12 @@ def require_registrable(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, config:
         require_spline_fits(int(fixed_mm.shape[0]), sources[0], fixed_mm.device if device is None else device, what)
 
 
+def _memory_owner(device: torch.device | str) -> str:
+    """Whose memory :func:`~cyclereg.device.memory_bytes` gave, for a message: ``this machine`` (CPU) or ``cuda:0``."""
+    device = torch.device(device)
+    return "this machine" if device.type == "cpu" else str(device)
+
+
 def require_spline_fits(n_points: int, path: Path, device: torch.device | str, what: str = "") -> None:
     """:class:`InputError` naming ``path`` when the thin-plate spline through its ``n_points`` fixed points
     would need more memory (:func:`~cyclereg.clouds.tps.fit_bytes`) than ``device`` has: refused before the
@@ -632,7 +638,7 @@ def require_spline_fits(n_points: int, path: Path, device: torch.device | str, w
     if have is not None and need > have:
         raise InputError(f"{what}{n_points} fixed points: the thin-plate spline through them needs {need / 1e9:.1f} GB "
                          f"of memory ({FIT_MATRICES} float64 matrices of (N + 4)^2 entries; its solve grows as N^3), "
-                         f"more than the {have / 1e9:.1f} GB of {torch.device(device).type}; register fewer points "
+                         f"more than the {have / 1e9:.1f} GB of {_memory_owner(device)}; register fewer points "
                          "(cyclereg keypoints --max-points)", path)
 
 
