@@ -114,8 +114,8 @@ def count(n: int, noun: str) -> str:
 class Steps:
     """Runs named steps with a rich spinner and prints the time of each (to stderr: stdout holds the
     command's result line only); ``verbose=False``: silent, the times kept in :attr:`timings` (seconds).
-    The work a step can take minutes on (a scan's keypoints, a dense registration, a field on a large
-    grid) so shows what is going on and what it took."""
+    Used where a step can take minutes (a scan's keypoints, a dense registration, a field on a large grid),
+    so that the user sees what is going on and what it took."""
 
     def __init__(self, verbose: bool):
         self.timings: dict[str, float] = {}
