@@ -84,9 +84,9 @@ def provenance(device: torch.device | None = None) -> dict:
 
 def memory_bytes(device: torch.device | str) -> int | None:
     """The memory of ``device`` in bytes: the machine's physical memory for the CPU, the GPU's for CUDA;
-    None where unknown."""
-    device = torch.device(device)
+    None where unknown (also for a name torch does not know, e.g. ``auto``: resolve it first)."""
     try:
+        device = torch.device(device)
         if device.type == "cuda":
             return int(torch.cuda.get_device_properties(device).total_memory)
         if device.type == "cpu":

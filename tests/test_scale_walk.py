@@ -223,3 +223,31 @@ def test_clouds_with_a_reference_grid_say_their_steps_and_clouds_alone_do_not(pa
     cyclereg.api.register(d / "f.csv", d / "m.csv", d / "quiet", model="random", reference=d / "ref.nii.gz",
                           verbose=False)
     assert capfd.readouterr() == ("", "")
+
+
+# ----------------------------------------------------------------------------- the device whose memory is checked
+def test_training_and_evaluation_check_the_memory_of_the_device_they_run_on(tmp_path, monkeypatch):
+    """pretrain-random and evaluate ask for the memory of the device they were given (the spline is fitted there),
+    not of the CPU the points were read to; an unknown name (``auto``) gives no figure instead of an error."""
+    from conftest import write_two_pair_dataset
+
+    import cyclereg.training.api as training_api
+    from cyclereg.device import memory_bytes
+    from cyclereg.errors import InputError
+
+    ds = write_two_pair_dataset(tmp_path)
+    asked = []
+
+    def small(device):
+        asked.append(torch.device(device).type)
+        return 10 ** 6
+
+    monkeypatch.setattr(cloud_api, "memory_bytes", small)
+    monkeypatch.setattr(cloud_api, "resolve_device", lambda device="auto": torch.device("meta"))
+    monkeypatch.setattr(training_api, "resolve_device", lambda device="auto": torch.device("meta"))
+    with pytest.raises(InputError, match="300 fixed points: the thin-plate spline"):
+        training_api.pretrain_random(ds, tmp_path / "run", folds="1")
+    with pytest.raises(InputError, match="300 fixed points: the thin-plate spline"):
+        cyclereg.api.evaluate(ds, tmp_path / "r.json", model="random")
+    assert asked == ["meta", "meta"] and not (tmp_path / "run").exists() and not (tmp_path / "r.json").exists()
+    assert memory_bytes("auto") is None and memory_bytes("cpu") > 0

@@ -837,7 +837,7 @@ def evaluate_keypoint_dataset(dataset: Path, report: Path, *, identity: bool = F
     # every pair's files are read and checked before the first registration (a bad landmark file of the
     # last pair stops the command at once, not after the others have been registered)
     points = {p.id: _pair_points(ds, p, models.get(ds.fold_of(p.id) if run is not None else None,
-                                               (None, default_config))[1]) for p in pairs}
+                                               (None, default_config))[1], dev) for p in pairs}
     cases = []
     rows: dict[str, list] = {"pair": [], "fold": [], "landmark": [], "before_mm": [], "after_mm": [], "spread_mm": []}
     # the bar on a terminal only: elsewhere (a log file) the per-pair lines below are the progress
@@ -1081,12 +1081,14 @@ def _checked_record(meta: dict, path: Path) -> dict:
     return meta
 
 
-def _pair_points(ds: KeypointDataset, p: KeypointPair, config: CloudRegConfig) -> tuple[torch.Tensor, ...]:
+def _pair_points(ds: KeypointDataset, p: KeypointPair, config: CloudRegConfig,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """The keypoints and landmarks ``(fixed, moving, fixed landmarks, moving landmarks)`` (mm, CPU) of a
-    pair of ``ds`` to evaluate with ``config``, read and checked (:class:`InputError` naming the file)."""
+    pair of ``ds`` to evaluate with ``config`` on ``device``, read and checked (:class:`InputError` naming the
+    file; a spline beyond ``device``'s memory too)."""
     fixed, moving = ds.read_points(p.fixed_keypoints), ds.read_points(p.moving_keypoints)
     lm_f, lm_m = ds.read_landmarks(p, f"pair {p.id}")
-    require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints))
+    require_registrable(fixed, moving, config, (p.fixed_keypoints, p.moving_keypoints), device=device)
     _require_in_dataset_grid(ds, fixed, p.fixed_keypoints)
     return fixed, moving, lm_f, lm_m
 

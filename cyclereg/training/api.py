@@ -202,7 +202,7 @@ def _cloud_task(ds, fold, config, device) -> CloudCycleTask:
         p = ds.pair(pid)
         raw.append((pid, ds.read_points(p.fixed_keypoints), ds.read_points(p.moving_keypoints)))
         require_registrable(raw[-1][1], raw[-1][2], config.reg, (p.fixed_keypoints, p.moving_keypoints),
-                            what=f"training pair {pid}: ")
+                            what=f"training pair {pid}: ", device=device)  # the memory of the device it trains on
     box = _box(ds, [CloudPairData(i, f, m) for i, f, m in raw], config.reg.box_margin)
     pairs = [CloudPairData(i, box.mm_to_unit(f), box.mm_to_unit(m)) for i, f, m in raw]
     return CloudCycleTask(pairs, box, config, device)
