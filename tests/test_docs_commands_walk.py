@@ -72,7 +72,11 @@ def _commands(segment: str) -> list[str]:
         part = re.sub(r"\s[12]?>>?&?\s*\S+", " ", " " + part)  # redirections
         words = re.sub(r"^\s*\$\s+", "", part).split()
         while words:
-            if ENV.match(words[0]) or words[0] in ("time", "/usr/bin/time", "env", "do", "then", "nohup", "exec"):
+            if words[0] in ("time", "/usr/bin/time"):  # with its own options: /usr/bin/time -v (peak memory)
+                words.pop(0)
+                while words and words[0].startswith("-"):
+                    words.pop(0)
+            elif ENV.match(words[0]) or words[0] in ("env", "do", "then", "nohup", "exec"):
                 words.pop(0)
             elif words[0] in ("nice", "timeout") and len(words) > 2:
                 words = words[3:] if words[1] == "-n" else words[2:]
