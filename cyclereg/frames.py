@@ -96,6 +96,14 @@ def check_points(name: str, points: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected (..., 3), got {tuple(points.shape)}")
 
 
+def check_cloud(name: str, points: torch.Tensor) -> None:
+    """:class:`ValueError` naming the argument ``name`` unless ``points`` is a real ``(N, 3)`` tensor of
+    ``N >= 1`` points (:func:`require_tensor`): one point cloud, flat."""
+    require_tensor(name, points)
+    if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] == 0:
+        raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(points.shape)}")
+
+
 def check_displacement(name: str, field: torch.Tensor) -> None:
     """:class:`ValueError` naming the argument ``name`` unless ``field`` is a dense displacement
     ``(B, 3, D, H, W)`` (a real tensor, :func:`require_tensor`)."""

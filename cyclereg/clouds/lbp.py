@@ -21,7 +21,7 @@ import torch
 from cyclereg.clouds import native
 from cyclereg.clouds.knn import knn_indices, symmetric_edge_index
 from cyclereg.errors import finite_number, whole_number
-from cyclereg.frames import LOW_PRECISION, require_tensor, working_dtype
+from cyclereg.frames import LOW_PRECISION, check_cloud, require_tensor, working_dtype
 
 EDGE_CHUNK = 512
 """Edges processed at once in the min-convolution off the CPU (memory: chunk x K x K floats)."""
@@ -323,10 +323,8 @@ def _check_lbp_inputs(fixed: torch.Tensor, moving: torch.Tensor,
     """:class:`ValueError` naming the argument unless ``fixed (N, 3)`` and ``moving (M, 3)`` (N, M >= 1)
     and every ``(feat_fixed (N, C), feat_moving (M, C))`` are of one dtype and device (shape checks only:
     they turn calls that would fail inside torch into a message naming the argument)."""
-    for name, pts in (("fixed", fixed), ("moving", moving)):
-        require_tensor(name, pts)
-        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
-            raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(pts.shape)}")
+    check_cloud("fixed", fixed)
+    check_cloud("moving", moving)
     like = (fixed.dtype, fixed.device)
     if (moving.dtype, moving.device) != like:
         raise ValueError(f"moving: {moving.dtype} on {moving.device}, but fixed: {fixed.dtype} on {fixed.device}")

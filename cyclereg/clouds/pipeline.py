@@ -16,8 +16,8 @@ from cyclereg.clouds.features import FeatureEnsemble, GraphFeatureNet, GraphNetC
 from cyclereg.clouds.graphs import PairGraphs, is_similarity
 from cyclereg.clouds.lbp import LBPConfig, joint_lbp_displacements, lbp_displacements
 from cyclereg.clouds.tps import ThinPlateSpline, TPSConfig, spans_volume
-from cyclereg.frames import (ALIGN_CORNERS, LOW_PRECISION, UnitBox, mm_disp_to_voxel, require_finite, voxel_coordinates,
-                             voxel_to_world, working_dtype, zyx_grid_affine)
+from cyclereg.frames import (ALIGN_CORNERS, LOW_PRECISION, UnitBox, check_cloud, mm_disp_to_voxel, require_finite,
+                             voxel_coordinates, voxel_to_world, working_dtype, zyx_grid_affine)
 from cyclereg.metrics import sdlogj
 
 
@@ -296,8 +296,7 @@ class CloudRegistration:
         ``fixed_mm`` ``(N, 3)`` and every displacement ``(N, 3)``, all floating point (integer voxel
         indices are no mm coordinates: the spline and the dense field are floating)."""
         fixed = self.fixed_mm
-        if fixed.ndim != 2 or fixed.shape[1] != 3 or fixed.shape[0] == 0:
-            raise ValueError(f"fixed_mm: expected (N, 3) with N >= 1, got {tuple(fixed.shape)}")
+        check_cloud("fixed_mm", fixed)
         named = [("fixed_mm", fixed), ("displacements_mm", self.displacements_mm)]
         named += [(f"member_displacements_mm[{i}]", d) for i, d in enumerate(self.member_displacements_mm or ())]
         for name, t in named:
@@ -457,9 +456,8 @@ def register_clouds(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, net: GraphF
 
     Shapes: ``fixed_mm`` ``(N, 3)``, ``moving_mm`` ``(M, 3)``, world mm, one device and dtype
     (the network's); the result's displacements are ``(N, 3)`` mm, fixed -> moving."""
-    for name, pts in (("fixed_mm", fixed_mm), ("moving_mm", moving_mm)):
-        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] == 0:
-            raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(pts.shape)}")
+    check_cloud("fixed_mm", fixed_mm)
+    check_cloud("moving_mm", moving_mm)
     if (moving_mm.device, moving_mm.dtype) != (fixed_mm.device, fixed_mm.dtype):
         raise ValueError(f"moving_mm: {moving_mm.dtype} on {moving_mm.device}, but fixed_mm: {fixed_mm.dtype} on "
                          f"{fixed_mm.device}; give both alike")
