@@ -501,9 +501,10 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
                             _register_inputs(sources, ref, mov_img, mov_lab, query, model))
     dev, net, config = loaded or _register_model(model, seed, device, recentre_passes, tta_passes, ensemble_fusion,
                                                  spread, spread_map)
-    # the spline through the fixed points: for --query / --reference and each re-centred LBP pass
+    # the spline through the fixed points: for --query / --reference (densifying) and each re-centred LBP pass
+    densifying = query_mm is not None or ref is not None
     require_registrable(fixed_mm, moving_mm, config, sources, device=dev,
-                        spline=query_mm is not None or ref is not None or config.recentre_passes > 0)
+                        spline=densifying or config.recentre_passes > 0)
     box, frame = registration_box(fixed_mm, moving_mm, config)
     steps = Steps(verbose)
     t0 = time.perf_counter()
@@ -520,7 +521,6 @@ def _register_points_and_write(fixed_mm: torch.Tensor, moving_mm: torch.Tensor, 
     outputs = {**(extra_outputs or {}), "displacements.csv": format_csv(cols)}
     # the spline is an N x N solve (O(N^2) memory, O(N^3) time): fitted only for the outputs that need it
     spline, volumes, fields, fixed_outside = None, {}, {}, None
-    densifying = query_mm is not None or ref is not None
     densify = ("thin-plate spline at the query points" if ref is None else
                f"dense field on the {'x'.join(map(str, ref.shape))} grid" + (", warped scan" if mov_img else ""))
     with steps(densify) if densifying else nullcontext():
