@@ -202,8 +202,6 @@ def cli_errors(fn):
             if exc.code == 128 + signal.SIGTERM:  # kill: cyclereg.interrupts.sigterm_exit
                 _say_interrupted(f"cyclereg: terminated{resume_hint(kwargs)}")
             raise
-        except MemoryError as exc:
-            _fail(out_of_memory_line(exc), code=1)
         except Exception as exc:  # noqa: BLE001 - only one an interrupt caused, or torch's out of memory, is taken here
             if not _caused_by_interrupt(exc):
                 if out_of_memory(exc):
