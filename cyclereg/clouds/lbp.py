@@ -213,8 +213,8 @@ def min_convolution(belief_src: torch.Tensor, cand_src: torch.Tensor, cand_dst: 
         b, cs, dst = belief_src.detach(), cand_src.detach(), cand_dst.detach()
         keep = None
         use_native = native.usable(b) and cs.dtype == cand_dst.dtype == torch.float32
-        if {b.dtype, cs.dtype, dst.dtype} & set(LOW_PRECISION):  # the expansion's terms are ~10x the minimum
-            b, cs, dst = (x.to(working_dtype(x)) for x in (b, cs, dst))
+        # half precision to float32 (the expansion's terms are ~10x the minimum); other dtypes as they are
+        b, cs, dst = (x.to(working_dtype(x)) for x in (b, cs, dst))
         if use_native and (src_ax2 is None or src_ax2.dtype != torch.float32):  # a cache only: made again
             src_ax2 = native.source_term(cs, alpha)
         if source_labels is not None and source_labels < b.shape[1]:

@@ -330,9 +330,8 @@ class CloudRegistration:
 
     def spline(self) -> ThinPlateSpline:
         """The TPS through the displacements (unit frame; half-precision clouds taken to it in float32)."""
-        fixed, disp = self.fixed_mm, self.displacements_mm
-        if fixed.dtype in LOW_PRECISION or disp.dtype in LOW_PRECISION:  # bfloat16 unit coordinates: 1/128 coarse
-            fixed, disp = fixed.to(working_dtype(fixed)), disp.to(working_dtype(disp))
+        # half precision to float32 (bfloat16 unit coordinates: 1/128 coarse); other dtypes as they are
+        fixed, disp = (t.to(working_dtype(t)) for t in (self.fixed_mm, self.displacements_mm))
         return ThinPlateSpline.fit(self.box.mm_to_unit(fixed), self.box.disp_mm_to_unit(disp),
                                    regularisation=self.tps.regularisation, kernel=self.tps.kernel)
 
