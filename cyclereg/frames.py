@@ -97,9 +97,9 @@ def check_points(name: str, points: torch.Tensor) -> None:
 
 
 def check_cloud(name: str, points: torch.Tensor) -> None:
-    """:class:`ValueError` naming the argument ``name`` unless ``points`` is a real ``(N, 3)`` tensor of
-    ``N >= 1`` points (:func:`require_tensor`): one point cloud, flat."""
-    require_tensor(name, points)
+    """:class:`ValueError` naming the argument ``name`` unless the tensor ``points`` is ``(N, 3)`` with
+    ``N >= 1``: one point cloud, flat (the shape only: callers check the type and dtype they need, e.g.
+    :func:`require_tensor`)."""
     if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] == 0:
         raise ValueError(f"{name}: expected (N, 3) with N >= 1, got {tuple(points.shape)}")
 

@@ -323,8 +323,9 @@ def _check_lbp_inputs(fixed: torch.Tensor, moving: torch.Tensor,
     """:class:`ValueError` naming the argument unless ``fixed (N, 3)`` and ``moving (M, 3)`` (N, M >= 1)
     and every ``(feat_fixed (N, C), feat_moving (M, C))`` are of one dtype and device (shape checks only:
     they turn calls that would fail inside torch into a message naming the argument)."""
-    check_cloud("fixed", fixed)
-    check_cloud("moving", moving)
+    for name, pts in (("fixed", fixed), ("moving", moving)):
+        require_tensor(name, pts)
+        check_cloud(name, pts)
     like = (fixed.dtype, fixed.device)
     if (moving.dtype, moving.device) != like:
         raise ValueError(f"moving: {moving.dtype} on {moving.device}, but fixed: {fixed.dtype} on {fixed.device}")
